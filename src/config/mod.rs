@@ -1,0 +1,275 @@
+//! `proxy.yaml`: the typed configuration every other module reads.
+//!
+//! The file is parsed in exactly one place (`raw.rs`, into a tree whose every node knows its
+//! line and column); `env.rs` interpolates `${VAR}` inside scalar values; `validate.rs` turns
+//! the tree into the types below, collecting EVERY problem with its `file:line:column` and
+//! key path before refusing the file. Nothing here touches the network.
+
+mod env;
+mod raw;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use http::Method;
+
+pub use validate::parse_str;
+
+/// The whole validated configuration: an immutable snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// File name used in messages (`proxy.yaml`), as given on the command line.
+    pub source: String,
+    pub admin: AdminConfig,
+    pub logging: LoggingConfig,
+    /// Peers whose `X-Forwarded-For` is believed. Empty: nobody's.
+    pub trusted_proxies: Vec<Cidr>,
+    pub listeners: Vec<ListenerConfig>,
+    /// By name, sorted (stable summaries and error messages).
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    /// Default 127.0.0.1:9901.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggingConfig {
+    /// A tracing `EnvFilter` directive; default "info".
+    pub level: String,
+    /// Default text.
+    pub format: LogFormat,
+    /// One line per request; default true.
+    pub access_log: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    /// Connections beyond this wait in the kernel backlog. Default 10_000.
+    pub max_connections: usize,
+    /// Time allowed to send a complete request head; also the keep-alive idle timeout.
+    /// Default 10s.
+    pub header_read_timeout: Duration,
+    /// Bytes of request head (HTTP/1 read buffer, HTTP/2 header list). Default 64 KiB,
+    /// minimum 8 KiB (hyper's floor).
+    pub max_header_bytes: usize,
+    /// Number of request headers. Default 100.
+    pub max_headers: usize,
+    pub http2: Http2Config,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Http2Config {
+    /// Default 100.
+    pub max_concurrent_streams: u32,
+    /// Streams reset by the client before we accepted them (CVE-2023-44487). Default 20.
+    pub max_pending_accept_reset_streams: usize,
+    /// Streams we had to reset because of the peer's errors (CVE-2024-27316 style). Default 1024.
+    pub max_local_error_reset_streams: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    /// Unique within its listener; default `<listener>.<index>`.
+    pub name: String,
+    /// `match.path_prefix`, default "/". Matched on whole segments ("/api" matches "/api" and
+    /// "/api/x", not "/apix") unless it ends with "/".
+    pub path_prefix: String,
+    /// `match.host`: exact host (port stripped, ASCII case-insensitive); None = any.
+    pub host: Option<String>,
+    /// `match.methods`; None = any.
+    pub methods: Option<Vec<Method>>,
+    /// Name of an entry in `upstreams`.
+    pub upstream: String,
+    pub timeouts: RouteTimeouts,
+    /// Request body limit in bytes; default 10 MiB.
+    pub max_body_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteTimeouts {
+    /// Default: the upstream's `connect_timeout`.
+    pub connect: Duration,
+    /// Request sent -> response headers. Default 30s.
+    pub first_byte: Duration,
+    /// Longest silence between body chunks, either direction. Default 60s.
+    pub idle: Duration,
+    /// Whole exchange including the body; off by default (streams run long).
+    pub total: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// At least one. `http://host:port` (or https), no path.
+    pub endpoints: Vec<http::Uri>,
+    /// Default 5s.
+    pub connect_timeout: Duration,
+    pub pool: PoolConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    /// Close idle upstream connections after this; default 4s, below Node's 5s keep-alive so
+    /// we never reuse a socket the upstream is closing.
+    pub idle_timeout: Duration,
+    /// Default 256.
+    pub max_idle_per_endpoint: usize,
+}
+
+/// An address block such as `10.0.0.0/8` or `::1/128`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // An IPv4 peer may arrive as an IPv4-mapped IPv6 address on a dual-stack socket.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// One thing wrong with the file, located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub line: usize,
+    pub column: usize,
+    /// Key path such as `listeners[0].routes[2].upstream`; empty for the document itself.
+    pub path: String,
+    pub message: String,
+}
+
+/// Every problem found in one file. Display prints one per line:
+/// `proxy.yaml:12:15: listeners[0].routes[2].upstream: unknown upstream "fastgtp" (known: backend, fastgpt)`
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub source_name: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}:{}:{}: ", self.source_name, p.line, p.column)?;
+            if !p.path.is_empty() {
+                write!(f, "{}: ", p.path)?;
+            }
+            write!(f, "{}", p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads and validates a file. An unreadable file is one problem at 0:0.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let name = path.display().to_string();
+        match std::fs::read_to_string(path) {
+            Ok(text) => parse_str(&text, &name, &|var| std::env::var(var).ok()),
+            Err(e) => Err(ConfigError {
+                source_name: name,
+                problems: vec![Problem {
+                    line: 0,
+                    column: 0,
+                    path: String::new(),
+                    message: format!("cannot read file: {e}"),
+                }],
+            }),
+        }
+    }
+
+    /// A short human summary for `rampart check`.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "{}: ok", self.source);
+        let _ = writeln!(s, "admin     {}", self.admin.listen);
+        for l in &self.listeners {
+            let _ = writeln!(
+                s,
+                "listener  {} on {} ({} routes, max {} connections)",
+                l.name,
+                l.listen,
+                l.routes.len(),
+                l.max_connections
+            );
+            for r in &l.routes {
+                let methods = r
+                    .methods
+                    .as_ref()
+                    .map(|m| m.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(","))
+                    .unwrap_or_else(|| "*".into());
+                let total = r
+                    .timeouts
+                    .total
+                    .map(|d| humantime::format_duration(d).to_string())
+                    .unwrap_or_else(|| "off".into());
+                let _ = writeln!(
+                    s,
+                    "  route   {} {}{} [{}] -> {} (first_byte {}, idle {}, total {}, body {} B)",
+                    r.name,
+                    r.host.as_deref().unwrap_or(""),
+                    r.path_prefix,
+                    methods,
+                    r.upstream,
+                    humantime::format_duration(r.timeouts.first_byte),
+                    humantime::format_duration(r.timeouts.idle),
+                    total,
+                    r.max_body_bytes
+                );
+            }
+        }
+        for u in self.upstreams.values() {
+            let eps: Vec<String> = u.endpoints.iter().map(|e| e.to_string()).collect();
+            let _ = writeln!(
+                s,
+                "upstream  {} -> {} (connect {}, pool idle {})",
+                u.name,
+                eps.join(", "),
+                humantime::format_duration(u.connect_timeout),
+                humantime::format_duration(u.pool.idle_timeout)
+            );
+        }
+        s
+    }
+}
