@@ -1,4 +1,10 @@
 //! rampart: a reverse proxy that keeps an LLM chat product up.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod app;
 pub mod config;
+pub mod error;
+pub mod proxy;
+pub mod server;
+pub mod demo;

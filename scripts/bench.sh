@@ -1,0 +1,450 @@
+#!/usr/bin/env bash
+# Benchmark: small keep-alive GETs against the same upstream three ways, in one run:
+# direct to the upstream, through rampart, and through nginx set up as an equivalent
+# keep-alive reverse proxy. Prints a markdown table and writes it to target/bench/results.md.
+#
+#   scripts/bench.sh                          # defaults
+#   WORKERS=1 DURATION=20s scripts/bench.sh   # knobs, all optional:
+#
+#   WORKERS      rampart --workers and nginx worker_processes     (2)
+#   DURATION     measured wrk run per case                         (10s)
+#   WARMUP       wrk run before each measured run                  (2s)
+#   CONNECTIONS  wrk -c                                            (64)
+#   THREADS      wrk -t                                            (1)
+#   BUILD        1: cargo build --release first; 0: use the binary as it is (1)
+#   RAMPART_BIN  binary to run (${CARGO_TARGET_DIR:-target}/release/rampart)
+#   OUT_DIR      results, raw wrk output and logs                  (target/bench)
+#
+# Everything listens on and is sent to 127.0.0.1 only; every load run has a fixed duration;
+# every process started here is stopped on exit, failure included.
+#
+# Adding a scenario = one more `run_case NAME URL PIDS [EXPECT]` line in main() (plus, if it
+# needs one, a listener or route in scripts/bench/rampart.yaml.tmpl).
+
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH_DIR=$ROOT/scripts/bench
+
+WORKERS=${WORKERS:-2}
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-2s}
+CONNECTIONS=${CONNECTIONS:-64}
+THREADS=${THREADS:-1}
+BUILD=${BUILD:-1}
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+RAMPART_BIN=${RAMPART_BIN:-$TARGET_DIR/release/rampart}
+OUT_DIR=${OUT_DIR:-$ROOT/target/bench}
+
+HOST=127.0.0.1
+UPSTREAM_PORT=3001     # fixed by `rampart demo --upstreams-only` (JSON backend)
+LLM_PORT=3000          # fixed by `rampart demo --upstreams-only` (SSE stand-in)
+RAMPART_PORT=18080
+RAMPART_ADMIN_PORT=19901
+NGINX_PORT=18081
+BENCH_PATH=/api/agents
+
+CLK_TCK=$(getconf CLK_TCK)
+WORK=""                # temp dir, made in main
+STARTED_PIDS=()        # everything we started, stopped by cleanup()
+UPSTREAM_PID=""
+RAMPART_PID=""
+NGINX_PID=""
+WRK_PID=""
+LOADAVG_START="?"
+NGINX_BIN=nginx
+
+# Results, one entry per run_case, in order.
+R_NAME=() R_RPS=() R_P50=() R_P99=() R_CPU=() R_ERR=() R_NOTE=()
+
+log() { printf '[bench] %s\n' "$*" >&2; }
+die() {
+    printf '[bench] ERROR: %s\n' "$*" >&2
+    exit 1
+}
+
+# ---------------------------------------------------------------------------------------
+# Processes
+
+# PIDs whose parent is $1 (from /proc, no procps needed).
+children_of() {
+    local parent=$1 stat rest pid ppid
+    for stat in /proc/[0-9]*/stat; do
+        rest=$(cat "$stat" 2>/dev/null) || continue
+        pid=${rest%% *}
+        rest=${rest##*) }
+        # rest: state ppid ...
+        read -r _ ppid _ <<<"$rest"
+        if [[ $ppid == "$parent" ]]; then
+            echo "$pid"
+        fi
+    done
+}
+
+alive() { [[ -n $1 ]] && kill -0 "$1" 2>/dev/null; }
+
+stop_pid() {
+    local pid=$1 i
+    alive "$pid" || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do
+        alive "$pid" || return 0
+        sleep 0.1
+    done
+    log "pid $pid ignored SIGTERM for 5s; SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local rc=$? pid kids=()
+    trap - EXIT INT TERM
+    # nginx workers are children of the master: remember them in case the master has to be
+    # killed hard and leaves them behind.
+    if alive "$NGINX_PID"; then
+        mapfile -t kids < <(children_of "$NGINX_PID")
+    fi
+    for pid in $WRK_PID "${STARTED_PIDS[@]}"; do
+        stop_pid "$pid"
+    done
+    for pid in "${kids[@]}"; do
+        stop_pid "$pid"
+    done
+    # Reap.
+    wait 2>/dev/null || true
+    if [[ -n $WORK && -d $WORK ]]; then
+        rm -rf "$WORK"
+    fi
+    if ((rc != 0)) && [[ -n $WORK ]]; then
+        log "failed (exit $rc); logs in $OUT_DIR/logs/"
+    fi
+    exit "$rc"
+}
+
+# Is something listening on TCP port $1 (any address, v4 or v6)?
+port_listening() {
+    local hex
+    hex=$(printf '%04X' "$1")
+    # local_address is ADDR:PORT in hex; state 0A is LISTEN.
+    awk -v p=":$hex" 'NR > 1 && $4 == "0A" && substr($2, length($2) - 4) == p { found = 1 }
+        END { exit !found }' /proc/net/tcp /proc/net/tcp6 2>/dev/null
+}
+
+check_ports_free() {
+    local port busy=()
+    for port in "$@"; do
+        if port_listening "$port"; then
+            busy+=("$port")
+        fi
+    done
+    if ((${#busy[@]})); then
+        die "port(s) ${busy[*]} already in use on this machine (another rampart demo, nginx or" \
+            "an earlier bench still running?); free them and retry"
+    fi
+}
+
+# wait_listening NAME PID PORT LOG: until PORT listens, or fail if PID dies / 15 s pass.
+wait_listening() {
+    local name=$1 pid=$2 port=$3 logfile=$4 i
+    for ((i = 0; i < 150; i++)); do
+        if ! alive "$pid"; then
+            log "$name exited before listening on $port; last lines of $logfile:"
+            tail -n 20 "$logfile" >&2 || true
+            die "$name did not start"
+        fi
+        if port_listening "$port"; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    tail -n 20 "$logfile" >&2 || true
+    die "$name (pid $pid) not listening on $port after 15s"
+}
+
+# http_status URL: the status code of one GET (Connection: close), via bash's /dev/tcp so
+# that curl is not needed. Empty on failure.
+http_status() {
+    local url=$1 host port path fd line=""
+    [[ $url =~ ^http://([^:/]+):([0-9]+)(/.*)?$ ]] || return 1
+    host=${BASH_REMATCH[1]} port=${BASH_REMATCH[2]} path=${BASH_REMATCH[3]:-/}
+    exec {fd}<>"/dev/tcp/$host/$port" || return 1
+    printf 'GET %s HTTP/1.1\r\nHost: %s:%s\r\nConnection: close\r\n\r\n' "$path" "$host" "$port" >&"$fd"
+    IFS= read -r -t 5 line <&"$fd" || true
+    exec {fd}>&-
+    line=${line%$'\r'}
+    echo "${line#* }" | cut -d' ' -f1
+}
+
+# ---------------------------------------------------------------------------------------
+# Setup
+
+install_tools() {
+    command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk) ||
+        die "wrk is missing and could not be installed (apt-get install -y wrk)"
+    # Debian's package puts nginx in /usr/sbin, which may not be on a non-root PATH.
+    command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] ||
+        (apt-get update && apt-get install -y nginx) ||
+        die "nginx is missing and could not be installed (apt-get install -y nginx)"
+    NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
+}
+
+build_rampart() {
+    if [[ $BUILD == 1 ]]; then
+        log "cargo build --release (target dir $TARGET_DIR)"
+        (cd "$ROOT" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release --quiet) ||
+            die "cargo build --release failed"
+    fi
+    [[ -x $RAMPART_BIN ]] || die "no rampart binary at $RAMPART_BIN (build it or set RAMPART_BIN)"
+}
+
+render() { # render TEMPLATE OUT KEY=VALUE...
+    local template=$1 out=$2 kv text
+    shift 2
+    text=$(<"$template")
+    for kv in "$@"; do
+        text=${text//@${kv%%=*}@/${kv#*=}}
+    done
+    printf '%s\n' "$text" >"$out"
+}
+
+start_upstream() {
+    local logfile=$OUT_DIR/logs/upstream.log
+    log "starting upstream: rampart demo --upstreams-only --workers 1"
+    "$RAMPART_BIN" demo --config "$WORK/rampart.yaml" --upstreams-only --workers 1 \
+        >"$logfile" 2>&1 &
+    UPSTREAM_PID=$!
+    STARTED_PIDS+=("$UPSTREAM_PID")
+    wait_listening upstream "$UPSTREAM_PID" "$UPSTREAM_PORT" "$logfile"
+}
+
+start_rampart() {
+    local logfile=$OUT_DIR/logs/rampart.log
+    log "starting rampart: rampart run --workers $WORKERS"
+    "$RAMPART_BIN" run --config "$WORK/rampart.yaml" --workers "$WORKERS" >"$logfile" 2>&1 &
+    RAMPART_PID=$!
+    STARTED_PIDS+=("$RAMPART_PID")
+    wait_listening rampart "$RAMPART_PID" "$RAMPART_PORT" "$logfile"
+}
+
+start_nginx() {
+    local prefix=$WORK/nginx logfile=$OUT_DIR/logs/nginx.log
+    mkdir -p "$prefix"
+    # Workers run as an unprivileged user when started as root: let them into the prefix.
+    chmod 755 "$WORK" "$prefix"
+    render "$BENCH_DIR/nginx.conf.tmpl" "$prefix/nginx.conf" \
+        WORKERS="$WORKERS" PREFIX="$prefix" LISTEN="$HOST:$NGINX_PORT" \
+        UPSTREAM="$HOST:$UPSTREAM_PORT"
+    "$NGINX_BIN" -t -q -p "$prefix" -e "$prefix/error.log" -c "$prefix/nginx.conf" \
+        >"$logfile" 2>&1 || {
+        cat "$logfile" >&2
+        die "nginx rejected $prefix/nginx.conf"
+    }
+    log "starting nginx: worker_processes $WORKERS"
+    "$NGINX_BIN" -p "$prefix" -e "$prefix/error.log" -c "$prefix/nginx.conf" >>"$logfile" 2>&1 &
+    NGINX_PID=$!
+    STARTED_PIDS+=("$NGINX_PID")
+    wait_listening nginx "$NGINX_PID" "$NGINX_PORT" "$prefix/error.log"
+}
+
+# The processes whose CPU time counts as nginx's: the master and its workers.
+nginx_pids() {
+    echo "$NGINX_PID"
+    children_of "$NGINX_PID"
+}
+
+# ---------------------------------------------------------------------------------------
+# Measuring
+
+# Sum of utime+stime, in clock ticks, over the given PIDs (whole processes, all threads).
+cpu_ticks() {
+    local total=0 pid rest f
+    for pid in "$@"; do
+        rest=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+        rest=${rest##*) }          # after "pid (comm) "; comm may contain spaces
+        read -r -a f <<<"$rest"    # f[0] is field 3 (state); utime is 14, stime 15
+        total=$((total + f[11] + f[12]))
+    done
+    echo "$total"
+}
+
+# Busy and total jiffies of the whole machine, from /proc/stat.
+box_ticks() {
+    awk '$1 == "cpu" { busy = $2 + $3 + $4 + $7 + $8 + $9; total = busy + $5 + $6;
+        print busy, total; exit }' /proc/stat
+}
+
+# Latency like "512.34us", "1.20ms", "2.01s" -> milliseconds.
+to_ms() {
+    awk -v v="$1" 'BEGIN {
+        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+        if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000
+        printf "%.3f", n }'
+}
+
+# load DURATION URL OUT [WRK_ARGS...]: one bounded wrk run. In the background and waited
+# for, so that a signal reaches cleanup() at once instead of after wrk finishes.
+load() {
+    local duration=$1 url=$2 out=$3 rc=0
+    shift 3
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$duration" "$@" "$url" >"$out" &
+    WRK_PID=$!
+    wait "$WRK_PID" || rc=$?
+    WRK_PID=""
+    ((rc == 0)) || die "wrk exited with $rc against $url"
+}
+
+# run_case NAME URL PIDS [EXPECT]
+#   NAME    row label in the table (also the raw output file name)
+#   URL     http://127.0.0.1:PORT/path, loaded with GETs
+#   PIDS    space-separated PIDs whose CPU time is charged to this case, or "-" for none
+#   EXPECT  status a single probe GET must return before loading (default 200); a scenario
+#           that measures rejections (429, 503) passes its status here. Non-2xx responses
+#           under load are counted in the errors column either way.
+run_case() {
+    local name=$1 url=$2 pids_arg=$3 expect=${4:-200}
+    local status raw=$OUT_DIR/wrk-$name.txt pids=() cpu0 cpu1 box0 box1
+    [[ $url =~ ^http://(127\.[0-9.]+|localhost):[0-9]+/ ]] ||
+        die "run_case $name: $url is not a loopback URL"
+    [[ $pids_arg == - ]] || read -r -a pids <<<"$pids_arg"
+
+    status=$(http_status "$url" || true)
+    [[ $status == "$expect" ]] ||
+        die "run_case $name: GET $url answered '${status:-nothing}', expected $expect"
+
+    log "$name: warm-up $WARMUP, then $DURATION measured ($THREADS thread(s), $CONNECTIONS connections)"
+    load "$WARMUP" "$url" /dev/null
+
+    cpu0=$(cpu_ticks "${pids[@]}")
+    box0=$(box_ticks)
+    load "$DURATION" "$url" "$raw" --latency
+    cpu1=$(cpu_ticks "${pids[@]}")
+    box1=$(box_ticks)
+    sed 's/^/    /' "$raw" >&2
+
+    # Parse wrk's report.
+    local rps p50 p99 reqs errors cpu_us box_busy
+    rps=$(awk '/^Requests\/sec:/ { printf "%.0f", $2 }' "$raw")
+    p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$raw")")
+    p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' "$raw")")
+    reqs=$(awk '/ requests in / { print $1 }' "$raw")
+    [[ -n $rps && -n $reqs ]] || die "run_case $name: could not parse wrk output ($raw)"
+    # "Socket errors: connect 0, read 0, write 0, timeout 0" and "Non-2xx or 3xx responses: N"
+    # appear only when non-zero.
+    errors=$(awk '
+        /Socket errors:/ { gsub(",", ""); c = $4; r = $6; w = $8; t = $10
+            s = s sprintf("%s%s", s ? ", " : "", "connect " c ", read " r ", write " w ", timeout " t)
+            n += c + r + w + t }
+        /Non-2xx or 3xx responses:/ { n += $NF; s = s sprintf("%snon-2xx/3xx %s", s ? ", " : "", $NF) }
+        END { if (n) printf "%d (%s)", n, s; else printf "0" }' "$raw")
+    if ((${#pids[@]})) && ((reqs > 0)); then
+        cpu_us=$(awk -v d="$((cpu1 - cpu0))" -v hz="$CLK_TCK" -v n="$reqs" \
+            'BEGIN { printf "%.1f", d / hz / n * 1e6 }')
+    else
+        cpu_us=""
+    fi
+    box_busy=$(awk -v a="$box0" -v b="$box1" 'BEGIN {
+        split(a, x, " "); split(b, y, " ")
+        if (y[2] > x[2]) printf "%.0f", (y[1] - x[1]) / (y[2] - x[2]) * 100; else print "?" }')
+
+    R_NAME+=("$name") R_RPS+=("$rps") R_P50+=("$p50") R_P99+=("$p99") R_CPU+=("$cpu_us")
+    R_ERR+=("$errors") R_NOTE+=("machine CPU busy ${box_busy}% during the run")
+    log "$name: $rps req/s, p50 ${p50} ms, p99 ${p99} ms, CPU ${cpu_us:-n/a} µs/req, errors $errors, machine busy ${box_busy}%"
+}
+
+# ---------------------------------------------------------------------------------------
+# Report
+
+row_of() { # index of the row named $1, or empty
+    local i
+    for i in "${!R_NAME[@]}"; do
+        if [[ ${R_NAME[$i]} == "$1" ]]; then
+            echo "$i"
+            return
+        fi
+    done
+}
+
+ratio() { # ratio A B -> "0.87×", or "—" when either is missing
+    awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b + 0 == 0) print "—";
+        else printf "%.2f×", a / b }'
+}
+
+report() {
+    local d n i out=$OUT_DIR/results.md
+    d=$(row_of direct)
+    n=$(row_of nginx)
+    {
+        echo "# rampart benchmark"
+        echo
+        echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+        echo "- machine: $(nproc) CPU(s), $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo), kernel $(uname -r); load average before the run: $LOADAVG_START"
+        echo "- rampart: $("$RAMPART_BIN" --version 2>/dev/null) ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ', dirty'))"
+        echo "- nginx: $("$NGINX_BIN" -v 2>&1 | sed 's/^nginx version: //'); wrk: $(wrk -v 2>&1 | head -n1 | awk '{ print $2 }')"
+        echo "- load: \`wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency\` GET $BENCH_PATH after a $WARMUP warm-up;" \
+            "proxies with $WORKERS worker(s); upstream \`rampart demo --upstreams-only --workers 1\`;" \
+            "wrk, upstream and proxy share the machine"
+        echo "- CPU µs/req: utime+stime of the proxy's process(es) (nginx: master + workers) over the measured run / requests completed"
+        echo
+        echo "| target | req/s | p50 | p99 | CPU µs/req | req/s vs direct | req/s vs nginx | CPU vs nginx | errors |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|---|"
+        for i in "${!R_NAME[@]}"; do
+            printf '| %s | %s | %s ms | %s ms | %s | %s | %s | %s | %s |\n' \
+                "${R_NAME[$i]}" "${R_RPS[$i]}" "${R_P50[$i]}" "${R_P99[$i]}" "${R_CPU[$i]:-—}" \
+                "$(ratio "${R_RPS[$i]}" "${d:+${R_RPS[$d]}}")" \
+                "$(ratio "${R_RPS[$i]}" "${n:+${R_RPS[$n]}}")" \
+                "$(ratio "${R_CPU[$i]}" "${n:+${R_CPU[$n]}}")" \
+                "${R_ERR[$i]}"
+        done
+        echo
+        for i in "${!R_NAME[@]}"; do
+            echo "- ${R_NAME[$i]}: ${R_NOTE[$i]}; raw wrk output in $OUT_DIR/wrk-${R_NAME[$i]}.txt"
+        done
+    } >"$out"
+    echo
+    cat "$out"
+    log "written to $out"
+}
+
+# ---------------------------------------------------------------------------------------
+
+main() {
+    [[ $WORKERS =~ ^[1-9][0-9]*$ ]] || die "WORKERS must be a positive integer, got '$WORKERS'"
+    install_tools
+    build_rampart
+    # Other work on the machine skews everything here (2 cores are shared with wrk and the
+    # upstream already): record how busy it was before we started.
+    LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg)
+    if awk -v l="${LOADAVG_START%% *}" 'BEGIN { exit !(l > 0.5) }'; then
+        log "warning: load average $LOADAVG_START before starting: other work is running, expect noisy numbers"
+    fi
+    check_ports_free "$LLM_PORT" "$UPSTREAM_PORT" "$RAMPART_PORT" "$RAMPART_ADMIN_PORT" "$NGINX_PORT"
+
+    mkdir -p "$OUT_DIR/logs"
+    rm -f "$OUT_DIR"/wrk-*.txt
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/rampart-bench.XXXXXX")
+    render "$BENCH_DIR/rampart.yaml.tmpl" "$WORK/rampart.yaml" \
+        ADMIN="$HOST:$RAMPART_ADMIN_PORT" LISTEN="$HOST:$RAMPART_PORT" \
+        UPSTREAM="$HOST:$UPSTREAM_PORT"
+    "$RAMPART_BIN" check --config "$WORK/rampart.yaml" >"$OUT_DIR/logs/check.log" 2>&1 || {
+        cat "$OUT_DIR/logs/check.log" >&2
+        die "rampart check rejected the bench config"
+    }
+
+    start_upstream
+    start_rampart
+    start_nginx
+
+    local up="http://$HOST:$UPSTREAM_PORT$BENCH_PATH"
+    run_case direct "$up" -
+    run_case rampart "http://$HOST:$RAMPART_PORT$BENCH_PATH" "$RAMPART_PID"
+    run_case nginx "http://$HOST:$NGINX_PORT$BENCH_PATH" "$(nginx_pids | tr '\n' ' ')"
+    # More scenarios go here, one line each, e.g.:
+    #   run_case rampart-ratelimited "http://$HOST:18082$BENCH_PATH" "$RAMPART_PID"
+    #   run_case rampart-circuit-open "http://$HOST:18083$BENCH_PATH" "$RAMPART_PID" 503
+
+    report
+}
+
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+main "$@"

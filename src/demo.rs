@@ -1,0 +1,112 @@
+//! Stand-in upstreams for `rampart demo`: a JSON backend (the Node app's place) and an SSE
+//! "LLM" that streams a token at a time (FastGPT's place), so the proxy can be tried, and
+//! benchmarked, on a fresh machine with nothing else running.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, header};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+type DemoBody = BoxBody<Bytes, Infallible>;
+
+/// Serves `handler` on `listener` until the task is dropped.
+async fn serve(listener: TcpListener, sse: bool) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new());
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = builder
+            .serve_connection(
+                TokioIo::new(stream),
+                service_fn(move |req| async move {
+                    Ok::<_, Infallible>(if sse { llm(req) } else { backend(req).await })
+                }),
+            )
+            .into_owned();
+        tokio::spawn(conn);
+    }
+}
+
+async fn backend(req: Request<Incoming>) -> Response<DemoBody> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body_len = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes().len(),
+        Err(_) => 0,
+    };
+    let json = format!(
+        "{{\"service\":\"backend\",\"method\":\"{method}\",\"path\":{path:?},\"request_id\":{request_id:?},\"body_bytes\":{body_len}}}\n"
+    );
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(json)).boxed())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
+}
+
+fn llm(_req: Request<Incoming>) -> Response<DemoBody> {
+    let words = ["rampart", "keeps", "this", "stream", "flowing", "token", "by", "token."];
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+    tokio::spawn(async move {
+        for (i, w) in words.iter().enumerate() {
+            let event = format!("id: {i}\ndata: {{\"token\":\"{w} \"}}\n\n");
+            if tx.send(Ok(Frame::data(Bytes::from(event)))).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let _ = tx
+            .send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))))
+            .await;
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(ChannelBody(rx).boxed())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
+}
+
+/// A body fed by a channel: each message goes out as its own frame, when it is sent.
+pub struct ChannelBody(pub tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, Infallible>>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// Starts both stand-ins and returns their addresses.
+pub async fn start_upstreams(
+    backend_addr: SocketAddr,
+    llm_addr: SocketAddr,
+) -> std::io::Result<(SocketAddr, SocketAddr)> {
+    let b = TcpListener::bind(backend_addr).await?;
+    let l = TcpListener::bind(llm_addr).await?;
+    let addrs = (b.local_addr()?, l.local_addr()?);
+    tokio::spawn(serve(b, false));
+    tokio::spawn(serve(l, true));
+    Ok(addrs)
+}

@@ -1,0 +1,186 @@
+//! ProxyError: every way a request can fail, and the ONE place that turns it into a
+//! response (`{"code","message","request_id"}`), so status codes stay consistent.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::proxy::body::ProxyBody;
+
+/// Which wait ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutPhase {
+    Connect,
+    FirstByte,
+    Total,
+}
+
+impl TimeoutPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimeoutPhase::Connect => "connect",
+            TimeoutPhase::FirstByte => "first_byte",
+            TimeoutPhase::Total => "total",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    #[error("{0}")]
+    BadRequest(&'static str),
+    #[error("no route matches this request")]
+    NoRoute,
+    #[error("the client was too slow sending the request body")]
+    RequestTimeout,
+    #[error("request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: u64 },
+    #[error("upstream {upstream} is unavailable: {detail}")]
+    UpstreamUnavailable { upstream: String, detail: String },
+    #[error("upstream {upstream} timed out ({} timeout)", phase.as_str())]
+    UpstreamTimeout {
+        upstream: String,
+        phase: TimeoutPhase,
+    },
+    #[error("Server is shutting down")]
+    ShuttingDown,
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest(_) => "BAD_REQUEST",
+            ProxyError::NoRoute => "NO_ROUTE",
+            ProxyError::RequestTimeout => "REQUEST_TIMEOUT",
+            ProxyError::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
+            ProxyError::UpstreamUnavailable { .. } => "UPSTREAM_UNAVAILABLE",
+            ProxyError::UpstreamTimeout { .. } => "UPSTREAM_TIMEOUT",
+            ProxyError::ShuttingDown => "SERVICE_UNAVAILABLE",
+        }
+    }
+
+    /// Whether the connection should be closed after this answer: after a refused body the
+    /// unread rest of it would otherwise be parsed as the next request.
+    fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::BadRequest(_)
+                | ProxyError::RequestTimeout
+                | ProxyError::PayloadTooLarge { .. }
+                | ProxyError::ShuttingDown
+        )
+    }
+
+    pub fn to_response(&self, request_id: &str) -> Response<ProxyBody> {
+        let mut body = String::with_capacity(128);
+        body.push_str("{\"code\":\"");
+        body.push_str(self.code());
+        body.push_str("\",\"message\":");
+        push_json_string(&mut body, &self.to_string());
+        if let ProxyError::UpstreamUnavailable { upstream, .. }
+        | ProxyError::UpstreamTimeout { upstream, .. } = self
+        {
+            body.push_str(",\"upstream\":");
+            push_json_string(&mut body, upstream);
+        }
+        body.push_str(",\"request_id\":");
+        push_json_string(&mut body, request_id);
+        body.push('}');
+        let mut resp = Response::new(ProxyBody::full(Bytes::from(body)));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if self.closes_connection() {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+}
+
+/// Minimal JSON string escaping; the values are our own messages, names and request ids.
+pub fn push_json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> Vec<ProxyError> {
+        vec![
+            ProxyError::BadRequest("x"),
+            ProxyError::NoRoute,
+            ProxyError::RequestTimeout,
+            ProxyError::PayloadTooLarge { limit: 1 },
+            ProxyError::UpstreamUnavailable {
+                upstream: "b".into(),
+                detail: "refused".into(),
+            },
+            ProxyError::UpstreamTimeout {
+                upstream: "b".into(),
+                phase: TimeoutPhase::FirstByte,
+            },
+            ProxyError::ShuttingDown,
+        ]
+    }
+
+    #[test]
+    fn each_error_maps_to_its_status_and_code() {
+        let expected = [
+            (400, "BAD_REQUEST"),
+            (404, "NO_ROUTE"),
+            (408, "REQUEST_TIMEOUT"),
+            (413, "PAYLOAD_TOO_LARGE"),
+            (502, "UPSTREAM_UNAVAILABLE"),
+            (504, "UPSTREAM_TIMEOUT"),
+            (503, "SERVICE_UNAVAILABLE"),
+        ];
+        for (err, (status, code)) in all().iter().zip(expected) {
+            let resp = err.to_response("rid-1");
+            assert_eq!(resp.status().as_u16(), status, "{err:?}");
+            assert_eq!(err.code(), code);
+            assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
+        }
+    }
+
+    #[test]
+    fn shutting_down_closes_the_connection_with_the_users_message() {
+        let resp = ProxyError::ShuttingDown.to_response("r");
+        assert_eq!(resp.headers()[header::CONNECTION], "close");
+        assert_eq!(ProxyError::ShuttingDown.to_string(), "Server is shutting down");
+    }
+
+    #[test]
+    fn json_escaping() {
+        let mut s = String::new();
+        push_json_string(&mut s, "a\"b\\c\n\u{1}");
+        assert_eq!(s, "\"a\\\"b\\\\c\\n\\u0001\"");
+    }
+}

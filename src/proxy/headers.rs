@@ -1,0 +1,265 @@
+//! Header hygiene between client and upstream: hop-by-hop stripping (RFC 9110 7.6.1),
+//! request framing checks, the request id and the X-Forwarded-* family.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::config::Cidr;
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Removes hop-by-hop headers and every header named in `Connection`. With `keep_upgrade`,
+/// `Connection: upgrade` and `Upgrade` survive (a WebSocket handshake being forwarded).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Names listed in Connection are hop-by-hop too; collect before removing.
+    let mut named: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        if let Ok(s) = value.to_str() {
+            for token in s.split(',') {
+                let token = token.trim();
+                if token.is_empty() || (keep_upgrade && token.eq_ignore_ascii_case("upgrade")) {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    named.push(name);
+                }
+            }
+        }
+    }
+    for name in named {
+        headers.remove(&name);
+    }
+    headers.remove(header::CONNECTION);
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(header::PROXY_AUTHENTICATE);
+    headers.remove(header::PROXY_AUTHORIZATION);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(header::TE);
+    headers.remove(header::TRAILER);
+    headers.remove(header::TRANSFER_ENCODING);
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Whether the client asks for a protocol upgrade (WebSocket): `Connection: upgrade` plus an
+/// `Upgrade` header.
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str()
+                .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+                .unwrap_or(false)
+        })
+}
+
+/// Request smuggling guards hyper leaves to us: both framings at once, or Content-Length
+/// values that disagree (several headers or a comma list).
+pub fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
+    let has_te = headers.contains_key(header::TRANSFER_ENCODING);
+    let mut length: Option<u64> = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        if has_te {
+            return Err("request has both Content-Length and Transfer-Encoding");
+        }
+        let s = value.to_str().map_err(|_| "invalid Content-Length")?;
+        for part in s.split(',') {
+            let n: u64 = part
+                .trim()
+                .parse()
+                .map_err(|_| "invalid Content-Length")?;
+            match length {
+                Some(prev) if prev != n => return Err("conflicting Content-Length values"),
+                _ => length = Some(n),
+            }
+        }
+    }
+    Ok(length)
+}
+
+/// Keeps a client's request id when it is sane (1..=128 of `[A-Za-z0-9._:-]`), so one id
+/// follows a request across services; otherwise makes a new one.
+pub fn request_id(headers: &HeaderMap) -> String {
+    if let Some(v) = headers.get(&X_REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty()
+            && b.len() <= 128
+            && b
+                .iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'))
+        {
+            // Checked ASCII above, so this cannot fail.
+            return String::from_utf8_lossy(b).into_owned();
+        }
+    }
+    new_request_id()
+}
+
+/// 32 hex digits: a per-process random prefix (so replicas do not collide) and a counter
+/// scrambled through splitmix64.
+pub fn new_request_id() -> String {
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let seed = *SEED.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        );
+        h.write_u32(std::process::id());
+        h.finish()
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut z = seed ^ n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    format!("{seed:016x}{z:016x}")
+}
+
+pub fn is_trusted(peer: IpAddr, trusted: &[Cidr]) -> bool {
+    trusted.iter().any(|c| c.contains(peer))
+}
+
+/// Sets X-Forwarded-For/-Proto/-Host for the upstream. Incoming values are believed only
+/// from a trusted proxy; from anyone else they are replaced, so a client cannot forge its
+/// address.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    peer: IpAddr,
+    trusted_peer: bool,
+    proto: &'static str,
+    original_host: Option<&HeaderValue>,
+) {
+    let peer = match peer {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(peer),
+        v4 => v4,
+    };
+    let peer_str = peer.to_string();
+    let xff = if trusted_peer {
+        let prior: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if prior.is_empty() {
+            peer_str
+        } else {
+            format!("{}, {}", prior.join(", "), peer_str)
+        }
+    } else {
+        peer_str
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(&X_FORWARDED_FOR, v);
+    }
+    if !(trusted_peer && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
+    if !(trusted_peer && headers.contains_key(&X_FORWARDED_HOST)) {
+        match original_host {
+            Some(h) => {
+                headers.insert(&X_FORWARDED_HOST, h.clone());
+            }
+            None => {
+                headers.remove(&X_FORWARDED_HOST);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("trailer", "x"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "x"),
+            ("proxy-connection", "x"),
+            ("x-keep", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-keep"], "yes");
+    }
+
+    #[test]
+    fn keeps_upgrade_for_websocket_handshake() {
+        let mut h = map(&[("connection", "Upgrade, x-a"), ("upgrade", "websocket"), ("x-a", "1")]);
+        assert!(wants_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+        assert!(!h.contains_key("x-a"));
+    }
+
+    #[test]
+    fn framing_checks() {
+        assert_eq!(check_framing(&map(&[("content-length", "5")])), Ok(Some(5)));
+        assert_eq!(check_framing(&map(&[("content-length", "5, 5")])), Ok(Some(5)));
+        assert!(check_framing(&map(&[("content-length", "5"), ("content-length", "6")])).is_err());
+        assert!(
+            check_framing(&map(&[("content-length", "5"), ("transfer-encoding", "chunked")]))
+                .is_err()
+        );
+        assert!(check_framing(&map(&[("content-length", "-1")])).is_err());
+        assert_eq!(check_framing(&map(&[])), Ok(None));
+    }
+
+    #[test]
+    fn request_id_kept_when_sane_else_new() {
+        assert_eq!(request_id(&map(&[("x-request-id", "abc-123")])), "abc-123");
+        let bad = request_id(&map(&[("x-request-id", "has space")]));
+        assert_eq!(bad.len(), 32);
+        let long = "a".repeat(129);
+        assert_eq!(request_id(&map(&[("x-request-id", &long)])).len(), 32);
+        assert_ne!(new_request_id(), new_request_id());
+    }
+
+    #[test]
+    fn forwarded_headers_trust_only_trusted_peers() {
+        let peer: IpAddr = "192.0.2.7".parse().unwrap();
+        let host = HeaderValue::from_static("example.com");
+        let mut h = map(&[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-host", "evil")]);
+        set_forwarded(&mut h, peer, false, "http", Some(&host));
+        assert_eq!(h["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(h["x-forwarded-host"], "example.com");
+        assert_eq!(h["x-forwarded-proto"], "http");
+
+        let mut h = map(&[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-proto", "https")]);
+        set_forwarded(&mut h, peer, true, "http", Some(&host));
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 192.0.2.7");
+        assert_eq!(h["x-forwarded-proto"], "https");
+    }
+}

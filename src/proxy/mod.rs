@@ -1,0 +1,94 @@
+//! The request path: a `Snapshot` built from one config, and the pipeline that walks a
+//! request through it.
+
+pub mod access_log;
+pub mod body;
+pub mod forward;
+pub mod headers;
+pub mod pipeline;
+pub mod route;
+mod upgrade;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::config::{Cidr, Config};
+use forward::{Upstream, UpstreamClient};
+use route::Route;
+
+/// Everything the request path reads from one configuration, immutable. A reload builds a
+/// new one and swaps it in; requests in flight finish on the one they started with.
+pub struct Snapshot {
+    pub listeners: HashMap<String, Vec<Route>>,
+    pub upstreams: HashMap<String, Arc<Upstream>>,
+    pub trusted_proxies: Vec<Cidr>,
+    pub access_log: bool,
+}
+
+impl Snapshot {
+    /// Fails only on TLS material that cannot be loaded (a CA file named in the config).
+    pub fn build(cfg: &Config) -> Result<Snapshot, String> {
+        let tls = forward::tls_config(None)?;
+        let upstreams: HashMap<String, Arc<Upstream>> = cfg
+            .upstreams
+            .iter()
+            .map(|(name, u)| (name.clone(), Arc::new(Upstream::new(u))))
+            .collect();
+        // One pool per (upstream, connect timeout), shared by the routes that agree on both.
+        let mut clients: HashMap<(String, Duration), UpstreamClient> = HashMap::new();
+        let mut listeners = HashMap::new();
+        for l in &cfg.listeners {
+            let mut routes = Vec::with_capacity(l.routes.len());
+            for r in &l.routes {
+                let (Some(ucfg), Some(upstream)) =
+                    (cfg.upstreams.get(&r.upstream), upstreams.get(&r.upstream))
+                else {
+                    // Validation guarantees the name exists; skip rather than panic.
+                    continue;
+                };
+                let client = clients
+                    .entry((r.upstream.clone(), r.timeouts.connect))
+                    .or_insert_with(|| forward::build_client(ucfg, r.timeouts.connect, tls.clone()))
+                    .clone();
+                routes.push(Route::new(r, upstream.clone(), client));
+            }
+            listeners.insert(l.name.clone(), routes);
+        }
+        Ok(Snapshot {
+            listeners,
+            upstreams,
+            trusted_proxies: cfg.trusted_proxies.clone(),
+            access_log: cfg.logging.access_log,
+        })
+    }
+}
+
+/// State shared by every listener and the admin endpoints.
+pub struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Set when shutdown starts: new requests get 503 SERVICE_UNAVAILABLE.
+    pub draining: AtomicBool,
+    pub in_flight: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(snapshot: Snapshot) -> Arc<Shared> {
+        Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            draining: AtomicBool::new(false),
+            in_flight: AtomicU64::new(0),
+        })
+    }
+}
+
+/// What a connection's service needs: which listener it belongs to, and the shared state.
+pub struct ListenerCtx {
+    pub name: Arc<str>,
+    pub shared: Arc<Shared>,
+    /// "http" or "https", for X-Forwarded-Proto.
+    pub proto: &'static str,
+}

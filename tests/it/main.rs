@@ -1,0 +1,6 @@
+//! rampart's integration tests: one binary (one link step), a module per concern.
+
+mod support;
+
+mod cli;
+mod proxy;

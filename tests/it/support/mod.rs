@@ -1,0 +1,125 @@
+//! Fixtures: rampart started in-process from a config string, clients, raw sockets.
+
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rampart::app::Running;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub use upstream::{RawAction, RawUpstream, TlsUpstream, Upstream};
+
+/// Polls a condition every 20 ms for up to 5 s instead of sleeping a fixed time.
+#[macro_export]
+macro_rules! assert_eventually {
+    ($cond:expr, $($msg:tt)+) => {{
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            if $cond {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!($($msg)+);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }};
+}
+
+pub fn parse(yaml: &str) -> rampart::config::Config {
+    match rampart::config::parse_str(yaml, "test.yaml", &|_| None) {
+        Ok(c) => c,
+        Err(e) => panic!("test config invalid:\n{e}\n---\n{yaml}"),
+    }
+}
+
+pub async fn start(yaml: &str) -> Running {
+    rampart::app::start(parse(yaml)).await.expect("proxy starts")
+}
+
+/// One listener `main` on port 0 with one route `/` to upstream `up` at `url`; `route_extra`
+/// and `listener_extra` are YAML lines spliced in (indented to fit).
+pub fn one_route(url: &str, route_extra: &str, listener_extra: &str) -> String {
+    format!(
+        r#"
+admin: {{ listen: "127.0.0.1:0" }}
+logging: {{ level: warn, access_log: true }}
+listeners:
+  - name: main
+    listen: "127.0.0.1:0"
+{listener_extra}
+    routes:
+      - name: all
+        match: {{ path_prefix: / }}
+        upstream: up
+{route_extra}
+upstreams:
+  up:
+    endpoints: ["{url}"]
+    connect_timeout: 1s
+"#
+    )
+}
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn http1() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn h2c() -> TestClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+pub fn get(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
+    Request::get(format!("http://{addr}{path}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+/// Sends and collects the whole body, bounded by 10 s.
+pub async fn send(client: &TestClient, req: Request<Full<Bytes>>) -> (Response<()>, Bytes) {
+    let fut = async {
+        let resp = client.request(req).await.expect("response");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        (Response::from_parts(parts, ()), body)
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .expect("request finished within 10 s")
+}
+
+pub async fn send_streaming(client: &TestClient, req: Request<Full<Bytes>>) -> Response<Incoming> {
+    tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .expect("headers within 10 s")
+        .expect("response")
+}
+
+/// Writes raw bytes and reads until the peer closes or `wait` passes.
+pub async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn json_field<'a>(body: &'a str, key: &str) -> Option<&'a str> {
+    let pat = format!("\"{key}\":\"");
+    let start = body.find(&pat)? + pat.len();
+    let end = body[start..].find('"')? + start;
+    Some(&body[start..end])
+}

@@ -1,0 +1,366 @@
+//! Scripted in-process upstreams on 127.0.0.1:0, with counters.
+//!
+//! `Upstream::start()` serves HTTP/1.1 (and h2c) with behaviours chosen by path:
+//! - `/ok` (and anything unknown): 200 "ok"
+//! - `/status/N`: status N
+//! - `/delay/MS`: 200 after MS milliseconds
+//! - `/hang`: never answers (cancellation is counted when hyper drops the handler)
+//! - `/echo`: 200, JSON of the request head as seen upstream, plus the body length
+//! - `/sse?n=N&gap=MS`: N SSE events MS apart, send times recorded in `sse_sent`
+//! - `/stall?after=N`: N bytes of a 1000-byte Content-Length body, then silence
+//! - `/ws`: answers an Upgrade with 101 and echoes the upgraded bytes
+//!
+//! `RawUpstream` is a bare TCP peer for what hyper will not do on purpose: reset the
+//! connection, or close it in the middle of a body.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use rampart::demo::ChannelBody;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub type TestBody = BoxBody<Bytes, Infallible>;
+
+#[derive(Default)]
+pub struct Counters {
+    pub requests: AtomicUsize,
+    pub connections: AtomicUsize,
+    /// Handlers dropped before they finished (the proxy gave up on the request).
+    pub cancelled: AtomicUsize,
+    /// SSE streams whose receiver went away before the last event.
+    pub sse_aborted: AtomicUsize,
+    pub last_head: Mutex<Option<http::request::Parts>>,
+    pub last_body: Mutex<Option<Bytes>>,
+    pub sse_sent: Mutex<Vec<Instant>>,
+}
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub counters: Arc<Counters>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct CancelGuard(Arc<Counters>, bool);
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let counters = Arc::new(Counters::default());
+        let c = counters.clone();
+        let task = tokio::spawn(async move {
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder.http1().timer(TokioTimer::new());
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                c.connections.fetch_add(1, Ordering::SeqCst);
+                let c2 = c.clone();
+                let conn = builder
+                    .serve_connection_with_upgrades(
+                        TokioIo::new(stream),
+                        service_fn(move |req| {
+                            let c = c2.clone();
+                            async move { Ok::<_, Infallible>(handle(c, req).await) }
+                        }),
+                    )
+                    .into_owned();
+                tokio::spawn(conn);
+            }
+        });
+        Upstream {
+            addr,
+            counters,
+            task,
+        }
+    }
+
+    pub fn requests(&self) -> usize {
+        self.counters.requests.load(Ordering::SeqCst)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<TestBody> {
+    let mut r = Response::new(Full::new(body.into()).boxed());
+    *r.status_mut() = status;
+    r
+}
+
+fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| v.parse().ok()).flatten()
+    })
+}
+
+async fn handle(c: Arc<Counters>, mut req: Request<Incoming>) -> Response<TestBody> {
+    c.requests.fetch_add(1, Ordering::SeqCst);
+    let path = req.uri().path().to_string();
+    let mut guard = CancelGuard(c.clone(), false);
+    let resp = if let Some(code) = path.strip_prefix("/status/") {
+        let code = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();
+        full(code, format!("status {code}"))
+    } else if let Some(ms) = path.strip_prefix("/delay/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+        full(StatusCode::OK, "delayed")
+    } else if path == "/hang" {
+        std::future::pending::<()>().await;
+        unreachable!()
+    } else if path == "/echo" {
+        let on_upgrade_free = req.headers().clone();
+        let (parts, body) = req.into_parts();
+        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let mut headers = String::from("{");
+        for (i, (k, v)) in on_upgrade_free.iter().enumerate() {
+            if i > 0 {
+                headers.push(',');
+            }
+            headers.push_str(&format!("{:?}:{:?}", k.as_str(), v.to_str().unwrap_or("?")));
+        }
+        headers.push('}');
+        let json = format!(
+            "{{\"method\":{:?},\"uri\":{:?},\"version\":{:?},\"headers\":{},\"body_len\":{}}}",
+            parts.method.as_str(),
+            parts.uri.to_string(),
+            format!("{:?}", parts.version),
+            headers,
+            body.len()
+        );
+        *c.last_head.lock().unwrap() = Some(parts);
+        *c.last_body.lock().unwrap() = Some(body);
+        let mut r = full(StatusCode::OK, json);
+        r.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        // Hop-by-hop headers the proxy must strip on the way back.
+        r.headers_mut()
+            .insert("connection", "x-upstream-secret".parse().unwrap());
+        r.headers_mut()
+            .insert("x-upstream-secret", "leak".parse().unwrap());
+        r.headers_mut()
+            .insert("keep-alive", "timeout=5".parse().unwrap());
+        r
+    } else if path == "/sse" {
+        let n = query(&req, "n").unwrap_or(3);
+        let gap = Duration::from_millis(query(&req, "gap").unwrap_or(200));
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let c2 = c.clone();
+        tokio::spawn(async move {
+            for i in 0..n {
+                if i > 0 {
+                    tokio::time::sleep(gap).await;
+                }
+                let ev = format!("id: {i}\ndata: event {i}\n\n");
+                c2.sse_sent.lock().unwrap().push(Instant::now());
+                if tx.send(Ok(Frame::data(Bytes::from(ev)))).await.is_err() {
+                    c2.sse_aborted.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+            }
+            // Wait until the frame is taken, so a dropped receiver is noticed.
+            tx.closed().await;
+        });
+        let mut r = Response::new(ChannelBody(rx).boxed());
+        r.headers_mut()
+            .insert("content-type", "text/event-stream".parse().unwrap());
+        r
+    } else if path == "/stall" {
+        let after = query(&req, "after").unwrap_or(10) as usize;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            let _ = tx.send(Ok(Frame::data(Bytes::from(vec![b'x'; after])))).await;
+            // Keep the sender alive (silence, not end) for a long while.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(tx);
+        });
+        let mut r = Response::new(ChannelBody(rx).boxed());
+        r.headers_mut().insert("content-length", "1000".parse().unwrap());
+        r
+    } else if path == "/ws" {
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = on_upgrade.await {
+                let mut io = TokioIo::new(upgraded);
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let mut r = full(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
+        r.headers_mut().insert("connection", "upgrade".parse().unwrap());
+        r.headers_mut().insert("upgrade", "websocket".parse().unwrap());
+        r
+    } else {
+        full(StatusCode::OK, "ok")
+    };
+    guard.1 = true;
+    resp
+}
+
+/// A bare TCP upstream: reads one request head, then does `action`.
+pub struct RawUpstream {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+#[derive(Clone, Copy)]
+pub enum RawAction {
+    /// RST right after the request head arrives.
+    Reset,
+    /// Promise 1000 bytes, send 10, then close.
+    CloseMidBody,
+}
+
+impl Drop for RawUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RawUpstream {
+    pub async fn start(action: RawAction) -> RawUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let acc = accepted.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    continue;
+                };
+                acc.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    match action {
+                        RawAction::Reset => {
+                            let _ = s.set_zero_linger();
+                            drop(s);
+                        }
+                        RawAction::CloseMidBody => {
+                            let _ = s
+                                .write_all(
+                                    b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789",
+                                )
+                                .await;
+                            let _ = s.flush().await;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            drop(s);
+                        }
+                    }
+                });
+            }
+        });
+        RawUpstream {
+            addr,
+            accepted,
+            task,
+        }
+    }
+}
+
+/// The same scripted upstream behind TLS, with a fresh self-signed certificate for
+/// `localhost`; `ca_pem` is what a client must trust.
+pub struct TlsUpstream {
+    pub port: u16,
+    pub ca_pem: String,
+    pub counters: Arc<Counters>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for TlsUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TlsUpstream {
+    pub async fn start() -> TlsUpstream {
+        use tokio_rustls::rustls;
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let ca_pem = cert.cert.pem();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let counters = Arc::new(Counters::default());
+        let c = counters.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    c.connections.fetch_add(1, Ordering::SeqCst);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(
+                            TokioIo::new(tls),
+                            service_fn(move |req| {
+                                let c = c.clone();
+                                async move { Ok::<_, Infallible>(handle(c, req).await) }
+                            }),
+                        )
+                        .await;
+                });
+            }
+        });
+        TlsUpstream {
+            port,
+            ca_pem,
+            counters,
+            task,
+        }
+    }
+}
