@@ -67,7 +67,7 @@ pub(super) fn item_path(parent: &str, index: usize) -> String {
     format!("{parent}[{index}]")
 }
 
-pub(super) const EMPTY_MESSAGE: &str =
+const EMPTY_MESSAGE: &str =
     "empty configuration: expected a mapping with `listeners` and `upstreams`";
 
 /// Parses `text` into a tree. A problem that stops the parser (bad syntax) leaves no tree;
@@ -92,20 +92,22 @@ pub(super) fn parse(text: &str) -> (Option<Node>, Vec<Problem>) {
             // later value, as most YAML readers would silently do).
             let first = pos_of_span(dup.prev_key.span());
             let second = pos_of_span(dup.key.span());
-            let (root, path) = match load(text, false) {
-                Loaded::Done(Ok(root)) => {
-                    let root = convert_root(&root);
+            let (root, path, trailing) = match load(text, false) {
+                Loaded::Done(Ok(raw_root)) => {
+                    let root = convert_root(&raw_root);
                     let path = find_key_path(&root, first, "").unwrap_or_default();
-                    (Some(root), path)
+                    (Some(root), path, trailing_content(text, &raw_root))
                 }
-                Loaded::Done(Err(_)) | Loaded::Panicked => (None, String::new()),
+                Loaded::Done(Err(_)) | Loaded::Panicked => (None, String::new(), None),
             };
             let message = format!(
                 "duplicate key \"{}\" (first defined at line {})",
                 dup.key.as_str(),
                 first.line
             );
-            (root, vec![problem(second, &path, message)])
+            let mut problems = vec![problem(second, &path, message)];
+            problems.extend(trailing);
+            (root, problems)
         }
         Loaded::Done(Err(e)) => (None, vec![load_error(e)]),
     }
@@ -230,7 +232,7 @@ fn trailing_content(text: &str, root: &marked_yaml::Node) -> Option<Problem> {
         let message = if is_marker_line(t, "---") {
             "only one YAML document is allowed"
         } else {
-            "unexpected content after the end of the YAML document"
+            "unexpected content after the end of the YAML document (check its indentation)"
         };
         return Some(problem(pos, "", message));
     }
@@ -388,6 +390,10 @@ mod tests {
         assert_eq!((p[0].line, p[0].column), (1, 8), "{p:?}");
         let (_, p) = parse("a: 1\n...\n# end\n");
         assert!(p.is_empty(), "{p:?}");
+        // An indented first key makes the parser stop at the first line less indented.
+        let (_, p) = parse("  a: 1\nb: 2\n");
+        assert_eq!((p[0].line, p[0].column), (2, 1), "{p:?}");
+        assert!(p[0].message.contains("indentation"), "{p:?}");
     }
 
     #[test]

@@ -1098,7 +1098,7 @@ fn parse_endpoint(s: &str) -> Result<Uri, String> {
     }
     Uri::builder()
         .scheme(uri.scheme_str().unwrap_or("http"))
-        .authority(format!("{}:{port}", authority.host()))
+        .authority(format!("{}:{port}", authority.host().to_ascii_lowercase()))
         .path_and_query("/")
         .build()
         .map_err(|_| expected())
@@ -2141,6 +2141,18 @@ mod tests {
             vec![uri("http://10.0.0.7:3001/"), uri("http://10.0.0.8:3001/")]
         );
         assert_eq!(c.listeners[0].routes[0].timeouts.idle, secs(90));
+    }
+
+    #[test]
+    fn env_in_plain_block_values_is_typed_after_substitution() {
+        let text = MINIMAL.replace(
+            "listen: 0.0.0.0:8080",
+            "listen: 0.0.0.0:${LISTEN_PORT}\n            max_connections: ${MAX_CONN:-500}\n            header_read_timeout: ${HRT:-3s}",
+        );
+        let c = ok(&text);
+        assert_eq!(c.listeners[0].listen, "0.0.0.0:8088".parse().unwrap());
+        assert_eq!(c.listeners[0].max_connections, 500);
+        assert_eq!(c.listeners[0].header_read_timeout, secs(3));
     }
 
     #[test]
