@@ -1,1 +1,2432 @@
-pub fn parse_str(_t: &str, _n: &str, _e: &dyn Fn(&str) -> Option<String>) -> Result<super::Config, super::ConfigError> { todo!() }
+//! The tree from `raw.rs` -> the typed [`Config`], collecting EVERY problem.
+//!
+//! Decoding never stops at a problem: a bad value is reported and replaced by its default so
+//! the rest of the file is still checked. Each section is one function taking its node (or
+//! `None` when absent) and returning its typed value; a new top-level section is one more
+//! such function and one line in [`decode`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use http::{Method, Uri};
+
+use super::raw::{self, Entry, Kind, Node, Pos, child_path, item_path};
+use super::{
+    AdminConfig, Cidr, Config, ConfigError, Http2Config, ListenerConfig, LogFormat, LoggingConfig,
+    PoolConfig, Problem, RouteConfig, RouteTimeouts, UpstreamConfig,
+};
+
+// === defaults (documented on the types in mod.rs and in docs/configuration.md) ===
+
+const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 9901);
+const DEFAULT_LOG_LEVEL: &str = "info";
+const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// hyper refuses a smaller HTTP/1 read buffer.
+const MIN_MAX_HEADER_BYTES: u64 = 8 * 1024;
+const DEFAULT_MAX_HEADERS: usize = 100;
+const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 100;
+const DEFAULT_H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+const DEFAULT_H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+const DEFAULT_PATH_PREFIX: &str = "/";
+const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+const DEFAULT_MAX_IDLE_PER_ENDPOINT: usize = 256;
+/// Longer is surely a typo, and `Instant + Duration` panics on overflow downstream.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Sections a later version reads: refused by name so the message says why.
+const FUTURE_SECTIONS: &[&str] = &[
+    "rate_limits",
+    "redis",
+    "dependencies",
+    "caches",
+    "alerts",
+    "tls",
+    "drain",
+];
+
+/// Turns a YAML text into the typed configuration, or returns every problem found, sorted by
+/// position. `env` looks up the variables `${VAR}` refers to.
+pub fn parse_str(
+    text: &str,
+    source_name: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let (root, mut problems) = raw::parse(text);
+    let mut ctx = Ctx::new(env);
+    let config = root.map(|root| decode(&mut ctx, &root, source_name));
+    problems.append(&mut ctx.problems);
+    // Stable: problems at one position keep the order they were found in.
+    problems.sort_by_key(|p| (p.line, p.column));
+    match config {
+        Some(config) if problems.is_empty() => Ok(config),
+        _ => Err(ConfigError {
+            source_name: source_name.to_owned(),
+            problems,
+        }),
+    }
+}
+
+fn decode(ctx: &mut Ctx, root: &Node, source_name: &str) -> Config {
+    let mut m = MapReader::open(ctx, Some(Field::root(root)));
+    let (admin, admin_bind) = admin(ctx, m.optional("admin"));
+    let logging = logging(ctx, m.optional("logging"));
+    let trusted_proxies = trusted_proxies(ctx, m.optional("trusted_proxies"));
+    let listeners_node = m.required(ctx, "listeners");
+    let upstreams_node = m.required(ctx, "upstreams");
+    // Upstreams first: routes refer to them and inherit their connect timeout.
+    let upstreams = upstreams(ctx, upstreams_node);
+    let (listeners, mut binds) = listeners(ctx, listeners_node, &upstreams);
+    for section in FUTURE_SECTIONS {
+        m.refuse(
+            ctx,
+            section,
+            format!("section \"{section}\" is not supported by this version of rampart"),
+        );
+    }
+    m.finish(ctx);
+    binds.extend(admin_bind);
+    check_binds(ctx, binds);
+    Config {
+        source: source_name.to_owned(),
+        admin,
+        logging,
+        trusted_proxies,
+        listeners,
+        upstreams: upstreams.configs,
+    }
+}
+
+// === sections ===
+
+fn admin(ctx: &mut Ctx, f: Option<Field>) -> (AdminConfig, Option<Bind>) {
+    let mut m = MapReader::open(ctx, f);
+    let listen = m.optional("listen");
+    let addr = listen.as_ref().and_then(|f| ctx.socket_addr(f));
+    m.finish(ctx);
+    let bind = match (&listen, addr) {
+        (Some(f), Some(addr)) => Some(Bind {
+            addr,
+            pos: f.pos(),
+            path: f.path.clone(),
+            owner: "admin".into(),
+            origin: format!("line {}", f.pos().line),
+        }),
+        // The default still takes its port.
+        (None, _) => Some(Bind {
+            addr: DEFAULT_ADMIN_LISTEN,
+            pos: Pos::default(),
+            path: "admin.listen".into(),
+            owner: "admin".into(),
+            origin: format!("default {DEFAULT_ADMIN_LISTEN}"),
+        }),
+        // Already reported; comparing its stand-in would only add noise.
+        (Some(_), None) => None,
+    };
+    let config = AdminConfig {
+        listen: addr.unwrap_or(DEFAULT_ADMIN_LISTEN),
+    };
+    (config, bind)
+}
+
+fn logging(ctx: &mut Ctx, f: Option<Field>) -> LoggingConfig {
+    let mut m = MapReader::open(ctx, f);
+    let config = LoggingConfig {
+        level: m
+            .read(ctx, "level", Ctx::log_filter)
+            .unwrap_or_else(|| DEFAULT_LOG_LEVEL.into()),
+        format: m
+            .read(ctx, "format", |ctx, f| {
+                ctx.one_of(f, &[("text", LogFormat::Text), ("json", LogFormat::Json)])
+            })
+            .unwrap_or(LogFormat::Text),
+        access_log: m.read(ctx, "access_log", Ctx::boolean).unwrap_or(true),
+    };
+    m.finish(ctx);
+    config
+}
+
+fn trusted_proxies(ctx: &mut Ctx, f: Option<Field>) -> Vec<Cidr> {
+    let Some(f) = f else { return Vec::new() };
+    ctx.list(&f, "a list of addresses")
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|item| ctx.parse_with(item, "an address", parse_cidr))
+        .collect()
+}
+
+/// The decoded upstreams, and the names written in the file (even ones with problems) so a
+/// route naming a broken upstream is not reported twice.
+struct Upstreams {
+    configs: BTreeMap<String, UpstreamConfig>,
+    /// None when the section itself is missing or not a mapping: then nothing is checked.
+    known: Option<Vec<String>>,
+}
+
+fn upstreams(ctx: &mut Ctx, f: Option<Field>) -> Upstreams {
+    let mut out = Upstreams {
+        configs: BTreeMap::new(),
+        known: None,
+    };
+    let Some(f) = f else { return out };
+    let Some(entries) = ctx.entries(&f) else {
+        return out;
+    };
+    if entries.is_empty() {
+        ctx.report(f.pos(), &f.path, "must define at least one upstream");
+    }
+    for e in entries {
+        let path = child_path(&f.path, &e.key);
+        ctx.check_name(&e.key, e.key_pos, &path, "upstream");
+        let config = upstream(ctx, Field::at(&e.value, path), &e.key);
+        out.configs.insert(e.key.clone(), config);
+    }
+    out.known = Some(out.configs.keys().cloned().collect());
+    out
+}
+
+fn upstream(ctx: &mut Ctx, f: Field, name: &str) -> UpstreamConfig {
+    let mut m = MapReader::open(ctx, Some(f));
+    let config = UpstreamConfig {
+        name: name.to_owned(),
+        endpoints: m
+            .required(ctx, "endpoints")
+            .map(|f| endpoints(ctx, &f))
+            .unwrap_or_default(),
+        connect_timeout: m
+            .read(ctx, "connect_timeout", Ctx::duration)
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        pool: pool(ctx, m.optional("pool")),
+    };
+    m.finish(ctx);
+    config
+}
+
+fn endpoints(ctx: &mut Ctx, f: &Field) -> Vec<Uri> {
+    let Some(items) = ctx.list(f, "a list of URLs") else {
+        return Vec::new();
+    };
+    if items.is_empty() {
+        ctx.report(f.pos(), &f.path, "must list at least one endpoint");
+    }
+    let mut seen = Unique::default();
+    let mut out = Vec::new();
+    for item in &items {
+        if let Some(uri) = ctx.parse_with(item, "a URL", parse_endpoint)
+            && seen.insert(ctx, &uri.to_string(), item, "endpoint")
+        {
+            out.push(uri);
+        }
+    }
+    out
+}
+
+fn pool(ctx: &mut Ctx, f: Option<Field>) -> PoolConfig {
+    let mut m = MapReader::open(ctx, f);
+    let config = PoolConfig {
+        idle_timeout: m
+            .read(ctx, "idle_timeout", Ctx::duration)
+            .unwrap_or(DEFAULT_POOL_IDLE_TIMEOUT),
+        max_idle_per_endpoint: m
+            .read(ctx, "max_idle_per_endpoint", |ctx, f| ctx.count(f, 0))
+            .unwrap_or(DEFAULT_MAX_IDLE_PER_ENDPOINT),
+    };
+    m.finish(ctx);
+    config
+}
+
+fn listeners(
+    ctx: &mut Ctx,
+    f: Option<Field>,
+    upstreams: &Upstreams,
+) -> (Vec<ListenerConfig>, Vec<Bind>) {
+    let (mut out, mut binds) = (Vec::new(), Vec::new());
+    let Some(f) = f else { return (out, binds) };
+    let Some(items) = ctx.list(&f, "a list of listeners") else {
+        return (out, binds);
+    };
+    if items.is_empty() {
+        ctx.report(f.pos(), &f.path, "must list at least one listener");
+    }
+    let mut names = Unique::default();
+    for item in items {
+        let (config, name, bind) = listener(ctx, item, upstreams);
+        if let Some(name) = name {
+            names.insert(ctx, &config.name, &name, "listener name");
+        }
+        binds.extend(bind);
+        out.push(config);
+    }
+    (out, binds)
+}
+
+/// Also returns where the name and the address were written, for the cross-listener checks.
+fn listener<'a>(
+    ctx: &mut Ctx,
+    f: Field<'a>,
+    upstreams: &Upstreams,
+) -> (ListenerConfig, Option<Field<'a>>, Option<Bind>) {
+    let path = f.path.clone();
+    let mut m = MapReader::open(ctx, Some(f));
+    let name_field = m.required(ctx, "name");
+    let name = name_field
+        .as_ref()
+        .and_then(|f| ctx.name(f, "listener"))
+        .unwrap_or_else(|| path.clone());
+    let listen_field = m.required(ctx, "listen");
+    let listen = listen_field.as_ref().and_then(|f| ctx.socket_addr(f));
+    let config = ListenerConfig {
+        max_connections: m
+            .read(ctx, "max_connections", |ctx, f| ctx.count(f, 1))
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        header_read_timeout: m
+            .read(ctx, "header_read_timeout", Ctx::duration)
+            .unwrap_or(DEFAULT_HEADER_READ_TIMEOUT),
+        max_header_bytes: m
+            .read(ctx, "max_header_bytes", |ctx, f| {
+                ctx.bytes(f, MIN_MAX_HEADER_BYTES, usize_max())
+            })
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(DEFAULT_MAX_HEADER_BYTES),
+        max_headers: m
+            .read(ctx, "max_headers", |ctx, f| ctx.count(f, 1))
+            .unwrap_or(DEFAULT_MAX_HEADERS),
+        http2: http2(ctx, m.optional("http2")),
+        routes: m
+            .required(ctx, "routes")
+            .map(|f| routes(ctx, &f, &name, upstreams))
+            .unwrap_or_default(),
+        listen: listen.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)),
+        name,
+    };
+    m.finish(ctx);
+    let bind = listen_field.zip(listen).map(|(f, addr)| Bind {
+        addr,
+        pos: f.pos(),
+        path: f.path.clone(),
+        owner: format!("listener \"{}\"", config.name),
+        origin: format!("line {}", f.pos().line),
+    });
+    (config, name_field, bind)
+}
+
+fn http2(ctx: &mut Ctx, f: Option<Field>) -> Http2Config {
+    let mut m = MapReader::open(ctx, f);
+    let config = Http2Config {
+        max_concurrent_streams: m
+            .read(ctx, "max_concurrent_streams", |ctx, f| {
+                ctx.int(f, 1, u64::from(u32::MAX))
+            })
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(DEFAULT_H2_MAX_CONCURRENT_STREAMS),
+        max_pending_accept_reset_streams: m
+            .read(ctx, "max_pending_accept_reset_streams", |ctx, f| {
+                ctx.count(f, 1)
+            })
+            .unwrap_or(DEFAULT_H2_MAX_PENDING_ACCEPT_RESET_STREAMS),
+        max_local_error_reset_streams: m
+            .read(ctx, "max_local_error_reset_streams", |ctx, f| {
+                ctx.count(f, 1)
+            })
+            .unwrap_or(DEFAULT_H2_MAX_LOCAL_ERROR_RESET_STREAMS),
+    };
+    m.finish(ctx);
+    config
+}
+
+fn routes(ctx: &mut Ctx, f: &Field, listener: &str, upstreams: &Upstreams) -> Vec<RouteConfig> {
+    let Some(items) = ctx.list(f, "a list of routes") else {
+        return Vec::new();
+    };
+    if items.is_empty() {
+        ctx.report(f.pos(), &f.path, "must list at least one route");
+    }
+    let mut names = Unique::default();
+    let mut out = Vec::new();
+    for (index, item) in items.into_iter().enumerate() {
+        let (config, name_at) = route(ctx, item, listener, index, upstreams);
+        names.insert(ctx, &config.name, &name_at, "route name");
+        out.push(config);
+    }
+    out
+}
+
+/// Also returns where the name was written (or the route itself, for a default name).
+fn route<'a>(
+    ctx: &mut Ctx,
+    f: Field<'a>,
+    listener: &str,
+    index: usize,
+    upstreams: &Upstreams,
+) -> (RouteConfig, Field<'a>) {
+    let whole = f.clone();
+    let mut m = MapReader::open(ctx, Some(f));
+    let name_field = m.optional("name");
+    let name = name_field
+        .as_ref()
+        .and_then(|f| ctx.route_name(f))
+        .unwrap_or_else(|| format!("{listener}.{index}"));
+    let (path_prefix, host, methods) = route_match(ctx, m.optional("match"));
+    let upstream = m
+        .required(ctx, "upstream")
+        .and_then(|f| ctx.upstream_ref(&f, upstreams));
+    let connect_default = upstream
+        .as_ref()
+        .and_then(|u| upstreams.configs.get(u))
+        .map_or(DEFAULT_CONNECT_TIMEOUT, |u| u.connect_timeout);
+    let config = RouteConfig {
+        name,
+        path_prefix,
+        host,
+        methods,
+        upstream: upstream.unwrap_or_default(),
+        timeouts: route_timeouts(ctx, m.optional("timeouts"), connect_default),
+        max_body_bytes: m
+            .read(ctx, "max_body", |ctx, f| ctx.bytes(f, 1, u64::MAX))
+            .unwrap_or(DEFAULT_MAX_BODY_BYTES),
+    };
+    m.finish(ctx);
+    (config, name_field.unwrap_or(whole))
+}
+
+fn route_match(ctx: &mut Ctx, f: Option<Field>) -> (String, Option<String>, Option<Vec<Method>>) {
+    let mut m = MapReader::open(ctx, f);
+    let path_prefix = m
+        .read(ctx, "path_prefix", |ctx, f| {
+            ctx.parse_with(f, "a path", parse_path_prefix)
+        })
+        .unwrap_or_else(|| DEFAULT_PATH_PREFIX.into());
+    let host = m.read(ctx, "host", |ctx, f| {
+        ctx.parse_with(f, "a host", parse_host)
+    });
+    let methods = m.read(ctx, "methods", Ctx::methods);
+    m.finish(ctx);
+    (path_prefix, host, methods)
+}
+
+fn route_timeouts(ctx: &mut Ctx, f: Option<Field>, connect_default: Duration) -> RouteTimeouts {
+    let mut m = MapReader::open(ctx, f);
+    let config = RouteTimeouts {
+        connect: m
+            .read(ctx, "connect", Ctx::duration)
+            .unwrap_or(connect_default),
+        first_byte: m
+            .read(ctx, "first_byte", Ctx::duration)
+            .unwrap_or(DEFAULT_FIRST_BYTE_TIMEOUT),
+        idle: m
+            .read(ctx, "idle", Ctx::duration)
+            .unwrap_or(DEFAULT_IDLE_TIMEOUT),
+        total: m.read(ctx, "total", Ctx::duration_or_off).flatten(),
+    };
+    m.finish(ctx);
+    config
+}
+
+// === listen address conflicts ===
+
+/// One socket the process will bind, and who asked for it.
+struct Bind {
+    addr: SocketAddr,
+    pos: Pos,
+    path: String,
+    /// `listener "inbound"` or `admin`.
+    owner: String,
+    /// `line 7`, or `default 127.0.0.1:9901` for the admin address nobody wrote.
+    origin: String,
+}
+
+/// Two sockets on one port clash when their IPs are equal or either is the wildcard; the one
+/// written later gets the problem. Port 0 asks the kernel for a free port, so never clashes.
+fn check_binds(ctx: &mut Ctx, mut binds: Vec<Bind>) {
+    binds.sort_by_key(|b| b.pos);
+    for (j, later) in binds.iter().enumerate() {
+        let port = later.addr.port();
+        if port == 0 {
+            continue;
+        }
+        let clash = binds[..j].iter().find(|earlier| {
+            earlier.addr.port() == port
+                && (earlier.addr.ip() == later.addr.ip()
+                    || earlier.addr.ip().is_unspecified()
+                    || later.addr.ip().is_unspecified())
+        });
+        if let Some(earlier) = clash {
+            ctx.report(
+                later.pos,
+                &later.path,
+                format!(
+                    "port {port} already used by {} ({})",
+                    earlier.owner, earlier.origin
+                ),
+            );
+        }
+    }
+}
+
+// === the reader API ===
+
+/// Collects problems while the tree is read.
+pub(super) struct Ctx<'e> {
+    env: &'e dyn Fn(&str) -> Option<String>,
+    problems: Vec<Problem>,
+}
+
+/// A node of the tree and its key path, as messages name it.
+#[derive(Debug, Clone)]
+pub(super) struct Field<'a> {
+    node: &'a Node,
+    path: String,
+}
+
+impl<'a> Field<'a> {
+    fn root(node: &'a Node) -> Self {
+        Field::at(node, String::new())
+    }
+
+    fn at(node: &'a Node, path: String) -> Self {
+        Field { node, path }
+    }
+
+    fn pos(&self) -> Pos {
+        self.node.pos
+    }
+}
+
+impl<'e> Ctx<'e> {
+    fn new(env: &'e dyn Fn(&str) -> Option<String>) -> Self {
+        Ctx {
+            env,
+            problems: Vec::new(),
+        }
+    }
+
+    fn report(&mut self, pos: Pos, path: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            line: pos.line,
+            column: pos.column,
+            path: path.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn wrong_kind(&mut self, f: &Field, expected: &str) {
+        let found = f.node.kind.describe();
+        self.report(
+            f.pos(),
+            &f.path,
+            format!("expected {expected}, found {found}"),
+        );
+    }
+
+    /// A scalar's text with `${VAR}` substituted; anything else is reported.
+    fn text(&mut self, f: &Field, expected: &str) -> Option<String> {
+        let Kind::Scalar(raw) = &f.node.kind else {
+            self.wrong_kind(f, expected);
+            return None;
+        };
+        match super::env::interpolate(raw, self.env) {
+            Ok(text) => Some(text),
+            Err(messages) => {
+                for m in messages {
+                    self.report(f.pos(), &f.path, m);
+                }
+                None
+            }
+        }
+    }
+
+    /// Reads a scalar through `parse`, reporting its error message at the value.
+    fn parse_with<T>(
+        &mut self,
+        f: &Field,
+        expected: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        let text = self.text(f, expected)?;
+        match parse(&text) {
+            Ok(v) => Some(v),
+            Err(message) => {
+                self.report(f.pos(), &f.path, message);
+                None
+            }
+        }
+    }
+
+    fn list<'a>(&mut self, f: &Field<'a>, expected: &str) -> Option<Vec<Field<'a>>> {
+        let Kind::List(items) = &f.node.kind else {
+            self.wrong_kind(f, expected);
+            return None;
+        };
+        Some(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, node)| Field::at(node, item_path(&f.path, i)))
+                .collect(),
+        )
+    }
+
+    /// The entries of a mapping whose keys are names chosen by the user (`upstreams`).
+    fn entries<'a>(&mut self, f: &Field<'a>) -> Option<&'a [Entry]> {
+        match &f.node.kind {
+            Kind::Map(entries) => Some(entries),
+            _ => {
+                self.wrong_kind(f, "a mapping");
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, f: &Field) -> Option<bool> {
+        self.parse_with(f, "true or false", |s| match s {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err(format!("expected true or false, got \"{s}\"")),
+        })
+    }
+
+    fn one_of<T: Copy>(&mut self, f: &Field, choices: &[(&str, T)]) -> Option<T> {
+        let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+        let expected = format!("one of {}", names.join(", "));
+        self.parse_with(f, &expected, |s| {
+            choices
+                .iter()
+                .find(|(n, _)| *n == s)
+                .map(|(_, v)| *v)
+                .ok_or_else(|| format!("expected {expected}, got \"{s}\""))
+        })
+    }
+
+    /// An integer in `min..=max`.
+    fn int(&mut self, f: &Field, min: u64, max: u64) -> Option<u64> {
+        self.parse_with(f, "an integer", |s| {
+            let n = parse_int(s)?;
+            in_range(n, min, max, s)
+        })
+    }
+
+    /// An integer `>= min` that fits a `usize`.
+    fn count(&mut self, f: &Field, min: u64) -> Option<usize> {
+        self.int(f, min, usize_max())
+            .and_then(|n| usize::try_from(n).ok())
+    }
+
+    /// A byte size in `min..=max`.
+    fn bytes(&mut self, f: &Field, min: u64, max: u64) -> Option<u64> {
+        self.parse_with(f, "a byte size", |s| {
+            let n = parse_bytes(s)?;
+            in_range(n, min, max, s).map_err(|e| {
+                if min > 1 && n < i128::from(min) {
+                    format!(
+                        "must be at least {} ({min} bytes), got {s}",
+                        format_bytes(min)
+                    )
+                } else {
+                    e
+                }
+            })
+        })
+    }
+
+    /// A duration greater than 0.
+    fn duration(&mut self, f: &Field) -> Option<Duration> {
+        self.parse_with(f, "a duration", parse_duration)
+    }
+
+    /// A duration, or `off` for none.
+    fn duration_or_off(&mut self, f: &Field) -> Option<Option<Duration>> {
+        self.parse_with(f, "a duration or off", |s| {
+            if s == "off" {
+                Ok(None)
+            } else {
+                parse_duration(s).map(Some)
+            }
+        })
+    }
+
+    fn socket_addr(&mut self, f: &Field) -> Option<SocketAddr> {
+        self.parse_with(f, "an address", |s| {
+            s.parse().map_err(|_| {
+                format!("expected an address like \"0.0.0.0:8080\" or \"[::1]:8080\", got \"{s}\"")
+            })
+        })
+    }
+
+    fn log_filter(&mut self, f: &Field) -> Option<String> {
+        self.parse_with(f, "a log level", |s| {
+            if s.trim().is_empty() {
+                return Err("must not be empty (for example \"info\")".into());
+            }
+            tracing_subscriber::EnvFilter::try_new(s)
+                .map(|_| s.to_owned())
+                .map_err(|e| format!("invalid log filter \"{s}\": {e}"))
+        })
+    }
+
+    /// Listener and upstream names: they end up in metrics and logs.
+    fn name(&mut self, f: &Field, what: &str) -> Option<String> {
+        let name = self.text(f, "a name")?;
+        self.check_name(&name, f.pos(), &f.path, what)
+            .then_some(name)
+    }
+
+    fn check_name(&mut self, name: &str, pos: Pos, path: &str, what: &str) -> bool {
+        let ok = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !ok {
+            self.report(
+                pos,
+                path,
+                format!(
+                    "invalid {what} name \"{name}\": use letters, digits, \"_\" and \"-\" only"
+                ),
+            );
+        }
+        ok
+    }
+
+    /// Route names may also hold the `.` of the default `<listener>.<index>`.
+    fn route_name(&mut self, f: &Field) -> Option<String> {
+        self.parse_with(f, "a name", |s| {
+            if !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            {
+                Ok(s.to_owned())
+            } else {
+                Err(format!(
+                    "invalid route name \"{s}\": use letters, digits, \"_\", \"-\" and \".\" only"
+                ))
+            }
+        })
+    }
+
+    fn upstream_ref(&mut self, f: &Field, upstreams: &Upstreams) -> Option<String> {
+        let name = self.text(f, "an upstream name")?;
+        if let Some(known) = &upstreams.known
+            && !known.contains(&name)
+        {
+            let message = if known.is_empty() {
+                format!("unknown upstream \"{name}\" (no upstreams are defined)")
+            } else {
+                format!("unknown upstream \"{name}\" (known: {})", known.join(", "))
+            };
+            self.report(f.pos(), &f.path, message);
+            return None;
+        }
+        Some(name)
+    }
+
+    fn methods(&mut self, f: &Field) -> Option<Vec<Method>> {
+        let items = self.list(f, "a list of HTTP methods")?;
+        if items.is_empty() {
+            self.report(
+                f.pos(),
+                &f.path,
+                "must list at least one method (leave `methods` out to allow any)",
+            );
+            return None;
+        }
+        let mut seen = Unique::default();
+        let mut out = Vec::new();
+        let mut ok = true;
+        for item in &items {
+            match self.parse_with(item, "an HTTP method", parse_method) {
+                Some(m) => {
+                    if seen.insert(self, m.as_str(), item, "method") {
+                        out.push(m);
+                    } else {
+                        ok = false;
+                    }
+                }
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+}
+
+fn usize_max() -> u64 {
+    u64::try_from(usize::MAX).unwrap_or(u64::MAX)
+}
+
+/// Finds a value seen twice; the later one gets the problem.
+#[derive(Default)]
+struct Unique {
+    seen: HashMap<String, Pos>,
+}
+
+impl Unique {
+    /// False (and reported) if `value` was seen before.
+    fn insert(&mut self, ctx: &mut Ctx, value: &str, at: &Field, what: &str) -> bool {
+        if let Some(first) = self.seen.get(value) {
+            ctx.report(
+                at.pos(),
+                &at.path,
+                format!(
+                    "duplicate {what} \"{value}\" (first used at line {})",
+                    first.line
+                ),
+            );
+            false
+        } else {
+            self.seen.insert(value.to_owned(), at.pos());
+            true
+        }
+    }
+}
+
+/// Reads one mapping with fixed keys. Remembers which keys were asked for, so `finish` can
+/// refuse the others (typos, keys of another version) instead of ignoring them.
+pub(super) struct MapReader<'a> {
+    entries: &'a [Entry],
+    path: String,
+    pos: Pos,
+    /// The node was not a mapping (already reported) or absent: nothing is required of it.
+    quiet: bool,
+    known: Vec<&'static str>,
+    refused: Vec<&'static str>,
+}
+
+impl<'a> MapReader<'a> {
+    /// Absent, null or not a mapping (reported) reads as an empty mapping.
+    fn open(ctx: &mut Ctx, f: Option<Field<'a>>) -> Self {
+        let mut reader = MapReader {
+            entries: &[],
+            path: String::new(),
+            pos: Pos::default(),
+            quiet: true,
+            known: Vec::new(),
+            refused: Vec::new(),
+        };
+        if let Some(f) = f {
+            match &f.node.kind {
+                Kind::Map(entries) => {
+                    reader.entries = entries;
+                    reader.quiet = false;
+                }
+                _ => ctx.wrong_kind(&f, "a mapping"),
+            }
+            reader.pos = f.pos();
+            reader.path = f.path;
+        }
+        reader
+    }
+
+    fn entry(&self, key: &str) -> Option<&'a Entry> {
+        self.entries.iter().find(|e| e.key == key)
+    }
+
+    /// The value of `key`; None if absent or null (null means "use the default").
+    fn optional(&mut self, key: &'static str) -> Option<Field<'a>> {
+        self.known.push(key);
+        let e = self.entry(key)?;
+        match e.value.kind {
+            Kind::Null => None,
+            _ => Some(Field::at(&e.value, child_path(&self.path, key))),
+        }
+    }
+
+    fn required(&mut self, ctx: &mut Ctx, key: &'static str) -> Option<Field<'a>> {
+        self.known.push(key);
+        let Some(e) = self.entry(key) else {
+            if !self.quiet {
+                ctx.report(
+                    self.pos,
+                    &self.path,
+                    format!("missing required key \"{key}\""),
+                );
+            }
+            return None;
+        };
+        let path = child_path(&self.path, key);
+        if let Kind::Null = e.value.kind {
+            ctx.report(
+                e.key_pos,
+                &path,
+                format!("missing value for required key \"{key}\""),
+            );
+            return None;
+        }
+        Some(Field::at(&e.value, path))
+    }
+
+    /// An optional value through one of the `Ctx` readers.
+    fn read<'e, T>(
+        &mut self,
+        ctx: &mut Ctx<'e>,
+        key: &'static str,
+        reader: impl FnOnce(&mut Ctx<'e>, &Field<'a>) -> Option<T>,
+    ) -> Option<T> {
+        let f = self.optional(key)?;
+        reader(ctx, &f)
+    }
+
+    /// A key this version knows about but does not accept.
+    fn refuse(&mut self, ctx: &mut Ctx, key: &'static str, message: String) {
+        self.refused.push(key);
+        if let Some(e) = self.entry(key) {
+            ctx.report(e.key_pos, &child_path(&self.path, key), message);
+        }
+    }
+
+    /// Reports every key that was neither read nor refused.
+    fn finish(self, ctx: &mut Ctx) {
+        for e in self.entries {
+            let key = e.key.as_str();
+            if self.known.contains(&key) || self.refused.contains(&key) {
+                continue;
+            }
+            let mut message = format!("unknown key \"{key}\"");
+            if let Some(s) = suggest(key, &self.known) {
+                let _ = write!(message, ", did you mean \"{s}\"?");
+            }
+            let _ = write!(message, " (known keys: {})", self.known.join(", "));
+            ctx.report(e.key_pos, &child_path(&self.path, key), message);
+        }
+    }
+}
+
+/// The known key closest to `key`, if within 2 edits (and not a rewrite of a short key).
+fn suggest<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
+    known
+        .iter()
+        .map(|k| (edit_distance(key, k), *k))
+        .filter(|(d, _)| *d <= 2 && *d < key.chars().count())
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = substitute.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+// === scalar parsers: text -> value, or the message ===
+
+/// Optional sign and decimal digits; the sign is kept so "-3" can be reported as such.
+fn parse_int(s: &str) -> Result<i128, String> {
+    let digits = s.strip_prefix(['-', '+']).unwrap_or(s);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("expected an integer, got \"{s}\""));
+    }
+    // Only overflow can fail here: treat as "very large" and let the range check speak.
+    Ok(s.parse::<i128>().unwrap_or(if s.starts_with('-') {
+        i128::MIN
+    } else {
+        i128::MAX
+    }))
+}
+
+fn in_range(n: i128, min: u64, max: u64, text: &str) -> Result<u64, String> {
+    if n < i128::from(min) {
+        return Err(if min == 1 {
+            format!("must be greater than 0, got {text}")
+        } else {
+            format!("must be at least {min}, got {text}")
+        });
+    }
+    u64::try_from(n)
+        .ok()
+        .filter(|n| *n <= max)
+        .ok_or_else(|| format!("must be at most {max}, got {text}"))
+}
+
+/// Integer bytes, or an integer with a unit: KiB, MiB, GiB (powers of 1024), KB, MB, GB
+/// (powers of 1000), or B.
+fn parse_bytes(s: &str) -> Result<i128, String> {
+    let bad =
+        || format!("expected a byte size like \"64KiB\", \"10MiB\" or \"1048576\", got \"{s}\"");
+    let t = s.trim();
+    let split = t
+        .char_indices()
+        .find(|(i, c)| !(c.is_ascii_digit() || (*i == 0 && matches!(c, '-' | '+'))))
+        .map_or(t.len(), |(i, _)| i);
+    let (number, unit) = t.split_at(split);
+    let multiplier: i128 = match unit.trim_start() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return Err(bad()),
+    };
+    let n = parse_int(number).map_err(|_| bad())?;
+    Ok(n.saturating_mul(multiplier))
+}
+
+/// For messages: 8192 -> "8KiB".
+fn format_bytes(n: u64) -> String {
+    for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if n >= size && n.is_multiple_of(size) {
+            return format!("{}{unit}", n / size);
+        }
+    }
+    n.to_string()
+}
+
+/// humantime's syntax ("250ms", "30s", "1m30s"), greater than 0. A bare number is refused:
+/// nobody can tell whether `30` means seconds or milliseconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let expected = || format!("expected a duration like \"250ms\", \"30s\" or \"5m\", got \"{s}\"");
+    let t = s.trim();
+    if t.starts_with('-') {
+        return Err(format!("must be greater than 0, got \"{s}\""));
+    }
+    if t.parse::<f64>().is_ok() {
+        return Err(expected());
+    }
+    let d = humantime::parse_duration(t).map_err(|_| expected())?;
+    if d.is_zero() {
+        return Err(format!("must be greater than 0, got \"{s}\""));
+    }
+    if d > MAX_DURATION {
+        return Err(format!("must be at most 365 days, got \"{s}\""));
+    }
+    Ok(d)
+}
+
+/// `10.0.0.0/8`, `::1/128`, or a bare address (the whole /32 or /128).
+fn parse_cidr(s: &str) -> Result<Cidr, String> {
+    let expected =
+        || format!("expected an address or block like \"10.0.0.0/8\" or \"::1\", got \"{s}\"");
+    let (ip, prefix) = match s.split_once('/') {
+        Some((ip, prefix)) => (ip, Some(prefix)),
+        None => (s, None),
+    };
+    let addr: IpAddr = ip.parse().map_err(|_| expected())?;
+    let max: u8 = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        None => max,
+        Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+            match p.parse::<u8>() {
+                Ok(p) if p <= max => p,
+                _ => {
+                    return Err(format!(
+                        "prefix /{p} is out of range for an IPv{} address (0 to {max})",
+                        if addr.is_ipv4() { 4 } else { 6 }
+                    ));
+                }
+            }
+        }
+        Some(_) => return Err(expected()),
+    };
+    let network = match addr {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V4((u32::from(a) & mask).into())
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V6((u128::from(a) & mask).into())
+        }
+    };
+    if network != addr {
+        // Probably a typo for either the network or the prefix; do not guess silently.
+        return Err(format!(
+            "\"{s}\" has host bits set: did you mean \"{network}/{prefix}\"?"
+        ));
+    }
+    Ok(Cidr { addr, prefix })
+}
+
+/// `http(s)://host[:port][/]`, stored with its port explicit and path "/".
+fn parse_endpoint(s: &str) -> Result<Uri, String> {
+    let expected = || {
+        format!(
+            "expected a URL like \"http://10.0.0.5:3001\" or \"https://api.example.com\", got \"{s}\""
+        )
+    };
+    let uri: Uri = s.parse().map_err(|_| expected())?;
+    let default_port = match uri.scheme_str() {
+        Some("http") => 80,
+        Some("https") => 443,
+        Some(other) => {
+            return Err(format!(
+                "unsupported scheme \"{other}\" in \"{s}\": use http or https"
+            ));
+        }
+        None => return Err(expected()),
+    };
+    let authority = uri.authority().ok_or_else(expected)?;
+    if authority.as_str().contains('@') {
+        // Not echoed: it may hold a password.
+        return Err("user info (user:password@) is not allowed in endpoint URLs".into());
+    }
+    if authority.host().is_empty() {
+        return Err(expected());
+    }
+    if let Some(pq) = uri.path_and_query() {
+        if !matches!(pq.path(), "" | "/") {
+            return Err(format!(
+                "endpoint URLs cannot have a path (\"{}\" in \"{s}\"): routes forward the request path as is",
+                pq.path()
+            ));
+        }
+        if pq.query().is_some() {
+            return Err(format!("endpoint URLs cannot have a query (in \"{s}\")"));
+        }
+    }
+    let port = match authority.port() {
+        Some(p) => p.as_u16(),
+        None => default_port,
+    };
+    if port == 0 {
+        return Err(format!("port 0 is not a valid upstream port (in \"{s}\")"));
+    }
+    Uri::builder()
+        .scheme(uri.scheme_str().unwrap_or("http"))
+        .authority(format!("{}:{port}", authority.host().to_ascii_lowercase()))
+        .path_and_query("/")
+        .build()
+        .map_err(|_| expected())
+}
+
+fn parse_path_prefix(s: &str) -> Result<String, String> {
+    if !s.starts_with('/') {
+        return Err(format!("must start with \"/\", got \"{s}\""));
+    }
+    if s.contains(['?', '#']) || s.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "must be a plain path without query, fragment or spaces, got \"{s}\""
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+/// Stored lowercased and without a port: the router compares it with the request's host.
+fn parse_host(s: &str) -> Result<String, String> {
+    let expected = || format!("expected a host name like \"api.example.com\", got \"{s}\"");
+    if s.contains(['@', '/', '*']) {
+        return Err(if s.contains('*') {
+            format!("wildcard hosts are not supported, got \"{s}\"")
+        } else {
+            expected()
+        });
+    }
+    let authority: http::uri::Authority = s.parse().map_err(|_| expected())?;
+    let host = authority.host();
+    if host.is_empty() {
+        return Err(expected());
+    }
+    Ok(host.to_ascii_lowercase())
+}
+
+fn parse_method(s: &str) -> Result<Method, String> {
+    let is_token = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !is_token {
+        return Err(format!("invalid HTTP method \"{s}\""));
+    }
+    if s.bytes().any(|b| b.is_ascii_lowercase()) {
+        // Methods are case-sensitive: "get" would never match a GET request.
+        return Err(format!(
+            "HTTP methods are case-sensitive: \"{s}\" must be upper case, did you mean \"{}\"?",
+            s.to_ascii_uppercase()
+        ));
+    }
+    Method::from_bytes(s.as_bytes()).map_err(|_| format!("invalid HTTP method \"{s}\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Strips the common indentation (and the first newline) so YAML can be written
+    /// indented in the test; line 1 is the first line after the opening quote.
+    fn yaml(text: &str) -> String {
+        let text = text.strip_prefix('\n').unwrap_or(text);
+        let indent = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| l.len() - l.trim_start().len())
+            .min()
+            .unwrap_or(0);
+        text.lines()
+            .map(|l| l.get(indent..).unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n"
+    }
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "BACKEND_URL" => Some("http://10.0.0.7:3001".into()),
+            "LISTEN_PORT" => Some("8088".into()),
+            _ => None,
+        }
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        parse_str(&yaml(text), "proxy.yaml", &env)
+    }
+
+    fn problems(text: &str) -> Vec<Problem> {
+        match parse(text) {
+            Ok(c) => panic!("expected problems, got {c:#?}"),
+            Err(e) => e.problems,
+        }
+    }
+
+    /// Exactly one problem, at `line:column` with `path`, its message containing `message`.
+    fn only(text: &str, line: usize, column: usize, path: &str, message: &str) {
+        let p = problems(text);
+        assert_eq!(p.len(), 1, "{p:#?}");
+        check(&p[0], line, column, path, message);
+    }
+
+    fn check(p: &Problem, line: usize, column: usize, path: &str, message: &str) {
+        assert_eq!(
+            (p.line, p.column, p.path.as_str()),
+            (line, column, path),
+            "{p:#?}"
+        );
+        assert!(
+            p.message.contains(message),
+            "message {:?} does not contain {message:?}",
+            p.message
+        );
+    }
+
+    fn ok(text: &str) -> Config {
+        match parse(text) {
+            Ok(c) => c,
+            Err(e) => panic!("unexpected problems:\n{e}"),
+        }
+    }
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    fn uri(s: &str) -> Uri {
+        s.parse().unwrap()
+    }
+
+    const MINIMAL: &str = "
+        listeners:
+          - name: inbound
+            listen: 0.0.0.0:8080
+            routes:
+              - upstream: backend
+        upstreams:
+          backend:
+            endpoints: [\"http://127.0.0.1:3001\"]
+    ";
+
+    #[test]
+    fn minimal_config_gets_every_default() {
+        let expected = Config {
+            source: "proxy.yaml".into(),
+            admin: AdminConfig {
+                listen: "127.0.0.1:9901".parse().unwrap(),
+            },
+            logging: LoggingConfig {
+                level: "info".into(),
+                format: LogFormat::Text,
+                access_log: true,
+            },
+            trusted_proxies: vec![],
+            listeners: vec![ListenerConfig {
+                name: "inbound".into(),
+                listen: "0.0.0.0:8080".parse().unwrap(),
+                max_connections: 10_000,
+                header_read_timeout: secs(10),
+                max_header_bytes: 64 * 1024,
+                max_headers: 100,
+                http2: Http2Config {
+                    max_concurrent_streams: 100,
+                    max_pending_accept_reset_streams: 20,
+                    max_local_error_reset_streams: 1024,
+                },
+                routes: vec![RouteConfig {
+                    name: "inbound.0".into(),
+                    path_prefix: "/".into(),
+                    host: None,
+                    methods: None,
+                    upstream: "backend".into(),
+                    timeouts: RouteTimeouts {
+                        connect: secs(5),
+                        first_byte: secs(30),
+                        idle: secs(60),
+                        total: None,
+                    },
+                    max_body_bytes: 10 * 1024 * 1024,
+                }],
+            }],
+            upstreams: BTreeMap::from([(
+                "backend".to_string(),
+                UpstreamConfig {
+                    name: "backend".into(),
+                    endpoints: vec![uri("http://127.0.0.1:3001/")],
+                    connect_timeout: secs(5),
+                    pool: PoolConfig {
+                        idle_timeout: secs(4),
+                        max_idle_per_endpoint: 256,
+                    },
+                },
+            )]),
+        };
+        assert_eq!(ok(MINIMAL), expected);
+    }
+
+    #[test]
+    fn every_key_set_explicitly() {
+        let config = ok(r#"
+            admin:
+              listen: "[::1]:9902"
+            logging:
+              level: "rampart=debug,info"
+              format: json
+              access_log: false
+            trusted_proxies: ["10.0.0.0/8", "::1", "192.168.1.7", "fd00::/8"]
+            listeners:
+              - name: inbound
+                listen: "0.0.0.0:8080"
+                max_connections: 500
+                header_read_timeout: 2s
+                max_header_bytes: 16KiB
+                max_headers: 50
+                http2:
+                  max_concurrent_streams: 64
+                  max_pending_accept_reset_streams: 10
+                  max_local_error_reset_streams: 512
+                routes:
+                  - name: chat
+                    match:
+                      path_prefix: /api/chat
+                      host: API.Example.com:443
+                      methods: [GET, POST]
+                    upstream: fastgpt
+                    timeouts:
+                      connect: 1s
+                      first_byte: 1m30s
+                      idle: 250ms
+                      total: 1h
+                    max_body: 2MB
+                  - match:
+                      path_prefix: /
+                    upstream: backend
+                    timeouts:
+                      total: off
+                    max_body: 1048576
+            upstreams:
+              backend:
+                endpoints: ["http://127.0.0.1:3001", "http://127.0.0.1:3002/"]
+                connect_timeout: 2s
+                pool:
+                  idle_timeout: 3s
+                  max_idle_per_endpoint: 0
+              fastgpt:
+                endpoints: ["https://fastgpt.example.com"]
+        "#);
+        let expected = Config {
+            source: "proxy.yaml".into(),
+            admin: AdminConfig {
+                listen: "[::1]:9902".parse().unwrap(),
+            },
+            logging: LoggingConfig {
+                level: "rampart=debug,info".into(),
+                format: LogFormat::Json,
+                access_log: false,
+            },
+            trusted_proxies: vec![
+                Cidr {
+                    addr: "10.0.0.0".parse().unwrap(),
+                    prefix: 8,
+                },
+                Cidr {
+                    addr: "::1".parse().unwrap(),
+                    prefix: 128,
+                },
+                Cidr {
+                    addr: "192.168.1.7".parse().unwrap(),
+                    prefix: 32,
+                },
+                Cidr {
+                    addr: "fd00::".parse().unwrap(),
+                    prefix: 8,
+                },
+            ],
+            listeners: vec![ListenerConfig {
+                name: "inbound".into(),
+                listen: "0.0.0.0:8080".parse().unwrap(),
+                max_connections: 500,
+                header_read_timeout: secs(2),
+                max_header_bytes: 16 * 1024,
+                max_headers: 50,
+                http2: Http2Config {
+                    max_concurrent_streams: 64,
+                    max_pending_accept_reset_streams: 10,
+                    max_local_error_reset_streams: 512,
+                },
+                routes: vec![
+                    RouteConfig {
+                        name: "chat".into(),
+                        path_prefix: "/api/chat".into(),
+                        host: Some("api.example.com".into()),
+                        methods: Some(vec![Method::GET, Method::POST]),
+                        upstream: "fastgpt".into(),
+                        timeouts: RouteTimeouts {
+                            connect: secs(1),
+                            first_byte: secs(90),
+                            idle: Duration::from_millis(250),
+                            total: Some(secs(3600)),
+                        },
+                        max_body_bytes: 2_000_000,
+                    },
+                    RouteConfig {
+                        name: "inbound.1".into(),
+                        path_prefix: "/".into(),
+                        host: None,
+                        methods: None,
+                        upstream: "backend".into(),
+                        timeouts: RouteTimeouts {
+                            // Inherited from the upstream.
+                            connect: secs(2),
+                            first_byte: secs(30),
+                            idle: secs(60),
+                            total: None,
+                        },
+                        max_body_bytes: 1_048_576,
+                    },
+                ],
+            }],
+            upstreams: BTreeMap::from([
+                (
+                    "backend".to_string(),
+                    UpstreamConfig {
+                        name: "backend".into(),
+                        endpoints: vec![
+                            uri("http://127.0.0.1:3001/"),
+                            uri("http://127.0.0.1:3002/"),
+                        ],
+                        connect_timeout: secs(2),
+                        pool: PoolConfig {
+                            idle_timeout: secs(3),
+                            max_idle_per_endpoint: 0,
+                        },
+                    },
+                ),
+                (
+                    "fastgpt".to_string(),
+                    UpstreamConfig {
+                        name: "fastgpt".into(),
+                        endpoints: vec![uri("https://fastgpt.example.com:443/")],
+                        connect_timeout: secs(5),
+                        pool: PoolConfig {
+                            idle_timeout: secs(4),
+                            max_idle_per_endpoint: 256,
+                        },
+                    },
+                ),
+            ]),
+        };
+        assert_eq!(config, expected);
+        // The port is explicit in what the forwarder sees.
+        assert_eq!(
+            config.upstreams["fastgpt"].endpoints[0].port_u16(),
+            Some(443)
+        );
+    }
+
+    #[test]
+    fn empty_file_is_one_problem() {
+        for text in ["", "# only a comment\n"] {
+            let p = parse_str(text, "proxy.yaml", &env).unwrap_err().problems;
+            assert_eq!(p.len(), 1);
+            check(
+                &p[0],
+                1,
+                1,
+                "",
+                "empty configuration: expected a mapping with `listeners` and `upstreams`",
+            );
+        }
+    }
+
+    #[test]
+    fn yaml_syntax_error() {
+        only(
+            "
+            listeners:
+              - name: inbound
+               listen: 0.0.0.0:8080
+            ",
+            3,
+            10,
+            "",
+            "YAML syntax error",
+        );
+    }
+
+    #[test]
+    fn duplicate_key() {
+        let p = problems(
+            "
+            listeners:
+              - name: inbound
+                listen: 0.0.0.0:8080
+                listen: 0.0.0.0:8081
+                routes:
+                  - upstream: backend
+            upstreams:
+              backend:
+                endpoints: [\"http://127.0.0.1:3001\"]
+            ",
+        );
+        assert_eq!(p.len(), 1, "{p:#?}");
+        check(
+            &p[0],
+            4,
+            5,
+            "listeners[0].listen",
+            "duplicate key \"listen\" (first defined at line 3)",
+        );
+    }
+
+    #[test]
+    fn duplicate_key_does_not_hide_other_problems() {
+        let p = problems(
+            "
+            logging:
+              format: xml
+            listeners:
+              - name: inbound
+                name: again
+                listen: 0.0.0.0:8080
+                routes:
+                  - upstream: backend
+            upstreams:
+              backend:
+                endpoints: [\"http://127.0.0.1:3001\"]
+            ",
+        );
+        assert_eq!(p.len(), 2, "{p:#?}");
+        check(
+            &p[0],
+            2,
+            11,
+            "logging.format",
+            "expected one of text, json, got \"xml\"",
+        );
+        check(&p[1], 5, 5, "listeners[0].name", "duplicate key \"name\"");
+    }
+
+    #[test]
+    fn unknown_key_with_suggestion() {
+        let p = problems(
+            "
+            listeners:
+              - name: inbound
+                listn: 0.0.0.0:8080
+                routes:
+                  - upstream: backend
+            upstreams:
+              backend:
+                endpoints: [\"http://127.0.0.1:3001\"]
+            ",
+        );
+        assert_eq!(p.len(), 2, "{p:#?}");
+        check(
+            &p[0],
+            2,
+            5,
+            "listeners[0]",
+            "missing required key \"listen\"",
+        );
+        check(
+            &p[1],
+            3,
+            5,
+            "listeners[0].listn",
+            "unknown key \"listn\", did you mean \"listen\"? (known keys: name, listen, max_connections, header_read_timeout, max_header_bytes, max_headers, http2, routes)",
+        );
+    }
+
+    #[test]
+    fn unknown_key_far_from_any_gets_no_suggestion() {
+        let p = problems(&format!("{MINIMAL}\n        frobnicate: 1\n"));
+        assert_eq!(p.len(), 1, "{p:#?}");
+        check(
+            &p[0],
+            10,
+            1,
+            "frobnicate",
+            "unknown key \"frobnicate\" (known keys: admin,",
+        );
+        assert!(!p[0].message.contains("did you mean"));
+    }
+
+    #[test]
+    fn future_sections_are_refused_by_name() {
+        let p = problems(&format!(
+            "{MINIMAL}\n        redis:\n          url: redis://x\n        drain: {{}}\n"
+        ));
+        assert_eq!(p.len(), 2, "{p:#?}");
+        check(
+            &p[0],
+            10,
+            1,
+            "redis",
+            "section \"redis\" is not supported by this version of rampart",
+        );
+        check(&p[1], 12, 1, "drain", "section \"drain\" is not supported");
+    }
+
+    #[test]
+    fn wrong_type() {
+        let p = problems(
+            "
+            admin: [127.0.0.1:9901]
+            listeners:
+              - name: {first: inbound}
+                listen: 0.0.0.0:8080
+                routes: backend
+            upstreams:
+              backend:
+                endpoints: http://127.0.0.1:3001
+            ",
+        );
+        assert_eq!(p.len(), 4, "{p:#?}");
+        check(&p[0], 1, 8, "admin", "expected a mapping, found a list");
+        check(
+            &p[1],
+            3,
+            11,
+            "listeners[0].name",
+            "expected a name, found a mapping",
+        );
+        check(
+            &p[2],
+            5,
+            13,
+            "listeners[0].routes",
+            "expected a list of routes, found a string",
+        );
+        check(
+            &p[3],
+            8,
+            16,
+            "upstreams.backend.endpoints",
+            "expected a list of URLs, found a string",
+        );
+    }
+
+    #[test]
+    fn booleans_are_true_or_false() {
+        let p = problems(&format!(
+            "{MINIMAL}\n        logging: {{access_log: yes}}\n"
+        ));
+        check(
+            &p[0],
+            10,
+            23,
+            "logging.access_log",
+            "expected true or false, got \"yes\"",
+        );
+    }
+
+    #[test]
+    fn bad_duration() {
+        let p = problems(
+            "
+            listeners:
+              - name: inbound
+                listen: 0.0.0.0:8080
+                header_read_timeout: 30
+                routes:
+                  - upstream: backend
+                    timeouts:
+                      connect: 5 parsecs
+                      first_byte: 0s
+                      idle: -5s
+                      total: forever
+            upstreams:
+              backend:
+                endpoints: [\"http://127.0.0.1:3001\"]
+                connect_timeout: 400days
+            ",
+        );
+        assert_eq!(p.len(), 6, "{p:#?}");
+        check(
+            &p[0],
+            4,
+            26,
+            "listeners[0].header_read_timeout",
+            "expected a duration like \"250ms\", \"30s\" or \"5m\", got \"30\"",
+        );
+        check(
+            &p[1],
+            8,
+            20,
+            "listeners[0].routes[0].timeouts.connect",
+            "got \"5 parsecs\"",
+        );
+        check(
+            &p[2],
+            9,
+            23,
+            "listeners[0].routes[0].timeouts.first_byte",
+            "must be greater than 0",
+        );
+        check(
+            &p[3],
+            10,
+            17,
+            "listeners[0].routes[0].timeouts.idle",
+            "must be greater than 0",
+        );
+        check(
+            &p[4],
+            11,
+            18,
+            "listeners[0].routes[0].timeouts.total",
+            "got \"forever\"",
+        );
+        check(
+            &p[5],
+            15,
+            22,
+            "upstreams.backend.connect_timeout",
+            "must be at most 365 days",
+        );
+    }
+
+    #[test]
+    fn zero_and_negative_limits() {
+        let p = problems(
+            "
+            listeners:
+              - name: inbound
+                listen: 0.0.0.0:8080
+                max_connections: 0
+                max_headers: -3
+                max_header_bytes: 4KiB
+                http2:
+                  max_concurrent_streams: 5000000000
+                  max_pending_accept_reset_streams: abc
+                  max_local_error_reset_streams: 1.5
+                routes:
+                  - upstream: backend
+                    max_body: -1MiB
+            upstreams:
+              backend:
+                endpoints: [\"http://127.0.0.1:3001\"]
+                pool: {max_idle_per_endpoint: -1}
+            ",
+        );
+        assert_eq!(p.len(), 8, "{p:#?}");
+        check(
+            &p[0],
+            4,
+            22,
+            "listeners[0].max_connections",
+            "must be greater than 0, got 0",
+        );
+        check(
+            &p[1],
+            5,
+            18,
+            "listeners[0].max_headers",
+            "must be greater than 0, got -3",
+        );
+        check(
+            &p[2],
+            6,
+            23,
+            "listeners[0].max_header_bytes",
+            "must be at least 8KiB (8192 bytes), got 4KiB",
+        );
+        check(
+            &p[3],
+            8,
+            31,
+            "listeners[0].http2.max_concurrent_streams",
+            "must be at most 4294967295, got 5000000000",
+        );
+        check(
+            &p[4],
+            9,
+            41,
+            "listeners[0].http2.max_pending_accept_reset_streams",
+            "expected an integer, got \"abc\"",
+        );
+        check(
+            &p[5],
+            10,
+            38,
+            "listeners[0].http2.max_local_error_reset_streams",
+            "expected an integer, got \"1.5\"",
+        );
+        check(
+            &p[6],
+            13,
+            19,
+            "listeners[0].routes[0].max_body",
+            "must be greater than 0, got -1MiB",
+        );
+        check(
+            &p[7],
+            17,
+            35,
+            "upstreams.backend.pool.max_idle_per_endpoint",
+            "must be at least 0, got -1",
+        );
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_bytes("10MiB"), Ok(10 * 1024 * 1024));
+        assert_eq!(parse_bytes("10 MiB"), Ok(10 * 1024 * 1024));
+        assert_eq!(parse_bytes("64KiB"), Ok(65_536));
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_bytes("3KB"), Ok(3_000));
+        assert_eq!(parse_bytes("3MB"), Ok(3_000_000));
+        assert_eq!(parse_bytes("1GB"), Ok(1_000_000_000));
+        assert_eq!(parse_bytes("512"), Ok(512));
+        assert_eq!(parse_bytes("-2KiB"), Ok(-2048));
+        for bad in ["", "MiB", "1.5MiB", "10mb", "10 M", "ten", "1-2", "--1"] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
+        // Overflow saturates and is then refused by the range check, never wraps.
+        let huge = parse_bytes("99999999999999999999999999999999999999999GiB").unwrap();
+        assert!(in_range(huge, 1, u64::MAX, "x").is_err());
+    }
+
+    #[test]
+    fn unknown_upstream_lists_known_names() {
+        let text = yaml(
+            "
+            listeners:
+              - name: inbound
+                listen: 0.0.0.0:8080
+                routes:
+                  - upstream: backend
+                  - upstream: fastgpt
+                  - upstream: fastgtp
+            upstreams:
+              fastgpt:
+                endpoints: [\"https://fastgpt.example.com\"]
+              backend:
+                endpoints: [\"http://127.0.0.1:3001\"]
+            ",
+        );
+        let err = parse_str(&text, "proxy.yaml", &env).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        check(
+            &err.problems[0],
+            7,
+            19,
+            "listeners[0].routes[2].upstream",
+            "unknown upstream \"fastgtp\" (known: backend, fastgpt)",
+        );
+        assert_eq!(
+            err.to_string(),
+            "proxy.yaml:7:19: listeners[0].routes[2].upstream: unknown upstream \"fastgtp\" (known: backend, fastgpt)"
+        );
+    }
+
+    #[test]
+    fn a_broken_upstream_is_still_a_known_name() {
+        let p = problems(
+            "
+            listeners:
+              - name: inbound
+                listen: 0.0.0.0:8080
+                routes:
+                  - upstream: backend
+            upstreams:
+              backend:
+                endpoints: []
+            ",
+        );
+        assert_eq!(p.len(), 1, "{p:#?}");
+        check(
+            &p[0],
+            8,
+            16,
+            "upstreams.backend.endpoints",
+            "must list at least one endpoint",
+        );
+    }
+
+    #[test]
+    fn duplicate_listener_and_route_names() {
+        let p = problems(
+            "
+            listeners:
+              - name: inbound
+                listen: 0.0.0.0:8080
+                routes:
+                  - name: chat
+                    upstream: backend
+                  - name: chat
+                    upstream: backend
+              - name: inbound
+                listen: 0.0.0.0:8081
+                routes:
+                  - upstream: backend
+                  - name: inbound.0
+                    upstream: backend
+            upstreams:
+              backend:
+                endpoints: [\"http://127.0.0.1:3001\"]
+            ",
+        );
+        assert_eq!(p.len(), 3, "{p:#?}");
+        check(
+            &p[0],
+            7,
+            15,
+            "listeners[0].routes[1].name",
+            "duplicate route name \"chat\" (first used at line 5)",
+        );
+        check(
+            &p[1],
+            9,
+            11,
+            "listeners[1].name",
+            "duplicate listener name \"inbound\" (first used at line 2)",
+        );
+        check(
+            &p[2],
+            13,
+            15,
+            "listeners[1].routes[1].name",
+            "duplicate route name \"inbound.0\" (first used at line 12)",
+        );
+    }
+
+    #[test]
+    fn invalid_names() {
+        let p = problems(
+            "
+            listeners:
+              - name: in bound
+                listen: 0.0.0.0:8080
+                routes:
+                  - upstream: back.end
+            upstreams:
+              back.end:
+                endpoints: [\"http://127.0.0.1:3001\"]
+            ",
+        );
+        assert_eq!(p.len(), 2, "{p:#?}");
+        check(
+            &p[0],
+            2,
+            11,
+            "listeners[0].name",
+            "invalid listener name \"in bound\"",
+        );
+        check(
+            &p[1],
+            7,
+            3,
+            "upstreams.back.end",
+            "invalid upstream name \"back.end\"",
+        );
+    }
+
+    /// Two listeners, and the admin address, with the given `listen` values.
+    fn three_binds(admin: &str, first: &str, second: &str) -> String {
+        format!(
+            "
+            admin:
+              listen: \"{admin}\"
+            listeners:
+              - name: inbound
+                listen: \"{first}\"
+                routes: [{{upstream: backend}}]
+              - name: fastgpt
+                listen: \"{second}\"
+                routes: [{{upstream: backend}}]
+            upstreams:
+              backend:
+                endpoints: [\"http://127.0.0.1:3001\"]
+            "
+        )
+    }
+
+    #[test]
+    fn duplicate_listen_ports() {
+        let same_ip = three_binds("127.0.0.1:9901", "10.0.0.1:8080", "10.0.0.1:8080");
+        only(
+            &same_ip,
+            8,
+            13,
+            "listeners[1].listen",
+            "port 8080 already used by listener \"inbound\" (line 5)",
+        );
+
+        let wildcard_first = three_binds("127.0.0.1:9901", "0.0.0.0:8080", "127.0.0.1:8080");
+        only(
+            &wildcard_first,
+            8,
+            13,
+            "listeners[1].listen",
+            "port 8080 already used by listener \"inbound\" (line 5)",
+        );
+
+        let wildcard_later = three_binds("127.0.0.1:9901", "127.0.0.1:8080", "[::]:8080");
+        only(
+            &wildcard_later,
+            8,
+            13,
+            "listeners[1].listen",
+            "port 8080 already used by listener \"inbound\" (line 5)",
+        );
+
+        let admin_first = three_binds("0.0.0.0:8080", "127.0.0.1:8080", "127.0.0.1:8081");
+        only(
+            &admin_first,
+            5,
+            13,
+            "listeners[0].listen",
+            "port 8080 already used by admin (line 2)",
+        );
+
+        let different_ips = three_binds("127.0.0.1:9901", "10.0.0.1:8080", "10.0.0.2:8080");
+        assert!(parse(&different_ips).is_ok());
+
+        let port_zero = three_binds("127.0.0.1:0", "0.0.0.0:0", "0.0.0.0:0");
+        assert!(parse(&port_zero).is_ok());
+    }
+
+    #[test]
+    fn listener_on_the_default_admin_port() {
+        let text = MINIMAL.replace("0.0.0.0:8080", "0.0.0.0:9901");
+        only(
+            &text,
+            3,
+            13,
+            "listeners[0].listen",
+            "port 9901 already used by admin (default 127.0.0.1:9901)",
+        );
+    }
+
+    #[test]
+    fn bad_listen_address() {
+        let text = MINIMAL.replace("0.0.0.0:8080", "localhost:8080");
+        only(
+            &text,
+            3,
+            13,
+            "listeners[0].listen",
+            "expected an address like \"0.0.0.0:8080\" or \"[::1]:8080\", got \"localhost:8080\"",
+        );
+    }
+
+    #[test]
+    fn missing_required_key() {
+        let p = problems(
+            "
+            listeners:
+              - name: inbound
+                routes:
+                  - match: {path_prefix: /api}
+            ",
+        );
+        assert_eq!(p.len(), 3, "{p:#?}");
+        check(&p[0], 1, 1, "", "missing required key \"upstreams\"");
+        check(
+            &p[1],
+            2,
+            5,
+            "listeners[0]",
+            "missing required key \"listen\"",
+        );
+        check(
+            &p[2],
+            4,
+            9,
+            "listeners[0].routes[0]",
+            "missing required key \"upstream\"",
+        );
+        // Without upstreams there is nothing to check the reference against: no cascade.
+    }
+
+    #[test]
+    fn required_key_without_value() {
+        let text = MINIMAL.replace("listen: 0.0.0.0:8080", "listen:");
+        only(
+            &text,
+            3,
+            5,
+            "listeners[0].listen",
+            "missing value for required key \"listen\"",
+        );
+    }
+
+    #[test]
+    fn empty_lists() {
+        let p = problems(
+            "
+            listeners: []
+            upstreams: {}
+            ",
+        );
+        assert_eq!(p.len(), 2, "{p:#?}");
+        check(&p[0], 1, 12, "listeners", "must list at least one listener");
+        check(
+            &p[1],
+            2,
+            12,
+            "upstreams",
+            "must define at least one upstream",
+        );
+    }
+
+    #[test]
+    fn missing_env_var() {
+        let text = MINIMAL.replace(
+            "\"http://127.0.0.1:3001\"",
+            "\"http://127.0.0.1:3001\", \"${FASTGPT_URL}\"",
+        );
+        only(
+            &text,
+            8,
+            42,
+            "upstreams.backend.endpoints[1]",
+            "environment variable FASTGPT_URL is not set (give a default with ${FASTGPT_URL:-...})",
+        );
+    }
+
+    #[test]
+    fn unterminated_env_reference() {
+        let text = MINIMAL.replace("listen: 0.0.0.0:8080", "listen: \"0.0.0.0:${LISTEN_PORT\"");
+        only(&text, 3, 13, "listeners[0].listen", "unterminated \"${\"");
+    }
+
+    #[test]
+    fn env_values_and_defaults_are_used() {
+        let text = MINIMAL
+            .replace("0.0.0.0:8080", "\"0.0.0.0:${LISTEN_PORT}\"")
+            .replace(
+                "\"http://127.0.0.1:3001\"",
+                "\"${BACKEND_URL}\", \"${SPARE_URL:-http://10.0.0.8:3001}\"",
+            )
+            .replace(
+                "  - upstream: backend",
+                "  - upstream: backend\n                timeouts: {idle: \"${IDLE:-90s}\"}",
+            );
+        let c = ok(&text);
+        assert_eq!(c.listeners[0].listen, "0.0.0.0:8088".parse().unwrap());
+        assert_eq!(
+            c.upstreams["backend"].endpoints,
+            vec![uri("http://10.0.0.7:3001/"), uri("http://10.0.0.8:3001/")]
+        );
+        assert_eq!(c.listeners[0].routes[0].timeouts.idle, secs(90));
+    }
+
+    #[test]
+    fn env_in_plain_block_values_is_typed_after_substitution() {
+        let text = MINIMAL.replace(
+            "listen: 0.0.0.0:8080",
+            "listen: 0.0.0.0:${LISTEN_PORT}\n            max_connections: ${MAX_CONN:-500}\n            header_read_timeout: ${HRT:-3s}",
+        );
+        let c = ok(&text);
+        assert_eq!(c.listeners[0].listen, "0.0.0.0:8088".parse().unwrap());
+        assert_eq!(c.listeners[0].max_connections, 500);
+        assert_eq!(c.listeners[0].header_read_timeout, secs(3));
+    }
+
+    #[test]
+    fn env_is_not_applied_to_keys() {
+        let text = format!("{MINIMAL}\n        \"${{LISTEN_PORT}}\": 1\n");
+        only(
+            &text,
+            10,
+            1,
+            "${LISTEN_PORT}",
+            "unknown key \"${LISTEN_PORT}\"",
+        );
+    }
+
+    #[test]
+    fn dollar_dollar_escape() {
+        let text = MINIMAL.replace(
+            "- upstream: backend",
+            "- upstream: backend\n                match: {path_prefix: \"/$$price/${NOPE:-x}\"}",
+        );
+        let c = ok(&text);
+        assert_eq!(c.listeners[0].routes[0].path_prefix, "/$price/x");
+    }
+
+    #[test]
+    fn bad_endpoint_url() {
+        let p = problems(
+            "
+            listeners:
+              - name: inbound
+                listen: 0.0.0.0:8080
+                routes: [{upstream: backend}]
+            upstreams:
+              backend:
+                endpoints:
+                  - http://127.0.0.1:3001/v1
+                  - ftp://127.0.0.1
+                  - http://user:secret@127.0.0.1:3001
+                  - http://127.0.0.1:3001?x=1
+                  - 127.0.0.1:3001
+                  - http://127.0.0.1:80
+                  - http://127.0.0.1/
+            ",
+        );
+        assert_eq!(p.len(), 6, "{p:#?}");
+        check(
+            &p[0],
+            8,
+            9,
+            "upstreams.backend.endpoints[0]",
+            "endpoint URLs cannot have a path (\"/v1\"",
+        );
+        check(
+            &p[1],
+            9,
+            9,
+            "upstreams.backend.endpoints[1]",
+            "unsupported scheme \"ftp\"",
+        );
+        check(
+            &p[2],
+            10,
+            9,
+            "upstreams.backend.endpoints[2]",
+            "user info (user:password@) is not allowed",
+        );
+        assert!(!p[2].message.contains("secret"));
+        check(
+            &p[3],
+            11,
+            9,
+            "upstreams.backend.endpoints[3]",
+            "cannot have a query",
+        );
+        check(
+            &p[4],
+            12,
+            9,
+            "upstreams.backend.endpoints[4]",
+            "expected a URL like",
+        );
+        check(
+            &p[5],
+            14,
+            9,
+            "upstreams.backend.endpoints[6]",
+            "duplicate endpoint \"http://127.0.0.1:80/\" (first used at line 13)",
+        );
+    }
+
+    #[test]
+    fn lowercase_method() {
+        let text = MINIMAL.replace("- upstream: backend", "- upstream: backend\n                match: {methods: [GET, post, \"BAD METHOD\", GET]}");
+        let p = problems(&text);
+        assert_eq!(p.len(), 3, "{p:#?}");
+        check(
+            &p[0],
+            6,
+            32,
+            "listeners[0].routes[0].match.methods[1]",
+            "\"post\" must be upper case, did you mean \"POST\"?",
+        );
+        check(
+            &p[1],
+            6,
+            38,
+            "listeners[0].routes[0].match.methods[2]",
+            "invalid HTTP method \"BAD METHOD\"",
+        );
+        check(
+            &p[2],
+            6,
+            52,
+            "listeners[0].routes[0].match.methods[3]",
+            "duplicate method \"GET\"",
+        );
+    }
+
+    #[test]
+    fn extension_methods_are_accepted() {
+        let text = MINIMAL.replace(
+            "- upstream: backend",
+            "- upstream: backend\n                match: {methods: [PROPFIND]}",
+        );
+        let c = ok(&text);
+        assert_eq!(
+            c.listeners[0].routes[0].methods,
+            Some(vec![Method::from_bytes(b"PROPFIND").unwrap()])
+        );
+    }
+
+    #[test]
+    fn route_match_checks() {
+        let text = MINIMAL.replace("- upstream: backend", "- upstream: backend\n                match: {path_prefix: api, host: \"*.example.com\"}");
+        let p = problems(&text);
+        assert_eq!(p.len(), 2, "{p:#?}");
+        check(
+            &p[0],
+            6,
+            30,
+            "listeners[0].routes[0].match.path_prefix",
+            "must start with \"/\", got \"api\"",
+        );
+        check(
+            &p[1],
+            6,
+            41,
+            "listeners[0].routes[0].match.host",
+            "wildcard hosts are not supported",
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_are_checked() {
+        let text = format!(
+            "{MINIMAL}\n        trusted_proxies: [\"10.0.0.1/8\", \"10.0.0.0/33\", \"::1/129\", \"nope\", \"::/0\", \"0.0.0.0/0\"]\n"
+        );
+        let p = problems(&text);
+        assert_eq!(p.len(), 4, "{p:#?}");
+        check(
+            &p[0],
+            10,
+            19,
+            "trusted_proxies[0]",
+            "\"10.0.0.1/8\" has host bits set: did you mean \"10.0.0.0/8\"?",
+        );
+        check(
+            &p[1],
+            10,
+            33,
+            "trusted_proxies[1]",
+            "prefix /33 is out of range for an IPv4 address (0 to 32)",
+        );
+        check(
+            &p[2],
+            10,
+            48,
+            "trusted_proxies[2]",
+            "prefix /129 is out of range for an IPv6 address",
+        );
+        check(
+            &p[3],
+            10,
+            59,
+            "trusted_proxies[3]",
+            "expected an address or block",
+        );
+    }
+
+    #[test]
+    fn three_different_problems_are_all_returned() {
+        let p = problems(
+            "
+            logging:
+              format: yaml
+            listeners:
+              - name: inbound
+                listen: 0.0.0.0:8080
+                header_read_timeout: 0s
+                routes:
+                  - upstream: nope
+            upstreams:
+              backend:
+                endpoints: [\"http://127.0.0.1:3001\"]
+            ",
+        );
+        assert_eq!(p.len(), 3, "{p:#?}");
+        check(
+            &p[0],
+            2,
+            11,
+            "logging.format",
+            "expected one of text, json, got \"yaml\"",
+        );
+        check(
+            &p[1],
+            6,
+            26,
+            "listeners[0].header_read_timeout",
+            "must be greater than 0",
+        );
+        check(
+            &p[2],
+            8,
+            19,
+            "listeners[0].routes[0].upstream",
+            "unknown upstream \"nope\" (known: backend)",
+        );
+    }
+
+    #[test]
+    fn null_values_mean_default() {
+        let text = format!("{MINIMAL}\n        admin:\n        logging: ~\n");
+        let c = ok(&text);
+        assert_eq!(c.admin.listen, DEFAULT_ADMIN_LISTEN);
+        assert_eq!(c.logging.level, "info");
+    }
+
+    #[test]
+    fn suggestions_use_edit_distance() {
+        assert_eq!(edit_distance("listen", "listen"), 0);
+        assert_eq!(edit_distance("listn", "listen"), 1);
+        assert_eq!(edit_distance("lsiten", "listen"), 2);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(
+            suggest("upstreem", &["listeners", "upstreams"]),
+            Some("upstreams")
+        );
+        assert_eq!(suggest("xyz", &["listeners", "upstreams"]), None);
+        assert_eq!(suggest("a", &["b"]), None);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1m30s"), Ok(secs(90)));
+        assert_eq!(parse_duration("5m"), Ok(secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(secs(3600)));
+        for bare in ["30", "1.5", "0"] {
+            assert_eq!(
+                parse_duration(bare),
+                Err(format!(
+                    "expected a duration like \"250ms\", \"30s\" or \"5m\", got \"{bare}\""
+                ))
+            );
+        }
+    }
+
+    #[test]
+    fn problems_display_one_per_line() {
+        let err = parse_str("listeners: []\nupstreams: {}\n", "proxy.yaml", &env).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "proxy.yaml:1:12: listeners: must list at least one listener\nproxy.yaml:2:12: upstreams: must define at least one upstream"
+        );
+    }
+}
