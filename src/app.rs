@@ -91,9 +91,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             proto: "http",
         });
         let stop_rx = stop_rx.clone();
-        tasks.spawn(async move {
-            server::serve(listener, ctx, &cfg, stop_rx, DRAIN_TIMEOUT).await
-        });
+        tasks
+            .spawn(async move { server::serve(listener, ctx, &cfg, stop_rx, DRAIN_TIMEOUT).await });
     }
     tracing::info!(addr = %admin_addr, "admin listening");
     let admin_shared = shared.clone();

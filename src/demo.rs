@@ -62,7 +62,9 @@ async fn backend(req: Request<Incoming>) -> Response<DemoBody> {
 }
 
 fn llm(_req: Request<Incoming>) -> Response<DemoBody> {
-    let words = ["rampart", "keeps", "this", "stream", "flowing", "token", "by", "token."];
+    let words = [
+        "rampart", "keeps", "this", "stream", "flowing", "token", "by", "token.",
+    ];
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
     tokio::spawn(async move {
         for (i, w) in words.iter().enumerate() {

@@ -174,7 +174,10 @@ mod tests {
     fn shutting_down_closes_the_connection_with_the_users_message() {
         let resp = ProxyError::ShuttingDown.to_response("r");
         assert_eq!(resp.headers()[header::CONNECTION], "close");
-        assert_eq!(ProxyError::ShuttingDown.to_string(), "Server is shutting down");
+        assert_eq!(
+            ProxyError::ShuttingDown.to_string(),
+            "Server is shutting down"
+        );
     }
 
     #[test]

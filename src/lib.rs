@@ -4,7 +4,7 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod proxy;
 pub mod server;
-pub mod demo;

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use rampart::config::{Config, LogFormat, LoggingConfig};
 
 #[derive(Parser)]
-#[command(name = "rampart", version, about = "A reverse proxy that keeps an LLM chat product up")]
+#[command(
+    name = "rampart",
+    version,
+    about = "A reverse proxy that keeps an LLM chat product up"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -92,14 +96,24 @@ async fn demo(cfg: Config, upstreams_only: bool) -> Result<(), Box<dyn std::erro
     if upstreams_only {
         std::future::pending::<()>().await;
     }
-    let inbound = cfg.listeners.iter().find(|l| l.name == "inbound").map(|l| l.listen.port());
-    let fastgpt = cfg.listeners.iter().find(|l| l.name == "fastgpt").map(|l| l.listen.port());
+    let inbound = cfg
+        .listeners
+        .iter()
+        .find(|l| l.name == "inbound")
+        .map(|l| l.listen.port());
+    let fastgpt = cfg
+        .listeners
+        .iter()
+        .find(|l| l.name == "fastgpt")
+        .map(|l| l.listen.port());
     let admin = cfg.admin.listen;
     if let (Some(i), Some(f)) = (inbound, fastgpt) {
         eprintln!("\nTry:");
         eprintln!("  curl -s http://127.0.0.1:{i}/api/agents");
         eprintln!("  curl -s -X POST -d '{{\"q\":\"hi\"}}' http://127.0.0.1:{i}/api/chat");
-        eprintln!("  curl -sN http://127.0.0.1:{f}/api/v1/chat/completions   # SSE, a token every 300 ms");
+        eprintln!(
+            "  curl -sN http://127.0.0.1:{f}/api/v1/chat/completions   # SSE, a token every 300 ms"
+        );
         eprintln!("  curl -s --http2-prior-knowledge http://127.0.0.1:{i}/api/agents");
         eprintln!("  curl -s http://{admin}/readyz");
         eprintln!("Ctrl-C drains and exits.\n");
@@ -138,7 +152,9 @@ fn init_logging(cfg: &LoggingConfig) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match cfg.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),

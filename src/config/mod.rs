@@ -121,6 +121,9 @@ pub struct UpstreamConfig {
     /// Default 5s.
     pub connect_timeout: Duration,
     pub pool: PoolConfig,
+    /// For https endpoints: PEM CA certificates trusted in addition to the system's store
+    /// (`tls.ca_file`); None = the system's store only.
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

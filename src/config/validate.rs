@@ -205,9 +205,35 @@ fn upstream(ctx: &mut Ctx, f: Field, name: &str) -> UpstreamConfig {
             .read(ctx, "connect_timeout", Ctx::duration)
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
         pool: pool(ctx, m.optional("pool")),
+        tls_ca_file: upstream_tls(ctx, m.optional("tls")),
     };
     m.finish(ctx);
     config
+}
+
+fn upstream_tls(ctx: &mut Ctx, f: Option<Field>) -> Option<std::path::PathBuf> {
+    let mut m = MapReader::open(ctx, f);
+    let ca_file = m.read(ctx, "ca_file", |ctx, f| {
+        let path = ctx.text(f, "a file path")?;
+        // Checked here so `rampart check` catches it, not the first https request.
+        match std::fs::read_to_string(&path) {
+            Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => Some(path.into()),
+            Ok(_) => {
+                ctx.report(
+                    f.pos(),
+                    &f.path,
+                    format!("{path}: no PEM certificate in it"),
+                );
+                None
+            }
+            Err(e) => {
+                ctx.report(f.pos(), &f.path, format!("cannot read {path}: {e}"));
+                None
+            }
+        }
+    });
+    m.finish(ctx);
+    ca_file
 }
 
 fn endpoints(ctx: &mut Ctx, f: &Field) -> Vec<Uri> {
@@ -1283,6 +1309,7 @@ mod tests {
                     name: "backend".into(),
                     endpoints: vec![uri("http://127.0.0.1:3001/")],
                     connect_timeout: secs(5),
+                    tls_ca_file: None,
                     pool: PoolConfig {
                         idle_timeout: secs(4),
                         max_idle_per_endpoint: 256,
@@ -1425,6 +1452,7 @@ mod tests {
                             uri("http://127.0.0.1:3002/"),
                         ],
                         connect_timeout: secs(2),
+                        tls_ca_file: None,
                         pool: PoolConfig {
                             idle_timeout: secs(3),
                             max_idle_per_endpoint: 0,
@@ -1437,6 +1465,7 @@ mod tests {
                         name: "fastgpt".into(),
                         endpoints: vec![uri("https://fastgpt.example.com:443/")],
                         connect_timeout: secs(5),
+                        tls_ca_file: None,
                         pool: PoolConfig {
                             idle_timeout: secs(4),
                             max_idle_per_endpoint: 256,

@@ -57,7 +57,10 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
         && headers.get_all(header::CONNECTION).iter().any(|v| {
             v.to_str()
-                .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+                .map(|s| {
+                    s.split(',')
+                        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+                })
                 .unwrap_or(false)
         })
 }
@@ -73,10 +76,7 @@ pub fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
         }
         let s = value.to_str().map_err(|_| "invalid Content-Length")?;
         for part in s.split(',') {
-            let n: u64 = part
-                .trim()
-                .parse()
-                .map_err(|_| "invalid Content-Length")?;
+            let n: u64 = part.trim().parse().map_err(|_| "invalid Content-Length")?;
             match length {
                 Some(prev) if prev != n => return Err("conflicting Content-Length values"),
                 _ => length = Some(n),
@@ -93,8 +93,7 @@ pub fn request_id(headers: &HeaderMap) -> String {
         let b = v.as_bytes();
         if !b.is_empty()
             && b.len() <= 128
-            && b
-                .iter()
+            && b.iter()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'))
         {
             // Checked ASCII above, so this cannot fail.
@@ -216,7 +215,11 @@ mod tests {
 
     #[test]
     fn keeps_upgrade_for_websocket_handshake() {
-        let mut h = map(&[("connection", "Upgrade, x-a"), ("upgrade", "websocket"), ("x-a", "1")]);
+        let mut h = map(&[
+            ("connection", "Upgrade, x-a"),
+            ("upgrade", "websocket"),
+            ("x-a", "1"),
+        ]);
         assert!(wants_upgrade(&h));
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h["upgrade"], "websocket");
@@ -227,11 +230,17 @@ mod tests {
     #[test]
     fn framing_checks() {
         assert_eq!(check_framing(&map(&[("content-length", "5")])), Ok(Some(5)));
-        assert_eq!(check_framing(&map(&[("content-length", "5, 5")])), Ok(Some(5)));
+        assert_eq!(
+            check_framing(&map(&[("content-length", "5, 5")])),
+            Ok(Some(5))
+        );
         assert!(check_framing(&map(&[("content-length", "5"), ("content-length", "6")])).is_err());
         assert!(
-            check_framing(&map(&[("content-length", "5"), ("transfer-encoding", "chunked")]))
-                .is_err()
+            check_framing(&map(&[
+                ("content-length", "5"),
+                ("transfer-encoding", "chunked")
+            ]))
+            .is_err()
         );
         assert!(check_framing(&map(&[("content-length", "-1")])).is_err());
         assert_eq!(check_framing(&map(&[])), Ok(None));
@@ -257,7 +266,10 @@ mod tests {
         assert_eq!(h["x-forwarded-host"], "example.com");
         assert_eq!(h["x-forwarded-proto"], "http");
 
-        let mut h = map(&[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-proto", "https")]);
+        let mut h = map(&[
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-proto", "https"),
+        ]);
         set_forwarded(&mut h, peer, true, "http", Some(&host));
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 192.0.2.7");
         assert_eq!(h["x-forwarded-proto"], "https");

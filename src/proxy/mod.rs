@@ -32,7 +32,14 @@ pub struct Snapshot {
 impl Snapshot {
     /// Fails only on TLS material that cannot be loaded (a CA file named in the config).
     pub fn build(cfg: &Config) -> Result<Snapshot, String> {
-        let tls = forward::tls_config(None)?;
+        // TLS settings per distinct CA file: loading the system store is not free.
+        let mut tls_by_ca = HashMap::new();
+        for u in cfg.upstreams.values() {
+            if !tls_by_ca.contains_key(&u.tls_ca_file) {
+                let tls = forward::tls_config(u.tls_ca_file.as_deref())?;
+                tls_by_ca.insert(u.tls_ca_file.clone(), tls);
+            }
+        }
         let upstreams: HashMap<String, Arc<Upstream>> = cfg
             .upstreams
             .iter()
@@ -48,6 +55,9 @@ impl Snapshot {
                     (cfg.upstreams.get(&r.upstream), upstreams.get(&r.upstream))
                 else {
                     // Validation guarantees the name exists; skip rather than panic.
+                    continue;
+                };
+                let Some(tls) = tls_by_ca.get(&ucfg.tls_ca_file) else {
                     continue;
                 };
                 let client = clients

@@ -47,7 +47,16 @@ pub async fn handle(
         })
     });
 
-    let result = proxy(&ctx, &snapshot, peer, req, &request_id, start, record.as_deref_mut()).await;
+    let result = proxy(
+        &ctx,
+        &snapshot,
+        peer,
+        req,
+        &request_id,
+        start,
+        record.as_deref_mut(),
+    )
+    .await;
     let mut resp = match result {
         Ok(resp) => resp,
         Err(err) => {
@@ -160,14 +169,18 @@ async fn proxy(
         deadline,
     )
     .await?;
-    if let Some(r) = record.as_deref_mut() {
+    if let Some(r) = record {
         r.ttfb = Some(start.elapsed());
     }
 
     if let Some(client_upgrade) = client_upgrade
         && resp.status() == StatusCode::SWITCHING_PROTOCOLS
     {
-        return Ok(upgrade::tunnel(resp, client_upgrade, request_id.to_string()));
+        return Ok(upgrade::tunnel(
+            resp,
+            client_upgrade,
+            request_id.to_string(),
+        ));
     }
 
     // Stream back, frame by frame.

@@ -76,9 +76,7 @@ pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
 pub fn find<'a, B>(routes: &'a [Route], req: &Request<B>) -> Option<&'a Route> {
     let host = request_host(req);
     let path = req.uri().path();
-    routes
-        .iter()
-        .find(|r| r.matches(host, path, req.method()))
+    routes.iter().find(|r| r.matches(host, path, req.method()))
 }
 
 #[cfg(test)]
@@ -97,9 +95,15 @@ mod tests {
 
     #[test]
     fn host_without_port() {
-        let r = Request::get("/").header("host", "Example.com:8080").body(()).unwrap();
+        let r = Request::get("/")
+            .header("host", "Example.com:8080")
+            .body(())
+            .unwrap();
         assert_eq!(request_host(&r), Some("Example.com"));
-        let r = Request::get("/").header("host", "[::1]:8080").body(()).unwrap();
+        let r = Request::get("/")
+            .header("host", "[::1]:8080")
+            .body(())
+            .unwrap();
         assert_eq!(request_host(&r), Some("[::1]"));
         let r = Request::get("http://h2.example/x").body(()).unwrap();
         assert_eq!(request_host(&r), Some("h2.example"));

@@ -3,7 +3,6 @@
 //! graceful-shutdown watcher every connection is registered with.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -111,8 +110,6 @@ pub async fn serve(
 }
 
 /// Resolves once the flag is true (or its sender is gone).
-pub fn stopped(stop: &mut watch::Receiver<bool>) -> impl Future<Output = ()> + '_ {
-    async move {
-        let _ = stop.wait_for(|s| *s).await;
-    }
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }

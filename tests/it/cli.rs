@@ -11,7 +11,13 @@ fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_rampart"));
     c.current_dir(env!("CARGO_MANIFEST_DIR"));
     // A fresh machine: none of our variables set.
-    for var in ["RAMPART_CONFIG", "RAMPART_WORKERS", "FASTGPT_URL", "RAMPART_LOG", "RUST_LOG"] {
+    for var in [
+        "RAMPART_CONFIG",
+        "RAMPART_WORKERS",
+        "FASTGPT_URL",
+        "RAMPART_LOG",
+        "RUST_LOG",
+    ] {
         c.env_remove(var);
     }
     c
@@ -27,12 +33,28 @@ fn temp_file(name: &str, text: &str) -> PathBuf {
 
 #[test]
 fn check_accepts_the_shipped_config_and_prints_a_summary() {
-    let out = bin().args(["check", "--config", "proxy.yaml"]).output().unwrap();
+    let out = bin()
+        .args(["check", "--config", "proxy.yaml"])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("listener  inbound on 0.0.0.0:8080"), "{stdout}");
-    assert!(stdout.contains("listener  fastgpt on 127.0.0.1:8081"), "{stdout}");
-    assert!(stdout.contains("upstream  backend -> http://127.0.0.1:3001"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("listener  inbound on 0.0.0.0:8080"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("listener  fastgpt on 127.0.0.1:8081"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("upstream  backend -> http://127.0.0.1:3001"),
+        "{stdout}"
+    );
     assert!(stdout.contains("admin     127.0.0.1:9901"), "{stdout}");
 }
 
@@ -41,20 +63,38 @@ fn the_shipped_config_is_the_users_topology() {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.yaml")).unwrap();
     let cfg = rampart::config::parse_str(&text, "proxy.yaml", &|_| None).unwrap();
     let inbound = &cfg.listeners[0];
-    assert_eq!((inbound.name.as_str(), inbound.listen.to_string().as_str()), ("inbound", "0.0.0.0:8080"));
+    assert_eq!(
+        (inbound.name.as_str(), inbound.listen.to_string().as_str()),
+        ("inbound", "0.0.0.0:8080")
+    );
     assert_eq!(inbound.routes[0].upstream, "backend");
     let fastgpt = &cfg.listeners[1];
-    assert_eq!((fastgpt.name.as_str(), fastgpt.listen.to_string().as_str()), ("fastgpt", "127.0.0.1:8081"));
+    assert_eq!(
+        (fastgpt.name.as_str(), fastgpt.listen.to_string().as_str()),
+        ("fastgpt", "127.0.0.1:8081")
+    );
     assert_eq!(fastgpt.routes[0].upstream, "fastgpt");
-    assert_eq!(fastgpt.routes[0].timeouts.total, None, "no total timeout on streams");
-    assert_eq!(cfg.upstreams["backend"].endpoints[0].to_string(), "http://127.0.0.1:3001/");
+    assert_eq!(
+        fastgpt.routes[0].timeouts.total, None,
+        "no total timeout on streams"
+    );
+    assert_eq!(
+        cfg.upstreams["backend"].endpoints[0].to_string(),
+        "http://127.0.0.1:3001/"
+    );
     assert_eq!(cfg.admin.listen.to_string(), "127.0.0.1:9901");
     // FASTGPT_URL overrides the stand-in default.
     let cfg = rampart::config::parse_str(&text, "proxy.yaml", &|v| {
         (v == "FASTGPT_URL").then(|| "http://10.1.2.3:3000".to_string())
     })
     .unwrap();
-    assert_eq!(cfg.upstreams["fastgpt"].endpoints[0].authority().unwrap().as_str(), "10.1.2.3:3000");
+    assert_eq!(
+        cfg.upstreams["fastgpt"].endpoints[0]
+            .authority()
+            .unwrap()
+            .as_str(),
+        "10.1.2.3:3000"
+    );
 }
 
 #[test]
@@ -85,7 +125,10 @@ upstreams:
             stderr.contains("bad.yaml:7:19: listeners[0].routes[0].upstream: unknown upstream \"fastgtp\" (known: backend, fastgpt)"),
             "{cmd}: {stderr}"
         );
-        assert!(stderr.contains("bad.yaml:4:22: listeners[0].max_connections"), "{cmd}: {stderr}");
+        assert!(
+            stderr.contains("bad.yaml:4:22: listeners[0].max_connections"),
+            "{cmd}: {stderr}"
+        );
     }
     // Nothing was bound: the port is still free.
     assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
@@ -97,7 +140,11 @@ fn missing_env_var_names_the_variable_and_line() {
         "env.yaml",
         "listeners:\n  - name: m\n    listen: \"127.0.0.1:0\"\n    routes: [{ upstream: u }]\nupstreams:\n  u: { endpoints: [\"${RAMPART_IT_UNSET_URL}\"] }\n",
     );
-    let out = bin().args(["check", "--config"]).arg(&path).output().unwrap();
+    let out = bin()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr.contains("env.yaml:6:"), "{stderr}");
@@ -141,7 +188,10 @@ async fn demo_serves_json_and_sse_from_the_shipped_config_then_exits_0_on_sigter
     let (resp, _) = send(&http1(), get(admin, "/readyz")).await;
     assert_eq!(resp.status(), 200);
 
-    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(killed.success());
     let deadline = Instant::now() + Duration::from_secs(35);
     let status = loop {

@@ -41,7 +41,9 @@ async fn keep_alive_reuses_connections_both_sides() {
     let addr = px.addr("main").unwrap();
     let mut s = TcpStream::connect(addr).await.unwrap();
     for _ in 0..5 {
-        s.write_all(b"GET /ok HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+        s.write_all(b"GET /ok HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
         let mut buf = vec![0u8; 4096];
         let mut got = Vec::new();
         while !String::from_utf8_lossy(&got).ends_with("ok") {
@@ -69,13 +71,15 @@ async fn request_id_is_kept_or_created_and_echoed() {
     let px = start(&one_route(&up.url(), "", "")).await;
     let addr = px.addr("main").unwrap();
     let mut req = get(addr, "/echo");
-    req.headers_mut().insert("x-request-id", "abc-123".parse().unwrap());
+    req.headers_mut()
+        .insert("x-request-id", "abc-123".parse().unwrap());
     let (resp, body) = send(&http1(), req).await;
     assert_eq!(resp.headers()["x-request-id"], "abc-123");
     assert!(String::from_utf8_lossy(&body).contains("\"x-request-id\":\"abc-123\""));
 
     let mut req = get(addr, "/echo");
-    req.headers_mut().insert("x-request-id", "bad id with spaces".parse().unwrap());
+    req.headers_mut()
+        .insert("x-request-id", "bad id with spaces".parse().unwrap());
     let (resp, body) = send(&http1(), req).await;
     let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(id.len(), 32);
@@ -90,15 +94,23 @@ async fn forwarded_headers_believe_only_trusted_proxies() {
     let px = start(&one_route(&up.url(), "", "")).await;
     let addr = px.addr("main").unwrap();
     let mut req = get(addr, "/echo");
-    req.headers_mut().insert("x-forwarded-for", "6.6.6.6".parse().unwrap());
-    req.headers_mut().insert("x-forwarded-host", "evil.example".parse().unwrap());
+    req.headers_mut()
+        .insert("x-forwarded-for", "6.6.6.6".parse().unwrap());
+    req.headers_mut()
+        .insert("x-forwarded-host", "evil.example".parse().unwrap());
     let (_, body) = send(&http1(), req).await;
     let body = String::from_utf8_lossy(&body).to_string();
     assert!(body.contains("\"x-forwarded-for\":\"127.0.0.1\""), "{body}");
     assert!(body.contains("\"x-forwarded-proto\":\"http\""), "{body}");
-    assert!(body.contains(&format!("\"x-forwarded-host\":\"{addr}\"")), "{body}");
+    assert!(
+        body.contains(&format!("\"x-forwarded-host\":\"{addr}\"")),
+        "{body}"
+    );
     // Host is the upstream's, as nginx sends it.
-    assert!(body.contains(&format!("\"host\":\"{}\"", up.addr)), "{body}");
+    assert!(
+        body.contains(&format!("\"host\":\"{}\"", up.addr)),
+        "{body}"
+    );
     px.shutdown().await;
 
     // Trusted: appended.
@@ -109,10 +121,14 @@ async fn forwarded_headers_believe_only_trusted_proxies() {
     let px = start(&yaml).await;
     let addr = px.addr("main").unwrap();
     let mut req = get(addr, "/echo");
-    req.headers_mut().insert("x-forwarded-for", "203.0.113.9".parse().unwrap());
+    req.headers_mut()
+        .insert("x-forwarded-for", "203.0.113.9".parse().unwrap());
     let (_, body) = send(&http1(), req).await;
     let body = String::from_utf8_lossy(&body).to_string();
-    assert!(body.contains("\"x-forwarded-for\":\"203.0.113.9, 127.0.0.1\""), "{body}");
+    assert!(
+        body.contains("\"x-forwarded-for\":\"203.0.113.9, 127.0.0.1\""),
+        "{body}"
+    );
     px.shutdown().await;
 }
 
@@ -127,7 +143,12 @@ async fn hop_by_hop_headers_are_stripped_both_ways() {
     let (head, body) = lower.split_once("\r\n\r\n").unwrap();
     // Upstream side: what the upstream saw.
     assert!(body.contains("\"x-kept\":\"yes\""), "{body}");
-    for h in ["x-client-secret", "keep-alive", "\"te\"", "proxy-authorization"] {
+    for h in [
+        "x-client-secret",
+        "keep-alive",
+        "\"te\"",
+        "proxy-authorization",
+    ] {
         assert!(!body.contains(h), "{h} reached the upstream: {body}");
     }
     // Downstream side: the upstream's Connection-named and keep-alive headers are gone.
@@ -144,7 +165,8 @@ async fn ambiguous_framing_is_refused_with_400() {
     let cl_te = b"POST /echo HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n";
     let resp = raw(addr, cl_te, Duration::from_secs(5)).await;
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
-    let two_cl = b"POST /echo HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!";
+    let two_cl =
+        b"POST /echo HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!";
     let resp = raw(addr, two_cl, Duration::from_secs(5)).await;
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
     assert_eq!(up.requests(), 0, "nothing ambiguous reaches the upstream");
@@ -162,9 +184,13 @@ async fn oversized_bodies_get_413_before_the_upstream_sees_a_byte() {
         .unwrap();
     let (resp, body) = send(&http1(), req).await;
     assert_eq!(resp.status(), 413);
-    assert_eq!(json_field(&String::from_utf8_lossy(&body), "code"), Some("PAYLOAD_TOO_LARGE"));
+    assert_eq!(
+        json_field(&String::from_utf8_lossy(&body), "code"),
+        Some("PAYLOAD_TOO_LARGE")
+    );
     // Chunked, no length: read up to the limit, then refused.
-    let mut chunked = b"POST /echo HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    let mut chunked =
+        b"POST /echo HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
     for _ in 0..3 {
         chunked.extend_from_slice(b"200\r\n");
         chunked.extend_from_slice(&[b'b'; 512]);
@@ -184,7 +210,12 @@ async fn oversized_bodies_get_413_before_the_upstream_sees_a_byte() {
 #[tokio::test]
 async fn header_limits_answer_431() {
     let up = Upstream::start().await;
-    let px = start(&one_route(&up.url(), "", "    max_headers: 20\n    max_header_bytes: 8KiB")).await;
+    let px = start(&one_route(
+        &up.url(),
+        "",
+        "    max_headers: 20\n    max_header_bytes: 8KiB",
+    ))
+    .await;
     let addr = px.addr("main").unwrap();
     let mut many = b"GET /ok HTTP/1.1\r\nhost: a\r\n".to_vec();
     for i in 0..30 {
@@ -193,7 +224,10 @@ async fn header_limits_answer_431() {
     many.extend_from_slice(b"\r\n");
     let resp = raw(addr, &many, Duration::from_secs(5)).await;
     assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
-    let big = format!("GET /ok HTTP/1.1\r\nhost: a\r\nx-big: {}\r\n\r\n", "v".repeat(20_000));
+    let big = format!(
+        "GET /ok HTTP/1.1\r\nhost: a\r\nx-big: {}\r\n\r\n",
+        "v".repeat(20_000)
+    );
     let resp = raw(addr, big.as_bytes(), Duration::from_secs(5)).await;
     assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
     assert_eq!(up.requests(), 0);
@@ -208,15 +242,22 @@ async fn slow_request_heads_and_idle_keepalive_are_cut_by_the_header_timeout() {
     // Slowloris: half a request head, then nothing.
     let started = Instant::now();
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /ok HTTP/1.1\r\nhost: a\r\n").await.unwrap();
+    s.write_all(b"GET /ok HTTP/1.1\r\nhost: a\r\n")
+        .await
+        .unwrap();
     let mut buf = Vec::new();
     let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
     assert!(r.is_ok(), "connection not closed");
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(400) && took < Duration::from_secs(3), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
     // An idle keep-alive connection is closed after the same timeout.
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /ok HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /ok HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
     let started = Instant::now();
     let mut buf = Vec::new();
     let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
@@ -262,10 +303,14 @@ upstreams:
     assert!(json_field(&body, "request_id").is_some());
     assert_eq!(send(&http1(), get(addr, "/api/x")).await.0.status(), 200);
     assert_eq!((up.requests(), other.requests()), (1, 0));
-    let post = Request::post(format!("http://{addr}/api/x")).body(Full::default()).unwrap();
+    let post = Request::post(format!("http://{addr}/api/x"))
+        .body(Full::default())
+        .unwrap();
     assert_eq!(send(&http1(), post).await.0.status(), 200);
     let mut hosted = get(addr, "/anything");
-    hosted.headers_mut().insert("host", "Special.Example:8080".parse().unwrap());
+    hosted
+        .headers_mut()
+        .insert("host", "Special.Example:8080".parse().unwrap());
     assert_eq!(send(&http1(), hosted).await.0.status(), 200);
     assert_eq!((up.requests(), other.requests()), (1, 2));
     px.shutdown().await;
@@ -320,7 +365,10 @@ async fn upstream_failures_map_to_502_and_504() {
     let px = start(&one_route(&format!("http://{dead}"), "", "")).await;
     let (resp, body) = send(&http1(), get(px.addr("main").unwrap(), "/")).await;
     assert_eq!(resp.status(), 502);
-    assert_eq!(json_field(&String::from_utf8_lossy(&body), "code"), Some("UPSTREAM_UNAVAILABLE"));
+    assert_eq!(
+        json_field(&String::from_utf8_lossy(&body), "code"),
+        Some("UPSTREAM_UNAVAILABLE")
+    );
     px.shutdown().await;
 
     // Reset after the request arrived: 502.
@@ -333,7 +381,12 @@ async fn upstream_failures_map_to_502_and_504() {
 
     // No response head within first_byte: 504.
     let up = Upstream::start().await;
-    let px = start(&one_route(&up.url(), "        timeouts: { first_byte: 300ms }", "")).await;
+    let px = start(&one_route(
+        &up.url(),
+        "        timeouts: { first_byte: 300ms }",
+        "",
+    ))
+    .await;
     let started = Instant::now();
     let (resp, body) = send(&http1(), get(px.addr("main").unwrap(), "/hang")).await;
     assert_eq!(resp.status(), 504);
@@ -342,7 +395,10 @@ async fn upstream_failures_map_to_502_and_504() {
     assert!(body.contains("first_byte"), "{body}");
     assert!(started.elapsed() < Duration::from_secs(2));
     // The proxy gave up on the upstream request too.
-    assert_eventually!(up.counters.cancelled.load(Ordering::SeqCst) == 1, "upstream request not cancelled");
+    assert_eventually!(
+        up.counters.cancelled.load(Ordering::SeqCst) == 1,
+        "upstream request not cancelled"
+    );
     px.shutdown().await;
 }
 
@@ -355,11 +411,18 @@ async fn connect_timeout_is_504() {
     let addr = full.local_addr().unwrap();
     let mut fillers = Vec::new();
     for _ in 0..8 {
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+        {
             fillers.push(s);
         }
     }
-    let px = start(&one_route(&format!("http://{addr}"), "        timeouts: { connect: 300ms }", "")).await;
+    let px = start(&one_route(
+        &format!("http://{addr}"),
+        "        timeouts: { connect: 300ms }",
+        "",
+    ))
+    .await;
     let started = Instant::now();
     let (resp, body) = send(&http1(), get(px.addr("main").unwrap(), "/")).await;
     let body = String::from_utf8_lossy(&body).to_string();
@@ -376,24 +439,40 @@ async fn failures_after_the_response_started_abort_the_stream() {
     let px = start(&one_route(&format!("http://{}", mid.addr), "", "")).await;
     let resp = send_streaming(&http1(), get(px.addr("main").unwrap(), "/")).await;
     assert_eq!(resp.status(), 200);
-    let r = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect()).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+        .await
+        .unwrap();
     assert!(r.is_err(), "a cut upstream body must not look complete");
     px.shutdown().await;
 
     // Upstream goes silent mid-body longer than `idle`: aborted.
     let up = Upstream::start().await;
-    let px = start(&one_route(&up.url(), "        timeouts: { idle: 300ms }", "")).await;
+    let px = start(&one_route(
+        &up.url(),
+        "        timeouts: { idle: 300ms }",
+        "",
+    ))
+    .await;
     let started = Instant::now();
     let resp = send_streaming(&http1(), get(px.addr("main").unwrap(), "/stall?after=10")).await;
-    let r = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect()).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+        .await
+        .unwrap();
     assert!(r.is_err());
     assert!(started.elapsed() < Duration::from_secs(3));
     px.shutdown().await;
 
     // `total` caps the whole exchange even while data keeps flowing.
-    let px = start(&one_route(&up.url(), "        timeouts: { total: 500ms }", "")).await;
+    let px = start(&one_route(
+        &up.url(),
+        "        timeouts: { total: 500ms }",
+        "",
+    ))
+    .await;
     let resp = send_streaming(&http1(), get(px.addr("main").unwrap(), "/sse?n=20&gap=100")).await;
-    let r = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect()).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+        .await
+        .unwrap();
     assert!(r.is_err(), "total timeout must cut the stream");
     px.shutdown().await;
 }
@@ -405,16 +484,26 @@ async fn client_disconnect_cancels_the_upstream_request() {
     let addr = px.addr("main").unwrap();
     // Waiting for the head: the client goes away.
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /hang HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /hang HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
     assert_eventually!(up.requests() == 1, "request reached upstream");
     drop(s);
-    assert_eventually!(up.counters.cancelled.load(Ordering::SeqCst) == 1, "upstream wait not cancelled");
+    assert_eventually!(
+        up.counters.cancelled.load(Ordering::SeqCst) == 1,
+        "upstream wait not cancelled"
+    );
 
     // Mid-stream: the client stops reading an SSE answer and closes.
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /sse?n=50&gap=50 HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /sse?n=50&gap=50 HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = [0u8; 256];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(n > 0);
     drop(s);
     assert_eventually!(
@@ -435,7 +524,10 @@ async fn websocket_upgrade_is_piped_after_101() {
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b)).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
         head.push(b[0]);
     }
     let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
@@ -443,7 +535,10 @@ async fn websocket_upgrade_is_piped_after_101() {
     assert!(head.contains("upgrade: websocket"), "{head}");
     s.write_all(b"ping-through-the-tunnel").await.unwrap();
     let mut echo = [0u8; 23];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&echo, b"ping-through-the-tunnel");
     px.shutdown().await;
 }
@@ -454,16 +549,25 @@ async fn connection_cap_holds_extra_connections_in_the_backlog() {
     let px = start(&one_route(&up.url(), "", "    max_connections: 1")).await;
     let addr = px.addr("main").unwrap();
     let mut first = TcpStream::connect(addr).await.unwrap();
-    first.write_all(b"GET /ok HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+    first
+        .write_all(b"GET /ok HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = [0u8; 512];
     assert!(first.read(&mut buf).await.unwrap() > 0);
     // The second connection is not served while the first is open.
     let mut second = TcpStream::connect(addr).await.unwrap();
-    second.write_all(b"GET /ok HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n").await.unwrap();
+    second
+        .write_all(b"GET /ok HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
     let early = tokio::time::timeout(Duration::from_millis(500), second.read(&mut buf)).await;
     assert!(early.is_err(), "second connection served above the cap");
     drop(first);
-    let n = tokio::time::timeout(Duration::from_secs(5), second.read(&mut buf)).await.unwrap().unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), second.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     px.shutdown().await;
 }
@@ -474,11 +578,16 @@ async fn request_bodies_stream_to_the_upstream() {
     let px = start(&one_route(&up.url(), "", "")).await;
     let addr = px.addr("main").unwrap();
     let payload = Bytes::from(vec![b'z'; 300_000]);
-    let req = Request::post(format!("http://{addr}/echo")).body(Full::new(payload.clone())).unwrap();
+    let req = Request::post(format!("http://{addr}/echo"))
+        .body(Full::new(payload.clone()))
+        .unwrap();
     let (resp, body) = send(&h2c(), req).await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(String::from_utf8_lossy(&body).contains("\"body_len\":300000"));
-    assert_eq!(up.counters.last_body.lock().unwrap().as_ref().unwrap(), &payload);
+    assert_eq!(
+        up.counters.last_body.lock().unwrap().as_ref().unwrap(),
+        &payload
+    );
     px.shutdown().await;
 }
 
@@ -491,13 +600,18 @@ async fn https_upstreams_are_verified_against_the_trust_store() {
     // Trusted through `tls.ca_file`: proxied, SSE included.
     let yaml = one_route(&url, "", "").replace(
         "    connect_timeout: 1s",
-        &format!("    connect_timeout: 1s\n    tls: {{ ca_file: \"{}\" }}", ca.display()),
+        &format!(
+            "    connect_timeout: 1s\n    tls: {{ ca_file: \"{}\" }}",
+            ca.display()
+        ),
     );
     let px = start(&yaml).await;
     let addr = px.addr("main").unwrap();
     let (resp, body) = send(&http1(), get(addr, "/echo")).await;
     assert_eq!(resp.status(), 200);
-    assert!(String::from_utf8_lossy(&body).contains(&format!("\"host\":\"localhost:{}\"", up.port)));
+    assert!(
+        String::from_utf8_lossy(&body).contains(&format!("\"host\":\"localhost:{}\"", up.port))
+    );
     px.shutdown().await;
     // Not trusted: the handshake fails and the client hears 502, never a silent downgrade.
     let px = start(&one_route(&url, "", "")).await;

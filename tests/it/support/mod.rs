@@ -43,7 +43,9 @@ pub fn parse(yaml: &str) -> rampart::config::Config {
 }
 
 pub async fn start(yaml: &str) -> Running {
-    rampart::app::start(parse(yaml)).await.expect("proxy starts")
+    rampart::app::start(parse(yaml))
+        .await
+        .expect("proxy starts")
 }
 
 /// One listener `main` on port 0 with one route `/` to upstream `up` at `url`; `route_extra`

@@ -139,7 +139,11 @@ async fn handle(c: Arc<Counters>, mut req: Request<Incoming>) -> Response<TestBo
     } else if path == "/echo" {
         let on_upgrade_free = req.headers().clone();
         let (parts, body) = req.into_parts();
-        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         let mut headers = String::from("{");
         for (i, (k, v)) in on_upgrade_free.iter().enumerate() {
             if i > 0 {
@@ -186,8 +190,6 @@ async fn handle(c: Arc<Counters>, mut req: Request<Incoming>) -> Response<TestBo
                     return;
                 }
             }
-            // Wait until the frame is taken, so a dropped receiver is noticed.
-            tx.closed().await;
         });
         let mut r = Response::new(ChannelBody(rx).boxed());
         r.headers_mut()
@@ -197,13 +199,16 @@ async fn handle(c: Arc<Counters>, mut req: Request<Incoming>) -> Response<TestBo
         let after = query(&req, "after").unwrap_or(10) as usize;
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
-            let _ = tx.send(Ok(Frame::data(Bytes::from(vec![b'x'; after])))).await;
+            let _ = tx
+                .send(Ok(Frame::data(Bytes::from(vec![b'x'; after]))))
+                .await;
             // Keep the sender alive (silence, not end) for a long while.
             tokio::time::sleep(Duration::from_secs(60)).await;
             drop(tx);
         });
         let mut r = Response::new(ChannelBody(rx).boxed());
-        r.headers_mut().insert("content-length", "1000".parse().unwrap());
+        r.headers_mut()
+            .insert("content-length", "1000".parse().unwrap());
         r
     } else if path == "/ws" {
         let on_upgrade = hyper::upgrade::on(&mut req);
@@ -219,8 +224,10 @@ async fn handle(c: Arc<Counters>, mut req: Request<Incoming>) -> Response<TestBo
             }
         });
         let mut r = full(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
-        r.headers_mut().insert("connection", "upgrade".parse().unwrap());
-        r.headers_mut().insert("upgrade", "websocket".parse().unwrap());
+        r.headers_mut()
+            .insert("connection", "upgrade".parse().unwrap());
+        r.headers_mut()
+            .insert("upgrade", "websocket".parse().unwrap());
         r
     } else {
         full(StatusCode::OK, "ok")
