@@ -1847,6 +1847,46 @@ mod tests {
     }
 
     #[test]
+    fn upstream_tls_ca_file_must_be_a_readable_pem() {
+        only(
+            "
+            listeners:
+              - name: inbound
+                listen: 0.0.0.0:8080
+                routes:
+                  - upstream: backend
+            upstreams:
+              backend:
+                endpoints: [\"https://127.0.0.1:3001\"]
+                tls: { ca_file: /nonexistent/ca.pem }
+            ",
+            9,
+            21,
+            "upstreams.backend.tls.ca_file",
+            "cannot read /nonexistent/ca.pem",
+        );
+        let dir = std::env::temp_dir().join(format!("rampart-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let not_pem = dir.join("not.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let p = problems(&format!(
+            "
+            listeners:
+              - name: inbound
+                listen: 0.0.0.0:8080
+                routes:
+                  - upstream: backend
+            upstreams:
+              backend:
+                endpoints: [\"https://127.0.0.1:3001\"]
+                tls: {{ ca_file: {} }}
+            ",
+            not_pem.display()
+        ));
+        assert!(p[0].message.contains("no PEM certificate"), "{p:#?}");
+    }
+
+    #[test]
     fn unknown_upstream_lists_known_names() {
         let text = yaml(
             "
