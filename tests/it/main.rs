@@ -4,4 +4,5 @@ mod support;
 
 mod cli;
 mod config;
+mod h2;
 mod proxy;

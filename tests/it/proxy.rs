@@ -620,3 +620,48 @@ async fn https_upstreams_are_verified_against_the_trust_store() {
     assert_eq!(up.counters.requests.load(Ordering::SeqCst), 1);
     px.shutdown().await;
 }
+
+#[tokio::test]
+async fn access_log_has_one_line_per_request_and_can_be_switched_off() {
+    logs::capture();
+    let up = Upstream::start().await;
+    let px = start(&one_route(&up.url(), "", "")).await;
+    let addr = px.addr("main").unwrap();
+    let mut req = get(addr, "/sse?n=2&gap=10");
+    req.headers_mut()
+        .insert("x-request-id", "access-log-on-1".parse().unwrap());
+    let (resp, _) = send(&http1(), req).await;
+    assert_eq!(resp.status(), 200);
+    let mut req = get(addr, "/status/503");
+    req.headers_mut()
+        .insert("x-request-id", "access-log-on-2".parse().unwrap());
+    send(&http1(), req).await;
+    assert_eventually!(
+        logs::lines_with("access-log-on-2").len() == 1,
+        "no access line"
+    );
+    let line = &logs::lines_with("access-log-on-1")[0];
+    for field in [
+        "method=GET",
+        "path=/sse",
+        "status=200",
+        "route=\"all\"",
+        "upstream=\"up\"",
+        "outcome=\"ok\"",
+        "ttfb_ms=",
+        "bytes_out=42",
+    ] {
+        assert!(line.contains(field), "{field} missing in {line}");
+    }
+    assert!(logs::lines_with("access-log-on-2")[0].contains("status=503"));
+    px.shutdown().await;
+
+    let off = one_route(&up.url(), "", "").replace("access_log: true", "access_log: false");
+    let px = start(&off).await;
+    let mut req = get(px.addr("main").unwrap(), "/ok");
+    req.headers_mut()
+        .insert("x-request-id", "access-log-off-1".parse().unwrap());
+    send(&http1(), req).await;
+    px.shutdown().await;
+    assert!(logs::lines_with("access-log-off-1").is_empty());
+}

@@ -1,5 +1,6 @@
 //! Fixtures: rampart started in-process from a config string, clients, raw sockets.
 
+pub mod logs;
 pub mod upstream;
 
 use std::net::SocketAddr;

@@ -1,0 +1,93 @@
+//! HTTP/2 edge limits, checked with raw frames: the advertised stream limit and the
+//! rapid-reset guard (CVE-2023-44487).
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::*;
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Reads one frame: (type, flags, stream, payload).
+async fn read_frame(s: &mut TcpStream) -> Option<(u8, u8, u32, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut head))
+        .await
+        .ok()?
+        .ok()?;
+    let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+    let mut payload = vec![0u8; len];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut payload))
+        .await
+        .ok()?
+        .ok()?;
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    Some((head[3], head[4], stream, payload))
+}
+
+#[tokio::test]
+async fn advertises_at_most_100_concurrent_streams() {
+    let up = Upstream::start().await;
+    let px = start(&one_route(&up.url(), "", "")).await;
+    let mut s = TcpStream::connect(px.addr("main").unwrap()).await.unwrap();
+    s.write_all(PREFACE).await.unwrap();
+    s.write_all(&frame(0x4, 0, 0, &[])).await.unwrap();
+    let (kind, _, _, payload) = read_frame(&mut s).await.expect("server SETTINGS");
+    assert_eq!(kind, 0x4, "first frame is SETTINGS");
+    let max_streams = payload.chunks(6).find_map(|p| {
+        (u16::from_be_bytes([p[0], p[1]]) == 0x3)
+            .then(|| u32::from_be_bytes([p[2], p[3], p[4], p[5]]))
+    });
+    assert_eq!(max_streams, Some(100));
+    // A raw peer never answers the shutdown PING; close it so the drain has nothing to wait for.
+    drop(s);
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn rapid_reset_flood_gets_goaway() {
+    let up = Upstream::start().await;
+    let px = start(&one_route(&up.url(), "", "")).await;
+    let mut s = TcpStream::connect(px.addr("main").unwrap()).await.unwrap();
+    let mut flood = PREFACE.to_vec();
+    flood.extend(frame(0x4, 0, 0, &[]));
+    // GET / over http (HPACK static table: :method GET, :scheme http, :path /), then reset.
+    for i in 0..500u32 {
+        let id = 2 * i + 1;
+        flood.extend(frame(0x1, 0x4 | 0x1, id, &[0x82, 0x86, 0x84]));
+        flood.extend(frame(0x3, 0, id, &8u32.to_be_bytes()));
+    }
+    // The server may close before reading everything: a write error is fine.
+    let _ = s.write_all(&flood).await;
+    let mut goaway = None;
+    for _ in 0..2000 {
+        match read_frame(&mut s).await {
+            Some((0x7, _, _, payload)) => {
+                goaway = Some(u32::from_be_bytes([
+                    payload[4], payload[5], payload[6], payload[7],
+                ]));
+                break;
+            }
+            Some(_) => continue,
+            None => break,
+        }
+    }
+    assert_eq!(goaway, Some(0xb), "expected GOAWAY ENHANCE_YOUR_CALM");
+    assert!(
+        up.requests() < 500,
+        "the flood reached the upstream: {}",
+        up.requests()
+    );
+    drop(s);
+    px.shutdown().await;
+}
