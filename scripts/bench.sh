@@ -51,7 +51,7 @@ UPSTREAM_PID=""
 RAMPART_PID=""
 NGINX_PID=""
 WRK_PID=""
-LOADAVG_START="?"
+BUSY_START="?"
 NGINX_BIN=nginx
 
 # Results, one entry per run_case, in order.
@@ -272,6 +272,12 @@ box_ticks() {
         print busy, total; exit }' /proc/stat
 }
 
+busy_pct() { # busy_pct "BUSY TOTAL" "BUSY TOTAL" -> integer percent between two box_ticks
+    awk -v a="$1" -v b="$2" 'BEGIN {
+        split(a, x, " "); split(b, y, " ")
+        if (y[2] > x[2]) printf "%.0f", (y[1] - x[1]) / (y[2] - x[2]) * 100; else print "?" }'
+}
+
 # Latency like "512.34us", "1.20ms", "2.01s" -> milliseconds.
 to_ms() {
     awk -v v="$1" 'BEGIN {
@@ -341,9 +347,7 @@ run_case() {
     else
         cpu_us=""
     fi
-    box_busy=$(awk -v a="$box0" -v b="$box1" 'BEGIN {
-        split(a, x, " "); split(b, y, " ")
-        if (y[2] > x[2]) printf "%.0f", (y[1] - x[1]) / (y[2] - x[2]) * 100; else print "?" }')
+    box_busy=$(busy_pct "$box0" "$box1")
 
     R_NAME+=("$name") R_RPS+=("$rps") R_P50+=("$p50") R_P99+=("$p99") R_CPU+=("$cpu_us")
     R_ERR+=("$errors") R_NOTE+=("machine CPU busy ${box_busy}% during the run")
@@ -376,7 +380,7 @@ report() {
         echo "# rampart benchmark"
         echo
         echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-        echo "- machine: $(nproc) CPU(s), $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo), kernel $(uname -r); load average before the run: $LOADAVG_START"
+        echo "- machine: $(nproc) CPU(s), $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo), kernel $(uname -r); CPU ${BUSY_START}% busy in the second before the run"
         echo "- rampart: $("$RAMPART_BIN" --version 2>/dev/null) ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ', dirty'))"
         echo "- nginx: $("$NGINX_BIN" -v 2>&1 | sed 's/^nginx version: //'); wrk: $(wrk -v 2>&1 | head -n1 | awk '{ print $2 }')"
         echo "- load: \`wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency\` GET $BENCH_PATH after a $WARMUP warm-up;" \
@@ -410,11 +414,15 @@ main() {
     [[ $WORKERS =~ ^[1-9][0-9]*$ ]] || die "WORKERS must be a positive integer, got '$WORKERS'"
     install_tools
     build_rampart
-    # Other work on the machine skews everything here (2 cores are shared with wrk and the
-    # upstream already): record how busy it was before we started.
-    LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg)
-    if awk -v l="${LOADAVG_START%% *}" 'BEGIN { exit !(l > 0.5) }'; then
-        log "warning: load average $LOADAVG_START before starting: other work is running, expect noisy numbers"
+    # Other work on the machine skews everything here (its cores are already shared by wrk,
+    # the upstream and the proxy): sample how busy it is before starting anything.
+    local b0 b1
+    b0=$(box_ticks)
+    sleep 1
+    b1=$(box_ticks)
+    BUSY_START=$(busy_pct "$b0" "$b1")
+    if [[ $BUSY_START == "?" ]] || ((BUSY_START > 20)); then
+        log "warning: machine ${BUSY_START}% busy before starting: other work is running, expect noisy numbers"
     fi
     check_ports_free "$LLM_PORT" "$UPSTREAM_PORT" "$RAMPART_PORT" "$RAMPART_ADMIN_PORT" "$NGINX_PORT"
 
