@@ -65,6 +65,9 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
         })
 }
 
+/// Shared with the HTTP/1 path, where hyper hides the Content-Length (server::h1_guard).
+pub const CL_AND_TE: &str = "request has both Content-Length and Transfer-Encoding";
+
 /// Request smuggling guards hyper leaves to us: both framings at once, or Content-Length
 /// values that disagree (several headers or a comma list).
 pub fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
@@ -72,7 +75,7 @@ pub fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
     let mut length: Option<u64> = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
         if has_te {
-            return Err("request has both Content-Length and Transfer-Encoding");
+            return Err(CL_AND_TE);
         }
         let s = value.to_str().map_err(|_| "invalid Content-Length")?;
         for part in s.split(',') {

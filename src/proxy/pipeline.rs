@@ -21,11 +21,14 @@ use crate::proxy::headers::{self, X_REQUEST_ID};
 use crate::proxy::{ListenerCtx, Snapshot, forward, route, upgrade};
 
 /// The service hyper calls for every request on a traffic listener. Never fails: every
-/// error becomes a JSON answer through `ProxyError::to_response`.
+/// error becomes a JSON answer through `ProxyError::to_response`. `framing_ok` is false when
+/// the connection's HTTP/1 guard saw both Content-Length and Transfer-Encoding in the head,
+/// which hyper does not show in `req` (server::h1_guard).
 pub async fn handle(
     ctx: Arc<ListenerCtx>,
     peer: SocketAddr,
     req: Request<Incoming>,
+    framing_ok: bool,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
     let request_id = headers::request_id(req.headers());
@@ -47,16 +50,21 @@ pub async fn handle(
         })
     });
 
-    let result = proxy(
-        &ctx,
-        &snapshot,
-        peer,
-        req,
-        &request_id,
-        start,
-        record.as_deref_mut(),
-    )
-    .await;
+    let result = if framing_ok {
+        proxy(
+            &ctx,
+            &snapshot,
+            peer,
+            req,
+            &request_id,
+            start,
+            record.as_deref_mut(),
+        )
+        .await
+    } else {
+        // The step check_framing would take, had hyper left the Content-Length in `req`.
+        Err(ProxyError::BadRequest(headers::CL_AND_TE))
+    };
     let mut resp = match result {
         Ok(resp) => resp,
         Err(err) => {

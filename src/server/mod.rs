@@ -8,6 +8,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::header::UPGRADE;
+use http::{Method, Request, StatusCode, Version};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -17,6 +20,9 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::config::ListenerConfig;
 use crate::proxy::{ListenerCtx, pipeline};
+use h1_guard::Verdict;
+
+pub mod h1_guard;
 
 /// Binds with SO_REUSEADDR so a restart is not refused by sockets in TIME_WAIT.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -88,9 +94,28 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
-        let svc = service_fn(move |req| {
+        // hyper hides Content-Length next to Transfer-Encoding from the service; the guard
+        // sees the raw heads and tells the service per request.
+        let (stream, verdicts) = h1_guard::wrap(stream, cfg.max_header_bytes, cfg.max_headers);
+        let svc = service_fn(move |req: Request<Incoming>| {
             let ctx = ctx.clone();
-            async move { Ok::<_, Infallible>(pipeline::handle(ctx, peer, req).await) }
+            // HTTP/2 heads never go through the guard, and hyper already hands the service
+            // every header of those.
+            let h1 = req.version() != Version::HTTP_2;
+            let framing_ok = !h1 || verdicts.next() == Verdict::Ok;
+            // Only a possible upgrade needs the handle after the answer.
+            let upgrading = (h1
+                && (req.method() == Method::CONNECT || req.headers().contains_key(UPGRADE)))
+            .then(|| verdicts.clone());
+            async move {
+                let resp = pipeline::handle(ctx, peer, req, framing_ok).await;
+                if let Some(v) = upgrading
+                    && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                {
+                    v.switched();
+                }
+                Ok::<_, Infallible>(resp)
+            }
         });
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), svc)

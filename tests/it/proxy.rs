@@ -170,7 +170,36 @@ async fn ambiguous_framing_is_refused_with_400() {
     let resp = raw(addr, two_cl, Duration::from_secs(5)).await;
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
     assert_eq!(up.requests(), 0, "nothing ambiguous reaches the upstream");
+
+    // Pipelined behind a normal request on a keep-alive connection, in one write: hyper
+    // parses the second head from its buffer, so only the byte-level guard can tell.
+    let get = b"GET /ok HTTP/1.1\r\nhost: a\r\n\r\n";
+    let both = [&get[..], cl_te].concat();
+    let resp = raw(addr, &both, Duration::from_secs(5)).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(second_response(&resp).starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(
+        resp.contains("Content-Length and Transfer-Encoding"),
+        "{resp}"
+    );
+    assert_eq!(up.requests(), 1, "only the GET is forwarded");
+
+    // Behind an upgrade request the upstream does not switch: still HTTP, still refused.
+    let upgrade =
+        b"GET /ok HTTP/1.1\r\nhost: a\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
+    let both = [&upgrade[..], cl_te].concat();
+    let resp = raw(addr, &both, Duration::from_secs(5)).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(second_response(&resp).starts_with("HTTP/1.1 400"), "{resp}");
+    assert_eq!(up.requests(), 2);
     px.shutdown().await;
+}
+
+/// What follows the first response of a raw exchange, from its status line.
+fn second_response(resp: &str) -> &str {
+    resp.get(1..)
+        .and_then(|r| r.find("HTTP/1.1 "))
+        .map_or("", |i| &resp[i + 1..])
 }
 
 #[tokio::test]
