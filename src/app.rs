@@ -61,7 +61,9 @@ impl Running {
 
 /// Binds everything first so a port conflict refuses the start with nothing served.
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    let shared = Shared::new(Snapshot::build(&config).map_err(StartError::Tls)?);
+    let registry = crate::metrics::new_registry();
+    // Subsystems register their metrics here, before the registry is frozen in `Shared`.
+    let shared = Shared::new(Snapshot::build(&config).map_err(StartError::Tls)?, registry);
     let mut bound = Vec::new();
     for l in &config.listeners {
         let listener = server::bind(l.listen).map_err(|source| StartError::Bind {

@@ -6,5 +6,6 @@ pub mod app;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod metrics;
 pub mod proxy;
 pub mod server;

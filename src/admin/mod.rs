@@ -48,6 +48,15 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
 fn route(shared: &Shared, req: Request<Incoming>) -> Response<ProxyBody> {
     match (req.method(), req.uri().path()) {
         (&Method::GET | &Method::HEAD, "/livez") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET | &Method::HEAD, "/metrics") => {
+            let body = crate::metrics::encode_registry(&shared.registry);
+            let mut resp = Response::new(ProxyBody::full(Bytes::from(body)));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            );
+            resp
+        }
         (&Method::GET | &Method::HEAD, "/readyz") => {
             if shared.draining.load(Ordering::Relaxed) {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")

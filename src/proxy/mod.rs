@@ -11,7 +11,7 @@ mod upgrade;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -80,17 +80,18 @@ impl Snapshot {
 /// State shared by every listener and the admin endpoints.
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
+    /// Frozen after start-up; `/metrics` encodes it.
+    pub registry: Arc<prometheus_client::registry::Registry>,
     /// Set when shutdown starts: new requests get 503 SERVICE_UNAVAILABLE.
     pub draining: AtomicBool,
-    pub in_flight: AtomicU64,
 }
 
 impl Shared {
-    pub fn new(snapshot: Snapshot) -> Arc<Shared> {
+    pub fn new(snapshot: Snapshot, registry: prometheus_client::registry::Registry) -> Arc<Shared> {
         Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
+            registry: Arc::new(registry),
             draining: AtomicBool::new(false),
-            in_flight: AtomicU64::new(0),
         })
     }
 }
