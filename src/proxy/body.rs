@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::proxy::access_log::AccessRecord;
+use crate::proxy::pool::PooledBody;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -197,7 +198,9 @@ impl Body for RequestBody {
 
 enum Kind {
     Full(Option<Bytes>),
-    Upstream(TimedBody<Incoming>),
+    Upstream(TimedBody<PooledBody>),
+    /// An upstream body on a connection that is not pooled (a declined upgrade).
+    Direct(TimedBody<Incoming>),
 }
 
 /// Every response rampart sends: a local answer or the upstream's streamed body. It carries
@@ -223,9 +226,16 @@ impl ProxyBody {
         }
     }
 
-    pub fn upstream(body: TimedBody<Incoming>) -> Self {
+    pub fn upstream(body: TimedBody<PooledBody>) -> Self {
         ProxyBody {
             kind: Kind::Upstream(body),
+            log: None,
+        }
+    }
+
+    pub fn direct(body: TimedBody<Incoming>) -> Self {
+        ProxyBody {
+            kind: Kind::Direct(body),
             log: None,
         }
     }
@@ -248,6 +258,7 @@ impl Body for ProxyBody {
         let polled = match &mut this.kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(s) => Pin::new(s).poll_frame(cx),
+            Kind::Direct(s) => Pin::new(s).poll_frame(cx),
         };
         if let Some(log) = this.log.as_deref_mut() {
             match &polled {
@@ -268,6 +279,7 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
             Kind::Upstream(s) => s.is_end_stream(),
+            Kind::Direct(s) => s.is_end_stream(),
         }
     }
 
@@ -276,6 +288,7 @@ impl Body for ProxyBody {
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
             Kind::Upstream(s) => s.size_hint(),
+            Kind::Direct(s) => s.size_hint(),
         }
     }
 }

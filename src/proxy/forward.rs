@@ -1,31 +1,26 @@
-//! The upstream side: pooled HTTP/1.1 clients, endpoint choice and the send under the
-//! connect and first-byte timers, with every failure classified into a `ProxyError`.
+//! The upstream side: endpoints with their connection pools, endpoint choice, and the send
+//! under the connect and first-byte timers, with every failure classified into a
+//! `ProxyError`.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri};
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rustls::pki_types::CertificateDer;
+use http::uri::Scheme;
+use http::{HeaderValue, Request, Response};
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
 
 use crate::config::UpstreamConfig;
 use crate::error::{ProxyError, TimeoutPhase};
 use crate::proxy::body::{BodyError, RequestBody};
-
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
+use crate::proxy::pool::{self, ConnectError, EndpointPool, PooledBody};
 
 pub struct Endpoint {
-    pub scheme: Scheme,
-    pub authority: Authority,
+    pub pool: Arc<EndpointPool>,
 }
 
 pub struct Upstream {
@@ -35,22 +30,52 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig) -> Self {
-        let endpoints = cfg
-            .endpoints
-            .iter()
-            .filter_map(|u| {
-                Some(Endpoint {
-                    scheme: u.scheme()?.clone(),
-                    authority: u.authority()?.clone(),
-                })
-            })
-            .collect();
-        Upstream {
+    /// `tls` is used for https endpoints.
+    pub fn new(cfg: &UpstreamConfig, tls: &Arc<rustls::ClientConfig>) -> Result<Self, String> {
+        let mut endpoints = Vec::with_capacity(cfg.endpoints.len());
+        for uri in &cfg.endpoints {
+            let https = uri.scheme() == Some(&Scheme::HTTPS);
+            let Some(authority) = uri.authority() else {
+                return Err(format!("endpoint {uri} has no host"));
+            };
+            let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+            // Brackets belong to the URL syntax, not to the address to connect to.
+            let host = authority
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let default_port = port == if https { 443 } else { 80 };
+            let host_header = if default_port {
+                authority.host().to_string()
+            } else {
+                format!("{}:{port}", authority.host())
+            };
+            let host_header = HeaderValue::from_str(&host_header)
+                .map_err(|_| format!("endpoint {uri}: host is not a valid header value"))?;
+            let tls = if https {
+                let name = ServerName::try_from(host.clone())
+                    .map_err(|_| format!("endpoint {uri}: not a valid TLS server name"))?;
+                Some((TlsConnector::from(tls.clone()), name))
+            } else {
+                None
+            };
+            endpoints.push(Endpoint {
+                pool: Arc::new(EndpointPool::new(
+                    host,
+                    port,
+                    host_header,
+                    tls,
+                    cfg.pool.idle_timeout,
+                    cfg.pool.max_idle_per_endpoint,
+                )),
+            });
+        }
+        Ok(Upstream {
             name: cfg.name.clone(),
             endpoints,
             next: AtomicUsize::new(0),
-        }
+        })
     }
 
     /// Round-robin over the endpoints.
@@ -61,41 +86,6 @@ impl Upstream {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
         self.endpoints.get(i)
     }
-
-    pub fn uri_for(&self, ep: &Endpoint, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
-        Uri::builder()
-            .scheme(ep.scheme.clone())
-            .authority(ep.authority.clone())
-            .path_and_query(pq.map(|p| p.as_str()).unwrap_or("/"))
-            .build()
-    }
-}
-
-/// One pool per upstream and connect timeout. HTTP/1.1 only: that is what Node and most
-/// LLM gateways speak best, and it keeps one stream per connection (no head-of-line
-/// coupling between a long SSE answer and short calls).
-pub fn build_client(
-    cfg: &UpstreamConfig,
-    connect_timeout: Duration,
-    tls: Arc<rustls::ClientConfig>,
-) -> UpstreamClient {
-    let mut http = HttpConnector::new();
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_nodelay(true);
-    http.set_keepalive(Some(Duration::from_secs(30)));
-    // https endpoints go through rustls; the http connector must then accept any scheme.
-    http.enforce_http(false);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config((*tls).clone())
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(cfg.pool.idle_timeout)
-        .pool_max_idle_per_host(cfg.pool.max_idle_per_endpoint)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector)
 }
 
 /// TLS settings for https endpoints: the system's trust store plus, when given, the CAs in
@@ -131,23 +121,61 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, S
     Ok(Arc::new(config))
 }
 
-/// Sends the request and waits for the response head, at most `first_byte` (or until the
-/// route's total deadline if that comes first).
+/// Per-request timing limits for one attempt.
+pub struct Timers {
+    pub connect: Duration,
+    pub first_byte: Duration,
+    pub deadline: Option<Instant>,
+}
+
+/// Sends the request to `endpoint` and waits for the response head, at most `first_byte`
+/// (or until the route's total deadline if that comes first).
 pub async fn send(
-    client: &UpstreamClient,
     upstream: &str,
+    endpoint: &Endpoint,
     req: Request<RequestBody>,
-    first_byte: Duration,
-    deadline: Option<Instant>,
-) -> Result<Response<Incoming>, ProxyError> {
-    let fb_deadline = Instant::now() + first_byte;
-    let (until, phase) = match deadline {
+    timers: &Timers,
+) -> Result<Response<PooledBody>, ProxyError> {
+    let fb_deadline = Instant::now() + timers.first_byte;
+    let (until, phase) = match timers.deadline {
         Some(d) if d < fb_deadline => (d, TimeoutPhase::Total),
         _ => (fb_deadline, TimeoutPhase::FirstByte),
     };
-    match tokio::time::timeout_at(until, client.request(req)).await {
-        Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(e)) => Err(classify(&e, upstream)),
+    let attempt = async {
+        let mut req = req;
+        // A pooled connection may have been closed by the upstream a moment ago. When hyper
+        // hands the request back unsent, nothing reached the upstream: go again, once, on a
+        // fresh connection (any method is safe then).
+        let mut from_pool = true;
+        loop {
+            let idle = if from_pool {
+                endpoint.pool.take_idle()
+            } else {
+                None
+            };
+            let conn = match idle {
+                Some(c) => c,
+                None => endpoint
+                    .pool
+                    .connect(timers.connect)
+                    .await
+                    .map_err(|e| connect_error(upstream, e))?,
+            };
+            let reused = conn.reused;
+            match pool::exchange(conn, endpoint.pool.clone(), req).await {
+                Ok(resp) => return Ok(resp),
+                Err(failure) => match failure.unsent {
+                    Some(unsent) if reused => {
+                        req = unsent;
+                        from_pool = false;
+                    }
+                    _ => return Err(classify(&failure.error, upstream)),
+                },
+            }
+        }
+    };
+    match tokio::time::timeout_at(until, attempt).await {
+        Ok(r) => r,
         Err(_) => Err(ProxyError::UpstreamTimeout {
             upstream: upstream.to_string(),
             phase,
@@ -155,11 +183,49 @@ pub async fn send(
     }
 }
 
-/// Maps a client error to what the downstream should hear. Our own request-body errors come
-/// back wrapped inside the client's error, so look through the source chain first.
-fn classify(err: &hyper_util::client::legacy::Error, upstream: &str) -> ProxyError {
+/// An Upgrade handshake: always a fresh connection, which the upgrade then owns.
+pub async fn send_upgrade(
+    upstream: &str,
+    endpoint: &Endpoint,
+    req: Request<RequestBody>,
+    timers: &Timers,
+) -> Result<Response<hyper::body::Incoming>, ProxyError> {
+    let attempt = async {
+        let conn = endpoint
+            .pool
+            .connect(timers.connect)
+            .await
+            .map_err(|e| connect_error(upstream, e))?;
+        pool::exchange_upgrade(conn, req)
+            .await
+            .map_err(|e| classify(&e, upstream))
+    };
+    match tokio::time::timeout(timers.first_byte, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(ProxyError::UpstreamTimeout {
+            upstream: upstream.to_string(),
+            phase: TimeoutPhase::FirstByte,
+        }),
+    }
+}
+
+fn connect_error(upstream: &str, e: ConnectError) -> ProxyError {
+    match e {
+        ConnectError::Timeout => ProxyError::UpstreamTimeout {
+            upstream: upstream.to_string(),
+            phase: TimeoutPhase::Connect,
+        },
+        other => ProxyError::UpstreamUnavailable {
+            upstream: upstream.to_string(),
+            detail: format!("connect failed: {other}"),
+        },
+    }
+}
+
+/// Maps an exchange error to what the downstream should hear. Our own request-body errors
+/// come back wrapped inside hyper's error, so look through the source chain first.
+fn classify(err: &hyper::Error, upstream: &str) -> ProxyError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    let mut timed_out = false;
     while let Some(e) = source {
         if let Some(b) = e.downcast_ref::<BodyError>() {
             return match b {
@@ -172,27 +238,11 @@ fn classify(err: &hyper_util::client::legacy::Error, upstream: &str) -> ProxyErr
                 BodyError::Inner(_) => ProxyError::BadRequest("the request body was cut short"),
             };
         }
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::TimedOut
-        {
-            timed_out = true;
-        }
         source = e.source();
     }
-    if err.is_connect() && timed_out {
-        return ProxyError::UpstreamTimeout {
-            upstream: upstream.to_string(),
-            phase: TimeoutPhase::Connect,
-        };
-    }
-    let detail = if err.is_connect() {
-        format!("connect failed: {}", root_cause(err))
-    } else {
-        format!("connection failed: {}", root_cause(err))
-    };
     ProxyError::UpstreamUnavailable {
         upstream: upstream.to_string(),
-        detail,
+        detail: format!("connection failed: {}", root_cause(err)),
     }
 }
 

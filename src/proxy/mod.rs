@@ -6,18 +6,18 @@ pub mod body;
 pub mod forward;
 pub mod headers;
 pub mod pipeline;
+pub mod pool;
 pub mod route;
 mod upgrade;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
 use crate::config::{Cidr, Config};
-use forward::{Upstream, UpstreamClient};
+use forward::Upstream;
 use route::Route;
 
 /// Everything the request path reads from one configuration, immutable. A reload builds a
@@ -34,38 +34,25 @@ impl Snapshot {
     pub fn build(cfg: &Config) -> Result<Snapshot, String> {
         // TLS settings per distinct CA file: loading the system store is not free.
         let mut tls_by_ca = HashMap::new();
-        for u in cfg.upstreams.values() {
+        let mut upstreams = HashMap::new();
+        for (name, u) in &cfg.upstreams {
             if !tls_by_ca.contains_key(&u.tls_ca_file) {
                 let tls = forward::tls_config(u.tls_ca_file.as_deref())?;
                 tls_by_ca.insert(u.tls_ca_file.clone(), tls);
             }
+            let Some(tls) = tls_by_ca.get(&u.tls_ca_file) else {
+                continue;
+            };
+            upstreams.insert(name.clone(), Arc::new(Upstream::new(u, tls)?));
         }
-        let upstreams: HashMap<String, Arc<Upstream>> = cfg
-            .upstreams
-            .iter()
-            .map(|(name, u)| (name.clone(), Arc::new(Upstream::new(u))))
-            .collect();
-        // One pool per (upstream, connect timeout), shared by the routes that agree on both.
-        let mut clients: HashMap<(String, Duration), UpstreamClient> = HashMap::new();
         let mut listeners = HashMap::new();
         for l in &cfg.listeners {
-            let mut routes = Vec::with_capacity(l.routes.len());
-            for r in &l.routes {
-                let (Some(ucfg), Some(upstream)) =
-                    (cfg.upstreams.get(&r.upstream), upstreams.get(&r.upstream))
-                else {
-                    // Validation guarantees the name exists; skip rather than panic.
-                    continue;
-                };
-                let Some(tls) = tls_by_ca.get(&ucfg.tls_ca_file) else {
-                    continue;
-                };
-                let client = clients
-                    .entry((r.upstream.clone(), r.timeouts.connect))
-                    .or_insert_with(|| forward::build_client(ucfg, r.timeouts.connect, tls.clone()))
-                    .clone();
-                routes.push(Route::new(r, upstream.clone(), client));
-            }
+            let routes = l
+                .routes
+                .iter()
+                // Validation guarantees the upstream exists.
+                .filter_map(|r| Some(Route::new(r, upstreams.get(&r.upstream)?.clone())))
+                .collect();
             listeners.insert(l.name.clone(), routes);
         }
         Ok(Snapshot {

@@ -143,9 +143,6 @@ async fn proxy(
         None => parts.headers.get(header::HOST).cloned(),
     };
     headers::strip_hop_by_hop(&mut parts.headers, wants_upgrade);
-    // The client sets Host from the endpoint, as nginx does; the original travels in
-    // X-Forwarded-Host.
-    parts.headers.remove(header::HOST);
     let trusted = headers::is_trusted(peer.ip(), &snapshot.trusted_proxies);
     headers::set_forwarded(
         &mut parts.headers,
@@ -163,32 +160,46 @@ async fn proxy(
             upstream: upstream.name.clone(),
             detail: "no endpoints".into(),
         })?;
-    parts.uri = upstream
-        .uri_for(endpoint, parts.uri.path_and_query())
-        .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
+    // Host is the endpoint's, as nginx sends it; the original travels in X-Forwarded-Host.
+    parts
+        .headers
+        .insert(header::HOST, endpoint.pool.host_header.clone());
+    // Origin-form on the wire to the upstream.
+    parts.uri = match parts.uri.path_and_query() {
+        Some(pq) => http::Uri::from(pq.clone()),
+        None => http::Uri::from_static("/"),
+    };
     parts.version = Version::HTTP_11;
-
-    // Forward, and wait for the response head.
-    let resp = forward::send(
-        &route.client,
-        &upstream.name,
-        Request::from_parts(parts, body),
-        route.timeouts.first_byte,
+    let timers = forward::Timers {
+        connect: route.timeouts.connect,
+        first_byte: route.timeouts.first_byte,
         deadline,
-    )
-    .await?;
-    if let Some(r) = record {
-        r.ttfb = Some(start.elapsed());
+    };
+    let request = Request::from_parts(parts, body);
+
+    if let Some(client_upgrade) = client_upgrade {
+        let resp = forward::send_upgrade(&upstream.name, endpoint, request, &timers).await?;
+        if let Some(r) = record {
+            r.ttfb = Some(start.elapsed());
+        }
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(upgrade::tunnel(
+                resp,
+                client_upgrade,
+                request_id.to_string(),
+            ));
+        }
+        // The upstream declined the upgrade: an ordinary answer.
+        let (mut parts, body) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+        let body = TimedBody::new(body, idle, deadline, None);
+        return Ok(Response::from_parts(parts, ProxyBody::direct(body)));
     }
 
-    if let Some(client_upgrade) = client_upgrade
-        && resp.status() == StatusCode::SWITCHING_PROTOCOLS
-    {
-        return Ok(upgrade::tunnel(
-            resp,
-            client_upgrade,
-            request_id.to_string(),
-        ));
+    // Forward, and wait for the response head.
+    let resp = forward::send(&upstream.name, endpoint, request, &timers).await?;
+    if let Some(r) = record {
+        r.ttfb = Some(start.elapsed());
     }
 
     // Stream back, frame by frame.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use http::{Method, Request};
 
 use crate::config::{RouteConfig, RouteTimeouts};
-use crate::proxy::forward::{Upstream, UpstreamClient};
+use crate::proxy::forward::Upstream;
 
 pub struct Route {
     pub name: Arc<str>,
@@ -15,21 +15,18 @@ pub struct Route {
     pub host: Option<String>,
     pub methods: Option<Vec<Method>>,
     pub upstream: Arc<Upstream>,
-    /// The upstream's pooled client for this route's connect timeout.
-    pub client: UpstreamClient,
     pub timeouts: RouteTimeouts,
     pub max_body_bytes: u64,
 }
 
 impl Route {
-    pub fn new(cfg: &RouteConfig, upstream: Arc<Upstream>, client: UpstreamClient) -> Self {
+    pub fn new(cfg: &RouteConfig, upstream: Arc<Upstream>) -> Self {
         Route {
             name: Arc::from(cfg.name.as_str()),
             path_prefix: cfg.path_prefix.clone(),
             host: cfg.host.clone(),
             methods: cfg.methods.clone(),
             upstream,
-            client,
             timeouts: cfg.timeouts.clone(),
             max_body_bytes: cfg.max_body_bytes,
         }

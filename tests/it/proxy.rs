@@ -694,3 +694,25 @@ async fn access_log_has_one_line_per_request_and_can_be_switched_off() {
     px.shutdown().await;
     assert!(logs::lines_with("access-log-off-1").is_empty());
 }
+
+#[tokio::test]
+async fn stale_pooled_connections_are_never_used() {
+    // Each upstream connection answers once and is then closed by the upstream.
+    let up = RawUpstream::start(RawAction::AnswerThenClose).await;
+    let px = start(&one_route(&format!("http://{}", up.addr), "", "")).await;
+    let addr = px.addr("main").unwrap();
+    let client = http1();
+    for i in 0..10 {
+        let (resp, body) = send(&client, get(addr, "/")).await;
+        assert_eq!(
+            resp.status(),
+            200,
+            "request {i}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        // Give the upstream time to close the one it just used.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 10);
+    px.shutdown().await;
+}

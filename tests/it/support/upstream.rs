@@ -249,6 +249,9 @@ pub enum RawAction {
     Reset,
     /// Promise 1000 bytes, send 10, then close.
     CloseMidBody,
+    /// A complete keep-alive answer, then close the socket: the proxy's pooled connection
+    /// goes stale behind its back.
+    AnswerThenClose,
 }
 
 impl Drop for RawUpstream {
@@ -281,6 +284,14 @@ impl RawUpstream {
                     match action {
                         RawAction::Reset => {
                             let _ = s.set_zero_linger();
+                            drop(s);
+                        }
+                        RawAction::AnswerThenClose => {
+                            let _ = s
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                                .await;
+                            let _ = s.flush().await;
+                            tokio::time::sleep(Duration::from_millis(5)).await;
                             drop(s);
                         }
                         RawAction::CloseMidBody => {

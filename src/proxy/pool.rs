@@ -1,0 +1,360 @@
+//! Upstream connections, pooled per endpoint and DRIVEN BY THE REQUEST'S OWN TASK.
+//!
+//! hyper's pooled client runs every upstream connection as a separate task and hands each
+//! request to it through channels: two task wake-ups and a pool lock with a hashed key per
+//! request. Here the request future (and then the response body) polls the connection
+//! itself, as nginx's event loop would: no hand-off, no extra task, and when the client goes
+//! away the connection is dropped with the body, which cancels the upstream request at once.
+//! An idle connection sits in its endpoint's stack unpolled; it is checked when taken out.
+
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::proxy::body::RequestBody;
+
+/// A plain or TLS upstream socket.
+pub enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+type Driver = http1::Connection<TokioIo<Io>, RequestBody>;
+
+/// One HTTP/1.1 connection: the handle requests are sent through and the protocol driver
+/// that must be polled for anything to happen on the socket.
+pub struct Conn {
+    sender: http1::SendRequest<RequestBody>,
+    driver: Driver,
+    /// The driver returned: the connection is closed and must not be polled again.
+    finished: bool,
+    /// Taken from the pool (not fresh): a failure before sending may be a stale socket.
+    pub reused: bool,
+}
+
+impl Conn {
+    /// Polls the driver unless it already finished; true when the connection is now closed.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.finished && Pin::new(&mut self.driver).poll(cx).is_ready() {
+            self.finished = true;
+        }
+        self.finished
+    }
+
+    /// Whether it can take another request right now (used on check-out and check-in).
+    fn usable_now(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        if self.drive(&mut cx) {
+            return false;
+        }
+        matches!(self.sender.poll_ready(&mut cx), Poll::Ready(Ok(())))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect timed out")]
+    Timeout,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("TLS: {0}")]
+    Tls(io::Error),
+    #[error("HTTP handshake: {0}")]
+    Handshake(hyper::Error),
+}
+
+struct Idle {
+    conn: Box<Conn>,
+    since: Instant,
+}
+
+/// Where to connect and how; one per endpoint.
+pub struct EndpointPool {
+    pub host: String,
+    pub port: u16,
+    /// `Host` header value for this endpoint ("host" or "host:port").
+    pub host_header: HeaderValue,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    idle: Mutex<Vec<Idle>>,
+    idle_timeout: Duration,
+    max_idle: usize,
+}
+
+impl EndpointPool {
+    pub fn new(
+        host: String,
+        port: u16,
+        host_header: HeaderValue,
+        tls: Option<(TlsConnector, ServerName<'static>)>,
+        idle_timeout: Duration,
+        max_idle: usize,
+    ) -> Self {
+        EndpointPool {
+            host,
+            port,
+            host_header,
+            tls,
+            idle: Mutex::new(Vec::new()),
+            idle_timeout,
+            max_idle,
+        }
+    }
+
+    /// The most recently used idle connection that is still open and fresh enough.
+    pub fn take_idle(&self) -> Option<Box<Conn>> {
+        let now = Instant::now();
+        loop {
+            let idle = {
+                let mut stack = self.idle.lock().ok()?;
+                // The oldest sit at the bottom: drop the expired ones first.
+                let expired = stack
+                    .iter()
+                    .take_while(|i| now.duration_since(i.since) >= self.idle_timeout)
+                    .count();
+                stack.drain(..expired);
+                stack.pop()?
+            };
+            let mut conn = idle.conn;
+            if conn.usable_now() {
+                conn.reused = true;
+                return Some(conn);
+            }
+        }
+    }
+
+    fn put_idle(&self, mut conn: Box<Conn>) {
+        if self.max_idle == 0 || !conn.usable_now() {
+            return;
+        }
+        if let Ok(mut stack) = self.idle.lock() {
+            if stack.len() >= self.max_idle {
+                stack.remove(0);
+            }
+            stack.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Number of idle connections (tests, admin).
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    /// A new connection: TCP (and TLS) under `timeout`, then the HTTP/1.1 handshake.
+    /// Boxed once per connection: it then moves between pool, request and body by pointer.
+    pub async fn connect(&self, timeout: Duration) -> Result<Box<Conn>, ConnectError> {
+        let io = tokio::time::timeout(timeout, self.connect_io())
+            .await
+            .map_err(|_| ConnectError::Timeout)??;
+        let (sender, driver) = http1::Builder::new()
+            .max_buf_size(1024 * 1024)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(ConnectError::Handshake)?;
+        Ok(Box::new(Conn {
+            sender,
+            driver,
+            finished: false,
+            reused: false,
+        }))
+    }
+
+    async fn connect_io(&self) -> Result<Io, ConnectError> {
+        let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
+        let _ = tcp.set_nodelay(true);
+        match &self.tls {
+            None => Ok(Io::Plain(tcp)),
+            Some((connector, name)) => {
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(ConnectError::Tls)?;
+                Ok(Io::Tls(Box::new(tls)))
+            }
+        }
+    }
+}
+
+/// Why an exchange failed, and whether the request can be sent again elsewhere.
+pub struct SendFailure {
+    pub error: hyper::Error,
+    /// The request, when hyper gave it back unsent (nothing reached the upstream).
+    pub unsent: Option<Request<RequestBody>>,
+}
+
+/// Sends `req` on `conn`, driving the connection until the response head arrives. On
+/// success the connection travels on inside the response body.
+pub async fn exchange(
+    mut conn: Box<Conn>,
+    pool: Arc<EndpointPool>,
+    req: Request<RequestBody>,
+) -> Result<Response<PooledBody>, SendFailure> {
+    let mut response = std::pin::pin!(conn.sender.try_send_request(req));
+    let result = poll_fn(|cx| {
+        // Drive the socket first, so a response that is already there is parsed now.
+        // (If the driver finished, hyper has already failed the pending response.)
+        conn.drive(cx);
+        response.as_mut().poll(cx)
+    })
+    .await;
+    match result {
+        Ok(resp) => {
+            let (parts, body) = resp.into_parts();
+            Ok(Response::from_parts(
+                parts,
+                PooledBody {
+                    inner: body,
+                    conn: Some(conn),
+                    pool,
+                    ended: false,
+                },
+            ))
+        }
+        Err(mut e) => Err(SendFailure {
+            unsent: e.take_message(),
+            error: e.into_error(),
+        }),
+    }
+}
+
+/// The upstream's response body, carrying the connection: polling the body drives it, and
+/// when the body has been read to its end the connection goes back to its endpoint's pool.
+pub struct PooledBody {
+    inner: Incoming,
+    conn: Option<Box<Conn>>,
+    pool: Arc<EndpointPool>,
+    ended: bool,
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        if let Some(conn) = this.conn.as_mut() {
+            conn.drive(cx);
+        }
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            this.ended = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // Only a connection whose response was read to the end can carry another request;
+        // anything else (client gone, upstream error) is closed by dropping it.
+        if (self.ended || self.inner.is_end_stream())
+            && let Some(conn) = self.conn.take()
+        {
+            self.pool.put_idle(conn);
+        }
+    }
+}
+
+/// For an Upgrade (WebSocket) handshake: the connection leaves the pool for good and runs
+/// as its own task, which is what hyper needs to hand the socket over after a 101.
+pub async fn exchange_upgrade(
+    conn: Box<Conn>,
+    req: Request<RequestBody>,
+) -> Result<Response<Incoming>, hyper::Error> {
+    let Conn {
+        mut sender, driver, ..
+    } = *conn;
+    tokio::spawn(async move {
+        if let Err(e) = driver.with_upgrades().await {
+            tracing::debug!(error = %e, "upgraded upstream connection ended");
+        }
+    });
+    sender.send_request(req).await
+}
