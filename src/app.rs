@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::Config;
+use crate::proxy::resilience::{UpstreamMetrics, UpstreamStates};
 use crate::proxy::{ListenerCtx, Shared, Snapshot};
 use crate::server;
 
@@ -61,9 +62,13 @@ impl Running {
 
 /// Binds everything first so a port conflict refuses the start with nothing served.
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    let registry = crate::metrics::new_registry();
+    let mut registry = crate::metrics::new_registry();
     // Subsystems register their metrics here, before the registry is frozen in `Shared`.
-    let shared = Shared::new(Snapshot::build(&config).map_err(StartError::Tls)?, registry);
+    let upstream_states = Arc::new(UpstreamStates::new(UpstreamMetrics::register(
+        &mut registry,
+    )));
+    let snapshot = Snapshot::build(&config, &upstream_states).map_err(StartError::Tls)?;
+    let shared = Shared::new(snapshot, registry, upstream_states);
     let mut bound = Vec::new();
     for l in &config.listeners {
         let listener = server::bind(l.listen).map_err(|source| StartError::Bind {
@@ -91,6 +96,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             name: Arc::from(cfg.name.as_str()),
             shared: shared.clone(),
             proto: "http",
+            in_flight: Arc::default(),
         });
         let stop_rx = stop_rx.clone();
         tasks

@@ -43,6 +43,13 @@ pub enum ProxyError {
     },
     #[error("Server is shutting down")]
     ShuttingDown,
+    #[error("too many requests in flight, try again shortly")]
+    Overloaded,
+    #[error("upstream {upstream} is failing; the circuit breaker is open")]
+    CircuitOpen {
+        upstream: String,
+        retry_after: std::time::Duration,
+    },
 }
 
 impl ProxyError {
@@ -54,7 +61,22 @@ impl ProxyError {
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ShuttingDown | ProxyError::Overloaded | ProxyError::CircuitOpen { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    /// Seconds for `Retry-After`, for the answers that mean "come back later". Whole
+    /// seconds, never 0 (a client would retry at once).
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            ProxyError::Overloaded => Some(1),
+            ProxyError::CircuitOpen { retry_after, .. } => {
+                Some(retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0))
+                    .map(|s| s.max(1))
+            }
+            _ => None,
         }
     }
 
@@ -67,6 +89,8 @@ impl ProxyError {
             ProxyError::UpstreamUnavailable { .. } => "UPSTREAM_UNAVAILABLE",
             ProxyError::UpstreamTimeout { .. } => "UPSTREAM_TIMEOUT",
             ProxyError::ShuttingDown => "SERVICE_UNAVAILABLE",
+            ProxyError::Overloaded => "OVERLOADED",
+            ProxyError::CircuitOpen { .. } => "CIRCUIT_OPEN",
         }
     }
 
@@ -89,7 +113,8 @@ impl ProxyError {
         body.push_str("\",\"message\":");
         push_json_string(&mut body, &self.to_string());
         if let ProxyError::UpstreamUnavailable { upstream, .. }
-        | ProxyError::UpstreamTimeout { upstream, .. } = self
+        | ProxyError::UpstreamTimeout { upstream, .. }
+        | ProxyError::CircuitOpen { upstream, .. } = self
         {
             body.push_str(",\"upstream\":");
             push_json_string(&mut body, upstream);
@@ -107,6 +132,9 @@ impl ProxyError {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if self.closes_connection() {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let Some(secs) = self.retry_after_secs() {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }
@@ -148,6 +176,11 @@ mod tests {
                 phase: TimeoutPhase::FirstByte,
             },
             ProxyError::ShuttingDown,
+            ProxyError::Overloaded,
+            ProxyError::CircuitOpen {
+                upstream: "b".into(),
+                retry_after: std::time::Duration::from_millis(1500),
+            },
         ]
     }
 
@@ -161,6 +194,8 @@ mod tests {
             (502, "UPSTREAM_UNAVAILABLE"),
             (504, "UPSTREAM_TIMEOUT"),
             (503, "SERVICE_UNAVAILABLE"),
+            (503, "OVERLOADED"),
+            (503, "CIRCUIT_OPEN"),
         ];
         for (err, (status, code)) in all().iter().zip(expected) {
             let resp = err.to_response("rid-1");
@@ -177,6 +212,31 @@ mod tests {
         assert_eq!(
             ProxyError::ShuttingDown.to_string(),
             "Server is shutting down"
+        );
+    }
+
+    #[test]
+    fn come_back_later_answers_carry_retry_after_never_zero() {
+        let r = ProxyError::Overloaded.to_response("r");
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        let open = |ms| ProxyError::CircuitOpen {
+            upstream: "b".into(),
+            retry_after: std::time::Duration::from_millis(ms),
+        };
+        assert_eq!(
+            open(1500).to_response("r").headers()[header::RETRY_AFTER],
+            "2"
+        );
+        assert_eq!(open(0).to_response("r").headers()[header::RETRY_AFTER], "1");
+        assert_eq!(
+            open(60_000).to_response("r").headers()[header::RETRY_AFTER],
+            "60"
+        );
+        assert!(
+            !ProxyError::NoRoute
+                .to_response("r")
+                .headers()
+                .contains_key(header::RETRY_AFTER)
         );
     }
 

@@ -3,9 +3,13 @@
 
 pub mod admin;
 pub mod app;
+pub mod balance;
+pub mod breaker;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod jitter;
 pub mod metrics;
 pub mod proxy;
+pub mod retry;
 pub mod server;

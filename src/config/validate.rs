@@ -14,8 +14,9 @@ use http::{Method, Uri};
 
 use super::raw::{self, Entry, Kind, Node, Pos, child_path, item_path};
 use super::{
-    AdminConfig, Cidr, Config, ConfigError, Http2Config, ListenerConfig, LogFormat, LoggingConfig,
-    PoolConfig, Problem, RouteConfig, RouteTimeouts, UpstreamConfig,
+    AdminConfig, BreakerConfig, Cidr, Config, ConfigError, EjectionConfig, FailureRate,
+    Http2Config, ListenerConfig, LoadBalancing, LogFormat, LoggingConfig, PoolConfig, Problem,
+    Resilience, RetryConfig, RetryOn, RouteConfig, RouteTimeouts, UpstreamConfig,
 };
 
 // === defaults (documented on the types in mod.rs and in docs/configuration.md) ===
@@ -206,6 +207,7 @@ fn upstream(ctx: &mut Ctx, f: Field, name: &str) -> UpstreamConfig {
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
         pool: pool(ctx, m.optional("pool")),
         tls_ca_file: upstream_tls(ctx, m.optional("tls")),
+        resilience: resilience(ctx, &mut m),
     };
     m.finish(ctx);
     config
@@ -326,6 +328,7 @@ fn listener<'a>(
             .read(ctx, "max_headers", |ctx, f| ctx.count(f, 1))
             .unwrap_or(DEFAULT_MAX_HEADERS),
         http2: http2(ctx, m.optional("http2")),
+        max_in_flight: m.read(ctx, "max_in_flight", |ctx, f| ctx.count(f, 1)),
         routes: m
             .required(ctx, "routes")
             .map(|f| routes(ctx, &f, &name, upstreams))
@@ -1177,6 +1180,176 @@ fn parse_method(s: &str) -> Result<Method, String> {
     Method::from_bytes(s.as_bytes()).map_err(|_| format!("invalid HTTP method \"{s}\""))
 }
 
+// === upstream resilience: load balancing, breaker, ejection, retries, shedding ===
+
+fn resilience(ctx: &mut Ctx, m: &mut MapReader) -> Resilience {
+    Resilience {
+        load_balancing: m
+            .read(ctx, "load_balancing", |ctx, f| {
+                ctx.one_of(
+                    f,
+                    &[
+                        ("round_robin", LoadBalancing::RoundRobin),
+                        ("least_outstanding", LoadBalancing::LeastOutstanding),
+                    ],
+                )
+            })
+            .unwrap_or(LoadBalancing::RoundRobin),
+        circuit_breaker: breaker(ctx, m.optional("circuit_breaker")),
+        ejection: ejection(ctx, m.optional("ejection")),
+        retry: retry(ctx, m.optional("retry")),
+        max_in_flight: m.read(ctx, "max_in_flight", |ctx, f| ctx.count(f, 1)),
+    }
+}
+
+fn small_count(ctx: &mut Ctx, f: &Field) -> Option<u32> {
+    ctx.int(f, 1, 1_000_000).and_then(|n| u32::try_from(n).ok())
+}
+
+fn breaker(ctx: &mut Ctx, f: Option<Field>) -> BreakerConfig {
+    let d = BreakerConfig::default();
+    let mut m = MapReader::open(ctx, f);
+    let open_for = m.read(ctx, "open_for", Ctx::duration).unwrap_or(d.open_for);
+    let max_field = m.optional("max_open_for");
+    let max_open_for = max_field
+        .as_ref()
+        .and_then(|f| ctx.duration(f))
+        .unwrap_or(d.max_open_for)
+        .max(open_for);
+    let config = BreakerConfig {
+        failures: m.read(ctx, "failures", small_count).unwrap_or(d.failures),
+        open_for,
+        max_open_for,
+        half_open_successes: m
+            .read(ctx, "half_open_successes", small_count)
+            .unwrap_or(d.half_open_successes),
+        half_open_max_probes: m
+            .read(ctx, "half_open_max_probes", small_count)
+            .unwrap_or(d.half_open_max_probes),
+        failure_rate: m.optional("failure_rate").map(|f| failure_rate(ctx, f)),
+        count_500: m.read(ctx, "count_500", Ctx::boolean).unwrap_or(false),
+        count_backoff: m.read(ctx, "count_backoff", Ctx::boolean).unwrap_or(false),
+    };
+    m.finish(ctx);
+    config
+}
+
+fn failure_rate(ctx: &mut Ctx, f: Field) -> FailureRate {
+    let mut m = MapReader::open(ctx, Some(f));
+    let config = FailureRate {
+        threshold: m
+            .read(ctx, "threshold", |ctx, f| {
+                ctx.parse_with(f, "a percentage", parse_percent)
+            })
+            .unwrap_or(0.5),
+        window: m
+            .read(ctx, "window", Ctx::duration)
+            .unwrap_or(Duration::from_secs(30)),
+        min_calls: m.read(ctx, "min_calls", small_count).unwrap_or(20),
+    };
+    m.finish(ctx);
+    config
+}
+
+/// "50%" -> 0.5; more than 0 and at most 100 %.
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let n: f64 = s
+        .strip_suffix('%')
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| format!("expected a percentage like \"50%\", got \"{s}\""))?;
+    if n > 0.0 && n <= 100.0 {
+        Ok(n / 100.0)
+    } else {
+        Err(format!("must be more than 0% and at most 100%, got {s}"))
+    }
+}
+
+fn ejection(ctx: &mut Ctx, f: Option<Field>) -> EjectionConfig {
+    let d = EjectionConfig::default();
+    let mut m = MapReader::open(ctx, f);
+    let base_ejection = m
+        .read(ctx, "base_ejection", Ctx::duration)
+        .unwrap_or(d.base_ejection);
+    let config = EjectionConfig {
+        consecutive_failures: m
+            .read(ctx, "consecutive_failures", small_count)
+            .unwrap_or(d.consecutive_failures),
+        max_ejection: m
+            .read(ctx, "max_ejection", Ctx::duration)
+            .unwrap_or(d.max_ejection)
+            .max(base_ejection),
+        base_ejection,
+    };
+    m.finish(ctx);
+    config
+}
+
+fn retry(ctx: &mut Ctx, f: Option<Field>) -> RetryConfig {
+    let d = RetryConfig::default();
+    let mut m = MapReader::open(ctx, f);
+    let mut backoff = MapReader::open(ctx, m.optional("backoff"));
+    let backoff_base = backoff
+        .read(ctx, "base", Ctx::duration)
+        .unwrap_or(d.backoff_base);
+    let backoff_max = backoff
+        .read(ctx, "max", Ctx::duration)
+        .unwrap_or(d.backoff_max)
+        .max(backoff_base);
+    backoff.finish(ctx);
+    let mut budget = MapReader::open(ctx, m.optional("budget"));
+    let budget_ratio = budget
+        .read(ctx, "ratio", |ctx, f| {
+            ctx.parse_with(f, "a ratio", |s| match s.parse::<f64>() {
+                Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+                _ => Err(format!("expected a ratio between 0 and 1, got \"{s}\"")),
+            })
+        })
+        .unwrap_or(d.budget_ratio);
+    let budget_min_per_s = budget
+        .read(ctx, "min_per_s", |ctx, f| {
+            ctx.int(f, 0, 1_000_000).and_then(|n| u32::try_from(n).ok())
+        })
+        .unwrap_or(d.budget_min_per_s);
+    budget.finish(ctx);
+    let config = RetryConfig {
+        attempts: m
+            .read(ctx, "attempts", |ctx, f| {
+                ctx.int(f, 1, 10).and_then(|n| u32::try_from(n).ok())
+            })
+            .unwrap_or(d.attempts),
+        backoff_base,
+        backoff_max,
+        on: m.read(ctx, "on", retry_on).unwrap_or(d.on),
+        budget_ratio,
+        budget_min_per_s,
+        max_body: m
+            .read(ctx, "max_body", |ctx, f| ctx.bytes(f, 0, u64::MAX))
+            .unwrap_or(d.max_body),
+    };
+    m.finish(ctx);
+    config
+}
+
+fn retry_on(ctx: &mut Ctx, f: &Field) -> Option<Vec<RetryOn>> {
+    let items = ctx.list(f, "a list of retry conditions")?;
+    let mut out = Vec::new();
+    for item in &items {
+        let cond = ctx.parse_with(item, "a retry condition", |s| match s {
+            "connect_error" => Ok(RetryOn::ConnectError),
+            "timeout" => Ok(RetryOn::Timeout),
+            "reset" => Ok(RetryOn::Reset),
+            code => match code.parse::<u16>() {
+                Ok(n) if (500..=599).contains(&n) || n == 429 => Ok(RetryOn::Status(n)),
+                _ => Err(format!(
+                    "expected connect_error, timeout, reset, 429 or a 5xx status, got \"{s}\""
+                )),
+            },
+        });
+        out.extend(cond);
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1288,6 +1461,7 @@ mod tests {
                     max_pending_accept_reset_streams: 20,
                     max_local_error_reset_streams: 1024,
                 },
+                max_in_flight: None,
                 routes: vec![RouteConfig {
                     name: "inbound.0".into(),
                     path_prefix: "/".into(),
@@ -1310,6 +1484,7 @@ mod tests {
                     endpoints: vec![uri("http://127.0.0.1:3001/")],
                     connect_timeout: secs(5),
                     tls_ca_file: None,
+                    resilience: Resilience::default(),
                     pool: PoolConfig {
                         idle_timeout: secs(4),
                         max_idle_per_endpoint: 256,
@@ -1410,6 +1585,7 @@ mod tests {
                     max_pending_accept_reset_streams: 10,
                     max_local_error_reset_streams: 512,
                 },
+                max_in_flight: None,
                 routes: vec![
                     RouteConfig {
                         name: "chat".into(),
@@ -1453,6 +1629,7 @@ mod tests {
                         ],
                         connect_timeout: secs(2),
                         tls_ca_file: None,
+                        resilience: Resilience::default(),
                         pool: PoolConfig {
                             idle_timeout: secs(3),
                             max_idle_per_endpoint: 0,
@@ -1466,6 +1643,7 @@ mod tests {
                         endpoints: vec![uri("https://fastgpt.example.com:443/")],
                         connect_timeout: secs(5),
                         tls_ca_file: None,
+                        resilience: Resilience::default(),
                         pool: PoolConfig {
                             idle_timeout: secs(4),
                             max_idle_per_endpoint: 256,
@@ -1592,7 +1770,7 @@ mod tests {
             3,
             5,
             "listeners[0].listn",
-            "unknown key \"listn\", did you mean \"listen\"? (known keys: name, listen, max_connections, header_read_timeout, max_header_bytes, max_headers, http2, routes)",
+            "unknown key \"listn\", did you mean \"listen\"? (known keys: name, listen, max_connections, header_read_timeout, max_header_bytes, max_headers, http2, max_in_flight, routes)",
         );
     }
 

@@ -56,6 +56,7 @@ pub struct AccessRecord {
 
 impl AccessRecord {
     pub fn body_complete(&mut self) {
+        // Idempotent: a body may report its end twice (last frame, then None).
         if self.outcome == Outcome::Streaming {
             self.outcome = Outcome::Ok;
         }

@@ -15,8 +15,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::proxy::access_log::AccessRecord;
 use crate::proxy::pool::PooledBody;
+use crate::proxy::tail::Tail;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -204,45 +204,55 @@ enum Kind {
 }
 
 /// Every response rampart sends: a local answer or the upstream's streamed body. It carries
-/// the access-log record, written when hyper drops the body (finished, failed or abandoned
-/// by the client), so the log sees the whole exchange including the stream.
+/// the request's `Tail` (access log, breaker verdict, in-flight slots), settled when hyper
+/// drops the body (finished, failed or abandoned by the client).
 pub struct ProxyBody {
     kind: Kind,
-    log: Option<Box<AccessRecord>>,
+    tail: Option<Box<Tail>>,
 }
 
 impl ProxyBody {
     pub fn full(bytes: Bytes) -> Self {
         ProxyBody {
             kind: Kind::Full(Some(bytes)),
-            log: None,
+            tail: None,
         }
     }
 
     pub fn empty() -> Self {
         ProxyBody {
             kind: Kind::Full(None),
-            log: None,
+            tail: None,
         }
     }
 
     pub fn upstream(body: TimedBody<PooledBody>) -> Self {
         ProxyBody {
             kind: Kind::Upstream(body),
-            log: None,
+            tail: None,
         }
     }
 
     pub fn direct(body: TimedBody<Incoming>) -> Self {
         ProxyBody {
             kind: Kind::Direct(body),
-            log: None,
+            tail: None,
         }
     }
 
-    pub fn with_log(mut self, record: Option<Box<AccessRecord>>) -> Self {
-        self.log = record;
+    pub fn with_tail(mut self, tail: Box<Tail>) -> Self {
+        self.tail = Some(tail);
         self
+    }
+}
+
+impl ProxyBody {
+    fn kind_ended(&self) -> bool {
+        match &self.kind {
+            Kind::Full(b) => b.is_none(),
+            Kind::Upstream(s) => s.is_end_stream(),
+            Kind::Direct(s) => s.is_end_stream(),
+        }
     }
 }
 
@@ -260,15 +270,20 @@ impl Body for ProxyBody {
             Kind::Upstream(s) => Pin::new(s).poll_frame(cx),
             Kind::Direct(s) => Pin::new(s).poll_frame(cx),
         };
-        if let Some(log) = this.log.as_deref_mut() {
+        let ended = this.kind_ended();
+        if let Some(tail) = this.tail.as_deref_mut() {
             match &polled {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(d) = frame.data_ref() {
-                        log.bytes_out += d.len() as u64;
+                        tail.on_data(d.len());
+                    }
+                    // hyper stops polling a body that says it has ended.
+                    if ended {
+                        tail.on_complete();
                     }
                 }
-                Poll::Ready(Some(Err(e))) => log.body_failed(e),
-                Poll::Ready(None) => log.body_complete(),
+                Poll::Ready(Some(Err(e))) => tail.on_error(e),
+                Poll::Ready(None) => tail.on_complete(),
                 Poll::Pending => {}
             }
         }
@@ -276,11 +291,7 @@ impl Body for ProxyBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Full(b) => b.is_none(),
-            Kind::Upstream(s) => s.is_end_stream(),
-            Kind::Direct(s) => s.is_end_stream(),
-        }
+        self.kind_ended()
     }
 
     fn size_hint(&self) -> SizeHint {

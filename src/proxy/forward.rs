@@ -14,24 +14,37 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
-use crate::config::UpstreamConfig;
+use crate::balance::{self, Candidate};
+use crate::config::{Resilience, UpstreamConfig};
 use crate::error::{ProxyError, TimeoutPhase};
 use crate::proxy::body::{BodyError, RequestBody};
 use crate::proxy::pool::{self, ConnectError, EndpointPool, PooledBody};
+use crate::proxy::resilience::{EndpointState, UpstreamState, UpstreamStates};
+use crate::retry::Failure;
 
 pub struct Endpoint {
     pub pool: Arc<EndpointPool>,
+    /// In flight and health: outlives the snapshot (keyed by URL).
+    pub state: Arc<EndpointState>,
 }
 
 pub struct Upstream {
     pub name: String,
     pub endpoints: Vec<Endpoint>,
     next: AtomicUsize,
+    pub resilience: Resilience,
+    /// Breaker, budget, in flight: outlives the snapshot (keyed by name).
+    pub state: Arc<UpstreamState>,
 }
 
 impl Upstream {
     /// `tls` is used for https endpoints.
-    pub fn new(cfg: &UpstreamConfig, tls: &Arc<rustls::ClientConfig>) -> Result<Self, String> {
+    pub fn new(
+        cfg: &UpstreamConfig,
+        tls: &Arc<rustls::ClientConfig>,
+        states: &UpstreamStates,
+    ) -> Result<Self, String> {
+        let state = states.get_or_create(cfg);
         let mut endpoints = Vec::with_capacity(cfg.endpoints.len());
         for uri in &cfg.endpoints {
             let https = uri.scheme() == Some(&Scheme::HTTPS);
@@ -61,6 +74,7 @@ impl Upstream {
                 None
             };
             endpoints.push(Endpoint {
+                state: state.endpoint(&uri.to_string()),
                 pool: Arc::new(EndpointPool::new(
                     host,
                     port,
@@ -75,17 +89,45 @@ impl Upstream {
             name: cfg.name.clone(),
             endpoints,
             next: AtomicUsize::new(0),
+            resilience: cfg.resilience.clone(),
+            state,
         })
     }
 
-    /// Round-robin over the endpoints.
-    pub fn pick(&self) -> Option<&Endpoint> {
-        if self.endpoints.is_empty() {
-            return None;
+    /// The endpoint for the next attempt: healthy and not yet tried by this request first
+    /// (see `balance::pick`). Returns its index.
+    pub fn pick(&self, tried: &[usize]) -> Option<usize> {
+        let now = Instant::now();
+        let rr = self.next.fetch_add(1, Ordering::Relaxed);
+        if self.endpoints.len() == 1 {
+            return Some(0);
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
-        self.endpoints.get(i)
+        let candidates: Vec<Candidate> = self
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Candidate {
+                in_flight: e.state.in_flight.load(Ordering::Relaxed),
+                available: e
+                    .state
+                    .health
+                    .lock()
+                    .map(|h| h.available(now))
+                    .unwrap_or(true),
+                tried: tried.contains(&i),
+            })
+            .collect();
+        balance::pick(self.resilience.load_balancing, &candidates, rr)
     }
+}
+
+/// A failed attempt: what the client would hear, what kind of failure it was (for retries,
+/// ejection and the breaker; None when the fault is the client's own request body), and the
+/// request itself when it provably never left.
+pub struct SendError {
+    pub error: ProxyError,
+    pub failure: Option<Failure>,
+    pub unsent: Option<Request<RequestBody>>,
 }
 
 /// TLS settings for https endpoints: the system's trust store plus, when given, the CAs in
@@ -135,12 +177,15 @@ pub async fn send(
     endpoint: &Endpoint,
     req: Request<RequestBody>,
     timers: &Timers,
-) -> Result<Response<PooledBody>, ProxyError> {
+) -> Result<Response<PooledBody>, SendError> {
     let fb_deadline = Instant::now() + timers.first_byte;
     let (until, phase) = match timers.deadline {
         Some(d) if d < fb_deadline => (d, TimeoutPhase::Total),
         _ => (fb_deadline, TimeoutPhase::FirstByte),
     };
+    // Set once the request left with a connection: from then on a timeout means it may
+    // have reached the upstream.
+    let mut connected = false;
     let attempt = async {
         let mut req = req;
         // A pooled connection may have been closed by the upstream a moment ago. When hyper
@@ -155,30 +200,60 @@ pub async fn send(
             };
             let conn = match idle {
                 Some(c) => c,
-                None => endpoint
-                    .pool
-                    .connect(timers.connect)
-                    .await
-                    .map_err(|e| connect_error(upstream, e))?,
+                None => match endpoint.pool.connect(timers.connect).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let failure = match e {
+                            ConnectError::Timeout => Failure::ConnectTimeout,
+                            _ => Failure::Connect,
+                        };
+                        return Err(SendError {
+                            error: connect_error(upstream, e),
+                            failure: Some(failure),
+                            unsent: Some(req),
+                        });
+                    }
+                },
             };
             let reused = conn.reused;
+            connected = true;
             match pool::exchange(conn, endpoint.pool.clone(), req).await {
                 Ok(resp) => return Ok(resp),
                 Err(failure) => match failure.unsent {
                     Some(unsent) if reused => {
                         req = unsent;
                         from_pool = false;
+                        connected = false;
                     }
-                    _ => return Err(classify(&failure.error, upstream)),
+                    unsent => {
+                        let (error, blame) = classify(&failure.error, upstream);
+                        return Err(SendError {
+                            error,
+                            failure: blame.then_some(if unsent.is_some() {
+                                Failure::Connect
+                            } else {
+                                Failure::Reset
+                            }),
+                            unsent,
+                        });
+                    }
                 },
             }
         }
     };
     match tokio::time::timeout_at(until, attempt).await {
         Ok(r) => r,
-        Err(_) => Err(ProxyError::UpstreamTimeout {
-            upstream: upstream.to_string(),
-            phase,
+        Err(_) => Err(SendError {
+            error: ProxyError::UpstreamTimeout {
+                upstream: upstream.to_string(),
+                phase,
+            },
+            failure: Some(if connected {
+                Failure::FirstByteTimeout
+            } else {
+                Failure::ConnectTimeout
+            }),
+            unsent: None,
         }),
     }
 }
@@ -198,7 +273,7 @@ pub async fn send_upgrade(
             .map_err(|e| connect_error(upstream, e))?;
         pool::exchange_upgrade(conn, req)
             .await
-            .map_err(|e| classify(&e, upstream))
+            .map_err(|e| classify(&e, upstream).0)
     };
     match tokio::time::timeout(timers.first_byte, attempt).await {
         Ok(r) => r,
@@ -222,13 +297,14 @@ fn connect_error(upstream: &str, e: ConnectError) -> ProxyError {
     }
 }
 
-/// Maps an exchange error to what the downstream should hear. Our own request-body errors
-/// come back wrapped inside hyper's error, so look through the source chain first.
-fn classify(err: &hyper::Error, upstream: &str) -> ProxyError {
+/// Maps an exchange error to what the downstream should hear, and whether the upstream is
+/// to blame. Our own request-body errors come back wrapped inside hyper's error, so look
+/// through the source chain first: those are the client's fault.
+fn classify(err: &hyper::Error, upstream: &str) -> (ProxyError, bool) {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = source {
         if let Some(b) = e.downcast_ref::<BodyError>() {
-            return match b {
+            let error = match b {
                 BodyError::Idle => ProxyError::RequestTimeout,
                 BodyError::TooLarge(limit) => ProxyError::PayloadTooLarge { limit: *limit },
                 BodyError::Total => ProxyError::UpstreamTimeout {
@@ -237,13 +313,15 @@ fn classify(err: &hyper::Error, upstream: &str) -> ProxyError {
                 },
                 BodyError::Inner(_) => ProxyError::BadRequest("the request body was cut short"),
             };
+            return (error, false);
         }
         source = e.source();
     }
-    ProxyError::UpstreamUnavailable {
+    let error = ProxyError::UpstreamUnavailable {
         upstream: upstream.to_string(),
         detail: format!("connection failed: {}", root_cause(err)),
-    }
+    };
+    (error, true)
 }
 
 fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {

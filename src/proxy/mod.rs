@@ -7,7 +7,9 @@ pub mod forward;
 pub mod headers;
 pub mod pipeline;
 pub mod pool;
+pub mod resilience;
 pub mod route;
+pub mod tail;
 mod upgrade;
 
 use std::collections::HashMap;
@@ -18,12 +20,13 @@ use arc_swap::ArcSwap;
 
 use crate::config::{Cidr, Config};
 use forward::Upstream;
+use resilience::UpstreamStates;
 use route::Route;
 
 /// Everything the request path reads from one configuration, immutable. A reload builds a
 /// new one and swaps it in; requests in flight finish on the one they started with.
 pub struct Snapshot {
-    pub listeners: HashMap<String, Vec<Route>>,
+    pub listeners: HashMap<String, ListenerRoutes>,
     pub upstreams: HashMap<String, Arc<Upstream>>,
     pub trusted_proxies: Vec<Cidr>,
     pub access_log: bool,
@@ -31,7 +34,9 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Fails only on TLS material that cannot be loaded (a CA file named in the config).
-    pub fn build(cfg: &Config) -> Result<Snapshot, String> {
+    /// Upstream state (breakers, budgets, endpoint health) comes from `states`, so names
+    /// that existed in the previous snapshot keep theirs.
+    pub fn build(cfg: &Config, states: &UpstreamStates) -> Result<Snapshot, String> {
         // TLS settings per distinct CA file: loading the system store is not free.
         let mut tls_by_ca = HashMap::new();
         let mut upstreams = HashMap::new();
@@ -43,7 +48,7 @@ impl Snapshot {
             let Some(tls) = tls_by_ca.get(&u.tls_ca_file) else {
                 continue;
             };
-            upstreams.insert(name.clone(), Arc::new(Upstream::new(u, tls)?));
+            upstreams.insert(name.clone(), Arc::new(Upstream::new(u, tls, states)?));
         }
         let mut listeners = HashMap::new();
         for l in &cfg.listeners {
@@ -53,7 +58,13 @@ impl Snapshot {
                 // Validation guarantees the upstream exists.
                 .filter_map(|r| Some(Route::new(r, upstreams.get(&r.upstream)?.clone())))
                 .collect();
-            listeners.insert(l.name.clone(), routes);
+            listeners.insert(
+                l.name.clone(),
+                ListenerRoutes {
+                    routes,
+                    max_in_flight: l.max_in_flight,
+                },
+            );
         }
         Ok(Snapshot {
             listeners,
@@ -64,20 +75,32 @@ impl Snapshot {
     }
 }
 
+pub struct ListenerRoutes {
+    pub routes: Vec<Route>,
+    pub max_in_flight: Option<usize>,
+}
+
 /// State shared by every listener and the admin endpoints.
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     /// Frozen after start-up; `/metrics` encodes it.
     pub registry: Arc<prometheus_client::registry::Registry>,
+    /// Breakers, retry budgets, endpoint health: survive reloads, keyed by name.
+    pub upstream_states: Arc<UpstreamStates>,
     /// Set when shutdown starts: new requests get 503 SERVICE_UNAVAILABLE.
     pub draining: AtomicBool,
 }
 
 impl Shared {
-    pub fn new(snapshot: Snapshot, registry: prometheus_client::registry::Registry) -> Arc<Shared> {
+    pub fn new(
+        snapshot: Snapshot,
+        registry: prometheus_client::registry::Registry,
+        upstream_states: Arc<UpstreamStates>,
+    ) -> Arc<Shared> {
         Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             registry: Arc::new(registry),
+            upstream_states,
             draining: AtomicBool::new(false),
         })
     }
@@ -89,4 +112,6 @@ pub struct ListenerCtx {
     pub shared: Arc<Shared>,
     /// "http" or "https", for X-Forwarded-Proto.
     pub proto: &'static str,
+    /// Requests in flight on this listener (load shedding, drain).
+    pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }

@@ -1,24 +1,30 @@
 //! The steps a request walks, outermost first (architecture.md, "A request"):
-//! observe -> admission -> route -> body limit -> forward -> stream back.
-//! Each step is a call into its own module; this file only orders them. Later steps (rate
-//! limit, cache, breaker, retry) slot in between route and forward.
+//! observe -> admission (draining, listener shedding) -> route -> upstream shedding ->
+//! circuit breaker -> body limit -> retry loop (pick endpoint, send, classify) -> stream back.
+//! Each step is a call into its own module; this file only orders them. Rate limiting and
+//! the cache slot in after routing.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bytes::BytesMut;
-use http::{HeaderValue, Request, Response, StatusCode, Version, header};
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::breaker::{Admit, Outcome};
 use crate::error::ProxyError;
-use crate::proxy::access_log::{AccessRecord, Outcome};
+use crate::proxy::access_log::{AccessRecord, Outcome as LogOutcome};
 use crate::proxy::body::{BodyError, ProxyBody, RequestBody, TimedBody};
+use crate::proxy::forward::{self, Upstream};
 use crate::proxy::headers::{self, X_REQUEST_ID};
-use crate::proxy::{ListenerCtx, Snapshot, forward, route, upgrade};
+use crate::proxy::resilience::{BreakerTicket, InFlight, UpstreamMetrics};
+use crate::proxy::tail::Tail;
+use crate::proxy::{ListenerCtx, Snapshot, route, upgrade};
+use crate::retry::{self, Failure};
 
 /// The service hyper calls for every request on a traffic listener. Never fails: every
 /// error becomes a JSON answer through `ProxyError::to_response`. `framing_ok` is false when
@@ -33,8 +39,8 @@ pub async fn handle(
     let start = Instant::now();
     let request_id = headers::request_id(req.headers());
     let snapshot = ctx.shared.snapshot.load_full();
-    let mut record = snapshot.access_log.then(|| {
-        Box::new(AccessRecord {
+    let mut tail = Box::new(Tail {
+        log: snapshot.access_log.then(|| AccessRecord {
             start,
             listener: ctx.name.clone(),
             route: None,
@@ -46,21 +52,13 @@ pub async fn handle(
             ttfb: None,
             bytes_in: 0,
             bytes_out: 0,
-            outcome: Outcome::Streaming,
-        })
+            outcome: LogOutcome::Streaming,
+        }),
+        ..Tail::default()
     });
 
     let result = if framing_ok {
-        proxy(
-            &ctx,
-            &snapshot,
-            peer,
-            req,
-            &request_id,
-            start,
-            record.as_deref_mut(),
-        )
-        .await
+        proxy(&ctx, &snapshot, peer, req, &request_id, start, &mut tail).await
     } else {
         // The step check_framing would take, had hyper left the Content-Length in `req`.
         Err(ProxyError::BadRequest(headers::CL_AND_TE))
@@ -68,8 +66,13 @@ pub async fn handle(
     let mut resp = match result {
         Ok(resp) => resp,
         Err(err) => {
-            if let Some(r) = record.as_deref_mut() {
-                r.outcome = Outcome::Local(err.code());
+            // Failures were reported where they happened; anything else says nothing about
+            // the upstream.
+            if let Some(t) = tail.ticket.as_mut() {
+                t.report(Outcome::Ignored);
+            }
+            if let Some(r) = tail.log.as_mut() {
+                r.outcome = LogOutcome::Local(err.code());
             }
             err.to_response(&request_id)
         }
@@ -77,10 +80,10 @@ pub async fn handle(
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert(&X_REQUEST_ID, v);
     }
-    if let Some(r) = record.as_deref_mut() {
+    if let Some(r) = tail.log.as_mut() {
         r.status = resp.status().as_u16();
     }
-    resp.map(|b| b.with_log(record))
+    resp.map(|b| b.with_tail(tail))
 }
 
 async fn proxy(
@@ -90,26 +93,52 @@ async fn proxy(
     mut req: Request<Incoming>,
     request_id: &str,
     start: Instant,
-    mut record: Option<&mut AccessRecord>,
+    tail: &mut Tail,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    // Admission.
+    let metrics = &ctx.shared.upstream_states.metrics;
+
+    // Admission: draining, then the listener's in-flight cap (shed at once, never queue).
     if ctx.shared.draining.load(Ordering::Relaxed) {
         return Err(ProxyError::ShuttingDown);
     }
+    let listener = snapshot.listeners.get(&*ctx.name);
+    let max_in_flight = listener.and_then(|l| l.max_in_flight);
+    tail.listener_slot = Some(
+        InFlight::try_acquire(ctx.in_flight.clone(), max_in_flight).ok_or_else(|| {
+            shed(metrics, "listener", &ctx.name);
+            ProxyError::Overloaded
+        })?,
+    );
     let declared_len = headers::check_framing(req.headers()).map_err(ProxyError::BadRequest)?;
 
     // Route.
-    let routes = snapshot
-        .listeners
-        .get(&*ctx.name)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
+    let routes = listener.map(|l| l.routes.as_slice()).unwrap_or_default();
     let route = route::find(routes, &req).ok_or(ProxyError::NoRoute)?;
     let upstream = &route.upstream;
-    if let Some(r) = record.as_deref_mut() {
+    if let Some(r) = tail.log.as_mut() {
         r.route = Some(route.name.clone());
         r.upstream = Some(Arc::from(upstream.name.as_str()));
         r.bytes_in = declared_len.unwrap_or(0);
+    }
+
+    // The upstream's in-flight cap, then its breaker: both answer without the network.
+    tail.upstream_slot = Some(
+        InFlight::try_acquire(upstream.state.clone(), upstream.resilience.max_in_flight)
+            .ok_or_else(|| {
+                shed(metrics, "upstream", &upstream.name);
+                ProxyError::Overloaded
+            })?,
+    );
+    match upstream.state.admit() {
+        Admit::Rejected { retry_after } => {
+            return Err(ProxyError::CircuitOpen {
+                upstream: upstream.name.clone(),
+                retry_after,
+            });
+        }
+        Admit::Allowed { probe } => {
+            tail.ticket = Some(BreakerTicket::new(upstream.state.clone(), probe));
+        }
     }
 
     // Body limit, before the upstream sees a byte.
@@ -123,18 +152,25 @@ async fn proxy(
     let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
 
     let (mut parts, body) = req.into_parts();
-    let body = if body.is_end_stream() {
-        RequestBody::Empty
-    } else if declared_len.is_some() {
-        RequestBody::Stream(TimedBody::new(body, idle, deadline, Some(limit)))
+    let retry_cfg = &upstream.resilience.retry;
+    // A body small enough is kept so that a retry can send it again.
+    let keep_for_retry = |n: u64| retry_cfg.attempts > 1 && n <= retry_cfg.max_body;
+    let (body, replay) = if body.is_end_stream() {
+        (RequestBody::Empty, Some(Bytes::new()))
+    } else if declared_len.is_some_and(|n| !keep_for_retry(n)) {
+        (
+            RequestBody::Stream(TimedBody::new(body, idle, deadline, Some(limit))),
+            None,
+        )
     } else {
         // Chunked (or HTTP/2 without a length): read it up to the limit first, as nginx does
         // by default, so an oversized body is refused before the upstream sees any of it.
         let buffered = buffer_body(body, limit, idle, deadline).await?;
-        if let Some(r) = record.as_deref_mut() {
+        if let Some(r) = tail.log.as_mut() {
             r.bytes_in = buffered.len() as u64;
         }
-        RequestBody::Full(Some(buffered))
+        let replay = keep_for_retry(buffered.len() as u64).then(|| buffered.clone());
+        (RequestBody::Full(Some(buffered)), replay)
     };
 
     // Headers for the upstream.
@@ -154,20 +190,10 @@ async fn proxy(
     if let Ok(v) = HeaderValue::from_str(request_id) {
         parts.headers.insert(&X_REQUEST_ID, v);
     }
-    let endpoint = upstream
-        .pick()
-        .ok_or_else(|| ProxyError::UpstreamUnavailable {
-            upstream: upstream.name.clone(),
-            detail: "no endpoints".into(),
-        })?;
-    // Host is the endpoint's, as nginx sends it; the original travels in X-Forwarded-Host.
-    parts
-        .headers
-        .insert(header::HOST, endpoint.pool.host_header.clone());
     // Origin-form on the wire to the upstream.
     parts.uri = match parts.uri.path_and_query() {
-        Some(pq) => http::Uri::from(pq.clone()),
-        None => http::Uri::from_static("/"),
+        Some(pq) => Uri::from(pq.clone()),
+        None => Uri::from_static("/"),
     };
     parts.version = Version::HTTP_11;
     let timers = forward::Timers {
@@ -175,14 +201,31 @@ async fn proxy(
         first_byte: route.timeouts.first_byte,
         deadline,
     };
-    let request = Request::from_parts(parts, body);
 
     if let Some(client_upgrade) = client_upgrade {
-        let resp = forward::send_upgrade(&upstream.name, endpoint, request, &timers).await?;
-        if let Some(r) = record {
+        let idx = upstream.pick(&[]).ok_or_else(|| no_endpoints(upstream))?;
+        let endpoint = &upstream.endpoints[idx];
+        parts
+            .headers
+            .insert(header::HOST, endpoint.pool.host_header.clone());
+        let request = Request::from_parts(parts, body);
+        let resp = forward::send_upgrade(&upstream.name, endpoint, request, &timers).await;
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(t) = tail.ticket.as_mut() {
+                    t.report(Outcome::Failure);
+                }
+                return Err(e);
+            }
+        };
+        if let Some(r) = tail.log.as_mut() {
             r.ttfb = Some(start.elapsed());
         }
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(t) = tail.ticket.as_mut() {
+                t.report(Outcome::Success);
+            }
             return Ok(upgrade::tunnel(
                 resp,
                 client_upgrade,
@@ -196,9 +239,15 @@ async fn proxy(
         return Ok(Response::from_parts(parts, ProxyBody::direct(body)));
     }
 
-    // Forward, and wait for the response head.
-    let resp = forward::send(&upstream.name, endpoint, request, &timers).await?;
-    if let Some(r) = record {
+    let attempt = Attempt {
+        upstream,
+        method: parts.method.clone(),
+        replay,
+        template: None,
+        timers,
+    };
+    let resp = attempt.run(parts, body, tail).await?;
+    if let Some(r) = tail.log.as_mut() {
         r.ttfb = Some(start.elapsed());
     }
 
@@ -209,12 +258,187 @@ async fn proxy(
     Ok(Response::from_parts(parts, ProxyBody::upstream(body)))
 }
 
+/// The retry loop: each attempt picks an endpoint (another one than before when it can),
+/// sends, classifies the result, feeds endpoint health, and decides whether to go again.
+/// Never retries once the response was handed on; never retries what may have reached the
+/// upstream unless the method is idempotent and the body was kept.
+struct Attempt<'a> {
+    upstream: &'a Upstream,
+    method: Method,
+    /// The request body, kept for a retry (None: not replayable).
+    replay: Option<Bytes>,
+    /// Method, URI, headers: enough to rebuild the request for a retry.
+    template: Option<(Uri, HeaderMap)>,
+    timers: forward::Timers,
+}
+
+impl Attempt<'_> {
+    async fn run(
+        mut self,
+        parts: http::request::Parts,
+        body: RequestBody,
+        tail: &mut Tail,
+    ) -> Result<Response<crate::proxy::pool::PooledBody>, ProxyError> {
+        let upstream = self.upstream;
+        let cfg = &upstream.resilience;
+        let retries_possible = cfg.retry.attempts > 1;
+        if retries_possible && self.replay.is_some() {
+            self.template = Some((parts.uri.clone(), parts.headers.clone()));
+        }
+        if let Ok(mut b) = upstream.state.budget.lock() {
+            b.record_request(Instant::now());
+        }
+        let mut next = Some(Request::from_parts(parts, body));
+        let mut tried: Vec<usize> = Vec::with_capacity(2);
+        let mut attempt = 1;
+        loop {
+            let idx = upstream
+                .pick(&tried)
+                .ok_or_else(|| no_endpoints(upstream))?;
+            tried.push(idx);
+            let endpoint = &upstream.endpoints[idx];
+            let Some(mut request) = next.take().or_else(|| self.rebuild()) else {
+                // Nothing left to send (cannot happen: a retry is only chosen with a request).
+                return Err(no_endpoints(upstream));
+            };
+            request
+                .headers_mut()
+                .insert(header::HOST, endpoint.pool.host_header.clone());
+            let slot = InFlight::try_acquire(endpoint.state.clone(), None);
+            let result = forward::send(&upstream.name, endpoint, request, &self.timers).await;
+            let can_go_again = attempt < cfg.retry.attempts
+                && self.timers.deadline.is_none_or(|d| Instant::now() < d);
+            match result {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let failed = matches!(status, 502..=504)
+                        || (status == 500 && cfg.circuit_breaker.count_500);
+                    // 429/503 with Retry-After: "back off", not "dead". Passed on, not retried.
+                    let backoff_signal = matches!(status, 429 | 503)
+                        && resp.headers().contains_key(header::RETRY_AFTER);
+                    upstream
+                        .state
+                        .endpoint_result(&endpoint.state, !failed, cfg);
+                    if failed
+                        && !backoff_signal
+                        && can_go_again
+                        && retry::retryable(
+                            &cfg.retry,
+                            Failure::Status(status),
+                            &self.method,
+                            self.replay.is_some(),
+                        )
+                        && self.take_budget("status")
+                    {
+                        drop(resp);
+                        self.pause(attempt).await;
+                        attempt += 1;
+                        continue;
+                    }
+                    if let Some(t) = tail.ticket.as_mut() {
+                        if backoff_signal && !cfg.circuit_breaker.count_backoff {
+                            t.report(Outcome::Ignored);
+                        } else if failed {
+                            t.report(Outcome::Failure);
+                        }
+                        // Otherwise the body's end decides (a stream may still die).
+                    }
+                    tail.endpoint_slot = slot;
+                    return Ok(resp);
+                }
+                Err(e) => {
+                    let Some(failure) = e.failure else {
+                        // The client's own request body failed: nothing to learn or retry.
+                        return Err(e.error);
+                    };
+                    upstream.state.endpoint_result(&endpoint.state, false, cfg);
+                    let replayable = e.unsent.is_some() || self.replay.is_some();
+                    if can_go_again
+                        && retry::retryable(&cfg.retry, failure, &self.method, replayable)
+                        && self.take_budget(failure.reason())
+                    {
+                        next = e.unsent;
+                        self.pause(attempt).await;
+                        attempt += 1;
+                        continue;
+                    }
+                    if let Some(t) = tail.ticket.as_mut() {
+                        t.report(Outcome::Failure);
+                    }
+                    return Err(e.error);
+                }
+            }
+        }
+    }
+
+    fn rebuild(&self) -> Option<Request<RequestBody>> {
+        let (uri, headers) = self.template.as_ref()?;
+        let body = self.replay.clone()?;
+        let mut req = Request::new(if body.is_empty() {
+            RequestBody::Empty
+        } else {
+            RequestBody::Full(Some(body))
+        });
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = uri.clone();
+        *req.headers_mut() = headers.clone();
+        Some(req)
+    }
+
+    fn take_budget(&self, reason: &'static str) -> bool {
+        let upstream = self.upstream;
+        let ok = upstream
+            .state
+            .budget
+            .lock()
+            .map(|mut b| b.try_retry(Instant::now()))
+            .unwrap_or(false);
+        let metrics = upstream.state.metrics();
+        if ok {
+            let mut labels = UpstreamMetrics::upstream(&upstream.name);
+            labels.push(("reason", reason.to_string()));
+            metrics.retries.get_or_create(&labels).inc();
+        } else {
+            metrics
+                .retry_budget_exhausted
+                .get_or_create(&UpstreamMetrics::upstream(&upstream.name))
+                .inc();
+        }
+        ok
+    }
+
+    async fn pause(&self, attempt: u32) {
+        let mut wait = retry::backoff(&self.upstream.resilience.retry, attempt);
+        if let Some(d) = self.timers.deadline {
+            wait = wait.min(d.saturating_duration_since(Instant::now()));
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
+
+fn no_endpoints(upstream: &Upstream) -> ProxyError {
+    ProxyError::UpstreamUnavailable {
+        upstream: upstream.name.clone(),
+        detail: "no endpoints".into(),
+    }
+}
+
+fn shed(metrics: &UpstreamMetrics, scope: &'static str, name: &str) {
+    metrics
+        .shed
+        .get_or_create(&vec![
+            ("scope", scope.to_string()),
+            ("name", name.to_string()),
+        ])
+        .inc();
+}
+
 async fn buffer_body(
     body: Incoming,
     limit: u64,
     idle: std::time::Duration,
     deadline: Option<Instant>,
-) -> Result<bytes::Bytes, ProxyError> {
+) -> Result<Bytes, ProxyError> {
     let mut timed = TimedBody::new(body, idle, deadline, Some(limit));
     let mut buf = BytesMut::new();
     while let Some(frame) = timed.frame().await {
