@@ -445,9 +445,12 @@ main() {
     run_case direct "$up" -
     run_case rampart "http://$HOST:$RAMPART_PORT$BENCH_PATH" "$RAMPART_PID"
     run_case nginx "http://$HOST:$NGINX_PORT$BENCH_PATH" "$(nginx_pids | tr '\n' ' ')"
+    # The breaker's fast-fail path: one refused request opens it, then every answer is a
+    # 503 CIRCUIT_OPEN made without touching the network.
+    http_status "http://$HOST:$RAMPART_PORT/dead$BENCH_PATH" >/dev/null || true
+    run_case rampart-circuit-open "http://$HOST:$RAMPART_PORT/dead$BENCH_PATH" "$RAMPART_PID" 503
     # More scenarios go here, one line each, e.g.:
     #   run_case rampart-ratelimited "http://$HOST:18082$BENCH_PATH" "$RAMPART_PID"
-    #   run_case rampart-circuit-open "http://$HOST:18083$BENCH_PATH" "$RAMPART_PID" 503
 
     report
 }

@@ -3,6 +3,7 @@
 //! `Upstream::start()` serves HTTP/1.1 (and h2c) with behaviours chosen by path:
 //! - `/ok` (and anything unknown): 200 "ok"
 //! - `/status/N`: status N
+//! - `/backoff`: 503 with `Retry-After: 7`
 //! - `/delay/MS`: 200 after MS milliseconds
 //! - `/hang`: never answers (cancellation is counted when hyper drops the handler)
 //! - `/echo`: 200, JSON of the request head as seen upstream, plus the body length
@@ -133,6 +134,10 @@ async fn handle(c: Arc<Counters>, mut req: Request<Incoming>) -> Response<TestBo
     } else if let Some(ms) = path.strip_prefix("/delay/") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
         full(StatusCode::OK, "delayed")
+    } else if path == "/backoff" {
+        let mut r = full(StatusCode::SERVICE_UNAVAILABLE, "busy, come back later");
+        r.headers_mut().insert("retry-after", "7".parse().unwrap());
+        r
     } else if path == "/hang" {
         std::future::pending::<()>().await;
         unreachable!()

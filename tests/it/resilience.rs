@@ -1,0 +1,288 @@
+//! Circuit breaking, retries, endpoint ejection and load shedding against real sockets.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+
+use crate::support::*;
+
+fn config(endpoints: &[String], upstream_extra: &str, listener_extra: &str) -> String {
+    let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        r#"
+admin: {{ listen: "127.0.0.1:0" }}
+logging: {{ level: warn, access_log: false }}
+listeners:
+  - name: main
+    listen: "127.0.0.1:0"
+{listener_extra}
+    routes:
+      - match: {{ path_prefix: / }}
+        upstream: up
+upstreams:
+  up:
+    endpoints: [{}]
+    connect_timeout: 1s
+{upstream_extra}
+"#,
+        eps.join(", ")
+    )
+}
+
+async fn status_of(addr: std::net::SocketAddr, path: &str) -> (u16, String, Option<String>) {
+    let (resp, body) = send(&http1(), get(addr, path)).await;
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    (
+        resp.status().as_u16(),
+        String::from_utf8_lossy(&body).to_string(),
+        retry_after,
+    )
+}
+
+async fn metrics(px: &rampart::app::Running) -> String {
+    let (_, body) = send(&http1(), get(px.admin_addr, "/metrics")).await;
+    String::from_utf8_lossy(&body).to_string()
+}
+
+#[tokio::test]
+async fn breaker_opens_fails_fast_admits_bounded_probes_and_closes() {
+    let up = Upstream::start().await;
+    let yaml = config(
+        &[up.url()],
+        "    circuit_breaker: { failures: 5, open_for: 500ms, max_open_for: 5s, half_open_successes: 2, half_open_max_probes: 2 }\n    retry: { attempts: 1 }",
+        "",
+    );
+    let px = start(&yaml).await;
+    let addr = px.addr("main").unwrap();
+
+    for _ in 0..5 {
+        assert_eq!(status_of(addr, "/status/503").await.0, 503);
+    }
+    assert_eq!(up.requests(), 5);
+    // The 6th is answered without reaching the upstream.
+    let started = Instant::now();
+    let (status, body, retry_after) = status_of(addr, "/ok").await;
+    assert_eq!(status, 503);
+    assert_eq!(json_field(&body, "code"), Some("CIRCUIT_OPEN"), "{body}");
+    assert!(body.contains("\"upstream\":\"up\""));
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert!(started.elapsed() < Duration::from_millis(200));
+    assert_eq!(up.requests(), 5);
+    assert!(
+        metrics(&px)
+            .await
+            .contains("rampart_circuit_breaker_state{upstream=\"up\"} 1")
+    );
+
+    // After open_for: exactly two probes get through, the rest still fail fast.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        tasks.push(tokio::spawn(
+            async move { status_of(addr, "/delay/300").await },
+        ));
+    }
+    let mut ok = 0;
+    let mut open = 0;
+    for t in tasks {
+        let (status, body, _) = t.await.unwrap();
+        match status {
+            200 => ok += 1,
+            503 if json_field(&body, "code") == Some("CIRCUIT_OPEN") => open += 1,
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!((ok, open), (2, 8));
+    assert_eq!(up.requests(), 7);
+    // Two successful probes closed it.
+    assert_eq!(status_of(addr, "/ok").await.0, 200);
+    assert!(
+        metrics(&px)
+            .await
+            .contains("rampart_circuit_breaker_state{upstream=\"up\"} 0")
+    );
+
+    // Open it again; a failed probe re-opens it for about twice as long.
+    for _ in 0..5 {
+        status_of(addr, "/status/503").await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        status_of(addr, "/status/503").await.0,
+        503,
+        "the probe reaches the upstream"
+    );
+    let reopened = Instant::now();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (status, body, _) = status_of(addr, "/ok").await;
+    assert_eq!(
+        (status, json_field(&body, "code")),
+        (503, Some("CIRCUIT_OPEN")),
+        "still open after 600 ms"
+    );
+    // ~1 s (900-1100 ms with jitter) after the failed probe it admits probes again.
+    let wait = Duration::from_millis(1200).saturating_sub(reopened.elapsed());
+    tokio::time::sleep(wait).await;
+    assert_eq!(status_of(addr, "/ok").await.0, 200);
+    let m = metrics(&px).await;
+    assert!(
+        m.contains("rampart_circuit_breaker_transitions_total{upstream=\"up\",to=\"open\"} 3"),
+        "{m}"
+    );
+    assert!(
+        m.contains("rampart_circuit_breaker_rejections_total{upstream=\"up\"}"),
+        "{m}"
+    );
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn back_off_answers_pass_through_without_opening_the_breaker() {
+    let up = Upstream::start().await;
+    let px = start(&config(
+        &[up.url()],
+        "    retry: { attempts: 3, on: [connect_error, 503] }",
+        "",
+    ))
+    .await;
+    let addr = px.addr("main").unwrap();
+    for _ in 0..8 {
+        let (status, _, retry_after) = status_of(addr, "/backoff").await;
+        assert_eq!((status, retry_after.as_deref()), (503, Some("7")));
+    }
+    assert_eq!(up.requests(), 8, "a 503 with Retry-After is not retried");
+    assert_eq!(status_of(addr, "/ok").await.0, 200, "breaker still closed");
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn post_that_reached_the_upstream_is_never_retried() {
+    let rst = RawUpstream::start(RawAction::Reset).await;
+    let ok = Upstream::start().await;
+    let yaml = config(
+        &[format!("http://{}", rst.addr), ok.url()],
+        "    retry: { attempts: 3, on: [connect_error, reset, 502, 503] }",
+        "",
+    );
+    let px = start(&yaml).await;
+    let req = Request::post(format!("http://{}/echo", px.addr("main").unwrap()))
+        .body(Full::new(Bytes::from_static(b"{\"q\":\"charge my card\"}")))
+        .unwrap();
+    let (resp, _) = send(&http1(), req).await;
+    assert_eq!(resp.status(), 502);
+    assert_eq!(
+        rst.accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "seen once"
+    );
+    assert_eq!(ok.requests(), 0, "not retried elsewhere");
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn get_after_a_reset_is_retried_on_another_endpoint() {
+    let rst = RawUpstream::start(RawAction::Reset).await;
+    let ok = Upstream::start().await;
+    let yaml = config(
+        &[format!("http://{}", rst.addr), ok.url()],
+        "    retry: { attempts: 3, on: [connect_error, reset, 502, 503] }",
+        "",
+    );
+    let px = start(&yaml).await;
+    let (status, body, _) = status_of(px.addr("main").unwrap(), "/echo").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(rst.accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(ok.requests(), 1);
+    assert!(
+        metrics(&px)
+            .await
+            .contains("rampart_upstream_retries_total{upstream=\"up\",reason=\"reset\"} 1")
+    );
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn post_is_retried_when_the_connection_was_refused() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = closed.local_addr().unwrap();
+    drop(closed);
+    let ok = Upstream::start().await;
+    // Default retry policy: attempts 2, on connect_error.
+    let px = start(&config(&[format!("http://{dead}"), ok.url()], "", "")).await;
+    let req = Request::post(format!("http://{}/echo", px.addr("main").unwrap()))
+        .body(Full::new(Bytes::from(vec![b'p'; 100_000])))
+        .unwrap();
+    let (resp, body) = send(&http1(), req).await;
+    assert_eq!(resp.status(), 200);
+    assert!(String::from_utf8_lossy(&body).contains("\"body_len\":100000"));
+    assert_eq!(ok.requests(), 1);
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failing_endpoint_is_ejected_and_traffic_moves_to_the_healthy_one() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = closed.local_addr().unwrap();
+    drop(closed);
+    let ok = Upstream::start().await;
+    let yaml = config(
+        &[format!("http://{dead}"), ok.url()],
+        "    retry: { attempts: 1 }\n    ejection: { consecutive_failures: 2, base_ejection: 30s }",
+        "",
+    );
+    let px = start(&yaml).await;
+    let addr = px.addr("main").unwrap();
+    let mut failures = 0;
+    for _ in 0..12 {
+        if status_of(addr, "/ok").await.0 == 502 {
+            failures += 1;
+        }
+    }
+    assert_eq!(
+        failures, 2,
+        "the dead endpoint is set aside after 2 failures"
+    );
+    assert_eq!(ok.requests(), 10);
+    assert!(
+        metrics(&px)
+            .await
+            .contains("rampart_endpoint_ejections_total{upstream=\"up\",endpoint=")
+    );
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn load_is_shed_with_503_overloaded_instead_of_queued() {
+    let up = Upstream::start().await;
+    for (upstream_extra, listener_extra) in
+        [("", "    max_in_flight: 2"), ("    max_in_flight: 2", "")]
+    {
+        let px = start(&config(&[up.url()], upstream_extra, listener_extra)).await;
+        let addr = px.addr("main").unwrap();
+        let slow: Vec<_> = (0..2)
+            .map(|_| tokio::spawn(async move { status_of(addr, "/delay/500").await }))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let started = Instant::now();
+        let (status, body, retry_after) = status_of(addr, "/ok").await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(json_field(&body, "code"), Some("OVERLOADED"));
+        assert_eq!(retry_after.as_deref(), Some("1"));
+        assert!(
+            started.elapsed() < Duration::from_millis(200),
+            "shed at once"
+        );
+        for t in slow {
+            assert_eq!(t.await.unwrap().0, 200);
+        }
+        // Slots are given back when responses end.
+        assert_eq!(status_of(addr, "/ok").await.0, 200);
+        assert!(metrics(&px).await.contains("rampart_requests_shed_total"));
+        px.shutdown().await;
+    }
+}
