@@ -47,7 +47,7 @@ pub struct AccessRecord {
     pub method: http::Method,
     pub path: String,
     pub status: u16,
-    pub request_id: String,
+    pub request_id: http::HeaderValue,
     pub ttfb: Option<Duration>,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -69,7 +69,7 @@ impl AccessRecord {
             _ => Outcome::UpstreamReset,
         };
         tracing::warn!(
-            request_id = %self.request_id,
+            request_id = self.request_id.to_str().unwrap_or("-"),
             upstream = self.upstream.as_deref().unwrap_or("-"),
             bytes_out = self.bytes_out,
             error = %err,
@@ -96,7 +96,7 @@ impl Drop for AccessRecord {
             ttfb_ms = self.ttfb.map(|t| t.as_secs_f64() * 1000.0),
             bytes_in = self.bytes_in,
             bytes_out = self.bytes_out,
-            request_id = %self.request_id,
+            request_id = self.request_id.to_str().unwrap_or("-"),
             outcome = self.outcome.as_str(),
         );
     }

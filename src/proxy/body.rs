@@ -31,23 +31,26 @@ pub enum BodyError {
 }
 
 /// The earliest of "idle timeout since the last frame" and "absolute deadline", on ONE timer
-/// that is only re-armed when it fires (not on every frame), to keep the hot path cheap.
+/// that is only re-armed when it fires (not on every frame), and only created the first
+/// time the body has nothing ready: a small response that arrives whole never touches the
+/// clock or the timer wheel.
 struct Timers {
     idle: Duration,
-    last_frame: Instant,
     deadline: Option<Instant>,
+    armed: Option<Armed>,
+}
+
+struct Armed {
     sleep: Pin<Box<Sleep>>,
+    last_frame: Instant,
 }
 
 impl Timers {
     fn new(idle: Duration, deadline: Option<Instant>) -> Self {
-        let now = Instant::now();
-        let first = Self::next_wake(now, idle, deadline);
         Timers {
             idle,
-            last_frame: now,
             deadline,
-            sleep: Box::pin(tokio::time::sleep_until(first)),
+            armed: None,
         }
     }
 
@@ -59,19 +62,36 @@ impl Timers {
         }
     }
 
+    /// A frame arrived: the silence starts again (only tracked once the timer exists).
+    fn frame(&mut self) {
+        if let Some(a) = &mut self.armed {
+            a.last_frame = Instant::now();
+        }
+    }
+
     /// Ready(err) once a limit really passed; Pending (waker registered) otherwise.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<BodyError> {
-        loop {
-            ready!(self.sleep.as_mut().poll(cx));
+        let (idle, deadline) = (self.idle, self.deadline);
+        let armed = self.armed.get_or_insert_with(|| {
             let now = Instant::now();
-            if self.deadline.is_some_and(|d| now >= d) {
+            Armed {
+                sleep: Box::pin(tokio::time::sleep_until(Self::next_wake(
+                    now, idle, deadline,
+                ))),
+                last_frame: now,
+            }
+        });
+        loop {
+            ready!(armed.sleep.as_mut().poll(cx));
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
                 return Poll::Ready(BodyError::Total);
             }
-            if now >= self.last_frame + self.idle {
+            if now >= armed.last_frame + idle {
                 return Poll::Ready(BodyError::Idle);
             }
-            let next = Self::next_wake(self.last_frame, self.idle, self.deadline);
-            self.sleep.as_mut().reset(next);
+            let next = Self::next_wake(armed.last_frame, idle, deadline);
+            armed.sleep.as_mut().reset(next);
         }
     }
 }
@@ -126,7 +146,7 @@ where
                         return Poll::Ready(Some(Err(BodyError::TooLarge(limit))));
                     }
                 }
-                this.timers.last_frame = Instant::now();
+                this.timers.frame();
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -320,7 +340,7 @@ mod tests {
         // Activity keeps the idle timer from firing; the deadline still wins.
         let waiter = async {
             std::future::poll_fn(|cx| {
-                t.last_frame = Instant::now();
+                t.frame();
                 t.poll_expired(cx)
             })
             .await

@@ -95,8 +95,8 @@ impl Upstream {
     }
 
     /// The endpoint for the next attempt: healthy and not yet tried by this request first
-    /// (see `balance::pick`). Returns its index.
-    pub fn pick(&self, tried: &[usize]) -> Option<usize> {
+    /// (see `balance::pick`). `tried` is a bit set of endpoint indexes. Returns an index.
+    pub fn pick(&self, tried: u64) -> Option<usize> {
         let now = Instant::now();
         let rr = self.next.fetch_add(1, Ordering::Relaxed);
         if self.endpoints.len() == 1 {
@@ -114,7 +114,7 @@ impl Upstream {
                     .lock()
                     .map(|h| h.available(now))
                     .unwrap_or(true),
-                tried: tried.contains(&i),
+                tried: i < 64 && tried & (1 << i) != 0,
             })
             .collect();
         balance::pick(self.resilience.load_balancing, &candidates, rr)

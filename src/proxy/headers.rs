@@ -90,8 +90,9 @@ pub fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
 }
 
 /// Keeps a client's request id when it is sane (1..=128 of `[A-Za-z0-9._:-]`), so one id
-/// follows a request across services; otherwise makes a new one.
-pub fn request_id(headers: &HeaderMap) -> String {
+/// follows a request across services; otherwise makes a new one. A header value, so the
+/// same bytes go upstream and back without another copy; always visible ASCII.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     if let Some(v) = headers.get(&X_REQUEST_ID) {
         let b = v.as_bytes();
         if !b.is_empty()
@@ -99,8 +100,7 @@ pub fn request_id(headers: &HeaderMap) -> String {
             && b.iter()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'))
         {
-            // Checked ASCII above, so this cannot fail.
-            return String::from_utf8_lossy(b).into_owned();
+            return v.clone();
         }
     }
     new_request_id()
@@ -108,7 +108,7 @@ pub fn request_id(headers: &HeaderMap) -> String {
 
 /// 32 hex digits: a per-process random prefix (so replicas do not collide) and a counter
 /// scrambled through splitmix64.
-pub fn new_request_id() -> String {
+pub fn new_request_id() -> HeaderValue {
     static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let seed = *SEED.get_or_init(|| {
@@ -128,7 +128,15 @@ pub fn new_request_id() -> String {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^= z >> 31;
-    format!("{seed:016x}{z:016x}")
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 32];
+    for (i, word) in [seed, z].into_iter().enumerate() {
+        for j in 0..16 {
+            out[i * 16 + j] = HEX[((word >> (60 - 4 * j)) & 0xf) as usize];
+        }
+    }
+    // Hex digits are always a valid header value.
+    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("-"))
 }
 
 pub fn is_trusted(peer: IpAddr, trusted: &[Cidr]) -> bool {
@@ -254,6 +262,7 @@ mod tests {
         assert_eq!(request_id(&map(&[("x-request-id", "abc-123")])), "abc-123");
         let bad = request_id(&map(&[("x-request-id", "has space")]));
         assert_eq!(bad.len(), 32);
+        assert!(bad.to_str().unwrap().bytes().all(|c| c.is_ascii_hexdigit()));
         let long = "a".repeat(129);
         assert_eq!(request_id(&map(&[("x-request-id", &long)])).len(), 32);
         assert_ne!(new_request_id(), new_request_id());

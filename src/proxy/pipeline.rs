@@ -74,12 +74,10 @@ pub async fn handle(
             if let Some(r) = tail.log.as_mut() {
                 r.outcome = LogOutcome::Local(err.code());
             }
-            err.to_response(&request_id)
+            err.to_response(request_id.to_str().unwrap_or("-"))
         }
     };
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        resp.headers_mut().insert(&X_REQUEST_ID, v);
-    }
+    resp.headers_mut().insert(&X_REQUEST_ID, request_id);
     if let Some(r) = tail.log.as_mut() {
         r.status = resp.status().as_u16();
     }
@@ -91,7 +89,7 @@ async fn proxy(
     snapshot: &Snapshot,
     peer: SocketAddr,
     mut req: Request<Incoming>,
-    request_id: &str,
+    request_id: &HeaderValue,
     start: Instant,
     tail: &mut Tail,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -187,9 +185,7 @@ async fn proxy(
         ctx.proto,
         original_host.as_ref(),
     );
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        parts.headers.insert(&X_REQUEST_ID, v);
-    }
+    parts.headers.insert(&X_REQUEST_ID, request_id.clone());
     // Origin-form on the wire to the upstream.
     parts.uri = match parts.uri.path_and_query() {
         Some(pq) => Uri::from(pq.clone()),
@@ -203,7 +199,7 @@ async fn proxy(
     };
 
     if let Some(client_upgrade) = client_upgrade {
-        let idx = upstream.pick(&[]).ok_or_else(|| no_endpoints(upstream))?;
+        let idx = upstream.pick(0).ok_or_else(|| no_endpoints(upstream))?;
         let endpoint = &upstream.endpoints[idx];
         parts
             .headers
@@ -229,7 +225,7 @@ async fn proxy(
             return Ok(upgrade::tunnel(
                 resp,
                 client_upgrade,
-                request_id.to_string(),
+                request_id.to_str().unwrap_or("-").to_string(),
             ));
         }
         // The upstream declined the upgrade: an ordinary answer.
@@ -289,13 +285,13 @@ impl Attempt<'_> {
             b.record_request(Instant::now());
         }
         let mut next = Some(Request::from_parts(parts, body));
-        let mut tried: Vec<usize> = Vec::with_capacity(2);
+        let mut tried: u64 = 0;
         let mut attempt = 1;
         loop {
-            let idx = upstream
-                .pick(&tried)
-                .ok_or_else(|| no_endpoints(upstream))?;
-            tried.push(idx);
+            let idx = upstream.pick(tried).ok_or_else(|| no_endpoints(upstream))?;
+            if idx < 64 {
+                tried |= 1 << idx;
+            }
             let endpoint = &upstream.endpoints[idx];
             let Some(mut request) = next.take().or_else(|| self.rebuild()) else {
                 // Nothing left to send (cannot happen: a retry is only chosen with a request).
