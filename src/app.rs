@@ -61,9 +61,12 @@ impl Running {
 
 /// Binds everything first so a port conflict refuses the start with nothing served.
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    let registry = crate::metrics::new_registry();
+    let mut registry = crate::metrics::new_registry();
     // Subsystems register their metrics here, before the registry is frozen in `Shared`.
-    let shared = Shared::new(Snapshot::build(&config).map_err(StartError::Tls)?, registry);
+    let limiters =
+        crate::ratelimit::Registry::new(crate::ratelimit::Metrics::register(&mut registry));
+    let snapshot = Snapshot::build(&config, &limiters).map_err(StartError::Tls)?;
+    let shared = Shared::new(snapshot, registry, limiters);
     let mut bound = Vec::new();
     for l in &config.listeners {
         let listener = server::bind(l.listen).map_err(|source| StartError::Bind {

@@ -43,6 +43,11 @@ pub enum ProxyError {
     },
     #[error("Server is shutting down")]
     ShuttingDown,
+    #[error("Too many requests, retry in {retry_after_secs} s")]
+    TooManyRequests {
+        /// Whole seconds, at least 1.
+        retry_after_secs: u64,
+    },
 }
 
 impl ProxyError {
@@ -55,6 +60,7 @@ impl ProxyError {
             ProxyError::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -67,6 +73,7 @@ impl ProxyError {
             ProxyError::UpstreamUnavailable { .. } => "UPSTREAM_UNAVAILABLE",
             ProxyError::UpstreamTimeout { .. } => "UPSTREAM_TIMEOUT",
             ProxyError::ShuttingDown => "SERVICE_UNAVAILABLE",
+            ProxyError::TooManyRequests { .. } => "TOO_MANY_REQUESTS",
         }
     }
 
@@ -108,6 +115,13 @@ impl ProxyError {
         if self.closes_connection() {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        if let ProxyError::TooManyRequests { retry_after_secs } = self {
+            // Never 0: a client told to retry at once would hammer the limit.
+            h.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from((*retry_after_secs).max(1)),
+            );
+        }
         resp
     }
 }
@@ -148,6 +162,9 @@ mod tests {
                 phase: TimeoutPhase::FirstByte,
             },
             ProxyError::ShuttingDown,
+            ProxyError::TooManyRequests {
+                retry_after_secs: 7,
+            },
         ]
     }
 
@@ -161,6 +178,7 @@ mod tests {
             (502, "UPSTREAM_UNAVAILABLE"),
             (504, "UPSTREAM_TIMEOUT"),
             (503, "SERVICE_UNAVAILABLE"),
+            (429, "TOO_MANY_REQUESTS"),
         ];
         for (err, (status, code)) in all().iter().zip(expected) {
             let resp = err.to_response("rid-1");
@@ -178,6 +196,21 @@ mod tests {
             ProxyError::ShuttingDown.to_string(),
             "Server is shutting down"
         );
+    }
+
+    #[test]
+    fn too_many_requests_has_retry_after_never_zero() {
+        let resp = ProxyError::TooManyRequests {
+            retry_after_secs: 7,
+        }
+        .to_response("r");
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "7");
+        assert!(!resp.headers().contains_key(header::CONNECTION));
+        let resp = ProxyError::TooManyRequests {
+            retry_after_secs: 0,
+        }
+        .to_response("r");
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
     }
 
     #[test]

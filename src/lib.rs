@@ -8,4 +8,6 @@ pub mod demo;
 pub mod error;
 pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
+pub mod redis;
 pub mod server;

@@ -17,6 +17,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use crate::config::{Cidr, Config};
+use crate::ratelimit;
 use forward::{Upstream, UpstreamClient};
 use route::Route;
 
@@ -30,8 +31,11 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Fails only on TLS material that cannot be loaded (a CA file named in the config).
-    pub fn build(cfg: &Config) -> Result<Snapshot, String> {
+    /// Fails only on TLS material that cannot be loaded (a CA file named in the config) or
+    /// a Redis client that cannot be made. Rate-limit policies come from `limiters`, which
+    /// keeps their counts across snapshots.
+    pub fn build(cfg: &Config, limiters: &ratelimit::Registry) -> Result<Snapshot, String> {
+        let policies = limiters.update(cfg)?;
         // TLS settings per distinct CA file: loading the system store is not free.
         let mut tls_by_ca = HashMap::new();
         for u in cfg.upstreams.values() {
@@ -64,7 +68,12 @@ impl Snapshot {
                     .entry((r.upstream.clone(), r.timeouts.connect))
                     .or_insert_with(|| forward::build_client(ucfg, r.timeouts.connect, tls.clone()))
                     .clone();
-                routes.push(Route::new(r, upstream.clone(), client));
+                let rate_limits = r
+                    .rate_limits
+                    .iter()
+                    .filter_map(|name| policies.get(name).cloned())
+                    .collect();
+                routes.push(Route::new(r, upstream.clone(), client, rate_limits));
             }
             listeners.insert(l.name.clone(), routes);
         }
@@ -84,14 +93,21 @@ pub struct Shared {
     pub registry: Arc<prometheus_client::registry::Registry>,
     /// Set when shutdown starts: new requests get 503 SERVICE_UNAVAILABLE.
     pub draining: AtomicBool,
+    /// Rate-limit state by policy name; `Snapshot::build` takes the policies from here.
+    pub limiters: ratelimit::Registry,
 }
 
 impl Shared {
-    pub fn new(snapshot: Snapshot, registry: prometheus_client::registry::Registry) -> Arc<Shared> {
+    pub fn new(
+        snapshot: Snapshot,
+        registry: prometheus_client::registry::Registry,
+        limiters: ratelimit::Registry,
+    ) -> Arc<Shared> {
         Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             registry: Arc::new(registry),
             draining: AtomicBool::new(false),
+            limiters,
         })
     }
 }

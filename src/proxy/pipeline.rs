@@ -1,14 +1,14 @@
 //! The steps a request walks, outermost first (architecture.md, "A request"):
-//! observe -> admission -> route -> body limit -> forward -> stream back.
-//! Each step is a call into its own module; this file only orders them. Later steps (rate
-//! limit, cache, breaker, retry) slot in between route and forward.
+//! observe -> admission -> route -> rate limit -> body limit -> forward -> stream back.
+//! Each step is a call into its own module; this file only orders them. Later steps (cache,
+//! breaker, retry) slot in between the body limit and forward.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::BytesMut;
-use http::{HeaderValue, Request, Response, StatusCode, Version, header};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version, header};
 use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -19,6 +19,7 @@ use crate::proxy::access_log::{AccessRecord, Outcome};
 use crate::proxy::body::{BodyError, ProxyBody, RequestBody, TimedBody};
 use crate::proxy::headers::{self, X_REQUEST_ID};
 use crate::proxy::{ListenerCtx, Snapshot, forward, route, upgrade};
+use crate::ratelimit;
 
 /// The service hyper calls for every request on a traffic listener. Never fails: every
 /// error becomes a JSON answer through `ProxyError::to_response`. `framing_ok` is false when
@@ -50,6 +51,8 @@ pub async fn handle(
         })
     });
 
+    // Set by the rate-limit step; added to whatever answer the route gives.
+    let mut limit_headers = None;
     let result = if framing_ok {
         proxy(
             &ctx,
@@ -59,6 +62,7 @@ pub async fn handle(
             &request_id,
             start,
             record.as_deref_mut(),
+            &mut limit_headers,
         )
         .await
     } else {
@@ -77,12 +81,16 @@ pub async fn handle(
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert(&X_REQUEST_ID, v);
     }
+    if let Some(h) = limit_headers {
+        resp.headers_mut().extend(h);
+    }
     if let Some(r) = record.as_deref_mut() {
         r.status = resp.status().as_u16();
     }
     resp.map(|b| b.with_log(record))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn proxy(
     ctx: &ListenerCtx,
     snapshot: &Snapshot,
@@ -91,6 +99,7 @@ async fn proxy(
     request_id: &str,
     start: Instant,
     mut record: Option<&mut AccessRecord>,
+    limit_headers: &mut Option<HeaderMap>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     // Admission.
     if ctx.shared.draining.load(Ordering::Relaxed) {
@@ -110,6 +119,27 @@ async fn proxy(
         r.route = Some(route.name.clone());
         r.upstream = Some(Arc::from(upstream.name.as_str()));
         r.bytes_in = declared_len.unwrap_or(0);
+    }
+
+    // Rate limit: before the body is read, so a refused client costs no body bytes.
+    let verdict = ratelimit::check(
+        &route.rate_limits,
+        &route.name,
+        req.uri().path(),
+        req.headers(),
+        peer.ip(),
+        &snapshot.trusted_proxies,
+    )
+    .await;
+    *limit_headers = verdict.headers;
+    if let Some(retry_after_secs) = verdict.retry_after_secs {
+        // An unread body would otherwise be parsed as the next request.
+        if !req.body().is_end_stream()
+            && let Some(h) = limit_headers.as_mut()
+        {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        return Err(ProxyError::TooManyRequests { retry_after_secs });
     }
 
     // Body limit, before the upstream sees a byte.

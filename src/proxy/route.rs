@@ -8,6 +8,7 @@ use http::{Method, Request};
 
 use crate::config::{RouteConfig, RouteTimeouts};
 use crate::proxy::forward::{Upstream, UpstreamClient};
+use crate::ratelimit::Policy;
 
 pub struct Route {
     pub name: Arc<str>,
@@ -19,10 +20,17 @@ pub struct Route {
     pub client: UpstreamClient,
     pub timeouts: RouteTimeouts,
     pub max_body_bytes: u64,
+    /// Every one must allow the request (ratelimit::check).
+    pub rate_limits: Vec<Arc<Policy>>,
 }
 
 impl Route {
-    pub fn new(cfg: &RouteConfig, upstream: Arc<Upstream>, client: UpstreamClient) -> Self {
+    pub fn new(
+        cfg: &RouteConfig,
+        upstream: Arc<Upstream>,
+        client: UpstreamClient,
+        rate_limits: Vec<Arc<Policy>>,
+    ) -> Self {
         Route {
             name: Arc::from(cfg.name.as_str()),
             path_prefix: cfg.path_prefix.clone(),
@@ -32,6 +40,7 @@ impl Route {
             client,
             timeouts: cfg.timeouts.clone(),
             max_body_bytes: cfg.max_body_bytes,
+            rate_limits,
         }
     }
 
