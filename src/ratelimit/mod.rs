@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -55,18 +55,35 @@ pub struct Decision {
     pub retry_after: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Source {
     Redis,
     Memory,
     FailOpen,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Outcome {
     Allowed,
     Limited,
 }
+
+/// Label values in snake case, as Prometheus labels usually are.
+macro_rules! label_values {
+    ($ty:ty { $($variant:ident => $text:literal),+ $(,)? }) => {
+        impl EncodeLabelValue for $ty {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+                encoder.write_str(match self {
+                    $(<$ty>::$variant => $text),+
+                })
+            }
+        }
+    };
+}
+
+label_values!(Source { Redis => "redis", Memory => "memory", FailOpen => "fail_open" });
+label_values!(Outcome { Allowed => "allowed", Limited => "limited" });
+label_values!(FallbackTo { Memory => "memory", Redis => "redis" });
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct DecisionLabels {
@@ -75,7 +92,7 @@ struct DecisionLabels {
     source: Source,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum FallbackTo {
     Memory,
     Redis,

@@ -6,3 +6,4 @@ mod cli;
 mod config;
 mod h2;
 mod proxy;
+mod ratelimit;
