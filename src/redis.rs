@@ -8,6 +8,7 @@
 //! nothing is sent but the call itself. A connection whose call failed or was cut short is
 //! dropped rather than handed to the next request (bb8-redis never drops one).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -68,6 +69,7 @@ impl Redis {
         };
         let target = Arc::new(Target {
             kind,
+            generation: AtomicU64::new(0),
             conn_config,
             resolve_timeout: cfg.connect_timeout + cfg.timeout,
         });
@@ -99,27 +101,34 @@ impl Redis {
         args: &[u64],
     ) -> Result<T, RedisError> {
         let work = async {
-            let mut conn = self
-                .pool
-                .get()
-                .await
-                .map_err(|e| RedisError::Pool(e.to_string()))?;
-            // Stays set if this future is dropped mid-call (the timeout): such a connection
-            // may still get the late answer, so it must not serve another request.
-            conn.broken = true;
-            let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(&script.sha).arg(1).arg(key).arg(args);
-            let mut result = cmd.query_async::<T>(&mut conn.inner).await;
-            if matches!(&result, Err(e) if e.code() == Some("NOSCRIPT")) {
-                let mut cmd = redis::cmd("EVAL");
-                cmd.arg(script.source).arg(1).arg(key).arg(args);
-                result = cmd.query_async::<T>(&mut conn.inner).await;
+            let mut result = Err(RedisError::Pool("no attempt".into()));
+            // A READONLY answer (this server was demoted) is tried once more: the retry
+            // connects to the master the sentinels name now.
+            for _ in 0..2 {
+                let mut conn = self.checkout().await?;
+                // Stays set if this future is dropped mid-call (the timeout): such a
+                // connection may still get the late answer, so it must not serve another
+                // request.
+                conn.broken = true;
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(&script.sha).arg(1).arg(key).arg(args);
+                let mut r = cmd.query_async::<T>(&mut conn.inner).await;
+                if matches!(&r, Err(e) if e.code() == Some("NOSCRIPT")) {
+                    let mut cmd = redis::cmd("EVAL");
+                    cmd.arg(script.source).arg(1).arg(key).arg(args);
+                    r = cmd.query_async::<T>(&mut conn.inner).await;
+                }
+                conn.broken = match &r {
+                    Ok(_) => false,
+                    Err(e) => self.connection_is_done(e),
+                };
+                let again = matches!(&r, Err(e) if is_readonly(e));
+                result = r.map_err(RedisError::from);
+                if !again {
+                    break;
+                }
             }
-            conn.broken = match &result {
-                Ok(_) => false,
-                Err(e) => self.connection_is_done(e),
-            };
-            result.map_err(RedisError::from)
+            result
         };
         match tokio::time::timeout(self.timeout, work).await {
             Ok(r) => r,
@@ -131,11 +140,7 @@ impl Redis {
     pub async fn ping(&self) -> Result<Duration, RedisError> {
         let start = Instant::now();
         let work = async {
-            let mut conn = self
-                .pool
-                .get()
-                .await
-                .map_err(|e| RedisError::Pool(e.to_string()))?;
+            let mut conn = self.checkout().await?;
             conn.broken = true;
             let r = redis::cmd("PING")
                 .query_async::<String>(&mut conn.inner)
@@ -152,10 +157,26 @@ impl Redis {
         }
     }
 
+    /// A pooled connection to the current master: those made before the master was last
+    /// forgotten (a fail-over) are dropped on the way.
+    async fn checkout(&self) -> Result<bb8::PooledConnection<'_, Manager>, RedisError> {
+        loop {
+            let mut conn = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| RedisError::Pool(e.to_string()))?;
+            if conn.generation == self.target.generation.load(Ordering::Relaxed) {
+                return Ok(conn);
+            }
+            conn.broken = true;
+        }
+    }
+
     /// Whether the connection that produced `e` must be dropped. A READONLY answer means
     /// this server was demoted by a fail-over: ask the sentinels again.
     fn connection_is_done(&self, e: &redis::RedisError) -> bool {
-        if e.code() == Some("READONLY") {
+        if is_readonly(e) {
             self.target.forget_master();
             return true;
         }
@@ -167,10 +188,17 @@ impl Redis {
     }
 }
 
+fn is_readonly(e: &redis::RedisError) -> bool {
+    // Inside a script the replica's refusal may come wrapped: look at the text too.
+    e.code() == Some("READONLY") || e.to_string().contains("READONLY")
+}
+
 // === impl Target ===
 
 struct Target {
     kind: TargetKind,
+    /// Bumped whenever the master is forgotten; connections of older generations are stale.
+    generation: AtomicU64,
     conn_config: AsyncConnectionConfig,
     /// One sentinel's answer: connect and ask.
     resolve_timeout: Duration,
@@ -250,8 +278,9 @@ impl Target {
     fn forget_master(&self) {
         if let TargetKind::Sentinel { current, .. } = &self.kind
             && let Ok(mut c) = current.lock()
+            && c.take().is_some()
         {
-            *c = None;
+            self.generation.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -260,6 +289,8 @@ impl Target {
 
 pub struct Conn {
     inner: MultiplexedConnection,
+    /// `Target::generation` when connected.
+    generation: u64,
     /// Set around every call; bb8 drops the connection when it comes back still set.
     broken: bool,
 }
@@ -273,6 +304,7 @@ impl bb8::ManageConnection for Manager {
     type Error = RedisError;
 
     async fn connect(&self) -> Result<Conn, RedisError> {
+        let generation = self.target.generation.load(Ordering::Relaxed);
         let client = self.target.client().await?;
         match client
             .get_multiplexed_async_connection_with_config(&self.target.conn_config)
@@ -280,6 +312,7 @@ impl bb8::ManageConnection for Manager {
         {
             Ok(inner) => Ok(Conn {
                 inner,
+                generation,
                 broken: false,
             }),
             Err(e) => {

@@ -476,3 +476,113 @@ async fn redis_frozen_under_load_times_out_instead_of_hanging() {
     )
     .await;
 }
+
+// === Sentinel ===
+
+/// The master is found through Sentinel; after a fail-over the old master answers READONLY,
+/// rampart asks the sentinel again and its decisions land on the new master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_finds_the_master_and_follows_a_failover() {
+    let test = "sentinel_finds_the_master_and_follows_a_failover";
+    // Diskless sync waits 5 s for more replicas by default.
+    let Some(master) = RedisServer::spawn(test, &["--repl-diskless-sync-delay", "0"]).await else {
+        return;
+    };
+    let port = master.port.to_string();
+    let Some(replica) =
+        RedisServer::spawn(test, &["--replicaof", "127.0.0.1", port.as_str()]).await
+    else {
+        return;
+    };
+    let in_sync = || async {
+        redis::command(replica.port, &["INFO", "replication"])
+            .await
+            .contains("master_link_status:up")
+    };
+    assert_eventually!(in_sync().await, "the replica syncs");
+    let name = unique("m");
+    let sentinel = redis::Sentinel::start(&name, master.port).await;
+    let knows_replica = || async {
+        redis::command(sentinel.port, &["SENTINEL", "replicas", &name])
+            .await
+            .contains(&replica.port.to_string())
+    };
+    // Sentinel discovers replicas from the master's INFO, every 10 s at most.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !knows_replica().await {
+        assert!(Instant::now() < deadline, "sentinel never saw the replica");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let up = Upstream::start().await;
+    let p = unique("sen");
+    let top = format!(
+        "\nredis:\n  sentinel:\n    master: {name}\n    addresses: [\"127.0.0.1:{}\"]\n  timeout: 200ms\n",
+        sentinel.port
+    );
+    let px = start(&config(
+        &up.url(),
+        &p,
+        &top,
+        &[format!(
+            "{p}: {{ points: 3, per: 60s, key: \"header:x-user\" }}"
+        )],
+    ))
+    .await;
+    let addr = px.addr("main").unwrap();
+    let client = http1();
+    let mut ok = 0;
+    for _ in 0..5 {
+        let (resp, _) = send(&client, request(addr, "/ok", &[("x-user", "before")])).await;
+        ok += usize::from(resp.status() == 200);
+    }
+    assert_eq!(ok, 3);
+    let key_before = format!("rl:{{{p}}}:h:before");
+    assert!(
+        redis::command(master.port, &["EXISTS", &key_before])
+            .await
+            .contains(":1")
+    );
+
+    let reply = redis::command(sentinel.port, &["SENTINEL", "FAILOVER", &name]).await;
+    assert!(reply.starts_with("+OK"), "{reply}");
+    let promoted = || async {
+        redis::command(
+            sentinel.port,
+            &["SENTINEL", "get-master-addr-by-name", &name],
+        )
+        .await
+        .contains(&replica.port.to_string())
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !promoted().await {
+        assert!(Instant::now() < deadline, "sentinel did not fail over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Requests keep being answered; within seconds their counts land on the new master.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut i = 0;
+    loop {
+        let user = format!("after-{i}");
+        let (resp, _) = send(&client, request(addr, "/ok", &[("x-user", &user)])).await;
+        assert_eq!(resp.status(), 200);
+        let key = format!("rl:{{{p}}}:h:{user}");
+        if redis::command(replica.port, &["EXISTS", &key])
+            .await
+            .contains(":1")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "decisions never reached the new master"
+        );
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The count written before the fail-over was replicated: "before" is still limited.
+    let (resp, _) = send(&client, request(addr, "/ok", &[("x-user", "before")])).await;
+    assert_eq!(resp.status(), 429);
+    px.shutdown().await;
+}

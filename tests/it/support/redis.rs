@@ -232,3 +232,57 @@ pub async fn command(port: u16, args: &[&str]) -> String {
         .flatten()
         .unwrap_or_default()
 }
+
+/// A Sentinel watching `master` (quorum 1, so one sentinel can fail it over), on a free
+/// port, stopped on drop.
+pub struct Sentinel {
+    pub port: u16,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Sentinel {
+    pub async fn start(master_name: &str, master_port: u16) -> Sentinel {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("rampart-it-sentinel-{port}-{}", unique("")));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let conf = dir.join("sentinel.conf");
+        // Sentinel rewrites its own config file: it must be writable.
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nlogfile sentinel.log\n\
+                 sentinel monitor {master_name} 127.0.0.1 {master_port} 1\n\
+                 sentinel down-after-milliseconds {master_name} 1000\n\
+                 sentinel failover-timeout {master_name} 5000\n",
+                dir.display()
+            ),
+        )
+        .expect("write sentinel.conf");
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server --sentinel");
+        let sentinel = Sentinel { port, child, dir };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !ping(port).await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "sentinel on {port} did not answer within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        sentinel
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
