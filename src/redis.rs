@@ -180,11 +180,16 @@ impl Redis {
             self.target.forget_master();
             return true;
         }
-        e.is_io_error()
+        let done = e.is_io_error()
             || e.is_connection_dropped()
             || e.is_connection_refusal()
             || e.is_timeout()
-            || e.is_unrecoverable_error()
+            || e.is_unrecoverable_error();
+        if done {
+            // Sentinels cut clients of a master they demote: ask them again.
+            self.target.forget_master();
+        }
+        done
     }
 }
 
