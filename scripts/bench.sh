@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Benchmark: small keep-alive GETs against the same upstream three ways, in one run:
-# direct to the upstream, through rampart, and through nginx set up as an equivalent
-# keep-alive reverse proxy. Prints a markdown table and writes it to target/bench/results.md.
+# Benchmark: small keep-alive GETs against the same upstream, in one run: direct to the
+# upstream, through rampart, through nginx set up as an equivalent keep-alive reverse proxy,
+# and through rampart with a rate-limit policy on every request (memory store, then Redis
+# store against a redis-server started here). Prints a markdown table and writes it to
+# target/bench/results.md.
 #
 #   scripts/bench.sh                          # defaults
 #   WORKERS=1 DURATION=20s scripts/bench.sh   # knobs, all optional:
@@ -42,6 +44,9 @@ LLM_PORT=3000          # fixed by `rampart demo --upstreams-only` (SSE stand-in)
 RAMPART_PORT=18080
 RAMPART_ADMIN_PORT=19901
 NGINX_PORT=18081
+RAMPART_RL_MEMORY_PORT=18082
+RAMPART_RL_REDIS_PORT=18083
+REDIS_PORT=16379
 BENCH_PATH=/api/agents
 
 CLK_TCK=$(getconf CLK_TCK)
@@ -50,6 +55,7 @@ STARTED_PIDS=()        # everything we started, stopped by cleanup()
 UPSTREAM_PID=""
 RAMPART_PID=""
 NGINX_PID=""
+REDIS_PID=""
 WRK_PID=""
 BUSY_START="?"
 NGINX_BIN=nginx
@@ -185,6 +191,8 @@ install_tools() {
         (apt-get update && apt-get install -y nginx) ||
         die "nginx is missing and could not be installed (apt-get install -y nginx)"
     NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
+    command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server) ||
+        die "redis-server is missing and could not be installed (apt-get install -y redis-server)"
 }
 
 build_rampart() {
@@ -214,6 +222,18 @@ start_upstream() {
     UPSTREAM_PID=$!
     STARTED_PIDS+=("$UPSTREAM_PID")
     wait_listening upstream "$UPSTREAM_PID" "$UPSTREAM_PORT" "$logfile"
+}
+
+# A redis-server of the bench's own (no persistence), for the Redis-store case.
+start_redis() {
+    local logfile=$OUT_DIR/logs/redis.log
+    mkdir -p "$WORK/redis"
+    log "starting redis-server on $HOST:$REDIS_PORT"
+    redis-server --port "$REDIS_PORT" --bind "$HOST" --save "" --appendonly no \
+        --dir "$WORK/redis" >"$logfile" 2>&1 &
+    REDIS_PID=$!
+    STARTED_PIDS+=("$REDIS_PID")
+    wait_listening redis-server "$REDIS_PID" "$REDIS_PORT" "$logfile"
 }
 
 start_rampart() {
@@ -354,6 +374,19 @@ run_case() {
     log "$name: $rps req/s, p50 ${p50} ms, p99 ${p99} ms, CPU ${cpu_us:-n/a} µs/req, errors $errors, machine busy ${box_busy}%"
 }
 
+# The Redis case means nothing if its decisions fell back to memory: check the metric.
+check_redis_decisions() {
+    local fd text n
+    exec {fd}<>"/dev/tcp/$HOST/$RAMPART_ADMIN_PORT" || die "admin listener unreachable"
+    printf 'GET /metrics HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n' "$HOST" >&"$fd"
+    text=$(timeout 5 cat <&"$fd" || true)
+    exec {fd}>&-
+    n=$(awk '/^rampart_ratelimit_decisions_total\{policy="bench-redis",result="allowed",source="memory"\}/ { print $2 }' <<<"$text")
+    [[ -z $n || $n == 0 ]] || die "the Redis case decided $n request(s) in memory: was redis-server up?"
+    n=$(awk '/^rampart_ratelimit_decisions_total\{policy="bench-redis",result="allowed",source="redis"\}/ { print $2 }' <<<"$text")
+    log "bench-redis: ${n:-0} decisions taken by Redis, none in memory"
+}
+
 # ---------------------------------------------------------------------------------------
 # Report
 
@@ -399,6 +432,15 @@ report() {
                 "${R_ERR[$i]}"
         done
         echo
+        local r m x
+        r=$(row_of rampart)
+        m=$(row_of rampart-ratelimit-memory)
+        x=$(row_of rampart-ratelimit-redis)
+        if [[ -n $r && -n $m && -n $x ]]; then
+            echo "Rate limiting, CPU µs/req against rampart without limits (target for Redis: ≤ 1.50×):" \
+                "memory store $(ratio "${R_CPU[$m]}" "${R_CPU[$r]}"), Redis store $(ratio "${R_CPU[$x]}" "${R_CPU[$r]}")."
+            echo
+        fi
         for i in "${!R_NAME[@]}"; do
             echo "- ${R_NAME[$i]}: ${R_NOTE[$i]}; raw wrk output in $OUT_DIR/wrk-${R_NAME[$i]}.txt"
         done
@@ -424,20 +466,24 @@ main() {
     if [[ $BUSY_START == "?" ]] || ((BUSY_START > 20)); then
         log "warning: machine ${BUSY_START}% busy before starting: other work is running, expect noisy numbers"
     fi
-    check_ports_free "$LLM_PORT" "$UPSTREAM_PORT" "$RAMPART_PORT" "$RAMPART_ADMIN_PORT" "$NGINX_PORT"
+    check_ports_free "$LLM_PORT" "$UPSTREAM_PORT" "$RAMPART_PORT" "$RAMPART_ADMIN_PORT" "$NGINX_PORT" \
+        "$RAMPART_RL_MEMORY_PORT" "$RAMPART_RL_REDIS_PORT" "$REDIS_PORT"
 
     mkdir -p "$OUT_DIR/logs"
     rm -f "$OUT_DIR"/wrk-*.txt
     WORK=$(mktemp -d "${TMPDIR:-/tmp}/rampart-bench.XXXXXX")
     render "$BENCH_DIR/rampart.yaml.tmpl" "$WORK/rampart.yaml" \
         ADMIN="$HOST:$RAMPART_ADMIN_PORT" LISTEN="$HOST:$RAMPART_PORT" \
-        UPSTREAM="$HOST:$UPSTREAM_PORT"
+        LISTEN_RL_MEMORY="$HOST:$RAMPART_RL_MEMORY_PORT" \
+        LISTEN_RL_REDIS="$HOST:$RAMPART_RL_REDIS_PORT" \
+        UPSTREAM="$HOST:$UPSTREAM_PORT" REDIS="$HOST:$REDIS_PORT"
     "$RAMPART_BIN" check --config "$WORK/rampart.yaml" >"$OUT_DIR/logs/check.log" 2>&1 || {
         cat "$OUT_DIR/logs/check.log" >&2
         die "rampart check rejected the bench config"
     }
 
     start_upstream
+    start_redis
     start_rampart
     start_nginx
 
@@ -449,8 +495,11 @@ main() {
     # 503 CIRCUIT_OPEN made without touching the network.
     http_status "http://$HOST:$RAMPART_PORT/dead$BENCH_PATH" >/dev/null || true
     run_case rampart-circuit-open "http://$HOST:$RAMPART_PORT/dead$BENCH_PATH" "$RAMPART_PID" 503
-    # More scenarios go here, one line each, e.g.:
-    #   run_case rampart-ratelimited "http://$HOST:18082$BENCH_PATH" "$RAMPART_PID"
+    # A policy on every request, never exceeded: the cost of deciding, per store.
+    run_case rampart-ratelimit-memory "http://$HOST:$RAMPART_RL_MEMORY_PORT$BENCH_PATH" "$RAMPART_PID"
+    run_case rampart-ratelimit-redis "http://$HOST:$RAMPART_RL_REDIS_PORT$BENCH_PATH" "$RAMPART_PID"
+    check_redis_decisions
+    # More scenarios go here, one line each.
 
     report
 }

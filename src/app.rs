@@ -67,8 +67,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let upstream_states = Arc::new(UpstreamStates::new(UpstreamMetrics::register(
         &mut registry,
     )));
-    let snapshot = Snapshot::build(&config, &upstream_states).map_err(StartError::Tls)?;
-    let shared = Shared::new(snapshot, registry, upstream_states);
+    let limiters =
+        crate::ratelimit::Registry::new(crate::ratelimit::Metrics::register(&mut registry));
+    let snapshot =
+        Snapshot::build(&config, &upstream_states, &limiters).map_err(StartError::Tls)?;
+    let shared = Shared::new(snapshot, registry, upstream_states, limiters);
     let mut bound = Vec::new();
     for l in &config.listeners {
         let listener = server::bind(l.listen).map_err(|source| StartError::Bind {

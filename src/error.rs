@@ -50,6 +50,11 @@ pub enum ProxyError {
         upstream: String,
         retry_after: std::time::Duration,
     },
+    #[error("Too many requests, retry in {retry_after_secs} s")]
+    TooManyRequests {
+        /// Whole seconds, at least 1.
+        retry_after_secs: u64,
+    },
 }
 
 impl ProxyError {
@@ -64,11 +69,12 @@ impl ProxyError {
             ProxyError::ShuttingDown | ProxyError::Overloaded | ProxyError::CircuitOpen { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ProxyError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
     /// Seconds for `Retry-After`, for the answers that mean "come back later". Whole
-    /// seconds, never 0 (a client would retry at once).
+    /// seconds, never 0 (a client told to retry at once would hammer us).
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
             ProxyError::Overloaded => Some(1),
@@ -76,6 +82,7 @@ impl ProxyError {
                 Some(retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0))
                     .map(|s| s.max(1))
             }
+            ProxyError::TooManyRequests { retry_after_secs } => Some((*retry_after_secs).max(1)),
             _ => None,
         }
     }
@@ -91,6 +98,7 @@ impl ProxyError {
             ProxyError::ShuttingDown => "SERVICE_UNAVAILABLE",
             ProxyError::Overloaded => "OVERLOADED",
             ProxyError::CircuitOpen { .. } => "CIRCUIT_OPEN",
+            ProxyError::TooManyRequests { .. } => "TOO_MANY_REQUESTS",
         }
     }
 
@@ -181,6 +189,9 @@ mod tests {
                 upstream: "b".into(),
                 retry_after: std::time::Duration::from_millis(1500),
             },
+            ProxyError::TooManyRequests {
+                retry_after_secs: 7,
+            },
         ]
     }
 
@@ -196,6 +207,7 @@ mod tests {
             (503, "SERVICE_UNAVAILABLE"),
             (503, "OVERLOADED"),
             (503, "CIRCUIT_OPEN"),
+            (429, "TOO_MANY_REQUESTS"),
         ];
         for (err, (status, code)) in all().iter().zip(expected) {
             let resp = err.to_response("rid-1");
@@ -238,6 +250,21 @@ mod tests {
                 .headers()
                 .contains_key(header::RETRY_AFTER)
         );
+    }
+
+    #[test]
+    fn too_many_requests_has_retry_after_never_zero() {
+        let resp = ProxyError::TooManyRequests {
+            retry_after_secs: 7,
+        }
+        .to_response("r");
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "7");
+        assert!(!resp.headers().contains_key(header::CONNECTION));
+        let resp = ProxyError::TooManyRequests {
+            retry_after_secs: 0,
+        }
+        .to_response("r");
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
     }
 
     #[test]

@@ -11,5 +11,7 @@ pub mod error;
 pub mod jitter;
 pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
+pub mod redis;
 pub mod retry;
 pub mod server;

@@ -31,6 +31,89 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// By name, sorted (stable summaries and error messages).
     pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// The one Redis client of the program (rate limits now, health checks later).
+    pub redis: Option<RedisConfig>,
+    /// How many rampart replicas share the limits; the memory fallback of a Redis policy
+    /// allows `points / replicas` so N replicas in fallback do not grant N times the limit.
+    /// Default 1.
+    pub replicas: u32,
+    /// Rate-limit policies by name; routes refer to them.
+    pub rate_limits: BTreeMap<String, RateLimitConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisConfig {
+    pub target: RedisTarget,
+    /// Hard limit on one call, pool check-out included. Default 50ms.
+    pub timeout: Duration,
+    /// Establishing a connection. Default: `timeout`.
+    pub connect_timeout: Duration,
+    /// `pool.max_size`, default 16.
+    pub pool_max_size: u32,
+}
+
+#[derive(Clone, PartialEq)]
+pub enum RedisTarget {
+    /// `redis://[:password@]host[:port][/db]`.
+    Url(String),
+    /// The master is asked of the sentinels, and asked again after a fail-over.
+    Sentinel {
+        master: String,
+        /// `host:port` of each sentinel, tried in order.
+        addresses: Vec<String>,
+    },
+}
+
+impl fmt::Debug for RedisTarget {
+    // The URL may hold a password: never print it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RedisTarget::Url(_) => f.write_str("Url(..)"),
+            RedisTarget::Sentinel { master, addresses } => f
+                .debug_struct("Sentinel")
+                .field("master", master)
+                .field("addresses", addresses)
+                .finish(),
+        }
+    }
+}
+
+/// One named rate-limit policy (`rate_limits.<name>`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitConfig {
+    pub name: String,
+    /// Requests allowed per window and key. Default 100.
+    pub points: u64,
+    /// The window. Default 60s.
+    pub per: Duration,
+    /// Once the points are spent, the key is refused this long (at least until the window
+    /// ends). Default 60s; None (`off`) = only until the window ends.
+    pub block_for: Option<Duration>,
+    pub key: RateLimitKey,
+    pub store: RateLimitStore,
+    /// IPv6 client addresses are keyed by their first this many bits. Default 64.
+    pub ipv6_prefix: u8,
+}
+
+/// What a policy counts by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitKey {
+    /// `route+...`: one count per route the policy is on.
+    pub per_route: bool,
+    pub by: KeySource,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    ClientIp,
+    /// Lower-case header name. A request without the header is counted by client IP.
+    Header(http::HeaderName),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateLimitStore {
+    Redis,
+    Memory,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -101,6 +184,8 @@ pub struct RouteConfig {
     pub timeouts: RouteTimeouts,
     /// Request body limit in bytes; default 10 MiB.
     pub max_body_bytes: u64,
+    /// Names of `rate_limits` policies; every one must allow the request.
+    pub rate_limits: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -398,9 +483,14 @@ impl Config {
                     .total
                     .map(|d| humantime::format_duration(d).to_string())
                     .unwrap_or_else(|| "off".into());
+                let limits = if r.rate_limits.is_empty() {
+                    String::new()
+                } else {
+                    format!(", rate limits {}", r.rate_limits.join(","))
+                };
                 let _ = writeln!(
                     s,
-                    "  route   {} {}{} [{}] -> {} (first_byte {}, idle {}, total {}, body {} B)",
+                    "  route   {} {}{} [{}] -> {} (first_byte {}, idle {}, total {}, body {} B{limits})",
                     r.name,
                     r.host.as_deref().unwrap_or(""),
                     r.path_prefix,
@@ -412,6 +502,23 @@ impl Config {
                     r.max_body_bytes
                 );
             }
+        }
+        for p in self.rate_limits.values() {
+            let block = p
+                .block_for
+                .map(|d| humantime::format_duration(d).to_string())
+                .unwrap_or_else(|| "off".into());
+            let store = match p.store {
+                RateLimitStore::Redis => "redis",
+                RateLimitStore::Memory => "memory",
+            };
+            let _ = writeln!(
+                s,
+                "ratelimit {} {} per {} (block {block}, store {store})",
+                p.name,
+                p.points,
+                humantime::format_duration(p.per),
+            );
         }
         for u in self.upstreams.values() {
             let eps: Vec<String> = u.endpoints.iter().map(|e| e.to_string()).collect();

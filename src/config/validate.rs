@@ -15,8 +15,9 @@ use http::{Method, Uri};
 use super::raw::{self, Entry, Kind, Node, Pos, child_path, item_path};
 use super::{
     AdminConfig, BreakerConfig, Cidr, Config, ConfigError, EjectionConfig, FailureRate,
-    Http2Config, ListenerConfig, LoadBalancing, LogFormat, LoggingConfig, PoolConfig, Problem,
-    Resilience, RetryConfig, RetryOn, RouteConfig, RouteTimeouts, UpstreamConfig,
+    Http2Config, KeySource, ListenerConfig, LoadBalancing, LogFormat, LoggingConfig, PoolConfig,
+    Problem, RateLimitConfig, RateLimitKey, RateLimitStore, RedisConfig, RedisTarget, Resilience,
+    RetryConfig, RetryOn, RouteConfig, RouteTimeouts, UpstreamConfig,
 };
 
 // === defaults (documented on the types in mod.rs and in docs/configuration.md) ===
@@ -40,19 +41,20 @@ const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 const DEFAULT_MAX_IDLE_PER_ENDPOINT: usize = 256;
+const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(50);
+const DEFAULT_REDIS_POOL_MAX_SIZE: u32 = 16;
+const DEFAULT_REPLICAS: u32 = 1;
+const DEFAULT_RATE_LIMIT_POINTS: u64 = 100;
+const DEFAULT_RATE_LIMIT_PER: Duration = Duration::from_secs(60);
+const DEFAULT_RATE_LIMIT_BLOCK_FOR: Duration = Duration::from_secs(60);
+const DEFAULT_IPV6_PREFIX: u8 = 64;
+/// Counts travel through Lua numbers (doubles): stay far below 2^53.
+const MAX_RATE_LIMIT_POINTS: u64 = 1_000_000_000_000_000;
 /// Longer is surely a typo, and `Instant + Duration` panics on overflow downstream.
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Sections a later version reads: refused by name so the message says why.
-const FUTURE_SECTIONS: &[&str] = &[
-    "rate_limits",
-    "redis",
-    "dependencies",
-    "caches",
-    "alerts",
-    "tls",
-    "drain",
-];
+const FUTURE_SECTIONS: &[&str] = &["dependencies", "caches", "alerts", "tls", "drain"];
 
 /// Turns a YAML text into the typed configuration, or returns every problem found, sorted by
 /// position. `env` looks up the variables `${VAR}` refers to.
@@ -83,9 +85,18 @@ fn decode(ctx: &mut Ctx, root: &Node, source_name: &str) -> Config {
     let trusted_proxies = trusted_proxies(ctx, m.optional("trusted_proxies"));
     let listeners_node = m.required(ctx, "listeners");
     let upstreams_node = m.required(ctx, "upstreams");
-    // Upstreams first: routes refer to them and inherit their connect timeout.
-    let upstreams = upstreams(ctx, upstreams_node);
-    let (listeners, mut binds) = listeners(ctx, listeners_node, &upstreams);
+    let redis = redis(ctx, m.optional("redis"));
+    let replicas = m
+        .read(ctx, "replicas", |ctx, f| ctx.int(f, 1, 10_000))
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(DEFAULT_REPLICAS);
+    // Upstreams and policies first: routes refer to them (and inherit the upstream's
+    // connect timeout).
+    let known = Known {
+        upstreams: upstreams(ctx, upstreams_node),
+        policies: rate_limits(ctx, m.optional("rate_limits"), redis.is_some()),
+    };
+    let (listeners, mut binds) = listeners(ctx, listeners_node, &known);
     for section in FUTURE_SECTIONS {
         m.refuse(
             ctx,
@@ -102,8 +113,17 @@ fn decode(ctx: &mut Ctx, root: &Node, source_name: &str) -> Config {
         logging,
         trusted_proxies,
         listeners,
-        upstreams: upstreams.configs,
+        upstreams: known.upstreams.configs,
+        redis,
+        replicas,
+        rate_limits: known.policies.configs,
     }
+}
+
+/// What routes may refer to by name.
+struct Known {
+    upstreams: Upstreams,
+    policies: Policies,
 }
 
 // === sections ===
@@ -271,11 +291,7 @@ fn pool(ctx: &mut Ctx, f: Option<Field>) -> PoolConfig {
     config
 }
 
-fn listeners(
-    ctx: &mut Ctx,
-    f: Option<Field>,
-    upstreams: &Upstreams,
-) -> (Vec<ListenerConfig>, Vec<Bind>) {
+fn listeners(ctx: &mut Ctx, f: Option<Field>, known: &Known) -> (Vec<ListenerConfig>, Vec<Bind>) {
     let (mut out, mut binds) = (Vec::new(), Vec::new());
     let Some(f) = f else { return (out, binds) };
     let Some(items) = ctx.list(&f, "a list of listeners") else {
@@ -286,7 +302,7 @@ fn listeners(
     }
     let mut names = Unique::default();
     for item in items {
-        let (config, name, bind) = listener(ctx, item, upstreams);
+        let (config, name, bind) = listener(ctx, item, known);
         if let Some(name) = name {
             names.insert(ctx, &config.name, &name, "listener name");
         }
@@ -300,7 +316,7 @@ fn listeners(
 fn listener<'a>(
     ctx: &mut Ctx,
     f: Field<'a>,
-    upstreams: &Upstreams,
+    known: &Known,
 ) -> (ListenerConfig, Option<Field<'a>>, Option<Bind>) {
     let path = f.path.clone();
     let mut m = MapReader::open(ctx, Some(f));
@@ -331,7 +347,7 @@ fn listener<'a>(
         max_in_flight: m.read(ctx, "max_in_flight", |ctx, f| ctx.count(f, 1)),
         routes: m
             .required(ctx, "routes")
-            .map(|f| routes(ctx, &f, &name, upstreams))
+            .map(|f| routes(ctx, &f, &name, known))
             .unwrap_or_default(),
         listen: listen.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)),
         name,
@@ -371,7 +387,7 @@ fn http2(ctx: &mut Ctx, f: Option<Field>) -> Http2Config {
     config
 }
 
-fn routes(ctx: &mut Ctx, f: &Field, listener: &str, upstreams: &Upstreams) -> Vec<RouteConfig> {
+fn routes(ctx: &mut Ctx, f: &Field, listener: &str, known: &Known) -> Vec<RouteConfig> {
     let Some(items) = ctx.list(f, "a list of routes") else {
         return Vec::new();
     };
@@ -381,7 +397,7 @@ fn routes(ctx: &mut Ctx, f: &Field, listener: &str, upstreams: &Upstreams) -> Ve
     let mut names = Unique::default();
     let mut out = Vec::new();
     for (index, item) in items.into_iter().enumerate() {
-        let (config, name_at) = route(ctx, item, listener, index, upstreams);
+        let (config, name_at) = route(ctx, item, listener, index, known);
         names.insert(ctx, &config.name, &name_at, "route name");
         out.push(config);
     }
@@ -394,8 +410,9 @@ fn route<'a>(
     f: Field<'a>,
     listener: &str,
     index: usize,
-    upstreams: &Upstreams,
+    known: &Known,
 ) -> (RouteConfig, Field<'a>) {
+    let upstreams = &known.upstreams;
     let whole = f.clone();
     let mut m = MapReader::open(ctx, Some(f));
     let name_field = m.optional("name");
@@ -421,6 +438,11 @@ fn route<'a>(
         max_body_bytes: m
             .read(ctx, "max_body", |ctx, f| ctx.bytes(f, 1, u64::MAX))
             .unwrap_or(DEFAULT_MAX_BODY_BYTES),
+        rate_limits: m
+            .read(ctx, "rate_limits", |ctx, f| {
+                ctx.policy_refs(f, &known.policies)
+            })
+            .unwrap_or_default(),
     };
     m.finish(ctx);
     (config, name_field.unwrap_or(whole))
@@ -454,6 +476,190 @@ fn route_timeouts(ctx: &mut Ctx, f: Option<Field>, connect_default: Duration) ->
             .read(ctx, "idle", Ctx::duration)
             .unwrap_or(DEFAULT_IDLE_TIMEOUT),
         total: m.read(ctx, "total", Ctx::duration_or_off).flatten(),
+    };
+    m.finish(ctx);
+    config
+}
+
+// === redis and rate limits ===
+
+/// `redis:`: exactly one of `url` and `sentinel`, plus timeouts and the pool. Returns Some
+/// whenever the section is written, even with problems, so `store: redis` is not reported
+/// as lacking it.
+fn redis(ctx: &mut Ctx, f: Option<Field>) -> Option<RedisConfig> {
+    let f = f?;
+    let mut m = MapReader::open(ctx, Some(f));
+    let url_field = m.optional("url");
+    let sentinel_field = m.optional("sentinel");
+    let url = url_field
+        .as_ref()
+        .and_then(|f| ctx.parse_with(f, "a redis:// URL", parse_redis_url));
+    let sentinel = sentinel_field.clone().map(|f| sentinel(ctx, f));
+    let timeout = m
+        .read(ctx, "timeout", Ctx::duration)
+        .unwrap_or(DEFAULT_REDIS_TIMEOUT);
+    let connect_timeout = m
+        .read(ctx, "connect_timeout", Ctx::duration)
+        .unwrap_or(timeout);
+    let pool_max_size = redis_pool(ctx, m.optional("pool"));
+    let target = match (&url_field, &sentinel_field) {
+        (Some(_), Some(s)) => {
+            let path = s.path.clone();
+            ctx.report(s.pos(), &path, "give either `url` or `sentinel`, not both");
+            None
+        }
+        (None, None) => {
+            if !m.quiet {
+                ctx.report(
+                    m.pos,
+                    &m.path,
+                    "missing `url` (\"redis://host:port\") or `sentinel` ({ master, addresses })",
+                );
+            }
+            None
+        }
+        (Some(_), None) => url.map(RedisTarget::Url),
+        (None, Some(_)) => sentinel
+            .flatten()
+            .map(|(master, addresses)| RedisTarget::Sentinel { master, addresses }),
+    };
+    m.finish(ctx);
+    Some(RedisConfig {
+        // A stand-in when broken: the file is refused anyway.
+        target: target.unwrap_or_else(|| RedisTarget::Url("redis://127.0.0.1:6379".into())),
+        timeout,
+        connect_timeout,
+        pool_max_size,
+    })
+}
+
+fn sentinel(ctx: &mut Ctx, f: Field) -> Option<(String, Vec<String>)> {
+    let mut m = MapReader::open(ctx, Some(f));
+    let master = m.required(ctx, "master").and_then(|f| {
+        ctx.parse_with(&f, "a master name", |s| {
+            if s.is_empty() || s.chars().any(char::is_whitespace) {
+                Err(format!(
+                    "expected the master's name as the sentinels know it, got \"{s}\""
+                ))
+            } else {
+                Ok(s.to_owned())
+            }
+        })
+    });
+    let addresses = m.required(ctx, "addresses").and_then(|f| {
+        let items = ctx.list(&f, "a list of host:port")?;
+        if items.is_empty() {
+            ctx.report(f.pos(), &f.path, "must list at least one sentinel");
+            return None;
+        }
+        let mut seen = Unique::default();
+        let mut out = Vec::new();
+        for item in &items {
+            if let Some(a) = ctx.parse_with(item, "host:port", parse_host_port)
+                && seen.insert(ctx, &a, item, "sentinel address")
+            {
+                out.push(a);
+            }
+        }
+        (out.len() == items.len()).then_some(out)
+    });
+    m.finish(ctx);
+    Some((master?, addresses?))
+}
+
+fn redis_pool(ctx: &mut Ctx, f: Option<Field>) -> u32 {
+    let mut m = MapReader::open(ctx, f);
+    let max_size = m
+        .read(ctx, "max_size", |ctx, f| ctx.int(f, 1, 1024))
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(DEFAULT_REDIS_POOL_MAX_SIZE);
+    m.finish(ctx);
+    max_size
+}
+
+/// The decoded policies, and every name written (even broken ones), like [`Upstreams`].
+struct Policies {
+    configs: BTreeMap<String, RateLimitConfig>,
+    known: Vec<String>,
+}
+
+fn rate_limits(ctx: &mut Ctx, f: Option<Field>, redis_present: bool) -> Policies {
+    let mut out = Policies {
+        configs: BTreeMap::new(),
+        known: Vec::new(),
+    };
+    let Some(f) = f else { return out };
+    let Some(entries) = ctx.entries(&f) else {
+        return out;
+    };
+    for e in entries {
+        let path = child_path(&f.path, &e.key);
+        ctx.check_name(&e.key, e.key_pos, &path, "rate limit policy");
+        let config = rate_limit(ctx, Field::at(&e.value, path), &e.key, redis_present);
+        out.configs.insert(e.key.clone(), config);
+    }
+    out.known = out.configs.keys().cloned().collect();
+    out
+}
+
+fn rate_limit(ctx: &mut Ctx, f: Field, name: &str, redis_present: bool) -> RateLimitConfig {
+    let mut m = MapReader::open(ctx, Some(f));
+    let config = RateLimitConfig {
+        name: name.to_owned(),
+        points: m
+            .read(ctx, "points", |ctx, f| ctx.int(f, 1, MAX_RATE_LIMIT_POINTS))
+            .unwrap_or(DEFAULT_RATE_LIMIT_POINTS),
+        per: m
+            .read(ctx, "per", |ctx, f| {
+                ctx.parse_with(f, "a duration", |s| {
+                    let d = parse_duration(s)?;
+                    // Redis and the memory limiter count in milliseconds.
+                    if d < Duration::from_millis(1) {
+                        return Err(format!("must be at least 1ms, got \"{s}\""));
+                    }
+                    Ok(d)
+                })
+            })
+            .unwrap_or(DEFAULT_RATE_LIMIT_PER),
+        block_for: m
+            .read(ctx, "block_for", Ctx::duration_or_off)
+            .unwrap_or(Some(DEFAULT_RATE_LIMIT_BLOCK_FOR)),
+        key: m
+            .read(ctx, "key", |ctx, f| {
+                ctx.parse_with(f, "a key", parse_rate_limit_key)
+            })
+            .unwrap_or(RateLimitKey {
+                per_route: false,
+                by: KeySource::ClientIp,
+            }),
+        store: m
+            .read(ctx, "store", |ctx, f| {
+                let store = ctx.one_of(
+                    f,
+                    &[
+                        ("redis", RateLimitStore::Redis),
+                        ("memory", RateLimitStore::Memory),
+                    ],
+                )?;
+                if store == RateLimitStore::Redis && !redis_present {
+                    ctx.report(
+                        f.pos(),
+                        &f.path,
+                        "store redis needs a top-level `redis:` section (url or sentinel)",
+                    );
+                    return None;
+                }
+                Some(store)
+            })
+            .unwrap_or(if redis_present {
+                RateLimitStore::Redis
+            } else {
+                RateLimitStore::Memory
+            }),
+        ipv6_prefix: m
+            .read(ctx, "ipv6_prefix", |ctx, f| ctx.int(f, 1, 128))
+            .and_then(|n| u8::try_from(n).ok())
+            .unwrap_or(DEFAULT_IPV6_PREFIX),
     };
     m.finish(ctx);
     config
@@ -754,6 +960,34 @@ impl<'e> Ctx<'e> {
             return None;
         }
         Some(name)
+    }
+
+    /// A route's `rate_limits`: known policy names, each once.
+    fn policy_refs(&mut self, f: &Field, policies: &Policies) -> Option<Vec<String>> {
+        let items = self.list(f, "a list of rate limit policy names")?;
+        let mut seen = Unique::default();
+        let mut out = Vec::new();
+        for item in &items {
+            let Some(name) = self.text(item, "a policy name") else {
+                continue;
+            };
+            if !policies.known.contains(&name) {
+                let message = if policies.known.is_empty() {
+                    format!("unknown rate limit policy \"{name}\" (no `rate_limits` are defined)")
+                } else {
+                    format!(
+                        "unknown rate limit policy \"{name}\" (known: {})",
+                        policies.known.join(", ")
+                    )
+                };
+                self.report(item.pos(), &item.path, message);
+                continue;
+            }
+            if seen.insert(self, &name, item, "rate limit policy") {
+                out.push(name);
+            }
+        }
+        Some(out)
     }
 
     fn methods(&mut self, f: &Field) -> Option<Vec<Method>> {
@@ -1133,6 +1367,70 @@ fn parse_endpoint(s: &str) -> Result<Uri, String> {
         .map_err(|_| expected())
 }
 
+/// `redis://[:password@]host[:port][/db]`. The text is not echoed when it holds a password.
+fn parse_redis_url(s: &str) -> Result<String, String> {
+    let shown = if s.contains('@') {
+        "a URL with credentials (not shown)".to_owned()
+    } else {
+        format!("\"{s}\"")
+    };
+    if s.starts_with("rediss://") {
+        return Err(
+            "TLS to Redis (rediss://) is not supported by this version: use redis://".into(),
+        );
+    }
+    if !s.starts_with("redis://") {
+        return Err(format!(
+            "expected a URL like \"redis://127.0.0.1:6379\", got {shown}"
+        ));
+    }
+    redis::IntoConnectionInfo::into_connection_info(s)
+        .map_err(|_| format!("invalid Redis URL: {shown}"))?;
+    Ok(s.to_owned())
+}
+
+/// `host:port` or `[v6]:port`, port 1..=65535; kept as written (host names are resolved
+/// when connecting, not here).
+fn parse_host_port(s: &str) -> Result<String, String> {
+    let expected = || format!("expected host:port like \"10.0.0.5:26379\", got \"{s}\"");
+    let (host, port) = s.rsplit_once(':').ok_or_else(expected)?;
+    let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        v6.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && host_ok => Ok(s.to_owned()),
+        _ => Err(expected()),
+    }
+}
+
+/// `client_ip`, `header:NAME`, `route+client_ip` or `route+header:NAME`.
+fn parse_rate_limit_key(s: &str) -> Result<RateLimitKey, String> {
+    let expected = || {
+        format!(
+            "expected client_ip, header:NAME, route+client_ip or route+header:NAME, got \"{s}\""
+        )
+    };
+    let (per_route, rest) = match s.strip_prefix("route+") {
+        Some(rest) => (true, rest),
+        None => (false, s),
+    };
+    let by = if rest == "client_ip" {
+        KeySource::ClientIp
+    } else if let Some(name) = rest.strip_prefix("header:") {
+        let name = http::HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| format!("invalid header name \"{name}\" in \"{s}\""))?;
+        KeySource::Header(name)
+    } else {
+        return Err(expected());
+    };
+    Ok(RateLimitKey { per_route, by })
+}
+
 fn parse_path_prefix(s: &str) -> Result<String, String> {
     if !s.starts_with('/') {
         return Err(format!("must start with \"/\", got \"{s}\""));
@@ -1475,6 +1773,7 @@ mod tests {
                         total: None,
                     },
                     max_body_bytes: 10 * 1024 * 1024,
+                    rate_limits: vec![],
                 }],
             }],
             upstreams: BTreeMap::from([(
@@ -1491,6 +1790,9 @@ mod tests {
                     },
                 },
             )]),
+            redis: None,
+            replicas: 1,
+            rate_limits: BTreeMap::new(),
         };
         assert_eq!(ok(MINIMAL), expected);
     }
@@ -1599,6 +1901,7 @@ mod tests {
                             idle: Duration::from_millis(250),
                             total: Some(secs(3600)),
                         },
+                        rate_limits: vec![],
                         max_body_bytes: 2_000_000,
                     },
                     RouteConfig {
@@ -1614,6 +1917,7 @@ mod tests {
                             idle: secs(60),
                             total: None,
                         },
+                        rate_limits: vec![],
                         max_body_bytes: 1_048_576,
                     },
                 ],
@@ -1651,6 +1955,9 @@ mod tests {
                     },
                 ),
             ]),
+            redis: None,
+            replicas: 1,
+            rate_limits: BTreeMap::new(),
         };
         assert_eq!(config, expected);
         // The port is explicit in what the forwarder sees.
@@ -1791,15 +2098,15 @@ mod tests {
     #[test]
     fn future_sections_are_refused_by_name() {
         let p = problems(&format!(
-            "{MINIMAL}\n        redis:\n          url: redis://x\n        drain: {{}}\n"
+            "{MINIMAL}\n        caches:\n          x: 1\n        drain: {{}}\n"
         ));
         assert_eq!(p.len(), 2, "{p:#?}");
         check(
             &p[0],
             10,
             1,
-            "redis",
-            "section \"redis\" is not supported by this version of rampart",
+            "caches",
+            "section \"caches\" is not supported by this version of rampart",
         );
         check(&p[1], 12, 1, "drain", "section \"drain\" is not supported");
     }
@@ -2674,6 +2981,315 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "proxy.yaml:1:12: listeners: must list at least one listener\nproxy.yaml:2:12: upstreams: must define at least one upstream"
+        );
+    }
+
+    // === redis and rate limits ===
+
+    /// MINIMAL with `extra` (dedented) appended from line 10 and `route_extra` as line 6, a
+    /// key of the only route.
+    fn with_limits(extra: &str, route_extra: &str) -> String {
+        format!(
+            "listeners:\n  - name: inbound\n    listen: 0.0.0.0:8080\n    routes:\n      - upstream: backend\n        {route_extra}\nupstreams:\n  backend:\n    endpoints: [\"http://127.0.0.1:3001\"]\n{}",
+            yaml(extra)
+        )
+    }
+
+    #[test]
+    fn rate_limits_with_every_key_and_defaults() {
+        let config = ok(&with_limits(
+            r#"
+            redis:
+              url: redis://:secret@127.0.0.1:6380/2
+              timeout: 20ms
+              pool: { max_size: 4 }
+            replicas: 3
+            rate_limits:
+              api: { points: 10, per: 1s, block_for: off, key: "route+header:X-User", store: memory, ipv6_prefix: 48 }
+              chat: {}
+            "#,
+            "rate_limits: [api, chat]",
+        ));
+        let redis = config.redis.clone().unwrap();
+        assert_eq!(
+            redis.target,
+            RedisTarget::Url("redis://:secret@127.0.0.1:6380/2".into())
+        );
+        assert!(!format!("{redis:?}").contains("secret"));
+        assert_eq!(redis.timeout, Duration::from_millis(20));
+        assert_eq!(redis.connect_timeout, Duration::from_millis(20));
+        assert_eq!(redis.pool_max_size, 4);
+        assert_eq!(config.replicas, 3);
+        assert_eq!(
+            config.rate_limits["api"],
+            RateLimitConfig {
+                name: "api".into(),
+                points: 10,
+                per: secs(1),
+                block_for: None,
+                key: RateLimitKey {
+                    per_route: true,
+                    by: KeySource::Header(http::HeaderName::from_static("x-user")),
+                },
+                store: RateLimitStore::Memory,
+                ipv6_prefix: 48,
+            }
+        );
+        // Defaults; the store is redis because a redis section exists.
+        assert_eq!(
+            config.rate_limits["chat"],
+            RateLimitConfig {
+                name: "chat".into(),
+                points: 100,
+                per: secs(60),
+                block_for: Some(secs(60)),
+                key: RateLimitKey {
+                    per_route: false,
+                    by: KeySource::ClientIp,
+                },
+                store: RateLimitStore::Redis,
+                ipv6_prefix: 64,
+            }
+        );
+        assert_eq!(config.listeners[0].routes[0].rate_limits, ["api", "chat"]);
+        assert!(
+            config
+                .summary()
+                .contains("ratelimit api 10 per 1s (block off, store memory)")
+        );
+
+        // Without a redis section the default store is memory.
+        let config = ok(&with_limits("rate_limits: { a: {} }", ""));
+        assert_eq!(config.rate_limits["a"].store, RateLimitStore::Memory);
+        assert_eq!(config.redis, None);
+    }
+
+    #[test]
+    fn redis_sentinel() {
+        let config = ok(&with_limits(
+            r#"
+            redis:
+              sentinel:
+                master: mymaster
+                addresses: ["10.0.0.1:26379", "sentinel-b:26379", "[::1]:26379"]
+              timeout: 40ms
+              connect_timeout: 200ms
+            "#,
+            "",
+        ));
+        let redis = config.redis.unwrap();
+        assert_eq!(
+            redis.target,
+            RedisTarget::Sentinel {
+                master: "mymaster".into(),
+                addresses: vec![
+                    "10.0.0.1:26379".into(),
+                    "sentinel-b:26379".into(),
+                    "[::1]:26379".into()
+                ],
+            }
+        );
+        assert_eq!(redis.connect_timeout, Duration::from_millis(200));
+        assert_eq!(redis.pool_max_size, 16);
+    }
+
+    #[test]
+    fn redis_needs_exactly_one_of_url_and_sentinel() {
+        only(
+            &with_limits("redis: { timeout: 10ms }", ""),
+            10,
+            8,
+            "redis",
+            "missing `url` (\"redis://host:port\") or `sentinel`",
+        );
+        only(
+            &with_limits(
+                r#"
+                redis:
+                  url: redis://127.0.0.1
+                  sentinel: { master: m, addresses: ["a:1"] }
+                "#,
+                "",
+            ),
+            12,
+            13,
+            "redis.sentinel",
+            "give either `url` or `sentinel`, not both",
+        );
+    }
+
+    #[test]
+    fn bad_redis_values() {
+        let p = problems(&with_limits(
+            r#"
+            redis:
+              url: "http://u:hunter2@127.0.0.1"
+              timeout: 0ms
+              pool: { max_size: 0 }
+            "#,
+            "",
+        ));
+        assert_eq!(p.len(), 3, "{p:#?}");
+        check(
+            &p[0],
+            11,
+            8,
+            "redis.url",
+            "expected a URL like \"redis://127.0.0.1:6379\", got a URL with credentials (not shown)",
+        );
+        assert!(!p[0].message.contains("hunter2"));
+        check(&p[1], 12, 12, "redis.timeout", "must be greater than 0");
+        check(
+            &p[2],
+            13,
+            21,
+            "redis.pool.max_size",
+            "must be greater than 0",
+        );
+
+        only(
+            &with_limits(r#"redis: { url: "rediss://h:6379" }"#, ""),
+            10,
+            15,
+            "redis.url",
+            "rediss://) is not supported",
+        );
+        let p = problems(&with_limits(
+            r#"
+            redis:
+              sentinel:
+                master: ""
+                addresses: ["nohost", "h:0", "h:1", "h:1"]
+            "#,
+            "",
+        ));
+        assert_eq!(p.len(), 4, "{p:#?}");
+        check(
+            &p[0],
+            12,
+            13,
+            "redis.sentinel.master",
+            "expected the master's name",
+        );
+        check(
+            &p[1],
+            13,
+            17,
+            "redis.sentinel.addresses[0]",
+            "expected host:port like",
+        );
+        check(
+            &p[2],
+            13,
+            27,
+            "redis.sentinel.addresses[1]",
+            "expected host:port like",
+        );
+        check(
+            &p[3],
+            13,
+            41,
+            "redis.sentinel.addresses[3]",
+            "duplicate sentinel address \"h:1\"",
+        );
+        only(
+            &with_limits("redis: { sentinel: { master: m, addresses: [] } }", ""),
+            10,
+            44,
+            "redis.sentinel.addresses",
+            "must list at least one sentinel",
+        );
+    }
+
+    #[test]
+    fn store_redis_needs_a_redis_section() {
+        only(
+            &with_limits("rate_limits:\n  api: { store: redis }", ""),
+            11,
+            17,
+            "rate_limits.api.store",
+            "store redis needs a top-level `redis:` section",
+        );
+    }
+
+    #[test]
+    fn bad_policy_values() {
+        let p = problems(&with_limits(
+            r#"
+            replicas: 0
+            rate_limits:
+              "bad name": {}
+              api:
+                points: 0
+                per: 500us
+                block_for: forever
+                key: cookie:sid
+                store: disk
+                ipv6_prefix: 129
+              h: { key: "header:bad name" }
+            "#,
+            "",
+        ));
+        let got: Vec<(usize, usize, &str)> = p
+            .iter()
+            .map(|p| (p.line, p.column, p.path.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (10, 11, "replicas"),
+                (12, 3, "rate_limits.bad name"),
+                (14, 13, "rate_limits.api.points"),
+                (15, 10, "rate_limits.api.per"),
+                (16, 16, "rate_limits.api.block_for"),
+                (17, 10, "rate_limits.api.key"),
+                (18, 12, "rate_limits.api.store"),
+                (19, 18, "rate_limits.api.ipv6_prefix"),
+                (20, 13, "rate_limits.h.key"),
+            ],
+            "{p:#?}"
+        );
+        assert!(
+            p[1].message
+                .contains("invalid rate limit policy name \"bad name\"")
+        );
+        assert!(p[3].message.contains("must be at least 1ms"));
+        assert!(
+            p[5].message
+                .contains("expected client_ip, header:NAME, route+client_ip or route+header:NAME")
+        );
+        assert!(p[6].message.contains("expected one of redis, memory"));
+        assert!(p[7].message.contains("must be at most 128"));
+        assert!(p[8].message.contains("invalid header name \"bad name\""));
+    }
+
+    #[test]
+    fn routes_refer_to_known_policies_once() {
+        let p = problems(&with_limits(
+            "rate_limits: { api: {}, chat: {} }",
+            "rate_limits: [api, chta, api]",
+        ));
+        assert_eq!(p.len(), 2, "{p:#?}");
+        check(
+            &p[0],
+            6,
+            28,
+            "listeners[0].routes[0].rate_limits[1]",
+            "unknown rate limit policy \"chta\" (known: api, chat)",
+        );
+        check(
+            &p[1],
+            6,
+            34,
+            "listeners[0].routes[0].rate_limits[2]",
+            "duplicate rate limit policy \"api\"",
+        );
+        only(
+            &with_limits("", "rate_limits: [api]"),
+            6,
+            23,
+            "listeners[0].routes[0].rate_limits[0]",
+            "unknown rate limit policy \"api\" (no `rate_limits` are defined)",
         );
     }
 }

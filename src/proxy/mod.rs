@@ -19,6 +19,7 @@ use std::sync::atomic::AtomicBool;
 use arc_swap::ArcSwap;
 
 use crate::config::{Cidr, Config};
+use crate::ratelimit;
 use forward::Upstream;
 use resilience::UpstreamStates;
 use route::Route;
@@ -33,10 +34,16 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Fails only on TLS material that cannot be loaded (a CA file named in the config).
-    /// Upstream state (breakers, budgets, endpoint health) comes from `states`, so names
-    /// that existed in the previous snapshot keep theirs.
-    pub fn build(cfg: &Config, states: &UpstreamStates) -> Result<Snapshot, String> {
+    /// Fails only on TLS material that cannot be loaded (a CA file named in the config) or
+    /// a Redis client that cannot be made. State that must outlive a snapshot comes from
+    /// `states` (breakers, budgets, endpoint health) and `limiters` (rate-limit counts), so
+    /// names that existed in the previous snapshot keep theirs.
+    pub fn build(
+        cfg: &Config,
+        states: &UpstreamStates,
+        limiters: &ratelimit::Registry,
+    ) -> Result<Snapshot, String> {
+        let policies = limiters.update(cfg)?;
         // TLS settings per distinct CA file: loading the system store is not free.
         let mut tls_by_ca = HashMap::new();
         let mut upstreams = HashMap::new();
@@ -55,8 +62,19 @@ impl Snapshot {
             let routes = l
                 .routes
                 .iter()
-                // Validation guarantees the upstream exists.
-                .filter_map(|r| Some(Route::new(r, upstreams.get(&r.upstream)?.clone())))
+                // Validation guarantees the upstream and policy names exist.
+                .filter_map(|r| {
+                    let rate_limits = r
+                        .rate_limits
+                        .iter()
+                        .filter_map(|name| policies.get(name).cloned())
+                        .collect();
+                    Some(Route::new(
+                        r,
+                        upstreams.get(&r.upstream)?.clone(),
+                        rate_limits,
+                    ))
+                })
                 .collect();
             listeners.insert(
                 l.name.clone(),
@@ -89,6 +107,8 @@ pub struct Shared {
     pub upstream_states: Arc<UpstreamStates>,
     /// Set when shutdown starts: new requests get 503 SERVICE_UNAVAILABLE.
     pub draining: AtomicBool,
+    /// Rate-limit state by policy name; `Snapshot::build` takes the policies from here.
+    pub limiters: ratelimit::Registry,
 }
 
 impl Shared {
@@ -96,12 +116,14 @@ impl Shared {
         snapshot: Snapshot,
         registry: prometheus_client::registry::Registry,
         upstream_states: Arc<UpstreamStates>,
+        limiters: ratelimit::Registry,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             registry: Arc::new(registry),
             upstream_states,
             draining: AtomicBool::new(false),
+            limiters,
         })
     }
 }

@@ -1,8 +1,8 @@
 //! The steps a request walks, outermost first (architecture.md, "A request"):
-//! observe -> admission (draining, listener shedding) -> route -> upstream shedding ->
-//! circuit breaker -> body limit -> retry loop (pick endpoint, send, classify) -> stream back.
-//! Each step is a call into its own module; this file only orders them. Rate limiting and
-//! the cache slot in after routing.
+//! observe -> admission (draining, listener shedding) -> route -> rate limit -> upstream
+//! shedding -> circuit breaker -> body limit -> retry loop (pick endpoint, send, classify) ->
+//! stream back. Each step is a call into its own module; this file only orders them. The
+//! cache slots in after the rate limit.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +24,7 @@ use crate::proxy::headers::{self, X_REQUEST_ID};
 use crate::proxy::resilience::{BreakerTicket, InFlight, UpstreamMetrics};
 use crate::proxy::tail::Tail;
 use crate::proxy::{ListenerCtx, Snapshot, route, upgrade};
+use crate::ratelimit;
 use crate::retry::{self, Failure};
 
 /// The service hyper calls for every request on a traffic listener. Never fails: every
@@ -78,6 +79,9 @@ pub async fn handle(
         }
     };
     resp.headers_mut().insert(&X_REQUEST_ID, request_id);
+    if let Some(h) = tail.rate_limit_headers.take() {
+        resp.headers_mut().extend(h);
+    }
     if let Some(r) = tail.log.as_mut() {
         r.status = resp.status().as_u16();
     }
@@ -117,6 +121,27 @@ async fn proxy(
         r.route = Some(route.name.clone());
         r.upstream = Some(Arc::from(upstream.name.as_str()));
         r.bytes_in = declared_len.unwrap_or(0);
+    }
+
+    // Rate limit: before the body is read, so a refused client costs no body bytes.
+    let verdict = ratelimit::check(
+        &route.rate_limits,
+        &route.name,
+        req.uri().path(),
+        req.headers(),
+        peer.ip(),
+        &snapshot.trusted_proxies,
+    )
+    .await;
+    tail.rate_limit_headers = verdict.headers;
+    if let Some(retry_after_secs) = verdict.retry_after_secs {
+        // An unread body would otherwise be parsed as the next request.
+        if !req.body().is_end_stream()
+            && let Some(h) = tail.rate_limit_headers.as_mut()
+        {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        return Err(ProxyError::TooManyRequests { retry_after_secs });
     }
 
     // The upstream's in-flight cap, then its breaker: both answer without the network.

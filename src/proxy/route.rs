@@ -8,6 +8,7 @@ use http::{Method, Request};
 
 use crate::config::{RouteConfig, RouteTimeouts};
 use crate::proxy::forward::Upstream;
+use crate::ratelimit::Policy;
 
 pub struct Route {
     pub name: Arc<str>,
@@ -17,10 +18,12 @@ pub struct Route {
     pub upstream: Arc<Upstream>,
     pub timeouts: RouteTimeouts,
     pub max_body_bytes: u64,
+    /// Every one must allow the request (ratelimit::check).
+    pub rate_limits: Vec<Arc<Policy>>,
 }
 
 impl Route {
-    pub fn new(cfg: &RouteConfig, upstream: Arc<Upstream>) -> Self {
+    pub fn new(cfg: &RouteConfig, upstream: Arc<Upstream>, rate_limits: Vec<Arc<Policy>>) -> Self {
         Route {
             name: Arc::from(cfg.name.as_str()),
             path_prefix: cfg.path_prefix.clone(),
@@ -29,6 +32,7 @@ impl Route {
             upstream,
             timeouts: cfg.timeouts.clone(),
             max_body_bytes: cfg.max_body_bytes,
+            rate_limits,
         }
     }
 

@@ -15,6 +15,8 @@ pub struct Tail {
     pub listener_slot: Option<InFlight>,
     pub upstream_slot: Option<InFlight>,
     pub endpoint_slot: Option<InFlight>,
+    /// `RateLimit-*` headers for whatever answer the route gives (set by the rate limit).
+    pub rate_limit_headers: Option<http::HeaderMap>,
 }
 
 impl Tail {

@@ -6,4 +6,5 @@ mod cli;
 mod config;
 mod h2;
 mod proxy;
+mod ratelimit;
 mod resilience;

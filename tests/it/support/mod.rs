@@ -1,6 +1,7 @@
 //! Fixtures: rampart started in-process from a config string, clients, raw sockets.
 
 pub mod logs;
+pub mod redis;
 pub mod upstream;
 
 use std::net::SocketAddr;

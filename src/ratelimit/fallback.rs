@@ -1,0 +1,249 @@
+//! The per-request switch between Redis and memory for `store: redis` policies.
+//!
+//! Each request goes to Redis; on an error or a timeout THAT request is decided by the
+//! memory limiter (at `points / replicas`). A small breaker counts consecutive failures:
+//! after 3 it opens and later requests skip Redis entirely, so an outage costs no latency;
+//! after about a second (jittered, so replicas do not probe in step) one request probes
+//! Redis, and a success closes the breaker: decisions return to Redis by themselves.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::memory::Table;
+use super::redis::RedisLimiter;
+use super::{Decision, Limits, Metrics, Source};
+use crate::redis::{Redis, RedisError};
+
+const FAILURES_TO_OPEN: u32 = 3;
+const PROBE_AFTER: Duration = Duration::from_secs(1);
+const MAX_JITTER_MS: u64 = 250;
+
+/// Where one request's decision is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Redis,
+    /// Redis, as the one request that checks whether it is back.
+    Probe,
+    Memory,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// Redis is skipped from now on.
+    ToMemory,
+    ToRedis,
+}
+
+/// Pure: time and jitter are passed in.
+#[derive(Debug, Default)]
+pub struct Breaker {
+    failures: u32,
+    /// Some while open: when the next probe may go.
+    probe_at: Option<Instant>,
+}
+
+impl Breaker {
+    pub fn route(&mut self, now: Instant, jitter: Duration) -> Route {
+        match self.probe_at {
+            None => Route::Redis,
+            Some(at) if now >= at => {
+                // Push the next probe out now: if this one never reports (its request was
+                // cancelled), another goes after the same delay; meanwhile others skip.
+                self.probe_at = Some(now + PROBE_AFTER + jitter);
+                Route::Probe
+            }
+            Some(_) => Route::Memory,
+        }
+    }
+
+    pub fn success(&mut self) -> Option<Transition> {
+        self.failures = 0;
+        self.probe_at.take().map(|_| Transition::ToRedis)
+    }
+
+    pub fn failure(&mut self, now: Instant, jitter: Duration) -> Option<Transition> {
+        self.failures = self.failures.saturating_add(1);
+        let was_open = self.probe_at.is_some();
+        if was_open || self.failures >= FAILURES_TO_OPEN {
+            self.probe_at = Some(now + PROBE_AFTER + jitter);
+        }
+        (!was_open && self.probe_at.is_some()).then_some(Transition::ToMemory)
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.probe_at.is_some()
+    }
+}
+
+/// One Redis client with its breaker, shared by every `store: redis` policy.
+pub struct RedisStore {
+    pub redis: Redis,
+    limiter: RedisLimiter,
+    breaker: Mutex<Breaker>,
+    rng: AtomicU64,
+    metrics: Metrics,
+}
+
+impl RedisStore {
+    pub fn new(redis: Redis, metrics: Metrics) -> RedisStore {
+        use std::hash::{BuildHasher, RandomState};
+        metrics.fallback_active.set(0);
+        RedisStore {
+            redis,
+            limiter: RedisLimiter::default(),
+            breaker: Mutex::new(Breaker::default()),
+            rng: AtomicU64::new(RandomState::new().hash_one(std::process::id()) | 1),
+            metrics,
+        }
+    }
+
+    /// Decides one request for one policy. `memory` holds the fallback counts, checked
+    /// against `fallback` limits. None (counted as fail_open by the caller) only when
+    /// neither Redis nor memory could decide.
+    pub async fn check(
+        &self,
+        redis_key: &str,
+        limits: &Limits,
+        memory: &Table,
+        memory_key: &str,
+        fallback: &Limits,
+    ) -> (Option<Decision>, Source) {
+        let route = self.with_breaker(|b, now, jitter| (b.route(now, jitter), None));
+        if route != Route::Memory {
+            let start = Instant::now();
+            let result = self.limiter.check(&self.redis, redis_key, limits).await;
+            self.metrics
+                .redis_seconds
+                .observe(start.elapsed().as_secs_f64());
+            match result {
+                Ok(d) => {
+                    self.with_breaker(|b, _, _| ((), b.success()));
+                    return (Some(d), Source::Redis);
+                }
+                Err(e) => {
+                    let kind = match e {
+                        RedisError::Timeout(_) => "timeout",
+                        _ => "error",
+                    };
+                    self.metrics.redis_errors(kind).inc();
+                    tracing::debug!(error = %e, "rate limit: redis failed, deciding in memory");
+                    self.with_breaker(|b, now, jitter| ((), b.failure(now, jitter)));
+                }
+            }
+        }
+        match memory.check(memory_key, Instant::now(), fallback) {
+            Some(d) => (Some(d), Source::Memory),
+            None => (None, Source::FailOpen),
+        }
+    }
+
+    pub fn fallback_active(&self) -> bool {
+        self.breaker.lock().map(|b| b.is_open()).unwrap_or(false)
+    }
+
+    /// Runs `f` on the breaker and publishes the transition it returns.
+    fn with_breaker<T>(
+        &self,
+        f: impl FnOnce(&mut Breaker, Instant, Duration) -> (T, Option<Transition>),
+    ) -> T {
+        let jitter = self.jitter();
+        let (out, transition) = {
+            let mut b = self
+                .breaker
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            f(&mut b, Instant::now(), jitter)
+        };
+        if let Some(t) = transition {
+            self.metrics.transition(t);
+            match t {
+                Transition::ToMemory => {
+                    tracing::warn!("rate limit: redis failing, deciding in memory until it answers")
+                }
+                Transition::ToRedis => tracing::info!("rate limit: redis answers again"),
+            }
+        }
+        out
+    }
+
+    /// xorshift64: only needs to differ between replicas and probes, not be unpredictable.
+    fn jitter(&self) -> Duration {
+        let mut x = self.rng.load(Ordering::Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.store(x, Ordering::Relaxed);
+        Duration::from_millis(x % MAX_JITTER_MS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NO_JITTER: Duration = Duration::ZERO;
+
+    #[test]
+    fn opens_after_three_consecutive_failures() {
+        let t0 = Instant::now();
+        let mut b = Breaker::default();
+        assert_eq!(b.route(t0, NO_JITTER), Route::Redis);
+        assert_eq!(b.failure(t0, NO_JITTER), None);
+        assert_eq!(b.failure(t0, NO_JITTER), None);
+        // A success in between starts the count again.
+        assert_eq!(b.success(), None);
+        assert_eq!(b.failure(t0, NO_JITTER), None);
+        assert_eq!(b.failure(t0, NO_JITTER), None);
+        assert_eq!(b.failure(t0, NO_JITTER), Some(Transition::ToMemory));
+        assert!(b.is_open());
+        assert_eq!(b.route(t0, NO_JITTER), Route::Memory);
+        assert_eq!(
+            b.route(t0 + Duration::from_millis(999), NO_JITTER),
+            Route::Memory
+        );
+    }
+
+    #[test]
+    fn one_probe_per_interval_and_a_success_closes() {
+        let t0 = Instant::now();
+        let jitter = Duration::from_millis(100);
+        let mut b = Breaker::default();
+        for _ in 0..3 {
+            b.failure(t0, jitter);
+        }
+        let t1 = t0 + Duration::from_millis(1100);
+        assert_eq!(
+            b.route(t1 - Duration::from_millis(1), NO_JITTER),
+            Route::Memory
+        );
+        assert_eq!(b.route(t1, NO_JITTER), Route::Probe);
+        // While the probe is out, the others still skip Redis.
+        assert_eq!(b.route(t1, NO_JITTER), Route::Memory);
+        // A failed probe keeps it open, with no new transition.
+        assert_eq!(b.failure(t1, NO_JITTER), None);
+        assert_eq!(
+            b.route(t1 + Duration::from_millis(500), NO_JITTER),
+            Route::Memory
+        );
+        let t2 = t1 + PROBE_AFTER;
+        assert_eq!(b.route(t2, NO_JITTER), Route::Probe);
+        assert_eq!(b.success(), Some(Transition::ToRedis));
+        assert!(!b.is_open());
+        assert_eq!(b.route(t2, NO_JITTER), Route::Redis);
+    }
+
+    #[test]
+    fn a_lost_probe_does_not_wedge_the_breaker() {
+        let t0 = Instant::now();
+        let mut b = Breaker::default();
+        for _ in 0..3 {
+            b.failure(t0, NO_JITTER);
+        }
+        assert_eq!(b.route(t0 + PROBE_AFTER, NO_JITTER), Route::Probe);
+        // That probe's request was cancelled and never reported: another goes later.
+        assert_eq!(b.route(t0 + PROBE_AFTER * 2, NO_JITTER), Route::Probe);
+    }
+}

@@ -1,0 +1,247 @@
+//! The in-memory limiter: the store of `store: memory` policies and the fallback of Redis
+//! ones. `step` is the pure state machine (the same rules as the Lua script in redis.rs);
+//! `Table` is its bounded, sharded home. Time is passed in, never read here.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{Decision, Limits};
+
+/// One key's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    count: u64,
+    window_end: Instant,
+    blocked_until: Option<Instant>,
+}
+
+impl Entry {
+    pub fn new(now: Instant) -> Entry {
+        // An ended window: the first step opens a new one.
+        Entry {
+            count: 0,
+            window_end: now,
+            blocked_until: None,
+        }
+    }
+
+    /// When this entry no longer changes any decision.
+    fn expires(&self) -> Instant {
+        self.blocked_until
+            .map_or(self.window_end, |b| b.max(self.window_end))
+    }
+}
+
+/// Counts one request against `entry`: fixed window starting at the first request; past
+/// `points` the key is refused until the window ends or `block` passes, whichever is later.
+/// Refused requests during a block are not counted.
+pub fn step(entry: &mut Entry, now: Instant, limits: &Limits) -> Decision {
+    if let Some(b) = entry.blocked_until {
+        if b > now {
+            return Decision {
+                allowed: false,
+                remaining: 0,
+                reset: entry.window_end.saturating_duration_since(now),
+                retry_after: b.max(entry.window_end) - now,
+            };
+        }
+        entry.blocked_until = None;
+    }
+    if entry.window_end <= now {
+        entry.count = 0;
+        entry.window_end = now + limits.window;
+    }
+    entry.count = entry.count.saturating_add(1);
+    let reset = entry.window_end - now;
+    if entry.count <= limits.points {
+        return Decision {
+            allowed: true,
+            remaining: limits.points - entry.count,
+            reset,
+            retry_after: Duration::ZERO,
+        };
+    }
+    let blocked_until = limits.block.map(|b| now + b);
+    entry.blocked_until = blocked_until;
+    Decision {
+        allowed: false,
+        remaining: 0,
+        reset,
+        retry_after: blocked_until.map_or(entry.window_end, |b| b.max(entry.window_end)) - now,
+    }
+}
+
+const SHARDS: usize = 16;
+/// How often a shard drops expired entries even when not full.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// Keys of one policy, bounded: expired entries are swept, and a full table refuses to
+/// track new keys (the caller then lets the request through and counts it).
+pub struct Table {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    max_per_shard: usize,
+}
+
+struct Shard {
+    map: HashMap<Box<str>, Entry>,
+    next_sweep: Option<Instant>,
+}
+
+impl Table {
+    pub fn new(max_keys: usize) -> Table {
+        Table {
+            shards: (0..SHARDS)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        map: HashMap::new(),
+                        next_sweep: None,
+                    })
+                })
+                .collect(),
+            hasher: RandomState::new(),
+            max_per_shard: max_keys.div_ceil(SHARDS).max(1),
+        }
+    }
+
+    /// None when the table is full of live keys and `key` is new: nothing can decide.
+    pub fn check(&self, key: &str, now: Instant, limits: &Limits) -> Option<Decision> {
+        let index = (self.hasher.hash_one(key) as usize) % self.shards.len();
+        // A poisoned shard only means another request panicked mid-update; its counts are
+        // still usable.
+        let mut shard = self.shards[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(entry) = shard.map.get_mut(key) {
+            return Some(step(entry, now, limits));
+        }
+        let due = shard.next_sweep.is_none_or(|t| now >= t);
+        if due || shard.map.len() >= self.max_per_shard {
+            shard.map.retain(|_, e| e.expires() > now);
+            shard.next_sweep = Some(now + SWEEP_EVERY);
+        }
+        if shard.map.len() >= self.max_per_shard {
+            return None;
+        }
+        let mut entry = Entry::new(now);
+        let decision = step(&mut entry, now, limits);
+        shard.map.insert(key.into(), entry);
+        Some(decision)
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().map(|s| s.map.len()).unwrap_or(0))
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(points: u64, window_s: u64, block_s: Option<u64>) -> Limits {
+        Limits {
+            points,
+            window: Duration::from_secs(window_s),
+            block: block_s.map(Duration::from_secs),
+        }
+    }
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    #[test]
+    fn allows_points_per_window_then_refuses_until_the_window_ends() {
+        let t0 = Instant::now();
+        let l = limits(3, 10, None);
+        let mut e = Entry::new(t0);
+        for remaining in [2, 1, 0] {
+            let d = step(&mut e, t0, &l);
+            assert!(d.allowed);
+            assert_eq!(d.remaining, remaining);
+            assert_eq!(d.reset, secs(10));
+        }
+        let d = step(&mut e, t0 + secs(4), &l);
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after, secs(6));
+        // The window started at the first request; at its end everything is new.
+        let d = step(&mut e, t0 + secs(10), &l);
+        assert!(d.allowed);
+        assert_eq!(d.remaining, 2);
+        assert_eq!(d.reset, secs(10));
+    }
+
+    #[test]
+    fn block_outlasts_the_window_and_refused_requests_do_not_count() {
+        let t0 = Instant::now();
+        let l = limits(2, 10, Some(60));
+        let mut e = Entry::new(t0);
+        assert!(step(&mut e, t0, &l).allowed);
+        assert!(step(&mut e, t0 + secs(1), &l).allowed);
+        let d = step(&mut e, t0 + secs(2), &l);
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after, secs(60));
+        // Past the window but still blocked.
+        let d = step(&mut e, t0 + secs(30), &l);
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after, secs(32));
+        let d = step(&mut e, t0 + secs(62), &l);
+        assert!(d.allowed, "{d:?}");
+        assert_eq!(d.remaining, 1);
+    }
+
+    #[test]
+    fn a_short_block_still_waits_for_the_window() {
+        let t0 = Instant::now();
+        let l = limits(1, 10, Some(2));
+        let mut e = Entry::new(t0);
+        assert!(step(&mut e, t0, &l).allowed);
+        let d = step(&mut e, t0 + secs(1), &l);
+        assert_eq!(d.retry_after, secs(9));
+        // Block over, window not: still refused (and counted, the block being over).
+        let d = step(&mut e, t0 + secs(4), &l);
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after, secs(6));
+    }
+
+    #[test]
+    fn table_keys_are_independent() {
+        let t = Table::new(100);
+        let now = Instant::now();
+        let l = limits(1, 10, None);
+        assert!(t.check("a", now, &l).unwrap().allowed);
+        assert!(!t.check("a", now, &l).unwrap().allowed);
+        assert!(t.check("b", now, &l).unwrap().allowed);
+    }
+
+    #[test]
+    fn table_is_bounded_and_sweeps_expired_keys() {
+        // One key per shard at most.
+        let t = Table::new(SHARDS);
+        let now = Instant::now();
+        let l = limits(5, 1, None);
+        let mut refused = 0;
+        for i in 0..200 {
+            if t.check(&format!("k{i}"), now, &l).is_none() {
+                refused += 1;
+            }
+        }
+        assert!(t.len() <= SHARDS);
+        assert_eq!(refused, 200 - t.len());
+        // Once the windows ended, new keys fit again.
+        let later = now + secs(2);
+        assert!(t.check("fresh", later, &l).is_some());
+        assert!(t.len() <= SHARDS);
+    }
+}

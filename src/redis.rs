@@ -1,0 +1,342 @@
+//! The one Redis client of the program (`redis:` in proxy.yaml): a bb8 pool of multiplexed
+//! connections, every call under one hard timeout, the master found through Sentinel when
+//! so configured. Rate limits use it now; the health checks will too.
+//!
+//! bb8's defaults suit a database, not a per-request decision: a 30 s check-out timeout,
+//! connect retries, and (in bb8-redis) a PING on every check-out. Here the check-out
+//! timeout is the call timeout, a failed connect is not retried inside the request, and
+//! nothing is sent but the call itself. A connection whose call failed or was cut short is
+//! dropped rather than handed to the next request (bb8-redis never drops one).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, FromRedisValue};
+use tokio::time::Instant;
+
+use crate::config::{RedisConfig, RedisTarget};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("no connection: {0}")]
+    Pool(String),
+    #[error("sentinel: {0}")]
+    Sentinel(String),
+    #[error("unexpected reply: {0}")]
+    Reply(String),
+}
+
+/// A Lua script called by its SHA1, sent whole only when Redis does not know it.
+pub struct Script {
+    source: &'static str,
+    sha: String,
+}
+
+impl Script {
+    pub fn new(source: &'static str) -> Script {
+        Script {
+            source,
+            sha: redis::Script::new(source).get_hash().to_owned(),
+        }
+    }
+}
+
+pub struct Redis {
+    pool: bb8::Pool<Manager>,
+    timeout: Duration,
+    target: Arc<Target>,
+}
+
+impl Redis {
+    /// Connects lazily: a Redis that is down never stops rampart from starting.
+    pub fn new(cfg: &RedisConfig) -> Result<Redis, RedisError> {
+        let conn_config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(cfg.connect_timeout))
+            .set_response_timeout(Some(cfg.timeout));
+        let kind = match &cfg.target {
+            RedisTarget::Url(url) => TargetKind::Url(redis::Client::open(url.as_str())?),
+            RedisTarget::Sentinel { master, addresses } => TargetKind::Sentinel {
+                master: master.clone(),
+                sentinels: addresses.clone(),
+                current: Mutex::new(None),
+            },
+        };
+        let target = Arc::new(Target {
+            kind,
+            generation: AtomicU64::new(0),
+            conn_config,
+            resolve_timeout: cfg.connect_timeout + cfg.timeout,
+        });
+        let pool = bb8::Pool::builder()
+            .max_size(cfg.pool_max_size)
+            .connection_timeout(cfg.timeout)
+            .retry_connection(false)
+            .test_on_check_out(false)
+            .build_unchecked(Manager {
+                target: target.clone(),
+            });
+        Ok(Redis {
+            pool,
+            timeout: cfg.timeout,
+            target,
+        })
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Runs `script` with one key (EVALSHA, then EVAL on NOSCRIPT, as after a fail-over or a
+    /// restart), check-out included, within the timeout.
+    pub async fn eval<T: FromRedisValue>(
+        &self,
+        script: &Script,
+        key: &str,
+        args: &[u64],
+    ) -> Result<T, RedisError> {
+        let work = async {
+            let mut result = Err(RedisError::Pool("no attempt".into()));
+            // A READONLY answer (this server was demoted) is tried once more: the retry
+            // connects to the master the sentinels name now.
+            for _ in 0..2 {
+                let mut conn = self.checkout().await?;
+                // Stays set if this future is dropped mid-call (the timeout): such a
+                // connection may still get the late answer, so it must not serve another
+                // request.
+                conn.broken = true;
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(&script.sha).arg(1).arg(key).arg(args);
+                let mut r = cmd.query_async::<T>(&mut conn.inner).await;
+                if matches!(&r, Err(e) if e.code() == Some("NOSCRIPT")) {
+                    let mut cmd = redis::cmd("EVAL");
+                    cmd.arg(script.source).arg(1).arg(key).arg(args);
+                    r = cmd.query_async::<T>(&mut conn.inner).await;
+                }
+                conn.broken = match &r {
+                    Ok(_) => false,
+                    Err(e) => self.connection_is_done(e),
+                };
+                let again = matches!(&r, Err(e) if is_readonly(e));
+                result = r.map_err(RedisError::from);
+                if !again {
+                    break;
+                }
+            }
+            result
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(RedisError::Timeout(self.timeout)),
+        }
+    }
+
+    /// PING within the timeout; the round trip on success.
+    pub async fn ping(&self) -> Result<Duration, RedisError> {
+        let start = Instant::now();
+        let work = async {
+            let mut conn = self.checkout().await?;
+            conn.broken = true;
+            let r = redis::cmd("PING")
+                .query_async::<String>(&mut conn.inner)
+                .await;
+            conn.broken = match &r {
+                Ok(_) => false,
+                Err(e) => self.connection_is_done(e),
+            };
+            r.map_err(RedisError::from)
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(r) => r.map(|_| start.elapsed()),
+            Err(_) => Err(RedisError::Timeout(self.timeout)),
+        }
+    }
+
+    /// A pooled connection to the current master: those made before the master was last
+    /// forgotten (a fail-over) are dropped on the way.
+    async fn checkout(&self) -> Result<bb8::PooledConnection<'_, Manager>, RedisError> {
+        loop {
+            let mut conn = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| RedisError::Pool(e.to_string()))?;
+            if conn.generation == self.target.generation.load(Ordering::Relaxed) {
+                return Ok(conn);
+            }
+            conn.broken = true;
+        }
+    }
+
+    /// Whether the connection that produced `e` must be dropped. A READONLY answer means
+    /// this server was demoted by a fail-over: ask the sentinels again.
+    fn connection_is_done(&self, e: &redis::RedisError) -> bool {
+        if is_readonly(e) {
+            self.target.forget_master();
+            return true;
+        }
+        let done = e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_timeout()
+            || e.is_unrecoverable_error();
+        if done {
+            // Sentinels cut clients of a master they demote: ask them again.
+            self.target.forget_master();
+        }
+        done
+    }
+}
+
+fn is_readonly(e: &redis::RedisError) -> bool {
+    // Inside a script the replica's refusal may come wrapped: look at the text too.
+    e.code() == Some("READONLY") || e.to_string().contains("READONLY")
+}
+
+// === impl Target ===
+
+struct Target {
+    kind: TargetKind,
+    /// Bumped whenever the master is forgotten; connections of older generations are stale.
+    generation: AtomicU64,
+    conn_config: AsyncConnectionConfig,
+    /// One sentinel's answer: connect and ask.
+    resolve_timeout: Duration,
+}
+
+enum TargetKind {
+    Url(redis::Client),
+    Sentinel {
+        master: String,
+        sentinels: Vec<String>,
+        /// The master last named by a sentinel; cleared after a failure.
+        current: Mutex<Option<redis::Client>>,
+    },
+}
+
+impl Target {
+    async fn client(&self) -> Result<redis::Client, RedisError> {
+        match &self.kind {
+            TargetKind::Url(client) => Ok(client.clone()),
+            TargetKind::Sentinel {
+                master,
+                sentinels,
+                current,
+            } => {
+                if let Some(c) = current.lock().ok().and_then(|c| c.clone()) {
+                    return Ok(c);
+                }
+                let client = self.resolve(master, sentinels).await?;
+                if let Ok(mut c) = current.lock() {
+                    *c = Some(client.clone());
+                }
+                Ok(client)
+            }
+        }
+    }
+
+    /// Asks each sentinel in turn for the master's address.
+    async fn resolve(
+        &self,
+        master: &str,
+        sentinels: &[String],
+    ) -> Result<redis::Client, RedisError> {
+        let mut errors = Vec::new();
+        for addr in sentinels {
+            let ask = async {
+                let sentinel = redis::Client::open(format!("redis://{addr}"))?;
+                let mut conn = sentinel
+                    .get_multiplexed_async_connection_with_config(&self.conn_config)
+                    .await?;
+                redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(master)
+                    .query_async::<Option<(String, u16)>>(&mut conn)
+                    .await
+            };
+            match tokio::time::timeout(self.resolve_timeout, ask).await {
+                Ok(Ok(Some((host, port)))) => {
+                    let host = if host.contains(':') {
+                        format!("[{host}]")
+                    } else {
+                        host
+                    };
+                    tracing::debug!(%master, %host, port, sentinel = %addr, "redis master resolved");
+                    return Ok(redis::Client::open(format!("redis://{host}:{port}"))?);
+                }
+                Ok(Ok(None)) => errors.push(format!("{addr}: does not know master \"{master}\"")),
+                Ok(Err(e)) => errors.push(format!("{addr}: {e}")),
+                Err(_) => errors.push(format!(
+                    "{addr}: no answer within {:?}",
+                    self.resolve_timeout
+                )),
+            }
+        }
+        Err(RedisError::Sentinel(errors.join("; ")))
+    }
+
+    fn forget_master(&self) {
+        if let TargetKind::Sentinel { current, .. } = &self.kind
+            && let Ok(mut c) = current.lock()
+            && c.take().is_some()
+        {
+            self.generation.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+// === impl Manager ===
+
+pub struct Conn {
+    inner: MultiplexedConnection,
+    /// `Target::generation` when connected.
+    generation: u64,
+    /// Set around every call; bb8 drops the connection when it comes back still set.
+    broken: bool,
+}
+
+struct Manager {
+    target: Arc<Target>,
+}
+
+impl bb8::ManageConnection for Manager {
+    type Connection = Conn;
+    type Error = RedisError;
+
+    async fn connect(&self) -> Result<Conn, RedisError> {
+        let generation = self.target.generation.load(Ordering::Relaxed);
+        let client = self.target.client().await?;
+        match client
+            .get_multiplexed_async_connection_with_config(&self.target.conn_config)
+            .await
+        {
+            Ok(inner) => Ok(Conn {
+                inner,
+                generation,
+                broken: false,
+            }),
+            Err(e) => {
+                // The master may have moved (fail-over): ask the sentinels next time.
+                self.target.forget_master();
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn is_valid(&self, conn: &mut Conn) -> Result<(), RedisError> {
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn.inner)
+            .await
+            .map(|_| ())
+            .map_err(RedisError::from)
+    }
+
+    fn has_broken(&self, conn: &mut Conn) -> bool {
+        conn.broken
+    }
+}

@@ -1,0 +1,601 @@
+//! Rate limiting against real Redis servers and real sockets: exact limits under
+//! concurrency, limits shared by two instances, spoofed X-Forwarded-For, and Redis killed,
+//! restarted and frozen under load.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use tokio::task::JoinHandle;
+
+use crate::assert_eventually;
+use crate::support::redis::{self, RedisServer, unique};
+use crate::support::*;
+
+/// `one_route` with `route_limits` on its route, then `top` (redis:, replicas:) and the
+/// policies (lines of `rate_limits:`).
+fn config(up: &str, route_limits: &str, top: &str, policies: &[String]) -> String {
+    let mut s = one_route(up, &format!("        rate_limits: [{route_limits}]"), "");
+    s.push_str(top);
+    s.push_str("\nrate_limits:\n");
+    for p in policies {
+        s.push_str("  ");
+        s.push_str(p);
+        s.push('\n');
+    }
+    s
+}
+
+fn redis_section(url: &str, timeout: &str) -> String {
+    format!("\nredis:\n  url: \"{url}\"\n  timeout: {timeout}\n")
+}
+
+fn request(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
+    let mut b = Request::get(format!("http://{addr}{path}"));
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(Bytes::new())).unwrap()
+}
+
+async fn metrics(admin: SocketAddr) -> String {
+    let (_, body) = send(&http1(), get(admin, "/metrics")).await;
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+/// The value of one series (`name{labels}`), 0 when absent.
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn decisions(policy: &str, result: &str, source: &str) -> String {
+    format!(
+        "rampart_ratelimit_decisions_total{{policy=\"{policy}\",result=\"{result}\",source=\"{source}\"}}"
+    )
+}
+
+/// `clients` concurrent clients, each with its own connection pool, sending `per_client`
+/// requests in turn to `addrs` (client i uses addrs[i % len]). Returns (200s, 429s, other).
+async fn hammer(
+    addrs: &[SocketAddr],
+    clients: usize,
+    per_client: usize,
+    headers: &[(&str, &str)],
+) -> (usize, usize, usize) {
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let addr = addrs[i % addrs.len()];
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            let client = http1();
+            let h: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let mut counts = (0, 0, 0);
+            for _ in 0..per_client {
+                let (resp, _) = send(&client, request(addr, "/ok", &h)).await;
+                match resp.status().as_u16() {
+                    200 => counts.0 += 1,
+                    429 => counts.1 += 1,
+                    _ => counts.2 += 1,
+                }
+            }
+            counts
+        }));
+    }
+    let mut total = (0, 0, 0);
+    for t in tasks {
+        let c = t.await.unwrap();
+        total = (total.0 + c.0, total.1 + c.1, total.2 + c.2);
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_exact_limit_under_concurrency() {
+    let up = Upstream::start().await;
+    let p = unique("mem");
+    let px = start(&config(
+        &up.url(),
+        &p,
+        "",
+        &[format!("{p}: {{ points: 37, per: 60s, store: memory }}")],
+    ))
+    .await;
+    let addr = px.addr("main").unwrap();
+    let (ok, limited, other) = hammer(&[addr], 8, 10, &[]).await;
+    assert_eq!((ok, limited, other), (37, 43, 0));
+    assert_eq!(
+        up.requests(),
+        37,
+        "refused requests never reach the upstream"
+    );
+    let m = metrics(px.admin_addr).await;
+    assert_eq!(value(&m, &decisions(&p, "allowed", "memory")), 37.0, "{m}");
+    assert_eq!(value(&m, &decisions(&p, "limited", "memory")), 43.0, "{m}");
+    px.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_exact_limit_under_concurrency() {
+    let Some(redis) = RedisServer::any("redis_exact_limit_under_concurrency").await else {
+        return;
+    };
+    let up = Upstream::start().await;
+    let p = unique("red");
+    let px = start(&config(
+        &up.url(),
+        &p,
+        &redis_section(&redis.url, "1s"),
+        &[format!("{p}: {{ points: 37, per: 60s, store: redis }}")],
+    ))
+    .await;
+    let addr = px.addr("main").unwrap();
+    let (ok, limited, other) = hammer(&[addr], 8, 10, &[]).await;
+    assert_eq!((ok, limited, other), (37, 43, 0));
+    let m = metrics(px.admin_addr).await;
+    assert_eq!(value(&m, &decisions(&p, "allowed", "redis")), 37.0, "{m}");
+    assert_eq!(value(&m, &decisions(&p, "limited", "redis")), 43.0, "{m}");
+    // One hash per key, with an expiry set by the script.
+    let keys = redis::command(redis.port, &["KEYS", &format!("rl:{{{p}}}:*")]).await;
+    assert!(keys.contains(&format!("rl:{{{p}}}:ip:127.0.0.1")), "{keys}");
+    let ttl = redis::command(redis.port, &["PTTL", &format!("rl:{{{p}}}:ip:127.0.0.1")]).await;
+    let ttl: i64 = ttl.trim().trim_start_matches(':').parse().unwrap();
+    assert!(ttl > 0 && ttl <= 60_000, "ttl {ttl}");
+    px.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_sharing_one_redis_admit_the_limit_once() {
+    let Some(redis) =
+        RedisServer::any("two_instances_sharing_one_redis_admit_the_limit_once").await
+    else {
+        return;
+    };
+    let up = Upstream::start().await;
+    let p = unique("two");
+    let yaml = config(
+        &up.url(),
+        &p,
+        &format!("{}replicas: 2\n", redis_section(&redis.url, "1s")),
+        &[format!("{p}: {{ points: 25, per: 60s }}")],
+    );
+    let a = start(&yaml).await;
+    let b = start(&yaml).await;
+    let addrs = [a.addr("main").unwrap(), b.addr("main").unwrap()];
+    let (ok, limited, other) = hammer(&addrs, 6, 10, &[]).await;
+    assert_eq!((ok, limited, other), (25, 35, 0), "25 in total, not 50");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn spoofed_forwarded_for_from_an_untrusted_peer_changes_nothing() {
+    let up = Upstream::start().await;
+    let p = unique("xff");
+    // The test client (127.0.0.1) is not a trusted proxy: its X-Forwarded-For is ignored.
+    let yaml = config(
+        &up.url(),
+        &p,
+        "\ntrusted_proxies: [\"10.0.0.0/8\"]\n",
+        &[format!("{p}: {{ points: 5, per: 60s, store: memory }}")],
+    );
+    let px = start(&yaml).await;
+    let addr = px.addr("main").unwrap();
+    let client = http1();
+    let mut ok = 0;
+    for i in 0..20 {
+        let forged = format!("198.51.100.{i}");
+        let (resp, _) = send(
+            &client,
+            request(addr, "/ok", &[("x-forwarded-for", &forged)]),
+        )
+        .await;
+        ok += usize::from(resp.status() == 200);
+    }
+    assert_eq!(ok, 5, "every request counted against 127.0.0.1");
+    px.shutdown().await;
+
+    // Control: from a trusted proxy the same header does pick the client.
+    let p = unique("xfft");
+    let yaml = config(
+        &up.url(),
+        &p,
+        "\ntrusted_proxies: [\"127.0.0.1\"]\n",
+        &[format!("{p}: {{ points: 2, per: 60s, store: memory }}")],
+    );
+    let px = start(&yaml).await;
+    let addr = px.addr("main").unwrap();
+    let mut ok = 0;
+    for i in 0..3 {
+        for _ in 0..5 {
+            let xff = format!("198.51.100.{i}");
+            let (resp, _) = send(&client, request(addr, "/ok", &[("x-forwarded-for", &xff)])).await;
+            ok += usize::from(resp.status() == 200);
+        }
+    }
+    assert_eq!(ok, 6, "2 for each of the 3 forwarded clients");
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn responses_carry_ratelimit_headers_and_429_has_retry_after() {
+    let up = Upstream::start().await;
+    let p = unique("hdr");
+    let yaml = config(
+        &up.url(),
+        &p,
+        "",
+        &[format!(
+            "{p}: {{ points: 2, per: 60s, block_for: 90s, store: memory }}"
+        )],
+    );
+    let px = start(&yaml).await;
+    let addr = px.addr("main").unwrap();
+    let client = http1();
+
+    let (resp, _) = send(&client, get(addr, "/ok")).await;
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers();
+    assert_eq!(h["ratelimit-policy"], format!("\"{p}\";q=2;w=60").as_str());
+    assert_eq!(h["ratelimit"], format!("\"{p}\";r=1;t=60").as_str());
+    assert_eq!(h["x-ratelimit-limit"], "2");
+    assert_eq!(h["x-ratelimit-remaining"], "1");
+    assert_eq!(h["x-ratelimit-reset"], "60");
+
+    // Probe paths never consume points, and carry no limit headers.
+    for _ in 0..5 {
+        let (resp, _) = send(&client, get(addr, "/health")).await;
+        assert_eq!(resp.status(), 200);
+        assert!(!resp.headers().contains_key("ratelimit"));
+    }
+
+    let (resp, _) = send(&client, get(addr, "/ok")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-ratelimit-remaining"], "0");
+
+    let (resp, body) = send(&client, get(addr, "/ok")).await;
+    assert_eq!(resp.status(), 429);
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(
+        json_field(&body, "code"),
+        Some("TOO_MANY_REQUESTS"),
+        "{body}"
+    );
+    assert!(json_field(&body, "request_id").is_some());
+    let h = resp.headers();
+    let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+    assert_eq!(retry, 90, "blocked for block_for");
+    assert_eq!(h["ratelimit"], format!("\"{p}\";r=0;t=90").as_str());
+    assert_eq!(h["x-ratelimit-remaining"], "0");
+    assert_eq!(h["ratelimit-policy"], format!("\"{p}\";q=2;w=60").as_str());
+    assert!(h.contains_key("x-request-id"));
+    assert_eq!(up.requests(), 2 + 5);
+    px.shutdown().await;
+}
+
+// === Redis failures under load ===
+
+#[derive(Default, Debug)]
+struct LoadReport {
+    statuses: HashMap<u16, usize>,
+    max_latency: Duration,
+}
+
+impl LoadReport {
+    fn server_errors(&self) -> usize {
+        self.statuses
+            .iter()
+            .filter(|(s, _)| **s >= 500)
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+/// `tasks` clients sending requests (each with a fresh `x-user`, so never limited) until
+/// `stop`, at most 20_000 each and 60 s in all.
+fn background_load(
+    addr: SocketAddr,
+    tasks: usize,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<LoadReport> {
+    tokio::spawn(async move {
+        let mut handles = Vec::new();
+        for t in 0..tasks {
+            let stop = stop.clone();
+            handles.push(tokio::spawn(async move {
+                let client = http1();
+                let mut report = LoadReport::default();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                for i in 0..20_000 {
+                    if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                        break;
+                    }
+                    let user = format!("load-{t}-{i}");
+                    let started = Instant::now();
+                    let (resp, _) = send(&client, request(addr, "/ok", &[("x-user", &user)])).await;
+                    report.max_latency = report.max_latency.max(started.elapsed());
+                    *report.statuses.entry(resp.status().as_u16()).or_default() += 1;
+                    // Keep the 2 shared cores usable for the rest of the test.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                report
+            }));
+        }
+        let mut all = LoadReport::default();
+        for h in handles {
+            let r = h.await.unwrap();
+            all.max_latency = all.max_latency.max(r.max_latency);
+            for (s, n) in r.statuses {
+                *all.statuses.entry(s).or_default() += n;
+            }
+        }
+        all
+    })
+}
+
+/// How the outage is made and ended.
+#[derive(Clone, Copy)]
+enum Outage {
+    Kill,
+    Freeze,
+}
+
+/// Redis fails under load: no 5xx, no request waits beyond the Redis timeout (plus a
+/// margin for a loaded 2-core machine), the limit still holds from memory at
+/// points/replicas, and once Redis is back decisions return to it within seconds.
+async fn outage_under_load(test: &str, outage: Outage) {
+    let Some(mut redis) = RedisServer::own(test).await else {
+        return;
+    };
+    let up = Upstream::start().await;
+    let p = unique("out");
+    let timeout = Duration::from_millis(50);
+    let yaml = config(
+        &up.url(),
+        &p,
+        &format!("{}replicas: 2\n", redis_section(&redis.url, "50ms")),
+        &[format!(
+            "{p}: {{ points: 20, per: 60s, key: \"header:x-user\", store: redis }}"
+        )],
+    );
+    let px = start(&yaml).await;
+    let addr = px.addr("main").unwrap();
+    let admin = px.admin_addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = background_load(addr, 4, stop.clone());
+
+    let redis_allowed = decisions(&p, "allowed", "redis");
+    assert_eventually!(
+        value(&metrics(admin).await, &redis_allowed) >= 20.0,
+        "decisions go to Redis at first"
+    );
+
+    match outage {
+        Outage::Kill => redis.kill(),
+        Outage::Freeze => redis.freeze(),
+    }
+    assert_eventually!(
+        value(&metrics(admin).await, "rampart_ratelimit_fallback_active") == 1.0,
+        "the breaker opens"
+    );
+
+    // The limit still holds, from memory, at 20 / 2 replicas.
+    let client = http1();
+    let mut ok = 0;
+    for _ in 0..30 {
+        let started = Instant::now();
+        let (resp, _) = send(&client, request(addr, "/ok", &[("x-user", "victim")])).await;
+        assert!(started.elapsed() < timeout + Duration::from_millis(450));
+        match resp.status().as_u16() {
+            200 => ok += 1,
+            429 => {}
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    assert_eq!(ok, 10, "points / replicas from the memory fallback");
+    let m = metrics(admin).await;
+    assert!(
+        value(&m, &decisions(&p, "allowed", "memory")) >= 10.0,
+        "{m}"
+    );
+    assert_eq!(
+        value(&m, &decisions(&p, "allowed", "fail_open")),
+        0.0,
+        "{m}"
+    );
+    // Let the load run through a probe or two against the dead Redis.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let before = value(&metrics(admin).await, &redis_allowed);
+    match outage {
+        Outage::Kill => redis.restart().await,
+        Outage::Freeze => redis.thaw(),
+    }
+    let back = Instant::now();
+    assert_eventually!(
+        {
+            let m = metrics(admin).await;
+            value(&m, "rampart_ratelimit_fallback_active") == 0.0
+                && value(&m, &redis_allowed) > before
+        },
+        "decisions return to Redis"
+    );
+    eprintln!("{test}: back on Redis {:?} after it was", back.elapsed());
+    let m = metrics(admin).await;
+    assert!(
+        value(
+            &m,
+            "rampart_ratelimit_fallback_transitions_total{to=\"redis\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    let report = load.await.unwrap();
+    eprintln!("{test}: load {report:?}");
+    assert_eq!(report.server_errors(), 0, "{report:?}");
+    assert!(
+        report.statuses.get(&200).copied().unwrap_or(0) > 100,
+        "{report:?}"
+    );
+    assert!(
+        report.max_latency < timeout + Duration::from_millis(450),
+        "a request waited {:?}",
+        report.max_latency
+    );
+    px.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_under_load_falls_back_to_memory_and_comes_back() {
+    outage_under_load(
+        "redis_killed_under_load_falls_back_to_memory_and_comes_back",
+        Outage::Kill,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_frozen_under_load_times_out_instead_of_hanging() {
+    outage_under_load(
+        "redis_frozen_under_load_times_out_instead_of_hanging",
+        Outage::Freeze,
+    )
+    .await;
+}
+
+// === Sentinel ===
+
+/// The master is found through Sentinel; after a fail-over the old master answers READONLY,
+/// rampart asks the sentinel again and its decisions land on the new master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_finds_the_master_and_follows_a_failover() {
+    let test = "sentinel_finds_the_master_and_follows_a_failover";
+    // Diskless sync waits 5 s for more replicas by default.
+    let Some(master) = RedisServer::spawn(test, &["--repl-diskless-sync-delay", "0"]).await else {
+        return;
+    };
+    let port = master.port.to_string();
+    let Some(replica) =
+        RedisServer::spawn(test, &["--replicaof", "127.0.0.1", port.as_str()]).await
+    else {
+        return;
+    };
+    let in_sync = || async {
+        redis::command(replica.port, &["INFO", "replication"])
+            .await
+            .contains("master_link_status:up")
+    };
+    assert_eventually!(in_sync().await, "the replica syncs");
+    let name = unique("m");
+    let sentinel = redis::Sentinel::start(&name, master.port).await;
+    let knows_replica = || async {
+        redis::command(sentinel.port, &["SENTINEL", "replicas", &name])
+            .await
+            .contains(&replica.port.to_string())
+    };
+    // Sentinel discovers replicas from the master's INFO, every 10 s at most.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !knows_replica().await {
+        assert!(Instant::now() < deadline, "sentinel never saw the replica");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let up = Upstream::start().await;
+    let p = unique("sen");
+    let top = format!(
+        "\nredis:\n  sentinel:\n    master: {name}\n    addresses: [\"127.0.0.1:{}\"]\n  timeout: 200ms\n",
+        sentinel.port
+    );
+    let px = start(&config(
+        &up.url(),
+        &p,
+        &top,
+        &[format!(
+            "{p}: {{ points: 3, per: 60s, key: \"header:x-user\" }}"
+        )],
+    ))
+    .await;
+    let addr = px.addr("main").unwrap();
+    let client = http1();
+    let mut ok = 0;
+    for _ in 0..5 {
+        let (resp, _) = send(&client, request(addr, "/ok", &[("x-user", "before")])).await;
+        ok += usize::from(resp.status() == 200);
+    }
+    assert_eq!(ok, 3);
+    let key_before = format!("rl:{{{p}}}:h:before");
+    assert!(
+        redis::command(master.port, &["EXISTS", &key_before])
+            .await
+            .contains(":1")
+    );
+
+    let reply = redis::command(sentinel.port, &["SENTINEL", "FAILOVER", &name]).await;
+    assert!(reply.starts_with("+OK"), "{reply}");
+    let promoted = || async {
+        redis::command(
+            sentinel.port,
+            &["SENTINEL", "get-master-addr-by-name", &name],
+        )
+        .await
+        .contains(&replica.port.to_string())
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !promoted().await {
+        assert!(Instant::now() < deadline, "sentinel did not fail over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Requests keep being answered; within seconds their counts land on the new master.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut i = 0;
+    loop {
+        let user = format!("after-{i}");
+        let (resp, _) = send(&client, request(addr, "/ok", &[("x-user", &user)])).await;
+        assert_eq!(resp.status(), 200);
+        let key = format!("rl:{{{p}}}:h:{user}");
+        if redis::command(replica.port, &["EXISTS", &key])
+            .await
+            .contains(":1")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "decisions never reached the new master"
+        );
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // From now on the new master decides: a fresh user gets exactly its 3 points, and its
+    // count is there. (Counts written to the old master after the promotion are lost with
+    // it: Redis replication is asynchronous.)
+    let mut ok = 0;
+    for _ in 0..5 {
+        let (resp, _) = send(&client, request(addr, "/ok", &[("x-user", "settled")])).await;
+        ok += usize::from(resp.status() == 200);
+    }
+    let m = metrics(px.admin_addr).await;
+    assert_eq!(ok, 3, "{m}");
+    let key = format!("rl:{{{p}}}:h:settled");
+    let on_new = redis::command(replica.port, &["HGET", &key, "c"]).await;
+    assert!(
+        on_new.contains("\r\n4\r\n"),
+        "count on the new master: {on_new:?}\n{m}"
+    );
+    px.shutdown().await;
+}
