@@ -8,4 +8,6 @@ pub mod demo;
 pub mod error;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod server;
+pub mod shutdown;

@@ -31,6 +31,28 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// By name, sorted (stable summaries and error messages).
     pub upstreams: BTreeMap<String, UpstreamConfig>,
+    pub drain: DrainConfig,
+}
+
+/// The shutdown sequence (`drain:`), see `shutdown.rs`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DrainConfig {
+    /// After the signal, readiness fails but traffic is still accepted this long, while load
+    /// balancers converge. Default 5s; 0 allowed; less than `timeout`.
+    pub accept_grace: Duration,
+    /// The whole drain, counted from the signal: at this deadline open SSE streams get a
+    /// final event and what is left is cut. Default 30s.
+    pub timeout: Duration,
+}
+
+/// When a listener stops accepting during a drain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainMode {
+    /// Stops after `drain.accept_grace` (traffic coming into the pod).
+    Inbound,
+    /// Keeps accepting until the drain deadline, or until the inbound side has drained and
+    /// nothing is connected any more: the app's own outbound calls while it finishes.
+    Egress,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -70,6 +92,8 @@ pub struct ListenerConfig {
     /// Number of request headers. Default 100.
     pub max_headers: usize,
     pub http2: Http2Config,
+    /// Default inbound.
+    pub drain: DrainMode,
     pub routes: Vec<RouteConfig>,
 }
 
@@ -234,11 +258,16 @@ impl Config {
         for l in &self.listeners {
             let _ = writeln!(
                 s,
-                "listener  {} on {} ({} routes, max {} connections)",
+                "listener  {} on {} ({} routes, max {} connections{})",
                 l.name,
                 l.listen,
                 l.routes.len(),
-                l.max_connections
+                l.max_connections,
+                if l.drain == DrainMode::Egress {
+                    ", egress"
+                } else {
+                    ""
+                }
             );
             for r in &l.routes {
                 let methods = r
@@ -266,6 +295,12 @@ impl Config {
                 );
             }
         }
+        let _ = writeln!(
+            s,
+            "drain     accept grace {}, timeout {}",
+            humantime::format_duration(self.drain.accept_grace),
+            humantime::format_duration(self.drain.timeout)
+        );
         for u in self.upstreams.values() {
             let eps: Vec<String> = u.endpoints.iter().map(|e| e.to_string()).collect();
             let _ = writeln!(

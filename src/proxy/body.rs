@@ -15,7 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::proxy::access_log::AccessRecord;
+use crate::proxy::access_log::{AccessRecord, Outcome};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -233,6 +233,14 @@ impl ProxyBody {
     pub fn with_log(mut self, record: Option<Box<AccessRecord>>) -> Self {
         self.log = record;
         self
+    }
+
+    /// rampart ended this stream itself at the drain deadline (server::finale), so the access
+    /// log says `drained`, not `client_aborted`.
+    pub fn mark_drained(&mut self) {
+        if let Some(log) = self.log.as_deref_mut() {
+            log.outcome = Outcome::Drained;
+        }
     }
 }
 

@@ -17,6 +17,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use crate::config::{Cidr, Config};
+use crate::reload::KeyedState;
+use crate::shutdown::{Background, InFlight};
 use forward::{Upstream, UpstreamClient};
 use route::Route;
 
@@ -77,13 +79,20 @@ impl Snapshot {
     }
 }
 
-/// State shared by every listener and the admin endpoints.
+/// State shared by every listener and the admin endpoints. It outlives every snapshot:
+/// state kept by name (limiters, breakers, endpoint health, caches) lives here, not in the
+/// `Snapshot`, so a reload keeps it for the names that still exist (see `keyed_state`).
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     /// Frozen after start-up; `/metrics` encodes it.
     pub registry: Arc<prometheus_client::registry::Registry>,
-    /// Set when shutdown starts: new requests get 503 SERVICE_UNAVAILABLE.
+    /// Set when a drain starts: `/readyz` answers 503 (traffic is still served during the
+    /// accept grace; connections told to close answer 503 themselves, see server.rs).
     pub draining: AtomicBool,
+    /// Requests and SSE streams in flight, for the drain.
+    pub in_flight: Arc<InFlight>,
+    /// Stopped at the end of a drain, before the pools close.
+    pub background: Background,
 }
 
 impl Shared {
@@ -92,7 +101,16 @@ impl Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             registry: Arc::new(registry),
             draining: AtomicBool::new(false),
+            in_flight: Arc::new(InFlight::default()),
+            background: Background::default(),
         })
+    }
+
+    /// Every registry of state kept by name. A reload calls `reconcile` on each with the new
+    /// configuration before the new snapshot is swapped in. Add one entry per registry,
+    /// e.g. `vec![&self.limiters, &self.breakers]`.
+    pub fn keyed_state(&self) -> Vec<&dyn KeyedState> {
+        Vec::new()
     }
 }
 

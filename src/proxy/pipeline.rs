@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use bytes::BytesMut;
 use http::{HeaderValue, Request, Response, StatusCode, Version, header};
@@ -19,6 +18,7 @@ use crate::proxy::access_log::{AccessRecord, Outcome};
 use crate::proxy::body::{BodyError, ProxyBody, RequestBody, TimedBody};
 use crate::proxy::headers::{self, X_REQUEST_ID};
 use crate::proxy::{ListenerCtx, Snapshot, forward, route, upgrade};
+use crate::server::ConnClosing;
 
 /// The service hyper calls for every request on a traffic listener. Never fails: every
 /// error becomes a JSON answer through `ProxyError::to_response`. `framing_ok` is false when
@@ -92,8 +92,8 @@ async fn proxy(
     start: Instant,
     mut record: Option<&mut AccessRecord>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    // Admission.
-    if ctx.shared.draining.load(Ordering::Relaxed) {
+    // Admission: a request that still arrives on a connection told to close.
+    if req.extensions().get::<ConnClosing>().is_some() {
         return Err(ProxyError::ShuttingDown);
     }
     let declared_len = headers::check_framing(req.headers()).map_err(ProxyError::BadRequest)?;
