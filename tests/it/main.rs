@@ -4,5 +4,7 @@ mod support;
 
 mod cli;
 mod config;
+mod drain;
 mod h2;
 mod proxy;
+mod reload;
