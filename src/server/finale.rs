@@ -50,7 +50,7 @@ pub fn track(
             wait: Box::pin(async move { reached(&mut phase, Phase::Finale).await }),
             scanner: EventScanner::default(),
             state: State::Streaming,
-            _stream: request.stream(),
+            stream: request.stream(),
         })
     });
     resp.map(|inner| TrackedBody {
@@ -122,7 +122,7 @@ struct Finale {
     wait: Pin<Box<dyn Future<Output = ()> + Send>>,
     scanner: EventScanner,
     state: State,
-    _stream: StreamGuard,
+    stream: StreamGuard,
 }
 
 impl Finale {
@@ -137,7 +137,7 @@ impl Finale {
                 State::Final => {
                     self.state = State::Done;
                     inner.mark_drained();
-                    self._stream.ended_by_drain();
+                    self.stream.ended_by_drain();
                     return Poll::Ready(Some(Ok(Frame::data(final_event(jitter())))));
                 }
                 State::Streaming => {

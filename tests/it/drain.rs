@@ -373,3 +373,35 @@ async fn a_second_signal_exits_at_once() {
     );
     assert_eq!(hanging.await.unwrap(), None);
 }
+
+/// In-process: a stream that is silent at the deadline still gets its final event then (the
+/// phase change wakes it), and the access log says `drained`.
+#[tokio::test]
+async fn a_silent_stream_gets_its_final_event_at_the_deadline() {
+    logs::capture();
+    let up = Upstream::start().await;
+    let yaml = one_route(&up.url(), "", "") + "drain: { accept_grace: 0s, timeout: 1s }\n";
+    let px = start(&yaml).await;
+    let a = px.addr("main").unwrap();
+    // One event, then ten seconds of silence.
+    let stream = tokio::spawn(load::sse_with(
+        a,
+        "/sse?n=2&gap=10000",
+        "x-request-id: silent-stream-1\r\n",
+    ));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t0 = Instant::now();
+    let report = px.drain().await;
+    let s = stream.await.unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    assert!(!report.finished, "{report:?}");
+    assert_eq!((report.streams_ended, report.requests_cut), (1, 0));
+    assert!(s.clean_end && s.data_events() == 1, "{s:?}");
+    assert!(s.last().starts_with("event: error\n"), "{s:?}");
+    crate::assert_eventually!(
+        logs::lines_with("silent-stream-1").len() == 1,
+        "no access line"
+    );
+    let line = &logs::lines_with("silent-stream-1")[0];
+    assert!(line.contains("outcome=\"drained\""), "{line}");
+}

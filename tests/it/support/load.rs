@@ -269,6 +269,11 @@ impl SseOutcome {
 
 /// Reads one SSE response to its end.
 pub async fn sse(addr: SocketAddr, path: &str) -> SseOutcome {
+    sse_with(addr, path, "").await
+}
+
+/// The same, with header lines (`name: value\r\n`) added to the request.
+pub async fn sse_with(addr: SocketAddr, path: &str, headers: &str) -> SseOutcome {
     let mut c = Http1Conn::new(addr);
     let mut out = SseOutcome::default();
     let Ok(s) = TcpStream::connect(addr).await else {
@@ -276,7 +281,8 @@ pub async fn sse(addr: SocketAddr, path: &str) -> SseOutcome {
         return out;
     };
     c.stream = Some(s);
-    let req = format!("GET {path} HTTP/1.1\r\nhost: test\r\naccept: text/event-stream\r\n\r\n");
+    let req =
+        format!("GET {path} HTTP/1.1\r\nhost: test\r\naccept: text/event-stream\r\n{headers}\r\n");
     if c.stream
         .as_mut()
         .unwrap()
