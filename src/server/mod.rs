@@ -404,3 +404,16 @@ impl Drop for OpenGuard {
 pub async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_second_socket_binds_the_same_port_while_the_first_listens() {
+        let first = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = first.local_addr().unwrap();
+        let second = bind(addr).expect("SO_REUSEPORT lets a new process take over");
+        assert_eq!(second.local_addr().unwrap(), addr);
+    }
+}

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::support::load::{self, LoadPlan, LoadStats};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::load::{self, Attempt, Http1Conn, LoadPlan, LoadStats};
 use crate::support::process::{Proc, admin_get, free_port, one_shot, temp_dir};
 use crate::support::*;
 
@@ -290,7 +293,27 @@ async fn egress_listener_serves_through_the_grace_and_the_drain() {
     );
     px.wait_ready().await;
     // Keeps the inbound side busy until 1.9 s after the drain starts.
-    let long = tokio::spawn(one_shot(addr(port), "GET", "/delay/2000", b""));
+    let long = tokio::spawn(async move {
+        match Http1Conn::new(addr(port))
+            .request("GET", "/delay/2000", b"")
+            .await
+        {
+            Attempt::Response(r) => Some((r.status, r.header("connection").map(str::to_owned))),
+            _ => None,
+        }
+    });
+    // An idle keep-alive connection, to be closed when the listener closes.
+    let mut idle = TcpStream::connect(addr(port)).await.unwrap();
+    idle.write_all(b"GET /ok HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while !got.ends_with(b"ok") {
+        let mut buf = [0u8; 1024];
+        let n = idle.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     let t0 = Instant::now();
@@ -307,18 +330,23 @@ async fn egress_listener_serves_through_the_grace_and_the_drain() {
         one_shot(addr(egress), "GET", "/ok", b"").await.map(|r| r.0),
     );
     tokio::time::sleep_until((t0 + GRACE + Duration::from_millis(300)).into()).await;
+    // Closed by now: EOF, no bytes.
+    let idle_closed = matches!(
+        tokio::time::timeout(Duration::from_millis(100), idle.read(&mut [0u8; 64])).await,
+        Ok(Ok(0))
+    );
     let after_grace = (
         one_shot(addr(port), "GET", "/ok", b"").await.map(|r| r.0),
         one_shot(addr(egress), "GET", "/ok", b"").await.map(|r| r.0),
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let later = one_shot(addr(egress), "GET", "/ok", b"").await.map(|r| r.0);
-    let long = long.await.unwrap().map(|r| r.0);
+    let long = long.await.unwrap();
     let status = px.wait_exit(TIMEOUT + Duration::from_secs(2)).await;
     let exit_after = t0.elapsed();
     println!(
         "egress: during grace inbound {:?} egress {:?}; after grace inbound {:?} (port released) egress {:?}, then {:?}; \
-         in-flight inbound {:?}; exit {:?} after {exit_after:?} (deadline {TIMEOUT:?})",
+         in-flight inbound {:?}; idle keep-alive closed {idle_closed}; exit {:?} after {exit_after:?} (deadline {TIMEOUT:?})",
         in_grace.0,
         in_grace.1,
         after_grace.0,
@@ -331,7 +359,9 @@ async fn egress_listener_serves_through_the_grace_and_the_drain() {
     assert_eq!(in_grace, (Some(200), Some(200)), "{stderr}");
     assert_eq!(after_grace, (None, Some(200)), "{stderr}");
     assert_eq!(later, Some(200), "{stderr}");
-    assert_eq!(long, Some(200), "{stderr}");
+    // The response in flight when the listener closed says the connection closes after it.
+    assert_eq!(long, Some((200, Some("close".to_string()))), "{stderr}");
+    assert!(idle_closed, "the idle keep-alive connection was not closed");
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{stderr}");
     assert!(
         exit_after < TIMEOUT,
