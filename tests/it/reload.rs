@@ -217,6 +217,32 @@ async fn a_changed_listen_address_is_bound_anew_and_the_old_listener_drained() {
         "the old listener still accepts"
     );
     assert_eq!(in_flight.await.unwrap().map(|r| r.0), Some(200));
+
+    // Same port, other connection settings: a new socket beside the old one, no gap.
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = load::start_load(
+        LoadPlan {
+            addr: addr(p2),
+            paths: vec!["/ok".into()],
+            pace: Duration::from_millis(5),
+            max_requests: 2_000,
+            max_time: Duration::from_secs(10),
+            stop_on_refused: false,
+        },
+        4,
+        &stop,
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let text = one_listener(p2, &up.url()).replace("routes:", "max_connections: 500\n    routes:");
+    std::fs::write(&path, text).unwrap();
+    let report = px.reload().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let stats = load::collect(workers).await;
+    let rebound = format!("listener main: settings changed, bound anew on 127.0.0.1:{p2}");
+    assert!(report.changes.contains(&rebound), "{report:?}");
+    assert!(stats.failures.is_empty(), "{:?}", stats.failures);
+    assert!(stats.ok > 0);
     assert!(px.shutdown().await);
 }
 
