@@ -1,18 +1,23 @@
-//! Wiring: build the snapshot, bind every listener (all or nothing), serve, and shut down
-//! in order on a signal.
+//! Wiring: build the snapshot, bind every listener (all or nothing), serve. One supervisor
+//! task owns the running listeners and carries out what changes them, one thing at a time:
+//! reloads (SIGHUP, `POST /admin/reload`) and the drain (`shutdown.rs`). Signals are handled
+//! in `run` only, so tests can start rampart in-process without them.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::admin::AdminCtx;
 use crate::config::Config;
 use crate::proxy::resilience::{UpstreamMetrics, UpstreamStates};
-use crate::proxy::{ListenerCtx, Shared, Snapshot};
-use crate::server;
+use crate::proxy::{Shared, Snapshot};
+use crate::reload::{self, ReloadMetrics, ReloadReport};
+use crate::server::{self, Server};
+use crate::shutdown::{self, DrainReport, Signal, Signals};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -26,44 +31,169 @@ pub enum StartError {
     Tls(String),
 }
 
-/// Connections still open this long after shutdown starts are cut.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A started proxy. Dropping it does not stop it; call `shutdown`.
-pub struct Running {
-    pub shared: Arc<Shared>,
-    listeners: Vec<(String, SocketAddr)>,
-    pub admin_addr: SocketAddr,
-    stop: watch::Sender<bool>,
-    tasks: JoinSet<bool>,
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("{signal}: exited at once, {requests} request(s) in flight cut")]
+    Forced {
+        signal: &'static str,
+        requests: usize,
+    },
 }
 
+/// How long background tasks get to stop at the end of a drain.
+const BACKGROUND_STOP: Duration = Duration::from_secs(2);
+
+/// A started proxy. Dropping it does not stop it; call `shutdown` or `drain`.
+pub struct Running {
+    pub shared: Arc<Shared>,
+    /// The admin listener's address at start (a reload may move it).
+    pub admin_addr: SocketAddr,
+    control: Control,
+    addrs: Addrs,
+    done: watch::Receiver<Option<DrainReport>>,
+}
+
+type Addrs = Arc<Mutex<Vec<(String, SocketAddr)>>>;
+
 impl Running {
-    /// The bound address of a listener (useful with port 0).
+    /// The bound address of a listener (useful with port 0); follows reloads.
     pub fn addr(&self, listener: &str) -> Option<SocketAddr> {
-        self.listeners
+        self.addrs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
             .iter()
             .find(|(n, _)| n == listener)
             .map(|(_, a)| *a)
     }
 
-    /// Stops accepting, lets connections finish (at most the drain timeout), and returns
-    /// whether everything finished in time.
-    pub async fn shutdown(mut self) -> bool {
-        self.shared.draining.store(true, Ordering::Relaxed);
-        let _ = self.stop.send(true);
-        let mut clean = true;
-        while let Some(r) = self.tasks.join_next().await {
-            clean &= r.unwrap_or(false);
-        }
-        clean
+    pub fn control(&self) -> Control {
+        self.control.clone()
+    }
+
+    /// Re-reads the configuration file, as SIGHUP does.
+    pub async fn reload(&self) -> ReloadReport {
+        self.control.reload().await
+    }
+
+    /// Applies an already validated configuration, as a reload would (for in-process use).
+    pub async fn apply(&self, config: Config) -> ReloadReport {
+        self.control.request_reload(Some(config)).await
+    }
+
+    /// The whole drain sequence, as SIGTERM starts it; returns when it is over.
+    pub async fn drain(&self) -> DrainReport {
+        self.control.drain_and_wait(false).await
+    }
+
+    /// Stops accepting now (no accept grace), lets connections finish (at most the drain
+    /// timeout), and returns whether everything finished in time.
+    pub async fn shutdown(self) -> bool {
+        self.control.drain_and_wait(true).await.finished
+    }
+
+    /// Waits until a drain, however started, is over.
+    pub async fn drained(&self) -> DrainReport {
+        let mut done = self.done.clone();
+        wait_done(&mut done).await
     }
 }
 
-/// Binds everything first so a port conflict refuses the start with nothing served.
+async fn wait_done(done: &mut watch::Receiver<Option<DrainReport>>) -> DrainReport {
+    match done.wait_for(Option::is_some).await {
+        Ok(r) => r.clone().unwrap_or_else(gone),
+        // The supervisor is gone without a report: nothing is left running.
+        Err(_) => gone(),
+    }
+}
+
+fn gone() -> DrainReport {
+    DrainReport {
+        finished: false,
+        elapsed: Duration::ZERO,
+        requests_cut: 0,
+        streams_ended: 0,
+    }
+}
+
+/// Asks the supervisor for reloads and drains (admin endpoints, signals, tests).
+#[derive(Clone)]
+pub struct Control {
+    tx: mpsc::Sender<Command>,
+}
+
+enum Command {
+    Reload {
+        /// None: read the file again.
+        config: Option<Box<Config>>,
+        reply: oneshot::Sender<ReloadReport>,
+    },
+    Drain {
+        skip_grace: bool,
+        reply: Option<oneshot::Sender<DrainReport>>,
+    },
+}
+
+impl Control {
+    pub async fn reload(&self) -> ReloadReport {
+        self.request_reload(None).await
+    }
+
+    async fn request_reload(&self, config: Option<Config>) -> ReloadReport {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(Command::Reload {
+                config: config.map(Box::new),
+                reply,
+            })
+            .await
+            .is_err()
+        {
+            return ReloadReport::refused("rampart has shut down");
+        }
+        rx.await
+            .unwrap_or_else(|_| ReloadReport::refused("rampart has shut down"))
+    }
+
+    /// Starts the drain unless one is running; returns at once.
+    pub async fn start_drain(&self) {
+        let _ = self
+            .tx
+            .send(Command::Drain {
+                skip_grace: false,
+                reply: None,
+            })
+            .await;
+    }
+
+    async fn drain_and_wait(&self, skip_grace: bool) -> DrainReport {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Drain {
+            skip_grace,
+            reply: Some(reply),
+        };
+        if self.tx.send(cmd).await.is_err() {
+            return gone();
+        }
+        rx.await.unwrap_or_else(|_| gone())
+    }
+}
+
+/// Starts from a configuration with no file behind it: a reload can only `apply`.
 pub async fn start(config: Config) -> Result<Running, StartError> {
+    start_with_file(config, None).await
+}
+
+/// Binds everything first so a port conflict refuses the start with nothing served. `path`
+/// is the file SIGHUP and `POST /admin/reload` read again.
+pub async fn start_with_file(config: Config, path: Option<PathBuf>) -> Result<Running, StartError> {
     let mut registry = crate::metrics::new_registry();
     // Subsystems register their metrics here, before the registry is frozen in `Shared`.
+    let reload_metrics = ReloadMetrics::register(&mut registry);
     let upstream_states = Arc::new(UpstreamStates::new(UpstreamMetrics::register(
         &mut registry,
     )));
@@ -88,78 +218,330 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     })?;
     let admin_addr = admin.local_addr().unwrap_or(config.admin.listen);
 
-    let (stop, stop_rx) = watch::channel(false);
-    let mut tasks = JoinSet::new();
-    let mut listeners = Vec::new();
-    for (cfg, listener) in bound {
-        let addr = listener.local_addr().unwrap_or(cfg.listen);
-        tracing::info!(listener = %cfg.name, %addr, "listening");
-        listeners.push((cfg.name.clone(), addr));
-        let ctx = Arc::new(ListenerCtx {
-            name: Arc::from(cfg.name.as_str()),
-            shared: shared.clone(),
-            proto: "http",
-            in_flight: Arc::default(),
-        });
-        let stop_rx = stop_rx.clone();
-        tasks
-            .spawn(async move { server::serve(listener, ctx, &cfg, stop_rx, DRAIN_TIMEOUT).await });
-    }
+    let (tx, rx) = mpsc::channel(16);
+    let control = Control { tx };
+    let servers: Vec<Arc<Server>> = bound
+        .into_iter()
+        .map(|(cfg, listener)| {
+            let s = Server::start(listener, cfg, shared.clone());
+            tracing::info!(listener = &*s.name, addr = %s.addr, "listening");
+            Arc::new(s)
+        })
+        .collect();
     tracing::info!(addr = %admin_addr, "admin listening");
-    let admin_shared = shared.clone();
-    let admin_stop = stop_rx.clone();
-    tasks.spawn(async move {
-        crate::admin::serve(admin, admin_shared, admin_stop).await;
-        true
-    });
+    let admin_stop = spawn_admin(admin, &shared, &control);
+    let addrs: Addrs = Arc::new(Mutex::new(Vec::new()));
+    let supervisor = Supervisor {
+        shared: shared.clone(),
+        path,
+        config,
+        servers,
+        retiring: Vec::new(),
+        admin_stop,
+        addrs: addrs.clone(),
+        metrics: reload_metrics,
+        control: control.clone(),
+    };
+    supervisor.publish_addrs();
+    let (done_tx, done) = watch::channel(None);
+    tokio::spawn(supervisor.run(rx, done_tx));
     Ok(Running {
         shared,
-        listeners,
         admin_addr,
-        stop,
-        tasks,
+        control,
+        addrs,
+        done,
     })
 }
 
-/// Runs until SIGTERM or SIGINT, then shuts down. A second signal exits at once.
-pub async fn run(config: Config) -> Result<(), StartError> {
-    let running = start(config).await?;
-    wait_for_signal().await;
-    tracing::info!("shutdown signal received, draining");
-    let shutdown = running.shutdown();
-    tokio::select! {
-        clean = shutdown => {
-            if clean {
-                tracing::info!("drained, exiting");
-            } else {
-                tracing::warn!("drain timed out, remaining connections cut");
-            }
-        }
-        _ = wait_for_signal() => tracing::warn!("second signal, exiting at once"),
-    }
-    Ok(())
+fn spawn_admin(
+    listener: tokio::net::TcpListener,
+    shared: &Arc<Shared>,
+    control: &Control,
+) -> watch::Sender<bool> {
+    let (stop, stop_rx) = watch::channel(false);
+    let ctx = Arc::new(AdminCtx {
+        shared: shared.clone(),
+        control: control.clone(),
+    });
+    tokio::spawn(crate::admin::serve(listener, ctx, stop_rx));
+    stop
 }
 
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let term = signal(SignalKind::terminate());
-        let int = signal(SignalKind::interrupt());
-        match (term, int) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
+/// Runs until the drain that SIGTERM, SIGINT or `POST /admin/drain` starts is over. SIGHUP
+/// reloads the file. During the drain, SIGTERM, SIGINT or SIGQUIT exits at once; SIGQUIT
+/// before it, too.
+pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
+    let mut signals = Signals::install().map_err(RunError::Signals)?;
+    let running = start_with_file(config, path).await?;
+    let mut done = running.done.clone();
+    let mut draining = false;
+    loop {
+        let signal = tokio::select! {
+            report = wait_done(&mut done) => {
+                log_exit(&report);
+                return Ok(());
             }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
+            s = signals.recv() => s,
+        };
+        let forced = || RunError::Forced {
+            signal: signal.name(),
+            requests: running.shared.in_flight.requests(),
+        };
+        match signal {
+            Signal::Hangup if draining || running.shared.draining.load(Ordering::Relaxed) => {
+                tracing::info!("SIGHUP ignored: draining");
+            }
+            Signal::Hangup => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                running.reload().await;
+            }
+            Signal::Quit => {
+                let e = forced();
+                tracing::warn!("{e}");
+                return Err(e);
+            }
+            Signal::Terminate | Signal::Interrupt if draining => {
+                let e = forced();
+                tracing::warn!("second signal: {e}");
+                return Err(e);
+            }
+            Signal::Terminate | Signal::Interrupt => {
+                draining = true;
+                tracing::info!(signal = signal.name(), "shutdown signal received");
+                // Joins a drain `POST /admin/drain` already started.
+                running.control.start_drain().await;
             }
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+}
+
+fn log_exit(report: &DrainReport) {
+    if report.finished {
+        tracing::info!("exiting");
+    } else {
+        tracing::warn!(
+            requests_cut = report.requests_cut,
+            streams_ended_with_final_event = report.streams_ended,
+            "exiting after a drain that timed out"
+        );
+    }
+}
+
+// === the supervisor ===
+
+struct Supervisor {
+    shared: Arc<Shared>,
+    path: Option<PathBuf>,
+    config: Config,
+    /// The current listeners, in configuration order.
+    servers: Vec<Arc<Server>>,
+    /// Listeners replaced by a reload that may still be draining.
+    retiring: Vec<Arc<Server>>,
+    admin_stop: watch::Sender<bool>,
+    addrs: Addrs,
+    metrics: ReloadMetrics,
+    /// Handed to a new admin listener when a reload moves it.
+    control: Control,
+}
+
+impl Supervisor {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        done: watch::Sender<Option<DrainReport>>,
+    ) {
+        let (skip_grace, mut waiters) = loop {
+            match rx.recv().await {
+                Some(Command::Reload { config, reply }) => {
+                    let report = self.reload(config.map(|c| *c)).await;
+                    let _ = reply.send(report);
+                }
+                Some(Command::Drain { skip_grace, reply }) => {
+                    break (skip_grace, reply.into_iter().collect::<Vec<_>>());
+                }
+                None => return,
+            }
+        };
+
+        // Step 1: readiness fails before anything else changes.
+        self.shared.draining.store(true, Ordering::Relaxed);
+        self.retiring.retain(|s| !s.is_finished());
+        let servers = self.servers.iter().chain(&self.retiring).cloned().collect();
+        let drain = shutdown::drain(
+            servers,
+            self.shared.in_flight.clone(),
+            self.config.drain.clone(),
+            skip_grace,
+        );
+        tokio::pin!(drain);
+        let report = loop {
+            tokio::select! {
+                r = &mut drain => break r,
+                Some(cmd) = rx.recv() => match cmd {
+                    Command::Reload { reply, .. } => {
+                        let r = ReloadReport::refused("a drain is in progress");
+                        r.log();
+                        let _ = reply.send(r);
+                    }
+                    Command::Drain { reply, .. } => waiters.extend(reply),
+                },
+            }
+        };
+        // Step 5: background tasks stop, then the pools close (Postgres, then Redis, as the
+        // users' shutdown does), once no request can use them any more.
+        self.shared.background.stop(BACKGROUND_STOP).await;
+        report.log();
+        self.admin_stop.send_replace(true);
+        for w in waiters {
+            let _ = w.send(report.clone());
+        }
+        done.send_replace(Some(report));
+    }
+
+    async fn reload(&mut self, given: Option<Config>) -> ReloadReport {
+        let report = self.try_reload(given).await;
+        self.metrics.record(&report);
+        report.log();
+        report
+    }
+
+    async fn try_reload(&mut self, given: Option<Config>) -> ReloadReport {
+        let config = match given {
+            Some(c) => c,
+            None => {
+                let Some(path) = self.path.clone() else {
+                    return ReloadReport::error(vec![
+                        "no configuration file to reload: started from a configuration string"
+                            .into(),
+                    ]);
+                };
+                // Reading the file (and CA files it names) blocks.
+                match tokio::task::spawn_blocking(move || Config::load(&path)).await {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => return ReloadReport::invalid(&e),
+                    Err(e) => return ReloadReport::error(vec![format!("reload failed: {e}")]),
+                }
+            }
+        };
+        let for_build = config.clone();
+        let shared = self.shared.clone();
+        // Building reads CA files and reconfigures the state kept by name (breakers, limiters)
+        // for the names that remain.
+        let snapshot = match tokio::task::spawn_blocking(move || {
+            Snapshot::build(&for_build, &shared.upstream_states, &shared.limiters)
+        })
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return ReloadReport::error(vec![format!("{}: TLS: {e}", config.source)]),
+            Err(e) => return ReloadReport::error(vec![format!("reload failed: {e}")]),
+        };
+
+        // Bind every new or changed listener before anything changes: all or nothing.
+        let mut fresh = Vec::new();
+        for l in &config.listeners {
+            if self
+                .servers
+                .iter()
+                .any(|s| reload::same_server(&s.config, l))
+            {
+                continue;
+            }
+            match server::bind(l.listen) {
+                Ok(listener) => fresh.push((l.clone(), listener)),
+                Err(e) => {
+                    return ReloadReport::error(vec![format!(
+                        "cannot listen on {} (listener {}): {e}",
+                        l.listen, l.name
+                    )]);
+                }
+            }
+        }
+        let admin = if config.admin.listen == self.config.admin.listen {
+            None
+        } else {
+            match server::bind(config.admin.listen) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    return ReloadReport::error(vec![format!(
+                        "cannot listen on {} (admin): {e}",
+                        config.admin.listen
+                    )]);
+                }
+            }
+        };
+
+        // Commit. State kept by name follows first, so the new snapshot finds its names.
+        for state in self.shared.keyed_state() {
+            state.reconcile(&config);
+        }
+        self.shared.snapshot.store(Arc::new(snapshot));
+        let mut changes = vec![format!(
+            "routes and upstreams replaced ({} listeners, {} upstreams)",
+            config.listeners.len(),
+            config.upstreams.len()
+        )];
+        let (kept, replaced): (Vec<_>, Vec<_>) = std::mem::take(&mut self.servers)
+            .into_iter()
+            .partition(|s| {
+                config
+                    .listeners
+                    .iter()
+                    .any(|l| reload::same_server(&s.config, l))
+            });
+        self.servers = kept;
+        for (cfg, listener) in fresh {
+            let old = replaced.iter().find(|s| s.config.name == cfg.name);
+            let s = Server::start(listener, cfg, self.shared.clone());
+            changes.push(match old {
+                Some(old) if old.config.listen != s.config.listen => {
+                    format!("listener {}: now on {} (was {})", s.name, s.addr, old.addr)
+                }
+                Some(_) => format!(
+                    "listener {}: settings changed, bound anew on {}",
+                    s.name, s.addr
+                ),
+                None => format!("listener {}: added on {}", s.name, s.addr),
+            });
+            tracing::info!(listener = &*s.name, addr = %s.addr, "listening");
+            self.servers.push(Arc::new(s));
+        }
+        for old in replaced {
+            if !config.listeners.iter().any(|l| l.name == old.config.name) {
+                changes.push(format!("listener {}: removed", old.name));
+            }
+            changes.push(format!("listener {} on {}: draining", old.name, old.addr));
+            tokio::spawn(shutdown::retire(old.clone(), config.drain.timeout));
+            self.retiring.push(old);
+        }
+        self.retiring.retain(|s| !s.is_finished());
+        self.servers.sort_by_key(|s| {
+            config
+                .listeners
+                .iter()
+                .position(|l| l.name == s.config.name)
+        });
+        self.publish_addrs();
+
+        if let Some(listener) = admin {
+            let addr = listener.local_addr().unwrap_or(config.admin.listen);
+            let stop = spawn_admin(listener, &self.shared, &self.control);
+            // The old admin listener stops accepting; its open connections finish.
+            std::mem::replace(&mut self.admin_stop, stop).send_replace(true);
+            changes.push(format!("admin: now on {addr}"));
+        }
+        let warnings = reload::restart_only_changes(&self.config, &config);
+        self.config = config;
+        ReloadReport::ok(changes, warnings)
+    }
+
+    fn publish_addrs(&self) {
+        let addrs = self
+            .servers
+            .iter()
+            .map(|s| (s.config.name.clone(), s.addr))
+            .collect();
+        *self.addrs.lock().unwrap_or_else(PoisonError::into_inner) = addrs;
     }
 }

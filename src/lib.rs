@@ -13,5 +13,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
 pub mod redis;
+pub mod reload;
 pub mod retry;
 pub mod server;
+pub mod shutdown;

@@ -68,7 +68,10 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(&cfg.logging);
-            block_on(workers, async move { rampart::app::run(cfg).await })
+            // Kept for SIGHUP and POST /admin/reload.
+            block_on(workers, async move {
+                rampart::app::run(cfg, Some(config)).await
+            })
         }
         Command::Demo {
             config,
@@ -83,12 +86,19 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(&cfg.logging);
-            block_on(workers, async move { demo(cfg, upstreams_only).await })
+            block_on(
+                workers,
+                async move { demo(cfg, config, upstreams_only).await },
+            )
         }
     }
 }
 
-async fn demo(cfg: Config, upstreams_only: bool) -> Result<(), Box<dyn std::error::Error>> {
+async fn demo(
+    cfg: Config,
+    path: PathBuf,
+    upstreams_only: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
     let backend = "127.0.0.1:3001".parse()?;
     let llm = "127.0.0.1:3000".parse()?;
     let (b, l) = rampart::demo::start_upstreams(backend, llm).await?;
@@ -116,9 +126,9 @@ async fn demo(cfg: Config, upstreams_only: bool) -> Result<(), Box<dyn std::erro
         );
         eprintln!("  curl -s --http2-prior-knowledge http://127.0.0.1:{i}/api/agents");
         eprintln!("  curl -s http://{admin}/readyz");
-        eprintln!("Ctrl-C drains and exits.\n");
+        eprintln!("Ctrl-C drains and exits (twice: at once); kill -HUP reloads proxy.yaml.\n");
     }
-    rampart::app::run(cfg).await?;
+    rampart::app::run(cfg, Some(path)).await?;
     Ok(())
 }
 

@@ -1,5 +1,5 @@
-//! The admin listener (127.0.0.1:9901 by default): probes and, later, metrics and the
-//! admin API. Kept off the traffic ports so probes never compete with, or leak to, clients.
+//! The admin listener (127.0.0.1:9901 by default): probes, metrics and the admin API. Kept
+//! off the traffic ports so probes never compete with, or leak to, clients.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -7,18 +7,26 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::app::Control;
 use crate::proxy::Shared;
 use crate::proxy::body::ProxyBody;
+use crate::reload::ReloadResult;
 use crate::server::stopped;
 
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+pub struct AdminCtx {
+    pub shared: Arc<Shared>,
+    /// Reloads and drains are carried out by the app's supervisor.
+    pub control: Control,
+}
+
+pub async fn serve(listener: TcpListener, ctx: Arc<AdminCtx>, mut stop: watch::Receiver<bool>) {
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -30,10 +38,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
             },
             _ = stopped(&mut stop) => return,
         };
-        let shared = shared.clone();
+        let ctx = ctx.clone();
         let svc = service_fn(move |req| {
-            let shared = shared.clone();
-            async move { Ok::<_, Infallible>(route(&shared, req)) }
+            let ctx = ctx.clone();
+            async move { Ok::<_, Infallible>(route(&ctx, req).await) }
         });
         tokio::spawn(async move {
             let _ = hyper::server::conn::http1::Builder::new()
@@ -45,7 +53,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
     }
 }
 
-fn route(shared: &Shared, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn route(ctx: &AdminCtx, req: Request<Incoming>) -> Response<ProxyBody> {
+    let shared = &ctx.shared;
     match (req.method(), req.uri().path()) {
         (&Method::GET | &Method::HEAD, "/livez") => text(StatusCode::OK, "ok\n"),
         (&Method::GET | &Method::HEAD, "/metrics") => {
@@ -53,7 +62,7 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<ProxyBody> {
             let mut resp = Response::new(ProxyBody::full(Bytes::from(body)));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
-                http::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
             );
             resp
         }
@@ -64,6 +73,33 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<ProxyBody> {
                 text(StatusCode::OK, "ready\n")
             }
         }
+        (_, "/admin/reload" | "/admin/drain") if req.method() != Method::POST => {
+            let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            resp
+        }
+        // A web page the operator has open could POST here (no preflight for a simple
+        // POST); browsers always say where it came from, curl and scripts do not.
+        (_, "/admin/reload" | "/admin/drain") if req.headers().contains_key(header::ORIGIN) => {
+            text(StatusCode::FORBIDDEN, "cross-origin requests are refused\n")
+        }
+        (_, "/admin/reload") => {
+            let report = ctx.control.reload().await;
+            let status = match report.result {
+                ReloadResult::Ok => StatusCode::OK,
+                ReloadResult::Error => StatusCode::UNPROCESSABLE_ENTITY,
+                ReloadResult::Refused => StatusCode::CONFLICT,
+            };
+            json(status, report.to_json())
+        }
+        (_, "/admin/drain") => {
+            ctx.control.start_drain().await;
+            json(
+                StatusCode::ACCEPTED,
+                "{\"result\":\"draining\"}\n".to_owned(),
+            )
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -73,7 +109,17 @@ fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn json(status: StatusCode, body: String) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::full(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
     );
     resp
 }

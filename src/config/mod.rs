@@ -39,6 +39,7 @@ pub struct Config {
     pub replicas: u32,
     /// Rate-limit policies by name; routes refer to them.
     pub rate_limits: BTreeMap<String, RateLimitConfig>,
+    pub drain: DrainConfig,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -116,6 +117,27 @@ pub enum RateLimitStore {
     Memory,
 }
 
+/// The shutdown sequence (`drain:`), see `shutdown.rs`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DrainConfig {
+    /// After the signal, readiness fails but traffic is still accepted this long, while load
+    /// balancers converge. Default 5s; 0 allowed; less than `timeout`.
+    pub accept_grace: Duration,
+    /// The whole drain, counted from the signal: at this deadline open SSE streams get a
+    /// final event and what is left is cut. Default 30s.
+    pub timeout: Duration,
+}
+
+/// When a listener stops accepting during a drain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainMode {
+    /// Stops after `drain.accept_grace` (traffic coming into the pod).
+    Inbound,
+    /// Keeps accepting until the drain deadline, or until the inbound side has drained and
+    /// nothing is connected any more: the app's own outbound calls while it finishes.
+    Egress,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     /// Default 127.0.0.1:9901.
@@ -155,6 +177,8 @@ pub struct ListenerConfig {
     pub http2: Http2Config,
     /// Requests in flight on this listener; above it, 503 OVERLOADED. None = no cap.
     pub max_in_flight: Option<usize>,
+    /// Default inbound.
+    pub drain: DrainMode,
     pub routes: Vec<RouteConfig>,
 }
 
@@ -466,11 +490,16 @@ impl Config {
         for l in &self.listeners {
             let _ = writeln!(
                 s,
-                "listener  {} on {} ({} routes, max {} connections)",
+                "listener  {} on {} ({} routes, max {} connections{})",
                 l.name,
                 l.listen,
                 l.routes.len(),
-                l.max_connections
+                l.max_connections,
+                if l.drain == DrainMode::Egress {
+                    ", egress"
+                } else {
+                    ""
+                }
             );
             for r in &l.routes {
                 let methods = r
@@ -520,6 +549,12 @@ impl Config {
                 humantime::format_duration(p.per),
             );
         }
+        let _ = writeln!(
+            s,
+            "drain     accept grace {}, timeout {}",
+            humantime::format_duration(self.drain.accept_grace),
+            humantime::format_duration(self.drain.timeout)
+        );
         for u in self.upstreams.values() {
             let eps: Vec<String> = u.endpoints.iter().map(|e| e.to_string()).collect();
             let _ = writeln!(

@@ -14,10 +14,10 @@ use http::{Method, Uri};
 
 use super::raw::{self, Entry, Kind, Node, Pos, child_path, item_path};
 use super::{
-    AdminConfig, BreakerConfig, Cidr, Config, ConfigError, EjectionConfig, FailureRate,
-    Http2Config, KeySource, ListenerConfig, LoadBalancing, LogFormat, LoggingConfig, PoolConfig,
-    Problem, RateLimitConfig, RateLimitKey, RateLimitStore, RedisConfig, RedisTarget, Resilience,
-    RetryConfig, RetryOn, RouteConfig, RouteTimeouts, UpstreamConfig,
+    AdminConfig, BreakerConfig, Cidr, Config, ConfigError, DrainConfig, DrainMode, EjectionConfig,
+    FailureRate, Http2Config, KeySource, ListenerConfig, LoadBalancing, LogFormat, LoggingConfig,
+    PoolConfig, Problem, RateLimitConfig, RateLimitKey, RateLimitStore, RedisConfig, RedisTarget,
+    Resilience, RetryConfig, RetryOn, RouteConfig, RouteTimeouts, UpstreamConfig,
 };
 
 // === defaults (documented on the types in mod.rs and in docs/configuration.md) ===
@@ -50,11 +50,13 @@ const DEFAULT_RATE_LIMIT_BLOCK_FOR: Duration = Duration::from_secs(60);
 const DEFAULT_IPV6_PREFIX: u8 = 64;
 /// Counts travel through Lua numbers (doubles): stay far below 2^53.
 const MAX_RATE_LIMIT_POINTS: u64 = 1_000_000_000_000_000;
+const DEFAULT_ACCEPT_GRACE: Duration = Duration::from_secs(5);
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longer is surely a typo, and `Instant + Duration` panics on overflow downstream.
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Sections a later version reads: refused by name so the message says why.
-const FUTURE_SECTIONS: &[&str] = &["dependencies", "caches", "alerts", "tls", "drain"];
+const FUTURE_SECTIONS: &[&str] = &["dependencies", "caches", "alerts", "tls"];
 
 /// Turns a YAML text into the typed configuration, or returns every problem found, sorted by
 /// position. `env` looks up the variables `${VAR}` refers to.
@@ -97,6 +99,7 @@ fn decode(ctx: &mut Ctx, root: &Node, source_name: &str) -> Config {
         policies: rate_limits(ctx, m.optional("rate_limits"), redis.is_some()),
     };
     let (listeners, mut binds) = listeners(ctx, listeners_node, &known);
+    let drain = drain(ctx, m.optional("drain"));
     for section in FUTURE_SECTIONS {
         m.refuse(
             ctx,
@@ -117,6 +120,7 @@ fn decode(ctx: &mut Ctx, root: &Node, source_name: &str) -> Config {
         redis,
         replicas,
         rate_limits: known.policies.configs,
+        drain,
     }
 }
 
@@ -173,6 +177,51 @@ fn logging(ctx: &mut Ctx, f: Option<Field>) -> LoggingConfig {
     };
     m.finish(ctx);
     config
+}
+
+fn drain(ctx: &mut Ctx, f: Option<Field>) -> DrainConfig {
+    let mut m = MapReader::open(ctx, f);
+    let grace_field = m.optional("accept_grace");
+    let accept_grace = grace_field
+        .as_ref()
+        .and_then(|f| ctx.duration_or_zero(f))
+        .unwrap_or(DEFAULT_ACCEPT_GRACE);
+    let timeout_field = m.optional("timeout");
+    let timeout = timeout_field
+        .as_ref()
+        .and_then(|f| ctx.duration(f))
+        .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
+    m.finish(ctx);
+    // The timeout counts from the signal, so a grace as long would never stop accepting.
+    if accept_grace >= timeout {
+        let fmt = |d| humantime::format_duration(d).to_string();
+        match (&grace_field, &timeout_field) {
+            (Some(g), _) => ctx.report(
+                g.pos(),
+                &g.path,
+                format!(
+                    "must be less than drain.timeout ({}), got {}",
+                    fmt(timeout),
+                    fmt(accept_grace)
+                ),
+            ),
+            (None, Some(t)) => ctx.report(
+                t.pos(),
+                &t.path,
+                format!(
+                    "must be more than drain.accept_grace ({} by default), got {}",
+                    fmt(accept_grace),
+                    fmt(timeout)
+                ),
+            ),
+            // Both defaults: consistent by construction.
+            (None, None) => {}
+        }
+    }
+    DrainConfig {
+        accept_grace,
+        timeout,
+    }
 }
 
 fn trusted_proxies(ctx: &mut Ctx, f: Option<Field>) -> Vec<Cidr> {
@@ -345,6 +394,17 @@ fn listener<'a>(
             .unwrap_or(DEFAULT_MAX_HEADERS),
         http2: http2(ctx, m.optional("http2")),
         max_in_flight: m.read(ctx, "max_in_flight", |ctx, f| ctx.count(f, 1)),
+        drain: m
+            .read(ctx, "drain", |ctx, f| {
+                ctx.one_of(
+                    f,
+                    &[
+                        ("inbound", DrainMode::Inbound),
+                        ("egress", DrainMode::Egress),
+                    ],
+                )
+            })
+            .unwrap_or(DrainMode::Inbound),
         routes: m
             .required(ctx, "routes")
             .map(|f| routes(ctx, &f, &name, known))
@@ -874,6 +934,19 @@ impl<'e> Ctx<'e> {
     /// A duration greater than 0.
     fn duration(&mut self, f: &Field) -> Option<Duration> {
         self.parse_with(f, "a duration", parse_duration)
+    }
+
+    /// A duration, 0 allowed (`0s`).
+    fn duration_or_zero(&mut self, f: &Field) -> Option<Duration> {
+        self.parse_with(f, "a duration", |s| {
+            let t = s.trim();
+            // A bare 0 is 0 in every unit, so it is not the guess a bare 30 would be.
+            if t == "0" || humantime::parse_duration(t).is_ok_and(|d| d.is_zero()) {
+                Ok(Duration::ZERO)
+            } else {
+                parse_duration(s)
+            }
+        })
     }
 
     /// A duration, or `off` for none.
@@ -1760,6 +1833,7 @@ mod tests {
                     max_local_error_reset_streams: 1024,
                 },
                 max_in_flight: None,
+                drain: DrainMode::Inbound,
                 routes: vec![RouteConfig {
                     name: "inbound.0".into(),
                     path_prefix: "/".into(),
@@ -1793,6 +1867,10 @@ mod tests {
             redis: None,
             replicas: 1,
             rate_limits: BTreeMap::new(),
+            drain: DrainConfig {
+                accept_grace: secs(5),
+                timeout: secs(30),
+            },
         };
         assert_eq!(ok(MINIMAL), expected);
     }
@@ -1818,6 +1896,7 @@ mod tests {
                   max_concurrent_streams: 64
                   max_pending_accept_reset_streams: 10
                   max_local_error_reset_streams: 512
+                drain: egress
                 routes:
                   - name: chat
                     match:
@@ -1846,6 +1925,9 @@ mod tests {
                   max_idle_per_endpoint: 0
               fastgpt:
                 endpoints: ["https://fastgpt.example.com"]
+            drain:
+              accept_grace: 0s
+              timeout: 1m
         "#);
         let expected = Config {
             source: "proxy.yaml".into(),
@@ -1888,6 +1970,7 @@ mod tests {
                     max_local_error_reset_streams: 512,
                 },
                 max_in_flight: None,
+                drain: DrainMode::Egress,
                 routes: vec![
                     RouteConfig {
                         name: "chat".into(),
@@ -1958,6 +2041,10 @@ mod tests {
             redis: None,
             replicas: 1,
             rate_limits: BTreeMap::new(),
+            drain: DrainConfig {
+                accept_grace: Duration::ZERO,
+                timeout: secs(60),
+            },
         };
         assert_eq!(config, expected);
         // The port is explicit in what the forwarder sees.
@@ -2077,7 +2164,7 @@ mod tests {
             3,
             5,
             "listeners[0].listn",
-            "unknown key \"listn\", did you mean \"listen\"? (known keys: name, listen, max_connections, header_read_timeout, max_header_bytes, max_headers, http2, max_in_flight, routes)",
+            "unknown key \"listn\", did you mean \"listen\"? (known keys: name, listen, max_connections, header_read_timeout, max_header_bytes, max_headers, http2, max_in_flight, drain, routes)",
         );
     }
 
@@ -2098,7 +2185,7 @@ mod tests {
     #[test]
     fn future_sections_are_refused_by_name() {
         let p = problems(&format!(
-            "{MINIMAL}\n        caches:\n          x: 1\n        drain: {{}}\n"
+            "{MINIMAL}\n        caches:\n          x: 1\n        alerts: {{}}\n"
         ));
         assert_eq!(p.len(), 2, "{p:#?}");
         check(
@@ -2108,7 +2195,70 @@ mod tests {
             "caches",
             "section \"caches\" is not supported by this version of rampart",
         );
-        check(&p[1], 12, 1, "drain", "section \"drain\" is not supported");
+        check(
+            &p[1],
+            12,
+            1,
+            "alerts",
+            "section \"alerts\" is not supported",
+        );
+    }
+
+    #[test]
+    fn drain_section_is_checked() {
+        // The grace must leave time to stop accepting before the deadline.
+        only(
+            &format!("{MINIMAL}\n        drain: {{ accept_grace: 30s, timeout: 30s }}\n"),
+            10,
+            24,
+            "drain.accept_grace",
+            "must be less than drain.timeout (30s), got 30s",
+        );
+        // The default grace (5s) against a short timeout is reported at the timeout.
+        only(
+            &format!("{MINIMAL}\n        drain:\n          timeout: 2s\n"),
+            11,
+            12,
+            "drain.timeout",
+            "must be more than drain.accept_grace (5s by default), got 2s",
+        );
+        only(
+            &format!("{MINIMAL}\n        drain: {{ timeout: 0s }}\n"),
+            10,
+            19,
+            "drain.timeout",
+            "must be greater than 0",
+        );
+        only(
+            &format!("{MINIMAL}\n        drain: {{ accept_grace: 5 }}\n"),
+            10,
+            24,
+            "drain.accept_grace",
+            "expected a duration like",
+        );
+        only(
+            &format!("{MINIMAL}\n        drain: {{ acept_grace: 1s }}\n"),
+            10,
+            10,
+            "drain.acept_grace",
+            "did you mean \"accept_grace\"?",
+        );
+        let c = ok(&format!(
+            "{MINIMAL}\n        drain: {{ accept_grace: 0, timeout: 3s }}\n"
+        ));
+        assert_eq!(c.drain.accept_grace, Duration::ZERO);
+        assert_eq!(c.drain.timeout, secs(3));
+    }
+
+    #[test]
+    fn listener_drain_mode_is_inbound_or_egress() {
+        only(
+            &MINIMAL.replace("routes:", "drain: outbound\n            routes:"),
+            4,
+            12,
+            "listeners[0].drain",
+            "expected one of inbound, egress, got \"outbound\"",
+        );
     }
 
     #[test]

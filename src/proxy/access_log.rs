@@ -20,6 +20,8 @@ pub enum Outcome {
     UpstreamReset,
     IdleTimeout,
     TotalTimeout,
+    /// An SSE stream rampart ended with a final event at the drain deadline.
+    Drained,
     /// Answered by rampart itself with this error code.
     Local(&'static str),
 }
@@ -33,6 +35,7 @@ impl Outcome {
             Outcome::UpstreamReset => "upstream_reset",
             Outcome::IdleTimeout => "idle_timeout",
             Outcome::TotalTimeout => "total_timeout",
+            Outcome::Drained => "drained",
             Outcome::Local(code) => code,
         }
     }

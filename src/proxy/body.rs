@@ -264,6 +264,14 @@ impl ProxyBody {
         self.tail = Some(tail);
         self
     }
+
+    /// rampart ended this stream itself at the drain deadline (server::finale), so the access
+    /// log says `drained`, not `client_aborted`.
+    pub fn mark_drained(&mut self) {
+        if let Some(log) = self.tail.as_deref_mut().and_then(|t| t.log.as_mut()) {
+            log.outcome = crate::proxy::access_log::Outcome::Drained;
+        }
+    }
 }
 
 impl ProxyBody {

@@ -20,6 +20,8 @@ use arc_swap::ArcSwap;
 
 use crate::config::{Cidr, Config};
 use crate::ratelimit;
+use crate::reload::KeyedState;
+use crate::shutdown::{Background, InFlight};
 use forward::Upstream;
 use resilience::UpstreamStates;
 use route::Route;
@@ -98,17 +100,24 @@ pub struct ListenerRoutes {
     pub max_in_flight: Option<usize>,
 }
 
-/// State shared by every listener and the admin endpoints.
+/// State shared by every listener and the admin endpoints. It outlives every snapshot:
+/// state kept by name (limiters, breakers, endpoint health, caches) lives here, not in the
+/// `Snapshot`, so a reload keeps it for the names that still exist (see `keyed_state`).
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     /// Frozen after start-up; `/metrics` encodes it.
     pub registry: Arc<prometheus_client::registry::Registry>,
     /// Breakers, retry budgets, endpoint health: survive reloads, keyed by name.
     pub upstream_states: Arc<UpstreamStates>,
-    /// Set when shutdown starts: new requests get 503 SERVICE_UNAVAILABLE.
-    pub draining: AtomicBool,
     /// Rate-limit state by policy name; `Snapshot::build` takes the policies from here.
     pub limiters: ratelimit::Registry,
+    /// Set when a drain starts: `/readyz` answers 503 (traffic is still served during the
+    /// accept grace; connections told to close answer 503 themselves, see server.rs).
+    pub draining: AtomicBool,
+    /// Requests and SSE streams in flight, for the drain.
+    pub in_flight: Arc<InFlight>,
+    /// Stopped at the end of a drain, before the pools close.
+    pub background: Background,
 }
 
 impl Shared {
@@ -124,7 +133,17 @@ impl Shared {
             upstream_states,
             draining: AtomicBool::new(false),
             limiters,
+            in_flight: Arc::new(InFlight::default()),
+            background: Background::default(),
         })
+    }
+
+    /// Every registry of state kept by name that is not already reconciled by
+    /// `Snapshot::build` (which takes upstream state and rate limiters by name). A reload
+    /// calls `reconcile` on each with the new configuration before the new snapshot is
+    /// swapped in.
+    pub fn keyed_state(&self) -> Vec<&dyn KeyedState> {
+        Vec::new()
     }
 }
 

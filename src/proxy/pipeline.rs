@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
@@ -26,6 +25,7 @@ use crate::proxy::tail::Tail;
 use crate::proxy::{ListenerCtx, Snapshot, route, upgrade};
 use crate::ratelimit;
 use crate::retry::{self, Failure};
+use crate::server::ConnClosing;
 
 /// The service hyper calls for every request on a traffic listener. Never fails: every
 /// error becomes a JSON answer through `ProxyError::to_response`. `framing_ok` is false when
@@ -99,8 +99,9 @@ async fn proxy(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let metrics = &ctx.shared.upstream_states.metrics;
 
-    // Admission: draining, then the listener's in-flight cap (shed at once, never queue).
-    if ctx.shared.draining.load(Ordering::Relaxed) {
+    // Admission: a request that still arrives on a connection told to close (drain), then
+    // the listener's in-flight cap (shed at once, never queue).
+    if req.extensions().get::<ConnClosing>().is_some() {
         return Err(ProxyError::ShuttingDown);
     }
     let listener = snapshot.listeners.get(&*ctx.name);

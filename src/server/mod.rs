@@ -1,11 +1,18 @@
 //! Accept loop and connection serving: the connection cap, hyper-util's auto builder
-//! (HTTP/1.1 and h2c prior knowledge on one port) with the edge-safe limits, and the
-//! graceful-shutdown watcher every connection is registered with.
+//! (HTTP/1.1 and h2c prior knowledge on one port) with the edge-safe limits, and each
+//! listener's drain phases.
+//!
+//! A [`Server`] is one running listener. Its [`Phase`] only moves forward, driven by the
+//! shutdown sequence (`shutdown.rs`) or by a reload that replaces the listener:
+//! `Serving` -> `Closing` (stop accepting, close each connection gracefully) -> `Finale`
+//! (SSE streams get their final event) -> `Cut` (whatever is left is dropped).
 
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::header::UPGRADE;
@@ -14,17 +21,41 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::{Semaphore, watch};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
-use crate::config::ListenerConfig;
-use crate::proxy::{ListenerCtx, pipeline};
+use crate::config::{DrainMode, ListenerConfig};
+use crate::proxy::{ListenerCtx, Shared, pipeline};
 use h1_guard::Verdict;
 
+pub mod finale;
 pub mod h1_guard;
 
-/// Binds with SO_REUSEADDR so a restart is not refused by sockets in TIME_WAIT.
+/// Where a listener is in its life. Ordered: each phase includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Serving,
+    /// Not accepting (the port is released); every connection closes after the response in
+    /// flight (HTTP/1 `Connection: close`, idle ones at once; HTTP/2 GOAWAY).
+    Closing,
+    /// The drain deadline: SSE streams still open get a final event and end.
+    Finale,
+    /// Connections still open are dropped.
+    Cut,
+}
+
+/// Marks a request that arrived on a connection already told to close (an HTTP/2 stream
+/// racing the GOAWAY): the pipeline answers it 503 SERVICE_UNAVAILABLE.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnClosing;
+
+/// Longest wait, once closing, for the first request of a connection that has sent none:
+/// it was just accepted, so its request is most likely on the wire.
+const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(1);
+
+/// Binds with SO_REUSEADDR so a restart is not refused by sockets in TIME_WAIT, and with
+/// SO_REUSEPORT so a new process (rolling restart) or a reload binds the same port while
+/// this socket still drains.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
@@ -32,6 +63,8 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    #[cfg(unix)]
+    socket.set_reuseport(true)?;
     socket.bind(addr)?;
     socket.listen(1024)
 }
@@ -57,48 +90,187 @@ pub fn builder(cfg: &ListenerConfig) -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Serves one listener until `stop` turns true, then closes every connection gracefully
-/// (HTTP/1: after the response in flight; HTTP/2: GOAWAY) and waits for them, at most
-/// `drain_timeout`. Returns whether every connection finished in time.
-pub async fn serve(
-    listener: TcpListener,
+/// One running traffic listener.
+pub struct Server {
+    pub name: Arc<str>,
+    /// The bound address (the real port when the config says 0).
+    pub addr: SocketAddr,
+    pub config: ListenerConfig,
+    phase: watch::Sender<Phase>,
+    open: Arc<AtomicUsize>,
+}
+
+impl Server {
+    /// Starts accepting on `listener`.
+    pub fn start(listener: TcpListener, config: ListenerConfig, shared: Arc<Shared>) -> Server {
+        let addr = listener.local_addr().unwrap_or(config.listen);
+        let name: Arc<str> = Arc::from(config.name.as_str());
+        let (phase, phase_rx) = watch::channel(Phase::Serving);
+        let open = Arc::new(AtomicUsize::new(0));
+        let acceptor = Acceptor {
+            builder: builder(&config),
+            ctx: Arc::new(ListenerCtx {
+                name: name.clone(),
+                shared,
+                proto: "http",
+                in_flight: Arc::default(),
+            }),
+            max_header_bytes: config.max_header_bytes,
+            max_headers: config.max_headers,
+            first_request_wait: config.header_read_timeout.min(FIRST_REQUEST_WAIT),
+            open: open.clone(),
+        };
+        let slots = Arc::new(Semaphore::new(config.max_connections));
+        tokio::spawn(acceptor.run(listener, slots, phase_rx));
+        Server {
+            name,
+            addr,
+            config,
+            phase,
+            open,
+        }
+    }
+
+    pub fn mode(&self) -> DrainMode {
+        self.config.drain
+    }
+
+    /// Moves to `to` unless already there or further.
+    pub fn advance(&self, to: Phase) {
+        self.phase.send_if_modified(|p| {
+            let later = to > *p;
+            if later {
+                *p = to;
+            }
+            later
+        });
+    }
+
+    pub fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once the listener is closed and every connection has ended: each of them,
+    /// and the accept loop, holds a receiver of the phase.
+    pub async fn finished(&self) {
+        self.phase.closed().await;
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.phase.receiver_count() == 0
+    }
+}
+
+/// Resolves once the phase is at least `p` (or the server handle is gone).
+pub async fn reached(phase: &mut watch::Receiver<Phase>, p: Phase) {
+    let _ = phase.wait_for(|now| *now >= p).await;
+}
+
+/// What the accept loop needs to serve a connection.
+struct Acceptor {
+    builder: auto::Builder<TokioExecutor>,
     ctx: Arc<ListenerCtx>,
-    cfg: &ListenerConfig,
-    mut stop: watch::Receiver<bool>,
-    drain_timeout: Duration,
-) -> bool {
-    let builder = Arc::new(builder(cfg));
-    let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(cfg.max_connections));
-    loop {
-        // Take a slot before accepting: above the cap, connections wait in the kernel's
-        // backlog instead of being accepted and starved.
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = stopped(&mut stop) => break,
+    max_header_bytes: usize,
+    max_headers: usize,
+    first_request_wait: Duration,
+    open: Arc<AtomicUsize>,
+}
+
+impl Acceptor {
+    async fn run(
+        self,
+        listener: TcpListener,
+        slots: Arc<Semaphore>,
+        mut phase: watch::Receiver<Phase>,
+    ) {
+        loop {
+            // Take a slot before accepting: above the cap, connections wait in the kernel's
+            // backlog instead of being accepted and starved.
+            let permit = tokio::select! {
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = reached(&mut phase, Phase::Closing) => break,
+            };
+            let (stream, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(listener = &*self.ctx.name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = reached(&mut phase, Phase::Closing) => break,
+            };
+            self.serve(stream, peer, permit, phase.clone());
+        }
+        self.sweep(listener, &slots, &phase);
+    }
+
+    /// Closing a listening socket resets the connections the kernel has completed but we
+    /// have not accepted yet (with SO_REUSEPORT, the kernel keeps queueing to every socket on
+    /// the port until it is closed). Take them and answer their first request instead.
+    fn sweep(&self, listener: TcpListener, slots: &Arc<Semaphore>, phase: &watch::Receiver<Phase>) {
+        let Ok(listener) = listener.into_std() else {
+            return;
         };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(listener = &*ctx.name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stopped(&mut stop) => break,
-        };
+        let mut swept = 0usize;
+        // Bounded: a flood must not keep a closing listener open.
+        while swept < 1024 {
+            let Ok((stream, peer)) = listener.accept() else {
+                break;
+            };
+            swept += 1;
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                continue;
+            };
+            let stream = stream
+                .set_nonblocking(true)
+                .and_then(|()| TcpStream::from_std(stream));
+            if let Ok(stream) = stream {
+                self.serve(stream, peer, permit, phase.clone());
+            }
+        }
+        if swept > 0 {
+            tracing::debug!(
+                listener = &*self.ctx.name,
+                swept,
+                "took queued connections before closing"
+            );
+        }
+        drop(listener);
+        tracing::info!(listener = &*self.ctx.name, "stopped accepting");
+    }
+
+    fn serve(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        permit: OwnedSemaphorePermit,
+        mut phase: watch::Receiver<Phase>,
+    ) {
         let _ = stream.set_nodelay(true);
-        let ctx = ctx.clone();
         // hyper hides Content-Length next to Transfer-Encoding from the service; the guard
         // sees the raw heads and tells the service per request.
-        let (stream, verdicts) = h1_guard::wrap(stream, cfg.max_header_bytes, cfg.max_headers);
-        let svc = service_fn(move |req: Request<Incoming>| {
+        let (stream, verdicts) = h1_guard::wrap(stream, self.max_header_bytes, self.max_headers);
+        let conn_state = Arc::new(ConnState::new(phase.clone()));
+        let ctx = self.ctx.clone();
+        let state = conn_state.clone();
+        let svc = service_fn(move |mut req: Request<Incoming>| {
+            state.request_seen();
+            if state.closing.load(Ordering::Relaxed) {
+                req.extensions_mut().insert(ConnClosing);
+            }
+            let request = ctx.shared.in_flight.request();
             let ctx = ctx.clone();
+            let state = state.clone();
             // HTTP/2 heads never go through the guard, and hyper already hands the service
             // every header of those.
             let h1 = req.version() != Version::HTTP_2;
@@ -114,27 +286,135 @@ pub async fn serve(
                 {
                     v.switched();
                 }
-                Ok::<_, Infallible>(resp)
+                Ok::<_, Infallible>(finale::track(resp, request, &state.phase))
             }
         });
-        let conn = builder
+        let conn = self
+            .builder
             .serve_connection_with_upgrades(TokioIo::new(stream), svc)
             .into_owned();
-        let conn = graceful.watch(conn);
+        let open = OpenGuard::new(&self.open);
+        let first_request_wait = self.first_request_wait;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            let mut conn = std::pin::pin!(conn);
+            let ended = drive(
+                conn.as_mut(),
+                |c| c.graceful_shutdown(),
+                &conn_state,
+                &mut phase,
+                first_request_wait,
+            )
+            .await;
+            match ended {
+                Ended::Done(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                Ended::Cut => tracing::debug!(%peer, "connection cut at the drain deadline"),
+                Ended::Done(Ok(())) => {}
             }
+            drop(open);
             drop(permit);
         });
     }
-    drop(listener);
-    tokio::time::timeout(drain_timeout, graceful.shutdown())
-        .await
-        .is_ok()
+}
+
+/// What a connection's service and its driver share.
+struct ConnState {
+    /// Set when the connection was told to close; requests after that get 503.
+    closing: AtomicBool,
+    /// A request has arrived on this connection.
+    seen: AtomicBool,
+    first: Notify,
+    /// For the SSE streams answered on this connection.
+    phase: watch::Receiver<Phase>,
+}
+
+impl ConnState {
+    fn new(phase: watch::Receiver<Phase>) -> Self {
+        ConnState {
+            closing: AtomicBool::new(false),
+            seen: AtomicBool::new(false),
+            first: Notify::new(),
+            phase,
+        }
+    }
+
+    fn request_seen(&self) {
+        if !self.seen.load(Ordering::Relaxed) && !self.seen.swap(true, Ordering::Relaxed) {
+            // Stores a permit if the driver is not waiting yet.
+            self.first.notify_one();
+        }
+    }
+}
+
+enum Ended<E> {
+    Done(Result<(), E>),
+    Cut,
+}
+
+/// Serves a connection through its listener's phases: normally until `Closing`, then a
+/// graceful shutdown (after its first request, if it has not sent one yet), until it ends
+/// or `Cut` drops it.
+async fn drive<C, E>(
+    mut conn: Pin<&mut C>,
+    graceful: impl FnOnce(Pin<&mut C>),
+    state: &ConnState,
+    phase: &mut watch::Receiver<Phase>,
+    first_request_wait: Duration,
+) -> Ended<E>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    tokio::select! {
+        r = conn.as_mut() => return Ended::Done(r),
+        _ = reached(phase, Phase::Closing) => {}
+    }
+    if !state.seen.load(Ordering::Relaxed) {
+        tokio::select! {
+            r = conn.as_mut() => return Ended::Done(r),
+            _ = state.first.notified() => {}
+            _ = tokio::time::sleep(first_request_wait) => {}
+            _ = reached(phase, Phase::Cut) => return Ended::Cut,
+        }
+    }
+    state.closing.store(true, Ordering::Relaxed);
+    graceful(conn.as_mut());
+    tokio::select! {
+        r = conn.as_mut() => Ended::Done(r),
+        _ = reached(phase, Phase::Cut) => Ended::Cut,
+    }
+}
+
+/// Counts an open connection of a listener.
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl OpenGuard {
+    fn new(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(open.clone())
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Resolves once the flag is true (or its sender is gone).
 pub async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_second_socket_binds_the_same_port_while_the_first_listens() {
+        let first = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = first.local_addr().unwrap();
+        let second = bind(addr).expect("SO_REUSEPORT lets a new process take over");
+        assert_eq!(second.local_addr().unwrap(), addr);
+    }
 }

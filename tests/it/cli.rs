@@ -74,6 +74,9 @@ fn the_shipped_config_is_the_users_topology() {
         ("fastgpt", "127.0.0.1:8081")
     );
     assert_eq!(fastgpt.routes[0].upstream, "fastgpt");
+    // The backend's outbound path stays open while it finishes its own work in a drain.
+    assert_eq!(fastgpt.drain, rampart::config::DrainMode::Egress);
+    assert_eq!(inbound.drain, rampart::config::DrainMode::Inbound);
     assert_eq!(
         fastgpt.routes[0].timeouts.total, None,
         "no total timeout on streams"

@@ -91,3 +91,63 @@ async fn rapid_reset_flood_gets_goaway() {
     drop(s);
     px.shutdown().await;
 }
+
+/// HEADERS for `GET <path>` over http (HPACK: :method GET and :scheme http indexed, :path
+/// as a literal with its name indexed).
+fn get_headers(stream: u32, path: &str) -> Vec<u8> {
+    let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+    block.extend_from_slice(path.as_bytes());
+    frame(0x1, 0x4 | 0x1, stream, &block)
+}
+
+/// A stream that still arrives on a connection told to close (it raced the GOAWAY) gets 503
+/// SERVICE_UNAVAILABLE; the stream in flight before it completes.
+#[tokio::test]
+async fn a_stream_after_goaway_gets_503_and_the_one_in_flight_completes() {
+    let up = Upstream::start().await;
+    let px = start(&one_route(&up.url(), "", "")).await;
+    let mut s = TcpStream::connect(px.addr("main").unwrap()).await.unwrap();
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(0x4, 0, 0, &[]));
+    hello.extend(get_headers(1, "/delay/700"));
+    s.write_all(&hello).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let shutdown = tokio::spawn(px.shutdown());
+
+    // The first GOAWAY of a graceful shutdown still admits streams (its last id is the
+    // maximum) until the PING it sends is answered, which this peer never does.
+    let mut saw_goaway = false;
+    while !saw_goaway {
+        match read_frame(&mut s).await {
+            Some((0x7, ..)) => saw_goaway = true,
+            Some(_) => {}
+            None => panic!("connection closed before GOAWAY"),
+        }
+    }
+    s.write_all(&get_headers(3, "/ok")).await.unwrap();
+    let mut bodies: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+    let mut ended = [false; 2];
+    while ended != [true, true] {
+        match read_frame(&mut s).await {
+            Some((0x0, flags, id @ (1 | 3), payload)) => {
+                let i = (id / 2) as usize;
+                bodies[i].extend_from_slice(&payload);
+                ended[i] |= flags & 0x1 != 0;
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    let first = String::from_utf8_lossy(&bodies[0]);
+    let late = String::from_utf8_lossy(&bodies[1]);
+    assert_eq!(first, "delayed");
+    assert!(late.contains("\"code\":\"SERVICE_UNAVAILABLE\""), "{late}");
+    assert!(late.contains("Server is shutting down"), "{late}");
+    assert_eq!(
+        up.requests(),
+        1,
+        "the late stream never reached the upstream"
+    );
+    drop(s);
+    assert!(shutdown.await.unwrap());
+}

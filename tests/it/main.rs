@@ -4,7 +4,9 @@ mod support;
 
 mod cli;
 mod config;
+mod drain;
 mod h2;
 mod proxy;
 mod ratelimit;
+mod reload;
 mod resilience;

@@ -1,6 +1,8 @@
 //! Fixtures: rampart started in-process from a config string, clients, raw sockets.
 
+pub mod load;
 pub mod logs;
+pub mod process;
 pub mod redis;
 pub mod upstream;
 

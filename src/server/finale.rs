@@ -1,0 +1,317 @@
+//! The body every traffic response is sent with: it counts the request as in flight until the
+//! body is gone, and gives an SSE stream that is still open at the drain deadline a final
+//! event before ending it cleanly.
+//!
+//! A wrapper around `ProxyBody` rather than a change inside it: the drain is the server's
+//! business, and the proxy's body stays the proxy's. The only hook into `ProxyBody` is
+//! `mark_drained`, so the access log says `drained` instead of `client_aborted`.
+//!
+//! The final event is only ever inserted between two events, never inside one: the stream's
+//! bytes are scanned for the blank line that ends an event. If the deadline falls in the
+//! middle of an event, the event is let through to its end first (the drain cuts the
+//! connection a little later if it never ends).
+
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Response, StatusCode, header};
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::watch;
+
+use super::{Phase, reached};
+use crate::proxy::body::{BodyError, ProxyBody};
+use crate::shutdown::{RequestGuard, StreamGuard};
+
+/// Clients are told to reconnect after a random delay in this range (milliseconds), so the
+/// streams cut by one drain do not all come back in the same instant.
+const RETRY_MS: std::ops::Range<u64> = 1_000..5_000;
+
+pub struct TrackedBody {
+    inner: ProxyBody,
+    finale: Option<Box<Finale>>,
+    /// Dropped with the body: the request is no longer in flight.
+    _request: RequestGuard,
+}
+
+/// Wraps a response for the server: every response is counted; an SSE response also waits
+/// for `Phase::Finale` on the connection's listener.
+pub fn track(
+    resp: Response<ProxyBody>,
+    request: RequestGuard,
+    phase: &watch::Receiver<Phase>,
+) -> Response<TrackedBody> {
+    let finale = is_event_stream(&resp).then(|| {
+        let mut phase = phase.clone();
+        Box::new(Finale {
+            wait: Box::pin(async move { reached(&mut phase, Phase::Finale).await }),
+            scanner: EventScanner::default(),
+            state: State::Streaming,
+            stream: request.stream(),
+        })
+    });
+    resp.map(|inner| TrackedBody {
+        inner,
+        finale,
+        _request: request,
+    })
+}
+
+/// A streamed `text/event-stream` answer. One with a fixed length cannot take an extra event.
+fn is_event_stream(resp: &Response<ProxyBody>) -> bool {
+    resp.status() == StatusCode::OK
+        && resp.body().size_hint().exact().is_none()
+        && resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.trim_start()
+                    .get(..17)
+                    .is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream"))
+            })
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        match this.finale.as_deref_mut() {
+            None => Pin::new(&mut this.inner).poll_frame(cx),
+            Some(f) => f.poll_frame(&mut this.inner, cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self.finale.as_deref() {
+            Some(f) if f.state == State::Done => true,
+            // The final event may still come.
+            Some(f) if f.state == State::Final => false,
+            _ => self.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.finale {
+            // Only streams without a length get here; the final event adds bytes.
+            Some(_) => SizeHint::default(),
+            None => self.inner.size_hint(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Streaming,
+    /// The deadline passed in the middle of an event: let it finish first.
+    Wanted,
+    /// At an event boundary: the final event goes next.
+    Final,
+    Done,
+}
+
+struct Finale {
+    wait: Pin<Box<dyn Future<Output = ()> + Send>>,
+    scanner: EventScanner,
+    state: State,
+    stream: StreamGuard,
+}
+
+impl Finale {
+    fn poll_frame(
+        &mut self,
+        inner: &mut ProxyBody,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        loop {
+            match self.state {
+                State::Done => return Poll::Ready(None),
+                State::Final => {
+                    self.state = State::Done;
+                    inner.mark_drained();
+                    self.stream.ended_by_drain();
+                    return Poll::Ready(Some(Ok(Frame::data(final_event(jitter())))));
+                }
+                State::Streaming => {
+                    if self.wait.as_mut().poll(cx).is_ready() {
+                        self.state = if self.scanner.at_boundary() {
+                            State::Final
+                        } else {
+                            State::Wanted
+                        };
+                        continue;
+                    }
+                }
+                State::Wanted => {}
+            }
+            return match Pin::new(&mut *inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Some(data) = frame.data_ref() else {
+                        return Poll::Ready(Some(Ok(frame)));
+                    };
+                    let stop = self.state == State::Wanted;
+                    match self.scanner.scan(data, stop) {
+                        Some(end) => {
+                            // The rest belongs to an event the client will never see whole.
+                            let head = data.slice(..end);
+                            self.state = State::Final;
+                            Poll::Ready(Some(Ok(Frame::data(head))))
+                        }
+                        None => Poll::Ready(Some(Ok(frame))),
+                    }
+                }
+                Poll::Ready(None) => {
+                    self.state = State::Done;
+                    Poll::Ready(None)
+                }
+                other => other,
+            };
+        }
+    }
+}
+
+/// The last event of a stream cut by a drain. `id:` is left out so the client's
+/// Last-Event-ID stays the last real event, for resuming on another replica.
+pub fn final_event(retry_ms: u64) -> Bytes {
+    Bytes::from(format!(
+        "event: error\ndata: {{\"code\":\"SERVICE_UNAVAILABLE\",\"message\":\"Server is shutting down\"}}\nretry: {retry_ms}\n\n"
+    ))
+}
+
+/// A random delay in `RETRY_MS`; std's per-instance random hash keys are random enough to
+/// spread reconnects, without a dependency.
+fn jitter() -> u64 {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(N.fetch_add(1, Ordering::Relaxed));
+    RETRY_MS.start + h.finish() % (RETRY_MS.end - RETRY_MS.start)
+}
+
+/// Follows SSE framing (lines end with CRLF, LF or CR; a blank line ends an event) to know
+/// whether the bytes sent so far end between two events.
+#[derive(Debug, Clone)]
+struct EventScanner {
+    /// Bytes of an event not yet ended by a blank line.
+    pending: bool,
+    /// The last byte ended a line (or nothing was sent yet).
+    line_start: bool,
+    /// The last byte was CR: a following LF belongs to the same line ending.
+    after_cr: bool,
+}
+
+impl Default for EventScanner {
+    fn default() -> Self {
+        EventScanner {
+            pending: false,
+            line_start: true,
+            after_cr: false,
+        }
+    }
+}
+
+impl EventScanner {
+    fn at_boundary(&self) -> bool {
+        !self.pending
+    }
+
+    /// Follows `data`. With `stop`, returns the length of the prefix that ends at the first
+    /// event boundary in it (state left at that boundary), if there is one.
+    fn scan(&mut self, data: &[u8], stop: bool) -> Option<usize> {
+        let mut i = 0;
+        while i < data.len() {
+            let b = data[i];
+            i += 1;
+            if self.after_cr {
+                self.after_cr = false;
+                if b == b'\n' {
+                    continue;
+                }
+            }
+            if b == b'\r' || b == b'\n' {
+                self.after_cr = b == b'\r';
+                if self.line_start {
+                    // A blank line: the event is complete.
+                    self.pending = false;
+                    if stop {
+                        if self.after_cr && data.get(i) == Some(&b'\n') {
+                            i += 1;
+                            self.after_cr = false;
+                        }
+                        return Some(i);
+                    }
+                }
+                self.line_start = true;
+            } else {
+                self.line_start = false;
+                self.pending = true;
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn boundary_after(chunks: &[&str]) -> bool {
+        let mut s = EventScanner::default();
+        for c in chunks {
+            s.scan(c.as_bytes(), false);
+        }
+        s.at_boundary()
+    }
+
+    #[test]
+    fn boundaries_follow_every_line_ending() {
+        assert!(boundary_after(&[]));
+        assert!(boundary_after(&["data: a\n\n"]));
+        assert!(boundary_after(&["data: a\r\n\r\n"]));
+        assert!(boundary_after(&["data: a\r\r"]));
+        assert!(!boundary_after(&["data: a\n"]));
+        assert!(!boundary_after(&["data: a\r\n"]));
+        assert!(!boundary_after(&["data: a"]));
+        // Split anywhere, including inside CRLF.
+        assert!(boundary_after(&["data: a\r", "\n\r", "\n"]));
+        assert!(boundary_after(&["data: a\n", "\n"]));
+        assert!(!boundary_after(&["data: a\n\nid: 2\n"]));
+        // A comment line is part of what the blank line ends.
+        assert!(boundary_after(&[": ping\n\n"]));
+    }
+
+    #[test]
+    fn scan_with_stop_cuts_after_the_first_complete_event() {
+        let mut s = EventScanner::default();
+        assert_eq!(s.scan(b"data: par", true), None);
+        let rest = b"tial\n\ndata: next\n\n";
+        assert_eq!(s.scan(rest, true), Some(6));
+        assert!(s.at_boundary());
+        let mut s = EventScanner::default();
+        s.scan(b"data: x\r\n", false);
+        // CRLF CRLF: the cut keeps the whole line ending.
+        assert_eq!(s.scan(b"\r\nmore", true), Some(2));
+        let mut s = EventScanner::default();
+        assert_eq!(s.scan(b"data: x\n", true), None);
+        assert_eq!(s.scan(b"\n", true), Some(1));
+    }
+
+    #[test]
+    fn the_final_event_is_an_error_event_with_a_retry() {
+        let ev = final_event(1234);
+        assert_eq!(
+            &ev[..],
+            b"event: error\ndata: {\"code\":\"SERVICE_UNAVAILABLE\",\"message\":\"Server is shutting down\"}\nretry: 1234\n\n"
+        );
+        let spread: std::collections::HashSet<u64> = (0..50).map(|_| jitter()).collect();
+        assert!(spread.iter().all(|r| RETRY_MS.contains(r)));
+        assert!(spread.len() > 10, "retry values are spread: {spread:?}");
+    }
+}

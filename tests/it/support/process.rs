@@ -1,0 +1,140 @@
+//! The built binary as a child process: config in a temp file, stderr kept, signals sent with
+//! `kill`, bounded waits.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::load::{Attempt, Http1Conn};
+
+/// A port that was free a moment ago (bind port 0, read it, release it).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// A fresh directory per test for config files.
+pub fn temp_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("rampart-it-{}-{test}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub struct Proc {
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+    pub admin: SocketAddr,
+}
+
+impl Proc {
+    /// `rampart run --config path --workers 2`, with `admin` the admin address in the file.
+    pub fn spawn(config: &Path, admin: SocketAddr) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
+            .args(["run", "--workers", "2", "--config"])
+            .arg(config)
+            .env_remove("RUST_LOG")
+            .env_remove("RAMPART_CONFIG")
+            // Plain log lines to search in.
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Proc {
+            child,
+            stderr,
+            admin,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until `/readyz` answers 200, at most 10 s.
+    pub async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some((200, _)) = admin_get(self.admin, "/readyz").await {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("rampart exited early ({status}):\n{}", self.stderr());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rampart not ready:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// The exit status, if it came within `within`.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One request on a fresh connection: (status, body), or None if nothing answered.
+pub async fn admin_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    one_shot(addr, "GET", path, b"").await
+}
+
+pub async fn one_shot(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Option<(u16, String)> {
+    let mut c = Http1Conn::new(addr);
+    match c.request(method, path, body).await {
+        Attempt::Response(r) => Some((r.status, String::from_utf8_lossy(&r.body).into_owned())),
+        _ => None,
+    }
+}
