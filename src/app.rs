@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::admin::AdminCtx;
 use crate::config::Config;
+use crate::metrics::http::HttpMetrics;
 use crate::proxy::resilience::{UpstreamMetrics, UpstreamStates};
 use crate::proxy::{Shared, Snapshot};
 use crate::reload::{self, ReloadMetrics, ReloadReport};
@@ -199,9 +200,10 @@ pub async fn start_with_file(config: Config, path: Option<PathBuf>) -> Result<Ru
     )));
     let limiters =
         crate::ratelimit::Registry::new(crate::ratelimit::Metrics::register(&mut registry));
+    let http = HttpMetrics::register(&mut registry);
     let snapshot =
-        Snapshot::build(&config, &upstream_states, &limiters).map_err(StartError::Tls)?;
-    let shared = Shared::new(snapshot, registry, upstream_states, limiters);
+        Snapshot::build(&config, &upstream_states, &limiters, &http).map_err(StartError::Tls)?;
+    let shared = Shared::new(snapshot, registry, upstream_states, limiters, http);
     let mut bound = Vec::new();
     for l in &config.listeners {
         let listener = server::bind(l.listen).map_err(|source| StartError::Bind {
@@ -230,6 +232,7 @@ pub async fn start_with_file(config: Config, path: Option<PathBuf>) -> Result<Ru
         .collect();
     tracing::info!(addr = %admin_addr, "admin listening");
     let admin_stop = spawn_admin(admin, &shared, &control);
+    spawn_sampler(&shared);
     let addrs: Addrs = Arc::new(Mutex::new(Vec::new()));
     let supervisor = Supervisor {
         shared: shared.clone(),
@@ -266,6 +269,23 @@ fn spawn_admin(
     });
     tokio::spawn(crate::admin::serve(listener, ctx, stop_rx));
     stop
+}
+
+/// Records the request counters every few seconds for the alert rules and the status page.
+fn spawn_sampler(shared: &Arc<Shared>) {
+    let s = shared.clone();
+    shared
+        .background
+        .spawn("metrics-sampler", move |mut stop| async move {
+            let mut tick = tokio::time::interval(crate::metrics::series::SAMPLE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => s.record_sample(),
+                    _ = crate::server::stopped(&mut stop) => return,
+                }
+            }
+        });
 }
 
 /// Runs until the drain that SIGTERM, SIGINT or `POST /admin/drain` starts is over. SIGHUP
@@ -366,6 +386,7 @@ impl Supervisor {
 
         // Step 1: readiness fails before anything else changes.
         self.shared.draining.store(true, Ordering::Relaxed);
+        self.shared.http.set_draining(true);
         self.retiring.retain(|s| !s.is_finished());
         let servers = self.servers.iter().chain(&self.retiring).cloned().collect();
         let drain = shutdown::drain(
@@ -429,7 +450,12 @@ impl Supervisor {
         // Building reads CA files and reconfigures the state kept by name (breakers, limiters)
         // for the names that remain.
         let snapshot = match tokio::task::spawn_blocking(move || {
-            Snapshot::build(&for_build, &shared.upstream_states, &shared.limiters)
+            Snapshot::build(
+                &for_build,
+                &shared.upstream_states,
+                &shared.limiters,
+                &shared.http,
+            )
         })
         .await
         {

@@ -13,12 +13,15 @@ pub mod tail;
 mod upgrade;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 
 use crate::config::{Cidr, Config};
+use crate::metrics::http::{HttpMetrics, RouteMetrics};
+use crate::metrics::series::{Sample, Series};
 use crate::ratelimit;
 use crate::reload::KeyedState;
 use crate::shutdown::{Background, InFlight};
@@ -44,6 +47,7 @@ impl Snapshot {
         cfg: &Config,
         states: &UpstreamStates,
         limiters: &ratelimit::Registry,
+        metrics: &HttpMetrics,
     ) -> Result<Snapshot, String> {
         let policies = limiters.update(cfg)?;
         // TLS settings per distinct CA file: loading the system store is not free.
@@ -57,7 +61,11 @@ impl Snapshot {
             let Some(tls) = tls_by_ca.get(&u.tls_ca_file) else {
                 continue;
             };
-            upstreams.insert(name.clone(), Arc::new(Upstream::new(u, tls, states)?));
+            let errors = metrics.upstream_errors(name);
+            upstreams.insert(
+                name.clone(),
+                Arc::new(Upstream::new(u, tls, states, errors)?),
+            );
         }
         let mut listeners = HashMap::new();
         for l in &cfg.listeners {
@@ -71,11 +79,14 @@ impl Snapshot {
                         .iter()
                         .filter_map(|name| policies.get(name).cloned())
                         .collect();
-                    Some(Route::new(
-                        r,
-                        upstreams.get(&r.upstream)?.clone(),
-                        rate_limits,
-                    ))
+                    let upstream = upstreams.get(&r.upstream)?.clone();
+                    let m = metrics.route(
+                        &l.name,
+                        &r.name,
+                        &r.upstream,
+                        Some(upstream.errors.clone()),
+                    );
+                    Some(Route::new(r, upstream, rate_limits, m))
                 })
                 .collect();
             listeners.insert(
@@ -83,6 +94,7 @@ impl Snapshot {
                 ListenerRoutes {
                     routes,
                     max_in_flight: l.max_in_flight,
+                    unrouted: metrics.route(&l.name, "", "", None),
                 },
             );
         }
@@ -98,6 +110,20 @@ impl Snapshot {
 pub struct ListenerRoutes {
     pub routes: Vec<Route>,
     pub max_in_flight: Option<usize>,
+    /// For the requests no route takes (404, shed, refused framing).
+    pub unrouted: Arc<RouteMetrics>,
+}
+
+impl Snapshot {
+    /// Every route's metric handles (and each listener's unrouted ones), for the sampler.
+    pub fn route_metrics(&self) -> impl Iterator<Item = &Arc<RouteMetrics>> {
+        self.listeners.values().flat_map(|l| {
+            l.routes
+                .iter()
+                .map(|r| &r.metrics)
+                .chain(std::iter::once(&l.unrouted))
+        })
+    }
 }
 
 /// State shared by every listener and the admin endpoints. It outlives every snapshot:
@@ -118,6 +144,10 @@ pub struct Shared {
     pub in_flight: Arc<InFlight>,
     /// Stopped at the end of a drain, before the pools close.
     pub background: Background,
+    /// The request metrics' families; each snapshot makes its route handles from them.
+    pub http: HttpMetrics,
+    /// Samples of the request counters for the alert rules and the status page.
+    pub series: Mutex<Series>,
 }
 
 impl Shared {
@@ -126,8 +156,11 @@ impl Shared {
         registry: prometheus_client::registry::Registry,
         upstream_states: Arc<UpstreamStates>,
         limiters: ratelimit::Registry,
+        http: HttpMetrics,
     ) -> Arc<Shared> {
         Arc::new(Shared {
+            http,
+            series: Mutex::new(Series::new(crate::metrics::series::CHART_SPAN)),
             snapshot: ArcSwap::from_pointee(snapshot),
             registry: Arc::new(registry),
             upstream_states,
@@ -144,6 +177,39 @@ impl Shared {
     /// swapped in.
     pub fn keyed_state(&self) -> Vec<&dyn KeyedState> {
         Vec::new()
+    }
+
+    /// Every route's cumulative totals now (not stored: see `record_sample`).
+    pub fn sample(&self) -> Sample {
+        let snapshot = self.snapshot.load();
+        Sample {
+            at: tokio::time::Instant::now(),
+            wall: SystemTime::now(),
+            routes: snapshot
+                .route_metrics()
+                .map(|m| {
+                    let (requests, errors, latency) = m.totals();
+                    (
+                        Arc::new(m.labels.clone()),
+                        crate::metrics::series::Totals {
+                            requests,
+                            errors,
+                            latency,
+                        },
+                    )
+                })
+                .collect(),
+            fed: Default::default(),
+        }
+    }
+
+    /// Takes a sample and keeps it in the series.
+    pub fn record_sample(&self) {
+        let s = self.sample();
+        self.series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(s);
     }
 }
 
