@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::admin::AdminCtx;
+use crate::alert::{AlertMetrics, Alerting};
 use crate::config::Config;
 use crate::metrics::http::HttpMetrics;
 use crate::proxy::resilience::{UpstreamMetrics, UpstreamStates};
@@ -201,9 +202,10 @@ pub async fn start_with_file(config: Config, path: Option<PathBuf>) -> Result<Ru
     let limiters =
         crate::ratelimit::Registry::new(crate::ratelimit::Metrics::register(&mut registry));
     let http = HttpMetrics::register(&mut registry);
+    let alerts = Alerting::new(&config.alerts, AlertMetrics::register(&mut registry));
     let snapshot =
         Snapshot::build(&config, &upstream_states, &limiters, &http).map_err(StartError::Tls)?;
-    let shared = Shared::new(snapshot, registry, upstream_states, limiters, http);
+    let shared = Shared::new(snapshot, registry, upstream_states, limiters, http, alerts);
     let mut bound = Vec::new();
     for l in &config.listeners {
         let listener = server::bind(l.listen).map_err(|source| StartError::Bind {
@@ -233,6 +235,7 @@ pub async fn start_with_file(config: Config, path: Option<PathBuf>) -> Result<Ru
     tracing::info!(addr = %admin_addr, "admin listening");
     let admin_stop = spawn_admin(admin, &shared, &control);
     spawn_sampler(&shared);
+    shared.alerts.spawn(&shared);
     let addrs: Addrs = Arc::new(Mutex::new(Vec::new()));
     let supervisor = Supervisor {
         shared: shared.clone(),

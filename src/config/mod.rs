@@ -257,12 +257,54 @@ impl AlertsConfig {
             min_samples: 10,
         };
         vec![
-            rule("HighErrorRate", Signal::ErrorRate, Comparison::Above, 0.05, 0, Severity::Critical),
-            rule("HighAverageLatency", Signal::LatencyAvg, Comparison::Above, 1.0, 0, Severity::Warning),
-            rule("HighDatabaseErrorRate", Signal::DbErrorRate, Comparison::Above, 0.01, 0, Severity::Critical),
-            rule("LowCacheHitRate", Signal::CacheHitRate, Comparison::Below, 0.5, 0, Severity::Warning),
-            rule("HighP95Latency", Signal::LatencyP95, Comparison::Above, 0.5, 0, Severity::Warning),
-            rule("CircuitBreakerOpen", Signal::BreakerOpen, Comparison::Above, 0.0, 120, Severity::Critical),
+            rule(
+                "HighErrorRate",
+                Signal::ErrorRate,
+                Comparison::Above,
+                0.05,
+                0,
+                Severity::Critical,
+            ),
+            rule(
+                "HighAverageLatency",
+                Signal::LatencyAvg,
+                Comparison::Above,
+                1.0,
+                0,
+                Severity::Warning,
+            ),
+            rule(
+                "HighDatabaseErrorRate",
+                Signal::DbErrorRate,
+                Comparison::Above,
+                0.01,
+                0,
+                Severity::Critical,
+            ),
+            rule(
+                "LowCacheHitRate",
+                Signal::CacheHitRate,
+                Comparison::Below,
+                0.5,
+                0,
+                Severity::Warning,
+            ),
+            rule(
+                "HighP95Latency",
+                Signal::LatencyP95,
+                Comparison::Above,
+                0.5,
+                0,
+                Severity::Warning,
+            ),
+            rule(
+                "CircuitBreakerOpen",
+                Signal::BreakerOpen,
+                Comparison::Above,
+                0.0,
+                120,
+                Severity::Critical,
+            ),
         ]
     }
 }

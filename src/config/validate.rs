@@ -14,11 +14,11 @@ use http::{Method, Uri};
 
 use super::raw::{self, Entry, Kind, Node, Pos, child_path, item_path};
 use super::{
-    AdminConfig, AlertRule, AlertsConfig, BreakerConfig, Comparison, Severity, Signal, SignalUnit,
-    SinkConfig, SinkKind, Cidr, Config, ConfigError, DrainConfig, DrainMode, EjectionConfig,
-    FailureRate, Http2Config, KeySource, ListenerConfig, LoadBalancing, LogFormat, LoggingConfig,
-    PoolConfig, Problem, RateLimitConfig, RateLimitKey, RateLimitStore, RedisConfig, RedisTarget,
-    Resilience, RetryConfig, RetryOn, RouteConfig, RouteTimeouts, UpstreamConfig,
+    AdminConfig, AlertRule, AlertsConfig, BreakerConfig, Cidr, Comparison, Config, ConfigError,
+    DrainConfig, DrainMode, EjectionConfig, FailureRate, Http2Config, KeySource, ListenerConfig,
+    LoadBalancing, LogFormat, LoggingConfig, PoolConfig, Problem, RateLimitConfig, RateLimitKey,
+    RateLimitStore, RedisConfig, RedisTarget, Resilience, RetryConfig, RetryOn, RouteConfig,
+    RouteTimeouts, Severity, Signal, SignalUnit, SinkConfig, SinkKind, UpstreamConfig,
 };
 
 // === defaults (documented on the types in mod.rs and in docs/configuration.md) ===
@@ -750,7 +750,12 @@ fn rate_limit(ctx: &mut Ctx, f: Field, name: &str, redis_present: bool) -> RateL
 
 // === alerts ===
 
-fn alerts(ctx: &mut Ctx, f: Option<Field>, upstreams: &Upstreams, routes: &[String]) -> AlertsConfig {
+fn alerts(
+    ctx: &mut Ctx,
+    f: Option<Field>,
+    upstreams: &Upstreams,
+    routes: &[String],
+) -> AlertsConfig {
     let d = AlertsConfig::default();
     let mut m = MapReader::open(ctx, f);
     let interval = m
@@ -784,7 +789,12 @@ fn alerts(ctx: &mut Ctx, f: Option<Field>, upstreams: &Upstreams, routes: &[Stri
     }
 }
 
-fn alert_rules(ctx: &mut Ctx, f: &Field, upstreams: &Upstreams, routes: &[String]) -> Vec<AlertRule> {
+fn alert_rules(
+    ctx: &mut Ctx,
+    f: &Field,
+    upstreams: &Upstreams,
+    routes: &[String],
+) -> Vec<AlertRule> {
     let Some(items) = ctx.list(f, "a list of rules") else {
         return Vec::new();
     };
@@ -850,7 +860,11 @@ fn alert_rule<'a>(
         .read(ctx, "window", |ctx, f| {
             let d = ctx.duration(f)?;
             if d > MAX_ALERT_WINDOW {
-                ctx.report(f.pos(), &f.path, "must be at most 1h (use Prometheus for longer windows)");
+                ctx.report(
+                    f.pos(),
+                    &f.path,
+                    "must be at most 1h (use Prometheus for longer windows)",
+                );
                 return None;
             }
             Some(d)
@@ -918,7 +932,9 @@ fn parse_share(s: &str) -> Result<f64, String> {
     match n {
         Some(n) if (0.0..=1.0).contains(&n) => Ok(n),
         Some(_) => Err(format!("must be between 0% and 100%, got \"{s}\"")),
-        None => Err(format!("expected a percentage like \"5%\" (or 0.05), got \"{s}\"")),
+        None => Err(format!(
+            "expected a percentage like \"5%\" (or 0.05), got \"{s}\""
+        )),
     }
 }
 
@@ -955,7 +971,10 @@ fn sink(ctx: &mut Ctx, f: Field) -> Option<SinkConfig> {
 
 /// An http(s) URL with a host. Not echoed: webhook URLs are credentials.
 fn parse_sink_url(s: &str) -> Result<Uri, String> {
-    let bad = || "expected an http:// or https:// URL with a host (not shown: it may hold a secret)".to_owned();
+    let bad = || {
+        "expected an http:// or https:// URL with a host (not shown: it may hold a secret)"
+            .to_owned()
+    };
     let uri: Uri = s.trim().parse().map_err(|_| bad())?;
     match uri.scheme_str() {
         Some("http" | "https") if uri.host().is_some_and(|h| !h.is_empty()) => Ok(uri),
@@ -2437,13 +2456,7 @@ mod tests {
             "caches",
             "section \"caches\" is not supported by this version of rampart",
         );
-        check(
-            &p[1],
-            12,
-            1,
-            "tls",
-            "section \"tls\" is not supported",
-        );
+        check(&p[1], 12, 1, "tls", "section \"tls\" is not supported");
     }
 
     #[test]
@@ -2519,7 +2532,10 @@ mod tests {
             - {{ type: webhook, url: 'ftp://secret@example.com' }}
 "
         ));
-        let text: Vec<String> = p.iter().map(|p| format!("{}: {}", p.path, p.message)).collect();
+        let text: Vec<String> = p
+            .iter()
+            .map(|p| format!("{}: {}", p.path, p.message))
+            .collect();
         let all = text.join("\n");
         for want in [
             "alerts.rules[0].signal: expected one of error_rate,",

@@ -17,13 +17,11 @@ pub const REQUEST_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
 ];
 /// Time to the first byte of an event stream: an LLM may think for a while first.
-pub const STREAM_TTFB_BUCKETS: &[f64] = &[
-    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
-];
+pub const STREAM_TTFB_BUCKETS: &[f64] =
+    &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0];
 /// Whole event streams: LLM answers run for minutes.
-pub const STREAM_DURATION_BUCKETS: &[f64] = &[
-    0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 180.0, 300.0, 600.0,
-];
+pub const STREAM_DURATION_BUCKETS: &[f64] =
+    &[0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 180.0, 300.0, 600.0];
 
 #[derive(Debug)]
 struct Inner {

@@ -24,7 +24,9 @@ use prometheus_client::registry::Registry;
 use super::histogram::{DurationHistogram, HistogramSnapshot};
 
 /// The methods counted by name; anything else is `other` (labels stay bounded).
-pub const METHODS: [&str; 8] = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other"];
+pub const METHODS: [&str; 8] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other",
+];
 pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 pub fn method_index(m: &Method) -> usize {
@@ -212,7 +214,11 @@ impl HttpMetrics {
         connections: &Arc<AtomicUsize>,
         in_flight: &Arc<AtomicUsize>,
     ) {
-        let mut l = self.live.listeners.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut l = self
+            .live
+            .listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         // Servers that are gone leave dead entries behind: drop them here.
         l.retain(|e| e.connections.strong_count() > 0);
         l.push(LiveListener {
@@ -368,7 +374,10 @@ impl Collector for Live {
         // A listener replaced by a reload drains beside its successor: one series per name.
         let mut by_name: BTreeMap<String, (usize, usize)> = BTreeMap::new();
         {
-            let l = self.listeners.lock().unwrap_or_else(PoisonError::into_inner);
+            let l = self
+                .listeners
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             for e in l.iter() {
                 let (Some(c), Some(f)) = (e.connections.upgrade(), e.in_flight.upgrade()) else {
                     continue;
@@ -479,7 +488,10 @@ mod tests {
         ), "{text}");
         assert!(text.contains("method=\"POST\",status=\"5xx\"} 1"), "{text}");
         assert!(!text.contains("method=\"PUT\""), "{text}");
-        assert!(!text.contains("http_stream_duration_seconds_bucket"), "{text}");
+        assert!(
+            !text.contains("http_stream_duration_seconds_bucket"),
+            "{text}"
+        );
         let (requests, errors, hist) = r.totals();
         assert_eq!((requests, errors, hist.count()), (2, 1, 2));
     }

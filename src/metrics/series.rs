@@ -275,9 +275,18 @@ mod tests {
         let (api, chat) = (labels("api", "backend"), labels("chat", "fastgpt"));
         let mut s = Series::new(Duration::from_secs(3600));
         s.push(sample(t0, &[(&api, 0, 0), (&chat, 0, 0)]));
-        s.push(sample(t0 + Duration::from_secs(60), &[(&api, 100, 1), (&chat, 10, 0)]));
-        s.push(sample(t0 + Duration::from_secs(120), &[(&api, 200, 11), (&chat, 20, 0)]));
-        let now = sample(t0 + Duration::from_secs(125), &[(&api, 200, 11), (&chat, 20, 10)]);
+        s.push(sample(
+            t0 + Duration::from_secs(60),
+            &[(&api, 100, 1), (&chat, 10, 0)],
+        ));
+        s.push(sample(
+            t0 + Duration::from_secs(120),
+            &[(&api, 200, 11), (&chat, 20, 0)],
+        ));
+        let now = sample(
+            t0 + Duration::from_secs(125),
+            &[(&api, 200, 11), (&chat, 20, 10)],
+        );
         // 65 s back lands between samples: the window starts at the one at 60 s.
         let all = s.over(&now, Duration::from_secs(65), &Filter::default());
         assert_eq!((all.requests, all.errors), (110, 20));
@@ -310,8 +319,16 @@ mod tests {
             s.push(sample(t0 + Duration::from_secs(i * 10), &[]));
         }
         let newest = t0 + Duration::from_secs(1990);
-        assert!(s.samples.front().is_some_and(|f| newest - f.at >= CHART_SPAN));
-        assert!(s.len() <= (CHART_SPAN.as_secs() / 10 + 2) as usize, "{}", s.len());
+        assert!(
+            s.samples
+                .front()
+                .is_some_and(|f| newest - f.at >= CHART_SPAN)
+        );
+        assert!(
+            s.len() <= (CHART_SPAN.as_secs() / 10 + 2) as usize,
+            "{}",
+            s.len()
+        );
     }
 
     #[test]

@@ -80,12 +80,8 @@ impl Snapshot {
                         .filter_map(|name| policies.get(name).cloned())
                         .collect();
                     let upstream = upstreams.get(&r.upstream)?.clone();
-                    let m = metrics.route(
-                        &l.name,
-                        &r.name,
-                        &r.upstream,
-                        Some(upstream.errors.clone()),
-                    );
+                    let m =
+                        metrics.route(&l.name, &r.name, &r.upstream, Some(upstream.errors.clone()));
                     Some(Route::new(r, upstream, rate_limits, m))
                 })
                 .collect();
@@ -148,6 +144,8 @@ pub struct Shared {
     pub http: HttpMetrics,
     /// Samples of the request counters for the alert rules and the status page.
     pub series: Mutex<Series>,
+    /// Alert rules, their state and notifications; also holds the fed signals.
+    pub alerts: Arc<crate::alert::Alerting>,
 }
 
 impl Shared {
@@ -157,10 +155,14 @@ impl Shared {
         upstream_states: Arc<UpstreamStates>,
         limiters: ratelimit::Registry,
         http: HttpMetrics,
+        alerts: crate::alert::Alerting,
     ) -> Arc<Shared> {
+        let mut series = Series::new(crate::metrics::series::CHART_SPAN);
+        series.keep_at_least(alerts.longest_window());
         Arc::new(Shared {
             http,
-            series: Mutex::new(Series::new(crate::metrics::series::CHART_SPAN)),
+            series: Mutex::new(series),
+            alerts: Arc::new(alerts),
             snapshot: ArcSwap::from_pointee(snapshot),
             registry: Arc::new(registry),
             upstream_states,
@@ -176,7 +178,7 @@ impl Shared {
     /// calls `reconcile` on each with the new configuration before the new snapshot is
     /// swapped in.
     pub fn keyed_state(&self) -> Vec<&dyn KeyedState> {
-        Vec::new()
+        vec![&*self.alerts]
     }
 
     /// Every route's cumulative totals now (not stored: see `record_sample`).
@@ -199,17 +201,17 @@ impl Shared {
                     )
                 })
                 .collect(),
-            fed: Default::default(),
+            fed: self.alerts.signals.totals(),
         }
     }
 
     /// Takes a sample and keeps it in the series.
     pub fn record_sample(&self) {
         let s = self.sample();
-        self.series
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(s);
+        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        // A reload may have brought longer rule windows.
+        series.keep_at_least(self.alerts.longest_window());
+        series.push(s);
     }
 }
 

@@ -16,12 +16,12 @@ use tokio::time::Instant;
 
 use crate::breaker::{Admit, Outcome};
 use crate::error::ProxyError;
+use crate::metrics::http::{UpstreamErrorKind, method_index};
 use crate::proxy::access_log::{AccessRecord, Outcome as LogOutcome};
 use crate::proxy::body::{BodyError, ProxyBody, RequestBody, TimedBody};
 use crate::proxy::forward::{self, Upstream};
 use crate::proxy::headers::{self, X_REQUEST_ID};
 use crate::proxy::resilience::{BreakerTicket, InFlight, UpstreamMetrics};
-use crate::metrics::http::{UpstreamErrorKind, method_index};
 use crate::proxy::tail::{Observed, Tail};
 use crate::proxy::{ListenerCtx, ListenerRoutes, Snapshot, route, upgrade};
 use crate::ratelimit;
@@ -70,7 +70,17 @@ pub async fn handle(
     });
 
     let result = if framing_ok {
-        proxy(&ctx, &snapshot, listener, peer, req, &request_id, start, &mut tail).await
+        proxy(
+            &ctx,
+            &snapshot,
+            listener,
+            peer,
+            req,
+            &request_id,
+            start,
+            &mut tail,
+        )
+        .await
     } else {
         // The step check_framing would take, had hyper left the Content-Length in `req`.
         Err(ProxyError::BadRequest(headers::CL_AND_TE))

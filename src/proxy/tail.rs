@@ -87,12 +87,7 @@ impl Drop for Observed {
         };
         // No status: the client left before the answer (nginx's 499), not a server error.
         let status = if self.status == 0 { 499 } else { self.status };
-        self.route.finished(
-            self.method,
-            status,
-            duration,
-            self.bytes_in,
-            self.bytes_out,
-        );
+        self.route
+            .finished(self.method, status, duration, self.bytes_in, self.bytes_out);
     }
 }

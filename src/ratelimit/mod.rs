@@ -333,6 +333,11 @@ impl Registry {
         Ok(store)
     }
 
+    /// Whether a Redis client is configured (policies with `store: redis`).
+    pub fn uses_redis(&self) -> bool {
+        self.redis.lock().map(|r| r.is_some()).unwrap_or(false)
+    }
+
     /// Whether Redis policies are being decided in memory right now.
     pub fn fallback_active(&self) -> bool {
         self.redis
