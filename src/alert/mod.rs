@@ -110,16 +110,28 @@ impl AlertEvent {
     }
 }
 
-/// `error_rate 12.5% > 5% over 5m (upstream backend)`.
-fn summary(r: &AlertRule, value: Option<f64>, detail: Option<&str>) -> String {
-    let mut s = format!(
-        "{} {} {} {}",
+/// `breaker_open`, or `error_rate > 5.0%`.
+pub fn condition(r: &AlertRule) -> String {
+    if r.signal.unit() == SignalUnit::YesNo {
+        return r.signal.as_str().to_owned();
+    }
+    format!(
+        "{} {} {}",
         r.signal.as_str(),
-        format_value(r.signal, value),
         r.comparison.as_str(),
-        format_value(r.signal, Some(r.threshold)),
-    );
+        format_value(r.signal, Some(r.threshold))
+    )
+}
+
+/// `error_rate 12.5% > 5.0% over 5m (upstream backend)`, `breaker_open yes: open: fastgpt`.
+fn summary(r: &AlertRule, value: Option<f64>, detail: Option<&str>) -> String {
+    let mut s = format!("{} {}", r.signal.as_str(), format_value(r.signal, value));
     if r.signal.unit() != SignalUnit::YesNo {
+        s.push_str(&format!(
+            " {} {}",
+            r.comparison.as_str(),
+            format_value(r.signal, Some(r.threshold))
+        ));
         s.push_str(&format!(" over {}", humantime::format_duration(r.window)));
     }
     if let Some(route) = &r.route {
@@ -373,12 +385,7 @@ impl Alerting {
                     "state": s.phase.as_str(),
                     "value": value,
                     "value_text": if s.last.is_some() { format_value(s.rule.signal, value) } else { "not evaluated yet".into() },
-                    "condition": format!(
-                        "{} {} {}",
-                        s.rule.signal.as_str(),
-                        s.rule.comparison.as_str(),
-                        format_value(s.rule.signal, Some(s.rule.threshold))
-                    ),
+                    "condition": condition(&s.rule),
                     "window_s": s.rule.window.as_secs(),
                     "for_s": s.rule.for_.as_secs(),
                     "route": s.rule.route,

@@ -6,6 +6,7 @@
 //! Cheap to feed from a hot path (relaxed atomics; the few values behind a mutex change
 //! once per probe interval).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::SystemTime;
@@ -54,6 +55,8 @@ pub struct Signals {
     memory_usage: Mutex<Option<f64>>,
     /// None: no health checks configured (the status page says "not configured").
     dependencies: Mutex<Option<Vec<Dependency>>>,
+    /// Active health of upstream endpoints by URL, when checks are configured.
+    endpoints: Mutex<HashMap<String, DependencyState>>,
 }
 
 /// Shares only: 0..=1, and never NaN.
@@ -99,6 +102,22 @@ impl Signals {
             .dependencies
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = deps;
+    }
+
+    pub fn set_endpoint_health(&self, url: &str, state: DependencyState) {
+        self.endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(url.to_owned(), state);
+    }
+
+    /// None: no active check of this endpoint ("no data").
+    pub fn endpoint_health(&self, url: &str) -> Option<DependencyState> {
+        self.endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(url)
+            .copied()
     }
 
     pub fn totals(&self) -> FedTotals {

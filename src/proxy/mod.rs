@@ -36,6 +36,8 @@ pub struct Snapshot {
     pub upstreams: HashMap<String, Arc<Upstream>>,
     pub trusted_proxies: Vec<Cidr>,
     pub access_log: bool,
+    /// The configuration this snapshot was built from (`/admin/config`).
+    pub config: Arc<Config>,
 }
 
 impl Snapshot {
@@ -99,6 +101,7 @@ impl Snapshot {
             upstreams,
             trusted_proxies: cfg.trusted_proxies.clone(),
             access_log: cfg.logging.access_log,
+            config: Arc::new(cfg.clone()),
         })
     }
 }
