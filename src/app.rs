@@ -274,17 +274,19 @@ fn spawn_admin(
     stop
 }
 
-/// Records the request counters every few seconds for the alert rules and the status page.
+/// Records the request counters every few seconds for the alert rules and the status page
+/// (as often as the rules are evaluated, when that is more often: a window must be able to
+/// move past what it saw).
 fn spawn_sampler(shared: &Arc<Shared>) {
     let s = shared.clone();
     shared
         .background
         .spawn("metrics-sampler", move |mut stop| async move {
-            let mut tick = tokio::time::interval(crate::metrics::series::SAMPLE_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
+                s.record_sample();
+                let every = crate::metrics::series::SAMPLE_EVERY.min(s.alerts.interval());
                 tokio::select! {
-                    _ = tick.tick() => s.record_sample(),
+                    _ = tokio::time::sleep(every) => {}
                     _ = crate::server::stopped(&mut stop) => return,
                 }
             }
