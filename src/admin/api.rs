@@ -93,6 +93,7 @@ pub fn status(shared: &Shared) -> Value {
                 upstream: Some(name.clone()),
             };
             let t = series.over(&current, RECENT, &filter);
+            let span = series.span(&current, RECENT);
             if u.get("breaker").and_then(Value::as_str) != Some(BreakerState::Closed.as_str()) {
                 any_open.push(name.clone());
             }
@@ -101,12 +102,13 @@ pub fn status(shared: &Shared) -> Value {
                 .and_then(Value::as_array)
                 .is_some_and(|e| e.iter().any(|e| e["ejected"] == json!(true)));
             if let Value::Object(m) = u {
-                m.insert("recent".into(), recent(&t));
+                m.insert("recent".into(), recent(&t, span));
                 m.insert("chart".into(), chart(&series.chart(CHART_SPAN, &filter)));
             }
         }
     }
     let all = series.over(&current, RECENT, &Filter::default());
+    let span = series.span(&current, RECENT);
     let overall_chart = chart(&series.chart(CHART_SPAN, &Filter::default()));
     drop(series);
 
@@ -188,7 +190,7 @@ pub fn status(shared: &Shared) -> Value {
         "version": env!("CARGO_PKG_VERSION"),
         "generated_at": crate::alert::sinks::rfc3339(current.wall),
         "overall": { "status": overall, "reasons": reasons },
-        "traffic": { "recent": recent(&all), "chart": overall_chart },
+        "traffic": { "recent": recent(&all, span), "chart": overall_chart },
         "dependencies": dependencies,
         "upstreams": ups["upstreams"],
         "ratelimit": ratelimit,
@@ -198,11 +200,13 @@ pub fn status(shared: &Shared) -> Value {
     })
 }
 
-fn recent(t: &crate::metrics::series::Totals) -> Value {
+/// `span`: the time the totals really cover (shorter than a minute just after start).
+fn recent(t: &crate::metrics::series::Totals, span: Duration) -> Value {
+    let secs = span.as_secs_f64();
     json!({
         "window_s": RECENT.as_secs(),
         "requests": t.requests,
-        "rate_per_s": t.requests as f64 / RECENT.as_secs_f64(),
+        "rate_per_s": if secs >= 1.0 { t.requests as f64 / secs } else { 0.0 },
         "error_rate": t.error_rate(),
         "p95_ms": ms(t.p95()),
     })

@@ -185,6 +185,14 @@ impl Series {
         out
     }
 
+    /// How much time `over` really covers: less than `window` while the history is short.
+    pub fn span(&self, current: &Sample, window: Duration) -> Duration {
+        self.start_of(current.at, window)
+            .map_or(Duration::ZERO, |s| {
+                current.at.saturating_duration_since(s.at)
+            })
+    }
+
     pub fn fed_over(&self, current: &Sample, window: Duration) -> FedTotals {
         match self.start_of(current.at, window) {
             Some(s) => current.fed.since(&s.fed),
