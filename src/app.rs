@@ -201,6 +201,7 @@ pub async fn start_with_file(config: Config, path: Option<PathBuf>) -> Result<Ru
     )));
     let limiters =
         crate::ratelimit::Registry::new(crate::ratelimit::Metrics::register(&mut registry));
+    registry.register_collector(Box::new(limiters.pool_collector()));
     let http = HttpMetrics::register(&mut registry);
     let alerts = Alerting::new(&config.alerts, AlertMetrics::register(&mut registry));
     let snapshot =

@@ -47,7 +47,17 @@ impl Script {
     }
 }
 
+/// Connections of a pool at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolState {
+    pub max: u32,
+    pub open: u32,
+    pub idle: u32,
+    pub waiting: u64,
+}
+
 pub struct Redis {
+    max_size: u32,
     pool: bb8::Pool<Manager>,
     timeout: Duration,
     target: Arc<Target>,
@@ -82,6 +92,7 @@ impl Redis {
                 target: target.clone(),
             });
         Ok(Redis {
+            max_size: cfg.pool_max_size,
             pool,
             timeout: cfg.timeout,
             target,
@@ -90,6 +101,20 @@ impl Redis {
 
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// The pool's connections now, for the pool gauges.
+    pub fn pool_state(&self) -> PoolState {
+        let s = self.pool.state();
+        let st = &s.statistics;
+        let finished = st.get_direct + st.get_waited + st.get_timed_out;
+        PoolState {
+            max: self.max_size,
+            open: s.connections,
+            idle: s.idle_connections,
+            // Check-outs started and not finished are waiting for a connection.
+            waiting: st.get_started.saturating_sub(finished),
+        }
     }
 
     /// Runs `script` with one key (EVALSHA, then EVAL on NOSCRIPT, as after a fail-over or a

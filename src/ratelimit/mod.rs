@@ -220,6 +220,57 @@ impl DecisionCounters {
     }
 }
 
+/// The Redis pool gauges (the users' "pool connections": idle, in use, waiting).
+pub struct PoolCollector(Arc<Mutex<Option<(RedisConfig, Arc<RedisStore>)>>>);
+
+impl std::fmt::Debug for PoolCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PoolCollector")
+    }
+}
+
+impl prometheus_client::collector::Collector for PoolCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::MetricType;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let state = match self.0.lock() {
+            Ok(r) => r.as_ref().map(|(_, s)| s.redis.pool_state()),
+            Err(_) => None,
+        };
+        // No Redis configured: no series.
+        let Some(p) = state else { return Ok(()) };
+        let in_use = p.open.saturating_sub(p.idle);
+        let mut m = encoder.encode_descriptor(
+            "redis_pool_connections",
+            "Redis pool connections by state (idle, in_use)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (state, n) in [("idle", p.idle), ("in_use", in_use)] {
+            ConstGauge::new(i64::from(n)).encode(m.encode_family(&[("state", state)])?)?;
+        }
+        let m = encoder.encode_descriptor(
+            "redis_pool_max_connections",
+            "Redis pool size limit (redis.pool.max_size)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::from(p.max)).encode(m)?;
+        let m = encoder.encode_descriptor(
+            "redis_pool_waiting",
+            "Requests waiting for a Redis pool connection",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::try_from(p.waiting).unwrap_or(i64::MAX)).encode(m)?;
+        Ok(())
+    }
+}
+
 // === policies ===
 
 /// State of one policy name that survives reloads.
@@ -257,7 +308,8 @@ enum Store {
 pub struct Registry {
     metrics: Metrics,
     states: Mutex<HashMap<String, Arc<PolicyState>>>,
-    redis: Mutex<Option<(RedisConfig, Arc<RedisStore>)>>,
+    /// Shared with the pool gauges, read at scrape time.
+    redis: Arc<Mutex<Option<(RedisConfig, Arc<RedisStore>)>>>,
 }
 
 impl Registry {
@@ -265,7 +317,7 @@ impl Registry {
         Registry {
             metrics,
             states: Mutex::new(HashMap::new()),
-            redis: Mutex::new(None),
+            redis: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -331,6 +383,11 @@ impl Registry {
         let store = Arc::new(RedisStore::new(client, self.metrics.clone()));
         *current = Some((rc.clone(), store.clone()));
         Ok(store)
+    }
+
+    /// `rampart_redis_pool_*`: the Redis pool's connections, read at each scrape.
+    pub fn pool_collector(&self) -> PoolCollector {
+        PoolCollector(self.redis.clone())
     }
 
     /// Whether a Redis client is configured (policies with `store: redis`).

@@ -626,3 +626,86 @@ async fn status_page_in_chromium_shows_the_breaker_open() {
     assert!(console.is_empty(), "console output: {console:#?}");
     r.shutdown().await;
 }
+
+// === Redis: pool gauges, the rate-limit source, the fallback alert ===
+
+#[tokio::test]
+async fn redis_pool_gauges_and_rate_limit_source_follow_redis() {
+    let test = "redis_pool_gauges_and_rate_limit_source_follow_redis";
+    let Some(mut redis) = crate::support::redis::RedisServer::own(test).await else {
+        return;
+    };
+    let up = Upstream::start().await;
+    let yaml = format!(
+        r#"
+admin: {{ listen: "127.0.0.1:0" }}
+logging: {{ level: warn, access_log: false }}
+redis: {{ url: "{url}", timeout: 100ms, pool: {{ max_size: 4 }} }}
+rate_limits:
+  api: {{ points: 1000, per: 60s, store: redis }}
+listeners:
+  - name: main
+    listen: "127.0.0.1:0"
+    routes:
+      - {{ upstream: backend, rate_limits: [api] }}
+upstreams:
+  backend: {{ endpoints: ["{up}"] }}
+alerts:
+  interval: 1s
+  rules:
+    - {{ name: RedisDown, signal: ratelimit_fallback_active, severity: warning }}
+"#,
+        url = redis.url,
+        up = up.url()
+    );
+    let r = support::start(&yaml).await;
+    let addr = r.addr("main").unwrap();
+    let c = http1();
+    for _ in 0..5 {
+        assert_eq!(send(&c, get(addr, "/ok")).await.0.status(), 200);
+    }
+    let m = scrape(&r).await;
+    assert_eq!(
+        sample(&m, "rampart_redis_pool_max_connections"),
+        Some(4.0),
+        "{m}"
+    );
+    let idle = sample(&m, r#"rampart_redis_pool_connections{state="idle"}"#).unwrap();
+    let in_use = sample(&m, r#"rampart_redis_pool_connections{state="in_use"}"#).unwrap();
+    assert!(idle + in_use >= 1.0 && idle + in_use <= 4.0, "{m}");
+    assert_eq!(sample(&m, "rampart_redis_pool_waiting"), Some(0.0));
+    let status = |r: &Running| {
+        let admin = r.admin_addr;
+        async move {
+            let (_, body) = send(&http1(), get(admin, "/admin/status")).await;
+            serde_json::from_slice::<Value>(&body).unwrap()
+        }
+    };
+    assert_eq!(status(&r).await["ratelimit"]["source"], "redis");
+
+    // Redis gone: decisions move to memory, the page says so, the rule fires.
+    redis.kill();
+    let flood = async {
+        loop {
+            send(&c, get(addr, "/ok")).await;
+            if status(&r).await["ratelimit"]["source"] == "memory" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), flood)
+        .await
+        .expect("the fallback shows within 10 s");
+    assert_eventually!(
+        {
+            let (_, body) = admin_get(&r, "/admin/alerts", None).await;
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            v["firing"][0]["alert"] == "RedisDown"
+        },
+        "RedisDown fires"
+    );
+    let s = status(&r).await;
+    assert_eq!(s["overall"]["status"], "degraded", "{s}");
+    r.shutdown().await;
+}
