@@ -221,7 +221,10 @@ impl DecisionCounters {
 }
 
 /// The Redis pool gauges (the users' "pool connections": idle, in use, waiting).
-pub struct PoolCollector(Arc<Mutex<Option<(RedisConfig, Arc<RedisStore>)>>>);
+/// The Redis client in use and the settings it was made with.
+type RedisSlot = Arc<Mutex<Option<(RedisConfig, Arc<RedisStore>)>>>;
+
+pub struct PoolCollector(RedisSlot);
 
 impl std::fmt::Debug for PoolCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -309,7 +312,7 @@ pub struct Registry {
     metrics: Metrics,
     states: Mutex<HashMap<String, Arc<PolicyState>>>,
     /// Shared with the pool gauges, read at scrape time.
-    redis: Arc<Mutex<Option<(RedisConfig, Arc<RedisStore>)>>>,
+    redis: RedisSlot,
 }
 
 impl Registry {
