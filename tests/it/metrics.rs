@@ -709,3 +709,50 @@ alerts:
     assert_eq!(s["overall"]["status"], "degraded", "{s}");
     r.shutdown().await;
 }
+
+#[tokio::test]
+async fn alert_rules_follow_a_reload() {
+    let up = Upstream::start().await;
+    let dead = closed_port().await;
+    let rules = |name: &str, interval: &str| {
+        format!(
+            "alerts:\n  interval: {interval}\n  rules:\n    - {{ name: {name}, signal: breaker_open, upstream: fastgpt }}\n"
+        )
+    };
+    let r = support::start(&two_routes(&up.url(), dead, &rules("Before", "1s"))).await;
+    let addr = r.addr("main").unwrap();
+    for _ in 0..4 {
+        send(&http1(), get(addr, "/chat/x")).await;
+    }
+    let alerts = |r: &Running| {
+        let admin = r.admin_addr;
+        async move {
+            let (_, body) = send(&http1(), get(admin, "/admin/alerts")).await;
+            serde_json::from_slice::<Value>(&body).unwrap()
+        }
+    };
+    assert_eventually!(
+        alerts(&r).await["firing"][0]["alert"] == "Before",
+        "Before fires"
+    );
+    let report = r
+        .apply(support::parse(&two_routes(
+            &up.url(),
+            dead,
+            &rules("After", "2s"),
+        )))
+        .await;
+    assert!(report.is_ok(), "{report:?}");
+    // The removed rule is resolved at once; the new one takes over with the new interval.
+    let v = alerts(&r).await;
+    assert_eq!(v["interval_s"], 2);
+    assert_eq!(v["rules"].as_array().unwrap().len(), 1);
+    assert_eq!(v["rules"][0]["name"], "After");
+    assert_eq!(v["recent"][0]["alert"], "Before");
+    assert_eq!(v["recent"][0]["status"], "resolved");
+    assert_eventually!(
+        alerts(&r).await["firing"][0]["alert"] == "After",
+        "After fires"
+    );
+    r.shutdown().await;
+}
