@@ -59,15 +59,7 @@ pub async fn handle(
         ..Tail::default()
     });
     let listener = snapshot.listeners.get(&*ctx.name);
-    tail.obs = listener.map(|l| Observed {
-        start,
-        route: l.unrouted.clone(),
-        method: method_index(req.method()),
-        status: 0,
-        stream: false,
-        bytes_in: 0,
-        bytes_out: 0,
-    });
+    let method = method_index(req.method());
 
     let result = if framing_ok {
         proxy(
@@ -105,6 +97,11 @@ pub async fn handle(
     }
     if let Some(r) = tail.log.as_mut() {
         r.status = resp.status().as_u16();
+    }
+    if tail.obs.is_none() {
+        // No route took it: counted on the listener (set here, not up front, to keep the
+        // routed path to one handle).
+        tail.obs = listener.map(|l| Observed::new(start, l.unrouted.clone(), method));
     }
     if let Some(o) = tail.obs.as_mut() {
         o.status = resp.status().as_u16();
@@ -147,10 +144,9 @@ async fn proxy(
     let routes = listener.map(|l| l.routes.as_slice()).unwrap_or_default();
     let route = route::find(routes, &req).ok_or(ProxyError::NoRoute)?;
     let upstream = &route.upstream;
-    if let Some(o) = tail.obs.as_mut() {
-        o.route = route.metrics.clone();
-        o.bytes_in = declared_len.unwrap_or(0);
-    }
+    let mut obs = Observed::new(start, route.metrics.clone(), method_index(req.method()));
+    obs.bytes_in = declared_len.unwrap_or(0);
+    tail.obs = Some(obs);
     if let Some(r) = tail.log.as_mut() {
         r.route = Some(route.name.clone());
         r.upstream = Some(Arc::from(upstream.name.as_str()));

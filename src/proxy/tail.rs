@@ -28,7 +28,7 @@ pub struct Tail {
 /// What the request metrics record when the exchange ends.
 pub struct Observed {
     pub start: Instant,
-    /// The route's handles (the listener's unrouted ones until a route matched).
+    /// The route's handles (the listener's unrouted ones when no route took it).
     pub route: Arc<RouteMetrics>,
     pub method: usize,
     pub status: u16,
@@ -36,6 +36,20 @@ pub struct Observed {
     pub stream: bool,
     pub bytes_in: u64,
     pub bytes_out: u64,
+}
+
+impl Observed {
+    pub fn new(start: Instant, route: Arc<RouteMetrics>, method: usize) -> Self {
+        Observed {
+            start,
+            route,
+            method,
+            status: 0,
+            stream: false,
+            bytes_in: 0,
+            bytes_out: 0,
+        }
+    }
 }
 
 impl Tail {
