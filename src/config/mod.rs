@@ -835,6 +835,15 @@ impl Config {
             humantime::format_duration(self.drain.accept_grace),
             humantime::format_duration(self.drain.timeout)
         );
+        let sinks: Vec<&str> = self.alerts.sinks.iter().map(|k| k.kind.as_str()).collect();
+        let _ = writeln!(
+            s,
+            "alerts    {} rules every {}, log{}{}",
+            self.alerts.rules.len(),
+            humantime::format_duration(self.alerts.interval),
+            if sinks.is_empty() { "" } else { ", " },
+            sinks.join(", ")
+        );
         for u in self.upstreams.values() {
             let eps: Vec<String> = u.endpoints.iter().map(|e| e.to_string()).collect();
             let _ = writeln!(
