@@ -6,7 +6,8 @@
 //! there are 5xx series and upstream errors too), sends each route a few GET, POST and
 //! HEAD requests so every family has its series, then times SCRAPES scrapes: the encoding
 //! alone, and `GET /metrics` over a kept-alive connection to the admin listener. Everything
-//! runs on 127.0.0.1; the number of requests is fixed.
+//! runs on 127.0.0.1; the number of requests is fixed. Last, the status page's document
+//! (`/admin/status`) with 15 minutes of samples.
 
 use std::time::{Duration, Instant};
 
@@ -45,7 +46,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn report(what: &str, mut times: Vec<Duration>) {
     times.sort();
     println!(
-        "{what:<28} median {:>7.3} ms   p99 {:>7.3} ms   max {:>7.3} ms",
+        "{what:<32} median {:>7.3} ms   p99 {:>7.3} ms   max {:>7.3} ms",
         percentile(&times, 0.5).as_secs_f64() * 1e3,
         percentile(&times, 0.99).as_secs_f64() * 1e3,
         times.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
@@ -117,5 +118,24 @@ async fn main() {
         std::hint::black_box(body);
     }
     report("GET /metrics (keep-alive)", http);
+
+    // The status page's document with a full chart span: 90 samples (15 min at 10 s).
+    for _ in 0..90 {
+        running.shared.record_sample();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let url = format!("http://{}/admin/status", running.admin_addr);
+    let mut status = Vec::with_capacity(50);
+    for _ in 0..50 {
+        let t = Instant::now();
+        let resp = client
+            .request(Request::get(&url).body(Full::new(Bytes::new())).unwrap())
+            .await
+            .expect("status");
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        status.push(t.elapsed());
+        std::hint::black_box(body);
+    }
+    report("GET /admin/status (90 samples)", status);
     running.shutdown().await;
 }

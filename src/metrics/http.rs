@@ -187,7 +187,7 @@ impl HttpMetrics {
             duration: self.duration.get_or_create(&labels).clone(),
             bytes_in: self.bytes_in.get_or_create(&labels).clone(),
             bytes_out: self.bytes_out.get_or_create(&labels).clone(),
-            labels,
+            labels: Arc::new(labels),
             families: self.clone(),
             cells,
             upstream_errors,
@@ -235,7 +235,8 @@ impl HttpMetrics {
 
 /// A route's handles.
 pub struct RouteMetrics {
-    pub labels: RouteLabels,
+    /// Shared with every sample of the time series (no copy per sample).
+    pub labels: Arc<RouteLabels>,
     families: HttpMetrics,
     cells: Arc<RouteCells>,
     pub duration: DurationHistogram,

@@ -37,6 +37,13 @@ impl Totals {
         }
     }
 
+    fn add_since(&mut self, now: &Totals, before: Option<&Totals>) {
+        match before {
+            Some(b) => self.add(&now.since(b)),
+            None => self.add(now),
+        }
+    }
+
     fn add(&mut self, other: &Totals) {
         self.requests += other.requests;
         self.errors += other.errors;
@@ -83,6 +90,22 @@ pub struct Sample {
     pub wall: SystemTime,
     pub routes: Vec<(Arc<RouteLabels>, Totals)>,
     pub fed: FedTotals,
+}
+
+impl Sample {
+    /// The totals of route `labels`, found at index `i` in `self`. Samples of one snapshot
+    /// list the routes in the same order with the same `Arc`s, so this is one pointer
+    /// comparison; after a reload it falls back to a search.
+    fn find(&self, i: usize, labels: &Arc<RouteLabels>) -> Option<&Totals> {
+        match self.routes.get(i) {
+            Some((l, t)) if Arc::ptr_eq(l, labels) => Some(t),
+            _ => self
+                .routes
+                .iter()
+                .find(|(l, _)| **l == **labels)
+                .map(|(_, t)| t),
+        }
+    }
 }
 
 /// Which routes a question is about.
@@ -172,14 +195,9 @@ impl Series {
     pub fn over(&self, current: &Sample, window: Duration, filter: &Filter) -> Totals {
         let start = self.start_of(current.at, window);
         let mut out = Totals::default();
-        for (labels, now) in &current.routes {
-            if !filter.matches(labels) {
-                continue;
-            }
-            let before = start.and_then(|s| s.routes.iter().find(|(l, _)| **l == **labels));
-            match before {
-                Some((_, b)) => out.add(&now.since(b)),
-                None => out.add(now),
+        for (i, (labels, now)) in current.routes.iter().enumerate() {
+            if filter.matches(labels) {
+                out.add_since(now, start.and_then(|s| s.find(i, labels)));
             }
         }
         out
@@ -208,8 +226,7 @@ impl Series {
         };
         let from = last.at.checked_sub(span);
         let mut out = Vec::new();
-        for pair in self.samples.iter().collect::<Vec<_>>().windows(2) {
-            let (a, b) = (pair[0], pair[1]);
+        for (a, b) in self.samples.iter().zip(self.samples.iter().skip(1)) {
             if from.is_some_and(|f| a.at < f) {
                 continue;
             }
@@ -218,13 +235,9 @@ impl Series {
                 continue;
             }
             let mut t = Totals::default();
-            for (labels, now) in &b.routes {
-                if !filter.matches(labels) {
-                    continue;
-                }
-                match a.routes.iter().find(|(l, _)| **l == **labels) {
-                    Some((_, before)) => t.add(&now.since(before)),
-                    None => t.add(now),
+            for (i, (labels, now)) in b.routes.iter().enumerate() {
+                if filter.matches(labels) {
+                    t.add_since(now, a.find(i, labels));
                 }
             }
             out.push(ChartPoint {

@@ -195,7 +195,7 @@ impl Shared {
                 .map(|m| {
                     let (requests, errors, latency) = m.totals();
                     (
-                        Arc::new(m.labels.clone()),
+                        m.labels.clone(),
                         crate::metrics::series::Totals {
                             requests,
                             errors,
