@@ -6,7 +6,7 @@
 
 mod api;
 mod auth;
-pub mod config_json;
+mod config_json;
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -236,6 +236,102 @@ fn client_tls() -> Result<Arc<rustls::ClientConfig>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Comparison, Severity, Signal};
+
+    fn event(status: Change) -> AlertEvent {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        AlertEvent {
+            rule: "HighErrorRate".into(),
+            signal: Signal::ErrorRate,
+            severity: Severity::Critical,
+            status,
+            value: Some(0.125),
+            threshold: 0.05,
+            comparison: Comparison::Above,
+            window: Duration::from_secs(300),
+            route: None,
+            upstream: Some("backend".into()),
+            detail: None,
+            started_at: t0,
+            at: t0 + Duration::from_secs(120),
+            summary: "error_rate 12.5% > 5.0% over 5m (upstream backend)".into(),
+        }
+    }
+
+    fn sink(kind: SinkKind) -> SinkConfig {
+        SinkConfig {
+            kind,
+            url: "http://127.0.0.1:9/hook".parse().unwrap(),
+            timeout: Duration::from_secs(1),
+            max_attempts: 1,
+        }
+    }
+
+    fn body(d: &Delivery) -> Value {
+        serde_json::from_slice(&d.body).unwrap()
+    }
+
+    #[test]
+    fn payloads_per_sink() {
+        let firing = event(Change::Firing);
+        let resend = Duration::from_secs(180);
+        let w = body(&delivery(
+            &sink(SinkKind::Webhook),
+            &firing,
+            "pod-1",
+            resend,
+        ));
+        assert_eq!(w["alert"], "HighErrorRate");
+        assert_eq!(w["status"], "firing");
+        assert_eq!(w["instance"], "pod-1");
+        assert_eq!(w["started_at"], "2027-01-15T08:00:00.000Z");
+
+        let s = body(&delivery(&sink(SinkKind::Slack), &firing, "pod-1", resend));
+        let text = s["text"].as_str().unwrap();
+        assert!(
+            text.starts_with(":rotating_light: *[CRITICAL] HighErrorRate firing* on pod-1"),
+            "{text}"
+        );
+
+        let d = delivery(&sink(SinkKind::Alertmanager), &firing, "pod-1", resend);
+        assert_eq!(d.url.path(), "/hook/api/v2/alerts");
+        let a = body(&d);
+        assert_eq!(a[0]["labels"]["alertname"], "HighErrorRate");
+        assert_eq!(a[0]["labels"]["upstream"], "backend");
+        assert_eq!(a[0]["startsAt"], "2027-01-15T08:00:00.000Z");
+        // Firing: valid a while past the next re-send; resolved: ended when it resolved.
+        assert_eq!(a[0]["endsAt"], "2027-01-15T08:05:00.000Z");
+        let resolved = event(Change::Resolved);
+        let a = body(&delivery(
+            &sink(SinkKind::Alertmanager),
+            &resolved,
+            "pod-1",
+            resend,
+        ));
+        assert_eq!(a[0]["endsAt"], "2027-01-15T08:02:00.000Z");
+    }
+
+    #[tokio::test]
+    async fn a_dead_receiver_fails_after_the_attempts() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let mut s = sink(SinkKind::Webhook);
+        s.url = format!("http://{addr}/hook").parse().unwrap();
+        s.max_attempts = 2;
+        let d = delivery(
+            &s,
+            &event(Change::Firing),
+            "pod-1",
+            Duration::from_secs(180),
+        );
+        let (_tx, stop) = watch::channel(false);
+        let err = deliver(d, stop).await.unwrap_err();
+        assert!(
+            err.starts_with("2 attempts failed, last: connect:"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn alertmanager_path_is_added_once() {
