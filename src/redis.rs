@@ -56,9 +56,11 @@ pub struct Redis {
 impl Redis {
     /// Connects lazily: a Redis that is down never stops rampart from starting.
     pub fn new(cfg: &RedisConfig) -> Result<Redis, RedisError> {
+        // The connection timeout covers connect and handshake; replies need no timer of
+        // their own: every call is already under `timeout` as a whole.
         let conn_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(cfg.connect_timeout))
-            .set_response_timeout(Some(cfg.timeout));
+            .set_response_timeout(None);
         let kind = match &cfg.target {
             RedisTarget::Url(url) => TargetKind::Url(redis::Client::open(url.as_str())?),
             RedisTarget::Sentinel { master, addresses } => TargetKind::Sentinel {
