@@ -7,8 +7,12 @@
 //! timeout is the call timeout, a failed connect is not retried inside the request, and
 //! nothing is sent but the call itself. A connection whose call failed or was cut short is
 //! dropped rather than handed to the next request (bb8-redis never drops one).
+//!
+//! The connections are multiplexed: a call holds its pooled connection only long enough to
+//! clone the handle, so concurrent calls share (and pipeline on) the same connections
+//! instead of queueing for one each.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -107,23 +111,19 @@ impl Redis {
             // A READONLY answer (this server was demoted) is tried once more: the retry
             // connects to the master the sentinels name now.
             for _ in 0..2 {
-                let mut conn = self.checkout().await?;
-                // Stays set if this future is dropped mid-call (the timeout): such a
-                // connection may still get the late answer, so it must not serve another
-                // request.
-                conn.broken = true;
+                let mut call = self.checkout().await?;
                 let mut cmd = redis::cmd("EVALSHA");
                 cmd.arg(&script.sha).arg(1).arg(key).arg(args);
-                let mut r = cmd.query_async::<T>(&mut conn.inner).await;
+                let mut r = cmd.query_async::<T>(&mut call.conn).await;
                 if matches!(&r, Err(e) if e.code() == Some("NOSCRIPT")) {
                     let mut cmd = redis::cmd("EVAL");
                     cmd.arg(script.source).arg(1).arg(key).arg(args);
-                    r = cmd.query_async::<T>(&mut conn.inner).await;
+                    r = cmd.query_async::<T>(&mut call.conn).await;
                 }
-                conn.broken = match &r {
+                call.finish(match &r {
                     Ok(_) => false,
                     Err(e) => self.connection_is_done(e),
-                };
+                });
                 let again = matches!(&r, Err(e) if is_readonly(e));
                 result = r.map_err(RedisError::from);
                 if !again {
@@ -142,15 +142,14 @@ impl Redis {
     pub async fn ping(&self) -> Result<Duration, RedisError> {
         let start = Instant::now();
         let work = async {
-            let mut conn = self.checkout().await?;
-            conn.broken = true;
+            let mut call = self.checkout().await?;
             let r = redis::cmd("PING")
-                .query_async::<String>(&mut conn.inner)
+                .query_async::<String>(&mut call.conn)
                 .await;
-            conn.broken = match &r {
+            call.finish(match &r {
                 Ok(_) => false,
                 Err(e) => self.connection_is_done(e),
-            };
+            });
             r.map_err(RedisError::from)
         };
         match tokio::time::timeout(self.timeout, work).await {
@@ -159,19 +158,26 @@ impl Redis {
         }
     }
 
-    /// A pooled connection to the current master: those made before the master was last
-    /// forgotten (a fail-over) are dropped on the way.
-    async fn checkout(&self) -> Result<bb8::PooledConnection<'_, Manager>, RedisError> {
+    /// A handle on a pooled connection to the current master. Connections marked broken
+    /// by an earlier call, or made before the master was last forgotten (a fail-over), are
+    /// dropped on the way.
+    async fn checkout(&self) -> Result<Call, RedisError> {
         loop {
-            let mut conn = self
+            let conn = self
                 .pool
                 .get()
                 .await
                 .map_err(|e| RedisError::Pool(e.to_string()))?;
-            if conn.generation == self.target.generation.load(Ordering::Relaxed) {
-                return Ok(conn);
+            let current = conn.generation == self.target.generation.load(Ordering::Relaxed);
+            if current && !conn.broken.load(Ordering::Relaxed) {
+                return Ok(Call {
+                    conn: conn.inner.clone(),
+                    broken: conn.broken.clone(),
+                    done: false,
+                });
             }
-            conn.broken = true;
+            // Returned marked: bb8 drops it.
+            conn.broken.store(true, Ordering::Relaxed);
         }
     }
 
@@ -298,8 +304,34 @@ pub struct Conn {
     inner: MultiplexedConnection,
     /// `Target::generation` when connected.
     generation: u64,
-    /// Set around every call; bb8 drops the connection when it comes back still set.
-    broken: bool,
+    /// Set by a call that failed on it or was cut short; bb8 then drops it.
+    broken: Arc<AtomicBool>,
+}
+
+/// One call's handle on a shared connection.
+struct Call {
+    conn: MultiplexedConnection,
+    broken: Arc<AtomicBool>,
+    done: bool,
+}
+
+impl Call {
+    fn finish(&mut self, broken: bool) {
+        self.done = true;
+        if broken {
+            self.broken.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        // Dropped mid-call (the timeout): the late answer may still come on this
+        // connection, and Redis is slow or gone; nobody should wait on it again.
+        if !self.done {
+            self.broken.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 struct Manager {
@@ -320,7 +352,7 @@ impl bb8::ManageConnection for Manager {
             Ok(inner) => Ok(Conn {
                 inner,
                 generation,
-                broken: false,
+                broken: Arc::new(AtomicBool::new(false)),
             }),
             Err(e) => {
                 // The master may have moved (fail-over): ask the sentinels next time.
@@ -339,6 +371,6 @@ impl bb8::ManageConnection for Manager {
     }
 
     fn has_broken(&self, conn: &mut Conn) -> bool {
-        conn.broken
+        conn.broken.load(Ordering::Relaxed)
     }
 }
