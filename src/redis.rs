@@ -3,10 +3,14 @@
 //! so configured. Rate limits use it now; the health checks will too.
 //!
 //! bb8's defaults suit a database, not a per-request decision: a 30 s check-out timeout,
-//! connect retries, and (in bb8-redis) a PING on every check-out. Here the check-out
-//! timeout is the call timeout, a failed connect is not retried inside the request, and
-//! nothing is sent but the call itself. A connection whose call failed or was cut short is
-//! dropped rather than handed to the next request (bb8-redis never drops one).
+//! connect retries, and a validity check on every check-out (bb8-redis's is a PING). Here
+//! the check-out timeout is the call timeout, a failed connect is not retried inside the
+//! request, and nothing is sent but the call itself.
+//!
+//! The connection manager is our own rather than bb8-redis's: that one never reports a
+//! connection broken (after a Redis restart its dead connections would stay in the pool
+//! and fail every call) and connects to one fixed address (no Sentinel). Ours drops a
+//! connection whose call failed or was cut short, and asks the sentinels for the master.
 //!
 //! The connections are multiplexed: a call holds its pooled connection only long enough to
 //! clone the handle, so concurrent calls share (and pipeline on) the same connections
