@@ -12,14 +12,16 @@
 //! and fail every call) and connects to one fixed address (no Sentinel). Ours drops a
 //! connection whose call failed or was cut short, and asks the sentinels for the master.
 //!
-//! The connections are multiplexed: a call holds its pooled connection only long enough to
-//! clone the handle, so concurrent calls share (and pipeline on) the same connections
-//! instead of queueing for one each.
+//! The connections are multiplexed, so calls share one: the last connection checked out
+//! stays the current one, and calls clone its handle (pipelining on it) without touching
+//! the pool until it breaks or the master changes. The pool then makes the next one, under
+//! the same timeout.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, FromRedisValue};
 use tokio::time::Instant;
@@ -57,6 +59,8 @@ impl Script {
 
 pub struct Redis {
     pool: bb8::Pool<Manager>,
+    /// The connection calls share while it works.
+    current: ArcSwapOption<Handle>,
     timeout: Duration,
     target: Arc<Target>,
 }
@@ -93,6 +97,7 @@ impl Redis {
             });
         Ok(Redis {
             pool,
+            current: ArcSwapOption::empty(),
             timeout: cfg.timeout,
             target,
         })
@@ -166,6 +171,17 @@ impl Redis {
     /// by an earlier call, or made before the master was last forgotten (a fail-over), are
     /// dropped on the way.
     async fn checkout(&self) -> Result<Call, RedisError> {
+        let generation = self.target.generation.load(Ordering::Relaxed);
+        if let Some(h) = self.current.load().as_ref()
+            && h.generation == generation
+            && !h.broken.load(Ordering::Relaxed)
+        {
+            return Ok(Call {
+                conn: h.conn.clone(),
+                broken: h.broken.clone(),
+                done: false,
+            });
+        }
         loop {
             let conn = self
                 .pool
@@ -174,6 +190,11 @@ impl Redis {
                 .map_err(|e| RedisError::Pool(e.to_string()))?;
             let current = conn.generation == self.target.generation.load(Ordering::Relaxed);
             if current && !conn.broken.load(Ordering::Relaxed) {
+                self.current.store(Some(Arc::new(Handle {
+                    conn: conn.inner.clone(),
+                    broken: conn.broken.clone(),
+                    generation: conn.generation,
+                })));
                 return Ok(Call {
                     conn: conn.inner.clone(),
                     broken: conn.broken.clone(),
@@ -310,6 +331,13 @@ pub struct Conn {
     generation: u64,
     /// Set by a call that failed on it or was cut short; bb8 then drops it.
     broken: Arc<AtomicBool>,
+}
+
+/// The shared connection: a clone of a pooled one's handle and flag.
+struct Handle {
+    conn: MultiplexedConnection,
+    broken: Arc<AtomicBool>,
+    generation: u64,
 }
 
 /// One call's handle on a shared connection.
