@@ -167,9 +167,10 @@ impl Redis {
         }
     }
 
-    /// A handle on a pooled connection to the current master. Connections marked broken
-    /// by an earlier call, or made before the master was last forgotten (a fail-over), are
-    /// dropped on the way.
+    /// A handle on the shared connection while it works; otherwise on the next pooled one
+    /// to the current master, which becomes the shared one. Pooled connections marked
+    /// broken by an earlier call, or made before the master was last forgotten (a
+    /// fail-over), are dropped on the way.
     async fn checkout(&self) -> Result<Call, RedisError> {
         let generation = self.target.generation.load(Ordering::Relaxed);
         if let Some(h) = self.current.load().as_ref()
