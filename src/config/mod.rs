@@ -532,6 +532,27 @@ impl Config {
                 );
             }
         }
+        if let Some(r) = &self.redis {
+            let target = match &r.target {
+                // Credentials stay out of the summary.
+                RedisTarget::Url(url) => match (url.find("://"), url.rfind('@')) {
+                    (Some(scheme), Some(at)) if at > scheme => {
+                        format!("{}***{}", &url[..scheme + 3], &url[at..])
+                    }
+                    _ => url.clone(),
+                },
+                RedisTarget::Sentinel { master, addresses } => {
+                    format!("sentinel master {master} via {}", addresses.join(", "))
+                }
+            };
+            let _ = writeln!(
+                s,
+                "redis     {target} (timeout {}, pool {}, replicas {})",
+                humantime::format_duration(r.timeout),
+                r.pool_max_size,
+                self.replicas
+            );
+        }
         for p in self.rate_limits.values() {
             let block = p
                 .block_for

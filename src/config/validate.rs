@@ -3166,6 +3166,13 @@ mod tests {
             RedisTarget::Url("redis://:secret@127.0.0.1:6380/2".into())
         );
         assert!(!format!("{redis:?}").contains("secret"));
+        let summary = config.summary();
+        assert!(
+            summary.contains(
+                "redis     redis://***@127.0.0.1:6380/2 (timeout 20ms, pool 4, replicas 3)"
+            ),
+            "{summary}"
+        );
         assert_eq!(redis.timeout, Duration::from_millis(20));
         assert_eq!(redis.connect_timeout, Duration::from_millis(20));
         assert_eq!(redis.pool_max_size, 4);

@@ -727,6 +727,36 @@ mod tests {
         assert_eq!(ceil_secs(Duration::from_secs(2)), 2);
     }
 
+    fn config_with(policies: &str) -> Config {
+        let yaml = format!(
+            "listeners:\n  - name: l\n    listen: 127.0.0.1:0\n    routes: [{{upstream: u}}]\nupstreams:\n  u:\n    endpoints: [\"http://127.0.0.1:1\"]\nrate_limits:\n{policies}"
+        );
+        crate::config::parse_str(&yaml, "t.yaml", &|_| None).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_the_counts_of_the_names_it_keeps() {
+        let mut reg = PromRegistry::default();
+        let registry = Registry::new(Metrics::register(&mut reg));
+        let one = "  a: { points: 1, store: memory }\n  b: { points: 1, store: memory }\n";
+        let policies = registry.update(&config_with(one)).unwrap();
+        for name in ["a", "b"] {
+            assert!(policies[name].decide("k").await.0.unwrap().allowed);
+        }
+        // Same names, another limit for a: its count is kept (and now allows one more).
+        let two = "  a: { points: 2, store: memory }\n  b: { points: 1, store: memory }\n";
+        let policies = registry.update(&config_with(two)).unwrap();
+        assert!(policies["a"].decide("k").await.0.unwrap().allowed);
+        assert!(!policies["a"].decide("k").await.0.unwrap().allowed);
+        assert!(!policies["b"].decide("k").await.0.unwrap().allowed);
+        // A name dropped and added back starts afresh.
+        registry
+            .update(&config_with("  a: { points: 2, store: memory }\n"))
+            .unwrap();
+        let policies = registry.update(&config_with(two)).unwrap();
+        assert!(policies["b"].decide("k").await.0.unwrap().allowed);
+    }
+
     #[tokio::test]
     async fn check_sets_headers_and_retry_after() {
         let p = Arc::new(policy(KeySource::ClientIp, false));
