@@ -157,6 +157,53 @@ impl Redis {
         }
     }
 
+    /// For the health check: PING, then the role from `INFO replication` ("primary" or
+    /// "replica"), within `timeout` (check-out included); the round trip of the PING.
+    pub async fn check(&self, timeout: Duration) -> Result<(Duration, String), RedisError> {
+        let work = async {
+            let mut conn = self.checkout().await?;
+            conn.broken = true;
+            let start = Instant::now();
+            let r = redis::cmd("PING")
+                .query_async::<String>(&mut conn.inner)
+                .await;
+            let rtt = start.elapsed();
+            let r = match r {
+                Ok(_) => {
+                    redis::cmd("INFO")
+                        .arg("replication")
+                        .query_async::<String>(&mut conn.inner)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            conn.broken = match &r {
+                Ok(_) => false,
+                Err(e) => self.connection_is_done(e),
+            };
+            let info = r?;
+            let role = info
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("role:"))
+                .map(|r| match r {
+                    "master" => "primary".to_owned(),
+                    "slave" | "replica" => "replica".to_owned(),
+                    other => other.to_owned(),
+                })
+                .ok_or_else(|| RedisError::Reply("no role in INFO replication".into()))?;
+            Ok((rtt, role))
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(RedisError::Timeout(timeout)),
+        }
+    }
+
+    /// Connections, idle ones and waiting callers (pool gauges).
+    pub fn pool_state(&self) -> bb8::State {
+        self.pool.state()
+    }
+
     /// A pooled connection to the current master: those made before the master was last
     /// forgotten (a fail-over) are dropped on the way.
     async fn checkout(&self) -> Result<bb8::PooledConnection<'_, Manager>, RedisError> {

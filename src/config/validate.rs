@@ -5,6 +5,8 @@
 //! `None` when absent) and returning its typed value; a new top-level section is one more
 //! such function and one line in [`decode`].
 
+mod health;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -56,7 +58,7 @@ const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Sections a later version reads: refused by name so the message says why.
-const FUTURE_SECTIONS: &[&str] = &["dependencies", "caches", "alerts", "tls"];
+const FUTURE_SECTIONS: &[&str] = &["caches", "alerts", "tls"];
 
 /// Turns a YAML text into the typed configuration, or returns every problem found, sorted by
 /// position. `env` looks up the variables `${VAR}` refers to.
@@ -100,6 +102,7 @@ fn decode(ctx: &mut Ctx, root: &Node, source_name: &str) -> Config {
     };
     let (listeners, mut binds) = listeners(ctx, listeners_node, &known);
     let drain = drain(ctx, m.optional("drain"));
+    let dependencies = health::dependencies(ctx, m.optional("dependencies"), redis.is_some());
     for section in FUTURE_SECTIONS {
         m.refuse(
             ctx,
@@ -121,6 +124,7 @@ fn decode(ctx: &mut Ctx, root: &Node, source_name: &str) -> Config {
         replicas,
         rate_limits: known.policies.configs,
         drain,
+        dependencies,
     }
 }
 
@@ -1570,6 +1574,9 @@ fn resilience(ctx: &mut Ctx, m: &mut MapReader) -> Resilience {
         ejection: ejection(ctx, m.optional("ejection")),
         retry: retry(ctx, m.optional("retry")),
         max_in_flight: m.read(ctx, "max_in_flight", |ctx, f| ctx.count(f, 1)),
+        health_check: m
+            .optional("health_check")
+            .map(|f| health::upstream_health_check(ctx, f)),
     }
 }
 
@@ -1724,6 +1731,7 @@ fn retry_on(ctx: &mut Ctx, f: &Field) -> Option<Vec<RetryOn>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DependenciesConfig;
 
     /// Strips the common indentation (and the first newline) so YAML can be written
     /// indented in the test; line 1 is the first line after the opening quote.
@@ -1871,6 +1879,7 @@ mod tests {
                 accept_grace: secs(5),
                 timeout: secs(30),
             },
+            dependencies: DependenciesConfig::default(),
         };
         assert_eq!(ok(MINIMAL), expected);
     }
@@ -2045,6 +2054,7 @@ mod tests {
                 accept_grace: Duration::ZERO,
                 timeout: secs(60),
             },
+            dependencies: DependenciesConfig::default(),
         };
         assert_eq!(config, expected);
         // The port is explicit in what the forwarder sees.
