@@ -86,6 +86,12 @@ fn the_shipped_config_is_the_users_topology() {
         "http://127.0.0.1:3001/"
     );
     assert_eq!(cfg.admin.listen.to_string(), "127.0.0.1:9901");
+    // Readiness follows the backend's own /health.
+    let hc = cfg.upstreams["backend"].resilience.health_check.as_ref();
+    assert_eq!(
+        hc.map(|h| (h.path.as_str(), h.check.critical)),
+        Some(("/health", true))
+    );
     // FASTGPT_URL overrides the stand-in default.
     let cfg = rampart::config::parse_str(&text, "proxy.yaml", &|v| {
         (v == "FASTGPT_URL").then(|| "http://10.1.2.3:3000".to_string())

@@ -620,3 +620,41 @@ async fn health_reload_keeps_verdicts_and_starts_with_dependencies_down() {
     assert!(!body.contains("not checked yet"), "{body}");
     assert!(px.shutdown().await);
 }
+
+/// proxy.yaml on a fresh machine: nothing on the backend's port, no environment. rampart
+/// starts and serves (the fastgpt listener is unaffected), and readiness reports the
+/// backend. Ports are made free ones so this runs beside the demo test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_shipped_config_starts_with_the_backend_down_and_reports_it() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.yaml")).unwrap();
+    let mut cfg = rampart::config::parse_str(&text, "proxy.yaml", &|_| None).unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    cfg.admin.listen = any;
+    for l in &mut cfg.listeners {
+        l.listen = any;
+    }
+    let dead = crate::support::process::free_port();
+    let backend = cfg.upstreams.get_mut("backend").unwrap();
+    backend.endpoints = vec![format!("http://127.0.0.1:{dead}/").parse().unwrap()];
+    let px = rampart::app::start(cfg)
+        .await
+        .expect("starts with the backend down");
+    let admin = px.admin_addr;
+    assert_eq!(probe(admin, "/livez").await.0, 200);
+    assert_eventually!(
+        probe(admin, "/readyz").await == (503, "not ready: upstream:backend unhealthy\n".into()),
+        "readiness: {:?}",
+        probe(admin, "/readyz").await
+    );
+    let (code, body) = probe(admin, "/health").await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(status_of(&body, "upstream:backend"), "unhealthy", "{body}");
+    assert_eq!(status_of(&body, "memory"), "healthy", "{body}");
+    // Traffic still gets the proxy's own answer.
+    let inbound = px.addr("inbound").unwrap();
+    assert_eq!(
+        send(&http1(), get(inbound, "/api/agents")).await.0.status(),
+        502
+    );
+    assert!(px.shutdown().await);
+}
