@@ -301,6 +301,173 @@ fn parse_postgres_url(s: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Config, ConfigError, Problem};
+
+    const BASE: &str =
+        "listeners:\n  - name: m\n    listen: \"127.0.0.1:0\"\n    routes: [{ upstream: u }]\n";
+
+    fn parse(extra: &str) -> Result<Config, ConfigError> {
+        let text = format!("{BASE}{extra}");
+        super::super::parse_str(&text, "proxy.yaml", &|v| {
+            (v == "DATABASE_URL").then(|| "postgres://app:pw@10.0.0.1:5432,10.0.0.2/app".into())
+        })
+    }
+
+    fn problems(extra: &str) -> Vec<Problem> {
+        match parse(extra) {
+            Ok(c) => panic!("expected problems, got {c:#?}"),
+            Err(e) => e.problems,
+        }
+    }
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    #[test]
+    fn dependencies_get_their_defaults() {
+        let c = parse(
+            "upstreams:\n  u:\n    endpoints: [\"http://127.0.0.1:3001\"]\n    health_check: {}\n\
+             redis: { url: \"redis://127.0.0.1:6379\" }\n\
+             dependencies:\n  postgres: { url: \"${DATABASE_URL}\" }\n  redis: {}\n  memory: {}\n",
+        )
+        .unwrap();
+        let d = &c.dependencies;
+        let pg = d.postgres.as_ref().unwrap();
+        assert_eq!(pg.url, "postgres://app:pw@10.0.0.1:5432,10.0.0.2/app");
+        assert_eq!(pg.pool, pg_pool_defaults());
+        assert_eq!(
+            pg.check,
+            CheckConfig {
+                interval: secs(10),
+                timeout: secs(2),
+                critical: true,
+                unhealthy_after: 1,
+                healthy_after: 1,
+            }
+        );
+        assert_eq!(pg.warn_connections_above, 0.8);
+        // The password never shows in debug output.
+        assert!(!format!("{pg:?}").contains("pw"));
+        let redis = d.redis.as_ref().unwrap();
+        assert!(!redis.critical);
+        assert_eq!((redis.interval, redis.timeout), (secs(10), secs(2)));
+        let mem = d.memory.as_ref().unwrap();
+        assert_eq!(
+            (mem.check.interval, mem.warn_above, mem.check.critical),
+            (secs(10), 0.8, false)
+        );
+        let hc = c.upstreams["u"].resilience.health_check.as_ref().unwrap();
+        assert_eq!(hc.path, "/health");
+        assert_eq!(
+            hc.check,
+            CheckConfig {
+                interval: secs(5),
+                timeout: secs(2),
+                critical: false,
+                unhealthy_after: 3,
+                healthy_after: 2,
+            }
+        );
+    }
+
+    #[test]
+    fn every_key_set() {
+        let c = parse(
+            "upstreams:\n  u:\n    endpoints: [\"http://127.0.0.1:3001\"]\n\
+             \x20   health_check: { path: \"/hc?deep=1\", interval: 1s, timeout: 300ms, unhealthy_after: 5, healthy_after: 4, critical: true }\n\
+             dependencies:\n\
+             \x20 postgres:\n\
+             \x20   url: \"postgres://u@h/db?target_session_attrs=read-write\"\n\
+             \x20   pool: { min_idle: 1, max_size: 2, connect_timeout: 1s, idle_timeout: 10s, max_lifetime: 1h }\n\
+             \x20   check: { interval: 3s, timeout: 1s, critical: false, warn_connections_above: 90%, unhealthy_after: 2 }\n\
+             \x20 memory: { check: { interval: 1m, warn_above: 95%, critical: true } }\n",
+        )
+        .unwrap();
+        let pg = c.dependencies.postgres.unwrap();
+        assert_eq!(
+            pg.pool,
+            PgPoolConfig {
+                min_idle: 1,
+                max_size: 2,
+                connect_timeout: secs(1),
+                idle_timeout: secs(10),
+                max_lifetime: secs(3600),
+            }
+        );
+        assert_eq!(
+            (
+                pg.check.interval,
+                pg.check.critical,
+                pg.check.unhealthy_after
+            ),
+            (secs(3), false, 2)
+        );
+        assert_eq!(pg.warn_connections_above, 0.9);
+        let mem = c.dependencies.memory.unwrap();
+        assert_eq!(
+            (mem.check.interval, mem.warn_above, mem.check.critical),
+            (secs(60), 0.95, true)
+        );
+        let hc = c.upstreams["u"].resilience.health_check.clone().unwrap();
+        assert_eq!(hc.path, "/hc?deep=1");
+        assert_eq!((hc.check.unhealthy_after, hc.check.healthy_after), (5, 4));
+    }
+
+    #[test]
+    fn redis_check_needs_the_redis_section() {
+        let p = problems(
+            "upstreams:\n  u: { endpoints: [\"http://127.0.0.1:3001\"] }\n\
+             dependencies:\n  redis: { check: { interval: 1s } }\n",
+        );
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert_eq!((p[0].line, p[0].path.as_str()), (8, "dependencies.redis"));
+        assert!(p[0].message.contains("top-level `redis:`"), "{p:#?}");
+    }
+
+    #[test]
+    fn problems_are_located() {
+        let p = problems(
+            "upstreams:\n  u:\n    endpoints: [\"http://127.0.0.1:3001\"]\n    health_check: { path: nope, intervl: 1s }\n\
+             dependencies:\n\
+             \x20 postgres:\n\
+             \x20   url: \"postgres://u:secret@h/db?sslmode=require\"\n\
+             \x20   pool: { min_idle: 5, max_size: 2 }\n\
+             \x20   check: { timeout: 0s, warn_connections_above: 180% }\n\
+             \x20 memory: { check: { timeout: 1s } }\n\
+             \x20 mysql: {}\n",
+        );
+        let text: Vec<String> = p
+            .iter()
+            .map(|p| format!("{}: {}", p.path, p.message))
+            .collect();
+        let has = |path: &str, msg: &str| {
+            assert!(
+                text.iter()
+                    .any(|t| t.starts_with(&format!("{path}: ")) && t.contains(msg)),
+                "no {path}: ..{msg}.. in {text:#?}"
+            )
+        };
+        has("upstreams.u.health_check.path", "must start with \"/\"");
+        has(
+            "upstreams.u.health_check.intervl",
+            "did you mean \"interval\"",
+        );
+        has("dependencies.postgres.url", "sslmode=require");
+        has(
+            "dependencies.postgres.pool.min_idle",
+            "at most pool.max_size (2)",
+        );
+        has("dependencies.postgres.check.timeout", "greater than 0");
+        has(
+            "dependencies.postgres.check.warn_connections_above",
+            "at most 100%",
+        );
+        has("dependencies.memory.check.timeout", "unknown key");
+        has("dependencies.mysql", "unknown key");
+        assert_eq!(p.len(), 8, "{text:#?}");
+        assert!(!text.iter().any(|t| t.contains("secret")));
+    }
 
     #[test]
     fn postgres_urls() {
