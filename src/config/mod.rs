@@ -653,6 +653,27 @@ impl Config {
                 humantime::format_duration(u.pool.idle_timeout)
             );
         }
+        let d = &self.dependencies;
+        let checks = [
+            d.postgres
+                .as_ref()
+                .map(|p| ("postgres".to_owned(), &p.check)),
+            d.redis.as_ref().map(|c| ("redis".to_owned(), c)),
+            d.memory.as_ref().map(|m| ("memory".to_owned(), &m.check)),
+        ];
+        let upstream_checks = self.upstreams.values().filter_map(|u| {
+            let hc = u.resilience.health_check.as_ref()?;
+            Some((format!("upstream:{} GET {}", u.name, hc.path), &hc.check))
+        });
+        for (name, c) in checks.into_iter().flatten().chain(upstream_checks) {
+            let _ = writeln!(
+                s,
+                "check     {name} every {}, timeout {}{}",
+                humantime::format_duration(c.interval),
+                humantime::format_duration(c.timeout),
+                if c.critical { ", critical" } else { "" }
+            );
+        }
         s
     }
 }

@@ -614,20 +614,21 @@ impl Runner {
     }
 
     fn log_transition(&self, t: Transition, view: &View) {
+        // The endpoint for upstream checks; a dependency is its check's name.
         let key = self.slot_key();
+        let what = if key.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{} {key}", self.name)
+        };
         match t {
             Transition::Down => tracing::warn!(
-                check = %self.name,
-                target = %key,
+                check = %what,
                 critical = self.cfg.critical,
                 error = view.error.as_deref().unwrap_or(""),
                 "health check DOWN"
             ),
-            Transition::Up => tracing::info!(
-                check = %self.name,
-                target = %key,
-                "health check UP"
-            ),
+            Transition::Up => tracing::info!(check = %what, "health check UP"),
         }
     }
 
