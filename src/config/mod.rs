@@ -263,6 +263,9 @@ pub struct ListenerConfig {
     pub max_in_flight: Option<usize>,
     /// Default inbound.
     pub drain: DrainMode,
+    /// Also answers the `/health` JSON at this path, before routing (for load balancers that
+    /// only see traffic ports); 503 while draining too. None by default.
+    pub health_path: Option<String>,
     pub routes: Vec<RouteConfig>,
 }
 

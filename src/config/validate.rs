@@ -409,6 +409,9 @@ fn listener<'a>(
                 )
             })
             .unwrap_or(DrainMode::Inbound),
+        health_path: m.read(ctx, "health_path", |ctx, f| {
+            ctx.parse_with(f, "a path", parse_path_prefix)
+        }),
         routes: m
             .required(ctx, "routes")
             .map(|f| routes(ctx, &f, &name, known))
@@ -1842,6 +1845,7 @@ mod tests {
                 },
                 max_in_flight: None,
                 drain: DrainMode::Inbound,
+                health_path: None,
                 routes: vec![RouteConfig {
                     name: "inbound.0".into(),
                     path_prefix: "/".into(),
@@ -1980,6 +1984,7 @@ mod tests {
                 },
                 max_in_flight: None,
                 drain: DrainMode::Egress,
+                health_path: None,
                 routes: vec![
                     RouteConfig {
                         name: "chat".into(),

@@ -720,3 +720,26 @@ pub fn ready_response(shared: &Shared) -> (http::StatusCode, String) {
         )
     }
 }
+
+/// `health_path` on a traffic listener: the `/health` JSON, and 503 while draining as well,
+/// since a load balancer that only sees this port has no `/readyz` to stop on.
+pub fn listener_health_response(shared: &Shared) -> http::Response<crate::proxy::body::ProxyBody> {
+    let (mut code, body) = health_response(shared);
+    if shared.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        code = http::StatusCode::SERVICE_UNAVAILABLE;
+    }
+    let mut resp = http::Response::new(crate::proxy::body::ProxyBody::full(bytes::Bytes::from(
+        body,
+    )));
+    *resp.status_mut() = code;
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    resp
+}

@@ -658,3 +658,46 @@ async fn health_shipped_config_starts_with_the_backend_down_and_reports_it() {
     );
     assert!(px.shutdown().await);
 }
+
+/// `health_path` on a traffic listener: the /health JSON before routing, and 503 once a
+/// drain starts (a load balancer that only sees this port stops sending).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_path_on_a_traffic_listener_fails_when_draining() {
+    let up = Upstream::start().await;
+    let yaml = format!(
+        "{}    health_check: {{ path: /ok, interval: 200ms }}\n\
+         dependencies:\n  memory: {{}}\n\
+         drain: {{ accept_grace: 1s, timeout: 3s }}\n",
+        one_route(&up.url(), "", "    health_path: /healthz")
+    );
+    let px = start(&yaml).await;
+    let addr = px.addr("main").unwrap();
+    assert_eventually!(
+        probe(addr, "/healthz")
+            .await
+            .1
+            .starts_with("{\"status\":\"healthy\""),
+        "traffic-port health: {:?}",
+        probe(addr, "/healthz").await
+    );
+    let (code, body) = probe(addr, "/healthz").await;
+    assert_eq!(code, 200);
+    assert!(
+        body.contains("\"upstream:up\":{\"status\":\"healthy\""),
+        "{body}"
+    );
+    // Answered by rampart itself: the upstream only sees its own health checks.
+    let before = up.requests();
+    probe(addr, "/healthz").await;
+    assert!(up.requests() <= before + 1, "health_path was forwarded");
+    assert_eq!(probe(addr, "/ok").await.0, 200);
+
+    px.control().start_drain().await;
+    assert_eventually!(
+        probe(addr, "/healthz").await.0 == 503,
+        "still 200 while draining"
+    );
+    let (_, body) = probe(addr, "/healthz").await;
+    assert!(body.contains("\"draining\":true"), "{body}");
+    assert!(px.drained().await.finished);
+}
