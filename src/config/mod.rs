@@ -18,6 +18,7 @@ use std::time::Duration;
 use http::Method;
 
 pub use validate::parse_str;
+pub use validate::postgres_url_for_driver;
 
 /// The whole validated configuration: an immutable snapshot.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,6 +118,9 @@ pub struct PostgresDependency {
     /// Client connections over `max_connections` above which the check is degraded.
     /// Default 0.8.
     pub warn_connections_above: f64,
+    /// With `sslmode=require` (or `verify-full`): PEM CA certificates trusted besides the
+    /// system's store (`tls.ca_file`).
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for PostgresDependency {
@@ -127,6 +131,7 @@ impl fmt::Debug for PostgresDependency {
             .field("pool", &self.pool)
             .field("check", &self.check)
             .field("warn_connections_above", &self.warn_connections_above)
+            .field("tls_ca_file", &self.tls_ca_file)
             .finish()
     }
 }

@@ -7,6 +7,8 @@
 
 mod health;
 
+pub use health::postgres_url_for_driver;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

@@ -449,30 +449,43 @@ impl Health {
         };
         match spec {
             Spec::Postgres(pg) => {
-                let pool = match postgres::PgPool::new(pg) {
-                    Ok(p) => Arc::new(p),
-                    Err(e) => {
-                        // Validation accepted the URL, so this is unexpected: report it.
-                        first.store(Arc::new(View {
-                            error: Some(e),
-                            ..View::pending()
-                        }));
-                        return Vec::new();
-                    }
-                };
-                *self
-                    .pools
-                    .postgres
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = Some(pool.clone());
-                let warn = pg.warn_connections_above;
-                vec![tokio::spawn(ctx(first).run(
-                    move || {
-                        let pool = pool.clone();
-                        async move { pool.probe(warn).await }
-                    },
-                    |_| {},
-                ))]
+                let (pg, pools, first) = (pg.clone(), self.pools.clone(), first.clone());
+                let runner = ctx(&first);
+                vec![tokio::spawn(async move {
+                    // Building the pool may read the trust store (TLS): off the runtime.
+                    let built = tokio::task::spawn_blocking({
+                        let pg = pg.clone();
+                        move || postgres::PgPool::new(&pg)
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r);
+                    let pool = match built {
+                        Ok(p) => Arc::new(p),
+                        Err(e) => {
+                            // Validation accepted the URL, so this is unexpected: show it.
+                            first.store(Arc::new(View {
+                                error: Some(e),
+                                ..View::pending()
+                            }));
+                            return;
+                        }
+                    };
+                    *pools
+                        .postgres
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = Some(pool.clone());
+                    let warn = pg.warn_connections_above;
+                    runner
+                        .run(
+                            move || {
+                                let pool = pool.clone();
+                                async move { pool.probe(warn).await }
+                            },
+                            |_| {},
+                        )
+                        .await;
+                })]
             }
             Spec::Redis(_) => {
                 let pools = self.pools.clone();

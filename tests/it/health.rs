@@ -701,3 +701,80 @@ async fn health_path_on_a_traffic_listener_fails_when_draining() {
     assert!(body.contains("\"draining\":true"), "{body}");
     assert!(px.drained().await.finished);
 }
+
+/// `sslmode=require`: TLS through rustls, the server's certificate verified against
+/// `tls.ca_file`; without it (system store only) the check fails on the certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_postgres_over_tls_verifies_the_certificate() {
+    let test = "health_postgres_over_tls_verifies_the_certificate";
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    let files = [
+        ("server.crt", cert.cert.pem()),
+        ("server.key", cert.signing_key.serialize_pem()),
+    ];
+    let Some(pg) = PgServer::own_with(
+        test,
+        "-c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key",
+        &files,
+    )
+    .await
+    else {
+        return;
+    };
+    let dir = crate::support::process::temp_dir("pg-tls");
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, cert.cert.pem()).unwrap();
+    let up = Upstream::start().await;
+    let yaml = |tls: &str| {
+        config(
+            &up.url(),
+            &format!(
+                "dependencies:\n\
+                 \x20 postgres:\n\
+                 \x20   url: \"postgres://postgres@127.0.0.1:{}/postgres?sslmode=require\"\n\
+                 {tls}\
+                 \x20   check: {{ interval: 200ms, timeout: 2s }}\n",
+                pg.port
+            ),
+        )
+    };
+    let px = start(&yaml(&format!(
+        "    tls: {{ ca_file: \"{}\" }}\n",
+        ca.display()
+    )))
+    .await;
+    let admin = px.admin_addr;
+    assert_eventually!(
+        probe(admin, "/health").await.0 == 200,
+        "not healthy over TLS: {}",
+        probe(admin, "/health").await.1
+    );
+    let body = probe(admin, "/health").await.1;
+    assert_eq!(
+        field(&body, "postgres", "tls").as_deref(),
+        Some("true"),
+        "{body}"
+    );
+    // The server agrees: our session is encrypted.
+    let ssl = pg
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE ssl AND application_name = 'rampart-health'",
+        )
+        .await;
+    assert_eq!(ssl.as_deref(), Some("1"));
+    assert!(px.shutdown().await);
+
+    // Not trusted without the CA file: the check fails, naming the certificate.
+    let px = start(&yaml("")).await;
+    let admin = px.admin_addr;
+    assert_eventually!(
+        probe(admin, "/health").await.0 == 503
+            && probe(admin, "/health").await.1.contains("certificate"),
+        "an unknown CA was accepted: {}",
+        probe(admin, "/health").await.1
+    );
+    assert!(px.shutdown().await);
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 use bb8_postgres::tokio_postgres;
 use tokio_postgres::config::{Host, SslMode};
 
-use super::{Ctx, Field, MapReader, parse_path_prefix, parse_percent, small_count};
+use super::{Ctx, Field, MapReader, parse_path_prefix, parse_percent, small_count, upstream_tls};
 use crate::config::{
     CheckConfig, DependenciesConfig, MemoryCheck, PgPoolConfig, PostgresDependency,
     UpstreamHealthCheck,
@@ -96,6 +96,7 @@ fn postgres(ctx: &mut Ctx, f: Field) -> PostgresDependency {
         .required(ctx, "url")
         .and_then(|f| ctx.parse_with(&f, "a postgres:// URL", parse_postgres_url));
     let pool = pg_pool(ctx, m.optional("pool"));
+    let tls_ca_file = upstream_tls(ctx, m.optional("tls"));
     let mut warn = DEFAULT_WARN_SHARE;
     let check = check_section(
         ctx,
@@ -119,6 +120,7 @@ fn postgres(ctx: &mut Ctx, f: Field) -> PostgresDependency {
         pool,
         check,
         warn_connections_above: warn,
+        tls_ca_file,
     }
 }
 
@@ -264,26 +266,23 @@ fn parse_check_path(s: &str) -> Result<String, String> {
 /// the key=value form. Checked with the parser that connects, so what passes here connects
 /// the same way. Never echoed: it may hold a password.
 fn parse_postgres_url(s: &str) -> Result<String, String> {
-    let lower = s.to_ascii_lowercase();
-    for mode in ["verify-ca", "verify-full"] {
-        if lower.contains(&format!("sslmode={mode}")) {
-            return Err(format!(
-                "sslmode={mode}: TLS to Postgres is not supported by this version; use a \
-                 private network, a local socket or a TLS sidecar"
-            ));
-        }
-    }
-    let config = tokio_postgres::Config::from_str(s).map_err(|e| {
-        format!("invalid Postgres URL ({e}); expected one like \"postgres://user@host:5432/db\"")
-    })?;
-    if config.get_ssl_mode() == SslMode::Require {
-        // tokio-postgres needs a TLS connector crate for that, which rampart does not ship.
+    if s.to_ascii_lowercase().contains("sslmode=verify-ca") {
         return Err(
-            "sslmode=require: TLS to Postgres is not supported by this version; use a \
-                    private network, a local socket or a TLS sidecar (sslmode=disable or \
-                    prefer connect in plain text)"
+            "sslmode=verify-ca: use sslmode=require or verify-full (rampart always \
+                    verifies the certificate and the host name)"
                 .into(),
         );
+    }
+    let config = tokio_postgres::Config::from_str(&postgres_url_for_driver(s)).map_err(|e| {
+        format!("invalid Postgres URL ({e}); expected one like \"postgres://user@host:5432/db\"")
+    })?;
+    if config.get_ssl_mode() == SslMode::Require
+        && config
+            .get_hosts()
+            .iter()
+            .any(|h| !matches!(h, Host::Tcp(_)))
+    {
+        return Err("sslmode=require with a Unix socket host: TLS needs a TCP host".into());
     }
     if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
         return Err("the Postgres URL names no host".into());
@@ -296,6 +295,12 @@ fn parse_postgres_url(s: &str) -> Result<String, String> {
         }
     }
     Ok(s.to_owned())
+}
+
+/// What tokio-postgres reads: it knows `require` but not `verify-full`, which rampart's
+/// `require` already is (the certificate and the host name are always verified).
+pub fn postgres_url_for_driver(s: &str) -> String {
+    s.replace("sslmode=verify-full", "sslmode=require")
 }
 
 #[cfg(test)]
@@ -431,7 +436,7 @@ mod tests {
             "upstreams:\n  u:\n    endpoints: [\"http://127.0.0.1:3001\"]\n    health_check: { path: nope, intervl: 1s }\n\
              dependencies:\n\
              \x20 postgres:\n\
-             \x20   url: \"postgres://u:secret@h/db?sslmode=require\"\n\
+             \x20   url: \"postgres://u:secret@h/db?sslmode=verify-ca\"\n\
              \x20   pool: { min_idle: 5, max_size: 2 }\n\
              \x20   check: { timeout: 0s, warn_connections_above: 180% }\n\
              \x20 memory: { check: { timeout: 1s } }\n\
@@ -453,7 +458,7 @@ mod tests {
             "upstreams.u.health_check.intervl",
             "did you mean \"interval\"",
         );
-        has("dependencies.postgres.url", "sslmode=require");
+        has("dependencies.postgres.url", "sslmode=verify-ca");
         has(
             "dependencies.postgres.pool.min_idle",
             "at most pool.max_size (2)",
@@ -479,11 +484,10 @@ mod tests {
             .is_ok()
         );
         assert!(parse_postgres_url("host=/var/run/postgresql user=postgres").is_ok());
-        let e = parse_postgres_url("postgres://u:secret@h/db?sslmode=require").unwrap_err();
-        assert!(e.contains("not supported"), "{e}");
-        assert!(!e.contains("secret"));
-        let e = parse_postgres_url("postgres://u:secret@h/db?sslmode=verify-full").unwrap_err();
-        assert!(e.contains("not supported") && !e.contains("secret"), "{e}");
+        assert!(parse_postgres_url("postgres://u:secret@h/db?sslmode=require").is_ok());
+        assert!(parse_postgres_url("postgres://u:secret@h/db?sslmode=verify-full").is_ok());
+        let e = parse_postgres_url("postgres://u:secret@h/db?sslmode=verify-ca").unwrap_err();
+        assert!(e.contains("verify-full") && !e.contains("secret"), "{e}");
         let e = parse_postgres_url("postgres://u:secret@h/db?bogus=1").unwrap_err();
         assert!(
             e.contains("invalid Postgres URL") && !e.contains("secret"),

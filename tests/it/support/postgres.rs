@@ -35,6 +35,8 @@ struct Own {
     as_postgres: bool,
     running: bool,
     frozen: Vec<u32>,
+    /// Extra server options (`-c name=value ...`).
+    options: String,
 }
 
 fn missing(test: &str, what: &str) -> Option<PgServer> {
@@ -101,6 +103,12 @@ impl PgServer {
     }
 
     pub async fn own(test: &str) -> Option<PgServer> {
+        Self::own_with(test, "", &[]).await
+    }
+
+    /// A private server with extra `-c` options and files written into its data directory
+    /// (mode 0600, owned by the server), such as a TLS certificate and key.
+    pub async fn own_with(test: &str, options: &str, files: &[(&str, String)]) -> Option<PgServer> {
         let Some(bin) = find_bin() else {
             return missing(test, "initdb/pg_ctl not found");
         };
@@ -125,6 +133,7 @@ impl PgServer {
                 as_postgres,
                 running: false,
                 frozen: Vec::new(),
+                options: options.to_owned(),
             }),
         };
         let own = server.own.as_ref().expect("own");
@@ -142,6 +151,14 @@ impl PgServer {
                 "--no-instructions",
             ],
         );
+        for (name, text) in files {
+            use std::os::unix::fs::PermissionsExt;
+            let path = own.data().join(name);
+            std::fs::write(&path, text).expect("write into the data directory");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod 600");
+        }
+        own.chown();
         server.start();
         Some(server)
     }
@@ -158,6 +175,7 @@ impl PgServer {
             as_postgres: own.as_postgres,
             running: false,
             frozen: Vec::new(),
+            options: own.options.clone(),
         };
         replica.chown();
         replica.run(
@@ -208,8 +226,9 @@ impl PgServer {
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
              -c synchronous_commit=off -c full_page_writes=off -c shared_buffers=16MB \
              -c max_connections=30 -c wal_level=replica -c max_wal_senders=4 \
-             -c hot_standby=on",
-            own.dir.display()
+             -c hot_standby=on {}",
+            own.dir.display(),
+            own.options
         );
         own.run(
             "pg_ctl",
