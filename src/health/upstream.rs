@@ -81,12 +81,31 @@ pub(super) fn spawn(
 
 /// A private copy of the upstream: its own pools, the shared endpoint state.
 async fn build(cfg: &UpstreamConfig, states: &UpstreamStates) -> Result<Upstream, String> {
-    let ca = cfg.tls_ca_file.clone();
-    // Loading the trust store reads files.
-    let tls = tokio::task::spawn_blocking(move || forward::tls_config(ca.as_deref()))
-        .await
-        .map_err(|e| e.to_string())??;
+    let https = cfg
+        .endpoints
+        .iter()
+        .any(|e| e.scheme() == Some(&http::uri::Scheme::HTTPS));
+    let tls = if https {
+        let ca = cfg.tls_ca_file.clone();
+        // Loading the trust store reads (and parses) files: not on the runtime.
+        tokio::task::spawn_blocking(move || forward::tls_config(ca.as_deref()))
+            .await
+            .map_err(|e| e.to_string())??
+    } else {
+        // Never used by plain-http endpoints; saves the first check the store's load time.
+        unused_tls()?
+    };
     Upstream::new(cfg, &tls, states)
+}
+
+fn unused_tls() -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 fn fail_all(slots: &[(String, Slot)], error: String) {

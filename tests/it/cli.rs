@@ -194,8 +194,23 @@ async fn demo_serves_json_and_sse_from_the_shipped_config_then_exits_0_on_sigter
     let resp = send_streaming(&http1(), get(fastgpt, "/api/v1/chat/completions")).await;
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     drop(resp);
-    let (resp, _) = send(&http1(), get(admin, "/readyz")).await;
+    // Ready once the backend's health check (proxy.yaml) has passed: its first run is at
+    // start, so within moments.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (resp, body) = send(&http1(), get(admin, "/readyz")).await;
+        if resp.status() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready: {body:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (resp, body) = send(&http1(), get(admin, "/health")).await;
     assert_eq!(resp.status(), 200);
+    assert!(
+        String::from_utf8_lossy(&body).contains("\"upstream:backend\":{\"status\":\"healthy\""),
+        "{body:?}"
+    );
 
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

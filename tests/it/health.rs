@@ -63,7 +63,7 @@ async fn health_postgres_killed_then_restarted_redis_still_reported() {
         return;
     };
     let up = Upstream::start().await;
-    let interval = Duration::from_millis(400);
+    let interval = Duration::from_millis(500);
     let px = start(&config(
         &up.url(),
         &format!(
@@ -71,9 +71,9 @@ async fn health_postgres_killed_then_restarted_redis_still_reported() {
              dependencies:\n\
              \x20 postgres:\n\
              \x20   url: \"{}\"\n\
-             \x20   check: {{ interval: 400ms, timeout: 1s }}\n\
-             \x20 redis: {{ check: {{ interval: 400ms, timeout: 1s }} }}\n\
-             \x20 memory: {{ check: {{ interval: 400ms }} }}\n",
+             \x20   check: {{ interval: 500ms, timeout: 1s }}\n\
+             \x20 redis: {{ check: {{ interval: 500ms, timeout: 1s }} }}\n\
+             \x20 memory: {{ check: {{ interval: 500ms }} }}\n",
             redis.url, pg.url
         ),
     ))
@@ -253,7 +253,7 @@ async fn health_postgres_frozen_times_out_and_health_answers_fast() {
         .and_then(|l| l.parse().ok())
         .unwrap_or(0.0);
     assert!(
-        (690.0..1200.0).contains(&latency),
+        (690.0..1500.0).contains(&latency),
         "the probe should end at its 700 ms timeout, took {latency} ms"
     );
     // Every /health call meanwhile answered from the cache.
