@@ -16,6 +16,7 @@ fn bin() -> Command {
         "RAMPART_WORKERS",
         "FASTGPT_URL",
         "RAMPART_LOG",
+        "RAMPART_ADMIN_LISTEN",
         "RUST_LOG",
     ] {
         c.env_remove(var);
