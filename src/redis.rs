@@ -167,6 +167,52 @@ impl Redis {
         }
     }
 
+    /// For the health check: PING, then the role from `INFO replication` ("primary" or
+    /// "replica"), within `timeout` (check-out included); the round trip of the PING.
+    pub async fn check(&self, timeout: Duration) -> Result<(Duration, String), RedisError> {
+        let work = async {
+            let mut call = self.checkout().await?;
+            let start = Instant::now();
+            let r = redis::cmd("PING")
+                .query_async::<String>(&mut call.conn)
+                .await;
+            let rtt = start.elapsed();
+            let r = match r {
+                Ok(_) => {
+                    redis::cmd("INFO")
+                        .arg("replication")
+                        .query_async::<String>(&mut call.conn)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            call.finish(match &r {
+                Ok(_) => false,
+                Err(e) => self.connection_is_done(e),
+            });
+            let info = r?;
+            let role = info
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("role:"))
+                .map(|r| match r {
+                    "master" => "primary".to_owned(),
+                    "slave" | "replica" => "replica".to_owned(),
+                    other => other.to_owned(),
+                })
+                .ok_or_else(|| RedisError::Reply("no role in INFO replication".into()))?;
+            Ok((rtt, role))
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(RedisError::Timeout(timeout)),
+        }
+    }
+
+    /// Connections, idle ones and waiting callers (pool gauges).
+    pub fn pool_state(&self) -> bb8::State {
+        self.pool.state()
+    }
+
     /// A handle on the shared connection while it works; otherwise on the next pooled one
     /// to the current master, which becomes the shared one. Pooled connections marked
     /// broken by an earlier call, or made before the master was last forgotten (a

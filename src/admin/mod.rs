@@ -3,7 +3,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -66,12 +65,14 @@ async fn route(ctx: &AdminCtx, req: Request<Incoming>) -> Response<ProxyBody> {
             );
             resp
         }
+        // Probes answer from the checks' cached results: never a query per call.
         (&Method::GET | &Method::HEAD, "/readyz") => {
-            if shared.draining.load(Ordering::Relaxed) {
-                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-            } else {
-                text(StatusCode::OK, "ready\n")
-            }
+            let (status, body) = crate::health::ready_response(shared);
+            no_store(text_owned(status, body))
+        }
+        (&Method::GET | &Method::HEAD, "/health") => {
+            let (status, body) = crate::health::health_response(shared);
+            no_store(json(status, body))
         }
         (_, "/admin/reload" | "/admin/drain") if req.method() != Method::POST => {
             let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
@@ -111,6 +112,23 @@ fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    resp
+}
+
+fn text_owned(status: StatusCode, body: String) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::full(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Probe answers change from one call to the next: no cache in between may keep one.
+fn no_store(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
 

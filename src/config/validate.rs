@@ -5,6 +5,10 @@
 //! `None` when absent) and returning its typed value; a new top-level section is one more
 //! such function and one line in [`decode`].
 
+mod health;
+
+pub use health::postgres_url_for_driver;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -56,7 +60,7 @@ const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Sections a later version reads: refused by name so the message says why.
-const FUTURE_SECTIONS: &[&str] = &["dependencies", "caches", "alerts", "tls"];
+const FUTURE_SECTIONS: &[&str] = &["caches", "alerts", "tls"];
 
 /// Turns a YAML text into the typed configuration, or returns every problem found, sorted by
 /// position. `env` looks up the variables `${VAR}` refers to.
@@ -100,6 +104,7 @@ fn decode(ctx: &mut Ctx, root: &Node, source_name: &str) -> Config {
     };
     let (listeners, mut binds) = listeners(ctx, listeners_node, &known);
     let drain = drain(ctx, m.optional("drain"));
+    let dependencies = health::dependencies(ctx, m.optional("dependencies"), redis.is_some());
     for section in FUTURE_SECTIONS {
         m.refuse(
             ctx,
@@ -121,6 +126,7 @@ fn decode(ctx: &mut Ctx, root: &Node, source_name: &str) -> Config {
         replicas,
         rate_limits: known.policies.configs,
         drain,
+        dependencies,
     }
 }
 
@@ -405,6 +411,9 @@ fn listener<'a>(
                 )
             })
             .unwrap_or(DrainMode::Inbound),
+        health_path: m.read(ctx, "health_path", |ctx, f| {
+            ctx.parse_with(f, "a path", parse_path_prefix)
+        }),
         routes: m
             .required(ctx, "routes")
             .map(|f| routes(ctx, &f, &name, known))
@@ -1570,6 +1579,9 @@ fn resilience(ctx: &mut Ctx, m: &mut MapReader) -> Resilience {
         ejection: ejection(ctx, m.optional("ejection")),
         retry: retry(ctx, m.optional("retry")),
         max_in_flight: m.read(ctx, "max_in_flight", |ctx, f| ctx.count(f, 1)),
+        health_check: m
+            .optional("health_check")
+            .map(|f| health::upstream_health_check(ctx, f)),
     }
 }
 
@@ -1724,6 +1736,7 @@ fn retry_on(ctx: &mut Ctx, f: &Field) -> Option<Vec<RetryOn>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DependenciesConfig;
 
     /// Strips the common indentation (and the first newline) so YAML can be written
     /// indented in the test; line 1 is the first line after the opening quote.
@@ -1834,6 +1847,7 @@ mod tests {
                 },
                 max_in_flight: None,
                 drain: DrainMode::Inbound,
+                health_path: None,
                 routes: vec![RouteConfig {
                     name: "inbound.0".into(),
                     path_prefix: "/".into(),
@@ -1871,6 +1885,7 @@ mod tests {
                 accept_grace: secs(5),
                 timeout: secs(30),
             },
+            dependencies: DependenciesConfig::default(),
         };
         assert_eq!(ok(MINIMAL), expected);
     }
@@ -1971,6 +1986,7 @@ mod tests {
                 },
                 max_in_flight: None,
                 drain: DrainMode::Egress,
+                health_path: None,
                 routes: vec![
                     RouteConfig {
                         name: "chat".into(),
@@ -2045,6 +2061,7 @@ mod tests {
                 accept_grace: Duration::ZERO,
                 timeout: secs(60),
             },
+            dependencies: DependenciesConfig::default(),
         };
         assert_eq!(config, expected);
         // The port is explicit in what the forwarder sees.
@@ -2164,7 +2181,7 @@ mod tests {
             3,
             5,
             "listeners[0].listn",
-            "unknown key \"listn\", did you mean \"listen\"? (known keys: name, listen, max_connections, header_read_timeout, max_header_bytes, max_headers, http2, max_in_flight, drain, routes)",
+            "unknown key \"listn\", did you mean \"listen\"? (known keys: name, listen, max_connections, header_read_timeout, max_header_bytes, max_headers, http2, max_in_flight, drain, health_path, routes)",
         );
     }
 

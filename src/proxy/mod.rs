@@ -19,6 +19,7 @@ use std::sync::atomic::AtomicBool;
 use arc_swap::ArcSwap;
 
 use crate::config::{Cidr, Config};
+use crate::health::Health;
 use crate::ratelimit;
 use crate::reload::KeyedState;
 use crate::shutdown::{Background, InFlight};
@@ -118,6 +119,8 @@ pub struct Shared {
     pub in_flight: Arc<InFlight>,
     /// Stopped at the end of a drain, before the pools close.
     pub background: Background,
+    /// Cached results of the dependency and upstream checks (`/health`, `/readyz`).
+    pub health: Arc<Health>,
 }
 
 impl Shared {
@@ -126,6 +129,7 @@ impl Shared {
         registry: prometheus_client::registry::Registry,
         upstream_states: Arc<UpstreamStates>,
         limiters: ratelimit::Registry,
+        health: Arc<Health>,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -135,6 +139,7 @@ impl Shared {
             limiters,
             in_flight: Arc::new(InFlight::default()),
             background: Background::default(),
+            health,
         })
     }
 
@@ -143,7 +148,7 @@ impl Shared {
     /// calls `reconcile` on each with the new configuration before the new snapshot is
     /// swapped in.
     pub fn keyed_state(&self) -> Vec<&dyn KeyedState> {
-        Vec::new()
+        vec![&*self.health]
     }
 }
 

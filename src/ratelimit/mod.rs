@@ -333,6 +333,15 @@ impl Registry {
         Ok(store)
     }
 
+    /// The program's Redis client, when the configuration has one (health check, pool
+    /// gauges).
+    pub fn redis_client(&self) -> Option<Arc<RedisStore>> {
+        self.redis
+            .lock()
+            .ok()
+            .and_then(|r| r.as_ref().map(|(_, s)| s.clone()))
+    }
+
     /// Whether Redis policies are being decided in memory right now.
     pub fn fallback_active(&self) -> bool {
         self.redis

@@ -6,6 +6,7 @@ mod cli;
 mod config;
 mod drain;
 mod h2;
+mod health;
 mod proxy;
 mod ratelimit;
 mod reload;
