@@ -58,6 +58,7 @@ NGINX_PID=""
 REDIS_PID=""
 WRK_PID=""
 BUSY_START="?"
+REDIS_NOTE=""
 NGINX_BIN=nginx
 
 # Results, one entry per run_case, in order.
@@ -374,17 +375,21 @@ run_case() {
     log "$name: $rps req/s, p50 ${p50} ms, p99 ${p99} ms, CPU ${cpu_us:-n/a} µs/req, errors $errors, machine busy ${box_busy}%"
 }
 
-# The Redis case means nothing if its decisions fell back to memory: check the metric.
+# The Redis case means nothing if its decisions fell back to memory: check the metric. A
+# few may, on a machine this loaded (a call over redis.timeout is decided in memory, as
+# designed); more than 1% means Redis was not really in the loop.
 check_redis_decisions() {
-    local fd text n
+    local fd text mem red
     exec {fd}<>"/dev/tcp/$HOST/$RAMPART_ADMIN_PORT" || die "admin listener unreachable"
     printf 'GET /metrics HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n' "$HOST" >&"$fd"
     text=$(timeout 5 cat <&"$fd" || true)
     exec {fd}>&-
-    n=$(awk '/^rampart_ratelimit_decisions_total\{policy="bench-redis",result="allowed",source="memory"\}/ { print $2 }' <<<"$text")
-    [[ -z $n || $n == 0 ]] || die "the Redis case decided $n request(s) in memory: was redis-server up?"
-    n=$(awk '/^rampart_ratelimit_decisions_total\{policy="bench-redis",result="allowed",source="redis"\}/ { print $2 }' <<<"$text")
-    log "bench-redis: ${n:-0} decisions taken by Redis, none in memory"
+    mem=$(awk '/^rampart_ratelimit_decisions_total\{policy="bench-redis",result="allowed",source="memory"\}/ { print $2 }' <<<"$text")
+    red=$(awk '/^rampart_ratelimit_decisions_total\{policy="bench-redis",result="allowed",source="redis"\}/ { print $2 }' <<<"$text")
+    mem=${mem:-0} red=${red:-0}
+    log "bench-redis: $red decisions taken by Redis, $mem in memory (calls over the 50ms timeout)"
+    ((mem * 100 <= red)) || die "the Redis case decided $mem request(s) in memory, $red in Redis: was redis-server up?"
+    REDIS_NOTE="decided by Redis: $red, by the memory fallback: $mem"
 }
 
 # ---------------------------------------------------------------------------------------
@@ -438,7 +443,8 @@ report() {
         x=$(row_of rampart-ratelimit-redis)
         if [[ -n $r && -n $m && -n $x ]]; then
             echo "Rate limiting, CPU µs/req against rampart without limits (target for Redis: ≤ 1.50×):" \
-                "memory store $(ratio "${R_CPU[$m]}" "${R_CPU[$r]}"), Redis store $(ratio "${R_CPU[$x]}" "${R_CPU[$r]}")."
+                "memory store $(ratio "${R_CPU[$m]}" "${R_CPU[$r]}"), Redis store $(ratio "${R_CPU[$x]}" "${R_CPU[$r]}")" \
+                "(${REDIS_NOTE:-decisions not checked})."
             echo
         fi
         for i in "${!R_NAME[@]}"; do

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::admin::AdminCtx;
 use crate::alert::{AlertMetrics, Alerting};
 use crate::config::Config;
+use crate::health::{Health, HealthMetrics, PoolSources};
 use crate::metrics::http::HttpMetrics;
 use crate::proxy::resilience::{UpstreamMetrics, UpstreamStates};
 use crate::proxy::{Shared, Snapshot};
@@ -201,12 +202,24 @@ pub async fn start_with_file(config: Config, path: Option<PathBuf>) -> Result<Ru
     )));
     let limiters =
         crate::ratelimit::Registry::new(crate::ratelimit::Metrics::register(&mut registry));
-    registry.register_collector(Box::new(limiters.pool_collector()));
+    let pools = Arc::new(PoolSources::default());
+    let health = Arc::new(Health::new(
+        HealthMetrics::register(&mut registry, &pools),
+        pools,
+    ));
     let http = HttpMetrics::register(&mut registry);
     let alerts = Alerting::new(&config.alerts, AlertMetrics::register(&mut registry));
     let snapshot =
         Snapshot::build(&config, &upstream_states, &limiters, &http).map_err(StartError::Tls)?;
-    let shared = Shared::new(snapshot, registry, upstream_states, limiters, http, alerts);
+    let shared = Shared::new(
+        snapshot,
+        registry,
+        upstream_states,
+        limiters,
+        health,
+        http,
+        alerts,
+    );
     let mut bound = Vec::new();
     for l in &config.listeners {
         let listener = server::bind(l.listen).map_err(|source| StartError::Bind {
@@ -222,6 +235,9 @@ pub async fn start_with_file(config: Config, path: Option<PathBuf>) -> Result<Ru
         source,
     })?;
     let admin_addr = admin.local_addr().unwrap_or(config.admin.listen);
+    // Once everything is bound: a refused start leaves no probe running. A dependency that
+    // is down does not stop the start; the checks report it.
+    shared.health.start(&shared, &config);
 
     let (tx, rx) = mpsc::channel(16);
     let control = Control { tx };
@@ -418,6 +434,8 @@ impl Supervisor {
         // Step 5: background tasks stop, then the pools close (Postgres, then Redis, as the
         // users' shutdown does), once no request can use them any more.
         self.shared.background.stop(BACKGROUND_STOP).await;
+        // Redis's pool belongs to the rate limiter's client, dropped with the last snapshot.
+        self.shared.health.close_pools().await;
         report.log();
         self.admin_stop.send_replace(true);
         for w in waiters {

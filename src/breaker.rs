@@ -345,17 +345,9 @@ mod tests {
     use crate::config::FailureRate;
     use proptest::prelude::*;
 
+    /// The users' contract: 5 failures, 60 s open, 2 successes (and our defaults on top).
     fn cfg() -> BreakerConfig {
-        BreakerConfig {
-            failures: 5,
-            open_for: Duration::from_secs(60),
-            max_open_for: Duration::from_secs(300),
-            half_open_successes: 2,
-            half_open_max_probes: 2,
-            failure_rate: None,
-            count_500: false,
-            count_backoff: false,
-        }
+        BreakerConfig::default()
     }
 
     fn fail(b: &mut Breaker, now: Instant) -> Option<Transition> {

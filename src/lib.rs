@@ -9,6 +9,7 @@ pub mod breaker;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod health;
 pub mod jitter;
 pub mod metrics;
 pub mod proxy;

@@ -3,15 +3,25 @@
 //! so configured. Rate limits use it now; the health checks will too.
 //!
 //! bb8's defaults suit a database, not a per-request decision: a 30 s check-out timeout,
-//! connect retries, and (in bb8-redis) a PING on every check-out. Here the check-out
-//! timeout is the call timeout, a failed connect is not retried inside the request, and
-//! nothing is sent but the call itself. A connection whose call failed or was cut short is
-//! dropped rather than handed to the next request (bb8-redis never drops one).
+//! connect retries, and a validity check on every check-out (bb8-redis's is a PING). Here
+//! the check-out timeout is the call timeout, a failed connect is not retried inside the
+//! request, and nothing is sent but the call itself.
+//!
+//! The connection manager is our own rather than bb8-redis's: that one never reports a
+//! connection broken (after a Redis restart its dead connections would stay in the pool
+//! and fail every call) and connects to one fixed address (no Sentinel). Ours drops a
+//! connection whose call failed or was cut short, and asks the sentinels for the master.
+//!
+//! The connections are multiplexed, so calls share one: the last connection checked out
+//! stays the current one, and calls clone its handle (pipelining on it) without touching
+//! the pool until it breaks or the master changes. The pool then makes the next one, under
+//! the same timeout.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, FromRedisValue};
 use tokio::time::Instant;
@@ -47,18 +57,10 @@ impl Script {
     }
 }
 
-/// Connections of a pool at one moment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PoolState {
-    pub max: u32,
-    pub open: u32,
-    pub idle: u32,
-    pub waiting: u64,
-}
-
 pub struct Redis {
-    max_size: u32,
     pool: bb8::Pool<Manager>,
+    /// The connection calls share while it works.
+    current: ArcSwapOption<Handle>,
     timeout: Duration,
     target: Arc<Target>,
 }
@@ -66,9 +68,11 @@ pub struct Redis {
 impl Redis {
     /// Connects lazily: a Redis that is down never stops rampart from starting.
     pub fn new(cfg: &RedisConfig) -> Result<Redis, RedisError> {
+        // The connection timeout covers connect and handshake; replies need no timer of
+        // their own: every call is already under `timeout` as a whole.
         let conn_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(cfg.connect_timeout))
-            .set_response_timeout(Some(cfg.timeout));
+            .set_response_timeout(None);
         let kind = match &cfg.target {
             RedisTarget::Url(url) => TargetKind::Url(redis::Client::open(url.as_str())?),
             RedisTarget::Sentinel { master, addresses } => TargetKind::Sentinel {
@@ -92,8 +96,8 @@ impl Redis {
                 target: target.clone(),
             });
         Ok(Redis {
-            max_size: cfg.pool_max_size,
             pool,
+            current: ArcSwapOption::empty(),
             timeout: cfg.timeout,
             target,
         })
@@ -101,20 +105,6 @@ impl Redis {
 
     pub fn timeout(&self) -> Duration {
         self.timeout
-    }
-
-    /// The pool's connections now, for the pool gauges.
-    pub fn pool_state(&self) -> PoolState {
-        let s = self.pool.state();
-        let st = &s.statistics;
-        let finished = st.get_direct + st.get_waited + st.get_timed_out;
-        PoolState {
-            max: self.max_size,
-            open: s.connections,
-            idle: s.idle_connections,
-            // Check-outs started and not finished are waiting for a connection.
-            waiting: st.get_started.saturating_sub(finished),
-        }
     }
 
     /// Runs `script` with one key (EVALSHA, then EVAL on NOSCRIPT, as after a fail-over or a
@@ -130,23 +120,19 @@ impl Redis {
             // A READONLY answer (this server was demoted) is tried once more: the retry
             // connects to the master the sentinels name now.
             for _ in 0..2 {
-                let mut conn = self.checkout().await?;
-                // Stays set if this future is dropped mid-call (the timeout): such a
-                // connection may still get the late answer, so it must not serve another
-                // request.
-                conn.broken = true;
+                let mut call = self.checkout().await?;
                 let mut cmd = redis::cmd("EVALSHA");
                 cmd.arg(&script.sha).arg(1).arg(key).arg(args);
-                let mut r = cmd.query_async::<T>(&mut conn.inner).await;
+                let mut r = cmd.query_async::<T>(&mut call.conn).await;
                 if matches!(&r, Err(e) if e.code() == Some("NOSCRIPT")) {
                     let mut cmd = redis::cmd("EVAL");
                     cmd.arg(script.source).arg(1).arg(key).arg(args);
-                    r = cmd.query_async::<T>(&mut conn.inner).await;
+                    r = cmd.query_async::<T>(&mut call.conn).await;
                 }
-                conn.broken = match &r {
+                call.finish(match &r {
                     Ok(_) => false,
                     Err(e) => self.connection_is_done(e),
-                };
+                });
                 let again = matches!(&r, Err(e) if is_readonly(e));
                 result = r.map_err(RedisError::from);
                 if !again {
@@ -165,15 +151,14 @@ impl Redis {
     pub async fn ping(&self) -> Result<Duration, RedisError> {
         let start = Instant::now();
         let work = async {
-            let mut conn = self.checkout().await?;
-            conn.broken = true;
+            let mut call = self.checkout().await?;
             let r = redis::cmd("PING")
-                .query_async::<String>(&mut conn.inner)
+                .query_async::<String>(&mut call.conn)
                 .await;
-            conn.broken = match &r {
+            call.finish(match &r {
                 Ok(_) => false,
                 Err(e) => self.connection_is_done(e),
-            };
+            });
             r.map_err(RedisError::from)
         };
         match tokio::time::timeout(self.timeout, work).await {
@@ -182,19 +167,89 @@ impl Redis {
         }
     }
 
-    /// A pooled connection to the current master: those made before the master was last
-    /// forgotten (a fail-over) are dropped on the way.
-    async fn checkout(&self) -> Result<bb8::PooledConnection<'_, Manager>, RedisError> {
+    /// For the health check: PING, then the role from `INFO replication` ("primary" or
+    /// "replica"), within `timeout` (check-out included); the round trip of the PING.
+    pub async fn check(&self, timeout: Duration) -> Result<(Duration, String), RedisError> {
+        let work = async {
+            let mut call = self.checkout().await?;
+            let start = Instant::now();
+            let r = redis::cmd("PING")
+                .query_async::<String>(&mut call.conn)
+                .await;
+            let rtt = start.elapsed();
+            let r = match r {
+                Ok(_) => {
+                    redis::cmd("INFO")
+                        .arg("replication")
+                        .query_async::<String>(&mut call.conn)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            call.finish(match &r {
+                Ok(_) => false,
+                Err(e) => self.connection_is_done(e),
+            });
+            let info = r?;
+            let role = info
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("role:"))
+                .map(|r| match r {
+                    "master" => "primary".to_owned(),
+                    "slave" | "replica" => "replica".to_owned(),
+                    other => other.to_owned(),
+                })
+                .ok_or_else(|| RedisError::Reply("no role in INFO replication".into()))?;
+            Ok((rtt, role))
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(RedisError::Timeout(timeout)),
+        }
+    }
+
+    /// Connections, idle ones and waiting callers (pool gauges).
+    pub fn pool_state(&self) -> bb8::State {
+        self.pool.state()
+    }
+
+    /// A handle on the shared connection while it works; otherwise on the next pooled one
+    /// to the current master, which becomes the shared one. Pooled connections marked
+    /// broken by an earlier call, or made before the master was last forgotten (a
+    /// fail-over), are dropped on the way.
+    async fn checkout(&self) -> Result<Call, RedisError> {
+        let generation = self.target.generation.load(Ordering::Relaxed);
+        if let Some(h) = self.current.load().as_ref()
+            && h.generation == generation
+            && !h.broken.load(Ordering::Relaxed)
+        {
+            return Ok(Call {
+                conn: h.conn.clone(),
+                broken: h.broken.clone(),
+                done: false,
+            });
+        }
         loop {
-            let mut conn = self
+            let conn = self
                 .pool
                 .get()
                 .await
                 .map_err(|e| RedisError::Pool(e.to_string()))?;
-            if conn.generation == self.target.generation.load(Ordering::Relaxed) {
-                return Ok(conn);
+            let current = conn.generation == self.target.generation.load(Ordering::Relaxed);
+            if current && !conn.broken.load(Ordering::Relaxed) {
+                self.current.store(Some(Arc::new(Handle {
+                    conn: conn.inner.clone(),
+                    broken: conn.broken.clone(),
+                    generation: conn.generation,
+                })));
+                return Ok(Call {
+                    conn: conn.inner.clone(),
+                    broken: conn.broken.clone(),
+                    done: false,
+                });
             }
-            conn.broken = true;
+            // Returned marked: bb8 drops it.
+            conn.broken.store(true, Ordering::Relaxed);
         }
     }
 
@@ -321,8 +376,41 @@ pub struct Conn {
     inner: MultiplexedConnection,
     /// `Target::generation` when connected.
     generation: u64,
-    /// Set around every call; bb8 drops the connection when it comes back still set.
-    broken: bool,
+    /// Set by a call that failed on it or was cut short; bb8 then drops it.
+    broken: Arc<AtomicBool>,
+}
+
+/// The shared connection: a clone of a pooled one's handle and flag.
+struct Handle {
+    conn: MultiplexedConnection,
+    broken: Arc<AtomicBool>,
+    generation: u64,
+}
+
+/// One call's handle on a shared connection.
+struct Call {
+    conn: MultiplexedConnection,
+    broken: Arc<AtomicBool>,
+    done: bool,
+}
+
+impl Call {
+    fn finish(&mut self, broken: bool) {
+        self.done = true;
+        if broken {
+            self.broken.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        // Dropped mid-call (the timeout): the late answer may still come on this
+        // connection, and Redis is slow or gone; nobody should wait on it again.
+        if !self.done {
+            self.broken.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 struct Manager {
@@ -343,7 +431,7 @@ impl bb8::ManageConnection for Manager {
             Ok(inner) => Ok(Conn {
                 inner,
                 generation,
-                broken: false,
+                broken: Arc::new(AtomicBool::new(false)),
             }),
             Err(e) => {
                 // The master may have moved (fail-over): ask the sentinels next time.
@@ -362,6 +450,6 @@ impl bb8::ManageConnection for Manager {
     }
 
     fn has_broken(&self, conn: &mut Conn) -> bool {
-        conn.broken
+        conn.broken.load(Ordering::Relaxed)
     }
 }

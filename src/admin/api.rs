@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::alert::signals::DependencyState;
+use crate::alert::signals;
 use crate::breaker::State as BreakerState;
 use crate::config::Severity;
 use crate::metrics::series::{CHART_SPAN, Filter};
@@ -44,11 +44,7 @@ pub fn upstreams(shared: &Shared) -> Value {
                         "url": e.state.url,
                         "in_flight": e.state.in_flight.load(Ordering::Relaxed),
                         "ejected": ejected,
-                        "health": shared
-                            .alerts
-                            .signals
-                            .endpoint_health(&e.state.url)
-                            .map_or("no data", DependencyState::as_str),
+                        "health": signals::endpoint_health(shared, &u.name, &e.state.url),
                     })
                 })
                 .collect();
@@ -112,28 +108,35 @@ pub fn status(shared: &Shared) -> Value {
     let overall_chart = chart(&series.chart(CHART_SPAN, &Filter::default()));
     drop(series);
 
-    let signals = &shared.alerts.signals;
-    let dependencies = signals.dependencies().map(|deps| {
+    let deps = signals::dependencies(shared);
+    let dependencies = deps.as_ref().map(|deps| {
         deps.iter()
             .map(|d| {
                 json!({
                     "name": d.name,
-                    "kind": d.kind,
-                    "state": d.state.as_str(),
+                    "state": d.state,
                     "critical": d.critical,
                     "detail": d.detail,
-                    "checked_at": d.checked_at.map(crate::alert::sinks::rfc3339),
+                    "latency_ms": d.latency_ms,
                 })
             })
             .collect::<Vec<_>>()
     });
-    let critical_down: Vec<String> = signals
-        .dependencies()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|d| d.critical && d.state == DependencyState::Down)
-        .map(|d| d.name)
+    let deps = deps.unwrap_or_default();
+    let critical_down: Vec<&str> = deps
+        .iter()
+        .filter(|d| d.critical && d.state == "unhealthy")
+        .map(|d| d.name.as_str())
         .collect();
+    let degraded_deps: Vec<&str> = deps
+        .iter()
+        .filter(|d| (!d.critical && d.state == "unhealthy") || d.state == "degraded")
+        .map(|d| d.name.as_str())
+        .collect();
+    let usage = json!({
+        "memory": signals::memory_usage(shared),
+        "pool": signals::pool_usage(shared),
+    });
 
     let ratelimit = if shared.limiters.uses_redis() {
         if shared.limiters.fallback_active() {
@@ -160,8 +163,12 @@ pub fn status(shared: &Shared) -> Value {
         level = 2;
     }
     for n in &critical_down {
-        reasons.push(format!("critical dependency {n} is down"));
+        reasons.push(format!("critical dependency {n} is unhealthy"));
         level = 2;
+    }
+    for n in &degraded_deps {
+        reasons.push(format!("dependency {n} is degraded or down"));
+        level = level.max(1);
     }
     for a in &firing {
         reasons.push(format!("alert {} firing", a.rule));
@@ -192,6 +199,7 @@ pub fn status(shared: &Shared) -> Value {
         "overall": { "status": overall, "reasons": reasons },
         "traffic": { "recent": recent(&all, span), "chart": overall_chart },
         "dependencies": dependencies,
+        "usage": usage,
         "upstreams": ups["upstreams"],
         "ratelimit": ratelimit,
         "alerts": {

@@ -10,7 +10,6 @@ mod config_json;
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -81,12 +80,14 @@ async fn route(ctx: &AdminCtx, req: Request<Incoming>) -> Response<ProxyBody> {
             );
             resp
         }
+        // Probes answer from the checks' cached results: never a query per call.
         (&Method::GET | &Method::HEAD, "/readyz") => {
-            if shared.draining.load(Ordering::Relaxed) {
-                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-            } else {
-                text(StatusCode::OK, "ready\n")
-            }
+            let (status, body) = crate::health::ready_response(shared);
+            no_store(text_owned(status, body))
+        }
+        (&Method::GET | &Method::HEAD, "/health") => {
+            let (status, body) = crate::health::health_response(shared);
+            no_store(json(status, body))
         }
         (_, "/admin/reload" | "/admin/drain") if req.method() != Method::POST => {
             let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
@@ -126,10 +127,7 @@ async fn route(ctx: &AdminCtx, req: Request<Incoming>) -> Response<ProxyBody> {
 
 /// A JSON document of the admin API: always fresh.
 fn document(v: serde_json::Value) -> Response<ProxyBody> {
-    let mut resp = json(StatusCode::OK, v.to_string());
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
+    no_store(json(StatusCode::OK, v.to_string()))
 }
 
 fn page() -> Response<ProxyBody> {
@@ -160,6 +158,23 @@ fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    resp
+}
+
+fn text_owned(status: StatusCode, body: String) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::full(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Probe answers change from one call to the next: no cache in between may keep one.
+fn no_store(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
 

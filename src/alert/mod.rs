@@ -2,7 +2,8 @@
 //! server (those get the same rules as PromQL in `examples/prometheus/`).
 //!
 //! - `rules.rs`: the pure state machine (pending -> firing -> resolved);
-//! - `signals.rs`: what other subsystems feed (database, cache, pools, memory, health);
+//! - `signals.rs`: what the request counters do not give (database, cache, pools, memory,
+//!   from the health checks or fed by other subsystems);
 //! - `sinks.rs`: webhook, Slack and Alertmanager deliveries with retries;
 //! - here: the shell that reads each rule's signal every `alerts.interval`, feeds the state
 //!   machine, logs every change, keeps the last hour for `/admin/alerts`, and queues
@@ -535,8 +536,8 @@ fn read(rule: &AlertRule, shared: &Shared, current: &Sample, series: &Series) ->
             let lookups = f.cache_hits + f.cache_misses;
             Reading::of(enough(lookups).then(|| f.cache_hits as f64 / lookups as f64))
         }
-        Signal::PoolUsage => Reading::of(shared.alerts.signals.pool_usage()),
-        Signal::MemoryUsage => Reading::of(shared.alerts.signals.memory_usage()),
+        Signal::PoolUsage => Reading::of(signals::pool_usage(shared)),
+        Signal::MemoryUsage => Reading::of(signals::memory_usage(shared)),
         Signal::BreakerOpen => {
             let snapshot = shared.snapshot.load();
             let mut names: Vec<&str> = snapshot

@@ -1,49 +1,21 @@
-//! Signals other subsystems measure and hand to the alert rules and the status page: the
-//! database and the cache count their queries and lookups here, the health checks report
-//! pool and memory usage and each dependency's state. Until something feeds a signal it is
-//! "no data": its rules stay quiet and the status page says so.
+//! Signals the request counters do not give, for the alert rules and the status page.
 //!
-//! Cheap to feed from a hot path (relaxed atomics; the few values behind a mutex change
-//! once per probe interval).
+//! - Counted here: database queries and their failures (each Postgres health probe is one;
+//!   code that runs queries of its own adds to them), cache hits and misses (the cache, when
+//!   it exists). Windowed like the request counters (the time series samples them).
+//! - Read from the health checks' cached results (`health.rs` here): memory use against its
+//!   limit, Postgres connections against `max_connections`, each dependency's state.
+//! - Fed by hand (`set_pool_usage`, `set_memory_usage`): for sources without a health check;
+//!   a health check's value wins when both exist.
+//!
+//! Until something feeds a signal it is "no data": its rules stay quiet, the page says so.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
-use std::time::SystemTime;
 
+use crate::health::{Status, Value};
 use crate::metrics::series::FedTotals;
-
-/// A dependency's state as the health checks last saw it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DependencyState {
-    Up,
-    Down,
-    /// Configured but not checked yet.
-    Unknown,
-}
-
-impl DependencyState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DependencyState::Up => "up",
-            DependencyState::Down => "down",
-            DependencyState::Unknown => "unknown",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Dependency {
-    pub name: String,
-    /// postgres, redis, http, memory...
-    pub kind: String,
-    pub state: DependencyState,
-    /// Readiness depends on it.
-    pub critical: bool,
-    /// The last error or a short note.
-    pub detail: String,
-    pub checked_at: Option<SystemTime>,
-}
+use crate::proxy::Shared;
 
 #[derive(Debug, Default)]
 pub struct Signals {
@@ -53,10 +25,6 @@ pub struct Signals {
     cache_misses: AtomicU64,
     pool_usage: Mutex<Option<f64>>,
     memory_usage: Mutex<Option<f64>>,
-    /// None: no health checks configured (the status page says "not configured").
-    dependencies: Mutex<Option<Vec<Dependency>>>,
-    /// Active health of upstream endpoints by URL, when checks are configured.
-    endpoints: Mutex<HashMap<String, DependencyState>>,
 }
 
 /// Shares only: 0..=1, and never NaN.
@@ -81,7 +49,7 @@ impl Signals {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The busiest pool's connections in use / its maximum (None: no pool).
+    /// Connections in use / the pool's maximum, for a pool no health check reports.
     pub fn set_pool_usage(&self, usage: Option<f64>) {
         *self
             .pool_usage
@@ -89,35 +57,12 @@ impl Signals {
             .unwrap_or_else(PoisonError::into_inner) = share(usage);
     }
 
-    /// Resident memory / the cgroup (or machine) limit.
+    /// Resident memory / its limit, when the memory health check is not configured.
     pub fn set_memory_usage(&self, usage: Option<f64>) {
         *self
             .memory_usage
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = share(usage);
-    }
-
-    pub fn set_dependencies(&self, deps: Option<Vec<Dependency>>) {
-        *self
-            .dependencies
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = deps;
-    }
-
-    pub fn set_endpoint_health(&self, url: &str, state: DependencyState) {
-        self.endpoints
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(url.to_owned(), state);
-    }
-
-    /// None: no active check of this endpoint ("no data").
-    pub fn endpoint_health(&self, url: &str) -> Option<DependencyState> {
-        self.endpoints
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(url)
-            .copied()
     }
 
     pub fn totals(&self) -> FedTotals {
@@ -129,25 +74,108 @@ impl Signals {
         }
     }
 
-    pub fn pool_usage(&self) -> Option<f64> {
+    fn fed_pool_usage(&self) -> Option<f64> {
         *self
             .pool_usage
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub fn memory_usage(&self) -> Option<f64> {
+    fn fed_memory_usage(&self) -> Option<f64> {
         *self
             .memory_usage
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
+}
 
-    pub fn dependencies(&self) -> Option<Vec<Dependency>> {
-        self.dependencies
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+/// A percentage a health check reports in its details (`used_pct`), as a share.
+fn check_share(shared: &Shared, check: &str, key: &str) -> Option<f64> {
+    let checks = shared.health.checks();
+    let c = checks.iter().find(|c| c.name == check)?;
+    let (_, slot) = c.slots.first()?;
+    let view = slot.load();
+    // No probe answered yet: no data, not 0 %.
+    view.checked_at?;
+    view.details.iter().find_map(|(k, v)| match v {
+        Value::Num(n) if *k == key => share(Some(n / 100.0)),
+        Value::Int(n) if *k == key => share(Some(*n as f64 / 100.0)),
+        _ => None,
+    })
+}
+
+/// Postgres client connections over `max_connections`, else what was fed.
+pub fn pool_usage(shared: &Shared) -> Option<f64> {
+    check_share(shared, "postgres", "connections_used_pct")
+        .or_else(|| shared.alerts.signals.fed_pool_usage())
+}
+
+/// Resident memory over its limit, else what was fed.
+pub fn memory_usage(shared: &Shared) -> Option<f64> {
+    check_share(shared, "memory", "used_pct").or_else(|| shared.alerts.signals.fed_memory_usage())
+}
+
+/// A dependency as the status page shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dependency {
+    pub name: String,
+    /// healthy, degraded, unhealthy, or unknown (not checked yet).
+    pub state: &'static str,
+    pub critical: bool,
+    /// The last error or warning.
+    pub detail: String,
+    pub latency_ms: Option<f64>,
+}
+
+/// The dependency checks (not the upstream ones, shown with their upstream); None when
+/// none is configured.
+pub fn dependencies(shared: &Shared) -> Option<Vec<Dependency>> {
+    let checks = shared.health.checks();
+    let deps: Vec<Dependency> = checks
+        .iter()
+        .filter(|c| !c.name.starts_with("upstream:"))
+        .map(|c| {
+            let view = c.slots.first().map(|(_, s)| s.load_full());
+            let checked = view.as_ref().is_some_and(|v| v.checked_at.is_some());
+            Dependency {
+                name: c.name.clone(),
+                state: if checked {
+                    c.status().as_str()
+                } else {
+                    "unknown"
+                },
+                critical: c.critical,
+                detail: view
+                    .as_ref()
+                    .and_then(|v| v.error.clone())
+                    .unwrap_or_default(),
+                latency_ms: view
+                    .and_then(|v| v.latency)
+                    .map(|l| (l.as_secs_f64() * 10_000.0).round() / 10.0),
+            }
+        })
+        .collect();
+    (!deps.is_empty()).then_some(deps)
+}
+
+/// An upstream endpoint's active health ("no data" without a `health_check`).
+pub fn endpoint_health(shared: &Shared, upstream: &str, url: &str) -> &'static str {
+    let checks = shared.health.checks();
+    let name = format!("upstream:{upstream}");
+    let Some(c) = checks.iter().find(|c| c.name == name) else {
+        return "no data";
+    };
+    match c.slots.iter().find(|(k, _)| k == url) {
+        Some((_, s)) => {
+            let v = s.load();
+            match (v.checked_at, v.status) {
+                (None, _) => "unknown",
+                (Some(_), Status::Healthy) => "healthy",
+                (Some(_), Status::Degraded) => "degraded",
+                (Some(_), Status::Unhealthy) => "unhealthy",
+            }
+        }
+        None => "no data",
     }
 }
 
@@ -156,14 +184,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn unfed_signals_are_no_data_and_fed_ones_are_clean_shares() {
+    fn fed_values_are_clean_shares_and_counts_add_up() {
         let s = Signals::default();
-        assert_eq!((s.pool_usage(), s.memory_usage()), (None, None));
-        assert_eq!(s.dependencies(), None);
+        assert_eq!((s.fed_pool_usage(), s.fed_memory_usage()), (None, None));
         s.set_pool_usage(Some(f64::NAN));
-        assert_eq!(s.pool_usage(), None);
+        assert_eq!(s.fed_pool_usage(), None);
         s.set_memory_usage(Some(1.7));
-        assert_eq!(s.memory_usage(), Some(1.0));
+        assert_eq!(s.fed_memory_usage(), Some(1.0));
         s.db_query(true);
         s.db_query(false);
         s.cache_lookup(true);

@@ -18,6 +18,7 @@ use std::time::Duration;
 use http::Method;
 
 pub use validate::parse_str;
+pub use validate::postgres_url_for_driver;
 
 /// The whole validated configuration: an immutable snapshot.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,6 +41,9 @@ pub struct Config {
     /// Rate-limit policies by name; routes refer to them.
     pub rate_limits: BTreeMap<String, RateLimitConfig>,
     pub drain: DrainConfig,
+    /// What rampart depends on and checks in the background (`dependencies:`), see
+    /// `health/`. Upstream checks live on each upstream (`health_check:`).
+    pub dependencies: DependenciesConfig,
     /// Alert rules and where their notifications go (`alerts:`); the defaults when absent.
     pub alerts: AlertsConfig,
 }
@@ -346,6 +350,91 @@ impl fmt::Debug for RedisTarget {
     }
 }
 
+/// `dependencies:`: each entry is a background check; absent entries are not checked.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DependenciesConfig {
+    pub postgres: Option<PostgresDependency>,
+    /// Checks the top-level `redis:` client (the program has one Redis configuration).
+    pub redis: Option<CheckConfig>,
+    pub memory: Option<MemoryCheck>,
+}
+
+/// When and how one check runs, and what its failure means.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckConfig {
+    /// Between the starts of two probes (jittered by 10 %).
+    pub interval: Duration,
+    /// The whole probe, connecting included.
+    pub timeout: Duration,
+    /// A critical check that fails makes `/health` 503 and `/readyz` not ready.
+    pub critical: bool,
+    /// Consecutive failures that turn a healthy check unhealthy.
+    pub unhealthy_after: u32,
+    /// Consecutive successes that turn an unhealthy check healthy.
+    pub healthy_after: u32,
+}
+
+/// `dependencies.postgres`.
+#[derive(Clone, PartialEq)]
+pub struct PostgresDependency {
+    /// A libpq URL or key=value string: several hosts and `target_session_attrs` allowed.
+    /// Holds the password: never printed.
+    pub url: String,
+    pub pool: PgPoolConfig,
+    pub check: CheckConfig,
+    /// Client connections over `max_connections` above which the check is degraded.
+    /// Default 0.8.
+    pub warn_connections_above: f64,
+    /// With `sslmode=require` (or `verify-full`): PEM CA certificates trusted besides the
+    /// system's store (`tls.ca_file`).
+    pub tls_ca_file: Option<std::path::PathBuf>,
+}
+
+impl fmt::Debug for PostgresDependency {
+    // The URL may hold a password: never print it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresDependency")
+            .field("url", &"..")
+            .field("pool", &self.pool)
+            .field("check", &self.check)
+            .field("warn_connections_above", &self.warn_connections_above)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .finish()
+    }
+}
+
+/// The health-check pool: sized for the checks, not for the app.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PgPoolConfig {
+    /// Default 0: nothing is held open between checks beyond what the pool keeps idle.
+    pub min_idle: u32,
+    /// Default 4.
+    pub max_size: u32,
+    /// One connection attempt to one host (several hosts are tried in turn). Default 5s.
+    pub connect_timeout: Duration,
+    /// Default 30s.
+    pub idle_timeout: Duration,
+    /// Default 30m.
+    pub max_lifetime: Duration,
+}
+
+/// `dependencies.memory`: resident memory against the cgroup limit (or the machine's).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryCheck {
+    pub check: CheckConfig,
+    /// Share of the limit above which the check is degraded. Default 0.8.
+    pub warn_above: f64,
+}
+
+/// `upstreams.<name>.health_check`: an active HTTP check of every endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamHealthCheck {
+    /// Default /health.
+    pub path: String,
+    /// Default 5s, timeout 2s, unhealthy after 3, healthy after 2, not critical.
+    pub check: CheckConfig,
+}
+
 /// One named rate-limit policy (`rate_limits.<name>`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RateLimitConfig {
@@ -459,6 +548,9 @@ pub struct ListenerConfig {
     pub max_in_flight: Option<usize>,
     /// Default inbound.
     pub drain: DrainMode,
+    /// Also answers the `/health` JSON at this path, before routing (for load balancers that
+    /// only see traffic ports); 503 while draining too. None by default.
+    pub health_path: Option<String>,
     pub routes: Vec<RouteConfig>,
 }
 
@@ -530,6 +622,8 @@ pub struct Resilience {
     pub retry: RetryConfig,
     /// Requests in flight to this upstream; above it, 503 OVERLOADED. None = no cap.
     pub max_in_flight: Option<usize>,
+    /// Active checks: an endpoint that fails them is skipped like an ejected one.
+    pub health_check: Option<UpstreamHealthCheck>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -705,6 +799,7 @@ impl Default for Resilience {
             ejection: EjectionConfig::default(),
             retry: RetryConfig::default(),
             max_in_flight: None,
+            health_check: None,
         }
     }
 }
@@ -812,6 +907,27 @@ impl Config {
                 );
             }
         }
+        if let Some(r) = &self.redis {
+            let target = match &r.target {
+                // Credentials stay out of the summary.
+                RedisTarget::Url(url) => match (url.find("://"), url.rfind('@')) {
+                    (Some(scheme), Some(at)) if at > scheme => {
+                        format!("{}***{}", &url[..scheme + 3], &url[at..])
+                    }
+                    _ => url.clone(),
+                },
+                RedisTarget::Sentinel { master, addresses } => {
+                    format!("sentinel master {master} via {}", addresses.join(", "))
+                }
+            };
+            let _ = writeln!(
+                s,
+                "redis     {target} (timeout {}, pool {}, replicas {})",
+                humantime::format_duration(r.timeout),
+                r.pool_max_size,
+                self.replicas
+            );
+        }
         for p in self.rate_limits.values() {
             let block = p
                 .block_for
@@ -853,6 +969,27 @@ impl Config {
                 eps.join(", "),
                 humantime::format_duration(u.connect_timeout),
                 humantime::format_duration(u.pool.idle_timeout)
+            );
+        }
+        let d = &self.dependencies;
+        let checks = [
+            d.postgres
+                .as_ref()
+                .map(|p| ("postgres".to_owned(), &p.check)),
+            d.redis.as_ref().map(|c| ("redis".to_owned(), c)),
+            d.memory.as_ref().map(|m| ("memory".to_owned(), &m.check)),
+        ];
+        let upstream_checks = self.upstreams.values().filter_map(|u| {
+            let hc = u.resilience.health_check.as_ref()?;
+            Some((format!("upstream:{} GET {}", u.name, hc.path), &hc.check))
+        });
+        for (name, c) in checks.into_iter().flatten().chain(upstream_checks) {
+            let _ = writeln!(
+                s,
+                "check     {name} every {}, timeout {}{}",
+                humantime::format_duration(c.interval),
+                humantime::format_duration(c.timeout),
+                if c.critical { ", critical" } else { "" }
             );
         }
         s

@@ -5,6 +5,10 @@
 //! `None` when absent) and returning its typed value; a new top-level section is one more
 //! such function and one line in [`decode`].
 
+mod health;
+
+pub use health::postgres_url_for_driver;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -57,7 +61,7 @@ const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Sections a later version reads: refused by name so the message says why.
-const FUTURE_SECTIONS: &[&str] = &["dependencies", "caches", "tls"];
+const FUTURE_SECTIONS: &[&str] = &["caches", "tls"];
 /// The in-memory series keeps samples this far back: longer windows belong in Prometheus.
 const MAX_ALERT_WINDOW: Duration = Duration::from_secs(3600);
 const DEFAULT_ALERT_WINDOW: Duration = Duration::from_secs(300);
@@ -107,6 +111,7 @@ fn decode(ctx: &mut Ctx, root: &Node, source_name: &str) -> Config {
     };
     let (listeners, mut binds) = listeners(ctx, listeners_node, &known);
     let drain = drain(ctx, m.optional("drain"));
+    let dependencies = health::dependencies(ctx, m.optional("dependencies"), redis.is_some());
     let route_names: Vec<String> = listeners
         .iter()
         .flat_map(|l| l.routes.iter().map(|r| r.name.clone()))
@@ -133,6 +138,7 @@ fn decode(ctx: &mut Ctx, root: &Node, source_name: &str) -> Config {
         replicas,
         rate_limits: known.policies.configs,
         drain,
+        dependencies,
         alerts,
     }
 }
@@ -428,6 +434,9 @@ fn listener<'a>(
                 )
             })
             .unwrap_or(DrainMode::Inbound),
+        health_path: m.read(ctx, "health_path", |ctx, f| {
+            ctx.parse_with(f, "a path", parse_path_prefix)
+        }),
         routes: m
             .required(ctx, "routes")
             .map(|f| routes(ctx, &f, &name, known))
@@ -1827,6 +1836,9 @@ fn resilience(ctx: &mut Ctx, m: &mut MapReader) -> Resilience {
         ejection: ejection(ctx, m.optional("ejection")),
         retry: retry(ctx, m.optional("retry")),
         max_in_flight: m.read(ctx, "max_in_flight", |ctx, f| ctx.count(f, 1)),
+        health_check: m
+            .optional("health_check")
+            .map(|f| health::upstream_health_check(ctx, f)),
     }
 }
 
@@ -1981,6 +1993,7 @@ fn retry_on(ctx: &mut Ctx, f: &Field) -> Option<Vec<RetryOn>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DependenciesConfig;
 
     /// Strips the common indentation (and the first newline) so YAML can be written
     /// indented in the test; line 1 is the first line after the opening quote.
@@ -2092,6 +2105,7 @@ mod tests {
                 },
                 max_in_flight: None,
                 drain: DrainMode::Inbound,
+                health_path: None,
                 routes: vec![RouteConfig {
                     name: "inbound.0".into(),
                     path_prefix: "/".into(),
@@ -2129,6 +2143,7 @@ mod tests {
                 accept_grace: secs(5),
                 timeout: secs(30),
             },
+            dependencies: DependenciesConfig::default(),
             alerts: AlertsConfig::default(),
         };
         assert_eq!(ok(MINIMAL), expected);
@@ -2231,6 +2246,7 @@ mod tests {
                 },
                 max_in_flight: None,
                 drain: DrainMode::Egress,
+                health_path: None,
                 routes: vec![
                     RouteConfig {
                         name: "chat".into(),
@@ -2305,6 +2321,7 @@ mod tests {
                 accept_grace: Duration::ZERO,
                 timeout: secs(60),
             },
+            dependencies: DependenciesConfig::default(),
             alerts: AlertsConfig::default(),
         };
         assert_eq!(config, expected);
@@ -2425,7 +2442,7 @@ mod tests {
             3,
             5,
             "listeners[0].listn",
-            "unknown key \"listn\", did you mean \"listen\"? (known keys: name, listen, max_connections, header_read_timeout, max_header_bytes, max_headers, http2, max_in_flight, drain, routes)",
+            "unknown key \"listn\", did you mean \"listen\"? (known keys: name, listen, max_connections, header_read_timeout, max_header_bytes, max_headers, http2, max_in_flight, drain, health_path, routes)",
         );
     }
 
@@ -3529,6 +3546,13 @@ mod tests {
             RedisTarget::Url("redis://:secret@127.0.0.1:6380/2".into())
         );
         assert!(!format!("{redis:?}").contains("secret"));
+        let summary = config.summary();
+        assert!(
+            summary.contains(
+                "redis     redis://***@127.0.0.1:6380/2 (timeout 20ms, pool 4, replicas 3)"
+            ),
+            "{summary}"
+        );
         assert_eq!(redis.timeout, Duration::from_millis(20));
         assert_eq!(redis.connect_timeout, Duration::from_millis(20));
         assert_eq!(redis.pool_max_size, 4);

@@ -460,8 +460,9 @@ impl UpstreamErrorKind {
     }
 }
 
-/// One upstream's error counters, one per kind.
-#[derive(Clone)]
+/// One upstream's error counters, one per kind. `Default`: counters nobody exports (an
+/// `Upstream` built only to be probed by the health checks).
+#[derive(Clone, Default)]
 pub struct UpstreamErrors([Counter; 6]);
 
 impl UpstreamErrors {

@@ -112,12 +112,13 @@ impl Upstream {
             .enumerate()
             .map(|(i, e)| Candidate {
                 in_flight: e.state.in_flight.load(Ordering::Relaxed),
-                available: e
-                    .state
-                    .health
-                    .lock()
-                    .map(|h| h.available(now))
-                    .unwrap_or(true),
+                // Failing its active checks counts as ejected.
+                available: e.state.active_ok.load(Ordering::Relaxed)
+                    && e.state
+                        .health
+                        .lock()
+                        .map(|h| h.available(now))
+                        .unwrap_or(true),
                 tried: i < 64 && tried & (1 << i) != 0,
             })
             .collect();

@@ -20,6 +20,7 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 
 use crate::config::{Cidr, Config};
+use crate::health::Health;
 use crate::metrics::http::{HttpMetrics, RouteMetrics};
 use crate::metrics::series::{Sample, Series};
 use crate::ratelimit;
@@ -143,6 +144,8 @@ pub struct Shared {
     pub in_flight: Arc<InFlight>,
     /// Stopped at the end of a drain, before the pools close.
     pub background: Background,
+    /// Cached results of the dependency and upstream checks (`/health`, `/readyz`).
+    pub health: Arc<Health>,
     /// The request metrics' families; each snapshot makes its route handles from them.
     pub http: HttpMetrics,
     /// Samples of the request counters for the alert rules and the status page.
@@ -157,6 +160,7 @@ impl Shared {
         registry: prometheus_client::registry::Registry,
         upstream_states: Arc<UpstreamStates>,
         limiters: ratelimit::Registry,
+        health: Arc<Health>,
         http: HttpMetrics,
         alerts: crate::alert::Alerting,
     ) -> Arc<Shared> {
@@ -173,6 +177,7 @@ impl Shared {
             limiters,
             in_flight: Arc::new(InFlight::default()),
             background: Background::default(),
+            health,
         })
     }
 
@@ -181,7 +186,7 @@ impl Shared {
     /// calls `reconcile` on each with the new configuration before the new snapshot is
     /// swapped in.
     pub fn keyed_state(&self) -> Vec<&dyn KeyedState> {
-        vec![&*self.alerts]
+        vec![&*self.health, &*self.alerts]
     }
 
     /// Every route's cumulative totals now (not stored: see `record_sample`).

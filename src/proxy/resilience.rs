@@ -4,7 +4,7 @@
 //! Transitions are where metrics and logs hook in.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::metrics::counter::Counter;
@@ -80,7 +80,11 @@ impl UpstreamMetrics {
 pub struct EndpointState {
     pub url: String,
     pub in_flight: AtomicUsize,
+    /// Passive: ejection after consecutive failed requests.
     pub health: Mutex<EndpointHealth>,
+    /// Active: false while the upstream's `health_check` says the endpoint is down
+    /// (`health/upstream.rs`); true when unchecked.
+    pub active_ok: AtomicBool,
 }
 
 pub struct UpstreamState {
@@ -104,6 +108,7 @@ impl UpstreamState {
                     url: url.to_string(),
                     in_flight: AtomicUsize::new(0),
                     health: Mutex::new(EndpointHealth::default()),
+                    active_ok: AtomicBool::new(true),
                 })
             })
             .clone()

@@ -220,60 +220,6 @@ impl DecisionCounters {
     }
 }
 
-/// The Redis pool gauges (the users' "pool connections": idle, in use, waiting).
-/// The Redis client in use and the settings it was made with.
-type RedisSlot = Arc<Mutex<Option<(RedisConfig, Arc<RedisStore>)>>>;
-
-pub struct PoolCollector(RedisSlot);
-
-impl std::fmt::Debug for PoolCollector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PoolCollector")
-    }
-}
-
-impl prometheus_client::collector::Collector for PoolCollector {
-    fn encode(
-        &self,
-        mut encoder: prometheus_client::encoding::DescriptorEncoder,
-    ) -> Result<(), std::fmt::Error> {
-        use prometheus_client::encoding::EncodeMetric;
-        use prometheus_client::metrics::MetricType;
-        use prometheus_client::metrics::gauge::ConstGauge;
-        let state = match self.0.lock() {
-            Ok(r) => r.as_ref().map(|(_, s)| s.redis.pool_state()),
-            Err(_) => None,
-        };
-        // No Redis configured: no series.
-        let Some(p) = state else { return Ok(()) };
-        let in_use = p.open.saturating_sub(p.idle);
-        let mut m = encoder.encode_descriptor(
-            "redis_pool_connections",
-            "Redis pool connections by state (idle, in_use)",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (state, n) in [("idle", p.idle), ("in_use", in_use)] {
-            ConstGauge::new(i64::from(n)).encode(m.encode_family(&[("state", state)])?)?;
-        }
-        let m = encoder.encode_descriptor(
-            "redis_pool_max_connections",
-            "Redis pool size limit (redis.pool.max_size)",
-            None,
-            MetricType::Gauge,
-        )?;
-        ConstGauge::new(i64::from(p.max)).encode(m)?;
-        let m = encoder.encode_descriptor(
-            "redis_pool_waiting",
-            "Requests waiting for a Redis pool connection",
-            None,
-            MetricType::Gauge,
-        )?;
-        ConstGauge::new(i64::try_from(p.waiting).unwrap_or(i64::MAX)).encode(m)?;
-        Ok(())
-    }
-}
-
 // === policies ===
 
 /// State of one policy name that survives reloads.
@@ -311,8 +257,7 @@ enum Store {
 pub struct Registry {
     metrics: Metrics,
     states: Mutex<HashMap<String, Arc<PolicyState>>>,
-    /// Shared with the pool gauges, read at scrape time.
-    redis: RedisSlot,
+    redis: Mutex<Option<(RedisConfig, Arc<RedisStore>)>>,
 }
 
 impl Registry {
@@ -320,7 +265,7 @@ impl Registry {
         Registry {
             metrics,
             states: Mutex::new(HashMap::new()),
-            redis: Arc::new(Mutex::new(None)),
+            redis: Mutex::new(None),
         }
     }
 
@@ -388,9 +333,13 @@ impl Registry {
         Ok(store)
     }
 
-    /// `rampart_redis_pool_*`: the Redis pool's connections, read at each scrape.
-    pub fn pool_collector(&self) -> PoolCollector {
-        PoolCollector(self.redis.clone())
+    /// The program's Redis client, when the configuration has one (health check, pool
+    /// gauges).
+    pub fn redis_client(&self) -> Option<Arc<RedisStore>> {
+        self.redis
+            .lock()
+            .ok()
+            .and_then(|r| r.as_ref().map(|(_, s)| s.clone()))
     }
 
     /// Whether a Redis client is configured (policies with `store: redis`).
@@ -790,6 +739,36 @@ mod tests {
         assert_eq!(p.fallback_limits.points, 3);
         assert_eq!(ceil_secs(Duration::from_millis(1)), 1);
         assert_eq!(ceil_secs(Duration::from_secs(2)), 2);
+    }
+
+    fn config_with(policies: &str) -> Config {
+        let yaml = format!(
+            "listeners:\n  - name: l\n    listen: 127.0.0.1:0\n    routes: [{{upstream: u}}]\nupstreams:\n  u:\n    endpoints: [\"http://127.0.0.1:1\"]\nrate_limits:\n{policies}"
+        );
+        crate::config::parse_str(&yaml, "t.yaml", &|_| None).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_the_counts_of_the_names_it_keeps() {
+        let mut reg = PromRegistry::default();
+        let registry = Registry::new(Metrics::register(&mut reg));
+        let one = "  a: { points: 1, store: memory }\n  b: { points: 1, store: memory }\n";
+        let policies = registry.update(&config_with(one)).unwrap();
+        for name in ["a", "b"] {
+            assert!(policies[name].decide("k").await.0.unwrap().allowed);
+        }
+        // Same names, another limit for a: its count is kept (and now allows one more).
+        let two = "  a: { points: 2, store: memory }\n  b: { points: 1, store: memory }\n";
+        let policies = registry.update(&config_with(two)).unwrap();
+        assert!(policies["a"].decide("k").await.0.unwrap().allowed);
+        assert!(!policies["a"].decide("k").await.0.unwrap().allowed);
+        assert!(!policies["b"].decide("k").await.0.unwrap().allowed);
+        // A name dropped and added back starts afresh.
+        registry
+            .update(&config_with("  a: { points: 2, store: memory }\n"))
+            .unwrap();
+        let policies = registry.update(&config_with(two)).unwrap();
+        assert!(policies["b"].decide("k").await.0.unwrap().allowed);
     }
 
     #[tokio::test]

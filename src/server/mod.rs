@@ -121,6 +121,7 @@ impl Server {
             max_headers: config.max_headers,
             first_request_wait: config.header_read_timeout.min(FIRST_REQUEST_WAIT),
             open: open.clone(),
+            health_path: config.health_path.as_deref().map(Arc::from),
         };
         let slots = Arc::new(Semaphore::new(config.max_connections));
         tokio::spawn(acceptor.run(listener, slots, phase_rx));
@@ -180,6 +181,8 @@ struct Acceptor {
     max_headers: usize,
     first_request_wait: Duration,
     open: Arc<AtomicUsize>,
+    /// `health_path`: answered here, before the pipeline (no route, no rate limit).
+    health_path: Option<Arc<str>>,
 }
 
 impl Acceptor {
@@ -265,6 +268,7 @@ impl Acceptor {
         let conn_state = Arc::new(ConnState::new(phase.clone()));
         let ctx = self.ctx.clone();
         let state = conn_state.clone();
+        let health_path = self.health_path.clone();
         let svc = service_fn(move |mut req: Request<Incoming>| {
             state.request_seen();
             if state.closing.load(Ordering::Relaxed) {
@@ -281,7 +285,14 @@ impl Acceptor {
             let upgrading = (h1
                 && (req.method() == Method::CONNECT || req.headers().contains_key(UPGRADE)))
             .then(|| verdicts.clone());
+            let health = health_path.as_deref().is_some_and(|p| {
+                req.uri().path() == p && matches!(*req.method(), Method::GET | Method::HEAD)
+            });
             async move {
+                if health {
+                    let resp = crate::health::listener_health_response(&ctx.shared);
+                    return Ok::<_, Infallible>(finale::track(resp, request, &state.phase));
+                }
                 let resp = pipeline::handle(ctx, peer, req, framing_ok).await;
                 if let Some(v) = upgrading
                     && resp.status() == StatusCode::SWITCHING_PROTOCOLS

@@ -16,6 +16,7 @@ fn bin() -> Command {
         "RAMPART_WORKERS",
         "FASTGPT_URL",
         "RAMPART_LOG",
+        "RAMPART_ADMIN_LISTEN",
         "RUST_LOG",
     ] {
         c.env_remove(var);
@@ -86,6 +87,12 @@ fn the_shipped_config_is_the_users_topology() {
         "http://127.0.0.1:3001/"
     );
     assert_eq!(cfg.admin.listen.to_string(), "127.0.0.1:9901");
+    // Readiness follows the backend's own /health.
+    let hc = cfg.upstreams["backend"].resilience.health_check.as_ref();
+    assert_eq!(
+        hc.map(|h| (h.path.as_str(), h.check.critical)),
+        Some(("/health", true))
+    );
     // The alerts written out are exactly the defaults.
     assert_eq!(cfg.alerts, rampart::config::AlertsConfig::default());
     // FASTGPT_URL overrides the stand-in default.
@@ -190,8 +197,23 @@ async fn demo_serves_json_and_sse_from_the_shipped_config_then_exits_0_on_sigter
     let resp = send_streaming(&http1(), get(fastgpt, "/api/v1/chat/completions")).await;
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     drop(resp);
-    let (resp, _) = send(&http1(), get(admin, "/readyz")).await;
+    // Ready once the backend's health check (proxy.yaml) has passed: its first run is at
+    // start, so within moments.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (resp, body) = send(&http1(), get(admin, "/readyz")).await;
+        if resp.status() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready: {body:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (resp, body) = send(&http1(), get(admin, "/health")).await;
     assert_eq!(resp.status(), 200);
+    assert!(
+        String::from_utf8_lossy(&body).contains("\"upstream:backend\":{\"status\":\"healthy\""),
+        "{body:?}"
+    );
 
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

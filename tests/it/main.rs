@@ -6,6 +6,7 @@ mod cli;
 mod config;
 mod drain;
 mod h2;
+mod health;
 mod metrics;
 mod proxy;
 mod ratelimit;

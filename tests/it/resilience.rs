@@ -286,3 +286,45 @@ async fn load_is_shed_with_503_overloaded_instead_of_queued() {
         px.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn a_stream_that_goes_silent_counts_as_a_failure_but_a_client_leaving_does_not() {
+    let up = Upstream::start().await;
+    let yaml = config(
+        &[up.url()],
+        "    circuit_breaker: { failures: 2, open_for: 30s }\n    retry: { attempts: 1 }",
+        "",
+    )
+    .replace(
+        "        upstream: up\n",
+        "        upstream: up\n        timeouts: { idle: 200ms }\n",
+    );
+    let px = start(&yaml).await;
+    let addr = px.addr("main").unwrap();
+    // Clients that leave mid-stream say nothing about the upstream.
+    for _ in 0..3 {
+        let resp = send_streaming(&http1(), get(addr, "/sse?n=20&gap=50")).await;
+        assert_eq!(resp.status(), 200);
+        drop(resp);
+    }
+    assert_eq!(status_of(addr, "/ok").await.0, 200, "still closed");
+    // Two responses whose upstream goes silent mid-body open it.
+    for _ in 0..2 {
+        let resp = send_streaming(&http1(), get(addr, "/stall?after=10")).await;
+        assert_eq!(resp.status(), 200);
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            http_body_util::BodyExt::collect(resp.into_body()),
+        )
+        .await
+        .unwrap();
+        assert!(r.is_err(), "the silent stream is cut");
+    }
+    let (status, body, _) = status_of(addr, "/ok").await;
+    assert_eq!(
+        (status, json_field(&body, "code")),
+        (503, Some("CIRCUIT_OPEN")),
+        "{body}"
+    );
+    px.shutdown().await;
+}

@@ -2,6 +2,7 @@
 
 pub mod load;
 pub mod logs;
+pub mod postgres;
 pub mod process;
 pub mod redis;
 pub mod upstream;

@@ -40,7 +40,10 @@ fn missing(test: &str, what: &str) -> Option<RedisServer> {
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("{test}: {what}, and CI=true: install redis-server (.ci/run does)");
     }
-    eprintln!(
+    // Straight to stderr: libtest captures eprintln! of passing tests, and a skip must show.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
         "\n**** SKIPPED {test}: {what} (install redis-server or set RAMPART_TEST_REDIS_URL) ****\n"
     );
     None

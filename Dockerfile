@@ -1,0 +1,25 @@
+# rampart: build in the Rust image, run on a slim Debian with the CA store (https upstreams).
+# docker build -t rampart . && docker run -p 8080:8080 -p 9901:9901 rampart
+FROM rust:1.88-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY tests ./tests
+RUN cargo build --release --locked --bin rampart
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 rampart
+COPY --from=build /src/target/release/rampart /usr/local/bin/rampart
+COPY proxy.yaml /etc/rampart/proxy.yaml
+USER rampart
+# 8080 inbound, 8081 the app's egress to FastGPT, 9901 admin (probes, /metrics).
+EXPOSE 8080 8081 9901
+ENV RAMPART_CONFIG=/etc/rampart/proxy.yaml \
+    RAMPART_ADMIN_LISTEN=0.0.0.0:9901
+# SIGTERM drains (readiness off, grace, stop accepting, finish in flight); see README.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/rampart"]
+CMD ["run"]

@@ -1,0 +1,768 @@
+//! Health of what rampart depends on: Postgres, Redis, memory, and every upstream with a
+//! `health_check`. Each check is a background task on its own interval and timeout, fed
+//! through a consecutive success/failure [`counter`]; its latest result is cached in a slot
+//! that `/health`, `/readyz` and the metrics read. A request never runs a probe, so no number
+//! of probe calls reaches a dependency, and a slow check never delays another one.
+//!
+//! The checks follow the configuration: a reload keeps the slots (and so the verdicts) of
+//! checks it keeps, restarts the tasks of checks whose settings changed, and drops the rest.
+//! The tasks stop at the end of a drain (`Shared.background`); the Postgres pool is closed
+//! after them (`close_pools`).
+
+pub mod aggregate;
+pub mod counter;
+pub mod memory;
+pub mod postgres;
+pub mod redis;
+pub mod upstream;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::config::{CheckConfig, Config, MemoryCheck, PostgresDependency, UpstreamConfig};
+use crate::proxy::Shared;
+use crate::reload::KeyedState;
+use counter::{Counter, Transition, Verdict};
+
+/// Share of the interval by which each wait is jittered, so replicas (and the endpoints of
+/// one upstream) do not probe in step.
+const JITTER: f64 = 0.1;
+
+// === what a check reports ===
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Healthy,
+    /// Passing with a warning (memory or connections above their threshold), or a
+    /// non-critical check failing (only in the aggregate).
+    Degraded,
+    Unhealthy,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Healthy => "healthy",
+            Status::Degraded => "degraded",
+            Status::Unhealthy => "unhealthy",
+        }
+    }
+
+    /// The gauge value: 2 healthy, 1 degraded, 0 unhealthy.
+    pub fn as_gauge(self) -> i64 {
+        match self {
+            Status::Healthy => 2,
+            Status::Degraded => 1,
+            Status::Unhealthy => 0,
+        }
+    }
+}
+
+/// A value in a check's JSON report.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Str(String),
+    Int(i64),
+    /// Written with one decimal.
+    Num(f64),
+    Bool(bool),
+    Object(Vec<(String, Value)>),
+}
+
+/// What one probe found.
+#[derive(Debug, Clone, Default)]
+pub struct Probe {
+    pub ok: bool,
+    /// Passing but above a warning threshold: the check reads degraded.
+    pub warning: Option<String>,
+    pub error: Option<String>,
+    /// Check-specific fields (role, connections_used_pct, ...).
+    pub details: Vec<(&'static str, Value)>,
+}
+
+impl Probe {
+    pub fn failed(error: impl Into<String>) -> Probe {
+        Probe {
+            ok: false,
+            error: Some(error.into()),
+            ..Probe::default()
+        }
+    }
+}
+
+/// The cached state of one probed thing: what `/health` shows.
+#[derive(Debug, Clone)]
+pub struct View {
+    pub verdict: Verdict,
+    pub status: Status,
+    pub latency: Option<Duration>,
+    /// Why the last probe failed (shown while it keeps failing), or the warning.
+    pub error: Option<String>,
+    pub details: Vec<(&'static str, Value)>,
+    pub checked_at: Option<Instant>,
+    /// Consecutive failed probes.
+    pub failures: u32,
+}
+
+impl View {
+    fn pending() -> View {
+        View {
+            verdict: Verdict::Unknown,
+            status: Status::Unhealthy,
+            latency: None,
+            error: Some("not checked yet".into()),
+            details: Vec::new(),
+            checked_at: None,
+            failures: 0,
+        }
+    }
+}
+
+pub type Slot = Arc<ArcSwap<View>>;
+
+fn new_slot() -> Slot {
+    Arc::new(ArcSwap::from_pointee(View::pending()))
+}
+
+/// One named check (`postgres`, `redis`, `memory`, `upstream:<name>`) and its cached
+/// results: one slot, or one per endpoint for an upstream.
+pub struct Check {
+    pub name: String,
+    pub critical: bool,
+    pub slots: Vec<(String, Slot)>,
+}
+
+impl Check {
+    /// The check's own status: an upstream is healthy when every endpoint is, degraded
+    /// when some are, unhealthy when none is.
+    pub fn status(&self) -> Status {
+        let statuses: Vec<Status> = self.slots.iter().map(|(_, s)| s.load().status).collect();
+        aggregate::combine_endpoints(&statuses)
+    }
+}
+
+// === metrics ===
+
+type CheckLabels = Vec<(&'static str, String)>;
+
+#[derive(Clone)]
+pub struct HealthMetrics {
+    status: Family<CheckLabels, Gauge>,
+    overall: Gauge,
+    latency: Family<CheckLabels, Histogram, fn() -> Histogram>,
+    transitions: Family<CheckLabels, prometheus_client::metrics::counter::Counter>,
+}
+
+impl HealthMetrics {
+    /// `rampart_health_*`, and the pool gauges (`rampart_pool_*`) read at scrape time.
+    pub fn register(registry: &mut Registry, pools: &Arc<PoolSources>) -> HealthMetrics {
+        fn latency_histogram() -> Histogram {
+            Histogram::new([
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ])
+        }
+        let m = HealthMetrics {
+            status: Family::default(),
+            overall: Gauge::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            transitions: Family::default(),
+        };
+        let reg = registry.sub_registry_with_prefix("health");
+        reg.register(
+            "check_status",
+            "Status of each check: 2 healthy, 1 degraded, 0 unhealthy",
+            m.status.clone(),
+        );
+        reg.register(
+            "status",
+            "Aggregate status as /health reports it: 2 healthy, 1 degraded, 0 unhealthy",
+            m.overall.clone(),
+        );
+        reg.register(
+            "check_duration_seconds",
+            "Duration of each probe, timeouts included",
+            m.latency.clone(),
+        );
+        // No `_total` suffix: the encoder adds it to counters.
+        reg.register(
+            "check_transitions",
+            "Verdict changes of each check, by the verdict entered (up|down)",
+            m.transitions.clone(),
+        );
+        registry.register_collector(Box::new(postgres::PoolCollector(pools.clone())));
+        m
+    }
+
+    fn labels(check: &str) -> CheckLabels {
+        vec![("check", check.to_owned())]
+    }
+}
+
+// === the registry of checks ===
+
+/// Where the pool gauges come from at scrape time: the health-check Postgres pool, and the
+/// program's Redis client (owned by the rate limiter registry, reached through `Shared`).
+#[derive(Default)]
+pub struct PoolSources {
+    postgres: Mutex<Option<Arc<postgres::PgPool>>>,
+    shared: OnceLock<Weak<Shared>>,
+}
+
+impl std::fmt::Debug for PoolSources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PoolSources")
+    }
+}
+
+impl PoolSources {
+    fn postgres(&self) -> Option<Arc<postgres::PgPool>> {
+        self.postgres
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn redis(&self) -> Option<Arc<crate::ratelimit::fallback::RedisStore>> {
+        let shared = self.shared.get()?.upgrade()?;
+        shared.limiters.redis_client()
+    }
+}
+
+/// What started a check; a reload restarts it when this changes.
+#[derive(Clone, PartialEq)]
+enum Spec {
+    Postgres(PostgresDependency),
+    Redis(CheckConfig),
+    Memory(MemoryCheck),
+    Upstream(Box<UpstreamConfig>),
+}
+
+struct Running {
+    check: Arc<Check>,
+    spec: Spec,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+pub struct Health {
+    started: Instant,
+    metrics: HealthMetrics,
+    pools: Arc<PoolSources>,
+    /// What `/health` reads: a list swapped whole, so a request never waits on a lock.
+    checks: ArcSwap<Vec<Arc<Check>>>,
+    running: Mutex<BTreeMap<String, Running>>,
+    /// Set once the drain has stopped the checks: a late reload starts nothing.
+    stopped: std::sync::atomic::AtomicBool,
+    /// The alert signals: each Postgres probe counts as a database query there
+    /// (`db_error_rate`).
+    signals: OnceLock<Arc<crate::alert::signals::Signals>>,
+}
+
+impl Health {
+    pub fn new(metrics: HealthMetrics, pools: Arc<PoolSources>) -> Health {
+        Health {
+            started: Instant::now(),
+            metrics,
+            pools,
+            checks: ArcSwap::from_pointee(Vec::new()),
+            running: Mutex::new(BTreeMap::new()),
+            stopped: std::sync::atomic::AtomicBool::new(false),
+            signals: OnceLock::new(),
+        }
+    }
+
+    /// Starts the checks of `config` and registers their stop with the drain.
+    pub fn start(self: &Arc<Self>, shared: &Arc<Shared>, config: &Config) {
+        let _ = self.pools.shared.set(Arc::downgrade(shared));
+        let _ = self.signals.set(shared.alerts.signals.clone());
+        self.apply(config);
+        let health = self.clone();
+        shared
+            .background
+            .spawn("health checks", move |mut stop| async move {
+                crate::server::stopped(&mut stop).await;
+                health.stop_all(Duration::from_secs(1)).await;
+            });
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The checks as they are now, in name order.
+    pub fn checks(&self) -> Arc<Vec<Arc<Check>>> {
+        self.checks.load_full()
+    }
+
+    /// Sets the aggregate gauge; called by `/health` and after every probe.
+    fn publish_overall(&self) {
+        let summary = aggregate::summarize(&self.checks());
+        self.metrics.overall.set(summary.status.as_gauge());
+    }
+
+    /// Starts, restarts and stops checks to match `config`; results of checks kept (by
+    /// name) are kept.
+    fn apply(&self, config: &Config) {
+        if self.stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let Some(shared) = self.pools.shared.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        let mut wanted: BTreeMap<String, (Spec, CheckConfig, Vec<String>)> = BTreeMap::new();
+        let deps = &config.dependencies;
+        if let Some(pg) = &deps.postgres {
+            wanted.insert(
+                "postgres".into(),
+                (
+                    Spec::Postgres(pg.clone()),
+                    pg.check.clone(),
+                    vec![String::new()],
+                ),
+            );
+        }
+        if let Some(c) = &deps.redis
+            && config.redis.is_some()
+        {
+            wanted.insert(
+                "redis".into(),
+                (Spec::Redis(c.clone()), c.clone(), vec![String::new()]),
+            );
+        }
+        if let Some(m) = &deps.memory {
+            wanted.insert(
+                "memory".into(),
+                (
+                    Spec::Memory(m.clone()),
+                    m.check.clone(),
+                    vec![String::new()],
+                ),
+            );
+        }
+        for u in config.upstreams.values() {
+            if let Some(hc) = &u.resilience.health_check {
+                let urls = u.endpoints.iter().map(|e| e.to_string()).collect();
+                wanted.insert(
+                    format!("upstream:{}", u.name),
+                    (Spec::Upstream(Box::new(u.clone())), hc.check.clone(), urls),
+                );
+            }
+        }
+
+        let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        // Stop what is gone or changed; keep the slots of what changed.
+        let mut kept_slots: BTreeMap<String, Vec<(String, Slot)>> = BTreeMap::new();
+        let names: Vec<String> = running.keys().cloned().collect();
+        for name in names {
+            let same = wanted
+                .get(&name)
+                .is_some_and(|(spec, _, _)| running.get(&name).is_some_and(|r| &r.spec == spec));
+            if same {
+                continue;
+            }
+            if let Some(r) = running.remove(&name) {
+                r.stop.send_replace(true);
+                // Their tasks see the flag at their next wait; a probe in flight is cut.
+                for t in &r.tasks {
+                    t.abort();
+                }
+                if let Spec::Upstream(u) = &r.spec {
+                    let still_checked = wanted.contains_key(&name);
+                    upstream::forget(&shared, u, still_checked);
+                }
+                if !wanted.contains_key(&name) {
+                    self.metrics.status.remove(&HealthMetrics::labels(&name));
+                }
+                kept_slots.insert(name, r.check.slots.clone());
+            }
+        }
+        if !wanted.contains_key("postgres") {
+            *self
+                .pools
+                .postgres
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = None;
+        }
+        for (name, (spec, cfg, keys)) in wanted {
+            if running.contains_key(&name) {
+                continue;
+            }
+            let old = kept_slots.remove(&name).unwrap_or_default();
+            let slots: Vec<(String, Slot)> = keys
+                .into_iter()
+                .map(|k| {
+                    let slot = old
+                        .iter()
+                        .find(|(key, _)| *key == k)
+                        .map(|(_, s)| s.clone())
+                        .unwrap_or_else(new_slot);
+                    (k, slot)
+                })
+                .collect();
+            let check = Arc::new(Check {
+                name: name.clone(),
+                critical: cfg.critical,
+                slots,
+            });
+            let (stop, stop_rx) = watch::channel(false);
+            let tasks = self.spawn_check(&shared, &check, &spec, &cfg, &stop_rx);
+            running.insert(
+                name,
+                Running {
+                    check,
+                    spec,
+                    stop,
+                    tasks,
+                },
+            );
+        }
+        let list: Vec<Arc<Check>> = running.values().map(|r| r.check.clone()).collect();
+        self.checks.store(Arc::new(list));
+        drop(running);
+        self.publish_overall();
+    }
+
+    fn spawn_check(
+        &self,
+        shared: &Arc<Shared>,
+        check: &Arc<Check>,
+        spec: &Spec,
+        cfg: &CheckConfig,
+        stop: &watch::Receiver<bool>,
+    ) -> Vec<JoinHandle<()>> {
+        let ctx = |slot: &Slot| Runner {
+            name: check.name.clone(),
+            cfg: cfg.clone(),
+            slot: slot.clone(),
+            stop: stop.clone(),
+            metrics: self.metrics.clone(),
+            health: Arc::downgrade(&shared.health),
+        };
+        let Some((_, first)) = check.slots.first() else {
+            return Vec::new();
+        };
+        match spec {
+            Spec::Postgres(pg) => {
+                let (pg, pools, first) = (pg.clone(), self.pools.clone(), first.clone());
+                let runner = ctx(&first);
+                vec![tokio::spawn(async move {
+                    // Building the pool may read the trust store (TLS): off the runtime.
+                    let built = tokio::task::spawn_blocking({
+                        let pg = pg.clone();
+                        move || postgres::PgPool::new(&pg)
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r);
+                    let pool = match built {
+                        Ok(p) => Arc::new(p),
+                        Err(e) => {
+                            // Validation accepted the URL, so this is unexpected: show it.
+                            first.store(Arc::new(View {
+                                error: Some(e),
+                                ..View::pending()
+                            }));
+                            return;
+                        }
+                    };
+                    *pools
+                        .postgres
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = Some(pool.clone());
+                    let warn = pg.warn_connections_above;
+                    runner
+                        .run(
+                            move || {
+                                let pool = pool.clone();
+                                async move { pool.probe(warn).await }
+                            },
+                            |_| {},
+                        )
+                        .await;
+                })]
+            }
+            Spec::Redis(_) => {
+                let pools = self.pools.clone();
+                let timeout = cfg.timeout;
+                vec![tokio::spawn(ctx(first).run(
+                    move || {
+                        let store = pools.redis();
+                        async move {
+                            match store {
+                                Some(s) => redis::probe(&s.redis, timeout).await,
+                                None => Probe::failed("no Redis client configured"),
+                            }
+                        }
+                    },
+                    |_| {},
+                ))]
+            }
+            Spec::Memory(m) => {
+                let warn = m.warn_above;
+                vec![tokio::spawn(
+                    ctx(first).run(move || async move { memory::probe(warn) }, |_| {}),
+                )]
+            }
+            Spec::Upstream(u) => upstream::spawn(shared, u, &check.slots, ctx),
+        }
+    }
+
+    /// Stops every check and waits for them at most `wait`.
+    async fn stop_all(&self, wait: Duration) {
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let all: Vec<Running> = {
+            let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+            std::mem::take(&mut *running).into_values().collect()
+        };
+        let deadline = Instant::now() + wait;
+        for r in all {
+            r.stop.send_replace(true);
+            for mut t in r.tasks {
+                if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+                    t.abort();
+                }
+            }
+        }
+    }
+
+    /// Closes the Postgres pool (after the checks stopped): its idle connections end, and
+    /// their sessions with them.
+    pub async fn close_pools(&self) {
+        let pool = self
+            .pools
+            .postgres
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(pool) = pool {
+            pool.close().await;
+        }
+    }
+}
+
+impl KeyedState for Health {
+    fn reconcile(&self, config: &Config) {
+        self.apply(config);
+    }
+}
+
+// === the probe loop ===
+
+/// Runs one probed thing: probe, count, publish, wait; until stopped.
+pub(crate) struct Runner {
+    pub name: String,
+    pub cfg: CheckConfig,
+    pub slot: Slot,
+    pub stop: watch::Receiver<bool>,
+    pub metrics: HealthMetrics,
+    pub health: Weak<Health>,
+}
+
+impl Runner {
+    /// `probe` makes one probe; the runner bounds it by the check's timeout. `on_change` is
+    /// called on every verdict change (upstream endpoints use it to feed endpoint choice).
+    pub async fn run<P, Fut>(mut self, mut probe: P, mut on_change: impl FnMut(Transition))
+    where
+        P: FnMut() -> Fut,
+        Fut: Future<Output = Probe>,
+    {
+        // A restarted check (reload) goes on from the verdict it had.
+        let previous = self.slot.load().verdict;
+        let mut counter = Counter::new(previous, self.cfg.unhealthy_after, self.cfg.healthy_after);
+        let labels = HealthMetrics::labels(&self.name);
+        loop {
+            if *self.stop.borrow() {
+                return;
+            }
+            let started = Instant::now();
+            let result = match tokio::time::timeout(self.cfg.timeout, probe()).await {
+                Ok(p) => p,
+                Err(_) => Probe::failed(format!(
+                    "no answer within {}",
+                    humantime::format_duration(self.cfg.timeout)
+                )),
+            };
+            let latency = started.elapsed();
+            self.metrics
+                .latency
+                .get_or_create(&labels)
+                .observe(latency.as_secs_f64());
+            let transition = counter.record(result.ok);
+            if self.name == "postgres"
+                && let Some(s) = self.health.upgrade().and_then(|h| h.signals.get().cloned())
+            {
+                s.db_query(result.ok);
+            }
+            let view = view_of(&counter, result, latency, started);
+            if let Some(t) = transition {
+                self.log_transition(t, &view);
+                let to = match t {
+                    Transition::Up => "up",
+                    Transition::Down => "down",
+                };
+                let mut l = labels.clone();
+                l.push(("to", to.to_owned()));
+                self.metrics.transitions.get_or_create(&l).inc();
+                on_change(t);
+            }
+            self.slot.store(Arc::new(view));
+            if let Some(h) = self.health.upgrade() {
+                let check = h.checks().iter().find(|c| c.name == self.name).cloned();
+                if let Some(c) = check {
+                    self.metrics
+                        .status
+                        .get_or_create(&labels)
+                        .set(c.status().as_gauge());
+                }
+                h.publish_overall();
+            }
+            let wait = crate::jitter::spread(self.cfg.interval, JITTER);
+            tokio::select! {
+                _ = tokio::time::sleep_until(started + wait) => {}
+                _ = crate::server::stopped(&mut self.stop) => return,
+            }
+        }
+    }
+
+    fn log_transition(&self, t: Transition, view: &View) {
+        // The endpoint for upstream checks; a dependency is its check's name.
+        let key = self.slot_key();
+        let what = if key.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{} {key}", self.name)
+        };
+        match t {
+            Transition::Down => tracing::warn!(
+                check = %what,
+                critical = self.cfg.critical,
+                error = view.error.as_deref().unwrap_or(""),
+                "health check DOWN"
+            ),
+            Transition::Up => tracing::info!(check = %what, "health check UP"),
+        }
+    }
+
+    /// The endpoint URL for upstream checks; empty otherwise.
+    fn slot_key(&self) -> String {
+        self.health
+            .upgrade()
+            .and_then(|h| {
+                h.checks()
+                    .iter()
+                    .find(|c| c.name == self.name)
+                    .and_then(|c| {
+                        c.slots
+                            .iter()
+                            .find(|(_, s)| Arc::ptr_eq(s, &self.slot))
+                            .map(|(k, _)| k.clone())
+                    })
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// The slot's new content after one probe.
+fn view_of(counter: &Counter, probe: Probe, latency: Duration, at: Instant) -> View {
+    let verdict = counter.verdict();
+    let status = match verdict {
+        Verdict::Up if probe.ok && probe.warning.is_some() => Status::Degraded,
+        Verdict::Up => Status::Healthy,
+        Verdict::Down | Verdict::Unknown => Status::Unhealthy,
+    };
+    View {
+        verdict,
+        status,
+        latency: Some(latency),
+        error: if probe.ok { probe.warning } else { probe.error },
+        details: probe.details,
+        checked_at: Some(at),
+        failures: counter.failures(),
+    }
+}
+
+/// An error and its causes, each once ("error connecting to server: Connection refused").
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+// === the probe endpoints (admin listener) ===
+
+/// `/health`: the cached aggregate as JSON; 200 unless a critical check is unhealthy.
+pub fn health_response(shared: &Shared) -> (http::StatusCode, String) {
+    let h = &shared.health;
+    let draining = shared.draining.load(std::sync::atomic::Ordering::Relaxed);
+    let (summary, body) = aggregate::render(&h.checks(), h.uptime(), draining);
+    h.metrics.overall.set(summary.status.as_gauge());
+    let code = if summary.status == Status::Unhealthy {
+        http::StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        http::StatusCode::OK
+    };
+    (code, body)
+}
+
+/// `/readyz`: ready when not draining and no critical check is unhealthy. The body names
+/// what is wrong.
+pub fn ready_response(shared: &Shared) -> (http::StatusCode, String) {
+    if shared.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        return (http::StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
+    }
+    let summary = aggregate::summarize(&shared.health.checks());
+    if summary.ready() {
+        (http::StatusCode::OK, "ready\n".into())
+    } else {
+        (
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: {} unhealthy\n",
+                summary.failing_critical.join(", ")
+            ),
+        )
+    }
+}
+
+/// `health_path` on a traffic listener: the `/health` JSON, and 503 while draining as well,
+/// since a load balancer that only sees this port has no `/readyz` to stop on.
+pub fn listener_health_response(shared: &Shared) -> http::Response<crate::proxy::body::ProxyBody> {
+    let (mut code, body) = health_response(shared);
+    if shared.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        code = http::StatusCode::SERVICE_UNAVAILABLE;
+    }
+    let mut resp = http::Response::new(crate::proxy::body::ProxyBody::full(bytes::Bytes::from(
+        body,
+    )));
+    *resp.status_mut() = code;
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    resp
+}

@@ -1,0 +1,180 @@
+//! Active checks of an upstream's endpoints: `GET <path>` on each endpoint on its own
+//! (jittered) interval; a 2xx within the timeout is a success. Each endpoint has its own
+//! counter (`unhealthy_after` failures in a row take it out, `healthy_after` successes bring
+//! it back), and its verdict is written on the endpoint's state, which `Upstream::pick`
+//! reads: an endpoint that fails its checks is skipped like an ejected one.
+//!
+//! Probes use their own connections (a private copy of the upstream's endpoints), so they
+//! never take a pooled connection from traffic nor leave one in a state traffic would see.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use http::{HeaderValue, Method, Request, Uri, header};
+use http_body_util::BodyExt;
+use tokio::task::{JoinHandle, JoinSet};
+
+use super::counter::Transition;
+use super::{Probe, Runner, Slot, Value, View};
+use crate::config::UpstreamConfig;
+use crate::proxy::Shared;
+use crate::proxy::body::RequestBody;
+use crate::proxy::forward::{self, Timers, Upstream};
+use crate::proxy::resilience::UpstreamStates;
+
+/// A health endpoint answers in a few bytes; more is read and dropped up to here, then the
+/// connection is dropped rather than read on.
+const MAX_BODY: usize = 64 * 1024;
+
+/// One task for the upstream, which runs one runner per endpoint.
+pub(super) fn spawn(
+    shared: &Arc<Shared>,
+    cfg: &UpstreamConfig,
+    slots: &[(String, Slot)],
+    runner: impl Fn(&Slot) -> Runner,
+) -> Vec<JoinHandle<()>> {
+    let Some(hc) = cfg.resilience.health_check.clone() else {
+        return Vec::new();
+    };
+    let path: Uri = match hc.path.parse() {
+        Ok(p) => p,
+        Err(_) => {
+            fail_all(slots, format!("invalid health check path {}", hc.path));
+            return Vec::new();
+        }
+    };
+    let runners: Vec<Runner> = slots.iter().map(|(_, s)| runner(s)).collect();
+    let slots = slots.to_vec();
+    let states = shared.upstream_states.clone();
+    let cfg = cfg.clone();
+    vec![tokio::spawn(async move {
+        let upstream = match build(&cfg, &states).await {
+            Ok(u) => Arc::new(u),
+            Err(e) => {
+                fail_all(&slots, e);
+                return;
+            }
+        };
+        let connect = cfg.connect_timeout.min(hc.check.timeout);
+        let mut set = JoinSet::new();
+        for (i, r) in runners.into_iter().enumerate() {
+            let (u, path) = (upstream.clone(), path.clone());
+            let (u2, timeout) = (upstream.clone(), hc.check.timeout);
+            set.spawn(r.run(
+                move || {
+                    let (u, path) = (u.clone(), path.clone());
+                    async move { probe(&u, i, path, connect, timeout).await }
+                },
+                move |t| {
+                    if let Some(ep) = u2.endpoints.get(i) {
+                        ep.state
+                            .active_ok
+                            .store(t == Transition::Up, Ordering::Relaxed);
+                    }
+                },
+            ));
+        }
+        while set.join_next().await.is_some() {}
+    })]
+}
+
+/// A private copy of the upstream: its own pools, the shared endpoint state.
+async fn build(cfg: &UpstreamConfig, states: &UpstreamStates) -> Result<Upstream, String> {
+    let https = cfg
+        .endpoints
+        .iter()
+        .any(|e| e.scheme() == Some(&http::uri::Scheme::HTTPS));
+    let tls = if https {
+        let ca = cfg.tls_ca_file.clone();
+        // Loading the trust store reads (and parses) files: not on the runtime.
+        tokio::task::spawn_blocking(move || forward::tls_config(ca.as_deref()))
+            .await
+            .map_err(|e| e.to_string())??
+    } else {
+        // Never used by plain-http endpoints; saves the first check the store's load time.
+        unused_tls()?
+    };
+    Upstream::new(cfg, &tls, states, Default::default())
+}
+
+fn unused_tls() -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+fn fail_all(slots: &[(String, Slot)], error: String) {
+    for (_, s) in slots {
+        s.store(Arc::new(View {
+            error: Some(error.clone()),
+            ..View::pending()
+        }));
+    }
+}
+
+async fn probe(u: &Upstream, i: usize, path: Uri, connect: Duration, timeout: Duration) -> Probe {
+    let Some(ep) = u.endpoints.get(i) else {
+        return Probe::failed("endpoint gone");
+    };
+    let mut req = Request::new(RequestBody::Empty);
+    *req.method_mut() = Method::GET;
+    *req.uri_mut() = path;
+    let h = req.headers_mut();
+    h.insert(header::HOST, ep.pool.host_header.clone());
+    h.insert(
+        header::USER_AGENT,
+        HeaderValue::from_static(concat!("rampart-health/", env!("CARGO_PKG_VERSION"))),
+    );
+    let timers = Timers {
+        connect,
+        first_byte: timeout,
+        deadline: None,
+    };
+    let resp = match forward::send(&u.name, ep, req, &timers).await {
+        Ok(r) => r,
+        Err(e) => return Probe::failed(e.error.to_string()),
+    };
+    let status = resp.status();
+    let mut body = resp.into_body();
+    let mut read = 0;
+    while read <= MAX_BODY {
+        match body.frame().await {
+            Some(Ok(f)) => read += f.data_ref().map_or(0, |d| d.len()),
+            Some(Err(e)) => return Probe::failed(format!("body cut short: {e}")),
+            None => break,
+        }
+    }
+    let details = vec![("http_status", Value::Int(i64::from(status.as_u16())))];
+    if status.is_success() {
+        Probe {
+            ok: true,
+            details,
+            ..Probe::default()
+        }
+    } else {
+        Probe {
+            details,
+            ..Probe::failed(format!("answered {status}"))
+        }
+    }
+}
+
+/// The check of `cfg` stopped: unless it is restarted, its verdicts no longer steer traffic.
+pub(super) fn forget(shared: &Shared, cfg: &UpstreamConfig, restarted: bool) {
+    if restarted {
+        return;
+    }
+    if let Some(state) = shared.upstream_states.get(&cfg.name) {
+        for e in &cfg.endpoints {
+            state
+                .endpoint(&e.to_string())
+                .active_ok
+                .store(true, Ordering::Relaxed);
+        }
+    }
+}
