@@ -1,5 +1,5 @@
 //! `/admin/config`: the configuration in force, as JSON, with every secret redacted (the
-//! admin token, Redis URL credentials, webhook URLs). Durations are written the way the
+//! admin token, Redis and Postgres credentials, webhook URLs). Durations are written the way the
 //! file takes them ("30s", "5m").
 
 use std::time::Duration;
@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::config::{
-    Config, DrainMode, KeySource, LoadBalancing, LogFormat, RateLimitStore, RedisTarget, RetryOn,
-    redact_url,
+    CheckConfig, Config, DrainMode, KeySource, LoadBalancing, LogFormat, RateLimitStore,
+    RedisTarget, RetryOn, redact_url,
 };
 
 const REDACTED: &str = "[redacted]";
@@ -30,6 +30,38 @@ pub fn redact_redis_url(url: &str) -> String {
         Some((_, host)) => format!("redis://{REDACTED}@{host}"),
         None => url.to_owned(),
     }
+}
+
+/// `postgres://user:pw@h1,h2/db?password=x` or `host=h password=x`: credentials out.
+pub fn redact_postgres_url(url: &str) -> String {
+    let mut s = match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((_, hosts)) => format!("{scheme}://{REDACTED}@{hosts}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    };
+    // A password given as a parameter, in either form.
+    let mut from = 0;
+    while let Some(i) = s[from..].find("password=") {
+        let start = from + i + "password=".len();
+        let end = s[start..]
+            .find(|c: char| c == '&' || c.is_whitespace())
+            .map_or(s.len(), |e| start + e);
+        s.replace_range(start..end, REDACTED);
+        from = start + REDACTED.len();
+    }
+    s
+}
+
+fn check(c: &CheckConfig) -> Value {
+    json!({
+        "interval": d(c.interval),
+        "timeout": d(c.timeout),
+        "critical": c.critical,
+        "unhealthy_after": c.unhealthy_after,
+        "healthy_after": c.healthy_after,
+    })
 }
 
 pub fn to_json(c: &Config) -> Value {
@@ -92,6 +124,10 @@ pub fn to_json(c: &Config) -> Value {
                     "max_idle_per_endpoint": u.pool.max_idle_per_endpoint,
                 },
                 "tls": { "ca_file": u.tls_ca_file.as_ref().map(|p| p.display().to_string()) },
+                "health_check": r.health_check.as_ref().map(|h| json!({
+                    "path": h.path,
+                    "check": check(&h.check),
+                })),
                 "load_balancing": match r.load_balancing {
                     LoadBalancing::RoundRobin => "round_robin",
                     LoadBalancing::LeastOutstanding => "least_outstanding",
@@ -219,6 +255,26 @@ pub fn to_json(c: &Config) -> Value {
         "redis": redis,
         "replicas": c.replicas,
         "rate_limits": rate_limits,
+        "dependencies": {
+            "postgres": c.dependencies.postgres.as_ref().map(|p| json!({
+                "url": redact_postgres_url(&p.url),
+                "tls": { "ca_file": p.tls_ca_file.as_ref().map(|f| f.display().to_string()) },
+                "pool": {
+                    "min_idle": p.pool.min_idle,
+                    "max_size": p.pool.max_size,
+                    "connect_timeout": d(p.pool.connect_timeout),
+                    "idle_timeout": d(p.pool.idle_timeout),
+                    "max_lifetime": d(p.pool.max_lifetime),
+                },
+                "check": check(&p.check),
+                "warn_connections_above": format!("{}%", p.warn_connections_above * 100.0),
+            })),
+            "redis": c.dependencies.redis.as_ref().map(|r| json!({ "check": check(r) })),
+            "memory": c.dependencies.memory.as_ref().map(|m| json!({
+                "check": check(&m.check),
+                "warn_above": format!("{}%", m.warn_above * 100.0),
+            })),
+        },
         "drain": {
             "accept_grace": d(c.drain.accept_grace),
             "timeout": d(c.drain.timeout),
@@ -248,6 +304,22 @@ mod tests {
     }
 
     #[test]
+    fn postgres_credentials_are_redacted() {
+        assert_eq!(
+            redact_postgres_url("postgres://app:s3cret@db1:5432,db2:5432/app?sslmode=require"),
+            "postgres://[redacted]@db1:5432,db2:5432/app?sslmode=require"
+        );
+        assert_eq!(
+            redact_postgres_url("host=db1 user=app password=s3cret dbname=app"),
+            "host=db1 user=app password=[redacted] dbname=app"
+        );
+        assert_eq!(
+            redact_postgres_url("postgres://db1/app?password=s3cret&sslmode=disable"),
+            "postgres://db1/app?password=[redacted]&sslmode=disable"
+        );
+    }
+
+    #[test]
     fn secrets_never_appear() {
         let yaml = r#"
 admin: { listen: "127.0.0.1:0", token: "s3cr3t-admin-token-0123" }
@@ -258,13 +330,15 @@ listeners:
 upstreams:
   up: { endpoints: ["http://127.0.0.1:1"] }
 redis: { url: "redis://:hunter2@127.0.0.1:6379" }
+dependencies:
+  postgres: { url: "postgres://app:pgsecret@127.0.0.1:1/app" }
 alerts:
   sinks:
     - { type: slack, url: "https://hooks.example.com/services/T0/B0/XYZSECRET" }
 "#;
         let c = crate::config::parse_str(yaml, "t.yaml", &|_| None).unwrap();
         let text = to_json(&c).to_string();
-        for secret in ["s3cr3t", "hunter2", "XYZSECRET", "services/T0"] {
+        for secret in ["s3cr3t", "hunter2", "XYZSECRET", "services/T0", "pgsecret"] {
             assert!(!text.contains(secret), "{secret} leaked: {text}");
         }
         assert!(text.contains("hooks.example.com"), "{text}");
