@@ -768,3 +768,92 @@ async fn alert_rules_follow_a_reload() {
     );
     r.shutdown().await;
 }
+
+// === signals from the health checks ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_feed_database_memory_and_pool_signals() {
+    let test = "health_checks_feed_database_memory_and_pool_signals";
+    let Some(mut pg) = crate::support::postgres::PgServer::own(test).await else {
+        return;
+    };
+    let up = Upstream::start().await;
+    let extra = format!(
+        r#"
+dependencies:
+  postgres: {{ url: "{url}", check: {{ interval: 200ms, timeout: 1s }} }}
+  memory: {{ check: {{ interval: 200ms }} }}
+alerts:
+  interval: 1s
+  rules:
+    - {{ name: DbErrors, signal: db_error_rate, threshold: 1%, window: 3s, min_samples: 3, severity: critical }}
+    - {{ name: Memory, signal: memory_usage, threshold: 99% }}
+    - {{ name: Pool, signal: pool_usage, threshold: 99% }}
+"#,
+        url = pg.url
+    );
+    let r = support::start(&two_routes(&up.url(), closed_port().await, &extra)).await;
+    let alerts = |r: &Running| {
+        let admin = r.admin_addr;
+        async move {
+            let (_, body) = send(&http1(), get(admin, "/admin/alerts")).await;
+            serde_json::from_slice::<Value>(&body).unwrap()
+        }
+    };
+    let value = |v: &Value, rule: &str| {
+        v["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == rule)
+            .map(|r| r["value_text"].as_str().unwrap_or_default().to_owned())
+            .unwrap_or_default()
+    };
+    // Healthy: every signal has data, nothing fires.
+    assert_eventually!(
+        {
+            let v = alerts(&r).await;
+            ["DbErrors", "Memory", "Pool"]
+                .iter()
+                .all(|n| value(&v, n).ends_with('%'))
+        },
+        "signals without data: {}",
+        alerts(&r).await
+    );
+    let v = alerts(&r).await;
+    assert_eq!(value(&v, "DbErrors"), "0.0%", "{v}");
+    assert!(v["firing"].as_array().unwrap().is_empty(), "{v}");
+    let (_, body) = send(&http1(), get(r.admin_addr, "/admin/status")).await;
+    let s: Value = serde_json::from_slice(&body).unwrap();
+    let deps: Vec<&str> = s["dependencies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(deps, ["memory", "postgres"], "{s}");
+    assert!(
+        s["usage"]["memory"].as_f64().is_some_and(|m| m > 0.0),
+        "{s}"
+    );
+
+    // The database goes away: its probes fail, the database error rate fires.
+    pg.kill();
+    assert_eventually!(
+        alerts(&r).await["firing"][0]["alert"] == "DbErrors",
+        "DbErrors did not fire: {}",
+        alerts(&r).await
+    );
+    let (_, body) = send(&http1(), get(r.admin_addr, "/admin/status")).await;
+    let s: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(s["overall"]["status"], "critical", "{s}");
+    let pgdep = s["dependencies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "postgres")
+        .cloned()
+        .unwrap();
+    assert_eq!(pgdep["state"], "unhealthy", "{s}");
+    r.shutdown().await;
+}
