@@ -214,7 +214,7 @@ struct Inner {
     history: VecDeque<AlertEvent>,
     /// The firing alerts, as they started firing.
     active: Vec<AlertEvent>,
-    /// Each rule's current state for `/admin/alerts`.
+    /// When the rules were last evaluated (`/admin/alerts`).
     last_eval: Option<SystemTime>,
 }
 
