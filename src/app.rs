@@ -12,8 +12,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::admin::AdminCtx;
+use crate::alert::{AlertMetrics, Alerting};
 use crate::config::Config;
 use crate::health::{Health, HealthMetrics, PoolSources};
+use crate::metrics::http::HttpMetrics;
 use crate::proxy::resilience::{UpstreamMetrics, UpstreamStates};
 use crate::proxy::{Shared, Snapshot};
 use crate::reload::{self, ReloadMetrics, ReloadReport};
@@ -205,9 +207,19 @@ pub async fn start_with_file(config: Config, path: Option<PathBuf>) -> Result<Ru
         HealthMetrics::register(&mut registry, &pools),
         pools,
     ));
+    let http = HttpMetrics::register(&mut registry);
+    let alerts = Alerting::new(&config.alerts, AlertMetrics::register(&mut registry));
     let snapshot =
-        Snapshot::build(&config, &upstream_states, &limiters).map_err(StartError::Tls)?;
-    let shared = Shared::new(snapshot, registry, upstream_states, limiters, health);
+        Snapshot::build(&config, &upstream_states, &limiters, &http).map_err(StartError::Tls)?;
+    let shared = Shared::new(
+        snapshot,
+        registry,
+        upstream_states,
+        limiters,
+        health,
+        http,
+        alerts,
+    );
     let mut bound = Vec::new();
     for l in &config.listeners {
         let listener = server::bind(l.listen).map_err(|source| StartError::Bind {
@@ -239,6 +251,8 @@ pub async fn start_with_file(config: Config, path: Option<PathBuf>) -> Result<Ru
         .collect();
     tracing::info!(addr = %admin_addr, "admin listening");
     let admin_stop = spawn_admin(admin, &shared, &control);
+    spawn_sampler(&shared);
+    shared.alerts.spawn(&shared);
     let addrs: Addrs = Arc::new(Mutex::new(Vec::new()));
     let supervisor = Supervisor {
         shared: shared.clone(),
@@ -275,6 +289,25 @@ fn spawn_admin(
     });
     tokio::spawn(crate::admin::serve(listener, ctx, stop_rx));
     stop
+}
+
+/// Records the request counters every few seconds for the alert rules and the status page
+/// (as often as the rules are evaluated, when that is more often: a window must be able to
+/// move past what it saw).
+fn spawn_sampler(shared: &Arc<Shared>) {
+    let s = shared.clone();
+    shared
+        .background
+        .spawn("metrics-sampler", move |mut stop| async move {
+            loop {
+                s.record_sample();
+                let every = crate::metrics::series::SAMPLE_EVERY.min(s.alerts.interval());
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = crate::server::stopped(&mut stop) => return,
+                }
+            }
+        });
 }
 
 /// Runs until the drain that SIGTERM, SIGINT or `POST /admin/drain` starts is over. SIGHUP
@@ -375,6 +408,7 @@ impl Supervisor {
 
         // Step 1: readiness fails before anything else changes.
         self.shared.draining.store(true, Ordering::Relaxed);
+        self.shared.http.set_draining(true);
         self.retiring.retain(|s| !s.is_finished());
         let servers = self.servers.iter().chain(&self.retiring).cloned().collect();
         let drain = shutdown::drain(
@@ -440,7 +474,12 @@ impl Supervisor {
         // Building reads CA files and reconfigures the state kept by name (breakers, limiters)
         // for the names that remain.
         let snapshot = match tokio::task::spawn_blocking(move || {
-            Snapshot::build(&for_build, &shared.upstream_states, &shared.limiters)
+            Snapshot::build(
+                &for_build,
+                &shared.upstream_states,
+                &shared.limiters,
+                &shared.http,
+            )
         })
         .await
         {

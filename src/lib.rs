@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod alert;
 pub mod app;
 pub mod balance;
 pub mod breaker;

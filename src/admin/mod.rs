@@ -1,5 +1,12 @@
 //! The admin listener (127.0.0.1:9901 by default): probes, metrics and the admin API. Kept
 //! off the traffic ports so probes never compete with, or leak to, clients.
+//!
+//! `api.rs` has the JSON documents and the status page, `config_json.rs` the redacted
+//! configuration, `auth.rs` the optional bearer token.
+
+mod api;
+mod auth;
+mod config_json;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -54,6 +61,14 @@ pub async fn serve(listener: TcpListener, ctx: Arc<AdminCtx>, mut stop: watch::R
 
 async fn route(ctx: &AdminCtx, req: Request<Incoming>) -> Response<ProxyBody> {
     let shared = &ctx.shared;
+    if !auth::public(req.uri().path()) && !auth::authorized(shared, req.headers()) {
+        let mut resp = text(StatusCode::UNAUTHORIZED, "a bearer token is required\n");
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"rampart admin\""),
+        );
+        return resp;
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET | &Method::HEAD, "/livez") => text(StatusCode::OK, "ok\n"),
         (&Method::GET | &Method::HEAD, "/metrics") => {
@@ -101,8 +116,39 @@ async fn route(ctx: &AdminCtx, req: Request<Incoming>) -> Response<ProxyBody> {
                 "{\"result\":\"draining\"}\n".to_owned(),
             )
         }
+        (&Method::GET | &Method::HEAD, "/") => page(),
+        (&Method::GET | &Method::HEAD, "/admin/config") => document(api::config(shared)),
+        (&Method::GET | &Method::HEAD, "/admin/upstreams") => document(api::upstreams(shared)),
+        (&Method::GET | &Method::HEAD, "/admin/alerts") => document(api::alerts(shared)),
+        (&Method::GET | &Method::HEAD, "/admin/status") => document(api::status(shared)),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// A JSON document of the admin API: always fresh.
+fn document(v: serde_json::Value) -> Response<ProxyBody> {
+    no_store(json(StatusCode::OK, v.to_string()))
+}
+
+fn page() -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::full(Bytes::from_static(
+        api::STATUS_PAGE.as_bytes(),
+    )));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    // Inline only, nothing from elsewhere; data from this listener only; never framed.
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:",
+        ),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {

@@ -264,6 +264,9 @@ pub struct Health {
     running: Mutex<BTreeMap<String, Running>>,
     /// Set once the drain has stopped the checks: a late reload starts nothing.
     stopped: std::sync::atomic::AtomicBool,
+    /// The alert signals: each Postgres probe counts as a database query there
+    /// (`db_error_rate`).
+    signals: OnceLock<Arc<crate::alert::signals::Signals>>,
 }
 
 impl Health {
@@ -275,12 +278,14 @@ impl Health {
             checks: ArcSwap::from_pointee(Vec::new()),
             running: Mutex::new(BTreeMap::new()),
             stopped: std::sync::atomic::AtomicBool::new(false),
+            signals: OnceLock::new(),
         }
     }
 
     /// Starts the checks of `config` and registers their stop with the drain.
     pub fn start(self: &Arc<Self>, shared: &Arc<Shared>, config: &Config) {
         let _ = self.pools.shared.set(Arc::downgrade(shared));
+        let _ = self.signals.set(shared.alerts.signals.clone());
         self.apply(config);
         let health = self.clone();
         shared
@@ -595,6 +600,11 @@ impl Runner {
                 .get_or_create(&labels)
                 .observe(latency.as_secs_f64());
             let transition = counter.record(result.ok);
+            if self.name == "postgres"
+                && let Some(s) = self.health.upgrade().and_then(|h| h.signals.get().cloned())
+            {
+                s.db_query(result.ok);
+            }
             let view = view_of(&counter, result, latency, started);
             if let Some(t) = transition {
                 self.log_transition(t, &view);

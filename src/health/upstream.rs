@@ -95,7 +95,7 @@ async fn build(cfg: &UpstreamConfig, states: &UpstreamStates) -> Result<Upstream
         // Never used by plain-http endpoints; saves the first check the store's load time.
         unused_tls()?
     };
-    Upstream::new(cfg, &tls, states)
+    Upstream::new(cfg, &tls, states, Default::default())
 }
 
 fn unused_tls() -> Result<Arc<rustls::ClientConfig>, String> {

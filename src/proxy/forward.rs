@@ -17,6 +17,7 @@ use tokio_rustls::TlsConnector;
 use crate::balance::{self, Candidate};
 use crate::config::{Resilience, UpstreamConfig};
 use crate::error::{ProxyError, TimeoutPhase};
+use crate::metrics::http::UpstreamErrors;
 use crate::proxy::body::{BodyError, RequestBody};
 use crate::proxy::pool::{self, ConnectError, EndpointPool, PooledBody};
 use crate::proxy::resilience::{EndpointState, UpstreamState, UpstreamStates};
@@ -35,6 +36,7 @@ pub struct Upstream {
     pub resilience: Resilience,
     /// Breaker, budget, in flight: outlives the snapshot (keyed by name).
     pub state: Arc<UpstreamState>,
+    pub errors: UpstreamErrors,
 }
 
 impl Upstream {
@@ -43,6 +45,7 @@ impl Upstream {
         cfg: &UpstreamConfig,
         tls: &Arc<rustls::ClientConfig>,
         states: &UpstreamStates,
+        errors: UpstreamErrors,
     ) -> Result<Self, String> {
         let state = states.get_or_create(cfg);
         let mut endpoints = Vec::with_capacity(cfg.endpoints.len());
@@ -91,6 +94,7 @@ impl Upstream {
             next: AtomicUsize::new(0),
             resilience: cfg.resilience.clone(),
             state,
+            errors,
         })
     }
 

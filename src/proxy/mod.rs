@@ -13,13 +13,16 @@ pub mod tail;
 mod upgrade;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 
 use crate::config::{Cidr, Config};
 use crate::health::Health;
+use crate::metrics::http::{HttpMetrics, RouteMetrics};
+use crate::metrics::series::{Sample, Series};
 use crate::ratelimit;
 use crate::reload::KeyedState;
 use crate::shutdown::{Background, InFlight};
@@ -34,6 +37,8 @@ pub struct Snapshot {
     pub upstreams: HashMap<String, Arc<Upstream>>,
     pub trusted_proxies: Vec<Cidr>,
     pub access_log: bool,
+    /// The configuration this snapshot was built from (`/admin/config`).
+    pub config: Arc<Config>,
 }
 
 impl Snapshot {
@@ -45,6 +50,7 @@ impl Snapshot {
         cfg: &Config,
         states: &UpstreamStates,
         limiters: &ratelimit::Registry,
+        metrics: &HttpMetrics,
     ) -> Result<Snapshot, String> {
         let policies = limiters.update(cfg)?;
         // TLS settings per distinct CA file: loading the system store is not free.
@@ -58,7 +64,11 @@ impl Snapshot {
             let Some(tls) = tls_by_ca.get(&u.tls_ca_file) else {
                 continue;
             };
-            upstreams.insert(name.clone(), Arc::new(Upstream::new(u, tls, states)?));
+            let errors = metrics.upstream_errors(name);
+            upstreams.insert(
+                name.clone(),
+                Arc::new(Upstream::new(u, tls, states, errors)?),
+            );
         }
         let mut listeners = HashMap::new();
         for l in &cfg.listeners {
@@ -72,11 +82,10 @@ impl Snapshot {
                         .iter()
                         .filter_map(|name| policies.get(name).cloned())
                         .collect();
-                    Some(Route::new(
-                        r,
-                        upstreams.get(&r.upstream)?.clone(),
-                        rate_limits,
-                    ))
+                    let upstream = upstreams.get(&r.upstream)?.clone();
+                    let m =
+                        metrics.route(&l.name, &r.name, &r.upstream, Some(upstream.errors.clone()));
+                    Some(Route::new(r, upstream, rate_limits, m))
                 })
                 .collect();
             listeners.insert(
@@ -84,6 +93,7 @@ impl Snapshot {
                 ListenerRoutes {
                     routes,
                     max_in_flight: l.max_in_flight,
+                    unrouted: metrics.route(&l.name, "", "", None),
                 },
             );
         }
@@ -92,6 +102,7 @@ impl Snapshot {
             upstreams,
             trusted_proxies: cfg.trusted_proxies.clone(),
             access_log: cfg.logging.access_log,
+            config: Arc::new(cfg.clone()),
         })
     }
 }
@@ -99,6 +110,20 @@ impl Snapshot {
 pub struct ListenerRoutes {
     pub routes: Vec<Route>,
     pub max_in_flight: Option<usize>,
+    /// For the requests no route takes (404, shed, refused framing).
+    pub unrouted: Arc<RouteMetrics>,
+}
+
+impl Snapshot {
+    /// Every route's metric handles (and each listener's unrouted ones), for the sampler.
+    pub fn route_metrics(&self) -> impl Iterator<Item = &Arc<RouteMetrics>> {
+        self.listeners.values().flat_map(|l| {
+            l.routes
+                .iter()
+                .map(|r| &r.metrics)
+                .chain(std::iter::once(&l.unrouted))
+        })
+    }
 }
 
 /// State shared by every listener and the admin endpoints. It outlives every snapshot:
@@ -121,6 +146,12 @@ pub struct Shared {
     pub background: Background,
     /// Cached results of the dependency and upstream checks (`/health`, `/readyz`).
     pub health: Arc<Health>,
+    /// The request metrics' families; each snapshot makes its route handles from them.
+    pub http: HttpMetrics,
+    /// Samples of the request counters for the alert rules and the status page.
+    pub series: Mutex<Series>,
+    /// Alert rules, their state and notifications; also holds the fed signals.
+    pub alerts: Arc<crate::alert::Alerting>,
 }
 
 impl Shared {
@@ -130,8 +161,15 @@ impl Shared {
         upstream_states: Arc<UpstreamStates>,
         limiters: ratelimit::Registry,
         health: Arc<Health>,
+        http: HttpMetrics,
+        alerts: crate::alert::Alerting,
     ) -> Arc<Shared> {
+        let mut series = Series::new(crate::metrics::series::CHART_SPAN);
+        series.keep_at_least(alerts.longest_window());
         Arc::new(Shared {
+            http,
+            series: Mutex::new(series),
+            alerts: Arc::new(alerts),
             snapshot: ArcSwap::from_pointee(snapshot),
             registry: Arc::new(registry),
             upstream_states,
@@ -148,7 +186,40 @@ impl Shared {
     /// calls `reconcile` on each with the new configuration before the new snapshot is
     /// swapped in.
     pub fn keyed_state(&self) -> Vec<&dyn KeyedState> {
-        vec![&*self.health]
+        vec![&*self.health, &*self.alerts]
+    }
+
+    /// Every route's cumulative totals now (not stored: see `record_sample`).
+    pub fn sample(&self) -> Sample {
+        let snapshot = self.snapshot.load();
+        Sample {
+            at: tokio::time::Instant::now(),
+            wall: SystemTime::now(),
+            routes: snapshot
+                .route_metrics()
+                .map(|m| {
+                    let (requests, errors, latency) = m.totals();
+                    (
+                        m.labels.clone(),
+                        crate::metrics::series::Totals {
+                            requests,
+                            errors,
+                            latency,
+                        },
+                    )
+                })
+                .collect(),
+            fed: self.alerts.signals.totals(),
+        }
+    }
+
+    /// Takes a sample and keeps it in the series.
+    pub fn record_sample(&self) {
+        let s = self.sample();
+        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        // A reload may have brought longer rule windows.
+        series.keep_at_least(self.alerts.longest_window());
+        series.push(s);
     }
 }
 

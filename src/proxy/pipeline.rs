@@ -16,13 +16,14 @@ use tokio::time::Instant;
 
 use crate::breaker::{Admit, Outcome};
 use crate::error::ProxyError;
+use crate::metrics::http::{UpstreamErrorKind, method_index};
 use crate::proxy::access_log::{AccessRecord, Outcome as LogOutcome};
 use crate::proxy::body::{BodyError, ProxyBody, RequestBody, TimedBody};
 use crate::proxy::forward::{self, Upstream};
 use crate::proxy::headers::{self, X_REQUEST_ID};
 use crate::proxy::resilience::{BreakerTicket, InFlight, UpstreamMetrics};
-use crate::proxy::tail::Tail;
-use crate::proxy::{ListenerCtx, Snapshot, route, upgrade};
+use crate::proxy::tail::{Observed, Tail};
+use crate::proxy::{ListenerCtx, ListenerRoutes, Snapshot, route, upgrade};
 use crate::ratelimit;
 use crate::retry::{self, Failure};
 use crate::server::ConnClosing;
@@ -57,9 +58,21 @@ pub async fn handle(
         }),
         ..Tail::default()
     });
+    let listener = snapshot.listeners.get(&*ctx.name);
+    let method = method_index(req.method());
 
     let result = if framing_ok {
-        proxy(&ctx, &snapshot, peer, req, &request_id, start, &mut tail).await
+        proxy(
+            &ctx,
+            &snapshot,
+            listener,
+            peer,
+            req,
+            &request_id,
+            start,
+            &mut tail,
+        )
+        .await
     } else {
         // The step check_framing would take, had hyper left the Content-Length in `req`.
         Err(ProxyError::BadRequest(headers::CL_AND_TE))
@@ -85,12 +98,26 @@ pub async fn handle(
     if let Some(r) = tail.log.as_mut() {
         r.status = resp.status().as_u16();
     }
+    if tail.obs.is_none() {
+        // No route took it: counted on the listener (set here, not up front, to keep the
+        // routed path to one handle).
+        tail.obs = listener.map(|l| Observed::new(start, l.unrouted.clone(), method));
+    }
+    if let Some(o) = tail.obs.as_mut() {
+        o.status = resp.status().as_u16();
+        if crate::server::finale::is_event_stream(&resp) {
+            o.stream = true;
+            o.route.stream_started(start.elapsed());
+        }
+    }
     resp.map(|b| b.with_tail(tail))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn proxy(
     ctx: &ListenerCtx,
     snapshot: &Snapshot,
+    listener: Option<&ListenerRoutes>,
     peer: SocketAddr,
     mut req: Request<Incoming>,
     request_id: &HeaderValue,
@@ -104,7 +131,6 @@ async fn proxy(
     if req.extensions().get::<ConnClosing>().is_some() {
         return Err(ProxyError::ShuttingDown);
     }
-    let listener = snapshot.listeners.get(&*ctx.name);
     let max_in_flight = listener.and_then(|l| l.max_in_flight);
     tail.listener_slot = Some(
         InFlight::try_acquire(ctx.in_flight.clone(), max_in_flight).ok_or_else(|| {
@@ -118,6 +144,9 @@ async fn proxy(
     let routes = listener.map(|l| l.routes.as_slice()).unwrap_or_default();
     let route = route::find(routes, &req).ok_or(ProxyError::NoRoute)?;
     let upstream = &route.upstream;
+    let mut obs = Observed::new(start, route.metrics.clone(), method_index(req.method()));
+    obs.bytes_in = declared_len.unwrap_or(0);
+    tail.obs = Some(obs);
     if let Some(r) = tail.log.as_mut() {
         r.route = Some(route.name.clone());
         r.upstream = Some(Arc::from(upstream.name.as_str()));
@@ -192,6 +221,9 @@ async fn proxy(
         let buffered = buffer_body(body, limit, idle, deadline).await?;
         if let Some(r) = tail.log.as_mut() {
             r.bytes_in = buffered.len() as u64;
+        }
+        if let Some(o) = tail.obs.as_mut() {
+            o.bytes_in = buffered.len() as u64;
         }
         let replay = keep_for_retry(buffered.len() as u64).then(|| buffered.clone());
         (RequestBody::Full(Some(buffered)), replay)
@@ -373,6 +405,9 @@ impl Attempt<'_> {
                         // The client's own request body failed: nothing to learn or retry.
                         return Err(e.error);
                     };
+                    if let Some(kind) = error_kind(failure) {
+                        upstream.errors.inc(kind);
+                    }
                     upstream.state.endpoint_result(&endpoint.state, false, cfg);
                     let replayable = e.unsent.is_some() || self.replay.is_some();
                     if can_go_again
@@ -435,6 +470,16 @@ impl Attempt<'_> {
             wait = wait.min(d.saturating_duration_since(Instant::now()));
         }
         tokio::time::sleep(wait).await;
+    }
+}
+
+fn error_kind(f: Failure) -> Option<UpstreamErrorKind> {
+    match f {
+        Failure::Connect => Some(UpstreamErrorKind::ConnectError),
+        Failure::ConnectTimeout => Some(UpstreamErrorKind::ConnectTimeout),
+        Failure::FirstByteTimeout => Some(UpstreamErrorKind::FirstByteTimeout),
+        Failure::Reset => Some(UpstreamErrorKind::Reset),
+        Failure::Status(_) => None,
     }
 }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use http::{Method, Request};
 
 use crate::config::{RouteConfig, RouteTimeouts};
+use crate::metrics::http::RouteMetrics;
 use crate::proxy::forward::Upstream;
 use crate::ratelimit::Policy;
 
@@ -20,10 +21,17 @@ pub struct Route {
     pub max_body_bytes: u64,
     /// Every one must allow the request (ratelimit::check).
     pub rate_limits: Vec<Arc<Policy>>,
+    /// Counters and histograms of this route, made once per snapshot.
+    pub metrics: Arc<RouteMetrics>,
 }
 
 impl Route {
-    pub fn new(cfg: &RouteConfig, upstream: Arc<Upstream>, rate_limits: Vec<Arc<Policy>>) -> Self {
+    pub fn new(
+        cfg: &RouteConfig,
+        upstream: Arc<Upstream>,
+        rate_limits: Vec<Arc<Policy>>,
+        metrics: Arc<RouteMetrics>,
+    ) -> Self {
         Route {
             name: Arc::from(cfg.name.as_str()),
             path_prefix: cfg.path_prefix.clone(),
@@ -33,6 +41,7 @@ impl Route {
             timeouts: cfg.timeouts.clone(),
             max_body_bytes: cfg.max_body_bytes,
             rate_limits,
+            metrics,
         }
     }
 

@@ -1,9 +1,14 @@
 //! What a request still owes when its response body ends: the access-log line, the
-//! breaker's verdict (a stream that dies mid-way is a failure, a client that leaves is not),
-//! and the in-flight slots it holds. Attached to the response body so all of it happens when
-//! the body is really done, not when the headers went out.
+//! request metrics, the breaker's verdict (a stream that dies mid-way is a failure, a client
+//! that leaves is not), and the in-flight slots it holds. Attached to the response body so
+//! all of it happens when the body is really done, not when the headers went out.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
 
 use crate::breaker::Outcome;
+use crate::metrics::http::{RouteMetrics, UpstreamErrorKind};
 use crate::proxy::access_log::AccessRecord;
 use crate::proxy::body::BodyError;
 use crate::proxy::resilience::{BreakerTicket, InFlight};
@@ -11,6 +16,7 @@ use crate::proxy::resilience::{BreakerTicket, InFlight};
 #[derive(Default)]
 pub struct Tail {
     pub log: Option<AccessRecord>,
+    pub obs: Option<Observed>,
     pub ticket: Option<BreakerTicket>,
     pub listener_slot: Option<InFlight>,
     pub upstream_slot: Option<InFlight>,
@@ -19,10 +25,40 @@ pub struct Tail {
     pub rate_limit_headers: Option<http::HeaderMap>,
 }
 
+/// What the request metrics record when the exchange ends.
+pub struct Observed {
+    pub start: Instant,
+    /// The route's handles (the listener's unrouted ones when no route took it).
+    pub route: Arc<RouteMetrics>,
+    pub method: usize,
+    pub status: u16,
+    /// An event stream: counted active since its first byte.
+    pub stream: bool,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl Observed {
+    pub fn new(start: Instant, route: Arc<RouteMetrics>, method: usize) -> Self {
+        Observed {
+            start,
+            route,
+            method,
+            status: 0,
+            stream: false,
+            bytes_in: 0,
+            bytes_out: 0,
+        }
+    }
+}
+
 impl Tail {
     pub fn on_data(&mut self, n: usize) {
         if let Some(log) = &mut self.log {
             log.bytes_out += n as u64;
+        }
+        if let Some(o) = &mut self.obs {
+            o.bytes_out += n as u64;
         }
     }
 
@@ -39,9 +75,33 @@ impl Tail {
         if let Some(log) = &mut self.log {
             log.body_failed(err);
         }
+        if let Some(o) = &self.obs {
+            o.route.upstream_error(match err {
+                BodyError::Idle => UpstreamErrorKind::IdleTimeout,
+                BodyError::Total => UpstreamErrorKind::TotalTimeout,
+                _ => UpstreamErrorKind::Reset,
+            });
+        }
         // Silence or a reset in the middle of a stream: the upstream failed.
         if let Some(t) = &mut self.ticket {
             t.report(Outcome::Failure);
         }
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        let elapsed = self.start.elapsed();
+        let duration = if self.stream {
+            // Its latency was recorded at the first byte.
+            self.route.stream_ended(elapsed);
+            None
+        } else {
+            Some(elapsed)
+        };
+        // No status: the client left before the answer (nginx's 499), not a server error.
+        let status = if self.status == 0 { 499 } else { self.status };
+        self.route
+            .finished(self.method, status, duration, self.bytes_in, self.bytes_out);
     }
 }

@@ -342,6 +342,11 @@ impl Registry {
             .and_then(|r| r.as_ref().map(|(_, s)| s.clone()))
     }
 
+    /// Whether a Redis client is configured (policies with `store: redis`).
+    pub fn uses_redis(&self) -> bool {
+        self.redis.lock().map(|r| r.is_some()).unwrap_or(false)
+    }
+
     /// Whether Redis policies are being decided in memory right now.
     pub fn fallback_active(&self) -> bool {
         self.redis

@@ -61,7 +61,7 @@ pub fn track(
 }
 
 /// A streamed `text/event-stream` answer. One with a fixed length cannot take an extra event.
-fn is_event_stream(resp: &Response<ProxyBody>) -> bool {
+pub(crate) fn is_event_stream(resp: &Response<ProxyBody>) -> bool {
     resp.status() == StatusCode::OK
         && resp.body().size_hint().exact().is_none()
         && resp

@@ -107,13 +107,15 @@ impl Server {
         let name: Arc<str> = Arc::from(config.name.as_str());
         let (phase, phase_rx) = watch::channel(Phase::Serving);
         let open = Arc::new(AtomicUsize::new(0));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        shared.http.track_listener(&name, &open, &in_flight);
         let acceptor = Acceptor {
             builder: builder(&config),
             ctx: Arc::new(ListenerCtx {
                 name: name.clone(),
                 shared,
                 proto: "http",
-                in_flight: Arc::default(),
+                in_flight,
             }),
             max_header_bytes: config.max_header_bytes,
             max_headers: config.max_headers,

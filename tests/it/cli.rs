@@ -93,6 +93,8 @@ fn the_shipped_config_is_the_users_topology() {
         hc.map(|h| (h.path.as_str(), h.check.critical)),
         Some(("/health", true))
     );
+    // The alerts written out are exactly the defaults.
+    assert_eq!(cfg.alerts, rampart::config::AlertsConfig::default());
     // FASTGPT_URL overrides the stand-in default.
     let cfg = rampart::config::parse_str(&text, "proxy.yaml", &|v| {
         (v == "FASTGPT_URL").then(|| "http://10.1.2.3:3000".to_string())

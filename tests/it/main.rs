@@ -7,6 +7,7 @@ mod config;
 mod drain;
 mod h2;
 mod health;
+mod metrics;
 mod proxy;
 mod ratelimit;
 mod reload;

@@ -3,6 +3,15 @@
 //! everything registered, and `/metrics` on the admin listener encodes it.
 //!
 //! Labels are small enums and configured names only: never raw paths, never client IPs.
+//!
+//! - `histogram.rs`: the lock-free duration histogram the request path observes into;
+//! - `http.rs`: request, stream, byte, connection and upstream-error metrics, with the
+//!   per-route handles a `Snapshot` holds;
+//! - `series.rs`: the in-memory time series the alert rules and the status page read.
+
+pub mod histogram;
+pub mod http;
+pub mod series;
 
 use std::sync::Arc;
 

@@ -1,0 +1,347 @@
+//! `/admin/config`: the configuration in force, as JSON, with every secret redacted (the
+//! admin token, Redis and Postgres credentials, webhook URLs). Durations are written the way the
+//! file takes them ("30s", "5m").
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::config::{
+    CheckConfig, Config, DrainMode, KeySource, LoadBalancing, LogFormat, RateLimitStore,
+    RedisTarget, RetryOn, redact_url,
+};
+
+const REDACTED: &str = "[redacted]";
+
+fn d(x: Duration) -> String {
+    humantime::format_duration(x).to_string()
+}
+
+fn opt_d(x: Option<Duration>) -> Value {
+    x.map_or(json!("off"), |x| json!(d(x)))
+}
+
+/// `redis://user:pass@host:6379/0` -> `redis://[redacted]@host:6379/0`.
+pub fn redact_redis_url(url: &str) -> String {
+    let Some(rest) = url.strip_prefix("redis://") else {
+        return REDACTED.into();
+    };
+    match rest.rsplit_once('@') {
+        Some((_, host)) => format!("redis://{REDACTED}@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+/// `postgres://user:pw@h1,h2/db?password=x` or `host=h password=x`: credentials out.
+pub fn redact_postgres_url(url: &str) -> String {
+    let mut s = match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((_, hosts)) => format!("{scheme}://{REDACTED}@{hosts}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    };
+    // A password given as a parameter, in either form.
+    let mut from = 0;
+    while let Some(i) = s[from..].find("password=") {
+        let start = from + i + "password=".len();
+        let end = s[start..]
+            .find(|c: char| c == '&' || c.is_whitespace())
+            .map_or(s.len(), |e| start + e);
+        s.replace_range(start..end, REDACTED);
+        from = start + REDACTED.len();
+    }
+    s
+}
+
+fn check(c: &CheckConfig) -> Value {
+    json!({
+        "interval": d(c.interval),
+        "timeout": d(c.timeout),
+        "critical": c.critical,
+        "unhealthy_after": c.unhealthy_after,
+        "healthy_after": c.healthy_after,
+    })
+}
+
+pub fn to_json(c: &Config) -> Value {
+    let listeners: Vec<Value> = c
+        .listeners
+        .iter()
+        .map(|l| {
+            let routes: Vec<Value> = l
+                .routes
+                .iter()
+                .map(|r| {
+                    json!({
+                        "name": r.name,
+                        "match": {
+                            "path_prefix": r.path_prefix,
+                            "host": r.host,
+                            "methods": r.methods.as_ref().map(|m| m.iter().map(|m| m.as_str().to_owned()).collect::<Vec<_>>()),
+                        },
+                        "upstream": r.upstream,
+                        "timeouts": {
+                            "connect": d(r.timeouts.connect),
+                            "first_byte": d(r.timeouts.first_byte),
+                            "idle": d(r.timeouts.idle),
+                            "total": opt_d(r.timeouts.total),
+                        },
+                        "max_body": r.max_body_bytes,
+                        "rate_limits": r.rate_limits,
+                    })
+                })
+                .collect();
+            json!({
+                "name": l.name,
+                "listen": l.listen.to_string(),
+                "max_connections": l.max_connections,
+                "header_read_timeout": d(l.header_read_timeout),
+                "max_header_bytes": l.max_header_bytes,
+                "max_headers": l.max_headers,
+                "http2": {
+                    "max_concurrent_streams": l.http2.max_concurrent_streams,
+                    "max_pending_accept_reset_streams": l.http2.max_pending_accept_reset_streams,
+                    "max_local_error_reset_streams": l.http2.max_local_error_reset_streams,
+                },
+                "max_in_flight": l.max_in_flight,
+                "drain": match l.drain { DrainMode::Inbound => "inbound", DrainMode::Egress => "egress" },
+                "routes": routes,
+            })
+        })
+        .collect();
+    let upstreams: serde_json::Map<String, Value> = c
+        .upstreams
+        .values()
+        .map(|u| {
+            let r = &u.resilience;
+            let b = &r.circuit_breaker;
+            let v = json!({
+                "endpoints": u.endpoints.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "connect_timeout": d(u.connect_timeout),
+                "pool": {
+                    "idle_timeout": d(u.pool.idle_timeout),
+                    "max_idle_per_endpoint": u.pool.max_idle_per_endpoint,
+                },
+                "tls": { "ca_file": u.tls_ca_file.as_ref().map(|p| p.display().to_string()) },
+                "health_check": r.health_check.as_ref().map(|h| json!({
+                    "path": h.path,
+                    "check": check(&h.check),
+                })),
+                "load_balancing": match r.load_balancing {
+                    LoadBalancing::RoundRobin => "round_robin",
+                    LoadBalancing::LeastOutstanding => "least_outstanding",
+                },
+                "max_in_flight": r.max_in_flight,
+                "circuit_breaker": {
+                    "failures": b.failures,
+                    "open_for": d(b.open_for),
+                    "max_open_for": d(b.max_open_for),
+                    "half_open_successes": b.half_open_successes,
+                    "half_open_max_probes": b.half_open_max_probes,
+                    "failure_rate": b.failure_rate.as_ref().map(|f| json!({
+                        "threshold": format!("{}%", f.threshold * 100.0),
+                        "window": d(f.window),
+                        "min_calls": f.min_calls,
+                    })),
+                    "count_500": b.count_500,
+                    "count_backoff": b.count_backoff,
+                },
+                "ejection": {
+                    "consecutive_failures": r.ejection.consecutive_failures,
+                    "base_ejection": d(r.ejection.base_ejection),
+                    "max_ejection": d(r.ejection.max_ejection),
+                },
+                "retry": {
+                    "attempts": r.retry.attempts,
+                    "backoff_base": d(r.retry.backoff_base),
+                    "backoff_max": d(r.retry.backoff_max),
+                    "on": r.retry.on.iter().map(|o| match o {
+                        RetryOn::ConnectError => "connect_error".to_owned(),
+                        RetryOn::Timeout => "timeout".to_owned(),
+                        RetryOn::Reset => "reset".to_owned(),
+                        RetryOn::Status(s) => s.to_string(),
+                    }).collect::<Vec<_>>(),
+                    "budget_ratio": r.retry.budget_ratio,
+                    "budget_min_per_s": r.retry.budget_min_per_s,
+                    "max_body": r.retry.max_body,
+                },
+            });
+            (u.name.clone(), v)
+        })
+        .collect();
+    let redis = c.redis.as_ref().map(|r| {
+        let target = match &r.target {
+            RedisTarget::Url(u) => json!({ "url": redact_redis_url(u) }),
+            RedisTarget::Sentinel { master, addresses } => {
+                json!({ "sentinel": { "master": master, "addresses": addresses } })
+            }
+        };
+        let mut v = json!({
+            "timeout": d(r.timeout),
+            "connect_timeout": d(r.connect_timeout),
+            "pool": { "max_size": r.pool_max_size },
+        });
+        if let (Value::Object(m), Value::Object(t)) = (&mut v, target) {
+            m.extend(t);
+        }
+        v
+    });
+    let rate_limits: serde_json::Map<String, Value> = c
+        .rate_limits
+        .values()
+        .map(|p| {
+            let by = match &p.key.by {
+                KeySource::ClientIp => "client_ip".to_owned(),
+                KeySource::Header(h) => format!("header:{h}"),
+            };
+            let v = json!({
+                "points": p.points,
+                "per": d(p.per),
+                "block_for": opt_d(p.block_for),
+                "key": if p.key.per_route { format!("route+{by}") } else { by },
+                "store": match p.store { RateLimitStore::Redis => "redis", RateLimitStore::Memory => "memory" },
+                "ipv6_prefix": p.ipv6_prefix,
+            });
+            (p.name.clone(), v)
+        })
+        .collect();
+    let rules: Vec<Value> = c
+        .alerts
+        .rules
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.name,
+                "signal": r.signal.as_str(),
+                "comparison": r.comparison.as_str(),
+                "threshold": crate::alert::format_value(r.signal, Some(r.threshold)),
+                "window": d(r.window),
+                "for": d(r.for_),
+                "severity": r.severity.as_str(),
+                "route": r.route,
+                "upstream": r.upstream,
+                "min_samples": r.min_samples,
+            })
+        })
+        .collect();
+    let sinks: Vec<Value> = c
+        .alerts
+        .sinks
+        .iter()
+        .map(|s| {
+            json!({
+                "type": s.kind.as_str(),
+                "url": redact_url(&s.url),
+                "timeout": d(s.timeout),
+                "max_attempts": s.max_attempts,
+            })
+        })
+        .collect();
+    json!({
+        "source": c.source,
+        "admin": {
+            "listen": c.admin.listen.to_string(),
+            "token": c.admin.token.as_ref().map(|_| REDACTED),
+        },
+        "logging": {
+            "level": c.logging.level,
+            "format": match c.logging.format { LogFormat::Text => "text", LogFormat::Json => "json" },
+            "access_log": c.logging.access_log,
+        },
+        "trusted_proxies": c.trusted_proxies.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "listeners": listeners,
+        "upstreams": upstreams,
+        "redis": redis,
+        "replicas": c.replicas,
+        "rate_limits": rate_limits,
+        "dependencies": {
+            "postgres": c.dependencies.postgres.as_ref().map(|p| json!({
+                "url": redact_postgres_url(&p.url),
+                "tls": { "ca_file": p.tls_ca_file.as_ref().map(|f| f.display().to_string()) },
+                "pool": {
+                    "min_idle": p.pool.min_idle,
+                    "max_size": p.pool.max_size,
+                    "connect_timeout": d(p.pool.connect_timeout),
+                    "idle_timeout": d(p.pool.idle_timeout),
+                    "max_lifetime": d(p.pool.max_lifetime),
+                },
+                "check": check(&p.check),
+                "warn_connections_above": format!("{}%", p.warn_connections_above * 100.0),
+            })),
+            "redis": c.dependencies.redis.as_ref().map(|r| json!({ "check": check(r) })),
+            "memory": c.dependencies.memory.as_ref().map(|m| json!({
+                "check": check(&m.check),
+                "warn_above": format!("{}%", m.warn_above * 100.0),
+            })),
+        },
+        "drain": {
+            "accept_grace": d(c.drain.accept_grace),
+            "timeout": d(c.drain.timeout),
+        },
+        "alerts": {
+            "interval": d(c.alerts.interval),
+            "rules": rules,
+            "sinks": sinks,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_credentials_are_redacted() {
+        assert_eq!(
+            redact_redis_url("redis://:hunter2@10.0.0.5:6379/0"),
+            "redis://[redacted]@10.0.0.5:6379/0"
+        );
+        assert_eq!(
+            redact_redis_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+    }
+
+    #[test]
+    fn postgres_credentials_are_redacted() {
+        assert_eq!(
+            redact_postgres_url("postgres://app:s3cret@db1:5432,db2:5432/app?sslmode=require"),
+            "postgres://[redacted]@db1:5432,db2:5432/app?sslmode=require"
+        );
+        assert_eq!(
+            redact_postgres_url("host=db1 user=app password=s3cret dbname=app"),
+            "host=db1 user=app password=[redacted] dbname=app"
+        );
+        assert_eq!(
+            redact_postgres_url("postgres://db1/app?password=s3cret&sslmode=disable"),
+            "postgres://db1/app?password=[redacted]&sslmode=disable"
+        );
+    }
+
+    #[test]
+    fn secrets_never_appear() {
+        let yaml = r#"
+admin: { listen: "127.0.0.1:0", token: "s3cr3t-admin-token-0123" }
+listeners:
+  - name: main
+    listen: "127.0.0.1:0"
+    routes: [{ upstream: up }]
+upstreams:
+  up: { endpoints: ["http://127.0.0.1:1"] }
+redis: { url: "redis://:hunter2@127.0.0.1:6379" }
+dependencies:
+  postgres: { url: "postgres://app:pgsecret@127.0.0.1:1/app" }
+alerts:
+  sinks:
+    - { type: slack, url: "https://hooks.example.com/services/T0/B0/XYZSECRET" }
+"#;
+        let c = crate::config::parse_str(yaml, "t.yaml", &|_| None).unwrap();
+        let text = to_json(&c).to_string();
+        for secret in ["s3cr3t", "hunter2", "XYZSECRET", "services/T0", "pgsecret"] {
+            assert!(!text.contains(secret), "{secret} leaked: {text}");
+        }
+        assert!(text.contains("hooks.example.com"), "{text}");
+        assert!(text.contains("\"HighErrorRate\""), "{text}");
+    }
+}

@@ -1,0 +1,354 @@
+//! Where notifications go besides the log: a generic JSON webhook, a Slack-compatible
+//! incoming webhook, the Alertmanager API v2. Each notification is one POST, retried with
+//! exponential backoff on a background task: a slow or dead receiver delays nothing but
+//! its own notifications.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{Request, Uri, header};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::TlsConnector;
+
+use super::AlertEvent;
+use super::rules::Change;
+use crate::config::{SinkConfig, SinkKind};
+
+/// First retry after this, doubling, at most `BACKOFF_MAX` (full jitter).
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// One POST to make.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub sink: SinkConfig,
+    pub url: Uri,
+    pub body: Bytes,
+    /// For the logs: the rule and its change.
+    pub what: String,
+}
+
+/// The request a sink gets for an event. `resend_within` is how soon rampart sends a
+/// firing alert again (Alertmanager forgets alerts that are not re-sent).
+pub fn delivery(
+    sink: &SinkConfig,
+    event: &AlertEvent,
+    instance: &str,
+    resend_within: Duration,
+) -> Delivery {
+    let (url, body) = match sink.kind {
+        SinkKind::Webhook => {
+            let mut v = event.to_json();
+            if let Value::Object(m) = &mut v {
+                m.insert("instance".into(), json!(instance));
+                m.insert("source".into(), json!("rampart"));
+            }
+            (sink.url.clone(), v)
+        }
+        SinkKind::Slack => (
+            sink.url.clone(),
+            json!({ "text": slack_text(event, instance) }),
+        ),
+        SinkKind::Alertmanager => (
+            alertmanager_url(&sink.url),
+            alertmanager_body(event, instance, resend_within),
+        ),
+    };
+    Delivery {
+        sink: sink.clone(),
+        url,
+        body: Bytes::from(body.to_string()),
+        what: format!("{} {}", event.rule, event.status.as_str()),
+    }
+}
+
+fn slack_text(e: &AlertEvent, instance: &str) -> String {
+    let icon = match (e.status, e.severity) {
+        (Change::Resolved, _) => ":white_check_mark:",
+        (_, crate::config::Severity::Critical) => ":rotating_light:",
+        _ => ":warning:",
+    };
+    format!(
+        "{icon} *[{}] {} {}* on {instance}\n{}",
+        e.severity.as_str().to_uppercase(),
+        e.rule,
+        e.status.as_str(),
+        e.summary
+    )
+}
+
+/// `<base>/api/v2/alerts`, unless the URL already names that path.
+fn alertmanager_url(base: &Uri) -> Uri {
+    let s = base.to_string();
+    if s.trim_end_matches('/').ends_with("/api/v2/alerts") {
+        return base.clone();
+    }
+    let joined = format!("{}/api/v2/alerts", s.trim_end_matches('/'));
+    joined.parse().unwrap_or_else(|_| base.clone())
+}
+
+fn alertmanager_body(e: &AlertEvent, instance: &str, resend_within: Duration) -> Value {
+    let mut labels = serde_json::Map::new();
+    labels.insert("alertname".into(), json!(e.rule));
+    labels.insert("severity".into(), json!(e.severity.as_str()));
+    labels.insert("signal".into(), json!(e.signal.as_str()));
+    labels.insert("service".into(), json!("rampart"));
+    labels.insert("instance".into(), json!(instance));
+    if let Some(r) = &e.route {
+        labels.insert("route".into(), json!(r));
+    }
+    if let Some(u) = &e.upstream {
+        labels.insert("upstream".into(), json!(u));
+    }
+    // Firing: valid until a little after the next re-send; resolved: ended now.
+    let ends = match e.status {
+        Change::Resolved => e.at,
+        _ => e.at + resend_within,
+    };
+    json!([{
+        "labels": labels,
+        "annotations": {
+            "summary": e.summary,
+            "description": e.detail.clone().unwrap_or_default(),
+        },
+        "startsAt": rfc3339(e.started_at),
+        "endsAt": rfc3339(ends),
+    }])
+}
+
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Delivers with retries until it succeeds, fails for good (a 4xx other than 408/429
+/// means the request itself is wrong), runs out of attempts, or rampart stops.
+pub async fn deliver(d: Delivery, mut stop: watch::Receiver<bool>) -> Result<u32, String> {
+    let mut last = String::new();
+    for attempt in 1..=d.sink.max_attempts {
+        match post(&d.url, d.body.clone(), d.sink.timeout).await {
+            Ok(status) if (200..300).contains(&status) => return Ok(attempt),
+            Ok(status) if (400..500).contains(&status) && status != 408 && status != 429 => {
+                return Err(format!("refused with status {status}"));
+            }
+            Ok(status) => last = format!("status {status}"),
+            Err(e) => last = e,
+        }
+        if attempt == d.sink.max_attempts {
+            break;
+        }
+        tracing::debug!(
+            sink = d.sink.kind.as_str(),
+            alert = %d.what,
+            attempt,
+            error = %last,
+            "alert delivery failed; retrying"
+        );
+        let ceiling = BACKOFF_BASE
+            .saturating_mul(1 << (attempt - 1).min(16))
+            .min(BACKOFF_MAX);
+        let wait = ceiling.mul_f64(0.5 + crate::jitter::unit() / 2.0);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = crate::server::stopped(&mut stop) => return Err("rampart is stopping".into()),
+        }
+    }
+    Err(format!(
+        "{} attempts failed, last: {last}",
+        d.sink.max_attempts
+    ))
+}
+
+/// One POST over a fresh connection (notifications are rare: no pool), bounded by
+/// `timeout` from connect to response head. Returns the status.
+pub async fn post(url: &Uri, body: Bytes, timeout: Duration) -> Result<u16, String> {
+    let host = url
+        .host()
+        .ok_or("no host")?
+        .trim_matches(['[', ']'])
+        .to_owned();
+    let https = url.scheme_str() == Some("https");
+    let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let authority = url
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .unwrap_or_default();
+    let path = url.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let req = Request::post(path)
+        .header(header::HOST, authority)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(
+            header::USER_AGENT,
+            concat!("rampart/", env!("CARGO_PKG_VERSION")),
+        )
+        .body(Full::new(body))
+        .map_err(|e| e.to_string())?;
+    let attempt = async {
+        let tcp = TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        if https {
+            let name = ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+            let tls = TlsConnector::from(client_tls()?)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            exchange(TokioIo::new(tls), req).await
+        } else {
+            exchange(TokioIo::new(tcp), req).await
+        }
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| format!("no answer within {}", humantime::format_duration(timeout)))?
+}
+
+async fn exchange<I>(io: I, req: Request<Full<Bytes>>) -> Result<u16, String>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut conn = std::pin::pin!(conn);
+    // The connection is driven here, beside the request; dropping it afterwards closes it.
+    tokio::select! {
+        r = sender.send_request(req) => r.map(|r| r.status().as_u16()).map_err(|e| e.to_string()),
+        r = &mut conn => Err(match r {
+            Ok(()) => "connection closed before the answer".to_owned(),
+            Err(e) => e.to_string(),
+        }),
+    }
+}
+
+/// The system's trust store, loaded once.
+fn client_tls() -> Result<Arc<rustls::ClientConfig>, String> {
+    static TLS: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
+    TLS.get_or_init(|| crate::proxy::forward::tls_config(None))
+        .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Comparison, Severity, Signal};
+
+    fn event(status: Change) -> AlertEvent {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        AlertEvent {
+            rule: "HighErrorRate".into(),
+            signal: Signal::ErrorRate,
+            severity: Severity::Critical,
+            status,
+            value: Some(0.125),
+            threshold: 0.05,
+            comparison: Comparison::Above,
+            window: Duration::from_secs(300),
+            route: None,
+            upstream: Some("backend".into()),
+            detail: None,
+            started_at: t0,
+            at: t0 + Duration::from_secs(120),
+            summary: "error_rate 12.5% > 5.0% over 5m (upstream backend)".into(),
+        }
+    }
+
+    fn sink(kind: SinkKind) -> SinkConfig {
+        SinkConfig {
+            kind,
+            url: "http://127.0.0.1:9/hook".parse().unwrap(),
+            timeout: Duration::from_secs(1),
+            max_attempts: 1,
+        }
+    }
+
+    fn body(d: &Delivery) -> Value {
+        serde_json::from_slice(&d.body).unwrap()
+    }
+
+    #[test]
+    fn payloads_per_sink() {
+        let firing = event(Change::Firing);
+        let resend = Duration::from_secs(180);
+        let w = body(&delivery(
+            &sink(SinkKind::Webhook),
+            &firing,
+            "pod-1",
+            resend,
+        ));
+        assert_eq!(w["alert"], "HighErrorRate");
+        assert_eq!(w["status"], "firing");
+        assert_eq!(w["instance"], "pod-1");
+        assert_eq!(w["started_at"], "2027-01-15T08:00:00.000Z");
+
+        let s = body(&delivery(&sink(SinkKind::Slack), &firing, "pod-1", resend));
+        let text = s["text"].as_str().unwrap();
+        assert!(
+            text.starts_with(":rotating_light: *[CRITICAL] HighErrorRate firing* on pod-1"),
+            "{text}"
+        );
+
+        let d = delivery(&sink(SinkKind::Alertmanager), &firing, "pod-1", resend);
+        assert_eq!(d.url.path(), "/hook/api/v2/alerts");
+        let a = body(&d);
+        assert_eq!(a[0]["labels"]["alertname"], "HighErrorRate");
+        assert_eq!(a[0]["labels"]["upstream"], "backend");
+        assert_eq!(a[0]["startsAt"], "2027-01-15T08:00:00.000Z");
+        // Firing: valid a while past the next re-send; resolved: ended when it resolved.
+        assert_eq!(a[0]["endsAt"], "2027-01-15T08:05:00.000Z");
+        let resolved = event(Change::Resolved);
+        let a = body(&delivery(
+            &sink(SinkKind::Alertmanager),
+            &resolved,
+            "pod-1",
+            resend,
+        ));
+        assert_eq!(a[0]["endsAt"], "2027-01-15T08:02:00.000Z");
+    }
+
+    #[tokio::test]
+    async fn a_dead_receiver_fails_after_the_attempts() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let mut s = sink(SinkKind::Webhook);
+        s.url = format!("http://{addr}/hook").parse().unwrap();
+        s.max_attempts = 2;
+        let d = delivery(
+            &s,
+            &event(Change::Firing),
+            "pod-1",
+            Duration::from_secs(180),
+        );
+        let (_tx, stop) = watch::channel(false);
+        let err = deliver(d, stop).await.unwrap_err();
+        assert!(
+            err.starts_with("2 attempts failed, last: connect:"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn alertmanager_path_is_added_once() {
+        let u: Uri = "http://am:9093".parse().unwrap();
+        assert_eq!(
+            alertmanager_url(&u).to_string(),
+            "http://am:9093/api/v2/alerts"
+        );
+        let u: Uri = "http://am:9093/api/v2/alerts".parse().unwrap();
+        assert_eq!(
+            alertmanager_url(&u).to_string(),
+            "http://am:9093/api/v2/alerts"
+        );
+        let u: Uri = "http://am:9093/prefix/".parse().unwrap();
+        assert_eq!(
+            alertmanager_url(&u).to_string(),
+            "http://am:9093/prefix/api/v2/alerts"
+        );
+    }
+}

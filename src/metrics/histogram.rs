@@ -1,0 +1,232 @@
+//! A fixed-bucket histogram of durations on plain atomics.
+//!
+//! prometheus-client's own histogram takes a mutex on every observation and offers no way to
+//! read its buckets back; the request path observes on every request, and the alert rules
+//! and the status page need the buckets (P95) and the sum (average) between scrapes. One
+//! `fetch_add` per bucket hit and one for the sum, readable at any time.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::{MetricType, TypedMetric};
+
+/// Request latency: dense below 1 s, where the users' P95 < 500 ms target lives.
+pub const REQUEST_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+];
+/// Time to the first byte of an event stream: an LLM may think for a while first.
+pub const STREAM_TTFB_BUCKETS: &[f64] =
+    &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0];
+/// Whole event streams: LLM answers run for minutes.
+pub const STREAM_DURATION_BUCKETS: &[f64] =
+    &[0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 180.0, 300.0, 600.0];
+
+#[derive(Debug)]
+struct Inner {
+    bounds: &'static [f64],
+    /// Per bucket, not cumulative; the last one is +Inf.
+    counts: Box<[AtomicU64]>,
+    sum_micros: AtomicU64,
+}
+
+/// Clones share the counts (a handle, like prometheus-client's metrics).
+#[derive(Debug, Clone)]
+pub struct DurationHistogram(Arc<Inner>);
+
+/// The histogram's values at one moment.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HistogramSnapshot {
+    /// Per bucket, not cumulative; the last one is +Inf.
+    pub counts: Vec<u64>,
+    pub sum_secs: f64,
+}
+
+impl DurationHistogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        let counts = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
+        DurationHistogram(Arc::new(Inner {
+            bounds,
+            counts,
+            sum_micros: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn request() -> Self {
+        Self::new(REQUEST_BUCKETS)
+    }
+
+    pub fn stream_ttfb() -> Self {
+        Self::new(STREAM_TTFB_BUCKETS)
+    }
+
+    pub fn stream_duration() -> Self {
+        Self::new(STREAM_DURATION_BUCKETS)
+    }
+
+    pub fn bounds(&self) -> &'static [f64] {
+        self.0.bounds
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = self
+            .0
+            .bounds
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(self.0.bounds.len());
+        if let Some(c) = self.0.counts.get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.0.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            counts: self
+                .0
+                .counts
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect(),
+            sum_secs: self.0.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        }
+    }
+}
+
+impl HistogramSnapshot {
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// `self - earlier`, bucket by bucket (saturating: a series that restarted reads as new).
+    pub fn since(&self, earlier: &HistogramSnapshot) -> HistogramSnapshot {
+        let counts = self
+            .counts
+            .iter()
+            .enumerate()
+            .map(|(i, c)| c.saturating_sub(earlier.counts.get(i).copied().unwrap_or(0)))
+            .collect();
+        HistogramSnapshot {
+            counts,
+            sum_secs: (self.sum_secs - earlier.sum_secs).max(0.0),
+        }
+    }
+
+    pub fn add(&mut self, other: &HistogramSnapshot) {
+        if self.counts.len() < other.counts.len() {
+            self.counts.resize(other.counts.len(), 0);
+        }
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        self.sum_secs += other.sum_secs;
+    }
+
+    /// Mean in seconds; None without observations (never NaN).
+    pub fn mean(&self) -> Option<f64> {
+        let n = self.count();
+        (n > 0).then(|| self.sum_secs / n as f64)
+    }
+
+    /// The q-quantile in seconds, interpolated inside its bucket as Prometheus'
+    /// `histogram_quantile` does; a quantile in the +Inf bucket reads as the highest finite
+    /// bound. None without observations.
+    pub fn quantile(&self, bounds: &[f64], q: f64) -> Option<f64> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let rank = q.clamp(0.0, 1.0) * total as f64;
+        let mut below = 0u64;
+        for (i, &c) in self.counts.iter().enumerate() {
+            let upto = below + c;
+            if c > 0 && upto as f64 >= rank {
+                let Some(&upper) = bounds.get(i) else {
+                    return bounds.last().copied();
+                };
+                let lower = if i == 0 { 0.0 } else { bounds[i - 1] };
+                let within = (rank - below as f64) / c as f64;
+                return Some(lower + (upper - lower) * within.clamp(0.0, 1.0));
+            }
+            below = upto;
+        }
+        bounds.last().copied()
+    }
+}
+
+impl TypedMetric for DurationHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for DurationHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let snap = self.snapshot();
+        let buckets: Vec<(f64, u64)> = self
+            .0
+            .bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(snap.counts.iter().copied())
+            .collect();
+        // The count is the buckets' sum, so `_count` always equals the `+Inf` bucket even
+        // while observations race the scrape.
+        encoder.encode_histogram::<NoLabelSet>(snap.sum_secs, snap.count(), &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate_like_prometheus() {
+        let h = DurationHistogram::new(&[0.1, 0.5, 1.0]);
+        for _ in 0..90 {
+            h.observe(Duration::from_millis(50));
+        }
+        for _ in 0..10 {
+            h.observe(Duration::from_millis(700));
+        }
+        let s = h.snapshot();
+        assert_eq!(s.count(), 100);
+        // Rank 95 falls in (0.5, 1.0], half-way through its 10 observations.
+        let p95 = s.quantile(h.bounds(), 0.95).unwrap();
+        assert!((p95 - 0.75).abs() < 1e-9, "{p95}");
+        let mean = s.mean().unwrap();
+        assert!((mean - 0.115).abs() < 1e-6, "{mean}");
+    }
+
+    #[test]
+    fn no_observations_is_no_data_not_nan() {
+        let s = DurationHistogram::request().snapshot();
+        assert_eq!(s.quantile(REQUEST_BUCKETS, 0.95), None);
+        assert_eq!(s.mean(), None);
+    }
+
+    #[test]
+    fn the_overflow_bucket_reads_as_the_highest_bound() {
+        let h = DurationHistogram::new(&[0.1, 1.0]);
+        h.observe(Duration::from_secs(30));
+        assert_eq!(h.snapshot().quantile(h.bounds(), 0.95), Some(1.0));
+    }
+
+    #[test]
+    fn deltas_between_snapshots() {
+        let h = DurationHistogram::new(&[0.1, 1.0]);
+        h.observe(Duration::from_millis(10));
+        let a = h.snapshot();
+        h.observe(Duration::from_millis(500));
+        let d = h.snapshot().since(&a);
+        assert_eq!(d.counts, vec![0, 1, 0]);
+        assert!((d.sum_secs - 0.5).abs() < 1e-6);
+    }
+}

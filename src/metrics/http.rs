@@ -1,0 +1,511 @@
+//! `rampart_http_*` and `rampart_listener_*`: what the traffic listeners see.
+//!
+//! Handles are made once per route when a `Snapshot` is built ([`RouteMetrics`]); a request
+//! only picks a handle by index and increments it, so the request path never builds a
+//! label set. Counters per (method × status class) are created the first time a
+//! combination happens, so a route that only ever answers `GET 2xx` has one series, not 40.
+//! Handles for the same labels share their values (the families key by labels), so a
+//! reload that keeps a route keeps its counts.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::time::Duration;
+
+use http::Method;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::registry::Registry;
+
+use super::histogram::{DurationHistogram, HistogramSnapshot};
+
+/// The methods counted by name; anything else is `other` (labels stay bounded).
+pub const METHODS: [&str; 8] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other",
+];
+pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+pub fn method_index(m: &Method) -> usize {
+    match *m {
+        Method::GET => 0,
+        Method::HEAD => 1,
+        Method::POST => 2,
+        Method::PUT => 3,
+        Method::DELETE => 4,
+        Method::PATCH => 5,
+        Method::OPTIONS => 6,
+        _ => 7,
+    }
+}
+
+/// 1xx..5xx -> 0..4 (anything out of range counts as 5xx: it is not a valid answer).
+pub fn status_index(status: u16) -> usize {
+    match status {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub listener: String,
+    /// Empty for requests no route took (404, shed or refused before routing).
+    pub route: String,
+    pub upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    listener: String,
+    route: String,
+    upstream: String,
+    method: &'static str,
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StreamLabels {
+    listener: String,
+    route: String,
+}
+
+type HistogramFamily = Family<RouteLabels, DurationHistogram, fn() -> DurationHistogram>;
+
+/// The families; cloning shares them.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    requests: Family<RequestLabels, Counter>,
+    duration: HistogramFamily,
+    stream_ttfb: HistogramFamily,
+    stream_duration: HistogramFamily,
+    streams_active: Family<StreamLabels, Gauge>,
+    bytes_in: Family<RouteLabels, Counter>,
+    bytes_out: Family<RouteLabels, Counter>,
+    upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    /// Per-route counters and stream handles by labels, shared by every snapshot's handles
+    /// for that route (a reload must not lose the combinations already seen).
+    cells: Arc<Mutex<HashMap<RouteLabels, Arc<RouteCells>>>>,
+    live: Arc<Live>,
+    draining: Gauge,
+}
+
+impl HttpMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = HttpMetrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(DurationHistogram::request),
+            stream_ttfb: Family::new_with_constructor(DurationHistogram::stream_ttfb),
+            stream_duration: Family::new_with_constructor(DurationHistogram::stream_duration),
+            streams_active: Family::default(),
+            bytes_in: Family::default(),
+            bytes_out: Family::default(),
+            upstream_errors: Family::default(),
+            cells: Arc::default(),
+            live: Arc::new(Live::default()),
+            draining: Gauge::default(),
+        };
+        // Counters without `_total`: the encoder adds it (and panics in debug builds if the
+        // name already has it).
+        registry.register(
+            "http_requests",
+            "Requests answered, by listener, route, upstream, method and status class",
+            m.requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Request latency as the client sees it: until the response body ends, or until the first byte for event streams",
+            m.duration.clone(),
+        );
+        registry.register(
+            "http_stream_first_byte_seconds",
+            "Event streams (text/event-stream): time until the response started",
+            m.stream_ttfb.clone(),
+        );
+        registry.register(
+            "http_stream_duration_seconds",
+            "Event streams (text/event-stream): time until the stream ended",
+            m.stream_duration.clone(),
+        );
+        registry.register(
+            "http_streams_active",
+            "Event streams open now",
+            m.streams_active.clone(),
+        );
+        registry.register(
+            "http_request_bytes",
+            "Request body bytes received from clients",
+            m.bytes_in.clone(),
+        );
+        registry.register(
+            "http_response_bytes",
+            "Response body bytes sent to clients",
+            m.bytes_out.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Failed upstream attempts by kind: connect_error, connect_timeout, first_byte_timeout, reset, idle_timeout, total_timeout",
+            m.upstream_errors.clone(),
+        );
+        registry.register(
+            "draining",
+            "1 once a drain has started (readiness is off)",
+            m.draining.clone(),
+        );
+        registry.register_collector(Box::new(m.live.clone()));
+        m
+    }
+
+    /// Handles for one route (or, with empty `route` and `upstream`, for the requests of a
+    /// listener that no route took).
+    pub fn route(
+        &self,
+        listener: &str,
+        route: &str,
+        upstream: &str,
+        upstream_errors: Option<UpstreamErrors>,
+    ) -> Arc<RouteMetrics> {
+        let labels = RouteLabels {
+            listener: listener.to_owned(),
+            route: route.to_owned(),
+            upstream: upstream.to_owned(),
+        };
+        let cells = self
+            .cells
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(labels.clone())
+            .or_default()
+            .clone();
+        Arc::new(RouteMetrics {
+            duration: self.duration.get_or_create(&labels).clone(),
+            bytes_in: self.bytes_in.get_or_create(&labels).clone(),
+            bytes_out: self.bytes_out.get_or_create(&labels).clone(),
+            labels: Arc::new(labels),
+            families: self.clone(),
+            cells,
+            upstream_errors,
+        })
+    }
+
+    /// One upstream's error counters, made once per snapshot.
+    pub fn upstream_errors(&self, upstream: &str) -> UpstreamErrors {
+        UpstreamErrors(UpstreamErrorKind::ALL.map(|kind| {
+            self.upstream_errors
+                .get_or_create(&UpstreamErrorLabels {
+                    upstream: upstream.to_owned(),
+                    kind: kind.as_str(),
+                })
+                .clone()
+        }))
+    }
+
+    /// Counts a listener's open connections and requests in flight, read at scrape time
+    /// from the counters the server keeps anyway (nothing more on the request path).
+    pub fn track_listener(
+        &self,
+        listener: &str,
+        connections: &Arc<AtomicUsize>,
+        in_flight: &Arc<AtomicUsize>,
+    ) {
+        let mut l = self
+            .live
+            .listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Servers that are gone leave dead entries behind: drop them here.
+        l.retain(|e| e.connections.strong_count() > 0);
+        l.push(LiveListener {
+            name: listener.to_owned(),
+            connections: Arc::downgrade(connections),
+            in_flight: Arc::downgrade(in_flight),
+        });
+    }
+
+    pub fn set_draining(&self, on: bool) {
+        self.draining.set(i64::from(on));
+    }
+}
+
+/// A route's handles.
+pub struct RouteMetrics {
+    /// Shared with every sample of the time series (no copy per sample).
+    pub labels: Arc<RouteLabels>,
+    families: HttpMetrics,
+    cells: Arc<RouteCells>,
+    pub duration: DurationHistogram,
+    bytes_in: Counter,
+    bytes_out: Counter,
+    upstream_errors: Option<UpstreamErrors>,
+}
+
+#[derive(Default)]
+struct RouteCells {
+    /// [method][status class], created on first use.
+    requests: [[OnceLock<Counter>; 5]; 8],
+    /// Only routes that ever stream get these series.
+    streams: OnceLock<StreamHandles>,
+}
+
+struct StreamHandles {
+    ttfb: DurationHistogram,
+    duration: DurationHistogram,
+    active: Gauge,
+}
+
+impl RouteMetrics {
+    fn counter(&self, method: usize, status: usize) -> Option<&Counter> {
+        let cell = self.cells.requests.get(method)?.get(status)?;
+        Some(cell.get_or_init(|| {
+            self.families
+                .requests
+                .get_or_create(&RequestLabels {
+                    listener: self.labels.listener.clone(),
+                    route: self.labels.route.clone(),
+                    upstream: self.labels.upstream.clone(),
+                    method: METHODS[method],
+                    status: STATUS_CLASSES[status],
+                })
+                .clone()
+        }))
+    }
+
+    fn streams(&self) -> &StreamHandles {
+        self.cells.streams.get_or_init(|| {
+            let f = &self.families;
+            StreamHandles {
+                ttfb: f.stream_ttfb.get_or_create(&self.labels).clone(),
+                duration: f.stream_duration.get_or_create(&self.labels).clone(),
+                active: f
+                    .streams_active
+                    .get_or_create(&StreamLabels {
+                        listener: self.labels.listener.clone(),
+                        route: self.labels.route.clone(),
+                    })
+                    .clone(),
+            }
+        })
+    }
+
+    /// An event stream started after `ttfb`: counted as active until [`Self::stream_ended`].
+    pub fn stream_started(&self, ttfb: Duration) {
+        let s = self.streams();
+        s.ttfb.observe(ttfb);
+        s.active.inc();
+        // The latency a person waits for, for the request latency histogram.
+        self.duration.observe(ttfb);
+    }
+
+    pub fn stream_ended(&self, duration: Duration) {
+        let s = self.streams();
+        s.duration.observe(duration);
+        s.active.dec();
+    }
+
+    /// A finished exchange: one count, and (unless it was a stream) its duration.
+    pub fn finished(
+        &self,
+        method: usize,
+        status: u16,
+        duration: Option<Duration>,
+        bytes_in: u64,
+        bytes_out: u64,
+    ) {
+        if let Some(c) = self.counter(method, status_index(status)) {
+            c.inc();
+        }
+        if let Some(d) = duration {
+            self.duration.observe(d);
+        }
+        if bytes_in > 0 {
+            self.bytes_in.inc_by(bytes_in);
+        }
+        if bytes_out > 0 {
+            self.bytes_out.inc_by(bytes_out);
+        }
+    }
+
+    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+        if let Some(e) = &self.upstream_errors {
+            e.inc(kind);
+        }
+    }
+
+    /// Cumulative values for the time series: (requests, 5xx answers, latency histogram).
+    pub fn totals(&self) -> (u64, u64, HistogramSnapshot) {
+        let mut requests = 0;
+        let mut errors = 0;
+        for by_status in &self.cells.requests {
+            for (i, c) in by_status.iter().enumerate() {
+                if let Some(c) = c.get() {
+                    let n = c.get();
+                    requests += n;
+                    if i == 4 {
+                        errors += n;
+                    }
+                }
+            }
+        }
+        (requests, errors, self.duration.snapshot())
+    }
+}
+
+// === values read at scrape time ===
+
+#[derive(Debug, Default)]
+struct Live {
+    listeners: Mutex<Vec<LiveListener>>,
+}
+
+#[derive(Debug)]
+struct LiveListener {
+    name: String,
+    connections: Weak<AtomicUsize>,
+    in_flight: Weak<AtomicUsize>,
+}
+
+impl Collector for Live {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // A listener replaced by a reload drains beside its successor: one series per name.
+        let mut by_name: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        {
+            let l = self
+                .listeners
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for e in l.iter() {
+                let (Some(c), Some(f)) = (e.connections.upgrade(), e.in_flight.upgrade()) else {
+                    continue;
+                };
+                let v = by_name.entry(e.name.clone()).or_default();
+                v.0 += c.load(Ordering::Relaxed);
+                v.1 += f.load(Ordering::Relaxed);
+            }
+        }
+        let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        let mut m = encoder.encode_descriptor(
+            "listener_connections_open",
+            "Client connections open, by listener",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (name, (c, _)) in &by_name {
+            let labels = [("listener", name.as_str())];
+            ConstGauge::new(as_i64(*c)).encode(m.encode_family(&labels)?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "http_requests_in_flight",
+            "Requests being answered now, by listener (streams included)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (name, (_, f)) in &by_name {
+            let labels = [("listener", name.as_str())];
+            ConstGauge::new(as_i64(*f)).encode(m.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+// === upstream errors ===
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamErrorLabels {
+    upstream: String,
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// Refused, reset while connecting, TLS handshake failed.
+    ConnectError,
+    ConnectTimeout,
+    FirstByteTimeout,
+    /// The connection failed after the request went out (or mid-response).
+    Reset,
+    /// The response body went silent longer than the route's idle timeout.
+    IdleTimeout,
+    TotalTimeout,
+}
+
+impl UpstreamErrorKind {
+    const ALL: [UpstreamErrorKind; 6] = [
+        UpstreamErrorKind::ConnectError,
+        UpstreamErrorKind::ConnectTimeout,
+        UpstreamErrorKind::FirstByteTimeout,
+        UpstreamErrorKind::Reset,
+        UpstreamErrorKind::IdleTimeout,
+        UpstreamErrorKind::TotalTimeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::ConnectError => "connect_error",
+            UpstreamErrorKind::ConnectTimeout => "connect_timeout",
+            UpstreamErrorKind::FirstByteTimeout => "first_byte_timeout",
+            UpstreamErrorKind::Reset => "reset",
+            UpstreamErrorKind::IdleTimeout => "idle_timeout",
+            UpstreamErrorKind::TotalTimeout => "total_timeout",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One upstream's error counters, one per kind. `Default`: counters nobody exports (an
+/// `Upstream` built only to be probed by the health checks).
+#[derive(Clone, Default)]
+pub struct UpstreamErrors([Counter; 6]);
+
+impl UpstreamErrors {
+    pub fn inc(&self, kind: UpstreamErrorKind) {
+        if let Some(c) = self.0.get(kind.index()) {
+            c.inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_route_only_exports_what_happened() {
+        let mut reg = Registry::with_prefix("rampart");
+        let m = HttpMetrics::register(&mut reg);
+        let r = m.route("main", "api", "backend", None);
+        r.finished(0, 200, Some(Duration::from_millis(20)), 0, 10);
+        r.finished(2, 503, Some(Duration::from_millis(20)), 5, 10);
+        let text = super::super::encode_registry(&Arc::new(reg));
+        assert!(text.contains(
+            "rampart_http_requests_total{listener=\"main\",route=\"api\",upstream=\"backend\",method=\"GET\",status=\"2xx\"} 1"
+        ), "{text}");
+        assert!(text.contains("method=\"POST\",status=\"5xx\"} 1"), "{text}");
+        assert!(!text.contains("method=\"PUT\""), "{text}");
+        assert!(
+            !text.contains("http_stream_duration_seconds_bucket"),
+            "{text}"
+        );
+        let (requests, errors, hist) = r.totals();
+        assert_eq!((requests, errors, hist.count()), (2, 1, 2));
+    }
+
+    #[test]
+    fn handles_for_the_same_labels_share_counts() {
+        let mut reg = Registry::default();
+        let m = HttpMetrics::register(&mut reg);
+        let a = m.route("main", "api", "backend", None);
+        a.finished(0, 200, None, 0, 0);
+        let b = m.route("main", "api", "backend", None);
+        b.finished(0, 200, None, 0, 0);
+        assert_eq!(b.totals().0, 2);
+    }
+}
