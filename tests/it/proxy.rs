@@ -388,9 +388,7 @@ async fn sse_events_reach_the_client_before_the_next_is_written() {
 #[tokio::test]
 async fn upstream_failures_map_to_502_and_504() {
     // Connection refused: 502.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead = closed.local_addr().unwrap();
-    drop(closed);
+    let (_refusing, dead) = refusing_addr();
     let px = start(&one_route(&format!("http://{dead}"), "", "")).await;
     let (resp, body) = send(&http1(), get(px.addr("main").unwrap(), "/")).await;
     assert_eq!(resp.status(), 502);

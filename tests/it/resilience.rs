@@ -208,9 +208,7 @@ async fn get_after_a_reset_is_retried_on_another_endpoint() {
 
 #[tokio::test]
 async fn post_is_retried_when_the_connection_was_refused() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead = closed.local_addr().unwrap();
-    drop(closed);
+    let (_refusing, dead) = refusing_addr();
     let ok = Upstream::start().await;
     // Default retry policy: attempts 2, on connect_error.
     let px = start(&config(&[format!("http://{dead}"), ok.url()], "", "")).await;
@@ -226,9 +224,7 @@ async fn post_is_retried_when_the_connection_was_refused() {
 
 #[tokio::test]
 async fn a_failing_endpoint_is_ejected_and_traffic_moves_to_the_healthy_one() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead = closed.local_addr().unwrap();
-    drop(closed);
+    let (_refusing, dead) = refusing_addr();
     let ok = Upstream::start().await;
     let yaml = config(
         &[format!("http://{dead}"), ok.url()],

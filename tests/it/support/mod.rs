@@ -130,3 +130,13 @@ pub fn json_field<'a>(body: &'a str, key: &str) -> Option<&'a str> {
     let end = body[start..].find('"')? + start;
     Some(&body[start..end])
 }
+
+/// An address that refuses connections for as long as the returned socket lives: bound but
+/// never listening, so no other test can be given the port in the meantime (a listener that
+/// is bound and dropped frees the port for the next `bind(0)`).
+pub fn refusing_addr() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, addr)
+}
