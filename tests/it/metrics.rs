@@ -21,9 +21,12 @@ use crate::assert_eventually;
 use crate::support::{self, Upstream, get, http1, send};
 
 /// A port nothing listens on: connections to it are refused.
+/// A port that refuses connections for the rest of the test run: the socket is bound (so no
+/// other test gets the port) and never listens; it is leaked on purpose.
 async fn closed_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
+    let (socket, addr) = support::refusing_addr();
+    std::mem::forget(socket);
+    addr
 }
 
 async fn admin_get(r: &Running, path: &str, token: Option<&str>) -> (Response<()>, Bytes) {
