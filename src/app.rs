@@ -21,6 +21,7 @@ use crate::proxy::{Shared, Snapshot};
 use crate::reload::{self, ReloadMetrics, ReloadReport};
 use crate::server::{self, Server};
 use crate::shutdown::{self, DrainReport, Signal, Signals};
+use crate::workers::Workers;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -194,6 +195,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 /// Binds everything first so a port conflict refuses the start with nothing served. `path`
 /// is the file SIGHUP and `POST /admin/reload` read again.
 pub async fn start_with_file(config: Config, path: Option<PathBuf>) -> Result<Running, StartError> {
+    start_on(config, path, Workers::current()).await
+}
+
+/// As [`start_with_file`], with the traffic listeners on `workers` (each listener gets a
+/// socket and an accept loop per worker).
+pub async fn start_on(
+    config: Config,
+    path: Option<PathBuf>,
+    workers: Workers,
+) -> Result<Running, StartError> {
     let mut registry = crate::metrics::new_registry();
     // Subsystems register their metrics here, before the registry is frozen in `Shared`.
     let reload_metrics = ReloadMetrics::register(&mut registry);
@@ -222,10 +233,12 @@ pub async fn start_with_file(config: Config, path: Option<PathBuf>) -> Result<Ru
     );
     let mut bound = Vec::new();
     for l in &config.listeners {
-        let listener = server::bind(l.listen).map_err(|source| StartError::Bind {
-            name: l.name.clone(),
-            addr: l.listen,
-            source,
+        let listener = server::bind_listener(l.listen, workers.count()).map_err(|source| {
+            StartError::Bind {
+                name: l.name.clone(),
+                addr: l.listen,
+                source,
+            }
         })?;
         bound.push((l.clone(), listener));
     }
@@ -244,7 +257,7 @@ pub async fn start_with_file(config: Config, path: Option<PathBuf>) -> Result<Ru
     let servers: Vec<Arc<Server>> = bound
         .into_iter()
         .map(|(cfg, listener)| {
-            let s = Server::start(listener, cfg, shared.clone());
+            let s = Server::start(listener, cfg, shared.clone(), &workers);
             tracing::info!(listener = &*s.name, addr = %s.addr, "listening");
             Arc::new(s)
         })
@@ -264,6 +277,7 @@ pub async fn start_with_file(config: Config, path: Option<PathBuf>) -> Result<Ru
         addrs: addrs.clone(),
         metrics: reload_metrics,
         control: control.clone(),
+        workers,
     };
     supervisor.publish_addrs();
     let (done_tx, done) = watch::channel(None);
@@ -313,9 +327,9 @@ fn spawn_sampler(shared: &Arc<Shared>) {
 /// Runs until the drain that SIGTERM, SIGINT or `POST /admin/drain` starts is over. SIGHUP
 /// reloads the file. During the drain, SIGTERM, SIGINT or SIGQUIT exits at once; SIGQUIT
 /// before it, too.
-pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
+pub async fn run(config: Config, path: Option<PathBuf>, workers: Workers) -> Result<(), RunError> {
     let mut signals = Signals::install().map_err(RunError::Signals)?;
-    let running = start_with_file(config, path).await?;
+    let running = start_on(config, path, workers).await?;
     let mut done = running.done.clone();
     let mut draining = false;
     loop {
@@ -385,6 +399,8 @@ struct Supervisor {
     metrics: ReloadMetrics,
     /// Handed to a new admin listener when a reload moves it.
     control: Control,
+    /// Where new listeners run.
+    workers: Workers,
 }
 
 impl Supervisor {
@@ -498,7 +514,7 @@ impl Supervisor {
             {
                 continue;
             }
-            match server::bind(l.listen) {
+            match server::bind_listener(l.listen, self.workers.count()) {
                 Ok(listener) => fresh.push((l.clone(), listener)),
                 Err(e) => {
                     return ReloadReport::error(vec![format!(
@@ -543,7 +559,7 @@ impl Supervisor {
         self.servers = kept;
         for (cfg, listener) in fresh {
             let old = replaced.iter().find(|s| s.config.name == cfg.name);
-            let s = Server::start(listener, cfg, self.shared.clone());
+            let s = Server::start(listener, cfg, self.shared.clone(), &self.workers);
             changes.push(match old {
                 Some(old) if old.config.listen != s.config.listen => {
                     format!("listener {}: now on {} (was {})", s.name, s.addr, old.addr)

@@ -19,3 +19,4 @@ pub mod reload;
 pub mod retry;
 pub mod server;
 pub mod shutdown;
+pub mod workers;

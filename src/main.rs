@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use rampart::config::{Config, LogFormat, LoggingConfig};
+use rampart::workers::Workers;
 
 #[derive(Parser)]
 #[command(
@@ -23,7 +24,8 @@ enum Command {
     Run {
         #[arg(long, short, env = "RAMPART_CONFIG", default_value = "proxy.yaml")]
         config: PathBuf,
-        /// Worker threads (default: one per CPU).
+        /// Worker threads serving traffic, each with its own event loop, sockets and
+        /// upstream connections (default: one per CPU).
         #[arg(long, env = "RAMPART_WORKERS")]
         workers: Option<usize>,
     },
@@ -69,8 +71,15 @@ fn main() -> ExitCode {
             };
             init_logging(&cfg.logging);
             // Kept for SIGHUP and POST /admin/reload.
-            block_on(workers, async move {
-                rampart::app::run(cfg, Some(config)).await
+            let workers = match start_workers(workers) {
+                Ok(w) => w,
+                Err(e) => {
+                    eprintln!("cannot start the worker threads: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            block_on(1, async move {
+                rampart::app::run(cfg, Some(config), workers).await
             })
         }
         Command::Demo {
@@ -86,10 +95,23 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(&cfg.logging);
-            block_on(
-                workers,
-                async move { demo(cfg, config, upstreams_only).await },
-            )
+            // The stand-in upstreams run on the main runtime: alone, they get the workers'
+            // threads; beside rampart, one.
+            let (threads, workers) = if upstreams_only {
+                (workers.filter(|n| *n > 0), Ok(Workers::current()))
+            } else {
+                (Some(1), start_workers(workers))
+            };
+            let workers = match workers {
+                Ok(w) => w,
+                Err(e) => {
+                    eprintln!("cannot start the worker threads: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            block_on(threads, async move {
+                demo(cfg, config, upstreams_only, workers).await
+            })
         }
     }
 }
@@ -98,6 +120,7 @@ async fn demo(
     cfg: Config,
     path: PathBuf,
     upstreams_only: bool,
+    workers: Workers,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let backend = "127.0.0.1:3001".parse()?;
     let llm = "127.0.0.1:3000".parse()?;
@@ -128,17 +151,29 @@ async fn demo(
         eprintln!("  curl -s http://{admin}/readyz");
         eprintln!("Ctrl-C drains and exits (twice: at once); kill -HUP reloads proxy.yaml.\n");
     }
-    rampart::app::run(cfg, Some(path)).await?;
+    rampart::app::run(cfg, Some(path), workers).await?;
     Ok(())
 }
 
-fn block_on<F, E>(workers: Option<usize>, fut: F) -> ExitCode
+/// `n` traffic workers (default: one per CPU).
+fn start_workers(n: Option<usize>) -> std::io::Result<Workers> {
+    let n = n.filter(|n| *n > 0).unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    Workers::start(n)
+}
+
+/// The main runtime: the control plane (admin, health checks, alerts, reloads, signals)
+/// beside the workers, or the demo's stand-in upstreams. `threads`: None, one per CPU.
+fn block_on<F, E>(threads: impl Into<Option<usize>>, fut: F) -> ExitCode
 where
     F: std::future::Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
     let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers.filter(|n| *n > 0) {
+    if let Some(n) = threads.into() {
         rt.worker_threads(n);
     }
     let rt = match rt.enable_all().build() {

@@ -71,6 +71,12 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabels {
+    listener: String,
+    worker: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StreamLabels {
     listener: String,
     route: String,
@@ -94,6 +100,7 @@ pub struct HttpMetrics {
     cells: Arc<Mutex<HashMap<RouteLabels, Arc<RouteCells>>>>,
     live: Arc<Live>,
     draining: Gauge,
+    worker_connections: Family<WorkerLabels, Counter>,
 }
 
 impl HttpMetrics {
@@ -110,6 +117,7 @@ impl HttpMetrics {
             cells: Arc::default(),
             live: Arc::new(Live::default()),
             draining: Gauge::default(),
+            worker_connections: Family::default(),
         };
         // Counters without `_total`: the encoder adds it (and panics in debug builds if the
         // name already has it).
@@ -157,6 +165,11 @@ impl HttpMetrics {
             "draining",
             "1 once a drain has started (readiness is off)",
             m.draining.clone(),
+        );
+        registry.register(
+            "worker_connections",
+            "Connections accepted, by listener and worker thread (how evenly the kernel spreads them)",
+            m.worker_connections.clone(),
         );
         registry.register_collector(Box::new(m.live.clone()));
         m
@@ -226,6 +239,16 @@ impl HttpMetrics {
             connections: Arc::downgrade(connections),
             in_flight: Arc::downgrade(in_flight),
         });
+    }
+
+    /// The accepted-connections counter of one worker's accept loop on `listener`.
+    pub fn worker_connections(&self, listener: &str, worker: usize) -> Counter {
+        self.worker_connections
+            .get_or_create(&WorkerLabels {
+                listener: listener.to_owned(),
+                worker: worker.to_string(),
+            })
+            .clone()
     }
 
     pub fn set_draining(&self, on: bool) {

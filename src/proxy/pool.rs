@@ -149,7 +149,10 @@ pub struct EndpointPool {
     /// `Host` header value for this endpoint ("host" or "host:port").
     pub host_header: HeaderValue,
     tls: Option<(TlsConnector, ServerName<'static>)>,
-    idle: Mutex<Vec<Idle>>,
+    /// One stack per worker thread: a connection is registered with the event loop of the
+    /// worker that opened it, and stays with that worker (as in nginx's per-worker
+    /// `keepalive` cache). `max_idle` applies to each.
+    idle: Box<[Mutex<Vec<Idle>>]>,
     idle_timeout: Duration,
     max_idle: usize,
 }
@@ -168,10 +171,18 @@ impl EndpointPool {
             port,
             host_header,
             tls,
-            idle: Mutex::new(Vec::new()),
+            idle: (0..crate::workers::slots())
+                .map(|_| Mutex::new(Vec::new()))
+                .collect(),
             idle_timeout,
             max_idle,
         }
+    }
+
+    /// This worker's idle stack.
+    fn stack(&self) -> &Mutex<Vec<Idle>> {
+        // Never empty (at least one slot); the modulo keeps any index in range.
+        &self.idle[crate::workers::index() % self.idle.len().max(1)]
     }
 
     /// The most recently used idle connection that is still open and fresh enough.
@@ -179,7 +190,7 @@ impl EndpointPool {
         let now = Instant::now();
         loop {
             let idle = {
-                let mut stack = self.idle.lock().ok()?;
+                let mut stack = self.stack().lock().ok()?;
                 // The oldest sit at the bottom: drop the expired ones first.
                 let expired = stack
                     .iter()
@@ -200,7 +211,7 @@ impl EndpointPool {
         if self.max_idle == 0 || !conn.usable_now() {
             return;
         }
-        if let Ok(mut stack) = self.idle.lock() {
+        if let Ok(mut stack) = self.stack().lock() {
             if stack.len() >= self.max_idle {
                 stack.remove(0);
             }
@@ -213,7 +224,10 @@ impl EndpointPool {
 
     /// Number of idle connections (tests, admin).
     pub fn idle_count(&self) -> usize {
-        self.idle.lock().map(|s| s.len()).unwrap_or(0)
+        self.idle
+            .iter()
+            .map(|s| s.lock().map(|s| s.len()).unwrap_or(0))
+            .sum()
     }
 
     /// A new connection: TCP (and TLS) under `timeout`, then the HTTP/1.1 handshake.

@@ -26,6 +26,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::config::{DrainMode, ListenerConfig};
 use crate::proxy::{ListenerCtx, Shared, pipeline};
+use crate::workers::Workers;
 use h1_guard::Verdict;
 
 pub mod finale;
@@ -69,6 +70,25 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(1024)
 }
 
+/// A traffic listener's sockets: one per worker, all on the same address.
+pub struct Bound {
+    /// The bound address (the real port when the config says 0).
+    pub addr: SocketAddr,
+    sockets: Vec<std::net::TcpListener>,
+}
+
+/// Binds `count` sockets on `addr` (SO_REUSEPORT), the first one deciding the port when
+/// `addr` has port 0. Must run inside a runtime.
+pub fn bind_listener(addr: SocketAddr, count: usize) -> io::Result<Bound> {
+    let first = bind(addr)?;
+    let addr = first.local_addr()?;
+    let mut sockets = vec![first.into_std()?];
+    for _ in 1..count {
+        sockets.push(bind(addr)?.into_std()?);
+    }
+    Ok(Bound { addr, sockets })
+}
+
 pub fn builder(cfg: &ListenerConfig) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
@@ -101,9 +121,14 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts accepting on `listener`.
-    pub fn start(listener: TcpListener, config: ListenerConfig, shared: Arc<Shared>) -> Server {
-        let addr = listener.local_addr().unwrap_or(config.listen);
+    /// Starts accepting on `bound`: one accept loop per socket, each on its worker.
+    pub fn start(
+        bound: Bound,
+        config: ListenerConfig,
+        shared: Arc<Shared>,
+        workers: &Workers,
+    ) -> Server {
+        let addr = bound.addr;
         let name: Arc<str> = Arc::from(config.name.as_str());
         let (phase, phase_rx) = watch::channel(Phase::Serving);
         let open = Arc::new(AtomicUsize::new(0));
@@ -123,8 +148,24 @@ impl Server {
             open: open.clone(),
             health_path: config.health_path.as_deref().map(Arc::from),
         };
+        // One cap for the listener, whichever worker accepts.
         let slots = Arc::new(Semaphore::new(config.max_connections));
-        tokio::spawn(acceptor.run(listener, slots, phase_rx));
+        for (i, socket) in bound.sockets.into_iter().enumerate() {
+            let acceptor = acceptor.clone();
+            let slots = slots.clone();
+            let phase_rx = phase_rx.clone();
+            workers.spawn_on(i, async move {
+                // Registered with the runtime of the worker that polls it.
+                match TcpListener::from_std(socket) {
+                    Ok(listener) => acceptor.run(listener, slots, phase_rx).await,
+                    Err(e) => tracing::error!(
+                        listener = &*acceptor.ctx.name,
+                        error = %e,
+                        "cannot register the listening socket"
+                    ),
+                }
+            });
+        }
         Server {
             name,
             addr,
@@ -174,6 +215,7 @@ pub async fn reached(phase: &mut watch::Receiver<Phase>, p: Phase) {
 }
 
 /// What the accept loop needs to serve a connection.
+#[derive(Clone)]
 struct Acceptor {
     builder: auto::Builder<TokioExecutor>,
     ctx: Arc<ListenerCtx>,
@@ -192,6 +234,11 @@ impl Acceptor {
         slots: Arc<Semaphore>,
         mut phase: watch::Receiver<Phase>,
     ) {
+        let accepted = self
+            .ctx
+            .shared
+            .http
+            .worker_connections(&self.ctx.name, crate::workers::index());
         loop {
             // Take a slot before accepting: above the cap, connections wait in the kernel's
             // backlog instead of being accepted and starved.
@@ -214,6 +261,7 @@ impl Acceptor {
                 },
                 _ = reached(&mut phase, Phase::Closing) => break,
             };
+            accepted.inc();
             self.serve(stream, peer, permit, phase.clone());
         }
         self.sweep(listener, &slots, &phase);

@@ -714,3 +714,64 @@ async fn stale_pooled_connections_are_never_used() {
     assert_eq!(up.accepted.load(Ordering::SeqCst), 10);
     px.shutdown().await;
 }
+
+/// Sends `n` requests one after the other on one keep-alive connection; the statuses.
+async fn sequential_gets(addr: std::net::SocketAddr, n: usize) -> Vec<String> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut statuses = Vec::new();
+    for _ in 0..n {
+        s.write_all(b"GET /ok HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut got = Vec::new();
+        while !String::from_utf8_lossy(&got).ends_with("ok") {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "proxy closed a keep-alive connection");
+            got.extend_from_slice(&buf[..n]);
+        }
+        statuses.push(String::from_utf8_lossy(&got[..12]).to_string());
+    }
+    statuses
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_each_accept_on_their_own_socket_of_the_listener() {
+    let up = Upstream::start().await;
+    let workers = rampart::workers::Workers::start(2).unwrap();
+    let px = rampart::app::start_on(parse(&one_route(&up.url(), "", "")), None, workers)
+        .await
+        .expect("proxy starts");
+    let addr = px.addr("main").unwrap();
+
+    let clients: Vec<_> = (0..32)
+        .map(|_| tokio::spawn(sequential_gets(addr, 5)))
+        .collect();
+    for c in clients {
+        for status in c.await.unwrap() {
+            assert_eq!(status, "HTTP/1.1 200");
+        }
+    }
+    assert_eq!(up.requests(), 160);
+
+    // SO_REUSEPORT spreads the 32 connections over both workers' sockets (all on one: odds
+    // of 2 in 2^32).
+    let (resp, body) = send(&http1(), get(px.admin_addr, "/metrics")).await;
+    assert_eq!(resp.status(), 200);
+    let text = String::from_utf8_lossy(&body);
+    let accepted = |w: &str| -> f64 {
+        let series =
+            format!("rampart_worker_connections_total{{listener=\"main\",worker=\"{w}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let (w0, w1) = (accepted("0"), accepted("1"));
+    assert_eq!(w0 + w1, 32.0, "{text}");
+    assert!(w0 > 0.0 && w1 > 0.0, "worker 0: {w0}, worker 1: {w1}");
+    px.shutdown().await;
+}

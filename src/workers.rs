@@ -1,0 +1,148 @@
+//! Traffic workers, one thread per core, as nginx has worker processes: each thread runs
+//! its own single-threaded tokio runtime, accepts on its own socket of every listener
+//! (SO_REUSEPORT: the kernel spreads new connections over them) and keeps its own idle
+//! upstream connections. A request then lives on one thread from accept to its last byte:
+//! no cross-thread wake-ups, no work stealing, no idle pool shared between cores. The
+//! control plane (admin, health checks, alerts, reloads, signals) stays on the main runtime.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+
+thread_local! {
+    static INDEX: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The most workers any `Workers::start` in this process asked for: how many idle stacks
+/// an upstream pool keeps (one per worker).
+static SLOTS: AtomicUsize = AtomicUsize::new(1);
+
+/// This thread's worker number (0 off the worker threads).
+pub fn index() -> usize {
+    INDEX.with(Cell::get)
+}
+
+/// How many per-worker slots per-worker state needs.
+pub fn slots() -> usize {
+    SLOTS.load(Ordering::Relaxed).max(1)
+}
+
+/// Where listeners run: on the worker threads, or (empty, the default: tests and embedding)
+/// on the runtime of whoever starts them.
+#[derive(Clone, Default)]
+pub struct Workers {
+    inner: Option<Arc<Inner>>,
+}
+
+struct Inner {
+    handles: Vec<Handle>,
+    /// Dropped with the last `Workers`: each thread then leaves its runtime and ends.
+    _stop: Vec<oneshot::Sender<()>>,
+}
+
+impl Workers {
+    /// Listeners run on the caller's runtime.
+    pub fn current() -> Workers {
+        Workers::default()
+    }
+
+    /// Starts `n` worker threads (at least one), each with its runtime.
+    pub fn start(n: usize) -> io::Result<Workers> {
+        let n = n.max(1);
+        let mut handles = Vec::with_capacity(n);
+        let mut stop = Vec::with_capacity(n);
+        for i in 0..n {
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            std::thread::Builder::new()
+                .name(format!("rampart-worker-{i}"))
+                .spawn(move || {
+                    INDEX.with(|c| c.set(i));
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+                    if ready_tx.send(Ok((rt.handle().clone(), stop_tx))).is_err() {
+                        return;
+                    }
+                    rt.block_on(async {
+                        let _ = stop_rx.await;
+                    });
+                })?;
+            let (handle, stop_tx) = ready_rx
+                .recv()
+                .map_err(|_| io::Error::other("a worker thread ended before it started"))??;
+            handles.push(handle);
+            stop.push(stop_tx);
+        }
+        SLOTS.fetch_max(n, Ordering::Relaxed);
+        Ok(Workers {
+            inner: Some(Arc::new(Inner {
+                handles,
+                _stop: stop,
+            })),
+        })
+    }
+
+    /// How many accept loops (and listening sockets) each listener gets.
+    pub fn count(&self) -> usize {
+        self.inner.as_ref().map_or(1, |i| i.handles.len())
+    }
+
+    /// Runs `fut` on worker `i` (on the caller's runtime without workers).
+    pub fn spawn_on<F>(&self, i: usize, fut: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        match &self.inner {
+            Some(inner) if !inner.handles.is_empty() => {
+                inner.handles[i % inner.handles.len()].spawn(fut);
+            }
+            _ => {
+                tokio::spawn(fut);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_worker_runs_its_tasks_on_its_own_thread() {
+        let workers = Workers::start(2).unwrap();
+        assert_eq!(workers.count(), 2);
+        assert!(slots() >= 2);
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 0..4 {
+            let tx = tx.clone();
+            workers.spawn_on(i, async move {
+                let _ = tx.send((i, index(), std::thread::current().id()));
+            });
+        }
+        let mut seen: Vec<_> = (0..4)
+            .map(|_| rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap())
+            .collect();
+        seen.sort_by_key(|s| s.0);
+        // Task i runs on worker i % 2, and each worker is one thread.
+        assert_eq!(seen[0].1, 0);
+        assert_eq!(seen[1].1, 1);
+        assert_eq!(seen[2].1, 0);
+        assert_eq!(seen[3].1, 1);
+        assert_eq!(seen[0].2, seen[2].2);
+        assert_eq!(seen[1].2, seen[3].2);
+        assert_ne!(seen[0].2, seen[1].2);
+    }
+}
