@@ -15,21 +15,29 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
 thread_local! {
-    static INDEX: Cell<usize> = const { Cell::new(0) };
+    /// Set on worker threads only.
+    static INDEX: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
-/// The most workers any `Workers::start` in this process asked for: how many idle stacks
-/// an upstream pool keeps (one per worker).
-static SLOTS: AtomicUsize = AtomicUsize::new(1);
+/// The most workers any `Workers::start` in this process asked for.
+static MAX_WORKERS: AtomicUsize = AtomicUsize::new(0);
 
 /// This thread's worker number (0 off the worker threads).
 pub fn index() -> usize {
-    INDEX.with(Cell::get)
+    INDEX.with(Cell::get).unwrap_or(0)
 }
 
-/// How many per-worker slots per-worker state needs.
+/// How many slots per-thread state (an upstream pool's idle stacks) needs: one per worker,
+/// plus one for every other thread (the control plane's health checks).
 pub fn slots() -> usize {
-    SLOTS.load(Ordering::Relaxed).max(1)
+    MAX_WORKERS.load(Ordering::Relaxed) + 1
+}
+
+/// This thread's slot among [`slots`]: its worker number, or the last one off the workers.
+pub fn slot() -> usize {
+    INDEX
+        .with(Cell::get)
+        .unwrap_or_else(|| MAX_WORKERS.load(Ordering::Relaxed))
 }
 
 /// Where listeners run: on the worker threads, or (empty, the default: tests and embedding)
@@ -61,7 +69,7 @@ impl Workers {
             std::thread::Builder::new()
                 .name(format!("rampart-worker-{i}"))
                 .spawn(move || {
-                    INDEX.with(|c| c.set(i));
+                    INDEX.with(|c| c.set(Some(i)));
                     let rt = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
@@ -86,7 +94,7 @@ impl Workers {
             handles.push(handle);
             stop.push(stop_tx);
         }
-        SLOTS.fetch_max(n, Ordering::Relaxed);
+        MAX_WORKERS.fetch_max(n, Ordering::Relaxed);
         Ok(Workers {
             inner: Some(Arc::new(Inner {
                 handles,
@@ -124,12 +132,12 @@ mod tests {
     fn each_worker_runs_its_tasks_on_its_own_thread() {
         let workers = Workers::start(2).unwrap();
         assert_eq!(workers.count(), 2);
-        assert!(slots() >= 2);
+        assert!(slots() >= 3);
         let (tx, rx) = std::sync::mpsc::channel();
         for i in 0..4 {
             let tx = tx.clone();
             workers.spawn_on(i, async move {
-                let _ = tx.send((i, index(), std::thread::current().id()));
+                let _ = tx.send((i, slot(), std::thread::current().id()));
             });
         }
         let mut seen: Vec<_> = (0..4)

@@ -149,9 +149,9 @@ pub struct EndpointPool {
     /// `Host` header value for this endpoint ("host" or "host:port").
     pub host_header: HeaderValue,
     tls: Option<(TlsConnector, ServerName<'static>)>,
-    /// One stack per worker thread: a connection is registered with the event loop of the
-    /// worker that opened it, and stays with that worker (as in nginx's per-worker
-    /// `keepalive` cache). `max_idle` applies to each.
+    /// One stack per worker thread (and one for the other threads): a connection is
+    /// registered with the event loop of the thread that opened it, and stays with it (as in
+    /// nginx's per-worker `keepalive` cache). `max_idle` applies to each.
     idle: Box<[Mutex<Vec<Idle>>]>,
     idle_timeout: Duration,
     max_idle: usize,
@@ -179,10 +179,10 @@ impl EndpointPool {
         }
     }
 
-    /// This worker's idle stack.
+    /// This thread's idle stack (a worker's own, or the control plane's).
     fn stack(&self) -> &Mutex<Vec<Idle>> {
-        // Never empty (at least one slot); the modulo keeps any index in range.
-        &self.idle[crate::workers::index() % self.idle.len().max(1)]
+        // At least one slot; a pool built before more workers started folds them in.
+        &self.idle[crate::workers::slot() % self.idle.len().max(1)]
     }
 
     /// The most recently used idle connection that is still open and fresh enough.
