@@ -35,35 +35,61 @@ const EGRESS_POLL: Duration = Duration::from_millis(50);
 // === in-flight accounting ===
 
 /// Requests and SSE streams in flight, process-wide: what a drain still waits for.
-#[derive(Debug, Default)]
+/// Counted per thread (worker), each in its own allocation, so that workers counting every
+/// request never write to the same cache line; readers add them up.
+#[derive(Debug)]
 pub struct InFlight {
+    shards: Box<[Arc<Shard>]>,
+}
+
+#[derive(Debug, Default)]
+pub struct Shard {
     requests: AtomicUsize,
     streams: AtomicUsize,
     /// Streams ended with the final event since start (drains and replaced listeners).
     streams_ended: AtomicUsize,
 }
 
-impl InFlight {
-    /// Counts a request until the guard (moved into its response body) is dropped.
-    pub fn request(self: &Arc<Self>) -> RequestGuard {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        RequestGuard(self.clone())
-    }
-
-    pub fn requests(&self) -> usize {
-        self.requests.load(Ordering::Relaxed)
-    }
-
-    pub fn streams(&self) -> usize {
-        self.streams.load(Ordering::Relaxed)
-    }
-
-    pub fn streams_ended(&self) -> usize {
-        self.streams_ended.load(Ordering::Relaxed)
+impl Default for InFlight {
+    fn default() -> Self {
+        InFlight {
+            shards: (0..crate::workers::slots())
+                .map(|_| Arc::default())
+                .collect(),
+        }
     }
 }
 
-pub struct RequestGuard(Arc<InFlight>);
+impl InFlight {
+    /// Counts a request until the guard (moved into its response body) is dropped.
+    pub fn request(&self) -> RequestGuard {
+        // Never empty; the modulo folds in workers started after this was made.
+        let shard = &self.shards[crate::workers::slot() % self.shards.len().max(1)];
+        shard.requests.fetch_add(1, Ordering::Relaxed);
+        RequestGuard(shard.clone())
+    }
+
+    fn sum(&self, field: impl Fn(&Shard) -> &AtomicUsize) -> usize {
+        self.shards
+            .iter()
+            .map(|s| field(s).load(Ordering::Relaxed))
+            .sum()
+    }
+
+    pub fn requests(&self) -> usize {
+        self.sum(|s| &s.requests)
+    }
+
+    pub fn streams(&self) -> usize {
+        self.sum(|s| &s.streams)
+    }
+
+    pub fn streams_ended(&self) -> usize {
+        self.sum(|s| &s.streams_ended)
+    }
+}
+
+pub struct RequestGuard(Arc<Shard>);
 
 impl RequestGuard {
     /// The request's answer is an SSE stream.
@@ -79,7 +105,7 @@ impl Drop for RequestGuard {
     }
 }
 
-pub struct StreamGuard(Arc<InFlight>);
+pub struct StreamGuard(Arc<Shard>);
 
 impl StreamGuard {
     pub fn ended_by_drain(&self) {

@@ -224,6 +224,7 @@ impl Shared {
 }
 
 /// What a connection's service needs: which listener it belongs to, and the shared state.
+#[derive(Clone)]
 pub struct ListenerCtx {
     pub name: Arc<str>,
     pub shared: Arc<Shared>,

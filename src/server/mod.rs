@@ -151,7 +151,10 @@ impl Server {
         // One cap for the listener, whichever worker accepts.
         let slots = Arc::new(Semaphore::new(config.max_connections));
         for (i, socket) in bound.sockets.into_iter().enumerate() {
-            let acceptor = acceptor.clone();
+            let mut acceptor = acceptor.clone();
+            // Its own copy per worker: every request clones this Arc, and a count two
+            // cores keep writing would bounce between them.
+            acceptor.ctx = Arc::new(ListenerCtx::clone(&acceptor.ctx));
             let slots = slots.clone();
             let phase_rx = phase_rx.clone();
             workers.spawn_on(i, async move {
