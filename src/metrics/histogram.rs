@@ -3,7 +3,8 @@
 //! prometheus-client's own histogram takes a mutex on every observation and offers no way to
 //! read its buckets back; the request path observes on every request, and the alert rules
 //! and the status page need the buckets (P95) and the sum (average) between scrapes. One
-//! `fetch_add` per bucket hit and one for the sum, readable at any time.
+//! `fetch_add` per bucket hit and one for the sum, readable at any time. Each worker thread
+//! writes its own copy of the counts (its own cache lines); reads add the copies up.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,10 +27,15 @@ pub const STREAM_DURATION_BUCKETS: &[f64] =
 #[derive(Debug)]
 struct Inner {
     bounds: &'static [f64],
-    /// Per bucket, not cumulative; the last one is +Inf.
-    counts: Box<[AtomicU64]>,
-    sum_micros: AtomicU64,
+    /// `shards` blocks of `stride` cells: per bucket counts (not cumulative; the last one
+    /// is +Inf), then the sum in microseconds. `stride` is a whole number of cache lines.
+    cells: Box<[AtomicU64]>,
+    stride: usize,
+    shards: usize,
 }
+
+/// Cells per cache line.
+const LINE: usize = 64 / std::mem::size_of::<AtomicU64>();
 
 /// Clones share the counts (a handle, like prometheus-client's metrics).
 #[derive(Debug, Clone)]
@@ -45,12 +51,26 @@ pub struct HistogramSnapshot {
 
 impl DurationHistogram {
     pub fn new(bounds: &'static [f64]) -> Self {
-        let counts = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
+        // Buckets, +Inf, sum; and one line of slack, since the allocation itself need not
+        // start on a line.
+        let stride = (bounds.len() + 2).div_ceil(LINE) * LINE + LINE;
+        let shards = crate::workers::slots();
+        let cells = (0..stride * shards).map(|_| AtomicU64::new(0)).collect();
         DurationHistogram(Arc::new(Inner {
             bounds,
-            counts,
-            sum_micros: AtomicU64::new(0),
+            cells,
+            stride,
+            shards,
         }))
+    }
+
+    /// This thread's block of cells.
+    fn shard(&self) -> &[AtomicU64] {
+        let i = super::sharded::slot_in(self.0.shards);
+        self.0
+            .cells
+            .get(i * self.0.stride..(i + 1) * self.0.stride)
+            .unwrap_or_default()
     }
 
     pub fn request() -> Self {
@@ -77,22 +97,31 @@ impl DurationHistogram {
             .iter()
             .position(|b| secs <= *b)
             .unwrap_or(self.0.bounds.len());
-        if let Some(c) = self.0.counts.get(i) {
+        let shard = self.shard();
+        if let Some(c) = shard.get(i) {
             c.fetch_add(1, Ordering::Relaxed);
         }
         let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        self.0.sum_micros.fetch_add(micros, Ordering::Relaxed);
+        if let Some(sum) = shard.get(self.0.bounds.len() + 1) {
+            sum.fetch_add(micros, Ordering::Relaxed);
+        }
     }
 
     pub fn snapshot(&self) -> HistogramSnapshot {
+        let n = self.0.bounds.len() + 1;
+        let mut counts = vec![0u64; n];
+        let mut sum_micros = 0u64;
+        for shard in self.0.cells.chunks(self.0.stride.max(1)) {
+            for (total, c) in counts.iter_mut().zip(shard) {
+                *total += c.load(Ordering::Relaxed);
+            }
+            if let Some(s) = shard.get(n) {
+                sum_micros = sum_micros.saturating_add(s.load(Ordering::Relaxed));
+            }
+        }
         HistogramSnapshot {
-            counts: self
-                .0
-                .counts
-                .iter()
-                .map(|c| c.load(Ordering::Relaxed))
-                .collect(),
-            sum_secs: self.0.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            counts,
+            sum_secs: sum_micros as f64 / 1e6,
         }
     }
 }
@@ -217,6 +246,28 @@ mod tests {
         let h = DurationHistogram::new(&[0.1, 1.0]);
         h.observe(Duration::from_secs(30));
         assert_eq!(h.snapshot().quantile(h.bounds(), 0.95), Some(1.0));
+    }
+
+    #[test]
+    fn observations_from_worker_threads_add_up() {
+        let workers = crate::workers::Workers::start(2).unwrap();
+        let h = DurationHistogram::new(&[0.1, 1.0]);
+        h.observe(Duration::from_millis(10));
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 0..2 {
+            let (h, tx) = (h.clone(), tx.clone());
+            workers.spawn_on(i, async move {
+                h.observe(Duration::from_millis(500));
+                h.observe(Duration::from_secs(3));
+                let _ = tx.send(());
+            });
+        }
+        for _ in 0..2 {
+            rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        }
+        let s = h.snapshot();
+        assert_eq!(s.counts, vec![1, 2, 2]);
+        assert!((s.sum_secs - 7.01).abs() < 1e-6, "{}", s.sum_secs);
     }
 
     #[test]

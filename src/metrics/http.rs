@@ -17,6 +17,8 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
+
+use super::sharded::ShardedCounter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
@@ -87,13 +89,13 @@ type HistogramFamily = Family<RouteLabels, DurationHistogram, fn() -> DurationHi
 /// The families; cloning shares them.
 #[derive(Clone)]
 pub struct HttpMetrics {
-    requests: Family<RequestLabels, Counter>,
+    requests: Family<RequestLabels, ShardedCounter>,
     duration: HistogramFamily,
     stream_ttfb: HistogramFamily,
     stream_duration: HistogramFamily,
     streams_active: Family<StreamLabels, Gauge>,
-    bytes_in: Family<RouteLabels, Counter>,
-    bytes_out: Family<RouteLabels, Counter>,
+    bytes_in: Family<RouteLabels, ShardedCounter>,
+    bytes_out: Family<RouteLabels, ShardedCounter>,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
     /// Per-route counters and stream handles by labels, shared by every snapshot's handles
     /// for that route (a reload must not lose the combinations already seen).
@@ -263,15 +265,15 @@ pub struct RouteMetrics {
     families: HttpMetrics,
     cells: Arc<RouteCells>,
     pub duration: DurationHistogram,
-    bytes_in: Counter,
-    bytes_out: Counter,
+    bytes_in: ShardedCounter,
+    bytes_out: ShardedCounter,
     upstream_errors: Option<UpstreamErrors>,
 }
 
 #[derive(Default)]
 struct RouteCells {
     /// [method][status class], created on first use.
-    requests: [[OnceLock<Counter>; 5]; 8],
+    requests: [[OnceLock<ShardedCounter>; 5]; 8],
     /// Only routes that ever stream get these series.
     streams: OnceLock<StreamHandles>,
 }
@@ -283,7 +285,7 @@ struct StreamHandles {
 }
 
 impl RouteMetrics {
-    fn counter(&self, method: usize, status: usize) -> Option<&Counter> {
+    fn counter(&self, method: usize, status: usize) -> Option<&ShardedCounter> {
         let cell = self.cells.requests.get(method)?.get(status)?;
         Some(cell.get_or_init(|| {
             self.families

@@ -12,6 +12,7 @@
 pub mod histogram;
 pub mod http;
 pub mod series;
+pub mod sharded;
 
 use std::sync::Arc;
 
