@@ -18,6 +18,11 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 /// Removes hop-by-hop headers and every header named in `Connection`. With `keep_upgrade`,
 /// `Connection: upgrade` and `Upgrade` survive (a WebSocket handshake being forwarded).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of them: one pass over the names costs less than a lookup
+    // per name. Without a Connection header no other name is hop-by-hop.
+    if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Names listed in Connection are hop-by-hop too; collect before removing.
     let mut named: Vec<HeaderName> = Vec::new();
     for value in headers.get_all(header::CONNECTION) {
@@ -49,6 +54,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     } else {
         headers.remove(header::UPGRADE);
     }
+}
+
+/// The names `strip_hop_by_hop` always removes (Connection itself included).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::TRAILER
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
 }
 
 /// Whether the client asks for a protocol upgrade (WebSocket): `Connection: upgrade` plus an
@@ -157,7 +175,6 @@ pub fn set_forwarded(
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(peer),
         v4 => v4,
     };
-    let peer_str = peer.to_string();
     let xff = if trusted_peer {
         let prior: Vec<&str> = headers
             .get_all(&X_FORWARDED_FOR)
@@ -165,14 +182,14 @@ pub fn set_forwarded(
             .filter_map(|v| v.to_str().ok())
             .collect();
         if prior.is_empty() {
-            peer_str
+            ip_value(peer)
         } else {
-            format!("{}, {}", prior.join(", "), peer_str)
+            HeaderValue::from_str(&format!("{}, {}", prior.join(", "), peer)).ok()
         }
     } else {
-        peer_str
+        ip_value(peer)
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         headers.insert(&X_FORWARDED_FOR, v);
     }
     if !(trusted_peer && headers.contains_key(&X_FORWARDED_PROTO)) {
@@ -188,6 +205,33 @@ pub fn set_forwarded(
             }
         }
     }
+}
+
+/// The address as a header value. IPv4 is written by hand: `core::fmt` costs several times
+/// more, on every request.
+fn ip_value(ip: IpAddr) -> Option<HeaderValue> {
+    let IpAddr::V4(v4) = ip else {
+        return HeaderValue::from_str(&ip.to_string()).ok();
+    };
+    let mut buf = [0u8; 15];
+    let mut len = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[len] = b'.';
+            len += 1;
+        }
+        if octet >= 100 {
+            buf[len] = b'0' + octet / 100;
+            len += 1;
+        }
+        if octet >= 10 {
+            buf[len] = b'0' + octet / 10 % 10;
+            len += 1;
+        }
+        buf[len] = b'0' + octet % 10;
+        len += 1;
+    }
+    HeaderValue::from_bytes(&buf[..len]).ok()
 }
 
 #[cfg(test)]
@@ -266,6 +310,34 @@ mod tests {
         let long = "a".repeat(129);
         assert_eq!(request_id(&map(&[("x-request-id", &long)])).len(), 32);
         assert_ne!(new_request_id(), new_request_id());
+    }
+
+    #[test]
+    fn ip_values_match_display() {
+        for ip in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.0.100.9",
+            "255.255.255.255",
+            "192.168.10.199",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_value(ip).unwrap(), ip.to_string().as_str());
+        }
+    }
+
+    #[test]
+    fn strip_leaves_clean_headers_alone() {
+        let mut h = map(&[("host", "a"), ("x-a", "1"), ("content-length", "3")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 3);
+        for name in ["upgrade", "keep-alive", "proxy-connection", "te"] {
+            let mut h = map(&[("host", "a"), (name, "1")]);
+            strip_hop_by_hop(&mut h, false);
+            assert_eq!(h.len(), 1, "{name}");
+        }
     }
 
     #[test]
