@@ -45,15 +45,16 @@ impl Route {
         }
     }
 
-    fn matches(&self, host: Option<&str>, path: &str, method: &Method) -> bool {
+    fn matches<B>(&self, req: &Request<B>, path: &str) -> bool {
         if let Some(want) = &self.host {
-            match host {
+            // Looked up only for routes that name a host: most do not.
+            match request_host(req) {
                 Some(h) if h.eq_ignore_ascii_case(want) => {}
                 _ => return false,
             }
         }
         if let Some(methods) = &self.methods
-            && !methods.contains(method)
+            && !methods.contains(req.method())
         {
             return false;
         }
@@ -84,9 +85,8 @@ pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
 }
 
 pub fn find<'a, B>(routes: &'a [Route], req: &Request<B>) -> Option<&'a Route> {
-    let host = request_host(req);
     let path = req.uri().path();
-    routes.iter().find(|r| r.matches(host, path, req.method()))
+    routes.iter().find(|r| r.matches(req, path))
 }
 
 #[cfg(test)]
