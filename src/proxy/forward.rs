@@ -126,15 +126,14 @@ impl Upstream {
     }
 }
 
-/// A failed attempt: what the client would hear, what kind of failure it was (for retries,
-/// ejection and the breaker; None when the fault is the client's own request body), and the
-/// request itself when it provably never left.
+/// A failed attempt: what the client would hear, and what kind of failure it was (for
+/// retries, ejection and the breaker; None when the fault is the client's own request body).
 pub struct SendError {
     pub error: ProxyError,
     pub failure: Option<Failure>,
-    pub unsent: Option<Request<RequestBody>>,
-    /// `unsent` is there because the first-byte or total deadline passed while connecting;
-    /// a retry sends it only when the request body was kept for retries (as a copy would).
+    /// The request was put back because the first-byte or total deadline passed while
+    /// connecting; a retry sends it only when the request body was kept for retries (as a
+    /// copy would be).
     pub by_deadline: bool,
 }
 
@@ -178,13 +177,14 @@ pub struct Timers {
     pub deadline: Option<Instant>,
 }
 
-/// Sends the request to `endpoint` and waits for the response head, at most `first_byte`
-/// (or until the route's total deadline if that comes first). The error is boxed: the
-/// answer travels up through several futures, and most answers are not errors.
+/// Sends the request in `request` to `endpoint` and waits for the response head, at most
+/// `first_byte` (or until the route's total deadline if that comes first). The request is
+/// taken out, and put back when it provably never left. The error is boxed: the answer
+/// travels up through several futures, and most answers are not errors.
 pub async fn send(
     upstream: &str,
     endpoint: &Endpoint,
-    mut req: Request<RequestBody>,
+    request: &mut Option<Request<RequestBody>>,
     timers: &Timers,
 ) -> Result<Response<PooledBody>, Box<SendError>> {
     let fb_deadline = Instant::now() + timers.first_byte;
@@ -192,14 +192,13 @@ pub async fn send(
         Some(d) if d < fb_deadline => (d, TimeoutPhase::Total),
         _ => (fb_deadline, TimeoutPhase::FirstByte),
     };
-    let timed_out = |failure, unsent, by_deadline| {
+    let timed_out = |failure, by_deadline| {
         Box::new(SendError {
             error: ProxyError::UpstreamTimeout {
                 upstream: upstream.to_string(),
                 phase,
             },
             failure: Some(failure),
-            unsent,
             by_deadline,
         })
     };
@@ -216,7 +215,7 @@ pub async fn send(
         let conn = match idle {
             Some(c) => c,
             // Rare once the pool is warm: boxed, so its large future is not part of every
-            // request's. The request stays out of it, so it is still ours if time runs out.
+            // request's. The request stays out of it, so it is still here if time runs out.
             None => match Box::pin(tokio::time::timeout_at(
                 until,
                 endpoint.pool.connect(timers.connect),
@@ -232,12 +231,22 @@ pub async fn send(
                     return Err(Box::new(SendError {
                         error: connect_error(upstream, e),
                         failure: Some(failure),
-                        unsent: Some(req),
                         by_deadline: false,
                     }));
                 }
-                Err(_) => return Err(timed_out(Failure::ConnectTimeout, Some(req), true)),
+                Err(_) => return Err(timed_out(Failure::ConnectTimeout, true)),
             },
+        };
+        let Some(req) = request.take() else {
+            // Callers always pass a request; nothing was sent.
+            return Err(Box::new(SendError {
+                error: ProxyError::UpstreamUnavailable {
+                    upstream: upstream.to_string(),
+                    detail: "no request".into(),
+                },
+                failure: None,
+                by_deadline: false,
+            }));
         };
         // From here on a timeout means the request may have reached the upstream.
         let reused = conn.reused;
@@ -245,27 +254,24 @@ pub async fn send(
         let failure = match tokio::time::timeout_at(until, exchange).await {
             Ok(Ok(resp)) => return Ok(resp),
             Ok(Err(failure)) => failure,
-            Err(_) => return Err(timed_out(Failure::FirstByteTimeout, None, false)),
+            Err(_) => return Err(timed_out(Failure::FirstByteTimeout, false)),
         };
-        match failure.unsent {
-            Some(unsent) if reused => {
-                req = unsent;
-                from_pool = false;
-            }
-            unsent => {
-                let (error, blame) = classify(&failure.error, upstream);
-                return Err(Box::new(SendError {
-                    error,
-                    failure: blame.then_some(if unsent.is_some() {
-                        Failure::Connect
-                    } else {
-                        Failure::Reset
-                    }),
-                    unsent,
-                    by_deadline: false,
-                }));
-            }
+        let unsent = failure.unsent.is_some();
+        *request = failure.unsent;
+        if unsent && reused {
+            from_pool = false;
+            continue;
         }
+        let (error, blame) = classify(&failure.error, upstream);
+        return Err(Box::new(SendError {
+            error,
+            failure: blame.then_some(if unsent {
+                Failure::Connect
+            } else {
+                Failure::Reset
+            }),
+            by_deadline: false,
+        }));
     }
 }
 

@@ -79,7 +79,7 @@ pub async fn handle(
             start,
         };
         match begin(&env, listener, req, &mut tail) {
-            Ok(Step::Send(send)) => send.run(&env, &mut tail).await,
+            Ok(Step::Send(mut send)) => send.run(&env, &mut tail).await,
             Ok(step) => Box::pin(slow(&env, step, &mut tail)).await,
             Err(e) => Err(e),
         }
@@ -160,32 +160,6 @@ enum Step<'a> {
     },
     /// Ready for the retry loop: the hot path.
     Send(Send<'a>),
-}
-
-struct Send<'a> {
-    attempt: Attempt<'a>,
-    request: Request<RequestBody>,
-    idle: Duration,
-}
-
-impl Send<'_> {
-    async fn run(self, env: &Env<'_>, tail: &mut Tail) -> Result<Response<ProxyBody>, ProxyError> {
-        let Send {
-            attempt,
-            request,
-            idle,
-        } = self;
-        let deadline = attempt.timers.deadline;
-        let resp = attempt.run(request, tail).await?;
-        if let Some(r) = tail.log.as_mut() {
-            r.ttfb = Some(env.start.elapsed());
-        }
-        // Stream back, frame by frame.
-        let (mut parts, body) = resp.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers, false);
-        let body = TimedBody::new(body, idle, deadline, None);
-        Ok(Response::from_parts(parts, ProxyBody::upstream(body)))
-    }
 }
 
 /// Admission (draining, listener shedding), framing, route; then on through `after_route`
@@ -395,14 +369,12 @@ fn outgoing<'a>(
         && retry::may_retry_once_sent(&cfg.retry, &parts.method))
     .then(|| (parts.uri.clone(), parts.headers.clone()));
     Step::Send(Send {
-        attempt: Attempt {
-            upstream,
-            method: parts.method.clone(),
-            replay,
-            template,
-            timers,
-        },
-        request: Request::from_parts(parts, body),
+        upstream,
+        method: parts.method.clone(),
+        request: Some(Request::from_parts(parts, body)),
+        replay,
+        template,
+        timers,
         idle,
     })
 }
@@ -464,7 +436,7 @@ async fn slow(
                 )
                 .await;
             }
-            Step::Send(send) => return send.run(env, tail).await,
+            Step::Send(mut send) => return send.run(env, tail).await,
         };
     }
 }
@@ -520,29 +492,35 @@ async fn upgrade(
 /// sends, classifies the result, feeds endpoint health, and decides whether to go again.
 /// Never retries once the response was handed on; never retries what may have reached the
 /// upstream unless the method is idempotent and the body was kept.
-struct Attempt<'a> {
+///
+/// Owned by `handle`'s future and lent to `run` and `forward::send`: passed by value, the
+/// request would be copied into every future on the way, and kept there.
+struct Send<'a> {
     upstream: &'a Upstream,
     method: Method,
+    /// The request for the next attempt: taken by the send, put back when it provably
+    /// never left.
+    request: Option<Request<RequestBody>>,
     /// The request body, kept for a retry (None: not replayable).
     replay: Option<Bytes>,
     /// URI and headers: enough, with `method` and `replay`, to rebuild a request that was
     /// sent for a retry. Only kept when such a retry is possible (see `outgoing`).
     template: Option<(Uri, HeaderMap)>,
     timers: forward::Timers,
+    idle: Duration,
 }
 
-impl Attempt<'_> {
+impl Send<'_> {
     async fn run(
-        self,
-        request: Request<RequestBody>,
+        &mut self,
+        env: &Env<'_>,
         tail: &mut Tail,
-    ) -> Result<Response<crate::proxy::pool::PooledBody>, ProxyError> {
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let upstream = self.upstream;
         let cfg = &upstream.resilience;
         if let Ok(mut b) = upstream.state.budget.lock() {
             b.record_request(Instant::now());
         }
-        let mut next = Some(request);
         let mut tried: u64 = 0;
         let mut attempt = 1;
         loop {
@@ -551,7 +529,10 @@ impl Attempt<'_> {
                 tried |= 1 << idx;
             }
             let endpoint = &upstream.endpoints[idx];
-            let Some(mut request) = next.take().or_else(|| self.rebuild()) else {
+            if self.request.is_none() {
+                self.request = self.rebuild();
+            }
+            let Some(request) = self.request.as_mut() else {
                 // Nothing left to send (cannot happen: a retry is only chosen with a request).
                 return Err(no_endpoints(upstream));
             };
@@ -559,7 +540,8 @@ impl Attempt<'_> {
                 .headers_mut()
                 .insert(header::HOST, endpoint.pool.host_header.clone());
             let slot = InFlight::try_acquire(endpoint.state.clone(), None);
-            let result = forward::send(&upstream.name, endpoint, request, &self.timers).await;
+            let result =
+                forward::send(&upstream.name, endpoint, &mut self.request, &self.timers).await;
             let can_go_again = attempt < cfg.retry.attempts
                 && self.timers.deadline.is_none_or(|d| Instant::now() < d);
             match result {
@@ -598,9 +580,16 @@ impl Attempt<'_> {
                         // Otherwise the body's end decides (a stream may still die).
                     }
                     tail.endpoint_slot = slot;
-                    return Ok(resp);
+                    if let Some(r) = tail.log.as_mut() {
+                        r.ttfb = Some(env.start.elapsed());
+                    }
+                    // Stream back, frame by frame.
+                    let (mut parts, body) = resp.into_parts();
+                    headers::strip_hop_by_hop(&mut parts.headers, false);
+                    let body = TimedBody::new(body, self.idle, self.timers.deadline, None);
+                    return Ok(Response::from_parts(parts, ProxyBody::upstream(body)));
                 }
-                Err(mut e) => {
+                Err(e) => {
                     let Some(failure) = e.failure else {
                         // The client's own request body failed: nothing to learn or retry.
                         return Err(e.error);
@@ -612,14 +601,13 @@ impl Attempt<'_> {
                     if e.by_deadline && self.replay.is_none() {
                         // Cut short while connecting: retried, as before, only with a kept
                         // body.
-                        e.unsent = None;
+                        self.request = None;
                     }
-                    let replayable = e.unsent.is_some() || self.replay.is_some();
+                    let replayable = self.request.is_some() || self.replay.is_some();
                     if can_go_again
                         && retry::retryable(&cfg.retry, failure, &self.method, replayable)
                         && self.take_budget(failure.reason())
                     {
-                        next = e.unsent;
                         Box::pin(self.pause(attempt)).await;
                         attempt += 1;
                         continue;

@@ -260,36 +260,41 @@ pub struct SendFailure {
 
 /// Sends `req` on `conn`, driving the connection until the response head arrives. On
 /// success the connection travels on inside the response body.
-pub async fn exchange(
+/// Not an `async fn`: the request is handed over before the future exists, so the future
+/// does not carry a copy of it.
+pub fn exchange(
     mut conn: Box<Conn>,
     pool: Arc<EndpointPool>,
     req: Request<RequestBody>,
-) -> Result<Response<PooledBody>, SendFailure> {
-    let mut response = std::pin::pin!(conn.sender.try_send_request(req));
-    let result = poll_fn(|cx| {
-        // Drive the socket first, so a response that is already there is parsed now.
-        // (If the driver finished, hyper has already failed the pending response.)
-        conn.drive(cx);
-        response.as_mut().poll(cx)
-    })
-    .await;
-    match result {
-        Ok(resp) => {
-            let (parts, body) = resp.into_parts();
-            Ok(Response::from_parts(
-                parts,
-                PooledBody {
-                    inner: body,
-                    conn: Some(conn),
-                    pool,
-                    ended: false,
-                },
-            ))
+) -> impl Future<Output = Result<Response<PooledBody>, SendFailure>> {
+    let response = conn.sender.try_send_request(req);
+    async move {
+        let mut response = std::pin::pin!(response);
+        let result = poll_fn(|cx| {
+            // Drive the socket first, so a response that is already there is parsed now.
+            // (If the driver finished, hyper has already failed the pending response.)
+            conn.drive(cx);
+            response.as_mut().poll(cx)
+        })
+        .await;
+        match result {
+            Ok(resp) => {
+                let (parts, body) = resp.into_parts();
+                Ok(Response::from_parts(
+                    parts,
+                    PooledBody {
+                        inner: body,
+                        conn: Some(conn),
+                        pool,
+                        ended: false,
+                    },
+                ))
+            }
+            Err(mut e) => Err(SendFailure {
+                unsent: e.take_message(),
+                error: e.into_error(),
+            }),
         }
-        Err(mut e) => Err(SendFailure {
-            unsent: e.take_message(),
-            error: e.into_error(),
-        }),
     }
 }
 
