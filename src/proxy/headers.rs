@@ -1,9 +1,11 @@
 //! Header hygiene between client and upstream: hop-by-hop stripping (RFC 9110 7.6.1),
 //! request framing checks, the request id and the X-Forwarded-* family.
 
+use std::cell::RefCell;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::Cidr;
@@ -107,11 +109,68 @@ pub fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
     Ok(length)
 }
 
+/// What the request path needs to know about the client's headers, found in one pass: a
+/// lookup by name hashes the name and probes the map, a pass compares names directly, and
+/// most requests carry only a few headers.
+pub struct Head {
+    /// The first `Host` value.
+    pub host: Option<HeaderValue>,
+    transfer_encoding: bool,
+    content_length: bool,
+    upgrade: bool,
+}
+
+impl Head {
+    /// The facts, and `request_id` for these headers.
+    pub fn scan(headers: &HeaderMap) -> (Head, HeaderValue) {
+        let mut client_id = None;
+        let mut head = Head {
+            host: None,
+            transfer_encoding: false,
+            content_length: false,
+            upgrade: false,
+        };
+        for (name, value) in headers {
+            if name == header::HOST {
+                if head.host.is_none() {
+                    head.host = Some(value.clone());
+                }
+            } else if name == header::CONTENT_LENGTH {
+                head.content_length = true;
+            } else if name == header::TRANSFER_ENCODING {
+                head.transfer_encoding = true;
+            } else if name == header::UPGRADE {
+                head.upgrade = true;
+            } else if name == X_REQUEST_ID && client_id.is_none() {
+                client_id = Some(value);
+            }
+        }
+        (head, checked_request_id(client_id))
+    }
+
+    /// `check_framing`, skipped when neither header is there.
+    pub fn check_framing(&self, headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
+        if !self.content_length {
+            return Ok(None);
+        }
+        check_framing(headers)
+    }
+
+    /// `wants_upgrade`, skipped without an `Upgrade` header.
+    pub fn wants_upgrade(&self, headers: &HeaderMap) -> bool {
+        self.upgrade && wants_upgrade(headers)
+    }
+}
+
 /// Keeps a client's request id when it is sane (1..=128 of `[A-Za-z0-9._:-]`), so one id
 /// follows a request across services; otherwise makes a new one. A header value, so the
 /// same bytes go upstream and back without another copy; always visible ASCII.
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get(&X_REQUEST_ID) {
+    checked_request_id(headers.get(&X_REQUEST_ID))
+}
+
+fn checked_request_id(client: Option<&HeaderValue>) -> HeaderValue {
+    if let Some(v) = client {
         let b = v.as_bytes();
         if !b.is_empty()
             && b.len() <= 128
@@ -153,8 +212,9 @@ pub fn new_request_id() -> HeaderValue {
             out[i * 16 + j] = HEX[((word >> (60 - 4 * j)) & 0xf) as usize];
         }
     }
-    // Hex digits are always a valid header value.
-    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("-"))
+    // Hex digits are always a valid header value. Shared from the start: the id goes both
+    // upstream and back to the client.
+    HeaderValue::from_maybe_shared(Bytes::from_owner(out)).unwrap_or(HeaderValue::from_static("-"))
 }
 
 pub fn is_trusted(peer: IpAddr, trusted: &[Cidr]) -> bool {
@@ -207,9 +267,38 @@ pub fn set_forwarded(
     }
 }
 
-/// The address as a header value. IPv4 is written by hand: `core::fmt` costs several times
-/// more, on every request.
+/// The address as a header value. A connection sends many requests from one address, so
+/// each thread keeps the last one: a hit costs a reference count, not an allocation.
 fn ip_value(ip: IpAddr) -> Option<HeaderValue> {
+    thread_local! {
+        static LAST: RefCell<Option<(IpAddr, HeaderValue)>> = const { RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| {
+        if let Some((cached, value)) = last
+            && *cached == ip
+        {
+            return Some(value.clone());
+        }
+        let value = format_ip(ip)?;
+        *last = Some((ip, value.clone()));
+        Some(value)
+    })
+}
+
+/// The bytes of a short header value, shared (cloned by reference count) from the start.
+struct Text<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> AsRef<[u8]> for Text<N> {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// IPv4 is written by hand: `core::fmt` costs several times more.
+fn format_ip(ip: IpAddr) -> Option<HeaderValue> {
     let IpAddr::V4(v4) = ip else {
         return HeaderValue::from_str(&ip.to_string()).ok();
     };
@@ -231,7 +320,7 @@ fn ip_value(ip: IpAddr) -> Option<HeaderValue> {
         buf[len] = b'0' + octet % 10;
         len += 1;
     }
-    HeaderValue::from_bytes(&buf[..len]).ok()
+    HeaderValue::from_maybe_shared(Bytes::from_owner(Text { buf, len })).ok()
 }
 
 #[cfg(test)]
@@ -313,6 +402,35 @@ mod tests {
     }
 
     #[test]
+    fn head_scan_agrees_with_lookups() {
+        for pairs in [
+            &[
+                ("host", "a:1"),
+                ("x-request-id", "abc"),
+                ("x-request-id", "def"),
+            ][..],
+            &[("content-length", "5"), ("transfer-encoding", "chunked")][..],
+            &[("content-length", "5"), ("content-length", "6")][..],
+            &[("upgrade", "websocket"), ("connection", "Upgrade")][..],
+            &[("upgrade", "websocket")][..],
+            &[("x-request-id", "has space"), ("host", "b"), ("host", "c")][..],
+            &[][..],
+        ] {
+            let h = map(pairs);
+            let (head, head_id) = Head::scan(&h);
+            assert_eq!(head.host.as_ref(), h.get("host"));
+            assert_eq!(head.check_framing(&h), check_framing(&h));
+            assert_eq!(head.wants_upgrade(&h), wants_upgrade(&h));
+            let id = request_id(&h);
+            if id.len() == 32 {
+                assert_eq!(head_id.len(), 32);
+            } else {
+                assert_eq!(head_id, id);
+            }
+        }
+    }
+
+    #[test]
     fn ip_values_match_display() {
         for ip in [
             "0.0.0.0",
@@ -324,6 +442,8 @@ mod tests {
             "2001:db8::7",
         ] {
             let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_value(ip).unwrap(), ip.to_string().as_str());
+            // Again, from the cache.
             assert_eq!(ip_value(ip).unwrap(), ip.to_string().as_str());
         }
     }

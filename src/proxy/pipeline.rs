@@ -48,7 +48,7 @@ pub async fn handle(
     framing_ok: bool,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
-    let request_id = headers::request_id(req.headers());
+    let (head, request_id) = headers::Head::scan(req.headers());
     let snapshot = ctx.shared.snapshot.load_full();
     let mut tail = Box::new(Tail {
         log: snapshot.access_log.then(|| AccessRecord {
@@ -76,6 +76,7 @@ pub async fn handle(
             snapshot: &snapshot,
             peer,
             request_id: &request_id,
+            head: &head,
             start,
         };
         match begin(&env, listener, req, &mut tail) {
@@ -129,6 +130,8 @@ struct Env<'a> {
     snapshot: &'a Snapshot,
     peer: SocketAddr,
     request_id: &'a HeaderValue,
+    /// What the client's headers hold, found in one pass before anything changed them.
+    head: &'a headers::Head,
     start: Instant,
 }
 
@@ -185,7 +188,10 @@ fn begin<'a>(
             ProxyError::Overloaded
         })?,
     );
-    let declared_len = headers::check_framing(req.headers()).map_err(ProxyError::BadRequest)?;
+    let declared_len = env
+        .head
+        .check_framing(req.headers())
+        .map_err(ProxyError::BadRequest)?;
 
     // Route.
     let routes = listener.map(|l| l.routes.as_slice()).unwrap_or_default();
@@ -280,7 +286,7 @@ fn after_rate_limit<'a>(
     }
     let deadline = route.timeouts.total.map(|t| env.start + t);
     let idle = route.timeouts.idle;
-    let wants_upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());
+    let wants_upgrade = req.version() == Version::HTTP_11 && env.head.wants_upgrade(req.headers());
     let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
 
     let (parts, body) = req.into_parts();
@@ -326,7 +332,7 @@ fn outgoing<'a>(
     // Headers for the upstream.
     let original_host = match parts.uri.authority() {
         Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-        None => parts.headers.get(header::HOST).cloned(),
+        None => env.head.host.clone(),
     };
     headers::strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
     let peer = env.peer.ip();
