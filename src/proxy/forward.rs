@@ -237,32 +237,32 @@ pub async fn send(
                 Err(_) => return Err(timed_out(Failure::ConnectTimeout, true)),
             },
         };
-        let Some(req) = request.take() else {
-            // Callers always pass a request; nothing was sent.
-            return Err(Box::new(SendError {
-                error: ProxyError::UpstreamUnavailable {
-                    upstream: upstream.to_string(),
-                    detail: "no request".into(),
-                },
-                failure: None,
-                by_deadline: false,
-            }));
-        };
         // From here on a timeout means the request may have reached the upstream.
         let reused = conn.reused;
-        let exchange = pool::exchange(conn, endpoint.pool.clone(), req);
-        let failure = match tokio::time::timeout_at(until, exchange).await {
-            Ok(Ok(resp)) => return Ok(resp),
-            Ok(Err(failure)) => failure,
+        let exchange = pool::exchange(conn, endpoint.pool.clone(), request);
+        let error = match tokio::time::timeout_at(until, exchange).await {
+            Ok(Some(Ok(resp))) => return Ok(resp),
+            Ok(Some(Err(error))) => error,
+            Ok(None) => {
+                // Callers always lend a request; nothing was sent.
+                return Err(Box::new(SendError {
+                    error: ProxyError::UpstreamUnavailable {
+                        upstream: upstream.to_string(),
+                        detail: "no request".into(),
+                    },
+                    failure: None,
+                    by_deadline: false,
+                }));
+            }
             Err(_) => return Err(timed_out(Failure::FirstByteTimeout, false)),
         };
-        let unsent = failure.unsent.is_some();
-        *request = failure.unsent;
+        // Given back unsent: nothing reached the upstream.
+        let unsent = request.is_some();
         if unsent && reused {
             from_pool = false;
             continue;
         }
-        let (error, blame) = classify(&failure.error, upstream);
+        let (error, blame) = classify(&error, upstream);
         return Err(Box::new(SendError {
             error,
             failure: blame.then_some(if unsent {

@@ -121,7 +121,8 @@ pub async fn handle(
             o.route.stream_started(start.elapsed());
         }
     }
-    resp.map(|b| b.with_tail(tail))
+    resp.body_mut().set_tail(tail);
+    resp
 }
 
 /// What every step of one request reads.
@@ -248,7 +249,9 @@ async fn rate_limit(
 }
 
 /// Upstream shedding, the breaker, the body limit; then the body: sent as it comes, or
-/// read whole first (`Step::Buffer`).
+/// read whole first (`Step::Buffer`). Inlined, as is `outgoing`: the `Step` is then built
+/// in place rather than copied at each return.
+#[inline(always)]
 fn after_rate_limit<'a>(
     env: &Env<'a>,
     route: &'a Route,
@@ -317,6 +320,7 @@ fn keep_for_retry(cfg: &crate::config::RetryConfig, n: u64) -> bool {
 }
 
 /// The headers for the upstream, then the upgrade or the retry loop.
+#[inline(always)]
 fn outgoing<'a>(
     env: &Env<'a>,
     route: &'a Route,

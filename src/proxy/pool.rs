@@ -251,51 +251,44 @@ impl EndpointPool {
     }
 }
 
-/// Why an exchange failed, and whether the request can be sent again elsewhere.
-pub struct SendFailure {
-    pub error: hyper::Error,
-    /// The request, when hyper gave it back unsent (nothing reached the upstream).
-    pub unsent: Option<Request<RequestBody>>,
-}
-
-/// Sends `req` on `conn`, driving the connection until the response head arrives. On
-/// success the connection travels on inside the response body.
-/// Not an `async fn`: the request is handed over before the future exists, so the future
-/// does not carry a copy of it.
-pub fn exchange(
+/// Sends the request in `request` on `conn`, driving the connection until the response
+/// head arrives. On success the connection travels on inside the response body. When hyper
+/// gives the request back unsent (nothing reached the upstream), it is put back in
+/// `request`. None when `request` was empty.
+///
+/// The request is lent, not passed by value: a future carries its arguments for its whole
+/// life, and this one would otherwise hold a copy of the request next to hyper's.
+pub async fn exchange(
     mut conn: Box<Conn>,
     pool: Arc<EndpointPool>,
-    req: Request<RequestBody>,
-) -> impl Future<Output = Result<Response<PooledBody>, SendFailure>> {
-    let response = conn.sender.try_send_request(req);
-    async move {
-        let mut response = std::pin::pin!(response);
-        let result = poll_fn(|cx| {
-            // Drive the socket first, so a response that is already there is parsed now.
-            // (If the driver finished, hyper has already failed the pending response.)
-            conn.drive(cx);
-            response.as_mut().poll(cx)
-        })
-        .await;
-        match result {
-            Ok(resp) => {
-                let (parts, body) = resp.into_parts();
-                Ok(Response::from_parts(
-                    parts,
-                    PooledBody {
-                        inner: body,
-                        conn: Some(conn),
-                        pool,
-                        ended: false,
-                    },
-                ))
-            }
-            Err(mut e) => Err(SendFailure {
-                unsent: e.take_message(),
-                error: e.into_error(),
-            }),
+    request: &mut Option<Request<RequestBody>>,
+) -> Option<Result<Response<PooledBody>, hyper::Error>> {
+    let mut response = std::pin::pin!(conn.sender.try_send_request(request.take()?));
+    let result = poll_fn(|cx| {
+        // Drive the socket first, so a response that is already there is parsed now.
+        // (If the driver finished, hyper has already failed the pending response.)
+        conn.drive(cx);
+        response.as_mut().poll(cx)
+    })
+    .await;
+    Some(match result {
+        Ok(resp) => {
+            let (parts, body) = resp.into_parts();
+            Ok(Response::from_parts(
+                parts,
+                PooledBody {
+                    inner: body,
+                    conn: Some(conn),
+                    pool,
+                    ended: false,
+                },
+            ))
         }
-    }
+        Err(mut e) => {
+            *request = e.take_message();
+            Err(e.into_error())
+        }
+    })
 }
 
 /// The upstream's response body, carrying the connection: polling the body drives it, and
