@@ -377,7 +377,7 @@ fn outgoing<'a>(
     let template = (cfg.retry.attempts > 1
         && replay.is_some()
         && retry::may_retry_once_sent(&cfg.retry, &parts.method))
-    .then(|| (parts.uri.clone(), parts.headers.clone()));
+    .then(|| Box::new((parts.uri.clone(), parts.headers.clone())));
     Step::Send(Send {
         upstream,
         method: parts.method.clone(),
@@ -514,8 +514,9 @@ struct Send<'a> {
     /// The request body, kept for a retry (None: not replayable).
     replay: Option<Bytes>,
     /// URI and headers: enough, with `method` and `replay`, to rebuild a request that was
-    /// sent for a retry. Only kept when such a retry is possible (see `outgoing`).
-    template: Option<(Uri, HeaderMap)>,
+    /// sent for a retry. Only kept when such a retry is possible (see `outgoing`); boxed,
+    /// as it is rarely there and `Send` is moved on every request.
+    template: Option<Box<(Uri, HeaderMap)>>,
     timers: forward::Timers,
     idle: Duration,
 }
@@ -632,7 +633,7 @@ impl Send<'_> {
     }
 
     fn rebuild(&self) -> Option<Request<RequestBody>> {
-        let (uri, headers) = self.template.as_ref()?;
+        let (uri, headers) = self.template.as_deref()?;
         let body = self.replay.clone()?;
         let mut req = Request::new(if body.is_empty() {
             RequestBody::Empty
