@@ -45,16 +45,20 @@ impl Route {
         }
     }
 
-    fn matches<B>(&self, req: &Request<B>, path: &str) -> bool {
+    fn matches<'r>(
+        &self,
+        host: &mut impl FnMut() -> Option<&'r str>,
+        path: &str,
+        method: &Method,
+    ) -> bool {
         if let Some(want) = &self.host {
-            // Looked up only for routes that name a host: most do not.
-            match request_host(req) {
+            match host() {
                 Some(h) if h.eq_ignore_ascii_case(want) => {}
                 _ => return false,
             }
         }
         if let Some(methods) = &self.methods
-            && !methods.contains(req.method())
+            && !methods.contains(method)
         {
             return false;
         }
@@ -86,7 +90,12 @@ pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
 
 pub fn find<'a, B>(routes: &'a [Route], req: &Request<B>) -> Option<&'a Route> {
     let path = req.uri().path();
-    routes.iter().find(|r| r.matches(req, path))
+    // Looked up once, and only when a route names a host: most do not.
+    let mut looked_up = None;
+    let mut host = || *looked_up.get_or_insert_with(|| request_host(req));
+    routes
+        .iter()
+        .find(|r| r.matches(&mut host, path, req.method()))
 }
 
 #[cfg(test)]
