@@ -186,9 +186,10 @@ fn checked_request_id(client: Option<&HeaderValue>) -> HeaderValue {
 /// 32 hex digits: a per-process random prefix (so replicas do not collide) and a counter
 /// scrambled through splitmix64.
 pub fn new_request_id() -> HeaderValue {
-    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    // The seed's digits are written once.
+    static SEED: std::sync::OnceLock<(u64, [u8; 16])> = std::sync::OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let seed = *SEED.get_or_init(|| {
+    let (seed, prefix) = *SEED.get_or_init(|| {
         use std::hash::{BuildHasher, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u128(
@@ -198,23 +199,29 @@ pub fn new_request_id() -> HeaderValue {
                 .unwrap_or(0),
         );
         h.write_u32(std::process::id());
-        h.finish()
+        let seed = h.finish();
+        (seed, hex16(seed))
     });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let mut z = seed ^ n.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^= z >> 31;
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = [0u8; 32];
-    for (i, word) in [seed, z].into_iter().enumerate() {
-        for j in 0..16 {
-            out[i * 16 + j] = HEX[((word >> (60 - 4 * j)) & 0xf) as usize];
-        }
-    }
+    out[..16].copy_from_slice(&prefix);
+    out[16..].copy_from_slice(&hex16(z));
     // Hex digits are always a valid header value. Shared from the start: the id goes both
     // upstream and back to the client.
     HeaderValue::from_maybe_shared(Bytes::from_owner(out)).unwrap_or(HeaderValue::from_static("-"))
+}
+
+fn hex16(word: u64) -> [u8; 16] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 16];
+    for (j, digit) in out.iter_mut().enumerate() {
+        *digit = HEX[((word >> (60 - 4 * j)) & 0xf) as usize];
+    }
+    out
 }
 
 pub fn is_trusted(peer: IpAddr, trusted: &[Cidr]) -> bool {
@@ -399,6 +406,12 @@ mod tests {
         let long = "a".repeat(129);
         assert_eq!(request_id(&map(&[("x-request-id", &long)])).len(), 32);
         assert_ne!(new_request_id(), new_request_id());
+        // The same per-process prefix.
+        assert_eq!(
+            new_request_id().as_bytes()[..16],
+            new_request_id().as_bytes()[..16]
+        );
+        assert_eq!(&hex16(0x0123_4567_89ab_cdef), b"0123456789abcdef");
     }
 
     #[test]
