@@ -47,6 +47,16 @@ pub fn idempotent(method: &Method) -> bool {
     )
 }
 
+/// Whether some failure after this request was sent (timeout, reset, status) may be
+/// retried under `cfg`: only then must a copy of what was sent be kept.
+pub fn may_retry_once_sent(cfg: &RetryConfig, method: &Method) -> bool {
+    idempotent(method)
+        && cfg
+            .on
+            .iter()
+            .any(|on| matches!(on, RetryOn::Timeout | RetryOn::Reset | RetryOn::Status(_)))
+}
+
 /// Whether this failure of this request may be retried under `cfg` (budget aside).
 /// Non-idempotent requests only when nothing reached the upstream.
 pub fn retryable(cfg: &RetryConfig, failure: Failure, method: &Method, replayable: bool) -> bool {

@@ -265,6 +265,11 @@ impl ProxyBody {
         self
     }
 
+    /// `with_tail` in place: a response is large to move.
+    pub fn set_tail(&mut self, tail: Box<Tail>) {
+        self.tail = Some(tail);
+    }
+
     /// rampart ended this stream itself at the drain deadline (server::finale), so the access
     /// log says `drained`, not `client_aborted`.
     pub fn mark_drained(&mut self) {

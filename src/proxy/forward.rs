@@ -101,11 +101,11 @@ impl Upstream {
     /// The endpoint for the next attempt: healthy and not yet tried by this request first
     /// (see `balance::pick`). `tried` is a bit set of endpoint indexes. Returns an index.
     pub fn pick(&self, tried: u64) -> Option<usize> {
-        let now = Instant::now();
         let rr = self.next.fetch_add(1, Ordering::Relaxed);
         if self.endpoints.len() == 1 {
             return Some(0);
         }
+        let now = Instant::now();
         let candidates: Vec<Candidate> = self
             .endpoints
             .iter()
@@ -126,13 +126,15 @@ impl Upstream {
     }
 }
 
-/// A failed attempt: what the client would hear, what kind of failure it was (for retries,
-/// ejection and the breaker; None when the fault is the client's own request body), and the
-/// request itself when it provably never left.
+/// A failed attempt: what the client would hear, and what kind of failure it was (for
+/// retries, ejection and the breaker; None when the fault is the client's own request body).
 pub struct SendError {
     pub error: ProxyError,
     pub failure: Option<Failure>,
-    pub unsent: Option<Request<RequestBody>>,
+    /// The request was put back because the first-byte or total deadline passed while
+    /// connecting; a retry sends it only when the request body was kept for retries (as a
+    /// copy would be).
+    pub by_deadline: bool,
 }
 
 /// TLS settings for https endpoints: the system's trust store plus, when given, the CAs in
@@ -175,91 +177,101 @@ pub struct Timers {
     pub deadline: Option<Instant>,
 }
 
-/// Sends the request to `endpoint` and waits for the response head, at most `first_byte`
-/// (or until the route's total deadline if that comes first).
+/// Sends the request in `request` to `endpoint` and waits for the response head, at most
+/// `first_byte` (or until the route's total deadline if that comes first). The request is
+/// taken out, and put back when it provably never left. The error is boxed: the answer
+/// travels up through several futures, and most answers are not errors.
 pub async fn send(
     upstream: &str,
     endpoint: &Endpoint,
-    req: Request<RequestBody>,
+    request: &mut Option<Request<RequestBody>>,
     timers: &Timers,
-) -> Result<Response<PooledBody>, SendError> {
+) -> Result<Response<PooledBody>, Box<SendError>> {
     let fb_deadline = Instant::now() + timers.first_byte;
     let (until, phase) = match timers.deadline {
         Some(d) if d < fb_deadline => (d, TimeoutPhase::Total),
         _ => (fb_deadline, TimeoutPhase::FirstByte),
     };
-    // Set once the request left with a connection: from then on a timeout means it may
-    // have reached the upstream.
-    let mut connected = false;
-    let attempt = async {
-        let mut req = req;
-        // A pooled connection may have been closed by the upstream a moment ago. When hyper
-        // hands the request back unsent, nothing reached the upstream: go again, once, on a
-        // fresh connection (any method is safe then).
-        let mut from_pool = true;
-        loop {
-            let idle = if from_pool {
-                endpoint.pool.take_idle()
-            } else {
-                None
-            };
-            let conn = match idle {
-                Some(c) => c,
-                None => match endpoint.pool.connect(timers.connect).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let failure = match e {
-                            ConnectError::Timeout => Failure::ConnectTimeout,
-                            _ => Failure::Connect,
-                        };
-                        return Err(SendError {
-                            error: connect_error(upstream, e),
-                            failure: Some(failure),
-                            unsent: Some(req),
-                        });
-                    }
-                },
-            };
-            let reused = conn.reused;
-            connected = true;
-            match pool::exchange(conn, endpoint.pool.clone(), req).await {
-                Ok(resp) => return Ok(resp),
-                Err(failure) => match failure.unsent {
-                    Some(unsent) if reused => {
-                        req = unsent;
-                        from_pool = false;
-                        connected = false;
-                    }
-                    unsent => {
-                        let (error, blame) = classify(&failure.error, upstream);
-                        return Err(SendError {
-                            error,
-                            failure: blame.then_some(if unsent.is_some() {
-                                Failure::Connect
-                            } else {
-                                Failure::Reset
-                            }),
-                            unsent,
-                        });
-                    }
-                },
-            }
-        }
-    };
-    match tokio::time::timeout_at(until, attempt).await {
-        Ok(r) => r,
-        Err(_) => Err(SendError {
+    let timed_out = |failure, by_deadline| {
+        Box::new(SendError {
             error: ProxyError::UpstreamTimeout {
                 upstream: upstream.to_string(),
                 phase,
             },
-            failure: Some(if connected {
-                Failure::FirstByteTimeout
+            failure: Some(failure),
+            by_deadline,
+        })
+    };
+    // A pooled connection may have been closed by the upstream a moment ago. When hyper
+    // hands the request back unsent, nothing reached the upstream: go again, once, on a
+    // fresh connection (any method is safe then).
+    let mut from_pool = true;
+    loop {
+        let idle = if from_pool {
+            endpoint.pool.take_idle()
+        } else {
+            None
+        };
+        let conn = match idle {
+            Some(c) => c,
+            // Rare once the pool is warm: boxed, so its large future is not part of every
+            // request's. The request stays out of it, so it is still here if time runs out.
+            None => match Box::pin(tokio::time::timeout_at(
+                until,
+                endpoint.pool.connect(timers.connect),
+            ))
+            .await
+            {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    let failure = match e {
+                        ConnectError::Timeout => Failure::ConnectTimeout,
+                        _ => Failure::Connect,
+                    };
+                    return Err(Box::new(SendError {
+                        error: connect_error(upstream, e),
+                        failure: Some(failure),
+                        by_deadline: false,
+                    }));
+                }
+                Err(_) => return Err(timed_out(Failure::ConnectTimeout, true)),
+            },
+        };
+        // From here on a timeout means the request may have reached the upstream.
+        let reused = conn.reused;
+        let exchange = pool::exchange(conn, endpoint.pool.clone(), request);
+        let error = match tokio::time::timeout_at(until, exchange).await {
+            Ok(Some(Ok(resp))) => return Ok(resp),
+            Ok(Some(Err(error))) => error,
+            Ok(None) => {
+                // Callers always lend a request; nothing was sent.
+                return Err(Box::new(SendError {
+                    error: ProxyError::UpstreamUnavailable {
+                        upstream: upstream.to_string(),
+                        detail: "no request".into(),
+                    },
+                    failure: None,
+                    by_deadline: false,
+                }));
+            }
+            Err(_) => return Err(timed_out(Failure::FirstByteTimeout, false)),
+        };
+        // Given back unsent: nothing reached the upstream.
+        let unsent = request.is_some();
+        if unsent && reused {
+            from_pool = false;
+            continue;
+        }
+        let (error, blame) = classify(&error, upstream);
+        return Err(Box::new(SendError {
+            error,
+            failure: blame.then_some(if unsent {
+                Failure::Connect
             } else {
-                Failure::ConnectTimeout
+                Failure::Reset
             }),
-            unsent: None,
-        }),
+            by_deadline: false,
+        }));
     }
 }
 

@@ -1,9 +1,11 @@
 //! Header hygiene between client and upstream: hop-by-hop stripping (RFC 9110 7.6.1),
 //! request framing checks, the request id and the X-Forwarded-* family.
 
+use std::cell::RefCell;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::Cidr;
@@ -18,6 +20,11 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 /// Removes hop-by-hop headers and every header named in `Connection`. With `keep_upgrade`,
 /// `Connection: upgrade` and `Upgrade` survive (a WebSocket handshake being forwarded).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of them: one pass over the names costs less than a lookup
+    // per name. Without a Connection header no other name is hop-by-hop.
+    if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Names listed in Connection are hop-by-hop too; collect before removing.
     let mut named: Vec<HeaderName> = Vec::new();
     for value in headers.get_all(header::CONNECTION) {
@@ -49,6 +56,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     } else {
         headers.remove(header::UPGRADE);
     }
+}
+
+/// The names `strip_hop_by_hop` always removes (Connection itself included).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::TRAILER
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
 }
 
 /// Whether the client asks for a protocol upgrade (WebSocket): `Connection: upgrade` plus an
@@ -89,11 +109,68 @@ pub fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
     Ok(length)
 }
 
+/// What the request path needs to know about the client's headers, found in one pass: a
+/// lookup by name hashes the name and probes the map, a pass compares names directly, and
+/// most requests carry only a few headers.
+pub struct Head {
+    /// The first `Host` value.
+    pub host: Option<HeaderValue>,
+    transfer_encoding: bool,
+    content_length: bool,
+    upgrade: bool,
+}
+
+impl Head {
+    /// The facts, and `request_id` for these headers.
+    pub fn scan(headers: &HeaderMap) -> (Head, HeaderValue) {
+        let mut client_id = None;
+        let mut head = Head {
+            host: None,
+            transfer_encoding: false,
+            content_length: false,
+            upgrade: false,
+        };
+        for (name, value) in headers {
+            if name == header::HOST {
+                if head.host.is_none() {
+                    head.host = Some(value.clone());
+                }
+            } else if name == header::CONTENT_LENGTH {
+                head.content_length = true;
+            } else if name == header::TRANSFER_ENCODING {
+                head.transfer_encoding = true;
+            } else if name == header::UPGRADE {
+                head.upgrade = true;
+            } else if name == X_REQUEST_ID && client_id.is_none() {
+                client_id = Some(value);
+            }
+        }
+        (head, checked_request_id(client_id))
+    }
+
+    /// `check_framing`, skipped when neither header is there.
+    pub fn check_framing(&self, headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
+        if !self.content_length {
+            return Ok(None);
+        }
+        check_framing(headers)
+    }
+
+    /// `wants_upgrade`, skipped without an `Upgrade` header.
+    pub fn wants_upgrade(&self, headers: &HeaderMap) -> bool {
+        self.upgrade && wants_upgrade(headers)
+    }
+}
+
 /// Keeps a client's request id when it is sane (1..=128 of `[A-Za-z0-9._:-]`), so one id
 /// follows a request across services; otherwise makes a new one. A header value, so the
 /// same bytes go upstream and back without another copy; always visible ASCII.
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get(&X_REQUEST_ID) {
+    checked_request_id(headers.get(&X_REQUEST_ID))
+}
+
+fn checked_request_id(client: Option<&HeaderValue>) -> HeaderValue {
+    if let Some(v) = client {
         let b = v.as_bytes();
         if !b.is_empty()
             && b.len() <= 128
@@ -109,9 +186,10 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 /// 32 hex digits: a per-process random prefix (so replicas do not collide) and a counter
 /// scrambled through splitmix64.
 pub fn new_request_id() -> HeaderValue {
-    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    // The seed's digits are written once.
+    static SEED: std::sync::OnceLock<(u64, [u8; 16])> = std::sync::OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let seed = *SEED.get_or_init(|| {
+    let (seed, prefix) = *SEED.get_or_init(|| {
         use std::hash::{BuildHasher, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u128(
@@ -121,22 +199,29 @@ pub fn new_request_id() -> HeaderValue {
                 .unwrap_or(0),
         );
         h.write_u32(std::process::id());
-        h.finish()
+        let seed = h.finish();
+        (seed, hex16(seed))
     });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let mut z = seed ^ n.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^= z >> 31;
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = [0u8; 32];
-    for (i, word) in [seed, z].into_iter().enumerate() {
-        for j in 0..16 {
-            out[i * 16 + j] = HEX[((word >> (60 - 4 * j)) & 0xf) as usize];
-        }
+    out[..16].copy_from_slice(&prefix);
+    out[16..].copy_from_slice(&hex16(z));
+    // Hex digits are always a valid header value. Shared from the start: the id goes both
+    // upstream and back to the client.
+    HeaderValue::from_maybe_shared(Bytes::from_owner(out)).unwrap_or(HeaderValue::from_static("-"))
+}
+
+fn hex16(word: u64) -> [u8; 16] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 16];
+    for (j, digit) in out.iter_mut().enumerate() {
+        *digit = HEX[((word >> (60 - 4 * j)) & 0xf) as usize];
     }
-    // Hex digits are always a valid header value.
-    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("-"))
+    out
 }
 
 pub fn is_trusted(peer: IpAddr, trusted: &[Cidr]) -> bool {
@@ -157,7 +242,6 @@ pub fn set_forwarded(
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(peer),
         v4 => v4,
     };
-    let peer_str = peer.to_string();
     let xff = if trusted_peer {
         let prior: Vec<&str> = headers
             .get_all(&X_FORWARDED_FOR)
@@ -165,14 +249,14 @@ pub fn set_forwarded(
             .filter_map(|v| v.to_str().ok())
             .collect();
         if prior.is_empty() {
-            peer_str
+            ip_value(peer)
         } else {
-            format!("{}, {}", prior.join(", "), peer_str)
+            HeaderValue::from_str(&format!("{}, {}", prior.join(", "), peer)).ok()
         }
     } else {
-        peer_str
+        ip_value(peer)
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         headers.insert(&X_FORWARDED_FOR, v);
     }
     if !(trusted_peer && headers.contains_key(&X_FORWARDED_PROTO)) {
@@ -188,6 +272,62 @@ pub fn set_forwarded(
             }
         }
     }
+}
+
+/// The address as a header value. A connection sends many requests from one address, so
+/// each thread keeps the last one: a hit costs a reference count, not an allocation.
+fn ip_value(ip: IpAddr) -> Option<HeaderValue> {
+    thread_local! {
+        static LAST: RefCell<Option<(IpAddr, HeaderValue)>> = const { RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| {
+        if let Some((cached, value)) = last
+            && *cached == ip
+        {
+            return Some(value.clone());
+        }
+        let value = format_ip(ip)?;
+        *last = Some((ip, value.clone()));
+        Some(value)
+    })
+}
+
+/// The bytes of a short header value, shared (cloned by reference count) from the start.
+struct Text<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> AsRef<[u8]> for Text<N> {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// IPv4 is written by hand: `core::fmt` costs several times more.
+fn format_ip(ip: IpAddr) -> Option<HeaderValue> {
+    let IpAddr::V4(v4) = ip else {
+        return HeaderValue::from_str(&ip.to_string()).ok();
+    };
+    let mut buf = [0u8; 15];
+    let mut len = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[len] = b'.';
+            len += 1;
+        }
+        if octet >= 100 {
+            buf[len] = b'0' + octet / 100;
+            len += 1;
+        }
+        if octet >= 10 {
+            buf[len] = b'0' + octet / 10 % 10;
+            len += 1;
+        }
+        buf[len] = b'0' + octet % 10;
+        len += 1;
+    }
+    HeaderValue::from_maybe_shared(Bytes::from_owner(Text { buf, len })).ok()
 }
 
 #[cfg(test)]
@@ -266,6 +406,71 @@ mod tests {
         let long = "a".repeat(129);
         assert_eq!(request_id(&map(&[("x-request-id", &long)])).len(), 32);
         assert_ne!(new_request_id(), new_request_id());
+        // The same per-process prefix.
+        assert_eq!(
+            new_request_id().as_bytes()[..16],
+            new_request_id().as_bytes()[..16]
+        );
+        assert_eq!(&hex16(0x0123_4567_89ab_cdef), b"0123456789abcdef");
+    }
+
+    #[test]
+    fn head_scan_agrees_with_lookups() {
+        for pairs in [
+            &[
+                ("host", "a:1"),
+                ("x-request-id", "abc"),
+                ("x-request-id", "def"),
+            ][..],
+            &[("content-length", "5"), ("transfer-encoding", "chunked")][..],
+            &[("content-length", "5"), ("content-length", "6")][..],
+            &[("upgrade", "websocket"), ("connection", "Upgrade")][..],
+            &[("upgrade", "websocket")][..],
+            &[("x-request-id", "has space"), ("host", "b"), ("host", "c")][..],
+            &[][..],
+        ] {
+            let h = map(pairs);
+            let (head, head_id) = Head::scan(&h);
+            assert_eq!(head.host.as_ref(), h.get("host"));
+            assert_eq!(head.check_framing(&h), check_framing(&h));
+            assert_eq!(head.wants_upgrade(&h), wants_upgrade(&h));
+            let id = request_id(&h);
+            if id.len() == 32 {
+                assert_eq!(head_id.len(), 32);
+            } else {
+                assert_eq!(head_id, id);
+            }
+        }
+    }
+
+    #[test]
+    fn ip_values_match_display() {
+        for ip in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.0.100.9",
+            "255.255.255.255",
+            "192.168.10.199",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_value(ip).unwrap(), ip.to_string().as_str());
+            // Again, from the cache.
+            assert_eq!(ip_value(ip).unwrap(), ip.to_string().as_str());
+        }
+    }
+
+    #[test]
+    fn strip_leaves_clean_headers_alone() {
+        let mut h = map(&[("host", "a"), ("x-a", "1"), ("content-length", "3")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 3);
+        for name in ["upgrade", "keep-alive", "proxy-connection", "te"] {
+            let mut h = map(&[("host", "a"), (name, "1")]);
+            strip_hop_by_hop(&mut h, false);
+            assert_eq!(h.len(), 1, "{name}");
+        }
     }
 
     #[test]

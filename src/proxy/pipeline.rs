@@ -11,7 +11,10 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use http_body::Body;
 use http_body_util::BodyExt;
+use std::time::Duration;
+
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use tokio::time::Instant;
 
 use crate::breaker::{Admit, Outcome};
@@ -22,6 +25,7 @@ use crate::proxy::body::{BodyError, ProxyBody, RequestBody, TimedBody};
 use crate::proxy::forward::{self, Upstream};
 use crate::proxy::headers::{self, X_REQUEST_ID};
 use crate::proxy::resilience::{BreakerTicket, InFlight, UpstreamMetrics};
+use crate::proxy::route::Route;
 use crate::proxy::tail::{Observed, Tail};
 use crate::proxy::{ListenerCtx, ListenerRoutes, Snapshot, route, upgrade};
 use crate::ratelimit;
@@ -32,6 +36,11 @@ use crate::server::ConnClosing;
 /// error becomes a JSON answer through `ProxyError::to_response`. `framing_ok` is false when
 /// the connection's HTTP/1 guard saw both Content-Length and Transfer-Encoding in the head,
 /// which hyper does not show in `req` (server::h1_guard).
+///
+/// Every step that needs no waiting runs synchronously in `begin`; the common request then
+/// awaits only the upstream exchange. The steps that may wait (rate limits, body
+/// buffering, upgrades) run in `slow`, boxed, so their large futures are not part of every
+/// request's future (which is moved as a whole several times per request).
 pub async fn handle(
     ctx: Arc<ListenerCtx>,
     peer: SocketAddr,
@@ -39,7 +48,7 @@ pub async fn handle(
     framing_ok: bool,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
-    let request_id = headers::request_id(req.headers());
+    let (head, request_id) = headers::Head::scan(req.headers());
     let snapshot = ctx.shared.snapshot.load_full();
     let mut tail = Box::new(Tail {
         log: snapshot.access_log.then(|| AccessRecord {
@@ -62,17 +71,19 @@ pub async fn handle(
     let method = method_index(req.method());
 
     let result = if framing_ok {
-        proxy(
-            &ctx,
-            &snapshot,
-            listener,
+        let env = Env {
+            ctx: &ctx,
+            snapshot: &snapshot,
             peer,
-            req,
-            &request_id,
+            request_id: &request_id,
+            head: &head,
             start,
-            &mut tail,
-        )
-        .await
+        };
+        match begin(&env, listener, req, &mut tail) {
+            Ok(Step::Send(mut send)) => send.run(&env, &mut tail).await,
+            Ok(step) => Box::pin(slow(&env, step, &mut tail)).await,
+            Err(e) => Err(e),
+        }
     } else {
         // The step check_framing would take, had hyper left the Content-Length in `req`.
         Err(ProxyError::BadRequest(headers::CL_AND_TE))
@@ -110,20 +121,60 @@ pub async fn handle(
             o.route.stream_started(start.elapsed());
         }
     }
-    resp.map(|b| b.with_tail(tail))
+    resp.body_mut().set_tail(tail);
+    resp
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn proxy(
-    ctx: &ListenerCtx,
-    snapshot: &Snapshot,
-    listener: Option<&ListenerRoutes>,
+/// What every step of one request reads.
+struct Env<'a> {
+    ctx: &'a ListenerCtx,
+    snapshot: &'a Snapshot,
     peer: SocketAddr,
-    mut req: Request<Incoming>,
-    request_id: &HeaderValue,
+    request_id: &'a HeaderValue,
+    /// What the client's headers hold, found in one pass before anything changed them.
+    head: &'a headers::Head,
     start: Instant,
+}
+
+/// Where a request stands when the next step has to wait. `Send`, the common one, is the
+/// largest: boxing it would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum Step<'a> {
+    /// The route has rate-limit policies to ask (in memory or in Redis).
+    RateLimit {
+        route: &'a Route,
+        declared_len: Option<u64>,
+        req: Request<Incoming>,
+    },
+    /// The body is read whole before anything is sent (chunked, or kept for a retry).
+    Buffer {
+        route: &'a Route,
+        parts: http::request::Parts,
+        body: Incoming,
+        client_upgrade: Option<OnUpgrade>,
+    },
+    /// A WebSocket handshake, on a connection of its own.
+    Upgrade {
+        upstream: &'a Upstream,
+        parts: http::request::Parts,
+        body: RequestBody,
+        client_upgrade: OnUpgrade,
+        timers: forward::Timers,
+        idle: Duration,
+    },
+    /// Ready for the retry loop: the hot path.
+    Send(Send<'a>),
+}
+
+/// Admission (draining, listener shedding), framing, route; then on through `after_route`
+/// unless the route's rate limits must be asked first.
+fn begin<'a>(
+    env: &Env<'a>,
+    listener: Option<&'a ListenerRoutes>,
+    req: Request<Incoming>,
     tail: &mut Tail,
-) -> Result<Response<ProxyBody>, ProxyError> {
+) -> Result<Step<'a>, ProxyError> {
+    let ctx = env.ctx;
     let metrics = &ctx.shared.upstream_states.metrics;
 
     // Admission: a request that still arrives on a connection told to close (drain), then
@@ -138,13 +189,16 @@ async fn proxy(
             ProxyError::Overloaded
         })?,
     );
-    let declared_len = headers::check_framing(req.headers()).map_err(ProxyError::BadRequest)?;
+    let declared_len = env
+        .head
+        .check_framing(req.headers())
+        .map_err(ProxyError::BadRequest)?;
 
     // Route.
     let routes = listener.map(|l| l.routes.as_slice()).unwrap_or_default();
     let route = route::find(routes, &req).ok_or(ProxyError::NoRoute)?;
     let upstream = &route.upstream;
-    let mut obs = Observed::new(start, route.metrics.clone(), method_index(req.method()));
+    let mut obs = Observed::new(env.start, route.metrics.clone(), method_index(req.method()));
     obs.bytes_in = declared_len.unwrap_or(0);
     tail.obs = Some(obs);
     if let Some(r) = tail.log.as_mut() {
@@ -153,14 +207,32 @@ async fn proxy(
         r.bytes_in = declared_len.unwrap_or(0);
     }
 
-    // Rate limit: before the body is read, so a refused client costs no body bytes.
+    // Rate limit: before the body is read, so a refused client costs no body bytes. A
+    // route without policies has nothing to ask.
+    if !route.rate_limits.is_empty() {
+        return Ok(Step::RateLimit {
+            route,
+            declared_len,
+            req,
+        });
+    }
+    after_rate_limit(env, route, declared_len, req, tail)
+}
+
+/// The rate-limit step (a route with policies).
+async fn rate_limit(
+    env: &Env<'_>,
+    route: &Route,
+    req: &Request<Incoming>,
+    tail: &mut Tail,
+) -> Result<(), ProxyError> {
     let verdict = ratelimit::check(
         &route.rate_limits,
         &route.name,
         req.uri().path(),
         req.headers(),
-        peer.ip(),
-        &snapshot.trusted_proxies,
+        env.peer.ip(),
+        &env.snapshot.trusted_proxies,
     )
     .await;
     tail.rate_limit_headers = verdict.headers;
@@ -173,6 +245,22 @@ async fn proxy(
         }
         return Err(ProxyError::TooManyRequests { retry_after_secs });
     }
+    Ok(())
+}
+
+/// Upstream shedding, the breaker, the body limit; then the body: sent as it comes, or
+/// read whole first (`Step::Buffer`). Inlined, as is `outgoing`: the `Step` is then built
+/// in place rather than copied at each return.
+#[inline(always)]
+fn after_rate_limit<'a>(
+    env: &Env<'a>,
+    route: &'a Route,
+    declared_len: Option<u64>,
+    mut req: Request<Incoming>,
+    tail: &mut Tail,
+) -> Result<Step<'a>, ProxyError> {
+    let metrics = &env.ctx.shared.upstream_states.metrics;
+    let upstream = &route.upstream;
 
     // The upstream's in-flight cap, then its breaker: both answer without the network.
     tail.upstream_slot = Some(
@@ -199,18 +287,16 @@ async fn proxy(
     if declared_len.is_some_and(|n| n > limit) {
         return Err(ProxyError::PayloadTooLarge { limit });
     }
-    let deadline = route.timeouts.total.map(|t| start + t);
+    let deadline = route.timeouts.total.map(|t| env.start + t);
     let idle = route.timeouts.idle;
-    let wants_upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());
+    let wants_upgrade = req.version() == Version::HTTP_11 && env.head.wants_upgrade(req.headers());
     let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
 
-    let (mut parts, body) = req.into_parts();
+    let (parts, body) = req.into_parts();
     let retry_cfg = &upstream.resilience.retry;
-    // A body small enough is kept so that a retry can send it again.
-    let keep_for_retry = |n: u64| retry_cfg.attempts > 1 && n <= retry_cfg.max_body;
     let (body, replay) = if body.is_end_stream() {
         (RequestBody::Empty, Some(Bytes::new()))
-    } else if declared_len.is_some_and(|n| !keep_for_retry(n)) {
+    } else if declared_len.is_some_and(|n| !keep_for_retry(retry_cfg, n)) {
         (
             RequestBody::Stream(TimedBody::new(body, idle, deadline, Some(limit))),
             None,
@@ -218,32 +304,51 @@ async fn proxy(
     } else {
         // Chunked (or HTTP/2 without a length): read it up to the limit first, as nginx does
         // by default, so an oversized body is refused before the upstream sees any of it.
-        let buffered = buffer_body(body, limit, idle, deadline).await?;
-        if let Some(r) = tail.log.as_mut() {
-            r.bytes_in = buffered.len() as u64;
-        }
-        if let Some(o) = tail.obs.as_mut() {
-            o.bytes_in = buffered.len() as u64;
-        }
-        let replay = keep_for_retry(buffered.len() as u64).then(|| buffered.clone());
-        (RequestBody::Full(Some(buffered)), replay)
+        return Ok(Step::Buffer {
+            route,
+            parts,
+            body,
+            client_upgrade,
+        });
     };
+    Ok(outgoing(env, route, parts, body, replay, client_upgrade))
+}
+
+/// A body small enough is kept so that a retry can send it again.
+fn keep_for_retry(cfg: &crate::config::RetryConfig, n: u64) -> bool {
+    cfg.attempts > 1 && n <= cfg.max_body
+}
+
+/// The headers for the upstream, then the upgrade or the retry loop.
+#[inline(always)]
+fn outgoing<'a>(
+    env: &Env<'a>,
+    route: &'a Route,
+    mut parts: http::request::Parts,
+    body: RequestBody,
+    replay: Option<Bytes>,
+    client_upgrade: Option<OnUpgrade>,
+) -> Step<'a> {
+    let upstream = &*route.upstream;
+    let deadline = route.timeouts.total.map(|t| env.start + t);
+    let idle = route.timeouts.idle;
 
     // Headers for the upstream.
     let original_host = match parts.uri.authority() {
         Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-        None => parts.headers.get(header::HOST).cloned(),
+        None => env.head.host.clone(),
     };
-    headers::strip_hop_by_hop(&mut parts.headers, wants_upgrade);
-    let trusted = headers::is_trusted(peer.ip(), &snapshot.trusted_proxies);
+    headers::strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
+    let peer = env.peer.ip();
+    let trusted = headers::is_trusted(peer, &env.snapshot.trusted_proxies);
     headers::set_forwarded(
         &mut parts.headers,
-        peer.ip(),
+        peer,
         trusted,
-        ctx.proto,
+        env.ctx.proto,
         original_host.as_ref(),
     );
-    parts.headers.insert(&X_REQUEST_ID, request_id.clone());
+    parts.headers.insert(&X_REQUEST_ID, env.request_id.clone());
     // Origin-form on the wire to the upstream.
     parts.uri = match parts.uri.path_and_query() {
         Some(pq) => Uri::from(pq.clone()),
@@ -257,92 +362,176 @@ async fn proxy(
     };
 
     if let Some(client_upgrade) = client_upgrade {
-        let idx = upstream.pick(0).ok_or_else(|| no_endpoints(upstream))?;
-        let endpoint = &upstream.endpoints[idx];
-        parts
-            .headers
-            .insert(header::HOST, endpoint.pool.host_header.clone());
-        let request = Request::from_parts(parts, body);
-        let resp = forward::send_upgrade(&upstream.name, endpoint, request, &timers).await;
-        let resp = match resp {
-            Ok(r) => r,
-            Err(e) => {
-                if let Some(t) = tail.ticket.as_mut() {
-                    t.report(Outcome::Failure);
-                }
-                return Err(e);
-            }
+        return Step::Upgrade {
+            upstream,
+            parts,
+            body,
+            client_upgrade,
+            timers,
+            idle,
         };
-        if let Some(r) = tail.log.as_mut() {
-            r.ttfb = Some(start.elapsed());
-        }
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(t) = tail.ticket.as_mut() {
-                t.report(Outcome::Success);
-            }
-            return Ok(upgrade::tunnel(
-                resp,
-                client_upgrade,
-                request_id.to_str().unwrap_or("-").to_string(),
-            ));
-        }
-        // The upstream declined the upgrade: an ordinary answer.
-        let (mut parts, body) = resp.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers, false);
-        let body = TimedBody::new(body, idle, deadline, None);
-        return Ok(Response::from_parts(parts, ProxyBody::direct(body)));
     }
-
-    let attempt = Attempt {
+    let cfg = &upstream.resilience;
+    // Only a retry after the request went out needs a copy of it: hyper keeps what it sent,
+    // and hands back only what it did not send.
+    let template = (cfg.retry.attempts > 1
+        && replay.is_some()
+        && retry::may_retry_once_sent(&cfg.retry, &parts.method))
+    .then(|| Box::new((parts.uri.clone(), parts.headers.clone())));
+    Step::Send(Send {
         upstream,
         method: parts.method.clone(),
+        request: Some(Request::from_parts(parts, body)),
         replay,
-        template: None,
+        template,
         timers,
-    };
-    let resp = attempt.run(parts, body, tail).await?;
-    if let Some(r) = tail.log.as_mut() {
-        r.ttfb = Some(start.elapsed());
-    }
+        idle,
+    })
+}
 
-    // Stream back, frame by frame.
+/// The steps that wait on something other than the upstream's answer, then the send.
+async fn slow(
+    env: &Env<'_>,
+    mut step: Step<'_>,
+    tail: &mut Tail,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    loop {
+        step = match step {
+            Step::RateLimit {
+                route,
+                declared_len,
+                req,
+            } => {
+                rate_limit(env, route, &req, tail).await?;
+                after_rate_limit(env, route, declared_len, req, tail)?
+            }
+            Step::Buffer {
+                route,
+                parts,
+                body,
+                client_upgrade,
+            } => {
+                let deadline = route.timeouts.total.map(|t| env.start + t);
+                let limit = route.max_body_bytes;
+                let buffered = buffer_body(body, limit, route.timeouts.idle, deadline).await?;
+                if let Some(r) = tail.log.as_mut() {
+                    r.bytes_in = buffered.len() as u64;
+                }
+                if let Some(o) = tail.obs.as_mut() {
+                    o.bytes_in = buffered.len() as u64;
+                }
+                let replay =
+                    keep_for_retry(&route.upstream.resilience.retry, buffered.len() as u64)
+                        .then(|| buffered.clone());
+                let body = RequestBody::Full(Some(buffered));
+                outgoing(env, route, parts, body, replay, client_upgrade)
+            }
+            Step::Upgrade {
+                upstream,
+                parts,
+                body,
+                client_upgrade,
+                timers,
+                idle,
+            } => {
+                return upgrade(
+                    env,
+                    upstream,
+                    parts,
+                    body,
+                    client_upgrade,
+                    timers,
+                    idle,
+                    tail,
+                )
+                .await;
+            }
+            Step::Send(mut send) => return send.run(env, tail).await,
+        };
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn upgrade(
+    env: &Env<'_>,
+    upstream: &Upstream,
+    mut parts: http::request::Parts,
+    body: RequestBody,
+    client_upgrade: OnUpgrade,
+    timers: forward::Timers,
+    idle: Duration,
+    tail: &mut Tail,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let idx = upstream.pick(0).ok_or_else(|| no_endpoints(upstream))?;
+    let endpoint = &upstream.endpoints[idx];
+    parts
+        .headers
+        .insert(header::HOST, endpoint.pool.host_header.clone());
+    let request = Request::from_parts(parts, body);
+    let resp = forward::send_upgrade(&upstream.name, endpoint, request, &timers).await;
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(t) = tail.ticket.as_mut() {
+                t.report(Outcome::Failure);
+            }
+            return Err(e);
+        }
+    };
+    if let Some(r) = tail.log.as_mut() {
+        r.ttfb = Some(env.start.elapsed());
+    }
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(t) = tail.ticket.as_mut() {
+            t.report(Outcome::Success);
+        }
+        return Ok(upgrade::tunnel(
+            resp,
+            client_upgrade,
+            env.request_id.to_str().unwrap_or("-").to_string(),
+        ));
+    }
+    // The upstream declined the upgrade: an ordinary answer.
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, false);
-    let body = TimedBody::new(body, idle, deadline, None);
-    Ok(Response::from_parts(parts, ProxyBody::upstream(body)))
+    let body = TimedBody::new(body, idle, timers.deadline, None);
+    Ok(Response::from_parts(parts, ProxyBody::direct(body)))
 }
 
 /// The retry loop: each attempt picks an endpoint (another one than before when it can),
 /// sends, classifies the result, feeds endpoint health, and decides whether to go again.
 /// Never retries once the response was handed on; never retries what may have reached the
 /// upstream unless the method is idempotent and the body was kept.
-struct Attempt<'a> {
+///
+/// Owned by `handle`'s future and lent to `run` and `forward::send`: passed by value, the
+/// request would be copied into every future on the way, and kept there.
+struct Send<'a> {
     upstream: &'a Upstream,
     method: Method,
+    /// The request for the next attempt: taken by the send, put back when it provably
+    /// never left.
+    request: Option<Request<RequestBody>>,
     /// The request body, kept for a retry (None: not replayable).
     replay: Option<Bytes>,
-    /// Method, URI, headers: enough to rebuild the request for a retry.
-    template: Option<(Uri, HeaderMap)>,
+    /// URI and headers: enough, with `method` and `replay`, to rebuild a request that was
+    /// sent for a retry. Only kept when such a retry is possible (see `outgoing`); boxed,
+    /// as it is rarely there and `Send` is moved on every request.
+    template: Option<Box<(Uri, HeaderMap)>>,
     timers: forward::Timers,
+    idle: Duration,
 }
 
-impl Attempt<'_> {
+impl Send<'_> {
     async fn run(
-        mut self,
-        parts: http::request::Parts,
-        body: RequestBody,
+        &mut self,
+        env: &Env<'_>,
         tail: &mut Tail,
-    ) -> Result<Response<crate::proxy::pool::PooledBody>, ProxyError> {
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let upstream = self.upstream;
         let cfg = &upstream.resilience;
-        let retries_possible = cfg.retry.attempts > 1;
-        if retries_possible && self.replay.is_some() {
-            self.template = Some((parts.uri.clone(), parts.headers.clone()));
-        }
         if let Ok(mut b) = upstream.state.budget.lock() {
             b.record_request(Instant::now());
         }
-        let mut next = Some(Request::from_parts(parts, body));
         let mut tried: u64 = 0;
         let mut attempt = 1;
         loop {
@@ -351,7 +540,10 @@ impl Attempt<'_> {
                 tried |= 1 << idx;
             }
             let endpoint = &upstream.endpoints[idx];
-            let Some(mut request) = next.take().or_else(|| self.rebuild()) else {
+            if self.request.is_none() {
+                self.request = self.rebuild();
+            }
+            let Some(request) = self.request.as_mut() else {
                 // Nothing left to send (cannot happen: a retry is only chosen with a request).
                 return Err(no_endpoints(upstream));
             };
@@ -359,7 +551,8 @@ impl Attempt<'_> {
                 .headers_mut()
                 .insert(header::HOST, endpoint.pool.host_header.clone());
             let slot = InFlight::try_acquire(endpoint.state.clone(), None);
-            let result = forward::send(&upstream.name, endpoint, request, &self.timers).await;
+            let result =
+                forward::send(&upstream.name, endpoint, &mut self.request, &self.timers).await;
             let can_go_again = attempt < cfg.retry.attempts
                 && self.timers.deadline.is_none_or(|d| Instant::now() < d);
             match result {
@@ -385,7 +578,7 @@ impl Attempt<'_> {
                         && self.take_budget("status")
                     {
                         drop(resp);
-                        self.pause(attempt).await;
+                        Box::pin(self.pause(attempt)).await;
                         attempt += 1;
                         continue;
                     }
@@ -398,7 +591,14 @@ impl Attempt<'_> {
                         // Otherwise the body's end decides (a stream may still die).
                     }
                     tail.endpoint_slot = slot;
-                    return Ok(resp);
+                    if let Some(r) = tail.log.as_mut() {
+                        r.ttfb = Some(env.start.elapsed());
+                    }
+                    // Stream back, frame by frame.
+                    let (mut parts, body) = resp.into_parts();
+                    headers::strip_hop_by_hop(&mut parts.headers, false);
+                    let body = TimedBody::new(body, self.idle, self.timers.deadline, None);
+                    return Ok(Response::from_parts(parts, ProxyBody::upstream(body)));
                 }
                 Err(e) => {
                     let Some(failure) = e.failure else {
@@ -409,13 +609,17 @@ impl Attempt<'_> {
                         upstream.errors.inc(kind);
                     }
                     upstream.state.endpoint_result(&endpoint.state, false, cfg);
-                    let replayable = e.unsent.is_some() || self.replay.is_some();
+                    if e.by_deadline && self.replay.is_none() {
+                        // Cut short while connecting: retried, as before, only with a kept
+                        // body.
+                        self.request = None;
+                    }
+                    let replayable = self.request.is_some() || self.replay.is_some();
                     if can_go_again
                         && retry::retryable(&cfg.retry, failure, &self.method, replayable)
                         && self.take_budget(failure.reason())
                     {
-                        next = e.unsent;
-                        self.pause(attempt).await;
+                        Box::pin(self.pause(attempt)).await;
                         attempt += 1;
                         continue;
                     }
@@ -429,7 +633,7 @@ impl Attempt<'_> {
     }
 
     fn rebuild(&self) -> Option<Request<RequestBody>> {
-        let (uri, headers) = self.template.as_ref()?;
+        let (uri, headers) = self.template.as_deref()?;
         let body = self.replay.clone()?;
         let mut req = Request::new(if body.is_empty() {
             RequestBody::Empty

@@ -265,21 +265,19 @@ impl EndpointPool {
     }
 }
 
-/// Why an exchange failed, and whether the request can be sent again elsewhere.
-pub struct SendFailure {
-    pub error: hyper::Error,
-    /// The request, when hyper gave it back unsent (nothing reached the upstream).
-    pub unsent: Option<Request<RequestBody>>,
-}
-
-/// Sends `req` on `conn`, driving the connection until the response head arrives. On
-/// success the connection travels on inside the response body.
+/// Sends the request in `request` on `conn`, driving the connection until the response
+/// head arrives. On success the connection travels on inside the response body. When hyper
+/// gives the request back unsent (nothing reached the upstream), it is put back in
+/// `request`. None when `request` was empty.
+///
+/// The request is lent, not passed by value: a future carries its arguments for its whole
+/// life, and this one would otherwise hold a copy of the request next to hyper's.
 pub async fn exchange(
     mut conn: Box<Conn>,
     pool: Arc<EndpointPool>,
-    req: Request<RequestBody>,
-) -> Result<Response<PooledBody>, SendFailure> {
-    let mut response = std::pin::pin!(conn.sender.try_send_request(req));
+    request: &mut Option<Request<RequestBody>>,
+) -> Option<Result<Response<PooledBody>, hyper::Error>> {
+    let mut response = std::pin::pin!(conn.sender.try_send_request(request.take()?));
     let result = poll_fn(|cx| {
         // Drive the socket first, so a response that is already there is parsed now.
         // (If the driver finished, hyper has already failed the pending response.)
@@ -287,7 +285,7 @@ pub async fn exchange(
         response.as_mut().poll(cx)
     })
     .await;
-    match result {
+    Some(match result {
         Ok(resp) => {
             let (parts, body) = resp.into_parts();
             Ok(Response::from_parts(
@@ -300,11 +298,11 @@ pub async fn exchange(
                 },
             ))
         }
-        Err(mut e) => Err(SendFailure {
-            unsent: e.take_message(),
-            error: e.into_error(),
-        }),
-    }
+        Err(mut e) => {
+            *request = e.take_message();
+            Err(e.into_error())
+        }
+    })
 }
 
 /// The upstream's response body, carrying the connection: polling the body drives it, and

@@ -45,9 +45,14 @@ impl Route {
         }
     }
 
-    fn matches(&self, host: Option<&str>, path: &str, method: &Method) -> bool {
+    fn matches<'r>(
+        &self,
+        host: &mut impl FnMut() -> Option<&'r str>,
+        path: &str,
+        method: &Method,
+    ) -> bool {
         if let Some(want) = &self.host {
-            match host {
+            match host() {
                 Some(h) if h.eq_ignore_ascii_case(want) => {}
                 _ => return false,
             }
@@ -84,9 +89,13 @@ pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
 }
 
 pub fn find<'a, B>(routes: &'a [Route], req: &Request<B>) -> Option<&'a Route> {
-    let host = request_host(req);
     let path = req.uri().path();
-    routes.iter().find(|r| r.matches(host, path, req.method()))
+    // Looked up once, and only when a route names a host: most do not.
+    let mut looked_up = None;
+    let mut host = || *looked_up.get_or_insert_with(|| request_host(req));
+    routes
+        .iter()
+        .find(|r| r.matches(&mut host, path, req.method()))
 }
 
 #[cfg(test)]
