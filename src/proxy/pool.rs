@@ -207,8 +207,10 @@ impl EndpointPool {
         }
     }
 
-    fn put_idle(&self, mut conn: Box<Conn>) {
-        if self.max_idle == 0 || !conn.usable_now() {
+    fn put_idle(&self, conn: Box<Conn>) {
+        // Not checked here: `take_idle` checks every connection it hands out anyway, and
+        // this runs on every response.
+        if self.max_idle == 0 || conn.finished {
             return;
         }
         if let Ok(mut stack) = self.stack().lock() {
