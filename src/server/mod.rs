@@ -96,6 +96,9 @@ pub fn builder(cfg: &ListenerConfig) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.header_read_timeout)
         .keep_alive(true)
+        // One write(2) of head and body copied together beats writev(2) of two slices
+        // for the small answers most requests get.
+        .writev(false)
         .max_buf_size(cfg.max_header_bytes)
         .max_headers(cfg.max_headers);
     b.http2()
@@ -429,7 +432,9 @@ async fn drive<C, E>(
 where
     C: Future<Output = Result<(), E>>,
 {
+    // `biased`: the connection first, on every wake-up, without drawing a random order.
     tokio::select! {
+        biased;
         r = conn.as_mut() => return Ended::Done(r),
         _ = reached(phase, Phase::Closing) => {}
     }
