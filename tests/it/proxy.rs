@@ -39,22 +39,8 @@ async fn keep_alive_reuses_connections_both_sides() {
     let up = Upstream::start().await;
     let px = start(&one_route(&up.url(), "", "")).await;
     let addr = px.addr("main").unwrap();
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    for _ in 0..5 {
-        s.write_all(b"GET /ok HTTP/1.1\r\nhost: a\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = vec![0u8; 4096];
-        let mut got = Vec::new();
-        while !String::from_utf8_lossy(&got).ends_with("ok") {
-            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(n > 0, "proxy closed a keep-alive connection");
-            got.extend_from_slice(&buf[..n]);
-        }
-        assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    for status in sequential_gets(addr, 5).await {
+        assert_eq!(status, "HTTP/1.1 200");
     }
     assert_eq!(up.requests(), 5);
     assert_eq!(
