@@ -339,6 +339,9 @@ fn outgoing<'a>(
         None => env.head.host.clone(),
     };
     headers::strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
+    // X-Forwarded-For/-Proto/-Host and X-Request-Id: room for them at once, instead of the
+    // map growing (and rehashing) on the way.
+    parts.headers.reserve(4);
     let peer = env.peer.ip();
     let trusted = headers::is_trusted(peer, &env.snapshot.trusted_proxies);
     headers::set_forwarded(

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use http::header::UPGRADE;
@@ -432,11 +433,29 @@ async fn drive<C, E>(
 where
     C: Future<Output = Result<(), E>>,
 {
-    // `biased`: the connection first, on every wake-up, without drawing a random order.
-    tokio::select! {
-        biased;
-        r = conn.as_mut() => return Ended::Done(r),
-        _ = reached(phase, Phase::Closing) => {}
+    // The connection's task wakes several times per request; the phase changes once or
+    // twice in its life. Look at the phase only when it changed (`probe`, a receiver of
+    // its own, tells without a lock), after one first look that registers the wake-up.
+    let ended = {
+        let probe = phase.clone();
+        let mut closing = std::pin::pin!(reached(phase, Phase::Closing));
+        let mut looked = false;
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Some(r));
+            }
+            if !looked || probe.has_changed().unwrap_or(true) {
+                looked = true;
+                if closing.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    };
+    if let Some(r) = ended {
+        return Ended::Done(r);
     }
     if !state.seen.load(Ordering::Relaxed) {
         tokio::select! {
