@@ -16,6 +16,11 @@
 //! stays the current one, and calls clone its handle (pipelining on it) without touching
 //! the pool until it breaks or the master changes. The pool then makes the next one, under
 //! the same timeout.
+//!
+//! Each worker thread (`workers.rs`) keeps a connection of its own instead, made on its own
+//! runtime (outside the pool, with the pool's manager): a multiplexed connection is driven
+//! by a task on the runtime that made it, and a call from another worker would wake that
+//! thread, and be woken by it, on every decision. The same rules replace it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -59,8 +64,11 @@ impl Script {
 
 pub struct Redis {
     pool: bb8::Pool<Manager>,
-    /// The connection calls share while it works.
+    /// The connection calls off the worker threads share while it works.
     current: ArcSwapOption<Handle>,
+    /// Each worker thread's own connection, and the lock that lets one call per worker
+    /// connect while the others wait for it.
+    per_worker: Box<[(ArcSwapOption<Handle>, tokio::sync::Mutex<()>)]>,
     timeout: Duration,
     target: Arc<Target>,
 }
@@ -98,6 +106,9 @@ impl Redis {
         Ok(Redis {
             pool,
             current: ArcSwapOption::empty(),
+            per_worker: (0..crate::workers::max_workers())
+                .map(|_| (ArcSwapOption::empty(), tokio::sync::Mutex::new(())))
+                .collect(),
             timeout: cfg.timeout,
             target,
         })
@@ -218,6 +229,11 @@ impl Redis {
     /// broken by an earlier call, or made before the master was last forgotten (a
     /// fail-over), are dropped on the way.
     async fn checkout(&self) -> Result<Call, RedisError> {
+        if let Some((slot, connecting)) =
+            crate::workers::worker().and_then(|i| self.per_worker.get(i))
+        {
+            return self.checkout_on_worker(slot, connecting).await;
+        }
         let generation = self.target.generation.load(Ordering::Relaxed);
         if let Some(h) = self.current.load().as_ref()
             && h.generation == generation
@@ -251,6 +267,41 @@ impl Redis {
             // Returned marked: bb8 drops it.
             conn.broken.store(true, Ordering::Relaxed);
         }
+    }
+
+    /// A worker's own connection while it works; otherwise a new one, made here so that
+    /// its driving task runs on this worker.
+    async fn checkout_on_worker(
+        &self,
+        slot: &ArcSwapOption<Handle>,
+        connecting: &tokio::sync::Mutex<()>,
+    ) -> Result<Call, RedisError> {
+        let usable = |h: &Handle| {
+            h.generation == self.target.generation.load(Ordering::Relaxed)
+                && !h.broken.load(Ordering::Relaxed)
+        };
+        if let Some(h) = slot.load().as_ref()
+            && usable(h)
+        {
+            return Ok(h.call());
+        }
+        // One connect per worker at a time: the calls that missed with it wait for its
+        // result (all of them are under the call timeout).
+        let _connecting = connecting.lock().await;
+        if let Some(h) = slot.load().as_ref()
+            && usable(h)
+        {
+            return Ok(h.call());
+        }
+        let conn = self.pool.dedicated_connection().await?;
+        let handle = Handle {
+            conn: conn.inner,
+            broken: conn.broken,
+            generation: conn.generation,
+        };
+        let call = handle.call();
+        slot.store(Some(Arc::new(handle)));
+        Ok(call)
     }
 
     /// Whether the connection that produced `e` must be dropped. A READONLY answer means
@@ -385,6 +436,16 @@ struct Handle {
     conn: MultiplexedConnection,
     broken: Arc<AtomicBool>,
     generation: u64,
+}
+
+impl Handle {
+    fn call(&self) -> Call {
+        Call {
+            conn: self.conn.clone(),
+            broken: self.broken.clone(),
+            done: false,
+        }
+    }
 }
 
 /// One call's handle on a shared connection.

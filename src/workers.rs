@@ -33,6 +33,16 @@ pub fn slots() -> usize {
     MAX_WORKERS.load(Ordering::Relaxed) + 1
 }
 
+/// This thread's worker number; None off the worker threads.
+pub fn worker() -> Option<usize> {
+    INDEX.with(Cell::get)
+}
+
+/// The most workers started in this process so far.
+pub fn max_workers() -> usize {
+    MAX_WORKERS.load(Ordering::Relaxed)
+}
+
 /// This thread's slot among [`slots`]: its worker number, or the last one off the workers.
 pub fn slot() -> usize {
     INDEX

@@ -130,18 +130,31 @@ async fn memory_exact_limit_under_concurrency() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_exact_limit_under_concurrency() {
-    let Some(redis) = RedisServer::any("redis_exact_limit_under_concurrency").await else {
+    redis_exact_limit("redis_exact_limit_under_concurrency", None).await;
+}
+
+/// Each worker thread calls Redis on a connection of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_exact_limit_with_worker_threads() {
+    redis_exact_limit("redis_exact_limit_with_worker_threads", Some(2)).await;
+}
+
+async fn redis_exact_limit(test: &str, workers: Option<usize>) {
+    let Some(redis) = RedisServer::any(test).await else {
         return;
     };
     let up = Upstream::start().await;
     let p = unique("red");
-    let px = start(&config(
+    let yaml = config(
         &up.url(),
         &p,
         &redis_section(&redis.url, "1s"),
         &[format!("{p}: {{ points: 37, per: 60s, store: redis }}")],
-    ))
-    .await;
+    );
+    let px = match workers {
+        Some(n) => start_on_workers(&yaml, n).await,
+        None => start(&yaml).await,
+    };
     let addr = px.addr("main").unwrap();
     let (ok, limited, other) = hammer(&[addr], 8, 10, &[]).await;
     assert_eq!((ok, limited, other), (37, 43, 0));
@@ -356,7 +369,7 @@ enum Outage {
 /// Redis fails under load: no 5xx, no request waits beyond the Redis timeout (plus a
 /// margin for a loaded 2-core machine), the limit still holds from memory at
 /// points/replicas, and once Redis is back decisions return to it within seconds.
-async fn outage_under_load(test: &str, outage: Outage) {
+async fn outage_under_load(test: &str, outage: Outage, workers: Option<usize>) {
     let Some(mut redis) = RedisServer::own(test).await else {
         return;
     };
@@ -371,7 +384,10 @@ async fn outage_under_load(test: &str, outage: Outage) {
             "{p}: {{ points: 20, per: 60s, key: \"header:x-user\", store: redis }}"
         )],
     );
-    let px = start(&yaml).await;
+    let px = match workers {
+        Some(n) => start_on_workers(&yaml, n).await,
+        None => start(&yaml).await,
+    };
     let addr = px.addr("main").unwrap();
     let admin = px.admin_addr;
     let stop = Arc::new(AtomicBool::new(false));
@@ -464,6 +480,18 @@ async fn redis_killed_under_load_falls_back_to_memory_and_comes_back() {
     outage_under_load(
         "redis_killed_under_load_falls_back_to_memory_and_comes_back",
         Outage::Kill,
+        None,
+    )
+    .await;
+}
+
+/// The same on worker threads, each with its own Redis connection to lose and remake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_under_load_on_worker_threads_falls_back_and_comes_back() {
+    outage_under_load(
+        "redis_killed_under_load_on_worker_threads_falls_back_and_comes_back",
+        Outage::Kill,
+        Some(2),
     )
     .await;
 }
@@ -473,6 +501,7 @@ async fn redis_frozen_under_load_times_out_instead_of_hanging() {
     outage_under_load(
         "redis_frozen_under_load_times_out_instead_of_hanging",
         Outage::Freeze,
+        None,
     )
     .await;
 }

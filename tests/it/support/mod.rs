@@ -53,6 +53,14 @@ pub async fn start(yaml: &str) -> Running {
         .expect("proxy starts")
 }
 
+/// As [`start`], with the listeners on `n` worker threads (as `rampart run` serves).
+pub async fn start_on_workers(yaml: &str, n: usize) -> Running {
+    let workers = rampart::workers::Workers::start(n).expect("worker threads start");
+    rampart::app::start_on(parse(yaml), None, workers)
+        .await
+        .expect("proxy starts")
+}
+
 /// One listener `main` on port 0 with one route `/` to upstream `up` at `url`; `route_extra`
 /// and `listener_extra` are YAML lines spliced in (indented to fit).
 pub fn one_route(url: &str, route_extra: &str, listener_extra: &str) -> String {
