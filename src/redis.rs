@@ -234,16 +234,8 @@ impl Redis {
         {
             return self.checkout_on_worker(slot, connecting).await;
         }
-        let generation = self.target.generation.load(Ordering::Relaxed);
-        if let Some(h) = self.current.load().as_ref()
-            && h.generation == generation
-            && !h.broken.load(Ordering::Relaxed)
-        {
-            return Ok(Call {
-                conn: h.conn.clone(),
-                broken: h.broken.clone(),
-                done: false,
-            });
+        if let Some(call) = self.usable_call(&self.current) {
+            return Ok(call);
         }
         loop {
             let conn = self
@@ -251,22 +243,23 @@ impl Redis {
                 .get()
                 .await
                 .map_err(|e| RedisError::Pool(e.to_string()))?;
-            let current = conn.generation == self.target.generation.load(Ordering::Relaxed);
-            if current && !conn.broken.load(Ordering::Relaxed) {
-                self.current.store(Some(Arc::new(Handle {
-                    conn: conn.inner.clone(),
-                    broken: conn.broken.clone(),
-                    generation: conn.generation,
-                })));
-                return Ok(Call {
-                    conn: conn.inner.clone(),
-                    broken: conn.broken.clone(),
-                    done: false,
-                });
+            let handle = Handle::of(&conn);
+            if handle.usable(&self.target) {
+                let call = handle.call();
+                self.current.store(Some(Arc::new(handle)));
+                return Ok(call);
             }
             // Returned marked: bb8 drops it.
             conn.broken.store(true, Ordering::Relaxed);
         }
+    }
+
+    /// A call on the connection in `slot`, if it still works.
+    fn usable_call(&self, slot: &ArcSwapOption<Handle>) -> Option<Call> {
+        slot.load()
+            .as_ref()
+            .filter(|h| h.usable(&self.target))
+            .map(|h| h.call())
     }
 
     /// A worker's own connection while it works; otherwise a new one, made here so that
@@ -276,29 +269,16 @@ impl Redis {
         slot: &ArcSwapOption<Handle>,
         connecting: &tokio::sync::Mutex<()>,
     ) -> Result<Call, RedisError> {
-        let usable = |h: &Handle| {
-            h.generation == self.target.generation.load(Ordering::Relaxed)
-                && !h.broken.load(Ordering::Relaxed)
-        };
-        if let Some(h) = slot.load().as_ref()
-            && usable(h)
-        {
-            return Ok(h.call());
+        if let Some(call) = self.usable_call(slot) {
+            return Ok(call);
         }
         // One connect per worker at a time: the calls that missed with it wait for its
         // result (all of them are under the call timeout).
         let _connecting = connecting.lock().await;
-        if let Some(h) = slot.load().as_ref()
-            && usable(h)
-        {
-            return Ok(h.call());
+        if let Some(call) = self.usable_call(slot) {
+            return Ok(call);
         }
-        let conn = self.pool.dedicated_connection().await?;
-        let handle = Handle {
-            conn: conn.inner,
-            broken: conn.broken,
-            generation: conn.generation,
-        };
+        let handle = Handle::of(&self.pool.dedicated_connection().await?);
         let call = handle.call();
         slot.store(Some(Arc::new(handle)));
         Ok(call)
@@ -439,6 +419,20 @@ struct Handle {
 }
 
 impl Handle {
+    fn of(conn: &Conn) -> Handle {
+        Handle {
+            conn: conn.inner.clone(),
+            broken: conn.broken.clone(),
+            generation: conn.generation,
+        }
+    }
+
+    /// Not marked broken, and made since the master was last forgotten.
+    fn usable(&self, target: &Target) -> bool {
+        self.generation == target.generation.load(Ordering::Relaxed)
+            && !self.broken.load(Ordering::Relaxed)
+    }
+
     fn call(&self) -> Call {
         Call {
             conn: self.conn.clone(),

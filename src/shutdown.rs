@@ -63,8 +63,8 @@ impl Default for InFlight {
 impl InFlight {
     /// Counts a request until the guard (moved into its response body) is dropped.
     pub fn request(&self) -> RequestGuard {
-        // Never empty; the modulo folds in workers started after this was made.
-        let shard = &self.shards[crate::workers::slot() % self.shards.len().max(1)];
+        // Never empty (at least one slot).
+        let shard = &self.shards[crate::workers::slot_in(self.shards.len())];
         shard.requests.fetch_add(1, Ordering::Relaxed);
         RequestGuard(shard.clone())
     }

@@ -43,6 +43,12 @@ pub fn max_workers() -> usize {
     MAX_WORKERS.load(Ordering::Relaxed)
 }
 
+/// This thread's entry in per-thread state of `len` entries (sized by [`slots`] when it was
+/// made; state made before more workers started folds them in).
+pub fn slot_in(len: usize) -> usize {
+    slot() % len.max(1)
+}
+
 /// This thread's slot among [`slots`]: its worker number, or the last one off the workers.
 pub fn slot() -> usize {
     INDEX

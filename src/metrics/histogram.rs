@@ -66,7 +66,7 @@ impl DurationHistogram {
 
     /// This thread's block of cells.
     fn shard(&self) -> &[AtomicU64] {
-        let i = super::sharded::slot_in(self.0.shards);
+        let i = crate::workers::slot_in(self.0.shards);
         self.0
             .cells
             .get(i * self.0.stride..(i + 1) * self.0.stride)

@@ -15,11 +15,6 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 #[repr(align(64))]
 pub(crate) struct Line(pub(crate) AtomicU64);
 
-/// This thread's slot in a per-worker array of `len` entries.
-pub(crate) fn slot_in(len: usize) -> usize {
-    crate::workers::slot() % len.max(1)
-}
-
 /// Clones share the counts (a handle, like prometheus-client's `Counter`).
 #[derive(Debug, Clone)]
 pub struct ShardedCounter(Arc<[Line]>);
@@ -40,7 +35,7 @@ impl ShardedCounter {
     }
 
     pub fn inc_by(&self, n: u64) {
-        if let Some(line) = self.0.get(slot_in(self.0.len())) {
+        if let Some(line) = self.0.get(crate::workers::slot_in(self.0.len())) {
             line.0.fetch_add(n, Ordering::Relaxed);
         }
     }

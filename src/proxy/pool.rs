@@ -181,8 +181,8 @@ impl EndpointPool {
 
     /// This thread's idle stack (a worker's own, or the control plane's).
     fn stack(&self) -> &Mutex<Vec<Idle>> {
-        // At least one slot; a pool built before more workers started folds them in.
-        &self.idle[crate::workers::slot() % self.idle.len().max(1)]
+        // Never empty (at least one slot).
+        &self.idle[crate::workers::slot_in(self.idle.len())]
     }
 
     /// The most recently used idle connection that is still open and fresh enough.

@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 
 use crate::assert_eventually;
-use crate::support::{self, Upstream, get, http1, send};
+use crate::support::{self, Upstream, get, http1, sample, send};
 
 /// A port nothing listens on: connections to it are refused.
 /// A port that refuses connections for the rest of the test run: the socket is bound (so no
@@ -46,13 +46,6 @@ async fn scrape(r: &Running) -> String {
         "application/openmetrics-text; version=1.0.0; charset=utf-8"
     );
     String::from_utf8(body.to_vec()).unwrap()
-}
-
-/// The value of the sample line that starts with `series` (name and labels, exactly).
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 fn two_routes(up: &str, dead: SocketAddr, extra: &str) -> String {

@@ -750,11 +750,8 @@ async fn worker_threads_each_accept_on_their_own_socket_of_the_listener() {
     let text = String::from_utf8_lossy(&body);
     let accepted = |w: &str| -> f64 {
         let series =
-            format!("rampart_worker_connections_total{{listener=\"main\",worker=\"{w}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&series))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
+            format!("rampart_worker_connections_total{{listener=\"main\",worker=\"{w}\"}}");
+        sample(&text, &series).unwrap_or(0.0)
     };
     let (w0, w1) = (accepted("0"), accepted("1"));
     assert_eq!(w0 + w1, 32.0, "{text}");

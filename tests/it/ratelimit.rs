@@ -50,10 +50,7 @@ async fn metrics(admin: SocketAddr) -> String {
 
 /// The value of one series (`name{labels}`), 0 when absent.
 fn value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    sample(text, series).unwrap_or(0.0)
 }
 
 fn decisions(policy: &str, result: &str, source: &str) -> String {

@@ -61,6 +61,13 @@ pub async fn start_on_workers(yaml: &str, n: usize) -> Running {
         .expect("proxy starts")
 }
 
+/// The value of the sample line that starts with `series` (name and labels, exactly).
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
 /// One listener `main` on port 0 with one route `/` to upstream `up` at `url`; `route_extra`
 /// and `listener_extra` are YAML lines spliced in (indented to fit).
 pub fn one_route(url: &str, route_extra: &str, listener_extra: &str) -> String {
