@@ -26,8 +26,12 @@ pub enum BodyError {
     Total,
     #[error("body larger than the limit of {0} bytes")]
     TooLarge(u64),
+    #[error("request body length differs from its Content-Length")]
+    Length,
     #[error("{0}")]
     Inner(#[from] hyper::Error),
+    #[error("{0}")]
+    Upstream(#[from] crate::proxy::client::WireError),
 }
 
 /// The earliest of "idle timeout since the last frame" and "absolute deadline", on ONE timer
@@ -122,7 +126,8 @@ impl<B> TimedBody<B> {
 
 impl<B> Body for TimedBody<B>
 where
-    B: Body<Data = Bytes, Error = hyper::Error> + Unpin,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BodyError>,
 {
     type Data = Bytes;
     type Error = BodyError;
@@ -151,7 +156,7 @@ where
             }
             Poll::Ready(Some(Err(e))) => {
                 this.done = true;
-                Poll::Ready(Some(Err(BodyError::Inner(e))))
+                Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {
                 this.done = true;

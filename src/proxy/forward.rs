@@ -19,7 +19,8 @@ use crate::config::{Resilience, UpstreamConfig};
 use crate::error::{ProxyError, TimeoutPhase};
 use crate::metrics::http::UpstreamErrors;
 use crate::proxy::body::{BodyError, RequestBody};
-use crate::proxy::pool::{self, ConnectError, EndpointPool, PooledBody};
+use crate::proxy::client::ExchangeError;
+use crate::proxy::pool::{self, ConnectError, EndpointPool, PooledBody, UpgradeError};
 use crate::proxy::resilience::{EndpointState, UpstreamState, UpstreamStates};
 use crate::retry::Failure;
 
@@ -283,14 +284,12 @@ pub async fn send_upgrade(
     timers: &Timers,
 ) -> Result<Response<hyper::body::Incoming>, ProxyError> {
     let attempt = async {
-        let conn = endpoint
-            .pool
-            .connect(timers.connect)
+        pool::exchange_upgrade(&endpoint.pool, timers.connect, req)
             .await
-            .map_err(|e| connect_error(upstream, e))?;
-        pool::exchange_upgrade(conn, req)
-            .await
-            .map_err(|e| classify(&e, upstream).0)
+            .map_err(|e| match e {
+                UpgradeError::Connect(e) => connect_error(upstream, e),
+                UpgradeError::Exchange(e) => classify_upgrade(&e, upstream),
+            })
     };
     match tokio::time::timeout(timers.first_byte, attempt).await {
         Ok(r) => r,
@@ -315,30 +314,48 @@ fn connect_error(upstream: &str, e: ConnectError) -> ProxyError {
 }
 
 /// Maps an exchange error to what the downstream should hear, and whether the upstream is
-/// to blame. Our own request-body errors come back wrapped inside hyper's error, so look
-/// through the source chain first: those are the client's fault.
-fn classify(err: &hyper::Error, upstream: &str) -> (ProxyError, bool) {
+/// to blame (not when our client's own request body failed).
+fn classify(err: &ExchangeError, upstream: &str) -> (ProxyError, bool) {
+    match err {
+        ExchangeError::RequestBody(b) => (body_error(b, upstream), false),
+        ExchangeError::Wire(e) => (
+            ProxyError::UpstreamUnavailable {
+                upstream: upstream.to_string(),
+                detail: format!("connection failed: {}", root_cause(e)),
+            },
+            true,
+        ),
+    }
+}
+
+fn body_error(b: &BodyError, upstream: &str) -> ProxyError {
+    match b {
+        BodyError::Idle => ProxyError::RequestTimeout,
+        BodyError::TooLarge(limit) => ProxyError::PayloadTooLarge { limit: *limit },
+        BodyError::Total => ProxyError::UpstreamTimeout {
+            upstream: upstream.to_string(),
+            phase: TimeoutPhase::Total,
+        },
+        BodyError::Length | BodyError::Inner(_) | BodyError::Upstream(_) => {
+            ProxyError::BadRequest("the request body was cut short")
+        }
+    }
+}
+
+/// The same for hyper's errors on the upgrade path, where our request body errors come back
+/// wrapped inside hyper's error: look through the source chain first.
+fn classify_upgrade(err: &hyper::Error, upstream: &str) -> ProxyError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = source {
         if let Some(b) = e.downcast_ref::<BodyError>() {
-            let error = match b {
-                BodyError::Idle => ProxyError::RequestTimeout,
-                BodyError::TooLarge(limit) => ProxyError::PayloadTooLarge { limit: *limit },
-                BodyError::Total => ProxyError::UpstreamTimeout {
-                    upstream: upstream.to_string(),
-                    phase: TimeoutPhase::Total,
-                },
-                BodyError::Inner(_) => ProxyError::BadRequest("the request body was cut short"),
-            };
-            return (error, false);
+            return body_error(b, upstream);
         }
         source = e.source();
     }
-    let error = ProxyError::UpstreamUnavailable {
+    ProxyError::UpstreamUnavailable {
         upstream: upstream.to_string(),
         detail: format!("connection failed: {}", root_cause(err)),
-    };
-    (error, true)
+    }
 }
 
 fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {

@@ -3,6 +3,7 @@
 
 pub mod access_log;
 pub mod body;
+pub mod client;
 pub mod forward;
 pub mod headers;
 pub mod pipeline;

@@ -724,7 +724,7 @@ async fn buffer_body(
             }
             Err(BodyError::TooLarge(limit)) => return Err(ProxyError::PayloadTooLarge { limit }),
             Err(BodyError::Idle | BodyError::Total) => return Err(ProxyError::RequestTimeout),
-            Err(BodyError::Inner(_)) => {
+            Err(BodyError::Inner(_) | BodyError::Length | BodyError::Upstream(_)) => {
                 return Err(ProxyError::BadRequest("malformed request body"));
             }
         }

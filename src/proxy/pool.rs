@@ -2,16 +2,16 @@
 //!
 //! hyper's pooled client runs every upstream connection as a separate task and hands each
 //! request to it through channels: two task wake-ups and a pool lock with a hashed key per
-//! request. Here the request future (and then the response body) polls the connection
-//! itself, as nginx's event loop would: no hand-off, no extra task, and when the client goes
-//! away the connection is dropped with the body, which cancels the upstream request at once.
-//! An idle connection sits in its endpoint's stack unpolled; it is checked when taken out.
+//! request. Here the request future (and then the response body) reads and writes the
+//! connection itself (`client`), as nginx's event loop would: no hand-off, no extra task,
+//! and when the client goes away the connection is dropped with the body, which cancels the
+//! upstream request at once. An idle connection sits in its endpoint's stack unpolled; it
+//! is checked when taken out.
 
-use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,6 +28,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::proxy::body::RequestBody;
+use crate::proxy::client::{self, Conn, ExchangeError, WireError};
 
 /// A plain or TLS upstream socket.
 pub enum Io {
@@ -90,38 +91,6 @@ impl AsyncWrite for Io {
             Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
-    }
-}
-
-type Driver = http1::Connection<TokioIo<Io>, RequestBody>;
-
-/// One HTTP/1.1 connection: the handle requests are sent through and the protocol driver
-/// that must be polled for anything to happen on the socket.
-pub struct Conn {
-    sender: http1::SendRequest<RequestBody>,
-    driver: Driver,
-    /// The driver returned: the connection is closed and must not be polled again.
-    finished: bool,
-    /// Taken from the pool (not fresh): a failure before sending may be a stale socket.
-    pub reused: bool,
-}
-
-impl Conn {
-    /// Polls the driver unless it already finished; true when the connection is now closed.
-    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.finished && Pin::new(&mut self.driver).poll(cx).is_ready() {
-            self.finished = true;
-        }
-        self.finished
-    }
-
-    /// Whether it can take another request right now (used on check-out and check-in).
-    fn usable_now(&mut self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        if self.drive(&mut cx) {
-            return false;
-        }
-        matches!(self.sender.poll_ready(&mut cx), Poll::Ready(Ok(())))
     }
 }
 
@@ -208,9 +177,9 @@ impl EndpointPool {
     }
 
     fn put_idle(&self, conn: Box<Conn>) {
-        // Not checked here: `take_idle` checks every connection it hands out anyway, and
-        // this runs on every response.
-        if self.max_idle == 0 || conn.finished {
+        // Not checked for liveness here: `take_idle` checks every connection it hands out
+        // anyway, and this runs on every response.
+        if self.max_idle == 0 || !conn.reusable() {
             return;
         }
         if let Ok(mut stack) = self.stack().lock() {
@@ -232,23 +201,16 @@ impl EndpointPool {
             .sum()
     }
 
-    /// A new connection: TCP (and TLS) under `timeout`, then the HTTP/1.1 handshake.
-    /// Boxed once per connection: it then moves between pool, request and body by pointer.
+    /// A new connection: TCP (and TLS) under `timeout`. Boxed once per connection: it then
+    /// moves between pool, request and body by pointer.
     pub async fn connect(&self, timeout: Duration) -> Result<Box<Conn>, ConnectError> {
-        let io = tokio::time::timeout(timeout, self.connect_io())
+        Ok(Box::new(Conn::new(self.connect_timed(timeout).await?)))
+    }
+
+    async fn connect_timed(&self, timeout: Duration) -> Result<Io, ConnectError> {
+        tokio::time::timeout(timeout, self.connect_io())
             .await
-            .map_err(|_| ConnectError::Timeout)??;
-        let (sender, driver) = http1::Builder::new()
-            .max_buf_size(1024 * 1024)
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(ConnectError::Handshake)?;
-        Ok(Box::new(Conn {
-            sender,
-            driver,
-            finished: false,
-            reused: false,
-        }))
+            .map_err(|_| ConnectError::Timeout)?
     }
 
     async fn connect_io(&self) -> Result<Io, ConnectError> {
@@ -267,80 +229,64 @@ impl EndpointPool {
     }
 }
 
-/// Sends the request in `request` on `conn`, driving the connection until the response
-/// head arrives. On success the connection travels on inside the response body. When hyper
-/// gives the request back unsent (nothing reached the upstream), it is put back in
-/// `request`. None when `request` was empty.
+/// Sends the request in `request` on `conn` and waits for the response head. On success
+/// the connection travels on inside the response body. When nothing of the request reached
+/// the upstream, it is put back in `request`. None when `request` was empty.
 ///
 /// The request is lent, not passed by value: a future carries its arguments for its whole
-/// life, and this one would otherwise hold a copy of the request next to hyper's.
+/// life, and this one would otherwise hold a copy of the request.
 pub async fn exchange(
     mut conn: Box<Conn>,
     pool: Arc<EndpointPool>,
     request: &mut Option<Request<RequestBody>>,
-) -> Option<Result<Response<PooledBody>, hyper::Error>> {
-    let mut response = std::pin::pin!(conn.sender.try_send_request(request.take()?));
-    let result = poll_fn(|cx| {
-        // Drive the socket first, so a response that is already there is parsed now.
-        // (If the driver finished, hyper has already failed the pending response.)
-        conn.drive(cx);
-        response.as_mut().poll(cx)
-    })
-    .await;
-    Some(match result {
-        Ok(resp) => {
-            let (parts, body) = resp.into_parts();
-            Ok(Response::from_parts(
-                parts,
-                PooledBody {
-                    inner: body,
-                    conn: Some(conn),
-                    pool,
-                    ended: false,
-                },
-            ))
-        }
-        Err(mut e) => {
-            *request = e.take_message();
-            Err(e.into_error())
-        }
+) -> Option<Result<Response<PooledBody>, ExchangeError>> {
+    Some(match client::exchange(&mut conn, request).await? {
+        Ok(head) => Ok(head.map(|()| PooledBody {
+            conn: Some(conn),
+            pool,
+        })),
+        Err(e) => Err(e),
     })
 }
 
-/// The upstream's response body, carrying the connection: polling the body drives it, and
+/// The upstream's response body, carrying the connection: polling the body reads it, and
 /// when the body has been read to its end the connection goes back to its endpoint's pool.
 pub struct PooledBody {
-    inner: Incoming,
+    /// None once the body failed (the connection is then closed).
     conn: Option<Box<Conn>>,
     pool: Arc<EndpointPool>,
-    ended: bool,
 }
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = WireError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        if let Some(conn) = this.conn.as_mut() {
-            conn.drive(cx);
+    ) -> Poll<Option<Result<Frame<Bytes>, WireError>>> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match ready!(conn.poll_body(cx)) {
+            Some(Ok(data)) => Poll::Ready(Some(Ok(Frame::data(data)))),
+            Some(Err(e)) => {
+                self.conn = None;
+                Poll::Ready(Some(Err(e)))
+            }
+            None => Poll::Ready(None),
         }
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            this.ended = true;
-        }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended || self.inner.is_end_stream()
+        self.conn.as_ref().is_none_or(|c| c.body_done())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match self.conn.as_ref().and_then(|c| c.body_remaining()) {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
     }
 }
 
@@ -348,27 +294,37 @@ impl Drop for PooledBody {
     fn drop(&mut self) {
         // Only a connection whose response was read to the end can carry another request;
         // anything else (client gone, upstream error) is closed by dropping it.
-        if (self.ended || self.inner.is_end_stream())
-            && let Some(conn) = self.conn.take()
+        if let Some(conn) = self.conn.take()
+            && conn.reusable()
         {
             self.pool.put_idle(conn);
         }
     }
 }
 
-/// For an Upgrade (WebSocket) handshake: the connection leaves the pool for good and runs
-/// as its own task, which is what hyper needs to hand the socket over after a 101.
+/// For an Upgrade (WebSocket) handshake: a fresh connection that never enters the pool,
+/// spoken to by hyper's client, which hands the socket over after a 101.
 pub async fn exchange_upgrade(
-    conn: Box<Conn>,
+    pool: &EndpointPool,
+    connect_timeout: Duration,
     req: Request<RequestBody>,
-) -> Result<Response<Incoming>, hyper::Error> {
-    let Conn {
-        mut sender, driver, ..
-    } = *conn;
+) -> Result<Response<Incoming>, UpgradeError> {
+    let io = pool.connect_timed(connect_timeout).await?;
+    let (mut sender, driver) = http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(ConnectError::Handshake)?;
     tokio::spawn(async move {
         if let Err(e) = driver.with_upgrades().await {
             tracing::debug!(error = %e, "upgraded upstream connection ended");
         }
     });
-    sender.send_request(req).await
+    Ok(sender.send_request(req).await?)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Exchange(#[from] hyper::Error),
 }

@@ -1,0 +1,718 @@
+//! HTTP/1.1 to the upstreams: one connection, one exchange at a time, driven by the
+//! request's own task.
+//!
+//! hyper's client connection hands every request to a dispatcher through a channel, gets
+//! the response back through another, and runs a generic state machine in between: about a
+//! fifth of rampart's instructions per proxied request. A proxy needs much less: write the
+//! head, stream the body, read the response head, stream the response body. Here that is
+//! done straight on the socket, and header values and body chunks are slices of the one
+//! read buffer, not copies. Upgrades (101) still go through hyper (`pool::exchange_upgrade`).
+//!
+//! Responses are read as RFC 9112 says, as strictly as hyper's client: a final response
+//! after any 1xx; no body for HEAD, 204 and 304; chunked when the last transfer coding is
+//! chunked (and then the connection is not reused if Content-Length came too); otherwise
+//! Content-Length (all values must agree); otherwise until the upstream closes. Anything
+//! else is an invalid response, answered 502 before the head or as a cut stream after it.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body::Body;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::proxy::body::{BodyError, RequestBody};
+use crate::proxy::pool::Io;
+
+/// Largest response head accepted (Envoy's default limit is 60 KiB).
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields in one response head (hyper's default).
+pub const MAX_HEADERS: usize = 100;
+/// Longest chunk-size line, extensions included.
+const MAX_CHUNK_LINE: usize = 4096;
+/// Most bytes of trailer fields after the last chunk (they are read and dropped).
+const MAX_TRAILERS: usize = 16 * 1024;
+/// Free room offered to each read.
+const READ_ROOM: usize = 16 * 1024;
+/// Below this much free room the buffer is compacted or renewed before a read.
+const MIN_READ: usize = 2 * 1024;
+/// A buffered request body up to this size goes out in the same write as the head.
+const BODY_WITH_HEAD: usize = 16 * 1024;
+/// A write buffer that grew past this (a large body frame) is not kept for the next request.
+const KEEP_WRITE_BUFFER: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("connection closed before a complete response head")]
+    ClosedBeforeHead,
+    #[error("connection closed before the end of the response body")]
+    ClosedInBody,
+    #[error("invalid response from upstream: {0}")]
+    Invalid(&'static str),
+}
+
+/// Why an exchange failed: the connection, or the client's own request body.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("request body: {0}")]
+    RequestBody(BodyError),
+}
+
+/// How the request body is framed on the wire.
+#[derive(Clone, Copy)]
+enum Outgoing {
+    /// Bytes still owed under Content-Length.
+    Length(u64),
+    Chunked,
+}
+
+/// Where the response body stands.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Incoming {
+    /// No body, or all of it was read.
+    Done,
+    /// Bytes still to come under Content-Length.
+    Length(u64),
+    /// Until the upstream closes the connection.
+    UntilClose,
+    Chunked(Chunk),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Bytes left in the current chunk.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one; bytes seen so far.
+    Trailers(usize),
+}
+
+/// What the buffered bytes gave.
+enum Step {
+    Data(Bytes),
+    End,
+    /// More bytes must be read first.
+    More,
+}
+
+/// What a complete head turned out to be.
+enum Head {
+    Partial,
+    /// A 1xx answer (already consumed): the final one follows.
+    Informational,
+    Final(Response<()>),
+}
+
+/// One upstream HTTP/1.1 connection.
+pub struct Conn {
+    io: Io,
+    /// `read[..filled]` is input not yet consumed; the rest is initialized room for the next
+    /// read (kept initialized so that reads need no zeroing).
+    read: BytesMut,
+    filled: usize,
+    /// The request head (and small bodies, and chunk framing) waiting to be written.
+    write: Vec<u8>,
+    written: usize,
+    /// The request body still being sent, and how it is framed.
+    sending: Option<(RequestBody, Outgoing)>,
+    incoming: Incoming,
+    /// May carry another request once this exchange has ended.
+    keep_alive: bool,
+    /// Taken from the pool (not fresh): a failure before sending may be a stale socket.
+    pub reused: bool,
+}
+
+impl Conn {
+    pub fn new(io: Io) -> Self {
+        Conn {
+            io,
+            read: BytesMut::new(),
+            filled: 0,
+            write: Vec::new(),
+            written: 0,
+            sending: None,
+            incoming: Incoming::Done,
+            keep_alive: true,
+            reused: false,
+        }
+    }
+
+    /// The last exchange ended cleanly and the upstream did not ask to close.
+    pub fn reusable(&self) -> bool {
+        self.keep_alive && self.incoming == Incoming::Done && self.sending.is_none()
+    }
+
+    /// Whether an idle connection can take a request now: still open, and silent (an idle
+    /// upstream has nothing to say; anything it did say makes the connection unusable).
+    pub fn usable_now(&mut self) -> bool {
+        if !self.reusable() || self.filled > 0 {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        self.poll_fill(&mut cx).is_pending()
+    }
+
+    /// Makes at least `min` bytes of initialized room after the unconsumed input, reusing
+    /// the buffer when nothing else holds a part of it.
+    fn room(&mut self, min: usize) {
+        if self.read.len() - self.filled >= min {
+            return;
+        }
+        let want = self.filled + min.max(READ_ROOM);
+        self.read.truncate(self.filled);
+        self.read.reserve(want - self.filled);
+        self.read.resize(want, 0);
+    }
+
+    /// One read from the socket; Ok(0) at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.room(MIN_READ);
+        let mut buf = ReadBuf::new(&mut self.read[self.filled..]);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
+        let n = buf.filled().len();
+        self.filled += n;
+        Poll::Ready(Ok(n))
+    }
+
+    /// The first `n` unconsumed bytes, as a slice of the buffer.
+    fn take(&mut self, n: usize) -> Bytes {
+        self.filled -= n;
+        self.read.split_to(n).freeze()
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.filled -= n;
+        self.read.advance(n);
+    }
+
+    /// Encodes the request head (and a small buffered body) for writing; the body is
+    /// attached by `attach` once the head is on its way.
+    fn encode(&mut self, req: &Request<RequestBody>) -> Option<Outgoing> {
+        let w = &mut self.write;
+        w.clear();
+        self.written = 0;
+        w.extend_from_slice(req.method().as_str().as_bytes());
+        w.push(b' ');
+        let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        w.extend_from_slice(target.as_bytes());
+        w.extend_from_slice(b" HTTP/1.1\r\n");
+        for (name, value) in req.headers() {
+            w.extend_from_slice(name.as_str().as_bytes());
+            w.extend_from_slice(b": ");
+            w.extend_from_slice(value.as_bytes());
+            w.extend_from_slice(b"\r\n");
+        }
+        let body = req.body();
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| parse_length(v.as_bytes()));
+        let framing = if let Some(n) = declared {
+            Some(Outgoing::Length(n))
+        } else if body.is_end_stream() {
+            // As hyper does: methods that define a body say it is empty.
+            if matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
+                w.extend_from_slice(b"content-length: 0\r\n");
+            }
+            None
+        } else if let Some(n) = body.size_hint().exact() {
+            push_number(w, b"content-length: ", n, 10);
+            Some(Outgoing::Length(n))
+        } else {
+            w.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            Some(Outgoing::Chunked)
+        };
+        w.extend_from_slice(b"\r\n");
+        // A kept (replayable) body that fits goes out with the head: one write.
+        if let (RequestBody::Full(Some(b)), Some(Outgoing::Length(n))) = (body, framing)
+            && b.len() as u64 == n
+            && b.len() <= BODY_WITH_HEAD
+        {
+            w.extend_from_slice(b);
+            return None;
+        }
+        framing.filter(|f| !matches!(f, Outgoing::Length(0)))
+    }
+
+    /// Writes what is buffered; Ready(Ok) once all of it is out.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WireError>> {
+        while self.written < self.write.len() {
+            let n =
+                ready!(Pin::new(&mut self.io).poll_write(cx, &self.write[self.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
+            }
+            self.written += n;
+        }
+        ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+        self.written = 0;
+        if self.write.capacity() > KEEP_WRITE_BUFFER {
+            self.write = Vec::new();
+        } else {
+            self.write.clear();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Writes the request body as it comes, until all of it is sent (Ready(Ok)) or the body
+    /// has nothing ready (Pending).
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ExchangeError>> {
+        loop {
+            ready!(self.poll_flush(cx))?;
+            let Some((body, framing)) = self.sending.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            let frame = match ready!(Pin::new(body).poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => {
+                    self.sending = None;
+                    self.keep_alive = false;
+                    return Poll::Ready(Err(ExchangeError::RequestBody(e)));
+                }
+                None => {
+                    let framing = *framing;
+                    self.sending = None;
+                    match framing {
+                        Outgoing::Chunked => self.write.extend_from_slice(b"0\r\n\r\n"),
+                        Outgoing::Length(0) => {}
+                        Outgoing::Length(_) => {
+                            self.keep_alive = false;
+                            return Poll::Ready(Err(ExchangeError::RequestBody(
+                                BodyError::Length,
+                            )));
+                        }
+                    }
+                    continue;
+                }
+            };
+            // Trailers of the request are not forwarded.
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if data.is_empty() {
+                continue;
+            }
+            match framing {
+                Outgoing::Length(rest) => {
+                    let len = data.len() as u64;
+                    if len > *rest {
+                        self.sending = None;
+                        self.keep_alive = false;
+                        return Poll::Ready(Err(ExchangeError::RequestBody(BodyError::Length)));
+                    }
+                    *rest -= len;
+                    self.write.extend_from_slice(&data);
+                }
+                Outgoing::Chunked => {
+                    push_number(&mut self.write, b"", data.len() as u64, 16);
+                    self.write.extend_from_slice(&data);
+                    self.write.extend_from_slice(b"\r\n");
+                }
+            }
+            if matches!(framing, Outgoing::Length(0)) {
+                self.sending = None;
+            }
+        }
+    }
+
+    /// Sending failed after the request started: the upstream may still have answered, so
+    /// reading goes on, but this connection carries nothing more.
+    fn abandon_send(&mut self) {
+        self.sending = None;
+        self.write.clear();
+        self.written = 0;
+        self.keep_alive = false;
+    }
+
+    /// Reads until a final response head is complete; the body framing is then set.
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        head_request: bool,
+    ) -> Poll<Result<Response<()>, WireError>> {
+        loop {
+            if self.filled > 0 {
+                match self.parse_head(head_request)? {
+                    Head::Final(response) => return Poll::Ready(Ok(response)),
+                    Head::Informational => continue,
+                    Head::Partial => {}
+                }
+            }
+            if self.filled >= MAX_HEAD {
+                return Poll::Ready(Err(WireError::Invalid("response head over 64 KiB")));
+            }
+            if ready!(self.poll_fill(cx))? == 0 {
+                self.keep_alive = false;
+                return Poll::Ready(Err(WireError::ClosedBeforeHead));
+            }
+        }
+    }
+
+    fn parse_head(&mut self, head_request: bool) -> Result<Head, WireError> {
+        // Where each name and value lies in the head, so that values can be slices of it
+        // once the head is split off the buffer.
+        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        let (len, code, http10, count) = {
+            let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+            let input = &self.read[..self.filled];
+            let mut parsed = httparse::Response::new(&mut []);
+            let status = httparse::ParserConfig::default()
+                .parse_response_with_uninit_headers(&mut parsed, input, &mut slots)
+                .map_err(|e| {
+                    WireError::Invalid(match e {
+                        httparse::Error::TooManyHeaders => "more than 100 header fields",
+                        _ => "malformed response head",
+                    })
+                })?;
+            let httparse::Status::Complete(len) = status else {
+                return Ok(Head::Partial);
+            };
+            if len > MAX_HEAD {
+                return Err(WireError::Invalid("response head over 64 KiB"));
+            }
+            let base = input.as_ptr() as usize;
+            let offset = |s: &[u8]| (s.as_ptr() as usize).wrapping_sub(base) as u32;
+            for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
+                let (n, v) = (offset(h.name.as_bytes()), offset(h.value));
+                *span = (n, n + h.name.len() as u32, v, v + h.value.len() as u32);
+            }
+            (
+                len,
+                parsed.code.unwrap_or(0),
+                parsed.version == Some(0),
+                parsed.headers.len(),
+            )
+        };
+        let status = StatusCode::from_u16(code)
+            .map_err(|_| WireError::Invalid("status code out of range"))?;
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            // Only upgrade requests (sent through hyper) may be answered so.
+            return Err(WireError::Invalid("unrequested 101 Switching Protocols"));
+        }
+        if status.is_informational() {
+            self.consume(len);
+            return Ok(Head::Informational);
+        }
+        let head = self.take(len);
+        let mut headers = HeaderMap::with_capacity(count);
+        let mut length: Option<u64> = None;
+        let mut transfer_encoding = false;
+        let mut chunked = false;
+        let mut close = http10;
+        for &(ns, ne, vs, ve) in &spans[..count] {
+            let (ns, ne, vs, ve) = (ns as usize, ne as usize, vs as usize, ve as usize);
+            let name = head
+                .get(ns..ne)
+                .and_then(|n| HeaderName::from_bytes(n).ok())
+                .ok_or(WireError::Invalid("bad header name"))?;
+            if ve > head.len() || vs > ve {
+                return Err(WireError::Invalid("bad header value"));
+            }
+            let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
+                .map_err(|_| WireError::Invalid("bad header value"))?;
+            if name == header::CONTENT_LENGTH {
+                let n = parse_length(value.as_bytes())
+                    .ok_or(WireError::Invalid("bad Content-Length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(WireError::Invalid("conflicting Content-Length values"));
+                }
+                length = Some(n);
+            } else if name == header::TRANSFER_ENCODING {
+                transfer_encoding = true;
+                // Only the last coding of the last field counts.
+                chunked = last_token(value.as_bytes()).eq_ignore_ascii_case(b"chunked");
+            } else if name == header::CONNECTION {
+                for token in value.as_bytes().split(|&b| b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if http10 && token.eq_ignore_ascii_case(b"keep-alive") {
+                        close = false;
+                    }
+                }
+            }
+            headers.append(name, value);
+        }
+        self.incoming = if head_request
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            Incoming::Done
+        } else if transfer_encoding {
+            // A message with both framings may be an attempt to desynchronize: read it as
+            // chunked, and use the connection for nothing else (RFC 9112 6.3).
+            close |= length.is_some() || !chunked;
+            if chunked {
+                Incoming::Chunked(Chunk::Size)
+            } else {
+                Incoming::UntilClose
+            }
+        } else {
+            match length {
+                Some(0) => Incoming::Done,
+                Some(n) => Incoming::Length(n),
+                None => {
+                    close = true;
+                    Incoming::UntilClose
+                }
+            }
+        };
+        if close {
+            self.keep_alive = false;
+        }
+        if self.incoming == Incoming::Done {
+            self.body_ended();
+        }
+        let mut response = Response::new(());
+        *response.status_mut() = status;
+        *response.headers_mut() = headers;
+        Ok(Head::Final(response))
+    }
+
+    /// The body was read to its end; bytes beyond it mean the upstream is out of step.
+    fn body_ended(&mut self) {
+        self.incoming = Incoming::Done;
+        if self.filled > 0 {
+            self.keep_alive = false;
+        }
+    }
+
+    pub fn body_done(&self) -> bool {
+        self.incoming == Incoming::Done
+    }
+
+    /// Bytes of the response body still expected, when known.
+    pub fn body_remaining(&self) -> Option<u64> {
+        match self.incoming {
+            Incoming::Done => Some(0),
+            Incoming::Length(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The next piece of the response body; Ready(None) at its end. Also keeps sending
+    /// the request body, when the upstream answered before it was all sent.
+    pub fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, WireError>>> {
+        if self.sending.is_some() || self.written < self.write.len() {
+            // The upstream answered already; a failure to send more ends nothing but reuse.
+            if let Poll::Ready(Err(_)) = self.poll_send(cx) {
+                self.abandon_send();
+            }
+        }
+        loop {
+            match self.step(true)? {
+                Step::Data(data) => {
+                    // Read past framing already here, so the end is known with the last data.
+                    let _ = self.step(false);
+                    return Poll::Ready(Some(Ok(data)));
+                }
+                Step::End => return Poll::Ready(None),
+                Step::More => {}
+            }
+            if ready!(self.poll_fill(cx))? == 0 {
+                self.keep_alive = false;
+                if self.incoming == Incoming::UntilClose {
+                    self.incoming = Incoming::Done;
+                    return Poll::Ready(None);
+                }
+                return Poll::Ready(Some(Err(WireError::ClosedInBody)));
+            }
+        }
+    }
+
+    /// Works through the buffered bytes only. Without `data`, it stops before body data
+    /// (for reading past framing without taking any).
+    fn step(&mut self, data: bool) -> Result<Step, WireError> {
+        loop {
+            match self.incoming {
+                Incoming::Done => return Ok(Step::End),
+                Incoming::Length(rest) => {
+                    if !data || self.filled == 0 {
+                        return Ok(Step::More);
+                    }
+                    let n = self.filled.min(usize::try_from(rest).unwrap_or(usize::MAX));
+                    let chunk = self.take(n);
+                    if rest == n as u64 {
+                        self.body_ended();
+                    } else {
+                        self.incoming = Incoming::Length(rest - n as u64);
+                    }
+                    return Ok(Step::Data(chunk));
+                }
+                Incoming::UntilClose => {
+                    if !data || self.filled == 0 {
+                        return Ok(Step::More);
+                    }
+                    return Ok(Step::Data(self.take(self.filled)));
+                }
+                Incoming::Chunked(Chunk::Size) => {
+                    let Some(line) = self.line(MAX_CHUNK_LINE)? else {
+                        return Ok(Step::More);
+                    };
+                    let size = parse_chunk_size(&self.read[..line])
+                        .ok_or(WireError::Invalid("bad chunk size line"))?;
+                    self.consume(line + 2);
+                    self.incoming = Incoming::Chunked(if size == 0 {
+                        Chunk::Trailers(0)
+                    } else {
+                        Chunk::Data(size)
+                    });
+                }
+                Incoming::Chunked(Chunk::Data(rest)) => {
+                    if !data || self.filled == 0 {
+                        return Ok(Step::More);
+                    }
+                    let n = self.filled.min(usize::try_from(rest).unwrap_or(usize::MAX));
+                    let chunk = self.take(n);
+                    self.incoming = Incoming::Chunked(if rest == n as u64 {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(rest - n as u64)
+                    });
+                    return Ok(Step::Data(chunk));
+                }
+                Incoming::Chunked(Chunk::DataEnd) => {
+                    if self.filled < 2 {
+                        return Ok(Step::More);
+                    }
+                    if &self.read[..2] != b"\r\n" {
+                        return Err(WireError::Invalid("chunk data not followed by CRLF"));
+                    }
+                    self.consume(2);
+                    self.incoming = Incoming::Chunked(Chunk::Size);
+                }
+                Incoming::Chunked(Chunk::Trailers(seen)) => {
+                    let Some(line) = self.line(MAX_TRAILERS - seen)? else {
+                        return Ok(Step::More);
+                    };
+                    self.consume(line + 2);
+                    if line == 0 {
+                        self.body_ended();
+                    } else {
+                        self.incoming = Incoming::Chunked(Chunk::Trailers(seen + line + 2));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The length of the CRLF-terminated line at the start of the input (CRLF excluded),
+    /// None until it is all there, an error once it is longer than `limit`.
+    fn line(&self, limit: usize) -> Result<Option<usize>, WireError> {
+        let input = &self.read[..self.filled.min(limit)];
+        match input.iter().position(|&b| b == b'\n') {
+            Some(lf) if lf > 0 && input[lf - 1] == b'\r' => Ok(Some(lf - 1)),
+            Some(_) => Err(WireError::Invalid("line not ended by CRLF")),
+            None if self.filled >= limit => Err(WireError::Invalid("line too long")),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Sends `request` on `conn` and reads the response head. On success the connection is
+/// returned with the head, ready to read the body. When nothing of the request reached the
+/// socket, it stays in `request` (for another connection); otherwise it is taken.
+pub async fn exchange(
+    conn: &mut Conn,
+    request: &mut Option<Request<RequestBody>>,
+) -> Option<Result<Response<()>, ExchangeError>> {
+    let req = request.as_ref()?;
+    let head_request = req.method() == Method::HEAD;
+    let framing = conn.encode(req);
+    if let Err(e) = std::future::poll_fn(|cx| conn.poll_flush(cx)).await {
+        conn.keep_alive = false;
+        if conn.written > 0 {
+            request.take();
+        }
+        return Some(Err(e.into()));
+    }
+    let body = request.take()?.into_body();
+    conn.sending = framing.map(|f| (body, f));
+    conn.incoming = Incoming::Done;
+    let result = std::future::poll_fn(|cx| {
+        if conn.sending.is_some() || conn.written < conn.write.len() {
+            match conn.poll_send(cx) {
+                Poll::Ready(Err(ExchangeError::RequestBody(e))) => {
+                    return Poll::Ready(Err(ExchangeError::RequestBody(e)));
+                }
+                // The upstream may have answered and stopped reading: look for the answer.
+                Poll::Ready(Err(ExchangeError::Wire(_))) => conn.abandon_send(),
+                _ => {}
+            }
+        }
+        conn.poll_head(cx, head_request).map_err(ExchangeError::Wire)
+    })
+    .await;
+    Some(result)
+}
+
+/// A decimal Content-Length, or a list of equal ones ("42, 42").
+fn parse_length(value: &[u8]) -> Option<u64> {
+    let mut found: Option<u64> = None;
+    for part in value.split(|&b| b == b',') {
+        let digits = part.trim_ascii();
+        if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n = digits
+            .iter()
+            .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        if found.is_some_and(|f| f != n) {
+            return None;
+        }
+        found = Some(n);
+    }
+    found
+}
+
+/// The last comma-separated token of a header value, trimmed.
+fn last_token(value: &[u8]) -> &[u8] {
+    value
+        .rsplit(|&b| b == b',')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii()
+}
+
+/// A chunk-size line: hex digits, optional whitespace, optional `;extensions`.
+fn parse_chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 16 {
+        return None;
+    }
+    let rest = line[digits..].trim_ascii_start();
+    if !rest.is_empty() && rest[0] != b';' {
+        return None;
+    }
+    line[..digits].iter().try_fold(0u64, |n, &d| {
+        let v = (d as char).to_digit(16)?;
+        Some((n << 4) | u64::from(v))
+    })
+}
+
+/// Appends `prefix`, `n` in `radix` (10 or 16) and CRLF, without the formatting machinery.
+fn push_number(w: &mut Vec<u8>, prefix: &[u8], mut n: u64, radix: u64) {
+    w.extend_from_slice(prefix);
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b"0123456789abcdef"[(n % radix) as usize];
+        n /= radix;
+        if n == 0 {
+            break;
+        }
+    }
+    w.extend_from_slice(&digits[i..]);
+    w.extend_from_slice(b"\r\n");
+}
