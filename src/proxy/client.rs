@@ -247,8 +247,7 @@ impl Conn {
     /// Writes what is buffered; Ready(Ok) once all of it is out.
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WireError>> {
         while self.written < self.write.len() {
-            let n =
-                ready!(Pin::new(&mut self.io).poll_write(cx, &self.write[self.written..]))?;
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.write[self.written..]))?;
             if n == 0 {
                 return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
             }
@@ -287,9 +286,7 @@ impl Conn {
                         Outgoing::Length(0) => {}
                         Outgoing::Length(_) => {
                             self.keep_alive = false;
-                            return Poll::Ready(Err(ExchangeError::RequestBody(
-                                BodyError::Length,
-                            )));
+                            return Poll::Ready(Err(ExchangeError::RequestBody(BodyError::Length)));
                         }
                     }
                     continue;
@@ -334,8 +331,21 @@ impl Conn {
         self.keep_alive = false;
     }
 
-    /// Reads until a final response head is complete; the body framing is then set.
+    /// Reads until a final response head is complete; the body framing is then set. After
+    /// an error the connection is good for nothing more.
     fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        head_request: bool,
+    ) -> Poll<Result<Response<()>, WireError>> {
+        let result = ready!(self.poll_head_inner(cx, head_request));
+        if result.is_err() {
+            self.keep_alive = false;
+        }
+        Poll::Ready(result)
+    }
+
+    fn poll_head_inner(
         &mut self,
         cx: &mut Context<'_>,
         head_request: bool,
@@ -352,7 +362,6 @@ impl Conn {
                 return Poll::Ready(Err(WireError::Invalid("response head over 64 KiB")));
             }
             if ready!(self.poll_fill(cx))? == 0 {
-                self.keep_alive = false;
                 return Poll::Ready(Err(WireError::ClosedBeforeHead));
             }
         }
@@ -650,7 +659,8 @@ pub async fn exchange(
                 _ => {}
             }
         }
-        conn.poll_head(cx, head_request).map_err(ExchangeError::Wire)
+        conn.poll_head(cx, head_request)
+            .map_err(ExchangeError::Wire)
     })
     .await;
     Some(result)
@@ -715,4 +725,426 @@ fn push_number(w: &mut Vec<u8>, prefix: &[u8], mut n: u64, radix: u64) {
     }
     w.extend_from_slice(&digits[i..]);
     w.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::future::poll_fn;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A connection to a socket the test speaks for as the upstream.
+    async fn pair() -> (Conn, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let server = accepted.expect("accept").0;
+        server.set_nodelay(true).expect("nodelay");
+        (Conn::new(Io::Plain(client.expect("connect"))), server)
+    }
+
+    fn request(method: Method, path: &str, body: RequestBody) -> Option<Request<RequestBody>> {
+        let mut r = Request::new(body);
+        *r.method_mut() = method;
+        *r.uri_mut() = path.parse().expect("uri");
+        r.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("up"));
+        Some(r)
+    }
+
+    /// What the upstream read: up to the end of the request head, plus `body` more bytes.
+    async fn read_request(server: &mut TcpStream, body: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            let n = server.read(&mut byte).await.expect("read request");
+            assert_eq!(
+                n,
+                1,
+                "request cut short: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            got.push(byte[0]);
+        }
+        let mut rest = vec![0u8; body];
+        server.read_exact(&mut rest).await.expect("read body");
+        got.extend_from_slice(&rest);
+        got
+    }
+
+    /// One exchange: the upstream reads the request head and answers with `segments`, one
+    /// write each. Returns the head, and the body or the error that cut it.
+    async fn roundtrip(
+        conn: &mut Conn,
+        server: &mut TcpStream,
+        method: Method,
+        segments: Vec<Vec<u8>>,
+    ) -> Result<(Response<()>, Result<Vec<u8>, WireError>), ExchangeError> {
+        let upstream = async {
+            read_request(server, 0).await;
+            for s in segments {
+                server.write_all(&s).await.expect("write");
+                tokio::task::yield_now().await;
+            }
+        };
+        let client = async {
+            let mut req = request(method, "/x", RequestBody::Empty);
+            let head = exchange(conn, &mut req).await.expect("a request")?;
+            let mut body = Vec::new();
+            loop {
+                match poll_fn(|cx| conn.poll_body(cx)).await {
+                    Some(Ok(b)) => body.extend_from_slice(&b),
+                    Some(Err(e)) => return Ok((head, Err(e))),
+                    None => return Ok((head, Ok(body))),
+                }
+            }
+        };
+        let (_, result) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(upstream, client)
+        })
+        .await
+        .expect("exchange hung");
+        result
+    }
+
+    fn one(bytes: &[u8]) -> Vec<Vec<u8>> {
+        vec![bytes.to_vec()]
+    }
+
+    fn chunked(body: &[u8], sizes: &[usize]) -> Vec<u8> {
+        let mut out = b"HTTP/1.1 200 OK\r\nx-a: 1\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        let mut rest = body;
+        let mut i = 0;
+        while !rest.is_empty() {
+            let n = sizes[i % sizes.len()].clamp(1, rest.len());
+            let ext = if i % 2 == 1 { ";ext=\"v\"" } else { "" };
+            out.extend_from_slice(format!("{n:X}{ext}\r\n").as_bytes());
+            out.extend_from_slice(&rest[..n]);
+            out.extend_from_slice(b"\r\n");
+            rest = &rest[n..];
+            i += 1;
+        }
+        out.extend_from_slice(b"0\r\nx-trailer: t\r\n\r\n");
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// However the bytes are split into reads, the same response comes out, and the
+        /// connection is ready for the next one.
+        #[test]
+        fn any_split_of_a_response_reads_the_same(
+            body in proptest::collection::vec(any::<u8>(), 0..3000),
+            use_chunks in any::<bool>(),
+            sizes in proptest::collection::vec(1usize..700, 1..5),
+            cuts in proptest::collection::vec(1usize..400, 1..8),
+        ) {
+            let wire = if use_chunks {
+                chunked(&body, &sizes)
+            } else {
+                let mut w = format!("HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+                w.extend_from_slice(&body);
+                w
+            };
+            let mut segments = Vec::new();
+            let mut rest = &wire[..];
+            let mut i = 0;
+            while !rest.is_empty() {
+                let n = cuts[i % cuts.len()].min(rest.len());
+                segments.push(rest[..n].to_vec());
+                rest = &rest[n..];
+                i += 1;
+            }
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async {
+                let (mut conn, mut server) = pair().await;
+                let (head, got) = roundtrip(&mut conn, &mut server, Method::GET, segments).await.expect("exchange");
+                assert_eq!(head.status(), StatusCode::OK);
+                assert_eq!(head.headers()["x-a"], "1");
+                assert_eq!(got.expect("body"), body);
+                assert!(conn.reusable());
+                // And the next response on the same connection.
+                let (head, got) = roundtrip(&mut conn, &mut server, Method::GET, one(b"HTTP/1.1 204 No Content\r\n\r\n")).await.expect("second exchange");
+                assert_eq!(head.status(), StatusCode::NO_CONTENT);
+                assert!(got.expect("body").is_empty());
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn informational_answers_are_skipped() {
+        let (mut conn, mut server) = pair().await;
+        let wire = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        let (head, body) = roundtrip(&mut conn, &mut server, Method::GET, one(wire))
+            .await
+            .expect("exchange");
+        assert_eq!(head.status(), StatusCode::OK);
+        assert!(head.headers().get("link").is_none());
+        assert_eq!(body.expect("body"), b"ok");
+        assert!(conn.reusable());
+    }
+
+    #[tokio::test]
+    async fn head_204_and_304_have_no_body_whatever_their_length_says() {
+        let (mut conn, mut server) = pair().await;
+        for (method, wire) in [
+            (
+                Method::HEAD,
+                &b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\n\r\n"[..],
+            ),
+            (
+                Method::GET,
+                b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n",
+            ),
+            (
+                Method::GET,
+                b"HTTP/1.1 304 Not Modified\r\ncontent-length: 9\r\n\r\n",
+            ),
+        ] {
+            let (head, body) = roundtrip(&mut conn, &mut server, method, one(wire))
+                .await
+                .expect("exchange");
+            assert!(body.expect("body").is_empty());
+            assert!(conn.body_done());
+            assert!(conn.reusable(), "{}", head.status());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_until_close_is_read_to_the_end_and_the_connection_not_reused() {
+        let (mut conn, mut server) = pair().await;
+        let upstream = async {
+            read_request(&mut server, 0).await;
+            server
+                .write_all(b"HTTP/1.1 200 OK\r\n\r\nall of it")
+                .await
+                .expect("write");
+            drop(server);
+        };
+        let client = async {
+            let mut req = request(Method::GET, "/", RequestBody::Empty);
+            exchange(&mut conn, &mut req)
+                .await
+                .expect("request")
+                .expect("head");
+            let mut body = Vec::new();
+            while let Some(b) = poll_fn(|cx| conn.poll_body(cx)).await {
+                body.extend_from_slice(&b.expect("body"));
+            }
+            body
+        };
+        let (_, body) = tokio::join!(upstream, client);
+        assert_eq!(body, b"all of it");
+        assert!(!conn.reusable());
+    }
+
+    #[tokio::test]
+    async fn the_upstream_can_say_the_connection_ends() {
+        for (wire, reusable) in [
+            (
+                &b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\nx"[..],
+                false,
+            ),
+            (b"HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\nx", false),
+            (
+                b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 1\r\n\r\nx",
+                true,
+            ),
+            // Both framings: read as chunked, never trusted again.
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n",
+                false,
+            ),
+            // More bytes than the response: the upstream is out of step.
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nxHTTP/1.1", false),
+        ] {
+            let (mut conn, mut server) = pair().await;
+            let (_, body) = roundtrip(&mut conn, &mut server, Method::GET, one(wire))
+                .await
+                .expect("exchange");
+            assert_eq!(body.expect("body"), b"x");
+            assert_eq!(
+                conn.reusable(),
+                reusable,
+                "{}",
+                String::from_utf8_lossy(wire)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn invalid_heads_are_refused() {
+        let mut huge = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
+        huge.resize(MAX_HEAD + 10, b'a');
+        huge.extend_from_slice(b"\r\n\r\n");
+        let cases: Vec<Vec<u8>> = vec![
+            b"SSH-2.0-OpenSSH\r\n\r\n".to_vec(),
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nx".to_vec(),
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\nx".to_vec(),
+            b"HTTP/1.1 200 OK\r\ncontent-length: abc\r\n\r\n".to_vec(),
+            b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n".to_vec(),
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n".to_vec(),
+            huge,
+        ];
+        for wire in cases {
+            let (mut conn, mut server) = pair().await;
+            let result = roundtrip(&mut conn, &mut server, Method::GET, vec![wire.clone()]).await;
+            assert!(
+                matches!(result, Err(ExchangeError::Wire(WireError::Invalid(_)))),
+                "{:?}: {:?}",
+                String::from_utf8_lossy(&wire[..wire.len().min(60)]),
+                result.map(|r| r.0.status())
+            );
+            assert!(!conn.reusable());
+        }
+    }
+
+    #[tokio::test]
+    async fn closing_before_the_head_is_an_error() {
+        let (mut conn, mut server) = pair().await;
+        let upstream = async {
+            read_request(&mut server, 0).await;
+            server.write_all(b"HTTP/1.1 200").await.expect("write");
+            drop(server);
+        };
+        let mut req = request(Method::GET, "/", RequestBody::Empty);
+        let (_, result) = tokio::join!(upstream, exchange(&mut conn, &mut req));
+        assert!(matches!(
+            result,
+            Some(Err(ExchangeError::Wire(WireError::ClosedBeforeHead)))
+        ));
+        // It was sent: not handed back for another connection.
+        assert!(req.is_none());
+    }
+
+    #[tokio::test]
+    async fn broken_bodies_are_errors_not_ends() {
+        for wire in [
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\nzz\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nokXX0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n11111111111111111\r\n",
+        ] {
+            let (mut conn, mut server) = pair().await;
+            let (_, body) = roundtrip(&mut conn, &mut server, Method::GET, one(wire))
+                .await
+                .expect("head");
+            assert!(
+                matches!(body, Err(WireError::Invalid(_))),
+                "{}",
+                String::from_utf8_lossy(wire)
+            );
+        }
+        // The upstream closes before Content-Length bytes came.
+        let (mut conn, mut server) = pair().await;
+        let upstream = async {
+            read_request(&mut server, 0).await;
+            server
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+                .await
+                .expect("write");
+            drop(server);
+        };
+        let client = async {
+            let mut req = request(Method::GET, "/", RequestBody::Empty);
+            exchange(&mut conn, &mut req)
+                .await
+                .expect("request")
+                .expect("head");
+            let first = poll_fn(|cx| conn.poll_body(cx)).await;
+            let second = poll_fn(|cx| conn.poll_body(cx)).await;
+            (first, second)
+        };
+        let (_, (first, second)) = tokio::join!(upstream, client);
+        assert_eq!(&first.expect("data").expect("data")[..], b"abc");
+        assert!(matches!(second, Some(Err(WireError::ClosedInBody))));
+    }
+
+    #[tokio::test]
+    async fn requests_are_written_in_origin_form_with_their_framing() {
+        let (mut conn, mut server) = pair().await;
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+        let cases = [
+            (
+                request(Method::GET, "/a/b?c=1", RequestBody::Empty),
+                "GET /a/b?c=1 HTTP/1.1\r\nhost: up\r\n\r\n",
+            ),
+            (
+                request(Method::POST, "/p", RequestBody::Empty),
+                "POST /p HTTP/1.1\r\nhost: up\r\ncontent-length: 0\r\n\r\n",
+            ),
+            (
+                request(
+                    Method::PUT,
+                    "/p",
+                    RequestBody::Full(Some(Bytes::from_static(b"hello"))),
+                ),
+                "PUT /p HTTP/1.1\r\nhost: up\r\ncontent-length: 5\r\n\r\nhello",
+            ),
+        ];
+        for (mut req, expected) in cases {
+            let upstream = async {
+                let got = read_request(
+                    &mut server,
+                    expected.len() - expected.find("\r\n\r\n").unwrap_or(0) - 4,
+                )
+                .await;
+                server.write_all(answer).await.expect("write");
+                got
+            };
+            let (got, result) = tokio::join!(upstream, exchange(&mut conn, &mut req));
+            result.expect("request").expect("head");
+            assert_eq!(String::from_utf8_lossy(&got), expected);
+            assert!(conn.reusable());
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_upstream_closed_is_not_usable() {
+        let (mut conn, mut server) = pair().await;
+        let (_, body) = roundtrip(
+            &mut conn,
+            &mut server,
+            Method::GET,
+            one(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"),
+        )
+        .await
+        .expect("exchange");
+        body.expect("body");
+        assert!(conn.usable_now());
+        drop(server);
+        // The close reaches the event loop, then the check sees it.
+        let seen = tokio::time::timeout(Duration::from_secs(5), async {
+            while conn.usable_now() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(seen.is_ok(), "close not noticed");
+    }
+
+    #[test]
+    fn lengths_and_chunk_sizes_parse_strictly() {
+        assert_eq!(parse_length(b"42"), Some(42));
+        assert_eq!(parse_length(b"42, 42"), Some(42));
+        assert_eq!(parse_length(b"42, 43"), None);
+        assert_eq!(parse_length(b""), None);
+        assert_eq!(parse_length(b"+1"), None);
+        assert_eq!(parse_length(b"99999999999999999999"), None);
+        assert_eq!(parse_chunk_size(b"1a"), Some(26));
+        assert_eq!(parse_chunk_size(b"1A ;x=y"), Some(26));
+        assert_eq!(parse_chunk_size(b"0"), Some(0));
+        assert_eq!(parse_chunk_size(b""), None);
+        assert_eq!(parse_chunk_size(b"1 2"), None);
+        assert_eq!(parse_chunk_size(b"-1"), None);
+        assert_eq!(parse_chunk_size(b"ffffffffffffffff"), Some(u64::MAX));
+        assert_eq!(parse_chunk_size(b"10000000000000000"), None);
+        let mut w = Vec::new();
+        push_number(&mut w, b"n: ", 1_234_567, 10);
+        push_number(&mut w, b"", 255, 16);
+        push_number(&mut w, b"", 0, 16);
+        assert_eq!(w, b"n: 1234567\r\nff\r\n0\r\n");
+    }
 }
