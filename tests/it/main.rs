@@ -12,3 +12,4 @@ mod proxy;
 mod ratelimit;
 mod reload;
 mod resilience;
+mod upstream_wire;
