@@ -10,7 +10,7 @@
 //!
 //! Responses are read as RFC 9112 says, as strictly as hyper's client: a final response
 //! after any 1xx; no body for HEAD, 204 and 304; chunked when the last transfer coding is
-//! chunked (and then the connection is not reused if Content-Length came too); otherwise
+//! chunked (refused if Content-Length came too, as nginx and Envoy do); otherwise
 //! Content-Length (all values must agree); otherwise until the upstream closes. Anything
 //! else is an invalid response, answered 502 before the head or as a cut stream after it.
 
@@ -458,9 +458,14 @@ impl Conn {
         {
             Incoming::Done
         } else if transfer_encoding {
-            // A message with both framings may be an attempt to desynchronize: read it as
-            // chunked, and use the connection for nothing else (RFC 9112 6.3).
-            close |= length.is_some() || !chunked;
+            if length.is_some() {
+                // Maybe an attempt to desynchronize (RFC 9112 6.3): refused, as nginx and
+                // Envoy do, rather than guessing which framing the upstream meant.
+                return Err(WireError::Invalid(
+                    "both Content-Length and Transfer-Encoding",
+                ));
+            }
+            close |= !chunked;
             if chunked {
                 Incoming::Chunked(Chunk::Size)
             } else {
@@ -953,13 +958,11 @@ mod tests {
                 b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 1\r\n\r\nx",
                 true,
             ),
-            // Both framings: read as chunked, never trusted again.
+            // More bytes than the response: the upstream is out of step.
             (
-                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nxHTTP/1.1",
                 false,
             ),
-            // More bytes than the response: the upstream is out of step.
-            (b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nxHTTP/1.1", false),
         ] {
             let (mut conn, mut server) = pair().await;
             let (_, body) = roundtrip(&mut conn, &mut server, Method::GET, one(wire))
@@ -987,6 +990,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: abc\r\n\r\n".to_vec(),
             b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n".to_vec(),
             b"HTTP/1.1 101 Switching Protocols\r\n\r\n".to_vec(),
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n".to_vec(),
             huge,
         ];
         for wire in cases {
