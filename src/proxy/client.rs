@@ -413,7 +413,8 @@ impl Conn {
             return Ok(Head::Informational);
         }
         let head = self.take(len);
-        let mut headers = HeaderMap::with_capacity(count);
+        // One more for the X-Request-Id echoed to the client: no rehash when it is added.
+        let mut headers = HeaderMap::with_capacity(count + 1);
         let mut length: Option<u64> = None;
         let mut transfer_encoding = false;
         let mut chunked = false;
