@@ -13,6 +13,8 @@
 #   WARMUP       wrk run before each measured run                  (2s)
 #   CONNECTIONS  wrk -c                                            (64)
 #   THREADS      wrk -t                                            (1)
+#   PAIRS        interleaved rampart/nginx pairs after the table    (8)
+#   PAIR_RUN     wrk run per side of a pair                        (3s)
 #   BUILD        1: cargo build --release first; 0: use the binary as it is (1)
 #   RAMPART_BIN  binary to run (${CARGO_TARGET_DIR:-target}/release/rampart)
 #   OUT_DIR      results, raw wrk output and logs                  (target/bench)
@@ -33,6 +35,8 @@ DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-2s}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-1}
+PAIRS=${PAIRS:-8}
+PAIR_RUN=${PAIR_RUN:-3s}
 BUILD=${BUILD:-1}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 RAMPART_BIN=${RAMPART_BIN:-$TARGET_DIR/release/rampart}
@@ -63,6 +67,8 @@ NGINX_BIN=nginx
 
 # Results, one entry per run_case, in order.
 R_NAME=() R_RPS=() R_P50=() R_P99=() R_CPU=() R_ERR=() R_NOTE=()
+# Interleaved pairs: rampart/nginx ratios of req/s and of CPU µs/req, one per pair.
+P_RPS=() P_CPU=()
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() {
@@ -392,6 +398,50 @@ check_redis_decisions() {
     REDIS_NOTE="decided by Redis: $red, by the memory fallback: $mem"
 }
 
+# One short bounded run against URL: prints "REQ/S CPU_US_PER_REQ" (CPU of PIDS).
+short_run() {
+    local url=$1 out=$WORK/pair.txt cpu0 cpu1 reqs
+    shift
+    cpu0=$(cpu_ticks "$@")
+    load "$PAIR_RUN" "$url" "$out"
+    cpu1=$(cpu_ticks "$@")
+    reqs=$(awk '/ requests in / { print $1 }' "$out")
+    [[ -n $reqs ]] && ((reqs > 0)) || die "short run against $url: no requests counted ($out)"
+    awk -v d="$((cpu1 - cpu0))" -v hz="$CLK_TCK" -v n="$reqs" \
+        '/^Requests\/sec:/ { printf "%s %.3f\n", $2, d / hz / n * 1e6 }' "$out"
+}
+
+# rampart against nginx in alternating short runs (rampart first in odd pairs, nginx first
+# in even ones), so that drift in what the machine gives (other guests, frequency) falls
+# on both alike: on a shared 2-core VM it moves single long runs by 10-30%.
+run_pairs() {
+    local i r_url=$1 n_url=$2 r n
+    local -a r_pids n_pids
+    read -r -a r_pids <<<"$3"
+    read -r -a n_pids <<<"$4"
+    ((PAIRS > 0)) || return 0
+    log "interleaved: $PAIRS pairs of $PAIR_RUN runs, rampart and nginx in turn"
+    for ((i = 1; i <= PAIRS; i++)); do
+        if ((i % 2)); then
+            r=$(short_run "$r_url" "${r_pids[@]}")
+            n=$(short_run "$n_url" "${n_pids[@]}")
+        else
+            n=$(short_run "$n_url" "${n_pids[@]}")
+            r=$(short_run "$r_url" "${r_pids[@]}")
+        fi
+        P_RPS+=("$(awk -v a="${r% *}" -v b="${n% *}" 'BEGIN { printf "%.3f", a / b }')")
+        P_CPU+=("$(awk -v a="${r#* }" -v b="${n#* }" 'BEGIN { printf "%.3f", a / b }')")
+        log "pair $i: rampart ${r% *} req/s ${r#* } µs/req, nginx ${n% *} req/s ${n#* } µs/req"
+    done
+}
+
+# "median (min-max)" of the numbers given.
+spread() {
+    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
+        m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+        printf "%.2f× (%.2f-%.2f×)", m, v[1], v[NR] }'
+}
+
 # ---------------------------------------------------------------------------------------
 # Report
 
@@ -445,6 +495,11 @@ report() {
             echo "Rate limiting, CPU µs/req against rampart without limits (target for Redis: ≤ 1.50×):" \
                 "memory store $(ratio "${R_CPU[$m]}" "${R_CPU[$r]}"), Redis store $(ratio "${R_CPU[$x]}" "${R_CPU[$r]}")" \
                 "(${REDIS_NOTE:-decisions not checked})."
+            echo
+        fi
+        if ((${#P_RPS[@]})); then
+            echo "Interleaved, ${#P_RPS[@]} pairs of \`wrk -d$PAIR_RUN\` runs, rampart vs nginx, median (min-max):" \
+                "req/s $(spread "${P_RPS[@]}"), CPU µs/req $(spread "${P_CPU[@]}")."
             echo
         fi
         for i in "${!R_NAME[@]}"; do
@@ -506,6 +561,8 @@ main() {
     run_case rampart-ratelimit-redis "http://$HOST:$RAMPART_RL_REDIS_PORT$BENCH_PATH" "$RAMPART_PID"
     check_redis_decisions
     # More scenarios go here, one line each.
+    run_pairs "http://$HOST:$RAMPART_PORT$BENCH_PATH" "http://$HOST:$NGINX_PORT$BENCH_PATH" \
+        "$RAMPART_PID" "$(nginx_pids | tr '\n' ' ')"
 
     report
 }
