@@ -25,6 +25,7 @@ use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::proxy::body::{BodyError, RequestBody};
+use crate::proxy::headers::Forwarded;
 use crate::proxy::pool::Io;
 
 /// Largest response head accepted (Envoy's default limit is 60 KiB).
@@ -197,7 +198,11 @@ impl Conn {
 
     /// Encodes the request head (and a small buffered body) for writing; the body is
     /// attached by `attach` once the head is on its way.
-    fn encode(&mut self, req: &Request<RequestBody>) -> Option<Outgoing> {
+    fn encode(
+        &mut self,
+        req: &Request<RequestBody>,
+        forwarded: Option<&Forwarded>,
+    ) -> Option<Outgoing> {
         let w = &mut self.write;
         w.clear();
         self.written = 0;
@@ -211,6 +216,9 @@ impl Conn {
             w.extend_from_slice(b": ");
             w.extend_from_slice(value.as_bytes());
             w.extend_from_slice(b"\r\n");
+        }
+        if let Some(f) = forwarded {
+            f.write(w);
         }
         let body = req.body();
         let declared = req
@@ -634,16 +642,17 @@ impl Conn {
     }
 }
 
-/// Sends `request` on `conn` and reads the response head. On success the connection is
+/// Sends `request` (then the `forwarded` headers) on `conn` and reads the response head. On success the connection is
 /// returned with the head, ready to read the body. When nothing of the request reached the
 /// socket, it stays in `request` (for another connection); otherwise it is taken.
 pub async fn exchange(
     conn: &mut Conn,
     request: &mut Option<Request<RequestBody>>,
+    forwarded: Option<&Forwarded>,
 ) -> Option<Result<Response<()>, ExchangeError>> {
     let req = request.as_ref()?;
     let head_request = req.method() == Method::HEAD;
-    let framing = conn.encode(req);
+    let framing = conn.encode(req, forwarded);
     if let Err(e) = std::future::poll_fn(|cx| conn.poll_flush(cx)).await {
         conn.keep_alive = false;
         if conn.written > 0 {
@@ -798,7 +807,7 @@ mod tests {
         };
         let client = async {
             let mut req = request(method, "/x", RequestBody::Empty);
-            let head = exchange(conn, &mut req).await.expect("a request")?;
+            let head = exchange(conn, &mut req, None).await.expect("a request")?;
             let mut body = Vec::new();
             loop {
                 match poll_fn(|cx| conn.poll_body(cx)).await {
@@ -932,7 +941,7 @@ mod tests {
         };
         let client = async {
             let mut req = request(Method::GET, "/", RequestBody::Empty);
-            exchange(&mut conn, &mut req)
+            exchange(&mut conn, &mut req, None)
                 .await
                 .expect("request")
                 .expect("head");
@@ -1016,7 +1025,7 @@ mod tests {
             drop(server);
         };
         let mut req = request(Method::GET, "/", RequestBody::Empty);
-        let (_, result) = tokio::join!(upstream, exchange(&mut conn, &mut req));
+        let (_, result) = tokio::join!(upstream, exchange(&mut conn, &mut req, None));
         assert!(matches!(
             result,
             Some(Err(ExchangeError::Wire(WireError::ClosedBeforeHead)))
@@ -1054,7 +1063,7 @@ mod tests {
         };
         let client = async {
             let mut req = request(Method::GET, "/", RequestBody::Empty);
-            exchange(&mut conn, &mut req)
+            exchange(&mut conn, &mut req, None)
                 .await
                 .expect("request")
                 .expect("head");
@@ -1099,7 +1108,7 @@ mod tests {
                 server.write_all(answer).await.expect("write");
                 got
             };
-            let (got, result) = tokio::join!(upstream, exchange(&mut conn, &mut req));
+            let (got, result) = tokio::join!(upstream, exchange(&mut conn, &mut req, None));
             result.expect("request").expect("head");
             assert_eq!(String::from_utf8_lossy(&got), expected);
             assert!(conn.reusable());

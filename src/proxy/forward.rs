@@ -20,6 +20,7 @@ use crate::error::{ProxyError, TimeoutPhase};
 use crate::metrics::http::UpstreamErrors;
 use crate::proxy::body::{BodyError, RequestBody};
 use crate::proxy::client::ExchangeError;
+use crate::proxy::headers::Forwarded;
 use crate::proxy::pool::{self, ConnectError, EndpointPool, PooledBody, UpgradeError};
 use crate::proxy::resilience::{EndpointState, UpstreamState, UpstreamStates};
 use crate::retry::Failure;
@@ -178,7 +179,8 @@ pub struct Timers {
     pub deadline: Option<Instant>,
 }
 
-/// Sends the request in `request` to `endpoint` and waits for the response head, at most
+/// Sends the request in `request` (and the `forwarded` headers) to `endpoint` and waits
+/// for the response head, at most
 /// `first_byte` (or until the route's total deadline if that comes first). The request is
 /// taken out, and put back when it provably never left. The error is boxed: the answer
 /// travels up through several futures, and most answers are not errors.
@@ -186,6 +188,7 @@ pub async fn send(
     upstream: &str,
     endpoint: &Endpoint,
     request: &mut Option<Request<RequestBody>>,
+    forwarded: Option<&Forwarded>,
     timers: &Timers,
 ) -> Result<Response<PooledBody>, Box<SendError>> {
     let fb_deadline = Instant::now() + timers.first_byte;
@@ -240,7 +243,7 @@ pub async fn send(
         };
         // From here on a timeout means the request may have reached the upstream.
         let reused = conn.reused;
-        let exchange = pool::exchange(conn, endpoint.pool.clone(), request);
+        let exchange = pool::exchange(conn, endpoint.pool.clone(), request, forwarded);
         let error = match tokio::time::timeout_at(until, exchange).await {
             Ok(Some(Ok(resp))) => return Ok(resp),
             Ok(Some(Err(error))) => error,

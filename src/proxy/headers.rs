@@ -118,6 +118,8 @@ pub struct Head {
     transfer_encoding: bool,
     content_length: bool,
     upgrade: bool,
+    /// X-Forwarded-For/-Proto/-Host or X-Request-Id came with the request.
+    pub forwarding: bool,
 }
 
 impl Head {
@@ -129,6 +131,7 @@ impl Head {
             transfer_encoding: false,
             content_length: false,
             upgrade: false,
+            forwarding: false,
         };
         for (name, value) in headers {
             if name == header::HOST {
@@ -141,8 +144,16 @@ impl Head {
                 head.transfer_encoding = true;
             } else if name == header::UPGRADE {
                 head.upgrade = true;
-            } else if name == X_REQUEST_ID && client_id.is_none() {
-                client_id = Some(value);
+            } else if name == X_REQUEST_ID {
+                head.forwarding = true;
+                if client_id.is_none() {
+                    client_id = Some(value);
+                }
+            } else if name == X_FORWARDED_FOR
+                || name == X_FORWARDED_PROTO
+                || name == X_FORWARDED_HOST
+            {
+                head.forwarding = true;
             }
         }
         (head, checked_request_id(client_id))
@@ -238,10 +249,7 @@ pub fn set_forwarded(
     proto: &'static str,
     original_host: Option<&HeaderValue>,
 ) {
-    let peer = match peer {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(peer),
-        v4 => v4,
-    };
+    let peer = canonical(peer);
     let xff = if trusted_peer {
         let prior: Vec<&str> = headers
             .get_all(&X_FORWARDED_FOR)
@@ -271,6 +279,59 @@ pub fn set_forwarded(
                 headers.remove(&X_FORWARDED_HOST);
             }
         }
+    }
+}
+
+/// An IPv4 client seen through an IPv6 socket is written as IPv4.
+fn canonical(peer: IpAddr) -> IpAddr {
+    match peer {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(peer),
+        v4 => v4,
+    }
+}
+
+/// X-Forwarded-For/-Proto/-Host and X-Request-Id for a request from an untrusted peer that
+/// carries none of them (nearly all): written on the wire right after the request's own
+/// headers (`client::Conn::encode`) instead of inserted into its header map, where each
+/// insert hashes the name and probes the map. The same values `set_forwarded` and the
+/// request id would have put there.
+pub struct Forwarded {
+    xff: Option<HeaderValue>,
+    proto: &'static str,
+    host: Option<HeaderValue>,
+    request_id: HeaderValue,
+}
+
+impl Forwarded {
+    pub fn new(
+        peer: IpAddr,
+        proto: &'static str,
+        original_host: Option<HeaderValue>,
+        request_id: HeaderValue,
+    ) -> Self {
+        Forwarded {
+            xff: ip_value(canonical(peer)),
+            proto,
+            host: original_host,
+            request_id,
+        }
+    }
+
+    /// The header lines, in HTTP/1.1 wire form.
+    pub fn write(&self, w: &mut Vec<u8>) {
+        let mut line = |name: &[u8], value: &[u8]| {
+            w.extend_from_slice(name);
+            w.extend_from_slice(value);
+            w.extend_from_slice(b"\r\n");
+        };
+        if let Some(v) = &self.xff {
+            line(b"x-forwarded-for: ", v.as_bytes());
+        }
+        line(b"x-forwarded-proto: ", self.proto.as_bytes());
+        if let Some(v) = &self.host {
+            line(b"x-forwarded-host: ", v.as_bytes());
+        }
+        line(b"x-request-id: ", self.request_id.as_bytes());
     }
 }
 
@@ -458,6 +519,32 @@ mod tests {
             assert_eq!(ip_value(ip).unwrap(), ip.to_string().as_str());
             // Again, from the cache.
             assert_eq!(ip_value(ip).unwrap(), ip.to_string().as_str());
+        }
+    }
+
+    #[test]
+    fn forwarded_lines_say_what_set_forwarded_would() {
+        for peer in ["10.1.2.3", "::ffff:10.1.2.3", "2001:db8::1"] {
+            let peer: IpAddr = peer.parse().unwrap();
+            let host = HeaderValue::from_static("chat.example");
+            let id = HeaderValue::from_static("id-1");
+            for original in [Some(host.clone()), None] {
+                let mut map = HeaderMap::new();
+                set_forwarded(&mut map, peer, false, "https", original.as_ref());
+                map.insert(&X_REQUEST_ID, id.clone());
+                let mut expected: Vec<String> = map
+                    .iter()
+                    .map(|(n, v)| format!("{}: {}", n, v.to_str().unwrap()))
+                    .collect();
+                expected.sort();
+                let mut wire = Vec::new();
+                Forwarded::new(peer, "https", original, id.clone()).write(&mut wire);
+                let wire = String::from_utf8(wire).unwrap();
+                let mut lines: Vec<String> =
+                    wire.split_terminator("\r\n").map(String::from).collect();
+                lines.sort();
+                assert_eq!(lines, expected, "{peer}");
+            }
         }
     }
 

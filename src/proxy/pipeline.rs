@@ -339,19 +339,29 @@ fn outgoing<'a>(
         None => env.head.host.clone(),
     };
     headers::strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
-    // X-Forwarded-For/-Proto/-Host and X-Request-Id: room for them at once, instead of the
-    // map growing (and rehashing) on the way.
-    parts.headers.reserve(4);
     let peer = env.peer.ip();
     let trusted = headers::is_trusted(peer, &env.snapshot.trusted_proxies);
-    headers::set_forwarded(
-        &mut parts.headers,
-        peer,
-        trusted,
-        env.ctx.proto,
-        original_host.as_ref(),
-    );
-    parts.headers.insert(&X_REQUEST_ID, env.request_id.clone());
+    let forwarded = if trusted || env.head.forwarding || client_upgrade.is_some() {
+        // Values to merge with the client's, or a request for hyper's client (upgrades):
+        // in the map. Room for all four at once, instead of the map growing on the way.
+        parts.headers.reserve(4);
+        headers::set_forwarded(
+            &mut parts.headers,
+            peer,
+            trusted,
+            env.ctx.proto,
+            original_host.as_ref(),
+        );
+        parts.headers.insert(&X_REQUEST_ID, env.request_id.clone());
+        None
+    } else {
+        Some(headers::Forwarded::new(
+            peer,
+            env.ctx.proto,
+            original_host,
+            env.request_id.clone(),
+        ))
+    };
     // Origin-form on the wire to the upstream.
     parts.uri = match parts.uri.path_and_query() {
         Some(pq) => Uri::from(pq.clone()),
@@ -375,8 +385,8 @@ fn outgoing<'a>(
         };
     }
     let cfg = &upstream.resilience;
-    // Only a retry after the request went out needs a copy of it: hyper keeps what it sent,
-    // and hands back only what it did not send.
+    // Only a retry after the request went out needs a copy of it: the client keeps what it
+    // sent, and hands back only what it did not send.
     let template = (cfg.retry.attempts > 1
         && replay.is_some()
         && retry::may_retry_once_sent(&cfg.retry, &parts.method))
@@ -385,6 +395,7 @@ fn outgoing<'a>(
         upstream,
         method: parts.method.clone(),
         request: Some(Request::from_parts(parts, body)),
+        forwarded,
         replay,
         template,
         timers,
@@ -514,6 +525,8 @@ struct Send<'a> {
     /// The request for the next attempt: taken by the send, put back when it provably
     /// never left.
     request: Option<Request<RequestBody>>,
+    /// Headers written after the request's own (see `headers::Forwarded`), every attempt.
+    forwarded: Option<headers::Forwarded>,
     /// The request body, kept for a retry (None: not replayable).
     replay: Option<Bytes>,
     /// URI and headers: enough, with `method` and `replay`, to rebuild a request that was
@@ -554,8 +567,14 @@ impl Send<'_> {
                 .headers_mut()
                 .insert(header::HOST, endpoint.pool.host_header.clone());
             let slot = InFlight::try_acquire(endpoint.state.clone(), None);
-            let result =
-                forward::send(&upstream.name, endpoint, &mut self.request, &self.timers).await;
+            let result = forward::send(
+                &upstream.name,
+                endpoint,
+                &mut self.request,
+                self.forwarded.as_ref(),
+                &self.timers,
+            )
+            .await;
             let can_go_again = attempt < cfg.retry.attempts
                 && self.timers.deadline.is_none_or(|d| Instant::now() < d);
             match result {

@@ -29,6 +29,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::proxy::body::RequestBody;
 use crate::proxy::client::{self, Conn, ExchangeError, WireError};
+use crate::proxy::headers::Forwarded;
 
 /// A plain or TLS upstream socket.
 pub enum Io {
@@ -239,14 +240,17 @@ pub async fn exchange(
     mut conn: Box<Conn>,
     pool: Arc<EndpointPool>,
     request: &mut Option<Request<RequestBody>>,
+    forwarded: Option<&Forwarded>,
 ) -> Option<Result<Response<PooledBody>, ExchangeError>> {
-    Some(match client::exchange(&mut conn, request).await? {
-        Ok(head) => Ok(head.map(|()| PooledBody {
-            conn: Some(conn),
-            pool,
-        })),
-        Err(e) => Err(e),
-    })
+    Some(
+        match client::exchange(&mut conn, request, forwarded).await? {
+            Ok(head) => Ok(head.map(|()| PooledBody {
+                conn: Some(conn),
+                pool,
+            })),
+            Err(e) => Err(e),
+        },
+    )
 }
 
 /// The upstream's response body, carrying the connection: polling the body reads it, and

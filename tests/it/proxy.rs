@@ -76,9 +76,23 @@ async fn request_id_is_kept_or_created_and_echoed() {
 #[tokio::test]
 async fn forwarded_headers_believe_only_trusted_proxies() {
     let up = Upstream::start().await;
-    // Untrusted: a spoofed X-Forwarded-For is replaced by the socket peer.
     let px = start(&one_route(&up.url(), "", "")).await;
     let addr = px.addr("main").unwrap();
+    // None sent: all four set (written after the client's headers, not through the map).
+    let (resp, body) = send(&http1(), get(addr, "/echo")).await;
+    let body = String::from_utf8_lossy(&body).to_string();
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    for (name, value) in [
+        ("x-forwarded-for", "127.0.0.1".to_string()),
+        ("x-forwarded-proto", "http".to_string()),
+        ("x-forwarded-host", addr.to_string()),
+        ("x-request-id", id),
+        ("host", up.addr.to_string()),
+    ] {
+        let field = format!("\"{name}\":\"{value}\"");
+        assert_eq!(body.matches(&field).count(), 1, "{field} in {body}");
+    }
+    // Untrusted: a spoofed X-Forwarded-For is replaced by the socket peer.
     let mut req = get(addr, "/echo");
     req.headers_mut()
         .insert("x-forwarded-for", "6.6.6.6".parse().unwrap());
