@@ -402,7 +402,8 @@ impl Policy {
             }
             // A request without the header is counted by its address.
             None => {
-                let _ = write!(key, "ip:{}", mask(client, self.ipv6_prefix));
+                key.push_str("ip:");
+                crate::proxy::headers::push_ip(&mut key, mask(client, self.ipv6_prefix));
             }
         }
         key
@@ -415,7 +416,12 @@ impl Policy {
                 None => (None, Source::FailOpen),
             },
             Store::Redis { client, fallback } => {
-                let redis_key = format!("rl:{{{}}}:{key}", self.name);
+                // The policy in braces: Redis Cluster keeps a policy's keys in one slot.
+                let mut redis_key = String::with_capacity(self.name.len() + key.len() + 6);
+                redis_key.push_str("rl:{");
+                redis_key.push_str(&self.name);
+                redis_key.push_str("}:");
+                redis_key.push_str(key);
                 client
                     .check(
                         &redis_key,
@@ -461,7 +467,8 @@ pub async fn check(
     }
     let client = client_ip(peer, headers, trusted);
     let mut policy_field = String::new();
-    let mut limit_field = String::new();
+    // Room for one policy's `"name";r=N;t=N` without growing.
+    let mut limit_field = String::with_capacity(64);
     let mut retry: Option<Duration> = None;
     // The policy closest to refusing speaks for the X-RateLimit-* headers.
     let mut tightest: Option<(u64, u64, Duration)> = None;
@@ -489,22 +496,26 @@ pub async fn check(
         if !limit_field.is_empty() {
             limit_field.push_str(", ");
         }
+        // By hand: the formatting machinery costs more than the rest of the decision.
         push_sf_string(&mut limit_field, &policy.name);
-        let _ = write!(limit_field, ";r={};t={}", d.remaining, ceil_secs(reset));
+        limit_field.push_str(";r=");
+        push_decimal(&mut limit_field, d.remaining);
+        limit_field.push_str(";t=");
+        push_decimal(&mut limit_field, ceil_secs(reset));
         let tighter = tightest.is_none_or(|(_, remaining, _)| d.remaining < remaining);
         if tighter {
             tightest = Some((points, d.remaining, reset));
         }
     }
-    let mut out = HeaderMap::new();
+    let mut out = HeaderMap::with_capacity(5);
     insert(&mut out, &RATELIMIT_POLICY, &policy_field);
     if !limit_field.is_empty() {
         insert(&mut out, &RATELIMIT, &limit_field);
     }
     if let Some((points, remaining, reset)) = tightest {
-        insert(&mut out, &X_LIMIT, &points.to_string());
-        insert(&mut out, &X_REMAINING, &remaining.to_string());
-        insert(&mut out, &X_RESET, &ceil_secs(reset).to_string());
+        out.insert(X_LIMIT.clone(), HeaderValue::from(points));
+        out.insert(X_REMAINING.clone(), HeaderValue::from(remaining));
+        out.insert(X_RESET.clone(), HeaderValue::from(ceil_secs(reset)));
     }
     Verdict {
         retry_after_secs: retry.map(|r| ceil_secs(r).max(1)),
@@ -516,6 +527,11 @@ fn insert(map: &mut HeaderMap, name: &HeaderName, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
         map.insert(name.clone(), v);
     }
+}
+
+fn push_decimal(out: &mut String, n: u64) {
+    let mut buf = [0u8; 20];
+    out.push_str(crate::proxy::headers::decimal(n, &mut buf));
 }
 
 fn ceil_secs(d: Duration) -> u64 {
