@@ -825,6 +825,21 @@ mod tests {
         result
     }
 
+    /// The upstream reads the request, answers `wire` and closes the connection.
+    async fn answer_and_close(mut server: TcpStream, wire: &[u8]) {
+        read_request(&mut server, 0).await;
+        server.write_all(wire).await.expect("write");
+    }
+
+    /// Sends a GET on `conn` and waits for the response head.
+    async fn get_head(conn: &mut Conn) {
+        let mut req = request(Method::GET, "/", RequestBody::Empty);
+        exchange(conn, &mut req, None)
+            .await
+            .expect("request")
+            .expect("head");
+    }
+
     fn one(bytes: &[u8]) -> Vec<Vec<u8>> {
         vec![bytes.to_vec()]
     }
@@ -930,21 +945,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_until_close_is_read_to_the_end_and_the_connection_not_reused() {
-        let (mut conn, mut server) = pair().await;
-        let upstream = async {
-            read_request(&mut server, 0).await;
-            server
-                .write_all(b"HTTP/1.1 200 OK\r\n\r\nall of it")
-                .await
-                .expect("write");
-            drop(server);
-        };
+        let (mut conn, server) = pair().await;
+        let upstream = answer_and_close(server, b"HTTP/1.1 200 OK\r\n\r\nall of it");
         let client = async {
-            let mut req = request(Method::GET, "/", RequestBody::Empty);
-            exchange(&mut conn, &mut req, None)
-                .await
-                .expect("request")
-                .expect("head");
+            get_head(&mut conn).await;
             let mut body = Vec::new();
             while let Some(b) = poll_fn(|cx| conn.poll_body(cx)).await {
                 body.extend_from_slice(&b.expect("body"));
@@ -1018,12 +1022,8 @@ mod tests {
 
     #[tokio::test]
     async fn closing_before_the_head_is_an_error() {
-        let (mut conn, mut server) = pair().await;
-        let upstream = async {
-            read_request(&mut server, 0).await;
-            server.write_all(b"HTTP/1.1 200").await.expect("write");
-            drop(server);
-        };
+        let (mut conn, server) = pair().await;
+        let upstream = answer_and_close(server, b"HTTP/1.1 200");
         let mut req = request(Method::GET, "/", RequestBody::Empty);
         let (_, result) = tokio::join!(upstream, exchange(&mut conn, &mut req, None));
         assert!(matches!(
@@ -1052,21 +1052,11 @@ mod tests {
             );
         }
         // The upstream closes before Content-Length bytes came.
-        let (mut conn, mut server) = pair().await;
-        let upstream = async {
-            read_request(&mut server, 0).await;
-            server
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
-                .await
-                .expect("write");
-            drop(server);
-        };
+        let (mut conn, server) = pair().await;
+        let upstream =
+            answer_and_close(server, b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc");
         let client = async {
-            let mut req = request(Method::GET, "/", RequestBody::Empty);
-            exchange(&mut conn, &mut req, None)
-                .await
-                .expect("request")
-                .expect("head");
+            get_head(&mut conn).await;
             let first = poll_fn(|cx| conn.poll_body(cx)).await;
             let second = poll_fn(|cx| conn.poll_body(cx)).await;
             (first, second)

@@ -354,22 +354,7 @@ async fn sse_events_reach_the_client_before_the_next_is_written() {
         up.counters.sse_sent.lock().unwrap().clear();
         let resp = send_streaming(&client, get(addr, "/sse?n=4&gap=300")).await;
         assert_eq!(resp.headers()["content-type"], "text/event-stream");
-        let mut body = resp.into_body();
-        let mut received = Vec::new();
-        let mut text = String::new();
-        while let Some(frame) = tokio::time::timeout(Duration::from_secs(5), body.frame())
-            .await
-            .expect("frame in time")
-        {
-            let frame = frame.expect("clean stream");
-            if let Some(d) = frame.data_ref() {
-                text.push_str(&String::from_utf8_lossy(d));
-                // One timestamp per complete event received.
-                while received.len() < text.matches("\n\n").count() {
-                    received.push(Instant::now());
-                }
-            }
-        }
+        let (text, received) = event_arrivals(resp.into_body()).await;
         let sent = up.counters.sse_sent.lock().unwrap().clone();
         assert_eq!(sent.len(), 4);
         assert_eq!(received.len(), 4, "{text}");

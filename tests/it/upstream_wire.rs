@@ -944,22 +944,7 @@ async fn chunked_sse_events_reach_the_client_before_the_next_is_written() {
     .await;
     let resp = send_streaming(&http1(), get(addr, "/events")).await;
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
-    let mut body = resp.into_body();
-    let mut text = String::new();
-    let mut received = Vec::new();
-    while let Some(frame) = tokio::time::timeout(Duration::from_secs(5), body.frame())
-        .await
-        .expect("frame in time")
-    {
-        let frame = frame.expect("clean stream");
-        if let Some(d) = frame.data_ref() {
-            text.push_str(&String::from_utf8_lossy(d));
-            // One timestamp per complete event received.
-            while received.len() < text.matches("\n\n").count() {
-                received.push(Instant::now());
-            }
-        }
-    }
+    let (text, received) = event_arrivals(resp.into_body()).await;
     assert_eq!(text, "data: 1\n\ndata: 2\n\ndata: 3\n\n");
     let writes = up.writes.lock().expect("writes lock").clone();
     assert_eq!((writes.len(), received.len()), (3, 3));

@@ -155,3 +155,24 @@ pub fn refusing_addr() -> (tokio::net::TcpSocket, SocketAddr) {
     let addr = socket.local_addr().unwrap();
     (socket, addr)
 }
+
+/// Reads an SSE response body to its end (each frame within 5 s): the text, and when each
+/// complete event (ended by a blank line) arrived.
+pub async fn event_arrivals(body: Incoming) -> (String, Vec<std::time::Instant>) {
+    let mut body = body;
+    let mut text = String::new();
+    let mut received = Vec::new();
+    while let Some(frame) = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("frame in time")
+    {
+        let frame = frame.expect("clean stream");
+        if let Some(d) = frame.data_ref() {
+            text.push_str(&String::from_utf8_lossy(d));
+            while received.len() < text.matches("\n\n").count() {
+                received.push(std::time::Instant::now());
+            }
+        }
+    }
+    (text, received)
+}
