@@ -51,6 +51,10 @@ pub enum WireError {
     Io(#[from] io::Error),
     #[error("connection closed before a complete response head")]
     ClosedBeforeHead,
+    /// Not a byte of an answer came before the close (or reset): a pooled connection the
+    /// upstream was closing as the request went out.
+    #[error("connection closed without an answer")]
+    Unanswered,
     #[error("connection closed before the end of the response body")]
     ClosedInBody,
     #[error("invalid response from upstream: {0}")]
@@ -369,8 +373,15 @@ impl Conn {
             if self.filled >= MAX_HEAD {
                 return Poll::Ready(Err(WireError::Invalid("response head over 64 KiB")));
             }
-            if ready!(self.poll_fill(cx))? == 0 {
-                return Poll::Ready(Err(WireError::ClosedBeforeHead));
+            let nothing_yet = self.filled == 0;
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) if nothing_yet => return Poll::Ready(Err(WireError::Unanswered)),
+                Ok(0) => return Poll::Ready(Err(WireError::ClosedBeforeHead)),
+                Ok(_) => {}
+                Err(e) if nothing_yet && e.kind() == io::ErrorKind::ConnectionReset => {
+                    return Poll::Ready(Err(WireError::Unanswered));
+                }
+                Err(e) => return Poll::Ready(Err(e.into())),
             }
         }
     }
@@ -643,8 +654,10 @@ impl Conn {
 }
 
 /// Sends `request` (then the `forwarded` headers) on `conn` and reads the response head. On success the connection is
-/// returned with the head, ready to read the body. When nothing of the request reached the
-/// socket, it stays in `request` (for another connection); otherwise it is taken.
+/// returned with the head, ready to read the body. The request stays in `request` (for
+/// another connection) when nothing of it reached the socket, and when a pooled connection
+/// closed without a byte of answer to a GET, HEAD or OPTIONS without a body: the classic
+/// keep-alive race, which nginx retries too. Otherwise it is taken.
 pub async fn exchange(
     conn: &mut Conn,
     request: &mut Option<Request<RequestBody>>,
@@ -653,6 +666,11 @@ pub async fn exchange(
     let req = request.as_ref()?;
     let head_request = req.method() == Method::HEAD;
     let framing = conn.encode(req, forwarded);
+    // Such a request needs nothing more from `request` once its head is written: it stays
+    // lent until an answer starts.
+    let replayable = conn.reused
+        && framing.is_none()
+        && matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
     if let Err(e) = std::future::poll_fn(|cx| conn.poll_flush(cx)).await {
         conn.keep_alive = false;
         if conn.written > 0 {
@@ -660,8 +678,10 @@ pub async fn exchange(
         }
         return Some(Err(e.into()));
     }
-    let body = request.take()?.into_body();
-    conn.sending = framing.map(|f| (body, f));
+    if !replayable {
+        let body = request.take()?.into_body();
+        conn.sending = framing.map(|f| (body, f));
+    }
     conn.incoming = Incoming::Done;
     let result = std::future::poll_fn(|cx| {
         if conn.sending.is_some() || conn.written < conn.write.len() {
@@ -678,6 +698,9 @@ pub async fn exchange(
             .map_err(ExchangeError::Wire)
     })
     .await;
+    if !matches!(result, Err(ExchangeError::Wire(WireError::Unanswered))) {
+        request.take();
+    }
     Some(result)
 }
 
@@ -1031,6 +1054,48 @@ mod tests {
             Some(Err(ExchangeError::Wire(WireError::ClosedBeforeHead)))
         ));
         // It was sent: not handed back for another connection.
+        assert!(req.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_closing_pooled_connection_hands_back_only_safe_bodiless_requests() {
+        for (method, body, handed_back) in [
+            (Method::GET, RequestBody::Empty, true),
+            (Method::HEAD, RequestBody::Empty, true),
+            (Method::DELETE, RequestBody::Empty, false),
+            (
+                Method::GET,
+                RequestBody::Full(Some(Bytes::from_static(b"x"))),
+                true,
+            ),
+            (
+                Method::POST,
+                RequestBody::Full(Some(Bytes::from_static(b"x"))),
+                false,
+            ),
+        ] {
+            let (mut conn, server) = pair().await;
+            conn.reused = true;
+            let mut req = request(method.clone(), "/", body);
+            let upstream = answer_and_close(server, b"");
+            let (_, result) = tokio::join!(upstream, exchange(&mut conn, &mut req, None));
+            assert!(
+                matches!(
+                    result,
+                    Some(Err(ExchangeError::Wire(WireError::Unanswered)))
+                ),
+                "{method}"
+            );
+            assert_eq!(req.is_some(), handed_back, "{method}");
+        }
+        // A fresh connection is not a stale one: the failure is the upstream's.
+        let (mut conn, server) = pair().await;
+        let mut req = request(Method::GET, "/", RequestBody::Empty);
+        let (_, result) = tokio::join!(
+            answer_and_close(server, b""),
+            exchange(&mut conn, &mut req, None)
+        );
+        assert!(result.is_some_and(|r| r.is_err()));
         assert!(req.is_none());
     }
 

@@ -516,6 +516,28 @@ async fn not_modified_304_with_content_length_has_no_body_and_keeps_the_connecti
 // === 4. connection reuse ===
 
 #[tokio::test]
+async fn a_pooled_connection_closed_without_answer_is_retried_fresh_for_safe_requests() {
+    // The keep-alive race: the upstream closes an idle connection just as a request goes
+    // out on it. A GET goes again on a new connection (as nginx does); a POST, which the
+    // upstream may have acted on, is not replayed.
+    let (up, px, addr) = proxied(vec![ok(), vec![Act::Close], ok(), vec![Act::Close]]).await;
+    let client = http1();
+    let (resp, _) = send(&client, get(addr, "/first")).await;
+    assert_eq!(resp.status(), 200);
+    let (resp, body) = send(&client, get(addr, "/second")).await;
+    assert_eq!((resp.status().as_u16(), &body[..]), (200, &b"ok"[..]));
+    assert_eq!(up.accepted(), 2, "the retry took a new connection");
+    assert_eq!(up.requests().len(), 3);
+    let post = Request::post(format!("http://{addr}/third"))
+        .body(Full::new(bytes::Bytes::from_static(b"{}")))
+        .expect("request");
+    let (resp, _) = send(&client, post).await;
+    assert_eq!(resp.status(), 502);
+    assert_eq!(up.requests().len(), 4, "the POST was sent once");
+    px.shutdown().await;
+}
+
+#[tokio::test]
 async fn sequential_keep_alive_requests_share_one_upstream_connection() {
     let (up, px, addr) = proxied(vec![ok()]).await;
     let client = http1();
