@@ -206,9 +206,9 @@ pub async fn send(
             by_deadline,
         })
     };
-    // A pooled connection may have been closed by the upstream a moment ago. When hyper
-    // hands the request back unsent, nothing reached the upstream: go again, once, on a
-    // fresh connection (any method is safe then).
+    // A pooled connection may have been closed by the upstream a moment ago. When the
+    // client hands the request back (nothing of it was written, or a safe bodiless request
+    // got not a byte of answer), go again, once, on a fresh connection.
     let mut from_pool = true;
     loop {
         let idle = if from_pool {
