@@ -160,7 +160,8 @@ impl Conn {
     /// Whether an idle connection can take a request now: still open, and silent (an idle
     /// upstream has nothing to say; anything it did say makes the connection unusable).
     pub fn usable_now(&mut self) -> bool {
-        if !self.reusable() || self.filled > 0 {
+        // (Bytes left over after a response already made it unreusable: `body_ended`.)
+        if !self.reusable() {
             return false;
         }
         let mut cx = Context::from_waker(Waker::noop());
@@ -332,6 +333,11 @@ impl Conn {
                 self.sending = None;
             }
         }
+    }
+
+    /// Request bytes buffered or a request body still to come.
+    fn still_sending(&self) -> bool {
+        self.sending.is_some() || self.written < self.write.len()
     }
 
     /// Sending failed after the request started: the upstream may still have answered, so
@@ -537,7 +543,7 @@ impl Conn {
     /// The next piece of the response body; Ready(None) at its end. Also keeps sending
     /// the request body, when the upstream answered before it was all sent.
     pub fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, WireError>>> {
-        if self.sending.is_some() || self.written < self.write.len() {
+        if self.still_sending() {
             // The upstream answered already; a failure to send more ends nothing but reuse.
             if let Poll::Ready(Err(_)) = self.poll_send(cx) {
                 self.abandon_send();
@@ -684,7 +690,7 @@ pub async fn exchange(
     }
     conn.incoming = Incoming::Done;
     let result = std::future::poll_fn(|cx| {
-        if conn.sending.is_some() || conn.written < conn.write.len() {
+        if conn.still_sending() {
             match conn.poll_send(cx) {
                 Poll::Ready(Err(ExchangeError::RequestBody(e))) => {
                     return Poll::Ready(Err(ExchangeError::RequestBody(e)));
@@ -748,20 +754,11 @@ fn parse_chunk_size(line: &[u8]) -> Option<u64> {
     })
 }
 
-/// Appends `prefix`, `n` in `radix` (10 or 16) and CRLF, without the formatting machinery.
-fn push_number(w: &mut Vec<u8>, prefix: &[u8], mut n: u64, radix: u64) {
+/// Appends `prefix`, `n` in `radix` (10 or 16) and CRLF.
+fn push_number(w: &mut Vec<u8>, prefix: &[u8], n: u64, radix: u64) {
+    let mut buf = [0u8; 20];
     w.extend_from_slice(prefix);
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b"0123456789abcdef"[(n % radix) as usize];
-        n /= radix;
-        if n == 0 {
-            break;
-        }
-    }
-    w.extend_from_slice(&digits[i..]);
+    w.extend_from_slice(crate::proxy::headers::digits(n, radix, &mut buf).as_bytes());
     w.extend_from_slice(b"\r\n");
 }
 

@@ -282,15 +282,16 @@ pub fn set_forwarded(
     }
 }
 
-/// `n` in decimal, written into `buf`: for header values on the request path, where the
-/// formatting machinery costs more than the rest of the work.
-pub fn decimal(n: u64, buf: &mut [u8; 20]) -> &str {
+/// `n` in `radix` (10 or 16, lower-case digits), written into `buf`: for header values and
+/// framing on the request path, where the formatting machinery costs more than the rest of
+/// the work.
+pub fn digits(n: u64, radix: u64, buf: &mut [u8; 20]) -> &str {
     let mut i = buf.len();
     let mut n = n;
     loop {
         i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
+        buf[i] = b"0123456789abcdef"[(n % radix) as usize];
+        n /= radix;
         if n == 0 {
             break;
         }
@@ -602,10 +603,11 @@ mod tests {
     }
 
     #[test]
-    fn decimal_writes_every_width() {
+    fn digits_write_every_width() {
         let mut buf = [0u8; 20];
-        for n in [0, 7, 10, 99, 100, 65_535, u64::MAX] {
-            assert_eq!(decimal(n, &mut buf), n.to_string());
+        for n in [0, 7, 10, 99, 100, 255, 65_535, u64::MAX] {
+            assert_eq!(digits(n, 10, &mut buf), n.to_string());
+            assert_eq!(digits(n, 16, &mut buf), format!("{n:x}"));
         }
     }
 

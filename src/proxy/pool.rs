@@ -242,15 +242,13 @@ pub async fn exchange(
     request: &mut Option<Request<RequestBody>>,
     forwarded: Option<&Forwarded>,
 ) -> Option<Result<Response<PooledBody>, ExchangeError>> {
-    Some(
-        match client::exchange(&mut conn, request, forwarded).await? {
-            Ok(head) => Ok(head.map(|()| PooledBody {
-                conn: Some(conn),
-                pool,
-            })),
-            Err(e) => Err(e),
-        },
-    )
+    let head = client::exchange(&mut conn, request, forwarded).await?;
+    Some(head.map(|head| {
+        head.map(|()| PooledBody {
+            conn: Some(conn),
+            pool,
+        })
+    }))
 }
 
 /// The upstream's response body, carrying the connection: polling the body reads it, and

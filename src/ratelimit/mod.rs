@@ -531,7 +531,7 @@ fn insert(map: &mut HeaderMap, name: &HeaderName, value: &str) {
 
 fn push_decimal(out: &mut String, n: u64) {
     let mut buf = [0u8; 20];
-    out.push_str(crate::proxy::headers::decimal(n, &mut buf));
+    out.push_str(crate::proxy::headers::digits(n, 10, &mut buf));
 }
 
 fn ceil_secs(d: Duration) -> u64 {
