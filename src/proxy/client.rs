@@ -152,9 +152,11 @@ impl Conn {
         }
     }
 
-    /// The last exchange ended cleanly and the upstream did not ask to close.
+    /// The last exchange ended cleanly and the upstream did not ask to close. Facts about
+    /// the wire, not about what was queued: every request byte written, the response read
+    /// to its end, nothing after it (see `body_ended`).
     pub fn reusable(&self) -> bool {
-        self.keep_alive && self.incoming == Incoming::Done && self.sending.is_none()
+        self.keep_alive && self.incoming == Incoming::Done && !self.still_sending()
     }
 
     /// Whether an idle connection can take a request now: still open, and silent (an idle
@@ -519,10 +521,14 @@ impl Conn {
         Ok(Head::Final(response))
     }
 
-    /// The body was read to its end; bytes beyond it mean the upstream is out of step.
+    /// The body was read to its end; bytes beyond it mean the upstream is out of step. A
+    /// response that ended before its request was all written (an early 401/413) leaves the
+    /// upstream expecting the rest of the body: whatever is sent next on this connection
+    /// would be read as that body, or the body's bytes as a request. Such a connection is
+    /// closed, never pooled, as nginx, Envoy and HAProxy do.
     fn body_ended(&mut self) {
         self.incoming = Incoming::Done;
-        if self.filled > 0 {
+        if self.filled > 0 || self.still_sending() {
             self.keep_alive = false;
         }
     }

@@ -63,21 +63,40 @@ impl Drop for Scripted {
     }
 }
 
+/// When the scripted upstream reads a request's body.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Bodies {
+    /// Before answering.
+    First,
+    /// Never: the answer goes out as soon as the head is in.
+    Never,
+    /// After answering (as soon as the head is in), as Node does for an early 401/404/413
+    /// on a connection it keeps: the body is then read and dropped, so the next request is
+    /// found where the body ends. The socket's receive buffer is small, so a large body
+    /// stays mostly on the proxy's side until the answer is out.
+    AfterAnswer,
+}
+
 impl Scripted {
     async fn start(script: Vec<Vec<Act>>) -> Scripted {
-        Scripted::start_with(script, true).await
+        Scripted::start_with(script, Bodies::First).await
     }
 
     /// Answers as soon as a request head is in, without reading the body.
     async fn start_after_head(script: Vec<Vec<Act>>) -> Scripted {
-        Scripted::start_with(script, false).await
+        Scripted::start_with(script, Bodies::Never).await
     }
 
-    async fn start_with(script: Vec<Vec<Act>>, read_bodies: bool) -> Scripted {
+    async fn start_with(script: Vec<Vec<Act>>, bodies: Bodies) -> Scripted {
         assert!(!script.is_empty(), "a script answers at least one request");
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        if bodies == Bodies::AfterAnswer {
+            socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        }
+        socket
+            .bind("127.0.0.1:0".parse().expect("addr"))
             .expect("bind scripted upstream");
+        let listener = socket.listen(64).expect("listen");
         let addr = listener.local_addr().expect("local addr");
         let accepted = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -93,7 +112,7 @@ impl Scripted {
                 acc.fetch_add(1, Ordering::SeqCst);
                 while conns.try_join_next().is_some() {}
                 let (script, reqs, wr) = (script.clone(), reqs.clone(), wr.clone());
-                conns.spawn(serve(s, script, reqs, wr, read_bodies));
+                conns.spawn(serve(s, script, reqs, wr, bodies));
             }
         });
         Scripted {
@@ -123,16 +142,18 @@ async fn serve(
     script: Arc<Vec<Vec<Act>>>,
     requests: Arc<Mutex<Vec<Vec<u8>>>>,
     writes: Arc<Mutex<Vec<Instant>>>,
-    read_bodies: bool,
+    bodies: Bodies,
 ) {
     let _ = s.set_nodelay(true);
     let mut buf = Vec::new();
-    while let Some(req) = read_request(&mut s, &mut buf, read_bodies).await {
+    while let Some(req) = read_request(&mut s, &mut buf, bodies == Bodies::First).await {
         let i = {
             let mut r = requests.lock().expect("requests lock");
             r.push(req);
             r.len() - 1
         };
+        let head =
+            String::from_utf8_lossy(&requests.lock().expect("requests lock")[i]).into_owned();
         for act in &script[i.min(script.len() - 1)] {
             match act {
                 Act::Send(b) => {
@@ -161,6 +182,13 @@ async fn serve(
                     return;
                 }
             }
+        }
+        if bodies == Bodies::AfterAnswer {
+            let Some(end) = read_body(&mut s, &mut buf, &head, 0).await else {
+                return;
+            };
+            let body: Vec<u8> = buf.drain(..end).collect();
+            requests.lock().expect("requests lock")[i].extend_from_slice(&body);
         }
     }
 }
@@ -212,6 +240,22 @@ async fn read_len(s: &mut TcpStream, buf: &mut Vec<u8>, n: usize) -> Option<()> 
 async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>, with_body: bool) -> Option<Vec<u8>> {
     let head_end = read_to(s, buf, b"\r\n\r\n", 0).await? + 4;
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let end = if with_body {
+        read_body(s, buf, &head, head_end).await?
+    } else {
+        head_end
+    };
+    Some(buf.drain(..end).collect())
+}
+
+/// Reads the body of a request whose `head` was seen, starting at `buf[start..]`, as framed
+/// by its Content-Length or chunked encoding; where it ends in `buf`.
+async fn read_body(
+    s: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    head: &str,
+    start: usize,
+) -> Option<usize> {
     let chunked = header_values(&head, "transfer-encoding")
         .iter()
         .any(|v| v.to_ascii_lowercase().contains("chunked"));
@@ -219,8 +263,8 @@ async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>, with_body: bool) -> 
         .first()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let mut end = head_end;
-    if with_body && chunked {
+    let mut end = start;
+    if chunked {
         loop {
             let line_end = read_to(s, buf, b"\r\n", end).await?;
             let line = String::from_utf8_lossy(&buf[end..line_end]).into_owned();
@@ -242,11 +286,11 @@ async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>, with_body: bool) -> 
             read_len(s, buf, end + size + 2).await?;
             end += size + 2;
         }
-    } else if with_body {
-        read_len(s, buf, head_end + length).await?;
-        end = head_end + length;
+    } else {
+        read_len(s, buf, start + length).await?;
+        end = start + length;
     }
-    Some(buf.drain(..end).collect())
+    Some(end)
 }
 
 /// The values of header `name` (any case) in a head, trimmed.
@@ -947,6 +991,213 @@ async fn early_response_leaves_nothing_open_once_the_client_left() {
         Some(true),
         "the proxy could not drain: the exchange is still open"
     );
+}
+
+// === 9b. an early answer never leaves half a request on a pooled connection ===
+//
+// Request smuggling through our own pool: an upstream that answers before it read the body
+// (Node does for 401/404/413) and keeps the connection reads the rest of the body later. A
+// connection handed to the next request while part of the body is still unsent makes the
+// upstream take that request's bytes as the body (the victim hangs), or take an attacker's
+// body as a request. A connection whose answer ended before its request did is never
+// pooled (nginx, Envoy and HAProxy close it).
+
+/// How the first client's body reaches the proxy.
+#[derive(Clone, Copy, Debug)]
+enum Upload {
+    /// HTTP/1.1 chunked: buffered by the proxy up to the route's limit.
+    Chunked,
+    /// HTTP/2 without content-length: buffered as well.
+    H2NoLength,
+    /// A declared length within `retry.max_body`: kept for retries.
+    SmallDeclared,
+    /// A declared length above `retry.max_body`: streamed.
+    StreamedDeclared,
+}
+
+const BIG_UPLOAD: usize = 8 * 1024 * 1024;
+
+/// A request body of `left` bytes in 64 KiB frames with no exact size hint (so an HTTP/2
+/// client sends no content-length).
+struct Frames {
+    left: usize,
+}
+
+impl http_body::Body for Frames {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.left.min(64 * 1024);
+        self.left -= n;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from(
+            vec![b'a'; n],
+        )))))
+    }
+}
+
+/// Sends a POST /upload of the given kind through the proxy at `addr` and returns what the
+/// client got (status and body), within 20 s.
+async fn upload(addr: SocketAddr, kind: Upload) -> (u16, Vec<u8>) {
+    if let Upload::H2NoLength = kind {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(true)
+                .build_http::<Frames>();
+        let req = Request::post(format!("http://{addr}/upload"))
+            .body(Frames { left: BIG_UPLOAD })
+            .expect("request");
+        let resp = tokio::time::timeout(Duration::from_secs(20), async {
+            let resp = client.request(req).await.expect("h2 response");
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            (status, body.to_vec())
+        })
+        .await
+        .expect("the upload was answered within 20 s");
+        return resp;
+    }
+    let (framing, len) = match kind {
+        Upload::Chunked => ("transfer-encoding: chunked".to_string(), BIG_UPLOAD),
+        Upload::SmallDeclared => ("content-length: 60000".to_string(), 60_000),
+        _ => (format!("content-length: {BIG_UPLOAD}"), BIG_UPLOAD),
+    };
+    let s = TcpStream::connect(addr).await.expect("connect to proxy");
+    let (mut rd, mut wr) = s.into_split();
+    let chunked = matches!(kind, Upload::Chunked);
+    let writer = tokio::spawn(async move {
+        let head = format!("POST /upload HTTP/1.1\r\nhost: a\r\n{framing}\r\n\r\n");
+        wr.write_all(head.as_bytes()).await?;
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(64 * 1024);
+            left -= n;
+            if chunked {
+                wr.write_all(format!("{n:x}\r\n").as_bytes()).await?;
+            }
+            wr.write_all(&vec![b'a'; n]).await?;
+            if chunked {
+                wr.write_all(b"\r\n").await?;
+            }
+        }
+        if chunked {
+            wr.write_all(b"0\r\n\r\n").await?;
+        }
+        // Keep the connection open: the answer comes back on it.
+        std::future::pending::<()>().await;
+        Ok::<_, std::io::Error>(())
+    });
+    let mut got = Vec::new();
+    let answered = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(b"nope") {
+            match rd.read(&mut buf).await {
+                Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+    })
+    .await;
+    writer.abort();
+    assert!(answered.is_ok(), "{kind:?}: no answer within 20 s");
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.as_bytes().to_vec())
+}
+
+/// The upstream answers the upload 401 at once and keeps the connection (reading the body
+/// afterwards); the next request through the same worker must reach it as a request of its
+/// own and be answered.
+async fn early_answer_then_next_request(kind: Upload) {
+    let up = Scripted::start_with(
+        vec![
+            vec![Act::bytes(
+                "HTTP/1.1 401 Unauthorized\r\ncontent-length: 4\r\n\r\nnope",
+            )],
+            ok(),
+        ],
+        Bodies::AfterAnswer,
+    )
+    .await;
+    let px = start(&one_route(
+        &up.url(),
+        "        timeouts: { first_byte: 3s }",
+        "",
+    ))
+    .await;
+    let addr = px.addr("main").expect("listener main");
+    let (status, body) = upload(addr, kind).await;
+    assert_eq!((status, &body[..]), (401, &b"nope"[..]), "{kind:?}");
+    let started = Instant::now();
+    let victim = Request::get(format!("http://{addr}/victim"))
+        .header("cookie", "session=victim")
+        .body(Full::new(bytes::Bytes::new()))
+        .expect("request");
+    let (resp, body) = send(&http1(), victim).await;
+    assert_eq!(
+        (
+            resp.status().as_u16(),
+            String::from_utf8_lossy(&body).as_ref()
+        ),
+        (200, "ok"),
+        "{kind:?}: the next request was swallowed (after {:?})",
+        started.elapsed()
+    );
+    let requests = up.requests();
+    let heads: Vec<String> = requests
+        .iter()
+        .map(|r| {
+            let (head, _) = split(r);
+            head.lines().next().unwrap_or("").to_string()
+        })
+        .collect();
+    assert_eq!(
+        heads
+            .iter()
+            .filter(|h| h.starts_with("GET /victim "))
+            .count(),
+        1,
+        "{kind:?}: the upstream read {heads:?}"
+    );
+    for r in &requests {
+        let (head, body) = split(r);
+        assert!(
+            head.starts_with("POST /upload ") || head.starts_with("GET /victim "),
+            "{kind:?}: the upstream parsed a request nobody sent: {head}"
+        );
+        assert!(
+            find(&body, b"GET /victim", 0).is_none(),
+            "{kind:?}: the next request went out as the upload's body"
+        );
+    }
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn early_answer_to_a_chunked_upload_leaves_nothing_for_the_next_request() {
+    early_answer_then_next_request(Upload::Chunked).await;
+}
+
+#[tokio::test]
+async fn early_answer_to_an_h2_upload_without_length_leaves_nothing_for_the_next_request() {
+    early_answer_then_next_request(Upload::H2NoLength).await;
+}
+
+#[tokio::test]
+async fn early_answer_to_a_small_declared_upload_leaves_nothing_for_the_next_request() {
+    early_answer_then_next_request(Upload::SmallDeclared).await;
+}
+
+#[tokio::test]
+async fn early_answer_to_a_streamed_upload_leaves_nothing_for_the_next_request() {
+    early_answer_then_next_request(Upload::StreamedDeclared).await;
 }
 
 // === 10. streaming ===
