@@ -13,7 +13,7 @@ use http::Request;
 use http_body_util::{BodyExt, Full};
 use rampart::app::Running;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::support::*;
@@ -256,10 +256,10 @@ async fn read_body(
     head: &str,
     start: usize,
 ) -> Option<usize> {
-    let chunked = header_values(&head, "transfer-encoding")
+    let chunked = header_values(head, "transfer-encoding")
         .iter()
         .any(|v| v.to_ascii_lowercase().contains("chunked"));
-    let length: usize = header_values(&head, "content-length")
+    let length: usize = header_values(head, "content-length")
         .first()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
