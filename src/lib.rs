@@ -9,6 +9,8 @@ pub mod breaker;
 pub mod config;
 pub mod demo;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod health;
 pub mod jitter;
 pub mod metrics;

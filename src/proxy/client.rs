@@ -745,7 +745,7 @@ fn last_token(value: &[u8]) -> &[u8] {
 }
 
 /// A chunk-size line: hex digits, optional whitespace, optional `;extensions`.
-fn parse_chunk_size(line: &[u8]) -> Option<u64> {
+pub(crate) fn parse_chunk_size(line: &[u8]) -> Option<u64> {
     let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
     if digits == 0 || digits > 16 {
         return None;

@@ -5,6 +5,7 @@ mod support;
 mod cli;
 mod config;
 mod drain;
+mod fuzz_corpus;
 mod h2;
 mod health;
 mod metrics;
