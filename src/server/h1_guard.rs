@@ -37,6 +37,18 @@ const STACK_HEADERS: usize = 100;
 /// hear about.
 const STASH_SLACK: usize = 64 * 1024;
 
+/// The most request headers hyper is ever told to accept, whatever the configuration says.
+/// hyper reserves a slot per allowed header (about 48 bytes) on every head it parses once
+/// the limit is above its default of 100, so an unbounded value is an allocation the size
+/// of the configuration on the request path (4294967295 asked for 137 GB and aborted).
+pub const MAX_HEADERS_CEILING: usize = 10_000;
+
+/// The header count limit hyper and the guard both apply: the configured one, within
+/// 1..=[`MAX_HEADERS_CEILING`].
+pub fn max_headers(configured: usize) -> usize {
+    configured.clamp(1, MAX_HEADERS_CEILING)
+}
+
 /// Wraps `inner` and returns the handle the service pops verdicts from.
 pub fn wrap<S>(inner: S, max_head_bytes: usize, max_headers: usize) -> (H1Guard<S>, Verdicts) {
     let tracker = Arc::new(Mutex::new(Tracker::new(max_head_bytes, max_headers)));
@@ -238,7 +250,9 @@ impl Tracker {
             buf = match self.state {
                 State::Stopped => return,
                 State::Paused => {
-                    if self.partial.len() + buf.len() > self.max_head + STASH_SLACK {
+                    if self.partial.len().saturating_add(buf.len())
+                        > self.max_head.saturating_add(STASH_SLACK)
+                    {
                         tracing::debug!("h1 guard: stash over its bound, no longer tracking");
                         self.stop();
                     } else {
@@ -313,8 +327,11 @@ impl Tracker {
             };
         }
         let old = self.partial.len();
-        // One byte over the bound is enough to know hyper refuses the head.
-        let take = buf.len().min((self.max_head + 1).saturating_sub(old));
+        // One byte over the bound is enough to know hyper refuses the head. Saturating: the
+        // bound may be usize::MAX, and a wrapped 0 would take nothing, forever.
+        let take = buf
+            .len()
+            .min(self.max_head.saturating_add(1).saturating_sub(old));
         self.partial.extend_from_slice(&buf[..take]);
         // As hyper does: only parse again once an empty line may have arrived.
         let from = self.scanned.saturating_sub(3);
@@ -440,10 +457,16 @@ fn hex(b: u8) -> Option<u8> {
 /// `Err`: hyper would refuse it too.
 fn inspect(buf: &[u8], max_headers: usize) -> Result<Option<Head>, ()> {
     let mut stack = [MaybeUninit::<httparse::Header<'_>>::uninit(); STACK_HEADERS];
-    match inspect_with(buf, &mut stack) {
+    let on_stack = max_headers.min(STACK_HEADERS);
+    match inspect_with(buf, &mut stack[..on_stack]) {
         Err(httparse::Error::TooManyHeaders) if max_headers > STACK_HEADERS => {
-            // Rare: more headers than hyper's default, but within the configured limit.
-            let mut heap = vec![MaybeUninit::<httparse::Header<'_>>::uninit(); max_headers];
+            // Rare: more headers than hyper's default, but maybe within the configured
+            // limit. Sized by the bytes at hand, never by the configuration: every header
+            // ends a line, and httparse takes one slot for a header it has not seen the
+            // end of, so the line count plus one is all the room the head can use.
+            let lines = buf.iter().filter(|&&b| b == b'\n').count();
+            let slots = max_headers.min(lines.saturating_add(1));
+            let mut heap = vec![MaybeUninit::<httparse::Header<'_>>::uninit(); slots];
             inspect_with(buf, &mut heap).map_err(|_| ())
         }
         r => r.map_err(|_| ()),
@@ -757,6 +780,47 @@ mod tests {
         let old = b"GET / HTTP/1.0\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n";
         let (t, _) = run(&[old]);
         assert_eq!(t.state, State::Head);
+    }
+
+    #[test]
+    fn a_head_limit_of_usize_max_does_not_wrap() {
+        // `max_head + 1` once wrapped to 0 here: nothing of the second read was taken and
+        // the loop never ended.
+        let mut t = Tracker::new(usize::MAX, 100);
+        t.feed(b"GET / HTTP/1.1\r\nhost: a\r\n");
+        t.feed(b"x: 1\r\n\r\n");
+        assert_eq!(drain(&mut t), [V_OK]);
+        assert_eq!(t.state, State::Head);
+        // A paused stash under the same limit.
+        let up = b"GET /ws HTTP/1.1\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
+        t.feed(up);
+        t.feed(GET);
+        assert_eq!(t.next_verdict(), V_OK);
+        assert_eq!(t.next_verdict(), V_OK);
+    }
+
+    #[test]
+    fn a_header_count_limit_never_sizes_an_allocation() {
+        // `vec![..; max_headers]` once asked for usize::MAX headers here.
+        for max in [usize::MAX, 4_294_967_295, 101] {
+            let mut req = b"POST / HTTP/1.1\r\n".to_vec();
+            for i in 0..150 {
+                req.extend_from_slice(format!("x-{i}: v\r\n").as_bytes());
+            }
+            req.extend_from_slice(
+                b"content-length: 1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+            );
+            let mut t = Tracker::new(64 * 1024, max);
+            t.feed(&req);
+            if max > 152 {
+                assert_eq!(drain(&mut t), [V_BOTH], "max {max}");
+                assert_eq!(t.state, State::Head);
+            } else {
+                // Over the limit: hyper refuses the head, the guard stops.
+                assert!(drain(&mut t).is_empty());
+                assert_eq!(t.state, State::Stopped);
+            }
+        }
     }
 
     #[tokio::test]

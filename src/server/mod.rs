@@ -101,7 +101,7 @@ pub fn builder(cfg: &ListenerConfig) -> auto::Builder<TokioExecutor> {
         // for the small answers most requests get.
         .writev(false)
         .max_buf_size(cfg.max_header_bytes)
-        .max_headers(cfg.max_headers);
+        .max_headers(h1_guard::max_headers(cfg.max_headers));
     b.http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(cfg.http2.max_concurrent_streams)
@@ -147,7 +147,7 @@ impl Server {
                 in_flight,
             }),
             max_header_bytes: config.max_header_bytes,
-            max_headers: config.max_headers,
+            max_headers: h1_guard::max_headers(config.max_headers),
             first_request_wait: config.header_read_timeout.min(FIRST_REQUEST_WAIT),
             open: open.clone(),
             health_path: config.health_path.as_deref().map(Arc::from),
