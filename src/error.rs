@@ -30,6 +30,12 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("no route matches this request")]
     NoRoute,
+    /// CONNECT: rampart is a reverse proxy, not a tunnel to anywhere.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// A transfer coding rampart does not implement (RFC 9112 6.1: 501).
+    #[error("{0}")]
+    NotImplemented(&'static str),
     #[error("the client was too slow sending the request body")]
     RequestTimeout,
     #[error("request body is larger than the limit of {limit} bytes")]
@@ -62,6 +68,8 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
@@ -91,6 +99,8 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => "BAD_REQUEST",
             ProxyError::NoRoute => "NO_ROUTE",
+            ProxyError::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            ProxyError::NotImplemented(_) => "NOT_IMPLEMENTED",
             ProxyError::RequestTimeout => "REQUEST_TIMEOUT",
             ProxyError::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
             ProxyError::UpstreamUnavailable { .. } => "UPSTREAM_UNAVAILABLE",
@@ -108,6 +118,8 @@ impl ProxyError {
         matches!(
             self,
             ProxyError::BadRequest(_)
+                | ProxyError::MethodNotAllowed
+                | ProxyError::NotImplemented(_)
                 | ProxyError::RequestTimeout
                 | ProxyError::PayloadTooLarge { .. }
                 | ProxyError::ShuttingDown
@@ -141,6 +153,13 @@ impl ProxyError {
         if self.closes_connection() {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        if let ProxyError::MethodNotAllowed = self {
+            // RFC 9110 15.5.6: a 405 names the methods that are.
+            h.insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            );
+        }
         if let Some(secs) = self.retry_after_secs() {
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
@@ -173,6 +192,8 @@ mod tests {
         vec![
             ProxyError::BadRequest("x"),
             ProxyError::NoRoute,
+            ProxyError::MethodNotAllowed,
+            ProxyError::NotImplemented("x"),
             ProxyError::RequestTimeout,
             ProxyError::PayloadTooLarge { limit: 1 },
             ProxyError::UpstreamUnavailable {
@@ -200,6 +221,8 @@ mod tests {
         let expected = [
             (400, "BAD_REQUEST"),
             (404, "NO_ROUTE"),
+            (405, "METHOD_NOT_ALLOWED"),
+            (501, "NOT_IMPLEMENTED"),
             (408, "REQUEST_TIMEOUT"),
             (413, "PAYLOAD_TOO_LARGE"),
             (502, "UPSTREAM_UNAVAILABLE"),
@@ -215,6 +238,20 @@ mod tests {
             assert_eq!(err.code(), code);
             assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
         }
+    }
+
+    #[test]
+    fn method_not_allowed_names_the_allowed_methods_and_closes() {
+        let resp = ProxyError::MethodNotAllowed.to_response("r");
+        assert!(
+            resp.headers()[header::ALLOW]
+                .to_str()
+                .unwrap()
+                .contains("GET")
+        );
+        assert_eq!(resp.headers()[header::CONNECTION], "close");
+        let resp = ProxyError::NotImplemented("x").to_response("r");
+        assert_eq!(resp.headers()[header::CONNECTION], "close");
     }
 
     #[test]

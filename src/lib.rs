@@ -14,6 +14,7 @@ pub mod fuzz;
 pub mod health;
 pub mod jitter;
 pub mod metrics;
+pub mod path;
 pub mod proxy;
 pub mod ratelimit;
 pub mod redis;

@@ -551,7 +551,51 @@ pub struct ListenerConfig {
     /// Also answers the `/health` JSON at this path, before routing (for load balancers that
     /// only see traffic ports); 503 while draining too. None by default.
     pub health_path: Option<String>,
+    /// `normalize_path`, `merge_slashes`, `escaped_slashes`.
+    pub path: PathConfig,
     pub routes: Vec<RouteConfig>,
+}
+
+/// How a listener reads request paths before matching routes (proxy/path.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathConfig {
+    /// Default `Match`.
+    pub normalize: NormalizePath,
+    /// Empty segments dropped (`//a` is `/a`). Default true.
+    pub merge_slashes: bool,
+    /// Default `Reject`.
+    pub escaped_slashes: EscapedSlashes,
+}
+
+impl Default for PathConfig {
+    fn default() -> Self {
+        PathConfig {
+            normalize: NormalizePath::Match,
+            merge_slashes: true,
+            escaped_slashes: EscapedSlashes::Reject,
+        }
+    }
+}
+
+/// `normalize_path`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormalizePath {
+    /// Routes match the path as received.
+    Off,
+    /// Routes match the normalised path; the upstream gets the path as received.
+    Match,
+    /// Routes match the normalised path, and the upstream gets it too.
+    Forward,
+}
+
+/// `escaped_slashes`: what an encoded `/` or `\` (`%2F`, `%5C`) in a path gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EscapedSlashes {
+    /// 400: an upstream that decodes it before routing would see other segments than the
+    /// ones rampart matched.
+    Reject,
+    /// Kept encoded, part of the segment it is in.
+    Keep,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -575,6 +619,9 @@ pub struct RouteConfig {
     pub host: Option<String>,
     /// `match.methods`; None = any.
     pub methods: Option<Vec<Method>>,
+    /// `match.case_insensitive`: the path prefix compared ignoring ASCII case (for
+    /// upstreams that route that way, as Express does). Default false.
+    pub case_insensitive: bool,
     /// Name of an entry in `upstreams`.
     pub upstream: String,
     pub timeouts: RouteTimeouts,

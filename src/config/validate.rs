@@ -19,10 +19,11 @@ use http::{Method, Uri};
 use super::raw::{self, Entry, Kind, Node, Pos, child_path, item_path};
 use super::{
     AdminConfig, AlertRule, AlertsConfig, BreakerConfig, Cidr, Comparison, Config, ConfigError,
-    DrainConfig, DrainMode, EjectionConfig, FailureRate, Http2Config, KeySource, ListenerConfig,
-    LoadBalancing, LogFormat, LoggingConfig, PoolConfig, Problem, RateLimitConfig, RateLimitKey,
-    RateLimitStore, RedisConfig, RedisTarget, Resilience, RetryConfig, RetryOn, RouteConfig,
-    RouteTimeouts, Severity, Signal, SignalUnit, SinkConfig, SinkKind, UpstreamConfig,
+    DrainConfig, DrainMode, EjectionConfig, EscapedSlashes, FailureRate, Http2Config, KeySource,
+    ListenerConfig, LoadBalancing, LogFormat, LoggingConfig, NormalizePath, PathConfig, PoolConfig,
+    Problem, RateLimitConfig, RateLimitKey, RateLimitStore, RedisConfig, RedisTarget, Resilience,
+    RetryConfig, RetryOn, RouteConfig, RouteTimeouts, Severity, Signal, SignalUnit, SinkConfig,
+    SinkKind, UpstreamConfig,
 };
 
 // === defaults (documented on the types in mod.rs and in docs/configuration.md) ===
@@ -437,6 +438,7 @@ fn listener<'a>(
         health_path: m.read(ctx, "health_path", |ctx, f| {
             ctx.parse_with(f, "a path", parse_path_prefix)
         }),
+        path: path_config(ctx, &mut m),
         routes: m
             .required(ctx, "routes")
             .map(|f| routes(ctx, &f, &name, known))
@@ -453,6 +455,39 @@ fn listener<'a>(
         origin: format!("line {}", f.pos().line),
     });
     (config, name_field, bind)
+}
+
+/// The listener's `normalize_path`, `merge_slashes` and `escaped_slashes`.
+fn path_config(ctx: &mut Ctx, m: &mut MapReader) -> PathConfig {
+    let default = PathConfig::default();
+    PathConfig {
+        normalize: m
+            .read(ctx, "normalize_path", |ctx, f| {
+                ctx.one_of(
+                    f,
+                    &[
+                        ("match", NormalizePath::Match),
+                        ("forward", NormalizePath::Forward),
+                        ("off", NormalizePath::Off),
+                    ],
+                )
+            })
+            .unwrap_or(default.normalize),
+        merge_slashes: m
+            .read(ctx, "merge_slashes", Ctx::boolean)
+            .unwrap_or(default.merge_slashes),
+        escaped_slashes: m
+            .read(ctx, "escaped_slashes", |ctx, f| {
+                ctx.one_of(
+                    f,
+                    &[
+                        ("reject", EscapedSlashes::Reject),
+                        ("keep", EscapedSlashes::Keep),
+                    ],
+                )
+            })
+            .unwrap_or(default.escaped_slashes),
+    }
 }
 
 fn http2(ctx: &mut Ctx, f: Option<Field>) -> Http2Config {
@@ -512,7 +547,7 @@ fn route<'a>(
         .as_ref()
         .and_then(|f| ctx.route_name(f))
         .unwrap_or_else(|| format!("{listener}.{index}"));
-    let (path_prefix, host, methods) = route_match(ctx, m.optional("match"));
+    let (path_prefix, host, methods, case_insensitive) = route_match(ctx, m.optional("match"));
     let upstream = m
         .required(ctx, "upstream")
         .and_then(|f| ctx.upstream_ref(&f, upstreams));
@@ -525,6 +560,7 @@ fn route<'a>(
         path_prefix,
         host,
         methods,
+        case_insensitive,
         upstream: upstream.unwrap_or_default(),
         timeouts: route_timeouts(ctx, m.optional("timeouts"), connect_default),
         max_body_bytes: m
@@ -540,7 +576,10 @@ fn route<'a>(
     (config, name_field.unwrap_or(whole))
 }
 
-fn route_match(ctx: &mut Ctx, f: Option<Field>) -> (String, Option<String>, Option<Vec<Method>>) {
+/// `match`: path prefix, host, methods, case_insensitive.
+type RouteMatch = (String, Option<String>, Option<Vec<Method>>, bool);
+
+fn route_match(ctx: &mut Ctx, f: Option<Field>) -> RouteMatch {
     let mut m = MapReader::open(ctx, f);
     let path_prefix = m
         .read(ctx, "path_prefix", |ctx, f| {
@@ -551,8 +590,11 @@ fn route_match(ctx: &mut Ctx, f: Option<Field>) -> (String, Option<String>, Opti
         ctx.parse_with(f, "a host", parse_host)
     });
     let methods = m.read(ctx, "methods", Ctx::methods);
+    let case_insensitive = m
+        .read(ctx, "case_insensitive", Ctx::boolean)
+        .unwrap_or(false);
     m.finish(ctx);
-    (path_prefix, host, methods)
+    (path_prefix, host, methods, case_insensitive)
 }
 
 fn route_timeouts(ctx: &mut Ctx, f: Option<Field>, connect_default: Duration) -> RouteTimeouts {
@@ -1779,7 +1821,22 @@ fn parse_path_prefix(s: &str) -> Result<String, String> {
             "must be a plain path without query, fragment or spaces, got \"{s}\""
         ));
     }
-    Ok(s.to_owned())
+    // Requests are matched in normal form (crate::path): a prefix in another form would
+    // never match, or match other paths than it says.
+    let opts = crate::path::Options {
+        merge_slashes: true,
+        reject_escaped_slashes: false,
+        cut_params: true,
+    };
+    match crate::path::normalize(s, opts) {
+        Ok(n) if n == s => Ok(s.to_owned()),
+        Ok(n) => Err(format!(
+            "must be a normalised path (no \".\" or \"..\" segments, \"//\", \";\" parameters, \
+             or percent-encoded letters, digits or \"-._~\"; upper-case hex), \
+             here \"{n}\", got \"{s}\""
+        )),
+        Err(e) => Err(format!("{}, got \"{s}\"", e.message())),
+    }
 }
 
 /// Stored lowercased and without a port: the router compares it with the request's host.
@@ -2106,11 +2163,13 @@ mod tests {
                 max_in_flight: None,
                 drain: DrainMode::Inbound,
                 health_path: None,
+                path: PathConfig::default(),
                 routes: vec![RouteConfig {
                     name: "inbound.0".into(),
                     path_prefix: "/".into(),
                     host: None,
                     methods: None,
+                    case_insensitive: false,
                     upstream: "backend".into(),
                     timeouts: RouteTimeouts {
                         connect: secs(5),
@@ -2247,12 +2306,14 @@ mod tests {
                 max_in_flight: None,
                 drain: DrainMode::Egress,
                 health_path: None,
+                path: PathConfig::default(),
                 routes: vec![
                     RouteConfig {
                         name: "chat".into(),
                         path_prefix: "/api/chat".into(),
                         host: Some("api.example.com".into()),
                         methods: Some(vec![Method::GET, Method::POST]),
+                        case_insensitive: false,
                         upstream: "fastgpt".into(),
                         timeouts: RouteTimeouts {
                             connect: secs(1),
@@ -2268,6 +2329,7 @@ mod tests {
                         path_prefix: "/".into(),
                         host: None,
                         methods: None,
+                        case_insensitive: false,
                         upstream: "backend".into(),
                         timeouts: RouteTimeouts {
                             // Inherited from the upstream.
@@ -2442,7 +2504,7 @@ mod tests {
             3,
             5,
             "listeners[0].listn",
-            "unknown key \"listn\", did you mean \"listen\"? (known keys: name, listen, max_connections, header_read_timeout, max_header_bytes, max_headers, http2, max_in_flight, drain, health_path, routes)",
+            "unknown key \"listn\", did you mean \"listen\"? (known keys: name, listen, max_connections, header_read_timeout, max_header_bytes, max_headers, http2, max_in_flight, drain, health_path, normalize_path, merge_slashes, escaped_slashes, routes)",
         );
     }
 
@@ -2639,6 +2701,80 @@ mod tests {
             "listeners[0].drain",
             "expected one of inbound, egress, got \"outbound\"",
         );
+    }
+
+    #[test]
+    fn listener_path_options() {
+        let c = parse_str(
+            &MINIMAL.replace(
+                "routes:",
+                "normalize_path: forward\n            merge_slashes: false\n            \
+                 escaped_slashes: keep\n            routes:",
+            ),
+            "proxy.yaml",
+            &|_| None,
+        )
+        .unwrap();
+        let want = PathConfig {
+            normalize: NormalizePath::Forward,
+            merge_slashes: false,
+            escaped_slashes: EscapedSlashes::Keep,
+        };
+        assert_eq!(c.listeners[0].path, want);
+        let p = problems(&MINIMAL.replace(
+            "routes:",
+            "normalize_path: true\n            escaped_slashes: decode\n            routes:",
+        ));
+        assert_eq!(p.len(), 2, "{p:#?}");
+        check(
+            &p[0],
+            4,
+            21,
+            "listeners[0].normalize_path",
+            "expected one of match, forward, off, got \"true\"",
+        );
+        check(
+            &p[1],
+            5,
+            22,
+            "listeners[0].escaped_slashes",
+            "expected one of reject, keep, got \"decode\"",
+        );
+    }
+
+    #[test]
+    fn path_prefixes_are_in_normal_form() {
+        for (prefix, message) in [
+            ("/a//b", "here \"/a/b\", got \"/a//b\""),
+            ("/a/./b", "here \"/a/b\""),
+            ("/a/../b", "here \"/b\""),
+            ("/a;v=1", "here \"/a\""),
+            ("/%61pi", "here \"/api\""),
+            ("/a%2fb", "here \"/a%2Fb\""),
+            ("/..", "path climbs above the root, got \"/..\""),
+            ("/a%zz", "invalid percent-encoding in the path"),
+        ] {
+            let text = MINIMAL.replace(
+                "- upstream: backend",
+                &format!(
+                    "- upstream: backend\n                match: {{path_prefix: \"{prefix}\"}}"
+                ),
+            );
+            only(
+                &text,
+                6,
+                30,
+                "listeners[0].routes[0].match.path_prefix",
+                message,
+            );
+        }
+        let text = MINIMAL.replace(
+            "- upstream: backend",
+            "- upstream: backend\n                match: {path_prefix: \"/A%2Fb/\", case_insensitive: true}",
+        );
+        let c = parse_str(&text, "proxy.yaml", &|_| None).unwrap();
+        assert_eq!(c.listeners[0].routes[0].path_prefix, "/A%2Fb/");
+        assert!(c.listeners[0].routes[0].case_insensitive);
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Header hygiene between client and upstream: hop-by-hop stripping (RFC 9110 7.6.1),
-//! request framing checks, the request id and the X-Forwarded-* family.
+//! request framing checks, the request checks before routing (Host, authority, transfer
+//! codings, CONNECT), the request id and the forwarding headers (X-Forwarded-*,
+//! `Forwarded`, `X-Real-IP`).
 
 use std::cell::RefCell;
 use std::net::IpAddr;
@@ -7,8 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Version};
 
 use crate::config::Cidr;
+use crate::error::ProxyError;
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -16,6 +20,7 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Removes hop-by-hop headers and every header named in `Connection`. With `keep_upgrade`,
 /// `Connection: upgrade` and `Upgrade` survive (a WebSocket handshake being forwarded).
@@ -115,10 +120,15 @@ pub fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
 pub struct Head {
     /// The first `Host` value.
     pub host: Option<HeaderValue>,
+    /// `Host` lines (at most 2 counted: more than one is an error either way).
+    hosts: u8,
     transfer_encoding: bool,
     content_length: bool,
     upgrade: bool,
-    /// X-Forwarded-For/-Proto/-Host or X-Request-Id came with the request.
+    /// Several `cookie` fields (HTTP/2 splits them; HTTP/1.1 wants one).
+    cookies: u8,
+    /// X-Forwarded-For/-Proto/-Host, Forwarded, X-Real-IP or X-Request-Id came with the
+    /// request.
     pub forwarding: bool,
 }
 
@@ -128,9 +138,11 @@ impl Head {
         let mut client_id = None;
         let mut head = Head {
             host: None,
+            hosts: 0,
             transfer_encoding: false,
             content_length: false,
             upgrade: false,
+            cookies: 0,
             forwarding: false,
         };
         for (name, value) in headers {
@@ -138,6 +150,9 @@ impl Head {
                 if head.host.is_none() {
                     head.host = Some(value.clone());
                 }
+                head.hosts = head.hosts.saturating_add(1).min(2);
+            } else if name == header::COOKIE {
+                head.cookies = head.cookies.saturating_add(1).min(2);
             } else if name == header::CONTENT_LENGTH {
                 head.content_length = true;
             } else if name == header::TRANSFER_ENCODING {
@@ -152,6 +167,8 @@ impl Head {
             } else if name == X_FORWARDED_FOR
                 || name == X_FORWARDED_PROTO
                 || name == X_FORWARDED_HOST
+                || name == header::FORWARDED
+                || name == X_REAL_IP
             {
                 head.forwarding = true;
             }
@@ -170,6 +187,140 @@ impl Head {
     /// `wants_upgrade`, skipped without an `Upgrade` header.
     pub fn wants_upgrade(&self, headers: &HeaderMap) -> bool {
         self.upgrade && wants_upgrade(headers)
+    }
+
+    /// What must hold of every request before it is routed, beyond what hyper and h2
+    /// check: no CONNECT (405); exactly one valid `Host` on HTTP/1.1, at most one (valid)
+    /// on any other version (RFC 9112 3.2: 400, as nginx answers); no userinfo in the
+    /// target or `:authority` (RFC 9110 4.2.4, RFC 9113 8.3.1: malformed); chunked as the
+    /// only transfer coding (RFC 9112 6.1: 501 for one rampart does not implement).
+    pub fn check<B>(&self, req: &Request<B>) -> Result<(), ProxyError> {
+        if req.method() == Method::CONNECT {
+            return Err(ProxyError::MethodNotAllowed);
+        }
+        match (self.hosts, &self.host) {
+            (0, _) if req.version() == Version::HTTP_11 => {
+                return Err(ProxyError::BadRequest("missing Host header"));
+            }
+            (2.., _) => return Err(ProxyError::BadRequest("more than one Host header")),
+            (_, Some(h)) if !valid_host(h.as_bytes()) => {
+                return Err(ProxyError::BadRequest("invalid Host header"));
+            }
+            _ => {}
+        }
+        if req
+            .uri()
+            .authority()
+            .is_some_and(|a| a.as_str().contains('@'))
+        {
+            return Err(ProxyError::BadRequest("userinfo in the request authority"));
+        }
+        if self.transfer_encoding {
+            check_transfer_coding(req.headers())?;
+        }
+        Ok(())
+    }
+
+    /// Whether the request carries more than one `cookie` field.
+    pub fn split_cookies(&self) -> bool {
+        self.cookies > 1
+    }
+}
+
+/// A `Host` value: `uri-host [":" port]` (RFC 9110 7.2), as nginx reads it: a reg-name
+/// (letters, digits, `-._~`, sub-delims but `,`, percent-encodings), an IPv4 address or an
+/// IP literal in brackets; a port of at most 5 digits; no empty name, no `..`.
+pub fn valid_host(v: &[u8]) -> bool {
+    let (host, port) = if v.first() == Some(&b'[') {
+        let Some(end) = v.iter().position(|&c| c == b']') else {
+            return false;
+        };
+        let inside = &v[1..end];
+        if inside.is_empty()
+            || !inside
+                .iter()
+                .all(|&c| c.is_ascii_hexdigit() || matches!(c, b':' | b'.'))
+        {
+            return false;
+        }
+        match &v[end + 1..] {
+            [] => (&v[..=end], None),
+            [b':', port @ ..] => (&v[..=end], Some(port)),
+            _ => return false,
+        }
+    } else {
+        match v.iter().position(|&c| c == b':') {
+            Some(at) => (&v[..at], Some(&v[at + 1..])),
+            None => (v, None),
+        }
+    };
+    let port_ok = port.is_none_or(|p| p.len() <= 5 && p.iter().all(u8::is_ascii_digit));
+    let name_ok = host.first() == Some(&b'[')
+        || (!host.is_empty()
+            && !host.starts_with(b".")
+            && !host.windows(2).any(|w| w == b"..")
+            && host.iter().all(|&c| {
+                c.is_ascii_alphanumeric()
+                    || matches!(
+                        c,
+                        b'-' | b'.'
+                            | b'_'
+                            | b'~'
+                            | b'%'
+                            | b'!'
+                            | b'$'
+                            | b'&'
+                            | b'\''
+                            | b'('
+                            | b')'
+                            | b'*'
+                            | b'+'
+                            | b';'
+                            | b'='
+                    )
+            }));
+    port_ok && name_ok
+}
+
+/// Every `Transfer-Encoding` element together must be exactly `chunked` (hyper already
+/// refused a request whose last coding is not chunked). Another coding before it: 501, as
+/// rampart would have to decode it to know the body; `chunked` twice: 400 (RFC 9112 7).
+fn check_transfer_coding(headers: &HeaderMap) -> Result<(), ProxyError> {
+    let mut chunked = 0;
+    for value in headers.get_all(header::TRANSFER_ENCODING) {
+        let Ok(text) = value.to_str() else {
+            return Err(ProxyError::BadRequest("invalid Transfer-Encoding"));
+        };
+        for coding in text.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            if coding.eq_ignore_ascii_case("chunked") {
+                chunked += 1;
+            } else {
+                return Err(ProxyError::NotImplemented(
+                    "transfer codings other than chunked are not implemented",
+                ));
+            }
+        }
+    }
+    if chunked == 1 {
+        Ok(())
+    } else {
+        Err(ProxyError::BadRequest("invalid Transfer-Encoding"))
+    }
+}
+
+/// HTTP/2 may split `cookie` into several fields; HTTP/1.1 allows one, so they are joined
+/// with `; ` before the request goes upstream (RFC 9113 8.2.3).
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut joined: Vec<u8> = Vec::new();
+    for v in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    // Made of header values and "; ": always a valid value.
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(joined)) {
+        headers.insert(header::COOKIE, v);
     }
 }
 
@@ -240,8 +391,8 @@ pub fn is_trusted(peer: IpAddr, trusted: &[Cidr]) -> bool {
 }
 
 /// Sets X-Forwarded-For/-Proto/-Host for the upstream. Incoming values are believed only
-/// from a trusted proxy; from anyone else they are replaced, so a client cannot forge its
-/// address.
+/// from a trusted proxy; from anyone else they are replaced, and `Forwarded` and
+/// `X-Real-IP` removed, so a client cannot forge its address.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     peer: IpAddr,
@@ -269,6 +420,12 @@ pub fn set_forwarded(
     }
     if !(trusted_peer && headers.contains_key(&X_FORWARDED_PROTO)) {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
+    if !trusted_peer {
+        // rampart writes X-Forwarded-*; what an untrusted client wrote in the other
+        // spellings of the same facts would be read by some upstream as the truth.
+        headers.remove(header::FORWARDED);
+        headers.remove(&X_REAL_IP);
     }
     if !(trusted_peer && headers.contains_key(&X_FORWARDED_HOST)) {
         match original_host {

@@ -93,6 +93,7 @@ impl Snapshot {
                 l.name.clone(),
                 ListenerRoutes {
                     routes,
+                    path: l.path,
                     max_in_flight: l.max_in_flight,
                     unrouted: metrics.route(&l.name, "", "", None),
                 },
@@ -110,6 +111,8 @@ impl Snapshot {
 
 pub struct ListenerRoutes {
     pub routes: Vec<Route>,
+    /// How request paths are read before matching (`normalize_path` and friends).
+    pub path: crate::config::PathConfig,
     pub max_in_flight: Option<usize>,
     /// For the requests no route takes (404, shed, refused framing).
     pub unrouted: Arc<RouteMetrics>,

@@ -4,6 +4,7 @@
 //! stream back. Each step is a call into its own module; this file only orders them. The
 //! cache slots in after the rate limit.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -171,7 +172,7 @@ enum Step<'a> {
 fn begin<'a>(
     env: &Env<'a>,
     listener: Option<&'a ListenerRoutes>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     tail: &mut Tail,
 ) -> Result<Step<'a>, ProxyError> {
     let ctx = env.ctx;
@@ -193,10 +194,26 @@ fn begin<'a>(
         .head
         .check_framing(req.headers())
         .map_err(ProxyError::BadRequest)?;
+    // Host, authority, transfer codings, CONNECT.
+    env.head.check(&req)?;
 
-    // Route.
+    // Route, on the path in the listener's normal form: no spelling of a path reaches
+    // another route (and its limits) than the path itself.
     let routes = listener.map(|l| l.routes.as_slice()).unwrap_or_default();
-    let route = route::find(routes, &req).ok_or(ProxyError::NoRoute)?;
+    let paths = listener.map(|l| l.path).unwrap_or_default();
+    let route = {
+        let path = route::match_path(req.uri().path(), &paths)
+            .map_err(|e| ProxyError::BadRequest(e.message()))?;
+        route::find(routes, &req, &path).ok_or(ProxyError::NoRoute)?
+    };
+    if let Some(forward) = route::forward_path(req.uri().path(), &paths) {
+        let forward = forward.map_err(|e| ProxyError::BadRequest(e.message()))?;
+        if let Cow::Owned(path) = forward {
+            let uri = with_path(req.uri(), &path)
+                .ok_or(ProxyError::BadRequest("invalid request target"))?;
+            *req.uri_mut() = uri;
+        }
+    }
     let upstream = &route.upstream;
     let mut obs = Observed::new(env.start, route.metrics.clone(), method_index(req.method()));
     obs.bytes_in = declared_len.unwrap_or(0);
@@ -219,6 +236,17 @@ fn begin<'a>(
     after_rate_limit(env, route, declared_len, req, tail)
 }
 
+/// `uri` with its path replaced by `path` (already a valid path), query kept.
+fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
+    let mut parts = uri.clone().into_parts();
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    parts.path_and_query = Some(pq.parse().ok()?);
+    Uri::from_parts(parts).ok()
+}
+
 /// The rate-limit step (a route with policies).
 async fn rate_limit(
     env: &Env<'_>,
@@ -229,7 +257,6 @@ async fn rate_limit(
     let verdict = ratelimit::check(
         &route.rate_limits,
         &route.name,
-        req.uri().path(),
         req.headers(),
         env.peer.ip(),
         &env.snapshot.trusted_proxies,
@@ -338,6 +365,9 @@ fn outgoing<'a>(
         Some(a) => HeaderValue::from_str(a.as_str()).ok(),
         None => env.head.host.clone(),
     };
+    if parts.version == Version::HTTP_2 && env.head.split_cookies() {
+        headers::join_cookies(&mut parts.headers);
+    }
     headers::strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
     let peer = env.peer.ip();
     let trusted = headers::is_trusted(peer, &env.snapshot.trusted_proxies);

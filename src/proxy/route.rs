@@ -1,13 +1,18 @@
 //! Route matching: listener + host + path prefix (+ methods) -> route. Routes are tried in
 //! the order they are written and the first match wins, as in Envoy, so the file reads
 //! top to bottom like the decision it describes.
+//!
+//! The path matched is the listener's normal form of the request's path (`crate::path`,
+//! [`match_path`]), so no spelling of a path reaches another route than the path itself.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use http::{Method, Request};
 
-use crate::config::{RouteConfig, RouteTimeouts};
+use crate::config::{EscapedSlashes, NormalizePath, PathConfig, RouteConfig, RouteTimeouts};
 use crate::metrics::http::RouteMetrics;
+use crate::path::{self, PathError};
 use crate::proxy::forward::Upstream;
 use crate::ratelimit::Policy;
 
@@ -16,6 +21,8 @@ pub struct Route {
     pub path_prefix: String,
     pub host: Option<String>,
     pub methods: Option<Vec<Method>>,
+    /// The prefix compared ignoring ASCII case.
+    pub case_insensitive: bool,
     pub upstream: Arc<Upstream>,
     pub timeouts: RouteTimeouts,
     pub max_body_bytes: u64,
@@ -37,6 +44,7 @@ impl Route {
             path_prefix: cfg.path_prefix.clone(),
             host: cfg.host.clone(),
             methods: cfg.methods.clone(),
+            case_insensitive: cfg.case_insensitive,
             upstream,
             timeouts: cfg.timeouts.clone(),
             max_body_bytes: cfg.max_body_bytes,
@@ -62,16 +70,50 @@ impl Route {
         {
             return false;
         }
-        path_matches(&self.path_prefix, path)
+        path_matches(&self.path_prefix, path, self.case_insensitive)
     }
 }
 
 /// "/api" matches "/api" and "/api/..." but not "/apix"; a prefix ending in "/" matches
-/// anything below it.
-pub fn path_matches(prefix: &str, path: &str) -> bool {
-    match path.strip_prefix(prefix) {
-        None => false,
-        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+/// anything below it. Bytes, not chars: a prefix never ends inside a character of the
+/// path, so nothing here can slice one.
+pub fn path_matches(prefix: &str, path: &str, case_insensitive: bool) -> bool {
+    let (prefix, path) = (prefix.as_bytes(), path.as_bytes());
+    let Some(head) = path.get(..prefix.len()) else {
+        return false;
+    };
+    let same = if case_insensitive {
+        head.eq_ignore_ascii_case(prefix)
+    } else {
+        head == prefix
+    };
+    let rest = &path[prefix.len()..];
+    same && (prefix.ends_with(b"/") || rest.is_empty() || rest.starts_with(b"/"))
+}
+
+/// The path routes are matched against: the request's path in the listener's normal form
+/// (parameters cut), or as received with `normalize_path: off`. Borrowed when unchanged.
+pub fn match_path<'p>(path: &'p str, cfg: &PathConfig) -> Result<Cow<'p, str>, PathError> {
+    if cfg.normalize == NormalizePath::Off {
+        return Ok(Cow::Borrowed(path));
+    }
+    path::normalize(path, options(cfg, true))
+}
+
+/// With `normalize_path: forward`, the path the upstream gets (parameters kept); None when
+/// it is forwarded as received.
+pub fn forward_path<'p>(
+    path: &'p str,
+    cfg: &PathConfig,
+) -> Option<Result<Cow<'p, str>, PathError>> {
+    (cfg.normalize == NormalizePath::Forward).then(|| path::normalize(path, options(cfg, false)))
+}
+
+fn options(cfg: &PathConfig, cut_params: bool) -> path::Options {
+    path::Options {
+        merge_slashes: cfg.merge_slashes,
+        reject_escaped_slashes: cfg.escaped_slashes == EscapedSlashes::Reject,
+        cut_params,
     }
 }
 
@@ -88,8 +130,8 @@ pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
     Some(raw.rsplit_once(':').map(|(h, _)| h).unwrap_or(raw))
 }
 
-pub fn find<'a, B>(routes: &'a [Route], req: &Request<B>) -> Option<&'a Route> {
-    let path = req.uri().path();
+/// The first route for `req`, whose path in the form routes match is `path`.
+pub fn find<'a, B>(routes: &'a [Route], req: &Request<B>, path: &str) -> Option<&'a Route> {
     // Looked up once, and only when a route names a host: most do not.
     let mut looked_up = None;
     let mut host = || *looked_up.get_or_insert_with(|| request_host(req));
@@ -104,12 +146,45 @@ mod tests {
 
     #[test]
     fn prefix_matches_whole_segments() {
-        assert!(path_matches("/", "/anything"));
-        assert!(path_matches("/api", "/api"));
-        assert!(path_matches("/api", "/api/chat"));
-        assert!(!path_matches("/api", "/apix"));
-        assert!(path_matches("/api/", "/api/x"));
-        assert!(!path_matches("/api/", "/api"));
+        for ci in [false, true] {
+            assert!(path_matches("/", "/anything", ci));
+            assert!(path_matches("/api", "/api", ci));
+            assert!(path_matches("/api", "/api/chat", ci));
+            assert!(!path_matches("/api", "/apix", ci));
+            assert!(path_matches("/api/", "/api/x", ci));
+            assert!(!path_matches("/api/", "/api", ci));
+            assert!(!path_matches("/api", "/ap", ci));
+        }
+    }
+
+    #[test]
+    fn case_insensitive_prefixes_ignore_ascii_case_only() {
+        assert!(!path_matches("/rl", "/RL", false));
+        assert!(path_matches("/rl", "/RL", true));
+        assert!(path_matches("/rl", "/rL/x", true));
+        assert!(!path_matches("/rl", "/RLx", true));
+        assert!(path_matches("/é", "/é/x", true));
+        assert!(!path_matches("/é", "/É/x", true));
+        // Never slices inside a character.
+        assert!(!path_matches("/a", "/\u{e9}", true));
+        assert!(!path_matches("/ab", "/\u{e9}", true));
+    }
+
+    #[test]
+    fn match_and_forward_forms_follow_the_listener() {
+        let mut cfg = PathConfig::default();
+        assert_eq!(match_path("//rl;x", &cfg).unwrap(), "/rl");
+        assert!(forward_path("//rl;x", &cfg).is_none());
+        cfg.normalize = NormalizePath::Forward;
+        assert_eq!(forward_path("//rl;x", &cfg).unwrap().unwrap(), "/rl;x");
+        cfg.normalize = NormalizePath::Off;
+        assert_eq!(match_path("//rl;x", &cfg).unwrap(), "//rl;x");
+        cfg = PathConfig {
+            merge_slashes: false,
+            escaped_slashes: EscapedSlashes::Keep,
+            ..PathConfig::default()
+        };
+        assert_eq!(match_path("//rl%2f", &cfg).unwrap(), "//rl%2F");
     }
 
     #[test]

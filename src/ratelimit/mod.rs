@@ -33,9 +33,6 @@ use memory::Table;
 /// counted as fail_open. About 100 bytes each.
 const MAX_KEYS: usize = 100_000;
 
-/// Paths that are probes, never counted even when a traffic route covers them.
-const PROBE_PATHS: &[&str] = &["/livez", "/readyz", "/health", "/metrics"];
-
 /// What a store applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -457,12 +454,13 @@ static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 pub async fn check(
     policies: &[Arc<Policy>],
     route: &str,
-    path: &str,
     headers: &HeaderMap,
     peer: IpAddr,
     trusted: &[Cidr],
 ) -> Verdict {
-    if policies.is_empty() || PROBE_PATHS.contains(&path) {
+    // No path is exempt: a traffic listener's probe (`health_path`) is answered before
+    // routing and never gets here; any other path, `/health` included, is traffic.
+    if policies.is_empty() {
         return Verdict::default();
     }
     let client = client_ip(peer, headers, trusted);
@@ -793,7 +791,7 @@ mod tests {
         let h = HeaderMap::new();
         let peer = ip("192.0.2.1");
         for i in 0..10u64 {
-            let v = check(std::slice::from_ref(&p), "r", "/x", &h, peer, &[]).await;
+            let v = check(std::slice::from_ref(&p), "r", &h, peer, &[]).await;
             assert_eq!(v.retry_after_secs, None);
             let headers = v.headers.unwrap();
             assert_eq!(headers["ratelimit-policy"], "\"api\";q=10;w=2");
@@ -807,10 +805,7 @@ mod tests {
                 (9 - i).to_string().as_str()
             );
         }
-        let v = check(std::slice::from_ref(&p), "r", "/x", &h, peer, &[]).await;
+        let v = check(std::slice::from_ref(&p), "r", &h, peer, &[]).await;
         assert!(matches!(v.retry_after_secs, Some(1 | 2)), "{v:?}");
-        // Probes never count and carry nothing.
-        let v = check(std::slice::from_ref(&p), "r", "/health", &h, peer, &[]).await;
-        assert!(v.headers.is_none() && v.retry_after_secs.is_none());
     }
 }

@@ -8,6 +8,7 @@ mod drain;
 mod fuzz_corpus;
 mod h2;
 mod health;
+mod hygiene;
 mod metrics;
 mod proxy;
 mod ratelimit;

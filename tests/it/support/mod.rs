@@ -4,6 +4,7 @@ pub mod load;
 pub mod logs;
 pub mod postgres;
 pub mod process;
+pub mod recorder;
 pub mod redis;
 pub mod upstream;
 
