@@ -11,6 +11,9 @@
 //! states for bodies). Whenever it cannot follow the stream it stops for good and queues
 //! nothing more: hyper refuses such input itself, and the guard must never break a
 //! connection hyper would serve.
+//!
+//! A connection that starts with the HTTP/2 preface is handed to the h2 frame watch
+//! (`h2_guard`) instead, which fails the read when the client floods control frames.
 
 use std::collections::VecDeque;
 use std::io;
@@ -20,6 +23,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::h2_guard::H2Watch;
 
 /// What the guard saw in one request head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +61,7 @@ pub fn wrap<S>(inner: S, max_head_bytes: usize, max_headers: usize) -> (H1Guard<
         inner,
         tracker: tracker.clone(),
         active: true,
+        h2: None,
     };
     (guard, Verdicts(tracker))
 }
@@ -66,6 +72,8 @@ pub struct H1Guard<S> {
     tracker: Arc<Mutex<Tracker>>,
     /// Cached "still tracking" so a stopped guard (HTTP/2, tunnels) costs no lock.
     active: bool,
+    /// The frame watch of an HTTP/2 connection (after the preface).
+    h2: Option<H2Watch>,
 }
 
 /// The service's side of one connection's guard.
@@ -99,13 +107,36 @@ impl<S: AsyncRead + Unpin> AsyncRead for H1Guard<S> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let res = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if this.active && matches!(res, Poll::Ready(Ok(()))) {
-            let new = &buf.filled()[before..];
-            if !new.is_empty() {
-                let mut t = lock(&this.tracker);
-                t.feed(new);
-                this.active = t.is_active();
+        if !matches!(res, Poll::Ready(Ok(()))) {
+            return res;
+        }
+        let new = &buf.filled()[before..];
+        if new.is_empty() {
+            return res;
+        }
+        let mut frames = new;
+        if this.active {
+            let mut t = lock(&this.tracker);
+            t.feed(new);
+            this.active = t.is_active();
+            match t.h2_at.take() {
+                Some(at) => {
+                    this.h2 = Some(H2Watch::new());
+                    frames = &new[at.min(new.len())..];
+                }
+                None => return res,
             }
+        }
+        if let Some(watch) = this.h2.as_mut()
+            && !watch.feed(frames)
+        {
+            tracing::info!("HTTP/2 control-frame flood: closing the connection");
+            // A failed read hands over no bytes.
+            buf.set_filled(before);
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "HTTP/2 control-frame flood",
+            )));
         }
         res
     }
@@ -117,7 +148,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for H1Guard<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.wrote(&res);
+        res
     }
 
     fn poll_write_vectored(
@@ -125,7 +159,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for H1Guard<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.wrote(&res);
+        res
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -138,6 +175,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for H1Guard<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl<S> H1Guard<S> {
+    /// What rampart writes earns an HTTP/2 client room for its WINDOW_UPDATEs.
+    fn wrote(&mut self, res: &Poll<io::Result<usize>>) {
+        if let (Some(watch), Poll::Ready(Ok(n))) = (self.h2.as_mut(), res) {
+            watch.wrote(*n);
+        }
     }
 }
 
@@ -201,6 +247,9 @@ pub(crate) struct Tracker {
     at_start: bool,
     /// The current message asked for an upgrade: pause once its body is done.
     upgrade: bool,
+    /// The preface just ended, this many bytes into the last buffer fed: HTTP/2 frames
+    /// follow.
+    h2_at: Option<usize>,
     max_head: usize,
     max_headers: usize,
 }
@@ -214,6 +263,7 @@ impl Tracker {
             verdicts: VecDeque::new(),
             at_start: true,
             upgrade: false,
+            h2_at: None,
             max_head: max_head_bytes,
             max_headers,
         }
@@ -288,6 +338,7 @@ impl Tracker {
         }
         if have + n == H2_PREFACE.len() {
             self.stop();
+            self.h2_at = Some(n);
         } else {
             // n == buf.len(): all of it is a preface prefix so far.
             self.partial.extend_from_slice(buf);
@@ -820,6 +871,29 @@ mod tests {
                 assert!(drain(&mut t).is_empty());
                 assert_eq!(t.state, State::Stopped);
             }
+        }
+    }
+
+    #[tokio::test]
+    async fn after_the_h2_preface_a_control_frame_flood_fails_the_read() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let ping = [0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+        for (flood, fails) in [(1000, false), (1001, true)] {
+            let (client, server) = tokio::io::duplex(1 << 20);
+            let (mut guard, _) = wrap(server, 64 * 1024, 100);
+            let mut bytes = H2_PREFACE.to_vec();
+            // SETTINGS, then the PINGs, the preface split from them mid-read.
+            bytes.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+            bytes.extend(ping.repeat(flood - 1));
+            let mut client = client;
+            client.write_all(&bytes[..10]).await.unwrap();
+            let mut got = vec![0u8; 10];
+            guard.read_exact(&mut got).await.unwrap();
+            client.write_all(&bytes[10..]).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            let r = guard.read_to_end(&mut rest).await;
+            assert_eq!(r.is_err(), fails, "{flood} PINGs and a SETTINGS: {r:?}");
         }
     }
 

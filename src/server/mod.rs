@@ -32,6 +32,7 @@ use h1_guard::Verdict;
 
 pub mod finale;
 pub mod h1_guard;
+pub mod h2_guard;
 
 /// Where a listener is in its life. Ordered: each phase includes the ones before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

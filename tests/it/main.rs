@@ -7,6 +7,7 @@ mod config;
 mod drain;
 mod fuzz_corpus;
 mod h2;
+mod h2_floods;
 mod health;
 mod hygiene;
 mod metrics;
