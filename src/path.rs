@@ -131,7 +131,11 @@ fn decode(b: &[u8], reject_escaped_slashes: bool) -> Result<Vec<u8>, PathError> 
 
 /// Steps 2 to 4 on a decoded path that starts with `/`.
 fn segments(decoded: &[u8], opts: Options) -> Result<Vec<u8>, PathError> {
-    let mut kept: Vec<&[u8]> = Vec::new();
+    // With the segment, whether it is "transparent": parameters only (`;a`) while slashes
+    // are merged. Its matching form is an empty segment, which merging drops, so a `..`
+    // after it must go past it too, or the forwarded path and the path matched would
+    // differ (`/x/;a/../y` is `/y` both ways).
+    let mut kept: Vec<(&[u8], bool)> = Vec::new();
     // The first piece is the empty one before the leading `/`.
     let mut pieces = decoded.split(|&c| c == b'/').skip(1).peekable();
     let mut trailing = false;
@@ -148,17 +152,20 @@ fn segments(decoded: &[u8], opts: Options) -> Result<Vec<u8>, PathError> {
         let seg = if opts.cut_params { name } else { seg };
         trailing = last && (seg.is_empty() || dot);
         if name == b".." {
+            while kept.last().is_some_and(|&(_, transparent)| transparent) {
+                kept.pop();
+            }
             if kept.pop().is_none() {
                 return Err(PathError::AboveRoot);
             }
         } else if dot || (seg.is_empty() && (last || opts.merge_slashes)) {
             // Nothing kept: `.`, a merged empty segment, or the trailing slash.
         } else {
-            kept.push(seg);
+            kept.push((seg, opts.merge_slashes && name.is_empty()));
         }
     }
     let mut out = Vec::with_capacity(decoded.len());
-    for seg in &kept {
+    for (seg, _) in &kept {
         out.push(b'/');
         out.extend_from_slice(seg);
     }
@@ -278,6 +285,32 @@ mod tests {
             assert_eq!(n(p, MATCH), Err(PathError::DotWithParams), "{p}");
             assert_eq!(n(p, FORWARD), Err(PathError::DotWithParams), "{p}");
         }
+    }
+
+    #[test]
+    fn a_dot_dot_goes_past_parameter_only_segments_as_matching_does() {
+        for (raw, forwarded, matched) in [
+            ("/x/;a/../y", "/y", "/y"),
+            ("/;a/x/../y", "/;a/y", "/y"),
+            ("/x/;a/..", "/", "/"),
+            (
+                "/z./;t/././zz./.t/;a/c/./././/./../../g/g",
+                "/z./;t/zz./g/g",
+                "/z./zz./g/g",
+            ),
+        ] {
+            assert_eq!(n(raw, FORWARD).as_deref(), Ok(forwarded), "{raw}");
+            assert_eq!(n(raw, MATCH).as_deref(), Ok(matched), "{raw}");
+            assert_eq!(n(forwarded, MATCH).as_deref(), Ok(matched), "{raw}");
+        }
+        assert_eq!(n("/;a/..", FORWARD), Err(PathError::AboveRoot));
+        assert_eq!(n("/;a/..", MATCH), Err(PathError::AboveRoot));
+        // Not merged, an empty segment is a segment: `..` takes it alone.
+        let keep = Options {
+            merge_slashes: false,
+            ..FORWARD
+        };
+        assert_eq!(n("/x/;a/../y", keep).as_deref(), Ok("/x/y"));
     }
 
     #[test]

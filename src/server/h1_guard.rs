@@ -269,7 +269,7 @@ impl Tracker {
         }
     }
 
-    fn is_active(&self) -> bool {
+    pub(crate) fn is_active(&self) -> bool {
         self.state != State::Stopped
     }
 
@@ -279,7 +279,12 @@ impl Tracker {
         self.partial = Vec::new();
     }
 
-    fn next_verdict(&mut self) -> Verdict {
+    /// Verdicts queued and not yet taken.
+    pub(crate) fn pending(&self) -> usize {
+        self.verdicts.len()
+    }
+
+    pub(crate) fn next_verdict(&mut self) -> Verdict {
         if self.verdicts.is_empty() && self.state == State::Paused {
             // hyper dispatched another request, so the upgrade was not switched and the
             // stashed bytes are HTTP after all.

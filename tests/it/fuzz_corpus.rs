@@ -8,7 +8,12 @@ use std::path::PathBuf;
 type Entry = fn(&[u8]);
 
 /// Every target in `fuzz/fuzz_targets/`, with its entry point.
-const TARGETS: &[(&str, Entry)] = &[("chunk_size", rampart::fuzz::chunk_size)];
+const TARGETS: &[(&str, Entry)] = &[
+    ("chunk_size", rampart::fuzz::chunk_size),
+    ("h1_guard", rampart::fuzz::h1_guard),
+    ("xff", rampart::fuzz::xff),
+    ("path", rampart::fuzz::path),
+];
 
 #[test]
 fn every_fuzz_target_has_an_entry_here() {
