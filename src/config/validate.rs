@@ -22,7 +22,8 @@ use super::{
     DrainConfig, DrainMode, EjectionConfig, FailureRate, Http2Config, KeySource, ListenerConfig,
     LoadBalancing, LogFormat, LoggingConfig, PoolConfig, Problem, RateLimitConfig, RateLimitKey,
     RateLimitStore, RedisConfig, RedisTarget, Resilience, RetryConfig, RetryOn, RouteConfig,
-    RouteTimeouts, Severity, Signal, SignalUnit, SinkConfig, SinkKind, UpstreamConfig,
+    RouteTimeouts, Severity, Signal, SignalUnit, SinkConfig, SinkKind, UpstreamClient,
+    UpstreamConfig,
 };
 
 // === defaults (documented on the types in mod.rs and in docs/configuration.md) ===
@@ -304,6 +305,17 @@ fn upstream(ctx: &mut Ctx, f: Field, name: &str) -> UpstreamConfig {
             .read(ctx, "connect_timeout", Ctx::duration)
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
         pool: pool(ctx, m.optional("pool")),
+        client: m
+            .read(ctx, "client", |ctx, f| {
+                ctx.one_of(
+                    f,
+                    &[
+                        ("rampart", UpstreamClient::Rampart),
+                        ("hyper", UpstreamClient::Hyper),
+                    ],
+                )
+            })
+            .unwrap_or_default(),
         tls_ca_file: upstream_tls(ctx, m.optional("tls")),
         resilience: resilience(ctx, &mut m),
     };
@@ -2128,6 +2140,7 @@ mod tests {
                     name: "backend".into(),
                     endpoints: vec![uri("http://127.0.0.1:3001/")],
                     connect_timeout: secs(5),
+                    client: UpstreamClient::Rampart,
                     tls_ca_file: None,
                     resilience: Resilience::default(),
                     pool: PoolConfig {
@@ -2291,6 +2304,7 @@ mod tests {
                             uri("http://127.0.0.1:3002/"),
                         ],
                         connect_timeout: secs(2),
+                        client: UpstreamClient::Rampart,
                         tls_ca_file: None,
                         resilience: Resilience::default(),
                         pool: PoolConfig {
@@ -2305,6 +2319,7 @@ mod tests {
                         name: "fastgpt".into(),
                         endpoints: vec![uri("https://fastgpt.example.com:443/")],
                         connect_timeout: secs(5),
+                        client: UpstreamClient::Rampart,
                         tls_ca_file: None,
                         resilience: Resilience::default(),
                         pool: PoolConfig {
@@ -3827,6 +3842,39 @@ mod tests {
             23,
             "listeners[0].routes[0].rate_limits[0]",
             "unknown rate limit policy \"api\" (no `rate_limits` are defined)",
+        );
+    }
+
+    #[test]
+    fn upstream_client_is_rampart_or_hyper() {
+        let config = |client: &str| {
+            format!(
+                "
+                listeners:
+                  - name: inbound
+                    listen: 0.0.0.0:8080
+                    routes:
+                      - upstream: backend
+                upstreams:
+                  backend:
+                    endpoints: [\"http://127.0.0.1:3001\"]
+                    client: {client}
+                "
+            )
+        };
+        for (text, expected) in [
+            ("rampart", UpstreamClient::Rampart),
+            ("hyper", UpstreamClient::Hyper),
+        ] {
+            let c = parse(&config(text)).expect("valid");
+            assert_eq!(c.upstreams["backend"].client, expected);
+        }
+        only(
+            &config("Hyper"),
+            9,
+            13,
+            "upstreams.backend.client",
+            "expected one of rampart, hyper, got \"Hyper\"",
         );
     }
 }

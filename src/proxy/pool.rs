@@ -7,15 +7,25 @@
 //! and when the client goes away the connection is dropped with the body, which cancels the
 //! upstream request at once. An idle connection sits in its endpoint's stack unpolled; it
 //! is checked when taken out.
+//!
+//! An upstream may instead be spoken to by hyper's connection client
+//! (`upstreams.<name>.client: hyper`): the differential reference of the wire tests, and a
+//! switch to fall back on in production. It is driven the same way (the request's task
+//! polls hyper's connection future) and held to the same rules: per-worker pooling, the
+//! same timers (`forward::send`), a request given back when hyper says it never left, and a
+//! connection pooled only when its response was read to the end with every request byte
+//! written before that end (`HyperBody::ended`).
 
+use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
@@ -27,7 +37,8 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::proxy::body::RequestBody;
+use crate::config::UpstreamClient;
+use crate::proxy::body::{BodyError, RequestBody};
 use crate::proxy::client::{self, Conn, ExchangeError, WireError};
 use crate::proxy::headers::Forwarded;
 
@@ -107,8 +118,44 @@ pub enum ConnectError {
     Handshake(hyper::Error),
 }
 
+/// How long an answer's head waits for the first byte of its body before it is passed on
+/// (`PooledBody::hold`): long enough to catch an upstream that fails right after its head
+/// (a bad first chunk, a close), short enough that an event stream whose first event is
+/// slow still shows its head at once, as far as a person can tell.
+pub const HEAD_HOLD: Duration = Duration::from_secs(1);
+
+/// An upstream connection, spoken to by one of the two clients.
+pub enum Connection {
+    Rampart(Box<Conn>),
+    Hyper(Box<HyperConn>),
+}
+
+impl Connection {
+    /// Taken from the pool (not fresh): a failure before sending may be a stale socket.
+    pub fn reused(&self) -> bool {
+        match self {
+            Connection::Rampart(c) => c.reused,
+            Connection::Hyper(c) => c.reused,
+        }
+    }
+
+    fn set_reused(&mut self) {
+        match self {
+            Connection::Rampart(c) => c.reused = true,
+            Connection::Hyper(c) => c.reused = true,
+        }
+    }
+
+    fn usable_now(&mut self) -> bool {
+        match self {
+            Connection::Rampart(c) => c.usable_now(),
+            Connection::Hyper(c) => c.usable_now(),
+        }
+    }
+}
+
 struct Idle {
-    conn: Box<Conn>,
+    conn: Connection,
     since: Instant,
 }
 
@@ -119,6 +166,7 @@ pub struct EndpointPool {
     /// `Host` header value for this endpoint ("host" or "host:port").
     pub host_header: HeaderValue,
     tls: Option<(TlsConnector, ServerName<'static>)>,
+    client: UpstreamClient,
     /// One stack per worker thread (and one for the other threads): a connection is
     /// registered with the event loop of the thread that opened it, and stays with it (as in
     /// nginx's per-worker `keepalive` cache). `max_idle` applies to each.
@@ -133,6 +181,7 @@ impl EndpointPool {
         port: u16,
         host_header: HeaderValue,
         tls: Option<(TlsConnector, ServerName<'static>)>,
+        client: UpstreamClient,
         idle_timeout: Duration,
         max_idle: usize,
     ) -> Self {
@@ -141,6 +190,7 @@ impl EndpointPool {
             port,
             host_header,
             tls,
+            client,
             idle: (0..crate::workers::slots())
                 .map(|_| Mutex::new(Vec::new()))
                 .collect(),
@@ -156,7 +206,7 @@ impl EndpointPool {
     }
 
     /// The most recently used idle connection that is still open and fresh enough.
-    pub fn take_idle(&self) -> Option<Box<Conn>> {
+    pub fn take_idle(&self) -> Option<Connection> {
         let now = Instant::now();
         loop {
             let idle = {
@@ -171,16 +221,18 @@ impl EndpointPool {
             };
             let mut conn = idle.conn;
             if conn.usable_now() {
-                conn.reused = true;
+                conn.set_reused();
                 return Some(conn);
             }
         }
     }
 
-    fn put_idle(&self, conn: Box<Conn>) {
+    /// Only called with a connection whose response was read to its end (the callers
+    /// check the rest).
+    fn put_idle(&self, conn: Connection) {
         // Not checked for liveness here: `take_idle` checks every connection it hands out
         // anyway, and this runs on every response.
-        if self.max_idle == 0 || !conn.reusable() {
+        if self.max_idle == 0 {
             return;
         }
         if let Ok(mut stack) = self.stack().lock() {
@@ -202,10 +254,14 @@ impl EndpointPool {
             .sum()
     }
 
-    /// A new connection: TCP (and TLS) under `timeout`. Boxed once per connection: it then
-    /// moves between pool, request and body by pointer.
-    pub async fn connect(&self, timeout: Duration) -> Result<Box<Conn>, ConnectError> {
-        Ok(Box::new(Conn::new(self.connect_timed(timeout).await?)))
+    /// A new connection: TCP (and TLS) under `timeout`, for this endpoint's client. Boxed
+    /// once per connection: it then moves between pool, request and body by pointer.
+    pub async fn connect(&self, timeout: Duration) -> Result<Connection, ConnectError> {
+        let io = self.connect_timed(timeout).await?;
+        Ok(match self.client {
+            UpstreamClient::Rampart => Connection::Rampart(Box::new(Conn::new(io))),
+            UpstreamClient::Hyper => Connection::Hyper(Box::new(HyperConn::new(io).await?)),
+        })
     }
 
     async fn connect_timed(&self, timeout: Duration) -> Result<Io, ConnectError> {
@@ -237,26 +293,69 @@ impl EndpointPool {
 /// The request is lent, not passed by value: a future carries its arguments for its whole
 /// life, and this one would otherwise hold a copy of the request.
 pub async fn exchange(
-    mut conn: Box<Conn>,
+    conn: Connection,
     pool: Arc<EndpointPool>,
     request: &mut Option<Request<RequestBody>>,
     forwarded: Option<&Forwarded>,
 ) -> Option<Result<Response<PooledBody>, ExchangeError>> {
-    let head = client::exchange(&mut conn, request, forwarded).await?;
-    Some(head.map(|head| {
-        head.map(|()| PooledBody {
-            conn: Some(conn),
-            pool,
-        })
-    }))
+    match conn {
+        Connection::Rampart(mut conn) => {
+            let head = client::exchange(&mut conn, request, forwarded).await?;
+            Some(head.map(|head| {
+                head.map(|()| PooledBody {
+                    inner: Inner::Rampart(Some(conn)),
+                    pool,
+                })
+            }))
+        }
+        // Boxed: the reference path's future stays out of every request's.
+        Connection::Hyper(conn) => Box::pin(exchange_hyper(conn, pool, request, forwarded)).await,
+    }
 }
 
 /// The upstream's response body, carrying the connection: polling the body reads it, and
 /// when the body has been read to its end the connection goes back to its endpoint's pool.
 pub struct PooledBody {
-    /// None once the body failed (the connection is then closed).
-    conn: Option<Box<Conn>>,
+    inner: Inner,
     pool: Arc<EndpointPool>,
+}
+
+enum Inner {
+    /// None once the body failed (the connection is then closed).
+    Rampart(Option<Box<Conn>>),
+    Hyper(Box<HyperBody>),
+}
+
+impl PooledBody {
+    /// Waits until the body has a first byte, has ended, or has failed, at most
+    /// `HEAD_HOLD`, taking nothing. An error means the body failed before anything of the
+    /// answer was passed on: the client can still be told 502, rather than get a head and
+    /// a cut (or empty) body. Costs nothing when the body's first bytes came with the head.
+    pub async fn hold(&mut self) -> Result<(), WireError> {
+        let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        poll_fn(|cx| {
+            if let Poll::Ready(r) = self.poll_start(cx) {
+                return Poll::Ready(r);
+            }
+            let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(HEAD_HOLD)));
+            timer.as_mut().poll(cx).map(Ok)
+        })
+        .await
+    }
+
+    fn poll_start(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WireError>> {
+        match &mut self.inner {
+            Inner::Rampart(Some(conn)) => {
+                let started = ready!(conn.poll_body_start(cx));
+                if started.is_err() {
+                    self.inner = Inner::Rampart(None);
+                }
+                Poll::Ready(started)
+            }
+            Inner::Rampart(None) => Poll::Ready(Ok(())),
+            Inner::Hyper(b) => b.poll_start(cx),
+        }
+    }
 }
 
 impl Body for PooledBody {
@@ -267,13 +366,15 @@ impl Body for PooledBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, WireError>>> {
-        let Some(conn) = self.conn.as_mut() else {
-            return Poll::Ready(None);
+        let conn = match &mut self.inner {
+            Inner::Rampart(Some(conn)) => conn,
+            Inner::Rampart(None) => return Poll::Ready(None),
+            Inner::Hyper(b) => return b.poll_data(cx).map(|d| d.map(|d| d.map(Frame::data))),
         };
         match ready!(conn.poll_body(cx)) {
             Some(Ok(data)) => Poll::Ready(Some(Ok(Frame::data(data)))),
             Some(Err(e)) => {
-                self.conn = None;
+                self.inner = Inner::Rampart(None);
                 Poll::Ready(Some(Err(e)))
             }
             None => Poll::Ready(None),
@@ -281,13 +382,19 @@ impl Body for PooledBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.conn.as_ref().is_none_or(|c| c.body_done())
+        match &self.inner {
+            Inner::Rampart(conn) => conn.as_ref().is_none_or(|c| c.body_done()),
+            Inner::Hyper(b) => b.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.conn.as_ref().and_then(|c| c.body_remaining()) {
-            Some(n) => SizeHint::with_exact(n),
-            None => SizeHint::default(),
+        match &self.inner {
+            Inner::Rampart(conn) => match conn.as_ref().and_then(|c| c.body_remaining()) {
+                Some(n) => SizeHint::with_exact(n),
+                None => SizeHint::default(),
+            },
+            Inner::Hyper(b) => b.size_hint(),
         }
     }
 }
@@ -296,10 +403,434 @@ impl Drop for PooledBody {
     fn drop(&mut self) {
         // Only a connection whose response was read to the end can carry another request;
         // anything else (client gone, upstream error) is closed by dropping it.
-        if let Some(conn) = self.conn.take()
-            && conn.reusable()
+        match &mut self.inner {
+            Inner::Rampart(conn) => {
+                if let Some(conn) = conn.take()
+                    && conn.reusable()
+                {
+                    self.pool.put_idle(Connection::Rampart(conn));
+                }
+            }
+            Inner::Hyper(b) => {
+                if let Some(conn) = b.conn.take()
+                    && b.reusable
+                    && !conn.finished
+                {
+                    self.pool.put_idle(Connection::Hyper(conn));
+                }
+            }
+        }
+    }
+}
+
+// === hyper's client (`client: hyper`) ===
+
+/// What one hyper connection's socket and request body say about the exchange in flight:
+/// what hyper itself does not tell.
+#[derive(Default)]
+struct Progress {
+    /// Bytes were handed to hyper (the request head, a body frame, the body's end) that no
+    /// flush has pushed out since. hyper flushes its socket only once its own write buffer
+    /// is empty, so a completed flush means every byte handed over so far is written.
+    unflushed: AtomicBool,
+    /// The request body reached its end (hyper has all of it).
+    body_done: AtomicBool,
+    /// Bytes read from the socket, ever: unchanged since the request went out = not a
+    /// byte of answer.
+    read: AtomicU64,
+}
+
+/// The socket under hyper, reporting reads and completed flushes to `Progress`.
+struct Watched {
+    io: Io,
+    progress: Arc<Progress>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+        let n = (buf.filled().len() - before) as u64;
+        this.progress.read.fetch_add(n, Ordering::Relaxed);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(Pin::new(&mut this.io).poll_flush(cx))?;
+        this.progress.unflushed.store(false, Ordering::Relaxed);
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// The request body as hyper sees it, reporting to `Progress`.
+struct Tracked {
+    inner: RequestBody,
+    progress: Arc<Progress>,
+}
+
+impl Tracked {
+    fn ended(&self) {
+        if !self.progress.body_done.swap(true, Ordering::Relaxed) {
+            // hyper now writes the body's end (a last chunk, or nothing).
+            self.progress.unflushed.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(_)) => this.progress.unflushed.store(true, Ordering::Relaxed),
+            Some(Err(_)) => {}
+            None => this.ended(),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let end = self.inner.is_end_stream();
+        if end {
+            self.ended();
+        }
+        end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+type Driver = http1::Connection<TokioIo<Watched>, Tracked>;
+
+/// One HTTP/1.1 connection spoken to by hyper: the handle requests are sent through and
+/// the protocol driver, polled by whoever uses the connection.
+pub struct HyperConn {
+    sender: http1::SendRequest<Tracked>,
+    driver: Driver,
+    /// The driver returned: the connection is closed and must not be polled again.
+    finished: bool,
+    pub reused: bool,
+    progress: Arc<Progress>,
+}
+
+impl HyperConn {
+    async fn new(io: Io) -> Result<HyperConn, ConnectError> {
+        let progress = Arc::new(Progress::default());
+        let watched = Watched {
+            io,
+            progress: progress.clone(),
+        };
+        let (sender, driver) = http1::Builder::new()
+            // 64 KiB, as rampart's client (by default hyper's read buffer, ~400 KiB, is the
+            // only bound). hyper then bounds trailers by it too (ours: 16 KiB).
+            .max_header_size(client::MAX_HEAD)
+            .max_headers(client::MAX_HEADERS)
+            .handshake(TokioIo::new(watched))
+            .await
+            .map_err(ConnectError::Handshake)?;
+        Ok(HyperConn {
+            sender,
+            driver,
+            finished: false,
+            reused: false,
+            progress,
+        })
+    }
+
+    /// Polls the driver unless it already finished; true when the connection is now closed.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.finished && Pin::new(&mut self.driver).poll(cx).is_ready() {
+            self.finished = true;
+        }
+        self.finished
+    }
+
+    /// Whether it can take another request right now (on check-out).
+    fn usable_now(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        if self.drive(&mut cx) {
+            return false;
+        }
+        matches!(self.sender.poll_ready(&mut cx), Poll::Ready(Ok(())))
+    }
+}
+
+/// `exchange` on a hyper connection.
+async fn exchange_hyper(
+    mut conn: Box<HyperConn>,
+    pool: Arc<EndpointPool>,
+    request: &mut Option<Request<RequestBody>>,
+    forwarded: Option<&Forwarded>,
+) -> Option<Result<Response<PooledBody>, ExchangeError>> {
+    let req = request.take()?;
+    // The keep-alive race, as rampart's client handles it: a safe request without a body
+    // of its own to stream goes again on a fresh connection when a pooled one closes
+    // before a byte of answer. hyper does not say whether it wrote the request then, so
+    // what rebuilds it is kept.
+    let replay = (conn.reused
+        && matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS))
+    .then(|| {
+        let body = match req.body() {
+            RequestBody::Empty | RequestBody::Full(None) => RequestBody::Empty,
+            RequestBody::Full(Some(b)) => RequestBody::Full(Some(b.clone())),
+            RequestBody::Stream(_) => return None,
+        };
+        let mut copy = Request::new(body);
+        *copy.method_mut() = req.method().clone();
+        *copy.uri_mut() = req.uri().clone();
+        *copy.headers_mut() = req.headers().clone();
+        Some(copy)
+    })
+    .flatten();
+    let (mut parts, body) = req.into_parts();
+    let added = forwarded.map(|f| append_forwarded(&mut parts.headers, f));
+    let progress = conn.progress.clone();
+    progress.body_done.store(false, Ordering::Relaxed);
+    progress.unflushed.store(true, Ordering::Relaxed);
+    let read_before = progress.read.load(Ordering::Relaxed);
+    let req = Request::from_parts(
+        parts,
+        Tracked {
+            inner: body,
+            progress: progress.clone(),
+        },
+    );
+    let result = {
+        let mut response = std::pin::pin!(conn.sender.try_send_request(req));
+        poll_fn(|cx| {
+            // Drive the socket first, so a response that is already there is parsed now.
+            // (If the driver finished, hyper has already failed the pending response.)
+            conn.drive(cx);
+            response.as_mut().poll(cx)
+        })
+        .await
+    };
+    match result {
+        Ok(resp) => {
+            if let Some(problem) = refused(&resp) {
+                return Some(Err(ExchangeError::Wire(WireError::Invalid(problem))));
+            }
+            Some(Ok(resp.map(|body| PooledBody {
+                inner: Inner::Hyper(Box::new(HyperBody {
+                    body,
+                    conn: Some(conn),
+                    first: None,
+                    reusable: false,
+                    done: false,
+                })),
+                pool,
+            })))
+        }
+        Err(mut e) => {
+            if let Some(unsent) = e.take_message() {
+                // hyper never wrote it: lent back as it came.
+                let (mut parts, body) = unsent.into_parts();
+                for name in added.iter().flatten() {
+                    parts.headers.remove(name);
+                }
+                *request = Some(Request::from_parts(parts, body.inner));
+            } else if progress.read.load(Ordering::Relaxed) == read_before {
+                *request = replay;
+            }
+            Some(Err(hyper_error(e.into_error())))
+        }
+    }
+}
+
+/// What rampart's client refuses and hyper's takes: a 101 outside an upgrade (hyper hands
+/// it over as the response), and Content-Length with Transfer-Encoding (hyper reads the
+/// chunked body; nginx and Envoy refuse such a message, RFC 9112 6.3).
+fn refused<B>(resp: &Response<B>) -> Option<&'static str> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return Some("unrequested 101 Switching Protocols");
+    }
+    let h = resp.headers();
+    (h.contains_key(header::CONTENT_LENGTH) && h.contains_key(header::TRANSFER_ENCODING))
+        .then_some("both Content-Length and Transfer-Encoding")
+}
+
+/// Adds the `Forwarded` header lines (which rampart's client writes straight on the wire)
+/// to the map; returns their names, none of which the request carried.
+fn append_forwarded(headers: &mut HeaderMap, f: &Forwarded) -> Vec<HeaderName> {
+    let mut wire = Vec::new();
+    f.write(&mut wire);
+    let mut names = Vec::new();
+    for line in wire.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+        if let (Ok(name), Ok(value)) =
+            (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
         {
-            self.pool.put_idle(conn);
+            headers.append(name.clone(), value);
+            names.push(name);
+        }
+    }
+    names
+}
+
+/// The request body's own failure (the client's fault, found inside hyper's error), or
+/// the connection's.
+fn hyper_error(e: hyper::Error) -> ExchangeError {
+    // hyper lends its cause only by reference: the kind is copied (what `forward` tells
+    // the client depends on nothing else).
+    let body = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<BodyError>());
+    match body {
+        None => ExchangeError::Wire(WireError::Hyper(e)),
+        Some(BodyError::Idle) => ExchangeError::RequestBody(BodyError::Idle),
+        Some(BodyError::Total) => ExchangeError::RequestBody(BodyError::Total),
+        Some(BodyError::TooLarge(n)) => ExchangeError::RequestBody(BodyError::TooLarge(*n)),
+        Some(_) => ExchangeError::RequestBody(BodyError::Length),
+    }
+}
+
+/// A response body read by hyper, with its connection.
+struct HyperBody {
+    body: Incoming,
+    /// Taken when the connection goes back to the pool or is closed.
+    conn: Option<Box<HyperConn>>,
+    /// Data read ahead while the head waited (`PooledBody::hold`).
+    first: Option<Bytes>,
+    /// The body ended with every request byte written: the connection may be pooled.
+    reusable: bool,
+    done: bool,
+}
+
+impl HyperBody {
+    /// The end of the response: judged now, as rampart's client judges it, not when the
+    /// body is dropped (by then hyper may have written the rest of the request).
+    fn ended(&mut self) {
+        self.done = true;
+        if let Some(conn) = &self.conn {
+            let p = &conn.progress;
+            self.reusable =
+                p.body_done.load(Ordering::Relaxed) && !p.unflushed.load(Ordering::Relaxed);
+        }
+    }
+
+    fn failed(&mut self) {
+        self.done = true;
+        self.first = None;
+        self.conn = None;
+    }
+
+    /// The next data frame from hyper (trailers are read and dropped, as rampart's client
+    /// does); Ready(None) at the end.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, WireError>>> {
+        loop {
+            if self.done {
+                return Poll::Ready(None);
+            }
+            if let Some(conn) = self.conn.as_mut() {
+                conn.drive(cx);
+            }
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if data.is_empty() => {}
+                    Ok(data) => return Poll::Ready(Some(Ok(data))),
+                    Err(_trailers) => {}
+                },
+                Some(Err(e)) => {
+                    self.failed();
+                    return Poll::Ready(Some(Err(WireError::Hyper(e))));
+                }
+                None => {
+                    self.ended();
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+
+    fn poll_start(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WireError>> {
+        if self.first.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        match ready!(self.poll_next(cx)) {
+            Some(Ok(data)) => {
+                self.first = Some(data);
+                Poll::Ready(Ok(()))
+            }
+            Some(Err(e)) => Poll::Ready(Err(e)),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, WireError>>> {
+        let next = match self.first.take() {
+            Some(data) => Some(Ok(data)),
+            None => ready!(self.poll_next(cx)),
+        };
+        // hyper's body says so once a sized body has all its bytes: the server then stops
+        // polling, so this is the end.
+        if matches!(next, Some(Ok(_))) && !self.done && self.body.is_end_stream() {
+            self.ended();
+        }
+        Poll::Ready(next)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && (self.done || self.body.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let hint = self.body.size_hint();
+        let Some(first) = &self.first else {
+            return hint;
+        };
+        let n = first.len() as u64;
+        match hint.exact() {
+            Some(exact) => SizeHint::with_exact(exact + n),
+            None => {
+                let mut sum = SizeHint::new();
+                sum.set_lower(hint.lower() + n);
+                if let Some(upper) = hint.upper() {
+                    sum.set_upper(upper + n);
+                }
+                sum
+            }
         }
     }
 }

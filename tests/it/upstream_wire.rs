@@ -18,6 +18,52 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::support::*;
 
+/// Which HTTP/1.1 client rampart speaks to the upstream with (`upstreams.<name>.client`).
+/// Every test here runs against both: rampart's own, and hyper's as the reference. Where
+/// the two differ by design, the test says which does what (see `by_client`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum UpClient {
+    Rampart,
+    Hyper,
+}
+
+impl UpClient {
+    pub(crate) fn key(self) -> &'static str {
+        match self {
+            UpClient::Rampart => "rampart",
+            UpClient::Hyper => "hyper",
+        }
+    }
+}
+
+/// One test per client: `both!(name)` before `async fn name(client: UpClient)` makes the
+/// tests `name::rampart` and `name::hyper`. (A test that is not listed is dead code, which
+/// clippy refuses.)
+macro_rules! both {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test]
+            async fn rampart() {
+                super::$name(super::UpClient::Rampart).await
+            }
+
+            #[tokio::test]
+            async fn hyper() {
+                super::$name(super::UpClient::Hyper).await
+            }
+        }
+    };
+}
+
+/// `one_route` to `url` with the upstream spoken to by `client`.
+pub(crate) fn config(client: UpClient, url: &str, route_extra: &str) -> String {
+    format!(
+        "{}    client: {}\n",
+        one_route(url, route_extra, ""),
+        client.key()
+    )
+}
+
 /// One step of a scripted answer.
 enum Act {
     /// These bytes in one write.
@@ -332,9 +378,9 @@ fn decode_chunked(mut raw: &[u8]) -> Vec<u8> {
 }
 
 /// A scripted upstream and a proxy with one route to it.
-async fn proxied(script: Vec<Vec<Act>>) -> (Scripted, Running, SocketAddr) {
+async fn proxied(client: UpClient, script: Vec<Vec<Act>>) -> (Scripted, Running, SocketAddr) {
     let up = Scripted::start(script).await;
-    let px = start(&one_route(&up.url(), "", "")).await;
+    let px = start(&config(client, &up.url(), "")).await;
     let addr = px.addr("main").expect("listener main");
     (up, px, addr)
 }
@@ -352,17 +398,20 @@ async fn collect_within(
 
 // === 1. response framing ===
 
-#[tokio::test]
-async fn content_length_body_arrives_whole() {
+both!(content_length_body_arrives_whole);
+async fn content_length_body_arrives_whole(client: UpClient) {
     let body: Vec<u8> = (0..70_000u32).map(|i| b'a' + (i % 26) as u8).collect();
     let mut first =
         format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
     first.extend_from_slice(&body[..30_000]);
-    let (up, px, addr) = proxied(vec![vec![
-        Act::Send(first),
-        Act::Pause(Duration::from_millis(30)),
-        Act::Send(body[30_000..].to_vec()),
-    ]])
+    let (up, px, addr) = proxied(
+        client,
+        vec![vec![
+            Act::Send(first),
+            Act::Pause(Duration::from_millis(30)),
+            Act::Send(body[30_000..].to_vec()),
+        ]],
+    )
     .await;
     let (resp, got) = send(&http1(), get(addr, "/")).await;
     assert_eq!(resp.status(), 200);
@@ -378,9 +427,9 @@ const CHUNKED_WITH_TRAILERS: &str = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunk
     5;foo=bar\r\nhello\r\n7;baz;q=\"a b\"\r\n, world\r\n\
     0\r\nx-checksum: abc\r\nx-other: 1\r\n\r\n";
 
-#[tokio::test]
-async fn chunked_body_with_extensions_and_trailers_is_decoded() {
-    let (up, px, addr) = proxied(vec![vec![Act::bytes(CHUNKED_WITH_TRAILERS)], ok()]).await;
+both!(chunked_body_with_extensions_and_trailers_is_decoded);
+async fn chunked_body_with_extensions_and_trailers_is_decoded(client: UpClient) {
+    let (up, px, addr) = proxied(client, vec![vec![Act::bytes(CHUNKED_WITH_TRAILERS)], ok()]).await;
     let client = http1();
     let (resp, body) = send(&client, get(addr, "/")).await;
     assert_eq!(resp.status(), 200);
@@ -393,10 +442,10 @@ async fn chunked_body_with_extensions_and_trailers_is_decoded() {
     px.shutdown().await;
 }
 
-#[tokio::test]
-async fn connection_is_reused_after_a_chunked_body_with_trailers() {
+both!(connection_is_reused_after_a_chunked_body_with_trailers);
+async fn connection_is_reused_after_a_chunked_body_with_trailers(client: UpClient) {
     // nginx and Envoy read the trailer section and keep the connection.
-    let (up, px, addr) = proxied(vec![vec![Act::bytes(CHUNKED_WITH_TRAILERS)], ok()]).await;
+    let (up, px, addr) = proxied(client, vec![vec![Act::bytes(CHUNKED_WITH_TRAILERS)], ok()]).await;
     let client = http1();
     let (_, body) = send(&client, get(addr, "/")).await;
     assert_eq!(&body[..], b"hello, world");
@@ -410,17 +459,20 @@ async fn connection_is_reused_after_a_chunked_body_with_trailers() {
     px.shutdown().await;
 }
 
-#[tokio::test]
-async fn close_delimited_body_arrives_whole() {
+both!(close_delimited_body_arrives_whole);
+async fn close_delimited_body_arrives_whole(client: UpClient) {
     let body = vec![b'z'; 100_000];
     let mut first = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\n".to_vec();
     first.extend_from_slice(&body[..50_000]);
-    let (_up, px, addr) = proxied(vec![vec![
-        Act::Send(first),
-        Act::Pause(Duration::from_millis(30)),
-        Act::Send(body[50_000..].to_vec()),
-        Act::Close,
-    ]])
+    let (_up, px, addr) = proxied(
+        client,
+        vec![vec![
+            Act::Send(first),
+            Act::Pause(Duration::from_millis(30)),
+            Act::Send(body[50_000..].to_vec()),
+            Act::Close,
+        ]],
+    )
     .await;
     let resp = send_streaming(&http1(), get(addr, "/")).await;
     assert_eq!(resp.status(), 200);
@@ -431,12 +483,15 @@ async fn close_delimited_body_arrives_whole() {
     px.shutdown().await;
 }
 
-#[tokio::test]
-async fn http10_response_without_keep_alive_arrives_whole() {
-    let (_up, px, addr) = proxied(vec![vec![
-        Act::bytes("HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nfrom an old server"),
-        Act::Close,
-    ]])
+both!(http10_response_without_keep_alive_arrives_whole);
+async fn http10_response_without_keep_alive_arrives_whole(client: UpClient) {
+    let (_up, px, addr) = proxied(
+        client,
+        vec![vec![
+            Act::bytes("HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nfrom an old server"),
+            Act::Close,
+        ]],
+    )
     .await;
     let resp = send_streaming(&http1(), get(addr, "/")).await;
     assert_eq!(resp.status(), 200);
@@ -447,21 +502,24 @@ async fn http10_response_without_keep_alive_arrives_whole() {
 
 // === 2. interim (1xx) responses ===
 
-#[tokio::test]
-async fn early_hints_and_continue_before_the_final_response_are_skipped() {
-    let (up, px, addr) = proxied(vec![
-        vec![Act::bytes(
-            "HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload; as=style\r\n\r\n\
-             HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-final: yes\r\n\r\nhello",
-        )],
-        // The 1xx in its own write, the final answer a moment later.
+both!(early_hints_and_continue_before_the_final_response_are_skipped);
+async fn early_hints_and_continue_before_the_final_response_are_skipped(client: UpClient) {
+    let (up, px, addr) = proxied(
+        client,
         vec![
-            Act::bytes("HTTP/1.1 100 Continue\r\n\r\n"),
-            Act::Pause(Duration::from_millis(50)),
-            Act::bytes("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nworld"),
+            vec![Act::bytes(
+                "HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload; as=style\r\n\r\n\
+             HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-final: yes\r\n\r\nhello",
+            )],
+            // The 1xx in its own write, the final answer a moment later.
+            vec![
+                Act::bytes("HTTP/1.1 100 Continue\r\n\r\n"),
+                Act::Pause(Duration::from_millis(50)),
+                Act::bytes("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nworld"),
+            ],
+            ok(),
         ],
-        ok(),
-    ])
+    )
     .await;
     let client = http1();
     let (resp, body) = send(&client, get(addr, "/")).await;
@@ -486,12 +544,13 @@ async fn early_hints_and_continue_before_the_final_response_are_skipped() {
 /// Sends `req`, expects `status` with `header` and an empty body quickly, then checks that
 /// the next request goes over the same upstream connection.
 async fn bodiless(
+    client: UpClient,
     req: impl Fn(SocketAddr) -> Request<Full<bytes::Bytes>>,
     answer: &str,
     status: u16,
     header: (&str, &str),
 ) {
-    let (up, px, addr) = proxied(vec![vec![Act::bytes(answer)], ok()]).await;
+    let (up, px, addr) = proxied(client, vec![vec![Act::bytes(answer)], ok()]).await;
     let client = http1();
     let started = Instant::now();
     let (resp, body) = send(&client, req(addr)).await;
@@ -514,9 +573,10 @@ async fn bodiless(
     px.shutdown().await;
 }
 
-#[tokio::test]
-async fn head_answer_with_content_length_has_no_body_and_keeps_the_connection() {
+both!(head_answer_with_content_length_has_no_body_and_keeps_the_connection);
+async fn head_answer_with_content_length_has_no_body_and_keeps_the_connection(client: UpClient) {
     bodiless(
+        client,
         |addr| {
             Request::head(format!("http://{addr}/"))
                 .body(Full::default())
@@ -530,9 +590,10 @@ async fn head_answer_with_content_length_has_no_body_and_keeps_the_connection() 
     .await;
 }
 
-#[tokio::test]
-async fn no_content_204_has_no_body_and_keeps_the_connection() {
+both!(no_content_204_has_no_body_and_keeps_the_connection);
+async fn no_content_204_has_no_body_and_keeps_the_connection(client: UpClient) {
     bodiless(
+        client,
         |addr| get(addr, "/"),
         "HTTP/1.1 204 No Content\r\nx-a: b\r\n\r\n",
         204,
@@ -541,9 +602,12 @@ async fn no_content_204_has_no_body_and_keeps_the_connection() {
     .await;
 }
 
-#[tokio::test]
-async fn not_modified_304_with_content_length_has_no_body_and_keeps_the_connection() {
+both!(not_modified_304_with_content_length_has_no_body_and_keeps_the_connection);
+async fn not_modified_304_with_content_length_has_no_body_and_keeps_the_connection(
+    client: UpClient,
+) {
     bodiless(
+        client,
         |addr| {
             Request::get(format!("http://{addr}/"))
                 .header("if-none-match", "\"v1\"")
@@ -559,12 +623,15 @@ async fn not_modified_304_with_content_length_has_no_body_and_keeps_the_connecti
 
 // === 4. connection reuse ===
 
-#[tokio::test]
-async fn a_pooled_connection_closed_without_answer_is_retried_fresh_for_safe_requests() {
+both!(a_pooled_connection_closed_without_answer_is_retried_fresh_for_safe_requests);
+async fn a_pooled_connection_closed_without_answer_is_retried_fresh_for_safe_requests(
+    client: UpClient,
+) {
     // The keep-alive race: the upstream closes an idle connection just as a request goes
     // out on it. A GET goes again on a new connection (as nginx does); a POST, which the
     // upstream may have acted on, is not replayed.
-    let (up, px, addr) = proxied(vec![ok(), vec![Act::Close], ok(), vec![Act::Close]]).await;
+    let (up, px, addr) =
+        proxied(client, vec![ok(), vec![Act::Close], ok(), vec![Act::Close]]).await;
     let client = http1();
     let (resp, _) = send(&client, get(addr, "/first")).await;
     assert_eq!(resp.status(), 200);
@@ -581,9 +648,9 @@ async fn a_pooled_connection_closed_without_answer_is_retried_fresh_for_safe_req
     px.shutdown().await;
 }
 
-#[tokio::test]
-async fn sequential_keep_alive_requests_share_one_upstream_connection() {
-    let (up, px, addr) = proxied(vec![ok()]).await;
+both!(sequential_keep_alive_requests_share_one_upstream_connection);
+async fn sequential_keep_alive_requests_share_one_upstream_connection(client: UpClient) {
+    let (up, px, addr) = proxied(client, vec![ok()]).await;
     let client = http1();
     for _ in 0..3 {
         let (resp, body) = send(&client, get(addr, "/")).await;
@@ -597,8 +664,8 @@ async fn sequential_keep_alive_requests_share_one_upstream_connection() {
 /// The first answer ends the connection's reuse (the upstream keeps the socket open and
 /// would serve another request on it, so only the connection count tells); the second
 /// request must go on a new connection and succeed.
-async fn not_reused_after(first: Vec<Act>, what: &str) {
-    let (up, px, addr) = proxied(vec![first, ok()]).await;
+async fn not_reused_after(client: UpClient, first: Vec<Act>, what: &str) {
+    let (up, px, addr) = proxied(client, vec![first, ok()]).await;
     let client = http1();
     let resp = send_streaming(&client, get(addr, "/")).await;
     assert_eq!(resp.status(), 200, "{what}");
@@ -618,9 +685,10 @@ async fn not_reused_after(first: Vec<Act>, what: &str) {
     px.shutdown().await;
 }
 
-#[tokio::test]
-async fn connection_close_from_upstream_ends_reuse() {
+both!(connection_close_from_upstream_ends_reuse);
+async fn connection_close_from_upstream_ends_reuse(client: UpClient) {
     not_reused_after(
+        client,
         vec![Act::bytes(
             "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 3\r\n\r\nbye",
         )],
@@ -629,9 +697,10 @@ async fn connection_close_from_upstream_ends_reuse() {
     .await;
 }
 
-#[tokio::test]
-async fn http10_response_ends_reuse() {
+both!(http10_response_ends_reuse);
+async fn http10_response_ends_reuse(client: UpClient) {
     not_reused_after(
+        client,
         vec![Act::bytes(
             "HTTP/1.0 200 OK\r\ncontent-length: 3\r\n\r\nold",
         )],
@@ -640,9 +709,10 @@ async fn http10_response_ends_reuse() {
     .await;
 }
 
-#[tokio::test]
-async fn close_delimited_body_ends_reuse() {
+both!(close_delimited_body_ends_reuse);
+async fn close_delimited_body_ends_reuse(client: UpClient) {
     not_reused_after(
+        client,
         vec![
             Act::bytes("HTTP/1.1 200 OK\r\n\r\nuntil the close"),
             Act::Close,
@@ -656,8 +726,8 @@ async fn close_delimited_body_ends_reuse() {
 
 /// A GET through a fresh proxy to an upstream that answers `acts` (and then keeps the
 /// socket open unless `acts` close it): a prompt 502 UPSTREAM_UNAVAILABLE, sent once.
-async fn bad_gateway(acts: Vec<Act>, what: &str) {
-    let (up, px, addr) = proxied(vec![acts]).await;
+async fn bad_gateway(client: UpClient, acts: Vec<Act>, what: &str) {
+    let (up, px, addr) = proxied(client, vec![acts]).await;
     let started = Instant::now();
     let (resp, body) = send(&http1(), get(addr, "/")).await;
     let body = String::from_utf8_lossy(&body).into_owned();
@@ -679,20 +749,22 @@ async fn bad_gateway(acts: Vec<Act>, what: &str) {
     px.shutdown().await;
 }
 
-#[tokio::test]
-async fn garbage_instead_of_a_status_line_is_502() {
+both!(garbage_instead_of_a_status_line_is_502);
+async fn garbage_instead_of_a_status_line_is_502(client: UpClient) {
     // What a non-HTTP service on that port says; no blank line follows, so a parser that
     // waits for the end of the head before judging it hangs.
     bad_gateway(
+        client,
         vec![Act::bytes("220 mail.example.org ESMTP ready\r\n")],
         "garbage",
     )
     .await;
 }
 
-#[tokio::test]
-async fn conflicting_content_lengths_are_502() {
+both!(conflicting_content_lengths_are_502);
+async fn conflicting_content_lengths_are_502(client: UpClient) {
     bad_gateway(
+        client,
         vec![Act::bytes(
             "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!",
         )],
@@ -701,9 +773,10 @@ async fn conflicting_content_lengths_are_502() {
     .await;
 }
 
-#[tokio::test]
-async fn invalid_content_length_is_502() {
+both!(invalid_content_length_is_502);
+async fn invalid_content_length_is_502(client: UpClient) {
     bad_gateway(
+        client,
         vec![Act::bytes(
             "HTTP/1.1 200 OK\r\ncontent-length: abc\r\n\r\nhello",
         )],
@@ -712,26 +785,26 @@ async fn invalid_content_length_is_502() {
     .await;
 }
 
-#[tokio::test]
-async fn response_head_over_64_kib_is_502() {
+both!(response_head_over_64_kib_is_502);
+async fn response_head_over_64_kib_is_502(client: UpClient) {
     // nginx refuses a head over proxy_buffer_size ("upstream sent too big header"), Envoy
     // over max_response_headers_kb (60 KiB): both answer 502.
     let head = format!(
         "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 2\r\n\r\nok",
         "v".repeat(100 * 1024)
     );
-    bad_gateway(vec![Act::bytes(head)], "100 KiB header").await;
+    bad_gateway(client, vec![Act::bytes(head)], "100 KiB header").await;
 }
 
-#[tokio::test]
-async fn upstream_closing_before_any_byte_is_502() {
-    bad_gateway(vec![Act::Close], "closed without answering").await;
+both!(upstream_closing_before_any_byte_is_502);
+async fn upstream_closing_before_any_byte_is_502(client: UpClient) {
+    bad_gateway(client, vec![Act::Close], "closed without answering").await;
 }
 
 /// The head went out to the client already; the body then breaks: the client must see a
 /// broken stream, never a clean end.
-async fn broken_after_head(acts: Vec<Act>, what: &str) {
-    let (_up, px, addr) = proxied(vec![acts]).await;
+async fn broken_after_head(client: UpClient, acts: Vec<Act>, what: &str) {
+    let (_up, px, addr) = proxied(client, vec![acts]).await;
     let resp = send_streaming(&http1(), get(addr, "/")).await;
     assert_eq!(resp.status(), 200, "{what}");
     let got = collect_within(resp).await;
@@ -739,10 +812,11 @@ async fn broken_after_head(acts: Vec<Act>, what: &str) {
     px.shutdown().await;
 }
 
-#[tokio::test]
-async fn invalid_chunk_size_mid_body_breaks_the_client_stream() {
+both!(invalid_chunk_size_mid_body_breaks_the_client_stream);
+async fn invalid_chunk_size_mid_body_breaks_the_client_stream(client: UpClient) {
     // The upstream then stays silent with the socket open: only the parse error can end it.
     broken_after_head(
+        client,
         vec![
             Act::bytes("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"),
             Act::Pause(Duration::from_millis(50)),
@@ -754,9 +828,10 @@ async fn invalid_chunk_size_mid_body_breaks_the_client_stream() {
     .await;
 }
 
-#[tokio::test]
-async fn upstream_closing_before_content_length_bytes_breaks_the_client_stream() {
+both!(upstream_closing_before_content_length_bytes_breaks_the_client_stream);
+async fn upstream_closing_before_content_length_bytes_breaks_the_client_stream(client: UpClient) {
     broken_after_head(
+        client,
         vec![
             Act::bytes("HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789"),
             Act::Pause(Duration::from_millis(50)),
@@ -767,17 +842,136 @@ async fn upstream_closing_before_content_length_bytes_breaks_the_client_stream()
     .await;
 }
 
+// === 5b. a body that fails before its first byte ===
+//
+// The head waits (at most `pool::HEAD_HOLD`, 1 s) for the body's first byte: a body that
+// fails before that is a 502 the client can act on, not a 200 head with an empty, cut body.
+
+both!(bad_first_chunk_is_502_not_an_empty_answer);
+async fn bad_first_chunk_is_502_not_an_empty_answer(client: UpClient) {
+    // The upstream then stays silent with the socket open: only the parse error ends it.
+    bad_gateway(
+        client,
+        vec![
+            Act::bytes("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n"),
+            Act::Pause(Duration::from_secs(30)),
+        ],
+        "invalid first chunk size",
+    )
+    .await;
+}
+
+both!(bad_first_chunk_soon_after_the_head_is_502);
+async fn bad_first_chunk_soon_after_the_head_is_502(client: UpClient) {
+    bad_gateway(
+        client,
+        vec![
+            Act::bytes("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"),
+            Act::Pause(Duration::from_millis(100)),
+            Act::bytes("5 5\r\nhello\r\n"),
+            Act::Pause(Duration::from_secs(30)),
+        ],
+        "two numbers as a chunk size",
+    )
+    .await;
+}
+
+both!(close_before_the_first_body_byte_is_502);
+async fn close_before_the_first_body_byte_is_502(client: UpClient) {
+    for (head, what) in [
+        (
+            "HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n",
+            "closed with Content-Length bytes owed",
+        ),
+        (
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            "closed before the first chunk",
+        ),
+        (
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\n",
+            "closed inside the first chunk",
+        ),
+    ] {
+        bad_gateway(
+            client,
+            vec![
+                Act::bytes(head),
+                Act::Pause(Duration::from_millis(50)),
+                Act::Close,
+            ],
+            what,
+        )
+        .await;
+    }
+}
+
+both!(an_empty_chunked_body_is_an_empty_answer);
+async fn an_empty_chunked_body_is_an_empty_answer(client: UpClient) {
+    let (up, px, addr) = proxied(
+        client,
+        vec![
+            vec![Act::bytes(
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-a: 1\r\n\r\n0\r\n\r\n",
+            )],
+            ok(),
+        ],
+    )
+    .await;
+    let http = http1();
+    let (resp, body) = send(&http, get(addr, "/")).await;
+    assert_eq!((resp.status().as_u16(), body.len()), (200, 0));
+    assert_eq!(resp.headers()["x-a"], "1");
+    let (resp, body) = send(&http, get(addr, "/")).await;
+    assert_eq!((resp.status().as_u16(), &body[..]), (200, &b"ok"[..]));
+    assert_eq!(up.accepted(), 1, "the connection is reused");
+    px.shutdown().await;
+}
+
+both!(a_slow_first_event_holds_the_head_at_most_a_second);
+async fn a_slow_first_event_holds_the_head_at_most_a_second(client: UpClient) {
+    // An event stream whose first event takes 3 s: its head still reaches the client
+    // within the hold (1 s, give or take a loaded machine), and the event when written.
+    let (up, px, addr) = proxied(
+        client,
+        vec![vec![
+            Act::bytes(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                 transfer-encoding: chunked\r\n\r\n",
+            ),
+            Act::Pause(Duration::from_secs(3)),
+            Act::bytes("9\r\ndata: 1\n\n\r\n0\r\n\r\n"),
+        ]],
+    )
+    .await;
+    let started = Instant::now();
+    let resp = send_streaming(&http1(), get(addr, "/events")).await;
+    let head_after = started.elapsed();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        head_after >= Duration::from_millis(900) && head_after < Duration::from_millis(2500),
+        "head after {head_after:?}"
+    );
+    let (text, received) = event_arrivals(resp.into_body()).await;
+    assert_eq!(text, "data: 1\n\n");
+    let written = up.writes.lock().expect("writes lock")[1];
+    assert!(
+        received[0] >= written,
+        "the event came before it was written"
+    );
+    px.shutdown().await;
+}
+
 // === 6. both framings ===
 
 /// Both framings at once (Content-Length shorter than the chunked body).
 const CL_AND_CHUNKED: &str = "HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\
     transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
 
-#[tokio::test]
-async fn both_framings_are_502_and_the_connection_is_not_reused() {
+both!(both_framings_are_502_and_the_connection_is_not_reused);
+async fn both_framings_are_502_and_the_connection_is_not_reused(client: UpClient) {
     // Such a message may be an attempt at response splitting (RFC 9112 6.3). nginx and
     // Envoy refuse it rather than guess which framing the upstream meant.
-    let (up, px, addr) = proxied(vec![vec![Act::bytes(CL_AND_CHUNKED)], ok()]).await;
+    let (up, px, addr) = proxied(client, vec![vec![Act::bytes(CL_AND_CHUNKED)], ok()]).await;
     let client = http1();
     let (resp, body) = send(&client, get(addr, "/")).await;
     assert_eq!(resp.status(), 502);
@@ -793,9 +987,9 @@ async fn both_framings_are_502_and_the_connection_is_not_reused() {
 
 // === 7. a head in pieces ===
 
-#[tokio::test]
-async fn response_trickled_one_byte_per_write_is_parsed() {
-    let (_up, px, addr) = proxied(vec![vec![Act::Trickle(
+both!(response_trickled_one_byte_per_write_is_parsed);
+async fn response_trickled_one_byte_per_write_is_parsed(client: UpClient) {
+    let (_up, px, addr) = proxied(client, vec![vec![Act::Trickle(
         b"HTTP/1.1 201 Created\r\nx-piece: by piece\r\ncontent-type: text/plain\r\ncontent-length: 11\r\n\r\nhello world"
             .to_vec(),
     )]])
@@ -812,8 +1006,8 @@ async fn response_trickled_one_byte_per_write_is_parsed() {
 
 /// Sends `raw_req` (which should carry `Connection: close`) through a proxy to an upstream
 /// answering "ok"; the raw bytes of the one request the upstream received.
-async fn upstream_view(raw_req: &[u8]) -> (Vec<u8>, SocketAddr) {
-    let (up, px, addr) = proxied(vec![ok()]).await;
+async fn upstream_view(client: UpClient, raw_req: &[u8]) -> (Vec<u8>, SocketAddr) {
+    let (up, px, addr) = proxied(client, vec![ok()]).await;
     let resp = raw(addr, raw_req, Duration::from_secs(5)).await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(resp.ends_with("ok"), "{resp}");
@@ -823,9 +1017,10 @@ async fn upstream_view(raw_req: &[u8]) -> (Vec<u8>, SocketAddr) {
     (requests[0].clone(), up.addr)
 }
 
-#[tokio::test]
-async fn get_goes_upstream_in_origin_form_with_one_host_and_no_framing() {
+both!(get_goes_upstream_in_origin_form_with_one_host_and_no_framing);
+async fn get_goes_upstream_in_origin_form_with_one_host_and_no_framing(client: UpClient) {
     let (req, up_addr) = upstream_view(
+        client,
         b"GET /path?q=1 HTTP/1.1\r\nHost: client.example\r\nConnection: close\r\n\r\n",
     )
     .await;
@@ -844,9 +1039,10 @@ async fn get_goes_upstream_in_origin_form_with_one_host_and_no_framing() {
     assert!(body.is_empty());
 }
 
-#[tokio::test]
-async fn post_with_content_length_is_forwarded_byte_exact() {
+both!(post_with_content_length_is_forwarded_byte_exact);
+async fn post_with_content_length_is_forwarded_byte_exact(client: UpClient) {
     let (req, _) = upstream_view(
+        client,
         b"POST /submit HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\nConnection: close\r\n\r\nhello world",
     )
     .await;
@@ -861,9 +1057,10 @@ async fn post_with_content_length_is_forwarded_byte_exact() {
     assert_eq!(body, b"hello world");
 }
 
-#[tokio::test]
-async fn chunked_post_body_reaches_the_upstream_intact() {
+both!(chunked_post_body_reaches_the_upstream_intact);
+async fn chunked_post_body_reaches_the_upstream_intact(client: UpClient) {
     let (req, _) = upstream_view(
+        client,
         b"POST /submit HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
           5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
     )
@@ -882,9 +1079,10 @@ async fn chunked_post_body_reaches_the_upstream_intact() {
     assert_eq!(content, b"hello world");
 }
 
-#[tokio::test]
-async fn hop_by_hop_request_headers_are_not_forwarded() {
+both!(hop_by_hop_request_headers_are_not_forwarded);
+async fn hop_by_hop_request_headers_are_not_forwarded(client: UpClient) {
     let (req, _) = upstream_view(
+        client,
         b"GET /h HTTP/1.1\r\nHost: a\r\nConnection: foo, close\r\nfoo: x\r\nTE: trailers\r\n\
           Keep-Alive: timeout=5\r\nx-kept: 1\r\n\r\n",
     )
@@ -955,10 +1153,10 @@ async fn upload_1mib(addr: SocketAddr) -> (String, Duration) {
     (String::from_utf8_lossy(&got).into_owned(), took)
 }
 
-#[tokio::test]
-async fn early_413_reaches_the_client_while_the_request_body_is_still_coming() {
+both!(early_413_reaches_the_client_while_the_request_body_is_still_coming);
+async fn early_413_reaches_the_client_while_the_request_body_is_still_coming(client: UpClient) {
     let up = refusing_uploads().await;
-    let px = start(&one_route(&up.url(), "", "")).await;
+    let px = start(&config(client, &up.url(), "")).await;
     let addr = px.addr("main").expect("listener main");
     let (got, took) = upload_1mib(addr).await;
     assert!(got.starts_with("HTTP/1.1 413"), "{got}");
@@ -977,10 +1175,10 @@ async fn early_413_reaches_the_client_while_the_request_body_is_still_coming() {
     px.shutdown().await;
 }
 
-#[tokio::test]
-async fn early_response_leaves_nothing_open_once_the_client_left() {
+both!(early_response_leaves_nothing_open_once_the_client_left);
+async fn early_response_leaves_nothing_open_once_the_client_left(client: UpClient) {
     let up = refusing_uploads().await;
-    let px = start(&one_route(&up.url(), "", "")).await;
+    let px = start(&config(client, &up.url(), "")).await;
     let addr = px.addr("main").expect("listener main");
     let (got, _) = upload_1mib(addr).await;
     assert!(got.starts_with("HTTP/1.1 413"), "{got}");
@@ -1115,7 +1313,7 @@ async fn upload(addr: SocketAddr, kind: Upload) -> (u16, Vec<u8>) {
 /// The upstream answers the upload 401 at once and keeps the connection (reading the body
 /// afterwards); the next request through the same worker must reach it as a request of its
 /// own and be answered.
-async fn early_answer_then_next_request(kind: Upload) {
+async fn early_answer_then_next_request(client: UpClient, kind: Upload) {
     let up = Scripted::start_with(
         vec![
             vec![Act::bytes(
@@ -1126,10 +1324,10 @@ async fn early_answer_then_next_request(kind: Upload) {
         Bodies::AfterAnswer,
     )
     .await;
-    let px = start(&one_route(
+    let px = start(&config(
+        client,
         &up.url(),
         "        timeouts: { first_byte: 3s }",
-        "",
     ))
     .await;
     let addr = px.addr("main").expect("listener main");
@@ -1180,31 +1378,35 @@ async fn early_answer_then_next_request(kind: Upload) {
     px.shutdown().await;
 }
 
-#[tokio::test]
-async fn early_answer_to_a_chunked_upload_leaves_nothing_for_the_next_request() {
-    early_answer_then_next_request(Upload::Chunked).await;
+both!(early_answer_to_a_chunked_upload_leaves_nothing_for_the_next_request);
+async fn early_answer_to_a_chunked_upload_leaves_nothing_for_the_next_request(client: UpClient) {
+    early_answer_then_next_request(client, Upload::Chunked).await;
 }
 
-#[tokio::test]
-async fn early_answer_to_an_h2_upload_without_length_leaves_nothing_for_the_next_request() {
-    early_answer_then_next_request(Upload::H2NoLength).await;
+both!(early_answer_to_an_h2_upload_without_length_leaves_nothing_for_the_next_request);
+async fn early_answer_to_an_h2_upload_without_length_leaves_nothing_for_the_next_request(
+    client: UpClient,
+) {
+    early_answer_then_next_request(client, Upload::H2NoLength).await;
 }
 
-#[tokio::test]
-async fn early_answer_to_a_small_declared_upload_leaves_nothing_for_the_next_request() {
-    early_answer_then_next_request(Upload::SmallDeclared).await;
+both!(early_answer_to_a_small_declared_upload_leaves_nothing_for_the_next_request);
+async fn early_answer_to_a_small_declared_upload_leaves_nothing_for_the_next_request(
+    client: UpClient,
+) {
+    early_answer_then_next_request(client, Upload::SmallDeclared).await;
 }
 
-#[tokio::test]
-async fn early_answer_to_a_streamed_upload_leaves_nothing_for_the_next_request() {
-    early_answer_then_next_request(Upload::StreamedDeclared).await;
+both!(early_answer_to_a_streamed_upload_leaves_nothing_for_the_next_request);
+async fn early_answer_to_a_streamed_upload_leaves_nothing_for_the_next_request(client: UpClient) {
+    early_answer_then_next_request(client, Upload::StreamedDeclared).await;
 }
 
 // === 10. streaming ===
 
-#[tokio::test]
-async fn chunked_sse_events_reach_the_client_before_the_next_is_written() {
-    let (up, px, addr) = proxied(vec![vec![
+both!(chunked_sse_events_reach_the_client_before_the_next_is_written);
+async fn chunked_sse_events_reach_the_client_before_the_next_is_written(client: UpClient) {
+    let (up, px, addr) = proxied(client, vec![vec![
         Act::bytes(
             "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n\
              9\r\ndata: 1\n\n\r\n",
