@@ -357,15 +357,6 @@ impl Reader {
         self.incoming == Incoming::Done
     }
 
-    /// Body bytes are buffered where the body expects data.
-    fn data_ready(&self) -> bool {
-        self.filled > 0
-            && matches!(
-                self.incoming,
-                Incoming::Length(_) | Incoming::UntilClose | Incoming::Chunked(Chunk::Data(_))
-            )
-    }
-
     /// Whether the connection can carry another response after this one, as far as the
     /// response tells: read to its end, nothing said or sent to end the connection.
     pub(crate) fn reusable(&self) -> bool {
@@ -753,25 +744,6 @@ impl Conn {
             Incoming::Done => Some(0),
             Incoming::Length(n) => Some(n),
             _ => None,
-        }
-    }
-
-    /// Ready once the response body has a byte to give, or has ended, or failed; nothing is
-    /// taken. What an answer's head waits for before it is passed on (`pool::hold`), so
-    /// that a body that fails at once is answered 502, not with a head and a cut stream.
-    pub fn poll_body_start(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WireError>> {
-        self.keep_sending(cx);
-        loop {
-            let stepped = self.reader.step(false);
-            self.response_ended();
-            if matches!(stepped?, Step::End) || self.reader.data_ready() {
-                return Poll::Ready(Ok(()));
-            }
-            if ready!(self.reader.poll_fill(&mut self.io, cx))? == 0 {
-                let end = self.reader.eof();
-                self.response_ended();
-                return Poll::Ready(end);
-            }
         }
     }
 

@@ -124,6 +124,11 @@ pub enum ConnectError {
 /// slow still shows its head at once, as far as a person can tell.
 pub const HEAD_HOLD: Duration = Duration::from_secs(1);
 
+/// Most body bytes taken while the head is held: what is ready beyond the first byte is
+/// taken too (so that a failure already in the socket is found), up to this much, as a
+/// proxy buffer would (nginx's `proxy_buffer_size` is 4-8 KiB, its buffers 64 KiB).
+const HOLD_BYTES: usize = 64 * 1024;
+
 /// An upstream connection, spoken to by one of the two clients.
 pub enum Connection {
     Rampart(Box<Conn>),
@@ -301,12 +306,7 @@ pub async fn exchange(
     match conn {
         Connection::Rampart(mut conn) => {
             let head = client::exchange(&mut conn, request, forwarded).await?;
-            Some(head.map(|head| {
-                head.map(|()| PooledBody {
-                    inner: Inner::Rampart(Some(conn)),
-                    pool,
-                })
-            }))
+            Some(head.map(|head| head.map(|()| PooledBody::new(Inner::Rampart(Some(conn)), pool))))
         }
         // Boxed: the reference path's future stays out of every request's.
         Connection::Hyper(conn) => Box::pin(exchange_hyper(conn, pool, request, forwarded)).await,
@@ -318,6 +318,42 @@ pub async fn exchange(
 pub struct PooledBody {
     inner: Inner,
     pool: Arc<EndpointPool>,
+    /// Data taken while the head was held (`hold`), handed out first.
+    held: Held,
+    /// Data went out since the body last returned Pending: what the server has buffered
+    /// but not yet written.
+    unflushed: bool,
+    /// An error kept back one poll (see `poll_frame`).
+    deferred: Option<WireError>,
+}
+
+/// Frames taken ahead: the first inline (nearly always the only one), more in a queue.
+#[derive(Default)]
+struct Held {
+    first: Option<Bytes>,
+    more: std::collections::VecDeque<Bytes>,
+    bytes: usize,
+}
+
+impl Held {
+    fn push(&mut self, data: Bytes) {
+        self.bytes += data.len();
+        if self.first.is_none() && self.more.is_empty() {
+            self.first = Some(data);
+        } else {
+            self.more.push_back(data);
+        }
+    }
+
+    fn pop(&mut self) -> Option<Bytes> {
+        let data = self.first.take().or_else(|| self.more.pop_front())?;
+        self.bytes -= data.len();
+        Some(data)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none() && self.more.is_empty()
+    }
 }
 
 enum Inner {
@@ -327,15 +363,36 @@ enum Inner {
 }
 
 impl PooledBody {
-    /// Waits until the body has a first byte, has ended, or has failed, at most
-    /// `HEAD_HOLD`, taking nothing. An error means the body failed before anything of the
-    /// answer was passed on: the client can still be told 502, rather than get a head and
-    /// a cut (or empty) body. Costs nothing when the body's first bytes came with the head.
+    fn new(inner: Inner, pool: Arc<EndpointPool>) -> Self {
+        PooledBody {
+            inner,
+            pool,
+            held: Held::default(),
+            unflushed: false,
+            deferred: None,
+        }
+    }
+
+    /// Holds the head until the body has given its first byte (or ended, or failed), at
+    /// most `HEAD_HOLD`; then takes whatever else is ready at once (up to `HOLD_BYTES`).
+    /// An error means the body failed before anything of the answer was passed on: the
+    /// client can still be told 502, rather than get a head and a cut (or, when the server
+    /// had not written it yet, empty) answer. An answer whose body came with its head
+    /// passes without a timer or a wait.
     pub async fn hold(&mut self) -> Result<(), WireError> {
         let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
         poll_fn(|cx| {
-            if let Poll::Ready(r) = self.poll_start(cx) {
-                return Poll::Ready(r);
+            loop {
+                if self.held.bytes >= HOLD_BYTES {
+                    return Poll::Ready(Ok(()));
+                }
+                match self.poll_inner(cx) {
+                    Poll::Ready(Some(Ok(data))) => self.held.push(data),
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                    Poll::Ready(None) => return Poll::Ready(Ok(())),
+                    Poll::Pending if !self.held.is_empty() => return Poll::Ready(Ok(())),
+                    Poll::Pending => break,
+                }
             }
             let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(HEAD_HOLD)));
             timer.as_mut().poll(cx).map(Ok)
@@ -343,17 +400,24 @@ impl PooledBody {
         .await
     }
 
-    fn poll_start(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WireError>> {
-        match &mut self.inner {
-            Inner::Rampart(Some(conn)) => {
-                let started = ready!(conn.poll_body_start(cx));
-                if started.is_err() {
-                    self.inner = Inner::Rampart(None);
-                }
-                Poll::Ready(started)
-            }
-            Inner::Rampart(None) => Poll::Ready(Ok(())),
-            Inner::Hyper(b) => b.poll_start(cx),
+    /// The next data from the connection.
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, WireError>>> {
+        let conn = match &mut self.inner {
+            Inner::Rampart(Some(conn)) => conn,
+            Inner::Rampart(None) => return Poll::Ready(None),
+            Inner::Hyper(b) => return b.poll_data(cx),
+        };
+        let next = ready!(conn.poll_body(cx));
+        if matches!(next, Some(Err(_))) {
+            self.inner = Inner::Rampart(None);
+        }
+        Poll::Ready(next)
+    }
+
+    fn inner_ended(&self) -> bool {
+        match &self.inner {
+            Inner::Rampart(conn) => conn.as_ref().is_none_or(|c| c.body_done()),
+            Inner::Hyper(b) => b.is_end_stream(),
         }
     }
 }
@@ -366,35 +430,60 @@ impl Body for PooledBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, WireError>>> {
-        let conn = match &mut self.inner {
-            Inner::Rampart(Some(conn)) => conn,
-            Inner::Rampart(None) => return Poll::Ready(None),
-            Inner::Hyper(b) => return b.poll_data(cx).map(|d| d.map(|d| d.map(Frame::data))),
-        };
-        match ready!(conn.poll_body(cx)) {
-            Some(Ok(data)) => Poll::Ready(Some(Ok(Frame::data(data)))),
-            Some(Err(e)) => {
-                self.inner = Inner::Rampart(None);
-                Poll::Ready(Some(Err(e)))
+        let this = &mut *self;
+        if let Some(e) = this.deferred.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
+        if let Some(data) = this.held.pop() {
+            this.unflushed = true;
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        match this.poll_inner(cx) {
+            Poll::Ready(Some(Ok(data))) => {
+                this.unflushed = true;
+                Poll::Ready(Some(Ok(Frame::data(data))))
             }
-            None => Poll::Ready(None),
+            // hyper's server drops what it has not written when a body fails: data that
+            // came just before the failure would never reach the client, which would see
+            // an empty answer. One Pending first lets the server write it; the error
+            // follows on the next poll.
+            Poll::Ready(Some(Err(e))) if this.unflushed => {
+                this.unflushed = false;
+                this.deferred = Some(e);
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Poll::Ready(other) => Poll::Ready(other.map(|r| r.map(Frame::data))),
+            Poll::Pending => {
+                this.unflushed = false;
+                Poll::Pending
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Inner::Rampart(conn) => conn.as_ref().is_none_or(|c| c.body_done()),
-            Inner::Hyper(b) => b.is_end_stream(),
-        }
+        self.held.is_empty() && self.deferred.is_none() && self.inner_ended()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.inner {
+        let held = self.held.bytes as u64;
+        let inner = match &self.inner {
             Inner::Rampart(conn) => match conn.as_ref().and_then(|c| c.body_remaining()) {
                 Some(n) => SizeHint::with_exact(n),
                 None => SizeHint::default(),
             },
             Inner::Hyper(b) => b.size_hint(),
+        };
+        match inner.exact() {
+            Some(n) => SizeHint::with_exact(n + held),
+            None => {
+                let mut sum = SizeHint::new();
+                sum.set_lower(inner.lower() + held);
+                if let Some(upper) = inner.upper() {
+                    sum.set_upper(upper + held);
+                }
+                sum
+            }
         }
     }
 }
@@ -650,15 +739,14 @@ async fn exchange_hyper(
             if let Some(problem) = refused(&resp) {
                 return Some(Err(ExchangeError::Wire(WireError::Invalid(problem))));
             }
-            Some(Ok(resp.map(|body| PooledBody {
-                inner: Inner::Hyper(Box::new(HyperBody {
+            Some(Ok(resp.map(|body| {
+                let body = HyperBody {
                     body,
                     conn: Some(conn),
-                    first: None,
                     reusable: false,
                     done: false,
-                })),
-                pool,
+                };
+                PooledBody::new(Inner::Hyper(Box::new(body)), pool)
             })))
         }
         Err(mut e) => {
@@ -731,8 +819,6 @@ struct HyperBody {
     body: Incoming,
     /// Taken when the connection goes back to the pool or is closed.
     conn: Option<Box<HyperConn>>,
-    /// Data read ahead while the head waited (`PooledBody::hold`).
-    first: Option<Bytes>,
     /// The body ended with every request byte written: the connection may be pooled.
     reusable: bool,
     done: bool,
@@ -750,15 +836,9 @@ impl HyperBody {
         }
     }
 
-    fn failed(&mut self) {
-        self.done = true;
-        self.first = None;
-        self.conn = None;
-    }
-
-    /// The next data frame from hyper (trailers are read and dropped, as rampart's client
-    /// does); Ready(None) at the end.
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, WireError>>> {
+    /// The next data from hyper (trailers are read and dropped, as rampart's client does);
+    /// Ready(None) at the end.
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, WireError>>> {
         loop {
             if self.done {
                 return Poll::Ready(None);
@@ -769,11 +849,18 @@ impl HyperBody {
             match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) if data.is_empty() => {}
-                    Ok(data) => return Poll::Ready(Some(Ok(data))),
+                    Ok(data) => {
+                        // hyper's body says so once a sized body has all its bytes.
+                        if self.body.is_end_stream() {
+                            self.ended();
+                        }
+                        return Poll::Ready(Some(Ok(data)));
+                    }
                     Err(_trailers) => {}
                 },
                 Some(Err(e)) => {
-                    self.failed();
+                    self.done = true;
+                    self.conn = None;
                     return Poll::Ready(Some(Err(WireError::Hyper(e))));
                 }
                 None => {
@@ -784,54 +871,12 @@ impl HyperBody {
         }
     }
 
-    fn poll_start(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WireError>> {
-        if self.first.is_some() {
-            return Poll::Ready(Ok(()));
-        }
-        match ready!(self.poll_next(cx)) {
-            Some(Ok(data)) => {
-                self.first = Some(data);
-                Poll::Ready(Ok(()))
-            }
-            Some(Err(e)) => Poll::Ready(Err(e)),
-            None => Poll::Ready(Ok(())),
-        }
-    }
-
-    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, WireError>>> {
-        let next = match self.first.take() {
-            Some(data) => Some(Ok(data)),
-            None => ready!(self.poll_next(cx)),
-        };
-        // hyper's body says so once a sized body has all its bytes: the server then stops
-        // polling, so this is the end.
-        if matches!(next, Some(Ok(_))) && !self.done && self.body.is_end_stream() {
-            self.ended();
-        }
-        Poll::Ready(next)
-    }
-
     fn is_end_stream(&self) -> bool {
-        self.first.is_none() && (self.done || self.body.is_end_stream())
+        self.done || self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        let hint = self.body.size_hint();
-        let Some(first) = &self.first else {
-            return hint;
-        };
-        let n = first.len() as u64;
-        match hint.exact() {
-            Some(exact) => SizeHint::with_exact(exact + n),
-            None => {
-                let mut sum = SizeHint::new();
-                sum.set_lower(hint.lower() + n);
-                if let Some(upper) = hint.upper() {
-                    sum.set_upper(upper + n);
-                }
-                sum
-            }
-        }
+        self.body.size_hint()
     }
 }
 

@@ -13,4 +13,5 @@ mod proxy;
 mod ratelimit;
 mod reload;
 mod resilience;
+mod smuggling_upstream;
 mod upstream_wire;

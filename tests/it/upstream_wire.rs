@@ -65,7 +65,7 @@ pub(crate) fn config(client: UpClient, url: &str, route_extra: &str) -> String {
 }
 
 /// One step of a scripted answer.
-enum Act {
+pub(crate) enum Act {
     /// These bytes in one write.
     Send(Vec<u8>),
     /// These bytes one per write, 1 ms apart (the socket has TCP_NODELAY): every split
@@ -79,13 +79,13 @@ enum Act {
 }
 
 impl Act {
-    fn bytes(b: impl AsRef<[u8]>) -> Act {
+    pub(crate) fn bytes(b: impl AsRef<[u8]>) -> Act {
         Act::Send(b.as_ref().to_vec())
     }
 }
 
 /// A complete keep-alive answer "ok".
-fn ok() -> Vec<Act> {
+pub(crate) fn ok() -> Vec<Act> {
     vec![Act::bytes("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")]
 }
 
@@ -93,7 +93,7 @@ fn ok() -> Vec<Act> {
 /// Content-Length or chunked encoding), records its raw bytes, then plays `script[i]` for
 /// the i-th request received over all connections (the last entry for any later one). A
 /// connection stays open for the next request until the script closes it or the proxy does.
-struct Scripted {
+pub(crate) struct Scripted {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
     requests: Arc<Mutex<Vec<Vec<u8>>>>,
@@ -111,7 +111,7 @@ impl Drop for Scripted {
 
 /// When the scripted upstream reads a request's body.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Bodies {
+pub(crate) enum Bodies {
     /// Before answering.
     First,
     /// Never: the answer goes out as soon as the head is in.
@@ -133,7 +133,7 @@ impl Scripted {
         Scripted::start_with(script, Bodies::Never).await
     }
 
-    async fn start_with(script: Vec<Vec<Act>>, bodies: Bodies) -> Scripted {
+    pub(crate) async fn start_with(script: Vec<Vec<Act>>, bodies: Bodies) -> Scripted {
         assert!(!script.is_empty(), "a script answers at least one request");
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
         if bodies == Bodies::AfterAnswer {
@@ -170,15 +170,15 @@ impl Scripted {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    fn accepted(&self) -> usize {
+    pub(crate) fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
     }
 
-    fn requests(&self) -> Vec<Vec<u8>> {
+    pub(crate) fn requests(&self) -> Vec<Vec<u8>> {
         self.requests.lock().expect("requests lock").clone()
     }
 }
@@ -340,7 +340,7 @@ async fn read_body(
 }
 
 /// The values of header `name` (any case) in a head, trimmed.
-fn header_values(head: &str, name: &str) -> Vec<String> {
+pub(crate) fn header_values(head: &str, name: &str) -> Vec<String> {
     head.split("\r\n")
         .skip(1)
         .take_while(|l| !l.is_empty())
@@ -351,7 +351,7 @@ fn header_values(head: &str, name: &str) -> Vec<String> {
 }
 
 /// A raw request split into its head (text) and its body bytes as sent.
-fn split(raw: &[u8]) -> (String, Vec<u8>) {
+pub(crate) fn split(raw: &[u8]) -> (String, Vec<u8>) {
     let end = find(raw, b"\r\n\r\n", 0).expect("a complete head") + 4;
     (
         String::from_utf8_lossy(&raw[..end]).into_owned(),
@@ -957,6 +957,35 @@ async fn a_slow_first_event_holds_the_head_at_most_a_second(client: UpClient) {
     assert!(
         received[0] >= written,
         "the event came before it was written"
+    );
+    px.shutdown().await;
+}
+
+both!(data_just_before_a_failure_still_reaches_the_client);
+async fn data_just_before_a_failure_still_reaches_the_client(client: UpClient) {
+    // After the head went out, a read brings a chunk and then a bad chunk size: the chunk
+    // must reach the client before its stream is cut (a server drops what it has not
+    // written when the body fails).
+    let (_up, px, addr) = proxied(
+        client,
+        vec![vec![
+            Act::bytes("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"),
+            Act::Pause(Duration::from_millis(100)),
+            Act::bytes("5\r\nworld\r\nzz\r\n"),
+        ]],
+    )
+    .await;
+    let got = raw(
+        addr,
+        b"GET / HTTP/1.1\r\nhost: a\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    let body = got.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    assert_eq!(
+        body, "5\r\nhello\r\n5\r\nworld\r\n",
+        "cut without its last chunk"
     );
     px.shutdown().await;
 }
