@@ -712,7 +712,20 @@ async fn exchange_hyper(
     })
     .flatten();
     let (mut parts, body) = req.into_parts();
-    let added = forwarded.map(|f| append_forwarded(&mut parts.headers, f));
+    let mut added = forwarded
+        .map(|f| append_forwarded(&mut parts.headers, f))
+        .unwrap_or_default();
+    // Methods that define a body say it is empty, as rampart's client does (RFC 9110
+    // 8.6); hyper sends no length for an empty body.
+    if body.is_end_stream()
+        && matches!(parts.method, Method::POST | Method::PUT | Method::PATCH)
+        && !parts.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        added.push(header::CONTENT_LENGTH);
+    }
     let progress = conn.progress.clone();
     progress.body_done.store(false, Ordering::Relaxed);
     progress.unflushed.store(true, Ordering::Relaxed);
@@ -753,7 +766,7 @@ async fn exchange_hyper(
             if let Some(unsent) = e.take_message() {
                 // hyper never wrote it: lent back as it came.
                 let (mut parts, body) = unsent.into_parts();
-                for name in added.iter().flatten() {
+                for name in &added {
                     parts.headers.remove(name);
                 }
                 *request = Some(Request::from_parts(parts, body.inner));
