@@ -396,6 +396,46 @@ async fn collect_within(
         .map(|c| c.to_bytes())
 }
 
+both!(the_client_in_use_shows_in_the_admin_config);
+async fn the_client_in_use_shows_in_the_admin_config(client: UpClient) {
+    let (_up, px, _) = proxied(client, vec![ok()]).await;
+    let (resp, body) = send(&http1(), get(px.admin_addr, "/admin/config")).await;
+    assert_eq!(resp.status(), 200);
+    let config: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(config["upstreams"]["up"]["client"], client.key());
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reload_switches_the_client_for_new_connections() {
+    // The reason phrase tells the clients apart: hyper's passes the upstream's on.
+    let up = Scripted::start(vec![vec![Act::bytes(
+        "HTTP/1.1 200 Fine\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+    )]])
+    .await;
+    let px = start(&config(UpClient::Rampart, &up.url(), "")).await;
+    let addr = px.addr("main").expect("listener main");
+    let status_line = || async move {
+        let got = raw(
+            addr,
+            b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        got.lines().next().unwrap_or("").to_string()
+    };
+    assert_eq!(status_line().await, "HTTP/1.1 200 OK");
+    for (client, expected) in [
+        (UpClient::Hyper, "HTTP/1.1 200 Fine"),
+        (UpClient::Rampart, "HTTP/1.1 200 OK"),
+    ] {
+        let report = px.apply(parse(&config(client, &up.url(), ""))).await;
+        assert!(report.is_ok(), "{report:?}");
+        assert_eq!(status_line().await, expected, "{client:?}");
+    }
+    px.shutdown().await;
+}
+
 // === 1. response framing ===
 
 both!(content_length_body_arrives_whole);
