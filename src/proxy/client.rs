@@ -357,6 +357,16 @@ impl Reader {
         self.incoming == Incoming::Done
     }
 
+    /// The whole body is buffered and framed by its length: nothing more can go wrong
+    /// with it.
+    fn body_buffered(&self) -> bool {
+        match self.incoming {
+            Incoming::Done => true,
+            Incoming::Length(n) => self.filled as u64 >= n,
+            _ => false,
+        }
+    }
+
     /// Whether the connection can carry another response after this one, as far as the
     /// response tells: read to its end, nothing said or sent to end the connection.
     pub(crate) fn reusable(&self) -> bool {
@@ -536,7 +546,7 @@ impl Conn {
     }
 
     /// Encodes the request head (and a small buffered body) for writing; the body is
-    /// attached by `attach` once the head is on its way.
+    /// sent by `poll_send` once the head is on its way.
     fn encode(
         &mut self,
         req: &Request<RequestBody>,
@@ -736,6 +746,11 @@ impl Conn {
 
     pub fn body_done(&self) -> bool {
         self.reader.body_done()
+    }
+
+    /// The rest of the body is already read and cannot fail (see `Reader::body_buffered`).
+    pub fn body_buffered(&self) -> bool {
+        self.reader.body_buffered()
     }
 
     /// Bytes of the response body still expected, when known.

@@ -315,45 +315,24 @@ pub async fn exchange(
 
 /// The upstream's response body, carrying the connection: polling the body reads it, and
 /// when the body has been read to its end the connection goes back to its endpoint's pool.
+/// Kept small (it is moved through several layers with every response): what only some
+/// responses need is boxed on demand.
 pub struct PooledBody {
     inner: Inner,
     pool: Arc<EndpointPool>,
-    /// Data taken while the head was held (`hold`), handed out first.
-    held: Held,
+    /// Data taken while the head was held (`hold`), and an error kept back one poll
+    /// (`poll_frame`).
+    ahead: Option<Box<Ahead>>,
     /// Data went out since the body last returned Pending: what the server has buffered
-    /// but not yet written.
+    /// but may not have written yet.
     unflushed: bool,
-    /// An error kept back one poll (see `poll_frame`).
-    deferred: Option<WireError>,
 }
 
-/// Frames taken ahead: the first inline (nearly always the only one), more in a queue.
 #[derive(Default)]
-struct Held {
-    first: Option<Bytes>,
-    more: std::collections::VecDeque<Bytes>,
+struct Ahead {
+    frames: std::collections::VecDeque<Bytes>,
     bytes: usize,
-}
-
-impl Held {
-    fn push(&mut self, data: Bytes) {
-        self.bytes += data.len();
-        if self.first.is_none() && self.more.is_empty() {
-            self.first = Some(data);
-        } else {
-            self.more.push_back(data);
-        }
-    }
-
-    fn pop(&mut self) -> Option<Bytes> {
-        let data = self.first.take().or_else(|| self.more.pop_front())?;
-        self.bytes -= data.len();
-        Some(data)
-    }
-
-    fn is_empty(&self) -> bool {
-        self.first.is_none() && self.more.is_empty()
-    }
+    deferred: Option<WireError>,
 }
 
 enum Inner {
@@ -367,9 +346,8 @@ impl PooledBody {
         PooledBody {
             inner,
             pool,
-            held: Held::default(),
+            ahead: None,
             unflushed: false,
-            deferred: None,
         }
     }
 
@@ -377,20 +355,33 @@ impl PooledBody {
     /// most `HEAD_HOLD`; then takes whatever else is ready at once (up to `HOLD_BYTES`).
     /// An error means the body failed before anything of the answer was passed on: the
     /// client can still be told 502, rather than get a head and a cut (or, when the server
-    /// had not written it yet, empty) answer. An answer whose body came with its head
-    /// passes without a timer or a wait.
+    /// had not written it yet, empty) answer. An answer whose sized body came whole with
+    /// its head passes at once, with nothing taken, no timer and no allocation.
     pub async fn hold(&mut self) -> Result<(), WireError> {
+        if let Inner::Rampart(Some(conn)) = &self.inner
+            && conn.body_buffered()
+        {
+            return Ok(());
+        }
         let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
         poll_fn(|cx| {
             loop {
-                if self.held.bytes >= HOLD_BYTES {
+                let held = self.ahead.as_ref().map_or(0, |a| a.bytes);
+                if held >= HOLD_BYTES {
                     return Poll::Ready(Ok(()));
                 }
                 match self.poll_inner(cx) {
-                    Poll::Ready(Some(Ok(data))) => self.held.push(data),
+                    Poll::Ready(Some(Ok(data))) => {
+                        let ahead = self.ahead.get_or_insert_with(Box::default);
+                        ahead.bytes += data.len();
+                        ahead.frames.push_back(data);
+                        if self.inner_ended() {
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
                     Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
                     Poll::Ready(None) => return Poll::Ready(Ok(())),
-                    Poll::Pending if !self.held.is_empty() => return Poll::Ready(Ok(())),
+                    Poll::Pending if held > 0 => return Poll::Ready(Ok(())),
                     Poll::Pending => break,
                 }
             }
@@ -420,6 +411,16 @@ impl PooledBody {
             Inner::Hyper(b) => b.is_end_stream(),
         }
     }
+
+    fn inner_size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Rampart(conn) => match conn.as_ref().and_then(|c| c.body_remaining()) {
+                Some(n) => SizeHint::with_exact(n),
+                None => SizeHint::default(),
+            },
+            Inner::Hyper(b) => b.size_hint(),
+        }
+    }
 }
 
 impl Body for PooledBody {
@@ -431,12 +432,15 @@ impl Body for PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, WireError>>> {
         let this = &mut *self;
-        if let Some(e) = this.deferred.take() {
-            return Poll::Ready(Some(Err(e)));
-        }
-        if let Some(data) = this.held.pop() {
-            this.unflushed = true;
-            return Poll::Ready(Some(Ok(Frame::data(data))));
+        if let Some(ahead) = this.ahead.as_deref_mut() {
+            if let Some(e) = ahead.deferred.take() {
+                return Poll::Ready(Some(Err(e)));
+            }
+            if let Some(data) = ahead.frames.pop_front() {
+                ahead.bytes -= data.len();
+                this.unflushed = true;
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
         }
         match this.poll_inner(cx) {
             Poll::Ready(Some(Ok(data))) => {
@@ -449,7 +453,7 @@ impl Body for PooledBody {
             // follows on the next poll.
             Poll::Ready(Some(Err(e))) if this.unflushed => {
                 this.unflushed = false;
-                this.deferred = Some(e);
+                this.ahead.get_or_insert_with(Box::default).deferred = Some(e);
                 cx.waker().wake_by_ref();
                 Poll::Pending
             }
@@ -462,17 +466,17 @@ impl Body for PooledBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.held.is_empty() && self.deferred.is_none() && self.inner_ended()
+        self.ahead
+            .as_ref()
+            .is_none_or(|a| a.frames.is_empty() && a.deferred.is_none())
+            && self.inner_ended()
     }
 
     fn size_hint(&self) -> SizeHint {
-        let held = self.held.bytes as u64;
-        let inner = match &self.inner {
-            Inner::Rampart(conn) => match conn.as_ref().and_then(|c| c.body_remaining()) {
-                Some(n) => SizeHint::with_exact(n),
-                None => SizeHint::default(),
-            },
-            Inner::Hyper(b) => b.size_hint(),
+        let inner = self.inner_size_hint();
+        let held = match &self.ahead {
+            Some(a) if a.bytes > 0 => a.bytes as u64,
+            _ => return inner,
         };
         match inner.exact() {
             Some(n) => SizeHint::with_exact(n + held),
