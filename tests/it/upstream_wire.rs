@@ -19,8 +19,15 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::support::*;
 
 /// Which HTTP/1.1 client rampart speaks to the upstream with (`upstreams.<name>.client`).
-/// Every test here runs against both: rampart's own, and hyper's as the reference. Where
-/// the two differ by design, the test says which does what (see `by_client`).
+/// Every test here runs against both: rampart's own, and hyper's as the reference, held to
+/// the same outcomes. hyper is set to match where it has a setting (64 KiB head, 100
+/// fields), and rampart's wrapper checks what it has none for (an unrequested 101 and
+/// Content-Length with Transfer-Encoding refused, trailers dropped so the connection is
+/// reused, a connection answered before its request was written never pooled,
+/// `Content-Length: 0` on an empty POST). What still differs by design, each asserted per
+/// client: the reason phrase (hyper passes the upstream's on: the reload test below tells
+/// the clients apart by it), and the chunk-size, extension and trailer bounds listed at
+/// the end of `smuggling_upstream.rs`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum UpClient {
     Rampart,
