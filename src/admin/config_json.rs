@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use crate::config::{
     CheckConfig, Config, DrainMode, KeySource, LoadBalancing, LogFormat, RateLimitStore,
-    RedisTarget, RetryOn, redact_url,
+    RedisTarget, RetryOn, UpstreamClient, redact_url,
 };
 
 const REDACTED: &str = "[redacted]";
@@ -122,6 +122,10 @@ pub fn to_json(c: &Config) -> Value {
                 "pool": {
                     "idle_timeout": d(u.pool.idle_timeout),
                     "max_idle_per_endpoint": u.pool.max_idle_per_endpoint,
+                },
+                "client": match u.client {
+                    UpstreamClient::Rampart => "rampart",
+                    UpstreamClient::Hyper => "hyper",
                 },
                 "tls": { "ca_file": u.tls_ca_file.as_ref().map(|p| p.display().to_string()) },
                 "health_check": r.health_check.as_ref().map(|h| json!({

@@ -651,6 +651,8 @@ pub struct UpstreamConfig {
     /// Default 5s.
     pub connect_timeout: Duration,
     pub pool: PoolConfig,
+    /// Which HTTP/1.1 client speaks to the endpoints. Default rampart's own.
+    pub client: UpstreamClient,
     /// For https endpoints: PEM CA certificates trusted in addition to the system's store
     /// (`tls.ca_file`); None = the system's store only.
     pub tls_ca_file: Option<std::path::PathBuf>,
@@ -671,6 +673,16 @@ pub struct Resilience {
     pub max_in_flight: Option<usize>,
     /// Active checks: an endpoint that fails them is skipped like an ejected one.
     pub health_check: Option<UpstreamHealthCheck>,
+}
+
+/// The HTTP/1.1 client of an upstream (`client:`): rampart's own (`proxy::client`), or
+/// hyper's connection client, kept as the differential reference of the wire tests and as a
+/// switch to fall back on in production.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamClient {
+    #[default]
+    Rampart,
+    Hyper,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

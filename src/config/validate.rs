@@ -23,7 +23,7 @@ use super::{
     ListenerConfig, LoadBalancing, LogFormat, LoggingConfig, NormalizePath, PathConfig, PoolConfig,
     Problem, RateLimitConfig, RateLimitKey, RateLimitStore, RedisConfig, RedisTarget, Resilience,
     RetryConfig, RetryOn, RouteConfig, RouteTimeouts, Severity, Signal, SignalUnit, SinkConfig,
-    SinkKind, UpstreamConfig,
+    SinkKind, UpstreamClient, UpstreamConfig,
 };
 
 // === defaults (documented on the types in mod.rs and in docs/configuration.md) ===
@@ -305,6 +305,17 @@ fn upstream(ctx: &mut Ctx, f: Field, name: &str) -> UpstreamConfig {
             .read(ctx, "connect_timeout", Ctx::duration)
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
         pool: pool(ctx, m.optional("pool")),
+        client: m
+            .read(ctx, "client", |ctx, f| {
+                ctx.one_of(
+                    f,
+                    &[
+                        ("rampart", UpstreamClient::Rampart),
+                        ("hyper", UpstreamClient::Hyper),
+                    ],
+                )
+            })
+            .unwrap_or_default(),
         tls_ca_file: upstream_tls(ctx, m.optional("tls")),
         resilience: resilience(ctx, &mut m),
     };
@@ -2187,6 +2198,7 @@ mod tests {
                     name: "backend".into(),
                     endpoints: vec![uri("http://127.0.0.1:3001/")],
                     connect_timeout: secs(5),
+                    client: UpstreamClient::Rampart,
                     tls_ca_file: None,
                     resilience: Resilience::default(),
                     pool: PoolConfig {
@@ -2353,6 +2365,7 @@ mod tests {
                             uri("http://127.0.0.1:3002/"),
                         ],
                         connect_timeout: secs(2),
+                        client: UpstreamClient::Rampart,
                         tls_ca_file: None,
                         resilience: Resilience::default(),
                         pool: PoolConfig {
@@ -2367,6 +2380,7 @@ mod tests {
                         name: "fastgpt".into(),
                         endpoints: vec![uri("https://fastgpt.example.com:443/")],
                         connect_timeout: secs(5),
+                        client: UpstreamClient::Rampart,
                         tls_ca_file: None,
                         resilience: Resilience::default(),
                         pool: PoolConfig {
@@ -3963,6 +3977,39 @@ mod tests {
             23,
             "listeners[0].routes[0].rate_limits[0]",
             "unknown rate limit policy \"api\" (no `rate_limits` are defined)",
+        );
+    }
+
+    #[test]
+    fn upstream_client_is_rampart_or_hyper() {
+        let config = |client: &str| {
+            format!(
+                "
+                listeners:
+                  - name: inbound
+                    listen: 0.0.0.0:8080
+                    routes:
+                      - upstream: backend
+                upstreams:
+                  backend:
+                    endpoints: [\"http://127.0.0.1:3001\"]
+                    client: {client}
+                "
+            )
+        };
+        for (text, expected) in [
+            ("rampart", UpstreamClient::Rampart),
+            ("hyper", UpstreamClient::Hyper),
+        ] {
+            let c = parse(&config(text)).expect("valid");
+            assert_eq!(c.upstreams["backend"].client, expected);
+        }
+        only(
+            &config("Hyper"),
+            9,
+            13,
+            "upstreams.backend.client",
+            "expected one of rampart, hyper, got \"Hyper\"",
         );
     }
 }

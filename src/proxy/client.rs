@@ -59,6 +59,9 @@ pub enum WireError {
     ClosedInBody,
     #[error("invalid response from upstream: {0}")]
     Invalid(&'static str),
+    /// From hyper's client (`upstreams.<name>.client: hyper`).
+    #[error(transparent)]
+    Hyper(hyper::Error),
 }
 
 /// Why an exchange failed: the connection, or the client's own request body.
@@ -103,7 +106,7 @@ enum Chunk {
 }
 
 /// What the buffered bytes gave.
-enum Step {
+pub(crate) enum Step {
     Data(Bytes),
     End,
     /// More bytes must be read first.
@@ -111,63 +114,36 @@ enum Step {
 }
 
 /// What a complete head turned out to be.
-enum Head {
+pub(crate) enum Head {
     Partial,
     /// A 1xx answer (already consumed): the final one follows.
     Informational,
     Final(Response<()>),
 }
 
-/// One upstream HTTP/1.1 connection.
-pub struct Conn {
-    io: Io,
+/// The response side of a connection: the read buffer and where the response stands. It
+/// knows nothing of the socket (`poll_fill` is lent one), so the fuzz targets drive the
+/// same parsing from byte slices (`crate::fuzz`).
+pub(crate) struct Reader {
     /// `read[..filled]` is input not yet consumed; the rest is initialized room for the next
     /// read (kept initialized so that reads need no zeroing).
     read: BytesMut,
     filled: usize,
-    /// The request head (and small bodies, and chunk framing) waiting to be written.
-    write: Vec<u8>,
-    written: usize,
-    /// The request body still being sent, and how it is framed.
-    sending: Option<(RequestBody, Outgoing)>,
     incoming: Incoming,
-    /// May carry another request once this exchange has ended.
-    keep_alive: bool,
-    /// Taken from the pool (not fresh): a failure before sending may be a stale socket.
-    pub reused: bool,
+    /// The connection ends with this response: it said so (`Connection: close`, HTTP/1.0),
+    /// its body runs until the close, or bytes came after its end (the upstream is out of
+    /// step).
+    close: bool,
 }
 
-impl Conn {
-    pub fn new(io: Io) -> Self {
-        Conn {
-            io,
+impl Reader {
+    pub(crate) fn new() -> Self {
+        Reader {
             read: BytesMut::new(),
             filled: 0,
-            write: Vec::new(),
-            written: 0,
-            sending: None,
             incoming: Incoming::Done,
-            keep_alive: true,
-            reused: false,
+            close: false,
         }
-    }
-
-    /// The last exchange ended cleanly and the upstream did not ask to close. Facts about
-    /// the wire, not about what was queued: every request byte written, the response read
-    /// to its end, nothing after it (see `body_ended`).
-    pub fn reusable(&self) -> bool {
-        self.keep_alive && self.incoming == Incoming::Done && !self.still_sending()
-    }
-
-    /// Whether an idle connection can take a request now: still open, and silent (an idle
-    /// upstream has nothing to say; anything it did say makes the connection unusable).
-    pub fn usable_now(&mut self) -> bool {
-        // (Bytes left over after a response already made it unreusable: `body_ended`.)
-        if !self.reusable() {
-            return false;
-        }
-        let mut cx = Context::from_waker(Waker::noop());
-        self.poll_fill(&mut cx).is_pending()
     }
 
     /// Makes at least `min` bytes of initialized room after the unconsumed input, reusing
@@ -182,14 +158,40 @@ impl Conn {
         self.read.resize(want, 0);
     }
 
-    /// One read from the socket; Ok(0) at the end of the stream.
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    /// One read from `io`; Ok(0) at the end of the stream.
+    fn poll_fill<R: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut R,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
         self.room(MIN_READ);
         let mut buf = ReadBuf::new(&mut self.read[self.filled..]);
-        ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
+        ready!(Pin::new(io).poll_read(cx, &mut buf))?;
         let n = buf.filled().len();
         self.filled += n;
         Poll::Ready(Ok(n))
+    }
+
+    /// Appends input as a read would (the fuzz targets' socket).
+    pub(crate) fn feed(&mut self, bytes: &[u8]) {
+        self.room(bytes.len());
+        self.read[self.filled..self.filled + bytes.len()].copy_from_slice(bytes);
+        self.filled += bytes.len();
+    }
+
+    /// Unconsumed input.
+    pub(crate) fn buffered(&self) -> usize {
+        self.filled
+    }
+
+    /// Where the response stands, for comparing two readers (the fuzz targets).
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            incoming: self.incoming,
+            // Bytes not consumed end the connection as surely as a close (`usable_now`):
+            // when they came does not matter.
+            ends_connection: self.close || self.filled > 0,
+        }
     }
 
     /// The first `n` unconsumed bytes, as a slice of the buffer.
@@ -203,8 +205,348 @@ impl Conn {
         self.read.advance(n);
     }
 
+    /// Parses the buffered input as a response head to a request (a HEAD request when
+    /// `head_request`); on a final head, the body's framing is set.
+    pub(crate) fn parse_head(&mut self, head_request: bool) -> Result<Head, WireError> {
+        // Where each name and value lies in the head, so that values can be slices of it
+        // once the head is split off the buffer.
+        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        let (len, code, http10, count) = {
+            let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+            let input = &self.read[..self.filled];
+            let mut parsed = httparse::Response::new(&mut []);
+            let status = httparse::ParserConfig::default()
+                .parse_response_with_uninit_headers(&mut parsed, input, &mut slots)
+                .map_err(|e| {
+                    WireError::Invalid(match e {
+                        httparse::Error::TooManyHeaders => "more than 100 header fields",
+                        _ => "malformed response head",
+                    })
+                })?;
+            let httparse::Status::Complete(len) = status else {
+                if self.filled >= MAX_HEAD {
+                    return Err(WireError::Invalid("response head over 64 KiB"));
+                }
+                return Ok(Head::Partial);
+            };
+            if len > MAX_HEAD {
+                return Err(WireError::Invalid("response head over 64 KiB"));
+            }
+            let base = input.as_ptr() as usize;
+            let offset = |s: &[u8]| (s.as_ptr() as usize).wrapping_sub(base) as u32;
+            for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
+                let (n, v) = (offset(h.name.as_bytes()), offset(h.value));
+                *span = (n, n + h.name.len() as u32, v, v + h.value.len() as u32);
+            }
+            (
+                len,
+                parsed.code.unwrap_or(0),
+                parsed.version == Some(0),
+                parsed.headers.len(),
+            )
+        };
+        let status = StatusCode::from_u16(code)
+            .map_err(|_| WireError::Invalid("status code out of range"))?;
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            // Only upgrade requests (sent through hyper) may be answered so.
+            return Err(WireError::Invalid("unrequested 101 Switching Protocols"));
+        }
+        if status.is_informational() {
+            self.consume(len);
+            return Ok(Head::Informational);
+        }
+        let head = self.take(len);
+        // One more for the X-Request-Id echoed to the client: no rehash when it is added.
+        let mut headers = HeaderMap::with_capacity(count + 1);
+        let mut length: Option<u64> = None;
+        let mut transfer_encoding = false;
+        let mut chunked = false;
+        let mut close = http10;
+        for &(ns, ne, vs, ve) in &spans[..count] {
+            let (ns, ne, vs, ve) = (ns as usize, ne as usize, vs as usize, ve as usize);
+            let name = head
+                .get(ns..ne)
+                .and_then(|n| HeaderName::from_bytes(n).ok())
+                .ok_or(WireError::Invalid("bad header name"))?;
+            if ve > head.len() || vs > ve {
+                return Err(WireError::Invalid("bad header value"));
+            }
+            let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
+                .map_err(|_| WireError::Invalid("bad header value"))?;
+            if name == header::CONTENT_LENGTH {
+                let n = parse_length(value.as_bytes())
+                    .ok_or(WireError::Invalid("bad Content-Length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(WireError::Invalid("conflicting Content-Length values"));
+                }
+                length = Some(n);
+            } else if name == header::TRANSFER_ENCODING {
+                transfer_encoding = true;
+                // Only the last coding of the last field counts.
+                chunked = last_token(value.as_bytes()).eq_ignore_ascii_case(b"chunked");
+            } else if name == header::CONNECTION {
+                for token in value.as_bytes().split(|&b| b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if http10 && token.eq_ignore_ascii_case(b"keep-alive") {
+                        close = false;
+                    }
+                }
+            }
+            headers.append(name, value);
+        }
+        if transfer_encoding && http10 {
+            // RFC 9112 6.1: the framing of such a message is faulty (it was likely passed
+            // through an HTTP/1.0 hop that did not decode it). Refused, as nginx and
+            // hyper's client do.
+            return Err(WireError::Invalid(
+                "Transfer-Encoding in an HTTP/1.0 response",
+            ));
+        }
+        self.incoming = if head_request
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            Incoming::Done
+        } else if transfer_encoding {
+            if length.is_some() {
+                // Maybe an attempt to desynchronize (RFC 9112 6.3): refused, as nginx and
+                // Envoy do, rather than guessing which framing the upstream meant.
+                return Err(WireError::Invalid(
+                    "both Content-Length and Transfer-Encoding",
+                ));
+            }
+            close |= !chunked;
+            if chunked {
+                Incoming::Chunked(Chunk::Size)
+            } else {
+                Incoming::UntilClose
+            }
+        } else {
+            match length {
+                Some(0) => Incoming::Done,
+                Some(n) => Incoming::Length(n),
+                None => {
+                    close = true;
+                    Incoming::UntilClose
+                }
+            }
+        };
+        if close {
+            self.close = true;
+        }
+        if self.incoming == Incoming::Done {
+            self.body_ended();
+        }
+        let mut response = Response::new(());
+        *response.status_mut() = status;
+        *response.headers_mut() = headers;
+        Ok(Head::Final(response))
+    }
+
+    /// The body was read to its end; bytes beyond it mean the upstream is out of step.
+    fn body_ended(&mut self) {
+        self.incoming = Incoming::Done;
+        if self.filled > 0 {
+            self.close = true;
+        }
+    }
+
+    pub(crate) fn body_done(&self) -> bool {
+        self.incoming == Incoming::Done
+    }
+
+    /// The whole body is buffered and framed by its length: nothing more can go wrong
+    /// with it.
+    fn body_buffered(&self) -> bool {
+        match self.incoming {
+            Incoming::Done => true,
+            Incoming::Length(n) => self.filled as u64 >= n,
+            _ => false,
+        }
+    }
+
+    /// Whether the connection can carry another response after this one, as far as the
+    /// response tells: read to its end, nothing said or sent to end the connection.
+    pub(crate) fn reusable(&self) -> bool {
+        !self.close && self.incoming == Incoming::Done
+    }
+
+    /// The upstream closed the connection while the body was being read: the end of a
+    /// body that runs until the close, a cut one otherwise.
+    pub(crate) fn eof(&mut self) -> Result<(), WireError> {
+        self.close = true;
+        if self.incoming == Incoming::UntilClose {
+            self.incoming = Incoming::Done;
+            return Ok(());
+        }
+        Err(WireError::ClosedInBody)
+    }
+
+    /// Works through the buffered bytes only. Without `data`, it stops before body data
+    /// (for reading past framing without taking any).
+    pub(crate) fn step(&mut self, data: bool) -> Result<Step, WireError> {
+        loop {
+            match self.incoming {
+                Incoming::Done => return Ok(Step::End),
+                Incoming::Length(rest) => {
+                    if !data || self.filled == 0 {
+                        return Ok(Step::More);
+                    }
+                    let n = self.filled.min(usize::try_from(rest).unwrap_or(usize::MAX));
+                    let chunk = self.take(n);
+                    if rest == n as u64 {
+                        self.body_ended();
+                    } else {
+                        self.incoming = Incoming::Length(rest - n as u64);
+                    }
+                    return Ok(Step::Data(chunk));
+                }
+                Incoming::UntilClose => {
+                    if !data || self.filled == 0 {
+                        return Ok(Step::More);
+                    }
+                    return Ok(Step::Data(self.take(self.filled)));
+                }
+                Incoming::Chunked(Chunk::Size) => {
+                    let Some(line) = self.line(MAX_CHUNK_LINE)? else {
+                        return Ok(Step::More);
+                    };
+                    let size = parse_chunk_size(&self.read[..line])
+                        .ok_or(WireError::Invalid("bad chunk size line"))?;
+                    self.consume(line + 2);
+                    self.incoming = Incoming::Chunked(if size == 0 {
+                        Chunk::Trailers(0)
+                    } else {
+                        Chunk::Data(size)
+                    });
+                }
+                Incoming::Chunked(Chunk::Data(rest)) => {
+                    if !data || self.filled == 0 {
+                        return Ok(Step::More);
+                    }
+                    let n = self.filled.min(usize::try_from(rest).unwrap_or(usize::MAX));
+                    let chunk = self.take(n);
+                    self.incoming = Incoming::Chunked(if rest == n as u64 {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(rest - n as u64)
+                    });
+                    return Ok(Step::Data(chunk));
+                }
+                Incoming::Chunked(Chunk::DataEnd) => {
+                    if self.filled < 2 {
+                        return Ok(Step::More);
+                    }
+                    if &self.read[..2] != b"\r\n" {
+                        return Err(WireError::Invalid("chunk data not followed by CRLF"));
+                    }
+                    self.consume(2);
+                    self.incoming = Incoming::Chunked(Chunk::Size);
+                }
+                Incoming::Chunked(Chunk::Trailers(seen)) => {
+                    let Some(line) = self.line(MAX_TRAILERS - seen)? else {
+                        return Ok(Step::More);
+                    };
+                    self.consume(line + 2);
+                    if line == 0 {
+                        self.body_ended();
+                    } else {
+                        self.incoming = Incoming::Chunked(Chunk::Trailers(seen + line + 2));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The length of the CRLF-terminated line at the start of the input (CRLF excluded),
+    /// None until it is all there, an error once it is longer than `limit`.
+    fn line(&self, limit: usize) -> Result<Option<usize>, WireError> {
+        let input = &self.read[..self.filled.min(limit)];
+        match input.iter().position(|&b| b == b'\n') {
+            Some(lf) if lf > 0 && input[lf - 1] == b'\r' => Ok(Some(lf - 1)),
+            Some(_) => Err(WireError::Invalid("line not ended by CRLF")),
+            None if self.filled >= limit => Err(WireError::Invalid("line too long")),
+            None => Ok(None),
+        }
+    }
+}
+
+/// A reader's state, comparable.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Snapshot {
+    incoming: Incoming,
+    ends_connection: bool,
+}
+
+impl Snapshot {
+    /// The connection could carry another response.
+    pub(crate) fn reusable(&self) -> bool {
+        !self.ends_connection && self.incoming == Incoming::Done
+    }
+}
+
+/// One upstream HTTP/1.1 connection.
+pub struct Conn {
+    io: Io,
+    reader: Reader,
+    /// The request head (and small bodies, and chunk framing) waiting to be written.
+    write: Vec<u8>,
+    written: usize,
+    /// The request body still being sent, and how it is framed.
+    sending: Option<(RequestBody, Outgoing)>,
+    /// May carry another request once this exchange has ended, as far as the request side
+    /// goes (the response side is the reader's).
+    keep_alive: bool,
+    /// Taken from the pool (not fresh): a failure before sending may be a stale socket.
+    pub reused: bool,
+}
+
+impl Conn {
+    pub fn new(io: Io) -> Self {
+        Conn {
+            io,
+            reader: Reader::new(),
+            write: Vec::new(),
+            written: 0,
+            sending: None,
+            keep_alive: true,
+            reused: false,
+        }
+    }
+
+    /// The last exchange ended cleanly and the upstream did not ask to close. Facts about
+    /// the wire, not about what was queued: every request byte written, the response read
+    /// to its end, nothing after it (see `response_ended`).
+    pub fn reusable(&self) -> bool {
+        self.keep_alive && self.reader.reusable() && !self.still_sending()
+    }
+
+    /// Whether an idle connection can take a request now: still open, and silent (an idle
+    /// upstream has nothing to say; anything it did say makes the connection unusable).
+    pub fn usable_now(&mut self) -> bool {
+        // (Bytes left over after a response already made it unreusable: `body_ended`.)
+        if !self.reusable() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        self.reader.poll_fill(&mut self.io, &mut cx).is_pending()
+    }
+
+    /// A response that ended before its request was all written (an early 401/413) leaves
+    /// the upstream expecting the rest of the body: whatever is sent next on this
+    /// connection would be read as that body, or the body's bytes as a request. Such a
+    /// connection is closed, never pooled, as nginx, Envoy and HAProxy do. Called after
+    /// every step of the reader that may have ended the response.
+    fn response_ended(&mut self) {
+        if self.reader.body_done() && self.still_sending() {
+            self.keep_alive = false;
+        }
+    }
+
     /// Encodes the request head (and a small buffered body) for writing; the body is
-    /// attached by `attach` once the head is on its way.
+    /// sent by `poll_send` once the head is on its way.
     fn encode(
         &mut self,
         req: &Request<RequestBody>,
@@ -351,6 +693,16 @@ impl Conn {
         self.keep_alive = false;
     }
 
+    /// Keeps sending the request body while the response is read, when the upstream
+    /// answered before it was all sent; a failure to send more ends nothing but reuse.
+    fn keep_sending(&mut self, cx: &mut Context<'_>) {
+        if self.still_sending()
+            && let Poll::Ready(Err(_)) = self.poll_send(cx)
+        {
+            self.abandon_send();
+        }
+    }
+
     /// Reads until a final response head is complete; the body framing is then set. After
     /// an error the connection is good for nothing more.
     fn poll_head(
@@ -359,8 +711,9 @@ impl Conn {
         head_request: bool,
     ) -> Poll<Result<Response<()>, WireError>> {
         let result = ready!(self.poll_head_inner(cx, head_request));
-        if result.is_err() {
-            self.keep_alive = false;
+        match &result {
+            Ok(_) => self.response_ended(),
+            Err(_) => self.keep_alive = false,
         }
         Poll::Ready(result)
     }
@@ -371,18 +724,15 @@ impl Conn {
         head_request: bool,
     ) -> Poll<Result<Response<()>, WireError>> {
         loop {
-            if self.filled > 0 {
-                match self.parse_head(head_request)? {
+            if self.reader.filled > 0 {
+                match self.reader.parse_head(head_request)? {
                     Head::Final(response) => return Poll::Ready(Ok(response)),
                     Head::Informational => continue,
                     Head::Partial => {}
                 }
             }
-            if self.filled >= MAX_HEAD {
-                return Poll::Ready(Err(WireError::Invalid("response head over 64 KiB")));
-            }
-            let nothing_yet = self.filled == 0;
-            match ready!(self.poll_fill(cx)) {
+            let nothing_yet = self.reader.filled == 0;
+            match ready!(self.reader.poll_fill(&mut self.io, cx)) {
                 Ok(0) if nothing_yet => return Poll::Ready(Err(WireError::Unanswered)),
                 Ok(0) => return Poll::Ready(Err(WireError::ClosedBeforeHead)),
                 Ok(_) => {}
@@ -394,152 +744,18 @@ impl Conn {
         }
     }
 
-    fn parse_head(&mut self, head_request: bool) -> Result<Head, WireError> {
-        // Where each name and value lies in the head, so that values can be slices of it
-        // once the head is split off the buffer.
-        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-        let (len, code, http10, count) = {
-            let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-            let input = &self.read[..self.filled];
-            let mut parsed = httparse::Response::new(&mut []);
-            let status = httparse::ParserConfig::default()
-                .parse_response_with_uninit_headers(&mut parsed, input, &mut slots)
-                .map_err(|e| {
-                    WireError::Invalid(match e {
-                        httparse::Error::TooManyHeaders => "more than 100 header fields",
-                        _ => "malformed response head",
-                    })
-                })?;
-            let httparse::Status::Complete(len) = status else {
-                return Ok(Head::Partial);
-            };
-            if len > MAX_HEAD {
-                return Err(WireError::Invalid("response head over 64 KiB"));
-            }
-            let base = input.as_ptr() as usize;
-            let offset = |s: &[u8]| (s.as_ptr() as usize).wrapping_sub(base) as u32;
-            for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
-                let (n, v) = (offset(h.name.as_bytes()), offset(h.value));
-                *span = (n, n + h.name.len() as u32, v, v + h.value.len() as u32);
-            }
-            (
-                len,
-                parsed.code.unwrap_or(0),
-                parsed.version == Some(0),
-                parsed.headers.len(),
-            )
-        };
-        let status = StatusCode::from_u16(code)
-            .map_err(|_| WireError::Invalid("status code out of range"))?;
-        if status == StatusCode::SWITCHING_PROTOCOLS {
-            // Only upgrade requests (sent through hyper) may be answered so.
-            return Err(WireError::Invalid("unrequested 101 Switching Protocols"));
-        }
-        if status.is_informational() {
-            self.consume(len);
-            return Ok(Head::Informational);
-        }
-        let head = self.take(len);
-        // One more for the X-Request-Id echoed to the client: no rehash when it is added.
-        let mut headers = HeaderMap::with_capacity(count + 1);
-        let mut length: Option<u64> = None;
-        let mut transfer_encoding = false;
-        let mut chunked = false;
-        let mut close = http10;
-        for &(ns, ne, vs, ve) in &spans[..count] {
-            let (ns, ne, vs, ve) = (ns as usize, ne as usize, vs as usize, ve as usize);
-            let name = head
-                .get(ns..ne)
-                .and_then(|n| HeaderName::from_bytes(n).ok())
-                .ok_or(WireError::Invalid("bad header name"))?;
-            if ve > head.len() || vs > ve {
-                return Err(WireError::Invalid("bad header value"));
-            }
-            let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
-                .map_err(|_| WireError::Invalid("bad header value"))?;
-            if name == header::CONTENT_LENGTH {
-                let n = parse_length(value.as_bytes())
-                    .ok_or(WireError::Invalid("bad Content-Length"))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(WireError::Invalid("conflicting Content-Length values"));
-                }
-                length = Some(n);
-            } else if name == header::TRANSFER_ENCODING {
-                transfer_encoding = true;
-                // Only the last coding of the last field counts.
-                chunked = last_token(value.as_bytes()).eq_ignore_ascii_case(b"chunked");
-            } else if name == header::CONNECTION {
-                for token in value.as_bytes().split(|&b| b == b',') {
-                    let token = token.trim_ascii();
-                    if token.eq_ignore_ascii_case(b"close") {
-                        close = true;
-                    } else if http10 && token.eq_ignore_ascii_case(b"keep-alive") {
-                        close = false;
-                    }
-                }
-            }
-            headers.append(name, value);
-        }
-        self.incoming = if head_request
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED
-        {
-            Incoming::Done
-        } else if transfer_encoding {
-            if length.is_some() {
-                // Maybe an attempt to desynchronize (RFC 9112 6.3): refused, as nginx and
-                // Envoy do, rather than guessing which framing the upstream meant.
-                return Err(WireError::Invalid(
-                    "both Content-Length and Transfer-Encoding",
-                ));
-            }
-            close |= !chunked;
-            if chunked {
-                Incoming::Chunked(Chunk::Size)
-            } else {
-                Incoming::UntilClose
-            }
-        } else {
-            match length {
-                Some(0) => Incoming::Done,
-                Some(n) => Incoming::Length(n),
-                None => {
-                    close = true;
-                    Incoming::UntilClose
-                }
-            }
-        };
-        if close {
-            self.keep_alive = false;
-        }
-        if self.incoming == Incoming::Done {
-            self.body_ended();
-        }
-        let mut response = Response::new(());
-        *response.status_mut() = status;
-        *response.headers_mut() = headers;
-        Ok(Head::Final(response))
-    }
-
-    /// The body was read to its end; bytes beyond it mean the upstream is out of step. A
-    /// response that ended before its request was all written (an early 401/413) leaves the
-    /// upstream expecting the rest of the body: whatever is sent next on this connection
-    /// would be read as that body, or the body's bytes as a request. Such a connection is
-    /// closed, never pooled, as nginx, Envoy and HAProxy do.
-    fn body_ended(&mut self) {
-        self.incoming = Incoming::Done;
-        if self.filled > 0 || self.still_sending() {
-            self.keep_alive = false;
-        }
-    }
-
     pub fn body_done(&self) -> bool {
-        self.incoming == Incoming::Done
+        self.reader.body_done()
+    }
+
+    /// The rest of the body is already read and cannot fail (see `Reader::body_buffered`).
+    pub fn body_buffered(&self) -> bool {
+        self.reader.body_buffered()
     }
 
     /// Bytes of the response body still expected, when known.
     pub fn body_remaining(&self) -> Option<u64> {
-        match self.incoming {
+        match self.reader.incoming {
             Incoming::Done => Some(0),
             Incoming::Length(n) => Some(n),
             _ => None,
@@ -549,118 +765,25 @@ impl Conn {
     /// The next piece of the response body; Ready(None) at its end. Also keeps sending
     /// the request body, when the upstream answered before it was all sent.
     pub fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, WireError>>> {
-        if self.still_sending() {
-            // The upstream answered already; a failure to send more ends nothing but reuse.
-            if let Poll::Ready(Err(_)) = self.poll_send(cx) {
-                self.abandon_send();
-            }
-        }
+        self.keep_sending(cx);
         loop {
-            match self.step(true)? {
+            let stepped = self.reader.step(true);
+            self.response_ended();
+            match stepped? {
                 Step::Data(data) => {
                     // Read past framing already here, so the end is known with the last data.
-                    let _ = self.step(false);
+                    let _ = self.reader.step(false);
+                    self.response_ended();
                     return Poll::Ready(Some(Ok(data)));
                 }
                 Step::End => return Poll::Ready(None),
                 Step::More => {}
             }
-            if ready!(self.poll_fill(cx))? == 0 {
-                self.keep_alive = false;
-                if self.incoming == Incoming::UntilClose {
-                    self.incoming = Incoming::Done;
-                    return Poll::Ready(None);
-                }
-                return Poll::Ready(Some(Err(WireError::ClosedInBody)));
+            if ready!(self.reader.poll_fill(&mut self.io, cx))? == 0 {
+                let end = self.reader.eof();
+                self.response_ended();
+                return Poll::Ready(end.err().map(Err));
             }
-        }
-    }
-
-    /// Works through the buffered bytes only. Without `data`, it stops before body data
-    /// (for reading past framing without taking any).
-    fn step(&mut self, data: bool) -> Result<Step, WireError> {
-        loop {
-            match self.incoming {
-                Incoming::Done => return Ok(Step::End),
-                Incoming::Length(rest) => {
-                    if !data || self.filled == 0 {
-                        return Ok(Step::More);
-                    }
-                    let n = self.filled.min(usize::try_from(rest).unwrap_or(usize::MAX));
-                    let chunk = self.take(n);
-                    if rest == n as u64 {
-                        self.body_ended();
-                    } else {
-                        self.incoming = Incoming::Length(rest - n as u64);
-                    }
-                    return Ok(Step::Data(chunk));
-                }
-                Incoming::UntilClose => {
-                    if !data || self.filled == 0 {
-                        return Ok(Step::More);
-                    }
-                    return Ok(Step::Data(self.take(self.filled)));
-                }
-                Incoming::Chunked(Chunk::Size) => {
-                    let Some(line) = self.line(MAX_CHUNK_LINE)? else {
-                        return Ok(Step::More);
-                    };
-                    let size = parse_chunk_size(&self.read[..line])
-                        .ok_or(WireError::Invalid("bad chunk size line"))?;
-                    self.consume(line + 2);
-                    self.incoming = Incoming::Chunked(if size == 0 {
-                        Chunk::Trailers(0)
-                    } else {
-                        Chunk::Data(size)
-                    });
-                }
-                Incoming::Chunked(Chunk::Data(rest)) => {
-                    if !data || self.filled == 0 {
-                        return Ok(Step::More);
-                    }
-                    let n = self.filled.min(usize::try_from(rest).unwrap_or(usize::MAX));
-                    let chunk = self.take(n);
-                    self.incoming = Incoming::Chunked(if rest == n as u64 {
-                        Chunk::DataEnd
-                    } else {
-                        Chunk::Data(rest - n as u64)
-                    });
-                    return Ok(Step::Data(chunk));
-                }
-                Incoming::Chunked(Chunk::DataEnd) => {
-                    if self.filled < 2 {
-                        return Ok(Step::More);
-                    }
-                    if &self.read[..2] != b"\r\n" {
-                        return Err(WireError::Invalid("chunk data not followed by CRLF"));
-                    }
-                    self.consume(2);
-                    self.incoming = Incoming::Chunked(Chunk::Size);
-                }
-                Incoming::Chunked(Chunk::Trailers(seen)) => {
-                    let Some(line) = self.line(MAX_TRAILERS - seen)? else {
-                        return Ok(Step::More);
-                    };
-                    self.consume(line + 2);
-                    if line == 0 {
-                        self.body_ended();
-                    } else {
-                        self.incoming = Incoming::Chunked(Chunk::Trailers(seen + line + 2));
-                    }
-                }
-            }
-        }
-    }
-
-    /// The length of the CRLF-terminated line at the start of the input (CRLF excluded),
-    /// None until it is all there, an error once it is longer than `limit`.
-    fn line(&self, limit: usize) -> Result<Option<usize>, WireError> {
-        let input = &self.read[..self.filled.min(limit)];
-        match input.iter().position(|&b| b == b'\n') {
-            Some(lf) if lf > 0 && input[lf - 1] == b'\r' => Ok(Some(lf - 1)),
-            Some(_) => Err(WireError::Invalid("line not ended by CRLF")),
-            None if self.filled >= limit => Err(WireError::Invalid("line too long")),
-            None => Ok(None),
         }
     }
 }
@@ -694,7 +817,7 @@ pub async fn exchange(
         let body = request.take()?.into_body();
         conn.sending = framing.map(|f| (body, f));
     }
-    conn.incoming = Incoming::Done;
+    conn.reader.incoming = Incoming::Done;
     let result = std::future::poll_fn(|cx| {
         if conn.still_sending() {
             match conn.poll_send(cx) {
@@ -1030,6 +1153,8 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: abc\r\n\r\n".to_vec(),
             b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n".to_vec(),
             b"HTTP/1.1 101 Switching Protocols\r\n\r\n".to_vec(),
+            // RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
+            b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n".to_vec(),
             b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n".to_vec(),
             huge,
         ];

@@ -85,6 +85,7 @@ impl Upstream {
                     port,
                     host_header,
                     tls,
+                    cfg.client,
                     cfg.pool.idle_timeout,
                     cfg.pool.max_idle_per_endpoint,
                 )),
@@ -242,10 +243,15 @@ pub async fn send(
             },
         };
         // From here on a timeout means the request may have reached the upstream.
-        let reused = conn.reused;
+        let reused = conn.reused();
         let exchange = pool::exchange(conn, endpoint.pool.clone(), request, forwarded);
         let error = match tokio::time::timeout_at(until, exchange).await {
-            Ok(Some(Ok(resp))) => return Ok(resp),
+            // The head waits (briefly) for the body's first byte: a body that fails at once
+            // is a 502, not a head with a cut stream (outside the first-byte timer).
+            Ok(Some(Ok(mut resp))) => match resp.body_mut().hold().await {
+                Ok(()) => return Ok(resp),
+                Err(e) => ExchangeError::Wire(e),
+            },
             Ok(Some(Err(error))) => error,
             Ok(None) => {
                 // Callers always lend a request; nothing was sent.

@@ -13,6 +13,8 @@ const TARGETS: &[(&str, Entry)] = &[
     ("h1_guard", rampart::fuzz::h1_guard),
     ("xff", rampart::fuzz::xff),
     ("path", rampart::fuzz::path),
+    ("response_head", rampart::fuzz::response_head),
+    ("response_body", rampart::fuzz::response_body),
 ];
 
 #[test]

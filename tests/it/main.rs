@@ -16,4 +16,5 @@ mod ratelimit;
 mod reload;
 mod resilience;
 mod smuggling;
+mod smuggling_upstream;
 mod upstream_wire;
