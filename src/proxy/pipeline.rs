@@ -21,7 +21,7 @@ use crate::breaker::{Admit, Outcome};
 use crate::error::ProxyError;
 use crate::metrics::http::{UpstreamErrorKind, method_index};
 use crate::proxy::access_log::{AccessRecord, Outcome as LogOutcome};
-use crate::proxy::body::{BodyError, ProxyBody, RequestBody, TimedBody};
+use crate::proxy::body::{BodyError, MinRate, ProxyBody, RequestBody, TimedBody};
 use crate::proxy::forward::{self, Upstream};
 use crate::proxy::headers::{self, X_REQUEST_ID};
 use crate::proxy::resilience::{BreakerTicket, InFlight, UpstreamMetrics};
@@ -288,7 +288,6 @@ fn after_rate_limit<'a>(
         return Err(ProxyError::PayloadTooLarge { limit });
     }
     let deadline = route.timeouts.total.map(|t| env.start + t);
-    let idle = route.timeouts.idle;
     let wants_upgrade = req.version() == Version::HTTP_11 && env.head.wants_upgrade(req.headers());
     let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
 
@@ -298,7 +297,7 @@ fn after_rate_limit<'a>(
         (RequestBody::Empty, Some(Bytes::new()))
     } else if declared_len.is_some_and(|n| !keep_for_retry(retry_cfg, n)) {
         (
-            RequestBody::Stream(TimedBody::new(body, idle, deadline, Some(limit))),
+            RequestBody::Stream(request_body(body, route, deadline)),
             None,
         )
     } else {
@@ -426,8 +425,7 @@ async fn slow(
                 client_upgrade,
             } => {
                 let deadline = route.timeouts.total.map(|t| env.start + t);
-                let limit = route.max_body_bytes;
-                let buffered = buffer_body(body, limit, route.timeouts.idle, deadline).await?;
+                let buffered = buffer_body(request_body(body, route, deadline)).await?;
                 if let Some(r) = tail.log.as_mut() {
                     r.bytes_in = buffered.len() as u64;
                 }
@@ -726,13 +724,16 @@ fn shed(metrics: &UpstreamMetrics, scope: &'static str, name: &str) {
         .inc();
 }
 
-async fn buffer_body(
-    body: Incoming,
-    limit: u64,
-    idle: std::time::Duration,
-    deadline: Option<Instant>,
-) -> Result<Bytes, ProxyError> {
-    let mut timed = TimedBody::new(body, idle, deadline, Some(limit));
+/// The client's request body under the route's body timers: `timeouts.body` between two
+/// reads and `min_body_rate` after it (a client too slow gets 408, its own fault), the total
+/// deadline, and `max_body`.
+fn request_body(body: Incoming, route: &Route, deadline: Option<Instant>) -> TimedBody<Incoming> {
+    let t = &route.timeouts;
+    let min_rate = t.min_body_rate.map(|per_sec| MinRate { per_sec });
+    TimedBody::request(body, t.body, min_rate, deadline, route.max_body_bytes)
+}
+
+async fn buffer_body(mut timed: TimedBody<Incoming>) -> Result<Bytes, ProxyError> {
     let mut buf = BytesMut::new();
     while let Some(frame) = timed.frame().await {
         match frame {
@@ -742,8 +743,15 @@ async fn buffer_body(
                 }
             }
             Err(BodyError::TooLarge(limit)) => return Err(ProxyError::PayloadTooLarge { limit }),
-            Err(BodyError::Idle | BodyError::Total) => return Err(ProxyError::RequestTimeout),
-            Err(BodyError::Inner(_) | BodyError::Length | BodyError::Upstream(_)) => {
+            Err(BodyError::Idle | BodyError::Slow | BodyError::Total) => {
+                return Err(ProxyError::RequestTimeout);
+            }
+            Err(
+                BodyError::Inner(_)
+                | BodyError::Length
+                | BodyError::Upstream(_)
+                | BodyError::SendTimeout,
+            ) => {
                 return Err(ProxyError::BadRequest("malformed request body"));
             }
         }
