@@ -13,4 +13,5 @@ mod proxy;
 mod ratelimit;
 mod reload;
 mod resilience;
+mod slow_clients;
 mod upstream_wire;
