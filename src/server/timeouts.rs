@@ -24,6 +24,7 @@ use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 /// The send timeout until an answer with a route sets it: answers rampart makes itself,
@@ -132,6 +133,11 @@ impl Clock {
         if self.off {
             return Poll::Pending;
         }
+        // An HTTP/1 request was seen (an HTTP/2 one marks the connection before it is).
+        if seen && !clocks.h2.load(Ordering::Relaxed) {
+            self.off = true;
+            return Poll::Pending;
+        }
         if !self.registered {
             self.registered = true;
             // A task's waker stays the same: kept once for the connection's life.
@@ -217,17 +223,19 @@ fn at(base: Instant, d: Duration) -> Instant {
 
 /// The client's socket under the send timeout: a write that cannot progress for the timeout
 /// (between two successful writes, as nginx's `send_timeout`) fails with `TimedOut`, which
-/// ends the connection.
-pub struct SendTimed<S> {
-    inner: S,
+/// ends the connection. The socket is then closed with a reset (nginx's
+/// `reset_timedout_connection`): a plain close would leave the unsent answer in the kernel,
+/// trickling to a client that reads nothing, for minutes per connection.
+pub struct SendTimed {
+    inner: TcpStream,
     clocks: Arc<Clocks>,
     /// Armed while writes are blocked; kept (and reset) across stalls.
     stall: Option<Pin<Box<Sleep>>>,
     stalled: bool,
 }
 
-impl<S> SendTimed<S> {
-    pub fn new(inner: S, clocks: Arc<Clocks>) -> Self {
+impl SendTimed {
+    pub fn new(inner: TcpStream, clocks: Arc<Clocks>) -> Self {
         SendTimed {
             inner,
             clocks,
@@ -253,6 +261,8 @@ impl<S> SendTimed<S> {
         };
         ready!(stall.as_mut().poll(cx));
         self.clocks.send_timed_out.store(true, Ordering::Relaxed);
+        // SO_LINGER 0: the close that follows sends RST and frees the send buffer.
+        let _ = self.inner.set_zero_linger();
         tracing::debug!("client took no data for the send timeout: connection closed");
         Poll::Ready(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -275,7 +285,7 @@ impl<S> SendTimed<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for SendTimed<S> {
+impl AsyncRead for SendTimed {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -285,7 +295,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for SendTimed<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for SendTimed<S> {
+impl AsyncWrite for SendTimed {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -38,7 +38,7 @@ fn config(up: &str, big: Option<&str>, route: &str, listener: &str, upstream: &s
     format!(
         r#"
 admin: {{ listen: "127.0.0.1:0" }}
-logging: {{ level: warn, access_log: false }}
+logging: {{ level: warn, access_log: true }}
 drain: {{ accept_grace: 0s, timeout: 2s }}
 listeners:
   - name: main
@@ -267,12 +267,20 @@ async fn trickle(addr: SocketAddr, head: &str, bytes: &[u8], gap: Duration) -> (
         }
         out
     };
-    let out = tokio::select! {
+    let mut out = tokio::select! {
         out = reader => out,
         () = writer => unreachable!(),
         () = tokio::time::sleep(Duration::from_secs(15)) => b"no answer".to_vec(),
     };
     let took = started.elapsed();
+    // After its answer, the connection ends: what the client still sends is never read as a
+    // request.
+    let mut rest = [0u8; 64];
+    match tokio::time::timeout(Duration::from_secs(2), r.read(&mut rest)).await {
+        Ok(Ok(0) | Err(_)) => {}
+        Ok(Ok(n)) => out.extend_from_slice(&rest[..n]),
+        Err(_) => out.extend_from_slice(b" [connection left open]"),
+    }
     let text = String::from_utf8_lossy(&out).into_owned();
     (
         if text.is_empty() {
@@ -468,7 +476,9 @@ async fn slow_bodies_get_408_and_never_count_against_the_upstream() {
     ));
     for (i, (answer, took)) in futures_join(attacks).await.into_iter().enumerate() {
         assert!(
-            answer.starts_with("HTTP/1.1 408") && answer.contains("REQUEST_TIMEOUT"),
+            answer.starts_with("HTTP/1.1 408")
+                && answer.contains("REQUEST_TIMEOUT")
+                && !answer.contains("[connection left open]"),
             "attack {i}: {answer}"
         );
         assert_around(&format!("attack {i}"), took, Duration::from_secs(2));
@@ -721,10 +731,11 @@ async fn an_h1_client_that_stops_reading_releases_the_upstream_at_the_send_timeo
     .await;
     let addr = px.addr("main").unwrap();
     let legit = Legit::start(addr);
+    logs::capture();
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut s = socket.connect(addr).await.unwrap();
-    s.write_all(b"GET /big HTTP/1.1\r\nhost: a\r\n\r\n")
+    s.write_all(b"GET /big HTTP/1.1\r\nhost: a\r\nx-request-id: slow-reader-h1\r\n\r\n")
         .await
         .unwrap();
     let asked = Instant::now();
@@ -737,6 +748,12 @@ async fn an_h1_client_that_stops_reading_releases_the_upstream_at_the_send_timeo
     let mut sink = Vec::new();
     let ended = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink)).await;
     assert!(ended.is_ok(), "client connection still open");
+    assert_eventually!(
+        logs::lines_with("slow-reader-h1").len() == 1,
+        "no access line"
+    );
+    let line = &logs::lines_with("slow-reader-h1")[0];
+    assert!(line.contains("outcome=\"send_timeout\""), "{line}");
     legit.check(20).await;
     px.shutdown().await;
 }
@@ -755,6 +772,7 @@ async fn an_h2_client_with_a_zero_window_does_not_pin_upstream_connections() {
     .await;
     let addr = px.addr("main").unwrap();
     let legit = Legit::start(addr);
+    logs::capture();
     let tcp = TcpStream::connect(addr).await.unwrap();
     let (client, conn) = h2::client::Builder::new()
         .initial_window_size(0)
@@ -765,9 +783,12 @@ async fn an_h2_client_with_a_zero_window_does_not_pin_upstream_connections() {
     let mut responses = Vec::new();
     let mut client = client;
     let asked = Instant::now();
-    for _ in 0..100 {
+    for i in 0..100 {
         client = client.ready().await.unwrap();
-        let req = Request::get(format!("http://{addr}/big")).body(()).unwrap();
+        let req = Request::get(format!("http://{addr}/big"))
+            .header("x-request-id", format!("zero-window-{i}-h2"))
+            .body(())
+            .unwrap();
         let (resp, _) = client.send_request(req, true).unwrap();
         responses.push(resp);
     }
@@ -788,6 +809,16 @@ async fn an_h2_client_with_a_zero_window_does_not_pin_upstream_connections() {
         "upstream connections still pinned: {} of 100 released",
         flood.closed().len()
     );
+    let access = || {
+        logs::lines_with("zero-window-")
+            .into_iter()
+            .filter(|l| l.contains("outcome="))
+            .collect::<Vec<_>>()
+    };
+    assert_eventually!(access().len() == 100, "{} access lines", access().len());
+    for line in access() {
+        assert!(line.contains("outcome=\"send_timeout\""), "{line}");
+    }
     let last = flood.closed().into_iter().max().unwrap() - all_open;
     assert!(
         last <= Duration::from_secs(3),
