@@ -263,24 +263,8 @@ fn after_rate_limit<'a>(
     let upstream = &route.upstream;
 
     // The upstream's in-flight cap, then its breaker: both answer without the network.
-    tail.upstream_slot = Some(
-        InFlight::try_acquire(upstream.state.clone(), upstream.resilience.max_in_flight)
-            .ok_or_else(|| {
-                shed(metrics, "upstream", &upstream.name);
-                ProxyError::Overloaded
-            })?,
-    );
-    match upstream.state.admit() {
-        Admit::Rejected { retry_after } => {
-            return Err(ProxyError::CircuitOpen {
-                upstream: upstream.name.clone(),
-                retry_after,
-            });
-        }
-        Admit::Allowed { probe } => {
-            tail.ticket = Some(BreakerTicket::new(upstream.state.clone(), probe));
-        }
-    }
+    tail.upstream_slot = Some(upstream_slot(metrics, upstream)?);
+    tail.ticket = Some(admit(upstream)?);
 
     // Body limit, before the upstream sees a byte.
     let limit = route.max_body_bytes;
@@ -311,6 +295,27 @@ fn after_rate_limit<'a>(
         });
     };
     Ok(outgoing(env, route, parts, body, replay, client_upgrade))
+}
+
+/// A slot under the upstream's `max_in_flight`, or 503 OVERLOADED (counted as shed).
+fn upstream_slot(metrics: &UpstreamMetrics, upstream: &Upstream) -> Result<InFlight, ProxyError> {
+    InFlight::try_acquire(upstream.state.clone(), upstream.resilience.max_in_flight).ok_or_else(
+        || {
+            shed(metrics, "upstream", &upstream.name);
+            ProxyError::Overloaded
+        },
+    )
+}
+
+/// The breaker's admission, or 503 CIRCUIT_OPEN.
+fn admit(upstream: &Upstream) -> Result<BreakerTicket, ProxyError> {
+    match upstream.state.admit() {
+        Admit::Rejected { retry_after } => Err(ProxyError::CircuitOpen {
+            upstream: upstream.name.clone(),
+            retry_after,
+        }),
+        Admit::Allowed { probe } => Ok(BreakerTicket::new(upstream.state.clone(), probe)),
+    }
 }
 
 /// A body small enough is kept so that a retry can send it again.
@@ -424,8 +429,23 @@ async fn slow(
                 body,
                 client_upgrade,
             } => {
+                // While the body trickles in, the client holds nothing of the upstream's: its
+                // in-flight slot and a half-open breaker's probe are taken again once the
+                // body is here (an open breaker and a full upstream still answered at once).
+                let upstream = &*route.upstream;
+                tail.upstream_slot = None;
+                let probe = tail.ticket.as_ref().is_some_and(BreakerTicket::is_probe);
+                if probe {
+                    // Reported as ignored: the probe slot is free for another request.
+                    tail.ticket = None;
+                }
                 let deadline = route.timeouts.total.map(|t| env.start + t);
                 let buffered = buffer_body(request_body(body, route, deadline)).await?;
+                let metrics = &env.ctx.shared.upstream_states.metrics;
+                tail.upstream_slot = Some(upstream_slot(metrics, upstream)?);
+                if probe {
+                    tail.ticket = Some(admit(upstream)?);
+                }
                 if let Some(r) = tail.log.as_mut() {
                     r.bytes_in = buffered.len() as u64;
                 }

@@ -499,6 +499,68 @@ async fn slow_bodies_get_408_and_never_count_against_the_upstream() {
     px.shutdown().await;
 }
 
+/// A body read whole before sending (chunked) holds nothing of the upstream's while it
+/// trickles in: no `max_in_flight` slot, no half-open probe.
+#[tokio::test]
+async fn slow_buffered_uploads_hold_no_upstream_slot_or_probe() {
+    let up = Upstream::start().await;
+    let px = start(&config(
+        &up.url(),
+        None,
+        "        timeouts: { body: 3s }",
+        "",
+        "    max_in_flight: 2\n    retry: { attempts: 1 }\n    circuit_breaker: { failures: 2, open_for: 1s, half_open_max_probes: 1, half_open_successes: 1 }",
+    ))
+    .await;
+    let addr = px.addr("main").unwrap();
+    let chunks: Vec<u8> = b"1\r\nx\r\n".repeat(10);
+    // Two slow uploads: as many as the upstream's in-flight cap.
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let chunks = chunks.clone();
+            tokio::spawn(async move {
+                trickle(addr, CHUNKED_HEAD, &chunks, Duration::from_millis(200)).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        legit_request(addr).await,
+        Ok(()),
+        "shed behind slow uploads"
+    );
+    for s in slow {
+        let (answer, _) = s.await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    }
+
+    // Open the breaker, wait for half-open, and let a slow upload in first.
+    for _ in 0..2 {
+        let (resp, _) = send(&http1(), get(addr, "/status/502")).await;
+        assert_eq!(resp.status(), 502);
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let slow = tokio::spawn(async move {
+        trickle(addr, CHUNKED_HEAD, &chunks, Duration::from_millis(200)).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The probe is the first request the upstream can answer, not the upload.
+    assert_eq!(
+        legit_request(addr).await,
+        Ok(()),
+        "probe held by a slow upload"
+    );
+    let text = metrics(&px).await;
+    assert_eq!(
+        sample(&text, r#"rampart_circuit_breaker_state{upstream="up"}"#),
+        Some(0.0),
+        "closed by the probe that passed"
+    );
+    let (answer, _) = slow.await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    px.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_h2_body_without_length_that_trickles_gets_408() {
     let up = Upstream::start().await;
