@@ -777,6 +777,31 @@ async fn six_trickled_uploads_with_default_timeouts_never_open_the_breaker() {
     px.shutdown().await;
 }
 
+/// The new keys take effect through a reload like any other: the route's at once.
+#[tokio::test]
+async fn slow_client_timeouts_reload() {
+    let up = Upstream::start().await;
+    let px = start(&config(&up.url(), None, "", "", "")).await;
+    let addr = px.addr("main").unwrap();
+    let report = px
+        .apply(parse(&config(
+            &up.url(),
+            None,
+            "        timeouts: { body: 1s, min_body_rate: off }",
+            "    http2: { idle_timeout: 1s }",
+            "",
+        )))
+        .await;
+    assert!(report.is_ok(), "{report:?}");
+    let addr = px.addr("main").unwrap_or(addr);
+    assert_eq!(legit_request(addr).await, Ok(()));
+    // A head, then silence: 408 at the reloaded `body`.
+    let (answer, took) = trickle(addr, CHUNKED_HEAD, b"", Duration::ZERO).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert_around("reloaded body timeout", took, Duration::from_secs(1));
+    px.shutdown().await;
+}
+
 // === item 4: clients that stop reading ===
 
 #[tokio::test]
