@@ -86,6 +86,8 @@ pub fn to_json(c: &Config) -> Value {
                             "first_byte": d(r.timeouts.first_byte),
                             "idle": d(r.timeouts.idle),
                             "total": opt_d(r.timeouts.total),
+                            "body": d(r.timeouts.body),
+                            "min_body_rate": r.timeouts.min_body_rate.map_or(json!("off"), |n| json!(format!("{n}B/s"))),
                         },
                         "max_body": r.max_body_bytes,
                         "rate_limits": r.rate_limits,
@@ -103,6 +105,7 @@ pub fn to_json(c: &Config) -> Value {
                     "max_concurrent_streams": l.http2.max_concurrent_streams,
                     "max_pending_accept_reset_streams": l.http2.max_pending_accept_reset_streams,
                     "max_local_error_reset_streams": l.http2.max_local_error_reset_streams,
+                    "idle_timeout": d(l.http2.idle_timeout),
                 },
                 "max_in_flight": l.max_in_flight,
                 "drain": match l.drain { DrainMode::Inbound => "inbound", DrainMode::Egress => "egress" },
@@ -347,5 +350,28 @@ alerts:
         }
         assert!(text.contains("hooks.example.com"), "{text}");
         assert!(text.contains("\"HighErrorRate\""), "{text}");
+    }
+
+    #[test]
+    fn slow_client_timeouts_are_shown() {
+        let yaml = r#"
+listeners:
+  - name: main
+    listen: "127.0.0.1:0"
+    http2: { idle_timeout: 90s }
+    routes:
+      - { upstream: up, timeouts: { body: 20s, min_body_rate: 1KiB/s } }
+      - { upstream: up, timeouts: { min_body_rate: off } }
+upstreams:
+  up: { endpoints: ["http://127.0.0.1:1"] }
+"#;
+        let c = crate::config::parse_str(yaml, "t.yaml", &|_| None).unwrap();
+        let v = to_json(&c);
+        let l = &v["listeners"][0];
+        assert_eq!(l["http2"]["idle_timeout"], "1m 30s");
+        assert_eq!(l["routes"][0]["timeouts"]["body"], "20s");
+        assert_eq!(l["routes"][0]["timeouts"]["min_body_rate"], "1024B/s");
+        assert_eq!(l["routes"][1]["timeouts"]["body"], "1m");
+        assert_eq!(l["routes"][1]["timeouts"]["min_body_rate"], "off");
     }
 }

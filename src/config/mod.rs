@@ -535,8 +535,8 @@ pub struct ListenerConfig {
     pub listen: SocketAddr,
     /// Connections beyond this wait in the kernel backlog. Default 10_000.
     pub max_connections: usize,
-    /// Time allowed to send a complete request head; also the keep-alive idle timeout.
-    /// Default 10s.
+    /// Time allowed to send a complete request head, counted from accept for the first one
+    /// (nginx's `client_header_timeout`); also the HTTP/1 keep-alive idle timeout. Default 10s.
     pub header_read_timeout: Duration,
     /// Bytes of request head (HTTP/1 read buffer, HTTP/2 header list). Default 64 KiB,
     /// minimum 8 KiB (hyper's floor).
@@ -606,6 +606,9 @@ pub struct Http2Config {
     pub max_pending_accept_reset_streams: usize,
     /// Streams we had to reset because of the peer's errors (CVE-2024-27316 style). Default 1024.
     pub max_local_error_reset_streams: usize,
+    /// A connection with no open stream for this long gets GOAWAY and is closed, PINGs or not
+    /// (Envoy's connection idle timeout). Default 3m, at most 24h.
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -635,12 +638,20 @@ pub struct RouteConfig {
 pub struct RouteTimeouts {
     /// Default: the upstream's `connect_timeout`.
     pub connect: Duration,
-    /// Request sent -> response headers. Default 30s.
+    /// Request body's last byte written -> response headers. Default 30s.
     pub first_byte: Duration,
-    /// Longest silence between body chunks, either direction. Default 60s.
+    /// Longest silence between chunks of the upstream's body; also the send timeout (no
+    /// progress writing to the client). Default 60s.
     pub idle: Duration,
     /// Whole exchange including the body; off by default (streams run long).
     pub total: Option<Duration>,
+    /// Longest wait for the next bytes of the request body (nginx's `client_body_timeout`);
+    /// also the grace before `min_body_rate` applies. Default 60s, at most 1h.
+    pub body: Duration,
+    /// Bytes per second the request body must average once it has taken longer than `body`
+    /// (Apache's mod_reqtimeout `MinRate`): the client may take `body` + received / rate in
+    /// all. None = off. Default 500 B/s, at most 1 GiB/s.
+    pub min_body_rate: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -40,9 +40,20 @@ const DEFAULT_MAX_HEADERS: usize = 100;
 const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 100;
 const DEFAULT_H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 const DEFAULT_H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+/// Envoy's default connection idle timeout is 1h; a proxy in front of browsers and apps
+/// that reconnect cheaply can close sooner.
+const DEFAULT_H2_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
+const MAX_H2_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 const DEFAULT_PATH_PREFIX: &str = "/";
 const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// nginx's `client_body_timeout`.
+const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+const MAX_BODY_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Apache's mod_reqtimeout default `MinRate`: far below any real link (4 kbit/s), far above
+/// a trickle of a byte a second.
+const DEFAULT_MIN_BODY_RATE: u64 = 500;
+const MAX_MIN_BODY_RATE: u64 = 1 << 30;
 const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
@@ -520,6 +531,11 @@ fn http2(ctx: &mut Ctx, f: Option<Field>) -> Http2Config {
                 ctx.count(f, 1)
             })
             .unwrap_or(DEFAULT_H2_MAX_LOCAL_ERROR_RESET_STREAMS),
+        idle_timeout: m
+            .read(ctx, "idle_timeout", |ctx, f| {
+                ctx.duration_at_most(f, MAX_H2_IDLE_TIMEOUT, "24h")
+            })
+            .unwrap_or(DEFAULT_H2_IDLE_TIMEOUT),
     };
     m.finish(ctx);
     config
@@ -621,6 +637,16 @@ fn route_timeouts(ctx: &mut Ctx, f: Option<Field>, connect_default: Duration) ->
             .read(ctx, "idle", Ctx::duration)
             .unwrap_or(DEFAULT_IDLE_TIMEOUT),
         total: m.read(ctx, "total", Ctx::duration_or_off).flatten(),
+        body: m
+            .read(ctx, "body", |ctx, f| {
+                ctx.duration_at_most(f, MAX_BODY_TIMEOUT, "1h")
+            })
+            .unwrap_or(DEFAULT_BODY_TIMEOUT),
+        min_body_rate: m
+            .read(ctx, "min_body_rate", |ctx, f| {
+                ctx.parse_with(f, "a rate or off", parse_rate)
+            })
+            .unwrap_or(Some(DEFAULT_MIN_BODY_RATE)),
     };
     m.finish(ctx);
     config
@@ -1268,6 +1294,17 @@ impl<'e> Ctx<'e> {
         })
     }
 
+    /// A duration greater than 0 and at most `max` (written `max_text` in messages).
+    fn duration_at_most(&mut self, f: &Field, max: Duration, max_text: &str) -> Option<Duration> {
+        self.parse_with(f, "a duration", |s| {
+            let d = parse_duration(s)?;
+            if d > max {
+                return Err(format!("must be at most {max_text}, got \"{s}\""));
+            }
+            Ok(d)
+        })
+    }
+
     /// A duration, or `off` for none.
     fn duration_or_off(&mut self, f: &Field) -> Option<Option<Duration>> {
         self.parse_with(f, "a duration or off", |s| {
@@ -1640,6 +1677,26 @@ fn format_bytes(n: u64) -> String {
         }
     }
     n.to_string()
+}
+
+/// Bytes per second: a byte size followed by `/s` ("500B/s", "1KiB/s"), 1 B/s to 1 GiB/s;
+/// or `off`.
+fn parse_rate(s: &str) -> Result<Option<u64>, String> {
+    let t = s.trim();
+    if t == "off" {
+        return Ok(None);
+    }
+    let bad = || format!("expected a rate like \"500B/s\" or \"1KiB/s\", or off, got \"{s}\"");
+    let size = t.strip_suffix("/s").ok_or_else(bad)?;
+    let n = parse_bytes(size).map_err(|_| bad())?;
+    in_range(n, 1, MAX_MIN_BODY_RATE, s)
+        .map(Some)
+        .map_err(|e| match n {
+            n if n > i128::from(MAX_MIN_BODY_RATE) => {
+                format!("must be at most 1GiB/s, got \"{s}\"")
+            }
+            _ => e,
+        })
 }
 
 /// humantime's syntax ("250ms", "30s", "1m30s"), greater than 0. A bare number is refused:
@@ -2170,6 +2227,7 @@ mod tests {
                     max_concurrent_streams: 100,
                     max_pending_accept_reset_streams: 20,
                     max_local_error_reset_streams: 1024,
+                    idle_timeout: secs(180),
                 },
                 max_in_flight: None,
                 drain: DrainMode::Inbound,
@@ -2187,6 +2245,8 @@ mod tests {
                         first_byte: secs(30),
                         idle: secs(60),
                         total: None,
+                        body: secs(60),
+                        min_body_rate: Some(500),
                     },
                     max_body_bytes: 10 * 1024 * 1024,
                     rate_limits: vec![],
@@ -2241,6 +2301,7 @@ mod tests {
                   max_concurrent_streams: 64
                   max_pending_accept_reset_streams: 10
                   max_local_error_reset_streams: 512
+                  idle_timeout: 30s
                 drain: egress
                 routes:
                   - name: chat
@@ -2254,12 +2315,15 @@ mod tests {
                       first_byte: 1m30s
                       idle: 250ms
                       total: 1h
+                      body: 20s
+                      min_body_rate: 1KiB/s
                     max_body: 2MB
                   - match:
                       path_prefix: /
                     upstream: backend
                     timeouts:
                       total: off
+                      min_body_rate: off
                     max_body: 1048576
             upstreams:
               backend:
@@ -2314,6 +2378,7 @@ mod tests {
                     max_concurrent_streams: 64,
                     max_pending_accept_reset_streams: 10,
                     max_local_error_reset_streams: 512,
+                    idle_timeout: secs(30),
                 },
                 max_in_flight: None,
                 drain: DrainMode::Egress,
@@ -2332,6 +2397,8 @@ mod tests {
                             first_byte: secs(90),
                             idle: Duration::from_millis(250),
                             total: Some(secs(3600)),
+                            body: secs(20),
+                            min_body_rate: Some(1024),
                         },
                         rate_limits: vec![],
                         max_body_bytes: 2_000_000,
@@ -2349,6 +2416,8 @@ mod tests {
                             first_byte: secs(30),
                             idle: secs(60),
                             total: None,
+                            body: secs(60),
+                            min_body_rate: None,
                         },
                         rate_limits: vec![],
                         max_body_bytes: 1_048_576,
@@ -2907,6 +2976,73 @@ mod tests {
             22,
             "upstreams.backend.connect_timeout",
             "must be at most 365 days",
+        );
+    }
+
+    #[test]
+    fn slow_client_timeouts_have_bounds() {
+        let p = problems(
+            "
+            listeners:
+              - name: inbound
+                listen: 0.0.0.0:8080
+                http2: { idle_timeout: 25h }
+                routes:
+                  - upstream: backend
+                    timeouts:
+                      body: 2h
+                      min_body_rate: 500
+                  - upstream: backend
+                    timeouts: { body: 0s, min_body_rate: 2GiB/s }
+                  - upstream: backend
+                    timeouts: { min_body_rate: 0B/s }
+            upstreams:
+              backend:
+                endpoints: [\"http://127.0.0.1:3001\"]
+            ",
+        );
+        assert_eq!(p.len(), 6, "{p:#?}");
+        check(
+            &p[0],
+            4,
+            28,
+            "listeners[0].http2.idle_timeout",
+            "must be at most 24h, got \"25h\"",
+        );
+        check(
+            &p[1],
+            8,
+            17,
+            "listeners[0].routes[0].timeouts.body",
+            "must be at most 1h, got \"2h\"",
+        );
+        check(
+            &p[2],
+            9,
+            26,
+            "listeners[0].routes[0].timeouts.min_body_rate",
+            "expected a rate like \"500B/s\" or \"1KiB/s\", or off, got \"500\"",
+        );
+        check(
+            &p[3],
+            11,
+            27,
+            "listeners[0].routes[1].timeouts.body",
+            "must be greater than 0",
+        );
+        check(
+            &p[4],
+            11,
+            46,
+            "listeners[0].routes[1].timeouts.min_body_rate",
+            "must be at most 1GiB/s, got \"2GiB/s\"",
+        );
+        check(
+            &p[5],
+            13,
+            36,
+            "listeners[0].routes[2].timeouts.min_body_rate",
+            "must be greater than 0, got 0B/s",
         );
     }
 

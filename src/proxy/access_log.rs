@@ -22,6 +22,9 @@ pub enum Outcome {
     TotalTimeout,
     /// An SSE stream rampart ended with a final event at the drain deadline.
     Drained,
+    /// The client took no data for the send timeout (the route's `idle`): rampart ended the
+    /// stream and released the upstream connection.
+    SendTimeout,
     /// Answered by rampart itself with this error code.
     Local(&'static str),
 }
@@ -36,6 +39,7 @@ impl Outcome {
             Outcome::IdleTimeout => "idle_timeout",
             Outcome::TotalTimeout => "total_timeout",
             Outcome::Drained => "drained",
+            Outcome::SendTimeout => "send_timeout",
             Outcome::Local(code) => code,
         }
     }
@@ -62,6 +66,14 @@ impl AccessRecord {
         // Idempotent: a body may report its end twice (last frame, then None).
         if self.outcome == Outcome::Streaming {
             self.outcome = Outcome::Ok;
+        }
+    }
+
+    /// Before the record is dropped with the stream rampart ended (not failed: the upstream
+    /// did nothing wrong).
+    pub fn send_timed_out(&mut self) {
+        if self.outcome == Outcome::Streaming {
+            self.outcome = Outcome::SendTimeout;
         }
     }
 

@@ -3,8 +3,10 @@
 //! `ProxyError`.
 
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use http::uri::Scheme;
@@ -18,7 +20,7 @@ use crate::balance::{self, Candidate};
 use crate::config::{Resilience, UpstreamConfig};
 use crate::error::{ProxyError, TimeoutPhase};
 use crate::metrics::http::UpstreamErrors;
-use crate::proxy::body::{BodyError, RequestBody};
+use crate::proxy::body::{BodyError, RequestBody, Upload, UploadState};
 use crate::proxy::client::ExchangeError;
 use crate::proxy::headers::Forwarded;
 use crate::proxy::pool::{self, ConnectError, EndpointPool, PooledBody, UpgradeError};
@@ -176,15 +178,16 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, S
 /// Per-request timing limits for one attempt.
 pub struct Timers {
     pub connect: Duration,
+    /// From the request's last byte to the response head (see `within_first_byte`).
     pub first_byte: Duration,
     pub deadline: Option<Instant>,
 }
 
 /// Sends the request in `request` (and the `forwarded` headers) to `endpoint` and waits
-/// for the response head, at most
-/// `first_byte` (or until the route's total deadline if that comes first). The request is
-/// taken out, and put back when it provably never left. The error is boxed: the answer
-/// travels up through several futures, and most answers are not errors.
+/// for the response head, at most `first_byte` from the request's last byte (see
+/// [`within_first_byte`]) or until the route's total deadline if that comes first. The
+/// request is taken out, and put back when it provably never left. The error is boxed: the
+/// answer travels up through several futures, and most answers are not errors.
 pub async fn send(
     upstream: &str,
     endpoint: &Endpoint,
@@ -192,12 +195,7 @@ pub async fn send(
     forwarded: Option<&Forwarded>,
     timers: &Timers,
 ) -> Result<Response<PooledBody>, Box<SendError>> {
-    let fb_deadline = Instant::now() + timers.first_byte;
-    let (until, phase) = match timers.deadline {
-        Some(d) if d < fb_deadline => (d, TimeoutPhase::Total),
-        _ => (fb_deadline, TimeoutPhase::FirstByte),
-    };
-    let timed_out = |failure, by_deadline| {
+    let timed_out = |phase, failure, by_deadline| {
         Box::new(SendError {
             error: ProxyError::UpstreamTimeout {
                 upstream: upstream.to_string(),
@@ -221,14 +219,15 @@ pub async fn send(
             Some(c) => c,
             // Rare once the pool is warm: boxed, so its large future is not part of every
             // request's. The request stays out of it, so it is still here if time runs out.
-            None => match Box::pin(tokio::time::timeout_at(
-                until,
+            // Bounded by the connect timeout and the route's total deadline.
+            None => match Box::pin(until(
+                timers.deadline,
                 endpoint.pool.connect(timers.connect),
             ))
             .await
             {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
+                Some(Ok(c)) => c,
+                Some(Err(e)) => {
                     let failure = match e {
                         ConnectError::Timeout => Failure::ConnectTimeout,
                         _ => Failure::Connect,
@@ -239,13 +238,20 @@ pub async fn send(
                         by_deadline: false,
                     }));
                 }
-                Err(_) => return Err(timed_out(Failure::ConnectTimeout, true)),
+                None => {
+                    return Err(timed_out(
+                        TimeoutPhase::Total,
+                        Failure::ConnectTimeout,
+                        true,
+                    ));
+                }
             },
         };
         // From here on a timeout means the request may have reached the upstream.
         let reused = conn.reused();
+        let upload = request.as_mut().and_then(|r| r.body_mut().upload());
         let exchange = pool::exchange(conn, endpoint.pool.clone(), request, forwarded);
-        let error = match tokio::time::timeout_at(until, exchange).await {
+        let error = match within_first_byte(exchange, upload.as_deref(), timers).await {
             // The head waits (briefly) for the body's first byte: a body that fails at once
             // is a 502, not a head with a cut stream (outside the first-byte timer).
             Ok(Some(Ok(mut resp))) => match resp.body_mut().hold().await {
@@ -264,7 +270,7 @@ pub async fn send(
                     by_deadline: false,
                 }));
             }
-            Err(_) => return Err(timed_out(Failure::FirstByteTimeout, false)),
+            Err(phase) => return Err(timed_out(phase, Failure::FirstByteTimeout, false)),
         };
         // Given back unsent: nothing reached the upstream.
         let unsent = request.is_some();
@@ -283,6 +289,65 @@ pub async fn send(
             by_deadline: false,
         }));
     }
+}
+
+/// `fut`, or None once `deadline` (if any) has passed.
+async fn until<F: Future>(deadline: Option<Instant>, fut: F) -> Option<F::Output> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, fut).await.ok(),
+        None => Some(fut.await),
+    }
+}
+
+/// Runs an exchange (request out, response head in) under the first-byte timer, which counts
+/// only time the UPSTREAM owes us something: from the request's last byte (`Done`), or from
+/// the moment rampart had bytes for it that it did not take (`Upstream`: the head, or a piece
+/// of the body the upstream is not reading). While rampart waits for the client's next bytes
+/// (`Client`), no upstream timer runs: the request body's own timers (`timeouts.body`,
+/// `min_body_rate`, `total`) govern, and what they end is the client's fault (408), never
+/// the upstream's. A body that is here whole (`upload` None) is done when the exchange starts.
+/// The total deadline caps it all, except while waiting for the client (the body's timers
+/// carry the same deadline).
+pub async fn within_first_byte<F: Future>(
+    fut: F,
+    upload: Option<&Upload>,
+    timers: &Timers,
+) -> Result<F::Output, TimeoutPhase> {
+    let started = Instant::now();
+    let mut fut = std::pin::pin!(fut);
+    // Armed lazily, re-armed only when the deadline moves.
+    let mut timer: Option<(Pin<Box<tokio::time::Sleep>>, Instant)> = None;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        let since = match upload.map(Upload::state) {
+            None => started,
+            Some(UploadState::Upstream(at) | UploadState::Done(at)) => at,
+            // Woken again by the body when it has news.
+            Some(UploadState::Client) => return Poll::Pending,
+        };
+        let first_byte = since + timers.first_byte;
+        let (at, phase) = match timers.deadline {
+            Some(d) if d < first_byte => (d, TimeoutPhase::Total),
+            _ => (first_byte, TimeoutPhase::FirstByte),
+        };
+        let sleep = match &mut timer {
+            Some((sleep, armed_at)) => {
+                if *armed_at != at {
+                    sleep.as_mut().reset(at);
+                    *armed_at = at;
+                }
+                sleep
+            }
+            None => &mut timer.insert((Box::pin(tokio::time::sleep_until(at)), at)).0,
+        };
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(phase)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// An Upgrade handshake: always a fresh connection, which the upgrade then owns.
@@ -326,7 +391,7 @@ fn connect_error(upstream: &str, e: ConnectError) -> ProxyError {
 /// to blame (not when our client's own request body failed).
 fn classify(err: &ExchangeError, upstream: &str) -> (ProxyError, bool) {
     match err {
-        ExchangeError::RequestBody(b) => (body_error(b, upstream), false),
+        ExchangeError::RequestBody(b) => (body_error(b), false),
         ExchangeError::Wire(e) => (
             ProxyError::UpstreamUnavailable {
                 upstream: upstream.to_string(),
@@ -337,17 +402,17 @@ fn classify(err: &ExchangeError, upstream: &str) -> (ProxyError, bool) {
     }
 }
 
-fn body_error(b: &BodyError, upstream: &str) -> ProxyError {
+fn body_error(b: &BodyError) -> ProxyError {
     match b {
-        BodyError::Idle => ProxyError::RequestTimeout,
+        // Too slow sending its body (these timers only run while rampart waits for the
+        // client): the client's fault, answered 408 as a buffered body's would be, and never
+        // counted against the upstream (see `classify`).
+        BodyError::Idle | BodyError::Slow | BodyError::Total => ProxyError::RequestTimeout,
         BodyError::TooLarge(limit) => ProxyError::PayloadTooLarge { limit: *limit },
-        BodyError::Total => ProxyError::UpstreamTimeout {
-            upstream: upstream.to_string(),
-            phase: TimeoutPhase::Total,
-        },
-        BodyError::Length | BodyError::Inner(_) | BodyError::Upstream(_) => {
-            ProxyError::BadRequest("the request body was cut short")
-        }
+        BodyError::Length
+        | BodyError::Inner(_)
+        | BodyError::Upstream(_)
+        | BodyError::SendTimeout => ProxyError::BadRequest("the request body was cut short"),
     }
 }
 
@@ -357,7 +422,7 @@ fn classify_upgrade(err: &hyper::Error, upstream: &str) -> ProxyError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = source {
         if let Some(b) = e.downcast_ref::<BodyError>() {
-            return body_error(b, upstream);
+            return body_error(b);
         }
         source = e.source();
     }
@@ -373,4 +438,79 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
         e = next;
     }
     e.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timers(first_byte: u64, total: Option<u64>) -> Timers {
+        Timers {
+            connect: Duration::from_secs(1),
+            first_byte: Duration::from_secs(first_byte),
+            deadline: total.map(|t| Instant::now() + Duration::from_secs(t)),
+        }
+    }
+
+    /// When `within_first_byte` gives up on an exchange that never ends, the exchange itself
+    /// moving the upload's state along (at whole seconds), as the request body does from
+    /// inside the exchange it is polled by.
+    async fn gives_up_after(
+        upload: Option<&Upload>,
+        t: &Timers,
+        script: &[(u64, UploadState)],
+    ) -> (u64, TimeoutPhase) {
+        let start = Instant::now();
+        let exchange = async {
+            for (at, state) in script {
+                tokio::time::sleep_until(start + Duration::from_secs(*at)).await;
+                if let Some(u) = upload {
+                    u.set(*state);
+                }
+            }
+            std::future::pending::<()>().await;
+        };
+        let phase = within_first_byte(exchange, upload, t).await.unwrap_err();
+        ((Instant::now() - start).as_secs(), phase)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn first_byte_runs_from_the_last_byte_and_never_while_the_client_sends() {
+        // A body here whole: from the start.
+        let (took, phase) = gives_up_after(None, &timers(3, None), &[]).await;
+        assert_eq!((took, phase), (3, TimeoutPhase::FirstByte));
+
+        // The client sends for 10 s, then the body ends: 3 s after that.
+        let start = Instant::now();
+        let u = Upload::new(UploadState::Upstream(start));
+        let script = [
+            (0, UploadState::Client),
+            (5, UploadState::Upstream(start + Duration::from_secs(5))),
+            (5, UploadState::Client),
+            (10, UploadState::Done(start + Duration::from_secs(10))),
+        ];
+        let (took, phase) = gives_up_after(Some(&u), &timers(3, None), &script).await;
+        assert_eq!((took, phase), (13, TimeoutPhase::FirstByte));
+
+        // An upstream that stops taking the body: 3 s after the last piece it took.
+        let start = Instant::now();
+        let u = Upload::new(UploadState::Upstream(start));
+        let script = [
+            (0, UploadState::Client),
+            (2, UploadState::Upstream(start + Duration::from_secs(2))),
+        ];
+        let (took, phase) = gives_up_after(Some(&u), &timers(3, None), &script).await;
+        assert_eq!((took, phase), (5, TimeoutPhase::FirstByte));
+
+        // The total deadline caps it, but not while the client is sending (its body's own
+        // timers carry that deadline).
+        let start = Instant::now();
+        let u = Upload::new(UploadState::Upstream(start));
+        let script = [
+            (0, UploadState::Client),
+            (6, UploadState::Done(start + Duration::from_secs(6))),
+        ];
+        let (took, phase) = gives_up_after(Some(&u), &timers(3, Some(4)), &script).await;
+        assert_eq!((took, phase), (6, TimeoutPhase::Total));
+    }
 }

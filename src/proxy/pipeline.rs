@@ -22,7 +22,7 @@ use crate::breaker::{Admit, Outcome};
 use crate::error::ProxyError;
 use crate::metrics::http::{UpstreamErrorKind, method_index};
 use crate::proxy::access_log::{AccessRecord, Outcome as LogOutcome};
-use crate::proxy::body::{BodyError, ProxyBody, RequestBody, TimedBody};
+use crate::proxy::body::{BodyError, MinRate, ProxyBody, RequestBody, TimedBody};
 use crate::proxy::forward::{self, Upstream};
 use crate::proxy::headers::{self, X_REQUEST_ID};
 use crate::proxy::resilience::{BreakerTicket, InFlight, UpstreamMetrics};
@@ -290,24 +290,8 @@ fn after_rate_limit<'a>(
     let upstream = &route.upstream;
 
     // The upstream's in-flight cap, then its breaker: both answer without the network.
-    tail.upstream_slot = Some(
-        InFlight::try_acquire(upstream.state.clone(), upstream.resilience.max_in_flight)
-            .ok_or_else(|| {
-                shed(metrics, "upstream", &upstream.name);
-                ProxyError::Overloaded
-            })?,
-    );
-    match upstream.state.admit() {
-        Admit::Rejected { retry_after } => {
-            return Err(ProxyError::CircuitOpen {
-                upstream: upstream.name.clone(),
-                retry_after,
-            });
-        }
-        Admit::Allowed { probe } => {
-            tail.ticket = Some(BreakerTicket::new(upstream.state.clone(), probe));
-        }
-    }
+    tail.upstream_slot = Some(upstream_slot(metrics, upstream)?);
+    tail.ticket = Some(admit(upstream)?);
 
     // Body limit, before the upstream sees a byte.
     let limit = route.max_body_bytes;
@@ -315,7 +299,6 @@ fn after_rate_limit<'a>(
         return Err(ProxyError::PayloadTooLarge { limit });
     }
     let deadline = route.timeouts.total.map(|t| env.start + t);
-    let idle = route.timeouts.idle;
     let wants_upgrade = req.version() == Version::HTTP_11 && env.head.wants_upgrade(req.headers());
     let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
 
@@ -325,7 +308,7 @@ fn after_rate_limit<'a>(
         (RequestBody::Empty, Some(Bytes::new()))
     } else if declared_len.is_some_and(|n| !keep_for_retry(retry_cfg, n)) {
         (
-            RequestBody::Stream(TimedBody::new(body, idle, deadline, Some(limit))),
+            RequestBody::Stream(request_body(body, route, deadline)),
             None,
         )
     } else {
@@ -339,6 +322,27 @@ fn after_rate_limit<'a>(
         });
     };
     Ok(outgoing(env, route, parts, body, replay, client_upgrade))
+}
+
+/// A slot under the upstream's `max_in_flight`, or 503 OVERLOADED (counted as shed).
+fn upstream_slot(metrics: &UpstreamMetrics, upstream: &Upstream) -> Result<InFlight, ProxyError> {
+    InFlight::try_acquire(upstream.state.clone(), upstream.resilience.max_in_flight).ok_or_else(
+        || {
+            shed(metrics, "upstream", &upstream.name);
+            ProxyError::Overloaded
+        },
+    )
+}
+
+/// The breaker's admission, or 503 CIRCUIT_OPEN.
+fn admit(upstream: &Upstream) -> Result<BreakerTicket, ProxyError> {
+    match upstream.state.admit() {
+        Admit::Rejected { retry_after } => Err(ProxyError::CircuitOpen {
+            upstream: upstream.name.clone(),
+            retry_after,
+        }),
+        Admit::Allowed { probe } => Ok(BreakerTicket::new(upstream.state.clone(), probe)),
+    }
 }
 
 /// A body small enough is kept so that a retry can send it again.
@@ -455,9 +459,23 @@ async fn slow(
                 body,
                 client_upgrade,
             } => {
+                // While the body trickles in, the client holds nothing of the upstream's: its
+                // in-flight slot and a half-open breaker's probe are taken again once the
+                // body is here (an open breaker and a full upstream still answered at once).
+                let upstream = &*route.upstream;
+                tail.upstream_slot = None;
+                let probe = tail.ticket.as_ref().is_some_and(BreakerTicket::is_probe);
+                if probe {
+                    // Reported as ignored: the probe slot is free for another request.
+                    tail.ticket = None;
+                }
                 let deadline = route.timeouts.total.map(|t| env.start + t);
-                let limit = route.max_body_bytes;
-                let buffered = buffer_body(body, limit, route.timeouts.idle, deadline).await?;
+                let buffered = buffer_body(request_body(body, route, deadline)).await?;
+                let metrics = &env.ctx.shared.upstream_states.metrics;
+                tail.upstream_slot = Some(upstream_slot(metrics, upstream)?);
+                if probe {
+                    tail.ticket = Some(admit(upstream)?);
+                }
                 if let Some(r) = tail.log.as_mut() {
                     r.bytes_in = buffered.len() as u64;
                 }
@@ -756,13 +774,16 @@ fn shed(metrics: &UpstreamMetrics, scope: &'static str, name: &str) {
         .inc();
 }
 
-async fn buffer_body(
-    body: Incoming,
-    limit: u64,
-    idle: std::time::Duration,
-    deadline: Option<Instant>,
-) -> Result<Bytes, ProxyError> {
-    let mut timed = TimedBody::new(body, idle, deadline, Some(limit));
+/// The client's request body under the route's body timers: `timeouts.body` between two
+/// reads and `min_body_rate` after it (a client too slow gets 408, its own fault), the total
+/// deadline, and `max_body`.
+fn request_body(body: Incoming, route: &Route, deadline: Option<Instant>) -> TimedBody<Incoming> {
+    let t = &route.timeouts;
+    let min_rate = t.min_body_rate.map(|per_sec| MinRate { per_sec });
+    TimedBody::request(body, t.body, min_rate, deadline, route.max_body_bytes)
+}
+
+async fn buffer_body(mut timed: TimedBody<Incoming>) -> Result<Bytes, ProxyError> {
     let mut buf = BytesMut::new();
     while let Some(frame) = timed.frame().await {
         match frame {
@@ -772,8 +793,15 @@ async fn buffer_body(
                 }
             }
             Err(BodyError::TooLarge(limit)) => return Err(ProxyError::PayloadTooLarge { limit }),
-            Err(BodyError::Idle | BodyError::Total) => return Err(ProxyError::RequestTimeout),
-            Err(BodyError::Inner(_) | BodyError::Length | BodyError::Upstream(_)) => {
+            Err(BodyError::Idle | BodyError::Slow | BodyError::Total) => {
+                return Err(ProxyError::RequestTimeout);
+            }
+            Err(
+                BodyError::Inner(_)
+                | BodyError::Length
+                | BodyError::Upstream(_)
+                | BodyError::SendTimeout,
+            ) => {
                 return Err(ProxyError::BadRequest("malformed request body"));
             }
         }

@@ -313,6 +313,11 @@ impl BreakerTicket {
         }
     }
 
+    /// Admitted as one of a half-open breaker's probes.
+    pub fn is_probe(&self) -> bool {
+        self.probe.is_some()
+    }
+
     pub fn report(&mut self, outcome: Outcome) {
         if !self.reported {
             self.reported = true;

@@ -44,7 +44,9 @@ pub fn track(
     request: RequestGuard,
     phase: &watch::Receiver<Phase>,
 ) -> Response<TrackedBody> {
-    let finale = is_event_stream(&resp).then(|| {
+    // One whose length is fixed (all of it already read) cannot take an extra event.
+    let open_ended = resp.body().size_hint().exact().is_none();
+    let finale = (open_ended && is_event_stream(&resp)).then(|| {
         let mut phase = phase.clone();
         Box::new(Finale {
             wait: Box::pin(async move { reached(&mut phase, Phase::Finale).await }),
@@ -60,10 +62,12 @@ pub fn track(
     })
 }
 
-/// A streamed `text/event-stream` answer. One with a fixed length cannot take an extra event.
+/// An event stream: a 200 `text/event-stream` answer without a Content-Length. Decided on
+/// the head, not on what the body happens to know of its length (a short stream whose
+/// every event was read with the head still counts as a stream).
 pub(crate) fn is_event_stream(resp: &Response<ProxyBody>) -> bool {
     resp.status() == StatusCode::OK
-        && resp.body().size_hint().exact().is_none()
+        && !resp.headers().contains_key(header::CONTENT_LENGTH)
         && resp
             .headers()
             .get(header::CONTENT_TYPE)

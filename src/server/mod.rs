@@ -29,10 +29,12 @@ use crate::config::{DrainMode, ListenerConfig};
 use crate::proxy::{ListenerCtx, Shared, pipeline};
 use crate::workers::Workers;
 use h1_guard::Verdict;
+use timeouts::{Clock, Clocks, Expired, SendTimed};
 
 pub mod finale;
 pub mod h1_guard;
 pub mod h2_guard;
+pub mod timeouts;
 
 /// Where a listener is in its life. Ordered: each phase includes the ones before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -150,6 +152,8 @@ impl Server {
             max_header_bytes: config.max_header_bytes,
             max_headers: h1_guard::max_headers(config.max_headers),
             first_request_wait: config.header_read_timeout.min(FIRST_REQUEST_WAIT),
+            header_read_timeout: config.header_read_timeout,
+            h2_idle_timeout: config.http2.idle_timeout,
             open: open.clone(),
             health_path: config.health_path.as_deref().map(Arc::from),
         };
@@ -230,6 +234,8 @@ struct Acceptor {
     max_header_bytes: usize,
     max_headers: usize,
     first_request_wait: Duration,
+    header_read_timeout: Duration,
+    h2_idle_timeout: Duration,
     open: Arc<AtomicUsize>,
     /// `health_path`: answered here, before the pipeline (no route, no rate limit).
     health_path: Option<Arc<str>>,
@@ -318,10 +324,12 @@ impl Acceptor {
         mut phase: watch::Receiver<Phase>,
     ) {
         let _ = stream.set_nodelay(true);
+        let clocks = Clocks::new(self.header_read_timeout, self.h2_idle_timeout);
+        let stream = SendTimed::new(stream, clocks.clone());
         // hyper hides Content-Length next to Transfer-Encoding from the service; the guard
         // sees the raw heads and tells the service per request.
         let (stream, verdicts) = h1_guard::wrap(stream, self.max_header_bytes, self.max_headers);
-        let conn_state = Arc::new(ConnState::new(phase.clone()));
+        let conn_state = Arc::new(ConnState::new(phase.clone(), clocks));
         let ctx = self.ctx.clone();
         let state = conn_state.clone();
         let health_path = self.health_path.clone();
@@ -336,6 +344,8 @@ impl Acceptor {
             // HTTP/2 heads never go through the guard, and hyper already hands the service
             // every header of those.
             let h1 = req.version() != Version::HTTP_2;
+            // Counted open from here, so a stream waiting for its answer is not idle.
+            let stream = (!h1).then(|| state.clocks.stream());
             let framing_ok = !h1 || verdicts.next() == Verdict::Ok;
             // Only a possible upgrade needs the handle after the answer.
             let upgrading = (h1
@@ -345,15 +355,31 @@ impl Acceptor {
                 req.uri().path() == p && matches!(*req.method(), Method::GET | Method::HEAD)
             });
             async move {
-                if health {
-                    let resp = crate::health::listener_health_response(&ctx.shared);
-                    return Ok::<_, Infallible>(finale::track(resp, request, &state.phase));
-                }
-                let resp = pipeline::handle(ctx, peer, req, framing_ok).await;
-                if let Some(v) = upgrading
-                    && resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                {
-                    v.switched();
+                let mut resp = if health {
+                    crate::health::listener_health_response(&ctx.shared)
+                } else {
+                    let resp = pipeline::handle(ctx, peer, req, framing_ok).await;
+                    if let Some(v) = upgrading
+                        && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                    {
+                        v.switched();
+                    }
+                    resp
+                };
+                let body = resp.body_mut();
+                match stream {
+                    Some(stream) => {
+                        body.watch_sends();
+                        body.hold(Box::new(stream));
+                    }
+                    None => {
+                        let clocks = &state.clocks;
+                        clocks.set_send_timeout(
+                            body.send_timeout()
+                                .unwrap_or(timeouts::DEFAULT_SEND_TIMEOUT),
+                        );
+                        body.conn_timed_out(clocks.send_timed_out().clone());
+                    }
                 }
                 Ok::<_, Infallible>(finale::track(resp, request, &state.phase))
             }
@@ -379,6 +405,12 @@ impl Acceptor {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
                 Ended::Cut => tracing::debug!(%peer, "connection cut at the drain deadline"),
+                Ended::Expired(Expired::HeaderRead) => {
+                    tracing::debug!(%peer, "no request head within header_read_timeout: closed");
+                }
+                Ended::Expired(Expired::Idle) => {
+                    tracing::debug!(%peer, "HTTP/2 connection idle: closed");
+                }
                 Ended::Done(Ok(())) => {}
             }
             drop(open);
@@ -396,15 +428,17 @@ struct ConnState {
     first: Notify,
     /// For the SSE streams answered on this connection.
     phase: watch::Receiver<Phase>,
+    clocks: Arc<Clocks>,
 }
 
 impl ConnState {
-    fn new(phase: watch::Receiver<Phase>) -> Self {
+    fn new(phase: watch::Receiver<Phase>, clocks: Arc<Clocks>) -> Self {
         ConnState {
             closing: AtomicBool::new(false),
             seen: AtomicBool::new(false),
             first: Notify::new(),
             phase,
+            clocks,
         }
     }
 
@@ -419,11 +453,15 @@ impl ConnState {
 enum Ended<E> {
     Done(Result<(), E>),
     Cut,
+    /// Closed by the connection's own clock (`timeouts`).
+    Expired(Expired),
 }
 
 /// Serves a connection through its listener's phases: normally until `Closing`, then a
 /// graceful shutdown (after its first request, if it has not sent one yet), until it ends
-/// or `Cut` drops it.
+/// or `Cut` drops it. Its clock (`timeouts::Clocks`) ends it earlier: dropped when no request
+/// head came within the header read timeout of accept, closed gracefully (GOAWAY) when an
+/// HTTP/2 connection has been idle for its idle timeout.
 async fn drive<C, E>(
     mut conn: Pin<&mut C>,
     graceful: impl FnOnce(Pin<&mut C>),
@@ -437,26 +475,45 @@ where
     // The connection's task wakes several times per request; the phase changes once or
     // twice in its life. Look at the phase only when it changed (`probe`, a receiver of
     // its own, tells without a lock), after one first look that registers the wake-up.
+    // The clock (`timeouts::Clock`) costs a flag load per wake-up when it has nothing to do.
     let ended = {
         let probe = phase.clone();
         let mut closing = std::pin::pin!(reached(phase, Phase::Closing));
         let mut looked = false;
+        let mut timer = std::pin::pin!(state.clocks.timer());
+        let mut clock = Clock::default();
         std::future::poll_fn(|cx| {
             if let Poll::Ready(r) = conn.as_mut().poll(cx) {
-                return Poll::Ready(Some(r));
+                return Poll::Ready(Stop::Done(r));
             }
             if !looked || probe.has_changed().unwrap_or(true) {
                 looked = true;
                 if closing.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(None);
+                    return Poll::Ready(Stop::Closing);
                 }
+            }
+            let seen = state.seen.load(Ordering::Relaxed);
+            if let Poll::Ready(e) = clock.poll(timer.as_mut(), &state.clocks, seen, cx) {
+                return Poll::Ready(Stop::Expired(e));
             }
             Poll::Pending
         })
         .await
     };
-    if let Some(r) = ended {
-        return Ended::Done(r);
+    match ended {
+        Stop::Done(r) => return Ended::Done(r),
+        // Nothing was asked on it: nothing to finish.
+        Stop::Expired(Expired::HeaderRead) => return Ended::Expired(Expired::HeaderRead),
+        Stop::Expired(Expired::Idle) => {
+            state.closing.store(true, Ordering::Relaxed);
+            graceful(conn.as_mut());
+            return tokio::select! {
+                r = conn.as_mut() => Ended::Done(r),
+                _ = reached(phase, Phase::Cut) => Ended::Cut,
+                _ = tokio::time::sleep(timeouts::GOAWAY_GRACE) => Ended::Expired(Expired::Idle),
+            };
+        }
+        Stop::Closing => {}
     }
     if !state.seen.load(Ordering::Relaxed) {
         tokio::select! {
@@ -472,6 +529,13 @@ where
         r = conn.as_mut() => Ended::Done(r),
         _ = reached(phase, Phase::Cut) => Ended::Cut,
     }
+}
+
+/// Why the first stage of `drive` stopped.
+enum Stop<E> {
+    Done(Result<(), E>),
+    Closing,
+    Expired(Expired),
 }
 
 /// Counts an open connection of a listener.

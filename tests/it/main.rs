@@ -15,6 +15,7 @@ mod proxy;
 mod ratelimit;
 mod reload;
 mod resilience;
+mod slow_clients;
 mod smuggling;
 mod smuggling_upstream;
 mod upstream_wire;
