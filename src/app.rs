@@ -263,6 +263,7 @@ pub async fn start_on(
         })
         .collect();
     tracing::info!(addr = %admin_addr, "admin listening");
+    warn_if_open(&config.admin, admin_addr);
     let admin_stop = spawn_admin(admin, &shared, &control);
     spawn_sampler(&shared);
     shared.alerts.spawn(&shared);
@@ -274,6 +275,7 @@ pub async fn start_on(
         servers,
         retiring: Vec::new(),
         admin_stop,
+        admin_addr,
         addrs: addrs.clone(),
         metrics: reload_metrics,
         control: control.clone(),
@@ -289,6 +291,17 @@ pub async fn start_on(
         addrs,
         done,
     })
+}
+
+/// Said at every start (and every reload that opens it): an admin listener anyone on the
+/// network can drive is a decision someone must keep seeing.
+fn warn_if_open(admin: &crate::config::AdminConfig, addr: SocketAddr) {
+    if admin.token.is_none() && !crate::config::is_loopback(addr.ip()) {
+        tracing::warn!(
+            "admin listener on {addr} has no token (admin.insecure_no_token: true): anyone who \
+             can reach it can drain, reload and read the configuration"
+        );
+    }
 }
 
 fn spawn_admin(
@@ -395,6 +408,8 @@ struct Supervisor {
     /// Listeners replaced by a reload that may still be draining.
     retiring: Vec<Arc<Server>>,
     admin_stop: watch::Sender<bool>,
+    /// Where the admin listener is bound now.
+    admin_addr: SocketAddr,
     addrs: Addrs,
     metrics: ReloadMetrics,
     /// Handed to a new admin listener when a reload moves it.
@@ -596,6 +611,10 @@ impl Supervisor {
             // The old admin listener stops accepting; its open connections finish.
             std::mem::replace(&mut self.admin_stop, stop).send_replace(true);
             changes.push(format!("admin: now on {addr}"));
+            self.admin_addr = addr;
+            warn_if_open(&config.admin, addr);
+        } else if self.config.admin.token.is_some() && config.admin.token.is_none() {
+            warn_if_open(&config.admin, self.admin_addr);
         }
         let warnings = reload::restart_only_changes(&self.config, &config);
         self.config = config;

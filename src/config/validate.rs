@@ -22,7 +22,7 @@ use super::{
     DrainConfig, DrainMode, EjectionConfig, FailureRate, Http2Config, KeySource, ListenerConfig,
     LoadBalancing, LogFormat, LoggingConfig, PoolConfig, Problem, RateLimitConfig, RateLimitKey,
     RateLimitStore, RedisConfig, RedisTarget, Resilience, RetryConfig, RetryOn, RouteConfig,
-    RouteTimeouts, Severity, Signal, SignalUnit, SinkConfig, SinkKind, UpstreamConfig,
+    RouteTimeouts, Secret, Severity, Signal, SignalUnit, SinkConfig, SinkKind, UpstreamConfig,
 };
 
 // === defaults (documented on the types in mod.rs and in docs/configuration.md) ===
@@ -30,6 +30,9 @@ use super::{
 const DEFAULT_ADMIN_LISTEN: SocketAddr =
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 9901);
 const DEFAULT_LOG_LEVEL: &str = "info";
+const MIN_ADMIN_TOKEN: usize = 16;
+const MAX_ADMIN_TOKEN: usize = 4096;
+const MAX_ADMIN_ALLOWED_HOSTS: usize = 64;
 const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -155,16 +158,72 @@ fn admin(ctx: &mut Ctx, f: Option<Field>) -> (AdminConfig, Option<Bind>) {
     let mut m = MapReader::open(ctx, f);
     let listen = m.optional("listen");
     let addr = listen.as_ref().and_then(|f| ctx.socket_addr(f));
-    let token = m.read(ctx, "token", |ctx, f| {
-        ctx.parse_with(f, "a token", |s| {
-            if s.len() < 16 || !s.bytes().all(|b| b.is_ascii_graphic()) {
-                Err("expected at least 16 visible ASCII characters (no spaces)".into())
-            } else {
-                Ok(s.to_owned())
-            }
-        })
+    let token_field = m.optional("token");
+    let token = token_field.as_ref().and_then(|f| {
+        let s = ctx.secret(f, "a token")?;
+        // Empty is none: `${RAMPART_ADMIN_TOKEN:-}` with the variable unset.
+        if s.expose().is_empty() {
+            return None;
+        }
+        let t = s.expose();
+        let problem = if t.len() < MIN_ADMIN_TOKEN || !t.bytes().all(|b| b.is_ascii_graphic()) {
+            format!("expected at least {MIN_ADMIN_TOKEN} visible ASCII characters (no spaces)")
+        } else if t.len() > MAX_ADMIN_TOKEN {
+            format!("must be at most {MAX_ADMIN_TOKEN} characters")
+        } else {
+            return Some(s);
+        };
+        ctx.report(f.pos(), &f.path, problem);
+        None
     });
+    let insecure_field = m.optional("insecure_no_token");
+    let insecure_no_token = insecure_field
+        .as_ref()
+        .and_then(|f| ctx.boolean(f))
+        .unwrap_or(false);
+    let allowed_hosts = m
+        .read(ctx, "allowed_hosts", admin_allowed_hosts)
+        .unwrap_or_default();
     m.finish(ctx);
+    let config = AdminConfig {
+        listen: addr.unwrap_or(DEFAULT_ADMIN_LISTEN),
+        token,
+        insecure_no_token,
+        allowed_hosts,
+    };
+    // Whoever reaches the admin port can drain, reload and read the configuration: off
+    // loopback that needs a token, or a written decision to go without one.
+    if let (Some(f), Some(addr)) = (&listen, addr)
+        && !is_loopback(addr.ip())
+        && config.token.is_none()
+        && !config.insecure_no_token
+    {
+        let from_env = token_field
+            .as_ref()
+            .and_then(|t| raw_variables(t.node))
+            .map(|vars| format!(" ({vars} is unset or empty)"))
+            .unwrap_or_default();
+        ctx.report(
+            f.pos(),
+            &f.path,
+            format!(
+                "\"{addr}\" is not a loopback address and admin.token is not set{from_env}: anyone who \
+                 reaches it could drain, reload or read the configuration; set admin.token (at least \
+                 {MIN_ADMIN_TOKEN} characters; the shipped proxy.yaml reads RAMPART_ADMIN_TOKEN), listen on \
+                 127.0.0.1, or accept the risk with admin.insecure_no_token: true"
+            ),
+        );
+    }
+    if let Some(f) = &insecure_field
+        && config.insecure_no_token
+        && config.token.is_some()
+    {
+        ctx.report(
+            f.pos(),
+            &f.path,
+            "true while admin.token is set: remove one of them",
+        );
+    }
     let bind = match (&listen, addr) {
         (Some(f), Some(addr)) => Some(Bind {
             addr,
@@ -184,11 +243,80 @@ fn admin(ctx: &mut Ctx, f: Option<Field>) -> (AdminConfig, Option<Bind>) {
         // Already reported; comparing its stand-in would only add noise.
         (Some(_), None) => None,
     };
-    let config = AdminConfig {
-        listen: addr.unwrap_or(DEFAULT_ADMIN_LISTEN),
-        token,
-    };
     (config, bind)
+}
+
+/// 127.0.0.0/8 and ::1, also written as an IPv4-mapped IPv6 address.
+pub(crate) fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+        v4 => v4.is_loopback(),
+    }
+}
+
+/// The variables a scalar refers to, as written (`RAMPART_ADMIN_TOKEN`), for messages.
+fn raw_variables(node: &Node) -> Option<String> {
+    let Kind::Scalar(raw) = &node.kind else {
+        return None;
+    };
+    let names: Vec<&str> = raw
+        .split("${")
+        .skip(1)
+        .filter_map(|rest| {
+            let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))?;
+            (end > 0).then(|| &rest[..end])
+        })
+        .collect();
+    (!names.is_empty()).then(|| names.join(", "))
+}
+
+/// `admin.allowed_hosts`: host names (no port) the admin listener answers without a token,
+/// besides IP literals and `localhost`.
+fn admin_allowed_hosts(ctx: &mut Ctx, f: &Field) -> Option<Vec<String>> {
+    let items = ctx.list(f, "a list of host names")?;
+    if items.len() > MAX_ADMIN_ALLOWED_HOSTS {
+        ctx.report(
+            f.pos(),
+            &f.path,
+            format!(
+                "at most {MAX_ADMIN_ALLOWED_HOSTS} host names, got {}",
+                items.len()
+            ),
+        );
+        return None;
+    }
+    let mut seen = Unique::default();
+    let mut out = Vec::new();
+    for item in &items {
+        if let Some(h) = ctx.parse_with(item, "a host name", parse_allowed_host)
+            && seen.insert(ctx, &h, item, "host")
+        {
+            out.push(h);
+        }
+    }
+    Some(out)
+}
+
+/// A DNS name as a browser would send it in Host, lower-cased; no port, no wildcard.
+fn parse_allowed_host(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if ok {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "expected a host name without port or wildcard, like \"rampart.internal\", got \"{s}\""
+        ))
+    }
 }
 
 fn logging(ctx: &mut Ctx, f: Option<Field>) -> LoggingConfig {
@@ -585,7 +713,7 @@ fn redis(ctx: &mut Ctx, f: Option<Field>) -> Option<RedisConfig> {
     let sentinel_field = m.optional("sentinel");
     let url = url_field
         .as_ref()
-        .and_then(|f| ctx.parse_with(f, "a redis:// URL", parse_redis_url));
+        .and_then(|f| ctx.parse_secret(f, "a redis:// URL", parse_redis_url));
     let sentinel = sentinel_field.clone().map(|f| sentinel(ctx, f));
     let timeout = m
         .read(ctx, "timeout", Ctx::duration)
@@ -618,7 +746,8 @@ fn redis(ctx: &mut Ctx, f: Option<Field>) -> Option<RedisConfig> {
     m.finish(ctx);
     Some(RedisConfig {
         // A stand-in when broken: the file is refused anyway.
-        target: target.unwrap_or_else(|| RedisTarget::Url("redis://127.0.0.1:6379".into())),
+        target: target
+            .unwrap_or_else(|| RedisTarget::Url(Secret::new("redis://127.0.0.1:6379".into()))),
         timeout,
         connect_timeout,
         pool_max_size,
@@ -961,7 +1090,7 @@ fn sink(ctx: &mut Ctx, f: Field) -> Option<SinkConfig> {
     });
     let url = m
         .required(ctx, "url")
-        .and_then(|f| ctx.parse_with(&f, "a URL", parse_sink_url));
+        .and_then(|f| ctx.parse_secret(&f, "a URL", parse_sink_url));
     let timeout = m
         .read(ctx, "timeout", Ctx::duration)
         .unwrap_or(DEFAULT_SINK_TIMEOUT);
@@ -1099,6 +1228,49 @@ impl<'e> Ctx<'e> {
                 for m in messages {
                     self.report(f.pos(), &f.path, m);
                 }
+                None
+            }
+        }
+    }
+
+    /// A credential's text with `${VAR}` substituted. Problems never quote the value: a
+    /// message that would (a malformed reference) says what is wrong without it.
+    fn secret(&mut self, f: &Field, expected: &str) -> Option<super::Secret<String>> {
+        let Kind::Scalar(raw) = &f.node.kind else {
+            self.wrong_kind(f, expected);
+            return None;
+        };
+        match super::env::interpolate(raw, self.env) {
+            Ok(text) => Some(super::Secret::new(text)),
+            Err(messages) => {
+                for m in messages {
+                    // "environment variable NAME is not set" names a variable, not the value.
+                    let m = if m.starts_with("environment variable ") {
+                        m
+                    } else {
+                        "invalid \"${...}\" reference (the value is not shown: it may hold a secret; \
+                         write \"$$\" for a literal \"$\")"
+                            .to_owned()
+                    };
+                    self.report(f.pos(), &f.path, m);
+                }
+                None
+            }
+        }
+    }
+
+    /// A credential read through `parse`, which must not quote it in its messages.
+    fn parse_secret<T>(
+        &mut self,
+        f: &Field,
+        expected: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<super::Secret<T>> {
+        let text = self.secret(f, expected)?;
+        match parse(text.expose()) {
+            Ok(v) => Some(super::Secret::new(v)),
+            Err(message) => {
+                self.report(f.pos(), &f.path, message);
                 None
             }
         }
@@ -2084,6 +2256,8 @@ mod tests {
             admin: AdminConfig {
                 listen: "127.0.0.1:9901".parse().unwrap(),
                 token: None,
+                insecure_no_token: false,
+                allowed_hosts: Vec::new(),
             },
             logging: LoggingConfig {
                 level: "info".into(),
@@ -2208,6 +2382,8 @@ mod tests {
             admin: AdminConfig {
                 listen: "[::1]:9902".parse().unwrap(),
                 token: None,
+                insecure_no_token: false,
+                allowed_hosts: Vec::new(),
             },
             logging: LoggingConfig {
                 level: "rampart=debug,info".into(),
@@ -2573,7 +2749,10 @@ mod tests {
         let c = ok(&format!(
             "{MINIMAL}\n        admin: {{ token: 0123456789abcdef-long }}\n"
         ));
-        assert_eq!(c.admin.token.as_deref(), Some("0123456789abcdef-long"));
+        assert_eq!(
+            c.admin.token.as_ref().map(|t| t.expose().as_str()),
+            Some("0123456789abcdef-long")
+        );
         assert!(!format!("{c:?}").contains("0123456789abcdef"));
         only(
             &format!("{MINIMAL}\n        admin: {{ token: short }}\n"),
@@ -3085,7 +3264,8 @@ mod tests {
             "port 8080 already used by listener \"inbound\" (line 5)",
         );
 
-        let admin_first = three_binds("0.0.0.0:8080", "127.0.0.1:8080", "127.0.0.1:8081");
+        // (A wildcard admin address would also need a token: see the admin tests.)
+        let admin_first = three_binds("127.0.0.1:8080", "127.0.0.1:8080", "127.0.0.1:8081");
         only(
             &admin_first,
             5,
@@ -3543,13 +3723,13 @@ mod tests {
         let redis = config.redis.clone().unwrap();
         assert_eq!(
             redis.target,
-            RedisTarget::Url("redis://:secret@127.0.0.1:6380/2".into())
+            RedisTarget::Url(Secret::new("redis://:secret@127.0.0.1:6380/2".into()))
         );
         assert!(!format!("{redis:?}").contains("secret"));
         let summary = config.summary();
         assert!(
             summary.contains(
-                "redis     redis://***@127.0.0.1:6380/2 (timeout 20ms, pool 4, replicas 3)"
+                "redis     redis://:[redacted]@127.0.0.1:6380/2 (timeout 20ms, pool 4, replicas 3)"
             ),
             "{summary}"
         );

@@ -9,7 +9,7 @@ use tokio_postgres::config::{Host, SslMode};
 
 use super::{Ctx, Field, MapReader, parse_path_prefix, parse_percent, small_count, upstream_tls};
 use crate::config::{
-    CheckConfig, DependenciesConfig, MemoryCheck, PgPoolConfig, PostgresDependency,
+    CheckConfig, DependenciesConfig, MemoryCheck, PgPoolConfig, PostgresDependency, Secret,
     UpstreamHealthCheck,
 };
 
@@ -94,7 +94,7 @@ fn postgres(ctx: &mut Ctx, f: Field) -> PostgresDependency {
     let mut m = MapReader::open(ctx, Some(f));
     let url = m
         .required(ctx, "url")
-        .and_then(|f| ctx.parse_with(&f, "a postgres:// URL", parse_postgres_url));
+        .and_then(|f| ctx.parse_secret(&f, "a postgres:// URL", parse_postgres_url));
     let pool = pg_pool(ctx, m.optional("pool"));
     let tls_ca_file = upstream_tls(ctx, m.optional("tls"));
     let mut warn = DEFAULT_WARN_SHARE;
@@ -116,7 +116,7 @@ fn postgres(ctx: &mut Ctx, f: Field) -> PostgresDependency {
     m.finish(ctx);
     PostgresDependency {
         // A stand-in when broken: the file is refused anyway.
-        url: url.unwrap_or_default(),
+        url: url.unwrap_or_else(|| Secret::new(String::new())),
         pool,
         check,
         warn_connections_above: warn,
@@ -339,7 +339,10 @@ mod tests {
         .unwrap();
         let d = &c.dependencies;
         let pg = d.postgres.as_ref().unwrap();
-        assert_eq!(pg.url, "postgres://app:pw@10.0.0.1:5432,10.0.0.2/app");
+        assert_eq!(
+            pg.url.expose(),
+            "postgres://app:pw@10.0.0.1:5432,10.0.0.2/app"
+        );
         assert_eq!(pg.pool, pg_pool_defaults());
         assert_eq!(
             pg.check,
