@@ -2764,6 +2764,36 @@ mod tests {
     }
 
     #[test]
+    fn a_broken_reference_in_a_secret_never_quotes_it() {
+        for (value, message) in [
+            (
+                "\"zqsecret${BROKEN\"",
+                "invalid \"${...}\" reference (the value is not shown",
+            ),
+            (
+                "\"zqsecret${1X}zq\"",
+                "invalid \"${...}\" reference (the value is not shown",
+            ),
+            (
+                "\"zqsecret${UNSET_VAR}\"",
+                "environment variable UNSET_VAR is not set",
+            ),
+        ] {
+            for key in [
+                format!("admin: {{ token: {value} }}"),
+                format!("redis: {{ url: {value} }}"),
+                format!("alerts: {{ sinks: [{{ type: webhook, url: {value} }}] }}"),
+                format!("dependencies: {{ postgres: {{ url: {value} }} }}"),
+            ] {
+                let text = format!("{MINIMAL}\n        {key}\n");
+                let err = parse(&text).unwrap_err().to_string();
+                assert!(err.contains(message), "{key}: {err}");
+                assert!(!err.contains("zq"), "{key}: {err}");
+            }
+        }
+    }
+
+    #[test]
     fn drain_section_is_checked() {
         // The grace must leave time to stop accepting before the deadline.
         only(
