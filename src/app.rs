@@ -476,7 +476,12 @@ impl Supervisor {
     }
 
     async fn reload(&mut self, given: Option<Config>) -> ReloadReport {
-        let report = self.try_reload(given).await;
+        // The commit below undoes itself on a panic; this is for anything else that would
+        // panic, so that a reload can never end the process.
+        let report = match reload::catch_async(self.try_reload(given)).await {
+            Ok(report) => report,
+            Err(panic) => ReloadReport::error(vec![format!("reload failed: {panic}")]),
+        };
         self.metrics.record(&report);
         report.log();
         report
@@ -516,7 +521,12 @@ impl Supervisor {
         {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return ReloadReport::error(vec![format!("{}: TLS: {e}", config.source)]),
-            Err(e) => return ReloadReport::error(vec![format!("reload failed: {e}")]),
+            // A panic in the build: the running configuration was not touched.
+            Err(e) => {
+                return ReloadReport::error(vec![format!(
+                    "reload failed: building the new configuration: {e}"
+                )]);
+            }
         };
 
         // Bind every new or changed listener before anything changes: all or nothing.
@@ -553,11 +563,38 @@ impl Supervisor {
             }
         };
 
-        // Commit. State kept by name follows first, so the new snapshot finds its names.
-        for state in self.shared.keyed_state() {
-            state.reconcile(&config);
-        }
-        self.shared.snapshot.store(Arc::new(snapshot));
+        // Commit. State kept by name follows first, so the new snapshot finds its names;
+        // then the new listeners start. A panic in any of it is undone: the listeners just
+        // started stop (dropped), the old snapshot and state come back, the reload fails.
+        let old_snapshot = self.shared.snapshot.load_full();
+        let shared = &self.shared;
+        let workers = &self.workers;
+        let started = reload::catch(|| {
+            for state in shared.keyed_state() {
+                state.reconcile(&config);
+            }
+            shared.snapshot.store(Arc::new(snapshot));
+            fresh
+                .into_iter()
+                .map(|(cfg, listener)| Server::start(listener, cfg, shared.clone(), workers))
+                .collect::<Vec<_>>()
+        });
+        let started = match started {
+            Ok(s) => s,
+            Err(panic) => {
+                self.shared.snapshot.store(old_snapshot);
+                let restored = reload::catch(|| {
+                    for state in self.shared.keyed_state() {
+                        state.reconcile(&self.config);
+                    }
+                });
+                let mut errors = vec![format!("reload failed while applying it: {panic}")];
+                if let Err(again) = restored {
+                    errors.push(format!("restoring the previous state also failed: {again}"));
+                }
+                return ReloadReport::error(errors);
+            }
+        };
         let mut changes = vec![format!(
             "routes and upstreams replaced ({} listeners, {} upstreams)",
             config.listeners.len(),
@@ -572,9 +609,8 @@ impl Supervisor {
                     .any(|l| reload::same_server(&s.config, l))
             });
         self.servers = kept;
-        for (cfg, listener) in fresh {
-            let old = replaced.iter().find(|s| s.config.name == cfg.name);
-            let s = Server::start(listener, cfg, self.shared.clone(), &self.workers);
+        for s in started {
+            let old = replaced.iter().find(|o| o.config.name == s.config.name);
             changes.push(match old {
                 Some(old) if old.config.listen != s.config.listen => {
                     format!("listener {}: now on {} (was {})", s.name, s.addr, old.addr)

@@ -38,6 +38,29 @@ const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// hyper refuses a smaller HTTP/1 read buffer.
 const MIN_MAX_HEADER_BYTES: u64 = 8 * 1024;
+
+// === upper bounds (README, "Configuration reference"): what `check` accepts must start,
+// serve and reload, so nothing configured can size an allocation, overflow arithmetic or
+// panic a constructor (tokio's Semaphore above 2^61 - 1, `Instant + Duration`).
+
+/// Connections per listener: far above what one process serves, far below the Semaphore's
+/// limit.
+const MAX_CONNECTIONS: u64 = 1_000_000;
+/// Request head bytes: nginx's large_client_header_buffers default is 4 x 8 KiB.
+const MAX_MAX_HEADER_BYTES: u64 = 1024 * 1024;
+/// Request headers; browsers send about 20.
+const MAX_HEADERS: u64 = 1000;
+const MAX_H2_CONCURRENT_STREAMS: u64 = 10_000;
+const MAX_H2_PENDING_ACCEPT_RESET_STREAMS: u64 = 10_000;
+const MAX_H2_LOCAL_ERROR_RESET_STREAMS: u64 = 100_000;
+/// Requests in flight on a listener or to an upstream.
+const MAX_IN_FLIGHT: u64 = 1_000_000;
+/// A chunked or HTTP/2 body is read whole before it is forwarded, so this is also what one
+/// such request may hold in memory.
+const MAX_BODY_BYTES: u64 = 1 << 30;
+/// Bodies kept in memory for a retry.
+const MAX_RETRY_BODY_BYTES: u64 = 64 << 20;
+const MAX_IDLE_PER_ENDPOINT: u64 = 10_000;
 const DEFAULT_MAX_HEADERS: usize = 100;
 const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 100;
 const DEFAULT_H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
@@ -490,7 +513,9 @@ fn pool(ctx: &mut Ctx, f: Option<Field>) -> PoolConfig {
             .read(ctx, "idle_timeout", Ctx::duration)
             .unwrap_or(DEFAULT_POOL_IDLE_TIMEOUT),
         max_idle_per_endpoint: m
-            .read(ctx, "max_idle_per_endpoint", |ctx, f| ctx.count(f, 0))
+            .read(ctx, "max_idle_per_endpoint", |ctx, f| {
+                ctx.count(f, 0, MAX_IDLE_PER_ENDPOINT)
+            })
             .unwrap_or(DEFAULT_MAX_IDLE_PER_ENDPOINT),
     };
     m.finish(ctx);
@@ -535,22 +560,26 @@ fn listener<'a>(
     let listen = listen_field.as_ref().and_then(|f| ctx.socket_addr(f));
     let config = ListenerConfig {
         max_connections: m
-            .read(ctx, "max_connections", |ctx, f| ctx.count(f, 1))
+            .read(ctx, "max_connections", |ctx, f| {
+                ctx.count(f, 1, MAX_CONNECTIONS)
+            })
             .unwrap_or(DEFAULT_MAX_CONNECTIONS),
         header_read_timeout: m
             .read(ctx, "header_read_timeout", Ctx::duration)
             .unwrap_or(DEFAULT_HEADER_READ_TIMEOUT),
         max_header_bytes: m
             .read(ctx, "max_header_bytes", |ctx, f| {
-                ctx.bytes(f, MIN_MAX_HEADER_BYTES, usize_max())
+                ctx.bytes(f, MIN_MAX_HEADER_BYTES, MAX_MAX_HEADER_BYTES)
             })
             .and_then(|n| usize::try_from(n).ok())
             .unwrap_or(DEFAULT_MAX_HEADER_BYTES),
         max_headers: m
-            .read(ctx, "max_headers", |ctx, f| ctx.count(f, 1))
+            .read(ctx, "max_headers", |ctx, f| ctx.count(f, 1, MAX_HEADERS))
             .unwrap_or(DEFAULT_MAX_HEADERS),
         http2: http2(ctx, m.optional("http2")),
-        max_in_flight: m.read(ctx, "max_in_flight", |ctx, f| ctx.count(f, 1)),
+        max_in_flight: m.read(ctx, "max_in_flight", |ctx, f| {
+            ctx.count(f, 1, MAX_IN_FLIGHT)
+        }),
         drain: m
             .read(ctx, "drain", |ctx, f| {
                 ctx.one_of(
@@ -588,18 +617,18 @@ fn http2(ctx: &mut Ctx, f: Option<Field>) -> Http2Config {
     let config = Http2Config {
         max_concurrent_streams: m
             .read(ctx, "max_concurrent_streams", |ctx, f| {
-                ctx.int(f, 1, u64::from(u32::MAX))
+                ctx.int(f, 1, MAX_H2_CONCURRENT_STREAMS)
             })
             .and_then(|n| u32::try_from(n).ok())
             .unwrap_or(DEFAULT_H2_MAX_CONCURRENT_STREAMS),
         max_pending_accept_reset_streams: m
             .read(ctx, "max_pending_accept_reset_streams", |ctx, f| {
-                ctx.count(f, 1)
+                ctx.count(f, 1, MAX_H2_PENDING_ACCEPT_RESET_STREAMS)
             })
             .unwrap_or(DEFAULT_H2_MAX_PENDING_ACCEPT_RESET_STREAMS),
         max_local_error_reset_streams: m
             .read(ctx, "max_local_error_reset_streams", |ctx, f| {
-                ctx.count(f, 1)
+                ctx.count(f, 1, MAX_H2_LOCAL_ERROR_RESET_STREAMS)
             })
             .unwrap_or(DEFAULT_H2_MAX_LOCAL_ERROR_RESET_STREAMS),
     };
@@ -656,7 +685,7 @@ fn route<'a>(
         upstream: upstream.unwrap_or_default(),
         timeouts: route_timeouts(ctx, m.optional("timeouts"), connect_default),
         max_body_bytes: m
-            .read(ctx, "max_body", |ctx, f| ctx.bytes(f, 1, u64::MAX))
+            .read(ctx, "max_body", |ctx, f| ctx.bytes(f, 1, MAX_BODY_BYTES))
             .unwrap_or(DEFAULT_MAX_BODY_BYTES),
         rate_limits: m
             .read(ctx, "rate_limits", |ctx, f| {
@@ -1114,6 +1143,14 @@ fn parse_sink_url(s: &str) -> Result<Uri, String> {
             .to_owned()
     };
     let uri: Uri = s.trim().parse().map_err(|_| bad())?;
+    if let Some(a) = uri.authority()
+        && written_port(a).is_err()
+    {
+        return Err(
+            "the port is not a port number (1 to 65535) (the URL is not shown: it may hold a secret)"
+                .into(),
+        );
+    }
     match uri.scheme_str() {
         Some("http" | "https") if uri.host().is_some_and(|h| !h.is_empty()) => Ok(uri),
         _ => Err(bad()),
@@ -1346,10 +1383,9 @@ impl<'e> Ctx<'e> {
         })
     }
 
-    /// An integer `>= min` that fits a `usize`.
-    fn count(&mut self, f: &Field, min: u64) -> Option<usize> {
-        self.int(f, min, usize_max())
-            .and_then(|n| usize::try_from(n).ok())
+    /// An integer in `min..=max`, as a `usize`.
+    fn count(&mut self, f: &Field, min: u64, max: u64) -> Option<usize> {
+        self.int(f, min, max).and_then(|n| usize::try_from(n).ok())
     }
 
     /// A byte size in `min..=max`.
@@ -1361,6 +1397,11 @@ impl<'e> Ctx<'e> {
                     format!(
                         "must be at least {} ({min} bytes), got {s}",
                         format_bytes(min)
+                    )
+                } else if n > i128::from(max) {
+                    format!(
+                        "must be at most {} ({max} bytes), got {s}",
+                        format_bytes(max)
                     )
                 } else {
                     e
@@ -1528,10 +1569,6 @@ impl<'e> Ctx<'e> {
         }
         ok.then_some(out)
     }
-}
-
-fn usize_max() -> u64 {
-    u64::try_from(usize::MAX).unwrap_or(u64::MAX)
 }
 
 /// Finds a value seen twice; the later one gets the problem.
@@ -1863,10 +1900,9 @@ fn parse_endpoint(s: &str) -> Result<Uri, String> {
             return Err(format!("endpoint URLs cannot have a query (in \"{s}\")"));
         }
     }
-    let port = match authority.port() {
-        Some(p) => p.as_u16(),
-        None => default_port,
-    };
+    let port = written_port(authority)
+        .map_err(|p| format!("port \"{p}\" is not a port number (1 to 65535) in \"{s}\""))?
+        .unwrap_or(default_port);
     if port == 0 {
         return Err(format!("port 0 is not a valid upstream port (in \"{s}\")"));
     }
@@ -1876,6 +1912,25 @@ fn parse_endpoint(s: &str) -> Result<Uri, String> {
         .path_and_query("/")
         .build()
         .map_err(|_| expected())
+}
+
+/// The port written in an authority, if any. `http::uri::Authority::port` answers `None`
+/// for a port it cannot read as a u16 (`:99999`), the same as for no port at all; here
+/// that is an error carrying the text written.
+fn written_port(authority: &http::uri::Authority) -> Result<Option<u16>, String> {
+    let text = authority.as_str();
+    let host_port = text.rsplit_once('@').map_or(text, |(_, hp)| hp);
+    let after_host = match host_port.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or("", |(_, after)| after),
+        None => host_port.find(':').map_or("", |i| &host_port[i..]),
+    };
+    match after_host.strip_prefix(':') {
+        None => Ok(None),
+        Some(digits) => match digits.parse::<u16>() {
+            Ok(p) if digits.bytes().all(|b| b.is_ascii_digit()) => Ok(Some(p)),
+            _ => Err(digits.to_owned()),
+        },
+    }
 }
 
 /// `redis://[:password@]host[:port][/db]`. The text is not echoed when it holds a password.
@@ -2007,7 +2062,9 @@ fn resilience(ctx: &mut Ctx, m: &mut MapReader) -> Resilience {
         circuit_breaker: breaker(ctx, m.optional("circuit_breaker")),
         ejection: ejection(ctx, m.optional("ejection")),
         retry: retry(ctx, m.optional("retry")),
-        max_in_flight: m.read(ctx, "max_in_flight", |ctx, f| ctx.count(f, 1)),
+        max_in_flight: m.read(ctx, "max_in_flight", |ctx, f| {
+            ctx.count(f, 1, MAX_IN_FLIGHT)
+        }),
         health_check: m
             .optional("health_check")
             .map(|f| health::upstream_health_check(ctx, f)),
@@ -2135,7 +2192,9 @@ fn retry(ctx: &mut Ctx, f: Option<Field>) -> RetryConfig {
         budget_ratio,
         budget_min_per_s,
         max_body: m
-            .read(ctx, "max_body", |ctx, f| ctx.bytes(f, 0, u64::MAX))
+            .read(ctx, "max_body", |ctx, f| {
+                ctx.bytes(f, 0, MAX_RETRY_BODY_BYTES)
+            })
             .unwrap_or(d.max_body),
     };
     m.finish(ctx);
@@ -3019,7 +3078,7 @@ mod tests {
             8,
             31,
             "listeners[0].http2.max_concurrent_streams",
-            "must be at most 4294967295, got 5000000000",
+            "must be at most 10000, got 5000000000",
         );
         check(
             &p[4],
@@ -3049,6 +3108,199 @@ mod tests {
             "upstreams.backend.pool.max_idle_per_endpoint",
             "must be at least 0, got -1",
         );
+    }
+
+    /// Every numeric key refuses the value just above its bound and takes the bound itself:
+    /// what `check` accepts must start, serve and reload (tests/it/bounds.rs).
+    #[test]
+    fn every_numeric_key_has_an_upper_bound() {
+        // (where the key goes, its bound written as accepted, the value just above, message)
+        let cases: &[(&str, &str, &str, &str)] = &[
+            (
+                "listener",
+                "max_connections: 1000000",
+                "max_connections: 1000001",
+                "must be at most 1000000, got 1000001",
+            ),
+            (
+                "listener",
+                "max_headers: 1000",
+                "max_headers: 1001",
+                "must be at most 1000, got 1001",
+            ),
+            (
+                "listener",
+                "max_header_bytes: 1MiB",
+                "max_header_bytes: 1048577",
+                "must be at most 1MiB (1048576 bytes), got 1048577",
+            ),
+            (
+                "listener",
+                "max_header_bytes: 1MiB",
+                "max_header_bytes: 18446744073709551615",
+                "must be at most 1MiB (1048576 bytes), got 18446744073709551615",
+            ),
+            (
+                "listener",
+                "max_in_flight: 1000000",
+                "max_in_flight: 1000001",
+                "must be at most 1000000, got 1000001",
+            ),
+            (
+                "listener",
+                "http2: { max_concurrent_streams: 10000 }",
+                "http2: { max_concurrent_streams: 10001 }",
+                "must be at most 10000, got 10001",
+            ),
+            (
+                "listener",
+                "http2: { max_pending_accept_reset_streams: 10000 }",
+                "http2: { max_pending_accept_reset_streams: 10001 }",
+                "must be at most 10000, got 10001",
+            ),
+            (
+                "listener",
+                "http2: { max_local_error_reset_streams: 100000 }",
+                "http2: { max_local_error_reset_streams: 100001 }",
+                "must be at most 100000, got 100001",
+            ),
+            (
+                "listener",
+                "header_read_timeout: 365d",
+                "header_read_timeout: 366d",
+                "must be at most 365 days",
+            ),
+            (
+                "route",
+                "max_body: 1GiB",
+                "max_body: 1073741825",
+                "must be at most 1GiB (1073741824 bytes), got 1073741825",
+            ),
+            (
+                "route",
+                "timeouts: { total: 365d }",
+                "timeouts: { total: 8761h }",
+                "must be at most 365 days",
+            ),
+            (
+                "upstream",
+                "pool: { max_idle_per_endpoint: 10000 }",
+                "pool: { max_idle_per_endpoint: 10001 }",
+                "must be at most 10000, got 10001",
+            ),
+            (
+                "upstream",
+                "max_in_flight: 1000000",
+                "max_in_flight: 1000001",
+                "must be at most 1000000, got 1000001",
+            ),
+            (
+                "upstream",
+                "retry: { max_body: 64MiB }",
+                "retry: { max_body: 67108865 }",
+                "must be at most 64MiB (67108864 bytes), got 67108865",
+            ),
+            (
+                "upstream",
+                "retry: { attempts: 10 }",
+                "retry: { attempts: 11 }",
+                "must be at most 10, got 11",
+            ),
+            (
+                "upstream",
+                "retry: { budget: { min_per_s: 1000000 } }",
+                "retry: { budget: { min_per_s: 1000001 } }",
+                "must be at most 1000000, got 1000001",
+            ),
+            (
+                "upstream",
+                "circuit_breaker: { failures: 1000000 }",
+                "circuit_breaker: { failures: 1000001 }",
+                "must be at most 1000000, got 1000001",
+            ),
+            (
+                "upstream",
+                "ejection: { consecutive_failures: 1000000 }",
+                "ejection: { consecutive_failures: 1000001 }",
+                "must be at most 1000000, got 1000001",
+            ),
+            (
+                "top",
+                "replicas: 10000",
+                "replicas: 10001",
+                "must be at most 10000, got 10001",
+            ),
+            (
+                "top",
+                "redis: { url: \"redis://127.0.0.1\", pool: { max_size: 1024 } }",
+                "redis: { url: \"redis://127.0.0.1\", pool: { max_size: 1025 } }",
+                "must be at most 1024, got 1025",
+            ),
+            (
+                "top",
+                "rate_limits: { a: { points: 1000000000000000 } }",
+                "rate_limits: { a: { points: 1000000000000001 } }",
+                "must be at most 1000000000000000",
+            ),
+            (
+                "top",
+                "drain: { timeout: 365d, accept_grace: 364d }",
+                "drain: { timeout: 366d }",
+                "must be at most 365 days",
+            ),
+        ];
+        let text = |place: &str, kv: &str| -> String {
+            let (listener, route, upstream, top) = match place {
+                "listener" => (kv, "", "", ""),
+                "route" => ("", kv, "", ""),
+                "upstream" => ("", "", kv, ""),
+                _ => ("", "", "", kv),
+            };
+            format!(
+                "listeners:\n  - name: inbound\n    listen: 0.0.0.0:8080\n    {listener}\n    routes:\n      - upstream: backend\n        {route}\nupstreams:\n  backend:\n    endpoints: [\"http://127.0.0.1:3001\"]\n    {upstream}\n{top}\n"
+            )
+        };
+        for (place, at_bound, above, message) in cases {
+            let good = text(place, at_bound);
+            if let Err(e) = parse(&good) {
+                panic!("{at_bound}: refused at its bound: {e}");
+            }
+            match parse(&text(place, above)) {
+                Ok(_) => panic!("{above}: accepted"),
+                Err(e) => assert!(
+                    e.problems.len() == 1 && e.problems[0].message.contains(message),
+                    "{above}: {e}"
+                ),
+            }
+        }
+    }
+
+    /// `http::Uri` keeps a port it cannot read as a u16 in the text but answers `None` for
+    /// it, which read as "no port": traffic for :99999 went to :80.
+    #[test]
+    fn ports_out_of_range_are_refused_not_defaulted() {
+        for (url, port) in [
+            ("http://10.0.0.5:99999", "99999"),
+            ("http://10.0.0.5:65536", "65536"),
+            ("https://api.example.com:4294967297", "4294967297"),
+            ("http://[::1]:70000", "70000"),
+            ("http://10.0.0.5:", ""),
+        ] {
+            let e = parse_endpoint(url).unwrap_err();
+            assert!(
+                e.contains(&format!(
+                    "port \"{port}\" is not a port number (1 to 65535)"
+                )),
+                "{url}: {e}"
+            );
+            let e = parse_sink_url(url).unwrap_err();
+            assert!(e.contains("1 to 65535"), "{url}: {e}");
+        }
+        assert_eq!(
+            parse_endpoint("http://10.0.0.5:65535").unwrap().to_string(),
+            "http://10.0.0.5:65535/"
+        );
+        assert!(parse_sink_url("https://hooks.example.com:8443/x").is_ok());
     }
 
     #[test]

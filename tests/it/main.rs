@@ -3,6 +3,7 @@
 mod support;
 
 mod admin;
+mod bounds;
 mod cli;
 mod config;
 mod drain;
