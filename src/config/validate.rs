@@ -61,6 +61,12 @@ const MAX_BODY_BYTES: u64 = 1 << 30;
 /// Bodies kept in memory for a retry.
 const MAX_RETRY_BODY_BYTES: u64 = 64 << 20;
 const MAX_IDLE_PER_ENDPOINT: u64 = 10_000;
+/// Every rate-limited request waits up to this while Redis is down (until the fallback
+/// takes over): a hard limit meant in milliseconds.
+const MAX_REDIS_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// A retried request waits its backoff (the route's `total`, when set, cuts it shorter).
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(60);
 const DEFAULT_MAX_HEADERS: usize = 100;
 const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 100;
 const DEFAULT_H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
@@ -745,10 +751,14 @@ fn redis(ctx: &mut Ctx, f: Option<Field>) -> Option<RedisConfig> {
         .and_then(|f| ctx.parse_secret(f, "a redis:// URL", parse_redis_url));
     let sentinel = sentinel_field.clone().map(|f| sentinel(ctx, f));
     let timeout = m
-        .read(ctx, "timeout", Ctx::duration)
+        .read(ctx, "timeout", |ctx, f| {
+            ctx.duration_at_most(f, MAX_REDIS_TIMEOUT)
+        })
         .unwrap_or(DEFAULT_REDIS_TIMEOUT);
     let connect_timeout = m
-        .read(ctx, "connect_timeout", Ctx::duration)
+        .read(ctx, "connect_timeout", |ctx, f| {
+            ctx.duration_at_most(f, MAX_REDIS_CONNECT_TIMEOUT)
+        })
         .unwrap_or(timeout);
     let pool_max_size = redis_pool(ctx, m.optional("pool"));
     let target = match (&url_field, &sentinel_field) {
@@ -1413,6 +1423,22 @@ impl<'e> Ctx<'e> {
     /// A duration greater than 0.
     fn duration(&mut self, f: &Field) -> Option<Duration> {
         self.parse_with(f, "a duration", parse_duration)
+    }
+
+    /// A duration greater than 0 and at most `max`: for waits a request meets that are not
+    /// its own timeouts (each rate-limited request waits up to `redis.timeout` while Redis
+    /// is down; a retried one waits its backoff).
+    fn duration_at_most(&mut self, f: &Field, max: Duration) -> Option<Duration> {
+        self.parse_with(f, "a duration", |s| {
+            let d = parse_duration(s)?;
+            if d > max {
+                return Err(format!(
+                    "must be at most {}, got \"{s}\"",
+                    humantime::format_duration(max)
+                ));
+            }
+            Ok(d)
+        })
     }
 
     /// A duration, 0 allowed (`0s`).
@@ -2158,10 +2184,14 @@ fn retry(ctx: &mut Ctx, f: Option<Field>) -> RetryConfig {
     let mut m = MapReader::open(ctx, f);
     let mut backoff = MapReader::open(ctx, m.optional("backoff"));
     let backoff_base = backoff
-        .read(ctx, "base", Ctx::duration)
+        .read(ctx, "base", |ctx, f| {
+            ctx.duration_at_most(f, MAX_RETRY_BACKOFF)
+        })
         .unwrap_or(d.backoff_base);
     let backoff_max = backoff
-        .read(ctx, "max", Ctx::duration)
+        .read(ctx, "max", |ctx, f| {
+            ctx.duration_at_most(f, MAX_RETRY_BACKOFF)
+        })
         .unwrap_or(d.backoff_max)
         .max(backoff_base);
     backoff.finish(ctx);
@@ -3247,6 +3277,32 @@ mod tests {
                 "drain: { timeout: 365d, accept_grace: 364d }",
                 "drain: { timeout: 366d }",
                 "must be at most 365 days",
+            ),
+            // Waits a request may meet that are not its own timeouts, found by the property
+            // test: a Redis that was down held a request for redis.timeout (8 months).
+            (
+                "top",
+                "redis: { url: \"redis://127.0.0.1\", timeout: 5s }",
+                "redis: { url: \"redis://127.0.0.1\", timeout: 5001ms }",
+                "must be at most 5s, got \"5001ms\"",
+            ),
+            (
+                "top",
+                "redis: { url: \"redis://127.0.0.1\", connect_timeout: 1m }",
+                "redis: { url: \"redis://127.0.0.1\", connect_timeout: 61s }",
+                "must be at most 1m, got \"61s\"",
+            ),
+            (
+                "upstream",
+                "retry: { backoff: { base: 1m, max: 1m } }",
+                "retry: { backoff: { base: 61s } }",
+                "must be at most 1m, got \"61s\"",
+            ),
+            (
+                "upstream",
+                "retry: { backoff: { max: 1m } }",
+                "retry: { backoff: { max: 2m } }",
+                "must be at most 1m, got \"2m\"",
             ),
         ];
         let text = |place: &str, kv: &str| -> String {
