@@ -7,7 +7,7 @@
 
 mod api;
 mod auth;
-mod config_json;
+pub(crate) mod config_json;
 
 use std::convert::Infallible;
 use std::sync::Arc;

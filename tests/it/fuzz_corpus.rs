@@ -8,7 +8,10 @@ use std::path::PathBuf;
 type Entry = fn(&[u8]);
 
 /// Every target in `fuzz/fuzz_targets/`, with its entry point.
-const TARGETS: &[(&str, Entry)] = &[("chunk_size", rampart::fuzz::chunk_size)];
+const TARGETS: &[(&str, Entry)] = &[
+    ("chunk_size", rampart::fuzz::chunk_size),
+    ("config", rampart::fuzz::config),
+];
 
 #[test]
 fn every_fuzz_target_has_an_entry_here() {
