@@ -813,7 +813,16 @@ impl Config {
         use std::fmt::Write;
         let mut s = String::new();
         let _ = writeln!(s, "{}: ok", self.source);
-        let _ = writeln!(s, "admin     {}", self.admin.listen);
+        let _ = writeln!(
+            s,
+            "admin     {}{}",
+            self.admin.listen,
+            match (&self.admin.token, self.admin.insecure_no_token) {
+                (Some(_), _) => " (token)",
+                (None, true) => " (NO TOKEN: insecure_no_token)",
+                (None, false) => "",
+            }
+        );
         for l in &self.listeners {
             let _ = writeln!(
                 s,
