@@ -1,5 +1,9 @@
 # rampart: build in the Rust image, run on a slim Debian with the CA store (https upstreams).
-# docker build -t rampart . && docker run -p 8080:8080 -p 9901:9901 rampart
+# docker build -t rampart .
+# docker run -p 8080:8080 -p 9901:9901 -e RAMPART_ADMIN_TOKEN="$(openssl rand -hex 24)" rampart
+# The admin listener is on 0.0.0.0 here, so rampart refuses to start without a token: give
+# it RAMPART_ADMIN_TOKEN (16+ characters; in Kubernetes from a Secret, see examples/k8s/).
+# The probes (/livez, /readyz, /health) stay open without it.
 FROM rust:1.88-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./

@@ -263,6 +263,7 @@ pub async fn start_on(
         })
         .collect();
     tracing::info!(addr = %admin_addr, "admin listening");
+    warn_if_open(&config.admin, admin_addr);
     let admin_stop = spawn_admin(admin, &shared, &control);
     spawn_sampler(&shared);
     shared.alerts.spawn(&shared);
@@ -274,6 +275,7 @@ pub async fn start_on(
         servers,
         retiring: Vec::new(),
         admin_stop,
+        admin_addr,
         addrs: addrs.clone(),
         metrics: reload_metrics,
         control: control.clone(),
@@ -289,6 +291,17 @@ pub async fn start_on(
         addrs,
         done,
     })
+}
+
+/// Said at every start (and every reload that opens it): an admin listener anyone on the
+/// network can drive is a decision someone must keep seeing.
+fn warn_if_open(admin: &crate::config::AdminConfig, addr: SocketAddr) {
+    if admin.token.is_none() && !crate::config::is_loopback(addr.ip()) {
+        tracing::warn!(
+            "admin listener on {addr} has no token (admin.insecure_no_token: true): anyone who \
+             can reach it can drain, reload and read the configuration"
+        );
+    }
 }
 
 fn spawn_admin(
@@ -395,6 +408,8 @@ struct Supervisor {
     /// Listeners replaced by a reload that may still be draining.
     retiring: Vec<Arc<Server>>,
     admin_stop: watch::Sender<bool>,
+    /// Where the admin listener is bound now.
+    admin_addr: SocketAddr,
     addrs: Addrs,
     metrics: ReloadMetrics,
     /// Handed to a new admin listener when a reload moves it.
@@ -461,7 +476,12 @@ impl Supervisor {
     }
 
     async fn reload(&mut self, given: Option<Config>) -> ReloadReport {
-        let report = self.try_reload(given).await;
+        // The commit below undoes itself on a panic; this is for anything else that would
+        // panic, so that a reload can never end the process.
+        let report = match reload::catch_async(self.try_reload(given)).await {
+            Ok(report) => report,
+            Err(panic) => ReloadReport::error(vec![format!("reload failed: {panic}")]),
+        };
         self.metrics.record(&report);
         report.log();
         report
@@ -501,7 +521,12 @@ impl Supervisor {
         {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return ReloadReport::error(vec![format!("{}: TLS: {e}", config.source)]),
-            Err(e) => return ReloadReport::error(vec![format!("reload failed: {e}")]),
+            // A panic in the build: the running configuration was not touched.
+            Err(e) => {
+                return ReloadReport::error(vec![format!(
+                    "reload failed: building the new configuration: {e}"
+                )]);
+            }
         };
 
         // Bind every new or changed listener before anything changes: all or nothing.
@@ -538,11 +563,38 @@ impl Supervisor {
             }
         };
 
-        // Commit. State kept by name follows first, so the new snapshot finds its names.
-        for state in self.shared.keyed_state() {
-            state.reconcile(&config);
-        }
-        self.shared.snapshot.store(Arc::new(snapshot));
+        // Commit. State kept by name follows first, so the new snapshot finds its names;
+        // then the new listeners start. A panic in any of it is undone: the listeners just
+        // started stop (dropped), the old snapshot and state come back, the reload fails.
+        let old_snapshot = self.shared.snapshot.load_full();
+        let shared = &self.shared;
+        let workers = &self.workers;
+        let started = reload::catch(|| {
+            for state in shared.keyed_state() {
+                state.reconcile(&config);
+            }
+            shared.snapshot.store(Arc::new(snapshot));
+            fresh
+                .into_iter()
+                .map(|(cfg, listener)| Server::start(listener, cfg, shared.clone(), workers))
+                .collect::<Vec<_>>()
+        });
+        let started = match started {
+            Ok(s) => s,
+            Err(panic) => {
+                self.shared.snapshot.store(old_snapshot);
+                let restored = reload::catch(|| {
+                    for state in self.shared.keyed_state() {
+                        state.reconcile(&self.config);
+                    }
+                });
+                let mut errors = vec![format!("reload failed while applying it: {panic}")];
+                if let Err(again) = restored {
+                    errors.push(format!("restoring the previous state also failed: {again}"));
+                }
+                return ReloadReport::error(errors);
+            }
+        };
         let mut changes = vec![format!(
             "routes and upstreams replaced ({} listeners, {} upstreams)",
             config.listeners.len(),
@@ -557,9 +609,8 @@ impl Supervisor {
                     .any(|l| reload::same_server(&s.config, l))
             });
         self.servers = kept;
-        for (cfg, listener) in fresh {
-            let old = replaced.iter().find(|s| s.config.name == cfg.name);
-            let s = Server::start(listener, cfg, self.shared.clone(), &self.workers);
+        for s in started {
+            let old = replaced.iter().find(|o| o.config.name == s.config.name);
             changes.push(match old {
                 Some(old) if old.config.listen != s.config.listen => {
                     format!("listener {}: now on {} (was {})", s.name, s.addr, old.addr)
@@ -596,6 +647,10 @@ impl Supervisor {
             // The old admin listener stops accepting; its open connections finish.
             std::mem::replace(&mut self.admin_stop, stop).send_replace(true);
             changes.push(format!("admin: now on {addr}"));
+            self.admin_addr = addr;
+            warn_if_open(&config.admin, addr);
+        } else if self.config.admin.token.is_some() && config.admin.token.is_none() {
+            warn_if_open(&config.admin, self.admin_addr);
         }
         let warnings = reload::restart_only_changes(&self.config, &config);
         self.config = config;

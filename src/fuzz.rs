@@ -413,3 +413,40 @@ fn valid_chunked(seed: &[u8]) -> (Vec<u8>, Vec<u8>) {
     wire.extend_from_slice(b"\r\n");
     (wire, content)
 }
+/// The config loader (`rampart check`, every reload) on any text: a file is accepted or
+/// refused with located problems, never a panic, a hang or an allocation the text sizes.
+/// What it accepts stays inside every documented bound, and prints (the `check` summary,
+/// `/admin/config`, `Debug`) without a panic.
+pub fn config(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    // Variables the text may refer to: one set, one empty, the rest unset.
+    let env = |name: &str| match name {
+        "SET" => Some("127.0.0.1:8080".to_owned()),
+        "EMPTY" => Some(String::new()),
+        _ => None,
+    };
+    match crate::config::parse_str(&text, "fuzz.yaml", &env) {
+        Ok(c) => {
+            for l in &c.listeners {
+                assert!((1..=1_000_000).contains(&l.max_connections));
+                assert!((1..=1000).contains(&l.max_headers));
+                assert!((8 * 1024..=1024 * 1024).contains(&l.max_header_bytes));
+                for r in &l.routes {
+                    assert!((1..=1 << 30).contains(&r.max_body_bytes));
+                }
+            }
+            for u in c.upstreams.values() {
+                for e in &u.endpoints {
+                    assert!(e.port_u16().is_some_and(|p| p > 0), "{e}");
+                }
+            }
+            let _ = c.summary();
+            let _ = format!("{c:?}");
+            let _ = crate::admin::config_json::to_json(&c).to_string();
+        }
+        Err(e) => {
+            assert!(!e.problems.is_empty());
+            let _ = e.to_string();
+        }
+    }
+}

@@ -82,7 +82,7 @@ impl Redis {
             .set_connection_timeout(Some(cfg.connect_timeout))
             .set_response_timeout(None);
         let kind = match &cfg.target {
-            RedisTarget::Url(url) => TargetKind::Url(redis::Client::open(url.as_str())?),
+            RedisTarget::Url(url) => TargetKind::Url(redis::Client::open(url.expose().as_str())?),
             RedisTarget::Sentinel { master, addresses } => TargetKind::Sentinel {
                 master: master.clone(),
                 sentinels: addresses.clone(),

@@ -2,6 +2,12 @@
 //! `app.rs` reads the file, binds what changed and swaps the snapshot; this module says what
 //! a reload reports, counts it, and how state kept by name follows the new configuration.
 
+use std::any::Any;
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
@@ -181,9 +187,75 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     out
 }
 
+// === a reload never ends the process ===
+
+/// Runs `f`; a panic in it comes back as its message. What `f` touched is the caller's to
+/// put back.
+pub fn catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|p| panic_message(&*p))
+}
+
+/// Polls `f`, turning a panic in any poll into its message, so a reload that panics where
+/// nothing expected it is a failed reload rather than a dead supervisor (and, with it,
+/// every listener and the process).
+pub fn catch_async<F: Future>(f: F) -> CatchUnwind<F> {
+    CatchUnwind(Box::pin(f))
+}
+
+pub struct CatchUnwind<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.get_mut().0.as_mut();
+        match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(p) => Poll::Ready(Err(panic_message(&*p))),
+        }
+    }
+}
+
+pub fn panic_message(p: &(dyn Any + Send)) -> String {
+    let text = p
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned());
+    format!("panicked: {text}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_panic_is_caught_with_its_message() {
+        assert_eq!(catch(|| 7), Ok(7));
+        assert_eq!(
+            catch(|| -> u8 { panic!("boom {}", 1) }),
+            Err("panicked: boom 1".to_owned())
+        );
+        assert_eq!(
+            catch(|| -> u8 { std::panic::panic_any(3u8) }),
+            Err("panicked: (no message)".to_owned())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_any_poll_of_a_future_is_caught() {
+        assert_eq!(catch_async(async { 5 }).await, Ok(5));
+        let r = catch_async(async {
+            tokio::task::yield_now().await;
+            if true {
+                panic!("late");
+            }
+            1
+        })
+        .await;
+        assert_eq!(r, Err("panicked: late".to_owned()));
+    }
 
     #[test]
     fn report_json_lists_everything_escaped() {

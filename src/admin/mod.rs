@@ -2,11 +2,12 @@
 //! off the traffic ports so probes never compete with, or leak to, clients.
 //!
 //! `api.rs` has the JSON documents and the status page, `config_json.rs` the redacted
-//! configuration, `auth.rs` the optional bearer token.
+//! configuration, `auth.rs` who may use it (the bearer token, or without one the Host names
+//! that can only mean this machine).
 
 mod api;
 mod auth;
-mod config_json;
+pub(crate) mod config_json;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -61,13 +62,28 @@ pub async fn serve(listener: TcpListener, ctx: Arc<AdminCtx>, mut stop: watch::R
 
 async fn route(ctx: &AdminCtx, req: Request<Incoming>) -> Response<ProxyBody> {
     let shared = &ctx.shared;
-    if !auth::public(req.uri().path()) && !auth::authorized(shared, req.headers()) {
-        let mut resp = text(StatusCode::UNAUTHORIZED, "a bearer token is required\n");
-        resp.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"rampart admin\""),
-        );
-        return resp;
+    if !auth::public(req.uri().path()) {
+        let snapshot = shared.snapshot.load();
+        match auth::check(&snapshot.config.admin, req.uri(), req.headers()) {
+            auth::Access::Granted => {}
+            auth::Access::NeedsToken => {
+                let mut resp = text(StatusCode::UNAUTHORIZED, "a bearer token is required\n");
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"rampart admin\""),
+                );
+                return resp;
+            }
+            auth::Access::ForeignHost => {
+                return json(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "{\"code\":\"MISDIRECTED_REQUEST\",\"message\":\"the admin listener has no token, so it \
+                     answers only requests addressed to an IP address, localhost or a name in \
+                     admin.allowed_hosts\"}\n"
+                        .to_owned(),
+                );
+            }
+        }
     }
     match (req.method(), req.uri().path()) {
         (&Method::GET | &Method::HEAD, "/livez") => text(StatusCode::OK, "ok\n"),
@@ -85,8 +101,14 @@ async fn route(ctx: &AdminCtx, req: Request<Incoming>) -> Response<ProxyBody> {
             let (status, body) = crate::health::ready_response(shared);
             no_store(text_owned(status, body))
         }
+        // Public: states and latencies, never an error text or an address.
         (&Method::GET | &Method::HEAD, "/health") => {
             let (status, body) = crate::health::health_response(shared);
+            no_store(json(status, body))
+        }
+        // The same document with everything the checks found, for whoever may see it.
+        (&Method::GET | &Method::HEAD, "/admin/health") => {
+            let (status, body) = crate::health::health_detail_response(shared);
             no_store(json(status, body))
         }
         (_, "/admin/reload" | "/admin/drain") if req.method() != Method::POST => {

@@ -18,7 +18,7 @@ use tokio_rustls::TlsConnector;
 
 use super::AlertEvent;
 use super::rules::Change;
-use crate::config::{SinkConfig, SinkKind};
+use crate::config::{Secret, SinkConfig, SinkKind};
 
 /// First retry after this, doubling, at most `BACKOFF_MAX` (full jitter).
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
@@ -28,7 +28,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub sink: SinkConfig,
-    pub url: Uri,
+    /// Derived from the sink's URL, so as secret as it is.
+    pub url: Secret<Uri>,
     pub body: Bytes,
     /// For the logs: the rule and its change.
     pub what: String,
@@ -49,20 +50,20 @@ pub fn delivery(
                 m.insert("instance".into(), json!(instance));
                 m.insert("source".into(), json!("rampart"));
             }
-            (sink.url.clone(), v)
+            (sink.url.expose().clone(), v)
         }
         SinkKind::Slack => (
-            sink.url.clone(),
+            sink.url.expose().clone(),
             json!({ "text": slack_text(event, instance) }),
         ),
         SinkKind::Alertmanager => (
-            alertmanager_url(&sink.url),
+            alertmanager_url(sink.url.expose()),
             alertmanager_body(event, instance, resend_within),
         ),
     };
     Delivery {
         sink: sink.clone(),
-        url,
+        url: Secret::new(url),
         body: Bytes::from(body.to_string()),
         what: format!("{} {}", event.rule, event.status.as_str()),
     }
@@ -131,7 +132,7 @@ pub fn rfc3339(t: SystemTime) -> String {
 pub async fn deliver(d: Delivery, mut stop: watch::Receiver<bool>) -> Result<u32, String> {
     let mut last = String::new();
     for attempt in 1..=d.sink.max_attempts {
-        match post(&d.url, d.body.clone(), d.sink.timeout).await {
+        match post(d.url.expose(), d.body.clone(), d.sink.timeout).await {
             Ok(status) if (200..300).contains(&status) => return Ok(attempt),
             Ok(status) if (400..500).contains(&status) && status != 408 && status != 429 => {
                 return Err(format!("refused with status {status}"));
@@ -261,7 +262,7 @@ mod tests {
     fn sink(kind: SinkKind) -> SinkConfig {
         SinkConfig {
             kind,
-            url: "http://127.0.0.1:9/hook".parse().unwrap(),
+            url: Secret::new("http://127.0.0.1:9/hook".parse().unwrap()),
             timeout: Duration::from_secs(1),
             max_attempts: 1,
         }
@@ -294,7 +295,7 @@ mod tests {
         );
 
         let d = delivery(&sink(SinkKind::Alertmanager), &firing, "pod-1", resend);
-        assert_eq!(d.url.path(), "/hook/api/v2/alerts");
+        assert_eq!(d.url.expose().path(), "/hook/api/v2/alerts");
         let a = body(&d);
         assert_eq!(a[0]["labels"]["alertname"], "HighErrorRate");
         assert_eq!(a[0]["labels"]["upstream"], "backend");
@@ -317,7 +318,7 @@ mod tests {
         let addr = closed.local_addr().unwrap();
         drop(closed);
         let mut s = sink(SinkKind::Webhook);
-        s.url = format!("http://{addr}/hook").parse().unwrap();
+        s.url = Secret::new(format!("http://{addr}/hook").parse().unwrap());
         s.max_attempts = 2;
         let d = delivery(
             &s,

@@ -7,6 +7,7 @@
 
 mod env;
 mod raw;
+mod secret;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -17,6 +18,8 @@ use std::time::Duration;
 
 use http::Method;
 
+pub use secret::{REDACTED, Secret, redis_url_shown, sink_url_shown};
+pub(crate) use validate::is_loopback;
 pub use validate::parse_str;
 pub use validate::postgres_url_for_driver;
 
@@ -184,35 +187,15 @@ impl Severity {
     }
 }
 
-#[derive(Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SinkConfig {
     pub kind: SinkKind,
-    /// A secret (Slack's URL is the credential): never printed whole.
-    pub url: http::Uri,
+    /// A secret (Slack's URL is the credential): shown by [`sink_url_shown`] only.
+    pub url: Secret<http::Uri>,
     /// One delivery attempt. Default 5s.
     pub timeout: Duration,
     /// Attempts in all, with exponential backoff between them. Default 5.
     pub max_attempts: u32,
-}
-
-impl fmt::Debug for SinkConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SinkConfig")
-            .field("kind", &self.kind)
-            .field("url", &redact_url(&self.url))
-            .field("timeout", &self.timeout)
-            .field("max_attempts", &self.max_attempts)
-            .finish()
-    }
-}
-
-/// Scheme and host only: webhook URLs carry their secret in the path or query.
-pub fn redact_url(u: &http::Uri) -> String {
-    format!(
-        "{}://{}/[redacted]",
-        u.scheme_str().unwrap_or("http"),
-        u.authority().map(|a| a.host()).unwrap_or("")
-    )
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -324,30 +307,16 @@ pub struct RedisConfig {
     pub pool_max_size: u32,
 }
 
-#[derive(Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum RedisTarget {
-    /// `redis://[:password@]host[:port][/db]`.
-    Url(String),
+    /// `redis://[:password@]host[:port][/db]`; shown by [`redis_url_shown`] only.
+    Url(Secret<String>),
     /// The master is asked of the sentinels, and asked again after a fail-over.
     Sentinel {
         master: String,
         /// `host:port` of each sentinel, tried in order.
         addresses: Vec<String>,
     },
-}
-
-impl fmt::Debug for RedisTarget {
-    // The URL may hold a password: never print it.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            RedisTarget::Url(_) => f.write_str("Url(..)"),
-            RedisTarget::Sentinel { master, addresses } => f
-                .debug_struct("Sentinel")
-                .field("master", master)
-                .field("addresses", addresses)
-                .finish(),
-        }
-    }
 }
 
 /// `dependencies:`: each entry is a background check; absent entries are not checked.
@@ -375,11 +344,11 @@ pub struct CheckConfig {
 }
 
 /// `dependencies.postgres`.
-#[derive(Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PostgresDependency {
     /// A libpq URL or key=value string: several hosts and `target_session_attrs` allowed.
-    /// Holds the password: never printed.
-    pub url: String,
+    /// Holds the password: shown only through tokio-postgres' parser (`/admin/config`).
+    pub url: Secret<String>,
     pub pool: PgPoolConfig,
     pub check: CheckConfig,
     /// Client connections over `max_connections` above which the check is degraded.
@@ -388,19 +357,6 @@ pub struct PostgresDependency {
     /// With `sslmode=require` (or `verify-full`): PEM CA certificates trusted besides the
     /// system's store (`tls.ca_file`).
     pub tls_ca_file: Option<std::path::PathBuf>,
-}
-
-impl fmt::Debug for PostgresDependency {
-    // The URL may hold a password: never print it.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PostgresDependency")
-            .field("url", &"..")
-            .field("pool", &self.pool)
-            .field("check", &self.check)
-            .field("warn_connections_above", &self.warn_connections_above)
-            .field("tls_ca_file", &self.tls_ca_file)
-            .finish()
-    }
 }
 
 /// The health-check pool: sized for the checks, not for the app.
@@ -494,23 +450,19 @@ pub enum DrainMode {
     Egress,
 }
 
-#[derive(Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     /// Default 127.0.0.1:9901.
     pub listen: SocketAddr,
     /// When set, `/metrics`, `/admin/*` and the status page's data need
-    /// `Authorization: Bearer <token>` (the probes never do).
-    pub token: Option<String>,
-}
-
-impl fmt::Debug for AdminConfig {
-    // The token is a credential: never print it.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AdminConfig")
-            .field("listen", &self.listen)
-            .field("token", &self.token.as_ref().map(|_| "[redacted]"))
-            .finish()
-    }
+    /// `Authorization: Bearer <token>` (the probes never do). An empty value is none.
+    pub token: Option<Secret<String>>,
+    /// Serve the admin listener on a non-loopback address without a token: an explicit,
+    /// logged decision (refused otherwise). Default false.
+    pub insecure_no_token: bool,
+    /// Without a token, `/metrics` and `/admin/*` answer only requests whose Host is an IP
+    /// literal, `localhost`, or one of these (lower case, no port): DNS rebinding.
+    pub allowed_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -931,7 +883,16 @@ impl Config {
         use std::fmt::Write;
         let mut s = String::new();
         let _ = writeln!(s, "{}: ok", self.source);
-        let _ = writeln!(s, "admin     {}", self.admin.listen);
+        let _ = writeln!(
+            s,
+            "admin     {}{}",
+            self.admin.listen,
+            match (&self.admin.token, self.admin.insecure_no_token) {
+                (Some(_), _) => " (token)",
+                (None, true) => " (NO TOKEN: insecure_no_token)",
+                (None, false) => "",
+            }
+        );
         for l in &self.listeners {
             let _ = writeln!(
                 s,
@@ -980,12 +941,7 @@ impl Config {
         if let Some(r) = &self.redis {
             let target = match &r.target {
                 // Credentials stay out of the summary.
-                RedisTarget::Url(url) => match (url.find("://"), url.rfind('@')) {
-                    (Some(scheme), Some(at)) if at > scheme => {
-                        format!("{}***{}", &url[..scheme + 3], &url[at..])
-                    }
-                    _ => url.clone(),
-                },
+                RedisTarget::Url(url) => redis_url_shown(url),
                 RedisTarget::Sentinel { master, addresses } => {
                     format!("sentinel master {master} via {}", addresses.join(", "))
                 }

@@ -67,6 +67,10 @@ pub(super) fn item_path(parent: &str, index: usize) -> String {
     format!("{parent}[{index}]")
 }
 
+/// Content may start at most this far right (in characters): a bound on how deeply the
+/// blocks of a file can nest.
+const MAX_DEPTH_COLUMN: usize = 256;
+
 const EMPTY_MESSAGE: &str =
     "empty configuration: expected a mapping with `listeners` and `upstreams`";
 
@@ -78,6 +82,21 @@ pub(super) fn parse(text: &str) -> (Option<Node>, Vec<Problem>) {
         return (
             None,
             vec![problem(Pos { line: 1, column: 1 }, "", EMPTY_MESSAGE)],
+        );
+    }
+    // Before the parser, which recurses once per nested collection with no limit of its
+    // own for block ones: a stack overflow aborts, whatever catches panics.
+    if let Some((pos, column)) = too_deep(text) {
+        return (
+            None,
+            vec![problem(
+                pos,
+                "",
+                format!(
+                    "nested too deep: this line's content starts at column {column}, beyond \
+                     {MAX_DEPTH_COLUMN} (a configuration needs a handful of levels)"
+                ),
+            )],
         );
     }
     match load(text, true) {
@@ -111,6 +130,47 @@ pub(super) fn parse(text: &str) -> (Option<Node>, Vec<Problem>) {
         }
         Loaded::Done(Err(e)) => (None, vec![load_error(e)]),
     }
+}
+
+/// The first line whose content starts beyond [`MAX_DEPTH_COLUMN`], counting its
+/// indentation and the block indicators in front of it (`- `, `? `, `: `), and that column.
+/// Each open block collection has a column of its own, further right than the one it is
+/// in, so this bounds how deep block collections nest; flow ones (`[`, `{`) the scanner
+/// already stops at 255.
+fn too_deep(text: &str) -> Option<(Pos, usize)> {
+    for (i, line) in text.lines().enumerate() {
+        let mut chars = line.chars().peekable();
+        let mut column = 0usize;
+        let mut indicators = false;
+        loop {
+            match chars.peek() {
+                Some(' ') => {}
+                Some('-' | '?' | ':') => {
+                    let mut ahead = chars.clone();
+                    ahead.next();
+                    if !matches!(ahead.peek(), None | Some(' ' | '\t')) {
+                        break;
+                    }
+                    indicators = true;
+                }
+                _ => break,
+            }
+            chars.next();
+            column += 1;
+        }
+        // Blank and comment lines open nothing.
+        let content = indicators || chars.peek().is_some_and(|c| *c != '#');
+        if column > MAX_DEPTH_COLUMN && content {
+            return Some((
+                Pos {
+                    line: i + 1,
+                    column: 1,
+                },
+                column + 1,
+            ));
+        }
+    }
+    None
 }
 
 /// What came of one load: marked-yaml's result, or a panic inside it.
@@ -418,6 +478,56 @@ mod tests {
             panic!("not a map")
         };
         assert!(matches!(&entries[0].value.kind, Kind::Scalar(s) if s == "null"));
+    }
+
+    /// The YAML parser recurses once per nested block collection, and nothing bounds the
+    /// depth of `- - - - x`: 50,000 levels overflowed the stack (found by the `config` fuzz
+    /// target), an abort that no catch_unwind stops, in `check` and in a reload alike. Run
+    /// here on 2 MiB, the stack of the runtime's threads the reload reads the file on.
+    #[test]
+    fn nesting_too_deep_is_a_problem_not_a_stack_overflow() {
+        let deep = [
+            format!("{}x", "- ".repeat(50_000)),
+            format!("a:\n{}x", "- ".repeat(50_000)),
+            format!("{}x", "? ".repeat(50_000)),
+            format!("{}a: 1", " ".repeat(50_000)),
+            "- ".repeat(50_000),
+            format!("{}-", "- ".repeat(50_000)),
+        ];
+        let found = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || deep.iter().map(|t| problems(t)).collect::<Vec<_>>())
+            .unwrap()
+            .join()
+            .unwrap();
+        for p in &found {
+            assert_eq!(p.len(), 1, "{p:#?}");
+            assert!(p[0].message.contains("nested too deep"), "{p:#?}");
+        }
+        assert_eq!((found[0][0].line, found[0][0].column), (1, 1));
+        assert_eq!(found[1][0].line, 2);
+        assert!(
+            found[0][0].message.contains("column 100001"),
+            "{:?}",
+            found[0]
+        );
+        // What a real configuration needs is far below the limit; the deepest file allowed,
+        // with flow collections as deep as the scanner takes on top, parses on 2 MiB.
+        let fine = format!(
+            "{}{}x",
+            "- ".repeat(MAX_DEPTH_COLUMN / 2 - 1),
+            "[".repeat(300)
+        );
+        let p = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || problems(&fine))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(
+            p.iter().all(|p| !p.message.contains("nested too deep")),
+            "{p:#?}"
+        );
     }
 
     #[test]

@@ -22,8 +22,8 @@ use super::{
     DrainConfig, DrainMode, EjectionConfig, EscapedSlashes, FailureRate, Http2Config, KeySource,
     ListenerConfig, LoadBalancing, LogFormat, LoggingConfig, NormalizePath, PathConfig, PoolConfig,
     Problem, RateLimitConfig, RateLimitKey, RateLimitStore, RedisConfig, RedisTarget, Resilience,
-    RetryConfig, RetryOn, RouteConfig, RouteTimeouts, Severity, Signal, SignalUnit, SinkConfig,
-    SinkKind, UpstreamClient, UpstreamConfig,
+    RetryConfig, RetryOn, RouteConfig, RouteTimeouts, Secret, Severity, Signal, SignalUnit,
+    SinkConfig, SinkKind, UpstreamClient, UpstreamConfig,
 };
 
 // === defaults (documented on the types in mod.rs and in docs/configuration.md) ===
@@ -31,11 +31,43 @@ use super::{
 const DEFAULT_ADMIN_LISTEN: SocketAddr =
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 9901);
 const DEFAULT_LOG_LEVEL: &str = "info";
+const MIN_ADMIN_TOKEN: usize = 16;
+const MAX_ADMIN_TOKEN: usize = 4096;
+const MAX_ADMIN_ALLOWED_HOSTS: usize = 64;
 const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// hyper refuses a smaller HTTP/1 read buffer.
 const MIN_MAX_HEADER_BYTES: u64 = 8 * 1024;
+
+// === upper bounds (README, "Configuration reference"): what `check` accepts must start,
+// serve and reload, so nothing configured can size an allocation, overflow arithmetic or
+// panic a constructor (tokio's Semaphore above 2^61 - 1, `Instant + Duration`).
+
+/// Connections per listener: far above what one process serves, far below the Semaphore's
+/// limit.
+const MAX_CONNECTIONS: u64 = 1_000_000;
+/// Request head bytes: nginx's large_client_header_buffers default is 4 x 8 KiB.
+const MAX_MAX_HEADER_BYTES: u64 = 1024 * 1024;
+/// Request headers; browsers send about 20.
+const MAX_HEADERS: u64 = 1000;
+const MAX_H2_CONCURRENT_STREAMS: u64 = 10_000;
+const MAX_H2_PENDING_ACCEPT_RESET_STREAMS: u64 = 10_000;
+const MAX_H2_LOCAL_ERROR_RESET_STREAMS: u64 = 100_000;
+/// Requests in flight on a listener or to an upstream.
+const MAX_IN_FLIGHT: u64 = 1_000_000;
+/// A chunked or HTTP/2 body is read whole before it is forwarded, so this is also what one
+/// such request may hold in memory.
+const MAX_BODY_BYTES: u64 = 1 << 30;
+/// Bodies kept in memory for a retry.
+const MAX_RETRY_BODY_BYTES: u64 = 64 << 20;
+const MAX_IDLE_PER_ENDPOINT: u64 = 10_000;
+/// Every rate-limited request waits up to this while Redis is down (until the fallback
+/// takes over): a hard limit meant in milliseconds.
+const MAX_REDIS_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// A retried request waits its backoff (the route's `total`, when set, cuts it shorter).
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(60);
 const DEFAULT_MAX_HEADERS: usize = 100;
 const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 100;
 const DEFAULT_H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
@@ -167,16 +199,72 @@ fn admin(ctx: &mut Ctx, f: Option<Field>) -> (AdminConfig, Option<Bind>) {
     let mut m = MapReader::open(ctx, f);
     let listen = m.optional("listen");
     let addr = listen.as_ref().and_then(|f| ctx.socket_addr(f));
-    let token = m.read(ctx, "token", |ctx, f| {
-        ctx.parse_with(f, "a token", |s| {
-            if s.len() < 16 || !s.bytes().all(|b| b.is_ascii_graphic()) {
-                Err("expected at least 16 visible ASCII characters (no spaces)".into())
-            } else {
-                Ok(s.to_owned())
-            }
-        })
+    let token_field = m.optional("token");
+    let token = token_field.as_ref().and_then(|f| {
+        let s = ctx.secret(f, "a token")?;
+        // Empty is none: `${RAMPART_ADMIN_TOKEN:-}` with the variable unset.
+        if s.expose().is_empty() {
+            return None;
+        }
+        let t = s.expose();
+        let problem = if t.len() < MIN_ADMIN_TOKEN || !t.bytes().all(|b| b.is_ascii_graphic()) {
+            format!("expected at least {MIN_ADMIN_TOKEN} visible ASCII characters (no spaces)")
+        } else if t.len() > MAX_ADMIN_TOKEN {
+            format!("must be at most {MAX_ADMIN_TOKEN} characters")
+        } else {
+            return Some(s);
+        };
+        ctx.report(f.pos(), &f.path, problem);
+        None
     });
+    let insecure_field = m.optional("insecure_no_token");
+    let insecure_no_token = insecure_field
+        .as_ref()
+        .and_then(|f| ctx.boolean(f))
+        .unwrap_or(false);
+    let allowed_hosts = m
+        .read(ctx, "allowed_hosts", admin_allowed_hosts)
+        .unwrap_or_default();
     m.finish(ctx);
+    let config = AdminConfig {
+        listen: addr.unwrap_or(DEFAULT_ADMIN_LISTEN),
+        token,
+        insecure_no_token,
+        allowed_hosts,
+    };
+    // Whoever reaches the admin port can drain, reload and read the configuration: off
+    // loopback that needs a token, or a written decision to go without one.
+    if let (Some(f), Some(addr)) = (&listen, addr)
+        && !is_loopback(addr.ip())
+        && config.token.is_none()
+        && !config.insecure_no_token
+    {
+        let from_env = token_field
+            .as_ref()
+            .and_then(|t| raw_variables(t.node))
+            .map(|vars| format!(" ({vars} is unset or empty)"))
+            .unwrap_or_default();
+        ctx.report(
+            f.pos(),
+            &f.path,
+            format!(
+                "\"{addr}\" is not a loopback address and admin.token is not set{from_env}: anyone who \
+                 reaches it could drain, reload or read the configuration; set admin.token (at least \
+                 {MIN_ADMIN_TOKEN} characters; the shipped proxy.yaml reads RAMPART_ADMIN_TOKEN), listen on \
+                 127.0.0.1, or accept the risk with admin.insecure_no_token: true"
+            ),
+        );
+    }
+    if let Some(f) = &insecure_field
+        && config.insecure_no_token
+        && config.token.is_some()
+    {
+        ctx.report(
+            f.pos(),
+            &f.path,
+            "true while admin.token is set: remove one of them",
+        );
+    }
     let bind = match (&listen, addr) {
         (Some(f), Some(addr)) => Some(Bind {
             addr,
@@ -196,11 +284,80 @@ fn admin(ctx: &mut Ctx, f: Option<Field>) -> (AdminConfig, Option<Bind>) {
         // Already reported; comparing its stand-in would only add noise.
         (Some(_), None) => None,
     };
-    let config = AdminConfig {
-        listen: addr.unwrap_or(DEFAULT_ADMIN_LISTEN),
-        token,
-    };
     (config, bind)
+}
+
+/// 127.0.0.0/8 and ::1, also written as an IPv4-mapped IPv6 address.
+pub(crate) fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+        v4 => v4.is_loopback(),
+    }
+}
+
+/// The variables a scalar refers to, as written (`RAMPART_ADMIN_TOKEN`), for messages.
+fn raw_variables(node: &Node) -> Option<String> {
+    let Kind::Scalar(raw) = &node.kind else {
+        return None;
+    };
+    let names: Vec<&str> = raw
+        .split("${")
+        .skip(1)
+        .filter_map(|rest| {
+            let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))?;
+            (end > 0).then(|| &rest[..end])
+        })
+        .collect();
+    (!names.is_empty()).then(|| names.join(", "))
+}
+
+/// `admin.allowed_hosts`: host names (no port) the admin listener answers without a token,
+/// besides IP literals and `localhost`.
+fn admin_allowed_hosts(ctx: &mut Ctx, f: &Field) -> Option<Vec<String>> {
+    let items = ctx.list(f, "a list of host names")?;
+    if items.len() > MAX_ADMIN_ALLOWED_HOSTS {
+        ctx.report(
+            f.pos(),
+            &f.path,
+            format!(
+                "at most {MAX_ADMIN_ALLOWED_HOSTS} host names, got {}",
+                items.len()
+            ),
+        );
+        return None;
+    }
+    let mut seen = Unique::default();
+    let mut out = Vec::new();
+    for item in &items {
+        if let Some(h) = ctx.parse_with(item, "a host name", parse_allowed_host)
+            && seen.insert(ctx, &h, item, "host")
+        {
+            out.push(h);
+        }
+    }
+    Some(out)
+}
+
+/// A DNS name as a browser would send it in Host, lower-cased; no port, no wildcard.
+fn parse_allowed_host(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if ok {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "expected a host name without port or wildcard, like \"rampart.internal\", got \"{s}\""
+        ))
+    }
 }
 
 fn logging(ctx: &mut Ctx, f: Option<Field>) -> LoggingConfig {
@@ -385,7 +542,9 @@ fn pool(ctx: &mut Ctx, f: Option<Field>) -> PoolConfig {
             .read(ctx, "idle_timeout", Ctx::duration)
             .unwrap_or(DEFAULT_POOL_IDLE_TIMEOUT),
         max_idle_per_endpoint: m
-            .read(ctx, "max_idle_per_endpoint", |ctx, f| ctx.count(f, 0))
+            .read(ctx, "max_idle_per_endpoint", |ctx, f| {
+                ctx.count(f, 0, MAX_IDLE_PER_ENDPOINT)
+            })
             .unwrap_or(DEFAULT_MAX_IDLE_PER_ENDPOINT),
     };
     m.finish(ctx);
@@ -430,22 +589,26 @@ fn listener<'a>(
     let listen = listen_field.as_ref().and_then(|f| ctx.socket_addr(f));
     let config = ListenerConfig {
         max_connections: m
-            .read(ctx, "max_connections", |ctx, f| ctx.count(f, 1))
+            .read(ctx, "max_connections", |ctx, f| {
+                ctx.count(f, 1, MAX_CONNECTIONS)
+            })
             .unwrap_or(DEFAULT_MAX_CONNECTIONS),
         header_read_timeout: m
             .read(ctx, "header_read_timeout", Ctx::duration)
             .unwrap_or(DEFAULT_HEADER_READ_TIMEOUT),
         max_header_bytes: m
             .read(ctx, "max_header_bytes", |ctx, f| {
-                ctx.bytes(f, MIN_MAX_HEADER_BYTES, usize_max())
+                ctx.bytes(f, MIN_MAX_HEADER_BYTES, MAX_MAX_HEADER_BYTES)
             })
             .and_then(|n| usize::try_from(n).ok())
             .unwrap_or(DEFAULT_MAX_HEADER_BYTES),
         max_headers: m
-            .read(ctx, "max_headers", |ctx, f| ctx.count(f, 1))
+            .read(ctx, "max_headers", |ctx, f| ctx.count(f, 1, MAX_HEADERS))
             .unwrap_or(DEFAULT_MAX_HEADERS),
         http2: http2(ctx, m.optional("http2")),
-        max_in_flight: m.read(ctx, "max_in_flight", |ctx, f| ctx.count(f, 1)),
+        max_in_flight: m.read(ctx, "max_in_flight", |ctx, f| {
+            ctx.count(f, 1, MAX_IN_FLIGHT)
+        }),
         drain: m
             .read(ctx, "drain", |ctx, f| {
                 ctx.one_of(
@@ -517,23 +680,23 @@ fn http2(ctx: &mut Ctx, f: Option<Field>) -> Http2Config {
     let config = Http2Config {
         max_concurrent_streams: m
             .read(ctx, "max_concurrent_streams", |ctx, f| {
-                ctx.int(f, 1, u64::from(u32::MAX))
+                ctx.int(f, 1, MAX_H2_CONCURRENT_STREAMS)
             })
             .and_then(|n| u32::try_from(n).ok())
             .unwrap_or(DEFAULT_H2_MAX_CONCURRENT_STREAMS),
         max_pending_accept_reset_streams: m
             .read(ctx, "max_pending_accept_reset_streams", |ctx, f| {
-                ctx.count(f, 1)
+                ctx.count(f, 1, MAX_H2_PENDING_ACCEPT_RESET_STREAMS)
             })
             .unwrap_or(DEFAULT_H2_MAX_PENDING_ACCEPT_RESET_STREAMS),
         max_local_error_reset_streams: m
             .read(ctx, "max_local_error_reset_streams", |ctx, f| {
-                ctx.count(f, 1)
+                ctx.count(f, 1, MAX_H2_LOCAL_ERROR_RESET_STREAMS)
             })
             .unwrap_or(DEFAULT_H2_MAX_LOCAL_ERROR_RESET_STREAMS),
         idle_timeout: m
             .read(ctx, "idle_timeout", |ctx, f| {
-                ctx.duration_at_most(f, MAX_H2_IDLE_TIMEOUT, "24h")
+                ctx.duration_at_most(f, MAX_H2_IDLE_TIMEOUT)
             })
             .unwrap_or(DEFAULT_H2_IDLE_TIMEOUT),
     };
@@ -591,7 +754,7 @@ fn route<'a>(
         upstream: upstream.unwrap_or_default(),
         timeouts: route_timeouts(ctx, m.optional("timeouts"), connect_default),
         max_body_bytes: m
-            .read(ctx, "max_body", |ctx, f| ctx.bytes(f, 1, u64::MAX))
+            .read(ctx, "max_body", |ctx, f| ctx.bytes(f, 1, MAX_BODY_BYTES))
             .unwrap_or(DEFAULT_MAX_BODY_BYTES),
         rate_limits: m
             .read(ctx, "rate_limits", |ctx, f| {
@@ -639,7 +802,7 @@ fn route_timeouts(ctx: &mut Ctx, f: Option<Field>, connect_default: Duration) ->
         total: m.read(ctx, "total", Ctx::duration_or_off).flatten(),
         body: m
             .read(ctx, "body", |ctx, f| {
-                ctx.duration_at_most(f, MAX_BODY_TIMEOUT, "1h")
+                ctx.duration_at_most(f, MAX_BODY_TIMEOUT)
             })
             .unwrap_or(DEFAULT_BODY_TIMEOUT),
         min_body_rate: m
@@ -664,13 +827,17 @@ fn redis(ctx: &mut Ctx, f: Option<Field>) -> Option<RedisConfig> {
     let sentinel_field = m.optional("sentinel");
     let url = url_field
         .as_ref()
-        .and_then(|f| ctx.parse_with(f, "a redis:// URL", parse_redis_url));
+        .and_then(|f| ctx.parse_secret(f, "a redis:// URL", parse_redis_url));
     let sentinel = sentinel_field.clone().map(|f| sentinel(ctx, f));
     let timeout = m
-        .read(ctx, "timeout", Ctx::duration)
+        .read(ctx, "timeout", |ctx, f| {
+            ctx.duration_at_most(f, MAX_REDIS_TIMEOUT)
+        })
         .unwrap_or(DEFAULT_REDIS_TIMEOUT);
     let connect_timeout = m
-        .read(ctx, "connect_timeout", Ctx::duration)
+        .read(ctx, "connect_timeout", |ctx, f| {
+            ctx.duration_at_most(f, MAX_REDIS_CONNECT_TIMEOUT)
+        })
         .unwrap_or(timeout);
     let pool_max_size = redis_pool(ctx, m.optional("pool"));
     let target = match (&url_field, &sentinel_field) {
@@ -697,7 +864,8 @@ fn redis(ctx: &mut Ctx, f: Option<Field>) -> Option<RedisConfig> {
     m.finish(ctx);
     Some(RedisConfig {
         // A stand-in when broken: the file is refused anyway.
-        target: target.unwrap_or_else(|| RedisTarget::Url("redis://127.0.0.1:6379".into())),
+        target: target
+            .unwrap_or_else(|| RedisTarget::Url(Secret::new("redis://127.0.0.1:6379".into()))),
         timeout,
         connect_timeout,
         pool_max_size,
@@ -1040,7 +1208,7 @@ fn sink(ctx: &mut Ctx, f: Field) -> Option<SinkConfig> {
     });
     let url = m
         .required(ctx, "url")
-        .and_then(|f| ctx.parse_with(&f, "a URL", parse_sink_url));
+        .and_then(|f| ctx.parse_secret(&f, "a URL", parse_sink_url));
     let timeout = m
         .read(ctx, "timeout", Ctx::duration)
         .unwrap_or(DEFAULT_SINK_TIMEOUT);
@@ -1064,6 +1232,14 @@ fn parse_sink_url(s: &str) -> Result<Uri, String> {
             .to_owned()
     };
     let uri: Uri = s.trim().parse().map_err(|_| bad())?;
+    if let Some(a) = uri.authority()
+        && written_port(a).is_err()
+    {
+        return Err(
+            "the port is not a port number (1 to 65535) (the URL is not shown: it may hold a secret)"
+                .into(),
+        );
+    }
     match uri.scheme_str() {
         Some("http" | "https") if uri.host().is_some_and(|h| !h.is_empty()) => Ok(uri),
         _ => Err(bad()),
@@ -1183,6 +1359,49 @@ impl<'e> Ctx<'e> {
         }
     }
 
+    /// A credential's text with `${VAR}` substituted. Problems never quote the value: a
+    /// message that would (a malformed reference) says what is wrong without it.
+    fn secret(&mut self, f: &Field, expected: &str) -> Option<super::Secret<String>> {
+        let Kind::Scalar(raw) = &f.node.kind else {
+            self.wrong_kind(f, expected);
+            return None;
+        };
+        match super::env::interpolate(raw, self.env) {
+            Ok(text) => Some(super::Secret::new(text)),
+            Err(messages) => {
+                for m in messages {
+                    // "environment variable NAME is not set" names a variable, not the value.
+                    let m = if m.starts_with("environment variable ") {
+                        m
+                    } else {
+                        "invalid \"${...}\" reference (the value is not shown: it may hold a secret; \
+                         write \"$$\" for a literal \"$\")"
+                            .to_owned()
+                    };
+                    self.report(f.pos(), &f.path, m);
+                }
+                None
+            }
+        }
+    }
+
+    /// A credential read through `parse`, which must not quote it in its messages.
+    fn parse_secret<T>(
+        &mut self,
+        f: &Field,
+        expected: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<super::Secret<T>> {
+        let text = self.secret(f, expected)?;
+        match parse(text.expose()) {
+            Ok(v) => Some(super::Secret::new(v)),
+            Err(message) => {
+                self.report(f.pos(), &f.path, message);
+                None
+            }
+        }
+    }
+
     /// Reads a scalar through `parse`, reporting its error message at the value.
     fn parse_with<T>(
         &mut self,
@@ -1253,10 +1472,9 @@ impl<'e> Ctx<'e> {
         })
     }
 
-    /// An integer `>= min` that fits a `usize`.
-    fn count(&mut self, f: &Field, min: u64) -> Option<usize> {
-        self.int(f, min, usize_max())
-            .and_then(|n| usize::try_from(n).ok())
+    /// An integer in `min..=max`, as a `usize`.
+    fn count(&mut self, f: &Field, min: u64, max: u64) -> Option<usize> {
+        self.int(f, min, max).and_then(|n| usize::try_from(n).ok())
     }
 
     /// A byte size in `min..=max`.
@@ -1268,6 +1486,11 @@ impl<'e> Ctx<'e> {
                     format!(
                         "must be at least {} ({min} bytes), got {s}",
                         format_bytes(min)
+                    )
+                } else if n > i128::from(max) {
+                    format!(
+                        "must be at most {} ({max} bytes), got {s}",
+                        format_bytes(max)
                     )
                 } else {
                     e
@@ -1281,6 +1504,19 @@ impl<'e> Ctx<'e> {
         self.parse_with(f, "a duration", parse_duration)
     }
 
+    /// A duration greater than 0 and at most `max`: for waits a request meets that are not
+    /// its own timeouts (each rate-limited request waits up to `redis.timeout` while Redis
+    /// is down; a retried one waits its backoff).
+    fn duration_at_most(&mut self, f: &Field, max: Duration) -> Option<Duration> {
+        self.parse_with(f, "a duration", |s| {
+            let d = parse_duration(s)?;
+            if d > max {
+                return Err(format!("must be at most {}, got \"{s}\"", bound_text(max)));
+            }
+            Ok(d)
+        })
+    }
+
     /// A duration, 0 allowed (`0s`).
     fn duration_or_zero(&mut self, f: &Field) -> Option<Duration> {
         self.parse_with(f, "a duration", |s| {
@@ -1291,17 +1527,6 @@ impl<'e> Ctx<'e> {
             } else {
                 parse_duration(s)
             }
-        })
-    }
-
-    /// A duration greater than 0 and at most `max` (written `max_text` in messages).
-    fn duration_at_most(&mut self, f: &Field, max: Duration, max_text: &str) -> Option<Duration> {
-        self.parse_with(f, "a duration", |s| {
-            let d = parse_duration(s)?;
-            if d > max {
-                return Err(format!("must be at most {max_text}, got \"{s}\""));
-            }
-            Ok(d)
         })
     }
 
@@ -1446,10 +1671,6 @@ impl<'e> Ctx<'e> {
         }
         ok.then_some(out)
     }
-}
-
-fn usize_max() -> u64 {
-    u64::try_from(usize::MAX).unwrap_or(u64::MAX)
 }
 
 /// Finds a value seen twice; the later one gets the problem.
@@ -1701,6 +1922,19 @@ fn parse_rate(s: &str) -> Result<Option<u64>, String> {
 
 /// humantime's syntax ("250ms", "30s", "1m30s"), greater than 0. A bare number is refused:
 /// nobody can tell whether `30` means seconds or milliseconds.
+/// A bound as the file would write it: whole hours as "24h" (humantime says "1day"),
+/// whole minutes as "5m", anything else as humantime writes it.
+fn bound_text(d: Duration) -> String {
+    let secs = d.as_secs();
+    if d.subsec_nanos() == 0 && secs > 0 && secs.is_multiple_of(3600) {
+        format!("{}h", secs / 3600)
+    } else if d.subsec_nanos() == 0 && secs > 0 && secs.is_multiple_of(60) {
+        format!("{}m", secs / 60)
+    } else {
+        humantime::format_duration(d).to_string()
+    }
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let expected = || format!("expected a duration like \"250ms\", \"30s\" or \"5m\", got \"{s}\"");
     let t = s.trim();
@@ -1801,10 +2035,9 @@ fn parse_endpoint(s: &str) -> Result<Uri, String> {
             return Err(format!("endpoint URLs cannot have a query (in \"{s}\")"));
         }
     }
-    let port = match authority.port() {
-        Some(p) => p.as_u16(),
-        None => default_port,
-    };
+    let port = written_port(authority)
+        .map_err(|p| format!("port \"{p}\" is not a port number (1 to 65535) in \"{s}\""))?
+        .unwrap_or(default_port);
     if port == 0 {
         return Err(format!("port 0 is not a valid upstream port (in \"{s}\")"));
     }
@@ -1814,6 +2047,25 @@ fn parse_endpoint(s: &str) -> Result<Uri, String> {
         .path_and_query("/")
         .build()
         .map_err(|_| expected())
+}
+
+/// The port written in an authority, if any. `http::uri::Authority::port` answers `None`
+/// for a port it cannot read as a u16 (`:99999`), the same as for no port at all; here
+/// that is an error carrying the text written.
+fn written_port(authority: &http::uri::Authority) -> Result<Option<u16>, String> {
+    let text = authority.as_str();
+    let host_port = text.rsplit_once('@').map_or(text, |(_, hp)| hp);
+    let after_host = match host_port.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or("", |(_, after)| after),
+        None => host_port.find(':').map_or("", |i| &host_port[i..]),
+    };
+    match after_host.strip_prefix(':') {
+        None => Ok(None),
+        Some(digits) => match digits.parse::<u16>() {
+            Ok(p) if digits.bytes().all(|b| b.is_ascii_digit()) => Ok(Some(p)),
+            _ => Err(digits.to_owned()),
+        },
+    }
 }
 
 /// `redis://[:password@]host[:port][/db]`. The text is not echoed when it holds a password.
@@ -1960,7 +2212,9 @@ fn resilience(ctx: &mut Ctx, m: &mut MapReader) -> Resilience {
         circuit_breaker: breaker(ctx, m.optional("circuit_breaker")),
         ejection: ejection(ctx, m.optional("ejection")),
         retry: retry(ctx, m.optional("retry")),
-        max_in_flight: m.read(ctx, "max_in_flight", |ctx, f| ctx.count(f, 1)),
+        max_in_flight: m.read(ctx, "max_in_flight", |ctx, f| {
+            ctx.count(f, 1, MAX_IN_FLIGHT)
+        }),
         health_check: m
             .optional("health_check")
             .map(|f| health::upstream_health_check(ctx, f)),
@@ -2054,10 +2308,14 @@ fn retry(ctx: &mut Ctx, f: Option<Field>) -> RetryConfig {
     let mut m = MapReader::open(ctx, f);
     let mut backoff = MapReader::open(ctx, m.optional("backoff"));
     let backoff_base = backoff
-        .read(ctx, "base", Ctx::duration)
+        .read(ctx, "base", |ctx, f| {
+            ctx.duration_at_most(f, MAX_RETRY_BACKOFF)
+        })
         .unwrap_or(d.backoff_base);
     let backoff_max = backoff
-        .read(ctx, "max", Ctx::duration)
+        .read(ctx, "max", |ctx, f| {
+            ctx.duration_at_most(f, MAX_RETRY_BACKOFF)
+        })
         .unwrap_or(d.backoff_max)
         .max(backoff_base);
     backoff.finish(ctx);
@@ -2088,7 +2346,9 @@ fn retry(ctx: &mut Ctx, f: Option<Field>) -> RetryConfig {
         budget_ratio,
         budget_min_per_s,
         max_body: m
-            .read(ctx, "max_body", |ctx, f| ctx.bytes(f, 0, u64::MAX))
+            .read(ctx, "max_body", |ctx, f| {
+                ctx.bytes(f, 0, MAX_RETRY_BODY_BYTES)
+            })
             .unwrap_or(d.max_body),
     };
     m.finish(ctx);
@@ -2209,6 +2469,8 @@ mod tests {
             admin: AdminConfig {
                 listen: "127.0.0.1:9901".parse().unwrap(),
                 token: None,
+                insecure_no_token: false,
+                allowed_hosts: Vec::new(),
             },
             logging: LoggingConfig {
                 level: "info".into(),
@@ -2343,6 +2605,8 @@ mod tests {
             admin: AdminConfig {
                 listen: "[::1]:9902".parse().unwrap(),
                 token: None,
+                insecure_no_token: false,
+                allowed_hosts: Vec::new(),
             },
             logging: LoggingConfig {
                 level: "rampart=debug,info".into(),
@@ -2718,7 +2982,10 @@ mod tests {
         let c = ok(&format!(
             "{MINIMAL}\n        admin: {{ token: 0123456789abcdef-long }}\n"
         ));
-        assert_eq!(c.admin.token.as_deref(), Some("0123456789abcdef-long"));
+        assert_eq!(
+            c.admin.token.as_ref().map(|t| t.expose().as_str()),
+            Some("0123456789abcdef-long")
+        );
         assert!(!format!("{c:?}").contains("0123456789abcdef"));
         only(
             &format!("{MINIMAL}\n        admin: {{ token: short }}\n"),
@@ -2727,6 +2994,36 @@ mod tests {
             "admin.token",
             "expected at least 16 visible ASCII characters",
         );
+    }
+
+    #[test]
+    fn a_broken_reference_in_a_secret_never_quotes_it() {
+        for (value, message) in [
+            (
+                "\"zqsecret${BROKEN\"",
+                "invalid \"${...}\" reference (the value is not shown",
+            ),
+            (
+                "\"zqsecret${1X}zq\"",
+                "invalid \"${...}\" reference (the value is not shown",
+            ),
+            (
+                "\"zqsecret${UNSET_VAR}\"",
+                "environment variable UNSET_VAR is not set",
+            ),
+        ] {
+            for key in [
+                format!("admin: {{ token: {value} }}"),
+                format!("redis: {{ url: {value} }}"),
+                format!("alerts: {{ sinks: [{{ type: webhook, url: {value} }}] }}"),
+                format!("dependencies: {{ postgres: {{ url: {value} }} }}"),
+            ] {
+                let text = format!("{MINIMAL}\n        {key}\n");
+                let err = parse(&text).unwrap_err().to_string();
+                assert!(err.contains(message), "{key}: {err}");
+                assert!(!err.contains("zq"), "{key}: {err}");
+            }
+        }
     }
 
     #[test]
@@ -3096,7 +3393,7 @@ mod tests {
             8,
             31,
             "listeners[0].http2.max_concurrent_streams",
-            "must be at most 4294967295, got 5000000000",
+            "must be at most 10000, got 5000000000",
         );
         check(
             &p[4],
@@ -3126,6 +3423,225 @@ mod tests {
             "upstreams.backend.pool.max_idle_per_endpoint",
             "must be at least 0, got -1",
         );
+    }
+
+    /// Every numeric key refuses the value just above its bound and takes the bound itself:
+    /// what `check` accepts must start, serve and reload (tests/it/bounds.rs).
+    #[test]
+    fn every_numeric_key_has_an_upper_bound() {
+        // (where the key goes, its bound written as accepted, the value just above, message)
+        let cases: &[(&str, &str, &str, &str)] = &[
+            (
+                "listener",
+                "max_connections: 1000000",
+                "max_connections: 1000001",
+                "must be at most 1000000, got 1000001",
+            ),
+            (
+                "listener",
+                "max_headers: 1000",
+                "max_headers: 1001",
+                "must be at most 1000, got 1001",
+            ),
+            (
+                "listener",
+                "max_header_bytes: 1MiB",
+                "max_header_bytes: 1048577",
+                "must be at most 1MiB (1048576 bytes), got 1048577",
+            ),
+            (
+                "listener",
+                "max_header_bytes: 1MiB",
+                "max_header_bytes: 18446744073709551615",
+                "must be at most 1MiB (1048576 bytes), got 18446744073709551615",
+            ),
+            (
+                "listener",
+                "max_in_flight: 1000000",
+                "max_in_flight: 1000001",
+                "must be at most 1000000, got 1000001",
+            ),
+            (
+                "listener",
+                "http2: { max_concurrent_streams: 10000 }",
+                "http2: { max_concurrent_streams: 10001 }",
+                "must be at most 10000, got 10001",
+            ),
+            (
+                "listener",
+                "http2: { max_pending_accept_reset_streams: 10000 }",
+                "http2: { max_pending_accept_reset_streams: 10001 }",
+                "must be at most 10000, got 10001",
+            ),
+            (
+                "listener",
+                "http2: { max_local_error_reset_streams: 100000 }",
+                "http2: { max_local_error_reset_streams: 100001 }",
+                "must be at most 100000, got 100001",
+            ),
+            (
+                "listener",
+                "header_read_timeout: 365d",
+                "header_read_timeout: 366d",
+                "must be at most 365 days",
+            ),
+            (
+                "route",
+                "max_body: 1GiB",
+                "max_body: 1073741825",
+                "must be at most 1GiB (1073741824 bytes), got 1073741825",
+            ),
+            (
+                "route",
+                "timeouts: { total: 365d }",
+                "timeouts: { total: 8761h }",
+                "must be at most 365 days",
+            ),
+            (
+                "upstream",
+                "pool: { max_idle_per_endpoint: 10000 }",
+                "pool: { max_idle_per_endpoint: 10001 }",
+                "must be at most 10000, got 10001",
+            ),
+            (
+                "upstream",
+                "max_in_flight: 1000000",
+                "max_in_flight: 1000001",
+                "must be at most 1000000, got 1000001",
+            ),
+            (
+                "upstream",
+                "retry: { max_body: 64MiB }",
+                "retry: { max_body: 67108865 }",
+                "must be at most 64MiB (67108864 bytes), got 67108865",
+            ),
+            (
+                "upstream",
+                "retry: { attempts: 10 }",
+                "retry: { attempts: 11 }",
+                "must be at most 10, got 11",
+            ),
+            (
+                "upstream",
+                "retry: { budget: { min_per_s: 1000000 } }",
+                "retry: { budget: { min_per_s: 1000001 } }",
+                "must be at most 1000000, got 1000001",
+            ),
+            (
+                "upstream",
+                "circuit_breaker: { failures: 1000000 }",
+                "circuit_breaker: { failures: 1000001 }",
+                "must be at most 1000000, got 1000001",
+            ),
+            (
+                "upstream",
+                "ejection: { consecutive_failures: 1000000 }",
+                "ejection: { consecutive_failures: 1000001 }",
+                "must be at most 1000000, got 1000001",
+            ),
+            (
+                "top",
+                "replicas: 10000",
+                "replicas: 10001",
+                "must be at most 10000, got 10001",
+            ),
+            (
+                "top",
+                "redis: { url: \"redis://127.0.0.1\", pool: { max_size: 1024 } }",
+                "redis: { url: \"redis://127.0.0.1\", pool: { max_size: 1025 } }",
+                "must be at most 1024, got 1025",
+            ),
+            (
+                "top",
+                "rate_limits: { a: { points: 1000000000000000 } }",
+                "rate_limits: { a: { points: 1000000000000001 } }",
+                "must be at most 1000000000000000",
+            ),
+            (
+                "top",
+                "drain: { timeout: 365d, accept_grace: 364d }",
+                "drain: { timeout: 366d }",
+                "must be at most 365 days",
+            ),
+            // Waits a request may meet that are not its own timeouts, found by the property
+            // test: a Redis that was down held a request for redis.timeout (8 months).
+            (
+                "top",
+                "redis: { url: \"redis://127.0.0.1\", timeout: 5s }",
+                "redis: { url: \"redis://127.0.0.1\", timeout: 5001ms }",
+                "must be at most 5s, got \"5001ms\"",
+            ),
+            (
+                "top",
+                "redis: { url: \"redis://127.0.0.1\", connect_timeout: 1m }",
+                "redis: { url: \"redis://127.0.0.1\", connect_timeout: 61s }",
+                "must be at most 1m, got \"61s\"",
+            ),
+            (
+                "upstream",
+                "retry: { backoff: { base: 1m, max: 1m } }",
+                "retry: { backoff: { base: 61s } }",
+                "must be at most 1m, got \"61s\"",
+            ),
+            (
+                "upstream",
+                "retry: { backoff: { max: 1m } }",
+                "retry: { backoff: { max: 2m } }",
+                "must be at most 1m, got \"2m\"",
+            ),
+        ];
+        let text = |place: &str, kv: &str| -> String {
+            let (listener, route, upstream, top) = match place {
+                "listener" => (kv, "", "", ""),
+                "route" => ("", kv, "", ""),
+                "upstream" => ("", "", kv, ""),
+                _ => ("", "", "", kv),
+            };
+            format!(
+                "listeners:\n  - name: inbound\n    listen: 0.0.0.0:8080\n    {listener}\n    routes:\n      - upstream: backend\n        {route}\nupstreams:\n  backend:\n    endpoints: [\"http://127.0.0.1:3001\"]\n    {upstream}\n{top}\n"
+            )
+        };
+        for (place, at_bound, above, message) in cases {
+            let good = text(place, at_bound);
+            if let Err(e) = parse(&good) {
+                panic!("{at_bound}: refused at its bound: {e}");
+            }
+            match parse(&text(place, above)) {
+                Ok(_) => panic!("{above}: accepted"),
+                Err(e) => assert!(
+                    e.problems.len() == 1 && e.problems[0].message.contains(message),
+                    "{above}: {e}"
+                ),
+            }
+        }
+    }
+
+    /// `http::Uri` keeps a port it cannot read as a u16 in the text but answers `None` for
+    /// it, which read as "no port": traffic for :99999 went to :80.
+    #[test]
+    fn ports_out_of_range_are_refused_not_defaulted() {
+        for (url, port) in [
+            ("http://10.0.0.5:99999", "99999"),
+            ("http://10.0.0.5:65536", "65536"),
+            ("https://api.example.com:4294967297", "4294967297"),
+            ("http://[::1]:70000", "70000"),
+            ("http://10.0.0.5:", ""),
+        ] {
+            let e = parse_endpoint(url).unwrap_err();
+            assert!(
+                e.contains(&format!(
+                    "port \"{port}\" is not a port number (1 to 65535)"
+                )),
+                "{url}: {e}"
+            );
+            let e = parse_sink_url(url).unwrap_err();
+            assert!(e.contains("1 to 65535"), "{url}: {e}");
+        }
+        assert_eq!(
+            parse_endpoint("http://10.0.0.5:65535").unwrap().to_string(),
+            "http://10.0.0.5:65535/"
+        );
+        assert!(parse_sink_url("https://hooks.example.com:8443/x").is_ok());
     }
 
     #[test]
@@ -3371,7 +3887,8 @@ mod tests {
             "port 8080 already used by listener \"inbound\" (line 5)",
         );
 
-        let admin_first = three_binds("0.0.0.0:8080", "127.0.0.1:8080", "127.0.0.1:8081");
+        // (A wildcard admin address would also need a token: see the admin tests.)
+        let admin_first = three_binds("127.0.0.1:8080", "127.0.0.1:8080", "127.0.0.1:8081");
         only(
             &admin_first,
             5,
@@ -3829,13 +4346,13 @@ mod tests {
         let redis = config.redis.clone().unwrap();
         assert_eq!(
             redis.target,
-            RedisTarget::Url("redis://:secret@127.0.0.1:6380/2".into())
+            RedisTarget::Url(Secret::new("redis://:secret@127.0.0.1:6380/2".into()))
         );
         assert!(!format!("{redis:?}").contains("secret"));
         let summary = config.summary();
         assert!(
             summary.contains(
-                "redis     redis://***@127.0.0.1:6380/2 (timeout 20ms, pool 4, replicas 3)"
+                "redis     redis://:[redacted]@127.0.0.1:6380/2 (timeout 20ms, pool 4, replicas 3)"
             ),
             "{summary}"
         );

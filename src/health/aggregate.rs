@@ -62,11 +62,38 @@ fn summarize_statuses(statuses: &[(&Check, Status)]) -> Summary {
     }
 }
 
+/// Who reads a `/health` document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    /// Anyone (`/health`, a listener's `health_path`): states, latencies and counts; no
+    /// error text (a driver's message names hosts, users, databases) and no address.
+    Public,
+    /// Whoever may use the admin API (`/admin/health`): everything the checks found.
+    Operator,
+}
+
+/// Details that say nothing about where things are; any other (`server`, and whatever a
+/// check adds later) is for the operator only.
+const PUBLIC_DETAILS: &[&str] = &[
+    "role",
+    "connections_used_pct",
+    "connections",
+    "max_connections",
+    "tls",
+    "ping_ms",
+    "used_pct",
+    "rss_bytes",
+    "limit_bytes",
+    "limit_source",
+    "http_status",
+];
+
 /// The `/health` body and its summary.
 pub fn render(
     checks: &[std::sync::Arc<Check>],
     uptime: Duration,
     draining: bool,
+    audience: Audience,
 ) -> (Summary, String) {
     let now = Instant::now();
     let statuses: Vec<(&Check, Status)> = checks.iter().map(|c| (&**c, c.status())).collect();
@@ -89,13 +116,13 @@ pub fn render(
         }
         push_json_string(&mut out, &check.name);
         out.push(':');
-        push_check(&mut out, check, *status, now);
+        push_check(&mut out, check, *status, now, audience);
     }
     out.push_str("}}\n");
     (summary, out)
 }
 
-fn push_check(out: &mut String, check: &Check, status: Status, now: Instant) {
+fn push_check(out: &mut String, check: &Check, status: Status, now: Instant, audience: Audience) {
     let _ = write!(
         out,
         "{{\"status\":\"{}\",\"critical\":{}",
@@ -104,7 +131,7 @@ fn push_check(out: &mut String, check: &Check, status: Status, now: Instant) {
     );
     match check.slots.as_slice() {
         // A dependency: its one result, flat.
-        [(key, slot)] if key.is_empty() => push_view_fields(out, &slot.load(), now),
+        [(key, slot)] if key.is_empty() => push_view_fields(out, &slot.load(), now, audience),
         // An upstream: the slowest endpoint's latency, and each endpoint.
         slots => {
             let views: Vec<_> = slots.iter().map(|(k, s)| (k, s.load_full())).collect();
@@ -121,6 +148,11 @@ fn push_check(out: &mut String, check: &Check, status: Status, now: Instant) {
                 ",\"healthy_endpoints\":{up},\"total_endpoints\":{}",
                 views.len()
             );
+            if audience == Audience::Public {
+                // The endpoints are keyed by their addresses.
+                out.push('}');
+                return;
+            }
             if status == Status::Unhealthy
                 && let Some(e) = views.iter().find_map(|(_, v)| v.error.as_deref())
             {
@@ -134,7 +166,7 @@ fn push_check(out: &mut String, check: &Check, status: Status, now: Instant) {
                 }
                 push_json_string(out, key);
                 let _ = write!(out, ":{{\"status\":\"{}\"", view.status.as_str());
-                push_view_fields(out, view, now);
+                push_view_fields(out, view, now, audience);
                 out.push('}');
             }
             out.push('}');
@@ -147,7 +179,7 @@ fn push_latency(out: &mut String, d: Duration) {
     let _ = write!(out, ",\"latency_ms\":{:.1}", d.as_secs_f64() * 1000.0);
 }
 
-fn push_view_fields(out: &mut String, v: &View, now: Instant) {
+fn push_view_fields(out: &mut String, v: &View, now: Instant, audience: Audience) {
     if let Some(l) = v.latency {
         push_latency(out, l);
     }
@@ -158,7 +190,9 @@ fn push_view_fields(out: &mut String, v: &View, now: Instant) {
             now.saturating_duration_since(at).as_millis()
         );
     }
-    if let Some(e) = &v.error {
+    if let Some(e) = &v.error
+        && audience == Audience::Operator
+    {
         // While a streak has not flipped the verdict yet, the failure is shown apart.
         out.push_str(if v.status == Status::Healthy {
             ",\"last_error\":"
@@ -171,6 +205,9 @@ fn push_view_fields(out: &mut String, v: &View, now: Instant) {
         let _ = write!(out, ",\"consecutive_failures\":{}", v.failures);
     }
     for (k, value) in &v.details {
+        if audience == Audience::Public && !PUBLIC_DETAILS.contains(k) {
+            continue;
+        }
         out.push(',');
         push_json_string(out, k);
         out.push(':');
@@ -291,6 +328,7 @@ mod tests {
             ],
             Duration::from_secs(42),
             false,
+            Audience::Operator,
         );
         assert!(
             body.starts_with("{\"status\":\"unhealthy\",\"timestamp\":\""),

@@ -711,10 +711,20 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 // === the probe endpoints (admin listener) ===
 
 /// `/health`: the cached aggregate as JSON; 200 unless a critical check is unhealthy.
+/// Public: no error text and no address (see [`aggregate::Audience`]).
 pub fn health_response(shared: &Shared) -> (http::StatusCode, String) {
+    render_health(shared, aggregate::Audience::Public)
+}
+
+/// `/admin/health`: the same, with each check's error and every detail.
+pub fn health_detail_response(shared: &Shared) -> (http::StatusCode, String) {
+    render_health(shared, aggregate::Audience::Operator)
+}
+
+fn render_health(shared: &Shared, audience: aggregate::Audience) -> (http::StatusCode, String) {
     let h = &shared.health;
     let draining = shared.draining.load(std::sync::atomic::Ordering::Relaxed);
-    let (summary, body) = aggregate::render(&h.checks(), h.uptime(), draining);
+    let (summary, body) = aggregate::render(&h.checks(), h.uptime(), draining, audience);
     h.metrics.overall.set(summary.status.as_gauge());
     let code = if summary.status == Status::Unhealthy {
         http::StatusCode::SERVICE_UNAVAILABLE

@@ -76,7 +76,7 @@ impl PgPool {
     /// No connection is made here; the trust store is read (with TLS), so call it where
     /// blocking a moment is fine.
     pub fn new(dep: &PostgresDependency) -> Result<PgPool, String> {
-        let url = crate::config::postgres_url_for_driver(&dep.url);
+        let url = crate::config::postgres_url_for_driver(dep.url.expose());
         let mut config = tokio_postgres::Config::from_str(&url)
             .map_err(|e| format!("invalid Postgres URL: {e}"))?;
         // tokio-postgres waits forever for a host by default; with several hosts, one that

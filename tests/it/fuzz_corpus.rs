@@ -15,6 +15,7 @@ const TARGETS: &[(&str, Entry)] = &[
     ("path", rampart::fuzz::path),
     ("response_head", rampart::fuzz::response_head),
     ("response_body", rampart::fuzz::response_body),
+    ("config", rampart::fuzz::config),
 ];
 
 #[test]

@@ -84,7 +84,7 @@ async fn health_postgres_killed_then_restarted_redis_still_reported() {
         "never healthy: {}",
         probe(admin, "/health").await.1
     );
-    let (_, body) = probe(admin, "/health").await;
+    let (_, body) = probe(admin, "/admin/health").await;
     assert_eq!(status_of(&body, "postgres"), "healthy", "{body}");
     assert_eq!(field(&body, "postgres", "role").as_deref(), Some("primary"));
     assert_eq!(
@@ -102,7 +102,7 @@ async fn health_postgres_killed_then_restarted_redis_still_reported() {
         "still 200 with Postgres killed: {}",
         probe(admin, "/health").await.1
     );
-    let (_, body) = probe(admin, "/health").await;
+    let (_, body) = probe(admin, "/admin/health").await;
     assert!(body.starts_with("{\"status\":\"unhealthy\""), "{body}");
     assert_eq!(status_of(&body, "postgres"), "unhealthy", "{body}");
     assert!(field(&body, "postgres", "error").is_some(), "{body}");
@@ -247,8 +247,10 @@ async fn health_postgres_frozen_times_out_and_health_answers_fast() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let error = field(&body, "postgres", "error").unwrap_or_default();
-    assert_eq!(error, "no answer within 700ms", "{body}");
+    // The cause, for the operator (the public /health never shows it).
+    let detail = probe(admin, "/admin/health").await.1;
+    let error = field(&detail, "postgres", "error").unwrap_or_default();
+    assert_eq!(error, "no answer within 700ms", "{detail}");
     let latency: f64 = field(&body, "postgres", "latency_ms")
         .and_then(|l| l.parse().ok())
         .unwrap_or(0.0);
@@ -375,9 +377,10 @@ async fn health_switchover_drill_follows_the_new_primary() {
     let old = format!("127.0.0.1:{}", primary.port);
     let new = format!("127.0.0.1:{}", replica.port);
     assert_eventually!(
-        field(&probe(admin, "/health").await.1, "postgres", "server").as_deref() == Some(&old),
+        field(&probe(admin, "/admin/health").await.1, "postgres", "server").as_deref()
+            == Some(&old),
         "not on the primary: {}",
-        probe(admin, "/health").await.1
+        probe(admin, "/admin/health").await.1
     );
 
     // The drill: promote the replica, then stop the old primary.
@@ -390,7 +393,7 @@ async fn health_switchover_drill_follows_the_new_primary() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut unhealthy_seen = false;
     let body = loop {
-        let (code, body) = probe(admin, "/health").await;
+        let (code, body) = probe(admin, "/admin/health").await;
         unhealthy_seen |= code == 503;
         if code == 200
             && field(&body, "postgres", "server").as_deref() == Some(&new)
@@ -603,11 +606,11 @@ async fn health_reload_keeps_verdicts_and_starts_with_dependencies_down() {
     let admin = px.admin_addr;
     // 503 comes at once ("not checked yet"); the probe's own error follows.
     assert_eventually!(
-        field(&probe(admin, "/health").await.1, "postgres", "error")
+        field(&probe(admin, "/admin/health").await.1, "postgres", "error")
             .unwrap_or_default()
             .contains("refused"),
         "dead Postgres not reported: {}",
-        probe(admin, "/health").await.1
+        probe(admin, "/admin/health").await.1
     );
     assert_eq!(probe(admin, "/health").await.0, 503);
     // Traffic is served all the same.
@@ -616,7 +619,7 @@ async fn health_reload_keeps_verdicts_and_starts_with_dependencies_down() {
     // A reload that changes the check keeps its verdict: no flap to "not checked yet".
     let report = px.apply(parse(&yaml("1h"))).await;
     assert!(report.is_ok(), "{report:?}");
-    let body = probe(admin, "/health").await.1;
+    let body = probe(admin, "/admin/health").await.1;
     assert_eq!(status_of(&body, "postgres"), "unhealthy", "{body}");
     assert!(!body.contains("not checked yet"), "{body}");
     assert!(px.shutdown().await);
@@ -773,9 +776,12 @@ async fn health_postgres_over_tls_verifies_the_certificate() {
     let admin = px.admin_addr;
     assert_eventually!(
         probe(admin, "/health").await.0 == 503
-            && probe(admin, "/health").await.1.contains("certificate"),
+            && probe(admin, "/admin/health")
+                .await
+                .1
+                .contains("certificate"),
         "an unknown CA was accepted: {}",
-        probe(admin, "/health").await.1
+        probe(admin, "/admin/health").await.1
     );
     assert!(px.shutdown().await);
 }

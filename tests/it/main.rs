@@ -2,6 +2,8 @@
 
 mod support;
 
+mod admin;
+mod bounds;
 mod cli;
 mod config;
 mod drain;

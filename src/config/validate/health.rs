@@ -9,7 +9,7 @@ use tokio_postgres::config::{Host, SslMode};
 
 use super::{Ctx, Field, MapReader, parse_path_prefix, parse_percent, small_count, upstream_tls};
 use crate::config::{
-    CheckConfig, DependenciesConfig, MemoryCheck, PgPoolConfig, PostgresDependency,
+    CheckConfig, DependenciesConfig, MemoryCheck, PgPoolConfig, PostgresDependency, Secret,
     UpstreamHealthCheck,
 };
 
@@ -94,7 +94,7 @@ fn postgres(ctx: &mut Ctx, f: Field) -> PostgresDependency {
     let mut m = MapReader::open(ctx, Some(f));
     let url = m
         .required(ctx, "url")
-        .and_then(|f| ctx.parse_with(&f, "a postgres:// URL", parse_postgres_url));
+        .and_then(|f| ctx.parse_secret(&f, "a postgres:// URL", parse_postgres_url));
     let pool = pg_pool(ctx, m.optional("pool"));
     let tls_ca_file = upstream_tls(ctx, m.optional("tls"));
     let mut warn = DEFAULT_WARN_SHARE;
@@ -116,7 +116,7 @@ fn postgres(ctx: &mut Ctx, f: Field) -> PostgresDependency {
     m.finish(ctx);
     PostgresDependency {
         // A stand-in when broken: the file is refused anyway.
-        url: url.unwrap_or_default(),
+        url: url.unwrap_or_else(|| Secret::new(String::new())),
         pool,
         check,
         warn_connections_above: warn,
@@ -274,8 +274,41 @@ fn parse_postgres_url(s: &str) -> Result<String, String> {
         );
     }
     let config = tokio_postgres::Config::from_str(&postgres_url_for_driver(s)).map_err(|e| {
-        format!("invalid Postgres URL ({e}); expected one like \"postgres://user@host:5432/db\"")
+        // The driver's message may quote a piece of the text (an "option" that is really the
+        // end of an unquoted password): only a known option's name is repeated.
+        let mut text = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            text.push_str(&c.to_string());
+            cause = c.source();
+        }
+        let detail = PG_OPTIONS
+            .iter()
+            .find(|o| text.contains(&format!("invalid value for option `{o}`")))
+            .map_or_else(
+                || {
+                    "it does not parse; not shown, as it may hold a password: quote values with \
+                     spaces (password='a b'), write @ as %40 in a URL"
+                        .to_owned()
+                },
+                |o| format!("invalid value for option `{o}`"),
+            );
+        format!(
+            "invalid Postgres URL ({detail}); expected one like \"postgres://user@host:5432/db\""
+        )
     })?;
+    // `postgres://app:p@ss@db/app`: the driver reads "ss@db" as the host, which would then
+    // be shown (and looked up) with part of the password in it.
+    if config
+        .get_hosts()
+        .iter()
+        .any(|h| matches!(h, Host::Tcp(name) if name.contains('@')))
+    {
+        return Err(
+            "a host name contains \"@\": in a URL, write an @ of the password as %40 (not shown)"
+                .into(),
+        );
+    }
     if config.get_ssl_mode() == SslMode::Require
         && config
             .get_hosts()
@@ -296,6 +329,24 @@ fn parse_postgres_url(s: &str) -> Result<String, String> {
     }
     Ok(s.to_owned())
 }
+
+/// The options tokio-postgres names in "invalid value for option" messages.
+const PG_OPTIONS: &[&str] = &[
+    "sslmode",
+    "sslnegotiation",
+    "hostaddr",
+    "host",
+    "port",
+    "connect_timeout",
+    "tcp_user_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_retries",
+    "target_session_attrs",
+    "channel_binding",
+    "load_balance_hosts",
+];
 
 /// What tokio-postgres reads: it knows `require` but not `verify-full`, which rampart's
 /// `require` already is (the certificate and the host name are always verified).
@@ -339,7 +390,10 @@ mod tests {
         .unwrap();
         let d = &c.dependencies;
         let pg = d.postgres.as_ref().unwrap();
-        assert_eq!(pg.url, "postgres://app:pw@10.0.0.1:5432,10.0.0.2/app");
+        assert_eq!(
+            pg.url.expose(),
+            "postgres://app:pw@10.0.0.1:5432,10.0.0.2/app"
+        );
         assert_eq!(pg.pool, pg_pool_defaults());
         assert_eq!(
             pg.check,
@@ -494,6 +548,32 @@ mod tests {
             "{e}"
         );
         assert!(parse_postgres_url("postgres:///db").is_err());
+    }
+
+    #[test]
+    fn postgres_url_problems_never_quote_the_password() {
+        // An unescaped @ in the password: the driver would take the rest as the host name,
+        // and print part of the password wherever hosts are shown.
+        let e = parse_postgres_url("postgres://app:zq@ss@db/app").unwrap_err();
+        assert!(
+            e.contains("%40") && !e.contains("zq") && !e.contains("ss@"),
+            "{e}"
+        );
+        // A space left unquoted makes the rest of the password an option name, which the
+        // driver's message would quote.
+        for bad in [
+            "host=db password=zqa zqb=c",
+            "host=db password=zqa zqb",
+            "host=db password='zqa",
+            "postgres://db/app?zqkey=1",
+        ] {
+            let e = parse_postgres_url(bad).unwrap_err();
+            assert!(!e.contains("zq"), "{bad}: {e}");
+            assert!(e.starts_with("invalid Postgres URL"), "{e}");
+        }
+        // What names only a fixed option stays helpful.
+        let e = parse_postgres_url("postgres://db/app?sslmode=bogus").unwrap_err();
+        assert!(e.contains("sslmode"), "{e}");
     }
 
     #[test]

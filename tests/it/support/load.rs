@@ -77,7 +77,9 @@ impl Http1Conn {
                 _ => return Attempt::Refused,
             }
         }
-        let mut req = format!("{method} {path} HTTP/1.1\r\nhost: test\r\n").into_bytes();
+        // The address as Host, as a client would write it (the admin listener without a
+        // token answers only hosts that name this machine).
+        let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {}\r\n", self.addr).into_bytes();
         if !body.is_empty() || method == "POST" {
             req.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
         }
@@ -281,8 +283,9 @@ pub async fn sse_with(addr: SocketAddr, path: &str, headers: &str) -> SseOutcome
         return out;
     };
     c.stream = Some(s);
-    let req =
-        format!("GET {path} HTTP/1.1\r\nhost: test\r\naccept: text/event-stream\r\n{headers}\r\n");
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\naccept: text/event-stream\r\n{headers}\r\n"
+    );
     if c.stream
         .as_mut()
         .unwrap()
