@@ -150,17 +150,25 @@ mod property {
             errors in int(1, 100_000),
             in_flight in int(1, 1_000_000),
             egress in any::<bool>(),
+            edge in (0usize..3, any::<bool>(), any::<bool>(), duration_to(Duration::from_secs(DAY))),
         ) -> (String, Duration) {
+            let (normalize, merge, keep_escaped, h2_idle) = edge;
             (format!(
                 "    max_connections: {max_connections}\n\
                  \x20   header_read_timeout: {}\n\
                  \x20   max_header_bytes: {max_header_bytes}\n\
                  \x20   max_headers: {max_headers}\n\
-                 \x20   http2: {{ max_concurrent_streams: {streams}, max_pending_accept_reset_streams: {resets}, max_local_error_reset_streams: {errors} }}\n\
+                 \x20   http2: {{ max_concurrent_streams: {streams}, max_pending_accept_reset_streams: {resets}, max_local_error_reset_streams: {errors}, idle_timeout: {} }}\n\
                  \x20   max_in_flight: {in_flight}\n\
-                 \x20   drain: {}\n",
+                 \x20   drain: {}\n\
+                 \x20   normalize_path: {}\n\
+                 \x20   merge_slashes: {merge}\n\
+                 \x20   escaped_slashes: {}\n",
                 d(header_read_timeout),
+                d(h2_idle),
                 if egress { "egress" } else { "inbound" },
+                ["match", "forward", "off"][normalize],
+                if keep_escaped { "keep" } else { "reject" },
             ), header_read_timeout)
         }
     }
@@ -172,19 +180,25 @@ mod property {
             idle in timeout(),
             total in prop::option::of(timeout()),
             max_body in bytes(1, 1 << 30),
+            body in (duration_to(Duration::from_secs(3600)), prop::option::of(int(1, 1 << 30)), any::<bool>()),
         ) -> (String, Duration) {
+            // A GET without a body meets neither body timer: they do not bound the answer.
+            let (body_timeout, min_rate, case_insensitive) = body;
             let shortest = [Some(connect), Some(first_byte), Some(idle), total]
                 .into_iter()
                 .flatten()
                 .min()
                 .unwrap_or_default();
             (format!(
-                "        timeouts: {{ connect: {}, first_byte: {}, idle: {}, total: {} }}\n\
-                 \x20       max_body: {max_body}\n",
+                "        timeouts: {{ connect: {}, first_byte: {}, idle: {}, total: {}, body: {}, min_body_rate: {} }}\n\
+                 \x20       max_body: {max_body}\n\
+                 \x20       match: {{ path_prefix: /, case_insensitive: {case_insensitive} }}\n",
                 d(connect),
                 d(first_byte),
                 d(idle),
                 total.map_or("off".to_owned(), d),
+                d(body_timeout),
+                min_rate.map_or("off".to_owned(), |r| format!("{r}B/s")),
             ), shortest)
         }
     }
@@ -200,6 +214,7 @@ mod property {
             retry in (int(1, 10), duration_to(MINUTE), duration_to(MINUTE), 0.0f64..=1.0, int(0, 1_000_000), bytes(0, 64 << 20)),
             in_flight in int(1, 1_000_000),
             check in (duration(), duration(), int(1, 1_000_000), int(1, 1_000_000), any::<bool>()),
+            hyper in any::<bool>(),
         ) -> (String, Duration) {
             let (failures, open_for, max_open_for, successes, probes, threshold, window, min_calls, count) = breaker;
             let (consecutive, base, max) = ejection;
@@ -213,10 +228,12 @@ mod property {
                  \x20   ejection: {{ consecutive_failures: {consecutive}, base_ejection: {}, max_ejection: {} }}\n\
                  \x20   retry: {{ attempts: {attempts}, backoff: {{ base: {}, max: {} }}, on: [connect_error, reset, 503], budget: {{ ratio: {ratio}, min_per_s: {min_per_s} }}, max_body: {retry_body} }}\n\
                  \x20   max_in_flight: {in_flight}\n\
+                 \x20   client: {}\n\
                  \x20   health_check: {{ path: /ok, interval: {}, timeout: {}, unhealthy_after: {unhealthy}, healthy_after: {healthy}, critical: {critical} }}\n",
                 d(connect), d(idle),
                 if least { "least_outstanding" } else { "round_robin" },
                 d(open_for), d(max_open_for), d(window), d(base), d(max), d(backoff_base), d(backoff_max),
+                if hyper { "hyper" } else { "rampart" },
                 d(interval), d(check_timeout),
             ), connect)
         }
