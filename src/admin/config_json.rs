@@ -10,9 +10,9 @@ use serde_json::{Value, json};
 use tokio_postgres::config::{Host, SslMode, TargetSessionAttrs};
 
 use crate::config::{
-    CheckConfig, Config, DrainMode, KeySource, LoadBalancing, LogFormat, REDACTED, RateLimitStore,
-    RedisTarget, RetryOn, Secret, UpstreamClient, postgres_url_for_driver, redis_url_shown,
-    sink_url_shown,
+    CheckConfig, Config, DrainMode, EscapedSlashes, KeySource, LoadBalancing, LogFormat,
+    NormalizePath, REDACTED, RateLimitStore, RedisTarget, RetryOn, Secret, UpstreamClient,
+    postgres_url_for_driver, redis_url_shown, sink_url_shown,
 };
 
 fn d(x: Duration) -> String {
@@ -88,6 +88,7 @@ pub fn to_json(c: &Config) -> Value {
                             "path_prefix": r.path_prefix,
                             "host": r.host,
                             "methods": r.methods.as_ref().map(|m| m.iter().map(|m| m.as_str().to_owned()).collect::<Vec<_>>()),
+                            "case_insensitive": r.case_insensitive,
                         },
                         "upstream": r.upstream,
                         "timeouts": {
@@ -118,6 +119,17 @@ pub fn to_json(c: &Config) -> Value {
                 },
                 "max_in_flight": l.max_in_flight,
                 "drain": match l.drain { DrainMode::Inbound => "inbound", DrainMode::Egress => "egress" },
+                "health_path": l.health_path,
+                "normalize_path": match l.path.normalize {
+                    NormalizePath::Off => "off",
+                    NormalizePath::Match => "match",
+                    NormalizePath::Forward => "forward",
+                },
+                "merge_slashes": l.path.merge_slashes,
+                "escaped_slashes": match l.path.escaped_slashes {
+                    EscapedSlashes::Reject => "reject",
+                    EscapedSlashes::Keep => "keep",
+                },
                 "routes": routes,
             })
         })
@@ -408,6 +420,31 @@ alerts:
         }
         assert!(text.contains("hooks.example.com"), "{text}");
         assert!(text.contains("\"HighErrorRate\""), "{text}");
+    }
+
+    #[test]
+    fn path_keys_are_shown() {
+        let yaml = r#"
+listeners:
+  - name: main
+    listen: "127.0.0.1:0"
+    normalize_path: forward
+    merge_slashes: false
+    escaped_slashes: keep
+    health_path: /healthz
+    routes:
+      - { upstream: up, match: { path_prefix: /api, case_insensitive: true } }
+upstreams:
+  up: { endpoints: ["http://127.0.0.1:1"] }
+"#;
+        let c = crate::config::parse_str(yaml, "t.yaml", &|_| None).unwrap();
+        let v = to_json(&c);
+        let l = &v["listeners"][0];
+        assert_eq!(l["normalize_path"], "forward");
+        assert_eq!(l["merge_slashes"], false);
+        assert_eq!(l["escaped_slashes"], "keep");
+        assert_eq!(l["health_path"], "/healthz");
+        assert_eq!(l["routes"][0]["match"]["case_insensitive"], true);
     }
 
     #[test]
