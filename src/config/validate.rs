@@ -6,6 +6,7 @@
 //! such function and one line in [`decode`].
 
 mod health;
+mod upgrades;
 
 pub use health::postgres_url_for_driver;
 
@@ -598,6 +599,14 @@ fn route<'a>(
                 ctx.policy_refs(f, &known.policies)
             })
             .unwrap_or_default(),
+        upgrades: m
+            .read(ctx, "upgrades", upgrades::upgrades)
+            .unwrap_or_else(|| {
+                upgrades::DEFAULT_UPGRADES
+                    .iter()
+                    .map(|p| (*p).to_owned())
+                    .collect()
+            }),
     };
     m.finish(ctx);
     (config, name_field.unwrap_or(whole))
@@ -2250,6 +2259,7 @@ mod tests {
                     },
                     max_body_bytes: 10 * 1024 * 1024,
                     rate_limits: vec![],
+                    upgrades: vec!["websocket".into()],
                 }],
             }],
             upstreams: BTreeMap::from([(
@@ -2402,6 +2412,7 @@ mod tests {
                         },
                         rate_limits: vec![],
                         max_body_bytes: 2_000_000,
+                        upgrades: vec!["websocket".into()],
                     },
                     RouteConfig {
                         name: "inbound.1".into(),
@@ -2421,6 +2432,7 @@ mod tests {
                         },
                         rate_limits: vec![],
                         max_body_bytes: 1_048_576,
+                        upgrades: vec!["websocket".into()],
                     },
                 ],
             }],

@@ -60,13 +60,13 @@ upstreams:
 
 /// A legitimate client alongside an attack: one request after another, each on a fresh
 /// connection (so no keep-alive race can count against it), counting answers.
-struct Legit {
+pub(crate) struct Legit {
     stop: Arc<AtomicBool>,
     task: JoinHandle<(usize, Vec<String>)>,
 }
 
 impl Legit {
-    fn start(addr: SocketAddr) -> Legit {
+    pub(crate) fn start(addr: SocketAddr) -> Legit {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let task = tokio::spawn(async move {
@@ -88,7 +88,7 @@ impl Legit {
     }
 
     /// Stops and asserts 100 % success over at least `min_ok` requests.
-    async fn check(self, min_ok: usize) {
+    pub(crate) async fn check(self, min_ok: usize) {
         self.stop.store(true, Ordering::SeqCst);
         let (ok, failures) = self.task.await.unwrap();
         assert!(
@@ -121,7 +121,7 @@ async fn legit_request(addr: SocketAddr) -> Result<(), String> {
 }
 
 /// Waits (at most `limit`) until the peer closes: Ok(elapsed since `since`) or Err on timeout.
-async fn closed_within(
+pub(crate) async fn closed_within(
     s: &mut TcpStream,
     since: Instant,
     limit: Duration,
@@ -140,7 +140,7 @@ async fn closed_within(
         .map_err(|_| format!("still open after {limit:?}"))
 }
 
-fn assert_around(what: &str, took: Duration, expected: Duration) {
+pub(crate) fn assert_around(what: &str, took: Duration, expected: Duration) {
     let (lo, hi) = (
         expected.saturating_sub(Duration::from_secs(1)),
         expected + Duration::from_secs(1),
