@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -82,7 +83,13 @@ pub async fn handle(
         };
         match begin(&env, listener, req, &mut tail) {
             Ok(Step::Send(mut send)) => send.run(&env, &mut tail).await,
-            Ok(step) => Box::pin(slow(&env, step, &mut tail)).await,
+            Ok(step) => {
+                // Behind a vtable as well as boxed: its code stays out of the poll function
+                // every request runs (the compiler would otherwise inline it there).
+                let slow: Pin<Box<dyn Future<Output = _> + std::marker::Send + '_>> =
+                    Box::pin(slow(&env, step, &mut tail));
+                slow.await
+            }
             Err(e) => Err(e),
         }
     } else {

@@ -56,7 +56,10 @@ pub struct ClientUpgrade {
 /// Called only for requests with an `Upgrade` header. Narrows the request's upgrade to the
 /// `allowed` protocols (see `headers::narrow_upgrade`): Some when one is left (the request is
 /// then forwarded as a handshake), None when the request is to be served plainly. Either way
-/// the request no longer carries its connection's `Handover`.
+/// the request no longer carries its connection's `Handover`. Kept out of line: it is off
+/// the plain request's path, into which the pipeline's steps are inlined.
+#[cold]
+#[inline(never)]
 pub fn offer(req: &mut Request<Incoming>, allowed: &[String]) -> Option<Box<ClientUpgrade>> {
     let handover = req.extensions_mut().remove::<Handover>();
     let offered = headers::narrow_upgrade(req.headers_mut(), allowed)?;
