@@ -2,7 +2,8 @@
 //! (HTTP/1 with a tiny receive window, HTTP/2 with a zero window), idle HTTP/2 connections
 //! that answer PINGs, HTTP/2 that goes silent after the preface. Each one is closed at its
 //! timeout (+-1 s) while a legitimate client alongside keeps getting 200s, and none of them
-//! is ever held against the upstream (breaker, ejection).
+//! is ever held against the upstream (breaker, ejection). Idle tunnels (WebSocket, after a
+//! 101) are in `tunnels.rs`, which shares `Legit` and the timing helpers from here.
 //!
 //! Timeouts are 2-3 s so the suite stays fast; one test runs the same attack against the
 //! defaults for just past the default first-byte timeout.

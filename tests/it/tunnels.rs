@@ -333,6 +333,29 @@ async fn a_protocol_the_route_does_not_allow_is_removed_and_served_plainly() {
     px.shutdown().await;
 }
 
+/// `upgrades` takes effect through a reload, for the next handshake; tunnels already open
+/// keep running.
+#[tokio::test]
+async fn a_reload_changes_which_upgrades_go_on_and_open_tunnels_keep_running() {
+    let up = Scripted::start(None).await;
+    let px = start(&config(&up, "", "")).await;
+    let addr = px.addr("main").unwrap();
+    let (mut before, head) = open(addr, "").await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    let report = px
+        .apply(parse(&config(&up, "        upgrades: []", "")))
+        .await;
+    assert!(report.is_ok(), "{report:?}");
+    let addr = px.addr("main").unwrap_or(addr);
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let (head, body) = request(&mut s, "/ws", WS).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(body, "plain");
+    round_trip(&mut before, b"after the reload").await.unwrap();
+    drop(before);
+    px.shutdown().await;
+}
+
 #[tokio::test]
 async fn upgrades_are_checked_by_rampart_check() {
     let text = |upgrades: &str| {
