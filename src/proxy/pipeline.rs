@@ -585,8 +585,22 @@ async fn upgrade(
         };
         return Ok(upgrade::tunnel(resp, client_upgrade, t));
     }
-    upstream.state.endpoint_result(&endpoint.state, true, cfg);
-    // The upstream declined the upgrade: an ordinary answer.
+    // The upstream declined the upgrade: an ordinary answer, judged as the retry loop
+    // judges one (the body's end reports anything else to the breaker).
+    let status = resp.status().as_u16();
+    let failed = matches!(status, 502..=504) || (status == 500 && cfg.circuit_breaker.count_500);
+    let backoff_signal =
+        matches!(status, 429 | 503) && resp.headers().contains_key(header::RETRY_AFTER);
+    upstream
+        .state
+        .endpoint_result(&endpoint.state, !failed, cfg);
+    if let Some(t) = tail.ticket.as_mut() {
+        if backoff_signal && !cfg.circuit_breaker.count_backoff {
+            t.report(Outcome::Ignored);
+        } else if failed {
+            t.report(Outcome::Failure);
+        }
+    }
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, false);
     let body = TimedBody::new(body, route.timeouts.idle, timers.deadline, None);

@@ -238,7 +238,7 @@ where
             last = Instant::now();
         }
         // Bounded: each turn returns or moves the timer to a time not yet passed.
-        for _ in 0..2 {
+        for _ in 0..4 {
             if timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
@@ -248,6 +248,8 @@ where
             }
             timer.as_mut().reset(at);
         }
+        // The clock is jumping: look again at the next wake-up.
+        cx.waker().wake_by_ref();
         Poll::Pending
     })
     .await
