@@ -101,6 +101,7 @@ pub fn to_json(c: &Config) -> Value {
                         },
                         "max_body": r.max_body_bytes,
                         "rate_limits": r.rate_limits,
+                        "upgrades": r.upgrades,
                     })
                 })
                 .collect();
@@ -468,5 +469,24 @@ upstreams:
         assert_eq!(l["routes"][0]["timeouts"]["min_body_rate"], "1024B/s");
         assert_eq!(l["routes"][1]["timeouts"]["body"], "1m");
         assert_eq!(l["routes"][1]["timeouts"]["min_body_rate"], "off");
+    }
+
+    #[test]
+    fn upgrades_are_shown() {
+        let yaml = r#"
+listeners:
+  - name: main
+    listen: "127.0.0.1:0"
+    routes:
+      - { upstream: up }
+      - { upstream: up, upgrades: [] }
+upstreams:
+  up: { endpoints: ["http://127.0.0.1:1"] }
+"#;
+        let c = crate::config::parse_str(yaml, "t.yaml", &|_| None).unwrap();
+        let v = to_json(&c);
+        let routes = &v["listeners"][0]["routes"];
+        assert_eq!(routes[0]["upgrades"], json!(["websocket"]));
+        assert_eq!(routes[1]["upgrades"], json!([]));
     }
 }

@@ -584,6 +584,10 @@ pub struct RouteConfig {
     pub max_body_bytes: u64,
     /// Names of `rate_limits` policies; every one must allow the request.
     pub rate_limits: Vec<String>,
+    /// Protocols tunnelled after a 101 (`Upgrade` tokens, lowercased; never h2c). Default
+    /// `[websocket]`; empty: no upgrades on this route. Any other upgrade is removed and the
+    /// request served as plain HTTP/1.1.
+    pub upgrades: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

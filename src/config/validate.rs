@@ -6,6 +6,7 @@
 //! such function and one line in [`decode`].
 
 mod health;
+mod upgrades;
 
 pub use health::postgres_url_for_driver;
 
@@ -761,6 +762,14 @@ fn route<'a>(
                 ctx.policy_refs(f, &known.policies)
             })
             .unwrap_or_default(),
+        upgrades: m
+            .read(ctx, "upgrades", upgrades::upgrades)
+            .unwrap_or_else(|| {
+                upgrades::DEFAULT_UPGRADES
+                    .iter()
+                    .map(|p| (*p).to_owned())
+                    .collect()
+            }),
     };
     m.finish(ctx);
     (config, name_field.unwrap_or(whole))
@@ -2512,6 +2521,7 @@ mod tests {
                     },
                     max_body_bytes: 10 * 1024 * 1024,
                     rate_limits: vec![],
+                    upgrades: vec!["websocket".into()],
                 }],
             }],
             upstreams: BTreeMap::from([(
@@ -2666,6 +2676,7 @@ mod tests {
                         },
                         rate_limits: vec![],
                         max_body_bytes: 2_000_000,
+                        upgrades: vec!["websocket".into()],
                     },
                     RouteConfig {
                         name: "inbound.1".into(),
@@ -2685,6 +2696,7 @@ mod tests {
                         },
                         rate_limits: vec![],
                         max_body_bytes: 1_048_576,
+                        upgrades: vec!["websocket".into()],
                     },
                 ],
             }],

@@ -84,6 +84,20 @@ struct StreamLabels {
     route: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TunnelLabels {
+    listener: String,
+    route: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TunnelBytesLabels {
+    listener: String,
+    route: String,
+    direction: &'static str,
+}
+
 type HistogramFamily = Family<RouteLabels, DurationHistogram, fn() -> DurationHistogram>;
 
 /// The families; cloning shares them.
@@ -103,6 +117,9 @@ pub struct HttpMetrics {
     live: Arc<Live>,
     draining: Gauge,
     worker_connections: Family<WorkerLabels, Counter>,
+    tunnels_active: Family<StreamLabels, Gauge>,
+    tunnels: Family<TunnelLabels, Counter>,
+    tunnel_bytes: Family<TunnelBytesLabels, Counter>,
 }
 
 impl HttpMetrics {
@@ -120,6 +137,9 @@ impl HttpMetrics {
             live: Arc::new(Live::default()),
             draining: Gauge::default(),
             worker_connections: Family::default(),
+            tunnels_active: Family::default(),
+            tunnels: Family::default(),
+            tunnel_bytes: Family::default(),
         };
         // Counters without `_total`: the encoder adds it (and panics in debug builds if the
         // name already has it).
@@ -172,6 +192,21 @@ impl HttpMetrics {
             "worker_connections",
             "Connections accepted, by listener and worker thread (how evenly the kernel spreads them)",
             m.worker_connections.clone(),
+        );
+        registry.register(
+            "tunnels_active",
+            "Upgraded connections (WebSocket tunnels) open now, by listener and route",
+            m.tunnels_active.clone(),
+        );
+        registry.register(
+            "tunnels",
+            "Tunnels closed, by how they ended: client_closed, upstream_closed, idle_timeout, drained, client_aborted, upstream_reset",
+            m.tunnels.clone(),
+        );
+        registry.register(
+            "tunnel_bytes",
+            "Bytes carried through tunnels, by direction: from_client, from_upstream",
+            m.tunnel_bytes.clone(),
         );
         registry.register_collector(Box::new(m.live.clone()));
         m
@@ -276,6 +311,14 @@ struct RouteCells {
     requests: [[OnceLock<ShardedCounter>; 5]; 8],
     /// Only routes that ever stream get these series.
     streams: OnceLock<StreamHandles>,
+    /// Only routes that ever tunnel get these series.
+    tunnels: OnceLock<TunnelHandles>,
+}
+
+struct TunnelHandles {
+    active: Gauge,
+    from_client: Counter,
+    from_upstream: Counter,
 }
 
 struct StreamHandles {
@@ -316,6 +359,42 @@ impl RouteMetrics {
                     .clone(),
             }
         })
+    }
+
+    /// A tunnel opened: counted as active until the handle is dropped, its bytes counted as
+    /// they pass (see [`TunnelMetrics`]).
+    pub fn tunnel_opened(&self) -> TunnelMetrics {
+        let h = self.cells.tunnels.get_or_init(|| {
+            let f = &self.families;
+            let bytes = |direction| {
+                f.tunnel_bytes
+                    .get_or_create(&TunnelBytesLabels {
+                        listener: self.labels.listener.clone(),
+                        route: self.labels.route.clone(),
+                        direction,
+                    })
+                    .clone()
+            };
+            TunnelHandles {
+                active: f
+                    .tunnels_active
+                    .get_or_create(&StreamLabels {
+                        listener: self.labels.listener.clone(),
+                        route: self.labels.route.clone(),
+                    })
+                    .clone(),
+                from_client: bytes("from_client"),
+                from_upstream: bytes("from_upstream"),
+            }
+        });
+        h.active.inc();
+        TunnelMetrics {
+            active: h.active.clone(),
+            from_client: h.from_client.clone(),
+            from_upstream: h.from_upstream.clone(),
+            tunnels: self.families.tunnels.clone(),
+            labels: self.labels.clone(),
+        }
     }
 
     /// An event stream started after `ttfb`: counted as active until [`Self::stream_ended`].
@@ -378,6 +457,36 @@ impl RouteMetrics {
             }
         }
         (requests, errors, self.duration.snapshot())
+    }
+}
+
+/// One open tunnel's handles: active until dropped.
+pub struct TunnelMetrics {
+    active: Gauge,
+    /// Bytes read from the client (and written to the upstream).
+    pub from_client: Counter,
+    /// Bytes read from the upstream (and written to the client).
+    pub from_upstream: Counter,
+    tunnels: Family<TunnelLabels, Counter>,
+    labels: Arc<RouteLabels>,
+}
+
+impl TunnelMetrics {
+    /// The tunnel closed; `outcome` is one of the words listed in the family's help.
+    pub fn ended(self, outcome: &'static str) {
+        self.tunnels
+            .get_or_create(&TunnelLabels {
+                listener: self.labels.listener.clone(),
+                route: self.labels.route.clone(),
+                outcome,
+            })
+            .inc();
+    }
+}
+
+impl Drop for TunnelMetrics {
+    fn drop(&mut self) {
+        self.active.dec();
     }
 }
 
@@ -521,6 +630,38 @@ mod tests {
         );
         let (requests, errors, hist) = r.totals();
         assert_eq!((requests, errors, hist.count()), (2, 1, 2));
+    }
+
+    #[test]
+    fn tunnels_are_counted_open_and_by_how_they_ended() {
+        let mut reg = Registry::with_prefix("rampart");
+        let m = HttpMetrics::register(&mut reg);
+        let r = m.route("main", "ws", "backend", None);
+        let reg = Arc::new(reg);
+        let text = super::super::encode_registry(&reg);
+        assert!(!text.contains("rampart_tunnels_active{"), "{text}");
+        let a = r.tunnel_opened();
+        let b = r.tunnel_opened();
+        a.from_client.inc_by(10);
+        b.from_upstream.inc_by(7);
+        let text = super::super::encode_registry(&reg);
+        let labels = "listener=\"main\",route=\"ws\"";
+        assert!(
+            text.contains(&format!("rampart_tunnels_active{{{labels}}} 2")),
+            "{text}"
+        );
+        a.ended("client_closed");
+        b.ended("idle_timeout");
+        let text = super::super::encode_registry(&reg);
+        for line in [
+            format!("rampart_tunnels_active{{{labels}}} 0"),
+            format!("rampart_tunnels_total{{{labels},outcome=\"client_closed\"}} 1"),
+            format!("rampart_tunnels_total{{{labels},outcome=\"idle_timeout\"}} 1"),
+            format!("rampart_tunnel_bytes_total{{{labels},direction=\"from_client\"}} 10"),
+            format!("rampart_tunnel_bytes_total{{{labels},direction=\"from_upstream\"}} 7"),
+        ] {
+            assert!(text.contains(&line), "{line} missing: {text}");
+        }
     }
 
     #[test]

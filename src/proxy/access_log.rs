@@ -1,5 +1,7 @@
 //! One access-log line per request, written when the response body is dropped, so duration,
-//! bytes and the outcome cover the whole stream, not just the headers.
+//! bytes and the outcome cover the whole stream, not just the headers. A tunnel's line (status
+//! 101) is written when the tunnel closes: its bytes are those carried each way, its outcome
+//! how it ended (`proxy::upgrade`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +27,10 @@ pub enum Outcome {
     /// The client took no data for the send timeout (the route's `idle`): rampart ended the
     /// stream and released the upstream connection.
     SendTimeout,
+    /// A tunnel (after a 101) the client closed first.
+    ClientClosed,
+    /// A tunnel the upstream closed first.
+    UpstreamClosed,
     /// Answered by rampart itself with this error code.
     Local(&'static str),
 }
@@ -40,6 +46,8 @@ impl Outcome {
             Outcome::TotalTimeout => "total_timeout",
             Outcome::Drained => "drained",
             Outcome::SendTimeout => "send_timeout",
+            Outcome::ClientClosed => "client_closed",
+            Outcome::UpstreamClosed => "upstream_closed",
             Outcome::Local(code) => code,
         }
     }

@@ -350,27 +350,53 @@ pub async fn within_first_byte<F: Future>(
     .await
 }
 
-/// An Upgrade handshake: always a fresh connection, which the upgrade then owns.
+/// An Upgrade handshake: always a fresh connection, which the upgrade then owns. The
+/// connect has the connect timeout, the handshake the first-byte timer (from the request's
+/// last byte, as any request's), both capped by the route's total deadline. The error says,
+/// as `send`'s does, whether the upstream is to blame.
 pub async fn send_upgrade(
     upstream: &str,
     endpoint: &Endpoint,
-    req: Request<RequestBody>,
+    mut req: Request<RequestBody>,
     timers: &Timers,
-) -> Result<Response<hyper::body::Incoming>, ProxyError> {
-    let attempt = async {
-        pool::exchange_upgrade(&endpoint.pool, timers.connect, req)
-            .await
-            .map_err(|e| match e {
-                UpgradeError::Connect(e) => connect_error(upstream, e),
-                UpgradeError::Exchange(e) => classify_upgrade(&e, upstream),
-            })
+) -> Result<Response<hyper::body::Incoming>, Box<SendError>> {
+    let failed = |error, failure| {
+        Box::new(SendError {
+            error,
+            failure,
+            by_deadline: false,
+        })
     };
-    match tokio::time::timeout(timers.first_byte, attempt).await {
-        Ok(r) => r,
-        Err(_) => Err(ProxyError::UpstreamTimeout {
+    let timed_out = |phase, failure| {
+        let error = ProxyError::UpstreamTimeout {
             upstream: upstream.to_string(),
-            phase: TimeoutPhase::FirstByte,
-        }),
+            phase,
+        };
+        failed(error, Some(failure))
+    };
+    let io = match until(timers.deadline, endpoint.pool.connect_timed(timers.connect)).await {
+        Some(Ok(io)) => io,
+        Some(Err(e)) => {
+            let failure = match e {
+                ConnectError::Timeout => Failure::ConnectTimeout,
+                _ => Failure::Connect,
+            };
+            return Err(failed(connect_error(upstream, e), Some(failure)));
+        }
+        None => return Err(timed_out(TimeoutPhase::Total, Failure::ConnectTimeout)),
+    };
+    let upload = req.body_mut().upload();
+    let exchange = pool::exchange_upgrade(io, req);
+    match within_first_byte(exchange, upload.as_deref(), timers).await {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(UpgradeError::Connect(e))) => {
+            Err(failed(connect_error(upstream, e), Some(Failure::Connect)))
+        }
+        Ok(Err(UpgradeError::Exchange(e))) => {
+            let (error, blame) = classify_upgrade(&e, upstream);
+            Err(failed(error, blame.then_some(Failure::Reset)))
+        }
+        Err(phase) => Err(timed_out(phase, Failure::FirstByteTimeout)),
     }
 }
 
@@ -418,18 +444,19 @@ fn body_error(b: &BodyError) -> ProxyError {
 
 /// The same for hyper's errors on the upgrade path, where our request body errors come back
 /// wrapped inside hyper's error: look through the source chain first.
-fn classify_upgrade(err: &hyper::Error, upstream: &str) -> ProxyError {
+fn classify_upgrade(err: &hyper::Error, upstream: &str) -> (ProxyError, bool) {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = source {
         if let Some(b) = e.downcast_ref::<BodyError>() {
-            return body_error(b);
+            return (body_error(b), false);
         }
         source = e.source();
     }
-    ProxyError::UpstreamUnavailable {
+    let error = ProxyError::UpstreamUnavailable {
         upstream: upstream.to_string(),
         detail: format!("connection failed: {}", root_cause(err)),
-    }
+    };
+    (error, true)
 }
 
 fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {

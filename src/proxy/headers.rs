@@ -90,6 +90,71 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
         })
 }
 
+/// Only meaningful with an h2c upgrade, which is never forwarded (RFC 9113 removed it).
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+
+/// An HTTP/1.1 request that asks for an upgrade, narrowed to the protocols `allowed`
+/// (lowercase `Upgrade` tokens, as in the route's `upgrades`): its `Upgrade` rewritten to
+/// those it lists, in its order, and returned. None when it lists none of them (or does not
+/// ask): the request is then served plainly, its `Upgrade` and `Connection` going with the
+/// other hop-by-hop headers. h2c is never allowed, whatever the list says.
+pub fn narrow_upgrade(headers: &mut HeaderMap, allowed: &[String]) -> Option<HeaderValue> {
+    headers.remove(&HTTP2_SETTINGS);
+    if !wants_upgrade(headers) {
+        return None;
+    }
+    let mut kept = String::new();
+    for value in headers.get_all(header::UPGRADE) {
+        for token in tokens(value) {
+            let name = token.split('/').next().unwrap_or(token);
+            let ok = !name.eq_ignore_ascii_case("h2c")
+                && allowed.iter().any(|a| {
+                    // `websocket` allows any version of it; `foo/2` only that one.
+                    a.eq_ignore_ascii_case(token)
+                        || (!a.contains('/') && a.eq_ignore_ascii_case(name))
+                });
+            if ok {
+                if !kept.is_empty() {
+                    kept.push_str(", ");
+                }
+                kept.push_str(token);
+            }
+        }
+    }
+    let value = HeaderValue::from_str(&kept)
+        .ok()
+        .filter(|_| !kept.is_empty())?;
+    headers.insert(header::UPGRADE, value.clone());
+    Some(value)
+}
+
+/// Whether a 101's `Upgrade` switches to protocols the request offered, and names at least
+/// one (RFC 9110 7.8: a server switches only to protocols the client listed). Tokens compare
+/// without regard to case.
+pub fn switches_to_offered(response: &HeaderMap, offered: &HeaderValue) -> bool {
+    let mut any = false;
+    for value in response.get_all(header::UPGRADE) {
+        for token in tokens(value) {
+            if !tokens(offered).any(|o| o.eq_ignore_ascii_case(token)) {
+                return false;
+            }
+            any = true;
+        }
+    }
+    any
+}
+
+/// The comma-separated elements of a header value, trimmed, empty ones skipped (RFC 9110
+/// 5.6.1); nothing for a value that is not text.
+fn tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
+    value
+        .to_str()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
 /// Shared with the HTTP/1 path, where hyper hides the Content-Length (server::h1_guard).
 pub const CL_AND_TE: &str = "request has both Content-Length and Transfer-Encoding";
 
@@ -184,9 +249,9 @@ impl Head {
         check_framing(headers)
     }
 
-    /// `wants_upgrade`, skipped without an `Upgrade` header.
-    pub fn wants_upgrade(&self, headers: &HeaderMap) -> bool {
-        self.upgrade && wants_upgrade(headers)
+    /// The request has an `Upgrade` header (an upgrade to allow, narrow or strip).
+    pub fn has_upgrade(&self) -> bool {
+        self.upgrade
     }
 
     /// What must hold of every request before it is routed, beyond what hyper and h2
@@ -635,6 +700,72 @@ mod tests {
     }
 
     #[test]
+    fn upgrades_are_narrowed_to_what_the_route_allows() {
+        let allowed = ["websocket".to_string(), "foo/2".to_string()];
+        let narrow = |pairs: &[(&str, &str)]| {
+            let mut h = map(pairs);
+            let v = narrow_upgrade(&mut h, &allowed);
+            (v.map(|v| v.to_str().unwrap().to_owned()), h)
+        };
+        let (v, h) = narrow(&[("connection", "Upgrade"), ("upgrade", "WebSocket")]);
+        assert_eq!(v.as_deref(), Some("WebSocket"));
+        assert_eq!(h["upgrade"], "WebSocket");
+        let (v, _) = narrow(&[
+            ("connection", "upgrade"),
+            ("upgrade", "h2c, foo/1, foo/2"),
+            ("upgrade", "websocket/13"),
+        ]);
+        assert_eq!(v.as_deref(), Some("foo/2, websocket/13"));
+        // Never h2c, and its settings go whatever happens.
+        let (v, h) = narrow(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+        ]);
+        assert_eq!(v, None);
+        assert!(!h.contains_key("http2-settings"));
+        assert!(
+            narrow_upgrade(
+                &mut map(&[("connection", "upgrade"), ("upgrade", "h2c")]),
+                &["h2c".into()]
+            )
+            .is_none()
+        );
+        // Without `Connection: upgrade` it is no upgrade request.
+        assert_eq!(narrow(&[("upgrade", "websocket")]).0, None);
+        assert_eq!(
+            narrow(&[("connection", "upgrade"), ("upgrade", "gopher")]).0,
+            None
+        );
+        assert_eq!(
+            narrow(&[("connection", "upgrade"), ("upgrade", " , ")]).0,
+            None
+        );
+        let mut none = map(&[("connection", "upgrade"), ("upgrade", "websocket")]);
+        assert_eq!(narrow_upgrade(&mut none, &[]), None);
+    }
+
+    #[test]
+    fn a_101_must_switch_to_what_was_offered() {
+        let offered = HeaderValue::from_static("foo/2, websocket");
+        let ok = |v: &[&str]| {
+            let pairs: Vec<(&str, &str)> = v.iter().map(|v| ("upgrade", *v)).collect();
+            switches_to_offered(&map(&pairs), &offered)
+        };
+        assert!(ok(&["websocket"]));
+        assert!(ok(&["WebSocket"]));
+        assert!(ok(&["FOO/2"]));
+        assert!(ok(&["foo/2, websocket"]));
+        assert!(!ok(&[]));
+        assert!(!ok(&[""]));
+        assert!(!ok(&["h2c"]));
+        assert!(!ok(&["websocket, h2c"]));
+        assert!(!ok(&["websocket", "h2c"]));
+        assert!(!ok(&["foo"]));
+        assert!(!ok(&["foo/3"]));
+    }
+
+    #[test]
     fn framing_checks() {
         assert_eq!(check_framing(&map(&[("content-length", "5")])), Ok(Some(5)));
         assert_eq!(
@@ -689,7 +820,7 @@ mod tests {
             let (head, head_id) = Head::scan(&h);
             assert_eq!(head.host.as_ref(), h.get("host"));
             assert_eq!(head.check_framing(&h), check_framing(&h));
-            assert_eq!(head.wants_upgrade(&h), wants_upgrade(&h));
+            assert_eq!(head.has_upgrade() && wants_upgrade(&h), wants_upgrade(&h));
             let id = request_id(&h);
             if id.len() == 32 {
                 assert_eq!(head_id.len(), 32);

@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -15,7 +16,6 @@ use http_body_util::BodyExt;
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
 use tokio::time::Instant;
 
 use crate::breaker::{Admit, Outcome};
@@ -28,7 +28,8 @@ use crate::proxy::headers::{self, X_REQUEST_ID};
 use crate::proxy::resilience::{BreakerTicket, InFlight, UpstreamMetrics};
 use crate::proxy::route::Route;
 use crate::proxy::tail::{Observed, Tail};
-use crate::proxy::{ListenerCtx, ListenerRoutes, Snapshot, route, upgrade};
+use crate::proxy::upgrade::{self, ClientUpgrade};
+use crate::proxy::{ListenerCtx, ListenerRoutes, Snapshot, route};
 use crate::ratelimit;
 use crate::retry::{self, Failure};
 use crate::server::ConnClosing;
@@ -82,7 +83,13 @@ pub async fn handle(
         };
         match begin(&env, listener, req, &mut tail) {
             Ok(Step::Send(mut send)) => send.run(&env, &mut tail).await,
-            Ok(step) => Box::pin(slow(&env, step, &mut tail)).await,
+            Ok(step) => {
+                // Behind a vtable as well as boxed: its code stays out of the poll function
+                // every request runs (the compiler would otherwise inline it there).
+                let slow: Pin<Box<dyn Future<Output = _> + std::marker::Send + '_>> =
+                    Box::pin(slow(&env, step, &mut tail));
+                slow.await
+            }
             Err(e) => Err(e),
         }
     } else {
@@ -152,16 +159,15 @@ enum Step<'a> {
         route: &'a Route,
         parts: http::request::Parts,
         body: Incoming,
-        client_upgrade: Option<OnUpgrade>,
+        client_upgrade: Option<Box<ClientUpgrade>>,
     },
     /// A WebSocket handshake, on a connection of its own.
     Upgrade {
-        upstream: &'a Upstream,
+        route: &'a Route,
         parts: http::request::Parts,
         body: RequestBody,
-        client_upgrade: OnUpgrade,
+        client_upgrade: Box<ClientUpgrade>,
         timers: forward::Timers,
-        idle: Duration,
     },
     /// Ready for the retry loop: the hot path.
     Send(Send<'a>),
@@ -299,8 +305,13 @@ fn after_rate_limit<'a>(
         return Err(ProxyError::PayloadTooLarge { limit });
     }
     let deadline = route.timeouts.total.map(|t| env.start + t);
-    let wants_upgrade = req.version() == Version::HTTP_11 && env.head.wants_upgrade(req.headers());
-    let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
+    // Only an upgrade the route allows goes on as one (never h2c); any other is stripped
+    // below with the hop-by-hop headers, and the request served plainly.
+    let client_upgrade = if env.head.has_upgrade() {
+        upgrade::offer(&mut req, &route.upgrades)
+    } else {
+        None
+    };
 
     let (parts, body) = req.into_parts();
     let retry_cfg = &upstream.resilience.retry;
@@ -358,7 +369,7 @@ fn outgoing<'a>(
     mut parts: http::request::Parts,
     body: RequestBody,
     replay: Option<Bytes>,
-    client_upgrade: Option<OnUpgrade>,
+    client_upgrade: Option<Box<ClientUpgrade>>,
 ) -> Step<'a> {
     let upstream = &*route.upstream;
     let deadline = route.timeouts.total.map(|t| env.start + t);
@@ -410,12 +421,11 @@ fn outgoing<'a>(
 
     if let Some(client_upgrade) = client_upgrade {
         return Step::Upgrade {
-            upstream,
+            route,
             parts,
             body,
             client_upgrade,
             timers,
-            idle,
         };
     }
     let cfg = &upstream.resilience;
@@ -489,74 +499,111 @@ async fn slow(
                 outgoing(env, route, parts, body, replay, client_upgrade)
             }
             Step::Upgrade {
-                upstream,
+                route,
                 parts,
                 body,
                 client_upgrade,
                 timers,
-                idle,
             } => {
-                return upgrade(
-                    env,
-                    upstream,
-                    parts,
-                    body,
-                    client_upgrade,
-                    timers,
-                    idle,
-                    tail,
-                )
-                .await;
+                return upgrade(env, route, parts, body, *client_upgrade, timers, tail).await;
             }
             Step::Send(mut send) => return send.run(env, tail).await,
         };
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The handshake of an upgrade the route allows, on a connection of its own: a 101 that
+/// switches to a protocol the request offered becomes a tunnel (`proxy::upgrade`), a 101 to
+/// anything else a 502, any other answer an ordinary one. Fed to endpoint health and the
+/// breaker as any attempt; never retried.
 async fn upgrade(
     env: &Env<'_>,
-    upstream: &Upstream,
+    route: &Route,
     mut parts: http::request::Parts,
     body: RequestBody,
-    client_upgrade: OnUpgrade,
+    client_upgrade: ClientUpgrade,
     timers: forward::Timers,
-    idle: Duration,
     tail: &mut Tail,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    let upstream = &*route.upstream;
+    let cfg = &upstream.resilience;
     let idx = upstream.pick(0).ok_or_else(|| no_endpoints(upstream))?;
     let endpoint = &upstream.endpoints[idx];
     parts
         .headers
         .insert(header::HOST, endpoint.pool.host_header.clone());
     let request = Request::from_parts(parts, body);
-    let resp = forward::send_upgrade(&upstream.name, endpoint, request, &timers).await;
-    let resp = match resp {
+    let resp = match forward::send_upgrade(&upstream.name, endpoint, request, &timers).await {
         Ok(r) => r,
         Err(e) => {
-            if let Some(t) = tail.ticket.as_mut() {
-                t.report(Outcome::Failure);
+            if let Some(failure) = e.failure {
+                if let Some(kind) = error_kind(failure) {
+                    upstream.errors.inc(kind);
+                }
+                upstream.state.endpoint_result(&endpoint.state, false, cfg);
+                if let Some(t) = tail.ticket.as_mut() {
+                    t.report(Outcome::Failure);
+                }
             }
-            return Err(e);
+            return Err(e.error);
         }
     };
     if let Some(r) = tail.log.as_mut() {
         r.ttfb = Some(env.start.elapsed());
     }
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let switched = headers::switches_to_offered(resp.headers(), &client_upgrade.offered);
+        upstream
+            .state
+            .endpoint_result(&endpoint.state, switched, cfg);
         if let Some(t) = tail.ticket.as_mut() {
-            t.report(Outcome::Success);
+            t.report(if switched {
+                Outcome::Success
+            } else {
+                Outcome::Failure
+            });
         }
-        return Ok(upgrade::tunnel(
-            resp,
-            client_upgrade,
-            env.request_id.to_str().unwrap_or("-").to_string(),
-        ));
+        if !switched {
+            // Dropped unswitched: hyper closes the upstream connection.
+            drop(resp);
+            return Err(ProxyError::UpstreamUnavailable {
+                upstream: upstream.name.clone(),
+                detail: "101 switching to a protocol the request did not offer".into(),
+            });
+        }
+        // The tunnel writes the access-log line when it closes.
+        let log = tail.log.take().map(|mut r| {
+            r.status = StatusCode::SWITCHING_PROTOCOLS.as_u16();
+            r
+        });
+        let t = upgrade::Tunnel {
+            idle: route.timeouts.idle,
+            log,
+            metrics: route.metrics.clone(),
+            request_id: env.request_id.clone(),
+            in_flight: env.ctx.shared.in_flight.request(),
+        };
+        return Ok(upgrade::tunnel(resp, client_upgrade, t));
     }
-    // The upstream declined the upgrade: an ordinary answer.
+    // The upstream declined the upgrade: an ordinary answer, judged as the retry loop
+    // judges one (the body's end reports anything else to the breaker).
+    let status = resp.status().as_u16();
+    let failed = matches!(status, 502..=504) || (status == 500 && cfg.circuit_breaker.count_500);
+    let backoff_signal =
+        matches!(status, 429 | 503) && resp.headers().contains_key(header::RETRY_AFTER);
+    upstream
+        .state
+        .endpoint_result(&endpoint.state, !failed, cfg);
+    if let Some(t) = tail.ticket.as_mut() {
+        if backoff_signal && !cfg.circuit_breaker.count_backoff {
+            t.report(Outcome::Ignored);
+        } else if failed {
+            t.report(Outcome::Failure);
+        }
+    }
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, false);
-    let body = TimedBody::new(body, idle, timers.deadline, None);
+    let body = TimedBody::new(body, route.timeouts.idle, timers.deadline, None);
     Ok(Response::from_parts(parts, ProxyBody::direct(body)))
 }
 

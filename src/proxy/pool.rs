@@ -271,7 +271,8 @@ impl EndpointPool {
         })
     }
 
-    async fn connect_timed(&self, timeout: Duration) -> Result<Io, ConnectError> {
+    /// A new connection's socket (TCP, and TLS) under `timeout`.
+    pub async fn connect_timed(&self, timeout: Duration) -> Result<Io, ConnectError> {
         tokio::time::timeout(timeout, self.connect_io())
             .await
             .map_err(|_| ConnectError::Timeout)?
@@ -899,14 +900,13 @@ impl HyperBody {
     }
 }
 
-/// For an Upgrade (WebSocket) handshake: a fresh connection that never enters the pool,
-/// spoken to by hyper's client, which hands the socket over after a 101.
+/// For an Upgrade (WebSocket) handshake on `io`, a fresh connection (`connect_timed`) that
+/// never enters the pool, spoken to by hyper's client, which hands the socket over after a
+/// 101.
 pub async fn exchange_upgrade(
-    pool: &EndpointPool,
-    connect_timeout: Duration,
+    io: Io,
     req: Request<RequestBody>,
 ) -> Result<Response<Incoming>, UpgradeError> {
-    let io = pool.connect_timed(connect_timeout).await?;
     let (mut sender, driver) = http1::handshake(TokioIo::new(io))
         .await
         .map_err(ConnectError::Handshake)?;

@@ -28,6 +28,8 @@ pub struct Route {
     pub max_body_bytes: u64,
     /// Every one must allow the request (ratelimit::check).
     pub rate_limits: Vec<Arc<Policy>>,
+    /// Protocols tunnelled after a 101 (lowercase `Upgrade` tokens; see `proxy::upgrade`).
+    pub upgrades: Vec<String>,
     /// Counters and histograms of this route, made once per snapshot.
     pub metrics: Arc<RouteMetrics>,
 }
@@ -49,6 +51,7 @@ impl Route {
             timeouts: cfg.timeouts.clone(),
             max_body_bytes: cfg.max_body_bytes,
             rate_limits,
+            upgrades: cfg.upgrades.clone(),
             metrics,
         }
     }

@@ -11,8 +11,8 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -53,6 +53,37 @@ pub enum Phase {
 /// racing the GOAWAY): the pipeline answers it 503 SERVICE_UNAVAILABLE.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnClosing;
+
+/// What an open client connection holds: its slot under the listener's `max_connections`,
+/// its place in the open-connection count, and a receiver of the listener's phase (the drain
+/// waits until every receiver is gone, see [`Server::finished`]). A connection that becomes
+/// a tunnel hands it to the tunnel ([`Handover`]), so the cap and the drain see tunnels too.
+pub struct ConnHold {
+    _permit: OwnedSemaphorePermit,
+    _open: OpenGuard,
+    phase: watch::Receiver<Phase>,
+}
+
+impl ConnHold {
+    /// Resolves at the drain deadline of the connection's listener (`Phase::Finale`), where
+    /// whatever still runs on it is ended.
+    pub async fn deadline(&mut self) {
+        reached(&mut self.phase, Phase::Finale).await;
+    }
+}
+
+/// In the extensions of an HTTP/1.1 request that may switch protocols (only those: nothing
+/// on the plain request path): the tunnel takes its connection's [`ConnHold`] through it.
+/// Weak: a request kept anywhere longer than its connection keeps nothing of it alive.
+#[derive(Clone)]
+pub struct Handover(Weak<ConnState>);
+
+impl Handover {
+    /// The connection's hold, once: None when the connection is already gone.
+    pub fn take(&self) -> Option<ConnHold> {
+        self.0.upgrade()?.release()
+    }
+}
 
 /// Longest wait, once closing, for the first request of a connection that has sent none:
 /// it was just accepted, so its request is most likely on the wire.
@@ -329,7 +360,12 @@ impl Acceptor {
         // hyper hides Content-Length next to Transfer-Encoding from the service; the guard
         // sees the raw heads and tells the service per request.
         let (stream, verdicts) = h1_guard::wrap(stream, self.max_header_bytes, self.max_headers);
-        let conn_state = Arc::new(ConnState::new(phase.clone(), clocks));
+        let hold = ConnHold {
+            _permit: permit,
+            _open: OpenGuard::new(&self.open),
+            phase: phase.clone(),
+        };
+        let conn_state = Arc::new(ConnState::new(phase.clone(), clocks, hold));
         let ctx = self.ctx.clone();
         let state = conn_state.clone();
         let health_path = self.health_path.clone();
@@ -350,7 +386,11 @@ impl Acceptor {
             // Only a possible upgrade needs the handle after the answer.
             let upgrading = (h1
                 && (req.method() == Method::CONNECT || req.headers().contains_key(UPGRADE)))
-            .then(|| verdicts.clone());
+            .then(|| {
+                req.extensions_mut()
+                    .insert(Handover(Arc::downgrade(&state)));
+                verdicts.clone()
+            });
             let health = health_path.as_deref().is_some_and(|p| {
                 req.uri().path() == p && matches!(*req.method(), Method::GET | Method::HEAD)
             });
@@ -388,7 +428,6 @@ impl Acceptor {
             .builder
             .serve_connection_with_upgrades(TokioIo::new(stream), svc)
             .into_owned();
-        let open = OpenGuard::new(&self.open);
         let first_request_wait = self.first_request_wait;
         tokio::spawn(async move {
             let mut conn = std::pin::pin!(conn);
@@ -413,8 +452,8 @@ impl Acceptor {
                 }
                 Ended::Done(Ok(())) => {}
             }
-            drop(open);
-            drop(permit);
+            // Unless a tunnel took it over.
+            drop(conn_state.release());
         });
     }
 }
@@ -429,17 +468,27 @@ struct ConnState {
     /// For the SSE streams answered on this connection.
     phase: watch::Receiver<Phase>,
     clocks: Arc<Clocks>,
+    /// Until the connection ends, or a tunnel takes it (locked once or twice per connection).
+    hold: Mutex<Option<ConnHold>>,
 }
 
 impl ConnState {
-    fn new(phase: watch::Receiver<Phase>, clocks: Arc<Clocks>) -> Self {
+    fn new(phase: watch::Receiver<Phase>, clocks: Arc<Clocks>, hold: ConnHold) -> Self {
         ConnState {
             closing: AtomicBool::new(false),
             seen: AtomicBool::new(false),
             first: Notify::new(),
             phase,
             clocks,
+            hold: Mutex::new(Some(hold)),
         }
+    }
+
+    fn release(&self) -> Option<ConnHold> {
+        self.hold
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 
     fn request_seen(&self) {

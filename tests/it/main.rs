@@ -20,4 +20,5 @@ mod resilience;
 mod slow_clients;
 mod smuggling;
 mod smuggling_upstream;
+mod tunnels;
 mod upstream_wire;

@@ -2,7 +2,8 @@
 //! (HTTP/1 with a tiny receive window, HTTP/2 with a zero window), idle HTTP/2 connections
 //! that answer PINGs, HTTP/2 that goes silent after the preface. Each one is closed at its
 //! timeout (+-1 s) while a legitimate client alongside keeps getting 200s, and none of them
-//! is ever held against the upstream (breaker, ejection).
+//! is ever held against the upstream (breaker, ejection). Idle tunnels (WebSocket, after a
+//! 101) are in `tunnels.rs`, which shares `Legit` and the timing helpers from here.
 //!
 //! Timeouts are 2-3 s so the suite stays fast; one test runs the same attack against the
 //! defaults for just past the default first-byte timeout.
@@ -60,13 +61,13 @@ upstreams:
 
 /// A legitimate client alongside an attack: one request after another, each on a fresh
 /// connection (so no keep-alive race can count against it), counting answers.
-struct Legit {
+pub(crate) struct Legit {
     stop: Arc<AtomicBool>,
     task: JoinHandle<(usize, Vec<String>)>,
 }
 
 impl Legit {
-    fn start(addr: SocketAddr) -> Legit {
+    pub(crate) fn start(addr: SocketAddr) -> Legit {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let task = tokio::spawn(async move {
@@ -88,7 +89,7 @@ impl Legit {
     }
 
     /// Stops and asserts 100 % success over at least `min_ok` requests.
-    async fn check(self, min_ok: usize) {
+    pub(crate) async fn check(self, min_ok: usize) {
         self.stop.store(true, Ordering::SeqCst);
         let (ok, failures) = self.task.await.unwrap();
         assert!(
@@ -121,7 +122,7 @@ async fn legit_request(addr: SocketAddr) -> Result<(), String> {
 }
 
 /// Waits (at most `limit`) until the peer closes: Ok(elapsed since `since`) or Err on timeout.
-async fn closed_within(
+pub(crate) async fn closed_within(
     s: &mut TcpStream,
     since: Instant,
     limit: Duration,
@@ -140,7 +141,7 @@ async fn closed_within(
         .map_err(|_| format!("still open after {limit:?}"))
 }
 
-fn assert_around(what: &str, took: Duration, expected: Duration) {
+pub(crate) fn assert_around(what: &str, took: Duration, expected: Duration) {
     let (lo, hi) = (
         expected.saturating_sub(Duration::from_secs(1)),
         expected + Duration::from_secs(1),
