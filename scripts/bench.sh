@@ -18,6 +18,8 @@
 #   BUILD        1: cargo build --release first; 0: use the binary as it is (1)
 #   RAMPART_BIN  binary to run (${CARGO_TARGET_DIR:-target}/release/rampart)
 #   OUT_DIR      results, raw wrk output and logs                  (target/bench)
+#   PIN          1: pinned one-worker mode: each proxy alone on CPU 1 with one worker,
+#                wrk, the upstream and redis on CPU 0 (taskset); WORKERS defaults to 1  (0)
 #
 # Everything listens on and is sent to 127.0.0.1 only; every load run has a fixed duration;
 # every process started here is stopped on exit, failure included.
@@ -30,7 +32,17 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH_DIR=$ROOT/scripts/bench
 
-WORKERS=${WORKERS:-2}
+PIN=${PIN:-0}
+if [[ $PIN == 1 ]]; then
+    WORKERS=${WORKERS:-1}
+    # The proxy measured alone on one core; what drives it on the other.
+    PROXY_ON=(taskset -c 1)
+    LOAD_ON=(taskset -c 0)
+else
+    WORKERS=${WORKERS:-2}
+    PROXY_ON=()
+    LOAD_ON=()
+fi
 DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-2s}
 CONNECTIONS=${CONNECTIONS:-64}
@@ -224,7 +236,7 @@ render() { # render TEMPLATE OUT KEY=VALUE...
 start_upstream() {
     local logfile=$OUT_DIR/logs/upstream.log
     log "starting upstream: rampart demo --upstreams-only --workers 1"
-    "$RAMPART_BIN" demo --config "$WORK/rampart.yaml" --upstreams-only --workers 1 \
+    "${LOAD_ON[@]}" "$RAMPART_BIN" demo --config "$WORK/rampart.yaml" --upstreams-only --workers 1 \
         >"$logfile" 2>&1 &
     UPSTREAM_PID=$!
     STARTED_PIDS+=("$UPSTREAM_PID")
@@ -236,7 +248,7 @@ start_redis() {
     local logfile=$OUT_DIR/logs/redis.log
     mkdir -p "$WORK/redis"
     log "starting redis-server on $HOST:$REDIS_PORT"
-    redis-server --port "$REDIS_PORT" --bind "$HOST" --save "" --appendonly no \
+    "${LOAD_ON[@]}" redis-server --port "$REDIS_PORT" --bind "$HOST" --save "" --appendonly no \
         --dir "$WORK/redis" >"$logfile" 2>&1 &
     REDIS_PID=$!
     STARTED_PIDS+=("$REDIS_PID")
@@ -246,7 +258,7 @@ start_redis() {
 start_rampart() {
     local logfile=$OUT_DIR/logs/rampart.log
     log "starting rampart: rampart run --workers $WORKERS"
-    "$RAMPART_BIN" run --config "$WORK/rampart.yaml" --workers "$WORKERS" >"$logfile" 2>&1 &
+    "${PROXY_ON[@]}" "$RAMPART_BIN" run --config "$WORK/rampart.yaml" --workers "$WORKERS" >"$logfile" 2>&1 &
     RAMPART_PID=$!
     STARTED_PIDS+=("$RAMPART_PID")
     wait_listening rampart "$RAMPART_PID" "$RAMPART_PORT" "$logfile"
@@ -266,7 +278,7 @@ start_nginx() {
         die "nginx rejected $prefix/nginx.conf"
     }
     log "starting nginx: worker_processes $WORKERS"
-    "$NGINX_BIN" -p "$prefix" -e "$prefix/error.log" -c "$prefix/nginx.conf" >>"$logfile" 2>&1 &
+    "${PROXY_ON[@]}" "$NGINX_BIN" -p "$prefix" -e "$prefix/error.log" -c "$prefix/nginx.conf" >>"$logfile" 2>&1 &
     NGINX_PID=$!
     STARTED_PIDS+=("$NGINX_PID")
     wait_listening nginx "$NGINX_PID" "$NGINX_PORT" "$prefix/error.log"
@@ -318,7 +330,7 @@ to_ms() {
 load() {
     local duration=$1 url=$2 out=$3 rc=0
     shift 3
-    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$duration" "$@" "$url" >"$out" &
+    "${LOAD_ON[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$duration" "$@" "$url" >"$out" &
     WRK_PID=$!
     wait "$WRK_PID" || rc=$?
     WRK_PID=""
@@ -472,7 +484,7 @@ report() {
         echo "- rampart: $("$RAMPART_BIN" --version 2>/dev/null) ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ', dirty'))"
         echo "- nginx: $("$NGINX_BIN" -v 2>&1 | sed 's/^nginx version: //'); wrk: $(wrk -v 2>&1 | head -n1 | awk '{ print $2 }')"
         echo "- load: \`wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency\` GET $BENCH_PATH after a $WARMUP warm-up;" \
-            "proxies with $WORKERS worker(s); upstream \`rampart demo --upstreams-only --workers 1\`;" \
+            "proxies with $WORKERS worker(s)$([[ $PIN == 1 ]] && echo ", pinned alone on CPU 1 (load, upstream, redis on CPU 0)"); upstream \`rampart demo --upstreams-only --workers 1\`;" \
             "wrk, upstream and proxy share the machine"
         echo "- CPU µs/req: utime+stime of the proxy's process(es) (nginx: master + workers) over the measured run / requests completed"
         echo
