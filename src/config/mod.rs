@@ -524,7 +524,7 @@ impl Default for PathConfig {
         PathConfig {
             normalize: NormalizePath::Match,
             merge_slashes: true,
-            escaped_slashes: EscapedSlashes::Reject,
+            escaped_slashes: EscapedSlashes::Keep,
         }
     }
 }
@@ -546,7 +546,9 @@ pub enum EscapedSlashes {
     /// 400: an upstream that decodes it before routing would see other segments than the
     /// ones rampart matched.
     Reject,
-    /// Kept encoded, part of the segment it is in.
+    /// Kept encoded, part of the segment it is in (the default, as Envoy's: file names and
+    /// ids with an encoded slash are real traffic, and Express matches routes on the
+    /// encoded path too).
     Keep,
 }
 

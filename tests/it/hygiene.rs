@@ -114,7 +114,7 @@ async fn every_spelling_of_a_limited_path_is_limited() {
 #[tokio::test]
 async fn paths_no_normal_form_can_hold_are_refused() {
     let up = Recorder::start().await;
-    let px = start(&limited(&up.url(), 100, "")).await;
+    let px = start(&limited(&up.url(), 100, "    escaped_slashes: reject")).await;
     let addr = px.addr("main").unwrap();
     for (target, message) in [
         ("/rl%2fx", "encoded slash"),
@@ -131,8 +131,8 @@ async fn paths_no_normal_form_can_hold_are_refused() {
     assert_eq!(up.count(), 0);
     px.shutdown().await;
 
-    // With `escaped_slashes: keep`, an encoded slash is part of its segment.
-    let px = start(&limited(&up.url(), 1, "    escaped_slashes: keep")).await;
+    // By default (`escaped_slashes: keep`) an encoded slash is part of its segment.
+    let px = start(&limited(&up.url(), 1, "")).await;
     let addr = px.addr("main").unwrap();
     let (status, _) = get_raw(addr, "/rl").await;
     assert_eq!(status, 200);
