@@ -71,7 +71,7 @@ async fn health_postgres_killed_then_restarted_redis_still_reported() {
              dependencies:\n\
              \x20 postgres:\n\
              \x20   url: \"{}\"\n\
-             \x20   check: {{ interval: 500ms, timeout: 1s }}\n\
+             \x20   check: {{ interval: 500ms, timeout: 1s, critical: true }}\n\
              \x20 redis: {{ check: {{ interval: 500ms, timeout: 1s }} }}\n\
              \x20 memory: {{ check: {{ interval: 500ms }} }}\n",
             redis.url, pg.url
@@ -152,6 +152,72 @@ async fn health_postgres_killed_then_restarted_redis_still_reported() {
     assert!(px.shutdown().await);
 }
 
+/// Postgres is shared by every replica: by default its failure degrades `/health` (200)
+/// and leaves `/readyz` ready, so a database blip does not take every replica out of the
+/// Service at once. `critical: true` opts back into 503 and not ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_postgres_down_degrades_by_default_and_is_unready_only_when_critical() {
+    let test = "health_postgres_down_degrades_by_default_and_is_unready_only_when_critical";
+    let Some(mut pg) = PgServer::own(test).await else {
+        return;
+    };
+    let up = Upstream::start().await;
+    let yaml = |critical: &str| {
+        config(
+            &up.url(),
+            &format!(
+                "dependencies:\n\
+                 \x20 postgres:\n\
+                 \x20   url: \"{}\"\n\
+                 \x20   check: {{ interval: 200ms, timeout: 1s{critical} }}\n",
+                pg.url
+            ),
+        )
+    };
+    let default = start(&yaml("")).await;
+    let critical = start(&yaml(", critical: true")).await;
+    for px in [&default, &critical] {
+        assert_eventually!(
+            probe(px.admin_addr, "/health").await.0 == 200,
+            "never healthy: {}",
+            probe(px.admin_addr, "/health").await.1
+        );
+    }
+    pg.kill();
+    for px in [&default, &critical] {
+        assert_eventually!(
+            status_of(&probe(px.admin_addr, "/health").await.1, "postgres") == "unhealthy",
+            "Postgres killed but reported {}",
+            probe(px.admin_addr, "/health").await.1
+        );
+    }
+    let (code, body) = probe(default.admin_addr, "/health").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("{\"status\":\"degraded\""), "{body}");
+    assert_eq!(
+        field(&body, "postgres", "critical").as_deref(),
+        Some("false")
+    );
+    assert_eq!(
+        probe(default.admin_addr, "/readyz").await,
+        (200, "ready\n".into())
+    );
+
+    let (code, body) = probe(critical.admin_addr, "/health").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.starts_with("{\"status\":\"unhealthy\""), "{body}");
+    assert_eq!(
+        field(&body, "postgres", "critical").as_deref(),
+        Some("true")
+    );
+    assert_eq!(
+        probe(critical.admin_addr, "/readyz").await,
+        (503, "not ready: postgres unhealthy\n".into())
+    );
+    assert!(default.shutdown().await);
+    assert!(critical.shutdown().await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_redis_killed_is_degraded_not_unready() {
     let test = "health_redis_killed_is_degraded_not_unready";
@@ -218,7 +284,7 @@ async fn health_postgres_frozen_times_out_and_health_answers_fast() {
             "dependencies:\n\
              \x20 postgres:\n\
              \x20   url: \"{}\"\n\
-             \x20   check: {{ interval: 300ms, timeout: 700ms }}\n\
+             \x20   check: {{ interval: 300ms, timeout: 700ms, critical: true }}\n\
              \x20 memory: {{}}\n",
             pg.url
         ),
@@ -300,7 +366,7 @@ async fn health_thousand_concurrent_calls_send_no_query() {
             "dependencies:\n\
              \x20 postgres:\n\
              \x20   url: \"{url}\"\n\
-             \x20   check: {{ interval: 1h, timeout: 2s }}\n"
+             \x20   check: {{ interval: 1h, timeout: 2s, critical: true }}\n"
         ),
     ))
     .await;
@@ -598,7 +664,7 @@ async fn health_reload_keeps_verdicts_and_starts_with_dependencies_down() {
                 "dependencies:\n\
                  \x20 postgres:\n\
                  \x20   url: \"postgres://postgres@127.0.0.1:{dead}/postgres\"\n\
-                 \x20   check: {{ interval: {interval}, timeout: 500ms }}\n"
+                 \x20   check: {{ interval: {interval}, timeout: 500ms, critical: true }}\n"
             ),
         )
     };
@@ -739,7 +805,7 @@ async fn health_postgres_over_tls_verifies_the_certificate() {
                  \x20 postgres:\n\
                  \x20   url: \"postgres://postgres@127.0.0.1:{}/postgres?sslmode=require\"\n\
                  {tls}\
-                 \x20   check: {{ interval: 200ms, timeout: 2s }}\n",
+                 \x20   check: {{ interval: 200ms, timeout: 2s, critical: true }}\n",
                 pg.port
             ),
         )

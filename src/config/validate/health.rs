@@ -41,6 +41,9 @@ struct Defaults {
 
 /// Dependencies flip on the first failure and back on the first success (they have no
 /// second instance to fall back on); upstream endpoints need a streak, as ejection does.
+/// None is critical by default: Postgres and Redis are shared by every replica, so a
+/// critical one that blips takes every replica out of readiness at the same moment, and
+/// the Service has nothing left to send to. `critical: true` opts in.
 const DEPENDENCY: Defaults = Defaults {
     interval: DEFAULT_DEPENDENCY_INTERVAL,
     critical: false,
@@ -98,21 +101,13 @@ fn postgres(ctx: &mut Ctx, f: Field) -> PostgresDependency {
     let pool = pg_pool(ctx, m.optional("pool"));
     let tls_ca_file = upstream_tls(ctx, m.optional("tls"));
     let mut warn = DEFAULT_WARN_SHARE;
-    let check = check_section(
-        ctx,
-        m.optional("check"),
-        &Defaults {
-            critical: true,
-            ..DEPENDENCY
-        },
-        |ctx, c| {
-            if let Some(w) = c.read(ctx, "warn_connections_above", |ctx, f| {
-                ctx.parse_with(f, "a percentage", parse_percent)
-            }) {
-                warn = w;
-            }
-        },
-    );
+    let check = check_section(ctx, m.optional("check"), &DEPENDENCY, |ctx, c| {
+        if let Some(w) = c.read(ctx, "warn_connections_above", |ctx, f| {
+            ctx.parse_with(f, "a percentage", parse_percent)
+        }) {
+            warn = w;
+        }
+    });
     m.finish(ctx);
     PostgresDependency {
         // A stand-in when broken: the file is refused anyway.
