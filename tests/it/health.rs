@@ -271,6 +271,80 @@ async fn health_redis_killed_is_degraded_not_unready() {
     assert!(px.shutdown().await);
 }
 
+/// A Redis restart that lasts ~0.2 s: the pooled connections are stale afterwards (broken
+/// pipe, EOF). The check reconnects and asks again within the same probe, so the restart
+/// costs at most one failed check (the one that may fall inside the downtime).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_redis_restart_costs_at_most_one_failed_check() {
+    let test = "health_redis_restart_costs_at_most_one_failed_check";
+    let Some(mut redis) = RedisServer::own(test).await else {
+        return;
+    };
+    let up = Upstream::start().await;
+    let px = start(&config(
+        &up.url(),
+        &format!(
+            "redis: {{ url: \"{}\", timeout: 300ms, pool: {{ max_size: 4 }} }}\n\
+             dependencies:\n\
+             \x20 redis: {{ check: {{ interval: 400ms, timeout: 1s }} }}\n",
+            redis.url
+        ),
+    ))
+    .await;
+    let admin = px.admin_addr;
+    assert_eventually!(
+        status_of(&probe(admin, "/admin/health").await.1, "redis") == "healthy",
+        "never healthy: {}",
+        probe(admin, "/admin/health").await.1
+    );
+    let down = |m: &str| {
+        m.lines()
+            .find(|l| {
+                l.starts_with("rampart_health_check_transitions_total{check=\"redis\",to=\"down\"}")
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = down(&probe(admin, "/metrics").await.1);
+
+    let restarted = Instant::now();
+    redis.kill();
+    redis.restart().await;
+    let took = restarted.elapsed();
+    // Watch ~5 s (a dozen checks): the longest failing streak and the errors seen.
+    let mut longest = 0u32;
+    let mut errors = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let body = probe(admin, "/admin/health").await.1;
+        let n = field(&body, "redis", "consecutive_failures")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        longest = longest.max(n);
+        if let Some(e) = field(&body, "redis", "error")
+            && !errors.contains(&e)
+        {
+            errors.push(e);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let downs = down(&probe(admin, "/metrics").await.1) - before;
+    eprintln!(
+        "health: Redis restart took {took:?}; failing streaks {downs}, longest {longest}, \
+         errors {errors:?}"
+    );
+    assert!(
+        downs <= 1 && longest <= 1,
+        "a {took:?} restart cost {downs} failing streak(s), the longest {longest} checks: {errors:?}"
+    );
+    assert_eq!(
+        status_of(&probe(admin, "/admin/health").await.1, "redis"),
+        "healthy"
+    );
+    assert!(px.shutdown().await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_postgres_frozen_times_out_and_health_answers_fast() {
     let test = "health_postgres_frozen_times_out_and_health_answers_fast";

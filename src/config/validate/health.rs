@@ -395,7 +395,7 @@ mod tests {
             CheckConfig {
                 interval: secs(10),
                 timeout: secs(2),
-                critical: true,
+                critical: false,
                 unhealthy_after: 1,
                 healthy_after: 1,
             }
