@@ -180,43 +180,69 @@ impl Redis {
 
     /// For the health check: PING, then the role from `INFO replication` ("primary" or
     /// "replica"), within `timeout` (check-out included); the round trip of the PING.
+    ///
+    /// A connection made before Redis restarted fails its first call (broken pipe, reset,
+    /// EOF) though Redis answers again: that says nothing about Redis now. Such a failure
+    /// drops the connection and the check asks again on a new one, within the same
+    /// timeout, so a restart costs at most the checks that fall inside its downtime. The
+    /// pool may hold a stale connection per slot, a worker one of its own: one try for
+    /// each, plus a fresh one.
     pub async fn check(&self, timeout: Duration) -> Result<(Duration, String), RedisError> {
         let work = async {
-            let mut call = self.checkout().await?;
-            let start = Instant::now();
-            let r = redis::cmd("PING")
-                .query_async::<String>(&mut call.conn)
-                .await;
-            let rtt = start.elapsed();
-            let r = match r {
-                Ok(_) => {
-                    redis::cmd("INFO")
-                        .arg("replication")
-                        .query_async::<String>(&mut call.conn)
-                        .await
+            let tries = self.pool.state().connections as usize + 2;
+            let mut last = RedisError::Pool("no attempt".into());
+            for _ in 0..tries {
+                match self.check_once().await {
+                    Ok(r) => return Ok(r),
+                    Err(e) => {
+                        let stale = matches!(&e, RedisError::Redis(e) if is_stale(e));
+                        last = e;
+                        if !stale {
+                            break;
+                        }
+                    }
                 }
-                Err(e) => Err(e),
-            };
-            call.finish(match &r {
-                Ok(_) => false,
-                Err(e) => self.connection_is_done(e),
-            });
-            let info = r?;
-            let role = info
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("role:"))
-                .map(|r| match r {
-                    "master" => "primary".to_owned(),
-                    "slave" | "replica" => "replica".to_owned(),
-                    other => other.to_owned(),
-                })
-                .ok_or_else(|| RedisError::Reply("no role in INFO replication".into()))?;
-            Ok((rtt, role))
+            }
+            Err(last)
         };
         match tokio::time::timeout(timeout, work).await {
             Ok(r) => r,
             Err(_) => Err(RedisError::Timeout(timeout)),
         }
+    }
+
+    /// One PING and INFO on one connection.
+    async fn check_once(&self) -> Result<(Duration, String), RedisError> {
+        let mut call = self.checkout().await?;
+        let start = Instant::now();
+        let r = redis::cmd("PING")
+            .query_async::<String>(&mut call.conn)
+            .await;
+        let rtt = start.elapsed();
+        let r = match r {
+            Ok(_) => {
+                redis::cmd("INFO")
+                    .arg("replication")
+                    .query_async::<String>(&mut call.conn)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        call.finish(match &r {
+            Ok(_) => false,
+            Err(e) => self.connection_is_done(e),
+        });
+        let info = r?;
+        let role = info
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("role:"))
+            .map(|r| match r {
+                "master" => "primary".to_owned(),
+                "slave" | "replica" => "replica".to_owned(),
+                other => other.to_owned(),
+            })
+            .ok_or_else(|| RedisError::Reply("no role in INFO replication".into()))?;
+        Ok((rtt, role))
     }
 
     /// Connections, idle ones and waiting callers (pool gauges).
@@ -302,6 +328,12 @@ impl Redis {
         }
         done
     }
+}
+
+/// The connection was cut under the call (the server restarted or closed it): a new
+/// connection may well work. A timeout or a refusal says Redis itself is slow or down.
+fn is_stale(e: &redis::RedisError) -> bool {
+    (e.is_io_error() || e.is_connection_dropped()) && !e.is_timeout() && !e.is_connection_refusal()
 }
 
 fn is_readonly(e: &redis::RedisError) -> bool {

@@ -271,9 +271,10 @@ async fn health_redis_killed_is_degraded_not_unready() {
     assert!(px.shutdown().await);
 }
 
-/// A Redis restart that lasts ~0.2 s: the pooled connections are stale afterwards (broken
-/// pipe, EOF). The check reconnects and asks again within the same probe, so the restart
-/// costs at most one failed check (the one that may fall inside the downtime).
+/// A Redis restart that lasts ~0.2 s, twice, each just after a check: the pooled
+/// connections are stale afterwards (broken pipe, EOF). The check reconnects and asks
+/// again within the same probe, so the checks that run once Redis is back (all of them
+/// here) pass: at most one failed check per restart, and none in this timing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_redis_restart_costs_at_most_one_failed_check() {
     let test = "health_redis_restart_costs_at_most_one_failed_check";
@@ -284,9 +285,9 @@ async fn health_redis_restart_costs_at_most_one_failed_check() {
     let px = start(&config(
         &up.url(),
         &format!(
-            "redis: {{ url: \"{}\", timeout: 300ms, pool: {{ max_size: 4 }} }}\n\
+            "redis: {{ url: \"{}\", timeout: 300ms }}\n\
              dependencies:\n\
-             \x20 redis: {{ check: {{ interval: 400ms, timeout: 1s }} }}\n",
+             \x20 redis: {{ check: {{ interval: 1s, timeout: 1s }} }}\n",
             redis.url
         ),
     ))
@@ -307,36 +308,52 @@ async fn health_redis_restart_costs_at_most_one_failed_check() {
             .unwrap_or(0)
     };
     let before = down(&probe(admin, "/metrics").await.1);
-
-    let restarted = Instant::now();
-    redis.kill();
-    redis.restart().await;
-    let took = restarted.elapsed();
-    // Watch ~5 s (a dozen checks): the longest failing streak and the errors seen.
     let mut longest = 0u32;
     let mut errors = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        let body = probe(admin, "/admin/health").await.1;
-        let n = field(&body, "redis", "consecutive_failures")
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
-        longest = longest.max(n);
-        if let Some(e) = field(&body, "redis", "error")
-            && !errors.contains(&e)
-        {
-            errors.push(e);
+    let mut took = Vec::new();
+    for _ in 0..2 {
+        // Right after a check (jitter is 10 % of 1 s): Redis is back long before the next.
+        assert_eventually!(
+            field(
+                &probe(admin, "/admin/health").await.1,
+                "redis",
+                "checked_ms_ago"
+            )
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| n < 50),
+            "no fresh check: {}",
+            probe(admin, "/admin/health").await.1
+        );
+        let restarted = Instant::now();
+        redis.kill();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        redis.restart().await;
+        took.push(restarted.elapsed());
+        // Watch three checks: the longest failing streak and the errors seen.
+        let deadline = Instant::now() + Duration::from_millis(3200);
+        while Instant::now() < deadline {
+            let body = probe(admin, "/admin/health").await.1;
+            let n = field(&body, "redis", "consecutive_failures")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            longest = longest.max(n);
+            if let Some(e) = field(&body, "redis", "error")
+                && !errors.contains(&e)
+            {
+                errors.push(e);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let downs = down(&probe(admin, "/metrics").await.1) - before;
     eprintln!(
-        "health: Redis restart took {took:?}; failing streaks {downs}, longest {longest}, \
-         errors {errors:?}"
+        "health: Redis restarts took {took:?}; failed checks: {downs} streak(s), longest \
+         {longest}; errors {errors:?}"
     );
     assert!(
-        downs <= 1 && longest <= 1,
-        "a {took:?} restart cost {downs} failing streak(s), the longest {longest} checks: {errors:?}"
+        downs == 0 && longest == 0,
+        "restarts of {took:?} cost {downs} failing streak(s), the longest {longest} checks: \
+         {errors:?}"
     );
     assert_eq!(
         status_of(&probe(admin, "/admin/health").await.1, "redis"),
