@@ -85,7 +85,7 @@ impl AlertEvent {
             detail: t.reading.detail.clone(),
             started_at,
             at: wall,
-            summary: summary(r, t.reading.value, t.reading.detail.as_deref()),
+            summary: summary(r, t.change, t.reading.value, t.reading.detail.as_deref()),
         }
     }
 
@@ -124,15 +124,27 @@ pub fn condition(r: &AlertRule) -> String {
     )
 }
 
-/// `error_rate 12.5% > 5.0% over 5m (upstream backend)`, `breaker_open yes: open: fastgpt`.
-fn summary(r: &AlertRule, value: Option<f64>, detail: Option<&str>) -> String {
-    let mut s = format!("{} {}", r.signal.as_str(), format_value(r.signal, value));
+/// `error_rate 12.5% > 5.0% over 5m (upstream backend)`, `breaker_open yes: open: fastgpt`;
+/// resolved: `resolved: error_rate 0.0% (threshold 5.0%) over 5m (upstream backend)`. The
+/// comparison is stated only while it holds: a resolved alert's value no longer meets it
+/// (or the rule was removed), and "0.0% > 5.0%" would be false.
+fn summary(r: &AlertRule, change: Change, value: Option<f64>, detail: Option<&str>) -> String {
+    let mut s = String::new();
+    if change == Change::Resolved {
+        s.push_str("resolved: ");
+    }
+    s.push_str(&format!(
+        "{} {}",
+        r.signal.as_str(),
+        format_value(r.signal, value)
+    ));
     if r.signal.unit() != SignalUnit::YesNo {
-        s.push_str(&format!(
-            " {} {}",
-            r.comparison.as_str(),
-            format_value(r.signal, Some(r.threshold))
-        ));
+        let threshold = format_value(r.signal, Some(r.threshold));
+        if change == Change::Resolved {
+            s.push_str(&format!(" (threshold {threshold})"));
+        } else {
+            s.push_str(&format!(" {} {threshold}", r.comparison.as_str()));
+        }
         s.push_str(&format!(" over {}", humantime::format_duration(r.window)));
     }
     if let Some(route) = &r.route {
@@ -575,5 +587,35 @@ fn read(rule: &AlertRule, shared: &Shared, current: &Sample, series: &Series) ->
                 detail: on.then(|| "Redis policies are decided in memory".to_owned()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AlertsConfig;
+
+    #[test]
+    fn a_resolved_summary_states_no_comparison() {
+        let mut r = AlertsConfig::default_rules()[0].clone();
+        r.threshold = 0.01;
+        r.upstream = Some("backend".into());
+        assert_eq!(
+            summary(&r, Change::Firing, Some(0.125), None),
+            "error_rate 12.5% > 1.0% over 5m (upstream backend)"
+        );
+        assert_eq!(
+            summary(&r, Change::Resolved, Some(0.0), None),
+            "resolved: error_rate 0.0% (threshold 1.0%) over 5m (upstream backend)"
+        );
+        let b = AlertsConfig::default_rules()
+            .into_iter()
+            .find(|r| r.signal == Signal::BreakerOpen)
+            .unwrap();
+        assert_eq!(b.for_, Duration::ZERO);
+        assert_eq!(
+            summary(&b, Change::Resolved, Some(0.0), None),
+            "resolved: breaker_open no"
+        );
     }
 }

@@ -284,12 +284,17 @@ impl AlertsConfig {
                 0,
                 Severity::Warning,
             ),
+            // `for: 0s`: fires at the first evaluation that sees a breaker not closed. An
+            // open breaker refuses traffic now, and its failure threshold has already
+            // debounced it; a `for` as long as `open_for` (60 s for the users) would only
+            // fire when the first half-open probe fails, and never for an upstream that is
+            // back by then, which is the common case.
             rule(
                 "CircuitBreakerOpen",
                 Signal::BreakerOpen,
                 Comparison::Above,
                 0.0,
-                120,
+                0,
                 Severity::Critical,
             ),
         ]

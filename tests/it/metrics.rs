@@ -372,6 +372,15 @@ alerts:
         .await
         .expect("resolved within 15 s");
     assert_eq!(rx.on("/hook")[1]["status"], "resolved");
+    // A resolved alert states its value against the threshold, never a comparison that
+    // no longer holds ("0.0% > 50.0%").
+    let resolved = rx.on("/hook")[1]["summary"].as_str().unwrap().to_owned();
+    assert!(
+        resolved.starts_with("resolved: error_rate ")
+            && resolved.contains("% (threshold 50.0%) over 3s (upstream backend)")
+            && !resolved.contains(" > "),
+        "{resolved}"
+    );
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(rx.on("/hook").len(), 2, "{:?}", rx.on("/hook"));
     assert_eq!(rx.on("/slack/T000/B000/secret").len(), 2);
@@ -715,6 +724,57 @@ alerts:
     );
     let s = status(&r).await;
     assert_eq!(s["overall"]["status"], "degraded", "{s}");
+    r.shutdown().await;
+}
+
+/// The default CircuitBreakerOpen rule fires at the first evaluation that sees a breaker
+/// open: with `for: 2m` it never fired for an opening of 60 s (the users' `open_for`).
+#[tokio::test]
+async fn default_breaker_alert_fires_as_the_breaker_opens() {
+    let up = Upstream::start().await;
+    let r = support::start(&two_routes(
+        &up.url(),
+        closed_port().await,
+        "alerts: { interval: 1s }\n",
+    ))
+    .await;
+    let addr = r.addr("main").unwrap();
+    let alerts = |r: &Running| {
+        let admin = r.admin_addr;
+        async move {
+            let (_, body) = send(&http1(), get(admin, "/admin/alerts")).await;
+            serde_json::from_slice::<Value>(&body).unwrap()
+        }
+    };
+    let breaker = |v: &Value| {
+        v["firing"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["alert"] == "CircuitBreakerOpen")
+            .cloned()
+    };
+    // Three connect failures open fastgpt's breaker (open_for 1m).
+    for _ in 0..3 {
+        send(&http1(), get(addr, "/chat/x")).await;
+    }
+    let opened = std::time::Instant::now();
+    assert_eq!(send(&http1(), get(addr, "/chat/x")).await.0.status(), 503);
+    assert_eventually!(
+        breaker(&alerts(&r).await).is_some(),
+        "CircuitBreakerOpen not firing {:?} after the breaker opened: {}",
+        opened.elapsed(),
+        alerts(&r).await
+    );
+    let took = opened.elapsed();
+    eprintln!("alerts: CircuitBreakerOpen firing {took:?} after the breaker opened (interval 1s)");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    let fired = breaker(&alerts(&r).await).unwrap();
+    assert_eq!(fired["severity"], "critical");
+    assert_eq!(
+        fired["summary"], "breaker_open yes: open: fastgpt",
+        "{fired}"
+    );
     r.shutdown().await;
 }
 
