@@ -50,9 +50,13 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
-            Ok(cfg) => {
+        Command::Check { config } => match Config::load_checked(&config) {
+            Ok((cfg, warnings)) => {
                 print!("{}", cfg.summary());
+                // Valid, so still exit 0: these work but are likely mistakes.
+                for w in &warnings {
+                    eprintln!("{w}");
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -20,8 +20,8 @@ use http::Method;
 
 pub use secret::{REDACTED, Secret, redis_url_shown, sink_url_shown};
 pub(crate) use validate::is_loopback;
-pub use validate::parse_str;
 pub use validate::postgres_url_for_driver;
+pub use validate::{parse_str, parse_str_checked};
 
 /// The whole validated configuration: an immutable snapshot.
 #[derive(Debug, Clone, PartialEq)]
@@ -871,12 +871,78 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// The breaker, retry and health-check lines of one upstream in `rampart check`.
+fn summarize_resilience(s: &mut String, r: &Resilience) {
+    use std::fmt::Write;
+    let d = |d: Duration| humantime::format_duration(d).to_string();
+    let b = &r.circuit_breaker;
+    let rate = b.failure_rate.as_ref().map_or(String::new(), |f| {
+        format!(
+            ", or {:.0}% of at least {} calls in {}",
+            f.threshold * 100.0,
+            f.min_calls,
+            d(f.window)
+        )
+    });
+    let _ = writeln!(
+        s,
+        "  breaker {} failures{rate}, open {} (max {}), closes after {} successes",
+        b.failures,
+        d(b.open_for),
+        d(b.max_open_for),
+        b.half_open_successes
+    );
+    let t = &r.retry;
+    let on: Vec<String> =
+        t.on.iter()
+            .map(|o| match o {
+                RetryOn::ConnectError => "connect_error".to_owned(),
+                RetryOn::Timeout => "timeout".to_owned(),
+                RetryOn::Reset => "reset".to_owned(),
+                RetryOn::Status(code) => code.to_string(),
+            })
+            .collect();
+    let _ = writeln!(
+        s,
+        "  retry   {} attempts on {}, backoff {}..{}, budget {:.0}% + {}/s",
+        t.attempts,
+        on.join(","),
+        d(t.backoff_base),
+        d(t.backoff_max),
+        t.budget_ratio * 100.0,
+        t.budget_min_per_s
+    );
+    let _ = match &r.health_check {
+        Some(h) => writeln!(
+            s,
+            "  health  GET {} every {}, timeout {}, down after {}, up after {}{}",
+            h.path,
+            d(h.check.interval),
+            d(h.check.timeout),
+            h.check.unhealthy_after,
+            h.check.healthy_after,
+            if h.check.critical { ", critical" } else { "" }
+        ),
+        None => writeln!(
+            s,
+            "  health  none (passive ejection only: {} failures)",
+            r.ejection.consecutive_failures
+        ),
+    };
+}
+
 impl Config {
     /// Reads and validates a file. An unreadable file is one problem at 0:0.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_checked(path).map(|(config, _)| config)
+    }
+
+    /// [`Config::load`], plus the warnings `rampart check` prints (see
+    /// [`parse_str_checked`]).
+    pub fn load_checked(path: &Path) -> Result<(Config, Vec<String>), ConfigError> {
         let name = path.display().to_string();
         match std::fs::read_to_string(path) {
-            Ok(text) => parse_str(&text, &name, &|var| std::env::var(var).ok()),
+            Ok(text) => parse_str_checked(&text, &name, &|var| std::env::var(var).ok()),
             Err(e) => Err(ConfigError {
                 source_name: name,
                 problems: vec![Problem {
@@ -1007,6 +1073,8 @@ impl Config {
                 humantime::format_duration(u.connect_timeout),
                 humantime::format_duration(u.pool.idle_timeout)
             );
+            // What decides how this upstream behaves in an outage.
+            summarize_resilience(&mut s, &u.resilience);
         }
         let d = &self.dependencies;
         let checks = [

@@ -121,6 +121,16 @@ pub fn parse_str(
     source_name: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
+    parse_str_checked(text, source_name, env).map(|(config, _)| config)
+}
+
+/// [`parse_str`], plus the warnings `rampart check` prints for a valid file (one line
+/// each, `file:line:column: warning: ...`): what works but is likely a mistake.
+pub fn parse_str_checked(
+    text: &str,
+    source_name: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Config, Vec<String>), ConfigError> {
     let (root, mut problems) = raw::parse(text);
     let mut ctx = Ctx::new(env);
     let config = root.map(|root| decode(&mut ctx, &root, source_name));
@@ -128,12 +138,113 @@ pub fn parse_str(
     // Stable: problems at one position keep the order they were found in.
     problems.sort_by_key(|p| (p.line, p.column));
     match config {
-        Some(config) if problems.is_empty() => Ok(config),
+        Some(config) if problems.is_empty() => {
+            let warnings = layered_timeouts(&config.listeners, &ctx.timeout_sites, source_name);
+            Ok((config, warnings))
+        }
         _ => Err(ConfigError {
             source_name: source_name.to_owned(),
             problems,
         }),
     }
+}
+
+/// Where a route's `first_byte` and `idle` timeouts come from: the key, or the route itself
+/// for a default.
+struct TimeoutSite {
+    listener: String,
+    route: String,
+    first_byte: Located,
+    idle: Located,
+}
+
+impl TimeoutSite {
+    fn get(&self, kind: &str) -> &Located {
+        if kind == "idle" {
+            &self.idle
+        } else {
+            &self.first_byte
+        }
+    }
+}
+
+struct Located {
+    value: Duration,
+    pos: Pos,
+    path: String,
+    default: bool,
+}
+
+impl Located {
+    fn of(f: Option<&Field>, value: Duration, route: &Field, key: &str) -> Located {
+        match f {
+            Some(f) => Located {
+                value,
+                pos: f.pos(),
+                path: f.path.clone(),
+                default: false,
+            },
+            None => Located {
+                value,
+                pos: route.pos(),
+                path: format!("{}.timeouts.{key}", route.path),
+                default: true,
+            },
+        }
+    }
+}
+
+/// Timeouts that layer. An egress listener (`drain: egress`) carries the app's own calls
+/// out (FastGPT), which the app times out itself and answers with its own clean error; the
+/// inbound route in front of the app must wait longer than that, or its timer fires first
+/// (a 504 that blames the app, a cut stream instead of the app's error). So every inbound
+/// route's `first_byte` and `idle` must be longer than the longest of the egress routes'.
+/// Which inbound routes lead to the egress calls is not known here: all are compared.
+fn layered_timeouts(
+    listeners: &[ListenerConfig],
+    sites: &[TimeoutSite],
+    source: &str,
+) -> Vec<String> {
+    let egress = |site: &TimeoutSite| {
+        listeners
+            .iter()
+            .any(|l| l.name == site.listener && l.drain == DrainMode::Egress)
+    };
+    let kinds = ["first_byte", "idle"];
+    let mut out = Vec::new();
+    for inbound in sites.iter().filter(|s| !egress(s)) {
+        for kind in kinds {
+            // The longest egress timeout of this kind, the first written on a tie.
+            let Some(longest) = sites.iter().filter(|s| egress(s)).reduce(|a, b| {
+                if b.get(kind).value > a.get(kind).value {
+                    b
+                } else {
+                    a
+                }
+            }) else {
+                return out;
+            };
+            let (i, e) = (inbound.get(kind), longest.get(kind));
+            if i.value <= e.value {
+                out.push(format!(
+                    "{source}:{}:{}: warning: {}: {}{} is not longer than the egress route \
+                     {}/{}'s {kind} ({} at {source}:{}:{}): the app's own timeout on its call \
+                     out cannot answer first; make the inbound one longer",
+                    i.pos.line,
+                    i.pos.column,
+                    i.path,
+                    humantime::format_duration(i.value),
+                    if i.default { " (default)" } else { "" },
+                    longest.listener,
+                    longest.route,
+                    humantime::format_duration(e.value),
+                    e.pos.line,
+                    e.pos.column,
+                ));
+            }
+        }
+    }
+    out
 }
 
 fn decode(ctx: &mut Ctx, root: &Node, source_name: &str) -> Config {
@@ -746,6 +857,14 @@ fn route<'a>(
         .as_ref()
         .and_then(|u| upstreams.configs.get(u))
         .map_or(DEFAULT_CONNECT_TIMEOUT, |u| u.connect_timeout);
+    let (timeouts, first_byte, idle) =
+        route_timeouts(ctx, m.optional("timeouts"), connect_default, &whole);
+    ctx.timeout_sites.push(TimeoutSite {
+        listener: listener.to_owned(),
+        route: name.clone(),
+        first_byte,
+        idle,
+    });
     let config = RouteConfig {
         name,
         path_prefix,
@@ -753,7 +872,7 @@ fn route<'a>(
         methods,
         case_insensitive,
         upstream: upstream.unwrap_or_default(),
-        timeouts: route_timeouts(ctx, m.optional("timeouts"), connect_default),
+        timeouts,
         max_body_bytes: m
             .read(ctx, "max_body", |ctx, f| ctx.bytes(f, 1, MAX_BODY_BYTES))
             .unwrap_or(DEFAULT_MAX_BODY_BYTES),
@@ -796,18 +915,33 @@ fn route_match(ctx: &mut Ctx, f: Option<Field>) -> RouteMatch {
     (path_prefix, host, methods, case_insensitive)
 }
 
-fn route_timeouts(ctx: &mut Ctx, f: Option<Field>, connect_default: Duration) -> RouteTimeouts {
+/// Also returns where `first_byte` and `idle` come from (`route`: for a default), for the
+/// check that inbound timeouts are longer than egress ones.
+fn route_timeouts(
+    ctx: &mut Ctx,
+    f: Option<Field>,
+    connect_default: Duration,
+    route: &Field,
+) -> (RouteTimeouts, Located, Located) {
     let mut m = MapReader::open(ctx, f);
+    let first_byte_at = m.optional("first_byte");
+    let first_byte = first_byte_at
+        .as_ref()
+        .and_then(|f| ctx.duration(f))
+        .unwrap_or(DEFAULT_FIRST_BYTE_TIMEOUT);
+    let idle_at = m.optional("idle");
+    let idle = idle_at
+        .as_ref()
+        .and_then(|f| ctx.duration(f))
+        .unwrap_or(DEFAULT_IDLE_TIMEOUT);
+    let first_byte_at = Located::of(first_byte_at.as_ref(), first_byte, route, "first_byte");
+    let idle_at = Located::of(idle_at.as_ref(), idle, route, "idle");
     let config = RouteTimeouts {
         connect: m
             .read(ctx, "connect", Ctx::duration)
             .unwrap_or(connect_default),
-        first_byte: m
-            .read(ctx, "first_byte", Ctx::duration)
-            .unwrap_or(DEFAULT_FIRST_BYTE_TIMEOUT),
-        idle: m
-            .read(ctx, "idle", Ctx::duration)
-            .unwrap_or(DEFAULT_IDLE_TIMEOUT),
+        first_byte,
+        idle,
         total: m.read(ctx, "total", Ctx::duration_or_off).flatten(),
         body: m
             .read(ctx, "body", |ctx, f| {
@@ -821,7 +955,7 @@ fn route_timeouts(ctx: &mut Ctx, f: Option<Field>, connect_default: Duration) ->
             .unwrap_or(Some(DEFAULT_MIN_BODY_RATE)),
     };
     m.finish(ctx);
-    config
+    (config, first_byte_at, idle_at)
 }
 
 // === redis and rate limits ===
@@ -1302,6 +1436,8 @@ fn check_binds(ctx: &mut Ctx, mut binds: Vec<Bind>) {
 pub(super) struct Ctx<'e> {
     env: &'e dyn Fn(&str) -> Option<String>,
     problems: Vec<Problem>,
+    /// Every route's timeouts and where they were written, for `layered_timeouts`.
+    timeout_sites: Vec<TimeoutSite>,
 }
 
 /// A node of the tree and its key path, as messages name it.
@@ -1330,6 +1466,7 @@ impl<'e> Ctx<'e> {
         Ctx {
             env,
             problems: Vec::new(),
+            timeout_sites: Vec::new(),
         }
     }
 

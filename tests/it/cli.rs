@@ -59,6 +59,102 @@ fn check_accepts_the_shipped_config_and_prints_a_summary() {
     assert!(stdout.contains("admin     127.0.0.1:9901"), "{stdout}");
 }
 
+/// The summary shows, per upstream, the settings that matter most in an outage: breaker,
+/// retry and health check.
+#[test]
+fn check_summary_lists_each_upstreams_breaker_retry_and_health_check() {
+    let out = bin()
+        .args(["check", "--config", "proxy.yaml"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    for line in [
+        "  breaker 5 failures, open 1m (max 5m), closes after 2 successes",
+        "  retry   2 attempts on connect_error, backoff 50ms..1s, budget 20% + 3/s",
+        "  health  GET /health every 5s, timeout 2s, down after 3, up after 2, critical",
+        "  health  none (passive ejection only: 3 failures)",
+    ] {
+        assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");
+    }
+    // Each upstream's lines follow its own `upstream` line.
+    let backend = stdout.find("upstream  backend").unwrap();
+    let fastgpt = stdout.find("upstream  fastgpt").unwrap();
+    let hc = stdout.find("  health  GET /health").unwrap();
+    assert!(backend < hc && hc < fastgpt, "{stdout}");
+}
+
+/// Timeouts that layer: the app's own timeout on its egress call must answer before the
+/// inbound route's, so its clean error reaches the client. The shipped file follows the
+/// rule; one that does not gets a warning (exit 0) naming both positions.
+#[test]
+fn check_warns_when_an_inbound_timeout_is_not_longer_than_an_egress_one() {
+    let out = bin()
+        .args(["check", "--config", "proxy.yaml"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+
+    let text = r#"listeners:
+  - name: inbound
+    listen: "127.0.0.1:0"
+    routes:
+      - name: api
+        upstream: backend
+        timeouts: { first_byte: 30s, idle: 90s }
+      - name: health
+        match: { path_prefix: /health }
+        upstream: backend
+  - name: fastgpt
+    listen: "127.0.0.1:0"
+    drain: egress
+    routes:
+      - name: llm
+        upstream: fastgpt
+        timeouts:
+          first_byte: 30s
+          idle: 60s
+upstreams:
+  backend: { endpoints: ["http://127.0.0.1:3001"] }
+  fastgpt: { endpoints: ["http://127.0.0.1:3000"] }
+"#;
+    let path = temp_file("layers.yaml", text);
+    let out = bin()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("warning")).collect();
+    // api's first_byte (written), health's first_byte and idle (defaults 30s and 1m,
+    // located at the route); api's idle of 90s is longer, as it should be.
+    assert_eq!(warnings.len(), 3, "{stderr}");
+    let name = path.display().to_string();
+    assert!(
+        warnings[0].starts_with(&format!(
+            "{name}:7:33: warning: listeners[0].routes[0].timeouts.first_byte: 30s is not longer than the egress route fastgpt/llm's first_byte (30s at {name}:18:23)"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        warnings[1].starts_with(&format!(
+            "{name}:8:9: warning: listeners[0].routes[1].timeouts.first_byte: 30s (default) is not longer than the egress route fastgpt/llm's first_byte (30s at {name}:18:23)"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        warnings[2].starts_with(&format!(
+            "{name}:8:9: warning: listeners[0].routes[1].timeouts.idle: 1m (default) is not longer than the egress route fastgpt/llm's idle (1m at {name}:19:17)"
+        )),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("ok"), "{stdout}");
+}
+
 #[test]
 fn the_shipped_config_is_the_users_topology() {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.yaml")).unwrap();
@@ -81,6 +177,17 @@ fn the_shipped_config_is_the_users_topology() {
     assert_eq!(
         fastgpt.routes[0].timeouts.total, None,
         "no total timeout on streams"
+    );
+    // Timeouts that layer: inbound waits longer than the app's egress calls.
+    let (i, e) = (&inbound.routes[0].timeouts, &fastgpt.routes[0].timeouts);
+    assert_eq!(
+        (i.first_byte, i.idle, e.first_byte, e.idle),
+        (
+            Duration::from_secs(35),
+            Duration::from_secs(75),
+            Duration::from_secs(30),
+            Duration::from_secs(60)
+        )
     );
     assert_eq!(
         cfg.upstreams["backend"].endpoints[0].to_string(),
