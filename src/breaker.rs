@@ -533,7 +533,10 @@ mod tests {
         assert_eq!(b.health_passed(t1, 2), None);
         let t2 = t0 + Duration::from_secs(2);
         assert_eq!(b.health_passed(t2, 2), Some(Transition::HalfOpened));
-        assert_eq!((b.state(), b.since(), b.blocks(t2)), (State::HalfOpen, t2, false));
+        assert_eq!(
+            (b.state(), b.since(), b.blocks(t2)),
+            (State::HalfOpen, t2, false)
+        );
         // Only probes are admitted, and the probes close it as usual.
         let p = Some(1);
         assert_eq!(b.admit(t2), (Admit::Allowed { probe: p }, None));
@@ -541,7 +544,10 @@ mod tests {
         assert!(matches!(b.admit(t2).0, Admit::Rejected { .. }));
         assert_eq!(b.health_passed(t2, 2), None, "nothing to do once half-open");
         b.on_result(t2, Outcome::Success, p);
-        assert_eq!(b.on_result(t2, Outcome::Success, p), Some(Transition::Closed));
+        assert_eq!(
+            b.on_result(t2, Outcome::Success, p),
+            Some(Transition::Closed)
+        );
         assert_eq!(b.since(), t2);
     }
 

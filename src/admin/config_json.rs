@@ -10,9 +10,9 @@ use serde_json::{Value, json};
 use tokio_postgres::config::{Host, SslMode, TargetSessionAttrs};
 
 use crate::config::{
-    BreakerReadiness, CheckConfig, Config, DrainMode, EscapedSlashes, KeySource, LoadBalancing, LogFormat,
-    NormalizePath, REDACTED, RateLimitStore, RedisTarget, RetryOn, Secret, UpstreamClient,
-    postgres_url_for_driver, redis_url_shown, sink_url_shown,
+    BreakerReadiness, CheckConfig, Config, DrainMode, EscapedSlashes, KeySource, LoadBalancing,
+    LogFormat, NormalizePath, REDACTED, RateLimitStore, RedisTarget, RetryOn, Secret,
+    UpstreamClient, postgres_url_for_driver, redis_url_shown, sink_url_shown,
 };
 
 fn d(x: Duration) -> String {

@@ -19,12 +19,13 @@ use http::{Method, Uri};
 
 use super::raw::{self, Entry, Kind, Node, Pos, child_path, item_path};
 use super::{
-    AdminConfig, AlertRule, AlertsConfig, BreakerConfig, BreakerReadiness, BreakerScope, Cidr, Comparison, Config, ConfigError,
-    DrainConfig, DrainMode, EjectionConfig, EscapedSlashes, FailureRate, Http2Config, KeySource,
-    ListenerConfig, LoadBalancing, LogFormat, LoggingConfig, NormalizePath, PathConfig, PoolConfig,
-    Problem, RateLimitConfig, RateLimitKey, RateLimitStore, RedisConfig, RedisTarget, Resilience,
-    ReadinessConfig, RetryConfig, RetryOn, RouteConfig, RouteTimeouts, Secret, Severity, Signal, SignalUnit,
-    SinkConfig, SinkKind, UpstreamClient, UpstreamConfig,
+    AdminConfig, AlertRule, AlertsConfig, BreakerConfig, BreakerReadiness, BreakerScope, Cidr,
+    Comparison, Config, ConfigError, DrainConfig, DrainMode, EjectionConfig, EscapedSlashes,
+    FailureRate, Http2Config, KeySource, ListenerConfig, LoadBalancing, LogFormat, LoggingConfig,
+    NormalizePath, PathConfig, PoolConfig, Problem, RateLimitConfig, RateLimitKey, RateLimitStore,
+    ReadinessConfig, RedisConfig, RedisTarget, Resilience, RetryConfig, RetryOn, RouteConfig,
+    RouteTimeouts, Secret, Severity, Signal, SignalUnit, SinkConfig, SinkKind, UpstreamClient,
+    UpstreamConfig,
 };
 
 // === defaults (documented on the types in mod.rs and in docs/configuration.md) ===
@@ -3576,6 +3577,12 @@ mod tests {
                 "circuit_breaker: { failures: 1000000 }",
                 "circuit_breaker: { failures: 1000001 }",
                 "must be at most 1000000, got 1000001",
+            ),
+            (
+                "upstream",
+                "health_check: { unhealthy_interval: 365d }",
+                "health_check: { unhealthy_interval: 8761h }",
+                "must be at most 365 days",
             ),
             (
                 "upstream",

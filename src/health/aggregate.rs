@@ -399,6 +399,34 @@ mod tests {
             body.contains("\"upstream:backend\":{\"status\":\"degraded\",\"critical\":true,\"latency_ms\":3.0,\"healthy_endpoints\":1,\"total_endpoints\":2,\"endpoints\":{\"http://10.0.0.0:80/\":{\"status\":\"healthy\""),
             "{body}"
         );
-        assert!(body.ends_with("}}\n"), "{body}");
+        assert!(body.ends_with("}},\"breakers\":[]}\n"), "{body}");
+    }
+
+    #[test]
+    fn a_breaker_not_closed_degrades_a_healthy_answer_and_is_listed() {
+        use Status::*;
+        let open = BreakerReport {
+            upstream: "backend".into(),
+            route: Some("chat".into()),
+            state: crate::breaker::State::Open,
+            since: SystemTime::UNIX_EPOCH,
+        };
+        let checks = [check("memory", false, &[Healthy])];
+        let (s, body) = render_with(
+            &checks,
+            std::slice::from_ref(&open),
+            Duration::ZERO,
+            false,
+            Audience::Public,
+        );
+        assert_eq!((s.status, s.ready()), (Degraded, true));
+        assert!(
+            body.ends_with(",\"breakers\":[{\"upstream\":\"backend\",\"route\":\"chat\",\"state\":\"open\",\"since\":\"1970-01-01T00:00:00.000Z\"}]}\n"),
+            "{body}"
+        );
+        // Never worse than degraded: an unhealthy answer stays unhealthy, nothing more.
+        let checks = [check("postgres", true, &[Unhealthy])];
+        let (s, _) = render_with(&checks, &[open], Duration::ZERO, false, Audience::Public);
+        assert_eq!(s.status, Unhealthy);
     }
 }

@@ -4,6 +4,11 @@
 //! it back), and its verdict is written on the endpoint's state, which `Upstream::pick`
 //! reads: an endpoint that fails its checks is skipped like an ejected one.
 //!
+//! Passes also feed health-informed recovery (Envoy's
+//! `successful_active_health_check_uneject_host`): `healthy_after` in a row end the
+//! endpoint's ejection and turn the upstream's open breakers HALF_OPEN. While a breaker or
+//! ejection is open the check runs at `unhealthy_interval`, and one opening wakes it.
+//!
 //! Probes use their own connections (a private copy of the upstream's endpoints), so they
 //! never take a pooled connection from traffic nor leave one in a state traffic would see.
 
