@@ -10,7 +10,10 @@
 //! The last edge is Envoy's `successful_active_health_check_uneject_host`: an upstream
 //! that restarted in under a second is seen healthy by its check long before `open_for`
 //! ends, and waiting it out turned a 0.4 s restart into 60 s of 503s. It goes to HALF_OPEN,
-//! not CLOSED: the check's path passing does not prove the route's requests do.
+//! not CLOSED: the check's path passing does not prove the route's requests do. Once per
+//! outage: if those probes fail, the route fails while its upstream is healthy (a chat
+//! route whose LLM is down), and only `open_for` (doubled) ends the next opening, or the
+//! breaker would let probes through every few seconds.
 //!
 //! Admitting every request while half-open (as the users' original did) turns a recovering
 //! upstream into a dead one; here only the probes get through and everything else still
@@ -164,6 +167,8 @@ pub struct Breaker {
     since: Instant,
     /// Active health checks passed in a row while OPEN (0 in any other state).
     health_passes: u32,
+    /// Health-informed recovery was tried since the breaker was last CLOSED.
+    health_tried: bool,
 }
 
 impl Breaker {
@@ -181,6 +186,7 @@ impl Breaker {
             generation: 0,
             since: now,
             health_passes: 0,
+            health_tried: false,
         }
     }
 
@@ -219,7 +225,7 @@ impl Breaker {
     /// The upstream's active check passed. After `needed` passes in a row while OPEN, the
     /// breaker goes HALF_OPEN at once rather than at the end of `open_for`.
     pub fn health_passed(&mut self, now: Instant, needed: u32) -> Option<Transition> {
-        if !matches!(self.inner, Inner::Open { .. }) {
+        if !matches!(self.inner, Inner::Open { .. }) || self.health_tried {
             return None;
         }
         self.health_passes = self.health_passes.saturating_add(1);
@@ -227,6 +233,7 @@ impl Breaker {
             return None;
         }
         self.half_open(now, 0);
+        self.health_tried = true;
         Some(Transition::HalfOpened)
     }
 
@@ -383,6 +390,7 @@ impl Breaker {
     fn close(&mut self, now: Instant) {
         self.inner = Inner::Closed;
         self.since = now;
+        self.health_tried = false;
         self.consecutive_failures = 0;
         self.open_for = self.cfg.open_for;
         if let Some(w) = &mut self.window {
@@ -552,7 +560,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_probe_after_health_informed_half_open_reopens_and_passes_count_afresh() {
+    fn health_informed_recovery_is_tried_once_per_outage() {
         let t0 = Instant::now();
         let mut b = Breaker::new(cfg(), t0);
         for _ in 0..5 {
@@ -567,10 +575,26 @@ mod tests {
             Some(Transition::Opened { .. })
         ));
         assert!(b.blocks(t0));
+        // The check passing did not mean the route works: no second shortcut this outage.
+        for _ in 0..5 {
+            assert_eq!(b.health_passed(t0, 2), None);
+        }
+        assert_eq!(b.state(), State::Open);
         // An OPEN breaker whose time is over no longer blocks (the next request probes).
-        assert!(!b.blocks(t0 + Duration::from_secs(300)));
-        assert_eq!(b.health_passed(t0, 2), None);
-        assert_eq!(b.health_passed(t0, 2), Some(Transition::HalfOpened));
+        let later = t0 + Duration::from_secs(300);
+        assert!(!b.blocks(later));
+        for closes in [None, Some(Transition::Closed)] {
+            let Admit::Allowed { probe } = b.admit(later).0 else {
+                panic!("a probe is admitted");
+            };
+            assert_eq!(b.on_result(later, Outcome::Success, probe), closes);
+        }
+        // Closed again: the next outage may recover through the check once more.
+        for _ in 0..5 {
+            fail(&mut b, later);
+        }
+        assert_eq!(b.health_passed(later, 2), None);
+        assert_eq!(b.health_passed(later, 2), Some(Transition::HalfOpened));
     }
 
     #[derive(Debug, Clone)]

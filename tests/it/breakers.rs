@@ -230,6 +230,45 @@ async fn a_passing_health_check_half_opens_an_open_breaker() {
     px.shutdown().await;
 }
 
+/// The chat route fails while its upstream is healthy (the LLM behind it is down): the
+/// check's passes half-open the breaker once; when the probe fails too, the breaker waits
+/// out `open_for` rather than letting probes through every two seconds.
+#[tokio::test]
+async fn a_route_that_fails_while_its_upstream_is_healthy_gets_one_health_informed_probe() {
+    let up = Upstream::start().await;
+    let px = start(&two_routes(
+        &up.url(),
+        "    circuit_breaker: { failures: 5, open_for: 60s, half_open_max_probes: 1 }\n    \
+         health_check: { path: /ok, interval: 5s, healthy_after: 2 }",
+        "",
+    ))
+    .await;
+    let addr = px.addr("main").unwrap();
+    fail_chat(addr).await;
+    let mut probed = false;
+    for _ in 0..100 {
+        match code_of(addr, "/status/502").await.0 {
+            502 => {
+                probed = true;
+                break;
+            }
+            503 => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => panic!("{other}"),
+        }
+    }
+    assert!(probed, "a probe within 5 s");
+    let seen = up.requests();
+    // Four more checks pass in the next 4 s: the breaker stays open.
+    for _ in 0..40 {
+        assert_eq!(code_of(addr, "/status/200").await, open_circuit());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let checks = up.requests() - seen;
+    assert!(checks >= 3, "the checks went on ({checks})");
+    assert_eq!(code_of(addr, "/api/agents").await, (200, None));
+    px.shutdown().await;
+}
+
 /// An endpoint ejected for 60 s (its answers failed) comes back once its check passes
 /// `healthy_after` times in a row, as Envoy's `successful_active_health_check_uneject_host`.
 #[tokio::test]
