@@ -14,6 +14,8 @@ pub struct EndpointHealth {
     ejected_until: Option<Instant>,
     /// Ejections without a success in between: each one lasts twice as long.
     ejections_in_a_row: u32,
+    /// Active checks passed in a row while ejected.
+    health_passes: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +26,29 @@ pub enum HealthEvent {
 impl EndpointHealth {
     pub fn available(&self, now: Instant) -> bool {
         self.ejected_until.is_none_or(|t| now >= t)
+    }
+
+    /// The endpoint's active check passed: after `needed` passes in a row while ejected,
+    /// the ejection ends (Envoy's `successful_active_health_check_uneject_host`). The
+    /// doubling is kept: an endpoint that fails again right away is set aside for longer.
+    /// True when this ended an ejection.
+    pub fn health_passed(&mut self, now: Instant, needed: u32) -> bool {
+        if self.available(now) {
+            self.health_passes = 0;
+            return false;
+        }
+        self.health_passes = self.health_passes.saturating_add(1);
+        if self.health_passes < needed.max(1) {
+            return false;
+        }
+        self.ejected_until = None;
+        self.health_passes = 0;
+        self.consecutive_failures = 0;
+        true
+    }
+
+    pub fn health_failed(&mut self) {
+        self.health_passes = 0;
     }
 
     pub fn on_result(
@@ -50,6 +75,7 @@ impl EndpointHealth {
             .saturating_mul(factor)
             .min(cfg.max_ejection);
         self.ejected_until = Some(now + period);
+        self.health_passes = 0;
         self.ejections_in_a_row += 1;
         self.consecutive_failures = 0;
         Some(HealthEvent::Ejected(period))
@@ -135,6 +161,30 @@ mod tests {
         assert_eq!(
             h.on_result(t2, false, &cfg()),
             Some(HealthEvent::Ejected(Duration::from_secs(10)))
+        );
+    }
+
+    #[test]
+    fn passing_checks_end_an_ejection() {
+        let t0 = Instant::now();
+        let mut h = EndpointHealth::default();
+        assert!(!h.health_passed(t0, 2), "not ejected: nothing to end");
+        for _ in 0..3 {
+            h.on_result(t0, false, &cfg());
+        }
+        assert!(!h.available(t0));
+        assert!(!h.health_passed(t0, 2));
+        h.health_failed();
+        assert!(!h.health_passed(t0, 2));
+        assert!(h.health_passed(t0, 2));
+        assert!(h.available(t0));
+        // The doubling is kept: failing again at once sets it aside for 20 s.
+        for _ in 0..2 {
+            h.on_result(t0, false, &cfg());
+        }
+        assert_eq!(
+            h.on_result(t0, false, &cfg()),
+            Some(HealthEvent::Ejected(Duration::from_secs(20)))
         );
     }
 

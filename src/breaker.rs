@@ -5,6 +5,15 @@
 //! OPEN --(open_for elapsed)--> HALF_OPEN, admitting at most `half_open_max_probes` at once
 //! HALF_OPEN --(half_open_successes successes)--> CLOSED
 //! HALF_OPEN --(a probe fails)--> OPEN again for twice as long (capped, jittered)
+//! OPEN --(the upstream's active check passed `healthy_after` times in a row)--> HALF_OPEN
+//!
+//! The last edge is Envoy's `successful_active_health_check_uneject_host`: an upstream
+//! that restarted in under a second is seen healthy by its check long before `open_for`
+//! ends, and waiting it out turned a 0.4 s restart into 60 s of 503s. It goes to HALF_OPEN,
+//! not CLOSED: the check's path passing does not prove the route's requests do. Once per
+//! outage: if those probes fail, the route fails while its upstream is healthy (a chat
+//! route whose LLM is down), and only `open_for` (doubled) ends the next opening, or the
+//! breaker would let probes through every few seconds.
 //!
 //! Admitting every request while half-open (as the users' original did) turns a recovering
 //! upstream into a dead one; here only the probes get through and everything else still
@@ -154,6 +163,12 @@ pub struct Breaker {
     open_for: Duration,
     /// Counts half-open periods.
     generation: u64,
+    /// When the current state was entered.
+    since: Instant,
+    /// Active health checks passed in a row while OPEN (0 in any other state).
+    health_passes: u32,
+    /// Health-informed recovery was tried since the breaker was last CLOSED.
+    health_tried: bool,
 }
 
 impl Breaker {
@@ -169,6 +184,9 @@ impl Breaker {
             consecutive_failures: 0,
             window,
             generation: 0,
+            since: now,
+            health_passes: 0,
+            health_tried: false,
         }
     }
 
@@ -193,6 +211,37 @@ impl Breaker {
         }
     }
 
+    /// When the current state was entered.
+    pub fn since(&self) -> Instant {
+        self.since
+    }
+
+    /// OPEN and still failing requests fast at `now` (an OPEN breaker whose `open_for` is
+    /// over admits the next request as a probe, so it no longer blocks anything).
+    pub fn blocks(&self, now: Instant) -> bool {
+        matches!(self.inner, Inner::Open { until } if now < until)
+    }
+
+    /// The upstream's active check passed. After `needed` passes in a row while OPEN, the
+    /// breaker goes HALF_OPEN at once rather than at the end of `open_for`.
+    pub fn health_passed(&mut self, now: Instant, needed: u32) -> Option<Transition> {
+        if !matches!(self.inner, Inner::Open { .. }) || self.health_tried {
+            return None;
+        }
+        self.health_passes = self.health_passes.saturating_add(1);
+        if self.health_passes < needed.max(1) {
+            return None;
+        }
+        self.half_open(now, 0);
+        self.health_tried = true;
+        Some(Transition::HalfOpened)
+    }
+
+    /// The upstream's active check failed: passes start counting again.
+    pub fn health_failed(&mut self) {
+        self.health_passes = 0;
+    }
+
     /// The generation of the current half-open period, if half-open.
     pub fn current_generation(&self) -> Option<u64> {
         match self.inner {
@@ -214,12 +263,7 @@ impl Breaker {
             Inner::Closed => (Admit::Allowed { probe: None }, None),
             Inner::Open { until } => {
                 if now >= *until {
-                    self.generation += 1;
-                    self.inner = Inner::HalfOpen {
-                        in_flight: 1,
-                        successes: 0,
-                        generation: self.generation,
-                    };
+                    self.half_open(now, 1);
                     (
                         Admit::Allowed {
                             probe: Some(self.generation),
@@ -278,7 +322,7 @@ impl Breaker {
                     Outcome::Success => {
                         *successes += 1;
                         if *successes >= self.cfg.half_open_successes {
-                            self.close();
+                            self.close(now);
                             Some(Transition::Closed)
                         } else {
                             None
@@ -317,8 +361,22 @@ impl Breaker {
         }
     }
 
+    /// `in_flight`: 1 when the request that found `open_for` over is the first probe.
+    fn half_open(&mut self, now: Instant, in_flight: u32) {
+        self.generation += 1;
+        self.inner = Inner::HalfOpen {
+            in_flight,
+            successes: 0,
+            generation: self.generation,
+        };
+        self.since = now;
+        self.health_passes = 0;
+    }
+
     fn open(&mut self, now: Instant, open_for: Duration) -> Transition {
         self.open_for = open_for;
+        self.since = now;
+        self.health_passes = 0;
         self.inner = Inner::Open {
             until: now + open_for,
         };
@@ -329,8 +387,10 @@ impl Breaker {
         Transition::Opened { open_for }
     }
 
-    fn close(&mut self) {
+    fn close(&mut self, now: Instant) {
         self.inner = Inner::Closed;
+        self.since = now;
+        self.health_tried = false;
         self.consecutive_failures = 0;
         self.open_for = self.cfg.open_for;
         if let Some(w) = &mut self.window {
@@ -462,11 +522,87 @@ mod tests {
         assert_eq!(b.state(), State::HalfOpen);
     }
 
+    #[test]
+    fn passing_health_checks_half_open_an_open_breaker_at_once() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(cfg(), t0);
+        // Passes while closed count for nothing.
+        assert_eq!(b.health_passed(t0, 2), None);
+        assert_eq!(b.health_passed(t0, 2), None);
+        for _ in 0..5 {
+            fail(&mut b, t0);
+        }
+        assert_eq!(b.state(), State::Open);
+        assert!(b.blocks(t0));
+        // Two passes in a row while open; a failure in between starts the count again.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(b.health_passed(t1, 2), None);
+        b.health_failed();
+        assert_eq!(b.health_passed(t1, 2), None);
+        let t2 = t0 + Duration::from_secs(2);
+        assert_eq!(b.health_passed(t2, 2), Some(Transition::HalfOpened));
+        assert_eq!(
+            (b.state(), b.since(), b.blocks(t2)),
+            (State::HalfOpen, t2, false)
+        );
+        // Only probes are admitted, and the probes close it as usual.
+        let p = Some(1);
+        assert_eq!(b.admit(t2), (Admit::Allowed { probe: p }, None));
+        assert_eq!(b.admit(t2), (Admit::Allowed { probe: p }, None));
+        assert!(matches!(b.admit(t2).0, Admit::Rejected { .. }));
+        assert_eq!(b.health_passed(t2, 2), None, "nothing to do once half-open");
+        b.on_result(t2, Outcome::Success, p);
+        assert_eq!(
+            b.on_result(t2, Outcome::Success, p),
+            Some(Transition::Closed)
+        );
+        assert_eq!(b.since(), t2);
+    }
+
+    #[test]
+    fn health_informed_recovery_is_tried_once_per_outage() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(cfg(), t0);
+        for _ in 0..5 {
+            fail(&mut b, t0);
+        }
+        assert_eq!(b.health_passed(t0, 1), Some(Transition::HalfOpened));
+        let Admit::Allowed { probe } = b.admit(t0).0 else {
+            panic!("a probe is admitted");
+        };
+        assert!(matches!(
+            b.on_result(t0, Outcome::Failure, probe),
+            Some(Transition::Opened { .. })
+        ));
+        assert!(b.blocks(t0));
+        // The check passing did not mean the route works: no second shortcut this outage.
+        for _ in 0..5 {
+            assert_eq!(b.health_passed(t0, 2), None);
+        }
+        assert_eq!(b.state(), State::Open);
+        // An OPEN breaker whose time is over no longer blocks (the next request probes).
+        let later = t0 + Duration::from_secs(300);
+        assert!(!b.blocks(later));
+        for closes in [None, Some(Transition::Closed)] {
+            let Admit::Allowed { probe } = b.admit(later).0 else {
+                panic!("a probe is admitted");
+            };
+            assert_eq!(b.on_result(later, Outcome::Success, probe), closes);
+        }
+        // Closed again: the next outage may recover through the check once more.
+        for _ in 0..5 {
+            fail(&mut b, later);
+        }
+        assert_eq!(b.health_passed(later, 2), None);
+        assert_eq!(b.health_passed(later, 2), Some(Transition::HalfOpened));
+    }
+
     #[derive(Debug, Clone)]
     enum Step {
         Admit,
         Finish(usize, u8),
         Wait(u64),
+        Health(bool),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -474,6 +610,7 @@ mod tests {
             Just(Step::Admit),
             (0usize..8, 0u8..3).prop_map(|(i, o)| Step::Finish(i, o)),
             (0u64..120_000).prop_map(Step::Wait),
+            any::<bool>().prop_map(Step::Health),
         ]
     }
 
@@ -514,6 +651,12 @@ mod tests {
                         }
                     }
                     Step::Wait(ms) => now += Duration::from_millis(ms),
+                    Step::Health(true) => {
+                        if let Some(Transition::HalfOpened) = b.health_passed(now, 2) {
+                            probe_successes_since_open = 0;
+                        }
+                    }
+                    Step::Health(false) => b.health_failed(),
                 }
                 prop_assert!(b.probes_in_flight() <= c.half_open_max_probes);
                 if let Some(g) = b.current_generation() {

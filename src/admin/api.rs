@@ -24,6 +24,7 @@ const RECENT: Duration = Duration::from_secs(60);
 pub fn upstreams(shared: &Shared) -> Value {
     let snapshot = shared.snapshot.load();
     let now = Instant::now();
+    let wall = std::time::SystemTime::now();
     let mut names: Vec<&String> = snapshot.upstreams.keys().collect();
     names.sort();
     let list: Vec<Value> = names
@@ -48,9 +49,27 @@ pub fn upstreams(shared: &Shared) -> Value {
                     })
                 })
                 .collect();
+            let breakers: Vec<Value> = u
+                .state
+                .breakers()
+                .iter()
+                .map(|b| {
+                    let (state, since, _) = b.status(now);
+                    let since = wall
+                        .checked_sub(now.saturating_duration_since(since))
+                        .unwrap_or(wall);
+                    json!({
+                        "route": b.route,
+                        "state": state.as_str(),
+                        "since": crate::alert::sinks::rfc3339(since),
+                    })
+                })
+                .collect();
             json!({
                 "name": u.name,
+                // The worst of its breakers; each is in `breakers` (route null: shared).
                 "breaker": u.state.breaker_state().as_str(),
+                "breakers": breakers,
                 "in_flight": u.state.in_flight.load(Ordering::Relaxed),
                 "max_in_flight": u.resilience.max_in_flight,
                 "endpoints": endpoints,
@@ -90,8 +109,18 @@ pub fn status(shared: &Shared) -> Value {
             };
             let t = series.over(&current, RECENT, &filter);
             let span = series.span(&current, RECENT);
-            if u.get("breaker").and_then(Value::as_str) != Some(BreakerState::Closed.as_str()) {
-                any_open.push(name.clone());
+            for b in u
+                .get("breakers")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter(|b| b["state"] != BreakerState::Closed.as_str())
+            {
+                let state = b["state"].as_str().unwrap_or_default().to_owned();
+                match b["route"].as_str() {
+                    Some(route) => any_open.push((format!("{name}/{route}"), state)),
+                    None => any_open.push((name.clone(), state)),
+                }
             }
             any_ejected |= u
                 .get("endpoints")
@@ -158,9 +187,18 @@ pub fn status(shared: &Shared) -> Value {
         reasons.push("draining: readiness is off".to_owned());
         level = level.max(1);
     }
-    for n in &any_open {
-        reasons.push(format!("circuit breaker of {n} is not closed"));
-        level = 2;
+    // As /health and /readyz see it: a breaker degrades; it takes readiness (critical)
+    // only with `readiness.breaker_open: not_ready`.
+    let not_ready = shared.snapshot.load().config.readiness.breaker_open
+        == crate::config::BreakerReadiness::NotReady;
+    for (n, state) in &any_open {
+        if not_ready && state == BreakerState::Open.as_str() {
+            reasons.push(format!("circuit breaker {n} is open: not ready"));
+            level = 2;
+        } else {
+            reasons.push(format!("circuit breaker {n} is {state}"));
+            level = level.max(1);
+        }
     }
     for n in &critical_down {
         reasons.push(format!("critical dependency {n} is unhealthy"));

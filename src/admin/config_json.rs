@@ -10,9 +10,9 @@ use serde_json::{Value, json};
 use tokio_postgres::config::{Host, SslMode, TargetSessionAttrs};
 
 use crate::config::{
-    CheckConfig, Config, DrainMode, EscapedSlashes, KeySource, LoadBalancing, LogFormat,
-    NormalizePath, REDACTED, RateLimitStore, RedisTarget, RetryOn, Secret, UpstreamClient,
-    postgres_url_for_driver, redis_url_shown, sink_url_shown,
+    BreakerReadiness, CheckConfig, Config, DrainMode, EscapedSlashes, KeySource, LoadBalancing,
+    LogFormat, NormalizePath, REDACTED, RateLimitStore, RedisTarget, RetryOn, Secret,
+    UpstreamClient, postgres_url_for_driver, redis_url_shown, sink_url_shown,
 };
 
 fn d(x: Duration) -> String {
@@ -66,6 +66,7 @@ pub fn postgres_shown(url: &Secret<String>) -> Value {
 fn check(c: &CheckConfig) -> Value {
     json!({
         "interval": d(c.interval),
+        "unhealthy_interval": d(c.unhealthy_interval),
         "timeout": d(c.timeout),
         "critical": c.critical,
         "unhealthy_after": c.unhealthy_after,
@@ -163,6 +164,7 @@ pub fn to_json(c: &Config) -> Value {
                 },
                 "max_in_flight": r.max_in_flight,
                 "circuit_breaker": {
+                    "scope": b.scope.as_str(),
                     "failures": b.failures,
                     "open_for": d(b.open_for),
                     "max_open_for": d(b.max_open_for),
@@ -309,6 +311,12 @@ pub fn to_json(c: &Config) -> Value {
         "drain": {
             "accept_grace": d(c.drain.accept_grace),
             "timeout": d(c.drain.timeout),
+        },
+        "readiness": {
+            "breaker_open": match c.readiness.breaker_open {
+                BreakerReadiness::Ignore => "ignore",
+                BreakerReadiness::NotReady => "not_ready",
+            },
         },
         "alerts": {
             "interval": d(c.alerts.interval),

@@ -562,15 +562,14 @@ fn read(rule: &AlertRule, shared: &Shared, current: &Sample, series: &Series) ->
                 return Reading::default();
             }
             names.sort_unstable();
-            // Half-open is not closed yet: the upstream has not shown it recovered.
-            let open: Vec<&str> = names
+            // Half-open is not closed yet: the upstream has not shown it recovered. Any
+            // breaker of the upstream counts (one per route with `scope: route`).
+            let open: Vec<String> = names
                 .into_iter()
-                .filter(|n| {
-                    snapshot
-                        .upstreams
-                        .get(*n)
-                        .is_some_and(|u| u.state.breaker_state() != BreakerState::Closed)
-                })
+                .filter_map(|n| snapshot.upstreams.get(n))
+                .flat_map(|u| u.state.breakers())
+                .filter(|b| b.state() != BreakerState::Closed)
+                .map(|b| b.display_name())
                 .collect();
             Reading {
                 value: Some(if open.is_empty() { 0.0 } else { 1.0 }),

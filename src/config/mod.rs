@@ -49,6 +49,25 @@ pub struct Config {
     pub dependencies: DependenciesConfig,
     /// Alert rules and where their notifications go (`alerts:`); the defaults when absent.
     pub alerts: AlertsConfig,
+    /// What, besides critical checks and the drain, takes `/readyz` down (`readiness:`).
+    pub readiness: ReadinessConfig,
+}
+
+/// `readiness:`. An open breaker says one route's upstream fails, not that this replica
+/// does: taking every replica out of the Service for it turns a partial outage into a
+/// total one, so it is opt-in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadinessConfig {
+    /// Default `ignore`.
+    pub breaker_open: BreakerReadiness,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BreakerReadiness {
+    #[default]
+    Ignore,
+    /// Not ready while a breaker is OPEN (half-open is ready: its probes need traffic).
+    NotReady,
 }
 
 /// `alerts:`: rules evaluated in-process, for deployments without a Prometheus server.
@@ -338,6 +357,9 @@ pub struct DependenciesConfig {
 pub struct CheckConfig {
     /// Between the starts of two probes (jittered by 10 %).
     pub interval: Duration,
+    /// The interval while the check fails (or, for an upstream, while one of its breakers
+    /// or ejections is open), never longer than `interval`. Default 1s, as Envoy's.
+    pub unhealthy_interval: Duration,
     /// The whole probe, connecting included.
     pub timeout: Duration,
     /// A critical check that fails makes `/health` 503 and `/readyz` not ready.
@@ -666,8 +688,29 @@ pub enum LoadBalancing {
     LeastOutstanding,
 }
 
+/// What one breaker guards (`circuit_breaker.scope`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BreakerScope {
+    /// One breaker per route using the upstream: a failing route does not stop the others.
+    #[default]
+    Route,
+    /// One breaker shared by every route of the upstream.
+    Upstream,
+}
+
+impl BreakerScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerScope::Route => "route",
+            BreakerScope::Upstream => "upstream",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct BreakerConfig {
+    /// Default route.
+    pub scope: BreakerScope,
     /// Consecutive failures that open it. Default 5.
     pub failures: u32,
     /// First open period. Default 60s; doubled (with jitter) each time it re-opens.
@@ -788,6 +831,7 @@ impl fmt::Display for Cidr {
 impl Default for BreakerConfig {
     fn default() -> Self {
         BreakerConfig {
+            scope: BreakerScope::Route,
             failures: 5,
             open_for: Duration::from_secs(60),
             max_open_for: Duration::from_secs(300),

@@ -19,12 +19,13 @@ use http::{Method, Uri};
 
 use super::raw::{self, Entry, Kind, Node, Pos, child_path, item_path};
 use super::{
-    AdminConfig, AlertRule, AlertsConfig, BreakerConfig, Cidr, Comparison, Config, ConfigError,
-    DrainConfig, DrainMode, EjectionConfig, EscapedSlashes, FailureRate, Http2Config, KeySource,
-    ListenerConfig, LoadBalancing, LogFormat, LoggingConfig, NormalizePath, PathConfig, PoolConfig,
-    Problem, RateLimitConfig, RateLimitKey, RateLimitStore, RedisConfig, RedisTarget, Resilience,
-    RetryConfig, RetryOn, RouteConfig, RouteTimeouts, Secret, Severity, Signal, SignalUnit,
-    SinkConfig, SinkKind, UpstreamClient, UpstreamConfig,
+    AdminConfig, AlertRule, AlertsConfig, BreakerConfig, BreakerReadiness, BreakerScope, Cidr,
+    Comparison, Config, ConfigError, DrainConfig, DrainMode, EjectionConfig, EscapedSlashes,
+    FailureRate, Http2Config, KeySource, ListenerConfig, LoadBalancing, LogFormat, LoggingConfig,
+    NormalizePath, PathConfig, PoolConfig, Problem, RateLimitConfig, RateLimitKey, RateLimitStore,
+    ReadinessConfig, RedisConfig, RedisTarget, Resilience, RetryConfig, RetryOn, RouteConfig,
+    RouteTimeouts, Secret, Severity, Signal, SignalUnit, SinkConfig, SinkKind, UpstreamClient,
+    UpstreamConfig,
 };
 
 // === defaults (documented on the types in mod.rs and in docs/configuration.md) ===
@@ -273,6 +274,7 @@ fn decode(ctx: &mut Ctx, root: &Node, source_name: &str) -> Config {
         .flat_map(|l| l.routes.iter().map(|r| r.name.clone()))
         .collect();
     let alerts = alerts(ctx, m.optional("alerts"), &known.upstreams, &route_names);
+    let readiness = readiness(ctx, m.optional("readiness"));
     for section in FUTURE_SECTIONS {
         m.refuse(
             ctx,
@@ -296,6 +298,7 @@ fn decode(ctx: &mut Ctx, root: &Node, source_name: &str) -> Config {
         drain,
         dependencies,
         alerts,
+        readiness,
     }
 }
 
@@ -487,6 +490,23 @@ fn logging(ctx: &mut Ctx, f: Option<Field>) -> LoggingConfig {
     };
     m.finish(ctx);
     config
+}
+
+fn readiness(ctx: &mut Ctx, f: Option<Field>) -> ReadinessConfig {
+    let mut m = MapReader::open(ctx, f);
+    let breaker_open = m
+        .read(ctx, "breaker_open", |ctx, f| {
+            ctx.one_of(
+                f,
+                &[
+                    ("ignore", BreakerReadiness::Ignore),
+                    ("not_ready", BreakerReadiness::NotReady),
+                ],
+            )
+        })
+        .unwrap_or_default();
+    m.finish(ctx);
+    ReadinessConfig { breaker_open }
 }
 
 fn drain(ctx: &mut Ctx, f: Option<Field>) -> DrainConfig {
@@ -2382,6 +2402,17 @@ fn breaker(ctx: &mut Ctx, f: Option<Field>) -> BreakerConfig {
         .unwrap_or(d.max_open_for)
         .max(open_for);
     let config = BreakerConfig {
+        scope: m
+            .read(ctx, "scope", |ctx, f| {
+                ctx.one_of(
+                    f,
+                    &[
+                        ("route", BreakerScope::Route),
+                        ("upstream", BreakerScope::Upstream),
+                    ],
+                )
+            })
+            .unwrap_or_default(),
         failures: m.read(ctx, "failures", small_count).unwrap_or(d.failures),
         open_for,
         max_open_for,
@@ -2684,6 +2715,7 @@ mod tests {
                 timeout: secs(30),
             },
             dependencies: DependenciesConfig::default(),
+            readiness: ReadinessConfig::default(),
             alerts: AlertsConfig::default(),
         };
         assert_eq!(ok(MINIMAL), expected);
@@ -2880,6 +2912,7 @@ mod tests {
                 timeout: secs(60),
             },
             dependencies: DependenciesConfig::default(),
+            readiness: ReadinessConfig::default(),
             alerts: AlertsConfig::default(),
         };
         assert_eq!(config, expected);
@@ -3681,6 +3714,12 @@ mod tests {
                 "circuit_breaker: { failures: 1000000 }",
                 "circuit_breaker: { failures: 1000001 }",
                 "must be at most 1000000, got 1000001",
+            ),
+            (
+                "upstream",
+                "health_check: { unhealthy_interval: 365d }",
+                "health_check: { unhealthy_interval: 8761h }",
+                "must be at most 365 days",
             ),
             (
                 "upstream",

@@ -4,7 +4,10 @@
 //! - a check is unhealthy when its verdict is down (or it has no result yet);
 //! - `/health` is `unhealthy` (503) when a critical check is unhealthy, `degraded` (200) when
 //!   any check is degraded or a non-critical one is unhealthy, else `healthy` (200);
-//! - ready = no critical check unhealthy (and not draining, which the caller adds).
+//! - a breaker that is not CLOSED makes a healthy `/health` `degraded` (still 200) and is
+//!   listed under `breakers`;
+//! - ready = no critical check unhealthy (and not draining, which the caller adds; nor an
+//!   open breaker when `readiness.breaker_open: not_ready`).
 
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
@@ -88,6 +91,17 @@ const PUBLIC_DETAILS: &[&str] = &[
     "http_status",
 ];
 
+/// A breaker that is not CLOSED, as `/health` lists it.
+#[derive(Debug, Clone)]
+pub struct BreakerReport {
+    pub upstream: String,
+    /// None: the breaker every route of the upstream shares.
+    pub route: Option<String>,
+    pub state: crate::breaker::State,
+    /// When it entered `state`.
+    pub since: SystemTime,
+}
+
 /// The `/health` body and its summary.
 pub fn render(
     checks: &[std::sync::Arc<Check>],
@@ -95,9 +109,25 @@ pub fn render(
     draining: bool,
     audience: Audience,
 ) -> (Summary, String) {
+    render_with(checks, &[], uptime, draining, audience)
+}
+
+/// As `render`, listing `breakers` (those not CLOSED): any makes a healthy answer
+/// `degraded`. An unhealthy one stays so: a breaker never makes `/health` 503, since the
+/// process serves every other route.
+pub fn render_with(
+    checks: &[std::sync::Arc<Check>],
+    breakers: &[BreakerReport],
+    uptime: Duration,
+    draining: bool,
+    audience: Audience,
+) -> (Summary, String) {
     let now = Instant::now();
     let statuses: Vec<(&Check, Status)> = checks.iter().map(|c| (&**c, c.status())).collect();
-    let summary = summarize_statuses(&statuses);
+    let mut summary = summarize_statuses(&statuses);
+    if summary.status == Status::Healthy && !breakers.is_empty() {
+        summary.status = Status::Degraded;
+    }
     let mut out = String::with_capacity(256 + 200 * checks.len());
     out.push_str("{\"status\":\"");
     out.push_str(summary.status.as_str());
@@ -118,7 +148,26 @@ pub fn render(
         out.push(':');
         push_check(&mut out, check, *status, now, audience);
     }
-    out.push_str("}}\n");
+    out.push_str("},\"breakers\":[");
+    for (i, b) in breakers.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"upstream\":");
+        push_json_string(&mut out, &b.upstream);
+        out.push_str(",\"route\":");
+        match &b.route {
+            Some(r) => push_json_string(&mut out, r),
+            None => out.push_str("null"),
+        }
+        let _ = write!(
+            out,
+            ",\"state\":\"{}\",\"since\":\"{}\"}}",
+            b.state.as_str(),
+            humantime::format_rfc3339_millis(b.since)
+        );
+    }
+    out.push_str("]}\n");
     (summary, out)
 }
 
@@ -350,6 +399,34 @@ mod tests {
             body.contains("\"upstream:backend\":{\"status\":\"degraded\",\"critical\":true,\"latency_ms\":3.0,\"healthy_endpoints\":1,\"total_endpoints\":2,\"endpoints\":{\"http://10.0.0.0:80/\":{\"status\":\"healthy\""),
             "{body}"
         );
-        assert!(body.ends_with("}}\n"), "{body}");
+        assert!(body.ends_with("}},\"breakers\":[]}\n"), "{body}");
+    }
+
+    #[test]
+    fn a_breaker_not_closed_degrades_a_healthy_answer_and_is_listed() {
+        use Status::*;
+        let open = BreakerReport {
+            upstream: "backend".into(),
+            route: Some("chat".into()),
+            state: crate::breaker::State::Open,
+            since: SystemTime::UNIX_EPOCH,
+        };
+        let checks = [check("memory", false, &[Healthy])];
+        let (s, body) = render_with(
+            &checks,
+            std::slice::from_ref(&open),
+            Duration::ZERO,
+            false,
+            Audience::Public,
+        );
+        assert_eq!((s.status, s.ready()), (Degraded, true));
+        assert!(
+            body.ends_with(",\"breakers\":[{\"upstream\":\"backend\",\"route\":\"chat\",\"state\":\"open\",\"since\":\"1970-01-01T00:00:00.000Z\"}]}\n"),
+            "{body}"
+        );
+        // Never worse than degraded: an unhealthy answer stays unhealthy, nothing more.
+        let checks = [check("postgres", true, &[Unhealthy])];
+        let (s, _) = render_with(&checks, &[open], Duration::ZERO, false, Audience::Public);
+        assert_eq!(s.status, Unhealthy);
     }
 }

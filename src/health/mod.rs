@@ -570,10 +570,48 @@ pub(crate) struct Runner {
     pub health: Weak<Health>,
 }
 
+/// What the owner of a check adds to the probe loop (upstream checks use it; a dependency
+/// check runs with `()`).
+pub(crate) trait Hooks {
+    /// After every probe: whether it passed, and the verdict change it made, if any.
+    fn probed(&mut self, _ok: bool, _change: Option<Transition>) {}
+    /// Something outside the check wants it at `unhealthy_interval` (an open breaker or
+    /// ejection of the upstream).
+    fn needs_attention(&self) -> bool {
+        false
+    }
+    /// Changes when `needs_attention` may have turned true: the wait is cut short.
+    fn attention(&mut self) -> Option<&mut watch::Receiver<u64>> {
+        None
+    }
+}
+
+impl Hooks for () {}
+
+/// `run`'s verdict-change callback as hooks.
+struct OnChange<F>(F);
+
+impl<F: FnMut(Transition)> Hooks for OnChange<F> {
+    fn probed(&mut self, _ok: bool, change: Option<Transition>) {
+        if let Some(t) = change {
+            (self.0)(t);
+        }
+    }
+}
+
 impl Runner {
     /// `probe` makes one probe; the runner bounds it by the check's timeout. `on_change` is
-    /// called on every verdict change (upstream endpoints use it to feed endpoint choice).
-    pub async fn run<P, Fut>(mut self, mut probe: P, mut on_change: impl FnMut(Transition))
+    /// called on every verdict change.
+    pub async fn run<P, Fut>(self, probe: P, on_change: impl FnMut(Transition))
+    where
+        P: FnMut() -> Fut,
+        Fut: Future<Output = Probe>,
+    {
+        self.run_with(probe, OnChange(on_change)).await
+    }
+
+    /// As `run`, with `hooks` told of every probe and able to ask for the faster interval.
+    pub async fn run_with<P, Fut>(mut self, mut probe: P, mut hooks: impl Hooks)
     where
         P: FnMut() -> Fut,
         Fut: Future<Output = Probe>,
@@ -599,7 +637,8 @@ impl Runner {
                 .latency
                 .get_or_create(&labels)
                 .observe(latency.as_secs_f64());
-            let transition = counter.record(result.ok);
+            let ok = result.ok;
+            let transition = counter.record(ok);
             if self.name == "postgres"
                 && let Some(s) = self.health.upgrade().and_then(|h| h.signals.get().cloned())
             {
@@ -615,8 +654,8 @@ impl Runner {
                 let mut l = labels.clone();
                 l.push(("to", to.to_owned()));
                 self.metrics.transitions.get_or_create(&l).inc();
-                on_change(t);
             }
+            hooks.probed(ok, transition);
             self.slot.store(Arc::new(view));
             if let Some(h) = self.health.upgrade() {
                 let check = h.checks().iter().find(|c| c.name == self.name).cloned();
@@ -628,9 +667,37 @@ impl Runner {
                 }
                 h.publish_overall();
             }
-            let wait = crate::jitter::spread(self.cfg.interval, JITTER);
+            // Envoy's unhealthy_interval: a failing check (or an upstream with an open
+            // breaker or ejection) is probed often, so its recovery is seen within about a
+            // second; never slower than `interval`.
+            let fast = self.cfg.unhealthy_interval.min(self.cfg.interval);
+            // What happened before this point is seen by `needs_attention` below.
+            if let Some(rx) = hooks.attention() {
+                rx.borrow_and_update();
+            }
+            let wait = if counter.verdict() == Verdict::Down || hooks.needs_attention() {
+                fast
+            } else {
+                self.cfg.interval
+            };
+            let mut until = started + crate::jitter::spread(wait, JITTER);
+            if wait > fast
+                && let Some(rx) = hooks.attention()
+            {
+                // A breaker that opens (or an endpoint ejected) during the long wait cuts
+                // it short: health-informed recovery must not wait out `interval` first.
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => continue,
+                    _ = crate::server::stopped(&mut self.stop) => return,
+                    changed = rx.changed() => {
+                        if changed.is_ok() {
+                            until = started + crate::jitter::spread(fast, JITTER);
+                        }
+                    }
+                }
+            }
             tokio::select! {
-                _ = tokio::time::sleep_until(started + wait) => {}
+                _ = tokio::time::sleep_until(until) => {}
                 _ = crate::server::stopped(&mut self.stop) => return,
             }
         }
@@ -724,7 +791,9 @@ pub fn health_detail_response(shared: &Shared) -> (http::StatusCode, String) {
 fn render_health(shared: &Shared, audience: aggregate::Audience) -> (http::StatusCode, String) {
     let h = &shared.health;
     let draining = shared.draining.load(std::sync::atomic::Ordering::Relaxed);
-    let (summary, body) = aggregate::render(&h.checks(), h.uptime(), draining, audience);
+    let breakers = breakers_not_closed(shared);
+    let (summary, body) =
+        aggregate::render_with(&h.checks(), &breakers, h.uptime(), draining, audience);
     h.metrics.overall.set(summary.status.as_gauge());
     let code = if summary.status == Status::Unhealthy {
         http::StatusCode::SERVICE_UNAVAILABLE
@@ -734,22 +803,72 @@ fn render_health(shared: &Shared, audience: aggregate::Audience) -> (http::Statu
     (code, body)
 }
 
-/// `/readyz`: ready when not draining and no critical check is unhealthy. The body names
-/// what is wrong.
+/// Every breaker of the current configuration that is not CLOSED, by upstream and route.
+pub fn breakers_not_closed(shared: &Shared) -> Vec<aggregate::BreakerReport> {
+    let snapshot = shared.snapshot.load();
+    let (now, wall) = (Instant::now(), std::time::SystemTime::now());
+    let mut names: Vec<&String> = snapshot.upstreams.keys().collect();
+    names.sort();
+    names
+        .into_iter()
+        .filter_map(|n| snapshot.upstreams.get(n))
+        .flat_map(|u| u.state.breakers())
+        .filter_map(|b| {
+            let (state, since, _) = b.status(now);
+            (state != crate::breaker::State::Closed).then(|| aggregate::BreakerReport {
+                upstream: b.upstream.clone(),
+                route: b.route.clone(),
+                state,
+                since: wall
+                    .checked_sub(now.saturating_duration_since(since))
+                    .unwrap_or(wall),
+            })
+        })
+        .collect()
+}
+
+/// The breakers that fail requests fast right now ("backend/chat"), for readiness. An
+/// OPEN breaker whose `open_for` is over, and a HALF_OPEN one, do not count: they need
+/// traffic to close, which a replica out of the Service would never get.
+pub fn blocking_breakers(shared: &Shared) -> Vec<String> {
+    let snapshot = shared.snapshot.load();
+    let now = Instant::now();
+    let mut list: Vec<String> = snapshot
+        .upstreams
+        .values()
+        .flat_map(|u| u.state.breakers())
+        .filter(|b| b.status(now).2)
+        .map(|b| b.display_name())
+        .collect();
+    list.sort();
+    list
+}
+
+/// `/readyz`: ready when not draining and no critical check is unhealthy (and, with
+/// `readiness.breaker_open: not_ready`, no breaker open). The body names what is wrong.
 pub fn ready_response(shared: &Shared) -> (http::StatusCode, String) {
     if shared.draining.load(std::sync::atomic::Ordering::Relaxed) {
         return (http::StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
     }
     let summary = aggregate::summarize(&shared.health.checks());
-    if summary.ready() {
+    let mut reasons = Vec::new();
+    if !summary.ready() {
+        reasons.push(format!("{} unhealthy", summary.failing_critical.join(", ")));
+    }
+    let breaker_open = shared.snapshot.load().config.readiness.breaker_open;
+    if breaker_open == crate::config::BreakerReadiness::NotReady {
+        reasons.extend(
+            blocking_breakers(shared)
+                .into_iter()
+                .map(|b| format!("circuit breaker {b} open")),
+        );
+    }
+    if reasons.is_empty() {
         (http::StatusCode::OK, "ready\n".into())
     } else {
         (
             http::StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "not ready: {} unhealthy\n",
-                summary.failing_critical.join(", ")
-            ),
+            format!("not ready: {}\n", reasons.join(", ")),
         )
     }
 }

@@ -4,6 +4,11 @@
 //! it back), and its verdict is written on the endpoint's state, which `Upstream::pick`
 //! reads: an endpoint that fails its checks is skipped like an ejected one.
 //!
+//! Passes also feed health-informed recovery (Envoy's
+//! `successful_active_health_check_uneject_host`): `healthy_after` in a row end the
+//! endpoint's ejection and turn the upstream's open breakers HALF_OPEN. While a breaker or
+//! ejection is open the check runs at `unhealthy_interval`, and one opening wakes it.
+//!
 //! Probes use their own connections (a private copy of the upstream's endpoints), so they
 //! never take a pooled connection from traffic nor leave one in a state traffic would see.
 
@@ -13,10 +18,11 @@ use std::time::Duration;
 
 use http::{HeaderValue, Method, Request, Uri, header};
 use http_body_util::BodyExt;
+use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::counter::Transition;
-use super::{Probe, Runner, Slot, Value, View};
+use super::{Hooks, Probe, Runner, Slot, Value, View};
 use crate::config::UpstreamConfig;
 use crate::proxy::Shared;
 use crate::proxy::body::RequestBody;
@@ -60,23 +66,61 @@ pub(super) fn spawn(
         let mut set = JoinSet::new();
         for (i, r) in runners.into_iter().enumerate() {
             let (u, path) = (upstream.clone(), path.clone());
-            let (u2, timeout) = (upstream.clone(), hc.check.timeout);
-            set.spawn(r.run(
+            let timeout = hc.check.timeout;
+            let hooks = EndpointHooks {
+                attention: upstream.state.attention(),
+                upstream: upstream.clone(),
+                index: i,
+                healthy_after: hc.check.healthy_after,
+            };
+            set.spawn(r.run_with(
                 move || {
                     let (u, path) = (u.clone(), path.clone());
                     async move { probe(&u, i, path, connect, timeout).await }
                 },
-                move |t| {
-                    if let Some(ep) = u2.endpoints.get(i) {
-                        ep.state
-                            .active_ok
-                            .store(t == Transition::Up, Ordering::Relaxed);
-                    }
-                },
+                hooks,
             ));
         }
         while set.join_next().await.is_some() {}
     })]
+}
+
+/// What one endpoint's check does besides its verdict: it steers endpoint choice, and its
+/// passes end the upstream's open breakers and the endpoint's ejection early
+/// (health-informed recovery, `breaker.rs`).
+struct EndpointHooks {
+    upstream: Arc<Upstream>,
+    index: usize,
+    healthy_after: u32,
+    attention: watch::Receiver<u64>,
+}
+
+impl Hooks for EndpointHooks {
+    fn probed(&mut self, ok: bool, change: Option<Transition>) {
+        let Some(ep) = self.upstream.endpoints.get(self.index) else {
+            return;
+        };
+        if let Some(t) = change {
+            ep.state
+                .active_ok
+                .store(t == Transition::Up, Ordering::Relaxed);
+        }
+        let state = &self.upstream.state;
+        state.endpoint_check(&ep.state, ok, self.healthy_after);
+        if ok {
+            state.health_passed(self.healthy_after);
+        } else {
+            state.health_failed();
+        }
+    }
+
+    fn needs_attention(&self) -> bool {
+        self.upstream.state.needs_attention()
+    }
+
+    fn attention(&mut self) -> Option<&mut watch::Receiver<u64>> {
+        Some(&mut self.attention)
+    }
 }
 
 /// A private copy of the upstream: its own pools, the shared endpoint state.

@@ -297,7 +297,7 @@ fn after_rate_limit<'a>(
 
     // The upstream's in-flight cap, then its breaker: both answer without the network.
     tail.upstream_slot = Some(upstream_slot(metrics, upstream)?);
-    tail.ticket = Some(admit(upstream)?);
+    tail.ticket = Some(admit(route)?);
 
     // Body limit, before the upstream sees a byte.
     let limit = route.max_body_bytes;
@@ -345,14 +345,14 @@ fn upstream_slot(metrics: &UpstreamMetrics, upstream: &Upstream) -> Result<InFli
     )
 }
 
-/// The breaker's admission, or 503 CIRCUIT_OPEN.
-fn admit(upstream: &Upstream) -> Result<BreakerTicket, ProxyError> {
-    match upstream.state.admit() {
+/// The admission of the route's breaker, or 503 CIRCUIT_OPEN.
+fn admit(route: &Route) -> Result<BreakerTicket, ProxyError> {
+    match route.breaker.admit() {
         Admit::Rejected { retry_after } => Err(ProxyError::CircuitOpen {
-            upstream: upstream.name.clone(),
+            upstream: route.upstream.name.clone(),
             retry_after,
         }),
-        Admit::Allowed { probe } => Ok(BreakerTicket::new(upstream.state.clone(), probe)),
+        Admit::Allowed { probe } => Ok(BreakerTicket::new(route.breaker.clone(), probe)),
     }
 }
 
@@ -484,7 +484,7 @@ async fn slow(
                 let metrics = &env.ctx.shared.upstream_states.metrics;
                 tail.upstream_slot = Some(upstream_slot(metrics, upstream)?);
                 if probe {
-                    tail.ticket = Some(admit(upstream)?);
+                    tail.ticket = Some(admit(route)?);
                 }
                 if let Some(r) = tail.log.as_mut() {
                     r.bytes_in = buffered.len() as u64;

@@ -1,21 +1,27 @@
-//! State that protects each upstream and lives across requests AND reloads: the breaker,
+//! State that protects each upstream and lives across requests AND reloads: the breakers,
 //! the retry budget, endpoint health and in-flight counts, kept in a registry keyed by
-//! upstream name (and endpoint URL), so a reload keeps them for names that still exist.
-//! Transitions are where metrics and logs hook in.
+//! upstream name (and route name, endpoint URL), so a reload keeps them for names that
+//! still exist. Transitions are where metrics and logs hook in.
+//!
+//! Breakers are per route by default (`circuit_breaker.scope`): five failed chat calls say
+//! the chat route fails, not that every route of the backend does. The retry budget,
+//! in-flight cap and ejection stay per upstream and endpoint: they are about the upstream's
+//! capacity and its machines, which every route shares.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::balance::{EndpointHealth, HealthEvent};
 use crate::breaker::{Admit, Breaker, Outcome, State, Transition};
-use crate::config::{Resilience, UpstreamConfig};
+use crate::config::{BreakerConfig, BreakerScope, Resilience, UpstreamConfig};
 use crate::retry::Budget;
 
 type Labels = Vec<(&'static str, String)>;
@@ -36,7 +42,7 @@ impl UpstreamMetrics {
         let m = UpstreamMetrics::default();
         registry.register(
             "circuit_breaker_state",
-            "Breaker state per upstream: 0 closed, 1 open, 2 half-open",
+            "Breaker state per upstream and route (empty with scope: upstream): 0 closed, 1 open, 2 half-open",
             m.breaker_state.clone(),
         );
         registry.register(
@@ -75,6 +81,15 @@ impl UpstreamMetrics {
     pub fn upstream(name: &str) -> Labels {
         vec![("upstream", name.to_string())]
     }
+
+    /// A breaker's labels: `route` is empty for the breaker an upstream's routes share
+    /// (an empty label is no label to Prometheus).
+    fn breaker(upstream: &str, route: Option<&str>) -> Labels {
+        vec![
+            ("upstream", upstream.to_string()),
+            ("route", route.unwrap_or_default().to_string()),
+        ]
+    }
 }
 
 pub struct EndpointState {
@@ -89,11 +104,17 @@ pub struct EndpointState {
 
 pub struct UpstreamState {
     pub name: String,
-    pub breaker: Mutex<Breaker>,
+    /// By route name ("" for the shared breaker of `scope: upstream`). Weak: the routes of
+    /// the snapshots hold them, so a breaker lives as long as a route uses it, and a reload
+    /// finds it here while the old snapshot still holds it.
+    breakers: Mutex<HashMap<String, Weak<RouteBreaker>>>,
     pub budget: Mutex<Budget>,
     pub in_flight: AtomicUsize,
     endpoints: Mutex<HashMap<String, Arc<EndpointState>>>,
     metrics: UpstreamMetrics,
+    /// Bumped when a breaker opens or an endpoint is ejected: the upstream's active check
+    /// wakes and goes on at its `unhealthy_interval` (`health/upstream.rs`).
+    attention: Arc<watch::Sender<u64>>,
 }
 
 impl UpstreamState {
@@ -114,66 +135,97 @@ impl UpstreamState {
             .clone()
     }
 
-    /// Asks the breaker; counts a rejection.
-    pub fn admit(&self) -> Admit {
+    /// The breaker `route` uses: its own with `scope: route`, the upstream's shared one
+    /// with `scope: upstream`. Kept by name: an existing one takes `cfg` and keeps its
+    /// state (a reload must not close an open breaker).
+    pub fn breaker_for(&self, route: &str, cfg: &BreakerConfig) -> Arc<RouteBreaker> {
         let now = Instant::now();
-        let (admit, transition) = match self.breaker.lock() {
-            Ok(mut b) => b.admit(now),
-            Err(_) => (Admit::Allowed { probe: None }, None),
+        let route = match cfg.scope {
+            BreakerScope::Route => Some(route.to_owned()),
+            BreakerScope::Upstream => None,
         };
-        if let Some(t) = transition {
-            self.transitioned(t);
+        let key = route.clone().unwrap_or_default();
+        let mut map = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(existing) = map.get(&key).and_then(Weak::upgrade) {
+            if let Ok(mut b) = existing.breaker.lock() {
+                b.reconfigure(cfg.clone(), now);
+            }
+            return existing;
         }
-        if let Admit::Rejected { .. } = admit {
-            self.metrics
-                .breaker_rejections
-                .get_or_create(&UpstreamMetrics::upstream(&self.name))
-                .inc();
-        }
-        admit
+        map.retain(|_, b| b.strong_count() > 0);
+        let breaker = Arc::new(RouteBreaker {
+            upstream: self.name.clone(),
+            route,
+            breaker: Mutex::new(Breaker::new(cfg.clone(), now)),
+            metrics: self.metrics.clone(),
+            attention: self.attention.clone(),
+        });
+        breaker
+            .metrics
+            .breaker_state
+            .get_or_create(&breaker.labels())
+            .set(State::Closed.as_gauge());
+        map.insert(key, Arc::downgrade(&breaker));
+        breaker
     }
 
-    pub fn report(&self, outcome: Outcome, probe: Option<u64>) {
-        let now = Instant::now();
-        let transition = match self.breaker.lock() {
-            Ok(mut b) => b.on_result(now, outcome, probe),
-            Err(_) => None,
-        };
-        if let Some(t) = transition {
-            self.transitioned(t);
-        }
+    /// Every breaker a route of the current configuration uses, by route name.
+    pub fn breakers(&self) -> Vec<Arc<RouteBreaker>> {
+        let map = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut list: Vec<Arc<RouteBreaker>> = map.values().filter_map(Weak::upgrade).collect();
+        list.sort_by(|a, b| a.route.cmp(&b.route));
+        list
     }
 
+    /// The worst state among the upstream's breakers (open, then half-open, then closed).
     pub fn breaker_state(&self) -> State {
-        self.breaker
-            .lock()
-            .map(|b| b.state())
+        let states: Vec<State> = self.breakers().iter().map(|b| b.state()).collect();
+        [State::Open, State::HalfOpen]
+            .into_iter()
+            .find(|s| states.contains(s))
             .unwrap_or(State::Closed)
     }
 
-    fn transitioned(&self, t: Transition) {
-        let labels = UpstreamMetrics::upstream(&self.name);
-        self.metrics
-            .breaker_state
-            .get_or_create(&labels)
-            .set(t.to().as_gauge());
-        let mut with_state = labels;
-        with_state.push(("to", t.to().as_str().to_string()));
-        self.metrics
-            .breaker_transitions
-            .get_or_create(&with_state)
-            .inc();
-        match t {
-            Transition::Opened { open_for } => tracing::warn!(
-                upstream = %self.name,
-                open_for_ms = open_for.as_millis() as u64,
-                "circuit breaker OPEN"
-            ),
-            Transition::HalfOpened => {
-                tracing::info!(upstream = %self.name, "circuit breaker HALF_OPEN")
+    /// The upstream's active check passed (one endpoint, `needed` = its `healthy_after`):
+    /// open breakers count it toward health-informed recovery (`Breaker::health_passed`).
+    pub fn health_passed(&self, needed: u32) {
+        let now = Instant::now();
+        for b in self.breakers() {
+            let t = match b.breaker.lock() {
+                Ok(mut br) => br.health_passed(now, needed),
+                Err(_) => None,
+            };
+            if let Some(t) = t {
+                b.transitioned(t, "the active health check passes");
             }
-            Transition::Closed => tracing::info!(upstream = %self.name, "circuit breaker CLOSED"),
         }
+    }
+
+    /// The upstream's active check failed: open breakers count passes afresh. With several
+    /// endpoints, any one failing does: recovery then waits for `open_for` as before.
+    pub fn health_failed(&self) {
+        for b in self.breakers() {
+            if let Ok(mut br) = b.breaker.lock() {
+                br.health_failed();
+            }
+        }
+    }
+
+    /// A breaker of this upstream or one of its endpoints is not back to normal: its
+    /// active check runs at `unhealthy_interval`.
+    pub fn needs_attention(&self) -> bool {
+        let now = Instant::now();
+        let ejected = {
+            let map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+            map.values()
+                .any(|e| e.health.lock().is_ok_and(|h| !h.available(now)))
+        };
+        ejected || self.breaker_state() != State::Closed
+    }
+
+    /// Changes when a breaker opens or an endpoint is ejected.
+    pub fn attention(&self) -> watch::Receiver<u64> {
+        self.attention.subscribe()
     }
 
     /// Feeds an attempt's result to its endpoint's ejection counter.
@@ -191,6 +243,25 @@ impl UpstreamState {
                 endpoint = %ep.url,
                 ejected_for_ms = period.as_millis() as u64,
                 "endpoint ejected after consecutive failures"
+            );
+            self.attention.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// The endpoint's active check passed (`needed` = `healthy_after`): an ejection ends
+    /// after that many passes in a row.
+    pub fn endpoint_check(&self, ep: &EndpointState, ok: bool, needed: u32) {
+        let Ok(mut h) = ep.health.lock() else {
+            return;
+        };
+        if !ok {
+            h.health_failed();
+        } else if h.health_passed(Instant::now(), needed) {
+            drop(h);
+            tracing::info!(
+                upstream = %self.name,
+                endpoint = %ep.url,
+                "ejection ended: the active health check passes"
             );
         }
     }
@@ -214,8 +285,8 @@ impl UpstreamStates {
         }
     }
 
-    /// The state for this upstream, kept if the name existed before (its breaker and
-    /// budget take the new settings but keep their state).
+    /// The state for this upstream, kept if the name existed before (its budget takes the
+    /// new settings but keeps its state; breakers do the same in `breaker_for`).
     pub fn get_or_create(&self, cfg: &UpstreamConfig) -> Arc<UpstreamState> {
         let now = Instant::now();
         let mut map = match self.map.lock() {
@@ -223,9 +294,6 @@ impl UpstreamStates {
             Err(poisoned) => poisoned.into_inner(),
         };
         if let Some(existing) = map.get(&cfg.name) {
-            if let Ok(mut b) = existing.breaker.lock() {
-                b.reconfigure(cfg.resilience.circuit_breaker.clone(), now);
-            }
             if let Ok(mut b) = existing.budget.lock() {
                 b.reconfigure(&cfg.resilience.retry);
             }
@@ -233,16 +301,13 @@ impl UpstreamStates {
         }
         let state = Arc::new(UpstreamState {
             name: cfg.name.clone(),
-            breaker: Mutex::new(Breaker::new(cfg.resilience.circuit_breaker.clone(), now)),
+            breakers: Mutex::new(HashMap::new()),
             budget: Mutex::new(Budget::new(&cfg.resilience.retry, now)),
             in_flight: AtomicUsize::new(0),
             endpoints: Mutex::new(HashMap::new()),
             metrics: self.metrics.clone(),
+            attention: Arc::new(watch::Sender::new(0)),
         });
-        self.metrics
-            .breaker_state
-            .get_or_create(&UpstreamMetrics::upstream(&cfg.name))
-            .set(State::Closed.as_gauge());
         map.insert(cfg.name.clone(), state.clone());
         state
     }
@@ -296,16 +361,124 @@ impl Drop for InFlight {
     }
 }
 
+/// One breaker: a route's, or the one the routes of an upstream share.
+pub struct RouteBreaker {
+    pub upstream: String,
+    /// None: shared by every route of the upstream (`scope: upstream`).
+    pub route: Option<String>,
+    breaker: Mutex<Breaker>,
+    metrics: UpstreamMetrics,
+    attention: Arc<watch::Sender<u64>>,
+}
+
+impl RouteBreaker {
+    fn labels(&self) -> Labels {
+        UpstreamMetrics::breaker(&self.upstream, self.route.as_deref())
+    }
+
+    /// "backend" or "backend/chat": how logs and reasons name it.
+    pub fn display_name(&self) -> String {
+        match &self.route {
+            Some(r) => format!("{}/{r}", self.upstream),
+            None => self.upstream.clone(),
+        }
+    }
+
+    /// Asks the breaker; counts a rejection.
+    pub fn admit(&self) -> Admit {
+        let now = Instant::now();
+        let (admit, transition) = match self.breaker.lock() {
+            Ok(mut b) => b.admit(now),
+            Err(_) => (Admit::Allowed { probe: None }, None),
+        };
+        if let Some(t) = transition {
+            self.transitioned(t, "open_for is over");
+        }
+        if let Admit::Rejected { .. } = admit {
+            self.metrics
+                .breaker_rejections
+                .get_or_create(&self.labels())
+                .inc();
+        }
+        admit
+    }
+
+    pub fn report(&self, outcome: Outcome, probe: Option<u64>) {
+        let now = Instant::now();
+        let transition = match self.breaker.lock() {
+            Ok(mut b) => b.on_result(now, outcome, probe),
+            Err(_) => None,
+        };
+        if let Some(t) = transition {
+            self.transitioned(t, "");
+        }
+    }
+
+    pub fn state(&self) -> State {
+        self.breaker
+            .lock()
+            .map(|b| b.state())
+            .unwrap_or(State::Closed)
+    }
+
+    /// The state, since when, and whether it fails requests fast right now.
+    pub fn status(&self, now: Instant) -> (State, Instant, bool) {
+        self.breaker
+            .lock()
+            .map(|b| (b.state(), b.since(), b.blocks(now)))
+            .unwrap_or((State::Closed, now, false))
+    }
+
+    fn transitioned(&self, t: Transition, why: &str) {
+        let labels = self.labels();
+        self.metrics
+            .breaker_state
+            .get_or_create(&labels)
+            .set(t.to().as_gauge());
+        let mut with_state = labels;
+        with_state.push(("to", t.to().as_str().to_string()));
+        self.metrics
+            .breaker_transitions
+            .get_or_create(&with_state)
+            .inc();
+        let route = self.route.as_deref().unwrap_or("");
+        match t {
+            Transition::Opened { open_for } => {
+                tracing::warn!(
+                    upstream = %self.upstream,
+                    route,
+                    open_for_ms = open_for.as_millis() as u64,
+                    "circuit breaker OPEN"
+                );
+                self.attention.send_modify(|n| *n = n.wrapping_add(1));
+            }
+            Transition::HalfOpened => {
+                tracing::info!(upstream = %self.upstream, route, why, "circuit breaker HALF_OPEN")
+            }
+            Transition::Closed => {
+                tracing::info!(upstream = %self.upstream, route, "circuit breaker CLOSED")
+            }
+        }
+    }
+}
+
+impl Drop for RouteBreaker {
+    /// A breaker no route uses any more leaves no gauge behind.
+    fn drop(&mut self) {
+        self.metrics.breaker_state.remove(&self.labels());
+    }
+}
+
 /// The breaker's verdict on one request, reported exactly once: explicitly, or as
 /// "ignored" when dropped (the client went away), so a probe slot is never leaked.
 pub struct BreakerTicket {
-    state: Arc<UpstreamState>,
+    state: Arc<RouteBreaker>,
     probe: Option<u64>,
     reported: bool,
 }
 
 impl BreakerTicket {
-    pub fn new(state: Arc<UpstreamState>, probe: Option<u64>) -> Self {
+    pub fn new(state: Arc<RouteBreaker>, probe: Option<u64>) -> Self {
         BreakerTicket {
             state,
             probe,

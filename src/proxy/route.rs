@@ -14,6 +14,7 @@ use crate::config::{EscapedSlashes, NormalizePath, PathConfig, RouteConfig, Rout
 use crate::metrics::http::RouteMetrics;
 use crate::path::{self, PathError};
 use crate::proxy::forward::Upstream;
+use crate::proxy::resilience::RouteBreaker;
 use crate::ratelimit::Policy;
 
 pub struct Route {
@@ -24,6 +25,8 @@ pub struct Route {
     /// The prefix compared ignoring ASCII case.
     pub case_insensitive: bool,
     pub upstream: Arc<Upstream>,
+    /// This route's breaker, or the upstream's shared one (`circuit_breaker.scope`).
+    pub breaker: Arc<RouteBreaker>,
     pub timeouts: RouteTimeouts,
     pub max_body_bytes: u64,
     /// Every one must allow the request (ratelimit::check).
@@ -41,8 +44,12 @@ impl Route {
         rate_limits: Vec<Arc<Policy>>,
         metrics: Arc<RouteMetrics>,
     ) -> Self {
+        let breaker = upstream
+            .state
+            .breaker_for(&cfg.name, &upstream.resilience.circuit_breaker);
         Route {
             name: Arc::from(cfg.name.as_str()),
+            breaker,
             path_prefix: cfg.path_prefix.clone(),
             host: cfg.host.clone(),
             methods: cfg.methods.clone(),

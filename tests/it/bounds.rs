@@ -213,28 +213,29 @@ mod property {
             ejection in (int(1, 1_000_000), duration(), duration()),
             retry in (int(1, 10), duration_to(MINUTE), duration_to(MINUTE), 0.0f64..=1.0, int(0, 1_000_000), bytes(0, 64 << 20)),
             in_flight in int(1, 1_000_000),
-            check in (duration(), duration(), int(1, 1_000_000), int(1, 1_000_000), any::<bool>()),
+            check in (duration(), duration(), int(1, 1_000_000), int(1, 1_000_000), any::<bool>(), duration()),
             hyper in any::<bool>(),
         ) -> (String, Duration) {
             let (failures, open_for, max_open_for, successes, probes, threshold, window, min_calls, count) = breaker;
             let (consecutive, base, max) = ejection;
             let (attempts, backoff_base, backoff_max, ratio, min_per_s, retry_body) = retry;
-            let (interval, check_timeout, unhealthy, healthy, critical) = check;
+            let (interval, check_timeout, unhealthy, healthy, critical, unhealthy_interval) = check;
             (format!(
                 "    connect_timeout: {}\n\
                  \x20   pool: {{ idle_timeout: {}, max_idle_per_endpoint: {max_idle} }}\n\
                  \x20   load_balancing: {}\n\
-                 \x20   circuit_breaker: {{ failures: {failures}, open_for: {}, max_open_for: {}, half_open_successes: {successes}, half_open_max_probes: {probes}, failure_rate: {{ threshold: {threshold}, window: {}, min_calls: {min_calls} }}, count_500: {count}, count_backoff: {count} }}\n\
+                 \x20   circuit_breaker: {{ scope: {}, failures: {failures}, open_for: {}, max_open_for: {}, half_open_successes: {successes}, half_open_max_probes: {probes}, failure_rate: {{ threshold: {threshold}, window: {}, min_calls: {min_calls} }}, count_500: {count}, count_backoff: {count} }}\n\
                  \x20   ejection: {{ consecutive_failures: {consecutive}, base_ejection: {}, max_ejection: {} }}\n\
                  \x20   retry: {{ attempts: {attempts}, backoff: {{ base: {}, max: {} }}, on: [connect_error, reset, 503], budget: {{ ratio: {ratio}, min_per_s: {min_per_s} }}, max_body: {retry_body} }}\n\
                  \x20   max_in_flight: {in_flight}\n\
                  \x20   client: {}\n\
-                 \x20   health_check: {{ path: /ok, interval: {}, timeout: {}, unhealthy_after: {unhealthy}, healthy_after: {healthy}, critical: {critical} }}\n",
+                 \x20   health_check: {{ path: /ok, interval: {}, unhealthy_interval: {}, timeout: {}, unhealthy_after: {unhealthy}, healthy_after: {healthy}, critical: {critical} }}\n",
                 d(connect), d(idle),
                 if least { "least_outstanding" } else { "round_robin" },
+                if count { "upstream" } else { "route" },
                 d(open_for), d(max_open_for), d(window), d(base), d(max), d(backoff_base), d(backoff_max),
                 if hyper { "hyper" } else { "rampart" },
-                d(interval), d(check_timeout),
+                d(interval), d(unhealthy_interval), d(check_timeout),
             ), connect)
         }
     }
@@ -246,7 +247,8 @@ mod property {
             limit in (int(1, 1_000_000_000_000_000), duration(), prop::option::of(duration()), int(1, 128)),
             drain in (int(1, MAX_SECS), 0.0f64..1.0),
             alerts in (int(1, MAX_SECS), int(1, 3600), duration(), int(1, 1_000_000_000), duration(), int(1, 20)),
-            memory in (duration(), pct()),
+            memory in (duration(), pct(), duration()),
+            breaker_ready in any::<bool>(),
         ) -> String {
             // The test's own redis-server (when installed): the limits count there.
             let redis = redis.map_or(String::new(), |(timeout, connect, pool)| format!(
@@ -259,7 +261,7 @@ mod property {
             let (drain_timeout, grace_share) = drain;
             let grace = Duration::from_secs_f64(drain_timeout as f64 * grace_share);
             let (interval, window, for_, min_samples, sink_timeout, attempts) = alerts;
-            let (mem_interval, warn) = memory;
+            let (mem_interval, warn, mem_unhealthy) = memory;
             format!(
                 "replicas: {replicas}\n\
                  {redis}\
@@ -267,13 +269,16 @@ mod property {
                  drain: {{ accept_grace: {}, timeout: {} }}\n\
                  alerts:\n  interval: {}\n  rules:\n    - {{ name: r, signal: error_rate, threshold: 5%, window: {}, for: {}, min_samples: {min_samples} }}\n\
                  \x20 sinks: [{{ type: webhook, url: \"http://{{REFUSED}}/hook\", timeout: {}, max_attempts: {attempts} }}]\n\
-                 dependencies:\n  memory: {{ check: {{ interval: {}, warn_above: {warn} }} }}\n",
+                 dependencies:\n  memory: {{ check: {{ interval: {}, unhealthy_interval: {}, warn_above: {warn} }} }}\n\
+                 readiness: {{ breaker_open: {} }}\n",
                 d(per),
                 block_for.map_or("off".to_owned(), d),
                 if grace.is_zero() { "0s".to_owned() } else { d(grace) },
                 d(Duration::from_secs(drain_timeout)),
                 d(Duration::from_secs(interval.max(1))),
                 d(Duration::from_secs(window)), d(for_), d(sink_timeout), d(mem_interval),
+                d(mem_unhealthy),
+                if breaker_ready { "not_ready" } else { "ignore" },
             )
         }
     }

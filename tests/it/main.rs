@@ -4,6 +4,7 @@ mod support;
 
 mod admin;
 mod bounds;
+mod breakers;
 mod cli;
 mod config;
 mod drain;

@@ -495,7 +495,15 @@ alerts:
 
     let (_, body) = admin_get(&r, "/admin/status", Some(token)).await;
     let v: Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(v["overall"]["status"], "critical", "{v}");
+    // As /health sees it: an open breaker degrades (readiness.breaker_open is ignore).
+    assert_eq!(v["overall"]["status"], "degraded", "{v}");
+    assert!(
+        v["overall"]["reasons"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from("circuit breaker fastgpt/chat is open")),
+        "{v}"
+    );
     assert_eq!(v["dependencies"], Value::Null);
     assert_eq!(v["ratelimit"]["source"], "none");
     r.shutdown().await;

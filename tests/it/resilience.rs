@@ -76,7 +76,7 @@ async fn breaker_opens_fails_fast_admits_bounded_probes_and_closes() {
     assert!(
         metrics(&px)
             .await
-            .contains("rampart_circuit_breaker_state{upstream=\"up\"} 1")
+            .contains("rampart_circuit_breaker_state{upstream=\"up\",route=\"main.0\"} 1")
     );
 
     // After open_for: exactly two probes get through, the rest still fail fast.
@@ -104,7 +104,7 @@ async fn breaker_opens_fails_fast_admits_bounded_probes_and_closes() {
     assert!(
         metrics(&px)
             .await
-            .contains("rampart_circuit_breaker_state{upstream=\"up\"} 0")
+            .contains("rampart_circuit_breaker_state{upstream=\"up\",route=\"main.0\"} 0")
     );
 
     // Open it again; a failed probe re-opens it for about twice as long.
@@ -131,11 +131,11 @@ async fn breaker_opens_fails_fast_admits_bounded_probes_and_closes() {
     assert_eq!(status_of(addr, "/ok").await.0, 200);
     let m = metrics(&px).await;
     assert!(
-        m.contains("rampart_circuit_breaker_transitions_total{upstream=\"up\",to=\"open\"} 3"),
+        m.contains("rampart_circuit_breaker_transitions_total{upstream=\"up\",route=\"main.0\",to=\"open\"} 3"),
         "{m}"
     );
     assert!(
-        m.contains("rampart_circuit_breaker_rejections_total{upstream=\"up\"}"),
+        m.contains("rampart_circuit_breaker_rejections_total{upstream=\"up\",route=\"main.0\"}"),
         "{m}"
     );
     px.shutdown().await;

@@ -486,7 +486,10 @@ async fn slow_bodies_get_408_and_never_count_against_the_upstream() {
     }
     let text = metrics(&px).await;
     assert_eq!(
-        sample(&text, r#"rampart_circuit_breaker_state{upstream="up"}"#),
+        sample(
+            &text,
+            r#"rampart_circuit_breaker_state{upstream="up",route="all"}"#
+        ),
         Some(0.0),
         "breaker still closed"
     );
@@ -553,7 +556,10 @@ async fn slow_buffered_uploads_hold_no_upstream_slot_or_probe() {
     );
     let text = metrics(&px).await;
     assert_eq!(
-        sample(&text, r#"rampart_circuit_breaker_state{upstream="up"}"#),
+        sample(
+            &text,
+            r#"rampart_circuit_breaker_state{upstream="up",route="all"}"#
+        ),
         Some(0.0),
         "closed by the probe that passed"
     );
@@ -771,7 +777,10 @@ async fn six_trickled_uploads_with_default_timeouts_never_open_the_breaker() {
     }
     let text = metrics(&px).await;
     assert_eq!(
-        sample(&text, r#"rampart_circuit_breaker_state{upstream="up"}"#),
+        sample(
+            &text,
+            r#"rampart_circuit_breaker_state{upstream="up",route="all"}"#
+        ),
         Some(0.0)
     );
     legit.check(100).await;

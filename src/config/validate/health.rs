@@ -17,6 +17,9 @@ const DEFAULT_DEPENDENCY_INTERVAL: Duration = Duration::from_secs(10);
 const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_UPSTREAM_INTERVAL: Duration = Duration::from_secs(5);
 const DEFAULT_UPSTREAM_PATH: &str = "/health";
+/// Envoy's default `unhealthy_interval`: a failing check is re-run this often, so a
+/// recovery is seen within about a second.
+const DEFAULT_UNHEALTHY_INTERVAL: Duration = Duration::from_secs(1);
 /// Reading /proc and the cgroup files: local, but still bounded.
 const MEMORY_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 const DEFAULT_WARN_SHARE: f64 = 0.8;
@@ -183,7 +186,7 @@ pub(super) fn upstream_health_check(ctx: &mut Ctx, f: Field) -> UpstreamHealthCh
     UpstreamHealthCheck { path, check }
 }
 
-/// `interval`, `timeout`, `critical`, `unhealthy_after`, `healthy_after`, and whatever keys
+/// `interval`, `unhealthy_interval`, `timeout`, `critical`, `unhealthy_after`, `healthy_after`, and whatever keys
 /// `extra` reads from the same mapping.
 fn check_section(
     ctx: &mut Ctx,
@@ -227,6 +230,9 @@ fn counted(
 ) -> CheckConfig {
     CheckConfig {
         interval,
+        unhealthy_interval: m
+            .read(ctx, "unhealthy_interval", Ctx::duration)
+            .unwrap_or(DEFAULT_UNHEALTHY_INTERVAL),
         timeout,
         critical: m.read(ctx, "critical", Ctx::boolean).unwrap_or(d.critical),
         unhealthy_after: m
@@ -394,6 +400,7 @@ mod tests {
             pg.check,
             CheckConfig {
                 interval: secs(10),
+                unhealthy_interval: secs(1),
                 timeout: secs(2),
                 critical: false,
                 unhealthy_after: 1,
@@ -417,6 +424,7 @@ mod tests {
             hc.check,
             CheckConfig {
                 interval: secs(5),
+                unhealthy_interval: secs(1),
                 timeout: secs(2),
                 critical: false,
                 unhealthy_after: 3,

@@ -70,7 +70,11 @@ impl Drop for CancelGuard {
 
 impl Upstream {
     pub async fn start() -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Upstream::start_on(TcpListener::bind("127.0.0.1:0").await.unwrap())
+    }
+
+    /// Serves on `listener` (a port that refused connections until now, say).
+    pub fn start_on(listener: TcpListener) -> Upstream {
         let addr = listener.local_addr().unwrap();
         let counters = Arc::new(Counters::default());
         let c = counters.clone();
