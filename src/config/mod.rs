@@ -930,7 +930,8 @@ fn summarize_resilience(s: &mut String, r: &Resilience) {
     });
     let _ = writeln!(
         s,
-        "  breaker {} failures{rate}, open {} (max {}), closes after {} successes",
+        "  breaker per {}: {} failures{rate}, open {} (max {}), closes after {} successes",
+        b.scope.as_str(),
         b.failures,
         d(b.open_for),
         d(b.max_open_for),

@@ -70,7 +70,7 @@ fn check_summary_lists_each_upstreams_breaker_retry_and_health_check() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     for line in [
-        "  breaker 5 failures, open 1m (max 5m), closes after 2 successes",
+        "  breaker per route: 5 failures, open 1m (max 5m), closes after 2 successes",
         "  retry   2 attempts on connect_error, backoff 50ms..1s, budget 20% + 3/s",
         "  health  GET /health every 5s, timeout 2s, down after 3, up after 2, critical",
         "  health  none (passive ejection only: 3 failures)",
