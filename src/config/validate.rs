@@ -69,6 +69,8 @@ const MAX_REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// A retried request waits its backoff (the route's `total`, when set, cuts it shorter).
 const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(60);
+/// A request waits this long for an upstream that refuses connections, holding a client.
+const MAX_CONNECT_WAIT: Duration = Duration::from_secs(300);
 const DEFAULT_MAX_HEADERS: usize = 100;
 const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 100;
 const DEFAULT_H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
@@ -2359,6 +2361,23 @@ fn retry(ctx: &mut Ctx, f: Option<Field>) -> RetryConfig {
                 ctx.bytes(f, 0, MAX_RETRY_BODY_BYTES)
             })
             .unwrap_or(d.max_body),
+        connect_wait: m
+            .read(ctx, "connect_wait", |ctx, f| {
+                ctx.parse_with(f, "a duration or off", |s| {
+                    if s == "off" {
+                        return Ok(None);
+                    }
+                    let d = parse_duration(s)?;
+                    if d > MAX_CONNECT_WAIT {
+                        return Err(format!(
+                            "must be at most {}, got \"{s}\"",
+                            bound_text(MAX_CONNECT_WAIT)
+                        ));
+                    }
+                    Ok(Some(d))
+                })
+            })
+            .unwrap_or(d.connect_wait),
     };
     m.finish(ctx);
     config
@@ -3600,6 +3619,12 @@ mod tests {
                 "retry: { backoff: { max: 1m } }",
                 "retry: { backoff: { max: 2m } }",
                 "must be at most 1m, got \"2m\"",
+            ),
+            (
+                "upstream",
+                "retry: { connect_wait: 5m }",
+                "retry: { connect_wait: 301s }",
+                "must be at most 5m, got \"301s\"",
             ),
         ];
         let text = |place: &str, kv: &str| -> String {
