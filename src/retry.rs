@@ -286,16 +286,11 @@ mod tests {
         let mut now = t0;
         let mut charged = 0;
         let mut connects = 1;
-        loop {
-            match w.next(&c, Failure::Connect, now, None, 0.5) {
-                WaitStep::Again { after, charge } => {
-                    assert!(after <= CONNECT_WAIT_BACKOFF_MAX, "{after:?}");
-                    charged += u32::from(charge);
-                    now += after;
-                    connects += 1;
-                }
-                WaitStep::Over => break,
-            }
+        while let WaitStep::Again { after, charge } = w.next(&c, Failure::Connect, now, None, 0.5) {
+            assert!(after <= CONNECT_WAIT_BACKOFF_MAX, "{after:?}");
+            charged += u32::from(charge);
+            now += after;
+            connects += 1;
             assert!(connects < 1000, "unbounded");
         }
         assert_eq!(charged, 1);
@@ -309,8 +304,15 @@ mod tests {
             w.next(&c, Failure::ConnectTimeout, t0, None, 0.5),
             WaitStep::Again { charge: true, .. }
         ));
-        for f in [Failure::Reset, Failure::FirstByteTimeout, Failure::Status(502)] {
-            assert_eq!(ConnectWait::default().next(&c, f, t0, None, 0.5), WaitStep::Over);
+        for f in [
+            Failure::Reset,
+            Failure::FirstByteTimeout,
+            Failure::Status(502),
+        ] {
+            assert_eq!(
+                ConnectWait::default().next(&c, f, t0, None, 0.5),
+                WaitStep::Over
+            );
         }
     }
 
@@ -326,8 +328,10 @@ mod tests {
         assert_eq!(off(|c| c.attempts = 1), WaitStep::Over);
         assert_eq!(off(|c| c.on = vec![RetryOn::Status(503)]), WaitStep::Over);
         // A connect timeout waits under `timeout` as well as `connect_error`.
-        let mut c = RetryConfig::default();
-        c.on = vec![RetryOn::Timeout];
+        let c = RetryConfig {
+            on: vec![RetryOn::Timeout],
+            ..RetryConfig::default()
+        };
         assert_ne!(
             ConnectWait::default().next(&c, Failure::ConnectTimeout, t0, None, 0.5),
             WaitStep::Over
@@ -338,8 +342,7 @@ mod tests {
         let deadline = Some(t0 + Duration::from_millis(300));
         let mut w = ConnectWait::default();
         let mut now = t0;
-        while let WaitStep::Again { after, .. } =
-            w.next(&c, Failure::Connect, now, deadline, 0.99)
+        while let WaitStep::Again { after, .. } = w.next(&c, Failure::Connect, now, deadline, 0.99)
         {
             now += after;
             assert!(now < t0 + Duration::from_millis(300));

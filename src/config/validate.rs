@@ -3459,6 +3459,27 @@ mod tests {
     /// Every numeric key refuses the value just above its bound and takes the bound itself:
     /// what `check` accepts must start, serve and reload (tests/it/bounds.rs).
     #[test]
+    fn retry_connect_wait_is_a_duration_or_off() {
+        let with = |v: &str| {
+            parse(&MINIMAL.replace(
+                "endpoints: [\"http://127.0.0.1:3001\"]",
+                &format!("endpoints: [\"http://127.0.0.1:3001\"]\n            retry: {{ connect_wait: {v} }}"),
+            ))
+        };
+        let wait = |c: Config| c.upstreams["backend"].resilience.retry.connect_wait;
+        assert_eq!(wait(parse(MINIMAL).unwrap()), Some(secs(5)));
+        assert_eq!(wait(with("off").unwrap()), None);
+        assert_eq!(
+            wait(with("750ms").unwrap()),
+            Some(Duration::from_millis(750))
+        );
+        let err = with("0s").unwrap_err().to_string();
+        assert!(err.contains("connect_wait"), "{err}");
+        let err = with("soon").unwrap_err().to_string();
+        assert!(err.contains("connect_wait"), "{err}");
+    }
+
+    #[test]
     fn every_numeric_key_has_an_upper_bound() {
         // (where the key goes, its bound written as accepted, the value just above, message)
         let cases: &[(&str, &str, &str, &str)] = &[

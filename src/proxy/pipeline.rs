@@ -645,7 +645,7 @@ impl Send<'_> {
         }
         let mut tried: u64 = 0;
         // Endpoints whose connect failed during this request: counted once toward their
-        // ejection (and the errors metric), not once per connect of a connect wait.
+        // ejection, not once per connect of a connect wait (the errors metric counts each).
         let mut refused: u64 = 0;
         let mut wait = retry::ConnectWait::default();
         let mut attempt = 1;
@@ -726,12 +726,12 @@ impl Send<'_> {
                         // The client's own request body failed: nothing to learn or retry.
                         return Err(e.error);
                     };
+                    if let Some(kind) = error_kind(failure) {
+                        upstream.errors.inc(kind);
+                    }
                     let connect = matches!(failure, Failure::Connect | Failure::ConnectTimeout);
                     let bit = if idx < 64 { 1 << idx } else { 0 };
                     if !(connect && refused & bit != 0) {
-                        if let Some(kind) = error_kind(failure) {
-                            upstream.errors.inc(kind);
-                        }
                         upstream.state.endpoint_result(&endpoint.state, false, cfg);
                     }
                     if connect {
