@@ -760,7 +760,9 @@ impl Send<'_> {
                                 true
                             })
                         {
-                            tokio::time::sleep(after).await;
+                            // Boxed, as `pause`: the timer stays out of every request's
+                            // future.
+                            Box::pin(tokio::time::sleep(after)).await;
                             continue;
                         }
                     } else if can_go_again
