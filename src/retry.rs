@@ -87,6 +87,86 @@ pub fn backoff(cfg: &RetryConfig, retry: u32) -> Duration {
     exp.min(cfg.backoff_max).mul_f64(crate::jitter::unit())
 }
 
+/// Longest pause between two connects of a connect wait: an upstream that listens again is
+/// found within this (plus a connect), however long it was down.
+pub const CONNECT_WAIT_BACKOFF_MAX: Duration = Duration::from_millis(250);
+
+/// Fewest milliseconds of `connect_wait` per connect attempt: a bound on attempts (40 per
+/// second of wait) whatever the jitter draws.
+const CONNECT_WAIT_MS_PER_ATTEMPT: u128 = 25;
+
+/// One request's wait for an upstream that refuses connections (`retry.connect_wait`): a
+/// restart of the only endpoint. Nothing reached the upstream, so any method may wait. The
+/// wait starts at the request's first connect failure and lasts at most `connect_wait`,
+/// never past the route's total deadline; connects are retried with full jitter under
+/// [`CONNECT_WAIT_BACKOFF_MAX`]. The retry budget is charged once per waiting request (the
+/// first retry), not per connect: with a few clients looping, a charge per connect would
+/// spend the budget in the first second of a restart, and a connect that is refused costs
+/// the upstream nearly nothing. The budget still bounds how many requests wait at once in
+/// a real outage (each is one retry), and attempts per request are bounded too.
+#[derive(Debug, Default)]
+pub struct ConnectWait {
+    since: Option<Instant>,
+    retries: u32,
+}
+
+/// What to do after a connect failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitStep {
+    /// Connect again after this pause; `charge`: take a retry from the budget first.
+    Again { after: Duration, charge: bool },
+    /// The wait does not apply, or is over: the failure is the answer.
+    Over,
+}
+
+impl ConnectWait {
+    /// Whether `failure` is one a connect wait handles under `cfg`: a connect failure, retries
+    /// on (`attempts` > 1) and listed for it, and `connect_wait` not `off`.
+    pub fn applies(cfg: &RetryConfig, failure: Failure) -> bool {
+        cfg.connect_wait.is_some()
+            && cfg.attempts > 1
+            && !failure.reached_upstream()
+            && retryable(cfg, failure, &Method::POST, false)
+    }
+
+    /// After a connect failure at `now`: connect again after a pause, or give up.
+    /// `unit` is the jitter draw in [0, 1).
+    pub fn next(
+        &mut self,
+        cfg: &RetryConfig,
+        failure: Failure,
+        now: Instant,
+        deadline: Option<Instant>,
+        unit: f64,
+    ) -> WaitStep {
+        let Some(wait) = cfg.connect_wait.filter(|_| Self::applies(cfg, failure)) else {
+            return WaitStep::Over;
+        };
+        let since = *self.since.get_or_insert(now);
+        let end = since + wait;
+        let max_retries = (wait.as_millis() / CONNECT_WAIT_MS_PER_ATTEMPT).max(1);
+        if now >= end || u128::from(self.retries) >= max_retries {
+            return WaitStep::Over;
+        }
+        self.retries += 1;
+        let cap = cfg.backoff_max.min(CONNECT_WAIT_BACKOFF_MAX);
+        let exp = cfg
+            .backoff_base
+            .saturating_mul(1u32 << (self.retries - 1).min(20));
+        // The last connect is made when the wait ends, so a restart that takes just under
+        // `connect_wait` is still caught.
+        let after = exp.min(cap).mul_f64(unit.clamp(0.0, 1.0)).min(end - now);
+        // A connect that could only start at the deadline would end in a 504 for nothing.
+        if deadline.is_some_and(|d| now + after >= d) {
+            return WaitStep::Over;
+        }
+        WaitStep::Again {
+            after,
+            charge: self.retries == 1,
+        }
+    }
+}
+
 /// Requests and retries over the last 10 seconds, in one-second buckets.
 #[derive(Debug)]
 pub struct Budget {
@@ -196,6 +276,83 @@ mod tests {
                 assert!(d <= cap, "{d:?} > {cap:?}");
             }
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connect_wait_retries_any_method_until_connect_wait_charging_the_budget_once() {
+        let c = RetryConfig::default();
+        let t0 = Instant::now();
+        let mut w = ConnectWait::default();
+        let mut now = t0;
+        let mut charged = 0;
+        let mut connects = 1;
+        while let WaitStep::Again { after, charge } = w.next(&c, Failure::Connect, now, None, 0.5) {
+            assert!(after <= CONNECT_WAIT_BACKOFF_MAX, "{after:?}");
+            charged += u32::from(charge);
+            now += after;
+            connects += 1;
+            assert!(connects < 1000, "unbounded");
+        }
+        assert_eq!(charged, 1);
+        // It ends at connect_wait, not before (the last connect is made at its end).
+        assert_eq!(now, t0 + Duration::from_secs(5));
+        // Backoff 25, 50, 100, then 125 ms (half of the 250 ms cap) until 5 s.
+        assert!((40..=45).contains(&connects), "{connects}");
+        // A connect timeout waits too; a failure that reached the upstream never does.
+        let mut w = ConnectWait::default();
+        assert!(matches!(
+            w.next(&c, Failure::ConnectTimeout, t0, None, 0.5),
+            WaitStep::Again { charge: true, .. }
+        ));
+        for f in [
+            Failure::Reset,
+            Failure::FirstByteTimeout,
+            Failure::Status(502),
+        ] {
+            assert_eq!(
+                ConnectWait::default().next(&c, f, t0, None, 0.5),
+                WaitStep::Over
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connect_wait_is_off_with_retries_off_and_stops_before_the_deadline() {
+        let t0 = Instant::now();
+        let off = |f: fn(&mut RetryConfig)| {
+            let mut c = RetryConfig::default();
+            f(&mut c);
+            ConnectWait::default().next(&c, Failure::Connect, t0, None, 0.5)
+        };
+        assert_eq!(off(|c| c.connect_wait = None), WaitStep::Over);
+        assert_eq!(off(|c| c.attempts = 1), WaitStep::Over);
+        assert_eq!(off(|c| c.on = vec![RetryOn::Status(503)]), WaitStep::Over);
+        // A connect timeout waits under `timeout` as well as `connect_error`.
+        let c = RetryConfig {
+            on: vec![RetryOn::Timeout],
+            ..RetryConfig::default()
+        };
+        assert_ne!(
+            ConnectWait::default().next(&c, Failure::ConnectTimeout, t0, None, 0.5),
+            WaitStep::Over
+        );
+
+        // Never past the route's total deadline: the wait gives up rather than connect at it.
+        let c = RetryConfig::default();
+        let deadline = Some(t0 + Duration::from_millis(300));
+        let mut w = ConnectWait::default();
+        let mut now = t0;
+        while let WaitStep::Again { after, .. } = w.next(&c, Failure::Connect, now, deadline, 0.99)
+        {
+            now += after;
+            assert!(now < t0 + Duration::from_millis(300));
+        }
+        // Attempts are bounded whatever the jitter draws (all zero here).
+        let mut w = ConnectWait::default();
+        let n = (0..10_000)
+            .take_while(|_| w.next(&c, Failure::Connect, t0, None, 0.0) != WaitStep::Over)
+            .count();
+        assert_eq!(n, 200);
     }
 
     #[tokio::test(start_paused = true)]

@@ -196,6 +196,7 @@ pub fn to_json(c: &Config) -> Value {
                     "budget_ratio": r.retry.budget_ratio,
                     "budget_min_per_s": r.retry.budget_min_per_s,
                     "max_body": r.retry.max_body,
+                    "connect_wait": opt_d(r.retry.connect_wait),
                 },
             });
             (u.name.clone(), v)

@@ -777,6 +777,10 @@ pub struct RetryConfig {
     /// Bodies up to this size are kept for a retry; larger ones are not retried (except
     /// when the connection never opened). Default 64 KiB.
     pub max_body: u64,
+    /// How long a request that meets connection refused or a connect timeout keeps trying
+    /// to connect (nothing reached the upstream: any method), so that a restart shorter
+    /// than this costs latency, not errors. Default 5s; None (`off`) = only `attempts`.
+    pub connect_wait: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -864,6 +868,7 @@ impl Default for RetryConfig {
             budget_ratio: 0.2,
             budget_min_per_s: 3,
             max_body: 64 * 1024,
+            connect_wait: Some(Duration::from_secs(5)),
         }
     }
 }

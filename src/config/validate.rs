@@ -70,6 +70,8 @@ const MAX_REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// A retried request waits its backoff (the route's `total`, when set, cuts it shorter).
 const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(60);
+/// A request waits this long for an upstream that refuses connections, holding a client.
+const MAX_CONNECT_WAIT: Duration = Duration::from_secs(300);
 const DEFAULT_MAX_HEADERS: usize = 100;
 const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 100;
 const DEFAULT_H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
@@ -2527,6 +2529,23 @@ fn retry(ctx: &mut Ctx, f: Option<Field>) -> RetryConfig {
                 ctx.bytes(f, 0, MAX_RETRY_BODY_BYTES)
             })
             .unwrap_or(d.max_body),
+        connect_wait: m
+            .read(ctx, "connect_wait", |ctx, f| {
+                ctx.parse_with(f, "a duration or off", |s| {
+                    if s == "off" {
+                        return Ok(None);
+                    }
+                    let d = parse_duration(s)?;
+                    if d > MAX_CONNECT_WAIT {
+                        return Err(format!(
+                            "must be at most {}, got \"{s}\"",
+                            bound_text(MAX_CONNECT_WAIT)
+                        ));
+                    }
+                    Ok(Some(d))
+                })
+            })
+            .unwrap_or(d.connect_wait),
     };
     m.finish(ctx);
     config
@@ -3610,6 +3629,27 @@ mod tests {
     /// Every numeric key refuses the value just above its bound and takes the bound itself:
     /// what `check` accepts must start, serve and reload (tests/it/bounds.rs).
     #[test]
+    fn retry_connect_wait_is_a_duration_or_off() {
+        let with = |v: &str| {
+            parse(&MINIMAL.replace(
+                "endpoints: [\"http://127.0.0.1:3001\"]",
+                &format!("endpoints: [\"http://127.0.0.1:3001\"]\n            retry: {{ connect_wait: {v} }}"),
+            ))
+        };
+        let wait = |c: Config| c.upstreams["backend"].resilience.retry.connect_wait;
+        assert_eq!(wait(parse(MINIMAL).unwrap()), Some(secs(5)));
+        assert_eq!(wait(with("off").unwrap()), None);
+        assert_eq!(
+            wait(with("750ms").unwrap()),
+            Some(Duration::from_millis(750))
+        );
+        let err = with("0s").unwrap_err().to_string();
+        assert!(err.contains("connect_wait"), "{err}");
+        let err = with("soon").unwrap_err().to_string();
+        assert!(err.contains("connect_wait"), "{err}");
+    }
+
+    #[test]
     fn every_numeric_key_has_an_upper_bound() {
         // (where the key goes, its bound written as accepted, the value just above, message)
         let cases: &[(&str, &str, &str, &str)] = &[
@@ -3776,6 +3816,12 @@ mod tests {
                 "retry: { backoff: { max: 1m } }",
                 "retry: { backoff: { max: 2m } }",
                 "must be at most 1m, got \"2m\"",
+            ),
+            (
+                "upstream",
+                "retry: { connect_wait: 5m }",
+                "retry: { connect_wait: 301s }",
+                "must be at most 5m, got \"301s\"",
             ),
         ];
         let text = |place: &str, kv: &str| -> String {

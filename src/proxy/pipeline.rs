@@ -644,6 +644,10 @@ impl Send<'_> {
             b.record_request(Instant::now());
         }
         let mut tried: u64 = 0;
+        // Endpoints whose connect failed during this request: counted once toward their
+        // ejection, not once per connect of a connect wait (the errors metric counts each).
+        let mut refused: u64 = 0;
+        let mut wait = retry::ConnectWait::default();
         let mut attempt = 1;
         loop {
             let idx = upstream.pick(tried).ok_or_else(|| no_endpoints(upstream))?;
@@ -725,14 +729,43 @@ impl Send<'_> {
                     if let Some(kind) = error_kind(failure) {
                         upstream.errors.inc(kind);
                     }
-                    upstream.state.endpoint_result(&endpoint.state, false, cfg);
+                    let connect = matches!(failure, Failure::Connect | Failure::ConnectTimeout);
+                    let bit = if idx < 64 { 1 << idx } else { 0 };
+                    if !(connect && refused & bit != 0) {
+                        upstream.state.endpoint_result(&endpoint.state, false, cfg);
+                    }
+                    if connect {
+                        refused |= bit;
+                    }
                     if e.by_deadline && self.replay.is_none() {
                         // Cut short while connecting: retried, as before, only with a kept
                         // body.
                         self.request = None;
                     }
                     let replayable = self.request.is_some() || self.replay.is_some();
-                    if can_go_again
+                    if replayable && retry::ConnectWait::applies(&cfg.retry, failure) {
+                        // A restart: wait for the upstream to listen again (retry.rs).
+                        let step = wait.next(
+                            &cfg.retry,
+                            failure,
+                            Instant::now(),
+                            self.timers.deadline,
+                            crate::jitter::unit(),
+                        );
+                        if let retry::WaitStep::Again { after, charge } = step
+                            && (if charge {
+                                self.take_budget("connect_wait")
+                            } else {
+                                self.count_retry("connect_wait");
+                                true
+                            })
+                        {
+                            // Boxed, as `pause`: the timer stays out of every request's
+                            // future.
+                            Box::pin(tokio::time::sleep(after)).await;
+                            continue;
+                        }
+                    } else if can_go_again
                         && retry::retryable(&cfg.retry, failure, &self.method, replayable)
                         && self.take_budget(failure.reason())
                     {
@@ -771,18 +804,28 @@ impl Send<'_> {
             .lock()
             .map(|mut b| b.try_retry(Instant::now()))
             .unwrap_or(false);
-        let metrics = upstream.state.metrics();
         if ok {
-            let mut labels = UpstreamMetrics::upstream(&upstream.name);
-            labels.push(("reason", reason.to_string()));
-            metrics.retries.get_or_create(&labels).inc();
+            self.count_retry(reason);
         } else {
-            metrics
+            upstream
+                .state
+                .metrics()
                 .retry_budget_exhausted
                 .get_or_create(&UpstreamMetrics::upstream(&upstream.name))
                 .inc();
         }
         ok
+    }
+
+    fn count_retry(&self, reason: &'static str) {
+        let mut labels = UpstreamMetrics::upstream(&self.upstream.name);
+        labels.push(("reason", reason.to_string()));
+        self.upstream
+            .state
+            .metrics()
+            .retries
+            .get_or_create(&labels)
+            .inc();
     }
 
     async fn pause(&self, attempt: u32) {

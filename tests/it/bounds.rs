@@ -211,14 +211,16 @@ mod property {
             least in any::<bool>(),
             breaker in (int(1, 1_000_000), duration(), duration(), int(1, 1_000_000), int(1, 1_000_000), pct(), duration(), int(1, 1_000_000), any::<bool>()),
             ejection in (int(1, 1_000_000), duration(), duration()),
-            retry in (int(1, 10), duration_to(MINUTE), duration_to(MINUTE), 0.0f64..=1.0, int(0, 1_000_000), bytes(0, 64 << 20)),
+            // connect_wait: up to 3 s here (a request below must end within 10 s; a 1 ns
+            // connect timeout waits it all); its 5m bound is pinned in config::validate.
+            retry in (int(1, 10), duration_to(MINUTE), duration_to(MINUTE), 0.0f64..=1.0, int(0, 1_000_000), bytes(0, 64 << 20), prop::option::of(duration_to(Duration::from_secs(3)))),
             in_flight in int(1, 1_000_000),
             check in (duration(), duration(), int(1, 1_000_000), int(1, 1_000_000), any::<bool>(), duration()),
             hyper in any::<bool>(),
         ) -> (String, Duration) {
             let (failures, open_for, max_open_for, successes, probes, threshold, window, min_calls, count) = breaker;
             let (consecutive, base, max) = ejection;
-            let (attempts, backoff_base, backoff_max, ratio, min_per_s, retry_body) = retry;
+            let (attempts, backoff_base, backoff_max, ratio, min_per_s, retry_body, connect_wait) = retry;
             let (interval, check_timeout, unhealthy, healthy, critical, unhealthy_interval) = check;
             (format!(
                 "    connect_timeout: {}\n\
@@ -226,7 +228,7 @@ mod property {
                  \x20   load_balancing: {}\n\
                  \x20   circuit_breaker: {{ scope: {}, failures: {failures}, open_for: {}, max_open_for: {}, half_open_successes: {successes}, half_open_max_probes: {probes}, failure_rate: {{ threshold: {threshold}, window: {}, min_calls: {min_calls} }}, count_500: {count}, count_backoff: {count} }}\n\
                  \x20   ejection: {{ consecutive_failures: {consecutive}, base_ejection: {}, max_ejection: {} }}\n\
-                 \x20   retry: {{ attempts: {attempts}, backoff: {{ base: {}, max: {} }}, on: [connect_error, reset, 503], budget: {{ ratio: {ratio}, min_per_s: {min_per_s} }}, max_body: {retry_body} }}\n\
+                 \x20   retry: {{ attempts: {attempts}, backoff: {{ base: {}, max: {} }}, on: [connect_error, reset, 503], budget: {{ ratio: {ratio}, min_per_s: {min_per_s} }}, max_body: {retry_body}, connect_wait: {} }}\n\
                  \x20   max_in_flight: {in_flight}\n\
                  \x20   client: {}\n\
                  \x20   health_check: {{ path: /ok, interval: {}, unhealthy_interval: {}, timeout: {}, unhealthy_after: {unhealthy}, healthy_after: {healthy}, critical: {critical} }}\n",
@@ -234,6 +236,7 @@ mod property {
                 if least { "least_outstanding" } else { "round_robin" },
                 if count { "upstream" } else { "route" },
                 d(open_for), d(max_open_for), d(window), d(base), d(max), d(backoff_base), d(backoff_max),
+                connect_wait.map_or("off".to_owned(), d),
                 if hyper { "hyper" } else { "rampart" },
                 d(interval), d(unhealthy_interval), d(check_timeout),
             ), connect)

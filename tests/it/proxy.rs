@@ -429,11 +429,18 @@ async fn connect_timeout_is_504() {
             fillers.push(s);
         }
     }
-    let px = start(&one_route(
-        &format!("http://{addr}"),
-        "        timeouts: { connect: 300ms }",
-        "",
-    ))
+    // Without the connect wait (retry.connect_wait, which would wait 5 s for the upstream).
+    let px = start(
+        &one_route(
+            &format!("http://{addr}"),
+            "        timeouts: { connect: 300ms }",
+            "",
+        )
+        .replace(
+            "connect_timeout: 1s",
+            "connect_timeout: 1s\n    retry: { connect_wait: off }",
+        ),
+    )
     .await;
     let started = Instant::now();
     let (resp, body) = send(&http1(), get(px.addr("main").unwrap(), "/")).await;

@@ -324,3 +324,72 @@ async fn a_stream_that_goes_silent_counts_as_a_failure_but_a_client_leaving_does
     );
     px.shutdown().await;
 }
+
+/// retry.connect_wait: a POST that meets a refused port waits for the upstream, and is
+/// sent once it listens; a wait that runs out is one failure toward ejection and the
+/// breaker, whatever the number of connects it made.
+#[tokio::test]
+async fn a_connect_wait_sends_a_post_once_the_upstream_listens_and_counts_once() {
+    // The port refuses until the upstream binds it, 300 ms into the request.
+    let (hold, dead) = refusing_addr();
+    let yaml = config(
+        &[format!("http://{dead}")],
+        "    retry: { connect_wait: 2s }\n    ejection: { consecutive_failures: 2 }\n    circuit_breaker: { failures: 2 }",
+        "",
+    );
+    let px = start(&yaml).await;
+    let addr = px.addr("main").unwrap();
+    let up = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(hold);
+        let listener = tokio::net::TcpListener::bind(dead).await.unwrap();
+        let (mut s, _) = listener.accept().await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 4096];
+        let mut got = Vec::new();
+        while !String::from_utf8_lossy(&got).contains("hello") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the body");
+            got.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(b"HTTP/1.1 201 Created\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&got).into_owned()
+    });
+    let started = Instant::now();
+    let req = Request::post(format!("http://{addr}/items"))
+        .body(Full::new(Bytes::from_static(b"hello")))
+        .unwrap();
+    let (resp, _) = send(&http1(), req).await;
+    assert_eq!(resp.status(), 201);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_millis(900),
+        "{waited:?}"
+    );
+    let seen = up.await.unwrap();
+    assert!(seen.starts_with("POST /items"), "{seen}");
+
+    // Nothing listens any more: the wait runs its 2 s out (many connects), then fails once.
+    let started = Instant::now();
+    let (status, body, _) = status_of(addr, "/ok").await;
+    assert_eq!(status, 502, "{body}");
+    assert!(started.elapsed() >= Duration::from_millis(1900));
+    let text = metrics(&px).await;
+    assert!(
+        !text.contains("rampart_endpoint_ejections_total{"),
+        "ejected after one request's wait:\n{text}"
+    );
+    assert!(
+        text.contains("rampart_circuit_breaker_state{upstream=\"up\"} 0"),
+        "breaker not closed after one failed request:\n{text}"
+    );
+    let connects = sample(
+        &text,
+        "rampart_upstream_errors_total{upstream=\"up\",kind=\"connect_error\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(connects > 5.0, "{connects} connects");
+    px.shutdown().await;
+}
