@@ -396,7 +396,6 @@ async fn a_restart_of_the_only_endpoint_costs_latency_not_errors() {
 /// breaker that goes HALF_OPEN when the active health check passes lets traffic back
 /// within a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs health-informed recovery (breakers)"]
 async fn a_slow_restart_fails_only_after_connect_wait_and_recovers_within_a_second() {
     let (d, px) = drill(
         "restart-slow",
