@@ -780,7 +780,7 @@ async fn default_breaker_alert_fires_as_the_breaker_opens() {
     let fired = breaker(&alerts(&r).await).unwrap();
     assert_eq!(fired["severity"], "critical");
     assert_eq!(
-        fired["summary"], "breaker_open yes: open: fastgpt",
+        fired["summary"], "breaker_open yes: open: fastgpt/chat",
         "{fired}"
     );
     r.shutdown().await;
