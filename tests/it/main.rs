@@ -7,6 +7,7 @@ mod bounds;
 mod cli;
 mod config;
 mod drain;
+mod drills;
 mod fuzz_corpus;
 mod h2;
 mod h2_floods;
