@@ -1072,6 +1072,79 @@ async fn drill_database_switchover() {
     c.finish();
 }
 
+/// Postgres down for 10 s under traffic (the "Postgres down 20 s", shortened), with
+/// the check at the users' settings (the defaults: every 10 s). The backend answers 500
+/// while its database is down, through rampart or not; rampart must not add failures by
+/// taking its replica out of readiness (Postgres is shared by every replica) or by keeping
+/// it out after the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_database_down() {
+    let drill = "database down (10 s)";
+    let test = "drill_database_down";
+    let Some(mut pg) = PgServer::own(test).await else {
+        return;
+    };
+    let app = App::start(AppState {
+        db: Some(Db {
+            url: format!("{}?connect_timeout=1", pg.url),
+            conn: tokio::sync::Mutex::new(None),
+        }),
+        ..AppState::default()
+    })
+    .await;
+    let top = format!("dependencies:\n  postgres: {{ url: \"{}\" }}\n", pg.url);
+    let px = Rampart::start(
+        "pg-down",
+        &Setup {
+            top: &top,
+            ..Setup::new(&app.url())
+        },
+    )
+    .await;
+    let gate = Gate::start(px.admin());
+    let (direct, through) = both(
+        app.addr,
+        px.addr,
+        &four_clients(),
+        Duration::from_secs(5),
+        Duration::from_secs(10),
+        Some(gate.ready.clone()),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let fault = Instant::now();
+    pg.kill();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    pg.restart();
+    let heal = Instant::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let end = Instant::now();
+    let (d, r) = (direct.finish().await, through.finish().await);
+    let unready = r.iter().filter(|o| o.code == "no ready endpoint").count();
+    let rows = (
+        row(drill, Mode::Direct, &d, fault, heal, end, 0, String::new()),
+        row(
+            drill,
+            Mode::Rampart,
+            &r,
+            fault,
+            heal,
+            end,
+            0,
+            format!("{unready} refused by the readiness gate"),
+        ),
+    );
+    print_rows(&[&rows.0, &rows.1]);
+    let mut c = Checks::new(drill);
+    c.no_worse(&rows.0, &rows.1);
+    c.check(
+        unready == 0,
+        format!(
+            "/readyz took the replica out for a shared database: {unready} requests had no endpoint"
+        ),
+    );
+    c.finish();
+}
+
 // === 3. Redis fail-over and restart ===
 
 /// The rate-limit section of the Redis drills: the users' limiter with room for the drill's
