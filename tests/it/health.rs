@@ -1,6 +1,7 @@
-//! Dependency health against real servers: Postgres killed, restarted, frozen and switched
-//! over to its replica; Redis killed; active upstream checks steering traffic; and the
-//! probe endpoints answering from cache (1,000 concurrent calls, zero queries).
+//! Dependency health against real servers: Postgres killed, restarted and frozen; Redis
+//! killed; active upstream checks steering traffic; and the probe endpoints answering from
+//! cache (1,000 concurrent calls, zero queries). The switch-over to a replica is a drill
+//! (tests/it/drills.rs).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
