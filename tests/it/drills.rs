@@ -211,6 +211,8 @@ struct Outcome {
     status: Option<u16>,
     /// The error code of rampart's answer, or what went wrong.
     code: String,
+    /// The message of rampart's answer.
+    message: String,
 }
 
 impl Outcome {
@@ -258,12 +260,13 @@ async fn call(
             .to_bytes();
         let text = String::from_utf8_lossy(&body);
         let code = json_field(&text, "code").unwrap_or_default().to_owned();
-        Ok::<_, String>((status, code))
+        let message = json_field(&text, "message").unwrap_or_default().to_owned();
+        Ok::<_, String>((status, code, message))
     };
-    let (status, code) = match tokio::time::timeout(timeout, exchange).await {
-        Ok(Ok((s, code))) => (Some(s), code),
-        Ok(Err(e)) => (None, error_kind(&e)),
-        Err(_) => (None, "client timeout".to_owned()),
+    let (status, code, message) = match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok((s, code, message))) => (Some(s), code, message),
+        Ok(Err(e)) => (None, error_kind(&e), e),
+        Err(_) => (None, "client timeout".to_owned(), String::new()),
     };
     Outcome {
         path,
@@ -271,6 +274,7 @@ async fn call(
         done: Instant::now(),
         status,
         code,
+        message,
     }
 }
 
@@ -361,6 +365,7 @@ impl Traffic {
                             done: now,
                             status: None,
                             code: "no ready endpoint".into(),
+                            message: String::new(),
                         });
                         continue;
                     }
@@ -485,7 +490,15 @@ fn row(
     notes: String,
 ) -> Row {
     let (detection, recovery) = timings(outcomes, fault, heal, end);
-    let kinds = failure_kinds(outcomes);
+    let mut kinds = failure_kinds(outcomes);
+    // What rampart said first, for the reader of a failing drill.
+    if let Some(first) = outcomes
+        .iter()
+        .find(|o| !o.ok() && o.status.is_some() && !o.message.is_empty())
+    {
+        let m: String = first.message.chars().take(100).collect();
+        kinds.push_str(&format!(" (first: \"{m}\")"));
+    }
     let notes = match (kinds.is_empty(), notes.is_empty()) {
         (true, _) => notes,
         (false, true) => kinds,
@@ -852,9 +865,33 @@ fn four_clients() -> Vec<Script> {
 
 /// The backend restarts under 4 looping clients (GET and POST): closes its listener and
 /// idle connections, and listens again on the same port `down` later.
-/// The rows, the p99 added latency, and the requests rampart's clients sent in the second
-/// after the backend listened again.
-async fn restart_drill(drill: &'static str, down: Duration) -> (Row, Row, Duration, usize) {
+struct Restart {
+    direct: Row,
+    rampart: Row,
+    /// p99 latency through rampart beyond the direct clients' p99 before the restart.
+    added: Duration,
+    /// Requests rampart's clients sent in the second after the backend listened again.
+    first_second: usize,
+    /// Requests through rampart lost in the keep-alive race at the close (see `race`).
+    race: usize,
+    /// The restart to the first failure through rampart other than the race.
+    detection_but_race: Option<Duration>,
+}
+
+/// A request written to a pooled connection in the instant the backend closes it is lost
+/// without a byte of answer; whether the backend read it cannot be known, so a POST is not
+/// sent again. Clients talking to the backend directly meet the same race. Such a failure
+/// within 200 ms of the close is the race; at most one per restart is allowed (as in
+/// tests/it/restart.rs).
+fn in_race(o: &Outcome, close: Instant) -> bool {
+    !o.ok()
+        && o.message.contains("closed without an answer")
+        && o.done < close + Duration::from_millis(200)
+}
+
+/// The backend restarts under 4 looping clients (GET and POST): closes its listener and
+/// idle connections, and listens again on the same port `down` later.
+async fn restart_drill(drill: &'static str, down: Duration) -> Restart {
     let mut app = App::start(AppState::default()).await;
     let px = Rampart::start(drill, &Setup::new(&app.url())).await;
     let (direct, through) = both(
@@ -874,13 +911,18 @@ async fn restart_drill(drill: &'static str, down: Duration) -> (Row, Row, Durati
     tokio::time::sleep(Duration::from_secs(3)).await;
     let end = Instant::now();
     let (d, r) = (direct.finish().await, through.finish().await);
-    // Added latency: what rampart's clients waited beyond what the direct ones did.
     let added = p99(r.iter().map(Outcome::latency)).saturating_sub(p99(d
         .iter()
         .filter(|o| o.sent < fault)
         .map(Outcome::latency)));
-    let rows = (
-        row(
+    let race = r.iter().filter(|o| in_race(o, fault)).count();
+    let detection_but_race = r
+        .iter()
+        .filter(|o| !o.ok() && !in_race(o, fault))
+        .map(|o| o.done.saturating_duration_since(fault))
+        .min();
+    let out = Restart {
+        direct: row(
             drill,
             Mode::Direct,
             &d,
@@ -890,7 +932,7 @@ async fn restart_drill(drill: &'static str, down: Duration) -> (Row, Row, Durati
             app.state.posts_twice(Mode::Direct),
             String::new(),
         ),
-        row(
+        rampart: row(
             drill,
             Mode::Rampart,
             &r,
@@ -898,35 +940,50 @@ async fn restart_drill(drill: &'static str, down: Duration) -> (Row, Row, Durati
             heal,
             end,
             app.state.posts_twice(Mode::Rampart),
-            format!("p99 added latency {}", secs(added)),
+            format!(
+                "p99 added latency {}; {race} lost in the keep-alive race at the close",
+                secs(added)
+            ),
         ),
-    );
-    print_rows(&[&rows.0, &rows.1]);
-    let slack = offered(&r, heal, Duration::from_secs(1));
-    (rows.0, rows.1, added, slack)
+        added,
+        first_second: offered(&r, heal, Duration::from_secs(1)),
+        race,
+        detection_but_race,
+    };
+    print_rows(&[&out.direct, &out.rampart]);
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_application_restart_fast() {
     let _one_at_a_time = DRILL.lock().await;
-    let (direct, rampart, added, _) =
-        restart_drill("app restart (0.5 s)", Duration::from_millis(500)).await;
+    let d = restart_drill("app restart (0.5 s)", Duration::from_millis(500)).await;
     let mut c = Checks::new("app restart (0.5 s)");
-    c.no_worse(&direct, &rampart);
+    c.no_worse(&d.direct, &d.rampart);
     c.check(
-        rampart.failed == 0,
+        d.race <= 1,
         format!(
-            "{} failed requests through rampart, want 0 ({})",
-            rampart.failed, rampart.notes
+            "{} requests through rampart lost in the keep-alive race",
+            d.race
         ),
     );
     c.check(
-        rampart.posts_twice == 0 && direct.posts_twice == 0,
-        format!("POSTs seen twice: {} through rampart", rampart.posts_twice),
+        d.rampart.failed - d.race.min(1) == 0,
+        format!(
+            "{} failed requests through rampart, want 0 ({})",
+            d.rampart.failed, d.rampart.notes
+        ),
     );
     c.check(
-        added < Duration::from_secs(1),
-        format!("p99 added latency {added:?}"),
+        d.rampart.posts_twice == 0 && d.direct.posts_twice == 0,
+        format!(
+            "POSTs seen twice: {} through rampart",
+            d.rampart.posts_twice
+        ),
+    );
+    c.check(
+        d.added < Duration::from_secs(1),
+        format!("p99 added latency {:?}", d.added),
     );
     c.finish();
 }
@@ -934,18 +991,29 @@ async fn drill_application_restart_fast() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_application_restart_slow() {
     let _one_at_a_time = DRILL.lock().await;
-    let (direct, rampart, _, slack) =
-        restart_drill("app restart (10 s)", Duration::from_secs(10)).await;
+    let d = restart_drill("app restart (10 s)", Duration::from_secs(10)).await;
+    let (direct, rampart) = (&d.direct, &d.rampart);
     let mut c = Checks::new("app restart (10 s)");
-    c.no_worse_but(&direct, &rampart, slack, "sent in the 1 s recovery allowed");
+    c.no_worse_but(
+        direct,
+        rampart,
+        d.first_second,
+        "sent in the 1 s recovery allowed",
+    );
     // retry.connect_wait (5 s by default) holds requests before they fail.
     c.check(
-        rampart
-            .detection
+        d.race <= 1,
+        format!(
+            "{} requests through rampart lost in the keep-alive race",
+            d.race
+        ),
+    );
+    c.check(
+        d.detection_but_race
             .is_none_or(|d| d >= Duration::from_millis(4900)),
         format!(
             "the first failure through rampart came {:?} after the restart, before connect_wait (5 s)",
-            rampart.detection
+            d.detection_but_race
         ),
     );
     c.check(
