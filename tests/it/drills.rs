@@ -786,7 +786,11 @@ impl Rampart {
              {}",
             setup.listener, setup.routes, setup.backend, setup.upstream, setup.top
         );
-        let dir = temp_dir(&format!("drill-{drill}"));
+        let name: String = drill
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let dir = temp_dir(&format!("drill-{name}"));
         let path = dir.join("proxy.yaml");
         std::fs::write(&path, &yaml).unwrap();
         let mut proc = Proc::spawn(&path, admin);
