@@ -8,6 +8,7 @@ mod breakers;
 mod cli;
 mod config;
 mod drain;
+mod drills;
 mod fuzz_corpus;
 mod h2;
 mod h2_floods;
