@@ -87,6 +87,9 @@ pub struct Probe {
     /// Passing but above a warning threshold: the check reads degraded.
     pub warning: Option<String>,
     pub error: Option<String>,
+    /// No connection could be made, and at once (refused, most often; not a timeout):
+    /// nothing reached the probed thing, so probing it again soon costs it nothing.
+    pub refused: bool,
     /// Check-specific fields (role, connections_used_pct, ...).
     pub details: Vec<(&'static str, Value)>,
 }
@@ -576,7 +579,8 @@ pub(crate) trait Hooks {
     /// After every probe: whether it passed, and the verdict change it made, if any.
     fn probed(&mut self, _ok: bool, _change: Option<Transition>) {}
     /// Something outside the check wants it at `unhealthy_interval` (an open breaker or
-    /// ejection of the upstream).
+    /// ejection of the upstream), and at `fast_interval` after a refused connect or a pass
+    /// that does not yet make `healthy_after` in a row.
     fn needs_attention(&self) -> bool {
         false
     }
@@ -620,6 +624,9 @@ impl Runner {
         let previous = self.slot.load().verdict;
         let mut counter = Counter::new(previous, self.cfg.unhealthy_after, self.cfg.healthy_after);
         let labels = HealthMetrics::labels(&self.name);
+        // Passes in a row since the last failure or the last opening of a breaker or
+        // ejection (each counts passes afresh from its opening, as `Breaker::health_passed`).
+        let mut streak: u32 = 0;
         loop {
             if *self.stop.borrow() {
                 return;
@@ -637,7 +644,14 @@ impl Runner {
                 .latency
                 .get_or_create(&labels)
                 .observe(latency.as_secs_f64());
-            let ok = result.ok;
+            let (ok, refused) = (result.ok, result.refused);
+            if hooks
+                .attention()
+                .is_some_and(|rx| rx.has_changed().unwrap_or(false))
+            {
+                streak = 0;
+            }
+            streak = if ok { streak.saturating_add(1) } else { 0 };
             let transition = counter.record(ok);
             if self.name == "postgres"
                 && let Some(s) = self.health.upgrade().and_then(|h| h.signals.get().cloned())
@@ -670,18 +684,31 @@ impl Runner {
             // Envoy's unhealthy_interval: a failing check (or an upstream with an open
             // breaker or ejection) is probed often, so its recovery is seen within about a
             // second; never slower than `interval`.
-            let fast = self.cfg.unhealthy_interval.min(self.cfg.interval);
+            let unhealthy = self.cfg.unhealthy_interval.min(self.cfg.interval);
+            // HAProxy's fastinter, sooner still where a probe more settles something.
+            let fast = self.cfg.fast_interval.min(unhealthy);
             // What happened before this point is seen by `needs_attention` below.
             if let Some(rx) = hooks.attention() {
                 rx.borrow_and_update();
             }
-            let wait = if counter.verdict() == Verdict::Down || hooks.needs_attention() {
+            let attention = hooks.needs_attention();
+            let down = counter.verdict() == Verdict::Down;
+            // A pass that does not yet make `healthy_after` in a row: the next one ends the
+            // outage (verdict, breaker, ejection), so it comes soon.
+            let confirming = ok && streak < self.cfg.healthy_after && (down || attention);
+            // Refused while a breaker or ejection is open: known down, watched for its return,
+            // and a refused connect costs it nothing. Not with nothing open: a restart of
+            // 0.4 s must not meet three quick probes and be marked down.
+            let returning = !ok && refused && attention;
+            let wait = if confirming || returning {
                 fast
+            } else if down || attention {
+                unhealthy
             } else {
                 self.cfg.interval
             };
             let mut until = started + crate::jitter::spread(wait, JITTER);
-            if wait > fast
+            if wait > unhealthy
                 && let Some(rx) = hooks.attention()
             {
                 // A breaker that opens (or an endpoint ejected) during the long wait cuts
@@ -691,7 +718,8 @@ impl Runner {
                     _ = crate::server::stopped(&mut self.stop) => return,
                     changed = rx.changed() => {
                         if changed.is_ok() {
-                            until = started + crate::jitter::spread(fast, JITTER);
+                            until = started + crate::jitter::spread(unhealthy, JITTER);
+                            streak = 0;
                         }
                     }
                 }
