@@ -685,28 +685,20 @@ impl Runner {
             // breaker or ejection) is probed often, so its recovery is seen within about a
             // second; never slower than `interval`.
             let unhealthy = self.cfg.unhealthy_interval.min(self.cfg.interval);
-            // HAProxy's fastinter, sooner still where a probe more settles something.
-            let fast = self.cfg.fast_interval.min(unhealthy);
             // What happened before this point is seen by `needs_attention` below.
             if let Some(rx) = hooks.attention() {
                 rx.borrow_and_update();
             }
-            let attention = hooks.needs_attention();
-            let down = counter.verdict() == Verdict::Down;
-            // A pass that does not yet make `healthy_after` in a row: the next one ends the
-            // outage (verdict, breaker, ejection), so it comes soon.
-            let confirming = ok && streak < self.cfg.healthy_after && (down || attention);
-            // Refused while a breaker or ejection is open: known down, watched for its return,
-            // and a refused connect costs it nothing. Not with nothing open: a restart of
-            // 0.4 s must not meet three quick probes and be marked down.
-            let returning = !ok && refused && attention;
-            let wait = if confirming || returning {
-                fast
-            } else if down || attention {
-                unhealthy
-            } else {
-                self.cfg.interval
-            };
+            let wait = next_wait(
+                &self.cfg,
+                After {
+                    ok,
+                    refused,
+                    streak,
+                    down: counter.verdict() == Verdict::Down,
+                    attention: hooks.needs_attention(),
+                },
+            );
             let mut until = started + crate::jitter::spread(wait, JITTER);
             if wait > unhealthy
                 && let Some(rx) = hooks.attention()
@@ -766,6 +758,42 @@ impl Runner {
                     })
             })
             .unwrap_or_default()
+    }
+}
+
+/// What the wait after a probe depends on.
+#[derive(Debug, Clone, Copy)]
+struct After {
+    ok: bool,
+    /// The probe's connect was refused.
+    refused: bool,
+    /// Passes in a row, this one included.
+    streak: u32,
+    /// The check's verdict is DOWN.
+    down: bool,
+    /// A breaker or ejection of the upstream is open (`Hooks::needs_attention`).
+    attention: bool,
+}
+
+/// The wait until the next probe: `interval` while all is well, Envoy's
+/// `unhealthy_interval` while the check is down or something of the upstream is open, and
+/// HAProxy's `fastinter` where the next probe settles something:
+/// - after a pass short of `healthy_after` in a row (the next pass may end the outage:
+///   verdict, breaker, ejection), so the passes that confirm a recovery take ~0.5 s;
+/// - after a refused connect while a breaker or ejection is open: known down, watched for
+///   its return, and a refused connect costs it nothing. Not with nothing open: the only
+///   endpoint restarting in 0.4 s must not meet three quick probes and be marked down.
+fn next_wait(cfg: &CheckConfig, a: After) -> Duration {
+    let unhealthy = cfg.unhealthy_interval.min(cfg.interval);
+    let fast = cfg.fast_interval.min(unhealthy);
+    let confirming = a.ok && a.streak < cfg.healthy_after && (a.down || a.attention);
+    let returning = !a.ok && a.refused && a.attention;
+    if confirming || returning {
+        fast
+    } else if a.down || a.attention {
+        unhealthy
+    } else {
+        cfg.interval
     }
 }
 
@@ -922,4 +950,79 @@ pub fn listener_health_response(shared: &Shared) -> http::Response<crate::proxy:
         http::HeaderValue::from_static("no-store"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn cfg() -> CheckConfig {
+        CheckConfig {
+            interval: ms(5000),
+            unhealthy_interval: ms(1000),
+            fast_interval: ms(250),
+            timeout: ms(2000),
+            critical: false,
+            unhealthy_after: 3,
+            healthy_after: 2,
+        }
+    }
+
+    fn after(ok: bool, refused: bool, streak: u32, down: bool, attention: bool) -> After {
+        After {
+            ok,
+            refused,
+            streak,
+            down,
+            attention,
+        }
+    }
+
+    #[test]
+    fn fast_only_where_the_next_probe_settles_something() {
+        let c = cfg();
+        // All well: interval; a failure that is not yet DOWN (nothing open) too.
+        assert_eq!(next_wait(&c, after(true, false, 9, false, false)), ms(5000));
+        assert_eq!(next_wait(&c, after(false, true, 0, false, false)), ms(5000));
+        // DOWN, refused, nothing open: unhealthy_interval, never fast.
+        assert_eq!(next_wait(&c, after(false, true, 0, true, false)), ms(1000));
+        // The first pass of a DOWN check: the confirming one comes fast, then UP: interval.
+        assert_eq!(next_wait(&c, after(true, false, 1, true, false)), ms(250));
+        assert_eq!(next_wait(&c, after(true, false, 2, false, false)), ms(5000));
+        // A breaker open: refused probes fast, other failures at unhealthy_interval.
+        assert_eq!(next_wait(&c, after(false, true, 0, true, true)), ms(250));
+        assert_eq!(next_wait(&c, after(false, false, 0, true, true)), ms(1000));
+        // Passes while it is open: fast until healthy_after in a row, then unhealthy_interval.
+        assert_eq!(next_wait(&c, after(true, false, 1, false, true)), ms(250));
+        assert_eq!(next_wait(&c, after(true, false, 2, false, true)), ms(1000));
+        // healthy_after: 1 needs no confirming pass.
+        let one = CheckConfig {
+            healthy_after: 1,
+            ..cfg()
+        };
+        assert_eq!(
+            next_wait(&one, after(true, false, 1, false, true)),
+            ms(1000)
+        );
+    }
+
+    #[test]
+    fn fast_interval_is_never_above_unhealthy_interval_nor_interval() {
+        let c = CheckConfig {
+            interval: ms(100),
+            unhealthy_interval: ms(1000),
+            fast_interval: ms(250),
+            ..cfg()
+        };
+        assert_eq!(next_wait(&c, after(false, true, 0, true, true)), ms(100));
+        let c = CheckConfig {
+            unhealthy_interval: ms(50),
+            ..cfg()
+        };
+        assert_eq!(next_wait(&c, after(true, false, 1, true, false)), ms(50));
+    }
 }
