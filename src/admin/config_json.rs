@@ -67,6 +67,7 @@ fn check(c: &CheckConfig) -> Value {
     json!({
         "interval": d(c.interval),
         "unhealthy_interval": d(c.unhealthy_interval),
+        "fast_interval": d(c.fast_interval),
         "timeout": d(c.timeout),
         "critical": c.critical,
         "unhealthy_after": c.unhealthy_after,

@@ -360,6 +360,11 @@ pub struct CheckConfig {
     /// The interval while the check fails (or, for an upstream, while one of its breakers
     /// or ejections is open), never longer than `interval`. Default 1s, as Envoy's.
     pub unhealthy_interval: Duration,
+    /// The interval between the probes that confirm a recovery (a pass while the check is
+    /// down or, for an upstream, while a breaker or ejection is open), and after a refused
+    /// connect while a breaker or ejection is open; never longer than `unhealthy_interval`.
+    /// HAProxy's `fastinter`. Default 250ms.
+    pub fast_interval: Duration,
     /// The whole probe, connecting included.
     pub timeout: Duration,
     /// A critical check that fails makes `/health` 503 and `/readyz` not ready.

@@ -3763,6 +3763,12 @@ mod tests {
             ),
             (
                 "upstream",
+                "health_check: { fast_interval: 1m }",
+                "health_check: { fast_interval: 61s }",
+                "must be at most 1m, got \"61s\"",
+            ),
+            (
+                "upstream",
                 "ejection: { consecutive_failures: 1000000 }",
                 "ejection: { consecutive_failures: 1000001 }",
                 "must be at most 1000000, got 1000001",

@@ -57,6 +57,7 @@ pub fn judge(m: &Measure, warn_above: f64) -> Probe {
         ok: true,
         warning,
         error: None,
+        refused: false,
         details: vec![
             ("used_pct", Value::Num(share * 100.0)),
             (

@@ -87,6 +87,9 @@ pub struct Probe {
     /// Passing but above a warning threshold: the check reads degraded.
     pub warning: Option<String>,
     pub error: Option<String>,
+    /// No connection could be made, and at once (refused, most often; not a timeout):
+    /// nothing reached the probed thing, so probing it again soon costs it nothing.
+    pub refused: bool,
     /// Check-specific fields (role, connections_used_pct, ...).
     pub details: Vec<(&'static str, Value)>,
 }
@@ -576,7 +579,8 @@ pub(crate) trait Hooks {
     /// After every probe: whether it passed, and the verdict change it made, if any.
     fn probed(&mut self, _ok: bool, _change: Option<Transition>) {}
     /// Something outside the check wants it at `unhealthy_interval` (an open breaker or
-    /// ejection of the upstream).
+    /// ejection of the upstream), and at `fast_interval` after a refused connect or a pass
+    /// that does not yet make `healthy_after` in a row.
     fn needs_attention(&self) -> bool {
         false
     }
@@ -620,6 +624,9 @@ impl Runner {
         let previous = self.slot.load().verdict;
         let mut counter = Counter::new(previous, self.cfg.unhealthy_after, self.cfg.healthy_after);
         let labels = HealthMetrics::labels(&self.name);
+        // Passes in a row since the last failure or the last opening of a breaker or
+        // ejection (each counts passes afresh from its opening, as `Breaker::health_passed`).
+        let mut streak: u32 = 0;
         loop {
             if *self.stop.borrow() {
                 return;
@@ -637,7 +644,14 @@ impl Runner {
                 .latency
                 .get_or_create(&labels)
                 .observe(latency.as_secs_f64());
-            let ok = result.ok;
+            let (ok, refused) = (result.ok, result.refused);
+            if hooks
+                .attention()
+                .is_some_and(|rx| rx.has_changed().unwrap_or(false))
+            {
+                streak = 0;
+            }
+            streak = if ok { streak.saturating_add(1) } else { 0 };
             let transition = counter.record(ok);
             if self.name == "postgres"
                 && let Some(s) = self.health.upgrade().and_then(|h| h.signals.get().cloned())
@@ -670,18 +684,23 @@ impl Runner {
             // Envoy's unhealthy_interval: a failing check (or an upstream with an open
             // breaker or ejection) is probed often, so its recovery is seen within about a
             // second; never slower than `interval`.
-            let fast = self.cfg.unhealthy_interval.min(self.cfg.interval);
+            let unhealthy = self.cfg.unhealthy_interval.min(self.cfg.interval);
             // What happened before this point is seen by `needs_attention` below.
             if let Some(rx) = hooks.attention() {
                 rx.borrow_and_update();
             }
-            let wait = if counter.verdict() == Verdict::Down || hooks.needs_attention() {
-                fast
-            } else {
-                self.cfg.interval
-            };
+            let wait = next_wait(
+                &self.cfg,
+                After {
+                    ok,
+                    refused,
+                    streak,
+                    down: counter.verdict() == Verdict::Down,
+                    attention: hooks.needs_attention(),
+                },
+            );
             let mut until = started + crate::jitter::spread(wait, JITTER);
-            if wait > fast
+            if wait > unhealthy
                 && let Some(rx) = hooks.attention()
             {
                 // A breaker that opens (or an endpoint ejected) during the long wait cuts
@@ -691,7 +710,8 @@ impl Runner {
                     _ = crate::server::stopped(&mut self.stop) => return,
                     changed = rx.changed() => {
                         if changed.is_ok() {
-                            until = started + crate::jitter::spread(fast, JITTER);
+                            until = started + crate::jitter::spread(unhealthy, JITTER);
+                            streak = 0;
                         }
                     }
                 }
@@ -738,6 +758,42 @@ impl Runner {
                     })
             })
             .unwrap_or_default()
+    }
+}
+
+/// What the wait after a probe depends on.
+#[derive(Debug, Clone, Copy)]
+struct After {
+    ok: bool,
+    /// The probe's connect was refused.
+    refused: bool,
+    /// Passes in a row, this one included.
+    streak: u32,
+    /// The check's verdict is DOWN.
+    down: bool,
+    /// A breaker or ejection of the upstream is open (`Hooks::needs_attention`).
+    attention: bool,
+}
+
+/// The wait until the next probe: `interval` while all is well, Envoy's
+/// `unhealthy_interval` while the check is down or something of the upstream is open, and
+/// HAProxy's `fastinter` where the next probe settles something:
+/// - after a pass short of `healthy_after` in a row (the next pass may end the outage:
+///   verdict, breaker, ejection), so the passes that confirm a recovery take ~0.5 s;
+/// - after a refused connect while a breaker or ejection is open: known down, watched for
+///   its return, and a refused connect costs it nothing. Not with nothing open: the only
+///   endpoint restarting in 0.4 s must not meet three quick probes and be marked down.
+fn next_wait(cfg: &CheckConfig, a: After) -> Duration {
+    let unhealthy = cfg.unhealthy_interval.min(cfg.interval);
+    let fast = cfg.fast_interval.min(unhealthy);
+    let confirming = a.ok && a.streak < cfg.healthy_after && (a.down || a.attention);
+    let returning = !a.ok && a.refused && a.attention;
+    if confirming || returning {
+        fast
+    } else if a.down || a.attention {
+        unhealthy
+    } else {
+        cfg.interval
     }
 }
 
@@ -894,4 +950,79 @@ pub fn listener_health_response(shared: &Shared) -> http::Response<crate::proxy:
         http::HeaderValue::from_static("no-store"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn cfg() -> CheckConfig {
+        CheckConfig {
+            interval: ms(5000),
+            unhealthy_interval: ms(1000),
+            fast_interval: ms(250),
+            timeout: ms(2000),
+            critical: false,
+            unhealthy_after: 3,
+            healthy_after: 2,
+        }
+    }
+
+    fn after(ok: bool, refused: bool, streak: u32, down: bool, attention: bool) -> After {
+        After {
+            ok,
+            refused,
+            streak,
+            down,
+            attention,
+        }
+    }
+
+    #[test]
+    fn fast_only_where_the_next_probe_settles_something() {
+        let c = cfg();
+        // All well: interval; a failure that is not yet DOWN (nothing open) too.
+        assert_eq!(next_wait(&c, after(true, false, 9, false, false)), ms(5000));
+        assert_eq!(next_wait(&c, after(false, true, 0, false, false)), ms(5000));
+        // DOWN, refused, nothing open: unhealthy_interval, never fast.
+        assert_eq!(next_wait(&c, after(false, true, 0, true, false)), ms(1000));
+        // The first pass of a DOWN check: the confirming one comes fast, then UP: interval.
+        assert_eq!(next_wait(&c, after(true, false, 1, true, false)), ms(250));
+        assert_eq!(next_wait(&c, after(true, false, 2, false, false)), ms(5000));
+        // A breaker open: refused probes fast, other failures at unhealthy_interval.
+        assert_eq!(next_wait(&c, after(false, true, 0, true, true)), ms(250));
+        assert_eq!(next_wait(&c, after(false, false, 0, true, true)), ms(1000));
+        // Passes while it is open: fast until healthy_after in a row, then unhealthy_interval.
+        assert_eq!(next_wait(&c, after(true, false, 1, false, true)), ms(250));
+        assert_eq!(next_wait(&c, after(true, false, 2, false, true)), ms(1000));
+        // healthy_after: 1 needs no confirming pass.
+        let one = CheckConfig {
+            healthy_after: 1,
+            ..cfg()
+        };
+        assert_eq!(
+            next_wait(&one, after(true, false, 1, false, true)),
+            ms(1000)
+        );
+    }
+
+    #[test]
+    fn fast_interval_is_never_above_unhealthy_interval_nor_interval() {
+        let c = CheckConfig {
+            interval: ms(100),
+            unhealthy_interval: ms(1000),
+            fast_interval: ms(250),
+            ..cfg()
+        };
+        assert_eq!(next_wait(&c, after(false, true, 0, true, true)), ms(100));
+        let c = CheckConfig {
+            unhealthy_interval: ms(50),
+            ..cfg()
+        };
+        assert_eq!(next_wait(&c, after(true, false, 1, true, false)), ms(50));
+    }
 }

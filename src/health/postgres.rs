@@ -350,6 +350,7 @@ pub fn judge(s: &Stats, warn_above: f64) -> Probe {
         ok: true,
         warning,
         error: None,
+        refused: false,
         details,
     }
 }

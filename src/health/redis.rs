@@ -14,6 +14,7 @@ pub async fn probe(redis: &Redis, timeout: Duration) -> Probe {
             ok: true,
             warning: None,
             error: None,
+            refused: false,
             details: vec![
                 ("role", Value::Str(role)),
                 ("ping_ms", Value::Num(rtt.as_secs_f64() * 1000.0)),

@@ -7,7 +7,10 @@
 //! Passes also feed health-informed recovery (Envoy's
 //! `successful_active_health_check_uneject_host`): `healthy_after` in a row end the
 //! endpoint's ejection and turn the upstream's open breakers HALF_OPEN. While a breaker or
-//! ejection is open the check runs at `unhealthy_interval`, and one opening wakes it.
+//! ejection is open the check runs at `unhealthy_interval`, and one opening wakes it; a
+//! refused connect then, and each pass short of `healthy_after` in a row, is followed by
+//! the next probe after `fast_interval` (HAProxy's `fastinter`), so traffic returns about
+//! half a second after the upstream listens again.
 //!
 //! Probes use their own connections (a private copy of the upstream's endpoints), so they
 //! never take a pooled connection from traffic nor leave one in a state traffic would see.
@@ -28,6 +31,7 @@ use crate::proxy::Shared;
 use crate::proxy::body::RequestBody;
 use crate::proxy::forward::{self, Timers, Upstream};
 use crate::proxy::resilience::UpstreamStates;
+use crate::retry::Failure;
 
 /// A health endpoint answers in a few bytes; more is read and dropped up to here, then the
 /// connection is dropped rather than read on.
@@ -181,7 +185,12 @@ async fn probe(u: &Upstream, i: usize, path: Uri, connect: Duration, timeout: Du
     };
     let resp = match forward::send(&u.name, ep, &mut Some(req), None, &timers).await {
         Ok(r) => r,
-        Err(e) => return Probe::failed(e.error.to_string()),
+        Err(e) => {
+            return Probe {
+                refused: matches!(e.failure, Some(Failure::Connect)),
+                ..Probe::failed(e.error.to_string())
+            };
+        }
     };
     let status = resp.status();
     let mut body = resp.into_body();

@@ -215,13 +215,14 @@ mod property {
             // connect timeout waits it all); its 5m bound is pinned in config::validate.
             retry in (int(1, 10), duration_to(MINUTE), duration_to(MINUTE), 0.0f64..=1.0, int(0, 1_000_000), bytes(0, 64 << 20), prop::option::of(duration_to(Duration::from_secs(3)))),
             in_flight in int(1, 1_000_000),
-            check in (duration(), duration(), int(1, 1_000_000), int(1, 1_000_000), any::<bool>(), duration()),
+            // fast_interval: 10ms to 1m.
+            check in (duration(), duration(), int(1, 1_000_000), int(1, 1_000_000), any::<bool>(), duration(), duration_to(MINUTE).prop_map(|d| d.max(Duration::from_millis(10)))),
             hyper in any::<bool>(),
         ) -> (String, Duration) {
             let (failures, open_for, max_open_for, successes, probes, threshold, window, min_calls, count) = breaker;
             let (consecutive, base, max) = ejection;
             let (attempts, backoff_base, backoff_max, ratio, min_per_s, retry_body, connect_wait) = retry;
-            let (interval, check_timeout, unhealthy, healthy, critical, unhealthy_interval) = check;
+            let (interval, check_timeout, unhealthy, healthy, critical, unhealthy_interval, fast_interval) = check;
             (format!(
                 "    connect_timeout: {}\n\
                  \x20   pool: {{ idle_timeout: {}, max_idle_per_endpoint: {max_idle} }}\n\
@@ -231,14 +232,14 @@ mod property {
                  \x20   retry: {{ attempts: {attempts}, backoff: {{ base: {}, max: {} }}, on: [connect_error, reset, 503], budget: {{ ratio: {ratio}, min_per_s: {min_per_s} }}, max_body: {retry_body}, connect_wait: {} }}\n\
                  \x20   max_in_flight: {in_flight}\n\
                  \x20   client: {}\n\
-                 \x20   health_check: {{ path: /ok, interval: {}, unhealthy_interval: {}, timeout: {}, unhealthy_after: {unhealthy}, healthy_after: {healthy}, critical: {critical} }}\n",
+                 \x20   health_check: {{ path: /ok, interval: {}, unhealthy_interval: {}, fast_interval: {}, timeout: {}, unhealthy_after: {unhealthy}, healthy_after: {healthy}, critical: {critical} }}\n",
                 d(connect), d(idle),
                 if least { "least_outstanding" } else { "round_robin" },
                 if count { "upstream" } else { "route" },
                 d(open_for), d(max_open_for), d(window), d(base), d(max), d(backoff_base), d(backoff_max),
                 connect_wait.map_or("off".to_owned(), d),
                 if hyper { "hyper" } else { "rampart" },
-                d(interval), d(unhealthy_interval), d(check_timeout),
+                d(interval), d(unhealthy_interval), d(fast_interval), d(check_timeout),
             ), connect)
         }
     }

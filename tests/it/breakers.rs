@@ -214,7 +214,8 @@ async fn a_passing_health_check_half_opens_an_open_breaker() {
     }
     let flowing = flowing.expect("requests flow again within 5 s");
     eprintln!("health-informed recovery: requests flow again {flowing:?} after the breaker opened");
-    // Two checks at unhealthy_interval (1 s, jittered 10 %) after the opening.
+    // The opening wakes the check (within unhealthy_interval, 1 s, jittered 10 %); the
+    // confirming pass follows at fast_interval (250 ms).
     assert!(flowing < Duration::from_millis(2600), "{flowing:?}");
     // The second successful probe closes it.
     assert_eq!(code_of(addr, "/status/200").await.0, 200);
@@ -409,6 +410,105 @@ async fn readiness_breaker_open_not_ready_takes_the_replica_out() {
     assert_eq!(v["readiness"]["breaker_open"], "not_ready", "{v}");
     assert_eq!(
         v["upstreams"]["up"]["circuit_breaker"]["scope"], "route",
+        "{v}"
+    );
+    px.shutdown().await;
+}
+
+/// The slow restart (issue 13): the only endpoint refuses connections long enough for the
+/// breaker to open (open_for 60 s), then listens again on the same port. Requests flow
+/// within 1 s of it listening: while the breaker is open a refused probe is followed by
+/// the next one after `fast_interval` (250 ms), and so is the pass that confirms the
+/// first one (HAProxy's `fastinter`). Before: both at `unhealthy_interval` (1 s), so
+/// 1 to 2.2 s. Several runs, each listening at another point of the check's cycle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaker_opened_by_refused_connects_lets_requests_through_within_a_second_of_the_listener()
+ {
+    let mut figures = Vec::new();
+    for run in 0..5u64 {
+        let (socket, dead) = refusing_addr();
+        let px = start(&two_routes(
+            &format!("http://{dead}"),
+            "    circuit_breaker: { failures: 5, open_for: 60s }\n    \
+             health_check: { path: /ok, interval: 5s, healthy_after: 2 }",
+            "",
+        ))
+        .await;
+        let addr = px.addr("main").unwrap();
+        for _ in 0..5 {
+            assert_eq!(code_of(addr, "/api/agents").await.0, 502);
+        }
+        assert_eq!(code_of(addr, "/api/agents").await, open_circuit());
+        tokio::time::sleep(Duration::from_millis(1200 + 230 * run)).await;
+        let listening = Instant::now();
+        let up = Upstream::start_on(socket.listen(1024).unwrap());
+        let mut flowing = None;
+        for _ in 0..150 {
+            match code_of(addr, "/api/agents").await {
+                (200, _) => {
+                    flowing = Some(listening.elapsed());
+                    break;
+                }
+                other => assert_eq!(other, open_circuit()),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let flowing = flowing.expect("requests flow again within 3 s");
+        figures.push(flowing);
+        drop(up);
+        px.shutdown().await;
+    }
+    eprintln!("requests flow again after the listener returned: {figures:?}");
+    let slowest = figures.iter().max().unwrap();
+    assert!(*slowest < Duration::from_secs(1), "{figures:?}");
+}
+
+/// `fast_interval` only while a breaker or ejection of the upstream is open: with nothing
+/// open, a refused check runs at `unhealthy_interval` (so the only endpoint restarting in
+/// 0.4 s is never seen by three quick probes and marked down), and a passing one at
+/// `interval`. Only the pass that confirms a DOWN endpoint's first pass comes quickly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_open_breaker_a_refused_check_is_not_probed_fast() {
+    let (socket, dead) = refusing_addr();
+    let px = start(&two_routes(
+        &format!("http://{dead}"),
+        "    health_check: { path: /ok, interval: 5s, healthy_after: 2 }",
+        "",
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let probes = |m: &str| {
+        sample(
+            m,
+            r#"rampart_health_check_duration_seconds_count{check="upstream:up"}"#,
+        )
+        .unwrap_or(0.0)
+    };
+    let (_, m) = text(px.admin_addr, "/metrics").await;
+    let refused = probes(&m);
+    eprintln!("refused probes in 3.5 s with nothing open: {refused}");
+    assert!((3.0..=5.0).contains(&refused), "{refused}");
+    // Listening: a pass within unhealthy_interval, the confirming one fast, then `interval`.
+    let up = Upstream::start_on(socket.listen(1024).unwrap());
+    let listening = Instant::now();
+    let mut up_at = None;
+    for _ in 0..100 {
+        let (_, h) = text(px.admin_addr, "/admin/health").await;
+        if h.contains(r#""upstream:up":{"status":"healthy""#) {
+            up_at = Some(listening.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let up_at = up_at.expect("healthy within 2 s");
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let passes = up.requests();
+    eprintln!("healthy {up_at:?} after listening; {passes} probes in the next 3 s and before");
+    assert_eq!(passes, 2, "{passes}");
+    let (_, cfg) = text(px.admin_addr, "/admin/config").await;
+    let v: Value = serde_json::from_str(&cfg).unwrap();
+    assert_eq!(
+        v["upstreams"]["up"]["health_check"]["check"]["fast_interval"], "250ms",
         "{v}"
     );
     px.shutdown().await;

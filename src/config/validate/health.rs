@@ -20,6 +20,13 @@ const DEFAULT_UPSTREAM_PATH: &str = "/health";
 /// Envoy's default `unhealthy_interval`: a failing check is re-run this often, so a
 /// recovery is seen within about a second.
 const DEFAULT_UNHEALTHY_INTERVAL: Duration = Duration::from_secs(1);
+/// HAProxy's `fastinter`: the probes that confirm a recovery come this soon after each
+/// other, so the two passes `healthy_after` asks for take about half a second.
+const DEFAULT_FAST_INTERVAL: Duration = Duration::from_millis(250);
+/// Below this a check of a refusing upstream would spin: at most 100 probes a second.
+const MIN_FAST_INTERVAL: Duration = Duration::from_millis(10);
+/// Above this the key means nothing: it is capped by `unhealthy_interval` anyway.
+const MAX_FAST_INTERVAL: Duration = Duration::from_secs(60);
 /// Reading /proc and the cgroup files: local, but still bounded.
 const MEMORY_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 const DEFAULT_WARN_SHARE: f64 = 0.8;
@@ -186,7 +193,7 @@ pub(super) fn upstream_health_check(ctx: &mut Ctx, f: Field) -> UpstreamHealthCh
     UpstreamHealthCheck { path, check }
 }
 
-/// `interval`, `unhealthy_interval`, `timeout`, `critical`, `unhealthy_after`, `healthy_after`, and whatever keys
+/// `interval`, `unhealthy_interval`, `fast_interval`, `timeout`, `critical`, `unhealthy_after`, `healthy_after`, and whatever keys
 /// `extra` reads from the same mapping.
 fn check_section(
     ctx: &mut Ctx,
@@ -233,6 +240,11 @@ fn counted(
         unhealthy_interval: m
             .read(ctx, "unhealthy_interval", Ctx::duration)
             .unwrap_or(DEFAULT_UNHEALTHY_INTERVAL),
+        fast_interval: m
+            .read(ctx, "fast_interval", |ctx, f| {
+                ctx.parse_with(f, "a duration", parse_fast_interval)
+            })
+            .unwrap_or(DEFAULT_FAST_INTERVAL),
         timeout,
         critical: m.read(ctx, "critical", Ctx::boolean).unwrap_or(d.critical),
         unhealthy_after: m
@@ -242,6 +254,18 @@ fn counted(
             .read(ctx, "healthy_after", small_count)
             .unwrap_or(d.healthy_after),
     }
+}
+
+/// 10ms to 1m: `fast_interval` is capped by `unhealthy_interval` when the check runs.
+fn parse_fast_interval(s: &str) -> Result<Duration, String> {
+    let d = super::parse_duration(s)?;
+    if d < MIN_FAST_INTERVAL {
+        return Err(format!("must be at least 10ms, got \"{s}\""));
+    }
+    if d > MAX_FAST_INTERVAL {
+        return Err(format!("must be at most 1m, got \"{s}\""));
+    }
+    Ok(d)
 }
 
 /// A path with an optional query, sent as is to every endpoint.
@@ -401,6 +425,7 @@ mod tests {
             CheckConfig {
                 interval: secs(10),
                 unhealthy_interval: secs(1),
+                fast_interval: Duration::from_millis(250),
                 timeout: secs(2),
                 critical: false,
                 unhealthy_after: 1,
@@ -425,6 +450,7 @@ mod tests {
             CheckConfig {
                 interval: secs(5),
                 unhealthy_interval: secs(1),
+                fast_interval: Duration::from_millis(250),
                 timeout: secs(2),
                 critical: false,
                 unhealthy_after: 3,
@@ -437,7 +463,7 @@ mod tests {
     fn every_key_set() {
         let c = parse(
             "upstreams:\n  u:\n    endpoints: [\"http://127.0.0.1:3001\"]\n\
-             \x20   health_check: { path: \"/hc?deep=1\", interval: 1s, timeout: 300ms, unhealthy_after: 5, healthy_after: 4, critical: true }\n\
+             \x20   health_check: { path: \"/hc?deep=1\", interval: 1s, fast_interval: 100ms, timeout: 300ms, unhealthy_after: 5, healthy_after: 4, critical: true }\n\
              dependencies:\n\
              \x20 postgres:\n\
              \x20   url: \"postgres://u@h/db?target_session_attrs=read-write\"\n\
@@ -474,6 +500,7 @@ mod tests {
         let hc = c.upstreams["u"].resilience.health_check.clone().unwrap();
         assert_eq!(hc.path, "/hc?deep=1");
         assert_eq!((hc.check.unhealthy_after, hc.check.healthy_after), (5, 4));
+        assert_eq!(hc.check.fast_interval, Duration::from_millis(100));
     }
 
     #[test]
@@ -490,7 +517,7 @@ mod tests {
     #[test]
     fn problems_are_located() {
         let p = problems(
-            "upstreams:\n  u:\n    endpoints: [\"http://127.0.0.1:3001\"]\n    health_check: { path: nope, intervl: 1s }\n\
+            "upstreams:\n  u:\n    endpoints: [\"http://127.0.0.1:3001\"]\n    health_check: { path: nope, intervl: 1s, fast_interval: 9ms }\n\
              dependencies:\n\
              \x20 postgres:\n\
              \x20   url: \"postgres://u:secret@h/db?sslmode=verify-ca\"\n\
@@ -515,6 +542,10 @@ mod tests {
             "upstreams.u.health_check.intervl",
             "did you mean \"interval\"",
         );
+        has(
+            "upstreams.u.health_check.fast_interval",
+            "must be at least 10ms, got \"9ms\"",
+        );
         has("dependencies.postgres.url", "sslmode=verify-ca");
         has(
             "dependencies.postgres.pool.min_idle",
@@ -527,7 +558,7 @@ mod tests {
         );
         has("dependencies.memory.check.timeout", "unknown key");
         has("dependencies.mysql", "unknown key");
-        assert_eq!(p.len(), 8, "{text:#?}");
+        assert_eq!(p.len(), 9, "{text:#?}");
         assert!(!text.iter().any(|t| t.contains("secret")));
     }
 
