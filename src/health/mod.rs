@@ -697,6 +697,7 @@ impl Runner {
                     streak,
                     down: counter.verdict() == Verdict::Down,
                     attention: hooks.needs_attention(),
+                    failures: counter.failures(),
                 },
             );
             let mut until = started + crate::jitter::spread(wait, JITTER);
@@ -773,6 +774,8 @@ struct After {
     down: bool,
     /// A breaker or ejection of the upstream is open (`Hooks::needs_attention`).
     attention: bool,
+    /// Failures in a row, this one included (0 after a pass).
+    failures: u32,
 }
 
 /// The wait until the next probe: `interval` while all is well, Envoy's
@@ -783,11 +786,16 @@ struct After {
 /// - after a refused connect while a breaker or ejection is open: known down, watched for
 ///   its return, and a refused connect costs it nothing. Not with nothing open: the only
 ///   endpoint restarting in 0.4 s must not meet three quick probes and be marked down.
+///   Nor when the next failure would mark a check that is still UP down: a breaker of
+///   another route (chat, with the LLM down) must not turn a 0.5 s restart of the backend
+///   into a DOWN verdict (and, with `critical`, an unready fleet) that slow probes would
+///   never have seen.
 fn next_wait(cfg: &CheckConfig, a: After) -> Duration {
     let unhealthy = cfg.unhealthy_interval.min(cfg.interval);
     let fast = cfg.fast_interval.min(unhealthy);
     let confirming = a.ok && a.streak < cfg.healthy_after && (a.down || a.attention);
-    let returning = !a.ok && a.refused && a.attention;
+    let marks_down = !a.down && a.failures.saturating_add(1) >= cfg.unhealthy_after;
+    let returning = !a.ok && a.refused && a.attention && !marks_down;
     if confirming || returning {
         fast
     } else if a.down || a.attention {
@@ -979,6 +987,7 @@ mod tests {
             streak,
             down,
             attention,
+            failures: u32::from(!ok),
         }
     }
 
@@ -996,6 +1005,14 @@ mod tests {
         // A breaker open: refused probes fast, other failures at unhealthy_interval.
         assert_eq!(next_wait(&c, after(false, true, 0, true, true)), ms(250));
         assert_eq!(next_wait(&c, after(false, false, 0, true, true)), ms(1000));
+        // Still UP with a breaker open (another route's): refused probes fast, except the
+        // one that would mark it DOWN (unhealthy_after 3), which comes at unhealthy_interval.
+        assert_eq!(next_wait(&c, after(false, true, 0, false, true)), ms(250));
+        let second = After {
+            failures: 2,
+            ..after(false, true, 0, false, true)
+        };
+        assert_eq!(next_wait(&c, second), ms(1000));
         // Passes while it is open: fast until healthy_after in a row, then unhealthy_interval.
         assert_eq!(next_wait(&c, after(true, false, 1, false, true)), ms(250));
         assert_eq!(next_wait(&c, after(true, false, 2, false, true)), ms(1000));
