@@ -25,7 +25,7 @@ use crate::proxy::access_log::{AccessRecord, Outcome as LogOutcome};
 use crate::proxy::body::{BodyError, MinRate, ProxyBody, RequestBody, TimedBody};
 use crate::proxy::forward::{self, Upstream};
 use crate::proxy::headers::{self, X_REQUEST_ID};
-use crate::proxy::resilience::{BreakerTicket, InFlight, UpstreamMetrics};
+use crate::proxy::resilience::{BreakerTicket, EndpointState, InFlight, UpstreamMetrics};
 use crate::proxy::route::Route;
 use crate::proxy::tail::{Observed, Tail};
 use crate::proxy::upgrade::{self, ClientUpgrade};
@@ -744,25 +744,13 @@ impl Send<'_> {
                     }
                     let replayable = self.request.is_some() || self.replay.is_some();
                     if replayable && retry::ConnectWait::applies(&cfg.retry, failure) {
-                        // A restart: wait for the upstream to listen again (retry.rs).
-                        let step = wait.next(
-                            &cfg.retry,
-                            failure,
-                            Instant::now(),
-                            self.timers.deadline,
-                            crate::jitter::unit(),
-                        );
-                        if let retry::WaitStep::Again { after, charge } = step
-                            && (if charge {
-                                self.take_budget("connect_wait")
-                            } else {
-                                self.count_retry("connect_wait");
-                                true
-                            })
-                        {
-                            // Boxed, as `pause`: the timer stays out of every request's
-                            // future.
-                            Box::pin(tokio::time::sleep(after)).await;
+                        // A restart: wait for the upstream to listen again (retry.rs). No
+                        // retry budget is spent: it keeps retries from multiplying the load
+                        // that reaches the upstream, and a refused connect reaches nothing.
+                        // The endpoint's gate paces the connects of all waiting requests.
+                        // Boxed, as `pause`: the timer stays out of every request's future.
+                        if Box::pin(self.connect_turn(&mut wait, failure, &endpoint.state)).await {
+                            self.count_retry("connect_wait");
                             continue;
                         }
                     } else if can_go_again
@@ -826,6 +814,40 @@ impl Send<'_> {
             .retries
             .get_or_create(&labels)
             .inc();
+    }
+
+    /// Sleeps until this request, in a connect wait after a connect failure, may connect to
+    /// `endpoint` again (its turn at the endpoint's gate, or the endpoint accepted a connect
+    /// meanwhile); false when the wait is over first.
+    async fn connect_turn(
+        &self,
+        wait: &mut retry::ConnectWait,
+        failure: Failure,
+        endpoint: &EndpointState,
+    ) -> bool {
+        let cfg = &self.upstream.resilience.retry;
+        let failed_at = Instant::now();
+        // Bounded: `next` ends the wait after `connect_wait` and after a bounded number of
+        // sleeps.
+        loop {
+            let step = wait.next(
+                cfg,
+                failure,
+                Instant::now(),
+                self.timers.deadline,
+                crate::jitter::unit(),
+            );
+            let retry::WaitStep::Again { after } = step else {
+                return false;
+            };
+            tokio::time::sleep(after).await;
+            if endpoint
+                .connect_gate
+                .turn(Instant::now(), failed_at, crate::jitter::unit())
+            {
+                return true;
+            }
+        }
     }
 
     async fn pause(&self, attempt: u32) {
