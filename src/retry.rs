@@ -119,8 +119,10 @@ pub struct ConnectWait {
 /// What to do after a connect failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitStep {
-    /// Sleep this long, then ask the endpoint's gate for a connect.
-    Again { after: Duration },
+    /// Sleep this long, then ask the endpoint's gate for a connect. `last`: the sleep ends
+    /// the wait, so connect then whatever the gate says (a restart that takes just under
+    /// `connect_wait` is still caught; one extra connect per waiting request at most).
+    Again { after: Duration, last: bool },
     /// The wait does not apply, or is over: the failure is the answer.
     Over,
 }
@@ -166,7 +168,10 @@ impl ConnectWait {
         if deadline.is_some_and(|d| now + after >= d) {
             return WaitStep::Over;
         }
-        WaitStep::Again { after }
+        WaitStep::Again {
+            after,
+            last: now + after >= end,
+        }
     }
 }
 
@@ -340,12 +345,16 @@ mod tests {
         let mut w = ConnectWait::default();
         let mut now = t0;
         let mut connects = 1;
-        while let WaitStep::Again { after } = w.next(&c, Failure::Connect, now, None, 0.5) {
+        let mut lasts = 0;
+        while let WaitStep::Again { after, last } = w.next(&c, Failure::Connect, now, None, 0.5) {
             assert!(after <= CONNECT_WAIT_BACKOFF_MAX, "{after:?}");
             now += after;
             connects += 1;
+            lasts += u32::from(last);
             assert!(connects < 1000, "unbounded");
         }
+        // Only the sleep that ends the wait is its last.
+        assert_eq!(lasts, 1);
         // It ends at connect_wait, not before (the last connect is made at its end).
         assert_eq!(now, t0 + Duration::from_secs(5));
         // Backoff 25, 50, 100, then 125 ms (half of the 250 ms cap) until 5 s.

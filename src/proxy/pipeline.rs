@@ -818,7 +818,7 @@ impl Send<'_> {
 
     /// Sleeps until this request, in a connect wait after a connect failure, may connect to
     /// `endpoint` again (its turn at the endpoint's gate, or the endpoint accepted a connect
-    /// meanwhile); false when the wait is over first.
+    /// meanwhile, or its wait ends: one last connect); false when the wait is over.
     async fn connect_turn(
         &self,
         wait: &mut retry::ConnectWait,
@@ -837,13 +837,14 @@ impl Send<'_> {
                 self.timers.deadline,
                 crate::jitter::unit(),
             );
-            let retry::WaitStep::Again { after } = step else {
+            let retry::WaitStep::Again { after, last } = step else {
                 return false;
             };
             tokio::time::sleep(after).await;
-            if endpoint
-                .connect_gate
-                .turn(Instant::now(), failed_at, crate::jitter::unit())
+            if last
+                || endpoint
+                    .connect_gate
+                    .turn(Instant::now(), failed_at, crate::jitter::unit())
             {
                 return true;
             }
