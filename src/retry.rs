@@ -114,6 +114,8 @@ pub struct ConnectWait {
     since: Option<Instant>,
     /// Sleeps so far (each followed by a look at the gate).
     checks: u32,
+    /// The one connect after the wait was over (see `stale`) was made.
+    stale_tried: bool,
 }
 
 /// What to do after a connect failure.
@@ -173,6 +175,23 @@ impl ConnectWait {
             last: now + after >= end,
         }
     }
+
+    /// Once the wait is over: whether to connect once more because the endpoint accepted a
+    /// connect after this request's failed one began (`connected_since`). That failure is
+    /// stale, as a connect timeout that began before the upstream was reachable again. Once
+    /// per request, and not at or past the deadline.
+    pub fn stale(
+        &mut self,
+        connected_since: bool,
+        now: Instant,
+        deadline: Option<Instant>,
+    ) -> bool {
+        if !connected_since || self.stale_tried || deadline.is_some_and(|d| now >= d) {
+            return false;
+        }
+        self.stale_tried = true;
+        true
+    }
 }
 
 /// Mean pause between two connects of the requests waiting on one endpoint; each pause is
@@ -211,12 +230,17 @@ impl ConnectGate {
         }
     }
 
-    /// Whether a waiting request whose last connect failed at `failed_at` may connect at
-    /// `now`: yes when some connect succeeded since, or when the slot is free (the request
-    /// then takes it; `unit` in [0, 1) draws the slot's length).
-    pub fn turn(&self, now: Instant, failed_at: Instant, unit: f64) -> bool {
+    /// Whether a connect to the endpoint succeeded after `t`.
+    pub fn connected_since(&self, t: Instant) -> bool {
+        self.gate().connected.is_some_and(|c| c > t)
+    }
+
+    /// Whether a waiting request whose last connect began at `tried_at` (and failed) may
+    /// connect at `now`: yes when some connect succeeded since, or when the slot is free
+    /// (the request then takes it; `unit` in [0, 1) draws the slot's length).
+    pub fn turn(&self, now: Instant, tried_at: Instant, unit: f64) -> bool {
         let mut g = self.gate();
-        if g.connected.is_some_and(|c| c > failed_at) {
+        if g.connected.is_some_and(|c| c > tried_at) {
             return true;
         }
         if g.next_slot.is_some_and(|next| now < next) {
@@ -448,6 +472,21 @@ mod tests {
         // An older success never hides a newer one.
         gate.connected(t0);
         assert!(gate.turn(up, failed, 0.5));
+        assert!(gate.connected_since(failed) && !gate.connected_since(up));
+
+        // A wait that is over connects once more when its last failure is stale.
+        let c = RetryConfig::default();
+        let mut w = ConnectWait::default();
+        assert_ne!(w.next(&c, Failure::Connect, t0, None, 0.5), WaitStep::Over);
+        let over = t0 + Duration::from_secs(5);
+        assert_eq!(
+            w.next(&c, Failure::Connect, over, None, 0.5),
+            WaitStep::Over
+        );
+        assert!(!w.stale(false, over, None));
+        assert!(!w.stale(true, over, Some(over)));
+        assert!(w.stale(true, over, None));
+        assert!(!w.stale(true, over, None));
     }
 
     #[tokio::test(start_paused = true)]

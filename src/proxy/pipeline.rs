@@ -666,6 +666,7 @@ impl Send<'_> {
                 .headers_mut()
                 .insert(header::HOST, endpoint.pool.host_header.clone());
             let slot = InFlight::try_acquire(endpoint.state.clone(), None);
+            let sent_at = Instant::now();
             let result = forward::send(
                 &upstream.name,
                 endpoint,
@@ -749,7 +750,9 @@ impl Send<'_> {
                         // that reaches the upstream, and a refused connect reaches nothing.
                         // The endpoint's gate paces the connects of all waiting requests.
                         // Boxed, as `pause`: the timer stays out of every request's future.
-                        if Box::pin(self.connect_turn(&mut wait, failure, &endpoint.state)).await {
+                        if Box::pin(self.connect_turn(&mut wait, failure, &endpoint.state, sent_at))
+                            .await
+                        {
                             self.count_retry("connect_wait");
                             continue;
                         }
@@ -818,15 +821,16 @@ impl Send<'_> {
 
     /// Sleeps until this request, in a connect wait after a connect failure, may connect to
     /// `endpoint` again (its turn at the endpoint's gate, or the endpoint accepted a connect
-    /// meanwhile, or its wait ends: one last connect); false when the wait is over.
+    /// meanwhile, or its wait ends: one last connect); false when the wait is over. `tried_at`:
+    /// when the failed connect began (a connect timeout began long before it failed).
     async fn connect_turn(
         &self,
         wait: &mut retry::ConnectWait,
         failure: Failure,
         endpoint: &EndpointState,
+        tried_at: Instant,
     ) -> bool {
         let cfg = &self.upstream.resilience.retry;
-        let failed_at = Instant::now();
         // Bounded: `next` ends the wait after `connect_wait` and after a bounded number of
         // sleeps.
         loop {
@@ -838,13 +842,18 @@ impl Send<'_> {
                 crate::jitter::unit(),
             );
             let retry::WaitStep::Again { after, last } = step else {
-                return false;
+                let now = Instant::now();
+                return wait.stale(
+                    endpoint.connect_gate.connected_since(tried_at),
+                    now,
+                    self.timers.deadline,
+                );
             };
             tokio::time::sleep(after).await;
             if last
                 || endpoint
                     .connect_gate
-                    .turn(Instant::now(), failed_at, crate::jitter::unit())
+                    .turn(Instant::now(), tried_at, crate::jitter::unit())
             {
                 return true;
             }
