@@ -88,8 +88,8 @@ pub fn backoff(cfg: &RetryConfig, retry: u32) -> Duration {
     exp.min(cfg.backoff_max).mul_f64(crate::jitter::unit())
 }
 
-/// Longest pause between two connects of a connect wait: an upstream that listens again is
-/// found within this (plus a connect), however long it was down.
+/// Longest pause between two wake-ups of a waiting request: once the endpoint accepts a
+/// connect again, each waiting request goes within this, however long it was down.
 pub const CONNECT_WAIT_BACKOFF_MAX: Duration = Duration::from_millis(250);
 
 /// Fewest milliseconds of `connect_wait` per wake-up of a waiting request: a bound on
@@ -197,7 +197,7 @@ impl ConnectWait {
 /// Mean pause between two connects of the requests waiting on one endpoint; each pause is
 /// drawn in [0.5, 1.5) times this, so replicas waiting on the same host do not connect in
 /// step.
-pub const CONNECT_SLOT: Duration = Duration::from_millis(50);
+const CONNECT_SLOT: Duration = Duration::from_millis(50);
 
 /// The connects of an endpoint's connect waits, shared: while the endpoint refuses, at most
 /// one waiting request connects per slot, whatever the number waiting (a thousand waiting
