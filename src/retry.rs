@@ -2,6 +2,7 @@
 //! budget that caps retries at a share of live traffic so they cannot storm an upstream
 //! that is already struggling (style: linkerd/finagle retry budgets).
 
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use http::Method;
@@ -87,34 +88,43 @@ pub fn backoff(cfg: &RetryConfig, retry: u32) -> Duration {
     exp.min(cfg.backoff_max).mul_f64(crate::jitter::unit())
 }
 
-/// Longest pause between two connects of a connect wait: an upstream that listens again is
-/// found within this (plus a connect), however long it was down.
+/// Longest pause between two wake-ups of a waiting request: once the endpoint accepts a
+/// connect again, each waiting request goes within this, however long it was down.
 pub const CONNECT_WAIT_BACKOFF_MAX: Duration = Duration::from_millis(250);
 
-/// Fewest milliseconds of `connect_wait` per connect attempt: a bound on attempts (40 per
-/// second of wait) whatever the jitter draws.
-const CONNECT_WAIT_MS_PER_ATTEMPT: u128 = 25;
+/// Fewest milliseconds of `connect_wait` per wake-up of a waiting request: a bound on
+/// wake-ups (40 per second of wait) whatever the jitter draws.
+const CONNECT_WAIT_MS_PER_CHECK: u128 = 25;
 
 /// One request's wait for an upstream that refuses connections (`retry.connect_wait`): a
 /// restart of the only endpoint. Nothing reached the upstream, so any method may wait. The
 /// wait starts at the request's first connect failure and lasts at most `connect_wait`,
-/// never past the route's total deadline; connects are retried with full jitter under
-/// [`CONNECT_WAIT_BACKOFF_MAX`]. The retry budget is charged once per waiting request (the
-/// first retry), not per connect: with a few clients looping, a charge per connect would
-/// spend the budget in the first second of a restart, and a connect that is refused costs
-/// the upstream nearly nothing. The budget still bounds how many requests wait at once in
-/// a real outage (each is one retry), and attempts per request are bounded too.
+/// never past the route's total deadline. The request sleeps with full jitter under
+/// [`CONNECT_WAIT_BACKOFF_MAX`], then asks the endpoint's [`ConnectGate`] whether it may
+/// connect; the gate, not each request, paces the connects to a down endpoint.
+///
+/// A wait spends no retry budget: the budget exists so that retries cannot multiply the
+/// load that reaches the upstream, and a refused connect reaches nothing. With a charge
+/// per waiting request, 80 requests a second spent the budget in the first second of a
+/// restart and the rest failed at once. Waiting requests stay bounded by `connect_wait`,
+/// the route's deadline and the upstream's `max_in_flight` (a waiting request keeps its
+/// place), and wake-ups per request are bounded too.
 #[derive(Debug, Default)]
 pub struct ConnectWait {
     since: Option<Instant>,
-    retries: u32,
+    /// Sleeps so far (each followed by a look at the gate).
+    checks: u32,
+    /// The one connect after the wait was over (see `stale`) was made.
+    stale_tried: bool,
 }
 
 /// What to do after a connect failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitStep {
-    /// Connect again after this pause; `charge`: take a retry from the budget first.
-    Again { after: Duration, charge: bool },
+    /// Sleep this long, then ask the endpoint's gate for a connect. `last`: the sleep ends
+    /// the wait, so connect then whatever the gate says (a restart that takes just under
+    /// `connect_wait` is still caught; one extra connect per waiting request at most).
+    Again { after: Duration, last: bool },
     /// The wait does not apply, or is over: the failure is the answer.
     Over,
 }
@@ -129,8 +139,8 @@ impl ConnectWait {
             && retryable(cfg, failure, &Method::POST, false)
     }
 
-    /// After a connect failure at `now`: connect again after a pause, or give up.
-    /// `unit` is the jitter draw in [0, 1).
+    /// At `now`, after a connect failure or a look at the gate that gave no connect: sleep
+    /// again, or give up. `unit` is the jitter draw in [0, 1).
     pub fn next(
         &mut self,
         cfg: &RetryConfig,
@@ -144,15 +154,15 @@ impl ConnectWait {
         };
         let since = *self.since.get_or_insert(now);
         let end = since + wait;
-        let max_retries = (wait.as_millis() / CONNECT_WAIT_MS_PER_ATTEMPT).max(1);
-        if now >= end || u128::from(self.retries) >= max_retries {
+        let max_checks = (wait.as_millis() / CONNECT_WAIT_MS_PER_CHECK).max(1);
+        if now >= end || u128::from(self.checks) >= max_checks {
             return WaitStep::Over;
         }
-        self.retries += 1;
+        self.checks += 1;
         let cap = cfg.backoff_max.min(CONNECT_WAIT_BACKOFF_MAX);
         let exp = cfg
             .backoff_base
-            .saturating_mul(1u32 << (self.retries - 1).min(20));
+            .saturating_mul(1u32 << (self.checks - 1).min(20));
         // The last connect is made when the wait ends, so a restart that takes just under
         // `connect_wait` is still caught.
         let after = exp.min(cap).mul_f64(unit.clamp(0.0, 1.0)).min(end - now);
@@ -162,8 +172,82 @@ impl ConnectWait {
         }
         WaitStep::Again {
             after,
-            charge: self.retries == 1,
+            last: now + after >= end,
         }
+    }
+
+    /// Once the wait is over: whether to connect once more because the endpoint accepted a
+    /// connect after this request's failed one began (`connected_since`). That failure is
+    /// stale, as a connect timeout that began before the upstream was reachable again. Once
+    /// per request, and not at or past the deadline.
+    pub fn stale(
+        &mut self,
+        connected_since: bool,
+        now: Instant,
+        deadline: Option<Instant>,
+    ) -> bool {
+        if !connected_since || self.stale_tried || deadline.is_some_and(|d| now >= d) {
+            return false;
+        }
+        self.stale_tried = true;
+        true
+    }
+}
+
+/// Mean pause between two connects of the requests waiting on one endpoint; each pause is
+/// drawn in [0.5, 1.5) times this, so replicas waiting on the same host do not connect in
+/// step.
+const CONNECT_SLOT: Duration = Duration::from_millis(50);
+
+/// The connects of an endpoint's connect waits, shared: while the endpoint refuses, at most
+/// one waiting request connects per slot, whatever the number waiting (a thousand waiting
+/// requests connecting on their own would send a restarting host thousands of SYNs a
+/// second). A successful connect to the endpoint (by anyone) opens the gate for every
+/// request that failed before it: the endpoint listens again, and each waiter goes at its
+/// next wake-up, within [`CONNECT_WAIT_BACKOFF_MAX`].
+#[derive(Debug, Default)]
+pub struct ConnectGate(Mutex<Gate>);
+
+#[derive(Debug, Default)]
+struct Gate {
+    /// When a waiting request may next connect (None: at once).
+    next_slot: Option<Instant>,
+    /// The last successful connect to the endpoint.
+    connected: Option<Instant>,
+}
+
+impl ConnectGate {
+    fn gate(&self) -> MutexGuard<'_, Gate> {
+        // The state is two instants, valid whatever a panicking holder left.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A connect to the endpoint succeeded at `now`.
+    pub fn connected(&self, now: Instant) {
+        let mut g = self.gate();
+        if g.connected.is_none_or(|c| c < now) {
+            g.connected = Some(now);
+        }
+    }
+
+    /// Whether a connect to the endpoint succeeded after `t`.
+    pub fn connected_since(&self, t: Instant) -> bool {
+        self.gate().connected.is_some_and(|c| c > t)
+    }
+
+    /// Whether a waiting request whose last connect began at `tried_at` (and failed) may
+    /// connect at `now`: yes when some connect succeeded since, or when the slot is free
+    /// (the request then takes it; `unit` in [0, 1) draws the slot's length).
+    pub fn turn(&self, now: Instant, tried_at: Instant, unit: f64) -> bool {
+        let mut g = self.gate();
+        if g.connected.is_some_and(|c| c > tried_at) {
+            return true;
+        }
+        if g.next_slot.is_some_and(|next| now < next) {
+            return false;
+        }
+        g.next_slot = Some(now + CONNECT_SLOT.mul_f64(0.5 + unit.clamp(0.0, 1.0)));
+        true
     }
 }
 
@@ -279,21 +363,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_connect_wait_retries_any_method_until_connect_wait_charging_the_budget_once() {
+    async fn a_connect_wait_retries_any_method_until_connect_wait() {
         let c = RetryConfig::default();
         let t0 = Instant::now();
         let mut w = ConnectWait::default();
         let mut now = t0;
-        let mut charged = 0;
         let mut connects = 1;
-        while let WaitStep::Again { after, charge } = w.next(&c, Failure::Connect, now, None, 0.5) {
+        let mut lasts = 0;
+        while let WaitStep::Again { after, last } = w.next(&c, Failure::Connect, now, None, 0.5) {
             assert!(after <= CONNECT_WAIT_BACKOFF_MAX, "{after:?}");
-            charged += u32::from(charge);
             now += after;
             connects += 1;
+            lasts += u32::from(last);
             assert!(connects < 1000, "unbounded");
         }
-        assert_eq!(charged, 1);
+        // Only the sleep that ends the wait is its last.
+        assert_eq!(lasts, 1);
         // It ends at connect_wait, not before (the last connect is made at its end).
         assert_eq!(now, t0 + Duration::from_secs(5));
         // Backoff 25, 50, 100, then 125 ms (half of the 250 ms cap) until 5 s.
@@ -302,7 +387,7 @@ mod tests {
         let mut w = ConnectWait::default();
         assert!(matches!(
             w.next(&c, Failure::ConnectTimeout, t0, None, 0.5),
-            WaitStep::Again { charge: true, .. }
+            WaitStep::Again { .. }
         ));
         for f in [
             Failure::Reset,
@@ -353,6 +438,55 @@ mod tests {
             .take_while(|_| w.next(&c, Failure::Connect, t0, None, 0.0) != WaitStep::Over)
             .count();
         assert_eq!(n, 200);
+    }
+
+    /// Many requests waiting on one refusing endpoint: one connect per slot between them,
+    /// and every one of them goes once a connect succeeds after its own failed.
+    #[tokio::test(start_paused = true)]
+    async fn a_connect_gate_lets_one_waiter_connect_per_slot_and_all_once_one_connected() {
+        let gate = ConnectGate::default();
+        let t0 = Instant::now();
+        // 1,000 waiters, failed at t0, each looking every millisecond for one second.
+        let mut connects = 0;
+        let mut now = t0;
+        for _ in 0..1000 {
+            now += Duration::from_millis(1);
+            connects += (0..1000)
+                .filter(|i| gate.turn(now, t0, f64::from(*i) / 1000.0))
+                .count();
+        }
+        // Slots are 25 to 75 ms: 14 to 40 connects in a second, not a million.
+        assert!((14..=40).contains(&connects), "{connects}");
+        // A slot's holder does not stop others for longer than the slot.
+        let later = now + CONNECT_SLOT.mul_f64(1.5);
+        assert!(gate.turn(later, t0, 0.5));
+        assert!(!gate.turn(later, t0, 0.5));
+        // A connect that succeeded before a waiter's failure says nothing about now.
+        gate.connected(later);
+        let failed = later + Duration::from_millis(1);
+        assert!(!gate.turn(failed, failed, 0.5));
+        // One that succeeded after it: every waiter goes at once, slot or not.
+        let up = failed + Duration::from_millis(1);
+        gate.connected(up);
+        assert!((0..1000).all(|_| gate.turn(up, failed, 0.5)));
+        // An older success never hides a newer one.
+        gate.connected(t0);
+        assert!(gate.turn(up, failed, 0.5));
+        assert!(gate.connected_since(failed) && !gate.connected_since(up));
+
+        // A wait that is over connects once more when its last failure is stale.
+        let c = RetryConfig::default();
+        let mut w = ConnectWait::default();
+        assert_ne!(w.next(&c, Failure::Connect, t0, None, 0.5), WaitStep::Over);
+        let over = t0 + Duration::from_secs(5);
+        assert_eq!(
+            w.next(&c, Failure::Connect, over, None, 0.5),
+            WaitStep::Over
+        );
+        assert!(!w.stale(false, over, None));
+        assert!(!w.stale(true, over, Some(over)));
+        assert!(w.stale(true, over, None));
+        assert!(!w.stale(true, over, None));
     }
 
     #[tokio::test(start_paused = true)]

@@ -226,7 +226,11 @@ pub async fn send(
             ))
             .await
             {
-                Some(Ok(c)) => c,
+                Some(Ok(c)) => {
+                    // Requests waiting for the endpoint to listen again go now.
+                    endpoint.state.connect_gate.connected(Instant::now());
+                    c
+                }
                 Some(Err(e)) => {
                     let failure = match e {
                         ConnectError::Timeout => Failure::ConnectTimeout,
@@ -375,7 +379,10 @@ pub async fn send_upgrade(
         failed(error, Some(failure))
     };
     let io = match until(timers.deadline, endpoint.pool.connect_timed(timers.connect)).await {
-        Some(Ok(io)) => io,
+        Some(Ok(io)) => {
+            endpoint.state.connect_gate.connected(Instant::now());
+            io
+        }
         Some(Err(e)) => {
             let failure = match e {
                 ConnectError::Timeout => Failure::ConnectTimeout,

@@ -25,7 +25,7 @@ use crate::proxy::access_log::{AccessRecord, Outcome as LogOutcome};
 use crate::proxy::body::{BodyError, MinRate, ProxyBody, RequestBody, TimedBody};
 use crate::proxy::forward::{self, Upstream};
 use crate::proxy::headers::{self, X_REQUEST_ID};
-use crate::proxy::resilience::{BreakerTicket, InFlight, UpstreamMetrics};
+use crate::proxy::resilience::{BreakerTicket, EndpointState, InFlight, UpstreamMetrics};
 use crate::proxy::route::Route;
 use crate::proxy::tail::{Observed, Tail};
 use crate::proxy::upgrade::{self, ClientUpgrade};
@@ -666,6 +666,7 @@ impl Send<'_> {
                 .headers_mut()
                 .insert(header::HOST, endpoint.pool.host_header.clone());
             let slot = InFlight::try_acquire(endpoint.state.clone(), None);
+            let sent_at = Instant::now();
             let result = forward::send(
                 &upstream.name,
                 endpoint,
@@ -744,25 +745,15 @@ impl Send<'_> {
                     }
                     let replayable = self.request.is_some() || self.replay.is_some();
                     if replayable && retry::ConnectWait::applies(&cfg.retry, failure) {
-                        // A restart: wait for the upstream to listen again (retry.rs).
-                        let step = wait.next(
-                            &cfg.retry,
-                            failure,
-                            Instant::now(),
-                            self.timers.deadline,
-                            crate::jitter::unit(),
-                        );
-                        if let retry::WaitStep::Again { after, charge } = step
-                            && (if charge {
-                                self.take_budget("connect_wait")
-                            } else {
-                                self.count_retry("connect_wait");
-                                true
-                            })
+                        // A restart: wait for the upstream to listen again (retry.rs). No
+                        // retry budget is spent: it keeps retries from multiplying the load
+                        // that reaches the upstream, and a refused connect reaches nothing.
+                        // The endpoint's gate paces the connects of all waiting requests.
+                        // Boxed, as `pause`: the timer stays out of every request's future.
+                        if Box::pin(self.connect_turn(&mut wait, failure, &endpoint.state, sent_at))
+                            .await
                         {
-                            // Boxed, as `pause`: the timer stays out of every request's
-                            // future.
-                            Box::pin(tokio::time::sleep(after)).await;
+                            self.count_retry("connect_wait");
                             continue;
                         }
                     } else if can_go_again
@@ -826,6 +817,47 @@ impl Send<'_> {
             .retries
             .get_or_create(&labels)
             .inc();
+    }
+
+    /// Sleeps until this request, in a connect wait after a connect failure, may connect to
+    /// `endpoint` again (its turn at the endpoint's gate, or the endpoint accepted a connect
+    /// meanwhile, or its wait ends: one last connect); false when the wait is over. `tried_at`:
+    /// when the failed connect began (a connect timeout began long before it failed).
+    async fn connect_turn(
+        &self,
+        wait: &mut retry::ConnectWait,
+        failure: Failure,
+        endpoint: &EndpointState,
+        tried_at: Instant,
+    ) -> bool {
+        let cfg = &self.upstream.resilience.retry;
+        // Bounded: `next` ends the wait after `connect_wait` and after a bounded number of
+        // sleeps.
+        loop {
+            let step = wait.next(
+                cfg,
+                failure,
+                Instant::now(),
+                self.timers.deadline,
+                crate::jitter::unit(),
+            );
+            let retry::WaitStep::Again { after, last } = step else {
+                let now = Instant::now();
+                return wait.stale(
+                    endpoint.connect_gate.connected_since(tried_at),
+                    now,
+                    self.timers.deadline,
+                );
+            };
+            tokio::time::sleep(after).await;
+            if last
+                || endpoint
+                    .connect_gate
+                    .turn(Instant::now(), tried_at, crate::jitter::unit())
+            {
+                return true;
+            }
+        }
     }
 
     async fn pause(&self, attempt: u32) {

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use crate::balance::{EndpointHealth, HealthEvent};
 use crate::breaker::{Admit, Breaker, Outcome, State, Transition};
 use crate::config::{BreakerConfig, BreakerScope, Resilience, UpstreamConfig};
-use crate::retry::Budget;
+use crate::retry::{Budget, ConnectGate};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -100,6 +100,9 @@ pub struct EndpointState {
     /// Active: false while the upstream's `health_check` says the endpoint is down
     /// (`health/upstream.rs`); true when unchecked.
     pub active_ok: AtomicBool,
+    /// Paces the connects of requests waiting for the endpoint to listen again
+    /// (`retry.connect_wait`); told of every successful connect.
+    pub connect_gate: ConnectGate,
 }
 
 pub struct UpstreamState {
@@ -130,6 +133,7 @@ impl UpstreamState {
                     in_flight: AtomicUsize::new(0),
                     health: Mutex::new(EndpointHealth::default()),
                     active_ok: AtomicBool::new(true),
+                    connect_gate: ConnectGate::default(),
                 })
             })
             .clone()

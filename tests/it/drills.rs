@@ -1664,7 +1664,8 @@ async fn pump(
 }
 
 /// The upstream's packets dropped for 6 s, then healed: the connect and first-byte timers
-/// fire, the breaker opens, and traffic is back < 2 s after the heal (the health check).
+/// fire, the breaker opens (unless connect waits held the requests through), and traffic
+/// is back < 2 s after the heal (the health check).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_network_partition() {
     let _one_at_a_time = DRILL.lock().await;
@@ -1746,9 +1747,15 @@ async fn drill_network_partition() {
         timers_fired,
         "no connect or first-byte timeout answered through rampart",
     );
+    // The breaker opens on failed requests; connect waits (retry.connect_wait, from each
+    // request's first connect timeout) may hold requests through the whole partition, and
+    // then there is nothing to open it for.
     c.check(
-        r.iter().any(|o| o.code == "CIRCUIT_OPEN"),
-        "the breaker never opened during the partition",
+        r.iter().any(|o| o.code == "CIRCUIT_OPEN") || rows.1.failed * 10 <= rows.0.failed,
+        format!(
+            "the breaker never opened during the partition, yet {} requests through rampart failed ({} direct)",
+            rows.1.failed, rows.0.failed
+        ),
     );
     c.check(
         matches!(rows.1.recovery, Recovery::After(d) if d < Duration::from_secs(2)),

@@ -397,3 +397,105 @@ async fn a_connect_wait_sends_a_post_once_the_upstream_listens_and_counts_once()
     assert!(connects > 5.0, "{connects} connects");
     px.shutdown().await;
 }
+
+/// retry.connect_wait with many requests waiting on one endpoint: their connects are
+/// shared (about one per 50 ms slot, not one per waiting request), no waiting request is
+/// refused for lack of retry budget (a refused connect reaches nothing), and once the port
+/// listens every waiter goes within ~250 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_requests_share_their_connects_and_all_go_once_the_port_listens() {
+    const WAITERS: usize = 50;
+    let (hold, dead) = refusing_addr();
+    let yaml = config(
+        &[format!("http://{dead}")],
+        "    retry: { connect_wait: 5s }\n    ejection: { consecutive_failures: 1000 }\n    circuit_breaker: { failures: 1000 }",
+        "",
+    );
+    let px = start(&yaml).await;
+    let addr = px.addr("main").unwrap();
+    let connects = |text: &str| {
+        sample(
+            text,
+            "rampart_upstream_errors_total{upstream=\"up\",kind=\"connect_error\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    let client = http1();
+    let requests: Vec<_> = (0..WAITERS)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let (resp, _) = send(&client, get(addr, &format!("/w{i}"))).await;
+                (resp.status().as_u16(), Instant::now())
+            })
+        })
+        .collect();
+    // Every request has made its own first connect; then about one second of waiting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = connects(&metrics(&px).await);
+    let waited = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let during = connects(&metrics(&px).await) - before;
+    let per_second = during / waited.elapsed().as_secs_f64();
+    eprintln!(
+        "{WAITERS} waiters: {before} connects before the wait, {during} in {:?} of wait",
+        waited.elapsed()
+    );
+    assert!(
+        before >= WAITERS as f64,
+        "{before} connects before the wait"
+    );
+    // One per 50 ms slot is 20 a second (slots are jittered); one per waiter would be
+    // hundreds.
+    assert!(per_second <= 40.0, "{during} connects during the wait");
+
+    // The port listens: every waiter goes within ~250 ms (a slot, then a jittered sleep).
+    drop(hold);
+    let listener = tokio::net::TcpListener::bind(dead).await.unwrap();
+    let listening = Instant::now();
+    let server = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for _ in 0..WAITERS * 2 {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    let mut last = Duration::ZERO;
+    for r in requests {
+        let (status, done) = tokio::time::timeout(Duration::from_secs(10), r)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status, 200);
+        last = last.max(done.saturating_duration_since(listening));
+    }
+    eprintln!("all {WAITERS} answered {last:?} after the port listened");
+    assert!(last < Duration::from_millis(500), "{last:?}");
+    let text = metrics(&px).await;
+    assert_eq!(
+        sample(
+            &text,
+            "rampart_retry_budget_exhausted_total{upstream=\"up\"}"
+        ),
+        None,
+        "{text}"
+    );
+    server.abort();
+    px.shutdown().await;
+}
