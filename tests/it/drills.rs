@@ -1663,13 +1663,15 @@ async fn pump(
     let _ = to.shutdown().await;
 }
 
-/// The upstream's packets dropped for 6 s, then healed: the connect and first-byte timers
-/// fire, the breaker opens (unless connect waits held the requests through), and traffic
-/// is back < 2 s after the heal (the health check).
+/// The upstream's packets dropped for 12 s, then healed: the connect and first-byte timers
+/// fire, connect waits (retry.connect_wait, 5 s) hold what they can, the breaker opens once
+/// requests fail, and traffic is back < 2 s after the heal (the health check). 12 s: past
+/// connect_timeout + connect_wait, so the breaker must open; a partition shorter than that
+/// costs (almost) nothing through rampart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_network_partition() {
     let _one_at_a_time = DRILL.lock().await;
-    let drill = "network partition (6 s)";
+    let drill = "network partition (12 s)";
     let app = App::start(AppState::default()).await;
     let mut net = Blackhole::start(app.addr).await;
     let backend = format!("http://{}", net.addr);
@@ -1695,7 +1697,7 @@ async fn drill_network_partition() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let fault = Instant::now();
     net.partition().await;
-    tokio::time::sleep(Duration::from_secs(6).saturating_sub(fault.elapsed())).await;
+    tokio::time::sleep(Duration::from_secs(12).saturating_sub(fault.elapsed())).await;
     net.heal();
     let heal = Instant::now();
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -1747,13 +1749,10 @@ async fn drill_network_partition() {
         timers_fired,
         "no connect or first-byte timeout answered through rampart",
     );
-    // The breaker opens on failed requests; connect waits (retry.connect_wait, from each
-    // request's first connect timeout) may hold requests through the whole partition, and
-    // then there is nothing to open it for.
     c.check(
-        r.iter().any(|o| o.code == "CIRCUIT_OPEN") || rows.1.failed * 10 <= rows.0.failed,
+        r.iter().any(|o| o.code == "CIRCUIT_OPEN"),
         format!(
-            "the breaker never opened during the partition, yet {} requests through rampart failed ({} direct)",
+            "the breaker never opened during a 12 s partition ({} requests through rampart failed, {} direct)",
             rows.1.failed, rows.0.failed
         ),
     );

@@ -19,7 +19,6 @@ mod proxy;
 mod ratelimit;
 mod reload;
 mod resilience;
-mod restart;
 mod slow_clients;
 mod smuggling;
 mod smuggling_upstream;
