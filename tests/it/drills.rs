@@ -31,9 +31,11 @@
 //! `/readyz` says not ready (polled every 100 ms), the Service has no endpoint and the
 //! request fails. That is what "every replica's /readyz 503 at once" costs the users.
 //!
-//! The network partition drops the upstream's packets with a relay (`Blackhole`) rather
-//! than an iptables DROP rule in a network namespace: the relay needs nothing from the
-//! machine, so the drill runs everywhere, CI included, and is never skipped.
+//! The network partition drops the upstream's packets with an iptables DROP rule in a
+//! network namespace the test makes (`Netns`: the backend runs inside it, reached over a
+//! veth pair) where it can: root, `ip netns` and iptables. Elsewhere it drops them with a
+//! relay (`Blackhole`), which needs nothing from the machine, so the drill runs
+//! everywhere, CI included, and is never skipped; it prints which variant ran.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -597,6 +599,16 @@ async fn app_handle(st: Arc<AppState>, req: Request<Incoming>) -> Response<Full<
     };
     if path == "/health" {
         return reply(200, "{\"status\":\"ok\"}");
+    }
+    // The partition drill's backend runs in another process (`partition_backend`): this
+    // is how the drill reads its count.
+    if let Some(mode) = path.strip_prefix("/drill/posts-twice/") {
+        let mode = if mode == "direct" {
+            Mode::Direct
+        } else {
+            Mode::Rampart
+        };
+        return Response::new(Full::new(Bytes::from(st.posts_twice(mode).to_string())));
     }
     let _permit = match &st.work {
         Some((sem, work)) => {
@@ -1672,6 +1684,255 @@ async fn pump(
     let _ = to.shutdown().await;
 }
 
+/// The address the partition drill's backend listens on inside its namespace, handed to
+/// `partition_backend` in the environment.
+const NETNS_BACKEND: &str = "RAMPART_DRILL_NETNS_BACKEND";
+
+/// The backend in a network namespace this test made, reached from the root namespace
+/// over a veth pair with private addresses (a /30 of 10.213.0.0/16 picked per process);
+/// partitioned by an iptables rule dropping every packet that enters the namespace, the
+/// kernel's own drop rather than a relay's imitation. Needs root (`ip netns`, veth,
+/// iptables); the namespace and the veth pair go when this does.
+struct Netns {
+    name: String,
+    /// The root namespace's end of the veth pair (the other end goes with the namespace).
+    veth: String,
+    /// The backend, inside the namespace.
+    addr: SocketAddr,
+    /// This test binary running `partition_backend` inside the namespace (its stdin is a
+    /// pipe from us: it stops when we do, even when we are killed).
+    backend: Option<std::process::Child>,
+}
+
+/// `cmd args`, its stderr as the error.
+async fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
+    let out = tokio::process::Command::new(cmd)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output();
+    match tokio::time::timeout(Duration::from_secs(10), out).await {
+        Ok(Ok(o)) if o.status.success() => Ok(()),
+        Ok(Ok(o)) => Err(format!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Ok(Err(e)) => Err(format!("{cmd}: {e}")),
+        Err(_) => Err(format!("{cmd} {}: no answer in 10 s", args.join(" "))),
+    }
+}
+
+impl Netns {
+    async fn start() -> Result<Netns, String> {
+        let pid = std::process::id();
+        // Interface names are at most 15 bytes; pids at most 7 digits.
+        let mut ns = Netns {
+            name: format!("rampart-drill-{pid}"),
+            veth: format!("rd{pid}r"),
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            backend: None,
+        };
+        let peer = format!("rd{pid}n");
+        // A /30 per process, past any another process of this machine already uses.
+        let used = tokio::process::Command::new("ip")
+            .args(["-o", "-4", "addr", "show"])
+            .output()
+            .await
+            .map_err(|e| format!("ip: {e}"))?;
+        let used = String::from_utf8_lossy(&used.stdout).into_owned();
+        let (host, backend) = (0..64u32)
+            .map(|i| (pid + i * 997) % 16384)
+            .map(|n| {
+                let (x, y) = ((n / 64) as u8, (n % 64 * 4) as u8);
+                ([10, 213, x, y + 1], [10, 213, x, y + 2])
+            })
+            .find(|(h, b)| {
+                let dotted = |a: &[u8; 4]| format!(" {}.{}.{}.{}/", a[0], a[1], a[2], a[3]);
+                !used.contains(&dotted(h)) && !used.contains(&dotted(b))
+            })
+            .ok_or("no free /30 in 10.213.0.0/16")?;
+        ns.addr = SocketAddr::from((backend, 3000));
+        let host = format!("{}/30", std::net::Ipv4Addr::from(host));
+        let inside = format!("{}/30", ns.addr.ip());
+        let name = ns.name.clone();
+        let veth = ns.veth.clone();
+        run("ip", &["netns", "add", &name]).await?;
+        run(
+            "ip",
+            &[
+                "link", "add", &veth, "type", "veth", "peer", "name", &peer, "netns", &name,
+            ],
+        )
+        .await?;
+        run("ip", &["addr", "add", &host, "dev", &veth]).await?;
+        run("ip", &["link", "set", &veth, "up"]).await?;
+        run("ip", &["-n", &name, "addr", "add", &inside, "dev", &peer]).await?;
+        run("ip", &["-n", &name, "link", "set", &peer, "up"]).await?;
+        // The rule must go in and out before the drill counts on it.
+        ns.iptables("-A").await?;
+        ns.iptables("-D").await?;
+        let exe = std::env::current_exe().map_err(|e| format!("this test binary: {e}"))?;
+        let exe = exe.to_string_lossy().into_owned();
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &name, &exe])
+            .args(["drills::partition_backend", "--exact", "--ignored"])
+            .args(["--nocapture", "--quiet"])
+            .env(NETNS_BACKEND, ns.addr.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("ip netns exec: {e}"))?;
+        let backend = ns.backend.insert(child);
+        // Bounded: the backend listens within a second or two of starting.
+        for _ in 0..100 {
+            if let Ok(Some(status)) = backend.try_wait() {
+                return Err(format!("the backend in the namespace exited: {status}"));
+            }
+            let connect = TcpStream::connect(ns.addr);
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(200), connect).await {
+                return Ok(ns);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(format!(
+            "the backend in the namespace never listened on {}",
+            ns.addr
+        ))
+    }
+
+    /// `op` (`-A` adds, `-D` deletes) the rule dropping every packet into the namespace.
+    async fn iptables(&self, op: &str) -> Result<(), String> {
+        let args = ["netns", "exec", &self.name, "iptables", "-w", "5"];
+        let rule = [op, "INPUT", "-j", "DROP"];
+        run("ip", &[&args[..], &rule[..]].concat()).await
+    }
+
+    /// The count kept by the backend in the namespace (`/drill/posts-twice/`).
+    async fn posts_twice(&self, mode: Mode) -> usize {
+        let ask = async {
+            let mut s = TcpStream::connect(self.addr).await?;
+            let req = format!("GET /drill/posts-twice/{} HTTP/1.0\r\n\r\n", mode.name());
+            s.write_all(req.as_bytes()).await?;
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).await?;
+            Ok::<_, std::io::Error>(answer)
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(5), ask)
+            .await
+            .expect("the backend in the namespace answers in 5 s")
+            .expect("the backend in the namespace answers");
+        let (_, body) = answer.split_once("\r\n\r\n").unwrap();
+        body.trim().parse().unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Some(mut b) = self.backend.take() {
+            let _ = b.kill();
+            let _ = b.wait();
+        }
+        let quiet = |args: &[&str]| {
+            let _ = std::process::Command::new("ip")
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        };
+        // Deleting one end deletes both; the namespace would take its end with it, but
+        // only once the kernel gets to it.
+        quiet(&["link", "del", &self.veth]);
+        quiet(&["netns", "del", &self.name]);
+    }
+}
+
+/// The partition drill's backend inside its namespace: started there by `Netns::start`
+/// (with `NETNS_BACKEND` set), serving until its stdin closes. Run by hand, it does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the network partition drill starts it inside its network namespace"]
+async fn partition_backend() {
+    let Ok(listen) = std::env::var(NETNS_BACKEND) else {
+        return;
+    };
+    let listener = TcpListener::bind(listen.as_str()).await.unwrap();
+    let (stop, rx) = watch::channel(false);
+    let app = tokio::spawn(serve(listener, Arc::new(AppState::default()), rx));
+    let (closed, stdin_closed) = tokio::sync::oneshot::channel();
+    // A plain thread: tokio's stdin could hold the runtime's shutdown on a blocked read.
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        let _ = closed.send(());
+    });
+    // Bounded: no drill runs this long.
+    let _ = tokio::time::timeout(Duration::from_secs(120), stdin_closed).await;
+    let _ = stop.send(true);
+    app.abort();
+}
+
+/// Where the partition drill's backend runs and how its packets are dropped.
+enum Network {
+    Netns(Netns),
+    Relay { app: App, relay: Blackhole },
+}
+
+impl Network {
+    /// The namespace where the test can make one, else the relay.
+    async fn start() -> Network {
+        match Netns::start().await {
+            Ok(ns) => {
+                eprintln!(
+                    "drill_network_partition: variant netns+iptables (backend {} in namespace {})",
+                    ns.addr, ns.name
+                );
+                Network::Netns(ns)
+            }
+            Err(why) => {
+                eprintln!("drill_network_partition: variant relay (no network namespace: {why})");
+                let app = App::start(AppState::default()).await;
+                let relay = Blackhole::start(app.addr).await;
+                Network::Relay { app, relay }
+            }
+        }
+    }
+
+    fn variant(&self) -> &'static str {
+        match self {
+            Network::Netns(_) => "netns+iptables",
+            Network::Relay { .. } => "relay",
+        }
+    }
+
+    /// Where rampart and the direct clients reach the backend.
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Network::Netns(ns) => ns.addr,
+            Network::Relay { relay, .. } => relay.addr,
+        }
+    }
+
+    async fn partition(&mut self) {
+        match self {
+            Network::Netns(ns) => ns.iptables("-A").await.unwrap(),
+            Network::Relay { relay, .. } => relay.partition().await,
+        }
+    }
+
+    async fn heal(&mut self) {
+        match self {
+            Network::Netns(ns) => ns.iptables("-D").await.unwrap(),
+            Network::Relay { relay, .. } => relay.heal(),
+        }
+    }
+
+    async fn posts_twice(&self, mode: Mode) -> usize {
+        match self {
+            Network::Netns(ns) => ns.posts_twice(mode).await,
+            Network::Relay { app, .. } => app.state.posts_twice(mode),
+        }
+    }
+}
+
 /// The upstream's packets dropped for 12 s, then healed: the connect and first-byte timers
 /// fire, connect waits (retry.connect_wait, 5 s) hold what they can, the breaker opens once
 /// requests fail, and traffic is back < 2 s after the heal (the health check). 12 s: past
@@ -1681,9 +1942,8 @@ async fn pump(
 async fn drill_network_partition() {
     let _one_at_a_time = DRILL.lock().await;
     let drill = "network partition (12 s)";
-    let app = App::start(AppState::default()).await;
-    let mut net = Blackhole::start(app.addr).await;
-    let backend = format!("http://{}", net.addr);
+    let mut net = Network::start().await;
+    let backend = format!("http://{}", net.addr());
     let px = Rampart::start(
         "partition",
         &Setup {
@@ -1696,7 +1956,7 @@ async fn drill_network_partition() {
     // Direct clients get rampart's timers: 1 s to connect, 3 s in all; rampart's clients
     // wait longer, for rampart's own answer (connect_wait may hold a request 5 s first).
     let (direct, through) = both_with(
-        net.addr,
+        net.addr(),
         px.addr,
         &four_clients(),
         Duration::from_secs(1),
@@ -1707,7 +1967,7 @@ async fn drill_network_partition() {
     let fault = Instant::now();
     net.partition().await;
     tokio::time::sleep(Duration::from_secs(12).saturating_sub(fault.elapsed())).await;
-    net.heal();
+    net.heal().await;
     let heal = Instant::now();
     tokio::time::sleep(Duration::from_secs(4)).await;
     let end = Instant::now();
@@ -1719,8 +1979,9 @@ async fn drill_network_partition() {
             .min()
             .map_or("-".to_owned(), |t| secs(t.saturating_duration_since(fault)))
     };
+    let variant = net.variant();
     let notes = format!(
-        "first UPSTREAM_TIMEOUT {}, UPSTREAM_UNAVAILABLE {}, CIRCUIT_OPEN {} after the partition",
+        "{variant}: first UPSTREAM_TIMEOUT {}, UPSTREAM_UNAVAILABLE {}, CIRCUIT_OPEN {} after the partition",
         first("UPSTREAM_TIMEOUT"),
         first("UPSTREAM_UNAVAILABLE"),
         first("CIRCUIT_OPEN")
@@ -1733,8 +1994,8 @@ async fn drill_network_partition() {
             fault,
             heal,
             end,
-            app.state.posts_twice(Mode::Direct),
-            String::new(),
+            net.posts_twice(Mode::Direct).await,
+            variant.to_owned(),
         ),
         row(
             drill,
@@ -1743,7 +2004,7 @@ async fn drill_network_partition() {
             fault,
             heal,
             end,
-            app.state.posts_twice(Mode::Rampart),
+            net.posts_twice(Mode::Rampart).await,
             notes,
         ),
     );
