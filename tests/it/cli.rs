@@ -340,3 +340,23 @@ async fn demo_serves_json_and_sse_from_the_shipped_config_then_exits_0_on_sigter
     };
     assert_eq!(status.code(), Some(0));
 }
+
+// === issue 14: the command line ===
+
+#[test]
+fn a_misspelt_enum_value_gets_a_suggestion() {
+    let path = temp_file(
+        "enum.yaml",
+        "listeners:\n  - name: m\n    listen: \"127.0.0.1:0\"\n    routes: [{ upstream: u }]\nupstreams:\n  u:\n    endpoints: [\"http://127.0.0.1:3001\"]\n    load_balancing: round-robin\n",
+    );
+    let out = bin().arg("check").arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "enum.yaml:8:21: upstreams.u.load_balancing: expected one of round_robin, least_outstanding, got \"round-robin\", did you mean \"round_robin\"?"
+        ),
+        "{stderr}"
+    );
+}
+
