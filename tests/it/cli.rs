@@ -344,6 +344,23 @@ async fn demo_serves_json_and_sse_from_the_shipped_config_then_exits_0_on_sigter
 // === issue 14: the command line ===
 
 #[test]
+fn a_missing_config_file_is_named_without_a_position() {
+    for cmd in ["check", "run"] {
+        let out = bin()
+            .args([cmd, "--config", "/nonexistent/rampart.yaml"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {stderr}");
+        assert!(
+            stderr.starts_with("cannot read /nonexistent/rampart.yaml: No such file"),
+            "{cmd}: {stderr}"
+        );
+        assert!(!stderr.contains(":0:0:"), "{cmd}: {stderr}");
+    }
+}
+
+#[test]
 fn a_misspelt_enum_value_gets_a_suggestion() {
     let path = temp_file(
         "enum.yaml",
@@ -357,6 +374,30 @@ fn a_misspelt_enum_value_gets_a_suggestion() {
             "enum.yaml:8:21: upstreams.u.load_balancing: expected one of round_robin, least_outstanding, got \"round-robin\", did you mean \"round_robin\"?"
         ),
         "{stderr}"
+    );
+}
+
+/// The summary in words a reader takes in at a glance.
+#[test]
+fn check_summary_reads_naturally() {
+    let out = bin()
+        .args(["check", "--config", "proxy.yaml"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("listener  inbound on 0.0.0.0:8080 (1 route, max 10000 connections)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("total off, body 10 MiB)"), "{stdout}");
+    assert!(!stdout.contains(" B)"), "{stdout}");
+    // The memory check takes no timeout, so shows none.
+    assert!(stdout.contains("check     memory every 10s\n"), "{stdout}");
+    // The upstreams' lines stay.
+    assert!(
+        stdout.contains("  health  none (passive ejection only: 3 failures)"),
+        "{stdout}"
     );
 }
 
