@@ -1,11 +1,19 @@
 //! The `rampart` command: a thin shell around the library.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use rampart::config::{Config, LogFormat, LoggingConfig};
 use rampart::workers::Workers;
+
+/// Exit status of a command line rampart cannot make sense of (sysexits' EX_USAGE), apart
+/// from 2, an invalid configuration.
+const EX_USAGE: u8 = 64;
+/// Exit status of an invalid or unreadable configuration.
+const EX_CONFIG: u8 = 2;
 
 #[derive(Parser)]
 #[command(
@@ -22,8 +30,8 @@ struct Cli {
 enum Command {
     /// Serve traffic as configured.
     Run {
-        #[arg(long, short, env = "RAMPART_CONFIG", default_value = "proxy.yaml")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigPath,
         /// Worker threads serving traffic, each with its own event loop, sockets and
         /// upstream connections (default: one per CPU).
         #[arg(long, env = "RAMPART_WORKERS")]
@@ -31,8 +39,8 @@ enum Command {
     },
     /// Validate a configuration file and print a summary (exit 2 when invalid).
     Check {
-        #[arg(long, short, env = "RAMPART_CONFIG", default_value = "proxy.yaml")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigPath,
     },
     /// Try it: stand-in upstreams (a JSON backend on 127.0.0.1:3001 and an SSE "LLM" on
     /// 127.0.0.1:3000) behind rampart, configured by proxy.yaml.
@@ -45,12 +53,75 @@ enum Command {
         #[arg(long, env = "RAMPART_WORKERS")]
         workers: Option<usize>,
     },
+    /// Start a drain in a running rampart (POST /admin/drain with the token from
+    /// RAMPART_ADMIN_TOKEN), e.g. from a Kubernetes preStop exec hook.
+    Drain {
+        #[command(flatten)]
+        admin: AdminAddr,
+    },
+    /// Ask a running rampart's /livez or /readyz: exit 0 on 2xx, 1 otherwise (for a
+    /// container HEALTHCHECK without curl).
+    Probe {
+        probe: Probe,
+        #[command(flatten)]
+        admin: AdminAddr,
+    },
+}
+
+/// The configuration file: positional or `--config`.
+#[derive(Args)]
+struct ConfigPath {
+    /// The configuration file (default: $RAMPART_CONFIG, else proxy.yaml).
+    #[arg(value_name = "FILE", conflicts_with = "config")]
+    file: Option<PathBuf>,
+    /// The same, as an option.
+    // No `env` here: a variable would count as given and conflict with the positional path.
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+impl ConfigPath {
+    fn path(self) -> PathBuf {
+        self.file
+            .or(self.config)
+            .or_else(|| std::env::var_os("RAMPART_CONFIG").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("proxy.yaml"))
+    }
+}
+
+/// Where the admin listener is.
+#[derive(Args)]
+struct AdminAddr {
+    /// The admin listener's address (default: admin.listen in --config's file, else
+    /// 127.0.0.1:9901).
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<SocketAddr>,
+    /// Read the admin address from this configuration file.
+    #[arg(long, short, value_name = "FILE", conflicts_with = "admin")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Probe {
+    Livez,
+    Readyz,
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version come this way too, and are not errors.
+            return if e.use_stderr() {
+                ExitCode::from(EX_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     match cli.command {
-        Command::Check { config } => match Config::load_checked(&config) {
+        Command::Check { config } => match Config::load_checked(&config.path()) {
             Ok((cfg, warnings)) => {
                 print!("{}", cfg.summary());
                 // Valid, so still exit 0: these work but are likely mistakes.
@@ -61,16 +132,20 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("{e}");
-                eprintln!("{}: {} problem(s)", e.source_name, e.problems.len());
-                ExitCode::from(2)
+                // A file that could not be read has one problem, said in full above.
+                if e.problems.iter().any(|p| p.line > 0) {
+                    eprintln!("{}: {} problem(s)", e.source_name, e.problems.len());
+                }
+                ExitCode::from(EX_CONFIG)
             }
         },
         Command::Run { config, workers } => {
+            let config = config.path();
             let cfg = match Config::load(&config) {
                 Ok(cfg) => cfg,
                 Err(e) => {
                     eprintln!("{e}");
-                    return ExitCode::from(2);
+                    return ExitCode::from(EX_CONFIG);
                 }
             };
             init_logging(&cfg.logging);
@@ -95,7 +170,7 @@ fn main() -> ExitCode {
                 Ok(cfg) => cfg,
                 Err(e) => {
                     eprintln!("{e}");
-                    return ExitCode::from(2);
+                    return ExitCode::from(EX_CONFIG);
                 }
             };
             init_logging(&cfg.logging);
@@ -117,7 +192,123 @@ fn main() -> ExitCode {
                 demo(cfg, config, upstreams_only, workers).await
             })
         }
+        Command::Drain { admin } => admin_command(admin, http::Method::POST, "/admin/drain"),
+        Command::Probe { probe, admin } => {
+            let path = match probe {
+                Probe::Livez => "/livez",
+                Probe::Readyz => "/readyz",
+            };
+            admin_command(admin, http::Method::GET, path)
+        }
     }
+}
+
+// === drain and probe: one call to the admin listener ===
+
+/// How long `drain` and `probe` wait for the whole exchange: a probe that hangs is a
+/// failed probe.
+const ADMIN_CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One request to the admin listener: exit 0 on 2xx, 1 otherwise with a one-line reason.
+fn admin_command(args: AdminAddr, method: http::Method, path: &'static str) -> ExitCode {
+    let addr = match (args.admin, args.config) {
+        (Some(addr), _) => addr,
+        (None, Some(file)) => match Config::load(&file) {
+            Ok(cfg) => cfg.admin.listen,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(EX_CONFIG);
+            }
+        },
+        (None, None) => SocketAddr::from((Ipv4Addr::LOCALHOST, 9901)),
+    };
+    // A listener on every address is reached on loopback.
+    let addr = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    };
+    let token = std::env::var("RAMPART_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let call = admin_call(addr, method, path, token);
+    let result = rt.block_on(async {
+        match tokio::time::timeout(ADMIN_CALL_TIMEOUT, call).await {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "no answer within {}",
+                humantime::format_duration(ADMIN_CALL_TIMEOUT)
+            )),
+        }
+    });
+    match result {
+        Ok((status, body)) if status.is_success() => {
+            if !body.is_empty() {
+                println!("{body}");
+            }
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            eprintln!("rampart: http://{addr}{path}: {status} {body}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("rampart: http://{addr}{path}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The status and the first line of the body.
+async fn admin_call(
+    addr: SocketAddr,
+    method: http::Method,
+    path: &str,
+    token: Option<String>,
+) -> Result<(http::StatusCode, String), String> {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, addr.to_string());
+    if let Some(t) = token {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let req = req
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let body = String::from_utf8_lossy(&body);
+    Ok((status, body.lines().next().unwrap_or("").trim().to_owned()))
 }
 
 async fn demo(

@@ -915,7 +915,10 @@ impl fmt::Display for ConfigError {
             if i > 0 {
                 writeln!(f)?;
             }
-            write!(f, "{}:{}:{}: ", self.source_name, p.line, p.column)?;
+            // Line 0: about the file as a whole (it could not be read), so no position.
+            if p.line > 0 {
+                write!(f, "{}:{}:{}: ", self.source_name, p.line, p.column)?;
+            }
             if !p.path.is_empty() {
                 write!(f, "{}: ", p.path)?;
             }
@@ -923,6 +926,25 @@ impl fmt::Display for ConfigError {
         }
         Ok(())
     }
+}
+
+/// "1 route", "2 routes".
+fn plural(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// A byte size in the largest binary unit that divides it ("10 MiB", "1500 B").
+fn human_bytes(n: u64) -> String {
+    for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if n >= size && n.is_multiple_of(size) {
+            return format!("{} {unit}", n / size);
+        }
+    }
+    format!("{n} B")
 }
 
 /// The breaker, retry and health-check lines of one upstream in `rampart check`.
@@ -987,7 +1009,7 @@ fn summarize_resilience(s: &mut String, r: &Resilience) {
 }
 
 impl Config {
-    /// Reads and validates a file. An unreadable file is one problem at 0:0.
+    /// Reads and validates a file. An unreadable file is one problem without a position.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         Config::load_checked(path).map(|(config, _)| config)
     }
@@ -999,13 +1021,13 @@ impl Config {
         match std::fs::read_to_string(path) {
             Ok(text) => parse_str_checked(&text, &name, &|var| std::env::var(var).ok()),
             Err(e) => Err(ConfigError {
-                source_name: name,
                 problems: vec![Problem {
                     line: 0,
                     column: 0,
                     path: String::new(),
-                    message: format!("cannot read file: {e}"),
+                    message: format!("cannot read {name}: {e}"),
                 }],
+                source_name: name,
             }),
         }
     }
@@ -1028,10 +1050,10 @@ impl Config {
         for l in &self.listeners {
             let _ = writeln!(
                 s,
-                "listener  {} on {} ({} routes, max {} connections{})",
+                "listener  {} on {} ({}, max {} connections{})",
                 l.name,
                 l.listen,
-                l.routes.len(),
+                plural(l.routes.len(), "route"),
                 l.max_connections,
                 if l.drain == DrainMode::Egress {
                     ", egress"
@@ -1057,7 +1079,7 @@ impl Config {
                 };
                 let _ = writeln!(
                     s,
-                    "  route   {} {}{} [{}] -> {} (first_byte {}, idle {}, total {}, body {} B{limits})",
+                    "  route   {} {}{} [{}] -> {} (first_byte {}, idle {}, total {}, body {}{limits})",
                     r.name,
                     r.host.as_deref().unwrap_or(""),
                     r.path_prefix,
@@ -1066,7 +1088,7 @@ impl Config {
                     humantime::format_duration(r.timeouts.first_byte),
                     humantime::format_duration(r.timeouts.idle),
                     total,
-                    r.max_body_bytes
+                    human_bytes(r.max_body_bytes)
                 );
             }
         }
@@ -1112,8 +1134,8 @@ impl Config {
         let sinks: Vec<&str> = self.alerts.sinks.iter().map(|k| k.kind.as_str()).collect();
         let _ = writeln!(
             s,
-            "alerts    {} rules every {}, log{}{}",
-            self.alerts.rules.len(),
+            "alerts    {} every {}, log{}{}",
+            plural(self.alerts.rules.len(), "rule"),
             humantime::format_duration(self.alerts.interval),
             if sinks.is_empty() { "" } else { ", " },
             sinks.join(", ")
@@ -1132,23 +1154,34 @@ impl Config {
             summarize_resilience(&mut s, &u.resilience);
         }
         let d = &self.dependencies;
+        // The memory check reads a file, so it has no timeout to show.
         let checks = [
             d.postgres
                 .as_ref()
-                .map(|p| ("postgres".to_owned(), &p.check)),
-            d.redis.as_ref().map(|c| ("redis".to_owned(), c)),
-            d.memory.as_ref().map(|m| ("memory".to_owned(), &m.check)),
+                .map(|p| ("postgres".to_owned(), &p.check, true)),
+            d.redis.as_ref().map(|c| ("redis".to_owned(), c, true)),
+            d.memory
+                .as_ref()
+                .map(|m| ("memory".to_owned(), &m.check, false)),
         ];
         let upstream_checks = self.upstreams.values().filter_map(|u| {
             let hc = u.resilience.health_check.as_ref()?;
-            Some((format!("upstream:{} GET {}", u.name, hc.path), &hc.check))
+            Some((
+                format!("upstream:{} GET {}", u.name, hc.path),
+                &hc.check,
+                true,
+            ))
         });
-        for (name, c) in checks.into_iter().flatten().chain(upstream_checks) {
+        for (name, c, timed) in checks.into_iter().flatten().chain(upstream_checks) {
+            let timeout = if timed {
+                format!(", timeout {}", humantime::format_duration(c.timeout))
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 s,
-                "check     {name} every {}, timeout {}{}",
+                "check     {name} every {}{timeout}{}",
                 humantime::format_duration(c.interval),
-                humantime::format_duration(c.timeout),
                 if c.critical { ", critical" } else { "" }
             );
         }

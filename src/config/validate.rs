@@ -1628,7 +1628,10 @@ impl<'e> Ctx<'e> {
                 .iter()
                 .find(|(n, _)| *n == s)
                 .map(|(_, v)| *v)
-                .ok_or_else(|| format!("expected {expected}, got \"{s}\""))
+                .ok_or_else(|| match suggest(s, &names) {
+                    Some(m) => format!("expected {expected}, got \"{s}\", did you mean \"{m}\"?"),
+                    None => format!("expected {expected}, got \"{s}\""),
+                })
         })
     }
 

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::process::{Proc, admin_get, free_port, temp_dir};
 use crate::support::*;
 
 fn bin() -> Command {
@@ -339,4 +340,201 @@ async fn demo_serves_json_and_sse_from_the_shipped_config_then_exits_0_on_sigter
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(status.code(), Some(0));
+}
+
+// === issue 14: the command line ===
+
+/// README's `rampart check proxy.yaml`: the path may come positionally, for `check` and
+/// `run`, as well as with `--config`.
+#[test]
+fn the_config_path_may_be_given_positionally() {
+    let out = bin().args(["check", "proxy.yaml"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.starts_with("proxy.yaml: ok"), "{stdout}");
+    // `run` reads the positional file too: a bad one is refused (exit 2), naming it.
+    let path = temp_file("positional.yaml", "listeners: 3\n");
+    let out = bin().arg("run").arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("positional.yaml:1:"), "{stderr}");
+}
+
+/// Scripts tell a usage error (64, EX_USAGE) from an invalid config (2).
+#[test]
+fn usage_errors_exit_64() {
+    for args in [
+        vec!["frobnicate"],
+        vec!["check", "--no-such-flag"],
+        vec!["check", "a.yaml", "--config", "b.yaml"],
+        vec!["probe", "startz"],
+        vec![],
+    ] {
+        let out = bin().args(&args).output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(64),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Asking for help is not an error.
+    let out = bin().args(["check", "--help"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn a_missing_config_file_is_named_without_a_position() {
+    for cmd in ["check", "run"] {
+        let out = bin()
+            .args([cmd, "--config", "/nonexistent/rampart.yaml"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {stderr}");
+        assert!(
+            stderr.starts_with("cannot read /nonexistent/rampart.yaml: No such file"),
+            "{cmd}: {stderr}"
+        );
+        assert!(!stderr.contains(":0:0:"), "{cmd}: {stderr}");
+    }
+}
+
+#[test]
+fn a_misspelt_enum_value_gets_a_suggestion() {
+    let path = temp_file(
+        "enum.yaml",
+        "listeners:\n  - name: m\n    listen: \"127.0.0.1:0\"\n    routes: [{ upstream: u }]\nupstreams:\n  u:\n    endpoints: [\"http://127.0.0.1:3001\"]\n    load_balancing: round-robin\n",
+    );
+    let out = bin().arg("check").arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "enum.yaml:8:21: upstreams.u.load_balancing: expected one of round_robin, least_outstanding, got \"round-robin\", did you mean \"round_robin\"?"
+        ),
+        "{stderr}"
+    );
+}
+
+/// The summary in words a reader takes in at a glance.
+#[test]
+fn check_summary_reads_naturally() {
+    let out = bin()
+        .args(["check", "--config", "proxy.yaml"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("listener  inbound on 0.0.0.0:8080 (1 route, max 10000 connections)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("total off, body 10 MiB)"), "{stdout}");
+    assert!(!stdout.contains(" B)"), "{stdout}");
+    // The memory check takes no timeout, so shows none.
+    assert!(stdout.contains("check     memory every 10s\n"), "{stdout}");
+    // The upstreams' lines stay.
+    assert!(
+        stdout.contains("  health  none (passive ejection only: 3 failures)"),
+        "{stdout}"
+    );
+}
+
+const TOKEN: &str = "it-admin-token-0123456789";
+
+/// A rampart on free ports with a token on its admin listener; its config path.
+fn admin_config(test: &str) -> (PathBuf, std::net::SocketAddr) {
+    let (port, admin) = (free_port(), free_port());
+    let text = format!(
+        r#"admin: {{ listen: "127.0.0.1:{admin}", token: "{TOKEN}" }}
+logging: {{ level: info, access_log: false }}
+drain: {{ accept_grace: 2s, timeout: 4s }}
+listeners:
+  - name: main
+    listen: "127.0.0.1:{port}"
+    routes: [{{ upstream: up }}]
+upstreams:
+  up: {{ endpoints: ["http://127.0.0.1:9"] }}
+"#
+    );
+    let path = temp_dir(test).join("admin.yaml");
+    std::fs::write(&path, text).unwrap();
+    (path, std::net::SocketAddr::from(([127, 0, 0, 1], admin)))
+}
+
+fn admin_cmd(args: &[&str]) -> std::process::Output {
+    let mut c = bin();
+    c.env_remove("RAMPART_ADMIN_TOKEN");
+    c.args(args).output().unwrap()
+}
+
+/// `rampart probe livez|readyz` for a container HEALTHCHECK: exit 0 on 2xx, 1 otherwise
+/// with a one-line reason; the address from `--admin`, or from `--config`'s file.
+#[tokio::test]
+async fn probe_answers_by_exit_status() {
+    let (path, admin) = admin_config("probe");
+    let mut px = Proc::spawn(&path, admin);
+    px.wait_ready().await;
+    let a = admin.to_string();
+    for args in [
+        vec!["probe", "livez", "--admin", &a],
+        vec!["probe", "readyz", "--admin", &a],
+        vec!["probe", "readyz", "--config", path.to_str().unwrap()],
+    ] {
+        let out = admin_cmd(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    drop(px);
+    // Nothing listening: exit 1, one line naming the address.
+    let out = admin_cmd(&["probe", "livez", "--admin", &a]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(&a), "{stderr}");
+}
+
+/// `rampart drain` for a Kubernetes preStop exec hook: POST /admin/drain with the token
+/// from RAMPART_ADMIN_TOKEN; readiness then fails.
+#[tokio::test]
+async fn drain_posts_with_the_token_from_the_environment() {
+    let (path, admin) = admin_config("drain-cmd");
+    let mut px = Proc::spawn(&path, admin);
+    px.wait_ready().await;
+    let a = admin.to_string();
+    // Without the token: refused, exit 1 with the status.
+    let out = admin_cmd(&["drain", "--admin", &a]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("401"), "{stderr}");
+    assert_eq!(admin_get(admin, "/readyz").await.map(|r| r.0), Some(200));
+
+    let out = bin()
+        .env("RAMPART_ADMIN_TOKEN", TOKEN)
+        .args(["drain", "--admin", &a])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Draining: not ready, and `probe readyz` says so.
+    let out = admin_cmd(&["probe", "readyz", "--admin", &a]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("503"), "{stderr}");
+    // The drain ends the process (after the 2s accept grace).
+    let status = px.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
 }
