@@ -1254,7 +1254,16 @@ async fn drill_database_down() {
     );
     print_rows(&[&rows.0, &rows.1]);
     let mut c = Checks::new(drill);
-    c.no_worse(&rows.0, &rows.1);
+    // Every failure here is the application's own 500 while its database is down, in
+    // either mode; the two clients' windows differ by a few milliseconds, so 1% of the
+    // requests is allowed either way. What rampart must not add is the readiness gate's.
+    let slack = rows.1.sent / 100;
+    c.no_worse_but(
+        &rows.0,
+        &rows.1,
+        slack,
+        "the application's own 500s, 1% of the requests",
+    );
     c.check(
         unready == 0,
         format!(
