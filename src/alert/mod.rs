@@ -125,26 +125,36 @@ pub fn condition(r: &AlertRule) -> String {
 }
 
 /// `error_rate 12.5% > 5.0% over 5m (upstream backend)`, `breaker_open yes: open: fastgpt`;
-/// resolved: `resolved: error_rate 0.0% (threshold 5.0%) over 5m (upstream backend)`. The
-/// comparison is stated only while it holds: a resolved alert's value no longer meets it
-/// (or the rule was removed), and "0.0% > 5.0%" would be false.
+/// resolved: `error_rate back under 5.0% (0.0%) over 5m (upstream backend)` ("back over"
+/// for `<` rules). A rule resolved because it was removed may still meet its condition:
+/// then it reads `resolved: error_rate 12.5% (threshold 5.0%) ...`, claiming no comparison.
 fn summary(r: &AlertRule, change: Change, value: Option<f64>, detail: Option<&str>) -> String {
     let mut s = String::new();
-    if change == Change::Resolved {
-        s.push_str("resolved: ");
-    }
-    s.push_str(&format!(
-        "{} {}",
-        r.signal.as_str(),
-        format_value(r.signal, value)
-    ));
-    if r.signal.unit() != SignalUnit::YesNo {
-        let threshold = format_value(r.signal, Some(r.threshold));
+    let threshold = format_value(r.signal, Some(r.threshold));
+    let shown = format_value(r.signal, value);
+    let signal = r.signal.as_str();
+    if r.signal.unit() == SignalUnit::YesNo {
         if change == Change::Resolved {
-            s.push_str(&format!(" (threshold {threshold})"));
-        } else {
-            s.push_str(&format!(" {} {threshold}", r.comparison.as_str()));
+            s.push_str("resolved: ");
         }
+        s.push_str(&format!("{signal} {shown}"));
+    } else if change != Change::Resolved {
+        s.push_str(&format!(
+            "{signal} {shown} {} {threshold}",
+            r.comparison.as_str()
+        ));
+    } else if value.is_some_and(|v| !r.comparison.holds(v, r.threshold)) {
+        let back = match r.comparison {
+            Comparison::Above | Comparison::AtLeast => "under",
+            Comparison::Below | Comparison::AtMost => "over",
+        };
+        s.push_str(&format!("{signal} back {back} {threshold} ({shown})"));
+    } else {
+        s.push_str(&format!(
+            "resolved: {signal} {shown} (threshold {threshold})"
+        ));
+    }
+    if r.signal.unit() != SignalUnit::YesNo {
         s.push_str(&format!(" over {}", humantime::format_duration(r.window)));
     }
     if let Some(route) = &r.route {
@@ -605,7 +615,19 @@ mod tests {
         );
         assert_eq!(
             summary(&r, Change::Resolved, Some(0.0), None),
-            "resolved: error_rate 0.0% (threshold 1.0%) over 5m (upstream backend)"
+            "error_rate back under 1.0% (0.0%) over 5m (upstream backend)"
+        );
+        // A rule resolved because it was removed may still meet its condition: no claim.
+        assert_eq!(
+            summary(&r, Change::Resolved, Some(0.125), None),
+            "resolved: error_rate 12.5% (threshold 1.0%) over 5m (upstream backend)"
+        );
+        let mut low = r.clone();
+        low.comparison = Comparison::Below;
+        low.threshold = 0.5;
+        assert_eq!(
+            summary(&low, Change::Resolved, Some(0.9), None),
+            "error_rate back over 50.0% (90.0%) over 5m (upstream backend)"
         );
         let b = AlertsConfig::default_rules()
             .into_iter()

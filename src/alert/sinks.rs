@@ -217,13 +217,20 @@ where
         .await
         .map_err(|e| e.to_string())?;
     let mut conn = std::pin::pin!(conn);
+    let mut send = std::pin::pin!(sender.send_request(req));
     // The connection is driven here, beside the request; dropping it afterwards closes it.
-    tokio::select! {
-        r = sender.send_request(req) => r.map(|r| r.status().as_u16()).map_err(|e| e.to_string()),
-        r = &mut conn => Err(match r {
-            Ok(()) => "connection closed before the answer".to_owned(),
-            Err(e) => e.to_string(),
-        }),
+    let conn_error = tokio::select! {
+        biased;
+        r = &mut send => return r.map(|r| r.status().as_u16()).map_err(|e| e.to_string()),
+        r = &mut conn => r.err(),
+    };
+    // The connection ended first, as it does at a receiver that answers and closes
+    // (HTTP/1.0, `Connection: close`): the answer, if one came, is already handed over,
+    // and `send` fails at once if none did.
+    match (send.await, conn_error) {
+        (Ok(r), _) => Ok(r.status().as_u16()),
+        (Err(_), Some(e)) => Err(e.to_string()),
+        (Err(_), None) => Err("connection closed before the answer".to_owned()),
     }
 }
 
@@ -238,6 +245,7 @@ fn client_tls() -> Result<Arc<rustls::ClientConfig>, String> {
 mod tests {
     use super::*;
     use crate::config::{Comparison, Severity, Signal};
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn event(status: Change) -> AlertEvent {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
@@ -332,6 +340,93 @@ mod tests {
             err.starts_with("2 attempts failed, last: connect:"),
             "{err}"
         );
+    }
+
+    /// A receiver that reads one request (head and Content-Length body), answers with
+    /// `answer` and then, if `close`, closes the connection; counts the requests it read.
+    async fn receiver(answer: &'static str, close: bool) -> (Uri, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", l.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let count = seen.clone();
+        tokio::spawn(async move {
+            for _ in 0..10 {
+                let (mut s, _) = l.accept().await.unwrap();
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let n = s.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&buf).to_string();
+                        let Some(end) = text.find("\r\n\r\n") else {
+                            continue;
+                        };
+                        let len: usize = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if buf.len() < end + 4 + len {
+                            continue;
+                        }
+                        count.fetch_add(1, Ordering::SeqCst);
+                        s.write_all(answer.as_bytes()).await.unwrap();
+                        if close {
+                            let _ = s.shutdown().await;
+                            return;
+                        }
+                        buf.drain(..end + 4 + len);
+                    }
+                });
+            }
+        });
+        (url, seen)
+    }
+
+    #[tokio::test]
+    async fn receivers_that_close_after_answering_get_one_notification() {
+        let kinds = [
+            (
+                "keep-alive",
+                "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                false,
+            ),
+            (
+                "close",
+                "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+                true,
+            ),
+            ("HTTP/1.0", "HTTP/1.0 200 OK\r\n\r\nok", true),
+        ];
+        for (kind, answer, close) in kinds {
+            let (url, seen) = receiver(answer, close).await;
+            let mut s = sink(SinkKind::Webhook);
+            s.url = Secret::new(url);
+            s.max_attempts = 5;
+            let d = delivery(
+                &s,
+                &event(Change::Firing),
+                "pod-1",
+                Duration::from_secs(180),
+            );
+            let (_tx, stop) = watch::channel(false);
+            let r = tokio::time::timeout(Duration::from_secs(10), deliver(d, stop))
+                .await
+                .unwrap();
+            assert_eq!(r, Ok(1), "{kind}");
+            assert_eq!(seen.load(Ordering::SeqCst), 1, "{kind}");
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! 101) is written when the tunnel closes: its bytes are those carried each way, its outcome
 //! how it ended (`proxy::upgrade`).
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,7 +61,15 @@ pub struct AccessRecord {
     pub route: Option<Arc<str>>,
     pub upstream: Option<Arc<str>>,
     pub method: http::Method,
-    pub path: String,
+    /// The path and query, shared with the request (no copy): both are cut (and the query
+    /// escaped) only when the line is written.
+    pub uri: http::uri::PathAndQuery,
+    /// The address rate limits count (the peer, or X-Forwarded-For from trusted proxies).
+    pub client: IpAddr,
+    pub user_agent: Option<http::HeaderValue>,
+    pub version: http::Version,
+    /// Where the rate-limit decision came from, when the route has policies.
+    pub ratelimit: Option<&'static str>,
     pub status: u16,
     pub request_id: http::HeaderValue,
     pub ttfb: Option<Duration>,
@@ -101,22 +110,59 @@ impl AccessRecord {
     }
 }
 
+/// The longest path and query string logged, in bytes.
+const PATH_MAX: usize = 256;
+const QUERY_MAX: usize = 256;
+
+/// Milliseconds with microsecond precision: `0.292`, never `0.29184000000000004`.
+fn millis(d: Duration) -> f64 {
+    // Whole microseconds divided once: the nearest double to a 3-decimal number prints
+    // as that number.
+    d.as_micros() as f64 / 1000.0
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn protocol(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_2 => "h2",
+        http::Version::HTTP_3 => "h3",
+        _ => "h1",
+    }
+}
+
 impl Drop for AccessRecord {
     fn drop(&mut self) {
         if self.outcome == Outcome::Streaming {
             self.outcome = Outcome::ClientAborted;
         }
+        // No status: the client left before the answer (nginx's 499), as the metrics count it.
+        let status = if self.status == 0 { 499 } else { self.status };
         let duration = self.start.elapsed();
+        // `&str` fields are written quoted and escaped (JSON strings in the JSON format):
+        // a query or user agent cannot forge fields or lines.
         tracing::info!(
             target: "rampart::access",
             listener = &*self.listener,
             method = %self.method,
-            path = %self.path,
-            status = self.status,
+            path = %cut(self.uri.path(), PATH_MAX),
+            query = self.uri.query().map(|q| cut(q, QUERY_MAX)),
+            status,
             route = self.route.as_deref().unwrap_or("-"),
             upstream = self.upstream.as_deref().unwrap_or("-"),
-            duration_ms = duration.as_secs_f64() * 1000.0,
-            ttfb_ms = self.ttfb.map(|t| t.as_secs_f64() * 1000.0),
+            client = %self.client,
+            protocol = protocol(self.version),
+            user_agent = self.user_agent.as_ref().and_then(|v| v.to_str().ok()),
+            ratelimit = self.ratelimit,
+            duration_ms = millis(duration),
+            ttfb_ms = self.ttfb.map(millis),
             bytes_in = self.bytes_in,
             bytes_out = self.bytes_out,
             request_id = self.request_id.to_str().unwrap_or("-"),

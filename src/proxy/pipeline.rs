@@ -59,7 +59,15 @@ pub async fn handle(
             route: None,
             upstream: None,
             method: req.method().clone(),
-            path: req.uri().path().chars().take(256).collect(),
+            uri: req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            client: ratelimit::client_ip(peer.ip(), req.headers(), &snapshot.trusted_proxies),
+            user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
+            version: req.version(),
+            ratelimit: None,
             status: 0,
             request_id: request_id.clone(),
             ttfb: None,
@@ -269,6 +277,9 @@ async fn rate_limit(
     )
     .await;
     tail.rate_limit_headers = verdict.headers;
+    if let Some(r) = tail.log.as_mut() {
+        r.ratelimit = verdict.source;
+    }
     if let Some(retry_after_secs) = verdict.retry_after_secs {
         // An unread body would otherwise be parsed as the next request.
         if !req.body().is_end_stream()

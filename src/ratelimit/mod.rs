@@ -442,6 +442,9 @@ pub struct Verdict {
     pub retry_after_secs: Option<u64>,
     /// RateLimit-Policy, RateLimit and X-RateLimit-*: for every response on the route.
     pub headers: Option<HeaderMap>,
+    /// Where the (last) decision came from, for the access log: `redis`, `memory`,
+    /// `fallback` (memory standing in for Redis) or `fail_open`.
+    pub source: Option<&'static str>,
 }
 
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -470,12 +473,19 @@ pub async fn check(
     let mut retry: Option<Duration> = None;
     // The policy closest to refusing speaks for the X-RateLimit-* headers.
     let mut tightest: Option<(u64, u64, Duration)> = None;
+    let mut last_source = None;
     for policy in policies {
         let key = policy.key(route, headers, client);
         let (decision, source) = policy.decide(&key).await;
         policy
             .counters
             .count(source, decision.is_none_or(|d| d.allowed));
+        last_source = Some(match source {
+            Source::Redis => "redis",
+            Source::Memory if matches!(policy.store, Store::Redis { .. }) => "fallback",
+            Source::Memory => "memory",
+            Source::FailOpen => "fail_open",
+        });
         if !policy_field.is_empty() {
             policy_field.push_str(", ");
         }
@@ -518,6 +528,7 @@ pub async fn check(
     Verdict {
         retry_after_secs: retry.map(|r| ceil_secs(r).max(1)),
         headers: Some(out),
+        source: last_source,
     }
 }
 

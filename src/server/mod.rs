@@ -190,6 +190,9 @@ impl Server {
         };
         // One cap for the listener, whichever worker accepts.
         let slots = Arc::new(Semaphore::new(config.max_connections));
+        // The last socket to close says the listener stopped accepting: one line per
+        // listener, not one per worker.
+        let sockets_open = Arc::new(AtomicUsize::new(bound.sockets.len()));
         for (i, socket) in bound.sockets.into_iter().enumerate() {
             let mut acceptor = acceptor.clone();
             // Its own copy per worker: every request clones this Arc, and a count two
@@ -197,6 +200,8 @@ impl Server {
             acceptor.ctx = Arc::new(ListenerCtx::clone(&acceptor.ctx));
             let slots = slots.clone();
             let phase_rx = phase_rx.clone();
+            let sockets_open = sockets_open.clone();
+            let name = name.clone();
             workers.spawn_on(i, async move {
                 // Registered with the runtime of the worker that polls it.
                 match TcpListener::from_std(socket) {
@@ -206,6 +211,9 @@ impl Server {
                         error = %e,
                         "cannot register the listening socket"
                     ),
+                }
+                if sockets_open.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    tracing::info!(listener = &*name, "stopped accepting");
                 }
             });
         }
@@ -344,7 +352,6 @@ impl Acceptor {
             );
         }
         drop(listener);
-        tracing::info!(listener = &*self.ctx.name, "stopped accepting");
     }
 
     fn serve(

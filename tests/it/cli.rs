@@ -538,3 +538,29 @@ async fn drain_posts_with_the_token_from_the_environment() {
     let status = px.wait_exit(Duration::from_secs(10)).await;
     assert_eq!(status.and_then(|s| s.code()), Some(0));
 }
+
+#[tokio::test]
+async fn logs_to_a_pipe_are_plain_and_each_listener_stops_accepting_once() {
+    use crate::support::process::{Proc, free_port, temp_dir};
+    let up = Upstream::start().await;
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let yaml = one_route(&up.url(), "", "")
+        .replace("127.0.0.1:0\" }", &format!("{admin}\" }}"))
+        .replace("level: warn", "level: info");
+    let path = temp_dir("plain-logs").join("proxy.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    // No NO_COLOR: stderr is a pipe, which alone must turn colour off.
+    let mut p = Proc::spawn_with(&path, admin, |_| {});
+    p.wait_ready().await;
+    p.signal("TERM");
+    let status = p.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.is_some(), "still running:\n{}", p.stderr());
+    let log = p.stderr();
+    assert!(!log.contains('\u{1b}'), "colour escapes in a pipe:\n{log}");
+    let stopped: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("stopped accepting"))
+        .collect();
+    assert_eq!(stopped.len(), 1, "{log}");
+    assert!(stopped[0].contains("listener=\"main\""), "{log}");
+}

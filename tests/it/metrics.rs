@@ -376,8 +376,8 @@ alerts:
     // no longer holds ("0.0% > 50.0%").
     let resolved = rx.on("/hook")[1]["summary"].as_str().unwrap().to_owned();
     assert!(
-        resolved.starts_with("resolved: error_rate ")
-            && resolved.contains("% (threshold 50.0%) over 3s (upstream backend)")
+        resolved.starts_with("error_rate back under 50.0% (")
+            && resolved.ends_with("%) over 3s (upstream backend)")
             && !resolved.contains(" > "),
         "{resolved}"
     );

@@ -685,6 +685,93 @@ async fn access_log_has_one_line_per_request_and_can_be_switched_off() {
     assert!(logs::lines_with("access-log-off-1").is_empty());
 }
 
+/// The value of `field=` in a text log line (up to the next space).
+fn field<'a>(line: &'a str, name: &str) -> &'a str {
+    let start = line
+        .find(&format!(" {name}="))
+        .unwrap_or_else(|| panic!("{name} missing in {line}"))
+        + name.len()
+        + 2;
+    line[start..].split(' ').next().unwrap()
+}
+
+#[tokio::test]
+async fn access_log_names_client_agent_query_protocol_and_rate_limit_source() {
+    logs::capture();
+    let up = Upstream::start().await;
+    let mut yaml = one_route(&up.url(), "        rate_limits: [per_client]", "");
+    yaml.push_str("trusted_proxies: [\"127.0.0.0/8\"]\n");
+    yaml.push_str("rate_limits:\n  per_client: { points: 100, per: 60s, store: memory }\n");
+    let px = start(&yaml).await;
+    let addr = px.addr("main").unwrap();
+    let long = "a".repeat(400);
+    let mut req = get(addr, &format!("/echo?q=%22x%22&long={long}"));
+    let h = req.headers_mut();
+    h.insert("x-request-id", "access-log-fields-1".parse().unwrap());
+    h.insert("x-forwarded-for", "198.51.100.4".parse().unwrap());
+    h.insert("user-agent", "probe/1.0 \"quoted\"".parse().unwrap());
+    let (resp, _) = send(&http1(), req).await;
+    assert_eq!(resp.status(), 200);
+    let mut req = get(addr, "/ok");
+    req.headers_mut()
+        .insert("x-request-id", "access-log-fields-2".parse().unwrap());
+    let (resp, _) = send(&h2c(), req).await;
+    assert_eq!(resp.status(), 200);
+    assert_eventually!(
+        logs::lines_with("access-log-fields-2").len() == 1,
+        "no access line"
+    );
+    let line = &logs::lines_with("access-log-fields-1")[0];
+    assert_eq!(field(line, "client"), "198.51.100.4", "{line}");
+    assert!(
+        line.contains(r#" user_agent="probe/1.0 \"quoted\"" "#),
+        "{line}"
+    );
+    assert_eq!(field(line, "protocol"), "\"h1\"", "{line}");
+    assert_eq!(field(line, "ratelimit"), "\"memory\"", "{line}");
+    // Quoted, cut at 256 bytes of the query.
+    let query = field(line, "query");
+    assert!(query.starts_with(r#""q=%22x%22&long=aaa"#), "{line}");
+    assert_eq!(query.len(), 256 + 2, "{line}");
+    // Microseconds, without float noise.
+    for name in ["duration_ms", "ttfb_ms"] {
+        let v = field(line, name);
+        let decimals = v.split('.').nth(1).map_or(0, str::len);
+        assert!(
+            decimals <= 3 && v.parse::<f64>().is_ok(),
+            "{name}={v} in {line}"
+        );
+    }
+    let line = &logs::lines_with("access-log-fields-2")[0];
+    assert_eq!(field(line, "client"), "127.0.0.1", "{line}");
+    assert_eq!(field(line, "protocol"), "\"h2\"", "{line}");
+    assert!(!line.contains(" query="), "{line}");
+    assert!(!line.contains(" user_agent="), "{line}");
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_before_the_answer_is_logged_499() {
+    logs::capture();
+    let up = Upstream::start().await;
+    let px = start(&one_route(&up.url(), "", "")).await;
+    let addr = px.addr("main").unwrap();
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"GET /delay/3000 HTTP/1.1\r\nhost: x\r\nx-request-id: leaves-early-1\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(c);
+    assert_eventually!(
+        logs::lines_with("leaves-early-1").len() == 1,
+        "no access line"
+    );
+    let line = &logs::lines_with("leaves-early-1")[0];
+    assert!(line.contains(" status=499 "), "{line}");
+    assert!(line.contains("outcome=\"client_aborted\""), "{line}");
+    px.shutdown().await;
+}
+
 #[tokio::test]
 async fn stale_pooled_connections_are_never_used() {
     // Each upstream connection answers once and is then closed by the upstream.

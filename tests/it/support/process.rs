@@ -32,17 +32,24 @@ pub struct Proc {
 impl Proc {
     /// `rampart run --config path --workers 2`, with `admin` the admin address in the file.
     pub fn spawn(config: &Path, admin: SocketAddr) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
-            .args(["run", "--workers", "2", "--config"])
+        Proc::spawn_with(config, admin, |c| {
+            // Plain log lines to search in.
+            c.env("NO_COLOR", "1");
+        })
+    }
+
+    /// `spawn`, with `env` adjusting the command first.
+    pub fn spawn_with(config: &Path, admin: SocketAddr, env: impl FnOnce(&mut Command)) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rampart"));
+        cmd.args(["run", "--workers", "2", "--config"])
             .arg(config)
             .env_remove("RUST_LOG")
             .env_remove("RAMPART_CONFIG")
-            // Plain log lines to search in.
-            .env("NO_COLOR", "1")
+            .env_remove("NO_COLOR")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::piped());
+        env(&mut cmd);
+        let mut child = cmd.spawn().unwrap();
         let stderr = Arc::new(Mutex::new(String::new()));
         let pipe = child.stderr.take().unwrap();
         let sink = stderr.clone();
