@@ -641,8 +641,12 @@ async fn status_page_in_chromium_shows_the_breaker_open() {
         row.contains(r#"data-breaker="open""#) && row.contains(">OPEN<"),
         "{row}"
     );
-    // An open breaker degrades (it is critical only with readiness.breaker_open: not_ready).
-    assert!(dom.contains(r#"data-status="degraded""#), "{dom}");
+    // An open breaker degrades the page; the CircuitBreakerOpen alert (severity critical,
+    // `for: 0s`, evaluated every second here) makes it critical once it fires.
+    assert!(
+        dom.contains(r#"data-status="degraded""#) || dom.contains(r#"data-status="critical""#),
+        "{dom}"
+    );
     // No script errors: the page records them in data-error; Chromium logs every console
     // message (console.error, uncaught exceptions) as a CONSOLE line, and the page writes none.
     assert!(!dom.contains("data-error=\"page error"), "{dom}");
