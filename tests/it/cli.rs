@@ -202,18 +202,23 @@ fn the_shipped_config_is_the_users_topology() {
     );
     // The alerts written out are exactly the defaults.
     assert_eq!(cfg.alerts, rampart::config::AlertsConfig::default());
-    // FASTGPT_URL overrides the stand-in default.
-    let cfg = rampart::config::parse_str(&text, "proxy.yaml", &|v| {
-        (v == "FASTGPT_URL").then(|| "http://10.1.2.3:3000".to_string())
+    // FASTGPT_URL and BACKEND_URL override the stand-in defaults (in a container,
+    // 127.0.0.1 is the container itself).
+    let cfg = rampart::config::parse_str(&text, "proxy.yaml", &|v| match v {
+        "FASTGPT_URL" => Some("http://10.1.2.3:3000".to_string()),
+        "BACKEND_URL" => Some("http://10.1.2.4:3001".to_string()),
+        _ => None,
     })
     .unwrap();
-    assert_eq!(
-        cfg.upstreams["fastgpt"].endpoints[0]
+    let authority = |name: &str| {
+        cfg.upstreams[name].endpoints[0]
             .authority()
             .unwrap()
-            .as_str(),
-        "10.1.2.3:3000"
-    );
+            .as_str()
+            .to_string()
+    };
+    assert_eq!(authority("fastgpt"), "10.1.2.3:3000");
+    assert_eq!(authority("backend"), "10.1.2.4:3001");
 }
 
 #[test]
