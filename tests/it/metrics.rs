@@ -571,11 +571,11 @@ fn rand_suffix() -> u64 {
 #[tokio::test]
 async fn status_page_in_chromium_shows_the_breaker_open() {
     let Some(bin) = chromium() else {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("CI=true but chromium is not installed");
-        }
-        eprintln!(
-            "SKIPPED status_page_in_chromium_shows_the_breaker_open: chromium is not installed"
+        crate::support::skip::skip(
+            "status_page_in_chromium_shows_the_breaker_open",
+            crate::support::skip::Need::Chromium,
+            "chromium is not installed",
+            "install chromium (.ci/run does)",
         );
         return;
     };
