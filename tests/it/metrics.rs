@@ -153,7 +153,7 @@ async fn metrics_count_requests_streams_bytes_and_errors() {
         })
         .collect();
     assert!(
-        buckets.len() == 17 && buckets[0].contains(r#"le="0.005""#),
+        buckets.len() == 19 && buckets[0].contains(r#"le="0.0001""#),
         "{buckets:#?}\n{m}"
     );
     // Labels stay bounded: no paths, no addresses.
