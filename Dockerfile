@@ -1,6 +1,9 @@
 # rampart: build in the Rust image, run on a slim Debian with the CA store (https upstreams).
 # docker build -t rampart .
-# docker run -p 8080:8080 -p 9901:9901 -e RAMPART_ADMIN_TOKEN="$(openssl rand -hex 24)" rampart
+# docker run -p 8080:8080 -p 9901:9901 -e RAMPART_ADMIN_TOKEN="$(openssl rand -hex 24)" \
+#   -e BACKEND_URL=http://backend:3001 -e FASTGPT_URL=http://fastgpt:3000 rampart
+# Without BACKEND_URL and FASTGPT_URL the upstreams are 127.0.0.1 inside the container:
+# rampart starts, answers 502/503 and /readyz stays 503 until they point somewhere real.
 # The admin listener is on 0.0.0.0 here, so rampart refuses to start without a token: give
 # it RAMPART_ADMIN_TOKEN (16+ characters; in Kubernetes from a Secret, see examples/k8s/).
 # The probes (/livez, /readyz, /health) stay open without it.
@@ -9,7 +12,9 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY tests ./tests
-RUN cargo build --release --locked --bin rampart
+# Debug info stripped for the image only (40 MB -> a few): the release profile keeps line
+# tables for local backtraces and profiling.
+RUN CARGO_PROFILE_RELEASE_STRIP=debuginfo cargo build --release --locked --bin rampart
 
 FROM debian:bookworm-slim
 RUN apt-get update \

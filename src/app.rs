@@ -341,8 +341,20 @@ fn spawn_sampler(shared: &Arc<Shared>) {
 /// reloads the file. During the drain, SIGTERM, SIGINT or SIGQUIT exits at once; SIGQUIT
 /// before it, too.
 pub async fn run(config: Config, path: Option<PathBuf>, workers: Workers) -> Result<(), RunError> {
+    run_then(config, path, workers, |_| {}).await
+}
+
+/// As [`run`], calling `started` once every listener is bound (the demo prints its "Try:"
+/// lines there, so none is printed for a start that fails).
+pub async fn run_then(
+    config: Config,
+    path: Option<PathBuf>,
+    workers: Workers,
+    started: impl FnOnce(&Running),
+) -> Result<(), RunError> {
     let mut signals = Signals::install().map_err(RunError::Signals)?;
     let running = start_on(config, path, workers).await?;
+    started(&running);
     let mut done = running.done.clone();
     let mut draining = false;
     loop {

@@ -100,15 +100,73 @@ impl http_body::Body for ChannelBody {
     }
 }
 
-/// Starts both stand-ins and returns their addresses.
+/// Starts both stand-ins and returns their addresses. A bind error names the address.
 pub async fn start_upstreams(
     backend_addr: SocketAddr,
     llm_addr: SocketAddr,
 ) -> std::io::Result<(SocketAddr, SocketAddr)> {
-    let b = TcpListener::bind(backend_addr).await?;
-    let l = TcpListener::bind(llm_addr).await?;
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        TcpListener::bind(addr).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}"))
+        })
+    };
+    let b = bind(backend_addr, "stand-in backend").await?;
+    let l = bind(llm_addr, "stand-in LLM").await?;
     let addrs = (b.local_addr()?, l.local_addr()?);
     tokio::spawn(serve(b, false));
     tokio::spawn(serve(l, true));
     Ok(addrs)
+}
+
+/// The demo's ports from `--port-base N`, in proxy.yaml's order: inbound N, egress
+/// (fastgpt) N+1, admin N+2, stand-in LLM N+3, stand-in backend N+4. The default
+/// (8080, 8081, 9901, 3000, 3001) is not a base: it is proxy.yaml as shipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DemoPorts {
+    pub inbound: u16,
+    pub egress: u16,
+    pub admin: u16,
+    pub llm: u16,
+    pub backend: u16,
+}
+
+impl DemoPorts {
+    pub const SHIPPED: DemoPorts = DemoPorts {
+        inbound: 8080,
+        egress: 8081,
+        admin: 9901,
+        llm: 3000,
+        backend: 3001,
+    };
+
+    /// None when N+4 passes 65535.
+    pub fn from_base(base: u16) -> Option<DemoPorts> {
+        Some(DemoPorts {
+            inbound: base,
+            egress: base.checked_add(1)?,
+            admin: base.checked_add(2)?,
+            llm: base.checked_add(3)?,
+            backend: base.checked_add(4)?,
+        })
+    }
+
+    /// Moves the listeners named `inbound` and `fastgpt`, the admin listener and the
+    /// upstreams named `backend` and `fastgpt` (onto the stand-ins) to these ports; their
+    /// IP addresses stay as configured.
+    pub fn apply(&self, cfg: &mut crate::config::Config) -> Result<(), http::uri::InvalidUri> {
+        for l in &mut cfg.listeners {
+            match l.name.as_str() {
+                "inbound" => l.listen.set_port(self.inbound),
+                "fastgpt" => l.listen.set_port(self.egress),
+                _ => {}
+            }
+        }
+        cfg.admin.listen.set_port(self.admin);
+        for (name, port) in [("backend", self.backend), ("fastgpt", self.llm)] {
+            if let Some(u) = cfg.upstreams.get_mut(name) {
+                u.endpoints = vec![format!("http://127.0.0.1:{port}").parse()?];
+            }
+        }
+        Ok(())
+    }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rampart::config::{Config, LogFormat, LoggingConfig};
+use rampart::demo::DemoPorts;
 use rampart::workers::Workers;
 
 /// Exit status of a command line rampart cannot make sense of (sysexits' EX_USAGE), apart
@@ -50,6 +51,11 @@ enum Command {
         /// Only start the stand-in upstreams (for benchmarks and for trying your own config).
         #[arg(long)]
         upstreams_only: bool,
+        /// Move all five ports: inbound N (8080), egress N+1 (8081), admin N+2 (9901),
+        /// stand-in LLM N+3 (3000), stand-in backend N+4 (3001). Turns off reloading the
+        /// file (it holds the shipped ports).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=65531))]
+        port_base: Option<u16>,
         #[arg(long, env = "RAMPART_WORKERS")]
         workers: Option<usize>,
     },
@@ -164,14 +170,36 @@ fn main() -> ExitCode {
         Command::Demo {
             config,
             upstreams_only,
+            port_base,
             workers,
         } => {
-            let cfg = match Config::load(&config) {
+            let mut cfg = match Config::load(&config) {
                 Ok(cfg) => cfg,
                 Err(e) => {
                     eprintln!("{e}");
                     return ExitCode::from(EX_CONFIG);
                 }
+            };
+            let ports = match port_base {
+                None => DemoPorts::SHIPPED,
+                // The range above keeps N+4 a port.
+                Some(base) => match DemoPorts::from_base(base) {
+                    Some(p) => p,
+                    None => {
+                        eprintln!("--port-base {base}: {base}+4 is past 65535");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
+            // A reload would read the shipped ports back from the file.
+            let config = if port_base.is_some() {
+                if let Err(e) = ports.apply(&mut cfg) {
+                    eprintln!("--port-base: {e}");
+                    return ExitCode::from(2);
+                }
+                None
+            } else {
+                Some(config)
             };
             init_logging(&cfg.logging);
             // The stand-in upstreams run on the main runtime: alone, they get the workers'
@@ -189,7 +217,7 @@ fn main() -> ExitCode {
                 }
             };
             block_on(threads, async move {
-                demo(cfg, config, upstreams_only, workers).await
+                demo(cfg, config, ports, upstreams_only, workers).await
             })
         }
         Command::Drain { admin } => admin_command(admin, http::Method::POST, "/admin/drain"),
@@ -313,29 +341,25 @@ async fn admin_call(
 
 async fn demo(
     cfg: Config,
-    path: PathBuf,
+    path: Option<PathBuf>,
+    ports: DemoPorts,
     upstreams_only: bool,
     workers: Workers,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let backend = "127.0.0.1:3001".parse()?;
-    let llm = "127.0.0.1:3000".parse()?;
+    let backend = ([127, 0, 0, 1], ports.backend).into();
+    let llm = ([127, 0, 0, 1], ports.llm).into();
     let (b, l) = rampart::demo::start_upstreams(backend, llm).await?;
     eprintln!("stand-in backend on http://{b}, stand-in LLM (SSE) on http://{l}");
     if upstreams_only {
         std::future::pending::<()>().await;
     }
-    let inbound = cfg
-        .listeners
-        .iter()
-        .find(|l| l.name == "inbound")
-        .map(|l| l.listen.port());
-    let fastgpt = cfg
-        .listeners
-        .iter()
-        .find(|l| l.name == "fastgpt")
-        .map(|l| l.listen.port());
-    let admin = cfg.admin.listen;
-    if let (Some(i), Some(f)) = (inbound, fastgpt) {
+    let reloads = path.is_some();
+    // Printed only once every listener is bound: a start that fails prints none of it.
+    rampart::app::run_then(cfg, path, workers, |running| {
+        let (Some(i), Some(f)) = (running.addr("inbound"), running.addr("fastgpt")) else {
+            return;
+        };
+        let (i, f, admin) = (i.port(), f.port(), running.admin_addr);
         eprintln!("\nTry:");
         eprintln!("  curl -s http://127.0.0.1:{i}/api/agents");
         eprintln!("  curl -s -X POST -d '{{\"q\":\"hi\"}}' http://127.0.0.1:{i}/api/chat");
@@ -344,9 +368,13 @@ async fn demo(
         );
         eprintln!("  curl -s --http2-prior-knowledge http://127.0.0.1:{i}/api/agents");
         eprintln!("  curl -s http://{admin}/readyz");
-        eprintln!("Ctrl-C drains and exits (twice: at once); kill -HUP reloads proxy.yaml.\n");
-    }
-    rampart::app::run(cfg, Some(path), workers).await?;
+        if reloads {
+            eprintln!("Ctrl-C drains and exits (twice: at once); kill -HUP reloads proxy.yaml.\n");
+        } else {
+            eprintln!("Ctrl-C drains and exits (twice: at once).\n");
+        }
+    })
+    .await?;
     Ok(())
 }
 

@@ -203,18 +203,23 @@ fn the_shipped_config_is_the_users_topology() {
     );
     // The alerts written out are exactly the defaults.
     assert_eq!(cfg.alerts, rampart::config::AlertsConfig::default());
-    // FASTGPT_URL overrides the stand-in default.
-    let cfg = rampart::config::parse_str(&text, "proxy.yaml", &|v| {
-        (v == "FASTGPT_URL").then(|| "http://10.1.2.3:3000".to_string())
+    // FASTGPT_URL and BACKEND_URL override the stand-in defaults (in a container,
+    // 127.0.0.1 is the container itself).
+    let cfg = rampart::config::parse_str(&text, "proxy.yaml", &|v| match v {
+        "FASTGPT_URL" => Some("http://10.1.2.3:3000".to_string()),
+        "BACKEND_URL" => Some("http://10.1.2.4:3001".to_string()),
+        _ => None,
     })
     .unwrap();
-    assert_eq!(
-        cfg.upstreams["fastgpt"].endpoints[0]
+    let authority = |name: &str| {
+        cfg.upstreams[name].endpoints[0]
             .authority()
             .unwrap()
-            .as_str(),
-        "10.1.2.3:3000"
-    );
+            .as_str()
+            .to_string()
+    };
+    assert_eq!(authority("fastgpt"), "10.1.2.3:3000");
+    assert_eq!(authority("backend"), "10.1.2.4:3001");
 }
 
 #[test]
@@ -278,17 +283,71 @@ fn version_prints() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("rampart "));
 }
 
-/// `rampart demo` from proxy.yaml on a fresh machine: its fixed ports (8080, 8081, 9901,
-/// 3000, 3001) are used by this test only.
+/// A base for `rampart demo --port-base`: five consecutive ports free now (on 0.0.0.0, as
+/// the inbound listener binds), below the ephemeral range so clients' ports rarely collide.
+fn free_port_base() -> u16 {
+    // Tests in this process running at once each start elsewhere.
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let calls = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let seed = std::process::id().wrapping_add(calls.wrapping_mul(1_009));
+    for i in 0..200u32 {
+        // 20000..29995 in steps of 5, starting somewhere per process.
+        let base = (20_000 + (seed.wrapping_add(i.wrapping_mul(389)) % 2_000) * 5) as u16;
+        let free = (base..base + 5).all(|p| std::net::TcpListener::bind(("0.0.0.0", p)).is_ok());
+        if free {
+            return base;
+        }
+    }
+    panic!("no five consecutive free ports found");
+}
+
+/// Ends a child that a failed assertion would otherwise leave running.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `rampart demo --port-base N` with a port taken (each of the stand-ins' and rampart's
+/// own): it fails naming the address, and never prints the "Try:" lines.
+#[test]
+fn demo_with_a_port_taken_names_the_address_and_prints_no_try_lines() {
+    let base = free_port_base();
+    // inbound (0.0.0.0), the stand-in backend, the admin listener.
+    for (offset, ip) in [(0u16, "0.0.0.0"), (4, "127.0.0.1"), (2, "127.0.0.1")] {
+        let taken = std::net::TcpListener::bind((ip, base + offset)).unwrap();
+        let out = bin()
+            .args(["demo", "--workers", "1", "--port-base", &base.to_string()])
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        drop(taken);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains(&format!("{ip}:{}", base + offset)) && stderr.contains("in use"),
+            "offset {offset}: {stderr}"
+        );
+        assert!(!stderr.contains("Try:"), "offset {offset}: {stderr}");
+    }
+}
+
+/// `rampart demo` from proxy.yaml on a fresh machine, moved by `--port-base` onto free
+/// ports: inbound N, egress N+1, admin N+2, stand-in LLM N+3, stand-in backend N+4.
 #[tokio::test]
 async fn demo_serves_json_and_sse_from_the_shipped_config_then_exits_0_on_sigterm() {
-    let mut child = bin()
-        .args(["demo", "--workers", "2"])
+    let base = free_port_base();
+    let child = bin()
+        .args(["demo", "--workers", "2", "--port-base", &base.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let admin: std::net::SocketAddr = "127.0.0.1:9901".parse().unwrap();
+    let mut child = KillOnDrop(child);
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", base + 2).parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if tokio::net::TcpStream::connect(admin).await.is_ok() {
@@ -297,11 +356,11 @@ async fn demo_serves_json_and_sse_from_the_shipped_config_then_exits_0_on_sigter
         assert!(Instant::now() < deadline, "demo did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let inbound = "127.0.0.1:8080".parse().unwrap();
+    let inbound = format!("127.0.0.1:{base}").parse().unwrap();
     let (resp, body) = send(&http1(), get(inbound, "/api/agents")).await;
     assert_eq!(resp.status(), 200);
     assert!(String::from_utf8_lossy(&body).contains("\"service\":\"backend\""));
-    let fastgpt = "127.0.0.1:8081".parse().unwrap();
+    let fastgpt = format!("127.0.0.1:{}", base + 1).parse().unwrap();
     let resp = send_streaming(&http1(), get(fastgpt, "/api/v1/chat/completions")).await;
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     drop(resp);
@@ -324,22 +383,34 @@ async fn demo_serves_json_and_sse_from_the_shipped_config_then_exits_0_on_sigter
     );
 
     let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
     let deadline = Instant::now() + Duration::from_secs(35);
     let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = child.0.try_wait().unwrap() {
             break s;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
             panic!("demo did not exit after SIGTERM");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(status.code(), Some(0));
+    // The "Try:" lines name the moved ports.
+    let mut stderr = String::new();
+    if let Some(mut e) = child.0.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut stderr).unwrap();
+    }
+    assert!(
+        stderr.contains(&format!("curl -s http://127.0.0.1:{base}/api/agents")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("curl -s http://127.0.0.1:{}/readyz", base + 2)),
+        "{stderr}"
+    );
 }
 
 // === issue 14: the command line ===

@@ -24,3 +24,4 @@ mod smuggling;
 mod smuggling_upstream;
 mod tunnels;
 mod upstream_wire;
+mod zz_summary;

@@ -6,6 +6,7 @@ pub mod postgres;
 pub mod process;
 pub mod recorder;
 pub mod redis;
+pub mod skip;
 pub mod upstream;
 
 use std::net::SocketAddr;

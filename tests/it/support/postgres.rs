@@ -5,7 +5,7 @@
 //! the binaries run as user `postgres` (Postgres refuses root).
 //!
 //! The binaries are looked up on PATH, then in /usr/lib/postgresql/*/bin. Without them the
-//! test is skipped with a loud SKIPPED line, except under `CI=true`, where it fails.
+//! test is skipped through `support::skip`, except under `CI=true`, where it fails.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -40,11 +40,11 @@ struct Own {
 }
 
 fn missing(test: &str, what: &str) -> Option<PgServer> {
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: {what}, and CI=true: install postgresql (.ci/run does)");
-    }
-    eprintln!(
-        "\n**** SKIPPED {test}: {what} (install postgresql or set RAMPART_TEST_PG_URL) ****\n"
+    super::skip::skip(
+        test,
+        super::skip::Need::Postgres,
+        what,
+        "install postgresql (.ci/run does) or set RAMPART_TEST_PG_URL",
     );
     None
 }

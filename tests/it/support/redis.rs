@@ -4,8 +4,8 @@
 //! `redis-server` on a free port of 127.0.0.1 in a temp dir, without persistence, stopped on
 //! drop.
 //!
-//! Without `redis-server` the test is skipped with a loud SKIPPED line, except under
-//! `CI=true`, where it fails: CI must not pass by testing nothing.
+//! Without `redis-server` the test is skipped through `support::skip` (a visible line, in
+//! the summary), except under `CI=true`, where it fails: CI must not pass by testing nothing.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -37,14 +37,11 @@ pub fn unique(prefix: &str) -> String {
 }
 
 fn missing(test: &str, what: &str) -> Option<RedisServer> {
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: {what}, and CI=true: install redis-server (.ci/run does)");
-    }
-    // Straight to stderr: libtest captures eprintln! of passing tests, and a skip must show.
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n**** SKIPPED {test}: {what} (install redis-server or set RAMPART_TEST_REDIS_URL) ****\n"
+    super::skip::skip(
+        test,
+        super::skip::Need::Redis,
+        what,
+        "install redis-server (.ci/run does) or set RAMPART_TEST_REDIS_URL",
     );
     None
 }
