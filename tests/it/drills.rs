@@ -1784,7 +1784,7 @@ impl Netns {
         let exe = exe.to_string_lossy().into_owned();
         let child = std::process::Command::new("ip")
             .args(["netns", "exec", &name, &exe])
-            .args(["drills::partition_backend", "--exact", "--ignored"])
+            .args(["drills::partition_backend", "--exact"])
             .args(["--nocapture", "--quiet"])
             .env(NETNS_BACKEND, ns.addr.to_string())
             .stdin(std::process::Stdio::piped())
@@ -1857,11 +1857,35 @@ impl Drop for Netns {
 }
 
 /// The partition drill's backend inside its namespace: started there by `Netns::start`
-/// (with `NETNS_BACKEND` set), serving until its stdin closes. Run by hand, it does nothing.
+/// (with `NETNS_BACKEND` set), serving until its stdin closes. Run in the suite (no
+/// `NETNS_BACKEND`), it checks on loopback what the drill reads from it: a POST seen twice
+/// is counted, and told over `/drill/posts-twice/`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the network partition drill starts it inside its network namespace"]
 async fn partition_backend() {
     let Ok(listen) = std::env::var(NETNS_BACKEND) else {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_stop, rx) = watch::channel(false);
+        let app = tokio::spawn(serve(listener, Arc::new(AppState::default()), rx));
+        let ask = |req: String| async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).await.unwrap();
+            answer
+        };
+        let id = format!("{}-1", Mode::Rampart.name());
+        for _ in 0..2 {
+            let post = format!(
+                "POST /api/orders HTTP/1.0\r\ncontent-length: {}\r\n\r\n{id}",
+                id.len()
+            );
+            assert!(ask(post).await.starts_with("HTTP/1.0 201"));
+        }
+        let twice = |mode: Mode| format!("GET /drill/posts-twice/{} HTTP/1.0\r\n\r\n", mode.name());
+        assert!(ask(twice(Mode::Rampart)).await.ends_with("\r\n\r\n1"));
+        assert!(ask(twice(Mode::Direct)).await.ends_with("\r\n\r\n0"));
+        app.abort();
         return;
     };
     let listener = TcpListener::bind(listen.as_str()).await.unwrap();
