@@ -89,7 +89,7 @@ async fn main() {
     }
 
     let registry = running.shared.registry.clone();
-    let text = rampart::metrics::encode_registry(&registry);
+    let text = rampart::observe::encode_registry(&registry);
     let samples = text.lines().filter(|l| !l.starts_with('#')).count();
     println!(
         "{routes} routes: scrape of {} bytes, {samples} samples",
@@ -99,7 +99,7 @@ async fn main() {
     let mut encode = Vec::with_capacity(scrapes);
     for _ in 0..scrapes {
         let t = Instant::now();
-        let s = rampart::metrics::encode_registry(&registry);
+        let s = rampart::observe::encode_registry(&registry);
         encode.push(t.elapsed());
         std::hint::black_box(s);
     }

@@ -7,12 +7,12 @@
 //! property the fuzzer checks. Targets that can state more (a round trip, agreement with
 //! another parser) assert it here.
 
-use crate::proxy::client::{Head, Reader, Snapshot, Step};
+use crate::upstream::client::{Head, Reader, Snapshot, Step};
 
 /// The chunk-size line of a chunked body (`1a;ext=1`), as the upstream client reads it:
 /// a size that parses is the hex value of the leading digits.
 pub fn chunk_size(data: &[u8]) {
-    if let Some(n) = crate::proxy::client::parse_chunk_size(data) {
+    if let Some(n) = crate::upstream::client::parse_chunk_size(data) {
         let digits: Vec<u8> = data
             .iter()
             .copied()
@@ -29,7 +29,7 @@ pub fn chunk_size(data: &[u8]) {
 /// following a stream that is followed whole; a head the guard gave a verdict on is one httparse
 /// parses, with both Content-Length and Transfer-Encoding exactly when the verdict says so.
 pub fn h1_guard(data: &[u8]) {
-    use crate::server::h1_guard::{Tracker, Verdict};
+    use crate::listener::h1_guard::{Tracker, Verdict};
     let Some((&pick, stream)) = data.split_first() else {
         return;
     };
@@ -88,7 +88,7 @@ pub fn xff(data: &[u8]) {
     use http::{HeaderMap, HeaderValue};
 
     use crate::config::Cidr;
-    use crate::proxy::headers;
+    use crate::route::headers;
 
     let Some((&pick, rest)) = data.split_first() else {
         return;
@@ -145,7 +145,7 @@ pub fn xff(data: &[u8]) {
     };
     let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
 
-    let client = crate::ratelimit::client_ip(peer, &map, &trusted);
+    let client = crate::admission::ratelimit::client_ip(peer, &map, &trusted);
     if !is_trusted(peer) {
         assert_eq!(client, unmap(peer));
     } else if client != unmap(peer) {

@@ -2,10 +2,9 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admission;
 pub mod alert;
 pub mod app;
-pub mod balance;
-pub mod breaker;
 pub mod config;
 pub mod demo;
 pub mod error;
@@ -13,13 +12,14 @@ pub mod error;
 pub mod fuzz;
 pub mod health;
 pub mod jitter;
-pub mod metrics;
+pub mod listener;
+pub mod observe;
 pub mod path;
-pub mod proxy;
-pub mod ratelimit;
+pub mod pipeline;
 pub mod redis;
 pub mod reload;
-pub mod retry;
-pub mod server;
+pub mod route;
 pub mod shutdown;
+pub mod stream;
+pub mod upstream;
 pub mod workers;

@@ -270,13 +270,13 @@ mod tests {
 
     #[test]
     fn reload_counter_is_exported_by_result() {
-        let mut reg = crate::metrics::new_registry();
+        let mut reg = crate::observe::new_registry();
         let m = ReloadMetrics::register(&mut reg);
         m.record(&ReloadReport::ok(vec![], vec![]));
         m.record(&ReloadReport::error(vec![]));
         m.record(&ReloadReport::error(vec![]));
         m.record(&ReloadReport::refused("draining"));
-        let text = crate::metrics::encode_registry(&std::sync::Arc::new(reg));
+        let text = crate::observe::encode_registry(&std::sync::Arc::new(reg));
         assert!(
             text.contains("rampart_config_reloads_total{result=\"ok\"} 1"),
             "{text}"

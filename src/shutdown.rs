@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::{DrainConfig, DrainMode};
-use crate::server::{Phase, Server};
+use crate::listener::{Phase, Server};
 
 /// After the final events, how long connections get to write them and close before they
 /// are cut.

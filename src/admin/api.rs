@@ -10,10 +10,10 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::alert::signals;
-use crate::breaker::State as BreakerState;
+use crate::app::state::Shared;
 use crate::config::Severity;
-use crate::metrics::series::{CHART_SPAN, Filter};
-use crate::proxy::Shared;
+use crate::observe::series::{CHART_SPAN, Filter};
+use crate::upstream::breaker::State as BreakerState;
 
 /// The page: self-contained (no CDN, works offline), refreshing from `/admin/status`.
 pub const STATUS_PAGE: &str = include_str!("status.html");
@@ -247,7 +247,7 @@ pub fn status(shared: &Shared) -> Value {
 }
 
 /// `span`: the time the totals really cover (shorter than a minute just after start).
-fn recent(t: &crate::metrics::series::Totals, span: Duration) -> Value {
+fn recent(t: &crate::observe::series::Totals, span: Duration) -> Value {
     let secs = span.as_secs_f64();
     json!({
         "window_s": RECENT.as_secs(),
@@ -258,7 +258,7 @@ fn recent(t: &crate::metrics::series::Totals, span: Duration) -> Value {
     })
 }
 
-fn chart(points: &[crate::metrics::series::ChartPoint]) -> Value {
+fn chart(points: &[crate::observe::series::ChartPoint]) -> Value {
     json!({
         "t": points.iter().map(|p| p.t_ms).collect::<Vec<_>>(),
         "rate": points.iter().map(|p| (p.rate_per_s * 100.0).round() / 100.0).collect::<Vec<_>>(),

@@ -22,10 +22,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::app::Control;
-use crate::proxy::Shared;
-use crate::proxy::body::ProxyBody;
+use crate::app::state::Shared;
+use crate::listener::stopped;
 use crate::reload::ReloadResult;
-use crate::server::stopped;
+use crate::stream::body::ProxyBody;
 
 pub struct AdminCtx {
     pub shared: Arc<Shared>,
@@ -88,11 +88,11 @@ async fn route(ctx: &AdminCtx, req: Request<Incoming>) -> Response<ProxyBody> {
     match (req.method(), req.uri().path()) {
         (&Method::GET | &Method::HEAD, "/livez") => text(StatusCode::OK, "ok\n"),
         (&Method::GET | &Method::HEAD, "/metrics") => {
-            let body = crate::metrics::encode_registry(&shared.registry);
+            let body = crate::observe::encode_registry(&shared.registry);
             let mut resp = Response::new(ProxyBody::full(Bytes::from(body)));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
-                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+                HeaderValue::from_static(crate::observe::CONTENT_TYPE),
             );
             resp
         }

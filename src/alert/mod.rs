@@ -27,13 +27,13 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::breaker::State as BreakerState;
+use crate::app::state::Shared;
 use crate::config::{
     AlertRule, AlertsConfig, Comparison, Config, Severity, Signal, SignalUnit, SinkKind,
 };
-use crate::metrics::series::{Filter, Sample, Series};
-use crate::proxy::Shared;
+use crate::observe::series::{Filter, Sample, Series};
 use crate::reload::KeyedState;
+use crate::upstream::breaker::State as BreakerState;
 use rules::{Change, Evaluator, Phase, Reading, Transition};
 use signals::Signals;
 use sinks::Delivery;
@@ -441,7 +441,7 @@ impl Alerting {
                     let interval = alerting.interval();
                     tokio::select! {
                         _ = tokio::time::sleep(interval) => {}
-                        _ = crate::server::stopped(&mut stop) => return,
+                        _ = crate::listener::stopped(&mut stop) => return,
                     }
                     alerting.evaluate(&s);
                 }
@@ -478,7 +478,7 @@ impl Alerting {
                             });
                         }
                         Some(_) = running.join_next(), if !running.is_empty() => {}
-                        _ = crate::server::stopped(&mut stop) => {
+                        _ = crate::listener::stopped(&mut stop) => {
                             running.abort_all();
                             return;
                         }

@@ -13,9 +13,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
+use crate::app::state::Shared;
 use crate::health::{Status, Value};
-use crate::metrics::series::FedTotals;
-use crate::proxy::Shared;
+use crate::observe::series::FedTotals;
 
 #[derive(Debug, Default)]
 pub struct Signals {

@@ -156,7 +156,7 @@ pub async fn deliver(d: Delivery, mut stop: watch::Receiver<bool>) -> Result<u32
         let wait = ceiling.mul_f64(0.5 + crate::jitter::unit() / 2.0);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = crate::server::stopped(&mut stop) => return Err("rampart is stopping".into()),
+            _ = crate::listener::stopped(&mut stop) => return Err("rampart is stopping".into()),
         }
     }
     Err(format!(
@@ -237,7 +237,7 @@ where
 /// The system's trust store, loaded once.
 fn client_tls() -> Result<Arc<rustls::ClientConfig>, String> {
     static TLS: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
-    TLS.get_or_init(|| crate::proxy::forward::tls_config(None))
+    TLS.get_or_init(|| crate::upstream::forward::tls_config(None))
         .clone()
 }
 

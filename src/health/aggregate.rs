@@ -97,7 +97,7 @@ pub struct BreakerReport {
     pub upstream: String,
     /// None: the breaker every route of the upstream shares.
     pub route: Option<String>,
-    pub state: crate::breaker::State,
+    pub state: crate::upstream::breaker::State,
     /// When it entered `state`.
     pub since: SystemTime,
 }
@@ -408,7 +408,7 @@ mod tests {
         let open = BreakerReport {
             upstream: "backend".into(),
             route: Some("chat".into()),
-            state: crate::breaker::State::Open,
+            state: crate::upstream::breaker::State::Open,
             since: SystemTime::UNIX_EPOCH,
         };
         let checks = [check("memory", false, &[Healthy])];

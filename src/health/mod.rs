@@ -30,8 +30,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::app::state::Shared;
 use crate::config::{CheckConfig, Config, MemoryCheck, PostgresDependency, UpstreamConfig};
-use crate::proxy::Shared;
 use crate::reload::KeyedState;
 use counter::{Counter, Transition, Verdict};
 
@@ -236,7 +236,7 @@ impl PoolSources {
             .clone()
     }
 
-    fn redis(&self) -> Option<Arc<crate::ratelimit::fallback::RedisStore>> {
+    fn redis(&self) -> Option<Arc<crate::admission::ratelimit::fallback::RedisStore>> {
         let shared = self.shared.get()?.upgrade()?;
         shared.limiters.redis_client()
     }
@@ -294,7 +294,7 @@ impl Health {
         shared
             .background
             .spawn("health checks", move |mut stop| async move {
-                crate::server::stopped(&mut stop).await;
+                crate::listener::stopped(&mut stop).await;
                 health.stop_all(Duration::from_secs(1)).await;
             });
     }
@@ -708,7 +708,7 @@ impl Runner {
                 // it short: health-informed recovery must not wait out `interval` first.
                 tokio::select! {
                     _ = tokio::time::sleep_until(until) => continue,
-                    _ = crate::server::stopped(&mut self.stop) => return,
+                    _ = crate::listener::stopped(&mut self.stop) => return,
                     changed = rx.changed() => {
                         if changed.is_ok() {
                             until = started + crate::jitter::spread(unhealthy, JITTER);
@@ -719,7 +719,7 @@ impl Runner {
             }
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => {}
-                _ = crate::server::stopped(&mut self.stop) => return,
+                _ = crate::listener::stopped(&mut self.stop) => return,
             }
         }
     }
@@ -879,7 +879,7 @@ pub fn breakers_not_closed(shared: &Shared) -> Vec<aggregate::BreakerReport> {
         .flat_map(|u| u.state.breakers())
         .filter_map(|b| {
             let (state, since, _) = b.status(now);
-            (state != crate::breaker::State::Closed).then(|| aggregate::BreakerReport {
+            (state != crate::upstream::breaker::State::Closed).then(|| aggregate::BreakerReport {
                 upstream: b.upstream.clone(),
                 route: b.route.clone(),
                 state,
@@ -939,12 +939,12 @@ pub fn ready_response(shared: &Shared) -> (http::StatusCode, String) {
 
 /// `health_path` on a traffic listener: the `/health` JSON, and 503 while draining as well,
 /// since a load balancer that only sees this port has no `/readyz` to stop on.
-pub fn listener_health_response(shared: &Shared) -> http::Response<crate::proxy::body::ProxyBody> {
+pub fn listener_health_response(shared: &Shared) -> http::Response<crate::stream::body::ProxyBody> {
     let (mut code, body) = health_response(shared);
     if shared.draining.load(std::sync::atomic::Ordering::Relaxed) {
         code = http::StatusCode::SERVICE_UNAVAILABLE;
     }
-    let mut resp = http::Response::new(crate::proxy::body::ProxyBody::full(bytes::Bytes::from(
+    let mut resp = http::Response::new(crate::stream::body::ProxyBody::full(bytes::Bytes::from(
         body,
     )));
     *resp.status_mut() = code;

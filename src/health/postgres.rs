@@ -90,7 +90,7 @@ impl PgPool {
         let last_error = Arc::new(Mutex::new(None));
         let sink = LastError(last_error.clone());
         let pool = if config.get_ssl_mode() == SslMode::Require {
-            let tls = crate::proxy::forward::tls_config(dep.tls_ca_file.as_deref())?;
+            let tls = crate::upstream::forward::tls_config(dep.tls_ca_file.as_deref())?;
             Pool::Tls(build(
                 dep,
                 sink,

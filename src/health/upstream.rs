@@ -26,12 +26,12 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use super::counter::Transition;
 use super::{Hooks, Probe, Runner, Slot, Value, View};
+use crate::app::state::Shared;
 use crate::config::UpstreamConfig;
-use crate::proxy::Shared;
-use crate::proxy::body::RequestBody;
-use crate::proxy::forward::{self, Timers, Upstream};
-use crate::proxy::resilience::UpstreamStates;
-use crate::retry::Failure;
+use crate::stream::body::RequestBody;
+use crate::upstream::forward::{self, Timers, Upstream};
+use crate::upstream::resilience::UpstreamStates;
+use crate::upstream::retry::Failure;
 
 /// A health endpoint answers in a few bytes; more is read and dropped up to here, then the
 /// connection is dropped rather than read on.

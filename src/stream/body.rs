@@ -26,8 +26,8 @@ use hyper::body::Incoming;
 use tokio::task::AbortHandle;
 use tokio::time::{Instant, Sleep};
 
-use crate::proxy::pool::PooledBody;
-use crate::proxy::tail::Tail;
+use crate::stream::tail::Tail;
+use crate::upstream::pool::PooledBody;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -46,7 +46,7 @@ pub enum BodyError {
     #[error("{0}")]
     Inner(#[from] hyper::Error),
     #[error("{0}")]
-    Upstream(#[from] crate::proxy::client::WireError),
+    Upstream(#[from] crate::upstream::client::WireError),
 }
 
 /// A request body's minimum rate (`timeouts.min_body_rate`): once the body has made rampart
@@ -463,7 +463,7 @@ impl ProxyBody {
             _ => &mut self.tail,
         };
         if let Some(log) = tail.as_deref_mut().and_then(|t| t.log.as_mut()) {
-            log.outcome = crate::proxy::access_log::Outcome::Drained;
+            log.outcome = crate::observe::access_log::Outcome::Drained;
         }
     }
 

@@ -38,9 +38,9 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::config::UpstreamClient;
-use crate::proxy::body::{BodyError, RequestBody};
-use crate::proxy::client::{self, Conn, ExchangeError, WireError};
-use crate::proxy::headers::Forwarded;
+use crate::route::headers::Forwarded;
+use crate::stream::body::{BodyError, RequestBody};
+use crate::upstream::client::{self, Conn, ExchangeError, WireError};
 
 /// A plain or TLS upstream socket.
 pub enum Io {

@@ -31,12 +31,12 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
-use crate::metrics::http::RouteMetrics;
-use crate::proxy::access_log::{AccessRecord, Outcome};
-use crate::proxy::body::ProxyBody;
-use crate::proxy::headers::{self, strip_hop_by_hop};
-use crate::server::{ConnHold, Handover};
+use crate::listener::{ConnHold, Handover};
+use crate::observe::access_log::{AccessRecord, Outcome};
+use crate::observe::http::RouteMetrics;
+use crate::route::headers::{self, strip_hop_by_hop};
 use crate::shutdown::RequestGuard;
+use crate::stream::body::ProxyBody;
 
 /// Per direction: what is read from one side waits here until written to the other.
 const BUF: usize = 16 * 1024;

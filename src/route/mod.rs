@@ -5,17 +5,19 @@
 //! The path matched is the listener's normal form of the request's path (`crate::path`,
 //! [`match_path`]), so no spelling of a path reaches another route than the path itself.
 
+pub mod headers;
+
 use std::borrow::Cow;
 use std::sync::Arc;
 
 use http::{Method, Request};
 
+use crate::admission::ratelimit::Policy;
 use crate::config::{EscapedSlashes, NormalizePath, PathConfig, RouteConfig, RouteTimeouts};
-use crate::metrics::http::RouteMetrics;
+use crate::observe::http::RouteMetrics;
 use crate::path::{self, PathError};
-use crate::proxy::forward::Upstream;
-use crate::proxy::resilience::RouteBreaker;
-use crate::ratelimit::Policy;
+use crate::upstream::forward::Upstream;
+use crate::upstream::resilience::RouteBreaker;
 
 pub struct Route {
     pub name: Arc<str>,

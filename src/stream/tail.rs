@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use crate::breaker::Outcome;
-use crate::metrics::http::{RouteMetrics, UpstreamErrorKind};
-use crate::proxy::access_log::AccessRecord;
-use crate::proxy::body::BodyError;
-use crate::proxy::resilience::{BreakerTicket, InFlight};
+use crate::observe::access_log::AccessRecord;
+use crate::observe::http::{RouteMetrics, UpstreamErrorKind};
+use crate::stream::body::BodyError;
+use crate::upstream::breaker::Outcome;
+use crate::upstream::resilience::{BreakerTicket, InFlight};
 
 #[derive(Default)]
 pub struct Tail {

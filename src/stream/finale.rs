@@ -22,9 +22,9 @@ use http::{Response, StatusCode, header};
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::watch;
 
-use super::{Phase, reached};
-use crate::proxy::body::{BodyError, ProxyBody};
+use crate::listener::{Phase, reached};
 use crate::shutdown::{RequestGuard, StreamGuard};
+use crate::stream::body::{BodyError, ProxyBody};
 
 /// Clients are told to reconnect after a random delay in this range (milliseconds), so the
 /// streams cut by one drain do not all come back in the same instant.

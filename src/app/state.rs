@@ -1,17 +1,4 @@
-//! The request path: a `Snapshot` built from one config, and the pipeline that walks a
-//! request through it.
-
-pub mod access_log;
-pub mod body;
-pub mod client;
-pub mod forward;
-pub mod headers;
-pub mod pipeline;
-pub mod pool;
-pub mod resilience;
-pub mod route;
-pub mod tail;
-mod upgrade;
+//! The process-wide state: the `Snapshot` built from one config, and what outlives it.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
@@ -20,16 +7,16 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 
+use crate::admission::ratelimit;
 use crate::config::{Cidr, Config};
 use crate::health::Health;
-use crate::metrics::http::{HttpMetrics, RouteMetrics};
-use crate::metrics::series::{Sample, Series};
-use crate::ratelimit;
+use crate::observe::http::{HttpMetrics, RouteMetrics};
+use crate::observe::series::{Sample, Series};
 use crate::reload::KeyedState;
+use crate::route::Route;
 use crate::shutdown::{Background, InFlight};
-use forward::Upstream;
-use resilience::UpstreamStates;
-use route::Route;
+use crate::upstream::forward::{self, Upstream};
+use crate::upstream::resilience::UpstreamStates;
 
 /// Everything the request path reads from one configuration, immutable. A reload builds a
 /// new one and swaps it in; requests in flight finish on the one they started with.
@@ -168,7 +155,7 @@ impl Shared {
         http: HttpMetrics,
         alerts: crate::alert::Alerting,
     ) -> Arc<Shared> {
-        let mut series = Series::new(crate::metrics::series::CHART_SPAN);
+        let mut series = Series::new(crate::observe::series::CHART_SPAN);
         series.keep_at_least(alerts.longest_window());
         Arc::new(Shared {
             http,
@@ -205,7 +192,7 @@ impl Shared {
                     let (requests, errors, latency) = m.totals();
                     (
                         m.labels.clone(),
-                        crate::metrics::series::Totals {
+                        crate::observe::series::Totals {
                             requests,
                             errors,
                             latency,

@@ -25,13 +25,12 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
+use crate::app::state::{ListenerCtx, Shared};
 use crate::config::{DrainMode, ListenerConfig};
-use crate::proxy::{ListenerCtx, Shared, pipeline};
 use crate::workers::Workers;
 use h1_guard::Verdict;
 use timeouts::{Clock, Clocks, Expired, SendTimed};
 
-pub mod finale;
 pub mod h1_guard;
 pub mod h2_guard;
 pub mod timeouts;
@@ -405,7 +404,7 @@ impl Acceptor {
                 let mut resp = if health {
                     crate::health::listener_health_response(&ctx.shared)
                 } else {
-                    let resp = pipeline::handle(ctx, peer, req, framing_ok).await;
+                    let resp = crate::pipeline::handle(ctx, peer, req, framing_ok).await;
                     if let Some(v) = upgrading
                         && resp.status() == StatusCode::SWITCHING_PROTOCOLS
                     {
@@ -428,7 +427,7 @@ impl Acceptor {
                         body.conn_timed_out(clocks.send_timed_out().clone());
                     }
                 }
-                Ok::<_, Infallible>(finale::track(resp, request, &state.phase))
+                Ok::<_, Infallible>(crate::stream::finale::track(resp, request, &state.phase))
             }
         });
         let conn = self

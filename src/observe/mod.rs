@@ -9,6 +9,7 @@
 //!   per-route handles a `Snapshot` holds;
 //! - `series.rs`: the in-memory time series the alert rules and the status page read.
 
+pub mod access_log;
 pub mod histogram;
 pub mod http;
 pub mod series;

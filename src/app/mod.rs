@@ -3,6 +3,8 @@
 //! reloads (SIGHUP, `POST /admin/reload`) and the drain (`shutdown.rs`). Signals are handled
 //! in `run` only, so tests can start rampart in-process without them.
 
+pub mod state;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -13,14 +15,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::admin::AdminCtx;
 use crate::alert::{AlertMetrics, Alerting};
+use crate::app::state::{Shared, Snapshot};
 use crate::config::Config;
 use crate::health::{Health, HealthMetrics, PoolSources};
-use crate::metrics::http::HttpMetrics;
-use crate::proxy::resilience::{UpstreamMetrics, UpstreamStates};
-use crate::proxy::{Shared, Snapshot};
+use crate::listener::{self, Server};
+use crate::observe::http::HttpMetrics;
 use crate::reload::{self, ReloadMetrics, ReloadReport};
-use crate::server::{self, Server};
 use crate::shutdown::{self, DrainReport, Signal, Signals};
+use crate::upstream::resilience::{UpstreamMetrics, UpstreamStates};
 use crate::workers::Workers;
 
 #[derive(Debug, thiserror::Error)]
@@ -205,14 +207,15 @@ pub async fn start_on(
     path: Option<PathBuf>,
     workers: Workers,
 ) -> Result<Running, StartError> {
-    let mut registry = crate::metrics::new_registry();
+    let mut registry = crate::observe::new_registry();
     // Subsystems register their metrics here, before the registry is frozen in `Shared`.
     let reload_metrics = ReloadMetrics::register(&mut registry);
     let upstream_states = Arc::new(UpstreamStates::new(UpstreamMetrics::register(
         &mut registry,
     )));
-    let limiters =
-        crate::ratelimit::Registry::new(crate::ratelimit::Metrics::register(&mut registry));
+    let limiters = crate::admission::ratelimit::Registry::new(
+        crate::admission::ratelimit::Metrics::register(&mut registry),
+    );
     let pools = Arc::new(PoolSources::default());
     let health = Arc::new(Health::new(
         HealthMetrics::register(&mut registry, &pools),
@@ -233,7 +236,7 @@ pub async fn start_on(
     );
     let mut bound = Vec::new();
     for l in &config.listeners {
-        let listener = server::bind_listener(l.listen, workers.count()).map_err(|source| {
+        let listener = listener::bind_listener(l.listen, workers.count()).map_err(|source| {
             StartError::Bind {
                 name: l.name.clone(),
                 addr: l.listen,
@@ -242,7 +245,7 @@ pub async fn start_on(
         })?;
         bound.push((l.clone(), listener));
     }
-    let admin = server::bind(config.admin.listen).map_err(|source| StartError::Bind {
+    let admin = listener::bind(config.admin.listen).map_err(|source| StartError::Bind {
         name: "admin".into(),
         addr: config.admin.listen,
         source,
@@ -328,10 +331,10 @@ fn spawn_sampler(shared: &Arc<Shared>) {
         .spawn("metrics-sampler", move |mut stop| async move {
             loop {
                 s.record_sample();
-                let every = crate::metrics::series::SAMPLE_EVERY.min(s.alerts.interval());
+                let every = crate::observe::series::SAMPLE_EVERY.min(s.alerts.interval());
                 tokio::select! {
                     _ = tokio::time::sleep(every) => {}
-                    _ = crate::server::stopped(&mut stop) => return,
+                    _ = crate::listener::stopped(&mut stop) => return,
                 }
             }
         });
@@ -551,7 +554,7 @@ impl Supervisor {
             {
                 continue;
             }
-            match server::bind_listener(l.listen, self.workers.count()) {
+            match listener::bind_listener(l.listen, self.workers.count()) {
                 Ok(listener) => fresh.push((l.clone(), listener)),
                 Err(e) => {
                     return ReloadReport::error(vec![format!(
@@ -564,7 +567,7 @@ impl Supervisor {
         let admin = if config.admin.listen == self.config.admin.listen {
             None
         } else {
-            match server::bind(config.admin.listen) {
+            match listener::bind(config.admin.listen) {
                 Ok(l) => Some(l),
                 Err(e) => {
                     return ReloadReport::error(vec![format!(

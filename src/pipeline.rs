@@ -18,21 +18,22 @@ use std::time::Duration;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::breaker::{Admit, Outcome};
+use crate::admission::ratelimit;
+use crate::app::state::{ListenerCtx, ListenerRoutes, Snapshot};
 use crate::error::ProxyError;
-use crate::metrics::http::{UpstreamErrorKind, method_index};
-use crate::proxy::access_log::{AccessRecord, Outcome as LogOutcome};
-use crate::proxy::body::{BodyError, MinRate, ProxyBody, RequestBody, TimedBody};
-use crate::proxy::forward::{self, Upstream};
-use crate::proxy::headers::{self, X_REQUEST_ID};
-use crate::proxy::resilience::{BreakerTicket, EndpointState, InFlight, UpstreamMetrics};
-use crate::proxy::route::Route;
-use crate::proxy::tail::{Observed, Tail};
-use crate::proxy::upgrade::{self, ClientUpgrade};
-use crate::proxy::{ListenerCtx, ListenerRoutes, Snapshot, route};
-use crate::ratelimit;
-use crate::retry::{self, Failure};
-use crate::server::ConnClosing;
+use crate::listener::ConnClosing;
+use crate::observe::access_log::{AccessRecord, Outcome as LogOutcome};
+use crate::observe::http::{UpstreamErrorKind, method_index};
+use crate::route;
+use crate::route::Route;
+use crate::route::headers::{self, X_REQUEST_ID};
+use crate::stream::body::{BodyError, MinRate, ProxyBody, RequestBody, TimedBody};
+use crate::stream::tail::{Observed, Tail};
+use crate::stream::upgrade::{self, ClientUpgrade};
+use crate::upstream::breaker::{Admit, Outcome};
+use crate::upstream::forward::{self, Upstream};
+use crate::upstream::resilience::{BreakerTicket, EndpointState, InFlight, UpstreamMetrics};
+use crate::upstream::retry::{self, Failure};
 
 /// The service hyper calls for every request on a traffic listener. Never fails: every
 /// error becomes a JSON answer through `ProxyError::to_response`. `framing_ok` is false when
@@ -132,7 +133,7 @@ pub async fn handle(
     }
     if let Some(o) = tail.obs.as_mut() {
         o.status = resp.status().as_u16();
-        if crate::server::finale::is_event_stream(&resp) {
+        if crate::stream::finale::is_event_stream(&resp) {
             o.stream = true;
             o.route.stream_started(start.elapsed());
         }

@@ -19,10 +19,10 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::balance::{EndpointHealth, HealthEvent};
-use crate::breaker::{Admit, Breaker, Outcome, State, Transition};
 use crate::config::{BreakerConfig, BreakerScope, Resilience, UpstreamConfig};
-use crate::retry::{Budget, ConnectGate};
+use crate::upstream::balance::{EndpointHealth, HealthEvent};
+use crate::upstream::breaker::{Admit, Breaker, Outcome, State, Transition};
+use crate::upstream::retry::{Budget, ConnectGate};
 
 type Labels = Vec<(&'static str, String)>;
 

@@ -24,9 +24,9 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Status
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::proxy::body::{BodyError, RequestBody};
-use crate::proxy::headers::Forwarded;
-use crate::proxy::pool::Io;
+use crate::route::headers::Forwarded;
+use crate::stream::body::{BodyError, RequestBody};
+use crate::upstream::pool::Io;
 
 /// Largest response head accepted (Envoy's default limit is 60 KiB).
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -887,7 +887,7 @@ pub(crate) fn parse_chunk_size(line: &[u8]) -> Option<u64> {
 fn push_number(w: &mut Vec<u8>, prefix: &[u8], n: u64, radix: u64) {
     let mut buf = [0u8; 20];
     w.extend_from_slice(prefix);
-    w.extend_from_slice(crate::proxy::headers::digits(n, radix, &mut buf).as_bytes());
+    w.extend_from_slice(crate::route::headers::digits(n, radix, &mut buf).as_bytes());
     w.extend_from_slice(b"\r\n");
 }
 

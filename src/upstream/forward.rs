@@ -16,16 +16,16 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
-use crate::balance::{self, Candidate};
 use crate::config::{Resilience, UpstreamConfig};
 use crate::error::{ProxyError, TimeoutPhase};
-use crate::metrics::http::UpstreamErrors;
-use crate::proxy::body::{BodyError, RequestBody, Upload, UploadState};
-use crate::proxy::client::ExchangeError;
-use crate::proxy::headers::Forwarded;
-use crate::proxy::pool::{self, ConnectError, EndpointPool, PooledBody, UpgradeError};
-use crate::proxy::resilience::{EndpointState, UpstreamState, UpstreamStates};
-use crate::retry::Failure;
+use crate::observe::http::UpstreamErrors;
+use crate::route::headers::Forwarded;
+use crate::stream::body::{BodyError, RequestBody, Upload, UploadState};
+use crate::upstream::balance::{self, Candidate};
+use crate::upstream::client::ExchangeError;
+use crate::upstream::pool::{self, ConnectError, EndpointPool, PooledBody, UpgradeError};
+use crate::upstream::resilience::{EndpointState, UpstreamState, UpstreamStates};
+use crate::upstream::retry::Failure;
 
 pub struct Endpoint {
     pub pool: Arc<EndpointPool>,

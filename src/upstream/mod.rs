@@ -1,0 +1,11 @@
+//! Everything between an admitted request and the upstream's answer: the breaker, the retry
+//! loop and its budget, the choice of endpoint, the forward itself, the connection pool and
+//! our HTTP/1.1 client.
+
+pub mod balance;
+pub mod breaker;
+pub mod client;
+pub mod forward;
+pub mod pool;
+pub mod resilience;
+pub mod retry;
