@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use crate::admission::ratelimit;
 use crate::app::state::{ListenerCtx, ListenerRoutes, Snapshot};
 use crate::error::ProxyError;
-use crate::listener::ConnClosing;
+use crate::shutdown::ConnClosing;
 use crate::observe::access_log::{AccessRecord, Outcome as LogOutcome};
 use crate::observe::http::{UpstreamErrorKind, method_index};
 use crate::route;

@@ -16,21 +16,115 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::{DrainConfig, DrainMode};
-use crate::listener::{Phase, Server};
 
 /// After the final events, how long connections get to write them and close before they
 /// are cut.
 pub const FINAL_FLUSH: Duration = Duration::from_secs(1);
 /// How often the drain looks at whether egress listeners are still in use.
 const EGRESS_POLL: Duration = Duration::from_millis(50);
+
+// === phases of a listener and its connections ===
+
+/// Where a listener is in its life. Ordered: each phase includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Serving,
+    /// Not accepting (the port is released); every connection closes after the response in
+    /// flight (HTTP/1 `Connection: close`, idle ones at once; HTTP/2 GOAWAY).
+    Closing,
+    /// The drain deadline: SSE streams still open get a final event and end.
+    Finale,
+    /// Connections still open are dropped.
+    Cut,
+}
+
+/// Marks a request that arrived on a connection already told to close (an HTTP/2 stream
+/// racing the GOAWAY): the pipeline answers it 503 SERVICE_UNAVAILABLE.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnClosing;
+
+/// What an open client connection holds: its slot under the listener's `max_connections`,
+/// its place in the open-connection count, and a receiver of the listener's phase (the drain
+/// waits until every receiver is gone, see [`Server::finished`]). A connection that becomes
+/// a tunnel hands it to the tunnel ([`Handover`]), so the cap and the drain see tunnels too.
+pub struct ConnHold {
+    _permit: OwnedSemaphorePermit,
+    _open: OpenGuard,
+    phase: watch::Receiver<Phase>,
+}
+
+impl ConnHold {
+    /// Counts the connection in `open` until the hold is dropped.
+    pub fn new(
+        permit: OwnedSemaphorePermit,
+        open: &Arc<AtomicUsize>,
+        phase: watch::Receiver<Phase>,
+    ) -> Self {
+        ConnHold {
+            _permit: permit,
+            _open: OpenGuard::new(open),
+            phase,
+        }
+    }
+
+    /// Resolves at the drain deadline of the connection's listener (`Phase::Finale`), where
+    /// whatever still runs on it is ended.
+    pub async fn deadline(&mut self) {
+        reached(&mut self.phase, Phase::Finale).await;
+    }
+}
+
+/// In the extensions of an HTTP/1.1 request that may switch protocols (only those: nothing
+/// on the plain request path): the tunnel takes its connection's [`ConnHold`] through it.
+/// Weak: a request kept anywhere longer than its connection keeps nothing of it alive.
+#[derive(Clone)]
+pub struct Handover(pub Weak<dyn HoldSource>);
+
+/// Where a connection keeps its [`ConnHold`] until a tunnel takes it (the listener's
+/// per-connection state).
+pub trait HoldSource: Send + Sync {
+    fn release(&self) -> Option<ConnHold>;
+}
+
+impl Handover {
+    /// The connection's hold, once: None when the connection is already gone.
+    pub fn take(&self) -> Option<ConnHold> {
+        self.0.upgrade()?.release()
+    }
+}
+
+/// Resolves once the phase is at least `p` (or the server handle is gone).
+pub async fn reached(phase: &mut watch::Receiver<Phase>, p: Phase) {
+    let _ = phase.wait_for(|now| *now >= p).await;
+}
+
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl OpenGuard {
+    fn new(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(open.clone())
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Resolves once the flag is true (or its sender is gone).
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
 
 // === in-flight accounting ===
 
@@ -197,8 +291,20 @@ impl DrainReport {
 
 /// Runs steps 1 to 4 over `servers` (the current listeners and any still draining after a
 /// reload). `skip_grace` stops accepting at once (in-process tests, `Running::shutdown`).
-pub async fn drain(
-    servers: Vec<Arc<Server>>,
+/// A listener as the drain sees it.
+pub trait Drainable: Send + Sync {
+    fn name(&self) -> &str;
+    fn addr(&self) -> std::net::SocketAddr;
+    fn mode(&self) -> DrainMode;
+    fn phase(&self) -> Phase;
+    fn advance(&self, to: Phase);
+    fn open_connections(&self) -> usize;
+    /// Resolves once the listener is closed and every connection has ended.
+    fn finished(&self) -> impl Future<Output = ()> + Send;
+}
+
+pub async fn drain<S: Drainable>(
+    servers: Vec<Arc<S>>,
     in_flight: Arc<InFlight>,
     cfg: DrainConfig,
     skip_grace: bool,
@@ -243,7 +349,7 @@ pub async fn drain(
         }
     };
     let finished = tokio::time::timeout_at(deadline, quiet).await.is_ok();
-    let all: Vec<&Arc<Server>> = inbound.iter().chain(&egress).collect();
+    let all: Vec<&Arc<S>> = inbound.iter().chain(&egress).collect();
     let mut requests_cut = 0;
     if finished {
         for s in &all {
@@ -289,13 +395,13 @@ pub async fn drain(
 
 /// Drains one listener replaced by a reload: it stops accepting now (its successor is
 /// already bound), then gets the same deadline treatment as a whole drain.
-pub async fn retire(server: Arc<Server>, timeout: Duration) {
+pub async fn retire<S: Drainable>(server: Arc<S>, timeout: Duration) {
     server.advance(Phase::Closing);
     if tokio::time::timeout(timeout, server.finished())
         .await
         .is_ok()
     {
-        tracing::info!(listener = &*server.name, addr = %server.addr, "replaced listener drained");
+        tracing::info!(listener = server.name(), addr = %server.addr(), "replaced listener drained");
         return;
     }
     server.advance(Phase::Finale);
@@ -306,8 +412,8 @@ pub async fn retire(server: Arc<Server>, timeout: Duration) {
         server.advance(Phase::Cut);
     }
     tracing::warn!(
-        listener = &*server.name,
-        addr = %server.addr,
+        listener = server.name(),
+        addr = %server.addr(),
         "replaced listener hit the drain timeout; its remaining connections were cut"
     );
 }

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 
 use crate::app::Control;
 use crate::app::state::Shared;
-use crate::listener::stopped;
+use crate::shutdown::stopped;
 use crate::reload::ReloadResult;
 use crate::stream::body::ProxyBody;
 

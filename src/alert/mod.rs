@@ -441,7 +441,7 @@ impl Alerting {
                     let interval = alerting.interval();
                     tokio::select! {
                         _ = tokio::time::sleep(interval) => {}
-                        _ = crate::listener::stopped(&mut stop) => return,
+                        _ = crate::shutdown::stopped(&mut stop) => return,
                     }
                     alerting.evaluate(&s);
                 }
@@ -478,7 +478,7 @@ impl Alerting {
                             });
                         }
                         Some(_) = running.join_next(), if !running.is_empty() => {}
-                        _ = crate::listener::stopped(&mut stop) => {
+                        _ = crate::shutdown::stopped(&mut stop) => {
                             running.abort_all();
                             return;
                         }

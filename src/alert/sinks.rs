@@ -156,7 +156,7 @@ pub async fn deliver(d: Delivery, mut stop: watch::Receiver<bool>) -> Result<u32
         let wait = ceiling.mul_f64(0.5 + crate::jitter::unit() / 2.0);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = crate::listener::stopped(&mut stop) => return Err("rampart is stopping".into()),
+            _ = crate::shutdown::stopped(&mut stop) => return Err("rampart is stopping".into()),
         }
     }
     Err(format!(

@@ -334,7 +334,7 @@ fn spawn_sampler(shared: &Arc<Shared>) {
                 let every = crate::observe::series::SAMPLE_EVERY.min(s.alerts.interval());
                 tokio::select! {
                     _ = tokio::time::sleep(every) => {}
-                    _ = crate::listener::stopped(&mut stop) => return,
+                    _ = crate::shutdown::stopped(&mut stop) => return,
                 }
             }
         });

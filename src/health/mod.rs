@@ -294,7 +294,7 @@ impl Health {
         shared
             .background
             .spawn("health checks", move |mut stop| async move {
-                crate::listener::stopped(&mut stop).await;
+                crate::shutdown::stopped(&mut stop).await;
                 health.stop_all(Duration::from_secs(1)).await;
             });
     }
@@ -708,7 +708,7 @@ impl Runner {
                 // it short: health-informed recovery must not wait out `interval` first.
                 tokio::select! {
                     _ = tokio::time::sleep_until(until) => continue,
-                    _ = crate::listener::stopped(&mut self.stop) => return,
+                    _ = crate::shutdown::stopped(&mut self.stop) => return,
                     changed = rx.changed() => {
                         if changed.is_ok() {
                             until = started + crate::jitter::spread(unhealthy, JITTER);
@@ -719,7 +719,7 @@ impl Runner {
             }
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => {}
-                _ = crate::listener::stopped(&mut self.stop) => return,
+                _ = crate::shutdown::stopped(&mut self.stop) => return,
             }
         }
     }

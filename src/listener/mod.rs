@@ -27,6 +27,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::app::state::{ListenerCtx, Shared};
 use crate::config::{DrainMode, ListenerConfig};
+use crate::shutdown::{ConnClosing, ConnHold, Drainable, Handover, HoldSource, Phase, reached};
 use crate::workers::Workers;
 use h1_guard::Verdict;
 use timeouts::{Clock, Clocks, Expired, SendTimed};
@@ -34,55 +35,6 @@ use timeouts::{Clock, Clocks, Expired, SendTimed};
 pub mod h1_guard;
 pub mod h2_guard;
 pub mod timeouts;
-
-/// Where a listener is in its life. Ordered: each phase includes the ones before it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Phase {
-    Serving,
-    /// Not accepting (the port is released); every connection closes after the response in
-    /// flight (HTTP/1 `Connection: close`, idle ones at once; HTTP/2 GOAWAY).
-    Closing,
-    /// The drain deadline: SSE streams still open get a final event and end.
-    Finale,
-    /// Connections still open are dropped.
-    Cut,
-}
-
-/// Marks a request that arrived on a connection already told to close (an HTTP/2 stream
-/// racing the GOAWAY): the pipeline answers it 503 SERVICE_UNAVAILABLE.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnClosing;
-
-/// What an open client connection holds: its slot under the listener's `max_connections`,
-/// its place in the open-connection count, and a receiver of the listener's phase (the drain
-/// waits until every receiver is gone, see [`Server::finished`]). A connection that becomes
-/// a tunnel hands it to the tunnel ([`Handover`]), so the cap and the drain see tunnels too.
-pub struct ConnHold {
-    _permit: OwnedSemaphorePermit,
-    _open: OpenGuard,
-    phase: watch::Receiver<Phase>,
-}
-
-impl ConnHold {
-    /// Resolves at the drain deadline of the connection's listener (`Phase::Finale`), where
-    /// whatever still runs on it is ended.
-    pub async fn deadline(&mut self) {
-        reached(&mut self.phase, Phase::Finale).await;
-    }
-}
-
-/// In the extensions of an HTTP/1.1 request that may switch protocols (only those: nothing
-/// on the plain request path): the tunnel takes its connection's [`ConnHold`] through it.
-/// Weak: a request kept anywhere longer than its connection keeps nothing of it alive.
-#[derive(Clone)]
-pub struct Handover(Weak<ConnState>);
-
-impl Handover {
-    /// The connection's hold, once: None when the connection is already gone.
-    pub fn take(&self) -> Option<ConnHold> {
-        self.0.upgrade()?.release()
-    }
-}
 
 /// Longest wait, once closing, for the first request of a connection that has sent none:
 /// it was just accepted, so its request is most likely on the wire.
@@ -225,12 +177,27 @@ impl Server {
         }
     }
 
-    pub fn mode(&self) -> DrainMode {
+
+    pub fn is_finished(&self) -> bool {
+        self.phase.receiver_count() == 0
+    }
+}
+
+impl Drainable for Server {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn mode(&self) -> DrainMode {
         self.config.drain
     }
 
     /// Moves to `to` unless already there or further.
-    pub fn advance(&self, to: Phase) {
+    fn advance(&self, to: Phase) {
         self.phase.send_if_modified(|p| {
             let later = to > *p;
             if later {
@@ -240,28 +207,19 @@ impl Server {
         });
     }
 
-    pub fn phase(&self) -> Phase {
+    fn phase(&self) -> Phase {
         *self.phase.borrow()
     }
 
-    pub fn open_connections(&self) -> usize {
+    fn open_connections(&self) -> usize {
         self.open.load(Ordering::Relaxed)
     }
 
     /// Resolves once the listener is closed and every connection has ended: each of them,
     /// and the accept loop, holds a receiver of the phase.
-    pub async fn finished(&self) {
+    async fn finished(&self) {
         self.phase.closed().await;
     }
-
-    pub fn is_finished(&self) -> bool {
-        self.phase.receiver_count() == 0
-    }
-}
-
-/// Resolves once the phase is at least `p` (or the server handle is gone).
-pub async fn reached(phase: &mut watch::Receiver<Phase>, p: Phase) {
-    let _ = phase.wait_for(|now| *now >= p).await;
 }
 
 /// What the accept loop needs to serve a connection.
@@ -366,11 +324,7 @@ impl Acceptor {
         // hyper hides Content-Length next to Transfer-Encoding from the service; the guard
         // sees the raw heads and tells the service per request.
         let (stream, verdicts) = h1_guard::wrap(stream, self.max_header_bytes, self.max_headers);
-        let hold = ConnHold {
-            _permit: permit,
-            _open: OpenGuard::new(&self.open),
-            phase: phase.clone(),
-        };
+        let hold = ConnHold::new(permit, &self.open, phase.clone());
         let conn_state = Arc::new(ConnState::new(phase.clone(), clocks, hold));
         let ctx = self.ctx.clone();
         let state = conn_state.clone();
@@ -394,7 +348,7 @@ impl Acceptor {
                 && (req.method() == Method::CONNECT || req.headers().contains_key(UPGRADE)))
             .then(|| {
                 req.extensions_mut()
-                    .insert(Handover(Arc::downgrade(&state)));
+                    .insert(Handover(Arc::downgrade(&state) as Weak<dyn HoldSource>));
                 verdicts.clone()
             });
             let health = health_path.as_deref().is_some_and(|p| {
@@ -476,6 +430,12 @@ struct ConnState {
     clocks: Arc<Clocks>,
     /// Until the connection ends, or a tunnel takes it (locked once or twice per connection).
     hold: Mutex<Option<ConnHold>>,
+}
+
+impl HoldSource for ConnState {
+    fn release(&self) -> Option<ConnHold> {
+        ConnState::release(self)
+    }
 }
 
 impl ConnState {
@@ -594,26 +554,6 @@ enum Stop<E> {
 }
 
 /// Counts an open connection of a listener.
-struct OpenGuard(Arc<AtomicUsize>);
-
-impl OpenGuard {
-    fn new(open: &Arc<AtomicUsize>) -> Self {
-        open.fetch_add(1, Ordering::Relaxed);
-        OpenGuard(open.clone())
-    }
-}
-
-impl Drop for OpenGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Resolves once the flag is true (or its sender is gone).
-pub async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,7 +22,7 @@ use http::{Response, StatusCode, header};
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::watch;
 
-use crate::listener::{Phase, reached};
+use crate::shutdown::{Phase, reached};
 use crate::shutdown::{RequestGuard, StreamGuard};
 use crate::stream::body::{BodyError, ProxyBody};
 

@@ -31,7 +31,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
-use crate::listener::{ConnHold, Handover};
+use crate::shutdown::{ConnHold, Handover};
 use crate::observe::access_log::{AccessRecord, Outcome};
 use crate::observe::http::RouteMetrics;
 use crate::route::headers::{self, strip_hop_by_hop};
