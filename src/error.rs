@@ -4,8 +4,6 @@
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use crate::stream::body::ProxyBody;
-
 /// Which wait ran out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimeoutPhase {
@@ -126,7 +124,8 @@ impl ProxyError {
         )
     }
 
-    pub fn to_response(&self, request_id: &str) -> Response<ProxyBody> {
+    /// Generic over the body so this low module needs no body type of the request path.
+    pub fn to_response<B: From<Bytes>>(&self, request_id: &str) -> Response<B> {
         let mut body = String::with_capacity(128);
         body.push_str("{\"code\":\"");
         body.push_str(self.code());
@@ -142,7 +141,7 @@ impl ProxyError {
         body.push_str(",\"request_id\":");
         push_json_string(&mut body, request_id);
         body.push('}');
-        let mut resp = Response::new(ProxyBody::full(Bytes::from(body)));
+        let mut resp = Response::new(B::from(Bytes::from(body)));
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
         h.insert(
@@ -233,7 +232,7 @@ mod tests {
             (429, "TOO_MANY_REQUESTS"),
         ];
         for (err, (status, code)) in all().iter().zip(expected) {
-            let resp = err.to_response("rid-1");
+            let resp = err.to_response::<Bytes>("rid-1");
             assert_eq!(resp.status().as_u16(), status, "{err:?}");
             assert_eq!(err.code(), code);
             assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
@@ -242,7 +241,7 @@ mod tests {
 
     #[test]
     fn method_not_allowed_names_the_allowed_methods_and_closes() {
-        let resp = ProxyError::MethodNotAllowed.to_response("r");
+        let resp = ProxyError::MethodNotAllowed.to_response::<Bytes>("r");
         assert!(
             resp.headers()[header::ALLOW]
                 .to_str()
@@ -250,13 +249,13 @@ mod tests {
                 .contains("GET")
         );
         assert_eq!(resp.headers()[header::CONNECTION], "close");
-        let resp = ProxyError::NotImplemented("x").to_response("r");
+        let resp = ProxyError::NotImplemented("x").to_response::<Bytes>("r");
         assert_eq!(resp.headers()[header::CONNECTION], "close");
     }
 
     #[test]
     fn shutting_down_closes_the_connection_with_the_users_message() {
-        let resp = ProxyError::ShuttingDown.to_response("r");
+        let resp = ProxyError::ShuttingDown.to_response::<Bytes>("r");
         assert_eq!(resp.headers()[header::CONNECTION], "close");
         assert_eq!(
             ProxyError::ShuttingDown.to_string(),
@@ -266,24 +265,27 @@ mod tests {
 
     #[test]
     fn come_back_later_answers_carry_retry_after_never_zero() {
-        let r = ProxyError::Overloaded.to_response("r");
+        let r = ProxyError::Overloaded.to_response::<Bytes>("r");
         assert_eq!(r.headers()[header::RETRY_AFTER], "1");
         let open = |ms| ProxyError::CircuitOpen {
             upstream: "b".into(),
             retry_after: std::time::Duration::from_millis(ms),
         };
         assert_eq!(
-            open(1500).to_response("r").headers()[header::RETRY_AFTER],
+            open(1500).to_response::<Bytes>("r").headers()[header::RETRY_AFTER],
             "2"
         );
-        assert_eq!(open(0).to_response("r").headers()[header::RETRY_AFTER], "1");
         assert_eq!(
-            open(60_000).to_response("r").headers()[header::RETRY_AFTER],
+            open(0).to_response::<Bytes>("r").headers()[header::RETRY_AFTER],
+            "1"
+        );
+        assert_eq!(
+            open(60_000).to_response::<Bytes>("r").headers()[header::RETRY_AFTER],
             "60"
         );
         assert!(
             !ProxyError::NoRoute
-                .to_response("r")
+                .to_response::<Bytes>("r")
                 .headers()
                 .contains_key(header::RETRY_AFTER)
         );
@@ -294,13 +296,13 @@ mod tests {
         let resp = ProxyError::TooManyRequests {
             retry_after_secs: 7,
         }
-        .to_response("r");
+        .to_response::<Bytes>("r");
         assert_eq!(resp.headers()[header::RETRY_AFTER], "7");
         assert!(!resp.headers().contains_key(header::CONNECTION));
         let resp = ProxyError::TooManyRequests {
             retry_after_secs: 0,
         }
-        .to_response("r");
+        .to_response::<Bytes>("r");
         assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
     }
 

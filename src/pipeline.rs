@@ -20,14 +20,15 @@ use tokio::time::Instant;
 
 use crate::admission::ratelimit;
 use crate::app::state::{ListenerCtx, ListenerRoutes, Snapshot};
+use crate::body::{BodyError, MinRate, RequestBody, TimedBody};
 use crate::error::ProxyError;
-use crate::shutdown::ConnClosing;
 use crate::observe::access_log::{AccessRecord, Outcome as LogOutcome};
 use crate::observe::http::{UpstreamErrorKind, method_index};
 use crate::route;
 use crate::route::Route;
 use crate::route::headers::{self, X_REQUEST_ID};
-use crate::stream::body::{BodyError, MinRate, ProxyBody, RequestBody, TimedBody};
+use crate::shutdown::ConnClosing;
+use crate::stream::body::ProxyBody;
 use crate::stream::tail::{Observed, Tail};
 use crate::stream::upgrade::{self, ClientUpgrade};
 use crate::upstream::breaker::{Admit, Outcome};
@@ -412,7 +413,7 @@ fn outgoing<'a>(
         parts.headers.insert(&X_REQUEST_ID, env.request_id.clone());
         None
     } else {
-        Some(headers::Forwarded::new(
+        Some(crate::upstream::forwarded::Forwarded::new(
             peer,
             env.ctx.proto,
             original_host,
@@ -632,8 +633,8 @@ struct Send<'a> {
     /// The request for the next attempt: taken by the send, put back when it provably
     /// never left.
     request: Option<Request<RequestBody>>,
-    /// Headers written after the request's own (see `headers::Forwarded`), every attempt.
-    forwarded: Option<headers::Forwarded>,
+    /// Headers written after the request's own (see `crate::upstream::forwarded::Forwarded`), every attempt.
+    forwarded: Option<crate::upstream::forwarded::Forwarded>,
     /// The request body, kept for a retry (None: not replayable).
     replay: Option<Bytes>,
     /// URI and headers: enough, with `method` and `replay`, to rebuild a request that was

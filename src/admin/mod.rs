@@ -23,8 +23,8 @@ use tokio::sync::watch;
 
 use crate::app::Control;
 use crate::app::state::Shared;
-use crate::shutdown::stopped;
 use crate::reload::ReloadResult;
+use crate::shutdown::stopped;
 use crate::stream::body::ProxyBody;
 
 pub struct AdminCtx {

@@ -177,7 +177,6 @@ impl Server {
         }
     }
 
-
     pub fn is_finished(&self) -> bool {
         self.phase.receiver_count() == 0
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::stream::body::BodyError;
+use crate::body::BodyError;
 
 /// How an exchange ended, as one word for grepping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -22,9 +22,10 @@ use http::{Response, StatusCode, header};
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::watch;
 
+use crate::body::BodyError;
 use crate::shutdown::{Phase, reached};
 use crate::shutdown::{RequestGuard, StreamGuard};
-use crate::stream::body::{BodyError, ProxyBody};
+use crate::stream::body::ProxyBody;
 
 /// Clients are told to reconnect after a random delay in this range (milliseconds), so the
 /// streams cut by one drain do not all come back in the same instant.

@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
+use crate::body::BodyError;
 use crate::observe::access_log::AccessRecord;
 use crate::observe::http::{RouteMetrics, UpstreamErrorKind};
-use crate::stream::body::BodyError;
 use crate::upstream::breaker::Outcome;
 use crate::upstream::resilience::{BreakerTicket, InFlight};
 

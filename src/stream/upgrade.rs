@@ -31,11 +31,11 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
-use crate::shutdown::{ConnHold, Handover};
 use crate::observe::access_log::{AccessRecord, Outcome};
 use crate::observe::http::RouteMetrics;
 use crate::route::headers::{self, strip_hop_by_hop};
 use crate::shutdown::RequestGuard;
+use crate::shutdown::{ConnHold, Handover};
 use crate::stream::body::ProxyBody;
 
 /// Per direction: what is read from one side waits here until written to the other.

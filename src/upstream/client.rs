@@ -24,8 +24,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Status
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::route::headers::Forwarded;
-use crate::stream::body::{BodyError, RequestBody};
+use crate::body::{BodyError, RequestBody};
+use crate::upstream::forwarded::Forwarded;
 use crate::upstream::pool::Io;
 
 /// Largest response head accepted (Envoy's default limit is 60 KiB).
@@ -45,24 +45,7 @@ const BODY_WITH_HEAD: usize = 16 * 1024;
 /// A write buffer that grew past this (a large body frame) is not kept for the next request.
 const KEEP_WRITE_BUFFER: usize = 64 * 1024;
 
-#[derive(Debug, thiserror::Error)]
-pub enum WireError {
-    #[error("{0}")]
-    Io(#[from] io::Error),
-    #[error("connection closed before a complete response head")]
-    ClosedBeforeHead,
-    /// Not a byte of an answer came before the close (or reset): a pooled connection the
-    /// upstream was closing as the request went out.
-    #[error("connection closed without an answer")]
-    Unanswered,
-    #[error("connection closed before the end of the response body")]
-    ClosedInBody,
-    #[error("invalid response from upstream: {0}")]
-    Invalid(&'static str),
-    /// From hyper's client (`upstreams.<name>.client: hyper`).
-    #[error(transparent)]
-    Hyper(hyper::Error),
-}
+pub use crate::body::WireError;
 
 /// Why an exchange failed: the connection, or the client's own request body.
 #[derive(Debug, thiserror::Error)]
@@ -887,7 +870,7 @@ pub(crate) fn parse_chunk_size(line: &[u8]) -> Option<u64> {
 fn push_number(w: &mut Vec<u8>, prefix: &[u8], n: u64, radix: u64) {
     let mut buf = [0u8; 20];
     w.extend_from_slice(prefix);
-    w.extend_from_slice(crate::route::headers::digits(n, radix, &mut buf).as_bytes());
+    w.extend_from_slice(crate::text::digits(n, radix, &mut buf).as_bytes());
     w.extend_from_slice(b"\r\n");
 }
 

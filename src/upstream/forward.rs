@@ -16,13 +16,13 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
+use crate::body::{BodyError, RequestBody, Upload, UploadState};
 use crate::config::{Resilience, UpstreamConfig};
 use crate::error::{ProxyError, TimeoutPhase};
 use crate::observe::http::UpstreamErrors;
-use crate::route::headers::Forwarded;
-use crate::stream::body::{BodyError, RequestBody, Upload, UploadState};
 use crate::upstream::balance::{self, Candidate};
 use crate::upstream::client::ExchangeError;
+use crate::upstream::forwarded::Forwarded;
 use crate::upstream::pool::{self, ConnectError, EndpointPool, PooledBody, UpgradeError};
 use crate::upstream::resilience::{EndpointState, UpstreamState, UpstreamStates};
 use crate::upstream::retry::Failure;

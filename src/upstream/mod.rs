@@ -6,6 +6,7 @@ pub mod balance;
 pub mod breaker;
 pub mod client;
 pub mod forward;
+pub mod forwarded;
 pub mod pool;
 pub mod resilience;
 pub mod retry;

@@ -37,10 +37,10 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use crate::body::{BodyError, RequestBody};
 use crate::config::UpstreamClient;
-use crate::route::headers::Forwarded;
-use crate::stream::body::{BodyError, RequestBody};
 use crate::upstream::client::{self, Conn, ExchangeError, WireError};
+use crate::upstream::forwarded::Forwarded;
 
 /// A plain or TLS upstream socket.
 pub enum Io {

@@ -400,7 +400,7 @@ impl Policy {
             // A request without the header is counted by its address.
             None => {
                 key.push_str("ip:");
-                crate::route::headers::push_ip(&mut key, mask(client, self.ipv6_prefix));
+                crate::text::push_ip(&mut key, mask(client, self.ipv6_prefix));
             }
         }
         key
@@ -540,7 +540,7 @@ fn insert(map: &mut HeaderMap, name: &HeaderName, value: &str) {
 
 fn push_decimal(out: &mut String, n: u64) {
     let mut buf = [0u8; 20];
-    out.push_str(crate::route::headers::digits(n, 10, &mut buf));
+    out.push_str(crate::text::digits(n, 10, &mut buf));
 }
 
 fn ceil_secs(d: Duration) -> u64 {

@@ -1,0 +1,152 @@
+//! Allocation-free text for the request path (numbers, addresses), where the formatting
+//! machinery costs more than the rest of the work. Shared by the header, rate-limit key and
+//! HTTP/1.1 client code.
+
+use std::cell::RefCell;
+use std::net::IpAddr;
+
+use bytes::Bytes;
+use http::HeaderValue;
+
+/// `n` in `radix` (10 or 16, lower-case digits), written into `buf`: for header values and
+/// framing on the request path, where the formatting machinery costs more than the rest of
+/// the work.
+pub fn digits(n: u64, radix: u64, buf: &mut [u8; 20]) -> &str {
+    let mut i = buf.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        buf[i] = b"0123456789abcdef"[(n % radix) as usize];
+        n /= radix;
+        if n == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[i..]).unwrap_or("0")
+}
+
+/// An IPv4 client seen through an IPv6 socket is written as IPv4.
+/// The address as a header value. A connection sends many requests from one address, so
+/// each thread keeps the last one: a hit costs a reference count, not an allocation.
+pub fn ip_value(ip: IpAddr) -> Option<HeaderValue> {
+    thread_local! {
+        static LAST: RefCell<Option<(IpAddr, HeaderValue)>> = const { RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| {
+        if let Some((cached, value)) = last
+            && *cached == ip
+        {
+            return Some(value.clone());
+        }
+        let value = format_ip(ip)?;
+        *last = Some((ip, value.clone()));
+        Some(value)
+    })
+}
+
+/// The bytes of a short header value, shared (cloned by reference count) from the start.
+struct Text<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> AsRef<[u8]> for Text<N> {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// IPv4 is written by hand: `core::fmt` costs several times more.
+fn format_ip(ip: IpAddr) -> Option<HeaderValue> {
+    let IpAddr::V4(v4) = ip else {
+        return HeaderValue::from_str(&ip.to_string()).ok();
+    };
+    let (buf, len) = ipv4_text(v4);
+    HeaderValue::from_maybe_shared(Bytes::from_owner(Text { buf, len })).ok()
+}
+
+/// Appends the address as text; IPv4 by hand (the common case on the request path, where
+/// `Display` costs more than the rest of the key it goes into).
+pub fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            let (buf, len) = ipv4_text(v4);
+            out.push_str(std::str::from_utf8(&buf[..len]).unwrap_or("?"));
+        }
+        IpAddr::V6(_) => {
+            use std::fmt::Write;
+            let _ = write!(out, "{ip}");
+        }
+    }
+}
+
+/// Dotted-quad digits and their length.
+fn ipv4_text(v4: std::net::Ipv4Addr) -> ([u8; 15], usize) {
+    let mut buf = [0u8; 15];
+    let mut len = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[len] = b'.';
+            len += 1;
+        }
+        if octet >= 100 {
+            buf[len] = b'0' + octet / 100;
+            len += 1;
+        }
+        if octet >= 10 {
+            buf[len] = b'0' + octet / 10 % 10;
+            len += 1;
+        }
+        buf[len] = b'0' + octet % 10;
+        len += 1;
+    }
+    (buf, len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_values_match_display() {
+        for ip in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.0.100.9",
+            "255.255.255.255",
+            "192.168.10.199",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_value(ip).unwrap(), ip.to_string().as_str());
+            // Again, from the cache.
+            assert_eq!(ip_value(ip).unwrap(), ip.to_string().as_str());
+        }
+    }
+
+    #[test]
+    fn push_ip_writes_what_display_does() {
+        for ip in [
+            "0.0.0.0",
+            "10.20.30.40",
+            "255.255.255.255",
+            "1.0.10.100",
+            "2001:db8::1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut out = String::from("ip:");
+            push_ip(&mut out, ip);
+            assert_eq!(out, format!("ip:{ip}"));
+        }
+    }
+
+    #[test]
+    fn digits_write_every_width() {
+        let mut buf = [0u8; 20];
+        for n in [0, 7, 10, 99, 100, 255, 65_535, u64::MAX] {
+            assert_eq!(digits(n, 10, &mut buf), n.to_string());
+            assert_eq!(digits(n, 16, &mut buf), format!("{n:x}"));
+        }
+    }
+}
