@@ -19,22 +19,51 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::admission::ratelimit;
-use crate::app::state::{ListenerCtx, ListenerRoutes, Snapshot};
 use crate::body::{BodyError, MinRate, RequestBody, TimedBody};
 use crate::error::ProxyError;
+use crate::health::Health;
 use crate::observe::access_log::{AccessRecord, Outcome as LogOutcome};
+use crate::observe::http::HttpMetrics;
 use crate::observe::http::{UpstreamErrorKind, method_index};
 use crate::route;
 use crate::route::Route;
 use crate::route::headers::{self, X_REQUEST_ID};
+use crate::route::{ListenerRoutes, Snapshot};
 use crate::shutdown::ConnClosing;
 use crate::stream::body::ProxyBody;
 use crate::stream::tail::{Observed, Tail};
 use crate::stream::upgrade::{self, ClientUpgrade};
 use crate::upstream::breaker::{Admit, Outcome};
 use crate::upstream::forward::{self, Upstream};
+use crate::upstream::resilience::UpstreamStates;
 use crate::upstream::resilience::{BreakerTicket, EndpointState, InFlight, UpstreamMetrics};
 use crate::upstream::retry::{self, Failure};
+use arc_swap::ArcSwap;
+
+/// What the request path reads and writes of the process-wide state: a narrow handle `app`
+/// builds, so nothing below `app` sees the rest of it.
+pub struct Traffic {
+    /// The routing table of the current configuration; a reload swaps it.
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+    /// Breakers, retry budgets, endpoint health (and their metrics), kept across reloads.
+    pub upstream_states: Arc<UpstreamStates>,
+    /// Requests and SSE streams in flight, process-wide, for the drain.
+    pub in_flight: Arc<crate::shutdown::InFlight>,
+    pub http: HttpMetrics,
+    /// For a listener's `health_path`.
+    pub health: Arc<Health>,
+}
+
+/// What a connection's service needs: which listener it belongs to, and the traffic state.
+#[derive(Clone)]
+pub struct ListenerCtx {
+    pub name: Arc<str>,
+    pub traffic: Arc<Traffic>,
+    /// "http" or "https", for X-Forwarded-Proto.
+    pub proto: &'static str,
+    /// Requests in flight on this listener (load shedding, drain).
+    pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
+}
 
 /// The service hyper calls for every request on a traffic listener. Never fails: every
 /// error becomes a JSON answer through `ProxyError::to_response`. `framing_ok` is false when
@@ -53,7 +82,7 @@ pub async fn handle(
 ) -> Response<ProxyBody> {
     let start = Instant::now();
     let (head, request_id) = headers::Head::scan(req.headers());
-    let snapshot = ctx.shared.snapshot.load_full();
+    let snapshot = ctx.traffic.snapshot.load_full();
     let mut tail = Box::new(Tail {
         log: snapshot.access_log.then(|| AccessRecord {
             start,
@@ -192,7 +221,7 @@ fn begin<'a>(
     tail: &mut Tail,
 ) -> Result<Step<'a>, ProxyError> {
     let ctx = env.ctx;
-    let metrics = &ctx.shared.upstream_states.metrics;
+    let metrics = &ctx.traffic.upstream_states.metrics;
 
     // Admission: a request that still arrives on a connection told to close (drain), then
     // the listener's in-flight cap (shed at once, never queue).
@@ -305,7 +334,7 @@ fn after_rate_limit<'a>(
     mut req: Request<Incoming>,
     tail: &mut Tail,
 ) -> Result<Step<'a>, ProxyError> {
-    let metrics = &env.ctx.shared.upstream_states.metrics;
+    let metrics = &env.ctx.traffic.upstream_states.metrics;
     let upstream = &route.upstream;
 
     // The upstream's in-flight cap, then its breaker: both answer without the network.
@@ -494,7 +523,7 @@ async fn slow(
                 }
                 let deadline = route.timeouts.total.map(|t| env.start + t);
                 let buffered = buffer_body(request_body(body, route, deadline)).await?;
-                let metrics = &env.ctx.shared.upstream_states.metrics;
+                let metrics = &env.ctx.traffic.upstream_states.metrics;
                 tail.upstream_slot = Some(upstream_slot(metrics, upstream)?);
                 if probe {
                     tail.ticket = Some(admit(route)?);
@@ -594,7 +623,7 @@ async fn upgrade(
             log,
             metrics: route.metrics.clone(),
             request_id: env.request_id.clone(),
-            in_flight: env.ctx.shared.in_flight.request(),
+            in_flight: env.ctx.traffic.in_flight.request(),
         };
         return Ok(upgrade::tunnel(resp, client_upgrade, t));
     }

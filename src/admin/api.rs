@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
+use crate::admin::AdminCtx;
 use crate::alert::signals;
-use crate::app::state::Shared;
 use crate::config::Severity;
 use crate::observe::series::{CHART_SPAN, Filter};
 use crate::upstream::breaker::State as BreakerState;
@@ -21,8 +21,8 @@ pub const STATUS_PAGE: &str = include_str!("status.html");
 /// "Now" on the status page: the last minute.
 const RECENT: Duration = Duration::from_secs(60);
 
-pub fn upstreams(shared: &Shared) -> Value {
-    let snapshot = shared.snapshot.load();
+pub fn upstreams(shared: &AdminCtx) -> Value {
+    let snapshot = shared.inputs.snapshot.load();
     let now = Instant::now();
     let wall = std::time::SystemTime::now();
     let mut names: Vec<&String> = snapshot.upstreams.keys().collect();
@@ -45,7 +45,7 @@ pub fn upstreams(shared: &Shared) -> Value {
                         "url": e.state.url,
                         "in_flight": e.state.in_flight.load(Ordering::Relaxed),
                         "ejected": ejected,
-                        "health": signals::endpoint_health(shared, &u.name, &e.state.url),
+                        "health": signals::endpoint_health(&shared.inputs.health, &u.name, &e.state.url),
                     })
                 })
                 .collect();
@@ -79,12 +79,12 @@ pub fn upstreams(shared: &Shared) -> Value {
     json!({ "upstreams": list })
 }
 
-pub fn alerts(shared: &Shared) -> Value {
+pub fn alerts(shared: &AdminCtx) -> Value {
     shared.alerts.to_json()
 }
 
-pub fn config(shared: &Shared) -> Value {
-    super::config_json::to_json(&shared.snapshot.load().config)
+pub fn config(shared: &AdminCtx) -> Value {
+    super::config_json::to_json(&shared.inputs.snapshot.load().config)
 }
 
 fn ms(v: Option<f64>) -> Option<f64> {
@@ -92,9 +92,13 @@ fn ms(v: Option<f64>) -> Option<f64> {
 }
 
 /// Everything the status page shows.
-pub fn status(shared: &Shared) -> Value {
-    let current = shared.sample();
-    let series = shared.series.lock().unwrap_or_else(PoisonError::into_inner);
+pub fn status(shared: &AdminCtx) -> Value {
+    let current = shared.inputs.sample();
+    let series = shared
+        .inputs
+        .series
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
     let mut ups = upstreams(shared);
     let mut any_open = Vec::new();
     let mut any_ejected = false;
@@ -137,7 +141,7 @@ pub fn status(shared: &Shared) -> Value {
     let overall_chart = chart(&series.chart(CHART_SPAN, &Filter::default()));
     drop(series);
 
-    let deps = signals::dependencies(shared);
+    let deps = signals::dependencies(&shared.inputs.health);
     let dependencies = deps.as_ref().map(|deps| {
         deps.iter()
             .map(|d| {
@@ -163,17 +167,17 @@ pub fn status(shared: &Shared) -> Value {
         .map(|d| d.name.as_str())
         .collect();
     let usage = json!({
-        "memory": signals::memory_usage(shared),
-        "pool": signals::pool_usage(shared),
+        "memory": signals::memory_usage(&shared.inputs.health, &shared.inputs.signals),
+        "pool": signals::pool_usage(&shared.inputs.health, &shared.inputs.signals),
     });
 
-    let ratelimit = if shared.limiters.uses_redis() {
-        if shared.limiters.fallback_active() {
+    let ratelimit = if shared.inputs.limiters.uses_redis() {
+        if shared.inputs.limiters.fallback_active() {
             json!({ "source": "memory", "detail": "Redis unavailable: local fallback in use" })
         } else {
             json!({ "source": "redis", "detail": "shared limits in Redis" })
         }
-    } else if shared.snapshot.load().config.rate_limits.is_empty() {
+    } else if shared.inputs.snapshot.load().config.rate_limits.is_empty() {
         json!({ "source": "none", "detail": "no rate limits configured" })
     } else {
         json!({ "source": "memory", "detail": "per-process limits (no Redis configured)" })
@@ -189,7 +193,7 @@ pub fn status(shared: &Shared) -> Value {
     }
     // As /health and /readyz see it: a breaker degrades; it takes readiness (critical)
     // only with `readiness.breaker_open: not_ready`.
-    let not_ready = shared.snapshot.load().config.readiness.breaker_open
+    let not_ready = shared.inputs.snapshot.load().config.readiness.breaker_open
         == crate::config::BreakerReadiness::NotReady;
     for (n, state) in &any_open {
         if not_ready && state == BreakerState::Open.as_str() {
@@ -220,7 +224,7 @@ pub fn status(shared: &Shared) -> Value {
         reasons.push("an endpoint is ejected".into());
         level = level.max(1);
     }
-    if ratelimit["source"] == "memory" && shared.limiters.uses_redis() {
+    if ratelimit["source"] == "memory" && shared.inputs.limiters.uses_redis() {
         reasons.push("rate limits on local fallback".into());
         level = level.max(1);
     }

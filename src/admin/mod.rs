@@ -8,6 +8,7 @@
 mod api;
 mod auth;
 pub(crate) mod config_json;
+pub(crate) mod control;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -21,14 +22,19 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::app::Control;
-use crate::app::state::Shared;
+use crate::alert::{AlertInputs, Alerting};
 use crate::reload::ReloadResult;
 use crate::shutdown::stopped;
 use crate::stream::body::ProxyBody;
+pub use control::Control;
 
+/// What the admin endpoints read and drive: a narrow handle `app` builds.
 pub struct AdminCtx {
-    pub shared: Arc<Shared>,
+    /// What the alert rules read (routing table, health, limiters, series, signals).
+    pub inputs: AlertInputs,
+    pub registry: Arc<prometheus_client::registry::Registry>,
+    pub alerts: Arc<Alerting>,
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
     /// Reloads and drains are carried out by the app's supervisor.
     pub control: Control,
 }
@@ -61,9 +67,9 @@ pub async fn serve(listener: TcpListener, ctx: Arc<AdminCtx>, mut stop: watch::R
 }
 
 async fn route(ctx: &AdminCtx, req: Request<Incoming>) -> Response<ProxyBody> {
-    let shared = &ctx.shared;
+    let shared = ctx;
     if !auth::public(req.uri().path()) {
-        let snapshot = shared.snapshot.load();
+        let snapshot = shared.inputs.snapshot.load();
         match auth::check(&snapshot.config.admin, req.uri(), req.headers()) {
             auth::Access::Granted => {}
             auth::Access::NeedsToken => {
@@ -98,17 +104,17 @@ async fn route(ctx: &AdminCtx, req: Request<Incoming>) -> Response<ProxyBody> {
         }
         // Probes answer from the checks' cached results: never a query per call.
         (&Method::GET | &Method::HEAD, "/readyz") => {
-            let (status, body) = crate::health::ready_response(shared);
+            let (status, body) = crate::health::ready_response(&shared.inputs.health);
             no_store(text_owned(status, body))
         }
         // Public: states and latencies, never an error text or an address.
         (&Method::GET | &Method::HEAD, "/health") => {
-            let (status, body) = crate::health::health_response(shared);
+            let (status, body) = crate::health::health_response(&shared.inputs.health);
             no_store(json(status, body))
         }
         // The same document with everything the checks found, for whoever may see it.
         (&Method::GET | &Method::HEAD, "/admin/health") => {
-            let (status, body) = crate::health::health_detail_response(shared);
+            let (status, body) = crate::health::health_detail_response(&shared.inputs.health);
             no_store(json(status, body))
         }
         (_, "/admin/reload" | "/admin/drain") if req.method() != Method::POST => {

@@ -27,13 +27,17 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::app::state::Shared;
+use crate::admission::ratelimit;
 use crate::config::{
     AlertRule, AlertsConfig, Comparison, Config, Severity, Signal, SignalUnit, SinkKind,
 };
+use crate::health::Health;
 use crate::observe::series::{Filter, Sample, Series};
 use crate::reload::KeyedState;
+use crate::route::Snapshot;
+use crate::shutdown::Background;
 use crate::upstream::breaker::State as BreakerState;
+use arc_swap::ArcSwap;
 use rules::{Change, Evaluator, Phase, Reading, Transition};
 use signals::Signals;
 use sinks::Delivery;
@@ -240,6 +244,43 @@ struct Inner {
     last_eval: Option<SystemTime>,
 }
 
+/// What the rules read of the process-wide state: a narrow handle `app` builds.
+#[derive(Clone)]
+pub struct AlertInputs {
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+    pub health: Arc<Health>,
+    pub limiters: Arc<ratelimit::Registry>,
+    /// Samples of the request counters (the sampler task in `app` records them).
+    pub series: Arc<Mutex<Series>>,
+    pub signals: Arc<Signals>,
+}
+
+impl AlertInputs {
+    /// Every route's cumulative totals now (not stored: the sampler keeps them).
+    pub fn sample(&self) -> Sample {
+        let snapshot = self.snapshot.load();
+        Sample {
+            at: tokio::time::Instant::now(),
+            wall: SystemTime::now(),
+            routes: snapshot
+                .route_metrics()
+                .map(|m| {
+                    let (requests, errors, latency) = m.totals();
+                    (
+                        m.labels.clone(),
+                        crate::observe::series::Totals {
+                            requests,
+                            errors,
+                            latency,
+                        },
+                    )
+                })
+                .collect(),
+            fed: self.signals.totals(),
+        }
+    }
+}
+
 pub struct Alerting {
     /// What other subsystems feed; read by the rules and the status page.
     pub signals: Arc<Signals>,
@@ -253,10 +294,10 @@ pub struct Alerting {
 }
 
 impl Alerting {
-    pub fn new(config: &AlertsConfig, metrics: AlertMetrics) -> Self {
+    pub fn new(config: &AlertsConfig, metrics: AlertMetrics, signals: Arc<Signals>) -> Self {
         let (queue, receiver) = mpsc::channel(QUEUE);
         let alerting = Alerting {
-            signals: Arc::new(Signals::default()),
+            signals,
             inner: Mutex::new(Inner {
                 config: config.clone(),
                 evaluator: Evaluator::new(&config.rules),
@@ -293,7 +334,7 @@ impl Alerting {
     }
 
     /// One evaluation of every rule against the current state of `shared`.
-    pub fn evaluate(&self, shared: &Shared) -> Vec<AlertEvent> {
+    pub fn evaluate(&self, shared: &AlertInputs) -> Vec<AlertEvent> {
         let current = shared.sample();
         let now = current.at;
         let wall = current.wall;
@@ -432,20 +473,18 @@ impl Alerting {
     }
 
     /// Starts the evaluation timer and the delivery task (stopped by the drain).
-    pub fn spawn(self: &Arc<Self>, shared: &Arc<Shared>) {
-        let (alerting, s) = (self.clone(), shared.clone());
-        shared
-            .background
-            .spawn("alerts", move |mut stop| async move {
-                loop {
-                    let interval = alerting.interval();
-                    tokio::select! {
-                        _ = tokio::time::sleep(interval) => {}
-                        _ = crate::shutdown::stopped(&mut stop) => return,
-                    }
-                    alerting.evaluate(&s);
+    pub fn spawn(self: &Arc<Self>, inputs: AlertInputs, background: &Background) {
+        let (alerting, s) = (self.clone(), inputs);
+        background.spawn("alerts", move |mut stop| async move {
+            loop {
+                let interval = alerting.interval();
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = crate::shutdown::stopped(&mut stop) => return,
                 }
-            });
+                alerting.evaluate(&s);
+            }
+        });
         let receiver = self
             .receiver
             .lock()
@@ -453,9 +492,7 @@ impl Alerting {
             .take();
         let Some(mut rx) = receiver else { return };
         let alerting = self.clone();
-        shared
-            .background
-            .spawn("alert-delivery", move |mut stop| async move {
+        background.spawn("alert-delivery", move |mut stop| async move {
                 let mut running = JoinSet::new();
                 loop {
                     tokio::select! {
@@ -533,7 +570,7 @@ fn instance_name() -> String {
 
 /// A rule's signal now. Rates and latencies come from the series (the window before
 /// `current`); states are read live.
-fn read(rule: &AlertRule, shared: &Shared, current: &Sample, series: &Series) -> Reading {
+fn read(rule: &AlertRule, shared: &AlertInputs, current: &Sample, series: &Series) -> Reading {
     let filter = Filter {
         route: rule.route.clone(),
         upstream: rule.upstream.clone(),
@@ -558,8 +595,8 @@ fn read(rule: &AlertRule, shared: &Shared, current: &Sample, series: &Series) ->
             let lookups = f.cache_hits + f.cache_misses;
             Reading::of(enough(lookups).then(|| f.cache_hits as f64 / lookups as f64))
         }
-        Signal::PoolUsage => Reading::of(signals::pool_usage(shared)),
-        Signal::MemoryUsage => Reading::of(signals::memory_usage(shared)),
+        Signal::PoolUsage => Reading::of(signals::pool_usage(&shared.health, &shared.signals)),
+        Signal::MemoryUsage => Reading::of(signals::memory_usage(&shared.health, &shared.signals)),
         Signal::BreakerOpen => {
             let snapshot = shared.snapshot.load();
             let mut names: Vec<&str> = snapshot

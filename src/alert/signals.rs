@@ -10,88 +10,13 @@
 //!
 //! Until something feeds a signal it is "no data": its rules stay quiet, the page says so.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
-
-use crate::app::state::Shared;
-use crate::health::{Status, Value};
-use crate::observe::series::FedTotals;
-
-#[derive(Debug, Default)]
-pub struct Signals {
-    db_queries: AtomicU64,
-    db_errors: AtomicU64,
-    cache_hits: AtomicU64,
-    cache_misses: AtomicU64,
-    pool_usage: Mutex<Option<f64>>,
-    memory_usage: Mutex<Option<f64>>,
-}
-
-/// Shares only: 0..=1, and never NaN.
-fn share(v: Option<f64>) -> Option<f64> {
-    v.filter(|v| v.is_finite()).map(|v| v.clamp(0.0, 1.0))
-}
-
-impl Signals {
-    pub fn db_query(&self, ok: bool) {
-        self.db_queries.fetch_add(1, Ordering::Relaxed);
-        if !ok {
-            self.db_errors.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    pub fn cache_lookup(&self, hit: bool) {
-        let c = if hit {
-            &self.cache_hits
-        } else {
-            &self.cache_misses
-        };
-        c.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Connections in use / the pool's maximum, for a pool no health check reports.
-    pub fn set_pool_usage(&self, usage: Option<f64>) {
-        *self
-            .pool_usage
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = share(usage);
-    }
-
-    /// Resident memory / its limit, when the memory health check is not configured.
-    pub fn set_memory_usage(&self, usage: Option<f64>) {
-        *self
-            .memory_usage
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = share(usage);
-    }
-
-    pub fn totals(&self) -> FedTotals {
-        FedTotals {
-            db_queries: self.db_queries.load(Ordering::Relaxed),
-            db_errors: self.db_errors.load(Ordering::Relaxed),
-            cache_hits: self.cache_hits.load(Ordering::Relaxed),
-            cache_misses: self.cache_misses.load(Ordering::Relaxed),
-        }
-    }
-
-    fn fed_pool_usage(&self) -> Option<f64> {
-        *self
-            .pool_usage
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn fed_memory_usage(&self) -> Option<f64> {
-        *self
-            .memory_usage
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-}
+use crate::health::{Health, Status, Value};
+pub use crate::observe::signals::Signals;
+use crate::observe::signals::share;
 
 /// A percentage a health check reports in its details (`used_pct`), as a share.
-fn check_share(shared: &Shared, check: &str, key: &str) -> Option<f64> {
-    let checks = shared.health.checks();
+fn check_share(health: &Health, check: &str, key: &str) -> Option<f64> {
+    let checks = health.checks();
     let c = checks.iter().find(|c| c.name == check)?;
     let (_, slot) = c.slots.first()?;
     let view = slot.load();
@@ -105,14 +30,13 @@ fn check_share(shared: &Shared, check: &str, key: &str) -> Option<f64> {
 }
 
 /// Postgres client connections over `max_connections`, else what was fed.
-pub fn pool_usage(shared: &Shared) -> Option<f64> {
-    check_share(shared, "postgres", "connections_used_pct")
-        .or_else(|| shared.alerts.signals.fed_pool_usage())
+pub fn pool_usage(health: &Health, signals: &Signals) -> Option<f64> {
+    check_share(health, "postgres", "connections_used_pct").or_else(|| signals.fed_pool_usage())
 }
 
 /// Resident memory over its limit, else what was fed.
-pub fn memory_usage(shared: &Shared) -> Option<f64> {
-    check_share(shared, "memory", "used_pct").or_else(|| shared.alerts.signals.fed_memory_usage())
+pub fn memory_usage(health: &Health, signals: &Signals) -> Option<f64> {
+    check_share(health, "memory", "used_pct").or_else(|| signals.fed_memory_usage())
 }
 
 /// A dependency as the status page shows it.
@@ -129,8 +53,8 @@ pub struct Dependency {
 
 /// The dependency checks (not the upstream ones, shown with their upstream); None when
 /// none is configured.
-pub fn dependencies(shared: &Shared) -> Option<Vec<Dependency>> {
-    let checks = shared.health.checks();
+pub fn dependencies(health: &Health) -> Option<Vec<Dependency>> {
+    let checks = health.checks();
     let deps: Vec<Dependency> = checks
         .iter()
         .filter(|c| !c.name.starts_with("upstream:"))
@@ -159,8 +83,8 @@ pub fn dependencies(shared: &Shared) -> Option<Vec<Dependency>> {
 }
 
 /// An upstream endpoint's active health ("no data" without a `health_check`).
-pub fn endpoint_health(shared: &Shared, upstream: &str, url: &str) -> &'static str {
-    let checks = shared.health.checks();
+pub fn endpoint_health(health: &Health, upstream: &str, url: &str) -> &'static str {
+    let checks = health.checks();
     let name = format!("upstream:{upstream}");
     let Some(c) = checks.iter().find(|c| c.name == name) else {
         return "no data";

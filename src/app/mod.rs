@@ -11,19 +11,23 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
-use crate::admin::AdminCtx;
+use crate::admin::control::{Command, Control, gone};
 use crate::alert::{AlertMetrics, Alerting};
-use crate::app::state::{Shared, Snapshot};
 use crate::config::Config;
-use crate::health::{Health, HealthMetrics, PoolSources};
+use crate::health::{Health, HealthInputs, HealthMetrics, PoolSources};
 use crate::listener::{self, Server};
 use crate::observe::http::HttpMetrics;
+use crate::observe::signals::Signals as FedSignals;
 use crate::reload::{self, ReloadMetrics, ReloadReport};
+use crate::route::Snapshot;
 use crate::shutdown::{self, DrainReport, Signal, Signals};
 use crate::upstream::resilience::{UpstreamMetrics, UpstreamStates};
 use crate::workers::Workers;
+use arc_swap::ArcSwap;
+use state::{Parts, Shared};
+use std::sync::atomic::AtomicBool;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -116,79 +120,6 @@ async fn wait_done(done: &mut watch::Receiver<Option<DrainReport>>) -> DrainRepo
     }
 }
 
-fn gone() -> DrainReport {
-    DrainReport {
-        finished: false,
-        elapsed: Duration::ZERO,
-        requests_cut: 0,
-        streams_ended: 0,
-    }
-}
-
-/// Asks the supervisor for reloads and drains (admin endpoints, signals, tests).
-#[derive(Clone)]
-pub struct Control {
-    tx: mpsc::Sender<Command>,
-}
-
-enum Command {
-    Reload {
-        /// None: read the file again.
-        config: Option<Box<Config>>,
-        reply: oneshot::Sender<ReloadReport>,
-    },
-    Drain {
-        skip_grace: bool,
-        reply: Option<oneshot::Sender<DrainReport>>,
-    },
-}
-
-impl Control {
-    pub async fn reload(&self) -> ReloadReport {
-        self.request_reload(None).await
-    }
-
-    async fn request_reload(&self, config: Option<Config>) -> ReloadReport {
-        let (reply, rx) = oneshot::channel();
-        if self
-            .tx
-            .send(Command::Reload {
-                config: config.map(Box::new),
-                reply,
-            })
-            .await
-            .is_err()
-        {
-            return ReloadReport::refused("rampart has shut down");
-        }
-        rx.await
-            .unwrap_or_else(|_| ReloadReport::refused("rampart has shut down"))
-    }
-
-    /// Starts the drain unless one is running; returns at once.
-    pub async fn start_drain(&self) {
-        let _ = self
-            .tx
-            .send(Command::Drain {
-                skip_grace: false,
-                reply: None,
-            })
-            .await;
-    }
-
-    async fn drain_and_wait(&self, skip_grace: bool) -> DrainReport {
-        let (reply, rx) = oneshot::channel();
-        let cmd = Command::Drain {
-            skip_grace,
-            reply: Some(reply),
-        };
-        if self.tx.send(cmd).await.is_err() {
-            return gone();
-        }
-        rx.await.unwrap_or_else(|_| gone())
-    }
-}
-
 /// Starts from a configuration with no file behind it: a reload can only `apply`.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     start_with_file(config, None).await
@@ -213,27 +144,40 @@ pub async fn start_on(
     let upstream_states = Arc::new(UpstreamStates::new(UpstreamMetrics::register(
         &mut registry,
     )));
-    let limiters = crate::admission::ratelimit::Registry::new(
+    let limiters = Arc::new(crate::admission::ratelimit::Registry::new(
         crate::admission::ratelimit::Metrics::register(&mut registry),
-    );
-    let pools = Arc::new(PoolSources::default());
-    let health = Arc::new(Health::new(
-        HealthMetrics::register(&mut registry, &pools),
-        pools,
     ));
+    let pools = Arc::new(PoolSources::new(limiters.clone()));
+    let health_metrics = HealthMetrics::register(&mut registry, &pools);
     let http = HttpMetrics::register(&mut registry);
-    let alerts = Alerting::new(&config.alerts, AlertMetrics::register(&mut registry));
+    let alert_metrics = AlertMetrics::register(&mut registry);
     let snapshot =
         Snapshot::build(&config, &upstream_states, &limiters, &http).map_err(StartError::Tls)?;
-    let shared = Shared::new(
+    let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
+    let draining = Arc::new(AtomicBool::new(false));
+    let signals = Arc::new(FedSignals::default());
+    let health = Health::new(
+        health_metrics,
+        pools,
+        HealthInputs {
+            snapshot: snapshot.clone(),
+            draining: draining.clone(),
+            upstream_states: upstream_states.clone(),
+            signals: signals.clone(),
+        },
+    );
+    let alerts = Alerting::new(&config.alerts, alert_metrics, signals.clone());
+    let shared = Shared::new(Parts {
         snapshot,
         registry,
         upstream_states,
         limiters,
+        draining,
         health,
         http,
         alerts,
-    );
+        signals,
+    });
     let mut bound = Vec::new();
     for l in &config.listeners {
         let listener = listener::bind_listener(l.listen, workers.count()).map_err(|source| {
@@ -253,14 +197,14 @@ pub async fn start_on(
     let admin_addr = admin.local_addr().unwrap_or(config.admin.listen);
     // Once everything is bound: a refused start leaves no probe running. A dependency that
     // is down does not stop the start; the checks report it.
-    shared.health.start(&shared, &config);
+    shared.health.start(&shared.background, &config);
 
     let (tx, rx) = mpsc::channel(16);
-    let control = Control { tx };
+    let control = Control::new(tx);
     let servers: Vec<Arc<Server>> = bound
         .into_iter()
         .map(|(cfg, listener)| {
-            let s = Server::start(listener, cfg, shared.clone(), &workers);
+            let s = Server::start(listener, cfg, shared.traffic.clone(), &workers);
             tracing::info!(listener = &*s.name, addr = %s.addr, "listening");
             Arc::new(s)
         })
@@ -269,7 +213,9 @@ pub async fn start_on(
     warn_if_open(&config.admin, admin_addr);
     let admin_stop = spawn_admin(admin, &shared, &control);
     spawn_sampler(&shared);
-    shared.alerts.spawn(&shared);
+    shared
+        .alerts
+        .spawn(shared.alert_inputs(), &shared.background);
     let addrs: Addrs = Arc::new(Mutex::new(Vec::new()));
     let supervisor = Supervisor {
         shared: shared.clone(),
@@ -313,10 +259,7 @@ fn spawn_admin(
     control: &Control,
 ) -> watch::Sender<bool> {
     let (stop, stop_rx) = watch::channel(false);
-    let ctx = Arc::new(AdminCtx {
-        shared: shared.clone(),
-        control: control.clone(),
-    });
+    let ctx = Arc::new(shared.admin_ctx(control.clone()));
     tokio::spawn(crate::admin::serve(listener, ctx, stop_rx));
     stop
 }
@@ -591,7 +534,9 @@ impl Supervisor {
             shared.snapshot.store(Arc::new(snapshot));
             fresh
                 .into_iter()
-                .map(|(cfg, listener)| Server::start(listener, cfg, shared.clone(), workers))
+                .map(|(cfg, listener)| {
+                    Server::start(listener, cfg, shared.traffic.clone(), workers)
+                })
                 .collect::<Vec<_>>()
         });
         let started = match started {

@@ -1,136 +1,39 @@
-//! The process-wide state: the `Snapshot` built from one config, and what outlives it.
+//! The process-wide state, owned here at the top: each subsystem below `app` gets a narrow
+//! handle of what it reads and writes (`pipeline::Traffic`, `health::HealthInputs`,
+//! `alert::AlertInputs`, `admin::AdminCtx`), never this struct.
 
-use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 
+use crate::admin::{AdminCtx, Control};
 use crate::admission::ratelimit;
-use crate::config::{Cidr, Config};
+use crate::alert::{AlertInputs, Alerting};
 use crate::health::Health;
-use crate::observe::http::{HttpMetrics, RouteMetrics};
-use crate::observe::series::{Sample, Series};
+use crate::observe::http::HttpMetrics;
+use crate::observe::series::Series;
+use crate::observe::signals::Signals;
+use crate::pipeline::Traffic;
 use crate::reload::KeyedState;
-use crate::route::Route;
+use crate::route::Snapshot;
 use crate::shutdown::{Background, InFlight};
-use crate::upstream::forward::{self, Upstream};
 use crate::upstream::resilience::UpstreamStates;
-
-/// Everything the request path reads from one configuration, immutable. A reload builds a
-/// new one and swaps it in; requests in flight finish on the one they started with.
-pub struct Snapshot {
-    pub listeners: HashMap<String, ListenerRoutes>,
-    pub upstreams: HashMap<String, Arc<Upstream>>,
-    pub trusted_proxies: Vec<Cidr>,
-    pub access_log: bool,
-    /// The configuration this snapshot was built from (`/admin/config`).
-    pub config: Arc<Config>,
-}
-
-impl Snapshot {
-    /// Fails only on TLS material that cannot be loaded (a CA file named in the config) or
-    /// a Redis client that cannot be made. State that must outlive a snapshot comes from
-    /// `states` (breakers, budgets, endpoint health) and `limiters` (rate-limit counts), so
-    /// names that existed in the previous snapshot keep theirs.
-    pub fn build(
-        cfg: &Config,
-        states: &UpstreamStates,
-        limiters: &ratelimit::Registry,
-        metrics: &HttpMetrics,
-    ) -> Result<Snapshot, String> {
-        let policies = limiters.update(cfg)?;
-        // TLS settings per distinct CA file: loading the system store is not free.
-        let mut tls_by_ca = HashMap::new();
-        let mut upstreams = HashMap::new();
-        for (name, u) in &cfg.upstreams {
-            if !tls_by_ca.contains_key(&u.tls_ca_file) {
-                let tls = forward::tls_config(u.tls_ca_file.as_deref())?;
-                tls_by_ca.insert(u.tls_ca_file.clone(), tls);
-            }
-            let Some(tls) = tls_by_ca.get(&u.tls_ca_file) else {
-                continue;
-            };
-            let errors = metrics.upstream_errors(name);
-            upstreams.insert(
-                name.clone(),
-                Arc::new(Upstream::new(u, tls, states, errors)?),
-            );
-        }
-        let mut listeners = HashMap::new();
-        for l in &cfg.listeners {
-            let routes = l
-                .routes
-                .iter()
-                // Validation guarantees the upstream and policy names exist.
-                .filter_map(|r| {
-                    let rate_limits = r
-                        .rate_limits
-                        .iter()
-                        .filter_map(|name| policies.get(name).cloned())
-                        .collect();
-                    let upstream = upstreams.get(&r.upstream)?.clone();
-                    let m =
-                        metrics.route(&l.name, &r.name, &r.upstream, Some(upstream.errors.clone()));
-                    Some(Route::new(r, upstream, rate_limits, m))
-                })
-                .collect();
-            listeners.insert(
-                l.name.clone(),
-                ListenerRoutes {
-                    routes,
-                    path: l.path,
-                    max_in_flight: l.max_in_flight,
-                    unrouted: metrics.route(&l.name, "", "", None),
-                },
-            );
-        }
-        Ok(Snapshot {
-            listeners,
-            upstreams,
-            trusted_proxies: cfg.trusted_proxies.clone(),
-            access_log: cfg.logging.access_log,
-            config: Arc::new(cfg.clone()),
-        })
-    }
-}
-
-pub struct ListenerRoutes {
-    pub routes: Vec<Route>,
-    /// How request paths are read before matching (`normalize_path` and friends).
-    pub path: crate::config::PathConfig,
-    pub max_in_flight: Option<usize>,
-    /// For the requests no route takes (404, shed, refused framing).
-    pub unrouted: Arc<RouteMetrics>,
-}
-
-impl Snapshot {
-    /// Every route's metric handles (and each listener's unrouted ones), for the sampler.
-    pub fn route_metrics(&self) -> impl Iterator<Item = &Arc<RouteMetrics>> {
-        self.listeners.values().flat_map(|l| {
-            l.routes
-                .iter()
-                .map(|r| &r.metrics)
-                .chain(std::iter::once(&l.unrouted))
-        })
-    }
-}
 
 /// State shared by every listener and the admin endpoints. It outlives every snapshot:
 /// state kept by name (limiters, breakers, endpoint health, caches) lives here, not in the
 /// `Snapshot`, so a reload keeps it for the names that still exist (see `keyed_state`).
 pub struct Shared {
-    pub snapshot: ArcSwap<Snapshot>,
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
     /// Frozen after start-up; `/metrics` encodes it.
     pub registry: Arc<prometheus_client::registry::Registry>,
     /// Breakers, retry budgets, endpoint health: survive reloads, keyed by name.
     pub upstream_states: Arc<UpstreamStates>,
     /// Rate-limit state by policy name; `Snapshot::build` takes the policies from here.
-    pub limiters: ratelimit::Registry,
+    pub limiters: Arc<ratelimit::Registry>,
     /// Set when a drain starts: `/readyz` answers 503 (traffic is still served during the
-    /// accept grace; connections told to close answer 503 themselves, see server.rs).
-    pub draining: AtomicBool,
+    /// accept grace; connections told to close answer 503 themselves, see `listener`).
+    pub draining: Arc<AtomicBool>,
     /// Requests and SSE streams in flight, for the drain.
     pub in_flight: Arc<InFlight>,
     /// Stopped at the end of a drain, before the pools close.
@@ -140,36 +43,77 @@ pub struct Shared {
     /// The request metrics' families; each snapshot makes its route handles from them.
     pub http: HttpMetrics,
     /// Samples of the request counters for the alert rules and the status page.
-    pub series: Mutex<Series>,
-    /// Alert rules, their state and notifications; also holds the fed signals.
-    pub alerts: Arc<crate::alert::Alerting>,
+    pub series: Arc<Mutex<Series>>,
+    /// Alert rules, their state and notifications.
+    pub alerts: Arc<Alerting>,
+    /// What other subsystems feed (database queries, cache lookups); read by the rules.
+    pub signals: Arc<Signals>,
+    /// The request path's handle, shared by every listener.
+    pub traffic: Arc<Traffic>,
+}
+
+/// What `Shared` is made of; `app` builds the parts in the order their metrics register.
+pub struct Parts {
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+    pub registry: prometheus_client::registry::Registry,
+    pub upstream_states: Arc<UpstreamStates>,
+    pub limiters: Arc<ratelimit::Registry>,
+    pub draining: Arc<AtomicBool>,
+    pub health: Arc<Health>,
+    pub http: HttpMetrics,
+    pub alerts: Alerting,
+    pub signals: Arc<Signals>,
 }
 
 impl Shared {
-    pub fn new(
-        snapshot: Snapshot,
-        registry: prometheus_client::registry::Registry,
-        upstream_states: Arc<UpstreamStates>,
-        limiters: ratelimit::Registry,
-        health: Arc<Health>,
-        http: HttpMetrics,
-        alerts: crate::alert::Alerting,
-    ) -> Arc<Shared> {
+    pub fn new(p: Parts) -> Arc<Shared> {
         let mut series = Series::new(crate::observe::series::CHART_SPAN);
-        series.keep_at_least(alerts.longest_window());
+        series.keep_at_least(p.alerts.longest_window());
+        let in_flight = Arc::new(InFlight::default());
+        let traffic = Arc::new(Traffic {
+            snapshot: p.snapshot.clone(),
+            upstream_states: p.upstream_states.clone(),
+            in_flight: in_flight.clone(),
+            http: p.http.clone(),
+            health: p.health.clone(),
+        });
         Arc::new(Shared {
-            http,
-            series: Mutex::new(series),
-            alerts: Arc::new(alerts),
-            snapshot: ArcSwap::from_pointee(snapshot),
-            registry: Arc::new(registry),
-            upstream_states,
-            draining: AtomicBool::new(false),
-            limiters,
-            in_flight: Arc::new(InFlight::default()),
+            http: p.http,
+            series: Arc::new(Mutex::new(series)),
+            alerts: Arc::new(p.alerts),
+            snapshot: p.snapshot,
+            registry: Arc::new(p.registry),
+            upstream_states: p.upstream_states,
+            draining: p.draining,
+            limiters: p.limiters,
+            in_flight,
             background: Background::default(),
-            health,
+            health: p.health,
+            signals: p.signals,
+            traffic,
         })
+    }
+
+    /// The alert rules' handle.
+    pub fn alert_inputs(&self) -> AlertInputs {
+        AlertInputs {
+            snapshot: self.snapshot.clone(),
+            health: self.health.clone(),
+            limiters: self.limiters.clone(),
+            series: self.series.clone(),
+            signals: self.signals.clone(),
+        }
+    }
+
+    /// The admin listener's handle.
+    pub fn admin_ctx(&self, control: Control) -> AdminCtx {
+        AdminCtx {
+            inputs: self.alert_inputs(),
+            registry: self.registry.clone(),
+            alerts: self.alerts.clone(),
+            draining: self.draining.clone(),
+            control,
+        }
     }
 
     /// Every registry of state kept by name that is not already reconciled by
@@ -180,47 +124,12 @@ impl Shared {
         vec![&*self.health, &*self.alerts]
     }
 
-    /// Every route's cumulative totals now (not stored: see `record_sample`).
-    pub fn sample(&self) -> Sample {
-        let snapshot = self.snapshot.load();
-        Sample {
-            at: tokio::time::Instant::now(),
-            wall: SystemTime::now(),
-            routes: snapshot
-                .route_metrics()
-                .map(|m| {
-                    let (requests, errors, latency) = m.totals();
-                    (
-                        m.labels.clone(),
-                        crate::observe::series::Totals {
-                            requests,
-                            errors,
-                            latency,
-                        },
-                    )
-                })
-                .collect(),
-            fed: self.alerts.signals.totals(),
-        }
-    }
-
     /// Takes a sample and keeps it in the series.
     pub fn record_sample(&self) {
-        let s = self.sample();
+        let s = self.alert_inputs().sample();
         let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
         // A reload may have brought longer rule windows.
         series.keep_at_least(self.alerts.longest_window());
         series.push(s);
     }
-}
-
-/// What a connection's service needs: which listener it belongs to, and the shared state.
-#[derive(Clone)]
-pub struct ListenerCtx {
-    pub name: Arc<str>,
-    pub shared: Arc<Shared>,
-    /// "http" or "https", for X-Forwarded-Proto.
-    pub proto: &'static str,
-    /// Requests in flight on this listener (load shedding, drain).
-    pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }

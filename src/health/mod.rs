@@ -6,7 +6,7 @@
 //!
 //! The checks follow the configuration: a reload keeps the slots (and so the verdicts) of
 //! checks it keeps, restarts the tasks of checks whose settings changed, and drops the rest.
-//! The tasks stop at the end of a drain (`Shared.background`); the Postgres pool is closed
+//! The tasks stop at the end of a drain (the `Background` tasks); the Postgres pool is closed
 //! after them (`close_pools`).
 
 pub mod aggregate;
@@ -18,7 +18,8 @@ pub mod upstream;
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -30,9 +31,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::app::state::Shared;
+use crate::admission::ratelimit;
 use crate::config::{CheckConfig, Config, MemoryCheck, PostgresDependency, UpstreamConfig};
+use crate::observe::signals::Signals;
 use crate::reload::KeyedState;
+use crate::route::Snapshot;
+use crate::shutdown::Background;
+use crate::upstream::resilience::UpstreamStates;
 use counter::{Counter, Transition, Verdict};
 
 /// Share of the interval by which each wait is jittered, so replicas (and the endpoints of
@@ -215,11 +220,10 @@ impl HealthMetrics {
 // === the registry of checks ===
 
 /// Where the pool gauges come from at scrape time: the health-check Postgres pool, and the
-/// program's Redis client (owned by the rate limiter registry, reached through `Shared`).
-#[derive(Default)]
+/// program's Redis client (owned by the rate limiter registry).
 pub struct PoolSources {
     postgres: Mutex<Option<Arc<postgres::PgPool>>>,
-    shared: OnceLock<Weak<Shared>>,
+    limiters: Arc<ratelimit::Registry>,
 }
 
 impl std::fmt::Debug for PoolSources {
@@ -236,9 +240,15 @@ impl PoolSources {
             .clone()
     }
 
+    pub fn new(limiters: Arc<ratelimit::Registry>) -> Self {
+        PoolSources {
+            postgres: Mutex::new(None),
+            limiters,
+        }
+    }
+
     fn redis(&self) -> Option<Arc<crate::admission::ratelimit::fallback::RedisStore>> {
-        let shared = self.shared.get()?.upgrade()?;
-        shared.limiters.redis_client()
+        self.limiters.redis_client()
     }
 }
 
@@ -267,36 +277,49 @@ pub struct Health {
     running: Mutex<BTreeMap<String, Running>>,
     /// Set once the drain has stopped the checks: a late reload starts nothing.
     stopped: std::sync::atomic::AtomicBool,
+    inputs: HealthInputs,
+    /// Handed to the check tasks, which must not keep `Health` alive.
+    me: Weak<Health>,
+}
+
+/// What the checks and the probe endpoints read of the process-wide state: a narrow
+/// handle `app` builds.
+pub struct HealthInputs {
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+    /// Set when a drain starts: `/readyz` answers 503.
+    pub draining: Arc<AtomicBool>,
+    pub upstream_states: Arc<UpstreamStates>,
     /// The alert signals: each Postgres probe counts as a database query there
     /// (`db_error_rate`).
-    signals: OnceLock<Arc<crate::alert::signals::Signals>>,
+    pub signals: Arc<Signals>,
 }
 
 impl Health {
-    pub fn new(metrics: HealthMetrics, pools: Arc<PoolSources>) -> Health {
-        Health {
+    pub fn new(
+        metrics: HealthMetrics,
+        pools: Arc<PoolSources>,
+        inputs: HealthInputs,
+    ) -> Arc<Health> {
+        Arc::new_cyclic(|me| Health {
             started: Instant::now(),
             metrics,
             pools,
             checks: ArcSwap::from_pointee(Vec::new()),
             running: Mutex::new(BTreeMap::new()),
             stopped: std::sync::atomic::AtomicBool::new(false),
-            signals: OnceLock::new(),
-        }
+            inputs,
+            me: me.clone(),
+        })
     }
 
     /// Starts the checks of `config` and registers their stop with the drain.
-    pub fn start(self: &Arc<Self>, shared: &Arc<Shared>, config: &Config) {
-        let _ = self.pools.shared.set(Arc::downgrade(shared));
-        let _ = self.signals.set(shared.alerts.signals.clone());
+    pub fn start(self: &Arc<Self>, background: &Background, config: &Config) {
         self.apply(config);
         let health = self.clone();
-        shared
-            .background
-            .spawn("health checks", move |mut stop| async move {
-                crate::shutdown::stopped(&mut stop).await;
-                health.stop_all(Duration::from_secs(1)).await;
-            });
+        background.spawn("health checks", move |mut stop| async move {
+            crate::shutdown::stopped(&mut stop).await;
+            health.stop_all(Duration::from_secs(1)).await;
+        });
     }
 
     pub fn uptime(&self) -> Duration {
@@ -320,9 +343,6 @@ impl Health {
         if self.stopped.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
-        let Some(shared) = self.pools.shared.get().and_then(Weak::upgrade) else {
-            return;
-        };
         let mut wanted: BTreeMap<String, (Spec, CheckConfig, Vec<String>)> = BTreeMap::new();
         let deps = &config.dependencies;
         if let Some(pg) = &deps.postgres {
@@ -382,7 +402,7 @@ impl Health {
                 }
                 if let Spec::Upstream(u) = &r.spec {
                     let still_checked = wanted.contains_key(&name);
-                    upstream::forget(&shared, u, still_checked);
+                    upstream::forget(&self.inputs.upstream_states, u, still_checked);
                 }
                 if !wanted.contains_key(&name) {
                     self.metrics.status.remove(&HealthMetrics::labels(&name));
@@ -419,7 +439,7 @@ impl Health {
                 slots,
             });
             let (stop, stop_rx) = watch::channel(false);
-            let tasks = self.spawn_check(&shared, &check, &spec, &cfg, &stop_rx);
+            let tasks = self.spawn_check(&check, &spec, &cfg, &stop_rx);
             running.insert(
                 name,
                 Running {
@@ -438,7 +458,6 @@ impl Health {
 
     fn spawn_check(
         &self,
-        shared: &Arc<Shared>,
         check: &Arc<Check>,
         spec: &Spec,
         cfg: &CheckConfig,
@@ -450,7 +469,7 @@ impl Health {
             slot: slot.clone(),
             stop: stop.clone(),
             metrics: self.metrics.clone(),
-            health: Arc::downgrade(&shared.health),
+            health: self.me.clone(),
         };
         let Some((_, first)) = check.slots.first() else {
             return Vec::new();
@@ -517,7 +536,9 @@ impl Health {
                     ctx(first).run(move || async move { memory::probe(warn) }, |_| {}),
                 )]
             }
-            Spec::Upstream(u) => upstream::spawn(shared, u, &check.slots, ctx),
+            Spec::Upstream(u) => {
+                upstream::spawn(&self.inputs.upstream_states, u, &check.slots, ctx)
+            }
         }
     }
 
@@ -654,7 +675,7 @@ impl Runner {
             streak = if ok { streak.saturating_add(1) } else { 0 };
             let transition = counter.record(ok);
             if self.name == "postgres"
-                && let Some(s) = self.health.upgrade().and_then(|h| h.signals.get().cloned())
+                && let Some(s) = self.health.upgrade().map(|h| h.inputs.signals.clone())
             {
                 s.db_query(result.ok);
             }
@@ -839,126 +860,8 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-// === the probe endpoints (admin listener) ===
-
-/// `/health`: the cached aggregate as JSON; 200 unless a critical check is unhealthy.
-/// Public: no error text and no address (see [`aggregate::Audience`]).
-pub fn health_response(shared: &Shared) -> (http::StatusCode, String) {
-    render_health(shared, aggregate::Audience::Public)
-}
-
-/// `/admin/health`: the same, with each check's error and every detail.
-pub fn health_detail_response(shared: &Shared) -> (http::StatusCode, String) {
-    render_health(shared, aggregate::Audience::Operator)
-}
-
-fn render_health(shared: &Shared, audience: aggregate::Audience) -> (http::StatusCode, String) {
-    let h = &shared.health;
-    let draining = shared.draining.load(std::sync::atomic::Ordering::Relaxed);
-    let breakers = breakers_not_closed(shared);
-    let (summary, body) =
-        aggregate::render_with(&h.checks(), &breakers, h.uptime(), draining, audience);
-    h.metrics.overall.set(summary.status.as_gauge());
-    let code = if summary.status == Status::Unhealthy {
-        http::StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        http::StatusCode::OK
-    };
-    (code, body)
-}
-
-/// Every breaker of the current configuration that is not CLOSED, by upstream and route.
-pub fn breakers_not_closed(shared: &Shared) -> Vec<aggregate::BreakerReport> {
-    let snapshot = shared.snapshot.load();
-    let (now, wall) = (Instant::now(), std::time::SystemTime::now());
-    let mut names: Vec<&String> = snapshot.upstreams.keys().collect();
-    names.sort();
-    names
-        .into_iter()
-        .filter_map(|n| snapshot.upstreams.get(n))
-        .flat_map(|u| u.state.breakers())
-        .filter_map(|b| {
-            let (state, since, _) = b.status(now);
-            (state != crate::upstream::breaker::State::Closed).then(|| aggregate::BreakerReport {
-                upstream: b.upstream.clone(),
-                route: b.route.clone(),
-                state,
-                since: wall
-                    .checked_sub(now.saturating_duration_since(since))
-                    .unwrap_or(wall),
-            })
-        })
-        .collect()
-}
-
-/// The breakers that fail requests fast right now ("backend/chat"), for readiness. An
-/// OPEN breaker whose `open_for` is over, and a HALF_OPEN one, do not count: they need
-/// traffic to close, which a replica out of the Service would never get.
-pub fn blocking_breakers(shared: &Shared) -> Vec<String> {
-    let snapshot = shared.snapshot.load();
-    let now = Instant::now();
-    let mut list: Vec<String> = snapshot
-        .upstreams
-        .values()
-        .flat_map(|u| u.state.breakers())
-        .filter(|b| b.status(now).2)
-        .map(|b| b.display_name())
-        .collect();
-    list.sort();
-    list
-}
-
-/// `/readyz`: ready when not draining and no critical check is unhealthy (and, with
-/// `readiness.breaker_open: not_ready`, no breaker open). The body names what is wrong.
-pub fn ready_response(shared: &Shared) -> (http::StatusCode, String) {
-    if shared.draining.load(std::sync::atomic::Ordering::Relaxed) {
-        return (http::StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
-    }
-    let summary = aggregate::summarize(&shared.health.checks());
-    let mut reasons = Vec::new();
-    if !summary.ready() {
-        reasons.push(format!("{} unhealthy", summary.failing_critical.join(", ")));
-    }
-    let breaker_open = shared.snapshot.load().config.readiness.breaker_open;
-    if breaker_open == crate::config::BreakerReadiness::NotReady {
-        reasons.extend(
-            blocking_breakers(shared)
-                .into_iter()
-                .map(|b| format!("circuit breaker {b} open")),
-        );
-    }
-    if reasons.is_empty() {
-        (http::StatusCode::OK, "ready\n".into())
-    } else {
-        (
-            http::StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}\n", reasons.join(", ")),
-        )
-    }
-}
-
-/// `health_path` on a traffic listener: the `/health` JSON, and 503 while draining as well,
-/// since a load balancer that only sees this port has no `/readyz` to stop on.
-pub fn listener_health_response(shared: &Shared) -> http::Response<crate::stream::body::ProxyBody> {
-    let (mut code, body) = health_response(shared);
-    if shared.draining.load(std::sync::atomic::Ordering::Relaxed) {
-        code = http::StatusCode::SERVICE_UNAVAILABLE;
-    }
-    let mut resp = http::Response::new(crate::stream::body::ProxyBody::full(bytes::Bytes::from(
-        body,
-    )));
-    *resp.status_mut() = code;
-    let h = resp.headers_mut();
-    h.insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    h.insert(
-        http::header::CACHE_CONTROL,
-        http::HeaderValue::from_static("no-store"),
-    );
-    resp
-}
+pub mod respond;
+pub use respond::*;
 
 #[cfg(test)]
 mod tests {

@@ -26,7 +26,6 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use super::counter::Transition;
 use super::{Hooks, Probe, Runner, Slot, Value, View};
-use crate::app::state::Shared;
 use crate::body::RequestBody;
 use crate::config::UpstreamConfig;
 use crate::upstream::forward::{self, Timers, Upstream};
@@ -39,7 +38,7 @@ const MAX_BODY: usize = 64 * 1024;
 
 /// One task for the upstream, which runs one runner per endpoint.
 pub(super) fn spawn(
-    shared: &Arc<Shared>,
+    states: &Arc<UpstreamStates>,
     cfg: &UpstreamConfig,
     slots: &[(String, Slot)],
     runner: impl Fn(&Slot) -> Runner,
@@ -56,7 +55,7 @@ pub(super) fn spawn(
     };
     let runners: Vec<Runner> = slots.iter().map(|(_, s)| runner(s)).collect();
     let slots = slots.to_vec();
-    let states = shared.upstream_states.clone();
+    let states = states.clone();
     let cfg = cfg.clone();
     vec![tokio::spawn(async move {
         let upstream = match build(&cfg, &states).await {
@@ -218,11 +217,11 @@ async fn probe(u: &Upstream, i: usize, path: Uri, connect: Duration, timeout: Du
 }
 
 /// The check of `cfg` stopped: unless it is restarted, its verdicts no longer steer traffic.
-pub(super) fn forget(shared: &Shared, cfg: &UpstreamConfig, restarted: bool) {
+pub(super) fn forget(states: &UpstreamStates, cfg: &UpstreamConfig, restarted: bool) {
     if restarted {
         return;
     }
-    if let Some(state) = shared.upstream_states.get(&cfg.name) {
+    if let Some(state) = states.get(&cfg.name) {
         for e in &cfg.endpoints {
             state
                 .endpoint(&e.to_string())

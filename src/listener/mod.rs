@@ -25,8 +25,8 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
-use crate::app::state::{ListenerCtx, Shared};
 use crate::config::{DrainMode, ListenerConfig};
+use crate::pipeline::{ListenerCtx, Traffic};
 use crate::shutdown::{ConnClosing, ConnHold, Drainable, Handover, HoldSource, Phase, reached};
 use crate::workers::Workers;
 use h1_guard::Verdict;
@@ -114,7 +114,7 @@ impl Server {
     pub fn start(
         bound: Bound,
         config: ListenerConfig,
-        shared: Arc<Shared>,
+        traffic: Arc<Traffic>,
         workers: &Workers,
     ) -> Server {
         let addr = bound.addr;
@@ -122,12 +122,12 @@ impl Server {
         let (phase, phase_rx) = watch::channel(Phase::Serving);
         let open = Arc::new(AtomicUsize::new(0));
         let in_flight = Arc::new(AtomicUsize::new(0));
-        shared.http.track_listener(&name, &open, &in_flight);
+        traffic.http.track_listener(&name, &open, &in_flight);
         let acceptor = Acceptor {
             builder: builder(&config),
             ctx: Arc::new(ListenerCtx {
                 name: name.clone(),
-                shared,
+                traffic,
                 proto: "http",
                 in_flight,
             }),
@@ -245,7 +245,7 @@ impl Acceptor {
     ) {
         let accepted = self
             .ctx
-            .shared
+            .traffic
             .http
             .worker_connections(&self.ctx.name, crate::workers::index());
         loop {
@@ -333,7 +333,7 @@ impl Acceptor {
             if state.closing.load(Ordering::Relaxed) {
                 req.extensions_mut().insert(ConnClosing);
             }
-            let request = ctx.shared.in_flight.request();
+            let request = ctx.traffic.in_flight.request();
             let ctx = ctx.clone();
             let state = state.clone();
             // HTTP/2 heads never go through the guard, and hyper already hands the service
@@ -355,7 +355,7 @@ impl Acceptor {
             });
             async move {
                 let mut resp = if health {
-                    crate::health::listener_health_response(&ctx.shared)
+                    crate::health::listener_health_response(&ctx.traffic.health)
                 } else {
                     let resp = crate::pipeline::handle(ctx, peer, req, framing_ok).await;
                     if let Some(v) = upgrading

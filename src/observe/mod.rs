@@ -14,6 +14,7 @@ pub mod histogram;
 pub mod http;
 pub mod series;
 pub mod sharded;
+pub mod signals;
 
 use std::sync::Arc;
 

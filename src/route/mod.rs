@@ -6,6 +6,9 @@
 //! [`match_path`]), so no spelling of a path reaches another route than the path itself.
 
 pub mod headers;
+pub mod table;
+
+pub use table::{ListenerRoutes, Snapshot};
 
 use std::borrow::Cow;
 use std::sync::Arc;
