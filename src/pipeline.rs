@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use http_body::Body;
 use http_body_util::BodyExt;
 use std::time::Duration;
@@ -24,7 +24,7 @@ use crate::error::ProxyError;
 use crate::health::Health;
 use crate::observe::access_log::{AccessRecord, Outcome as LogOutcome};
 use crate::observe::http::HttpMetrics;
-use crate::observe::http::{UpstreamErrorKind, method_index};
+use crate::observe::http::method_index;
 use crate::route;
 use crate::route::Route;
 use crate::route::headers::{self, X_REQUEST_ID};
@@ -33,11 +33,12 @@ use crate::shutdown::ConnClosing;
 use crate::stream::body::ProxyBody;
 use crate::stream::tail::{Observed, Tail};
 use crate::stream::upgrade::{self, ClientUpgrade};
+use crate::upstream::attempts::{Attempts, error_kind};
 use crate::upstream::breaker::{Admit, Outcome};
 use crate::upstream::forward::{self, Upstream};
 use crate::upstream::resilience::UpstreamStates;
-use crate::upstream::resilience::{BreakerTicket, EndpointState, InFlight, UpstreamMetrics};
-use crate::upstream::retry::{self, Failure};
+use crate::upstream::resilience::{BreakerTicket, InFlight, UpstreamMetrics};
+use crate::upstream::retry::{self};
 use arc_swap::ArcSwap;
 
 /// What the request path reads and writes of the process-wide state: a narrow handle `app`
@@ -121,7 +122,7 @@ pub async fn handle(
             start,
         };
         match begin(&env, listener, req, &mut tail) {
-            Ok(Step::Send(mut send)) => send.run(&env, &mut tail).await,
+            Ok(Step::Send(mut attempts, idle)) => send(&env, &mut attempts, idle, &mut tail).await,
             Ok(step) => {
                 // Behind a vtable as well as boxed: its code stays out of the poll function
                 // every request runs (the compiler would otherwise inline it there).
@@ -209,7 +210,7 @@ enum Step<'a> {
         timers: forward::Timers,
     },
     /// Ready for the retry loop: the hot path.
-    Send(Send<'a>),
+    Send(Attempts<'a>, Duration),
 }
 
 /// Admission (draining, listener shedding), framing, route; then on through `after_route`
@@ -477,16 +478,17 @@ fn outgoing<'a>(
         && replay.is_some()
         && retry::may_retry_once_sent(&cfg.retry, &parts.method))
     .then(|| Box::new((parts.uri.clone(), parts.headers.clone())));
-    Step::Send(Send {
-        upstream,
-        method: parts.method.clone(),
-        request: Some(Request::from_parts(parts, body)),
-        forwarded,
-        replay,
-        template,
-        timers,
+    Step::Send(
+        Attempts::new(
+            upstream,
+            Request::from_parts(parts, body),
+            forwarded,
+            replay,
+            template,
+            timers,
+        ),
         idle,
-    })
+    )
 }
 
 /// The steps that wait on something other than the upstream's answer, then the send.
@@ -549,7 +551,7 @@ async fn slow(
             } => {
                 return upgrade(env, route, parts, body, *client_upgrade, timers, tail).await;
             }
-            Step::Send(mut send) => return send.run(env, tail).await,
+            Step::Send(mut attempts, idle) => return send(env, &mut attempts, idle, tail).await,
         };
     }
 }
@@ -649,283 +651,41 @@ async fn upgrade(
     Ok(Response::from_parts(parts, ProxyBody::direct(body)))
 }
 
-/// The retry loop: each attempt picks an endpoint (another one than before when it can),
-/// sends, classifies the result, feeds endpoint health, and decides whether to go again.
-/// Never retries once the response was handed on; never retries what may have reached the
-/// upstream unless the method is idempotent and the body was kept.
-///
-/// Owned by `handle`'s future and lent to `run` and `forward::send`: passed by value, the
-/// request would be copied into every future on the way, and kept there.
-struct Send<'a> {
-    upstream: &'a Upstream,
-    method: Method,
-    /// The request for the next attempt: taken by the send, put back when it provably
-    /// never left.
-    request: Option<Request<RequestBody>>,
-    /// Headers written after the request's own (see `crate::upstream::forwarded::Forwarded`), every attempt.
-    forwarded: Option<crate::upstream::forwarded::Forwarded>,
-    /// The request body, kept for a retry (None: not replayable).
-    replay: Option<Bytes>,
-    /// URI and headers: enough, with `method` and `replay`, to rebuild a request that was
-    /// sent for a retry. Only kept when such a retry is possible (see `outgoing`); boxed,
-    /// as it is rarely there and `Send` is moved on every request.
-    template: Option<Box<(Uri, HeaderMap)>>,
-    timers: forward::Timers,
+/// Runs the retry loop (`upstream::attempts`), then streams the answer back under the
+/// route's idle timer, with the breaker told what the loop saw.
+async fn send(
+    env: &Env<'_>,
+    attempts: &mut Attempts<'_>,
     idle: Duration,
-}
-
-impl Send<'_> {
-    async fn run(
-        &mut self,
-        env: &Env<'_>,
-        tail: &mut Tail,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        let upstream = self.upstream;
-        let cfg = &upstream.resilience;
-        if let Ok(mut b) = upstream.state.budget.lock() {
-            b.record_request(Instant::now());
-        }
-        let mut tried: u64 = 0;
-        // Endpoints whose connect failed during this request: counted once toward their
-        // ejection, not once per connect of a connect wait (the errors metric counts each).
-        let mut refused: u64 = 0;
-        let mut wait = retry::ConnectWait::default();
-        let mut attempt = 1;
-        loop {
-            let idx = upstream.pick(tried).ok_or_else(|| no_endpoints(upstream))?;
-            if idx < 64 {
-                tried |= 1 << idx;
+    tail: &mut Tail,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    match attempts.run().await {
+        Ok(answer) => {
+            if let (Some(t), Some(v)) = (tail.ticket.as_mut(), answer.verdict) {
+                // Otherwise the body's end decides (a stream may still die).
+                t.report(v);
             }
-            let endpoint = &upstream.endpoints[idx];
-            if self.request.is_none() {
-                self.request = self.rebuild();
+            tail.endpoint_slot = answer.endpoint_slot;
+            if let Some(r) = tail.log.as_mut() {
+                r.ttfb = Some(env.start.elapsed());
             }
-            let Some(request) = self.request.as_mut() else {
-                // Nothing left to send (cannot happen: a retry is only chosen with a request).
-                return Err(no_endpoints(upstream));
-            };
-            request
-                .headers_mut()
-                .insert(header::HOST, endpoint.pool.host_header.clone());
-            let slot = InFlight::try_acquire(endpoint.state.clone(), None);
-            let sent_at = Instant::now();
-            let result = forward::send(
-                &upstream.name,
-                endpoint,
-                &mut self.request,
-                self.forwarded.as_ref(),
-                &self.timers,
-            )
-            .await;
-            let can_go_again = attempt < cfg.retry.attempts
-                && self.timers.deadline.is_none_or(|d| Instant::now() < d);
-            match result {
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    let failed = matches!(status, 502..=504)
-                        || (status == 500 && cfg.circuit_breaker.count_500);
-                    // 429/503 with Retry-After: "back off", not "dead". Passed on, not retried.
-                    let backoff_signal = matches!(status, 429 | 503)
-                        && resp.headers().contains_key(header::RETRY_AFTER);
-                    upstream
-                        .state
-                        .endpoint_result(&endpoint.state, !failed, cfg);
-                    if failed
-                        && !backoff_signal
-                        && can_go_again
-                        && retry::retryable(
-                            &cfg.retry,
-                            Failure::Status(status),
-                            &self.method,
-                            self.replay.is_some(),
-                        )
-                        && self.take_budget("status")
-                    {
-                        drop(resp);
-                        Box::pin(self.pause(attempt)).await;
-                        attempt += 1;
-                        continue;
-                    }
-                    if let Some(t) = tail.ticket.as_mut() {
-                        if backoff_signal && !cfg.circuit_breaker.count_backoff {
-                            t.report(Outcome::Ignored);
-                        } else if failed {
-                            t.report(Outcome::Failure);
-                        }
-                        // Otherwise the body's end decides (a stream may still die).
-                    }
-                    tail.endpoint_slot = slot;
-                    if let Some(r) = tail.log.as_mut() {
-                        r.ttfb = Some(env.start.elapsed());
-                    }
-                    // Stream back, frame by frame.
-                    let (mut parts, body) = resp.into_parts();
-                    headers::strip_hop_by_hop(&mut parts.headers, false);
-                    let body = TimedBody::new(body, self.idle, self.timers.deadline, None);
-                    return Ok(Response::from_parts(parts, ProxyBody::upstream(body)));
-                }
-                Err(e) => {
-                    let Some(failure) = e.failure else {
-                        // The client's own request body failed: nothing to learn or retry.
-                        return Err(e.error);
-                    };
-                    if let Some(kind) = error_kind(failure) {
-                        upstream.errors.inc(kind);
-                    }
-                    let connect = matches!(failure, Failure::Connect | Failure::ConnectTimeout);
-                    let bit = if idx < 64 { 1 << idx } else { 0 };
-                    if !(connect && refused & bit != 0) {
-                        upstream.state.endpoint_result(&endpoint.state, false, cfg);
-                    }
-                    if connect {
-                        refused |= bit;
-                    }
-                    if e.by_deadline && self.replay.is_none() {
-                        // Cut short while connecting: retried, as before, only with a kept
-                        // body.
-                        self.request = None;
-                    }
-                    let replayable = self.request.is_some() || self.replay.is_some();
-                    if replayable && retry::ConnectWait::applies(&cfg.retry, failure) {
-                        // A restart: wait for the upstream to listen again (retry.rs). No
-                        // retry budget is spent: it keeps retries from multiplying the load
-                        // that reaches the upstream, and a refused connect reaches nothing.
-                        // The endpoint's gate paces the connects of all waiting requests.
-                        // Boxed, as `pause`: the timer stays out of every request's future.
-                        if Box::pin(self.connect_turn(&mut wait, failure, &endpoint.state, sent_at))
-                            .await
-                        {
-                            self.count_retry("connect_wait");
-                            continue;
-                        }
-                    } else if can_go_again
-                        && retry::retryable(&cfg.retry, failure, &self.method, replayable)
-                        && self.take_budget(failure.reason())
-                    {
-                        Box::pin(self.pause(attempt)).await;
-                        attempt += 1;
-                        continue;
-                    }
-                    if let Some(t) = tail.ticket.as_mut() {
-                        t.report(Outcome::Failure);
-                    }
-                    return Err(e.error);
-                }
+            // Stream back, frame by frame.
+            let (mut parts, body) = answer.response.into_parts();
+            headers::strip_hop_by_hop(&mut parts.headers, false);
+            let body = TimedBody::new(body, idle, attempts.deadline(), None);
+            Ok(Response::from_parts(parts, ProxyBody::upstream(body)))
+        }
+        Err(failed) => {
+            if let (Some(t), Some(v)) = (tail.ticket.as_mut(), failed.verdict) {
+                t.report(v);
             }
+            Err(failed.error)
         }
-    }
-
-    fn rebuild(&self) -> Option<Request<RequestBody>> {
-        let (uri, headers) = self.template.as_deref()?;
-        let body = self.replay.clone()?;
-        let mut req = Request::new(if body.is_empty() {
-            RequestBody::Empty
-        } else {
-            RequestBody::Full(Some(body))
-        });
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = uri.clone();
-        *req.headers_mut() = headers.clone();
-        Some(req)
-    }
-
-    fn take_budget(&self, reason: &'static str) -> bool {
-        let upstream = self.upstream;
-        let ok = upstream
-            .state
-            .budget
-            .lock()
-            .map(|mut b| b.try_retry(Instant::now()))
-            .unwrap_or(false);
-        if ok {
-            self.count_retry(reason);
-        } else {
-            upstream
-                .state
-                .metrics()
-                .retry_budget_exhausted
-                .get_or_create(&UpstreamMetrics::upstream(&upstream.name))
-                .inc();
-        }
-        ok
-    }
-
-    fn count_retry(&self, reason: &'static str) {
-        let mut labels = UpstreamMetrics::upstream(&self.upstream.name);
-        labels.push(("reason", reason.to_string()));
-        self.upstream
-            .state
-            .metrics()
-            .retries
-            .get_or_create(&labels)
-            .inc();
-    }
-
-    /// Sleeps until this request, in a connect wait after a connect failure, may connect to
-    /// `endpoint` again (its turn at the endpoint's gate, or the endpoint accepted a connect
-    /// meanwhile, or its wait ends: one last connect); false when the wait is over. `tried_at`:
-    /// when the failed connect began (a connect timeout began long before it failed).
-    async fn connect_turn(
-        &self,
-        wait: &mut retry::ConnectWait,
-        failure: Failure,
-        endpoint: &EndpointState,
-        tried_at: Instant,
-    ) -> bool {
-        let cfg = &self.upstream.resilience.retry;
-        // Bounded: `next` ends the wait after `connect_wait` and after a bounded number of
-        // sleeps.
-        loop {
-            let step = wait.next(
-                cfg,
-                failure,
-                Instant::now(),
-                self.timers.deadline,
-                crate::jitter::unit(),
-            );
-            let retry::WaitStep::Again { after, last } = step else {
-                let now = Instant::now();
-                return wait.stale(
-                    endpoint.connect_gate.connected_since(tried_at),
-                    now,
-                    self.timers.deadline,
-                );
-            };
-            tokio::time::sleep(after).await;
-            if last
-                || endpoint
-                    .connect_gate
-                    .turn(Instant::now(), tried_at, crate::jitter::unit())
-            {
-                return true;
-            }
-        }
-    }
-
-    async fn pause(&self, attempt: u32) {
-        let mut wait = retry::backoff(&self.upstream.resilience.retry, attempt);
-        if let Some(d) = self.timers.deadline {
-            wait = wait.min(d.saturating_duration_since(Instant::now()));
-        }
-        tokio::time::sleep(wait).await;
-    }
-}
-
-fn error_kind(f: Failure) -> Option<UpstreamErrorKind> {
-    match f {
-        Failure::Connect => Some(UpstreamErrorKind::ConnectError),
-        Failure::ConnectTimeout => Some(UpstreamErrorKind::ConnectTimeout),
-        Failure::FirstByteTimeout => Some(UpstreamErrorKind::FirstByteTimeout),
-        Failure::Reset => Some(UpstreamErrorKind::Reset),
-        Failure::Status(_) => None,
     }
 }
 
 fn no_endpoints(upstream: &Upstream) -> ProxyError {
-    ProxyError::UpstreamUnavailable {
-        upstream: upstream.name.clone(),
-        detail: "no endpoints".into(),
-    }
+    crate::upstream::attempts::no_endpoints(upstream)
 }
 
 fn shed(metrics: &UpstreamMetrics, scope: &'static str, name: &str) {

@@ -2,6 +2,7 @@
 //! loop and its budget, the choice of endpoint, the forward itself, the connection pool and
 //! our HTTP/1.1 client.
 
+pub mod attempts;
 pub mod balance;
 pub mod breaker;
 pub mod client;
