@@ -22,4 +22,5 @@ pub mod reload;
 pub mod retry;
 pub mod server;
 pub mod shutdown;
+pub(crate) mod sync;
 pub mod workers;

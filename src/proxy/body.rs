@@ -314,9 +314,7 @@ pub enum UploadState {
 impl Upload {
     fn lock(&self) -> MutexGuard<'_, UploadState> {
         // A plain value: a panic elsewhere cannot leave it half-written.
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::lock(&self.0)
     }
 
     pub(crate) fn new(state: UploadState) -> Self {
@@ -552,9 +550,7 @@ struct Watched {
 impl Watched {
     fn lock(&self) -> MutexGuard<'_, Exchange> {
         // Every field stays consistent across a panic (each is replaced whole).
-        self.shared
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::lock(&self.shared)
     }
 }
 
@@ -571,9 +567,7 @@ async fn watchdog(shared: Weak<Mutex<Exchange>>, timeout: Duration) {
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        let mut ex = shared
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut ex = crate::sync::lock(&shared);
         if ex.cut || kind_ended(&ex.kind) {
             return;
         }

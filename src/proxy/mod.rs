@@ -15,7 +15,7 @@ mod upgrade;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
@@ -220,7 +220,7 @@ impl Shared {
     /// Takes a sample and keeps it in the series.
     pub fn record_sample(&self) {
         let s = self.sample();
-        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut series = crate::sync::lock(&self.series);
         // A reload may have brought longer rule windows.
         series.keep_at_least(self.alerts.longest_window());
         series.push(s);

@@ -272,16 +272,11 @@ impl Registry {
         let redis = match &cfg.redis {
             Some(rc) => Some(self.redis_store(rc)?),
             None => {
-                if let Ok(mut r) = self.redis.lock() {
-                    *r = None;
-                }
+                *crate::sync::lock(&self.redis) = None;
                 None
             }
         };
-        let mut states = self
-            .states
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut states = crate::sync::lock(&self.states);
         states.retain(|name, _| cfg.rate_limits.contains_key(name));
         let mut out = HashMap::new();
         for (name, pc) in &cfg.rate_limits {
@@ -315,10 +310,7 @@ impl Registry {
     }
 
     fn redis_store(&self, rc: &RedisConfig) -> Result<Arc<RedisStore>, String> {
-        let mut current = self
-            .redis
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut current = crate::sync::lock(&self.redis);
         if let Some((cfg, store)) = current.as_ref()
             && cfg == rc
         {
@@ -333,24 +325,21 @@ impl Registry {
     /// The program's Redis client, when the configuration has one (health check, pool
     /// gauges).
     pub fn redis_client(&self) -> Option<Arc<RedisStore>> {
-        self.redis
-            .lock()
-            .ok()
-            .and_then(|r| r.as_ref().map(|(_, s)| s.clone()))
+        crate::sync::lock(&self.redis)
+            .as_ref()
+            .map(|(_, s)| s.clone())
     }
 
     /// Whether a Redis client is configured (policies with `store: redis`).
     pub fn uses_redis(&self) -> bool {
-        self.redis.lock().map(|r| r.is_some()).unwrap_or(false)
+        crate::sync::lock(&self.redis).is_some()
     }
 
     /// Whether Redis policies are being decided in memory right now.
     pub fn fallback_active(&self) -> bool {
-        self.redis
-            .lock()
-            .ok()
-            .and_then(|r| r.as_ref().map(|(_, s)| s.fallback_active()))
-            .unwrap_or(false)
+        crate::sync::lock(&self.redis)
+            .as_ref()
+            .is_some_and(|(_, s)| s.fallback_active())
     }
 }
 
