@@ -178,7 +178,7 @@ enum Step<'a> {
         timers: forward::Timers,
     },
     /// Ready for the retry loop: the hot path.
-    Send(Send<'a>),
+    Send(RetryLoop<'a>),
 }
 
 /// Admission (draining, listener shedding), framing, route; then on through `after_route`
@@ -446,7 +446,7 @@ fn outgoing<'a>(
         && replay.is_some()
         && retry::may_retry_once_sent(&cfg.retry, &parts.method))
     .then(|| Box::new((parts.uri.clone(), parts.headers.clone())));
-    Step::Send(Send {
+    Step::Send(RetryLoop {
         upstream,
         method: parts.method.clone(),
         request: Some(Request::from_parts(parts, body)),
@@ -625,7 +625,7 @@ async fn upgrade(
 ///
 /// Owned by `handle`'s future and lent to `run` and `forward::send`: passed by value, the
 /// request would be copied into every future on the way, and kept there.
-struct Send<'a> {
+struct RetryLoop<'a> {
     upstream: &'a Upstream,
     method: Method,
     /// The request for the next attempt: taken by the send, put back when it provably
@@ -637,13 +637,13 @@ struct Send<'a> {
     replay: Option<Bytes>,
     /// URI and headers: enough, with `method` and `replay`, to rebuild a request that was
     /// sent for a retry. Only kept when such a retry is possible (see `outgoing`); boxed,
-    /// as it is rarely there and `Send` is moved on every request.
+    /// as it is rarely there and `RetryLoop` is moved on every request.
     template: Option<Box<(Uri, HeaderMap)>>,
     timers: forward::Timers,
     idle: Duration,
 }
 
-impl Send<'_> {
+impl RetryLoop<'_> {
     async fn run(
         &mut self,
         env: &Env<'_>,
