@@ -209,10 +209,6 @@ impl<B> TimedBody<B> {
         }
     }
 
-    pub fn bytes_seen(&self) -> u64 {
-        self.seen
-    }
-
     /// The longest wait for the peer's next frame.
     pub fn idle(&self) -> Duration {
         self.timers.idle

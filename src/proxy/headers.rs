@@ -465,7 +465,8 @@ pub fn set_forwarded(
     proto: &'static str,
     original_host: Option<&HeaderValue>,
 ) {
-    let peer = canonical(peer);
+    // An IPv4 client seen through an IPv6 socket is written as IPv4.
+    let peer = peer.to_canonical();
     let xff = if trusted_peer {
         let prior: Vec<&str> = headers
             .get_all(&X_FORWARDED_FOR)
@@ -521,14 +522,6 @@ pub fn digits(n: u64, radix: u64, buf: &mut [u8; 20]) -> &str {
     std::str::from_utf8(&buf[i..]).unwrap_or("0")
 }
 
-/// An IPv4 client seen through an IPv6 socket is written as IPv4.
-fn canonical(peer: IpAddr) -> IpAddr {
-    match peer {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(peer),
-        v4 => v4,
-    }
-}
-
 /// X-Forwarded-For/-Proto/-Host and X-Request-Id for a request from an untrusted peer that
 /// carries none of them (nearly all): written on the wire right after the request's own
 /// headers (`client::Conn::encode`) instead of inserted into its header map, where each
@@ -549,7 +542,7 @@ impl Forwarded {
         request_id: HeaderValue,
     ) -> Self {
         Forwarded {
-            xff: ip_value(canonical(peer)),
+            xff: ip_value(peer.to_canonical()),
             proto,
             host: original_host,
             request_id,

@@ -252,11 +252,6 @@ impl EndpointPool {
         });
     }
 
-    /// Number of idle connections (tests, admin).
-    pub fn idle_count(&self) -> usize {
-        self.idle.iter().map(|s| crate::sync::lock(s).len()).sum()
-    }
-
     /// A new connection: TCP (and TLS) under `timeout`, for this endpoint's client. Boxed
     /// once per connection: it then moves between pool, request and body by pointer.
     pub async fn connect(&self, timeout: Duration) -> Result<Connection, ConnectError> {

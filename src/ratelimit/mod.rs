@@ -570,7 +570,7 @@ fn push_header_key(out: &mut String, v: &[u8]) {
 /// read from the right, skipping trusted addresses. A spoofed X-Forwarded-For from an
 /// untrusted peer is never read.
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr {
-    let peer = unmap(peer);
+    let peer = peer.to_canonical();
     if !trusted.iter().any(|c| c.contains(peer)) {
         return peer;
     }
@@ -586,7 +586,7 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr 
             // Only a broken trusted hop writes garbage: stop at the last address known.
             break;
         };
-        client = unmap(ip);
+        client = ip.to_canonical();
         if !trusted.iter().any(|c| c.contains(client)) {
             break;
         }
@@ -606,13 +606,6 @@ fn parse_xff_entry(s: &str) -> Option<IpAddr> {
     let (host, port) = s.rsplit_once(':')?;
     port.parse::<u16>().ok()?;
     host.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
-}
-
-fn unmap(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    }
 }
 
 /// IPv6 clients get a whole /64 (or the configured prefix): one host can pick any of its
