@@ -9,6 +9,9 @@
 //! runs on 127.0.0.1; the number of requests is fixed. Last, the status page's document
 //! (`/admin/status`) with 15 minutes of samples.
 
+// A benchmark run by hand: a failed setup step should stop it loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;

@@ -229,10 +229,6 @@ impl<B> TimedBody<B> {
         }
     }
 
-    pub fn bytes_seen(&self) -> u64 {
-        self.seen
-    }
-
     /// The longest wait for the peer's next frame.
     pub fn idle(&self) -> Duration {
         self.timers.idle
@@ -334,9 +330,7 @@ pub enum UploadState {
 impl Upload {
     fn lock(&self) -> MutexGuard<'_, UploadState> {
         // A plain value: a panic elsewhere cannot leave it half-written.
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::lock(&self.0)
     }
 
     pub(crate) fn new(state: UploadState) -> Self {

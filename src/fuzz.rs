@@ -139,10 +139,7 @@ pub fn xff(data: &[u8]) {
             );
         }
     }
-    let unmap = |ip: IpAddr| match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    };
+    let unmap = |ip: IpAddr| ip.to_canonical();
     let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
 
     let client = crate::admission::ratelimit::client_ip(peer, &map, &trusted);

@@ -22,6 +22,7 @@ pub mod reload;
 pub mod route;
 pub mod shutdown;
 pub mod stream;
+pub(crate) mod sync;
 pub mod text;
 pub mod upstream;
 pub mod workers;

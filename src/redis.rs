@@ -371,13 +371,11 @@ impl Target {
                 sentinels,
                 current,
             } => {
-                if let Some(c) = current.lock().ok().and_then(|c| c.clone()) {
+                if let Some(c) = crate::sync::lock(current).clone() {
                     return Ok(c);
                 }
                 let client = self.resolve(master, sentinels).await?;
-                if let Ok(mut c) = current.lock() {
-                    *c = Some(client.clone());
-                }
+                *crate::sync::lock(current) = Some(client.clone());
                 Ok(client)
             }
         }
@@ -425,8 +423,7 @@ impl Target {
 
     fn forget_master(&self) {
         if let TargetKind::Sentinel { current, .. } = &self.kind
-            && let Ok(mut c) = current.lock()
-            && c.take().is_some()
+            && crate::sync::lock(current).take().is_some()
         {
             self.generation.fetch_add(1, Ordering::Relaxed);
         }

@@ -16,7 +16,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, watch};
@@ -239,16 +239,13 @@ impl Background {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let handle = tokio::spawn(task(self.stop.subscribe()));
-        self.tasks
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((name, handle));
+        crate::sync::lock(&self.tasks).push((name, handle));
     }
 
     /// Raises the stop flag and waits up to `wait` for each task; the late ones are aborted.
     pub async fn stop(&self, wait: Duration) {
         self.stop.send_replace(true);
-        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
+        let tasks = std::mem::take(&mut *crate::sync::lock(&self.tasks));
         let deadline = Instant::now() + wait;
         for (name, mut task) in tasks {
             if tokio::time::timeout_at(deadline, &mut task).await.is_err() {

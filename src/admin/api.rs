@@ -2,7 +2,6 @@
 //! `/admin/config`, `/admin/upstreams`, `/admin/alerts`, `/admin/status` (everything the
 //! page draws, in one request), and `/` (the page itself).
 
-use std::sync::PoisonError;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -35,12 +34,7 @@ pub fn upstreams(shared: &AdminCtx) -> Value {
                 .endpoints
                 .iter()
                 .map(|e| {
-                    let ejected = e
-                        .state
-                        .health
-                        .lock()
-                        .map(|h| !h.available(now))
-                        .unwrap_or(false);
+                    let ejected = !crate::sync::lock(&e.state.health).available(now);
                     json!({
                         "url": e.state.url,
                         "in_flight": e.state.in_flight.load(Ordering::Relaxed),
@@ -94,11 +88,7 @@ fn ms(v: Option<f64>) -> Option<f64> {
 /// Everything the status page shows.
 pub fn status(shared: &AdminCtx) -> Value {
     let current = shared.inputs.sample();
-    let series = shared
-        .inputs
-        .series
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
+    let series = crate::sync::lock(&shared.inputs.series);
     let mut ups = upstreams(shared);
     let mut any_open = Vec::new();
     let mut any_ejected = false;

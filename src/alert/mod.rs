@@ -14,7 +14,7 @@ pub mod signals;
 pub mod sinks;
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -315,7 +315,7 @@ impl Alerting {
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::sync::lock(&self.inner)
     }
 
     pub fn interval(&self) -> Duration {
@@ -339,7 +339,7 @@ impl Alerting {
         let now = current.at;
         let wall = current.wall;
         let transitions = {
-            let series = shared.series.lock().unwrap_or_else(PoisonError::into_inner);
+            let series = crate::sync::lock(&shared.series);
             let mut inner = self.inner();
             inner.last_eval = Some(wall);
             inner
@@ -485,11 +485,7 @@ impl Alerting {
                 alerting.evaluate(&s);
             }
         });
-        let receiver = self
-            .receiver
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let receiver = crate::sync::lock(&self.receiver).take();
         let Some(mut rx) = receiver else { return };
         let alerting = self.clone();
         background.spawn("alert-delivery", move |mut stop| async move {

@@ -7,18 +7,17 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{Request, Uri, header};
-use http_body_util::Full;
-use hyper_util::rt::TokioIo;
+use http::{HeaderValue, Request, Uri, header};
 use rustls::pki_types::ServerName;
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 
 use super::AlertEvent;
 use super::rules::Change;
-use crate::config::{Secret, SinkConfig, SinkKind};
+use crate::body::RequestBody;
+use crate::config::{Secret, SinkConfig, SinkKind, UpstreamClient};
+use crate::upstream::pool::{self, ConnectError, EndpointPool};
 
 /// First retry after this, doubling, at most `BACKOFF_MAX` (full jitter).
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
@@ -166,8 +165,19 @@ pub async fn deliver(d: Delivery, mut stop: watch::Receiver<bool>) -> Result<u32
 }
 
 /// One POST over a fresh connection (notifications are rare: no pool), bounded by
-/// `timeout` from connect to response head. Returns the status.
+/// `timeout` from connect to response head. Returns the status. Spoken by the same client
+/// as the upstreams (`proxy::pool`), TLS included.
 pub async fn post(url: &Uri, body: Bytes, timeout: Duration) -> Result<u16, String> {
+    post_with(url, body, timeout, client_tls).await
+}
+
+/// `post`, trusting what `tls` gives (called only for https).
+async fn post_with(
+    url: &Uri,
+    body: Bytes,
+    timeout: Duration,
+    tls: impl FnOnce() -> Result<Arc<rustls::ClientConfig>, String>,
+) -> Result<u16, String> {
     let host = url
         .host()
         .ok_or("no host")?
@@ -179,59 +189,49 @@ pub async fn post(url: &Uri, body: Bytes, timeout: Duration) -> Result<u16, Stri
         .authority()
         .map(|a| a.as_str().to_owned())
         .unwrap_or_default();
+    let authority = HeaderValue::from_str(&authority).map_err(|e| e.to_string())?;
     let path = url.path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let req = Request::post(path)
-        .header(header::HOST, authority)
+        .header(header::HOST, authority.clone())
         .header(header::CONTENT_TYPE, "application/json")
         .header(
             header::USER_AGENT,
             concat!("rampart/", env!("CARGO_PKG_VERSION")),
         )
-        .body(Full::new(body))
+        .body(RequestBody::Full(Some(body)))
         .map_err(|e| e.to_string())?;
+    let tls = if https {
+        let name = ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+        Some((TlsConnector::from(tls()?), name))
+    } else {
+        None
+    };
+    // Nothing is kept idle: the connection closes with the answer.
+    let pool = Arc::new(EndpointPool::new(
+        host,
+        port,
+        authority,
+        tls,
+        UpstreamClient::Rampart,
+        Duration::ZERO,
+        0,
+    ));
+    let no_answer = || format!("no answer within {}", humantime::format_duration(timeout));
     let attempt = async {
-        let tcp = TcpStream::connect((host.as_str(), port))
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        if https {
-            let name = ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
-            let tls = TlsConnector::from(client_tls()?)
-                .connect(name, tcp)
-                .await
-                .map_err(|e| format!("TLS: {e}"))?;
-            exchange(TokioIo::new(tls), req).await
-        } else {
-            exchange(TokioIo::new(tcp), req).await
+        let conn = pool.connect(timeout).await.map_err(|e| match e {
+            ConnectError::Timeout => no_answer(),
+            ConnectError::Io(e) => format!("connect: {e}"),
+            other => other.to_string(),
+        })?;
+        match pool::exchange(conn, pool.clone(), &mut Some(req), None).await {
+            Some(Ok(resp)) => Ok(resp.status().as_u16()),
+            Some(Err(e)) => Err(e.to_string()),
+            None => Err("no request".to_owned()),
         }
     };
     tokio::time::timeout(timeout, attempt)
         .await
-        .map_err(|_| format!("no answer within {}", humantime::format_duration(timeout)))?
-}
-
-async fn exchange<I>(io: I, req: Request<Full<Bytes>>) -> Result<u16, String>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut conn = std::pin::pin!(conn);
-    let mut send = std::pin::pin!(sender.send_request(req));
-    // The connection is driven here, beside the request; dropping it afterwards closes it.
-    let conn_error = tokio::select! {
-        biased;
-        r = &mut send => return r.map(|r| r.status().as_u16()).map_err(|e| e.to_string()),
-        r = &mut conn => r.err(),
-    };
-    // The connection ended first, as it does at a receiver that answers and closes
-    // (HTTP/1.0, `Connection: close`): the answer, if one came, is already handed over,
-    // and `send` fails at once if none did.
-    match (send.await, conn_error) {
-        (Ok(r), _) => Ok(r.status().as_u16()),
-        (Err(_), Some(e)) => Err(e.to_string()),
-        (Err(_), None) => Err("connection closed before the answer".to_owned()),
-    }
+        .map_err(|_| no_answer())?
 }
 
 /// The system's trust store, loaded once.
@@ -427,6 +427,72 @@ mod tests {
             assert_eq!(r, Ok(1), "{kind}");
             assert_eq!(seen.load(Ordering::SeqCst), 1, "{kind}");
         }
+    }
+
+    /// An HTTPS receiver whose certificate a private CA signed: trusted through the
+    /// upstreams' TLS settings (`tls_config` with a CA file), it gets the notification.
+    #[tokio::test]
+    async fn an_https_receiver_with_a_private_ca_gets_the_notification() {
+        use http_body_util::{BodyExt, Empty};
+        use hyper::body::Incoming;
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url: Uri = format!("https://{}/hook", l.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let (got, mut received) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                let (acceptor, got) = (acceptor.clone(), got.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let got = got.clone();
+                        async move {
+                            let path = req.uri().path().to_owned();
+                            let body = req.into_body().collect().await?.to_bytes();
+                            let _ = got.send((path, body));
+                            Ok::<_, hyper::Error>(http::Response::new(Empty::<Bytes>::new()))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        let ca = std::env::temp_dir().join(format!("rampart-sink-ca-{}.pem", std::process::id()));
+        std::fs::write(&ca, cert.cert.pem()).unwrap();
+        let tls = crate::upstream::forward::tls_config(Some(&ca));
+        let _ = std::fs::remove_file(&ca);
+        let status = post_with(
+            &url,
+            Bytes::from_static(b"{}"),
+            Duration::from_secs(5),
+            || tls,
+        )
+        .await;
+        assert_eq!(status, Ok(200));
+        let (path, body) = received.recv().await.unwrap();
+        assert_eq!((path.as_str(), &body[..]), ("/hook", &b"{}"[..]));
+
+        // The system's trust store alone does not know that CA.
+        let err = post(&url, Bytes::from_static(b"{}"), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(err.starts_with("TLS: "), "{err}");
     }
 
     #[test]

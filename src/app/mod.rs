@@ -8,7 +8,7 @@ pub mod state;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -72,9 +72,7 @@ type Addrs = Arc<Mutex<Vec<(String, SocketAddr)>>>;
 impl Running {
     /// The bound address of a listener (useful with port 0); follows reloads.
     pub fn addr(&self, listener: &str) -> Option<SocketAddr> {
-        self.addrs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        crate::sync::lock(&self.addrs)
             .iter()
             .find(|(n, _)| n == listener)
             .map(|(_, a)| *a)
@@ -623,6 +621,6 @@ impl Supervisor {
             .iter()
             .map(|s| (s.config.name.clone(), s.addr))
             .collect();
-        *self.addrs.lock().unwrap_or_else(PoisonError::into_inner) = addrs;
+        *crate::sync::lock(&self.addrs) = addrs;
     }
 }

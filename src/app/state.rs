@@ -3,7 +3,7 @@
 //! `alert::AlertInputs`, `admin::AdminCtx`), never this struct.
 
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
@@ -127,7 +127,7 @@ impl Shared {
     /// Takes a sample and keeps it in the series.
     pub fn record_sample(&self) {
         let s = self.alert_inputs().sample();
-        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut series = crate::sync::lock(&self.series);
         // A reload may have brought longer rule windows.
         series.keep_at_least(self.alerts.longest_window());
         series.push(s);

@@ -406,12 +406,7 @@ fn admin(ctx: &mut Ctx, f: Option<Field>) -> (AdminConfig, Option<Bind>) {
 
 /// 127.0.0.0/8 and ::1, also written as an IPv4-mapped IPv6 address.
 pub(crate) fn is_loopback(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
-        v4 => v4.is_loopback(),
-    }
+    ip.to_canonical().is_loopback()
 }
 
 /// The variables a scalar refers to, as written (`RAMPART_ADMIN_TOKEN`), for messages.

@@ -19,7 +19,7 @@ pub mod upstream;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -234,10 +234,7 @@ impl std::fmt::Debug for PoolSources {
 
 impl PoolSources {
     fn postgres(&self) -> Option<Arc<postgres::PgPool>> {
-        self.postgres
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        crate::sync::lock(&self.postgres).clone()
     }
 
     pub fn new(limiters: Arc<ratelimit::Registry>) -> Self {
@@ -383,7 +380,7 @@ impl Health {
             }
         }
 
-        let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut running = crate::sync::lock(&self.running);
         // Stop what is gone or changed; keep the slots of what changed.
         let mut kept_slots: BTreeMap<String, Vec<(String, Slot)>> = BTreeMap::new();
         let names: Vec<String> = running.keys().cloned().collect();
@@ -411,11 +408,7 @@ impl Health {
             }
         }
         if !wanted.contains_key("postgres") {
-            *self
-                .pools
-                .postgres
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = None;
+            *crate::sync::lock(&self.pools.postgres) = None;
         }
         for (name, (spec, cfg, keys)) in wanted {
             if running.contains_key(&name) {
@@ -498,10 +491,7 @@ impl Health {
                             return;
                         }
                     };
-                    *pools
-                        .postgres
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner) = Some(pool.clone());
+                    *crate::sync::lock(&pools.postgres) = Some(pool.clone());
                     let warn = pg.warn_connections_above;
                     runner
                         .run(
@@ -547,7 +537,7 @@ impl Health {
         self.stopped
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let all: Vec<Running> = {
-            let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut running = crate::sync::lock(&self.running);
             std::mem::take(&mut *running).into_values().collect()
         };
         let deadline = Instant::now() + wait;
@@ -564,12 +554,7 @@ impl Health {
     /// Closes the Postgres pool (after the checks stopped): its idle connections end, and
     /// their sessions with them.
     pub async fn close_pools(&self) {
-        let pool = self
-            .pools
-            .postgres
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let pool = crate::sync::lock(&self.pools.postgres).take();
         if let Some(pool) = pool {
             pool.close().await;
         }

@@ -12,7 +12,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -64,7 +64,7 @@ impl bb8::ErrorSink<tokio_postgres::Error> for LastError {
     fn sink(&self, e: tokio_postgres::Error) {
         let text = error_chain(&e);
         tracing::debug!(error = %text, "postgres pool: connection failed");
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(text);
+        *crate::sync::lock(&self.0) = Some(text);
     }
 
     fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<tokio_postgres::Error>> {
@@ -188,7 +188,7 @@ async fn checkout_and_query<M: PgManager>(
     // check-out would only time out), then lend the connection to the pool.
     let client = pool.dedicated_connection().await.map_err(|e| {
         let text = error_chain(&e);
-        *last_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(text.clone());
+        *crate::sync::lock(last_error) = Some(text.clone());
         text
     })?;
     let rows = client
@@ -201,11 +201,7 @@ async fn checkout_and_query<M: PgManager>(
 }
 
 fn timed_out(last_error: &Mutex<Option<String>>) -> String {
-    match last_error
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .as_deref()
-    {
+    match crate::sync::lock(last_error).as_deref() {
         Some(e) => format!("no connection in time; last connection error: {e}"),
         None => "no connection in time".into(),
     }

@@ -19,10 +19,12 @@ use std::collections::VecDeque;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::sync::lock;
 
 use super::h2_guard::H2Watch;
 
@@ -91,11 +93,6 @@ impl Verdicts {
     pub fn switched(&self) {
         lock(&self.0).stop();
     }
-}
-
-fn lock(m: &Mutex<Tracker>) -> MutexGuard<'_, Tracker> {
-    // The tracker holds no invariant a panic elsewhere could break halfway.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for H1Guard<S> {

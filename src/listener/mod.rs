@@ -12,7 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -450,10 +450,7 @@ impl ConnState {
     }
 
     fn release(&self) -> Option<ConnHold> {
-        self.hold
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
+        crate::sync::lock(&self.hold).take()
     }
 
     fn request_seen(&self) {

@@ -19,7 +19,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
@@ -141,7 +141,7 @@ impl Clock {
         if !self.registered {
             self.registered = true;
             // A task's waker stays the same: kept once for the connection's life.
-            *clocks.waker.lock().unwrap_or_else(PoisonError::into_inner) = Some(cx.waker().clone());
+            *crate::sync::lock(&clocks.waker) = Some(cx.waker().clone());
         }
         let recheck =
             clocks.recheck.load(Ordering::Relaxed) && clocks.recheck.swap(false, Ordering::Relaxed);
@@ -198,11 +198,7 @@ impl Drop for StreamGuard {
             c.recheck.store(true, Ordering::Relaxed);
             // Only there when the driver's clock waits for this (rare: its timer fired while
             // streams were open), so most streams end without waking the driver.
-            let waker = c
-                .waker
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take();
+            let waker = crate::sync::lock(&c.waker).take();
             if let Some(w) = waker {
                 w.wake();
             }

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use http::Method;
@@ -226,10 +226,7 @@ impl HttpMetrics {
             route: route.to_owned(),
             upstream: upstream.to_owned(),
         };
-        let cells = self
-            .cells
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        let cells = crate::sync::lock(&self.cells)
             .entry(labels.clone())
             .or_default()
             .clone();
@@ -264,11 +261,7 @@ impl HttpMetrics {
         connections: &Arc<AtomicUsize>,
         in_flight: &Arc<AtomicUsize>,
     ) {
-        let mut l = self
-            .live
-            .listeners
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut l = crate::sync::lock(&self.live.listeners);
         // Servers that are gone leave dead entries behind: drop them here.
         l.retain(|e| e.connections.strong_count() > 0);
         l.push(LiveListener {
@@ -509,10 +502,7 @@ impl Collector for Live {
         // A listener replaced by a reload drains beside its successor: one series per name.
         let mut by_name: BTreeMap<String, (usize, usize)> = BTreeMap::new();
         {
-            let l = self
-                .listeners
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let l = crate::sync::lock(&self.listeners);
             for e in l.iter() {
                 let (Some(c), Some(f)) = (e.connections.upgrade(), e.in_flight.upgrade()) else {
                     continue;

@@ -10,8 +10,8 @@
 //!
 //! Until something feeds a signal it is "no data": its rules stay quiet, the page says so.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
 
 use crate::observe::series::FedTotals;
 
@@ -49,18 +49,12 @@ impl Signals {
 
     /// Connections in use / the pool's maximum, for a pool no health check reports.
     pub fn set_pool_usage(&self, usage: Option<f64>) {
-        *self
-            .pool_usage
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = share(usage);
+        *crate::sync::lock(&self.pool_usage) = share(usage);
     }
 
     /// Resident memory / its limit, when the memory health check is not configured.
     pub fn set_memory_usage(&self, usage: Option<f64>) {
-        *self
-            .memory_usage
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = share(usage);
+        *crate::sync::lock(&self.memory_usage) = share(usage);
     }
 
     pub fn totals(&self) -> FedTotals {
@@ -73,16 +67,10 @@ impl Signals {
     }
 
     pub fn fed_pool_usage(&self) -> Option<f64> {
-        *self
-            .pool_usage
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        *crate::sync::lock(&self.pool_usage)
     }
 
     pub fn fed_memory_usage(&self) -> Option<f64> {
-        *self
-            .memory_usage
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        *crate::sync::lock(&self.memory_usage)
     }
 }

@@ -189,9 +189,7 @@ struct Watched {
 impl Watched {
     fn lock(&self) -> MutexGuard<'_, Exchange> {
         // Every field stays consistent across a panic (each is replaced whole).
-        self.shared
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::lock(&self.shared)
     }
 }
 
@@ -208,9 +206,7 @@ async fn watchdog(shared: Weak<Mutex<Exchange>>, timeout: Duration) {
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        let mut ex = shared
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut ex = crate::sync::lock(&shared);
         if ex.cut || kind_ended(&ex.kind) {
             return;
         }

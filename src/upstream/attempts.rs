@@ -86,9 +86,7 @@ impl<'a> Attempts<'a> {
     pub async fn run(&mut self) -> Result<Answer, Failed> {
         let upstream = self.upstream;
         let cfg = &upstream.resilience;
-        if let Ok(mut b) = upstream.state.budget.lock() {
-            b.record_request(Instant::now());
-        }
+        crate::sync::lock(&upstream.state.budget).record_request(Instant::now());
         let mut tried: u64 = 0;
         // Endpoints whose connect failed during this request: counted once toward their
         // ejection, not once per connect of a connect wait (the errors metric counts each).
@@ -239,12 +237,7 @@ impl<'a> Attempts<'a> {
 
     fn take_budget(&self, reason: &'static str) -> bool {
         let upstream = self.upstream;
-        let ok = upstream
-            .state
-            .budget
-            .lock()
-            .map(|mut b| b.try_retry(Instant::now()))
-            .unwrap_or(false);
+        let ok = crate::sync::lock(&upstream.state.budget).try_retry(Instant::now());
         if ok {
             self.count_retry(reason);
         } else {

@@ -119,11 +119,7 @@ impl Upstream {
                 in_flight: e.state.in_flight.load(Ordering::Relaxed),
                 // Failing its active checks counts as ejected.
                 available: e.state.active_ok.load(Ordering::Relaxed)
-                    && e.state
-                        .health
-                        .lock()
-                        .map(|h| h.available(now))
-                        .unwrap_or(true),
+                    && crate::sync::lock(&e.state.health).available(now),
                 tried: i < 64 && tried & (1 << i) != 0,
             })
             .collect();

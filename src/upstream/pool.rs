@@ -217,7 +217,7 @@ impl EndpointPool {
         let now = Instant::now();
         loop {
             let idle = {
-                let mut stack = self.stack().lock().ok()?;
+                let mut stack = crate::sync::lock(self.stack());
                 // The oldest sit at the bottom: drop the expired ones first.
                 let expired = stack
                     .iter()
@@ -242,23 +242,14 @@ impl EndpointPool {
         if self.max_idle == 0 {
             return;
         }
-        if let Ok(mut stack) = self.stack().lock() {
-            if stack.len() >= self.max_idle {
-                stack.remove(0);
-            }
-            stack.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
+        let mut stack = crate::sync::lock(self.stack());
+        if stack.len() >= self.max_idle {
+            stack.remove(0);
         }
-    }
-
-    /// Number of idle connections (tests, admin).
-    pub fn idle_count(&self) -> usize {
-        self.idle
-            .iter()
-            .map(|s| s.lock().map(|s| s.len()).unwrap_or(0))
-            .sum()
+        stack.push(Idle {
+            conn,
+            since: Instant::now(),
+        });
     }
 
     /// A new connection: TCP (and TLS) under `timeout`, for this endpoint's client. Boxed

@@ -122,10 +122,7 @@ pub struct UpstreamState {
 
 impl UpstreamState {
     pub fn endpoint(&self, url: &str) -> Arc<EndpointState> {
-        let mut map = match self.endpoints.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut map = crate::sync::lock(&self.endpoints);
         map.entry(url.to_string())
             .or_insert_with(|| {
                 Arc::new(EndpointState {
@@ -149,11 +146,9 @@ impl UpstreamState {
             BreakerScope::Upstream => None,
         };
         let key = route.clone().unwrap_or_default();
-        let mut map = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = crate::sync::lock(&self.breakers);
         if let Some(existing) = map.get(&key).and_then(Weak::upgrade) {
-            if let Ok(mut b) = existing.breaker.lock() {
-                b.reconfigure(cfg.clone(), now);
-            }
+            crate::sync::lock(&existing.breaker).reconfigure(cfg.clone(), now);
             return existing;
         }
         map.retain(|_, b| b.strong_count() > 0);
@@ -175,7 +170,7 @@ impl UpstreamState {
 
     /// Every breaker a route of the current configuration uses, by route name.
     pub fn breakers(&self) -> Vec<Arc<RouteBreaker>> {
-        let map = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
+        let map = crate::sync::lock(&self.breakers);
         let mut list: Vec<Arc<RouteBreaker>> = map.values().filter_map(Weak::upgrade).collect();
         list.sort_by(|a, b| a.route.cmp(&b.route));
         list
@@ -195,10 +190,7 @@ impl UpstreamState {
     pub fn health_passed(&self, needed: u32) {
         let now = Instant::now();
         for b in self.breakers() {
-            let t = match b.breaker.lock() {
-                Ok(mut br) => br.health_passed(now, needed),
-                Err(_) => None,
-            };
+            let t = crate::sync::lock(&b.breaker).health_passed(now, needed);
             if let Some(t) = t {
                 b.transitioned(t, "the active health check passes");
             }
@@ -209,9 +201,7 @@ impl UpstreamState {
     /// endpoints, any one failing does: recovery then waits for `open_for` as before.
     pub fn health_failed(&self) {
         for b in self.breakers() {
-            if let Ok(mut br) = b.breaker.lock() {
-                br.health_failed();
-            }
+            crate::sync::lock(&b.breaker).health_failed();
         }
     }
 
@@ -220,9 +210,9 @@ impl UpstreamState {
     pub fn needs_attention(&self) -> bool {
         let now = Instant::now();
         let ejected = {
-            let map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+            let map = crate::sync::lock(&self.endpoints);
             map.values()
-                .any(|e| e.health.lock().is_ok_and(|h| !h.available(now)))
+                .any(|e| !crate::sync::lock(&e.health).available(now))
         };
         ejected || self.breaker_state() != State::Closed
     }
@@ -234,10 +224,7 @@ impl UpstreamState {
 
     /// Feeds an attempt's result to its endpoint's ejection counter.
     pub fn endpoint_result(&self, ep: &EndpointState, ok: bool, cfg: &Resilience) {
-        let event = match ep.health.lock() {
-            Ok(mut h) => h.on_result(Instant::now(), ok, &cfg.ejection),
-            Err(_) => None,
-        };
+        let event = crate::sync::lock(&ep.health).on_result(Instant::now(), ok, &cfg.ejection);
         if let Some(HealthEvent::Ejected(period)) = event {
             let mut labels = UpstreamMetrics::upstream(&self.name);
             labels.push(("endpoint", ep.url.clone()));
@@ -255,9 +242,7 @@ impl UpstreamState {
     /// The endpoint's active check passed (`needed` = `healthy_after`): an ejection ends
     /// after that many passes in a row.
     pub fn endpoint_check(&self, ep: &EndpointState, ok: bool, needed: u32) {
-        let Ok(mut h) = ep.health.lock() else {
-            return;
-        };
+        let mut h = crate::sync::lock(&ep.health);
         if !ok {
             h.health_failed();
         } else if h.health_passed(Instant::now(), needed) {
@@ -293,14 +278,9 @@ impl UpstreamStates {
     /// new settings but keeps its state; breakers do the same in `breaker_for`).
     pub fn get_or_create(&self, cfg: &UpstreamConfig) -> Arc<UpstreamState> {
         let now = Instant::now();
-        let mut map = match self.map.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut map = crate::sync::lock(&self.map);
         if let Some(existing) = map.get(&cfg.name) {
-            if let Ok(mut b) = existing.budget.lock() {
-                b.reconfigure(&cfg.resilience.retry);
-            }
+            crate::sync::lock(&existing.budget).reconfigure(&cfg.resilience.retry);
             return existing.clone();
         }
         let state = Arc::new(UpstreamState {
@@ -317,7 +297,7 @@ impl UpstreamStates {
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<UpstreamState>> {
-        self.map.lock().ok()?.get(name).cloned()
+        crate::sync::lock(&self.map).get(name).cloned()
     }
 }
 
@@ -391,10 +371,7 @@ impl RouteBreaker {
     /// Asks the breaker; counts a rejection.
     pub fn admit(&self) -> Admit {
         let now = Instant::now();
-        let (admit, transition) = match self.breaker.lock() {
-            Ok(mut b) => b.admit(now),
-            Err(_) => (Admit::Allowed { probe: None }, None),
-        };
+        let (admit, transition) = crate::sync::lock(&self.breaker).admit(now);
         if let Some(t) = transition {
             self.transitioned(t, "open_for is over");
         }
@@ -409,28 +386,20 @@ impl RouteBreaker {
 
     pub fn report(&self, outcome: Outcome, probe: Option<u64>) {
         let now = Instant::now();
-        let transition = match self.breaker.lock() {
-            Ok(mut b) => b.on_result(now, outcome, probe),
-            Err(_) => None,
-        };
+        let transition = crate::sync::lock(&self.breaker).on_result(now, outcome, probe);
         if let Some(t) = transition {
             self.transitioned(t, "");
         }
     }
 
     pub fn state(&self) -> State {
-        self.breaker
-            .lock()
-            .map(|b| b.state())
-            .unwrap_or(State::Closed)
+        crate::sync::lock(&self.breaker).state()
     }
 
     /// The state, since when, and whether it fails requests fast right now.
     pub fn status(&self, now: Instant) -> (State, Instant, bool) {
-        self.breaker
-            .lock()
-            .map(|b| (b.state(), b.since(), b.blocks(now)))
-            .unwrap_or((State::Closed, now, false))
+        let b = crate::sync::lock(&self.breaker);
+        (b.state(), b.since(), b.blocks(now))
     }
 
     fn transitioned(&self, t: Transition, why: &str) {
@@ -506,5 +475,38 @@ impl BreakerTicket {
 impl Drop for BreakerTicket {
     fn drop(&mut self) {
         self.report(Outcome::Ignored);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A panic while the breaker was held must not leave it failing open for good: it
+    /// still counts failures and opens.
+    #[test]
+    fn a_poisoned_breaker_still_opens() {
+        let cfg = BreakerConfig::default();
+        let b = Arc::new(RouteBreaker {
+            upstream: "backend".into(),
+            route: None,
+            breaker: Mutex::new(Breaker::new(cfg.clone(), Instant::now())),
+            metrics: UpstreamMetrics::default(),
+            attention: Arc::new(watch::Sender::new(0)),
+        });
+        let held = b.clone();
+        let panicked = std::thread::spawn(move || {
+            let _guard = crate::sync::lock(&held.breaker);
+            panic!("a panic while the breaker is held");
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert!(b.breaker.is_poisoned());
+        for _ in 0..cfg.failures {
+            assert!(matches!(b.admit(), Admit::Allowed { .. }));
+            b.report(Outcome::Failure, None);
+        }
+        assert_eq!(b.state(), State::Open);
+        assert!(matches!(b.admit(), Admit::Rejected { .. }));
     }
 }

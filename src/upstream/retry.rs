@@ -2,7 +2,7 @@
 //! budget that caps retries at a share of live traffic so they cannot storm an upstream
 //! that is already struggling (style: linkerd/finagle retry budgets).
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use http::Method;
@@ -219,7 +219,7 @@ struct Gate {
 impl ConnectGate {
     fn gate(&self) -> MutexGuard<'_, Gate> {
         // The state is two instants, valid whatever a panicking holder left.
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::sync::lock(&self.0)
     }
 
     /// A connect to the endpoint succeeded at `now`.

@@ -1,5 +1,8 @@
 //! rampart's integration tests: one binary (one link step), a module per concern.
 
+// Test code throughout (clippy's test exemption covers only `#[test]` functions).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 mod admin;

@@ -141,7 +141,7 @@ impl RedisStore {
     }
 
     pub fn fallback_active(&self) -> bool {
-        self.breaker.lock().map(|b| b.is_open()).unwrap_or(false)
+        crate::sync::lock(&self.breaker).is_open()
     }
 
     /// Runs `f` on the breaker and publishes the transition it returns.
@@ -151,10 +151,7 @@ impl RedisStore {
     ) -> T {
         let jitter = self.jitter();
         let (out, transition) = {
-            let mut b = self
-                .breaker
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut b = crate::sync::lock(&self.breaker);
             f(&mut b, Instant::now(), jitter)
         };
         if let Some(t) = transition {

@@ -113,9 +113,7 @@ impl Table {
         let index = (self.hasher.hash_one(key) as usize) % self.shards.len();
         // A poisoned shard only means another request panicked mid-update; its counts are
         // still usable.
-        let mut shard = self.shards[index]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut shard = crate::sync::lock(&self.shards[index]);
         if let Some(entry) = shard.map.get_mut(key) {
             return Some(step(entry, now, limits));
         }
@@ -136,7 +134,7 @@ impl Table {
     pub fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().map(|s| s.map.len()).unwrap_or(0))
+            .map(|s| crate::sync::lock(s).map.len())
             .sum()
     }
 

@@ -272,16 +272,11 @@ impl Registry {
         let redis = match &cfg.redis {
             Some(rc) => Some(self.redis_store(rc)?),
             None => {
-                if let Ok(mut r) = self.redis.lock() {
-                    *r = None;
-                }
+                *crate::sync::lock(&self.redis) = None;
                 None
             }
         };
-        let mut states = self
-            .states
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut states = crate::sync::lock(&self.states);
         states.retain(|name, _| cfg.rate_limits.contains_key(name));
         let mut out = HashMap::new();
         for (name, pc) in &cfg.rate_limits {
@@ -315,10 +310,7 @@ impl Registry {
     }
 
     fn redis_store(&self, rc: &RedisConfig) -> Result<Arc<RedisStore>, String> {
-        let mut current = self
-            .redis
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut current = crate::sync::lock(&self.redis);
         if let Some((cfg, store)) = current.as_ref()
             && cfg == rc
         {
@@ -333,24 +325,21 @@ impl Registry {
     /// The program's Redis client, when the configuration has one (health check, pool
     /// gauges).
     pub fn redis_client(&self) -> Option<Arc<RedisStore>> {
-        self.redis
-            .lock()
-            .ok()
-            .and_then(|r| r.as_ref().map(|(_, s)| s.clone()))
+        crate::sync::lock(&self.redis)
+            .as_ref()
+            .map(|(_, s)| s.clone())
     }
 
     /// Whether a Redis client is configured (policies with `store: redis`).
     pub fn uses_redis(&self) -> bool {
-        self.redis.lock().map(|r| r.is_some()).unwrap_or(false)
+        crate::sync::lock(&self.redis).is_some()
     }
 
     /// Whether Redis policies are being decided in memory right now.
     pub fn fallback_active(&self) -> bool {
-        self.redis
-            .lock()
-            .ok()
-            .and_then(|r| r.as_ref().map(|(_, s)| s.fallback_active()))
-            .unwrap_or(false)
+        crate::sync::lock(&self.redis)
+            .as_ref()
+            .is_some_and(|(_, s)| s.fallback_active())
     }
 }
 
@@ -581,7 +570,7 @@ fn push_header_key(out: &mut String, v: &[u8]) {
 /// read from the right, skipping trusted addresses. A spoofed X-Forwarded-For from an
 /// untrusted peer is never read.
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr {
-    let peer = unmap(peer);
+    let peer = peer.to_canonical();
     if !trusted.iter().any(|c| c.contains(peer)) {
         return peer;
     }
@@ -597,7 +586,7 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr 
             // Only a broken trusted hop writes garbage: stop at the last address known.
             break;
         };
-        client = unmap(ip);
+        client = ip.to_canonical();
         if !trusted.iter().any(|c| c.contains(client)) {
             break;
         }
@@ -617,13 +606,6 @@ fn parse_xff_entry(s: &str) -> Option<IpAddr> {
     let (host, port) = s.rsplit_once(':')?;
     port.parse::<u16>().ok()?;
     host.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
-}
-
-fn unmap(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    }
 }
 
 /// IPv6 clients get a whole /64 (or the configured prefix): one host can pick any of its
