@@ -76,7 +76,7 @@ pub fn h1_guard(data: &[u8]) {
 }
 
 /// The client address rampart believes and the forwarding headers it writes
-/// (`ratelimit::client_ip`, `proxy::headers::set_forwarded`), and the Host check. The first
+/// (`route::client_ip`, `route::headers::set_forwarded`), and the Host check. The first
 /// byte picks the peer and the trusted blocks; the rest, split at newlines, are the
 /// X-Forwarded-For lines (and the first one is also tried as `Host`, `Forwarded` and
 /// `X-Real-IP`). An untrusted peer is always the client and always what X-Forwarded-For
@@ -142,7 +142,7 @@ pub fn xff(data: &[u8]) {
     let unmap = |ip: IpAddr| ip.to_canonical();
     let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
 
-    let client = crate::admission::ratelimit::client_ip(peer, &map, &trusted);
+    let client = crate::route::client_ip::client_ip(peer, &map, &trusted);
     if !is_trusted(peer) {
         assert_eq!(client, unmap(peer));
     } else if client != unmap(peer) {

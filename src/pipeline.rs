@@ -27,6 +27,7 @@ use crate::observe::http::HttpMetrics;
 use crate::observe::http::method_index;
 use crate::route;
 use crate::route::Route;
+use crate::route::client_ip::client_ip;
 use crate::route::headers::{self, X_REQUEST_ID};
 use crate::route::{ListenerRoutes, Snapshot};
 use crate::shutdown::ConnClosing;
@@ -96,7 +97,7 @@ pub async fn handle(
                 .path_and_query()
                 .cloned()
                 .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-            client: ratelimit::client_ip(peer.ip(), req.headers(), &snapshot.trusted_proxies),
+            client: client_ip(peer.ip(), req.headers(), &snapshot.trusted_proxies),
             user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
             version: req.version(),
             ratelimit: None,
@@ -300,13 +301,9 @@ async fn rate_limit(
     req: &Request<Incoming>,
     tail: &mut Tail,
 ) -> Result<(), ProxyError> {
-    let verdict = ratelimit::check(
-        &route.rate_limits,
-        &route.name,
-        req.headers(),
-        env.peer.ip(),
-        &env.snapshot.trusted_proxies,
-    )
+    let verdict = ratelimit::check(&route.rate_limits, &route.name, req.headers(), || {
+        client_ip(env.peer.ip(), req.headers(), &env.snapshot.trusted_proxies)
+    })
     .await;
     tail.rate_limit_headers = verdict.headers;
     if let Some(r) = tail.log.as_mut() {

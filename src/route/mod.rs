@@ -5,6 +5,7 @@
 //! The path matched is the listener's normal form of the request's path (`crate::path`,
 //! [`match_path`]), so no spelling of a path reaches another route than the path itself.
 
+pub mod client_ip;
 pub mod headers;
 pub mod table;
 
