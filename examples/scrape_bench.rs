@@ -91,8 +91,7 @@ async fn main() {
         }
     }
 
-    let registry = running.shared.registry.clone();
-    let text = rampart::observe::encode_registry(&registry);
+    let text = running.encode_metrics();
     let samples = text.lines().filter(|l| !l.starts_with('#')).count();
     println!(
         "{routes} routes: scrape of {} bytes, {samples} samples",
@@ -102,7 +101,7 @@ async fn main() {
     let mut encode = Vec::with_capacity(scrapes);
     for _ in 0..scrapes {
         let t = Instant::now();
-        let s = rampart::observe::encode_registry(&registry);
+        let s = running.encode_metrics();
         encode.push(t.elapsed());
         std::hint::black_box(s);
     }
@@ -124,7 +123,7 @@ async fn main() {
 
     // The status page's document with a full chart span: 90 samples (15 min at 10 s).
     for _ in 0..90 {
-        running.shared.record_sample();
+        running.record_sample();
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let url = format!("http://{}/admin/status", running.admin_addr);

@@ -50,7 +50,7 @@ pub enum WireError {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum BodyError {
+pub(crate) enum BodyError {
     #[error("no body data for longer than the idle timeout")]
     Idle,
     #[error("the route's total timeout elapsed")]
@@ -74,7 +74,7 @@ pub enum BodyError {
 /// bytes for every second waited beyond that. Apache's mod_reqtimeout rule: the client may
 /// take `body` + received / rate.
 #[derive(Debug, Clone, Copy)]
-pub struct MinRate {
+pub(crate) struct MinRate {
     pub per_sec: u64,
 }
 
@@ -187,7 +187,7 @@ impl Timers {
     }
 }
 
-pub struct TimedBody<B> {
+pub(crate) struct TimedBody<B> {
     inner: B,
     timers: Timers,
     limit: Option<u64>,
@@ -199,7 +199,12 @@ pub struct TimedBody<B> {
 
 impl<B> TimedBody<B> {
     /// A response body: `idle` is the longest wait for the upstream's next frame.
-    pub fn new(inner: B, idle: Duration, deadline: Option<Instant>, limit: Option<u64>) -> Self {
+    pub(crate) fn new(
+        inner: B,
+        idle: Duration,
+        deadline: Option<Instant>,
+        limit: Option<u64>,
+    ) -> Self {
         TimedBody {
             inner,
             timers: Timers::new(idle, deadline, None),
@@ -212,7 +217,7 @@ impl<B> TimedBody<B> {
 
     /// A request body: `wait` is the longest wait for the client's next bytes (also the grace
     /// of `min_rate`).
-    pub fn request(
+    pub(crate) fn request(
         inner: B,
         wait: Duration,
         min_rate: Option<MinRate>,
@@ -230,7 +235,7 @@ impl<B> TimedBody<B> {
     }
 
     /// The longest wait for the peer's next frame.
-    pub fn idle(&self) -> Duration {
+    pub(crate) fn idle(&self) -> Duration {
         self.timers.idle
     }
 
@@ -314,10 +319,10 @@ where
 
 /// Where a streamed request body stands, for the first-byte timer (`forward::send`), which
 /// runs from the body's last byte and never while rampart waits for the client.
-pub struct Upload(Mutex<UploadState>);
+pub(crate) struct Upload(Mutex<UploadState>);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UploadState {
+pub(crate) enum UploadState {
     /// Waiting for the client's next bytes: the body's own timers govern.
     Client,
     /// Bytes for the upstream since this time (the head, or a piece of the body) and the body
@@ -337,7 +342,7 @@ impl Upload {
         Upload(Mutex::new(state))
     }
 
-    pub fn state(&self) -> UploadState {
+    pub(crate) fn state(&self) -> UploadState {
         *self.lock()
     }
 
@@ -347,7 +352,7 @@ impl Upload {
 }
 
 /// The request body sent upstream: streamed under timers, or already buffered.
-pub enum RequestBody {
+pub(crate) enum RequestBody {
     Empty,
     Full(Option<Bytes>),
     Stream(TimedBody<Incoming>),
@@ -356,7 +361,7 @@ pub enum RequestBody {
 impl RequestBody {
     /// For the first-byte timer: a streamed body's progress (None when the body is here
     /// whole, or empty). Each call starts an attempt: the head goes out first.
-    pub fn upload(&mut self) -> Option<Arc<Upload>> {
+    pub(crate) fn upload(&mut self) -> Option<Arc<Upload>> {
         let RequestBody::Stream(s) = self else {
             return None;
         };

@@ -6,14 +6,14 @@ use http::{HeaderValue, Response, StatusCode, header};
 
 /// Which wait ran out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TimeoutPhase {
+pub(crate) enum TimeoutPhase {
     Connect,
     FirstByte,
     Total,
 }
 
 impl TimeoutPhase {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             TimeoutPhase::Connect => "connect",
             TimeoutPhase::FirstByte => "first_byte",
@@ -23,7 +23,7 @@ impl TimeoutPhase {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ProxyError {
+pub(crate) enum ProxyError {
     #[error("{0}")]
     BadRequest(&'static str),
     #[error("no route matches this request")]
@@ -62,7 +62,7 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
@@ -81,7 +81,7 @@ impl ProxyError {
 
     /// Seconds for `Retry-After`, for the answers that mean "come back later". Whole
     /// seconds, never 0 (a client told to retry at once would hammer us).
-    pub fn retry_after_secs(&self) -> Option<u64> {
+    pub(crate) fn retry_after_secs(&self) -> Option<u64> {
         match self {
             ProxyError::Overloaded => Some(1),
             ProxyError::CircuitOpen { retry_after, .. } => {
@@ -93,7 +93,7 @@ impl ProxyError {
         }
     }
 
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             ProxyError::BadRequest(_) => "BAD_REQUEST",
             ProxyError::NoRoute => "NO_ROUTE",
@@ -125,7 +125,7 @@ impl ProxyError {
     }
 
     /// Generic over the body so this low module needs no body type of the request path.
-    pub fn to_response<B: From<Bytes>>(&self, request_id: &str) -> Response<B> {
+    pub(crate) fn to_response<B: From<Bytes>>(&self, request_id: &str) -> Response<B> {
         let mut body = String::with_capacity(128);
         body.push_str("{\"code\":\"");
         body.push_str(self.code());
@@ -167,7 +167,7 @@ impl ProxyError {
 }
 
 /// Minimal JSON string escaping; the values are our own messages, names and request ids.
-pub fn push_json_string(out: &mut String, s: &str) {
+pub(crate) fn push_json_string(out: &mut String, s: &str) {
     out.push('"');
     for c in s.chars() {
         match c {

@@ -15,7 +15,7 @@ fn seed() -> u64 {
 }
 
 /// Uniform in `0..u64::MAX`.
-pub fn next_u64() -> u64 {
+pub(crate) fn next_u64() -> u64 {
     STATE.with(|s| {
         let mut x = s.get();
         x ^= x >> 12;
@@ -27,12 +27,12 @@ pub fn next_u64() -> u64 {
 }
 
 /// Uniform in `[0, 1)`.
-pub fn unit() -> f64 {
+pub(crate) fn unit() -> f64 {
     (next_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Uniform in `0..n` (n > 0).
-pub fn below(n: usize) -> usize {
+pub(crate) fn below(n: usize) -> usize {
     if n == 0 {
         return 0;
     }
@@ -40,7 +40,7 @@ pub fn below(n: usize) -> usize {
 }
 
 /// `d` scaled by a factor uniform in `[1 - spread, 1 + spread]`.
-pub fn spread(d: std::time::Duration, spread: f64) -> std::time::Duration {
+pub(crate) fn spread(d: std::time::Duration, spread: f64) -> std::time::Duration {
     d.mul_f64(1.0 - spread + 2.0 * spread * unit())
 }
 

@@ -1,28 +1,31 @@
 //! rampart: a reverse proxy that keeps an LLM chat product up.
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod admission;
-pub mod alert;
+pub(crate) mod admin;
+pub(crate) mod admission;
+pub(crate) mod alert;
 pub mod app;
-pub mod body;
+pub(crate) mod body;
 pub mod config;
 pub mod demo;
-pub mod error;
+pub(crate) mod error;
 #[doc(hidden)]
 pub mod fuzz;
-pub mod health;
-pub mod jitter;
-pub mod listener;
-pub mod observe;
-pub mod path;
-pub mod pipeline;
-pub mod redis;
+pub(crate) mod health;
+pub(crate) mod jitter;
+pub(crate) mod listener;
+pub(crate) mod observe;
+pub(crate) mod path;
+pub(crate) mod pipeline;
+pub(crate) mod redis;
 pub mod reload;
-pub mod route;
-pub mod shutdown;
-pub mod stream;
+pub(crate) mod route;
+pub(crate) mod shutdown;
+pub(crate) mod stream;
 pub(crate) mod sync;
-pub mod text;
-pub mod upstream;
+pub(crate) mod text;
+pub(crate) mod upstream;
 pub mod workers;
+
+/// The cause chain of an error, one line (the tests print it).
+pub use health::error_chain;

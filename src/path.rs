@@ -24,7 +24,7 @@ use std::borrow::Cow;
 
 /// How a path is normalised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Options {
+pub(crate) struct Options {
     pub merge_slashes: bool,
     /// An encoded slash or backslash is refused (else kept encoded): an upstream that
     /// decodes it before routing would see other segments than the ones matched.
@@ -35,7 +35,7 @@ pub struct Options {
 
 /// Why a path was refused (400).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PathError {
+pub(crate) enum PathError {
     InvalidEncoding,
     EscapedSlash,
     AboveRoot,
@@ -43,7 +43,7 @@ pub enum PathError {
 }
 
 impl PathError {
-    pub fn message(self) -> &'static str {
+    pub(crate) fn message(self) -> &'static str {
         match self {
             PathError::InvalidEncoding => "invalid percent-encoding in the path",
             PathError::EscapedSlash => "encoded slash or backslash in the path",
@@ -54,7 +54,7 @@ impl PathError {
 }
 
 /// `path` normalised; borrowed when it already is.
-pub fn normalize<'a>(path: &'a str, opts: Options) -> Result<Cow<'a, str>, PathError> {
+pub(crate) fn normalize<'a>(path: &'a str, opts: Options) -> Result<Cow<'a, str>, PathError> {
     if !path.starts_with('/') || is_normal(path.as_bytes(), opts) {
         return Ok(Cow::Borrowed(path));
     }

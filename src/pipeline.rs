@@ -58,7 +58,7 @@ pub struct Traffic {
 
 /// What a connection's service needs: which listener it belongs to, and the traffic state.
 #[derive(Clone)]
-pub struct ListenerCtx {
+pub(crate) struct ListenerCtx {
     pub name: Arc<str>,
     pub traffic: Arc<Traffic>,
     /// "http" or "https", for X-Forwarded-Proto.
@@ -76,7 +76,7 @@ pub struct ListenerCtx {
 /// awaits only the upstream exchange. The steps that may wait (rate limits, body
 /// buffering, upgrades) run in `slow`, boxed, so their large futures are not part of every
 /// request's future (which is moved as a whole several times per request).
-pub async fn handle(
+pub(crate) async fn handle(
     ctx: Arc<ListenerCtx>,
     peer: SocketAddr,
     req: Request<Incoming>,

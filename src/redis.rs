@@ -432,7 +432,7 @@ impl Target {
 
 // === impl Manager ===
 
-pub struct Conn {
+pub(crate) struct Conn {
     inner: MultiplexedConnection,
     /// `Target::generation` when connected.
     generation: u64,

@@ -27,7 +27,7 @@ use crate::config::{DrainConfig, DrainMode};
 
 /// After the final events, how long connections get to write them and close before they
 /// are cut.
-pub const FINAL_FLUSH: Duration = Duration::from_secs(1);
+pub(crate) const FINAL_FLUSH: Duration = Duration::from_secs(1);
 /// How often the drain looks at whether egress listeners are still in use.
 const EGRESS_POLL: Duration = Duration::from_millis(50);
 
@@ -35,7 +35,7 @@ const EGRESS_POLL: Duration = Duration::from_millis(50);
 
 /// Where a listener is in its life. Ordered: each phase includes the ones before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Phase {
+pub(crate) enum Phase {
     Serving,
     /// Not accepting (the port is released); every connection closes after the response in
     /// flight (HTTP/1 `Connection: close`, idle ones at once; HTTP/2 GOAWAY).
@@ -49,13 +49,13 @@ pub enum Phase {
 /// Marks a request that arrived on a connection already told to close (an HTTP/2 stream
 /// racing the GOAWAY): the pipeline answers it 503 SERVICE_UNAVAILABLE.
 #[derive(Debug, Clone, Copy)]
-pub struct ConnClosing;
+pub(crate) struct ConnClosing;
 
 /// What an open client connection holds: its slot under the listener's `max_connections`,
 /// its place in the open-connection count, and a receiver of the listener's phase (the drain
 /// waits until every receiver is gone, see [`Server::finished`]). A connection that becomes
 /// a tunnel hands it to the tunnel ([`Handover`]), so the cap and the drain see tunnels too.
-pub struct ConnHold {
+pub(crate) struct ConnHold {
     _permit: OwnedSemaphorePermit,
     _open: OpenGuard,
     phase: watch::Receiver<Phase>,
@@ -63,7 +63,7 @@ pub struct ConnHold {
 
 impl ConnHold {
     /// Counts the connection in `open` until the hold is dropped.
-    pub fn new(
+    pub(crate) fn new(
         permit: OwnedSemaphorePermit,
         open: &Arc<AtomicUsize>,
         phase: watch::Receiver<Phase>,
@@ -77,7 +77,7 @@ impl ConnHold {
 
     /// Resolves at the drain deadline of the connection's listener (`Phase::Finale`), where
     /// whatever still runs on it is ended.
-    pub async fn deadline(&mut self) {
+    pub(crate) async fn deadline(&mut self) {
         reached(&mut self.phase, Phase::Finale).await;
     }
 }
@@ -86,23 +86,23 @@ impl ConnHold {
 /// on the plain request path): the tunnel takes its connection's [`ConnHold`] through it.
 /// Weak: a request kept anywhere longer than its connection keeps nothing of it alive.
 #[derive(Clone)]
-pub struct Handover(pub Weak<dyn HoldSource>);
+pub(crate) struct Handover(pub Weak<dyn HoldSource>);
 
 /// Where a connection keeps its [`ConnHold`] until a tunnel takes it (the listener's
 /// per-connection state).
-pub trait HoldSource: Send + Sync {
+pub(crate) trait HoldSource: Send + Sync {
     fn release(&self) -> Option<ConnHold>;
 }
 
 impl Handover {
     /// The connection's hold, once: None when the connection is already gone.
-    pub fn take(&self) -> Option<ConnHold> {
+    pub(crate) fn take(&self) -> Option<ConnHold> {
         self.0.upgrade()?.release()
     }
 }
 
 /// Resolves once the phase is at least `p` (or the server handle is gone).
-pub async fn reached(phase: &mut watch::Receiver<Phase>, p: Phase) {
+pub(crate) async fn reached(phase: &mut watch::Receiver<Phase>, p: Phase) {
     let _ = phase.wait_for(|now| *now >= p).await;
 }
 
@@ -122,7 +122,7 @@ impl Drop for OpenGuard {
 }
 
 /// Resolves once the flag is true (or its sender is gone).
-pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
@@ -137,7 +137,7 @@ pub struct InFlight {
 }
 
 #[derive(Debug, Default)]
-pub struct Shard {
+pub(crate) struct Shard {
     requests: AtomicUsize,
     streams: AtomicUsize,
     /// Streams ended with the final event since start (drains and replaced listeners).
@@ -289,7 +289,7 @@ impl DrainReport {
 /// Runs steps 1 to 4 over `servers` (the current listeners and any still draining after a
 /// reload). `skip_grace` stops accepting at once (in-process tests, `Running::shutdown`).
 /// A listener as the drain sees it.
-pub trait Drainable: Send + Sync {
+pub(crate) trait Drainable: Send + Sync {
     fn name(&self) -> &str;
     fn addr(&self) -> std::net::SocketAddr;
     fn mode(&self) -> DrainMode;
@@ -300,7 +300,7 @@ pub trait Drainable: Send + Sync {
     fn finished(&self) -> impl Future<Output = ()> + Send;
 }
 
-pub async fn drain<S: Drainable>(
+pub(crate) async fn drain<S: Drainable>(
     servers: Vec<Arc<S>>,
     in_flight: Arc<InFlight>,
     cfg: DrainConfig,
@@ -392,7 +392,7 @@ pub async fn drain<S: Drainable>(
 
 /// Drains one listener replaced by a reload: it stops accepting now (its successor is
 /// already bound), then gets the same deadline treatment as a whole drain.
-pub async fn retire<S: Drainable>(server: Arc<S>, timeout: Duration) {
+pub(crate) async fn retire<S: Drainable>(server: Arc<S>, timeout: Duration) {
     server.advance(Phase::Closing);
     if tokio::time::timeout(timeout, server.finished())
         .await
@@ -422,7 +422,7 @@ fn millis(d: Duration) -> u64 {
 // === signals ===
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Signal {
+pub(crate) enum Signal {
     /// SIGTERM: drain.
     Terminate,
     /// SIGINT (Ctrl-C): drain, like SIGTERM.
@@ -434,7 +434,7 @@ pub enum Signal {
 }
 
 impl Signal {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Signal::Terminate => "SIGTERM",
             Signal::Interrupt => "SIGINT",
@@ -447,7 +447,7 @@ impl Signal {
 /// The process signals rampart handles. Installed before anything is bound, so an early
 /// SIGTERM drains instead of killing.
 #[cfg(unix)]
-pub struct Signals {
+pub(crate) struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     quit: tokio::signal::unix::Signal,
@@ -456,7 +456,7 @@ pub struct Signals {
 
 #[cfg(unix)]
 impl Signals {
-    pub fn install() -> std::io::Result<Signals> {
+    pub(crate) fn install() -> std::io::Result<Signals> {
         use tokio::signal::unix::{SignalKind, signal};
         Ok(Signals {
             term: signal(SignalKind::terminate())?,
@@ -466,7 +466,7 @@ impl Signals {
         })
     }
 
-    pub async fn recv(&mut self) -> Signal {
+    pub(crate) async fn recv(&mut self) -> Signal {
         tokio::select! {
             _ = self.term.recv() => Signal::Terminate,
             _ = self.int.recv() => Signal::Interrupt,

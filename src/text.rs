@@ -11,7 +11,7 @@ use http::HeaderValue;
 /// `n` in `radix` (10 or 16, lower-case digits), written into `buf`: for header values and
 /// framing on the request path, where the formatting machinery costs more than the rest of
 /// the work.
-pub fn digits(n: u64, radix: u64, buf: &mut [u8; 20]) -> &str {
+pub(crate) fn digits(n: u64, radix: u64, buf: &mut [u8; 20]) -> &str {
     let mut i = buf.len();
     let mut n = n;
     loop {
@@ -28,7 +28,7 @@ pub fn digits(n: u64, radix: u64, buf: &mut [u8; 20]) -> &str {
 /// An IPv4 client seen through an IPv6 socket is written as IPv4.
 /// The address as a header value. A connection sends many requests from one address, so
 /// each thread keeps the last one: a hit costs a reference count, not an allocation.
-pub fn ip_value(ip: IpAddr) -> Option<HeaderValue> {
+pub(crate) fn ip_value(ip: IpAddr) -> Option<HeaderValue> {
     thread_local! {
         static LAST: RefCell<Option<(IpAddr, HeaderValue)>> = const { RefCell::new(None) };
     }
@@ -67,7 +67,7 @@ fn format_ip(ip: IpAddr) -> Option<HeaderValue> {
 
 /// Appends the address as text; IPv4 by hand (the common case on the request path, where
 /// `Display` costs more than the rest of the key it goes into).
-pub fn push_ip(out: &mut String, ip: IpAddr) {
+pub(crate) fn push_ip(out: &mut String, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
             let (buf, len) = ipv4_text(v4);

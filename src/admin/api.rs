@@ -15,12 +15,12 @@ use crate::observe::series::{CHART_SPAN, Filter};
 use crate::upstream::breaker::State as BreakerState;
 
 /// The page: self-contained (no CDN, works offline), refreshing from `/admin/status`.
-pub const STATUS_PAGE: &str = include_str!("status.html");
+pub(super) const STATUS_PAGE: &str = include_str!("status.html");
 
 /// "Now" on the status page: the last minute.
 const RECENT: Duration = Duration::from_secs(60);
 
-pub fn upstreams(shared: &AdminCtx) -> Value {
+pub(super) fn upstreams(shared: &AdminCtx) -> Value {
     let snapshot = shared.inputs.snapshot.load();
     let now = Instant::now();
     let wall = std::time::SystemTime::now();
@@ -73,11 +73,11 @@ pub fn upstreams(shared: &AdminCtx) -> Value {
     json!({ "upstreams": list })
 }
 
-pub fn alerts(shared: &AdminCtx) -> Value {
+pub(super) fn alerts(shared: &AdminCtx) -> Value {
     shared.alerts.to_json()
 }
 
-pub fn config(shared: &AdminCtx) -> Value {
+pub(super) fn config(shared: &AdminCtx) -> Value {
     super::config_json::to_json(&shared.inputs.snapshot.load().config)
 }
 
@@ -86,7 +86,7 @@ fn ms(v: Option<f64>) -> Option<f64> {
 }
 
 /// Everything the status page shows.
-pub fn status(shared: &AdminCtx) -> Value {
+pub(super) fn status(shared: &AdminCtx) -> Value {
     let current = shared.inputs.sample();
     let series = crate::sync::lock(&shared.inputs.series);
     let mut ups = upstreams(shared);

@@ -18,13 +18,13 @@ use http::{HeaderMap, Uri, header};
 
 use crate::config::AdminConfig;
 
-pub fn public(path: &str) -> bool {
+pub(super) fn public(path: &str) -> bool {
     matches!(path, "/livez" | "/readyz" | "/health" | "/")
 }
 
 /// What a request to a guarded path gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
+pub(super) enum Access {
     Granted,
     /// 401: a token is configured and the request did not bring it.
     NeedsToken,
@@ -32,7 +32,7 @@ pub enum Access {
     ForeignHost,
 }
 
-pub fn check(admin: &AdminConfig, uri: &Uri, headers: &HeaderMap) -> Access {
+pub(super) fn check(admin: &AdminConfig, uri: &Uri, headers: &HeaderMap) -> Access {
     match &admin.token {
         Some(token) => {
             let given = headers

@@ -27,7 +27,7 @@ fn opt_d(x: Option<Duration>) -> Value {
 /// connects), shown field by field with the password left out. Searching the text for
 /// `password=` misses `password = x`, `'quoted values'`, `\'` escapes and `?pass%77ord=x`;
 /// the parser does not. A value that does not parse is shown as `[redacted]` whole.
-pub fn postgres_shown(url: &Secret<String>) -> Value {
+pub(crate) fn postgres_shown(url: &Secret<String>) -> Value {
     let driver = postgres_url_for_driver(url.expose());
     let Ok(c) = tokio_postgres::Config::from_str(&driver) else {
         return json!(REDACTED);
@@ -75,7 +75,7 @@ fn check(c: &CheckConfig) -> Value {
     })
 }
 
-pub fn to_json(c: &Config) -> Value {
+pub(crate) fn to_json(c: &Config) -> Value {
     let listeners: Vec<Value> = c
         .listeners
         .iter()

@@ -26,7 +26,7 @@ use crate::alert::{AlertInputs, Alerting};
 use crate::reload::ReloadResult;
 use crate::shutdown::stopped;
 use crate::stream::body::ProxyBody;
-pub use control::Control;
+pub(crate) use control::Control;
 
 /// What the admin endpoints read and drive: a narrow handle `app` builds.
 pub struct AdminCtx {
@@ -39,7 +39,11 @@ pub struct AdminCtx {
     pub control: Control,
 }
 
-pub async fn serve(listener: TcpListener, ctx: Arc<AdminCtx>, mut stop: watch::Receiver<bool>) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    ctx: Arc<AdminCtx>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {

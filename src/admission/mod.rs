@@ -1,3 +1,3 @@
 //! Whether a routed request may go on: the rate limits of its route.
 
-pub mod ratelimit;
+pub(crate) mod ratelimit;

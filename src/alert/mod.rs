@@ -9,9 +9,9 @@
 //!   machine, logs every change, keeps the last hour for `/admin/alerts`, and queues
 //!   notifications. Queueing never waits: a full queue drops (and counts) a notification.
 
-pub mod rules;
-pub mod signals;
-pub mod sinks;
+pub(crate) mod rules;
+pub(crate) mod signals;
+pub(crate) mod sinks;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -43,7 +43,7 @@ use signals::Signals;
 use sinks::Delivery;
 
 /// `/admin/alerts` lists the changes of this last stretch.
-pub const HISTORY: Duration = Duration::from_secs(3600);
+pub(crate) const HISTORY: Duration = Duration::from_secs(3600);
 /// Notifications waiting for delivery; past this they are dropped (and counted).
 const QUEUE: usize = 256;
 /// Deliveries running at once.
@@ -116,7 +116,7 @@ impl AlertEvent {
 }
 
 /// `breaker_open`, or `error_rate > 5.0%`.
-pub fn condition(r: &AlertRule) -> String {
+pub(crate) fn condition(r: &AlertRule) -> String {
     if r.signal.unit() == SignalUnit::YesNo {
         return r.signal.as_str().to_owned();
     }
@@ -173,7 +173,7 @@ fn summary(r: &AlertRule, change: Change, value: Option<f64>, detail: Option<&st
     s
 }
 
-pub fn format_value(signal: Signal, v: Option<f64>) -> String {
+pub(crate) fn format_value(signal: Signal, v: Option<f64>) -> String {
     let Some(v) = v else {
         return "no data".into();
     };

@@ -16,14 +16,14 @@ use tokio::time::Instant;
 use crate::config::AlertRule;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Phase {
+pub(crate) enum Phase {
     Inactive,
     Pending { since: Instant },
     Firing { since: Instant },
 }
 
 impl Phase {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Phase::Inactive => "inactive",
             Phase::Pending { .. } => "pending",
@@ -34,7 +34,7 @@ impl Phase {
 
 /// A rule's signal at one evaluation.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Reading {
+pub(crate) struct Reading {
     /// None: no data. Never NaN (the readers return None instead).
     pub value: Option<f64>,
     /// What the number alone does not say ("open: fastgpt").
@@ -42,7 +42,7 @@ pub struct Reading {
 }
 
 impl Reading {
-    pub fn of(value: Option<f64>) -> Self {
+    pub(crate) fn of(value: Option<f64>) -> Self {
         Reading {
             value: value.filter(|v| v.is_finite()),
             detail: None,
@@ -68,7 +68,7 @@ impl Change {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Transition {
+pub(crate) struct Transition {
     pub rule: AlertRule,
     pub change: Change,
     pub reading: Reading,
@@ -77,7 +77,7 @@ pub struct Transition {
 }
 
 /// One step of one rule.
-pub fn step(
+pub(crate) fn step(
     rule: &AlertRule,
     phase: Phase,
     value: Option<f64>,
@@ -105,7 +105,7 @@ pub fn step(
 }
 
 #[derive(Debug, Clone)]
-pub struct RuleState {
+pub(crate) struct RuleState {
     pub rule: AlertRule,
     pub phase: Phase,
     /// The last evaluation's reading (None before the first).
@@ -113,12 +113,12 @@ pub struct RuleState {
 }
 
 #[derive(Debug, Default)]
-pub struct Evaluator {
+pub(crate) struct Evaluator {
     pub rules: Vec<RuleState>,
 }
 
 impl Evaluator {
-    pub fn new(rules: &[AlertRule]) -> Self {
+    pub(crate) fn new(rules: &[AlertRule]) -> Self {
         let mut e = Evaluator::default();
         // Nothing is firing yet, so nothing can resolve.
         let _ = e.reconfigure(rules, None);
@@ -128,7 +128,11 @@ impl Evaluator {
     /// Takes a new rule list: a rule whose name and definition did not change keeps its
     /// state; one that fired and was removed or changed is resolved (so receivers are not
     /// left with an alert nobody will ever resolve).
-    pub fn reconfigure(&mut self, rules: &[AlertRule], now: Option<Instant>) -> Vec<Transition> {
+    pub(crate) fn reconfigure(
+        &mut self,
+        rules: &[AlertRule],
+        now: Option<Instant>,
+    ) -> Vec<Transition> {
         let mut old = std::mem::take(&mut self.rules);
         let mut out = Vec::new();
         for rule in rules {
@@ -155,7 +159,7 @@ impl Evaluator {
         out
     }
 
-    pub fn evaluate(
+    pub(crate) fn evaluate(
         &mut self,
         now: Instant,
         mut read: impl FnMut(&AlertRule) -> Reading,

@@ -11,7 +11,7 @@
 //! Until something feeds a signal it is "no data": its rules stay quiet, the page says so.
 
 use crate::health::{Health, Status, Value};
-pub use crate::observe::signals::Signals;
+pub(crate) use crate::observe::signals::Signals;
 use crate::observe::signals::share;
 
 /// A percentage a health check reports in its details (`used_pct`), as a share.
@@ -30,18 +30,18 @@ fn check_share(health: &Health, check: &str, key: &str) -> Option<f64> {
 }
 
 /// Postgres client connections over `max_connections`, else what was fed.
-pub fn pool_usage(health: &Health, signals: &Signals) -> Option<f64> {
+pub(crate) fn pool_usage(health: &Health, signals: &Signals) -> Option<f64> {
     check_share(health, "postgres", "connections_used_pct").or_else(|| signals.fed_pool_usage())
 }
 
 /// Resident memory over its limit, else what was fed.
-pub fn memory_usage(health: &Health, signals: &Signals) -> Option<f64> {
+pub(crate) fn memory_usage(health: &Health, signals: &Signals) -> Option<f64> {
     check_share(health, "memory", "used_pct").or_else(|| signals.fed_memory_usage())
 }
 
 /// A dependency as the status page shows it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Dependency {
+pub(crate) struct Dependency {
     pub name: String,
     /// healthy, degraded, unhealthy, or unknown (not checked yet).
     pub state: &'static str,
@@ -53,7 +53,7 @@ pub struct Dependency {
 
 /// The dependency checks (not the upstream ones, shown with their upstream); None when
 /// none is configured.
-pub fn dependencies(health: &Health) -> Option<Vec<Dependency>> {
+pub(crate) fn dependencies(health: &Health) -> Option<Vec<Dependency>> {
     let checks = health.checks();
     let deps: Vec<Dependency> = checks
         .iter()
@@ -83,7 +83,7 @@ pub fn dependencies(health: &Health) -> Option<Vec<Dependency>> {
 }
 
 /// An upstream endpoint's active health ("no data" without a `health_check`).
-pub fn endpoint_health(health: &Health, upstream: &str, url: &str) -> &'static str {
+pub(crate) fn endpoint_health(health: &Health, upstream: &str, url: &str) -> &'static str {
     let checks = health.checks();
     let name = format!("upstream:{upstream}");
     let Some(c) = checks.iter().find(|c| c.name == name) else {

@@ -25,7 +25,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// One POST to make.
 #[derive(Debug, Clone)]
-pub struct Delivery {
+pub(crate) struct Delivery {
     pub sink: SinkConfig,
     /// Derived from the sink's URL, so as secret as it is.
     pub url: Secret<Uri>,
@@ -36,7 +36,7 @@ pub struct Delivery {
 
 /// The request a sink gets for an event. `resend_within` is how soon rampart sends a
 /// firing alert again (Alertmanager forgets alerts that are not re-sent).
-pub fn delivery(
+pub(crate) fn delivery(
     sink: &SinkConfig,
     event: &AlertEvent,
     instance: &str,
@@ -122,13 +122,13 @@ fn alertmanager_body(e: &AlertEvent, instance: &str, resend_within: Duration) ->
     }])
 }
 
-pub fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
 /// Delivers with retries until it succeeds, fails for good (a 4xx other than 408/429
 /// means the request itself is wrong), runs out of attempts, or rampart stops.
-pub async fn deliver(d: Delivery, mut stop: watch::Receiver<bool>) -> Result<u32, String> {
+pub(crate) async fn deliver(d: Delivery, mut stop: watch::Receiver<bool>) -> Result<u32, String> {
     let mut last = String::new();
     for attempt in 1..=d.sink.max_attempts {
         match post(d.url.expose(), d.body.clone(), d.sink.timeout).await {
@@ -167,7 +167,7 @@ pub async fn deliver(d: Delivery, mut stop: watch::Receiver<bool>) -> Result<u32
 /// One POST over a fresh connection (notifications are rare: no pool), bounded by
 /// `timeout` from connect to response head. Returns the status. Spoken by the same client
 /// as the upstreams (`proxy::pool`), TLS included.
-pub async fn post(url: &Uri, body: Bytes, timeout: Duration) -> Result<u16, String> {
+pub(crate) async fn post(url: &Uri, body: Bytes, timeout: Duration) -> Result<u16, String> {
     post_with(url, body, timeout, client_tls).await
 }
 

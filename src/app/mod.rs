@@ -59,7 +59,7 @@ const BACKGROUND_STOP: Duration = Duration::from_secs(2);
 
 /// A started proxy. Dropping it does not stop it; call `shutdown` or `drain`.
 pub struct Running {
-    pub shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     /// The admin listener's address at start (a reload may move it).
     pub admin_addr: SocketAddr,
     control: Control,
@@ -70,6 +70,21 @@ pub struct Running {
 type Addrs = Arc<Mutex<Vec<(String, SocketAddr)>>>;
 
 impl Running {
+    /// The configuration being served (it follows reloads).
+    pub fn config(&self) -> Arc<Config> {
+        self.shared.snapshot.load().config.clone()
+    }
+
+    /// `/metrics` as the admin listener would answer it now.
+    pub fn encode_metrics(&self) -> String {
+        crate::observe::encode_registry(&self.shared.registry)
+    }
+
+    /// Takes a sample of the request counters, as the sampler task does every few seconds.
+    pub fn record_sample(&self) {
+        self.shared.record_sample();
+    }
+
     /// The bound address of a listener (useful with port 0); follows reloads.
     pub fn addr(&self, listener: &str) -> Option<SocketAddr> {
         crate::sync::lock(&self.addrs)

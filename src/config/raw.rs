@@ -43,7 +43,7 @@ pub(super) struct Entry {
 
 impl Kind {
     /// For messages: "expected a string, found a mapping".
-    pub fn describe(&self) -> &'static str {
+    pub(super) fn describe(&self) -> &'static str {
         match self {
             Kind::Null => "nothing",
             Kind::Scalar(_) => "a string",

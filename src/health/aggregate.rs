@@ -18,7 +18,7 @@ use super::{Check, Status, Value, View};
 use crate::error::push_json_string;
 
 /// An upstream's status from its endpoints' statuses.
-pub fn combine_endpoints(statuses: &[Status]) -> Status {
+pub(crate) fn combine_endpoints(statuses: &[Status]) -> Status {
     let up = statuses.iter().filter(|s| **s != Status::Unhealthy).count();
     if statuses.is_empty() || up == 0 {
         Status::Unhealthy
@@ -29,19 +29,19 @@ pub fn combine_endpoints(statuses: &[Status]) -> Status {
     }
 }
 
-pub struct Summary {
+pub(crate) struct Summary {
     pub status: Status,
     /// Names of the critical checks that are unhealthy.
     pub failing_critical: Vec<String>,
 }
 
 impl Summary {
-    pub fn ready(&self) -> bool {
+    pub(crate) fn ready(&self) -> bool {
         self.failing_critical.is_empty()
     }
 }
 
-pub fn summarize(checks: &[std::sync::Arc<Check>]) -> Summary {
+pub(crate) fn summarize(checks: &[std::sync::Arc<Check>]) -> Summary {
     let statuses: Vec<(&Check, Status)> = checks.iter().map(|c| (&**c, c.status())).collect();
     summarize_statuses(&statuses)
 }
@@ -67,7 +67,7 @@ fn summarize_statuses(statuses: &[(&Check, Status)]) -> Summary {
 
 /// Who reads a `/health` document.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Audience {
+pub(crate) enum Audience {
     /// Anyone (`/health`, a listener's `health_path`): states, latencies and counts; no
     /// error text (a driver's message names hosts, users, databases) and no address.
     Public,
@@ -93,7 +93,7 @@ const PUBLIC_DETAILS: &[&str] = &[
 
 /// A breaker that is not CLOSED, as `/health` lists it.
 #[derive(Debug, Clone)]
-pub struct BreakerReport {
+pub(crate) struct BreakerReport {
     pub upstream: String,
     /// None: the breaker every route of the upstream shares.
     pub route: Option<String>,
@@ -102,8 +102,9 @@ pub struct BreakerReport {
     pub since: SystemTime,
 }
 
+#[cfg(test)]
 /// The `/health` body and its summary.
-pub fn render(
+pub(crate) fn render(
     checks: &[std::sync::Arc<Check>],
     uptime: Duration,
     draining: bool,
@@ -115,7 +116,7 @@ pub fn render(
 /// As `render`, listing `breakers` (those not CLOSED): any makes a healthy answer
 /// `degraded`. An unhealthy one stays so: a breaker never makes `/health` 503, since the
 /// process serves every other route.
-pub fn render_with(
+pub(crate) fn render_with(
     checks: &[std::sync::Arc<Check>],
     breakers: &[BreakerReport],
     uptime: Duration,

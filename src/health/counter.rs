@@ -11,7 +11,7 @@ pub enum Verdict {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transition {
+pub(crate) enum Transition {
     /// Unknown or Down -> Up.
     Up,
     /// Unknown or Up -> Down.
@@ -19,7 +19,7 @@ pub enum Transition {
 }
 
 #[derive(Debug, Clone)]
-pub struct Counter {
+pub(crate) struct Counter {
     verdict: Verdict,
     successes: u32,
     failures: u32,
@@ -31,7 +31,7 @@ pub struct Counter {
 
 impl Counter {
     /// `fall` and `rise` below 1 count as 1.
-    pub fn new(verdict: Verdict, fall: u32, rise: u32) -> Counter {
+    pub(crate) fn new(verdict: Verdict, fall: u32, rise: u32) -> Counter {
         Counter {
             verdict,
             successes: 0,
@@ -41,18 +41,18 @@ impl Counter {
         }
     }
 
-    pub fn verdict(&self) -> Verdict {
+    pub(crate) fn verdict(&self) -> Verdict {
         self.verdict
     }
 
     /// Consecutive failures so far (0 after a success).
-    pub fn failures(&self) -> u32 {
+    pub(crate) fn failures(&self) -> u32 {
         self.failures
     }
 
     /// Records one probe. The first result decides at once: nothing is known before it,
     /// and waiting for a streak would keep a fresh process unready for no reason.
-    pub fn record(&mut self, ok: bool) -> Option<Transition> {
+    pub(crate) fn record(&mut self, ok: bool) -> Option<Transition> {
         if ok {
             self.failures = 0;
             self.successes = self.successes.saturating_add(1);

@@ -9,7 +9,7 @@ use super::{Probe, Value};
 
 /// Where the limit came from, as reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LimitSource {
+pub(crate) enum LimitSource {
     CgroupV2,
     CgroupV1,
     Machine,
@@ -25,7 +25,7 @@ impl LimitSource {
     }
 }
 
-pub fn probe(warn_above: f64) -> Probe {
+pub(crate) fn probe(warn_above: f64) -> Probe {
     match measure(Path::new("/")) {
         Ok(m) => judge(&m, warn_above),
         Err(e) => Probe::failed(e),
@@ -33,13 +33,13 @@ pub fn probe(warn_above: f64) -> Probe {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Measure {
+pub(crate) struct Measure {
     pub rss: u64,
     pub limit: u64,
     pub source: LimitSource,
 }
 
-pub fn judge(m: &Measure, warn_above: f64) -> Probe {
+pub(crate) fn judge(m: &Measure, warn_above: f64) -> Probe {
     let share = if m.limit == 0 {
         0.0
     } else {
@@ -74,7 +74,7 @@ pub fn judge(m: &Measure, warn_above: f64) -> Probe {
 }
 
 /// Reads everything under `root` ("/" in production, a fake tree in tests).
-pub fn measure(root: &Path) -> Result<Measure, String> {
+pub(crate) fn measure(root: &Path) -> Result<Measure, String> {
     let status = read(&root.join("proc/self/status"))?;
     let rss = kib_field(&status, "VmRSS:")
         .ok_or("no VmRSS in /proc/self/status")?

@@ -9,12 +9,12 @@
 //! The tasks stop at the end of a drain (the `Background` tasks); the Postgres pool is closed
 //! after them (`close_pools`).
 
-pub mod aggregate;
-pub mod counter;
-pub mod memory;
-pub mod postgres;
-pub mod redis;
-pub mod upstream;
+pub(crate) mod aggregate;
+pub(crate) mod counter;
+pub(crate) mod memory;
+pub(crate) mod postgres;
+pub(crate) mod redis;
+pub(crate) mod upstream;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -87,7 +87,7 @@ pub enum Value {
 
 /// What one probe found.
 #[derive(Debug, Clone, Default)]
-pub struct Probe {
+pub(crate) struct Probe {
     pub ok: bool,
     /// Passing but above a warning threshold: the check reads degraded.
     pub warning: Option<String>,
@@ -100,7 +100,7 @@ pub struct Probe {
 }
 
 impl Probe {
-    pub fn failed(error: impl Into<String>) -> Probe {
+    pub(crate) fn failed(error: impl Into<String>) -> Probe {
         Probe {
             ok: false,
             error: Some(error.into()),
@@ -137,7 +137,7 @@ impl View {
     }
 }
 
-pub type Slot = Arc<ArcSwap<View>>;
+pub(crate) type Slot = Arc<ArcSwap<View>>;
 
 fn new_slot() -> Slot {
     Arc::new(ArcSwap::from_pointee(View::pending()))
@@ -612,7 +612,7 @@ impl<F: FnMut(Transition)> Hooks for OnChange<F> {
 impl Runner {
     /// `probe` makes one probe; the runner bounds it by the check's timeout. `on_change` is
     /// called on every verdict change.
-    pub async fn run<P, Fut>(self, probe: P, on_change: impl FnMut(Transition))
+    pub(crate) async fn run<P, Fut>(self, probe: P, on_change: impl FnMut(Transition))
     where
         P: FnMut() -> Fut,
         Fut: Future<Output = Probe>,
@@ -621,7 +621,7 @@ impl Runner {
     }
 
     /// As `run`, with `hooks` told of every probe and able to ask for the faster interval.
-    pub async fn run_with<P, Fut>(mut self, mut probe: P, mut hooks: impl Hooks)
+    pub(crate) async fn run_with<P, Fut>(mut self, mut probe: P, mut hooks: impl Hooks)
     where
         P: FnMut() -> Fut,
         Fut: Future<Output = Probe>,
@@ -845,8 +845,8 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-pub mod respond;
-pub use respond::*;
+pub(crate) mod respond;
+pub(crate) use respond::*;
 
 #[cfg(test)]
 mod tests {

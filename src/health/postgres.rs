@@ -50,7 +50,7 @@ enum Pool {
     Tls(bb8::Pool<PostgresConnectionManager<MakeRustls>>),
 }
 
-pub struct PgPool {
+pub(crate) struct PgPool {
     pool: Pool,
     /// The last connection error bb8 met in the background, for a probe that timed out.
     last_error: Arc<Mutex<Option<String>>>,
@@ -75,7 +75,7 @@ impl bb8::ErrorSink<tokio_postgres::Error> for LastError {
 impl PgPool {
     /// No connection is made here; the trust store is read (with TLS), so call it where
     /// blocking a moment is fine.
-    pub fn new(dep: &PostgresDependency) -> Result<PgPool, String> {
+    pub(crate) fn new(dep: &PostgresDependency) -> Result<PgPool, String> {
         let url = crate::config::postgres_url_for_driver(dep.url.expose());
         let mut config = tokio_postgres::Config::from_str(&url)
             .map_err(|e| format!("invalid Postgres URL: {e}"))?;
@@ -106,19 +106,19 @@ impl PgPool {
         Ok(PgPool { pool, last_error })
     }
 
-    pub fn state(&self) -> bb8::State {
+    pub(crate) fn state(&self) -> bb8::State {
         match &self.pool {
             Pool::Plain(p) => p.state(),
             Pool::Tls(p) => p.state(),
         }
     }
 
-    pub fn tls(&self) -> bool {
+    pub(crate) fn tls(&self) -> bool {
         matches!(self.pool, Pool::Tls(_))
     }
 
     /// One probe. The caller bounds it by the check's timeout.
-    pub async fn probe(&self, warn_above: f64) -> Probe {
+    pub(crate) async fn probe(&self, warn_above: f64) -> Probe {
         let rows = match &self.pool {
             Pool::Plain(p) => checkout_and_query(p, &self.last_error).await,
             Pool::Tls(p) => checkout_and_query(p, &self.last_error).await,
@@ -139,7 +139,7 @@ impl PgPool {
 
     /// Drops the pool; its connections close their sessions as they go. The connection
     /// tasks run on the runtime: give them a moment to say goodbye to the server.
-    pub async fn close(self: Arc<Self>) {
+    pub(crate) async fn close(self: Arc<Self>) {
         let open = self.state().connections;
         drop(self);
         if open > 0 {
@@ -212,7 +212,7 @@ fn timed_out(last_error: &Mutex<Option<String>>) -> String {
 /// Verifies the server's certificate and name against the system's trust store plus
 /// `tls.ca_file`: stricter than libpq's `require`, which verifies nothing.
 #[derive(Clone)]
-pub struct MakeRustls(Arc<rustls::ClientConfig>);
+pub(crate) struct MakeRustls(Arc<rustls::ClientConfig>);
 
 impl MakeTlsConnect<Socket> for MakeRustls {
     type Stream = RustlsStream;
@@ -229,7 +229,7 @@ impl MakeTlsConnect<Socket> for MakeRustls {
     }
 }
 
-pub struct RustlsConnect {
+pub(crate) struct RustlsConnect {
     connector: TlsConnector,
     name: ServerName<'static>,
 }
@@ -247,7 +247,7 @@ impl TlsConnect<Socket> for RustlsConnect {
     }
 }
 
-pub struct RustlsStream(Box<tokio_rustls::client::TlsStream<Socket>>);
+pub(crate) struct RustlsStream(Box<tokio_rustls::client::TlsStream<Socket>>);
 
 impl AsyncRead for RustlsStream {
     fn poll_read(
@@ -286,7 +286,7 @@ impl TlsStream for RustlsStream {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Stats {
+pub(crate) struct Stats {
     pub in_recovery: bool,
     pub connections: i64,
     pub max_connections: i64,
@@ -315,7 +315,7 @@ fn parse(rows: &[SimpleQueryMessage]) -> Option<Stats> {
     })
 }
 
-pub fn judge(s: &Stats, warn_above: f64) -> Probe {
+pub(crate) fn judge(s: &Stats, warn_above: f64) -> Probe {
     let used = if s.max_connections > 0 {
         s.connections as f64 / s.max_connections as f64
     } else {
@@ -356,7 +356,7 @@ pub fn judge(s: &Stats, warn_above: f64) -> Probe {
 /// `rampart_pool_connections{pool,state}` and `rampart_pool_waiting{pool}` for the
 /// health-check Postgres pool and the program's Redis pool.
 #[derive(Debug)]
-pub struct PoolCollector(pub Arc<PoolSources>);
+pub(crate) struct PoolCollector(pub Arc<PoolSources>);
 
 type PoolLabels = Vec<(&'static str, &'static str)>;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::{Probe, Value, error_chain};
 use crate::redis::Redis;
 
-pub async fn probe(redis: &Redis, timeout: Duration) -> Probe {
+pub(crate) async fn probe(redis: &Redis, timeout: Duration) -> Probe {
     match redis.check(timeout).await {
         Ok((rtt, role)) => Probe {
             ok: true,

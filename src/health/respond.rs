@@ -7,12 +7,12 @@ use super::{Health, Status, aggregate};
 
 /// `/health`: the cached aggregate as JSON; 200 unless a critical check is unhealthy.
 /// Public: no error text and no address (see [`aggregate::Audience`]).
-pub fn health_response(h: &Health) -> (http::StatusCode, String) {
+pub(crate) fn health_response(h: &Health) -> (http::StatusCode, String) {
     render_health(h, aggregate::Audience::Public)
 }
 
 /// `/admin/health`: the same, with each check's error and every detail.
-pub fn health_detail_response(h: &Health) -> (http::StatusCode, String) {
+pub(crate) fn health_detail_response(h: &Health) -> (http::StatusCode, String) {
     render_health(h, aggregate::Audience::Operator)
 }
 
@@ -31,7 +31,7 @@ fn render_health(h: &Health, audience: aggregate::Audience) -> (http::StatusCode
 }
 
 /// Every breaker of the current configuration that is not CLOSED, by upstream and route.
-pub fn breakers_not_closed(h: &Health) -> Vec<aggregate::BreakerReport> {
+pub(crate) fn breakers_not_closed(h: &Health) -> Vec<aggregate::BreakerReport> {
     let snapshot = h.inputs.snapshot.load();
     let (now, wall) = (Instant::now(), std::time::SystemTime::now());
     let mut names: Vec<&String> = snapshot.upstreams.keys().collect();
@@ -57,7 +57,7 @@ pub fn breakers_not_closed(h: &Health) -> Vec<aggregate::BreakerReport> {
 /// The breakers that fail requests fast right now ("backend/chat"), for readiness. An
 /// OPEN breaker whose `open_for` is over, and a HALF_OPEN one, do not count: they need
 /// traffic to close, which a replica out of the Service would never get.
-pub fn blocking_breakers(h: &Health) -> Vec<String> {
+pub(crate) fn blocking_breakers(h: &Health) -> Vec<String> {
     let snapshot = h.inputs.snapshot.load();
     let now = Instant::now();
     let mut list: Vec<String> = snapshot
@@ -73,7 +73,7 @@ pub fn blocking_breakers(h: &Health) -> Vec<String> {
 
 /// `/readyz`: ready when not draining and no critical check is unhealthy (and, with
 /// `readiness.breaker_open: not_ready`, no breaker open). The body names what is wrong.
-pub fn ready_response(h: &Health) -> (http::StatusCode, String) {
+pub(crate) fn ready_response(h: &Health) -> (http::StatusCode, String) {
     if h.inputs.draining.load(std::sync::atomic::Ordering::Relaxed) {
         return (http::StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
     }
@@ -102,7 +102,9 @@ pub fn ready_response(h: &Health) -> (http::StatusCode, String) {
 
 /// `health_path` on a traffic listener: the `/health` JSON, and 503 while draining as well,
 /// since a load balancer that only sees this port has no `/readyz` to stop on.
-pub fn listener_health_response(h: &Health) -> http::Response<crate::stream::body::ProxyBody> {
+pub(crate) fn listener_health_response(
+    h: &Health,
+) -> http::Response<crate::stream::body::ProxyBody> {
     let (mut code, body) = health_response(h);
     if h.inputs.draining.load(std::sync::atomic::Ordering::Relaxed) {
         code = http::StatusCode::SERVICE_UNAVAILABLE;

@@ -30,7 +30,7 @@ use super::h2_guard::H2Watch;
 
 /// What the guard saw in one request head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Ok,
     /// Both `Content-Length` and `Transfer-Encoding`: refuse with 400.
     ContentLengthAndTransferEncoding,
@@ -48,16 +48,20 @@ const STASH_SLACK: usize = 64 * 1024;
 /// hyper reserves a slot per allowed header (about 48 bytes) on every head it parses once
 /// the limit is above its default of 100, so an unbounded value is an allocation the size
 /// of the configuration on the request path (4294967295 asked for 137 GB and aborted).
-pub const MAX_HEADERS_CEILING: usize = 10_000;
+pub(crate) const MAX_HEADERS_CEILING: usize = 10_000;
 
 /// The header count limit hyper and the guard both apply: the configured one, within
 /// 1..=[`MAX_HEADERS_CEILING`].
-pub fn max_headers(configured: usize) -> usize {
+pub(crate) fn max_headers(configured: usize) -> usize {
     configured.clamp(1, MAX_HEADERS_CEILING)
 }
 
 /// Wraps `inner` and returns the handle the service pops verdicts from.
-pub fn wrap<S>(inner: S, max_head_bytes: usize, max_headers: usize) -> (H1Guard<S>, Verdicts) {
+pub(crate) fn wrap<S>(
+    inner: S,
+    max_head_bytes: usize,
+    max_headers: usize,
+) -> (H1Guard<S>, Verdicts) {
     let tracker = Arc::new(Mutex::new(Tracker::new(max_head_bytes, max_headers)));
     let guard = H1Guard {
         inner,
@@ -69,7 +73,7 @@ pub fn wrap<S>(inner: S, max_head_bytes: usize, max_headers: usize) -> (H1Guard<
 }
 
 /// The IO wrapper: reads feed the tracker, writes pass straight through.
-pub struct H1Guard<S> {
+pub(crate) struct H1Guard<S> {
     inner: S,
     tracker: Arc<Mutex<Tracker>>,
     /// Cached "still tracking" so a stopped guard (HTTP/2, tunnels) costs no lock.
@@ -80,17 +84,17 @@ pub struct H1Guard<S> {
 
 /// The service's side of one connection's guard.
 #[derive(Clone)]
-pub struct Verdicts(Arc<Mutex<Tracker>>);
+pub(crate) struct Verdicts(Arc<Mutex<Tracker>>);
 
 impl Verdicts {
     /// The verdict for the HTTP/1 request hyper is dispatching now. `Ok` when the guard
     /// stopped tracking.
-    pub fn next(&self) -> Verdict {
+    pub(crate) fn next(&self) -> Verdict {
         lock(&self.0).next_verdict()
     }
 
     /// The request was answered 101: what follows is another protocol, stop looking.
-    pub fn switched(&self) {
+    pub(crate) fn switched(&self) {
         lock(&self.0).stop();
     }
 }

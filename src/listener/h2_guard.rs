@@ -15,7 +15,7 @@
 use tokio::time::Instant;
 
 /// Idle frames a connection may send at once.
-pub const BURST: u32 = 1_000;
+pub(crate) const BURST: u32 = 1_000;
 /// Idle frames a second a connection may keep sending.
 const REFILL_PER_SEC: u32 = 100;
 /// Idle frames granted per request: browsers send PRIORITY and WINDOW_UPDATE per stream.
@@ -31,7 +31,7 @@ const CONTINUATION: u8 = 0x9;
 const END_STREAM: u8 = 0x1;
 
 /// One HTTP/2 connection's frame budget, fed the bytes after the client preface.
-pub struct H2Watch {
+pub(crate) struct H2Watch {
     head: [u8; 9],
     /// Bytes of `head` read so far.
     have: usize,
@@ -50,7 +50,7 @@ impl Default for H2Watch {
 }
 
 impl H2Watch {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         H2Watch {
             head: [0; 9],
             have: 0,
@@ -62,7 +62,7 @@ impl H2Watch {
     }
 
     /// Follows the frames in `buf`, the connection's next bytes. False: over budget.
-    pub fn feed(&mut self, mut buf: &[u8]) -> bool {
+    pub(crate) fn feed(&mut self, mut buf: &[u8]) -> bool {
         self.refill();
         while !buf.is_empty() {
             if self.skip > 0 {
@@ -115,7 +115,7 @@ impl H2Watch {
     }
 
     /// rampart wrote `n` bytes on the connection.
-    pub fn wrote(&mut self, n: usize) {
+    pub(crate) fn wrote(&mut self, n: usize) {
         self.written += n;
         if self.written >= BYTES_PER_FRAME {
             let grant = u32::try_from(self.written / BYTES_PER_FRAME).unwrap_or(u32::MAX);

@@ -32,9 +32,9 @@ use crate::workers::Workers;
 use h1_guard::Verdict;
 use timeouts::{Clock, Clocks, Expired, SendTimed};
 
-pub mod h1_guard;
-pub mod h2_guard;
-pub mod timeouts;
+pub(crate) mod h1_guard;
+pub(crate) mod h2_guard;
+pub(crate) mod timeouts;
 
 /// Longest wait, once closing, for the first request of a connection that has sent none:
 /// it was just accepted, so its request is most likely on the wire.
@@ -43,7 +43,7 @@ const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(1);
 /// Binds with SO_REUSEADDR so a restart is not refused by sockets in TIME_WAIT, and with
 /// SO_REUSEPORT so a new process (rolling restart) or a reload binds the same port while
 /// this socket still drains.
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -57,7 +57,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// A traffic listener's sockets: one per worker, all on the same address.
-pub struct Bound {
+pub(crate) struct Bound {
     /// The bound address (the real port when the config says 0).
     pub addr: SocketAddr,
     sockets: Vec<std::net::TcpListener>,
@@ -65,7 +65,7 @@ pub struct Bound {
 
 /// Binds `count` sockets on `addr` (SO_REUSEPORT), the first one deciding the port when
 /// `addr` has port 0. Must run inside a runtime.
-pub fn bind_listener(addr: SocketAddr, count: usize) -> io::Result<Bound> {
+pub(crate) fn bind_listener(addr: SocketAddr, count: usize) -> io::Result<Bound> {
     let first = bind(addr)?;
     let addr = first.local_addr()?;
     let mut sockets = vec![first.into_std()?];
@@ -75,7 +75,7 @@ pub fn bind_listener(addr: SocketAddr, count: usize) -> io::Result<Bound> {
     Ok(Bound { addr, sockets })
 }
 
-pub fn builder(cfg: &ListenerConfig) -> auto::Builder<TokioExecutor> {
+pub(crate) fn builder(cfg: &ListenerConfig) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         // Without a timer hyper silently ignores header_read_timeout.
@@ -100,7 +100,7 @@ pub fn builder(cfg: &ListenerConfig) -> auto::Builder<TokioExecutor> {
 }
 
 /// One running traffic listener.
-pub struct Server {
+pub(crate) struct Server {
     pub name: Arc<str>,
     /// The bound address (the real port when the config says 0).
     pub addr: SocketAddr,
@@ -111,7 +111,7 @@ pub struct Server {
 
 impl Server {
     /// Starts accepting on `bound`: one accept loop per socket, each on its worker.
-    pub fn start(
+    pub(crate) fn start(
         bound: Bound,
         config: ListenerConfig,
         traffic: Arc<Traffic>,
@@ -177,7 +177,7 @@ impl Server {
         }
     }
 
-    pub fn is_finished(&self) -> bool {
+    pub(crate) fn is_finished(&self) -> bool {
         self.phase.receiver_count() == 0
     }
 }

@@ -29,15 +29,15 @@ use tokio::time::{Instant, Sleep};
 
 /// The send timeout until an answer with a route sets it: answers rampart makes itself,
 /// tunnels, and the socket under HTTP/2 (the same as the default `idle`, and nginx's).
-pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long a connection closed for being idle may take to go after its GOAWAY (a peer that
 /// does not answer the GOAWAY's PING, or streams left open by a client that reads nothing).
-pub const GOAWAY_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const GOAWAY_GRACE: Duration = Duration::from_secs(5);
 
 /// Why the connection's clock ended it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Expired {
+pub(crate) enum Expired {
     /// No complete request head within `header_read_timeout` of accept: close at once.
     HeaderRead,
     /// HTTP/2 with no open stream for `http2.idle_timeout`: GOAWAY, then close.
@@ -45,7 +45,7 @@ pub enum Expired {
 }
 
 /// One connection's clocks, shared by its driver, its service and its socket.
-pub struct Clocks {
+pub(crate) struct Clocks {
     born: Instant,
     header_read: Duration,
     h2_idle: Duration,
@@ -63,7 +63,7 @@ pub struct Clocks {
 }
 
 impl Clocks {
-    pub fn new(header_read: Duration, h2_idle: Duration) -> Arc<Self> {
+    pub(crate) fn new(header_read: Duration, h2_idle: Duration) -> Arc<Self> {
         Arc::new(Clocks {
             born: Instant::now(),
             header_read,
@@ -79,24 +79,24 @@ impl Clocks {
     }
 
     /// The timer the driver keeps for its [`Clock`].
-    pub fn timer(&self) -> Sleep {
+    pub(crate) fn timer(&self) -> Sleep {
         tokio::time::sleep_until(at(self.born, self.header_read))
     }
 
     /// An HTTP/2 stream opened: open until the guard is dropped.
-    pub fn stream(self: &Arc<Self>) -> StreamGuard {
+    pub(crate) fn stream(self: &Arc<Self>) -> StreamGuard {
         self.h2.store(true, Ordering::Relaxed);
         self.streams.fetch_add(1, Ordering::Relaxed);
         StreamGuard(self.clone())
     }
 
     /// HTTP/1: the send timeout of the answer about to be written.
-    pub fn set_send_timeout(&self, t: Duration) {
+    pub(crate) fn set_send_timeout(&self, t: Duration) {
         self.send_timeout_ms.store(millis(t), Ordering::Relaxed);
     }
 
     /// Set once the socket failed a write for the send timeout.
-    pub fn send_timed_out(&self) -> &Arc<AtomicBool> {
+    pub(crate) fn send_timed_out(&self) -> &Arc<AtomicBool> {
         &self.send_timed_out
     }
 
@@ -111,7 +111,7 @@ impl Clocks {
 /// an HTTP/1 connection has had its first request (hyper's own header timer takes over).
 /// The connection's task wakes many times per request: then this costs one flag load.
 #[derive(Default)]
-pub struct Clock {
+pub(crate) struct Clock {
     /// The driver's waker is with the clocks (for the end of the last stream).
     registered: bool,
     /// Waiting for the last open stream to end.
@@ -123,7 +123,7 @@ pub struct Clock {
 impl Clock {
     /// Ready once the connection is to end. `timer` is made by [`Clocks::timer`] and kept by
     /// the caller; `seen`: a request head has been completed on the connection.
-    pub fn poll(
+    pub(crate) fn poll(
         &mut self,
         mut timer: Pin<&mut Sleep>,
         clocks: &Clocks,
@@ -187,7 +187,7 @@ impl Clock {
 }
 
 /// An open HTTP/2 stream of a connection.
-pub struct StreamGuard(Arc<Clocks>);
+pub(crate) struct StreamGuard(Arc<Clocks>);
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
@@ -222,7 +222,7 @@ fn at(base: Instant, d: Duration) -> Instant {
 /// ends the connection. The socket is then closed with a reset (nginx's
 /// `reset_timedout_connection`): a plain close would leave the unsent answer in the kernel,
 /// trickling to a client that reads nothing, for minutes per connection.
-pub struct SendTimed {
+pub(crate) struct SendTimed {
     inner: TcpStream,
     clocks: Arc<Clocks>,
     /// Armed while writes are blocked; kept (and reset) across stalls.
@@ -231,7 +231,7 @@ pub struct SendTimed {
 }
 
 impl SendTimed {
-    pub fn new(inner: TcpStream, clocks: Arc<Clocks>) -> Self {
+    pub(crate) fn new(inner: TcpStream, clocks: Arc<Clocks>) -> Self {
         SendTimed {
             inner,
             clocks,

@@ -13,7 +13,7 @@ use crate::body::BodyError;
 
 /// How an exchange ended, as one word for grepping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Headers sent, body still flowing (never logged as such: see Drop).
     Streaming,
     Ok,
@@ -37,7 +37,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Outcome::Streaming => "streaming",
             Outcome::Ok => "ok",
@@ -55,7 +55,7 @@ impl Outcome {
 }
 
 #[derive(Debug)]
-pub struct AccessRecord {
+pub(crate) struct AccessRecord {
     pub start: Instant,
     pub listener: Arc<str>,
     pub route: Option<Arc<str>>,
@@ -79,7 +79,7 @@ pub struct AccessRecord {
 }
 
 impl AccessRecord {
-    pub fn body_complete(&mut self) {
+    pub(crate) fn body_complete(&mut self) {
         // Idempotent: a body may report its end twice (last frame, then None).
         if self.outcome == Outcome::Streaming {
             self.outcome = Outcome::Ok;
@@ -88,13 +88,13 @@ impl AccessRecord {
 
     /// Before the record is dropped with the stream rampart ended (not failed: the upstream
     /// did nothing wrong).
-    pub fn send_timed_out(&mut self) {
+    pub(crate) fn send_timed_out(&mut self) {
         if self.outcome == Outcome::Streaming {
             self.outcome = Outcome::SendTimeout;
         }
     }
 
-    pub fn body_failed(&mut self, err: &BodyError) {
+    pub(crate) fn body_failed(&mut self, err: &BodyError) {
         self.outcome = match err {
             BodyError::Idle => Outcome::IdleTimeout,
             BodyError::Total => Outcome::TotalTimeout,

@@ -17,15 +17,15 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 /// backend's) live, and dense below 1 s, where the users' P95 < 500 ms target lives. 18
 /// bounds: with the +Inf bucket and the sum, still 20 cells, the same cache lines per shard
 /// as the 16 of before; a scrape writes two more lines per series.
-pub const REQUEST_BUCKETS: &[f64] = &[
+pub(crate) const REQUEST_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75,
     1.0, 2.5, 5.0, 10.0,
 ];
 /// Time to the first byte of an event stream: an LLM may think for a while first.
-pub const STREAM_TTFB_BUCKETS: &[f64] =
+pub(crate) const STREAM_TTFB_BUCKETS: &[f64] =
     &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0];
 /// Whole event streams: LLM answers run for minutes.
-pub const STREAM_DURATION_BUCKETS: &[f64] =
+pub(crate) const STREAM_DURATION_BUCKETS: &[f64] =
     &[0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 180.0, 300.0, 600.0];
 
 #[derive(Debug)]

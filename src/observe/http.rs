@@ -26,12 +26,12 @@ use prometheus_client::registry::Registry;
 use super::histogram::{DurationHistogram, HistogramSnapshot};
 
 /// The methods counted by name; anything else is `other` (labels stay bounded).
-pub const METHODS: [&str; 8] = [
+pub(crate) const METHODS: [&str; 8] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other",
 ];
-pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+pub(crate) const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
-pub fn method_index(m: &Method) -> usize {
+pub(crate) fn method_index(m: &Method) -> usize {
     match *m {
         Method::GET => 0,
         Method::HEAD => 1,
@@ -45,7 +45,7 @@ pub fn method_index(m: &Method) -> usize {
 }
 
 /// 1xx..5xx -> 0..4 (anything out of range counts as 5xx: it is not a valid answer).
-pub fn status_index(status: u16) -> usize {
+pub(crate) fn status_index(status: u16) -> usize {
     match status {
         100..=199 => 0,
         200..=299 => 1,

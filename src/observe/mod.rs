@@ -9,12 +9,12 @@
 //!   per-route handles a `Snapshot` holds;
 //! - `series.rs`: the in-memory time series the alert rules and the status page read.
 
-pub mod access_log;
-pub mod histogram;
-pub mod http;
-pub mod series;
-pub mod sharded;
-pub mod signals;
+pub(crate) mod access_log;
+pub(crate) mod histogram;
+pub(crate) mod http;
+pub(crate) mod series;
+pub(crate) mod sharded;
+pub(crate) mod signals;
 
 use std::sync::Arc;
 
@@ -24,10 +24,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// OpenMetrics text, the format prometheus-client encodes (with `# EOF`).
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// A registry with every metric prefixed `rampart_` and the build info already in it.
-pub fn new_registry() -> Registry {
+pub(crate) fn new_registry() -> Registry {
     let mut registry = Registry::with_prefix("rampart");
     let build = Family::<Vec<(String, String)>, Gauge>::default();
     build
@@ -40,7 +40,7 @@ pub fn new_registry() -> Registry {
     registry
 }
 
-pub fn encode_registry(registry: &Arc<Registry>) -> String {
+pub(crate) fn encode_registry(registry: &Arc<Registry>) -> String {
     let mut out = String::new();
     // Encoding into a String cannot fail on I/O; an error would mean a broken metric.
     if let Err(e) = encode(&mut out, registry) {

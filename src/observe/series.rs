@@ -15,9 +15,9 @@ use super::histogram::{HistogramSnapshot, REQUEST_BUCKETS};
 use super::http::RouteLabels;
 
 /// How often the sampler records (the charts' resolution).
-pub const SAMPLE_EVERY: Duration = Duration::from_secs(10);
+pub(crate) const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 /// What the status page shows.
-pub const CHART_SPAN: Duration = Duration::from_secs(15 * 60);
+pub(crate) const CHART_SPAN: Duration = Duration::from_secs(15 * 60);
 
 /// Cumulative values of one route at one moment.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -251,7 +251,7 @@ impl Series {
     }
 }
 
-pub fn unix_ms(t: SystemTime) -> u64 {
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)

@@ -17,7 +17,7 @@ pub(crate) struct Line(pub(crate) AtomicU64);
 
 /// Clones share the counts (a handle, like prometheus-client's `Counter`).
 #[derive(Debug, Clone)]
-pub struct ShardedCounter(Arc<[Line]>);
+pub(crate) struct ShardedCounter(Arc<[Line]>);
 
 impl Default for ShardedCounter {
     fn default() -> Self {
@@ -30,17 +30,17 @@ impl Default for ShardedCounter {
 }
 
 impl ShardedCounter {
-    pub fn inc(&self) {
+    pub(crate) fn inc(&self) {
         self.inc_by(1);
     }
 
-    pub fn inc_by(&self, n: u64) {
+    pub(crate) fn inc_by(&self, n: u64) {
         if let Some(line) = self.0.get(crate::workers::slot_in(self.0.len())) {
             line.0.fetch_add(n, Ordering::Relaxed);
         }
     }
 
-    pub fn get(&self) -> u64 {
+    pub(crate) fn get(&self) -> u64 {
         self.0.iter().map(|l| l.0.load(Ordering::Relaxed)).sum()
     }
 }

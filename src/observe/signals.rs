@@ -26,7 +26,7 @@ pub struct Signals {
 }
 
 /// Shares only: 0..=1, and never NaN.
-pub fn share(v: Option<f64>) -> Option<f64> {
+pub(crate) fn share(v: Option<f64>) -> Option<f64> {
     v.filter(|v| v.is_finite()).map(|v| v.clamp(0.0, 1.0))
 }
 

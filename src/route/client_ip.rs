@@ -11,7 +11,7 @@ use crate::config::Cidr;
 /// The client's address: the peer, unless the peer is a trusted proxy; then X-Forwarded-For
 /// read from the right, skipping trusted addresses. A spoofed X-Forwarded-For from an
 /// untrusted peer is never read.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr {
+pub(crate) fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr {
     let peer = peer.to_canonical();
     if !trusted.iter().any(|c| c.contains(peer)) {
         return peer;

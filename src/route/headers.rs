@@ -15,7 +15,7 @@ use crate::error::ProxyError;
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -23,7 +23,7 @@ static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Removes hop-by-hop headers and every header named in `Connection`. With `keep_upgrade`,
 /// `Connection: upgrade` and `Upgrade` survive (a WebSocket handshake being forwarded).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Most messages carry none of them: one pass over the names costs less than a lookup
     // per name. Without a Connection header no other name is hop-by-hop.
     if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
@@ -77,7 +77,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 /// Whether the client asks for a protocol upgrade (WebSocket): `Connection: upgrade` plus an
 /// `Upgrade` header.
-pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+pub(crate) fn wants_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
         && headers.get_all(header::CONNECTION).iter().any(|v| {
             v.to_str()
@@ -97,7 +97,7 @@ static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 /// those it lists, in its order, and returned. None when it lists none of them (or does not
 /// ask): the request is then served plainly, its `Upgrade` and `Connection` going with the
 /// other hop-by-hop headers. h2c is never allowed, whatever the list says.
-pub fn narrow_upgrade(headers: &mut HeaderMap, allowed: &[String]) -> Option<HeaderValue> {
+pub(crate) fn narrow_upgrade(headers: &mut HeaderMap, allowed: &[String]) -> Option<HeaderValue> {
     headers.remove(&HTTP2_SETTINGS);
     if !wants_upgrade(headers) {
         return None;
@@ -130,7 +130,7 @@ pub fn narrow_upgrade(headers: &mut HeaderMap, allowed: &[String]) -> Option<Hea
 /// Whether a 101's `Upgrade` switches to protocols the request offered, and names at least
 /// one (RFC 9110 7.8: a server switches only to protocols the client listed). Tokens compare
 /// without regard to case.
-pub fn switches_to_offered(response: &HeaderMap, offered: &HeaderValue) -> bool {
+pub(crate) fn switches_to_offered(response: &HeaderMap, offered: &HeaderValue) -> bool {
     let mut any = false;
     for value in response.get_all(header::UPGRADE) {
         for token in tokens(value) {
@@ -155,11 +155,11 @@ fn tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
 }
 
 /// Shared with the HTTP/1 path, where hyper hides the Content-Length (server::h1_guard).
-pub const CL_AND_TE: &str = "request has both Content-Length and Transfer-Encoding";
+pub(crate) const CL_AND_TE: &str = "request has both Content-Length and Transfer-Encoding";
 
 /// Request smuggling guards hyper leaves to us: both framings at once, or Content-Length
 /// values that disagree (several headers or a comma list).
-pub fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
+pub(crate) fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
     let has_te = headers.contains_key(header::TRANSFER_ENCODING);
     let mut length: Option<u64> = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
@@ -181,7 +181,7 @@ pub fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
 /// What the request path needs to know about the client's headers, found in one pass: a
 /// lookup by name hashes the name and probes the map, a pass compares names directly, and
 /// most requests carry only a few headers.
-pub struct Head {
+pub(crate) struct Head {
     /// The first `Host` value.
     pub host: Option<HeaderValue>,
     /// `Host` lines (at most 2 counted: more than one is an error either way).
@@ -198,7 +198,7 @@ pub struct Head {
 
 impl Head {
     /// The facts, and `request_id` for these headers.
-    pub fn scan(headers: &HeaderMap) -> (Head, HeaderValue) {
+    pub(crate) fn scan(headers: &HeaderMap) -> (Head, HeaderValue) {
         let mut client_id = None;
         let mut head = Head {
             host: None,
@@ -241,7 +241,7 @@ impl Head {
     }
 
     /// `check_framing`, skipped when neither header is there.
-    pub fn check_framing(&self, headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
+    pub(crate) fn check_framing(&self, headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
         if !self.content_length {
             return Ok(None);
         }
@@ -249,7 +249,7 @@ impl Head {
     }
 
     /// The request has an `Upgrade` header (an upgrade to allow, narrow or strip).
-    pub fn has_upgrade(&self) -> bool {
+    pub(crate) fn has_upgrade(&self) -> bool {
         self.upgrade
     }
 
@@ -258,7 +258,7 @@ impl Head {
     /// on any other version (RFC 9112 3.2: 400, as nginx answers); no userinfo in the
     /// target or `:authority` (RFC 9110 4.2.4, RFC 9113 8.3.1: malformed); chunked as the
     /// only transfer coding (RFC 9112 6.1: 501 for one rampart does not implement).
-    pub fn check<B>(&self, req: &Request<B>) -> Result<(), ProxyError> {
+    pub(crate) fn check<B>(&self, req: &Request<B>) -> Result<(), ProxyError> {
         if req.method() == Method::CONNECT {
             return Err(ProxyError::MethodNotAllowed);
         }
@@ -286,7 +286,7 @@ impl Head {
     }
 
     /// Whether the request carries more than one `cookie` field.
-    pub fn split_cookies(&self) -> bool {
+    pub(crate) fn split_cookies(&self) -> bool {
         self.cookies > 1
     }
 }
@@ -294,7 +294,7 @@ impl Head {
 /// A `Host` value: `uri-host [":" port]` (RFC 9110 7.2), as nginx reads it: a reg-name
 /// (letters, digits, `-._~`, sub-delims but `,`, percent-encodings), an IPv4 address or an
 /// IP literal in brackets; a port of at most 5 digits; no empty name, no `..`.
-pub fn valid_host(v: &[u8]) -> bool {
+pub(crate) fn valid_host(v: &[u8]) -> bool {
     let (host, port) = if v.first() == Some(&b'[') {
         let Some(end) = v.iter().position(|&c| c == b']') else {
             return false;
@@ -374,7 +374,7 @@ fn check_transfer_coding(headers: &HeaderMap) -> Result<(), ProxyError> {
 
 /// HTTP/2 may split `cookie` into several fields; HTTP/1.1 allows one, so they are joined
 /// with `; ` before the request goes upstream (RFC 9113 8.2.3).
-pub fn join_cookies(headers: &mut HeaderMap) {
+pub(crate) fn join_cookies(headers: &mut HeaderMap) {
     let mut joined: Vec<u8> = Vec::new();
     for v in headers.get_all(header::COOKIE) {
         if !joined.is_empty() {
@@ -388,10 +388,11 @@ pub fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
+#[cfg(test)]
 /// Keeps a client's request id when it is sane (1..=128 of `[A-Za-z0-9._:-]`), so one id
 /// follows a request across services; otherwise makes a new one. A header value, so the
 /// same bytes go upstream and back without another copy; always visible ASCII.
-pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
     checked_request_id(headers.get(&X_REQUEST_ID))
 }
 
@@ -411,7 +412,7 @@ fn checked_request_id(client: Option<&HeaderValue>) -> HeaderValue {
 
 /// 32 hex digits: a per-process random prefix (so replicas do not collide) and a counter
 /// scrambled through splitmix64.
-pub fn new_request_id() -> HeaderValue {
+pub(crate) fn new_request_id() -> HeaderValue {
     // The seed's digits are written once.
     static SEED: std::sync::OnceLock<(u64, [u8; 16])> = std::sync::OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -450,14 +451,14 @@ fn hex16(word: u64) -> [u8; 16] {
     out
 }
 
-pub fn is_trusted(peer: IpAddr, trusted: &[Cidr]) -> bool {
+pub(crate) fn is_trusted(peer: IpAddr, trusted: &[Cidr]) -> bool {
     trusted.iter().any(|c| c.contains(peer))
 }
 
 /// Sets X-Forwarded-For/-Proto/-Host for the upstream. Incoming values are believed only
 /// from a trusted proxy; from anyone else they are replaced, and `Forwarded` and
 /// `X-Real-IP` removed, so a client cannot forge its address.
-pub fn set_forwarded(
+pub(crate) fn set_forwarded(
     headers: &mut HeaderMap,
     peer: IpAddr,
     trusted_peer: bool,

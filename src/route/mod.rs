@@ -5,11 +5,11 @@
 //! The path matched is the listener's normal form of the request's path (`crate::path`,
 //! [`match_path`]), so no spelling of a path reaches another route than the path itself.
 
-pub mod client_ip;
-pub mod headers;
-pub mod table;
+pub(crate) mod client_ip;
+pub(crate) mod headers;
+pub(crate) mod table;
 
-pub use table::{ListenerRoutes, Snapshot};
+pub(crate) use table::{ListenerRoutes, Snapshot};
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -93,7 +93,7 @@ impl Route {
 /// "/api" matches "/api" and "/api/..." but not "/apix"; a prefix ending in "/" matches
 /// anything below it. Bytes, not chars: a prefix never ends inside a character of the
 /// path, so nothing here can slice one.
-pub fn path_matches(prefix: &str, path: &str, case_insensitive: bool) -> bool {
+pub(crate) fn path_matches(prefix: &str, path: &str, case_insensitive: bool) -> bool {
     let (prefix, path) = (prefix.as_bytes(), path.as_bytes());
     let Some(head) = path.get(..prefix.len()) else {
         return false;
@@ -109,7 +109,7 @@ pub fn path_matches(prefix: &str, path: &str, case_insensitive: bool) -> bool {
 
 /// The path routes are matched against: the request's path in the listener's normal form
 /// (parameters cut), or as received with `normalize_path: off`. Borrowed when unchanged.
-pub fn match_path<'p>(path: &'p str, cfg: &PathConfig) -> Result<Cow<'p, str>, PathError> {
+pub(crate) fn match_path<'p>(path: &'p str, cfg: &PathConfig) -> Result<Cow<'p, str>, PathError> {
     if cfg.normalize == NormalizePath::Off {
         return Ok(Cow::Borrowed(path));
     }
@@ -118,7 +118,7 @@ pub fn match_path<'p>(path: &'p str, cfg: &PathConfig) -> Result<Cow<'p, str>, P
 
 /// With `normalize_path: forward`, the path the upstream gets (parameters kept); None when
 /// it is forwarded as received.
-pub fn forward_path<'p>(
+pub(crate) fn forward_path<'p>(
     path: &'p str,
     cfg: &PathConfig,
 ) -> Option<Result<Cow<'p, str>, PathError>> {
@@ -134,7 +134,7 @@ fn options(cfg: &PathConfig, cut_params: bool) -> path::Options {
 }
 
 /// The request's host without port: the URI authority (HTTP/2, absolute-form) or `Host`.
-pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
+pub(crate) fn request_host<B>(req: &Request<B>) -> Option<&str> {
     let raw = match req.uri().authority() {
         Some(a) => a.as_str(),
         None => req.headers().get(http::header::HOST)?.to_str().ok()?,
@@ -147,7 +147,7 @@ pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
 }
 
 /// The first route for `req`, whose path in the form routes match is `path`.
-pub fn find<'a, B>(routes: &'a [Route], req: &Request<B>, path: &str) -> Option<&'a Route> {
+pub(crate) fn find<'a, B>(routes: &'a [Route], req: &Request<B>, path: &str) -> Option<&'a Route> {
     // Looked up once, and only when a route names a host: most do not.
     let mut looked_up = None;
     let mut host = || *looked_up.get_or_insert_with(|| request_host(req));

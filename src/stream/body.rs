@@ -29,7 +29,7 @@ enum Kind {
 /// Every response rampart sends: a local answer or the upstream's streamed body. It carries
 /// the request's `Tail` (access log, breaker verdict, in-flight slots), settled when hyper
 /// drops the body (finished, failed or abandoned by the client).
-pub struct ProxyBody {
+pub(crate) struct ProxyBody {
     kind: Kind,
     tail: Option<Box<Tail>>,
     /// Released when the exchange is over for rampart: the body ended, failed, was dropped,
@@ -54,11 +54,11 @@ impl ProxyBody {
         }
     }
 
-    pub fn full(bytes: Bytes) -> Self {
+    pub(crate) fn full(bytes: Bytes) -> Self {
         ProxyBody::with_kind(Kind::Full(Some(bytes)))
     }
 
-    pub fn empty() -> Self {
+    pub(crate) fn empty() -> Self {
         ProxyBody::with_kind(Kind::Full(None))
     }
 }
@@ -70,27 +70,22 @@ impl From<Bytes> for ProxyBody {
 }
 
 impl ProxyBody {
-    pub fn upstream(body: TimedBody<PooledBody>) -> Self {
+    pub(crate) fn upstream(body: TimedBody<PooledBody>) -> Self {
         ProxyBody::with_kind(Kind::Upstream(body))
     }
 
-    pub fn direct(body: TimedBody<Incoming>) -> Self {
+    pub(crate) fn direct(body: TimedBody<Incoming>) -> Self {
         ProxyBody::with_kind(Kind::Direct(body))
     }
 
-    pub fn with_tail(mut self, tail: Box<Tail>) -> Self {
-        self.tail = Some(tail);
-        self
-    }
-
-    /// `with_tail` in place: a response is large to move.
-    pub fn set_tail(&mut self, tail: Box<Tail>) {
+    /// Attaches the request's `Tail` in place (a response is large to move).
+    pub(crate) fn set_tail(&mut self, tail: Box<Tail>) {
         self.tail = Some(tail);
     }
 
     /// rampart ended this stream itself at the drain deadline (server::finale), so the access
     /// log says `drained`, not `client_aborted`.
-    pub fn mark_drained(&mut self) {
+    pub(crate) fn mark_drained(&mut self) {
         let mut shared;
         let tail = match &self.kind {
             Kind::Watched(w) => {
@@ -106,7 +101,7 @@ impl ProxyBody {
 
     /// The send timeout for this answer: how long the client may take no data (the route's
     /// `idle`, nginx's `send_timeout`). None for answers rampart makes itself.
-    pub fn send_timeout(&self) -> Option<Duration> {
+    pub(crate) fn send_timeout(&self) -> Option<Duration> {
         match &self.kind {
             Kind::Upstream(s) => Some(s.idle()),
             Kind::Direct(s) => Some(s.idle()),
@@ -119,17 +114,17 @@ impl ProxyBody {
     /// exchange (upstream connection closed, tail settled, `held` released) if the client has
     /// not taken it within the send timeout. An SSE stream waiting for its upstream is not
     /// waiting for its client, and is left to `idle`.
-    pub fn watch_sends(&mut self) {
+    pub(crate) fn watch_sends(&mut self) {
         self.watch = self.send_timeout();
     }
 
     /// Keeps `held` until the exchange is over for rampart (see the field).
-    pub fn hold(&mut self, held: Box<dyn Send>) {
+    pub(crate) fn hold(&mut self, held: Box<dyn Send>) {
         self.held = Some(held);
     }
 
     /// HTTP/1: `flag` is set when the connection closes for the send timeout.
-    pub fn conn_timed_out(&mut self, flag: Arc<AtomicBool>) {
+    pub(crate) fn conn_timed_out(&mut self, flag: Arc<AtomicBool>) {
         self.conn_timed_out = Some(flag);
     }
 

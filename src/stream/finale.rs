@@ -31,7 +31,7 @@ use crate::stream::body::ProxyBody;
 /// streams cut by one drain do not all come back in the same instant.
 const RETRY_MS: std::ops::Range<u64> = 1_000..5_000;
 
-pub struct TrackedBody {
+pub(crate) struct TrackedBody {
     inner: ProxyBody,
     finale: Option<Box<Finale>>,
     /// Dropped with the body: the request is no longer in flight.
@@ -40,7 +40,7 @@ pub struct TrackedBody {
 
 /// Wraps a response for the server: every response is counted; an SSE response also waits
 /// for `Phase::Finale` on the connection's listener.
-pub fn track(
+pub(crate) fn track(
     resp: Response<ProxyBody>,
     request: RequestGuard,
     phase: &watch::Receiver<Phase>,
@@ -185,7 +185,7 @@ impl Finale {
 
 /// The last event of a stream cut by a drain. `id:` is left out so the client's
 /// Last-Event-ID stays the last real event, for resuming on another replica.
-pub fn final_event(retry_ms: u64) -> Bytes {
+pub(crate) fn final_event(retry_ms: u64) -> Bytes {
     Bytes::from(format!(
         "event: error\ndata: {{\"code\":\"SERVICE_UNAVAILABLE\",\"message\":\"Server is shutting down\"}}\nretry: {retry_ms}\n\n"
     ))

@@ -1,7 +1,7 @@
 //! The bodies both ways under their timers, what a response still owes when its body ends
 //! (`tail`), the final event a drain writes into an event stream, and upgraded tunnels.
 
-pub mod body;
-pub mod finale;
-pub mod tail;
+pub(crate) mod body;
+pub(crate) mod finale;
+pub(crate) mod tail;
 pub(crate) mod upgrade;

@@ -14,7 +14,7 @@ use crate::upstream::breaker::Outcome;
 use crate::upstream::resilience::{BreakerTicket, InFlight};
 
 #[derive(Default)]
-pub struct Tail {
+pub(crate) struct Tail {
     pub log: Option<AccessRecord>,
     pub obs: Option<Observed>,
     pub ticket: Option<BreakerTicket>,
@@ -26,7 +26,7 @@ pub struct Tail {
 }
 
 /// What the request metrics record when the exchange ends.
-pub struct Observed {
+pub(crate) struct Observed {
     pub start: Instant,
     /// The route's handles (the listener's unrouted ones when no route took it).
     pub route: Arc<RouteMetrics>,
@@ -39,7 +39,7 @@ pub struct Observed {
 }
 
 impl Observed {
-    pub fn new(start: Instant, route: Arc<RouteMetrics>, method: usize) -> Self {
+    pub(crate) fn new(start: Instant, route: Arc<RouteMetrics>, method: usize) -> Self {
         Observed {
             start,
             route,
@@ -53,7 +53,7 @@ impl Observed {
 }
 
 impl Tail {
-    pub fn on_data(&mut self, n: usize) {
+    pub(crate) fn on_data(&mut self, n: usize) {
         if let Some(log) = &mut self.log {
             log.bytes_out += n as u64;
         }
@@ -62,7 +62,7 @@ impl Tail {
         }
     }
 
-    pub fn on_complete(&mut self) {
+    pub(crate) fn on_complete(&mut self) {
         if let Some(log) = &mut self.log {
             log.body_complete();
         }
@@ -71,7 +71,7 @@ impl Tail {
         }
     }
 
-    pub fn on_error(&mut self, err: &BodyError) {
+    pub(crate) fn on_error(&mut self, err: &BodyError) {
         if let Some(log) = &mut self.log {
             log.body_failed(err);
         }

@@ -46,7 +46,7 @@ const ROUNDS_PER_POLL: usize = 32;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// The client's side of an upgrade the route allows.
-pub struct ClientUpgrade {
+pub(crate) struct ClientUpgrade {
     on: OnUpgrade,
     /// The request's `Upgrade`, as forwarded: what the 101 may switch to.
     pub offered: HeaderValue,
@@ -60,7 +60,7 @@ pub struct ClientUpgrade {
 /// the plain request's path, into which the pipeline's steps are inlined.
 #[cold]
 #[inline(never)]
-pub fn offer(req: &mut Request<Incoming>, allowed: &[String]) -> Option<Box<ClientUpgrade>> {
+pub(crate) fn offer(req: &mut Request<Incoming>, allowed: &[String]) -> Option<Box<ClientUpgrade>> {
     let handover = req.extensions_mut().remove::<Handover>();
     let offered = headers::narrow_upgrade(req.headers_mut(), allowed)?;
     if req.version() != Version::HTTP_11 {
@@ -74,7 +74,7 @@ pub fn offer(req: &mut Request<Incoming>, allowed: &[String]) -> Option<Box<Clie
 }
 
 /// What a tunnel needs besides its two sockets.
-pub struct Tunnel {
+pub(crate) struct Tunnel {
     /// Closed after this long with no byte either way (the route's `timeouts.idle`).
     pub idle: Duration,
     /// The handshake's access-log record, written when the tunnel closes.
@@ -87,7 +87,7 @@ pub struct Tunnel {
 
 /// The 101 for the client, and the tunnel's task, started once both sides have switched.
 /// `resp` switches to a protocol `client` offered (the caller checked).
-pub fn tunnel(
+pub(crate) fn tunnel(
     mut resp: http::Response<Incoming>,
     client: ClientUpgrade,
     t: Tunnel,

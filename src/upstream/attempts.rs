@@ -25,7 +25,7 @@ use crate::upstream::retry::{self, Failure};
 ///
 /// Owned by `handle`'s future and lent to `run` and `forward::send`: passed by value, the
 /// request would be copied into every future on the way, and kept there.
-pub struct Attempts<'a> {
+pub(crate) struct Attempts<'a> {
     upstream: &'a Upstream,
     method: Method,
     /// The request for the next attempt: taken by the send, put back when it provably
@@ -43,7 +43,7 @@ pub struct Attempts<'a> {
 }
 
 /// The upstream's answer, before it is streamed back.
-pub struct Answer {
+pub(crate) struct Answer {
     pub response: Response<PooledBody>,
     /// The endpoint's in-flight slot, held until the body ends.
     pub endpoint_slot: Option<InFlight>,
@@ -52,14 +52,14 @@ pub struct Answer {
 }
 
 /// The attempts are over without an answer to pass on.
-pub struct Failed {
+pub(crate) struct Failed {
     pub error: ProxyError,
     /// What the breaker is told (None: the client's own body failed, nothing to learn).
     pub verdict: Option<Outcome>,
 }
 
 impl<'a> Attempts<'a> {
-    pub fn new(
+    pub(crate) fn new(
         upstream: &'a Upstream,
         request: Request<RequestBody>,
         forwarded: Option<Forwarded>,
@@ -79,11 +79,11 @@ impl<'a> Attempts<'a> {
     }
 
     /// The route's total deadline, which the response body runs under as well.
-    pub fn deadline(&self) -> Option<Instant> {
+    pub(crate) fn deadline(&self) -> Option<Instant> {
         self.timers.deadline
     }
 
-    pub async fn run(&mut self) -> Result<Answer, Failed> {
+    pub(crate) async fn run(&mut self) -> Result<Answer, Failed> {
         let upstream = self.upstream;
         let cfg = &upstream.resilience;
         crate::sync::lock(&upstream.state.budget).record_request(Instant::now());
@@ -312,7 +312,7 @@ impl<'a> Attempts<'a> {
     }
 }
 
-pub fn error_kind(f: Failure) -> Option<UpstreamErrorKind> {
+pub(crate) fn error_kind(f: Failure) -> Option<UpstreamErrorKind> {
     match f {
         Failure::Connect => Some(UpstreamErrorKind::ConnectError),
         Failure::ConnectTimeout => Some(UpstreamErrorKind::ConnectTimeout),
@@ -322,7 +322,7 @@ pub fn error_kind(f: Failure) -> Option<UpstreamErrorKind> {
     }
 }
 
-pub fn no_endpoints(upstream: &Upstream) -> ProxyError {
+pub(crate) fn no_endpoints(upstream: &Upstream) -> ProxyError {
     ProxyError::UpstreamUnavailable {
         upstream: upstream.name.clone(),
         detail: "no endpoints".into(),

@@ -83,7 +83,7 @@ impl EndpointHealth {
 }
 
 /// What `pick` needs to know of each endpoint.
-pub struct Candidate {
+pub(crate) struct Candidate {
     pub in_flight: usize,
     pub available: bool,
     /// Already tried by this request: prefer another one.
@@ -92,7 +92,11 @@ pub struct Candidate {
 
 /// The index of the endpoint to use. Available and untried endpoints first; if every
 /// endpoint is ejected, ejection is ignored (better a suspect endpoint than none).
-pub fn pick(policy: LoadBalancing, candidates: &[Candidate], round_robin: usize) -> Option<usize> {
+pub(crate) fn pick(
+    policy: LoadBalancing,
+    candidates: &[Candidate],
+    round_robin: usize,
+) -> Option<usize> {
     let tiers: [&dyn Fn(&Candidate) -> bool; 3] =
         [&|c| c.available && !c.tried, &|c| !c.tried, &|c| {
             c.available

@@ -69,14 +69,14 @@ pub enum Outcome {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Transition {
+pub(crate) enum Transition {
     Opened { open_for: Duration },
     HalfOpened,
     Closed,
 }
 
 impl Transition {
-    pub fn to(self) -> State {
+    pub(crate) fn to(self) -> State {
         match self {
             Transition::Opened { .. } => State::Open,
             Transition::HalfOpened => State::HalfOpen,
@@ -154,7 +154,7 @@ impl RateWindow {
 }
 
 #[derive(Debug)]
-pub struct Breaker {
+pub(crate) struct Breaker {
     cfg: BreakerConfig,
     inner: Inner,
     consecutive_failures: u32,
@@ -172,7 +172,7 @@ pub struct Breaker {
 }
 
 impl Breaker {
-    pub fn new(cfg: BreakerConfig, now: Instant) -> Self {
+    pub(crate) fn new(cfg: BreakerConfig, now: Instant) -> Self {
         let window = cfg
             .failure_rate
             .as_ref()
@@ -191,7 +191,7 @@ impl Breaker {
     }
 
     /// A new configuration keeps the current state (a reload must not close an open breaker).
-    pub fn reconfigure(&mut self, cfg: BreakerConfig, now: Instant) {
+    pub(crate) fn reconfigure(&mut self, cfg: BreakerConfig, now: Instant) {
         if cfg.failure_rate.as_ref().map(|r| r.window)
             != self.cfg.failure_rate.as_ref().map(|r| r.window)
         {
@@ -203,7 +203,7 @@ impl Breaker {
         self.cfg = cfg;
     }
 
-    pub fn state(&self) -> State {
+    pub(crate) fn state(&self) -> State {
         match self.inner {
             Inner::Closed => State::Closed,
             Inner::Open { .. } => State::Open,
@@ -212,19 +212,19 @@ impl Breaker {
     }
 
     /// When the current state was entered.
-    pub fn since(&self) -> Instant {
+    pub(crate) fn since(&self) -> Instant {
         self.since
     }
 
     /// OPEN and still failing requests fast at `now` (an OPEN breaker whose `open_for` is
     /// over admits the next request as a probe, so it no longer blocks anything).
-    pub fn blocks(&self, now: Instant) -> bool {
+    pub(crate) fn blocks(&self, now: Instant) -> bool {
         matches!(self.inner, Inner::Open { until } if now < until)
     }
 
     /// The upstream's active check passed. After `needed` passes in a row while OPEN, the
     /// breaker goes HALF_OPEN at once rather than at the end of `open_for`.
-    pub fn health_passed(&mut self, now: Instant, needed: u32) -> Option<Transition> {
+    pub(crate) fn health_passed(&mut self, now: Instant, needed: u32) -> Option<Transition> {
         if !matches!(self.inner, Inner::Open { .. }) || self.health_tried {
             return None;
         }
@@ -238,27 +238,29 @@ impl Breaker {
     }
 
     /// The upstream's active check failed: passes start counting again.
-    pub fn health_failed(&mut self) {
+    pub(crate) fn health_failed(&mut self) {
         self.health_passes = 0;
     }
 
+    #[cfg(test)]
     /// The generation of the current half-open period, if half-open.
-    pub fn current_generation(&self) -> Option<u64> {
+    pub(crate) fn current_generation(&self) -> Option<u64> {
         match self.inner {
             Inner::HalfOpen { generation, .. } => Some(generation),
             _ => None,
         }
     }
 
+    #[cfg(test)]
     /// Probes currently admitted and not yet reported.
-    pub fn probes_in_flight(&self) -> u32 {
+    pub(crate) fn probes_in_flight(&self) -> u32 {
         match self.inner {
             Inner::HalfOpen { in_flight, .. } => in_flight,
             _ => 0,
         }
     }
 
-    pub fn admit(&mut self, now: Instant) -> (Admit, Option<Transition>) {
+    pub(crate) fn admit(&mut self, now: Instant) -> (Admit, Option<Transition>) {
         match &mut self.inner {
             Inner::Closed => (Admit::Allowed { probe: None }, None),
             Inner::Open { until } => {
@@ -301,7 +303,7 @@ impl Breaker {
     }
 
     /// Reports how an admitted request went. `probe` must be what `admit` said.
-    pub fn on_result(
+    pub(crate) fn on_result(
         &mut self,
         now: Instant,
         outcome: Outcome,

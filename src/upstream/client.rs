@@ -29,9 +29,9 @@ use crate::upstream::forwarded::Forwarded;
 use crate::upstream::pool::Io;
 
 /// Largest response head accepted (Envoy's default limit is 60 KiB).
-pub const MAX_HEAD: usize = 64 * 1024;
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields in one response head (hyper's default).
-pub const MAX_HEADERS: usize = 100;
+pub(crate) const MAX_HEADERS: usize = 100;
 /// Longest chunk-size line, extensions included.
 const MAX_CHUNK_LINE: usize = 4096;
 /// Most bytes of trailer fields after the last chunk (they are read and dropped).
@@ -45,11 +45,11 @@ const BODY_WITH_HEAD: usize = 16 * 1024;
 /// A write buffer that grew past this (a large body frame) is not kept for the next request.
 const KEEP_WRITE_BUFFER: usize = 64 * 1024;
 
-pub use crate::body::WireError;
+pub(crate) use crate::body::WireError;
 
 /// Why an exchange failed: the connection, or the client's own request body.
 #[derive(Debug, thiserror::Error)]
-pub enum ExchangeError {
+pub(crate) enum ExchangeError {
     #[error(transparent)]
     Wire(#[from] WireError),
     #[error("request body: {0}")]
@@ -776,7 +776,7 @@ impl Conn {
 /// another connection) when nothing of it reached the socket, and when a pooled connection
 /// closed without a byte of answer to a GET, HEAD or OPTIONS without a body: the classic
 /// keep-alive race, which nginx retries too. Otherwise it is taken.
-pub async fn exchange(
+pub(crate) async fn exchange(
     conn: &mut Conn,
     request: &mut Option<Request<RequestBody>>,
     forwarded: Option<&Forwarded>,

@@ -129,7 +129,7 @@ impl Upstream {
 
 /// A failed attempt: what the client would hear, and what kind of failure it was (for
 /// retries, ejection and the breaker; None when the fault is the client's own request body).
-pub struct SendError {
+pub(crate) struct SendError {
     pub error: ProxyError,
     pub failure: Option<Failure>,
     /// The request was put back because the first-byte or total deadline passed while
@@ -140,7 +140,7 @@ pub struct SendError {
 
 /// TLS settings for https endpoints: the system's trust store plus, when given, the CAs in
 /// `ca_file` (a private CA, or a test's). Built once per configuration snapshot.
-pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+pub(crate) fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {
@@ -172,7 +172,7 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, S
 }
 
 /// Per-request timing limits for one attempt.
-pub struct Timers {
+pub(crate) struct Timers {
     pub connect: Duration,
     /// From the request's last byte to the response head (see `within_first_byte`).
     pub first_byte: Duration,
@@ -184,7 +184,7 @@ pub struct Timers {
 /// [`within_first_byte`]) or until the route's total deadline if that comes first. The
 /// request is taken out, and put back when it provably never left. The error is boxed: the
 /// answer travels up through several futures, and most answers are not errors.
-pub async fn send(
+pub(crate) async fn send(
     upstream: &str,
     endpoint: &Endpoint,
     request: &mut Option<Request<RequestBody>>,
@@ -308,7 +308,7 @@ async fn until<F: Future>(deadline: Option<Instant>, fut: F) -> Option<F::Output
 /// the upstream's. A body that is here whole (`upload` None) is done when the exchange starts.
 /// The total deadline caps it all, except while waiting for the client (the body's timers
 /// carry the same deadline).
-pub async fn within_first_byte<F: Future>(
+pub(crate) async fn within_first_byte<F: Future>(
     fut: F,
     upload: Option<&Upload>,
     timers: &Timers,
@@ -354,7 +354,7 @@ pub async fn within_first_byte<F: Future>(
 /// connect has the connect timeout, the handshake the first-byte timer (from the request's
 /// last byte, as any request's), both capped by the route's total deadline. The error says,
 /// as `send`'s does, whether the upstream is to blame.
-pub async fn send_upgrade(
+pub(crate) async fn send_upgrade(
     upstream: &str,
     endpoint: &Endpoint,
     mut req: Request<RequestBody>,

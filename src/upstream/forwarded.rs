@@ -9,7 +9,7 @@ use http::HeaderValue;
 /// headers (`client::Conn::encode`) instead of inserted into its header map, where each
 /// insert hashes the name and probes the map. The same values `set_forwarded` and the
 /// request id would have put there.
-pub struct Forwarded {
+pub(crate) struct Forwarded {
     xff: Option<HeaderValue>,
     proto: &'static str,
     host: Option<HeaderValue>,
@@ -17,7 +17,7 @@ pub struct Forwarded {
 }
 
 impl Forwarded {
-    pub fn new(
+    pub(crate) fn new(
         peer: IpAddr,
         proto: &'static str,
         original_host: Option<HeaderValue>,
@@ -32,7 +32,7 @@ impl Forwarded {
     }
 
     /// The header lines, in HTTP/1.1 wire form.
-    pub fn write(&self, w: &mut Vec<u8>) {
+    pub(crate) fn write(&self, w: &mut Vec<u8>) {
         let mut line = |name: &[u8], value: &[u8]| {
             w.extend_from_slice(name);
             w.extend_from_slice(value);

@@ -2,12 +2,12 @@
 //! loop and its budget, the choice of endpoint, the forward itself, the connection pool and
 //! our HTTP/1.1 client.
 
-pub mod attempts;
-pub mod balance;
-pub mod breaker;
-pub mod client;
-pub mod forward;
-pub mod forwarded;
-pub mod pool;
-pub mod resilience;
-pub mod retry;
+pub(crate) mod attempts;
+pub(crate) mod balance;
+pub(crate) mod breaker;
+pub(crate) mod client;
+pub(crate) mod forward;
+pub(crate) mod forwarded;
+pub(crate) mod pool;
+pub(crate) mod resilience;
+pub(crate) mod retry;

@@ -124,7 +124,7 @@ pub enum ConnectError {
 /// enough that a stream whose first event is slow still shows its head at once to anything
 /// acting on headers (an EventSource's `open`). nginx and Envoy pass the head on at once and
 /// cut the stream; this turns the common case into a 502 the client can act on.
-pub const HEAD_HOLD: Duration = Duration::from_millis(250);
+pub(crate) const HEAD_HOLD: Duration = Duration::from_millis(250);
 
 /// Most body bytes taken while the head is held: what is ready beyond the first byte is
 /// taken too (so that a failure already in the socket is found), up to this much, as a
@@ -291,7 +291,7 @@ impl EndpointPool {
 ///
 /// The request is lent, not passed by value: a future carries its arguments for its whole
 /// life, and this one would otherwise hold a copy of the request.
-pub async fn exchange(
+pub(crate) async fn exchange(
     conn: Connection,
     pool: Arc<EndpointPool>,
     request: &mut Option<Request<RequestBody>>,
@@ -311,7 +311,7 @@ pub async fn exchange(
 /// when the body has been read to its end the connection goes back to its endpoint's pool.
 /// Kept small (it is moved through several layers with every response): what only some
 /// responses need is boxed on demand.
-pub struct PooledBody {
+pub(crate) struct PooledBody {
     inner: Inner,
     pool: Arc<EndpointPool>,
     /// Data taken while the head was held (`hold`), and an error kept back one poll
@@ -351,7 +351,7 @@ impl PooledBody {
     /// client can still be told 502, rather than get a head and a cut (or, when the server
     /// had not written it yet, empty) answer. An answer whose sized body came whole with
     /// its head passes at once, with nothing taken, no timer and no allocation.
-    pub async fn hold(&mut self) -> Result<(), WireError> {
+    pub(crate) async fn hold(&mut self) -> Result<(), WireError> {
         if let Inner::Rampart(Some(conn)) = &self.inner
             && conn.body_buffered()
         {
@@ -894,7 +894,7 @@ impl HyperBody {
 /// For an Upgrade (WebSocket) handshake on `io`, a fresh connection (`connect_timed`) that
 /// never enters the pool, spoken to by hyper's client, which hands the socket over after a
 /// 101.
-pub async fn exchange_upgrade(
+pub(crate) async fn exchange_upgrade(
     io: Io,
     req: Request<RequestBody>,
 ) -> Result<Response<Incoming>, UpgradeError> {
@@ -910,7 +910,7 @@ pub async fn exchange_upgrade(
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum UpgradeError {
+pub(crate) enum UpgradeError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
     #[error(transparent)]

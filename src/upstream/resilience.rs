@@ -302,9 +302,9 @@ impl UpstreamStates {
 }
 
 /// An in-flight count held for as long as a request uses it.
-pub struct InFlight(Arc<dyn Counted>);
+pub(crate) struct InFlight(Arc<dyn Counted>);
 
-pub trait Counted: Send + Sync {
+pub(crate) trait Counted: Send + Sync {
     fn counter(&self) -> &AtomicUsize;
 }
 
@@ -328,7 +328,7 @@ impl Counted for AtomicUsize {
 
 impl InFlight {
     /// Takes a slot unless `max` are taken.
-    pub fn try_acquire(of: Arc<dyn Counted>, max: Option<usize>) -> Option<InFlight> {
+    pub(crate) fn try_acquire(of: Arc<dyn Counted>, max: Option<usize>) -> Option<InFlight> {
         let c = of.counter();
         let before = c.fetch_add(1, Ordering::AcqRel);
         if max.is_some_and(|m| before >= m) {
@@ -444,14 +444,14 @@ impl Drop for RouteBreaker {
 
 /// The breaker's verdict on one request, reported exactly once: explicitly, or as
 /// "ignored" when dropped (the client went away), so a probe slot is never leaked.
-pub struct BreakerTicket {
+pub(crate) struct BreakerTicket {
     state: Arc<RouteBreaker>,
     probe: Option<u64>,
     reported: bool,
 }
 
 impl BreakerTicket {
-    pub fn new(state: Arc<RouteBreaker>, probe: Option<u64>) -> Self {
+    pub(crate) fn new(state: Arc<RouteBreaker>, probe: Option<u64>) -> Self {
         BreakerTicket {
             state,
             probe,
@@ -460,11 +460,11 @@ impl BreakerTicket {
     }
 
     /// Admitted as one of a half-open breaker's probes.
-    pub fn is_probe(&self) -> bool {
+    pub(crate) fn is_probe(&self) -> bool {
         self.probe.is_some()
     }
 
-    pub fn report(&mut self, outcome: Outcome) {
+    pub(crate) fn report(&mut self, outcome: Outcome) {
         if !self.reported {
             self.reported = true;
             self.state.report(outcome, self.probe);

@@ -12,7 +12,7 @@ use crate::config::{RetryConfig, RetryOn};
 
 /// How an attempt failed, as far as retrying is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// No connection was made: the request provably never reached the upstream.
     Connect,
     ConnectTimeout,
@@ -25,7 +25,7 @@ pub enum Failure {
 }
 
 impl Failure {
-    pub fn reason(self) -> &'static str {
+    pub(crate) fn reason(self) -> &'static str {
         match self {
             Failure::Connect => "connect_error",
             Failure::ConnectTimeout | Failure::FirstByteTimeout => "timeout",
@@ -41,7 +41,7 @@ impl Failure {
 }
 
 /// GET, HEAD, OPTIONS, PUT, DELETE (and TRACE): repeating them changes nothing more.
-pub fn idempotent(method: &Method) -> bool {
+pub(crate) fn idempotent(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
@@ -50,7 +50,7 @@ pub fn idempotent(method: &Method) -> bool {
 
 /// Whether some failure after this request was sent (timeout, reset, status) may be
 /// retried under `cfg`: only then must a copy of what was sent be kept.
-pub fn may_retry_once_sent(cfg: &RetryConfig, method: &Method) -> bool {
+pub(crate) fn may_retry_once_sent(cfg: &RetryConfig, method: &Method) -> bool {
     idempotent(method)
         && cfg
             .on
@@ -60,7 +60,12 @@ pub fn may_retry_once_sent(cfg: &RetryConfig, method: &Method) -> bool {
 
 /// Whether this failure of this request may be retried under `cfg` (budget aside).
 /// Non-idempotent requests only when nothing reached the upstream.
-pub fn retryable(cfg: &RetryConfig, failure: Failure, method: &Method, replayable: bool) -> bool {
+pub(crate) fn retryable(
+    cfg: &RetryConfig,
+    failure: Failure,
+    method: &Method,
+    replayable: bool,
+) -> bool {
     let listed = cfg.on.iter().any(|on| match (on, failure) {
         (RetryOn::ConnectError, Failure::Connect) => true,
         // A connect timeout never reached the upstream either.
@@ -81,7 +86,7 @@ pub fn retryable(cfg: &RetryConfig, failure: Failure, method: &Method, replayabl
 }
 
 /// Full jitter: uniform in [0, min(max, base * 2^(retry-1))] (AWS architecture blog).
-pub fn backoff(cfg: &RetryConfig, retry: u32) -> Duration {
+pub(crate) fn backoff(cfg: &RetryConfig, retry: u32) -> Duration {
     let exp = cfg
         .backoff_base
         .saturating_mul(1u32 << retry.saturating_sub(1).min(20));
@@ -90,7 +95,7 @@ pub fn backoff(cfg: &RetryConfig, retry: u32) -> Duration {
 
 /// Longest pause between two wake-ups of a waiting request: once the endpoint accepts a
 /// connect again, each waiting request goes within this, however long it was down.
-pub const CONNECT_WAIT_BACKOFF_MAX: Duration = Duration::from_millis(250);
+pub(crate) const CONNECT_WAIT_BACKOFF_MAX: Duration = Duration::from_millis(250);
 
 /// Fewest milliseconds of `connect_wait` per wake-up of a waiting request: a bound on
 /// wake-ups (40 per second of wait) whatever the jitter draws.
@@ -110,7 +115,7 @@ const CONNECT_WAIT_MS_PER_CHECK: u128 = 25;
 /// the route's deadline and the upstream's `max_in_flight` (a waiting request keeps its
 /// place), and wake-ups per request are bounded too.
 #[derive(Debug, Default)]
-pub struct ConnectWait {
+pub(crate) struct ConnectWait {
     since: Option<Instant>,
     /// Sleeps so far (each followed by a look at the gate).
     checks: u32,
@@ -120,7 +125,7 @@ pub struct ConnectWait {
 
 /// What to do after a connect failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WaitStep {
+pub(crate) enum WaitStep {
     /// Sleep this long, then ask the endpoint's gate for a connect. `last`: the sleep ends
     /// the wait, so connect then whatever the gate says (a restart that takes just under
     /// `connect_wait` is still caught; one extra connect per waiting request at most).
@@ -132,7 +137,7 @@ pub enum WaitStep {
 impl ConnectWait {
     /// Whether `failure` is one a connect wait handles under `cfg`: a connect failure, retries
     /// on (`attempts` > 1) and listed for it, and `connect_wait` not `off`.
-    pub fn applies(cfg: &RetryConfig, failure: Failure) -> bool {
+    pub(crate) fn applies(cfg: &RetryConfig, failure: Failure) -> bool {
         cfg.connect_wait.is_some()
             && cfg.attempts > 1
             && !failure.reached_upstream()
@@ -141,7 +146,7 @@ impl ConnectWait {
 
     /// At `now`, after a connect failure or a look at the gate that gave no connect: sleep
     /// again, or give up. `unit` is the jitter draw in [0, 1).
-    pub fn next(
+    pub(crate) fn next(
         &mut self,
         cfg: &RetryConfig,
         failure: Failure,
@@ -180,7 +185,7 @@ impl ConnectWait {
     /// connect after this request's failed one began (`connected_since`). That failure is
     /// stale, as a connect timeout that began before the upstream was reachable again. Once
     /// per request, and not at or past the deadline.
-    pub fn stale(
+    pub(crate) fn stale(
         &mut self,
         connected_since: bool,
         now: Instant,

@@ -447,7 +447,7 @@ alerts:
         url = up.url()
     );
     let r = support::start(&yaml).await;
-    let config = rampart::config::Config::clone(&r.shared.snapshot.load().config);
+    let config = rampart::config::Config::clone(&r.config());
     let debug = format!("{config:?} {config:#?}");
     let mut req = support::get(r.admin_addr, "/admin/config");
     req.headers_mut()

@@ -2,6 +2,8 @@
 
 // Test code throughout (clippy's test exemption covers only `#[test]` functions).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+// A test binary has no public API: `pub` here only opens a module to its siblings.
+#![allow(unreachable_pub)]
 
 mod support;
 

@@ -23,7 +23,7 @@ const MAX_JITTER_MS: u64 = 250;
 
 /// Where one request's decision is taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
+pub(crate) enum Route {
     Redis,
     /// Redis, as the one request that checks whether it is back.
     Probe,
@@ -31,7 +31,7 @@ pub enum Route {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transition {
+pub(crate) enum Transition {
     /// Redis is skipped from now on.
     ToMemory,
     ToRedis,
@@ -39,14 +39,14 @@ pub enum Transition {
 
 /// Pure: time and jitter are passed in.
 #[derive(Debug, Default)]
-pub struct Breaker {
+pub(crate) struct Breaker {
     failures: u32,
     /// Some while open: when the next probe may go.
     probe_at: Option<Instant>,
 }
 
 impl Breaker {
-    pub fn route(&mut self, now: Instant, jitter: Duration) -> Route {
+    pub(crate) fn route(&mut self, now: Instant, jitter: Duration) -> Route {
         match self.probe_at {
             None => Route::Redis,
             Some(at) if now >= at => {
@@ -59,12 +59,12 @@ impl Breaker {
         }
     }
 
-    pub fn success(&mut self) -> Option<Transition> {
+    pub(crate) fn success(&mut self) -> Option<Transition> {
         self.failures = 0;
         self.probe_at.take().map(|_| Transition::ToRedis)
     }
 
-    pub fn failure(&mut self, now: Instant, jitter: Duration) -> Option<Transition> {
+    pub(crate) fn failure(&mut self, now: Instant, jitter: Duration) -> Option<Transition> {
         self.failures = self.failures.saturating_add(1);
         let was_open = self.probe_at.is_some();
         if was_open || self.failures >= FAILURES_TO_OPEN {
@@ -73,7 +73,7 @@ impl Breaker {
         (!was_open && self.probe_at.is_some()).then_some(Transition::ToMemory)
     }
 
-    pub fn is_open(&self) -> bool {
+    pub(crate) fn is_open(&self) -> bool {
         self.probe_at.is_some()
     }
 }

@@ -13,14 +13,14 @@ use super::{Decision, Limits};
 
 /// One key's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Entry {
+pub(crate) struct Entry {
     count: u64,
     window_end: Instant,
     blocked_until: Option<Instant>,
 }
 
 impl Entry {
-    pub fn new(now: Instant) -> Entry {
+    pub(crate) fn new(now: Instant) -> Entry {
         // An ended window: the first step opens a new one.
         Entry {
             count: 0,
@@ -39,7 +39,7 @@ impl Entry {
 /// Counts one request against `entry`: fixed window starting at the first request; past
 /// `points` the key is refused until the window ends or `block` passes, whichever is later.
 /// Refused requests during a block are not counted.
-pub fn step(entry: &mut Entry, now: Instant, limits: &Limits) -> Decision {
+pub(crate) fn step(entry: &mut Entry, now: Instant, limits: &Limits) -> Decision {
     if let Some(b) = entry.blocked_until {
         if b > now {
             return Decision {

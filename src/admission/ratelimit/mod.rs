@@ -6,9 +6,9 @@
 //! The counts live in a [`Registry`] keyed by policy name, outside the config snapshot, so
 //! a reload keeps them for the names it keeps.
 
-pub mod fallback;
-pub mod memory;
-pub mod redis;
+pub(crate) mod fallback;
+pub(crate) mod memory;
+pub(crate) mod redis;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -426,7 +426,7 @@ impl Policy {
 
 /// What the rate-limit step concluded for one request.
 #[derive(Debug, Default)]
-pub struct Verdict {
+pub(crate) struct Verdict {
     /// Refused: `Retry-After` in whole seconds, at least 1.
     pub retry_after_secs: Option<u64>,
     /// RateLimit-Policy, RateLimit and X-RateLimit-*: for every response on the route.
@@ -443,7 +443,7 @@ static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining"
 static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
 /// Checks every policy of a route (all count the request; all must allow it).
-pub async fn check(
+pub(crate) async fn check(
     policies: &[Arc<Policy>],
     route: &str,
     headers: &HeaderMap,

@@ -43,7 +43,7 @@ redis.call('PEXPIRE', KEYS[1], math.max(blocked, wend) - now)
 return {allowed, math.max(points - count, 0), wend - now, retry}
 "#;
 
-pub struct RedisLimiter {
+pub(crate) struct RedisLimiter {
     script: Script,
 }
 
@@ -57,7 +57,7 @@ impl Default for RedisLimiter {
 
 impl RedisLimiter {
     /// `key` is the full Redis key (`rl:{policy}:...`).
-    pub async fn check(
+    pub(crate) async fn check(
         &self,
         redis: &Redis,
         key: &str,
