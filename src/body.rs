@@ -14,7 +14,7 @@
 //! Its clocks only run while rampart WAITS FOR THE PEER (the body was asked for a frame and
 //! had none): time the other side spends not taking data (an upstream slow to read the
 //! request, a client slow to read the response) is never held against this side. That other
-//! time has its own timers: the first-byte timer for the upstream (`forward.rs`, which reads
+//! time has its own timers: the first-byte timer for the upstream (`upstream::forward`, which reads
 //! the request body's [`Upload`] state), the send timeout for the client (the socket in
 //! `server`, and [`ProxyBody::watch_sends`] for HTTP/2 streams).
 

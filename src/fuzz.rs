@@ -23,7 +23,7 @@ pub fn chunk_size(data: &[u8]) {
     }
 }
 
-/// The HTTP/1 guard's verdicts on arbitrary bytes (`server::h1_guard`). The first byte picks
+/// The HTTP/1 guard's verdicts on arbitrary bytes (`listener::h1_guard`). The first byte picks
 /// the limits (the extremes included) and how the bytes are split into reads; the rest is
 /// the connection. The verdicts do not depend on how the bytes were split, nor does
 /// following a stream that is followed whole; a head the guard gave a verdict on is one httparse

@@ -70,7 +70,7 @@ pub(crate) struct ListenerCtx {
 /// The service hyper calls for every request on a traffic listener. Never fails: every
 /// error becomes a JSON answer through `ProxyError::to_response`. `framing_ok` is false when
 /// the connection's HTTP/1 guard saw both Content-Length and Transfer-Encoding in the head,
-/// which hyper does not show in `req` (server::h1_guard).
+/// which hyper does not show in `req` (listener::h1_guard).
 ///
 /// Every step that needs no waiting runs synchronously in `begin`; the common request then
 /// awaits only the upstream exchange. The steps that may wait (rate limits, body
@@ -554,7 +554,7 @@ async fn slow(
 }
 
 /// The handshake of an upgrade the route allows, on a connection of its own: a 101 that
-/// switches to a protocol the request offered becomes a tunnel (`proxy::upgrade`), a 101 to
+/// switches to a protocol the request offered becomes a tunnel (`stream::upgrade`), a 101 to
 /// anything else a 502, any other answer an ordinary one. Fed to endpoint health and the
 /// breaker as any attempt; never retried.
 async fn upgrade(

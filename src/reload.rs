@@ -1,5 +1,5 @@
 //! Configuration hot reload (SIGHUP, `POST /admin/reload`): the parts that are not wiring.
-//! `app.rs` reads the file, binds what changed and swaps the snapshot; this module says what
+//! `app` reads the file, binds what changed and swaps the snapshot; this module says what
 //! a reload reports, counts it, and how state kept by name follows the new configuration.
 
 use std::any::Any;

@@ -3,7 +3,7 @@
 //! - Counted here: database queries and their failures (each Postgres health probe is one;
 //!   code that runs queries of its own adds to them), cache hits and misses (the cache, when
 //!   it exists). Windowed like the request counters (the time series samples them).
-//! - Read from the health checks' cached results (`health.rs` here): memory use against its
+//! - Read from the health checks' cached results (`alert::signals`): memory use against its
 //!   limit, Postgres connections against `max_connections`, each dependency's state.
 //! - Fed by hand (`set_pool_usage`, `set_memory_usage`): for sources without a health check;
 //!   a health check's value wins when both exist.

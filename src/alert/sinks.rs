@@ -166,7 +166,7 @@ pub(crate) async fn deliver(d: Delivery, mut stop: watch::Receiver<bool>) -> Res
 
 /// One POST over a fresh connection (notifications are rare: no pool), bounded by
 /// `timeout` from connect to response head. Returns the status. Spoken by the same client
-/// as the upstreams (`proxy::pool`), TLS included.
+/// as the upstreams (`upstream::pool`), TLS included.
 pub(crate) async fn post(url: &Uri, body: Bytes, timeout: Duration) -> Result<u16, String> {
     post_with(url, body, timeout, client_tls).await
 }

@@ -90,7 +90,7 @@ pub(super) fn spawn(
 
 /// What one endpoint's check does besides its verdict: it steers endpoint choice, and its
 /// passes end the upstream's open breakers and the endpoint's ejection early
-/// (health-informed recovery, `breaker.rs`).
+/// (health-informed recovery, `upstream::breaker`).
 struct EndpointHooks {
     upstream: Arc<Upstream>,
     index: usize,

@@ -1,7 +1,7 @@
 //! One access-log line per request, written when the response body is dropped, so duration,
 //! bytes and the outcome cover the whole stream, not just the headers. A tunnel's line (status
 //! 101) is written when the tunnel closes: its bytes are those carried each way, its outcome
-//! how it ended (`proxy::upgrade`).
+//! how it ended (`stream::upgrade`).
 
 use std::net::IpAddr;
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //! windowed rates from it (error rate, P95, average over the last 5 minutes) and the status
 //! page draws its charts from it, without a Prometheus server.
 //!
-//! Pure data: the sampler task in `app.rs` pushes samples; nothing here reads a clock.
+//! Pure data: the sampler task in `app` pushes samples; nothing here reads a clock.
 
 use std::collections::VecDeque;
 use std::sync::Arc;

@@ -154,7 +154,7 @@ fn tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
         .filter(|t| !t.is_empty())
 }
 
-/// Shared with the HTTP/1 path, where hyper hides the Content-Length (server::h1_guard).
+/// Shared with the HTTP/1 path, where hyper hides the Content-Length (listener::h1_guard).
 pub(crate) const CL_AND_TE: &str = "request has both Content-Length and Transfer-Encoding";
 
 /// Request smuggling guards hyper leaves to us: both framings at once, or Content-Length

@@ -37,7 +37,7 @@ pub struct Route {
     pub max_body_bytes: u64,
     /// Every one must allow the request (ratelimit::check).
     pub rate_limits: Vec<Arc<Policy>>,
-    /// Protocols tunnelled after a 101 (lowercase `Upgrade` tokens; see `proxy::upgrade`).
+    /// Protocols tunnelled after a 101 (lowercase `Upgrade` tokens; see `stream::upgrade`).
     pub upgrades: Vec<String>,
     /// Counters and histograms of this route, made once per snapshot.
     pub metrics: Arc<RouteMetrics>,

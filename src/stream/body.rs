@@ -83,7 +83,7 @@ impl ProxyBody {
         self.tail = Some(tail);
     }
 
-    /// rampart ended this stream itself at the drain deadline (server::finale), so the access
+    /// rampart ended this stream itself at the drain deadline (`stream::finale`), so the access
     /// log says `drained`, not `client_aborted`.
     pub(crate) fn mark_drained(&mut self) {
         let mut shared;

@@ -9,7 +9,7 @@
 //!   once the upstream has answered 101 switching to a protocol the request offered (RFC 9110
 //!   7.8). A 101 to anything else is a 502 and its connection is closed.
 //! - The tunnel holds its client connection's slot under `max_connections` and its place in
-//!   the open-connection count (`server::ConnHold`), so the cap and the drain see it. It is
+//!   the open-connection count (`shutdown::ConnHold`), so the cap and the drain see it. It is
 //!   closed after `timeouts.idle` with no byte either way, when either side closes (what the
 //!   other sent before is passed on first, as nginx does), or at the drain deadline (a TCP
 //!   close: no WebSocket close frame, rampart does not speak the protocol inside).

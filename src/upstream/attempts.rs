@@ -193,7 +193,7 @@ impl<'a> Attempts<'a> {
                     }
                     let replayable = self.request.is_some() || self.replay.is_some();
                     if replayable && retry::ConnectWait::applies(&cfg.retry, failure) {
-                        // A restart: wait for the upstream to listen again (retry.rs). No
+                        // A restart: wait for the upstream to listen again (`upstream::retry`). No
                         // retry budget is spent: it keeps retries from multiplying the load
                         // that reaches the upstream, and a refused connect reaches nothing.
                         // The endpoint's gate paces the connects of all waiting requests.
