@@ -31,7 +31,7 @@ ENV RAMPART_CONFIG=/etc/rampart/proxy.yaml \
 # The image has no curl: rampart asks its own admin listener (127.0.0.1:9901), exit 0 or 1.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=5s \
     CMD ["/usr/local/bin/rampart", "probe", "livez"]
-# SIGTERM drains (readiness off, grace, stop accepting, finish in flight); see README.
+# SIGTERM drains (readiness off, grace, stop accepting, finish in flight); see docs/operations.md.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/rampart"]
 CMD ["run"]

@@ -42,7 +42,7 @@ const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// hyper refuses a smaller HTTP/1 read buffer.
 const MIN_MAX_HEADER_BYTES: u64 = 8 * 1024;
 
-// === upper bounds (README, "Configuration reference"): what `check` accepts must start,
+// === upper bounds (docs/configuration.md): what `check` accepts must start,
 // serve and reload, so nothing configured can size an allocation, overflow arithmetic or
 // panic a constructor (tokio's Semaphore above 2^61 - 1, `Instant + Duration`).
 

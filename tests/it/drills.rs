@@ -13,7 +13,7 @@
 //! hangs does not hide the ones it held up; both modes are offered the same requests.
 //! A request failed when it got no answer (refused, reset, timed out) or a 5xx.
 //!
-//! Each drill prints one markdown table row per mode (`print_rows`), to paste into README
+//! Each drill prints one markdown table row per mode (`print_rows`), for docs/operations.md
 //! (`cargo test --test it drills:: -- --nocapture 2>&1 | grep '^|'`): detection (the fault
 //! to the first failed request), recovery (the fault healed to the last failure, or to the
 //! first success when nothing failed after the heal), failed of sent, POSTs the upstream

@@ -296,9 +296,10 @@ async fn h2c_is_never_forwarded_and_the_request_is_served_plainly() {
     px.shutdown().await;
 }
 
-/// The choice documented in README ("Upgrades and tunnels"): an upgrade the route does not
-/// allow is removed and the request served as plain HTTP/1.1 (nginx's behaviour; the
-/// upstream answers what it answers a plain request, typically 426), rather than refused.
+/// The choice documented in docs/architecture.md ("Upgrades and tunnels"): an upgrade the
+/// route does not allow is removed and the request served as plain HTTP/1.1 (nginx's
+/// behaviour; the upstream answers what it answers a plain request, typically 426), rather
+/// than refused.
 #[tokio::test]
 async fn a_protocol_the_route_does_not_allow_is_removed_and_served_plainly() {
     let up = Scripted::start(None).await;
