@@ -1,7 +1,7 @@
 //! `proxy.yaml`: the typed configuration every other module reads.
 //!
 //! The file is parsed in exactly one place (`raw.rs`, into a tree whose every node knows its
-//! line and column); `env.rs` interpolates `${VAR}` inside scalar values; `validate.rs` turns
+//! line and column); `env.rs` interpolates `${VAR}` inside scalar values; `validate/` turns
 //! the tree into the types below, collecting EVERY problem with its `file:line:column` and
 //! key path before refusing the file. Nothing here touches the network.
 
@@ -835,7 +835,7 @@ impl fmt::Display for Cidr {
     }
 }
 
-// === defaults of the resilience settings (validate.rs falls back to these) ===
+// === defaults of the resilience settings (validate/ falls back to these) ===
 
 impl Default for BreakerConfig {
     fn default() -> Self {

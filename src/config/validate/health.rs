@@ -7,7 +7,9 @@ use std::time::Duration;
 use bb8_postgres::tokio_postgres;
 use tokio_postgres::config::{Host, SslMode};
 
-use super::{Ctx, Field, MapReader, parse_path_prefix, parse_percent, small_count, upstream_tls};
+use super::reader::{Ctx, Field, MapReader};
+use super::upstreams::{parse_percent, small_count, upstream_tls};
+use super::values::{parse_duration, parse_path_prefix};
 use crate::config::{
     CheckConfig, DependenciesConfig, MemoryCheck, PgPoolConfig, PostgresDependency, Secret,
     UpstreamHealthCheck,
@@ -258,7 +260,7 @@ fn counted(
 
 /// 10ms to 1m: `fast_interval` is capped by `unhealthy_interval` when the check runs.
 fn parse_fast_interval(s: &str) -> Result<Duration, String> {
-    let d = super::parse_duration(s)?;
+    let d = parse_duration(s)?;
     if d < MIN_FAST_INTERVAL {
         return Err(format!("must be at least 10ms, got \"{s}\""));
     }
