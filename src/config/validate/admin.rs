@@ -1,8 +1,7 @@
 //! `admin:`, `logging:`, `readiness:`, `drain:` and `trusted_proxies:`: the process-wide
 //! sections.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::Duration;
+use std::net::IpAddr;
 
 use super::Bind;
 use super::reader::{Ctx, Field, MapReader, Unique};
@@ -12,14 +11,9 @@ use crate::config::{
     AdminConfig, BreakerReadiness, Cidr, DrainConfig, LogFormat, LoggingConfig, ReadinessConfig,
 };
 
-pub(super) const DEFAULT_ADMIN_LISTEN: SocketAddr =
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 9901);
-pub(super) const DEFAULT_LOG_LEVEL: &str = "info";
 pub(super) const MIN_ADMIN_TOKEN: usize = 16;
 pub(super) const MAX_ADMIN_TOKEN: usize = 4096;
 pub(super) const MAX_ADMIN_ALLOWED_HOSTS: usize = 64;
-pub(super) const DEFAULT_ACCEPT_GRACE: Duration = Duration::from_secs(5);
-pub(super) const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub(super) fn admin(ctx: &mut Ctx, f: Option<Field>) -> (AdminConfig, Option<Bind>) {
     let mut m = MapReader::open(ctx, f);
@@ -53,7 +47,7 @@ pub(super) fn admin(ctx: &mut Ctx, f: Option<Field>) -> (AdminConfig, Option<Bin
         .unwrap_or_default();
     m.finish(ctx);
     let config = AdminConfig {
-        listen: addr.unwrap_or(DEFAULT_ADMIN_LISTEN),
+        listen: addr.unwrap_or(AdminConfig::DEFAULT_LISTEN),
         token,
         insecure_no_token,
         allowed_hosts,
@@ -101,11 +95,11 @@ pub(super) fn admin(ctx: &mut Ctx, f: Option<Field>) -> (AdminConfig, Option<Bin
         }),
         // The default still takes its port.
         (None, _) => Some(Bind {
-            addr: DEFAULT_ADMIN_LISTEN,
+            addr: AdminConfig::DEFAULT_LISTEN,
             pos: Pos::default(),
             path: "admin.listen".into(),
             owner: "admin".into(),
-            origin: format!("default {DEFAULT_ADMIN_LISTEN}"),
+            origin: format!("default {}", AdminConfig::DEFAULT_LISTEN),
         }),
         // Already reported; comparing its stand-in would only add noise.
         (Some(_), None) => None,
@@ -191,7 +185,7 @@ pub(super) fn logging(ctx: &mut Ctx, f: Option<Field>) -> LoggingConfig {
     let config = LoggingConfig {
         level: m
             .read(ctx, "level", Ctx::log_filter)
-            .unwrap_or_else(|| DEFAULT_LOG_LEVEL.into()),
+            .unwrap_or_else(|| LoggingConfig::DEFAULT_LEVEL.into()),
         format: m
             .read(ctx, "format", |ctx, f| {
                 ctx.one_of(f, &[("text", LogFormat::Text), ("json", LogFormat::Json)])
@@ -226,12 +220,12 @@ pub(super) fn drain(ctx: &mut Ctx, f: Option<Field>) -> DrainConfig {
     let accept_grace = grace_field
         .as_ref()
         .and_then(|f| ctx.duration_or_zero(f))
-        .unwrap_or(DEFAULT_ACCEPT_GRACE);
+        .unwrap_or(DrainConfig::DEFAULT_ACCEPT_GRACE);
     let timeout_field = m.optional("timeout");
     let timeout = timeout_field
         .as_ref()
         .and_then(|f| ctx.duration(f))
-        .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
+        .unwrap_or(DrainConfig::DEFAULT_TIMEOUT);
     m.finish(ctx);
     // The timeout counts from the signal, so a grace as long would never stop accepting.
     if accept_grace >= timeout {

@@ -12,10 +12,6 @@ use crate::config::{
 
 /// The in-memory series keeps samples this far back: longer windows belong in Prometheus.
 pub(super) const MAX_ALERT_WINDOW: Duration = Duration::from_secs(3600);
-pub(super) const DEFAULT_ALERT_WINDOW: Duration = Duration::from_secs(300);
-pub(super) const DEFAULT_ALERT_MIN_SAMPLES: u64 = 10;
-pub(super) const DEFAULT_SINK_TIMEOUT: Duration = Duration::from_secs(5);
-pub(super) const DEFAULT_SINK_ATTEMPTS: u32 = 5;
 
 pub(super) fn alerts(
     ctx: &mut Ctx,
@@ -136,7 +132,7 @@ pub(super) fn alert_rule<'a>(
             }
             Some(d)
         })
-        .unwrap_or(DEFAULT_ALERT_WINDOW);
+        .unwrap_or(AlertRule::DEFAULT_WINDOW);
     let for_ = m
         .read(ctx, "for", Ctx::duration_or_zero)
         .unwrap_or(Duration::ZERO);
@@ -167,7 +163,7 @@ pub(super) fn alert_rule<'a>(
     let upstream = m.read(ctx, "upstream", |ctx, f| ctx.upstream_ref(f, upstreams));
     let min_samples = m
         .read(ctx, "min_samples", |ctx, f| ctx.int(f, 1, 1_000_000_000))
-        .unwrap_or(DEFAULT_ALERT_MIN_SAMPLES);
+        .unwrap_or(AlertRule::DEFAULT_MIN_SAMPLES);
     m.finish(ctx);
     let signal = signal?;
     let rule = AlertRule {
@@ -222,11 +218,11 @@ pub(super) fn sink(ctx: &mut Ctx, f: Field) -> Option<SinkConfig> {
         .and_then(|f| ctx.parse_secret(&f, "a URL", parse_sink_url));
     let timeout = m
         .read(ctx, "timeout", Ctx::duration)
-        .unwrap_or(DEFAULT_SINK_TIMEOUT);
+        .unwrap_or(SinkConfig::DEFAULT_TIMEOUT);
     let max_attempts = m
         .read(ctx, "max_attempts", |ctx, f| ctx.int(f, 1, 20))
         .and_then(|n| u32::try_from(n).ok())
-        .unwrap_or(DEFAULT_SINK_ATTEMPTS);
+        .unwrap_or(SinkConfig::DEFAULT_ATTEMPTS);
     m.finish(ctx);
     Some(SinkConfig {
         kind: kind?,

@@ -14,12 +14,6 @@ use crate::config::{
 /// takes over): a hard limit meant in milliseconds.
 pub(super) const MAX_REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 pub(super) const MAX_REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
-pub(super) const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(50);
-pub(super) const DEFAULT_REDIS_POOL_MAX_SIZE: u32 = 16;
-pub(super) const DEFAULT_RATE_LIMIT_POINTS: u64 = 100;
-pub(super) const DEFAULT_RATE_LIMIT_PER: Duration = Duration::from_secs(60);
-pub(super) const DEFAULT_RATE_LIMIT_BLOCK_FOR: Duration = Duration::from_secs(60);
-pub(super) const DEFAULT_IPV6_PREFIX: u8 = 64;
 /// Counts travel through Lua numbers (doubles): stay far below 2^53.
 pub(super) const MAX_RATE_LIMIT_POINTS: u64 = 1_000_000_000_000_000;
 
@@ -39,7 +33,7 @@ pub(super) fn redis(ctx: &mut Ctx, f: Option<Field>) -> Option<RedisConfig> {
         .read(ctx, "timeout", |ctx, f| {
             ctx.duration_at_most(f, MAX_REDIS_TIMEOUT)
         })
-        .unwrap_or(DEFAULT_REDIS_TIMEOUT);
+        .unwrap_or(RedisConfig::DEFAULT_TIMEOUT);
     let connect_timeout = m
         .read(ctx, "connect_timeout", |ctx, f| {
             ctx.duration_at_most(f, MAX_REDIS_CONNECT_TIMEOUT)
@@ -117,7 +111,7 @@ pub(super) fn redis_pool(ctx: &mut Ctx, f: Option<Field>) -> u32 {
     let max_size = m
         .read(ctx, "max_size", |ctx, f| ctx.int(f, 1, 1024))
         .and_then(|n| u32::try_from(n).ok())
-        .unwrap_or(DEFAULT_REDIS_POOL_MAX_SIZE);
+        .unwrap_or(RedisConfig::DEFAULT_POOL_MAX_SIZE);
     m.finish(ctx);
     max_size
 }
@@ -158,7 +152,7 @@ pub(super) fn rate_limit(
         name: name.to_owned(),
         points: m
             .read(ctx, "points", |ctx, f| ctx.int(f, 1, MAX_RATE_LIMIT_POINTS))
-            .unwrap_or(DEFAULT_RATE_LIMIT_POINTS),
+            .unwrap_or(RateLimitConfig::DEFAULT_POINTS),
         per: m
             .read(ctx, "per", |ctx, f| {
                 ctx.parse_with(f, "a duration", |s| {
@@ -170,10 +164,10 @@ pub(super) fn rate_limit(
                     Ok(d)
                 })
             })
-            .unwrap_or(DEFAULT_RATE_LIMIT_PER),
+            .unwrap_or(RateLimitConfig::DEFAULT_PER),
         block_for: m
             .read(ctx, "block_for", Ctx::duration_or_off)
-            .unwrap_or(Some(DEFAULT_RATE_LIMIT_BLOCK_FOR)),
+            .unwrap_or(Some(RateLimitConfig::DEFAULT_BLOCK_FOR)),
         key: m
             .read(ctx, "key", |ctx, f| {
                 ctx.parse_with(f, "a key", parse_rate_limit_key)
@@ -209,7 +203,7 @@ pub(super) fn rate_limit(
         ipv6_prefix: m
             .read(ctx, "ipv6_prefix", |ctx, f| ctx.int(f, 1, 128))
             .and_then(|n| u8::try_from(n).ok())
-            .unwrap_or(DEFAULT_IPV6_PREFIX),
+            .unwrap_or(RateLimitKey::DEFAULT_IPV6_PREFIX),
     };
     m.finish(ctx);
     config

@@ -7,15 +7,12 @@ use std::time::Duration;
 
 use super::reader::{Ctx, Field, MapReader, Unique};
 use super::values::{parse_host, parse_path_prefix, parse_rate};
-use super::{Bind, DEFAULT_CONNECT_TIMEOUT, Known, Located, MAX_IN_FLIGHT, TimeoutSite};
+use super::{Bind, Known, Located, MAX_IN_FLIGHT, TimeoutSite};
 use crate::config::{
     DrainMode, EscapedSlashes, Http2Config, ListenerConfig, NormalizePath, PathConfig, RouteConfig,
-    RouteTimeouts,
+    RouteTimeouts, UpstreamConfig,
 };
 
-pub(super) const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
-pub(super) const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-pub(super) const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// hyper refuses a smaller HTTP/1 read buffer.
 pub(super) const MIN_MAX_HEADER_BYTES: u64 = 8 * 1024;
 /// Connections per listener: far above what one process serves, far below the Semaphore's
@@ -31,24 +28,8 @@ pub(super) const MAX_H2_LOCAL_ERROR_RESET_STREAMS: u64 = 100_000;
 /// A chunked or HTTP/2 body is read whole before it is forwarded, so this is also what one
 /// such request may hold in memory.
 pub(super) const MAX_BODY_BYTES: u64 = 1 << 30;
-pub(super) const DEFAULT_MAX_HEADERS: usize = 100;
-pub(super) const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 100;
-pub(super) const DEFAULT_H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
-pub(super) const DEFAULT_H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
-/// Envoy's default connection idle timeout is 1h; a proxy in front of browsers and apps
-/// that reconnect cheaply can close sooner.
-pub(super) const DEFAULT_H2_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
 pub(super) const MAX_H2_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
-pub(super) const DEFAULT_PATH_PREFIX: &str = "/";
-pub(super) const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
-pub(super) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// nginx's `client_body_timeout`.
-pub(super) const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 pub(super) const MAX_BODY_TIMEOUT: Duration = Duration::from_secs(3600);
-/// Apache's mod_reqtimeout default `MinRate`: far below any real link (4 kbit/s), far above
-/// a trickle of a byte a second.
-pub(super) const DEFAULT_MIN_BODY_RATE: u64 = 500;
-pub(super) const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
 
 pub(super) fn listeners(
     ctx: &mut Ctx,
@@ -95,19 +76,19 @@ pub(super) fn listener<'a>(
             .read(ctx, "max_connections", |ctx, f| {
                 ctx.count(f, 1, MAX_CONNECTIONS)
             })
-            .unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            .unwrap_or(ListenerConfig::DEFAULT_MAX_CONNECTIONS),
         header_read_timeout: m
             .read(ctx, "header_read_timeout", Ctx::duration)
-            .unwrap_or(DEFAULT_HEADER_READ_TIMEOUT),
+            .unwrap_or(ListenerConfig::DEFAULT_HEADER_READ_TIMEOUT),
         max_header_bytes: m
             .read(ctx, "max_header_bytes", |ctx, f| {
                 ctx.bytes(f, MIN_MAX_HEADER_BYTES, MAX_MAX_HEADER_BYTES)
             })
             .and_then(|n| usize::try_from(n).ok())
-            .unwrap_or(DEFAULT_MAX_HEADER_BYTES),
+            .unwrap_or(ListenerConfig::DEFAULT_MAX_HEADER_BYTES),
         max_headers: m
             .read(ctx, "max_headers", |ctx, f| ctx.count(f, 1, MAX_HEADERS))
-            .unwrap_or(DEFAULT_MAX_HEADERS),
+            .unwrap_or(ListenerConfig::DEFAULT_MAX_HEADERS),
         http2: http2(ctx, m.optional("http2")),
         max_in_flight: m.read(ctx, "max_in_flight", |ctx, f| {
             ctx.count(f, 1, MAX_IN_FLIGHT)
@@ -186,22 +167,22 @@ pub(super) fn http2(ctx: &mut Ctx, f: Option<Field>) -> Http2Config {
                 ctx.int(f, 1, MAX_H2_CONCURRENT_STREAMS)
             })
             .and_then(|n| u32::try_from(n).ok())
-            .unwrap_or(DEFAULT_H2_MAX_CONCURRENT_STREAMS),
+            .unwrap_or(Http2Config::DEFAULT_MAX_CONCURRENT_STREAMS),
         max_pending_accept_reset_streams: m
             .read(ctx, "max_pending_accept_reset_streams", |ctx, f| {
                 ctx.count(f, 1, MAX_H2_PENDING_ACCEPT_RESET_STREAMS)
             })
-            .unwrap_or(DEFAULT_H2_MAX_PENDING_ACCEPT_RESET_STREAMS),
+            .unwrap_or(Http2Config::DEFAULT_MAX_PENDING_ACCEPT_RESET_STREAMS),
         max_local_error_reset_streams: m
             .read(ctx, "max_local_error_reset_streams", |ctx, f| {
                 ctx.count(f, 1, MAX_H2_LOCAL_ERROR_RESET_STREAMS)
             })
-            .unwrap_or(DEFAULT_H2_MAX_LOCAL_ERROR_RESET_STREAMS),
+            .unwrap_or(Http2Config::DEFAULT_MAX_LOCAL_ERROR_RESET_STREAMS),
         idle_timeout: m
             .read(ctx, "idle_timeout", |ctx, f| {
                 ctx.duration_at_most(f, MAX_H2_IDLE_TIMEOUT)
             })
-            .unwrap_or(DEFAULT_H2_IDLE_TIMEOUT),
+            .unwrap_or(Http2Config::DEFAULT_IDLE_TIMEOUT),
     };
     m.finish(ctx);
     config
@@ -247,7 +228,9 @@ pub(super) fn route<'a>(
     let connect_default = upstream
         .as_ref()
         .and_then(|u| upstreams.configs.get(u))
-        .map_or(DEFAULT_CONNECT_TIMEOUT, |u| u.connect_timeout);
+        .map_or(UpstreamConfig::DEFAULT_CONNECT_TIMEOUT, |u| {
+            u.connect_timeout
+        });
     let (timeouts, first_byte, idle) =
         route_timeouts(ctx, m.optional("timeouts"), connect_default, &whole);
     ctx.timeout_sites.push(TimeoutSite {
@@ -266,7 +249,7 @@ pub(super) fn route<'a>(
         timeouts,
         max_body_bytes: m
             .read(ctx, "max_body", |ctx, f| ctx.bytes(f, 1, MAX_BODY_BYTES))
-            .unwrap_or(DEFAULT_MAX_BODY_BYTES),
+            .unwrap_or(RouteConfig::DEFAULT_MAX_BODY_BYTES),
         rate_limits: m
             .read(ctx, "rate_limits", |ctx, f| {
                 ctx.policy_refs(f, &known.policies)
@@ -275,7 +258,7 @@ pub(super) fn route<'a>(
         upgrades: m
             .read(ctx, "upgrades", super::upgrades::upgrades)
             .unwrap_or_else(|| {
-                super::upgrades::DEFAULT_UPGRADES
+                RouteConfig::DEFAULT_UPGRADES
                     .iter()
                     .map(|p| (*p).to_owned())
                     .collect()
@@ -294,7 +277,7 @@ pub(super) fn route_match(ctx: &mut Ctx, f: Option<Field>) -> RouteMatch {
         .read(ctx, "path_prefix", |ctx, f| {
             ctx.parse_with(f, "a path", parse_path_prefix)
         })
-        .unwrap_or_else(|| DEFAULT_PATH_PREFIX.into());
+        .unwrap_or_else(|| RouteConfig::DEFAULT_PATH_PREFIX.into());
     let host = m.read(ctx, "host", |ctx, f| {
         ctx.parse_with(f, "a host", parse_host)
     });
@@ -319,12 +302,12 @@ pub(super) fn route_timeouts(
     let first_byte = first_byte_at
         .as_ref()
         .and_then(|f| ctx.duration(f))
-        .unwrap_or(DEFAULT_FIRST_BYTE_TIMEOUT);
+        .unwrap_or(RouteTimeouts::DEFAULT_FIRST_BYTE);
     let idle_at = m.optional("idle");
     let idle = idle_at
         .as_ref()
         .and_then(|f| ctx.duration(f))
-        .unwrap_or(DEFAULT_IDLE_TIMEOUT);
+        .unwrap_or(RouteTimeouts::DEFAULT_IDLE);
     let first_byte_at = Located::of(first_byte_at.as_ref(), first_byte, route, "first_byte");
     let idle_at = Located::of(idle_at.as_ref(), idle, route, "idle");
     let config = RouteTimeouts {
@@ -338,12 +321,12 @@ pub(super) fn route_timeouts(
             .read(ctx, "body", |ctx, f| {
                 ctx.duration_at_most(f, MAX_BODY_TIMEOUT)
             })
-            .unwrap_or(DEFAULT_BODY_TIMEOUT),
+            .unwrap_or(RouteTimeouts::DEFAULT_BODY),
         min_body_rate: m
             .read(ctx, "min_body_rate", |ctx, f| {
                 ctx.parse_with(f, "a rate or off", parse_rate)
             })
-            .unwrap_or(Some(DEFAULT_MIN_BODY_RATE)),
+            .unwrap_or(Some(RouteTimeouts::DEFAULT_MIN_BODY_RATE)),
     };
     m.finish(ctx);
     (config, first_byte_at, idle_at)

@@ -33,12 +33,11 @@ use listeners::listeners;
 use reader::{Ctx, Field, MapReader};
 use upstreams::{Upstreams, upstreams};
 
-// === defaults (documented on the types in mod.rs and in docs/configuration.md) ===
+// Defaults live on the types (`crate::config::ListenerConfig::DEFAULT_MAX_CONNECTIONS`, ...);
+// the upper bounds, which only the validator enforces, stay beside the code that checks them.
 
 /// Requests in flight on a listener or to an upstream.
 const MAX_IN_FLIGHT: u64 = 1_000_000;
-const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const DEFAULT_REPLICAS: u32 = 1;
 /// Sections a later version reads: refused by name so the message says why.
 const FUTURE_SECTIONS: &[&str] = &["caches", "tls"];
 
@@ -186,7 +185,7 @@ fn decode(ctx: &mut Ctx, root: &Node, source_name: &str) -> Config {
     let replicas = m
         .read(ctx, "replicas", |ctx, f| ctx.int(f, 1, 10_000))
         .and_then(|n| u32::try_from(n).ok())
-        .unwrap_or(DEFAULT_REPLICAS);
+        .unwrap_or(Config::DEFAULT_REPLICAS);
     // Upstreams and policies first: routes refer to them (and inherit the upstream's
     // connect timeout).
     let known = Known {

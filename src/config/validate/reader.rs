@@ -333,7 +333,7 @@ pub(super) fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::validate::admin::DEFAULT_ADMIN_LISTEN;
+    use crate::config::AdminConfig;
     use crate::config::validate::test_support::*;
 
     #[test]
@@ -604,7 +604,7 @@ mod tests {
     fn null_values_mean_default() {
         let text = format!("{MINIMAL}\n        admin:\n        logging: ~\n");
         let c = ok(&text);
-        assert_eq!(c.admin.listen, DEFAULT_ADMIN_LISTEN);
+        assert_eq!(c.admin.listen, AdminConfig::DEFAULT_LISTEN);
         assert_eq!(c.logging.level, "info");
     }
 

@@ -3,8 +3,6 @@
 
 use super::reader::{Ctx, Field, Unique};
 
-/// When `upgrades` is left out: WebSocket only.
-pub(super) const DEFAULT_UPGRADES: &[&str] = &["websocket"];
 /// More than a route could mean: the list is searched for every upgrade request.
 const MAX_UPGRADES: usize = 16;
 /// Longest protocol token (`name` or `name/version`); registered ones are a few letters.

@@ -5,9 +5,9 @@ use http::Uri;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use super::MAX_IN_FLIGHT;
 use super::reader::{Ctx, Field, MapReader, Unique};
 use super::values::{bound_text, parse_duration, parse_endpoint};
-use super::{DEFAULT_CONNECT_TIMEOUT, MAX_IN_FLIGHT};
 use crate::config::raw::child_path;
 use crate::config::{
     BreakerConfig, BreakerScope, EjectionConfig, FailureRate, LoadBalancing, PoolConfig,
@@ -21,8 +21,6 @@ pub(super) const MAX_IDLE_PER_ENDPOINT: u64 = 10_000;
 pub(super) const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(60);
 /// A request waits this long for an upstream that refuses connections, holding a client.
 pub(super) const MAX_CONNECT_WAIT: Duration = Duration::from_secs(300);
-pub(super) const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
-pub(super) const DEFAULT_MAX_IDLE_PER_ENDPOINT: usize = 256;
 
 /// The decoded upstreams, and the names written in the file (even ones with problems) so a
 /// route naming a broken upstream is not reported twice.
@@ -64,7 +62,7 @@ pub(super) fn upstream(ctx: &mut Ctx, f: Field, name: &str) -> UpstreamConfig {
             .unwrap_or_default(),
         connect_timeout: m
             .read(ctx, "connect_timeout", Ctx::duration)
-            .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+            .unwrap_or(UpstreamConfig::DEFAULT_CONNECT_TIMEOUT),
         pool: pool(ctx, m.optional("pool")),
         client: m
             .read(ctx, "client", |ctx, f| {
@@ -133,12 +131,12 @@ pub(super) fn pool(ctx: &mut Ctx, f: Option<Field>) -> PoolConfig {
     let config = PoolConfig {
         idle_timeout: m
             .read(ctx, "idle_timeout", Ctx::duration)
-            .unwrap_or(DEFAULT_POOL_IDLE_TIMEOUT),
+            .unwrap_or(PoolConfig::DEFAULT_IDLE_TIMEOUT),
         max_idle_per_endpoint: m
             .read(ctx, "max_idle_per_endpoint", |ctx, f| {
                 ctx.count(f, 0, MAX_IDLE_PER_ENDPOINT)
             })
-            .unwrap_or(DEFAULT_MAX_IDLE_PER_ENDPOINT),
+            .unwrap_or(PoolConfig::DEFAULT_MAX_IDLE_PER_ENDPOINT),
     };
     m.finish(ctx);
     config
