@@ -7,6 +7,8 @@
 
 mod admin;
 mod alerts;
+#[cfg(test)]
+mod doc_reference;
 mod health;
 mod limits;
 mod listeners;

@@ -231,13 +231,21 @@ impl<'a> MapReader<'a> {
         reader
     }
 
+    fn ask(&mut self, key: &'static str) {
+        self.known.push(key);
+        #[cfg(test)]
+        if !self.quiet {
+            super::doc_reference::record(&self.path, key);
+        }
+    }
+
     pub(super) fn entry(&self, key: &str) -> Option<&'a Entry> {
         self.entries.iter().find(|e| e.key == key)
     }
 
     /// The value of `key`; None if absent or null (null means "use the default").
     pub(super) fn optional(&mut self, key: &'static str) -> Option<Field<'a>> {
-        self.known.push(key);
+        self.ask(key);
         let e = self.entry(key)?;
         match e.value.kind {
             Kind::Null => None,
@@ -246,7 +254,7 @@ impl<'a> MapReader<'a> {
     }
 
     pub(super) fn required(&mut self, ctx: &mut Ctx, key: &'static str) -> Option<Field<'a>> {
-        self.known.push(key);
+        self.ask(key);
         let Some(e) = self.entry(key) else {
             if !self.quiet {
                 ctx.report(
