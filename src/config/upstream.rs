@@ -185,6 +185,17 @@ impl Default for BreakerConfig {
     }
 }
 
+/// The defaults of the keys left out of a written `failure_rate` (absent, it is off).
+impl Default for FailureRate {
+    fn default() -> Self {
+        FailureRate {
+            threshold: 0.5,
+            window: Duration::from_secs(30),
+            min_calls: 20,
+        }
+    }
+}
+
 impl Default for EjectionConfig {
     fn default() -> Self {
         EjectionConfig {

@@ -203,25 +203,28 @@ pub(super) fn breaker(ctx: &mut Ctx, f: Option<Field>) -> BreakerConfig {
             .read(ctx, "half_open_max_probes", small_count)
             .unwrap_or(d.half_open_max_probes),
         failure_rate: m.optional("failure_rate").map(|f| failure_rate(ctx, f)),
-        count_500: m.read(ctx, "count_500", Ctx::boolean).unwrap_or(false),
-        count_backoff: m.read(ctx, "count_backoff", Ctx::boolean).unwrap_or(false),
+        count_500: m
+            .read(ctx, "count_500", Ctx::boolean)
+            .unwrap_or(d.count_500),
+        count_backoff: m
+            .read(ctx, "count_backoff", Ctx::boolean)
+            .unwrap_or(d.count_backoff),
     };
     m.finish(ctx);
     config
 }
 
 pub(super) fn failure_rate(ctx: &mut Ctx, f: Field) -> FailureRate {
+    let d = FailureRate::default();
     let mut m = MapReader::open(ctx, Some(f));
     let config = FailureRate {
         threshold: m
             .read(ctx, "threshold", |ctx, f| {
                 ctx.parse_with(f, "a percentage", parse_percent)
             })
-            .unwrap_or(0.5),
-        window: m
-            .read(ctx, "window", Ctx::duration)
-            .unwrap_or(Duration::from_secs(30)),
-        min_calls: m.read(ctx, "min_calls", small_count).unwrap_or(20),
+            .unwrap_or(d.threshold),
+        window: m.read(ctx, "window", Ctx::duration).unwrap_or(d.window),
+        min_calls: m.read(ctx, "min_calls", small_count).unwrap_or(d.min_calls),
     };
     m.finish(ctx);
     config
