@@ -1,8 +1,9 @@
 //! `listeners[]` and their `routes[]`.
 
-use http::Method;
 use std::net::SocketAddr;
 use std::time::Duration;
+
+use http::Method;
 
 /// When a listener stops accepting during a drain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

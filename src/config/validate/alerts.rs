@@ -1,7 +1,8 @@
 //! `alerts:`: the in-process rules and the sinks their notifications go to.
 
-use http::Uri;
 use std::time::Duration;
+
+use http::Uri;
 
 use super::reader::{Ctx, Field, MapReader, Unique};
 use super::upstreams::Upstreams;

@@ -1,9 +1,10 @@
 //! `listeners[]` and their `routes[]`: bind address, slow-client limits, HTTP/2, path
 //! normalisation, route matching and per-route timeouts.
 
-use http::Method;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
+
+use http::Method;
 
 use super::reader::{Ctx, Field, MapReader, Unique};
 use super::values::{parse_host, parse_path_prefix, parse_rate};

@@ -1,9 +1,10 @@
 //! Typed reads of one scalar on [`Ctx`]: integers, byte sizes, durations, addresses, names,
 //! references to upstreams and policies. A wrong value is reported and reads as `None`.
 
-use http::Method;
 use std::net::SocketAddr;
 use std::time::Duration;
+
+use http::Method;
 
 use super::limits::Policies;
 use super::reader::{Ctx, Field, Unique, suggest};

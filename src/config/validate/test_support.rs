@@ -1,8 +1,9 @@
 //! Helpers shared by the validator's tests: YAML written indented, a fixed environment,
 //! and assertions on one problem's position, path and message.
 
-use http::Uri;
 use std::time::Duration;
+
+use http::Uri;
 
 use super::parse_str;
 use crate::config::{Config, ConfigError, Problem};

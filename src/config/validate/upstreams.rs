@@ -1,9 +1,10 @@
 //! `upstreams.<name>`: endpoints, pool, TLS, and the resilience keys (load balancing, circuit
 //! breaker, outlier ejection, retries) an upstream shares with the routes that override them.
 
-use http::Uri;
 use std::collections::BTreeMap;
 use std::time::Duration;
+
+use http::Uri;
 
 use super::MAX_IN_FLIGHT;
 use super::reader::{Ctx, Field, MapReader, Unique};

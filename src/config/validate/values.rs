@@ -1,9 +1,10 @@
 //! Scalar parsers: text -> value, or the message. Pure functions; [`Ctx`](super::reader::Ctx)
 //! adds the position and the key path.
 
-use http::{Method, Uri};
 use std::net::IpAddr;
 use std::time::Duration;
+
+use http::{Method, Uri};
 
 use crate::config::{Cidr, KeySource, RateLimitKey};
 
