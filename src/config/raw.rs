@@ -1,6 +1,6 @@
 //! The one place YAML is parsed: text -> a small tree whose every node knows its line and
 //! column. The tree hides marked-yaml's quirks (where a block mapping's mark lands, how a
-//! missing value looks) so `validate.rs` only sees positions a user can act on.
+//! missing value looks) so `validate/` only sees positions a user can act on.
 
 use std::panic::{self, AssertUnwindSafe};
 

@@ -7,39 +7,20 @@ use std::time::Duration;
 use bb8_postgres::tokio_postgres;
 use tokio_postgres::config::{Host, SslMode};
 
-use super::{Ctx, Field, MapReader, parse_path_prefix, parse_percent, small_count, upstream_tls};
+use super::reader::{Ctx, Field, MapReader};
+use super::upstreams::{parse_percent, small_count, upstream_tls};
+use super::values::{parse_duration, parse_path_prefix};
 use crate::config::{
     CheckConfig, DependenciesConfig, MemoryCheck, PgPoolConfig, PostgresDependency, Secret,
     UpstreamHealthCheck,
 };
 
-const DEFAULT_DEPENDENCY_INTERVAL: Duration = Duration::from_secs(10);
-const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
-const DEFAULT_UPSTREAM_INTERVAL: Duration = Duration::from_secs(5);
-const DEFAULT_UPSTREAM_PATH: &str = "/health";
-/// Envoy's default `unhealthy_interval`: a failing check is re-run this often, so a
-/// recovery is seen within about a second.
-const DEFAULT_UNHEALTHY_INTERVAL: Duration = Duration::from_secs(1);
-/// HAProxy's `fastinter`: the probes that confirm a recovery come this soon after each
-/// other, so the two passes `healthy_after` asks for take about half a second.
-const DEFAULT_FAST_INTERVAL: Duration = Duration::from_millis(250);
 /// Below this a check of a refusing upstream would spin: at most 100 probes a second.
 const MIN_FAST_INTERVAL: Duration = Duration::from_millis(10);
 /// Above this the key means nothing: it is capped by `unhealthy_interval` anyway.
 const MAX_FAST_INTERVAL: Duration = Duration::from_secs(60);
 /// Reading /proc and the cgroup files: local, but still bounded.
 const MEMORY_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
-const DEFAULT_WARN_SHARE: f64 = 0.8;
-
-fn pg_pool_defaults() -> PgPoolConfig {
-    PgPoolConfig {
-        min_idle: 0,
-        max_size: 4,
-        connect_timeout: Duration::from_secs(5),
-        idle_timeout: Duration::from_secs(30),
-        max_lifetime: Duration::from_secs(30 * 60),
-    }
-}
 
 /// The defaults of one kind of check.
 struct Defaults {
@@ -55,7 +36,7 @@ struct Defaults {
 /// critical one that blips takes every replica out of readiness at the same moment, and
 /// the Service has nothing left to send to. `critical: true` opts in.
 const DEPENDENCY: Defaults = Defaults {
-    interval: DEFAULT_DEPENDENCY_INTERVAL,
+    interval: CheckConfig::DEFAULT_DEPENDENCY_INTERVAL,
     critical: false,
     unhealthy_after: 1,
     healthy_after: 1,
@@ -83,7 +64,7 @@ pub(super) fn dependencies(
     });
     let memory = m.optional("memory").map(|f| {
         let mut r = MapReader::open(ctx, Some(f));
-        let mut warn_above = DEFAULT_WARN_SHARE;
+        let mut warn_above = DependenciesConfig::DEFAULT_WARN_SHARE;
         let mut check = check_section_without_timeout(ctx, r.optional("check"), |ctx, c| {
             if let Some(w) = c.read(ctx, "warn_above", |ctx, f| {
                 ctx.parse_with(f, "a percentage", parse_percent)
@@ -110,7 +91,7 @@ fn postgres(ctx: &mut Ctx, f: Field) -> PostgresDependency {
         .and_then(|f| ctx.parse_secret(&f, "a postgres:// URL", parse_postgres_url));
     let pool = pg_pool(ctx, m.optional("pool"));
     let tls_ca_file = upstream_tls(ctx, m.optional("tls"));
-    let mut warn = DEFAULT_WARN_SHARE;
+    let mut warn = DependenciesConfig::DEFAULT_WARN_SHARE;
     let check = check_section(ctx, m.optional("check"), &DEPENDENCY, |ctx, c| {
         if let Some(w) = c.read(ctx, "warn_connections_above", |ctx, f| {
             ctx.parse_with(f, "a percentage", parse_percent)
@@ -130,7 +111,7 @@ fn postgres(ctx: &mut Ctx, f: Field) -> PostgresDependency {
 }
 
 fn pg_pool(ctx: &mut Ctx, f: Option<Field>) -> PgPoolConfig {
-    let d = pg_pool_defaults();
+    let d = PgPoolConfig::default();
     let mut m = MapReader::open(ctx, f);
     let max_field = m.optional("max_size");
     let max_size = max_field
@@ -172,12 +153,12 @@ fn pg_pool(ctx: &mut Ctx, f: Option<Field>) -> PgPoolConfig {
 
 /// `health_check:` of one upstream.
 pub(super) fn upstream_health_check(ctx: &mut Ctx, f: Field) -> UpstreamHealthCheck {
-    let mut path = DEFAULT_UPSTREAM_PATH.to_owned();
+    let mut path = UpstreamHealthCheck::DEFAULT_PATH.to_owned();
     let check = check_section(
         ctx,
         Some(f),
         &Defaults {
-            interval: DEFAULT_UPSTREAM_INTERVAL,
+            interval: CheckConfig::DEFAULT_UPSTREAM_INTERVAL,
             critical: false,
             unhealthy_after: 3,
             healthy_after: 2,
@@ -205,7 +186,7 @@ fn check_section(
     let interval = m.read(ctx, "interval", Ctx::duration).unwrap_or(d.interval);
     let timeout = m
         .read(ctx, "timeout", Ctx::duration)
-        .unwrap_or(DEFAULT_CHECK_TIMEOUT);
+        .unwrap_or(CheckConfig::DEFAULT_TIMEOUT);
     let config = counted(ctx, &mut m, d, interval, timeout);
     extra(ctx, &mut m);
     m.finish(ctx);
@@ -239,12 +220,12 @@ fn counted(
         interval,
         unhealthy_interval: m
             .read(ctx, "unhealthy_interval", Ctx::duration)
-            .unwrap_or(DEFAULT_UNHEALTHY_INTERVAL),
+            .unwrap_or(CheckConfig::DEFAULT_UNHEALTHY_INTERVAL),
         fast_interval: m
             .read(ctx, "fast_interval", |ctx, f| {
                 ctx.parse_with(f, "a duration", parse_fast_interval)
             })
-            .unwrap_or(DEFAULT_FAST_INTERVAL),
+            .unwrap_or(CheckConfig::DEFAULT_FAST_INTERVAL),
         timeout,
         critical: m.read(ctx, "critical", Ctx::boolean).unwrap_or(d.critical),
         unhealthy_after: m
@@ -258,7 +239,7 @@ fn counted(
 
 /// 10ms to 1m: `fast_interval` is capped by `unhealthy_interval` when the check runs.
 fn parse_fast_interval(s: &str) -> Result<Duration, String> {
-    let d = super::parse_duration(s)?;
+    let d = parse_duration(s)?;
     if d < MIN_FAST_INTERVAL {
         return Err(format!("must be at least 10ms, got \"{s}\""));
     }
@@ -419,7 +400,7 @@ mod tests {
             pg.url.expose(),
             "postgres://app:pw@10.0.0.1:5432,10.0.0.2/app"
         );
-        assert_eq!(pg.pool, pg_pool_defaults());
+        assert_eq!(pg.pool, PgPoolConfig::default());
         assert_eq!(
             pg.check,
             CheckConfig {

@@ -1,10 +1,8 @@
 //! A route's `upgrades:`: the protocols it tunnels after the upstream's 101 (issue 12, item
 //! 5; Envoy's per-route `upgrade_configs`). A child of `validate` for its reader API.
 
-use super::{Ctx, Field, Unique};
+use super::reader::{Ctx, Field, Unique};
 
-/// When `upgrades` is left out: WebSocket only.
-pub(super) const DEFAULT_UPGRADES: &[&str] = &["websocket"];
 /// More than a route could mean: the list is searched for every upgrade request.
 const MAX_UPGRADES: usize = 16;
 /// Longest protocol token (`name` or `name/version`); registered ones are a few letters.

@@ -1,0 +1,265 @@
+//! `alerts:`: the in-process rules, their signals, and the sinks notifications go to.
+
+use std::time::Duration;
+
+use super::Secret;
+
+/// `alerts:`: rules evaluated in-process, for deployments without a Prometheus server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertsConfig {
+    /// How often the rules are evaluated. Default 60s.
+    pub interval: Duration,
+    /// Default: [`AlertsConfig::default_rules`].
+    pub rules: Vec<AlertRule>,
+    /// Notifications besides the log (which always gets them).
+    pub sinks: Vec<SinkConfig>,
+}
+
+/// One rule: "`signal` `comparison` `threshold` over `window`, for `for_`".
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertRule {
+    /// Unique; the alert's name in notifications.
+    pub name: String,
+    pub signal: Signal,
+    pub comparison: Comparison,
+    /// In the signal's unit: a share 0..=1 for rates and usages, seconds for latencies, 0
+    /// for the yes/no signals (1 = yes).
+    pub threshold: f64,
+    /// The span a rate or latency is computed over. Default 5m.
+    pub window: Duration,
+    /// How long the condition must hold before the alert fires. Default 0s.
+    pub for_: Duration,
+    pub severity: Severity,
+    pub route: Option<String>,
+    pub upstream: Option<String>,
+    /// Fewer requests (or queries, or cache lookups) than this in the window is "no data".
+    /// Default 10.
+    pub min_samples: u64,
+}
+
+impl AlertRule {
+    pub const DEFAULT_WINDOW: Duration = Duration::from_secs(300);
+    pub const DEFAULT_MIN_SAMPLES: u64 = 10;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Signal {
+    ErrorRate,
+    LatencyP95,
+    LatencyAvg,
+    DbErrorRate,
+    CacheHitRate,
+    PoolUsage,
+    MemoryUsage,
+    BreakerOpen,
+    RatelimitFallbackActive,
+}
+
+impl Signal {
+    pub const ALL: [Signal; 9] = [
+        Signal::ErrorRate,
+        Signal::LatencyP95,
+        Signal::LatencyAvg,
+        Signal::DbErrorRate,
+        Signal::CacheHitRate,
+        Signal::PoolUsage,
+        Signal::MemoryUsage,
+        Signal::BreakerOpen,
+        Signal::RatelimitFallbackActive,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Signal::ErrorRate => "error_rate",
+            Signal::LatencyP95 => "latency_p95",
+            Signal::LatencyAvg => "latency_avg",
+            Signal::DbErrorRate => "db_error_rate",
+            Signal::CacheHitRate => "cache_hit_rate",
+            Signal::PoolUsage => "pool_usage",
+            Signal::MemoryUsage => "memory_usage",
+            Signal::BreakerOpen => "breaker_open",
+            Signal::RatelimitFallbackActive => "ratelimit_fallback_active",
+        }
+    }
+
+    pub fn unit(self) -> SignalUnit {
+        match self {
+            Signal::LatencyP95 | Signal::LatencyAvg => SignalUnit::Seconds,
+            Signal::BreakerOpen | Signal::RatelimitFallbackActive => SignalUnit::YesNo,
+            _ => SignalUnit::Share,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalUnit {
+    /// 0..=1, written as a percentage.
+    Share,
+    Seconds,
+    /// 1 or 0.
+    YesNo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Comparison {
+    Above,
+    AtLeast,
+    Below,
+    AtMost,
+}
+
+impl Comparison {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Comparison::Above => ">",
+            Comparison::AtLeast => ">=",
+            Comparison::Below => "<",
+            Comparison::AtMost => "<=",
+        }
+    }
+
+    pub fn holds(self, value: f64, threshold: f64) -> bool {
+        match self {
+            Comparison::Above => value > threshold,
+            Comparison::AtLeast => value >= threshold,
+            Comparison::Below => value < threshold,
+            Comparison::AtMost => value <= threshold,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    Info,
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkConfig {
+    pub kind: SinkKind,
+    /// A secret (Slack's URL is the credential): shown by [`sink_url_shown`] only.
+    pub url: Secret<http::Uri>,
+    /// One delivery attempt. Default 5s.
+    pub timeout: Duration,
+    /// Attempts in all, with exponential backoff between them. Default 5.
+    pub max_attempts: u32,
+}
+
+impl SinkConfig {
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const DEFAULT_ATTEMPTS: u32 = 5;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkKind {
+    /// POST of the alert as JSON.
+    Webhook,
+    /// POST `{"text": ...}` (Slack incoming webhooks and compatibles: Mattermost, Rocket.Chat).
+    Slack,
+    /// Alertmanager API v2: POST `<url>/api/v2/alerts`.
+    Alertmanager,
+}
+
+impl SinkKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SinkKind::Webhook => "webhook",
+            SinkKind::Slack => "slack",
+            SinkKind::Alertmanager => "alertmanager",
+        }
+    }
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            interval: Duration::from_secs(60),
+            rules: AlertsConfig::default_rules(),
+            sinks: Vec::new(),
+        }
+    }
+}
+
+impl AlertsConfig {
+    /// The users' four rules, plus P95 and an open breaker.
+    pub fn default_rules() -> Vec<AlertRule> {
+        let rule = |name: &str, signal, comparison, threshold, for_secs, severity| AlertRule {
+            name: name.to_owned(),
+            signal,
+            comparison,
+            threshold,
+            window: AlertRule::DEFAULT_WINDOW,
+            for_: Duration::from_secs(for_secs),
+            severity,
+            route: None,
+            upstream: None,
+            min_samples: AlertRule::DEFAULT_MIN_SAMPLES,
+        };
+        vec![
+            rule(
+                "HighErrorRate",
+                Signal::ErrorRate,
+                Comparison::Above,
+                0.05,
+                0,
+                Severity::Critical,
+            ),
+            rule(
+                "HighAverageLatency",
+                Signal::LatencyAvg,
+                Comparison::Above,
+                1.0,
+                0,
+                Severity::Warning,
+            ),
+            rule(
+                "HighDatabaseErrorRate",
+                Signal::DbErrorRate,
+                Comparison::Above,
+                0.01,
+                0,
+                Severity::Critical,
+            ),
+            rule(
+                "LowCacheHitRate",
+                Signal::CacheHitRate,
+                Comparison::Below,
+                0.5,
+                0,
+                Severity::Warning,
+            ),
+            rule(
+                "HighP95Latency",
+                Signal::LatencyP95,
+                Comparison::Above,
+                0.5,
+                0,
+                Severity::Warning,
+            ),
+            // `for: 0s`: fires at the first evaluation that sees a breaker not closed. An
+            // open breaker refuses traffic now, and its failure threshold has already
+            // debounced it; a `for` as long as `open_for` (60 s for the users) would only
+            // fire when the first half-open probe fails, and never for an upstream that is
+            // back by then, which is the common case.
+            rule(
+                "CircuitBreakerOpen",
+                Signal::BreakerOpen,
+                Comparison::Above,
+                0.0,
+                0,
+                Severity::Critical,
+            ),
+        ]
+    }
+}

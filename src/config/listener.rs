@@ -1,0 +1,180 @@
+//! `listeners[]` and their `routes[]`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::Method;
+
+/// When a listener stops accepting during a drain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainMode {
+    /// Stops after `drain.accept_grace` (traffic coming into the pod).
+    Inbound,
+    /// Keeps accepting until the drain deadline, or until the inbound side has drained and
+    /// nothing is connected any more: the app's own outbound calls while it finishes.
+    Egress,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    /// Connections beyond this wait in the kernel backlog. Default 10_000.
+    pub max_connections: usize,
+    /// Time allowed to send a complete request head, counted from accept for the first one
+    /// (nginx's `client_header_timeout`); also the HTTP/1 keep-alive idle timeout. Default 10s.
+    pub header_read_timeout: Duration,
+    /// Bytes of request head (HTTP/1 read buffer, HTTP/2 header list). Default 64 KiB,
+    /// minimum 8 KiB (hyper's floor).
+    pub max_header_bytes: usize,
+    /// Number of request headers. Default 100.
+    pub max_headers: usize,
+    pub http2: Http2Config,
+    /// Requests in flight on this listener; above it, 503 OVERLOADED. None = no cap.
+    pub max_in_flight: Option<usize>,
+    /// Default inbound.
+    pub drain: DrainMode,
+    /// Also answers the `/health` JSON at this path, before routing (for load balancers that
+    /// only see traffic ports); 503 while draining too. None by default.
+    pub health_path: Option<String>,
+    /// `normalize_path`, `merge_slashes`, `escaped_slashes`.
+    pub path: PathConfig,
+    pub routes: Vec<RouteConfig>,
+}
+
+impl ListenerConfig {
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+    pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+    pub const DEFAULT_MAX_HEADERS: usize = 100;
+}
+
+/// How a listener reads request paths before matching routes (proxy/path.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathConfig {
+    /// Default `Match`.
+    pub normalize: NormalizePath,
+    /// Empty segments dropped (`//a` is `/a`). Default true.
+    pub merge_slashes: bool,
+    /// Default `Reject`.
+    pub escaped_slashes: EscapedSlashes,
+}
+
+impl Default for PathConfig {
+    fn default() -> Self {
+        PathConfig {
+            normalize: NormalizePath::Match,
+            merge_slashes: true,
+            escaped_slashes: EscapedSlashes::Keep,
+        }
+    }
+}
+
+/// `normalize_path`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormalizePath {
+    /// Routes match the path as received.
+    Off,
+    /// Routes match the normalised path; the upstream gets the path as received.
+    Match,
+    /// Routes match the normalised path, and the upstream gets it too.
+    Forward,
+}
+
+/// `escaped_slashes`: what an encoded `/` or `\` (`%2F`, `%5C`) in a path gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EscapedSlashes {
+    /// 400: an upstream that decodes it before routing would see other segments than the
+    /// ones rampart matched.
+    Reject,
+    /// Kept encoded, part of the segment it is in (the default, as Envoy's: file names and
+    /// ids with an encoded slash are real traffic, and Express matches routes on the
+    /// encoded path too).
+    Keep,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Http2Config {
+    /// Default 100.
+    pub max_concurrent_streams: u32,
+    /// Streams reset by the client before we accepted them (CVE-2023-44487). Default 20.
+    pub max_pending_accept_reset_streams: usize,
+    /// Streams we had to reset because of the peer's errors (CVE-2024-27316 style). Default 1024.
+    pub max_local_error_reset_streams: usize,
+    /// A connection with no open stream for this long gets GOAWAY and is closed, PINGs or not
+    /// (Envoy's connection idle timeout). Default 3m, at most 24h.
+    pub idle_timeout: Duration,
+}
+
+impl Http2Config {
+    pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 100;
+    pub const DEFAULT_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+    pub const DEFAULT_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+    /// Envoy's default connection idle timeout is 1h; a proxy in front of browsers and apps
+    /// that reconnect cheaply can close sooner.
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    /// Unique within its listener; default `<listener>.<index>`.
+    pub name: String,
+    /// `match.path_prefix`, default "/". Matched on whole segments ("/api" matches "/api" and
+    /// "/api/x", not "/apix") unless it ends with "/".
+    pub path_prefix: String,
+    /// `match.host`: exact host (port stripped, ASCII case-insensitive); None = any.
+    pub host: Option<String>,
+    /// `match.methods`; None = any.
+    pub methods: Option<Vec<Method>>,
+    /// `match.case_insensitive`: the path prefix compared ignoring ASCII case (for
+    /// upstreams that route that way, as Express does). Default false.
+    pub case_insensitive: bool,
+    /// Name of an entry in `upstreams`.
+    pub upstream: String,
+    pub timeouts: RouteTimeouts,
+    /// Request body limit in bytes; default 10 MiB.
+    pub max_body_bytes: u64,
+    /// Names of `rate_limits` policies; every one must allow the request.
+    pub rate_limits: Vec<String>,
+    /// Protocols tunnelled after a 101 (`Upgrade` tokens, lowercased; never h2c). Default
+    /// `[websocket]`; empty: no upgrades on this route. Any other upgrade is removed and the
+    /// request served as plain HTTP/1.1.
+    pub upgrades: Vec<String>,
+}
+
+impl RouteConfig {
+    pub const DEFAULT_PATH_PREFIX: &str = "/";
+    pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
+    /// When `upgrades` is left out: WebSocket only.
+    pub const DEFAULT_UPGRADES: &[&str] = &["websocket"];
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteTimeouts {
+    /// Default: the upstream's `connect_timeout`.
+    pub connect: Duration,
+    /// Request body's last byte written -> response headers. Default 30s.
+    pub first_byte: Duration,
+    /// Longest silence between chunks of the upstream's body; also the send timeout (no
+    /// progress writing to the client). Default 60s.
+    pub idle: Duration,
+    /// Whole exchange including the body; off by default (streams run long).
+    pub total: Option<Duration>,
+    /// Longest wait for the next bytes of the request body (nginx's `client_body_timeout`);
+    /// also the grace before `min_body_rate` applies. Default 60s, at most 1h.
+    pub body: Duration,
+    /// Bytes per second the request body must average once it has taken longer than `body`
+    /// (Apache's mod_reqtimeout `MinRate`): the client may take `body` + received / rate in
+    /// all. None = off. Default 500 B/s, at most 1 GiB/s.
+    pub min_body_rate: Option<u64>,
+}
+
+impl RouteTimeouts {
+    pub const DEFAULT_FIRST_BYTE: Duration = Duration::from_secs(30);
+    pub const DEFAULT_IDLE: Duration = Duration::from_secs(60);
+    /// nginx's `client_body_timeout`.
+    pub const DEFAULT_BODY: Duration = Duration::from_secs(60);
+    /// Apache's mod_reqtimeout default `MinRate`: far below any real link (4 kbit/s), far above
+    /// a trickle of a byte a second.
+    pub const DEFAULT_MIN_BODY_RATE: u64 = 500;
+}

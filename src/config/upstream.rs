@@ -1,0 +1,235 @@
+//! `upstreams.<name>` and the resilience settings (breaker, ejection, retry) a route may
+//! override.
+
+use std::time::Duration;
+
+use super::UpstreamHealthCheck;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// At least one. `http://host:port` (or https), no path.
+    pub endpoints: Vec<http::Uri>,
+    /// Default 5s.
+    pub connect_timeout: Duration,
+    pub pool: PoolConfig,
+    /// Which HTTP/1.1 client speaks to the endpoints. Default rampart's own.
+    pub client: UpstreamClient,
+    /// For https endpoints: PEM CA certificates trusted in addition to the system's store
+    /// (`tls.ca_file`); None = the system's store only.
+    pub tls_ca_file: Option<std::path::PathBuf>,
+    pub resilience: Resilience,
+}
+
+impl UpstreamConfig {
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+}
+
+/// How an upstream is protected from its failures and from overload (issue: breaking,
+/// retries, shedding, several endpoints). Kept in one struct so the upstream's plain
+/// connection settings above stay short.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resilience {
+    /// Default round_robin.
+    pub load_balancing: LoadBalancing,
+    pub circuit_breaker: BreakerConfig,
+    pub ejection: EjectionConfig,
+    pub retry: RetryConfig,
+    /// Requests in flight to this upstream; above it, 503 OVERLOADED. None = no cap.
+    pub max_in_flight: Option<usize>,
+    /// Active checks: an endpoint that fails them is skipped like an ejected one.
+    pub health_check: Option<UpstreamHealthCheck>,
+}
+
+/// The HTTP/1.1 client of an upstream (`client:`): rampart's own (`proxy::client`), or
+/// hyper's connection client, kept as the differential reference of the wire tests and as a
+/// switch to fall back on in production.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamClient {
+    #[default]
+    Rampart,
+    Hyper,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadBalancing {
+    RoundRobin,
+    /// Power of two choices on requests in flight.
+    LeastOutstanding,
+}
+
+/// What one breaker guards (`circuit_breaker.scope`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BreakerScope {
+    /// One breaker per route using the upstream: a failing route does not stop the others.
+    #[default]
+    Route,
+    /// One breaker shared by every route of the upstream.
+    Upstream,
+}
+
+impl BreakerScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerScope::Route => "route",
+            BreakerScope::Upstream => "upstream",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerConfig {
+    /// Default route.
+    pub scope: BreakerScope,
+    /// Consecutive failures that open it. Default 5.
+    pub failures: u32,
+    /// First open period. Default 60s; doubled (with jitter) each time it re-opens.
+    pub open_for: Duration,
+    /// Cap of the doubling. Default 5m.
+    pub max_open_for: Duration,
+    /// Successful probes that close it again. Default 2.
+    pub half_open_successes: u32,
+    /// Probes allowed at once while half-open. Default 2.
+    pub half_open_max_probes: u32,
+    /// Optional: also open when the failure share in a window passes a threshold.
+    pub failure_rate: Option<FailureRate>,
+    /// Count a 500 as a failure. Default false (a 500 is usually one request's bug).
+    pub count_500: bool,
+    /// Count a 429/503 that carries Retry-After ("back off", not "dead"). Default false.
+    pub count_backoff: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailureRate {
+    /// Share of failures, 0 < t <= 1. Written as "50%".
+    pub threshold: f64,
+    pub window: Duration,
+    /// Fewer calls than this in the window never open it. Default 20.
+    pub min_calls: u32,
+}
+
+/// Passive ejection of one endpoint after consecutive failures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EjectionConfig {
+    /// Default 3 (below the breaker's 5: an endpoint is set aside before the upstream is).
+    pub consecutive_failures: u32,
+    /// Default 10s, doubled for each ejection in a row, up to `max_ejection`.
+    pub base_ejection: Duration,
+    /// Default 5m.
+    pub max_ejection: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryOn {
+    /// The connection could not be made: nothing reached the upstream.
+    ConnectError,
+    /// Connect or first-byte timeout.
+    Timeout,
+    /// The connection failed after the request was sent.
+    Reset,
+    Status(u16),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryConfig {
+    /// Attempts in all, the first included. Default 2.
+    pub attempts: u32,
+    /// Full-jitter exponential backoff. Default 50ms.
+    pub backoff_base: Duration,
+    /// Default 1s.
+    pub backoff_max: Duration,
+    /// Default [connect_error]: only what provably never reached the upstream.
+    pub on: Vec<RetryOn>,
+    /// Retries allowed as a share of requests (10 s window). Default 0.2.
+    pub budget_ratio: f64,
+    /// Retries always allowed per second, whatever the traffic. Default 3.
+    pub budget_min_per_s: u32,
+    /// Bodies up to this size are kept for a retry; larger ones are not retried (except
+    /// when the connection never opened). Default 64 KiB.
+    pub max_body: u64,
+    /// How long a request that meets connection refused or a connect timeout keeps trying
+    /// to connect (nothing reached the upstream: any method), so that a restart shorter
+    /// than this costs latency, not errors. Default 5s; None (`off`) = only `attempts`.
+    pub connect_wait: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    /// Close idle upstream connections after this; default 4s, below Node's 5s keep-alive so
+    /// we never reuse a socket the upstream is closing.
+    pub idle_timeout: Duration,
+    /// Default 256.
+    pub max_idle_per_endpoint: usize,
+}
+
+impl PoolConfig {
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+    pub const DEFAULT_MAX_IDLE_PER_ENDPOINT: usize = 256;
+}
+
+// === defaults of the resilience settings (validate/ falls back to these) ===
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            scope: BreakerScope::Route,
+            failures: 5,
+            open_for: Duration::from_secs(60),
+            max_open_for: Duration::from_secs(300),
+            half_open_successes: 2,
+            half_open_max_probes: 2,
+            failure_rate: None,
+            count_500: false,
+            count_backoff: false,
+        }
+    }
+}
+
+/// The defaults of the keys left out of a written `failure_rate` (absent, it is off).
+impl Default for FailureRate {
+    fn default() -> Self {
+        FailureRate {
+            threshold: 0.5,
+            window: Duration::from_secs(30),
+            min_calls: 20,
+        }
+    }
+}
+
+impl Default for EjectionConfig {
+    fn default() -> Self {
+        EjectionConfig {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            attempts: 2,
+            backoff_base: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(1),
+            on: vec![RetryOn::ConnectError],
+            budget_ratio: 0.2,
+            budget_min_per_s: 3,
+            max_body: 64 * 1024,
+            connect_wait: Some(Duration::from_secs(5)),
+        }
+    }
+}
+
+impl Default for Resilience {
+    fn default() -> Self {
+        Resilience {
+            load_balancing: LoadBalancing::RoundRobin,
+            circuit_breaker: BreakerConfig::default(),
+            ejection: EjectionConfig::default(),
+            retry: RetryConfig::default(),
+            max_in_flight: None,
+            health_check: None,
+        }
+    }
+}
