@@ -1,192 +1,17 @@
-//! HTTP/1 request-smuggling guard at the byte level.
-//!
-//! hyper's h1 parser drops `Content-Length` from the header map when `Transfer-Encoding` is
-//! also present, so the service cannot see the ambiguity and would forward the request.
-//! [`H1Guard`] wraps the accepted stream, watches the bytes hyper reads (without copying or
-//! changing them) and follows HTTP/1 message framing to find every request head. For each
-//! head it queues a [`Verdict`]; the service pops one per HTTP/1 request (hyper dispatches
-//! them one at a time, in order, after their head was read, so the verdict is always there).
-//!
-//! The tracker mirrors hyper's own parsing (httparse for heads, hyper's chunked decoder
-//! states for bodies). Whenever it cannot follow the stream it stops for good and queues
-//! nothing more: hyper refuses such input itself, and the guard must never break a
-//! connection hyper would serve.
-//!
-//! A connection that starts with the HTTP/2 preface is handed to the h2 frame watch
-//! (`h2_guard`) instead, which fails the read when the client floods control frames.
+//! Follows HTTP/1 message framing through the bytes hyper reads: heads (parsed by `head`),
+//! Content-Length and chunked bodies, the pause after an upgrade request, and the HTTP/2
+//! preface that ends the guard's work.
 
 use std::collections::VecDeque;
-use std::io;
-use std::mem::MaybeUninit;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use super::Verdict;
+use super::head::{Body, Head, inspect};
 
-use crate::sync::lock;
-
-use super::h2_guard::H2Watch;
-
-/// What the guard saw in one request head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    Ok,
-    /// Both `Content-Length` and `Transfer-Encoding`: refuse with 400.
-    ContentLengthAndTransferEncoding,
-}
-
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// hyper's default header count; enough for nearly every request without a heap buffer.
-const STACK_HEADERS: usize = 100;
+pub(super) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Room for bytes read while an upgrade request awaits its answer, beyond one head: hyper
 /// reads at most one buffer ahead then, so this is only ever hit by a tunnel we failed to
 /// hear about.
 const STASH_SLACK: usize = 64 * 1024;
-
-/// The most request headers hyper is ever told to accept, whatever the configuration says.
-/// hyper reserves a slot per allowed header (about 48 bytes) on every head it parses once
-/// the limit is above its default of 100, so an unbounded value is an allocation the size
-/// of the configuration on the request path (4294967295 asked for 137 GB and aborted).
-pub(crate) const MAX_HEADERS_CEILING: usize = 10_000;
-
-/// The header count limit hyper and the guard both apply: the configured one, within
-/// 1..=[`MAX_HEADERS_CEILING`].
-pub(crate) fn max_headers(configured: usize) -> usize {
-    configured.clamp(1, MAX_HEADERS_CEILING)
-}
-
-/// Wraps `inner` and returns the handle the service pops verdicts from.
-pub(crate) fn wrap<S>(
-    inner: S,
-    max_head_bytes: usize,
-    max_headers: usize,
-) -> (H1Guard<S>, Verdicts) {
-    let tracker = Arc::new(Mutex::new(Tracker::new(max_head_bytes, max_headers)));
-    let guard = H1Guard {
-        inner,
-        tracker: tracker.clone(),
-        active: true,
-        h2: None,
-    };
-    (guard, Verdicts(tracker))
-}
-
-/// The IO wrapper: reads feed the tracker, writes pass straight through.
-pub(crate) struct H1Guard<S> {
-    inner: S,
-    tracker: Arc<Mutex<Tracker>>,
-    /// Cached "still tracking" so a stopped guard (HTTP/2, tunnels) costs no lock.
-    active: bool,
-    /// The frame watch of an HTTP/2 connection (after the preface).
-    h2: Option<H2Watch>,
-}
-
-/// The service's side of one connection's guard.
-#[derive(Clone)]
-pub(crate) struct Verdicts(Arc<Mutex<Tracker>>);
-
-impl Verdicts {
-    /// The verdict for the HTTP/1 request hyper is dispatching now. `Ok` when the guard
-    /// stopped tracking.
-    pub(crate) fn next(&self) -> Verdict {
-        lock(&self.0).next_verdict()
-    }
-
-    /// The request was answered 101: what follows is another protocol, stop looking.
-    pub(crate) fn switched(&self) {
-        lock(&self.0).stop();
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for H1Guard<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if !matches!(res, Poll::Ready(Ok(()))) {
-            return res;
-        }
-        let new = &buf.filled()[before..];
-        if new.is_empty() {
-            return res;
-        }
-        let mut frames = new;
-        if this.active {
-            let mut t = lock(&this.tracker);
-            t.feed(new);
-            this.active = t.is_active();
-            match t.h2_at.take() {
-                Some(at) => {
-                    this.h2 = Some(H2Watch::new());
-                    frames = &new[at.min(new.len())..];
-                }
-                None => return res,
-            }
-        }
-        if let Some(watch) = this.h2.as_mut()
-            && !watch.feed(frames)
-        {
-            tracing::info!("HTTP/2 control-frame flood: closing the connection");
-            // A failed read hands over no bytes.
-            buf.set_filled(before);
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "HTTP/2 control-frame flood",
-            )));
-        }
-        res
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for H1Guard<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let res = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.wrote(&res);
-        res
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.wrote(&res);
-        res
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-impl<S> H1Guard<S> {
-    /// What rampart writes earns an HTTP/2 client room for its WINDOW_UPDATEs.
-    fn wrote(&mut self, res: &Poll<io::Result<usize>>) {
-        if let (Some(watch), Poll::Ready(Ok(n))) = (self.h2.as_mut(), res) {
-            watch.wrote(*n);
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -219,24 +44,6 @@ enum Chunk {
     EndLf,
 }
 
-/// The framing facts of one parsed head.
-#[derive(Debug, Clone, Copy)]
-struct Head {
-    len: usize,
-    verdict: Verdict,
-    body: Body,
-    upgrade: bool,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Body {
-    None,
-    Length(u64),
-    Chunked,
-    /// Framing hyper refuses (bad Content-Length, non-chunked Transfer-Encoding, ...).
-    Invalid,
-}
-
 pub(crate) struct Tracker {
     state: State,
     /// Bytes of a head split across reads, or the stash while paused. Kept for its capacity.
@@ -250,7 +57,7 @@ pub(crate) struct Tracker {
     upgrade: bool,
     /// The preface just ended, this many bytes into the last buffer fed: HTTP/2 frames
     /// follow.
-    h2_at: Option<usize>,
+    pub(super) h2_at: Option<usize>,
     max_head: usize,
     max_headers: usize,
 }
@@ -274,7 +81,7 @@ impl Tracker {
         self.state != State::Stopped
     }
 
-    fn stop(&mut self) {
+    pub(super) fn stop(&mut self) {
         self.state = State::Stopped;
         self.at_start = false;
         self.partial = Vec::new();
@@ -508,106 +315,6 @@ fn hex(b: u8) -> Option<u8> {
         b'A'..=b'F' => Some(b - b'A' + 10),
         _ => None,
     }
-}
-
-/// Parses a head at the start of `buf` the way hyper does. `Ok(None)`: incomplete;
-/// `Err`: hyper would refuse it too.
-fn inspect(buf: &[u8], max_headers: usize) -> Result<Option<Head>, ()> {
-    let mut stack = [MaybeUninit::<httparse::Header<'_>>::uninit(); STACK_HEADERS];
-    let on_stack = max_headers.min(STACK_HEADERS);
-    match inspect_with(buf, &mut stack[..on_stack]) {
-        Err(httparse::Error::TooManyHeaders) if max_headers > STACK_HEADERS => {
-            // Rare: more headers than hyper's default, but maybe within the configured
-            // limit. Sized by the bytes at hand, never by the configuration: every header
-            // ends a line, and httparse takes one slot for a header it has not seen the
-            // end of, so the line count plus one is all the room the head can use.
-            let lines = buf.iter().filter(|&&b| b == b'\n').count();
-            let slots = max_headers.min(lines.saturating_add(1));
-            let mut heap = vec![MaybeUninit::<httparse::Header<'_>>::uninit(); slots];
-            inspect_with(buf, &mut heap).map_err(|_| ())
-        }
-        r => r.map_err(|_| ()),
-    }
-}
-
-fn inspect_with<'b>(
-    buf: &'b [u8],
-    headers: &mut [MaybeUninit<httparse::Header<'b>>],
-) -> Result<Option<Head>, httparse::Error> {
-    let mut req = httparse::Request::new(&mut []);
-    let len = match req.parse_with_uninit_headers(buf, headers)? {
-        httparse::Status::Complete(len) => len,
-        httparse::Status::Partial => return Ok(None),
-    };
-    let http11 = req.version == Some(1);
-    // hyper (proto/h1/role.rs): CONNECT, or Upgrade on HTTP/1.1, may switch protocols.
-    let mut upgrade = req.method == Some("CONNECT");
-    let mut has_cl = false;
-    let mut te: Option<bool> = None;
-    let mut length: Option<u64> = None;
-    let mut invalid = false;
-    for h in req.headers.iter() {
-        let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            // hyper: only the last encoding of the last line decides chunked.
-            te = Some(is_chunked(h.value));
-            invalid |= !http11;
-        } else if name.eq_ignore_ascii_case(b"content-length") {
-            has_cl = true;
-            // hyper checks the value only while no Transfer-Encoding was seen.
-            if te.is_none() {
-                match (digits(h.value), length) {
-                    (None, _) => invalid = true,
-                    (Some(n), Some(prev)) if n != prev => invalid = true,
-                    (Some(n), _) => length = Some(n),
-                }
-            }
-        } else if name.eq_ignore_ascii_case(b"upgrade") {
-            upgrade = http11;
-        }
-    }
-    let verdict = if has_cl && te.is_some() {
-        Verdict::ContentLengthAndTransferEncoding
-    } else {
-        Verdict::Ok
-    };
-    let body = match (te, length) {
-        _ if invalid => Body::Invalid,
-        (Some(true), _) => Body::Chunked,
-        (Some(false), _) => Body::Invalid,
-        (None, Some(n)) => Body::Length(n),
-        (None, None) => Body::None,
-    };
-    Ok(Some(Head {
-        len,
-        verdict,
-        body,
-        upgrade,
-    }))
-}
-
-/// hyper's `content_length_parse`: plain decimal digits, no sign, no list.
-fn digits(v: &[u8]) -> Option<u64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.iter().try_fold(0u64, |acc, &b| {
-        if b.is_ascii_digit() {
-            acc.checked_mul(10)?.checked_add(u64::from(b - b'0'))
-        } else {
-            None
-        }
-    })
-}
-
-/// hyper's `is_chunked_`: a visible-ASCII value whose last comma-separated token is
-/// `chunked`.
-fn is_chunked(v: &[u8]) -> bool {
-    if !v.iter().all(|&b| b == b'\t' || (32..127).contains(&b)) {
-        return false;
-    }
-    let last = v.rsplit(|&b| b == b',').next().unwrap_or_default();
-    last.trim_ascii().eq_ignore_ascii_case(b"chunked")
 }
 
 #[cfg(test)]
@@ -878,50 +585,5 @@ mod tests {
                 assert_eq!(t.state, State::Stopped);
             }
         }
-    }
-
-    #[tokio::test]
-    async fn after_the_h2_preface_a_control_frame_flood_fails_the_read() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let ping = [0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
-        for (flood, fails) in [(1000, false), (1001, true)] {
-            let (client, server) = tokio::io::duplex(1 << 20);
-            let (mut guard, _) = wrap(server, 64 * 1024, 100);
-            let mut bytes = H2_PREFACE.to_vec();
-            // SETTINGS, then the PINGs, the preface split from them mid-read.
-            bytes.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
-            bytes.extend(ping.repeat(flood - 1));
-            let mut client = client;
-            client.write_all(&bytes[..10]).await.unwrap();
-            let mut got = vec![0u8; 10];
-            guard.read_exact(&mut got).await.unwrap();
-            client.write_all(&bytes[10..]).await.unwrap();
-            client.shutdown().await.unwrap();
-            let mut rest = Vec::new();
-            let r = guard.read_to_end(&mut rest).await;
-            assert_eq!(r.is_err(), fails, "{flood} PINGs and a SETTINGS: {r:?}");
-        }
-    }
-
-    #[tokio::test]
-    async fn the_wrapper_passes_bytes_through_and_queues_verdicts() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (client, server) = tokio::io::duplex(64);
-        let (mut guard, verdicts) = wrap(server, 64 * 1024, 100);
-        let all = [GET, CL_TE].concat();
-        let expect = all.clone();
-        let writer = tokio::spawn(async move {
-            let mut client = client;
-            client.write_all(&all).await.unwrap();
-            client.shutdown().await.unwrap();
-            client
-        });
-        let mut got = Vec::new();
-        guard.read_to_end(&mut got).await.unwrap();
-        let _client = writer.await.unwrap();
-        assert_eq!(got, expect);
-        assert_eq!(verdicts.next(), V_OK);
-        assert_eq!(verdicts.next(), V_BOTH);
-        assert_eq!(verdicts.next(), V_OK, "none left: Ok");
     }
 }

@@ -1,0 +1,245 @@
+//! The request side of a connection: the head (and a small body) encoded into one write,
+//! then the body streamed under its framing.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use http::{Method, Request, header};
+use http_body::Body;
+use tokio::io::AsyncWrite;
+
+use super::head::parse_length;
+use super::{Conn, ExchangeError, WireError};
+use crate::body::{BodyError, RequestBody};
+use crate::upstream::forwarded::Forwarded;
+
+/// A buffered request body up to this size goes out in the same write as the head.
+const BODY_WITH_HEAD: usize = 16 * 1024;
+/// A write buffer that grew past this (a large body frame) is not kept for the next request.
+const KEEP_WRITE_BUFFER: usize = 64 * 1024;
+
+/// How the request body is framed on the wire.
+#[derive(Clone, Copy)]
+pub(super) enum Outgoing {
+    /// Bytes still owed under Content-Length.
+    Length(u64),
+    Chunked,
+}
+
+impl Conn {
+    /// Encodes the request head (and a small buffered body) for writing; the body is
+    /// sent by `poll_send` once the head is on its way.
+    pub(super) fn encode(
+        &mut self,
+        req: &Request<RequestBody>,
+        forwarded: Option<&Forwarded>,
+    ) -> Option<Outgoing> {
+        let w = &mut self.write;
+        w.clear();
+        self.written = 0;
+        w.extend_from_slice(req.method().as_str().as_bytes());
+        w.push(b' ');
+        let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        w.extend_from_slice(target.as_bytes());
+        w.extend_from_slice(b" HTTP/1.1\r\n");
+        for (name, value) in req.headers() {
+            w.extend_from_slice(name.as_str().as_bytes());
+            w.extend_from_slice(b": ");
+            w.extend_from_slice(value.as_bytes());
+            w.extend_from_slice(b"\r\n");
+        }
+        if let Some(f) = forwarded {
+            f.write(w);
+        }
+        let body = req.body();
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| parse_length(v.as_bytes()));
+        let framing = if let Some(n) = declared {
+            Some(Outgoing::Length(n))
+        } else if body.is_end_stream() {
+            // As hyper does: methods that define a body say it is empty.
+            if matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
+                w.extend_from_slice(b"content-length: 0\r\n");
+            }
+            None
+        } else if let Some(n) = body.size_hint().exact() {
+            push_number(w, b"content-length: ", n, 10);
+            Some(Outgoing::Length(n))
+        } else {
+            w.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            Some(Outgoing::Chunked)
+        };
+        w.extend_from_slice(b"\r\n");
+        // A kept (replayable) body that fits goes out with the head: one write.
+        if let (RequestBody::Full(Some(b)), Some(Outgoing::Length(n))) = (body, framing)
+            && b.len() as u64 == n
+            && b.len() <= BODY_WITH_HEAD
+        {
+            w.extend_from_slice(b);
+            return None;
+        }
+        framing.filter(|f| !matches!(f, Outgoing::Length(0)))
+    }
+
+    /// Writes what is buffered; Ready(Ok) once all of it is out.
+    pub(super) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WireError>> {
+        while self.written < self.write.len() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.write[self.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
+            }
+            self.written += n;
+        }
+        ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+        self.written = 0;
+        if self.write.capacity() > KEEP_WRITE_BUFFER {
+            self.write = Vec::new();
+        } else {
+            self.write.clear();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Writes the request body as it comes, until all of it is sent (Ready(Ok)) or the body
+    /// has nothing ready (Pending).
+    pub(super) fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ExchangeError>> {
+        loop {
+            ready!(self.poll_flush(cx))?;
+            let Some((body, framing)) = self.sending.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            let frame = match ready!(Pin::new(body).poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => {
+                    self.sending = None;
+                    self.keep_alive = false;
+                    return Poll::Ready(Err(ExchangeError::RequestBody(e)));
+                }
+                None => {
+                    let framing = *framing;
+                    self.sending = None;
+                    match framing {
+                        Outgoing::Chunked => self.write.extend_from_slice(b"0\r\n\r\n"),
+                        Outgoing::Length(0) => {}
+                        Outgoing::Length(_) => {
+                            self.keep_alive = false;
+                            return Poll::Ready(Err(ExchangeError::RequestBody(BodyError::Length)));
+                        }
+                    }
+                    continue;
+                }
+            };
+            // Trailers of the request are not forwarded.
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if data.is_empty() {
+                continue;
+            }
+            match framing {
+                Outgoing::Length(rest) => {
+                    let len = data.len() as u64;
+                    if len > *rest {
+                        self.sending = None;
+                        self.keep_alive = false;
+                        return Poll::Ready(Err(ExchangeError::RequestBody(BodyError::Length)));
+                    }
+                    *rest -= len;
+                    self.write.extend_from_slice(&data);
+                }
+                Outgoing::Chunked => {
+                    push_number(&mut self.write, b"", data.len() as u64, 16);
+                    self.write.extend_from_slice(&data);
+                    self.write.extend_from_slice(b"\r\n");
+                }
+            }
+            if matches!(framing, Outgoing::Length(0)) {
+                self.sending = None;
+            }
+        }
+    }
+
+    /// Request bytes buffered or a request body still to come.
+    pub(super) fn still_sending(&self) -> bool {
+        self.sending.is_some() || self.written < self.write.len()
+    }
+
+    /// Sending failed after the request started: the upstream may still have answered, so
+    /// reading goes on, but this connection carries nothing more.
+    pub(super) fn abandon_send(&mut self) {
+        self.sending = None;
+        self.write.clear();
+        self.written = 0;
+        self.keep_alive = false;
+    }
+
+    /// Keeps sending the request body while the response is read, when the upstream
+    /// answered before it was all sent; a failure to send more ends nothing but reuse.
+    pub(super) fn keep_sending(&mut self, cx: &mut Context<'_>) {
+        if self.still_sending()
+            && let Poll::Ready(Err(_)) = self.poll_send(cx)
+        {
+            self.abandon_send();
+        }
+    }
+}
+
+/// Appends `prefix`, `n` in `radix` (10 or 16) and CRLF.
+pub(super) fn push_number(w: &mut Vec<u8>, prefix: &[u8], n: u64, radix: u64) {
+    let mut buf = [0u8; 20];
+    w.extend_from_slice(prefix);
+    w.extend_from_slice(crate::text::digits(n, radix, &mut buf).as_bytes());
+    w.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::exchange;
+    use super::super::testing::*;
+    use crate::body::RequestBody;
+    use bytes::Bytes;
+    use http::Method;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn requests_are_written_in_origin_form_with_their_framing() {
+        let (mut conn, mut server) = pair().await;
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+        let cases = [
+            (
+                request(Method::GET, "/a/b?c=1", RequestBody::Empty),
+                "GET /a/b?c=1 HTTP/1.1\r\nhost: up\r\n\r\n",
+            ),
+            (
+                request(Method::POST, "/p", RequestBody::Empty),
+                "POST /p HTTP/1.1\r\nhost: up\r\ncontent-length: 0\r\n\r\n",
+            ),
+            (
+                request(
+                    Method::PUT,
+                    "/p",
+                    RequestBody::Full(Some(Bytes::from_static(b"hello"))),
+                ),
+                "PUT /p HTTP/1.1\r\nhost: up\r\ncontent-length: 5\r\n\r\nhello",
+            ),
+        ];
+        for (mut req, expected) in cases {
+            let upstream = async {
+                let got = read_request(
+                    &mut server,
+                    expected.len() - expected.find("\r\n\r\n").unwrap_or(0) - 4,
+                )
+                .await;
+                server.write_all(answer).await.expect("write");
+                got
+            };
+            let (got, result) = tokio::join!(upstream, exchange(&mut conn, &mut req, None));
+            result.expect("request").expect("head");
+            assert_eq!(String::from_utf8_lossy(&got), expected);
+            assert!(conn.reusable());
+        }
+    }
+}

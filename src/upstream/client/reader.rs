@@ -1,0 +1,412 @@
+//! The response side of a connection: the read buffer, and the walk through a body's
+//! framing (Content-Length, chunks, until the close). The head is parsed in `head`.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, ReadBuf};
+
+use super::WireError;
+
+/// Longest chunk-size line, extensions included.
+const MAX_CHUNK_LINE: usize = 4096;
+/// Most bytes of trailer fields after the last chunk (they are read and dropped).
+const MAX_TRAILERS: usize = 16 * 1024;
+/// Free room offered to each read.
+const READ_ROOM: usize = 16 * 1024;
+/// Below this much free room the buffer is compacted or renewed before a read.
+const MIN_READ: usize = 2 * 1024;
+
+/// Where the response body stands.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Incoming {
+    /// No body, or all of it was read.
+    Done,
+    /// Bytes still to come under Content-Length.
+    Length(u64),
+    /// Until the upstream closes the connection.
+    UntilClose,
+    Chunked(Chunk),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Bytes left in the current chunk.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one; bytes seen so far.
+    Trailers(usize),
+}
+
+/// What the buffered bytes gave.
+pub(crate) enum Step {
+    Data(Bytes),
+    End,
+    /// More bytes must be read first.
+    More,
+}
+
+/// The response side of a connection: the read buffer and where the response stands. It
+/// knows nothing of the socket (`poll_fill` is lent one), so the fuzz targets drive the
+/// same parsing from byte slices (`crate::fuzz`).
+pub(crate) struct Reader {
+    /// `read[..filled]` is input not yet consumed; the rest is initialized room for the next
+    /// read (kept initialized so that reads need no zeroing).
+    pub(super) read: BytesMut,
+    pub(super) filled: usize,
+    pub(super) incoming: Incoming,
+    /// The connection ends with this response: it said so (`Connection: close`, HTTP/1.0),
+    /// its body runs until the close, or bytes came after its end (the upstream is out of
+    /// step).
+    pub(super) close: bool,
+}
+
+impl Reader {
+    pub(crate) fn new() -> Self {
+        Reader {
+            read: BytesMut::new(),
+            filled: 0,
+            incoming: Incoming::Done,
+            close: false,
+        }
+    }
+
+    /// Makes at least `min` bytes of initialized room after the unconsumed input, reusing
+    /// the buffer when nothing else holds a part of it.
+    fn room(&mut self, min: usize) {
+        if self.read.len() - self.filled >= min {
+            return;
+        }
+        let want = self.filled + min.max(READ_ROOM);
+        self.read.truncate(self.filled);
+        self.read.reserve(want - self.filled);
+        self.read.resize(want, 0);
+    }
+
+    /// One read from `io`; Ok(0) at the end of the stream.
+    pub(super) fn poll_fill<R: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut R,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        self.room(MIN_READ);
+        let mut buf = ReadBuf::new(&mut self.read[self.filled..]);
+        ready!(Pin::new(io).poll_read(cx, &mut buf))?;
+        let n = buf.filled().len();
+        self.filled += n;
+        Poll::Ready(Ok(n))
+    }
+
+    /// Appends input as a read would (the fuzz targets' socket).
+    pub(crate) fn feed(&mut self, bytes: &[u8]) {
+        self.room(bytes.len());
+        self.read[self.filled..self.filled + bytes.len()].copy_from_slice(bytes);
+        self.filled += bytes.len();
+    }
+
+    /// Unconsumed input.
+    pub(crate) fn buffered(&self) -> usize {
+        self.filled
+    }
+
+    /// Where the response stands, for comparing two readers (the fuzz targets).
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            incoming: self.incoming,
+            // Bytes not consumed end the connection as surely as a close (`usable_now`):
+            // when they came does not matter.
+            ends_connection: self.close || self.filled > 0,
+        }
+    }
+
+    /// The first `n` unconsumed bytes, as a slice of the buffer.
+    pub(super) fn take(&mut self, n: usize) -> Bytes {
+        self.filled -= n;
+        self.read.split_to(n).freeze()
+    }
+
+    pub(super) fn consume(&mut self, n: usize) {
+        self.filled -= n;
+        self.read.advance(n);
+    }
+
+    /// The body was read to its end; bytes beyond it mean the upstream is out of step.
+    pub(super) fn body_ended(&mut self) {
+        self.incoming = Incoming::Done;
+        if self.filled > 0 {
+            self.close = true;
+        }
+    }
+
+    pub(crate) fn body_done(&self) -> bool {
+        self.incoming == Incoming::Done
+    }
+
+    /// The whole body is buffered and framed by its length: nothing more can go wrong
+    /// with it.
+    pub(super) fn body_buffered(&self) -> bool {
+        match self.incoming {
+            Incoming::Done => true,
+            Incoming::Length(n) => self.filled as u64 >= n,
+            _ => false,
+        }
+    }
+
+    /// Whether the connection can carry another response after this one, as far as the
+    /// response tells: read to its end, nothing said or sent to end the connection.
+    pub(crate) fn reusable(&self) -> bool {
+        !self.close && self.incoming == Incoming::Done
+    }
+
+    /// The upstream closed the connection while the body was being read: the end of a
+    /// body that runs until the close, a cut one otherwise.
+    pub(crate) fn eof(&mut self) -> Result<(), WireError> {
+        self.close = true;
+        if self.incoming == Incoming::UntilClose {
+            self.incoming = Incoming::Done;
+            return Ok(());
+        }
+        Err(WireError::ClosedInBody)
+    }
+
+    /// Works through the buffered bytes only. Without `data`, it stops before body data
+    /// (for reading past framing without taking any).
+    pub(crate) fn step(&mut self, data: bool) -> Result<Step, WireError> {
+        loop {
+            match self.incoming {
+                Incoming::Done => return Ok(Step::End),
+                Incoming::Length(rest) => {
+                    if !data || self.filled == 0 {
+                        return Ok(Step::More);
+                    }
+                    let n = self.filled.min(usize::try_from(rest).unwrap_or(usize::MAX));
+                    let chunk = self.take(n);
+                    if rest == n as u64 {
+                        self.body_ended();
+                    } else {
+                        self.incoming = Incoming::Length(rest - n as u64);
+                    }
+                    return Ok(Step::Data(chunk));
+                }
+                Incoming::UntilClose => {
+                    if !data || self.filled == 0 {
+                        return Ok(Step::More);
+                    }
+                    return Ok(Step::Data(self.take(self.filled)));
+                }
+                Incoming::Chunked(Chunk::Size) => {
+                    let Some(line) = self.line(MAX_CHUNK_LINE)? else {
+                        return Ok(Step::More);
+                    };
+                    let size = parse_chunk_size(&self.read[..line])
+                        .ok_or(WireError::Invalid("bad chunk size line"))?;
+                    self.consume(line + 2);
+                    self.incoming = Incoming::Chunked(if size == 0 {
+                        Chunk::Trailers(0)
+                    } else {
+                        Chunk::Data(size)
+                    });
+                }
+                Incoming::Chunked(Chunk::Data(rest)) => {
+                    if !data || self.filled == 0 {
+                        return Ok(Step::More);
+                    }
+                    let n = self.filled.min(usize::try_from(rest).unwrap_or(usize::MAX));
+                    let chunk = self.take(n);
+                    self.incoming = Incoming::Chunked(if rest == n as u64 {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(rest - n as u64)
+                    });
+                    return Ok(Step::Data(chunk));
+                }
+                Incoming::Chunked(Chunk::DataEnd) => {
+                    if self.filled < 2 {
+                        return Ok(Step::More);
+                    }
+                    if &self.read[..2] != b"\r\n" {
+                        return Err(WireError::Invalid("chunk data not followed by CRLF"));
+                    }
+                    self.consume(2);
+                    self.incoming = Incoming::Chunked(Chunk::Size);
+                }
+                Incoming::Chunked(Chunk::Trailers(seen)) => {
+                    let Some(line) = self.line(MAX_TRAILERS - seen)? else {
+                        return Ok(Step::More);
+                    };
+                    self.consume(line + 2);
+                    if line == 0 {
+                        self.body_ended();
+                    } else {
+                        self.incoming = Incoming::Chunked(Chunk::Trailers(seen + line + 2));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The length of the CRLF-terminated line at the start of the input (CRLF excluded),
+    /// None until it is all there, an error once it is longer than `limit`.
+    fn line(&self, limit: usize) -> Result<Option<usize>, WireError> {
+        let input = &self.read[..self.filled.min(limit)];
+        match input.iter().position(|&b| b == b'\n') {
+            Some(lf) if lf > 0 && input[lf - 1] == b'\r' => Ok(Some(lf - 1)),
+            Some(_) => Err(WireError::Invalid("line not ended by CRLF")),
+            None if self.filled >= limit => Err(WireError::Invalid("line too long")),
+            None => Ok(None),
+        }
+    }
+}
+
+/// A reader's state, comparable.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Snapshot {
+    incoming: Incoming,
+    ends_connection: bool,
+}
+
+impl Snapshot {
+    /// The connection could carry another response.
+    pub(crate) fn reusable(&self) -> bool {
+        !self.ends_connection && self.incoming == Incoming::Done
+    }
+}
+
+/// A chunk-size line: hex digits, optional whitespace, optional `;extensions`.
+pub(crate) fn parse_chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 16 {
+        return None;
+    }
+    let rest = line[digits..].trim_ascii_start();
+    if !rest.is_empty() && rest[0] != b';' {
+        return None;
+    }
+    line[..digits].iter().try_fold(0u64, |n, &d| {
+        let v = (d as char).to_digit(16)?;
+        Some((n << 4) | u64::from(v))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::WireError;
+    use super::super::testing::*;
+    use http::{Method, StatusCode};
+    use proptest::prelude::*;
+    use std::future::poll_fn;
+
+    fn chunked(body: &[u8], sizes: &[usize]) -> Vec<u8> {
+        let mut out = b"HTTP/1.1 200 OK\r\nx-a: 1\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        let mut rest = body;
+        let mut i = 0;
+        while !rest.is_empty() {
+            let n = sizes[i % sizes.len()].clamp(1, rest.len());
+            let ext = if i % 2 == 1 { ";ext=\"v\"" } else { "" };
+            out.extend_from_slice(format!("{n:X}{ext}\r\n").as_bytes());
+            out.extend_from_slice(&rest[..n]);
+            out.extend_from_slice(b"\r\n");
+            rest = &rest[n..];
+            i += 1;
+        }
+        out.extend_from_slice(b"0\r\nx-trailer: t\r\n\r\n");
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// However the bytes are split into reads, the same response comes out, and the
+        /// connection is ready for the next one.
+        #[test]
+        fn any_split_of_a_response_reads_the_same(
+            body in proptest::collection::vec(any::<u8>(), 0..3000),
+            use_chunks in any::<bool>(),
+            sizes in proptest::collection::vec(1usize..700, 1..5),
+            cuts in proptest::collection::vec(1usize..400, 1..8),
+        ) {
+            let wire = if use_chunks {
+                chunked(&body, &sizes)
+            } else {
+                let mut w = format!("HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+                w.extend_from_slice(&body);
+                w
+            };
+            let mut segments = Vec::new();
+            let mut rest = &wire[..];
+            let mut i = 0;
+            while !rest.is_empty() {
+                let n = cuts[i % cuts.len()].min(rest.len());
+                segments.push(rest[..n].to_vec());
+                rest = &rest[n..];
+                i += 1;
+            }
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async {
+                let (mut conn, mut server) = pair().await;
+                let (head, got) = roundtrip(&mut conn, &mut server, Method::GET, segments).await.expect("exchange");
+                assert_eq!(head.status(), StatusCode::OK);
+                assert_eq!(head.headers()["x-a"], "1");
+                assert_eq!(got.expect("body"), body);
+                assert!(conn.reusable());
+                // And the next response on the same connection.
+                let (head, got) = roundtrip(&mut conn, &mut server, Method::GET, one(b"HTTP/1.1 204 No Content\r\n\r\n")).await.expect("second exchange");
+                assert_eq!(head.status(), StatusCode::NO_CONTENT);
+                assert!(got.expect("body").is_empty());
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_until_close_is_read_to_the_end_and_the_connection_not_reused() {
+        let (mut conn, server) = pair().await;
+        let upstream = answer_and_close(server, b"HTTP/1.1 200 OK\r\n\r\nall of it");
+        let client = async {
+            get_head(&mut conn).await;
+            let mut body = Vec::new();
+            while let Some(b) = poll_fn(|cx| conn.poll_body(cx)).await {
+                body.extend_from_slice(&b.expect("body"));
+            }
+            body
+        };
+        let (_, body) = tokio::join!(upstream, client);
+        assert_eq!(body, b"all of it");
+        assert!(!conn.reusable());
+    }
+
+    #[tokio::test]
+    async fn broken_bodies_are_errors_not_ends() {
+        for wire in [
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\nzz\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nokXX0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n11111111111111111\r\n",
+        ] {
+            let (mut conn, mut server) = pair().await;
+            let (_, body) = roundtrip(&mut conn, &mut server, Method::GET, one(wire))
+                .await
+                .expect("head");
+            assert!(
+                matches!(body, Err(WireError::Invalid(_))),
+                "{}",
+                String::from_utf8_lossy(wire)
+            );
+        }
+        // The upstream closes before Content-Length bytes came.
+        let (mut conn, server) = pair().await;
+        let upstream =
+            answer_and_close(server, b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc");
+        let client = async {
+            get_head(&mut conn).await;
+            let first = poll_fn(|cx| conn.poll_body(cx)).await;
+            let second = poll_fn(|cx| conn.poll_body(cx)).await;
+            (first, second)
+        };
+        let (_, (first, second)) = tokio::join!(upstream, client);
+        assert_eq!(&first.expect("data").expect("data")[..], b"abc");
+        assert!(matches!(second, Some(Err(WireError::ClosedInBody))));
+    }
+}

@@ -1,0 +1,232 @@
+//! The response body that carries its connection: it reads the upstream as it is polled,
+//! can hold the head back until the first byte (`hold`), and hands the connection back to
+//! its endpoint's pool when it was read to the end.
+
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
+use super::hyper_conn::HyperBody;
+use super::{Connection, EndpointPool};
+use crate::upstream::client::{Conn, WireError};
+
+/// How long an answer's head waits for the first byte of its body before it is passed on
+/// (`PooledBody::hold`): long enough to catch an upstream that fails right after its head
+/// (a bad first chunk, a close: Node writes the head and the body in separate writes), short
+/// enough that a stream whose first event is slow still shows its head at once to anything
+/// acting on headers (an EventSource's `open`). nginx and Envoy pass the head on at once and
+/// cut the stream; this turns the common case into a 502 the client can act on.
+pub(crate) const HEAD_HOLD: Duration = Duration::from_millis(250);
+
+/// Most body bytes taken while the head is held: what is ready beyond the first byte is
+/// taken too (so that a failure already in the socket is found), up to this much, as a
+/// proxy buffer would (nginx's `proxy_buffer_size` is 4-8 KiB, its buffers 64 KiB).
+const HOLD_BYTES: usize = 64 * 1024;
+
+/// The upstream's response body, carrying the connection: polling the body reads it, and
+/// when the body has been read to its end the connection goes back to its endpoint's pool.
+/// Kept small (it is moved through several layers with every response): what only some
+/// responses need is boxed on demand.
+pub(crate) struct PooledBody {
+    inner: Inner,
+    pool: Arc<EndpointPool>,
+    /// Data taken while the head was held (`hold`), and an error kept back one poll
+    /// (`poll_frame`).
+    ahead: Option<Box<Ahead>>,
+    /// Data went out since the body last returned Pending: what the server has buffered
+    /// but may not have written yet.
+    unflushed: bool,
+}
+
+#[derive(Default)]
+struct Ahead {
+    frames: std::collections::VecDeque<Bytes>,
+    bytes: usize,
+    deferred: Option<WireError>,
+}
+
+pub(super) enum Inner {
+    /// None once the body failed (the connection is then closed).
+    Rampart(Option<Box<Conn>>),
+    Hyper(Box<HyperBody>),
+}
+
+impl PooledBody {
+    pub(super) fn new(inner: Inner, pool: Arc<EndpointPool>) -> Self {
+        PooledBody {
+            inner,
+            pool,
+            ahead: None,
+            unflushed: false,
+        }
+    }
+
+    /// Holds the head until the body has given its first byte (or ended, or failed), at
+    /// most `HEAD_HOLD`; then takes whatever else is ready at once (up to `HOLD_BYTES`).
+    /// An error means the body failed before anything of the answer was passed on: the
+    /// client can still be told 502, rather than get a head and a cut (or, when the server
+    /// had not written it yet, empty) answer. An answer whose sized body came whole with
+    /// its head passes at once, with nothing taken, no timer and no allocation.
+    pub(crate) async fn hold(&mut self) -> Result<(), WireError> {
+        if let Inner::Rampart(Some(conn)) = &self.inner
+            && conn.body_buffered()
+        {
+            return Ok(());
+        }
+        let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        poll_fn(|cx| {
+            loop {
+                let held = self.ahead.as_ref().map_or(0, |a| a.bytes);
+                if held >= HOLD_BYTES {
+                    return Poll::Ready(Ok(()));
+                }
+                match self.poll_inner(cx) {
+                    Poll::Ready(Some(Ok(data))) => {
+                        let ahead = self.ahead.get_or_insert_with(Box::default);
+                        ahead.bytes += data.len();
+                        ahead.frames.push_back(data);
+                        if self.inner_ended() {
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                    Poll::Ready(None) => return Poll::Ready(Ok(())),
+                    Poll::Pending if held > 0 => return Poll::Ready(Ok(())),
+                    Poll::Pending => break,
+                }
+            }
+            let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(HEAD_HOLD)));
+            timer.as_mut().poll(cx).map(Ok)
+        })
+        .await
+    }
+
+    /// The next data from the connection.
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, WireError>>> {
+        let conn = match &mut self.inner {
+            Inner::Rampart(Some(conn)) => conn,
+            Inner::Rampart(None) => return Poll::Ready(None),
+            Inner::Hyper(b) => return b.poll_data(cx),
+        };
+        let next = ready!(conn.poll_body(cx));
+        if matches!(next, Some(Err(_))) {
+            self.inner = Inner::Rampart(None);
+        }
+        Poll::Ready(next)
+    }
+
+    fn inner_ended(&self) -> bool {
+        match &self.inner {
+            Inner::Rampart(conn) => conn.as_ref().is_none_or(|c| c.body_done()),
+            Inner::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn inner_size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Rampart(conn) => match conn.as_ref().and_then(|c| c.body_remaining()) {
+                Some(n) => SizeHint::with_exact(n),
+                None => SizeHint::default(),
+            },
+            Inner::Hyper(b) => b.size_hint(),
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = WireError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, WireError>>> {
+        let this = &mut *self;
+        if let Some(ahead) = this.ahead.as_deref_mut() {
+            if let Some(e) = ahead.deferred.take() {
+                return Poll::Ready(Some(Err(e)));
+            }
+            if let Some(data) = ahead.frames.pop_front() {
+                ahead.bytes -= data.len();
+                this.unflushed = true;
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+        }
+        match this.poll_inner(cx) {
+            Poll::Ready(Some(Ok(data))) => {
+                this.unflushed = true;
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            // hyper's server drops what it has not written when a body fails: data that
+            // came just before the failure would never reach the client, which would see
+            // an empty answer. One Pending first lets the server write it; the error
+            // follows on the next poll.
+            Poll::Ready(Some(Err(e))) if this.unflushed => {
+                this.unflushed = false;
+                this.ahead.get_or_insert_with(Box::default).deferred = Some(e);
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Poll::Ready(other) => Poll::Ready(other.map(|r| r.map(Frame::data))),
+            Poll::Pending => {
+                this.unflushed = false;
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ahead
+            .as_ref()
+            .is_none_or(|a| a.frames.is_empty() && a.deferred.is_none())
+            && self.inner_ended()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let inner = self.inner_size_hint();
+        let held = match &self.ahead {
+            Some(a) if a.bytes > 0 => a.bytes as u64,
+            _ => return inner,
+        };
+        match inner.exact() {
+            Some(n) => SizeHint::with_exact(n + held),
+            None => {
+                let mut sum = SizeHint::new();
+                sum.set_lower(inner.lower() + held);
+                if let Some(upper) = inner.upper() {
+                    sum.set_upper(upper + held);
+                }
+                sum
+            }
+        }
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // Only a connection whose response was read to the end can carry another request;
+        // anything else (client gone, upstream error) is closed by dropping it.
+        match &mut self.inner {
+            Inner::Rampart(conn) => {
+                if let Some(conn) = conn.take()
+                    && conn.reusable()
+                {
+                    self.pool.put_idle(Connection::Rampart(conn));
+                }
+            }
+            Inner::Hyper(b) => {
+                if let Some(conn) = b.conn.take()
+                    && b.reusable
+                    && !conn.finished
+                {
+                    self.pool.put_idle(Connection::Hyper(conn));
+                }
+            }
+        }
+    }
+}

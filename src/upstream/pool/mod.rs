@@ -1,0 +1,330 @@
+//! Upstream connections, pooled per endpoint and DRIVEN BY THE REQUEST'S OWN TASK.
+//!
+//! hyper's pooled client runs every upstream connection as a separate task and hands each
+//! request to it through channels: two task wake-ups and a pool lock with a hashed key per
+//! request. Here the request future (and then the response body) reads and writes the
+//! connection itself (`client`), as nginx's event loop would: no hand-off, no extra task,
+//! and when the client goes away the connection is dropped with the body, which cancels the
+//! upstream request at once. An idle connection sits in its endpoint's stack unpolled; it
+//! is checked when taken out.
+//!
+//! An upstream may instead be spoken to by hyper's connection client
+//! (`upstreams.<name>.client: hyper`): the differential reference of the wire tests, and a
+//! switch to fall back on in production. It is driven the same way (the request's task
+//! polls hyper's connection future) and held to the same rules: per-worker pooling, the
+//! same timers (`forward::send`), a request given back when hyper says it never left, and a
+//! connection pooled only when its response was read to the end with every request byte
+//! written before that end (`HyperBody::ended`).
+//!
+//! Here: the socket, the endpoint with its idle stacks, and the exchange that picks the
+//! client. The response body that carries a connection back is `body`; hyper's side of
+//! things is `hyper_conn`.
+
+mod body;
+// Not `hyper`: that name would shadow the crate in this module's paths.
+mod hyper_conn;
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::body::RequestBody;
+use crate::config::UpstreamClient;
+use crate::upstream::client::{self, Conn, ExchangeError};
+use crate::upstream::forwarded::Forwarded;
+use body::Inner;
+use hyper_conn::{HyperConn, exchange_hyper};
+
+// The forwarder, the retry loop and the stream layer name it by `pool::PooledBody`.
+pub(crate) use body::PooledBody;
+
+/// A plain or TLS upstream socket.
+pub enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect timed out")]
+    Timeout,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("TLS: {0}")]
+    Tls(io::Error),
+    #[error("HTTP handshake: {0}")]
+    Handshake(hyper::Error),
+}
+
+/// An upstream connection, spoken to by one of the two clients.
+pub enum Connection {
+    Rampart(Box<Conn>),
+    Hyper(Box<HyperConn>),
+}
+
+impl Connection {
+    /// Taken from the pool (not fresh): a failure before sending may be a stale socket.
+    pub fn reused(&self) -> bool {
+        match self {
+            Connection::Rampart(c) => c.reused,
+            Connection::Hyper(c) => c.reused,
+        }
+    }
+
+    fn set_reused(&mut self) {
+        match self {
+            Connection::Rampart(c) => c.reused = true,
+            Connection::Hyper(c) => c.reused = true,
+        }
+    }
+
+    fn usable_now(&mut self) -> bool {
+        match self {
+            Connection::Rampart(c) => c.usable_now(),
+            Connection::Hyper(c) => c.usable_now(),
+        }
+    }
+}
+
+struct Idle {
+    conn: Connection,
+    since: Instant,
+}
+
+/// Where to connect and how; one per endpoint.
+pub struct EndpointPool {
+    pub host: String,
+    pub port: u16,
+    /// `Host` header value for this endpoint ("host" or "host:port").
+    pub host_header: HeaderValue,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    client: UpstreamClient,
+    /// One stack per worker thread (and one for the other threads): a connection is
+    /// registered with the event loop of the thread that opened it, and stays with it (as in
+    /// nginx's per-worker `keepalive` cache). `max_idle` applies to each.
+    idle: Box<[Mutex<Vec<Idle>>]>,
+    idle_timeout: Duration,
+    max_idle: usize,
+}
+
+impl EndpointPool {
+    pub fn new(
+        host: String,
+        port: u16,
+        host_header: HeaderValue,
+        tls: Option<(TlsConnector, ServerName<'static>)>,
+        client: UpstreamClient,
+        idle_timeout: Duration,
+        max_idle: usize,
+    ) -> Self {
+        EndpointPool {
+            host,
+            port,
+            host_header,
+            tls,
+            client,
+            idle: (0..crate::workers::slots())
+                .map(|_| Mutex::new(Vec::new()))
+                .collect(),
+            idle_timeout,
+            max_idle,
+        }
+    }
+
+    /// This thread's idle stack (a worker's own, or the control plane's).
+    fn stack(&self) -> &Mutex<Vec<Idle>> {
+        // Never empty (at least one slot).
+        &self.idle[crate::workers::slot_in(self.idle.len())]
+    }
+
+    /// The most recently used idle connection that is still open and fresh enough.
+    pub fn take_idle(&self) -> Option<Connection> {
+        let now = Instant::now();
+        loop {
+            let idle = {
+                let mut stack = crate::sync::lock(self.stack());
+                // The oldest sit at the bottom: drop the expired ones first.
+                let expired = stack
+                    .iter()
+                    .take_while(|i| now.duration_since(i.since) >= self.idle_timeout)
+                    .count();
+                stack.drain(..expired);
+                stack.pop()?
+            };
+            let mut conn = idle.conn;
+            if conn.usable_now() {
+                conn.set_reused();
+                return Some(conn);
+            }
+        }
+    }
+
+    /// Only called with a connection whose response was read to its end (the callers
+    /// check the rest).
+    fn put_idle(&self, conn: Connection) {
+        // Not checked for liveness here: `take_idle` checks every connection it hands out
+        // anyway, and this runs on every response.
+        if self.max_idle == 0 {
+            return;
+        }
+        let mut stack = crate::sync::lock(self.stack());
+        if stack.len() >= self.max_idle {
+            stack.remove(0);
+        }
+        stack.push(Idle {
+            conn,
+            since: Instant::now(),
+        });
+    }
+
+    /// A new connection: TCP (and TLS) under `timeout`, for this endpoint's client. Boxed
+    /// once per connection: it then moves between pool, request and body by pointer.
+    pub async fn connect(&self, timeout: Duration) -> Result<Connection, ConnectError> {
+        let io = self.connect_timed(timeout).await?;
+        Ok(match self.client {
+            UpstreamClient::Rampart => Connection::Rampart(Box::new(Conn::new(io))),
+            UpstreamClient::Hyper => Connection::Hyper(Box::new(HyperConn::new(io).await?)),
+        })
+    }
+
+    /// A new connection's socket (TCP, and TLS) under `timeout`.
+    pub async fn connect_timed(&self, timeout: Duration) -> Result<Io, ConnectError> {
+        tokio::time::timeout(timeout, self.connect_io())
+            .await
+            .map_err(|_| ConnectError::Timeout)?
+    }
+
+    async fn connect_io(&self) -> Result<Io, ConnectError> {
+        let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
+        let _ = tcp.set_nodelay(true);
+        match &self.tls {
+            None => Ok(Io::Plain(tcp)),
+            Some((connector, name)) => {
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(ConnectError::Tls)?;
+                Ok(Io::Tls(Box::new(tls)))
+            }
+        }
+    }
+}
+
+/// Sends the request in `request` on `conn` and waits for the response head. On success
+/// the connection travels on inside the response body. When nothing of the request reached
+/// the upstream, it is put back in `request`. None when `request` was empty.
+///
+/// The request is lent, not passed by value: a future carries its arguments for its whole
+/// life, and this one would otherwise hold a copy of the request.
+pub(crate) async fn exchange(
+    conn: Connection,
+    pool: Arc<EndpointPool>,
+    request: &mut Option<Request<RequestBody>>,
+    forwarded: Option<&Forwarded>,
+) -> Option<Result<Response<PooledBody>, ExchangeError>> {
+    match conn {
+        Connection::Rampart(mut conn) => {
+            let head = client::exchange(&mut conn, request, forwarded).await?;
+            Some(head.map(|head| head.map(|()| PooledBody::new(Inner::Rampart(Some(conn)), pool))))
+        }
+        // Boxed: the reference path's future stays out of every request's.
+        Connection::Hyper(conn) => Box::pin(exchange_hyper(conn, pool, request, forwarded)).await,
+    }
+}
+
+/// For an Upgrade (WebSocket) handshake on `io`, a fresh connection (`connect_timed`) that
+/// never enters the pool, spoken to by hyper's client, which hands the socket over after a
+/// 101.
+pub(crate) async fn exchange_upgrade(
+    io: Io,
+    req: Request<RequestBody>,
+) -> Result<Response<Incoming>, UpgradeError> {
+    let (mut sender, driver) = http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(ConnectError::Handshake)?;
+    tokio::spawn(async move {
+        if let Err(e) = driver.with_upgrades().await {
+            tracing::debug!(error = %e, "upgraded upstream connection ended");
+        }
+    });
+    Ok(sender.send_request(req).await?)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UpgradeError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Exchange(#[from] hyper::Error),
+}
