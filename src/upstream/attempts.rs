@@ -59,6 +59,9 @@ pub(crate) struct Failed {
 }
 
 impl<'a> Attempts<'a> {
+    // Built where the request is (in `pipeline::outgoing`): a call would copy the request
+    // in and the loop out.
+    #[inline(always)]
     pub(crate) fn new(
         upstream: &'a Upstream,
         request: Request<RequestBody>,
@@ -79,6 +82,7 @@ impl<'a> Attempts<'a> {
     }
 
     /// The route's total deadline, which the response body runs under as well.
+    #[inline]
     pub(crate) fn deadline(&self) -> Option<Instant> {
         self.timers.deadline
     }
