@@ -5,18 +5,21 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use serde::{Serialize, Serializer};
+
 use super::Secret;
 
 /// `readiness:`. An open breaker says one route's upstream fails, not that this replica
 /// does: taking every replica out of the Service for it turns a partial outage into a
 /// total one, so it is opt-in.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct ReadinessConfig {
     /// Default `ignore`.
     pub breaker_open: BreakerReadiness,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum BreakerReadiness {
     #[default]
     Ignore,
@@ -25,13 +28,15 @@ pub enum BreakerReadiness {
 }
 
 /// The shutdown sequence (`drain:`), see `shutdown.rs`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DrainConfig {
     /// After the signal, readiness fails but traffic is still accepted this long, while load
     /// balancers converge. Default 5s; 0 allowed; less than `timeout`.
+    #[serde(serialize_with = "super::serialize::duration")]
     pub accept_grace: Duration,
     /// The whole drain, counted from the signal: at this deadline open SSE streams get a
     /// final event and what is left is cut. Default 30s.
+    #[serde(serialize_with = "super::serialize::duration")]
     pub timeout: Duration,
 }
 
@@ -40,7 +45,7 @@ impl DrainConfig {
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AdminConfig {
     /// Default 127.0.0.1:9901.
     pub listen: SocketAddr,
@@ -60,7 +65,7 @@ impl AdminConfig {
         SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 9901);
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LoggingConfig {
     /// A tracing `EnvFilter` directive; default "info".
     pub level: String,
@@ -74,7 +79,8 @@ impl LoggingConfig {
     pub const DEFAULT_LEVEL: &str = "info";
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum LogFormat {
     Text,
     Json,
@@ -106,6 +112,13 @@ impl Cidr {
             }
             _ => false,
         }
+    }
+}
+
+/// Written as the file takes it: `10.0.0.0/8`.
+impl Serialize for Cidr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 

@@ -2,12 +2,15 @@
 
 use std::time::Duration;
 
+use serde::{Serialize, Serializer};
+
 use super::Secret;
 
 /// `alerts:`: rules evaluated in-process, for deployments without a Prometheus server.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AlertsConfig {
     /// How often the rules are evaluated. Default 60s.
+    #[serde(serialize_with = "super::serialize::duration")]
     pub interval: Duration,
     /// Default: [`AlertsConfig::default_rules`].
     pub rules: Vec<AlertRule>,
@@ -37,12 +40,62 @@ pub struct AlertRule {
     pub min_samples: u64,
 }
 
+/// Written as the file takes it: `for`, and the threshold in the signal's unit ("5.0%",
+/// "500ms"), which a derive cannot do (the unit is another field's). The whole struct is
+/// taken apart so that a field added to it does not compile until it is shown here.
+impl Serialize for AlertRule {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Rule<'a> {
+            name: &'a str,
+            signal: Signal,
+            comparison: Comparison,
+            threshold: String,
+            #[serde(serialize_with = "super::serialize::duration")]
+            window: &'a Duration,
+            #[serde(rename = "for", serialize_with = "super::serialize::duration")]
+            for_: &'a Duration,
+            severity: Severity,
+            route: &'a Option<String>,
+            upstream: &'a Option<String>,
+            min_samples: u64,
+        }
+        let AlertRule {
+            name,
+            signal,
+            comparison,
+            threshold,
+            window,
+            for_,
+            severity,
+            route,
+            upstream,
+            min_samples,
+        } = self;
+        Rule {
+            name,
+            signal: *signal,
+            comparison: *comparison,
+            threshold: crate::alert::format_value(*signal, Some(*threshold)),
+            window,
+            for_,
+            severity: *severity,
+            route,
+            upstream,
+            min_samples: *min_samples,
+        }
+        .serialize(s)
+    }
+}
+
 impl AlertRule {
     pub const DEFAULT_WINDOW: Duration = Duration::from_secs(300);
     pub const DEFAULT_MIN_SAMPLES: u64 = 10;
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Serialized as [`Signal::as_str`] spells it (a test holds the two together).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Signal {
     ErrorRate,
     LatencyP95,
@@ -100,11 +153,15 @@ pub enum SignalUnit {
     YesNo,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Comparison {
+    #[serde(rename = ">")]
     Above,
+    #[serde(rename = ">=")]
     AtLeast,
+    #[serde(rename = "<")]
     Below,
+    #[serde(rename = "<=")]
     AtMost,
 }
 
@@ -128,7 +185,8 @@ impl Comparison {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Severity {
     Info,
     Warning,
@@ -145,12 +203,15 @@ impl Severity {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SinkConfig {
+    #[serde(rename = "type")]
     pub kind: SinkKind,
     /// A secret (Slack's URL is the credential): shown by [`sink_url_shown`] only.
+    #[serde(serialize_with = "super::secret::sink_url")]
     pub url: Secret<http::Uri>,
     /// One delivery attempt. Default 5s.
+    #[serde(serialize_with = "super::serialize::duration")]
     pub timeout: Duration,
     /// Attempts in all, with exponential backoff between them. Default 5.
     pub max_attempts: u32,
@@ -161,7 +222,8 @@ impl SinkConfig {
     pub const DEFAULT_ATTEMPTS: u32 = 5;
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SinkKind {
     /// POST of the alert as JSON.
     Webhook,

@@ -2,17 +2,36 @@
 
 use std::time::Duration;
 
+use serde::{Serialize, Serializer};
+
 use super::Secret;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RedisConfig {
+    /// `url` or `sentinel`, beside the other keys as in the file.
+    #[serde(flatten)]
     pub target: RedisTarget,
     /// Hard limit on one call, pool check-out included. Default 50ms.
+    #[serde(serialize_with = "super::serialize::duration")]
     pub timeout: Duration,
     /// Establishing a connection. Default: `timeout`.
+    #[serde(serialize_with = "super::serialize::duration")]
     pub connect_timeout: Duration,
     /// `pool.max_size`, default 16.
+    #[serde(rename = "pool", serialize_with = "pool_max_size")]
     pub pool_max_size: u32,
+}
+
+/// `pool: { max_size: ... }`, as the file nests it.
+fn pool_max_size<S: Serializer>(max_size: &u32, s: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Pool {
+        max_size: u32,
+    }
+    Pool {
+        max_size: *max_size,
+    }
+    .serialize(s)
 }
 
 impl RedisConfig {
@@ -20,9 +39,11 @@ impl RedisConfig {
     pub const DEFAULT_POOL_MAX_SIZE: u32 = 16;
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RedisTarget {
     /// `redis://[:password@]host[:port][/db]`; shown by [`redis_url_shown`] only.
+    #[serde(serialize_with = "super::secret::redis_url")]
     Url(Secret<String>),
     /// The master is asked of the sentinels, and asked again after a fail-over.
     Sentinel {
@@ -33,15 +54,19 @@ pub enum RedisTarget {
 }
 
 /// One named rate-limit policy (`rate_limits.<name>`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RateLimitConfig {
+    /// The key of `rate_limits`, which says it already.
+    #[serde(skip)]
     pub name: String,
     /// Requests allowed per window and key. Default 100.
     pub points: u64,
     /// The window. Default 60s.
+    #[serde(serialize_with = "super::serialize::duration")]
     pub per: Duration,
     /// Once the points are spent, the key is refused this long (at least until the window
     /// ends). Default 60s; None (`off`) = only until the window ends.
+    #[serde(serialize_with = "super::serialize::duration_or_off")]
     pub block_for: Option<Duration>,
     pub key: RateLimitKey,
     pub store: RateLimitStore,
@@ -67,6 +92,17 @@ impl RateLimitKey {
     pub const DEFAULT_IPV6_PREFIX: u8 = 64;
 }
 
+/// Written as the file takes it: `client_ip`, `route+header:x-user-id`.
+impl Serialize for RateLimitKey {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let route = if self.per_route { "route+" } else { "" };
+        match &self.by {
+            KeySource::ClientIp => s.collect_str(&format_args!("{route}client_ip")),
+            KeySource::Header(h) => s.collect_str(&format_args!("{route}header:{h}")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
     ClientIp,
@@ -74,7 +110,8 @@ pub enum KeySource {
     Header(http::HeaderName),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RateLimitStore {
     Redis,
     Memory,

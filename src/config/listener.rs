@@ -4,9 +4,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::Method;
+use serde::{Serialize, Serializer};
 
 /// When a listener stops accepting during a drain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DrainMode {
     /// Stops after `drain.accept_grace` (traffic coming into the pod).
     Inbound,
@@ -15,7 +17,7 @@ pub enum DrainMode {
     Egress,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ListenerConfig {
     pub name: String,
     pub listen: SocketAddr,
@@ -23,6 +25,7 @@ pub struct ListenerConfig {
     pub max_connections: usize,
     /// Time allowed to send a complete request head, counted from accept for the first one
     /// (nginx's `client_header_timeout`); also the HTTP/1 keep-alive idle timeout. Default 10s.
+    #[serde(serialize_with = "super::serialize::duration")]
     pub header_read_timeout: Duration,
     /// Bytes of request head (HTTP/1 read buffer, HTTP/2 header list). Default 64 KiB,
     /// minimum 8 KiB (hyper's floor).
@@ -38,6 +41,7 @@ pub struct ListenerConfig {
     /// only see traffic ports); 503 while draining too. None by default.
     pub health_path: Option<String>,
     /// `normalize_path`, `merge_slashes`, `escaped_slashes`.
+    #[serde(flatten)]
     pub path: PathConfig,
     pub routes: Vec<RouteConfig>,
 }
@@ -50,9 +54,10 @@ impl ListenerConfig {
 }
 
 /// How a listener reads request paths before matching routes (proxy/path.rs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct PathConfig {
     /// Default `Match`.
+    #[serde(rename = "normalize_path")]
     pub normalize: NormalizePath,
     /// Empty segments dropped (`//a` is `/a`). Default true.
     pub merge_slashes: bool,
@@ -71,7 +76,8 @@ impl Default for PathConfig {
 }
 
 /// `normalize_path`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum NormalizePath {
     /// Routes match the path as received.
     Off,
@@ -82,7 +88,8 @@ pub enum NormalizePath {
 }
 
 /// `escaped_slashes`: what an encoded `/` or `\` (`%2F`, `%5C`) in a path gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum EscapedSlashes {
     /// 400: an upstream that decodes it before routing would see other segments than the
     /// ones rampart matched.
@@ -93,7 +100,7 @@ pub enum EscapedSlashes {
     Keep,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Http2Config {
     /// Default 100.
     pub max_concurrent_streams: u32,
@@ -103,6 +110,7 @@ pub struct Http2Config {
     pub max_local_error_reset_streams: usize,
     /// A connection with no open stream for this long gets GOAWAY and is closed, PINGs or not
     /// (Envoy's connection idle timeout). Default 3m, at most 24h.
+    #[serde(serialize_with = "super::serialize::duration")]
     pub idle_timeout: Duration,
 }
 
@@ -142,6 +150,61 @@ pub struct RouteConfig {
     pub upgrades: Vec<String>,
 }
 
+/// Written as the file nests it: the matching keys under `match`, the body limit as
+/// `max_body`. By hand because a derive cannot group fields; the whole struct is taken
+/// apart so that a field added to it does not compile until it is shown (or left out) here.
+impl Serialize for RouteConfig {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Route<'a> {
+            name: &'a str,
+            #[serde(rename = "match")]
+            matching: Match<'a>,
+            upstream: &'a str,
+            timeouts: &'a RouteTimeouts,
+            max_body: u64,
+            rate_limits: &'a [String],
+            upgrades: &'a [String],
+        }
+        #[derive(Serialize)]
+        struct Match<'a> {
+            path_prefix: &'a str,
+            host: Option<&'a str>,
+            methods: Option<Vec<&'a str>>,
+            case_insensitive: bool,
+        }
+        let RouteConfig {
+            name,
+            path_prefix,
+            host,
+            methods,
+            case_insensitive,
+            upstream,
+            timeouts,
+            max_body_bytes,
+            rate_limits,
+            upgrades,
+        } = self;
+        Route {
+            name,
+            matching: Match {
+                path_prefix,
+                host: host.as_deref(),
+                methods: methods
+                    .as_ref()
+                    .map(|m| m.iter().map(Method::as_str).collect()),
+                case_insensitive: *case_insensitive,
+            },
+            upstream,
+            timeouts,
+            max_body: *max_body_bytes,
+            rate_limits,
+            upgrades,
+        }
+        .serialize(s)
+    }
+}
+
 impl RouteConfig {
     pub const DEFAULT_PATH_PREFIX: &str = "/";
     pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
@@ -149,24 +212,38 @@ impl RouteConfig {
     pub const DEFAULT_UPGRADES: &[&str] = &["websocket"];
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RouteTimeouts {
     /// Default: the upstream's `connect_timeout`.
+    #[serde(serialize_with = "super::serialize::duration")]
     pub connect: Duration,
     /// Request body's last byte written -> response headers. Default 30s.
+    #[serde(serialize_with = "super::serialize::duration")]
     pub first_byte: Duration,
     /// Longest silence between chunks of the upstream's body; also the send timeout (no
     /// progress writing to the client). Default 60s.
+    #[serde(serialize_with = "super::serialize::duration")]
     pub idle: Duration,
     /// Whole exchange including the body; off by default (streams run long).
+    #[serde(serialize_with = "super::serialize::duration_or_off")]
     pub total: Option<Duration>,
     /// Longest wait for the next bytes of the request body (nginx's `client_body_timeout`);
     /// also the grace before `min_body_rate` applies. Default 60s, at most 1h.
+    #[serde(serialize_with = "super::serialize::duration")]
     pub body: Duration,
     /// Bytes per second the request body must average once it has taken longer than `body`
     /// (Apache's mod_reqtimeout `MinRate`): the client may take `body` + received / rate in
     /// all. None = off. Default 500 B/s, at most 1 GiB/s.
+    #[serde(serialize_with = "rate_or_off")]
     pub min_body_rate: Option<u64>,
+}
+
+/// "500B/s", or `off`.
+fn rate_or_off<S: Serializer>(rate: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    match rate {
+        Some(n) => s.collect_str(&format_args!("{n}B/s")),
+        None => s.serialize_str("off"),
+    }
 }
 
 impl RouteTimeouts {

@@ -13,6 +13,7 @@ mod limits;
 mod listener;
 mod raw;
 mod secret;
+mod serialize;
 mod summary;
 mod upstream;
 mod validate;
@@ -20,6 +21,8 @@ mod validate;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
+
+use serde::Serialize;
 
 pub use admin::{
     AdminConfig, BreakerReadiness, Cidr, DrainConfig, LogFormat, LoggingConfig, ReadinessConfig,
@@ -47,8 +50,9 @@ pub(crate) use validate::is_loopback;
 pub use validate::postgres_url_for_driver;
 pub use validate::{parse_str, parse_str_checked};
 
-/// The whole validated configuration: an immutable snapshot.
-#[derive(Debug, Clone, PartialEq)]
+/// The whole validated configuration: an immutable snapshot. Serialized, it is
+/// `/admin/config` (`admin/config_json.rs`): each type below says how it is written.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {
     /// File name used in messages (`proxy.yaml`), as given on the command line.
     pub source: String,

@@ -3,21 +3,30 @@
 
 use std::time::Duration;
 
+use serde::{Serialize, Serializer};
+
 use super::UpstreamHealthCheck;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct UpstreamConfig {
+    /// The key of `upstreams`, which says it already.
+    #[serde(skip)]
     pub name: String,
     /// At least one. `http://host:port` (or https), no path.
+    #[serde(serialize_with = "super::serialize::display_all")]
     pub endpoints: Vec<http::Uri>,
     /// Default 5s.
+    #[serde(serialize_with = "super::serialize::duration")]
     pub connect_timeout: Duration,
     pub pool: PoolConfig,
     /// Which HTTP/1.1 client speaks to the endpoints. Default rampart's own.
     pub client: UpstreamClient,
     /// For https endpoints: PEM CA certificates trusted in addition to the system's store
     /// (`tls.ca_file`); None = the system's store only.
+    #[serde(rename = "tls", serialize_with = "super::serialize::tls_ca_file")]
     pub tls_ca_file: Option<std::path::PathBuf>,
+    /// Beside the other keys, as in the file.
+    #[serde(flatten)]
     pub resilience: Resilience,
 }
 
@@ -28,7 +37,7 @@ impl UpstreamConfig {
 /// How an upstream is protected from its failures and from overload (issue: breaking,
 /// retries, shedding, several endpoints). Kept in one struct so the upstream's plain
 /// connection settings above stay short.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Resilience {
     /// Default round_robin.
     pub load_balancing: LoadBalancing,
@@ -44,14 +53,16 @@ pub struct Resilience {
 /// The HTTP/1.1 client of an upstream (`client:`): rampart's own (`proxy::client`), or
 /// hyper's connection client, kept as the differential reference of the wire tests and as a
 /// switch to fall back on in production.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum UpstreamClient {
     #[default]
     Rampart,
     Hyper,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum LoadBalancing {
     RoundRobin,
     /// Power of two choices on requests in flight.
@@ -59,7 +70,8 @@ pub enum LoadBalancing {
 }
 
 /// What one breaker guards (`circuit_breaker.scope`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum BreakerScope {
     /// One breaker per route using the upstream: a failing route does not stop the others.
     #[default]
@@ -77,15 +89,17 @@ impl BreakerScope {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BreakerConfig {
     /// Default route.
     pub scope: BreakerScope,
     /// Consecutive failures that open it. Default 5.
     pub failures: u32,
     /// First open period. Default 60s; doubled (with jitter) each time it re-opens.
+    #[serde(serialize_with = "super::serialize::duration")]
     pub open_for: Duration,
     /// Cap of the doubling. Default 5m.
+    #[serde(serialize_with = "super::serialize::duration")]
     pub max_open_for: Duration,
     /// Successful probes that close it again. Default 2.
     pub half_open_successes: u32,
@@ -99,27 +113,32 @@ pub struct BreakerConfig {
     pub count_backoff: bool,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FailureRate {
     /// Share of failures, 0 < t <= 1. Written as "50%".
+    #[serde(serialize_with = "super::serialize::percent")]
     pub threshold: f64,
+    #[serde(serialize_with = "super::serialize::duration")]
     pub window: Duration,
     /// Fewer calls than this in the window never open it. Default 20.
     pub min_calls: u32,
 }
 
 /// Passive ejection of one endpoint after consecutive failures.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EjectionConfig {
     /// Default 3 (below the breaker's 5: an endpoint is set aside before the upstream is).
     pub consecutive_failures: u32,
     /// Default 10s, doubled for each ejection in a row, up to `max_ejection`.
+    #[serde(serialize_with = "super::serialize::duration")]
     pub base_ejection: Duration,
     /// Default 5m.
+    #[serde(serialize_with = "super::serialize::duration")]
     pub max_ejection: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RetryOn {
     /// The connection could not be made: nothing reached the upstream.
     ConnectError,
@@ -127,16 +146,24 @@ pub enum RetryOn {
     Timeout,
     /// The connection failed after the request was sent.
     Reset,
+    /// Written as the file takes it: "503", a string beside the names.
+    #[serde(untagged, serialize_with = "status_text")]
     Status(u16),
 }
 
-#[derive(Debug, Clone, PartialEq)]
+fn status_text<S: Serializer>(code: &u16, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(code)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RetryConfig {
     /// Attempts in all, the first included. Default 2.
     pub attempts: u32,
     /// Full-jitter exponential backoff. Default 50ms.
+    #[serde(serialize_with = "super::serialize::duration")]
     pub backoff_base: Duration,
     /// Default 1s.
+    #[serde(serialize_with = "super::serialize::duration")]
     pub backoff_max: Duration,
     /// Default [connect_error]: only what provably never reached the upstream.
     pub on: Vec<RetryOn>,
@@ -150,13 +177,15 @@ pub struct RetryConfig {
     /// How long a request that meets connection refused or a connect timeout keeps trying
     /// to connect (nothing reached the upstream: any method), so that a restart shorter
     /// than this costs latency, not errors. Default 5s; None (`off`) = only `attempts`.
+    #[serde(serialize_with = "super::serialize::duration_or_off")]
     pub connect_wait: Option<Duration>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PoolConfig {
     /// Close idle upstream connections after this; default 4s, below Node's 5s keep-alive so
     /// we never reuse a socket the upstream is closing.
+    #[serde(serialize_with = "super::serialize::duration")]
     pub idle_timeout: Duration,
     /// Default 256.
     pub max_idle_per_endpoint: usize,
