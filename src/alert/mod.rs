@@ -100,10 +100,10 @@ impl AlertEvent {
             "severity": self.severity.as_str(),
             "signal": self.signal.as_str(),
             "value": self.value,
-            "value_text": format_value(self.signal, self.value),
+            "value_text": Signal::format_value(self.signal, self.value),
             "comparison": self.comparison.as_str(),
             "threshold": self.threshold,
-            "threshold_text": format_value(self.signal, Some(self.threshold)),
+            "threshold_text": Signal::format_value(self.signal, Some(self.threshold)),
             "window_s": self.window.as_secs(),
             "route": self.route,
             "upstream": self.upstream,
@@ -124,7 +124,7 @@ pub(crate) fn condition(r: &AlertRule) -> String {
         "{} {} {}",
         r.signal.as_str(),
         r.comparison.as_str(),
-        format_value(r.signal, Some(r.threshold))
+        Signal::format_value(r.signal, Some(r.threshold))
     )
 }
 
@@ -134,8 +134,8 @@ pub(crate) fn condition(r: &AlertRule) -> String {
 /// then it reads `resolved: error_rate 12.5% (threshold 5.0%) ...`, claiming no comparison.
 fn summary(r: &AlertRule, change: Change, value: Option<f64>, detail: Option<&str>) -> String {
     let mut s = String::new();
-    let threshold = format_value(r.signal, Some(r.threshold));
-    let shown = format_value(r.signal, value);
+    let threshold = Signal::format_value(r.signal, Some(r.threshold));
+    let shown = Signal::format_value(r.signal, value);
     let signal = r.signal.as_str();
     if r.signal.unit() == SignalUnit::YesNo {
         if change == Change::Resolved {
@@ -171,18 +171,6 @@ fn summary(r: &AlertRule, change: Change, value: Option<f64>, detail: Option<&st
         s.push_str(&format!(": {d}"));
     }
     s
-}
-
-pub(crate) fn format_value(signal: Signal, v: Option<f64>) -> String {
-    let Some(v) = v else {
-        return "no data".into();
-    };
-    match signal.unit() {
-        SignalUnit::Share => format!("{:.1}%", v * 100.0),
-        SignalUnit::Seconds => format!("{:.0}ms", v * 1000.0),
-        SignalUnit::YesNo if v > 0.0 => "yes".into(),
-        SignalUnit::YesNo => "no".into(),
-    }
 }
 
 // === metrics ===
@@ -448,7 +436,7 @@ impl Alerting {
                     "severity": s.rule.severity.as_str(),
                     "state": s.phase.as_str(),
                     "value": value,
-                    "value_text": if s.last.is_some() { format_value(s.rule.signal, value) } else { "not evaluated yet".into() },
+                    "value_text": if s.last.is_some() { Signal::format_value(s.rule.signal, value) } else { "not evaluated yet".into() },
                     "condition": condition(&s.rule),
                     "window_s": s.rule.window.as_secs(),
                     "for_s": s.rule.for_.as_secs(),

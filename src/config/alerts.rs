@@ -76,7 +76,7 @@ impl Serialize for AlertRule {
             name,
             signal: *signal,
             comparison: *comparison,
-            threshold: crate::alert::format_value(*signal, Some(*threshold)),
+            threshold: signal.format_value(Some(*threshold)),
             window,
             for_,
             severity: *severity,
@@ -109,6 +109,20 @@ pub enum Signal {
 }
 
 impl Signal {
+    /// A value of this signal as people read it ("12.5%", "340ms", "yes"), in logs,
+    /// notifications, the admin API and `/admin/config`.
+    pub(crate) fn format_value(self, v: Option<f64>) -> String {
+        let Some(v) = v else {
+            return "no data".into();
+        };
+        match self.unit() {
+            SignalUnit::Share => format!("{:.1}%", v * 100.0),
+            SignalUnit::Seconds => format!("{:.0}ms", v * 1000.0),
+            SignalUnit::YesNo if v > 0.0 => "yes".into(),
+            SignalUnit::YesNo => "no".into(),
+        }
+    }
+
     pub const ALL: [Signal; 9] = [
         Signal::ErrorRate,
         Signal::LatencyP95,
