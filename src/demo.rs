@@ -86,6 +86,7 @@ fn llm(_req: Request<Incoming>) -> Response<DemoBody> {
 }
 
 /// A body fed by a channel: each message goes out as its own frame, when it is sent.
+#[derive(Debug)]
 pub struct ChannelBody(pub tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, Infallible>>);
 
 impl http_body::Body for ChannelBody {

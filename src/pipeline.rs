@@ -44,6 +44,7 @@ use arc_swap::ArcSwap;
 
 /// What the request path reads and writes of the process-wide state: a narrow handle `app`
 /// builds, so nothing below `app` sees the rest of it.
+#[derive(Debug)]
 pub struct Traffic {
     /// The routing table of the current configuration; a reload swaps it.
     pub snapshot: Arc<ArcSwap<Snapshot>>,

@@ -48,6 +48,7 @@ pub enum RedisError {
 }
 
 /// A Lua script called by its SHA1, sent whole only when Redis does not know it.
+#[derive(Debug)]
 pub struct Script {
     source: &'static str,
     sha: String,
@@ -71,6 +72,14 @@ pub struct Redis {
     per_worker: Box<[(ArcSwapOption<Handle>, tokio::sync::Mutex<()>)]>,
     timeout: Duration,
     target: Arc<Target>,
+}
+
+impl std::fmt::Debug for Redis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redis")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Redis {

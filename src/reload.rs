@@ -132,7 +132,7 @@ impl ReloadReport {
 }
 
 /// `rampart_config_reloads_total{result="ok|error"}`.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct ReloadMetrics {
     ok: Counter,
     error: Counter,
@@ -203,6 +203,12 @@ pub fn catch_async<F: Future>(f: F) -> CatchUnwind<F> {
 }
 
 pub struct CatchUnwind<F>(Pin<Box<F>>);
+
+impl<F> std::fmt::Debug for CatchUnwind<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CatchUnwind").finish_non_exhaustive()
+    }
+}
 
 impl<F: Future> Future for CatchUnwind<F> {
     type Output = Result<F::Output, String>;

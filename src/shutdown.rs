@@ -183,6 +183,7 @@ impl InFlight {
     }
 }
 
+#[derive(Debug)]
 pub struct RequestGuard(Arc<Shard>);
 
 impl RequestGuard {
@@ -199,6 +200,7 @@ impl Drop for RequestGuard {
     }
 }
 
+#[derive(Debug)]
 pub struct StreamGuard(Arc<Shard>);
 
 impl StreamGuard {
@@ -217,6 +219,7 @@ impl Drop for StreamGuard {
 
 /// Tasks that run beside the traffic (probes, alert timers, pool maintenance). Each gets a
 /// stop flag; the last step of a drain raises it and waits for them, briefly.
+#[derive(Debug)]
 pub struct Background {
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<(&'static str, JoinHandle<()>)>>,

@@ -64,6 +64,17 @@ pub struct Workers {
     inner: Option<Arc<Inner>>,
 }
 
+impl std::fmt::Debug for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workers")
+            .field(
+                "threads",
+                &self.inner.as_ref().map_or(0, |i| i.handles.len()),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
 struct Inner {
     handles: Vec<Handle>,
     /// Dropped with the last `Workers`: each thread then leaves its runtime and ends.

@@ -10,7 +10,7 @@ use crate::reload::ReloadReport;
 use crate::shutdown::DrainReport;
 
 /// Asks the supervisor for reloads and drains (admin endpoints, signals, tests).
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Control {
     tx: mpsc::Sender<Command>,
 }

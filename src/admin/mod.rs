@@ -29,6 +29,7 @@ use crate::stream::body::ProxyBody;
 pub(crate) use control::Control;
 
 /// What the admin endpoints read and drive: a narrow handle `app` builds.
+#[derive(Debug)]
 pub struct AdminCtx {
     /// What the alert rules read (routing table, health, limiters, series, signals).
     pub inputs: AlertInputs,

@@ -187,7 +187,7 @@ struct NotificationLabels {
     result: &'static str,
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone, Default, Debug)]
 pub struct AlertMetrics {
     firing: Family<AlertLabels, Gauge>,
     notifications: Family<NotificationLabels, Counter>,
@@ -233,7 +233,7 @@ struct Inner {
 }
 
 /// What the rules read of the process-wide state: a narrow handle `app` builds.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct AlertInputs {
     pub snapshot: Arc<ArcSwap<Snapshot>>,
     pub health: Arc<Health>,
@@ -279,6 +279,14 @@ pub struct Alerting {
     metrics: AlertMetrics,
     /// Names this process in notifications.
     instance: String,
+}
+
+impl std::fmt::Debug for Alerting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Alerting")
+            .field("instance", &self.instance)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Alerting {

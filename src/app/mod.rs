@@ -58,6 +58,7 @@ pub enum RunError {
 const BACKGROUND_STOP: Duration = Duration::from_secs(2);
 
 /// A started proxy. Dropping it does not stop it; call `shutdown` or `drain`.
+#[derive(Debug)]
 pub struct Running {
     pub(crate) shared: Arc<Shared>,
     /// The admin listener's address at start (a reload may move it).

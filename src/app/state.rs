@@ -23,6 +23,7 @@ use crate::upstream::resilience::UpstreamStates;
 /// State shared by every listener and the admin endpoints. It outlives every snapshot:
 /// state kept by name (limiters, breakers, endpoint health, caches) lives here, not in the
 /// `Snapshot`, so a reload keeps it for the names that still exist (see `keyed_state`).
+#[derive(Debug)]
 pub struct Shared {
     pub snapshot: Arc<ArcSwap<Snapshot>>,
     /// Frozen after start-up; `/metrics` encodes it.
@@ -53,6 +54,7 @@ pub struct Shared {
 }
 
 /// What `Shared` is made of; `app` builds the parts in the order their metrics register.
+#[derive(Debug)]
 pub struct Parts {
     pub snapshot: Arc<ArcSwap<Snapshot>>,
     pub registry: prometheus_client::registry::Registry,

@@ -54,7 +54,7 @@ const JITTER: f64 = 0.1;
 
 type CheckLabels = Vec<(&'static str, String)>;
 
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct HealthMetrics {
     status: Family<CheckLabels, Gauge>,
     overall: Gauge,
@@ -169,8 +169,18 @@ pub struct Health {
     me: Weak<Health>,
 }
 
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Health")
+            .field("started", &self.started)
+            .field("stopped", &self.stopped)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What the checks and the probe endpoints read of the process-wide state: a narrow
 /// handle `app` builds.
+#[derive(Debug)]
 pub struct HealthInputs {
     pub snapshot: Arc<ArcSwap<Snapshot>>,
     /// Set when a drain starts: `/readyz` answers 503.

@@ -102,6 +102,7 @@ pub(super) fn new_slot() -> Slot {
 
 /// One named check (`postgres`, `redis`, `memory`, `upstream:<name>`) and its cached
 /// results: one slot, or one per endpoint for an upstream.
+#[derive(Debug)]
 pub struct Check {
     pub name: String,
     pub critical: bool,

@@ -122,6 +122,14 @@ pub struct HttpMetrics {
     tunnel_bytes: Family<TunnelBytesLabels, Counter>,
 }
 
+impl std::fmt::Debug for HttpMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpMetrics")
+            .field("draining", &self.draining)
+            .finish_non_exhaustive()
+    }
+}
+
 impl HttpMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = HttpMetrics {
@@ -298,6 +306,14 @@ pub struct RouteMetrics {
     upstream_errors: Option<UpstreamErrors>,
 }
 
+impl std::fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteMetrics")
+            .field("labels", &self.labels)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Default)]
 struct RouteCells {
     /// [method][status class], created on first use.
@@ -454,6 +470,7 @@ impl RouteMetrics {
 }
 
 /// One open tunnel's handles: active until dropped.
+#[derive(Debug)]
 pub struct TunnelMetrics {
     active: Gauge,
     /// Bytes read from the client (and written to the upstream).
@@ -586,7 +603,7 @@ impl UpstreamErrorKind {
 
 /// One upstream's error counters, one per kind. `Default`: counters nobody exports (an
 /// `Upstream` built only to be probed by the health checks).
-#[derive(Clone, Default)]
+#[derive(Clone, Default, Debug)]
 pub struct UpstreamErrors([Counter; 6]);
 
 impl UpstreamErrors {

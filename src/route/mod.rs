@@ -23,6 +23,7 @@ use crate::path::{self, PathError};
 use crate::upstream::forward::Upstream;
 use crate::upstream::resilience::RouteBreaker;
 
+#[derive(Debug)]
 pub struct Route {
     pub name: Arc<str>,
     pub path_prefix: String,

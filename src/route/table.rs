@@ -14,6 +14,7 @@ use crate::upstream::resilience::UpstreamStates;
 
 /// Everything the request path reads from one configuration, immutable. A reload builds a
 /// new one and swaps it in; requests in flight finish on the one they started with.
+#[derive(Debug)]
 pub struct Snapshot {
     pub listeners: HashMap<String, ListenerRoutes>,
     pub upstreams: HashMap<String, Arc<Upstream>>,
@@ -90,6 +91,7 @@ impl Snapshot {
     }
 }
 
+#[derive(Debug)]
 pub struct ListenerRoutes {
     pub routes: Vec<Route>,
     /// How request paths are read before matching (`normalize_path` and friends).

@@ -27,12 +27,14 @@ use crate::upstream::pool::{self, ConnectError, EndpointPool, PooledBody, Upgrad
 use crate::upstream::resilience::{EndpointState, UpstreamState, UpstreamStates};
 use crate::upstream::retry::Failure;
 
+#[derive(Debug)]
 pub struct Endpoint {
     pub pool: Arc<EndpointPool>,
     /// In flight and health: outlives the snapshot (keyed by URL).
     pub state: Arc<EndpointState>,
 }
 
+#[derive(Debug)]
 pub struct Upstream {
     pub name: String,
     pub endpoints: Vec<Endpoint>,

@@ -26,7 +26,7 @@ use crate::upstream::retry::{Budget, ConnectGate};
 
 type Labels = Vec<(&'static str, String)>;
 
-#[derive(Clone, Default)]
+#[derive(Clone, Default, Debug)]
 pub struct UpstreamMetrics {
     breaker_state: Family<Labels, Gauge>,
     breaker_transitions: Family<Labels, Counter>,
@@ -92,6 +92,7 @@ impl UpstreamMetrics {
     }
 }
 
+#[derive(Debug)]
 pub struct EndpointState {
     pub url: String,
     pub in_flight: AtomicUsize,
@@ -105,6 +106,7 @@ pub struct EndpointState {
     pub connect_gate: ConnectGate,
 }
 
+#[derive(Debug)]
 pub struct UpstreamState {
     pub name: String,
     /// By route name ("" for the shared breaker of `scope: upstream`). Weak: the routes of
@@ -261,6 +263,7 @@ impl UpstreamState {
 }
 
 /// The registry of upstream state, keyed by name; lives in `Shared`, outside snapshots.
+#[derive(Debug)]
 pub struct UpstreamStates {
     map: Mutex<HashMap<String, Arc<UpstreamState>>>,
     pub metrics: UpstreamMetrics,
@@ -346,6 +349,7 @@ impl Drop for InFlight {
 }
 
 /// One breaker: a route's, or the one the routes of an upstream share.
+#[derive(Debug)]
 pub struct RouteBreaker {
     pub upstream: String,
     /// None: shared by every route of the upstream (`scope: upstream`).

@@ -87,6 +87,14 @@ pub struct RedisStore {
     metrics: Metrics,
 }
 
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("redis", &self.redis)
+            .finish_non_exhaustive()
+    }
+}
+
 impl RedisStore {
     pub fn new(redis: Redis, metrics: Metrics) -> RedisStore {
         use std::hash::{BuildHasher, RandomState};

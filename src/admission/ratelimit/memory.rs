@@ -87,6 +87,15 @@ pub struct Table {
     max_per_shard: usize,
 }
 
+impl std::fmt::Debug for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table")
+            .field("shards", &self.shards.len())
+            .field("max_per_shard", &self.max_per_shard)
+            .finish_non_exhaustive()
+    }
+}
+
 struct Shard {
     map: HashMap<Box<str>, Entry>,
     next_sweep: Option<Instant>,

@@ -106,7 +106,7 @@ struct ErrorLabels {
 }
 
 /// `rampart_ratelimit_*`. Labels: policy names from the config, small enums.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Metrics {
     decisions: Family<DecisionLabels, Counter>,
     transitions: Family<TransitionLabels, Counter>,
@@ -242,6 +242,19 @@ pub struct Policy {
     counters: DecisionCounters,
 }
 
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy")
+            .field("name", &self.name)
+            .field("limits", &self.limits)
+            .field("fallback_limits", &self.fallback_limits)
+            .field("per_route", &self.per_route)
+            .field("by", &self.by)
+            .field("ipv6_prefix", &self.ipv6_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
 enum Store {
     Memory(Arc<Table>),
     Redis {
@@ -255,6 +268,12 @@ pub struct Registry {
     metrics: Metrics,
     states: Mutex<HashMap<String, Arc<PolicyState>>>,
     redis: Mutex<Option<(RedisConfig, Arc<RedisStore>)>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
 }
 
 impl Registry {

@@ -30,6 +30,17 @@ pub struct Conn {
     pub reused: bool,
 }
 
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("io", &self.io)
+            .field("written", &self.written)
+            .field("keep_alive", &self.keep_alive)
+            .field("reused", &self.reused)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Conn {
     pub fn new(io: Io) -> Self {
         Conn {

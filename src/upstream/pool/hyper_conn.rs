@@ -151,6 +151,15 @@ pub struct HyperConn {
     progress: Arc<Progress>,
 }
 
+impl std::fmt::Debug for HyperConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HyperConn")
+            .field("finished", &self.finished)
+            .field("reused", &self.reused)
+            .finish_non_exhaustive()
+    }
+}
+
 impl HyperConn {
     pub(super) async fn new(io: Io) -> Result<HyperConn, ConnectError> {
         let progress = Arc::new(Progress::default());

@@ -52,6 +52,7 @@ use hyper_conn::{HyperConn, exchange_hyper};
 pub(crate) use body::PooledBody;
 
 /// A plain or TLS upstream socket.
+#[derive(Debug)]
 pub enum Io {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
@@ -128,6 +129,7 @@ pub enum ConnectError {
 }
 
 /// An upstream connection, spoken to by one of the two clients.
+#[derive(Debug)]
 pub enum Connection {
     Rampart(Box<Conn>),
     Hyper(Box<HyperConn>),
@@ -176,6 +178,18 @@ pub struct EndpointPool {
     idle: Box<[Mutex<Vec<Idle>>]>,
     idle_timeout: Duration,
     max_idle: usize,
+}
+
+impl std::fmt::Debug for EndpointPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointPool")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls.is_some())
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_idle", &self.max_idle)
+            .finish_non_exhaustive()
+    }
 }
 
 impl EndpointPool {
