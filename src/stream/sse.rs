@@ -96,7 +96,8 @@ impl Default for Scanner {
 
 impl Scanner {
     /// A scanner for a stream from its first byte, counting events with one of
-    /// `error_names` as errors (an event without an `event` field is named `message`).
+    /// `error_names` as errors (an event without an `event` field is named `message`; a
+    /// name longer than 64 bytes is never matched).
     pub(crate) fn new<S: AsRef<str>>(error_names: &[S]) -> Scanner {
         Scanner {
             error_names: error_names
