@@ -447,3 +447,58 @@ pub fn config(data: &[u8]) {
         }
     }
 }
+
+/// The event-stream scanner (`stream::sse`) on any bytes. The first byte picks the size of
+/// the chunks (bits 0-2) and the error names (bits 3-4); the rest is the stream. Fed whole,
+/// in chunks and byte by byte, the counts and the final state agree, and each chunk's
+/// boundary is the last offset in it that the byte-by-byte feed found between events.
+pub fn sse(data: &[u8]) {
+    use crate::stream::sse::{Scan, Scanner};
+    let Some((&pick, stream)) = data.split_first() else {
+        return;
+    };
+    let step = [1, 2, 3, 5, 7, 64, 1000, usize::MAX][usize::from(pick & 7)];
+    let lists: [&[&str]; 4] = [&["error"], &["error", "fail"], &["message"], &[]];
+    let which = usize::from(pick >> 3 & 3);
+    let new = || match which {
+        0 => Scanner::default(),
+        _ => Scanner::new(lists[which]),
+    };
+    let add = |totals: &mut [usize; 3], scan: Scan| {
+        assert!(scan.errors <= scan.events, "{scan:?}");
+        totals[0] += scan.events;
+        totals[1] += scan.errors;
+        totals[2] += scan.comments;
+    };
+
+    let mut s = new();
+    let mut totals = [0; 3];
+    let mut boundaries = Vec::new();
+    for (i, b) in stream.iter().enumerate() {
+        let scan = s.feed(std::slice::from_ref(b));
+        add(&mut totals, scan);
+        if let Some(at) = scan.boundary {
+            assert!(at == 1 && s.at_boundary(), "{i}: {scan:?}");
+            boundaries.push(i + 1);
+        }
+    }
+    let byte_by_byte = (totals, s.at_boundary());
+
+    for step in [step, usize::MAX] {
+        let mut s = new();
+        let mut totals = [0; 3];
+        let mut from = 0;
+        for part in stream.chunks(step.min(stream.len()).max(1)) {
+            let scan = s.feed(part);
+            add(&mut totals, scan);
+            let to = from + part.len();
+            let last = boundaries[..boundaries.partition_point(|&p| p <= to)]
+                .last()
+                .filter(|&&p| p > from)
+                .map(|p| p - from);
+            assert_eq!(scan.boundary, last, "chunk {from}..{to}, every {step}");
+            from = to;
+        }
+        assert_eq!((totals, s.at_boundary()), byte_by_byte, "every {step}");
+    }
+}

@@ -3,5 +3,6 @@
 
 pub(crate) mod body;
 pub(crate) mod finale;
+pub(crate) mod sse;
 pub(crate) mod tail;
 pub(crate) mod upgrade;

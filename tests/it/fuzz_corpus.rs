@@ -16,6 +16,7 @@ const TARGETS: &[(&str, Entry)] = &[
     ("response_head", rampart::fuzz::response_head),
     ("response_body", rampart::fuzz::response_body),
     ("config", rampart::fuzz::config),
+    ("sse", rampart::fuzz::sse),
 ];
 
 #[test]
