@@ -1186,7 +1186,27 @@ async fn drill_database_switchover() {
         from_stop < interval * 2 + Duration::from_secs(1),
         format!("the new primary seen {from_stop:?} after the old one stopped"),
     );
-    c.no_worse(&rows.0, &rows.1);
+    // The application answers 500 to a request that reaches its database in the switch
+    // window (about 100 ms here), in either mode: whether one of the ~370 requests of a mode
+    // lands in it is chance (an earlier run: 1 direct, 0 through rampart; CI once: 0 and 1).
+    // What rampart must not add is a failure of its own: every failure through it must be
+    // the application's own 500, and their number within 1% of the other mode's.
+    let own: Vec<String> = r
+        .iter()
+        .filter(|o| !(o.ok() || (o.status == Some(500) && o.code.is_empty())))
+        .map(|o| format!("{:?} {} {}", o.status, o.code, o.message))
+        .collect();
+    c.check(
+        own.is_empty(),
+        format!("failures made by rampart, not the application: {own:?}"),
+    );
+    let slack = rows.1.sent.div_ceil(100);
+    c.no_worse_but(
+        &rows.0,
+        &rows.1,
+        slack,
+        "the application's own 500s in the switch-over window, 1% of the requests",
+    );
     c.finish();
 }
 
