@@ -34,7 +34,7 @@ use crate::shutdown::ConnClosing;
 use crate::stream::body::ProxyBody;
 use crate::stream::tail::{Observed, Tail};
 use crate::stream::upgrade::{self, ClientUpgrade};
-use crate::upstream::attempts::{Attempts, error_kind};
+use crate::upstream::attempts::{Attempts, error_kind, no_endpoints};
 use crate::upstream::breaker::{Admit, Outcome};
 use crate::upstream::forward::{self, Upstream};
 use crate::upstream::resilience::UpstreamStates;
@@ -680,10 +680,6 @@ async fn send(
             Err(failed.error)
         }
     }
-}
-
-fn no_endpoints(upstream: &Upstream) -> ProxyError {
-    crate::upstream::attempts::no_endpoints(upstream)
 }
 
 fn shed(metrics: &UpstreamMetrics, scope: &'static str, name: &str) {
