@@ -13,7 +13,6 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use http_body::Body;
 use http_body_util::BodyExt;
-use std::time::Duration;
 
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -32,6 +31,7 @@ use crate::route::headers::{self, X_REQUEST_ID};
 use crate::route::{ListenerRoutes, Snapshot};
 use crate::shutdown::ConnClosing;
 use crate::stream::body::ProxyBody;
+use crate::stream::events::{EventStream, is_event_stream};
 use crate::stream::tail::{Observed, Tail};
 use crate::stream::upgrade::{self, ClientUpgrade};
 use crate::upstream::attempts::{Attempts, error_kind, no_endpoints};
@@ -124,7 +124,9 @@ pub(crate) async fn handle(
             start,
         };
         match begin(&env, listener, req, &mut tail) {
-            Ok(Step::Send(mut attempts, idle)) => send(&env, &mut attempts, idle, &mut tail).await,
+            Ok(Step::Send(mut attempts, route)) => {
+                send(&env, &mut attempts, route, &mut tail).await
+            }
             Ok(step) => {
                 // Behind a vtable as well as boxed: its code stays out of the poll function
                 // every request runs (the compiler would otherwise inline it there).
@@ -212,7 +214,7 @@ enum Step<'a> {
         timers: forward::Timers,
     },
     /// Ready for the retry loop: the hot path.
-    Send(Attempts<'a>, Duration),
+    Send(Attempts<'a>, &'a Route),
 }
 
 /// Admission (draining, listener shedding), framing, route; then on through `after_route`
@@ -414,7 +416,6 @@ fn outgoing<'a>(
 ) -> Step<'a> {
     let upstream = &*route.upstream;
     let deadline = route.timeouts.total.map(|t| env.start + t);
-    let idle = route.timeouts.idle;
 
     // Headers for the upstream.
     let original_host = match parts.uri.authority() {
@@ -485,7 +486,7 @@ fn outgoing<'a>(
             template,
             timers,
         ),
-        idle,
+        route,
     )
 }
 
@@ -549,7 +550,7 @@ async fn slow(
             } => {
                 return upgrade(env, route, parts, body, *client_upgrade, timers, tail).await;
             }
-            Step::Send(mut attempts, idle) => return send(env, &mut attempts, idle, tail).await,
+            Step::Send(mut attempts, route) => return send(env, &mut attempts, route, tail).await,
         };
     }
 }
@@ -654,7 +655,7 @@ async fn upgrade(
 async fn send(
     env: &Env<'_>,
     attempts: &mut Attempts<'_>,
-    idle: Duration,
+    route: &Route,
     tail: &mut Tail,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     match attempts.run().await {
@@ -670,8 +671,18 @@ async fn send(
             // Stream back, frame by frame.
             let (mut parts, body) = answer.response.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers, false);
-            let body = TimedBody::new(body, idle, attempts.deadline(), None);
-            Ok(Response::from_parts(parts, ProxyBody::upstream(body)))
+            let body = TimedBody::new(body, route.timeouts.idle, attempts.deadline(), None);
+            let body = if is_event_stream(parts.status, &parts.headers) {
+                ProxyBody::events(EventStream::new(
+                    body,
+                    route.stream.clone(),
+                    env.request_id.clone(),
+                    route.metrics.clone(),
+                ))
+            } else {
+                ProxyBody::upstream(body)
+            };
+            Ok(Response::from_parts(parts, body))
         }
         Err(failed) => {
             if let (Some(t), Some(v)) = (tail.ticket.as_mut(), failed.verdict) {

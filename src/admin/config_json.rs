@@ -48,6 +48,7 @@ listeners:
         max_body: 1MiB
         rate_limits: [api, per_user]
         upgrades: [websocket, "foo/2"]
+        stream: { first_event: 2m, between_events: off, max_duration: 30m, heartbeat: 20s, comments_are_activity: true, error_events: [error, failed], partial_event_buffer: 128KiB }
       - upstream: fallback
         timeouts: { min_body_rate: off }
         upgrades: []

@@ -148,6 +148,64 @@ pub struct RouteConfig {
     /// `[websocket]`; empty: no upgrades on this route. Any other upgrade is removed and the
     /// request served as plain HTTP/1.1.
     pub upgrades: Vec<String>,
+    /// Timers and heartbeats for answers that are event streams (`text/event-stream`).
+    pub stream: StreamConfig,
+}
+
+/// A route's `stream:`: applied when an answer is an event stream (a 200
+/// `text/event-stream` without a Content-Length). Each timer ends the stream with a final
+/// `event: error` written between two events, never inside one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StreamConfig {
+    /// Response headers -> first complete event. Default 60s; None = off.
+    #[serde(serialize_with = "super::serialize::duration_or_off")]
+    pub first_event: Option<Duration>,
+    /// Longest silence between complete events. Default 45s; None = off.
+    #[serde(serialize_with = "super::serialize::duration_or_off")]
+    pub between_events: Option<Duration>,
+    /// Whole stream, from its headers. Default 10m; None = off.
+    #[serde(serialize_with = "super::serialize::duration_or_off")]
+    pub max_duration: Option<Duration>,
+    /// A `: keep-alive` comment when the client has had no bytes for this long. Default 15s;
+    /// None = off.
+    #[serde(serialize_with = "super::serialize::duration_or_off")]
+    pub heartbeat: Option<Duration>,
+    /// The upstream's own comment lines reset `between_events`. Default false (a model that
+    /// only sends keep-alives is stalled).
+    pub comments_are_activity: bool,
+    /// Event names that are in-band errors (a failure for the breaker and the metrics,
+    /// though the status was 200). Default `[error]`.
+    pub error_events: Vec<String>,
+    /// Bytes of an unfinished event held back, so that a final event can always be written
+    /// at a boundary; an event larger than this is forwarded as it comes, and a failure in
+    /// its middle then cuts the connection. Default 64 KiB.
+    pub partial_event_buffer: u64,
+}
+
+impl StreamConfig {
+    pub const DEFAULT_FIRST_EVENT: Duration = Duration::from_secs(60);
+    pub const DEFAULT_BETWEEN_EVENTS: Duration = Duration::from_secs(45);
+    pub const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(600);
+    pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
+    pub const DEFAULT_ERROR_EVENTS: &[&str] = &["error"];
+    pub const DEFAULT_PARTIAL_EVENT_BUFFER: u64 = 64 * 1024;
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            first_event: Some(Self::DEFAULT_FIRST_EVENT),
+            between_events: Some(Self::DEFAULT_BETWEEN_EVENTS),
+            max_duration: Some(Self::DEFAULT_MAX_DURATION),
+            heartbeat: Some(Self::DEFAULT_HEARTBEAT),
+            comments_are_activity: false,
+            error_events: Self::DEFAULT_ERROR_EVENTS
+                .iter()
+                .map(|n| (*n).to_owned())
+                .collect(),
+            partial_event_buffer: Self::DEFAULT_PARTIAL_EVENT_BUFFER,
+        }
+    }
 }
 
 /// Written as the file nests it: the matching keys under `match`, the body limit as
@@ -165,6 +223,7 @@ impl Serialize for RouteConfig {
             max_body: u64,
             rate_limits: &'a [String],
             upgrades: &'a [String],
+            stream: &'a StreamConfig,
         }
         #[derive(Serialize)]
         struct Match<'a> {
@@ -184,6 +243,7 @@ impl Serialize for RouteConfig {
             max_body_bytes,
             rate_limits,
             upgrades,
+            stream,
         } = self;
         Route {
             name,
@@ -200,6 +260,7 @@ impl Serialize for RouteConfig {
             max_body: *max_body_bytes,
             rate_limits,
             upgrades,
+            stream,
         }
         .serialize(s)
     }

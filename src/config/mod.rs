@@ -39,7 +39,7 @@ pub use limits::{
 };
 pub use listener::{
     DrainMode, EscapedSlashes, Http2Config, ListenerConfig, NormalizePath, PathConfig, RouteConfig,
-    RouteTimeouts,
+    RouteTimeouts, StreamConfig,
 };
 pub use secret::{REDACTED, Secret, redis_url_shown, sink_url_shown};
 pub use upstream::{

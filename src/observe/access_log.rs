@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::body::BodyError;
+use crate::observe::http::StreamEnd;
 
 /// How an exchange ended, as one word for grepping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +35,8 @@ pub(crate) enum Outcome {
     UpstreamClosed,
     /// Answered by rampart itself with this error code.
     Local(&'static str),
+    /// An event stream rampart ended with a final event, or that carried an in-band error.
+    Stream(StreamEnd),
 }
 
 impl Outcome {
@@ -50,6 +53,16 @@ impl Outcome {
             Outcome::ClientClosed => "client_closed",
             Outcome::UpstreamClosed => "upstream_closed",
             Outcome::Local(code) => code,
+            Outcome::Stream(how) => match how {
+                StreamEnd::FirstEventTimeout => "stream_first_event_timeout",
+                StreamEnd::Stalled => "stream_stalled",
+                StreamEnd::MaxDuration => "stream_max_duration",
+                StreamEnd::UpstreamError => "upstream_reset",
+                StreamEnd::InBandError => "stream_in_band_error",
+                StreamEnd::Drain => "drained",
+                StreamEnd::ClientGone => "client_aborted",
+                StreamEnd::Complete => "ok",
+            },
         }
     }
 }
@@ -83,6 +96,13 @@ impl AccessRecord {
         // Idempotent: a body may report its end twice (last frame, then None).
         if self.outcome == Outcome::Streaming {
             self.outcome = Outcome::Ok;
+        }
+    }
+
+    /// How an event stream ended, when that says more than `ok` (see `Tail::on_stream_end`).
+    pub(crate) fn stream_ended(&mut self, how: StreamEnd) {
+        if matches!(self.outcome, Outcome::Streaming | Outcome::Ok) {
+            self.outcome = Outcome::Stream(how);
         }
     }
 

@@ -27,6 +27,11 @@ pub(crate) const STREAM_TTFB_BUCKETS: &[f64] =
 /// Whole event streams: LLM answers run for minutes.
 pub(crate) const STREAM_DURATION_BUCKETS: &[f64] =
     &[0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 180.0, 300.0, 600.0];
+/// Silence between events of a stream: tokens come every few ms, a thinking model pauses
+/// for seconds.
+pub(crate) const STREAM_GAP_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 
 #[derive(Debug)]
 struct Inner {
@@ -87,6 +92,10 @@ impl DurationHistogram {
 
     pub fn stream_duration() -> Self {
         Self::new(STREAM_DURATION_BUCKETS)
+    }
+
+    pub fn stream_gap() -> Self {
+        Self::new(STREAM_GAP_BUCKETS)
     }
 
     pub fn bounds(&self) -> &'static [f64] {

@@ -21,6 +21,7 @@ use prometheus_client::metrics::counter::Counter;
 use super::sharded::ShardedCounter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use super::histogram::{DurationHistogram, HistogramSnapshot};
@@ -85,6 +86,64 @@ struct StreamLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StreamEndLabels {
+    listener: String,
+    route: String,
+    reason: &'static str,
+}
+
+/// How an event stream ended (`rampart_http_streams_ended_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamEnd {
+    /// The upstream ended it.
+    Complete,
+    /// The client left (or was cut for taking no data) first.
+    ClientGone,
+    FirstEventTimeout,
+    /// `between_events`, or the route's `idle`, passed without an event.
+    Stalled,
+    /// `max_duration`, or the route's `total`.
+    MaxDuration,
+    /// Ended with a final event at the drain deadline.
+    Drain,
+    /// The upstream's body failed (reset, bad chunk).
+    UpstreamError,
+    /// The upstream ended it after an in-band error event.
+    InBandError,
+}
+
+impl StreamEnd {
+    const ALL: [StreamEnd; 8] = [
+        StreamEnd::Complete,
+        StreamEnd::ClientGone,
+        StreamEnd::FirstEventTimeout,
+        StreamEnd::Stalled,
+        StreamEnd::MaxDuration,
+        StreamEnd::Drain,
+        StreamEnd::UpstreamError,
+        StreamEnd::InBandError,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            StreamEnd::Complete => "complete",
+            StreamEnd::ClientGone => "client_gone",
+            StreamEnd::FirstEventTimeout => "first_event_timeout",
+            StreamEnd::Stalled => "stalled",
+            StreamEnd::MaxDuration => "max_duration",
+            StreamEnd::Drain => "drain",
+            StreamEnd::UpstreamError => "upstream_error",
+            StreamEnd::InBandError => "in_band_error",
+        }
+    }
+}
+
+/// Events in one stream: one token each, from a short answer to a long one.
+fn events_histogram() -> Histogram {
+    Histogram::new([1.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0])
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TunnelLabels {
     listener: String,
     route: String,
@@ -108,6 +167,11 @@ pub struct HttpMetrics {
     stream_ttfb: HistogramFamily,
     stream_duration: HistogramFamily,
     streams_active: Family<StreamLabels, Gauge>,
+    stream_first_event: HistogramFamily,
+    stream_gap: HistogramFamily,
+    stream_events: Family<StreamLabels, Histogram, fn() -> Histogram>,
+    streams_ended: Family<StreamEndLabels, Counter>,
+    stream_heartbeats: Family<StreamLabels, Counter>,
     bytes_in: Family<RouteLabels, ShardedCounter>,
     bytes_out: Family<RouteLabels, ShardedCounter>,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
@@ -138,6 +202,11 @@ impl HttpMetrics {
             stream_ttfb: Family::new_with_constructor(DurationHistogram::stream_ttfb),
             stream_duration: Family::new_with_constructor(DurationHistogram::stream_duration),
             streams_active: Family::default(),
+            stream_first_event: Family::new_with_constructor(DurationHistogram::stream_ttfb),
+            stream_gap: Family::new_with_constructor(DurationHistogram::stream_gap),
+            stream_events: Family::new_with_constructor(events_histogram),
+            streams_ended: Family::default(),
+            stream_heartbeats: Family::default(),
             bytes_in: Family::default(),
             bytes_out: Family::default(),
             upstream_errors: Family::default(),
@@ -175,6 +244,31 @@ impl HttpMetrics {
             "http_streams_active",
             "Event streams open now",
             m.streams_active.clone(),
+        );
+        registry.register(
+            "http_stream_first_event_seconds",
+            "Event streams: time from the response headers to the first complete event",
+            m.stream_first_event.clone(),
+        );
+        registry.register(
+            "http_stream_event_gap_seconds",
+            "Event streams: silence before each event (events read together count 0)",
+            m.stream_gap.clone(),
+        );
+        registry.register(
+            "http_stream_events",
+            "Event streams: complete events per stream",
+            m.stream_events.clone(),
+        );
+        registry.register(
+            "http_streams_ended",
+            "Event streams by how they ended: complete, client_gone, first_event_timeout, stalled, max_duration, drain, upstream_error, in_band_error",
+            m.streams_ended.clone(),
+        );
+        registry.register(
+            "http_stream_heartbeats",
+            "Keep-alive comments rampart wrote into quiet event streams",
+            m.stream_heartbeats.clone(),
         );
         registry.register(
             "http_request_bytes",
@@ -334,6 +428,12 @@ struct StreamHandles {
     ttfb: DurationHistogram,
     duration: DurationHistogram,
     active: Gauge,
+    first_event: DurationHistogram,
+    gap: DurationHistogram,
+    events: Histogram,
+    /// By `StreamEnd::ALL`'s order.
+    ended: [Counter; 8],
+    heartbeats: Counter,
 }
 
 impl RouteMetrics {
@@ -356,16 +456,27 @@ impl RouteMetrics {
     fn streams(&self) -> &StreamHandles {
         self.cells.streams.get_or_init(|| {
             let f = &self.families;
+            let stream_labels = StreamLabels {
+                listener: self.labels.listener.clone(),
+                route: self.labels.route.clone(),
+            };
             StreamHandles {
                 ttfb: f.stream_ttfb.get_or_create(&self.labels).clone(),
                 duration: f.stream_duration.get_or_create(&self.labels).clone(),
-                active: f
-                    .streams_active
-                    .get_or_create(&StreamLabels {
-                        listener: self.labels.listener.clone(),
-                        route: self.labels.route.clone(),
-                    })
-                    .clone(),
+                active: f.streams_active.get_or_create(&stream_labels).clone(),
+                first_event: f.stream_first_event.get_or_create(&self.labels).clone(),
+                gap: f.stream_gap.get_or_create(&self.labels).clone(),
+                events: f.stream_events.get_or_create(&stream_labels).clone(),
+                ended: StreamEnd::ALL.map(|reason| {
+                    f.streams_ended
+                        .get_or_create(&StreamEndLabels {
+                            listener: self.labels.listener.clone(),
+                            route: self.labels.route.clone(),
+                            reason: reason.as_str(),
+                        })
+                        .clone()
+                }),
+                heartbeats: f.stream_heartbeats.get_or_create(&stream_labels).clone(),
             }
         })
     }
@@ -419,6 +530,37 @@ impl RouteMetrics {
         let s = self.streams();
         s.duration.observe(duration);
         s.active.dec();
+    }
+
+    /// The first complete event of a stream, `after` its response headers.
+    pub(crate) fn stream_first_event(&self, after: Duration) {
+        self.streams().first_event.observe(after);
+    }
+
+    /// `n` events arrived together after `gap` of silence.
+    pub(crate) fn stream_events_arrived(&self, gap: Duration, n: usize) {
+        let s = self.streams();
+        s.gap.observe(gap);
+        for _ in 1..n {
+            s.gap.observe(Duration::ZERO);
+        }
+    }
+
+    pub(crate) fn stream_heartbeat(&self) {
+        self.streams().heartbeats.inc();
+    }
+
+    /// A stream is over: how, and how many events it carried.
+    pub(crate) fn stream_closed(&self, how: StreamEnd, events: u64) {
+        let s = self.streams();
+        s.events.observe(events as f64);
+        if let Some(c) = StreamEnd::ALL
+            .iter()
+            .position(|r| *r == how)
+            .and_then(|i| s.ended.get(i))
+        {
+            c.inc();
+        }
     }
 
     /// A finished exchange: one count, and (unless it was a stream) its duration.

@@ -17,7 +17,9 @@ use std::sync::Arc;
 use http::{Method, Request};
 
 use crate::admission::ratelimit::Policy;
-use crate::config::{EscapedSlashes, NormalizePath, PathConfig, RouteConfig, RouteTimeouts};
+use crate::config::{
+    EscapedSlashes, NormalizePath, PathConfig, RouteConfig, RouteTimeouts, StreamConfig,
+};
 use crate::observe::http::RouteMetrics;
 use crate::path::{self, PathError};
 use crate::upstream::forward::Upstream;
@@ -40,6 +42,8 @@ pub struct Route {
     pub rate_limits: Vec<Arc<Policy>>,
     /// Protocols tunnelled after a 101 (lowercase `Upgrade` tokens; see `stream::upgrade`).
     pub upgrades: Vec<String>,
+    /// Timers for answers that are event streams (`stream::events`).
+    pub stream: Arc<StreamConfig>,
     /// Counters and histograms of this route, made once per snapshot.
     pub metrics: Arc<RouteMetrics>,
 }
@@ -66,6 +70,7 @@ impl Route {
             max_body_bytes: cfg.max_body_bytes,
             rate_limits,
             upgrades: cfg.upgrades.clone(),
+            stream: Arc::new(cfg.stream.clone()),
             metrics,
         }
     }

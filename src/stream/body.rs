@@ -14,6 +14,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use crate::body::{BodyError, TimedBody};
+use crate::stream::events::EventStream;
 use crate::stream::tail::Tail;
 use crate::upstream::pool::PooledBody;
 
@@ -22,6 +23,8 @@ enum Kind {
     Upstream(TimedBody<PooledBody>),
     /// An upstream body on a connection that is not pooled (a declined upgrade).
     Direct(TimedBody<Incoming>),
+    /// An upstream's event stream under the route's stream timers.
+    Events(Box<EventStream<TimedBody<PooledBody>>>),
     /// Under a send-timeout watchdog (HTTP/2, see `watch_sends`): shared with it.
     Watched(Box<Watched>),
 }
@@ -74,6 +77,10 @@ impl ProxyBody {
         ProxyBody::with_kind(Kind::Upstream(body))
     }
 
+    pub(crate) fn events(stream: EventStream<TimedBody<PooledBody>>) -> Self {
+        ProxyBody::with_kind(Kind::Events(Box::new(stream)))
+    }
+
     pub(crate) fn direct(body: TimedBody<Incoming>) -> Self {
         ProxyBody::with_kind(Kind::Direct(body))
     }
@@ -87,13 +94,17 @@ impl ProxyBody {
     /// log says `drained`, not `client_aborted`.
     pub(crate) fn mark_drained(&mut self) {
         let mut shared;
-        let tail = match &self.kind {
+        let (kind, tail) = match &mut self.kind {
             Kind::Watched(w) => {
                 shared = w.lock();
-                &mut shared.tail
+                let ex = &mut *shared;
+                (&mut ex.kind, &mut ex.tail)
             }
-            _ => &mut self.tail,
+            kind => (kind, &mut self.tail),
         };
+        if let Kind::Events(s) = kind {
+            s.drained();
+        }
         if let Some(log) = tail.as_deref_mut().and_then(|t| t.log.as_mut()) {
             log.outcome = crate::observe::access_log::Outcome::Drained;
         }
@@ -105,6 +116,7 @@ impl ProxyBody {
         match &self.kind {
             Kind::Upstream(s) => Some(s.idle()),
             Kind::Direct(s) => Some(s.idle()),
+            Kind::Events(s) => s.inner().map(TimedBody::idle),
             Kind::Full(_) | Kind::Watched(_) => None,
         }
     }
@@ -227,6 +239,7 @@ fn kind_ended(kind: &Kind) -> bool {
         Kind::Full(b) => b.is_none(),
         Kind::Upstream(s) => s.is_end_stream(),
         Kind::Direct(s) => s.is_end_stream(),
+        Kind::Events(s) => s.is_end_stream(),
         Kind::Watched(w) => {
             let ex = w.lock();
             !ex.cut && kind_ended(&ex.kind)
@@ -241,11 +254,14 @@ fn poll_exchange(
     held: &mut Option<Box<dyn Send>>,
     cx: &mut Context<'_>,
 ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    if let Kind::Events(s) = kind {
+        return poll_events(s, tail, held, cx);
+    }
     let polled = match kind {
         Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         Kind::Upstream(s) => Pin::new(s).poll_frame(cx),
         Kind::Direct(s) => Pin::new(s).poll_frame(cx),
-        Kind::Watched(_) => Poll::Ready(None),
+        Kind::Watched(_) | Kind::Events(_) => Poll::Ready(None),
     };
     let ended = kind_ended(kind);
     if let Some(tail) = tail.as_deref_mut() {
@@ -265,6 +281,43 @@ fn poll_exchange(
         }
     }
     if held.is_some() && (ended || matches!(polled, Poll::Ready(Some(Err(_)) | None))) {
+        *held = None;
+    }
+    polled
+}
+
+/// `poll_exchange` for an event stream: the stream tells the tail what it saw (in-band
+/// errors, how it ended), since an early end reaches the client as a final event, not as
+/// an error.
+fn poll_events(
+    s: &mut EventStream<TimedBody<PooledBody>>,
+    tail: &mut Option<Box<Tail>>,
+    held: &mut Option<Box<dyn Send>>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    let polled = s.poll_frame(cx);
+    let news = s.take_news();
+    let failed = matches!(polled, Poll::Ready(Some(Err(_))));
+    if let Some(tail) = tail.as_deref_mut() {
+        if news.in_band_errors > 0 {
+            tail.on_in_band_error();
+        }
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    tail.on_data(d.len());
+                }
+            }
+            Poll::Ready(Some(Err(e))) => tail.on_error(e),
+            _ => {}
+        }
+        if let Some(how) = news.ended
+            && !failed
+        {
+            tail.on_stream_end(how);
+        }
+    }
+    if held.is_some() && (s.is_end_stream() || failed) {
         *held = None;
     }
     polled
@@ -313,6 +366,7 @@ impl Body for ProxyBody {
             Kind::Full(None) => SizeHint::with_exact(0),
             Kind::Upstream(s) => s.size_hint(),
             Kind::Direct(s) => s.size_hint(),
+            Kind::Events(s) => s.size_hint(),
             Kind::Watched(w) => {
                 let ex = w.lock();
                 match &ex.kind {

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{Response, StatusCode, header};
+use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::watch;
 
@@ -67,17 +67,7 @@ pub(crate) fn track(
 /// the head, not on what the body happens to know of its length (a short stream whose
 /// every event was read with the head still counts as a stream).
 pub(crate) fn is_event_stream(resp: &Response<ProxyBody>) -> bool {
-    resp.status() == StatusCode::OK
-        && !resp.headers().contains_key(header::CONTENT_LENGTH)
-        && resp
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| {
-                v.trim_start()
-                    .get(..17)
-                    .is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream"))
-            })
+    crate::stream::events::is_event_stream(resp.status(), resp.headers())
 }
 
 impl Body for TrackedBody {
@@ -193,7 +183,7 @@ pub(crate) fn final_event(retry_ms: u64) -> Bytes {
 
 /// A random delay in `RETRY_MS`; std's per-instance random hash keys are random enough to
 /// spread reconnects, without a dependency.
-fn jitter() -> u64 {
+pub(crate) fn jitter() -> u64 {
     static N: AtomicU64 = AtomicU64::new(0);
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(N.fetch_add(1, Ordering::Relaxed));

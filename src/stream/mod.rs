@@ -2,6 +2,7 @@
 //! (`tail`), the final event a drain writes into an event stream, and upgraded tunnels.
 
 pub(crate) mod body;
+pub(crate) mod events;
 pub(crate) mod finale;
 pub(crate) mod sse;
 pub(crate) mod tail;

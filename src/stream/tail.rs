@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use crate::body::BodyError;
 use crate::observe::access_log::AccessRecord;
-use crate::observe::http::{RouteMetrics, UpstreamErrorKind};
+use crate::observe::http::{RouteMetrics, StreamEnd, UpstreamErrorKind};
 use crate::upstream::breaker::Outcome;
 use crate::upstream::resilience::{BreakerTicket, InFlight};
 
@@ -85,6 +85,52 @@ impl Tail {
         // Silence or a reset in the middle of a stream: the upstream failed.
         if let Some(t) = &mut self.ticket {
             t.report(Outcome::Failure);
+        }
+    }
+}
+
+impl Tail {
+    /// An event stream carried an in-band error event: the upstream failed though it
+    /// answered 200 (the first verdict counts; the stream goes on).
+    pub(crate) fn on_in_band_error(&mut self) {
+        if let Some(t) = &mut self.ticket {
+            t.report(Outcome::Failure);
+        }
+    }
+
+    /// An event stream ended (`stream::events`): early ends reached the client as a final
+    /// event, so the body itself did not fail.
+    pub(crate) fn on_stream_end(&mut self, how: StreamEnd) {
+        let (failure, kind) = match how {
+            StreamEnd::Complete | StreamEnd::InBandError => {
+                self.on_complete();
+                if let (StreamEnd::InBandError, Some(log)) = (how, &mut self.log) {
+                    log.stream_ended(how);
+                }
+                return;
+            }
+            // Told elsewhere (the drain marks the log; a client gone is the tail's drop).
+            StreamEnd::ClientGone | StreamEnd::Drain => return,
+            StreamEnd::FirstEventTimeout | StreamEnd::Stalled => {
+                (true, UpstreamErrorKind::IdleTimeout)
+            }
+            // rampart's own limit on a stream that was still flowing: not the upstream's
+            // failure.
+            StreamEnd::MaxDuration => (false, UpstreamErrorKind::TotalTimeout),
+            StreamEnd::UpstreamError => (true, UpstreamErrorKind::Reset),
+        };
+        if let Some(log) = &mut self.log {
+            log.stream_ended(how);
+        }
+        if let Some(o) = &self.obs {
+            o.route.upstream_error(kind);
+        }
+        if let Some(t) = &mut self.ticket {
+            t.report(if failure {
+                Outcome::Failure
+            } else {
+                Outcome::Ignored
+            });
         }
     }
 }

@@ -481,18 +481,30 @@ async fn failures_after_the_response_started_abort_the_stream() {
     assert!(started.elapsed() < Duration::from_secs(3));
     px.shutdown().await;
 
-    // `total` caps the whole exchange even while data keeps flowing.
+    // `total` caps the whole exchange even while data keeps flowing: a plain body is cut...
     let px = start(&one_route(
         &up.url(),
-        "        timeouts: { total: 500ms }",
+        "        timeouts: { total: 500ms, idle: 10s }",
         "",
     ))
     .await;
-    let resp = send_streaming(&http1(), get(px.addr("main").unwrap(), "/sse?n=20&gap=100")).await;
+    let resp = send_streaming(&http1(), get(px.addr("main").unwrap(), "/stall?after=10")).await;
     let r = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
         .await
         .unwrap();
-    assert!(r.is_err(), "total timeout must cut the stream");
+    assert!(r.is_err(), "total timeout must cut a plain body");
+    // ...and an event stream ends with a final event at a boundary (issue 16).
+    let resp = send_streaming(&http1(), get(px.addr("main").unwrap(), "/sse?n=20&gap=100")).await;
+    let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+        .await
+        .unwrap()
+        .expect("an event stream ends cleanly")
+        .to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains("event: error\ndata: {\"code\":\"STREAM_TIMEOUT\"") && text.ends_with("\n\n"),
+        "{text}"
+    );
     px.shutdown().await;
 }
 

@@ -264,6 +264,7 @@ pub(super) fn route<'a>(
                     .map(|p| (*p).to_owned())
                     .collect()
             }),
+        stream: super::streams::stream(ctx, m.optional("stream")),
     };
     m.finish(ctx);
     (config, name_field.unwrap_or(whole))

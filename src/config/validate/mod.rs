@@ -14,6 +14,7 @@ mod limits;
 mod listeners;
 mod reader;
 mod scalars;
+mod streams;
 #[cfg(test)]
 mod test_support;
 mod upgrades;
@@ -282,7 +283,7 @@ mod tests {
     use crate::config::{
         AdminConfig, AlertsConfig, Cidr, DependenciesConfig, DrainConfig, Http2Config, LogFormat,
         LoggingConfig, PathConfig, PoolConfig, ReadinessConfig, Resilience, RouteConfig,
-        RouteTimeouts, UpstreamClient, UpstreamConfig,
+        RouteTimeouts, StreamConfig, UpstreamClient, UpstreamConfig,
     };
     use http::Method;
     use std::collections::BTreeMap;
@@ -339,6 +340,7 @@ mod tests {
                     max_body_bytes: 10 * 1024 * 1024,
                     rate_limits: vec![],
                     upgrades: vec!["websocket".into()],
+                    stream: StreamConfig::default(),
                 }],
             }],
             upstreams: BTreeMap::from([(
@@ -495,6 +497,7 @@ mod tests {
                         rate_limits: vec![],
                         max_body_bytes: 2_000_000,
                         upgrades: vec!["websocket".into()],
+                        stream: StreamConfig::default(),
                     },
                     RouteConfig {
                         name: "inbound.1".into(),
@@ -515,6 +518,7 @@ mod tests {
                         rate_limits: vec![],
                         max_body_bytes: 1_048_576,
                         upgrades: vec!["websocket".into()],
+                        stream: StreamConfig::default(),
                     },
                 ],
             }],

@@ -1,0 +1,574 @@
+//! Event streams as first-class traffic (issue 16): a stream that stalls, breaks, runs too
+//! long or reports an error in-band ends with a complete final event at an event boundary,
+//! the upstream request is cancelled, the breaker hears of it; heartbeats keep quiet streams
+//! open; a slow reader is never mistaken for a stalled upstream.
+//!
+//! The upstream is a raw TCP peer writing exactly the bytes (and chunks) each test scripts,
+//! so the client's bytes can be compared exactly.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::assert_eventually;
+use crate::support::*;
+
+/// What the scripted upstream does, in order, on every connection.
+#[derive(Clone, Debug)]
+enum Step {
+    /// One chunk with these bytes.
+    Send(&'static [u8]),
+    /// One chunk with the first `k` bytes of these, `k` from the request's `?k=`.
+    Prefix(&'static [u8]),
+    SendOwned(Vec<u8>),
+    Wait(u64),
+    /// The same event every `ms`, `n` times.
+    Every {
+        ms: u64,
+        n: usize,
+    },
+    /// The terminating chunk: a clean end.
+    End,
+    /// A reset (RST).
+    Reset,
+    /// A chunk header that is not hex.
+    BadChunk,
+}
+
+struct SseUpstream {
+    addr: SocketAddr,
+    /// Connections the proxy closed before the script was over (cancelled requests).
+    cancelled: Arc<AtomicUsize>,
+    /// When each connection was closed by the proxy.
+    closed_at: Arc<Mutex<Vec<Instant>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SseUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl SseUpstream {
+    async fn start(script: Vec<Step>) -> SseUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancelled = Arc::new(AtomicUsize::new(0));
+        let closed_at = Arc::new(Mutex::new(Vec::new()));
+        let (c, t) = (cancelled.clone(), closed_at.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = listener.accept().await else {
+                    continue;
+                };
+                tokio::spawn(serve(s, script.clone(), c.clone(), t.clone()));
+            }
+        });
+        SseUpstream {
+            addr,
+            cancelled,
+            closed_at,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+async fn serve(
+    mut s: TcpStream,
+    script: Vec<Step>,
+    cancelled: Arc<AtomicUsize>,
+    closed_at: Arc<Mutex<Vec<Instant>>>,
+) {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let _ = s
+        .write_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+              cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n",
+        )
+        .await;
+    let (mut rd, mut wr) = s.into_split();
+    // The proxy closing its side while the script runs is a cancellation.
+    let watch = {
+        let (cancelled, closed_at) = (cancelled.clone(), closed_at.clone());
+        tokio::spawn(async move {
+            let mut b = [0u8; 64];
+            loop {
+                match rd.read(&mut b).await {
+                    Ok(0) | Err(_) => {
+                        closed_at.lock().unwrap().push(Instant::now());
+                        cancelled.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    Ok(_) => {}
+                }
+            }
+        })
+    };
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let k: usize = head
+        .split_once("?k=")
+        .and_then(|(_, rest)| rest.split(' ').next())
+        .and_then(|k| k.parse().ok())
+        .unwrap_or(0);
+    for step in script {
+        let ok = match step {
+            Step::Send(b) => chunk(&mut wr, b).await,
+            Step::Prefix(b) => chunk(&mut wr, &b[..k.min(b.len())]).await,
+            Step::SendOwned(b) => chunk(&mut wr, &b).await,
+            Step::Wait(ms) => {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                true
+            }
+            Step::Every { ms, n } => {
+                let mut ok = true;
+                for i in 0..n {
+                    ok = ok && chunk(&mut wr, format!("data: tick {i}\n\n").as_bytes()).await;
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                ok
+            }
+            Step::End => {
+                let _ = wr.write_all(b"0\r\n\r\n").await;
+                watch.abort();
+                return;
+            }
+            Step::Reset => {
+                let _ = wr.as_ref().set_zero_linger();
+                watch.abort();
+                drop(wr);
+                return;
+            }
+            Step::BadChunk => {
+                let _ = wr.write_all(b"zz\r\nxx\r\n").await;
+                watch.abort();
+                return;
+            }
+        };
+        if !ok {
+            break;
+        }
+    }
+    // Script over without an end: stay silent (hold the connection) until the proxy closes.
+    let _ = tokio::time::timeout(Duration::from_secs(30), watch).await;
+    drop(wr);
+}
+
+async fn chunk(wr: &mut tokio::net::tcp::OwnedWriteHalf, bytes: &[u8]) -> bool {
+    let mut out = format!("{:x}\r\n", bytes.len()).into_bytes();
+    out.extend_from_slice(bytes);
+    out.extend_from_slice(b"\r\n");
+    wr.write_all(&out).await.is_ok()
+}
+
+fn route(upstream: &SseUpstream, stream: &str) -> String {
+    one_route(
+        &upstream.url(),
+        &format!(
+            "        stream: {stream}\n    \
+             \x20   timeouts: {{ idle: 30s }}"
+        ),
+        "",
+    )
+    .replace(
+        "    connect_timeout: 1s",
+        "    connect_timeout: 1s\n    circuit_breaker: { failures: 2, open_for: 60s }\n    retry: { attempts: 1 }",
+    )
+}
+
+/// The whole body as the client got it, whether it ended cleanly, and how long it took.
+async fn fetch(addr: SocketAddr, request_id: &str) -> (Vec<u8>, bool, Duration) {
+    fetch_path(addr, "/chat", request_id).await
+}
+
+async fn fetch_path(addr: SocketAddr, path: &str, request_id: &str) -> (Vec<u8>, bool, Duration) {
+    let started = Instant::now();
+    let req = http::Request::get(format!("http://{addr}{path}"))
+        .header("x-request-id", request_id)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = send_streaming(&http1(), req).await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut out = Vec::new();
+    let clean = loop {
+        match tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("a frame within 10 s")
+        {
+            None => break true,
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    out.extend_from_slice(d);
+                }
+            }
+            Some(Err(_)) => break false,
+        }
+    };
+    (out, clean, started.elapsed())
+}
+
+/// Splits a received body into what came before rampart's final event, and the final
+/// event's code (checking its exact shape: the request id, a retry in 1-5 s, a blank line).
+fn split_final<'a>(body: &'a [u8], request_id: &str) -> (&'a [u8], String) {
+    let text = std::str::from_utf8(body).expect("utf-8");
+    let at = text
+        .rfind("event: error\ndata: {\"code\":\"")
+        .unwrap_or_else(|| panic!("no final event in {text:?}"));
+    let (before, last) = text.split_at(at);
+    let code_start = "event: error\ndata: {\"code\":\"".len();
+    let code_end = last[code_start..].find('"').unwrap() + code_start;
+    let code = last[code_start..code_end].to_owned();
+    let rest = &last[code_end..];
+    let want_id = format!(",\"request_id\":\"{request_id}\"}}\nretry: ");
+    let id_at = rest
+        .find(&want_id)
+        .unwrap_or_else(|| panic!("final event without the request id: {last:?}"));
+    let retry = &rest[id_at + want_id.len()..];
+    let retry_ms: u64 = retry
+        .strip_suffix("\n\n")
+        .unwrap_or_else(|| panic!("final event not ended by a blank line: {last:?}"))
+        .parse()
+        .unwrap_or_else(|_| panic!("retry is a number: {last:?}"));
+    assert!((1000..5000).contains(&retry_ms), "{last:?}");
+    (&body[..before.len()], code)
+}
+
+fn metric(px: &rampart::app::Running, series: &str) -> f64 {
+    sample(&px.encode_metrics(), series).unwrap_or(0.0)
+}
+
+const ENDED: &str = "rampart_http_streams_ended_total{listener=\"main\",route=\"all\",reason=";
+const BREAKER: &str = "rampart_circuit_breaker_state{upstream=\"up\",route=\"all\"}";
+
+#[tokio::test]
+async fn a_stream_silent_before_its_first_event_ends_with_a_final_event() {
+    let up = SseUpstream::start(vec![]).await;
+    let px = start(&route(&up, "{ first_event: 300ms, heartbeat: off }")).await;
+    let addr = px.addr("main").unwrap();
+    for n in 1..=2 {
+        let (body, clean, took) = fetch(addr, "req-first").await;
+        assert!(clean, "the response ends cleanly");
+        let (before, code) = split_final(&body, "req-first");
+        assert_eq!(before, b"", "nothing before the final event");
+        assert_eq!(code, "STREAM_STALLED");
+        assert!(
+            took >= Duration::from_millis(280) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        // The upstream request is cancelled at the same moment.
+        assert_eventually!(
+            up.cancelled.load(Ordering::SeqCst) == n,
+            "upstream not cancelled"
+        );
+        let closed = *up.closed_at.lock().unwrap().last().unwrap();
+        let now = Instant::now();
+        assert!(
+            now.duration_since(closed) < took,
+            "closed during the stream, not after"
+        );
+    }
+    assert_eq!(
+        metric(&px, &format!("{ENDED}\"first_event_timeout\"}}")),
+        2.0
+    );
+    // Two first-event timeouts: the route's breaker (failures: 2) is open though every
+    // answer was a 200.
+    assert_eq!(metric(&px, BREAKER), 1.0);
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stream_that_stalls_mid_event_gets_only_whole_events_then_the_final_event() {
+    let up = SseUpstream::start(vec![
+        Step::Send(b"id: 1\ndata: one\n\n"),
+        Step::Send(b"data: two\r\n\r\n: a comment\n"),
+        // Half an event, then silence.
+        Step::Send(b"event: message\ndata: thr"),
+    ])
+    .await;
+    let px = start(&route(&up, "{ between_events: 400ms, heartbeat: off }")).await;
+    let (body, clean, took) = fetch(px.addr("main").unwrap(), "req-stall").await;
+    assert!(clean);
+    let (before, code) = split_final(&body, "req-stall");
+    assert_eq!(
+        std::str::from_utf8(before).unwrap(),
+        "id: 1\ndata: one\n\ndata: two\r\n\r\n: a comment\n",
+        "whole events (and the comment) unchanged; the half event never reaches the client"
+    );
+    assert_eq!(code, "STREAM_STALLED");
+    assert!(took >= Duration::from_millis(380), "{took:?}");
+    assert_eventually!(up.cancelled.load(Ordering::SeqCst) == 1, "not cancelled");
+    assert_eq!(metric(&px, &format!("{ENDED}\"stalled\"}}")), 1.0);
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn comments_keep_a_stream_alive_only_when_configured() {
+    let comments = || {
+        let mut s = vec![Step::Send(b"data: a\n\n")];
+        for _ in 0..8 {
+            s.push(Step::Wait(100));
+            s.push(Step::Send(b": thinking\n"));
+        }
+        s.push(Step::Send(b"data: b\n\n"));
+        s.push(Step::End);
+        s
+    };
+    let up = SseUpstream::start(comments()).await;
+    let px = start(&route(&up, "{ between_events: 350ms, heartbeat: off }")).await;
+    let (body, clean, _) = fetch(px.addr("main").unwrap(), "req-c1").await;
+    assert!(clean);
+    let (_, code) = split_final(&body, "req-c1");
+    assert_eq!(code, "STREAM_STALLED", "comments are not events by default");
+    px.shutdown().await;
+
+    let px = start(&route(
+        &up,
+        "{ between_events: 350ms, heartbeat: off, comments_are_activity: true }",
+    ))
+    .await;
+    let (body, clean, _) = fetch(px.addr("main").unwrap(), "req-c2").await;
+    assert!(clean);
+    let text = String::from_utf8(body).unwrap();
+    assert!(text.ends_with("data: b\n\n"), "{text:?}");
+    assert!(!text.contains("event: error"), "{text:?}");
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_in_band_error_event_counts_as_an_upstream_failure() {
+    let stream: &[u8] =
+        b"data: hello\n\nevent: error\ndata: {\"message\":\"model overloaded\"}\n\n";
+    let up = SseUpstream::start(vec![Step::Send(stream), Step::End]).await;
+    let px = start(&route(&up, "{ heartbeat: off }")).await;
+    let addr = px.addr("main").unwrap();
+    for _ in 0..2 {
+        let (body, clean, _) = fetch(addr, "req-inband").await;
+        assert!(clean);
+        assert_eq!(body, stream, "the upstream's bytes, unchanged");
+    }
+    assert_eq!(metric(&px, &format!("{ENDED}\"in_band_error\"}}")), 2.0);
+    assert_eq!(
+        metric(&px, BREAKER),
+        1.0,
+        "two in-band errors open the breaker"
+    );
+    px.shutdown().await;
+
+    // Other names are configurable; `error` then is an ordinary event.
+    let px = start(&route(&up, "{ heartbeat: off, error_events: [failed] }")).await;
+    let (_, clean, _) = fetch(px.addr("main").unwrap(), "req-inband2").await;
+    assert!(clean);
+    assert_eq!(metric(&px, &format!("{ENDED}\"complete\"}}")), 1.0);
+    assert_eq!(metric(&px, BREAKER), 0.0);
+    px.shutdown().await;
+}
+
+/// Every split position of a stream with CRLF, CR and LF endings, a BOM, comments and
+/// multi-line data: the upstream sends the first `k` bytes and stalls. The client gets
+/// exactly the bytes up to the last event boundary in them (whole events, and comment lines
+/// between events), then the final event.
+#[tokio::test]
+async fn events_split_at_every_byte_end_cleanly_at_a_boundary() {
+    const STREAM: &[u8] =
+        b"\xEF\xBB\xBFid: 1\r\ndata: a\r\ndata: b\r\n\r\n: ping\rdata: c\r\revent: x\ndata: d\n\n";
+    // Offsets just past a line end with no event partly received: past the blank line's CR
+    // (29) and its LF (30), the comment (37), the CR blank lines (46), the end (64).
+    let boundaries = [29usize, 30, 37, 46, 64];
+    assert_eq!(STREAM.len(), 64);
+    let up = SseUpstream::start(vec![Step::Prefix(STREAM)]).await;
+    let px = start(&route(
+        &up,
+        "{ first_event: 400ms, between_events: 400ms, heartbeat: off }",
+    ))
+    .await;
+    let addr = px.addr("main").unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for k in 1..STREAM.len() {
+        tasks.spawn(async move {
+            let id = format!("split-{k}");
+            (
+                k,
+                id.clone(),
+                fetch_path(addr, &format!("/chat?k={k}"), &id).await,
+            )
+        });
+    }
+    let mut seen = 0;
+    while let Some(done) = tasks.join_next().await {
+        let (k, id, (body, clean, _)) = done.unwrap();
+        assert!(clean, "split at {k}");
+        let (before, code) = split_final(&body, &id);
+        let want = boundaries
+            .iter()
+            .copied()
+            .filter(|b| *b <= k)
+            .max()
+            .unwrap_or(0);
+        assert_eq!(
+            String::from_utf8_lossy(before),
+            String::from_utf8_lossy(&STREAM[..want]),
+            "split at {k}"
+        );
+        assert_eq!(code, "STREAM_STALLED", "split at {k}");
+        seen += 1;
+    }
+    assert_eq!(seen, STREAM.len() - 1);
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stream_past_max_duration_ends_with_stream_timeout() {
+    let up = SseUpstream::start(vec![Step::Every { ms: 100, n: 100 }]).await;
+    let px = start(&route(&up, "{ max_duration: 700ms, heartbeat: off }")).await;
+    let (body, clean, took) = fetch(px.addr("main").unwrap(), "req-max").await;
+    assert!(clean);
+    let (before, code) = split_final(&body, "req-max");
+    assert_eq!(code, "STREAM_TIMEOUT");
+    let text = std::str::from_utf8(before).unwrap();
+    assert!(
+        text.starts_with("data: tick 0\n\n") && text.ends_with("\n\n"),
+        "{text:?}"
+    );
+    assert!(text.matches("data: tick").count() >= 4, "{text:?}");
+    assert!(took >= Duration::from_millis(680) && took < Duration::from_secs(3));
+    assert_eventually!(up.cancelled.load(Ordering::SeqCst) == 1, "not cancelled");
+    assert_eq!(metric(&px, &format!("{ENDED}\"max_duration\"}}")), 1.0);
+    assert_eq!(
+        metric(&px, BREAKER),
+        0.0,
+        "rampart's own limit is not the upstream's failure"
+    );
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upstream_that_breaks_mid_event_gets_upstream_broken() {
+    for end in [Step::Reset, Step::BadChunk] {
+        let up = SseUpstream::start(vec![
+            Step::Send(b"data: one\n\ndata: two\n\n"),
+            Step::Send(b"data: thr"),
+            // Let the head and the first events through first: a reset discards what the
+            // proxy has not read yet.
+            Step::Wait(300),
+            end.clone(),
+        ])
+        .await;
+        let px = start(&route(&up, "{ heartbeat: off }")).await;
+        let (body, clean, _) = fetch(px.addr("main").unwrap(), "req-broken").await;
+        assert!(clean, "{end:?}: a clean end of the response");
+        let (before, code) = split_final(&body, "req-broken");
+        assert_eq!(before, b"data: one\n\ndata: two\n\n", "{end:?}");
+        assert_eq!(code, "UPSTREAM_BROKEN", "{end:?}");
+        assert_eq!(metric(&px, &format!("{ENDED}\"upstream_error\"}}")), 1.0);
+        px.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn heartbeats_go_between_events_and_do_not_reset_the_stall_timer() {
+    let up = SseUpstream::start(vec![
+        Step::Send(b"data: a\n\ndata: par"),
+        Step::Wait(1_600),
+        Step::Send(b"tial\n\n"),
+    ])
+    .await;
+    let px = start(&route(&up, "{ heartbeat: 1s, between_events: 2500ms }")).await;
+    let (body, clean, took) = fetch(px.addr("main").unwrap(), "req-hb").await;
+    assert!(clean);
+    let (before, code) = split_final(&body, "req-hb");
+    // One heartbeat at 1 s (the half event held back, so the client is between events);
+    // the event completes at 1.6 s; heartbeats at 2.6 s and 3.6 s (a second after the
+    // client's last bytes); the stall timer, counted from the last event (1.6 s) and not
+    // from heartbeats, ends the stream at 4.1 s.
+    assert_eq!(
+        std::str::from_utf8(before).unwrap(),
+        "data: a\n\n: keep-alive\n\ndata: partial\n\n: keep-alive\n\n: keep-alive\n\n",
+    );
+    assert_eq!(code, "STREAM_STALLED");
+    assert!(
+        took >= Duration::from_millis(4_000) && took < Duration::from_millis(6_000),
+        "{took:?}"
+    );
+    let hb = "rampart_http_stream_heartbeats_total{listener=\"main\",route=\"all\"}";
+    assert_eq!(metric(&px, hb), 3.0);
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_slow_reader_is_not_a_stalled_upstream() {
+    // 200 events of 1 KiB sent at once, read by a client that pauses for longer than
+    // `between_events`: every event arrives, and no final event.
+    let event = format!("data: {}\n\n", "x".repeat(1024));
+    let mut script = Vec::new();
+    for _ in 0..200 {
+        script.push(Step::SendOwned(event.clone().into_bytes()));
+    }
+    script.push(Step::End);
+    let up = SseUpstream::start(script).await;
+    let px = start(&route(
+        &up,
+        "{ between_events: 300ms, first_event: 300ms, heartbeat: off }",
+    ))
+    .await;
+    let addr = px.addr("main").unwrap();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /chat HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = vec![0u8; 4096];
+    let n = s.read(&mut first).await.unwrap();
+    assert!(n > 0);
+    // The client stops reading: the socket buffers fill, rampart stops reading upstream.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("the rest in time")
+        .unwrap();
+    first.truncate(n);
+    first.extend_from_slice(&rest);
+    let text = String::from_utf8_lossy(&first);
+    assert_eq!(
+        text.matches("data: xxxx").count(),
+        200,
+        "every event arrived"
+    );
+    assert!(
+        !text.contains("event: error"),
+        "no final event for a slow reader"
+    );
+    assert!(text.ends_with("0\r\n\r\n"), "a complete chunked body");
+    assert_eq!(metric(&px, &format!("{ENDED}\"complete\"}}")), 1.0);
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn plain_bodies_still_abort_when_the_upstream_stalls() {
+    // Not an event stream: a truncated body must not look complete.
+    let up = RawUpstream::start(RawAction::CloseMidBody).await;
+    let px = start(&one_route(&format!("http://{}", up.addr), "", "")).await;
+    let resp = send_streaming(&http1(), get(px.addr("main").unwrap(), "/")).await;
+    let r = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+        .await
+        .unwrap();
+    assert!(r.is_err());
+    px.shutdown().await;
+}
