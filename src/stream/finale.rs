@@ -26,6 +26,7 @@ use crate::body::BodyError;
 use crate::shutdown::{Phase, reached};
 use crate::shutdown::{RequestGuard, StreamGuard};
 use crate::stream::body::ProxyBody;
+use crate::stream::sse::Scanner;
 
 /// Clients are told to reconnect after a random delay in this range (milliseconds), so the
 /// streams cut by one drain do not all come back in the same instant.
@@ -51,7 +52,7 @@ pub(crate) fn track(
         let mut phase = phase.clone();
         Box::new(Finale {
             wait: Box::pin(async move { reached(&mut phase, Phase::Finale).await }),
-            scanner: EventScanner::default(),
+            scanner: Scanner::default(),
             state: State::Streaming,
             stream: request.stream(),
         })
@@ -115,7 +116,7 @@ enum State {
 
 struct Finale {
     wait: Pin<Box<dyn Future<Output = ()> + Send>>,
-    scanner: EventScanner,
+    scanner: Scanner,
     state: State,
     stream: StreamGuard,
 }
@@ -152,8 +153,13 @@ impl Finale {
                     let Some(data) = frame.data_ref() else {
                         return Poll::Ready(Some(Ok(frame)));
                     };
-                    let stop = self.state == State::Wanted;
-                    match self.scanner.scan(data, stop) {
+                    let found = if self.state == State::Wanted {
+                        first_boundary(&mut self.scanner, data)
+                    } else {
+                        self.scanner.feed(data);
+                        None
+                    };
+                    match found {
                         Some(end) => {
                             // The rest belongs to an event the client will never see whole.
                             let head = data.slice(..end);
@@ -190,67 +196,25 @@ pub(crate) fn jitter() -> u64 {
     RETRY_MS.start + h.finish() % (RETRY_MS.end - RETRY_MS.start)
 }
 
-/// Follows SSE framing (lines end with CRLF, LF or CR; a blank line ends an event) to know
-/// whether the bytes sent so far end between two events.
-#[derive(Debug, Clone)]
-struct EventScanner {
-    /// Bytes of an event not yet ended by a blank line.
-    pending: bool,
-    /// The last byte ended a line (or nothing was sent yet).
-    line_start: bool,
-    /// The last byte was CR: a following LF belongs to the same line ending.
-    after_cr: bool,
-}
-
-impl Default for EventScanner {
-    fn default() -> Self {
-        EventScanner {
-            pending: false,
-            line_start: true,
-            after_cr: false,
-        }
-    }
-}
-
-impl EventScanner {
-    fn at_boundary(&self) -> bool {
-        !self.pending
-    }
-
-    /// Follows `data`. With `stop`, returns the length of the prefix that ends at the first
-    /// event boundary in it (state left at that boundary), if there is one.
-    fn scan(&mut self, data: &[u8], stop: bool) -> Option<usize> {
-        let mut i = 0;
-        while i < data.len() {
-            let b = data[i];
-            i += 1;
-            if self.after_cr {
-                self.after_cr = false;
-                if b == b'\n' {
-                    continue;
-                }
-            }
-            if b == b'\r' || b == b'\n' {
-                self.after_cr = b == b'\r';
-                if self.line_start {
-                    // A blank line: the event is complete.
-                    self.pending = false;
-                    if stop {
-                        if self.after_cr && data.get(i) == Some(&b'\n') {
-                            i += 1;
-                            self.after_cr = false;
-                        }
-                        return Some(i);
-                    }
-                }
-                self.line_start = true;
+/// Feeds `data` to the scanner up to the first event boundary in it, and returns that
+/// boundary's offset (the scanner left there); None, with all of `data` fed, if it has none.
+/// Byte by byte: it only runs in the moments between a drain's deadline and the end of the
+/// event under way.
+fn first_boundary(scanner: &mut Scanner, data: &[u8]) -> Option<usize> {
+    for i in 0..data.len() {
+        let scan = scanner.feed(data.get(i..=i).unwrap_or_default());
+        if scan.boundary.is_some() && scanner.at_boundary() {
+            // A CRLF's LF right after belongs with it: the cut keeps the whole line end.
+            let end = if data.get(i) == Some(&b'\r') && data.get(i + 1) == Some(&b'\n') {
+                scanner.feed(b"\n");
+                i + 2
             } else {
-                self.line_start = false;
-                self.pending = true;
-            }
+                i + 1
+            };
+            return Some(end);
         }
-        None
     }
+    None
 }
 
 #[cfg(test)]
@@ -258,9 +222,9 @@ mod tests {
     use super::*;
 
     fn boundary_after(chunks: &[&str]) -> bool {
-        let mut s = EventScanner::default();
+        let mut s = Scanner::default();
         for c in chunks {
-            s.scan(c.as_bytes(), false);
+            s.feed(c.as_bytes());
         }
         s.at_boundary()
     }
@@ -283,19 +247,20 @@ mod tests {
     }
 
     #[test]
-    fn scan_with_stop_cuts_after_the_first_complete_event() {
-        let mut s = EventScanner::default();
-        assert_eq!(s.scan(b"data: par", true), None);
+    fn the_cut_comes_after_the_first_complete_event() {
+        let mut s = Scanner::default();
+        assert_eq!(first_boundary(&mut s, b"data: par"), None);
         let rest = b"tial\n\ndata: next\n\n";
-        assert_eq!(s.scan(rest, true), Some(6));
+        assert_eq!(first_boundary(&mut s, rest), Some(6));
         assert!(s.at_boundary());
-        let mut s = EventScanner::default();
-        s.scan(b"data: x\r\n", false);
+        let mut s = Scanner::default();
+        s.feed(b"data: x\r\n");
         // CRLF CRLF: the cut keeps the whole line ending.
-        assert_eq!(s.scan(b"\r\nmore", true), Some(2));
-        let mut s = EventScanner::default();
-        assert_eq!(s.scan(b"data: x\n", true), None);
-        assert_eq!(s.scan(b"\n", true), Some(1));
+        assert_eq!(first_boundary(&mut s, b"\r\nmore"), Some(2));
+        assert!(s.at_boundary());
+        let mut s = Scanner::default();
+        assert_eq!(first_boundary(&mut s, b"data: x\n"), None);
+        assert_eq!(first_boundary(&mut s, b"\n"), Some(1));
     }
 
     #[test]

@@ -451,6 +451,36 @@ async fn a_stream_past_max_duration_ends_with_stream_timeout() {
     assert!(took >= Duration::from_millis(680) && took < Duration::from_secs(3));
     assert_eventually!(up.cancelled.load(Ordering::SeqCst) == 1, "not cancelled");
     assert_eq!(metric(&px, &format!("{ENDED}\"max_duration\"}}")), 1.0);
+    // Time to the first event, the gaps between events, events per stream.
+    let labels = "{listener=\"main\",route=\"all\",upstream=\"up\"}";
+    let ticks = text.matches("data: tick").count() as f64;
+    assert_eq!(
+        metric(
+            &px,
+            &format!("rampart_http_stream_first_event_seconds_count{labels}")
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &px,
+            &format!("rampart_http_stream_event_gap_seconds_count{labels}")
+        ),
+        ticks - 1.0
+    );
+    let gaps = metric(
+        &px,
+        &format!("rampart_http_stream_event_gap_seconds_sum{labels}"),
+    );
+    assert!(
+        gaps > 0.08 * (ticks - 1.0) && gaps < 0.2 * (ticks - 1.0),
+        "{gaps}"
+    );
+    let per_stream = "{listener=\"main\",route=\"all\"}";
+    assert_eq!(
+        metric(&px, &format!("rampart_http_stream_events_sum{per_stream}")),
+        ticks
+    );
     assert_eq!(
         metric(&px, BREAKER),
         0.0,
@@ -570,5 +600,27 @@ async fn plain_bodies_still_abort_when_the_upstream_stalls() {
         .await
         .unwrap();
     assert!(r.is_err());
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn over_http2_a_stalled_stream_ends_with_the_final_event_too() {
+    let up = SseUpstream::start(vec![Step::Send(b"data: one\n\ndata: tw")]).await;
+    let px = start(&route(&up, "{ between_events: 300ms, heartbeat: off }")).await;
+    let req = http::Request::get(format!("http://{}/chat", px.addr("main").unwrap()))
+        .header("x-request-id", "req-h2")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = send_streaming(&h2c(), req).await;
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+        .await
+        .unwrap()
+        .expect("the stream ends with END_STREAM, not a reset")
+        .to_bytes();
+    let (before, code) = split_final(&body, "req-h2");
+    assert_eq!(before, b"data: one\n\n");
+    assert_eq!(code, "STREAM_STALLED");
+    assert_eventually!(up.cancelled.load(Ordering::SeqCst) == 1, "not cancelled");
     px.shutdown().await;
 }
