@@ -319,6 +319,7 @@ async fn rate_limit(
         }
         return Err(ProxyError::TooManyRequests { retry_after_secs });
     }
+    tail.rate_limit_hold = verdict.hold;
     Ok(())
 }
 
