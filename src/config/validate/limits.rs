@@ -617,12 +617,12 @@ mod tests {
         assert_eq!(
             got,
             [
-                (11, 20, "rate_limits.a.max_streams"),
+                (11, 21, "rate_limits.a.max_streams"),
                 (12, 38, "rate_limits.b.stream_lease"),
                 (13, 38, "rate_limits.c.stream_lease"),
-                (14, 13, "rate_limits.d.cost"),
-                (15, 29, "rate_limits.e.cost"),
-                (16, 20, "rate_limits.f.max_streams"),
+                (14, 14, "rate_limits.d.cost"),
+                (15, 30, "rate_limits.e.cost"),
+                (16, 21, "rate_limits.f.max_streams"),
             ],
             "{p:#?}"
         );
