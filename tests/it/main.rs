@@ -27,6 +27,7 @@ mod resilience;
 mod slow_clients;
 mod smuggling;
 mod smuggling_upstream;
+mod stream_limits;
 mod tunnels;
 mod upstream_wire;
 mod zz_summary;
