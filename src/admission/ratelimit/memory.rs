@@ -218,7 +218,7 @@ impl Table {
 /// fallback of Redis ones). Bounded like [`Table`]: a key leaves when its count is back to
 /// 0, and a full table lets new keys through untracked (the caller counts fail_open).
 pub(crate) struct StreamTable {
-    shards: Box<[Mutex<HashMap<Box<str>, u64>>]>,
+    shards: Box<[Mutex<StreamShard>]>,
     hasher: RandomState,
     max_per_shard: usize,
 }
@@ -228,6 +228,9 @@ impl std::fmt::Debug for StreamTable {
         f.debug_struct("StreamTable").finish_non_exhaustive()
     }
 }
+
+/// Streams held per key, for the keys holding any.
+type StreamShard = HashMap<Box<str>, u64>;
 
 /// What [`StreamTable::acquire`] says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,7 +253,7 @@ impl StreamTable {
         }
     }
 
-    fn shard(&self, key: &str) -> &Mutex<HashMap<Box<str>, u64>> {
+    fn shard(&self, key: &str) -> &Mutex<StreamShard> {
         &self.shards[(self.hasher.hash_one(key) as usize) % self.shards.len()]
     }
 
