@@ -625,6 +625,7 @@ async fn upgrade(
             metrics: route.metrics.clone(),
             request_id: env.request_id.clone(),
             in_flight: env.ctx.traffic.in_flight.request(),
+            rate_limit_hold: std::mem::take(&mut tail.rate_limit_hold),
         };
         return Ok(upgrade::tunnel(resp, client_upgrade, t));
     }

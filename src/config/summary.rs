@@ -195,11 +195,12 @@ impl Config {
                     humantime::format_duration(p.stream_lease)
                 );
             }
-            let _ = writeln!(
-                s,
-                "ratelimit {} {what} (block {block}, store {store})",
-                p.name,
-            );
+            // Blocking follows spent points: a streams-only policy has none to spend.
+            let block = match p.points {
+                Some(_) => format!("block {block}, "),
+                None => String::new(),
+            };
+            let _ = writeln!(s, "ratelimit {} {what} ({block}store {store})", p.name);
         }
         let _ = writeln!(
             s,

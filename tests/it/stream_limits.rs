@@ -539,3 +539,59 @@ async fn a_reload_lowering_max_streams_keeps_the_held_permits() {
     drop(again);
     px.shutdown().await;
 }
+
+/// A WebSocket tunnel is an open stream for as long as it stays open, not just its 101.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_tunnel_holds_its_permit_until_it_closes() {
+    let up = Upstream::start().await;
+    let p = unique("ws");
+    let px = start(&config(
+        &up.url(),
+        &p,
+        "{ max_streams: 1, key: \"header:x-user\", store: memory }",
+        "",
+    ))
+    .await;
+    let addr = px.addr("main").unwrap();
+    let upgrade = |addr: SocketAddr| async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "GET /ws HTTP/1.1\r\nhost: {addr}\r\nx-user: alice\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                other => panic!("no head: {other:?}"),
+            }
+        }
+        let head = String::from_utf8_lossy(&buf).into_owned();
+        (head, s)
+    };
+    let (head, mut tunnel) = upgrade(addr).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // The tunnel carries bytes, and the permit is still held well after the 101.
+    tunnel.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), tunnel.read_exact(&mut echo))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echo, b"ping");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (head, _) = upgrade(addr).await;
+    assert!(head.starts_with("HTTP/1.1 429"), "{head}");
+    drop(tunnel);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let (head, _s) = upgrade(addr).await;
+        if head.starts_with("HTTP/1.1 101") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still refused: {head}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    px.shutdown().await;
+}

@@ -587,7 +587,7 @@ mod tests {
         assert_eq!(p["requests"].points, Some(100));
         let summary = config.summary();
         assert!(
-            summary.contains("ratelimit streams max 3 streams (lease 30s) (block 1m, store redis)"),
+            summary.contains("ratelimit streams max 3 streams (lease 30s) (store redis)"),
             "{summary}"
         );
         assert!(
