@@ -101,12 +101,13 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local n = redis.call('ZCARD', KEYS[1])
 if n >= max then return {0, 0} end
 redis.call('ZADD', KEYS[1], now + lease, ARGV[3])
-redis.call('PEXPIRE', KEYS[1], lease)
+if redis.call('PTTL', KEYS[1]) < lease then redis.call('PEXPIRE', KEYS[1], lease) end
 return {1, max - n - 1}
 "#;
 
 /// Renews the leases of permits this replica holds on one key: ARGV = lease ms, ids...
-/// Only ids still there (XX): one released or expired meanwhile is not brought back.
+/// Only ids still there (XX): one released or expired meanwhile is not brought back. The
+/// key's expiry covers its longest lease (leases differ after a reload changed them).
 const RENEW: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -115,7 +116,8 @@ local renewed = 0
 for i = 2, #ARGV do
   renewed = renewed + redis.call('ZADD', KEYS[1], 'XX', 'CH', now + lease, ARGV[i])
 end
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], lease) end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl ~= -2 and ttl < lease then redis.call('PEXPIRE', KEYS[1], lease) end
 return renewed
 "#;
 
