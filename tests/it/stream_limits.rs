@@ -595,3 +595,40 @@ async fn a_websocket_tunnel_holds_its_permit_until_it_closes() {
     }
     px.shutdown().await;
 }
+
+/// A draining replica ends its streams (final event, then close) and gives their permits
+/// back: the other replica admits the key at once, not a lease later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_gives_the_streams_back() {
+    let Some(redis) = RedisServer::any("a_drain_gives_the_streams_back").await else {
+        return;
+    };
+    let up = HeldSse::start().await;
+    let p = unique("drain");
+    let top = format!(
+        "{}drain: {{ accept_grace: 0s, timeout: 1s }}\n",
+        redis_top(&redis.url, 2)
+    );
+    let yaml = config(
+        &up.url(),
+        &p,
+        "{ max_streams: 1, stream_lease: 1m, key: \"header:x-user\" }",
+        &top,
+    );
+    let a = start(&yaml).await;
+    let b = start(&yaml).await;
+    let held = open(a.addr("main").unwrap(), "alice").await;
+    assert_eq!(held.status, 200, "{}", held.head);
+    let addr_b = b.addr("main").unwrap();
+    assert_refused(&open(addr_b, "alice").await, &p, 1);
+    let drained = Instant::now();
+    a.shutdown().await;
+    let body = held.body_to_end().await;
+    assert!(body.contains("data: first"), "{body}");
+    // Well within the 1 minute lease.
+    let again = admitted_within(addr_b, "alice", Duration::from_secs(5)).await;
+    eprintln!("drain: admitted on B {:?} after A's drain began", drained.elapsed());
+    up.end_all(End::Finish);
+    drop(again);
+    b.shutdown().await;
+}
