@@ -627,8 +627,39 @@ async fn a_drain_gives_the_streams_back() {
     assert!(body.contains("data: first"), "{body}");
     // Well within the 1 minute lease.
     let again = admitted_within(addr_b, "alice", Duration::from_secs(5)).await;
-    eprintln!("drain: admitted on B {:?} after A's drain began", drained.elapsed());
+    eprintln!(
+        "drain: admitted on B {:?} after A's drain began",
+        drained.elapsed()
+    );
     up.end_all(End::Finish);
     drop(again);
     b.shutdown().await;
+}
+
+/// A stream ended by the route's idle timeout (the upstream went silent) gives its permit
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ended_by_a_timeout_gives_its_permit_back() {
+    let up = HeldSse::start().await;
+    let p = unique("idle");
+    let yaml = config(
+        &up.url(),
+        &p,
+        "{ max_streams: 1, key: \"header:x-user\", store: memory }",
+        "",
+    )
+    .replace(
+        "        rate_limits:",
+        "        timeouts: { idle: 500ms }\n        rate_limits:",
+    );
+    let px = start(&yaml).await;
+    let addr = px.addr("main").unwrap();
+    let first = open(addr, "alice").await;
+    assert_eq!(first.status, 200, "{}", first.head);
+    assert_refused(&open(addr, "alice").await, &p, 1);
+    // The silent upstream is cut after 500 ms; the client still holds its socket.
+    let again = admitted_within(addr, "alice", Duration::from_secs(3)).await;
+    up.end_all(End::Finish);
+    drop((first, again));
+    px.shutdown().await;
 }

@@ -269,6 +269,12 @@ impl RedisStore {
     }
 
     async fn renew_due(&self) {
+        // Redis is being skipped: each renewal would only wait out the timeout. Leases
+        // that run out meanwhile are not brought back (XX); the breaker's probes find
+        // Redis again.
+        if self.fallback_active() {
+            return;
+        }
         let now = Instant::now();
         let mut due: HashMap<(Arc<str>, Duration), Vec<u64>> = HashMap::new();
         {
