@@ -321,6 +321,7 @@ async fn rate_limit(
         }
         return Err(ProxyError::TooManyRequests { retry_after_secs });
     }
+    tail.rate_limit_hold = verdict.hold;
     Ok(())
 }
 
@@ -625,6 +626,7 @@ async fn upgrade(
             metrics: route.metrics.clone(),
             request_id: env.request_id.clone(),
             in_flight: env.ctx.traffic.in_flight.request(),
+            rate_limit_hold: std::mem::take(&mut tail.rate_limit_hold),
         };
         return Ok(upgrade::tunnel(resp, client_upgrade, t));
     }

@@ -101,6 +101,8 @@ rate_limits:
   per_user: { points: 10, per: 10s, block_for: "off", key: "route+header:x-user-id", store: memory }
   by_key: { key: "header:x-api-key" }
   per_route_ip: { key: "route+client_ip" }
+  chat_streams: { max_streams: 3, stream_lease: 45s, key: "header:x-user-id" }
+  llm_tokens: { points: 100000, per: 1m, cost: tokens, max_streams: 2, store: memory }
 drain: { accept_grace: 2s, timeout: 45s }
 readiness: { breaker_open: not_ready }
 dependencies:

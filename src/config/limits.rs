@@ -59,8 +59,10 @@ pub struct RateLimitConfig {
     /// The key of `rate_limits`, which says it already.
     #[serde(skip)]
     pub name: String,
-    /// Requests allowed per window and key. Default 100.
-    pub points: u64,
+    /// Requests (`cost: requests`) or tokens (`cost: tokens`) allowed per window and key.
+    /// Default 100; None when the policy only limits open streams (`max_streams` written,
+    /// `points` not).
+    pub points: Option<u64>,
     /// The window. Default 60s.
     #[serde(serialize_with = "super::serialize::duration")]
     pub per: Duration,
@@ -72,12 +74,34 @@ pub struct RateLimitConfig {
     pub store: RateLimitStore,
     /// IPv6 client addresses are keyed by their first this many bits. Default 64.
     pub ipv6_prefix: u8,
+    /// What a point is. Default requests.
+    pub cost: RateLimitCost,
+    /// Exchanges (streams) open at once per key; None = no limit. A permit is held until
+    /// the response body ends, however it ends.
+    pub max_streams: Option<u64>,
+    /// `store: redis`: how long a permit lives in Redis unless its replica renews it (every
+    /// third of it). A replica that dies frees its permits within this. Default 30s.
+    #[serde(serialize_with = "super::serialize::duration")]
+    pub stream_lease: Duration,
 }
 
 impl RateLimitConfig {
     pub const DEFAULT_POINTS: u64 = 100;
     pub const DEFAULT_PER: Duration = Duration::from_secs(60);
     pub const DEFAULT_BLOCK_FOR: Duration = Duration::from_secs(60);
+    pub const DEFAULT_STREAM_LEASE: Duration = Duration::from_secs(30);
+}
+
+/// What one point of a policy stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RateLimitCost {
+    /// Each request costs one point, at admission.
+    #[default]
+    Requests,
+    /// Admission only asks whether points are left; the exchange's tokens (prompt +
+    /// completion) are charged when they are known.
+    Tokens,
 }
 
 /// What a policy counts by.

@@ -35,7 +35,8 @@ pub use dependencies::{
     UpstreamHealthCheck,
 };
 pub use limits::{
-    KeySource, RateLimitConfig, RateLimitKey, RateLimitStore, RedisConfig, RedisTarget,
+    KeySource, RateLimitConfig, RateLimitCost, RateLimitKey, RateLimitStore, RedisConfig,
+    RedisTarget,
 };
 pub use listener::{
     DrainMode, EscapedSlashes, Http2Config, ListenerConfig, NormalizePath, PathConfig, RouteConfig,

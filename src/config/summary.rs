@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use super::{Config, DrainMode, RateLimitStore, RedisTarget, Resilience, RetryOn, redis_url_shown};
+use super::{
+    Config, DrainMode, RateLimitCost, RateLimitStore, RedisTarget, Resilience, RetryOn,
+    redis_url_shown,
+};
 
 /// "1 route", "2 routes".
 fn plural(n: usize, noun: &str) -> String {
@@ -170,13 +173,34 @@ impl Config {
                 RateLimitStore::Redis => "redis",
                 RateLimitStore::Memory => "memory",
             };
-            let _ = writeln!(
-                s,
-                "ratelimit {} {} per {} (block {block}, store {store})",
-                p.name,
-                p.points,
-                humantime::format_duration(p.per),
-            );
+            let mut what = String::new();
+            if let Some(points) = p.points {
+                let unit = match p.cost {
+                    RateLimitCost::Requests => "",
+                    RateLimitCost::Tokens => " tokens",
+                };
+                let _ = write!(
+                    what,
+                    "{points}{unit} per {}",
+                    humantime::format_duration(p.per)
+                );
+            }
+            if let Some(n) = p.max_streams {
+                if !what.is_empty() {
+                    what.push_str(", ");
+                }
+                let _ = write!(
+                    what,
+                    "max {n} streams (lease {})",
+                    humantime::format_duration(p.stream_lease)
+                );
+            }
+            // Blocking follows spent points: a streams-only policy has none to spend.
+            let block = match p.points {
+                Some(_) => format!("block {block}, "),
+                None => String::new(),
+            };
+            let _ = writeln!(s, "ratelimit {} {what} ({block}store {store})", p.name);
         }
         let _ = writeln!(
             s,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
+use crate::admission::ratelimit::Hold;
 use crate::body::BodyError;
 use crate::observe::access_log::AccessRecord;
 use crate::observe::http::{RouteMetrics, StreamEnd, UpstreamErrorKind};
@@ -23,6 +24,10 @@ pub(crate) struct Tail {
     pub endpoint_slot: Option<InFlight>,
     /// `RateLimit-*` headers for whatever answer the route gives (set by the rate limit).
     pub rate_limit_headers: Option<http::HeaderMap>,
+    /// What the request owes its rate-limit policies until the exchange ends: its
+    /// `max_streams` permits, given back when the tail is dropped (body done, client gone,
+    /// timeout, drain), and the `cost: tokens` policies [`Tail::tokens_used`] charges.
+    pub rate_limit_hold: Hold,
 }
 
 /// What the request metrics record when the exchange ends.
@@ -53,6 +58,19 @@ impl Observed {
 }
 
 impl Tail {
+    /// The tokens the exchange used (prompt + completion, from the response), charged to
+    /// the key of every `cost: tokens` policy the request passed: at once in memory, by a
+    /// task of its own in Redis. Each call charges what it is given: call it once per
+    /// usage report.
+    #[allow(
+        dead_code,
+        reason = "called by the response usage parser (issue 16), which is being written"
+    )]
+    pub(crate) fn tokens_used(&mut self, prompt: u64, completion: u64) {
+        self.rate_limit_hold
+            .tokens_used(prompt.saturating_add(completion));
+    }
+
     pub(crate) fn on_data(&mut self, n: usize) {
         if let Some(log) = &mut self.log {
             log.bytes_out += n as u64;

@@ -83,6 +83,9 @@ pub(crate) struct Tunnel {
     pub request_id: HeaderValue,
     /// Counts the tunnel among the requests in flight the drain reports on.
     pub in_flight: RequestGuard,
+    /// The request's `max_streams` permits: a tunnel is an open stream until it closes.
+    #[allow(dead_code, reason = "held for its Drop, which gives the permits back")]
+    pub rate_limit_hold: crate::admission::ratelimit::Hold,
 }
 
 /// The 101 for the client, and the tunnel's task, started once both sides have switched.

@@ -28,6 +28,7 @@ mod slow_clients;
 mod smuggling;
 mod smuggling_upstream;
 mod sse_streams;
+mod stream_limits;
 mod tunnels;
 mod upstream_wire;
 mod zz_summary;

@@ -6,16 +6,20 @@
 //! after about a second (jittered, so replicas do not probe in step) one request probes
 //! Redis, and a success closes the breaker: decisions return to Redis by themselves.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::memory::Table;
+use super::memory::{Acquired, StreamTable, Table};
 use super::redis::RedisLimiter;
 use super::{Decision, Limits, Metrics, Source};
 use crate::redis::{Redis, RedisError};
+
+/// How often the renewal task looks for leases due (a third of the shortest lease allowed).
+const RENEW_TICK: Duration = Duration::from_secs(1);
 
 const FAILURES_TO_OPEN: u32 = 3;
 const PROBE_AFTER: Duration = Duration::from_secs(1);
@@ -85,6 +89,26 @@ pub struct RedisStore {
     breaker: Mutex<Breaker>,
     rng: AtomicU64,
     metrics: Metrics,
+    /// Stream permits this replica holds in Redis, renewed by one task.
+    leases: Mutex<HashMap<u64, Lease>>,
+    next_id: AtomicU64,
+    renewer_started: AtomicBool,
+}
+
+/// One permit held in Redis.
+struct Lease {
+    key: Arc<str>,
+    length: Duration,
+    renewed: Instant,
+}
+
+/// What [`RedisStore::acquire`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stream {
+    /// A member of the key's set in Redis, renewed until released.
+    Redis { id: u64, remaining: u64 },
+    /// In the memory fallback: released there.
+    Memory(Acquired),
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -105,6 +129,10 @@ impl RedisStore {
             breaker: Mutex::new(Breaker::default()),
             rng: AtomicU64::new(RandomState::new().hash_one(std::process::id()) | 1),
             metrics,
+            leases: Mutex::new(HashMap::new()),
+            // Ids unique across replicas: a random start (the high half) per process.
+            next_id: AtomicU64::new(RandomState::new().hash_one("ids") & !0xffff_ffff),
+            renewer_started: AtomicBool::new(false),
         }
     }
 
@@ -119,30 +147,203 @@ impl RedisStore {
         memory_key: &str,
         fallback: &Limits,
     ) -> (Option<Decision>, Source) {
-        let route = self.with_breaker(|b, now, jitter| (b.route(now, jitter), None));
-        if route != Route::Memory {
-            let start = Instant::now();
-            let result = self.limiter.check(&self.redis, redis_key, limits).await;
-            self.metrics
-                .redis_seconds
-                .observe(start.elapsed().as_secs_f64());
-            match result {
-                Ok(d) => {
-                    self.with_breaker(|b, _, _| ((), b.success()));
-                    return (Some(d), Source::Redis);
-                }
-                Err(e) => {
-                    let kind = match e {
-                        RedisError::Timeout(_) => "timeout",
-                        _ => "error",
-                    };
-                    self.metrics.redis_errors(kind).inc();
-                    tracing::debug!(error = %e, "rate limit: redis failed, deciding in memory");
-                    self.with_breaker(|b, now, jitter| ((), b.failure(now, jitter)));
+        let in_redis = self
+            .call(self.limiter.check(&self.redis, redis_key, limits))
+            .await;
+        Self::or_memory(in_redis, || {
+            memory.check(memory_key, Instant::now(), fallback)
+        })
+    }
+
+    /// `cost: tokens` admission, as `check` but counting nothing.
+    pub(crate) async fn peek(
+        &self,
+        redis_key: &str,
+        limits: &Limits,
+        memory: &Table,
+        memory_key: &str,
+        fallback: &Limits,
+    ) -> (Option<Decision>, Source) {
+        let in_redis = self
+            .call(self.limiter.peek(&self.redis, redis_key, limits))
+            .await;
+        Self::or_memory(in_redis, || {
+            memory.peek(memory_key, Instant::now(), fallback)
+        })
+    }
+
+    /// Charges `cost` tokens to the key: in Redis, or in memory when Redis fails.
+    pub(crate) async fn charge(
+        &self,
+        keys: (&str, &str),
+        limits: (&Limits, &Limits),
+        memory: &Table,
+        cost: u64,
+    ) {
+        let (redis_key, memory_key) = keys;
+        let (limits, fallback) = limits;
+        let in_redis = self
+            .call(self.limiter.charge(&self.redis, redis_key, limits, cost))
+            .await;
+        if in_redis.is_none() {
+            memory.charge(memory_key, Instant::now(), fallback, cost);
+        }
+    }
+
+    /// Takes a stream permit: a lease in Redis (renewed by this replica until released),
+    /// or, when Redis fails, one in memory at `fallback_max`.
+    pub(crate) async fn acquire(
+        self: &Arc<Self>,
+        redis_key: &str,
+        (max, lease): (u64, Duration),
+        memory: &StreamTable,
+        memory_key: &str,
+        fallback_max: u64,
+    ) -> (Stream, Source) {
+        self.start_renewer();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // A call cut short (the client left, a timeout) may still have added the id: it is
+        // renewed by no one and expires with its lease.
+        let in_redis = self
+            .call(self.limiter.acquire(&self.redis, redis_key, max, lease, id))
+            .await;
+        match in_redis {
+            Some(Some(remaining)) => {
+                crate::sync::lock(&self.leases).insert(
+                    id,
+                    Lease {
+                        key: Arc::from(redis_key),
+                        length: lease,
+                        renewed: Instant::now(),
+                    },
+                );
+                (Stream::Redis { id, remaining }, Source::Redis)
+            }
+            Some(None) => (Stream::Memory(Acquired::No), Source::Redis),
+            None => match memory.acquire(memory_key, fallback_max) {
+                Acquired::Untracked => (Stream::Memory(Acquired::Untracked), Source::FailOpen),
+                a => (Stream::Memory(a), Source::Memory),
+            },
+        }
+    }
+
+    /// Gives a Redis permit back: no longer renewed, and removed from Redis by a task of
+    /// its own (the caller is a Drop). If that fails, the lease runs out by itself.
+    pub(crate) fn release(self: &Arc<Self>, key: Arc<str>, id: u64) {
+        crate::sync::lock(&self.leases).remove(&id);
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.clone();
+        handle.spawn(async move {
+            if let Err(e) = store.limiter.release(&store.redis, &key, id).await {
+                tracing::debug!(error = %e, "rate limit: releasing a stream permit failed; its lease will expire");
+            }
+        });
+    }
+
+    /// Permits this replica holds in Redis.
+    #[cfg(test)]
+    pub(crate) fn leases_held(&self) -> usize {
+        crate::sync::lock(&self.leases).len()
+    }
+
+    /// One task per store renews the leases it holds, each every third of its length,
+    /// batched by key. It ends with the store.
+    fn start_renewer(self: &Arc<Self>) {
+        if self.renewer_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            self.renewer_started.store(false, Ordering::Release);
+            return;
+        };
+        let weak: Weak<RedisStore> = Arc::downgrade(self);
+        handle.spawn(async move {
+            loop {
+                tokio::time::sleep(RENEW_TICK).await;
+                let Some(store) = weak.upgrade() else { return };
+                store.renew_due().await;
+            }
+        });
+    }
+
+    async fn renew_due(&self) {
+        // Redis is being skipped: each renewal would only wait out the timeout. Leases
+        // that run out meanwhile are not brought back (XX); the breaker's probes find
+        // Redis again.
+        if self.fallback_active() {
+            return;
+        }
+        let now = Instant::now();
+        let mut due: HashMap<(Arc<str>, Duration), Vec<u64>> = HashMap::new();
+        {
+            let leases = crate::sync::lock(&self.leases);
+            for (id, l) in leases.iter() {
+                // Half a tick early: renewals land on the tick before the third is over.
+                if now + RENEW_TICK / 2 >= l.renewed + l.length / 3 {
+                    due.entry((l.key.clone(), l.length)).or_default().push(*id);
                 }
             }
         }
-        match memory.check(memory_key, Instant::now(), fallback) {
+        for ((key, length), ids) in due {
+            let renewed = self.limiter.renew(&self.redis, &key, length, &ids).await;
+            match renewed {
+                Ok(()) => {
+                    let mut leases = crate::sync::lock(&self.leases);
+                    for id in &ids {
+                        if let Some(l) = leases.get_mut(id) {
+                            l.renewed = now;
+                        }
+                    }
+                }
+                // Tried again on the next tick, while the lease still runs.
+                Err(e) => tracing::debug!(error = %e, "rate limit: renewing stream leases failed"),
+            }
+        }
+    }
+
+    /// One call to Redis through the breaker: None when skipped or failed (the caller
+    /// decides in memory).
+    async fn call<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, RedisError>>,
+    ) -> Option<T> {
+        let route = self.with_breaker(|b, now, jitter| (b.route(now, jitter), None));
+        if route == Route::Memory {
+            return None;
+        }
+        let start = Instant::now();
+        let result = work.await;
+        self.metrics
+            .redis_seconds
+            .observe(start.elapsed().as_secs_f64());
+        match result {
+            Ok(v) => {
+                self.with_breaker(|b, _, _| ((), b.success()));
+                Some(v)
+            }
+            Err(e) => {
+                let kind = match e {
+                    RedisError::Timeout(_) => "timeout",
+                    _ => "error",
+                };
+                self.metrics.redis_errors(kind).inc();
+                tracing::debug!(error = %e, "rate limit: redis failed, deciding in memory");
+                self.with_breaker(|b, now, jitter| ((), b.failure(now, jitter)));
+                None
+            }
+        }
+    }
+
+    fn or_memory(
+        in_redis: Option<Decision>,
+        memory: impl FnOnce() -> Option<Decision>,
+    ) -> (Option<Decision>, Source) {
+        if let Some(d) = in_redis {
+            return (Some(d), Source::Redis);
+        }
+        match memory() {
             Some(d) => (Some(d), Source::Memory),
             None => (None, Source::FailOpen),
         }

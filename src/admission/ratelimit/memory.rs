@@ -75,6 +75,52 @@ pub(crate) fn step(entry: &mut Entry, now: Instant, limits: &Limits) -> Decision
     }
 }
 
+/// `cost: tokens` admission: refused while blocked or with no points left, and nothing is
+/// counted (the tokens are charged when the exchange ends, by [`charge`]).
+pub(crate) fn peek(entry: &Entry, now: Instant, limits: &Limits) -> Decision {
+    let window_end = entry.window_end.max(now);
+    let blocked_until = entry.blocked_until.filter(|b| *b > now);
+    // An ended window has all its points again.
+    let used = if entry.window_end <= now {
+        0
+    } else {
+        entry.count
+    };
+    let reset = window_end - now;
+    if blocked_until.is_none() && used < limits.points {
+        let reset = if used == 0 { limits.window } else { reset };
+        return Decision {
+            allowed: true,
+            remaining: limits.points - used,
+            reset,
+            retry_after: Duration::ZERO,
+        };
+    }
+    Decision {
+        allowed: false,
+        remaining: 0,
+        reset,
+        retry_after: blocked_until.map_or(window_end, |b| b.max(window_end)) - now,
+    }
+}
+
+/// Charges `cost` points at once (the tokens of an exchange that ended). Spending the last
+/// point blocks the key as a refused request would: the next one waits for the window (or
+/// `block`).
+pub(crate) fn charge(entry: &mut Entry, now: Instant, limits: &Limits, cost: u64) {
+    if entry.window_end <= now {
+        entry.count = 0;
+        entry.window_end = now + limits.window;
+    }
+    entry.count = entry.count.saturating_add(cost);
+    if entry.count >= limits.points
+        && let Some(b) = limits.block
+    {
+        let until = now + b;
+        entry.blocked_until = Some(entry.blocked_until.map_or(until, |old| old.max(until)));
+    }
+}
+
 const SHARDS: usize = 16;
 /// How often a shard drops expired entries even when not full.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -119,12 +165,28 @@ impl Table {
 
     /// None when the table is full of live keys and `key` is new: nothing can decide.
     pub fn check(&self, key: &str, now: Instant, limits: &Limits) -> Option<Decision> {
+        self.with_entry(key, now, |e| step(e, now, limits))
+    }
+
+    /// [`peek`] for `cost: tokens`. A key not seen has every point.
+    pub(crate) fn peek(&self, key: &str, now: Instant, limits: &Limits) -> Option<Decision> {
+        self.with_entry(key, now, |e| peek(e, now, limits))
+    }
+
+    /// [`charge`]; false when the table is full and the key new (the tokens go uncounted).
+    pub(crate) fn charge(&self, key: &str, now: Instant, limits: &Limits, cost: u64) -> bool {
+        self.with_entry(key, now, |e| charge(e, now, limits, cost))
+            .is_some()
+    }
+
+    /// `f` on `key`'s entry, made when new; None when the table is full of live keys.
+    fn with_entry<T>(&self, key: &str, now: Instant, f: impl FnOnce(&mut Entry) -> T) -> Option<T> {
         let index = (self.hasher.hash_one(key) as usize) % self.shards.len();
         // A poisoned shard only means another request panicked mid-update; its counts are
         // still usable.
         let mut shard = crate::sync::lock(&self.shards[index]);
         if let Some(entry) = shard.map.get_mut(key) {
-            return Some(step(entry, now, limits));
+            return Some(f(entry));
         }
         let due = shard.next_sweep.is_none_or(|t| now >= t);
         if due || shard.map.len() >= self.max_per_shard {
@@ -135,9 +197,9 @@ impl Table {
             return None;
         }
         let mut entry = Entry::new(now);
-        let decision = step(&mut entry, now, limits);
+        let out = f(&mut entry);
         shard.map.insert(key.into(), entry);
-        Some(decision)
+        Some(out)
     }
 
     pub fn len(&self) -> usize {
@@ -149,6 +211,90 @@ impl Table {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Open streams per key, for `max_streams` (the store of `store: memory` policies and the
+/// fallback of Redis ones). Bounded like [`Table`]: a key leaves when its count is back to
+/// 0, and a full table lets new keys through untracked (the caller counts fail_open).
+pub(crate) struct StreamTable {
+    shards: Box<[Mutex<StreamShard>]>,
+    hasher: RandomState,
+    max_per_shard: usize,
+}
+
+impl std::fmt::Debug for StreamTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamTable").finish_non_exhaustive()
+    }
+}
+
+/// Streams held per key, for the keys holding any.
+type StreamShard = HashMap<Box<str>, u64>;
+
+/// What [`StreamTable::acquire`] says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Acquired {
+    /// Taken: this many are left for the key.
+    Yes {
+        remaining: u64,
+    },
+    No,
+    /// The table is full: not tracked.
+    Untracked,
+}
+
+impl StreamTable {
+    pub(crate) fn new(max_keys: usize) -> StreamTable {
+        StreamTable {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            max_per_shard: max_keys.div_ceil(SHARDS).max(1),
+        }
+    }
+
+    fn shard(&self, key: &str) -> &Mutex<StreamShard> {
+        &self.shards[(self.hasher.hash_one(key) as usize) % self.shards.len()]
+    }
+
+    pub(crate) fn acquire(&self, key: &str, max: u64) -> Acquired {
+        let mut shard = crate::sync::lock(self.shard(key));
+        if let Some(n) = shard.get_mut(key) {
+            if *n >= max {
+                return Acquired::No;
+            }
+            *n += 1;
+            return Acquired::Yes {
+                remaining: max - *n,
+            };
+        }
+        if shard.len() >= self.max_per_shard {
+            return Acquired::Untracked;
+        }
+        if max == 0 {
+            return Acquired::No;
+        }
+        shard.insert(key.into(), 1);
+        Acquired::Yes { remaining: max - 1 }
+    }
+
+    pub(crate) fn release(&self, key: &str) {
+        let mut shard = crate::sync::lock(self.shard(key));
+        if let Some(n) = shard.get_mut(key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                shard.remove(key);
+            }
+        }
+    }
+
+    /// Streams held for `key`.
+    #[cfg(test)]
+    pub(crate) fn held(&self, key: &str) -> u64 {
+        crate::sync::lock(self.shard(key))
+            .get(key)
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -220,6 +366,79 @@ mod tests {
         let d = step(&mut e, t0 + secs(4), &l);
         assert!(!d.allowed);
         assert_eq!(d.retry_after, secs(6));
+    }
+
+    #[test]
+    fn tokens_peek_does_not_count_and_charge_spends_the_window() {
+        let t0 = Instant::now();
+        let l = limits(100, 10, None);
+        let mut e = Entry::new(t0);
+        for _ in 0..5 {
+            let d = peek(&e, t0, &l);
+            assert!(d.allowed);
+            assert_eq!(d.remaining, 100);
+        }
+        charge(&mut e, t0, &l, 40);
+        let d = peek(&e, t0 + secs(1), &l);
+        assert!(d.allowed);
+        assert_eq!(d.remaining, 60);
+        assert_eq!(d.reset, secs(9));
+        // Overspent: the stream that did it finished; the next is refused until the window
+        // ends.
+        charge(&mut e, t0 + secs(2), &l, 70);
+        let d = peek(&e, t0 + secs(3), &l);
+        assert!(!d.allowed);
+        assert_eq!(d.remaining, 0);
+        assert_eq!(d.retry_after, secs(7));
+        let d = peek(&e, t0 + secs(10), &l);
+        assert!(d.allowed);
+        assert_eq!(d.remaining, 100);
+    }
+
+    #[test]
+    fn tokens_spent_to_the_last_point_block_for_block() {
+        let t0 = Instant::now();
+        let l = limits(100, 10, Some(60));
+        let mut e = Entry::new(t0);
+        charge(&mut e, t0, &l, 100);
+        let d = peek(&e, t0 + secs(20), &l);
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after, secs(40));
+        assert!(peek(&e, t0 + secs(60), &l).allowed);
+    }
+
+    #[test]
+    fn stream_table_counts_and_releases() {
+        let t = StreamTable::new(100);
+        assert_eq!(t.acquire("a", 2), Acquired::Yes { remaining: 1 });
+        assert_eq!(t.acquire("a", 2), Acquired::Yes { remaining: 0 });
+        assert_eq!(t.acquire("a", 2), Acquired::No);
+        assert_eq!(t.acquire("b", 2), Acquired::Yes { remaining: 1 });
+        t.release("a");
+        assert_eq!(t.held("a"), 1);
+        // A lower limit after a reload: held permits stay, new ones count against it.
+        assert_eq!(t.acquire("a", 1), Acquired::No);
+        t.release("a");
+        assert_eq!(t.held("a"), 0);
+        assert_eq!(t.acquire("a", 1), Acquired::Yes { remaining: 0 });
+    }
+
+    #[test]
+    fn stream_table_is_bounded_and_frees_idle_keys() {
+        let t = StreamTable::new(SHARDS);
+        let mut untracked = 0;
+        for i in 0..200 {
+            if t.acquire(&format!("k{i}"), 1) == Acquired::Untracked {
+                untracked += 1;
+            }
+        }
+        assert!(untracked >= 200 - SHARDS, "{untracked}");
+        for i in 0..200 {
+            t.release(&format!("k{i}"));
+        }
+        for i in 0..SHARDS {
+            assert_ne!(t.acquire(&format!("fresh{i}"), 1), Acquired::No);
+        }
     }
 
     #[test]

@@ -1,7 +1,12 @@
 //! Rate limiting: named policies (`rate_limits:`), checked right after routing by one call,
-//! [`check`]. A policy counts requests per key (client IP or a header, optionally per
-//! route) in Redis, shared by every replica, or in memory. Redis policies fall back to
-//! memory per request (fallback.rs).
+//! [`check`]. A policy counts requests (or, `cost: tokens`, the tokens exchanges used) per
+//! key (client IP or a header, optionally per route), and may cap the exchanges a key has
+//! open at once (`max_streams`), in Redis, shared by every replica, or in memory. Redis
+//! policies fall back to memory per request (fallback.rs).
+//!
+//! What an admitted request owes the limiter later is a [`Hold`], kept by the request's
+//! `Tail` until its response body is done: its stream permits (released on drop) and the
+//! `cost: tokens` policies to charge once the tokens are known.
 //!
 //! The counts live in a [`Registry`] keyed by policy name, outside the config snapshot, so
 //! a reload keeps them for the names it keeps.
@@ -25,13 +30,19 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry as PromRegistry;
 use tokio::time::Instant;
 
-use crate::config::{Config, KeySource, RateLimitConfig, RateLimitStore, RedisConfig};
-use fallback::{RedisStore, Transition};
-use memory::Table;
+use crate::config::{
+    Config, KeySource, RateLimitConfig, RateLimitCost, RateLimitStore, RedisConfig,
+};
+use fallback::{RedisStore, Stream, Transition};
+use memory::{Acquired, StreamTable, Table};
 
 /// Keys one policy tracks in memory (per table); beyond, new keys are let through and
 /// counted as fail_open. About 100 bytes each.
 const MAX_KEYS: usize = 100_000;
+
+/// `Retry-After` of a request refused for its open streams: when one ends is unknown, and
+/// a chat client that retries each second costs nothing.
+const STREAM_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// What a store applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +107,11 @@ enum FallbackTo {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PolicyLabels {
+    policy: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct TransitionLabels {
     to: FallbackTo,
 }
@@ -109,6 +125,9 @@ struct ErrorLabels {
 #[derive(Clone, Debug)]
 pub struct Metrics {
     decisions: Family<DecisionLabels, Counter>,
+    /// `max_streams` decisions, with the labels of `decisions`.
+    stream_decisions: Family<DecisionLabels, Counter>,
+    streams_held: Family<PolicyLabels, Gauge>,
     transitions: Family<TransitionLabels, Counter>,
     /// 1 while Redis is skipped (breaker open).
     fallback_active: Gauge,
@@ -121,6 +140,8 @@ impl Metrics {
         let reg = registry.sub_registry_with_prefix("ratelimit");
         let m = Metrics {
             decisions: Family::default(),
+            stream_decisions: Family::default(),
+            streams_held: Family::default(),
             transitions: Family::default(),
             fallback_active: Gauge::default(),
             redis_seconds: Histogram::new([
@@ -133,6 +154,16 @@ impl Metrics {
             "decisions",
             "Rate-limit decisions by policy, result (allowed|limited) and source (redis|memory|fail_open)",
             m.decisions.clone(),
+        );
+        reg.register(
+            "stream_decisions",
+            "max_streams decisions by policy, result (allowed|limited) and source (redis|memory|fail_open)",
+            m.stream_decisions.clone(),
+        );
+        reg.register(
+            "streams_held",
+            "Stream permits this replica holds, by policy",
+            m.streams_held.clone(),
         );
         reg.register(
             "fallback_transitions",
@@ -175,9 +206,9 @@ impl Metrics {
     }
 
     /// Handles for one policy, made once so a decision does not allocate labels.
-    fn counters(&self, policy: &str) -> DecisionCounters {
+    fn counters(&self, family: &Family<DecisionLabels, Counter>, policy: &str) -> DecisionCounters {
         let get = |result, source| {
-            self.decisions
+            family
                 .get_or_create(&DecisionLabels {
                     policy: policy.to_owned(),
                     result,
@@ -225,21 +256,39 @@ struct PolicyState {
     memory: Arc<Table>,
     /// `store: redis`: the fallback counts.
     fallback: Arc<Table>,
+    /// `store: memory` open streams: a reload keeps the permits held.
+    streams: Arc<StreamTable>,
+    /// `store: redis`: streams admitted in memory while Redis failed.
+    fallback_streams: Arc<StreamTable>,
+}
+
+/// `max_streams` of a policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StreamLimit {
+    max: u64,
+    /// `max / replicas` rounded up, at least 1: the memory fallback's share.
+    fallback_max: u64,
+    lease: Duration,
 }
 
 /// One policy as the current config defines it, with its state.
 pub struct Policy {
     pub name: Arc<str>,
-    limits: Limits,
+    /// None: the policy only limits streams.
+    limits: Option<Limits>,
     /// `points / replicas` (at least 1), for the memory fallback.
-    fallback_limits: Limits,
+    fallback_limits: Option<Limits>,
+    cost: RateLimitCost,
+    streams: Option<StreamLimit>,
     per_route: bool,
     by: KeySource,
     ipv6_prefix: u8,
     store: Store,
-    /// `"name";q=100;w=60`, the RateLimit-Policy item.
+    /// `"name";q=100;w=60`, the RateLimit-Policy item(s).
     policy_item: String,
     counters: DecisionCounters,
+    stream_counters: DecisionCounters,
+    streams_held: Gauge,
 }
 
 impl std::fmt::Debug for Policy {
@@ -248,6 +297,8 @@ impl std::fmt::Debug for Policy {
             .field("name", &self.name)
             .field("limits", &self.limits)
             .field("fallback_limits", &self.fallback_limits)
+            .field("cost", &self.cost)
+            .field("streams", &self.streams)
             .field("per_route", &self.per_route)
             .field("by", &self.by)
             .field("ipv6_prefix", &self.ipv6_prefix)
@@ -256,10 +307,14 @@ impl std::fmt::Debug for Policy {
 }
 
 enum Store {
-    Memory(Arc<Table>),
+    Memory {
+        table: Arc<Table>,
+        streams: Arc<StreamTable>,
+    },
     Redis {
         client: Arc<RedisStore>,
         fallback: Arc<Table>,
+        fallback_streams: Arc<StreamTable>,
     },
 }
 
@@ -305,6 +360,8 @@ impl Registry {
                     Arc::new(PolicyState {
                         memory: Arc::new(Table::new(MAX_KEYS)),
                         fallback: Arc::new(Table::new(MAX_KEYS)),
+                        streams: Arc::new(StreamTable::new(MAX_KEYS)),
+                        fallback_streams: Arc::new(StreamTable::new(MAX_KEYS)),
                     })
                 })
                 .clone();
@@ -312,13 +369,17 @@ impl Registry {
                 (RateLimitStore::Redis, Some(client)) => Store::Redis {
                     client: client.clone(),
                     fallback: state.fallback.clone(),
+                    fallback_streams: state.fallback_streams.clone(),
                 },
                 (RateLimitStore::Redis, None) => {
                     return Err(format!(
                         "rate limit policy {name}: store redis without a redis section"
                     ));
                 }
-                (RateLimitStore::Memory, _) => Store::Memory(state.memory.clone()),
+                (RateLimitStore::Memory, _) => Store::Memory {
+                    table: state.memory.clone(),
+                    streams: state.streams.clone(),
+                },
             };
             out.insert(
                 name.clone(),
@@ -364,28 +425,60 @@ impl Registry {
 
 impl Policy {
     fn new(pc: &RateLimitConfig, replicas: u32, store: Store, metrics: &Metrics) -> Policy {
-        let limits = Limits {
-            points: pc.points,
+        let replicas = u64::from(replicas.max(1));
+        let limits = pc.points.map(|points| Limits {
+            points,
             window: pc.per,
             block: pc.block_for,
-        };
-        let fallback_limits = Limits {
-            points: (pc.points / u64::from(replicas.max(1))).max(1),
-            ..limits
-        };
+        });
+        let fallback_limits = limits.map(|l| Limits {
+            points: (l.points / replicas).max(1),
+            ..l
+        });
+        let streams = pc.max_streams.map(|max| StreamLimit {
+            max,
+            fallback_max: max.div_ceil(replicas).max(1),
+            lease: pc.stream_lease,
+        });
         let mut policy_item = String::new();
-        push_sf_string(&mut policy_item, &pc.name);
-        let _ = write!(policy_item, ";q={};w={}", pc.points, ceil_secs(pc.per));
+        if let Some(points) = pc.points {
+            push_sf_string(&mut policy_item, &pc.name);
+            let _ = write!(policy_item, ";q={points};w={}", ceil_secs(pc.per));
+        }
+        if let Some(max) = pc.max_streams {
+            if !policy_item.is_empty() {
+                policy_item.push_str(", ");
+            }
+            push_sf_string(&mut policy_item, &pc.name);
+            let _ = write!(policy_item, ";q={max};qu=\"concurrent-requests\"");
+        }
         Policy {
             name: Arc::from(pc.name.as_str()),
             limits,
             fallback_limits,
+            cost: pc.cost,
+            streams,
             per_route: pc.key.per_route,
             by: pc.key.by.clone(),
             ipv6_prefix: pc.ipv6_prefix,
             store,
             policy_item,
-            counters: metrics.counters(&pc.name),
+            counters: metrics.counters(&metrics.decisions, &pc.name),
+            // Series only for the policies that limit streams.
+            stream_counters: if streams.is_some() {
+                metrics.counters(&metrics.stream_decisions, &pc.name)
+            } else {
+                metrics.counters(&Family::default(), &pc.name)
+            },
+            streams_held: match streams {
+                Some(_) => metrics
+                    .streams_held
+                    .get_or_create(&PolicyLabels {
+                        policy: pc.name.clone(),
+                    })
+                    .clone(),
+                None => Gauge::default(),
+            },
         }
     }
 
@@ -414,30 +507,226 @@ impl Policy {
         key
     }
 
-    async fn decide(&self, key: &str) -> (Option<Decision>, Source) {
+    /// `rl:{policy}:KEY`, or `rl:{policy}:s:KEY` for the streams. The policy in braces:
+    /// Redis Cluster keeps a policy's keys in one slot.
+    fn redis_key(&self, infix: &str, key: &str) -> String {
+        let mut redis_key = String::with_capacity(self.name.len() + key.len() + 8);
+        redis_key.push_str("rl:{");
+        redis_key.push_str(&self.name);
+        redis_key.push_str("}:");
+        redis_key.push_str(infix);
+        redis_key.push_str(key);
+        redis_key
+    }
+
+    /// The points decision: a request counted, or (`cost: tokens`) whether any are left.
+    async fn decide(&self, limits: &Limits, key: &str) -> (Option<Decision>, Source) {
+        let tokens = self.cost == RateLimitCost::Tokens;
         match &self.store {
-            Store::Memory(table) => match table.check(key, Instant::now(), &self.limits) {
-                Some(d) => (Some(d), Source::Memory),
-                None => (None, Source::FailOpen),
-            },
-            Store::Redis { client, fallback } => {
-                // The policy in braces: Redis Cluster keeps a policy's keys in one slot.
-                let mut redis_key = String::with_capacity(self.name.len() + key.len() + 6);
-                redis_key.push_str("rl:{");
-                redis_key.push_str(&self.name);
-                redis_key.push_str("}:");
-                redis_key.push_str(key);
-                client
-                    .check(
-                        &redis_key,
-                        &self.limits,
-                        fallback,
-                        key,
-                        &self.fallback_limits,
-                    )
-                    .await
+            Store::Memory { table, .. } => {
+                let now = Instant::now();
+                let d = if tokens {
+                    table.peek(key, now, limits)
+                } else {
+                    table.check(key, now, limits)
+                };
+                match d {
+                    Some(d) => (Some(d), Source::Memory),
+                    None => (None, Source::FailOpen),
+                }
+            }
+            Store::Redis {
+                client, fallback, ..
+            } => {
+                let redis_key = self.redis_key("", key);
+                let fallback_limits = self.fallback_limits.as_ref().unwrap_or(limits);
+                if tokens {
+                    client
+                        .peek(&redis_key, limits, fallback, key, fallback_limits)
+                        .await
+                } else {
+                    client
+                        .check(&redis_key, limits, fallback, key, fallback_limits)
+                        .await
+                }
             }
         }
+    }
+
+    /// Takes a stream permit for `key`: Ok(Some) taken, Ok(None) not tracked (a full
+    /// memory table), Err(()) refused.
+    async fn acquire(
+        &self,
+        streams: &StreamLimit,
+        key: &str,
+    ) -> (Result<Option<Permit>, ()>, Source) {
+        let (table, acquired, source) = match &self.store {
+            Store::Memory { streams: table, .. } => {
+                let a = table.acquire(key, streams.max);
+                let source = match a {
+                    Acquired::Untracked => Source::FailOpen,
+                    _ => Source::Memory,
+                };
+                (table, a, source)
+            }
+            Store::Redis {
+                client,
+                fallback_streams,
+                ..
+            } => {
+                let redis_key = self.redis_key("s:", key);
+                let (got, source) = client
+                    .acquire(
+                        &redis_key,
+                        (streams.max, streams.lease),
+                        fallback_streams,
+                        key,
+                        streams.fallback_max,
+                    )
+                    .await;
+                match got {
+                    Stream::Redis { id, remaining } => {
+                        let permit = Permit::new(
+                            Release::Redis {
+                                store: client.clone(),
+                                key: Arc::from(redis_key),
+                                id,
+                            },
+                            remaining,
+                            self.streams_held.clone(),
+                        );
+                        return (Ok(Some(permit)), source);
+                    }
+                    Stream::Memory(a) => (fallback_streams, a, source),
+                }
+            }
+        };
+        let out = match acquired {
+            Acquired::Yes { remaining } => Ok(Some(Permit::new(
+                Release::Memory {
+                    table: table.clone(),
+                    key: key.into(),
+                },
+                remaining,
+                self.streams_held.clone(),
+            ))),
+            Acquired::No => Err(()),
+            Acquired::Untracked => Ok(None),
+        };
+        (out, source)
+    }
+
+    /// Charges `cost` tokens to `key` (`cost: tokens`): at once in memory; in Redis by a
+    /// task of its own, falling back to memory when Redis fails.
+    fn charge(self: &Arc<Self>, key: &str, cost: u64) {
+        let Some(limits) = self.limits else { return };
+        match &self.store {
+            Store::Memory { table, .. } => {
+                table.charge(key, Instant::now(), &limits, cost);
+            }
+            Store::Redis { .. } => {
+                let Ok(handle) = tokio::runtime::Handle::try_current() else {
+                    return;
+                };
+                let policy = self.clone();
+                let key = key.to_owned();
+                handle.spawn(async move {
+                    let Store::Redis {
+                        client, fallback, ..
+                    } = &policy.store
+                    else {
+                        return;
+                    };
+                    let redis_key = policy.redis_key("", &key);
+                    let fallback_limits = policy.fallback_limits.unwrap_or(limits);
+                    client
+                        .charge(
+                            (&redis_key, &key),
+                            (&limits, &fallback_limits),
+                            fallback,
+                            cost,
+                        )
+                        .await;
+                });
+            }
+        }
+    }
+}
+
+// === what an admitted request holds ===
+
+/// One stream permit; dropping it gives it back.
+pub(crate) struct Permit {
+    release: Release,
+    /// Left for the key when taken (for the RateLimit header).
+    remaining: u64,
+    held: Gauge,
+}
+
+enum Release {
+    Memory {
+        table: Arc<StreamTable>,
+        key: Box<str>,
+    },
+    Redis {
+        store: Arc<RedisStore>,
+        key: Arc<str>,
+        id: u64,
+    },
+}
+
+impl Permit {
+    fn new(release: Release, remaining: u64, held: Gauge) -> Permit {
+        held.inc();
+        Permit {
+            release,
+            remaining,
+            held,
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.held.dec();
+        match &self.release {
+            Release::Memory { table, key } => table.release(key),
+            Release::Redis { store, key, id } => store.release(key.clone(), *id),
+        }
+    }
+}
+
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Permit")
+            .field("remaining", &self.remaining)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What an admitted request owes its policies until the exchange ends: its stream permits
+/// (released when this is dropped) and the `cost: tokens` policies it passed.
+#[derive(Debug, Default)]
+pub(crate) struct Hold {
+    permits: Vec<Permit>,
+    charges: Vec<(Arc<Policy>, String)>,
+}
+
+impl Hold {
+    /// Charges `tokens` to the key of every `cost: tokens` policy the request passed. Each
+    /// call charges what it is given: call it once per usage report.
+    pub(crate) fn tokens_used(&self, tokens: u64) {
+        if tokens == 0 {
+            return;
+        }
+        for (policy, key) in &self.charges {
+            policy.charge(key, tokens);
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn permits(&self) -> usize {
+        self.permits.len()
     }
 }
 
@@ -453,6 +742,8 @@ pub(crate) struct Verdict {
     /// Where the (last) decision came from, for the access log: `redis`, `memory`,
     /// `fallback` (memory standing in for Redis) or `fail_open`.
     pub source: Option<&'static str>,
+    /// Admitted: what the request holds until its exchange ends.
+    pub hold: Hold,
 }
 
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -461,7 +752,64 @@ static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
-/// Checks every policy of a route (all count the request; all must allow it).
+/// The RateLimit and X-RateLimit-* fields as the decisions of one request fill them.
+#[derive(Default)]
+struct Fields {
+    policy: String,
+    limit: String,
+    /// The policy closest to refusing speaks for the X-RateLimit-* headers.
+    tightest: Option<(u64, u64, Duration)>,
+    retry: Option<Duration>,
+}
+
+impl Fields {
+    fn add(&mut self, name: &str, points: u64, remaining: u64, reset: Duration) {
+        if !self.limit.is_empty() {
+            self.limit.push_str(", ");
+        }
+        // By hand: the formatting machinery costs more than the rest of the decision.
+        push_sf_string(&mut self.limit, name);
+        self.limit.push_str(";r=");
+        push_decimal(&mut self.limit, remaining);
+        self.limit.push_str(";t=");
+        push_decimal(&mut self.limit, ceil_secs(reset));
+        let tighter = self.tightest.is_none_or(|(_, least, _)| remaining < least);
+        if tighter {
+            self.tightest = Some((points, remaining, reset));
+        }
+    }
+
+    fn refuse(&mut self, retry_after: Duration) {
+        self.retry = Some(self.retry.map_or(retry_after, |r| r.max(retry_after)));
+    }
+
+    fn headers(&self) -> HeaderMap {
+        let mut out = HeaderMap::with_capacity(5);
+        insert(&mut out, &RATELIMIT_POLICY, &self.policy);
+        if !self.limit.is_empty() {
+            insert(&mut out, &RATELIMIT, &self.limit);
+        }
+        if let Some((points, remaining, reset)) = self.tightest {
+            out.insert(X_LIMIT.clone(), HeaderValue::from(points));
+            out.insert(X_REMAINING.clone(), HeaderValue::from(remaining));
+            out.insert(X_RESET.clone(), HeaderValue::from(ceil_secs(reset)));
+        }
+        out
+    }
+}
+
+fn source_name(policy: &Policy, source: Source) -> &'static str {
+    match source {
+        Source::Redis => "redis",
+        Source::Memory if matches!(policy.store, Store::Redis { .. }) => "fallback",
+        Source::Memory => "memory",
+        Source::FailOpen => "fail_open",
+    }
+}
+
+/// Checks every policy of a route (all count the request; all must allow it). Stream
+/// permits are taken only once every points limit allowed the request, and all given back
+/// when one policy has none left.
 pub(crate) async fn check(
     policies: &[Arc<Policy>],
     route: &str,
@@ -474,68 +822,83 @@ pub(crate) async fn check(
         return Verdict::default();
     }
     let client = client();
-    let mut policy_field = String::new();
     // Room for one policy's `"name";r=N;t=N` without growing.
-    let mut limit_field = String::with_capacity(64);
-    let mut retry: Option<Duration> = None;
-    // The policy closest to refusing speaks for the X-RateLimit-* headers.
-    let mut tightest: Option<(u64, u64, Duration)> = None;
+    let mut fields = Fields {
+        limit: String::with_capacity(64),
+        ..Fields::default()
+    };
     let mut last_source = None;
+    let mut hold = Hold::default();
+    let mut stream_keys = Vec::new();
     for policy in policies {
         let key = policy.key(route, headers, client);
-        let (decision, source) = policy.decide(&key).await;
+        if !fields.policy.is_empty() {
+            fields.policy.push_str(", ");
+        }
+        fields.policy.push_str(&policy.policy_item);
+        if policy.streams.is_some() {
+            stream_keys.push((policy, key.clone()));
+        }
+        let Some(limits) = &policy.limits else {
+            continue;
+        };
+        let (decision, source) = policy.decide(limits, &key).await;
         policy
             .counters
             .count(source, decision.is_none_or(|d| d.allowed));
-        last_source = Some(match source {
-            Source::Redis => "redis",
-            Source::Memory if matches!(policy.store, Store::Redis { .. }) => "fallback",
-            Source::Memory => "memory",
-            Source::FailOpen => "fail_open",
-        });
-        if !policy_field.is_empty() {
-            policy_field.push_str(", ");
-        }
-        policy_field.push_str(&policy.policy_item);
+        last_source = Some(source_name(policy, source));
         let Some(d) = decision else { continue };
-        let points = match source {
-            Source::Memory if matches!(policy.store, Store::Redis { .. }) => {
-                policy.fallback_limits.points
-            }
-            _ => policy.limits.points,
+        let points = match (source, &policy.fallback_limits) {
+            (Source::Memory, Some(f)) if matches!(policy.store, Store::Redis { .. }) => f.points,
+            _ => limits.points,
         };
         let reset = if d.allowed { d.reset } else { d.retry_after };
-        if !d.allowed {
-            retry = Some(retry.map_or(d.retry_after, |r| r.max(d.retry_after)));
+        if d.allowed {
+            if policy.cost == RateLimitCost::Tokens {
+                hold.charges.push((policy.clone(), key));
+            }
+        } else {
+            fields.refuse(d.retry_after);
         }
-        if !limit_field.is_empty() {
-            limit_field.push_str(", ");
-        }
-        // By hand: the formatting machinery costs more than the rest of the decision.
-        push_sf_string(&mut limit_field, &policy.name);
-        limit_field.push_str(";r=");
-        push_decimal(&mut limit_field, d.remaining);
-        limit_field.push_str(";t=");
-        push_decimal(&mut limit_field, ceil_secs(reset));
-        let tighter = tightest.is_none_or(|(_, remaining, _)| d.remaining < remaining);
-        if tighter {
-            tightest = Some((points, d.remaining, reset));
+        fields.add(&policy.name, points, d.remaining, reset);
+    }
+    if fields.retry.is_none() {
+        for (policy, key) in stream_keys {
+            let Some(streams) = &policy.streams else {
+                continue;
+            };
+            let (taken, source) = policy.acquire(streams, &key).await;
+            policy.stream_counters.count(source, taken.is_ok());
+            last_source = Some(source_name(policy, source));
+            let max = match source {
+                Source::Memory if matches!(policy.store, Store::Redis { .. }) => {
+                    streams.fallback_max
+                }
+                _ => streams.max,
+            };
+            match taken {
+                Ok(Some(permit)) => {
+                    fields.add(&policy.name, max, permit.remaining, Duration::ZERO);
+                    hold.permits.push(permit);
+                }
+                Ok(None) => {}
+                Err(()) => {
+                    fields.add(&policy.name, max, 0, STREAM_RETRY_AFTER);
+                    fields.refuse(STREAM_RETRY_AFTER);
+                    break;
+                }
+            }
         }
     }
-    let mut out = HeaderMap::with_capacity(5);
-    insert(&mut out, &RATELIMIT_POLICY, &policy_field);
-    if !limit_field.is_empty() {
-        insert(&mut out, &RATELIMIT, &limit_field);
-    }
-    if let Some((points, remaining, reset)) = tightest {
-        out.insert(X_LIMIT.clone(), HeaderValue::from(points));
-        out.insert(X_REMAINING.clone(), HeaderValue::from(remaining));
-        out.insert(X_RESET.clone(), HeaderValue::from(ceil_secs(reset)));
+    if fields.retry.is_some() {
+        // Refused: nothing is held, nothing will be charged.
+        hold = Hold::default();
     }
     Verdict {
-        retry_after_secs: retry.map(|r| ceil_secs(r).max(1)),
-        headers: Some(out),
+        retry_after_secs: fields.retry.map(|r| ceil_secs(r).max(1)),
+        headers: Some(fields.headers()),
         source: last_source,
+        hold,
     }
 }
 
@@ -599,6 +962,7 @@ fn mask(ip: IpAddr, v6_prefix: u8) -> IpAddr {
 mod tests {
     use super::*;
     use crate::config::RateLimitKey;
+    use crate::stream::tail::Tail;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -614,19 +978,37 @@ mod tests {
         assert_eq!(mask(ip("192.0.2.1"), 64), ip("192.0.2.1"));
     }
 
+    fn memory_store() -> Store {
+        Store::Memory {
+            table: Arc::new(Table::new(10)),
+            streams: Arc::new(StreamTable::new(10)),
+        }
+    }
+
+    impl Policy {
+        /// A request counted against `key`.
+        async fn decide_key(&self, key: &str) -> (Option<Decision>, Source) {
+            let limits = self.limits.expect("a points limit");
+            self.decide(&limits, key).await
+        }
+    }
+
     fn policy(by: KeySource, per_route: bool) -> Policy {
         let mut reg = PromRegistry::default();
         let metrics = Metrics::register(&mut reg);
         let pc = RateLimitConfig {
             name: "api".into(),
-            points: 10,
+            points: Some(10),
             per: Duration::from_millis(1500),
             block_for: None,
             key: RateLimitKey { per_route, by },
             store: RateLimitStore::Memory,
             ipv6_prefix: 64,
+            cost: RateLimitCost::Requests,
+            max_streams: None,
+            stream_lease: Duration::from_secs(30),
         };
-        Policy::new(&pc, 3, Store::Memory(Arc::new(Table::new(10))), &metrics)
+        Policy::new(&pc, 3, memory_store(), &metrics)
     }
 
     #[test]
@@ -664,7 +1046,7 @@ mod tests {
         let p = policy(KeySource::ClientIp, false);
         assert_eq!(p.policy_item, "\"api\";q=10;w=2");
         // 10 points over 3 replicas.
-        assert_eq!(p.fallback_limits.points, 3);
+        assert_eq!(p.fallback_limits.unwrap().points, 3);
         assert_eq!(ceil_secs(Duration::from_millis(1)), 1);
         assert_eq!(ceil_secs(Duration::from_secs(2)), 2);
     }
@@ -683,20 +1065,20 @@ mod tests {
         let one = "  a: { points: 1, store: memory }\n  b: { points: 1, store: memory }\n";
         let policies = registry.update(&config_with(one)).unwrap();
         for name in ["a", "b"] {
-            assert!(policies[name].decide("k").await.0.unwrap().allowed);
+            assert!(policies[name].decide_key("k").await.0.unwrap().allowed);
         }
         // Same names, another limit for a: its count is kept (and now allows one more).
         let two = "  a: { points: 2, store: memory }\n  b: { points: 1, store: memory }\n";
         let policies = registry.update(&config_with(two)).unwrap();
-        assert!(policies["a"].decide("k").await.0.unwrap().allowed);
-        assert!(!policies["a"].decide("k").await.0.unwrap().allowed);
-        assert!(!policies["b"].decide("k").await.0.unwrap().allowed);
+        assert!(policies["a"].decide_key("k").await.0.unwrap().allowed);
+        assert!(!policies["a"].decide_key("k").await.0.unwrap().allowed);
+        assert!(!policies["b"].decide_key("k").await.0.unwrap().allowed);
         // A name dropped and added back starts afresh.
         registry
             .update(&config_with("  a: { points: 2, store: memory }\n"))
             .unwrap();
         let policies = registry.update(&config_with(two)).unwrap();
-        assert!(policies["b"].decide("k").await.0.unwrap().allowed);
+        assert!(policies["b"].decide_key("k").await.0.unwrap().allowed);
     }
 
     #[tokio::test]
@@ -721,5 +1103,294 @@ mod tests {
         }
         let v = check(std::slice::from_ref(&p), "r", &h, || peer).await;
         assert!(matches!(v.retry_after_secs, Some(1 | 2)), "{v:?}");
+    }
+
+    // === streams and tokens ===
+
+    fn registry() -> Registry {
+        let mut reg = PromRegistry::default();
+        Registry::new(Metrics::register(&mut reg))
+    }
+
+    /// A Tail holding what `check` let `key` through with (as the pipeline keeps it).
+    async fn admit(policy: &Arc<Policy>, key: &str) -> Result<Tail, Verdict> {
+        let h: HeaderMap = [(
+            HeaderName::from_static("x-user"),
+            HeaderValue::from_str(key).unwrap(),
+        )]
+        .into_iter()
+        .collect();
+        let v = check(std::slice::from_ref(policy), "r", &h, || ip("192.0.2.1")).await;
+        if v.retry_after_secs.is_some() {
+            return Err(v);
+        }
+        Ok(Tail {
+            rate_limit_hold: v.hold,
+            ..Tail::default()
+        })
+    }
+
+    async fn refuse(policy: &Arc<Policy>, key: &str) -> Verdict {
+        match admit(policy, key).await {
+            Err(v) => v,
+            Ok(_) => panic!("{key} admitted"),
+        }
+    }
+
+    /// The shared Redis of the tests (`RAMPART_TEST_REDIS_URL`, else 127.0.0.1:6379); None
+    /// (a visible skip) when it does not answer, except under CI, where that fails.
+    async fn shared_redis(test: &str) -> Option<String> {
+        let url = std::env::var("RAMPART_TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let addr = url.trim_start_matches("redis://").trim_end_matches('/');
+        let up = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::net::TcpStream::connect(addr.to_owned()),
+        )
+        .await
+        .is_ok_and(|c| c.is_ok());
+        if !up {
+            assert!(
+                std::env::var("CI").is_err(),
+                "{test}: no Redis at {url} under CI"
+            );
+            eprintln!("SKIPPED {test}: no Redis at {url}");
+            return None;
+        }
+        Some(url)
+    }
+
+    fn redis_config(url: &str, replicas: u32, policies: &str) -> Config {
+        let yaml = format!(
+            "listeners:\n  - name: l\n    listen: 127.0.0.1:0\n    routes: [{{upstream: u}}]\nupstreams:\n  u:\n    endpoints: [\"http://127.0.0.1:1\"]\nredis: {{ url: \"{url}\", timeout: 1s }}\nreplicas: {replicas}\nrate_limits:\n{policies}"
+        );
+        crate::config::parse_str(&yaml, "t.yaml", &|_| None).unwrap()
+    }
+
+    fn unique(prefix: &str) -> String {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        format!(
+            "{prefix}{}x{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_used_in_memory_refuses_the_key_until_the_window_ends() {
+        let registry = registry();
+        let policies = registry
+            .update(&config_with(
+                "  t: { points: 100, per: 10s, block_for: off, cost: tokens, key: \"header:x-user\", store: memory }\n",
+            ))
+            .unwrap();
+        let p = &policies["t"];
+        // Admission charges nothing: many requests pass while no tokens are reported.
+        for _ in 0..5 {
+            admit(p, "alice").await.unwrap();
+        }
+        let mut tail = admit(p, "alice").await.unwrap();
+        tail.tokens_used(40, 70);
+        let refused = refuse(p, "alice").await;
+        assert!(
+            matches!(refused.retry_after_secs, Some(9 | 10)),
+            "{refused:?}"
+        );
+        let headers = refused.headers.unwrap();
+        assert_eq!(headers["ratelimit-policy"], "\"t\";q=100;w=10");
+        assert!(
+            headers["ratelimit"]
+                .to_str()
+                .unwrap()
+                .starts_with("\"t\";r=0;"),
+            "{headers:?}"
+        );
+        assert_eq!(headers["x-ratelimit-remaining"], "0");
+        // Another key is unaffected.
+        let bob = admit(p, "bob").await.unwrap();
+        drop(bob);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        admit(p, "alice").await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_below_the_budget_leave_the_rest() {
+        let registry = registry();
+        let policies = registry
+            .update(&config_with(
+                "  t: { points: 100, per: 10s, cost: tokens, key: \"header:x-user\", store: memory }\n",
+            ))
+            .unwrap();
+        let p = &policies["t"];
+        let mut tail = admit(p, "alice").await.unwrap();
+        tail.tokens_used(30, 10);
+        let tail = admit(p, "alice").await.unwrap();
+        drop(tail);
+        let v = check(
+            std::slice::from_ref(p),
+            "r",
+            &[(
+                HeaderName::from_static("x-user"),
+                HeaderValue::from_static("alice"),
+            )]
+            .into_iter()
+            .collect(),
+            || ip("192.0.2.1"),
+        )
+        .await;
+        assert_eq!(v.headers.unwrap()["x-ratelimit-remaining"], "60");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tokens_used_in_redis_refuses_the_key_until_the_window_ends() {
+        let test = "tokens_used_in_redis_refuses_the_key_until_the_window_ends";
+        let Some(url) = shared_redis(test).await else {
+            return;
+        };
+        let name = unique("tok");
+        let registry = registry();
+        let policies = registry
+            .update(&redis_config(
+                &url,
+                1,
+                &format!(
+                    "  {name}: {{ points: 100, per: 2s, block_for: off, cost: tokens, key: \"header:x-user\" }}\n"
+                ),
+            ))
+            .unwrap();
+        let p = &policies[&name];
+        let mut tail = admit(p, "alice").await.unwrap();
+        tail.tokens_used(40, 70);
+        // Charged by a task of its own: refused within a bounded wait.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let refused = loop {
+            match admit(p, "alice").await {
+                Err(v) => break v,
+                Ok(_) => {
+                    assert!(Instant::now() < deadline, "the charge never landed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        assert!(
+            matches!(refused.retry_after_secs, Some(1 | 2)),
+            "{refused:?}"
+        );
+        assert_eq!(refused.source, Some("redis"));
+        admit(p, "bob").await.unwrap();
+        // The window ends in Redis's time: allowed again within it and a margin.
+        let deadline = Instant::now() + Duration::from_secs(4);
+        while admit(p, "alice").await.is_err() {
+            assert!(Instant::now() < deadline, "still refused after the window");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_in_memory_are_held_until_dropped_and_a_reload_keeps_them() {
+        let registry = registry();
+        let one = "  s: { max_streams: 2, key: \"header:x-user\", store: memory }\n";
+        let policies = registry.update(&config_with(one)).unwrap();
+        let p = &policies["s"];
+        assert!(p.limits.is_none(), "max_streams alone limits no requests");
+        let a = admit(p, "alice").await.unwrap();
+        let b = admit(p, "alice").await.unwrap();
+        assert_eq!(a.rate_limit_hold.permits(), 1);
+        let refused = refuse(p, "alice").await;
+        assert_eq!(refused.retry_after_secs, Some(1));
+        let h = refused.headers.unwrap();
+        assert_eq!(
+            h["ratelimit-policy"],
+            "\"s\";q=2;qu=\"concurrent-requests\""
+        );
+        assert_eq!(h["ratelimit"], "\"s\";r=0;t=1");
+        assert_eq!(h["x-ratelimit-limit"], "2");
+        // Another key has its own.
+        let _c = admit(p, "bob").await.unwrap();
+        drop(a);
+        let a = admit(p, "alice").await.unwrap();
+
+        // Lowered to 1 by a reload: the 2 held stay until released; new ones count
+        // against 1.
+        let lower = "  s: { max_streams: 1, key: \"header:x-user\", store: memory }\n";
+        let policies = registry.update(&config_with(lower)).unwrap();
+        let p = &policies["s"];
+        refuse(p, "alice").await;
+        drop(a);
+        refuse(p, "alice").await;
+        drop(b);
+        let _d = admit(p, "alice").await.unwrap();
+        refuse(p, "alice").await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn streams_and_points_both_apply_and_a_refusal_holds_nothing() {
+        let registry = registry();
+        let policies = registry
+            .update(&config_with(
+                "  b: { points: 3, per: 60s, max_streams: 2, key: \"header:x-user\", store: memory }\n",
+            ))
+            .unwrap();
+        let p = &policies["b"];
+        let a = admit(p, "alice").await.unwrap();
+        let b = admit(p, "alice").await.unwrap();
+        // Third: a point is left, no stream.
+        let v = refuse(p, "alice").await;
+        assert_eq!(v.retry_after_secs, Some(1));
+        drop(a);
+        drop(b);
+        // The points are spent (3 requests counted): refused for the window, and the
+        // refusal took no permit.
+        let v = refuse(p, "alice").await;
+        assert!(v.retry_after_secs.unwrap() > 1, "{v:?}");
+        let Store::Memory { streams, .. } = &p.store else {
+            panic!("memory store")
+        };
+        assert_eq!(streams.held("h:alice"), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn streams_in_redis_are_shared_renewed_and_released() {
+        let test = "streams_in_redis_are_shared_renewed_and_released";
+        let Some(url) = shared_redis(test).await else {
+            return;
+        };
+        let name = unique("st");
+        let policy =
+            format!("  {name}: {{ max_streams: 3, stream_lease: 3s, key: \"header:x-user\" }}\n");
+        // Two replicas: two registries, two Redis clients.
+        let (ra, rb) = (registry(), registry());
+        let pa = ra.update(&redis_config(&url, 2, &policy)).unwrap();
+        let pb = rb.update(&redis_config(&url, 2, &policy)).unwrap();
+        let (pa, pb) = (&pa[&name], &pb[&name]);
+        let a1 = admit(pa, "alice").await.unwrap();
+        let a2 = admit(pa, "alice").await.unwrap();
+        let b1 = admit(pb, "alice").await.unwrap();
+        let refused = refuse(pb, "alice").await;
+        assert_eq!(refused.source, Some("redis"));
+        refuse(pa, "alice").await;
+        let Store::Redis { client, .. } = &pa.store else {
+            panic!("redis store")
+        };
+        assert_eq!(client.leases_held(), 2);
+        // Held past two leases: renewed by their replicas, still counted.
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        refuse(pa, "alice").await;
+        // Released: the next is admitted (the release is a task: bounded wait).
+        drop(b1);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let a3 = loop {
+            match admit(pa, "alice").await {
+                Ok(t) => break t,
+                Err(_) => {
+                    assert!(Instant::now() < deadline, "the release never landed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        assert_eq!(client.leases_held(), 3);
+        drop((a1, a2, a3));
+        assert_eq!(client.leases_held(), 0);
     }
 }

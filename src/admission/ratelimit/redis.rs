@@ -43,14 +43,107 @@ redis.call('PEXPIRE', KEYS[1], math.max(blocked, wend) - now)
 return {allowed, math.max(points - count, 0), wend - now, retry}
 "#;
 
+/// `cost: tokens` admission (`memory::peek`): the same hash, read only.
+/// ARGV = points, window ms. Returns as SCRIPT.
+const PEEK: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local points = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local h = redis.call('HMGET', KEYS[1], 'c', 'w', 'b')
+local count = tonumber(h[1]) or 0
+local wend = tonumber(h[2]) or 0
+local blocked = tonumber(h[3]) or 0
+if wend <= now then
+  count = 0
+  wend = now
+end
+if blocked <= now and count < points then
+  local reset = wend - now
+  if count == 0 then reset = window end
+  return {1, points - count, reset, 0}
+end
+return {0, 0, wend - now, math.max(blocked, wend) - now}
+"#;
+
+/// `memory::charge`: ARGV = points, window ms, block ms (0 = none), cost. Returns 1.
+const CHARGE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local points = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local block = tonumber(ARGV[3])
+local cost = tonumber(ARGV[4])
+local h = redis.call('HMGET', KEYS[1], 'c', 'w', 'b')
+local count = tonumber(h[1]) or 0
+local wend = tonumber(h[2]) or 0
+local blocked = tonumber(h[3]) or 0
+if wend <= now then
+  count = 0
+  wend = now + window
+end
+count = count + cost
+if count >= points and block > 0 then blocked = math.max(blocked, now + block) end
+redis.call('HSET', KEYS[1], 'c', count, 'w', wend, 'b', blocked)
+redis.call('PEXPIRE', KEYS[1], math.max(blocked, wend) - now)
+return 1
+"#;
+
+/// `max_streams`: KEYS[1] = rl:{policy}:s:key, a sorted set of permit ids scored by their
+/// lease's end (ms of Redis time). ARGV = max, lease ms, id. Expired leases (a replica that
+/// died holding them) are dropped first. Returns {taken, remaining}.
+const ACQUIRE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local max = tonumber(ARGV[1])
+local lease = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local n = redis.call('ZCARD', KEYS[1])
+if n >= max then return {0, 0} end
+redis.call('ZADD', KEYS[1], now + lease, ARGV[3])
+if redis.call('PTTL', KEYS[1]) < lease then redis.call('PEXPIRE', KEYS[1], lease) end
+return {1, max - n - 1}
+"#;
+
+/// Renews the leases of permits this replica holds on one key: ARGV = lease ms, ids...
+/// Only ids still there (XX): one released or expired meanwhile is not brought back. The
+/// key's expiry covers its longest lease (leases differ after a reload changed them).
+const RENEW: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[1])
+local renewed = 0
+for i = 2, #ARGV do
+  renewed = renewed + redis.call('ZADD', KEYS[1], 'XX', 'CH', now + lease, ARGV[i])
+end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl ~= -2 and ttl < lease then redis.call('PEXPIRE', KEYS[1], lease) end
+return renewed
+"#;
+
+/// ARGV = id. Returns how many were removed.
+const RELEASE: &str = r#"
+return redis.call('ZREM', KEYS[1], ARGV[1])
+"#;
+
 pub(crate) struct RedisLimiter {
     script: Script,
+    peek: Script,
+    charge: Script,
+    acquire: Script,
+    renew: Script,
+    release: Script,
 }
 
 impl Default for RedisLimiter {
     fn default() -> Self {
         RedisLimiter {
             script: Script::new(SCRIPT),
+            peek: Script::new(PEEK),
+            charge: Script::new(CHARGE),
+            acquire: Script::new(ACQUIRE),
+            renew: Script::new(RENEW),
+            release: Script::new(RELEASE),
         }
     }
 }
@@ -69,19 +162,97 @@ impl RedisLimiter {
             limits.block.map_or(0, millis),
         ];
         let reply: Vec<i64> = redis.eval(&self.script, key, &args).await?;
-        let field = |i: usize| -> Result<u64, RedisError> {
-            reply
-                .get(i)
-                .and_then(|v| u64::try_from(*v).ok())
-                .ok_or_else(|| RedisError::Reply(format!("{reply:?}")))
-        };
-        Ok(Decision {
-            allowed: field(0)? == 1,
-            remaining: field(1)?,
-            reset: Duration::from_millis(field(2)?),
-            retry_after: Duration::from_millis(field(3)?),
-        })
+        decision(&reply)
     }
+
+    /// `cost: tokens` admission: nothing is counted.
+    pub(crate) async fn peek(
+        &self,
+        redis: &Redis,
+        key: &str,
+        limits: &Limits,
+    ) -> Result<Decision, RedisError> {
+        let args = [limits.points, millis(limits.window)];
+        let reply: Vec<i64> = redis.eval(&self.peek, key, &args).await?;
+        decision(&reply)
+    }
+
+    pub(crate) async fn charge(
+        &self,
+        redis: &Redis,
+        key: &str,
+        limits: &Limits,
+        cost: u64,
+    ) -> Result<(), RedisError> {
+        let args = [
+            limits.points,
+            millis(limits.window),
+            limits.block.map_or(0, millis),
+            cost,
+        ];
+        let _: i64 = redis.eval(&self.charge, key, &args).await?;
+        Ok(())
+    }
+
+    /// Some(remaining) when the permit `id` was taken.
+    pub(crate) async fn acquire(
+        &self,
+        redis: &Redis,
+        key: &str,
+        max: u64,
+        lease: Duration,
+        id: u64,
+    ) -> Result<Option<u64>, RedisError> {
+        let reply: Vec<i64> = redis
+            .eval(&self.acquire, key, &[max, millis(lease), id])
+            .await?;
+        match reply.as_slice() {
+            [1, remaining] => Ok(Some(u64::try_from(*remaining).unwrap_or(0))),
+            [0, _] => Ok(None),
+            _ => Err(RedisError::Reply(format!("{reply:?}"))),
+        }
+    }
+
+    /// Renews `ids` on `key`, all in one call.
+    pub(crate) async fn renew(
+        &self,
+        redis: &Redis,
+        key: &str,
+        lease: Duration,
+        ids: &[u64],
+    ) -> Result<(), RedisError> {
+        let mut args = Vec::with_capacity(ids.len() + 1);
+        args.push(millis(lease));
+        args.extend_from_slice(ids);
+        let _: i64 = redis.eval(&self.renew, key, &args).await?;
+        Ok(())
+    }
+
+    pub(crate) async fn release(
+        &self,
+        redis: &Redis,
+        key: &str,
+        id: u64,
+    ) -> Result<(), RedisError> {
+        let _: i64 = redis.eval(&self.release, key, &[id]).await?;
+        Ok(())
+    }
+}
+
+/// {allowed, remaining, ms to window end, ms until allowed again}
+fn decision(reply: &[i64]) -> Result<Decision, RedisError> {
+    let field = |i: usize| -> Result<u64, RedisError> {
+        reply
+            .get(i)
+            .and_then(|v| u64::try_from(*v).ok())
+            .ok_or_else(|| RedisError::Reply(format!("{reply:?}")))
+    };
+    Ok(Decision {
+        allowed: field(0)? == 1,
+        remaining: field(1)?,
+        reset: Duration::from_millis(field(2)?),
+        retry_after: Duration::from_millis(field(3)?),
+    })
 }
 
 /// At least 1: a sub-millisecond window would never count anything.

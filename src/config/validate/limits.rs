@@ -7,7 +7,8 @@ use super::reader::{Ctx, Field, MapReader, Unique};
 use super::values::{parse_duration, parse_host_port, parse_rate_limit_key, parse_redis_url};
 use crate::config::raw::child_path;
 use crate::config::{
-    KeySource, RateLimitConfig, RateLimitKey, RateLimitStore, RedisConfig, RedisTarget, Secret,
+    KeySource, RateLimitConfig, RateLimitCost, RateLimitKey, RateLimitStore, RedisConfig,
+    RedisTarget, Secret,
 };
 
 /// Every rate-limited request waits up to this while Redis is down (until the fallback
@@ -16,6 +17,10 @@ pub(super) const MAX_REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 pub(super) const MAX_REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Counts travel through Lua numbers (doubles): stay far below 2^53.
 pub(super) const MAX_RATE_LIMIT_POINTS: u64 = 1_000_000_000_000_000;
+/// Open streams per key: far beyond any real client, small enough for a Lua number.
+pub(super) const MAX_STREAMS: u64 = 1_000_000;
+pub(super) const MIN_STREAM_LEASE: Duration = Duration::from_secs(3);
+pub(super) const MAX_STREAM_LEASE: Duration = Duration::from_secs(600);
 
 /// `redis:`: exactly one of `url` and `sentinel`, plus timeouts and the pool. Returns Some
 /// whenever the section is written, even with problems, so `store: redis` is not reported
@@ -148,11 +153,37 @@ pub(super) fn rate_limit(
     redis_present: bool,
 ) -> RateLimitConfig {
     let mut m = MapReader::open(ctx, Some(f));
+    let points = m.read(ctx, "points", |ctx, f| ctx.int(f, 1, MAX_RATE_LIMIT_POINTS));
+    let max_streams = m.read(ctx, "max_streams", |ctx, f| ctx.int(f, 1, MAX_STREAMS));
+    let cost_field = m.optional("cost");
+    let cost = cost_field.as_ref().and_then(|f| {
+        ctx.one_of(
+            f,
+            &[
+                ("requests", RateLimitCost::Requests),
+                ("tokens", RateLimitCost::Tokens),
+            ],
+        )
+    });
+    // A policy that only limits streams says so by writing `max_streams` alone; tokens
+    // always need a budget.
+    if let (Some(f), Some(RateLimitCost::Tokens), None, Some(_)) =
+        (&cost_field, cost, points, max_streams)
+    {
+        ctx.report(
+            f.pos(),
+            &f.path,
+            "cost tokens needs `points` (the tokens allowed per window)",
+        );
+    }
+    let points = match (points, max_streams) {
+        (Some(p), _) => Some(p),
+        (None, Some(_)) => None,
+        (None, None) => Some(RateLimitConfig::DEFAULT_POINTS),
+    };
     let config = RateLimitConfig {
         name: name.to_owned(),
-        points: m
-            .read(ctx, "points", |ctx, f| ctx.int(f, 1, MAX_RATE_LIMIT_POINTS))
-            .unwrap_or(RateLimitConfig::DEFAULT_POINTS),
+        points,
         per: m
             .read(ctx, "per", |ctx, f| {
                 ctx.parse_with(f, "a duration", |s| {
@@ -204,9 +235,26 @@ pub(super) fn rate_limit(
             .read(ctx, "ipv6_prefix", |ctx, f| ctx.int(f, 1, 128))
             .and_then(|n| u8::try_from(n).ok())
             .unwrap_or(RateLimitKey::DEFAULT_IPV6_PREFIX),
+        cost: cost.unwrap_or_default(),
+        max_streams,
+        stream_lease: m
+            .read(ctx, "stream_lease", stream_lease)
+            .unwrap_or(RateLimitConfig::DEFAULT_STREAM_LEASE),
     };
     m.finish(ctx);
     config
+}
+
+/// `stream_lease`: renewed every third of it, so not so short that one slow Redis call
+/// loses a live stream's permit, nor so long that a dead replica's permits linger.
+fn stream_lease(ctx: &mut Ctx, f: &Field) -> Option<Duration> {
+    ctx.parse_with(f, "a duration", |s| {
+        let d = parse_duration(s)?;
+        if !(MIN_STREAM_LEASE..=MAX_STREAM_LEASE).contains(&d) {
+            return Err(format!("must be between 3s and 10m, got \"{s}\""));
+        }
+        Ok(d)
+    })
 }
 
 #[cfg(test)]
@@ -262,7 +310,7 @@ mod tests {
             config.rate_limits["api"],
             RateLimitConfig {
                 name: "api".into(),
-                points: 10,
+                points: Some(10),
                 per: secs(1),
                 block_for: None,
                 key: RateLimitKey {
@@ -271,6 +319,9 @@ mod tests {
                 },
                 store: RateLimitStore::Memory,
                 ipv6_prefix: 48,
+                cost: RateLimitCost::Requests,
+                max_streams: None,
+                stream_lease: secs(30),
             }
         );
         // Defaults; the store is redis because a redis section exists.
@@ -278,7 +329,7 @@ mod tests {
             config.rate_limits["chat"],
             RateLimitConfig {
                 name: "chat".into(),
-                points: 100,
+                points: Some(100),
                 per: secs(60),
                 block_for: Some(secs(60)),
                 key: RateLimitKey {
@@ -287,6 +338,9 @@ mod tests {
                 },
                 store: RateLimitStore::Redis,
                 ipv6_prefix: 64,
+                cost: RateLimitCost::Requests,
+                max_streams: None,
+                stream_lease: secs(30),
             }
         );
         assert_eq!(config.listeners[0].routes[0].rate_limits, ["api", "chat"]);
@@ -499,6 +553,97 @@ mod tests {
         assert!(p[6].message.contains("expected one of redis, memory"));
         assert!(p[7].message.contains("must be at most 128"));
         assert!(p[8].message.contains("invalid header name \"bad name\""));
+    }
+
+    #[test]
+    fn stream_and_token_policies() {
+        let config = ok(&with_limits(
+            r#"
+            redis: { url: "redis://127.0.0.1:6379" }
+            rate_limits:
+              streams: { max_streams: 3, key: "header:x-user-id" }
+              both: { points: 20, max_streams: 2, stream_lease: 3s, store: memory }
+              tokens: { points: 100000, per: 1m, cost: tokens }
+              token_streams: { points: 500, cost: tokens, max_streams: 1, stream_lease: 10m }
+              requests: { cost: requests }
+            "#,
+            "rate_limits: [streams, both, tokens, token_streams, requests]",
+        ));
+        let p = &config.rate_limits;
+        // `max_streams` alone: no request limit.
+        assert_eq!(p["streams"].points, None);
+        assert_eq!(p["streams"].max_streams, Some(3));
+        assert_eq!(p["streams"].stream_lease, secs(30));
+        assert_eq!(p["streams"].cost, RateLimitCost::Requests);
+        assert_eq!(p["both"].points, Some(20));
+        assert_eq!(p["both"].max_streams, Some(2));
+        assert_eq!(p["both"].stream_lease, secs(3));
+        assert_eq!(p["tokens"].cost, RateLimitCost::Tokens);
+        assert_eq!(p["tokens"].points, Some(100_000));
+        assert_eq!(p["tokens"].max_streams, None);
+        assert_eq!(p["token_streams"].cost, RateLimitCost::Tokens);
+        assert_eq!(p["token_streams"].max_streams, Some(1));
+        assert_eq!(p["token_streams"].stream_lease, secs(600));
+        assert_eq!(p["requests"].points, Some(100));
+        let summary = config.summary();
+        assert!(
+            summary.contains("ratelimit streams max 3 streams (lease 30s) (store redis)"),
+            "{summary}"
+        );
+        assert!(
+            summary.contains("ratelimit tokens 100000 tokens per 1m (block 1m, store redis)"),
+            "{summary}"
+        );
+    }
+
+    #[test]
+    fn bad_stream_and_token_values() {
+        let p = problems(&with_limits(
+            r#"
+            rate_limits:
+              a: { max_streams: 0 }
+              b: { max_streams: 3, stream_lease: 2s }
+              c: { max_streams: 3, stream_lease: 11m }
+              d: { cost: bytes }
+              e: { max_streams: 2, cost: tokens }
+              f: { max_streams: many }
+            "#,
+            "",
+        ));
+        let got: Vec<(usize, usize, &str)> = p
+            .iter()
+            .map(|p| (p.line, p.column, p.path.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (11, 21, "rate_limits.a.max_streams"),
+                (12, 38, "rate_limits.b.stream_lease"),
+                (13, 38, "rate_limits.c.stream_lease"),
+                (14, 14, "rate_limits.d.cost"),
+                (15, 30, "rate_limits.e.cost"),
+                (16, 21, "rate_limits.f.max_streams"),
+            ],
+            "{p:#?}"
+        );
+        assert!(p[0].message.contains("must be greater than 0"), "{p:#?}");
+        assert!(
+            p[1].message.contains("must be between 3s and 10m"),
+            "{p:#?}"
+        );
+        assert!(
+            p[2].message.contains("must be between 3s and 10m"),
+            "{p:#?}"
+        );
+        assert!(
+            p[3].message.contains("expected one of requests, tokens"),
+            "{p:#?}"
+        );
+        assert!(
+            p[4].message.contains("cost tokens needs `points`"),
+            "{p:#?}"
+        );
+        assert!(p[5].message.contains("expected an integer"), "{p:#?}");
     }
 
     #[test]
