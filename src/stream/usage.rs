@@ -37,21 +37,8 @@
 //! nested deeper than [`MAX_DEPTH`] make the text invalid, as serde_json's recursion limit
 //! does.
 
-/// Token counts of one answer.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Usage {
-    pub(crate) prompt: u64,
-    pub(crate) completion: u64,
-}
-
-impl Usage {
-    fn add(self, other: Usage) -> Usage {
-        Usage {
-            prompt: self.prompt.saturating_add(other.prompt),
-            completion: self.completion.saturating_add(other.completion),
-        }
-    }
-}
+/// Token counts of one answer (defined with the metrics that take them).
+pub(crate) use crate::observe::tokens::Usage;
 
 /// The longest key of interest: `toolCallOutputTokens`.
 const KEY_CAP: usize = 20;
