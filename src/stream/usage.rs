@@ -15,8 +15,8 @@
 //!   array of node responses (`DispatchNodeResponseType` in
 //!   `packages/global/core/workflow/runtime/type.ts`). A node counts `inputTokens` and
 //!   `toolCallInputTokens` as prompt, `outputTokens` and `toolCallOutputTokens` as
-//!   completion; a node with none of these (FastGPT before the split, same file's history)
-//!   counts its `tokens` and `toolCallTokens`, totals that cannot be split, as prompt. The
+//!   completion; a node with none of these (older FastGPT: `tokens`, `toolCallTokens` in
+//!   `runtime/type.d.ts`) counts those, totals that cannot be split, as prompt. The
 //!   nodes a node ran (`toolDetail`, `pluginDetail`, `loopDetail`, `childrenResponses`,
 //!   arrays of node responses whose tokens the parent does not include) are counted too, to
 //!   [`NODE_CAP`] levels. FastGPT's chunks carry no `usage`; a stream that has one (an
