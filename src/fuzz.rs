@@ -502,3 +502,31 @@ pub fn sse(data: &[u8]) {
         assert_eq!((totals, s.at_boundary()), byte_by_byte, "every {step}");
     }
 }
+
+/// The token meter (`stream::usage`) on any bytes, as an event stream and as a JSON body.
+/// The first two bytes pick where the rest is cut in two (as a big-endian offset, past the
+/// end meaning not at all); the meter's answer is the same cut or whole, and byte by byte
+/// (that one for inputs up to 4 KiB, to keep each run fast).
+pub fn usage(data: &[u8]) {
+    use crate::stream::usage::UsageMeter;
+    let (cut, body) = match data {
+        [a, b, rest @ ..] => (usize::from(u16::from_be_bytes([*a, *b])), rest),
+        _ => return,
+    };
+    let cut = cut.min(body.len());
+    for new in [UsageMeter::event_stream, UsageMeter::json] {
+        let mut whole = new();
+        whole.feed(body);
+        let mut split = new();
+        split.feed(&body[..cut]);
+        split.feed(&body[cut..]);
+        assert_eq!(split.usage(), whole.usage(), "cut at {cut}");
+        if body.len() <= 4096 {
+            let mut bytes = new();
+            for b in body.chunks(1) {
+                bytes.feed(b);
+            }
+            assert_eq!(bytes.usage(), whole.usage(), "byte by byte");
+        }
+    }
+}

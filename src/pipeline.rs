@@ -107,6 +107,7 @@ pub(crate) async fn handle(
             ttfb: None,
             bytes_in: 0,
             bytes_out: 0,
+            usage: None,
             outcome: LogOutcome::Streaming,
         }),
         ..Tail::default()

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::tokens::Usage;
 use crate::body::BodyError;
 use crate::observe::http::StreamEnd;
 
@@ -88,6 +89,8 @@ pub(crate) struct AccessRecord {
     pub ttfb: Option<Duration>,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// The LLM answer's token counts, when its body carried them (`stream::usage`).
+    pub usage: Option<Usage>,
     pub outcome: Outcome,
 }
 
@@ -185,8 +188,96 @@ impl Drop for AccessRecord {
             ttfb_ms = self.ttfb.map(millis),
             bytes_in = self.bytes_in,
             bytes_out = self.bytes_out,
+            tokens_prompt = self.usage.map(|u| u.prompt),
+            tokens_completion = self.usage.map(|u| u.completion),
             request_id = self.request_id.to_str().unwrap_or("-"),
             outcome = self.outcome.as_str(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Lines written by the subscriber, shared with the test.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn record(usage: Option<Usage>) -> AccessRecord {
+        AccessRecord {
+            start: Instant::now(),
+            listener: "main".into(),
+            route: Some("chat".into()),
+            upstream: Some("llm".into()),
+            method: http::Method::POST,
+            uri: http::uri::PathAndQuery::from_static("/v1/chat/completions"),
+            client: IpAddr::from([127, 0, 0, 1]),
+            user_agent: None,
+            version: http::Version::HTTP_11,
+            ratelimit: None,
+            status: 200,
+            request_id: http::HeaderValue::from_static("req-1"),
+            ttfb: None,
+            bytes_in: 10,
+            bytes_out: 20,
+            usage,
+            outcome: Outcome::Ok,
+        }
+    }
+
+    /// The line `record` writes when dropped, in the text format or the JSON one, as
+    /// `main` sets them up (without colour).
+    fn line(json: bool, usage: Option<Usage>) -> String {
+        let lines = Lines::default();
+        let out = lines.clone();
+        let builder = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || out.clone());
+        let write = || drop(record(usage));
+        if json {
+            tracing::subscriber::with_default(builder.json().flatten_event(true).finish(), write);
+        } else {
+            tracing::subscriber::with_default(builder.finish(), write);
+        }
+        let bytes = lines.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn token_counts_are_logged_when_the_answer_had_them() {
+        let usage = Some(Usage {
+            prompt: 120,
+            completion: 30,
+        });
+        let text = line(false, usage);
+        assert!(
+            text.contains(" bytes_out=20 tokens_prompt=120 tokens_completion=30 "),
+            "{text}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&line(true, usage)).unwrap();
+        assert_eq!(json["tokens_prompt"], 120, "{json}");
+        assert_eq!(json["tokens_completion"], 30, "{json}");
+        assert_eq!(json["bytes_out"], 20, "{json}");
+
+        let text = line(false, None);
+        assert!(text.contains(" bytes_out=20 "), "{text}");
+        assert!(!text.contains("tokens_"), "{text}");
+        let json: serde_json::Value = serde_json::from_str(&line(true, None)).unwrap();
+        assert!(json.get("tokens_prompt").is_none(), "{json}");
+        assert!(json.get("tokens_completion").is_none(), "{json}");
     }
 }

@@ -25,6 +25,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use super::histogram::{DurationHistogram, HistogramSnapshot};
+use super::tokens::Usage;
 
 /// The methods counted by name; anything else is `other` (labels stay bounded).
 pub(crate) const METHODS: [&str; 8] = [
@@ -151,6 +152,14 @@ struct TunnelLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    listener: String,
+    route: String,
+    upstream: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TunnelBytesLabels {
     listener: String,
     route: String,
@@ -184,6 +193,7 @@ pub struct HttpMetrics {
     tunnels_active: Family<StreamLabels, Gauge>,
     tunnels: Family<TunnelLabels, Counter>,
     tunnel_bytes: Family<TunnelBytesLabels, Counter>,
+    llm_tokens: Family<TokenLabels, Counter>,
 }
 
 impl std::fmt::Debug for HttpMetrics {
@@ -217,6 +227,7 @@ impl HttpMetrics {
             tunnels_active: Family::default(),
             tunnels: Family::default(),
             tunnel_bytes: Family::default(),
+            llm_tokens: Family::default(),
         };
         // Counters without `_total`: the encoder adds it (and panics in debug builds if the
         // name already has it).
@@ -309,6 +320,11 @@ impl HttpMetrics {
             "tunnel_bytes",
             "Bytes carried through tunnels, by direction: from_client, from_upstream",
             m.tunnel_bytes.clone(),
+        );
+        registry.register(
+            "llm_tokens",
+            "Tokens of LLM answers as the upstream counted them (OpenAI usage, FastGPT node responses), by kind: prompt, completion",
+            m.llm_tokens.clone(),
         );
         registry.register_collector(Box::new(m.live.clone()));
         m
@@ -416,6 +432,13 @@ struct RouteCells {
     streams: OnceLock<StreamHandles>,
     /// Only routes that ever tunnel get these series.
     tunnels: OnceLock<TunnelHandles>,
+    /// Only routes whose answers ever carry token counts get these series.
+    tokens: OnceLock<TokenHandles>,
+}
+
+struct TokenHandles {
+    prompt: Counter,
+    completion: Counter,
 }
 
 struct TunnelHandles {
@@ -515,6 +538,36 @@ impl RouteMetrics {
             tunnels: self.families.tunnels.clone(),
             labels: self.labels.clone(),
         }
+    }
+
+    /// The token counts of one LLM answer (`stream::usage`).
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "called once the meter is wired into the response path (issue 16)"
+        )
+    )]
+    pub(crate) fn tokens(&self, usage: &Usage) {
+        let h = self.cells.tokens.get_or_init(|| {
+            let counter = |kind| {
+                self.families
+                    .llm_tokens
+                    .get_or_create(&TokenLabels {
+                        listener: self.labels.listener.clone(),
+                        route: self.labels.route.clone(),
+                        upstream: self.labels.upstream.clone(),
+                        kind,
+                    })
+                    .clone()
+            };
+            TokenHandles {
+                prompt: counter("prompt"),
+                completion: counter("completion"),
+            }
+        });
+        h.prompt.inc_by(usage.prompt);
+        h.completion.inc_by(usage.completion);
     }
 
     /// An event stream started after `ttfb`: counted as active until [`Self::stream_ended`].
@@ -811,6 +864,47 @@ mod tests {
         ] {
             assert!(text.contains(&line), "{line} missing: {text}");
         }
+    }
+
+    #[test]
+    fn tokens_are_counted_by_kind_once_a_route_sees_them() {
+        let mut reg = Registry::with_prefix("rampart");
+        let m = HttpMetrics::register(&mut reg);
+        let r = m.route("main", "chat", "llm", None);
+        let reg = Arc::new(reg);
+        r.finished(2, 200, None, 0, 0);
+        let text = super::super::encode_registry(&reg);
+        assert!(!text.contains("rampart_llm_tokens_total{"), "{text}");
+        r.tokens(&Usage {
+            prompt: 120,
+            completion: 30,
+        });
+        r.tokens(&Usage {
+            prompt: 5,
+            completion: 0,
+        });
+        let text = super::super::encode_registry(&reg);
+        let labels = "listener=\"main\",route=\"chat\",upstream=\"llm\"";
+        for line in [
+            "# HELP rampart_llm_tokens Tokens of LLM answers".to_owned(),
+            "# TYPE rampart_llm_tokens counter".to_owned(),
+            format!("rampart_llm_tokens_total{{{labels},kind=\"prompt\"}} 125"),
+            format!("rampart_llm_tokens_total{{{labels},kind=\"completion\"}} 30"),
+        ] {
+            assert!(text.contains(&line), "{line} missing: {text}");
+        }
+        // Another route's handle for the same labels adds to the same series.
+        m.route("main", "chat", "llm", None).tokens(&Usage {
+            prompt: 1,
+            completion: 1,
+        });
+        let text = super::super::encode_registry(&reg);
+        assert!(
+            text.contains(&format!(
+                "rampart_llm_tokens_total{{{labels},kind=\"completion\"}} 31"
+            )),
+            "{text}"
+        );
     }
 
     #[test]

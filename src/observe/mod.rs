@@ -15,6 +15,7 @@ pub(crate) mod http;
 pub(crate) mod series;
 pub(crate) mod sharded;
 pub(crate) mod signals;
+pub(crate) mod tokens;
 
 use std::sync::Arc;
 

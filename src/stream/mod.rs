@@ -7,3 +7,4 @@ pub(crate) mod finale;
 pub(crate) mod sse;
 pub(crate) mod tail;
 pub(crate) mod upgrade;
+pub(crate) mod usage;

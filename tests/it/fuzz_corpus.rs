@@ -17,6 +17,7 @@ const TARGETS: &[(&str, Entry)] = &[
     ("response_body", rampart::fuzz::response_body),
     ("config", rampart::fuzz::config),
     ("sse", rampart::fuzz::sse),
+    ("usage", rampart::fuzz::usage),
 ];
 
 #[test]

@@ -1,0 +1,1684 @@
+//! The token counts of an LLM answer, read from its body as it passes on its way to the
+//! client: the meter is fed the chunks exactly as they are forwarded, split anywhere, and
+//! keeps a fixed few hundred bytes whatever the size of the body or of its events (a key
+//! buffer of [`KEY_CAP`] bytes, number accumulators, one bit per open JSON container).
+//!
+//! Shapes recognised (checked against the public sources named):
+//!
+//! - OpenAI chat completions, streamed (`text/event-stream`): each event's data is one JSON
+//!   text; a root object's `usage` object carries `prompt_tokens` and `completion_tokens`,
+//!   totals for the whole answer, in the last chunk (with `stream_options.include_usage`;
+//!   earlier chunks may say `"usage": null`). The last usage found wins. `data: [DONE]` and
+//!   any data that is not one JSON text are ignored.
+//! - FastGPT (labring/FastGPT, `projects/app/src/pages/api/v1/chat/completions.ts`): with
+//!   `detail: true` a stream ends with an event named `flowResponses` whose data is the JSON
+//!   array of node responses (`DispatchNodeResponseType` in
+//!   `packages/global/core/workflow/runtime/type.ts`). A node counts `inputTokens` and
+//!   `toolCallInputTokens` as prompt, `outputTokens` and `toolCallOutputTokens` as
+//!   completion; a node with none of these (older FastGPT: `tokens`, `toolCallTokens` in
+//!   `runtime/type.d.ts`) counts those, totals that cannot be split, as prompt. The
+//!   nodes a node ran (`toolDetail`, `pluginDetail`, `loopDetail`, `childrenResponses`,
+//!   arrays of node responses whose tokens the parent does not include) are counted too, to
+//!   [`NODE_CAP`] levels. FastGPT's chunks carry no `usage`; a stream that has one (an
+//!   OpenAI-compatible upstream) is counted by it alone, so tokens are never counted twice.
+//! - JSON answers (`application/json`, `+json`): the root object's `usage` as above, unless
+//!   it has a `responseData` array of node responses (FastGPT's non-stream answer with
+//!   `detail: true`), which is counted as the `flowResponses` array is: FastGPT's own
+//!   `usage` there is a constant placeholder (`prompt_tokens: 1, completion_tokens: 1`).
+//!
+//! Only a key at its place counts: the JSON is tokenized (strings with their escapes,
+//! numbers, literals, nesting), so a `"prompt_tokens"` in the answer's text or one level
+//! off is nothing. A count is a non-negative integer that fits in a u64; any other value
+//! (a float, a negative, a string) makes that key count as absent; sums saturate. A key
+//! given twice counts by its last value, as in a JSON parser's map. An event's findings
+//! count only once the event is dispatched and its data was one whole JSON text (a JSON
+//! body's, once the body is whole); strings are not checked as UTF-8 nor their surrogate
+//! escapes paired: the meter reads where counts sit, it is not a validator. Containers
+//! nested deeper than [`MAX_DEPTH`] make the text invalid, as serde_json's recursion limit
+//! does.
+
+/// Token counts of one answer (defined with the metrics that take them).
+pub(crate) use crate::observe::tokens::Usage;
+
+/// The longest key of interest: `toolCallOutputTokens`.
+const KEY_CAP: usize = 20;
+
+/// Levels of node responses followed (a node, the nodes it ran, theirs, ...).
+const NODE_CAP: usize = 4;
+
+/// Open containers at most (one bit each); deeper is invalid, as in serde_json.
+const MAX_DEPTH: u8 = 127;
+
+/// Containers whose role is followed, from the root: the root object, `responseData`, then
+/// a node and its detail array per level.
+const CHAIN_CAP: usize = 2 + 2 * NODE_CAP;
+
+/// Node keys, in the order of [`Node::counts`].
+const NODE_KEYS: [&[u8]; 6] = [
+    b"inputTokens",
+    b"toolCallInputTokens",
+    b"outputTokens",
+    b"toolCallOutputTokens",
+    b"tokens",
+    b"toolCallTokens",
+];
+
+/// Keys whose value is an array of the node responses a node ran.
+const DETAIL_KEYS: [&[u8]; 4] = [
+    b"toolDetail",
+    b"pluginDetail",
+    b"loopDetail",
+    b"childrenResponses",
+];
+
+/// The event that carries FastGPT's node responses.
+const FLOW_EVENT: &[u8] = b"flowResponses";
+
+const BOM: &[u8; 3] = b"\xEF\xBB\xBF";
+
+// ============================== the meter ==============================
+
+/// Reads an answer's token counts from its body's chunks.
+#[derive(Debug, Clone)]
+pub(crate) struct UsageMeter {
+    /// `None` for a JSON body: one JSON text, no framing.
+    frames: Option<Frames>,
+    json: Json,
+    /// The last OpenAI `usage` of a dispatched event.
+    usage: Option<Usage>,
+    /// The sums of the `flowResponses` events dispatched.
+    flow: Option<Usage>,
+}
+
+impl UsageMeter {
+    /// For a `text/event-stream` body.
+    pub(crate) fn event_stream() -> UsageMeter {
+        UsageMeter {
+            frames: Some(Frames::new()),
+            json: Json::new(),
+            usage: None,
+            flow: None,
+        }
+    }
+
+    /// For an `application/json` (or `+json`) body.
+    pub(crate) fn json() -> UsageMeter {
+        UsageMeter {
+            frames: None,
+            json: Json::new(),
+            usage: None,
+            flow: None,
+        }
+    }
+
+    /// Reads the next bytes of the body.
+    pub(crate) fn feed(&mut self, chunk: &[u8]) {
+        match &mut self.frames {
+            None => self.json.feed(chunk),
+            Some(frames) => {
+                frames.feed(chunk, &mut self.json, &mut |name_is_flow, json: &Json| {
+                    if !json.complete() {
+                        return;
+                    }
+                    if name_is_flow {
+                        // The data of `flowResponses` is the array of node responses.
+                        if json.top_object == Some(false)
+                            && let Some(f) = json.flow
+                        {
+                            self.flow = Some(self.flow.unwrap_or_default().add(f));
+                        }
+                    } else if let Some(u) = json.usage() {
+                        self.usage = Some(u);
+                    }
+                });
+            }
+        }
+    }
+
+    /// The counts found so far: in an event stream, those of the events dispatched; in a
+    /// JSON body, those of the whole body (`None` until it is one whole JSON text).
+    pub(crate) fn usage(&self) -> Option<Usage> {
+        match self.frames {
+            Some(_) => self.usage.or(self.flow),
+            // Nodes count here under `responseData` only, not as a root array.
+            None if self.json.complete() && self.json.top_object == Some(true) => {
+                self.json.flow.or_else(|| self.json.usage())
+            }
+            None => None,
+        }
+    }
+}
+
+// ============================== event-stream framing ==============================
+
+/// Where the framing is in the current line (as in `stream::sse`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Line {
+    /// At the very start of the stream, `n` bytes of a byte order mark seen.
+    Bom(u8),
+    Start,
+    Name,
+    /// Just past the colon: one space there is not part of the value.
+    ValueStart,
+    Value,
+    Comment,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Data,
+    Event,
+    Other,
+}
+
+/// Field names are told apart only as far as `event` and `data` need.
+const FIELD_CAP: usize = 5;
+
+/// Follows the lines of an event stream, handing data values to the JSON tokenizer and
+/// telling at each dispatch whether the event is `flowResponses`.
+#[derive(Debug, Clone)]
+struct Frames {
+    line: Line,
+    after_cr: bool,
+    field: [u8; FIELD_CAP],
+    field_len: usize,
+    kind: Field,
+    has_data: bool,
+    /// The event name so far, up to one byte past `flowResponses` (longer is another).
+    name: [u8; FLOW_EVENT.len() + 1],
+    name_len: usize,
+}
+
+impl Frames {
+    fn new() -> Frames {
+        Frames {
+            line: Line::Bom(0),
+            after_cr: false,
+            field: [0; FIELD_CAP],
+            field_len: 0,
+            kind: Field::Other,
+            has_data: false,
+            name: [0; FLOW_EVENT.len() + 1],
+            name_len: 0,
+        }
+    }
+
+    /// Follows `chunk`; data values go to `json`, and `dispatch(is_flow, json)` is called
+    /// for each event with data, before `json` is reset for the next.
+    fn feed(&mut self, chunk: &[u8], json: &mut Json, dispatch: &mut impl FnMut(bool, &Json)) {
+        let mut i = 0;
+        while let Some(&b) = chunk.get(i) {
+            if self.after_cr {
+                self.after_cr = false;
+                if b == b'\n' {
+                    i += 1;
+                    continue;
+                }
+            }
+            match self.line {
+                Line::Bom(n) => {
+                    if BOM.get(usize::from(n)) == Some(&b) {
+                        self.line = if n == 2 {
+                            Line::Start
+                        } else {
+                            Line::Bom(n + 1)
+                        };
+                        i += 1;
+                    } else if n == 0 {
+                        self.line = Line::Start;
+                    } else {
+                        // Not a mark after all: its bytes began a field name that is none
+                        // of ours; the byte that told is taken again as part of that line.
+                        self.line = Line::Name;
+                        self.field_len = FIELD_CAP + 1;
+                    }
+                }
+                Line::Start => {
+                    match b {
+                        b'\r' | b'\n' => self.end_line(b, json, dispatch),
+                        b':' => self.line = Line::Comment,
+                        _ => {
+                            self.line = Line::Name;
+                            self.field_len = 0;
+                            self.push_field(b);
+                        }
+                    }
+                    i += 1;
+                }
+                Line::Name => {
+                    match b {
+                        b'\r' | b'\n' => {
+                            self.name_ended();
+                            self.end_line(b, json, dispatch);
+                        }
+                        b':' => {
+                            self.name_ended();
+                            self.line = Line::ValueStart;
+                        }
+                        _ => self.push_field(b),
+                    }
+                    i += 1;
+                }
+                Line::ValueStart => {
+                    self.line = Line::Value;
+                    if b == b' ' {
+                        i += 1;
+                    }
+                }
+                Line::Value | Line::Comment => {
+                    let rest = chunk.get(i..).unwrap_or_default();
+                    let end = rest.iter().position(|&c| c == b'\r' || c == b'\n');
+                    let value = rest.get(..end.unwrap_or(rest.len())).unwrap_or_default();
+                    if self.line == Line::Value {
+                        match self.kind {
+                            Field::Data => json.feed(value),
+                            Field::Event => self.push_name(value),
+                            Field::Other => {}
+                        }
+                    }
+                    i += value.len();
+                    if let Some(&eol) = chunk.get(i) {
+                        self.end_line(eol, json, dispatch);
+                        i += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    fn push_field(&mut self, b: u8) {
+        if let Some(slot) = self.field.get_mut(self.field_len) {
+            *slot = b;
+        }
+        self.field_len = (self.field_len + 1).min(FIELD_CAP + 1);
+    }
+
+    fn name_ended(&mut self) {
+        self.kind = match self.field.get(..self.field_len).unwrap_or_default() {
+            b"data" => Field::Data,
+            b"event" => Field::Event,
+            _ => Field::Other,
+        };
+        match self.kind {
+            Field::Data => self.has_data = true,
+            Field::Event => self.name_len = 0,
+            Field::Other => {}
+        }
+    }
+
+    fn push_name(&mut self, bytes: &[u8]) {
+        let end = self.name_len + bytes.len();
+        if let Some(slots) = self.name.get_mut(self.name_len..end) {
+            slots.copy_from_slice(bytes);
+        }
+        // Past the buffer, a name longer than `flowResponses`: it matches nothing.
+        self.name_len = end.min(self.name.len());
+    }
+
+    fn end_line(&mut self, eol: u8, json: &mut Json, dispatch: &mut impl FnMut(bool, &Json)) {
+        match self.line {
+            Line::Start => {
+                if self.has_data {
+                    let is_flow = self.name.get(..self.name_len) == Some(FLOW_EVENT);
+                    dispatch(is_flow, json);
+                    json.reset();
+                }
+                self.has_data = false;
+                self.name_len = 0;
+            }
+            // A data line's value is followed by a line feed in the event's data.
+            Line::Name | Line::ValueStart | Line::Value if self.kind == Field::Data => {
+                json.feed(b"\n");
+            }
+            _ => {}
+        }
+        self.line = Line::Start;
+        self.after_cr = eol == b'\r';
+    }
+}
+
+// ============================== the JSON tokenizer ==============================
+
+/// What the tokenizer expects next, between tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// A value (the root, or after a colon or an array's comma).
+    Value,
+    /// Just past `[`: a value or `]`.
+    ValueOrClose,
+    /// Just past `{`: a key or `}`.
+    KeyOrClose,
+    /// Past an object's comma: a key.
+    Key,
+    Colon,
+    /// Past a value in a container.
+    CommaOrClose,
+    /// Past the root value: only whitespace.
+    Done,
+    /// Not one JSON text: the rest is skipped.
+    Failed,
+}
+
+/// Inside a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lex {
+    None,
+    Str {
+        key: bool,
+        esc: Esc,
+    },
+    Num(Num),
+    /// `true`, `false` or `null`, `at` bytes matched.
+    Lit {
+        word: &'static [u8],
+        at: u8,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Esc {
+    None,
+    /// Just past a backslash.
+    Backslash,
+    /// In `\uXXXX`, `n` digits read.
+    Hex {
+        n: u8,
+        value: u16,
+    },
+}
+
+/// The JSON number grammar, state by state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Num {
+    Minus,
+    Zero,
+    Int,
+    Dot,
+    Frac,
+    Exp,
+    ExpSign,
+    ExpDigits,
+}
+
+/// What a container or value is to the meter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The root object: `usage`, `responseData`.
+    Root,
+    /// The root object's `usage`.
+    Usage,
+    /// An array of node responses at a level.
+    Nodes(u8),
+    /// A node response at a level.
+    Node(u8),
+}
+
+/// Where the value about to begin sits, when that matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    None,
+    /// The root value.
+    Top,
+    Usage,
+    ResponseData,
+    /// `usage.prompt_tokens` (0) or `usage.completion_tokens` (1).
+    UsageCount(u8),
+    /// A node's count key, by index in [`NODE_KEYS`].
+    NodeCount(u8, u8),
+    /// A node's detail array, by the node's level.
+    Detail(u8),
+    /// An element of a node array, by level.
+    NodeElem(u8),
+}
+
+/// One node response's counts, by [`NODE_KEYS`], present when their bit is set.
+#[derive(Debug, Clone, Copy, Default)]
+struct Node {
+    counts: [u64; 6],
+    present: u8,
+}
+
+impl Node {
+    fn usage(&self) -> Option<Usage> {
+        let get = |i: usize| {
+            if self.present & (1 << i) != 0 {
+                self.counts.get(i).copied().unwrap_or(0)
+            } else {
+                0
+            }
+        };
+        if self.present & 0b1111 != 0 {
+            Some(Usage {
+                prompt: get(0).saturating_add(get(1)),
+                completion: get(2).saturating_add(get(3)),
+            })
+        } else if self.present != 0 {
+            Some(Usage {
+                prompt: get(4).saturating_add(get(5)),
+                completion: 0,
+            })
+        } else {
+            None
+        }
+    }
+}
+
+/// A streaming JSON tokenizer that keeps only the counts at the places above.
+#[derive(Debug, Clone)]
+struct Json {
+    expect: Expect,
+    lex: Lex,
+    /// Open containers, bit `d` set when the one at depth `d + 1` is an object.
+    objects: u128,
+    depth: u8,
+    /// How many open containers, from the root, have a role (the rest have none).
+    chain: u8,
+    roles: [Role; CHAIN_CAP],
+    /// The current key of an object with a role, up to [`KEY_CAP`] bytes.
+    key: [u8; KEY_CAP],
+    /// Its length; past [`KEY_CAP`], a key of no interest.
+    key_len: usize,
+    /// The slot of the value after the colon.
+    pending: Slot,
+    /// Where the number being read goes, and its value while it is a u64.
+    num_slot: Slot,
+    num: Option<u64>,
+    /// `usage.prompt_tokens` and `usage.completion_tokens` of the root object.
+    usage: [Option<u64>; 2],
+    /// The open nodes, by level.
+    nodes: [Node; NODE_CAP],
+    /// The sums of the nodes closed.
+    flow: Option<Usage>,
+    /// The root value is an object (`Some(true)`) or an array (`Some(false)`).
+    top_object: Option<bool>,
+}
+
+impl Json {
+    fn new() -> Json {
+        Json {
+            expect: Expect::Value,
+            lex: Lex::None,
+            objects: 0,
+            depth: 0,
+            chain: 0,
+            roles: [Role::Root; CHAIN_CAP],
+            key: [0; KEY_CAP],
+            key_len: 0,
+            pending: Slot::None,
+            num_slot: Slot::None,
+            num: None,
+            usage: [None; 2],
+            nodes: [Node::default(); NODE_CAP],
+            flow: None,
+            top_object: None,
+        }
+    }
+
+    fn reset(&mut self) {
+        *self = Json::new();
+    }
+
+    /// One whole JSON text was read (and only whitespace since).
+    fn complete(&self) -> bool {
+        self.expect == Expect::Done
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        match self.usage {
+            [None, None] => None,
+            [p, c] => Some(Usage {
+                prompt: p.unwrap_or(0),
+                completion: c.unwrap_or(0),
+            }),
+        }
+    }
+
+    fn feed(&mut self, chunk: &[u8]) {
+        let mut i = 0;
+        while i < chunk.len() {
+            if self.expect == Expect::Failed {
+                return;
+            }
+            let rest = chunk.get(i..).unwrap_or_default();
+            i += match self.lex {
+                Lex::Str { key, esc } => self.string(rest, key, esc),
+                Lex::Num(state) => self.number(rest, state),
+                Lex::Lit { word, at } => self.literal(rest, word, at),
+                Lex::None => self.structure(rest),
+            };
+        }
+    }
+
+    fn fail(&mut self) -> usize {
+        self.expect = Expect::Failed;
+        0
+    }
+
+    /// Between tokens: whitespace, punctuation, or the first byte of a token. Returns the
+    /// bytes consumed.
+    fn structure(&mut self, rest: &[u8]) -> usize {
+        let ws = rest
+            .iter()
+            .position(|&b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+            .unwrap_or(rest.len());
+        let Some(&b) = rest.get(ws) else {
+            return ws;
+        };
+        let ok = match (self.expect, b) {
+            (Expect::Value | Expect::ValueOrClose, _) if self.begin_value(b) => true,
+            (Expect::ValueOrClose, b']') | (Expect::CommaOrClose, b']') => self.close(false),
+            (Expect::KeyOrClose, b'}') | (Expect::CommaOrClose, b'}') => self.close(true),
+            (Expect::KeyOrClose | Expect::Key, b'"') => {
+                self.key_len = 0;
+                self.lex = Lex::Str {
+                    key: true,
+                    esc: Esc::None,
+                };
+                true
+            }
+            (Expect::Colon, b':') => {
+                self.pending = self.key_slot();
+                self.expect = Expect::Value;
+                true
+            }
+            (Expect::CommaOrClose, b',') => {
+                self.expect = if self.in_object() {
+                    Expect::Key
+                } else {
+                    Expect::Value
+                };
+                true
+            }
+            _ => false,
+        };
+        if !ok {
+            return self.fail();
+        }
+        ws + 1
+    }
+
+    fn in_object(&self) -> bool {
+        self.depth > 0 && self.objects & (1 << (self.depth - 1)) != 0
+    }
+
+    /// The role of the innermost open container, if it has one.
+    fn parent_role(&self) -> Option<Role> {
+        if self.depth > 0 && self.chain == self.depth {
+            self.roles.get(usize::from(self.depth) - 1).copied()
+        } else {
+            None
+        }
+    }
+
+    /// The slot of a value beginning now.
+    fn value_slot(&self) -> Slot {
+        if self.depth == 0 {
+            return Slot::Top;
+        }
+        match self.parent_role() {
+            Some(Role::Nodes(level)) => Slot::NodeElem(level),
+            Some(Role::Root | Role::Usage | Role::Node(_)) => self.pending,
+            None => Slot::None,
+        }
+    }
+
+    /// The slot the key just read names, in an object with a role.
+    fn key_slot(&self) -> Slot {
+        let Some(key) = self.key.get(..self.key_len) else {
+            return Slot::None;
+        };
+        match self.parent_role() {
+            Some(Role::Root) => match key {
+                b"usage" => Slot::Usage,
+                b"responseData" => Slot::ResponseData,
+                _ => Slot::None,
+            },
+            Some(Role::Usage) => match key {
+                b"prompt_tokens" => Slot::UsageCount(0),
+                b"completion_tokens" => Slot::UsageCount(1),
+                _ => Slot::None,
+            },
+            Some(Role::Node(level)) => {
+                if let Some(i) = NODE_KEYS.iter().position(|k| *k == key) {
+                    Slot::NodeCount(level, i as u8)
+                } else if DETAIL_KEYS.contains(&key) {
+                    Slot::Detail(level)
+                } else {
+                    Slot::None
+                }
+            }
+            _ => Slot::None,
+        }
+    }
+
+    /// The first byte of a value; false if no value begins so.
+    fn begin_value(&mut self, b: u8) -> bool {
+        let slot = self.value_slot();
+        // A key given again counts by its last value, whatever that is.
+        match slot {
+            Slot::Usage => self.usage = [None; 2],
+            Slot::ResponseData => self.flow = None,
+            Slot::UsageCount(i) => {
+                if let Some(u) = self.usage.get_mut(usize::from(i)) {
+                    *u = None;
+                }
+            }
+            Slot::NodeCount(level, i) => {
+                if let Some(n) = self.nodes.get_mut(usize::from(level)) {
+                    n.present &= !(1 << i);
+                }
+            }
+            _ => {}
+        }
+        match b {
+            b'{' => return self.open(true, slot),
+            b'[' => return self.open(false, slot),
+            b'"' => {
+                self.lex = Lex::Str {
+                    key: false,
+                    esc: Esc::None,
+                }
+            }
+            b'-' => {
+                self.lex = Lex::Num(Num::Minus);
+                self.num_slot = slot;
+                self.num = None;
+            }
+            b'0' => {
+                self.lex = Lex::Num(Num::Zero);
+                self.num_slot = slot;
+                self.num = Some(0);
+            }
+            b'1'..=b'9' => {
+                self.lex = Lex::Num(Num::Int);
+                self.num_slot = slot;
+                self.num = Some(u64::from(b - b'0'));
+            }
+            b't' => {
+                self.lex = Lex::Lit {
+                    word: b"true",
+                    at: 1,
+                }
+            }
+            b'f' => {
+                self.lex = Lex::Lit {
+                    word: b"false",
+                    at: 1,
+                }
+            }
+            b'n' => {
+                self.lex = Lex::Lit {
+                    word: b"null",
+                    at: 1,
+                }
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    fn open(&mut self, object: bool, slot: Slot) -> bool {
+        if self.depth >= MAX_DEPTH {
+            return false;
+        }
+        if slot == Slot::Top {
+            self.top_object = Some(object);
+        }
+        let role = match (slot, object) {
+            (Slot::Top, true) => Some(Role::Root),
+            (Slot::Top, false) | (Slot::ResponseData, false) => Some(Role::Nodes(0)),
+            (Slot::Usage, true) => Some(Role::Usage),
+            (Slot::Detail(level), false) if usize::from(level) + 1 < NODE_CAP => {
+                Some(Role::Nodes(level + 1))
+            }
+            (Slot::NodeElem(level), true) => {
+                if let Some(n) = self.nodes.get_mut(usize::from(level)) {
+                    *n = Node::default();
+                }
+                Some(Role::Node(level))
+            }
+            _ => None,
+        };
+        if let Some(role) = role
+            && self.chain == self.depth
+            && let Some(r) = self.roles.get_mut(usize::from(self.chain))
+        {
+            *r = role;
+            self.chain += 1;
+        }
+        if object {
+            self.objects |= 1 << self.depth;
+        } else {
+            self.objects &= !(1 << self.depth);
+        }
+        self.depth += 1;
+        self.expect = if object {
+            Expect::KeyOrClose
+        } else {
+            Expect::ValueOrClose
+        };
+        true
+    }
+
+    /// `}` (object) or `]`: false if it closes nothing of its kind.
+    fn close(&mut self, object: bool) -> bool {
+        if self.depth == 0 || self.in_object() != object {
+            return false;
+        }
+        if self.chain == self.depth {
+            if let Some(Role::Node(level)) = self.parent_role()
+                && let Some(u) = self.nodes.get(usize::from(level)).and_then(Node::usage)
+            {
+                self.flow = Some(self.flow.unwrap_or_default().add(u));
+            }
+            self.chain -= 1;
+        }
+        self.depth -= 1;
+        self.end_value();
+        true
+    }
+
+    fn end_value(&mut self) {
+        self.expect = if self.depth == 0 {
+            Expect::Done
+        } else {
+            Expect::CommaOrClose
+        };
+    }
+
+    /// Inside a string: runs of plain bytes are skipped in one scan.
+    fn string(&mut self, rest: &[u8], key: bool, mut esc: Esc) -> usize {
+        // Only a key in an object with a role is kept.
+        let keep = key && self.parent_role().is_some();
+        let mut i = 0;
+        while let Some(&b) = rest.get(i) {
+            match esc {
+                Esc::None => {
+                    let run = rest
+                        .get(i..)
+                        .unwrap_or_default()
+                        .iter()
+                        .position(|&c| c == b'"' || c == b'\\' || c < 0x20);
+                    let end = run.map_or(rest.len(), |r| i + r);
+                    if keep {
+                        self.push_key(rest.get(i..end).unwrap_or_default());
+                    }
+                    i = end;
+                    match rest.get(i) {
+                        None => break,
+                        Some(b'"') => {
+                            self.lex = Lex::None;
+                            if key {
+                                self.expect = Expect::Colon;
+                            } else {
+                                self.end_value();
+                            }
+                            return i + 1;
+                        }
+                        Some(b'\\') => esc = Esc::Backslash,
+                        Some(_) => return self.fail(),
+                    }
+                }
+                Esc::Backslash => {
+                    let decoded = match b {
+                        b'"' | b'\\' | b'/' => b,
+                        b'b' => 0x08,
+                        b'f' => 0x0c,
+                        b'n' => b'\n',
+                        b'r' => b'\r',
+                        b't' => b'\t',
+                        b'u' => {
+                            esc = Esc::Hex { n: 0, value: 0 };
+                            i += 1;
+                            continue;
+                        }
+                        _ => return self.fail(),
+                    };
+                    if keep {
+                        self.push_key(&[decoded]);
+                    }
+                    esc = Esc::None;
+                }
+                Esc::Hex { n, value } => {
+                    let Some(digit) = (b as char).to_digit(16) else {
+                        return self.fail();
+                    };
+                    let value = value << 4 | digit as u16;
+                    esc = if n == 3 {
+                        if keep {
+                            // Keys of interest are ASCII: anything else matches none.
+                            match u8::try_from(value) {
+                                Ok(ascii) if ascii < 0x80 => self.push_key(&[ascii]),
+                                _ => self.key_len = KEY_CAP + 1,
+                            }
+                        }
+                        Esc::None
+                    } else {
+                        Esc::Hex { n: n + 1, value }
+                    };
+                }
+            }
+            i += 1;
+        }
+        self.lex = Lex::Str { key, esc };
+        i
+    }
+
+    fn push_key(&mut self, bytes: &[u8]) {
+        let end = self.key_len + bytes.len();
+        if let Some(slots) = self.key.get_mut(self.key_len..end) {
+            slots.copy_from_slice(bytes);
+        }
+        self.key_len = end.min(KEY_CAP + 1);
+    }
+
+    /// Inside a number: follows its grammar; its value is kept while it is a u64.
+    fn number(&mut self, rest: &[u8], mut state: Num) -> usize {
+        for (i, &b) in rest.iter().enumerate() {
+            let next = match (state, b) {
+                (Num::Minus, b'0') => Num::Zero,
+                (Num::Minus, b'1'..=b'9') => Num::Int,
+                (Num::Int, b'0'..=b'9') => {
+                    self.num = self
+                        .num
+                        .and_then(|n| n.checked_mul(10))
+                        .and_then(|n| n.checked_add(u64::from(b - b'0')));
+                    Num::Int
+                }
+                (Num::Zero | Num::Int, b'.') => Num::Dot,
+                (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') => Num::Exp,
+                (Num::Dot | Num::Frac, b'0'..=b'9') => Num::Frac,
+                (Num::Exp, b'+' | b'-') => Num::ExpSign,
+                (Num::Exp | Num::ExpSign | Num::ExpDigits, b'0'..=b'9') => Num::ExpDigits,
+                (Num::Zero | Num::Int | Num::Frac | Num::ExpDigits, _) => {
+                    // The number ended before this byte, which is read again as structure.
+                    self.lex = Lex::None;
+                    self.number_ended(state);
+                    return i;
+                }
+                _ => return self.fail(),
+            };
+            if next != Num::Int {
+                // Not an integer (or a negative one): no count.
+                self.num = None;
+            }
+            state = next;
+        }
+        self.lex = Lex::Num(state);
+        rest.len()
+    }
+
+    fn number_ended(&mut self, state: Num) {
+        let value = if matches!(state, Num::Zero | Num::Int) {
+            self.num
+        } else {
+            None
+        };
+        match (self.num_slot, value) {
+            (Slot::UsageCount(i), Some(v)) => {
+                if let Some(u) = self.usage.get_mut(usize::from(i)) {
+                    *u = Some(v);
+                }
+            }
+            (Slot::NodeCount(level, i), Some(v)) => {
+                if let Some(n) = self.nodes.get_mut(usize::from(level))
+                    && let Some(c) = n.counts.get_mut(usize::from(i))
+                {
+                    *c = v;
+                    n.present |= 1 << i;
+                }
+            }
+            _ => {}
+        }
+        self.num_slot = Slot::None;
+        self.end_value();
+    }
+
+    fn literal(&mut self, rest: &[u8], word: &'static [u8], at: u8) -> usize {
+        let mut at = usize::from(at);
+        let mut i = 0;
+        while let (Some(&want), Some(&b)) = (word.get(at), rest.get(i)) {
+            if want != b {
+                return self.fail();
+            }
+            at += 1;
+            i += 1;
+        }
+        if at == word.len() {
+            self.lex = Lex::None;
+            self.end_value();
+        } else {
+            self.lex = Lex::Lit { word, at: at as u8 };
+        }
+        i
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn usage(prompt: u64, completion: u64) -> Option<Usage> {
+        Some(Usage { prompt, completion })
+    }
+
+    /// The meter's answer for `body` fed in `pieces` cut at `cuts`.
+    fn meter(new: fn() -> UsageMeter, body: &[u8], cuts: &[usize]) -> Option<Usage> {
+        let mut cuts: Vec<usize> = cuts.iter().map(|&c| c.min(body.len())).collect();
+        cuts.push(body.len());
+        cuts.sort_unstable();
+        let mut m = new();
+        let mut from = 0;
+        for to in cuts {
+            m.feed(&body[from..to]);
+            from = to;
+        }
+        m.usage()
+    }
+
+    /// The answer for `body` fed whole, which every cut in two and the byte-by-byte feed
+    /// must give too.
+    fn every_split(new: fn() -> UsageMeter, body: &[u8]) -> Option<Usage> {
+        let whole = meter(new, body, &[]);
+        for i in 0..=body.len() {
+            assert_eq!(meter(new, body, &[i]), whole, "cut at {i}: {body:?}");
+        }
+        let each: Vec<usize> = (1..body.len()).collect();
+        assert_eq!(meter(new, body, &each), whole, "byte by byte: {body:?}");
+        whole
+    }
+
+    fn sse(stream: &str) -> Option<Usage> {
+        every_split(UsageMeter::event_stream, stream.as_bytes())
+    }
+
+    fn body(json: &str) -> Option<Usage> {
+        every_split(UsageMeter::json, json.as_bytes())
+    }
+
+    /// An OpenAI stream with `stream_options.include_usage`, as the API sends it.
+    const OPENAI: &str = concat!(
+        "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":19,\"completion_tokens\":10,\"total_tokens\":29,\"prompt_tokens_details\":{\"cached_tokens\":0}}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    /// FastGPT's `/api/v1/chat/completions` with `stream: true, detail: true`: answer
+    /// events (no usage), then the node responses (current field names, a tool call with
+    /// the nodes it ran).
+    const FASTGPT: &str = concat!(
+        "event: flowNodeStatus\ndata: {\"status\":\"running\",\"name\":\"AI 对话\"}\n\n",
+        "event: answer\ndata: {\"id\":\"\",\"object\":\"\",\"created\":0,\"model\":\"\",\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"你好\"},\"index\":0,\"finish_reason\":null}]}\n\n",
+        "event: answer\ndata: {\"id\":\"\",\"object\":\"\",\"created\":0,\"model\":\"\",\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":null},\"index\":0,\"finish_reason\":\"stop\"}]}\n\n",
+        "event: answer\ndata: [DONE]\n\n",
+        "event: flowResponses\ndata: [",
+        "{\"nodeId\":\"w\",\"moduleName\":\"知识库搜索\",\"totalPoints\":0.1,\"embeddingTokens\":12},",
+        "{\"nodeId\":\"a\",\"moduleName\":\"AI 对话\",\"model\":\"gpt-4o\",\"inputTokens\":120,\"outputTokens\":30,\"query\":\"what are \\\"prompt_tokens\\\"?\",\"historyPreview\":[{\"obj\":\"Human\",\"value\":\"\\\"inputTokens\\\": 999\"}]},",
+        "{\"nodeId\":\"t\",\"moduleName\":\"工具调用\",\"toolCallInputTokens\":50,\"toolCallOutputTokens\":5,\"toolDetail\":[",
+        "{\"nodeId\":\"c\",\"moduleName\":\"AI 对话\",\"inputTokens\":7,\"outputTokens\":3}]}",
+        "]\n\n",
+    );
+
+    #[test]
+    fn an_openai_stream_counts_the_usage_of_its_last_chunk() {
+        assert_eq!(sse(OPENAI), usage(19, 10));
+        // Counts are totals: a later usage replaces an earlier one, `null` does not.
+        let two = "data: {\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1}}\n\n\
+                   data: {\"usage\":null}\n\n\
+                   data: {\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":9}}\n\n\
+                   data: {\"usage\":null}\n\n";
+        assert_eq!(sse(two), usage(5, 9));
+        assert_eq!(sse("data: {\"usage\":null}\n\ndata: [DONE]\n\n"), None);
+        // Not dispatched (no blank line after it): not counted, as the client ignores it.
+        assert_eq!(
+            sse("data: {\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1}}\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn fastgpt_flow_responses_are_summed_over_nodes() {
+        assert_eq!(sse(FASTGPT), usage(120 + 50 + 7, 30 + 5 + 3));
+        // Older FastGPT: one `tokens` total per node (`toolCallTokens` for a tool call).
+        let old = "event: flowResponses\n\
+                   data: [{\"moduleName\":\"AI\",\"tokens\":100},{\"moduleName\":\"tool\",\"toolCallTokens\":20,\"toolDetail\":[{\"tokens\":3}]}]\n\n";
+        assert_eq!(sse(old), usage(123, 0));
+        // A node with both counts the split ones only.
+        let both = "event: flowResponses\ndata: [{\"tokens\":150,\"inputTokens\":120,\"outputTokens\":30}]\n\n";
+        assert_eq!(sse(both), usage(120, 30));
+        // The same array under another event name, or an object in flowResponses: nothing.
+        let other = "event: answer\ndata: [{\"inputTokens\":1,\"outputTokens\":1}]\n\n";
+        assert_eq!(sse(other), None);
+        let object = "event: flowResponses\ndata: {\"responseData\":[{\"inputTokens\":1}]}\n\n";
+        assert_eq!(sse(object), None);
+    }
+
+    #[test]
+    fn nested_node_responses_count_to_the_cap() {
+        // Node at level `n` has `n + 1` input tokens and runs the next level.
+        let mut node = json!({"inputTokens": 1});
+        for level in (1..=NODE_CAP as u64).rev() {
+            node = json!({"inputTokens": level + 1, "pluginDetail": [node]});
+        }
+        let stream = format!("event: flowResponses\ndata: [{node}]\n\n");
+        // Levels 0..NODE_CAP count; the deepest (the `1`) is past the cap.
+        let counted: u64 = (2..=NODE_CAP as u64 + 1).sum();
+        assert_eq!(sse(&stream), usage(counted, 0));
+        for key in ["toolDetail", "loopDetail", "childrenResponses"] {
+            let s = format!(
+                "event: flowResponses\ndata: [{{\"{key}\":[{{\"outputTokens\":4}}],\"outputTokens\":1}}]\n\n"
+            );
+            assert_eq!(sse(&s), usage(0, 5), "{key}");
+        }
+    }
+
+    #[test]
+    fn openai_usage_wins_over_flow_responses() {
+        let stream = format!(
+            "{FASTGPT}data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":3,\"completion_tokens\":4}}}}\n\n"
+        );
+        assert_eq!(sse(&stream), usage(3, 4));
+        let stream = format!(
+            "data: {{\"usage\":{{\"prompt_tokens\":3,\"completion_tokens\":4}}}}\n\n{FASTGPT}"
+        );
+        assert_eq!(sse(&stream), usage(3, 4));
+    }
+
+    #[test]
+    fn a_json_answer_counts_its_usage() {
+        let openai = r#"{
+  "id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o",
+  "choices": [{"index": 0, "message": {"role": "assistant",
+    "content": "The \"usage\": {\"prompt_tokens\": 999} field", "refusal": null},
+    "finish_reason": "stop"}],
+  "usage": {"prompt_tokens": 1117, "completion_tokens": 46, "total_tokens": 1163,
+    "completion_tokens_details": {"reasoning_tokens": 0}}
+}
+"#;
+        assert_eq!(body(openai), usage(1117, 46));
+        // FastGPT, `detail: true`: its usage is a placeholder; the nodes have the counts.
+        let fastgpt = r#"{"responseData":[{"moduleName":"AI","inputTokens":40,"outputTokens":8}],"newVariables":{},"id":"","model":"","usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":1},"choices":[{"message":{"role":"assistant","content":"hi"},"finish_reason":"stop","index":0}]}"#;
+        assert_eq!(body(fastgpt), usage(40, 8));
+        // Without `detail`, the placeholder is all there is.
+        let plain = r#"{"id":"","model":"","usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":1},"choices":[]}"#;
+        assert_eq!(body(plain), usage(1, 1));
+        // Not whole, or not one JSON text: nothing.
+        assert_eq!(body(&openai[..openai.len() - 3]), None);
+        assert_eq!(body(&format!("{openai}{openai}")), None);
+        assert_eq!(body("[{\"inputTokens\":1}]"), None);
+        assert_eq!(body(""), None);
+    }
+
+    #[test]
+    fn keys_count_only_at_their_place() {
+        for json in [
+            // In the text of the answer, escaped quotes and all.
+            r#"{"choices":[{"delta":{"content":"\"usage\":{\"prompt_tokens\":999,\"completion_tokens\":9}"}}]}"#,
+            r#"{"content":"{\"usage\":{\"prompt_tokens\":999}}","x":"\\"}"#,
+            // One level off.
+            r#"{"choices":[{"usage":{"prompt_tokens":999,"completion_tokens":9}}]}"#,
+            r#"{"prompt_tokens":999,"completion_tokens":9}"#,
+            r#"{"usage":{"details":{"prompt_tokens":999}}}"#,
+            r#"{"x":{"usage":{"prompt_tokens":999}}}"#,
+            // As a key's value, or a key that only begins so.
+            r#"{"usage":{"k":"prompt_tokens","prompt_tokens_details":{"cached_tokens":9}}}"#,
+            r#"{"usage":{"prompt_tokensx":999,"xprompt_tokens":9}}"#,
+        ] {
+            assert_eq!(body(json), None, "{json}");
+            assert_eq!(sse(&format!("data: {json}\n\n")), None, "{json}");
+        }
+    }
+
+    #[test]
+    fn escapes_are_decoded_in_keys_and_skipped_in_strings() {
+        let json = r#"{"a":"\\\"\/\b\f\n\r\t\u00e9\ud83d\ude00","us\u0061ge":{"prompt\u005Ftokens":7,"completion_tokens":2}}"#;
+        assert_eq!(body(json), usage(7, 2));
+        // A non-ASCII escape makes another key.
+        assert_eq!(body(r#"{"usag\u00e9":{"prompt_tokens":7}}"#), None);
+        // Bad escapes and raw control characters: not JSON.
+        assert_eq!(body(r#"{"a":"\x","usage":{"prompt_tokens":7}}"#), None);
+        assert_eq!(body(r#"{"a":"\u12G4","usage":{"prompt_tokens":7}}"#), None);
+        assert_eq!(body("{\"a\":\"\t\",\"usage\":{\"prompt_tokens\":7}}"), None);
+        // Raw UTF-8 in strings passes as it is.
+        assert_eq!(
+            body("{\"内容\":\"é😀\",\"usage\":{\"prompt_tokens\":7}}"),
+            usage(7, 0)
+        );
+    }
+
+    #[test]
+    fn counts_are_non_negative_integers() {
+        let one = |v: &str| {
+            body(&format!(
+                "{{\"usage\":{{\"prompt_tokens\":{v},\"completion_tokens\":3}}}}"
+            ))
+        };
+        assert_eq!(one("0"), usage(0, 3));
+        assert_eq!(one("18446744073709551615"), usage(u64::MAX, 3));
+        for ignored in [
+            "18446744073709551616",
+            "18446744073709551619",
+            "99999999999999999999999",
+            "-1",
+            "-0",
+            "1.0",
+            "1e2",
+            "1E+2",
+            "\"5\"",
+            "null",
+            "true",
+            "[5]",
+            "{}",
+        ] {
+            assert_eq!(one(ignored), usage(0, 3), "{ignored}");
+        }
+        for invalid in [
+            "01", "1.", ".5", "-", "1e", "+1", "0x1", "tru", "nul", "1 2",
+        ] {
+            assert_eq!(one(invalid), None, "{invalid}");
+        }
+        // A key given twice counts by its last value, as in a parsed map.
+        assert_eq!(
+            body(r#"{"usage":{"prompt_tokens":5,"prompt_tokens":6.5,"completion_tokens":1}}"#),
+            usage(0, 1)
+        );
+        assert_eq!(
+            body(r#"{"usage":{"prompt_tokens":5},"usage":{"completion_tokens":2}}"#),
+            usage(0, 2)
+        );
+        assert_eq!(body(r#"{"usage":{"prompt_tokens":5},"usage":null}"#), None);
+        // Sums saturate.
+        let big = format!(
+            "event: flowResponses\ndata: [{{\"inputTokens\":{m}}},{{\"inputTokens\":{m}}}]\n\n",
+            m = u64::MAX
+        );
+        assert_eq!(sse(&big), usage(u64::MAX, 0));
+    }
+
+    #[test]
+    fn event_stream_framing_follows_whatwg() {
+        let u = "{\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":3}}";
+        for stream in [
+            format!("data: {u}\r\n\r\n"),
+            format!("data: {u}\r\r"),
+            format!("data:{u}\n\n"),
+            format!("\u{FEFF}data: {u}\n\n"),
+            format!(": keep-alive\n\nid: 1\nretry: 5\ndata: {u}\n: c\n\n"),
+            // Data on several lines is one text, joined by line feeds.
+            "data: {\"usage\":\ndata: {\"prompt_tokens\":2,\r\ndata:\"completion_tokens\"\rdata: :3}}\n\n".to_owned(),
+            // An event's name comes from its last `event` field, wherever it is.
+            format!("data: {u}\nevent: flowResponses\nevent: answer\n\n"),
+        ] {
+            assert_eq!(sse(&stream), usage(2, 3), "{stream:?}");
+        }
+        for stream in [
+            // A second mark, a CR between two halves of a CRLF, a `data` that is not.
+            format!("\u{FEFF}\u{FEFF}data: {u}\n\n"),
+            format!("datas: {u}\n\n"),
+            format!("data : {u}\n\n"),
+            format!(":data: {u}\n\n"),
+            // The value is all that follows the one space: here not a JSON text.
+            format!("data: {u}x\n\n"),
+        ] {
+            assert_eq!(sse(&stream), None, "{stream:?}");
+        }
+        let flow = "[{\"inputTokens\":4}]";
+        for name in [
+            "flowResponses ",
+            "  flowResponses",
+            "flowresponses",
+            "flowResponsesflowResponses",
+        ] {
+            assert_eq!(
+                sse(&format!("event:{name}\ndata: {flow}\n\n")),
+                None,
+                "{name}"
+            );
+        }
+        assert_eq!(
+            sse(&format!("event:flowResponses\ndata: {flow}\n\n")),
+            usage(4, 0)
+        );
+        // The name is the event's only: the next event is a `message`.
+        assert_eq!(
+            sse(&format!("event: flowResponses\n\ndata: {flow}\n\n")),
+            None
+        );
+        // A CRLF split anywhere is one line end (every_split cuts between CR and LF).
+        assert_eq!(
+            sse(&format!("data: {u}\r\n\r\ndata: x\r\n\r\n")),
+            usage(2, 3)
+        );
+    }
+
+    #[test]
+    fn non_json_data_is_ignored_quietly() {
+        let u = "data: {\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":3}}\n\n";
+        for noise in [
+            "data: [DONE]\n\n",
+            "data: hello\n\n",
+            "data: {\"usage\":{\"prompt_tokens\":9}\n\n",
+            "data: }}]]\n\n",
+            "data: \"\\\n\n",
+            "data\n\n",
+            "event: flowResponses\ndata: [{\"inputTokens\":9}\n\n",
+        ] {
+            assert_eq!(sse(&format!("{u}{noise}")), usage(2, 3), "{noise:?}");
+            assert_eq!(sse(&format!("{noise}{u}")), usage(2, 3), "{noise:?}");
+        }
+    }
+
+    #[test]
+    fn nesting_is_bounded_as_in_serde_json() {
+        for depth in [
+            MAX_DEPTH as usize - 1,
+            MAX_DEPTH as usize,
+            MAX_DEPTH as usize + 1,
+        ] {
+            let deep = format!(
+                "{{\"usage\":{{\"prompt_tokens\":1}},\"x\":{}{}}}",
+                "[".repeat(depth - 1),
+                "]".repeat(depth - 1)
+            );
+            let serde_ok = serde_json::from_str::<Value>(&deep).is_ok();
+            assert_eq!(body(&deep).is_some(), serde_ok, "depth {depth}");
+        }
+        assert!(
+            size_of::<UsageMeter>() <= 512,
+            "{}",
+            size_of::<UsageMeter>()
+        );
+    }
+
+    // ============================== the reference ==============================
+
+    fn count(v: Option<&Value>) -> Option<u64> {
+        v.and_then(Value::as_u64)
+    }
+
+    fn openai(v: &Value) -> Option<Usage> {
+        let u = v.get("usage")?.as_object()?;
+        let (p, c) = (
+            count(u.get("prompt_tokens")),
+            count(u.get("completion_tokens")),
+        );
+        (p.is_some() || c.is_some()).then(|| Usage {
+            prompt: p.unwrap_or(0),
+            completion: c.unwrap_or(0),
+        })
+    }
+
+    fn nodes(v: &Value, level: usize, sum: &mut Option<Usage>) {
+        for node in v.as_array().into_iter().flatten().filter(|n| n.is_object()) {
+            let c: Vec<Option<u64>> = NODE_KEYS
+                .iter()
+                .map(|k| count(node.get(std::str::from_utf8(k).unwrap())))
+                .collect();
+            let z = |i: usize| c[i].unwrap_or(0);
+            let own = if c[..4].iter().any(Option::is_some) {
+                Some(Usage {
+                    prompt: z(0).saturating_add(z(1)),
+                    completion: z(2).saturating_add(z(3)),
+                })
+            } else if c[4..].iter().any(Option::is_some) {
+                Some(Usage {
+                    prompt: z(4).saturating_add(z(5)),
+                    completion: 0,
+                })
+            } else {
+                None
+            };
+            if let Some(own) = own {
+                *sum = Some(sum.unwrap_or_default().add(own));
+            }
+            if level + 1 < NODE_CAP {
+                for key in DETAIL_KEYS {
+                    if let Some(d) = node.get(std::str::from_utf8(key).unwrap()) {
+                        nodes(d, level + 1, sum);
+                    }
+                }
+            }
+        }
+    }
+
+    fn flow(v: &Value) -> Option<Usage> {
+        let mut sum = None;
+        nodes(v, 0, &mut sum);
+        sum
+    }
+
+    fn reference_json(body: &[u8]) -> Option<Usage> {
+        let v: Value = serde_json::from_slice(body).ok()?;
+        if !v.is_object() {
+            return None;
+        }
+        v.get("responseData").and_then(flow).or_else(|| openai(&v))
+    }
+
+    /// Events as the WHATWG algorithm dispatches them: (name, data).
+    fn events(stream: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let stream = stream.strip_prefix(BOM).unwrap_or(stream);
+        let mut lines = Vec::new();
+        let (mut i, mut from) = (0, 0);
+        while i < stream.len() {
+            match stream[i] {
+                b'\n' | b'\r' => {
+                    lines.push(&stream[from..i]);
+                    if stream[i] == b'\r' && stream.get(i + 1) == Some(&b'\n') {
+                        i += 1;
+                    }
+                    from = i + 1;
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        let mut out = Vec::new();
+        let (mut name, mut data, mut has) = (Vec::new(), Vec::new(), false);
+        for line in lines {
+            if line.is_empty() {
+                if has {
+                    data.pop();
+                    out.push((std::mem::take(&mut name), std::mem::take(&mut data)));
+                }
+                (name, data, has) = (Vec::new(), Vec::new(), false);
+                continue;
+            }
+            if line[0] == b':' {
+                continue;
+            }
+            let (field, value) = match line.iter().position(|&b| b == b':') {
+                Some(c) => {
+                    let v = &line[c + 1..];
+                    (&line[..c], v.strip_prefix(b" ").unwrap_or(v))
+                }
+                None => (line, &b""[..]),
+            };
+            match field {
+                b"data" => {
+                    has = true;
+                    data.extend_from_slice(value);
+                    data.push(b'\n');
+                }
+                b"event" => name = value.to_vec(),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    fn reference_stream(stream: &[u8]) -> Option<Usage> {
+        let (mut last, mut sum): (Option<Usage>, Option<Usage>) = (None, None);
+        for (name, data) in events(stream) {
+            let Ok(v) = serde_json::from_slice::<Value>(&data) else {
+                continue;
+            };
+            if name == FLOW_EVENT {
+                if v.is_array()
+                    && let Some(f) = flow(&v)
+                {
+                    sum = Some(sum.unwrap_or_default().add(f));
+                }
+            } else if let Some(u) = openai(&v) {
+                last = Some(u);
+            }
+        }
+        last.or(sum)
+    }
+
+    #[test]
+    fn the_reference_agrees_on_the_examples() {
+        assert_eq!(reference_stream(OPENAI.as_bytes()), usage(19, 10));
+        assert_eq!(
+            reference_stream(FASTGPT.as_bytes()),
+            usage(120 + 50 + 7, 30 + 5 + 3)
+        );
+    }
+
+    // ============================== generated answers ==============================
+
+    fn number() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            4 => (0u64..100_000).prop_map(Value::from),
+            1 => Just(Value::from(u64::MAX)),
+            1 => (-1000i64..0).prop_map(Value::from),
+            1 => (0.0f64..1e6).prop_map(Value::from),
+            1 => Just(Value::Null),
+            1 => "[0-9]{1,3}".prop_map(Value::from),
+        ]
+    }
+
+    /// Text that looks like what the meter looks for.
+    fn noise_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("\"prompt_tokens\": 999".to_owned()),
+            Just("{\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":9}}".to_owned()),
+            Just("inputTokens\\\"".to_owned()),
+            Just("[DONE]".to_owned()),
+            "[ -~]{0,16}",
+            "\\PC{0,8}",
+            Just("\u{0}\u{1f}\n\r\t\"\\".to_owned()),
+        ]
+    }
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => "[a-z_]{1,8}",
+            1 => proptest::sample::select(&[
+                "usage", "prompt_tokens", "completion_tokens", "responseData", "inputTokens",
+                "outputTokens", "toolCallInputTokens", "toolCallOutputTokens", "tokens",
+                "toolCallTokens", "toolDetail", "pluginDetail", "loopDetail",
+                "childrenResponses", "content", "choices",
+            ][..]).prop_map(str::to_owned),
+        ]
+    }
+
+    /// Any JSON, with the keys of interest among others, a few levels deep.
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            number(),
+            noise_text().prop_map(Value::from),
+            any::<bool>().prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 32, 5, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..5).prop_map(Value::from),
+                proptest::collection::vec((key(), inner), 0..5)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn usage_object() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            1 => Just(Value::Null),
+            4 => (number(), number(), proptest::option::of(any_json())).prop_map(|(p, c, extra)| {
+                let mut u = json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": 1});
+                if let Some(e) = extra {
+                    u["prompt_tokens_details"] = e;
+                }
+                u
+            }),
+            1 => any_json(),
+        ]
+    }
+
+    /// A node response, with nested ones.
+    fn node() -> impl Strategy<Value = Value> {
+        let flat = (
+            proptest::collection::vec((proptest::sample::select(&NODE_KEYS[..]), number()), 0..4),
+            proptest::collection::vec((key(), any_json()), 0..3),
+        )
+            .prop_map(|(counts, other)| {
+                let mut o = serde_json::Map::new();
+                for (k, v) in other {
+                    o.insert(k, v);
+                }
+                for (k, v) in counts {
+                    o.insert(String::from_utf8_lossy(k).into_owned(), v);
+                }
+                Value::Object(o)
+            });
+        flat.prop_recursive(5, 24, 3, |inner| {
+            (
+                inner.clone(),
+                proptest::sample::select(&DETAIL_KEYS[..]),
+                proptest::collection::vec(inner, 0..3),
+            )
+                .prop_map(|(mut n, k, children)| {
+                    n[String::from_utf8_lossy(k).as_ref()] = Value::from(children);
+                    n
+                })
+        })
+    }
+
+    fn node_array() -> impl Strategy<Value = Value> {
+        proptest::collection::vec(prop_oneof![4 => node(), 1 => any_json()], 0..5)
+            .prop_map(Value::from)
+    }
+
+    /// A root object like an answer or a chunk: usage and responseData in random places.
+    fn answer() -> impl Strategy<Value = Value> {
+        (
+            proptest::collection::vec((key(), any_json()), 0..4),
+            proptest::option::of(usage_object()),
+            proptest::option::of(prop_oneof![3 => node_array(), 1 => any_json()]),
+            proptest::option::of(any_json()),
+        )
+            .prop_map(|(other, usage, response_data, choices)| {
+                let mut o: serde_json::Map<String, Value> = other.into_iter().collect();
+                if let Some(c) = choices {
+                    o.insert("choices".into(), json!([{"delta": {"content": c}}]));
+                }
+                if let Some(u) = usage {
+                    o.insert("usage".into(), u);
+                }
+                if let Some(r) = response_data {
+                    o.insert("responseData".into(), r);
+                }
+                Value::Object(o)
+            })
+    }
+
+    /// Serialized compact or pretty, maybe with a key escaped, maybe cut short.
+    fn text(v: Value, pretty: bool, escape: bool, cut: Option<usize>) -> String {
+        let mut s = if pretty {
+            serde_json::to_string_pretty(&v).unwrap()
+        } else {
+            serde_json::to_string(&v).unwrap()
+        };
+        if escape {
+            s = s
+                .replace("\"usage\"", "\"us\\u0061ge\"")
+                .replace("\"prompt_tokens\"", "\"prompt\\u005ftokens\"")
+                .replace("\"inputTokens\"", "\"\\u0069nputTokens\"");
+        }
+        if let Some(c) = cut {
+            let mut c = c % (s.len() + 1);
+            while !s.is_char_boundary(c) {
+                c -= 1;
+            }
+            s.truncate(c);
+        }
+        s
+    }
+
+    fn json_text() -> impl Strategy<Value = String> {
+        (
+            prop_oneof![3 => answer(), 1 => node_array(), 1 => any_json()],
+            any::<bool>(),
+            any::<bool>(),
+            proptest::option::weighted(0.1, any::<usize>()),
+        )
+            .prop_map(|(v, pretty, escape, cut)| text(v, pretty, escape, cut))
+    }
+
+    fn line_end() -> impl Strategy<Value = &'static str> {
+        prop_oneof![Just("\n"), Just("\r"), Just("\r\n")]
+    }
+
+    /// One event: maybe a name, its data on one or more lines, maybe other fields.
+    fn event() -> impl Strategy<Value = String> {
+        (
+            proptest::option::of(prop_oneof![
+                3 => Just("flowResponses"),
+                1 => Just("answer"),
+                1 => Just("flowResponsesX"),
+                1 => Just(""),
+            ]),
+            prop_oneof![
+                4 => json_text(),
+                1 => noise_text(),
+                1 => Just("[DONE]".to_owned()),
+            ],
+            any::<bool>(),
+            proptest::option::of(":[ -~]{0,8}"),
+            line_end(),
+        )
+            .prop_map(|(name, data, space, comment, eol)| {
+                let mut e = String::new();
+                if let Some(n) = name {
+                    e.push_str(&format!("event: {n}{eol}"));
+                }
+                if let Some(c) = comment {
+                    e.push_str(&format!("{c}{eol}"));
+                }
+                // Each line of the data its own field (a noise string may hold line ends).
+                for line in data.split(['\n', '\r']) {
+                    e.push_str(if space { "data: " } else { "data:" });
+                    e.push_str(line);
+                    e.push_str(eol);
+                }
+                e.push_str(eol);
+                e
+            })
+    }
+
+    fn stream() -> impl Strategy<Value = String> {
+        (
+            any::<bool>(),
+            proptest::collection::vec(event(), 0..8),
+            proptest::option::of("(data|event): [ -~]{0,8}"),
+        )
+            .prop_map(|(bom, events, tail)| {
+                let mut s = if bom {
+                    "\u{FEFF}".to_owned()
+                } else {
+                    String::new()
+                };
+                s.extend(events);
+                s.extend(tail);
+                s
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        /// However an event stream is cut, the meter finds what parsing each event's data
+        /// with serde_json finds.
+        #[test]
+        fn any_cut_of_a_stream_agrees_with_serde_json(
+            stream in stream(),
+            cuts in proptest::collection::vec(0usize..4000, 0..12),
+        ) {
+            let expected = reference_stream(stream.as_bytes());
+            prop_assert_eq!(meter(UsageMeter::event_stream, stream.as_bytes(), &cuts), expected);
+            prop_assert_eq!(meter(UsageMeter::event_stream, stream.as_bytes(), &[]), expected);
+        }
+
+        /// However a JSON answer is cut, the meter finds what serde_json finds in it whole.
+        #[test]
+        fn any_cut_of_a_json_answer_agrees_with_serde_json(
+            body in json_text(),
+            cuts in proptest::collection::vec(0usize..4000, 0..12),
+        ) {
+            let expected = reference_json(body.as_bytes());
+            prop_assert_eq!(meter(UsageMeter::json, body.as_bytes(), &cuts), expected);
+        }
+    }
+}
