@@ -34,6 +34,7 @@ use crate::stream::body::ProxyBody;
 use crate::stream::events::{EventStream, is_event_stream};
 use crate::stream::tail::{Observed, Tail};
 use crate::stream::upgrade::{self, ClientUpgrade};
+use crate::stream::usage::UsageMeter;
 use crate::upstream::attempts::{Attempts, error_kind, no_endpoints};
 use crate::upstream::breaker::{Admit, Outcome};
 use crate::upstream::forward::{self, Upstream};
@@ -675,7 +676,9 @@ async fn send(
             let (mut parts, body) = answer.response.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers, false);
             let body = TimedBody::new(body, route.timeouts.idle, attempts.deadline(), None);
-            let body = if is_event_stream(parts.status, &parts.headers) {
+            let events = is_event_stream(parts.status, &parts.headers);
+            tail.meter = usage_meter(events, &parts.headers);
+            let body = if events {
                 ProxyBody::events(EventStream::new(
                     body,
                     route.stream.clone(),
@@ -694,6 +697,28 @@ async fn send(
             Err(failed.error)
         }
     }
+}
+
+/// A token meter for an answer that may report an LLM's usage: an event stream, or a JSON
+/// body rampart can read (a compressed one cannot be, and is left alone).
+fn usage_meter(events: bool, headers: &http::HeaderMap) -> Option<Box<UsageMeter>> {
+    if headers.contains_key(http::header::CONTENT_ENCODING) {
+        return None;
+    }
+    if events {
+        return Some(Box::new(UsageMeter::event_stream()));
+    }
+    let json = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            let mime = v.split(';').next().unwrap_or_default().trim();
+            mime.eq_ignore_ascii_case("application/json")
+                || mime
+                    .get(mime.len().saturating_sub(5)..)
+                    .is_some_and(|t| t.eq_ignore_ascii_case("+json"))
+        });
+    json.then(|| Box::new(UsageMeter::json()))
 }
 
 fn shed(metrics: &UpstreamMetrics, scope: &'static str, name: &str) {

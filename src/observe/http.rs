@@ -541,13 +541,6 @@ impl RouteMetrics {
     }
 
     /// The token counts of one LLM answer (`stream::usage`).
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "called once the meter is wired into the response path (issue 16)"
-        )
-    )]
     pub(crate) fn tokens(&self, usage: &Usage) {
         let h = self.cells.tokens.get_or_init(|| {
             let counter = |kind| {

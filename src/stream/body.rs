@@ -268,7 +268,7 @@ fn poll_exchange(
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
-                    tail.on_data(d.len());
+                    tail.on_data(d);
                 }
                 // hyper stops polling a body that says it has ended.
                 if ended {
@@ -305,7 +305,7 @@ fn poll_events(
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
-                    tail.on_data(d.len());
+                    tail.on_data(d);
                 }
             }
             Poll::Ready(Some(Err(e))) => tail.on_error(e),

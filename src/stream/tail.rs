@@ -11,6 +11,7 @@ use crate::admission::ratelimit::Hold;
 use crate::body::BodyError;
 use crate::observe::access_log::AccessRecord;
 use crate::observe::http::{RouteMetrics, StreamEnd, UpstreamErrorKind};
+use crate::stream::usage::UsageMeter;
 use crate::upstream::breaker::Outcome;
 use crate::upstream::resilience::{BreakerTicket, InFlight};
 
@@ -28,6 +29,9 @@ pub(crate) struct Tail {
     /// `max_streams` permits, given back when the tail is dropped (body done, client gone,
     /// timeout, drain), and the `cost: tokens` policies [`Tail::tokens_used`] charges.
     pub rate_limit_hold: Hold,
+    /// Reads the token counts of an LLM answer as its body passes (`stream::usage`): set
+    /// for event streams and JSON answers.
+    pub meter: Option<Box<UsageMeter>>,
 }
 
 /// What the request metrics record when the exchange ends.
@@ -62,16 +66,16 @@ impl Tail {
     /// the key of every `cost: tokens` policy the request passed: at once in memory, by a
     /// task of its own in Redis. Each call charges what it is given: call it once per
     /// usage report.
-    #[allow(
-        dead_code,
-        reason = "called by the response usage parser (issue 16), which is being written"
-    )]
     pub(crate) fn tokens_used(&mut self, prompt: u64, completion: u64) {
         self.rate_limit_hold
             .tokens_used(prompt.saturating_add(completion));
     }
 
-    pub(crate) fn on_data(&mut self, n: usize) {
+    pub(crate) fn on_data(&mut self, data: &[u8]) {
+        let n = data.len();
+        if let Some(m) = &mut self.meter {
+            m.feed(data);
+        }
         if let Some(log) = &mut self.log {
             log.bytes_out += n as u64;
         }
@@ -80,7 +84,24 @@ impl Tail {
         }
     }
 
+    /// The answer's token counts, once its body is over however it ended (tokens spent
+    /// before a failure were spent): the metric, the access log, the `cost: tokens`
+    /// policies. Once.
+    fn settle_usage(&mut self) {
+        let Some(usage) = self.meter.take().and_then(|m| m.usage()) else {
+            return;
+        };
+        if let Some(o) = &self.obs {
+            o.route.tokens(&usage);
+        }
+        if let Some(log) = &mut self.log {
+            log.usage = Some(usage);
+        }
+        self.tokens_used(usage.prompt, usage.completion);
+    }
+
     pub(crate) fn on_complete(&mut self) {
+        self.settle_usage();
         if let Some(log) = &mut self.log {
             log.body_complete();
         }
@@ -90,6 +111,7 @@ impl Tail {
     }
 
     pub(crate) fn on_error(&mut self, err: &BodyError) {
+        self.settle_usage();
         if let Some(log) = &mut self.log {
             log.body_failed(err);
         }
@@ -137,6 +159,7 @@ impl Tail {
             StreamEnd::MaxDuration => (false, UpstreamErrorKind::TotalTimeout),
             StreamEnd::UpstreamError => (true, UpstreamErrorKind::Reset),
         };
+        self.settle_usage();
         if let Some(log) = &mut self.log {
             log.stream_ended(how);
         }

@@ -1,10 +1,6 @@
 //! `cost: tokens` end to end: a FastGPT-shaped event stream whose last `data:` chunk reports
 //! its usage; the stream that spends the key's tokens finishes whole, and the key's next
 //! request is refused.
-//!
-//! NOT YET REGISTERED in main.rs: it passes once the parser that reads the usage from the
-//! response body calls `Tail::tokens_used` (issue 16, written separately). Register it
-//! (`mod tokens_limits;`) when that lands.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,6 +41,14 @@ impl Drop for FastGptUpstream {
 
 impl FastGptUpstream {
     async fn start() -> FastGptUpstream {
+        Self::start_with("text/event-stream", EVENTS).await
+    }
+
+    /// Answers every request with `chunks`, one chunk each, 20 ms apart.
+    async fn start_with(
+        content_type: &'static str,
+        chunks: &'static [&'static str],
+    ) -> FastGptUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(AtomicUsize::new(0));
@@ -65,11 +69,13 @@ impl FastGptUpstream {
                         }
                     }
                     counter.fetch_add(1, Ordering::SeqCst);
-                    let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+                    );
                     if s.write_all(head.as_bytes()).await.is_err() {
                         return;
                     }
-                    for ev in EVENTS {
+                    for ev in chunks {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         let c = format!("{:x}\r\n{ev}\r\n", ev.len());
                         if s.write_all(c.as_bytes()).await.is_err() {
@@ -118,7 +124,14 @@ async fn a_stream_that_spends_the_tokens_finishes_and_the_next_is_refused() {
     // 110 tokens against 100: the stream still finishes, every byte of it.
     let (resp, body) = send(&client, chat(addr, "alice")).await;
     assert_eq!(resp.status(), 200);
-    assert_eq!(body, Bytes::from(EVENTS.concat()), "the whole stream arrives");
+    assert_eq!(
+        body,
+        Bytes::from(EVENTS.concat()),
+        "the whole stream arrives"
+    );
+    // The metric says exactly what the stream reported.
+    assert_eq!(tokens(&px, "prompt"), 40.0);
+    assert_eq!(tokens(&px, "completion"), 70.0);
 
     // The charge lands when the exchange ends: the next request is refused within a
     // bounded wait (each admitted one meanwhile spends 110 more).
@@ -145,13 +158,71 @@ async fn a_stream_that_spends_the_tokens_finishes_and_the_next_is_refused() {
     let h = resp.headers();
     let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=60).contains(&retry), "{retry}");
-    assert_eq!(h["ratelimit-policy"], format!("\"{p}\";q=100;w=60").as_str());
+    assert_eq!(
+        h["ratelimit-policy"],
+        format!("\"{p}\";q=100;w=60").as_str()
+    );
     assert_eq!(h["x-ratelimit-remaining"], "0");
     let body = String::from_utf8_lossy(&body);
-    assert_eq!(json_field(&body, "code"), Some("TOO_MANY_REQUESTS"), "{body}");
+    assert_eq!(
+        json_field(&body, "code"),
+        Some("TOO_MANY_REQUESTS"),
+        "{body}"
+    );
 
     // Another key is unaffected.
     let (resp, _) = send(&client, chat(addr, "bob")).await;
     assert_eq!(resp.status(), 200);
+    assert_eq!(tokens(&px, "prompt"), 80.0);
+    assert_eq!(tokens(&px, "completion"), 140.0);
     px.shutdown().await;
+}
+
+fn tokens(px: &rampart::app::Running, kind: &str) -> f64 {
+    let series = format!(
+        "rampart_llm_tokens_total{{listener=\"main\",route=\"all\",upstream=\"up\",kind=\"{kind}\"}}"
+    );
+    sample(&px.encode_metrics(), &series).unwrap_or(0.0)
+}
+
+/// FastGPT's own stream: answer chunks, then a `flowResponses` event whose nodes carry
+/// their token counts (no OpenAI `usage`).
+const FLOW: &[&str] = &[
+    "event: answer\ndata: {\"choices\":[{\"delta\":{\"content\":\"prompt_tokens: 999\"},\"index\":0}]}\n\n",
+    "event: answer\ndata: [DONE]\n\n",
+    "event: flowResponses\ndata: [{\"moduleName\":\"AI Chat\",\"moduleType\":\"chatNode\",\"inputTokens\":120,\"outputTokens\":30},{\"moduleName\":\"Tool\",\"moduleType\":\"tools\",\"inputTokens\":5,\"outputTokens\":7}]\n\n",
+];
+
+/// A JSON chat completion (not streamed) with its `usage`, split in two chunks.
+const JSON_ANSWER: &[&str] = &[
+    "{\"id\":\"c2\",\"object\":\"chat.completion\",\"choices\":[{\"message\":{\"role\":\"assistant\",\"content\":\"hi\"}}],\"usa",
+    "ge\":{\"prompt_tokens\":11,\"completion_tokens\":22,\"total_tokens\":33}}",
+];
+
+#[tokio::test]
+async fn fastgpt_flow_responses_and_json_answers_are_counted_exactly() {
+    for (content_type, chunks, prompt, completion) in [
+        ("text/event-stream", FLOW, 125.0, 37.0),
+        ("application/json; charset=utf-8", JSON_ANSWER, 11.0, 22.0),
+    ] {
+        let up = FastGptUpstream::start_with(content_type, chunks).await;
+        let px = start(&one_route(&format!("http://{}", up.addr), "", "")).await;
+        let addr = px.addr("main").unwrap();
+        for n in 1..=2 {
+            let (resp, body) = send(&http1(), chat(addr, "carol")).await;
+            assert_eq!(resp.status(), 200);
+            assert_eq!(body, Bytes::from(chunks.concat()), "unchanged");
+            assert_eq!(
+                tokens(&px, "prompt"),
+                prompt * f64::from(n),
+                "{content_type}"
+            );
+            assert_eq!(
+                tokens(&px, "completion"),
+                completion * f64::from(n),
+                "{content_type}"
+            );
+        }
+        px.shutdown().await;
+    }
 }
