@@ -434,4 +434,13 @@ async fn a_silent_stream_gets_its_final_event_at_the_deadline() {
     );
     let line = &logs::lines_with("silent-stream-1")[0];
     assert!(line.contains("outcome=\"drained\""), "{line}");
+    let m = px.encode_metrics();
+    assert_eq!(
+        sample(
+            &m,
+            "rampart_http_streams_ended_total{listener=\"main\",route=\"all\",reason=\"drain\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
 }

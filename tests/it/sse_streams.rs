@@ -624,3 +624,31 @@ async fn over_http2_a_stalled_stream_ends_with_the_final_event_too() {
     assert_eventually!(up.cancelled.load(Ordering::SeqCst) == 1, "not cancelled");
     px.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_is_counted_client_gone_and_cancels_the_upstream() {
+    let up = SseUpstream::start(vec![Step::Every { ms: 50, n: 200 }]).await;
+    let px = start(&route(&up, "{ heartbeat: off }")).await;
+    let mut s = TcpStream::connect(px.addr("main").unwrap()).await.unwrap();
+    s.write_all(b"GET /chat HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(n > 0);
+    drop(s);
+    assert_eventually!(up.cancelled.load(Ordering::SeqCst) == 1, "not cancelled");
+    assert_eventually!(
+        metric(&px, &format!("{ENDED}\"client_gone\"}}")) == 1.0,
+        "client_gone not counted"
+    );
+    assert_eq!(
+        metric(&px, BREAKER),
+        0.0,
+        "a client leaving is not the upstream's failure"
+    );
+    px.shutdown().await;
+}
