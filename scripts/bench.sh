@@ -562,6 +562,7 @@ report() {
 SSE_UPSTREAM_PID=""
 ROUND=0
 LOST=0                 # streams that failed to open, ended early or failed, over all cases
+SLOW=()                # cases that received under 95% of the events sent: something saturated
 # Results, one entry per SSE case, in order: round, target, load average before, and the
 # load client's key=value line.
 S_ROUND=() S_NAME=() S_LOAD=() S_KV=()
@@ -626,6 +627,10 @@ sse_case() {
     kv=$(tail -n 1 "$raw")
     lost=$(($(kv_get failed_open "$kv") + $(kv_get ended_early "$kv") + $(kv_get errors "$kv")))
     LOST=$((LOST + lost))
+    if (($(kv_get events_per_s "$kv") * 100 < STREAMS * 1000 / EVENT_MS * 95)); then
+        SLOW+=("$name (round $ROUND)")
+        log "warning: $name received under 95% of the events sent: the proxy, the client or the upstream saturated"
+    fi
     S_ROUND+=("$ROUND") S_NAME+=("$name") S_LOAD+=("$la") S_KV+=("$kv")
     log "$name: $kv"
 }
@@ -736,6 +741,10 @@ sse_report() {
         done
         echo "| rampart / nginx, per round | $(med_range "${rm[@]}")× | $(med_range "${rc[@]}")× |"
         echo
+        if ((${#SLOW[@]})); then
+            echo "Under 95 % of the events sent (expected $expected/s): ${SLOW[*]}: something saturated; figures suspect."
+            echo
+        fi
         echo "Lost streams (failed to open, ended early or failed), all cases: $LOST (must be 0)." \
             "Raw client output: $OUT_DIR/sse-TARGET-rROUND.txt."
     } >"$out"
