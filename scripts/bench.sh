@@ -20,6 +20,20 @@
 #   OUT_DIR      results, raw wrk output and logs                  (target/bench)
 #   PIN          1: pinned one-worker mode: each proxy alone on CPU 1 with one worker,
 #                wrk, the upstream and redis on CPU 0 (taskset); WORKERS defaults to 1  (0)
+#   MODE         rps: the GET benchmark above; sse: long-lived SSE streams (below)  (rps)
+#
+# MODE=sse: STREAMS concurrent SSE streams through each target (direct, rampart, nginx with
+# `proxy_buffering off`) from one upstream that sends each stream an EVENT_BYTES event every
+# EVENT_MS; held HOLD seconds after SETTLE; memory per stream (RSS with the streams open minus
+# RSS idle after one warm-up stream, / STREAMS) and CPU µs per event received. Each case gets
+# a freshly started proxy; ROUNDS rounds, rampart and nginx in turn. Load client and upstream:
+# examples/sse_load.rs (built with BUILD=1). Results in $OUT_DIR/results-sse[-pin].md.
+#
+#   MODE=sse scripts/bench.sh                 # 2 workers, nothing pinned
+#   MODE=sse PIN=1 BUILD=0 scripts/bench.sh   # 1 worker, proxy alone on CPU 1
+#
+#   STREAMS (1000)  EVENT_MS (100)  EVENT_BYTES (100)  SETTLE (5, s)  HOLD (20, s)  ROUNDS (2)
+#   SSE_BIN         load client/upstream (${CARGO_TARGET_DIR:-target}/release/examples/sse_load)
 #
 # Everything listens on and is sent to 127.0.0.1 only; every load run has a fixed duration;
 # every process started here is stopped on exit, failure included.
@@ -53,6 +67,14 @@ BUILD=${BUILD:-1}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 RAMPART_BIN=${RAMPART_BIN:-$TARGET_DIR/release/rampart}
 OUT_DIR=${OUT_DIR:-$ROOT/target/bench}
+MODE=${MODE:-rps}
+STREAMS=${STREAMS:-1000}
+EVENT_MS=${EVENT_MS:-100}
+EVENT_BYTES=${EVENT_BYTES:-100}
+SETTLE=${SETTLE:-5}
+HOLD=${HOLD:-20}
+ROUNDS=${ROUNDS:-2}
+SSE_BIN=${SSE_BIN:-$TARGET_DIR/release/examples/sse_load}
 
 HOST=127.0.0.1
 UPSTREAM_PORT=3001     # fixed by `rampart demo --upstreams-only` (JSON backend)
@@ -63,6 +85,8 @@ NGINX_PORT=18081
 RAMPART_RL_MEMORY_PORT=18082
 RAMPART_RL_REDIS_PORT=18083
 REDIS_PORT=16379
+SSE_UPSTREAM_PORT=13002
+SSE_PATH=/v1/stream
 BENCH_PATH=/api/agents
 
 CLK_TCK=$(getconf CLK_TCK)
@@ -210,7 +234,8 @@ install_tools() {
         (apt-get update && apt-get install -y nginx) ||
         die "nginx is missing and could not be installed (apt-get install -y nginx)"
     NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
-    command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server) ||
+    [[ $MODE == sse ]] || command -v redis-server >/dev/null ||
+        (apt-get update && apt-get install -y redis-server) ||
         die "redis-server is missing and could not be installed (apt-get install -y redis-server)"
 }
 
@@ -219,8 +244,14 @@ build_rampart() {
         log "cargo build --release (target dir $TARGET_DIR)"
         (cd "$ROOT" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release --quiet) ||
             die "cargo build --release failed"
+        if [[ $MODE == sse ]]; then
+            (cd "$ROOT" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release --quiet --example sse_load) ||
+                die "cargo build --release --example sse_load failed"
+        fi
     fi
     [[ -x $RAMPART_BIN ]] || die "no rampart binary at $RAMPART_BIN (build it or set RAMPART_BIN)"
+    [[ $MODE != sse || -x $SSE_BIN ]] ||
+        die "no sse_load binary at $SSE_BIN (BUILD=1, or cargo build --release --example sse_load)"
 }
 
 render() { # render TEMPLATE OUT KEY=VALUE...
@@ -255,23 +286,25 @@ start_redis() {
     wait_listening redis-server "$REDIS_PID" "$REDIS_PORT" "$logfile"
 }
 
-start_rampart() {
-    local logfile=$OUT_DIR/logs/rampart.log
+start_rampart() { # [CONFIG]: $WORK/rampart.yaml unless given
+    local logfile=$OUT_DIR/logs/rampart.log config=${1:-$WORK/rampart.yaml}
     log "starting rampart: rampart run --workers $WORKERS"
-    "${PROXY_ON[@]}" "$RAMPART_BIN" run --config "$WORK/rampart.yaml" --workers "$WORKERS" >"$logfile" 2>&1 &
+    "${PROXY_ON[@]}" "$RAMPART_BIN" run --config "$config" --workers "$WORKERS" >"$logfile" 2>&1 &
     RAMPART_PID=$!
     STARTED_PIDS+=("$RAMPART_PID")
     wait_listening rampart "$RAMPART_PID" "$RAMPART_PORT" "$logfile"
 }
 
-start_nginx() {
+start_nginx() { # [TEMPLATE UPSTREAM [KEY=VALUE...]]: nginx.conf.tmpl and the JSON upstream unless given
     local prefix=$WORK/nginx logfile=$OUT_DIR/logs/nginx.log
+    local template=${1:-$BENCH_DIR/nginx.conf.tmpl} upstream=${2:-$HOST:$UPSTREAM_PORT}
+    shift $(($# < 2 ? $# : 2))
     mkdir -p "$prefix"
     # Workers run as an unprivileged user when started as root: let them into the prefix.
     chmod 755 "$WORK" "$prefix"
-    render "$BENCH_DIR/nginx.conf.tmpl" "$prefix/nginx.conf" \
+    render "$template" "$prefix/nginx.conf" \
         WORKERS="$WORKERS" PREFIX="$prefix" LISTEN="$HOST:$NGINX_PORT" \
-        UPSTREAM="$HOST:$UPSTREAM_PORT"
+        UPSTREAM="$upstream" "$@"
     "$NGINX_BIN" -t -q -p "$prefix" -e "$prefix/error.log" -c "$prefix/nginx.conf" \
         >"$logfile" 2>&1 || {
         cat "$logfile" >&2
@@ -524,9 +557,241 @@ report() {
 }
 
 # ---------------------------------------------------------------------------------------
+# MODE=sse: long-lived SSE streams
+
+SSE_UPSTREAM_PID=""
+ROUND=0
+LOST=0                 # streams that failed to open, ended early or failed, over all cases
+SLOW=()                # cases that received under 95% of the events sent: something saturated
+# Results, one entry per SSE case, in order: round, target, load average before, and the
+# load client's key=value line.
+S_ROUND=() S_NAME=() S_LOAD=() S_KV=()
+
+# Stops one process started here and forgets it (a case's proxy, between cases).
+stop_started() {
+    local pid=$1 i
+    stop_pid "$pid"
+    wait "$pid" 2>/dev/null || true
+    for i in "${!STARTED_PIDS[@]}"; do
+        if [[ ${STARTED_PIDS[$i]} == "$pid" ]]; then
+            unset 'STARTED_PIDS[i]'
+        fi
+    done
+}
+
+# Each stream is a descriptor in the client and in the upstream, and two in a proxy.
+raise_nofile() {
+    local need=$((2 * STREAMS + 1024)) hard
+    hard=$(ulimit -Hn)
+    if [[ $hard != unlimited ]] && ((hard < need)); then
+        die "$STREAMS streams need $need open files per process; the hard limit is $hard (ulimit -Hn)"
+    fi
+    if (($(ulimit -n) < need)); then
+        ulimit -n "$need"
+    fi
+}
+
+start_sse_upstream() {
+    local logfile=$OUT_DIR/logs/sse-upstream.log
+    log "starting SSE upstream: sse_load upstream, a ${EVENT_BYTES}-byte event every ${EVENT_MS} ms per stream"
+    "${LOAD_ON[@]}" "$SSE_BIN" upstream "$HOST:$SSE_UPSTREAM_PORT" "$EVENT_MS" "$EVENT_BYTES" \
+        >"$logfile" 2>&1 &
+    SSE_UPSTREAM_PID=$!
+    STARTED_PIDS+=("$SSE_UPSTREAM_PID")
+    wait_listening sse-upstream "$SSE_UPSTREAM_PID" "$SSE_UPSTREAM_PORT" "$logfile"
+}
+
+kv_get() { # kv_get KEY "k=v k=v ...": the value of KEY, empty when absent
+    awk -v k="$1" '{ for (i = 1; i <= NF; i++) if (index($i, k "=") == 1) { print substr($i, length(k) + 2); exit } }' <<<"$2"
+}
+
+# sse_case NAME URL PIDS: STREAMS streams against URL; PIDS ("-": none) are the proxy's
+# processes, whose RSS and CPU the load client reads.
+sse_case() {
+    local name=$1 url=$2 pids=() la rc=0 kv lost
+    local raw=$OUT_DIR/sse-$name-r$ROUND.txt errlog=$OUT_DIR/logs/sse-$name-r$ROUND.log
+    [[ $url =~ ^http://127\.[0-9.]+:[0-9]+/ ]] || die "sse_case $name: $url is not a loopback URL"
+    [[ $3 == - ]] || read -r -a pids <<<"$3"
+    la=$(cut -d' ' -f1-3 /proc/loadavg)
+    log "round $ROUND, $name: $STREAMS streams, settle ${SETTLE}s, hold ${HOLD}s (load average $la)"
+    # The client's own waits are bounded (open 60 s, close 10 s); this bounds the whole.
+    timeout $((SETTLE + HOLD + 120)) "${LOAD_ON[@]}" "$SSE_BIN" load "$url" "$STREAMS" "$SETTLE" \
+        "$HOLD" "$CLK_TCK" "${pids[@]}" -- "$SSE_UPSTREAM_PID" >"$raw" 2>"$errlog" &
+    WRK_PID=$!
+    wait "$WRK_PID" || rc=$?
+    WRK_PID=""
+    if ((rc != 0)); then
+        tail -n 20 "$errlog" >&2 || true
+        die "sse_load exited with $rc against $url"
+    fi
+    kv=$(tail -n 1 "$raw")
+    lost=$(($(kv_get failed_open "$kv") + $(kv_get ended_early "$kv") + $(kv_get errors "$kv")))
+    LOST=$((LOST + lost))
+    if (($(kv_get events_per_s "$kv") * 100 < STREAMS * 1000 / EVENT_MS * 95)); then
+        SLOW+=("$name (round $ROUND)")
+        log "warning: $name received under 95% of the events sent: the proxy, the client or the upstream saturated"
+    fi
+    S_ROUND+=("$ROUND") S_NAME+=("$name") S_LOAD+=("$la") S_KV+=("$kv")
+    log "$name: $kv"
+}
+
+sse_rampart() {
+    start_rampart "$WORK/rampart-sse.yaml"
+    sse_case rampart "http://$HOST:$RAMPART_PORT$SSE_PATH" "$RAMPART_PID"
+    stop_started "$RAMPART_PID"
+}
+
+sse_nginx() {
+    local i kids=()
+    start_nginx "$BENCH_DIR/nginx-sse.conf.tmpl" "$HOST:$SSE_UPSTREAM_PORT" \
+        CONNECTIONS=$((2 * STREAMS + 1024))
+    # The master listens before it forks the workers: wait for them, or they go uncounted.
+    for ((i = 0; i < 50; i++)); do
+        mapfile -t kids < <(children_of "$NGINX_PID")
+        ((${#kids[@]} < WORKERS)) || break
+        sleep 0.1
+    done
+    ((${#kids[@]} >= WORKERS)) || die "nginx has ${#kids[@]} worker(s) after 5 s, not $WORKERS"
+    sse_case nginx "http://$HOST:$NGINX_PORT$SSE_PATH" "$(nginx_pids | tr '\n' ' ')"
+    stop_started "$NGINX_PID"
+    for i in "${kids[@]}"; do
+        stop_pid "$i"
+    done
+}
+
+# One round: direct, then a fresh rampart and a fresh nginx, in turn (rampart first in odd
+# rounds) so that drift in what the machine gives falls on both alike.
+sse_round() {
+    sse_case direct "http://$HOST:$SSE_UPSTREAM_PORT$SSE_PATH" -
+    if ((ROUND % 2)); then
+        sse_rampart
+        sse_nginx
+    else
+        sse_nginx
+        sse_rampart
+    fi
+}
+
+med_range() { # "median (min-max)" of the numbers given, 2 decimals; "—" for none
+    (($#)) || {
+        echo "—"
+        return
+    }
+    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
+        m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+        if (NR == 1) printf "%.2f", m; else printf "%.2f (%.2f-%.2f)", m, v[1], v[NR] }'
+}
+
+sse_report() {
+    local out=$OUT_DIR/results-sse$([[ $PIN == 1 ]] && echo -pin).md i kv name r expected
+    local -a mem cpu rm rc
+    expected=$((STREAMS * 1000 / EVENT_MS))
+    {
+        echo "# rampart SSE benchmark"
+        echo
+        echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+        echo "- machine: $(nproc) CPU(s), $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo), kernel $(uname -r)"
+        echo "- rampart: $("$RAMPART_BIN" --version 2>/dev/null) ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ', dirty'))"
+        echo "- nginx: $("$NGINX_BIN" -v 2>&1 | sed 's/^nginx version: //'), \`proxy_buffering off\`"
+        echo "- load: $STREAMS concurrent SSE streams per target, a ${EVENT_BYTES}-byte event every ${EVENT_MS} ms on each (expected $expected events/s), ${SETTLE} s to settle then ${HOLD} s measured; a fresh proxy per case;" \
+            "proxies with $WORKERS worker(s)$([[ $PIN == 1 ]] && echo ", pinned alone on CPU 1 (load client and upstream on CPU 0)")"
+        echo "- memory/stream: (mean RSS over the measured interval − RSS idle after one warm-up stream) / streams (nginx: master + workers)"
+        echo "- CPU µs/event: utime+stime of the proxy's process(es) over the measured interval / events the client received in it"
+        echo
+        echo "| round | target | load avg before | streams open | events/s | lost | RSS idle MiB | RSS streams MiB | memory/stream KiB | CPU µs/event | proxy CPU % | upstream CPU % | client CPU % |"
+        echo "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        for i in "${!S_KV[@]}"; do
+            kv=${S_KV[$i]}
+            local proxy=1
+            [[ ${S_NAME[$i]} != direct ]] || proxy=0
+            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' \
+                "${S_ROUND[$i]}" "${S_NAME[$i]}" "${S_LOAD[$i]}" "$(kv_get opened "$kv")" \
+                "$(kv_get events_per_s "$kv")" \
+                "$(($(kv_get failed_open "$kv") + $(kv_get ended_early "$kv") + $(kv_get errors "$kv")))" \
+                "$( ((proxy)) && awk -v k="$(kv_get rss_idle_kib "$kv")" 'BEGIN { printf "%.1f", k / 1024 }' || echo —)" \
+                "$( ((proxy)) && awk -v k="$(kv_get rss_streams_kib "$kv")" 'BEGIN { printf "%.1f", k / 1024 }' || echo —)" \
+                "$( ((proxy)) && kv_get mem_per_stream_kib "$kv" || echo —)" \
+                "$( ((proxy)) && kv_get cpu_us_per_event "$kv" || echo —)" \
+                "$( ((proxy)) && kv_get proxy_cpu_pct "$kv" || echo —)" \
+                "$(kv_get upstream_cpu_pct "$kv")" "$(kv_get client_cpu_pct "$kv")"
+        done
+        echo
+        echo "| target | memory/stream KiB, median (range) | CPU µs/event, median (range) |"
+        echo "|---|---:|---:|"
+        for name in rampart nginx; do
+            mem=() cpu=()
+            for i in "${!S_KV[@]}"; do
+                [[ ${S_NAME[$i]} == "$name" ]] || continue
+                mem+=("$(kv_get mem_per_stream_kib "${S_KV[$i]}")")
+                cpu+=("$(kv_get cpu_us_per_event "${S_KV[$i]}")")
+            done
+            echo "| $name | $(med_range "${mem[@]}") | $(med_range "${cpu[@]}") |"
+        done
+        rm=() rc=()
+        for ((r = 1; r <= ROUNDS; r++)); do
+            local a="" b=""
+            for i in "${!S_KV[@]}"; do
+                ((S_ROUND[i] == r)) || continue
+                [[ ${S_NAME[$i]} == rampart ]] && a=${S_KV[$i]}
+                [[ ${S_NAME[$i]} == nginx ]] && b=${S_KV[$i]}
+            done
+            [[ -n $a && -n $b ]] || continue
+            rm+=("$(awk -v a="$(kv_get mem_per_stream_kib "$a")" -v b="$(kv_get mem_per_stream_kib "$b")" 'BEGIN { printf "%.3f", b ? a / b : 0 }')")
+            rc+=("$(awk -v a="$(kv_get cpu_us_per_event "$a")" -v b="$(kv_get cpu_us_per_event "$b")" 'BEGIN { printf "%.3f", b ? a / b : 0 }')")
+        done
+        echo "| rampart / nginx, per round | $(med_range "${rm[@]}")× | $(med_range "${rc[@]}")× |"
+        echo
+        if ((${#SLOW[@]})); then
+            echo "Under 95 % of the events sent (expected $expected/s): ${SLOW[*]}: something saturated; figures suspect."
+            echo
+        fi
+        echo "Lost streams (failed to open, ended early or failed), all cases: $LOST (must be 0)." \
+            "Raw client output: $OUT_DIR/sse-TARGET-rROUND.txt."
+    } >"$out"
+    echo
+    cat "$out"
+    log "written to $out"
+}
+
+main_sse() {
+    local n
+    for n in STREAMS EVENT_MS EVENT_BYTES SETTLE HOLD ROUNDS; do
+        [[ ${!n} =~ ^[1-9][0-9]*$ ]] || die "$n must be a positive integer, got '${!n}'"
+    done
+    install_tools
+    build_rampart
+    raise_nofile
+    check_ports_free "$SSE_UPSTREAM_PORT" "$RAMPART_PORT" "$RAMPART_ADMIN_PORT" "$NGINX_PORT"
+    mkdir -p "$OUT_DIR/logs"
+    rm -f "$OUT_DIR"/sse-*.txt
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/rampart-bench.XXXXXX")
+    render "$BENCH_DIR/rampart-sse.yaml.tmpl" "$WORK/rampart-sse.yaml" \
+        ADMIN="$HOST:$RAMPART_ADMIN_PORT" LISTEN="$HOST:$RAMPART_PORT" \
+        UPSTREAM="$HOST:$SSE_UPSTREAM_PORT"
+    "$RAMPART_BIN" check --config "$WORK/rampart-sse.yaml" >"$OUT_DIR/logs/check.log" 2>&1 || {
+        cat "$OUT_DIR/logs/check.log" >&2
+        die "rampart check rejected the SSE bench config"
+    }
+    start_sse_upstream
+    for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+        sse_round
+    done
+    sse_report
+    ((LOST == 0)) || die "$LOST stream(s) failed to open, ended early or failed: see $OUT_DIR/logs/sse-*.log"
+}
+
+# ---------------------------------------------------------------------------------------
 
 main() {
     [[ $WORKERS =~ ^[1-9][0-9]*$ ]] || die "WORKERS must be a positive integer, got '$WORKERS'"
+    case $MODE in
+    rps) ;;
+    sse)
+        main_sse
+        return
+        ;;
+    *) die "MODE must be rps or sse, got '$MODE'" ;;
+    esac
     install_tools
     build_rampart
     # Other work on the machine skews everything here (its cores are already shared by wrk,
