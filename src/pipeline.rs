@@ -677,7 +677,7 @@ async fn send(
             headers::strip_hop_by_hop(&mut parts.headers, false);
             let body = TimedBody::new(body, route.timeouts.idle, attempts.deadline(), None);
             let events = is_event_stream(parts.status, &parts.headers);
-            tail.meter = usage_meter(events, &parts.headers);
+            tail.meter = usage_meter(route, events, &parts.headers);
             let body = if events {
                 ProxyBody::events(EventStream::new(
                     body,
@@ -701,8 +701,11 @@ async fn send(
 
 /// A token meter for an answer that may report an LLM's usage: an event stream, or a JSON
 /// body rampart can read (a compressed one cannot be, and is left alone).
-fn usage_meter(events: bool, headers: &http::HeaderMap) -> Option<Box<UsageMeter>> {
-    if headers.contains_key(http::header::CONTENT_ENCODING) {
+/// Which answers are read is the route's `tokens:`.
+fn usage_meter(route: &Route, events: bool, headers: &http::HeaderMap) -> Option<Box<UsageMeter>> {
+    if !(route.tokens_in_json || events && route.tokens_in_streams)
+        || headers.contains_key(http::header::CONTENT_ENCODING)
+    {
         return None;
     }
     if events {

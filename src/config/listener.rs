@@ -150,6 +150,22 @@ pub struct RouteConfig {
     pub upgrades: Vec<String>,
     /// Timers and heartbeats for answers that are event streams (`text/event-stream`).
     pub stream: StreamConfig,
+    /// Which answers are read for an LLM's token counts. Default `Streams`.
+    pub tokens: TokenCounting,
+}
+
+/// A route's `tokens:`: which answers rampart reads for token counts (`stream::usage`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenCounting {
+    /// Event streams; JSON answers too when the route has a `cost: tokens` policy (a token
+    /// budget must see every answer). JSON answers are otherwise left unread: reading every
+    /// JSON body would cost every API call through rampart.
+    Streams,
+    /// Event streams and every JSON answer.
+    All,
+    /// None (refused on a route with a `cost: tokens` policy).
+    Off,
 }
 
 /// A route's `stream:`: applied when an answer is an event stream (a 200
@@ -224,6 +240,7 @@ impl Serialize for RouteConfig {
             rate_limits: &'a [String],
             upgrades: &'a [String],
             stream: &'a StreamConfig,
+            tokens: TokenCounting,
         }
         #[derive(Serialize)]
         struct Match<'a> {
@@ -244,6 +261,7 @@ impl Serialize for RouteConfig {
             rate_limits,
             upgrades,
             stream,
+            tokens,
         } = self;
         Route {
             name,
@@ -261,6 +279,7 @@ impl Serialize for RouteConfig {
             rate_limits,
             upgrades,
             stream,
+            tokens: *tokens,
         }
         .serialize(s)
     }

@@ -40,7 +40,7 @@ pub use limits::{
 };
 pub use listener::{
     DrainMode, EscapedSlashes, Http2Config, ListenerConfig, NormalizePath, PathConfig, RouteConfig,
-    RouteTimeouts, StreamConfig,
+    RouteTimeouts, StreamConfig, TokenCounting,
 };
 pub use secret::{REDACTED, Secret, redis_url_shown, sink_url_shown};
 pub use upstream::{

@@ -19,6 +19,7 @@ use http::{Method, Request};
 use crate::admission::ratelimit::Policy;
 use crate::config::{
     EscapedSlashes, NormalizePath, PathConfig, RouteConfig, RouteTimeouts, StreamConfig,
+    TokenCounting,
 };
 use crate::observe::http::RouteMetrics;
 use crate::path::{self, PathError};
@@ -44,6 +45,9 @@ pub struct Route {
     pub upgrades: Vec<String>,
     /// Timers for answers that are event streams (`stream::events`).
     pub stream: Arc<StreamConfig>,
+    /// Read the token counts of event streams / of JSON answers (`stream::usage`).
+    pub tokens_in_streams: bool,
+    pub tokens_in_json: bool,
     /// Counters and histograms of this route, made once per snapshot.
     pub metrics: Arc<RouteMetrics>,
 }
@@ -58,6 +62,10 @@ impl Route {
         let breaker = upstream
             .state
             .breaker_for(&cfg.name, &upstream.resilience.circuit_breaker);
+        // A token budget must see every answer.
+        let tokens_in_json = cfg.tokens == TokenCounting::All
+            || (cfg.tokens == TokenCounting::Streams
+                && rate_limits.iter().any(|p| p.charges_tokens()));
         Route {
             name: Arc::from(cfg.name.as_str()),
             breaker,
@@ -71,6 +79,8 @@ impl Route {
             rate_limits,
             upgrades: cfg.upgrades.clone(),
             stream: Arc::new(cfg.stream.clone()),
+            tokens_in_streams: cfg.tokens != TokenCounting::Off,
+            tokens_in_json,
             metrics,
         }
     }

@@ -201,12 +201,21 @@ const JSON_ANSWER: &[&str] = &[
 
 #[tokio::test]
 async fn fastgpt_flow_responses_and_json_answers_are_counted_exactly() {
-    for (content_type, chunks, prompt, completion) in [
-        ("text/event-stream", FLOW, 125.0, 37.0),
-        ("application/json; charset=utf-8", JSON_ANSWER, 11.0, 22.0),
+    // JSON answers are read on routes that ask (`tokens: all`), event streams by default.
+    for (content_type, chunks, tokens_key, prompt, completion) in [
+        ("text/event-stream", FLOW, "", 125.0, 37.0),
+        (
+            "application/json; charset=utf-8",
+            JSON_ANSWER,
+            "        tokens: all",
+            11.0,
+            22.0,
+        ),
+        ("application/json", JSON_ANSWER, "", 0.0, 0.0),
+        ("text/event-stream", FLOW, "        tokens: off", 0.0, 0.0),
     ] {
         let up = FastGptUpstream::start_with(content_type, chunks).await;
-        let px = start(&one_route(&format!("http://{}", up.addr), "", "")).await;
+        let px = start(&one_route(&format!("http://{}", up.addr), tokens_key, "")).await;
         let addr = px.addr("main").unwrap();
         for n in 1..=2 {
             let (resp, body) = send(&http1(), chat(addr, "carol")).await;

@@ -424,6 +424,11 @@ impl Registry {
 }
 
 impl Policy {
+    /// `cost: tokens`: charged what the answers report (`Tail::tokens_used`).
+    pub(crate) fn charges_tokens(&self) -> bool {
+        self.cost == RateLimitCost::Tokens
+    }
+
     fn new(pc: &RateLimitConfig, replicas: u32, store: Store, metrics: &Metrics) -> Policy {
         let replicas = u64::from(replicas.max(1));
         let limits = pc.points.map(|points| Limits {

@@ -146,6 +146,7 @@ listeners:
         rate_limits: [api]
         upgrades: [websocket]
         stream: { first_event: 60s, between_events: 45s, max_duration: 10m, heartbeat: 15s, comments_are_activity: false, error_events: [error], partial_event_buffer: 64KiB }
+        tokens: streams
 upstreams:
   backend:
     endpoints: ["http://127.0.0.1:3001"]

@@ -10,8 +10,8 @@ use super::reader::{Ctx, Field, MapReader, Unique};
 use super::values::{parse_host, parse_path_prefix, parse_rate};
 use super::{Bind, Known, Located, MAX_IN_FLIGHT, TimeoutSite};
 use crate::config::{
-    DrainMode, EscapedSlashes, Http2Config, ListenerConfig, NormalizePath, PathConfig, RouteConfig,
-    RouteTimeouts, UpstreamConfig,
+    DrainMode, EscapedSlashes, Http2Config, ListenerConfig, NormalizePath, PathConfig,
+    RateLimitCost, RouteConfig, RouteTimeouts, TokenCounting, UpstreamConfig,
 };
 
 /// hyper refuses a smaller HTTP/1 read buffer.
@@ -240,7 +240,7 @@ pub(super) fn route<'a>(
         first_byte,
         idle,
     });
-    let config = RouteConfig {
+    let mut config = RouteConfig {
         name,
         path_prefix,
         host,
@@ -265,7 +265,34 @@ pub(super) fn route<'a>(
                     .collect()
             }),
         stream: super::streams::stream(ctx, m.optional("stream")),
+        tokens: TokenCounting::Streams,
     };
+    if let Some(f) = m.optional("tokens") {
+        let choices = [
+            ("streams", TokenCounting::Streams),
+            ("all", TokenCounting::All),
+            ("off", TokenCounting::Off),
+        ];
+        if let Some(t) = ctx.one_of(&f, &choices) {
+            let charged = config.rate_limits.iter().find(|p| {
+                known
+                    .policies
+                    .configs
+                    .get(*p)
+                    .is_some_and(|c| c.cost == RateLimitCost::Tokens)
+            });
+            match charged {
+                Some(p) if t == TokenCounting::Off => ctx.report(
+                    f.pos(),
+                    &f.path,
+                    format!(
+                        "cannot be off: the route's policy \"{p}\" charges tokens, which rampart reads from the answers"
+                    ),
+                ),
+                _ => config.tokens = t,
+            }
+        }
+    }
     m.finish(ctx);
     (config, name_field.unwrap_or(whole))
 }

@@ -283,7 +283,7 @@ mod tests {
     use crate::config::{
         AdminConfig, AlertsConfig, Cidr, DependenciesConfig, DrainConfig, Http2Config, LogFormat,
         LoggingConfig, PathConfig, PoolConfig, ReadinessConfig, Resilience, RouteConfig,
-        RouteTimeouts, StreamConfig, UpstreamClient, UpstreamConfig,
+        RouteTimeouts, StreamConfig, TokenCounting, UpstreamClient, UpstreamConfig,
     };
     use http::Method;
     use std::collections::BTreeMap;
@@ -341,6 +341,7 @@ mod tests {
                     rate_limits: vec![],
                     upgrades: vec!["websocket".into()],
                     stream: StreamConfig::default(),
+                    tokens: TokenCounting::Streams,
                 }],
             }],
             upstreams: BTreeMap::from([(
@@ -498,6 +499,7 @@ mod tests {
                         max_body_bytes: 2_000_000,
                         upgrades: vec!["websocket".into()],
                         stream: StreamConfig::default(),
+                        tokens: TokenCounting::Streams,
                     },
                     RouteConfig {
                         name: "inbound.1".into(),
@@ -519,6 +521,7 @@ mod tests {
                         max_body_bytes: 1_048_576,
                         upgrades: vec!["websocket".into()],
                         stream: StreamConfig::default(),
+                        tokens: TokenCounting::Streams,
                     },
                 ],
             }],

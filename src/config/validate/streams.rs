@@ -137,6 +137,41 @@ mod tests {
     }
 
     #[test]
+    fn token_counting_cannot_be_off_under_a_token_budget() {
+        let with = |tokens: &str| {
+            MINIMAL
+                .replace(
+                    "- upstream: backend",
+                    &format!(
+                        "- upstream: backend\n                rate_limits: [t]\n                tokens: {tokens}"
+                    ),
+                )
+                .trim_end()
+                .to_owned()
+                + "\n        rate_limits: { t: { points: 100, cost: tokens, store: memory } }\n"
+        };
+        let c = parse(&with("all")).unwrap();
+        assert_eq!(
+            c.listeners[0].routes[0].tokens,
+            crate::config::TokenCounting::All
+        );
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(
+            c.listeners[0].routes[0].tokens,
+            crate::config::TokenCounting::Streams
+        );
+        let p = problems(&with("off"));
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert_eq!(p[0].path, "listeners[0].routes[0].tokens");
+        assert!(
+            p[0].message.contains("policy \"t\" charges tokens"),
+            "{p:#?}"
+        );
+        let p = problems(&with("some"));
+        assert!(p[0].message.contains("one of streams, all, off"), "{p:#?}");
+    }
+
+    #[test]
     fn bad_values_are_refused_where_they_are() {
         only(
             &with_stream("{ heartbeat: 100ms }"),
