@@ -14,8 +14,16 @@ use super::WireError;
 const MAX_CHUNK_LINE: usize = 4096;
 /// Most bytes of trailer fields after the last chunk (they are read and dropped).
 const MAX_TRAILERS: usize = 16 * 1024;
-/// Free room offered to each read.
+/// Most free room offered to a read: what a body that streams fast gets.
 const READ_ROOM: usize = 16 * 1024;
+/// Least free room offered to a read: what an event stream's small reads get. The buffer
+/// is resident memory for as long as the response lasts (it is zero-filled so reads need
+/// no `unsafe`), and an open SSE stream only ever needs a few hundred bytes of it: 16 KiB
+/// per stream was a third of rampart's memory per stream with 1,000 open (benchmarks.md).
+const MIN_ROOM: usize = 4 * 1024;
+/// Reads this much smaller than the room, this many times in a row, halve the room.
+const SMALL_READ_DIVISOR: usize = 8;
+const SMALL_READS_TO_SHRINK: u8 = 8;
 /// Below this much free room the buffer is compacted or renewed before a read.
 const MIN_READ: usize = 2 * 1024;
 
@@ -64,6 +72,11 @@ pub(crate) struct Reader {
     /// its body runs until the close, or bytes came after its end (the upstream is out of
     /// step).
     pub(super) close: bool,
+    /// The free room the next renewal offers, between MIN_ROOM and READ_ROOM: doubled when
+    /// a read fills what it was offered, halved after a run of small reads (as hyper's
+    /// adaptive read strategy does).
+    room_size: usize,
+    small_reads: u8,
 }
 
 impl Reader {
@@ -73,6 +86,8 @@ impl Reader {
             filled: 0,
             incoming: Incoming::Done,
             close: false,
+            room_size: MIN_ROOM,
+            small_reads: 0,
         }
     }
 
@@ -82,7 +97,7 @@ impl Reader {
         if self.read.len() - self.filled >= min {
             return;
         }
-        let want = self.filled + min.max(READ_ROOM);
+        let want = self.filled + min.max(self.room_size);
         self.read.truncate(self.filled);
         self.read.reserve(want - self.filled);
         self.read.resize(want, 0);
@@ -96,10 +111,28 @@ impl Reader {
     ) -> Poll<io::Result<usize>> {
         self.room(MIN_READ);
         let mut buf = ReadBuf::new(&mut self.read[self.filled..]);
+        let offered = buf.remaining();
         ready!(Pin::new(io).poll_read(cx, &mut buf))?;
         let n = buf.filled().len();
         self.filled += n;
+        self.adapt(n, offered);
         Poll::Ready(Ok(n))
+    }
+
+    /// Sizes the next renewal of the buffer by how the reads go.
+    fn adapt(&mut self, n: usize, offered: usize) {
+        if n == offered && n > 0 {
+            self.room_size = (self.room_size * 2).min(READ_ROOM);
+            self.small_reads = 0;
+        } else if n < self.room_size / SMALL_READ_DIVISOR {
+            self.small_reads += 1;
+            if self.small_reads >= SMALL_READS_TO_SHRINK {
+                self.room_size = (self.room_size / 2).max(MIN_ROOM);
+                self.small_reads = 0;
+            }
+        } else {
+            self.small_reads = 0;
+        }
     }
 
     /// Appends input as a read would (the fuzz targets' socket).
@@ -316,6 +349,39 @@ mod tests {
         }
         out.extend_from_slice(b"0\r\nx-trailer: t\r\n\r\n");
         out
+    }
+
+    /// An event stream's small reads keep the buffer at its smallest; a fast body's full
+    /// reads grow it to the largest, and a run of small reads brings it back down.
+    #[test]
+    fn the_read_room_follows_the_reads() {
+        let mut r = super::Reader::new();
+        r.room(super::MIN_READ);
+        assert_eq!(r.read.len(), super::MIN_ROOM);
+        for _ in 0..20 {
+            r.adapt(110, 3000);
+        }
+        assert_eq!(r.room_size, super::MIN_ROOM);
+        r.adapt(4096, 4096);
+        r.adapt(8192, 8192);
+        r.adapt(16384, 16384);
+        assert_eq!(r.room_size, super::READ_ROOM, "never past the largest");
+        for _ in 0..super::SMALL_READS_TO_SHRINK {
+            r.adapt(100, 16384);
+        }
+        assert_eq!(r.room_size, super::READ_ROOM / 2);
+        for _ in 0..(3 * super::SMALL_READS_TO_SHRINK) {
+            r.adapt(100, 16384);
+        }
+        assert_eq!(r.room_size, super::MIN_ROOM, "never below the smallest");
+        // A read of a good size in between restarts the count.
+        r.adapt(8192, 8192);
+        for _ in 0..super::SMALL_READS_TO_SHRINK - 1 {
+            r.adapt(100, 16384);
+        }
+        r.adapt(4000, 16384);
+        r.adapt(100, 16384);
+        assert_eq!(r.room_size, 2 * super::MIN_ROOM);
     }
 
     proptest! {
