@@ -223,8 +223,9 @@ impl Guard {
     /// Follows `data`; returns what can go to the client now (None: nothing yet).
     fn on_data(&mut self, data: Bytes) -> Option<Bytes> {
         let scan = self.scanner.feed(&data);
+        // One clock read per chunk, for the activity and the heartbeat timers alike.
+        let now = Instant::now();
         if scan.events > 0 || (self.cfg.comments_are_activity && scan.comments > 0) {
-            let now = Instant::now();
             self.last_activity = now;
             if scan.events > 0 {
                 if self.events == 0 {
@@ -284,7 +285,7 @@ impl Guard {
         if out.is_empty() {
             return None;
         }
-        self.last_sent = Instant::now();
+        self.last_sent = now;
         Some(out)
     }
 

@@ -188,7 +188,8 @@ impl Scanner {
                 }
                 Line::Value | Line::Comment => {
                     let rest = chunk.get(i..).unwrap_or_default();
-                    let end = rest.iter().position(|&c| c == b'\r' || c == b'\n');
+                    // SIMD search: a value is most of an event's bytes.
+                    let end = memchr::memchr2(b'\r', b'\n', rest);
                     let value = &rest[..end.unwrap_or(rest.len())];
                     if self.line == Line::Value && self.kind == Field::Event {
                         self.push_name(value);

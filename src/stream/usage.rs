@@ -267,7 +267,8 @@ impl Frames {
                 }
                 Line::Value | Line::Comment => {
                     let rest = chunk.get(i..).unwrap_or_default();
-                    let end = rest.iter().position(|&c| c == b'\r' || c == b'\n');
+                    // SIMD search: a value is most of an event's bytes.
+                    let end = memchr::memchr2(b'\r', b'\n', rest);
                     let value = rest.get(..end.unwrap_or(rest.len())).unwrap_or_default();
                     if self.line == Line::Value {
                         match self.kind {
