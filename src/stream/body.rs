@@ -110,6 +110,19 @@ impl ProxyBody {
         }
     }
 
+    /// For an event stream under `stream::events`: whether what the client has been given
+    /// ends between two events. None for other answers (their bytes must be scanned).
+    pub(crate) fn client_at_boundary(&self) -> Option<bool> {
+        fn of(kind: &Kind) -> Option<bool> {
+            match kind {
+                Kind::Events(s) => Some(s.client_at_boundary()),
+                Kind::Watched(w) => of(&w.lock().kind),
+                _ => None,
+            }
+        }
+        of(&self.kind)
+    }
+
     /// The send timeout for this answer: how long the client may take no data (the route's
     /// `idle`, nginx's `send_timeout`). None for answers rampart makes itself.
     pub(crate) fn send_timeout(&self) -> Option<Duration> {

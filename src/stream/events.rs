@@ -145,6 +145,12 @@ where
         self.guard.end(StreamEnd::Drain);
     }
 
+    /// What the client has been given ends between two events (false only while an event
+    /// too large to hold back is being forwarded as it comes).
+    pub(crate) fn client_at_boundary(&self) -> bool {
+        !self.guard.oversize
+    }
+
     pub(crate) fn is_end_stream(&self) -> bool {
         self.guard.done
     }

@@ -138,7 +138,10 @@ impl Finale {
                 }
                 State::Streaming => {
                     if self.wait.as_mut().poll(cx).is_ready() {
-                        self.state = if self.scanner.at_boundary() {
+                        let at_boundary = inner
+                            .client_at_boundary()
+                            .unwrap_or_else(|| self.scanner.at_boundary());
+                        self.state = if at_boundary {
                             State::Final
                         } else {
                             State::Wanted
@@ -153,6 +156,14 @@ impl Finale {
                     let Some(data) = frame.data_ref() else {
                         return Poll::Ready(Some(Ok(frame)));
                     };
+                    // An event stream under `stream::events` knows its boundaries already:
+                    // no second scan of every byte.
+                    if let Some(at_boundary) = inner.client_at_boundary() {
+                        if self.state == State::Wanted && at_boundary {
+                            self.state = State::Final;
+                        }
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
                     let found = if self.state == State::Wanted {
                         first_boundary(&mut self.scanner, data)
                     } else {

@@ -652,3 +652,29 @@ async fn a_client_that_leaves_is_counted_client_gone_and_cancels_the_upstream() 
     );
     px.shutdown().await;
 }
+
+/// With nothing held back (`partial_event_buffer: 0`) the client is mid-event when the
+/// drain deadline comes: the drain's final event waits for that event's end.
+#[tokio::test]
+async fn a_drain_in_the_middle_of_a_forwarded_event_waits_for_its_end() {
+    let up = SseUpstream::start(vec![
+        Step::Send(b"data: a\n\ndata: par"),
+        Step::Wait(1_400),
+        Step::Send(b"tial\n\n"),
+        Step::Every { ms: 100, n: 50 },
+    ])
+    .await;
+    let yaml = route(&up, "{ heartbeat: off, partial_event_buffer: 0 }")
+        + "drain: { accept_grace: 0s, timeout: 1s }\n";
+    let px = start(&yaml).await;
+    let addr = px.addr("main").unwrap();
+    let fetched = tokio::spawn(async move { fetch(addr, "req-drain").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let report = px.drain().await;
+    let (body, clean, _) = fetched.await.unwrap();
+    assert!(clean, "{report:?}");
+    let text = String::from_utf8(body).unwrap();
+    let want = "data: a\n\ndata: partial\n\nevent: error\ndata: {\"code\":\"SERVICE_UNAVAILABLE\"";
+    assert!(text.starts_with(want), "{text:?}");
+    assert!(text.ends_with("\n\n") && !text.contains("tick"), "{text:?}");
+}
