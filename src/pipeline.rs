@@ -676,16 +676,20 @@ async fn send(
             let (mut parts, body) = answer.response.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers, false);
             let body = TimedBody::new(body, route.timeouts.idle, attempts.deadline(), None);
-            let events = is_event_stream(parts.status, &parts.headers);
-            tail.meter = usage_meter(route, events, &parts.headers);
-            let body = if events {
+            // A compressed answer's token counts cannot be read.
+            let readable = || !parts.headers.contains_key(http::header::CONTENT_ENCODING);
+            let body = if is_event_stream(parts.status, &parts.headers) {
                 ProxyBody::events(EventStream::new(
                     body,
                     route.stream.clone(),
                     env.request_id.clone(),
                     route.metrics.clone(),
+                    route.tokens_in_streams && readable(),
                 ))
             } else {
+                if route.tokens_in_json && readable() && is_json(&parts.headers) {
+                    tail.meter = Some(Box::new(UsageMeter::json()));
+                }
                 ProxyBody::upstream(body)
             };
             Ok(Response::from_parts(parts, body))
@@ -699,19 +703,9 @@ async fn send(
     }
 }
 
-/// A token meter for an answer that may report an LLM's usage: an event stream, or a JSON
-/// body rampart can read (a compressed one cannot be, and is left alone).
-/// Which answers are read is the route's `tokens:`.
-fn usage_meter(route: &Route, events: bool, headers: &http::HeaderMap) -> Option<Box<UsageMeter>> {
-    if !(route.tokens_in_json || events && route.tokens_in_streams)
-        || headers.contains_key(http::header::CONTENT_ENCODING)
-    {
-        return None;
-    }
-    if events {
-        return Some(Box::new(UsageMeter::event_stream()));
-    }
-    let json = headers
+/// `application/json` or `+json`: an answer whose token counts `tokens: all` reads.
+fn is_json(headers: &http::HeaderMap) -> bool {
+    headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| {
@@ -720,8 +714,7 @@ fn usage_meter(route: &Route, events: bool, headers: &http::HeaderMap) -> Option
                 || mime
                     .get(mime.len().saturating_sub(5)..)
                     .is_some_and(|t| t.eq_ignore_ascii_case("+json"))
-        });
-    json.then(|| Box::new(UsageMeter::json()))
+        })
 }
 
 fn shed(metrics: &UpstreamMetrics, scope: &'static str, name: &str) {

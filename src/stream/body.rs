@@ -324,6 +324,12 @@ fn poll_events(
             Poll::Ready(Some(Err(e))) => tail.on_error(e),
             _ => {}
         }
+        if news.ended.is_some()
+            && let Some(usage) = s.take_usage()
+        {
+            // Tokens spent before a failure were spent.
+            tail.record_usage(usage);
+        }
         if let Some(how) = news.ended
             && !failed
         {

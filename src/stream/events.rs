@@ -31,6 +31,7 @@ use crate::body::BodyError;
 use crate::config::StreamConfig;
 use crate::observe::http::{RouteMetrics, StreamEnd};
 use crate::stream::sse::Scanner;
+use crate::stream::usage::{StreamUsage, Usage};
 
 /// What a heartbeat writes: a comment, then a blank line, which between two events
 /// dispatches nothing.
@@ -70,6 +71,8 @@ pub(crate) struct EventStream<B> {
 struct Guard {
     cfg: Arc<StreamConfig>,
     scanner: Scanner,
+    /// The token counts, read from the events the scanner follows (route `tokens:`).
+    usage: Option<StreamUsage>,
     /// The event under way, not yet forwarded.
     held: BytesMut,
     /// The event under way outgrew `held` and is being forwarded as it comes: until its end,
@@ -105,6 +108,7 @@ where
         cfg: Arc<StreamConfig>,
         request_id: HeaderValue,
         metrics: Arc<RouteMetrics>,
+        count_tokens: bool,
     ) -> Self {
         let now = Instant::now();
         let scanner = Scanner::new(&cfg.error_events);
@@ -113,6 +117,7 @@ where
             guard: Guard {
                 cfg,
                 scanner,
+                usage: count_tokens.then(StreamUsage::new),
                 held: BytesMut::new(),
                 oversize: false,
                 started: now,
@@ -138,6 +143,11 @@ where
     /// What happened since the last call (see `News`).
     pub(crate) fn take_news(&mut self) -> News {
         std::mem::take(&mut self.guard.news)
+    }
+
+    /// The stream's token counts, once (taken when it ended).
+    pub(crate) fn take_usage(&mut self) -> Option<Usage> {
+        self.guard.usage.take().and_then(|u| u.usage())
     }
 
     /// rampart's drain ended the stream with its own final event (`stream::finale`).
@@ -228,7 +238,10 @@ type Ending = Option<Result<Frame<Bytes>, BodyError>>;
 impl Guard {
     /// Follows `data`; returns what can go to the client now (None: nothing yet).
     fn on_data(&mut self, data: Bytes) -> Option<Bytes> {
-        let scan = self.scanner.feed(&data);
+        let scan = match &mut self.usage {
+            Some(usage) => self.scanner.feed_with(&data, usage),
+            None => self.scanner.feed(&data),
+        };
         // One clock read per chunk, for the activity and the heartbeat timers alike.
         let now = Instant::now();
         if scan.events > 0 || (self.cfg.comments_are_activity && scan.comments > 0) {

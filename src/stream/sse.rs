@@ -39,6 +39,28 @@ pub(crate) struct Scan {
     pub(crate) boundary: Option<usize>,
 }
 
+/// Takes an event's data as the scanner reads it (the token meter, `stream::usage`): the
+/// values of its `data` fields in pieces, a line feed's worth after each `data` line (the
+/// WHATWG algorithm joins them with LF), and the dispatch with the event's name (empty for
+/// none, and for a name longer than 64 bytes, which matches nothing).
+pub(crate) trait Sink {
+    fn data(&mut self, value: &[u8]);
+    fn data_line_end(&mut self);
+    fn dispatch(&mut self, name: &[u8]);
+}
+
+/// The scanner alone.
+struct Ignore;
+
+impl Sink for Ignore {
+    #[inline(always)]
+    fn data(&mut self, _: &[u8]) {}
+    #[inline(always)]
+    fn data_line_end(&mut self) {}
+    #[inline(always)]
+    fn dispatch(&mut self, _: &[u8]) {}
+}
+
 /// Where the scanner is in the current line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Line {
@@ -124,6 +146,12 @@ impl Scanner {
 
     /// Follows the next bytes of the stream.
     pub(crate) fn feed(&mut self, chunk: &[u8]) -> Scan {
+        self.feed_with(chunk, &mut Ignore)
+    }
+
+    /// Follows the next bytes of the stream, handing the events' data to `sink` as it is
+    /// read (see [`Sink`]).
+    pub(crate) fn feed_with<S: Sink>(&mut self, chunk: &[u8], sink: &mut S) -> Scan {
         let mut scan = Scan::default();
         let mut i = 0;
         while let Some(&b) = chunk.get(i) {
@@ -157,7 +185,7 @@ impl Scanner {
                 }
                 Line::Start => {
                     match b {
-                        b'\r' | b'\n' => self.end_line(b, i, &mut scan),
+                        b'\r' | b'\n' => self.end_line(b, i, &mut scan, sink),
                         b':' => self.line = Line::Comment,
                         _ => {
                             self.begin_field();
@@ -170,7 +198,7 @@ impl Scanner {
                     match b {
                         b'\r' | b'\n' => {
                             self.name_ended();
-                            self.end_line(b, i, &mut scan);
+                            self.end_line(b, i, &mut scan, sink);
                         }
                         b':' => {
                             self.name_ended();
@@ -191,12 +219,16 @@ impl Scanner {
                     // SIMD search: a value is most of an event's bytes.
                     let end = memchr::memchr2(b'\r', b'\n', rest);
                     let value = &rest[..end.unwrap_or(rest.len())];
-                    if self.line == Line::Value && self.kind == Field::Event {
-                        self.push_name(value);
+                    if self.line == Line::Value {
+                        match self.kind {
+                            Field::Event => self.push_name(value),
+                            Field::Data if !value.is_empty() => sink.data(value),
+                            _ => {}
+                        }
                     }
                     i += value.len();
                     if let Some(&eol) = chunk.get(i) {
-                        self.end_line(eol, i, &mut scan);
+                        self.end_line(eol, i, &mut scan, sink);
                         i += 1;
                     }
                 }
@@ -243,7 +275,7 @@ impl Scanner {
     }
 
     /// The line ended with `eol` (CR or LF), at `i` in the chunk.
-    fn end_line(&mut self, eol: u8, i: usize, scan: &mut Scan) {
+    fn end_line<S: Sink>(&mut self, eol: u8, i: usize, scan: &mut Scan, sink: &mut S) {
         match self.line {
             Line::Start => {
                 if self.has_data {
@@ -251,12 +283,17 @@ impl Scanner {
                     if self.is_error() {
                         scan.errors += 1;
                     }
+                    sink.dispatch(self.name.get(..self.name_len).unwrap_or_default());
                 }
                 self.has_data = false;
                 self.name_len = 0;
                 self.in_event = false;
             }
             Line::Comment => scan.comments += 1,
+            // A data line's value is followed by a line feed in the event's data.
+            Line::Name | Line::ValueStart | Line::Value if self.kind == Field::Data => {
+                sink.data_line_end();
+            }
             _ => {}
         }
         self.line = Line::Start;

@@ -11,7 +11,7 @@ use crate::admission::ratelimit::Hold;
 use crate::body::BodyError;
 use crate::observe::access_log::AccessRecord;
 use crate::observe::http::{RouteMetrics, StreamEnd, UpstreamErrorKind};
-use crate::stream::usage::UsageMeter;
+use crate::stream::usage::{Usage, UsageMeter};
 use crate::upstream::breaker::Outcome;
 use crate::upstream::resilience::{BreakerTicket, InFlight};
 
@@ -29,8 +29,8 @@ pub(crate) struct Tail {
     /// `max_streams` permits, given back when the tail is dropped (body done, client gone,
     /// timeout, drain), and the `cost: tokens` policies [`Tail::tokens_used`] charges.
     pub rate_limit_hold: Hold,
-    /// Reads the token counts of an LLM answer as its body passes (`stream::usage`): set
-    /// for event streams and JSON answers.
+    /// Reads the token counts of a JSON answer as its body passes (`stream::usage`; an
+    /// event stream's are read by its guard, `stream::events`).
     pub meter: Option<Box<UsageMeter>>,
 }
 
@@ -88,9 +88,13 @@ impl Tail {
     /// before a failure were spent): the metric, the access log, the `cost: tokens`
     /// policies. Once.
     fn settle_usage(&mut self) {
-        let Some(usage) = self.meter.take().and_then(|m| m.usage()) else {
-            return;
-        };
+        if let Some(usage) = self.meter.take().and_then(|m| m.usage()) {
+            self.record_usage(usage);
+        }
+    }
+
+    /// An answer's token counts: the metric, the access log, the `cost: tokens` policies.
+    pub(crate) fn record_usage(&mut self, usage: Usage) {
         if let Some(o) = &self.obs {
             o.route.tokens(&usage);
         }

@@ -40,6 +40,8 @@
 /// Token counts of one answer (defined with the metrics that take them).
 pub(crate) use crate::observe::tokens::Usage;
 
+use crate::stream::sse::{Scanner, Sink};
+
 /// The longest key of interest: `toolCallOutputTokens`.
 const KEY_CAP: usize = 20;
 
@@ -74,63 +76,42 @@ const DETAIL_KEYS: [&[u8]; 4] = [
 /// The event that carries FastGPT's node responses.
 const FLOW_EVENT: &[u8] = b"flowResponses";
 
-const BOM: &[u8; 3] = b"\xEF\xBB\xBF";
-
 // ============================== the meter ==============================
 
 /// Reads an answer's token counts from its body's chunks.
 #[derive(Debug, Clone)]
-pub(crate) struct UsageMeter {
-    /// `None` for a JSON body: one JSON text, no framing.
-    frames: Option<Frames>,
-    json: Json,
-    /// The last OpenAI `usage` of a dispatched event.
-    usage: Option<Usage>,
-    /// The sums of the `flowResponses` events dispatched.
-    flow: Option<Usage>,
+pub(crate) struct UsageMeter(Body);
+
+#[derive(Debug, Clone)]
+enum Body {
+    /// One JSON text, no framing.
+    Json(Json),
+    /// An event stream followed by its own scanner (boxed: the meter's size is the JSON
+    /// tokenizer's). The event guard, `stream::events`, feeds a [`StreamUsage`] from the
+    /// scanner it has anyway instead.
+    Events(Box<Scanner>, StreamUsage),
 }
 
 impl UsageMeter {
     /// For a `text/event-stream` body.
     pub(crate) fn event_stream() -> UsageMeter {
-        UsageMeter {
-            frames: Some(Frames::new()),
-            json: Json::new(),
-            usage: None,
-            flow: None,
-        }
+        UsageMeter(Body::Events(
+            Box::new(Scanner::new::<&str>(&[])),
+            StreamUsage::new(),
+        ))
     }
 
     /// For an `application/json` (or `+json`) body.
     pub(crate) fn json() -> UsageMeter {
-        UsageMeter {
-            frames: None,
-            json: Json::new(),
-            usage: None,
-            flow: None,
-        }
+        UsageMeter(Body::Json(Json::new()))
     }
 
     /// Reads the next bytes of the body.
     pub(crate) fn feed(&mut self, chunk: &[u8]) {
-        match &mut self.frames {
-            None => self.json.feed(chunk),
-            Some(frames) => {
-                frames.feed(chunk, &mut self.json, &mut |name_is_flow, json: &Json| {
-                    if !json.complete() {
-                        return;
-                    }
-                    if name_is_flow {
-                        // The data of `flowResponses` is the array of node responses.
-                        if json.top_object == Some(false)
-                            && let Some(f) = json.flow
-                        {
-                            self.flow = Some(self.flow.unwrap_or_default().add(f));
-                        }
-                    } else if let Some(u) = json.usage() {
-                        self.usage = Some(u);
-                    }
-                });
+        match &mut self.0 {
+            Body::Json(json) => json.feed(chunk),
+            Body::Events(scanner, usage) => {
+                scanner.feed_with(chunk, usage);
             }
         }
     }
@@ -138,203 +119,67 @@ impl UsageMeter {
     /// The counts found so far: in an event stream, those of the events dispatched; in a
     /// JSON body, those of the whole body (`None` until it is one whole JSON text).
     pub(crate) fn usage(&self) -> Option<Usage> {
-        match self.frames {
-            Some(_) => self.usage.or(self.flow),
+        match &self.0 {
+            Body::Events(_, usage) => usage.usage(),
             // Nodes count here under `responseData` only, not as a root array.
-            None if self.json.complete() && self.json.top_object == Some(true) => {
-                self.json.flow.or_else(|| self.json.usage())
+            Body::Json(json) if json.complete() && json.top_object == Some(true) => {
+                json.flow.or_else(|| json.usage())
             }
-            None => None,
+            Body::Json(_) => None,
         }
     }
 }
 
-// ============================== event-stream framing ==============================
-
-/// Where the framing is in the current line (as in `stream::sse`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Line {
-    /// At the very start of the stream, `n` bytes of a byte order mark seen.
-    Bom(u8),
-    Start,
-    Name,
-    /// Just past the colon: one space there is not part of the value.
-    ValueStart,
-    Value,
-    Comment,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Field {
-    Data,
-    Event,
-    Other,
-}
-
-/// Field names are told apart only as far as `event` and `data` need.
-const FIELD_CAP: usize = 5;
-
-/// Follows the lines of an event stream, handing data values to the JSON tokenizer and
-/// telling at each dispatch whether the event is `flowResponses`.
+/// The token counts of an event stream, taken from its events as `sse::Scanner` reads
+/// them: each event's data is one JSON text.
 #[derive(Debug, Clone)]
-struct Frames {
-    line: Line,
-    after_cr: bool,
-    field: [u8; FIELD_CAP],
-    field_len: usize,
-    kind: Field,
-    has_data: bool,
-    /// The event name so far, up to one byte past `flowResponses` (longer is another).
-    name: [u8; FLOW_EVENT.len() + 1],
-    name_len: usize,
+pub(crate) struct StreamUsage {
+    json: Json,
+    /// The last OpenAI `usage` of a dispatched event.
+    usage: Option<Usage>,
+    /// The sums of the `flowResponses` events dispatched.
+    flow: Option<Usage>,
 }
 
-impl Frames {
-    fn new() -> Frames {
-        Frames {
-            line: Line::Bom(0),
-            after_cr: false,
-            field: [0; FIELD_CAP],
-            field_len: 0,
-            kind: Field::Other,
-            has_data: false,
-            name: [0; FLOW_EVENT.len() + 1],
-            name_len: 0,
+impl StreamUsage {
+    pub(crate) fn new() -> StreamUsage {
+        StreamUsage {
+            json: Json::new(),
+            usage: None,
+            flow: None,
         }
     }
 
-    /// Follows `chunk`; data values go to `json`, and `dispatch(is_flow, json)` is called
-    /// for each event with data, before `json` is reset for the next.
-    fn feed(&mut self, chunk: &[u8], json: &mut Json, dispatch: &mut impl FnMut(bool, &Json)) {
-        let mut i = 0;
-        while let Some(&b) = chunk.get(i) {
-            if self.after_cr {
-                self.after_cr = false;
-                if b == b'\n' {
-                    i += 1;
-                    continue;
+    /// An OpenAI `usage` wins over FastGPT's node sums: never counted twice.
+    pub(crate) fn usage(&self) -> Option<Usage> {
+        self.usage.or(self.flow)
+    }
+}
+
+impl Sink for StreamUsage {
+    fn data(&mut self, value: &[u8]) {
+        self.json.feed(value);
+    }
+
+    fn data_line_end(&mut self) {
+        self.json.feed(b"\n");
+    }
+
+    fn dispatch(&mut self, name: &[u8]) {
+        let json = &self.json;
+        if json.complete() {
+            if name == FLOW_EVENT {
+                // The data of `flowResponses` is the array of node responses.
+                if json.top_object == Some(false)
+                    && let Some(f) = json.flow
+                {
+                    self.flow = Some(self.flow.unwrap_or_default().add(f));
                 }
-            }
-            match self.line {
-                Line::Bom(n) => {
-                    if BOM.get(usize::from(n)) == Some(&b) {
-                        self.line = if n == 2 {
-                            Line::Start
-                        } else {
-                            Line::Bom(n + 1)
-                        };
-                        i += 1;
-                    } else if n == 0 {
-                        self.line = Line::Start;
-                    } else {
-                        // Not a mark after all: its bytes began a field name that is none
-                        // of ours; the byte that told is taken again as part of that line.
-                        self.line = Line::Name;
-                        self.field_len = FIELD_CAP + 1;
-                    }
-                }
-                Line::Start => {
-                    match b {
-                        b'\r' | b'\n' => self.end_line(b, json, dispatch),
-                        b':' => self.line = Line::Comment,
-                        _ => {
-                            self.line = Line::Name;
-                            self.field_len = 0;
-                            self.push_field(b);
-                        }
-                    }
-                    i += 1;
-                }
-                Line::Name => {
-                    match b {
-                        b'\r' | b'\n' => {
-                            self.name_ended();
-                            self.end_line(b, json, dispatch);
-                        }
-                        b':' => {
-                            self.name_ended();
-                            self.line = Line::ValueStart;
-                        }
-                        _ => self.push_field(b),
-                    }
-                    i += 1;
-                }
-                Line::ValueStart => {
-                    self.line = Line::Value;
-                    if b == b' ' {
-                        i += 1;
-                    }
-                }
-                Line::Value | Line::Comment => {
-                    let rest = chunk.get(i..).unwrap_or_default();
-                    // SIMD search: a value is most of an event's bytes.
-                    let end = memchr::memchr2(b'\r', b'\n', rest);
-                    let value = rest.get(..end.unwrap_or(rest.len())).unwrap_or_default();
-                    if self.line == Line::Value {
-                        match self.kind {
-                            Field::Data => json.feed(value),
-                            Field::Event => self.push_name(value),
-                            Field::Other => {}
-                        }
-                    }
-                    i += value.len();
-                    if let Some(&eol) = chunk.get(i) {
-                        self.end_line(eol, json, dispatch);
-                        i += 1;
-                    }
-                }
+            } else if let Some(u) = json.usage() {
+                self.usage = Some(u);
             }
         }
-    }
-
-    fn push_field(&mut self, b: u8) {
-        if let Some(slot) = self.field.get_mut(self.field_len) {
-            *slot = b;
-        }
-        self.field_len = (self.field_len + 1).min(FIELD_CAP + 1);
-    }
-
-    fn name_ended(&mut self) {
-        self.kind = match self.field.get(..self.field_len).unwrap_or_default() {
-            b"data" => Field::Data,
-            b"event" => Field::Event,
-            _ => Field::Other,
-        };
-        match self.kind {
-            Field::Data => self.has_data = true,
-            Field::Event => self.name_len = 0,
-            Field::Other => {}
-        }
-    }
-
-    fn push_name(&mut self, bytes: &[u8]) {
-        let end = self.name_len + bytes.len();
-        if let Some(slots) = self.name.get_mut(self.name_len..end) {
-            slots.copy_from_slice(bytes);
-        }
-        // Past the buffer, a name longer than `flowResponses`: it matches nothing.
-        self.name_len = end.min(self.name.len());
-    }
-
-    fn end_line(&mut self, eol: u8, json: &mut Json, dispatch: &mut impl FnMut(bool, &Json)) {
-        match self.line {
-            Line::Start => {
-                if self.has_data {
-                    let is_flow = self.name.get(..self.name_len) == Some(FLOW_EVENT);
-                    dispatch(is_flow, json);
-                    json.reset();
-                }
-                self.has_data = false;
-                self.name_len = 0;
-            }
-            // A data line's value is followed by a line feed in the event's data.
-            Line::Name | Line::ValueStart | Line::Value if self.kind == Field::Data => {
-                json.feed(b"\n");
-            }
-            _ => {}
-        }
-        self.line = Line::Start;
-        self.after_cr = eol == b'\r';
+        self.json.reset();
     }
 }
 
@@ -1363,7 +1208,7 @@ mod tests {
 
     /// Events as the WHATWG algorithm dispatches them: (name, data).
     fn events(stream: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let stream = stream.strip_prefix(BOM).unwrap_or(stream);
+        let stream = stream.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(stream);
         let mut lines = Vec::new();
         let (mut i, mut from) = (0, 0);
         while i < stream.len() {
