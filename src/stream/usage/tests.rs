@@ -1,0 +1,725 @@
+//! The meter's tests: examples cut at every byte, and proptests against serde_json.
+
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+use super::*;
+
+fn usage(prompt: u64, completion: u64) -> Option<Usage> {
+    Some(Usage { prompt, completion })
+}
+
+/// The meter's answer for `body` fed in `pieces` cut at `cuts`.
+fn meter(new: fn() -> UsageMeter, body: &[u8], cuts: &[usize]) -> Option<Usage> {
+    let mut cuts: Vec<usize> = cuts.iter().map(|&c| c.min(body.len())).collect();
+    cuts.push(body.len());
+    cuts.sort_unstable();
+    let mut m = new();
+    let mut from = 0;
+    for to in cuts {
+        m.feed(&body[from..to]);
+        from = to;
+    }
+    m.usage()
+}
+
+/// The answer for `body` fed whole, which every cut in two and the byte-by-byte feed
+/// must give too.
+fn every_split(new: fn() -> UsageMeter, body: &[u8]) -> Option<Usage> {
+    let whole = meter(new, body, &[]);
+    for i in 0..=body.len() {
+        assert_eq!(meter(new, body, &[i]), whole, "cut at {i}: {body:?}");
+    }
+    let each: Vec<usize> = (1..body.len()).collect();
+    assert_eq!(meter(new, body, &each), whole, "byte by byte: {body:?}");
+    whole
+}
+
+fn sse(stream: &str) -> Option<Usage> {
+    every_split(UsageMeter::event_stream, stream.as_bytes())
+}
+
+fn body(json: &str) -> Option<Usage> {
+    every_split(UsageMeter::json, json.as_bytes())
+}
+
+/// An OpenAI stream with `stream_options.include_usage`, as the API sends it.
+const OPENAI: &str = concat!(
+    "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}],\"usage\":null}\n\n",
+    "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null}],\"usage\":null}\n\n",
+    "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+    "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":19,\"completion_tokens\":10,\"total_tokens\":29,\"prompt_tokens_details\":{\"cached_tokens\":0}}}\n\n",
+    "data: [DONE]\n\n",
+);
+
+/// FastGPT's `/api/v1/chat/completions` with `stream: true, detail: true`: answer
+/// events (no usage), then the node responses (current field names, a tool call with
+/// the nodes it ran).
+const FASTGPT: &str = concat!(
+    "event: flowNodeStatus\ndata: {\"status\":\"running\",\"name\":\"AI 对话\"}\n\n",
+    "event: answer\ndata: {\"id\":\"\",\"object\":\"\",\"created\":0,\"model\":\"\",\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"你好\"},\"index\":0,\"finish_reason\":null}]}\n\n",
+    "event: answer\ndata: {\"id\":\"\",\"object\":\"\",\"created\":0,\"model\":\"\",\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":null},\"index\":0,\"finish_reason\":\"stop\"}]}\n\n",
+    "event: answer\ndata: [DONE]\n\n",
+    "event: flowResponses\ndata: [",
+    "{\"nodeId\":\"w\",\"moduleName\":\"知识库搜索\",\"totalPoints\":0.1,\"embeddingTokens\":12},",
+    "{\"nodeId\":\"a\",\"moduleName\":\"AI 对话\",\"model\":\"gpt-4o\",\"inputTokens\":120,\"outputTokens\":30,\"query\":\"what are \\\"prompt_tokens\\\"?\",\"historyPreview\":[{\"obj\":\"Human\",\"value\":\"\\\"inputTokens\\\": 999\"}]},",
+    "{\"nodeId\":\"t\",\"moduleName\":\"工具调用\",\"toolCallInputTokens\":50,\"toolCallOutputTokens\":5,\"toolDetail\":[",
+    "{\"nodeId\":\"c\",\"moduleName\":\"AI 对话\",\"inputTokens\":7,\"outputTokens\":3}]}",
+    "]\n\n",
+);
+
+#[test]
+fn an_openai_stream_counts_the_usage_of_its_last_chunk() {
+    assert_eq!(sse(OPENAI), usage(19, 10));
+    // Counts are totals: a later usage replaces an earlier one, `null` does not.
+    let two = "data: {\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1}}\n\n\
+               data: {\"usage\":null}\n\n\
+               data: {\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":9}}\n\n\
+               data: {\"usage\":null}\n\n";
+    assert_eq!(sse(two), usage(5, 9));
+    assert_eq!(sse("data: {\"usage\":null}\n\ndata: [DONE]\n\n"), None);
+    // Not dispatched (no blank line after it): not counted, as the client ignores it.
+    assert_eq!(
+        sse("data: {\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1}}\n"),
+        None
+    );
+}
+
+#[test]
+fn fastgpt_flow_responses_are_summed_over_nodes() {
+    assert_eq!(sse(FASTGPT), usage(120 + 50 + 7, 30 + 5 + 3));
+    // Older FastGPT: one `tokens` total per node (`toolCallTokens` for a tool call).
+    let old = "event: flowResponses\n\
+               data: [{\"moduleName\":\"AI\",\"tokens\":100},{\"moduleName\":\"tool\",\"toolCallTokens\":20,\"toolDetail\":[{\"tokens\":3}]}]\n\n";
+    assert_eq!(sse(old), usage(123, 0));
+    // A node with both counts the split ones only.
+    let both = "event: flowResponses\ndata: [{\"tokens\":150,\"inputTokens\":120,\"outputTokens\":30}]\n\n";
+    assert_eq!(sse(both), usage(120, 30));
+    // The same array under another event name, or an object in flowResponses: nothing.
+    let other = "event: answer\ndata: [{\"inputTokens\":1,\"outputTokens\":1}]\n\n";
+    assert_eq!(sse(other), None);
+    let object = "event: flowResponses\ndata: {\"responseData\":[{\"inputTokens\":1}]}\n\n";
+    assert_eq!(sse(object), None);
+}
+
+#[test]
+fn nested_node_responses_count_to_the_cap() {
+    // Node at level `n` has `n + 1` input tokens and runs the next level.
+    let mut node = json!({"inputTokens": 1});
+    for level in (1..=NODE_CAP as u64).rev() {
+        node = json!({"inputTokens": level + 1, "pluginDetail": [node]});
+    }
+    let stream = format!("event: flowResponses\ndata: [{node}]\n\n");
+    // Levels 0..NODE_CAP count; the deepest (the `1`) is past the cap.
+    let counted: u64 = (2..=NODE_CAP as u64 + 1).sum();
+    assert_eq!(sse(&stream), usage(counted, 0));
+    for key in ["toolDetail", "loopDetail", "childrenResponses"] {
+        let s = format!(
+            "event: flowResponses\ndata: [{{\"{key}\":[{{\"outputTokens\":4}}],\"outputTokens\":1}}]\n\n"
+        );
+        assert_eq!(sse(&s), usage(0, 5), "{key}");
+    }
+}
+
+#[test]
+fn openai_usage_wins_over_flow_responses() {
+    let stream = format!(
+        "{FASTGPT}data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":3,\"completion_tokens\":4}}}}\n\n"
+    );
+    assert_eq!(sse(&stream), usage(3, 4));
+    let stream =
+        format!("data: {{\"usage\":{{\"prompt_tokens\":3,\"completion_tokens\":4}}}}\n\n{FASTGPT}");
+    assert_eq!(sse(&stream), usage(3, 4));
+}
+
+#[test]
+fn a_json_answer_counts_its_usage() {
+    let openai = r#"{
+  "id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o",
+  "choices": [{"index": 0, "message": {"role": "assistant",
+"content": "The \"usage\": {\"prompt_tokens\": 999} field", "refusal": null},
+"finish_reason": "stop"}],
+  "usage": {"prompt_tokens": 1117, "completion_tokens": 46, "total_tokens": 1163,
+"completion_tokens_details": {"reasoning_tokens": 0}}
+}
+"#;
+    assert_eq!(body(openai), usage(1117, 46));
+    // FastGPT, `detail: true`: its usage is a placeholder; the nodes have the counts.
+    let fastgpt = r#"{"responseData":[{"moduleName":"AI","inputTokens":40,"outputTokens":8}],"newVariables":{},"id":"","model":"","usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":1},"choices":[{"message":{"role":"assistant","content":"hi"},"finish_reason":"stop","index":0}]}"#;
+    assert_eq!(body(fastgpt), usage(40, 8));
+    // Without `detail`, the placeholder is all there is.
+    let plain = r#"{"id":"","model":"","usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":1},"choices":[]}"#;
+    assert_eq!(body(plain), usage(1, 1));
+    // Not whole, or not one JSON text: nothing.
+    assert_eq!(body(&openai[..openai.len() - 3]), None);
+    assert_eq!(body(&format!("{openai}{openai}")), None);
+    assert_eq!(body("[{\"inputTokens\":1}]"), None);
+    assert_eq!(body(""), None);
+}
+
+#[test]
+fn keys_count_only_at_their_place() {
+    for json in [
+        // In the text of the answer, escaped quotes and all.
+        r#"{"choices":[{"delta":{"content":"\"usage\":{\"prompt_tokens\":999,\"completion_tokens\":9}"}}]}"#,
+        r#"{"content":"{\"usage\":{\"prompt_tokens\":999}}","x":"\\"}"#,
+        // One level off.
+        r#"{"choices":[{"usage":{"prompt_tokens":999,"completion_tokens":9}}]}"#,
+        r#"{"prompt_tokens":999,"completion_tokens":9}"#,
+        r#"{"usage":{"details":{"prompt_tokens":999}}}"#,
+        r#"{"x":{"usage":{"prompt_tokens":999}}}"#,
+        // As a key's value, or a key that only begins so.
+        r#"{"usage":{"k":"prompt_tokens","prompt_tokens_details":{"cached_tokens":9}}}"#,
+        r#"{"usage":{"prompt_tokensx":999,"xprompt_tokens":9}}"#,
+    ] {
+        assert_eq!(body(json), None, "{json}");
+        assert_eq!(sse(&format!("data: {json}\n\n")), None, "{json}");
+    }
+}
+
+#[test]
+fn escapes_are_decoded_in_keys_and_skipped_in_strings() {
+    let json = r#"{"a":"\\\"\/\b\f\n\r\t\u00e9\ud83d\ude00","us\u0061ge":{"prompt\u005Ftokens":7,"completion_tokens":2}}"#;
+    assert_eq!(body(json), usage(7, 2));
+    // A non-ASCII escape makes another key.
+    assert_eq!(body(r#"{"usag\u00e9":{"prompt_tokens":7}}"#), None);
+    // Bad escapes and raw control characters: not JSON.
+    assert_eq!(body(r#"{"a":"\x","usage":{"prompt_tokens":7}}"#), None);
+    assert_eq!(body(r#"{"a":"\u12G4","usage":{"prompt_tokens":7}}"#), None);
+    assert_eq!(body("{\"a\":\"\t\",\"usage\":{\"prompt_tokens\":7}}"), None);
+    // Raw UTF-8 in strings passes as it is.
+    assert_eq!(
+        body("{\"内容\":\"é😀\",\"usage\":{\"prompt_tokens\":7}}"),
+        usage(7, 0)
+    );
+}
+
+#[test]
+fn counts_are_non_negative_integers() {
+    let one = |v: &str| {
+        body(&format!(
+            "{{\"usage\":{{\"prompt_tokens\":{v},\"completion_tokens\":3}}}}"
+        ))
+    };
+    assert_eq!(one("0"), usage(0, 3));
+    assert_eq!(one("18446744073709551615"), usage(u64::MAX, 3));
+    for ignored in [
+        "18446744073709551616",
+        "18446744073709551619",
+        "99999999999999999999999",
+        "-1",
+        "-0",
+        "1.0",
+        "1e2",
+        "1E+2",
+        "\"5\"",
+        "null",
+        "true",
+        "[5]",
+        "{}",
+    ] {
+        assert_eq!(one(ignored), usage(0, 3), "{ignored}");
+    }
+    for invalid in [
+        "01", "1.", ".5", "-", "1e", "+1", "0x1", "tru", "nul", "1 2",
+    ] {
+        assert_eq!(one(invalid), None, "{invalid}");
+    }
+    // A key given twice counts by its last value, as in a parsed map.
+    assert_eq!(
+        body(r#"{"usage":{"prompt_tokens":5,"prompt_tokens":6.5,"completion_tokens":1}}"#),
+        usage(0, 1)
+    );
+    assert_eq!(
+        body(r#"{"usage":{"prompt_tokens":5},"usage":{"completion_tokens":2}}"#),
+        usage(0, 2)
+    );
+    assert_eq!(body(r#"{"usage":{"prompt_tokens":5},"usage":null}"#), None);
+    // Sums saturate.
+    let big = format!(
+        "event: flowResponses\ndata: [{{\"inputTokens\":{m}}},{{\"inputTokens\":{m}}}]\n\n",
+        m = u64::MAX
+    );
+    assert_eq!(sse(&big), usage(u64::MAX, 0));
+}
+
+#[test]
+fn event_stream_framing_follows_whatwg() {
+    let u = "{\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":3}}";
+    for stream in [
+        format!("data: {u}\r\n\r\n"),
+        format!("data: {u}\r\r"),
+        format!("data:{u}\n\n"),
+        format!("\u{FEFF}data: {u}\n\n"),
+        format!(": keep-alive\n\nid: 1\nretry: 5\ndata: {u}\n: c\n\n"),
+        // Data on several lines is one text, joined by line feeds.
+        "data: {\"usage\":\ndata: {\"prompt_tokens\":2,\r\ndata:\"completion_tokens\"\rdata: :3}}\n\n".to_owned(),
+        // An event's name comes from its last `event` field, wherever it is.
+        format!("data: {u}\nevent: flowResponses\nevent: answer\n\n"),
+    ] {
+        assert_eq!(sse(&stream), usage(2, 3), "{stream:?}");
+    }
+    for stream in [
+        // A second mark, a CR between two halves of a CRLF, a `data` that is not.
+        format!("\u{FEFF}\u{FEFF}data: {u}\n\n"),
+        format!("datas: {u}\n\n"),
+        format!("data : {u}\n\n"),
+        format!(":data: {u}\n\n"),
+        // The value is all that follows the one space: here not a JSON text.
+        format!("data: {u}x\n\n"),
+    ] {
+        assert_eq!(sse(&stream), None, "{stream:?}");
+    }
+    let flow = "[{\"inputTokens\":4}]";
+    for name in [
+        "flowResponses ",
+        "  flowResponses",
+        "flowresponses",
+        "flowResponsesflowResponses",
+    ] {
+        assert_eq!(
+            sse(&format!("event:{name}\ndata: {flow}\n\n")),
+            None,
+            "{name}"
+        );
+    }
+    assert_eq!(
+        sse(&format!("event:flowResponses\ndata: {flow}\n\n")),
+        usage(4, 0)
+    );
+    // The name is the event's only: the next event is a `message`.
+    assert_eq!(
+        sse(&format!("event: flowResponses\n\ndata: {flow}\n\n")),
+        None
+    );
+    // A CRLF split anywhere is one line end (every_split cuts between CR and LF).
+    assert_eq!(
+        sse(&format!("data: {u}\r\n\r\ndata: x\r\n\r\n")),
+        usage(2, 3)
+    );
+}
+
+#[test]
+fn non_json_data_is_ignored_quietly() {
+    let u = "data: {\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":3}}\n\n";
+    for noise in [
+        "data: [DONE]\n\n",
+        "data: hello\n\n",
+        "data: {\"usage\":{\"prompt_tokens\":9}\n\n",
+        "data: }}]]\n\n",
+        "data: \"\\\n\n",
+        "data\n\n",
+        "event: flowResponses\ndata: [{\"inputTokens\":9}\n\n",
+    ] {
+        assert_eq!(sse(&format!("{u}{noise}")), usage(2, 3), "{noise:?}");
+        assert_eq!(sse(&format!("{noise}{u}")), usage(2, 3), "{noise:?}");
+    }
+}
+
+#[test]
+fn nesting_is_bounded_as_in_serde_json() {
+    for depth in [
+        MAX_DEPTH as usize - 1,
+        MAX_DEPTH as usize,
+        MAX_DEPTH as usize + 1,
+    ] {
+        let deep = format!(
+            "{{\"usage\":{{\"prompt_tokens\":1}},\"x\":{}{}}}",
+            "[".repeat(depth - 1),
+            "]".repeat(depth - 1)
+        );
+        let serde_ok = serde_json::from_str::<Value>(&deep).is_ok();
+        assert_eq!(body(&deep).is_some(), serde_ok, "depth {depth}");
+    }
+    assert!(
+        size_of::<UsageMeter>() <= 512,
+        "{}",
+        size_of::<UsageMeter>()
+    );
+}
+
+// ============================== the reference ==============================
+
+fn count(v: Option<&Value>) -> Option<u64> {
+    v.and_then(Value::as_u64)
+}
+
+fn openai(v: &Value) -> Option<Usage> {
+    let u = v.get("usage")?.as_object()?;
+    let (p, c) = (
+        count(u.get("prompt_tokens")),
+        count(u.get("completion_tokens")),
+    );
+    (p.is_some() || c.is_some()).then(|| Usage {
+        prompt: p.unwrap_or(0),
+        completion: c.unwrap_or(0),
+    })
+}
+
+fn nodes(v: &Value, level: usize, sum: &mut Option<Usage>) {
+    for node in v.as_array().into_iter().flatten().filter(|n| n.is_object()) {
+        let c: Vec<Option<u64>> = NODE_KEYS
+            .iter()
+            .map(|k| count(node.get(std::str::from_utf8(k).unwrap())))
+            .collect();
+        let z = |i: usize| c[i].unwrap_or(0);
+        let own = if c[..4].iter().any(Option::is_some) {
+            Some(Usage {
+                prompt: z(0).saturating_add(z(1)),
+                completion: z(2).saturating_add(z(3)),
+            })
+        } else if c[4..].iter().any(Option::is_some) {
+            Some(Usage {
+                prompt: z(4).saturating_add(z(5)),
+                completion: 0,
+            })
+        } else {
+            None
+        };
+        if let Some(own) = own {
+            *sum = Some(sum.unwrap_or_default().add(own));
+        }
+        if level + 1 < NODE_CAP {
+            for key in DETAIL_KEYS {
+                if let Some(d) = node.get(std::str::from_utf8(key).unwrap()) {
+                    nodes(d, level + 1, sum);
+                }
+            }
+        }
+    }
+}
+
+fn flow(v: &Value) -> Option<Usage> {
+    let mut sum = None;
+    nodes(v, 0, &mut sum);
+    sum
+}
+
+fn reference_json(body: &[u8]) -> Option<Usage> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    if !v.is_object() {
+        return None;
+    }
+    v.get("responseData").and_then(flow).or_else(|| openai(&v))
+}
+
+/// Events as the WHATWG algorithm dispatches them: (name, data).
+fn events(stream: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let stream = stream.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(stream);
+    let mut lines = Vec::new();
+    let (mut i, mut from) = (0, 0);
+    while i < stream.len() {
+        match stream[i] {
+            b'\n' | b'\r' => {
+                lines.push(&stream[from..i]);
+                if stream[i] == b'\r' && stream.get(i + 1) == Some(&b'\n') {
+                    i += 1;
+                }
+                from = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    let mut out = Vec::new();
+    let (mut name, mut data, mut has) = (Vec::new(), Vec::new(), false);
+    for line in lines {
+        if line.is_empty() {
+            if has {
+                data.pop();
+                out.push((std::mem::take(&mut name), std::mem::take(&mut data)));
+            }
+            (name, data, has) = (Vec::new(), Vec::new(), false);
+            continue;
+        }
+        if line[0] == b':' {
+            continue;
+        }
+        let (field, value) = match line.iter().position(|&b| b == b':') {
+            Some(c) => {
+                let v = &line[c + 1..];
+                (&line[..c], v.strip_prefix(b" ").unwrap_or(v))
+            }
+            None => (line, &b""[..]),
+        };
+        match field {
+            b"data" => {
+                has = true;
+                data.extend_from_slice(value);
+                data.push(b'\n');
+            }
+            b"event" => name = value.to_vec(),
+            _ => {}
+        }
+    }
+    out
+}
+
+fn reference_stream(stream: &[u8]) -> Option<Usage> {
+    let (mut last, mut sum): (Option<Usage>, Option<Usage>) = (None, None);
+    for (name, data) in events(stream) {
+        let Ok(v) = serde_json::from_slice::<Value>(&data) else {
+            continue;
+        };
+        if name == FLOW_EVENT {
+            if v.is_array()
+                && let Some(f) = flow(&v)
+            {
+                sum = Some(sum.unwrap_or_default().add(f));
+            }
+        } else if let Some(u) = openai(&v) {
+            last = Some(u);
+        }
+    }
+    last.or(sum)
+}
+
+#[test]
+fn the_reference_agrees_on_the_examples() {
+    assert_eq!(reference_stream(OPENAI.as_bytes()), usage(19, 10));
+    assert_eq!(
+        reference_stream(FASTGPT.as_bytes()),
+        usage(120 + 50 + 7, 30 + 5 + 3)
+    );
+}
+
+// ============================== generated answers ==============================
+
+fn number() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        4 => (0u64..100_000).prop_map(Value::from),
+        1 => Just(Value::from(u64::MAX)),
+        1 => (-1000i64..0).prop_map(Value::from),
+        1 => (0.0f64..1e6).prop_map(Value::from),
+        1 => Just(Value::Null),
+        1 => "[0-9]{1,3}".prop_map(Value::from),
+    ]
+}
+
+/// Text that looks like what the meter looks for.
+fn noise_text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("\"prompt_tokens\": 999".to_owned()),
+        Just("{\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":9}}".to_owned()),
+        Just("inputTokens\\\"".to_owned()),
+        Just("[DONE]".to_owned()),
+        "[ -~]{0,16}",
+        "\\PC{0,8}",
+        Just("\u{0}\u{1f}\n\r\t\"\\".to_owned()),
+    ]
+}
+
+fn key() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => "[a-z_]{1,8}",
+        1 => proptest::sample::select(&[
+            "usage", "prompt_tokens", "completion_tokens", "responseData", "inputTokens",
+            "outputTokens", "toolCallInputTokens", "toolCallOutputTokens", "tokens",
+            "toolCallTokens", "toolDetail", "pluginDetail", "loopDetail",
+            "childrenResponses", "content", "choices",
+        ][..]).prop_map(str::to_owned),
+    ]
+}
+
+/// Any JSON, with the keys of interest among others, a few levels deep.
+fn any_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        number(),
+        noise_text().prop_map(Value::from),
+        any::<bool>().prop_map(Value::from),
+    ];
+    leaf.prop_recursive(4, 32, 5, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..5).prop_map(Value::from),
+            proptest::collection::vec((key(), inner), 0..5)
+                .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+        ]
+    })
+}
+
+fn usage_object() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        1 => Just(Value::Null),
+        4 => (number(), number(), proptest::option::of(any_json())).prop_map(|(p, c, extra)| {
+            let mut u = json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": 1});
+            if let Some(e) = extra {
+                u["prompt_tokens_details"] = e;
+            }
+            u
+        }),
+        1 => any_json(),
+    ]
+}
+
+/// A node response, with nested ones.
+fn node() -> impl Strategy<Value = Value> {
+    let flat = (
+        proptest::collection::vec((proptest::sample::select(&NODE_KEYS[..]), number()), 0..4),
+        proptest::collection::vec((key(), any_json()), 0..3),
+    )
+        .prop_map(|(counts, other)| {
+            let mut o = serde_json::Map::new();
+            for (k, v) in other {
+                o.insert(k, v);
+            }
+            for (k, v) in counts {
+                o.insert(String::from_utf8_lossy(k).into_owned(), v);
+            }
+            Value::Object(o)
+        });
+    flat.prop_recursive(5, 24, 3, |inner| {
+        (
+            inner.clone(),
+            proptest::sample::select(&DETAIL_KEYS[..]),
+            proptest::collection::vec(inner, 0..3),
+        )
+            .prop_map(|(mut n, k, children)| {
+                n[String::from_utf8_lossy(k).as_ref()] = Value::from(children);
+                n
+            })
+    })
+}
+
+fn node_array() -> impl Strategy<Value = Value> {
+    proptest::collection::vec(prop_oneof![4 => node(), 1 => any_json()], 0..5).prop_map(Value::from)
+}
+
+/// A root object like an answer or a chunk: usage and responseData in random places.
+fn answer() -> impl Strategy<Value = Value> {
+    (
+        proptest::collection::vec((key(), any_json()), 0..4),
+        proptest::option::of(usage_object()),
+        proptest::option::of(prop_oneof![3 => node_array(), 1 => any_json()]),
+        proptest::option::of(any_json()),
+    )
+        .prop_map(|(other, usage, response_data, choices)| {
+            let mut o: serde_json::Map<String, Value> = other.into_iter().collect();
+            if let Some(c) = choices {
+                o.insert("choices".into(), json!([{"delta": {"content": c}}]));
+            }
+            if let Some(u) = usage {
+                o.insert("usage".into(), u);
+            }
+            if let Some(r) = response_data {
+                o.insert("responseData".into(), r);
+            }
+            Value::Object(o)
+        })
+}
+
+/// Serialized compact or pretty, maybe with a key escaped, maybe cut short.
+fn text(v: Value, pretty: bool, escape: bool, cut: Option<usize>) -> String {
+    let mut s = if pretty {
+        serde_json::to_string_pretty(&v).unwrap()
+    } else {
+        serde_json::to_string(&v).unwrap()
+    };
+    if escape {
+        s = s
+            .replace("\"usage\"", "\"us\\u0061ge\"")
+            .replace("\"prompt_tokens\"", "\"prompt\\u005ftokens\"")
+            .replace("\"inputTokens\"", "\"\\u0069nputTokens\"");
+    }
+    if let Some(c) = cut {
+        let mut c = c % (s.len() + 1);
+        while !s.is_char_boundary(c) {
+            c -= 1;
+        }
+        s.truncate(c);
+    }
+    s
+}
+
+fn json_text() -> impl Strategy<Value = String> {
+    (
+        prop_oneof![3 => answer(), 1 => node_array(), 1 => any_json()],
+        any::<bool>(),
+        any::<bool>(),
+        proptest::option::weighted(0.1, any::<usize>()),
+    )
+        .prop_map(|(v, pretty, escape, cut)| text(v, pretty, escape, cut))
+}
+
+fn line_end() -> impl Strategy<Value = &'static str> {
+    prop_oneof![Just("\n"), Just("\r"), Just("\r\n")]
+}
+
+/// One event: maybe a name, its data on one or more lines, maybe other fields.
+fn event() -> impl Strategy<Value = String> {
+    (
+        proptest::option::of(prop_oneof![
+            3 => Just("flowResponses"),
+            1 => Just("answer"),
+            1 => Just("flowResponsesX"),
+            1 => Just(""),
+        ]),
+        prop_oneof![
+            4 => json_text(),
+            1 => noise_text(),
+            1 => Just("[DONE]".to_owned()),
+        ],
+        any::<bool>(),
+        proptest::option::of(":[ -~]{0,8}"),
+        line_end(),
+    )
+        .prop_map(|(name, data, space, comment, eol)| {
+            let mut e = String::new();
+            if let Some(n) = name {
+                e.push_str(&format!("event: {n}{eol}"));
+            }
+            if let Some(c) = comment {
+                e.push_str(&format!("{c}{eol}"));
+            }
+            // Each line of the data its own field (a noise string may hold line ends).
+            for line in data.split(['\n', '\r']) {
+                e.push_str(if space { "data: " } else { "data:" });
+                e.push_str(line);
+                e.push_str(eol);
+            }
+            e.push_str(eol);
+            e
+        })
+}
+
+fn stream() -> impl Strategy<Value = String> {
+    (
+        any::<bool>(),
+        proptest::collection::vec(event(), 0..8),
+        proptest::option::of("(data|event): [ -~]{0,8}"),
+    )
+        .prop_map(|(bom, events, tail)| {
+            let mut s = if bom {
+                "\u{FEFF}".to_owned()
+            } else {
+                String::new()
+            };
+            s.extend(events);
+            s.extend(tail);
+            s
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+    /// However an event stream is cut, the meter finds what parsing each event's data
+    /// with serde_json finds.
+    #[test]
+    fn any_cut_of_a_stream_agrees_with_serde_json(
+        stream in stream(),
+        cuts in proptest::collection::vec(0usize..4000, 0..12),
+    ) {
+        let expected = reference_stream(stream.as_bytes());
+        prop_assert_eq!(meter(UsageMeter::event_stream, stream.as_bytes(), &cuts), expected);
+        prop_assert_eq!(meter(UsageMeter::event_stream, stream.as_bytes(), &[]), expected);
+    }
+
+    /// However a JSON answer is cut, the meter finds what serde_json finds in it whole.
+    #[test]
+    fn any_cut_of_a_json_answer_agrees_with_serde_json(
+        body in json_text(),
+        cuts in proptest::collection::vec(0usize..4000, 0..12),
+    ) {
+        let expected = reference_json(body.as_bytes());
+        prop_assert_eq!(meter(UsageMeter::json, body.as_bytes(), &cuts), expected);
+    }
+}
