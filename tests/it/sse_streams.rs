@@ -166,7 +166,7 @@ async fn serve(
         }
     }
     // Script over without an end: stay silent (hold the connection) until the proxy closes.
-    let _ = tokio::time::timeout(Duration::from_secs(30), watch).await;
+    let _ = tokio::time::timeout(Duration::from_secs(120), watch).await;
     drop(wr);
 }
 
@@ -677,4 +677,48 @@ async fn a_drain_in_the_middle_of_a_forwarded_event_waits_for_its_end() {
     let want = "data: a\n\ndata: partial\n\nevent: error\ndata: {\"code\":\"SERVICE_UNAVAILABLE\"";
     assert!(text.starts_with(want), "{text:?}");
     assert!(text.ends_with("\n\n") && !text.contains("tick"), "{text:?}");
+}
+
+/// The issue's drill, with the defaults (no `stream:` on the route): a model that stalls
+/// after three tokens. Before, the client waited for the route's `idle` (60 s) and got a
+/// cut socket; now heartbeats at 15 s and 30 s keep a load balancer in front from cutting
+/// it, and at 45 s (`between_events`) it gets a final event it can show.
+#[tokio::test]
+async fn with_the_defaults_a_model_that_stalls_after_three_tokens_gets_a_final_event() {
+    let up = SseUpstream::start(vec![
+        Step::Send(b"data: {\"token\":\"Hel\"}\n\n"),
+        Step::Send(b"data: {\"token\":\"lo\"}\n\n"),
+        Step::Send(b"data: {\"token\":\",\"}\n\n"),
+    ])
+    .await;
+    let px = start(&one_route(&up.url(), "", "")).await;
+    let started = Instant::now();
+    let req = http::Request::get(format!("http://{}/chat", px.addr("main").unwrap()))
+        .header("x-request-id", "req-defaults")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let mut body = send_streaming(&http1(), req).await.into_body();
+    let mut got = Vec::new();
+    while let Some(frame) = tokio::time::timeout(Duration::from_secs(20), body.frame())
+        .await
+        .expect("a frame within 20 s: heartbeats every 15 s")
+    {
+        if let Some(d) = frame.expect("a clean stream").data_ref() {
+            got.extend_from_slice(d);
+        }
+    }
+    let took = started.elapsed();
+    let (before, code) = split_final(&got, "req-defaults");
+    assert_eq!(
+        std::str::from_utf8(before).unwrap(),
+        "data: {\"token\":\"Hel\"}\n\ndata: {\"token\":\"lo\"}\n\ndata: {\"token\":\",\"}\n\n\
+         : keep-alive\n\n: keep-alive\n\n"
+    );
+    assert_eq!(code, "STREAM_STALLED");
+    assert!(
+        took >= Duration::from_secs(45) && took < Duration::from_secs(50),
+        "{took:?}"
+    );
+    assert_eventually!(up.cancelled.load(Ordering::SeqCst) == 1, "not cancelled");
+    px.shutdown().await;
 }
