@@ -21,7 +21,7 @@ use crate::admission::ratelimit;
 use crate::body::{BodyError, MinRate, RequestBody, TimedBody};
 use crate::error::ProxyError;
 use crate::health::Health;
-use crate::observe::access_log::{AccessRecord, Outcome as LogOutcome};
+use crate::observe::access_log::{AccessRecord, Outcome as LogOutcome, detached};
 use crate::observe::http::HttpMetrics;
 use crate::observe::http::method_index;
 use crate::route;
@@ -617,16 +617,18 @@ async fn upgrade(
                 detail: "101 switching to a protocol the request did not offer".into(),
             });
         }
-        // The tunnel writes the access-log line when it closes.
+        // The tunnel writes the access-log line when it closes, hours later maybe: it keeps
+        // nothing of the request head's buffer (`AccessRecord::detach`).
         let log = tail.log.take().map(|mut r| {
             r.status = StatusCode::SWITCHING_PROTOCOLS.as_u16();
+            r.detach();
             r
         });
         let t = upgrade::Tunnel {
             idle: route.timeouts.idle,
             log,
             metrics: route.metrics.clone(),
-            request_id: env.request_id.clone(),
+            request_id: detached(env.request_id),
             in_flight: env.ctx.traffic.in_flight.request(),
             rate_limit_hold: std::mem::take(&mut tail.rate_limit_hold),
         };
@@ -679,10 +681,15 @@ async fn send(
             // A compressed answer's token counts cannot be read.
             let readable = || !parts.headers.contains_key(http::header::CONTENT_ENCODING);
             let body = if is_event_stream(parts.status, &parts.headers) {
+                // A stream lives for minutes: nothing of it may keep the request head's
+                // buffer alive (`AccessRecord::detach`).
+                if let Some(r) = tail.log.as_mut() {
+                    r.detach();
+                }
                 ProxyBody::events(EventStream::new(
                     body,
                     route.stream.clone(),
-                    env.request_id.clone(),
+                    detached(env.request_id),
                     route.metrics.clone(),
                     route.tokens_in_streams && readable(),
                 ))

@@ -109,6 +109,16 @@ impl AccessRecord {
         }
     }
 
+    /// Copies out what the record shares with the request head. hyper reads a head into a
+    /// buffer (8 KiB) and hands out slices of it: while one slice lives, the whole buffer
+    /// does. Kept for a stream's life, the path and the user agent would hold 8 KiB per
+    /// open stream; copied, they hold their own few bytes.
+    pub(crate) fn detach(&mut self) {
+        self.uri = detached_path(&self.uri);
+        self.user_agent = self.user_agent.as_ref().map(detached);
+        self.request_id = detached(&self.request_id);
+    }
+
     /// Before the record is dropped with the stream rampart ended (not failed: the upstream
     /// did nothing wrong).
     pub(crate) fn send_timed_out(&mut self) {
@@ -131,6 +141,18 @@ impl AccessRecord {
             "response aborted after it started"
         );
     }
+}
+
+/// A header value in an allocation of its own (see [`AccessRecord::detach`]).
+pub(crate) fn detached(v: &http::HeaderValue) -> http::HeaderValue {
+    let mut copy = http::HeaderValue::from_bytes(v.as_bytes()).unwrap_or_else(|_| v.clone());
+    copy.set_sensitive(v.is_sensitive());
+    copy
+}
+
+fn detached_path(p: &http::uri::PathAndQuery) -> http::uri::PathAndQuery {
+    // Parsing what was parsed cannot fail; if it did, sharing is only a cost.
+    http::uri::PathAndQuery::try_from(p.as_str()).unwrap_or_else(|_| p.clone())
 }
 
 /// The longest path and query string logged, in bytes.
@@ -214,6 +236,37 @@ mod tests {
         }
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
+        }
+    }
+
+    /// What a stream keeps of its request must not point into the head's buffer, or the
+    /// buffer (8 KiB, hyper's) lives as long as the stream.
+    #[test]
+    fn a_detached_record_shares_nothing_with_the_request_head() {
+        let head = bytes::Bytes::from(
+            b"/v1/chat?stream=1 curl/8.5 req-42 and the rest of an 8 KiB buffer".to_vec(),
+        );
+        let within = |p: *const u8| head.as_ptr_range().contains(&p);
+        let mut r = record(None);
+        r.uri = http::uri::PathAndQuery::from_maybe_shared(head.slice(0..17)).unwrap();
+        r.user_agent = Some(http::HeaderValue::from_maybe_shared(head.slice(18..26)).unwrap());
+        r.request_id = http::HeaderValue::from_maybe_shared(head.slice(27..33)).unwrap();
+        r.request_id.set_sensitive(true);
+        assert!(
+            within(r.uri.as_str().as_ptr()),
+            "the test shares to begin with"
+        );
+        r.detach();
+        assert_eq!(r.uri.as_str(), "/v1/chat?stream=1");
+        assert_eq!(r.user_agent.as_ref().unwrap(), "curl/8.5");
+        assert_eq!(r.request_id, "req-42");
+        assert!(r.request_id.is_sensitive());
+        for p in [
+            r.uri.as_str().as_ptr(),
+            r.user_agent.as_ref().unwrap().as_bytes().as_ptr(),
+            r.request_id.as_bytes().as_ptr(),
+        ] {
+            assert!(!within(p), "still points into the head");
         }
     }
 
