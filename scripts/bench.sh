@@ -20,7 +20,8 @@
 #   OUT_DIR      results, raw wrk output and logs                  (target/bench)
 #   PIN          1: pinned one-worker mode: each proxy alone on CPU 1 with one worker,
 #                wrk, the upstream and redis on CPU 0 (taskset); WORKERS defaults to 1  (0)
-#   MODE         rps: the GET benchmark above; sse: long-lived SSE streams (below)  (rps)
+#   MODE         rps: the GET benchmark above; sse: long-lived SSE streams (below); tls:
+#                handshakes (full, resumed) and keep-alive h1/h2 over TLS (scripts/bench/tls.sh)  (rps)
 #
 # MODE=sse: STREAMS concurrent SSE streams through each target (direct, rampart, nginx with
 # `proxy_buffering off`) from one upstream that sends each stream an EVENT_BYTES event every
@@ -790,7 +791,13 @@ main() {
         main_sse
         return
         ;;
-    *) die "MODE must be rps or sse, got '$MODE'" ;;
+    tls)
+        # shellcheck source=bench/tls.sh
+        source "$BENCH_DIR/tls.sh"
+        main_tls
+        return
+        ;;
+    *) die "MODE must be rps, sse or tls, got '$MODE'" ;;
     esac
     install_tools
     build_rampart

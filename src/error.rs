@@ -26,6 +26,9 @@ impl TimeoutPhase {
 pub(crate) enum ProxyError {
     #[error("{0}")]
     BadRequest(&'static str),
+    /// A request head over the listener's `max_header_bytes`.
+    #[error("request head is larger than the limit")]
+    HeadersTooLarge,
     #[error("no route matches this request")]
     NoRoute,
     /// CONNECT: rampart is a reverse proxy, not a tunnel to anywhere.
@@ -65,6 +68,7 @@ impl ProxyError {
     pub(crate) fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
@@ -96,6 +100,7 @@ impl ProxyError {
     pub(crate) fn code(&self) -> &'static str {
         match self {
             ProxyError::BadRequest(_) => "BAD_REQUEST",
+            ProxyError::HeadersTooLarge => "HEADERS_TOO_LARGE",
             ProxyError::NoRoute => "NO_ROUTE",
             ProxyError::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             ProxyError::NotImplemented(_) => "NOT_IMPLEMENTED",
@@ -116,6 +121,7 @@ impl ProxyError {
         matches!(
             self,
             ProxyError::BadRequest(_)
+                | ProxyError::HeadersTooLarge
                 | ProxyError::MethodNotAllowed
                 | ProxyError::NotImplemented(_)
                 | ProxyError::RequestTimeout

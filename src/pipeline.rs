@@ -70,9 +70,9 @@ pub(crate) struct ListenerCtx {
 }
 
 /// The service hyper calls for every request on a traffic listener. Never fails: every
-/// error becomes a JSON answer through `ProxyError::to_response`. `framing_ok` is false when
-/// the connection's HTTP/1 guard saw both Content-Length and Transfer-Encoding in the head,
-/// which hyper does not show in `req` (listener::h1_guard).
+/// error becomes a JSON answer through `ProxyError::to_response`. `refused` is what the
+/// connection's HTTP/1 guard saw in the raw head and hyper does not show in `req`
+/// (listener::h1_guard): both Content-Length and Transfer-Encoding, a head over the limit.
 ///
 /// Every step that needs no waiting runs synchronously in `begin`; the common request then
 /// awaits only the upstream exchange. The steps that may wait (rate limits, body
@@ -82,7 +82,7 @@ pub(crate) async fn handle(
     ctx: Arc<ListenerCtx>,
     peer: SocketAddr,
     req: Request<Incoming>,
-    framing_ok: bool,
+    refused: Option<ProxyError>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
     let (head, request_id) = headers::Head::scan(req.headers());
@@ -116,7 +116,9 @@ pub(crate) async fn handle(
     let listener = snapshot.listeners.get(&*ctx.name);
     let method = method_index(req.method());
 
-    let result = if framing_ok {
+    let result = if let Some(e) = refused {
+        Err(e)
+    } else {
         let env = Env {
             ctx: &ctx,
             snapshot: &snapshot,
@@ -138,9 +140,6 @@ pub(crate) async fn handle(
             }
             Err(e) => Err(e),
         }
-    } else {
-        // The step check_framing would take, had hyper left the Content-Length in `req`.
-        Err(ProxyError::BadRequest(headers::CL_AND_TE))
     };
     let mut resp = match result {
         Ok(resp) => resp,

@@ -1,6 +1,6 @@
-//! Accept loop and connection serving: the connection cap, hyper-util's auto builder
-//! (HTTP/1.1 and h2c prior knowledge on one port) with the edge-safe limits, and each
-//! listener's drain phases.
+//! Accept loop and connection serving: the connection cap, HTTP/1.1 and h2c prior
+//! knowledge on one port (`proto`: told apart by peeking, then hyper's builders with the
+//! edge-safe limits), and each listener's drain phases.
 //!
 //! A [`Server`] is one running listener. Its [`Phase`] only moves forward, driven by the
 //! shutdown sequence (`shutdown.rs`) or by a reload that replaces the listener:
@@ -20,20 +20,21 @@ use http::header::UPGRADE;
 use http::{Method, Request, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::config::{DrainMode, ListenerConfig};
+use crate::error::ProxyError;
 use crate::pipeline::{ListenerCtx, Traffic};
 use crate::shutdown::{ConnClosing, ConnHold, Drainable, Handover, HoldSource, Phase, reached};
 use crate::workers::Workers;
 use h1_guard::Verdict;
+use proto::{Builders, Proto};
 use timeouts::{Clock, Clocks, Expired, SendTimed};
 
 pub(crate) mod h1_guard;
 pub(crate) mod h2_guard;
+pub(crate) mod proto;
 pub(crate) mod timeouts;
 
 /// Longest wait, once closing, for the first request of a connection that has sent none:
@@ -75,30 +76,6 @@ pub(crate) fn bind_listener(addr: SocketAddr, count: usize) -> io::Result<Bound>
     Ok(Bound { addr, sockets })
 }
 
-pub(crate) fn builder(cfg: &ListenerConfig) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        // Without a timer hyper silently ignores header_read_timeout.
-        .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_read_timeout)
-        .keep_alive(true)
-        // One write(2) of head and body copied together beats writev(2) of two slices
-        // for the small answers most requests get.
-        .writev(false)
-        .max_buf_size(cfg.max_header_bytes)
-        .max_headers(h1_guard::max_headers(cfg.max_headers));
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(cfg.http2.max_concurrent_streams)
-        .max_pending_accept_reset_streams(cfg.http2.max_pending_accept_reset_streams)
-        .max_local_error_reset_streams(cfg.http2.max_local_error_reset_streams)
-        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
-        // Pings find dead peers of idle HTTP/2 connections.
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(10));
-    b
-}
-
 /// One running traffic listener.
 pub(crate) struct Server {
     pub name: Arc<str>,
@@ -124,7 +101,7 @@ impl Server {
         let in_flight = Arc::new(AtomicUsize::new(0));
         traffic.http.track_listener(&name, &open, &in_flight);
         let acceptor = Acceptor {
-            builder: builder(&config),
+            builders: Builders::new(&config),
             ctx: Arc::new(ListenerCtx {
                 name: name.clone(),
                 traffic,
@@ -224,7 +201,7 @@ impl Drainable for Server {
 /// What the accept loop needs to serve a connection.
 #[derive(Clone)]
 struct Acceptor {
-    builder: auto::Builder<TokioExecutor>,
+    builders: Builders,
     ctx: Arc<ListenerCtx>,
     max_header_bytes: usize,
     max_headers: usize,
@@ -341,7 +318,19 @@ impl Acceptor {
             let h1 = req.version() != Version::HTTP_2;
             // Counted open from here, so a stream waiting for its answer is not idle.
             let stream = (!h1).then(|| state.clocks.stream());
-            let framing_ok = !h1 || verdicts.next() == Verdict::Ok;
+            let refused = if h1 {
+                match verdicts.next() {
+                    Verdict::Ok => None,
+                    // The step check_framing would take, had hyper left the Content-Length
+                    // in `req`.
+                    Verdict::ContentLengthAndTransferEncoding => {
+                        Some(ProxyError::BadRequest(crate::route::headers::CL_AND_TE))
+                    }
+                    Verdict::HeadTooLarge => Some(ProxyError::HeadersTooLarge),
+                }
+            } else {
+                None
+            };
             // Only a possible upgrade needs the handle after the answer.
             let upgrading = (h1
                 && (req.method() == Method::CONNECT || req.headers().contains_key(UPGRADE)))
@@ -357,7 +346,7 @@ impl Acceptor {
                 let mut resp = if health {
                     crate::health::listener_health_response(&ctx.traffic.health)
                 } else {
-                    let resp = crate::pipeline::handle(ctx, peer, req, framing_ok).await;
+                    let resp = crate::pipeline::handle(ctx, peer, req, refused).await;
                     if let Some(v) = upgrading
                         && resp.status() == StatusCode::SWITCHING_PROTOCOLS
                     {
@@ -383,12 +372,23 @@ impl Acceptor {
                 Ok::<_, Infallible>(crate::stream::finale::track(resp, request, &state.phase))
             }
         });
-        let conn = self
-            .builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
+        let builders = self.builders.clone();
         let first_request_wait = self.first_request_wait;
+        let header_read_timeout = self.header_read_timeout;
         tokio::spawn(async move {
+            let Some(proto) = sniff(
+                stream.get_ref().tcp(),
+                header_read_timeout,
+                &mut phase,
+                first_request_wait,
+                peer,
+            )
+            .await
+            else {
+                drop(conn_state.release());
+                return;
+            };
+            let conn = builders.serve(proto, stream, svc);
             let mut conn = std::pin::pin!(conn);
             let ended = drive(
                 conn.as_mut(),
@@ -414,6 +414,38 @@ impl Acceptor {
             // Unless a tunnel took it over.
             drop(conn_state.release());
         });
+    }
+}
+
+/// The protocol of a new plain connection, from its first bytes (`proto::sniff`), within
+/// the same bounds `drive` puts on a connection that has sent nothing: the header read
+/// timeout from accept, and once closing, `first_request_wait`. None: closed, silent or
+/// unreadable; nothing to serve.
+async fn sniff(
+    tcp: &TcpStream,
+    header_read_timeout: Duration,
+    phase: &mut watch::Receiver<Phase>,
+    first_request_wait: Duration,
+    peer: SocketAddr,
+) -> Option<Proto> {
+    let looked = tokio::select! {
+        r = proto::sniff(tcp) => r,
+        _ = tokio::time::sleep(header_read_timeout) => {
+            tracing::debug!(%peer, "no request head within header_read_timeout: closed");
+            return None;
+        }
+        _ = reached(phase, Phase::Closing) => tokio::select! {
+            r = proto::sniff(tcp) => r,
+            _ = tokio::time::sleep(first_request_wait) => return None,
+            _ = reached(phase, Phase::Cut) => return None,
+        },
+    };
+    match looked {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "connection failed before its first byte");
+            None
+        }
     }
 }
 

@@ -240,6 +240,10 @@ impl SendTimed {
         }
     }
 
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        &self.inner
+    }
+
     /// A write is blocked: Ready(error) once it has been for the send timeout.
     fn poll_stall(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         if !self.stalled {

@@ -54,6 +54,46 @@ async fn advertises_at_most_100_concurrent_streams() {
     px.shutdown().await;
 }
 
+/// The protocol is told from the first bytes without taking them (`listener::proto`):
+/// a client that sends them a byte or two at a time still gets its protocol, HTTP/1.1 for
+/// `P`, `OST` and HTTP/2 for `PR`, `I * HTTP/2.0...`.
+#[tokio::test]
+async fn first_bytes_split_anywhere_still_choose_the_protocol() {
+    let up = Upstream::start().await;
+    let px = start(&one_route(&up.url(), "", "")).await;
+    let addr = px.addr("main").unwrap();
+    let pause = Duration::from_millis(60);
+
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"P").await.unwrap();
+    tokio::time::sleep(pause).await;
+    s.write_all(b"OS").await.unwrap();
+    tokio::time::sleep(pause).await;
+    s.write_all(b"T /split HTTP/1.1\r\nhost: a\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    for cut in [1, 2, 3, 4, 10] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&PREFACE[..cut]).await.unwrap();
+        tokio::time::sleep(pause).await;
+        s.write_all(&PREFACE[cut..]).await.unwrap();
+        s.write_all(&frame(0x4, 0, 0, &[])).await.unwrap();
+        let (kind, _, _, _) = read_frame(&mut s)
+            .await
+            .unwrap_or_else(|| panic!("no SETTINGS with the preface cut at {cut}"));
+        assert_eq!(kind, 0x4, "first frame is SETTINGS (cut at {cut})");
+    }
+    px.shutdown().await;
+}
+
 #[tokio::test]
 async fn rapid_reset_flood_gets_goaway() {
     let up = Upstream::start().await;

@@ -41,6 +41,8 @@ pub(crate) enum Verdict {
     Ok,
     /// Both `Content-Length` and `Transfer-Encoding`: refuse with 400.
     ContentLengthAndTransferEncoding,
+    /// A head over `max_header_bytes`: refuse with 431.
+    HeadTooLarge,
 }
 
 /// The most request headers hyper is ever told to accept, whatever the configuration says.
@@ -179,6 +181,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for H1Guard<S> {
 }
 
 impl<S> H1Guard<S> {
+    pub(crate) fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
     /// What rampart writes earns an HTTP/2 client room for its WINDOW_UPDATEs.
     fn wrote(&mut self, res: &Poll<io::Result<usize>>) {
         if let (Some(watch), Poll::Ready(Ok(n))) = (self.h2.as_mut(), res) {
