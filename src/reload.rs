@@ -1,6 +1,9 @@
 //! Configuration hot reload (SIGHUP, `POST /admin/reload`): the parts that are not wiring.
 //! `app` reads the file, binds what changed and swaps the snapshot; this module says what
-//! a reload reports, counts it, and how state kept by name follows the new configuration.
+//! a reload reports, counts it, and how state kept by name follows the new configuration;
+//! `watch.rs` notices files (certificates) changed on disk.
+
+pub mod watch;
 
 use std::any::Any;
 use std::future::Future;

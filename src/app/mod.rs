@@ -18,6 +18,7 @@ use crate::alert::{AlertMetrics, Alerting};
 use crate::config::Config;
 use crate::health::{Health, HealthInputs, HealthMetrics, PoolSources};
 use crate::listener::{self, Server};
+use crate::observe::certs::CertExpiry;
 use crate::observe::http::HttpMetrics;
 use crate::observe::signals::Signals as FedSignals;
 use crate::reload::{self, ReloadMetrics, ReloadReport};
@@ -79,6 +80,12 @@ impl Running {
     /// `/metrics` as the admin listener would answer it now.
     pub fn encode_metrics(&self) -> String {
         crate::observe::encode_registry(&self.shared.registry)
+    }
+
+    /// Where the TLS listeners record the certificates they serve (`/metrics`, the
+    /// `certificate_expiry` alert rule).
+    pub fn certs(&self) -> &CertExpiry {
+        &self.shared.certs
     }
 
     /// Takes a sample of the request counters, as the sampler task does every few seconds.
@@ -165,6 +172,7 @@ pub async fn start_on(
     let health_metrics = HealthMetrics::register(&mut registry, &pools);
     let http = HttpMetrics::register(&mut registry);
     let alert_metrics = AlertMetrics::register(&mut registry);
+    let certs = CertExpiry::register(&mut registry);
     let snapshot =
         Snapshot::build(&config, &upstream_states, &limiters, &http).map_err(StartError::Tls)?;
     let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
@@ -191,6 +199,7 @@ pub async fn start_on(
         http,
         alerts,
         signals,
+        certs,
     });
     let mut bound = Vec::new();
     for l in &config.listeners {

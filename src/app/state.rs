@@ -11,6 +11,7 @@ use crate::admin::{AdminCtx, Control};
 use crate::admission::ratelimit;
 use crate::alert::{AlertInputs, Alerting};
 use crate::health::Health;
+use crate::observe::certs::CertExpiry;
 use crate::observe::http::HttpMetrics;
 use crate::observe::series::Series;
 use crate::observe::signals::Signals;
@@ -49,6 +50,9 @@ pub struct Shared {
     pub alerts: Arc<Alerting>,
     /// What other subsystems feed (database queries, cache lookups); read by the rules.
     pub signals: Arc<Signals>,
+    /// The loaded TLS certificates' expiry: the TLS listeners record, `/metrics` and the
+    /// `certificate_expiry` rule read.
+    pub certs: CertExpiry,
     /// The request path's handle, shared by every listener.
     pub traffic: Arc<Traffic>,
 }
@@ -65,6 +69,7 @@ pub struct Parts {
     pub http: HttpMetrics,
     pub alerts: Alerting,
     pub signals: Arc<Signals>,
+    pub certs: CertExpiry,
 }
 
 impl Shared {
@@ -92,6 +97,7 @@ impl Shared {
             background: Background::default(),
             health: p.health,
             signals: p.signals,
+            certs: p.certs,
             traffic,
         })
     }
@@ -104,6 +110,7 @@ impl Shared {
             limiters: self.limiters.clone(),
             series: self.series.clone(),
             signals: self.signals.clone(),
+            certs: self.certs.clone(),
         }
     }
 

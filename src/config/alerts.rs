@@ -25,8 +25,8 @@ pub struct AlertRule {
     pub name: String,
     pub signal: Signal,
     pub comparison: Comparison,
-    /// In the signal's unit: a share 0..=1 for rates and usages, seconds for latencies, 0
-    /// for the yes/no signals (1 = yes).
+    /// In the signal's unit: a share 0..=1 for rates and usages, seconds for latencies,
+    /// days for `certificate_expiry`, 0 for the yes/no signals (1 = yes).
     pub threshold: f64,
     /// The span a rate or latency is computed over. Default 5m.
     pub window: Duration,
@@ -106,6 +106,7 @@ pub enum Signal {
     MemoryUsage,
     BreakerOpen,
     RatelimitFallbackActive,
+    CertificateExpiry,
 }
 
 impl Signal {
@@ -120,10 +121,19 @@ impl Signal {
             SignalUnit::Seconds => format!("{:.0}ms", v * 1000.0),
             SignalUnit::YesNo if v > 0.0 => "yes".into(),
             SignalUnit::YesNo => "no".into(),
+            SignalUnit::Days if v >= Signal::NO_CERTIFICATE => "no certificate loaded".into(),
+            // Whole days as the file takes them (`14d`); a reading to a tenth of a day.
+            SignalUnit::Days if v.fract() == 0.0 && v.abs() < 1e6 => format!("{v:.0}d"),
+            SignalUnit::Days => format!("{v:.1}d"),
         }
     }
 
-    pub const ALL: [Signal; 9] = [
+    /// `certificate_expiry` once no certificate is loaded any more (TLS turned off, its
+    /// listeners removed): nothing can expire, which must resolve a firing alert, and "no
+    /// data" never does. Larger than any threshold (at most 365 days).
+    pub const NO_CERTIFICATE: f64 = f64::MAX;
+
+    pub const ALL: [Signal; 10] = [
         Signal::ErrorRate,
         Signal::LatencyP95,
         Signal::LatencyAvg,
@@ -133,6 +143,7 @@ impl Signal {
         Signal::MemoryUsage,
         Signal::BreakerOpen,
         Signal::RatelimitFallbackActive,
+        Signal::CertificateExpiry,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -146,6 +157,7 @@ impl Signal {
             Signal::MemoryUsage => "memory_usage",
             Signal::BreakerOpen => "breaker_open",
             Signal::RatelimitFallbackActive => "ratelimit_fallback_active",
+            Signal::CertificateExpiry => "certificate_expiry",
         }
     }
 
@@ -153,8 +165,14 @@ impl Signal {
         match self {
             Signal::LatencyP95 | Signal::LatencyAvg => SignalUnit::Seconds,
             Signal::BreakerOpen | Signal::RatelimitFallbackActive => SignalUnit::YesNo,
+            Signal::CertificateExpiry => SignalUnit::Days,
             _ => SignalUnit::Share,
         }
+    }
+
+    /// Computed over the rule's `window` (the others are read as they are now).
+    pub fn windowed(self) -> bool {
+        !matches!(self.unit(), SignalUnit::YesNo | SignalUnit::Days)
     }
 }
 
@@ -165,6 +183,8 @@ pub enum SignalUnit {
     Seconds,
     /// 1 or 0.
     YesNo,
+    /// Days, negative in the past (written as a duration, `14d`).
+    Days,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -268,7 +288,7 @@ impl Default for AlertsConfig {
 }
 
 impl AlertsConfig {
-    /// The users' four rules, plus P95 and an open breaker.
+    /// The users' four rules, plus P95, an open breaker and a certificate about to expire.
     pub fn default_rules() -> Vec<AlertRule> {
         let rule = |name: &str, signal, comparison, threshold, for_secs, severity| AlertRule {
             name: name.to_owned(),
@@ -335,6 +355,16 @@ impl AlertsConfig {
                 0.0,
                 0,
                 Severity::Critical,
+            ),
+            // Two weeks: room for a renewal that failed (ACME retries, a person on leave)
+            // to be noticed and redone. Quiet without TLS ("no data").
+            rule(
+                "CertificateExpiringSoon",
+                Signal::CertificateExpiry,
+                Comparison::Below,
+                14.0,
+                0,
+                Severity::Warning,
             ),
         ]
     }

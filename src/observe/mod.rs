@@ -4,12 +4,14 @@
 //!
 //! Labels are small enums and configured names only: never raw paths, never client IPs.
 //!
+//! - `certs.rs`: when each loaded TLS certificate expires, computed at scrape time;
 //! - `histogram.rs`: the lock-free duration histogram the request path observes into;
 //! - `http.rs`: request, stream, byte, connection and upstream-error metrics, with the
 //!   per-route handles a `Snapshot` holds;
 //! - `series.rs`: the in-memory time series the alert rules and the status page read.
 
 pub(crate) mod access_log;
+pub(crate) mod certs;
 pub(crate) mod histogram;
 pub(crate) mod http;
 pub(crate) mod series;

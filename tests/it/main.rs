@@ -10,6 +10,7 @@ mod support;
 mod admin;
 mod bounds;
 mod breakers;
+mod certs;
 mod cli;
 mod config;
 mod drain;

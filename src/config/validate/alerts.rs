@@ -103,6 +103,7 @@ pub(super) fn alert_rule<'a>(
     let threshold = match (signal.map(Signal::unit), &threshold_field) {
         (Some(SignalUnit::Share), Some(t)) => ctx.parse_with(t, "a percentage", parse_share),
         (Some(SignalUnit::Seconds), Some(t)) => ctx.duration(t).map(|d| d.as_secs_f64()),
+        (Some(SignalUnit::Days), Some(t)) => ctx.duration(t).map(|d| d.as_secs_f64() / 86_400.0),
         (Some(SignalUnit::YesNo), Some(t)) => {
             ctx.report(
                 t.pos(),
@@ -170,9 +171,10 @@ pub(super) fn alert_rule<'a>(
     let rule = AlertRule {
         name: name?,
         signal,
-        // Yes/no signals fire while yes; a hit rate alerts when it falls.
+        // Yes/no signals fire while yes; a hit rate and the days a certificate has left
+        // alert when they fall.
         comparison: comparison.unwrap_or(match signal {
-            Signal::CacheHitRate => Comparison::Below,
+            Signal::CacheHitRate | Signal::CertificateExpiry => Comparison::Below,
             _ => Comparison::Above,
         }),
         threshold: threshold?,
@@ -272,7 +274,8 @@ mod tests {
                 "HighDatabaseErrorRate",
                 "LowCacheHitRate",
                 "HighP95Latency",
-                "CircuitBreakerOpen"
+                "CircuitBreakerOpen",
+                "CertificateExpiringSoon"
             ]
         );
     }
@@ -315,6 +318,54 @@ mod tests {
         assert_eq!(a.sinks[1].max_attempts, 3);
         // Debug output never shows the URL's secret.
         assert!(!format!("{:?}", a.sinks[0]).contains("secret"));
+    }
+
+    #[test]
+    fn certificate_expiry_takes_a_duration_in_days() {
+        let c = ok(&format!(
+            "{MINIMAL}
+        alerts:
+          rules:
+            - {{ name: certs, signal: certificate_expiry, threshold: 30d }}
+            - {{ name: soon, signal: certificate_expiry, threshold: 36h, comparison: '<=', severity: critical }}
+"
+        ));
+        let r = &c.alerts.rules;
+        assert_eq!(
+            (r[0].signal, r[0].comparison, r[0].threshold),
+            (Signal::CertificateExpiry, Comparison::Below, 30.0)
+        );
+        assert_eq!((r[1].comparison, r[1].threshold), (Comparison::AtMost, 1.5));
+        assert_eq!(Signal::CertificateExpiry.format_value(Some(30.0)), "30d");
+        assert_eq!(Signal::CertificateExpiry.format_value(Some(1.5)), "1.5d");
+        assert_eq!(Signal::CertificateExpiry.format_value(Some(-0.25)), "-0.2d");
+        assert_eq!(
+            Signal::CertificateExpiry.format_value(Some(Signal::NO_CERTIFICATE)),
+            "no certificate loaded"
+        );
+        let p = problems(&format!(
+            "{MINIMAL}
+        alerts:
+          rules:
+            - {{ name: a, signal: certificate_expiry, threshold: 14 }}
+            - {{ name: b, signal: certificate_expiry, threshold: 5% }}
+            - {{ name: c, signal: certificate_expiry, threshold: 400d }}
+            - {{ name: d, signal: certificate_expiry }}
+"
+        ));
+        let all: Vec<String> = p
+            .iter()
+            .map(|p| format!("{}: {}", p.path, p.message))
+            .collect();
+        let all = all.join("\n");
+        for want in [
+            "alerts.rules[0].threshold: expected a duration",
+            "alerts.rules[1].threshold: expected a duration",
+            "alerts.rules[2].threshold: must be at most 365 days",
+            "alerts.rules[3]: missing required key \"threshold\"",
+        ] {
+            assert!(all.contains(want), "missing {want:?} in\n{all}");
+        }
     }
 
     #[test]
