@@ -41,6 +41,8 @@ pub(crate) struct Leaf {
     /// The certificate file.
     pub cert: PathBuf,
     pub names: Vec<String>,
+    /// For the certificate expiry metrics.
+    #[allow(dead_code)]
     pub der: CertificateDer<'static>,
 }
 
