@@ -371,24 +371,28 @@ fn log_exit(report: &DrainReport) {
 }
 
 /// Re-reads the certificates of every TLS listener in `servers` (off the runtime: it reads
-/// files). Returns a line per listener whose new files were refused.
-async fn reload_certs(servers: Vec<Arc<Server>>) -> Vec<String> {
+/// files). Returns the listeners whose new files were refused, each with a line saying why.
+async fn reload_certs(servers: Vec<Arc<Server>>) -> Vec<(Arc<str>, String)> {
     let reread = tokio::task::spawn_blocking(move || {
         servers
             .iter()
             .filter_map(|s| {
                 s.reload_certs().err().map(|e| {
-                    format!(
+                    let line = format!(
                         "listener {}: TLS certificates not reloaded (still serving the previous ones): {e}",
                         s.name
-                    )
+                    );
+                    (s.name.clone(), line)
                 })
             })
             .collect()
     });
     match reread.await {
         Ok(refused) => refused,
-        Err(e) => vec![format!("reloading TLS certificates failed: {e}")],
+        Err(e) => vec![(
+            Arc::from(""),
+            format!("reloading TLS certificates failed: {e}"),
+        )],
     }
 }
 
@@ -620,12 +624,13 @@ impl Supervisor {
         self.servers = kept;
         // A TLS listener kept as it was serves its certificate files as they are now (a
         // changed `tls` section is a changed listener, started anew above).
-        let mut warnings = reload_certs(self.servers.clone()).await;
+        let refused = reload_certs(self.servers.clone()).await;
         for s in &self.servers {
-            if s.cert_store().is_some() && !warnings.iter().any(|w| w.contains(&*s.name)) {
+            if s.cert_store().is_some() && !refused.iter().any(|(name, _)| *name == s.name) {
                 changes.push(format!("listener {}: TLS certificates reloaded", s.name));
             }
         }
+        let mut warnings: Vec<String> = refused.into_iter().map(|(_, w)| w).collect();
         for s in started {
             let old = replaced.iter().find(|o| o.config.name == s.config.name);
             changes.push(match old {

@@ -199,7 +199,7 @@ impl CertStore {
         let chosen = sni
             .map(|s| s.trim_end_matches('.').to_ascii_lowercase())
             .and_then(|name| {
-                let exact = pairs.iter().find(|p| p.names.iter().any(|n| *n == name));
+                let exact = pairs.iter().find(|p| p.names.contains(&name));
                 exact.or_else(|| {
                     let (_, parent) = name.split_once('.')?;
                     pairs.iter().find(|p| {

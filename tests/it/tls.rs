@@ -684,3 +684,30 @@ fn the_check_refuses_bad_files_at_their_key() {
     let ok = rampart::config::parse_str(&yaml(&cert, &key, ""), "test.yaml", &|_| None);
     assert!(ok.is_ok(), "{ok:?}");
 }
+
+#[tokio::test]
+async fn the_smuggling_guard_still_refuses_both_framings_over_tls() {
+    let up = Upstream::start().await;
+    let dir = temp_dir("tls-smuggling");
+    let (cert, key) = write_pair(&dir, "site", &self_signed(&["example.test"]));
+    let px = start(&config(&up.url(), &cert, &key, "", "")).await;
+    let mut tls = connect(
+        px.addr("main").unwrap(),
+        Client {
+            sni: Some("example.test"),
+            ..Client::default()
+        },
+    )
+    .await
+    .unwrap();
+    tls.write_all(
+        b"POST /ok HTTP/1.1\r\nhost: a\r\ncontent-length: 6\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\nG",
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), tls.read_to_end(&mut out)).await;
+    let answer = String::from_utf8_lossy(&out);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(up.requests(), 0);
+}
