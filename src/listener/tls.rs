@@ -240,7 +240,12 @@ pub(crate) fn https_redirect<B>(req: &Request<B>) -> Response<ProxyBody> {
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().authority().map(|a| a.as_str()))
         .map(strip_port)
-        .filter(|h| !h.is_empty());
+        // A name or an address literal, nothing that would make the Location another URL.
+        .filter(|h| {
+            !h.is_empty()
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b))
+        });
     let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
     let location = host.and_then(|h| HeaderValue::from_str(&format!("https://{h}{target}")).ok());
     let (status, location, text) = match location {
@@ -303,5 +308,13 @@ mod tests {
         assert_eq!(https_redirect(&req).headers()["location"], "https://[::1]/");
         let req = Request::get("/").body(()).unwrap();
         assert_eq!(https_redirect(&req).status(), StatusCode::BAD_REQUEST);
+        for host in ["evil.test/x", "a@b", "a b", ""] {
+            let req = Request::get("/").header("host", host).body(()).unwrap();
+            assert_eq!(
+                https_redirect(&req).status(),
+                StatusCode::BAD_REQUEST,
+                "{host}"
+            );
+        }
     }
 }

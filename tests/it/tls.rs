@@ -140,6 +140,8 @@ struct Client {
     sni: Option<&'static str>,
     alpn: Vec<&'static [u8]>,
     cert: Option<ClientCert>,
+    /// A 4 KiB receive buffer: a client that stops reading is soon a blocked writer's.
+    small_window: bool,
 }
 
 async fn connect(addr: SocketAddr, c: Client) -> std::io::Result<TlsStream<TcpStream>> {
@@ -158,7 +160,11 @@ async fn connect(addr: SocketAddr, c: Client) -> std::io::Result<TlsStream<TcpSt
         Some(n) => ServerName::try_from(n.to_owned()).unwrap(),
         None => ServerName::IpAddress(IpAddr::from([127, 0, 0, 1]).into()),
     };
-    let tcp = TcpStream::connect(addr).await?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    if c.small_window {
+        socket.set_recv_buffer_size(4096)?;
+    }
+    let tcp = socket.connect(addr).await?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp))
         .await
@@ -710,4 +716,58 @@ async fn the_smuggling_guard_still_refuses_both_framings_over_tls() {
     let answer = String::from_utf8_lossy(&out);
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert_eq!(up.requests(), 0);
+}
+
+#[tokio::test]
+async fn a_tls_client_that_stops_reading_is_cut_at_the_send_timeout() {
+    // An upstream that answers with 64 MiB as fast as it can, and says when rampart let go.
+    let flood = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let flood_addr = flood.local_addr().unwrap();
+    let (released_tx, released) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = flood.accept().await.unwrap();
+        let mut head = [0u8; 4096];
+        let _ = s.read(&mut head).await.unwrap();
+        let len = 64 * 1024 * 1024;
+        let mut ok = s
+            .write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n").as_bytes())
+            .await
+            .is_ok();
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut left = len;
+        while ok && left > 0 {
+            ok = s.write_all(&chunk).await.is_ok();
+            left -= chunk.len();
+        }
+        let _ = released_tx.send(Instant::now());
+    });
+    let dir = temp_dir("tls-send-timeout");
+    let (cert, key) = write_pair(&dir, "site", &self_signed(&["example.test"]));
+    let yaml = config(&format!("http://{flood_addr}"), &cert, &key, "", "").replace(
+        "        upstream: up\n",
+        "        upstream: up\n        timeouts: { idle: 1s }\n",
+    );
+    let px = start(&yaml).await;
+    let mut tls = connect(
+        px.addr("main").unwrap(),
+        Client {
+            sni: Some("example.test"),
+            small_window: true,
+            ..Client::default()
+        },
+    )
+    .await
+    .unwrap();
+    tls.write_all(b"GET /big HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let asked = Instant::now();
+    // Reads nothing: the upstream is let go at the send timeout (1 s), not when 64 MiB are
+    // through.
+    let released = tokio::time::timeout(Duration::from_secs(6), released)
+        .await
+        .expect("upstream released within 6 s")
+        .unwrap();
+    let took = released - asked;
+    assert!(took < Duration::from_secs(5), "released after {took:?}");
 }
