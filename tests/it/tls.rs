@@ -771,3 +771,86 @@ async fn a_tls_client_that_stops_reading_is_cut_at_the_send_timeout() {
     let took = released - asked;
     assert!(took < Duration::from_secs(5), "released after {took:?}");
 }
+
+#[tokio::test]
+async fn new_certificate_paths_on_reload_bind_the_listener_anew() {
+    let up = Upstream::start().await;
+    let dir = temp_dir("tls-new-paths");
+    let first = self_signed(&["example.test"]);
+    let second = self_signed(&["example.test"]);
+    let (c1, k1) = write_pair(&dir, "one", &first);
+    let (c2, k2) = write_pair(&dir, "two", &second);
+    let path = dir.join("proxy.yaml");
+    std::fs::write(&path, config(&up.url(), &c1, &k1, "", "")).unwrap();
+    let cfg = rampart::config::Config::load(&path).unwrap();
+    let px = rampart::app::start_with_file(cfg, Some(path.clone()))
+        .await
+        .unwrap();
+    let client = || Client {
+        sni: Some("example.test"),
+        ..Client::default()
+    };
+    let addr = px.addr("main").unwrap();
+    assert_eq!(
+        presented(&connect(addr, client()).await.unwrap()),
+        first.der
+    );
+
+    std::fs::write(&path, config(&up.url(), &c2, &k2, "", "")).unwrap();
+    let report = px.reload().await;
+    assert!(report.is_ok(), "{report:?}");
+    assert!(
+        report
+            .changes
+            .iter()
+            .any(|c| c.starts_with("listener main: settings changed, bound anew")),
+        "{report:?}"
+    );
+    let addr = px.addr("main").unwrap();
+    assert_eq!(
+        presented(&connect(addr, client()).await.unwrap()),
+        second.der
+    );
+    assert_eq!(one_request(addr, client()).await, Ok(StatusCode::OK));
+}
+
+#[test]
+fn a_tls_section_needs_a_whole_pair() {
+    let dir = temp_dir("tls-check-pairs");
+    let (cert, key) = write_pair(&dir, "a", &self_signed(&["a.test"]));
+    let yaml = |tls: &str| {
+        format!(
+            "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  - name: main\n    listen: \"127.0.0.1:0\"\n    tls: {tls}\n    routes: [{{ upstream: up }}]\nupstreams:\n  up: {{ endpoints: [\"http://127.0.0.1:1\"] }}\n"
+        )
+    };
+    let parse = |tls: &str| rampart::config::parse_str(&yaml(tls), "test.yaml", &|_| None);
+    let e = parse(&format!("{{ cert: {} }}", cert.display()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("listeners[0].tls: \"cert\" needs \"key\""),
+        "{e}"
+    );
+    let e = parse("{ handshake_timeout: 5s }").unwrap_err().to_string();
+    assert!(e.contains("listeners[0].tls: needs a certificate"), "{e}");
+    let e = parse(&format!(
+        "{{ certificates: [{{ cert: {} }}] }}",
+        cert.display()
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("listeners[0].tls.certificates[0]: missing required key \"key\""),
+        "{e}"
+    );
+    // `certificates` alone: its first pair is the default.
+    let c = parse(&format!(
+        "{{ certificates: [{{ cert: {}, key: {} }}] }}",
+        cert.display(),
+        key.display()
+    ))
+    .unwrap();
+    let tls = c.listeners[0].tls.clone().unwrap();
+    assert_eq!(tls.pairs().len(), 1);
+    assert_eq!(tls.handshake_timeout, Duration::from_secs(10));
+}
