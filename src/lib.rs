@@ -24,6 +24,7 @@ pub(crate) mod shutdown;
 pub(crate) mod stream;
 pub(crate) mod sync;
 pub(crate) mod text;
+pub(crate) mod tls;
 pub(crate) mod upstream;
 pub mod workers;
 

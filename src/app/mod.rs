@@ -17,7 +17,7 @@ use crate::admin::control::{Command, Control, gone};
 use crate::alert::{AlertMetrics, Alerting};
 use crate::config::Config;
 use crate::health::{Health, HealthInputs, HealthMetrics, PoolSources};
-use crate::listener::{self, Server};
+use crate::listener::{self, Server, prepare_tls};
 use crate::observe::certs::CertExpiry;
 use crate::observe::http::HttpMetrics;
 use crate::observe::signals::Signals as FedSignals;
@@ -203,6 +203,7 @@ pub async fn start_on(
     });
     let mut bound = Vec::new();
     for l in &config.listeners {
+        let tls = prepare_tls(l).map_err(StartError::Tls)?;
         let listener = listener::bind_listener(l.listen, workers.count()).map_err(|source| {
             StartError::Bind {
                 name: l.name.clone(),
@@ -210,7 +211,7 @@ pub async fn start_on(
                 source,
             }
         })?;
-        bound.push((l.clone(), listener));
+        bound.push((l.clone(), tls, listener));
     }
     let admin = listener::bind(config.admin.listen).map_err(|source| StartError::Bind {
         name: "admin".into(),
@@ -226,8 +227,8 @@ pub async fn start_on(
     let control = Control::new(tx);
     let servers: Vec<Arc<Server>> = bound
         .into_iter()
-        .map(|(cfg, listener)| {
-            let s = Server::start(listener, cfg, shared.traffic.clone(), &workers);
+        .map(|(cfg, tls, listener)| {
+            let s = Server::start(listener, cfg, tls, shared.traffic.clone(), &workers);
             tracing::info!(listener = &*s.name, addr = %s.addr, "listening");
             Arc::new(s)
         })
@@ -378,6 +379,32 @@ fn log_exit(report: &DrainReport) {
     }
 }
 
+/// Re-reads the certificates of every TLS listener in `servers` (off the runtime: it reads
+/// files). Returns the listeners whose new files were refused, each with a line saying why.
+async fn reload_certs(servers: Vec<Arc<Server>>) -> Vec<(Arc<str>, String)> {
+    let reread = tokio::task::spawn_blocking(move || {
+        servers
+            .iter()
+            .filter_map(|s| {
+                s.reload_certs().err().map(|e| {
+                    let line = format!(
+                        "listener {}: TLS certificates not reloaded (still serving the previous ones): {e}",
+                        s.name
+                    );
+                    (s.name.clone(), line)
+                })
+            })
+            .collect()
+    });
+    match reread.await {
+        Ok(refused) => refused,
+        Err(e) => vec![(
+            Arc::from(""),
+            format!("reloading TLS certificates failed: {e}"),
+        )],
+    }
+}
+
 // === the supervisor ===
 
 struct Supervisor {
@@ -481,7 +508,13 @@ impl Supervisor {
                 // Reading the file (and CA files it names) blocks.
                 match tokio::task::spawn_blocking(move || Config::load(&path)).await {
                     Ok(Ok(c)) => c,
-                    Ok(Err(e)) => return ReloadReport::invalid(&e),
+                    Ok(Err(e)) => {
+                        // The certificates are re-read all the same: a pair that cannot be
+                        // served (the likely reason) is refused, said and counted per
+                        // listener, and a good one is not held up by a mistake elsewhere.
+                        reload_certs(self.servers.clone()).await;
+                        return ReloadReport::invalid(&e);
+                    }
                     Err(e) => return ReloadReport::error(vec![format!("reload failed: {e}")]),
                 }
             }
@@ -520,8 +553,14 @@ impl Supervisor {
             {
                 continue;
             }
+            let tls = match prepare_tls(l) {
+                Ok(t) => t,
+                Err(e) => {
+                    return ReloadReport::error(vec![format!("listener {}: TLS: {e}", l.name)]);
+                }
+            };
             match listener::bind_listener(l.listen, self.workers.count()) {
-                Ok(listener) => fresh.push((l.clone(), listener)),
+                Ok(listener) => fresh.push((l.clone(), tls, listener)),
                 Err(e) => {
                     return ReloadReport::error(vec![format!(
                         "cannot listen on {} (listener {}): {e}",
@@ -557,8 +596,8 @@ impl Supervisor {
             shared.snapshot.store(Arc::new(snapshot));
             fresh
                 .into_iter()
-                .map(|(cfg, listener)| {
-                    Server::start(listener, cfg, shared.traffic.clone(), workers)
+                .map(|(cfg, tls, listener)| {
+                    Server::start(listener, cfg, tls, shared.traffic.clone(), workers)
                 })
                 .collect::<Vec<_>>()
         });
@@ -592,6 +631,15 @@ impl Supervisor {
                     .any(|l| reload::same_server(&s.config, l))
             });
         self.servers = kept;
+        // A TLS listener kept as it was serves its certificate files as they are now (a
+        // changed `tls` section is a changed listener, started anew above).
+        let refused = reload_certs(self.servers.clone()).await;
+        for s in &self.servers {
+            if s.cert_store().is_some() && !refused.iter().any(|(name, _)| *name == s.name) {
+                changes.push(format!("listener {}: TLS certificates reloaded", s.name));
+            }
+        }
+        let mut warnings: Vec<String> = refused.into_iter().map(|(_, w)| w).collect();
         for s in started {
             let old = replaced.iter().find(|o| o.config.name == s.config.name);
             changes.push(match old {
@@ -635,7 +683,7 @@ impl Supervisor {
         } else if self.config.admin.token.is_some() && config.admin.token.is_none() {
             warn_if_open(&config.admin, self.admin_addr);
         }
-        let warnings = reload::restart_only_changes(&self.config, &config);
+        warnings.extend(reload::restart_only_changes(&self.config, &config));
         self.config = config;
         ReloadReport::ok(changes, warnings)
     }

@@ -1,6 +1,7 @@
 //! `listeners[]` and their `routes[]`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use http::Method;
@@ -43,6 +44,11 @@ pub struct ListenerConfig {
     /// `normalize_path`, `merge_slashes`, `escaped_slashes`.
     #[serde(flatten)]
     pub path: PathConfig,
+    /// TLS termination; None = plain HTTP.
+    pub tls: Option<ListenerTls>,
+    /// A plain listener answers every request (but `health_path`) with a 308 to the same
+    /// URL over https. Default false; refused with `tls`.
+    pub redirect_to_https: bool,
     pub routes: Vec<RouteConfig>,
 }
 
@@ -51,6 +57,46 @@ impl ListenerConfig {
     pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
     pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
     pub const DEFAULT_MAX_HEADERS: usize = 100;
+}
+
+/// A listener's `tls:`. Only the file paths are kept: the listener reads the files at start
+/// and on every reload (the check reads them too, to refuse a bad pair before that).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ListenerTls {
+    /// The default certificate (served without SNI or when no name matches), with `key`.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// More certificates, chosen by SNI.
+    pub certificates: Vec<TlsPair>,
+    /// Client certificates are required and must chain to a CA in this file (mTLS).
+    pub client_ca: Option<PathBuf>,
+    /// From accept to the end of the handshake. Default 10s.
+    #[serde(serialize_with = "super::serialize::duration")]
+    pub handshake_timeout: Duration,
+}
+
+impl ListenerTls {
+    pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// Every pair, the default first.
+    pub fn pairs(&self) -> Vec<TlsPair> {
+        let first = self
+            .cert
+            .clone()
+            .zip(self.key.clone())
+            .map(|(cert, key)| TlsPair { cert, key });
+        first
+            .into_iter()
+            .chain(self.certificates.iter().cloned())
+            .collect()
+    }
+}
+
+/// A certificate chain file (leaf first) and its private key file, PEM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TlsPair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// How a listener reads request paths before matching routes (proxy/path.rs).

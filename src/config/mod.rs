@@ -39,8 +39,8 @@ pub use limits::{
     RedisTarget,
 };
 pub use listener::{
-    DrainMode, EscapedSlashes, Http2Config, ListenerConfig, NormalizePath, PathConfig, RouteConfig,
-    RouteTimeouts, StreamConfig, TokenCounting,
+    DrainMode, EscapedSlashes, Http2Config, ListenerConfig, ListenerTls, NormalizePath, PathConfig,
+    RouteConfig, RouteTimeouts, StreamConfig, TlsPair, TokenCounting,
 };
 pub use secret::{REDACTED, Secret, redis_url_shown, sink_url_shown};
 pub use upstream::{

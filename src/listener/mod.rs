@@ -30,12 +30,20 @@ use crate::shutdown::{ConnClosing, ConnHold, Drainable, Handover, HoldSource, Ph
 use crate::workers::Workers;
 use h1_guard::Verdict;
 use proto::{Builders, Proto};
-use timeouts::{Clock, Clocks, Expired, SendTimed};
+use timeouts::{Clock, Clocks, Expired, SendTimed, Socket};
 
 pub(crate) mod h1_guard;
 pub(crate) mod h2_guard;
 pub(crate) mod proto;
 pub(crate) mod timeouts;
+pub(crate) mod tls;
+
+pub(crate) use tls::TlsSetup;
+
+/// A listener's TLS setup (certificates read, rustls configured), None for plain HTTP.
+pub(crate) fn prepare_tls(cfg: &ListenerConfig) -> Result<Option<TlsSetup>, String> {
+    cfg.tls.as_ref().map(tls::prepare).transpose()
+}
 
 /// Longest wait, once closing, for the first request of a connection that has sent none:
 /// it was just accepted, so its request is most likely on the wire.
@@ -84,13 +92,23 @@ pub(crate) struct Server {
     pub config: ListenerConfig,
     phase: watch::Sender<Phase>,
     open: Arc<AtomicUsize>,
+    certs: Option<Certs>,
+}
+
+/// A TLS listener's certificates, which a reload re-reads in place.
+struct Certs {
+    store: Arc<crate::tls::CertStore>,
+    reloaded: prometheus_client::metrics::counter::Counter,
+    refused: prometheus_client::metrics::counter::Counter,
 }
 
 impl Server {
-    /// Starts accepting on `bound`: one accept loop per socket, each on its worker.
+    /// Starts accepting on `bound`: one accept loop per socket, each on its worker. `tls`
+    /// is the listener's (`prepare_tls`) when its config has `tls`.
     pub(crate) fn start(
         bound: Bound,
         config: ListenerConfig,
+        tls: Option<TlsSetup>,
         traffic: Arc<Traffic>,
         workers: &Workers,
     ) -> Server {
@@ -100,14 +118,28 @@ impl Server {
         let open = Arc::new(AtomicUsize::new(0));
         let in_flight = Arc::new(AtomicUsize::new(0));
         traffic.http.track_listener(&name, &open, &in_flight);
+        let terminator = tls
+            .as_ref()
+            .map(|t| Arc::new(tls::Terminator::new(t, &name, &traffic.http)));
+        let certs = tls.map(|t| Certs {
+            store: t.store().clone(),
+            reloaded: traffic.http.tls_cert_reloads(&name, "ok"),
+            refused: traffic.http.tls_cert_reloads(&name, "error"),
+        });
         let acceptor = Acceptor {
             builders: Builders::new(&config),
             ctx: Arc::new(ListenerCtx {
                 name: name.clone(),
+                proto: if terminator.is_some() {
+                    "https"
+                } else {
+                    "http"
+                },
                 traffic,
-                proto: "http",
                 in_flight,
             }),
+            tls: terminator,
+            redirect_to_https: config.redirect_to_https,
             max_header_bytes: config.max_header_bytes,
             max_headers: h1_guard::max_headers(config.max_headers),
             first_request_wait: config.header_read_timeout.min(FIRST_REQUEST_WAIT),
@@ -133,7 +165,7 @@ impl Server {
             workers.spawn_on(i, async move {
                 // Registered with the runtime of the worker that polls it.
                 match TcpListener::from_std(socket) {
-                    Ok(listener) => acceptor.run(listener, slots, phase_rx).await,
+                    Ok(listener) => Arc::new(acceptor).run(listener, slots, phase_rx).await,
                     Err(e) => tracing::error!(
                         listener = &*acceptor.ctx.name,
                         error = %e,
@@ -151,11 +183,60 @@ impl Server {
             config,
             phase,
             open,
+            certs,
         }
     }
 
     pub(crate) fn is_finished(&self) -> bool {
         self.phase.receiver_count() == 0
+    }
+
+    /// A TLS listener's certificates (None for plain HTTP).
+    pub(crate) fn cert_store(&self) -> Option<&Arc<crate::tls::CertStore>> {
+        self.certs.as_ref().map(|c| &c.store)
+    }
+
+    /// Re-reads a TLS listener's certificate files: new handshakes get the new pairs, open
+    /// connections keep theirs. A bad pair is refused (the old ones stay), said in a warning
+    /// and counted. Ok(false) for a plain listener.
+    pub(crate) fn reload_certs(&self) -> Result<bool, String> {
+        let Some(c) = &self.certs else {
+            return Ok(false);
+        };
+        match c.store.reload() {
+            Ok(()) => {
+                c.reloaded.inc();
+                let names: Vec<String> = c
+                    .store
+                    .leaves()
+                    .into_iter()
+                    .map(|l| format!("{} ({})", l.cert.display(), l.names.join(" ")))
+                    .collect();
+                tracing::info!(
+                    listener = &*self.name,
+                    certificates = %names.join(", "),
+                    "TLS certificates reloaded"
+                );
+                Ok(true)
+            }
+            Err(e) => {
+                c.refused.inc();
+                tracing::warn!(
+                    listener = &*self.name,
+                    error = %e,
+                    "TLS certificates not reloaded: still serving the previous ones"
+                );
+                Err(e)
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Certs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Certs")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
     }
 }
 
@@ -211,11 +292,15 @@ struct Acceptor {
     open: Arc<AtomicUsize>,
     /// `health_path`: answered here, before the pipeline (no route, no rate limit).
     health_path: Option<Arc<str>>,
+    /// A TLS listener's handshake side.
+    tls: Option<Arc<tls::Terminator>>,
+    /// Every request but `health_path` gets a 308 to https.
+    redirect_to_https: bool,
 }
 
 impl Acceptor {
     async fn run(
-        self,
+        self: Arc<Self>,
         listener: TcpListener,
         slots: Arc<Semaphore>,
         mut phase: watch::Receiver<Phase>,
@@ -256,7 +341,12 @@ impl Acceptor {
     /// Closing a listening socket resets the connections the kernel has completed but we
     /// have not accepted yet (with SO_REUSEPORT, the kernel keeps queueing to every socket on
     /// the port until it is closed). Take them and answer their first request instead.
-    fn sweep(&self, listener: TcpListener, slots: &Arc<Semaphore>, phase: &watch::Receiver<Phase>) {
+    fn sweep(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        slots: &Arc<Semaphore>,
+        phase: &watch::Receiver<Phase>,
+    ) {
         let Ok(listener) = listener.into_std() else {
             return;
         };
@@ -287,14 +377,55 @@ impl Acceptor {
         drop(listener);
     }
 
+    /// Serves an accepted connection in a task of its own; a TLS handshake runs there too,
+    /// holding the connection's permit.
     fn serve(
-        &self,
+        self: &Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
         permit: OwnedSemaphorePermit,
-        mut phase: watch::Receiver<Phase>,
+        phase: watch::Receiver<Phase>,
     ) {
         let _ = stream.set_nodelay(true);
+        let this = self.clone();
+        match &self.tls {
+            None => {
+                tokio::spawn(async move {
+                    let mut phase = phase;
+                    let proto = sniff(
+                        &stream,
+                        this.header_read_timeout,
+                        &mut phase,
+                        this.first_request_wait,
+                        peer,
+                    )
+                    .await;
+                    if let Some(proto) = proto {
+                        this.connection(stream, proto, peer, permit, phase).await;
+                    }
+                });
+            }
+            Some(tls) => {
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let mut phase = phase;
+                    if let Some(stream) = tls.accept(stream, peer, &mut phase).await {
+                        let proto = Proto::from_alpn(stream.get_ref().1.alpn_protocol());
+                        this.connection(stream, proto, peer, permit, phase).await;
+                    }
+                });
+            }
+        }
+    }
+
+    fn connection<S: Socket + Send + 'static>(
+        &self,
+        stream: S,
+        proto: Proto,
+        peer: SocketAddr,
+        permit: OwnedSemaphorePermit,
+        mut phase: watch::Receiver<Phase>,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let clocks = Clocks::new(self.header_read_timeout, self.h2_idle_timeout);
         let stream = SendTimed::new(stream, clocks.clone());
         // hyper hides Content-Length next to Transfer-Encoding from the service; the guard
@@ -305,6 +436,7 @@ impl Acceptor {
         let ctx = self.ctx.clone();
         let state = conn_state.clone();
         let health_path = self.health_path.clone();
+        let redirect_to_https = self.redirect_to_https;
         let svc = service_fn(move |mut req: Request<Incoming>| {
             state.request_seen();
             if state.closing.load(Ordering::Relaxed) {
@@ -342,9 +474,13 @@ impl Acceptor {
             let health = health_path.as_deref().is_some_and(|p| {
                 req.uri().path() == p && matches!(*req.method(), Method::GET | Method::HEAD)
             });
+            // Before routing: nothing of the request reaches an upstream over plain HTTP.
+            let redirect = (redirect_to_https && !health).then(|| tls::https_redirect(&req));
             async move {
                 let mut resp = if health {
                     crate::health::listener_health_response(&ctx.traffic.health)
+                } else if let Some(resp) = redirect {
+                    resp
                 } else {
                     let resp = crate::pipeline::handle(ctx, peer, req, refused).await;
                     if let Some(v) = upgrading
@@ -372,23 +508,9 @@ impl Acceptor {
                 Ok::<_, Infallible>(crate::stream::finale::track(resp, request, &state.phase))
             }
         });
-        let builders = self.builders.clone();
+        let conn = self.builders.serve(proto, stream, svc);
         let first_request_wait = self.first_request_wait;
-        let header_read_timeout = self.header_read_timeout;
-        tokio::spawn(async move {
-            let Some(proto) = sniff(
-                stream.get_ref().tcp(),
-                header_read_timeout,
-                &mut phase,
-                first_request_wait,
-                peer,
-            )
-            .await
-            else {
-                drop(conn_state.release());
-                return;
-            };
-            let conn = builders.serve(proto, stream, svc);
+        async move {
             let mut conn = std::pin::pin!(conn);
             let ended = drive(
                 conn.as_mut(),
@@ -413,7 +535,7 @@ impl Acceptor {
             }
             // Unless a tunnel took it over.
             drop(conn_state.release());
-        });
+        }
     }
 }
 

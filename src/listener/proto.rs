@@ -41,7 +41,6 @@ pub(crate) enum Proto {
 impl Proto {
     /// What a TLS handshake agreed: `h2` by ALPN, or HTTP/1.1 (RFC 9113 §3.3: HTTP/2 over
     /// TLS is chosen by ALPN only).
-    #[allow(dead_code)] // for the TLS listener, next
     pub(crate) fn from_alpn(alpn: Option<&[u8]>) -> Proto {
         if alpn == Some(b"h2") {
             Proto::H2

@@ -222,26 +222,34 @@ fn at(base: Instant, d: Duration) -> Instant {
 /// ends the connection. The socket is then closed with a reset (nginx's
 /// `reset_timedout_connection`): a plain close would leave the unsent answer in the kernel,
 /// trickling to a client that reads nothing, for minutes per connection.
-pub(crate) struct SendTimed {
-    inner: TcpStream,
+pub(crate) struct SendTimed<S = TcpStream> {
+    inner: S,
     clocks: Arc<Clocks>,
     /// Armed while writes are blocked; kept (and reset) across stalls.
     stall: Option<Pin<Box<Sleep>>>,
     stalled: bool,
 }
 
-impl SendTimed {
-    pub(crate) fn new(inner: TcpStream, clocks: Arc<Clocks>) -> Self {
+/// A client connection's byte stream: TCP, or TLS over it.
+pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin {
+    /// SO_LINGER 0 on the TCP socket underneath, so that its close sends RST.
+    fn zero_linger(&self);
+}
+
+impl Socket for TcpStream {
+    fn zero_linger(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl<S: Socket> SendTimed<S> {
+    pub(crate) fn new(inner: S, clocks: Arc<Clocks>) -> Self {
         SendTimed {
             inner,
             clocks,
             stall: None,
             stalled: false,
         }
-    }
-
-    pub(crate) fn tcp(&self) -> &TcpStream {
-        &self.inner
     }
 
     /// A write is blocked: Ready(error) once it has been for the send timeout.
@@ -262,7 +270,7 @@ impl SendTimed {
         ready!(stall.as_mut().poll(cx));
         self.clocks.send_timed_out.store(true, Ordering::Relaxed);
         // SO_LINGER 0: the close that follows sends RST and frees the send buffer.
-        let _ = self.inner.set_zero_linger();
+        self.inner.zero_linger();
         tracing::debug!("client took no data for the send timeout: connection closed");
         Poll::Ready(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -285,7 +293,7 @@ impl SendTimed {
     }
 }
 
-impl AsyncRead for SendTimed {
+impl<S: Socket> AsyncRead for SendTimed<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -295,7 +303,7 @@ impl AsyncRead for SendTimed {
     }
 }
 
-impl AsyncWrite for SendTimed {
+impl<S: Socket> AsyncWrite for SendTimed<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

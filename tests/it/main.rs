@@ -30,6 +30,7 @@ mod smuggling;
 mod smuggling_upstream;
 mod sse_streams;
 mod stream_limits;
+mod tls;
 mod tokens_limits;
 mod tunnels;
 mod upstream_wire;

@@ -204,6 +204,13 @@ alerts:
 redis:
   sentinel: { master: m, addresses: ["127.0.0.1:26379"] }
 "#,
+    r#"
+listeners:
+  - name: t
+    listen: "127.0.0.1:0"
+    tls: { cert: /a.crt, key: /a.key, certificates: [{ cert: /b.crt, key: /b.key }], client_ca: /ca.pem, handshake_timeout: 5s }
+    routes: [{ upstream: u }]
+"#,
 ];
 
 #[test]

@@ -109,6 +109,10 @@ pub(super) fn listener<'a>(
             ctx.parse_with(f, "a path", parse_path_prefix)
         }),
         path: path_config(ctx, &mut m),
+        tls: super::tls::listener_tls(ctx, m.optional("tls")),
+        redirect_to_https: m
+            .read(ctx, "redirect_to_https", Ctx::boolean)
+            .unwrap_or(false),
         routes: m
             .required(ctx, "routes")
             .map(|f| routes(ctx, &f, &name, known))
@@ -116,6 +120,16 @@ pub(super) fn listener<'a>(
         listen: listen.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)),
         name,
     };
+    if config.redirect_to_https
+        && config.tls.is_some()
+        && let Some(e) = m.entry("redirect_to_https")
+    {
+        ctx.report(
+            e.value.pos,
+            &format!("{path}.redirect_to_https"),
+            "a TLS listener is already https: redirect_to_https is for a plain listener",
+        );
+    }
     m.finish(ctx);
     let bind = listen_field.zip(listen).map(|(f, addr)| Bind {
         addr,

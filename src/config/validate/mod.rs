@@ -17,6 +17,7 @@ mod scalars;
 mod streams;
 #[cfg(test)]
 mod test_support;
+mod tls;
 mod upgrades;
 mod upstreams;
 mod values;
@@ -322,6 +323,8 @@ mod tests {
                 drain: DrainMode::Inbound,
                 health_path: None,
                 path: PathConfig::default(),
+                tls: None,
+                redirect_to_https: false,
                 routes: vec![RouteConfig {
                     name: "inbound.0".into(),
                     path_prefix: "/".into(),
@@ -479,6 +482,8 @@ mod tests {
                 drain: DrainMode::Egress,
                 health_path: None,
                 path: PathConfig::default(),
+                tls: None,
+                redirect_to_https: false,
                 routes: vec![
                     RouteConfig {
                         name: "chat".into(),

@@ -181,10 +181,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for H1Guard<S> {
 }
 
 impl<S> H1Guard<S> {
-    pub(crate) fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
     /// What rampart writes earns an HTTP/2 client room for its WINDOW_UPDATEs.
     fn wrote(&mut self, res: &Poll<io::Result<usize>>) {
         if let (Some(watch), Poll::Ready(Ok(n))) = (self.h2.as_mut(), res) {
