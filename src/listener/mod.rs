@@ -390,6 +390,8 @@ impl Acceptor {
         let this = self.clone();
         match &self.tls {
             None => {
+                // The header read timeout runs from accept, through the first look.
+                let clocks = Clocks::new(self.header_read_timeout, self.h2_idle_timeout);
                 tokio::spawn(async move {
                     let mut phase = phase;
                     let proto = sniff(
@@ -401,7 +403,8 @@ impl Acceptor {
                     )
                     .await;
                     if let Some(proto) = proto {
-                        this.connection(stream, proto, peer, permit, phase).await;
+                        this.connection(stream, proto, clocks, peer, permit, phase)
+                            .await;
                     }
                 });
             }
@@ -411,7 +414,10 @@ impl Acceptor {
                     let mut phase = phase;
                     if let Some(stream) = tls.accept(stream, peer, &mut phase).await {
                         let proto = Proto::from_alpn(stream.get_ref().1.alpn_protocol());
-                        this.connection(stream, proto, peer, permit, phase).await;
+                        // Over TLS the header read timeout runs from the handshake's end.
+                        let clocks = Clocks::new(this.header_read_timeout, this.h2_idle_timeout);
+                        this.connection(stream, proto, clocks, peer, permit, phase)
+                            .await;
                     }
                 });
             }
@@ -422,11 +428,11 @@ impl Acceptor {
         &self,
         stream: S,
         proto: Proto,
+        clocks: Arc<Clocks>,
         peer: SocketAddr,
         permit: OwnedSemaphorePermit,
         mut phase: watch::Receiver<Phase>,
     ) -> impl Future<Output = ()> + Send + 'static {
-        let clocks = Clocks::new(self.header_read_timeout, self.h2_idle_timeout);
         let stream = SendTimed::new(stream, clocks.clone());
         // hyper hides Content-Length next to Transfer-Encoding from the service; the guard
         // sees the raw heads and tells the service per request.
