@@ -351,7 +351,7 @@ mod tests {
                     endpoints: vec![uri("http://127.0.0.1:3001/")],
                     connect_timeout: secs(5),
                     client: UpstreamClient::Rampart,
-                    tls_ca_file: None,
+                    tls: Default::default(),
                     resilience: Resilience::default(),
                     pool: PoolConfig {
                         idle_timeout: secs(4),
@@ -536,7 +536,7 @@ mod tests {
                         ],
                         connect_timeout: secs(2),
                         client: UpstreamClient::Rampart,
-                        tls_ca_file: None,
+                        tls: Default::default(),
                         resilience: Resilience::default(),
                         pool: PoolConfig {
                             idle_timeout: secs(3),
@@ -551,7 +551,7 @@ mod tests {
                         endpoints: vec![uri("https://fastgpt.example.com:443/")],
                         connect_timeout: secs(5),
                         client: UpstreamClient::Rampart,
-                        tls_ca_file: None,
+                        tls: Default::default(),
                         resilience: Resilience::default(),
                         pool: PoolConfig {
                             idle_timeout: secs(4),
