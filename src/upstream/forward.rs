@@ -349,10 +349,7 @@ pub(crate) async fn send(
                     c
                 }
                 Some(Err(e)) => {
-                    let failure = match e {
-                        ConnectError::Timeout => Failure::ConnectTimeout,
-                        _ => Failure::Connect,
-                    };
+                    let failure = connect_failure(&e);
                     return Err(Box::new(SendError {
                         error: connect_error(upstream, &endpoint.pool, e),
                         failure: Some(failure),
@@ -506,10 +503,7 @@ pub(crate) async fn send_upgrade(
             io
         }
         Some(Err(e)) => {
-            let failure = match e {
-                ConnectError::Timeout => Failure::ConnectTimeout,
-                _ => Failure::Connect,
-            };
+            let failure = connect_failure(&e);
             return Err(failed(
                 connect_error(upstream, &endpoint.pool, e),
                 Some(failure),
@@ -530,6 +524,14 @@ pub(crate) async fn send_upgrade(
             Err(failed(error, blame.then_some(Failure::Reset)))
         }
         Err(phase) => Err(timed_out(phase, Failure::FirstByteTimeout)),
+    }
+}
+
+fn connect_failure(e: &ConnectError) -> Failure {
+    match e {
+        ConnectError::Timeout => Failure::ConnectTimeout,
+        ConnectError::Tls(_) => Failure::Tls,
+        _ => Failure::Connect,
     }
 }
 

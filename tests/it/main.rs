@@ -31,5 +31,6 @@ mod sse_streams;
 mod stream_limits;
 mod tokens_limits;
 mod tunnels;
+mod upstream_tls;
 mod upstream_wire;
 mod zz_summary;
