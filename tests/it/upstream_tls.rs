@@ -31,6 +31,7 @@ async fn server(cert: Issued, client_ca: Option<String>, alpn: &[&[u8]]) -> TlsS
         cert,
         client_ca,
         alpn: alpn.iter().map(|p| p.to_vec()).collect(),
+        h2_max_streams: None,
     })
     .await
 }
@@ -199,14 +200,35 @@ async fn insecure_skip_verify_accepts_an_untrusted_certificate_and_says_so_at_st
     );
 }
 
-/// An h2-capable upstream behind `http2: true`, with the proxy running.
+/// An upstream offering `alpn` behind `tls.http2: http2`, with the proxy running.
 async fn h2_setup(test: &str, alpn: &[&[u8]], http2: bool) -> (TlsServer, rampart::app::Running) {
+    h2_setup_with(test, alpn, http2, None, "").await
+}
+
+/// As `h2_setup`, with the upstream's stream limit and YAML lines for the route.
+async fn h2_setup_with(
+    test: &str,
+    alpn: &[&[u8]],
+    http2: bool,
+    h2_max_streams: Option<u32>,
+    route_extra: &str,
+) -> (TlsServer, rampart::app::Running) {
     let d = dir(test);
     let ca = TestCa::new();
-    let up = server(ca.issue(&["localhost"], false), None, alpn).await;
+    let up = TlsServer::start(TlsServerOptions {
+        cert: ca.issue(&["localhost"], false),
+        client_ca: None,
+        alpn: alpn.iter().map(|p| p.to_vec()).collect(),
+        h2_max_streams,
+    })
+    .await;
     let ca_file = write(&d, "ca.pem", &ca.pem);
     let tls = format!("{{ ca_file: \"{ca_file}\", http2: {http2} }}");
-    let px = start(&config(up.port, "up", &tls)).await;
+    let yaml = config(up.port, "up", &tls).replace(
+        "        upstream: up\n",
+        &format!("        upstream: up\n{route_extra}"),
+    );
+    let px = start(&yaml).await;
     (up, px)
 }
 
@@ -376,4 +398,120 @@ upstreams:
         err.problems[0].path, "upstreams.up.tls.client_cert",
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn a_full_http2_connection_makes_room_on_another() {
+    // The upstream takes 4 streams per connection: 12 at once need 3 connections, and none
+    // waits behind another's stream.
+    let (up, px) = h2_setup_with("h2-full", &[H2, H11], true, Some(4), "").await;
+    let addr = px.addr("main").unwrap();
+    // One request first, so that the connection (and its SETTINGS) is there.
+    assert_eq!(version_seen(&px).await, "HTTP/2.0");
+    let client = http1();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let (resp, body) = send(&client, get(addr, "/delay/400")).await;
+            (resp.status(), body)
+        }));
+    }
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    }
+    // Queued behind 4 streams, the last ones would take 3 rounds of 400 ms.
+    assert!(
+        started.elapsed() < Duration::from_millis(1100),
+        "{:?}",
+        started.elapsed()
+    );
+    let conns = up.counters.connections.load(Ordering::SeqCst);
+    assert!((3..=4).contains(&conns), "{conns} connections");
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn over_http2_a_request_body_streams_up_and_a_client_that_leaves_resets_its_stream() {
+    let (up, px) = h2_setup("h2-body-cancel", &[H2, H11], true).await;
+    let addr = px.addr("main").unwrap();
+    let payload = bytes::Bytes::from(vec![b'z'; 300_000]);
+    let req = http::Request::post(format!("http://{addr}/echo"))
+        .body(http_body_util::Full::new(payload.clone()))
+        .unwrap();
+    let (resp, body) = send(&http1(), req).await;
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(resp.status(), 200, "{body}");
+    assert!(body.contains("\"body_len\":300000"), "{body}");
+    assert!(body.contains("\"version\":\"HTTP/2.0\""), "{body}");
+    assert_eq!(
+        up.counters.last_body.lock().unwrap().as_ref().unwrap(),
+        &payload
+    );
+
+    // The client reads one event and leaves: the upstream's stream is reset (its body
+    // dropped), the connection stays for the others.
+    let mut stream = send_streaming(&http1(), get(addr, "/sse?n=50&gap=50"))
+        .await
+        .into_body();
+    stream.frame().await.unwrap().unwrap();
+    drop(stream);
+    assert_eventually!(
+        up.counters.sse_aborted.load(Ordering::SeqCst) == 1,
+        "the upstream stream was not reset"
+    );
+    assert_eq!(version_seen(&px).await, "HTTP/2.0");
+    assert_eq!(up.counters.connections.load(Ordering::SeqCst), 1);
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn over_http2_the_first_byte_timeout_answers_504_and_cancels_upstream() {
+    let (up, px) = h2_setup_with(
+        "h2-first-byte",
+        &[H2, H11],
+        true,
+        None,
+        "        timeouts: { first_byte: 300ms }\n",
+    )
+    .await;
+    let started = Instant::now();
+    let (resp, body) = send(&http1(), get(px.addr("main").unwrap(), "/hang")).await;
+    assert_eq!(resp.status(), 504, "{}", String::from_utf8_lossy(&body));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eventually!(
+        up.counters.cancelled.load(Ordering::SeqCst) == 1,
+        "the upstream handler was not cancelled"
+    );
+    assert_eq!(version_seen(&px).await, "HTTP/2.0");
+    assert_eq!(up.counters.connections.load(Ordering::SeqCst), 1);
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_refused_certificate_sends_the_request_to_another_endpoint() {
+    logs::capture();
+    let d = dir("failover");
+    let ca = TestCa::new();
+    let bad = server(ca.issue(&["localhost"], true), None, &[]).await;
+    let good = server(ca.issue(&["localhost"], false), None, &[]).await;
+    let ca_file = write(&d, "ca.pem", &ca.pem);
+    let yaml = config(bad.port, "up", &format!("{{ ca_file: \"{ca_file}\" }}")).replace(
+        &format!("endpoints: [\"https://localhost:{}\"]", bad.port),
+        &format!(
+            "endpoints: [\"https://localhost:{}\", \"https://localhost:{}\"]",
+            bad.port, good.port
+        ),
+    );
+    let px = start(&yaml).await;
+    let addr = px.addr("main").unwrap();
+    for _ in 0..4 {
+        let (resp, body) = send(&http1(), get(addr, "/echo")).await;
+        assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
+    }
+    assert_eq!(good.counters.requests.load(Ordering::SeqCst), 4);
+    assert_eq!(bad.counters.requests.load(Ordering::SeqCst), 0);
+    px.shutdown().await;
 }

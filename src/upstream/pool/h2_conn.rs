@@ -15,6 +15,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -24,6 +25,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
 
 use super::body::{Inner, PooledBody};
 use super::hyper_conn::{append_forwarded, hyper_error};
@@ -52,28 +54,55 @@ impl Shared {
     }
 }
 
-/// A handle on a shared HTTP/2 connection.
+/// What the endpoint keeps of its HTTP/2 connection: the handle requests are sent through.
 #[derive(Debug, Clone)]
-pub struct H2Conn {
+struct Handle {
     sender: http2::SendRequest<Notifying>,
     shared: Arc<Shared>,
+}
+
+impl Handle {
+    /// Whether another request may go on it now.
+    fn usable_now(&self) -> bool {
+        self.shared.has_room() && !self.sender.is_closed()
+    }
+
+    /// A stream of it, counted from now (so concurrent takers never overfill it).
+    fn reserve(&self, reused: bool) -> H2Conn {
+        self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        H2Conn {
+            handle: self.clone(),
+            stream: StreamSlot(self.shared.clone()),
+            reused,
+        }
+    }
+}
+
+/// One request's share of a shared HTTP/2 connection: a handle and a stream reserved.
+#[derive(Debug)]
+pub struct H2Conn {
+    handle: Handle,
+    stream: StreamSlot,
     /// It was already open (taken, not made for this request): a request it refuses before
     /// sending goes again on a new connection.
     pub reused: bool,
 }
 
 impl H2Conn {
-    /// The HTTP/2 handshake on a TLS connection whose ALPN said `h2`; the driver is spawned.
-    pub(super) async fn new(io: Io) -> Result<H2Conn, ConnectError> {
+    /// The HTTP/2 handshake on a TLS connection whose ALPN said `h2`; the driver is
+    /// spawned. The new connection goes in `slot` for the requests after this one.
+    pub(super) async fn new(io: Io, slot: &Slot) -> Result<H2Conn, ConnectError> {
         let shared = Arc::new(Shared {
             in_flight: AtomicUsize::new(0),
             max_streams: AtomicU32::new(u32::MAX),
             closed: AtomicBool::new(false),
         });
+        let (settled, settings) = tokio::sync::oneshot::channel();
         let scanned = Scan {
             io,
             shared: shared.clone(),
             state: ScanState::default(),
+            settled: Some(settled),
         };
         let (sender, driver) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -88,45 +117,51 @@ impl H2Conn {
             }
             done.closed.store(true, Ordering::Relaxed);
         });
-        Ok(H2Conn {
-            sender,
-            shared,
-            reused: false,
-        })
+        // Its stream limit is known before requests are put on it (the server's first
+        // frame; the caller's connect timeout bounds the wait).
+        if settings.await.is_err() {
+            return Err(ConnectError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "HTTP/2 connection closed before the upstream's SETTINGS",
+            )));
+        }
+        let handle = Handle { sender, shared };
+        let conn = handle.reserve(false);
+        *crate::sync::lock(&slot.0) = Some((handle, Instant::now()));
+        Ok(conn)
     }
 
-    /// Whether another request may go on it now.
+    /// Whether its connection takes another request now (its own stream is reserved).
     pub(super) fn usable_now(&self) -> bool {
-        self.shared.has_room() && !self.sender.is_closed()
+        !self.handle.shared.closed.load(Ordering::Relaxed) && !self.handle.sender.is_closed()
     }
 }
 
 /// The endpoint's current HTTP/2 connection (at most one takes new requests; a full or
-/// closing one is replaced and drains on its own).
+/// closing one is replaced and drains on its own), and when a request last took it.
 #[derive(Debug, Default)]
-pub(super) struct Slot(Mutex<Option<H2Conn>>);
+pub(super) struct Slot(Mutex<Option<(Handle, Instant)>>);
 
 impl Slot {
-    /// A handle on the current connection when it has room.
-    pub(super) fn take(&self) -> Option<H2Conn> {
+    /// A stream on the current connection when it has room. One left without a stream for
+    /// `idle_timeout` is let go, as an idle HTTP/1.1 connection would be (its driver ends
+    /// once the last handle is dropped).
+    pub(super) fn take(&self, idle_timeout: Duration) -> Option<H2Conn> {
         let mut slot = crate::sync::lock(&self.0);
-        match slot.as_ref() {
-            Some(c) if c.usable_now() => {
-                let mut c = c.clone();
-                c.reused = true;
-                Some(c)
-            }
-            Some(_) => {
-                // Dropping the handle lets its driver end once its streams are done.
-                *slot = None;
-                None
-            }
-            None => None,
+        let (handle, used) = slot.as_mut()?;
+        let now = Instant::now();
+        let idle = handle.shared.in_flight.load(Ordering::Relaxed) == 0
+            && now.duration_since(*used) >= idle_timeout;
+        if idle || handle.shared.closed.load(Ordering::Relaxed) || handle.sender.is_closed() {
+            *slot = None;
+            return None;
         }
-    }
-
-    pub(super) fn put(&self, conn: &H2Conn) {
-        *crate::sync::lock(&self.0) = Some(conn.clone());
+        if !handle.usable_now() {
+            // Full: the caller opens another, which replaces this one here.
+            return None;
+        }
+        *used = now;
+        Some(handle.reserve(true))
     }
 }
 
@@ -230,10 +265,8 @@ pub(super) async fn exchange_h2(
             waker: waker.clone(),
         },
     );
-    let shared = conn.shared.clone();
-    shared.in_flight.fetch_add(1, Ordering::Relaxed);
-    let stream = StreamSlot(shared.clone());
-    let mut sender = conn.sender.clone();
+    let H2Conn { handle, stream, .. } = conn;
+    let Handle { mut sender, shared } = handle;
     let result = {
         let mut response = std::pin::pin!(sender.try_send_request(req));
         poll_fn(|cx| {
@@ -256,9 +289,13 @@ pub(super) async fn exchange_h2(
             })))
         }
         Err(mut e) => {
-            // No new request on a connection that failed one.
-            shared.closed.store(true, Ordering::Relaxed);
-            if let Some(unsent) = e.take_message() {
+            let unsent = e.take_message();
+            // No new request on a connection that is going (a stream the upstream reset
+            // says nothing of the others).
+            if unsent.is_some() || sender.is_closed() {
+                shared.closed.store(true, Ordering::Relaxed);
+            }
+            if let Some(unsent) = unsent {
                 // Never sent: lent back as it came, for a new connection.
                 let (mut parts, body) = unsent.into_parts();
                 for name in added.drain(..) {
@@ -280,6 +317,7 @@ pub(super) async fn exchange_h2(
 }
 
 /// One open stream, counted against the connection's limit until dropped.
+#[derive(Debug)]
 struct StreamSlot(Arc<Shared>);
 
 impl Drop for StreamSlot {
@@ -344,6 +382,8 @@ struct Scan {
     io: Io,
     shared: Arc<Shared>,
     state: ScanState,
+    /// Told when the server's first SETTINGS frame has been read whole.
+    settled: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// Where the scan stands in the server's frame sequence.
@@ -357,6 +397,8 @@ struct ScanState {
     settings: bool,
     entry: [u8; 6],
     entry_len: usize,
+    /// A whole SETTINGS frame (not an ACK) was read.
+    settings_seen: bool,
 }
 
 const FRAME_SETTINGS: u8 = 0x4;
@@ -382,7 +424,7 @@ impl ScanState {
                     shared.closed.store(true, Ordering::Relaxed);
                 }
                 if self.left == 0 {
-                    self.head_len = 0;
+                    self.end_frame();
                 }
                 continue;
             }
@@ -405,8 +447,15 @@ impl ScanState {
             self.left -= n;
             bytes = &bytes[n..];
             if self.left == 0 {
-                self.head_len = 0;
+                self.end_frame();
             }
+        }
+    }
+
+    fn end_frame(&mut self) {
+        self.head_len = 0;
+        if self.settings {
+            self.settings_seen = true;
         }
     }
 }
@@ -421,6 +470,11 @@ impl AsyncRead for Scan {
         let before = buf.filled().len();
         ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
         this.state.feed(&buf.filled()[before..], &this.shared);
+        if this.state.settings_seen
+            && let Some(settled) = this.settled.take()
+        {
+            let _ = settled.send(());
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -484,6 +538,7 @@ mod tests {
                 state.feed(piece, &s);
             }
             assert_eq!(s.max_streams.load(Ordering::Relaxed), 7, "split {split}");
+            assert!(state.settings_seen);
             assert!(!s.closed.load(Ordering::Relaxed));
             state.feed(&goaway, &s);
             assert!(s.closed.load(Ordering::Relaxed));

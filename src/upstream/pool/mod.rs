@@ -147,7 +147,7 @@ pub enum Connection {
     Rampart(Box<Conn>),
     Hyper(Box<HyperConn>),
     /// A handle on the endpoint's shared HTTP/2 connection.
-    H2(H2Conn),
+    H2(Box<H2Conn>),
 }
 
 impl Connection {
@@ -275,9 +275,9 @@ impl EndpointPool {
     /// The most recently used idle connection that is still open and fresh enough.
     pub fn take_idle(&self) -> Option<Connection> {
         if self.offers_h2()
-            && let Some(c) = self.h2.take()
+            && let Some(c) = self.h2.take(self.idle_timeout)
         {
-            return Some(Connection::H2(c));
+            return Some(Connection::H2(Box::new(c)));
         }
         let now = Instant::now();
         loop {
@@ -331,8 +331,8 @@ impl EndpointPool {
         } else {
             Some(self.connecting.lock().await)
         };
-        if let Some(c) = self.h2.take() {
-            return Ok(Connection::H2(c));
+        if let Some(c) = self.h2.take(self.idle_timeout) {
+            return Ok(Connection::H2(Box::new(c)));
         }
         let started = Instant::now();
         let io = self.connect_timed(timeout, false).await?;
@@ -342,11 +342,10 @@ impl EndpointPool {
         }
         self.h2_refused.store(false, Ordering::Relaxed);
         let left = timeout.saturating_sub(started.elapsed());
-        let conn = tokio::time::timeout(left, H2Conn::new(io))
+        let conn = tokio::time::timeout(left, H2Conn::new(io, &self.h2))
             .await
             .map_err(|_| ConnectError::Timeout)??;
-        self.h2.put(&conn);
-        Ok(Connection::H2(conn))
+        Ok(Connection::H2(Box::new(conn)))
     }
 
     fn offers_h2(&self) -> bool {
@@ -412,7 +411,7 @@ pub(crate) async fn exchange(
         }
         // Boxed: the reference path's future stays out of every request's.
         Connection::Hyper(conn) => Box::pin(exchange_hyper(conn, pool, request, forwarded)).await,
-        Connection::H2(conn) => Box::pin(exchange_h2(conn, pool, request, forwarded)).await,
+        Connection::H2(conn) => Box::pin(exchange_h2(*conn, pool, request, forwarded)).await,
     }
 }
 

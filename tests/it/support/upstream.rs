@@ -448,6 +448,8 @@ pub struct TlsServerOptions {
     pub client_ca: Option<String>,
     /// ALPN protocols offered, in order of preference (empty: no ALPN).
     pub alpn: Vec<Vec<u8>>,
+    /// HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS (None: hyper's default, 200).
+    pub h2_max_streams: Option<u32>,
 }
 
 /// An HTTPS upstream with the routes of `Upstream` (HTTP/1.1, and HTTP/2 when ALPN picked
@@ -506,6 +508,7 @@ impl TlsServer {
         let port = listener.local_addr().unwrap().port();
         let counters = Arc::new(Counters::default());
         let c = counters.clone();
+        let max_streams = opts.h2_max_streams;
         let (close, closing) = tokio::sync::watch::channel((0u32, false));
         let task = tokio::spawn(async move {
             loop {
@@ -521,7 +524,10 @@ impl TlsServer {
                         return;
                     };
                     c.connections.fetch_add(1, Ordering::SeqCst);
-                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let mut builder = auto::Builder::new(TokioExecutor::new());
+                    if let Some(n) = max_streams {
+                        builder.http2().max_concurrent_streams(n);
+                    }
                     let conn = builder.serve_connection(
                         TokioIo::new(tls),
                         service_fn(move |req| {
