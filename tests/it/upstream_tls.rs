@@ -513,5 +513,12 @@ async fn a_refused_certificate_sends_the_request_to_another_endpoint() {
     }
     assert_eq!(good.counters.requests.load(Ordering::SeqCst), 4);
     assert_eq!(bad.counters.requests.load(Ordering::SeqCst), 0);
+    let endpoint = format!("localhost:{}", bad.port);
+    assert!(
+        logs::lines_with("upstream TLS failed")
+            .iter()
+            .any(|l| l.contains(&endpoint) && l.contains("certificate expired")),
+        "the refused certificate was not logged"
+    );
     px.shutdown().await;
 }

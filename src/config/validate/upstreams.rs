@@ -511,6 +511,76 @@ mod tests {
     }
 
     #[test]
+    fn upstream_tls_keys_are_checked_where_they_are_written() {
+        let yaml = |endpoint: &str, tls: &str| {
+            format!(
+                "
+            listeners:
+              - name: inbound
+                listen: 0.0.0.0:8080
+                routes:
+                  - upstream: backend
+            upstreams:
+              backend:
+                endpoints: [\"{endpoint}\"]
+                tls: {tls}
+            "
+            )
+        };
+        // Nothing to apply them to.
+        only(
+            &yaml("http://127.0.0.1:3001", "{ http2: true }"),
+            9,
+            10,
+            "upstreams.backend.tls",
+            "every endpoint of this upstream is http://",
+        );
+        only(
+            &yaml("https://127.0.0.1:3001", "{ server_name: \"not a name\" }"),
+            9,
+            25,
+            "upstreams.backend.tls.server_name",
+            "is not a DNS name or IP address",
+        );
+        only(
+            &yaml("https://127.0.0.1:3001", "{ client_cert: /x.pem }"),
+            9,
+            25,
+            "upstreams.backend.tls.client_cert",
+            "needs client_key beside it",
+        );
+        only(
+            &yaml(
+                "https://127.0.0.1:3001",
+                "{ client_cert: /x.pem, client_key: /x.key }",
+            ),
+            9,
+            25,
+            "upstreams.backend.tls.client_cert",
+            "cannot read /x.pem",
+        );
+        only(
+            &yaml("https://127.0.0.1:3001", "{ insecure_skip_verify: maybe }"),
+            9,
+            34,
+            "upstreams.backend.tls.insecure_skip_verify",
+            "",
+        );
+        let ok = crate::config::parse_str(
+            &yaml(
+                "https://127.0.0.1:3001",
+                "{ server_name: api.internal, insecure_skip_verify: true, http2: true }",
+            ),
+            "t.yaml",
+            &|_| None,
+        )
+        .unwrap();
+        let tls = &ok.upstreams["backend"].tls;
+        assert_eq!(tls.server_name.as_deref(), Some("api.internal"));
+        assert!(tls.insecure_skip_verify && tls.http2);
+    }
+
+    #[test]
     fn unknown_upstream_lists_known_names() {
         let text = yaml(
             "
