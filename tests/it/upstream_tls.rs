@@ -185,19 +185,57 @@ async fn insecure_skip_verify_accepts_an_untrusted_certificate_and_says_so_at_st
     logs::capture();
     let ca = TestCa::new();
     let up = server(ca.issue(&["elsewhere.example"], true), None, &[]).await;
-    let (status, body) = through(
-        &config(up.port, "insecureup", "{ insecure_skip_verify: true }"),
-        "/echo",
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    let warned = logs::lines_with("insecure_skip_verify");
-    assert!(
-        warned
+    let yaml = config(up.port, "insecureup", "{ insecure_skip_verify: true }");
+    let warnings = || {
+        logs::lines_with("insecure_skip_verify")
             .iter()
-            .any(|l| l.contains("WARN") && l.contains("insecureup")),
-        "{warned:?}"
+            .filter(|l| l.contains("WARN") && l.contains("upstream=insecureup"))
+            .count()
+    };
+    let px = start(&yaml).await;
+    assert_eq!(
+        warnings(),
+        1,
+        "{:?}",
+        logs::lines_with("insecure_skip_verify")
     );
+    let (resp, body) = send(&http1(), get(px.addr("main").unwrap(), "/echo")).await;
+    assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
+    // Each configuration loaded with it says it again.
+    let report = px.apply(crate::support::parse(&yaml)).await;
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!(warnings(), 2);
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn refused_certificates_count_for_the_breaker() {
+    logs::capture();
+    let ca = TestCa::new();
+    let up = server(ca.issue(&["localhost"], false), None, &[]).await;
+    // Not trusted (no ca_file), no retries: each request is one refused handshake.
+    let yaml = config(up.port, "up", "").replace(
+        "    connect_timeout: 1s",
+        "    connect_timeout: 1s\n    retry: { attempts: 1 }\n    circuit_breaker: { failures: 2, open_for: 60s }",
+    );
+    let px = start(&yaml).await;
+    let addr = px.addr("main").unwrap();
+    for _ in 0..2 {
+        let (resp, body) = send(&http1(), get(addr, "/echo")).await;
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(
+            json_field(&body, "code"),
+            Some("UPSTREAM_TLS_ERROR"),
+            "{body}"
+        );
+        assert_eq!(resp.status(), 502);
+    }
+    let (resp, body) = send(&http1(), get(addr, "/echo")).await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(json_field(&body, "code"), Some("CIRCUIT_OPEN"), "{body}");
+    assert_eq!(resp.status(), 503);
+    assert_eq!(up.counters.requests.load(Ordering::SeqCst), 0);
+    px.shutdown().await;
 }
 
 /// An upstream offering `alpn` behind `tls.http2: http2`, with the proxy running.
