@@ -560,3 +560,50 @@ async fn a_refused_certificate_sends_the_request_to_another_endpoint() {
     );
     px.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_websocket_upgrade_goes_over_http11_even_when_http2_is_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (up, px) = h2_setup_with(
+        "h2-websocket",
+        &[H2, H11],
+        true,
+        None,
+        "        upgrades: [websocket]\n",
+    )
+    .await;
+    let addr = px.addr("main").unwrap();
+    // The pool's connection is HTTP/2; the upgrade makes its own, offering only http/1.1.
+    assert_eq!(version_seen(&px).await, "HTTP/2.0");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nhost: a\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+          sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut b).await.unwrap() == 0 {
+                break;
+            }
+            head.push(b[0]);
+        }
+        String::from_utf8_lossy(&head).to_ascii_lowercase()
+    })
+    .await
+    .expect("an answer within 5 s");
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    s.write_all(b"hello").await.unwrap();
+    let mut back = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut back))
+        .await
+        .expect("echo within 2 s")
+        .unwrap();
+    assert_eq!(&back, b"hello");
+    assert_eq!(up.counters.connections.load(Ordering::SeqCst), 2);
+    drop(s);
+    px.shutdown().await;
+}

@@ -16,9 +16,14 @@
 //! connection pooled only when its response was read to the end with every request byte
 //! written before that end (`HyperBody::ended`).
 //!
-//! Here: the socket, the endpoint with its idle stacks, and the exchange that picks the
-//! client. The response body that carries a connection back is `body`; hyper's side of
-//! things is `hyper_conn`.
+//! An https upstream with `tls.http2: true` that picks `h2` in ALPN is spoken to over
+//! HTTP/2 by hyper's client instead (`h2_conn`): one connection per endpoint shared by all
+//! requests, its driver a task of its own (many requests poll it at once); the HTTP/1.1
+//! paths above stay the default and the hardened ones.
+//!
+//! Here: the socket, the endpoint with its idle stacks (and its HTTP/2 slot), and the
+//! exchange that picks the client. The response body that carries a connection back is
+//! `body`; hyper's side of things is `hyper_conn` (HTTP/1.1) and `h2_conn` (HTTP/2).
 
 mod body;
 mod h2_conn;

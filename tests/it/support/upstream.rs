@@ -528,7 +528,7 @@ impl TlsServer {
                     if let Some(n) = max_streams {
                         builder.http2().max_concurrent_streams(n);
                     }
-                    let conn = builder.serve_connection(
+                    let conn = builder.serve_connection_with_upgrades(
                         TokioIo::new(tls),
                         service_fn(move |req| {
                             let c = c.clone();
