@@ -282,6 +282,23 @@ async fn http2_is_spoken_when_offered_and_picked_and_only_then() {
     // Both sides want it.
     let (up, px) = h2_setup("h2-both", &[H2, H11], true).await;
     assert_eq!(version_seen(&px).await, "HTTP/2.0");
+    // Connection-specific headers HTTP/2 forbids never reach it (h2 would refuse the
+    // request); `te: trailers` may.
+    let answer = crate::support::raw(
+        px.addr("main").unwrap(),
+        b"GET /echo HTTP/1.1\r\nhost: a\r\nconnection: close, x-drop\r\nkeep-alive: timeout=5\r\n\
+          x-drop: 1\r\nproxy-connection: keep-alive\r\nte: trailers\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"version\":\"HTTP/2.0\""), "{answer}");
+    for gone in ["keep-alive", "x-drop", "proxy-connection", "\"connection\""] {
+        assert!(
+            !answer.contains(gone),
+            "{gone} reached the upstream: {answer}"
+        );
+    }
     px.shutdown().await;
     drop(up);
     // The upstream only speaks http/1.1: so does rampart.

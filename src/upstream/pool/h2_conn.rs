@@ -254,7 +254,14 @@ pub(super) async fn exchange_h2(
     parts.version = Version::HTTP_2;
     let removed: Vec<_> = CONNECTION_SPECIFIC
         .iter()
-        .filter_map(|n| parts.headers.get(n).map(|v| (n.clone(), v.clone())))
+        .chain([&header::TE])
+        .flat_map(|n| {
+            parts
+                .headers
+                .get_all(n)
+                .iter()
+                .map(|v| (n.clone(), v.clone()))
+        })
         .collect();
     strip_connection_specific(&mut parts.headers);
     let waker = Arc::new(Mutex::new(None));
@@ -303,8 +310,11 @@ pub(super) async fn exchange_h2(
                 }
                 parts.uri = original_uri;
                 parts.version = original_version;
+                for name in removed.iter().map(|(n, _)| n) {
+                    parts.headers.remove(name);
+                }
                 for (name, value) in removed {
-                    parts.headers.insert(name, value);
+                    parts.headers.append(name, value);
                 }
                 if let Some(h) = host {
                     parts.headers.insert(header::HOST, h);
