@@ -43,6 +43,11 @@ pub(crate) enum ProxyError {
     PayloadTooLarge { limit: u64 },
     #[error("upstream {upstream} is unavailable: {detail}")]
     UpstreamUnavailable { upstream: String, detail: String },
+    /// The upstream's certificate was refused (expired, untrusted, another name) or the
+    /// upstream refused ours: a connect failure with its own code, so that a TLS mistake is
+    /// not taken for an upstream that is down.
+    #[error("upstream {upstream}: TLS failed: {detail}")]
+    UpstreamTls { upstream: String, detail: String },
     #[error("upstream {upstream} timed out ({} timeout)", phase.as_str())]
     UpstreamTimeout {
         upstream: String,
@@ -74,7 +79,9 @@ impl ProxyError {
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamUnavailable { .. } | ProxyError::UpstreamTls { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ShuttingDown | ProxyError::Overloaded | ProxyError::CircuitOpen { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -107,6 +114,7 @@ impl ProxyError {
             ProxyError::RequestTimeout => "REQUEST_TIMEOUT",
             ProxyError::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
             ProxyError::UpstreamUnavailable { .. } => "UPSTREAM_UNAVAILABLE",
+            ProxyError::UpstreamTls { .. } => "UPSTREAM_TLS_ERROR",
             ProxyError::UpstreamTimeout { .. } => "UPSTREAM_TIMEOUT",
             ProxyError::ShuttingDown => "SERVICE_UNAVAILABLE",
             ProxyError::Overloaded => "OVERLOADED",
@@ -138,6 +146,7 @@ impl ProxyError {
         body.push_str("\",\"message\":");
         push_json_string(&mut body, &self.to_string());
         if let ProxyError::UpstreamUnavailable { upstream, .. }
+        | ProxyError::UpstreamTls { upstream, .. }
         | ProxyError::UpstreamTimeout { upstream, .. }
         | ProxyError::CircuitOpen { upstream, .. } = self
         {
@@ -205,6 +214,10 @@ mod tests {
                 upstream: "b".into(),
                 detail: "refused".into(),
             },
+            ProxyError::UpstreamTls {
+                upstream: "b".into(),
+                detail: "invalid peer certificate: Expired".into(),
+            },
             ProxyError::UpstreamTimeout {
                 upstream: "b".into(),
                 phase: TimeoutPhase::FirstByte,
@@ -231,6 +244,7 @@ mod tests {
             (408, "REQUEST_TIMEOUT"),
             (413, "PAYLOAD_TOO_LARGE"),
             (502, "UPSTREAM_UNAVAILABLE"),
+            (502, "UPSTREAM_TLS_ERROR"),
             (504, "UPSTREAM_TIMEOUT"),
             (503, "SERVICE_UNAVAILABLE"),
             (503, "OVERLOADED"),

@@ -164,7 +164,7 @@ upstreams: { u: { endpoints: ["http://127.0.0.1:1"] } }
         // `tls.ca_file` is read when validated: set after, so the document names no temp dir.
         let ca = std::path::PathBuf::from("/etc/rampart/ca.pem");
         if let Some(u) = rich.upstreams.get_mut("backend") {
-            u.tls_ca_file = Some(ca.clone());
+            u.tls.ca_file = Some(ca.clone());
         }
         if let Some(p) = rich.dependencies.postgres.as_mut() {
             p.tls_ca_file = Some(ca);

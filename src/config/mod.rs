@@ -45,8 +45,9 @@ pub use listener::{
 pub use secret::{REDACTED, Secret, redis_url_shown, sink_url_shown};
 pub use upstream::{
     BreakerConfig, BreakerScope, EjectionConfig, FailureRate, LoadBalancing, PoolConfig,
-    Resilience, RetryConfig, RetryOn, UpstreamClient, UpstreamConfig,
+    Resilience, RetryConfig, RetryOn, UpstreamClient, UpstreamConfig, UpstreamTls,
 };
+pub(crate) use upstream::{IdentityError, load_client_identity};
 pub(crate) use validate::is_loopback;
 pub use validate::postgres_url_for_driver;
 pub use validate::{parse_str, parse_str_checked};

@@ -33,6 +33,14 @@ pub(crate) fn display_all<T: Display, S: Serializer>(items: &[T], s: S) -> Resul
     s.collect_seq(items.iter().map(ToString::to_string))
 }
 
+/// A path shown as text (lossily when it is not UTF-8, rather than refused).
+pub(crate) fn path<S: Serializer>(p: &Option<std::path::PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+    match p {
+        Some(p) => s.collect_str(&p.display()),
+        None => s.serialize_none(),
+    }
+}
+
 /// A `tls.ca_file` under its own key, as the file nests it; a path that is not UTF-8 is
 /// shown lossily rather than refused.
 pub(crate) fn tls_ca_file<S: Serializer>(

@@ -21,10 +21,8 @@ pub struct UpstreamConfig {
     pub pool: PoolConfig,
     /// Which HTTP/1.1 client speaks to the endpoints. Default rampart's own.
     pub client: UpstreamClient,
-    /// For https endpoints: PEM CA certificates trusted in addition to the system's store
-    /// (`tls.ca_file`); None = the system's store only.
-    #[serde(rename = "tls", serialize_with = "super::serialize::tls_ca_file")]
-    pub tls_ca_file: Option<std::path::PathBuf>,
+    /// For https endpoints (`tls:`).
+    pub tls: UpstreamTls,
     /// Beside the other keys, as in the file.
     #[serde(flatten)]
     pub resilience: Resilience,
@@ -32,6 +30,28 @@ pub struct UpstreamConfig {
 
 impl UpstreamConfig {
     pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+}
+
+/// How rampart speaks TLS to an upstream's https endpoints (`upstreams.<name>.tls`).
+/// Hashed: a configuration snapshot builds one rustls client config per distinct value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct UpstreamTls {
+    /// PEM CA certificates trusted in addition to the system's store; None = the system's
+    /// store only.
+    #[serde(serialize_with = "super::serialize::path")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The SNI sent and the name the certificate must carry; None = the endpoint's host.
+    pub server_name: Option<String>,
+    /// A client certificate chain (PEM) presented to the upstream, with `client_key`.
+    #[serde(serialize_with = "super::serialize::path")]
+    pub client_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of `client_cert`. The path is shown, never the key.
+    #[serde(serialize_with = "super::serialize::path")]
+    pub client_key: Option<std::path::PathBuf>,
+    /// Accept any certificate: local testing only (warned about at start-up and reload).
+    pub insecure_skip_verify: bool,
+    /// Offer ALPN h2 and speak HTTP/2 when the upstream picks it. Default false.
+    pub http2: bool,
 }
 
 /// How an upstream is protected from its failures and from overload (issue: breaking,
@@ -261,4 +281,46 @@ impl Default for Resilience {
             health_check: None,
         }
     }
+}
+
+/// Which of the two files a client identity could not be made of, and why.
+#[derive(Debug)]
+pub(crate) enum IdentityError {
+    Cert(String),
+    Key(String),
+}
+
+/// `client_cert` and `client_key` loaded and checked to belong together (the key's public
+/// half is the certificate's): at `rampart check` time, and again when a snapshot is built.
+pub(crate) fn load_client_identity(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<std::sync::Arc<rustls::sign::CertifiedKey>, IdentityError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let cert_pem = std::fs::read(cert)
+        .map_err(|e| IdentityError::Cert(format!("cannot read {}: {e}", cert.display())))?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| IdentityError::Cert(format!("{}: bad PEM: {e}", cert.display())))?;
+    if chain.is_empty() {
+        return Err(IdentityError::Cert(format!(
+            "{}: no PEM certificate in it",
+            cert.display()
+        )));
+    }
+    let key_pem = std::fs::read(key)
+        .map_err(|e| IdentityError::Key(format!("cannot read {}: {e}", key.display())))?;
+    let private = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| IdentityError::Key(format!("{}: no PEM private key: {e}", key.display())))?;
+    let provider = rustls::crypto::ring::default_provider();
+    rustls::sign::CertifiedKey::from_der(chain, private, &provider)
+        .map(std::sync::Arc::new)
+        .map_err(|e| {
+            IdentityError::Key(format!(
+                "{} does not go with the certificate in {}: {e}",
+                key.display(),
+                cert.display()
+            ))
+        })
 }

@@ -133,9 +133,9 @@ async fn build(cfg: &UpstreamConfig, states: &UpstreamStates) -> Result<Upstream
         .iter()
         .any(|e| e.scheme() == Some(&http::uri::Scheme::HTTPS));
     let tls = if https {
-        let ca = cfg.tls_ca_file.clone();
+        let settings = cfg.tls.clone();
         // Loading the trust store reads (and parses) files: not on the runtime.
-        tokio::task::spawn_blocking(move || forward::tls_config(ca.as_deref()))
+        tokio::task::spawn_blocking(move || forward::upstream_tls(&settings))
             .await
             .map_err(|e| e.to_string())??
     } else {

@@ -36,15 +36,16 @@ impl Snapshot {
         metrics: &HttpMetrics,
     ) -> Result<Snapshot, String> {
         let policies = limiters.update(cfg)?;
-        // TLS settings per distinct CA file: loading the system store is not free.
-        let mut tls_by_ca = HashMap::new();
+        // TLS settings per distinct `tls:`: loading the system store is not free.
+        let mut tls_by_settings = HashMap::new();
         let mut upstreams = HashMap::new();
         for (name, u) in &cfg.upstreams {
-            if !tls_by_ca.contains_key(&u.tls_ca_file) {
-                let tls = forward::tls_config(u.tls_ca_file.as_deref())?;
-                tls_by_ca.insert(u.tls_ca_file.clone(), tls);
+            forward::warn_insecure(u);
+            if !tls_by_settings.contains_key(&u.tls) {
+                let tls = forward::upstream_tls(&u.tls)?;
+                tls_by_settings.insert(u.tls.clone(), tls);
             }
-            let Some(tls) = tls_by_ca.get(&u.tls_ca_file) else {
+            let Some(tls) = tls_by_settings.get(&u.tls) else {
                 continue;
             };
             let errors = metrics.upstream_errors(name);

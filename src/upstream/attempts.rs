@@ -318,7 +318,7 @@ impl<'a> Attempts<'a> {
 
 pub(crate) fn error_kind(f: Failure) -> Option<UpstreamErrorKind> {
     match f {
-        Failure::Connect => Some(UpstreamErrorKind::ConnectError),
+        Failure::Connect | Failure::Tls => Some(UpstreamErrorKind::ConnectError),
         Failure::ConnectTimeout => Some(UpstreamErrorKind::ConnectTimeout),
         Failure::FirstByteTimeout => Some(UpstreamErrorKind::FirstByteTimeout),
         Failure::Reset => Some(UpstreamErrorKind::Reset),

@@ -17,7 +17,8 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
 use crate::body::{BodyError, RequestBody, Upload, UploadState};
-use crate::config::{Resilience, UpstreamConfig};
+use crate::config::{IdentityError, load_client_identity};
+use crate::config::{Resilience, UpstreamConfig, UpstreamTls};
 use crate::error::{ProxyError, TimeoutPhase};
 use crate::observe::http::UpstreamErrors;
 use crate::upstream::balance::{self, Candidate};
@@ -75,24 +76,36 @@ impl Upstream {
             };
             let host_header = HeaderValue::from_str(&host_header)
                 .map_err(|_| format!("endpoint {uri}: host is not a valid header value"))?;
-            let tls = if https {
-                let name = ServerName::try_from(host.clone())
+            let (tls, h1_only) = if https {
+                // `tls.server_name` pins the name sent and verified (an endpoint reached by
+                // address, a certificate issued for the service's name).
+                let name = cfg.tls.server_name.clone().unwrap_or_else(|| host.clone());
+                let name = ServerName::try_from(name)
                     .map_err(|_| format!("endpoint {uri}: not a valid TLS server name"))?;
-                Some((TlsConnector::from(tls.clone()), name))
+                let h1_only = cfg.tls.http2.then(|| {
+                    let mut h1 = (**tls).clone();
+                    h1.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+                    TlsConnector::from(Arc::new(h1))
+                });
+                (Some((TlsConnector::from(tls.clone()), name)), h1_only)
             } else {
-                None
+                (None, None)
             };
+            let mut pool = EndpointPool::new(
+                host,
+                port,
+                host_header,
+                tls,
+                cfg.client,
+                cfg.pool.idle_timeout,
+                cfg.pool.max_idle_per_endpoint,
+            );
+            if let Some(h1_only) = h1_only {
+                pool = pool.offering_h2(h1_only);
+            }
             endpoints.push(Endpoint {
                 state: state.endpoint(&uri.to_string()),
-                pool: Arc::new(EndpointPool::new(
-                    host,
-                    port,
-                    host_header,
-                    tls,
-                    cfg.client,
-                    cfg.pool.idle_timeout,
-                    cfg.pool.max_idle_per_endpoint,
-                )),
+                pool: Arc::new(pool),
             });
         }
         Ok(Upstream {
@@ -143,6 +156,18 @@ pub(crate) struct SendError {
 /// TLS settings for https endpoints: the system's trust store plus, when given, the CAs in
 /// `ca_file` (a private CA, or a test's). Built once per configuration snapshot.
 pub(crate) fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let roots = trust_store(ca_file)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// The system's trust store plus the CAs in `ca_file`.
+fn trust_store(ca_file: Option<&Path>) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {
@@ -164,13 +189,107 @@ pub(crate) fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientCon
             return Err(format!("{}: no certificates found", path.display()));
         }
     }
+    Ok(roots)
+}
+
+/// ALPN ids.
+pub(crate) const ALPN_H2: &[u8] = b"h2";
+const ALPN_HTTP11: &[u8] = b"http/1.1";
+
+/// An upstream's TLS settings (`upstreams.<name>.tls`) as a rustls client config: the
+/// system's trust store plus `ca_file` (or no verification at all), the client identity,
+/// and the ALPN offer (`h2` first only when `http2` is on). Built once per distinct
+/// settings per configuration snapshot.
+pub(crate) fn upstream_tls(tls: &UpstreamTls) -> Result<Arc<rustls::ClientConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .map_err(|e| e.to_string())?;
+    let builder = if tls.insecure_skip_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+    } else {
+        builder.with_root_certificates(trust_store(tls.ca_file.as_deref())?)
+    };
+    let mut config = match (&tls.client_cert, &tls.client_key) {
+        (Some(cert), Some(key)) => {
+            let identity = load_client_identity(cert, key).map_err(|e| match e {
+                IdentityError::Cert(e) | IdentityError::Key(e) => e,
+            })?;
+            builder
+                .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(identity)))
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = if tls.http2 {
+        vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()]
+    } else {
+        vec![ALPN_HTTP11.to_vec()]
+    };
     Ok(Arc::new(config))
+}
+
+/// The WARN line an upstream that verifies nothing gets each time a configuration with it
+/// is loaded (start-up and every reload).
+pub(crate) fn warn_insecure(cfg: &UpstreamConfig) {
+    if cfg.tls.insecure_skip_verify {
+        tracing::warn!(
+            upstream = %cfg.name,
+            "upstream TLS certificates are NOT verified (tls.insecure_skip_verify: true): for local testing only"
+        );
+    }
+}
+
+/// `insecure_skip_verify`: any certificate, any name. The handshake's signatures are still
+/// checked (the peer holds the key of the certificate it sent), so the only thing given
+/// up is who that peer is.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// Per-request timing limits for one attempt.
@@ -230,12 +349,9 @@ pub(crate) async fn send(
                     c
                 }
                 Some(Err(e)) => {
-                    let failure = match e {
-                        ConnectError::Timeout => Failure::ConnectTimeout,
-                        _ => Failure::Connect,
-                    };
+                    let failure = connect_failure(&e);
                     return Err(Box::new(SendError {
-                        error: connect_error(upstream, e),
+                        error: connect_error(upstream, &endpoint.pool, e),
                         failure: Some(failure),
                         by_deadline: false,
                     }));
@@ -280,7 +396,7 @@ pub(crate) async fn send(
             from_pool = false;
             continue;
         }
-        let (error, blame) = classify(&error, upstream);
+        let (error, blame) = classify(&error, upstream, &endpoint.pool);
         return Err(Box::new(SendError {
             error,
             failure: blame.then_some(if unsent {
@@ -376,17 +492,22 @@ pub(crate) async fn send_upgrade(
         };
         failed(error, Some(failure))
     };
-    let io = match until(timers.deadline, endpoint.pool.connect_timed(timers.connect)).await {
+    let io = match until(
+        timers.deadline,
+        endpoint.pool.connect_timed(timers.connect, true),
+    )
+    .await
+    {
         Some(Ok(io)) => {
             endpoint.state.connect_gate.connected(Instant::now());
             io
         }
         Some(Err(e)) => {
-            let failure = match e {
-                ConnectError::Timeout => Failure::ConnectTimeout,
-                _ => Failure::Connect,
-            };
-            return Err(failed(connect_error(upstream, e), Some(failure)));
+            let failure = connect_failure(&e);
+            return Err(failed(
+                connect_error(upstream, &endpoint.pool, e),
+                Some(failure),
+            ));
         }
         None => return Err(timed_out(TimeoutPhase::Total, Failure::ConnectTimeout)),
     };
@@ -394,9 +515,10 @@ pub(crate) async fn send_upgrade(
     let exchange = pool::exchange_upgrade(io, req);
     match within_first_byte(exchange, upload.as_deref(), timers).await {
         Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(UpgradeError::Connect(e))) => {
-            Err(failed(connect_error(upstream, e), Some(Failure::Connect)))
-        }
+        Ok(Err(UpgradeError::Connect(e))) => Err(failed(
+            connect_error(upstream, &endpoint.pool, e),
+            Some(Failure::Connect),
+        )),
         Ok(Err(UpgradeError::Exchange(e))) => {
             let (error, blame) = classify_upgrade(&e, upstream);
             Err(failed(error, blame.then_some(Failure::Reset)))
@@ -405,12 +527,21 @@ pub(crate) async fn send_upgrade(
     }
 }
 
-fn connect_error(upstream: &str, e: ConnectError) -> ProxyError {
+fn connect_failure(e: &ConnectError) -> Failure {
+    match e {
+        ConnectError::Timeout => Failure::ConnectTimeout,
+        ConnectError::Tls(_) => Failure::Tls,
+        _ => Failure::Connect,
+    }
+}
+
+fn connect_error(upstream: &str, pool: &EndpointPool, e: ConnectError) -> ProxyError {
     match e {
         ConnectError::Timeout => ProxyError::UpstreamTimeout {
             upstream: upstream.to_string(),
             phase: TimeoutPhase::Connect,
         },
+        ConnectError::Tls(e) => tls_error(upstream, pool, &e),
         other => ProxyError::UpstreamUnavailable {
             upstream: upstream.to_string(),
             detail: format!("connect failed: {other}"),
@@ -418,11 +549,52 @@ fn connect_error(upstream: &str, e: ConnectError) -> ProxyError {
     }
 }
 
+/// A failed TLS handshake (or an alert after it: in TLS 1.3 a server refuses the client's
+/// certificate after the client has finished), logged with rustls' reason: the answer says
+/// only the code and the reason, the line also says which endpoint.
+fn tls_error(
+    upstream: &str,
+    pool: &EndpointPool,
+    e: &(dyn std::error::Error + 'static),
+) -> ProxyError {
+    let detail = root_cause(e);
+    tracing::warn!(
+        upstream,
+        endpoint = %format_args!("{}:{}", pool.host, pool.port),
+        error = %detail,
+        "upstream TLS failed"
+    );
+    ProxyError::UpstreamTls {
+        upstream: upstream.to_string(),
+        detail,
+    }
+}
+
+/// Whether rustls said no somewhere down the chain (it comes wrapped in io errors).
+fn from_rustls(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(err);
+    while let Some(e) = source {
+        if e.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 /// Maps an exchange error to what the downstream should hear, and whether the upstream is
 /// to blame (not when our client's own request body failed).
-fn classify(err: &ExchangeError, upstream: &str) -> (ProxyError, bool) {
+fn classify(err: &ExchangeError, upstream: &str, pool: &EndpointPool) -> (ProxyError, bool) {
     match err {
         ExchangeError::RequestBody(b) => (body_error(b), false),
+        ExchangeError::Wire(e) if from_rustls(e) => (tls_error(upstream, pool, e), true),
         ExchangeError::Wire(e) => (
             ProxyError::UpstreamUnavailable {
                 upstream: upstream.to_string(),

@@ -16,6 +16,9 @@ pub(crate) enum Failure {
     /// No connection was made: the request provably never reached the upstream.
     Connect,
     ConnectTimeout,
+    /// The TLS handshake failed (a certificate refused, either way): nothing reached the
+    /// upstream, as with `Connect`, but waiting for it to listen again would not help.
+    Tls,
     /// Sent, but no response head in time.
     FirstByteTimeout,
     /// The connection failed after the request went out.
@@ -27,7 +30,7 @@ pub(crate) enum Failure {
 impl Failure {
     pub(crate) fn reason(self) -> &'static str {
         match self {
-            Failure::Connect => "connect_error",
+            Failure::Connect | Failure::Tls => "connect_error",
             Failure::ConnectTimeout | Failure::FirstByteTimeout => "timeout",
             Failure::Reset => "reset",
             Failure::Status(_) => "status",
@@ -36,7 +39,10 @@ impl Failure {
 
     /// Whether the request may have reached the upstream.
     fn reached_upstream(self) -> bool {
-        !matches!(self, Failure::Connect | Failure::ConnectTimeout)
+        !matches!(
+            self,
+            Failure::Connect | Failure::ConnectTimeout | Failure::Tls
+        )
     }
 }
 
@@ -67,7 +73,7 @@ pub(crate) fn retryable(
     replayable: bool,
 ) -> bool {
     let listed = cfg.on.iter().any(|on| match (on, failure) {
-        (RetryOn::ConnectError, Failure::Connect) => true,
+        (RetryOn::ConnectError, Failure::Connect | Failure::Tls) => true,
         // A connect timeout never reached the upstream either.
         (RetryOn::ConnectError | RetryOn::Timeout, Failure::ConnectTimeout) => true,
         (RetryOn::Timeout, Failure::FirstByteTimeout) => true,
@@ -139,6 +145,7 @@ impl ConnectWait {
     /// on (`attempts` > 1) and listed for it, and `connect_wait` not `off`.
     pub(crate) fn applies(cfg: &RetryConfig, failure: Failure) -> bool {
         cfg.connect_wait.is_some()
+            && failure != Failure::Tls
             && cfg.attempts > 1
             && !failure.reached_upstream()
             && retryable(cfg, failure, &Method::POST, false)

@@ -33,5 +33,6 @@ mod stream_limits;
 mod tls;
 mod tokens_limits;
 mod tunnels;
+mod upstream_tls;
 mod upstream_wire;
 mod zz_summary;

@@ -354,7 +354,7 @@ mod tests {
                     endpoints: vec![uri("http://127.0.0.1:3001/")],
                     connect_timeout: secs(5),
                     client: UpstreamClient::Rampart,
-                    tls_ca_file: None,
+                    tls: Default::default(),
                     resilience: Resilience::default(),
                     pool: PoolConfig {
                         idle_timeout: secs(4),
@@ -541,7 +541,7 @@ mod tests {
                         ],
                         connect_timeout: secs(2),
                         client: UpstreamClient::Rampart,
-                        tls_ca_file: None,
+                        tls: Default::default(),
                         resilience: Resilience::default(),
                         pool: PoolConfig {
                             idle_timeout: secs(3),
@@ -556,7 +556,7 @@ mod tests {
                         endpoints: vec![uri("https://fastgpt.example.com:443/")],
                         connect_timeout: secs(5),
                         client: UpstreamClient::Rampart,
-                        tls_ca_file: None,
+                        tls: Default::default(),
                         resilience: Resilience::default(),
                         pool: PoolConfig {
                             idle_timeout: secs(4),

@@ -10,9 +10,10 @@ use super::MAX_IN_FLIGHT;
 use super::reader::{Ctx, Field, MapReader, Unique};
 use super::values::{bound_text, parse_duration, parse_endpoint};
 use crate::config::raw::child_path;
+use crate::config::upstream::{IdentityError, load_client_identity};
 use crate::config::{
     BreakerConfig, BreakerScope, EjectionConfig, FailureRate, LoadBalancing, PoolConfig,
-    Resilience, RetryConfig, RetryOn, UpstreamClient, UpstreamConfig,
+    Resilience, RetryConfig, RetryOn, UpstreamClient, UpstreamConfig, UpstreamTls,
 };
 
 /// Bodies kept in memory for a retry.
@@ -55,12 +56,14 @@ pub(super) fn upstreams(ctx: &mut Ctx, f: Option<Field>) -> Upstreams {
 
 pub(super) fn upstream(ctx: &mut Ctx, f: Field, name: &str) -> UpstreamConfig {
     let mut m = MapReader::open(ctx, Some(f));
+    let endpoints = m
+        .required(ctx, "endpoints")
+        .map(|f| endpoints(ctx, &f))
+        .unwrap_or_default();
+    let tls = upstream_tls_settings(ctx, m.optional("tls"), &endpoints);
     let config = UpstreamConfig {
         name: name.to_owned(),
-        endpoints: m
-            .required(ctx, "endpoints")
-            .map(|f| endpoints(ctx, &f))
-            .unwrap_or_default(),
+        endpoints,
         connect_timeout: m
             .read(ctx, "connect_timeout", Ctx::duration)
             .unwrap_or(UpstreamConfig::DEFAULT_CONNECT_TIMEOUT),
@@ -76,34 +79,117 @@ pub(super) fn upstream(ctx: &mut Ctx, f: Field, name: &str) -> UpstreamConfig {
                 )
             })
             .unwrap_or_default(),
-        tls_ca_file: upstream_tls(ctx, m.optional("tls")),
+        tls,
         resilience: resilience(ctx, &mut m),
     };
     m.finish(ctx);
     config
 }
 
-pub(super) fn upstream_tls(ctx: &mut Ctx, f: Option<Field>) -> Option<std::path::PathBuf> {
+/// An upstream's `tls:`. Refused on an upstream whose endpoints are all http://: settings
+/// that would be silently ignored (a client certificate, a pinned name) are a mistake in
+/// the file, not a default.
+fn upstream_tls_settings(ctx: &mut Ctx, f: Option<Field>, endpoints: &[Uri]) -> UpstreamTls {
+    if let Some(f) = &f
+        && !endpoints.is_empty()
+        && endpoints
+            .iter()
+            .all(|e| e.scheme() != Some(&http::uri::Scheme::HTTPS))
+    {
+        ctx.report(
+            f.pos(),
+            &f.path,
+            "applies to https:// endpoints, and every endpoint of this upstream is http://",
+        );
+    }
     let mut m = MapReader::open(ctx, f);
-    let ca_file = m.read(ctx, "ca_file", |ctx, f| {
-        let path = ctx.text(f, "a file path")?;
-        // Checked here so `rampart check` catches it, not the first https request.
-        match std::fs::read_to_string(&path) {
-            Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => Some(path.into()),
-            Ok(_) => {
+    let ca_file = m.read(ctx, "ca_file", ca_file);
+    let server_name = m.read(ctx, "server_name", |ctx, f| {
+        let name = ctx.text(f, "a host name")?;
+        match rustls::pki_types::ServerName::try_from(name.as_str()) {
+            Ok(_) => Some(name),
+            Err(_) => {
                 ctx.report(
                     f.pos(),
                     &f.path,
-                    format!("{path}: no PEM certificate in it"),
+                    format!("{name:?} is not a DNS name or IP address"),
                 );
-                None
-            }
-            Err(e) => {
-                ctx.report(f.pos(), &f.path, format!("cannot read {path}: {e}"));
                 None
             }
         }
     });
+    let cert = m.optional("client_cert");
+    let key = m.optional("client_key");
+    let path = |ctx: &mut Ctx, f: &Field| ctx.text(f, "a file path").map(std::path::PathBuf::from);
+    let (client_cert, client_key) = match (&cert, &key) {
+        (Some(cf), Some(kf)) => match (path(ctx, cf), path(ctx, kf)) {
+            (Some(c), Some(k)) => match load_client_identity(&c, &k) {
+                Ok(_) => (Some(c), Some(k)),
+                Err(IdentityError::Cert(e)) => {
+                    ctx.report(cf.pos(), &cf.path, e);
+                    (None, None)
+                }
+                Err(IdentityError::Key(e)) => {
+                    ctx.report(kf.pos(), &kf.path, e);
+                    (None, None)
+                }
+            },
+            _ => (None, None),
+        },
+        (Some(one), None) | (None, Some(one)) => {
+            let other = if key.is_none() {
+                "client_key"
+            } else {
+                "client_cert"
+            };
+            ctx.report(
+                one.pos(),
+                &one.path,
+                format!("needs {other} beside it: a client certificate is presented with its key"),
+            );
+            (None, None)
+        }
+        (None, None) => (None, None),
+    };
+    let insecure_skip_verify = m
+        .read(ctx, "insecure_skip_verify", Ctx::boolean)
+        .unwrap_or(false);
+    let http2 = m.read(ctx, "http2", Ctx::boolean).unwrap_or(false);
+    m.finish(ctx);
+    UpstreamTls {
+        ca_file,
+        server_name,
+        client_cert,
+        client_key,
+        insecure_skip_verify,
+        http2,
+    }
+}
+
+/// `tls.ca_file`, checked here so `rampart check` catches it, not the first https request.
+fn ca_file(ctx: &mut Ctx, f: &Field) -> Option<std::path::PathBuf> {
+    let path = ctx.text(f, "a file path")?;
+    match std::fs::read_to_string(&path) {
+        Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => Some(path.into()),
+        Ok(_) => {
+            ctx.report(
+                f.pos(),
+                &f.path,
+                format!("{path}: no PEM certificate in it"),
+            );
+            None
+        }
+        Err(e) => {
+            ctx.report(f.pos(), &f.path, format!("cannot read {path}: {e}"));
+            None
+        }
+    }
+}
+
+/// A dependency's `tls:` (postgres), which only takes `ca_file`.
+pub(super) fn upstream_tls(ctx: &mut Ctx, f: Option<Field>) -> Option<std::path::PathBuf> {
+    let mut m = MapReader::open(ctx, f);
+    let ca_file = m.read(ctx, "ca_file", ca_file);
     m.finish(ctx);
     ca_file
 }
@@ -422,6 +508,76 @@ mod tests {
             not_pem.display()
         ));
         assert!(p[0].message.contains("no PEM certificate"), "{p:#?}");
+    }
+
+    #[test]
+    fn upstream_tls_keys_are_checked_where_they_are_written() {
+        let yaml = |endpoint: &str, tls: &str| {
+            format!(
+                "
+            listeners:
+              - name: inbound
+                listen: 0.0.0.0:8080
+                routes:
+                  - upstream: backend
+            upstreams:
+              backend:
+                endpoints: [\"{endpoint}\"]
+                tls: {tls}
+            "
+            )
+        };
+        // Nothing to apply them to.
+        only(
+            &yaml("http://127.0.0.1:3001", "{ http2: true }"),
+            9,
+            10,
+            "upstreams.backend.tls",
+            "every endpoint of this upstream is http://",
+        );
+        only(
+            &yaml("https://127.0.0.1:3001", "{ server_name: \"not a name\" }"),
+            9,
+            25,
+            "upstreams.backend.tls.server_name",
+            "is not a DNS name or IP address",
+        );
+        only(
+            &yaml("https://127.0.0.1:3001", "{ client_cert: /x.pem }"),
+            9,
+            25,
+            "upstreams.backend.tls.client_cert",
+            "needs client_key beside it",
+        );
+        only(
+            &yaml(
+                "https://127.0.0.1:3001",
+                "{ client_cert: /x.pem, client_key: /x.key }",
+            ),
+            9,
+            25,
+            "upstreams.backend.tls.client_cert",
+            "cannot read /x.pem",
+        );
+        only(
+            &yaml("https://127.0.0.1:3001", "{ insecure_skip_verify: maybe }"),
+            9,
+            34,
+            "upstreams.backend.tls.insecure_skip_verify",
+            "",
+        );
+        let ok = crate::config::parse_str(
+            &yaml(
+                "https://127.0.0.1:3001",
+                "{ server_name: api.internal, insecure_skip_verify: true, http2: true }",
+            ),
+            "t.yaml",
+            &|_| None,
+        )
+        .unwrap();
+        let tls = &ok.upstreams["backend"].tls;
+        assert_eq!(tls.server_name.as_deref(), Some("api.internal"));
+        assert!(tls.insecure_skip_verify && tls.http2);
     }
 
     #[test]

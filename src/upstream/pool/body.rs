@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+use super::h2_conn::H2Body;
 use super::hyper_conn::HyperBody;
 use super::{Connection, EndpointPool};
 use crate::upstream::client::{Conn, WireError};
@@ -54,6 +55,8 @@ pub(super) enum Inner {
     /// None once the body failed (the connection is then closed).
     Rampart(Option<Box<Conn>>),
     Hyper(Box<HyperBody>),
+    /// A stream of a shared HTTP/2 connection: nothing goes back to a pool.
+    H2(Box<H2Body>),
 }
 
 impl PooledBody {
@@ -112,6 +115,7 @@ impl PooledBody {
             Inner::Rampart(Some(conn)) => conn,
             Inner::Rampart(None) => return Poll::Ready(None),
             Inner::Hyper(b) => return b.poll_data(cx),
+            Inner::H2(b) => return b.poll_data(cx),
         };
         let next = ready!(conn.poll_body(cx));
         if matches!(next, Some(Err(_))) {
@@ -124,6 +128,7 @@ impl PooledBody {
         match &self.inner {
             Inner::Rampart(conn) => conn.as_ref().is_none_or(|c| c.body_done()),
             Inner::Hyper(b) => b.is_end_stream(),
+            Inner::H2(b) => b.is_end_stream(),
         }
     }
 
@@ -134,6 +139,7 @@ impl PooledBody {
                 None => SizeHint::default(),
             },
             Inner::Hyper(b) => b.size_hint(),
+            Inner::H2(b) => b.size_hint(),
         }
     }
 }
@@ -227,6 +233,7 @@ impl Drop for PooledBody {
                     self.pool.put_idle(Connection::Hyper(conn));
                 }
             }
+            Inner::H2(_) => {}
         }
     }
 }

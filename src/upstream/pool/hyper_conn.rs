@@ -310,7 +310,7 @@ fn refused<B>(resp: &Response<B>) -> Option<&'static str> {
 
 /// Adds the `Forwarded` header lines (which rampart's client writes straight on the wire)
 /// to the map; returns their names, none of which the request carried.
-fn append_forwarded(headers: &mut HeaderMap, f: &Forwarded) -> Vec<HeaderName> {
+pub(super) fn append_forwarded(headers: &mut HeaderMap, f: &Forwarded) -> Vec<HeaderName> {
     let mut wire = Vec::new();
     f.write(&mut wire);
     let mut names = Vec::new();
@@ -332,7 +332,7 @@ fn append_forwarded(headers: &mut HeaderMap, f: &Forwarded) -> Vec<HeaderName> {
 
 /// The request body's own failure (the client's fault, found inside hyper's error), or
 /// the connection's.
-fn hyper_error(e: hyper::Error) -> ExchangeError {
+pub(super) fn hyper_error(e: hyper::Error) -> ExchangeError {
     // hyper lends its cause only by reference: the kind is copied (what `forward` tells
     // the client depends on nothing else).
     let body = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<BodyError>());

@@ -16,16 +16,23 @@
 //! connection pooled only when its response was read to the end with every request byte
 //! written before that end (`HyperBody::ended`).
 //!
-//! Here: the socket, the endpoint with its idle stacks, and the exchange that picks the
-//! client. The response body that carries a connection back is `body`; hyper's side of
-//! things is `hyper_conn`.
+//! An https upstream with `tls.http2: true` that picks `h2` in ALPN is spoken to over
+//! HTTP/2 by hyper's client instead (`h2_conn`): one connection per endpoint shared by all
+//! requests, its driver a task of its own (many requests poll it at once); the HTTP/1.1
+//! paths above stay the default and the hardened ones.
+//!
+//! Here: the socket, the endpoint with its idle stacks (and its HTTP/2 slot), and the
+//! exchange that picks the client. The response body that carries a connection back is
+//! `body`; hyper's side of things is `hyper_conn` (HTTP/1.1) and `h2_conn` (HTTP/2).
 
 mod body;
+mod h2_conn;
 // Not `hyper`: that name would shadow the crate in this module's paths.
 mod hyper_conn;
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -46,10 +53,21 @@ use crate::config::UpstreamClient;
 use crate::upstream::client::{self, Conn, ExchangeError};
 use crate::upstream::forwarded::Forwarded;
 use body::Inner;
+use h2_conn::{H2Conn, exchange_h2};
 use hyper_conn::{HyperConn, exchange_hyper};
 
 // The forwarder, the retry loop and the stream layer name it by `pool::PooledBody`.
 pub(crate) use body::PooledBody;
+
+impl Io {
+    /// The TLS handshake settled on HTTP/2 (ALPN `h2`).
+    fn alpn_h2(&self) -> bool {
+        match self {
+            Io::Tls(s) => s.get_ref().1.alpn_protocol() == Some(crate::upstream::forward::ALPN_H2),
+            Io::Plain(_) => false,
+        }
+    }
+}
 
 /// A plain or TLS upstream socket.
 #[derive(Debug)]
@@ -133,6 +151,8 @@ pub enum ConnectError {
 pub enum Connection {
     Rampart(Box<Conn>),
     Hyper(Box<HyperConn>),
+    /// A handle on the endpoint's shared HTTP/2 connection.
+    H2(Box<H2Conn>),
 }
 
 impl Connection {
@@ -141,6 +161,7 @@ impl Connection {
         match self {
             Connection::Rampart(c) => c.reused,
             Connection::Hyper(c) => c.reused,
+            Connection::H2(c) => c.reused,
         }
     }
 
@@ -148,6 +169,7 @@ impl Connection {
         match self {
             Connection::Rampart(c) => c.reused = true,
             Connection::Hyper(c) => c.reused = true,
+            Connection::H2(c) => c.reused = true,
         }
     }
 
@@ -155,8 +177,19 @@ impl Connection {
         match self {
             Connection::Rampart(c) => c.usable_now(),
             Connection::Hyper(c) => c.usable_now(),
+            Connection::H2(c) => c.usable_now(),
         }
     }
+}
+
+/// How an endpoint speaks TLS.
+struct EndpointTls {
+    connector: TlsConnector,
+    /// The name sent (SNI) and verified.
+    name: ServerName<'static>,
+    /// `tls.http2`: the connector offers `h2`; upgrades (WebSocket, HTTP/1.1 only) use
+    /// this one, which offers only `http/1.1`.
+    h1_only: Option<TlsConnector>,
 }
 
 struct Idle {
@@ -170,8 +203,14 @@ pub struct EndpointPool {
     pub port: u16,
     /// `Host` header value for this endpoint ("host" or "host:port").
     pub host_header: HeaderValue,
-    tls: Option<(TlsConnector, ServerName<'static>)>,
+    tls: Option<EndpointTls>,
     client: UpstreamClient,
+    /// The current shared HTTP/2 connection, when the upstream speaks it.
+    h2: h2_conn::Slot,
+    /// The last TLS handshake settled on http/1.1: connects need not wait for each other
+    /// (while h2 is expected they do, so that concurrent first requests share one).
+    h2_refused: AtomicBool,
+    connecting: tokio::sync::Mutex<()>,
     /// One stack per worker thread (and one for the other threads): a connection is
     /// registered with the event loop of the thread that opened it, and stays with it (as in
     /// nginx's per-worker `keepalive` cache). `max_idle` applies to each.
@@ -206,14 +245,30 @@ impl EndpointPool {
             host,
             port,
             host_header,
-            tls,
+            tls: tls.map(|(connector, name)| EndpointTls {
+                connector,
+                name,
+                h1_only: None,
+            }),
             client,
+            h2: h2_conn::Slot::default(),
+            h2_refused: AtomicBool::new(false),
+            connecting: tokio::sync::Mutex::new(()),
             idle: (0..crate::workers::slots())
                 .map(|_| Mutex::new(Vec::new()))
                 .collect(),
             idle_timeout,
             max_idle,
         }
+    }
+
+    /// HTTP/2 when the upstream picks it: the pool's connector offers `h2`; `h1_only`
+    /// (the same settings offering only `http/1.1`) is for upgrades.
+    pub fn offering_h2(mut self, h1_only: TlsConnector) -> Self {
+        if let Some(tls) = &mut self.tls {
+            tls.h1_only = Some(h1_only);
+        }
+        self
     }
 
     /// This thread's idle stack (a worker's own, or the control plane's).
@@ -224,6 +279,11 @@ impl EndpointPool {
 
     /// The most recently used idle connection that is still open and fresh enough.
     pub fn take_idle(&self) -> Option<Connection> {
+        if self.offers_h2()
+            && let Some(c) = self.h2.take(self.idle_timeout)
+        {
+            return Some(Connection::H2(Box::new(c)));
+        }
         let now = Instant::now();
         loop {
             let idle = {
@@ -265,28 +325,70 @@ impl EndpointPool {
     /// A new connection: TCP (and TLS) under `timeout`, for this endpoint's client. Boxed
     /// once per connection: it then moves between pool, request and body by pointer.
     pub async fn connect(&self, timeout: Duration) -> Result<Connection, ConnectError> {
-        let io = self.connect_timed(timeout).await?;
+        if !self.offers_h2() {
+            let io = self.connect_timed(timeout, false).await?;
+            return self.http1(io).await;
+        }
+        // While the upstream is expected to pick h2, one connect at a time: the requests
+        // that wait then share the connection it made.
+        let _one = if self.h2_refused.load(Ordering::Relaxed) {
+            None
+        } else {
+            Some(self.connecting.lock().await)
+        };
+        if let Some(c) = self.h2.take(self.idle_timeout) {
+            return Ok(Connection::H2(Box::new(c)));
+        }
+        let started = Instant::now();
+        let io = self.connect_timed(timeout, false).await?;
+        if !io.alpn_h2() {
+            self.h2_refused.store(true, Ordering::Relaxed);
+            return self.http1(io).await;
+        }
+        self.h2_refused.store(false, Ordering::Relaxed);
+        let left = timeout.saturating_sub(started.elapsed());
+        let conn = tokio::time::timeout(left, H2Conn::new(io, &self.h2))
+            .await
+            .map_err(|_| ConnectError::Timeout)??;
+        Ok(Connection::H2(Box::new(conn)))
+    }
+
+    fn offers_h2(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.h1_only.is_some())
+    }
+
+    /// An HTTP/1.1 connection over `io`, for this endpoint's client.
+    async fn http1(&self, io: Io) -> Result<Connection, ConnectError> {
         Ok(match self.client {
             UpstreamClient::Rampart => Connection::Rampart(Box::new(Conn::new(io))),
             UpstreamClient::Hyper => Connection::Hyper(Box::new(HyperConn::new(io).await?)),
         })
     }
 
-    /// A new connection's socket (TCP, and TLS) under `timeout`.
-    pub async fn connect_timed(&self, timeout: Duration) -> Result<Io, ConnectError> {
-        tokio::time::timeout(timeout, self.connect_io())
+    /// A new connection's socket (TCP, and TLS) under `timeout`; `h1_only` for an upgrade,
+    /// which HTTP/2 would not carry.
+    pub async fn connect_timed(
+        &self,
+        timeout: Duration,
+        h1_only: bool,
+    ) -> Result<Io, ConnectError> {
+        tokio::time::timeout(timeout, self.connect_io(h1_only))
             .await
             .map_err(|_| ConnectError::Timeout)?
     }
 
-    async fn connect_io(&self) -> Result<Io, ConnectError> {
+    async fn connect_io(&self, h1_only: bool) -> Result<Io, ConnectError> {
         let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
         let _ = tcp.set_nodelay(true);
         match &self.tls {
             None => Ok(Io::Plain(tcp)),
-            Some((connector, name)) => {
+            Some(tls) => {
+                let connector = match &tls.h1_only {
+                    Some(h1) if h1_only => h1,
+                    _ => &tls.connector,
+                };
                 let tls = connector
-                    .connect(name.clone(), tcp)
+                    .connect(tls.name.clone(), tcp)
                     .await
                     .map_err(ConnectError::Tls)?;
                 Ok(Io::Tls(Box::new(tls)))
@@ -314,6 +416,7 @@ pub(crate) async fn exchange(
         }
         // Boxed: the reference path's future stays out of every request's.
         Connection::Hyper(conn) => Box::pin(exchange_hyper(conn, pool, request, forwarded)).await,
+        Connection::H2(conn) => Box::pin(exchange_h2(*conn, pool, request, forwarded)).await,
     }
 }
 

@@ -391,3 +391,173 @@ impl TlsUpstream {
         }
     }
 }
+
+/// A private CA made for one test, issuing server and client certificates (PEM).
+pub struct TestCa {
+    pub pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+/// A certificate and its private key, PEM.
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "rampart test CA");
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).unwrap();
+        TestCa {
+            pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A certificate for `names`, valid now (or one that expired in 2021).
+    pub fn issue(&self, names: &[&str], expired: bool) -> Issued {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+}
+
+/// How a `TlsServer` is set up.
+pub struct TlsServerOptions {
+    pub cert: Issued,
+    /// Require a client certificate issued by this CA (PEM).
+    pub client_ca: Option<String>,
+    /// ALPN protocols offered, in order of preference (empty: no ALPN).
+    pub alpn: Vec<Vec<u8>>,
+    /// HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS (None: hyper's default, 200).
+    pub h2_max_streams: Option<u32>,
+}
+
+/// An HTTPS upstream with the routes of `Upstream` (HTTP/1.1, and HTTP/2 when ALPN picked
+/// it), a chosen certificate, optional client-certificate checking, and connections that
+/// can be ended on demand (`close_connections`).
+pub struct TlsServer {
+    pub port: u16,
+    pub counters: Arc<Counters>,
+    /// (times closed, gracefully): a connection ends when the count passes the one it
+    /// started under.
+    close: tokio::sync::watch::Sender<(u32, bool)>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        self.close.send_modify(|v| *v = (v.0 + 1, false));
+        self.task.abort();
+    }
+}
+
+impl TlsServer {
+    pub async fn start(opts: TlsServerOptions) -> TlsServer {
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let chain: Vec<_> =
+            rustls::pki_types::CertificateDer::pem_slice_iter(opts.cert.cert_pem.as_bytes())
+                .map(|c| c.unwrap())
+                .collect();
+        let key =
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(opts.cert.key_pem.as_bytes()).unwrap();
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = match &opts.client_ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
+                    roots.add(c.unwrap()).unwrap();
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_single_cert(chain, key).unwrap();
+        config.alpn_protocols = opts.alpn;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let counters = Arc::new(Counters::default());
+        let c = counters.clone();
+        let max_streams = opts.h2_max_streams;
+        let (close, closing) = tokio::sync::watch::channel((0u32, false));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                let c = c.clone();
+                let mut closing = closing.clone();
+                let born = closing.borrow().0;
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    c.connections.fetch_add(1, Ordering::SeqCst);
+                    let mut builder = auto::Builder::new(TokioExecutor::new());
+                    if let Some(n) = max_streams {
+                        builder.http2().max_concurrent_streams(n);
+                    }
+                    let conn = builder.serve_connection_with_upgrades(
+                        TokioIo::new(tls),
+                        service_fn(move |req| {
+                            let c = c.clone();
+                            async move { Ok::<_, Infallible>(handle(c, req).await) }
+                        }),
+                    );
+                    let mut conn = std::pin::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => return,
+                        _ = closing.wait_for(|v| v.0 != born) => {}
+                    }
+                    if closing.borrow().1 {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
+                    }
+                });
+            }
+        });
+        TlsServer {
+            port,
+            counters,
+            close,
+            task,
+        }
+    }
+
+    /// Ends every open connection: with a GOAWAY and the streams in flight finished
+    /// (`graceful`), or dropped where they stand. New connections are still accepted.
+    pub fn close_connections(&self, graceful: bool) {
+        self.close.send_modify(|v| *v = (v.0 + 1, graceful));
+    }
+}
