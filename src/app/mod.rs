@@ -228,7 +228,14 @@ pub async fn start_on(
     let servers: Vec<Arc<Server>> = bound
         .into_iter()
         .map(|(cfg, tls, listener)| {
-            let s = Server::start(listener, cfg, tls, shared.traffic.clone(), &workers);
+            let s = Server::start(
+                listener,
+                cfg,
+                tls,
+                shared.traffic.clone(),
+                &shared.certs,
+                &workers,
+            );
             tracing::info!(listener = &*s.name, addr = %s.addr, "listening");
             Arc::new(s)
         })
@@ -597,7 +604,14 @@ impl Supervisor {
             fresh
                 .into_iter()
                 .map(|(cfg, tls, listener)| {
-                    Server::start(listener, cfg, tls, shared.traffic.clone(), workers)
+                    Server::start(
+                        listener,
+                        cfg,
+                        tls,
+                        shared.traffic.clone(),
+                        &shared.certs,
+                        workers,
+                    )
                 })
                 .collect::<Vec<_>>()
         });
@@ -664,6 +678,16 @@ impl Supervisor {
             self.retiring.push(old);
         }
         self.retiring.retain(|s| !s.is_finished());
+        // The expiry of certificates no listener serves any more is no longer shown.
+        let serving: Vec<Arc<str>> = self
+            .servers
+            .iter()
+            .filter(|s| s.cert_store().is_some())
+            .map(|s| s.name.clone())
+            .collect();
+        self.shared
+            .certs
+            .retain(|l| serving.iter().any(|n| &**n == l));
         self.servers.sort_by_key(|s| {
             config
                 .listeners

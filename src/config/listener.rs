@@ -73,10 +73,16 @@ pub struct ListenerTls {
     /// From accept to the end of the handshake. Default 10s.
     #[serde(serialize_with = "super::serialize::duration")]
     pub handshake_timeout: Duration,
+    /// How often the certificate and key files are looked at for a change on disk (a
+    /// Kubernetes secret rotated), which then reloads them. None (`off`): only reloads do.
+    /// Default 5s.
+    #[serde(serialize_with = "super::serialize::duration_or_off")]
+    pub watch: Option<Duration>,
 }
 
 impl ListenerTls {
     pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const DEFAULT_WATCH: Duration = Duration::from_secs(5);
 
     /// Every pair, the default first.
     pub fn pairs(&self) -> Vec<TlsPair> {

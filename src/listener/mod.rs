@@ -25,7 +25,9 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::config::{DrainMode, ListenerConfig};
 use crate::error::ProxyError;
+use crate::observe::certs::CertExpiry;
 use crate::pipeline::{ListenerCtx, Traffic};
+use crate::reload::watch::FileWatch;
 use crate::shutdown::{ConnClosing, ConnHold, Drainable, Handover, HoldSource, Phase, reached};
 use crate::workers::Workers;
 use h1_guard::Verdict;
@@ -92,14 +94,88 @@ pub(crate) struct Server {
     pub config: ListenerConfig,
     phase: watch::Sender<Phase>,
     open: Arc<AtomicUsize>,
-    certs: Option<Certs>,
+    certs: Option<Arc<Certs>>,
 }
 
-/// A TLS listener's certificates, which a reload re-reads in place.
+/// A TLS listener's certificates, which a reload or a change of the files re-reads in
+/// place.
 struct Certs {
+    listener: Arc<str>,
     store: Arc<crate::tls::CertStore>,
     reloaded: prometheus_client::metrics::counter::Counter,
     refused: prometheus_client::metrics::counter::Counter,
+    expiry: CertExpiry,
+    /// Dropped with the server: ends its file watch.
+    _watching: Option<watch::Sender<()>>,
+}
+
+impl Certs {
+    /// Re-reads the files: new handshakes get the new pairs, open connections keep theirs.
+    /// A bad pair is refused (the old ones stay), said in a warning and counted.
+    fn reload(&self) -> Result<(), String> {
+        match self.store.reload() {
+            Ok(()) => {
+                self.reloaded.inc();
+                let names: Vec<String> = self
+                    .store
+                    .leaves()
+                    .into_iter()
+                    .map(|l| format!("{} ({})", l.cert.display(), l.names.join(" ")))
+                    .collect();
+                tracing::info!(
+                    listener = &*self.listener,
+                    certificates = %names.join(", "),
+                    "TLS certificates reloaded"
+                );
+                self.record_expiry();
+                Ok(())
+            }
+            Err(e) => {
+                self.refused.inc();
+                tracing::warn!(
+                    listener = &*self.listener,
+                    error = %e,
+                    "TLS certificates not reloaded: still serving the previous ones"
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// The served leaves' notAfter, for `rampart_tls_certificate_expiry_days` and its alert.
+    fn record_expiry(&self) {
+        let leaves: Vec<(String, Vec<u8>)> = self
+            .store
+            .leaves()
+            .into_iter()
+            .map(|l| (l.names.first().cloned().unwrap_or_default(), l.der.to_vec()))
+            .collect();
+        if let Err(e) = self.expiry.record(&self.listener, &leaves) {
+            tracing::warn!(listener = &*self.listener, error = %e, "certificate expiry unknown");
+        }
+    }
+}
+
+/// Reloads a listener's certificates each time their files change on disk, until the
+/// listener is dropped.
+async fn watch_certs(mut files: FileWatch, certs: Weak<Certs>, mut stop: watch::Receiver<()>) {
+    loop {
+        let changed = tokio::select! {
+            c = files.changed() => c,
+            _ = stop.changed() => return,
+        };
+        let Some(certs) = certs.upgrade() else {
+            return;
+        };
+        let names: Vec<String> = changed.iter().map(|p| p.display().to_string()).collect();
+        tracing::info!(
+            listener = &*certs.listener,
+            files = %names.join(", "),
+            "TLS certificate files changed on disk: reloading them"
+        );
+        // Reading files can block: off the runtime's threads.
+        let _ = tokio::task::spawn_blocking(move || certs.reload()).await;
+    }
 }
 
 impl Server {
@@ -110,6 +186,7 @@ impl Server {
         config: ListenerConfig,
         tls: Option<TlsSetup>,
         traffic: Arc<Traffic>,
+        expiry: &CertExpiry,
         workers: &Workers,
     ) -> Server {
         let addr = bound.addr;
@@ -121,10 +198,22 @@ impl Server {
         let terminator = tls
             .as_ref()
             .map(|t| Arc::new(tls::Terminator::new(t, &name, &traffic.http)));
-        let certs = tls.map(|t| Certs {
-            store: t.store().clone(),
-            reloaded: traffic.http.tls_cert_reloads(&name, "ok"),
-            refused: traffic.http.tls_cert_reloads(&name, "error"),
+        let certs = tls.map(|mut t| {
+            let files = t.take_watch();
+            let (stop, stopped) = watch::channel(());
+            let certs = Arc::new(Certs {
+                listener: name.clone(),
+                store: t.store().clone(),
+                reloaded: traffic.http.tls_cert_reloads(&name, "ok"),
+                refused: traffic.http.tls_cert_reloads(&name, "error"),
+                expiry: expiry.clone(),
+                _watching: files.is_some().then_some(stop),
+            });
+            certs.record_expiry();
+            if let Some(files) = files {
+                tokio::spawn(watch_certs(files, Arc::downgrade(&certs), stopped));
+            }
+            certs
         });
         let acceptor = Acceptor {
             builders: Builders::new(&config),
@@ -200,34 +289,9 @@ impl Server {
     /// connections keep theirs. A bad pair is refused (the old ones stay), said in a warning
     /// and counted. Ok(false) for a plain listener.
     pub(crate) fn reload_certs(&self) -> Result<bool, String> {
-        let Some(c) = &self.certs else {
-            return Ok(false);
-        };
-        match c.store.reload() {
-            Ok(()) => {
-                c.reloaded.inc();
-                let names: Vec<String> = c
-                    .store
-                    .leaves()
-                    .into_iter()
-                    .map(|l| format!("{} ({})", l.cert.display(), l.names.join(" ")))
-                    .collect();
-                tracing::info!(
-                    listener = &*self.name,
-                    certificates = %names.join(", "),
-                    "TLS certificates reloaded"
-                );
-                Ok(true)
-            }
-            Err(e) => {
-                c.refused.inc();
-                tracing::warn!(
-                    listener = &*self.name,
-                    error = %e,
-                    "TLS certificates not reloaded: still serving the previous ones"
-                );
-                Err(e)
-            }
+        match &self.certs {
+            Some(c) => c.reload().map(|()| true),
+            None => Ok(false),
         }
     }
 }

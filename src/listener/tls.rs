@@ -22,6 +22,7 @@ use tokio_rustls::server::TlsStream;
 use super::timeouts::Socket;
 use crate::config::ListenerTls;
 use crate::observe::http::HttpMetrics;
+use crate::reload::watch::FileWatch;
 use crate::shutdown::{Phase, reached};
 use crate::stream::body::ProxyBody;
 use crate::tls::{CertStore, PairPaths, load_client_roots};
@@ -54,12 +55,18 @@ pub(crate) struct TlsSetup {
     store: Arc<CertStore>,
     config: Arc<rustls::ServerConfig>,
     handshake_timeout: Duration,
+    /// Made before the files were read, so a change in between is still seen.
+    watch: Option<FileWatch>,
 }
 
 /// Reads the listener's certificates and builds its rustls configuration: TLS 1.2 and 1.3,
 /// ALPN h2 and http/1.1, session resumption (cache and tickets), client certificates
 /// required when `client_ca` is set.
 pub(crate) fn prepare(tls: &ListenerTls) -> Result<TlsSetup, String> {
+    let watch = tls.watch.map(|every| {
+        let paths = tls.pairs().into_iter().flat_map(|p| [p.cert, p.key]);
+        FileWatch::new(paths).with_interval(every)
+    });
     let pairs = tls
         .pairs()
         .into_iter()
@@ -90,12 +97,18 @@ pub(crate) fn prepare(tls: &ListenerTls) -> Result<TlsSetup, String> {
         store,
         config: Arc::new(config),
         handshake_timeout: tls.handshake_timeout,
+        watch,
     })
 }
 
 impl TlsSetup {
     pub(crate) fn store(&self) -> &Arc<CertStore> {
         &self.store
+    }
+
+    /// The watch on the files, for the task that reloads them (once).
+    pub(crate) fn take_watch(&mut self) -> Option<FileWatch> {
+        self.watch.take()
     }
 }
 

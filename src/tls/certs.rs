@@ -42,7 +42,6 @@ pub(crate) struct Leaf {
     pub cert: PathBuf,
     pub names: Vec<String>,
     /// For the certificate expiry metrics.
-    #[allow(dead_code)]
     pub der: CertificateDer<'static>,
 }
 

@@ -854,3 +854,93 @@ fn a_tls_section_needs_a_whole_pair() {
     assert_eq!(tls.pairs().len(), 1);
     assert_eq!(tls.handshake_timeout, Duration::from_secs(10));
 }
+
+/// A Kubernetes secret volume: `tls.crt -> ..data/tls.crt`, `..data -> ..<version>`, and a
+/// rotation swaps `..data` to a new version directory in one rename.
+fn k8s_version(dir: &Path, version: &str, cert_pem: &str, key_pem: &str) {
+    let v = dir.join(version);
+    std::fs::create_dir_all(&v).unwrap();
+    std::fs::write(v.join("tls.crt"), cert_pem).unwrap();
+    std::fs::write(v.join("tls.key"), key_pem).unwrap();
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(version, &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    for f in ["tls.crt", "tls.key"] {
+        let link = dir.join(f);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{f}"), &link).unwrap();
+        }
+    }
+}
+
+/// Kubernetes rotates the secret: no reload is asked for, the files change under their
+/// symlinks, and new handshakes get the new certificate within a few looks; the open
+/// connection keeps serving; the expiry metric follows. A rotation to a pair that does not
+/// match is refused and the served certificate stays.
+#[tokio::test]
+async fn a_secret_rotated_on_disk_is_served_without_a_reload() {
+    let up = Upstream::start().await;
+    let dir = temp_dir("tls-k8s-rotation");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let first = self_signed(&["example.test"]);
+    let second = self_signed(&["example.test"]);
+    k8s_version(&dir, "..v1", &first.cert_pem, &first.key_pem);
+    let px = start(&config(
+        &up.url(),
+        &dir.join("tls.crt"),
+        &dir.join("tls.key"),
+        "      watch: 100ms",
+        "",
+    ))
+    .await;
+    let addr = px.addr("main").unwrap();
+    let client = || Client {
+        sni: Some("example.test"),
+        ..Client::default()
+    };
+    let expiry =
+        "rampart_tls_certificate_expiry_days{listener=\"main\",certificate=\"example.test\"}";
+    assert!(
+        sample(&px.encode_metrics(), expiry).is_some_and(|d| d > 0.0),
+        "the served certificate's expiry is exported from the start"
+    );
+    let open = connect(addr, client()).await.unwrap();
+    assert_eq!(presented(&open), first.der);
+    let mut open = h1(open).await;
+
+    k8s_version(&dir, "..v2", &second.cert_pem, &second.key_pem);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let fresh = connect(addr, client()).await.unwrap();
+        if presented(&fresh) == second.der {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still the old certificate 5 s after the rotation"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metric(&px, "tls_cert_reloads", "ok"), 1.0);
+    assert_eq!(
+        get1(&mut open, "example.test", "/ok").await.unwrap().0,
+        StatusCode::OK,
+        "the connection opened before the rotation keeps serving"
+    );
+
+    // A rotation to a certificate with another's key: refused, the second one stays.
+    let third = self_signed(&["example.test"]);
+    let stranger = self_signed(&["example.test"]);
+    k8s_version(&dir, "..v3", &third.cert_pem, &stranger.key_pem);
+    crate::assert_eventually!(
+        metric(&px, "tls_cert_reloads", "error") == 1.0,
+        "the mismatched pair was never looked at"
+    );
+    let fresh = connect(addr, client()).await.unwrap();
+    assert_eq!(presented(&fresh), second.der);
+    assert_eq!(metric(&px, "tls_cert_reloads", "ok"), 1.0);
+    px.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

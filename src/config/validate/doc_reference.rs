@@ -208,7 +208,7 @@ redis:
 listeners:
   - name: t
     listen: "127.0.0.1:0"
-    tls: { cert: /a.crt, key: /a.key, certificates: [{ cert: /b.crt, key: /b.key }], client_ca: /ca.pem, handshake_timeout: 5s }
+    tls: { cert: /a.crt, key: /a.key, certificates: [{ cert: /b.crt, key: /b.key }], client_ca: /ca.pem, handshake_timeout: 5s, watch: 10s }
     routes: [{ upstream: u }]
 "#,
 ];

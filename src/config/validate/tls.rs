@@ -11,6 +11,8 @@ use crate::tls::{PairFile, load_client_roots, load_pair_detailed};
 
 /// Far above any real handshake; a client that has not finished one by then is not coming.
 pub(super) const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Each look opens and hashes the files: not a busy loop.
+const MIN_WATCH: Duration = Duration::from_millis(100);
 
 pub(super) fn listener_tls(ctx: &mut Ctx, f: Option<Field>) -> Option<ListenerTls> {
     let f = f?;
@@ -54,6 +56,16 @@ pub(super) fn listener_tls(ctx: &mut Ctx, f: Option<Field>) -> Option<ListenerTl
             ctx.duration_at_most(f, MAX_HANDSHAKE_TIMEOUT)
         })
         .unwrap_or(ListenerTls::DEFAULT_HANDSHAKE_TIMEOUT);
+    let watch = m
+        .read(ctx, "watch", |ctx, f| {
+            let w = ctx.duration_or_off(f)?;
+            if w.is_some_and(|d| d < MIN_WATCH) {
+                ctx.report(f.pos(), &f.path, "must be at least 100ms, or off");
+                return None;
+            }
+            Some(w)
+        })
+        .unwrap_or(Some(ListenerTls::DEFAULT_WATCH));
     m.finish(ctx);
     if pairs.is_empty() {
         ctx.report(
@@ -94,5 +106,6 @@ pub(super) fn listener_tls(ctx: &mut Ctx, f: Option<Field>) -> Option<ListenerTl
         certificates,
         client_ca,
         handshake_timeout,
+        watch,
     })
 }
