@@ -452,6 +452,8 @@ impl Acceptor {
     ) {
         let _ = stream.set_nodelay(true);
         let this = self.clone();
+        // Counted open from accept, through the first look or the handshake.
+        let hold = ConnHold::new(permit, &self.open, phase.clone());
         match &self.tls {
             None => {
                 // The header read timeout runs from accept, through the first look.
@@ -467,7 +469,7 @@ impl Acceptor {
                     )
                     .await;
                     if let Some(proto) = proto {
-                        this.connection(stream, proto, clocks, peer, permit, phase)
+                        this.connection(stream, proto, clocks, peer, hold, phase)
                             .await;
                     }
                 });
@@ -480,7 +482,7 @@ impl Acceptor {
                         let proto = Proto::from_alpn(stream.get_ref().1.alpn_protocol());
                         // Over TLS the header read timeout runs from the handshake's end.
                         let clocks = Clocks::new(this.header_read_timeout, this.h2_idle_timeout);
-                        this.connection(stream, proto, clocks, peer, permit, phase)
+                        this.connection(stream, proto, clocks, peer, hold, phase)
                             .await;
                     }
                 });
@@ -494,14 +496,13 @@ impl Acceptor {
         proto: Proto,
         clocks: Arc<Clocks>,
         peer: SocketAddr,
-        permit: OwnedSemaphorePermit,
+        hold: ConnHold,
         mut phase: watch::Receiver<Phase>,
     ) -> impl Future<Output = ()> + Send + 'static {
         let stream = SendTimed::new(stream, clocks.clone());
         // hyper hides Content-Length next to Transfer-Encoding from the service; the guard
         // sees the raw heads and tells the service per request.
         let (stream, verdicts) = h1_guard::wrap(stream, self.max_header_bytes, self.max_headers);
-        let hold = ConnHold::new(permit, &self.open, phase.clone());
         let conn_state = Arc::new(ConnState::new(phase.clone(), clocks, hold));
         let ctx = self.ctx.clone();
         let state = conn_state.clone();
