@@ -530,3 +530,22 @@ pub fn usage(data: &[u8]) {
         }
     }
 }
+
+/// The upstream HTTP/2 connection's frame scan (`upstream::pool::h2_conn`), which reads the
+/// server's SETTINGS and GOAWAY as they pass, on any bytes: never a panic, and what it learns
+/// is the same whole, cut in two where the first two bytes say, and byte by byte.
+pub fn h2_scan(data: &[u8]) {
+    use crate::upstream::pool::h2_conn::scan_pieces;
+    let (cut, wire) = match data {
+        [a, b, rest @ ..] => (usize::from(u16::from_be_bytes([*a, *b])), rest),
+        _ => return,
+    };
+    let cut = cut.min(wire.len());
+    let whole = scan_pieces([wire]);
+    assert_eq!(
+        scan_pieces([&wire[..cut], &wire[cut..]]),
+        whole,
+        "cut at {cut}"
+    );
+    assert_eq!(scan_pieces(wire.chunks(1)), whole, "byte by byte");
+}

@@ -18,6 +18,7 @@ const TARGETS: &[(&str, Entry)] = &[
     ("config", rampart::fuzz::config),
     ("sse", rampart::fuzz::sse),
     ("usage", rampart::fuzz::usage),
+    ("h2_scan", rampart::fuzz::h2_scan),
 ];
 
 #[test]

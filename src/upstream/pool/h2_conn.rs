@@ -470,6 +470,26 @@ impl ScanState {
     }
 }
 
+/// What the scan learns from the server's bytes, fed in `pieces`: the stream limit, whether
+/// a GOAWAY came, whether a whole SETTINGS frame did (the fuzz target `h2_scan` checks that
+/// any split of the bytes learns the same).
+pub(crate) fn scan_pieces<'a>(pieces: impl IntoIterator<Item = &'a [u8]>) -> (u32, bool, bool) {
+    let shared = Shared {
+        in_flight: AtomicUsize::new(0),
+        max_streams: AtomicU32::new(u32::MAX),
+        closed: AtomicBool::new(false),
+    };
+    let mut state = ScanState::default();
+    for piece in pieces {
+        state.feed(piece, &shared);
+    }
+    (
+        shared.max_streams.load(Ordering::Relaxed),
+        shared.closed.load(Ordering::Relaxed),
+        state.settings_seen,
+    )
+}
+
 impl AsyncRead for Scan {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -26,7 +26,7 @@
 //! `body`; hyper's side of things is `hyper_conn` (HTTP/1.1) and `h2_conn` (HTTP/2).
 
 mod body;
-mod h2_conn;
+pub(crate) mod h2_conn;
 // Not `hyper`: that name would shadow the crate in this module's paths.
 mod hyper_conn;
 
