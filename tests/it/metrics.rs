@@ -167,6 +167,11 @@ async fn prometheus_rules_use_only_exported_metrics() {
     let up = Upstream::start().await;
     let r = support::start(&two_routes(&up.url(), closed_port().await, "")).await;
     traffic(&r).await;
+    // What a TLS listener records of the certificates it serves.
+    let cert = rcgen::generate_simple_self_signed(vec!["example.test".to_owned()]).unwrap();
+    r.certs()
+        .record("main", &[(String::new(), cert.cert.der().to_vec())])
+        .unwrap();
     let m = scrape(&r).await;
     let exported: Vec<&str> = m
         .lines()
