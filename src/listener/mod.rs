@@ -204,8 +204,8 @@ impl Server {
             let certs = Arc::new(Certs {
                 listener: name.clone(),
                 store: t.store().clone(),
-                reloaded: traffic.http.tls_cert_reloads(&name, "ok"),
-                refused: traffic.http.tls_cert_reloads(&name, "error"),
+                reloaded: traffic.http.tls.cert_reloads(&name, "ok"),
+                refused: traffic.http.tls.cert_reloads(&name, "error"),
                 expiry: expiry.clone(),
                 _watching: files.is_some().then_some(stop),
             });

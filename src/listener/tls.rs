@@ -143,10 +143,10 @@ impl Terminator {
             acceptor: TlsAcceptor::from(setup.config.clone()),
             handshake_timeout: setup.handshake_timeout,
             counts: Handshakes {
-                ok: metrics.tls_handshakes(listener, "ok"),
-                timeout: metrics.tls_handshakes(listener, "timeout"),
-                error: metrics.tls_handshakes(listener, "error"),
-                plain_http: metrics.tls_handshakes(listener, "plain_http"),
+                ok: metrics.tls.handshakes(listener, "ok"),
+                timeout: metrics.tls.handshakes(listener, "timeout"),
+                error: metrics.tls.handshakes(listener, "error"),
+                plain_http: metrics.tls.handshakes(listener, "plain_http"),
             },
         }
     }

@@ -27,8 +27,10 @@ use prometheus_client::registry::Registry;
 use super::histogram::{DurationHistogram, HistogramSnapshot};
 
 mod stream_end;
+mod tls;
 use super::tokens::Usage;
 pub(crate) use stream_end::StreamEnd;
+pub(crate) use tls::TlsMetrics;
 
 /// The methods counted by name; anything else is `other` (labels stay bounded).
 pub(crate) const METHODS: [&str; 8] = [
@@ -81,12 +83,6 @@ struct RequestLabels {
 struct WorkerLabels {
     listener: String,
     worker: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct TlsLabels {
-    listener: String,
-    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -157,8 +153,8 @@ pub struct HttpMetrics {
     tunnels: Family<TunnelLabels, Counter>,
     tunnel_bytes: Family<TunnelBytesLabels, Counter>,
     llm_tokens: Family<TokenLabels, Counter>,
-    tls_handshakes: Family<TlsLabels, Counter>,
-    tls_cert_reloads: Family<TlsLabels, Counter>,
+    /// The TLS listeners' handshakes and certificate reloads.
+    pub(crate) tls: TlsMetrics,
 }
 
 impl std::fmt::Debug for HttpMetrics {
@@ -193,8 +189,7 @@ impl HttpMetrics {
             tunnels: Family::default(),
             tunnel_bytes: Family::default(),
             llm_tokens: Family::default(),
-            tls_handshakes: Family::default(),
-            tls_cert_reloads: Family::default(),
+            tls: TlsMetrics::default(),
         };
         // Counters without `_total`: the encoder adds it (and panics in debug builds if the
         // name already has it).
@@ -293,16 +288,7 @@ impl HttpMetrics {
             "Tokens of LLM answers as the upstream counted them (OpenAI usage, FastGPT node responses), by kind: prompt, completion",
             m.llm_tokens.clone(),
         );
-        registry.register(
-            "tls_handshakes",
-            "TLS handshakes on TLS listeners, by result: ok, timeout, error, plain_http (an HTTP request sent to the TLS port)",
-            m.tls_handshakes.clone(),
-        );
-        registry.register(
-            "tls_cert_reloads",
-            "Certificate reloads of TLS listeners, by result: ok, error (the certificates served before stay)",
-            m.tls_cert_reloads.clone(),
-        );
+        m.tls.register(registry);
         registry.register_collector(Box::new(m.live.clone()));
         m
     }
@@ -372,26 +358,6 @@ impl HttpMetrics {
             .get_or_create(&WorkerLabels {
                 listener: listener.to_owned(),
                 worker: worker.to_string(),
-            })
-            .clone()
-    }
-
-    /// A TLS listener's handshake counter for `result` (ok, timeout, error, plain_http).
-    pub fn tls_handshakes(&self, listener: &str, result: &'static str) -> Counter {
-        self.tls_handshakes
-            .get_or_create(&TlsLabels {
-                listener: listener.to_owned(),
-                result,
-            })
-            .clone()
-    }
-
-    /// A TLS listener's certificate reload counter for `result` (ok, error).
-    pub fn tls_cert_reloads(&self, listener: &str, result: &'static str) -> Counter {
-        self.tls_cert_reloads
-            .get_or_create(&TlsLabels {
-                listener: listener.to_owned(),
-                result,
             })
             .clone()
     }
