@@ -207,13 +207,16 @@ pub struct PoolConfig {
     /// we never reuse a socket the upstream is closing.
     #[serde(serialize_with = "super::serialize::duration")]
     pub idle_timeout: Duration,
-    /// Default 256.
+    /// Default 10000, the most allowed: in practice no count cap, as in Envoy's and hyper's
+    /// pools; `idle_timeout` trims what a burst left. A cap below the connections in use
+    /// at a peak closes connections the next requests need (a connect storm, and its
+    /// tail latency).
     pub max_idle_per_endpoint: usize,
 }
 
 impl PoolConfig {
     pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
-    pub const DEFAULT_MAX_IDLE_PER_ENDPOINT: usize = 256;
+    pub const DEFAULT_MAX_IDLE_PER_ENDPOINT: usize = 10_000;
 }
 
 // === defaults of the resilience settings (validate/ falls back to these) ===

@@ -103,6 +103,7 @@ impl Upstream {
             if let Some(h1_only) = h1_only {
                 pool = pool.offering_h2(h1_only);
             }
+            pool = pool.counting_opened(errors.opened());
             endpoints.push(Endpoint {
                 state: state.endpoint(&uri.to_string()),
                 pool: Arc::new(pool),

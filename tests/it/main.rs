@@ -21,6 +21,7 @@ mod h2_floods;
 mod health;
 mod hygiene;
 mod metrics;
+mod pool;
 mod proxy;
 mod ratelimit;
 mod reload;

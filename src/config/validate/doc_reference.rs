@@ -155,7 +155,7 @@ upstreams:
     load_balancing: round_robin
     max_in_flight: 10
     tls: { ca_file: /nonexistent.pem }
-    pool: { idle_timeout: 4s, max_idle_per_endpoint: 256 }
+    pool: { idle_timeout: 4s, max_idle_per_endpoint: 10000 }
     circuit_breaker:
       scope: route
       failures: 5

@@ -358,7 +358,7 @@ mod tests {
                     resilience: Resilience::default(),
                     pool: PoolConfig {
                         idle_timeout: secs(4),
-                        max_idle_per_endpoint: 256,
+                        max_idle_per_endpoint: 10_000,
                     },
                 },
             )]),
@@ -560,7 +560,7 @@ mod tests {
                         resilience: Resilience::default(),
                         pool: PoolConfig {
                             idle_timeout: secs(4),
-                            max_idle_per_endpoint: 256,
+                            max_idle_per_endpoint: 10_000,
                         },
                     },
                 ),

@@ -143,6 +143,7 @@ pub struct HttpMetrics {
     bytes_in: Family<RouteLabels, ShardedCounter>,
     bytes_out: Family<RouteLabels, ShardedCounter>,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    upstream_connections: Family<UpstreamLabels, Counter>,
     /// Per-route counters and stream handles by labels, shared by every snapshot's handles
     /// for that route (a reload must not lose the combinations already seen).
     cells: Arc<Mutex<HashMap<RouteLabels, Arc<RouteCells>>>>,
@@ -181,6 +182,7 @@ impl HttpMetrics {
             bytes_in: Family::default(),
             bytes_out: Family::default(),
             upstream_errors: Family::default(),
+            upstream_connections: Family::default(),
             cells: Arc::default(),
             live: Arc::new(Live::default()),
             draining: Gauge::default(),
@@ -259,6 +261,11 @@ impl HttpMetrics {
             m.upstream_errors.clone(),
         );
         registry.register(
+            "upstream_connections_opened",
+            "Upstream connections opened (TCP connects that succeeded); against requests, how well the pools keep connections",
+            m.upstream_connections.clone(),
+        );
+        registry.register(
             "draining",
             "1 once a drain has started (readiness is off)",
             m.draining.clone(),
@@ -324,14 +331,22 @@ impl HttpMetrics {
 
     /// One upstream's error counters, made once per snapshot.
     pub fn upstream_errors(&self, upstream: &str) -> UpstreamErrors {
-        UpstreamErrors(UpstreamErrorKind::ALL.map(|kind| {
-            self.upstream_errors
-                .get_or_create(&UpstreamErrorLabels {
+        UpstreamErrors {
+            kinds: UpstreamErrorKind::ALL.map(|kind| {
+                self.upstream_errors
+                    .get_or_create(&UpstreamErrorLabels {
+                        upstream: upstream.to_owned(),
+                        kind: kind.as_str(),
+                    })
+                    .clone()
+            }),
+            opened: self
+                .upstream_connections
+                .get_or_create(&UpstreamLabels {
                     upstream: upstream.to_owned(),
-                    kind: kind.as_str(),
                 })
-                .clone()
-        }))
+                .clone(),
+        }
     }
 
     /// Counts a listener's open connections and requests in flight, read at scrape time
@@ -708,6 +723,11 @@ impl Collector for Live {
 // === upstream errors ===
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamErrorLabels {
     upstream: String,
     kind: &'static str,
@@ -752,16 +772,24 @@ impl UpstreamErrorKind {
     }
 }
 
-/// One upstream's error counters, one per kind. `Default`: counters nobody exports (an
-/// `Upstream` built only to be probed by the health checks).
+/// One upstream's error counters, one per kind, and its connections opened. `Default`:
+/// counters nobody exports (an `Upstream` built only to be probed by the health checks).
 #[derive(Clone, Default, Debug)]
-pub struct UpstreamErrors([Counter; 6]);
+pub struct UpstreamErrors {
+    kinds: [Counter; 6],
+    opened: Counter,
+}
 
 impl UpstreamErrors {
     pub fn inc(&self, kind: UpstreamErrorKind) {
-        if let Some(c) = self.0.get(kind.index()) {
+        if let Some(c) = self.kinds.get(kind.index()) {
             c.inc();
         }
+    }
+
+    /// Counts the upstream's new connections (its endpoints' pools share it).
+    pub fn opened(&self) -> Counter {
+        self.opened.clone()
     }
 }
 

@@ -30,10 +30,11 @@ pub(crate) mod h2_conn;
 // Not `hyper`: that name would shadow the crate in this module's paths.
 mod hyper_conn;
 
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -41,6 +42,7 @@ use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -213,10 +215,17 @@ pub struct EndpointPool {
     connecting: tokio::sync::Mutex<()>,
     /// One stack per worker thread (and one for the other threads): a connection is
     /// registered with the event loop of the thread that opened it, and stays with it (as in
-    /// nginx's per-worker `keepalive` cache). `max_idle` applies to each.
-    idle: Box<[Mutex<Vec<Idle>>]>,
+    /// nginx's per-worker `keepalive` cache). `max_idle` applies to each. Oldest at the
+    /// front (expired there first), most recent at the back (taken first).
+    idle: Box<[Mutex<VecDeque<Idle>>]>,
     idle_timeout: Duration,
     max_idle: usize,
+    /// A sweeper task is running: it closes connections idle past `idle_timeout` even when
+    /// no request comes to take them (after a burst, the upstream's closed sockets would
+    /// otherwise sit in CLOSE_WAIT, holding descriptors and buffers, until traffic returns).
+    sweeping: AtomicBool,
+    /// New connections (`rampart_upstream_connections_opened_total`).
+    opened: Counter,
 }
 
 impl std::fmt::Debug for EndpointPool {
@@ -255,10 +264,12 @@ impl EndpointPool {
             h2_refused: AtomicBool::new(false),
             connecting: tokio::sync::Mutex::new(()),
             idle: (0..crate::workers::slots())
-                .map(|_| Mutex::new(Vec::new()))
+                .map(|_| Mutex::new(VecDeque::new()))
                 .collect(),
             idle_timeout,
             max_idle,
+            sweeping: AtomicBool::new(false),
+            opened: Counter::default(),
         }
     }
 
@@ -271,8 +282,14 @@ impl EndpointPool {
         self
     }
 
+    /// Counts the connections this endpoint opens on `opened`.
+    pub fn counting_opened(mut self, opened: Counter) -> Self {
+        self.opened = opened;
+        self
+    }
+
     /// This thread's idle stack (a worker's own, or the control plane's).
-    fn stack(&self) -> &Mutex<Vec<Idle>> {
+    fn stack(&self) -> &Mutex<VecDeque<Idle>> {
         // Never empty (at least one slot).
         &self.idle[crate::workers::slot_in(self.idle.len())]
     }
@@ -288,13 +305,8 @@ impl EndpointPool {
         loop {
             let idle = {
                 let mut stack = crate::sync::lock(self.stack());
-                // The oldest sit at the bottom: drop the expired ones first.
-                let expired = stack
-                    .iter()
-                    .take_while(|i| now.duration_since(i.since) >= self.idle_timeout)
-                    .count();
-                stack.drain(..expired);
-                stack.pop()?
+                self.drop_expired(&mut stack, now);
+                stack.pop_back()?
             };
             let mut conn = idle.conn;
             if conn.usable_now() {
@@ -304,22 +316,52 @@ impl EndpointPool {
         }
     }
 
+    /// The oldest sit at the front: drops those idle for `idle_timeout` or longer.
+    fn drop_expired(&self, stack: &mut VecDeque<Idle>, now: Instant) {
+        while stack
+            .front()
+            .is_some_and(|i| now.duration_since(i.since) >= self.idle_timeout)
+        {
+            stack.pop_front();
+        }
+    }
+
     /// Only called with a connection whose response was read to its end (the callers
     /// check the rest).
-    fn put_idle(&self, conn: Connection) {
+    fn put_idle(self: &Arc<Self>, conn: Connection) {
         // Not checked for liveness here: `take_idle` checks every connection it hands out
         // anyway, and this runs on every response.
         if self.max_idle == 0 {
             return;
         }
-        let mut stack = crate::sync::lock(self.stack());
-        if stack.len() >= self.max_idle {
-            stack.remove(0);
+        {
+            let mut stack = crate::sync::lock(self.stack());
+            if stack.len() >= self.max_idle {
+                stack.pop_front();
+            }
+            stack.push_back(Idle {
+                conn,
+                since: Instant::now(),
+            });
         }
-        stack.push(Idle {
-            conn,
-            since: Instant::now(),
-        });
+        if !self.sweeping.load(Ordering::Relaxed)
+            && !self.sweeping.swap(true, Ordering::AcqRel)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(sweep(Arc::downgrade(self)));
+        }
+    }
+
+    /// Closes what expired in every stack; whether any connection is still idle.
+    fn sweep_once(&self) -> bool {
+        let now = Instant::now();
+        let mut any = false;
+        for stack in &self.idle {
+            let mut stack = crate::sync::lock(stack);
+            self.drop_expired(&mut stack, now);
+            any |= !stack.is_empty();
+        }
+        any
     }
 
     /// A new connection: TCP (and TLS) under `timeout`, for this endpoint's client. Boxed
@@ -379,6 +421,7 @@ impl EndpointPool {
 
     async fn connect_io(&self, h1_only: bool) -> Result<Io, ConnectError> {
         let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
+        self.opened.inc();
         let _ = tcp.set_nodelay(true);
         match &self.tls {
             None => Ok(Io::Plain(tcp)),
@@ -393,6 +436,33 @@ impl EndpointPool {
                     .map_err(ConnectError::Tls)?;
                 Ok(Io::Tls(Box::new(tls)))
             }
+        }
+    }
+}
+
+/// Every `idle_timeout`, closes the pool's expired idle connections; ends when none is
+/// idle (the next `put_idle` starts another) or the pool is gone (a reload replaced it).
+async fn sweep(pool: Weak<EndpointPool>) {
+    loop {
+        // Not a busy loop on `idle_timeout: 0s` (where nothing stays idle anyway).
+        let Some(period) = pool
+            .upgrade()
+            .map(|p| p.idle_timeout.max(Duration::from_millis(100)))
+        else {
+            return;
+        };
+        tokio::time::sleep(period).await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        if pool.sweep_once() {
+            continue;
+        }
+        pool.sweeping.store(false, Ordering::Release);
+        // A connection put back between the look and the store would have seen the flag
+        // still set: look once more, and carry on if one came and no one else took over.
+        if !pool.sweep_once() || pool.sweeping.swap(true, Ordering::AcqRel) {
+            return;
         }
     }
 }

@@ -38,6 +38,8 @@ pub type TestBody = BoxBody<Bytes, Infallible>;
 pub struct Counters {
     pub requests: AtomicUsize,
     pub connections: AtomicUsize,
+    /// Connections that ended (either side closed them).
+    pub closed: AtomicUsize,
     /// Handlers dropped before they finished (the proxy gave up on the request).
     pub cancelled: AtomicUsize,
     /// SSE streams whose receiver went away before the last event.
@@ -96,7 +98,11 @@ impl Upstream {
                         }),
                     )
                     .into_owned();
-                tokio::spawn(conn);
+                let c3 = c.clone();
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                    c3.closed.fetch_add(1, Ordering::SeqCst);
+                });
             }
         });
         Upstream {
