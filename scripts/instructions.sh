@@ -6,6 +6,8 @@
 #
 #   scripts/instructions.sh                 # target/release/rampart, 2 workers
 #   RAMPART_BIN=/path/rampart WORKERS=1 PORT=18080 scripts/instructions.sh
+#   CASE=rl-memory scripts/instructions.sh  # the route with a memory rate limit (or rl-redis,
+#                                           # against the redis-server on 127.0.0.1:6379)
 #
 # Needs valgrind and wrk (apt-get install -y valgrind wrk). Uses 127.0.0.1 only: the
 # stand-in upstream on its fixed port 3001, rampart on PORT, its admin on PORT+1821.
@@ -18,6 +20,13 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=${RAMPART_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/rampart}
 WORKERS=${WORKERS:-2}
 PORT=${PORT:-18080}
+CASE=${CASE:-plain}
+case $CASE in
+plain) LOAD_PORT=$PORT ;;
+rl-memory) LOAD_PORT=$((PORT + 2)) ;;
+rl-redis) LOAD_PORT=$((PORT + 3)) ;;
+*) echo "CASE must be plain, rl-memory or rl-redis, got '$CASE'" >&2; exit 1 ;;
+esac
 OUT=$(mktemp -d /tmp/rampart-instr.XXXXXX)
 PIDS=()
 
@@ -59,9 +68,9 @@ for _ in $(seq 1 150); do
     sleep 0.2
 done
 # Warm up (pools filled, code paths touched), then count a fixed-length run only.
-wrk -t1 -c16 -d2s "http://127.0.0.1:$PORT/api/agents" >/dev/null
+wrk -t1 -c16 -d2s "http://127.0.0.1:$LOAD_PORT/api/agents" >/dev/null
 callgrind_control -i on "$VG" >/dev/null
-out=$(wrk -t1 -c16 -d4s "http://127.0.0.1:$PORT/api/agents")
+out=$(wrk -t1 -c16 -d4s "http://127.0.0.1:$LOAD_PORT/api/agents")
 callgrind_control -i off "$VG" >/dev/null
 callgrind_control -d "$VG" >/dev/null
 sleep 0.5

@@ -276,13 +276,22 @@ fn begin<'a>(
     }
 
     // Rate limit: before the body is read, so a refused client costs no body bytes. A
-    // route without policies has nothing to ask.
+    // route without policies has nothing to ask; policies in memory answer at once; Redis
+    // is asked in the wait step.
     if !route.rate_limits.is_empty() {
-        return Ok(Step::RateLimit {
-            route,
-            declared_len,
-            req,
+        let verdict = ratelimit::check_now(&route.rate_limits, &route.name, req.headers(), || {
+            client_ip(env.peer.ip(), req.headers(), &env.snapshot.trusted_proxies)
         });
+        match verdict {
+            Some(verdict) => apply_verdict(verdict, &req, tail)?,
+            None => {
+                return Ok(Step::RateLimit {
+                    route,
+                    declared_len,
+                    req,
+                });
+            }
+        }
     }
     after_rate_limit(env, route, declared_len, req, tail)
 }
@@ -309,6 +318,15 @@ async fn rate_limit(
         client_ip(env.peer.ip(), req.headers(), &env.snapshot.trusted_proxies)
     })
     .await;
+    apply_verdict(verdict, req, tail)
+}
+
+/// The verdict's headers and log field kept for the response; a refusal becomes the 429.
+fn apply_verdict(
+    verdict: ratelimit::Verdict,
+    req: &Request<Incoming>,
+    tail: &mut Tail,
+) -> Result<(), ProxyError> {
     tail.rate_limit_headers = verdict.headers;
     if let Some(r) = tail.log.as_mut() {
         r.ratelimit = verdict.source;

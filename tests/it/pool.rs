@@ -48,13 +48,17 @@ async fn a_peak_of_concurrent_requests_keeps_its_upstream_connections() {
     );
     let (_, metrics) = send(&client, get(px.admin_addr, "/metrics")).await;
     let metrics = String::from_utf8_lossy(&metrics);
-    assert_eq!(
-        sample(
-            &metrics,
-            "rampart_upstream_connections_opened_total{upstream=\"up\"}"
-        ),
-        Some(opened as f64),
-        "the metric counts what the upstream saw"
+    let counted = sample(
+        &metrics,
+        "rampart_upstream_connections_opened_total{upstream=\"up\"}",
+    )
+    .expect("the metric is exported");
+    // At most what the upstream accepted: on a loaded machine a connect can complete in the
+    // kernel after rampart's connect_timeout gave up on it (not counted, then retried).
+    let accepted = up.counters.connections.load(Ordering::SeqCst) as f64;
+    assert!(
+        counted >= CONCURRENT as f64 / 2.0 && counted <= accepted,
+        "the metric ({counted}) counts the connections the upstream accepted ({accepted})"
     );
     px.shutdown().await;
 }

@@ -73,8 +73,9 @@ impl Reader {
             return Ok(Head::Informational);
         }
         let head = self.take(len);
-        // One more for the X-Request-Id echoed to the client: no rehash when it is added.
-        let mut headers = HeaderMap::with_capacity(count + 1);
+        // Room for what rampart adds to the response: the X-Request-Id echoed to the client
+        // and a rate-limited route's five RateLimit fields, with no rehash when they are.
+        let mut headers = HeaderMap::with_capacity(count + 6);
         let mut length: Option<u64> = None;
         let mut transfer_encoding = false;
         let mut chunked = false;
