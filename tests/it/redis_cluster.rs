@@ -211,7 +211,8 @@ async fn limits_are_exact_with_keys_spread_over_the_masters_and_shared_by_two_in
     };
     let up = Upstream::start().await;
     let p = unique("cl");
-    let yaml = yaml(&up.url(), &p, &cluster, "500ms", 5);
+    let yaml = yaml(&up.url(), &p, &cluster, "500ms", 5)
+        + "dependencies:\n  redis: { check: { interval: 500ms, timeout: 1s } }\n";
     // One on worker threads (a cluster connection per worker), one on the test's runtime.
     let a = start_on_workers(&yaml, 2).await;
     let b = start(&yaml).await;
@@ -265,6 +266,17 @@ async fn limits_are_exact_with_keys_spread_over_the_masters_and_shared_by_two_in
         + value(&mb, &decisions(&p, "limited", "redis"));
     let n = users.len() as f64;
     assert_eq!((allowed, limited), (5.0 * n, 7.0 * n), "{ma}\n{mb}");
+
+    // The health check asks the cluster for its state (every slot served).
+    let health = || async {
+        let (_, body) = send(&http1(), get(b.admin_addr, "/admin/health")).await;
+        String::from_utf8_lossy(&body).into_owned()
+    };
+    assert_eventually!(
+        health().await.contains("\"role\":\"cluster\""),
+        "redis check: {}",
+        health().await
+    );
     a.shutdown().await;
     b.shutdown().await;
 }
