@@ -672,3 +672,49 @@ impl bb8::ManageConnection for Manager {
         conn.broken.load(Ordering::Relaxed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// The one case a cluster connection is dropped: its task is gone (the runtime that
+    /// made it ended). The crate's own error is recognised, a node refusing is not.
+    #[test]
+    fn a_cluster_connection_is_replaced_only_when_its_task_is_gone() {
+        let client = ClusterClient::builder(["redis://127.0.0.1:1"])
+            .retries(0)
+            .build()
+            .unwrap();
+        let made_on = runtime();
+        let conn = made_on.block_on(async {
+            client.get_pending_async_connection_with_config(ClusterConfig::new())
+        });
+        let mut link = Link::Cluster(conn);
+
+        // Nothing listens: the node is refused, the connection is kept.
+        let e = made_on
+            .block_on(async {
+                tokio::time::timeout(
+                    Duration::from_secs(5),
+                    redis::cmd("PING").query_async::<String>(&mut link),
+                )
+                .await
+            })
+            .expect("an answer, not a hang")
+            .unwrap_err();
+        assert!(!cluster_task_gone(&e), "{e}");
+
+        drop(made_on);
+        let e = runtime()
+            .block_on(redis::cmd("PING").query_async::<String>(&mut link))
+            .unwrap_err();
+        assert!(cluster_task_gone(&e), "{e}");
+    }
+}

@@ -446,6 +446,72 @@ async fn a_master_killed_under_load_falls_back_per_request_and_comes_back_after_
     px.shutdown().await;
 }
 
+/// Every node down at once, then back (same ports, same `nodes.conf`, data gone): the
+/// cluster connections kept through the outage find the nodes again by themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_cluster_restarted_decisions_return_to_redis() {
+    let test = "the_whole_cluster_restarted_decisions_return_to_redis";
+    let Some(mut cluster) = Cluster::start(test, 3, 0).await else {
+        return;
+    };
+    let up = Upstream::start().await;
+    let p = unique("clr");
+    let px = start_on_workers(&yaml(&up.url(), &p, &cluster, "200ms", 3), 2).await;
+    let addr = px.addr("main").unwrap();
+    let admin = px.admin_addr;
+    assert_eq!(burst(&[addr], "before", 5).await, (3, 2, 0));
+
+    for n in &mut cluster.nodes {
+        n.kill();
+    }
+    let started = Instant::now();
+    // Decided from memory at points / replicas (3 / 2, rounded down to 1), quickly.
+    let (ok, limited, other) = burst(&[addr], "during", 4).await;
+    assert_eq!((ok + limited, other), (4, 0));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        value(&metrics(admin).await, &decisions(&p, "allowed", "memory")) >= 1.0,
+        "the memory fallback decided"
+    );
+
+    for n in &mut cluster.nodes {
+        n.restart().await;
+    }
+    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+    cluster.wait_ok(&ports, Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut i = 0;
+    loop {
+        let user = format!("after-{i}");
+        burst(&[addr], &user, 1).await;
+        let key = key_of(&p, &user);
+        if cluster.exists(cluster.owner(&key, None).await, &key).await {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never back on Redis");
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eventually!(
+        value(&metrics(admin).await, "rampart_ratelimit_fallback_active") == 0.0,
+        "the fallback closes"
+    );
+    assert_eq!(burst(&[addr], "exact-after", 5).await, (3, 2, 0));
+    assert!(
+        cluster
+            .exists(
+                cluster.owner(&key_of(&p, "exact-after"), None).await,
+                &key_of(&p, "exact-after")
+            )
+            .await
+    );
+    px.shutdown().await;
+}
+
 #[test]
 fn redis_cluster_config_is_checked_at_file_line_column() {
     let dir = std::env::temp_dir().join(format!("rampart-it-cluster-{}", unique("")));
