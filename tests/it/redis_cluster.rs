@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 use crate::assert_eventually;
@@ -25,10 +27,17 @@ use crate::support::*;
 /// ports, each in a temp dir of its own; stopped on drop.
 struct Cluster {
     nodes: Vec<RedisServer>,
+    /// `requirepass` (and `masterauth`) of every node.
+    password: Option<String>,
 }
 
 impl Cluster {
-    async fn start(test: &str, masters: usize, replicas: usize) -> Option<Cluster> {
+    async fn start(
+        test: &str,
+        masters: usize,
+        replicas: usize,
+        password: Option<&str>,
+    ) -> Option<Cluster> {
         let mut nodes = Vec::new();
         for _ in 0..masters * (1 + replicas) {
             // The bus port defaults to port + 10000, which may be taken or beyond 65535.
@@ -71,14 +80,17 @@ impl Cluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let cluster = Cluster { nodes };
+        let mut cluster = Cluster {
+            nodes,
+            password: None,
+        };
         let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
         cluster.wait_ok(&ports, Duration::from_secs(30)).await;
         // A replica that never synced cannot be elected: wait for every link.
         let deadline = Instant::now() + Duration::from_secs(30);
         for p in &ports {
             loop {
-                let info = redis::command(*p, &["INFO", "replication"]).await;
+                let info = cluster.cmd(*p, &["INFO", "replication"]).await;
                 if info.contains("role:master") || info.contains("master_link_status:up") {
                     break;
                 }
@@ -89,6 +101,16 @@ impl Cluster {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+        // Set once the cluster is up (the support code's PING knows no AUTH).
+        if let Some(pw) = password {
+            for p in &ports {
+                for setting in ["masterauth", "requirepass"] {
+                    let reply = redis::command(*p, &["CONFIG", "SET", setting, pw]).await;
+                    assert!(reply.starts_with("+OK"), "CONFIG SET {setting}: {reply}");
+                }
+            }
+            cluster.password = Some(pw.to_owned());
+        }
         Some(cluster)
     }
 
@@ -98,7 +120,7 @@ impl Cluster {
         loop {
             let mut ok = true;
             for p in ports {
-                let info = redis::command(*p, &["CLUSTER", "INFO"]).await;
+                let info = self.cmd(*p, &["CLUSTER", "INFO"]).await;
                 ok &= info.contains("cluster_state:ok");
             }
             if ok {
@@ -109,6 +131,47 @@ impl Cluster {
                 "cluster not ok within {limit:?} on {ports:?}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// One command on `port`, after AUTH when the cluster has a password (its `+OK` left
+    /// out of the reply).
+    async fn cmd(&self, port: u16, args: &[&str]) -> String {
+        let Some(pw) = &self.password else {
+            return redis::command(port, args).await;
+        };
+        let resp = |args: &[&str]| {
+            let mut req = format!("*{}\r\n", args.len());
+            for a in args {
+                req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+            }
+            req
+        };
+        let req = resp(&["AUTH", pw]) + &resp(args);
+        let attempt = async {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+            s.write_all(req.as_bytes()).await.ok()?;
+            let mut out = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Replies here are small: read until a short pause.
+            while let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await
+            {
+                if n == 0 {
+                    break;
+                }
+                out.extend_from_slice(&buf[..n]);
+            }
+            Some(String::from_utf8_lossy(&out).into_owned())
+        };
+        let reply = tokio::time::timeout(Duration::from_secs(2), attempt)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        match reply.strip_prefix("+OK\r\n") {
+            Some(rest) => rest.to_owned(),
+            None => panic!("AUTH refused on {port}: {reply}"),
         }
     }
 
@@ -134,7 +197,7 @@ impl Cluster {
             if Some(i) == skip {
                 continue;
             }
-            let reply = redis::command(n.port, &["EXISTS", key]).await;
+            let reply = self.cmd(n.port, &["EXISTS", key]).await;
             if reply.starts_with(':') {
                 return Some(i);
             }
@@ -143,14 +206,18 @@ impl Cluster {
     }
 
     async fn exists(&self, node: usize, key: &str) -> bool {
-        redis::command(self.nodes[node].port, &["EXISTS", key]).await == ":1\r\n"
+        self.cmd(self.nodes[node].port, &["EXISTS", key]).await == ":1\r\n"
     }
 }
 
 fn yaml(up: &str, p: &str, cluster: &Cluster, timeout: &str, points: u64) -> String {
     let mut s = one_route(up, &format!("        rate_limits: [{p}]"), "");
+    let auth = match &cluster.password {
+        Some(pw) => format!("    username: default\n    password: \"{pw}\"\n"),
+        None => String::new(),
+    };
     s.push_str(&format!(
-        "redis:\n  cluster:\n    nodes: [{}]\n  timeout: {timeout}\n  connect_timeout: 2s\n\
+        "redis:\n  cluster:\n    nodes: [{}]\n{auth}  timeout: {timeout}\n  connect_timeout: 2s\n\
          replicas: 2\nrate_limits:\n  {p}: {{ points: {points}, per: 60s, key: \"header:x-user\", store: redis }}\n",
         cluster.seeds()
     ));
@@ -206,9 +273,12 @@ async fn burst(addrs: &[SocketAddr], user: &str, n: usize) -> (usize, usize, usi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_are_exact_with_keys_spread_over_the_masters_and_shared_by_two_instances() {
     let test = "limits_are_exact_with_keys_spread_over_the_masters_and_shared_by_two_instances";
-    let Some(cluster) = Cluster::start(test, 3, 0).await else {
+    // With a password on every node, given with the ACL user.
+    let Some(cluster) = Cluster::start(test, 3, 0, Some("cl-secret-7")).await else {
         return;
     };
+    let anonymous = redis::command(cluster.nodes[0].port, &["EXISTS", "x"]).await;
+    assert!(anonymous.starts_with("-NOAUTH"), "{anonymous}");
     let up = Upstream::start().await;
     let p = unique("cl");
     let yaml = yaml(&up.url(), &p, &cluster, "500ms", 5)
@@ -234,11 +304,12 @@ async fn limits_are_exact_with_keys_spread_over_the_masters_and_shared_by_two_in
     }
     let mut slots = BTreeSet::new();
     for u in &users {
-        let slot = redis::command(
-            cluster.nodes[0].port,
-            &["CLUSTER", "KEYSLOT", &key_of(&p, u)],
-        )
-        .await;
+        let slot = cluster
+            .cmd(
+                cluster.nodes[0].port,
+                &["CLUSTER", "KEYSLOT", &key_of(&p, u)],
+            )
+            .await;
         slots.insert(slot);
     }
     assert!(
@@ -327,7 +398,7 @@ fn load(addr: SocketAddr, tasks: usize, stop: Arc<AtomicBool>) -> JoinHandle<Loa
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_killed_under_load_falls_back_per_request_and_comes_back_after_failover() {
     let test = "a_master_killed_under_load_falls_back_per_request_and_comes_back_after_failover";
-    let Some(mut cluster) = Cluster::start(test, 3, 1).await else {
+    let Some(mut cluster) = Cluster::start(test, 3, 1, None).await else {
         return;
     };
     let up = Upstream::start().await;
@@ -451,7 +522,7 @@ async fn a_master_killed_under_load_falls_back_per_request_and_comes_back_after_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_whole_cluster_restarted_decisions_return_to_redis() {
     let test = "the_whole_cluster_restarted_decisions_return_to_redis";
-    let Some(mut cluster) = Cluster::start(test, 3, 0).await else {
+    let Some(mut cluster) = Cluster::start(test, 3, 0, None).await else {
         return;
     };
     let up = Upstream::start().await;
