@@ -21,13 +21,25 @@
 //! runtime (outside the pool, with the pool's manager): a multiplexed connection is driven
 //! by a task on the runtime that made it, and a call from another worker would wake that
 //! thread, and be woken by it, on every decision. The same rules replace it.
+//!
+//! With `cluster:` a "connection" is the redis crate's cluster connection: one multiplexed
+//! connection per node, also driven by a task on the runtime that made it (so per worker
+//! too), which routes each call by its key's slot, follows MOVED and ASK, refreshes the slot
+//! map and reconnects to a node by itself. It is made without waiting (the nodes are
+//! connected in the background, within `connect_timeout`, not within one call's timeout)
+//! and kept through a node's failure: dropping it would cut the calls to the healthy
+//! masters too and start over from the seed nodes. It is replaced only when its task is
+//! gone. A node's script cache is its own: EVALSHA answered NOSCRIPT by one master is sent
+//! as EVAL to that same master (the same key, so the same slot).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster::{ClusterClient, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, FromRedisValue};
 use tokio::time::Instant;
 
@@ -97,6 +109,31 @@ impl Redis {
                 sentinels: addresses.clone(),
                 current: Mutex::new(None),
             },
+            RedisTarget::Cluster {
+                nodes,
+                username,
+                password,
+            } => {
+                let mut builder =
+                    ClusterClient::builder(nodes.iter().map(|n| format!("redis://{n}")))
+                        // A MOVED, an ASK and a reconnect fit; more would outlive the call.
+                        .retries(4)
+                        // The call's own timeout bounds the whole call, retries included.
+                        .overall_response_timeout(None);
+                if let Some(user) = username {
+                    builder = builder.username(user);
+                }
+                if let Some(password) = password {
+                    builder = builder.password(password.expose());
+                }
+                TargetKind::Cluster {
+                    client: Box::new(builder.build()?),
+                    // Per attempt on one node: a frozen node is given up within the call.
+                    config: ClusterConfig::new()
+                        .set_connection_timeout(cfg.connect_timeout)
+                        .set_response_timeout(cfg.timeout),
+                }
+            }
         };
         let target = Arc::new(Target {
             kind,
@@ -151,7 +188,7 @@ impl Redis {
                 }
                 call.finish(match &r {
                     Ok(_) => false,
-                    Err(e) => self.connection_is_done(e),
+                    Err(e) => self.connection_is_done(&call.conn, e),
                 });
                 let again = matches!(&r, Err(e) if is_readonly(e));
                 result = r.map_err(RedisError::from);
@@ -177,7 +214,7 @@ impl Redis {
                 .await;
             call.finish(match &r {
                 Ok(_) => false,
-                Err(e) => self.connection_is_done(e),
+                Err(e) => self.connection_is_done(&call.conn, e),
             });
             r.map_err(RedisError::from)
         };
@@ -228,7 +265,15 @@ impl Redis {
             .query_async::<String>(&mut call.conn)
             .await;
         let rtt = start.elapsed();
+        let cluster = matches!(call.conn, Link::Cluster(_));
+        // A cluster has no one role: its state says whether every slot is served.
         let r = match r {
+            Ok(_) if cluster => {
+                redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async::<String>(&mut call.conn)
+                    .await
+            }
             Ok(_) => {
                 redis::cmd("INFO")
                     .arg("replication")
@@ -239,9 +284,19 @@ impl Redis {
         };
         call.finish(match &r {
             Ok(_) => false,
-            Err(e) => self.connection_is_done(e),
+            Err(e) => self.connection_is_done(&call.conn, e),
         });
         let info = r?;
+        if cluster {
+            return match info
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("cluster_state:"))
+            {
+                Some("ok") => Ok((rtt, "cluster".to_owned())),
+                Some(state) => Err(RedisError::Reply(format!("cluster_state:{state}"))),
+                None => Err(RedisError::Reply("no cluster_state in CLUSTER INFO".into())),
+            };
+        }
         let role = info
             .lines()
             .find_map(|l| l.trim().strip_prefix("role:"))
@@ -320,8 +375,13 @@ impl Redis {
     }
 
     /// Whether the connection that produced `e` must be dropped. A READONLY answer means
-    /// this server was demoted by a fail-over: ask the sentinels again.
-    fn connection_is_done(&self, e: &redis::RedisError) -> bool {
+    /// this server was demoted by a fail-over: ask the sentinels again. A cluster connection
+    /// recovers from a node's failure by itself (see the top of this file): only its task
+    /// being gone, which every call then reports, drops it.
+    fn connection_is_done(&self, link: &Link, e: &redis::RedisError) -> bool {
+        if matches!(link, Link::Cluster(_)) {
+            return cluster_task_gone(e);
+        }
         if is_readonly(e) {
             self.target.forget_master();
             return true;
@@ -343,6 +403,12 @@ impl Redis {
 /// connection may well work. A timeout or a refusal says Redis itself is slow or down.
 fn is_stale(e: &redis::RedisError) -> bool {
     (e.is_io_error() || e.is_connection_dropped()) && !e.is_timeout() && !e.is_connection_refusal()
+}
+
+/// The cluster connection's task no longer takes or answers calls (its runtime ended): the
+/// crate reports that as a broken pipe of its own, named so.
+fn cluster_task_gone(e: &redis::RedisError) -> bool {
+    e.is_connection_dropped() && e.to_string().contains("redis_cluster: Unable to")
 }
 
 fn is_readonly(e: &redis::RedisError) -> bool {
@@ -369,11 +435,80 @@ enum TargetKind {
         /// The master last named by a sentinel; cleared after a failure.
         current: Mutex<Option<redis::Client>>,
     },
+    /// Boxed: the client is far larger than the other kinds.
+    Cluster {
+        client: Box<ClusterClient>,
+        config: ClusterConfig,
+    },
+}
+
+/// One server's multiplexed connection, or a cluster's (a connection per node, each call
+/// sent to the master of its key's slot). Clones share the connection.
+#[derive(Clone)]
+enum Link {
+    Server(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Link {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Link::Server(c) => c.req_packed_command(cmd),
+            Link::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Link::Server(c) => c.req_packed_commands(cmd, offset, count),
+            Link::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Link::Server(c) => c.get_db(),
+            Link::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 impl Target {
+    /// A new connection to the server (Sentinel's master included) or the cluster.
+    async fn connect(&self) -> Result<Link, RedisError> {
+        if let TargetKind::Cluster { client, config } = &self.kind {
+            // Its task connects the nodes in the background, on this runtime.
+            return Ok(Link::Cluster(
+                client.get_pending_async_connection_with_config(config.clone()),
+            ));
+        }
+        let client = self.client().await?;
+        match client
+            .get_multiplexed_async_connection_with_config(&self.conn_config)
+            .await
+        {
+            Ok(conn) => Ok(Link::Server(conn)),
+            Err(e) => {
+                // The master may have moved (fail-over): ask the sentinels next time.
+                self.forget_master();
+                Err(e.into())
+            }
+        }
+    }
+
     async fn client(&self) -> Result<redis::Client, RedisError> {
         match &self.kind {
+            TargetKind::Cluster { .. } => Err(RedisError::Pool(
+                "a cluster has no one server to connect to".into(),
+            )),
             TargetKind::Url(client) => Ok(client.clone()),
             TargetKind::Sentinel {
                 master,
@@ -442,7 +577,7 @@ impl Target {
 // === impl Manager ===
 
 pub(crate) struct Conn {
-    inner: MultiplexedConnection,
+    inner: Link,
     /// `Target::generation` when connected.
     generation: u64,
     /// Set by a call that failed on it or was cut short; bb8 then drops it.
@@ -451,7 +586,7 @@ pub(crate) struct Conn {
 
 /// The shared connection: a clone of a pooled one's handle and flag.
 struct Handle {
-    conn: MultiplexedConnection,
+    conn: Link,
     broken: Arc<AtomicBool>,
     generation: u64,
 }
@@ -482,7 +617,7 @@ impl Handle {
 
 /// One call's handle on a shared connection.
 struct Call {
-    conn: MultiplexedConnection,
+    conn: Link,
     broken: Arc<AtomicBool>,
     done: bool,
 }
@@ -499,8 +634,10 @@ impl Call {
 impl Drop for Call {
     fn drop(&mut self) {
         // Dropped mid-call (the timeout): the late answer may still come on this
-        // connection, and Redis is slow or gone; nobody should wait on it again.
-        if !self.done {
+        // connection, and Redis is slow or gone; nobody should wait on it again. A
+        // cluster's slow node is one of several, which the cluster connection retries or
+        // reconnects by itself.
+        if !self.done && matches!(self.conn, Link::Server(_)) {
             self.broken.store(true, Ordering::Relaxed);
         }
     }
@@ -516,22 +653,11 @@ impl bb8::ManageConnection for Manager {
 
     async fn connect(&self) -> Result<Conn, RedisError> {
         let generation = self.target.generation.load(Ordering::Relaxed);
-        let client = self.target.client().await?;
-        match client
-            .get_multiplexed_async_connection_with_config(&self.target.conn_config)
-            .await
-        {
-            Ok(inner) => Ok(Conn {
-                inner,
-                generation,
-                broken: Arc::new(AtomicBool::new(false)),
-            }),
-            Err(e) => {
-                // The master may have moved (fail-over): ask the sentinels next time.
-                self.target.forget_master();
-                Err(e.into())
-            }
-        }
+        Ok(Conn {
+            inner: self.target.connect().await?,
+            generation,
+            broken: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     async fn is_valid(&self, conn: &mut Conn) -> Result<(), RedisError> {
@@ -544,5 +670,51 @@ impl bb8::ManageConnection for Manager {
 
     fn has_broken(&self, conn: &mut Conn) -> bool {
         conn.broken.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// The one case a cluster connection is dropped: its task is gone (the runtime that
+    /// made it ended). The crate's own error is recognised, a node refusing is not.
+    #[test]
+    fn a_cluster_connection_is_replaced_only_when_its_task_is_gone() {
+        let client = ClusterClient::builder(["redis://127.0.0.1:1"])
+            .retries(0)
+            .build()
+            .unwrap();
+        let made_on = runtime();
+        let conn = made_on.block_on(async {
+            client.get_pending_async_connection_with_config(ClusterConfig::new())
+        });
+        let mut link = Link::Cluster(conn);
+
+        // Nothing listens: the node is refused, the connection is kept.
+        let e = made_on
+            .block_on(async {
+                tokio::time::timeout(
+                    Duration::from_secs(5),
+                    redis::cmd("PING").query_async::<String>(&mut link),
+                )
+                .await
+            })
+            .expect("an answer, not a hang")
+            .unwrap_err();
+        assert!(!cluster_task_gone(&e), "{e}");
+
+        drop(made_on);
+        let e = runtime()
+            .block_on(redis::cmd("PING").query_async::<String>(&mut link))
+            .unwrap_err();
+        assert!(cluster_task_gone(&e), "{e}");
     }
 }

@@ -150,6 +150,13 @@ upstreams: { u: { endpoints: ["http://127.0.0.1:1"] } }
 redis: { sentinel: { master: mymaster, addresses: ["10.0.0.1:26379", "10.0.0.2:26379"] } }
 rate_limits: { r: {} }
 "#;
+    /// Redis Cluster, with credentials (the password shown redacted).
+    const CLUSTER: &str = r#"
+listeners: [{ name: m, listen: "127.0.0.1:0", routes: [{ upstream: u }] }]
+upstreams: { u: { endpoints: ["http://127.0.0.1:1"] } }
+redis: { cluster: { nodes: ["10.0.0.1:7000", "10.0.0.2:7000"], username: app, password: zzclusterpw } }
+rate_limits: { r: {} }
+"#;
     const MINIMAL: &str = r#"
 listeners: [{ name: m, listen: "127.0.0.1:0", routes: [{ upstream: u }] }]
 upstreams: { u: { endpoints: ["http://127.0.0.1:1"] } }
@@ -172,6 +179,7 @@ upstreams: { u: { endpoints: ["http://127.0.0.1:1"] } }
         json!({
             "rich": to_json(&rich),
             "sentinel": to_json(&parse(SENTINEL)),
+            "cluster": to_json(&parse(CLUSTER)),
             "minimal": to_json(&parse(MINIMAL)),
         })
     }

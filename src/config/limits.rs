@@ -8,7 +8,7 @@ use super::Secret;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RedisConfig {
-    /// `url` or `sentinel`, beside the other keys as in the file.
+    /// `url`, `sentinel` or `cluster`, beside the other keys as in the file.
     #[serde(flatten)]
     pub target: RedisTarget,
     /// Hard limit on one call, pool check-out included. Default 50ms.
@@ -50,6 +50,16 @@ pub enum RedisTarget {
         master: String,
         /// `host:port` of each sentinel, tried in order.
         addresses: Vec<String>,
+    },
+    /// A Redis Cluster: the seed nodes are asked for the slot map; the client follows
+    /// MOVED/ASK and refreshes the map itself.
+    Cluster {
+        /// `host:port` of the seed nodes (any of them answering is enough).
+        nodes: Vec<String>,
+        /// ACL user; None = the default user.
+        username: Option<String>,
+        /// `AUTH` password, the same on every node.
+        password: Option<Secret<String>>,
     },
 }
 

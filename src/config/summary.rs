@@ -155,6 +155,12 @@ impl Config {
                 RedisTarget::Sentinel { master, addresses } => {
                     format!("sentinel master {master} via {}", addresses.join(", "))
                 }
+                RedisTarget::Cluster {
+                    nodes, username, ..
+                } => match username {
+                    Some(user) => format!("cluster {} as {user}", nodes.join(", ")),
+                    None => format!("cluster {}", nodes.join(", ")),
+                },
             };
             let _ = writeln!(
                 s,

@@ -1387,7 +1387,7 @@ async fn drill_redis_failover() {
         allowed(px.addr, "before", 5).await == 3,
         "3 of 5 allowed before",
     );
-    let key_before = format!("rl:{{{p}u}}:h:before");
+    let key_before = format!("rl:{{{p}u:h:before}}");
     c.check(
         redis::command(master.port, &["EXISTS", &key_before])
             .await
@@ -1425,7 +1425,7 @@ async fn drill_redis_failover() {
     let heal = loop {
         let user = format!("after-{i}");
         allowed(px.addr, &user, 1).await;
-        let key = format!("rl:{{{p}u}}:h:{user}");
+        let key = format!("rl:{{{p}u:h:{user}}}");
         if redis::command(replica.port, &["EXISTS", &key])
             .await
             .contains(":1")
@@ -1449,7 +1449,7 @@ async fn drill_redis_failover() {
     );
     let on_new = redis::command(
         replica.port,
-        &["HGET", &format!("rl:{{{p}u}}:h:settled"), "c"],
+        &["HGET", &format!("rl:{{{p}u:h:settled}}"), "c"],
     )
     .await;
     c.check(

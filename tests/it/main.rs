@@ -24,6 +24,7 @@ mod metrics;
 mod pool;
 mod proxy;
 mod ratelimit;
+mod redis_cluster;
 mod reload;
 mod resilience;
 mod slow_clients;

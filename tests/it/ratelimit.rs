@@ -159,9 +159,9 @@ async fn redis_exact_limit(test: &str, workers: Option<usize>) {
     assert_eq!(value(&m, &decisions(&p, "allowed", "redis")), 37.0, "{m}");
     assert_eq!(value(&m, &decisions(&p, "limited", "redis")), 43.0, "{m}");
     // One hash per key, with an expiry set by the script.
-    let keys = redis::command(redis.port, &["KEYS", &format!("rl:{{{p}}}:*")]).await;
-    assert!(keys.contains(&format!("rl:{{{p}}}:ip:127.0.0.1")), "{keys}");
-    let ttl = redis::command(redis.port, &["PTTL", &format!("rl:{{{p}}}:ip:127.0.0.1")]).await;
+    let keys = redis::command(redis.port, &["KEYS", &format!("rl:{{{p}:*")]).await;
+    assert!(keys.contains(&format!("rl:{{{p}:ip:127.0.0.1}}")), "{keys}");
+    let ttl = redis::command(redis.port, &["PTTL", &format!("rl:{{{p}:ip:127.0.0.1}}")]).await;
     let ttl: i64 = ttl.trim().trim_start_matches(':').parse().unwrap();
     assert!(ttl > 0 && ttl <= 60_000, "ttl {ttl}");
     px.shutdown().await;

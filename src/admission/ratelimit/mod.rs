@@ -349,15 +349,29 @@ impl Policy {
         key
     }
 
-    /// `rl:{policy}:KEY`, or `rl:{policy}:s:KEY` for the streams. The policy in braces:
-    /// Redis Cluster keeps a policy's keys in one slot.
+    /// `rl:{policy:KEY}`, or `rl:{policy:KEY}:s` for the streams (`infix` "s:"). Policy and
+    /// key in the hash tag: Redis Cluster spreads a policy's keys over all masters, and the
+    /// two keys of one client share a slot. A header value may hold braces, which would end
+    /// the tag early: inside it `%`, `{` and `}` are written `%25`, `%7B` and `%7D` (the
+    /// tag is then the whole of it, and two keys never share a name).
     fn redis_key(&self, infix: &str, key: &str) -> String {
-        let mut redis_key = String::with_capacity(self.name.len() + key.len() + 8);
+        let mut redis_key = String::with_capacity(self.name.len() + key.len() + 10);
         redis_key.push_str("rl:{");
         redis_key.push_str(&self.name);
-        redis_key.push_str("}:");
-        redis_key.push_str(infix);
-        redis_key.push_str(key);
+        redis_key.push(':');
+        for c in key.chars() {
+            match c {
+                '%' => redis_key.push_str("%25"),
+                '{' => redis_key.push_str("%7B"),
+                '}' => redis_key.push_str("%7D"),
+                c => redis_key.push(c),
+            }
+        }
+        redis_key.push('}');
+        if let Some(kind) = infix.strip_suffix(':').filter(|k| !k.is_empty()) {
+            redis_key.push(':');
+            redis_key.push_str(kind);
+        }
         redis_key
     }
 

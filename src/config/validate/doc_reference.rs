@@ -205,6 +205,10 @@ redis:
   sentinel: { master: m, addresses: ["127.0.0.1:26379"] }
 "#,
     r#"
+redis:
+  cluster: { nodes: ["127.0.0.1:7000"], username: u, password: p }
+"#,
+    r#"
 listeners:
   - name: t
     listen: "127.0.0.1:0"

@@ -22,7 +22,7 @@ pub(super) const MAX_STREAMS: u64 = 1_000_000;
 pub(super) const MIN_STREAM_LEASE: Duration = Duration::from_secs(3);
 pub(super) const MAX_STREAM_LEASE: Duration = Duration::from_secs(600);
 
-/// `redis:`: exactly one of `url` and `sentinel`, plus timeouts and the pool. Returns Some
+/// `redis:`: exactly one of `url`, `sentinel` and `cluster`, plus timeouts and the pool. Returns Some
 /// whenever the section is written, even with problems, so `store: redis` is not reported
 /// as lacking it.
 pub(super) fn redis(ctx: &mut Ctx, f: Option<Field>) -> Option<RedisConfig> {
@@ -30,10 +30,14 @@ pub(super) fn redis(ctx: &mut Ctx, f: Option<Field>) -> Option<RedisConfig> {
     let mut m = MapReader::open(ctx, Some(f));
     let url_field = m.optional("url");
     let sentinel_field = m.optional("sentinel");
+    let cluster_field = m.optional("cluster");
     let url = url_field
         .as_ref()
         .and_then(|f| ctx.parse_secret(f, "a redis:// URL", parse_redis_url));
     let sentinel = sentinel_field.clone().map(|f| sentinel(ctx, f));
+    let cluster = cluster_field
+        .clone()
+        .map(|f| super::redis_cluster::cluster(ctx, f));
     let timeout = m
         .read(ctx, "timeout", |ctx, f| {
             ctx.duration_at_most(f, MAX_REDIS_TIMEOUT)
@@ -45,26 +49,38 @@ pub(super) fn redis(ctx: &mut Ctx, f: Option<Field>) -> Option<RedisConfig> {
         })
         .unwrap_or(timeout);
     let pool_max_size = redis_pool(ctx, m.optional("pool"));
-    let target = match (&url_field, &sentinel_field) {
-        (Some(_), Some(s)) => {
-            let path = s.path.clone();
-            ctx.report(s.pos(), &path, "give either `url` or `sentinel`, not both");
-            None
-        }
-        (None, None) => {
+    // Reported at each choice after the first, in the file's order.
+    let mut written: Vec<&Field> = [&url_field, &sentinel_field, &cluster_field]
+        .into_iter()
+        .flatten()
+        .collect();
+    written.sort_by_key(|f| f.pos());
+    for extra in written.iter().skip(1) {
+        let path = extra.path.clone();
+        ctx.report(
+            extra.pos(),
+            &path,
+            "give one of `url`, `sentinel` and `cluster`, not several",
+        );
+    }
+    let target = match (&url_field, &sentinel_field, &cluster_field) {
+        (None, None, None) => {
             if !m.quiet {
                 ctx.report(
                     m.pos,
                     &m.path,
-                    "missing `url` (\"redis://host:port\") or `sentinel` ({ master, addresses })",
+                    "missing `url` (\"redis://host:port\"), `sentinel` ({ master, addresses }) \
+                     or `cluster` ({ nodes })",
                 );
             }
             None
         }
-        (Some(_), None) => url.map(RedisTarget::Url),
-        (None, Some(_)) => sentinel
+        (Some(_), None, None) => url.map(RedisTarget::Url),
+        (None, Some(_), None) => sentinel
             .flatten()
             .map(|(master, addresses)| RedisTarget::Sentinel { master, addresses }),
+        (None, None, Some(_)) => cluster.flatten(),
+        _ => None,
     };
     m.finish(ctx);
     Some(RedisConfig {
@@ -220,7 +236,7 @@ pub(super) fn rate_limit(
                     ctx.report(
                         f.pos(),
                         &f.path,
-                        "store redis needs a top-level `redis:` section (url or sentinel)",
+                        "store redis needs a top-level `redis:` section (url, sentinel or cluster)",
                     );
                     return None;
                 }
@@ -392,7 +408,7 @@ mod tests {
             10,
             8,
             "redis",
-            "missing `url` (\"redis://host:port\") or `sentinel`",
+            "missing `url` (\"redis://host:port\"), `sentinel` ({ master, addresses }) or `cluster`",
         );
         only(
             &with_limits(
@@ -406,7 +422,7 @@ mod tests {
             12,
             13,
             "redis.sentinel",
-            "give either `url` or `sentinel`, not both",
+            "give one of `url`, `sentinel` and `cluster`, not several",
         );
     }
 

@@ -13,6 +13,7 @@ mod health;
 mod limits;
 mod listeners;
 mod reader;
+mod redis_cluster;
 mod scalars;
 mod streams;
 #[cfg(test)]
