@@ -23,6 +23,7 @@ mod hygiene;
 mod metrics;
 mod proxy;
 mod ratelimit;
+mod ratelimit_lease;
 mod reload;
 mod resilience;
 mod slow_clients;
