@@ -153,7 +153,11 @@ async fn hget(conn: &mut TcpStream, key: &str, field: &str) -> Option<u64> {
 }
 
 /// Polls the key's window end every 5 ms until `stop`: the windows seen, by their end.
-fn watch_windows(port: u16, key: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<u64>> {
+fn watch_windows(
+    port: u16,
+    key: String,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<u64>> {
     tokio::spawn(async move {
         let mut conn = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let mut ends: Vec<u64> = Vec::new();
@@ -225,11 +229,7 @@ async fn accuracy(test: &str, points: u64, window_ms: u64, pace: Duration, margi
     let b = start(&yaml).await;
     let addrs = [a.addr("main").unwrap(), b.addr("main").unwrap()];
     let stop = Arc::new(AtomicBool::new(false));
-    let watcher = watch_windows(
-        redis.port,
-        format!("rl:{{{p}}}:ip:127.0.0.1"),
-        stop.clone(),
-    );
+    let watcher = watch_windows(redis.port, format!("rl:{{{p}}}:ip:127.0.0.1"), stop.clone());
     let load_start = wall_ms();
     let samples = load(
         &addrs,
@@ -243,7 +243,8 @@ async fn accuracy(test: &str, points: u64, window_ms: u64, pace: Duration, margi
     stop.store(true, Ordering::Relaxed);
     let ends = watcher.await.unwrap();
     let calls = redis_calls(a.admin_addr).await + redis_calls(b.admin_addr).await;
-    let in_memory = decided_in_memory(a.admin_addr, &p).await + decided_in_memory(b.admin_addr, &p).await;
+    let in_memory =
+        decided_in_memory(a.admin_addr, &p).await + decided_in_memory(b.admin_addr, &p).await;
     let windows = per_window(&samples, &ends, window_ms);
     let admitted: usize = samples.iter().filter(|s| s.ok).count();
     eprintln!(
@@ -268,8 +269,9 @@ async fn accuracy(test: &str, points: u64, window_ms: u64, pace: Duration, margi
             "under-admitted beyond {margin}: {w:?}"
         );
     }
-    // Never more than one window's points between two windows' starts, at the edges too.
-    let total_bound = usize::try_from(points).unwrap() * (ends.len() + 1);
+    // Every admission falls in a window Redis opened, and the watcher saw each (a window
+    // lasts far longer than its 5 ms poll): at most `points` per window, edges included.
+    let total_bound = usize::try_from(points).unwrap() * ends.len();
     assert!(admitted <= total_bound, "{admitted} > {total_bound}");
     a.shutdown().await;
     b.shutdown().await;
@@ -391,10 +393,17 @@ async fn a_key_seen_once_is_decided_as_without_leasing() {
     let key = format!("rl:{{{p}}}:ip:127.0.0.1");
     let (resp, _) = send(&client, get(a.addr("main").unwrap(), "/ok")).await;
     assert_eq!(resp.status(), 200);
-    assert_eq!(resp.headers()["ratelimit"], format!("\"{p}\";r=1;t=60").as_str());
+    assert_eq!(
+        resp.headers()["ratelimit"],
+        format!("\"{p}\";r=1;t=60").as_str()
+    );
     assert_eq!(redis_calls(a.admin_addr).await, 1.0);
     let c = redis::command(redis.port, &["HMGET", &key, "c", "d"]).await;
-    assert_eq!(c.lines().collect::<Vec<_>>(), ["*2", "$1", "1", "$1", "0"], "{c:?}");
+    assert_eq!(
+        c.lines().collect::<Vec<_>>(),
+        ["*2", "$1", "1", "$1", "0"],
+        "{c:?}"
+    );
     // The other instance spends the last point, then refuses with the block.
     let (resp, _) = send(&client, get(b.addr("main").unwrap(), "/ok")).await;
     assert_eq!(resp.status(), 200);
@@ -403,7 +412,10 @@ async fn a_key_seen_once_is_decided_as_without_leasing() {
         let (resp, _) = send(&client, get(addr, "/ok")).await;
         assert_eq!(resp.status(), 429);
         assert_eq!(resp.headers()["retry-after"], "90");
-        assert_eq!(resp.headers()["ratelimit"], format!("\"{p}\";r=0;t=90").as_str());
+        assert_eq!(
+            resp.headers()["ratelimit"],
+            format!("\"{p}\";r=0;t=90").as_str()
+        );
     }
     assert_eq!(up.requests(), 2);
     a.shutdown().await;

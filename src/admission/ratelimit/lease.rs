@@ -77,7 +77,13 @@ pub(crate) fn lease_length(window: Duration) -> Duration {
 
 /// The next slice to ask for, from the last one: `slice` granted (0: none yet, or refused),
 /// `unused` of it given back, `since` its ask, `lease` the lease length.
-pub(crate) fn next_slice(slice: u64, unused: u64, since: Duration, lease: Duration, max: u64) -> u64 {
+pub(crate) fn next_slice(
+    slice: u64,
+    unused: u64,
+    since: Duration,
+    lease: Duration,
+    max: u64,
+) -> u64 {
     let next = if slice == 0 {
         1
     } else if unused > 0 {
@@ -566,7 +572,10 @@ mod tests {
     #[test]
     fn lease_length_is_a_quarter_window_at_most_a_second() {
         assert_eq!(lease_length(Duration::from_secs(2)), MS * 500);
-        assert_eq!(lease_length(Duration::from_secs(60)), Duration::from_secs(1));
+        assert_eq!(
+            lease_length(Duration::from_secs(60)),
+            Duration::from_secs(1)
+        );
         assert_eq!(lease_length(MS), MS);
     }
 
@@ -637,7 +646,10 @@ mod tests {
         let d = l.grant(t0, &grant(0, 0, 1500, 120, 0), lease);
         assert_eq!((d.allowed, d.retry_after), (false, MS * 120));
         let d = l.take(t0 + MS * 100).unwrap();
-        assert_eq!((d.allowed, d.retry_after, d.reset), (false, MS * 20, MS * 1400));
+        assert_eq!(
+            (d.allowed, d.retry_after, d.reset),
+            (false, MS * 20, MS * 1400)
+        );
         assert_eq!(l.take(t0 + MS * 120), None);
         assert_eq!(l.ask(t0 + MS * 120, lease, 64, 2).want, 1);
         // Spent (or blocked) for 60 s: asked again after one lease.

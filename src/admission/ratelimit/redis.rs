@@ -52,8 +52,8 @@ return {allowed, math.max(points - count, 0), wend - now, retry}
 /// (ms) the points given back were leased in, replicas, lease ms.
 ///
 /// Points given back count again only in the window they came from. Then up to `want`
-/// points are reserved at once (c += granted), at most `remaining / (2 * replicas)` (at least
-/// 1) so replicas share what is left and the last points go one by one. Nothing granted:
+/// points are reserved at once (c += granted), at most `remaining / (2 * replicas)` but at
+/// least one, so replicas share what is left and the last points go one by one. Nothing granted:
 /// while a slice may be held elsewhere (d) the refusal is "retry at d" and starts no block;
 /// otherwise the key has spent its points: refused until the window ends, or `block`.
 /// A slice never outlives its window. Returns {granted, remaining (not reserved), ms to

@@ -719,7 +719,8 @@ mod tests {
             "{p:#?}"
         );
         assert!(
-            p[0].message.contains("expected off or { max: N }, got \"on\""),
+            p[0].message
+                .contains("expected off or { max: N }, got \"on\""),
             "{p:#?}"
         );
         assert!(p[1].message.contains("must be greater than 0"), "{p:#?}");
