@@ -421,3 +421,73 @@ async fn a_key_seen_once_is_decided_as_without_leasing() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A slice left unused by an instance whose traffic stopped comes back to Redis when its
+/// lease ends, and the other instance gets it within the window: under-admission is a delay
+/// of about a lease, not a loss. Meanwhile the other is told to retry soon, not at the
+/// window's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slice_left_unused_comes_back_to_the_other_instance() {
+    let Some(redis) =
+        RedisServer::any("a_slice_left_unused_comes_back_to_the_other_instance").await
+    else {
+        return;
+    };
+    let up = Upstream::start().await;
+    let p = unique("idle");
+    // A 10 s window: leases of 1 s.
+    let yaml = config(
+        &up.url(),
+        &p,
+        &redis.url,
+        "{ points: 100, per: 10s, block_for: off }",
+    );
+    let a = start(&yaml).await;
+    let b = start(&yaml).await;
+    let client = http1();
+    let key = format!("rl:{{{p}}}:ip:127.0.0.1");
+    let began = Instant::now();
+    // A's slices grow 1, 2, 4, 8, 16 while its requests come quickly.
+    for _ in 0..20 {
+        let (resp, _) = send(&client, get(a.addr("main").unwrap(), "/ok")).await;
+        assert_eq!(resp.status(), 200);
+    }
+    let c = redis::command(redis.port, &["HGET", &key, "c"]).await;
+    let reserved: u64 = c.lines().nth(1).unwrap().trim().parse().unwrap();
+    assert!(
+        reserved > 20,
+        "A holds an unused slice: reserved {reserved}"
+    );
+    // A's traffic stops; B asks until all 100 are admitted, within the window.
+    let mut admitted = 20;
+    let mut refusals = Vec::new();
+    for _ in 0..5000 {
+        if admitted == 100 || began.elapsed() > Duration::from_secs(9) {
+            break;
+        }
+        let (resp, _) = send(&client, get(b.addr("main").unwrap(), "/ok")).await;
+        match resp.status().as_u16() {
+            200 => admitted += 1,
+            429 => refusals.push(resp.headers()["retry-after"].to_str().unwrap().to_owned()),
+            s => panic!("status {s}"),
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    eprintln!(
+        "idle holder: A reserved {reserved} for 20 requests; all 100 admitted after {:?}, B refused {} times meanwhile",
+        began.elapsed(),
+        refusals.len()
+    );
+    assert_eq!(admitted, 100, "A's unused points came back");
+    assert!(began.elapsed() < Duration::from_secs(9));
+    // B spent the rest quickly and was refused while A held points: told to come back
+    // when A's lease ends (1 s, and 200 ms for the points to come back), not at the
+    // window's end (10 s).
+    assert!(!refusals.is_empty(), "B was never refused");
+    assert!(
+        refusals.iter().all(|r| r == "1" || r == "2"),
+        "{refusals:?}"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
