@@ -55,8 +55,8 @@ return {allowed, math.max(points - count, 0), wend - now, retry}
 /// points are reserved at once (c += granted), at most `remaining / (2 * replicas)` but at
 /// least one, so replicas share what is left and the last points go one by one. Nothing granted:
 /// while a slice may be held elsewhere (until d, and 200 ms more for its unused points to
-/// come back: lease.rs gives them back within a 100 ms tick) the refusal is "retry then"
-/// and starts no block;
+/// come back: lease.rs gives them back within a 100 ms tick; never past the window) the
+/// refusal is "retry then" and starts no block;
 /// otherwise the key has spent its points: refused until the window ends, or `block`.
 /// A slice never outlives its window. Returns {granted, remaining (not reserved), ms to
 /// window end, ms until allowed again, window end (ms), ms the slice may be used}.
@@ -99,7 +99,7 @@ if granted > 0 then
   count = count + granted
   if granted > 1 then leased = math.max(leased, now + lease) end
 elseif leased + 200 > now then
-  retry = leased + 200 - now
+  retry = math.min(leased + 200, wend) - now
 else
   if block > 0 then blocked = now + block end
   retry = math.max(blocked, wend) - now
