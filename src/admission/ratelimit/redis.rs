@@ -101,6 +101,8 @@ if granted > 0 then
 elseif leased + 200 > now then
   retry = math.min(leased + 200, wend) - now
 else
+  -- Counted as SCRIPT counts a refused request: the hash reads as without leasing.
+  count = count + 1
   if block > 0 then blocked = now + block end
   retry = math.max(blocked, wend) - now
 end
