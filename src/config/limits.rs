@@ -93,6 +93,23 @@ pub struct RateLimitConfig {
     /// third of it). A replica that dies frees its permits within this. Default 30s.
     #[serde(serialize_with = "super::serialize::duration")]
     pub stream_lease: Duration,
+    /// `store: redis`, `cost: requests`: quota leasing, the most points one replica takes
+    /// of a key in one Redis call (`lease: { max: N }`); None (`lease: off`) = one call per
+    /// request. Default Some(64).
+    #[serde(serialize_with = "lease")]
+    pub lease: Option<u64>,
+}
+
+/// `lease: off` or `lease: { max: N }`, as the file writes it.
+fn lease<S: Serializer>(lease: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Lease {
+        max: u64,
+    }
+    match lease {
+        Some(max) => Lease { max: *max }.serialize(s),
+        None => s.serialize_str("off"),
+    }
 }
 
 impl RateLimitConfig {
@@ -100,6 +117,7 @@ impl RateLimitConfig {
     pub const DEFAULT_PER: Duration = Duration::from_secs(60);
     pub const DEFAULT_BLOCK_FOR: Duration = Duration::from_secs(60);
     pub const DEFAULT_STREAM_LEASE: Duration = Duration::from_secs(30);
+    pub const DEFAULT_LEASE_MAX: u64 = 64;
 }
 
 /// What one point of a policy stands for.

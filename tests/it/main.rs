@@ -24,6 +24,7 @@ mod metrics;
 mod pool;
 mod proxy;
 mod ratelimit;
+mod ratelimit_lease;
 mod redis_cluster;
 mod reload;
 mod resilience;

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::memory::{Acquired, StreamTable, Table};
-use super::redis::RedisLimiter;
+use super::redis::{Ask, Grant, RedisLimiter};
 use super::{Decision, Limits, Metrics, Source};
 use crate::redis::{Redis, RedisError};
 
@@ -153,6 +153,13 @@ impl RedisStore {
         Self::or_memory(in_redis, || {
             memory.check(memory_key, Instant::now(), fallback)
         })
+    }
+
+    /// Quota leasing (lease.rs): one LEASE call through the breaker; None when Redis failed
+    /// or is being skipped (the caller decides in memory).
+    pub(crate) async fn lease(&self, redis_key: &str, limits: &Limits, ask: &Ask) -> Option<Grant> {
+        self.call(self.limiter.lease(&self.redis, redis_key, limits, ask))
+            .await
     }
 
     /// `cost: tokens` admission, as `check` but counting nothing.

@@ -2,7 +2,8 @@
 //! [`check`]. A policy counts requests (or, `cost: tokens`, the tokens exchanges used) per
 //! key (client IP or a header, optionally per route), and may cap the exchanges a key has
 //! open at once (`max_streams`), in Redis, shared by every replica, or in memory. Redis
-//! policies fall back to memory per request (fallback.rs).
+//! policies fall back to memory per request (fallback.rs), and by default decide most
+//! requests locally from slices of points leased from Redis (lease.rs).
 //!
 //! What an admitted request owes the limiter later is a [`Hold`], kept by the request's
 //! `Tail` until its response body is done: its stream permits (released on drop) and the
@@ -13,6 +14,7 @@
 
 pub(crate) mod fallback;
 mod hold;
+mod lease;
 pub(crate) mod memory;
 mod metrics;
 pub(crate) mod redis;
@@ -43,6 +45,7 @@ use crate::config::{
     Config, KeySource, RateLimitConfig, RateLimitCost, RateLimitStore, RedisConfig,
 };
 use fallback::{RedisStore, Stream, Transition};
+use lease::{LeaseTable, Lessee};
 use memory::{Acquired, StreamTable, Table};
 
 /// Keys one policy tracks in memory (per table); beyond, new keys are let through and
@@ -97,6 +100,8 @@ struct PolicyState {
     streams: Arc<StreamTable>,
     /// `store: redis`: streams admitted in memory while Redis failed.
     fallback_streams: Arc<StreamTable>,
+    /// `store: redis`: the slices of points this replica holds (lease.rs).
+    leases: Arc<LeaseTable>,
 }
 
 /// `max_streams` of a policy.
@@ -117,6 +122,8 @@ pub struct Policy {
     fallback_limits: Option<Limits>,
     cost: RateLimitCost,
     streams: Option<StreamLimit>,
+    /// `replicas:`, at least 1: slices are at most `remaining / (2 * replicas)`.
+    replicas: u64,
     per_route: bool,
     by: KeySource,
     ipv6_prefix: u8,
@@ -152,6 +159,8 @@ enum Store {
         client: Arc<RedisStore>,
         fallback: Arc<Table>,
         fallback_streams: Arc<StreamTable>,
+        /// `lease: { max }`, when on (and `cost: requests`).
+        lease: Option<(Arc<LeaseTable>, u64)>,
     },
 }
 
@@ -199,6 +208,7 @@ impl Registry {
                         fallback: Arc::new(Table::new(MAX_KEYS)),
                         streams: Arc::new(StreamTable::new(MAX_KEYS)),
                         fallback_streams: Arc::new(StreamTable::new(MAX_KEYS)),
+                        leases: Arc::new(LeaseTable::new(MAX_KEYS)),
                     })
                 })
                 .clone();
@@ -207,6 +217,10 @@ impl Registry {
                     client: client.clone(),
                     fallback: state.fallback.clone(),
                     fallback_streams: state.fallback_streams.clone(),
+                    lease: match (pc.lease, pc.cost) {
+                        (Some(max), RateLimitCost::Requests) => Some((state.leases.clone(), max)),
+                        _ => None,
+                    },
                 },
                 (RateLimitStore::Redis, None) => {
                     return Err(format!(
@@ -300,6 +314,7 @@ impl Policy {
             fallback_limits,
             cost: pc.cost,
             streams,
+            replicas,
             per_route: pc.key.per_route,
             by: pc.key.by.clone(),
             ipv6_prefix: pc.ipv6_prefix,
@@ -390,6 +405,21 @@ impl Policy {
                     Some(d) => (Some(d), Source::Memory),
                     None => (None, Source::FailOpen),
                 }
+            }
+            Store::Redis {
+                client,
+                fallback,
+                lease: Some((leases, max)),
+                ..
+            } if !tokens => {
+                let lessee = Lessee {
+                    policy: self,
+                    client,
+                    fallback,
+                    limits,
+                    max: *max,
+                };
+                leases.decide(&lessee, key).await
             }
             Store::Redis {
                 client, fallback, ..

@@ -2,6 +2,9 @@
 //! clock (`TIME`) so replicas with skewed clocks agree. The rules are those of
 //! `memory::step`; the key's expiry is set by the same script, so no key outlives its
 //! window or block.
+//!
+//! With quota leasing (lease.rs, `lease:`), LEASE replaces SCRIPT: one call reserves a
+//! slice of the key's points for one replica, which spends it without asking again.
 
 use std::time::Duration;
 
@@ -41,6 +44,71 @@ end
 redis.call('HSET', KEYS[1], 'c', count, 'w', wend, 'b', blocked)
 redis.call('PEXPIRE', KEYS[1], math.max(blocked, wend) - now)
 return {allowed, math.max(points - count, 0), wend - now, retry}
+"#;
+
+/// Quota leasing (lease.rs). KEYS[1] as SCRIPT, plus d: until when (ms of Redis time) a
+/// slice of more than one point may still be held unspent by some replica. ARGV = points,
+/// window ms, block ms (0 = none), want (0 = only give back), give_back, the window end
+/// (ms) the points given back were leased in, replicas, lease ms.
+///
+/// Points given back count again only in the window they came from. Then up to `want`
+/// points are reserved at once (c += granted), at most `remaining / (2 * replicas)` but at
+/// least one, so replicas share what is left and the last points go one by one. Nothing granted:
+/// while a slice may be held elsewhere (until d, and 200 ms more for its unused points to
+/// come back: lease.rs gives them back within a 100 ms tick; never past the window) the
+/// refusal is "retry then" and starts no block;
+/// otherwise the key has spent its points: refused until the window ends, or `block`.
+/// A slice never outlives its window. Returns {granted, remaining (not reserved), ms to
+/// window end, ms until allowed again, window end (ms), ms the slice may be used}.
+const LEASE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local points = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local block = tonumber(ARGV[3])
+local want = tonumber(ARGV[4])
+local back = tonumber(ARGV[5])
+local backw = tonumber(ARGV[6])
+local replicas = tonumber(ARGV[7])
+local ttl = tonumber(ARGV[8])
+local h = redis.call('HMGET', KEYS[1], 'c', 'w', 'b', 'd')
+local count = tonumber(h[1]) or 0
+local wend = tonumber(h[2]) or 0
+local blocked = tonumber(h[3]) or 0
+local leased = tonumber(h[4]) or 0
+if back > 0 and backw == wend and wend > now then
+  count = math.max(count - back, 0)
+  if want == 0 then redis.call('HSET', KEYS[1], 'c', count) end
+end
+if want == 0 then return {0, 0, 0, 0, 0, 0} end
+if blocked > now then
+  if back > 0 and backw == wend then redis.call('HSET', KEYS[1], 'c', count) end
+  return {0, 0, math.max(wend - now, 0), math.max(blocked, wend) - now, wend, 0}
+end
+blocked = 0
+if wend <= now then
+  count = 0
+  wend = now + window
+  leased = 0
+end
+local remaining = math.max(points - count, 0)
+local granted = math.min(want, remaining, math.max(1, math.floor(remaining / (2 * replicas))))
+local lease = math.min(ttl, wend - now)
+local retry = 0
+if granted > 0 then
+  count = count + granted
+  if granted > 1 then leased = math.max(leased, now + lease) end
+elseif leased + 200 > now then
+  retry = math.min(leased + 200, wend) - now
+else
+  -- Counted as SCRIPT counts a refused request: the hash reads as without leasing.
+  count = count + 1
+  if block > 0 then blocked = now + block end
+  retry = math.max(blocked, wend) - now
+end
+redis.call('HSET', KEYS[1], 'c', count, 'w', wend, 'b', blocked, 'd', leased)
+redis.call('PEXPIRE', KEYS[1], math.max(blocked, wend) - now)
+return {granted, math.max(points - count, 0), wend - now, retry, wend, lease}
 "#;
 
 /// `cost: tokens` admission (`memory::peek`): the same hash, read only.
@@ -126,8 +194,41 @@ const RELEASE: &str = r#"
 return redis.call('ZREM', KEYS[1], ARGV[1])
 "#;
 
+/// One LEASE call's question.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ask {
+    /// Points wanted; 0: only give back.
+    pub(crate) want: u64,
+    /// Unused points of an ended slice, leased in the window ending at `window`.
+    pub(crate) give_back: u64,
+    /// The window end (ms of Redis time) as a previous [`Grant`] said.
+    pub(crate) window: u64,
+    pub(crate) replicas: u64,
+    /// How long a slice may be used (shortened to the window's end by the script).
+    pub(crate) lease: Duration,
+}
+
+/// LEASE's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Grant {
+    /// Points reserved for this replica; 0 = refused.
+    pub(crate) granted: u64,
+    /// Points nobody has reserved yet.
+    pub(crate) remaining: u64,
+    /// Until the window ends.
+    pub(crate) reset: Duration,
+    /// Refused: until a request may be allowed again.
+    pub(crate) retry_after: Duration,
+    /// The window's end in ms of Redis time: names the window points are given back to.
+    pub(crate) window: u64,
+    /// How long the slice may be used.
+    pub(crate) lease: Duration,
+}
+
+#[derive(Debug)]
 pub(crate) struct RedisLimiter {
     script: Script,
+    lease: Script,
     peek: Script,
     charge: Script,
     acquire: Script,
@@ -139,6 +240,7 @@ impl Default for RedisLimiter {
     fn default() -> Self {
         RedisLimiter {
             script: Script::new(SCRIPT),
+            lease: Script::new(LEASE),
             peek: Script::new(PEEK),
             charge: Script::new(CHARGE),
             acquire: Script::new(ACQUIRE),
@@ -163,6 +265,41 @@ impl RedisLimiter {
         ];
         let reply: Vec<i64> = redis.eval(&self.script, key, &args).await?;
         decision(&reply)
+    }
+
+    /// Quota leasing: reserves a slice of `key`'s points, gives back unused ones.
+    pub(crate) async fn lease(
+        &self,
+        redis: &Redis,
+        key: &str,
+        limits: &Limits,
+        ask: &Ask,
+    ) -> Result<Grant, RedisError> {
+        let args = [
+            limits.points,
+            millis(limits.window),
+            limits.block.map_or(0, millis),
+            ask.want,
+            ask.give_back,
+            ask.window,
+            ask.replicas.max(1),
+            millis(ask.lease),
+        ];
+        let reply: Vec<i64> = redis.eval(&self.lease, key, &args).await?;
+        let field = |i: usize| -> Result<u64, RedisError> {
+            reply
+                .get(i)
+                .and_then(|v| u64::try_from(*v).ok())
+                .ok_or_else(|| RedisError::Reply(format!("{reply:?}")))
+        };
+        Ok(Grant {
+            granted: field(0)?,
+            remaining: field(1)?,
+            reset: Duration::from_millis(field(2)?),
+            retry_after: Duration::from_millis(field(3)?),
+            window: field(4)?,
+            lease: Duration::from_millis(field(5)?),
+        })
     }
 
     /// `cost: tokens` admission: nothing is counted.

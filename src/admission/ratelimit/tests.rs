@@ -45,6 +45,7 @@ fn policy(by: KeySource, per_route: bool) -> Policy {
         cost: RateLimitCost::Requests,
         max_streams: None,
         stream_lease: Duration::from_secs(30),
+        lease: Some(64),
     };
     Policy::new(&pc, 3, memory_store(), &metrics)
 }

@@ -122,7 +122,7 @@ redis:
   connect_timeout: 1s
   pool: { max_size: 16 }
 rate_limits:
-  api: { points: 100, per: 60s, block_for: 60s, key: client_ip, store: redis, ipv6_prefix: 64 }
+  api: { points: 100, per: 60s, block_for: 60s, key: client_ip, store: redis, ipv6_prefix: 64, lease: { max: 64 } }
 listeners:
   - name: inbound
     listen: "0.0.0.0:8080"

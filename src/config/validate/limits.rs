@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::reader::{Ctx, Field, MapReader, Unique};
 use super::values::{parse_duration, parse_host_port, parse_rate_limit_key, parse_redis_url};
-use crate::config::raw::child_path;
+use crate::config::raw::{Kind, child_path};
 use crate::config::{
     KeySource, RateLimitConfig, RateLimitCost, RateLimitKey, RateLimitStore, RedisConfig,
     RedisTarget, Secret,
@@ -21,6 +21,8 @@ pub(super) const MAX_RATE_LIMIT_POINTS: u64 = 1_000_000_000_000_000;
 pub(super) const MAX_STREAMS: u64 = 1_000_000;
 pub(super) const MIN_STREAM_LEASE: Duration = Duration::from_secs(3);
 pub(super) const MAX_STREAM_LEASE: Duration = Duration::from_secs(600);
+/// `lease.max`: beyond this a slice held by an idle replica would strand too many points.
+pub(super) const MAX_LEASE: u64 = 1_000_000;
 
 /// `redis:`: exactly one of `url`, `sentinel` and `cluster`, plus timeouts and the pool. Returns Some
 /// whenever the section is written, even with problems, so `store: redis` is not reported
@@ -256,9 +258,35 @@ pub(super) fn rate_limit(
         stream_lease: m
             .read(ctx, "stream_lease", stream_lease)
             .unwrap_or(RateLimitConfig::DEFAULT_STREAM_LEASE),
+        lease: match m.optional("lease") {
+            Some(f) => lease(ctx, &f),
+            None => Some(RateLimitConfig::DEFAULT_LEASE_MAX),
+        },
     };
     m.finish(ctx);
     config
+}
+
+/// `lease`: `off`, or a mapping `{ max: N }` (`{}` keeps the default max). A broken value
+/// reads as the default: the file is refused anyway.
+fn lease(ctx: &mut Ctx, f: &Field) -> Option<u64> {
+    if let Kind::Scalar(_) = &f.node.kind {
+        return ctx
+            .parse_with(f, "off or { max: N }", |s| {
+                if s == "off" {
+                    Ok(None)
+                } else {
+                    Err(format!("expected off or {{ max: N }}, got \"{s}\""))
+                }
+            })
+            .unwrap_or(Some(RateLimitConfig::DEFAULT_LEASE_MAX));
+    }
+    let mut m = MapReader::open(ctx, Some(f.clone()));
+    let max = m
+        .read(ctx, "max", |ctx, f| ctx.int(f, 1, MAX_LEASE))
+        .unwrap_or(RateLimitConfig::DEFAULT_LEASE_MAX);
+    m.finish(ctx);
+    Some(max)
 }
 
 /// `stream_lease`: renewed every third of it, so not so short that one slow Redis call
@@ -338,6 +366,7 @@ mod tests {
                 cost: RateLimitCost::Requests,
                 max_streams: None,
                 stream_lease: secs(30),
+                lease: Some(64),
             }
         );
         // Defaults; the store is redis because a redis section exists.
@@ -357,6 +386,7 @@ mod tests {
                 cost: RateLimitCost::Requests,
                 max_streams: None,
                 stream_lease: secs(30),
+                lease: Some(64),
             }
         );
         assert_eq!(config.listeners[0].routes[0].rate_limits, ["api", "chat"]);
@@ -660,6 +690,58 @@ mod tests {
             "{p:#?}"
         );
         assert!(p[5].message.contains("expected an integer"), "{p:#?}");
+    }
+
+    #[test]
+    fn lease_off_max_and_bad_values() {
+        let config = ok(&with_limits(
+            r#"
+            redis: { url: "redis://127.0.0.1:6379" }
+            rate_limits:
+              a: {}
+              b: { lease: off }
+              c: { lease: { max: 8 } }
+              d: { lease: {} }
+            "#,
+            "",
+        ));
+        let p = &config.rate_limits;
+        assert_eq!(p["a"].lease, Some(64));
+        assert_eq!(p["b"].lease, None);
+        assert_eq!(p["c"].lease, Some(8));
+        assert_eq!(p["d"].lease, Some(64));
+        let p = problems(&with_limits(
+            r#"
+            rate_limits:
+              a: { lease: on }
+              b: { lease: { max: 0 } }
+              c: { lease: { maxx: 3 } }
+              d: { lease: [1] }
+            "#,
+            "",
+        ));
+        let got: Vec<(usize, usize, &str)> = p
+            .iter()
+            .map(|p| (p.line, p.column, p.path.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (11, 15, "rate_limits.a.lease"),
+                (12, 22, "rate_limits.b.lease.max"),
+                (13, 17, "rate_limits.c.lease.maxx"),
+                (14, 15, "rate_limits.d.lease"),
+            ],
+            "{p:#?}"
+        );
+        assert!(
+            p[0].message
+                .contains("expected off or { max: N }, got \"on\""),
+            "{p:#?}"
+        );
+        assert!(p[1].message.contains("must be greater than 0"), "{p:#?}");
+        assert!(p[2].message.contains("did you mean \"max\""), "{p:#?}");
+        assert!(p[3].message.contains("expected a mapping"), "{p:#?}");
     }
 
     #[test]
