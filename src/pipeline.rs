@@ -157,7 +157,7 @@ pub(crate) async fn handle(
     };
     resp.headers_mut().insert(&X_REQUEST_ID, request_id);
     if let Some(h) = tail.rate_limit_headers.take() {
-        resp.headers_mut().extend(h);
+        h.write_to(resp.headers_mut());
     }
     if let Some(r) = tail.log.as_mut() {
         r.status = resp.status().as_u16();
@@ -336,7 +336,7 @@ fn apply_verdict(
         if !req.body().is_end_stream()
             && let Some(h) = tail.rate_limit_headers.as_mut()
         {
-            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            h.close_connection();
         }
         return Err(ProxyError::TooManyRequests { retry_after_secs });
     }
@@ -568,7 +568,18 @@ async fn slow(
                 client_upgrade,
                 timers,
             } => {
-                return upgrade(env, route, parts, body, *client_upgrade, timers, tail).await;
+                // Boxed: the handshake's future (hyper's client) stays out of this one,
+                // which every request waiting on Redis copies.
+                return Box::pin(upgrade(
+                    env,
+                    route,
+                    parts,
+                    body,
+                    *client_upgrade,
+                    timers,
+                    tail,
+                ))
+                .await;
             }
             Step::Send(mut attempts, route) => return send(env, &mut attempts, route, tail).await,
         };

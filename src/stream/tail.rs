@@ -24,7 +24,7 @@ pub(crate) struct Tail {
     pub upstream_slot: Option<InFlight>,
     pub endpoint_slot: Option<InFlight>,
     /// `RateLimit-*` headers for whatever answer the route gives (set by the rate limit).
-    pub rate_limit_headers: Option<http::HeaderMap>,
+    pub rate_limit_headers: Option<crate::admission::ratelimit::RateLimitHeaders>,
     /// What the request owes its rate-limit policies until the exchange ends: its
     /// `max_streams` permits, given back when the tail is dropped (body done, client gone,
     /// timeout, drain), and the `cost: tokens` policies [`Tail::tokens_used`] charges.

@@ -229,7 +229,7 @@ async fn accuracy(test: &str, points: u64, window_ms: u64, pace: Duration, margi
     let b = start(&yaml).await;
     let addrs = [a.addr("main").unwrap(), b.addr("main").unwrap()];
     let stop = Arc::new(AtomicBool::new(false));
-    let watcher = watch_windows(redis.port, format!("rl:{{{p}}}:ip:127.0.0.1"), stop.clone());
+    let watcher = watch_windows(redis.port, format!("rl:{{{p}:ip:127.0.0.1}}"), stop.clone());
     let load_start = wall_ms();
     let samples = load(
         &addrs,
@@ -335,7 +335,7 @@ async fn a_busy_key_costs_far_less_than_one_redis_call_per_request() {
     assert!(samples.iter().all(|s| s.ok));
     assert!(per_request < 0.2, "{per_request} calls per request");
     // Redis counted what was reserved: every admitted request, plus slices still held.
-    let key = format!("rl:{{{p}}}:ip:127.0.0.1");
+    let key = format!("rl:{{{p}:ip:127.0.0.1}}");
     let c = redis::command(redis.port, &["HGET", &key, "c"]).await;
     let c: u64 = c.lines().nth(1).unwrap().trim().parse().unwrap();
     assert!((3000..=3000 + 2 * 64).contains(&c), "c = {c}");
@@ -390,7 +390,7 @@ async fn a_key_seen_once_is_decided_as_without_leasing() {
     let a = start(&yaml).await;
     let b = start(&yaml).await;
     let client = http1();
-    let key = format!("rl:{{{p}}}:ip:127.0.0.1");
+    let key = format!("rl:{{{p}:ip:127.0.0.1}}");
     let (resp, _) = send(&client, get(a.addr("main").unwrap(), "/ok")).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(
@@ -445,7 +445,7 @@ async fn a_slice_left_unused_comes_back_to_the_other_instance() {
     let a = start(&yaml).await;
     let b = start(&yaml).await;
     let client = http1();
-    let key = format!("rl:{{{p}}}:ip:127.0.0.1");
+    let key = format!("rl:{{{p}:ip:127.0.0.1}}");
     let began = Instant::now();
     // A's slices grow 1, 2, 4, 8, 16 while its requests come quickly.
     for _ in 0..20 {

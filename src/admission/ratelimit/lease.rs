@@ -369,11 +369,24 @@ impl LeaseTable {
         l: &Lessee<'_>,
         key: &str,
     ) -> (Option<Decision>, Source) {
-        let (turn, seen) = match self.step(key, Instant::now()) {
-            Step::Done(d) => return (Some(d), Source::Redis),
-            Step::Call { turn, calls } => (turn, calls),
-            Step::Untracked => return self.per_request(l, key).await,
-        };
+        // Most requests are decided from the slice held, without waiting: the waits are
+        // boxed so that their futures (a Redis call's is several KiB) are made, and copied,
+        // only by the requests that wait.
+        match self.step(key, Instant::now()) {
+            Step::Done(d) => (Some(d), Source::Redis),
+            Step::Call { turn, calls } => Box::pin(self.call(l, key, turn, calls)).await,
+            Step::Untracked => Box::pin(self.per_request(l, key)).await,
+        }
+    }
+
+    /// After the call in flight, if any: from the slice it brought, or by a LEASE call.
+    async fn call(
+        self: &Arc<Self>,
+        l: &Lessee<'_>,
+        key: &str,
+        turn: Arc<tokio::sync::Mutex<()>>,
+        seen: u64,
+    ) -> (Option<Decision>, Source) {
         let _turn = turn.lock().await;
         let lease = lease_length(l.limits.window);
         let start = Instant::now();

@@ -13,6 +13,7 @@
 //! a reload keeps them for the names it keeps.
 
 pub(crate) mod fallback;
+mod fields;
 mod hold;
 mod lease;
 pub(crate) mod memory;
@@ -32,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderValue};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -45,6 +46,8 @@ use crate::config::{
     Config, KeySource, RateLimitConfig, RateLimitCost, RateLimitStore, RedisConfig,
 };
 use fallback::{RedisStore, Stream, Transition};
+pub(crate) use fields::RateLimitHeaders;
+use fields::{Fields, ceil_secs, push_sf_string};
 use lease::{LeaseTable, Lessee};
 use memory::{Acquired, StreamTable, Table};
 
@@ -128,8 +131,10 @@ pub struct Policy {
     by: KeySource,
     ipv6_prefix: u8,
     store: Store,
-    /// `"name";q=100;w=60`, the RateLimit-Policy item(s).
+    /// `"name";q=100;w=60`, the RateLimit-Policy item(s), and as a header value (a route
+    /// with one policy sends it as it is).
     policy_item: String,
+    policy_header: HeaderValue,
     counters: DecisionCounters,
     stream_counters: DecisionCounters,
     streams_held: Gauge,
@@ -319,6 +324,8 @@ impl Policy {
             by: pc.key.by.clone(),
             ipv6_prefix: pc.ipv6_prefix,
             store,
+            policy_header: HeaderValue::from_str(&policy_item)
+                .unwrap_or_else(|_| HeaderValue::from_static("")),
             policy_item,
             counters: metrics.counters(&metrics.decisions, &pc.name),
             // Series only for the policies that limit streams.
@@ -426,14 +433,11 @@ impl Policy {
             } => {
                 let redis_key = self.redis_key("", key);
                 let fallback_limits = self.fallback_limits.as_ref().unwrap_or(limits);
+                // Boxed: the Redis call's future stays out of the memory path's.
                 if tokens {
-                    client
-                        .peek(&redis_key, limits, fallback, key, fallback_limits)
-                        .await
+                    Box::pin(client.peek(&redis_key, limits, fallback, key, fallback_limits)).await
                 } else {
-                    client
-                        .check(&redis_key, limits, fallback, key, fallback_limits)
-                        .await
+                    Box::pin(client.check(&redis_key, limits, fallback, key, fallback_limits)).await
                 }
             }
         }
@@ -461,15 +465,14 @@ impl Policy {
                 ..
             } => {
                 let redis_key = self.redis_key("s:", key);
-                let (got, source) = client
-                    .acquire(
-                        &redis_key,
-                        (streams.max, streams.lease),
-                        fallback_streams,
-                        key,
-                        streams.fallback_max,
-                    )
-                    .await;
+                let (got, source) = Box::pin(client.acquire(
+                    &redis_key,
+                    (streams.max, streams.lease),
+                    fallback_streams,
+                    key,
+                    streams.fallback_max,
+                ))
+                .await;
                 match got {
                     Stream::Redis { id, remaining } => {
                         let permit = Permit::new(
@@ -547,64 +550,12 @@ pub(crate) struct Verdict {
     /// Refused: `Retry-After` in whole seconds, at least 1.
     pub retry_after_secs: Option<u64>,
     /// RateLimit-Policy, RateLimit and X-RateLimit-*: for every response on the route.
-    pub headers: Option<HeaderMap>,
+    pub headers: Option<RateLimitHeaders>,
     /// Where the (last) decision came from, for the access log: `redis`, `memory`,
     /// `fallback` (memory standing in for Redis) or `fail_open`.
     pub source: Option<&'static str>,
     /// Admitted: what the request holds until its exchange ends.
     pub hold: Hold,
-}
-
-static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
-static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
-static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
-static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
-
-/// The RateLimit and X-RateLimit-* fields as the decisions of one request fill them.
-#[derive(Default)]
-struct Fields {
-    policy: String,
-    limit: String,
-    /// The policy closest to refusing speaks for the X-RateLimit-* headers.
-    tightest: Option<(u64, u64, Duration)>,
-    retry: Option<Duration>,
-}
-
-impl Fields {
-    fn add(&mut self, name: &str, points: u64, remaining: u64, reset: Duration) {
-        if !self.limit.is_empty() {
-            self.limit.push_str(", ");
-        }
-        // By hand: the formatting machinery costs more than the rest of the decision.
-        push_sf_string(&mut self.limit, name);
-        self.limit.push_str(";r=");
-        push_decimal(&mut self.limit, remaining);
-        self.limit.push_str(";t=");
-        push_decimal(&mut self.limit, ceil_secs(reset));
-        let tighter = self.tightest.is_none_or(|(_, least, _)| remaining < least);
-        if tighter {
-            self.tightest = Some((points, remaining, reset));
-        }
-    }
-
-    fn refuse(&mut self, retry_after: Duration) {
-        self.retry = Some(self.retry.map_or(retry_after, |r| r.max(retry_after)));
-    }
-
-    fn headers(&self) -> HeaderMap {
-        let mut out = HeaderMap::with_capacity(5);
-        insert(&mut out, &RATELIMIT_POLICY, &self.policy);
-        if !self.limit.is_empty() {
-            insert(&mut out, &RATELIMIT, &self.limit);
-        }
-        if let Some((points, remaining, reset)) = self.tightest {
-            out.insert(X_LIMIT.clone(), HeaderValue::from(points));
-            out.insert(X_REMAINING.clone(), HeaderValue::from(remaining));
-            out.insert(X_RESET.clone(), HeaderValue::from(ceil_secs(reset)));
-        }
-        out
-    }
 }
 
 fn source_name(policy: &Policy, source: Source) -> &'static str {
@@ -656,20 +607,13 @@ pub(crate) async fn check(
         return Verdict::default();
     }
     let client = client();
-    // Room for one policy's `"name";r=N;t=N` without growing.
-    let mut fields = Fields {
-        limit: String::with_capacity(64),
-        ..Fields::default()
-    };
+    let mut fields = Fields::new();
     let mut last_source = None;
     let mut hold = Hold::default();
     let mut stream_keys = Vec::new();
     for policy in policies {
         let key = policy.key(route, headers, client);
-        if !fields.policy.is_empty() {
-            fields.policy.push_str(", ");
-        }
-        fields.policy.push_str(&policy.policy_item);
+        fields.add_policy(&policy.policy_item, &policy.policy_header);
         if policy.streams.is_some() {
             stream_keys.push((policy, key.clone()));
         }
@@ -734,34 +678,6 @@ pub(crate) async fn check(
         source: last_source,
         hold,
     }
-}
-
-fn insert(map: &mut HeaderMap, name: &HeaderName, value: &str) {
-    if let Ok(v) = HeaderValue::from_str(value) {
-        map.insert(name.clone(), v);
-    }
-}
-
-fn push_decimal(out: &mut String, n: u64) {
-    let mut buf = [0u8; 20];
-    out.push_str(crate::text::digits(n, 10, &mut buf));
-}
-
-fn ceil_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
-}
-
-/// A structured-field string (RFC 8941): policy names are `[A-Za-z0-9_-]`, so quoting
-/// is all it takes, but escape anyway.
-fn push_sf_string(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        if c == '"' || c == '\\' {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out.push('"');
 }
 
 /// Header values as keys: short printable ones as they are; others hashed (FNV-1a, the

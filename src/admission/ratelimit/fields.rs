@@ -1,0 +1,174 @@
+//! The RateLimit-Policy, RateLimit and X-RateLimit-* response fields. Built per request as
+//! values, not as a header map of their own: building a map and merging it into the
+//! response cost more than the decision itself (two allocations, five hashed inserts, then
+//! five more and a rehash of the response's map).
+
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue, header};
+
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
+/// The fields of one verdict, written into whatever answer the route gives.
+#[derive(Debug, Default)]
+pub(crate) struct RateLimitHeaders {
+    policy: Option<HeaderValue>,
+    limit: Option<HeaderValue>,
+    /// X-RateLimit-Limit, -Remaining, -Reset.
+    x: Option<[HeaderValue; 3]>,
+    close: bool,
+}
+
+impl RateLimitHeaders {
+    /// Adds `Connection: close` (a refused request's unread body would otherwise be parsed
+    /// as the next request).
+    pub(crate) fn close_connection(&mut self) {
+        self.close = true;
+    }
+
+    pub(crate) fn write_to(self, map: &mut HeaderMap) {
+        let [x_limit, x_remaining, x_reset] = match self.x {
+            Some(x) => x.map(Some),
+            None => [None, None, None],
+        };
+        let fields = [
+            (&RATELIMIT_POLICY, self.policy),
+            (&RATELIMIT, self.limit),
+            (&X_LIMIT, x_limit),
+            (&X_REMAINING, x_remaining),
+            (&X_RESET, x_reset),
+            (
+                &header::CONNECTION,
+                self.close.then(|| HeaderValue::from_static("close")),
+            ),
+        ];
+        for (name, value) in fields {
+            if let Some(value) = value {
+                map.insert(name.clone(), value);
+            }
+        }
+    }
+
+    /// As a map of their own (tests).
+    #[cfg(test)]
+    pub(crate) fn to_map(self) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        self.write_to(&mut map);
+        map
+    }
+}
+
+/// The fields as the decisions of one request fill them.
+#[derive(Default)]
+pub(super) struct Fields {
+    /// RateLimit-Policy: the one policy's item made once with the policy, or the items of
+    /// several joined.
+    pub(super) policy: Option<HeaderValue>,
+    pub(super) policies: String,
+    limit: String,
+    /// The policy closest to refusing speaks for the X-RateLimit-* headers.
+    tightest: Option<(u64, u64, Duration)>,
+    pub(super) retry: Option<Duration>,
+}
+
+impl Fields {
+    pub(super) fn new() -> Fields {
+        Fields {
+            // Room for one policy's `"name";r=N;t=N` without growing.
+            limit: String::with_capacity(64),
+            ..Fields::default()
+        }
+    }
+
+    /// One more policy's RateLimit-Policy item: `value` is `item` as a header value.
+    pub(super) fn add_policy(&mut self, item: &str, value: &HeaderValue) {
+        match self.policy.take() {
+            None if self.policies.is_empty() => self.policy = Some(value.clone()),
+            first => {
+                if let Some(first) = first {
+                    self.policies.push_str(first.to_str().unwrap_or_default());
+                }
+                self.policies.push_str(", ");
+                self.policies.push_str(item);
+            }
+        }
+    }
+
+    pub(super) fn add(&mut self, name: &str, points: u64, remaining: u64, reset: Duration) {
+        if !self.limit.is_empty() {
+            self.limit.push_str(", ");
+        }
+        // By hand: the formatting machinery costs more than the rest of the decision.
+        push_sf_string(&mut self.limit, name);
+        self.limit.push_str(";r=");
+        push_decimal(&mut self.limit, remaining);
+        self.limit.push_str(";t=");
+        push_decimal(&mut self.limit, ceil_secs(reset));
+        let tighter = self.tightest.is_none_or(|(_, least, _)| remaining < least);
+        if tighter {
+            self.tightest = Some((points, remaining, reset));
+        }
+    }
+
+    pub(super) fn refuse(&mut self, retry_after: Duration) {
+        self.retry = Some(self.retry.map_or(retry_after, |r| r.max(retry_after)));
+    }
+
+    pub(super) fn headers(self) -> RateLimitHeaders {
+        let policy = match self.policy {
+            Some(v) => Some(v),
+            None => owned_value(self.policies),
+        };
+        let limit = if self.limit.is_empty() {
+            None
+        } else {
+            owned_value(self.limit)
+        };
+        RateLimitHeaders {
+            policy,
+            limit,
+            x: self.tightest.map(|(points, remaining, reset)| {
+                [
+                    HeaderValue::from(points),
+                    HeaderValue::from(remaining),
+                    HeaderValue::from(ceil_secs(reset)),
+                ]
+            }),
+            close: false,
+        }
+    }
+}
+
+/// The string's own buffer as the value (no copy); None when it is not a valid value.
+fn owned_value(s: String) -> Option<HeaderValue> {
+    if s.is_empty() {
+        return None;
+    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(s)).ok()
+}
+
+pub(super) fn push_decimal(out: &mut String, n: u64) {
+    let mut buf = [0u8; 20];
+    out.push_str(crate::text::digits(n, 10, &mut buf));
+}
+
+pub(super) fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// A structured-field string (RFC 8941): policy names are `[A-Za-z0-9_-]`, so quoting
+/// is all it takes, but escape anyway.
+pub(super) fn push_sf_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+}
