@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,6 +18,13 @@ use tokio::net::TcpListener;
 
 type DemoBody = BoxBody<Bytes, Infallible>;
 
+/// Connections the JSON backend accepted: `GET /_demo/connections` answers it, so the
+/// benchmark can tell how many upstream connections a proxy opened during a run.
+static BACKEND_CONNECTIONS: AtomicU64 = AtomicU64::new(0);
+
+/// `GET /bytes/N`: N bytes of body (at most 16 MiB), for the large-response benchmark.
+const MAX_BYTES: usize = 16 << 20;
+
 /// Serves `handler` on `listener` until the task is dropped.
 async fn serve(listener: TcpListener, sse: bool) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -27,6 +35,9 @@ async fn serve(listener: TcpListener, sse: bool) {
             continue;
         };
         let _ = stream.set_nodelay(true);
+        if !sse {
+            BACKEND_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+        }
         let conn = builder
             .serve_connection(
                 TokioIo::new(stream),
@@ -41,6 +52,23 @@ async fn serve(listener: TcpListener, sse: bool) {
 
 async fn backend(req: Request<Incoming>) -> Response<DemoBody> {
     let path = req.uri().path().to_string();
+    let fixed = if path == "/_demo/connections" {
+        Some(Bytes::from(format!(
+            "{}\n",
+            BACKEND_CONNECTIONS.load(Ordering::Relaxed)
+        )))
+    } else {
+        path.strip_prefix("/bytes/")
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|n| *n <= MAX_BYTES)
+            .map(|n| Bytes::from(vec![b'x'; n]))
+    };
+    if let Some(body) = fixed {
+        return Response::builder()
+            .header(header::CONTENT_TYPE, "text/plain")
+            .body(Full::new(body).boxed())
+            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()));
+    }
     let method = req.method().clone();
     let request_id = req
         .headers()
