@@ -274,6 +274,16 @@ x_get() {
     done
 }
 
+med_range0() { # med_range, whole numbers
+    (($#)) || {
+        echo "—"
+        return
+    }
+    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
+        m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+        if (NR == 1) printf "%.0f", m; else printf "%.0f (%.0f-%.0f)", m, v[1], v[NR] }'
+}
+
 scale_report() {
     local out=$OUT_DIR/results-scale i case target r key
     [[ $PIN != 1 ]] || out+=-pin
@@ -328,7 +338,11 @@ scale_report() {
                         esac
                         xs+=("$v")
                     done
-                    row+=" $(med_range "${xs[@]}") |"
+                    if [[ $key == rps ]]; then
+                        row+=" $(med_range0 "${xs[@]}") |"
+                    else
+                        row+=" $(med_range "${xs[@]}") |"
+                    fi
                 done
                 for key in rps p99 cpu rss; do
                     ratios=()
