@@ -18,9 +18,11 @@
 #
 # Every case: requests/s, latency (wrk and rate_load: p50/p99/max; h2load: mean/max), CPU µs
 # per request (utime+stime of the proxy's processes over the measured run / requests), the
-# proxy's RSS at the end of the measured run (VmRSS; nginx: master + workers), and the new
-# upstream connections opened during the measured run (the upstream counts the connections
-# it accepts: GET /_demo/connections before and after), as a % of requests.
+# proxy's RSS near the end of the measured run, connections still open (VmRSS sampled once
+# a second; nginx: master + workers; rate: just after its run), and the new upstream
+# connections opened during the measured run (the upstream counts the connections it
+# accepts: GET /_demo/connections before, once a second during, and after), as a % of
+# requests, split into the first second (the ramp-up) and per second after it.
 #
 #   SCALE_CASES ("plain features rate big many h2c")  RATE (2000)  RATE_CONNECTIONS (50)
 #   BIG_BYTES (65536)  MANY (1000)  H2C_CONNECTIONS (64)  H2C_STREAMS (10)  DIRECT (1)
@@ -84,6 +86,28 @@ upstream_accepted() {
     n=$(http_body "http://$HOST:$UPSTREAM_PORT/_demo/connections" | tr -dc '0-9')
     [[ -n $n ]] || die "the upstream did not answer GET /_demo/connections (a rampart built before it had it?)"
     echo "$n"
+}
+
+# sampler OUT SECONDS PID...: once a second, the upstream's count of accepted connections
+# (each question opens one) and the RSS of the PIDs, so that the report can tell connections
+# opened as the load ramps up from those opened all along, and give the RSS with the
+# connections still open. Bounded by SECONDS.
+sampler() {
+    local i out=$1 n=$2
+    shift 2
+    for ((i = 0; i < n; i++)); do
+        sleep 1
+        echo "$(upstream_accepted) $(rss_kib "$@")"
+    done >"$out"
+}
+
+# "FIRST_S in the 1st s, then PER_S/s": new upstream connections in the first second of the
+# measured run and per second after it, from sampler's file and the count before the run.
+churn_split() {
+    awk -v up0="$2" '{ v[NR] = $1 } END {
+        if (NR < 2) { print "?"; exit }
+        # Every sample is one connection of its own: less one per sample.
+        printf "%d in the 1st s, then %.0f/s", v[1] - up0 - 1, (v[NR] - v[1] - (NR - 1)) / (NR - 1) }' "$1"
 }
 
 rss_kib() { # sum of VmRSS over the PIDs, KiB
@@ -172,12 +196,20 @@ scale_case() {
         ;;
     esac
     up0=$(upstream_accepted)
+    local sampler_pid="" samples=$WORK/churn.txt
+    if ((${#pids[@]})) && [[ $case != rate ]]; then
+        sampler "$samples" "${DURATION%s}" "${pids[@]}" &
+        sampler_pid=$!
+        STARTED_PIDS+=("$sampler_pid")
+    fi
     cpu0=$(cpu_ticks "${pids[@]}")
     case $case in
     plain | features | big | many)
-        local c=$CONNECTIONS
-        [[ $case != many ]] || c=$MANY
-        CONNECTIONS=$c load "$DURATION" "$url" "$raw" --latency
+        local c=$CONNECTIONS extra=()
+        # wrk's 2 s default timeout drops the slowest answers from the latency figures (as
+        # socket errors) when 1,000 connections queue on a busy machine: let them count.
+        [[ $case != many ]] || c=$MANY extra=(--timeout 10s)
+        CONNECTIONS=$c load "$DURATION" "$url" "$raw" --latency "${extra[@]}"
         rps=$(awk '/^Requests\/sec:/ { printf "%.0f", $2 }' "$raw")
         reqs=$(awk '/ requests in / { print $1 }' "$raw")
         p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$raw")")
@@ -218,8 +250,20 @@ scale_case() {
     esac
     # rate_load measured CPU itself, over exactly its measured interval.
     cpu1=$(cpu_ticks "${pids[@]}")
+    local churn=""
+    if [[ -n $sampler_pid ]]; then
+        wait "$sampler_pid" || true
+        stop_started "$sampler_pid"
+        churn=$(churn_split "$samples" "$up0")
+        # The sampler's questions were connections too.
+        up0=$((up0 + $(wc -l <"$samples")))
+    fi
     up1=$(upstream_accepted)
     rss=$(rss_kib "${pids[@]}")
+    if [[ -n $sampler_pid ]] && (($(wc -l <"$samples") >= 2)); then
+        # The last sample certainly taken while the load ran (the last one may be just after).
+        rss=$(awk '{ v[NR] = $2 } END { print v[NR - 1] }' "$samples")
+    fi
     if [[ -z $rps || -z $reqs ]] || ((reqs == 0)); then
         die "scale $case $target: nothing counted ($raw)"
     fi
@@ -232,10 +276,11 @@ scale_case() {
         fi
         # The second question opened one of its own.
         newconn=$((up1 - up0 - 1))
+        [[ -z $churn ]] || note="new upstream conns $churn${note:+; $note}"
         if [[ $target == nginx && $case == big ]]; then
             local spilled
             spilled=$(grep -c 'buffered to a temporary file' "$WORK/nginx/error.log" || true)
-            note="responses buffered to a temporary file (nginx warnings): ${spilled:-0}"
+            note+="; responses buffered to a temporary file (nginx warnings): ${spilled:-0}"
         fi
     else
         rss=""
@@ -298,7 +343,7 @@ scale_report() {
         echo "- nginx: $("$NGINX_BIN" -v 2>&1 | sed 's/^nginx version: //') (scripts/bench/nginx-scale.conf.tmpl: upstream \`keepalive 256\` as rampart's idle pool)"
         echo "- proxies with $WORKERS worker(s)$([[ $PIN == 1 ]] && echo ", pinned alone on CPU 1 (load and upstream on CPU 0)"); a fresh proxy per run; $ROUNDS round(s), rampart first in odd rounds; warm-up $WARMUP, measured $DURATION"
         echo "- plain/features/big: \`wrk -t$THREADS -c$CONNECTIONS\`; many: \`wrk -t$THREADS -c$MANY\`; rate: examples/rate_load.rs, $RATE req/s on $RATE_CONNECTIONS connections, open loop, latency from the intended send time; h2c: \`h2load -c$H2C_CONNECTIONS -m$H2C_STREAMS\` (its mean where others have p50, no p99); big: $BIG_BYTES-byte bodies"
-        echo "- CPU µs/req: utime+stime of the proxy's process(es) over the measured run / requests; RSS: VmRSS at the end of the measured run (nginx: master + workers); new upstream conns: connections the upstream accepted during the measured run, % of requests"
+        echo "- CPU µs/req: utime+stime of the proxy's process(es) over the measured run / requests; RSS: VmRSS in the last second of the measured run, connections open (nginx: master + workers; rate: just after the run); new upstream conns: connections the upstream accepted during the measured run, % of requests (notes: in the first second, then per second)"
         echo
         echo "| round | case | target | req/s | p50 ms | p99 ms | max ms | CPU µs/req | RSS MiB | new upstream conns | errors | notes |"
         echo "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
