@@ -199,3 +199,42 @@ impl DemoPorts {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// One `GET path` on a connection of its own: (status line, body).
+    async fn get(addr: SocketAddr, path: &str) -> (String, Vec<u8>) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        let end = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&answer[..end]).to_string();
+        let status = head.lines().next().unwrap().to_string();
+        (status, answer[end + 4..].to_vec())
+    }
+
+    /// What the scale benchmark relies on: a body of the size asked for, and a count of
+    /// the connections accepted that each new connection moves by one.
+    #[tokio::test]
+    async fn backend_serves_sized_bodies_and_counts_connections() {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let (backend, _) = start_upstreams(any, any).await.unwrap();
+        let (status, body) = get(backend, "/bytes/65536").await;
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert_eq!(body.len(), 65536);
+        let count =
+            |body: Vec<u8>| -> u64 { String::from_utf8(body).unwrap().trim().parse().unwrap() };
+        let first = count(get(backend, "/_demo/connections").await.1);
+        let second = count(get(backend, "/_demo/connections").await.1);
+        assert!(first >= 2, "two connections so far, counted {first}");
+        assert_eq!(second, first + 1);
+    }
+}
