@@ -21,7 +21,9 @@
 #   PIN          1: pinned one-worker mode: each proxy alone on CPU 1 with one worker,
 #                wrk, the upstream and redis on CPU 0 (taskset); WORKERS defaults to 1  (0)
 #   MODE         rps: the GET benchmark above; sse: long-lived SSE streams (below); tls:
-#                handshakes (full, resumed) and keep-alive h1/h2 over TLS (scripts/bench/tls.sh)  (rps)
+#                handshakes (full, resumed) and keep-alive h1/h2 over TLS (scripts/bench/tls.sh);
+#                scale: issue 18's scenarios, rampart vs nginx: plain, every feature on, a
+#                fixed rate, 64 KiB bodies, 1,000 connections, h2c (scripts/bench/scale.sh)  (rps)
 #
 # MODE=sse: STREAMS concurrent SSE streams through each target (direct, rampart, nginx with
 # `proxy_buffering off`) from one upstream that sends each stream an EVENT_BYTES event every
@@ -85,6 +87,8 @@ RAMPART_ADMIN_PORT=19901
 NGINX_PORT=18081
 RAMPART_RL_MEMORY_PORT=18082
 RAMPART_RL_REDIS_PORT=18083
+RAMPART_FEATURES_PORT=18084
+NGINX_H2C_PORT=18085
 REDIS_PORT=16379
 SSE_UPSTREAM_PORT=13002
 SSE_PATH=/v1/stream
@@ -797,7 +801,13 @@ main() {
         main_tls
         return
         ;;
-    *) die "MODE must be rps, sse or tls, got '$MODE'" ;;
+    scale)
+        # shellcheck source=bench/scale.sh
+        source "$BENCH_DIR/scale.sh"
+        main_scale
+        return
+        ;;
+    *) die "MODE must be rps, sse, tls or scale, got '$MODE'" ;;
     esac
     install_tools
     build_rampart
@@ -812,7 +822,7 @@ main() {
         log "warning: machine ${BUSY_START}% busy before starting: other work is running, expect noisy numbers"
     fi
     check_ports_free "$LLM_PORT" "$UPSTREAM_PORT" "$RAMPART_PORT" "$RAMPART_ADMIN_PORT" "$NGINX_PORT" \
-        "$RAMPART_RL_MEMORY_PORT" "$RAMPART_RL_REDIS_PORT" "$REDIS_PORT"
+        "$RAMPART_RL_MEMORY_PORT" "$RAMPART_RL_REDIS_PORT" "$RAMPART_FEATURES_PORT" "$REDIS_PORT"
 
     mkdir -p "$OUT_DIR/logs"
     rm -f "$OUT_DIR"/wrk-*.txt
@@ -821,6 +831,7 @@ main() {
         ADMIN="$HOST:$RAMPART_ADMIN_PORT" LISTEN="$HOST:$RAMPART_PORT" \
         LISTEN_RL_MEMORY="$HOST:$RAMPART_RL_MEMORY_PORT" \
         LISTEN_RL_REDIS="$HOST:$RAMPART_RL_REDIS_PORT" \
+        LISTEN_FEATURES="$HOST:$RAMPART_FEATURES_PORT" \
         UPSTREAM="$HOST:$UPSTREAM_PORT" REDIS="$HOST:$REDIS_PORT"
     "$RAMPART_BIN" check --config "$WORK/rampart.yaml" >"$OUT_DIR/logs/check.log" 2>&1 || {
         cat "$OUT_DIR/logs/check.log" >&2
@@ -844,6 +855,8 @@ main() {
     run_case rampart-ratelimit-memory "http://$HOST:$RAMPART_RL_MEMORY_PORT$BENCH_PATH" "$RAMPART_PID"
     run_case rampart-ratelimit-redis "http://$HOST:$RAMPART_RL_REDIS_PORT$BENCH_PATH" "$RAMPART_PID"
     check_redis_decisions
+    # Everything on at once: rate limit (memory), breaker with failure rate, retries, metrics.
+    run_case rampart-all-features "http://$HOST:$RAMPART_FEATURES_PORT$BENCH_PATH" "$RAMPART_PID"
     # More scenarios go here, one line each.
     run_pairs "http://$HOST:$RAMPART_PORT$BENCH_PATH" "http://$HOST:$NGINX_PORT$BENCH_PATH" \
         "$RAMPART_PID" "$(nginx_pids | tr '\n' ' ')"

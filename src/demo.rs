@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,6 +18,13 @@ use tokio::net::TcpListener;
 
 type DemoBody = BoxBody<Bytes, Infallible>;
 
+/// Connections the JSON backend accepted: `GET /_demo/connections` answers it, so the
+/// benchmark can tell how many upstream connections a proxy opened during a run.
+static BACKEND_CONNECTIONS: AtomicU64 = AtomicU64::new(0);
+
+/// `GET /bytes/N`: N bytes of body (at most 16 MiB), for the large-response benchmark.
+const MAX_BYTES: usize = 16 << 20;
+
 /// Serves `handler` on `listener` until the task is dropped.
 async fn serve(listener: TcpListener, sse: bool) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -27,6 +35,9 @@ async fn serve(listener: TcpListener, sse: bool) {
             continue;
         };
         let _ = stream.set_nodelay(true);
+        if !sse {
+            BACKEND_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+        }
         let conn = builder
             .serve_connection(
                 TokioIo::new(stream),
@@ -41,6 +52,23 @@ async fn serve(listener: TcpListener, sse: bool) {
 
 async fn backend(req: Request<Incoming>) -> Response<DemoBody> {
     let path = req.uri().path().to_string();
+    let fixed = if path == "/_demo/connections" {
+        Some(Bytes::from(format!(
+            "{}\n",
+            BACKEND_CONNECTIONS.load(Ordering::Relaxed)
+        )))
+    } else {
+        path.strip_prefix("/bytes/")
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|n| *n <= MAX_BYTES)
+            .map(|n| Bytes::from(vec![b'x'; n]))
+    };
+    if let Some(body) = fixed {
+        return Response::builder()
+            .header(header::CONTENT_TYPE, "text/plain")
+            .body(Full::new(body).boxed())
+            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()));
+    }
     let method = req.method().clone();
     let request_id = req
         .headers()
@@ -169,5 +197,44 @@ impl DemoPorts {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// One `GET path` on a connection of its own: (status line, body).
+    async fn get(addr: SocketAddr, path: &str) -> (String, Vec<u8>) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        let end = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&answer[..end]).to_string();
+        let status = head.lines().next().unwrap().to_string();
+        (status, answer[end + 4..].to_vec())
+    }
+
+    /// What the scale benchmark relies on: a body of the size asked for, and a count of
+    /// the connections accepted that each new connection moves by one.
+    #[tokio::test]
+    async fn backend_serves_sized_bodies_and_counts_connections() {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let (backend, _) = start_upstreams(any, any).await.unwrap();
+        let (status, body) = get(backend, "/bytes/65536").await;
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert_eq!(body.len(), 65536);
+        let count =
+            |body: Vec<u8>| -> u64 { String::from_utf8(body).unwrap().trim().parse().unwrap() };
+        let first = count(get(backend, "/_demo/connections").await.1);
+        let second = count(get(backend, "/_demo/connections").await.1);
+        assert!(first >= 2, "two connections so far, counted {first}");
+        assert_eq!(second, first + 1);
     }
 }
