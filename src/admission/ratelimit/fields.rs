@@ -55,7 +55,7 @@ impl RateLimitHeaders {
 
     /// As a map of their own (tests).
     #[cfg(test)]
-    pub(crate) fn to_map(self) -> HeaderMap {
+    pub(crate) fn into_map(self) -> HeaderMap {
         let mut map = HeaderMap::new();
         self.write_to(&mut map);
         map

@@ -129,7 +129,7 @@ async fn check_sets_headers_and_retry_after() {
     for i in 0..10u64 {
         let v = check(std::slice::from_ref(&p), "r", &h, || peer).await;
         assert_eq!(v.retry_after_secs, None);
-        let headers = v.headers.unwrap().to_map();
+        let headers = v.headers.unwrap().into_map();
         assert_eq!(headers["ratelimit-policy"], "\"api\";q=10;w=2");
         assert_eq!(
             headers["ratelimit"],
@@ -237,7 +237,7 @@ async fn tokens_used_in_memory_refuses_the_key_until_the_window_ends() {
         matches!(refused.retry_after_secs, Some(9 | 10)),
         "{refused:?}"
     );
-    let headers = refused.headers.unwrap().to_map();
+    let headers = refused.headers.unwrap().into_map();
     assert_eq!(headers["ratelimit-policy"], "\"t\";q=100;w=10");
     assert!(
         headers["ratelimit"]
@@ -279,7 +279,7 @@ async fn tokens_below_the_budget_leave_the_rest() {
         || ip("192.0.2.1"),
     )
     .await;
-    assert_eq!(v.headers.unwrap().to_map()["x-ratelimit-remaining"], "60");
+    assert_eq!(v.headers.unwrap().into_map()["x-ratelimit-remaining"], "60");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,7 +339,7 @@ async fn streams_in_memory_are_held_until_dropped_and_a_reload_keeps_them() {
     assert_eq!(a.rate_limit_hold.permits(), 1);
     let refused = refuse(p, "alice").await;
     assert_eq!(refused.retry_after_secs, Some(1));
-    let h = refused.headers.unwrap().to_map();
+    let h = refused.headers.unwrap().into_map();
     assert_eq!(
         h["ratelimit-policy"],
         "\"s\";q=2;qu=\"concurrent-requests\""
