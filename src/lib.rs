@@ -5,6 +5,8 @@ pub(crate) mod admin;
 pub(crate) mod admission;
 pub(crate) mod alert;
 pub mod app;
+#[doc(hidden)]
+pub mod bench;
 pub(crate) mod body;
 pub mod config;
 pub mod demo;

@@ -8,6 +8,7 @@
 mod support;
 
 mod admin;
+mod benches_smoke;
 mod bounds;
 mod breakers;
 mod certs;
