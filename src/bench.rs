@@ -7,11 +7,8 @@
 //! Not an API: hidden from the docs, and nothing else calls it.
 
 use std::fmt::Write as _;
-use std::future::Future;
 use std::net::IpAddr;
-use std::pin::pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use http::{HeaderMap, Request};
@@ -226,13 +223,19 @@ impl RouteRef<'_> {
     /// Stream permits taken are given back at once.
     pub fn rate_limit(&self, headers: &HeaderMap, peer: IpAddr) -> Option<Limited> {
         let route = self.route;
-        let check = ratelimit::check(&route.rate_limits, &route.name, headers, || {
+        // As the pipeline asks it (`ratelimit::check_now`), the fields written into a
+        // response's map as the pipeline writes them.
+        let verdict = ratelimit::check_now(&route.rate_limits, &route.name, headers, || {
             route::client_ip::client_ip(peer, headers, self.trusted)
+        })?;
+        let headers = verdict.headers.map_or(0, |h| {
+            let mut response = HeaderMap::with_capacity(8);
+            h.write_to(&mut response);
+            response.len()
         });
-        let verdict = poll_once(check)?;
         Some(Limited {
             allowed: verdict.retry_after_secs.is_none(),
-            headers: verdict.headers.as_ref().map_or(0, HeaderMap::len),
+            headers,
             source: verdict.source,
         })
     }
@@ -428,13 +431,4 @@ pub fn split_events(stream: &[u8]) -> Vec<&[u8]> {
         out.push(rest);
     }
     out
-}
-
-/// Polls `fut` once: its output when it finished without waiting.
-fn poll_once<F: Future>(fut: F) -> Option<F::Output> {
-    let mut fut = pin!(fut);
-    match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(out) => Some(out),
-        Poll::Pending => None,
-    }
 }
