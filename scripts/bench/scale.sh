@@ -455,16 +455,7 @@ main_scale() {
     WORK=$(mktemp -d "${TMPDIR:-/tmp}/rampart-bench.XXXXXX")
     # The rps config: its `bench` listener is the plain case, `bench-features` the features
     # one; its Redis-store policy needs the redis-server (unused here, but configured).
-    render "$BENCH_DIR/rampart.yaml.tmpl" "$WORK/rampart.yaml" \
-        ADMIN="$HOST:$RAMPART_ADMIN_PORT" LISTEN="$HOST:$RAMPART_PORT" \
-        LISTEN_RL_MEMORY="$HOST:$RAMPART_RL_MEMORY_PORT" \
-        LISTEN_RL_REDIS="$HOST:$RAMPART_RL_REDIS_PORT" \
-        LISTEN_FEATURES="$HOST:$RAMPART_FEATURES_PORT" \
-        UPSTREAM="$HOST:$UPSTREAM_PORT" REDIS="$HOST:$REDIS_PORT"
-    "$RAMPART_BIN" check --config "$WORK/rampart.yaml" >"$OUT_DIR/logs/check.log" 2>&1 || {
-        cat "$OUT_DIR/logs/check.log" >&2
-        die "rampart check rejected the bench config"
-    }
+    render_rampart_config
     start_upstream
     start_redis
     local big
