@@ -279,8 +279,13 @@ fn begin<'a>(
     // route without policies has nothing to ask; policies in memory answer at once; Redis
     // is asked in the wait step.
     if !route.rate_limits.is_empty() {
+        // The access log found the client already (behind trusted proxies, a walk of
+        // X-Forwarded-For and an allocation): not twice.
+        let logged = tail.log.as_ref().map(|r| r.client);
         let verdict = ratelimit::check_now(&route.rate_limits, &route.name, req.headers(), || {
-            client_ip(env.peer.ip(), req.headers(), &env.snapshot.trusted_proxies)
+            logged.unwrap_or_else(|| {
+                client_ip(env.peer.ip(), req.headers(), &env.snapshot.trusted_proxies)
+            })
         });
         match verdict {
             Some(verdict) => apply_verdict(verdict, &req, tail)?,
@@ -314,8 +319,11 @@ async fn rate_limit(
     req: &Request<Incoming>,
     tail: &mut Tail,
 ) -> Result<(), ProxyError> {
+    let logged = tail.log.as_ref().map(|r| r.client);
     let verdict = ratelimit::check(&route.rate_limits, &route.name, req.headers(), || {
-        client_ip(env.peer.ip(), req.headers(), &env.snapshot.trusted_proxies)
+        logged.unwrap_or_else(|| {
+            client_ip(env.peer.ip(), req.headers(), &env.snapshot.trusted_proxies)
+        })
     })
     .await;
     apply_verdict(verdict, req, tail)
@@ -570,16 +578,8 @@ async fn slow(
             } => {
                 // Boxed: the handshake's future (hyper's client) stays out of this one,
                 // which every request waiting on Redis copies.
-                return Box::pin(upgrade(
-                    env,
-                    route,
-                    parts,
-                    body,
-                    *client_upgrade,
-                    timers,
-                    tail,
-                ))
-                .await;
+                let handshake = upgrade(env, route, parts, body, *client_upgrade, timers, tail);
+                return Box::pin(handshake).await;
             }
             Step::Send(mut attempts, route) => return send(env, &mut attempts, route, tail).await,
         };
