@@ -607,15 +607,20 @@ kv_get() { # kv_get KEY "k=v k=v ...": the value of KEY, empty when absent
     awk -v k="$1" '{ for (i = 1; i <= NF; i++) if (index($i, k "=") == 1) { print substr($i, length(k) + 2); exit } }' <<<"$2"
 }
 
-med_range() { # "median (min-max)" of the numbers given, 2 decimals; "—" for none
+med_range_digits() { # med_range_digits DIGITS N...: "median (min-max)"; "—" for none
+    local digits=$1
+    shift
     (($#)) || {
         echo "—"
         return
     }
-    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
+    printf '%s\n' "$@" | sort -g | awk -v d="$digits" '{ v[NR] = $1 } END {
+        f = "%." d "f"
         m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
-        if (NR == 1) printf "%.2f", m; else printf "%.2f (%.2f-%.2f)", m, v[1], v[NR] }'
+        if (NR == 1) printf f, m; else printf f " (" f "-" f ")", m, v[1], v[NR] }'
 }
+
+med_range() { med_range_digits 2 "$@"; } # 2 decimals
 
 # ---------------------------------------------------------------------------------------
 

@@ -319,15 +319,7 @@ x_get() {
     done
 }
 
-med_range0() { # med_range, whole numbers
-    (($#)) || {
-        echo "—"
-        return
-    }
-    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
-        m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
-        if (NR == 1) printf "%.0f", m; else printf "%.0f (%.0f-%.0f)", m, v[1], v[NR] }'
-}
+med_range0() { med_range_digits 0 "$@"; } # whole numbers
 
 scale_report() {
     local out=$OUT_DIR/results-scale i case target r key
