@@ -196,6 +196,8 @@ pub struct RouteConfig {
     pub max_body_bytes: u64,
     /// Names of `rate_limits` policies; every one must allow the request.
     pub rate_limits: Vec<String>,
+    /// Name of a `caches:` policy: GET and HEAD answers of this route are cached under it.
+    pub cache: Option<String>,
     /// Protocols tunnelled after a 101 (`Upgrade` tokens, lowercased; never h2c). Default
     /// `[websocket]`; empty: no upgrades on this route. Any other upgrade is removed and the
     /// request served as plain HTTP/1.1.
@@ -290,6 +292,7 @@ impl Serialize for RouteConfig {
             timeouts: &'a RouteTimeouts,
             max_body: u64,
             rate_limits: &'a [String],
+            cache: Option<&'a str>,
             upgrades: &'a [String],
             stream: &'a StreamConfig,
             tokens: TokenCounting,
@@ -311,6 +314,7 @@ impl Serialize for RouteConfig {
             timeouts,
             max_body_bytes,
             rate_limits,
+            cache,
             upgrades,
             stream,
             tokens,
@@ -329,6 +333,7 @@ impl Serialize for RouteConfig {
             timeouts,
             max_body: *max_body_bytes,
             rate_limits,
+            cache: cache.as_deref(),
             upgrades,
             stream,
             tokens: *tokens,

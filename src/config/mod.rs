@@ -7,6 +7,7 @@
 
 mod admin;
 mod alerts;
+mod cache;
 mod dependencies;
 mod env;
 mod limits;
@@ -27,6 +28,7 @@ use serde::Serialize;
 pub use admin::{
     AdminConfig, BreakerReadiness, Cidr, DrainConfig, LogFormat, LoggingConfig, ReadinessConfig,
 };
+pub use cache::{CacheConfig, CacheStore};
 pub use alerts::{
     AlertRule, AlertsConfig, Comparison, Severity, Signal, SignalUnit, SinkConfig, SinkKind,
 };
@@ -73,6 +75,8 @@ pub struct Config {
     pub replicas: u32,
     /// Rate-limit policies by name; routes refer to them.
     pub rate_limits: BTreeMap<String, RateLimitConfig>,
+    /// Response-cache policies by name (`caches:`); routes refer to them.
+    pub caches: BTreeMap<String, CacheConfig>,
     pub drain: DrainConfig,
     /// What rampart depends on and checks in the background (`dependencies:`), see
     /// `health/`. Upstream checks live on each upstream (`health_check:`).

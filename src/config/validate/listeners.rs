@@ -270,6 +270,8 @@ pub(super) fn route<'a>(
                 ctx.policy_refs(f, &known.policies)
             })
             .unwrap_or_default(),
+        // Parsed by the `caches:` step (issue 19).
+        cache: None,
         upgrades: m
             .read(ctx, "upgrades", super::upgrades::upgrades)
             .unwrap_or_else(|| {
