@@ -204,6 +204,33 @@ impl Redis {
         }
     }
 
+    /// Any one command (the response cache's GET, SET, purge log), check-out included,
+    /// within the timeout; a READONLY answer (a demoted master) is tried once more, on the
+    /// master the sentinels name now.
+    pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, RedisError> {
+        let work = async {
+            let mut result = Err(RedisError::Pool("no attempt".into()));
+            for _ in 0..2 {
+                let mut call = self.checkout().await?;
+                let r = cmd.query_async::<T>(&mut call.conn).await;
+                call.finish(match &r {
+                    Ok(_) => false,
+                    Err(e) => self.connection_is_done(&call.conn, e),
+                });
+                let again = matches!(&r, Err(e) if is_readonly(e));
+                result = r.map_err(RedisError::from);
+                if !again {
+                    break;
+                }
+            }
+            result
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(RedisError::Timeout(self.timeout)),
+        }
+    }
+
     /// PING within the timeout; the round trip on success.
     pub async fn ping(&self) -> Result<Duration, RedisError> {
         let start = Instant::now();
