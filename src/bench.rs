@@ -121,7 +121,8 @@ impl Proxy {
         let states = Arc::new(UpstreamStates::new(UpstreamMetrics::register(&mut reg)));
         let limiters = ratelimit::Registry::new(ratelimit::Metrics::register(&mut reg));
         let http = HttpMetrics::register(&mut reg);
-        let snapshot = Snapshot::build(&cfg, &states, &limiters, &http)?;
+        let caches = crate::cache::Registry::new(crate::cache::CacheMetrics::register(&mut reg));
+        let snapshot = Snapshot::build(&cfg, &states, &limiters, &caches, &http)?;
         Ok(Proxy {
             snapshot,
             _states: states,

@@ -38,6 +38,8 @@ pub struct AdminCtx {
     pub draining: Arc<std::sync::atomic::AtomicBool>,
     /// Reloads and drains are carried out by the app's supervisor.
     pub control: Control,
+    /// `/admin/cache`: the memory tiers, purges.
+    pub caches: Arc<crate::cache::Registry>,
 }
 
 pub(crate) async fn serve(
@@ -122,7 +124,10 @@ async fn route(ctx: &AdminCtx, req: Request<Incoming>) -> Response<ProxyBody> {
             let (status, body) = crate::health::health_detail_response(&shared.inputs.health);
             no_store(json(status, body))
         }
-        (_, "/admin/reload" | "/admin/drain") if req.method() != Method::POST => {
+        (&Method::GET | &Method::HEAD, "/admin/cache") => document(ctx.caches.describe()),
+        (_, "/admin/reload" | "/admin/drain" | "/admin/cache/purge")
+            if req.method() != Method::POST =>
+        {
             let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
             resp.headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static("POST"));
@@ -130,9 +135,12 @@ async fn route(ctx: &AdminCtx, req: Request<Incoming>) -> Response<ProxyBody> {
         }
         // A web page the operator has open could POST here (no preflight for a simple
         // POST); browsers always say where it came from, curl and scripts do not.
-        (_, "/admin/reload" | "/admin/drain") if req.headers().contains_key(header::ORIGIN) => {
+        (_, "/admin/reload" | "/admin/drain" | "/admin/cache/purge")
+            if req.headers().contains_key(header::ORIGIN) =>
+        {
             text(StatusCode::FORBIDDEN, "cross-origin requests are refused\n")
         }
+        (_, "/admin/cache/purge") => purge(ctx, req).await,
         (_, "/admin/reload") => {
             let report = ctx.control.reload().await;
             let status = match report.result {
@@ -156,6 +164,43 @@ async fn route(ctx: &AdminCtx, req: Request<Incoming>) -> Response<ProxyBody> {
         (&Method::GET | &Method::HEAD, "/admin/status") => document(api::status(shared)),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// `POST /admin/cache/purge` with `{"cache"?, "route"?, "prefix"?}` (at least one).
+async fn purge(ctx: &AdminCtx, req: Request<Incoming>) -> Response<ProxyBody> {
+    use http_body_util::BodyExt;
+    let bad = |msg: &str| {
+        json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({ "code": "BAD_REQUEST", "message": msg }).to_string(),
+        )
+    };
+    let body = match http_body_util::Limited::new(req.into_body(), 16 * 1024)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return bad("the body could not be read (at most 16 KiB)"),
+    };
+    let p: crate::cache::Purge = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return bad(&format!(
+                "expected {{\"cache\"?, \"route\"?, \"prefix\"?}}: {e}"
+            ));
+        }
+    };
+    if p.cache.is_none() && p.route.is_none() && p.prefix.is_none() {
+        return bad("say what to purge: cache, route or prefix (prefix \"/\" for everything)");
+    }
+    let report = ctx.caches.purge(p).await;
+    let v = serde_json::json!({
+        "removed_here": report.removed,
+        "propagated": report.propagated.is_ok(),
+        "sequence": report.propagated.as_ref().ok(),
+        "detail": report.propagated.as_ref().err(),
+    });
+    no_store(json(StatusCode::OK, v.to_string()))
 }
 
 /// A JSON document of the admin API: always fresh.

@@ -173,11 +173,14 @@ pub async fn start_on(
     let http = HttpMetrics::register(&mut registry);
     let alert_metrics = AlertMetrics::register(&mut registry);
     let certs = CertExpiry::register(&mut registry);
-    let snapshot =
-        Snapshot::build(&config, &upstream_states, &limiters, &http).map_err(StartError::Tls)?;
+    let caches = crate::cache::Registry::new(crate::cache::CacheMetrics::register(&mut registry));
+    let signals = Arc::new(FedSignals::default());
+    let fed = signals.clone();
+    caches.on_lookup(move |hit| fed.cache_lookup(hit));
+    let snapshot = Snapshot::build(&config, &upstream_states, &limiters, &caches, &http)
+        .map_err(StartError::Tls)?;
     let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
     let draining = Arc::new(AtomicBool::new(false));
-    let signals = Arc::new(FedSignals::default());
     let health = Health::new(
         health_metrics,
         pools,
@@ -194,6 +197,7 @@ pub async fn start_on(
         registry,
         upstream_states,
         limiters,
+        caches,
         draining,
         health,
         http,
@@ -535,6 +539,7 @@ impl Supervisor {
                 &for_build,
                 &shared.upstream_states,
                 &shared.limiters,
+                &shared.caches,
                 &shared.http,
             )
         })

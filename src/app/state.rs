@@ -33,6 +33,8 @@ pub struct Shared {
     pub upstream_states: Arc<UpstreamStates>,
     /// Rate-limit state by policy name; `Snapshot::build` takes the policies from here.
     pub limiters: Arc<ratelimit::Registry>,
+    /// Cache policies by name (their memory tiers survive reloads).
+    pub caches: Arc<crate::cache::Registry>,
     /// Set when a drain starts: `/readyz` answers 503 (traffic is still served during the
     /// accept grace; connections told to close answer 503 themselves, see `listener`).
     pub draining: Arc<AtomicBool>,
@@ -64,6 +66,7 @@ pub struct Parts {
     pub registry: prometheus_client::registry::Registry,
     pub upstream_states: Arc<UpstreamStates>,
     pub limiters: Arc<ratelimit::Registry>,
+    pub caches: Arc<crate::cache::Registry>,
     pub draining: Arc<AtomicBool>,
     pub health: Arc<Health>,
     pub http: HttpMetrics,
@@ -93,6 +96,7 @@ impl Shared {
             upstream_states: p.upstream_states,
             draining: p.draining,
             limiters: p.limiters,
+            caches: p.caches,
             in_flight,
             background: Background::default(),
             health: p.health,
@@ -122,6 +126,7 @@ impl Shared {
             alerts: self.alerts.clone(),
             draining: self.draining.clone(),
             control,
+            caches: self.caches.clone(),
         }
     }
 

@@ -43,6 +43,7 @@ use crate::upstream::resilience::{BreakerTicket, InFlight, UpstreamMetrics};
 use crate::upstream::retry::{self};
 use arc_swap::ArcSwap;
 
+mod cache;
 mod handshake;
 use handshake::upgrade;
 
@@ -144,6 +145,7 @@ pub(crate) async fn handle(
             Err(e) => Err(e),
         }
     };
+    let result = cache::finish(result, &mut tail);
     let mut resp = match result {
         Ok(resp) => resp,
         Err(err) => {
@@ -158,6 +160,7 @@ pub(crate) async fn handle(
             err.to_response(request_id.to_str().unwrap_or("-"))
         }
     };
+    cache::mark(&mut resp, &tail);
     resp.headers_mut().insert(&X_REQUEST_ID, request_id);
     if let Some(h) = tail.rate_limit_headers.take() {
         h.write_to(resp.headers_mut());
@@ -202,6 +205,15 @@ enum Step<'a> {
         declared_len: Option<u64>,
         req: Request<Incoming>,
     },
+    /// The cache must ask Redis, or wait for another request's fetch of the key.
+    Cache {
+        route: &'a Route,
+        declared_len: Option<u64>,
+        req: Request<Incoming>,
+        pending: crate::cache::Pending,
+    },
+    /// Answered without the upstream (a cache hit).
+    Answer(Response<ProxyBody>),
     /// The body is read whole before anything is sent (chunked, or kept for a retry).
     Buffer {
         route: &'a Route,
@@ -366,6 +378,23 @@ fn after_rate_limit<'a>(
     mut req: Request<Incoming>,
     tail: &mut Tail,
 ) -> Result<Step<'a>, ProxyError> {
+    // The cache (GET and HEAD on a route with a policy), once.
+    if let Some(policy) = &route.cache
+        && tail.cache.is_none()
+    {
+        match cache::begin(&env.ctx.name, route, policy, &req, tail) {
+            cache::Now::Go => {}
+            cache::Now::Answer(resp) => return Ok(Step::Answer(*resp)),
+            cache::Now::Ask(pending) => {
+                return Ok(Step::Cache {
+                    route,
+                    declared_len,
+                    req,
+                    pending,
+                });
+            }
+        }
+    }
     let metrics = &env.ctx.traffic.upstream_states.metrics;
     let upstream = &route.upstream;
 
@@ -537,6 +566,18 @@ async fn slow(
                 rate_limit(env, route, &req, tail).await?;
                 after_rate_limit(env, route, declared_len, req, tail)?
             }
+            Step::Cache {
+                route,
+                declared_len,
+                req,
+                pending,
+            } => {
+                if let Some(resp) = cache::ask(pending, &req, tail).await {
+                    return Ok(resp);
+                }
+                after_rate_limit(env, route, declared_len, req, tail)?
+            }
+            Step::Answer(resp) => return Ok(resp),
             Step::Buffer {
                 route,
                 parts,

@@ -50,6 +50,8 @@ pub struct Route {
     pub tokens_in_json: bool,
     /// Counters and histograms of this route, made once per snapshot.
     pub metrics: Arc<RouteMetrics>,
+    /// The `cache:` policy GET and HEAD answers are cached under (set by the snapshot).
+    pub cache: Option<Arc<crate::cache::Policy>>,
 }
 
 impl Route {
@@ -82,6 +84,7 @@ impl Route {
             tokens_in_streams: cfg.tokens != TokenCounting::Off,
             tokens_in_json,
             metrics,
+            cache: None,
         }
     }
 

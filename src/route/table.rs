@@ -33,9 +33,11 @@ impl Snapshot {
         cfg: &Config,
         states: &UpstreamStates,
         limiters: &ratelimit::Registry,
+        caches: &Arc<crate::cache::Registry>,
         metrics: &HttpMetrics,
     ) -> Result<Snapshot, String> {
         let policies = limiters.update(cfg)?;
+        let caches = caches.update(cfg, limiters.redis_client());
         // TLS settings per distinct `tls:`: loading the system store is not free.
         let mut tls_by_settings = HashMap::new();
         let mut upstreams = HashMap::new();
@@ -69,7 +71,9 @@ impl Snapshot {
                     let upstream = upstreams.get(&r.upstream)?.clone();
                     let m =
                         metrics.route(&l.name, &r.name, &r.upstream, Some(upstream.errors.clone()));
-                    Some(Route::new(r, upstream, rate_limits, m))
+                    let mut route = Route::new(r, upstream, rate_limits, m);
+                    route.cache = r.cache.as_ref().and_then(|c| caches.get(c).cloned());
+                    Some(route)
                 })
                 .collect();
             listeners.insert(

@@ -32,6 +32,8 @@ pub(crate) struct Tail {
     /// Reads the token counts of a JSON answer as its body passes (`stream::usage`; an
     /// event stream's are read by its guard, `stream::events`).
     pub meter: Option<Box<UsageMeter>>,
+    /// The route's cache: what the lookup found, and the answer being stored as it passes.
+    pub cache: Option<Box<crate::cache::Exchange>>,
 }
 
 /// What the request metrics record when the exchange ends.
@@ -76,6 +78,9 @@ impl Tail {
         if let Some(m) = &mut self.meter {
             m.feed(data);
         }
+        if let Some(c) = &mut self.cache {
+            c.data(data);
+        }
         if let Some(log) = &mut self.log {
             log.bytes_out += n as u64;
         }
@@ -106,6 +111,9 @@ impl Tail {
 
     pub(crate) fn on_complete(&mut self) {
         self.settle_usage();
+        if let Some(c) = &mut self.cache {
+            c.complete();
+        }
         if let Some(log) = &mut self.log {
             log.body_complete();
         }

@@ -410,7 +410,8 @@ mod tests {
         let states = Arc::new(UpstreamStates::new(UpstreamMetrics::register(&mut reg)));
         let limiters = ratelimit::Registry::new(ratelimit::Metrics::register(&mut reg));
         let http = HttpMetrics::register(&mut reg);
-        let snapshot = Snapshot::build(&cfg, &states, &limiters, &http).unwrap();
+        let caches = crate::cache::Registry::new(crate::cache::CacheMetrics::register(&mut reg));
+        let snapshot = Snapshot::build(&cfg, &states, &limiters, &caches, &http).unwrap();
         (snapshot.upstreams["u"].clone(), states)
     }
 
