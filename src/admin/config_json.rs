@@ -47,6 +47,7 @@ listeners:
         timeouts: { connect: 2s, first_byte: 45s, idle: 2m, total: 10m, body: 20s, min_body_rate: 1KiB/s }
         max_body: 1MiB
         rate_limits: [api, per_user]
+        cache: agents
         upgrades: [websocket, "foo/2"]
         stream: { first_event: 2m, between_events: off, max_duration: 30m, heartbeat: 20s, comments_are_activity: true, error_events: [error, failed], partial_event_buffer: 128KiB }
       - upstream: fallback
@@ -103,6 +104,9 @@ rate_limits:
   per_route_ip: { key: "route+client_ip" }
   chat_streams: { max_streams: 3, stream_lease: 45s, key: "header:x-user-id" }
   llm_tokens: { points: 100000, per: 1m, cost: tokens, max_streams: 2, store: memory }
+caches:
+  agents: { ttl: 30s, max_entry_size: 256KiB, stale_if_error: 1h, store: memory, vary: [Accept-Language, authorization], memory_max: 32MiB, lock_timeout: 2s }
+  shared: { stale_if_error: "off" }
 drain: { accept_grace: 2s, timeout: 45s }
 readiness: { breaker_open: not_ready }
 dependencies:
@@ -149,6 +153,7 @@ listeners: [{ name: m, listen: "127.0.0.1:0", routes: [{ upstream: u }] }]
 upstreams: { u: { endpoints: ["http://127.0.0.1:1"] } }
 redis: { sentinel: { master: mymaster, addresses: ["10.0.0.1:26379", "10.0.0.2:26379"] } }
 rate_limits: { r: {} }
+caches: { c: {} }
 "#;
     /// Redis Cluster, with credentials (the password shown redacted).
     const CLUSTER: &str = r#"

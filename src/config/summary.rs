@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::{
-    Config, DrainMode, RateLimitCost, RateLimitStore, RedisTarget, Resilience, RetryOn,
+    CacheStore, Config, DrainMode, RateLimitCost, RateLimitStore, RedisTarget, Resilience, RetryOn,
     redis_url_shown,
 };
 
@@ -133,9 +133,13 @@ impl Config {
                 } else {
                     format!(", rate limits {}", r.rate_limits.join(","))
                 };
+                let cache = r
+                    .cache
+                    .as_ref()
+                    .map_or(String::new(), |c| format!(", cache {c}"));
                 let _ = writeln!(
                     s,
-                    "  route   {} {}{} [{}] -> {} (first_byte {}, idle {}, total {}, body {}{limits})",
+                    "  route   {} {}{} [{}] -> {} (first_byte {}, idle {}, total {}, body {}{limits}{cache})",
                     r.name,
                     r.host.as_deref().unwrap_or(""),
                     r.path_prefix,
@@ -207,6 +211,28 @@ impl Config {
                 None => String::new(),
             };
             let _ = writeln!(s, "ratelimit {} {what} ({block}store {store})", p.name);
+        }
+        for (name, c) in &self.caches {
+            let stale = c
+                .stale_if_error
+                .map(|d| humantime::format_duration(d).to_string())
+                .unwrap_or_else(|| "off".into());
+            let store = match c.store {
+                CacheStore::Redis => "redis",
+                CacheStore::Memory => "memory",
+            };
+            let vary = if c.vary.is_empty() {
+                String::new()
+            } else {
+                format!(", vary {}", c.vary.join(","))
+            };
+            let _ = writeln!(
+                s,
+                "cache     {name} ttl {} (stale_if_error {stale}, max entry {}, store {store}, memory {}{vary})",
+                humantime::format_duration(c.ttl),
+                human_bytes(c.max_entry_size),
+                human_bytes(c.memory_max),
+            );
         }
         let _ = writeln!(
             s,

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use crate::config::raw::child_path;
 
 /// Maps whose keys are names the user chose, written `<name>` in the reference.
-const USER_NAMED: &[&str] = &["upstreams", "rate_limits"];
+const USER_NAMED: &[&str] = &["upstreams", "rate_limits", "caches"];
 
 thread_local! {
     /// Keys asked for on this thread (each test runs on its own).
@@ -123,6 +123,8 @@ redis:
   pool: { max_size: 16 }
 rate_limits:
   api: { points: 100, per: 60s, block_for: 60s, key: client_ip, store: redis, ipv6_prefix: 64, lease: { max: 64 } }
+caches:
+  agents: { ttl: 1h, max_entry_size: 1MiB, stale_if_error: 10m, store: redis, vary: [accept], memory_max: 64MiB, lock_timeout: 5s }
 listeners:
   - name: inbound
     listen: "0.0.0.0:8080"
@@ -144,6 +146,7 @@ listeners:
         timeouts: { connect: 1s, first_byte: 30s, idle: 60s, total: off, body: 60s, min_body_rate: 500B/s }
         max_body: 10MiB
         rate_limits: [api]
+        cache: agents
         upgrades: [websocket]
         stream: { first_event: 60s, between_events: 45s, max_duration: 10m, heartbeat: 15s, comments_are_activity: false, error_events: [error], partial_event_buffer: 64KiB }
         tokens: streams
@@ -248,5 +251,6 @@ fn reference_paths_name_lists_and_user_named_entries() {
         "upstreams.<name>.pool"
     );
     assert_eq!(reference_path("rate_limits.api"), "rate_limits.<name>");
+    assert_eq!(reference_path("caches.agents.vary"), "caches.<name>.vary");
     assert_eq!(reference_path("upstreams"), "upstreams");
 }

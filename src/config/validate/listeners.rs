@@ -270,8 +270,9 @@ pub(super) fn route<'a>(
                 ctx.policy_refs(f, &known.policies)
             })
             .unwrap_or_default(),
-        // Parsed by the `caches:` step (issue 19).
-        cache: None,
+        cache: m.read(ctx, "cache", |ctx, f| {
+            super::caches::cache_ref(ctx, f, &known.caches)
+        }),
         upgrades: m
             .read(ctx, "upgrades", super::upgrades::upgrades)
             .unwrap_or_else(|| {

@@ -7,6 +7,7 @@
 
 mod admin;
 mod alerts;
+mod caches;
 #[cfg(test)]
 mod doc_reference;
 mod health;
@@ -33,6 +34,7 @@ use super::raw::{self, Node, Pos};
 use super::{Config, ConfigError, DrainMode, ListenerConfig};
 use admin::{admin, drain, logging, readiness, trusted_proxies};
 use alerts::alerts;
+use caches::{Caches, caches};
 use limits::{Policies, rate_limits, redis};
 use listeners::listeners;
 use reader::{Ctx, Field, MapReader};
@@ -44,7 +46,7 @@ use upstreams::{Upstreams, upstreams};
 /// Requests in flight on a listener or to an upstream.
 const MAX_IN_FLIGHT: u64 = 1_000_000;
 /// Sections a later version reads: refused by name so the message says why.
-const FUTURE_SECTIONS: &[&str] = &["caches", "tls"];
+const FUTURE_SECTIONS: &[&str] = &["tls"];
 
 /// Turns a YAML text into the typed configuration, or returns every problem found, sorted by
 /// position. `env` looks up the variables `${VAR}` refers to.
@@ -191,11 +193,12 @@ fn decode(ctx: &mut Ctx, root: &Node, source_name: &str) -> Config {
         .read(ctx, "replicas", |ctx, f| ctx.int(f, 1, 10_000))
         .and_then(|n| u32::try_from(n).ok())
         .unwrap_or(Config::DEFAULT_REPLICAS);
-    // Upstreams and policies first: routes refer to them (and inherit the upstream's
-    // connect timeout).
+    // Upstreams, policies and caches first: routes refer to them (and inherit the
+    // upstream's connect timeout).
     let known = Known {
         upstreams: upstreams(ctx, upstreams_node),
         policies: rate_limits(ctx, m.optional("rate_limits"), redis.is_some()),
+        caches: caches(ctx, m.optional("caches"), redis.is_some()),
     };
     let (listeners, mut binds) = listeners(ctx, listeners_node, &known);
     let drain = drain(ctx, m.optional("drain"));
@@ -226,7 +229,7 @@ fn decode(ctx: &mut Ctx, root: &Node, source_name: &str) -> Config {
         redis,
         replicas,
         rate_limits: known.policies.configs,
-        caches: std::collections::BTreeMap::new(),
+        caches: known.caches.configs,
         drain,
         dependencies,
         alerts,
@@ -238,6 +241,7 @@ fn decode(ctx: &mut Ctx, root: &Node, source_name: &str) -> Config {
 struct Known {
     upstreams: Upstreams,
     policies: Policies,
+    caches: Caches,
 }
 
 /// One socket the process will bind, and who asked for it.
@@ -623,18 +627,13 @@ mod tests {
 
     #[test]
     fn future_sections_are_refused_by_name() {
-        let p = problems(&format!(
-            "{MINIMAL}\n        caches:\n          x: 1\n        tls: {{}}\n"
-        ));
-        assert_eq!(p.len(), 2, "{p:#?}");
-        check(
-            &p[0],
+        only(
+            &format!("{MINIMAL}\n        tls: {{}}\n"),
             10,
             1,
-            "caches",
-            "section \"caches\" is not supported by this version of rampart",
+            "tls",
+            "section \"tls\" is not supported by this version of rampart",
         );
-        check(&p[1], 12, 1, "tls", "section \"tls\" is not supported");
     }
 
     /// Two listeners, and the admin address, with the given `listen` values.
