@@ -1,8 +1,8 @@
 //! The steps a request walks, outermost first (architecture.md, "A request"):
-//! observe -> admission (draining, listener shedding) -> route -> rate limit -> upstream
-//! shedding -> circuit breaker -> body limit -> retry loop (pick endpoint, send, classify) ->
-//! stream back. Each step is a call into its own module; this file only orders them. The
-//! cache slots in after the rate limit.
+//! observe -> admission (draining, listener shedding) -> route -> rate limit -> cache ->
+//! upstream shedding -> circuit breaker -> body limit -> retry loop (pick endpoint, send,
+//! classify) -> stream back (and the cache's way back: stale answers, storing). Each step is
+//! a call into its own module; this file only orders them.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;

@@ -11,6 +11,7 @@ mod admin;
 mod benches_smoke;
 mod bounds;
 mod breakers;
+mod cache;
 mod certs;
 mod cli;
 mod config;
