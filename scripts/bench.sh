@@ -88,6 +88,9 @@ NGINX_PORT=18081
 RAMPART_RL_MEMORY_PORT=18082
 RAMPART_RL_REDIS_PORT=18083
 RAMPART_FEATURES_PORT=18084
+RAMPART_CACHE_MEMORY_PORT=18086
+RAMPART_CACHE_REDIS_PORT=18087
+RAMPART_CACHE_REDIS_ONLY_PORT=18088
 NGINX_H2C_PORT=18085
 REDIS_PORT=16379
 SSE_UPSTREAM_PORT=13002
@@ -276,6 +279,9 @@ render_rampart_config() {
         LISTEN_RL_MEMORY="$HOST:$RAMPART_RL_MEMORY_PORT" \
         LISTEN_RL_REDIS="$HOST:$RAMPART_RL_REDIS_PORT" \
         LISTEN_FEATURES="$HOST:$RAMPART_FEATURES_PORT" \
+        LISTEN_CACHE_MEMORY="$HOST:$RAMPART_CACHE_MEMORY_PORT" \
+        LISTEN_CACHE_REDIS="$HOST:$RAMPART_CACHE_REDIS_PORT" \
+        LISTEN_CACHE_REDIS_ONLY="$HOST:$RAMPART_CACHE_REDIS_ONLY_PORT" \
         UPSTREAM="$HOST:$UPSTREAM_PORT" REDIS="$HOST:$REDIS_PORT"
     "$RAMPART_BIN" check --config "$WORK/rampart.yaml" >"$OUT_DIR/logs/check.log" 2>&1 || {
         cat "$OUT_DIR/logs/check.log" >&2
@@ -661,7 +667,8 @@ main() {
         log "warning: machine ${BUSY_START}% busy before starting: other work is running, expect noisy numbers"
     fi
     check_ports_free "$LLM_PORT" "$UPSTREAM_PORT" "$RAMPART_PORT" "$RAMPART_ADMIN_PORT" "$NGINX_PORT" \
-        "$RAMPART_RL_MEMORY_PORT" "$RAMPART_RL_REDIS_PORT" "$RAMPART_FEATURES_PORT" "$REDIS_PORT"
+        "$RAMPART_RL_MEMORY_PORT" "$RAMPART_RL_REDIS_PORT" "$RAMPART_FEATURES_PORT" "$REDIS_PORT" \
+        "$RAMPART_CACHE_MEMORY_PORT" "$RAMPART_CACHE_REDIS_PORT" "$RAMPART_CACHE_REDIS_ONLY_PORT"
 
     mkdir -p "$OUT_DIR/logs"
     rm -f "$OUT_DIR"/wrk-*.txt
@@ -687,6 +694,11 @@ main() {
     check_redis_decisions
     # Everything on at once: rate limit (memory), breaker with failure rate, retries, metrics.
     run_case rampart-all-features "http://$HOST:$RAMPART_FEATURES_PORT$BENCH_PATH" "$RAMPART_PID"
+    # Cached GETs: hits from the memory tier, from the Redis store's memory tier, and from
+    # Redis itself (a memory tier too small for the entry: a GET to Redis per request).
+    run_case rampart-cache-memory "http://$HOST:$RAMPART_CACHE_MEMORY_PORT$BENCH_PATH" "$RAMPART_PID"
+    run_case rampart-cache-redis "http://$HOST:$RAMPART_CACHE_REDIS_PORT$BENCH_PATH" "$RAMPART_PID"
+    run_case rampart-cache-redis-only "http://$HOST:$RAMPART_CACHE_REDIS_ONLY_PORT$BENCH_PATH" "$RAMPART_PID"
     # More scenarios go here, one line each.
     run_pairs "http://$HOST:$RAMPART_PORT$BENCH_PATH" "http://$HOST:$NGINX_PORT$BENCH_PATH" \
         "$RAMPART_PID" "$(nginx_pids | tr '\n' ' ')"

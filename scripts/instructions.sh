@@ -8,7 +8,8 @@
 #   RAMPART_BIN=/path/rampart WORKERS=1 PORT=18080 scripts/instructions.sh
 #   CASE=rl-memory scripts/instructions.sh  # the route with a memory rate limit (or rl-redis,
 #                                           # against the redis-server on 127.0.0.1:6379, or
-#                                           # features: every feature on)
+#                                           # features: every feature on, or cache: hits
+#                                           # from a memory cache)
 #
 # Needs valgrind and wrk (apt-get install -y valgrind wrk). Uses 127.0.0.1 only: the
 # stand-in upstream on its fixed port 3001, rampart on PORT, its admin on PORT+1821.
@@ -27,7 +28,8 @@ plain) LOAD_PORT=$PORT ;;
 rl-memory) LOAD_PORT=$((PORT + 2)) ;;
 rl-redis) LOAD_PORT=$((PORT + 3)) ;;
 features) LOAD_PORT=$((PORT + 4)) ;;
-*) echo "CASE must be plain, rl-memory, rl-redis or features, got '$CASE'" >&2; exit 1 ;;
+cache) LOAD_PORT=$((PORT + 5)) ;;
+*) echo "CASE must be plain, rl-memory, rl-redis, features or cache, got '$CASE'" >&2; exit 1 ;;
 esac
 OUT=$(mktemp -d /tmp/rampart-instr.XXXXXX)
 PIDS=()
@@ -55,6 +57,8 @@ command -v wrk >/dev/null || { echo "wrk missing (apt-get install -y wrk)" >&2; 
 sed -e "s/@ADMIN@/127.0.0.1:$((PORT + 1821))/; s/@LISTEN@/127.0.0.1:$PORT/" \
     -e "s/@LISTEN_RL_MEMORY@/127.0.0.1:$((PORT + 2))/; s/@LISTEN_RL_REDIS@/127.0.0.1:$((PORT + 3))/" \
     -e "s/@LISTEN_FEATURES@/127.0.0.1:$((PORT + 4))/" \
+    -e "s/@LISTEN_CACHE_MEMORY@/127.0.0.1:$((PORT + 5))/; s/@LISTEN_CACHE_REDIS@/127.0.0.1:$((PORT + 6))/" \
+    -e "s/@LISTEN_CACHE_REDIS_ONLY@/127.0.0.1:$((PORT + 7))/" \
     -e "s/@UPSTREAM@/127.0.0.1:3001/; s/@REDIS@/127.0.0.1:6379/" \
     "$ROOT/scripts/bench/rampart.yaml.tmpl" >"$OUT/rampart.yaml"
 

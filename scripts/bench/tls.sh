@@ -168,12 +168,7 @@ main_tls() {
     WORK=$(mktemp -d "${TMPDIR:-/tmp}/rampart-bench.XXXXXX")
     make_certs
     # The JSON upstream comes from the rps config (`rampart demo --upstreams-only` reads it).
-    render "$BENCH_DIR/rampart.yaml.tmpl" "$WORK/rampart.yaml" \
-        ADMIN="$HOST:$RAMPART_ADMIN_PORT" LISTEN="$HOST:$RAMPART_PORT" \
-        LISTEN_RL_MEMORY="$HOST:$RAMPART_RL_MEMORY_PORT" \
-        LISTEN_RL_REDIS="$HOST:$RAMPART_RL_REDIS_PORT" \
-        LISTEN_FEATURES="$HOST:$RAMPART_FEATURES_PORT" \
-        UPSTREAM="$HOST:$UPSTREAM_PORT" REDIS="$HOST:$REDIS_PORT"
+    render_rampart_config
     render "$BENCH_DIR/rampart-tls.yaml.tmpl" "$WORK/rampart-tls.yaml" \
         ADMIN="$HOST:$RAMPART_ADMIN_PORT" LISTEN="$HOST:$RAMPART_PORT" \
         UPSTREAM="$HOST:$UPSTREAM_PORT" CERT="$WORK/tls/server.pem" KEY="$WORK/tls/server.key"

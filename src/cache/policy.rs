@@ -245,6 +245,13 @@ impl Policy {
                     {
                         return Found::Fresh(e);
                     }
+                    // Not in memory (too large for the tier, or pushed out already): the
+                    // leader may have found or stored it in Redis.
+                    if let Some(e) = self.redis_get(&key).await
+                        && unix_ms(SystemTime::now()) < e.fresh_until
+                    {
+                        return Found::Fresh(e);
+                    }
                 }
                 // The leader stored nothing (or took too long): this one goes itself.
                 Found::Miss { stale, lead: None }
