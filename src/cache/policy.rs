@@ -479,13 +479,17 @@ pub(crate) enum XCache {
 }
 
 impl XCache {
-    pub(crate) fn value(self) -> HeaderValue {
-        HeaderValue::from_static(match self {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
             XCache::Hit => "HIT",
             XCache::Miss => "MISS",
             XCache::Stale => "STALE",
             XCache::Bypass => "BYPASS",
-        })
+        }
+    }
+
+    pub(crate) fn value(self) -> HeaderValue {
+        HeaderValue::from_static(self.as_str())
     }
 }
 

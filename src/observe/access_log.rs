@@ -84,6 +84,8 @@ pub(crate) struct AccessRecord {
     pub version: http::Version,
     /// Where the rate-limit decision came from, when the route has policies.
     pub ratelimit: Option<&'static str>,
+    /// What the route's cache did (HIT, MISS, STALE, BYPASS), when it has one.
+    pub cache: Option<&'static str>,
     pub status: u16,
     pub request_id: http::HeaderValue,
     pub ttfb: Option<Duration>,
@@ -206,6 +208,7 @@ impl Drop for AccessRecord {
             protocol = protocol(self.version),
             user_agent = self.user_agent.as_ref().and_then(|v| v.to_str().ok()),
             ratelimit = self.ratelimit,
+            cache = self.cache,
             duration_ms = millis(duration),
             ttfb_ms = self.ttfb.map(millis),
             bytes_in = self.bytes_in,
@@ -282,6 +285,7 @@ mod tests {
             user_agent: None,
             version: http::Version::HTTP_11,
             ratelimit: None,
+            cache: None,
             status: 200,
             request_id: http::HeaderValue::from_static("req-1"),
             ttfb: None,

@@ -173,8 +173,11 @@ pub(super) fn finish(
 }
 
 /// `X-Cache` on the answer, whatever it is (an error rampart made included).
-pub(super) fn mark(resp: &mut Response<ProxyBody>, tail: &Tail) {
+pub(super) fn mark(resp: &mut Response<ProxyBody>, tail: &mut Tail) {
     if let Some(x) = &tail.cache {
         resp.headers_mut().insert(X_CACHE.clone(), x.how.value());
+        if let Some(r) = tail.log.as_mut() {
+            r.cache = Some(x.how.as_str());
+        }
     }
 }

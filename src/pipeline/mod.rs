@@ -107,6 +107,7 @@ pub(crate) async fn handle(
             user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
             version: req.version(),
             ratelimit: None,
+            cache: None,
             status: 0,
             request_id: request_id.clone(),
             ttfb: None,
@@ -160,7 +161,7 @@ pub(crate) async fn handle(
             err.to_response(request_id.to_str().unwrap_or("-"))
         }
     };
-    cache::mark(&mut resp, &tail);
+    cache::mark(&mut resp, &mut tail);
     resp.headers_mut().insert(&X_REQUEST_ID, request_id);
     if let Some(h) = tail.rate_limit_headers.take() {
         h.write_to(resp.headers_mut());
