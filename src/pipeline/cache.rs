@@ -24,13 +24,18 @@ pub(super) fn begin(
     tail: &mut Tail,
 ) -> Now {
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let asked = policy.ask(
-        (listener, &route.name),
-        req.method(),
-        route::request_host(req),
-        target,
-        req.headers(),
-    );
+    // A request with a body is not one the key describes.
+    let asked = if req.body().is_end_stream() {
+        policy.ask(
+            (listener, &route.name),
+            req.method(),
+            route::request_host(req),
+            target,
+            req.headers(),
+        )
+    } else {
+        Asked::Bypass
+    };
     let (key, head, refresh) = match asked {
         Asked::Bypass => {
             policy.count(XCache::Bypass);

@@ -639,6 +639,10 @@ async fn send(
     route: &Route,
     tail: &mut Tail,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    if tail.cache.as_ref().is_some_and(|x| x.stale.is_some()) {
+        // A stale entry answers for an upstream that is down: no waiting for it.
+        attempts.skip_connect_wait();
+    }
     match attempts.run().await {
         Ok(answer) => {
             if let (Some(t), Some(v)) = (tail.ticket.as_mut(), answer.verdict) {

@@ -40,6 +40,9 @@ pub(crate) struct Attempts<'a> {
     /// as it is rarely there and `Send` is moved on every request.
     template: Option<Box<(Uri, HeaderMap)>>,
     timers: forward::Timers,
+    /// Something else can answer if the upstream is down (a stale cache entry): a refused
+    /// connect fails at once rather than waiting out `retry.connect_wait`.
+    no_connect_wait: bool,
 }
 
 /// The upstream's answer, before it is streamed back.
@@ -78,7 +81,13 @@ impl<'a> Attempts<'a> {
             replay,
             template,
             timers,
+            no_connect_wait: false,
         }
+    }
+
+    /// See `no_connect_wait`.
+    pub(crate) fn skip_connect_wait(&mut self) {
+        self.no_connect_wait = true;
     }
 
     /// The route's total deadline, which the response body runs under as well.
@@ -196,7 +205,10 @@ impl<'a> Attempts<'a> {
                         self.request = None;
                     }
                     let replayable = self.request.is_some() || self.replay.is_some();
-                    if replayable && retry::ConnectWait::applies(&cfg.retry, failure) {
+                    if replayable
+                        && !self.no_connect_wait
+                        && retry::ConnectWait::applies(&cfg.retry, failure)
+                    {
                         // A restart: wait for the upstream to listen again (`upstream::retry`). No
                         // retry budget is spent: it keeps retries from multiplying the load
                         // that reaches the upstream, and a refused connect reaches nothing.
