@@ -72,6 +72,9 @@ pub struct Policy {
     pub(crate) counters: PolicyCounters,
     pub(crate) on_lookup: Arc<dyn Fn(bool) + Send + Sync>,
     rng: AtomicU64,
+    /// Bytes the answers being stored hold now: at most `memory_max` (many concurrent
+    /// misses of large answers must not hold `max_entry_size` each without bound).
+    filling: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Policy {
@@ -130,6 +133,7 @@ impl Policy {
             counters,
             on_lookup,
             rng: AtomicU64::new(0x9e37_79b9_7f4a_7c15),
+            filling: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -411,6 +415,8 @@ impl Policy {
             stale_until: fresh_until.saturating_add(ms(stale_for)),
             age: control::age_secs(headers),
             lead,
+            filling: self.filling.clone(),
+            budget: self.cfg.memory_max,
         }))
     }
 }
@@ -584,6 +590,16 @@ pub(crate) struct Fill {
     stale_until: u64,
     age: u64,
     lead: Option<Lead>,
+    /// The policy's bytes being filled (see `Policy::filling`), and its bound.
+    filling: Arc<AtomicU64>,
+    budget: u64,
+}
+
+impl Drop for Fill {
+    fn drop(&mut self) {
+        self.filling
+            .fetch_sub(self.body.len() as u64, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Fill {
@@ -600,7 +616,11 @@ impl Fill {
         if self.over {
             return;
         }
-        if self.body.len() + d.len() > self.limit {
+        let n = d.len() as u64;
+        let held = self.filling.fetch_add(n, Ordering::Relaxed);
+        if self.body.len() + d.len() > self.limit || held.saturating_add(n) > self.budget {
+            self.filling
+                .fetch_sub(n + self.body.len() as u64, Ordering::Relaxed);
             self.over = true;
             self.body = BytesMut::new();
             // Nothing will be stored: the waiters need not wait for the end.
@@ -617,6 +637,7 @@ impl Fill {
             return;
         }
         let body: Bytes = std::mem::take(&mut self.body).freeze();
+        self.filling.fetch_sub(body.len() as u64, Ordering::Relaxed);
         let e = Arc::new(Entry {
             key: std::mem::take(&mut self.key),
             status: self.status,

@@ -99,6 +99,21 @@ fn settle(found: Found, request: &http::HeaderMap, tail: &mut Tail) -> Option<Re
     }
 }
 
+/// A GET that missed asks the upstream for the whole answer, whatever the client's
+/// conditions (nginx does the same): a 304 could not be stored, and the answer serves every
+/// client after this one.
+pub(super) fn for_upstream(req: &mut Request<Incoming>, tail: &Tail) {
+    if tail
+        .cache
+        .as_ref()
+        .is_some_and(|x| x.how == XCache::Miss && !x.head)
+    {
+        let h = req.headers_mut();
+        h.remove(header::IF_NONE_MATCH);
+        h.remove(header::IF_MODIFIED_SINCE);
+    }
+}
+
 /// An answer made from an entry.
 fn answer(e: &Entry, how: XCache, no_body: bool, not_modified: bool) -> Response<ProxyBody> {
     let (status, headers) = crate::cache::answer_head(e, how);

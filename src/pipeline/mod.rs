@@ -396,6 +396,9 @@ fn after_rate_limit<'a>(
             }
         }
     }
+    if tail.cache.is_some() {
+        cache::for_upstream(&mut req, tail);
+    }
     let metrics = &env.ctx.traffic.upstream_states.metrics;
     let upstream = &route.upstream;
 
