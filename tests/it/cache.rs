@@ -268,6 +268,13 @@ async fn a_second_get_is_a_hit_with_age_and_head_is_answered_from_it() {
     let other = req(addr, "GET", "/agents", &[("if-none-match", "\"v0\"")]).await;
     assert_eq!((other.status, other.body.len()), (200, 9));
 
+    // A conditional miss asks the upstream for the whole answer, which is then stored.
+    let miss = req(addr, "GET", "/cond", &[("if-none-match", "\"v1\"")]).await;
+    assert_eq!((miss.status, miss.x_cache()), (200, "MISS"));
+    let forwarded = script.last.lock().unwrap().clone().unwrap();
+    assert!(!forwarded.contains_key("if-none-match"), "{forwarded:?}");
+    assert_eq!(get_(addr, "/cond").await.x_cache(), "HIT");
+
     // Another query string is another entry.
     assert_eq!(get_(addr, "/agents?page=2").await.x_cache(), "MISS");
     assert_eq!(script.seen("/agents"), 1);
@@ -279,7 +286,7 @@ async fn a_second_get_is_a_hit_with_age_and_head_is_answered_from_it() {
             &m,
             "rampart_cache_lookups_total{cache=\"c\",result=\"hit\"}"
         ),
-        Some(4.0),
+        Some(5.0),
         "{m}"
     );
     assert_eq!(
@@ -287,11 +294,11 @@ async fn a_second_get_is_a_hit_with_age_and_head_is_answered_from_it() {
             &m,
             "rampart_cache_lookups_total{cache=\"c\",result=\"miss\"}"
         ),
-        Some(2.0)
+        Some(3.0)
     );
     assert_eq!(
         sample(&m, "rampart_cache_memory_entries{cache=\"c\"}"),
-        Some(2.0)
+        Some(3.0)
     );
 }
 
