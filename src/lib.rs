@@ -8,6 +8,7 @@ pub mod app;
 #[doc(hidden)]
 pub mod bench;
 pub(crate) mod body;
+pub(crate) mod cache;
 pub mod config;
 pub mod demo;
 pub(crate) mod error;

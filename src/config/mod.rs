@@ -28,10 +28,10 @@ use serde::Serialize;
 pub use admin::{
     AdminConfig, BreakerReadiness, Cidr, DrainConfig, LogFormat, LoggingConfig, ReadinessConfig,
 };
-pub use cache::{CacheConfig, CacheStore};
 pub use alerts::{
     AlertRule, AlertsConfig, Comparison, Severity, Signal, SignalUnit, SinkConfig, SinkKind,
 };
+pub use cache::{CacheConfig, CacheStore};
 pub use dependencies::{
     CheckConfig, DependenciesConfig, MemoryCheck, PgPoolConfig, PostgresDependency,
     UpstreamHealthCheck,
