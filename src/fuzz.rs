@@ -549,3 +549,72 @@ pub fn h2_scan(data: &[u8]) {
     );
     assert_eq!(scan_pieces(wire.chunks(1)), whole, "byte by byte");
 }
+
+/// The response cache's reading of Cache-Control and friends (`cache::control`) on any
+/// header lines. The first byte picks the status, the policy's ttl and Vary list; the rest,
+/// split at newlines, are header lines whose first byte picks the name (Cache-Control,
+/// Pragma, Vary, Expires, Date, Age, Content-Type). Never a panic; a response found
+/// storable is fresh for more than zero and at most 2^31 s, and may be served stale for at
+/// most 2^31 s.
+pub fn cache_control(data: &[u8]) {
+    use std::time::{Duration, SystemTime};
+
+    use http::{HeaderMap, HeaderValue};
+
+    use crate::cache::control::{StaleRule, Storable, age_secs, request_directives, storable};
+
+    let Some((&pick, rest)) = data.split_first() else {
+        return;
+    };
+    let status = [200, 404, 206, 500][usize::from(pick & 3)];
+    let ttl = [0, 1, 3600, u64::MAX][usize::from(pick >> 2 & 3)];
+    let vary: &[String] = &[String::from("accept-language"), String::from("accept")];
+    let vary = &vary[..usize::from(pick >> 4 & 1) * 2];
+    let names = [
+        "cache-control",
+        "pragma",
+        "vary",
+        "expires",
+        "date",
+        "age",
+        "content-type",
+        "cache-control",
+    ];
+    let mut headers = HeaderMap::new();
+    for line in rest.split(|&b| b == b'\n') {
+        let Some((&n, value)) = line.split_first() else {
+            continue;
+        };
+        if let Ok(v) = HeaderValue::from_bytes(value) {
+            headers.append(names[usize::from(n & 7)], v);
+        }
+        let _ = crate::cache::control::parse_http_date(&String::from_utf8_lossy(value));
+    }
+    let _ = request_directives(&headers);
+    let _ = age_secs(&headers);
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_578_800);
+    let max = Duration::from_secs(1 << 31);
+    match storable(status, &headers, Duration::from_secs(ttl), vary, now) {
+        Storable::Yes {
+            fresh_for,
+            stale_if_error,
+        } => {
+            assert!(!fresh_for.is_zero() && fresh_for <= max, "{fresh_for:?}");
+            if let StaleRule::For(d) = stale_if_error {
+                assert!(d <= max, "{d:?}");
+            }
+        }
+        Storable::No(reason) => assert!(!reason.is_empty()),
+    }
+}
+
+/// The response cache's stored form (`cache::entry`) on any bytes: decoding never panics,
+/// and what decodes encodes to bytes that decode to the same entry.
+pub fn cache_entry(data: &[u8]) {
+    use crate::cache::entry::Entry;
+    if let Some(e) = Entry::decode(data) {
+        assert!(e.stale_until >= e.fresh_until && (100..=999).contains(&e.status));
+        assert!(e.weight() >= e.key.len() + e.body.len());
+        assert_eq!(Entry::decode(&e.encode()).as_ref(), Some(&e));
+    }
+}

@@ -19,6 +19,8 @@ const TARGETS: &[(&str, Entry)] = &[
     ("sse", rampart::fuzz::sse),
     ("usage", rampart::fuzz::usage),
     ("h2_scan", rampart::fuzz::h2_scan),
+    ("cache_control", rampart::fuzz::cache_control),
+    ("cache_entry", rampart::fuzz::cache_entry),
 ];
 
 #[test]
