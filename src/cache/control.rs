@@ -72,8 +72,8 @@ pub(crate) enum Storable {
 pub(crate) enum StaleRule {
     /// The response says nothing: the policy's `stale_if_error` applies.
     Policy,
-    /// Never: `must-revalidate`, `proxy-revalidate` or `s-maxage` (which implies
-    /// proxy-revalidate for a shared cache, RFC 9111 5.2.2.10).
+    /// Never: `must-revalidate`, `proxy-revalidate`, or `s-maxage` without a
+    /// `stale-if-error` (it implies proxy-revalidate for a shared cache, RFC 9111 5.2.2.10).
     Never,
     /// The response's own `stale-if-error=N` (at most 2^31 s).
     For(Duration),
@@ -133,12 +133,14 @@ pub(crate) fn storable(
     if fresh_for.is_zero() {
         return Storable::No("stale on arrival");
     }
-    let stale_if_error = if cc.must_revalidate || cc.s_maxage != Seconds::Absent {
-        StaleRule::Never
-    } else if let Seconds::Set(n) = cc.stale_if_error {
-        StaleRule::For(Duration::from_secs(n))
-    } else {
-        StaleRule::Policy
+    // `s-maxage` implies proxy-revalidate (RFC 9111 5.2.2.10), unless the response also
+    // allows stale answers on errors in so many words (RFC 5861 4: "regardless of other
+    // freshness information"); `must-revalidate` and `proxy-revalidate` always win.
+    let stale_if_error = match cc.stale_if_error {
+        _ if cc.must_revalidate => StaleRule::Never,
+        Seconds::Set(n) => StaleRule::For(Duration::from_secs(n)),
+        _ if cc.s_maxage != Seconds::Absent => StaleRule::Never,
+        _ => StaleRule::Policy,
     };
     Storable::Yes {
         fresh_for,

@@ -475,10 +475,12 @@ fn stale_if_error_rules() {
         rule(b"Proxy-Revalidate, stale-if-error=300"),
         Some(StaleRule::Never)
     );
-    // s-maxage implies proxy-revalidate for a shared cache (RFC 9111 5.2.2.10).
+    // s-maxage implies proxy-revalidate for a shared cache (RFC 9111 5.2.2.10), unless the
+    // response says stale-if-error itself (RFC 5861 4).
+    assert_eq!(rule(b"s-maxage=60"), Some(StaleRule::Never));
     assert_eq!(
         rule(b"s-maxage=60, stale-if-error=300"),
-        Some(StaleRule::Never)
+        Some(StaleRule::For(Duration::from_secs(300)))
     );
     assert_eq!(rule(b"s-maxage=60, s-maxage=61, max-age=60"), None);
 }
