@@ -25,6 +25,8 @@ pub(crate) const SEQ_KEY: &str = "rc:purges:seq";
 
 /// What one purge removes: every entry matching all the fields given.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+// A misspelt field must not widen a purge to everything.
+#[serde(deny_unknown_fields)]
 pub struct Purge {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<String>,

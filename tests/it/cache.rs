@@ -814,3 +814,151 @@ async fn reload_keeps_the_memory_tier_and_a_new_config_with_a_cache_serves() {
     drop(script.last.lock().unwrap().take());
     assert_eq!(script.total.load(Ordering::SeqCst), 1);
 }
+
+/// An upstream that dies in the middle of a cacheable body: the client's answer is cut (a
+/// truncated JSON must not look complete) and nothing is stored.
+#[tokio::test]
+async fn a_body_cut_mid_way_is_not_stored() {
+    let up = crate::support::upstream::Upstream::start().await;
+    let yaml = one_route(
+        &up.url(),
+        "        cache: c\n        timeouts: { idle: 300ms }",
+        "",
+    ) + "\ncaches:\n  c: { ttl: 60s, store: memory }\n";
+    let p = start(&yaml).await;
+    let addr = p.addr("main").unwrap();
+    for _ in 0..2 {
+        let resp = send_streaming(&http1(), get(addr, "/stall?after=10")).await;
+        assert_eq!(resp.headers()["x-cache"], "MISS");
+        let body = http_body_util::BodyExt::collect(resp.into_body()).await;
+        assert!(body.is_err(), "a cut body must fail, not end");
+    }
+    assert_eq!(up.requests(), 2);
+    let m = p.encode_metrics();
+    assert_eq!(
+        sample(&m, "rampart_cache_stored_total{cache=\"c\"}"),
+        Some(0.0)
+    );
+}
+
+/// A leader whose client leaves before the answer is stored: the requests waiting on it
+/// wake at once (not after `lock_timeout`) and go upstream themselves.
+#[tokio::test]
+async fn waiters_wake_when_the_leaders_client_leaves() {
+    let up = crate::support::upstream::Upstream::start().await;
+    let yaml = one_route(
+        &up.url(),
+        "        cache: c\n        timeouts: { idle: 2s }",
+        "",
+    ) + "\ncaches:\n  c: { ttl: 60s, store: memory, lock_timeout: 10s }\n";
+    let p = start(&yaml).await;
+    let addr = p.addr("main").unwrap();
+    // The leader: its headers come, the body stalls; then its client goes.
+    let leader = send_streaming(&http1(), get(addr, "/stall?after=10")).await;
+    let waiter = tokio::spawn(async move {
+        let started = Instant::now();
+        let resp = send_streaming(&http1(), get(addr, "/stall?after=10")).await;
+        (started.elapsed(), resp.headers()["x-cache"].clone())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiter.is_finished(),
+        "the second request must wait for the first"
+    );
+    drop(leader);
+    let (waited, how) = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("the waiter woke")
+        .unwrap();
+    assert!(waited < Duration::from_secs(2), "waited {waited:?}");
+    assert_eq!(how, "MISS");
+    assert_eq!(up.requests(), 2);
+}
+
+/// What Redis holds is read as untrusted bytes: garbage, or another key's entry, under a
+/// key is a miss, never a panic or a wrong answer.
+#[tokio::test]
+async fn garbage_or_a_foreign_entry_in_redis_is_a_miss() {
+    let Some(redis) = RedisServer::own("cache_garbage").await else {
+        return;
+    };
+    let script = Arc::new(Script::default());
+    script.set("/x", Reply::ok("right"));
+    script.set("/y", Reply::ok("wrong"));
+    let up = Scripted::start(script.clone()).await;
+    let top = format!("\nredis:\n  url: \"{}\"\n", redis.url);
+    let yaml = config(&up.url(), "{ ttl: 60s, store: redis }", &top);
+    let a = start(&yaml).await;
+    let aa = a.addr("main").unwrap();
+    let key = |path: &str| format!("rc:c:main\nall\n127.0.0.1\n{path}\n");
+    // /y's entry, stored by A and copied under /x's key.
+    assert_eq!(get_(aa, "/y").await.x_cache(), "MISS");
+    assert_eventually!(
+        crate::support::redis::command(redis.port, &["EXISTS", &key("/y")])
+            .await
+            .trim()
+            == ":1",
+        "A never stored /y in Redis"
+    );
+    let reply = crate::support::redis::command(redis.port, &["COPY", &key("/y"), &key("/x")]).await;
+    assert_eq!(reply.trim(), ":1", "{reply}");
+    // A fresh instance (empty memory tier) reads /x from Redis: another key's entry.
+    let b = start(&yaml).await;
+    let ba = b.addr("main").unwrap();
+    let got = get_(ba, "/x").await;
+    assert_eq!((got.x_cache(), &got.body[..]), ("MISS", &b"right"[..]));
+    // Garbage under a key.
+    for junk in ["", "RPCE", "\u{1}\u{2}\u{3}", "not an entry at all"] {
+        let c = start(&yaml).await;
+        let ca = c.addr("main").unwrap();
+        crate::support::redis::command(redis.port, &["SET", &key("/g"), junk]).await;
+        let got = get_(ca, "/g").await;
+        assert_eq!((got.status, got.x_cache()), (200, "MISS"), "{junk:?}");
+    }
+}
+
+/// The purge endpoint refuses what it cannot act on, with a clear answer.
+#[tokio::test]
+async fn the_purge_endpoint_refuses_bad_requests() {
+    let script = Arc::new(Script::default());
+    let up = Scripted::start(script.clone()).await;
+    let p = start(&config(&up.url(), "{ ttl: 60s, store: memory }", "")).await;
+    let admin = p.admin_addr;
+    let post = |body: &'static [u8], origin: bool| {
+        let mut b = Request::post(format!("http://{admin}/admin/cache/purge"));
+        if origin {
+            b = b.header("origin", "http://evil.example");
+        }
+        b.body(Full::new(Bytes::from_static(body))).unwrap()
+    };
+    let cases: [(&[u8], bool, u16); 6] = [
+        (b"not json", false, 400),
+        (b"{}", false, 400),
+        (b"{\"prefix\": 7}", false, 400),
+        // A misspelt field must not widen the purge.
+        (b"{\"prefix\": \"/\", \"rout\": \"all\"}", false, 400),
+        (b"{\"prefix\": \"/\"}", true, 403),
+        (b"{\"route\": \"all\"}", false, 200),
+    ];
+    for (body, origin, want) in cases {
+        let (resp, text) = send(&http1(), post(body, origin)).await;
+        assert_eq!(
+            resp.status(),
+            want,
+            "{:?}: {text:?}",
+            String::from_utf8_lossy(body)
+        );
+    }
+    let big = vec![b' '; 64 * 1024];
+    let req = Request::post(format!("http://{admin}/admin/cache/purge"))
+        .body(Full::new(Bytes::from(big)))
+        .unwrap();
+    assert_eq!(send(&http1(), req).await.0.status(), 400);
+    let (resp, _) = send(&http1(), get(admin, "/admin/cache/purge")).await;
+    assert_eq!(resp.status(), 405);
+    // Without Redis the purge says it stayed here.
+    let req = post(b"{\"prefix\": \"/\"}", false);
+    let (_, text) = send(&http1(), req).await;
+    let v: serde_json::Value = serde_json::from_slice(&text).unwrap();
+    assert_eq!(v["propagated"], false, "{v}");
+}
