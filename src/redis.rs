@@ -172,47 +172,40 @@ impl Redis {
         key: &str,
         args: &[u64],
     ) -> Result<T, RedisError> {
-        let work = async {
-            let mut result = Err(RedisError::Pool("no attempt".into()));
-            // A READONLY answer (this server was demoted) is tried once more: the retry
-            // connects to the master the sentinels name now.
-            for _ in 0..2 {
-                let mut call = self.checkout().await?;
-                let mut cmd = redis::cmd("EVALSHA");
-                cmd.arg(&script.sha).arg(1).arg(key).arg(args);
-                let mut r = cmd.query_async::<T>(&mut call.conn).await;
-                if matches!(&r, Err(e) if e.code() == Some("NOSCRIPT")) {
-                    let mut cmd = redis::cmd("EVAL");
-                    cmd.arg(script.source).arg(1).arg(key).arg(args);
-                    r = cmd.query_async::<T>(&mut call.conn).await;
-                }
-                call.finish(match &r {
-                    Ok(_) => false,
-                    Err(e) => self.connection_is_done(&call.conn, e),
-                });
-                let again = matches!(&r, Err(e) if is_readonly(e));
-                result = r.map_err(RedisError::from);
-                if !again {
-                    break;
-                }
-            }
-            result
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&script.sha).arg(1).arg(key).arg(args);
+        let whole = || {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(script.source).arg(1).arg(key).arg(args);
+            cmd
         };
-        match tokio::time::timeout(self.timeout, work).await {
-            Ok(r) => r,
-            Err(_) => Err(RedisError::Timeout(self.timeout)),
-        }
+        self.run(&cmd, Some(&whole)).await
     }
 
     /// Any one command (the response cache's GET, SET, purge log), check-out included,
-    /// within the timeout; a READONLY answer (a demoted master) is tried once more, on the
-    /// master the sentinels name now.
+    /// within the timeout.
     pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, RedisError> {
+        self.run(cmd, None).await
+    }
+
+    /// `cmd` within the timeout; on NOSCRIPT, `on_noscript`'s command on the same
+    /// connection. A READONLY answer (this server was demoted) is tried once more: the retry
+    /// connects to the master the sentinels name now.
+    async fn run<T: FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+        on_noscript: Option<&(dyn Fn() -> redis::Cmd + Sync)>,
+    ) -> Result<T, RedisError> {
         let work = async {
             let mut result = Err(RedisError::Pool("no attempt".into()));
             for _ in 0..2 {
                 let mut call = self.checkout().await?;
-                let r = cmd.query_async::<T>(&mut call.conn).await;
+                let mut r = cmd.query_async::<T>(&mut call.conn).await;
+                if let Some(whole) = on_noscript
+                    && matches!(&r, Err(e) if e.code() == Some("NOSCRIPT"))
+                {
+                    r = whole().query_async::<T>(&mut call.conn).await;
+                }
                 call.finish(match &r {
                     Ok(_) => false,
                     Err(e) => self.connection_is_done(&call.conn, e),

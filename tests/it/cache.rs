@@ -962,3 +962,37 @@ async fn the_purge_endpoint_refuses_bad_requests() {
     let v: serde_json::Value = serde_json::from_slice(&text).unwrap();
     assert_eq!(v["propagated"], false, "{v}");
 }
+
+/// The cache's lookups feed the `cache_hit_rate` signal: the LowCacheHitRate rule fires on
+/// misses and resolves on hits.
+#[tokio::test]
+async fn the_hit_rate_feeds_the_low_cache_hit_rate_rule() {
+    let script = Arc::new(Script::default());
+    let up = Scripted::start(script.clone()).await;
+    let alerts = "\nalerts:\n  interval: 1s\n  rules:\n    - { name: LowCacheHitRate, signal: cache_hit_rate, threshold: 50%, window: 2s, min_samples: 3 }\n";
+    let p = start(&config(&up.url(), "{ ttl: 60s, store: memory }", alerts)).await;
+    let addr = p.addr("main").unwrap();
+    let state = |admin: SocketAddr| async move {
+        let (_, body) = send(&http1(), get(admin, "/admin/alerts")).await;
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        v["rules"][0]["state"].as_str().unwrap_or("").to_owned()
+    };
+    for i in 0..6 {
+        assert_eq!(get_(addr, &format!("/miss/{i}")).await.x_cache(), "MISS");
+    }
+    assert_eventually!(
+        state(p.admin_addr).await == "firing",
+        "never fired on misses"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        for _ in 0..10 {
+            assert_eq!(get_(addr, "/miss/0").await.x_cache(), "HIT");
+        }
+        if state(p.admin_addr).await == "inactive" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never resolved on hits");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
