@@ -996,3 +996,30 @@ async fn the_hit_rate_feeds_the_low_cache_hit_rate_rule() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// An upstream that stops answering in time: the stale entry answers at the first-byte
+/// timeout.
+#[tokio::test]
+async fn a_stale_entry_answers_for_an_upstream_that_times_out() {
+    let script = Arc::new(Script::default());
+    let up = Scripted::start(script.clone()).await;
+    let yaml = one_route(
+        &up.url(),
+        "        cache: c\n        timeouts: { first_byte: 300ms }",
+        "",
+    ) + "\ncaches:\n  c: { ttl: 1s, store: memory }\n";
+    let p = start(&yaml).await;
+    let addr = p.addr("main").unwrap();
+    assert_eq!(get_(addr, "/t").await.x_cache(), "MISS");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    script.set("/t", Reply::ok("late").delay(Duration::from_secs(3)));
+    let started = Instant::now();
+    let got = get_(addr, "/t").await;
+    assert_eq!((got.status, got.x_cache()), (200, "STALE"));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(&got.body[..], b"{\"default\":true}");
+}
