@@ -126,7 +126,7 @@ fn the_grafana_dashboard_is_a_valid_dashboard() {
                 let after = &expr[i..];
                 let sel = after
                     .find('{')
-                    .filter(|b| !after[..*b].contains(|c: char| c == ' ' || c == ')'))
+                    .filter(|b| !after[..*b].contains([' ', ')']))
                     .map(|b| &after[b..after[b..].find('}').unwrap() + b]);
                 let sel = sel.unwrap_or_else(|| panic!("{title}: unfiltered series in {expr}"));
                 assert!(

@@ -146,7 +146,7 @@ fn the_pm2_entry_runs_the_binary_and_waits_for_the_drain() {
 }
 
 /// Every `examples/...` path named in the README, the docs, the Dockerfile, the sources and
-/// the examples themselves exists (files moved from examples/k8s/ and examples/prometheus/).
+/// the examples themselves exists (the Kubernetes files moved in issue 21).
 #[test]
 fn every_example_path_the_docs_name_exists() {
     let mut files = vec![
