@@ -10,8 +10,8 @@ use super::{ROOT, read, temp_dir};
 use crate::support::skip::{Need, skip};
 
 /// `systemd-analyze verify` on the unit as shipped (binary path pointed at the built one:
-/// verify checks that every command exists), and with the low-port capability lines
-/// switched on; no warning either way. The unit drains on stop and reloads on SIGHUP.
+/// verify checks that every command exists), and as an edge host with TLS on 443 (the
+/// capability and the key's group switched on); no warning either way. The unit drains on stop and reloads on SIGHUP.
 #[test]
 fn the_systemd_unit_verifies() {
     let unit = read("examples/systemd/rampart.service");
@@ -52,7 +52,8 @@ fn the_systemd_unit_verifies() {
     let low_ports = shipped
         .replace("CapabilityBoundingSet=\n", "")
         .replace("#AmbientCapabilities=", "AmbientCapabilities=")
-        .replace("#CapabilityBoundingSet=", "CapabilityBoundingSet=");
+        .replace("#CapabilityBoundingSet=", "CapabilityBoundingSet=")
+        .replace("#SupplementaryGroups=", "SupplementaryGroups=");
     assert_ne!(low_ports, shipped);
     for (name, text) in [
         ("rampart.service", shipped),

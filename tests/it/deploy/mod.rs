@@ -697,3 +697,31 @@ fn every_rampart_container_is_non_root_with_a_secret_token_and_open_probes() {
         );
     }
 }
+
+/// The sidecar's Services target rampart's ports by number: the name of a native sidecar's
+/// port resolves in a Service only from Kubernetes 1.32 on (and the files are for 1.29).
+#[test]
+fn the_sidecar_services_target_rampart_ports_by_number() {
+    let deployment = &docs("examples/kubernetes/sidecar/deployment.yaml")[0];
+    let ports: Vec<&str> = at(container(deployment, "rampart"), &["ports"])
+        .and_then(Node::as_sequence)
+        .unwrap()
+        .iter()
+        .map(|p| scalar(p, &["containerPort"]).unwrap())
+        .collect();
+    let services = docs("examples/kubernetes/sidecar/service.yaml");
+    assert_eq!(services.len(), 2);
+    for svc in &services {
+        for port in at(svc, &["spec", "ports"])
+            .and_then(Node::as_sequence)
+            .unwrap()
+            .iter()
+        {
+            let target = scalar(port, &["targetPort"]).unwrap();
+            assert!(
+                ports.contains(&target),
+                "targetPort {target} is not one of {ports:?}"
+            );
+        }
+    }
+}
