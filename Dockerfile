@@ -5,13 +5,16 @@
 # Without BACKEND_URL and FASTGPT_URL the upstreams are 127.0.0.1 inside the container:
 # rampart starts, answers 502/503 and /readyz stays 503 until they point somewhere real.
 # The admin listener is on 0.0.0.0 here, so rampart refuses to start without a token: give
-# it RAMPART_ADMIN_TOKEN (16+ characters; in Kubernetes from a Secret, see examples/k8s/).
+# it RAMPART_ADMIN_TOKEN (16+ characters; in Kubernetes from a Secret, see examples/kubernetes/).
 # The probes (/livez, /readyz, /health) stay open without it.
 FROM rust:1.88-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# Cargo.toml declares the test binary and the benches by name: cargo refuses to load the
+# manifest (any build) while one of their files is missing.
 COPY tests ./tests
+COPY benches ./benches
 # Debug info stripped for the image only (40 MB -> a few): the release profile keeps line
 # tables for local backtraces and profiling.
 RUN CARGO_PROFILE_RELEASE_STRIP=debuginfo cargo build --release --locked --bin rampart

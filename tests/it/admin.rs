@@ -496,37 +496,43 @@ alerts:
     r.shutdown().await;
 }
 
-/// The Kubernetes example: the token from a Secret, the probes on the admin port and
-/// without credentials.
+/// The Kubernetes examples: the token from a Secret, the probes on the admin port and
+/// without credentials (deploy.rs checks the rest of each pod).
 #[test]
 fn the_kubernetes_example_takes_the_token_from_a_secret_and_keeps_the_probes_open() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/k8s");
-    let deployment = std::fs::read_to_string(format!("{dir}/deployment.yaml")).unwrap();
-    for file in ["deployment.yaml", "service.yaml"] {
-        let text = std::fs::read_to_string(format!("{dir}/{file}")).unwrap();
-        marked_yaml::parse_yaml(0, &text).unwrap_or_else(|e| panic!("{file}: {e}"));
-    }
-    let token_env = deployment
-        .split("- name: RAMPART_ADMIN_TOKEN")
-        .nth(1)
-        .expect("RAMPART_ADMIN_TOKEN set");
-    let token_env: String = token_env.lines().take(5).collect::<Vec<_>>().join("\n");
-    assert!(
-        token_env.contains("valueFrom:") && token_env.contains("secretKeyRef:"),
-        "{token_env}"
-    );
-    for probe in ["readinessProbe", "livenessProbe"] {
-        let block: String = deployment
-            .split(&format!("{probe}:"))
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/kubernetes");
+    for file in [
+        "sidecar/deployment.yaml",
+        "sidecar-legacy/deployment.yaml",
+        "edge/deployment.yaml",
+    ] {
+        let deployment = std::fs::read_to_string(format!("{dir}/{file}")).unwrap();
+        marked_yaml::parse_yaml(0, &deployment).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let token_env = deployment
+            .split("- name: RAMPART_ADMIN_TOKEN")
             .nth(1)
-            .unwrap_or_else(|| panic!("no {probe}"))
-            .lines()
-            .take(4)
-            .collect::<Vec<_>>()
-            .join("\n");
-        assert!(block.contains("port: admin"), "{probe}: {block}");
-        assert!(!block.contains("httpHeaders"), "{probe} sends credentials");
+            .expect("RAMPART_ADMIN_TOKEN set");
+        let token_env: String = token_env.lines().take(5).collect::<Vec<_>>().join("\n");
+        assert!(
+            token_env.contains("valueFrom:") && token_env.contains("secretKeyRef:"),
+            "{file}: {token_env}"
+        );
+        for probe in ["readinessProbe", "livenessProbe"] {
+            let block: String = deployment
+                .split(&format!("{probe}:"))
+                .nth(1)
+                .unwrap_or_else(|| panic!("{file}: no {probe}"))
+                .lines()
+                .take(4)
+                .collect::<Vec<_>>()
+                .join("\n");
+            assert!(block.contains("port: admin"), "{file} {probe}: {block}");
+            assert!(
+                !block.contains("httpHeaders"),
+                "{file}: {probe} sends credentials"
+            );
+        }
+        assert!(deployment.contains("path: /readyz") && deployment.contains("path: /livez"));
+        assert!(deployment.contains("containerPort: 9901"), "{file}");
     }
-    assert!(deployment.contains("path: /readyz") && deployment.contains("path: /livez"));
-    assert!(deployment.contains("containerPort: 9901"));
 }

@@ -15,6 +15,7 @@ mod cache;
 mod certs;
 mod cli;
 mod config;
+mod deploy;
 mod drain;
 mod drills;
 mod fuzz_corpus;

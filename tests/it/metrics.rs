@@ -178,8 +178,11 @@ async fn prometheus_rules_use_only_exported_metrics() {
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| l.split(['{', ' ']).next())
         .collect();
-    for file in ["rampart-alerts.yaml", "rampart-prometheusrule.yaml"] {
-        let path = format!("{}/examples/prometheus/{file}", env!("CARGO_MANIFEST_DIR"));
+    for file in [
+        "prometheus/rampart-alerts.yaml",
+        "kubernetes/monitoring/prometheusrule.yaml",
+    ] {
+        let path = format!("{}/examples/{file}", env!("CARGO_MANIFEST_DIR"));
         let rules = std::fs::read_to_string(&path).unwrap();
         let mut used = Vec::new();
         for line in rules.lines().filter(|l| !l.trim_start().starts_with('#')) {
@@ -204,7 +207,7 @@ async fn prometheus_rules_use_only_exported_metrics() {
         if let Ok(out) = std::process::Command::new("promtool")
             .args(["check", "rules", &path])
             .output()
-            && file == "rampart-alerts.yaml"
+            && file == "prometheus/rampart-alerts.yaml"
         {
             assert!(
                 out.status.success(),

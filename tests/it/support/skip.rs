@@ -1,5 +1,5 @@
 //! Skipped tests: one helper for every fixture a machine may lack (redis-server, the
-//! Postgres binaries, Chromium). Each skip writes one line straight to the process's stderr
+//! Postgres binaries, Chromium, the deployment checkers). Each skip writes one line straight to the process's stderr
 //! (libtest captures only `print!`/`eprint!`, and hides what it captured for a passing
 //! test), and is counted for the summary line that `zz_summary` prints once every other
 //! test has started. Under `CI=true` a skip fails instead: CI must not pass by testing
@@ -13,25 +13,35 @@ pub enum Need {
     Redis,
     Postgres,
     Chromium,
+    /// The venv of scripts/requirements-k8s.txt (`kubernetes-validate`), made by .ci/run.
+    KubernetesValidate,
+    SystemdAnalyze,
+    Node,
 }
 
 impl Need {
-    const ALL: [Need; 3] = [Need::Redis, Need::Postgres, Need::Chromium];
+    const ALL: [Need; 6] = [
+        Need::Redis,
+        Need::Postgres,
+        Need::Chromium,
+        Need::KubernetesValidate,
+        Need::SystemdAnalyze,
+        Need::Node,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Need::Redis => "redis-server",
             Need::Postgres => "postgres",
             Need::Chromium => "chromium",
+            Need::KubernetesValidate => "kubernetes-validate",
+            Need::SystemdAnalyze => "systemd-analyze",
+            Need::Node => "node",
         }
     }
 }
 
-static COUNTS: [AtomicUsize; 3] = [
-    AtomicUsize::new(0),
-    AtomicUsize::new(0),
-    AtomicUsize::new(0),
-];
+static COUNTS: [AtomicUsize; Need::ALL.len()] = [const { AtomicUsize::new(0) }; Need::ALL.len()];
 
 /// Skips `test` (the caller returns at once), or panics under `CI=true`. `what` says what
 /// is missing, `hint` how to get it.
