@@ -107,6 +107,7 @@ REDIS_PID=""
 WRK_PID=""
 BUSY_START="?"
 REDIS_NOTE=""
+CACHE_NOTE=""
 NGINX_BIN=nginx
 
 # Results, one entry per run_case, in order.
@@ -468,6 +469,23 @@ check_redis_decisions() {
     REDIS_NOTE="decided by Redis: $red, by the memory fallback: $mem"
 }
 
+# The cache cases mean nothing unless their hits came from where they say: the memory
+# cases from memory (one store each), the Redis-only case from Redis on every request.
+check_cache_sources() {
+    local fd text hits stored gets
+    exec {fd}<>"/dev/tcp/$HOST/$RAMPART_ADMIN_PORT" || die "admin listener unreachable"
+    printf 'GET /metrics HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n' "$HOST" >&"$fd"
+    text=$(timeout 5 cat <&"$fd" || true)
+    exec {fd}>&-
+    hits=$(awk '/^rampart_cache_lookups_total\{cache="bench-redis-only",result="hit"\}/ { print $2 }' <<<"$text")
+    stored=$(awk '/^rampart_cache_memory_entries\{cache="bench-redis-only"\}/ { print $2 }' <<<"$text")
+    gets=$(redis-cli -h "$HOST" -p "$REDIS_PORT" info commandstats | awk -F'[=,:]' '/^cmdstat_get:/ { print $3 }')
+    hits=${hits:-0} stored=${stored:-0} gets=${gets:-0}
+    log "bench-redis-only: $hits hits, $stored entries in its memory tier, $gets GETs in Redis"
+    ((stored == 0 && gets >= hits)) || die "the Redis-only cache case did not read Redis on every hit"
+    CACHE_NOTE="Redis-only case: $hits hits, $gets Redis GETs, nothing in its memory tier"
+}
+
 # One short bounded run against URL: prints "REQ/S CPU_US_PER_REQ" (CPU of PIDS).
 short_run() {
     local url=$1 out=$WORK/pair.txt cpu0 cpu1 reqs
@@ -565,6 +583,19 @@ report() {
             echo "Rate limiting, CPU µs/req against rampart without limits (target for Redis: ≤ 1.50×):" \
                 "memory store $(ratio "${R_CPU[$m]}" "${R_CPU[$r]}"), Redis store $(ratio "${R_CPU[$x]}" "${R_CPU[$r]}")" \
                 "(${REDIS_NOTE:-decisions not checked})."
+            echo
+        fi
+        local cm cr bo ro
+        cm=$(row_of rampart-cache-memory)
+        cr=$(row_of rampart-cache-redis)
+        bo=$(row_of rampart-bytes-1000)
+        ro=$(row_of rampart-cache-redis-only)
+        if [[ -n $r && -n $cm && -n $cr && -n $bo && -n $ro ]]; then
+            echo "Cache, req/s and CPU µs/req against the same GET uncached: memory tier" \
+                "$(ratio "${R_RPS[$cm]}" "${R_RPS[$r]}") req/s, $(ratio "${R_CPU[$cm]}" "${R_CPU[$r]}") CPU;" \
+                "Redis store (its memory tier answers) $(ratio "${R_RPS[$cr]}" "${R_RPS[$r]}"), $(ratio "${R_CPU[$cr]}" "${R_CPU[$r]}");" \
+                "a Redis GET per request (1,000-byte answer) $(ratio "${R_RPS[$ro]}" "${R_RPS[$bo]}"), $(ratio "${R_CPU[$ro]}" "${R_CPU[$bo]}")" \
+                "(${CACHE_NOTE:-sources not checked})."
             echo
         fi
         if ((${#P_RPS[@]})); then
@@ -695,10 +726,14 @@ main() {
     # Everything on at once: rate limit (memory), breaker with failure rate, retries, metrics.
     run_case rampart-all-features "http://$HOST:$RAMPART_FEATURES_PORT$BENCH_PATH" "$RAMPART_PID"
     # Cached GETs: hits from the memory tier, from the Redis store's memory tier, and from
-    # Redis itself (a memory tier too small for the entry: a GET to Redis per request).
+    # Redis itself: a 1,000-byte answer (`/bytes/1000`) on a route whose memory tier (1 KiB)
+    # is too small for it, so every hit is a GET to Redis; `rampart-bytes-1000` is the same
+    # answer uncached.
     run_case rampart-cache-memory "http://$HOST:$RAMPART_CACHE_MEMORY_PORT$BENCH_PATH" "$RAMPART_PID"
     run_case rampart-cache-redis "http://$HOST:$RAMPART_CACHE_REDIS_PORT$BENCH_PATH" "$RAMPART_PID"
-    run_case rampart-cache-redis-only "http://$HOST:$RAMPART_CACHE_REDIS_ONLY_PORT$BENCH_PATH" "$RAMPART_PID"
+    run_case rampart-bytes-1000 "http://$HOST:$RAMPART_PORT/bytes/1000" "$RAMPART_PID"
+    run_case rampart-cache-redis-only "http://$HOST:$RAMPART_CACHE_REDIS_ONLY_PORT/bytes/1000" "$RAMPART_PID"
+    check_cache_sources
     # More scenarios go here, one line each.
     run_pairs "http://$HOST:$RAMPART_PORT$BENCH_PATH" "http://$HOST:$NGINX_PORT$BENCH_PATH" \
         "$RAMPART_PID" "$(nginx_pids | tr '\n' ' ')"
