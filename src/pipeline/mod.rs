@@ -229,6 +229,8 @@ enum Step<'a> {
         body: RequestBody,
         client_upgrade: Box<ClientUpgrade>,
         timers: forward::Timers,
+        /// The endpoint group (`groups:`), chosen as for any request.
+        group: Option<usize>,
     },
     /// Ready for the retry loop: the hot path.
     Send(Attempts<'a>, &'a Route),
@@ -541,6 +543,7 @@ fn outgoing<'a>(
             body,
             client_upgrade,
             timers,
+            group,
         };
     }
     let cfg = &upstream.resilience;
@@ -633,10 +636,19 @@ async fn slow(
                 body,
                 client_upgrade,
                 timers,
+                group,
             } => {
                 // Boxed: the handshake's future (hyper's client) stays out of this one,
                 // which every request waiting on Redis copies.
-                let handshake = upgrade(env, route, parts, body, *client_upgrade, timers, tail);
+                let handshake = upgrade(
+                    env,
+                    route,
+                    parts,
+                    body,
+                    *client_upgrade,
+                    (timers, group),
+                    tail,
+                );
                 return Box::pin(handshake).await;
             }
             Step::Send(mut attempts, route) => return send(env, &mut attempts, route, tail).await,

@@ -34,6 +34,7 @@ listeners:
       - name: all
         match: {{ path_prefix: / }}
         upstream: up
+        upgrades: [websocket]
 upstreams:
   up:
     groups:
@@ -310,6 +311,39 @@ async fn a_group_whose_endpoints_are_all_down_falls_back() {
     r.shutdown().await;
 }
 
+/// A retry stays in the request's group: blue's refusing endpoint is retried on blue's
+/// other one, never on green (weight 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_goes_to_another_endpoint_of_the_same_group() {
+    let (blue, green) = (Upstream::start().await, Upstream::start().await);
+    let (_hold, down) = refusing_addr();
+    let extra = "    ejection: { consecutive_failures: 100 }\n    retry: { attempts: 2, connect_wait: \"off\" }";
+    let r = start(&config(
+        &[&format!("http://{down}"), &blue.url()],
+        &[&green.url()],
+        (100, 0),
+        extra,
+    ))
+    .await;
+    let addr = r.addr("main").unwrap();
+    let client = http1();
+    for _ in 0..10 {
+        let (resp, _) = send(&client, get(addr, "/ok")).await;
+        assert_eq!(resp.status(), 200);
+    }
+    assert_eq!((blue.requests(), green.requests()), (10, 0));
+    let text = metrics(&r).await;
+    assert!(
+        sample(
+            &text,
+            "rampart_upstream_retries_total{upstream=\"up\",reason=\"connect_error\"}"
+        )
+        .is_some_and(|n| n >= 4.0),
+        "{text}"
+    );
+    r.shutdown().await;
+}
+
 /// `POST /admin/weights` moves the traffic at once, outlives a reload that keeps the group
 /// names, and is dropped by one that renames them; bad requests say why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -399,6 +433,24 @@ async fn weights_set_at_run_time_take_effect_and_survive_a_reload() {
     );
     count(3).await;
     assert_eq!((blue.requests(), green.requests()), (18, 24));
+    r.shutdown().await;
+}
+
+/// A WebSocket handshake goes to a group by the weights as well: none to green at 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_follow_the_weights() {
+    let (blue, green) = (Upstream::start().await, Upstream::start().await);
+    let r = start(&config(&[&blue.url()], &[&green.url()], (100, 0), "")).await;
+    let addr = r.addr("main").unwrap();
+    let handshake = format!(
+        "GET /ws HTTP/1.1\r\nhost: {addr}\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+         sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    for _ in 0..4 {
+        let head = raw(addr, handshake.as_bytes(), Duration::from_millis(300)).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    }
+    assert_eq!((blue.requests(), green.requests()), (4, 0));
     r.shutdown().await;
 }
 
