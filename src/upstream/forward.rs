@@ -156,6 +156,9 @@ impl Upstream {
         {
             range = groups.range(other);
         }
+        if range.len() == 1 {
+            return Some(range.start);
+        }
         self.pick_among(range, tried, rr)
     }
 

@@ -339,7 +339,11 @@ pub(crate) fn sticky_hash(
                 let (k, v) = pair.split_at(pair.iter().position(|b| *b == b'=')?);
                 (k == name.as_bytes()).then(|| key_hash(&v[1..]))
             }),
-        Sticky::ClientIp => Some(key_hash(client().to_string().as_bytes())),
+        // The address's bytes: no text to build per request.
+        Sticky::ClientIp => Some(match client() {
+            std::net::IpAddr::V4(v4) => key_hash(&v4.octets()),
+            std::net::IpAddr::V6(v6) => key_hash(&v6.octets()),
+        }),
     }
 }
 
@@ -528,7 +532,7 @@ mod tests {
         assert_eq!(sticky_hash(&Sticky::Cookie("s".into()), &h, ip), None);
         assert_eq!(
             sticky_hash(&Sticky::ClientIp, &h, ip),
-            Some(key_hash(b"10.0.0.9"))
+            Some(key_hash(&[10, 0, 0, 9]))
         );
         assert_eq!(sticky_hash(&header, &HeaderMap::new(), ip), None);
     }
