@@ -13,6 +13,7 @@ use crate::alert::signals;
 use crate::config::Severity;
 use crate::observe::series::{CHART_SPAN, Filter};
 use crate::upstream::breaker::State as BreakerState;
+use crate::upstream::groups::{GroupRuntime, group_health};
 
 /// The page: self-contained (no CDN, works offline), refreshing from `/admin/status`.
 pub(super) const STATUS_PAGE: &str = include_str!("status.html");
@@ -67,10 +68,54 @@ pub(super) fn upstreams(shared: &AdminCtx) -> Value {
                 "in_flight": u.state.in_flight.load(Ordering::Relaxed),
                 "max_in_flight": u.resilience.max_in_flight,
                 "endpoints": endpoints,
+                // null for plain `endpoints` (one group).
+                "groups": u.groups.as_deref().map(|g| groups(u, g)),
+                "sticky": u.groups.as_deref().and_then(|g| g.sticky.as_ref()).map(ToString::to_string),
             })
         })
         .collect();
     json!({ "upstreams": list })
+}
+
+/// Each group of an upstream: its weight now, endpoints, health and figures since start.
+fn groups(u: &crate::upstream::forward::Upstream, g: &GroupRuntime) -> Value {
+    let weights = g.weights();
+    let total: u64 = weights.iter().map(|w| u64::from(*w)).sum();
+    let list: Vec<Value> = g
+        .names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let urls: Vec<String> = u
+                .endpoints
+                .get(g.range(i))
+                .unwrap_or_default()
+                .iter()
+                .map(|e| e.state.url.clone())
+                .collect();
+            let health = group_health(&u.state, &urls);
+            let totals = g.totals(i);
+            let weight = weights.get(i).copied().unwrap_or(0);
+            json!({
+                "name": name,
+                "weight": weight,
+                "share": if total == 0 { 0.0 } else { f64::from(weight) / total as f64 },
+                "endpoints": urls,
+                "health": {
+                    "endpoints": health.endpoints,
+                    "available": health.available,
+                    "checks_passing": health.checks_passing,
+                },
+                "totals": {
+                    "requests": totals.requests,
+                    "errors": totals.errors,
+                    "error_rate": totals.error_rate(),
+                    "p95_ms": totals.p95().map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                },
+            })
+        })
+        .collect();
+    Value::Array(list)
 }
 
 pub(super) fn alerts(shared: &AdminCtx) -> Value {

@@ -92,6 +92,11 @@ upstreams:
     health_check: { path: /ready, interval: 7s, unhealthy_interval: 2s, fast_interval: 500ms, timeout: 1500ms, unhealthy_after: 4, healthy_after: 5, critical: true }
   fallback:
     endpoints: ["http://127.0.0.1:3002"]
+  canary:
+    groups:
+      blue: { endpoints: ["http://127.0.0.1:3003", "http://127.0.0.1:3004"], weight: 9500 }
+      green: { endpoints: ["http://127.0.0.1:3005"], weight: 500 }
+    sticky: "cookie:session"
 redis:
   url: "redis://app:zzredis@10.0.0.5:6380/2"
   timeout: 80ms

@@ -40,6 +40,8 @@ pub struct AdminCtx {
     pub control: Control,
     /// `/admin/cache`: the memory tiers, purges.
     pub caches: Arc<crate::cache::Registry>,
+    /// `/admin/weights`: group weights set at run time.
+    pub upstreams: Arc<crate::upstream::resilience::UpstreamStates>,
 }
 
 pub(crate) async fn serve(
@@ -125,7 +127,7 @@ async fn route(ctx: &AdminCtx, req: Request<Incoming>) -> Response<ProxyBody> {
             no_store(json(status, body))
         }
         (&Method::GET | &Method::HEAD, "/admin/cache") => document(ctx.caches.describe()),
-        (_, "/admin/reload" | "/admin/drain" | "/admin/cache/purge")
+        (_, "/admin/reload" | "/admin/drain" | "/admin/cache/purge" | "/admin/weights")
             if req.method() != Method::POST =>
         {
             let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
@@ -135,12 +137,13 @@ async fn route(ctx: &AdminCtx, req: Request<Incoming>) -> Response<ProxyBody> {
         }
         // A web page the operator has open could POST here (no preflight for a simple
         // POST); browsers always say where it came from, curl and scripts do not.
-        (_, "/admin/reload" | "/admin/drain" | "/admin/cache/purge")
+        (_, "/admin/reload" | "/admin/drain" | "/admin/cache/purge" | "/admin/weights")
             if req.headers().contains_key(header::ORIGIN) =>
         {
             text(StatusCode::FORBIDDEN, "cross-origin requests are refused\n")
         }
         (_, "/admin/cache/purge") => purge(ctx, req).await,
+        (_, "/admin/weights") => weights(ctx, req).await,
         (_, "/admin/reload") => {
             let report = ctx.control.reload().await;
             let status = match report.result {
@@ -201,6 +204,66 @@ async fn purge(ctx: &AdminCtx, req: Request<Incoming>) -> Response<ProxyBody> {
         "detail": report.propagated.as_ref().err(),
     });
     no_store(json(StatusCode::OK, v.to_string()))
+}
+
+/// `POST /admin/weights` with `{"upstream", "weights": {"<group>": n, ...}}` (the groups
+/// named take these weights, the others keep theirs) or `{"upstream", "reset": true}` (back
+/// to the file's weights). Kept across reloads while the group names stay.
+async fn weights(ctx: &AdminCtx, req: Request<Incoming>) -> Response<ProxyBody> {
+    use http_body_util::BodyExt;
+    let answer = |status: StatusCode, code: &str, msg: &str| {
+        json(
+            status,
+            serde_json::json!({ "code": code, "message": msg }).to_string(),
+        )
+    };
+    let bad = |msg: &str| answer(StatusCode::BAD_REQUEST, "BAD_REQUEST", msg);
+    let body = match http_body_util::Limited::new(req.into_body(), 16 * 1024)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return bad("the body could not be read (at most 16 KiB)"),
+    };
+    let expected = "expected {\"upstream\", \"weights\": {\"<group>\": 0 to 10000}} or {\"upstream\", \"reset\": true}";
+    let Ok(serde_json::Value::Object(v)) = serde_json::from_slice(&body) else {
+        return bad(expected);
+    };
+    let Some(upstream) = v.get("upstream").and_then(|u| u.as_str()) else {
+        return bad(expected);
+    };
+    if ctx.upstreams.group_weights(upstream).is_none() {
+        return answer(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            &format!("no upstream {upstream:?} with groups"),
+        );
+    }
+    if v.get("reset").and_then(|r| r.as_bool()) == Some(true) {
+        ctx.upstreams.clear_group_weights(upstream);
+    } else {
+        let Some(map) = v.get("weights").and_then(|w| w.as_object()) else {
+            return bad(expected);
+        };
+        let mut list = Vec::with_capacity(map.len());
+        for (name, w) in map {
+            let Some(w) = w.as_u64().and_then(|w| u32::try_from(w).ok()) else {
+                return bad(&format!("weight of {name:?}: {expected}"));
+            };
+            list.push((name.clone(), w));
+        }
+        if let Err(e) = ctx.upstreams.set_group_weights(upstream, &list) {
+            return answer(StatusCode::UNPROCESSABLE_ENTITY, "REFUSED", &e);
+        }
+    }
+    let now: serde_json::Map<String, serde_json::Value> = ctx
+        .upstreams
+        .group_weights(upstream)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(n, w)| (n, w.into()))
+        .collect();
+    document(serde_json::json!({ "upstream": upstream, "weights": now }))
 }
 
 /// A JSON document of the admin API: always fresh.

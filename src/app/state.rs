@@ -127,6 +127,7 @@ impl Shared {
             draining: self.draining.clone(),
             control,
             caches: self.caches.clone(),
+            upstreams: self.upstream_states.clone(),
         }
     }
 

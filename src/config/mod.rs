@@ -46,8 +46,9 @@ pub use listener::{
 };
 pub use secret::{REDACTED, Secret, redis_url_shown, sink_url_shown};
 pub use upstream::{
-    BreakerConfig, BreakerScope, EjectionConfig, FailureRate, LoadBalancing, PoolConfig,
-    Resilience, RetryConfig, RetryOn, UpstreamClient, UpstreamConfig, UpstreamTls,
+    BreakerConfig, BreakerScope, EjectionConfig, EndpointGroup, FailureRate, LoadBalancing,
+    PoolConfig, Resilience, RetryConfig, RetryOn, Sticky, UpstreamClient, UpstreamConfig,
+    UpstreamTls,
 };
 pub(crate) use upstream::{IdentityError, load_client_identity};
 pub(crate) use validate::is_loopback;

@@ -259,6 +259,32 @@ impl Config {
                 humantime::format_duration(u.connect_timeout),
                 humantime::format_duration(u.pool.idle_timeout)
             );
+            if !u.groups.is_empty() {
+                let total: u64 = u.groups.iter().map(|g| u64::from(g.weight)).sum();
+                let groups: Vec<String> = u
+                    .groups
+                    .iter()
+                    .map(|g| {
+                        let share = u64::from(g.weight) as f64 * 100.0 / total.max(1) as f64;
+                        let eps: Vec<String> = g.endpoints.iter().map(|e| e.to_string()).collect();
+                        format!(
+                            "{} weight {} ({share:.1}%) -> {}",
+                            g.name,
+                            g.weight,
+                            eps.join(", ")
+                        )
+                    })
+                    .collect();
+                let sticky = u
+                    .sticky
+                    .as_ref()
+                    .map_or_else(|| "none".to_owned(), ToString::to_string);
+                let _ = writeln!(
+                    s,
+                    "          groups: {}; sticky {sticky}",
+                    groups.join("; ")
+                );
+            }
             // What decides how this upstream behaves in an outage.
             summarize_resilience(&mut s, &u.resilience);
         }

@@ -12,9 +12,16 @@ pub struct UpstreamConfig {
     /// The key of `upstreams`, which says it already.
     #[serde(skip)]
     pub name: String,
-    /// At least one. `http://host:port` (or https), no path.
+    /// At least one. `http://host:port` (or https), no path. With `groups`, every group's
+    /// endpoints, group after group (what health checks and pools are made for).
     #[serde(serialize_with = "super::serialize::display_all")]
     pub endpoints: Vec<http::Uri>,
+    /// Named groups sharing the traffic by weight, in file order; empty when the file lists
+    /// plain `endpoints` (one group, no choice to make).
+    #[serde(serialize_with = "groups_map")]
+    pub groups: Vec<EndpointGroup>,
+    /// What keeps a client in one group (`sticky:`); None = round robin by weight.
+    pub sticky: Option<Sticky>,
     /// Default 5s.
     #[serde(serialize_with = "super::serialize::duration")]
     pub connect_timeout: Duration,
@@ -30,6 +37,54 @@ pub struct UpstreamConfig {
 
 impl UpstreamConfig {
     pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Group weights are 0..=MAX_GROUP_WEIGHT: enough for 0.01 % steps.
+    pub const MAX_GROUP_WEIGHT: u32 = 10_000;
+    /// Blue-green and canaries need two or three; the cap bounds the smooth sequence.
+    pub const MAX_GROUPS: usize = 16;
+}
+
+/// `groups.<name>`: endpoints that take `weight` shares of the upstream's traffic.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EndpointGroup {
+    /// The key under `groups`, which says it already.
+    #[serde(skip)]
+    pub name: String,
+    #[serde(serialize_with = "super::serialize::display_all")]
+    pub endpoints: Vec<http::Uri>,
+    /// 0..=10000; 0 takes no traffic (a group on standby).
+    pub weight: u32,
+}
+
+fn groups_map<S: Serializer>(groups: &[EndpointGroup], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(groups.iter().map(|g| (&g.name, g)))
+}
+
+/// Where a request's stickiness key comes from (`sticky:`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sticky {
+    /// A request header's value (name lowercase).
+    Header(http::HeaderName),
+    /// A cookie's value.
+    Cookie(String),
+    /// The client address, as the rate limiter finds it behind `trusted_proxies`.
+    ClientIp,
+}
+
+impl std::fmt::Display for Sticky {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Sticky::Header(h) => write!(f, "header:{h}"),
+            Sticky::Cookie(c) => write!(f, "cookie:{c}"),
+            Sticky::ClientIp => f.write_str("client_ip"),
+        }
+    }
+}
+
+/// Written as the file takes it: "header:x-user", "cookie:sid", "client_ip".
+impl Serialize for Sticky {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 /// How rampart speaks TLS to an upstream's https endpoints (`upstreams.<name>.tls`).

@@ -13,12 +13,16 @@ pub(super) async fn upgrade(
     mut parts: http::request::Parts,
     body: RequestBody,
     client_upgrade: ClientUpgrade,
-    timers: forward::Timers,
+    (timers, group): (forward::Timers, Option<usize>),
     tail: &mut Tail,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let upstream = &*route.upstream;
     let cfg = &upstream.resilience;
-    let idx = upstream.pick(0).ok_or_else(|| no_endpoints(upstream))?;
+    let picked = match group {
+        None => upstream.pick(0),
+        Some(g) => upstream.pick_in_group(g, 0),
+    };
+    let idx = picked.ok_or_else(|| no_endpoints(upstream))?;
     let endpoint = &upstream.endpoints[idx];
     parts
         .headers

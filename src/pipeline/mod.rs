@@ -229,6 +229,8 @@ enum Step<'a> {
         body: RequestBody,
         client_upgrade: Box<ClientUpgrade>,
         timers: forward::Timers,
+        /// The endpoint group (`groups:`), chosen as for any request.
+        group: Option<usize>,
     },
     /// Ready for the retry loop: the hot path.
     Send(Attempts<'a>, &'a Route),
@@ -491,6 +493,15 @@ fn outgoing<'a>(
     }
     headers::strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
     let peer = env.peer.ip();
+    // The group, while the headers are still the client's (X-Forwarded-For is added below).
+    let group = upstream.groups.as_deref().map(|g| {
+        let hash = g.sticky.as_ref().and_then(|sticky| {
+            crate::upstream::groups::sticky_hash(sticky, &parts.headers, || {
+                client_ip(peer, &parts.headers, &env.snapshot.trusted_proxies)
+            })
+        });
+        g.choose(hash)
+    });
     let trusted = headers::is_trusted(peer, &env.snapshot.trusted_proxies);
     let forwarded = if trusted || env.head.forwarding || client_upgrade.is_some() {
         // Values to merge with the client's, or a request for hyper's client (upgrades):
@@ -532,6 +543,7 @@ fn outgoing<'a>(
             body,
             client_upgrade,
             timers,
+            group,
         };
     }
     let cfg = &upstream.resilience;
@@ -541,17 +553,18 @@ fn outgoing<'a>(
         && replay.is_some()
         && retry::may_retry_once_sent(&cfg.retry, &parts.method))
     .then(|| Box::new((parts.uri.clone(), parts.headers.clone())));
-    Step::Send(
-        Attempts::new(
-            upstream,
-            Request::from_parts(parts, body),
-            forwarded,
-            replay,
-            template,
-            timers,
-        ),
-        route,
-    )
+    let mut attempts = Attempts::new(
+        upstream,
+        Request::from_parts(parts, body),
+        forwarded,
+        replay,
+        template,
+        timers,
+    );
+    if let Some(g) = group {
+        attempts.in_group(g);
+    }
+    Step::Send(attempts, route)
 }
 
 /// The steps that wait on something other than the upstream's answer, then the send.
@@ -623,10 +636,19 @@ async fn slow(
                 body,
                 client_upgrade,
                 timers,
+                group,
             } => {
                 // Boxed: the handshake's future (hyper's client) stays out of this one,
                 // which every request waiting on Redis copies.
-                let handshake = upgrade(env, route, parts, body, *client_upgrade, timers, tail);
+                let handshake = upgrade(
+                    env,
+                    route,
+                    parts,
+                    body,
+                    *client_upgrade,
+                    (timers, group),
+                    tail,
+                );
                 return Box::pin(handshake).await;
             }
             Step::Send(mut attempts, route) => return send(env, &mut attempts, route, tail).await,

@@ -43,6 +43,8 @@ pub(crate) struct Attempts<'a> {
     /// Something else can answer if the upstream is down (a stale cache entry): a refused
     /// connect fails at once rather than waiting out `retry.connect_wait`.
     no_connect_wait: bool,
+    /// The endpoint group chosen for this request (`groups:`); None: plain endpoints.
+    group: Option<usize>,
 }
 
 /// The upstream's answer, before it is streamed back.
@@ -82,7 +84,13 @@ impl<'a> Attempts<'a> {
             template,
             timers,
             no_connect_wait: false,
+            group: None,
         }
+    }
+
+    /// Sends every attempt to `group` of the upstream's groups (see `Upstream::pick_in_group`).
+    pub(crate) fn in_group(&mut self, group: usize) {
+        self.group = Some(group);
     }
 
     /// See `no_connect_wait`.
@@ -106,8 +114,14 @@ impl<'a> Attempts<'a> {
         let mut refused: u64 = 0;
         let mut wait = retry::ConnectWait::default();
         let mut attempt = 1;
+        // Only an upstream with groups times its requests here (for the group's figures).
+        let started = self.group.map(|_| Instant::now());
         loop {
-            let idx = upstream.pick(tried).ok_or_else(|| Failed {
+            let picked = match self.group {
+                None => upstream.pick(tried),
+                Some(g) => upstream.pick_in_group(g, tried),
+            };
+            let idx = picked.ok_or_else(|| Failed {
                 error: no_endpoints(upstream),
                 verdict: None,
             })?;
@@ -166,6 +180,9 @@ impl<'a> Attempts<'a> {
                         Box::pin(self.pause(attempt)).await;
                         attempt += 1;
                         continue;
+                    }
+                    if let (Some(groups), Some(t)) = (&upstream.groups, started) {
+                        groups.record(idx, Some(status), t.elapsed());
                     }
                     let verdict = if backoff_signal && !cfg.circuit_breaker.count_backoff {
                         Some(Outcome::Ignored)
@@ -227,6 +244,9 @@ impl<'a> Attempts<'a> {
                         Box::pin(self.pause(attempt)).await;
                         attempt += 1;
                         continue;
+                    }
+                    if let (Some(groups), Some(t)) = (&upstream.groups, started) {
+                        groups.record(idx, None, t.elapsed());
                     }
                     return Err(Failed {
                         error: e.error,

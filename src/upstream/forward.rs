@@ -24,6 +24,7 @@ use crate::observe::http::UpstreamErrors;
 use crate::upstream::balance::{self, Candidate};
 use crate::upstream::client::ExchangeError;
 use crate::upstream::forwarded::Forwarded;
+use crate::upstream::groups::GroupRuntime;
 use crate::upstream::pool::{self, ConnectError, EndpointPool, PooledBody, UpgradeError};
 use crate::upstream::resilience::{EndpointState, UpstreamState, UpstreamStates};
 use crate::upstream::retry::Failure;
@@ -40,6 +41,8 @@ pub struct Upstream {
     pub name: String,
     pub endpoints: Vec<Endpoint>,
     next: AtomicUsize,
+    /// `groups:`, None for plain `endpoints` (which then pays nothing for groups).
+    pub(crate) groups: Option<Arc<GroupRuntime>>,
     pub resilience: Resilience,
     /// Breaker, budget, in flight: outlives the snapshot (keyed by name).
     pub state: Arc<UpstreamState>,
@@ -109,10 +112,12 @@ impl Upstream {
                 pool: Arc::new(pool),
             });
         }
+        let groups = state.groups.runtime(cfg, &states.metrics.groups);
         Ok(Upstream {
             name: cfg.name.clone(),
             endpoints,
             next: AtomicUsize::new(0),
+            groups,
             resilience: cfg.resilience.clone(),
             state,
             errors,
@@ -126,21 +131,59 @@ impl Upstream {
         if self.endpoints.len() == 1 {
             return Some(0);
         }
+        self.pick_among(0..self.endpoints.len(), tried, rr)
+    }
+
+    /// `pick` inside `group` (of `groups`): a retry stays in the group. When none of its
+    /// endpoints is available, another group with weight above 0 takes the request
+    /// (counted); when no group has one, the group's own endpoints are used anyway.
+    pub(crate) fn pick_in_group(&self, group: usize, tried: u64) -> Option<usize> {
+        let Some(groups) = self.groups.as_deref() else {
+            return self.pick(tried);
+        };
+        let rr = self.next.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
+        let any_available = |r: std::ops::Range<usize>| {
+            self.endpoints
+                .get(r)
+                .unwrap_or_default()
+                .iter()
+                .any(|e| available(e, now))
+        };
+        let mut range = groups.range(group);
+        if !any_available(range.clone())
+            && let Some(other) = groups.fallback(group, any_available)
+        {
+            range = groups.range(other);
+        }
+        if range.len() == 1 {
+            return Some(range.start);
+        }
+        self.pick_among(range, tried, rr)
+    }
+
+    fn pick_among(&self, range: std::ops::Range<usize>, tried: u64, rr: usize) -> Option<usize> {
+        let now = Instant::now();
+        let start = range.start;
         let candidates: Vec<Candidate> = self
             .endpoints
+            .get(range)
+            .unwrap_or_default()
             .iter()
             .enumerate()
             .map(|(i, e)| Candidate {
                 in_flight: e.state.in_flight.load(Ordering::Relaxed),
-                // Failing its active checks counts as ejected.
-                available: e.state.active_ok.load(Ordering::Relaxed)
-                    && crate::sync::lock(&e.state.health).available(now),
-                tried: i < 64 && tried & (1 << i) != 0,
+                available: available(e, now),
+                tried: start + i < 64 && tried & (1 << (start + i)) != 0,
             })
             .collect();
-        balance::pick(self.resilience.load_balancing, &candidates, rr)
+        balance::pick(self.resilience.load_balancing, &candidates, rr).map(|i| start + i)
     }
+}
+
+/// Not ejected, and not failing its active checks (which counts as ejected).
+fn available(e: &Endpoint, now: Instant) -> bool {
+    e.state.active_ok.load(Ordering::Relaxed) && crate::sync::lock(&e.state.health).available(now)
 }
 
 /// A failed attempt: what the client would hear, and what kind of failure it was (for

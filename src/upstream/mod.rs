@@ -8,6 +8,7 @@ pub(crate) mod breaker;
 pub(crate) mod client;
 pub(crate) mod forward;
 pub(crate) mod forwarded;
+pub(crate) mod groups;
 pub(crate) mod pool;
 pub(crate) mod resilience;
 pub(crate) mod retry;

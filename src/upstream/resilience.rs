@@ -9,7 +9,7 @@
 //! capacity and its machines, which every route shares.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use prometheus_client::metrics::counter::Counter;
@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use crate::config::{BreakerConfig, BreakerScope, Resilience, UpstreamConfig};
 use crate::upstream::balance::{EndpointHealth, HealthEvent};
 use crate::upstream::breaker::{Admit, Breaker, Outcome, State, Transition};
+use crate::upstream::groups::{GroupMetrics, GroupsShared};
 use crate::upstream::retry::{Budget, ConnectGate};
 
 type Labels = Vec<(&'static str, String)>;
@@ -35,6 +36,7 @@ pub struct UpstreamMetrics {
     pub retry_budget_exhausted: Family<Labels, Counter>,
     endpoint_ejections: Family<Labels, Counter>,
     pub shed: Family<Labels, Counter>,
+    pub(crate) groups: GroupMetrics,
 }
 
 impl UpstreamMetrics {
@@ -75,6 +77,7 @@ impl UpstreamMetrics {
             "Requests refused with 503 OVERLOADED, by scope (listener or upstream)",
             m.shed.clone(),
         );
+        m.groups.register(registry);
         m
     }
 
@@ -101,6 +104,9 @@ pub struct EndpointState {
     /// Active: false while the upstream's `health_check` says the endpoint is down
     /// (`health/upstream.rs`); true when unchecked.
     pub active_ok: AtomicBool,
+    /// Active checks passed in a row (reset by a failed one): a group's endpoints are
+    /// ready for traffic after `healthy_after` of them (`upstream::groups`).
+    pub active_passes: AtomicU32,
     /// Paces the connects of requests waiting for the endpoint to listen again
     /// (`retry.connect_wait`); told of every successful connect.
     pub connect_gate: ConnectGate,
@@ -120,6 +126,8 @@ pub struct UpstreamState {
     /// Bumped when a breaker opens or an endpoint is ejected: the upstream's active check
     /// wakes and goes on at its `unhealthy_interval` (`health/upstream.rs`).
     attention: Arc<watch::Sender<u64>>,
+    /// Weights set at run time and each group's figures, kept across reloads.
+    pub(crate) groups: GroupsShared,
 }
 
 impl UpstreamState {
@@ -132,6 +140,7 @@ impl UpstreamState {
                     in_flight: AtomicUsize::new(0),
                     health: Mutex::new(EndpointHealth::default()),
                     active_ok: AtomicBool::new(true),
+                    active_passes: AtomicU32::new(0),
                     connect_gate: ConnectGate::default(),
                 })
             })
@@ -250,6 +259,15 @@ impl UpstreamState {
     /// The endpoint's active check passed (`needed` = `healthy_after`): an ejection ends
     /// after that many passes in a row.
     pub fn endpoint_check(&self, ep: &EndpointState, ok: bool, needed: u32) {
+        if ok {
+            let _ = ep
+                .active_passes
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_add(1))
+                });
+        } else {
+            ep.active_passes.store(0, Ordering::Relaxed);
+        }
         let mut h = crate::sync::lock(&ep.health);
         if !ok {
             h.health_failed();
@@ -300,6 +318,7 @@ impl UpstreamStates {
             endpoints: Mutex::new(HashMap::new()),
             metrics: self.metrics.clone(),
             attention: Arc::new(watch::Sender::new(0)),
+            groups: GroupsShared::default(),
         });
         map.insert(cfg.name.clone(), state.clone());
         state

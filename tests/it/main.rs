@@ -19,6 +19,7 @@ mod deploy;
 mod drain;
 mod drills;
 mod fuzz_corpus;
+mod groups;
 mod h2;
 mod h2_floods;
 mod health;

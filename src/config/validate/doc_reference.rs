@@ -37,6 +37,11 @@ fn reference_path(path: &str) -> String {
     for map in USER_NAMED {
         if let Some(tail) = out.strip_prefix(&format!("{map}.")) {
             let after = tail.find('.').map_or("", |dot| &tail[dot..]);
+            // An upstream's groups are named by the user too.
+            if let Some(group) = after.strip_prefix(".groups.") {
+                let rest = group.find('.').map_or("", |dot| &group[dot..]);
+                return format!("{map}.<name>.groups.<group>{rest}");
+            }
             return format!("{map}.<name>{after}");
         }
     }
@@ -52,7 +57,7 @@ fn with_parents(path: &str, out: &mut BTreeSet<String>) {
             prefix.push('.');
         }
         prefix.push_str(segment);
-        if segment != "<name>" {
+        if !segment.starts_with('<') {
             out.insert(prefix.trim_end_matches("[]").to_owned());
         }
     }
@@ -186,6 +191,11 @@ upstreams:
       unhealthy_after: 3
       healthy_after: 2
       critical: false
+  canary:
+    groups:
+      blue: { endpoints: ["http://127.0.0.1:3002"], weight: 95 }
+      green: { endpoints: ["http://127.0.0.1:3003"], weight: 5 }
+    sticky: client_ip
 dependencies:
   postgres:
     url: "postgres://u@127.0.0.1/db"
@@ -253,4 +263,8 @@ fn reference_paths_name_lists_and_user_named_entries() {
     assert_eq!(reference_path("rate_limits.api"), "rate_limits.<name>");
     assert_eq!(reference_path("caches.agents.vary"), "caches.<name>.vary");
     assert_eq!(reference_path("upstreams"), "upstreams");
+    assert_eq!(
+        reference_path("upstreams.backend.groups.blue.weight"),
+        "upstreams.<name>.groups.<group>.weight"
+    );
 }

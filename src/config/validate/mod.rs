@@ -10,6 +10,7 @@ mod alerts;
 mod caches;
 #[cfg(test)]
 mod doc_reference;
+mod groups;
 mod health;
 mod limits;
 mod listeners;
@@ -359,6 +360,8 @@ mod tests {
                 UpstreamConfig {
                     name: "backend".into(),
                     endpoints: vec![uri("http://127.0.0.1:3001/")],
+                    groups: vec![],
+                    sticky: None,
                     connect_timeout: secs(5),
                     client: UpstreamClient::Rampart,
                     tls: Default::default(),
@@ -549,6 +552,8 @@ mod tests {
                             uri("http://127.0.0.1:3001/"),
                             uri("http://127.0.0.1:3002/"),
                         ],
+                        groups: vec![],
+                        sticky: None,
                         connect_timeout: secs(2),
                         client: UpstreamClient::Rampart,
                         tls: Default::default(),
@@ -564,6 +569,8 @@ mod tests {
                     UpstreamConfig {
                         name: "fastgpt".into(),
                         endpoints: vec![uri("https://fastgpt.example.com:443/")],
+                        groups: vec![],
+                        sticky: None,
                         connect_timeout: secs(5),
                         client: UpstreamClient::Rampart,
                         tls: Default::default(),

@@ -56,14 +56,13 @@ pub(super) fn upstreams(ctx: &mut Ctx, f: Option<Field>) -> Upstreams {
 
 pub(super) fn upstream(ctx: &mut Ctx, f: Field, name: &str) -> UpstreamConfig {
     let mut m = MapReader::open(ctx, Some(f));
-    let endpoints = m
-        .required(ctx, "endpoints")
-        .map(|f| endpoints(ctx, &f))
-        .unwrap_or_default();
+    let (endpoints, groups, sticky) = super::groups::endpoints_or_groups(ctx, &mut m);
     let tls = upstream_tls_settings(ctx, m.optional("tls"), &endpoints);
     let config = UpstreamConfig {
         name: name.to_owned(),
         endpoints,
+        groups,
+        sticky,
         connect_timeout: m
             .read(ctx, "connect_timeout", Ctx::duration)
             .unwrap_or(UpstreamConfig::DEFAULT_CONNECT_TIMEOUT),
@@ -195,13 +194,17 @@ pub(super) fn upstream_tls(ctx: &mut Ctx, f: Option<Field>) -> Option<std::path:
 }
 
 pub(super) fn endpoints(ctx: &mut Ctx, f: &Field) -> Vec<Uri> {
+    endpoints_unique(ctx, f, &mut Unique::default())
+}
+
+/// `endpoints`, each one new to `seen` (which the groups of an upstream share).
+pub(super) fn endpoints_unique(ctx: &mut Ctx, f: &Field, seen: &mut Unique) -> Vec<Uri> {
     let Some(items) = ctx.list(f, "a list of URLs") else {
         return Vec::new();
     };
     if items.is_empty() {
         ctx.report(f.pos(), &f.path, "must list at least one endpoint");
     }
-    let mut seen = Unique::default();
     let mut out = Vec::new();
     for item in &items {
         if let Some(uri) = ctx.parse_with(item, "a URL", parse_endpoint)
