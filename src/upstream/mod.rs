@@ -9,5 +9,6 @@ pub(crate) mod client;
 pub(crate) mod forward;
 pub(crate) mod forwarded;
 pub(crate) mod pool;
+pub(crate) mod release;
 pub(crate) mod resilience;
 pub(crate) mod retry;

@@ -8,6 +8,7 @@
 mod admin;
 mod alerts;
 mod caches;
+mod releases;
 #[cfg(test)]
 mod doc_reference;
 mod health;
@@ -26,6 +27,7 @@ mod values;
 
 pub(crate) use admin::is_loopback;
 pub use health::postgres_url_for_driver;
+pub(crate) use releases::release_from_json;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -209,6 +211,8 @@ fn decode(ctx: &mut Ctx, root: &Node, source_name: &str) -> Config {
         .collect();
     let alerts = alerts(ctx, m.optional("alerts"), &known.upstreams, &route_names);
     let readiness = readiness(ctx, m.optional("readiness"));
+    let releases = releases::releases(ctx, m.optional("releases"), &known.upstreams);
+    let releases_state = releases::releases_state(ctx, m.optional("releases_state"));
     for section in FUTURE_SECTIONS {
         m.refuse(
             ctx,
@@ -234,6 +238,8 @@ fn decode(ctx: &mut Ctx, root: &Node, source_name: &str) -> Config {
         dependencies,
         alerts,
         readiness,
+        releases,
+        releases_state,
     }
 }
 
@@ -380,6 +386,8 @@ mod tests {
             dependencies: DependenciesConfig::default(),
             readiness: ReadinessConfig::default(),
             alerts: AlertsConfig::default(),
+            releases: Vec::new(),
+            releases_state: None,
         };
         assert_eq!(ok(MINIMAL), expected);
     }
@@ -586,6 +594,8 @@ mod tests {
             dependencies: DependenciesConfig::default(),
             readiness: ReadinessConfig::default(),
             alerts: AlertsConfig::default(),
+            releases: Vec::new(),
+            releases_state: None,
         };
         assert_eq!(config, expected);
         // The port is explicit in what the forwarder sees.

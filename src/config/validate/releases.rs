@@ -1,0 +1,178 @@
+//! `releases:` and `releases_state:` (issue 20), and the same release document as
+//! `POST /admin/releases` takes it (JSON is YAML, so one reader serves both).
+
+use std::time::Duration;
+
+use super::reader::{Ctx, Field, MapReader};
+use super::upstreams::{Upstreams, parse_percent};
+use super::values::bound_text;
+use crate::config::raw::{self, Kind};
+use crate::config::{ReleaseConfig, ReleaseGate};
+
+pub(super) fn releases(
+    ctx: &mut Ctx,
+    f: Option<Field>,
+    upstreams: &Upstreams,
+) -> Vec<ReleaseConfig> {
+    let Some(f) = f else { return Vec::new() };
+    let Some(items) = ctx.list(&f, "a list of releases") else {
+        return Vec::new();
+    };
+    let mut out: Vec<ReleaseConfig> = Vec::new();
+    for item in items {
+        let Some(r) = release(ctx, item.clone(), upstreams.known.as_deref()) else {
+            continue;
+        };
+        // One release per upstream at a time: two entries would fight over its weights.
+        if out.iter().any(|o| o.upstream == r.upstream) {
+            ctx.report(
+                item.pos(),
+                &item.path,
+                format!(
+                    "a second release for upstream \"{}\": one release per upstream at a time",
+                    r.upstream
+                ),
+            );
+            continue;
+        }
+        out.push(r);
+    }
+    out
+}
+
+pub(super) fn releases_state(ctx: &mut Ctx, f: Option<Field>) -> Option<std::path::PathBuf> {
+    let f = f?;
+    let text = ctx.text(&f, "a file path")?;
+    if text.is_empty() || text.ends_with('/') {
+        ctx.report(
+            f.pos(),
+            &f.path,
+            format!("expected a file path, got \"{text}\""),
+        );
+        return None;
+    }
+    Some(std::path::PathBuf::from(text))
+}
+
+/// One release; `known` is the upstream names (None: not checked).
+fn release(ctx: &mut Ctx, f: Field, known: Option<&[String]>) -> Option<ReleaseConfig> {
+    let mut m = MapReader::open(ctx, Some(f));
+    let upstream = m.required(ctx, "upstream").and_then(|f| {
+        let name = ctx.text(&f, "an upstream name")?;
+        if let Some(known) = known
+            && !known.contains(&name)
+        {
+            ctx.report(
+                f.pos(),
+                &f.path,
+                format!("unknown upstream \"{name}\" (known: {})", known.join(", ")),
+            );
+            return None;
+        }
+        Some(name)
+    });
+    let to = m
+        .required(ctx, "to")
+        .and_then(|f| ctx.name(&f, "endpoint group"));
+    let steps = m.required(ctx, "steps").and_then(|f| steps(ctx, &f));
+    let step_for = m.required(ctx, "step_for").and_then(|f| {
+        ctx.parse_with(&f, "a duration", |s| {
+            let d = super::values::parse_duration(s)?;
+            if d < ReleaseConfig::MIN_STEP_FOR || d > ReleaseConfig::MAX_STEP_FOR {
+                return Err(format!(
+                    "must be at least {} and at most {}, got \"{s}\"",
+                    bound_text(ReleaseConfig::MIN_STEP_FOR),
+                    bound_text(ReleaseConfig::MAX_STEP_FOR)
+                ));
+            }
+            Ok(d)
+        })
+    });
+    let gate = m.required(ctx, "gate").and_then(|f| gate(ctx, f));
+    m.finish(ctx);
+    Some(ReleaseConfig {
+        upstream: upstream?,
+        to: to?,
+        steps: steps?,
+        step_for: step_for?,
+        gate: gate?,
+    })
+}
+
+fn steps(ctx: &mut Ctx, f: &Field) -> Option<Vec<u32>> {
+    let items = ctx.list(f, "a list of percentages such as [5, 25, 50, 100]")?;
+    let mut out = Vec::new();
+    for item in &items {
+        let n = ctx.int(item, 1, 100)?;
+        out.push(u32::try_from(n).ok()?);
+    }
+    if let Err(message) = ReleaseConfig::check_steps(&out) {
+        ctx.report(f.pos(), &f.path, message);
+        return None;
+    }
+    Some(out)
+}
+
+fn gate(ctx: &mut Ctx, f: Field) -> Option<ReleaseGate> {
+    let mut m = MapReader::open(ctx, Some(f));
+    let max_error_rate = m
+        .required(ctx, "max_error_rate")
+        .and_then(|f| ctx.parse_with(&f, "a percentage", parse_percent));
+    let max_p95 = m.required(ctx, "max_p95").and_then(|f| {
+        ctx.parse_with(&f, "a duration", |s| {
+            let d = super::values::parse_duration(s)?;
+            let max = Duration::from_secs(60);
+            if d > max {
+                return Err(format!("must be at most {}, got \"{s}\"", bound_text(max)));
+            }
+            Ok(d)
+        })
+    });
+    let min_requests = m
+        .required(ctx, "min_requests")
+        .and_then(|f| ctx.int(&f, 1, ReleaseConfig::MAX_MIN_REQUESTS));
+    m.finish(ctx);
+    Some(ReleaseGate {
+        max_error_rate: max_error_rate?,
+        max_p95: max_p95?,
+        min_requests: min_requests?,
+    })
+}
+
+/// `POST /admin/releases`: the body read as one release, `upstreams` the names that exist.
+/// Errors are one line each: `path: message` (with the body's line:column when it has
+/// more than one line).
+pub(crate) fn release_from_json(body: &str, upstreams: &[String]) -> Result<ReleaseConfig, Vec<String>> {
+    let (root, mut problems) = raw::parse(body);
+    let mut ctx = Ctx::new(&|_| None);
+    let release = match &root {
+        Some(node) if matches!(node.kind, Kind::Map(_)) => {
+            release(&mut ctx, Field::root(node), Some(upstreams))
+        }
+        Some(node) => {
+            ctx.wrong_kind(&Field::root(node), "a JSON object");
+            None
+        }
+        None => None,
+    };
+    problems.append(&mut ctx.problems);
+    problems.sort_by_key(|p| (p.line, p.column));
+    match release {
+        Some(r) if problems.is_empty() => Ok(r),
+        _ => Err(problems
+            .iter()
+            .map(|p| {
+                let at = if body.lines().count() > 1 && p.line > 0 {
+                    format!("{}:{}: ", p.line, p.column)
+                } else {
+                    String::new()
+                };
+                if p.path.is_empty() {
+                    format!("{at}{}", p.message)
+                } else {
+                    format!("{at}{}: {}", p.path, p.message)
+                }
+            })
+            .collect()),
+    }
+}
