@@ -57,6 +57,8 @@ pub struct Shared {
     pub certs: CertExpiry,
     /// The request path's handle, shared by every listener.
     pub traffic: Arc<Traffic>,
+    /// Releases (issue 20): kept here, outside the snapshot, so a reload keeps them.
+    pub(crate) releases: Arc<crate::upstream::release::Releases>,
 }
 
 /// What `Shared` is made of; `app` builds the parts in the order their metrics register.
@@ -73,6 +75,7 @@ pub struct Parts {
     pub alerts: Alerting,
     pub signals: Arc<Signals>,
     pub certs: CertExpiry,
+    pub(crate) releases: Arc<crate::upstream::release::Releases>,
 }
 
 impl Shared {
@@ -103,6 +106,7 @@ impl Shared {
             signals: p.signals,
             certs: p.certs,
             traffic,
+            releases: p.releases,
         })
     }
 
@@ -127,6 +131,7 @@ impl Shared {
             draining: self.draining.clone(),
             control,
             caches: self.caches.clone(),
+            releases: self.releases.clone(),
         }
     }
 
@@ -135,7 +140,7 @@ impl Shared {
     /// calls `reconcile` on each with the new configuration before the new snapshot is
     /// swapped in.
     pub fn keyed_state(&self) -> Vec<&dyn KeyedState> {
-        vec![&*self.health, &*self.alerts]
+        vec![&*self.health, &*self.alerts, &*self.releases]
     }
 
     /// Takes a sample and keeps it in the series.

@@ -8,7 +8,6 @@
 mod admin;
 mod alerts;
 mod caches;
-mod releases;
 #[cfg(test)]
 mod doc_reference;
 mod health;
@@ -16,6 +15,7 @@ mod limits;
 mod listeners;
 mod reader;
 mod redis_cluster;
+mod releases;
 mod scalars;
 mod streams;
 #[cfg(test)]

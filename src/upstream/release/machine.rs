@@ -32,13 +32,22 @@ const SHARED_TROUBLE_FACTOR: f64 = 2.0;
 pub(crate) enum State {
     /// A release from the configuration that cannot start yet (the target is not healthy
     /// yet, or another release runs on the upstream); tried again every tick.
-    Waiting { reason: String },
+    Waiting {
+        reason: String,
+    },
     /// At `steps[step]`.
-    Running { step: usize },
+    Running {
+        step: usize,
+    },
     /// Holding `steps[step]`'s weights; health and breaker still roll back.
-    Paused { step: usize, reason: String },
+    Paused {
+        step: usize,
+        reason: String,
+    },
     Promoted,
-    RolledBack { reason: String },
+    RolledBack {
+        reason: String,
+    },
     Aborted,
 }
 
@@ -497,11 +506,7 @@ impl Release {
                 old > gate.max_p95 && p95.as_secs_f64() <= old.as_secs_f64() * SHARED_TROUBLE_FACTOR
             });
             out.push(Failure {
-                text: format!(
-                    "p95 {}ms > {}ms",
-                    p95.as_millis(),
-                    gate.max_p95.as_millis()
-                ),
+                text: format!("p95 {}ms > {}ms", p95.as_millis(), gate.max_p95.as_millis()),
                 shared,
             });
         }
@@ -555,7 +560,11 @@ impl Release {
 
     pub(crate) fn pause(&mut self, now: u64) -> Result<(), String> {
         let State::Running { step } = self.state else {
-            return Err(format!("release {} is {}, not running", self.id, self.state.as_str()));
+            return Err(format!(
+                "release {} is {}, not running",
+                self.id,
+                self.state.as_str()
+            ));
         };
         let reason = "paused by the operator".to_owned();
         self.state = State::Paused {
@@ -569,20 +578,33 @@ impl Release {
     /// Back to running; the step starts again (its window too).
     pub(crate) fn resume(&mut self, groups: &dyn Groups, now: u64) -> Result<(), String> {
         let State::Paused { step, .. } = self.state else {
-            return Err(format!("release {} is {}, not paused", self.id, self.state.as_str()));
+            return Err(format!(
+                "release {} is {}, not paused",
+                self.id,
+                self.state.as_str()
+            ));
         };
         if let Some(reason) = unhealthy(&self.spec, groups) {
             return Err(format!("not resumed: {reason}"));
         }
         self.enter_step(step, groups, now)?;
-        self.record(now, "resumed", "resumed by the operator: the step starts again".into(), None);
+        self.record(
+            now,
+            "resumed",
+            "resumed by the operator: the step starts again".into(),
+            None,
+        );
         Ok(())
     }
 
     /// All weight back to the old group, by the operator's decision.
     pub(crate) fn abort(&mut self, groups: &dyn Groups, now: u64) -> Result<(), String> {
         if !self.state.active() {
-            return Err(format!("release {} is {}: nothing to abort", self.id, self.state.as_str()));
+            return Err(format!(
+                "release {} is {}: nothing to abort",
+                self.id,
+                self.state.as_str()
+            ));
         }
         let applied = self.apply(0, groups);
         self.state = State::Aborted;
@@ -597,7 +619,11 @@ impl Release {
     /// All weight to the target now, skipping the remaining steps.
     pub(crate) fn promote(&mut self, groups: &dyn Groups, now: u64) -> Result<(), String> {
         if !self.state.active() {
-            return Err(format!("release {} is {}: nothing to promote", self.id, self.state.as_str()));
+            return Err(format!(
+                "release {} is {}: nothing to promote",
+                self.id,
+                self.state.as_str()
+            ));
         }
         self.apply(100, groups)?;
         self.state = State::Promoted;

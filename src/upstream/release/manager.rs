@@ -21,9 +21,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 
+use super::Groups;
 use super::machine::{Outcome, Release, State};
 use super::store::{Persisted, Store};
-use super::Groups;
 use crate::config::ReleaseConfig;
 
 /// How often running releases are evaluated (health and breaker every tick; the gate at
@@ -176,8 +176,12 @@ impl Releases {
         let n = crate::sync::lock(&self.notify).clone();
         for notice in &notices {
             match notice.kind {
-                "rolled_back" => tracing::warn!(release = %notice.id, upstream = %notice.upstream, summary = %notice.summary, "release rolled back"),
-                kind => tracing::info!(release = %notice.id, upstream = %notice.upstream, kind, summary = %notice.summary, "release"),
+                "rolled_back" => {
+                    tracing::warn!(release = %notice.id, upstream = %notice.upstream, summary = %notice.summary, "release rolled back")
+                }
+                kind => {
+                    tracing::info!(release = %notice.id, upstream = %notice.upstream, kind, summary = %notice.summary, "release")
+                }
             }
             if let Some(n) = &n {
                 n.release_notice(notice);
@@ -197,7 +201,9 @@ impl Releases {
 
     fn refuse_follower(inner: &Inner) -> Option<String> {
         inner.driver.as_ref().map(|d| {
-            format!("replica {d} drives the releases (Redis lease): send this to its admin listener")
+            format!(
+                "replica {d} drives the releases (Redis lease): send this to its admin listener"
+            )
         })
     }
 
@@ -282,13 +288,19 @@ impl Releases {
                 "abort" => Some(Self::notice(
                     r,
                     "aborted",
-                    format!("release {} of upstream {} aborted by the operator: all weight back to {}", r.id, r.spec.upstream, r.from),
+                    format!(
+                        "release {} of upstream {} aborted by the operator: all weight back to {}",
+                        r.id, r.spec.upstream, r.from
+                    ),
                     now,
                 )),
                 "promote" => Some(Self::notice(
                     r,
                     "promoted",
-                    format!("release {} of upstream {} promoted by the operator: all weight to {}", r.id, r.spec.upstream, r.spec.to),
+                    format!(
+                        "release {} of upstream {} promoted by the operator: all weight to {}",
+                        r.id, r.spec.upstream, r.spec.to
+                    ),
                     now,
                 )),
                 _ => None,
@@ -379,12 +391,8 @@ impl Releases {
                     inner.dirty = true;
                 }
                 Err(reason) if reason != old_reason => {
-                    inner.releases[i] = Release::waiting(
-                        inner.releases[i].id.clone(),
-                        spec,
-                        reason,
-                        now,
-                    );
+                    inner.releases[i] =
+                        Release::waiting(inner.releases[i].id.clone(), spec, reason, now);
                     inner.dirty = true;
                 }
                 Err(_) => {}
@@ -403,9 +411,9 @@ impl Releases {
             let mut inner = self.inner();
             let keys: BTreeSet<String> = releases.iter().map(ReleaseConfig::key).collect();
             inner.config_done.retain(|k| keys.contains(k));
-            inner
-                .releases
-                .retain(|r| !matches!(r.state, State::Waiting { .. }) || keys.contains(&r.spec.key()));
+            inner.releases.retain(|r| {
+                !matches!(r.state, State::Waiting { .. }) || keys.contains(&r.spec.key())
+            });
             for spec in releases {
                 let key = spec.key();
                 let waiting = inner
@@ -466,11 +474,13 @@ impl Releases {
         }
     }
 
-    /// The release with this id, for tests and the lead's process test.
+    /// The release with this id (tests).
+    #[cfg(test)]
     pub(crate) fn get(&self, id: &str) -> Option<Release> {
         self.inner().releases.iter().find(|r| r.id == id).cloned()
     }
 
+    #[cfg(test)]
     pub(crate) fn list(&self) -> Vec<Release> {
         self.inner().releases.clone()
     }
@@ -484,9 +494,14 @@ impl Releases {
             return None;
         }
         inner.dirty = false;
-        Some(Persisted::of(inner.seq, &inner.config_done, &inner.releases))
+        Some(Persisted::of(
+            inner.seq,
+            &inner.config_done,
+            &inner.releases,
+        ))
     }
 
+    #[cfg(test)]
     pub(crate) fn persisted(&self) -> Persisted {
         let inner = self.inner();
         Persisted::of(inner.seq, &inner.config_done, &inner.releases)
@@ -520,6 +535,15 @@ impl Releases {
     }
 
     // === /admin/releases ===
+
+    /// One release as `/admin/releases` lists it.
+    pub(crate) fn json_of(&self, id: &str) -> Option<Value> {
+        self.inner()
+            .releases
+            .iter()
+            .find(|r| r.id == id)
+            .map(release_json)
+    }
 
     pub(crate) fn to_json(&self) -> Value {
         let inner = self.inner();
@@ -564,8 +588,11 @@ fn release_json(r: &Release) -> Value {
             "p95_ok": f.p95_ms.is_none_or(|p| u128::from(p) <= g.max_p95.as_millis()),
         })
     });
-    let weights: serde_json::Map<String, Value> =
-        r.weights.iter().map(|(k, w)| (k.clone(), json!(w))).collect();
+    let weights: serde_json::Map<String, Value> = r
+        .weights
+        .iter()
+        .map(|(k, w)| (k.clone(), json!(w)))
+        .collect();
     let history: Vec<Value> = r
         .history
         .iter()

@@ -18,10 +18,8 @@ mod tests;
 
 use std::time::Duration;
 
-pub(crate) use machine::{Event, Release, State};
-pub(crate) use manager::{ActionError, Notice, Notify, ReleaseMetrics, Releases, StartError};
 pub(crate) use driver::spawn;
-pub(crate) use store::{Shared as RedisShared, instance_name};
+pub(crate) use manager::{ActionError, Notice, Notify, ReleaseMetrics, Releases, StartError};
 
 /// What a release reads and drives of the upstreams' endpoint groups. `app` implements it
 /// over `UpstreamStates` (see `app::release_groups`); tests over memory.

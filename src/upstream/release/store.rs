@@ -238,14 +238,47 @@ impl Shared {
     }
 }
 
+/// The program's Redis client now (a reload may change it): `app` gives the rate
+/// limiters' one.
+pub(crate) type RedisSource = Arc<dyn Fn() -> Option<Arc<RedisStore>> + Send + Sync>;
+
+/// The prefix of the keys in production.
+pub(crate) const PREFIX: &str = "rampart:{releases}";
+
 /// Where the state goes now (a reload may change both).
-#[derive(Debug, Default)]
 pub(crate) struct Store {
     file: Mutex<Option<PathBuf>>,
+    /// Set by tests: this client and prefix, whatever the source says.
     redis: Mutex<Option<Shared>>,
+    source: Mutex<Option<RedisSource>>,
+    instance: String,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store {
+            file: Mutex::new(None),
+            redis: Mutex::new(None),
+            source: Mutex::new(None),
+            instance: instance_name(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("file", &self.file())
+            .field("instance", &self.instance)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Store {
+    pub(crate) fn set_redis_source(&self, source: RedisSource) {
+        *crate::sync::lock(&self.source) = Some(source);
+    }
+
     pub(crate) fn set_file(&self, path: Option<PathBuf>) {
         *crate::sync::lock(&self.file) = path;
     }
@@ -254,13 +287,21 @@ impl Store {
         crate::sync::lock(&self.file).clone()
     }
 
-    /// Keeps the prefix and instance already set when the client is the same.
+    #[cfg(test)]
     pub(crate) fn set_redis(&self, shared: Option<Shared>) {
         *crate::sync::lock(&self.redis) = shared;
     }
 
     pub(crate) fn redis(&self) -> Option<Shared> {
-        crate::sync::lock(&self.redis).clone()
+        if let Some(fixed) = crate::sync::lock(&self.redis).clone() {
+            return Some(fixed);
+        }
+        let source = crate::sync::lock(&self.source).clone()?;
+        Some(Shared {
+            client: source()?,
+            prefix: PREFIX.to_owned(),
+            instance: self.instance.clone(),
+        })
     }
 }
 

@@ -79,7 +79,10 @@ impl Mem {
             t.requests += count;
             t.errors += (count as f64 * rate).round() as u64;
             let ms = if g == "green" { green_ms } else { 40 };
-            let bucket = GroupTotals::BOUNDS_MS.iter().position(|b| ms <= *b).unwrap();
+            let bucket = GroupTotals::BOUNDS_MS
+                .iter()
+                .position(|b| ms <= *b)
+                .unwrap();
             t.latency.resize(GroupTotals::BOUNDS_MS.len(), 0);
             t.latency[bucket] += count;
         }
@@ -96,7 +99,10 @@ impl Groups for Mem {
             return Err(format!("no upstream {upstream}"));
         };
         *w = weights.to_vec();
-        let green = weights.iter().find(|(g, _)| g == "green").map_or(0, |(_, w)| *w);
+        let green = weights
+            .iter()
+            .find(|(g, _)| g == "green")
+            .map_or(0, |(_, w)| *w);
         s.log.push(green);
         Ok(())
     }
@@ -156,13 +162,7 @@ fn manager(groups: &Arc<Mem>) -> (Releases, Arc<Heard>) {
 
 /// Ticks every second from `from` for `secs`, `traffic` before each tick; stops early
 /// when the release is finished. Returns the time of the last tick.
-fn run(
-    r: &Releases,
-    id: &str,
-    from: u64,
-    secs: u64,
-    mut traffic: impl FnMut(u64),
-) -> u64 {
+fn run(r: &Releases, id: &str, from: u64, secs: u64, mut traffic: impl FnMut(u64)) -> u64 {
     let mut now = from;
     for i in 1..=secs {
         now = from + i * SECOND;
@@ -190,7 +190,11 @@ fn a_healthy_target_is_promoted_through_every_step() {
     assert_eq!(end, T0 + 4 * 120 * SECOND);
     let what: Vec<&str> = rel.history.iter().map(|e| e.what.as_str()).collect();
     assert_eq!(what, ["started", "step", "step", "step", "promoted"]);
-    assert!(rel.history[1].detail.contains("gate passed at 5%"), "{:?}", rel.history[1]);
+    assert!(
+        rel.history[1].detail.contains("gate passed at 5%"),
+        "{:?}",
+        rel.history[1]
+    );
     assert_eq!(heard.kinds(), ["started", "promoted"]);
 }
 
@@ -225,7 +229,11 @@ fn errors_at_the_25_percent_step_roll_back_within_one_evaluation() {
     }
     assert_eq!(g.log(), vec![5, 25, 0]);
     assert_eq!(heard.kinds(), ["started", "rolled_back"]);
-    assert!(heard.0.lock().unwrap()[1].summary.contains("error rate 5.00%"));
+    assert!(
+        heard.0.lock().unwrap()[1]
+            .summary
+            .contains("error rate 5.00%")
+    );
 }
 
 #[test]
@@ -243,7 +251,10 @@ fn an_unhealthy_target_is_refused_before_any_traffic_moves() {
     let Err(StartError::Refused(why)) = r.start_at(spec(), T0) else {
         panic!("started")
     };
-    assert_eq!(why, "group green has not passed its health check (1 of 2 endpoints available)");
+    assert_eq!(
+        why,
+        "group green has not passed its health check (1 of 2 endpoints available)"
+    );
     g.set_health(
         "green",
         GroupHealth {
@@ -261,10 +272,15 @@ fn an_unhealthy_target_is_refused_before_any_traffic_moves() {
     let Err(StartError::Refused(why)) = r.start_at(other, T0) else {
         panic!("started")
     };
-    assert_eq!(why, "upstream backend has no endpoint group purple (groups: blue, green)");
+    assert_eq!(
+        why,
+        "upstream backend has no endpoint group purple (groups: blue, green)"
+    );
     let mut same = spec();
     same.to = "blue".into();
-    assert!(matches!(r.start_at(same, T0), Err(StartError::Refused(w)) if w.contains("already has the most weight")));
+    assert!(
+        matches!(r.start_at(same, T0), Err(StartError::Refused(w)) if w.contains("already has the most weight"))
+    );
     assert!(g.log().is_empty());
     assert!(r.list().is_empty());
     assert!(heard.kinds().is_empty());
@@ -312,13 +328,21 @@ fn pause_resume_abort_promote() {
     let (r, heard) = manager(&g);
     let id = r.start_at(spec(), T0).unwrap();
     // A second release on the same upstream: conflict.
-    assert!(matches!(r.start_at(spec(), T0), Err(StartError::Conflict(m)) if m.contains("one release per upstream")));
+    assert!(
+        matches!(r.start_at(spec(), T0), Err(StartError::Conflict(m)) if m.contains("one release per upstream"))
+    );
     r.act_at(&id, "pause", T0 + SECOND).unwrap();
-    assert!(matches!(r.act_at(&id, "pause", T0 + SECOND), Err(ActionError::Conflict(_))));
+    assert!(matches!(
+        r.act_at(&id, "pause", T0 + SECOND),
+        Err(ActionError::Conflict(_))
+    ));
     // Paused: the step's end passes and nothing moves.
     let end = run(&r, &id, T0, 600, |_| g.traffic(100, 0.0, 0.0, 40));
     assert_eq!(g.green_share(), 5);
-    assert!(matches!(r.get(&id).unwrap().state, State::Paused { step: 0, .. }));
+    assert!(matches!(
+        r.get(&id).unwrap().state,
+        State::Paused { step: 0, .. }
+    ));
     r.act_at(&id, "resume", end).unwrap();
     // The step starts again at the resume.
     let next = run(&r, &id, end, 119, |_| g.traffic(100, 0.0, 0.0, 40));
@@ -328,8 +352,13 @@ fn pause_resume_abort_promote() {
     r.act_at(&id, "promote", next + 2 * SECOND).unwrap();
     assert_eq!(r.get(&id).unwrap().state, State::Promoted);
     assert_eq!(g.green_share(), 100);
-    assert!(matches!(r.act_at(&id, "abort", next), Err(ActionError::Conflict(m)) if m.contains("promoted: nothing to abort")));
-    assert!(matches!(r.act_at("nope", "abort", next), Err(ActionError::NotFound(_))));
+    assert!(
+        matches!(r.act_at(&id, "abort", next), Err(ActionError::Conflict(m)) if m.contains("promoted: nothing to abort"))
+    );
+    assert!(matches!(
+        r.act_at("nope", "abort", next),
+        Err(ActionError::NotFound(_))
+    ));
 
     // Abort: all weight back to blue.
     let g = Mem::new();
@@ -353,7 +382,10 @@ fn too_few_requests_extend_the_step_then_pause_never_promote() {
     let State::Paused { step: 0, reason } = &rel.state else {
         panic!("{:?}", rel.state)
     };
-    assert!(reason.contains("0 requests of the 100 the gate needs"), "{reason}");
+    assert!(
+        reason.contains("0 requests of the 100 the gate needs"),
+        "{reason}"
+    );
     assert_eq!(g.log(), vec![5]);
     let what: Vec<&str> = rel.history.iter().map(|e| e.what.as_str()).collect();
     let mut expected = vec!["started"];
@@ -371,7 +403,9 @@ fn too_few_requests_extend_the_step_then_pause_never_promote() {
         let n = if now > T0 + 120 * SECOND { 2000 } else { 10 };
         g.traffic(n, 0.0, 0.0, 40);
     });
-    run(&r, &id, T0 + 121 * SECOND, 119, |_| g.traffic(20, 0.0, 0.0, 40));
+    run(&r, &id, T0 + 121 * SECOND, 119, |_| {
+        g.traffic(20, 0.0, 0.0, 40)
+    });
     assert_eq!(g.green_share(), 25);
 }
 
@@ -387,8 +421,13 @@ fn an_old_group_failing_alike_extends_rather_than_rolls_back() {
     assert_eq!(last.what, "extended");
     assert!(last.detail.contains("shared trouble"), "{}", last.detail);
     // Green three times as bad as blue: its own fault.
-    run(&r, &id, T0 + 120 * SECOND, 120, |_| g.traffic(1000, 0.09, 0.03, 40));
-    assert!(matches!(r.get(&id).unwrap().state, State::RolledBack { .. }));
+    run(&r, &id, T0 + 120 * SECOND, 120, |_| {
+        g.traffic(1000, 0.09, 0.03, 40)
+    });
+    assert!(matches!(
+        r.get(&id).unwrap().state,
+        State::RolledBack { .. }
+    ));
 }
 
 #[test]
@@ -450,13 +489,28 @@ fn metrics_show_the_step_and_the_state() {
     let r = Releases::new(g.clone(), metrics);
     let id = r.start_at(spec(), T0).unwrap();
     let text = crate::observe::encode_registry(&registry);
-    assert!(text.contains("rampart_release_step{upstream=\"backend\"} 5"), "{text}");
-    assert!(text.contains("rampart_release_state{upstream=\"backend\",state=\"running\"} 1"), "{text}");
+    assert!(
+        text.contains("rampart_release_step{upstream=\"backend\"} 5"),
+        "{text}"
+    );
+    assert!(
+        text.contains("rampart_release_state{upstream=\"backend\",state=\"running\"} 1"),
+        "{text}"
+    );
     r.act_at(&id, "abort", T0 + SECOND).unwrap();
     let text = crate::observe::encode_registry(&registry);
-    assert!(text.contains("rampart_release_step{upstream=\"backend\"} 0"), "{text}");
-    assert!(text.contains("rampart_release_state{upstream=\"backend\",state=\"aborted\"} 1"), "{text}");
-    assert!(text.contains("rampart_release_state{upstream=\"backend\",state=\"running\"} 0"), "{text}");
+    assert!(
+        text.contains("rampart_release_step{upstream=\"backend\"} 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("rampart_release_state{upstream=\"backend\",state=\"aborted\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("rampart_release_state{upstream=\"backend\",state=\"running\"} 0"),
+        "{text}"
+    );
 }
 
 #[path = "tests_store.rs"]

@@ -47,7 +47,10 @@ fn the_state_file_round_trips_and_a_restart_resumes_at_the_saved_weights() {
     assert!(r.take_dirty().is_none(), "saved once");
     store::save_file(&path, &saved).unwrap();
     // Atomic: no temporary file is left beside it.
-    let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names, [std::ffi::OsString::from("releases.json")]);
     let loaded = store::load_file(&path).unwrap().unwrap();
     assert_eq!(loaded, saved);
@@ -65,7 +68,11 @@ fn the_state_file_round_trips_and_a_restart_resumes_at_the_saved_weights() {
     r2.act_at(&id, "abort", T0).unwrap();
     let next = r2.start_at(spec(), T0).unwrap();
     assert_ne!(next, id);
-    assert!(store::load_file(&dir.join("absent.json")).unwrap().is_none());
+    assert!(
+        store::load_file(&dir.join("absent.json"))
+            .unwrap()
+            .is_none()
+    );
     std::fs::write(&path, b"{not json").unwrap();
     assert!(store::load_file(&path).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
@@ -109,7 +116,9 @@ async fn replicas_sharing_redis_follow_one_driver() {
     assert_eq!(a.driver(), None);
     assert_eq!(b.driver(), Some("a".into()));
     // Actions go to the driver.
-    assert!(matches!(b.start(spec()), Err(StartError::Conflict(m)) if m.contains("replica a drives")));
+    assert!(
+        matches!(b.start(spec()), Err(StartError::Conflict(m)) if m.contains("replica a drives"))
+    );
     let id = a.start(spec()).unwrap();
     a.drive_once(&mut la).await;
     b.drive_once(&mut lb).await;
@@ -131,6 +140,7 @@ async fn replicas_sharing_redis_follow_one_driver() {
     a.drive_once(&mut la).await;
     assert_eq!(a.driver(), Some("b".into()));
     let mut cmd = redis::cmd("DEL");
-    cmd.arg(format!("{prefix}:lease")).arg(format!("{prefix}:state"));
+    cmd.arg(format!("{prefix}:lease"))
+        .arg(format!("{prefix}:state"));
     client.redis.query::<i64>(&cmd).await.unwrap();
 }
