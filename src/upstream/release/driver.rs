@@ -48,55 +48,100 @@ impl Releases {
         {
             tracing::warn!(path = %path.display(), error = %e, "release state file not written");
         }
-        if let Some(shared) = self.store.redis()
-            && let Err(e) = shared.save(p).await
-        {
-            tracing::warn!(error = %e, "release state not written to Redis");
+        if let Some(shared) = self.store.redis() {
+            match shared.save(p).await {
+                Ok(()) => self.store.set_last_saved(Some(p.to_bytes())),
+                Err(e) => tracing::warn!(error = %e, "release state not written to Redis"),
+            }
         }
     }
 
-    /// One round of the driver. With Redis: take or renew the lease; the holder ticks and
-    /// saves, the others follow the saved state (`last` is the state they last applied).
-    /// Redis unreachable: a driver goes on driving (its file still keeps the state), a
-    /// follower keeps the weights it has.
+    /// One round of the driver. With Redis, see `coordinate`; the driver ticks and saves.
     pub(crate) async fn drive_once(&self, last: &mut Option<Vec<u8>>) {
-        if let Some(shared) = self.store.redis() {
-            match shared.lease().await {
-                Ok(holder) if holder == shared.instance => {
-                    if self.driver().is_some() {
-                        // Taking over: from where the last driver left it.
-                        if let Ok(Some(p)) = shared.load().await {
-                            self.restore(p);
-                        }
-                        self.set_driver(None);
-                        tracing::info!(instance = %shared.instance, "this replica drives the releases");
-                    }
-                }
-                Ok(holder) => {
-                    self.set_driver(Some(holder));
-                    if let Ok(Some(raw)) = shared.load_raw().await
-                        && last.as_ref() != Some(&raw)
-                    {
-                        match Persisted::from_bytes(&raw) {
-                            Ok(p) => self.restore(p),
-                            Err(e) => tracing::warn!(error = %e, "release state in Redis not read"),
-                        }
-                        *last = Some(raw);
-                    }
+        let shared = self.store.redis();
+        match &shared {
+            Some(shared) => {
+                if !self.coordinate(shared, last).await {
                     return;
                 }
-                Err(e) => {
-                    tracing::debug!(error = %e, "release lease not renewed");
-                    if self.driver().is_some() {
-                        return;
-                    }
-                }
             }
-        } else {
-            self.set_driver(None);
+            None => self.set_driver(None),
         }
         self.tick();
         self.save().await;
+        if let Some(shared) = shared
+            && !self.has_work()
+            && let Err(e) = shared.unlease().await
+        {
+            tracing::debug!(error = %e, "release lease not given up");
+        }
+    }
+
+    /// Whether this replica drives this round. Another holds the lease: follow it (set
+    /// the weights its saved state says). Free: take it if anything is to be driven here
+    /// or in the saved state (taking over from where the saved state is). Ours: renew it.
+    /// Redis unreachable: a driver goes on driving (its file still keeps the state), a
+    /// follower keeps the weights it has.
+    async fn coordinate(&self, shared: &store::Shared, last: &mut Option<Vec<u8>>) -> bool {
+        let following = self.driver().is_some();
+        let holder = match shared.holder().await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::debug!(error = %e, "release lease not read");
+                return !following;
+            }
+        };
+        if let Some(h) = holder.as_ref().filter(|h| **h != shared.instance) {
+            self.follow(shared, h.clone(), last).await;
+            return false;
+        }
+        // Taking a free lease: the saved state is the truth unless it is what this replica
+        // saved last (restoring that would only restart the step's window).
+        let mut adopt = None;
+        if holder.is_none() {
+            let raw = shared.load_raw().await.ok().flatten();
+            let remote = raw.as_deref().and_then(|r| Persisted::from_bytes(r).ok());
+            let remote_work = remote.as_ref().is_some_and(Persisted::has_work);
+            if !self.has_work() && !remote_work && !following {
+                return true;
+            }
+            if raw.is_some() && raw != self.store.last_saved() {
+                adopt = remote;
+            }
+        }
+        match shared.lease().await {
+            Ok(h) if h == shared.instance => {}
+            Ok(h) => {
+                self.follow(shared, h, last).await;
+                return false;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "release lease not taken");
+                return !following;
+            }
+        }
+        if let Some(p) = adopt {
+            self.adopt(p, true);
+        }
+        if following {
+            tracing::info!(instance = %shared.instance, "this replica drives the releases");
+        }
+        self.set_driver(None);
+        *last = None;
+        true
+    }
+
+    async fn follow(&self, shared: &store::Shared, holder: String, last: &mut Option<Vec<u8>>) {
+        self.set_driver(Some(holder));
+        if let Ok(Some(raw)) = shared.load_raw().await
+            && last.as_ref() != Some(&raw)
+        {
+            match Persisted::from_bytes(&raw) {
+                Ok(p) => self.restore(p),
+                Err(e) => tracing::warn!(error = %e, "release state in Redis not read"),
+            }
+            *last = Some(raw);
+        }
     }
 }
 

@@ -511,18 +511,42 @@ impl Releases {
     /// the weights each release last set are set again, active releases start their
     /// step's window again now.
     pub(crate) fn restore(&self, p: Persisted) {
+        self.adopt(p, false);
+    }
+
+    /// As `restore`; with `keep_local`, releases this replica has that the saved state
+    /// does not (started here while nobody held the lease) are kept, and become part of
+    /// the state saved next.
+    pub(crate) fn adopt(&self, p: Persisted, keep_local: bool) {
         let now = self.now();
-        let releases = p.releases(&*self.groups, now);
+        let mut releases = p.releases(&*self.groups, now);
+        let mut inner = self.inner();
+        if keep_local {
+            let local: Vec<Release> = inner
+                .releases
+                .iter()
+                .filter(|l| !releases.iter().any(|r| r.id == l.id))
+                .cloned()
+                .collect();
+            inner.dirty |= !local.is_empty();
+            releases.extend(local);
+            inner.config_done.extend(p.config_done.iter().cloned());
+        } else {
+            inner.config_done = p.config_done.iter().cloned().collect();
+        }
         for r in &releases {
             if let Err(e) = r.reapply(&*self.groups) {
                 tracing::warn!(release = %r.id, error = %e, "release weights not restored");
             }
         }
-        let mut inner = self.inner();
         inner.seq = inner.seq.max(p.seq);
-        inner.config_done = p.config_done.iter().cloned().collect();
         inner.releases = releases;
         self.publish(&inner);
+    }
+
+    /// Whether a release runs, is paused or waits.
+    pub(crate) fn has_work(&self) -> bool {
+        self.inner().releases.iter().any(|r| !r.state.finished())
     }
 
     /// Whether this replica drives (None) or follows another (its name).

@@ -3,9 +3,10 @@
 //! key that every replica reads.
 //!
 //! Who drives with Redis: a lease (`<prefix>:lease`, SET with a 5 s expiry, renewed every
-//! tick by its holder). The holder evaluates the releases and writes the state key; the
-//! other replicas read that key every tick and set the weights it says, so all of them
-//! route alike. They refuse the admin API's actions (409, naming the driver): one writer.
+//! tick by its holder), taken only while some release runs, is paused or waits (here or
+//! in the state key), and given up when none does. The holder evaluates the releases and
+//! writes the state key; the other replicas read that key every tick and set the weights
+//! it says, so all of them route alike. They refuse the admin API's actions (409, naming the driver): one writer.
 //! When the holder dies, another replica takes the lease within 5 s and resumes from the
 //! state key. The gate reads the driver's own traffic: each replica serves a share of the
 //! requests, and the driver's share is the sample.
@@ -121,6 +122,11 @@ impl Persisted {
             .collect()
     }
 
+    /// Whether a release runs, is paused or waits: something to drive.
+    pub(crate) fn has_work(&self) -> bool {
+        self.releases.iter().any(|r| !r.state.finished())
+    }
+
     pub(crate) fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec_pretty(self).unwrap_or_default()
     }
@@ -185,6 +191,9 @@ const LEASE_SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
       redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return ARGV[1] \
     end return v";
 
+const UNLEASE_SCRIPT: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+      return redis.call('DEL', KEYS[1]) end return 0";
+
 impl Shared {
     fn state_key(&self) -> String {
         format!("{}:state", self.prefix)
@@ -206,6 +215,32 @@ impl Shared {
             .redis
             .query::<String>(&cmd)
             .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Who holds the lease now, if anyone.
+    pub(crate) async fn holder(&self) -> Result<Option<String>, String> {
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(self.lease_key());
+        self.client
+            .redis
+            .query::<Option<String>>(&cmd)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Gives the lease up if it is ours (nothing left to drive).
+    pub(crate) async fn unlease(&self) -> Result<(), String> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(UNLEASE_SCRIPT)
+            .arg(1)
+            .arg(self.lease_key())
+            .arg(&self.instance);
+        self.client
+            .redis
+            .query::<i64>(&cmd)
+            .await
+            .map(|_| ())
             .map_err(|e| e.to_string())
     }
 
@@ -252,6 +287,8 @@ pub(crate) struct Store {
     redis: Mutex<Option<Shared>>,
     source: Mutex<Option<RedisSource>>,
     instance: String,
+    /// What this replica last wrote to the Redis key.
+    last_saved: Mutex<Option<Vec<u8>>>,
 }
 
 impl Default for Store {
@@ -261,6 +298,7 @@ impl Default for Store {
             redis: Mutex::new(None),
             source: Mutex::new(None),
             instance: instance_name(),
+            last_saved: Mutex::new(None),
         }
     }
 }
@@ -275,6 +313,14 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
+    pub(crate) fn last_saved(&self) -> Option<Vec<u8>> {
+        crate::sync::lock(&self.last_saved).clone()
+    }
+
+    pub(crate) fn set_last_saved(&self, bytes: Option<Vec<u8>>) {
+        *crate::sync::lock(&self.last_saved) = bytes;
+    }
+
     pub(crate) fn set_redis_source(&self, source: RedisSource) {
         *crate::sync::lock(&self.source) = Some(source);
     }
@@ -305,14 +351,16 @@ impl Store {
     }
 }
 
-/// The replica's name in the lease: the host name and the process id (two processes on
-/// one host are two replicas).
+/// The replica's name in the lease: the host name, the process id and a count (two
+/// processes on one host, or two instances in one test process, are two replicas).
 pub(crate) fn instance_name() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let host = std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "rampart".into());
-    format!("{host}:{}", std::process::id())
+    format!("{host}:{}:{n}", std::process::id())
 }

@@ -513,5 +513,36 @@ fn metrics_show_the_step_and_the_state() {
     );
 }
 
+/// The driver on tokio's clock, paused: eight minutes of steps pass without waiting, and
+/// each change is saved to the state file.
+#[tokio::test(start_paused = true)]
+async fn the_driver_ticks_on_tokio_time_and_saves_each_change() {
+    let g = Mem::new();
+    let r = Arc::new(Releases::new(g.clone(), ReleaseMetrics::default()));
+    let dir = std::env::temp_dir().join(format!("rampart-driver-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("releases.json");
+    r.store.set_file(Some(path.clone()));
+    let background = crate::shutdown::Background::default();
+    super::spawn(r.clone(), &background);
+    let id = r.start(spec()).unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..(9 * 60) {
+        g.traffic(100, 0.0, 0.0, 40);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Ok(Some(p)) = super::store::load_file(&path) {
+            let state = p.releases[0].state.as_str();
+            if seen.last() != Some(&state) {
+                seen.push(state);
+            }
+        }
+    }
+    assert_eq!(r.get(&id).unwrap().state, State::Promoted);
+    assert_eq!(g.log(), vec![5, 25, 50, 100]);
+    assert_eq!(seen, ["running", "promoted"]);
+    background.stop(Duration::from_secs(1)).await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[path = "tests_store.rs"]
 mod store;

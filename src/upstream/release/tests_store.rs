@@ -111,34 +111,62 @@ async fn replicas_sharing_redis_follow_one_driver() {
         }));
     }
     let (mut la, mut lb) = (None, None);
+    // Nothing to drive: nobody takes the lease.
     a.drive_once(&mut la).await;
     b.drive_once(&mut lb).await;
-    assert_eq!(a.driver(), None);
+    assert_eq!((a.driver(), b.driver()), (None, None));
+    let lease = |client: Arc<crate::admission::ratelimit::fallback::RedisStore>| {
+        let key = format!("{prefix}:lease");
+        async move {
+            let mut cmd = redis::cmd("GET");
+            cmd.arg(key);
+            client.redis.query::<Option<String>>(&cmd).await.unwrap()
+        }
+    };
+    assert_eq!(lease(client.clone()).await, None);
+
+    // A starts a release: it takes the lease and drives, B follows its weights.
+    let id = a.start(spec()).unwrap();
+    a.drive_once(&mut la).await;
+    assert_eq!(lease(client.clone()).await.as_deref(), Some("a"));
+    b.drive_once(&mut lb).await;
     assert_eq!(b.driver(), Some("a".into()));
+    assert_eq!(gb.green_share(), 5, "the follower set the driver's weights");
+    assert_eq!(b.get(&id).unwrap().state, State::Running { step: 0 });
     // Actions go to the driver.
     assert!(
         matches!(b.start(spec()), Err(StartError::Conflict(m)) if m.contains("replica a drives"))
     );
-    let id = a.start(spec()).unwrap();
-    a.drive_once(&mut la).await;
-    b.drive_once(&mut lb).await;
-    assert_eq!(gb.green_share(), 5, "the follower set the driver's weights");
-    assert_eq!(b.get(&id).unwrap().state, State::Running { step: 0 });
+    assert!(matches!(b.act(&id, "abort"), Err(ActionError::Conflict(_))));
+
+    // Done: A gives the lease up; B takes the final state.
     a.act(&id, "abort").unwrap();
     a.drive_once(&mut la).await;
+    assert_eq!(lease(client.clone()).await, None);
     b.drive_once(&mut lb).await;
-    assert_eq!(gb.green_share(), 0);
+    assert_eq!(b.driver(), None);
     assert_eq!(b.get(&id).unwrap().state, State::Aborted);
-    // The driver is gone: its lease expires and the follower takes over from the saved
-    // state.
+    assert_eq!(gb.green_share(), 0);
+
+    // B starts the next; A follows; B dies (its lease expires): A takes over from the
+    // saved state and drives on.
+    let id2 = b.start(spec()).unwrap();
+    b.drive_once(&mut lb).await;
+    a.drive_once(&mut la).await;
+    assert_eq!(a.driver(), Some("b".into()));
+    assert_eq!(ga.green_share(), 5);
     let mut cmd = redis::cmd("DEL");
     cmd.arg(format!("{prefix}:lease"));
     client.redis.query::<i64>(&cmd).await.unwrap();
-    b.drive_once(&mut lb).await;
-    assert_eq!(b.driver(), None);
-    assert!(b.start(spec()).is_ok());
     a.drive_once(&mut la).await;
-    assert_eq!(a.driver(), Some("b".into()));
+    assert_eq!(a.driver(), None);
+    assert_eq!(lease(client.clone()).await.as_deref(), Some("a"));
+    assert_eq!(a.get(&id2).unwrap().state, State::Running { step: 0 });
+    a.act(&id2, "promote").unwrap();
+    a.drive_once(&mut la).await;
+    assert_eq!(ga.green_share(), 100);
+    b.drive_once(&mut lb).await;
+    assert_eq!(gb.green_share(), 100);
     let mut cmd = redis::cmd("DEL");
     cmd.arg(format!("{prefix}:lease"))
         .arg(format!("{prefix}:state"));
