@@ -231,6 +231,14 @@ mod tests {
             c.releases_state,
             Some(std::path::PathBuf::from("/var/lib/rampart/releases.json"))
         );
+        let summary = c.summary();
+        assert!(
+            summary.contains(
+                "release   backend -> green steps [5, 25, 50, 100] every 2m (gate errors <= 1%, p95 <= 500ms, min 100 requests)\n\
+                 release   state kept in /var/lib/rampart/releases.json\n"
+            ),
+            "{summary}"
+        );
         let none = ok(BASE);
         assert!(none.releases.is_empty());
         assert_eq!(none.releases_state, None);
