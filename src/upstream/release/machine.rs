@@ -299,6 +299,14 @@ impl Release {
         r
     }
 
+    /// Still waiting, for another reason (recorded).
+    pub(crate) fn wait(&mut self, reason: String, now: u64) {
+        self.state = State::Waiting {
+            reason: reason.clone(),
+        };
+        self.record(now, "waiting", reason, None);
+    }
+
     /// Rebuilt from the persisted fields (`store.rs`); the step's window starts again now.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn restored(

@@ -391,8 +391,7 @@ impl Releases {
                     inner.dirty = true;
                 }
                 Err(reason) if reason != old_reason => {
-                    inner.releases[i] =
-                        Release::waiting(inner.releases[i].id.clone(), spec, reason, now);
+                    inner.releases[i].wait(reason, now);
                     inner.dirty = true;
                 }
                 Err(_) => {}
