@@ -114,6 +114,9 @@ caches:
   shared: { stale_if_error: "off" }
 drain: { accept_grace: 2s, timeout: 45s }
 readiness: { breaker_open: not_ready }
+releases_state: /var/lib/rampart/releases.json
+releases:
+  - { upstream: backend, to: green, steps: [5, 25, 50, 100], step_for: 2m, gate: { max_error_rate: 1%, max_p95: 500ms, min_requests: 100 } }
 dependencies:
   postgres:
     url: "postgres://app:zzpostgres@db1:5432,db2:5433/app?target_session_attrs=read-write&sslmode=require&connect_timeout=3&application_name=rampart-golden"

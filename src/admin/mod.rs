@@ -9,6 +9,7 @@ mod api;
 mod auth;
 pub(crate) mod config_json;
 pub(crate) mod control;
+mod releases;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -42,6 +43,8 @@ pub struct AdminCtx {
     pub caches: Arc<crate::cache::Registry>,
     /// `/admin/weights`: group weights set at run time.
     pub upstreams: Arc<crate::upstream::resilience::UpstreamStates>,
+    /// `/admin/releases`.
+    pub(crate) releases: Arc<crate::upstream::release::Releases>,
 }
 
 pub(crate) async fn serve(
@@ -127,6 +130,24 @@ async fn route(ctx: &AdminCtx, req: Request<Incoming>) -> Response<ProxyBody> {
             no_store(json(status, body))
         }
         (&Method::GET | &Method::HEAD, "/admin/cache") => document(ctx.caches.describe()),
+        (m, p) if is_releases(p) && !releases::allowed(p, m) => {
+            let allow = if p == "/admin/releases" {
+                "GET, HEAD, POST"
+            } else {
+                "POST"
+            };
+            let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+            resp
+        }
+        (&Method::GET | &Method::HEAD, "/admin/releases") => document(ctx.releases.to_json()),
+        // Writes: the same rule as /admin/reload below.
+        (_, p) if is_releases(p) && req.headers().contains_key(header::ORIGIN) => {
+            text(StatusCode::FORBIDDEN, "cross-origin requests are refused\n")
+        }
+        (_, "/admin/releases") => releases::start(ctx, req).await,
+        (_, p) if is_releases(p) => releases::act(ctx, p),
         (_, "/admin/reload" | "/admin/drain" | "/admin/cache/purge" | "/admin/weights")
             if req.method() != Method::POST =>
         {
@@ -167,6 +188,10 @@ async fn route(ctx: &AdminCtx, req: Request<Incoming>) -> Response<ProxyBody> {
         (&Method::GET | &Method::HEAD, "/admin/status") => document(api::status(shared)),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+fn is_releases(path: &str) -> bool {
+    path == "/admin/releases" || path.starts_with("/admin/releases/")
 }
 
 /// `POST /admin/cache/purge` with `{"cache"?, "route"?, "prefix"?}` (at least one).

@@ -9,6 +9,7 @@
 //!   machine, logs every change, keeps the last hour for `/admin/alerts`, and queues
 //!   notifications. Queueing never waits: a full queue drops (and counts) a notification.
 
+mod release;
 pub(crate) mod rules;
 pub(crate) mod signals;
 pub(crate) mod sinks;

@@ -84,7 +84,7 @@ fn slack_text(e: &AlertEvent, instance: &str) -> String {
 }
 
 /// `<base>/api/v2/alerts`, unless the URL already names that path.
-fn alertmanager_url(base: &Uri) -> Uri {
+pub(super) fn alertmanager_url(base: &Uri) -> Uri {
     let s = base.to_string();
     if s.trim_end_matches('/').ends_with("/api/v2/alerts") {
         return base.clone();

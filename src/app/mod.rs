@@ -3,6 +3,7 @@
 //! reloads (SIGHUP, `POST /admin/reload`) and the drain (`shutdown.rs`). Signals are handled
 //! in `run` only, so tests can start rampart in-process without them.
 
+mod releases;
 pub mod state;
 
 use std::net::SocketAddr;
@@ -174,6 +175,7 @@ pub async fn start_on(
     let alert_metrics = AlertMetrics::register(&mut registry);
     let certs = CertExpiry::register(&mut registry);
     let caches = crate::cache::Registry::new(crate::cache::CacheMetrics::register(&mut registry));
+    let release_metrics = crate::upstream::release::ReleaseMetrics::register(&mut registry);
     let signals = Arc::new(FedSignals::default());
     let fed = signals.clone();
     caches.on_lookup(move |hit| fed.cache_lookup(hit));
@@ -192,7 +194,12 @@ pub async fn start_on(
         },
     );
     let alerts = Alerting::new(&config.alerts, alert_metrics, signals.clone());
+    let releases = Arc::new(crate::upstream::release::Releases::new(
+        releases::release_groups(&upstream_states),
+        release_metrics,
+    ));
     let shared = Shared::new(Parts {
+        releases,
         snapshot,
         registry,
         upstream_states,
@@ -226,6 +233,8 @@ pub async fn start_on(
     // Once everything is bound: a refused start leaves no probe running. A dependency that
     // is down does not stop the start; the checks report it.
     shared.health.start(&shared.background, &config);
+    // Boxed: the future of `start_on` is deep enough already.
+    Box::pin(releases::start(&shared, &config, &shared.background)).await;
 
     let (tx, rx) = mpsc::channel(16);
     let control = Control::new(tx);

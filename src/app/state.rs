@@ -57,6 +57,8 @@ pub struct Shared {
     pub certs: CertExpiry,
     /// The request path's handle, shared by every listener.
     pub traffic: Arc<Traffic>,
+    /// Releases (issue 20): kept here, outside the snapshot, so a reload keeps them.
+    pub(crate) releases: Arc<crate::upstream::release::Releases>,
 }
 
 /// What `Shared` is made of; `app` builds the parts in the order their metrics register.
@@ -73,6 +75,7 @@ pub struct Parts {
     pub alerts: Alerting,
     pub signals: Arc<Signals>,
     pub certs: CertExpiry,
+    pub(crate) releases: Arc<crate::upstream::release::Releases>,
 }
 
 impl Shared {
@@ -103,6 +106,7 @@ impl Shared {
             signals: p.signals,
             certs: p.certs,
             traffic,
+            releases: p.releases,
         })
     }
 
@@ -128,6 +132,7 @@ impl Shared {
             control,
             caches: self.caches.clone(),
             upstreams: self.upstream_states.clone(),
+            releases: self.releases.clone(),
         }
     }
 
@@ -136,7 +141,7 @@ impl Shared {
     /// calls `reconcile` on each with the new configuration before the new snapshot is
     /// swapped in.
     pub fn keyed_state(&self) -> Vec<&dyn KeyedState> {
-        vec![&*self.health, &*self.alerts]
+        vec![&*self.health, &*self.alerts, &*self.releases]
     }
 
     /// Takes a sample and keeps it in the series.

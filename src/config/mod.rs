@@ -13,6 +13,7 @@ mod env;
 mod limits;
 mod listener;
 mod raw;
+mod release;
 mod secret;
 mod serialize;
 mod summary;
@@ -44,6 +45,7 @@ pub use listener::{
     DrainMode, EscapedSlashes, Http2Config, ListenerConfig, ListenerTls, NormalizePath, PathConfig,
     RouteConfig, RouteTimeouts, StreamConfig, TlsPair, TokenCounting,
 };
+pub use release::{ReleaseConfig, ReleaseGate};
 pub use secret::{REDACTED, Secret, redis_url_shown, sink_url_shown};
 pub use upstream::{
     BreakerConfig, BreakerScope, EjectionConfig, EndpointGroup, FailureRate, LoadBalancing,
@@ -53,6 +55,7 @@ pub use upstream::{
 pub(crate) use upstream::{IdentityError, load_client_identity};
 pub(crate) use validate::is_loopback;
 pub use validate::postgres_url_for_driver;
+pub(crate) use validate::release_from_json;
 pub use validate::{parse_str, parse_str_checked};
 
 /// The whole validated configuration: an immutable snapshot. Serialized, it is
@@ -86,6 +89,12 @@ pub struct Config {
     pub alerts: AlertsConfig,
     /// What, besides critical checks and the drain, takes `/readyz` down (`readiness:`).
     pub readiness: ReadinessConfig,
+    /// Releases the configuration starts (`releases:`), in the order written.
+    pub releases: Vec<ReleaseConfig>,
+    /// Where release state is kept across restarts (`releases_state:`); None: not kept
+    /// (Redis still is, when configured).
+    #[serde(serialize_with = "serialize::path")]
+    pub releases_state: Option<std::path::PathBuf>,
 }
 
 impl Config {

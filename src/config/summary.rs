@@ -288,6 +288,23 @@ impl Config {
             // What decides how this upstream behaves in an outage.
             summarize_resilience(&mut s, &u.resilience);
         }
+        for r in &self.releases {
+            let g = &r.gate;
+            let _ = writeln!(
+                s,
+                "release   {} -> {} steps {:?} every {} (gate errors <= {}%, p95 <= {}, min {} requests)",
+                r.upstream,
+                r.to,
+                r.steps,
+                humantime::format_duration(r.step_for),
+                g.max_error_rate * 100.0,
+                humantime::format_duration(g.max_p95),
+                g.min_requests
+            );
+        }
+        if let Some(path) = &self.releases_state {
+            let _ = writeln!(s, "release   state kept in {}", path.display());
+        }
         let d = &self.dependencies;
         // The memory check reads a file, so it has no timeout to show.
         let checks = [

@@ -10,5 +10,6 @@ pub(crate) mod forward;
 pub(crate) mod forwarded;
 pub(crate) mod groups;
 pub(crate) mod pool;
+pub(crate) mod release;
 pub(crate) mod resilience;
 pub(crate) mod retry;

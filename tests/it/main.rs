@@ -30,6 +30,7 @@ mod proxy;
 mod ratelimit;
 mod ratelimit_lease;
 mod redis_cluster;
+mod releases;
 mod reload;
 mod resilience;
 mod slow_clients;

@@ -206,6 +206,9 @@ dependencies:
     check: { interval: 10s, unhealthy_interval: 1s, fast_interval: 250ms, timeout: 2s, critical: false, unhealthy_after: 1, healthy_after: 1 }
   memory:
     check: { interval: 10s, unhealthy_interval: 1s, fast_interval: 250ms, critical: false, unhealthy_after: 1, healthy_after: 1, warn_above: 80% }
+releases_state: /var/lib/rampart/releases.json
+releases:
+  - { upstream: backend, to: green, steps: [5, 25, 50, 100], step_for: 2m, gate: { max_error_rate: 1%, max_p95: 500ms, min_requests: 100 } }
 alerts:
   interval: 60s
   rules:

@@ -16,6 +16,7 @@ mod limits;
 mod listeners;
 mod reader;
 mod redis_cluster;
+mod releases;
 mod scalars;
 mod streams;
 #[cfg(test)]
@@ -27,6 +28,7 @@ mod values;
 
 pub(crate) use admin::is_loopback;
 pub use health::postgres_url_for_driver;
+pub(crate) use releases::release_from_json;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -210,6 +212,8 @@ fn decode(ctx: &mut Ctx, root: &Node, source_name: &str) -> Config {
         .collect();
     let alerts = alerts(ctx, m.optional("alerts"), &known.upstreams, &route_names);
     let readiness = readiness(ctx, m.optional("readiness"));
+    let releases = releases::releases(ctx, m.optional("releases"), &known.upstreams);
+    let releases_state = releases::releases_state(ctx, m.optional("releases_state"));
     for section in FUTURE_SECTIONS {
         m.refuse(
             ctx,
@@ -235,6 +239,8 @@ fn decode(ctx: &mut Ctx, root: &Node, source_name: &str) -> Config {
         dependencies,
         alerts,
         readiness,
+        releases,
+        releases_state,
     }
 }
 
@@ -383,6 +389,8 @@ mod tests {
             dependencies: DependenciesConfig::default(),
             readiness: ReadinessConfig::default(),
             alerts: AlertsConfig::default(),
+            releases: Vec::new(),
+            releases_state: None,
         };
         assert_eq!(ok(MINIMAL), expected);
     }
@@ -593,6 +601,8 @@ mod tests {
             dependencies: DependenciesConfig::default(),
             readiness: ReadinessConfig::default(),
             alerts: AlertsConfig::default(),
+            releases: Vec::new(),
+            releases_state: None,
         };
         assert_eq!(config, expected);
         // The port is explicit in what the forwarder sees.

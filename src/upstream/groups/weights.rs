@@ -182,7 +182,6 @@ impl UpstreamStates {
     }
 
     // For the release state machine (issue 20), which merges after this.
-    #[allow(dead_code)]
     pub(crate) fn group_totals(&self, upstream: &str, group: &str) -> Option<GroupTotals> {
         let state = self.get(upstream)?;
         let inner = crate::sync::lock(&state.groups.inner);
@@ -192,7 +191,6 @@ impl UpstreamStates {
     /// The group's endpoints' state: how many, how many available (not ejected, active
     /// check passing), and whether every endpoint has passed `healthy_after` active checks
     /// in a row (None: the upstream has no health_check).
-    #[allow(dead_code)]
     pub(crate) fn group_health(&self, upstream: &str, group: &str) -> Option<GroupHealth> {
         let state = self.get(upstream)?;
         let urls = {
