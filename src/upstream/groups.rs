@@ -64,7 +64,6 @@ impl GroupTotals {
     ];
 
     /// `self - earlier`, figure by figure.
-    // For the release state machine (issue 20), which merges after this.
     pub(crate) fn since(&self, earlier: &GroupTotals) -> GroupTotals {
         GroupTotals {
             requests: self.requests.saturating_sub(earlier.requests),

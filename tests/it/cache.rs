@@ -25,7 +25,7 @@ use crate::support::*;
 
 /// What the scripted upstream answers on a path.
 #[derive(Clone)]
-struct Reply {
+pub(crate) struct Reply {
     status: u16,
     headers: Vec<(&'static str, String)>,
     body: Bytes,
@@ -33,7 +33,7 @@ struct Reply {
 }
 
 impl Reply {
-    fn ok(body: &str) -> Reply {
+    pub(crate) fn ok(body: &str) -> Reply {
         Reply {
             status: 200,
             headers: vec![("content-type", "application/json".into())],
@@ -47,7 +47,7 @@ impl Reply {
         self
     }
 
-    fn status(mut self, s: u16) -> Reply {
+    pub(crate) fn status(mut self, s: u16) -> Reply {
         self.status = s;
         self
     }
@@ -59,7 +59,7 @@ impl Reply {
 }
 
 #[derive(Default)]
-struct Script {
+pub(crate) struct Script {
     replies: Mutex<HashMap<String, Reply>>,
     /// Requests per path.
     seen: Mutex<HashMap<String, usize>>,
@@ -70,14 +70,14 @@ struct Script {
 
 /// An upstream answering what its script says, until stopped (its listener and every
 /// connection closed, as a process that died).
-struct Scripted {
-    addr: SocketAddr,
+pub(crate) struct Scripted {
+    pub(crate) addr: SocketAddr,
     script: Arc<Script>,
     tasks: JoinSet<()>,
 }
 
 impl Scripted {
-    async fn start(script: Arc<Script>) -> Scripted {
+    pub(crate) async fn start(script: Arc<Script>) -> Scripted {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         Scripted::serve(l, script)
     }
@@ -116,7 +116,7 @@ impl Scripted {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
@@ -168,11 +168,11 @@ async fn answer(s: &Script, req: Request<Incoming>) -> Response<Full<Bytes>> {
 }
 
 impl Script {
-    fn set(&self, path: &str, r: Reply) {
+    pub(crate) fn set(&self, path: &str, r: Reply) {
         self.replies.lock().unwrap().insert(path.to_owned(), r);
     }
 
-    fn seen(&self, path_and_query: &str) -> usize {
+    pub(crate) fn seen(&self, path_and_query: &str) -> usize {
         self.seen
             .lock()
             .unwrap()

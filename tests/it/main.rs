@@ -30,6 +30,7 @@ mod proxy;
 mod ratelimit;
 mod ratelimit_lease;
 mod redis_cluster;
+mod release_flow;
 mod releases;
 mod reload;
 mod resilience;

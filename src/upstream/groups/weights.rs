@@ -181,7 +181,6 @@ impl UpstreamStates {
         }
     }
 
-    // For the release state machine (issue 20), which merges after this.
     pub(crate) fn group_totals(&self, upstream: &str, group: &str) -> Option<GroupTotals> {
         let state = self.get(upstream)?;
         let inner = crate::sync::lock(&state.groups.inner);

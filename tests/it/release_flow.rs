@@ -1,0 +1,169 @@
+//! A release end to end (issue 20): real endpoint groups, real upstreams, the admin API and
+//! the driver's own clock. A healthy green is promoted through every step; a green that
+//! answers 500s is rolled back, after which every request goes to blue.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use serde_json::Value;
+
+use crate::cache::{Reply, Script, Scripted};
+use crate::support::*;
+
+fn config(blue: &str, green: &str) -> String {
+    format!(
+        r#"
+admin: {{ listen: "127.0.0.1:0" }}
+logging: {{ level: warn, access_log: false }}
+listeners:
+  - name: main
+    listen: "127.0.0.1:0"
+    routes: [{{ upstream: app }}]
+upstreams:
+  app:
+    groups:
+      blue: {{ endpoints: ["{blue}"], weight: 100 }}
+      green: {{ endpoints: ["{green}"], weight: 0 }}
+    connect_timeout: 1s
+    health_check: {{ path: /health, interval: 200ms, unhealthy_interval: 200ms, fast_interval: 50ms, healthy_after: 1 }}
+"#
+    )
+}
+
+async fn releases(admin: SocketAddr) -> Value {
+    let (_, body) = send(&http1(), get(admin, "/admin/releases")).await;
+    serde_json::from_slice(&body).unwrap()
+}
+
+async fn start_release(admin: SocketAddr, body: &str) -> (u16, Value) {
+    let req = Request::post(format!("http://{admin}/admin/releases"))
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap();
+    let (resp, body) = send(&http1(), req).await;
+    (
+        resp.status().as_u16(),
+        serde_json::from_slice(&body).unwrap_or(Value::Null),
+    )
+}
+
+/// GETs at ~200/s until stopped (bounded to 30 s).
+fn traffic(addr: SocketAddr, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<usize> {
+    tokio::spawn(async move {
+        let c = http1();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut n = 0;
+        while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+            let _ = send(&c, get(addr, "/")).await;
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        n
+    })
+}
+
+async fn wait_state(admin: SocketAddr, want: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let v = releases(admin).await;
+        if v["releases"][0]["state"] == want {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "never {want}: {v:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_healthy_green_is_promoted_through_every_step() {
+    let (blue, green) = (Arc::new(Script::default()), Arc::new(Script::default()));
+    let (b, g) = (
+        Scripted::start(blue.clone()).await,
+        Scripted::start(green.clone()).await,
+    );
+    let p = start(&config(&b.url(), &g.url())).await;
+    let addr = p.addr("main").unwrap();
+    // Health checks have seen green by now.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = traffic(addr, stop.clone());
+    let (status, v) = start_release(
+        p.admin_addr,
+        r#"{"upstream":"app","to":"green","steps":[10,50,100],"step_for":"1s","gate":{"max_error_rate":"5%","max_p95":"500ms","min_requests":5}}"#,
+    )
+    .await;
+    assert!((200..300).contains(&status), "{status}: {v}");
+    let v = wait_state(p.admin_addr, "promoted", Duration::from_secs(20)).await;
+    stop.store(true, Ordering::SeqCst);
+    load.await.unwrap();
+    let history = v["releases"][0]["history"].to_string();
+    for pct in ["10", "50", "100"] {
+        assert!(history.contains(pct), "{history}");
+    }
+    // All weight on green now.
+    let before = (blue.seen("/"), green.seen("/"));
+    for _ in 0..20 {
+        assert_eq!(send(&http1(), get(addr, "/")).await.0.status(), 200);
+    }
+    assert_eq!(blue.seen("/"), before.0);
+    assert_eq!(green.seen("/"), before.1 + 20);
+}
+
+#[tokio::test]
+async fn a_green_answering_500s_is_rolled_back_and_blue_takes_everything() {
+    let (blue, green) = (Arc::new(Script::default()), Arc::new(Script::default()));
+    green.set("/", Reply::ok("broken").status(500));
+    let (b, g) = (
+        Scripted::start(blue.clone()).await,
+        Scripted::start(green.clone()).await,
+    );
+    let p = start(&config(&b.url(), &g.url())).await;
+    let addr = p.addr("main").unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = traffic(addr, stop.clone());
+    let (status, v) = start_release(
+        p.admin_addr,
+        r#"{"upstream":"app","to":"green","steps":[25,50,100],"step_for":"1s","gate":{"max_error_rate":"1%","max_p95":"500ms","min_requests":5}}"#,
+    )
+    .await;
+    assert!((200..300).contains(&status), "{status}: {v}");
+    let v = wait_state(p.admin_addr, "rolled_back", Duration::from_secs(10)).await;
+    stop.store(true, Ordering::SeqCst);
+    load.await.unwrap();
+    let why = v["releases"][0].to_string();
+    assert!(why.contains("error"), "{why}");
+    // Green took some of the 25 % step, and nothing after the rollback.
+    assert!(green.seen("/") > 0);
+    let before = (blue.seen("/"), green.seen("/"));
+    for _ in 0..20 {
+        assert_eq!(send(&http1(), get(addr, "/")).await.0.status(), 200);
+    }
+    assert_eq!(green.seen("/"), before.1);
+    assert_eq!(blue.seen("/"), before.0 + 20);
+}
+
+#[tokio::test]
+async fn a_release_to_an_unhealthy_green_is_refused_before_traffic_moves() {
+    let blue = Arc::new(Script::default());
+    let b = Scripted::start(blue.clone()).await;
+    // Nothing listens for green.
+    let (_sock, dead) = refusing_addr();
+    let p = start(&config(&b.url(), &format!("http://{dead}"))).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (status, v) = start_release(
+        p.admin_addr,
+        r#"{"upstream":"app","to":"green","steps":[5,100],"step_for":"1s","gate":{"max_error_rate":"1%","max_p95":"500ms","min_requests":5}}"#,
+    )
+    .await;
+    assert_eq!(status, 422, "{v}");
+    let addr = p.addr("main").unwrap();
+    for _ in 0..10 {
+        assert_eq!(send(&http1(), get(addr, "/")).await.0.status(), 200);
+    }
+    assert_eq!(blue.seen("/"), 10);
+}
