@@ -167,3 +167,51 @@ async fn a_release_to_an_unhealthy_green_is_refused_before_traffic_moves() {
     }
     assert_eq!(blue.seen("/"), 10);
 }
+
+/// Two replicas sharing Redis follow one release: it is started on one, and the other's
+/// traffic moves with it.
+#[tokio::test]
+async fn two_replicas_sharing_redis_follow_one_release() {
+    let Some(redis) = crate::support::redis::RedisServer::own("release_two_replicas").await else {
+        return;
+    };
+    let (blue, green) = (Arc::new(Script::default()), Arc::new(Script::default()));
+    let (b, g) = (
+        Scripted::start(blue.clone()).await,
+        Scripted::start(green.clone()).await,
+    );
+    let yaml = config(&b.url(), &g.url()) + &format!("redis:\n  url: \"{}\"\n", redis.url);
+    let one = start(&yaml).await;
+    let two = start(&yaml).await;
+    let (a1, a2) = (one.addr("main").unwrap(), two.addr("main").unwrap());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = traffic(a1, stop.clone());
+    let (status, v) = start_release(
+        one.admin_addr,
+        r#"{"upstream":"app","to":"green","steps":[50,100],"step_for":"1s","gate":{"max_error_rate":"5%","max_p95":"500ms","min_requests":5}}"#,
+    )
+    .await;
+    assert!((200..300).contains(&status), "{status}: {v}");
+    wait_state(one.admin_addr, "promoted", Duration::from_secs(15)).await;
+    stop.store(true, Ordering::SeqCst);
+    load.await.unwrap();
+    // The other replica applies the driver's weights every tick.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let before = (blue.seen("/"), green.seen("/"));
+        for _ in 0..10 {
+            assert_eq!(send(&http1(), get(a2, "/")).await.0.status(), 200);
+        }
+        if blue.seen("/") == before.0 && green.seen("/") == before.1 + 10 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica two never followed the release"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // And shows the driver's state (read from Redis every tick).
+    wait_state(two.admin_addr, "promoted", Duration::from_secs(5)).await;
+}
