@@ -455,12 +455,18 @@ run_case() {
 # The Redis case means nothing if its decisions fell back to memory: check the metric. A
 # few may, on a machine this loaded (a call over redis.timeout is decided in memory, as
 # designed); more than 1% means Redis was not really in the loop.
-check_redis_decisions() {
-    local fd text mem red
+# rampart's /metrics, from its admin listener (bash's /dev/tcp: no curl needed).
+admin_metrics() {
+    local fd
     exec {fd}<>"/dev/tcp/$HOST/$RAMPART_ADMIN_PORT" || die "admin listener unreachable"
     printf 'GET /metrics HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n' "$HOST" >&"$fd"
-    text=$(timeout 5 cat <&"$fd" || true)
+    timeout 5 cat <&"$fd" || true
     exec {fd}>&-
+}
+
+check_redis_decisions() {
+    local text mem red
+    text=$(admin_metrics)
     mem=$(awk '/^rampart_ratelimit_decisions_total\{policy="bench-redis",result="allowed",source="memory"\}/ { print $2 }' <<<"$text")
     red=$(awk '/^rampart_ratelimit_decisions_total\{policy="bench-redis",result="allowed",source="redis"\}/ { print $2 }' <<<"$text")
     mem=${mem:-0} red=${red:-0}
@@ -472,11 +478,8 @@ check_redis_decisions() {
 # The cache cases mean nothing unless their hits came from where they say: the memory
 # cases from memory (one store each), the Redis-only case from Redis on every request.
 check_cache_sources() {
-    local fd text hits stored gets
-    exec {fd}<>"/dev/tcp/$HOST/$RAMPART_ADMIN_PORT" || die "admin listener unreachable"
-    printf 'GET /metrics HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n' "$HOST" >&"$fd"
-    text=$(timeout 5 cat <&"$fd" || true)
-    exec {fd}>&-
+    local text hits stored gets
+    text=$(admin_metrics)
     hits=$(awk '/^rampart_cache_lookups_total\{cache="bench-redis-only",result="hit"\}/ { print $2 }' <<<"$text")
     stored=$(awk '/^rampart_cache_memory_entries\{cache="bench-redis-only"\}/ { print $2 }' <<<"$text")
     gets=$(redis-cli -h "$HOST" -p "$REDIS_PORT" info commandstats | awk -F'[=,:]' '/^cmdstat_get:/ { print $3 }')

@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::cache::{Reply, Script, Scripted};
 use crate::support::*;
+use rampart::app::Running;
 
 fn config(blue: &str, green: &str) -> String {
     format!(
@@ -78,73 +79,73 @@ async fn wait_state(admin: SocketAddr, want: &str, within: Duration) -> Value {
     }
 }
 
-#[tokio::test]
-async fn a_healthy_green_is_promoted_through_every_step() {
+/// Blue and green upstreams, a proxy over them, a moment for the health checks to see
+/// green; green answers 500 on `/` when `broken`.
+async fn blue_green(broken: bool) -> (Arc<Script>, Arc<Script>, [Scripted; 2], Running) {
     let (blue, green) = (Arc::new(Script::default()), Arc::new(Script::default()));
-    let (b, g) = (
+    if broken {
+        green.set("/", Reply::ok("broken").status(500));
+    }
+    let ups = [
         Scripted::start(blue.clone()).await,
         Scripted::start(green.clone()).await,
-    );
-    let p = start(&config(&b.url(), &g.url())).await;
-    let addr = p.addr("main").unwrap();
-    // Health checks have seen green by now.
+    ];
+    let p = start(&config(&ups[0].url(), &ups[1].url())).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
+    (blue, green, ups, p)
+}
+
+/// Starts a release under load and waits for it to end in `end`: its JSON.
+async fn release_under_load(p: &Running, body: &str, end: &str) -> Value {
     let stop = Arc::new(AtomicBool::new(false));
-    let load = traffic(addr, stop.clone());
-    let (status, v) = start_release(
-        p.admin_addr,
-        r#"{"upstream":"app","to":"green","steps":[10,50,100],"step_for":"1s","gate":{"max_error_rate":"5%","max_p95":"500ms","min_requests":5}}"#,
-    )
-    .await;
+    let load = traffic(p.addr("main").unwrap(), stop.clone());
+    let (status, v) = start_release(p.admin_addr, body).await;
     assert!((200..300).contains(&status), "{status}: {v}");
-    let v = wait_state(p.admin_addr, "promoted", Duration::from_secs(20)).await;
+    let v = wait_state(p.admin_addr, end, Duration::from_secs(20)).await;
     stop.store(true, Ordering::SeqCst);
     load.await.unwrap();
+    v
+}
+
+/// The next 20 requests all reach `to`, none `other`.
+async fn all_go_to(addr: SocketAddr, to: &Script, other: &Script) {
+    let before = (to.seen("/"), other.seen("/"));
+    for _ in 0..20 {
+        assert_eq!(send(&http1(), get(addr, "/")).await.0.status(), 200);
+    }
+    assert_eq!((to.seen("/"), other.seen("/")), (before.0 + 20, before.1));
+}
+
+#[tokio::test]
+async fn a_healthy_green_is_promoted_through_every_step() {
+    let (blue, green, _ups, p) = blue_green(false).await;
+    let v = release_under_load(
+        &p,
+        r#"{"upstream":"app","to":"green","steps":[10,50,100],"step_for":"1s","gate":{"max_error_rate":"5%","max_p95":"500ms","min_requests":5}}"#,
+        "promoted",
+    )
+    .await;
     let history = v["releases"][0]["history"].to_string();
     for pct in ["10", "50", "100"] {
         assert!(history.contains(pct), "{history}");
     }
-    // All weight on green now.
-    let before = (blue.seen("/"), green.seen("/"));
-    for _ in 0..20 {
-        assert_eq!(send(&http1(), get(addr, "/")).await.0.status(), 200);
-    }
-    assert_eq!(blue.seen("/"), before.0);
-    assert_eq!(green.seen("/"), before.1 + 20);
+    all_go_to(p.addr("main").unwrap(), &green, &blue).await;
 }
 
 #[tokio::test]
 async fn a_green_answering_500s_is_rolled_back_and_blue_takes_everything() {
-    let (blue, green) = (Arc::new(Script::default()), Arc::new(Script::default()));
-    green.set("/", Reply::ok("broken").status(500));
-    let (b, g) = (
-        Scripted::start(blue.clone()).await,
-        Scripted::start(green.clone()).await,
-    );
-    let p = start(&config(&b.url(), &g.url())).await;
-    let addr = p.addr("main").unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = traffic(addr, stop.clone());
-    let (status, v) = start_release(
-        p.admin_addr,
+    let (blue, green, _ups, p) = blue_green(true).await;
+    let v = release_under_load(
+        &p,
         r#"{"upstream":"app","to":"green","steps":[25,50,100],"step_for":"1s","gate":{"max_error_rate":"1%","max_p95":"500ms","min_requests":5}}"#,
+        "rolled_back",
     )
     .await;
-    assert!((200..300).contains(&status), "{status}: {v}");
-    let v = wait_state(p.admin_addr, "rolled_back", Duration::from_secs(10)).await;
-    stop.store(true, Ordering::SeqCst);
-    load.await.unwrap();
     let why = v["releases"][0].to_string();
     assert!(why.contains("error"), "{why}");
     // Green took some of the 25 % step, and nothing after the rollback.
     assert!(green.seen("/") > 0);
-    let before = (blue.seen("/"), green.seen("/"));
-    for _ in 0..20 {
-        assert_eq!(send(&http1(), get(addr, "/")).await.0.status(), 200);
-    }
-    assert_eq!(green.seen("/"), before.1);
-    assert_eq!(blue.seen("/"), before.0 + 20);
+    all_go_to(p.addr("main").unwrap(), &blue, &green).await;
 }
 
 #[tokio::test]
