@@ -287,15 +287,36 @@ mod property {
         }
     }
 
+    prop_compose! {
+        /// A `caches:` policy the route uses (its store follows the optional `redis:`).
+        fn cache_keys()(
+            ttl in duration(),
+            entry in int(1, 1 << 30),
+            extra in int(0, 64 << 30),
+            stale in prop::option::of(duration_to(Duration::from_secs(7 * DAY))),
+            lock in duration_to(MINUTE),
+            vary in 0usize..3,
+        ) -> String {
+            let memory_max = entry.max(1024).saturating_add(extra).min(64 << 30);
+            format!(
+                "caches:\n  c: {{ ttl: {}, max_entry_size: {entry}, stale_if_error: {}, memory_max: {memory_max}, lock_timeout: {}, vary: {} }}\n",
+                d(ttl),
+                stale.map_or("off".to_owned(), d),
+                d(lock),
+                ["[]", "[accept-language]", "[authorization, accept-language]"][vary],
+            )
+        }
+    }
+
     fn knobs() -> impl Strategy<Value = Knobs> {
-        (listener_keys(), route_keys(), upstream_keys(), top_keys()).prop_map(
-            |((listener, head_timeout), (route, shortest), (upstream, connect), top)| {
+        (listener_keys(), route_keys(), upstream_keys(), top_keys(), cache_keys()).prop_map(
+            |((listener, head_timeout), (route, shortest), (upstream, connect), top, caches)| {
                 let yaml = format!(
                     "admin: {{ listen: \"127.0.0.1:0\" }}\n\
                      logging: {{ level: error, access_log: false }}\n\
                      listeners:\n  - name: main\n    listen: \"127.0.0.1:0\"\n{listener}\
-                     \x20   routes:\n      - upstream: up\n        rate_limits: [{{POLICY}}]\n{route}\
-                     upstreams:\n  up:\n    endpoints: [\"{{UP}}\"]\n{upstream}{top}"
+                     \x20   routes:\n      - upstream: up\n        rate_limits: [{{POLICY}}]\n        cache: c\n{route}\
+                     upstreams:\n  up:\n    endpoints: [\"{{UP}}\"]\n{upstream}{top}{caches}"
                 );
                 Knobs {
                     yaml,
