@@ -309,14 +309,30 @@ mod property {
     }
 
     fn knobs() -> impl Strategy<Value = Knobs> {
-        (listener_keys(), route_keys(), upstream_keys(), top_keys(), cache_keys()).prop_map(
-            |((listener, head_timeout), (route, shortest), (upstream, connect), top, caches)| {
+        (
+            listener_keys(),
+            route_keys(),
+            upstream_keys(),
+            top_keys(),
+            cache_keys(),
+            prop::option::of((int(1, 10_000), 0usize..4)),
+        )
+            .prop_map(
+            |((listener, head_timeout), (route, shortest), (upstream, connect), top, caches, groups)| {
+                // The endpoint alone, or as the one group (with a weight and a sticky key).
+                let endpoints = match groups {
+                    None => "    endpoints: [\"{UP}\"]\n".to_owned(),
+                    Some((weight, sticky)) => format!(
+                        "    groups: {{ a: {{ endpoints: [\"{{UP}}\"], weight: {weight} }} }}\n{}",
+                        ["", "    sticky: client_ip\n", "    sticky: header:x-user\n", "    sticky: cookie:sid\n"][sticky],
+                    ),
+                };
                 let yaml = format!(
                     "admin: {{ listen: \"127.0.0.1:0\" }}\n\
                      logging: {{ level: error, access_log: false }}\n\
                      listeners:\n  - name: main\n    listen: \"127.0.0.1:0\"\n{listener}\
                      \x20   routes:\n      - upstream: up\n        rate_limits: [{{POLICY}}]\n        cache: c\n{route}\
-                     upstreams:\n  up:\n    endpoints: [\"{{UP}}\"]\n{upstream}{top}{caches}"
+                     upstreams:\n  up:\n{endpoints}{upstream}{top}{caches}"
                 );
                 Knobs {
                     yaml,
