@@ -4,9 +4,12 @@
 //! purge to a log in Redis (`rc:purges`, a sorted set by sequence number, the last
 //! `LOG_LEN` kept); every replica reads the log each `POLL` and does the same. Entries in
 //! Redis are not searched for (a SCAN does not reach every node of a cluster): each purge
-//! stays known as a tombstone, and an entry read from Redis that one covers is a miss. A
-//! tombstone covers entries stored up to `SKEW` after it, for replicas whose clocks differ
-//! a little.
+//! stays known as a tombstone, and an entry read from Redis that one covers (stored at or
+//! before the purge's time) is a miss. Times are each replica's own clock: a replica whose
+//! clock runs ahead of the purging one's may write entries a purge misses, one that runs
+//! behind entries it wrongly covers (a miss, no more). No margin is added for that: a
+//! margin would make every entry refilled just after a purge look purged to the other
+//! replicas, each of which would then go upstream once more.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +22,6 @@ use super::policy::key_route_target;
 
 pub(crate) const POLL: Duration = Duration::from_secs(1);
 const LOG_LEN: usize = 1000;
-const SKEW_MS: u64 = 1000;
 pub(crate) const LOG_KEY: &str = "rc:purges";
 pub(crate) const SEQ_KEY: &str = "rc:purges:seq";
 
@@ -42,7 +44,7 @@ pub struct Purge {
 
 impl Purge {
     pub(crate) fn matches(&self, policy: &str, e: &Entry) -> bool {
-        if e.stored_at > self.at.saturating_add(SKEW_MS) {
+        if e.stored_at > self.at {
             return false;
         }
         if self.cache.as_deref().is_some_and(|c| c != policy) {
@@ -174,9 +176,9 @@ mod tests {
         assert!(!p(Some("d"), None, None, 10_000).matches("c", &e));
         assert!(!p(None, Some("chat"), None, 10_000).matches("c", &e));
         assert!(!p(None, None, Some("/api/chat"), 10_000).matches("c", &e));
-        // Stored well after the purge: kept; within the clock margin: removed.
-        assert!(!p(None, None, None, 8_000).matches("c", &e));
-        assert!(p(None, None, None, 9_500).matches("c", &e));
+        // Stored after the purge (a refill): kept, however soon; at or before it: removed.
+        assert!(!p(None, None, None, 9_999).matches("c", &e));
+        assert!(p(None, None, None, 10_000).matches("c", &e));
     }
 
     #[test]
