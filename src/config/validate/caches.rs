@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::reader::{Ctx, Field, MapReader, Unique};
+use super::reader::{Ctx, Field, ListSpec, MapReader};
 use super::values::{format_bytes, parse_duration};
 use crate::config::raw::child_path;
 use crate::config::{CacheConfig, CacheStore};
@@ -173,28 +173,17 @@ fn stale_if_error(ctx: &mut Ctx, f: &Field) -> Option<Option<Duration>> {
 
 /// `vary`: request header names, lowercased, each once; None when any was refused.
 fn vary(ctx: &mut Ctx, f: &Field) -> Option<Vec<String>> {
-    let items = ctx.list(f, "a list of request header names")?;
-    if items.len() > MAX_VARY {
-        ctx.report(
-            f.pos(),
-            &f.path,
-            format!(
-                "lists {} headers, at most {MAX_VARY} are allowed",
-                items.len()
-            ),
-        );
-        return None;
-    }
-    let mut seen = Unique::default();
-    let mut out = Vec::new();
-    let mut ok = true;
-    for item in &items {
-        match ctx.parse_with(item, "a header name", parse_vary_header) {
-            Some(h) if seen.insert(ctx, &h, item, "vary header") => out.push(h),
-            _ => ok = false,
-        }
-    }
-    ok.then_some(out)
+    ctx.distinct_list(
+        f,
+        &ListSpec {
+            expected: "a list of request header names",
+            max: MAX_VARY,
+            plural: "headers",
+            one: "a header name",
+            duplicate: "vary header",
+        },
+        parse_vary_header,
+    )
 }
 
 fn parse_vary_header(s: &str) -> Result<String, String> {

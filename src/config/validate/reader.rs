@@ -156,6 +156,40 @@ impl<'e> Ctx<'e> {
         )
     }
 
+    /// A list of at most `spec.max` distinct strings, each read by `parse`; None when any
+    /// entry, or the length, was refused (each one reported).
+    pub(super) fn distinct_list(
+        &mut self,
+        f: &Field,
+        spec: &ListSpec,
+        parse: impl Fn(&str) -> Result<String, String>,
+    ) -> Option<Vec<String>> {
+        let items = self.list(f, spec.expected)?;
+        if items.len() > spec.max {
+            self.report(
+                f.pos(),
+                &f.path,
+                format!(
+                    "lists {} {}, at most {} are allowed",
+                    items.len(),
+                    spec.plural,
+                    spec.max
+                ),
+            );
+            return None;
+        }
+        let mut seen = Unique::default();
+        let mut out = Vec::new();
+        let mut ok = true;
+        for item in &items {
+            match self.parse_with(item, spec.one, &parse) {
+                Some(v) if seen.insert(self, &v, item, spec.duplicate) => out.push(v),
+                _ => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
     /// The entries of a mapping whose keys are names chosen by the user (`upstreams`).
     pub(super) fn entries<'a>(&mut self, f: &Field<'a>) -> Option<&'a [Entry]> {
         match &f.node.kind {
@@ -166,6 +200,16 @@ impl<'e> Ctx<'e> {
             }
         }
     }
+}
+
+/// What [`Ctx::distinct_list`] says of a list: the whole (`expected`), its count
+/// (`plural`), one entry (`one`), a repeated one (`duplicate`).
+pub(super) struct ListSpec {
+    pub(super) expected: &'static str,
+    pub(super) max: usize,
+    pub(super) plural: &'static str,
+    pub(super) one: &'static str,
+    pub(super) duplicate: &'static str,
 }
 
 /// Finds a value seen twice; the later one gets the problem.

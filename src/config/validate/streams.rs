@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::reader::{Ctx, Field, MapReader, Unique};
+use super::reader::{Ctx, Field, ListSpec, MapReader};
 use crate::config::StreamConfig;
 
 /// Names compared against every event's name: a short list.
@@ -60,28 +60,17 @@ pub(super) fn stream(ctx: &mut Ctx, f: Option<Field>) -> StreamConfig {
 
 /// The list; None when any entry was refused (each one reported).
 fn error_events(ctx: &mut Ctx, f: &Field) -> Option<Vec<String>> {
-    let items = ctx.list(f, "a list of event names (e.g. [error], or [] for none)")?;
-    if items.len() > MAX_ERROR_EVENTS {
-        ctx.report(
-            f.pos(),
-            &f.path,
-            format!(
-                "lists {} event names, at most {MAX_ERROR_EVENTS} are allowed",
-                items.len()
-            ),
-        );
-        return None;
-    }
-    let mut seen = Unique::default();
-    let mut out = Vec::new();
-    let mut ok = true;
-    for item in &items {
-        match ctx.parse_with(item, "an event name", parse_event_name) {
-            Some(n) if seen.insert(ctx, &n, item, "event name") => out.push(n),
-            _ => ok = false,
-        }
-    }
-    ok.then_some(out)
+    ctx.distinct_list(
+        f,
+        &ListSpec {
+            expected: "a list of event names (e.g. [error], or [] for none)",
+            max: MAX_ERROR_EVENTS,
+            plural: "event names",
+            one: "an event name",
+            duplicate: "event name",
+        },
+        parse_event_name,
+    )
 }
 
 /// What an `event:` field can carry: no line break, not empty, at most 64 bytes.

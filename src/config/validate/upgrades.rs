@@ -1,7 +1,7 @@
 //! A route's `upgrades:`: the protocols it tunnels after the upstream's 101 (issue 12, item
 //! 5; Envoy's per-route `upgrade_configs`). A child of `validate` for its reader API.
 
-use super::reader::{Ctx, Field, Unique};
+use super::reader::{Ctx, Field, ListSpec};
 
 /// More than a route could mean: the list is searched for every upgrade request.
 const MAX_UPGRADES: usize = 16;
@@ -11,31 +11,17 @@ const MAX_PROTOCOL_LEN: usize = 64;
 /// The list, lowercased (tokens compare case-insensitively, RFC 9110 7.8); None when any
 /// entry was refused (each one reported).
 pub(super) fn upgrades(ctx: &mut Ctx, f: &Field) -> Option<Vec<String>> {
-    let items = ctx.list(
+    ctx.distinct_list(
         f,
-        "a list of protocol tokens (e.g. [websocket], or [] for none)",
-    )?;
-    if items.len() > MAX_UPGRADES {
-        ctx.report(
-            f.pos(),
-            &f.path,
-            format!(
-                "lists {} protocols, at most {MAX_UPGRADES} are allowed",
-                items.len()
-            ),
-        );
-        return None;
-    }
-    let mut seen = Unique::default();
-    let mut out = Vec::new();
-    let mut ok = true;
-    for item in &items {
-        match ctx.parse_with(item, "a protocol token", parse_protocol) {
-            Some(p) if seen.insert(ctx, &p, item, "protocol") => out.push(p),
-            _ => ok = false,
-        }
-    }
-    ok.then_some(out)
+        &ListSpec {
+            expected: "a list of protocol tokens (e.g. [websocket], or [] for none)",
+            max: MAX_UPGRADES,
+            plural: "protocols",
+            one: "a protocol token",
+            duplicate: "protocol",
+        },
+        parse_protocol,
+    )
 }
 
 /// `protocol-name ["/" protocol-version]`, each an RFC 9110 token; never h2c.
