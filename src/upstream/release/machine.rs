@@ -605,15 +605,21 @@ impl Release {
         Ok(())
     }
 
+    /// Err for an action on a release that has ended.
+    fn still_active(&self, verb: &str) -> Result<(), String> {
+        if self.state.active() {
+            return Ok(());
+        }
+        Err(format!(
+            "release {} is {}: nothing to {verb}",
+            self.id,
+            self.state.as_str()
+        ))
+    }
+
     /// All weight back to the old group, by the operator's decision.
     pub(crate) fn abort(&mut self, groups: &dyn Groups, now: u64) -> Result<(), String> {
-        if !self.state.active() {
-            return Err(format!(
-                "release {} is {}: nothing to abort",
-                self.id,
-                self.state.as_str()
-            ));
-        }
+        self.still_active("abort")?;
         let applied = self.apply(0, groups);
         self.state = State::Aborted;
         let detail = match applied {
@@ -626,13 +632,7 @@ impl Release {
 
     /// All weight to the target now, skipping the remaining steps.
     pub(crate) fn promote(&mut self, groups: &dyn Groups, now: u64) -> Result<(), String> {
-        if !self.state.active() {
-            return Err(format!(
-                "release {} is {}: nothing to promote",
-                self.id,
-                self.state.as_str()
-            ));
-        }
+        self.still_active("promote")?;
         self.apply(100, groups)?;
         self.state = State::Promoted;
         let detail = format!("promoted by the operator: all weight to {}", self.spec.to);
