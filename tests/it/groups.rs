@@ -527,3 +527,68 @@ fn check_summary_shows_groups_and_weights() {
         "{stdout}"
     );
 }
+
+/// Hostile sticky keys: huge, empty, obs-text bytes, malformed cookies, repeated cookie
+/// lines. Each is served (never a 4xx/5xx of rampart's making) and lands in one group
+/// every time it is sent.
+#[tokio::test]
+async fn odd_sticky_keys_are_served_and_stay_in_one_group() {
+    for sticky in ["header:X-User", "cookie:sid"] {
+        let (blue, green) = (Upstream::start().await, Upstream::start().await);
+        let extra = format!("    sticky: \"{sticky}\"");
+        let r = start(&config(&[&blue.url()], &[&green.url()], (50, 50), &extra)).await;
+        let addr = r.addr("main").unwrap();
+        let huge = "u".repeat(6 * 1024);
+        // (headers, whether they hold a usable key: the others may go by the round robin)
+        let odd: Vec<(Vec<(&str, Vec<u8>)>, bool)> = vec![
+            (
+                vec![("x-user", huge.clone().into_bytes())],
+                sticky.starts_with("header"),
+            ),
+            (vec![("x-user", Vec::new())], false),
+            (
+                vec![("x-user", vec![0x80, 0xff, b' ', 0xfe])],
+                sticky.starts_with("header"),
+            ),
+            (
+                vec![("x-user", b"a".to_vec()), ("x-user", b"b".to_vec())],
+                false,
+            ),
+            (vec![("cookie", b"sid".to_vec())], false),
+            (vec![("cookie", b"=;;=; sid=".to_vec())], false),
+            (
+                vec![("cookie", format!("sid={huge}").into_bytes())],
+                sticky.starts_with("cookie"),
+            ),
+            (
+                vec![
+                    ("cookie", b"a=1".to_vec()),
+                    ("cookie", b"sid=x; sid=y".to_vec()),
+                ],
+                false,
+            ),
+            (
+                vec![("cookie", vec![b's', b'i', b'd', b'=', 0x80, 0xff])],
+                sticky.starts_with("cookie"),
+            ),
+        ];
+        for (headers, sticks) in &odd {
+            let mut seen = Vec::new();
+            for _ in 0..5 {
+                let mut b = Request::get(format!("http://{addr}/echo"));
+                for (k, v) in headers {
+                    b = b.header(*k, http::HeaderValue::from_bytes(v).unwrap());
+                }
+                let (resp, body) = send(&http1(), b.body(Full::new(Bytes::new())).unwrap()).await;
+                assert_eq!(resp.status(), 200, "{sticky} {headers:?}");
+                seen.push(served_by(&body, &blue, &green));
+            }
+            if *sticks {
+                assert!(
+                    seen.iter().all(|g| *g == seen[0]),
+                    "{sticky} {headers:?}: moved between groups {seen:?}"
+                );
+            }
+        }
+    }
+}
