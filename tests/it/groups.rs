@@ -528,6 +528,9 @@ fn check_summary_shows_groups_and_weights() {
     );
 }
 
+/// Header lines to send as they are (bytes a client may put in a value).
+type Headers = Vec<(&'static str, Vec<u8>)>;
+
 /// Hostile sticky keys: huge, empty, obs-text bytes, malformed cookies, repeated cookie
 /// lines. Each is served (never a 4xx/5xx of rampart's making) and lands in one group
 /// every time it is sent.
@@ -540,7 +543,7 @@ async fn odd_sticky_keys_are_served_and_stay_in_one_group() {
         let addr = r.addr("main").unwrap();
         let huge = "u".repeat(6 * 1024);
         // (headers, whether they hold a usable key: the others may go by the round robin)
-        let odd: Vec<(Vec<(&str, Vec<u8>)>, bool)> = vec![
+        let odd: Vec<(Headers, bool)> = vec![
             (
                 vec![("x-user", huge.clone().into_bytes())],
                 sticky.starts_with("header"),
