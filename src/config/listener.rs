@@ -49,7 +49,20 @@ pub struct ListenerConfig {
     /// A plain listener answers every request (but `health_path`) with a 308 to the same
     /// URL over https. Default false; refused with `tls`.
     pub redirect_to_https: bool,
+    /// Which HTTP/1.1 server reads this listener's requests. Default `rampart`.
+    pub http1_server: Http1Server,
     pub routes: Vec<RouteConfig>,
+}
+
+/// The HTTP/1.1 server side of a listener (`http1_server:`): rampart's own (`crate::h1`),
+/// or hyper's, kept as the differential reference of the wire tests and as a switch to fall
+/// back on in production. HTTP/2 is hyper's either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Http1Server {
+    #[default]
+    Rampart,
+    Hyper,
 }
 
 impl ListenerConfig {

@@ -42,7 +42,7 @@ pub use limits::{
     RedisTarget,
 };
 pub use listener::{
-    DrainMode, EscapedSlashes, Http2Config, ListenerConfig, ListenerTls, NormalizePath, PathConfig,
+    DrainMode, EscapedSlashes, Http1Server, Http2Config, ListenerConfig, ListenerTls, NormalizePath, PathConfig,
     RouteConfig, RouteTimeouts, StreamConfig, TlsPair, TokenCounting,
 };
 pub use release::{ReleaseConfig, ReleaseGate};

@@ -10,7 +10,7 @@ use super::reader::{Ctx, Field, MapReader, Unique};
 use super::values::{parse_host, parse_path_prefix, parse_rate};
 use super::{Bind, Known, Located, MAX_IN_FLIGHT, TimeoutSite};
 use crate::config::{
-    DrainMode, EscapedSlashes, Http2Config, ListenerConfig, NormalizePath, PathConfig,
+    DrainMode, EscapedSlashes, Http1Server, Http2Config, ListenerConfig, NormalizePath, PathConfig,
     RateLimitCost, RouteConfig, RouteTimeouts, TokenCounting, UpstreamConfig,
 };
 
@@ -113,6 +113,14 @@ pub(super) fn listener<'a>(
         redirect_to_https: m
             .read(ctx, "redirect_to_https", Ctx::boolean)
             .unwrap_or(false),
+        http1_server: m
+            .read(ctx, "http1_server", |ctx, f| {
+                ctx.one_of(
+                    f,
+                    &[("rampart", Http1Server::Rampart), ("hyper", Http1Server::Hyper)],
+                )
+            })
+            .unwrap_or_default(),
         routes: m
             .required(ctx, "routes")
             .map(|f| routes(ctx, &f, &name, known))

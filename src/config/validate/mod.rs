@@ -338,6 +338,7 @@ mod tests {
                 path: PathConfig::default(),
                 tls: None,
                 redirect_to_https: false,
+                http1_server: Default::default(),
                 routes: vec![RouteConfig {
                     name: "inbound.0".into(),
                     path_prefix: "/".into(),
@@ -503,6 +504,7 @@ mod tests {
                 path: PathConfig::default(),
                 tls: None,
                 redirect_to_https: false,
+                http1_server: Default::default(),
                 routes: vec![
                     RouteConfig {
                         name: "chat".into(),

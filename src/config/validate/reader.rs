@@ -468,7 +468,7 @@ mod tests {
             3,
             5,
             "listeners[0].listn",
-            "unknown key \"listn\", did you mean \"listen\"? (known keys: name, listen, max_connections, header_read_timeout, max_header_bytes, max_headers, http2, max_in_flight, drain, health_path, normalize_path, merge_slashes, escaped_slashes, tls, redirect_to_https, routes)",
+            "unknown key \"listn\", did you mean \"listen\"? (known keys: name, listen, max_connections, header_read_timeout, max_header_bytes, max_headers, http2, max_in_flight, drain, health_path, normalize_path, merge_slashes, escaped_slashes, tls, redirect_to_https, http1_server, routes)",
         );
     }
 
