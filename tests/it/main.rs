@@ -20,6 +20,7 @@ mod drain;
 mod drills;
 mod fuzz_corpus;
 mod groups;
+mod h1_server;
 mod h2;
 mod h2_floods;
 mod health;

@@ -36,9 +36,23 @@ async fn read_response(s: &mut TcpStream, wait: Duration) -> String {
 /// Limits far past anything sane, set on the parsed config (whatever bounds `check` puts
 /// on the keys): the head path must neither allocate by them nor overflow on them.
 #[tokio::test]
-async fn extreme_head_limits_neither_allocate_nor_wrap() {
+async fn extreme_head_limits_neither_allocate_nor_wrap_rampart_server() {
+    extreme_head_limits_neither_allocate_nor_wrap("rampart").await;
+}
+
+#[tokio::test]
+async fn extreme_head_limits_neither_allocate_nor_wrap_hyper_server() {
+    extreme_head_limits_neither_allocate_nor_wrap("hyper").await;
+}
+
+/// The listener line that picks the HTTP/1.1 server (`rampart` or `hyper`), for `one_route`.
+fn server_line(server: &str) -> String {
+    format!("    http1_server: {server}")
+}
+
+async fn extreme_head_limits_neither_allocate_nor_wrap(server: &str) {
     let up = Upstream::start().await;
-    let mut cfg = parse(&one_route(&up.url(), "", ""));
+    let mut cfg = parse(&one_route(&up.url(), "", &server_line(server)));
     cfg.listeners[0].max_headers = 4_294_967_295;
     cfg.listeners[0].max_header_bytes = usize::MAX;
     let px = rampart::app::start(cfg).await.expect("proxy starts");
@@ -59,7 +73,10 @@ async fn extreme_head_limits_neither_allocate_nor_wrap() {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(&many).await.unwrap();
     let resp = read_response(&mut s, Duration::from_secs(5)).await;
-    assert!(resp.starts_with("HTTP/1.1 200"), "150 headers: {resp:?}");
+    assert!(
+        resp.starts_with("HTTP/1.1 200"),
+        "{server} server, 150 headers: {resp:?}"
+    );
 
     // A head in two reads (the second one after a pause).
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -69,8 +86,11 @@ async fn extreme_head_limits_neither_allocate_nor_wrap() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     s.write_all(b"x-late: 1\r\n\r\n").await.unwrap();
     let resp = read_response(&mut s, Duration::from_secs(5)).await;
-    assert!(resp.starts_with("HTTP/1.1 200"), "split head: {resp:?}");
-    assert_eq!(up.requests(), 2);
+    assert!(
+        resp.starts_with("HTTP/1.1 200"),
+        "{server} server, split head: {resp:?}"
+    );
+    assert_eq!(up.requests(), 2, "{server} server");
     px.shutdown().await;
 }
 
@@ -941,10 +961,22 @@ async fn access_line(id: &str) -> Option<String> {
 /// is one rampart logged (same request id, method and path) and none twice; the upstream
 /// never failed to parse what it got; the fresh canary is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_side_smuggling_corpus() {
+async fn client_side_smuggling_corpus_rampart_server() {
+    client_side_smuggling_corpus("rampart").await;
+}
+
+/// The same corpus against hyper's HTTP/1.1 server, the reference the own one replaces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_side_smuggling_corpus_hyper_server() {
+    client_side_smuggling_corpus("hyper").await;
+}
+
+/// The corpus against the listener's `http1_server: server`; every failure names it. The
+/// two servers run as two tests, side by side (canary ids carry the server's name).
+async fn client_side_smuggling_corpus(server: &str) {
     logs::capture();
     let up = Recorder::start().await;
-    let px = start(&one_route(&up.url(), "", "")).await;
+    let px = start(&one_route(&up.url(), "", &server_line(server))).await;
     let addr = px.addr("main").unwrap();
     let vectors = corpus();
     assert!(vectors.len() >= 80, "{} vectors", vectors.len());
@@ -954,11 +986,11 @@ async fn client_side_smuggling_corpus() {
     let mut seen_ids = std::collections::HashSet::new();
     for (i, vector) in vectors.iter().enumerate() {
         let fail = |failures: &mut Vec<String>, why: String| {
-            failures.push(format!("#{i} {}: {why}", vector.name));
+            failures.push(format!("{server} server #{i} {}: {why}", vector.name));
         };
         let before = up.count();
         let errors_before = up.errors().len();
-        let id_a = format!("canary-{i}-a");
+        let id_a = format!("canary-{server}-{i}-a");
         let mut s = TcpStream::connect(addr).await.unwrap();
         let mut bytes = vector.bytes.clone();
         bytes.extend_from_slice(canary(&id_a).as_bytes());
@@ -970,7 +1002,7 @@ async fn client_side_smuggling_corpus() {
         let first = statuses.first().copied();
 
         // The fresh-connection canary.
-        let id_b = format!("canary-{i}-b");
+        let id_b = format!("canary-{server}-{i}-b");
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(canary(&id_b).as_bytes()).await.unwrap();
         let (fresh, _) = answers(&mut s, &id_b, Duration::from_secs(3)).await;
@@ -1083,13 +1115,13 @@ async fn client_side_smuggling_corpus() {
             (Some(f), _) => format!("{f}, closed"),
         };
         println!(
-            "#{i:3} {:<40} {outcome:<24} answers {statuses:?}, upstream {from_vector}",
+            "{server} #{i:3} {:<40} {outcome:<24} answers {statuses:?}, upstream {from_vector}",
             vector.name
         );
         *outcomes.entry(outcome).or_default() += 1;
     }
     println!(
-        "\nsmuggling corpus: {} vectors in {:.1?}, {} upstream requests, all agreed: {}",
+        "\nsmuggling corpus ({server} server): {} vectors in {:.1?}, {} upstream requests, all agreed: {}",
         vectors.len(),
         started.elapsed(),
         up.count(),
@@ -1100,7 +1132,7 @@ async fn client_side_smuggling_corpus() {
     }
     assert!(
         failures.is_empty(),
-        "{} failures:\n{}",
+        "{server} server: {} failures:\n{}",
         failures.len(),
         failures.join("\n")
     );
