@@ -17,10 +17,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rampart::demo::ChannelBody;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 
-use crate::support::{one_route, start};
+use crate::support::{Upstream, one_route, start};
 
 /// Both values of `http1_server`; hyper's first: it is the reference.
 const SERVERS: [&str; 2] = ["hyper", "rampart"];
@@ -1080,5 +1080,595 @@ async fn raw_requests_read_the_same_through_both_servers() {
     );
     for p in proxies {
         p.shutdown().await;
+    }
+}
+
+// === Hostile and failing clients, each against both servers ===
+
+/// A proxy with `http1_server: server`, `header_read_timeout: 1s`, to `url`.
+async fn proxy(server: &str, url: &str, route_extra: &str) -> rampart::app::Running {
+    start(&one_route(url, route_extra, &listener_extra(server, "1s"))).await
+}
+
+/// Reads until the server closes (or resets), at most `wait`: (bytes, when it ended).
+async fn read_until_close(s: &mut TcpStream, wait: Duration) -> (Vec<u8>, Option<Instant>) {
+    let mut out = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (out, Some(Instant::now())),
+            Ok(Ok(n)) => out.extend_from_slice(&chunk[..n]),
+            Err(_) => return (out, None),
+        }
+    }
+}
+
+/// Reads until `n` whole answers (to non-HEAD requests) arrived, the close, or `wait`.
+async fn read_answers(s: &mut TcpStream, n: usize, wait: Duration) -> Vec<Resp> {
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let (got, _) = responses(&buf, false, &[]);
+        if got.iter().filter(|r| code(&r.status_line) >= 200).count() >= n {
+            return got;
+        }
+        match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return responses(&buf, true, &[]).0,
+        }
+    }
+}
+
+fn assert_within(what: &str, took: Duration, lo: Duration, hi: Duration) {
+    assert!(
+        took >= lo && took <= hi,
+        "{what}: took {took:?}, expected {lo:?} to {hi:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_silent_client_is_closed_at_header_read_timeout_by_both_servers() {
+    let up = Upstream::start().await;
+    for server in SERVERS {
+        let px = proxy(server, &up.url(), "").await;
+        let mut s = TcpStream::connect(px.addr("main").unwrap()).await.unwrap();
+        let opened = Instant::now();
+        let (got, ended) = read_until_close(&mut s, Duration::from_secs(5)).await;
+        let ended =
+            ended.unwrap_or_else(|| panic!("{server} server: silent client still open after 5 s"));
+        assert_within(
+            &format!("{server} server, silent client closed"),
+            ended - opened,
+            Duration::from_millis(900),
+            Duration::from_millis(2500),
+        );
+        let got = String::from_utf8_lossy(&got);
+        assert!(
+            got.is_empty() || got.starts_with("HTTP/1.1 408"),
+            "{server} server answered a silent client: {got:?}"
+        );
+        px.shutdown().await;
+    }
+    assert_eq!(up.requests(), 0);
+}
+
+#[tokio::test]
+async fn a_head_trickled_a_byte_per_100ms_is_closed_at_header_read_timeout_by_both_servers() {
+    let up = Upstream::start().await;
+    for server in SERVERS {
+        let px = proxy(server, &up.url(), "").await;
+        let s = TcpStream::connect(px.addr("main").unwrap()).await.unwrap();
+        let opened = Instant::now();
+        let (mut r, mut w) = s.into_split();
+        // 60 bytes: 6 s of trickle, far past the 1 s allowed.
+        let head = format!(
+            "GET /ok HTTP/1.1\r\nhost: a\r\nx-slow: {}\r\n\r\n",
+            "s".repeat(21)
+        );
+        assert_eq!(head.len(), 60);
+        let writer = tokio::spawn(async move {
+            for b in head.bytes() {
+                if w.write_all(&[b]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // Kept open until the trickle ends.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        });
+        let mut got = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(5), r.read_to_end(&mut got)).await;
+        let took = opened.elapsed();
+        assert!(
+            ended.is_ok() || took < Duration::from_secs(5),
+            "{server} server: trickling client still open after 5 s"
+        );
+        assert_within(
+            &format!("{server} server, trickling client closed"),
+            took,
+            Duration::from_millis(900),
+            Duration::from_millis(2500),
+        );
+        let got = String::from_utf8_lossy(&got);
+        assert!(
+            got.is_empty() || got.starts_with("HTTP/1.1 408"),
+            "{server} server answered a trickled head: {got:?}"
+        );
+        writer.abort();
+        px.shutdown().await;
+    }
+    assert_eq!(up.requests(), 0, "a trickled head reached the upstream");
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_at_header_read_timeout_by_both_servers() {
+    let up = Upstream::start().await;
+    for server in SERVERS {
+        let px = proxy(server, &up.url(), "").await;
+        let mut s = TcpStream::connect(px.addr("main").unwrap()).await.unwrap();
+        s.write_all(get("/ok").as_bytes()).await.unwrap();
+        let got = read_answers(&mut s, 1, Duration::from_secs(5)).await;
+        assert_eq!(got.len(), 1, "{server} server: {got:?}");
+        assert!(
+            got[0].status_line.starts_with("HTTP/1.1 200"),
+            "{server} server: {got:?}"
+        );
+        let answered = Instant::now();
+        let (rest, ended) = read_until_close(&mut s, Duration::from_secs(5)).await;
+        let ended = ended
+            .unwrap_or_else(|| panic!("{server} server: idle keep-alive still open after 5 s"));
+        assert_within(
+            &format!("{server} server, idle keep-alive closed"),
+            ended - answered,
+            Duration::from_millis(800),
+            Duration::from_millis(2500),
+        );
+        assert!(
+            rest.is_empty() || rest.starts_with(b"HTTP/1.1 408"),
+            "{server} server sent on an idle connection: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+        px.shutdown().await;
+    }
+}
+
+/// What a client that sends a request and shuts its write side down gets.
+#[derive(Debug, PartialEq, Eq)]
+enum HalfClosed {
+    Answered(Vec<u16>),
+    ClosedUnanswered,
+    Open,
+}
+
+/// A request, then shutdown(Write) before the answer (one the upstream gives at once, one
+/// it delays 300 ms): hyper's outcome is recorded and the own server must do the same.
+#[tokio::test]
+async fn a_client_that_half_closes_after_its_request_is_treated_alike_by_both_servers() {
+    let up = Upstream::start().await;
+    for path in ["/ok", "/delay/300"] {
+        let mut outcomes = Vec::new();
+        for server in SERVERS {
+            let px = proxy(server, &up.url(), "").await;
+            let before = up.requests();
+            let mut s = TcpStream::connect(px.addr("main").unwrap()).await.unwrap();
+            s.write_all(get(path).as_bytes()).await.unwrap();
+            s.shutdown().await.unwrap();
+            let (got, ended) = read_until_close(&mut s, Duration::from_secs(5)).await;
+            let finals: Vec<u16> = responses(&got, true, &[])
+                .0
+                .iter()
+                .map(|r| code(&r.status_line))
+                .filter(|c| *c >= 200)
+                .collect();
+            let outcome = match (finals.is_empty(), ended) {
+                (_, None) => HalfClosed::Open,
+                (true, Some(_)) => HalfClosed::ClosedUnanswered,
+                (false, Some(_)) => HalfClosed::Answered(finals),
+            };
+            println!(
+                "{server} server, {path} then shutdown(Write): {outcome:?}, {} upstream",
+                up.requests() - before
+            );
+            outcomes.push((outcome, up.requests() - before));
+            px.shutdown().await;
+        }
+        assert_ne!(
+            outcomes[0].0,
+            HalfClosed::Open,
+            "hyper left a half-closed client open ({path})"
+        );
+        assert_eq!(
+            outcomes[0], outcomes[1],
+            "{path} then shutdown(Write): hyper got (outcome, upstream requests) {:?}, rampart {:?}",
+            outcomes[0], outcomes[1]
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_client_leaving_a_long_sse_stream_drops_the_upstream_connection_on_both_servers() {
+    for server in SERVERS {
+        let up = Upstream::start().await;
+        let px = proxy(server, &up.url(), "").await;
+        let mut s = TcpStream::connect(px.addr("main").unwrap()).await.unwrap();
+        s.write_all(get("/sse?n=200&gap=100").as_bytes())
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !String::from_utf8_lossy(&got).contains("data: event 1") {
+            match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&chunk[..n]),
+                other => panic!(
+                    "{server} server: no second event ({other:?}): {:?}",
+                    String::from_utf8_lossy(&got)
+                ),
+            }
+        }
+        assert!(
+            got.starts_with(b"HTTP/1.1 200"),
+            "{server} server: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        assert_eq!(
+            up.counters.closed.load(std::sync::atomic::Ordering::SeqCst),
+            0
+        );
+        drop(s);
+        let left = Instant::now();
+        while up.counters.closed.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(
+                left.elapsed() < Duration::from_secs(2),
+                "{server} server: the upstream connection outlived the client by 2 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        println!(
+            "{server} server: upstream dropped {:?} after the client left",
+            left.elapsed()
+        );
+        px.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_hundred_pipelined_gets_in_one_write_are_all_answered_in_order_by_both_servers() {
+    let up = crate::support::recorder::Recorder::start().await;
+    for server in SERVERS {
+        let px = proxy(server, &up.url(), "").await;
+        let mut s = TcpStream::connect(px.addr("main").unwrap()).await.unwrap();
+        let all: String = (0..100).map(|i| get(&format!("/{server}/{i}"))).collect();
+        s.write_all(all.as_bytes()).await.unwrap();
+        let got = read_answers(&mut s, 100, Duration::from_secs(10)).await;
+        assert_eq!(
+            got.len(),
+            100,
+            "{server} server answered {} of 100",
+            got.len()
+        );
+        for (i, r) in got.iter().enumerate() {
+            assert!(
+                r.status_line.starts_with("HTTP/1.1 200"),
+                "{server} server, #{i}: {r:?}"
+            );
+            assert_eq!(
+                r.body,
+                format!("recorded /{server}/{i}"),
+                "{server} server, answer #{i} out of order"
+            );
+        }
+        px.shutdown().await;
+    }
+    assert!(up.errors().is_empty(), "{:?}", up.errors());
+}
+
+/// A raw upstream: `/early...` is answered 400 as soon as its head arrived, its body never
+/// read, and the connection closed; anything else 200 `ok PATH`. Every path is recorded.
+async fn early_upstream() -> (SocketAddr, Arc<Mutex<Vec<String>>>, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let paths: Arc<Mutex<Vec<String>>> = Arc::default();
+    let p = paths.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            let p = p.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 16 * 1024];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end + 4);
+                        let path = head.split(' ').nth(1).unwrap_or_default().to_string();
+                        p.lock().unwrap().push(path.clone());
+                        if path.starts_with("/early") {
+                            let _ = s
+                                .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 5\r\nconnection: close\r\n\r\nearly")
+                                .await;
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            return;
+                        }
+                        let body = format!("ok {path}");
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if s.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    match tokio::time::timeout(Duration::from_secs(30), s.read(&mut chunk)).await {
+                        Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                        _ => return,
+                    }
+                }
+            });
+        }
+    });
+    (addr, paths, task)
+}
+
+/// The upstream answers 400 at once without reading a 1 MiB POST body made of request
+/// heads; a GET follows in the same write. The GET is served as itself or the connection
+/// closed; nothing of the body is ever read as a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_upstream_answer_never_lets_the_unread_body_be_read_as_requests_on_both_servers() {
+    let (up, paths, task) = early_upstream().await;
+    for server in SERVERS {
+        let px = proxy(server, &format!("http://{up}"), "").await;
+        let inner = "GET /SMUGGLED HTTP/1.1\r\nhost: a\r\n\r\n";
+        let mut body = inner.repeat((1 << 20) / inner.len() + 1);
+        body.truncate(1 << 20);
+        let mut bytes = format!(
+            "POST /early HTTP/1.1\r\nhost: a\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        bytes.push_str(&body);
+        bytes.push_str(&get("/after"));
+        let s = TcpStream::connect(px.addr("main").unwrap()).await.unwrap();
+        let (mut r, mut w) = s.into_split();
+        let writer = tokio::spawn(async move {
+            let _ = w.write_all(bytes.as_bytes()).await;
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        });
+        let mut got = Vec::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut closed = false;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_secs(3), r.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&chunk[..n]),
+                Ok(_) => {
+                    closed = true;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        writer.abort();
+        let (answers, rest) = responses(&got, closed, &[]);
+        let finals: Vec<&Resp> = answers
+            .iter()
+            .filter(|a| code(&a.status_line) >= 200)
+            .collect();
+        println!(
+            "{server} server: {:?}, closed {closed}, upstream saw {:?}",
+            finals
+                .iter()
+                .map(|a| a.status_line.clone())
+                .collect::<Vec<_>>(),
+            paths.lock().unwrap()
+        );
+        assert!(
+            paths
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|p| !p.contains("SMUGGLED")),
+            "{server} server: the body was read as requests: {:?}",
+            paths.lock().unwrap()
+        );
+        assert!(!finals.is_empty(), "{server} server: no answer to the POST");
+        assert!(
+            [400, 502].contains(&code(&finals[0].status_line)),
+            "{server} server: the POST was answered {:?}",
+            finals[0]
+        );
+        match finals.get(1) {
+            None => assert!(
+                closed,
+                "{server} server: the GET was neither served nor the connection closed"
+            ),
+            Some(a) => assert_eq!(
+                (code(&a.status_line), a.body.as_str()),
+                (200, "ok /after"),
+                "{server} server: the second answer is not the GET's"
+            ),
+        }
+        assert!(
+            finals.len() <= 2 && rest.is_empty(),
+            "{server} server: more answers than requests: {answers:?} {rest:?}"
+        );
+        paths.lock().unwrap().clear();
+        px.shutdown().await;
+    }
+    task.abort();
+}
+
+/// `100 Continue` is the server's promise to read the body: none before a request the
+/// proxy refuses unread (over the route's `max_body`), and one, then the answer, for a
+/// request it forwards, its body sent only after the 100.
+#[tokio::test]
+async fn expect_100_continue_is_sent_only_for_a_body_the_proxy_reads_on_both_servers() {
+    let up = crate::support::recorder::Recorder::start().await;
+    for server in SERVERS {
+        let px = proxy(server, &up.url(), "        max_body: 16").await;
+        let addr = px.addr("main").unwrap();
+        // Refused unread: the 413 comes first, no 100 before it.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(post("content-length: 100\r\nexpect: 100-continue\r\n", "").as_bytes())
+            .await
+            .unwrap();
+        let (got, _) = read_until_close(&mut s, Duration::from_secs(3)).await;
+        let got = String::from_utf8_lossy(&got);
+        assert!(
+            got.starts_with("HTTP/1.1 413"),
+            "{server} server, body over max_body: {got:?}"
+        );
+        // Forwarded: 100, then the body, then 200 with what the upstream got.
+        let before = up.count();
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(post("content-length: 5\r\nexpect: 100-continue\r\n", "").as_bytes())
+            .await
+            .unwrap();
+        let mut head = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !head.ends_with(b"\r\n\r\n") {
+            match tokio::time::timeout(Duration::from_secs(3), s.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => head.extend_from_slice(&chunk[..n]),
+                other => panic!(
+                    "{server} server: no 100 Continue ({other:?}): {:?}",
+                    String::from_utf8_lossy(&head)
+                ),
+            }
+        }
+        let head = String::from_utf8_lossy(&head);
+        assert!(
+            head.starts_with("HTTP/1.1 100 Continue\r\n"),
+            "{server} server: {head:?}"
+        );
+        assert_eq!(
+            up.count(),
+            before,
+            "{server} server: upstream answered before the body"
+        );
+        s.write_all(b"hello").await.unwrap();
+        let got = read_answers(&mut s, 1, Duration::from_secs(5)).await;
+        assert_eq!(got.len(), 1, "{server} server: {got:?}");
+        assert_eq!(got[0].body, "recorded /p", "{server} server: {got:?}");
+        assert_eq!(up.requests()[before].body, b"hello", "{server} server");
+        px.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_websocket_upgrade_carries_bytes_both_ways_on_both_servers() {
+    let up = Upstream::start().await;
+    for server in SERVERS {
+        let px = proxy(server, &up.url(), "").await;
+        let mut s = TcpStream::connect(px.addr("main").unwrap()).await.unwrap();
+        s.write_all(
+            b"GET /ws HTTP/1.1\r\nhost: a\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match tokio::time::timeout(Duration::from_secs(3), s.read(&mut b)).await {
+                Ok(Ok(1)) => head.push(b[0]),
+                other => panic!(
+                    "{server} server: no 101 ({other:?}): {:?}",
+                    String::from_utf8_lossy(&head)
+                ),
+            }
+        }
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 101"), "{server} server: {head}");
+        assert!(
+            head.contains("upgrade: websocket"),
+            "{server} server: {head}"
+        );
+        for msg in [b"hello".to_vec(), vec![b'w'; 200_000]] {
+            let round = async {
+                s.write_all(&msg).await.unwrap();
+                let mut back = vec![0u8; msg.len()];
+                s.read_exact(&mut back).await.unwrap();
+                back
+            };
+            let back = tokio::time::timeout(Duration::from_secs(3), round)
+                .await
+                .unwrap_or_else(|_| panic!("{server} server: no echo of {} bytes", msg.len()));
+            assert!(
+                back == msg,
+                "{server} server: the echo of {} bytes differs",
+                msg.len()
+            );
+        }
+        // Closed first: an open tunnel would hold the shutdown's drain.
+        drop(s);
+        px.shutdown().await;
+    }
+}
+
+/// A client that reads 16 KiB of a 4 MiB answer and stops is cut at the route's send
+/// timeout (`timeouts.idle: 1s`); meanwhile other clients are served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_is_cut_at_the_send_timeout_without_harming_others_on_both_servers() {
+    let up = Mirror::start().await;
+    for server in SERVERS {
+        let px = proxy(server, &up.url(), "        timeouts: { idle: 1s }").await;
+        let addr = px.addr("main").unwrap();
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut slow = socket.connect(addr).await.unwrap();
+        slow.write_all(get("/big4").as_bytes()).await.unwrap();
+        let asked = Instant::now();
+        let mut first = vec![0u8; 16 * 1024];
+        tokio::time::timeout(Duration::from_secs(3), slow.read_exact(&mut first))
+            .await
+            .unwrap_or_else(|_| panic!("{server} server: no first 16 KiB"))
+            .unwrap();
+        assert!(first.starts_with(b"HTTP/1.1 200"), "{server} server");
+        // Others, meanwhile, for 2.5 s: each answered within 500 ms.
+        let mut served = 0;
+        while asked.elapsed() < Duration::from_millis(2500) {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let t = Instant::now();
+            s.write_all(get("/other").as_bytes()).await.unwrap();
+            let got = read_answers(&mut s, 1, Duration::from_secs(2)).await;
+            assert!(
+                got.len() == 1
+                    && got[0].status_line.starts_with("HTTP/1.1 200")
+                    && t.elapsed() < Duration::from_millis(500),
+                "{server} server: another client was harmed ({:?}): {got:?}",
+                t.elapsed()
+            );
+            served += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(served >= 5, "{server} server: only {served} other requests");
+        // The slow one was cut: reading on gives less than the whole answer, then the end.
+        let mut rest = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut chunk = vec![0u8; 64 * 1024];
+            loop {
+                match slow.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => rest.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(
+            ended.is_ok(),
+            "{server} server: the slow reader's connection still open"
+        );
+        let total = first.len() + rest.len();
+        println!(
+            "{server} server: slow reader got {total} bytes of 4 MiB, cut {:?} after asking",
+            asked.elapsed()
+        );
+        assert!(
+            total < 4 << 20,
+            "{server} server: the slow reader got the whole answer ({total} bytes)"
+        );
+        px.shutdown().await;
     }
 }
