@@ -419,8 +419,7 @@ fn responses(bytes: &[u8], closed: bool, head_at: &[usize]) -> (Vec<Resp>, Strin
         let value = |n: &str| all.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
         let id = value("x-request-id");
         let is_final = status >= 200;
-        let no_body =
-            !is_final || status == 204 || status == 304 || (is_final && head_at.contains(&finals));
+        let no_body = !is_final || status == 204 || status == 304 || head_at.contains(&finals);
         let rest = &buf[head..];
         let (body, used) = if no_body {
             (Vec::new(), 0)
