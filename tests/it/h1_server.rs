@@ -1501,8 +1501,9 @@ async fn an_early_upstream_answer_never_lets_the_unread_body_be_read_as_requests
 }
 
 /// `100 Continue` is the server's promise to read the body: none before a request the
-/// proxy refuses unread (over the route's `max_body`), and one, then the answer, for a
-/// request it forwards, its body sent only after the 100.
+/// proxy refuses unread (over the route's `max_body`); one, then the answer, for a request
+/// it forwards, its body sent only after the 100; none before the 502 of an upstream that
+/// is down (retries off: nothing to keep the body for).
 #[tokio::test]
 async fn expect_100_continue_is_sent_only_for_a_body_the_proxy_reads_on_both_servers() {
     let up = crate::support::recorder::Recorder::start().await;
@@ -1520,6 +1521,30 @@ async fn expect_100_continue_is_sent_only_for_a_body_the_proxy_reads_on_both_ser
             got.starts_with("HTTP/1.1 413"),
             "{server} server, body over max_body: {got:?}"
         );
+        // The upstream cannot be reached and retries are off (a retry would keep the body,
+        // so read it first): the 502 comes unread, without a 100 before it.
+        let (_refusing, down) = crate::support::refusing_addr();
+        let px_down = start(
+            &one_route(&format!("http://{down}"), "", &listener_extra(server, "1s")).replace(
+                "connect_timeout: 1s",
+                "connect_timeout: 1s\n    retry: { attempts: 1 }",
+            ),
+        )
+        .await;
+        let mut s = TcpStream::connect(px_down.addr("main").unwrap())
+            .await
+            .unwrap();
+        s.write_all(post("content-length: 5\r\nexpect: 100-continue\r\n", "").as_bytes())
+            .await
+            .unwrap();
+        let (got, _) = read_until_close(&mut s, Duration::from_secs(3)).await;
+        let got = String::from_utf8_lossy(&got);
+        assert!(
+            got.starts_with("HTTP/1.1 502") && !got.contains("100 Continue"),
+            "{server} server, upstream down: {got:?}"
+        );
+        drop(s);
+        px_down.shutdown().await;
         // Forwarded: 100, then the body, then 200 with what the upstream got.
         let before = up.count();
         let mut s = TcpStream::connect(addr).await.unwrap();
