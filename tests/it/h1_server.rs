@@ -1686,7 +1686,7 @@ async fn a_slow_reader_is_cut_at_the_send_timeout_without_harming_others_on_both
         );
         let total = first.len() + rest.len();
         println!(
-            "{server} server: slow reader got {total} bytes of 4 MiB, cut {:?} after asking",
+            "{server} server: slow reader got {total} bytes of 4 MiB; its connection had ended when read again, {:?} after asking",
             asked.elapsed()
         );
         assert!(
