@@ -65,6 +65,9 @@ pub(crate) enum BodyError {
     Length,
     #[error("{0}")]
     Inner(#[from] hyper::Error),
+    /// From rampart's HTTP/1.1 server (`listeners[].http1_server: rampart`).
+    #[error("{0}")]
+    Client(#[from] crate::h1::BodyError),
     #[error("{0}")]
     Upstream(#[from] WireError),
 }
@@ -351,11 +354,48 @@ impl Upload {
     }
 }
 
+/// A client's request body, from whichever HTTP/1.1 server read the request (or hyper's
+/// HTTP/2).
+#[derive(Debug)]
+pub(crate) enum ClientBody {
+    Hyper(Incoming),
+    Rampart(crate::h1::Body),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::Inner),
+            ClientBody::Rampart(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::Client),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Hyper(b) => b.is_end_stream(),
+            ClientBody::Rampart(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Hyper(b) => b.size_hint(),
+            ClientBody::Rampart(b) => b.size_hint(),
+        }
+    }
+}
+
 /// The request body sent upstream: streamed under timers, or already buffered.
 pub(crate) enum RequestBody {
     Empty,
     Full(Option<Bytes>),
-    Stream(TimedBody<Incoming>),
+    Stream(TimedBody<ClientBody>),
 }
 
 impl RequestBody {

@@ -618,3 +618,121 @@ pub fn cache_entry(data: &[u8]) {
         assert_eq!(Entry::decode(&e.encode()).as_ref(), Some(&e));
     }
 }
+
+/// rampart's HTTP/1.1 server reading a connection's bytes (`h1::parse_head`, then
+/// `h1::Decoder` for each body, request after request, as `h1::conn` does). The first byte
+/// picks the limits and how the bytes are split into reads; the rest is the connection.
+/// Read whole and read split, the connection yields the same heads (method, target,
+/// version, headers, framing), bodies (data, trailers, end) and errors. A head framed with
+/// both Content-Length and Transfer-Encoding is one the byte-level guard (which mirrors
+/// hyper's parser) gives that verdict too.
+pub fn h1_request(data: &[u8]) {
+    let Some((&pick, stream)) = data.split_first() else {
+        return;
+    };
+    let max_head = [1024, 8192, 64 * 1024, 1 << 20][usize::from(pick & 3)];
+    let max_headers = [1, 4, 100, 10_000][usize::from((pick >> 2) & 3)];
+    let step = [1, 2, 3, 7, 64, 1000, usize::MAX, 13][usize::from(pick >> 5)];
+    let whole = h1_read(stream, usize::MAX, max_head, max_headers);
+    let split = h1_read(stream, step, max_head, max_headers);
+    assert_eq!(split, whole, "split every {step}");
+
+    if let Some(H1Event::Head { cl_and_te, .. }) = whole.first() {
+        use crate::listener::h1_guard::{Tracker, Verdict};
+        let mut t = Tracker::new(max_head, max_headers);
+        t.feed(stream);
+        if t.next_verdict() == Verdict::ContentLengthAndTransferEncoding {
+            assert!(*cl_and_te, "the guard saw CL and TE, the server did not");
+        }
+    }
+}
+
+/// What the server made of a connection's bytes, in order.
+#[derive(Debug, PartialEq)]
+enum H1Event {
+    Head {
+        head: String,
+        framing: String,
+        keep_alive: bool,
+        cl_and_te: bool,
+    },
+    Body(Vec<u8>),
+    Trailers(String),
+    /// The bytes ended in the middle of a head or a body.
+    Short,
+    Error(String),
+}
+
+fn h1_read(stream: &[u8], step: usize, max_head: usize, max_headers: usize) -> Vec<H1Event> {
+    use bytes::BytesMut;
+
+    use crate::h1::{Decoded, Decoder, parse_head};
+
+    let mut buf = BytesMut::new();
+    let mut fed = 0usize;
+    let mut out = Vec::new();
+    // At most as many requests as a connection's bytes could hold, and never unbounded.
+    for _ in 0..64 {
+        let mut looked = 0usize;
+        let parsed = loop {
+            if buf.len() > looked {
+                looked = buf.len();
+                match parse_head(&mut buf, max_head, max_headers) {
+                    Ok(Some(p)) => break p,
+                    Ok(None) => {}
+                    Err(e) => {
+                        out.push(H1Event::Error(e.to_string()));
+                        return out;
+                    }
+                }
+            }
+            if fed >= stream.len() {
+                if !buf.is_empty() {
+                    out.push(H1Event::Short);
+                }
+                return out;
+            }
+            let end = fed.saturating_add(step).min(stream.len());
+            buf.extend_from_slice(&stream[fed..end]);
+            fed = end;
+        };
+        out.push(H1Event::Head {
+            head: format!(
+                "{} {} {:?} {:?}",
+                parsed.parts.method, parsed.parts.uri, parsed.parts.version, parsed.parts.headers
+            ),
+            framing: format!("{:?}", parsed.framing),
+            keep_alive: parsed.keep_alive,
+            cl_and_te: parsed.cl_and_te,
+        });
+        let mut decoder = Decoder::new(parsed.framing, max_head, max_headers);
+        let mut body = Vec::new();
+        loop {
+            match decoder.decode(&mut buf) {
+                Ok(Decoded::Data(d)) => body.extend_from_slice(&d),
+                Ok(Decoded::Trailers(t)) => out.push(H1Event::Trailers(format!("{t:?}"))),
+                Ok(Decoded::End) => break,
+                Ok(Decoded::NeedMore) => {
+                    if fed >= stream.len() {
+                        out.push(H1Event::Body(body));
+                        out.push(H1Event::Short);
+                        return out;
+                    }
+                    let end = fed.saturating_add(step).min(stream.len());
+                    buf.extend_from_slice(&stream[fed..end]);
+                    fed = end;
+                }
+                Err(e) => {
+                    out.push(H1Event::Body(body));
+                    out.push(H1Event::Error(e.to_string()));
+                    return out;
+                }
+            }
+        }
+        out.push(H1Event::Body(body));
+        if !parsed.keep_alive {
+            return out;
+        }
+    }
+    out
+}

@@ -14,6 +14,7 @@ pub mod demo;
 pub(crate) mod error;
 #[doc(hidden)]
 pub mod fuzz;
+pub(crate) mod h1;
 pub(crate) mod health;
 pub(crate) mod jitter;
 pub(crate) mod listener;

@@ -42,8 +42,8 @@ pub use limits::{
     RedisTarget,
 };
 pub use listener::{
-    DrainMode, EscapedSlashes, Http1Server, Http2Config, ListenerConfig, ListenerTls, NormalizePath, PathConfig,
-    RouteConfig, RouteTimeouts, StreamConfig, TlsPair, TokenCounting,
+    DrainMode, EscapedSlashes, Http1Server, Http2Config, ListenerConfig, ListenerTls,
+    NormalizePath, PathConfig, RouteConfig, RouteTimeouts, StreamConfig, TlsPair, TokenCounting,
 };
 pub use release::{ReleaseConfig, ReleaseGate};
 pub use secret::{REDACTED, Secret, redis_url_shown, sink_url_shown};

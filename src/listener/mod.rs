@@ -7,7 +7,6 @@
 //! `Serving` -> `Closing` (stop accepting, close each connection gracefully) -> `Finale`
 //! (SSE streams get their final event) -> `Cut` (whatever is left is dropped).
 
-use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -16,27 +15,26 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::Poll;
 use std::time::Duration;
 
-use http::header::UPGRADE;
-use http::{Method, Request, StatusCode, Version};
+use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
-use crate::config::{DrainMode, ListenerConfig};
-use crate::error::ProxyError;
+use crate::body::ClientBody;
+use crate::config::{DrainMode, Http1Server, ListenerConfig};
 use crate::observe::certs::CertExpiry;
 use crate::pipeline::{ListenerCtx, Traffic};
 use crate::reload::watch::FileWatch;
-use crate::shutdown::{ConnClosing, ConnHold, Drainable, Handover, HoldSource, Phase, reached};
+use crate::shutdown::{ConnHold, Drainable, HoldSource, Phase, reached};
 use crate::workers::Workers;
-use h1_guard::Verdict;
-use proto::{Builders, Proto};
+use proto::{Builders, Proto, Served};
 use timeouts::{Clock, Clocks, Expired, SendTimed, Socket};
 
 pub(crate) mod h1_guard;
 pub(crate) mod h2_guard;
 pub(crate) mod proto;
+mod service;
 pub(crate) mod timeouts;
 pub(crate) mod tls;
 
@@ -229,6 +227,12 @@ impl Server {
             }),
             tls: terminator,
             redirect_to_https: config.redirect_to_https,
+            http1_server: config.http1_server,
+            h1_settings: crate::h1::Settings {
+                header_read_timeout: config.header_read_timeout,
+                max_head: config.max_header_bytes,
+                max_headers: h1_guard::max_headers(config.max_headers),
+            },
             max_header_bytes: config.max_header_bytes,
             max_headers: h1_guard::max_headers(config.max_headers),
             first_request_wait: config.header_read_timeout.min(FIRST_REQUEST_WAIT),
@@ -360,6 +364,9 @@ struct Acceptor {
     tls: Option<Arc<tls::Terminator>>,
     /// Every request but `health_path` gets a 308 to https.
     redirect_to_https: bool,
+    /// Which server reads HTTP/1.1 requests, and its limits.
+    http1_server: Http1Server,
+    h1_settings: crate::h1::Settings,
 }
 
 impl Acceptor {
@@ -500,86 +507,31 @@ impl Acceptor {
         mut phase: watch::Receiver<Phase>,
     ) -> impl Future<Output = ()> + Send + 'static {
         let stream = SendTimed::new(stream, clocks.clone());
-        // hyper hides Content-Length next to Transfer-Encoding from the service; the guard
-        // sees the raw heads and tells the service per request.
-        let (stream, verdicts) = h1_guard::wrap(stream, self.max_header_bytes, self.max_headers);
         let conn_state = Arc::new(ConnState::new(phase.clone(), clocks, hold));
-        let ctx = self.ctx.clone();
-        let state = conn_state.clone();
-        let health_path = self.health_path.clone();
-        let redirect_to_https = self.redirect_to_https;
-        let svc = service_fn(move |mut req: Request<Incoming>| {
-            state.request_seen();
-            if state.closing.load(Ordering::Relaxed) {
-                req.extensions_mut().insert(ConnClosing);
-            }
-            let request = ctx.traffic.in_flight.request();
-            let ctx = ctx.clone();
-            let state = state.clone();
-            // HTTP/2 heads never go through the guard, and hyper already hands the service
-            // every header of those.
-            let h1 = req.version() != Version::HTTP_2;
-            // Counted open from here, so a stream waiting for its answer is not idle.
-            let stream = (!h1).then(|| state.clocks.stream());
-            let refused = if h1 {
-                match verdicts.next() {
-                    Verdict::Ok => None,
-                    // The step check_framing would take, had hyper left the Content-Length
-                    // in `req`.
-                    Verdict::ContentLengthAndTransferEncoding => {
-                        Some(ProxyError::BadRequest(crate::route::headers::CL_AND_TE))
-                    }
-                    Verdict::HeadTooLarge => Some(ProxyError::HeadersTooLarge),
-                }
-            } else {
-                None
-            };
-            // Only a possible upgrade needs the handle after the answer.
-            let upgrading = (h1
-                && (req.method() == Method::CONNECT || req.headers().contains_key(UPGRADE)))
-            .then(|| {
-                req.extensions_mut()
-                    .insert(Handover(Arc::downgrade(&state) as Weak<dyn HoldSource>));
-                verdicts.clone()
-            });
-            let health = health_path.as_deref().is_some_and(|p| {
-                req.uri().path() == p && matches!(*req.method(), Method::GET | Method::HEAD)
-            });
-            // Before routing: nothing of the request reaches an upstream over plain HTTP.
-            let redirect = (redirect_to_https && !health).then(|| tls::https_redirect(&req));
-            async move {
-                let mut resp = if health {
-                    crate::health::listener_health_response(&ctx.traffic.health)
-                } else if let Some(resp) = redirect {
-                    resp
-                } else {
-                    let resp = crate::pipeline::handle(ctx, peer, req, refused).await;
-                    if let Some(v) = upgrading
-                        && resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                    {
-                        v.switched();
-                    }
-                    resp
-                };
-                let body = resp.body_mut();
-                match stream {
-                    Some(stream) => {
-                        body.watch_sends();
-                        body.hold(Box::new(stream));
-                    }
-                    None => {
-                        let clocks = &state.clocks;
-                        clocks.set_send_timeout(
-                            body.send_timeout()
-                                .unwrap_or(timeouts::DEFAULT_SEND_TIMEOUT),
-                        );
-                        body.conn_timed_out(clocks.send_timed_out().clone());
-                    }
-                }
-                Ok::<_, Infallible>(crate::stream::finale::track(resp, request, &state.phase))
-            }
-        });
-        let conn = self.builders.serve(proto, stream, svc);
+        let handler = |verdicts| service::Handler {
+            ctx: self.ctx.clone(),
+            state: conn_state.clone(),
+            peer,
+            health_path: self.health_path.clone(),
+            redirect_to_https: self.redirect_to_https,
+            verdicts,
+        };
+        let conn = if proto == Proto::H1 && self.http1_server == Http1Server::Rampart {
+            let h = handler(None);
+            Served::Rampart(crate::h1::Connection::new(
+                stream,
+                self.h1_settings,
+                move |req: Request<crate::h1::Body>| h.call(req.map(ClientBody::Rampart)),
+            ))
+        } else {
+            // hyper hides Content-Length next to Transfer-Encoding from the service; the
+            // guard sees the raw heads and tells the service per request.
+            let (stream, verdicts) =
+                h1_guard::wrap(stream, self.max_header_bytes, self.max_headers);
+            let h = handler(Some(verdicts));
+            let svc = service_fn(move |req: Request<Incoming>| h.call(req.map(ClientBody::Hyper)));
+            self.builders.serve(proto, stream, svc)
+        };
         let first_request_wait = self.first_request_wait;
         async move {
             let mut conn = std::pin::pin!(conn);

@@ -130,15 +130,19 @@ impl Builders {
     }
 }
 
-/// A connection being served by hyper, as HTTP/1 or HTTP/2. Each boxed: the task holds
-/// only the one it serves, not room for the larger of the two.
+/// A connection being served: by hyper, as HTTP/1 or HTTP/2, or by rampart's HTTP/1.1
+/// server. Each boxed: the task holds only the one it serves, not room for the largest.
 pub(crate) enum Served<I, S>
 where
     S: HttpService<Incoming>,
 {
     H1(Pin<Box<http1::UpgradeableConnection<TokioIo<I>, S>>>),
     H2(Pin<Box<http2::Connection<TokioIo<I>, S, TokioExecutor>>>),
+    Rampart(crate::h1::Connection),
 }
+
+/// Why a served connection ended with an error, from either server.
+pub(crate) type ServeError = Box<dyn std::error::Error + Send + Sync>;
 
 impl<I, S> std::fmt::Debug for Served<I, S>
 where
@@ -148,6 +152,7 @@ where
         f.write_str(match self {
             Served::H1(_) => "Served::H1",
             Served::H2(_) => "Served::H2",
+            Served::Rampart(_) => "Served::Rampart",
         })
     }
 }
@@ -167,6 +172,7 @@ where
         match self.get_mut() {
             Served::H1(c) => c.as_mut().graceful_shutdown(),
             Served::H2(c) => c.as_mut().graceful_shutdown(),
+            Served::Rampart(c) => c.graceful_shutdown(),
         }
     }
 }
@@ -180,12 +186,13 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
 {
-    type Output = Result<(), hyper::Error>;
+    type Output = Result<(), ServeError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.get_mut() {
-            Served::H1(c) => c.as_mut().poll(cx),
-            Served::H2(c) => c.as_mut().poll(cx),
+            Served::H1(c) => c.as_mut().poll(cx).map_err(Into::into),
+            Served::H2(c) => c.as_mut().poll(cx).map_err(Into::into),
+            Served::Rampart(c) => Pin::new(c).poll(cx).map_err(Into::into),
         }
     }
 }

@@ -20,7 +20,7 @@ pub(super) fn begin(
     listener: &str,
     route: &Route,
     policy: &Arc<Policy>,
-    req: &Request<Incoming>,
+    req: &Request<ClientBody>,
     tail: &mut Tail,
 ) -> Now {
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -68,7 +68,7 @@ pub(super) fn begin(
 /// The waiting part of the step.
 pub(super) async fn ask(
     pending: Pending,
-    req: &Request<Incoming>,
+    req: &Request<ClientBody>,
     tail: &mut Tail,
 ) -> Option<Response<ProxyBody>> {
     let policy = tail.cache.as_ref()?.policy.clone();
@@ -102,7 +102,7 @@ fn settle(found: Found, request: &http::HeaderMap, tail: &mut Tail) -> Option<Re
 /// A GET that missed asks the upstream for the whole answer, whatever the client's
 /// conditions (nginx does the same): a 304 could not be stored, and the answer serves every
 /// client after this one.
-pub(super) fn for_upstream(req: &mut Request<Incoming>, tail: &Tail) {
+pub(super) fn for_upstream(req: &mut Request<ClientBody>, tail: &Tail) {
     if tail
         .cache
         .as_ref()

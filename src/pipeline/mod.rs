@@ -14,11 +14,10 @@ use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use http_body::Body;
 use http_body_util::BodyExt;
 
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::admission::ratelimit;
-use crate::body::{BodyError, MinRate, RequestBody, TimedBody};
+use crate::body::{BodyError, ClientBody, MinRate, RequestBody, TimedBody};
 use crate::error::ProxyError;
 use crate::health::Health;
 use crate::observe::access_log::{AccessRecord, Outcome as LogOutcome, detached};
@@ -85,7 +84,7 @@ pub(crate) struct ListenerCtx {
 pub(crate) async fn handle(
     ctx: Arc<ListenerCtx>,
     peer: SocketAddr,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     refused: Option<ProxyError>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
@@ -204,13 +203,13 @@ enum Step<'a> {
     RateLimit {
         route: &'a Route,
         declared_len: Option<u64>,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
     },
     /// The cache must ask Redis, or wait for another request's fetch of the key.
     Cache {
         route: &'a Route,
         declared_len: Option<u64>,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         pending: crate::cache::Pending,
     },
     /// Answered without the upstream (a cache hit).
@@ -219,7 +218,7 @@ enum Step<'a> {
     Buffer {
         route: &'a Route,
         parts: http::request::Parts,
-        body: Incoming,
+        body: ClientBody,
         client_upgrade: Option<Box<ClientUpgrade>>,
     },
     /// A WebSocket handshake, on a connection of its own.
@@ -241,7 +240,7 @@ enum Step<'a> {
 fn begin<'a>(
     env: &Env<'a>,
     listener: Option<&'a ListenerRoutes>,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     tail: &mut Tail,
 ) -> Result<Step<'a>, ProxyError> {
     let ctx = env.ctx;
@@ -334,7 +333,7 @@ fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
 async fn rate_limit(
     env: &Env<'_>,
     route: &Route,
-    req: &Request<Incoming>,
+    req: &Request<ClientBody>,
     tail: &mut Tail,
 ) -> Result<(), ProxyError> {
     let logged = tail.log.as_ref().map(|r| r.client);
@@ -350,7 +349,7 @@ async fn rate_limit(
 /// The verdict's headers and log field kept for the response; a refusal becomes the 429.
 fn apply_verdict(
     verdict: ratelimit::Verdict,
-    req: &Request<Incoming>,
+    req: &Request<ClientBody>,
     tail: &mut Tail,
 ) -> Result<(), ProxyError> {
     tail.rate_limit_headers = verdict.headers;
@@ -378,7 +377,7 @@ fn after_rate_limit<'a>(
     env: &Env<'a>,
     route: &'a Route,
     declared_len: Option<u64>,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     tail: &mut Tail,
 ) -> Result<Step<'a>, ProxyError> {
     // The cache (GET and HEAD on a route with a policy), once.
@@ -741,13 +740,17 @@ fn shed(metrics: &UpstreamMetrics, scope: &'static str, name: &str) {
 /// The client's request body under the route's body timers: `timeouts.body` between two
 /// reads and `min_body_rate` after it (a client too slow gets 408, its own fault), the total
 /// deadline, and `max_body`.
-fn request_body(body: Incoming, route: &Route, deadline: Option<Instant>) -> TimedBody<Incoming> {
+fn request_body(
+    body: ClientBody,
+    route: &Route,
+    deadline: Option<Instant>,
+) -> TimedBody<ClientBody> {
     let t = &route.timeouts;
     let min_rate = t.min_body_rate.map(|per_sec| MinRate { per_sec });
     TimedBody::request(body, t.body, min_rate, deadline, route.max_body_bytes)
 }
 
-async fn buffer_body(mut timed: TimedBody<Incoming>) -> Result<Bytes, ProxyError> {
+async fn buffer_body(mut timed: TimedBody<ClientBody>) -> Result<Bytes, ProxyError> {
     let mut buf = BytesMut::new();
     while let Some(frame) = timed.frame().await {
         match frame {
@@ -762,6 +765,7 @@ async fn buffer_body(mut timed: TimedBody<Incoming>) -> Result<Bytes, ProxyError
             }
             Err(
                 BodyError::Inner(_)
+                | BodyError::Client(_)
                 | BodyError::Length
                 | BodyError::Upstream(_)
                 | BodyError::SendTimeout,

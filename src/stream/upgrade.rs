@@ -31,6 +31,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
+use crate::body::ClientBody;
 use crate::observe::access_log::{AccessRecord, Outcome};
 use crate::observe::http::RouteMetrics;
 use crate::route::headers::{self, strip_hop_by_hop};
@@ -45,9 +46,15 @@ const ROUNDS_PER_POLL: usize = 32;
 /// After one side closed, how long the other gets to take its close (TLS close_notify, FIN).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
+/// Where the client's connection comes from once it switched: hyper's server, or rampart's.
+enum ClientSide {
+    Hyper(OnUpgrade),
+    Rampart(crate::h1::OnUpgrade),
+}
+
 /// The client's side of an upgrade the route allows.
 pub(crate) struct ClientUpgrade {
-    on: OnUpgrade,
+    on: ClientSide,
     /// The request's `Upgrade`, as forwarded: what the 101 may switch to.
     pub offered: HeaderValue,
     handover: Option<Handover>,
@@ -60,14 +67,23 @@ pub(crate) struct ClientUpgrade {
 /// the plain request's path, into which the pipeline's steps are inlined.
 #[cold]
 #[inline(never)]
-pub(crate) fn offer(req: &mut Request<Incoming>, allowed: &[String]) -> Option<Box<ClientUpgrade>> {
+pub(crate) fn offer(
+    req: &mut Request<ClientBody>,
+    allowed: &[String],
+) -> Option<Box<ClientUpgrade>> {
     let handover = req.extensions_mut().remove::<Handover>();
     let offered = headers::narrow_upgrade(req.headers_mut(), allowed)?;
     if req.version() != Version::HTTP_11 {
         return None;
     }
+    let on = match req.body() {
+        ClientBody::Hyper(_) => ClientSide::Hyper(hyper::upgrade::on(&mut *req)),
+        ClientBody::Rampart(_) => {
+            ClientSide::Rampart(req.extensions_mut().remove::<crate::h1::OnUpgrade>()?)
+        }
+    };
     Some(Box::new(ClientUpgrade {
-        on: hyper::upgrade::on(req),
+        on,
         offered,
         handover,
     }))
@@ -102,8 +118,17 @@ pub(crate) fn tunnel(
     let (mut parts, _empty) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, true);
     tokio::spawn(async move {
-        match tokio::join!(client.on, upstream) {
-            (Ok(c), Ok(u)) => run(TokioIo::new(c), TokioIo::new(u), t, hold).await,
+        let client_side = async {
+            match client.on {
+                ClientSide::Hyper(on) => on.await.map(Switched::Hyper).map_err(|_| ()),
+                ClientSide::Rampart(on) => on.get().await.map(Switched::Rampart).map_err(|_| ()),
+            }
+        };
+        match tokio::join!(client_side, upstream) {
+            (Ok(Switched::Hyper(c)), Ok(u)) => {
+                run(TokioIo::new(c), TokioIo::new(u), t, hold).await;
+            }
+            (Ok(Switched::Rampart(c)), Ok(u)) => run(c, TokioIo::new(u), t, hold).await,
             (c, u) => {
                 let request_id = t.request_id.to_str().unwrap_or("-");
                 tracing::warn!(
@@ -123,6 +148,12 @@ pub(crate) fn tunnel(
         }
     });
     http::Response::from_parts(parts, ProxyBody::empty())
+}
+
+/// The client's connection after the switch.
+enum Switched {
+    Hyper(hyper::upgrade::Upgraded),
+    Rampart(crate::h1::Upgraded),
 }
 
 /// How a tunnel ended.

@@ -658,6 +658,7 @@ fn body_error(b: &BodyError) -> ProxyError {
         BodyError::TooLarge(limit) => ProxyError::PayloadTooLarge { limit: *limit },
         BodyError::Length
         | BodyError::Inner(_)
+        | BodyError::Client(_)
         | BodyError::Upstream(_)
         | BodyError::SendTimeout => ProxyError::BadRequest("the request body was cut short"),
     }

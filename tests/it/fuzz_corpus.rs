@@ -11,6 +11,7 @@ type Entry = fn(&[u8]);
 const TARGETS: &[(&str, Entry)] = &[
     ("chunk_size", rampart::fuzz::chunk_size),
     ("h1_guard", rampart::fuzz::h1_guard),
+    ("h1_request", rampart::fuzz::h1_request),
     ("xff", rampart::fuzz::xff),
     ("path", rampart::fuzz::path),
     ("response_head", rampart::fuzz::response_head),

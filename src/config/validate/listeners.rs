@@ -117,7 +117,10 @@ pub(super) fn listener<'a>(
             .read(ctx, "http1_server", |ctx, f| {
                 ctx.one_of(
                     f,
-                    &[("rampart", Http1Server::Rampart), ("hyper", Http1Server::Hyper)],
+                    &[
+                        ("rampart", Http1Server::Rampart),
+                        ("hyper", Http1Server::Hyper),
+                    ],
                 )
             })
             .unwrap_or_default(),

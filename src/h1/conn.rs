@@ -1,0 +1,629 @@
+//! One HTTP/1.1 connection, served request after request by one task: read a head, call the
+//! service, write the answer, then the next head (pipelined requests wait in the buffer).
+//!
+//! The socket and the read buffer sit behind one lock that the connection and the request's
+//! body share (`Shared`); the body reads straight from them. Buffers are as small as the
+//! traffic: a head is read into 1 KiB that grows to `max_header_bytes` only for larger
+//! heads, a body's data into 16 KiB, and what an exchange grew is freed before the next
+//! head. hyper keeps 8 KiB read and 8 KiB write buffers for each connection's life.
+//!
+//! Behaviour follows hyper's server (hyper 1.x `proto/h1/conn.rs`, `dispatch.rs`), with
+//! keep-alive, `allow_half_close(false)` and a header read timeout:
+//! - the header read timeout runs from the moment a head is awaited, so it is also the
+//!   keep-alive idle timeout; expired, the connection closes without an answer;
+//! - a head hyper refuses gets hyper's status (400, 414, 431) with `connection: close`;
+//! - once a request's body is read (or it has none), a client that closes its side is gone:
+//!   the service's future, and with it the upstream exchange, is dropped;
+//! - `100 Continue` is written when the body is first read, unless the answer started;
+//! - a body the service left unread is drained from what has already arrived, or the
+//!   connection closes after the answer (its bytes must never be read as a request);
+//! - a body error from the service aborts the connection (no last chunk), so a truncated
+//!   answer never looks complete.
+
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body::Frame;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{Instant, Sleep};
+
+use super::ContentLengthAndTransferEncoding;
+use super::body::{Body, BodyError, Source};
+use super::decode::{Decoded, Decoder};
+use super::encode::{self, BodyLen, Encoder};
+use super::head::{Framing, HeadError, Parsed, parse_head};
+use super::upgrade::{self, Io, Upgraded};
+use crate::sync::lock;
+
+/// The first read of a head; most heads fit.
+const HEAD_ROOM: usize = 1024;
+/// Room for a body's data per read.
+const BODY_ROOM: usize = 16 * 1024;
+/// Answer bytes gathered before they are written.
+const WRITE_AT: usize = 16 * 1024;
+/// Data frames this large are written from their own buffer, not copied.
+const COPY_UNDER: usize = 8 * 1024;
+/// Buffer capacity kept from one exchange to the next; more is freed.
+const KEEP: usize = 4 * 1024;
+/// What an unread request body may still be drained of after the answer, from what has
+/// already arrived, before the connection is closed instead.
+const DRAIN_MAX: usize = 64 * 1024;
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// A listener's limits for its HTTP/1.1 connections.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings {
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) max_head: usize,
+    pub(crate) max_headers: usize,
+}
+
+/// Why a connection ended early.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnError {
+    #[error("connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("request head: {0}")]
+    Head(HeadError),
+    #[error("no complete request head within the header read timeout")]
+    HeadTimeout,
+    #[error("the client closed in the middle of a request head")]
+    HeadIncomplete,
+    #[error("the client went away before its answer was complete")]
+    Gone,
+    #[error("answer: {0}")]
+    Encode(#[from] encode::EncodeError),
+    #[error("answer body: {0}")]
+    Body(Box<dyn std::error::Error + Send + Sync>),
+    #[error("service: {0}")]
+    Service(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// What the connection and the request's body share.
+struct Shared<I> {
+    /// None once handed over by an upgrade.
+    io: Option<I>,
+    rbuf: BytesMut,
+    decoder: Decoder,
+    /// The request the decoder belongs to.
+    generation: u64,
+    /// The client closed its side.
+    eof: bool,
+    /// The body's framing broke: the connection cannot go on.
+    broken: bool,
+    /// `100 Continue` bytes written so far, while one is owed.
+    cont: Option<usize>,
+    /// The answer's head has started: no `100 Continue` any more.
+    answered: bool,
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> Shared<I> {
+    /// Reads into the buffer, with at least `room` free. Ok(0): the client closed.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, room: usize) -> Poll<io::Result<usize>> {
+        let Some(io) = self.io.as_mut() else {
+            return Poll::Ready(Ok(0));
+        };
+        if self.rbuf.capacity() - self.rbuf.len() < room.max(1) {
+            self.rbuf.reserve(room.max(1));
+        }
+        tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut self.rbuf)
+    }
+
+    /// Writes what is owed of a `100 Continue`.
+    fn poll_continue(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(done) = self.cont {
+            let Some(io) = self.io.as_mut() else {
+                self.cont = None;
+                break;
+            };
+            if done >= CONTINUE.len() {
+                std::task::ready!(Pin::new(io).poll_flush(cx))?;
+                self.cont = None;
+                break;
+            }
+            let n = std::task::ready!(Pin::new(io).poll_write(cx, &CONTINUE[done..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.cont = Some(done + n);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Whether the client has closed while its answer is awaited (hyper's
+    /// `mid_message_detect_eof`): only once the request's body is all read and nothing of a
+    /// next request has arrived, and only the first time EOF is seen.
+    fn poll_gone(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.eof || self.io.is_none() || !self.decoder.is_done() || !self.rbuf.is_empty() {
+            return false;
+        }
+        match self.poll_fill(cx, 64) {
+            Poll::Ready(Ok(0)) => {
+                self.eof = true;
+                true
+            }
+            Poll::Ready(Ok(_)) | Poll::Pending => false,
+            Poll::Ready(Err(_)) => true,
+        }
+    }
+
+    /// Drains an unread body from what is in the buffer and what the socket has ready now.
+    fn drain_now(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut drained = 0usize;
+        loop {
+            match self.decoder.decode(&mut self.rbuf) {
+                Ok(Decoded::End) => return true,
+                Ok(Decoded::Data(d)) => {
+                    drained += d.len();
+                    if drained > DRAIN_MAX {
+                        return false;
+                    }
+                }
+                Ok(Decoded::Trailers(_)) => {}
+                Ok(Decoded::NeedMore) => {
+                    if self.eof {
+                        return false;
+                    }
+                    match self.poll_fill(cx, BODY_ROOM) {
+                        Poll::Ready(Ok(0)) => {
+                            self.eof = true;
+                            return false;
+                        }
+                        Poll::Ready(Ok(_)) => {}
+                        Poll::Ready(Err(_)) | Poll::Pending => return false,
+                    }
+                }
+                Err(_) => {
+                    self.broken = true;
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin + Send> Source for Shared<I> {
+    fn poll_body(
+        &mut self,
+        generation: u64,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if generation != self.generation {
+            return Poll::Ready(Some(Err(BodyError::Gone)));
+        }
+        if self.cont.is_some() {
+            if self.answered && self.cont == Some(0) {
+                self.cont = None;
+            } else if let Err(e) = std::task::ready!(self.poll_continue(cx)) {
+                return Poll::Ready(Some(Err(e.into())));
+            }
+        }
+        loop {
+            match self.decoder.decode(&mut self.rbuf) {
+                Ok(Decoded::Data(d)) => return Poll::Ready(Some(Ok(Frame::data(d)))),
+                Ok(Decoded::Trailers(t)) => return Poll::Ready(Some(Ok(Frame::trailers(t)))),
+                Ok(Decoded::End) => return Poll::Ready(None),
+                Ok(Decoded::NeedMore) => {}
+                Err(e) => {
+                    self.broken = true;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+            if self.eof {
+                self.broken = true;
+                return Poll::Ready(Some(Err(BodyError::Incomplete)));
+            }
+            let room = self.decoder.remaining().map_or(BODY_ROOM, |n| {
+                usize::try_from(n).unwrap_or(BODY_ROOM).min(BODY_ROOM)
+            });
+            match std::task::ready!(self.poll_fill(cx, room)) {
+                Ok(0) => self.eof = true,
+                Ok(_) => {}
+                Err(e) => {
+                    self.broken = true;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+        }
+    }
+}
+
+/// A connection being served; `graceful_shutdown` lets the exchange under way finish and
+/// closes before the next (at once when idle).
+pub(crate) struct Connection {
+    fut: Pin<Box<dyn Future<Output = Result<(), ConnError>> + Send>>,
+    closing: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("h1::Connection")
+    }
+}
+
+impl Connection {
+    pub(crate) fn new<I, S, F, B, E>(io: I, settings: Settings, svc: S) -> Connection
+    where
+        I: Io,
+        S: FnMut(Request<Body>) -> F + Send + 'static,
+        F: Future<Output = Result<Response<B>, E>> + Send + 'static,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+    {
+        let closing = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Mutex::new(Shared {
+            io: Some(io),
+            rbuf: BytesMut::new(),
+            decoder: Decoder::done(),
+            generation: 0,
+            eof: false,
+            broken: false,
+            cont: None,
+            answered: false,
+        }));
+        Connection {
+            fut: Box::pin(run(shared, settings, svc, closing.clone())),
+            closing,
+        }
+    }
+
+    pub(crate) fn graceful_shutdown(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Future for Connection {
+    type Output = Result<(), ConnError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.fut.as_mut().poll(cx)
+    }
+}
+
+async fn run<I, S, F, B, E>(
+    shared: Arc<Mutex<Shared<I>>>,
+    settings: Settings,
+    mut svc: S,
+    closing: Arc<AtomicBool>,
+) -> Result<(), ConnError>
+where
+    I: Io,
+    S: FnMut(Request<Body>) -> F + Send + 'static,
+    F: Future<Output = Result<Response<B>, E>> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut wbuf: Vec<u8> = Vec::new();
+    let mut timer = std::pin::pin!(tokio::time::sleep(settings.header_read_timeout));
+    loop {
+        let parsed = match read_head(&shared, &settings, &closing, timer.as_mut()).await {
+            Ok(Some(p)) => p,
+            Ok(None) => return shutdown(&shared).await,
+            Err(ConnError::Head(e)) => {
+                if let Some(status) = e.status() {
+                    refuse(&mut wbuf, status);
+                    write_all(&shared, &wbuf).await?;
+                    let _ = shutdown(&shared).await;
+                }
+                return Err(ConnError::Head(e));
+            }
+            Err(e) => return Err(e),
+        };
+        let Parsed {
+            parts,
+            framing,
+            keep_alive,
+            expect_continue,
+            wants_upgrade,
+            cl_and_te,
+        } = parsed;
+        let method = parts.method.clone();
+        let version = parts.version;
+        let body = {
+            let mut s = lock(&shared);
+            s.generation += 1;
+            s.answered = false;
+            s.decoder = Decoder::new(framing, settings.max_head, settings.max_headers);
+            if s.decoder.is_done() {
+                Body::empty()
+            } else {
+                s.cont = expect_continue.then_some(0);
+                let remaining = match framing {
+                    Framing::Length(n) => Some(n),
+                    Framing::Chunked => None,
+                };
+                let src: Arc<Mutex<dyn Source>> = shared.clone();
+                Body::new(src, s.generation, remaining)
+            }
+        };
+        let mut req = Request::from_parts(parts, body);
+        if cl_and_te {
+            req.extensions_mut()
+                .insert(ContentLengthAndTransferEncoding);
+        }
+        let upgrade_tx = wants_upgrade.then(|| {
+            let (tx, on) = upgrade::pending();
+            req.extensions_mut().insert(on);
+            tx
+        });
+
+        // The answer, unless the client leaves first.
+        let resp = {
+            let mut fut = Box::pin(svc(req));
+            // The client is looked at first, as hyper's dispatcher does: one that closed
+            // right after its request is gone before anything is sent upstream.
+            poll_fn(|cx| {
+                if lock(&shared).poll_gone(cx) {
+                    return Poll::Ready(Err(ConnError::Gone));
+                }
+                fut.as_mut().poll(cx).map(Ok)
+            })
+            .await?
+            .map_err(|e| ConnError::Service(e.into()))?
+        };
+
+        let (rparts, rbody) = resp.into_parts();
+        let status = rparts.status;
+        let body_len = if rbody.is_end_stream() {
+            BodyLen::Empty
+        } else {
+            match rbody.size_hint().exact() {
+                Some(n) => BodyLen::Known(n),
+                None => BodyLen::Unknown,
+            }
+        };
+        let upgrading = upgrade_tx.is_some()
+            && (status == StatusCode::SWITCHING_PROTOCOLS
+                || (method == Method::CONNECT && status.is_success()));
+        lock(&shared).answered = true;
+        wbuf.clear();
+        let written = encode::head(
+            &mut wbuf,
+            status,
+            &rparts.headers,
+            body_len,
+            encode::For {
+                reason: rparts
+                    .extensions
+                    .get::<hyper::ext::ReasonPhrase>()
+                    .map(|r| r.as_bytes()),
+                method: &method,
+                version,
+                keep_alive: keep_alive && !closing.load(Ordering::Relaxed),
+            },
+        )?;
+        drop(rparts);
+        if written.bodiless || upgrading {
+            drop(rbody);
+            write_all(&shared, &wbuf).await?;
+        } else {
+            write_body(&shared, &mut wbuf, rbody, written.encoder).await?;
+        }
+
+        if upgrading && let Some(tx) = upgrade_tx {
+            let handed = {
+                let mut s = lock(&shared);
+                let pre = s.rbuf.split().freeze();
+                s.io.take().map(|io| Upgraded::new(Box::new(io), pre))
+            };
+            if let Some(up) = handed {
+                // The request's side may have given up; then the socket just closes.
+                let _ = tx.send(up);
+            }
+            return Ok(());
+        }
+
+        // An unread body is drained from what already came, or the connection closes.
+        let reusable = poll_fn(|cx| {
+            let mut s = lock(&shared);
+            let drained = s.decoder.is_done() || s.drain_now(cx);
+            s.generation += 1;
+            Poll::Ready(drained && !s.broken && !s.eof)
+        })
+        .await;
+        if written.last || !reusable || closing.load(Ordering::Relaxed) {
+            return shutdown(&shared).await;
+        }
+        if wbuf.capacity() > KEEP {
+            wbuf = Vec::new();
+        }
+        let mut s = lock(&shared);
+        if s.rbuf.is_empty() && s.rbuf.capacity() > KEEP {
+            s.rbuf = BytesMut::new();
+        }
+    }
+}
+
+/// Waits for the next complete head, within the header read timeout. None: the connection
+/// ended cleanly (closed by the client between requests, or told to close while idle).
+async fn read_head<I: Io>(
+    shared: &Mutex<Shared<I>>,
+    settings: &Settings,
+    closing: &AtomicBool,
+    mut timer: Pin<&mut Sleep>,
+) -> Result<Option<Parsed>, ConnError> {
+    let deadline = Instant::now() + settings.header_read_timeout;
+    let mut armed = false;
+    // Bytes already parsed: a head is parsed again only once more came (on every read, as
+    // hyper does, so a bad byte anywhere is answered at once).
+    let mut looked = 0usize;
+    poll_fn(|cx| {
+        {
+            let mut s = lock(shared);
+            loop {
+                if s.rbuf.len() > looked {
+                    looked = s.rbuf.len();
+                    match parse_head(&mut s.rbuf, settings.max_head, settings.max_headers) {
+                        Ok(Some(p)) => return Poll::Ready(Ok(Some(p))),
+                        Ok(None) => {}
+                        Err(e) => return Poll::Ready(Err(ConnError::Head(e))),
+                    }
+                } else if s.rbuf.is_empty() && closing.load(Ordering::Relaxed) {
+                    return Poll::Ready(Ok(None));
+                }
+                if s.eof {
+                    return Poll::Ready(if s.rbuf.is_empty() {
+                        Ok(None)
+                    } else {
+                        Err(ConnError::HeadIncomplete)
+                    });
+                }
+                let room = HEAD_ROOM.max(s.rbuf.len());
+                match s.poll_fill(cx, room) {
+                    Poll::Ready(Ok(0)) => s.eof = true,
+                    Poll::Ready(Ok(_)) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                    Poll::Pending => break,
+                }
+            }
+        }
+        if !armed {
+            timer.as_mut().reset(deadline);
+            armed = true;
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(ConnError::HeadTimeout));
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Streams the answer's body after its head (in `wbuf`): small frames are gathered and
+/// written together, large ones from their own buffer.
+async fn write_body<I, B>(
+    shared: &Mutex<Shared<I>>,
+    wbuf: &mut Vec<u8>,
+    body: B,
+    mut encoder: Encoder,
+) -> Result<(), ConnError>
+where
+    I: Io,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut body = std::pin::pin!(body);
+    let mut trailers: Option<HeaderMap> = None;
+    loop {
+        let mut big: Option<Bytes> = None;
+        let mut ended = false;
+        poll_fn(|cx| {
+            loop {
+                if wbuf.len() >= WRITE_AT {
+                    return Poll::Ready(Ok(()));
+                }
+                match body.as_mut().poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                        Ok(data) if data.is_empty() => {}
+                        Ok(data) => {
+                            let copy = data.len() < COPY_UNDER;
+                            encoder.data(wbuf, &data, copy)?;
+                            if !copy {
+                                big = Some(data);
+                                return Poll::Ready(Ok(()));
+                            }
+                        }
+                        Err(frame) => {
+                            if let Ok(t) = frame.into_trailers() {
+                                trailers = Some(t);
+                            }
+                        }
+                    },
+                    Poll::Ready(Some(Err(e))) => {
+                        return Poll::Ready(Err(ConnError::Body(e.into())));
+                    }
+                    Poll::Ready(None) => {
+                        encoder.finish(wbuf, trailers.as_ref())?;
+                        ended = true;
+                        return Poll::Ready(Ok(()));
+                    }
+                    Poll::Pending => {
+                        if !wbuf.is_empty() {
+                            return Poll::Ready(Ok(()));
+                        }
+                        // Nothing to write: a client that left ends the exchange.
+                        if lock(shared).poll_gone(cx) {
+                            return Poll::Ready(Err(ConnError::Gone));
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+        })
+        .await?;
+        if !wbuf.is_empty() {
+            write_all(shared, wbuf).await?;
+            wbuf.clear();
+        }
+        if let Some(data) = big {
+            write_all(shared, &data).await?;
+            encoder.after(wbuf);
+        }
+        if ended {
+            return Ok(());
+        }
+    }
+}
+
+/// Writes `buf` whole, then flushes.
+async fn write_all<I: Io>(shared: &Mutex<Shared<I>>, buf: &[u8]) -> Result<(), ConnError> {
+    let mut rest = buf;
+    poll_fn(|cx| {
+        let mut s = lock(shared);
+        // A `100 Continue` begun must end before anything else is written.
+        if matches!(s.cont, Some(n) if n > 0) {
+            std::task::ready!(s.poll_continue(cx))?;
+        }
+        s.cont = None;
+        let Some(io) = s.io.as_mut() else {
+            return Poll::Ready(Err(ConnError::Gone));
+        };
+        while !rest.is_empty() {
+            let n = std::task::ready!(Pin::new(&mut *io).poll_write(cx, rest))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
+            }
+            rest = &rest[n..];
+        }
+        Pin::new(io).poll_flush(cx).map_err(Into::into)
+    })
+    .await
+}
+
+/// Closes the sending side (FIN) once everything is written.
+async fn shutdown<I: Io>(shared: &Mutex<Shared<I>>) -> Result<(), ConnError> {
+    poll_fn(|cx| {
+        let mut s = lock(shared);
+        match s.io.as_mut() {
+            Some(io) => Pin::new(io).poll_shutdown(cx).map(|_| Ok(())),
+            None => Poll::Ready(Ok(())),
+        }
+    })
+    .await
+}
+
+/// The answer to a head that cannot be served (hyper's, for the same heads).
+fn refuse(dst: &mut Vec<u8>, status: StatusCode) {
+    dst.clear();
+    let _ = encode::head(
+        dst,
+        status,
+        &HeaderMap::new(),
+        BodyLen::Empty,
+        encode::For {
+            reason: None,
+            method: &Method::GET,
+            version: http::Version::HTTP_11,
+            keep_alive: false,
+        },
+    );
+}
