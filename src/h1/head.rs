@@ -136,13 +136,12 @@ fn syntax(buf: &[u8], spans: &mut [Span]) -> Result<Option<(Syntax, usize)>, Hea
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
-        // However much of the preface has arrived (the version fails at its `2`).
-        Err(httparse::Error::Version)
-            if H2_PREFACE_LINE.starts_with(&buf[..buf.len().min(H2_PREFACE_LINE.len())])
-                || buf.starts_with(H2_PREFACE_LINE) =>
-        {
+        // The version fails at the preface's `2`: wait for the whole preface line, so
+        // that however the bytes are split the answer is the same.
+        Err(httparse::Error::Version) if buf.starts_with(H2_PREFACE_LINE) => {
             return Err(HeadError::H2Preface);
         }
+        Err(httparse::Error::Version) if H2_PREFACE_LINE.starts_with(buf) => return Ok(None),
         Err(_) => return Err(HeadError::Malformed),
     };
     let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
