@@ -44,7 +44,9 @@ pub(crate) struct Scan {
 /// WHATWG algorithm joins them with LF), and the dispatch with the event's name (empty for
 /// none, and for a name longer than 64 bytes, which matches nothing).
 pub(crate) trait Sink {
-    fn data(&mut self, value: &[u8]);
+    /// A piece of a `data` value; `rest` is the chunk from the piece on (the piece is its
+    /// start), for a sink that looks ahead.
+    fn data(&mut self, value: &[u8], rest: &[u8]);
     fn data_line_end(&mut self);
     fn dispatch(&mut self, name: &[u8]);
 }
@@ -54,7 +56,7 @@ struct Ignore;
 
 impl Sink for Ignore {
     #[inline(always)]
-    fn data(&mut self, _: &[u8]) {}
+    fn data(&mut self, _: &[u8], _: &[u8]) {}
     #[inline(always)]
     fn data_line_end(&mut self) {}
     #[inline(always)]
@@ -222,7 +224,7 @@ impl Scanner {
                     if self.line == Line::Value {
                         match self.kind {
                             Field::Event => self.push_name(value),
-                            Field::Data if !value.is_empty() => sink.data(value),
+                            Field::Data if !value.is_empty() => sink.data(value, rest),
                             _ => {}
                         }
                     }
