@@ -133,9 +133,10 @@ impl UsageMeter {
 /// The token counts of an event stream, taken from its events as `sse::Scanner` reads
 /// them: each event's data is one JSON text.
 ///
-/// Most events hold no count (a content delta, a heartbeat): an event whose bytes are all
-/// in the chunk where its data begins, and hold nothing that a key of interest can be read
-/// from, is not tokenized (see [`may_count`]); its findings would have been none.
+/// Most events hold no count (a content delta, a heartbeat): an event whose data is not an
+/// object or an array, or whose bytes are all in the chunk where its data begins and hold
+/// nothing that a key of interest can be read from (see [`may_count`]), is not tokenized;
+/// its findings would have been none.
 #[derive(Debug, Clone)]
 pub(crate) struct StreamUsage {
     /// For the current event.
@@ -181,9 +182,21 @@ enum Mode {
 impl Sink for StreamUsage {
     fn data(&mut self, value: &[u8], rest: &[u8]) {
         if self.mode == Mode::Undecided {
-            self.mode = match event_end(rest) {
-                Some(end) if !may_count(rest.get(..end).unwrap_or(rest)) => Mode::Skip,
-                _ => Mode::Tokenize,
+            // Whitespace first changes nothing in the tokenizer: the first byte of the root
+            // value decides. Only an object or an array can hold a count.
+            let Some(&first) = value
+                .iter()
+                .find(|&&b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+            else {
+                return;
+            };
+            self.mode = if !matches!(first, b'{' | b'[') {
+                Mode::Skip
+            } else {
+                match event_end(rest, value.len()) {
+                    Some(end) if !may_count(rest.get(..end).unwrap_or(rest)) => Mode::Skip,
+                    _ => Mode::Tokenize,
+                }
             };
         }
         if self.mode == Mode::Tokenize {
@@ -226,12 +239,12 @@ impl Sink for StreamUsage {
 }
 
 /// Where the event whose data begins `rest` ends in it: the offset of its blank line (a line
-/// end just after another), if the chunk holds it. The bytes before it hold all the event's
-/// data, and more (its other lines).
-fn event_end(rest: &[u8]) -> Option<usize> {
-    let mut from = 0;
+/// end just after another), if the chunk holds it. `line_end` is where the data's first line
+/// ends (a CR or an LF, or past the chunk). The bytes before the blank line hold all the
+/// event's data, and more (its other lines).
+fn event_end(rest: &[u8], line_end: usize) -> Option<usize> {
+    let mut at = line_end;
     loop {
-        let at = from + memchr::memchr2(b'\r', b'\n', rest.get(from..)?)?;
         // A CRLF is one line end; a CR last in the chunk may be one too: then the next line
         // begins past the chunk, unknown.
         let next = if rest.get(at..at + 2) == Some(b"\r\n") {
@@ -241,7 +254,7 @@ fn event_end(rest: &[u8]) -> Option<usize> {
         };
         match rest.get(next)? {
             b'\r' | b'\n' => return Some(next),
-            _ => from = next,
+            _ => at = next + memchr::memchr2(b'\r', b'\n', rest.get(next..)?)?,
         }
     }
 }

@@ -747,6 +747,19 @@ fn events_that_cannot_hold_a_count_are_not_tokenized_and_the_counts_stay_the_sam
     // Non-JSON data (the benchmark's padding) is passed over.
     let pad = "data: xxxxxxxxxxxxxxxx\n\ndata: xxxx\n\n";
     assert_eq!(stream_usage(pad.as_bytes(), &[]), (None, 0));
+    // Nor data whose root value is no object or array, even cut mid-event.
+    let scalars = "data: \"usage\"\n\ndata: 12\ndata: 3\n\ndata:\ndata:  \t\ndata: null\n\n";
+    for i in 0..=scalars.len() {
+        assert_eq!(
+            stream_usage(scalars.as_bytes(), &[i]),
+            (None, 0),
+            "cut at {i}"
+        );
+    }
+    // Whitespace first, then the object: tokenized.
+    let spaced = "data:  \ndata: \t{\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n";
+    assert_eq!(stream_usage(spaced.as_bytes(), &[]), (usage(1, 2), 1));
+    assert_eq!(sse(spaced), usage(1, 2));
 }
 
 #[test]
@@ -803,7 +816,8 @@ fn event_end_is_the_first_blank_line_known_to_be_one() {
         (b"x\ndata: y\n", None),
         (b"x", None),
     ] {
-        assert_eq!(event_end(rest), expected, "{rest:?}");
+        let line_end = memchr::memchr2(b'\r', b'\n', rest).unwrap_or(rest.len());
+        assert_eq!(event_end(rest, line_end), expected, "{rest:?}");
     }
 }
 
