@@ -286,8 +286,9 @@ impl Guard {
                     self.oversize = false;
                     self.rearm = true;
                 }
-                let head = data.slice(..b);
-                let rest = data.slice(b..);
+                // The chunk itself when it ends between events, as it mostly does.
+                let mut head = data;
+                let rest = head.split_off(b);
                 let out = if self.held.is_empty() {
                     head
                 } else {
