@@ -10,6 +10,18 @@
 #                                           # against the redis-server on 127.0.0.1:6379, or
 #                                           # features: every feature on, or cache: hits
 #                                           # from a memory cache)
+#   CASE=sse scripts/instructions.sh        # instructions per SSE EVENT: long-lived streams
+#                                           # (bench.sh MODE=sse's shape and config)
+#
+# CASE=sse: STREAMS (100) streams from examples/sse_load's upstream (on 127.0.0.1:13002),
+# an EVENT_BYTES (100) event every EVENT_MS (100) ms on each, held open by sse_load's load
+# client through rampart; once all are open and SETTLE (3) s have passed, WINDOW (6) s are
+# counted, and divided by the events rampart received in them: the calls, in the profile,
+# of RouteMetrics::stream_events_arrived (once per chunk that completes events; the upstream
+# writes one event per chunk), checked against rampart's /metrics (its event counts read
+# just outside the window, so a little more). Fewer streams than the bench's 1,000: rampart
+# runs ~50x slower under callgrind, and must keep up (the script warns when it did not).
+# Needs target/release/examples/sse_load (cargo build --release --example sse_load).
 #
 # Needs valgrind and wrk (apt-get install -y valgrind wrk). Uses 127.0.0.1 only: the
 # stand-in upstream on its fixed port 3001, rampart on PORT, its admin on PORT+1821.
@@ -29,7 +41,8 @@ rl-memory) LOAD_PORT=$((PORT + 2)) ;;
 rl-redis) LOAD_PORT=$((PORT + 3)) ;;
 features) LOAD_PORT=$((PORT + 4)) ;;
 cache) LOAD_PORT=$((PORT + 5)) ;;
-*) echo "CASE must be plain, rl-memory, rl-redis, features or cache, got '$CASE'" >&2; exit 1 ;;
+sse) LOAD_PORT=$PORT ;;
+*) echo "CASE must be plain, rl-memory, rl-redis, features, cache or sse, got '$CASE'" >&2; exit 1 ;;
 esac
 OUT=$(mktemp -d /tmp/rampart-instr.XXXXXX)
 PIDS=()
@@ -53,6 +66,79 @@ trap cleanup EXIT INT TERM
 command -v valgrind >/dev/null || { echo "valgrind missing (apt-get install -y valgrind)" >&2; exit 1; }
 command -v wrk >/dev/null || { echo "wrk missing (apt-get install -y wrk)" >&2; exit 1; }
 [[ -x $BIN ]] || { echo "no binary at $BIN (cargo build --release)" >&2; exit 1; }
+
+if [[ $CASE == sse ]]; then
+    SSE_BIN=${SSE_BIN:-$(dirname "$BIN")/examples/sse_load}
+    STREAMS=${STREAMS:-100}
+    EVENT_MS=${EVENT_MS:-100}
+    EVENT_BYTES=${EVENT_BYTES:-100}
+    SETTLE=${SETTLE:-3}
+    WINDOW=${WINDOW:-6}
+    SSE_PORT=13002
+    [[ -x $SSE_BIN ]] || { echo "no sse_load at $SSE_BIN (cargo build --release --example sse_load)" >&2; exit 1; }
+    if (($(ulimit -n) < 2 * STREAMS + 1024)); then
+        ulimit -n $((2 * STREAMS + 1024))
+    fi
+    sed -e "s/@ADMIN@/127.0.0.1:$((PORT + 1821))/; s/@LISTEN@/127.0.0.1:$PORT/" \
+        -e "s/@UPSTREAM@/127.0.0.1:$SSE_PORT/" \
+        "$ROOT/scripts/bench/rampart-sse.yaml.tmpl" >"$OUT/rampart.yaml"
+    # Events rampart forwarded: the streams' first events plus the gaps after them.
+    events_forwarded() {
+        curl -s "http://127.0.0.1:$((PORT + 1821))/metrics" | awk '
+            /^rampart_http_stream_(first_event|event_gap)_seconds_count/ { n += $2 }
+            END { printf "%d", n }'
+    }
+    "$SSE_BIN" upstream "127.0.0.1:$SSE_PORT" "$EVENT_MS" "$EVENT_BYTES" >"$OUT/upstream.log" 2>&1 &
+    PIDS+=($!)
+    for _ in $(seq 1 50); do
+        curl -s -o /dev/null -m 1 "http://127.0.0.1:$SSE_PORT/?count=1" && break
+        sleep 0.1
+    done
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.out.%p" \
+        "$BIN" run --config "$OUT/rampart.yaml" --workers "$WORKERS" >"$OUT/rampart.log" 2>&1 &
+    VG=$!
+    PIDS+=("$VG")
+    for _ in $(seq 1 150); do
+        curl -s -o /dev/null -m 5 "http://127.0.0.1:$PORT/v1/stream?count=1" && break
+        sleep 0.2
+    done
+    # The load client holds the streams far longer than needed; it is stopped at the end.
+    "$SSE_BIN" load "http://127.0.0.1:$PORT/v1/stream" "$STREAMS" 600 1 "$(getconf CLK_TCK)" \
+        >"$OUT/load.out" 2>"$OUT/load.log" &
+    PIDS+=($!)
+    for _ in $(seq 1 600); do
+        grep -q "streams open" "$OUT/load.log" && break
+        sleep 0.2
+    done
+    grep -q "streams open" "$OUT/load.log" || { echo "the streams did not open" >&2; cat "$OUT/load.log" >&2; exit 1; }
+    sleep "$SETTLE"
+    e0=$(events_forwarded)
+    callgrind_control -i on "$VG" >/dev/null 2>&1
+    sleep "$WINDOW"
+    callgrind_control -i off "$VG" >/dev/null 2>&1
+    e1=$(events_forwarded)
+    callgrind_control -d "$VG" >/dev/null 2>&1
+    sleep 0.5
+    file=$(grep -l "^totals: [1-9]" "$OUT"/callgrind.out.* | head -1)
+    ir=$(awk '/^totals:/ { print $2 }' "$file")
+    # The function's id in the compressed profile, then the calls made to it.
+    id=$(grep -o '^c\?fn=([0-9]*) rampart::observe::http::RouteMetrics::stream_events_arrived$' "$file" |
+        head -1 | sed 's/.*(\([0-9]*\)).*/\1/')
+    [[ -n $id ]] || { echo "stream_events_arrived not in $file" >&2; exit 1; }
+    n=$(awk -v c="cfn=($id)" '$1 == c { getline; sub(/^calls=/, "", $1); s += $1 } END { printf "%d", s }' "$file")
+    expected=$((STREAMS * WINDOW * 1000 / EVENT_MS))
+    if ((n * 100 < expected * 95)) || (((e1 - e0) * 100 > n * 110)); then
+        echo "warning: $n event chunks in the window, $((e1 - e0)) events around it, $expected sent:" \
+            "rampart under callgrind fell behind (events then share chunks); use fewer STREAMS" >&2
+    fi
+    if grep -qE "a stream (failed|had no)" "$OUT/load.log"; then
+        echo "warning: the load client reported failures:" >&2
+        grep -E "a stream (failed|had no)" "$OUT/load.log" >&2
+    fi
+    echo "events $n (/metrics around the window: $((e1 - e0)); $expected sent), instructions $ir, per event $((ir / (n > 0 ? n : 1)))"
+    echo "profile: $file"
+    exit 0
+fi
 
 sed -e "s/@ADMIN@/127.0.0.1:$((PORT + 1821))/; s/@LISTEN@/127.0.0.1:$PORT/" \
     -e "s/@LISTEN_RL_MEMORY@/127.0.0.1:$((PORT + 2))/; s/@LISTEN_RL_REDIS@/127.0.0.1:$((PORT + 3))/" \

@@ -14,12 +14,14 @@
 //! Timers are polled only while the upstream has nothing to read, so a client that reads
 //! slowly never makes a healthy upstream look stalled (the send timeout deals with that
 //! client). One `Sleep` per stream is armed at the nearest deadline and re-armed lazily
-//! when it fires early, so an event costs no timer update.
+//! when it fires early, so an event costs no timer update; and as events only move the
+//! deadlines later (but for the first event, and the end of an oversize one), a poll with
+//! the sleep armed, not fired and registered for the same task touches no timer at all.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -88,6 +90,11 @@ struct Guard {
     last_sent: Instant,
     events: u64,
     sleep: Option<Pin<Box<Sleep>>>,
+    /// The task `sleep` last registered with, when it was polled (with coop budget left, so
+    /// it did register) since its last reset or firing.
+    registered: Option<Waker>,
+    /// A deadline may have moved earlier than `sleep`'s: the next poll re-arms it.
+    rearm: bool,
     /// Nothing more goes to the client.
     done: bool,
     news: News,
@@ -126,6 +133,8 @@ where
                 last_sent: now,
                 events: 0,
                 sleep: None,
+                registered: None,
+                rearm: false,
                 done: false,
                 news: News::default(),
                 saw_in_band: false,
@@ -248,6 +257,8 @@ impl Guard {
             self.last_activity = now;
             if scan.events > 0 {
                 if self.events == 0 {
+                    // `between_events` now, which may end before `first_event`.
+                    self.rearm = true;
                     self.metrics
                         .stream_first_event(now.saturating_duration_since(self.started));
                     if scan.events > 1 {
@@ -270,9 +281,14 @@ impl Guard {
         }
         let mut out = match scan.boundary {
             Some(b) => {
-                self.oversize = false;
-                let head = data.slice(..b);
-                let rest = data.slice(b..);
+                if self.oversize {
+                    // Heartbeats are due again.
+                    self.oversize = false;
+                    self.rearm = true;
+                }
+                // The chunk itself when it ends between events, as it mostly does.
+                let mut head = data;
+                let rest = head.split_off(b);
                 let out = if self.held.is_empty() {
                     head
                 } else {
@@ -310,6 +326,16 @@ impl Guard {
 
     /// The upstream has nothing to read: a timer may end the stream or send a heartbeat.
     fn poll_timers(&mut self, cx: &mut Context<'_>) -> Poll<Ending> {
+        // Armed at or before every deadline (they only moved later since), not fired, and
+        // it will wake this task: nothing to do.
+        if !self.rearm
+            && let (Some(sleep), Some(w)) = (&self.sleep, &self.registered)
+            && !sleep.is_elapsed()
+            && w.will_wake(cx.waker())
+        {
+            return Poll::Pending;
+        }
+        self.rearm = false;
         loop {
             let Some(next) = self.next_deadline() else {
                 return Poll::Pending;
@@ -319,10 +345,22 @@ impl Guard {
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(next)));
             if sleep.deadline() > next {
                 sleep.as_mut().reset(next);
+                self.registered = None;
             }
+            // Out of coop budget, a sleep returns Pending without registering.
+            let registers = tokio::task::coop::has_budget_remaining();
             if sleep.as_mut().poll(cx).is_pending() {
+                if registers
+                    && !self
+                        .registered
+                        .as_ref()
+                        .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    self.registered = Some(cx.waker().clone());
+                }
                 return Poll::Pending;
             }
+            self.registered = None;
             let now = Instant::now();
             if self.max_at().is_some_and(|at| now >= at) {
                 return Poll::Ready(self.finish(StreamEnd::MaxDuration, BodyError::Total));
@@ -346,6 +384,7 @@ impl Guard {
             {
                 sleep.as_mut().reset(next);
             }
+            self.registered = None;
         }
     }
 

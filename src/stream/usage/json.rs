@@ -178,8 +178,21 @@ impl Json {
         }
     }
 
+    /// As new, writing only what is read before it is written again: `roles`, `nodes`
+    /// and `key` are set on opening a container with a role, a node and a key.
     pub(super) fn reset(&mut self) {
-        *self = Json::new();
+        self.expect = Expect::Value;
+        self.lex = Lex::None;
+        self.objects = 0;
+        self.depth = 0;
+        self.chain = 0;
+        self.key_len = 0;
+        self.pending = Slot::None;
+        self.num_slot = Slot::None;
+        self.num = None;
+        self.usage = [None; 2];
+        self.flow = None;
+        self.top_object = None;
     }
 
     /// One whole JSON text was read (and only whitespace since).

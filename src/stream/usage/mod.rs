@@ -132,8 +132,18 @@ impl UsageMeter {
 
 /// The token counts of an event stream, taken from its events as `sse::Scanner` reads
 /// them: each event's data is one JSON text.
+///
+/// Most events hold no count (a content delta, a heartbeat): an event whose data is not an
+/// object or an array, or whose bytes are all in the chunk where its data begins and hold
+/// nothing that a key of interest can be read from (see [`may_count`]), is not tokenized;
+/// its findings would have been none.
 #[derive(Debug, Clone)]
 pub(crate) struct StreamUsage {
+    /// For the current event.
+    mode: Mode,
+    /// Events tokenized and dispatched (the prefilter's tests).
+    #[cfg(test)]
+    tokenized: usize,
     json: Json,
     /// The last OpenAI `usage` of a dispatched event.
     usage: Option<Usage>,
@@ -144,6 +154,9 @@ pub(crate) struct StreamUsage {
 impl StreamUsage {
     pub(crate) fn new() -> StreamUsage {
         StreamUsage {
+            mode: Mode::Undecided,
+            #[cfg(test)]
+            tokenized: 0,
             json: Json::new(),
             usage: None,
             flow: None,
@@ -156,16 +169,58 @@ impl StreamUsage {
     }
 }
 
+/// Whether the current event's data is tokenized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// No data piece yet (an empty data line, whitespace to the tokenizer, changes nothing).
+    Undecided,
+    Tokenize,
+    /// The event can hold no count: its data is passed over.
+    Skip,
+}
+
 impl Sink for StreamUsage {
-    fn data(&mut self, value: &[u8]) {
-        self.json.feed(value);
+    fn data(&mut self, value: &[u8], rest: &[u8]) {
+        if self.mode == Mode::Undecided {
+            // Whitespace first changes nothing in the tokenizer: the first byte of the root
+            // value decides. Only an object or an array can hold a count.
+            let Some(&first) = value
+                .iter()
+                .find(|&&b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+            else {
+                return;
+            };
+            self.mode = if !matches!(first, b'{' | b'[') {
+                Mode::Skip
+            } else {
+                match event_end(rest, value.len()) {
+                    Some(end) if !may_count(rest.get(..end).unwrap_or(rest)) => Mode::Skip,
+                    _ => Mode::Tokenize,
+                }
+            };
+        }
+        if self.mode == Mode::Tokenize {
+            self.json.feed(value);
+        }
     }
 
     fn data_line_end(&mut self) {
-        self.json.feed(b"\n");
+        if self.mode == Mode::Tokenize {
+            self.json.feed(b"\n");
+        }
     }
 
     fn dispatch(&mut self, name: &[u8]) {
+        if self.mode != Mode::Tokenize {
+            // Nothing was fed: the tokenizer is as new, and would have found nothing.
+            self.mode = Mode::Undecided;
+            return;
+        }
+        self.mode = Mode::Undecided;
+        #[cfg(test)]
+        {
+            self.tokenized += 1;
+        }
         let json = &self.json;
         if json.complete() {
             if name == FLOW_EVENT {
@@ -181,6 +236,65 @@ impl Sink for StreamUsage {
         }
         self.json.reset();
     }
+}
+
+/// Where the event whose data begins `rest` ends in it: the offset of its blank line (a line
+/// end just after another), if the chunk holds it. `line_end` is where the data's first line
+/// ends (a CR or an LF, or past the chunk). The bytes before the blank line hold all the
+/// event's data, and more (its other lines).
+fn event_end(rest: &[u8], line_end: usize) -> Option<usize> {
+    let mut at = line_end;
+    loop {
+        // A CRLF is one line end; a CR last in the chunk may be one too: then the next line
+        // begins past the chunk, unknown.
+        let next = if rest.get(at..at + 2) == Some(b"\r\n") {
+            at + 2
+        } else {
+            at + 1
+        };
+        match rest.get(next)? {
+            b'\r' | b'\n' => return Some(next),
+            _ => at = next + memchr::memchr2(b'\r', b'\n', rest.get(next..)?)?,
+        }
+    }
+}
+
+/// Whether an event whose raw bytes (data lines and any others) are `event` may hold a count:
+/// whether its data, decoded as JSON, may have a key of interest. Every key counted holds
+/// `usage` (an OpenAI `usage`), or `tokens` or `Tokens` (a FastGPT node's counts: the
+/// `flowResponses` event's data); a key is read with its escapes decoded, and only `\uXXXX`
+/// can make a letter. Data lines are joined with a line feed, which no key of interest
+/// holds, so a key in the data is in the raw bytes as it is, or has a `\u` there.
+///
+/// `"usage":null` (or `"usage": null`) does not count, wherever it stands: a string's text,
+/// a key of no interest, or the root's `usage` whose value holds no count (OpenAI's chunks
+/// before the last say so).
+fn may_count(event: &[u8]) -> bool {
+    let at = |from: usize, len: usize| event.get(from..from + len).unwrap_or_default();
+    let mut from = 0;
+    while let Some(i) = event
+        .get(from..)
+        .and_then(|r| memchr::memchr3(b'g', b'k', b'\\', r))
+    {
+        let i = from + i;
+        let hit = match event.get(i) {
+            Some(b'\\') => event.get(i + 1) == Some(&b'u'),
+            Some(b'k') => i >= 1 && at(i - 1, 5) == b"okens",
+            Some(b'g') => {
+                i >= 3
+                    && at(i - 3, 5) == b"usage"
+                    && !(i >= 4
+                        && at(i - 4, 1) == b"\""
+                        && (at(i + 2, 6) == b"\":null" || at(i + 2, 7) == b"\": null"))
+            }
+            _ => false,
+        };
+        if hit {
+            return true;
+        }
+        from = i + 1;
+    }
+    false
 }
 
 mod json;

@@ -699,6 +699,128 @@ fn stream() -> impl Strategy<Value = String> {
         })
 }
 
+/// The counts of `stream` fed in pieces cut at `cuts`, and how many events were tokenized.
+fn stream_usage(stream: &[u8], cuts: &[usize]) -> (Option<Usage>, usize) {
+    let mut cuts: Vec<usize> = cuts.iter().map(|&c| c.min(stream.len())).collect();
+    cuts.push(stream.len());
+    cuts.sort_unstable();
+    let (mut scanner, mut u) = (Scanner::new::<&str>(&[]), StreamUsage::new());
+    let mut from = 0;
+    for to in cuts {
+        scanner.feed_with(&stream[from..to], &mut u);
+        from = to;
+    }
+    (u.usage(), u.tokenized)
+}
+
+#[test]
+fn events_that_cannot_hold_a_count_are_not_tokenized_and_the_counts_stay_the_same_at_every_cut() {
+    // (stream, counts, events tokenized when fed whole, events with data)
+    let cases: [(&str, Option<Usage>, usize, usize); 2] = [
+        // The chunks with `"usage":null` and `[DONE]` are passed over; the last usage not.
+        (OPENAI, usage(19, 10), 1, 5),
+        // The answers pass, `flowResponses` (with its `Tokens`) is tokenized.
+        (FASTGPT, usage(120 + 50 + 7, 30 + 5 + 3), 1, 5),
+    ];
+    for (stream, counts, whole, all) in cases {
+        let bytes = stream.as_bytes();
+        assert_eq!(reference_stream(bytes), counts, "{stream}");
+        assert_eq!(stream_usage(bytes, &[]), (counts, whole), "{stream}");
+        for i in 0..=bytes.len() {
+            for j in [i, i + 1, i + 7, i + 64] {
+                let (found, tokenized) = stream_usage(bytes, &[i, j]);
+                assert_eq!(found, counts, "cut at {i} and {j}: {stream}");
+                assert!((whole..=all).contains(&tokenized), "cut at {i} and {j}");
+            }
+        }
+        // Byte by byte no event is whole in its chunk: every one is tokenized.
+        let each: Vec<usize> = (1..bytes.len()).collect();
+        assert_eq!(stream_usage(bytes, &each), (counts, all), "{stream}");
+    }
+    // A usage on a later data line, or behind an escape, in the same chunk: tokenized.
+    let later = "data: {\"choices\":[],\ndata: \"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n";
+    assert_eq!(stream_usage(later.as_bytes(), &[]), (usage(3, 4), 1));
+    let escaped = "data: {\"us\\u0061ge\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n";
+    assert_eq!(stream_usage(escaped.as_bytes(), &[]), (usage(3, 4), 1));
+    let split = "data: {\"usage\":{\"prompt\\u005ftokens\":3,\"completion_tokens\":4}}\r\n\r\n";
+    assert_eq!(sse(split), usage(3, 4));
+    // Non-JSON data (the benchmark's padding) is passed over.
+    let pad = "data: xxxxxxxxxxxxxxxx\n\ndata: xxxx\n\n";
+    assert_eq!(stream_usage(pad.as_bytes(), &[]), (None, 0));
+    // Nor data whose root value is no object or array, even cut mid-event.
+    let scalars = "data: \"usage\"\n\ndata: 12\ndata: 3\n\ndata:\ndata:  \t\ndata: null\n\n";
+    for i in 0..=scalars.len() {
+        assert_eq!(
+            stream_usage(scalars.as_bytes(), &[i]),
+            (None, 0),
+            "cut at {i}"
+        );
+    }
+    // Whitespace first, then the object: tokenized.
+    let spaced = "data:  \ndata: \t{\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n";
+    assert_eq!(stream_usage(spaced.as_bytes(), &[]), (usage(1, 2), 1));
+    assert_eq!(sse(spaced), usage(1, 2));
+}
+
+#[test]
+fn may_count_finds_every_way_a_key_of_interest_can_be_written() {
+    for (event, expected) in [
+        (&b"data: {\"usage\":{}}\n"[..], true),
+        (b"\"usage\":null", false),
+        (b"\"usage\": null", false),
+        (b"{\"usage\":null,\"usage\":{\"prompt_tokens\":1}}", true),
+        (b"\"usage\":nul", true),
+        (b"\"usage\":  null", true),
+        (b"x\"usage\"", true),
+        (b"xusage\":null", true),
+        (b"usage", true),
+        (b"usag", false),
+        (b"sage", false),
+        (b"inputTokens", true),
+        (b"tokens", true),
+        (b"okens", true),
+        (b"Token", false),
+        (b"kens", false),
+        (b"\\u0075", true),
+        (b"\\u", true),
+        (b"\\n\\t\\\"\\/\\\\", false),
+        (b"\\", false),
+        (
+            b"{\"choices\":[{\"delta\":{\"content\":\"chunk gpt-4o\"}}]}",
+            false,
+        ),
+        (b"", false),
+    ] {
+        assert_eq!(
+            may_count(event),
+            expected,
+            "{}",
+            String::from_utf8_lossy(event)
+        );
+    }
+}
+
+#[test]
+fn event_end_is_the_first_blank_line_known_to_be_one() {
+    for (rest, expected) in [
+        (&b"x\n\n"[..], Some(2)),
+        (b"x\r\r", Some(2)),
+        (b"x\r\n\r\n", Some(3)),
+        (b"x\n\r", Some(2)),
+        (b"x\r\n\n", Some(3)),
+        (b"x\ndata: y\n\ndata: z\n\n", Some(10)),
+        (b"x\n: c\nid: 1\r\n\r\n", Some(13)),
+        (b"x\n", None),
+        (b"x\r", None),
+        (b"x\r\n", None),
+        (b"x\ndata: y\n", None),
+        (b"x", None),
+    ] {
+        let line_end = memchr::memchr2(b'\r', b'\n', rest).unwrap_or(rest.len());
+        assert_eq!(event_end(rest, line_end), expected, "{rest:?}");
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
     /// However an event stream is cut, the meter finds what parsing each event's data
