@@ -666,27 +666,40 @@ enum H1Event {
 fn h1_read(stream: &[u8], step: usize, max_head: usize, max_headers: usize) -> Vec<H1Event> {
     use bytes::BytesMut;
 
-    use crate::h1::{Decoded, Decoder, parse_head};
+    use crate::h1::{Decoded, Decoder, may_end_head, parse_head};
 
     let mut buf = BytesMut::new();
     let mut fed = 0usize;
     let mut out = Vec::new();
     // At most as many requests as a connection's bytes could hold, and never unbounded.
     for _ in 0..64 {
-        let mut looked = 0usize;
+        // As `h1::conn` reads a head: parsed at the first look, then only when new bytes
+        // may end it or the limit is reached; here also once more at the end of the bytes
+        // (where the connection's timeout would end it), so whole and split agree.
+        let mut looked: Option<usize> = None;
         let parsed = loop {
-            if buf.len() > looked {
-                looked = buf.len();
-                match parse_head(&mut buf, max_head, max_headers) {
-                    Ok(Some(p)) => break p,
-                    Ok(None) => {}
-                    Err(e) => {
-                        out.push(H1Event::Error(e.to_string()));
-                        return out;
+            let len = buf.len();
+            let at_end = fed >= stream.len();
+            if len > looked.unwrap_or(0) || (at_end && looked.is_some_and(|l| l < len)) {
+                let worth = match looked {
+                    None => true,
+                    Some(prev) => at_end || len >= max_head || may_end_head(&buf, prev),
+                };
+                if worth {
+                    looked = Some(len);
+                    match parse_head(&mut buf, max_head, max_headers) {
+                        Ok(Some(p)) => break p,
+                        Ok(None) => {}
+                        Err(e) => {
+                            out.push(H1Event::Error(e.to_string()));
+                            return out;
+                        }
                     }
+                } else if len > 0 && looked.is_none() {
+                    looked = Some(len);
                 }
             }
-            if fed >= stream.len() {
+            if at_end {
                 if !buf.is_empty() {
                     out.push(H1Event::Short);
                 }

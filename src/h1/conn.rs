@@ -25,7 +25,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -102,6 +102,12 @@ struct Shared<I> {
     cont: Option<usize>,
     /// The answer's head has started: no `100 Continue` any more.
     answered: bool,
+    /// The connection's task, waiting for the body (held elsewhere) to be read whole
+    /// before it looks for a client that left.
+    conn_waker: Option<Waker>,
+    /// The body's reader, waiting on the socket: the connection's own reads and writes
+    /// take the socket's wakers from it, so it is woken when the connection moves on.
+    body_waker: Option<Waker>,
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin> Shared<I> {
@@ -141,7 +147,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Shared<I> {
     /// `mid_message_detect_eof`): only once the request's body is all read and nothing of a
     /// next request has arrived, and only the first time EOF is seen.
     fn poll_gone(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.eof || self.io.is_none() || !self.decoder.is_done() || !self.rbuf.is_empty() {
+        if !self.decoder.is_done() {
+            // The body is being read elsewhere: be woken when it ends.
+            set_waker(&mut self.conn_waker, cx);
+            return false;
+        }
+        if self.eof || self.io.is_none() || !self.rbuf.is_empty() {
             return false;
         }
         match self.poll_fill(cx, 64) {
@@ -201,15 +212,33 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Source for Shared<I> {
         if self.cont.is_some() {
             if self.answered && self.cont == Some(0) {
                 self.cont = None;
-            } else if let Err(e) = std::task::ready!(self.poll_continue(cx)) {
-                return Poll::Ready(Some(Err(e.into())));
+            } else {
+                match self.poll_continue(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                    Poll::Pending => {
+                        set_waker(&mut self.body_waker, cx);
+                        return Poll::Pending;
+                    }
+                }
             }
         }
         loop {
             match self.decoder.decode(&mut self.rbuf) {
-                Ok(Decoded::Data(d)) => return Poll::Ready(Some(Ok(Frame::data(d)))),
-                Ok(Decoded::Trailers(t)) => return Poll::Ready(Some(Ok(Frame::trailers(t)))),
-                Ok(Decoded::End) => return Poll::Ready(None),
+                Ok(Decoded::Data(d)) => {
+                    if self.decoder.is_done() {
+                        wake(&mut self.conn_waker);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                Ok(Decoded::Trailers(t)) => {
+                    wake(&mut self.conn_waker);
+                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                }
+                Ok(Decoded::End) => {
+                    wake(&mut self.conn_waker);
+                    return Poll::Ready(None);
+                }
                 Ok(Decoded::NeedMore) => {}
                 Err(e) => {
                     self.broken = true;
@@ -223,7 +252,14 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Source for Shared<I> {
             let room = self.decoder.remaining().map_or(BODY_ROOM, |n| {
                 usize::try_from(n).unwrap_or(BODY_ROOM).min(BODY_ROOM)
             });
-            match std::task::ready!(self.poll_fill(cx, room)) {
+            let filled = match self.poll_fill(cx, room) {
+                Poll::Ready(r) => r,
+                Poll::Pending => {
+                    set_waker(&mut self.body_waker, cx);
+                    return Poll::Pending;
+                }
+            };
+            match filled {
                 Ok(0) => self.eof = true,
                 Ok(_) => {}
                 Err(e) => {
@@ -232,6 +268,33 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Source for Shared<I> {
                 }
             }
         }
+    }
+}
+
+/// Keeps `cx`'s waker in `slot` (a clone only when it changed).
+fn set_waker(slot: &mut Option<Waker>, cx: &Context<'_>) {
+    match slot {
+        Some(w) if w.will_wake(cx.waker()) => {}
+        _ => *slot = Some(cx.waker().clone()),
+    }
+}
+
+fn wake(slot: &mut Option<Waker>) {
+    if let Some(w) = slot.take() {
+        w.wake();
+    }
+}
+
+/// Ends the connection for whoever still holds its request body: the body reads `Gone`,
+/// and the socket closes now, not when the last body is dropped.
+struct Ended<I: Io>(Arc<Mutex<Shared<I>>>);
+
+impl<I: Io> Drop for Ended<I> {
+    fn drop(&mut self) {
+        let mut s = lock(&self.0);
+        s.generation += 1;
+        s.io = None;
+        wake(&mut s.body_waker);
     }
 }
 
@@ -268,6 +331,8 @@ impl Connection {
             broken: false,
             cont: None,
             answered: false,
+            conn_waker: None,
+            body_waker: None,
         }));
         Connection {
             fut: Box::pin(run(shared, settings, svc, closing.clone())),
@@ -302,6 +367,7 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let _ended = Ended(shared.clone());
     let mut wbuf: Vec<u8> = Vec::new();
     let mut timer = std::pin::pin!(tokio::time::sleep(settings.header_read_timeout));
     loop {
@@ -328,6 +394,12 @@ where
         } = parsed;
         let method = parts.method.clone();
         let version = parts.version;
+        // Trailers are sent only to a client that said it takes them (hyper's rule).
+        let te_trailers = parts
+            .headers
+            .get_all(http::header::TE)
+            .iter()
+            .any(|v| super::head::has_token(v.as_bytes(), b"trailers"));
         let body = {
             let mut s = lock(&shared);
             s.generation += 1;
@@ -406,7 +478,7 @@ where
             drop(rbody);
             write_all(&shared, &wbuf).await?;
         } else {
-            write_body(&shared, &mut wbuf, rbody, written.encoder).await?;
+            write_body(&shared, &mut wbuf, rbody, written.encoder, te_trailers).await?;
         }
 
         if upgrading && let Some(tx) = upgrade_tx {
@@ -427,6 +499,8 @@ where
             let mut s = lock(&shared);
             let drained = s.decoder.is_done() || s.drain_now(cx);
             s.generation += 1;
+            s.conn_waker = None;
+            wake(&mut s.body_waker);
             Poll::Ready(drained && !s.broken && !s.eof)
         })
         .await;
@@ -453,19 +527,27 @@ async fn read_head<I: Io>(
 ) -> Result<Option<Parsed>, ConnError> {
     let deadline = Instant::now() + settings.header_read_timeout;
     let mut armed = false;
-    // Bytes already parsed: a head is parsed again only once more came (on every read, as
-    // hyper does, so a bad byte anywhere is answered at once).
-    let mut looked = 0usize;
+    // Bytes already looked at: after the first look, a head is parsed again only once the
+    // new bytes may end it (hyper's `is_complete_fast`), so a head trickled byte by byte
+    // costs linear time, not quadratic.
+    let mut looked: Option<usize> = None;
     poll_fn(|cx| {
         {
             let mut s = lock(shared);
             loop {
-                if s.rbuf.len() > looked {
-                    looked = s.rbuf.len();
-                    match parse_head(&mut s.rbuf, settings.max_head, settings.max_headers) {
-                        Ok(Some(p)) => return Poll::Ready(Ok(Some(p))),
-                        Ok(None) => {}
-                        Err(e) => return Poll::Ready(Err(ConnError::Head(e))),
+                let len = s.rbuf.len();
+                if len > looked.unwrap_or(0) {
+                    let worth = match looked {
+                        None => true,
+                        Some(prev) => len >= settings.max_head || may_end_head(&s.rbuf, prev),
+                    };
+                    looked = Some(len);
+                    if worth {
+                        match parse_head(&mut s.rbuf, settings.max_head, settings.max_headers) {
+                            Ok(Some(p)) => return Poll::Ready(Ok(Some(p))),
+                            Ok(None) => {}
+                            Err(e) => return Poll::Ready(Err(ConnError::Head(e))),
+                        }
                     }
                 } else if s.rbuf.is_empty() && closing.load(Ordering::Relaxed) {
                     return Poll::Ready(Ok(None));
@@ -498,6 +580,13 @@ async fn read_head<I: Io>(
     .await
 }
 
+/// Whether bytes past `prev` (and the three before, where a line end may have begun) may
+/// end a head: a blank line, CRLF or bare LF (hyper's `is_complete_fast`).
+pub(crate) fn may_end_head(buf: &[u8], prev: usize) -> bool {
+    let tail = &buf[prev.saturating_sub(3).min(buf.len())..];
+    tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
+}
+
 /// Streams the answer's body after its head (in `wbuf`): small frames are gathered and
 /// written together, large ones from their own buffer.
 async fn write_body<I, B>(
@@ -505,6 +594,7 @@ async fn write_body<I, B>(
     wbuf: &mut Vec<u8>,
     body: B,
     mut encoder: Encoder,
+    te_trailers: bool,
 ) -> Result<(), ConnError>
 where
     I: Io,
@@ -533,7 +623,9 @@ where
                             }
                         }
                         Err(frame) => {
-                            if let Ok(t) = frame.into_trailers() {
+                            if let Ok(t) = frame.into_trailers()
+                                && te_trailers
+                            {
                                 trailers = Some(t);
                             }
                         }
@@ -582,6 +674,7 @@ async fn write_all<I: Io>(shared: &Mutex<Shared<I>>, buf: &[u8]) -> Result<(), C
         // A `100 Continue` begun must end before anything else is written.
         if matches!(s.cont, Some(n) if n > 0) {
             std::task::ready!(s.poll_continue(cx))?;
+            wake(&mut s.body_waker);
         }
         s.cont = None;
         let Some(io) = s.io.as_mut() else {
@@ -669,6 +762,8 @@ mod tests {
             broken: false,
             cont: None,
             answered: false,
+            conn_waker: None,
+            body_waker: None,
         }));
         let settings = Settings {
             header_read_timeout: Duration::from_secs(5),

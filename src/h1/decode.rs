@@ -11,6 +11,8 @@ use super::head::Framing;
 
 /// hyper's `CHUNKED_EXTENSIONS_LIMIT`.
 const EXTENSIONS_LIMIT: u64 = 16 * 1024;
+/// hyper's `TRAILER_LIMIT`: what its server allows of trailers (it sets no head size).
+const TRAILER_LIMIT: usize = 16 * 1024;
 
 /// What the decoder found in the buffer.
 #[derive(Debug, PartialEq, Eq)]
@@ -95,7 +97,7 @@ impl Decoder {
         };
         Decoder {
             kind,
-            max_trailer_bytes: max_head,
+            max_trailer_bytes: max_head.min(TRAILER_LIMIT),
             max_trailers: max_headers,
         }
     }
@@ -269,7 +271,10 @@ fn chunked(
                 State::EndCr
             }
             State::EndCr => {
-                push(c, b, max_trailer_bytes)?;
+                // The last chunk's own CRLF is no trailer: only a trailer begun keeps it.
+                if b != b'\r' || c.trailers.is_some() {
+                    push(c, b, max_trailer_bytes)?;
+                }
                 if b == b'\r' {
                     State::EndLf
                 } else {
@@ -282,7 +287,7 @@ fn chunked(
                 }
                 let trailers = match c.trailers.take() {
                     Some(mut t) => {
-                        t.extend_from_slice(b"\n");
+                        push_into(&mut t, b, max_trailer_bytes)?;
                         Some(trailers(&t, c.trailer_count)?)
                     }
                     None => None,
@@ -294,11 +299,17 @@ fn chunked(
     }
 }
 
-/// Keeps a trailer byte (hyper's `put_u8!`), within the head size limit.
+/// Keeps a trailer byte (hyper's `put_u8!`), within the trailer size limit.
 fn push(c: &mut Chunked, b: u8, max: usize) -> Result<(), DecodeError> {
-    let t = c
-        .trailers
-        .get_or_insert_with(|| BytesMut::with_capacity(64));
+    push_into(
+        c.trailers
+            .get_or_insert_with(|| BytesMut::with_capacity(64)),
+        b,
+        max,
+    )
+}
+
+fn push_into(t: &mut BytesMut, b: u8, max: usize) -> Result<(), DecodeError> {
     if t.len() >= max {
         return Err(DecodeError::Trailers);
     }
@@ -364,6 +375,14 @@ mod tests {
         for step in 1..wire.len() {
             assert_eq!(run(wire, step).unwrap(), whole, "split every {step}");
         }
+    }
+
+    #[test]
+    fn a_chunked_body_without_trailers_hands_out_no_trailers() {
+        let (data, trailers, ended) = run(b"5\r\nhello\r\n0\r\n\r\n", usize::MAX).unwrap();
+        assert_eq!(data, b"hello");
+        assert!(trailers.is_none(), "{trailers:?}");
+        assert!(ended);
     }
 
     #[test]

@@ -94,12 +94,23 @@ pub(crate) fn head(
     let http10 = req.version == Version::HTTP_10;
     let upgrade = status == StatusCode::SWITCHING_PROTOCOLS
         || (method == Method::CONNECT && status.is_success());
-    // hyper answers a 1xx the service returned with a 500; rampart never returns one.
-    let status = if status.is_informational() && !upgrade {
-        StatusCode::INTERNAL_SERVER_ERROR
-    } else {
-        status
-    };
+    // hyper answers a 1xx the service returned with a bare 500 and closes; rampart's
+    // pipeline never returns one.
+    if status.is_informational() && !upgrade {
+        let closing = For {
+            reason: None,
+            keep_alive: false,
+            ..req
+        };
+        return head(
+            dst,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &HeaderMap::new(),
+            BodyLen::Empty,
+            closing,
+        )
+        .map(|w| Written { last: true, ..w });
+    }
     let mut last = !req.keep_alive || upgrade;
     let response_keep_alive = headers
         .get_all(CONNECTION)
@@ -367,7 +378,7 @@ impl Encoder {
                 dst.extend_from_slice(b"0\r\n");
                 if let (Some(allowed), Some(trailers)) = (allowed, trailers) {
                     for (name, value) in trailers {
-                        if allowed.contains(name) {
+                        if allowed.contains(name) && trailer_allowed(name) {
                             line(dst, name.as_str().as_bytes(), value.as_bytes());
                         }
                     }
@@ -377,6 +388,30 @@ impl Encoder {
             }
         }
     }
+}
+
+/// hyper's `is_valid_trailer_field`: fields that frame, route or authenticate a message
+/// never come as trailers.
+fn trailer_allowed(name: &HeaderName) -> bool {
+    use http::header::{
+        AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_RANGE, CONTENT_TYPE, HOST,
+        MAX_FORWARDS, SET_COOKIE, TE,
+    };
+    ![
+        AUTHORIZATION,
+        CACHE_CONTROL,
+        CONTENT_ENCODING,
+        CONTENT_LENGTH,
+        CONTENT_RANGE,
+        CONTENT_TYPE,
+        HOST,
+        MAX_FORWARDS,
+        SET_COOKIE,
+        TRAILER,
+        TRANSFER_ENCODING,
+        TE,
+    ]
+    .contains(name)
 }
 
 /// `n` in upper-case hex (hyper's chunk size lines).

@@ -29,6 +29,8 @@ pub(crate) use upgrade::{OnUpgrade, Upgraded};
 
 // The fuzz targets drive the parsers on their own.
 #[allow(unused_imports, reason = "for the fuzz targets")]
+pub(crate) use conn::may_end_head;
+#[allow(unused_imports, reason = "for the fuzz targets")]
 pub(crate) use decode::{Decoded, Decoder};
 #[allow(unused_imports, reason = "for the fuzz targets")]
 pub(crate) use head::{Framing, HeadError, parse_head};

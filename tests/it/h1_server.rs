@@ -1696,3 +1696,60 @@ async fn a_slow_reader_is_cut_at_the_send_timeout_without_harming_others_on_both
         px.shutdown().await;
     }
 }
+
+/// A client that sends a POST with its whole body and then goes away, while the upstream
+/// takes 3 s: the upstream exchange is given up at once (hyper's dispatcher notices the
+/// EOF as soon as the body is read; rampart's server must too, though the body is read by
+/// the upstream client, not by the connection).
+#[tokio::test]
+async fn a_client_that_leaves_after_its_request_body_cancels_the_upstream_exchange_on_both_servers()
+{
+    // With hyper's upstream client the body is read in another task than the connection's.
+    for client in ["rampart", "hyper"] {
+        for server in SERVERS {
+            let up = Upstream::start().await;
+            let yaml = one_route(&up.url(), "", &listener_extra(server, "1s")).replace(
+                "    connect_timeout: 1s\n",
+                &format!("    connect_timeout: 1s\n    client: {client}\n"),
+            );
+            let px = start(&yaml).await;
+            let mut s = TcpStream::connect(px.addr("main").unwrap()).await.unwrap();
+            // The body comes after the head: it is read from the socket by whoever reads
+            // the body, not with the head.
+            s.write_all(b"POST /delay/3000 HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\n")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            s.write_all(b"abc").await.unwrap();
+            // The upstream has the request before the client leaves.
+            let asked = Instant::now();
+            while up
+                .counters
+                .requests
+                .load(std::sync::atomic::Ordering::SeqCst)
+                == 0
+            {
+                assert!(
+                    asked.elapsed() < Duration::from_secs(2),
+                    "{server} server, {client} client: never asked"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            drop(s);
+            let left = Instant::now();
+            while up
+                .counters
+                .cancelled
+                .load(std::sync::atomic::Ordering::SeqCst)
+                == 0
+            {
+                assert!(
+                    left.elapsed() < Duration::from_secs(2),
+                    "{server} server, {client} client: the upstream exchange outlived the client by 2 s"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            px.shutdown().await;
+        }
+    }
+}
