@@ -20,7 +20,7 @@
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -94,6 +94,10 @@ struct Timers {
 
 struct Armed {
     sleep: Pin<Box<Sleep>>,
+    /// The task the sleep is registered to wake: while it has not fired and the same task
+    /// polls, polling it again only re-registers the same waker (most of a streamed frame's
+    /// timer cost), so it is skipped.
+    registered: Option<std::task::Waker>,
     /// Waiting for the peer since then; None while the last poll gave a frame.
     waiting_since: Option<Instant>,
     /// Time waited before `waiting_since` (kept for the minimum rate only).
@@ -154,6 +158,7 @@ impl Timers {
             let wake = self.next_wake(now, Duration::ZERO, seen);
             self.armed = Some(Armed {
                 sleep: Box::pin(tokio::time::sleep_until(wake)),
+                registered: None,
                 waiting_since: Some(now),
                 waited: Duration::ZERO,
             });
@@ -168,7 +173,19 @@ impl Timers {
             let Some(armed) = self.armed.as_mut() else {
                 return Poll::Pending;
             };
-            ready!(armed.sleep.as_mut().poll(cx));
+            if armed
+                .registered
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+                && !armed.sleep.is_elapsed()
+            {
+                return Poll::Pending;
+            }
+            if armed.sleep.as_mut().poll(cx).is_pending() {
+                armed.registered = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            armed.registered = None;
             let now = Instant::now();
             if self.deadline.is_some_and(|d| now >= d) {
                 return Poll::Ready(BodyError::Total);

@@ -51,6 +51,8 @@ pub(crate) fn track(
     let finale = (open_ended && is_event_stream(&resp)).then(|| {
         let mut phase = phase.clone();
         Box::new(Finale {
+            probe: phase.clone(),
+            polled: None,
             wait: Box::pin(async move { reached(&mut phase, Phase::Finale).await }),
             scanner: Scanner::default(),
             state: State::Streaming,
@@ -115,6 +117,12 @@ enum State {
 }
 
 struct Finale {
+    /// Tells without a lock whether the phase moved since the stream began: `wait` is
+    /// polled again only then, or for another task (a poll per frame cost a lock and a
+    /// waker registration, several times per event).
+    probe: watch::Receiver<Phase>,
+    /// The waker `wait` was last registered with.
+    polled: Option<std::task::Waker>,
     wait: Pin<Box<dyn Future<Output = ()> + Send>>,
     scanner: Scanner,
     state: State,
@@ -122,6 +130,21 @@ struct Finale {
 }
 
 impl Finale {
+    /// Whether the drain reached `Finale`, polling `wait` only when it may have.
+    fn phase_reached(&mut self, cx: &mut Context<'_>) -> bool {
+        let same_task = self
+            .polled
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()));
+        if same_task && !self.probe.has_changed().unwrap_or(true) {
+            return false;
+        }
+        if !same_task {
+            self.polled = Some(cx.waker().clone());
+        }
+        self.wait.as_mut().poll(cx).is_ready()
+    }
+
     fn poll_frame(
         &mut self,
         inner: &mut ProxyBody,
@@ -137,7 +160,7 @@ impl Finale {
                     return Poll::Ready(Some(Ok(Frame::data(final_event(jitter())))));
                 }
                 State::Streaming => {
-                    if self.wait.as_mut().poll(cx).is_ready() {
+                    if self.phase_reached(cx) {
                         let at_boundary = inner
                             .client_at_boundary()
                             .unwrap_or_else(|| self.scanner.at_boundary());
