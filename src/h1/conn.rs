@@ -526,7 +526,6 @@ async fn read_head<I: Io>(
     mut timer: Pin<&mut Sleep>,
 ) -> Result<Option<Parsed>, ConnError> {
     let deadline = Instant::now() + settings.header_read_timeout;
-    let mut armed = false;
     // Bytes already looked at: after the first look, a head is parsed again only once the
     // new bytes may end it (hyper's `is_complete_fast`), so a head trickled byte by byte
     // costs linear time, not quadratic.
@@ -568,14 +567,19 @@ async fn read_head<I: Io>(
                 }
             }
         }
-        if !armed {
+        // The timer is never set later than this wait's deadline (it was made at the
+        // connection's start, and deadlines only move later), so it is left alone until it
+        // fires: then it is the deadline, or it is moved to it. A request costs no timer
+        // wheel update; an idle period costs at most one extra wake-up.
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if Instant::now() >= deadline {
+                return Poll::Ready(Err(ConnError::HeadTimeout));
+            }
             timer.as_mut().reset(deadline);
-            armed = true;
         }
-        if timer.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Err(ConnError::HeadTimeout));
-        }
-        Poll::Pending
     })
     .await
 }

@@ -20,12 +20,14 @@ const READ_ROOM: usize = 16 * 1024;
 /// is resident memory for as long as the response lasts (it is zero-filled so reads need
 /// no `unsafe`), and an open SSE stream only ever needs a few hundred bytes of it: 16 KiB
 /// per stream was a third of rampart's memory per stream with 1,000 open (benchmarks.md).
-const MIN_ROOM: usize = 4 * 1024;
+const MIN_ROOM: usize = 2 * 1024;
 /// Reads this much smaller than the room, this many times in a row, halve the room.
 const SMALL_READ_DIVISOR: usize = 8;
 const SMALL_READS_TO_SHRINK: u8 = 8;
-/// Below this much free room the buffer is compacted or renewed before a read.
-const MIN_READ: usize = 2 * 1024;
+/// Below this much free room the buffer is compacted or renewed before a read. Small, so
+/// that an event stream's 2 KiB is renewed (zero-filled again) only every dozen events or
+/// so, not at every read.
+const MIN_READ: usize = 512;
 
 /// Where the response body stands.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
