@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRAILER, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, Method, StatusCode, Version};
 
-use super::head::{has_token, is_chunked};
+use super::head::{digits, has_token, is_chunked};
 
 /// How the body is framed on the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -312,19 +312,6 @@ fn line(dst: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     dst.extend_from_slice(b": ");
     dst.extend_from_slice(value);
     dst.extend_from_slice(b"\r\n");
-}
-
-fn digits(v: &[u8]) -> Option<u64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.iter().try_fold(0u64, |acc, &b| {
-        if b.is_ascii_digit() {
-            acc.checked_mul(10)?.checked_add(u64::from(b - b'0'))
-        } else {
-            None
-        }
-    })
 }
 
 impl Encoder {

@@ -268,7 +268,7 @@ fn build(head: &Bytes, syn: Syntax, uri: Uri, spans: &[Span]) -> Result<Parsed, 
 }
 
 /// hyper's `content_length_parse`: plain decimal digits, no sign, no list.
-fn digits(v: &[u8]) -> Option<u64> {
+pub(crate) fn digits(v: &[u8]) -> Option<u64> {
     if v.is_empty() {
         return None;
     }

@@ -34,6 +34,8 @@ pub(crate) use conn::may_end_head;
 pub(crate) use decode::{Decoded, Decoder};
 #[allow(unused_imports, reason = "for the fuzz targets")]
 pub(crate) use head::{Framing, HeadError, parse_head};
+// The HTTP/1 guard (hyper's side) reads framing headers the same way.
+pub(crate) use head::{digits, is_chunked};
 
 /// In the extensions of a request that had both `Content-Length` and `Transfer-Encoding`.
 #[derive(Debug, Clone, Copy)]

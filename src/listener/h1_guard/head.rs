@@ -4,6 +4,8 @@
 use std::mem::MaybeUninit;
 
 use super::Verdict;
+// The same readings of Content-Length and Transfer-Encoding as rampart's own server.
+use crate::h1::{digits, is_chunked};
 
 /// hyper's default header count; enough for nearly every request without a heap buffer.
 const STACK_HEADERS: usize = 100;
@@ -100,28 +102,4 @@ fn inspect_with<'b>(
         body,
         upgrade,
     }))
-}
-
-/// hyper's `content_length_parse`: plain decimal digits, no sign, no list.
-fn digits(v: &[u8]) -> Option<u64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.iter().try_fold(0u64, |acc, &b| {
-        if b.is_ascii_digit() {
-            acc.checked_mul(10)?.checked_add(u64::from(b - b'0'))
-        } else {
-            None
-        }
-    })
-}
-
-/// hyper's `is_chunked_`: a visible-ASCII value whose last comma-separated token is
-/// `chunked`.
-fn is_chunked(v: &[u8]) -> bool {
-    if !v.iter().all(|&b| b == b'\t' || (32..127).contains(&b)) {
-        return false;
-    }
-    let last = v.rsplit(|&b| b == b',').next().unwrap_or_default();
-    last.trim_ascii().eq_ignore_ascii_case(b"chunked")
 }
