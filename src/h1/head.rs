@@ -92,13 +92,16 @@ pub(crate) fn parse_head(
     let mut spans_stack = [Span::default(); STACK_HEADERS];
     let mut spans_heap = Vec::new();
     let on_stack = max_headers.clamp(1, STACK_HEADERS);
-    let found = match syntax(buf, &mut spans_stack[..on_stack]) {
-        Err(HeadError::TooLarge) if max_headers > STACK_HEADERS && !buf.is_empty() => {
+    // Only the first `max_head` bytes can hold a head that is served: what lies past them
+    // never changes the answer (so it does not depend on how much more has arrived).
+    let view = &buf[..buf.len().min(max_head)];
+    let found = match syntax(view, &mut spans_stack[..on_stack]) {
+        Err(HeadError::TooLarge) if max_headers > STACK_HEADERS && !view.is_empty() => {
             // Rare: more headers than hyper's default, maybe within the configured limit.
             // Sized by the bytes at hand (a header ends a line), never by the configuration.
-            let lines = buf.iter().filter(|&&b| b == b'\n').count();
+            let lines = view.iter().filter(|&&b| b == b'\n').count();
             spans_heap.resize(max_headers.min(lines.saturating_add(1)), Span::default());
-            syntax(buf, &mut spans_heap)
+            syntax(view, &mut spans_heap)
         }
         r => r,
     };
