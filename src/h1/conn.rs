@@ -110,6 +110,24 @@ struct Shared<I> {
     body_waker: Option<Waker>,
 }
 
+impl<I> Shared<I> {
+    /// A fresh connection's state: nothing read, no request yet.
+    fn new(io: I) -> Shared<I> {
+        Shared {
+            io: Some(io),
+            rbuf: BytesMut::new(),
+            decoder: Decoder::done(),
+            generation: 0,
+            eof: false,
+            broken: false,
+            cont: None,
+            answered: false,
+            conn_waker: None,
+            body_waker: None,
+        }
+    }
+}
+
 impl<I: AsyncRead + AsyncWrite + Unpin> Shared<I> {
     /// Reads into the buffer, with at least `room` free. Ok(0): the client closed.
     fn poll_fill(&mut self, cx: &mut Context<'_>, room: usize) -> Poll<io::Result<usize>> {
@@ -322,18 +340,7 @@ impl Connection {
         E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
     {
         let closing = Arc::new(AtomicBool::new(false));
-        let shared = Arc::new(Mutex::new(Shared {
-            io: Some(io),
-            rbuf: BytesMut::new(),
-            decoder: Decoder::done(),
-            generation: 0,
-            eof: false,
-            broken: false,
-            cont: None,
-            answered: false,
-            conn_waker: None,
-            body_waker: None,
-        }));
+        let shared = Arc::new(Mutex::new(Shared::new(io)));
         Connection {
             fut: Box::pin(run(shared, settings, svc, closing.clone())),
             closing,

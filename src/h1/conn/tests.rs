@@ -31,18 +31,7 @@ fn echo_len(req: Request<Body>) -> Answer {
 
 fn serve(svc: Svc) -> Served {
     let (client, server) = tokio::io::duplex(256 * 1024);
-    let shared = Arc::new(Mutex::new(Shared {
-        io: Some(server),
-        rbuf: BytesMut::new(),
-        decoder: Decoder::done(),
-        generation: 0,
-        eof: false,
-        broken: false,
-        cont: None,
-        answered: false,
-        conn_waker: None,
-        body_waker: None,
-    }));
+    let shared = Arc::new(Mutex::new(Shared::new(server)));
     let settings = Settings {
         header_read_timeout: Duration::from_secs(5),
         max_head: 64 * 1024,
