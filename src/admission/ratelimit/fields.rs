@@ -78,8 +78,9 @@ pub(super) struct Fields {
 impl Fields {
     pub(super) fn new() -> Fields {
         Fields {
-            // Room for one policy's `"name";r=N;t=N` without growing.
-            limit: String::with_capacity(64),
+            // Room for one policy's `"name";r=N;t=N` and the X-RateLimit numbers (`headers`)
+            // without growing.
+            limit: String::with_capacity(96),
             ..Fields::default()
         }
     }
@@ -123,21 +124,36 @@ impl Fields {
             Some(v) => Some(v),
             None => owned_value(self.policies),
         };
-        let limit = if self.limit.is_empty() {
-            None
-        } else {
-            owned_value(self.limit)
+        // The RateLimit field and the three X-RateLimit numbers share one buffer, each
+        // value a slice of it: two allocations (the string, then the count the slices
+        // share) where a value each took two (`HeaderValue::from(u64)`).
+        let mut text = self.limit;
+        let limit_end = text.len();
+        let mut ends = [limit_end; 3];
+        if let Some((points, remaining, reset)) = self.tightest {
+            for (end, n) in ends.iter_mut().zip([points, remaining, ceil_secs(reset)]) {
+                push_decimal(&mut text, n);
+                *end = text.len();
+            }
+        }
+        let all = bytes::Bytes::from(text);
+        let value = |from: usize, to: usize| {
+            (to > from)
+                .then(|| HeaderValue::from_maybe_shared(all.slice(from..to)).ok())
+                .flatten()
+        };
+        let x = match (
+            value(limit_end, ends[0]),
+            value(ends[0], ends[1]),
+            value(ends[1], ends[2]),
+        ) {
+            (Some(l), Some(r), Some(t)) if self.tightest.is_some() => Some([l, r, t]),
+            _ => None,
         };
         RateLimitHeaders {
             policy,
-            limit,
-            x: self.tightest.map(|(points, remaining, reset)| {
-                [
-                    HeaderValue::from(points),
-                    HeaderValue::from(remaining),
-                    HeaderValue::from(ceil_secs(reset)),
-                ]
-            }),
+            limit: value(0, limit_end),
+            x,
             close: false,
         }
     }
