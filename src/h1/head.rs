@@ -188,7 +188,10 @@ fn build(head: &Bytes, syn: Syntax, uri: Uri, spans: &[Span]) -> Result<Parsed, 
     let mut te_chunked = false;
     let mut expect_continue = false;
     let mut wants_upgrade = syn.method == Method::CONNECT;
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // One more than the client sent: the map is full at its capacity, and `insert` makes
+    // room before it looks for the name, so replacing `Host` for the upstream (every
+    // request) would otherwise reallocate and rehash it.
+    let mut headers = HeaderMap::with_capacity(spans.len() + 1);
     for span in spans {
         let name = HeaderName::from_bytes(head.get(span.name.0..span.name.1).unwrap_or_default())
             .map_err(|_| HeadError::Malformed)?;
@@ -399,5 +402,25 @@ mod tests {
             parse("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap_err(),
             HeadError::H2Preface
         );
+    }
+
+    #[test]
+    fn the_header_map_has_room_for_the_upstream_host_without_growing() {
+        for n in [1, 2, 3, 5, 6, 11, 12] {
+            let extra: String = (1..n).map(|i| format!("x-{i}: v\r\n")).collect();
+            let p = parse(&format!("GET / HTTP/1.1\r\nHost: c\r\n{extra}\r\n"))
+                .unwrap()
+                .unwrap();
+            let mut headers = p.parts.headers;
+            assert_eq!(headers.len(), n);
+            let room = headers.capacity();
+            assert!(room > n, "{n} headers in a map of capacity {room}");
+            headers.insert(http::header::HOST, HeaderValue::from_static("upstream"));
+            assert_eq!(
+                headers.capacity(),
+                room,
+                "{n} headers: replacing Host grew the map"
+            );
+        }
     }
 }
