@@ -382,15 +382,6 @@ impl Acceptor {
             .http
             .worker_connections(&self.ctx.name, crate::workers::index());
         loop {
-            // Take a slot before accepting: above the cap, connections wait in the kernel's
-            // backlog instead of being accepted and starved.
-            let permit = tokio::select! {
-                p = slots.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-                _ = reached(&mut phase, Phase::Closing) => break,
-            };
             let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(s) => s,
@@ -402,6 +393,22 @@ impl Acceptor {
                     }
                 },
                 _ = reached(&mut phase, Phase::Closing) => break,
+            };
+            // A slot after accepting, not before: every worker has a socket of its own on
+            // the port and the kernel picks which one a connection lands on, so a worker
+            // holding a slot while its socket stays empty would starve a connection waiting
+            // on another's (with `max_connections` under the worker count, for ever). Above
+            // the cap this worker stops accepting until a slot frees: one connection per
+            // worker waits accepted and unread, the rest in the kernel's backlog.
+            let permit = match slots.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => tokio::select! {
+                    p = slots.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                    _ = reached(&mut phase, Phase::Closing) => break,
+                },
             };
             accepted.inc();
             self.serve(stream, peer, permit, phase.clone());

@@ -603,6 +603,32 @@ async fn connection_cap_holds_extra_connections_in_the_backlog() {
     px.shutdown().await;
 }
 
+/// With more workers than `max_connections`, a worker waiting on an empty socket must not
+/// sit on the only slot while a connection waits on another worker's socket (the kernel
+/// spreads connections over the workers' SO_REUSEPORT sockets): one client at a time, each
+/// closing before the next, is always served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cap_below_the_worker_count_still_serves_one_client_at_a_time() {
+    let up = Upstream::start().await;
+    let px = start_on_workers(&one_route(&up.url(), "", "    max_connections: 1"), 2).await;
+    let addr = px.addr("main").unwrap();
+    for i in 0..16 {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /ok HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(3), c.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "connection {i} not served within 3 s");
+        assert!(
+            String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
+            "connection {i}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    px.shutdown().await;
+}
+
 #[tokio::test]
 async fn request_bodies_stream_to_the_upstream() {
     let up = Upstream::start().await;
