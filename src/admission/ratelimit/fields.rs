@@ -137,17 +137,18 @@ impl Fields {
             }
         }
         let all = bytes::Bytes::from(text);
+        // An empty span (no policy added) is no value.
         let value = |from: usize, to: usize| {
-            (to > from)
-                .then(|| HeaderValue::from_maybe_shared(all.slice(from..to)).ok())
-                .flatten()
+            HeaderValue::from_maybe_shared(all.slice(from..to))
+                .ok()
+                .filter(|_| to > from)
         };
         let x = match (
             value(limit_end, ends[0]),
             value(ends[0], ends[1]),
             value(ends[1], ends[2]),
         ) {
-            (Some(l), Some(r), Some(t)) if self.tightest.is_some() => Some([l, r, t]),
+            (Some(l), Some(r), Some(t)) => Some([l, r, t]),
             _ => None,
         };
         RateLimitHeaders {
