@@ -17,6 +17,7 @@ use super::purge::Purges;
 use crate::admission::ratelimit::fallback::RedisStore;
 use crate::admission::ratelimit::fallback::{Breaker, Route as RedisRoute};
 use crate::config::{CacheConfig, CacheStore};
+use crate::redis::Budget;
 
 /// What a lookup found.
 #[derive(Debug)]
@@ -212,12 +213,12 @@ impl Policy {
     }
 
     /// The waiting part of a lookup.
-    pub(crate) async fn find(self: &Arc<Self>, p: Pending) -> Found {
+    pub(crate) async fn find(self: &Arc<Self>, p: Pending, budget: &mut Budget) -> Found {
         let Pending { key, stale, kind } = p;
         match kind {
             PendingKind::Redis(lead) => {
                 let now = unix_ms(SystemTime::now());
-                match self.redis_get(&key).await {
+                match self.redis_get(&key, budget).await {
                     Some(e) if now < e.fresh_until => {
                         self.memory.put(e.clone());
                         self.counters.memory_changed(&self.memory);
@@ -251,7 +252,7 @@ impl Policy {
                     }
                     // Not in memory (too large for the tier, or pushed out already): the
                     // leader may have found or stored it in Redis.
-                    if let Some(e) = self.redis_get(&key).await
+                    if let Some(e) = self.redis_get(&key, budget).await
                         && unix_ms(SystemTime::now()) < e.fresh_until
                     {
                         return Found::Fresh(e);
@@ -314,14 +315,19 @@ impl Policy {
 
     /// The entry Redis holds for `key`, if it is this key's, not purged, and not past its
     /// stale limit. A Redis that fails answers None (the memory tier already missed).
-    async fn redis_get(&self, key: &str) -> Option<Arc<Entry>> {
+    /// Within what is left of the request's `budget` (shared with its rate limits): a
+    /// spent budget skips Redis, and is not counted against it.
+    async fn redis_get(&self, key: &str, budget: &mut Budget) -> Option<Arc<Entry>> {
         let store = self.redis.as_ref()?;
-        if self.redis_route() == RedisRoute::Memory {
+        let timeout = store.redis.timeout();
+        if budget.left(timeout).is_zero() || self.redis_route() == RedisRoute::Memory {
             return None;
         }
         let mut cmd = redis::cmd("GET");
         cmd.arg(self.redis_key(key));
-        let r = store.redis.query::<Option<Vec<u8>>>(&cmd).await;
+        let r = budget
+            .within(timeout, store.redis.query::<Option<Vec<u8>>>(&cmd))
+            .await;
         self.redis_result(r.is_ok(), "get");
         let bytes = r.ok()??;
         let e = Entry::decode(&bytes)?;

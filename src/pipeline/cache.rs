@@ -65,14 +65,15 @@ pub(super) fn begin(
     }
 }
 
-/// The waiting part of the step.
+/// The waiting part of the step; Redis within what the rate limit left of `budget`.
 pub(super) async fn ask(
     pending: Pending,
     req: &Request<ClientBody>,
     tail: &mut Tail,
+    budget: &mut Budget,
 ) -> Option<Response<ProxyBody>> {
     let policy = tail.cache.as_ref()?.policy.clone();
-    let found = policy.find(pending).await;
+    let found = policy.find(pending, budget).await;
     settle(found, req.headers(), tail)
 }
 

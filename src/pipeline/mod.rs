@@ -23,6 +23,7 @@ use crate::health::Health;
 use crate::observe::access_log::{AccessRecord, Outcome as LogOutcome, detached};
 use crate::observe::http::HttpMetrics;
 use crate::observe::http::method_index;
+use crate::redis::Budget;
 use crate::route;
 use crate::route::Route;
 use crate::route::client_ip::client_ip;
@@ -335,13 +336,21 @@ async fn rate_limit(
     route: &Route,
     req: &Request<ClientBody>,
     tail: &mut Tail,
+    budget: &mut Budget,
 ) -> Result<(), ProxyError> {
     let logged = tail.log.as_ref().map(|r| r.client);
-    let verdict = ratelimit::check(&route.rate_limits, &route.name, req.headers(), || {
+    let client = || {
         logged.unwrap_or_else(|| {
             client_ip(env.peer.ip(), req.headers(), &env.snapshot.trusted_proxies)
         })
-    })
+    };
+    let verdict = ratelimit::check(
+        &route.rate_limits,
+        &route.name,
+        req.headers(),
+        client,
+        budget,
+    )
     .await;
     apply_verdict(verdict, req, tail)
 }
@@ -572,6 +581,8 @@ async fn slow(
     mut step: Step<'_>,
     tail: &mut Tail,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    // The rate limit's and the cache's Redis calls wait `redis.timeout` in all.
+    let mut budget = Budget::default();
     loop {
         step = match step {
             Step::RateLimit {
@@ -579,7 +590,7 @@ async fn slow(
                 declared_len,
                 req,
             } => {
-                rate_limit(env, route, &req, tail).await?;
+                rate_limit(env, route, &req, tail, &mut budget).await?;
                 after_rate_limit(env, route, declared_len, req, tail)?
             }
             Step::Cache {
@@ -588,7 +599,7 @@ async fn slow(
                 req,
                 pending,
             } => {
-                if let Some(resp) = cache::ask(pending, &req, tail).await {
+                if let Some(resp) = cache::ask(pending, &req, tail, &mut budget).await {
                     return Ok(resp);
                 }
                 after_rate_limit(env, route, declared_len, req, tail)?

@@ -503,3 +503,85 @@ async fn redis_frozen_under_load_times_out_instead_of_hanging() {
     )
     .await;
 }
+
+/// A request asks Redis in several steps: each `store: redis` policy (a lease, a
+/// per-request script, a stream permit) and the cache lookup. With Redis silent (it takes
+/// the connection, never answers) the request waits `redis.timeout` once in all, not once
+/// per step: the documented bound. Before: 4 steps, 4 timeouts in a row for the first
+/// request, and one more for each of the next two (the cache counts its own failures), so
+/// a 5 s timeout held a request past 10 s (found by the bounds property test after a
+/// reload onto such a Redis). The reload is part of it: the proxy starts without Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_redis_costs_a_request_one_timeout_however_many_steps_ask_it() {
+    let Some(mut redis) =
+        RedisServer::own("a_silent_redis_costs_a_request_one_timeout_however_many_steps").await
+    else {
+        return;
+    };
+    let up = Upstream::start().await;
+    let (p1, p2, p3) = (unique("lease"), unique("script"), unique("streams"));
+    let route = format!("        rate_limits: [{p1}, {p2}, {p3}]\n        cache: c");
+    let without = format!(
+        "{}\nrate_limits:\n  {p1}: {{ points: 1000, per: 60s }}\n  {p2}: {{ points: 1000, per: 60s }}\n  {p3}: {{ max_streams: 100 }}\ncaches:\n  c: {{ ttl: 60s }}\n",
+        one_route(&up.url(), &route, "")
+    );
+    let with = format!(
+        "{}\nredis: {{ url: \"{}\", timeout: 1s }}\nrate_limits:\n  {p1}: {{ points: 1000, per: 60s }}\n  {p2}: {{ points: 1000, per: 60s, lease: off }}\n  {p3}: {{ max_streams: 100 }}\ncaches:\n  c: {{ ttl: 60s }}\n",
+        one_route(&up.url(), &route, ""),
+        redis.url
+    );
+    let px = start(&without).await;
+    let addr = px.addr("main").unwrap();
+    let admin = px.admin_addr;
+    assert_eq!(send(&http1(), get(addr, "/warm")).await.0.status(), 200);
+
+    redis.freeze();
+    let report = tokio::time::timeout(Duration::from_secs(10), px.apply(parse(&with)))
+        .await
+        .expect("a reload does not wait on Redis");
+    assert!(report.is_ok(), "{report:?}");
+
+    // One timeout (1 s) and a margin for a loaded 2-core machine; 2 s would be two.
+    let bound = Duration::from_millis(1900);
+    let one = |path: String| async move {
+        let started = Instant::now();
+        let (resp, _) = send(&http1(), get(addr, &path)).await;
+        (resp.status().as_u16(), started.elapsed(), path)
+    };
+    // Each path is a new cache key: every request leads its lookup and asks Redis.
+    let (status, took, _) = one("/first".into()).await;
+    assert_eq!(status, 200);
+    assert!(took < bound, "the first request waited {took:?}");
+    let together: Vec<_> = (0..4)
+        .map(|i| tokio::spawn(one(format!("/together/{i}"))))
+        .collect();
+    for t in together {
+        let (status, took, path) = t.await.unwrap();
+        assert_eq!(status, 200, "{path}");
+        assert!(took < bound, "{path} waited {took:?}");
+    }
+    for i in 0..3 {
+        let (status, took, path) = one(format!("/after/{i}")).await;
+        assert_eq!(status, 200, "{path}");
+        assert!(took < bound, "{path} waited {took:?}");
+    }
+    let m = metrics(admin).await;
+    assert!(
+        value(&m, &decisions(&p2, "allowed", "memory")) >= 1.0,
+        "decided in memory while Redis is silent\n{m}"
+    );
+
+    // Back: the budget must not keep the breakers from closing again.
+    redis.thaw();
+    let redis_allowed = decisions(&p2, "allowed", "redis");
+    let mut i = 0;
+    assert_eventually!(
+        {
+            i += 1;
+            let _ = send(&http1(), get(addr, &format!("/back/{i}"))).await;
+            value(&metrics(admin).await, &redis_allowed) >= 1.0
+        },
+        "decisions return to Redis"
+    );
+    px.shutdown().await;
+}

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use super::memory::{Acquired, StreamTable, Table};
 use super::redis::{Ask, Grant, RedisLimiter};
 use super::{Decision, Limits, Metrics, Source};
-use crate::redis::{Redis, RedisError};
+use crate::redis::{Budget, Redis, RedisError};
 
 /// How often the renewal task looks for leases due (a third of the shortest lease allowed).
 const RENEW_TICK: Duration = Duration::from_secs(1);
@@ -146,9 +146,10 @@ impl RedisStore {
         memory: &Table,
         memory_key: &str,
         fallback: &Limits,
+        budget: &mut Budget,
     ) -> (Option<Decision>, Source) {
         let in_redis = self
-            .call(self.limiter.check(&self.redis, redis_key, limits))
+            .call(self.limiter.check(&self.redis, redis_key, limits), budget)
             .await;
         Self::or_memory(in_redis, || {
             memory.check(memory_key, Instant::now(), fallback)
@@ -157,9 +158,18 @@ impl RedisStore {
 
     /// Quota leasing (lease.rs): one LEASE call through the breaker; None when Redis failed
     /// or is being skipped (the caller decides in memory).
-    pub(crate) async fn lease(&self, redis_key: &str, limits: &Limits, ask: &Ask) -> Option<Grant> {
-        self.call(self.limiter.lease(&self.redis, redis_key, limits, ask))
-            .await
+    pub(crate) async fn lease(
+        &self,
+        redis_key: &str,
+        limits: &Limits,
+        ask: &Ask,
+        budget: &mut Budget,
+    ) -> Option<Grant> {
+        self.call(
+            self.limiter.lease(&self.redis, redis_key, limits, ask),
+            budget,
+        )
+        .await
     }
 
     /// `cost: tokens` admission, as `check` but counting nothing.
@@ -170,9 +180,10 @@ impl RedisStore {
         memory: &Table,
         memory_key: &str,
         fallback: &Limits,
+        budget: &mut Budget,
     ) -> (Option<Decision>, Source) {
         let in_redis = self
-            .call(self.limiter.peek(&self.redis, redis_key, limits))
+            .call(self.limiter.peek(&self.redis, redis_key, limits), budget)
             .await;
         Self::or_memory(in_redis, || {
             memory.peek(memory_key, Instant::now(), fallback)
@@ -189,8 +200,12 @@ impl RedisStore {
     ) {
         let (redis_key, memory_key) = keys;
         let (limits, fallback) = limits;
+        // After the exchange, on its own: a budget of its own.
         let in_redis = self
-            .call(self.limiter.charge(&self.redis, redis_key, limits, cost))
+            .call(
+                self.limiter.charge(&self.redis, redis_key, limits, cost),
+                &mut Budget::default(),
+            )
             .await;
         if in_redis.is_none() {
             memory.charge(memory_key, Instant::now(), fallback, cost);
@@ -206,13 +221,17 @@ impl RedisStore {
         memory: &StreamTable,
         memory_key: &str,
         fallback_max: u64,
+        budget: &mut Budget,
     ) -> (Stream, Source) {
         self.start_renewer();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // A call cut short (the client left, a timeout) may still have added the id: it is
         // renewed by no one and expires with its lease.
         let in_redis = self
-            .call(self.limiter.acquire(&self.redis, redis_key, max, lease, id))
+            .call(
+                self.limiter.acquire(&self.redis, redis_key, max, lease, id),
+                budget,
+            )
             .await;
         match in_redis {
             Some(Some(remaining)) => {
@@ -310,18 +329,24 @@ impl RedisStore {
         }
     }
 
-    /// One call to Redis through the breaker: None when skipped or failed (the caller
-    /// decides in memory).
+    /// One call to Redis through the breaker, within what is left of the request's
+    /// `budget`: None when skipped or failed (the caller decides in memory). A request
+    /// whose budget is spent skips Redis without counting against it: Redis was not asked.
     async fn call<T>(
         &self,
         work: impl std::future::Future<Output = Result<T, RedisError>>,
+        budget: &mut Budget,
     ) -> Option<T> {
+        let timeout = self.redis.timeout();
+        if budget.left(timeout).is_zero() {
+            return None;
+        }
         let route = self.with_breaker(|b, now, jitter| (b.route(now, jitter), None));
         if route == Route::Memory {
             return None;
         }
         let start = Instant::now();
-        let result = work.await;
+        let result = budget.within(timeout, work).await;
         self.metrics
             .redis_seconds
             .observe(start.elapsed().as_secs_f64());

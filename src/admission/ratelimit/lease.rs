@@ -57,6 +57,7 @@ use super::fallback::RedisStore;
 use super::memory::Table;
 use super::redis::{Ask, Grant};
 use super::{Decision, Limits, Policy, Source};
+use crate::redis::Budget;
 
 const SHARDS: usize = 16;
 /// How often a shard drops idle keys even when not full.
@@ -368,14 +369,15 @@ impl LeaseTable {
         self: &Arc<Self>,
         l: &Lessee<'_>,
         key: &str,
+        budget: &mut Budget,
     ) -> (Option<Decision>, Source) {
         // Most requests are decided from the slice held, without waiting: the waits are
         // boxed so that their futures (a Redis call's is several KiB) are made, and copied,
         // only by the requests that wait.
         match self.step(key, Instant::now()) {
             Step::Done(d) => (Some(d), Source::Redis),
-            Step::Call { turn, calls } => Box::pin(self.call(l, key, turn, calls)).await,
-            Step::Untracked => Box::pin(self.per_request(l, key)).await,
+            Step::Call { turn, calls } => Box::pin(self.call(l, key, turn, calls, budget)).await,
+            Step::Untracked => Box::pin(self.per_request(l, key, budget)).await,
         }
     }
 
@@ -386,8 +388,13 @@ impl LeaseTable {
         key: &str,
         turn: Arc<tokio::sync::Mutex<()>>,
         seen: u64,
+        budget: &mut Budget,
     ) -> (Option<Decision>, Source) {
-        let _turn = turn.lock().await;
+        // Waiting for another request's call is waiting for Redis: within the budget too.
+        let left = budget.left(l.client.redis.timeout());
+        let Ok(_turn) = tokio::time::timeout(left, turn.lock()).await else {
+            return Self::in_memory(l, key);
+        };
         let lease = lease_length(l.limits.window);
         let start = Instant::now();
         // Present: a key is never dropped while a request holds its `call`.
@@ -404,10 +411,14 @@ impl LeaseTable {
             Some(Ok(ask)) => ask,
             Some(Err(Some(d))) => return (Some(d), Source::Redis),
             Some(Err(None)) => return Self::in_memory(l, key),
-            None => return self.per_request(l, key).await,
+            None => return self.per_request(l, key, budget).await,
         };
+        if budget.left(l.client.redis.timeout()).is_zero() {
+            // Not asked, so not a failure of the key's calls: the waiters ask themselves.
+            return Self::in_memory(l, key);
+        }
         let redis_key = l.policy.redis_key("", key);
-        let reply = l.client.lease(&redis_key, l.limits, &ask).await;
+        let reply = l.client.lease(&redis_key, l.limits, &ask, budget).await;
         let (decision, held_until) = self
             .with_slot(key, |local| match reply {
                 Some(g) => {
@@ -436,11 +447,16 @@ impl LeaseTable {
     }
 
     /// The script of `lease: off`, for keys the full table cannot track.
-    async fn per_request(&self, l: &Lessee<'_>, key: &str) -> (Option<Decision>, Source) {
+    async fn per_request(
+        &self,
+        l: &Lessee<'_>,
+        key: &str,
+        budget: &mut Budget,
+    ) -> (Option<Decision>, Source) {
         let redis_key = l.policy.redis_key("", key);
         let fallback = l.policy.fallback_limits.as_ref().unwrap_or(l.limits);
         l.client
-            .check(&redis_key, l.limits, l.fallback, key, fallback)
+            .check(&redis_key, l.limits, l.fallback, key, fallback, budget)
             .await
     }
 
@@ -530,7 +546,9 @@ impl LeaseTable {
                 lease: lease_length(d.limits.window),
             };
             // Failed: the points stay reserved until the window ends (never over-admits).
-            let _ = client.lease(&d.redis_key, &d.limits, &ask).await;
+            let _ = client
+                .lease(&d.redis_key, &d.limits, &ask, &mut Budget::default())
+                .await;
         }
     }
 

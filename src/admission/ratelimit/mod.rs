@@ -45,6 +45,7 @@ use tokio::time::Instant;
 use crate::config::{
     Config, KeySource, RateLimitConfig, RateLimitCost, RateLimitStore, RedisConfig,
 };
+use crate::redis::Budget;
 use fallback::{RedisStore, Stream, Transition};
 pub(crate) use fields::RateLimitHeaders;
 use fields::{Fields, ceil_secs, push_sf_string};
@@ -398,7 +399,12 @@ impl Policy {
     }
 
     /// The points decision: a request counted, or (`cost: tokens`) whether any are left.
-    async fn decide(&self, limits: &Limits, key: &str) -> (Option<Decision>, Source) {
+    async fn decide(
+        &self,
+        limits: &Limits,
+        key: &str,
+        budget: &mut Budget,
+    ) -> (Option<Decision>, Source) {
         let tokens = self.cost == RateLimitCost::Tokens;
         match &self.store {
             Store::Memory { table, .. } => {
@@ -426,7 +432,7 @@ impl Policy {
                     limits,
                     max: *max,
                 };
-                leases.decide(&lessee, key).await
+                leases.decide(&lessee, key, budget).await
             }
             Store::Redis {
                 client, fallback, ..
@@ -435,9 +441,12 @@ impl Policy {
                 let fallback_limits = self.fallback_limits.as_ref().unwrap_or(limits);
                 // Boxed: the Redis call's future stays out of the memory path's.
                 if tokens {
-                    Box::pin(client.peek(&redis_key, limits, fallback, key, fallback_limits)).await
+                    let f = client.peek(&redis_key, limits, fallback, key, fallback_limits, budget);
+                    Box::pin(f).await
                 } else {
-                    Box::pin(client.check(&redis_key, limits, fallback, key, fallback_limits)).await
+                    let f =
+                        client.check(&redis_key, limits, fallback, key, fallback_limits, budget);
+                    Box::pin(f).await
                 }
             }
         }
@@ -449,6 +458,7 @@ impl Policy {
         &self,
         streams: &StreamLimit,
         key: &str,
+        budget: &mut Budget,
     ) -> (Result<Option<Permit>, ()>, Source) {
         let (table, acquired, source) = match &self.store {
             Store::Memory { streams: table, .. } => {
@@ -471,6 +481,7 @@ impl Policy {
                     fallback_streams,
                     key,
                     streams.fallback_max,
+                    budget,
                 ))
                 .await;
                 match got {
@@ -583,7 +594,8 @@ pub(crate) fn check_now(
         return None;
     }
     // The memory store never waits: `check` is ready at its first poll, no waker is kept.
-    let check = std::pin::pin!(check(policies, route, headers, client));
+    let mut budget = Budget::default();
+    let check = std::pin::pin!(check(policies, route, headers, client, &mut budget));
     match check.poll(&mut Context::from_waker(Waker::noop())) {
         Poll::Ready(verdict) => Some(verdict),
         // Not reachable; were it, the request would go unlimited (fail open), as when the
@@ -594,12 +606,13 @@ pub(crate) fn check_now(
 
 /// Checks every policy of a route (all count the request; all must allow it). Stream
 /// permits are taken only once every points limit allowed the request, and all given back
-/// when one policy has none left.
+/// when one policy has none left. Their Redis calls share the request's `budget`.
 pub(crate) async fn check(
     policies: &[Arc<Policy>],
     route: &str,
     headers: &HeaderMap,
     client: impl FnOnce() -> IpAddr,
+    budget: &mut Budget,
 ) -> Verdict {
     // No path is exempt: a traffic listener's probe (`health_path`) is answered before
     // routing and never gets here; any other path, `/health` included, is traffic.
@@ -620,7 +633,7 @@ pub(crate) async fn check(
         let Some(limits) = &policy.limits else {
             continue;
         };
-        let (decision, source) = policy.decide(limits, &key).await;
+        let (decision, source) = policy.decide(limits, &key, budget).await;
         policy
             .counters
             .count(source, decision.is_none_or(|d| d.allowed));
@@ -645,7 +658,7 @@ pub(crate) async fn check(
             let Some(streams) = &policy.streams else {
                 continue;
             };
-            let (taken, source) = policy.acquire(streams, &key).await;
+            let (taken, source) = policy.acquire(streams, &key, budget).await;
             policy.stream_counters.count(source, taken.is_ok());
             last_source = Some(source_name(policy, source));
             let max = match source {

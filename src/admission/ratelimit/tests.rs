@@ -28,7 +28,7 @@ impl Policy {
     /// A request counted against `key`.
     async fn decide_key(&self, key: &str) -> (Option<Decision>, Source) {
         let limits = self.limits.expect("a points limit");
-        self.decide(&limits, key).await
+        self.decide(&limits, key, &mut Budget::default()).await
     }
 }
 
@@ -127,7 +127,14 @@ async fn check_sets_headers_and_retry_after() {
     let h = HeaderMap::new();
     let peer = ip("192.0.2.1");
     for i in 0..10u64 {
-        let v = check(std::slice::from_ref(&p), "r", &h, || peer).await;
+        let v = check(
+            std::slice::from_ref(&p),
+            "r",
+            &h,
+            || peer,
+            &mut Budget::default(),
+        )
+        .await;
         assert_eq!(v.retry_after_secs, None);
         let headers = v.headers.unwrap().into_map();
         assert_eq!(headers["ratelimit-policy"], "\"api\";q=10;w=2");
@@ -141,7 +148,14 @@ async fn check_sets_headers_and_retry_after() {
             (9 - i).to_string().as_str()
         );
     }
-    let v = check(std::slice::from_ref(&p), "r", &h, || peer).await;
+    let v = check(
+        std::slice::from_ref(&p),
+        "r",
+        &h,
+        || peer,
+        &mut Budget::default(),
+    )
+    .await;
     assert!(matches!(v.retry_after_secs, Some(1 | 2)), "{v:?}");
 }
 
@@ -160,7 +174,14 @@ async fn admit(policy: &Arc<Policy>, key: &str) -> Result<Tail, Verdict> {
     )]
     .into_iter()
     .collect();
-    let v = check(std::slice::from_ref(policy), "r", &h, || ip("192.0.2.1")).await;
+    let v = check(
+        std::slice::from_ref(policy),
+        "r",
+        &h,
+        || ip("192.0.2.1"),
+        &mut Budget::default(),
+    )
+    .await;
     if v.retry_after_secs.is_some() {
         return Err(v);
     }
@@ -277,6 +298,7 @@ async fn tokens_below_the_budget_leave_the_rest() {
         .into_iter()
         .collect(),
         || ip("192.0.2.1"),
+        &mut Budget::default(),
     )
     .await;
     assert_eq!(v.headers.unwrap().into_map()["x-ratelimit-remaining"], "60");

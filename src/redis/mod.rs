@@ -45,6 +45,9 @@ use tokio::time::Instant;
 
 use crate::config::{RedisConfig, RedisTarget};
 
+mod budget;
+pub(crate) use budget::Budget;
+
 #[derive(Debug, thiserror::Error)]
 pub enum RedisError {
     #[error("no answer within {0:?}")]
