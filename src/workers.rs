@@ -54,9 +54,13 @@ pub fn max_workers() -> usize {
 }
 
 /// This thread's entry in per-thread state of `len` entries (sized by [`slots`] when it was
-/// made; state made before more workers started folds them in).
+/// made; state made before more workers started folds them in). Off the workers, always the
+/// last entry: not one that moves when workers start later (in tests, other tests' workers),
+/// which would hide what this thread put in the entry it used before (the upstream pool's
+/// idle connections).
 pub fn slot_in(len: usize) -> usize {
-    slot() % len.max(1)
+    let len = len.max(1);
+    INDEX.with(Cell::get).map_or(len - 1, |i| i % len)
 }
 
 /// This thread's slot among [`slots`]: its worker number, or the last one off the workers.
@@ -182,6 +186,20 @@ impl Workers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Off the workers a thread keeps its entry however many workers start meanwhile.
+    /// Before, it was `MAX_WORKERS % len`: a pool made before workers started put idle
+    /// connections in one stack and, once they had, looked for them in another.
+    #[test]
+    fn a_thread_off_the_workers_keeps_its_entry_when_workers_start() {
+        for len in [1, 2, 3, 9] {
+            let before = slot_in(len);
+            let workers = Workers::start(3).unwrap();
+            assert_eq!(slot_in(len), before, "len {len}");
+            assert_eq!(before, len - 1);
+            drop(workers);
+        }
+    }
 
     #[test]
     fn each_worker_runs_its_tasks_on_its_own_thread() {

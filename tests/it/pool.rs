@@ -37,28 +37,30 @@ async fn a_peak_of_concurrent_requests_keeps_its_upstream_connections() {
             "round {round}: {all:?}"
         );
     }
-    let opened = up.counters.connections.load(Ordering::SeqCst);
-    let requests = CONCURRENT * ROUNDS;
-    // The first peak opens one connection per request in flight; later ones open none
-    // (the issue's target: new connections < 1% of requests beyond that).
-    assert!(
-        opened <= CONCURRENT + requests / 100,
-        "{opened} upstream connections opened for {requests} requests at {CONCURRENT} at once: \
-         the pool closed connections the next peak needed"
-    );
     let (_, metrics) = send(&client, get(px.admin_addr, "/metrics")).await;
     let metrics = String::from_utf8_lossy(&metrics);
-    let counted = sample(
+    let opened = sample(
         &metrics,
         "rampart_upstream_connections_opened_total{upstream=\"up\"}",
     )
     .expect("the metric is exported");
-    // At most what the upstream accepted: on a loaded machine a connect can complete in the
-    // kernel after rampart's connect_timeout gave up on it (not counted, then retried).
+    let requests = CONCURRENT * ROUNDS;
+    // The first peak opens one connection per request in flight; later ones open none
+    // (the issue's target: new connections < 1% of requests beyond that). Counted by
+    // rampart: the upstream may accept a few more, connects that rampart's 1 s
+    // connect_timeout gave up on while 400 went at once on a loaded machine (the kernel
+    // completes them later). A CI run failed on those (424 accepted); in 40 runs here rampart's
+    // count stayed 400 while the upstream's reached 437, each extra closed unused.
+    assert!(
+        opened <= (CONCURRENT + requests / 100) as f64,
+        "{opened} upstream connections opened for {requests} requests at {CONCURRENT} at once: \
+         the pool closed connections the next peak needed"
+    );
+    // At most what the upstream accepted.
     let accepted = up.counters.connections.load(Ordering::SeqCst) as f64;
     assert!(
-        counted >= CONCURRENT as f64 / 2.0 && counted <= accepted,
-        "the metric ({counted}) counts the connections the upstream accepted ({accepted})"
+        opened >= CONCURRENT as f64 / 2.0 && opened <= accepted,
+        "the metric ({opened}) counts the connections the upstream accepted ({accepted})"
     );
     px.shutdown().await;
 }

@@ -118,8 +118,18 @@ impl PooledBody {
             Inner::H2(b) => return b.poll_data(cx),
         };
         let next = ready!(conn.poll_body(cx));
+        let done = conn.body_done();
         if matches!(next, Some(Err(_))) {
             self.inner = Inner::Rampart(None);
+        } else if done
+            && let Inner::Rampart(slot) = &mut self.inner
+            && let Some(conn) = slot.take()
+            && conn.reusable()
+        {
+            // Read to its end: the connection can carry another request now, before these
+            // last bytes are written to the client (a slow reader would otherwise hold it,
+            // and at a peak, requests that find no idle connection open new ones).
+            self.pool.put_idle(Connection::Rampart(conn));
         }
         Poll::Ready(next)
     }
@@ -235,5 +245,78 @@ impl Drop for PooledBody {
             }
             Inner::H2(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http::{HeaderValue, Request};
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::super::{EndpointPool, exchange};
+    use crate::body::RequestBody;
+    use crate::config::UpstreamClient;
+
+    /// The connection goes back to the pool when its answer's last bytes are read from the
+    /// upstream, not when the client has taken them: the body is still held here (its last
+    /// data not yet passed on), and the connection is already idle.
+    #[tokio::test]
+    async fn a_connection_is_idle_once_its_answer_is_read_not_once_the_client_has_it() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (go_on, wait) = tokio::sync::oneshot::channel::<()>();
+        let upstream = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await.unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n01234")
+                .await
+                .unwrap();
+            let _ = wait.await;
+            s.write_all(b"56789").await.unwrap();
+            // Held open: a closed connection would not be reusable.
+            let _ = s.read(&mut buf).await;
+        });
+        let pool = std::sync::Arc::new(EndpointPool::new(
+            "127.0.0.1".into(),
+            port,
+            HeaderValue::from_static("up"),
+            None,
+            UpstreamClient::Rampart,
+            Duration::from_secs(60),
+            16,
+        ));
+        let conn = pool.connect(Duration::from_secs(5)).await.unwrap();
+        let mut request = Some(
+            Request::get("/")
+                .header("host", "up")
+                .body(RequestBody::Empty)
+                .unwrap(),
+        );
+        let response = exchange(conn, pool.clone(), &mut request, None)
+            .await
+            .unwrap()
+            .unwrap();
+        let mut body = response.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"01234");
+        assert!(
+            pool.take_idle().is_none(),
+            "in use while its answer is read"
+        );
+        go_on.send(()).unwrap();
+        let last = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&last[..], b"56789");
+        let idle = pool.take_idle();
+        assert!(
+            idle.is_some(),
+            "idle once the answer was read, the body still held"
+        );
+        assert!(body.frame().await.is_none());
+        drop((body, idle));
+        upstream.abort();
     }
 }
