@@ -223,7 +223,7 @@ async fn post_with(
             ConnectError::Io(e) => format!("connect: {e}"),
             other => other.to_string(),
         })?;
-        match pool::exchange(conn, pool.clone(), &mut Some(req), None).await {
+        match pool::exchange(conn, pool.clone(), &mut Some(req), None, None).await {
             Some(Ok(resp)) => Ok(resp.status().as_u16()),
             Some(Err(e)) => Err(e.to_string()),
             None => Err("no request".to_owned()),

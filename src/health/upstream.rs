@@ -182,7 +182,7 @@ async fn probe(u: &Upstream, i: usize, path: Uri, connect: Duration, timeout: Du
         first_byte: timeout,
         deadline: None,
     };
-    let resp = match forward::send(&u.name, ep, &mut Some(req), None, &timers).await {
+    let resp = match forward::send(&u.name, ep, &mut Some(req), None, &timers, None).await {
         Ok(r) => r,
         Err(e) => {
             return Probe {

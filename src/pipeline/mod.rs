@@ -35,7 +35,7 @@ use crate::stream::events::{EventStream, is_event_stream};
 use crate::stream::tail::{Observed, Tail};
 use crate::stream::upgrade::{self, ClientUpgrade};
 use crate::stream::usage::UsageMeter;
-use crate::upstream::attempts::{Attempts, error_kind, no_endpoints};
+use crate::upstream::attempts::{Attempts, Resend, error_kind, no_endpoints};
 use crate::upstream::breaker::{Admit, Outcome};
 use crate::upstream::forward::{self, Upstream};
 use crate::upstream::resilience::UpstreamStates;
@@ -555,18 +555,22 @@ fn outgoing<'a>(
         };
     }
     let cfg = &upstream.resilience;
-    // Only a retry after the request went out needs a copy of it: the client keeps what it
-    // sent, and hands back only what it did not send.
-    let template = (cfg.retry.attempts > 1
+    // Only a retry after the request went out needs it again: our own client gives back
+    // what it sent, for hyper's a copy is made now.
+    let resend = if cfg.retry.attempts > 1
         && replay.is_some()
-        && retry::may_retry_once_sent(&cfg.retry, &parts.method))
-    .then(|| Box::new((parts.uri.clone(), parts.headers.clone())));
+        && retry::may_retry_once_sent(&cfg.retry, &parts.method)
+    {
+        Resend::for_upstream(upstream, &parts.uri, &parts.headers)
+    } else {
+        Resend::No
+    };
     let mut attempts = Attempts::new(
         upstream,
         Request::from_parts(parts, body),
         forwarded,
         replay,
-        template,
+        resend,
         timers,
     );
     if let Some(g) = group {

@@ -35,16 +35,36 @@ pub(crate) struct Attempts<'a> {
     forwarded: Option<Forwarded>,
     /// The request body, kept for a retry (None: not replayable).
     replay: Option<Bytes>,
-    /// URI and headers: enough, with `method` and `replay`, to rebuild a request that was
-    /// sent for a retry. Only kept when such a retry is possible (see `outgoing`); boxed,
-    /// as it is rarely there and `Send` is moved on every request.
-    template: Option<Box<(Uri, HeaderMap)>>,
+    /// How a request that was sent is sent again (with `method` and `replay`).
+    resend: Resend,
     timers: forward::Timers,
     /// Something else can answer if the upstream is down (a stale cache entry): a refused
     /// connect fails at once rather than waiting out `retry.connect_wait`.
     no_connect_wait: bool,
     /// The endpoint group chosen for this request (`groups:`); None: plain endpoints.
     group: Option<usize>,
+}
+
+/// How a retry after the send gets the request again: only needed when such a retry is
+/// possible (see `pipeline::outgoing`).
+pub(crate) enum Resend {
+    No,
+    /// Our own client gives back what it sent (`client::exchange`): nothing is copied.
+    Kept,
+    /// URI and headers copied before the first send, for a client that keeps nothing
+    /// (hyper's, HTTP/2). Boxed: rarely there, and `Attempts` moves with every request.
+    Copy(Box<(Uri, HeaderMap)>),
+}
+
+impl Resend {
+    /// For a request to `upstream` that may be retried after it was sent.
+    pub(crate) fn for_upstream(upstream: &Upstream, uri: &Uri, headers: &HeaderMap) -> Resend {
+        if upstream.gives_back_sent {
+            Resend::Kept
+        } else {
+            Resend::Copy(Box::new((uri.clone(), headers.clone())))
+        }
+    }
 }
 
 /// The upstream's answer, before it is streamed back.
@@ -72,7 +92,7 @@ impl<'a> Attempts<'a> {
         request: Request<RequestBody>,
         forwarded: Option<Forwarded>,
         replay: Option<Bytes>,
-        template: Option<Box<(Uri, HeaderMap)>>,
+        resend: Resend,
         timers: forward::Timers,
     ) -> Attempts<'a> {
         Attempts {
@@ -81,7 +101,7 @@ impl<'a> Attempts<'a> {
             request: Some(request),
             forwarded,
             replay,
-            template,
+            resend,
             timers,
             no_connect_wait: false,
             group: None,
@@ -116,6 +136,10 @@ impl<'a> Attempts<'a> {
         let mut attempt = 1;
         // Only an upstream with groups times its requests here (for the group's figures).
         let started = self.group.map(|_| Instant::now());
+        // What our own client sent last (`Resend::Kept`), its body left empty. A local of
+        // this future, which stays where it is, not a field of `Attempts`, which moves
+        // with every request.
+        let mut sent = None;
         loop {
             let picked = match self.group {
                 None => upstream.pick(tried),
@@ -130,7 +154,7 @@ impl<'a> Attempts<'a> {
             }
             let endpoint = &upstream.endpoints[idx];
             if self.request.is_none() {
-                self.request = self.rebuild();
+                self.request = self.rebuild(&mut sent);
             }
             let Some(request) = self.request.as_mut() else {
                 // Nothing left to send (cannot happen: a retry is only chosen with a request).
@@ -150,6 +174,7 @@ impl<'a> Attempts<'a> {
                 &mut self.request,
                 self.forwarded.as_ref(),
                 &self.timers,
+                matches!(self.resend, Resend::Kept).then_some(&mut sent),
             )
             .await;
             let can_go_again = attempt < cfg.retry.attempts
@@ -257,18 +282,29 @@ impl<'a> Attempts<'a> {
         }
     }
 
-    fn rebuild(&self) -> Option<Request<RequestBody>> {
-        let (uri, headers) = self.template.as_deref()?;
+    fn rebuild(&self, sent: &mut Option<Request<RequestBody>>) -> Option<Request<RequestBody>> {
         let body = self.replay.clone()?;
-        let mut req = Request::new(if body.is_empty() {
+        let body = if body.is_empty() {
             RequestBody::Empty
         } else {
             RequestBody::Full(Some(body))
-        });
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = uri.clone();
-        *req.headers_mut() = headers.clone();
-        Some(req)
+        };
+        match &self.resend {
+            Resend::No => None,
+            Resend::Kept => {
+                let mut req = sent.take()?;
+                *req.body_mut() = body;
+                Some(req)
+            }
+            Resend::Copy(template) => {
+                let (uri, headers) = &**template;
+                let mut req = Request::new(body);
+                *req.method_mut() = self.method.clone();
+                *req.uri_mut() = uri.clone();
+                *req.headers_mut() = headers.clone();
+                Some(req)
+            }
+        }
     }
 
     fn take_budget(&self, reason: &'static str) -> bool {
@@ -456,13 +492,13 @@ mod tests {
 
     fn attempts<'a>(u: &'a Upstream, method: Method) -> Attempts<'a> {
         let req = request(method.clone());
-        let template = Some(Box::new((req.uri().clone(), req.headers().clone())));
+        let resend = Resend::for_upstream(u, req.uri(), req.headers());
         Attempts::new(
             u,
             req,
             None,
             Some(Bytes::new()),
-            template,
+            resend,
             forward::Timers {
                 connect: Duration::from_secs(1),
                 first_byte: Duration::from_secs(2),

@@ -47,6 +47,9 @@ pub struct Upstream {
     /// Breaker, budget, in flight: outlives the snapshot (keyed by name).
     pub state: Arc<UpstreamState>,
     pub errors: UpstreamErrors,
+    /// Every endpoint's client gives back what it sent (`EndpointPool::gives_back_sent`):
+    /// a retry after the send needs no copy of the request made in advance.
+    pub(crate) gives_back_sent: bool,
 }
 
 impl Upstream {
@@ -113,6 +116,7 @@ impl Upstream {
             });
         }
         let groups = state.groups.runtime(cfg, &states.metrics.groups);
+        let gives_back_sent = endpoints.iter().all(|e| e.pool.gives_back_sent());
         Ok(Upstream {
             name: cfg.name.clone(),
             endpoints,
@@ -121,6 +125,7 @@ impl Upstream {
             resilience: cfg.resilience.clone(),
             state,
             errors,
+            gives_back_sent,
         })
     }
 
@@ -347,7 +352,8 @@ pub(crate) struct Timers {
 /// Sends the request in `request` (and the `forwarded` headers) to `endpoint` and waits
 /// for the response head, at most `first_byte` from the request's last byte (see
 /// [`within_first_byte`]) or until the route's total deadline if that comes first. The
-/// request is taken out, and put back when it provably never left. The error is boxed: the
+/// request is taken out, and put back when it provably never left; what was sent goes to
+/// `sent` when given (our own client's, see `pool::exchange`). The error is boxed: the
 /// answer travels up through several futures, and most answers are not errors.
 pub(crate) async fn send(
     upstream: &str,
@@ -355,6 +361,7 @@ pub(crate) async fn send(
     request: &mut Option<Request<RequestBody>>,
     forwarded: Option<&Forwarded>,
     timers: &Timers,
+    mut sent: Option<&mut Option<Request<RequestBody>>>,
 ) -> Result<Response<PooledBody>, Box<SendError>> {
     let timed_out = |phase, failure, by_deadline| {
         Box::new(SendError {
@@ -412,7 +419,13 @@ pub(crate) async fn send(
         // From here on a timeout means the request may have reached the upstream.
         let reused = conn.reused();
         let upload = request.as_mut().and_then(|r| r.body_mut().upload());
-        let exchange = pool::exchange(conn, endpoint.pool.clone(), request, forwarded);
+        let exchange = pool::exchange(
+            conn,
+            endpoint.pool.clone(),
+            request,
+            forwarded,
+            sent.as_deref_mut(),
+        );
         let error = match within_first_byte(exchange, upload.as_deref(), timers).await {
             // The head waits (briefly) for the body's first byte: a body that fails at once
             // is a 502, not a head with a cut stream (outside the first-byte timer).

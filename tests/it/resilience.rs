@@ -499,3 +499,98 @@ async fn waiting_requests_share_their_connects_and_all_go_once_the_port_listens(
     server.abort();
     px.shutdown().await;
 }
+
+/// A retry after the request was sent (a 503 on the `on:` list, an idempotent PUT with a
+/// kept body) sends the same bytes again, with our own client (which gives back what it
+/// sent, nothing copied in advance) and with hyper's (a copy made before the first send):
+/// the differential check of the first against the reference.
+#[tokio::test]
+async fn a_request_retried_after_it_was_sent_goes_again_byte_for_byte_with_either_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for client in ["rampart", "hyper"] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
+        let log = seen.clone();
+        // Answers the first request 503, every other 200; one request per read of a head
+        // and its Content-Length body, the connection kept open.
+        let upstream = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse().unwrap());
+                        while buf.len() < end + 4 + len {
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let request: Vec<u8> = buf.drain(..end + 4 + len).collect();
+                        let first = {
+                            let mut log = log.lock().unwrap();
+                            log.push(request);
+                            log.len() == 1
+                        };
+                        let answer: &[u8] = if first {
+                            b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n"
+                        } else {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                        };
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let yaml = config(
+            &[format!("http://{addr}")],
+            &format!(
+                "    client: {client}\n    retry: {{ attempts: 2, backoff: {{ base: 1ms, max: 2ms }}, on: [503] }}"
+            ),
+            "",
+        );
+        let px = start(&yaml).await;
+        let req = Request::put(format!("http://{}/p/q?x=1&y=2", px.addr("main").unwrap()))
+            .header("x-one", "1")
+            .header("x-two", "two, 2")
+            .header("content-type", "text/plain")
+            .body(Full::new(Bytes::from_static(b"the body")))
+            .unwrap();
+        let (resp, body) = send(&http1(), req).await;
+        assert_eq!(resp.status(), 200, "{client}");
+        assert_eq!(&body[..], b"ok", "{client}");
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2, "{client}: sent, then sent again");
+        assert_eq!(
+            String::from_utf8_lossy(&seen[0]),
+            String::from_utf8_lossy(&seen[1]),
+            "{client}: the retry is the same request"
+        );
+        let text = String::from_utf8_lossy(&seen[1]).to_ascii_lowercase();
+        for part in [
+            "put /p/q?x=1&y=2 ",
+            "x-one: 1",
+            "x-two: two, 2",
+            "\r\n\r\nthe body",
+        ] {
+            assert!(text.contains(part), "{client}: {part:?} in\n{text}");
+        }
+        px.shutdown().await;
+        upstream.abort();
+    }
+}

@@ -172,12 +172,21 @@ impl Conn {
 /// returned with the head, ready to read the body. The request stays in `request` (for
 /// another connection) when nothing of it reached the socket, and when a pooled connection
 /// closed without a byte of answer to a GET, HEAD or OPTIONS without a body: the classic
-/// keep-alive race, which nginx retries too. Otherwise it is taken.
+/// keep-alive race, which nginx retries too. Otherwise it is taken: into `sent` when given
+/// (its head, the body left empty), so that a retry after the send can go again without a
+/// copy made in advance of every request.
 pub(crate) async fn exchange(
     conn: &mut Conn,
     request: &mut Option<Request<RequestBody>>,
     forwarded: Option<&Forwarded>,
+    mut sent: Option<&mut Option<Request<RequestBody>>>,
 ) -> Option<Result<Response<()>, ExchangeError>> {
+    // What was sent, kept (when asked) instead of dropped.
+    let mut keep = |req: Option<Request<RequestBody>>| {
+        if let (Some(slot), Some(req)) = (sent.as_deref_mut(), req) {
+            *slot = Some(req);
+        }
+    };
     let req = request.as_ref()?;
     let head_request = req.method() == Method::HEAD;
     let framing = conn.encode(req, forwarded);
@@ -189,13 +198,14 @@ pub(crate) async fn exchange(
     if let Err(e) = std::future::poll_fn(|cx| conn.poll_flush(cx)).await {
         conn.keep_alive = false;
         if conn.written > 0 {
-            request.take();
+            keep(request.take());
         }
         return Some(Err(e.into()));
     }
     if !replayable {
-        let body = request.take()?.into_body();
+        let (parts, body) = request.take()?.into_parts();
         conn.sending = framing.map(|f| (body, f));
+        keep(Some(Request::from_parts(parts, RequestBody::Empty)));
     }
     conn.reader.incoming = Incoming::Done;
     let result = std::future::poll_fn(|cx| {
@@ -214,7 +224,7 @@ pub(crate) async fn exchange(
     })
     .await;
     if !matches!(result, Err(ExchangeError::Wire(WireError::Unanswered))) {
-        request.take();
+        keep(request.take());
     }
     Some(result)
 }
@@ -230,7 +240,7 @@ mod tests {
         let (mut conn, server) = pair().await;
         let upstream = answer_and_close(server, b"HTTP/1.1 200");
         let mut req = request(Method::GET, "/", RequestBody::Empty);
-        let (_, result) = tokio::join!(upstream, exchange(&mut conn, &mut req, None));
+        let (_, result) = tokio::join!(upstream, exchange(&mut conn, &mut req, None, None));
         assert!(matches!(
             result,
             Some(Err(ExchangeError::Wire(WireError::ClosedBeforeHead)))
@@ -260,7 +270,7 @@ mod tests {
             conn.reused = true;
             let mut req = request(method.clone(), "/", body);
             let upstream = answer_and_close(server, b"");
-            let (_, result) = tokio::join!(upstream, exchange(&mut conn, &mut req, None));
+            let (_, result) = tokio::join!(upstream, exchange(&mut conn, &mut req, None, None));
             assert!(
                 matches!(
                     result,
@@ -275,7 +285,7 @@ mod tests {
         let mut req = request(Method::GET, "/", RequestBody::Empty);
         let (_, result) = tokio::join!(
             answer_and_close(server, b""),
-            exchange(&mut conn, &mut req, None)
+            exchange(&mut conn, &mut req, None, None)
         );
         assert!(result.is_some_and(|r| r.is_err()));
         assert!(req.is_none());

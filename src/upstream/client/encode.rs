@@ -236,7 +236,7 @@ mod tests {
                 server.write_all(answer).await.expect("write");
                 got
             };
-            let (got, result) = tokio::join!(upstream, exchange(&mut conn, &mut req, None));
+            let (got, result) = tokio::join!(upstream, exchange(&mut conn, &mut req, None, None));
             result.expect("request").expect("head");
             assert_eq!(String::from_utf8_lossy(&got), expected);
             assert!(conn.reusable());

@@ -71,7 +71,9 @@ pub(super) async fn roundtrip(
     };
     let client = async {
         let mut req = request(method, "/x", RequestBody::Empty);
-        let head = exchange(conn, &mut req, None).await.expect("a request")?;
+        let head = exchange(conn, &mut req, None, None)
+            .await
+            .expect("a request")?;
         let mut body = Vec::new();
         loop {
             match poll_fn(|cx| conn.poll_body(cx)).await {
@@ -98,7 +100,7 @@ pub(super) async fn answer_and_close(mut server: TcpStream, wire: &[u8]) {
 /// Sends a GET on `conn` and waits for the response head.
 pub(super) async fn get_head(conn: &mut Conn) {
     let mut req = request(Method::GET, "/", RequestBody::Empty);
-    exchange(conn, &mut req, None)
+    exchange(conn, &mut req, None, None)
         .await
         .expect("request")
         .expect("head");

@@ -296,7 +296,7 @@ mod tests {
                 .body(RequestBody::Empty)
                 .unwrap(),
         );
-        let response = exchange(conn, pool.clone(), &mut request, None)
+        let response = exchange(conn, pool.clone(), &mut request, None, None)
             .await
             .unwrap()
             .unwrap();

@@ -399,6 +399,12 @@ impl EndpointPool {
         self.tls.as_ref().is_some_and(|t| t.h1_only.is_some())
     }
 
+    /// Every exchange here is our own client's, which gives back what it sent (for a retry
+    /// after the send): not hyper's, nor an HTTP/2 connection's.
+    pub(crate) fn gives_back_sent(&self) -> bool {
+        self.client == UpstreamClient::Rampart && !self.offers_h2()
+    }
+
     /// An HTTP/1.1 connection over `io`, for this endpoint's client.
     async fn http1(&self, io: Io) -> Result<Connection, ConnectError> {
         Ok(match self.client {
@@ -472,16 +478,18 @@ async fn sweep(pool: Weak<EndpointPool>) {
 /// the upstream, it is put back in `request`. None when `request` was empty.
 ///
 /// The request is lent, not passed by value: a future carries its arguments for its whole
-/// life, and this one would otherwise hold a copy of the request.
+/// life, and this one would otherwise hold a copy of the request. Our own client puts what
+/// it sent in `sent` (see `client::exchange`); hyper's and HTTP/2 keep nothing.
 pub(crate) async fn exchange(
     conn: Connection,
     pool: Arc<EndpointPool>,
     request: &mut Option<Request<RequestBody>>,
     forwarded: Option<&Forwarded>,
+    sent: Option<&mut Option<Request<RequestBody>>>,
 ) -> Option<Result<Response<PooledBody>, ExchangeError>> {
     match conn {
         Connection::Rampart(mut conn) => {
-            let head = client::exchange(&mut conn, request, forwarded).await?;
+            let head = client::exchange(&mut conn, request, forwarded, sent).await?;
             Some(head.map(|head| head.map(|()| PooledBody::new(Inner::Rampart(Some(conn)), pool))))
         }
         // Boxed: the reference path's future stays out of every request's.
