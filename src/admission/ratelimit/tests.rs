@@ -121,20 +121,25 @@ async fn a_reload_keeps_the_counts_of_the_names_it_keeps() {
     assert!(policies["b"].decide_key("k").await.0.unwrap().allowed);
 }
 
+/// `check` of one policy, with a fresh request's Redis budget.
+async fn check_one(p: &Arc<Policy>, h: &HeaderMap, peer: IpAddr) -> Verdict {
+    check(
+        std::slice::from_ref(p),
+        "r",
+        h,
+        || peer,
+        &mut Budget::default(),
+    )
+    .await
+}
+
 #[tokio::test]
 async fn check_sets_headers_and_retry_after() {
     let p = Arc::new(policy(KeySource::ClientIp, false));
     let h = HeaderMap::new();
     let peer = ip("192.0.2.1");
     for i in 0..10u64 {
-        let v = check(
-            std::slice::from_ref(&p),
-            "r",
-            &h,
-            || peer,
-            &mut Budget::default(),
-        )
-        .await;
+        let v = check_one(&p, &h, peer).await;
         assert_eq!(v.retry_after_secs, None);
         let headers = v.headers.unwrap().into_map();
         assert_eq!(headers["ratelimit-policy"], "\"api\";q=10;w=2");
@@ -148,14 +153,7 @@ async fn check_sets_headers_and_retry_after() {
             (9 - i).to_string().as_str()
         );
     }
-    let v = check(
-        std::slice::from_ref(&p),
-        "r",
-        &h,
-        || peer,
-        &mut Budget::default(),
-    )
-    .await;
+    let v = check_one(&p, &h, peer).await;
     assert!(matches!(v.retry_after_secs, Some(1 | 2)), "{v:?}");
 }
 
@@ -174,14 +172,7 @@ async fn admit(policy: &Arc<Policy>, key: &str) -> Result<Tail, Verdict> {
     )]
     .into_iter()
     .collect();
-    let v = check(
-        std::slice::from_ref(policy),
-        "r",
-        &h,
-        || ip("192.0.2.1"),
-        &mut Budget::default(),
-    )
-    .await;
+    let v = check_one(policy, &h, ip("192.0.2.1")).await;
     if v.retry_after_secs.is_some() {
         return Err(v);
     }
