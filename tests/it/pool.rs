@@ -49,8 +49,8 @@ async fn a_peak_of_concurrent_requests_keeps_its_upstream_connections() {
     // (the issue's target: new connections < 1% of requests beyond that). Counted by
     // rampart: the upstream may accept a few more, connects that rampart's 1 s
     // connect_timeout gave up on while 400 went at once on a loaded machine (the kernel
-    // completes them later). A CI run failed on those (424 accepted); in 40 runs here rampart's
-    // count stayed 400 while the upstream's reached 437, each extra closed unused.
+    // completes them later). A CI run failed on those (424 accepted). In 10 instrumented runs
+    // rampart's count stayed 400; over ~40 the upstream's reached 437, each extra closed unused.
     assert!(
         opened <= (CONCURRENT + requests / 100) as f64,
         "{opened} upstream connections opened for {requests} requests at {CONCURRENT} at once: \
