@@ -118,20 +118,25 @@ impl PooledBody {
             Inner::H2(b) => return b.poll_data(cx),
         };
         let next = ready!(conn.poll_body(cx));
-        let done = conn.body_done();
         if matches!(next, Some(Err(_))) {
             self.inner = Inner::Rampart(None);
-        } else if done
-            && let Inner::Rampart(slot) = &mut self.inner
+        } else if conn.body_done() {
+            // Read to its end: the connection can carry another request now, before these
+            // last bytes are written to the client (a slow reader would otherwise hold it).
+            self.give_back_rampart();
+        }
+        Poll::Ready(next)
+    }
+
+    /// Our own client's connection back to the pool if its response was read to the end
+    /// and nothing forbids reuse; otherwise it is closed by dropping it.
+    fn give_back_rampart(&mut self) {
+        if let Inner::Rampart(slot) = &mut self.inner
             && let Some(conn) = slot.take()
             && conn.reusable()
         {
-            // Read to its end: the connection can carry another request now, before these
-            // last bytes are written to the client (a slow reader would otherwise hold it,
-            // and at a peak, requests that find no idle connection open new ones).
             self.pool.put_idle(Connection::Rampart(conn));
         }
-        Poll::Ready(next)
     }
 
     fn inner_ended(&self) -> bool {
@@ -228,13 +233,7 @@ impl Drop for PooledBody {
         // Only a connection whose response was read to the end can carry another request;
         // anything else (client gone, upstream error) is closed by dropping it.
         match &mut self.inner {
-            Inner::Rampart(conn) => {
-                if let Some(conn) = conn.take()
-                    && conn.reusable()
-                {
-                    self.pool.put_idle(Connection::Rampart(conn));
-                }
-            }
+            Inner::Rampart(_) => self.give_back_rampart(),
             Inner::Hyper(b) => {
                 if let Some(conn) = b.conn.take()
                     && b.reusable
