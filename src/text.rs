@@ -11,7 +11,7 @@ use http::HeaderValue;
 /// `n` in `radix` (10 or 16, lower-case digits), written into `buf`: for header values and
 /// framing on the request path, where the formatting machinery costs more than the rest of
 /// the work.
-pub(crate) fn digits(n: u64, radix: u64, buf: &mut [u8; 20]) -> &str {
+pub(crate) fn digits(n: u64, radix: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut i = buf.len();
     let mut n = n;
     loop {
@@ -22,7 +22,14 @@ pub(crate) fn digits(n: u64, radix: u64, buf: &mut [u8; 20]) -> &str {
             break;
         }
     }
-    std::str::from_utf8(&buf[i..]).unwrap_or("0")
+    // Bytes, not `&str`: checking them as UTF-8 cost more than writing them.
+    &buf[i..]
+}
+
+/// Appends ASCII text (`digits`, an address) to a string without checking it as UTF-8
+/// (which cost more than writing it); a byte above ASCII would go in as its Latin-1 char.
+pub(crate) fn push_ascii(out: &mut String, ascii: &[u8]) {
+    out.extend(ascii.iter().map(|&b| char::from(b)));
 }
 
 /// An IPv4 client seen through an IPv6 socket is written as IPv4.
@@ -71,7 +78,7 @@ pub(crate) fn push_ip(out: &mut String, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
             let (buf, len) = ipv4_text(v4);
-            out.push_str(std::str::from_utf8(&buf[..len]).unwrap_or("?"));
+            push_ascii(out, &buf[..len]);
         }
         IpAddr::V6(_) => {
             use std::fmt::Write;
@@ -145,8 +152,11 @@ mod tests {
     fn digits_write_every_width() {
         let mut buf = [0u8; 20];
         for n in [0, 7, 10, 99, 100, 255, 65_535, u64::MAX] {
-            assert_eq!(digits(n, 10, &mut buf), n.to_string());
-            assert_eq!(digits(n, 16, &mut buf), format!("{n:x}"));
+            assert_eq!(digits(n, 10, &mut buf), n.to_string().as_bytes());
+            assert_eq!(digits(n, 16, &mut buf), format!("{n:x}").as_bytes());
+            let mut out = String::from("n=");
+            push_ascii(&mut out, digits(n, 10, &mut buf));
+            assert_eq!(out, format!("n={n}"));
         }
     }
 }

@@ -335,7 +335,7 @@ impl Connection {
         I: Io,
         S: FnMut(Request<Body>) -> F + Send + 'static,
         F: Future<Output = Result<Response<B>, E>> + Send + 'static,
-        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B: http_body::Body<Data = Bytes> + encode::HeadFields + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
         E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
     {
@@ -370,7 +370,7 @@ where
     I: Io,
     S: FnMut(Request<Body>) -> F + Send + 'static,
     F: Future<Output = Result<Response<B>, E>> + Send + 'static,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + encode::HeadFields + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -478,6 +478,8 @@ where
                 method: &method,
                 version,
                 keep_alive: keep_alive && !closing.load(Ordering::Relaxed),
+                extra: encode::HeadFields::has_head_fields(&rbody)
+                    .then_some(&rbody as &dyn encode::HeadFields),
             },
         )?;
         drop(rparts);
@@ -728,6 +730,7 @@ fn refuse(dst: &mut Vec<u8>, status: StatusCode) {
             method: &Method::GET,
             version: http::Version::HTTP_11,
             keep_alive: false,
+            extra: None,
         },
     );
 }

@@ -36,8 +36,24 @@ pub(crate) enum EncodeError {
     BadLength,
 }
 
-/// The request facts the head depends on.
-#[derive(Debug, Clone, Copy)]
+/// Fields a response body brings for its head besides the response's header map: rampart's
+/// rate-limit fields, written straight into the head (five inserts into the map and five
+/// values made for it cost more than the rate-limit decision they report).
+pub(crate) trait HeadFields {
+    /// Whether there is anything to write.
+    fn has_head_fields(&self) -> bool {
+        false
+    }
+    /// Whether the response's own field `name` is left out: one of these replaces it.
+    fn replaces(&self, _name: &HeaderName) -> bool {
+        false
+    }
+    /// Writes the fields as head lines (`name: value` CRLF).
+    fn write_head_fields(&self, _dst: &mut Vec<u8>) {}
+}
+
+/// The request facts the head depends on, and what the answer brings besides its map.
+#[derive(Clone, Copy)]
 pub(crate) struct For<'a> {
     /// A reason phrase the answer brought (`hyper::ext::ReasonPhrase`, kept from the
     /// upstream's status line), written instead of the canonical one.
@@ -46,6 +62,19 @@ pub(crate) struct For<'a> {
     pub(crate) version: Version,
     /// The connection is to stay open after this exchange (so far as the request goes).
     pub(crate) keep_alive: bool,
+    /// The answer's body's own head fields (`HeadFields`), when it has any.
+    pub(crate) extra: Option<&'a dyn HeadFields>,
+}
+
+impl std::fmt::Debug for For<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("For")
+            .field("method", self.method)
+            .field("version", &self.version)
+            .field("keep_alive", &self.keep_alive)
+            .field("extra", &self.extra.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The head written, and what it decided.
@@ -100,6 +129,7 @@ pub(crate) fn head(
         let closing = For {
             reason: None,
             keep_alive: false,
+            extra: None,
             ..req
         };
         return head(
@@ -221,10 +251,15 @@ pub(crate) fn head(
             _ => {
                 if *name == DATE {
                     wrote_date = true;
+                } else if req.extra.is_some_and(|e| e.replaces(name)) {
+                    continue;
                 }
                 line(dst, name.as_str().as_bytes(), value.as_bytes());
             }
         }
+    }
+    if let Some(extra) = req.extra {
+        extra.write_head_fields(dst);
     }
     if let Some(mut te) = te_value {
         if !is_chunked(&te) {
@@ -269,7 +304,7 @@ pub(crate) fn head(
                     line(
                         dst,
                         b"content-length",
-                        crate::text::digits(n, 10, &mut [0u8; 20]).as_bytes(),
+                        crate::text::digits(n, 10, &mut [0u8; 20]),
                     );
                     Encoder::Length(n)
                 } else {
@@ -464,7 +499,44 @@ mod tests {
             method: &Method::GET,
             version: Version::HTTP_11,
             keep_alive: true,
+            extra: None,
         }
+    }
+
+    /// Two fields of the body's own, the first replacing the response's field of its name.
+    struct Extra;
+
+    impl HeadFields for Extra {
+        fn has_head_fields(&self) -> bool {
+            true
+        }
+        fn replaces(&self, name: &HeaderName) -> bool {
+            name == "x-limit"
+        }
+        fn write_head_fields(&self, dst: &mut Vec<u8>) {
+            dst.extend_from_slice(b"x-limit: 7\r\nx-more: 8\r\n");
+        }
+    }
+
+    #[test]
+    fn a_bodys_own_fields_follow_the_maps_and_replace_theirs() {
+        let mut h = HeaderMap::new();
+        h.insert("x-limit", HeaderValue::from_static("upstream's"));
+        h.insert("x-a", HeaderValue::from_static("1"));
+        let mut dst = Vec::new();
+        let req = For {
+            extra: Some(&Extra),
+            ..get11()
+        };
+        head(&mut dst, StatusCode::OK, &h, BodyLen::Known(5), req).unwrap();
+        assert_eq!(
+            text(&dst),
+            "HTTP/1.1 200 OK\nx-a: 1\nx-limit: 7\nx-more: 8\ncontent-length: 5\ndate: *\n"
+        );
+        // A 1xx the pipeline never returns becomes a bare 500: without them.
+        let mut dst = Vec::new();
+        head(&mut dst, StatusCode::CONTINUE, &h, BodyLen::Empty, req).unwrap();
+        assert!(!text(&dst).contains("x-more"), "{}", text(&dst));
     }
 
     #[test]
@@ -500,6 +572,7 @@ mod tests {
             method: &Method::GET,
             version: Version::HTTP_10,
             keep_alive: false,
+            extra: None,
         };
         let mut dst = Vec::new();
         let w = head(&mut dst, StatusCode::OK, &h, BodyLen::Unknown, req10).unwrap();

@@ -50,6 +50,9 @@ impl Handler {
         // HTTP/2 heads never go through the guard, and hyper already hands the service
         // every header of those.
         let h1 = req.version() != Version::HTTP_2;
+        // rampart's own HTTP/1.1 server (no byte-level guard) writes the rate-limit
+        // fields into the head itself; for hyper's, they go into the map.
+        let rampart_h1 = h1 && self.verdicts.is_none();
         // Counted open from here, so a stream waiting for its answer is not idle.
         let stream = (!h1).then(|| state.clocks.stream());
         let refused = if !h1 {
@@ -103,6 +106,9 @@ impl Handler {
                 }
                 resp
             };
+            if !rampart_h1 && let Some(h) = resp.body_mut().take_rate_limit_fields() {
+                h.write_to(resp.headers_mut());
+            }
             let body = resp.body_mut();
             match stream {
                 Some(stream) => {

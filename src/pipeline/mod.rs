@@ -163,7 +163,10 @@ pub(crate) async fn handle(
     };
     cache::mark(&mut resp, &mut tail);
     resp.headers_mut().insert(&X_REQUEST_ID, request_id);
-    if let Some(h) = tail.rate_limit_headers.take() {
+    // Left in the tail for the server to write (rampart's HTTP/1.1 server writes them
+    // into the head, `Handler::call` into the map for the others); an answer that closes
+    // its connection says so in the map, where every server sees it.
+    if let Some(h) = tail.rate_limit_headers.take_if(|h| h.closes()) {
         h.write_to(resp.headers_mut());
     }
     if let Some(r) = tail.log.as_mut() {

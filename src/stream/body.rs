@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
+use crate::admission::ratelimit::RateLimitHeaders;
 use crate::body::{BodyError, TimedBody};
 use crate::stream::events::EventStream;
 use crate::stream::tail::Tail;
@@ -88,6 +89,19 @@ impl ProxyBody {
     /// Attaches the request's `Tail` in place (a response is large to move).
     pub(crate) fn set_tail(&mut self, tail: Box<Tail>) {
         self.tail = Some(tail);
+    }
+
+    /// The rate-limit fields the answer still owes its head (rampart's HTTP/1.1 server
+    /// writes them from here; see `take_rate_limit_fields`). None once the body is
+    /// watched (HTTP/2), where the tail moved.
+    pub(crate) fn rate_limit_fields(&self) -> Option<&RateLimitHeaders> {
+        self.tail.as_deref()?.rate_limit_headers.as_ref()
+    }
+
+    /// Takes the fields the answer owes, for the servers that write the head from the
+    /// header map alone (hyper's HTTP/1.1 and HTTP/2).
+    pub(crate) fn take_rate_limit_fields(&mut self) -> Option<RateLimitHeaders> {
+        self.tail.as_deref_mut()?.rate_limit_headers.take()
     }
 
     /// rampart ended this stream itself at the drain deadline (`stream::finale`), so the access

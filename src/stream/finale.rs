@@ -22,6 +22,7 @@ use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::watch;
 
+use crate::admission::ratelimit::RateLimitHeaders;
 use crate::body::BodyError;
 use crate::shutdown::{Phase, reached};
 use crate::shutdown::{RequestGuard, StreamGuard};
@@ -71,6 +72,22 @@ pub(crate) fn track(
 /// every event was read with the head still counts as a stream).
 pub(crate) fn is_event_stream(resp: &Response<ProxyBody>) -> bool {
     crate::stream::events::is_event_stream(resp.status(), resp.headers())
+}
+
+impl crate::h1::HeadFields for TrackedBody {
+    fn has_head_fields(&self) -> bool {
+        self.inner.rate_limit_fields().is_some()
+    }
+
+    fn replaces(&self, name: &http::HeaderName) -> bool {
+        RateLimitHeaders::replaces(name)
+    }
+
+    fn write_head_fields(&self, dst: &mut Vec<u8>) {
+        if let Some(h) = self.inner.rate_limit_fields() {
+            h.write_head(dst);
+        }
+    }
 }
 
 impl Body for TrackedBody {

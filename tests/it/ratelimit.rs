@@ -297,6 +297,60 @@ async fn responses_carry_ratelimit_headers_and_429_has_retry_after() {
     px.shutdown().await;
 }
 
+/// An upstream with a limiter of its own sends the same five fields: the client gets one of
+/// each, rampart's, whichever server answers it (rampart's HTTP/1.1 server writes them
+/// straight into the head, hyper's and HTTP/2 get them in the header map).
+#[tokio::test]
+async fn rampart_ratelimit_fields_replace_the_upstreams_on_every_server() {
+    let up = Upstream::start().await;
+    for (server, client) in [("rampart", http1()), ("hyper", http1()), ("rampart", h2c())] {
+        let p = unique("own");
+        let yaml = config(
+            &up.url(),
+            &p,
+            "",
+            &[format!("{p}: {{ points: 5, per: 60s, store: memory }}")],
+        )
+        .replace(
+            "    routes:",
+            &format!("    http1_server: {server}\n    routes:"),
+        );
+        let px = start(&yaml).await;
+        let addr = px.addr("main").unwrap();
+        for remaining in [4, 3] {
+            let (resp, body) = send(&client, get(addr, "/ratelimited")).await;
+            let what = format!("{server} {:?}, remaining {remaining}", resp.version());
+            assert_eq!(resp.status(), 200, "{what}");
+            assert_eq!(&body[..], b"limited upstream", "{what}");
+            let h = resp.headers();
+            let one = |name: &str| {
+                let all: Vec<_> = h.get_all(name).iter().collect();
+                assert_eq!(all.len(), 1, "{what}: {name}: {all:?}");
+                all[0].to_str().unwrap().to_string()
+            };
+            assert_eq!(
+                one("ratelimit-policy"),
+                format!("\"{p}\";q=5;w=60"),
+                "{what}"
+            );
+            assert_eq!(
+                one("ratelimit"),
+                format!("\"{p}\";r={remaining};t=60"),
+                "{what}"
+            );
+            assert_eq!(one("x-ratelimit-limit"), "5", "{what}");
+            assert_eq!(
+                one("x-ratelimit-remaining"),
+                remaining.to_string(),
+                "{what}"
+            );
+            assert_eq!(one("x-ratelimit-reset"), "60", "{what}");
+            assert_eq!(h.get_all("x-request-id").iter().count(), 1, "{what}");
+        }
+        px.shutdown().await;
+    }
+}
+
 // === Redis failures under load ===
 
 #[derive(Default, Debug)]

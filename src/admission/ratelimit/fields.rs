@@ -13,15 +13,30 @@ static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
-/// The fields of one verdict, written into whatever answer the route gives.
+/// The fields of one verdict, written into whatever answer the route gives: into the
+/// response's head by rampart's HTTP/1.1 server (`write_head`, no header map involved), or
+/// into its header map for the others (`write_to`).
 #[derive(Debug, Default)]
 pub(crate) struct RateLimitHeaders {
+    /// RateLimit-Policy: the one policy's value, made once with the policy.
     policy: Option<HeaderValue>,
-    limit: Option<HeaderValue>,
-    /// X-RateLimit-Limit, -Remaining, -Reset.
-    x: Option<[HeaderValue; 3]>,
+    /// RateLimit-Policy when several policies spoke: their items joined.
+    policies: String,
+    /// The RateLimit field's items, empty when no policy added one.
+    limit: String,
+    /// X-RateLimit-Limit, -Remaining, -Reset: the numbers of the policy closest to refusing.
+    x: Option<[u64; 3]>,
     close: bool,
 }
+
+/// The names of the fields, in the order they are written.
+static NAMES: [&HeaderName; 5] = [
+    &RATELIMIT_POLICY,
+    &RATELIMIT,
+    &X_LIMIT,
+    &X_REMAINING,
+    &X_RESET,
+];
 
 impl RateLimitHeaders {
     /// Adds `Connection: close` (a refused request's unread body would otherwise be parsed
@@ -30,25 +45,81 @@ impl RateLimitHeaders {
         self.close = true;
     }
 
+    /// Whether the answer must close its connection (`close_connection`).
+    pub(crate) fn closes(&self) -> bool {
+        self.close
+    }
+
+    /// Into a header map, replacing the answer's own fields of these names.
     pub(crate) fn write_to(self, map: &mut HeaderMap) {
-        let [x_limit, x_remaining, x_reset] = match self.x {
-            Some(x) => x.map(Some),
-            None => [None, None, None],
+        let policy = match self.policy {
+            Some(v) => Some(v),
+            None => owned_value(self.policies),
         };
-        let fields = [
-            (&RATELIMIT_POLICY, self.policy),
-            (&RATELIMIT, self.limit),
-            (&X_LIMIT, x_limit),
-            (&X_REMAINING, x_remaining),
-            (&X_RESET, x_reset),
-            (
-                &header::CONNECTION,
-                self.close.then(|| HeaderValue::from_static("close")),
-            ),
-        ];
-        for (name, value) in fields {
+        // The RateLimit field and the three X-RateLimit numbers share one buffer, each
+        // value a slice of it: two allocations (the string, then the count the slices
+        // share) where a value each took two (`HeaderValue::from(u64)`).
+        let mut text = self.limit;
+        let limit_end = text.len();
+        let mut ends = [limit_end; 3];
+        if let Some(numbers) = self.x {
+            for (end, n) in ends.iter_mut().zip(numbers) {
+                push_decimal(&mut text, n);
+                *end = text.len();
+            }
+        }
+        let all = bytes::Bytes::from(text);
+        // An empty span (no policy added) is no value.
+        let value = |from: usize, to: usize| {
+            HeaderValue::from_maybe_shared(all.slice(from..to))
+                .ok()
+                .filter(|_| to > from)
+        };
+        let x = match (
+            value(limit_end, ends[0]),
+            value(ends[0], ends[1]),
+            value(ends[1], ends[2]),
+        ) {
+            (Some(l), Some(r), Some(t)) => [Some(l), Some(r), Some(t)],
+            _ => [None, None, None],
+        };
+        let [x_limit, x_remaining, x_reset] = x;
+        let values = [policy, value(0, limit_end), x_limit, x_remaining, x_reset];
+        map.reserve(values.len() + 1);
+        for (name, value) in NAMES.into_iter().zip(values) {
             if let Some(value) = value {
                 map.insert(name.clone(), value);
+            }
+        }
+        if self.close {
+            map.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
+
+    /// Whether the answer's own field `name` is one of these (which replace it).
+    pub(crate) fn replaces(name: &HeaderName) -> bool {
+        let s = name.as_str();
+        // Most names are ruled out by their length and first letter, before any compare.
+        matches!(s.len(), 9 | 16 | 17 | 21)
+            && matches!(s.as_bytes().first(), Some(b'r' | b'x'))
+            && NAMES.iter().any(|n| n.as_str() == s)
+    }
+
+    /// As head lines (`name: value` CRLF): what `write_to` would put in the map, without
+    /// the map (`Connection: close` excepted: answers that close keep to the map, where
+    /// the server sees it). A value that could not be a field value is left out, as
+    /// `write_to` leaves it out.
+    pub(crate) fn write_head(&self, dst: &mut Vec<u8>) {
+        let policy = match &self.policy {
+            Some(v) => v.as_bytes(),
+            None => self.policies.as_bytes(),
+        };
+        line(dst, &RATELIMIT_POLICY, policy);
+        line(dst, &RATELIMIT, self.limit.as_bytes());
+        if let Some(numbers) = self.x {
+            for (name, n) in [&X_LIMIT, &X_REMAINING, &X_RESET].into_iter().zip(numbers) {
+                let mut buf = [0u8; 20];
+                line(dst, name, crate::text::digits(n, 10, &mut buf));
             }
         }
     }
@@ -60,6 +131,22 @@ impl RateLimitHeaders {
         self.write_to(&mut map);
         map
     }
+}
+
+/// One head line, unless `value` is empty or not a field value (RFC 9110 5.5: visible
+/// ASCII, spaces and tabs; here, names and numbers of rampart's own making).
+fn line(dst: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
+    if value.is_empty()
+        || !value
+            .iter()
+            .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+    {
+        return;
+    }
+    dst.extend_from_slice(name.as_str().as_bytes());
+    dst.extend_from_slice(b": ");
+    dst.extend_from_slice(value);
+    dst.extend_from_slice(b"\r\n");
 }
 
 /// The fields as the decisions of one request fill them.
@@ -120,41 +207,13 @@ impl Fields {
     }
 
     pub(super) fn headers(self) -> RateLimitHeaders {
-        let policy = match self.policy {
-            Some(v) => Some(v),
-            None => owned_value(self.policies),
-        };
-        // The RateLimit field and the three X-RateLimit numbers share one buffer, each
-        // value a slice of it: two allocations (the string, then the count the slices
-        // share) where a value each took two (`HeaderValue::from(u64)`).
-        let mut text = self.limit;
-        let limit_end = text.len();
-        let mut ends = [limit_end; 3];
-        if let Some((points, remaining, reset)) = self.tightest {
-            for (end, n) in ends.iter_mut().zip([points, remaining, ceil_secs(reset)]) {
-                push_decimal(&mut text, n);
-                *end = text.len();
-            }
-        }
-        let all = bytes::Bytes::from(text);
-        // An empty span (no policy added) is no value.
-        let value = |from: usize, to: usize| {
-            HeaderValue::from_maybe_shared(all.slice(from..to))
-                .ok()
-                .filter(|_| to > from)
-        };
-        let x = match (
-            value(limit_end, ends[0]),
-            value(ends[0], ends[1]),
-            value(ends[1], ends[2]),
-        ) {
-            (Some(l), Some(r), Some(t)) => Some([l, r, t]),
-            _ => None,
-        };
         RateLimitHeaders {
-            policy,
-            limit: value(0, limit_end),
-            x,
+            policy: self.policy,
+            policies: self.policies,
+            limit: self.limit,
+            x: self
+                .tightest
+                .map(|(points, remaining, reset)| [points, remaining, ceil_secs(reset)]),
             close: false,
         }
     }
@@ -170,7 +229,7 @@ fn owned_value(s: String) -> Option<HeaderValue> {
 
 pub(super) fn push_decimal(out: &mut String, n: u64) {
     let mut buf = [0u8; 20];
-    out.push_str(crate::text::digits(n, 10, &mut buf));
+    crate::text::push_ascii(out, crate::text::digits(n, 10, &mut buf));
 }
 
 pub(super) fn ceil_secs(d: Duration) -> u64 {

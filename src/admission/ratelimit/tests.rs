@@ -446,3 +446,72 @@ async fn streams_in_redis_are_shared_renewed_and_released() {
     drop((a1, a2, a3));
     assert_eq!(client.leases_held(), 0);
 }
+
+/// rampart's HTTP/1.1 server writes the fields as head lines (`write_head`), the others put
+/// them in the map (`write_to`): the same names and values either way, for one policy and
+/// for several (their items joined), and a value that is no field value is left out of both.
+#[test]
+fn the_head_lines_say_what_the_map_says() {
+    use super::fields::Fields;
+    let one = {
+        let mut f = Fields::new();
+        let item = "\"api\";q=10;w=2";
+        f.add_policy(item, &HeaderValue::from_static("\"api\";q=10;w=2"));
+        f.add("api", 10, 7, Duration::from_millis(1500));
+        f.headers()
+    };
+    let two = {
+        let mut f = Fields::new();
+        f.add_policy(
+            "\"a\";q=10;w=2",
+            &HeaderValue::from_static("\"a\";q=10;w=2"),
+        );
+        f.add("a", 10, 7, Duration::from_secs(2));
+        f.add_policy(
+            "\"b\";q=3;w=60",
+            &HeaderValue::from_static("\"b\";q=3;w=60"),
+        );
+        f.add("b", 3, 1, Duration::from_secs(59));
+        f.headers()
+    };
+    let broken = {
+        let mut f = Fields::new();
+        f.add("bad\r\nx-injected: 1", 10, 7, Duration::from_secs(2));
+        f.headers()
+    };
+    for h in [one, two, broken] {
+        let mut lines = Vec::new();
+        h.write_head(&mut lines);
+        let text = String::from_utf8(lines).unwrap();
+        let from_head: Vec<(String, String)> = text
+            .split_terminator("\r\n")
+            .map(|l| {
+                let (n, v) = l.split_once(": ").unwrap();
+                (n.to_string(), v.to_string())
+            })
+            .collect();
+        let map = h.into_map();
+        let from_map: Vec<(String, String)> = map
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
+            .collect();
+        assert_eq!(from_head, from_map, "{text}");
+        for (name, _) in &from_map {
+            assert!(RateLimitHeaders::replaces(&name.parse().unwrap()), "{name}");
+        }
+        assert!(!from_head.iter().any(|(n, _)| n == "x-injected"), "{text}");
+    }
+    for other in [
+        "ratelimits",
+        "x-ratelimit-used",
+        "retry-after",
+        "content-length",
+        "r",
+        "x",
+    ] {
+        assert!(
+            !RateLimitHeaders::replaces(&other.parse().unwrap()),
+            "{other}"
+        );
+    }
+}

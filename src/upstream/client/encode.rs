@@ -191,7 +191,7 @@ impl Conn {
 pub(super) fn push_number(w: &mut Vec<u8>, prefix: &[u8], n: u64, radix: u64) {
     let mut buf = [0u8; 20];
     w.extend_from_slice(prefix);
-    w.extend_from_slice(crate::text::digits(n, radix, &mut buf).as_bytes());
+    w.extend_from_slice(crate::text::digits(n, radix, &mut buf));
     w.extend_from_slice(b"\r\n");
 }
 

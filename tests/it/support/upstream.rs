@@ -148,6 +148,19 @@ async fn handle(c: Arc<Counters>, mut req: Request<Incoming>) -> Response<TestBo
         let mut r = full(StatusCode::SERVICE_UNAVAILABLE, "busy, come back later");
         r.headers_mut().insert("retry-after", "7".parse().unwrap());
         r
+    } else if path == "/ratelimited" {
+        // An upstream with a limiter of its own: its fields, which rampart's replace.
+        let mut r = full(StatusCode::OK, "limited upstream");
+        for (k, v) in [
+            ("ratelimit-policy", "\"up\";q=9;w=9"),
+            ("ratelimit", "\"up\";r=8;t=9"),
+            ("x-ratelimit-limit", "9"),
+            ("x-ratelimit-remaining", "8"),
+            ("x-ratelimit-reset", "9"),
+        ] {
+            r.headers_mut().append(k, v.parse().unwrap());
+        }
+        r
     } else if path == "/hang" {
         std::future::pending::<()>().await;
         unreachable!()
