@@ -21,9 +21,9 @@ pub(crate) struct RateLimitHeaders {
     /// RateLimit-Policy: the one policy's value, made once with the policy.
     policy: Option<HeaderValue>,
     /// RateLimit-Policy when several policies spoke: their items joined.
-    policies: String,
+    policies: Vec<u8>,
     /// The RateLimit field's items, empty when no policy added one.
-    limit: String,
+    limit: Vec<u8>,
     /// X-RateLimit-Limit, -Remaining, -Reset: the numbers of the policy closest to refusing.
     x: Option<[u64; 3]>,
     close: bool,
@@ -112,10 +112,10 @@ impl RateLimitHeaders {
     pub(crate) fn write_head(&self, dst: &mut Vec<u8>) {
         let policy = match &self.policy {
             Some(v) => v.as_bytes(),
-            None => self.policies.as_bytes(),
+            None => &self.policies,
         };
         line(dst, &RATELIMIT_POLICY, policy);
-        line(dst, &RATELIMIT, self.limit.as_bytes());
+        line(dst, &RATELIMIT, &self.limit);
         if let Some(numbers) = self.x {
             for (name, n) in [&X_LIMIT, &X_REMAINING, &X_RESET].into_iter().zip(numbers) {
                 let mut buf = [0u8; 20];
@@ -136,14 +136,16 @@ impl RateLimitHeaders {
 /// One head line, unless `value` is empty or not a field value (RFC 9110 5.5: visible
 /// ASCII, spaces and tabs; here, names and numbers of rampart's own making).
 fn line(dst: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
-    if value.is_empty()
-        || !value
-            .iter()
-            .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
-    {
+    // Every byte looked at, no early exit: the compiler can then check several at once.
+    let valid = value.iter().fold(true, |ok, &b| {
+        ok & (b == b'\t' || (b' '..=b'~').contains(&b))
+    });
+    if value.is_empty() || !valid {
         return;
     }
-    dst.extend_from_slice(name.as_str().as_bytes());
+    let name = name.as_str().as_bytes();
+    dst.reserve(name.len() + value.len() + 4);
+    dst.extend_from_slice(name);
     dst.extend_from_slice(b": ");
     dst.extend_from_slice(value);
     dst.extend_from_slice(b"\r\n");
@@ -155,8 +157,8 @@ pub(super) struct Fields {
     /// RateLimit-Policy: the one policy's item made once with the policy, or the items of
     /// several joined.
     pub(super) policy: Option<HeaderValue>,
-    pub(super) policies: String,
-    limit: String,
+    pub(super) policies: Vec<u8>,
+    limit: Vec<u8>,
     /// The policy closest to refusing speaks for the X-RateLimit-* headers.
     tightest: Option<(u64, u64, Duration)>,
     pub(super) retry: Option<Duration>,
@@ -167,7 +169,7 @@ impl Fields {
         Fields {
             // Room for one policy's `"name";r=N;t=N` and the X-RateLimit numbers (`headers`)
             // without growing.
-            limit: String::with_capacity(96),
+            limit: Vec::with_capacity(96),
             ..Fields::default()
         }
     }
@@ -178,23 +180,26 @@ impl Fields {
             None if self.policies.is_empty() => self.policy = Some(value.clone()),
             first => {
                 if let Some(first) = first {
-                    self.policies.push_str(first.to_str().unwrap_or_default());
+                    self.policies.extend_from_slice(first.as_bytes());
                 }
-                self.policies.push_str(", ");
-                self.policies.push_str(item);
+                self.policies.extend_from_slice(b", ");
+                self.policies.extend_from_slice(item.as_bytes());
             }
         }
     }
 
-    pub(super) fn add(&mut self, name: &str, points: u64, remaining: u64, reset: Duration) {
+    /// One more policy's RateLimit item; `quoted` is its name as a structured-field string
+    /// (`quoted_name`, made once with the policy).
+    pub(super) fn add(&mut self, quoted: &[u8], points: u64, remaining: u64, reset: Duration) {
         if !self.limit.is_empty() {
-            self.limit.push_str(", ");
+            self.limit.extend_from_slice(b", ");
         }
-        // By hand: the formatting machinery costs more than the rest of the decision.
-        push_sf_string(&mut self.limit, name);
-        self.limit.push_str(";r=");
+        // Bytes by hand: the formatting machinery, or pushing chars into a String, costs
+        // more than the rest of the decision.
+        self.limit.extend_from_slice(quoted);
+        self.limit.extend_from_slice(b";r=");
         push_decimal(&mut self.limit, remaining);
-        self.limit.push_str(";t=");
+        self.limit.extend_from_slice(b";t=");
         push_decimal(&mut self.limit, ceil_secs(reset));
         let tighter = self.tightest.is_none_or(|(_, least, _)| remaining < least);
         if tighter {
@@ -219,17 +224,17 @@ impl Fields {
     }
 }
 
-/// The string's own buffer as the value (no copy); None when it is not a valid value.
-fn owned_value(s: String) -> Option<HeaderValue> {
+/// The buffer itself as the value (no copy); None when it is not a valid value.
+fn owned_value(s: Vec<u8>) -> Option<HeaderValue> {
     if s.is_empty() {
         return None;
     }
     HeaderValue::from_maybe_shared(bytes::Bytes::from(s)).ok()
 }
 
-pub(super) fn push_decimal(out: &mut String, n: u64) {
+pub(super) fn push_decimal(out: &mut Vec<u8>, n: u64) {
     let mut buf = [0u8; 20];
-    crate::text::push_ascii(out, crate::text::digits(n, 10, &mut buf));
+    out.extend_from_slice(crate::text::digits(n, 10, &mut buf));
 }
 
 pub(super) fn ceil_secs(d: Duration) -> u64 {
@@ -247,4 +252,11 @@ pub(super) fn push_sf_string(out: &mut String, s: &str) {
         out.push(c);
     }
     out.push('"');
+}
+
+/// A policy name as a structured-field string, made once with the policy (`Fields::add`).
+pub(super) fn quoted_name(name: &str) -> Box<[u8]> {
+    let mut s = String::with_capacity(name.len() + 2);
+    push_sf_string(&mut s, name);
+    s.into_bytes().into_boxed_slice()
 }

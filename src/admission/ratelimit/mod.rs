@@ -136,6 +136,8 @@ pub struct Policy {
     /// with one policy sends it as it is).
     policy_item: String,
     policy_header: HeaderValue,
+    /// The name as a structured-field string, for the RateLimit field.
+    quoted_name: Box<[u8]>,
     counters: DecisionCounters,
     stream_counters: DecisionCounters,
     streams_held: Gauge,
@@ -328,6 +330,7 @@ impl Policy {
             policy_header: HeaderValue::from_str(&policy_item)
                 .unwrap_or_else(|_| HeaderValue::from_static("")),
             policy_item,
+            quoted_name: fields::quoted_name(&pc.name),
             counters: metrics.counters(&metrics.decisions, &pc.name),
             // Series only for the policies that limit streams.
             stream_counters: if streams.is_some() {
@@ -651,7 +654,7 @@ pub(crate) async fn check(
         } else {
             fields.refuse(d.retry_after);
         }
-        fields.add(&policy.name, points, d.remaining, reset);
+        fields.add(&policy.quoted_name, points, d.remaining, reset);
     }
     if fields.retry.is_none() {
         for (policy, key) in stream_keys {
@@ -669,12 +672,12 @@ pub(crate) async fn check(
             };
             match taken {
                 Ok(Some(permit)) => {
-                    fields.add(&policy.name, max, permit.remaining, Duration::ZERO);
+                    fields.add(&policy.quoted_name, max, permit.remaining, Duration::ZERO);
                     hold.permits.push(permit);
                 }
                 Ok(None) => {}
                 Err(()) => {
-                    fields.add(&policy.name, max, 0, STREAM_RETRY_AFTER);
+                    fields.add(&policy.quoted_name, max, 0, STREAM_RETRY_AFTER);
                     fields.refuse(STREAM_RETRY_AFTER);
                     break;
                 }

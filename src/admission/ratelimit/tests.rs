@@ -457,7 +457,7 @@ fn the_head_lines_say_what_the_map_says() {
         let mut f = Fields::new();
         let item = "\"api\";q=10;w=2";
         f.add_policy(item, &HeaderValue::from_static("\"api\";q=10;w=2"));
-        f.add("api", 10, 7, Duration::from_millis(1500));
+        f.add(b"\"api\"", 10, 7, Duration::from_millis(1500));
         f.headers()
     };
     let two = {
@@ -466,17 +466,17 @@ fn the_head_lines_say_what_the_map_says() {
             "\"a\";q=10;w=2",
             &HeaderValue::from_static("\"a\";q=10;w=2"),
         );
-        f.add("a", 10, 7, Duration::from_secs(2));
+        f.add(b"\"a\"", 10, 7, Duration::from_secs(2));
         f.add_policy(
             "\"b\";q=3;w=60",
             &HeaderValue::from_static("\"b\";q=3;w=60"),
         );
-        f.add("b", 3, 1, Duration::from_secs(59));
+        f.add(b"\"b\"", 3, 1, Duration::from_secs(59));
         f.headers()
     };
     let broken = {
         let mut f = Fields::new();
-        f.add("bad\r\nx-injected: 1", 10, 7, Duration::from_secs(2));
+        f.add(b"\"bad\r\nx-injected: 1\"", 10, 7, Duration::from_secs(2));
         f.headers()
     };
     for h in [one, two, broken] {
