@@ -16,11 +16,34 @@ pub fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
-/// A fresh directory per test for config files.
+/// A fresh directory per test for config files. The first call also removes the directories
+/// earlier runs left (`rampart-it-PID-...` of a process that is gone), so /tmp holds at most
+/// the running ones'.
 pub fn temp_dir(test: &str) -> PathBuf {
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(sweep_stale_dirs);
     let dir = std::env::temp_dir().join(format!("rampart-it-{}-{test}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// Removes `rampart-it-PID-*` directories whose process no longer runs (`/proc/PID`).
+fn sweep_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("rampart-it-")) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 pub struct Proc {
