@@ -106,7 +106,7 @@ impl Handler {
                 }
                 resp
             };
-            if !rampart_h1 && let Some(h) = resp.body_mut().take_rate_limit_fields() {
+            if let Some(h) = resp.body_mut().take_rate_limit_fields(!rampart_h1) {
                 h.write_to(resp.headers_mut());
             }
             let body = resp.body_mut();

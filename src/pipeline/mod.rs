@@ -163,12 +163,8 @@ pub(crate) async fn handle(
     };
     cache::mark(&mut resp, &mut tail);
     resp.headers_mut().insert(&X_REQUEST_ID, request_id);
-    // Left in the tail for the server to write (rampart's HTTP/1.1 server writes them
-    // into the head, `Handler::call` into the map for the others); an answer that closes
-    // its connection says so in the map, where every server sees it.
-    if let Some(h) = tail.rate_limit_headers.take_if(|h| h.closes()) {
-        h.write_to(resp.headers_mut());
-    }
+    // The rate-limit fields stay in the tail: `listener::service` decides where the server
+    // takes them from.
     if let Some(r) = tail.log.as_mut() {
         r.status = resp.status().as_u16();
     }

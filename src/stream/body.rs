@@ -92,16 +92,21 @@ impl ProxyBody {
     }
 
     /// The rate-limit fields the answer still owes its head (rampart's HTTP/1.1 server
-    /// writes them from here; see `take_rate_limit_fields`). None once the body is
+    /// writes them from here, unless `take_rate_limit_fields` took them). None once the body is
     /// watched (HTTP/2), where the tail moved.
     pub(crate) fn rate_limit_fields(&self) -> Option<&RateLimitHeaders> {
         self.tail.as_deref()?.rate_limit_headers.as_ref()
     }
 
-    /// Takes the fields the answer owes, for the servers that write the head from the
-    /// header map alone (hyper's HTTP/1.1 and HTTP/2).
-    pub(crate) fn take_rate_limit_fields(&mut self) -> Option<RateLimitHeaders> {
-        self.tail.as_deref_mut()?.rate_limit_headers.take()
+    /// Takes the fields the answer owes when they must go into its header map: always for
+    /// the servers that write the head from the map alone (hyper's HTTP/1.1 and HTTP/2,
+    /// `map_only`), and for an answer that closes its connection, whose `Connection: close`
+    /// every server must see there.
+    pub(crate) fn take_rate_limit_fields(&mut self, map_only: bool) -> Option<RateLimitHeaders> {
+        self.tail
+            .as_deref_mut()?
+            .rate_limit_headers
+            .take_if(|h| map_only || h.closes())
     }
 
     /// rampart ended this stream itself at the drain deadline (`stream::finale`), so the access

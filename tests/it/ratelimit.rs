@@ -351,6 +351,56 @@ async fn rampart_ratelimit_fields_replace_the_upstreams_on_every_server() {
     }
 }
 
+/// A hostile client: a refused POST whose body, left unread, holds a second request. The
+/// 429 says `Connection: close` and the connection ends there, on either server: the body is
+/// never read as the next request (it would reach the upstream unlimited).
+#[tokio::test]
+async fn a_refused_request_with_a_body_closes_its_connection_on_every_server() {
+    let up = Upstream::start().await;
+    for server in ["rampart", "hyper"] {
+        let p = unique("body");
+        let yaml = config(
+            &up.url(),
+            &p,
+            "",
+            &[format!("{p}: {{ points: 1, per: 60s, store: memory }}")],
+        )
+        .replace(
+            "    routes:",
+            &format!("    http1_server: {server}\n    routes:"),
+        );
+        let px = start(&yaml).await;
+        let addr = px.addr("main").unwrap();
+        let (resp, _) = send(&http1(), get(addr, "/ok")).await;
+        assert_eq!(resp.status(), 200, "{server}");
+        let before = up.requests();
+        let smuggled = "GET /status/299 HTTP/1.1\r\nhost: a\r\n\r\n";
+        let req = format!(
+            "POST /ok HTTP/1.1\r\nhost: a\r\ncontent-length: {}\r\n\r\n{smuggled}",
+            smuggled.len()
+        );
+        let answer = raw(addr, req.as_bytes(), Duration::from_secs(3)).await;
+        assert!(answer.starts_with("HTTP/1.1 429"), "{server}: {answer}");
+        assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{server}: {answer}");
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n"),
+            "{server}: {answer}"
+        );
+        assert!(
+            answer.contains("\r\nx-ratelimit-remaining: 0\r\n"),
+            "{server}: {answer}"
+        );
+        assert_eq!(
+            up.requests(),
+            before,
+            "{server}: the body reached the upstream"
+        );
+        px.shutdown().await;
+    }
+}
+
 // === Redis failures under load ===
 
 #[derive(Default, Debug)]
