@@ -23,6 +23,14 @@
 # runs ~50x slower under callgrind, and must keep up (the script warns when it did not).
 # Needs target/release/examples/sse_load (cargo build --release --example sse_load).
 #
+# TARGET=nginx counts nginx instead (one process, `master_process off`), in the bench's
+# configuration for the case (scripts/bench/nginx.conf.tmpl, or nginx-sse.conf.tmpl for
+# CASE=sse; CASE=features has no nginx equivalent, so it is nginx's plain proxy, the
+# benchmark's comparison). The same load and counting: the user-space side of "CPU per
+# request <= nginx's" without the machine's noise. System calls per request are the other
+# side: `strace -c -f -p PID` over the same load (rampart and nginx make the same reads and
+# writes; see docs/benchmarks.md). nginx's SSE events: its calls to recv() (one per event).
+#
 # Needs valgrind and wrk (apt-get install -y valgrind wrk). Uses 127.0.0.1 only: the
 # stand-in upstream on its fixed port 3001, rampart on PORT, its admin on PORT+1821.
 # Prints the count and the callgrind profile's path; `callgrind_annotate --inclusive=yes
@@ -35,6 +43,11 @@ BIN=${RAMPART_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/rampart}
 WORKERS=${WORKERS:-2}
 PORT=${PORT:-18080}
 CASE=${CASE:-plain}
+TARGET=${TARGET:-rampart}
+case $TARGET in
+rampart | nginx) ;;
+*) echo "TARGET must be rampart or nginx, got '$TARGET'" >&2; exit 1 ;;
+esac
 case $CASE in
 plain) LOAD_PORT=$PORT ;;
 rl-memory) LOAD_PORT=$((PORT + 2)) ;;
@@ -66,6 +79,38 @@ trap cleanup EXIT INT TERM
 command -v valgrind >/dev/null || { echo "valgrind missing (apt-get install -y valgrind)" >&2; exit 1; }
 command -v wrk >/dev/null || { echo "wrk missing (apt-get install -y wrk)" >&2; exit 1; }
 [[ -x $BIN ]] || { echo "no binary at $BIN (cargo build --release)" >&2; exit 1; }
+if [[ $TARGET == nginx ]]; then
+    NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+    [[ -x $NGINX ]] || { echo "nginx missing (apt-get install -y nginx)" >&2; exit 1; }
+fi
+
+# The target under callgrind, counting nothing until told (`callgrind_control -i on`).
+# rampart: CONFIG its config; nginx: TEMPLATE rendered with LISTEN and UPSTREAM, one process.
+start_counted() { # CONFIG TEMPLATE LISTEN UPSTREAM
+    local run
+    if [[ $TARGET == nginx ]]; then
+        mkdir -p "$OUT/nginx"
+        sed -e "s#@WORKERS@#1#; s#@PREFIX@#$OUT/nginx#g; s#@LISTEN@#$3#; s#@UPSTREAM@#$4#g" \
+            -e "s#@CONNECTIONS@#4096#g; s#^master_process on;#master_process off;#" \
+            "$2" >"$OUT/nginx/nginx.conf"
+        run=("$NGINX" -p "$OUT/nginx" -e "$OUT/nginx/error.log" -c "$OUT/nginx/nginx.conf")
+    else
+        run=("$BIN" run --config "$1" --workers "$WORKERS")
+    fi
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.out.%p" \
+        "${run[@]}" >"$OUT/target.log" 2>&1 &
+    VG=$!
+    PIDS+=("$VG")
+}
+
+# Calls made to function NAME in callgrind profile FILE (its id in the compressed profile,
+# then the calls recorded against it).
+calls_to() { # FILE NAME
+    local id
+    id=$(grep -o "^c\?fn=([0-9]*) $2\$" "$1" | head -1 | sed 's/.*(\([0-9]*\)).*/\1/')
+    [[ -n $id ]] || { echo "$2 not in $1" >&2; return 1; }
+    awk -v c="cfn=($id)" '$1 == c { getline; sub(/^calls=/, "", $1); s += $1 } END { printf "%d", s }' "$1"
+}
 
 if [[ $CASE == sse ]]; then
     SSE_BIN=${SSE_BIN:-$(dirname "$BIN")/examples/sse_load}
@@ -82,8 +127,10 @@ if [[ $CASE == sse ]]; then
     sed -e "s/@ADMIN@/127.0.0.1:$((PORT + 1821))/; s/@LISTEN@/127.0.0.1:$PORT/" \
         -e "s/@UPSTREAM@/127.0.0.1:$SSE_PORT/" \
         "$ROOT/scripts/bench/rampart-sse.yaml.tmpl" >"$OUT/rampart.yaml"
-    # Events rampart forwarded: the streams' first events plus the gaps after them.
+    # Events rampart forwarded: the streams' first events plus the gaps after them (nginx
+    # has no such count: the calls to recv() in the window are its events).
     events_forwarded() {
+        [[ $TARGET == rampart ]] || { printf 0; return; }
         curl -s "http://127.0.0.1:$((PORT + 1821))/metrics" | awk '
             /^rampart_http_stream_(first_event|event_gap)_seconds_count/ { n += $2 }
             END { printf "%d", n }'
@@ -94,10 +141,8 @@ if [[ $CASE == sse ]]; then
         curl -s -o /dev/null -m 1 "http://127.0.0.1:$SSE_PORT/?count=1" && break
         sleep 0.1
     done
-    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.out.%p" \
-        "$BIN" run --config "$OUT/rampart.yaml" --workers "$WORKERS" >"$OUT/rampart.log" 2>&1 &
-    VG=$!
-    PIDS+=("$VG")
+    start_counted "$OUT/rampart.yaml" "$ROOT/scripts/bench/nginx-sse.conf.tmpl" \
+        "127.0.0.1:$PORT" "127.0.0.1:$SSE_PORT"
     for _ in $(seq 1 150); do
         curl -s -o /dev/null -m 5 "http://127.0.0.1:$PORT/v1/stream?count=1" && break
         sleep 0.2
@@ -121,11 +166,12 @@ if [[ $CASE == sse ]]; then
     sleep 0.5
     file=$(grep -l "^totals: [1-9]" "$OUT"/callgrind.out.* | head -1)
     ir=$(awk '/^totals:/ { print $2 }' "$file")
-    # The function's id in the compressed profile, then the calls made to it.
-    id=$(grep -o '^c\?fn=([0-9]*) rampart::observe::http::RouteMetrics::stream_events_arrived$' "$file" |
-        head -1 | sed 's/.*(\([0-9]*\)).*/\1/')
-    [[ -n $id ]] || { echo "stream_events_arrived not in $file" >&2; exit 1; }
-    n=$(awk -v c="cfn=($id)" '$1 == c { getline; sub(/^calls=/, "", $1); s += $1 } END { printf "%d", s }' "$file")
+    if [[ $TARGET == nginx ]]; then
+        n=$(calls_to "$file" recv) || exit 1
+        e0=0 e1=$n
+    else
+        n=$(calls_to "$file" rampart::observe::http::RouteMetrics::stream_events_arrived) || exit 1
+    fi
     expected=$((STREAMS * WINDOW * 1000 / EVENT_MS))
     if ((n * 100 < expected * 95)) || (((e1 - e0) * 100 > n * 110)); then
         echo "warning: $n event chunks in the window, $((e1 - e0)) events around it, $expected sent:" \
@@ -135,7 +181,12 @@ if [[ $CASE == sse ]]; then
         echo "warning: the load client reported failures:" >&2
         grep -E "a stream (failed|had no)" "$OUT/load.log" >&2
     fi
-    echo "events $n (/metrics around the window: $((e1 - e0)); $expected sent), instructions $ir, per event $((ir / (n > 0 ? n : 1)))"
+    if [[ $TARGET == nginx ]]; then
+        around="nginx's reads of the upstream"
+    else
+        around="/metrics around the window: $((e1 - e0))"
+    fi
+    echo "$TARGET: events $n ($around; $expected sent), instructions $ir, per event $((ir / (n > 0 ? n : 1)))"
     echo "profile: $file"
     exit 0
 fi
@@ -152,10 +203,12 @@ if ! curl -s -o /dev/null http://127.0.0.1:3001/; then
     "$BIN" demo --config "$OUT/rampart.yaml" --upstreams-only --workers 1 >"$OUT/upstream.log" 2>&1 &
     PIDS+=($!)
 fi
-valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.out.%p" \
-    "$BIN" run --config "$OUT/rampart.yaml" --workers "$WORKERS" >"$OUT/rampart.log" 2>&1 &
-VG=$!
-PIDS+=("$VG")
+if [[ $TARGET == nginx ]]; then
+    # nginx's proxy listens on PORT for every case (no limiter: the benchmark's comparison).
+    LOAD_PORT=$PORT
+fi
+start_counted "$OUT/rampart.yaml" "$ROOT/scripts/bench/nginx.conf.tmpl" \
+    "127.0.0.1:$PORT" "127.0.0.1:3001"
 for _ in $(seq 1 150); do
     curl -s -o /dev/null "http://127.0.0.1:$PORT/api/agents" && break
     sleep 0.2
@@ -174,5 +227,5 @@ if grep -qE "Non-2xx|Socket errors" <<<"$out"; then
 fi
 file=$(grep -l "^totals: [1-9]" "$OUT"/callgrind.out.* | head -1)
 ir=$(awk '/^totals:/ { print $2 }' "$file")
-echo "requests $n, instructions $ir, per request $((ir / n))"
+echo "$TARGET: requests $n, instructions $ir, per request $((ir / n))"
 echo "profile: $file"
