@@ -304,7 +304,7 @@ pub(crate) fn head(
                     line(
                         dst,
                         b"content-length",
-                        crate::text::digits(n, 10, &mut [0u8; 20]),
+                        crate::text::digits::<10>(n, &mut [0u8; 20]),
                     );
                     Encoder::Length(n)
                 } else {

@@ -119,7 +119,7 @@ impl RateLimitHeaders {
         if let Some(numbers) = self.x {
             for (name, n) in [&X_LIMIT, &X_REMAINING, &X_RESET].into_iter().zip(numbers) {
                 let mut buf = [0u8; 20];
-                line(dst, name, crate::text::digits(n, 10, &mut buf));
+                line(dst, name, crate::text::digits::<10>(n, &mut buf));
             }
         }
     }
@@ -234,7 +234,7 @@ fn owned_value(s: Vec<u8>) -> Option<HeaderValue> {
 
 pub(super) fn push_decimal(out: &mut Vec<u8>, n: u64) {
     let mut buf = [0u8; 20];
-    out.extend_from_slice(crate::text::digits(n, 10, &mut buf));
+    out.extend_from_slice(crate::text::digits::<10>(n, &mut buf));
 }
 
 pub(super) fn ceil_secs(d: Duration) -> u64 {

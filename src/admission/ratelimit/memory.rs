@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
+
+use hashbrown::HashTable;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -143,7 +145,9 @@ impl std::fmt::Debug for Table {
 }
 
 struct Shard {
-    map: HashMap<Box<str>, Entry>,
+    /// Keys and their entries, found by the hash that also picked the shard: one keyed
+    /// hash of the key per request (a `HashMap` would hash it a second time).
+    map: HashTable<(Box<str>, Entry)>,
     next_sweep: Option<Instant>,
 }
 
@@ -153,7 +157,7 @@ impl Table {
             shards: (0..SHARDS)
                 .map(|_| {
                     Mutex::new(Shard {
-                        map: HashMap::new(),
+                        map: HashTable::new(),
                         next_sweep: None,
                     })
                 })
@@ -181,16 +185,21 @@ impl Table {
 
     /// `f` on `key`'s entry, made when new; None when the table is full of live keys.
     fn with_entry<T>(&self, key: &str, now: Instant, f: impl FnOnce(&mut Entry) -> T) -> Option<T> {
-        let index = (self.hasher.hash_one(key) as usize) % self.shards.len();
+        // Keyed (SipHash, random per table): the keys are the clients' addresses and header
+        // values, so nobody can aim many of them at one shard or one probe sequence. Bits
+        // 32-35 pick the shard: hashbrown places a key by the low bits and tags it with the
+        // top 7, so within a shard those still vary.
+        let hash = self.hasher.hash_one(key);
+        let index = (hash >> 32) as usize % SHARDS;
         // A poisoned shard only means another request panicked mid-update; its counts are
         // still usable.
         let mut shard = crate::sync::lock(&self.shards[index]);
-        if let Some(entry) = shard.map.get_mut(key) {
+        if let Some((_, entry)) = shard.map.find_mut(hash, |(k, _)| &**k == key) {
             return Some(f(entry));
         }
         let due = shard.next_sweep.is_none_or(|t| now >= t);
         if due || shard.map.len() >= self.max_per_shard {
-            shard.map.retain(|_, e| e.expires() > now);
+            shard.map.retain(|(_, e)| e.expires() > now);
             shard.next_sweep = Some(now + SWEEP_EVERY);
         }
         if shard.map.len() >= self.max_per_shard {
@@ -198,7 +207,8 @@ impl Table {
         }
         let mut entry = Entry::new(now);
         let out = f(&mut entry);
-        shard.map.insert(key.into(), entry);
+        let rehash = |(k, _): &(Box<str>, Entry)| self.hasher.hash_one(&**k);
+        shard.map.insert_unique(hash, (key.into(), entry), rehash);
         Some(out)
     }
 
@@ -449,6 +459,28 @@ mod tests {
         assert!(t.check("a", now, &l).unwrap().allowed);
         assert!(!t.check("a", now, &l).unwrap().allowed);
         assert!(t.check("b", now, &l).unwrap().allowed);
+    }
+
+    #[test]
+    fn table_spreads_keys_over_its_shards() {
+        // Room for 1,600 keys, 100 a shard: 1,000 keys fit when the shards share them
+        // (a shard gets ~62), and only 100 would if they all went to one.
+        let t = Table::new(1600);
+        let now = Instant::now();
+        let l = limits(5, 10, None);
+        let tracked = (0..1000)
+            .filter(|i| {
+                t.check(&format!("10.0.{}.{}", i / 256, i % 256), now, &l)
+                    .is_some()
+            })
+            .count();
+        assert_eq!(tracked, 1000);
+        assert_eq!(t.len(), 1000);
+        // Every key is found again: its entry counts on.
+        for i in [0, 499, 999] {
+            let d = t.check(&format!("10.0.{}.{}", i / 256, i % 256), now, &l);
+            assert_eq!(d.map(|d| d.remaining), Some(3));
+        }
     }
 
     #[test]

@@ -66,7 +66,7 @@ impl Conn {
             }
             None
         } else if let Some(n) = body.size_hint().exact() {
-            push_number(w, b"content-length: ", n, 10);
+            push_number::<10>(w, b"content-length: ", n);
             Some(Outgoing::Length(n))
         } else {
             w.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -151,7 +151,7 @@ impl Conn {
                     self.write.extend_from_slice(&data);
                 }
                 Outgoing::Chunked => {
-                    push_number(&mut self.write, b"", data.len() as u64, 16);
+                    push_number::<16>(&mut self.write, b"", data.len() as u64);
                     self.write.extend_from_slice(&data);
                     self.write.extend_from_slice(b"\r\n");
                 }
@@ -187,11 +187,11 @@ impl Conn {
     }
 }
 
-/// Appends `prefix`, `n` in `radix` (10 or 16) and CRLF.
-pub(super) fn push_number(w: &mut Vec<u8>, prefix: &[u8], n: u64, radix: u64) {
+/// Appends `prefix`, `n` in `RADIX` (10 or 16) and CRLF.
+pub(super) fn push_number<const RADIX: u64>(w: &mut Vec<u8>, prefix: &[u8], n: u64) {
     let mut buf = [0u8; 20];
     w.extend_from_slice(prefix);
-    w.extend_from_slice(crate::text::digits(n, radix, &mut buf));
+    w.extend_from_slice(crate::text::digits::<RADIX>(n, &mut buf));
     w.extend_from_slice(b"\r\n");
 }
 

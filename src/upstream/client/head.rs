@@ -321,9 +321,9 @@ mod tests {
         assert_eq!(parse_chunk_size(b"ffffffffffffffff"), Some(u64::MAX));
         assert_eq!(parse_chunk_size(b"10000000000000000"), None);
         let mut w = Vec::new();
-        push_number(&mut w, b"n: ", 1_234_567, 10);
-        push_number(&mut w, b"", 255, 16);
-        push_number(&mut w, b"", 0, 16);
+        push_number::<10>(&mut w, b"n: ", 1_234_567);
+        push_number::<16>(&mut w, b"", 255);
+        push_number::<16>(&mut w, b"", 0);
         assert_eq!(w, b"n: 1234567\r\nff\r\n0\r\n");
     }
 }
