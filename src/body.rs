@@ -154,7 +154,7 @@ impl Timers {
     /// registered) otherwise. `seen` is the bytes received so far.
     fn poll_expired(&mut self, cx: &mut Context<'_>, seen: u64) -> Poll<BodyError> {
         if self.armed.is_none() {
-            let now = Instant::now();
+            let now = crate::clock::now();
             let wake = self.next_wake(now, Duration::ZERO, seen);
             self.armed = Some(Armed {
                 sleep: Box::pin(tokio::time::sleep_until(wake)),
@@ -164,7 +164,10 @@ impl Timers {
             });
         }
         let (since, waited) = match &mut self.armed {
-            Some(a) => (*a.waiting_since.get_or_insert_with(Instant::now), a.waited),
+            Some(a) => (
+                *a.waiting_since.get_or_insert_with(crate::clock::now),
+                a.waited,
+            ),
             None => return Poll::Pending,
         };
         // A new wait ends no earlier than the timer set for an earlier one (every limit only

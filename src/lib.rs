@@ -9,6 +9,7 @@ pub mod app;
 pub mod bench;
 pub(crate) mod body;
 pub(crate) mod cache;
+pub(crate) mod clock;
 pub mod config;
 pub mod demo;
 pub(crate) mod error;

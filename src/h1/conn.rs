@@ -534,7 +534,7 @@ async fn read_head<I: Io>(
     closing: &AtomicBool,
     mut timer: Pin<&mut Sleep>,
 ) -> Result<Option<Parsed>, ConnError> {
-    let deadline = Instant::now() + settings.header_read_timeout;
+    let deadline = crate::clock::now() + settings.header_read_timeout;
     // Bytes already looked at: after the first look, a head is parsed again only once the
     // new bytes may end it (hyper's `is_complete_fast`), so a head trickled byte by byte
     // costs linear time, not quadratic.

@@ -189,11 +189,12 @@ where
     type Output = Result<(), ServeError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.get_mut() {
+        // The request path asks `clock::now()`: one reading for this poll.
+        crate::clock::in_poll(|| match self.get_mut() {
             Served::H1(c) => c.as_mut().poll(cx).map_err(Into::into),
             Served::H2(c) => c.as_mut().poll(cx).map_err(Into::into),
             Served::Rampart(c) => Pin::new(c).poll(cx).map_err(Into::into),
-        }
+        })
     }
 }
 

@@ -44,7 +44,7 @@ pub(super) async fn upgrade(
         }
     };
     if let Some(r) = tail.log.as_mut() {
-        r.ttfb = Some(env.start.elapsed());
+        r.ttfb = Some(crate::clock::now().saturating_duration_since(env.start));
     }
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let switched = headers::switches_to_offered(resp.headers(), &client_upgrade.offered);

@@ -88,7 +88,7 @@ pub(crate) async fn handle(
     req: Request<ClientBody>,
     refused: Option<ProxyError>,
 ) -> Response<ProxyBody> {
-    let start = Instant::now();
+    let start = crate::clock::now();
     let (head, request_id) = headers::Head::scan(req.headers());
     let snapshot = ctx.traffic.snapshot.load_full();
     let mut tail = Box::new(Tail {
@@ -177,7 +177,8 @@ pub(crate) async fn handle(
         o.status = resp.status().as_u16();
         if crate::stream::finale::is_event_stream(&resp) {
             o.stream = true;
-            o.route.stream_started(start.elapsed());
+            o.route
+                .stream_started(crate::clock::now().saturating_duration_since(start));
         }
     }
     resp.body_mut().set_tail(tail);
@@ -689,7 +690,7 @@ async fn send(
             }
             tail.endpoint_slot = answer.endpoint_slot;
             if let Some(r) = tail.log.as_mut() {
-                r.ttfb = Some(env.start.elapsed());
+                r.ttfb = Some(crate::clock::now().saturating_duration_since(env.start));
             }
             // Stream back, frame by frame.
             let (mut parts, body) = answer.response.into_parts();

@@ -190,7 +190,7 @@ impl Tail {
 
 impl Drop for Observed {
     fn drop(&mut self) {
-        let elapsed = self.start.elapsed();
+        let elapsed = crate::clock::now().saturating_duration_since(self.start);
         let duration = if self.stream {
             // Its latency was recorded at the first byte.
             self.route.stream_ended(elapsed);

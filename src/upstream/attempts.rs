@@ -127,7 +127,7 @@ impl<'a> Attempts<'a> {
     pub(crate) async fn run(&mut self) -> Result<Answer, Failed> {
         let upstream = self.upstream;
         let cfg = &upstream.resilience;
-        crate::sync::lock(&upstream.state.budget).record_request(Instant::now());
+        crate::sync::lock(&upstream.state.budget).record_request(crate::clock::now());
         let mut tried: u64 = 0;
         // Endpoints whose connect failed during this request: counted once toward their
         // ejection, not once per connect of a connect wait (the errors metric counts each).
@@ -135,7 +135,7 @@ impl<'a> Attempts<'a> {
         let mut wait = retry::ConnectWait::default();
         let mut attempt = 1;
         // Only an upstream with groups times its requests here (for the group's figures).
-        let started = self.group.map(|_| Instant::now());
+        let started = self.group.map(|_| crate::clock::now());
         // What our own client sent last (`Resend::Kept`), its body left empty. A local of
         // this future, which stays where it is, not a field of `Attempts`, which moves
         // with every request.
@@ -167,7 +167,7 @@ impl<'a> Attempts<'a> {
                 .headers_mut()
                 .insert(header::HOST, endpoint.pool.host_header.clone());
             let slot = InFlight::try_acquire(endpoint.state.clone(), None);
-            let sent_at = Instant::now();
+            let sent_at = crate::clock::now();
             let result = forward::send(
                 &upstream.name,
                 endpoint,
@@ -178,7 +178,7 @@ impl<'a> Attempts<'a> {
             )
             .await;
             let can_go_again = attempt < cfg.retry.attempts
-                && self.timers.deadline.is_none_or(|d| Instant::now() < d);
+                && self.timers.deadline.is_none_or(|d| crate::clock::now() < d);
             match result {
                 Ok(resp) => {
                     let status = resp.status().as_u16();

@@ -147,7 +147,7 @@ impl Upstream {
             return self.pick(tried);
         };
         let rr = self.next.fetch_add(1, Ordering::Relaxed);
-        let now = Instant::now();
+        let now = crate::clock::now();
         let any_available = |r: std::ops::Range<usize>| {
             self.endpoints
                 .get(r)
@@ -168,7 +168,7 @@ impl Upstream {
     }
 
     fn pick_among(&self, range: std::ops::Range<usize>, tried: u64, rr: usize) -> Option<usize> {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let start = range.start;
         let candidates: Vec<Candidate> = self
             .endpoints

@@ -241,7 +241,7 @@ impl UpstreamState {
 
     /// Feeds an attempt's result to its endpoint's ejection counter.
     pub fn endpoint_result(&self, ep: &EndpointState, ok: bool, cfg: &Resilience) {
-        let event = crate::sync::lock(&ep.health).on_result(Instant::now(), ok, &cfg.ejection);
+        let event = crate::sync::lock(&ep.health).on_result(crate::clock::now(), ok, &cfg.ejection);
         if let Some(HealthEvent::Ejected(period)) = event {
             let mut labels = UpstreamMetrics::upstream(&self.name);
             labels.push(("endpoint", ep.url.clone()));
@@ -403,7 +403,7 @@ impl RouteBreaker {
 
     /// Asks the breaker; counts a rejection.
     pub fn admit(&self) -> Admit {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let (admit, transition) = crate::sync::lock(&self.breaker).admit(now);
         if let Some(t) = transition {
             self.transitioned(t, "open_for is over");
@@ -415,7 +415,7 @@ impl RouteBreaker {
     }
 
     pub fn report(&self, outcome: Outcome, probe: Option<u64>) {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let transition = crate::sync::lock(&self.breaker).on_result(now, outcome, probe);
         if let Some(t) = transition {
             self.transitioned(t, "");

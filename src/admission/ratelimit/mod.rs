@@ -40,7 +40,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry as PromRegistry;
-use tokio::time::Instant;
 
 use crate::config::{
     Config, KeySource, RateLimitConfig, RateLimitCost, RateLimitStore, RedisConfig,
@@ -411,7 +410,7 @@ impl Policy {
         let tokens = self.cost == RateLimitCost::Tokens;
         match &self.store {
             Store::Memory { table, .. } => {
-                let now = Instant::now();
+                let now = crate::clock::now();
                 let d = if tokens {
                     table.peek(key, now, limits)
                 } else {
@@ -525,7 +524,7 @@ impl Policy {
         let Some(limits) = self.limits else { return };
         match &self.store {
             Store::Memory { table, .. } => {
-                table.charge(key, Instant::now(), &limits, cost);
+                table.charge(key, crate::clock::now(), &limits, cost);
             }
             Store::Redis { .. } => {
                 let Ok(handle) = tokio::runtime::Handle::try_current() else {

@@ -2,6 +2,7 @@ use super::*;
 use crate::config::RateLimitKey;
 use crate::stream::tail::Tail;
 use http::HeaderName;
+use tokio::time::Instant;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()

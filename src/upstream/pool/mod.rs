@@ -301,7 +301,7 @@ impl EndpointPool {
         {
             return Some(Connection::H2(Box::new(c)));
         }
-        let now = Instant::now();
+        let now = crate::clock::now();
         loop {
             let idle = {
                 let mut stack = crate::sync::lock(self.stack());
@@ -341,7 +341,7 @@ impl EndpointPool {
             }
             stack.push_back(Idle {
                 conn,
-                since: Instant::now(),
+                since: crate::clock::now(),
             });
         }
         if !self.sweeping.load(Ordering::Relaxed)
