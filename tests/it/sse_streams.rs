@@ -653,6 +653,62 @@ async fn a_client_that_leaves_is_counted_client_gone_and_cancels_the_upstream() 
     px.shutdown().await;
 }
 
+/// A stream that went quiet (no event, no heartbeat) and a client that leaves then: nothing
+/// is being written, so only the watch on the client's socket can tell. The upstream is
+/// cancelled at once, counted `client_gone`, not ended later by the stall timer. The quiet
+/// stream is the connection's second: the watch of the first exchange must not be taken
+/// for a watch of this one.
+#[tokio::test]
+async fn a_client_that_leaves_a_quiet_stream_cancels_the_upstream_at_once() {
+    let up = SseUpstream::start(vec![Step::Send(b"data: one\n\n")]).await;
+    let px = start(&route(&up, "{ between_events: 2s, heartbeat: off }")).await;
+    let mut s = TcpStream::connect(px.addr("main").unwrap()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The first exchange: an event, then quiet until the stall timer ends it.
+    s.write_all(b"GET /chat HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    while !got.windows(5).any(|w| w == b"0\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("the first stream ends by its stall timer")
+            .unwrap();
+        assert!(n > 0, "closed after the first stream");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&got).contains("STREAM_STALLED"));
+    // The second, on the same connection: its event, a moment of quiet, then the client
+    // leaves.
+    got.clear();
+    s.write_all(b"GET /chat HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    while !got.windows(11).any(|w| w == b"data: one\n\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("the second stream's event arrives")
+            .unwrap();
+        assert!(n > 0, "closed before the second stream's event");
+        got.extend_from_slice(&buf[..n]);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let left = std::time::Instant::now();
+    drop(s);
+    assert_eventually!(
+        up.cancelled.load(Ordering::SeqCst) == 2,
+        "the second upstream request was not cancelled"
+    );
+    assert!(
+        left.elapsed() < Duration::from_millis(1500),
+        "cancelled {:?} after the client left: by the stall timer, not by the watch",
+        left.elapsed()
+    );
+    assert_eq!(metric(&px, &format!("{ENDED}\"client_gone\"}}")), 1.0);
+    assert_eq!(metric(&px, &format!("{ENDED}\"stalled\"}}")), 1.0);
+    px.shutdown().await;
+}
+
 /// With nothing held back (`partial_event_buffer: 0`) the client is mid-event when the
 /// drain deadline comes: the drain's final event waits for that event's end.
 #[tokio::test]
