@@ -663,35 +663,18 @@ async fn a_client_that_leaves_a_quiet_stream_cancels_the_upstream_at_once() {
     let up = SseUpstream::start(vec![Step::Send(b"data: one\n\n")]).await;
     let px = start(&route(&up, "{ between_events: 2s, heartbeat: off }")).await;
     let mut s = TcpStream::connect(px.addr("main").unwrap()).await.unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
     // The first exchange: an event, then quiet until the stall timer ends it.
     s.write_all(b"GET /chat HTTP/1.1\r\nhost: a\r\n\r\n")
         .await
         .unwrap();
-    while !got.windows(5).any(|w| w == b"0\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-            .await
-            .expect("the first stream ends by its stall timer")
-            .unwrap();
-        assert!(n > 0, "closed after the first stream");
-        got.extend_from_slice(&buf[..n]);
-    }
+    let got = read_until(&mut s, b"0\r\n\r\n", "the first stream's end").await;
     assert!(String::from_utf8_lossy(&got).contains("STREAM_STALLED"));
     // The second, on the same connection: its event, a moment of quiet, then the client
     // leaves.
-    got.clear();
     s.write_all(b"GET /chat HTTP/1.1\r\nhost: a\r\n\r\n")
         .await
         .unwrap();
-    while !got.windows(11).any(|w| w == b"data: one\n\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-            .await
-            .expect("the second stream's event arrives")
-            .unwrap();
-        assert!(n > 0, "closed before the second stream's event");
-        got.extend_from_slice(&buf[..n]);
-    }
+    read_until(&mut s, b"data: one\n\n", "the second stream's event").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let left = std::time::Instant::now();
     drop(s);
@@ -707,6 +690,21 @@ async fn a_client_that_leaves_a_quiet_stream_cancels_the_upstream_at_once() {
     assert_eq!(metric(&px, &format!("{ENDED}\"client_gone\"}}")), 1.0);
     assert_eq!(metric(&px, &format!("{ENDED}\"stalled\"}}")), 1.0);
     px.shutdown().await;
+}
+
+/// Reads from `s` until what arrived holds `end`; what arrived.
+async fn read_until(s: &mut TcpStream, end: &[u8], what: &str) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(end.len()).any(|w| w == end) {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{what} did not arrive"))
+            .unwrap();
+        assert!(n > 0, "closed before {what}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
 }
 
 /// With nothing held back (`partial_event_buffer: 0`) the client is mid-event when the
