@@ -15,6 +15,25 @@ use http::HeaderValue;
 pub(crate) fn digits<const RADIX: u64>(n: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut i = buf.len();
     let mut n = n;
+    if RADIX == 10 {
+        // Two digits a step, from a table (as std's formatting does): the numbers here (a
+        // count, seconds, a length) mostly have two or three.
+        while n >= 100 {
+            let pair = (n % 100) as usize * 2;
+            n /= 100;
+            i -= 2;
+            buf[i..i + 2].copy_from_slice(&DECIMAL_PAIRS[pair..pair + 2]);
+        }
+        if n >= 10 {
+            let pair = n as usize * 2;
+            i -= 2;
+            buf[i..i + 2].copy_from_slice(&DECIMAL_PAIRS[pair..pair + 2]);
+        } else {
+            i -= 1;
+            buf[i] = b'0' + n as u8;
+        }
+        return &buf[i..];
+    }
     loop {
         i -= 1;
         buf[i] = b"0123456789abcdef"[(n % RADIX) as usize];
@@ -26,6 +45,18 @@ pub(crate) fn digits<const RADIX: u64>(n: u64, buf: &mut [u8; 20]) -> &[u8] {
     // Bytes, not `&str`: checking them as UTF-8 cost more than writing them.
     &buf[i..]
 }
+
+/// "00", "01", ... "99".
+const DECIMAL_PAIRS: [u8; 200] = {
+    let mut t = [0u8; 200];
+    let mut i = 0;
+    while i < 100 {
+        t[2 * i] = b'0' + (i / 10) as u8;
+        t[2 * i + 1] = b'0' + (i % 10) as u8;
+        i += 1;
+    }
+    t
+};
 
 /// Appends ASCII text (`digits`, an address) to a string without checking it as UTF-8
 /// (which cost more than writing it); a byte above ASCII would go in as its Latin-1 char.
@@ -152,7 +183,14 @@ mod tests {
     #[test]
     fn digits_write_every_width() {
         let mut buf = [0u8; 20];
-        for n in [0, 7, 10, 99, 100, 255, 65_535, u64::MAX] {
+        let around_powers = (0..20u32).flat_map(|e| {
+            let p = 10u64.pow(e);
+            [p - 1, p, p + 1]
+        });
+        let all = (0..1000)
+            .chain([255, 65_535, u64::MAX - 1, u64::MAX])
+            .chain(around_powers);
+        for n in all {
             assert_eq!(digits::<10>(n, &mut buf), n.to_string().as_bytes());
             assert_eq!(digits::<16>(n, &mut buf), format!("{n:x}").as_bytes());
             let mut out = String::from("n=");
