@@ -4,11 +4,10 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-
-use hashbrown::HashTable;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use hashbrown::HashTable;
 use tokio::time::Instant;
 
 use super::{Decision, Limits};
