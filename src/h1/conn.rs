@@ -25,7 +25,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -41,6 +41,7 @@ use super::encode::{self, BodyLen, Encoder};
 use super::head::{Framing, HeadError, Parsed, parse_head};
 use super::upgrade::{self, Io, Upgraded};
 use crate::sync::lock;
+use gone::GoneWatch;
 
 /// The first read of a head; most heads fit.
 const HEAD_ROOM: usize = 1024;
@@ -108,40 +109,8 @@ struct Shared<I> {
     /// The body's reader, waiting on the socket: the connection's own reads and writes
     /// take the socket's wakers from it, so it is woken when the connection moves on.
     body_waker: Option<Waker>,
-    /// `poll_gone`'s watch on the socket, kept for the next exchange's (`watching`: it is
-    /// the waker the socket would wake for a read now).
-    gone_watch: Option<Arc<GoneWatch>>,
-    watching: bool,
-}
-
-/// The waker `poll_gone` leaves on the client's socket: it wakes the connection's task and
-/// remembers that it did. Until it has (and while the task is the same), the client has
-/// sent nothing and is still there, so the socket need not be asked again: a stream asked
-/// it after every event (through the socket's waiter list), ~400 instructions of the ~4,700
-/// an event cost.
-struct GoneWatch {
-    fired: AtomicBool,
-    task: Waker,
-}
-
-impl GoneWatch {
-    fn new(task: &Waker) -> Arc<GoneWatch> {
-        Arc::new(GoneWatch {
-            fired: AtomicBool::new(false),
-            task: task.clone(),
-        })
-    }
-}
-
-impl Wake for GoneWatch {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.fired.store(true, Ordering::Release);
-        self.task.wake_by_ref();
-    }
+    /// `poll_gone`'s watch on the socket (`gone.rs`).
+    gone: GoneWatch,
 }
 
 impl<I> Shared<I> {
@@ -158,8 +127,7 @@ impl<I> Shared<I> {
             answered: false,
             conn_waker: None,
             body_waker: None,
-            gone_watch: None,
-            watching: false,
+            gone: GoneWatch::default(),
         }
     }
 }
@@ -168,7 +136,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Shared<I> {
     /// Reads into the buffer, with at least `room` free. Ok(0): the client closed.
     fn poll_fill(&mut self, cx: &mut Context<'_>, room: usize) -> Poll<io::Result<usize>> {
         // The socket's read waker is now `cx`'s (or nobody's): `poll_gone` must look again.
-        self.watching = false;
+        self.gone.placed(false);
         self.poll_fill_with(cx, room)
     }
 
@@ -215,30 +183,13 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Shared<I> {
         if self.eof || self.io.is_none() || !self.rbuf.is_empty() {
             return false;
         }
-        if self.watching
-            && let Some(w) = &self.gone_watch
-            && !w.fired.load(Ordering::Acquire)
-            && w.task.will_wake(cx.waker())
-        {
+        if self.gone.quiet(cx) {
             // Watched since the last look, and the socket has not woken the watch.
             return false;
         }
-        // The last watch's allocation again when the socket no longer holds it.
-        let watch = match self.gone_watch.take() {
-            Some(mut w) => match Arc::get_mut(&mut w) {
-                Some(free) => {
-                    free.fired = AtomicBool::new(false);
-                    free.task.clone_from(cx.waker());
-                    w
-                }
-                None => GoneWatch::new(cx.waker()),
-            },
-            None => GoneWatch::new(cx.waker()),
-        };
-        let waker = Waker::from(watch.clone());
-        let polled = self.poll_fill_with(&mut Context::from_waker(&waker), 64);
-        self.gone_watch = Some(watch);
-        self.watching = polled.is_pending();
+        let watch = self.gone.arm(cx);
+        let polled = self.poll_fill_with(&mut Context::from_waker(&watch), 64);
+        self.gone.placed(polled.is_pending());
         match polled {
             Poll::Ready(Ok(0)) => {
                 self.eof = true;
@@ -801,5 +752,6 @@ fn refuse(dst: &mut Vec<u8>, status: StatusCode) {
     );
 }
 
+mod gone;
 #[cfg(test)]
 mod tests;

@@ -324,6 +324,20 @@ impl Scanner {
     }
 }
 
+/// A line's field and value as the WHATWG spec splits them (the first colon; one space
+/// after it dropped; no colon: the whole line is the field): for the whole-stream
+/// reference parsers the tests check the incremental ones against.
+#[cfg(test)]
+pub(crate) fn field_and_value(line: &[u8]) -> (&[u8], &[u8]) {
+    match line.iter().position(|&b| b == b':') {
+        Some(c) => {
+            let v = &line[c + 1..];
+            (&line[..c], v.strip_prefix(b" ").unwrap_or(v))
+        }
+        None => (line, &b""[..]),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -395,13 +409,7 @@ mod tests {
                 r.comments += 1;
             } else {
                 in_event = true;
-                let (field, value) = match line.iter().position(|&b| b == b':') {
-                    Some(c) => {
-                        let v = &line[c + 1..];
-                        (&line[..c], v.strip_prefix(b" ").unwrap_or(v))
-                    }
-                    None => (line, &b""[..]),
-                };
+                let (field, value) = field_and_value(line);
                 match field {
                     b"data" => data = true,
                     b"event" => name = value.to_vec(),

@@ -31,6 +31,23 @@ fn config(up: &str, route_limits: &str, top: &str, policies: &[String]) -> Strin
     s
 }
 
+/// One memory policy `p` of `points` a minute on the route, whose listener serves HTTP/1.1
+/// with `server` (`rampart` or `hyper`).
+fn memory_policy_on(up: &str, p: &str, points: u64, server: &str) -> String {
+    config(
+        up,
+        p,
+        "",
+        &[format!(
+            "{p}: {{ points: {points}, per: 60s, store: memory }}"
+        )],
+    )
+    .replace(
+        "    routes:",
+        &format!("    http1_server: {server}\n    routes:"),
+    )
+}
+
 fn redis_section(url: &str, timeout: &str) -> String {
     format!("\nredis:\n  url: \"{url}\"\n  timeout: {timeout}\n")
 }
@@ -305,16 +322,7 @@ async fn rampart_ratelimit_fields_replace_the_upstreams_on_every_server() {
     let up = Upstream::start().await;
     for (server, client) in [("rampart", http1()), ("hyper", http1()), ("rampart", h2c())] {
         let p = unique("own");
-        let yaml = config(
-            &up.url(),
-            &p,
-            "",
-            &[format!("{p}: {{ points: 5, per: 60s, store: memory }}")],
-        )
-        .replace(
-            "    routes:",
-            &format!("    http1_server: {server}\n    routes:"),
-        );
+        let yaml = memory_policy_on(&up.url(), &p, 5, server);
         let px = start(&yaml).await;
         let addr = px.addr("main").unwrap();
         for remaining in [4, 3] {
@@ -359,16 +367,7 @@ async fn a_refused_request_with_a_body_closes_its_connection_on_every_server() {
     let up = Upstream::start().await;
     for server in ["rampart", "hyper"] {
         let p = unique("body");
-        let yaml = config(
-            &up.url(),
-            &p,
-            "",
-            &[format!("{p}: {{ points: 1, per: 60s, store: memory }}")],
-        )
-        .replace(
-            "    routes:",
-            &format!("    http1_server: {server}\n    routes:"),
-        );
+        let yaml = memory_policy_on(&up.url(), &p, 1, server);
         let px = start(&yaml).await;
         let addr = px.addr("main").unwrap();
         let (resp, _) = send(&http1(), get(addr, "/ok")).await;

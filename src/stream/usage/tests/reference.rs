@@ -101,13 +101,7 @@ fn events(stream: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
         if line[0] == b':' {
             continue;
         }
-        let (field, value) = match line.iter().position(|&b| b == b':') {
-            Some(c) => {
-                let v = &line[c + 1..];
-                (&line[..c], v.strip_prefix(b" ").unwrap_or(v))
-            }
-            None => (line, &b""[..]),
-        };
+        let (field, value) = crate::stream::sse::field_and_value(line);
         match field {
             b"data" => {
                 has = true;
