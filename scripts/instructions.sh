@@ -43,6 +43,7 @@ BIN=${RAMPART_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/rampart}
 WORKERS=${WORKERS:-2}
 PORT=${PORT:-18080}
 CASE=${CASE:-plain}
+CONNS=${CONNS:-16}
 TARGET=${TARGET:-rampart}
 case $TARGET in
 rampart | nginx) ;;
@@ -97,8 +98,9 @@ start_counted() { # CONFIG TEMPLATE LISTEN UPSTREAM
     else
         run=("$BIN" run --config "$1" --workers "$WORKERS")
     fi
+    # shellcheck disable=SC2086 # VG_ARGS: extra valgrind options, word-split on purpose
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.out.%p" \
-        "${run[@]}" >"$OUT/target.log" 2>&1 &
+        ${VG_ARGS:-} "${run[@]}" >"$OUT/target.log" 2>&1 &
     VG=$!
     PIDS+=("$VG")
 }
@@ -110,6 +112,16 @@ calls_to() { # FILE NAME
     id=$(grep -o "^c\?fn=([0-9]*) $2\$" "$1" | head -1 | sed 's/.*(\([0-9]*\)).*/\1/')
     [[ -n $id ]] || { echo "$2 not in $1" >&2; return 1; }
     awk -v c="cfn=($id)" '$1 == c { getline; sub(/^calls=/, "", $1); s += $1 } END { printf "%d", s }' "$1"
+}
+
+# With VG_ARGS="--cache-sim=yes [--LL=SIZE,WAYS,LINE]": data reads and writes per request
+# (or event) that missed the simulated first level and last level. `--LL=1048576,16,64`
+# models a core's L2: what a working set larger than that costs shows as DLmr/DLmw.
+misses() { # FILE COUNT UNIT
+    grep -q "^events:.*D1mr" "$1" || return 0
+    awk -v n="$2" -v unit="$3" '/^events:/ { for (i = 2; i <= NF; i++) name[i] = $i }
+        /^totals:/ { for (i = 2; i <= NF; i++) if (name[i] ~ /^(D1mr|D1mw|DLmr|DLmw)$/)
+            printf "%s per %s %.1f\n", name[i], unit, $i / (n > 0 ? n : 1) }' "$1"
 }
 
 if [[ $CASE == sse ]]; then
@@ -187,6 +199,7 @@ if [[ $CASE == sse ]]; then
         around="/metrics around the window: $((e1 - e0))"
     fi
     echo "$TARGET: events $n ($around; $expected sent), instructions $ir, per event $((ir / (n > 0 ? n : 1)))"
+    misses "$file" "$n" event
     echo "profile: $file"
     exit 0
 fi
@@ -214,9 +227,9 @@ for _ in $(seq 1 150); do
     sleep 0.2
 done
 # Warm up (pools filled, code paths touched), then count a fixed-length run only.
-wrk -t1 -c16 -d2s "http://127.0.0.1:$LOAD_PORT/api/agents" >/dev/null
+wrk -t1 -c"$CONNS" --timeout 30s -d2s "http://127.0.0.1:$LOAD_PORT/api/agents" >/dev/null
 callgrind_control -i on "$VG" >/dev/null
-out=$(wrk -t1 -c16 -d4s "http://127.0.0.1:$LOAD_PORT/api/agents")
+out=$(wrk -t1 -c"$CONNS" --timeout 30s -d4s "http://127.0.0.1:$LOAD_PORT/api/agents")
 callgrind_control -i off "$VG" >/dev/null
 callgrind_control -d "$VG" >/dev/null
 sleep 0.5
@@ -228,4 +241,5 @@ fi
 file=$(grep -l "^totals: [1-9]" "$OUT"/callgrind.out.* | head -1)
 ir=$(awk '/^totals:/ { print $2 }' "$file")
 echo "$TARGET: requests $n, instructions $ir, per request $((ir / n))"
+misses "$file" "$n" request
 echo "profile: $file"

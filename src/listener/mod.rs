@@ -687,8 +687,7 @@ where
                     return Poll::Ready(Stop::Closing);
                 }
             }
-            let seen = state.seen.load(Ordering::Relaxed);
-            if let Poll::Ready(e) = clock.poll(timer.as_mut(), &state.clocks, seen, cx) {
+            if let Poll::Ready(e) = clock.poll(timer.as_mut(), &state.clocks, &state.seen, cx) {
                 return Poll::Ready(Stop::Expired(e));
             }
             Poll::Pending

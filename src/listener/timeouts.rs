@@ -122,17 +122,20 @@ pub(crate) struct Clock {
 
 impl Clock {
     /// Ready once the connection is to end. `timer` is made by [`Clocks::timer`] and kept by
-    /// the caller; `seen`: a request head has been completed on the connection.
+    /// the caller; `seen`: set once a request head has been completed on the connection
+    /// (read only while the clock is on: a line of the connection's state not touched at
+    /// every wake-up of a long stream).
     pub(crate) fn poll(
         &mut self,
         mut timer: Pin<&mut Sleep>,
         clocks: &Clocks,
-        seen: bool,
+        seen: &AtomicBool,
         cx: &mut Context<'_>,
     ) -> Poll<Expired> {
         if self.off {
             return Poll::Pending;
         }
+        let seen = seen.load(Ordering::Relaxed);
         // An HTTP/1 request was seen (an HTTP/2 one marks the connection before it is).
         if seen && !clocks.h2.load(Ordering::Relaxed) {
             self.off = true;
@@ -349,7 +352,8 @@ mod tests {
     async fn expires(clocks: &Clocks, seen: bool) -> Expired {
         let mut timer = std::pin::pin!(clocks.timer());
         let mut clock = Clock::default();
-        poll_fn(|cx| clock.poll(timer.as_mut(), clocks, seen, cx)).await
+        let seen = AtomicBool::new(seen);
+        poll_fn(|cx| clock.poll(timer.as_mut(), clocks, &seen, cx)).await
     }
 
     #[tokio::test(start_paused = true)]

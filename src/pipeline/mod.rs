@@ -82,17 +82,22 @@ pub(crate) struct ListenerCtx {
 /// awaits only the upstream exchange. The steps that may wait (rate limits, body
 /// buffering, upgrades) run in `slow`, boxed, so their large futures are not part of every
 /// request's future (which is moved as a whole several times per request).
-pub(crate) async fn handle(
+///
+/// Not an `async fn`: that would keep its arguments twice in its state (as arguments, then
+/// as the body's locals), ~370 bytes more in every request's future.
+#[allow(clippy::manual_async_fn)]
+pub(crate) fn handle(
     ctx: Arc<ListenerCtx>,
     peer: SocketAddr,
     req: Request<ClientBody>,
     refused: Option<ProxyError>,
-) -> Response<ProxyBody> {
-    let start = crate::clock::now();
-    let (head, request_id) = headers::Head::scan(req.headers());
-    let snapshot = ctx.traffic.snapshot.load_full();
-    let mut tail = Box::new(Tail {
-        log: snapshot.access_log.then(|| AccessRecord {
+) -> impl Future<Output = Response<ProxyBody>> + std::marker::Send + use<> {
+    async move {
+        let start = crate::clock::now();
+        let (head, request_id) = headers::Head::scan(req.headers());
+        let snapshot = ctx.traffic.snapshot.load_full();
+        let mut tail = Box::<Tail>::default();
+        tail.log = snapshot.access_log.then(|| AccessRecord {
             start,
             listener: ctx.name.clone(),
             route: None,
@@ -115,75 +120,76 @@ pub(crate) async fn handle(
             bytes_out: 0,
             usage: None,
             outcome: LogOutcome::Streaming,
-        }),
-        ..Tail::default()
-    });
-    let listener = snapshot.listeners.get(&*ctx.name);
-    let method = method_index(req.method());
+        });
+        let listener = snapshot.listeners.get(&*ctx.name);
+        let method = method_index(req.method());
 
-    let result = if let Some(e) = refused {
-        Err(e)
-    } else {
-        let env = Env {
-            ctx: &ctx,
-            snapshot: &snapshot,
-            peer,
-            request_id: &request_id,
-            head: &head,
-            start,
+        let result = if let Some(e) = refused {
+            Err(e)
+        } else {
+            let env = Env {
+                ctx: &ctx,
+                snapshot: &snapshot,
+                peer,
+                request_id: &request_id,
+                head: &head,
+                start,
+            };
+            match begin(&env, listener, req, &mut tail) {
+                // `ref mut`: the attempts stay where `begin` put them, in the match's own
+                // value (which lives across the await anyway); moved out, they took 700 more
+                // bytes of this future, which is copied whole for every request.
+                Ok(Step::Send(ref mut attempts, route)) => {
+                    send(&env, attempts, route, &mut tail).await
+                }
+                Ok(step) => {
+                    // Behind a vtable as well as boxed: its code stays out of the poll function
+                    // every request runs (the compiler would otherwise inline it there).
+                    let slow: Pin<Box<dyn Future<Output = _> + std::marker::Send + '_>> =
+                        Box::pin(slow(&env, step, &mut tail));
+                    slow.await
+                }
+                Err(e) => Err(e),
+            }
         };
-        match begin(&env, listener, req, &mut tail) {
-            // `ref mut`: the attempts stay where `begin` put them, in the match's own
-            // value (which lives across the await anyway); moved out, they took 700 more
-            // bytes of this future, which is copied whole for every request.
-            Ok(Step::Send(ref mut attempts, route)) => send(&env, attempts, route, &mut tail).await,
-            Ok(step) => {
-                // Behind a vtable as well as boxed: its code stays out of the poll function
-                // every request runs (the compiler would otherwise inline it there).
-                let slow: Pin<Box<dyn Future<Output = _> + std::marker::Send + '_>> =
-                    Box::pin(slow(&env, step, &mut tail));
-                slow.await
+        let result = cache::finish(result, &mut tail);
+        let mut resp = match result {
+            Ok(resp) => resp,
+            Err(err) => {
+                // Failures were reported where they happened; anything else says nothing about
+                // the upstream.
+                if let Some(t) = tail.ticket.as_mut() {
+                    t.report(Outcome::Ignored);
+                }
+                if let Some(r) = tail.log.as_mut() {
+                    r.outcome = LogOutcome::Local(err.code());
+                }
+                err.to_response(request_id.to_str().unwrap_or("-"))
             }
-            Err(e) => Err(e),
+        };
+        cache::mark(&mut resp, &mut tail);
+        resp.headers_mut().insert(&X_REQUEST_ID, request_id);
+        // The rate-limit fields stay in the tail: `listener::service` decides where the server
+        // takes them from.
+        if let Some(r) = tail.log.as_mut() {
+            r.status = resp.status().as_u16();
         }
-    };
-    let result = cache::finish(result, &mut tail);
-    let mut resp = match result {
-        Ok(resp) => resp,
-        Err(err) => {
-            // Failures were reported where they happened; anything else says nothing about
-            // the upstream.
-            if let Some(t) = tail.ticket.as_mut() {
-                t.report(Outcome::Ignored);
+        if tail.obs.is_none() {
+            // No route took it: counted on the listener (set here, not up front, to keep the
+            // routed path to one handle).
+            tail.obs = listener.map(|l| Observed::new(start, l.unrouted.clone(), method));
+        }
+        if let Some(o) = tail.obs.as_mut() {
+            o.status = resp.status().as_u16();
+            if crate::stream::finale::is_event_stream(&resp) {
+                o.stream = true;
+                o.route
+                    .stream_started(crate::clock::now().saturating_duration_since(start));
             }
-            if let Some(r) = tail.log.as_mut() {
-                r.outcome = LogOutcome::Local(err.code());
-            }
-            err.to_response(request_id.to_str().unwrap_or("-"))
         }
-    };
-    cache::mark(&mut resp, &mut tail);
-    resp.headers_mut().insert(&X_REQUEST_ID, request_id);
-    // The rate-limit fields stay in the tail: `listener::service` decides where the server
-    // takes them from.
-    if let Some(r) = tail.log.as_mut() {
-        r.status = resp.status().as_u16();
+        resp.body_mut().set_tail(tail);
+        resp
     }
-    if tail.obs.is_none() {
-        // No route took it: counted on the listener (set here, not up front, to keep the
-        // routed path to one handle).
-        tail.obs = listener.map(|l| Observed::new(start, l.unrouted.clone(), method));
-    }
-    if let Some(o) = tail.obs.as_mut() {
-        o.status = resp.status().as_u16();
-        if crate::stream::finale::is_event_stream(&resp) {
-            o.stream = true;
-            o.route
-                .stream_started(crate::clock::now().saturating_duration_since(start));
-        }
-    }
-    resp.body_mut().set_tail(tail);
-    resp
 }
 
 /// What every step of one request reads.
@@ -437,7 +443,7 @@ fn after_rate_limit<'a>(
         (RequestBody::Empty, Some(Bytes::new()))
     } else if declared_len.is_some_and(|n| !keep_for_retry(retry_cfg, n)) {
         (
-            RequestBody::Stream(request_body(body, route, deadline)),
+            RequestBody::Stream(Box::new(request_body(body, route, deadline))),
             None,
         )
     } else {

@@ -177,10 +177,9 @@ async fn admit(policy: &Arc<Policy>, key: &str) -> Result<Tail, Verdict> {
     if v.retry_after_secs.is_some() {
         return Err(v);
     }
-    Ok(Tail {
-        rate_limit_hold: v.hold,
-        ..Tail::default()
-    })
+    let mut tail = Tail::default();
+    tail.rate_limit_hold = v.hold;
+    Ok(tail)
 }
 
 async fn refuse(policy: &Arc<Policy>, key: &str) -> Verdict {
