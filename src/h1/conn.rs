@@ -633,10 +633,21 @@ where
 {
     let mut body = std::pin::pin!(body);
     let mut trailers: Option<HeaderMap> = None;
+    // The body said Pending (its wakers are registered) and what it gave before went out
+    // within the same poll of the task: asking it again now would only walk its layers to
+    // the same Pending (a third pass per event of a stream, after the data and the Pending
+    // that ended the batch). A wake-up from it during this poll polls the task again.
+    let mut body_waits = false;
     loop {
         let mut big: Option<Bytes> = None;
         let mut ended = false;
         poll_fn(|cx| {
+            if std::mem::take(&mut body_waits) && wbuf.is_empty() {
+                if lock(shared).poll_gone(cx) {
+                    return Poll::Ready(Err(ConnError::Gone));
+                }
+                return Poll::Pending;
+            }
             loop {
                 if wbuf.len() >= WRITE_AT {
                     return Poll::Ready(Ok(()));
@@ -670,6 +681,7 @@ where
                     }
                     Poll::Pending => {
                         if !wbuf.is_empty() {
+                            body_waits = true;
                             return Poll::Ready(Ok(()));
                         }
                         // Nothing to write: a client that left ends the exchange.
@@ -683,7 +695,16 @@ where
         })
         .await?;
         if !wbuf.is_empty() {
-            write_all(shared, wbuf).await?;
+            {
+                let mut write = std::pin::pin!(write_all(shared, wbuf));
+                poll_fn(|cx| {
+                    let polled = write.as_mut().poll(cx);
+                    // The task slept: a wake-up of the body's may have been spent meanwhile.
+                    body_waits &= polled.is_ready();
+                    polled
+                })
+                .await?;
+            }
             wbuf.clear();
         }
         if let Some(data) = big {

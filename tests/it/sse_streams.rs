@@ -592,6 +592,63 @@ async fn a_slow_reader_is_not_a_stalled_upstream() {
     px.shutdown().await;
 }
 
+/// A client that stops reading while a stream flows, then reads again: everything the
+/// upstream sent in the meantime must follow at once, though the upstream is quiet by then
+/// (no event, no heartbeat, no end to wake the connection). The connection skips asking a
+/// body that just said Pending (`write_body`), and must not skip it when its wake-up was
+/// spent while the write waited for the client.
+#[tokio::test]
+async fn a_client_that_pauses_gets_what_came_meanwhile_when_it_reads_again() {
+    // 2,000 events of 4 KiB, one chunk each, ~1 ms apart: more than the sockets between
+    // rampart and the client hold, in frames small enough to be gathered before writing.
+    const EVENTS: usize = 2_000;
+    let mut script = Vec::new();
+    for i in 0..EVENTS {
+        let event = format!("data: {i:04} {}\n\n", "x".repeat(4096));
+        script.push(Step::SendOwned(event.into_bytes()));
+        script.push(Step::Wait(1));
+    }
+    // Quiet and open afterwards: only the stall timer (far off) or this end would end it.
+    script.push(Step::Wait(15_000));
+    script.push(Step::End);
+    let up = SseUpstream::start(script).await;
+    let px = start(&route(
+        &up,
+        "{ between_events: 30s, first_event: 30s, heartbeat: off }",
+    ))
+    .await;
+    let mut s = TcpStream::connect(px.addr("main").unwrap()).await.unwrap();
+    s.write_all(b"GET /chat HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert!(s.read(&mut buf).await.unwrap() > 0);
+    // Not reading: rampart's writes to this client block while events keep coming.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let last = format!("data: {:04} ", EVENTS - 1);
+    let started = Instant::now();
+    // Only the end of what came is searched (what came is ~8 MiB).
+    let mut tail: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    while !tail.windows(last.len()).any(|w| w == last.as_bytes()) {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("the rest of the stream did not follow the pause")
+            .unwrap();
+        assert!(n > 0, "closed before the last event");
+        tail.extend_from_slice(&buf[..n]);
+        let keep = tail.len().saturating_sub(last.len() + 64 * 1024);
+        tail.drain(..keep);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the rest took {:?}: it waited for the upstream's end",
+        started.elapsed()
+    );
+    drop(s);
+    px.shutdown().await;
+}
+
 #[tokio::test]
 async fn plain_bodies_still_abort_when_the_upstream_stalls() {
     // Not an event stream: a truncated body must not look complete.
