@@ -642,56 +642,54 @@ where
         let mut big: Option<Bytes> = None;
         let mut ended = false;
         poll_fn(|cx| {
-            if std::mem::take(&mut body_waits) && wbuf.is_empty() {
-                if lock(shared).poll_gone(cx) {
-                    return Poll::Ready(Err(ConnError::Gone));
-                }
-                return Poll::Pending;
-            }
-            loop {
-                if wbuf.len() >= WRITE_AT {
-                    return Poll::Ready(Ok(()));
-                }
-                match body.as_mut().poll_frame(cx) {
-                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                        Ok(data) if data.is_empty() => {}
-                        Ok(data) => {
-                            let copy = data.len() < COPY_UNDER;
-                            encoder.data(wbuf, &data, copy)?;
-                            if !copy {
-                                big = Some(data);
-                                return Poll::Ready(Ok(()));
-                            }
-                        }
-                        Err(frame) => {
-                            if let Ok(t) = frame.into_trailers()
-                                && te_trailers
-                            {
-                                trailers = Some(t);
-                            }
-                        }
-                    },
-                    Poll::Ready(Some(Err(e))) => {
-                        return Poll::Ready(Err(ConnError::Body(e.into())));
-                    }
-                    Poll::Ready(None) => {
-                        encoder.finish(wbuf, trailers.as_ref())?;
-                        ended = true;
+            let skip = std::mem::take(&mut body_waits) && wbuf.is_empty();
+            if !skip {
+                loop {
+                    if wbuf.len() >= WRITE_AT {
                         return Poll::Ready(Ok(()));
                     }
-                    Poll::Pending => {
-                        if !wbuf.is_empty() {
-                            body_waits = true;
+                    match body.as_mut().poll_frame(cx) {
+                        Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                            Ok(data) if data.is_empty() => {}
+                            Ok(data) => {
+                                let copy = data.len() < COPY_UNDER;
+                                encoder.data(wbuf, &data, copy)?;
+                                if !copy {
+                                    big = Some(data);
+                                    return Poll::Ready(Ok(()));
+                                }
+                            }
+                            Err(frame) => {
+                                if let Ok(t) = frame.into_trailers()
+                                    && te_trailers
+                                {
+                                    trailers = Some(t);
+                                }
+                            }
+                        },
+                        Poll::Ready(Some(Err(e))) => {
+                            return Poll::Ready(Err(ConnError::Body(e.into())));
+                        }
+                        Poll::Ready(None) => {
+                            encoder.finish(wbuf, trailers.as_ref())?;
+                            ended = true;
                             return Poll::Ready(Ok(()));
                         }
-                        // Nothing to write: a client that left ends the exchange.
-                        if lock(shared).poll_gone(cx) {
-                            return Poll::Ready(Err(ConnError::Gone));
+                        Poll::Pending => {
+                            if !wbuf.is_empty() {
+                                body_waits = true;
+                                return Poll::Ready(Ok(()));
+                            }
+                            break;
                         }
-                        return Poll::Pending;
                     }
                 }
             }
+            // Nothing to write: a client that left ends the exchange.
+            if lock(shared).poll_gone(cx) {
+                return Poll::Ready(Err(ConnError::Gone));
+            }
+            Poll::Pending
         })
         .await?;
         if !wbuf.is_empty() {

@@ -560,11 +560,7 @@ async fn a_slow_reader_is_not_a_stalled_upstream() {
         "{ between_events: 300ms, first_event: 300ms, heartbeat: off }",
     ))
     .await;
-    let addr = px.addr("main").unwrap();
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /chat HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    let mut s = ask_chat(&px, "connection: close\r\n").await;
     let mut first = vec![0u8; 4096];
     let n = s.read(&mut first).await.unwrap();
     assert!(n > 0);
@@ -617,10 +613,7 @@ async fn a_client_that_pauses_gets_what_came_meanwhile_when_it_reads_again() {
         "{ between_events: 30s, first_event: 30s, heartbeat: off }",
     ))
     .await;
-    let mut s = TcpStream::connect(px.addr("main").unwrap()).await.unwrap();
-    s.write_all(b"GET /chat HTTP/1.1\r\nhost: a\r\n\r\n")
-        .await
-        .unwrap();
+    let mut s = ask_chat(&px, "").await;
     let mut buf = vec![0u8; 4096];
     assert!(s.read(&mut buf).await.unwrap() > 0);
     // Not reading: rampart's writes to this client block while events keep coming.
@@ -688,10 +681,7 @@ async fn over_http2_a_stalled_stream_ends_with_the_final_event_too() {
 async fn a_client_that_leaves_is_counted_client_gone_and_cancels_the_upstream() {
     let up = SseUpstream::start(vec![Step::Every { ms: 50, n: 200 }]).await;
     let px = start(&route(&up, "{ heartbeat: off }")).await;
-    let mut s = TcpStream::connect(px.addr("main").unwrap()).await.unwrap();
-    s.write_all(b"GET /chat HTTP/1.1\r\nhost: a\r\n\r\n")
-        .await
-        .unwrap();
+    let mut s = ask_chat(&px, "").await;
     read_until(&mut s, b"data: tick 1\n\n", "two events").await;
     drop(s);
     assert_eventually!(up.cancelled.load(Ordering::SeqCst) == 1, "not cancelled");
@@ -723,11 +713,8 @@ async fn a_client_that_leaves_is_counted_client_gone_and_cancels_the_upstream() 
 async fn a_client_that_leaves_a_quiet_stream_cancels_the_upstream_at_once() {
     let up = SseUpstream::start(vec![Step::Send(b"data: one\n\n")]).await;
     let px = start(&route(&up, "{ between_events: 2s, heartbeat: off }")).await;
-    let mut s = TcpStream::connect(px.addr("main").unwrap()).await.unwrap();
     // The first exchange: an event, then quiet until the stall timer ends it.
-    s.write_all(b"GET /chat HTTP/1.1\r\nhost: a\r\n\r\n")
-        .await
-        .unwrap();
+    let mut s = ask_chat(&px, "").await;
     let got = read_until(&mut s, b"0\r\n\r\n", "the first stream's end").await;
     assert!(String::from_utf8_lossy(&got).contains("STREAM_STALLED"));
     // The second, on the same connection: its event, a moment of quiet, then the client
@@ -751,6 +738,15 @@ async fn a_client_that_leaves_a_quiet_stream_cancels_the_upstream_at_once() {
     assert_eq!(metric(&px, &format!("{ENDED}\"client_gone\"}}")), 1.0);
     assert_eq!(metric(&px, &format!("{ENDED}\"stalled\"}}")), 1.0);
     px.shutdown().await;
+}
+
+/// A raw HTTP/1.1 connection to `px` that has asked for `/chat`, with `extra` header lines.
+async fn ask_chat(px: &rampart::app::Running, extra: &str) -> TcpStream {
+    let mut s = TcpStream::connect(px.addr("main").unwrap()).await.unwrap();
+    s.write_all(format!("GET /chat HTTP/1.1\r\nhost: a\r\n{extra}\r\n").as_bytes())
+        .await
+        .unwrap();
+    s
 }
 
 /// Reads from `s` until what arrived holds `end`; what arrived.
