@@ -218,6 +218,9 @@ pub(crate) struct TimedBody<B> {
     done: bool,
     /// A streamed request body's progress, for the first-byte timer (made on demand).
     upload: Option<Arc<Upload>>,
+    /// The last frame left the inner body waiting and the timers armed for the task
+    /// (`h1::Waits`).
+    waits: bool,
 }
 
 impl<B> TimedBody<B> {
@@ -235,6 +238,7 @@ impl<B> TimedBody<B> {
             seen: 0,
             done: false,
             upload: None,
+            waits: false,
         }
     }
 
@@ -254,6 +258,7 @@ impl<B> TimedBody<B> {
             seen: 0,
             done: false,
             upload: None,
+            waits: false,
         }
     }
 
@@ -269,9 +274,19 @@ impl<B> TimedBody<B> {
     }
 }
 
+impl<B> crate::h1::Waits for TimedBody<B> {
+    fn waits(&self) -> bool {
+        self.waits
+    }
+}
+
+// Request bodies and hyper's are never asked (only the server's response bodies are).
+impl crate::h1::Waits for ClientBody {}
+impl crate::h1::Waits for Incoming {}
+
 impl<B> Body for TimedBody<B>
 where
-    B: Body<Data = Bytes> + Unpin,
+    B: Body<Data = Bytes> + crate::h1::Waits + Unpin,
     B::Error: Into<BodyError>,
 {
     type Data = Bytes;
@@ -282,6 +297,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
+        this.waits = false;
         if this.done {
             return Poll::Ready(None);
         }
@@ -304,6 +320,11 @@ where
                     } else {
                         UploadState::Upstream(now)
                     });
+                } else if this.inner.waits() {
+                    // The wait for the next frame begins now, as it would at the next poll:
+                    // its timer armed for this task, the body waits too. (A limit that
+                    // passed is left for that next poll to report.)
+                    this.waits = this.timers.poll_expired(cx, this.seen).is_pending();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

@@ -352,7 +352,7 @@ impl Connection {
         I: Io,
         S: FnMut(Request<Body>) -> F + Send + 'static,
         F: Future<Output = Result<Response<B>, E>> + Send + 'static,
-        B: http_body::Body<Data = Bytes> + encode::HeadFields + Send + 'static,
+        B: http_body::Body<Data = Bytes> + encode::HeadFields + encode::Waits + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
         E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
     {
@@ -387,7 +387,7 @@ where
     I: Io,
     S: FnMut(Request<Body>) -> F + Send + 'static,
     F: Future<Output = Result<Response<B>, E>> + Send + 'static,
-    B: http_body::Body<Data = Bytes> + encode::HeadFields + Send + 'static,
+    B: http_body::Body<Data = Bytes> + encode::HeadFields + encode::Waits + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -628,15 +628,15 @@ async fn write_body<I, B>(
 ) -> Result<(), ConnError>
 where
     I: Io,
-    B: http_body::Body<Data = Bytes>,
+    B: http_body::Body<Data = Bytes> + encode::Waits,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut body = std::pin::pin!(body);
     let mut trailers: Option<HeaderMap> = None;
-    // The body said Pending (its wakers are registered) and what it gave before went out
-    // within the same poll of the task: asking it again now would only walk its layers to
-    // the same Pending (a third pass per event of a stream, after the data and the Pending
-    // that ended the batch). A wake-up from it during this poll polls the task again.
+    // The body said Pending, or said with its last frame that it waits (`Waits`), and what
+    // it gave went out within the same poll of the task: asking it again now would only
+    // walk its layers to the same Pending (a second pass per event of a stream). A wake-up
+    // from it during this poll polls the task again.
     let mut body_waits = false;
     loop {
         let mut big: Option<Bytes> = None;
@@ -656,6 +656,12 @@ where
                                 encoder.data(wbuf, &data, copy)?;
                                 if !copy {
                                     big = Some(data);
+                                    return Poll::Ready(Ok(()));
+                                }
+                                // It has nothing more now and will wake the task (an event
+                                // stream's usual case): write without asking it again.
+                                if body.waits() {
+                                    body_waits = true;
                                     return Poll::Ready(Ok(()));
                                 }
                             }

@@ -52,6 +52,19 @@ pub(crate) trait HeadFields {
     fn write_head_fields(&self, _dst: &mut Vec<u8>) {}
 }
 
+/// What the server asks of a response body right after it gave a frame: whether it has
+/// nothing more ready and every waker it needs is registered for the task that polled it,
+/// so that asking again now would only walk its layers to a Pending. A server that knows
+/// writes at once and asks the body again only when the task is woken (an event stream's
+/// second pass through every layer per event, a fifth of its instructions). Answering
+/// true when a waker is missing stalls the body: every layer answers false unless it is
+/// sure, and false is always safe.
+pub(crate) trait Waits {
+    fn waits(&self) -> bool {
+        false
+    }
+}
+
 /// The request facts the head depends on, and what the answer brings besides its map.
 #[derive(Clone, Copy)]
 pub(crate) struct For<'a> {

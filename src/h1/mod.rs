@@ -25,7 +25,7 @@ mod upgrade;
 
 pub(crate) use body::{Body, BodyError};
 pub(crate) use conn::{Connection, Settings};
-pub(crate) use encode::HeadFields;
+pub(crate) use encode::{HeadFields, Waits};
 pub(crate) use upgrade::{OnUpgrade, Upgraded};
 
 // The fuzz targets drive the parsers on their own.

@@ -361,6 +361,18 @@ fn poll_events(
     polled
 }
 
+impl crate::h1::Waits for ProxyBody {
+    fn waits(&self) -> bool {
+        match &self.kind {
+            Kind::Upstream(s) => s.waits(),
+            Kind::Events(s) => s.waits(),
+            // A local answer is whole; an HTTP/2 stream's watchdog and a declined upgrade's
+            // body are asked as before.
+            Kind::Full(_) | Kind::Direct(_) | Kind::Watched(_) => false,
+        }
+    }
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = BodyError;

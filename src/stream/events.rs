@@ -97,6 +97,9 @@ struct Guard {
     rearm: bool,
     /// Nothing more goes to the client.
     done: bool,
+    /// The last frame left the upstream's body waiting and the timers armed for the task
+    /// (`h1::Waits`).
+    waits: bool,
     news: News,
     /// An in-band error event was seen: if the upstream then ends the stream, that is how it
     /// ended.
@@ -106,9 +109,15 @@ struct Guard {
     metrics: Arc<RouteMetrics>,
 }
 
+impl<B> crate::h1::Waits for EventStream<B> {
+    fn waits(&self) -> bool {
+        self.guard.waits
+    }
+}
+
 impl<B> EventStream<B>
 where
-    B: Body<Data = Bytes, Error = BodyError> + Unpin,
+    B: Body<Data = Bytes, Error = BodyError> + crate::h1::Waits + Unpin,
 {
     pub(crate) fn new(
         body: B,
@@ -136,6 +145,7 @@ where
                 registered: None,
                 rearm: false,
                 done: false,
+                waits: false,
                 news: News::default(),
                 saw_in_band: false,
                 ended: None,
@@ -179,6 +189,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let g = &mut self.guard;
+        g.waits = false;
         if g.done {
             return Poll::Ready(None);
         }
@@ -187,10 +198,11 @@ where
                 g.done = true;
                 return Poll::Ready(None);
             };
-            match Pin::new(body).poll_frame(cx) {
+            match Pin::new(&mut *body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
                         if let Some(out) = g.on_data(data) {
+                            g.waits = body.waits() && g.timers_armed(cx);
                             return Poll::Ready(Some(Ok(Frame::data(out))));
                         }
                         // All of it belongs to an event under way: read on.
@@ -324,15 +336,18 @@ impl Guard {
         Some(out)
     }
 
+    /// The sleep is armed at or before every deadline (they only moved later since), has
+    /// not fired, and will wake this task: a poll of the timers would find nothing to do.
+    fn timers_armed(&self, cx: &Context<'_>) -> bool {
+        match (&self.sleep, &self.registered) {
+            (Some(sleep), Some(w)) => !self.rearm && !sleep.is_elapsed() && w.will_wake(cx.waker()),
+            _ => false,
+        }
+    }
+
     /// The upstream has nothing to read: a timer may end the stream or send a heartbeat.
     fn poll_timers(&mut self, cx: &mut Context<'_>) -> Poll<Ending> {
-        // Armed at or before every deadline (they only moved later since), not fired, and
-        // it will wake this task: nothing to do.
-        if !self.rearm
-            && let (Some(sleep), Some(w)) = (&self.sleep, &self.registered)
-            && !sleep.is_elapsed()
-            && w.will_wake(cx.waker())
-        {
+        if self.timers_armed(cx) {
             return Poll::Pending;
         }
         self.rearm = false;

@@ -90,6 +90,17 @@ impl crate::h1::HeadFields for TrackedBody {
     }
 }
 
+impl crate::h1::Waits for TrackedBody {
+    fn waits(&self) -> bool {
+        match self.finale.as_deref() {
+            None => self.inner.waits(),
+            // Streaming: the drain's wait was looked at (and registered for the task) at the
+            // start of the poll that gave the frame.
+            Some(f) => f.state == State::Streaming && f.polled.is_some() && self.inner.waits(),
+        }
+    }
+}
+
 impl Body for TrackedBody {
     type Data = Bytes;
     type Error = BodyError;

@@ -321,6 +321,31 @@ async fn a_stream_that_stalls_mid_event_gets_only_whole_events_then_the_final_ev
     px.shutdown().await;
 }
 
+/// The first event comes after the head went out (so not with it), whole, then silence:
+/// `between_events` runs from that event, not `first_event` from the head. The server
+/// writes such an event without asking the body again (`h1::Waits`): the switch of timers
+/// must be armed while the event is handled, not on a later poll that never comes.
+#[tokio::test]
+async fn a_stall_right_after_a_late_first_event_ends_at_between_events() {
+    let up = SseUpstream::start(vec![Step::Wait(600), Step::Send(b"data: one\n\n")]).await;
+    let px = start(&route(
+        &up,
+        "{ first_event: 6s, between_events: 400ms, heartbeat: off }",
+    ))
+    .await;
+    let (body, clean, took) = fetch(px.addr("main").unwrap(), "req-late").await;
+    assert!(clean);
+    let (before, code) = split_final(&body, "req-late");
+    assert_eq!(std::str::from_utf8(before).unwrap(), "data: one\n\n");
+    assert_eq!(code, "STREAM_STALLED");
+    assert!(
+        took >= Duration::from_millis(950) && took < Duration::from_secs(4),
+        "ended {took:?} after the request: between_events is 400 ms after the event at 600 ms"
+    );
+    assert_eq!(metric(&px, &format!("{ENDED}\"stalled\"}}")), 1.0);
+    px.shutdown().await;
+}
+
 #[tokio::test]
 async fn comments_keep_a_stream_alive_only_when_configured() {
     let comments = || {
@@ -652,6 +677,35 @@ async fn plain_bodies_still_abort_when_the_upstream_stalls() {
         .await
         .unwrap();
     assert!(r.is_err());
+    px.shutdown().await;
+}
+
+/// Bytes that come after the head went out (so not with it), then silence: the idle
+/// timeout runs from them. The server writes them without asking the body again
+/// (`h1::Waits`): the wait for the next bytes must begin while they are handled, not when
+/// the timer armed for the first bytes next fires.
+#[tokio::test]
+async fn a_plain_body_that_stalls_after_late_bytes_is_cut_at_the_idle_timeout() {
+    let up = Upstream::start().await;
+    let px = start(&one_route(&up.url(), "        timeouts: { idle: 1s }", "")).await;
+    let started = Instant::now();
+    let resp = send_streaming(
+        &http1(),
+        get(px.addr("main").unwrap(), "/stall?after=10&wait=350"),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let r = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+        .await
+        .expect("the stalled body is cut at the idle timeout, not left open");
+    assert!(r.is_err(), "a truncated body must not look complete");
+    let took = started.elapsed();
+    // The bytes at 350 ms (past the head's hold of 250 ms), the cut 1 s after them; not
+    // 1 s after the timer armed for the first bytes fired (2 s).
+    assert!(
+        took >= Duration::from_millis(1300) && took < Duration::from_millis(1850),
+        "{took:?}"
+    );
     px.shutdown().await;
 }
 

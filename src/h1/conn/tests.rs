@@ -10,6 +10,7 @@ use super::*;
 
 // The bodies these tests answer with bring no head fields of their own.
 impl encode::HeadFields for Full<Bytes> {}
+impl encode::Waits for Full<Bytes> {}
 
 type Answer = Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>>;
 type Svc = fn(Request<Body>) -> Answer;

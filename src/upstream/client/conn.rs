@@ -28,6 +28,12 @@ pub struct Conn {
     pub(super) keep_alive: bool,
     /// Taken from the pool (not fresh): a failure before sending may be a stale socket.
     pub reused: bool,
+    /// The body's last data left nothing buffered and the socket had nothing more: the
+    /// read is registered to wake the task (`waits`).
+    waiting: bool,
+    /// The end or failure a read made right after the body's last data found, given at the
+    /// next poll (the socket need not say it twice).
+    read_ahead: Option<io::Result<usize>>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -51,7 +57,15 @@ impl Conn {
             sending: None,
             keep_alive: true,
             reused: false,
+            waiting: false,
+            read_ahead: None,
         }
+    }
+
+    /// The data `poll_body` just gave was all there was, and the socket will wake the task
+    /// that polled when more comes: polling again now would only return Pending.
+    pub fn waits(&self) -> bool {
+        self.waiting
     }
 
     /// The last exchange ended cleanly and the upstream did not ask to close. Facts about
@@ -145,6 +159,7 @@ impl Conn {
     /// The next piece of the response body; Ready(None) at its end. Also keeps sending
     /// the request body, when the upstream answered before it was all sent.
     pub fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, WireError>>> {
+        self.waiting = false;
         self.keep_sending(cx);
         loop {
             let stepped = self.reader.step(true);
@@ -154,16 +169,38 @@ impl Conn {
                     // Read past framing already here, so the end is known with the last data.
                     let _ = self.reader.step(false);
                     self.response_ended();
+                    self.read_ahead(cx);
                     return Poll::Ready(Some(Ok(data)));
                 }
                 Step::End => return Poll::Ready(None),
                 Step::More => {}
             }
-            if ready!(self.reader.poll_fill(&mut self.io, cx))? == 0 {
+            let filled = match self.read_ahead.take() {
+                Some(r) => r,
+                None => ready!(self.reader.poll_fill(&mut self.io, cx)),
+            };
+            if filled? == 0 {
                 let end = self.reader.eof();
                 self.response_ended();
                 return Poll::Ready(end.err().map(Err));
             }
+        }
+    }
+}
+
+impl Conn {
+    /// After data that left nothing buffered, the read the next poll would make, made now:
+    /// when the socket has nothing (the usual case right after a short read: no system
+    /// call), its waker is registered and the body `waits`; what it did have is kept for
+    /// the next poll (bytes in the buffer, an end or a failure in `read_ahead`).
+    fn read_ahead(&mut self, cx: &mut Context<'_>) {
+        if self.reader.filled > 0 || self.reader.body_done() || self.still_sending() {
+            return;
+        }
+        match self.reader.poll_fill(&mut self.io, cx) {
+            Poll::Pending => self.waiting = true,
+            Poll::Ready(Ok(n)) if n > 0 => {}
+            Poll::Ready(end) => self.read_ahead = Some(end),
         }
     }
 }
@@ -234,6 +271,82 @@ mod tests {
     use super::super::testing::*;
     use super::*;
     use std::time::Duration;
+
+    /// A chunked head on `conn`, the upstream's socket returned to go on with.
+    async fn chunked_head(
+        conn: &mut Conn,
+        mut server: tokio::net::TcpStream,
+    ) -> tokio::net::TcpStream {
+        use tokio::io::AsyncWriteExt;
+        let upstream = async {
+            read_request(&mut server, 0).await;
+            server
+                .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await
+                .expect("write head");
+            server
+        };
+        let mut req = request(Method::GET, "/", RequestBody::Empty);
+        let (server, head) = tokio::join!(upstream, exchange(conn, &mut req, None, None));
+        head.expect("an answer").expect("a head");
+        server
+    }
+
+    async fn next(conn: &mut Conn) -> Option<Result<Bytes, WireError>> {
+        std::future::poll_fn(|cx| conn.poll_body(cx)).await
+    }
+
+    /// After data that was all the socket had, the body waits (its read registered, so the
+    /// server need not ask again); with more already buffered it does not.
+    #[tokio::test]
+    async fn after_its_last_data_the_body_waits_but_not_with_more_buffered() {
+        use tokio::io::AsyncWriteExt;
+        let (mut conn, server) = pair().await;
+        let mut server = chunked_head(&mut conn, server).await;
+        server.write_all(b"3\r\none\r\n").await.expect("write");
+        assert_eq!(next(&mut conn).await.expect("data").expect("ok"), "one");
+        assert!(conn.waits(), "nothing more: the read is registered");
+        server
+            .write_all(b"3\r\ntwo\r\n5\r\nthree\r\n")
+            .await
+            .expect("write");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(next(&mut conn).await.expect("data").expect("ok"), "two");
+        assert!(!conn.waits(), "the next chunk is buffered already");
+        assert_eq!(next(&mut conn).await.expect("data").expect("ok"), "three");
+        assert!(conn.waits());
+        server.write_all(b"0\r\n\r\n").await.expect("write");
+        assert!(next(&mut conn).await.is_none(), "the end");
+        assert!(!conn.waits());
+        assert!(
+            conn.reusable(),
+            "read to its end: the read made early took nothing"
+        );
+    }
+
+    /// An upstream that resets right after a chunk: the read made with the chunk finds the
+    /// reset, and the next poll reports it (the socket says it only once: a second read
+    /// would only see a close).
+    #[tokio::test]
+    async fn a_reset_found_by_the_read_after_data_is_given_at_the_next_poll() {
+        use tokio::io::AsyncWriteExt;
+        let (mut conn, server) = pair().await;
+        let mut server = chunked_head(&mut conn, server).await;
+        server.write_all(b"4\r\nfour\r\n").await.expect("write");
+        server.set_zero_linger().expect("linger");
+        drop(server);
+        // The data and the reset are both there before the body is asked.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(next(&mut conn).await.expect("data").expect("ok"), "four");
+        assert!(!conn.waits(), "the reset was found");
+        match next(&mut conn).await {
+            Some(Err(WireError::Io(e))) => {
+                assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}")
+            }
+            other => panic!("expected the reset, got {other:?}"),
+        }
+        assert!(!conn.reusable());
+    }
 
     #[tokio::test]
     async fn closing_before_the_head_is_an_error() {

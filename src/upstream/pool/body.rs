@@ -42,6 +42,9 @@ pub(crate) struct PooledBody {
     /// Data went out since the body last returned Pending: what the server has buffered
     /// but may not have written yet.
     unflushed: bool,
+    /// The last frame came from the connection, which then had nothing more and will wake
+    /// the task (`waits`).
+    waits: bool,
 }
 
 #[derive(Default)]
@@ -66,6 +69,7 @@ impl PooledBody {
             pool,
             ahead: None,
             unflushed: false,
+            waits: false,
         }
     }
 
@@ -159,6 +163,12 @@ impl PooledBody {
     }
 }
 
+impl crate::h1::Waits for PooledBody {
+    fn waits(&self) -> bool {
+        self.waits
+    }
+}
+
 impl Body for PooledBody {
     type Data = Bytes;
     type Error = WireError;
@@ -168,6 +178,7 @@ impl Body for PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, WireError>>> {
         let this = &mut *self;
+        this.waits = false;
         if let Some(ahead) = this.ahead.as_deref_mut() {
             if let Some(e) = ahead.deferred.take() {
                 return Poll::Ready(Some(Err(e)));
@@ -181,6 +192,8 @@ impl Body for PooledBody {
         match this.poll_inner(cx) {
             Poll::Ready(Some(Ok(data))) => {
                 this.unflushed = true;
+                // (A connection given back at the body's end is not there to ask.)
+                this.waits = matches!(&this.inner, Inner::Rampart(Some(c)) if c.waits());
                 Poll::Ready(Some(Ok(Frame::data(data))))
             }
             // hyper's server drops what it has not written when a body fails: data that

@@ -8,7 +8,8 @@
 //! - `/hang`: never answers (cancellation is counted when hyper drops the handler)
 //! - `/echo`: 200, JSON of the request head as seen upstream, plus the body length
 //! - `/sse?n=N&gap=MS`: N SSE events MS apart, send times recorded in `sse_sent`
-//! - `/stall?after=N`: N bytes of a 1000-byte Content-Length body, then silence
+//! - `/stall?after=N&wait=MS`: after MS ms (default 0), N bytes of a 1000-byte
+//!   Content-Length body, then silence
 //! - `/ws`: answers an Upgrade with 101 and echoes the upgraded bytes
 //!
 //! `RawUpstream` is a bare TCP peer for what hyper will not do on purpose: reset the
@@ -225,8 +226,10 @@ async fn handle(c: Arc<Counters>, mut req: Request<Incoming>) -> Response<TestBo
         r
     } else if path == "/stall" {
         let after = query(&req, "after").unwrap_or(10) as usize;
+        let wait = Duration::from_millis(query(&req, "wait").unwrap_or(0));
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
             let _ = tx
                 .send(Ok(Frame::data(Bytes::from(vec![b'x'; after]))))
                 .await;
