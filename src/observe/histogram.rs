@@ -36,6 +36,9 @@ pub(crate) const STREAM_GAP_BUCKETS: &[f64] = &[
 #[derive(Debug)]
 struct Inner {
     bounds: &'static [f64],
+    /// The bounds in whole nanoseconds, for the observation's search: an integer compare
+    /// per bound, not a float conversion and compare (an SSE stream observes every event).
+    bounds_nanos: Box<[u64]>,
     /// `shards` blocks of `stride` cells: per bucket counts (not cumulative; the last one
     /// is +Inf), then the sum in microseconds. `stride` is a whole number of cache lines.
     cells: Box<[AtomicU64]>,
@@ -67,6 +70,7 @@ impl DurationHistogram {
         let cells = (0..stride * shards).map(|_| AtomicU64::new(0)).collect();
         DurationHistogram(Arc::new(Inner {
             bounds,
+            bounds_nanos: bounds.iter().map(|b| (b * 1e9).round() as u64).collect(),
             cells,
             stride,
             shards,
@@ -103,12 +107,12 @@ impl DurationHistogram {
     }
 
     pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let i = self
             .0
-            .bounds
+            .bounds_nanos
             .iter()
-            .position(|b| secs <= *b)
+            .position(|&b| nanos <= b)
             .unwrap_or(self.0.bounds.len());
         let shard = self.shard();
         if let Some(c) = shard.get(i) {
@@ -245,6 +249,29 @@ mod tests {
         assert!((p95 - 0.75).abs() < 1e-9, "{p95}");
         let mean = s.mean().unwrap();
         assert!((mean - 0.115).abs() < 1e-6, "{mean}");
+    }
+
+    /// Prometheus' `le`: a value equal to a bound counts in that bound's bucket, a
+    /// nanosecond more in the next; past the last, +Inf.
+    #[test]
+    fn a_value_on_a_bound_is_in_that_bounds_bucket() {
+        let h = DurationHistogram::new(STREAM_GAP_BUCKETS);
+        h.observe(Duration::ZERO);
+        h.observe(Duration::from_millis(1));
+        h.observe(Duration::from_nanos(1_000_001));
+        h.observe(Duration::from_micros(250_000));
+        h.observe(Duration::from_secs(60));
+        h.observe(Duration::from_nanos(60_000_000_001));
+        h.observe(Duration::MAX);
+        let c = h.snapshot().counts;
+        assert_eq!(c.len(), STREAM_GAP_BUCKETS.len() + 1);
+        let at = |b: f64| STREAM_GAP_BUCKETS.iter().position(|x| *x == b).unwrap();
+        assert_eq!(c[0], 2, "0 and 1 ms: le 0.001");
+        assert_eq!(c[1], 1, "1 ms + 1 ns: le 0.005");
+        assert_eq!(c[at(0.25)], 1);
+        assert_eq!(c[at(60.0)], 1);
+        assert_eq!(c[STREAM_GAP_BUCKETS.len()], 2, "+Inf");
+        assert_eq!(c.iter().sum::<u64>(), 7);
     }
 
     #[test]

@@ -263,8 +263,9 @@ impl Guard {
             Some(usage) => self.scanner.feed_with(&data, usage),
             None => self.scanner.feed(&data),
         };
-        // One clock read per chunk, for the activity and the heartbeat timers alike.
-        let now = Instant::now();
+        // One reading per chunk, for the activity and the heartbeat timers alike: the
+        // connection's poll's (`clock`), which the timed body's next wait shares.
+        let now = crate::clock::now();
         if scan.events > 0 || (self.cfg.comments_are_activity && scan.comments > 0) {
             self.last_activity = now;
             if scan.events > 0 {
