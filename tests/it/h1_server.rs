@@ -1333,6 +1333,51 @@ async fn a_client_leaving_a_long_sse_stream_drops_the_upstream_connection_on_bot
     }
 }
 
+/// A client that sends its next requests while the first still awaits its answer (an
+/// upstream that takes 400 ms), one of them in two writes: nothing is lost or reordered,
+/// and the bytes that come meanwhile are not taken for a client that left (the first
+/// request is never given up).
+#[tokio::test]
+async fn requests_sent_while_the_first_awaits_its_answer_are_answered_in_order_by_both_servers() {
+    let up = Upstream::start().await;
+    for server in SERVERS {
+        let px = proxy(server, &up.url(), "").await;
+        let mut s = TcpStream::connect(px.addr("main").unwrap()).await.unwrap();
+        let started = Instant::now();
+        s.write_all(get("/delay/400").as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let second = get("/ok?second");
+        s.write_all(&second.as_bytes()[..10]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.write_all(&second.as_bytes()[10..]).await.unwrap();
+        s.write_all(get("/delay/0?third").as_bytes()).await.unwrap();
+        let got = read_answers(&mut s, 3, Duration::from_secs(5)).await;
+        let took = started.elapsed();
+        let bodies: Vec<&str> = got.iter().map(|r| r.body.as_str()).collect();
+        assert_eq!(
+            bodies,
+            ["delayed", "ok", "delayed"],
+            "{server} server: {got:?}"
+        );
+        assert!(
+            got.iter()
+                .all(|r| r.status_line.starts_with("HTTP/1.1 200")),
+            "{server} server: {got:?}"
+        );
+        assert!(
+            took >= Duration::from_millis(400),
+            "{server} server: {took:?}"
+        );
+        px.shutdown().await;
+    }
+    assert_eq!(
+        up.counters.cancelled.load(Ordering::SeqCst),
+        0,
+        "a request was given up"
+    );
+    assert_eq!(up.counters.requests.load(Ordering::SeqCst), 6);
+}
+
 #[tokio::test]
 async fn a_hundred_pipelined_gets_in_one_write_are_all_answered_in_order_by_both_servers() {
     let up = crate::support::recorder::Recorder::start().await;
