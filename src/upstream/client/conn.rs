@@ -186,9 +186,7 @@ impl Conn {
             }
         }
     }
-}
 
-impl Conn {
     /// After data that left nothing buffered, the read the next poll would make, made now:
     /// when the socket has nothing (the usual case right after a short read: no system
     /// call), its waker is registered and the body `waits`; what it did have is kept for
