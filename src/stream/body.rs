@@ -33,8 +33,10 @@ enum Kind {
 /// Every response rampart sends: a local answer or the upstream's streamed body. It carries
 /// the request's `Tail` (access log, breaker verdict, in-flight slots), settled when hyper
 /// drops the body (finished, failed or abandoned by the client).
+// In this order (`repr(C)`): with the tracked body's `finale` before it, the fields every
+// frame reads (and an event stream's box pointer) share the first cache line.
+#[repr(C)]
 pub(crate) struct ProxyBody {
-    kind: Kind,
     tail: Option<Box<Tail>>,
     /// Released when the exchange is over for rampart: the body ended, failed, was dropped,
     /// or was cut for a client that took no data (the server's count of a connection's open
@@ -42,6 +44,7 @@ pub(crate) struct ProxyBody {
     held: Option<Box<dyn Send>>,
     /// HTTP/2: the send timeout, watched from the first frame handed on with more to come.
     watch: Option<Duration>,
+    kind: Kind,
     /// HTTP/1: set by the connection when it closed for the send timeout, so the access log
     /// says `send_timeout` rather than `client_aborted`.
     conn_timed_out: Option<Arc<AtomicBool>>,

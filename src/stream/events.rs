@@ -70,43 +70,48 @@ pub(crate) struct EventStream<B> {
     guard: Guard,
 }
 
+// Fields in this order (`repr(C)`), the ones every event reads or writes first: with 1,000
+// streams a stream's state has left the cache by its next event, and each line it touches
+// is a miss (callgrind's cache simulation counted six lines of this struct per event in
+// the compiler's order, four in this one). `align(64)` starts it on a line.
+#[repr(C, align(64))]
 struct Guard {
-    cfg: Arc<StreamConfig>,
-    scanner: Scanner,
-    /// The token counts, read from the events the scanner follows (route `tokens:`).
-    usage: Option<StreamUsage>,
-    /// The event under way, not yet forwarded.
-    held: BytesMut,
+    /// The last frame left the upstream's body waiting and the timers armed for the task
+    /// (`h1::Waits`).
+    waits: bool,
+    /// Nothing more goes to the client.
+    done: bool,
+    /// A deadline may have moved earlier than `sleep`'s: the next poll re-arms it.
+    rearm: bool,
     /// The event under way outgrew `held` and is being forwarded as it comes: until its end,
     /// nothing can be inserted.
     oversize: bool,
-    /// The response headers went out.
-    started: Instant,
+    /// An in-band error event was seen: if the upstream then ends the stream, that is how it
+    /// ended.
+    saw_in_band: bool,
+    ended: Option<StreamEnd>,
+    events: u64,
+    sleep: Option<Pin<Box<Sleep>>>,
+    cfg: Arc<StreamConfig>,
+    metrics: Arc<RouteMetrics>,
+    /// The task `sleep` last registered with, when it was polled (with coop budget left, so
+    /// it did register) since its last reset or firing.
+    registered: Option<Waker>,
     /// The last complete event (or, with `comments_are_activity`, comment).
     last_activity: Instant,
     /// The last event, for the gap histogram.
     last_event: Instant,
     /// Bytes last handed to the client (for heartbeats).
     last_sent: Instant,
-    events: u64,
-    sleep: Option<Pin<Box<Sleep>>>,
-    /// The task `sleep` last registered with, when it was polled (with coop budget left, so
-    /// it did register) since its last reset or firing.
-    registered: Option<Waker>,
-    /// A deadline may have moved earlier than `sleep`'s: the next poll re-arms it.
-    rearm: bool,
-    /// Nothing more goes to the client.
-    done: bool,
-    /// The last frame left the upstream's body waiting and the timers armed for the task
-    /// (`h1::Waits`).
-    waits: bool,
+    /// The event under way, not yet forwarded.
+    held: BytesMut,
+    scanner: Scanner,
+    /// The token counts, read from the events the scanner follows (route `tokens:`).
+    usage: Option<StreamUsage>,
+    /// The response headers went out.
+    started: Instant,
     news: News,
-    /// An in-band error event was seen: if the upstream then ends the stream, that is how it
-    /// ended.
-    saw_in_band: bool,
-    ended: Option<StreamEnd>,
     request_id: HeaderValue,
-    metrics: Arc<RouteMetrics>,
 }
 
 impl<B> crate::h1::Waits for EventStream<B> {
