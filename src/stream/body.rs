@@ -440,5 +440,9 @@ impl Drop for ProxyBody {
         {
             log.send_timed_out();
         }
+        // The body before the tail, as before the fields were reordered (`repr(C)`): the
+        // upstream connection goes back (or closes) and an event stream records how it
+        // ended before the tail writes the access log and gives back slots and permits.
+        drop(std::mem::replace(&mut self.kind, Kind::Full(None)));
     }
 }

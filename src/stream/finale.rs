@@ -77,6 +77,15 @@ pub(crate) fn is_event_stream(resp: &Response<ProxyBody>) -> bool {
     crate::stream::events::is_event_stream(resp.status(), resp.headers())
 }
 
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        // The answer's body (its tail: access log, slots, permits) before the finale's
+        // stream count, as before the fields were reordered (`repr(C)`): a drain that waits
+        // for the count sees the stream's log written.
+        drop(std::mem::replace(&mut self.inner, ProxyBody::empty()));
+    }
+}
+
 impl crate::h1::HeadFields for TrackedBody {
     fn has_head_fields(&self) -> bool {
         self.inner.rate_limit_fields().is_some()

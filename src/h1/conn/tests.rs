@@ -238,11 +238,18 @@ async fn read_chunked(c: &mut DuplexStream) -> Vec<u8> {
             other => panic!("the answer stopped after {} bytes: {other:?}", raw.len()),
         }
     }
-    let start = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
+    let start = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head")
+        + 4;
     let mut rest = &raw[start..];
     let mut body = Vec::new();
     loop {
-        let eol = rest.windows(2).position(|w| w == b"\r\n").expect("a size line");
+        let eol = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("a size line");
         let size = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap(), 16).unwrap();
         if size == 0 {
             return body;

@@ -409,7 +409,10 @@ mod tests {
             }
         }
         assert_eq!(held.concat(), sent);
-        assert!(sent.len() > 8 * super::MIN_ROOM, "the buffer was renewed several times");
+        assert!(
+            sent.len() > 8 * super::MIN_ROOM,
+            "the buffer was renewed several times"
+        );
     }
 
     proptest! {
