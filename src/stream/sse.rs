@@ -89,10 +89,8 @@ enum Field {
     Other,
 }
 
-/// Follows an event stream's framing across the chunks of a response body.
-///
-/// What every event reads comes first (`repr(C)`): the event guard keeps it on the same
-/// cache lines as its own hot fields; the name buffer, read only for `event:` lines, last.
+/// Follows an event stream's framing across the chunks of a response body. What every
+/// event reads comes first (`repr(C)`, near the event guard's hot fields), the name last.
 #[derive(Debug, Clone)]
 #[repr(C)]
 pub(crate) struct Scanner {
@@ -105,8 +103,7 @@ pub(crate) struct Scanner {
     in_event: bool,
     /// The event has a `data` field: a blank line dispatches it.
     has_data: bool,
-    /// Events without an `event` field (named `message`) are errors: decided once, so the
-    /// common event does not read `error_names`.
+    /// Unnamed events (`message`) are errors: decided once, not read from `error_names`.
     message_is_error: bool,
     field: [u8; FIELD_CAP],
     /// Bytes of the field name so far; past FIELD_CAP, a name the scanner ignores.
@@ -130,10 +127,8 @@ impl Scanner {
     /// `error_names` as errors (an event without an `event` field is named `message`; a
     /// name longer than 64 bytes is never matched).
     pub(crate) fn new<S: AsRef<str>>(error_names: &[S]) -> Scanner {
-        let error_names: Box<[Box<[u8]>]> = error_names
-            .iter()
-            .map(|n| n.as_ref().as_bytes().into())
-            .collect();
+        let names = error_names.iter().map(|n| n.as_ref().as_bytes().into());
+        let error_names: Box<[Box<[u8]>]> = names.collect();
         Scanner {
             message_is_error: error_names.iter().any(|n| **n == *b"message"),
             error_names,
