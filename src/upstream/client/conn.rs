@@ -118,14 +118,14 @@ impl Conn {
         head_request: bool,
     ) -> Poll<Result<Response<()>, WireError>> {
         loop {
-            if self.reader.filled > 0 {
+            if self.reader.buffered() > 0 {
                 match self.reader.parse_head(head_request)? {
                     Head::Final(response) => return Poll::Ready(Ok(response)),
                     Head::Informational => continue,
                     Head::Partial => {}
                 }
             }
-            let nothing_yet = self.reader.filled == 0;
+            let nothing_yet = self.reader.buffered() == 0;
             match ready!(self.reader.poll_fill(&mut self.io, cx)) {
                 Ok(0) if nothing_yet => return Poll::Ready(Err(WireError::Unanswered)),
                 Ok(0) => return Poll::Ready(Err(WireError::ClosedBeforeHead)),
@@ -192,7 +192,7 @@ impl Conn {
     /// call), its waker is registered and the body `waits`; what it did have is kept for
     /// the next poll (bytes in the buffer, an end or a failure in `read_ahead`).
     fn read_ahead(&mut self, cx: &mut Context<'_>) {
-        if self.reader.filled > 0 || self.reader.body_done() || self.still_sending() {
+        if self.reader.buffered() > 0 || self.reader.body_done() || self.still_sending() {
             return;
         }
         match self.reader.poll_fill(&mut self.io, cx) {

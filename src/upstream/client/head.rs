@@ -30,7 +30,7 @@ impl Reader {
         let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
         let (len, code, http10, count) = {
             let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-            let input = &self.read[..self.filled];
+            let input = &self.read[..self.read.len()];
             let mut parsed = httparse::Response::new(&mut []);
             let status = httparse::ParserConfig::default()
                 .parse_response_with_uninit_headers(&mut parsed, input, &mut slots)
@@ -41,7 +41,7 @@ impl Reader {
                     })
                 })?;
             let httparse::Status::Complete(len) = status else {
-                if self.filled >= MAX_HEAD {
+                if self.read.len() >= MAX_HEAD {
                     return Err(WireError::Invalid("response head over 64 KiB"));
                 }
                 return Ok(Head::Partial);

@@ -17,16 +17,16 @@ const MAX_TRAILERS: usize = 16 * 1024;
 /// Most free room offered to a read: what a body that streams fast gets.
 const READ_ROOM: usize = 16 * 1024;
 /// Least free room offered to a read: what an event stream's small reads get. The buffer
-/// is resident memory for as long as the response lasts (it is zero-filled so reads need
-/// no `unsafe`), and an open SSE stream only ever needs a few hundred bytes of it: 16 KiB
+/// is resident memory for as long as the response lasts, and an open SSE stream only ever
+/// needs a few hundred bytes of it: 16 KiB
 /// per stream was a third of rampart's memory per stream with 1,000 open (benchmarks.md).
 const MIN_ROOM: usize = 2 * 1024;
 /// Reads this much smaller than the room, this many times in a row, halve the room.
 const SMALL_READ_DIVISOR: usize = 8;
 const SMALL_READS_TO_SHRINK: u8 = 8;
 /// Below this much free room the buffer is compacted or renewed before a read. Small, so
-/// that an event stream's 2 KiB is renewed (zero-filled again) only every dozen events or
-/// so, not at every read.
+/// that an event stream's 2 KiB is renewed only every dozen events or so, not at every
+/// read.
 const MIN_READ: usize = 512;
 
 /// Where the response body stands.
@@ -65,11 +65,10 @@ pub(crate) enum Step {
 /// knows nothing of the socket (`poll_fill` is lent one), so the fuzz targets drive the
 /// same parsing from byte slices (`crate::fuzz`).
 pub(crate) struct Reader {
-    /// Input not yet consumed (`filled` bytes, all of it); reads go into its spare capacity,
+    /// Input not yet consumed, all of it; reads go into its spare capacity,
     /// never zeroed (`tokio_util::io::poll_read_buf`: zeroing 2 KiB at each renewal cost
     /// ~2 missed cache lines per event of a stream).
     pub(super) read: BytesMut,
-    pub(super) filled: usize,
     pub(super) incoming: Incoming,
     /// The connection ends with this response: it said so (`Connection: close`, HTTP/1.0),
     /// its body runs until the close, or bytes came after its end (the upstream is out of
@@ -86,7 +85,6 @@ impl Reader {
     pub(crate) fn new() -> Self {
         Reader {
             read: BytesMut::new(),
-            filled: 0,
             incoming: Incoming::Done,
             close: false,
             room_size: MIN_ROOM,
@@ -116,7 +114,6 @@ impl Reader {
             cx,
             &mut self.read
         ))?;
-        self.filled += n;
         self.adapt(n, offered);
         Poll::Ready(Ok(n))
     }
@@ -141,12 +138,11 @@ impl Reader {
     pub(crate) fn feed(&mut self, bytes: &[u8]) {
         self.room(bytes.len());
         self.read.extend_from_slice(bytes);
-        self.filled += bytes.len();
     }
 
     /// Unconsumed input.
     pub(crate) fn buffered(&self) -> usize {
-        self.filled
+        self.read.len()
     }
 
     /// Where the response stands, for comparing two readers (the fuzz targets).
@@ -155,25 +151,23 @@ impl Reader {
             incoming: self.incoming,
             // Bytes not consumed end the connection as surely as a close (`usable_now`):
             // when they came does not matter.
-            ends_connection: self.close || self.filled > 0,
+            ends_connection: self.close || !self.read.is_empty(),
         }
     }
 
     /// The first `n` unconsumed bytes, as a slice of the buffer.
     pub(super) fn take(&mut self, n: usize) -> Bytes {
-        self.filled -= n;
         self.read.split_to(n).freeze()
     }
 
     pub(super) fn consume(&mut self, n: usize) {
-        self.filled -= n;
         self.read.advance(n);
     }
 
     /// The body was read to its end; bytes beyond it mean the upstream is out of step.
     pub(super) fn body_ended(&mut self) {
         self.incoming = Incoming::Done;
-        if self.filled > 0 {
+        if !self.read.is_empty() {
             self.close = true;
         }
     }
@@ -187,7 +181,7 @@ impl Reader {
     pub(super) fn body_buffered(&self) -> bool {
         match self.incoming {
             Incoming::Done => true,
-            Incoming::Length(n) => self.filled as u64 >= n,
+            Incoming::Length(n) => self.read.len() as u64 >= n,
             _ => false,
         }
     }
@@ -216,10 +210,13 @@ impl Reader {
             match self.incoming {
                 Incoming::Done => return Ok(Step::End),
                 Incoming::Length(rest) => {
-                    if !data || self.filled == 0 {
+                    if !data || self.read.is_empty() {
                         return Ok(Step::More);
                     }
-                    let n = self.filled.min(usize::try_from(rest).unwrap_or(usize::MAX));
+                    let n = self
+                        .read
+                        .len()
+                        .min(usize::try_from(rest).unwrap_or(usize::MAX));
                     let chunk = self.take(n);
                     if rest == n as u64 {
                         self.body_ended();
@@ -229,10 +226,10 @@ impl Reader {
                     return Ok(Step::Data(chunk));
                 }
                 Incoming::UntilClose => {
-                    if !data || self.filled == 0 {
+                    if !data || self.read.is_empty() {
                         return Ok(Step::More);
                     }
-                    return Ok(Step::Data(self.take(self.filled)));
+                    return Ok(Step::Data(self.take(self.read.len())));
                 }
                 Incoming::Chunked(Chunk::Size) => {
                     let Some(line) = self.line(MAX_CHUNK_LINE)? else {
@@ -248,10 +245,13 @@ impl Reader {
                     });
                 }
                 Incoming::Chunked(Chunk::Data(rest)) => {
-                    if !data || self.filled == 0 {
+                    if !data || self.read.is_empty() {
                         return Ok(Step::More);
                     }
-                    let n = self.filled.min(usize::try_from(rest).unwrap_or(usize::MAX));
+                    let n = self
+                        .read
+                        .len()
+                        .min(usize::try_from(rest).unwrap_or(usize::MAX));
                     let chunk = self.take(n);
                     self.incoming = Incoming::Chunked(if rest == n as u64 {
                         Chunk::DataEnd
@@ -261,7 +261,7 @@ impl Reader {
                     return Ok(Step::Data(chunk));
                 }
                 Incoming::Chunked(Chunk::DataEnd) => {
-                    if self.filled < 2 {
+                    if self.read.len() < 2 {
                         return Ok(Step::More);
                     }
                     if &self.read[..2] != b"\r\n" {
@@ -288,11 +288,11 @@ impl Reader {
     /// The length of the CRLF-terminated line at the start of the input (CRLF excluded),
     /// None until it is all there, an error once it is longer than `limit`.
     fn line(&self, limit: usize) -> Result<Option<usize>, WireError> {
-        let input = &self.read[..self.filled.min(limit)];
+        let input = &self.read[..self.read.len().min(limit)];
         match input.iter().position(|&b| b == b'\n') {
             Some(lf) if lf > 0 && input[lf - 1] == b'\r' => Ok(Some(lf - 1)),
             Some(_) => Err(WireError::Invalid("line not ended by CRLF")),
-            None if self.filled >= limit => Err(WireError::Invalid("line too long")),
+            None if self.read.len() >= limit => Err(WireError::Invalid("line too long")),
             None => Ok(None),
         }
     }
