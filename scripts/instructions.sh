@@ -10,6 +10,9 @@
 #                                           # against the redis-server on 127.0.0.1:6379, or
 #                                           # features: every feature on, or cache: hits
 #                                           # from a memory cache)
+#   CONNS=1000 DURATION=20s scripts/instructions.sh  # wrk's connections and counted run
+#                                           # (16, 4s); the run opens its connections, so
+#                                           # a longer one weighs their setup less
 #   CASE=sse scripts/instructions.sh        # instructions per SSE EVENT: long-lived streams
 #                                           # (bench.sh MODE=sse's shape and config)
 #
@@ -229,7 +232,7 @@ done
 # Warm up (pools filled, code paths touched), then count a fixed-length run only.
 wrk -t1 -c"$CONNS" --timeout 30s -d2s "http://127.0.0.1:$LOAD_PORT/api/agents" >/dev/null
 callgrind_control -i on "$VG" >/dev/null
-out=$(wrk -t1 -c"$CONNS" --timeout 30s -d4s "http://127.0.0.1:$LOAD_PORT/api/agents")
+out=$(wrk -t1 -c"$CONNS" --timeout 30s -d"${DURATION:-4s}" "http://127.0.0.1:$LOAD_PORT/api/agents")
 callgrind_control -i off "$VG" >/dev/null
 callgrind_control -d "$VG" >/dev/null
 sleep 0.5

@@ -34,12 +34,11 @@ use http_body::Frame;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
-use super::ContentLengthAndTransferEncoding;
 use super::body::{Body, BodyError, Source};
 use super::decode::{Decoded, Decoder};
 use super::encode::{self, BodyLen, Encoder};
-use super::head::{Framing, HeadError, Parsed, parse_head};
-use super::upgrade::{self, Io, Upgraded};
+use super::head::{HeadError, Parsed, parse_head};
+use super::upgrade::{Io, Upgraded};
 use crate::sync::lock;
 use gone::GoneWatch;
 use pass::Pass;
@@ -382,12 +381,15 @@ impl Future for Connection {
     }
 }
 
-async fn run<I, S, F, B, E>(
+// Not an `async fn`: that keeps its arguments twice in its state (as arguments, then as
+// the body's locals), and this state is every connection's.
+#[allow(clippy::manual_async_fn)]
+fn run<I, S, F, B, E>(
     shared: Arc<Mutex<Shared<I>>>,
     settings: Settings,
     mut svc: S,
     closing: Arc<AtomicBool>,
-) -> Result<(), ConnError>
+) -> impl Future<Output = Result<(), ConnError>>
 where
     I: Io,
     S: FnMut(Request<Body>) -> F + Send + 'static,
@@ -396,154 +398,82 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let _ended = Ended(shared.clone());
-    let mut wbuf: Vec<u8> = Vec::new();
-    let mut timer = std::pin::pin!(tokio::time::sleep(settings.header_read_timeout));
-    loop {
-        let parsed = match read_head(&shared, &settings, &closing, timer.as_mut()).await {
-            Ok(Some(p)) => p,
-            Ok(None) => return shutdown(&shared).await,
-            Err(ConnError::Head(e)) => {
-                if let Some(status) = e.status() {
-                    refuse(&mut wbuf, status);
-                    write_all(&shared, &wbuf).await?;
-                    let _ = shutdown(&shared).await;
-                }
-                return Err(ConnError::Head(e));
-            }
-            Err(e) => return Err(e),
-        };
-        let Parsed {
-            parts,
-            framing,
-            keep_alive,
-            expect_continue,
-            wants_upgrade,
-            cl_and_te,
-        } = parsed;
-        let method = parts.method.clone();
-        let version = parts.version;
-        // Trailers are sent only to a client that said it takes them (hyper's rule).
-        let te_trailers = parts
-            .headers
-            .get_all(http::header::TE)
-            .iter()
-            .any(|v| super::head::has_token(v.as_bytes(), b"trailers"));
-        let body = {
-            let mut s = lock(&shared);
-            s.generation += 1;
-            s.answered = false;
-            s.decoder = Decoder::new(framing, settings.max_head, settings.max_headers);
-            if s.decoder.is_done() {
-                Body::empty()
-            } else {
-                s.cont = expect_continue.then_some(0);
-                let remaining = match framing {
-                    Framing::Length(n) => Some(n),
-                    Framing::Chunked => None,
-                };
-                let src: Arc<Mutex<dyn Source>> = shared.clone();
-                Body::new(src, s.generation, remaining)
-            }
-        };
-        let mut req = Request::from_parts(parts, body);
-        if cl_and_te {
-            req.extensions_mut()
-                .insert(ContentLengthAndTransferEncoding);
-        }
-        let upgrade_tx = wants_upgrade.then(|| {
-            let (tx, on) = upgrade::pending();
-            req.extensions_mut().insert(on);
-            tx
-        });
-
-        // The answer, unless the client leaves first.
-        let resp = {
-            let mut fut = Box::pin(svc(req));
-            // The client is looked at first, as hyper's dispatcher does: one that closed
-            // right after its request is gone before anything is sent upstream.
-            poll_fn(|cx| {
-                if lock(&shared).poll_gone(cx) {
-                    return Poll::Ready(Err(ConnError::Gone));
-                }
-                fut.as_mut().poll(cx).map(Ok)
-            })
-            .await?
-            .map_err(|e| ConnError::Service(e.into()))?
-        };
-
-        let (rparts, rbody) = resp.into_parts();
-        let status = rparts.status;
-        let body_len = if rbody.is_end_stream() {
-            BodyLen::Empty
-        } else {
-            match rbody.size_hint().exact() {
-                Some(n) => BodyLen::Known(n),
-                None => BodyLen::Unknown,
-            }
-        };
-        let upgrading = upgrade_tx.is_some()
-            && (status == StatusCode::SWITCHING_PROTOCOLS
-                || (method == Method::CONNECT && status.is_success()));
-        lock(&shared).answered = true;
-        wbuf.clear();
-        let written = encode::head(
-            &mut wbuf,
-            status,
-            &rparts.headers,
-            body_len,
-            encode::For {
-                reason: rparts
-                    .extensions
-                    .get::<hyper::ext::ReasonPhrase>()
-                    .map(|r| r.as_bytes()),
-                method: &method,
-                version,
-                keep_alive: keep_alive && !closing.load(Ordering::Relaxed),
-                extra: encode::HeadFields::has_head_fields(&rbody)
-                    .then_some(&rbody as &dyn encode::HeadFields),
-            },
-        )?;
-        drop(rparts);
-        if written.bodiless || upgrading {
-            drop(rbody);
-            write_all(&shared, &wbuf).await?;
-        } else {
-            write_body(&shared, &mut wbuf, rbody, written.encoder, te_trailers).await?;
-        }
-
-        if upgrading && let Some(tx) = upgrade_tx {
-            let handed = {
-                let mut s = lock(&shared);
-                let pre = s.rbuf.split().freeze();
-                s.io.take().map(|io| Upgraded::new(Box::new(io), pre))
+    async move {
+        let _ended = Ended(shared.clone());
+        let mut wbuf: Vec<u8> = Vec::new();
+        let mut timer = std::pin::pin!(tokio::time::sleep(settings.header_read_timeout));
+        loop {
+            let parsed = match read_head(&shared, &settings, &closing, timer.as_mut()).await {
+                Ok(Some(p)) => p,
+                Ok(None) => return shutdown(&shared).await,
+                Err(e) => return refuse_head(&shared, &mut wbuf, e).await,
             };
-            if let Some(up) = handed {
-                // The request's side may have given up; then the socket just closes.
-                let _ = tx.send(up);
-            }
-            return Ok(());
-        }
+            // Built and taken apart outside this function: a local that is borrowed keeps its
+            // room in the connection's future until its scope ends, moved whole it does not.
+            let (req, asked) = exchange::request(&shared, &settings, parsed);
 
-        // An unread body is drained from what already came, or the connection closes.
-        let reusable = poll_fn(|cx| {
+            // The answer, unless the client leaves first. Pinned here rather than boxed: a
+            // box per request was a fresh, cold allocation its whole future was copied into.
+            let resp = {
+                let mut fut = std::pin::pin!(svc(req));
+                // The client is looked at first, as hyper's dispatcher does: one that closed
+                // right after its request is gone before anything is sent upstream.
+                poll_fn(|cx| {
+                    if lock(&shared).poll_gone(cx) {
+                        return Poll::Ready(Err(ConnError::Gone));
+                    }
+                    fut.as_mut().poll(cx).map(Ok)
+                })
+                .await?
+                .map_err(|e| ConnError::Service(e.into()))?
+            };
+
+            lock(&shared).answered = true;
+            let keep_alive = asked.keep_alive && !closing.load(Ordering::Relaxed);
+            let (rbody, written, upgrading) =
+                exchange::answer(&mut wbuf, resp, &asked, keep_alive)?;
+            if written.bodiless || upgrading {
+                drop(rbody);
+                write_all(&shared, &wbuf).await?;
+            } else {
+                // Pinned in this block, so it is dropped here, once written.
+                let body = std::pin::pin!(rbody);
+                write_body(&shared, &mut wbuf, body, written.encoder, asked.te_trailers).await?;
+            }
+
+            if upgrading && let Some(tx) = asked.upgrade_tx {
+                let handed = {
+                    let mut s = lock(&shared);
+                    let pre = s.rbuf.split().freeze();
+                    s.io.take().map(|io| Upgraded::new(Box::new(io), pre))
+                };
+                if let Some(up) = handed {
+                    // The request's side may have given up; then the socket just closes.
+                    let _ = tx.send(up);
+                }
+                return Ok(());
+            }
+
+            // An unread body is drained from what already came, or the connection closes.
+            let reusable = poll_fn(|cx| {
+                let mut s = lock(&shared);
+                let drained = s.decoder.is_done() || s.drain_now(cx);
+                s.generation += 1;
+                s.conn_waker = None;
+                wake(&mut s.body_waker);
+                Poll::Ready(drained && !s.broken && !s.eof)
+            })
+            .await;
+            if written.last || !reusable || closing.load(Ordering::Relaxed) {
+                return shutdown(&shared).await;
+            }
+            if wbuf.capacity() > KEEP {
+                wbuf = Vec::new();
+            }
             let mut s = lock(&shared);
-            let drained = s.decoder.is_done() || s.drain_now(cx);
-            s.generation += 1;
-            s.conn_waker = None;
-            wake(&mut s.body_waker);
-            Poll::Ready(drained && !s.broken && !s.eof)
-        })
-        .await;
-        if written.last || !reusable || closing.load(Ordering::Relaxed) {
-            return shutdown(&shared).await;
-        }
-        if wbuf.capacity() > KEEP {
-            wbuf = Vec::new();
-        }
-        let mut s = lock(&shared);
-        if s.rbuf.is_empty() && s.rbuf.capacity() > KEEP {
-            s.rbuf = BytesMut::new();
+            if s.rbuf.is_empty() && s.rbuf.capacity() > KEEP {
+                s.rbuf = BytesMut::new();
+            }
         }
     }
 }
@@ -627,7 +557,7 @@ pub(crate) fn may_end_head(buf: &[u8], prev: usize) -> bool {
 async fn write_body<I, B>(
     shared: &Mutex<Shared<I>>,
     wbuf: &mut Vec<u8>,
-    body: B,
+    mut body: Pin<&mut B>,
     encoder: Encoder,
     te_trailers: bool,
 ) -> Result<(), ConnError>
@@ -636,7 +566,6 @@ where
     B: http_body::Body<Data = Bytes> + encode::Waits,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut body = std::pin::pin!(body);
     let mut trailers: Option<HeaderMap> = None;
     let mut pass = Pass {
         body_waits: false,
@@ -669,6 +598,23 @@ where
             return Ok(());
         }
     }
+}
+
+/// Answers a head that cannot be served, when it has a status (hyper's), and ends the
+/// connection with the error.
+async fn refuse_head<I: Io>(
+    shared: &Mutex<Shared<I>>,
+    wbuf: &mut Vec<u8>,
+    e: ConnError,
+) -> Result<(), ConnError> {
+    if let ConnError::Head(h) = &e
+        && let Some(status) = h.status()
+    {
+        refuse(wbuf, status);
+        write_all(shared, wbuf).await?;
+        let _ = shutdown(shared).await;
+    }
+    Err(e)
 }
 
 /// Writes `buf` whole, then flushes.
@@ -727,6 +673,7 @@ fn refuse(dst: &mut Vec<u8>, status: StatusCode) {
     );
 }
 
+mod exchange;
 mod gone;
 mod pass;
 mod scratch;

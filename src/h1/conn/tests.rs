@@ -281,3 +281,43 @@ async fn a_client_that_stops_reading_keeps_its_bytes_while_another_streams() {
     assert_eq!(fast_body, frames("fast").concat());
     assert_eq!(slow_body, frames("slow").concat());
 }
+
+/// A service's future of a known size, answering at once.
+struct Sized4k([u8; 4096]);
+
+impl Future for Sized4k {
+    type Output = Result<Response<Full<Bytes>>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+        Poll::Ready(Ok(Response::new(Full::new(Bytes::from(vec![self.0[0]])))))
+    }
+}
+
+/// Every connection's future holds the service's future in place (a box per request was a
+/// fresh allocation, cold with many connections, its whole future copied into it), and
+/// beside it only the connection's own few fields: not the head, request and answer parts
+/// it built, which, borrowed while read, would keep their room there (~1 KiB, copied into
+/// for every request).
+#[test]
+fn the_connection_future_is_the_service_future_and_little_else() {
+    let (_client, server) = tokio::io::duplex(1024);
+    let settings = Settings {
+        header_read_timeout: Duration::from_secs(5),
+        max_head: 64 * 1024,
+        max_headers: 100,
+    };
+    let svc: fn(Request<Body>) -> Sized4k = |_| Sized4k([1; 4096]);
+    let fut = run(
+        Arc::new(Mutex::new(Shared::new(server))),
+        settings,
+        svc,
+        Arc::new(AtomicBool::new(false)),
+    );
+    let size = std::mem::size_of_val(&fut);
+    assert!(
+        size >= std::mem::size_of::<Sized4k>(),
+        "the service's future is not in the connection's ({size} bytes)"
+    );
+    let beside = size - std::mem::size_of::<Sized4k>();
+    assert!(beside <= 768, "{beside} bytes beside the service's future");
+}
