@@ -403,10 +403,14 @@ where
         let mut wbuf: Vec<u8> = Vec::new();
         let mut timer = std::pin::pin!(tokio::time::sleep(settings.header_read_timeout));
         loop {
-            let parsed = match read_head(&shared, &settings, &closing, timer.as_mut()).await {
-                Ok(Some(p)) => p,
-                Ok(None) => return shutdown(&shared).await,
-                Err(e) => return refuse_head(&shared, &mut wbuf, e).await,
+            // In its own block, and moved whole where it ends the connection: the head read
+            // then stays on the stack instead of being written into this future's room.
+            let parsed = {
+                let head = read_head(&shared, &settings, &closing, timer.as_mut()).await;
+                match head {
+                    Ok(Some(p)) => p,
+                    ended => return end_without_head(&shared, &mut wbuf, ended).await,
+                }
             };
             // Built and taken apart outside this function: a local that is borrowed keeps its
             // room in the connection's future until its scope ends, moved whole it does not.
@@ -600,13 +604,17 @@ where
     }
 }
 
-/// Answers a head that cannot be served, when it has a status (hyper's), and ends the
-/// connection with the error.
-async fn refuse_head<I: Io>(
+/// Ends the connection when no head came: closed cleanly (None), or refused with hyper's
+/// status for a head that cannot be served, when it has one.
+async fn end_without_head<I: Io>(
     shared: &Mutex<Shared<I>>,
     wbuf: &mut Vec<u8>,
-    e: ConnError,
+    ended: Result<Option<Parsed>, ConnError>,
 ) -> Result<(), ConnError> {
+    let e = match ended {
+        Ok(_) => return shutdown(shared).await,
+        Err(e) => e,
+    };
     if let ConnError::Head(h) = &e
         && let Some(status) = h.status()
     {

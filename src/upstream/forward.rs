@@ -426,14 +426,12 @@ pub(crate) async fn send(
             forwarded,
             sent.as_deref_mut(),
         );
-        let error = match within_first_byte(exchange, upload.as_deref(), timers).await {
-            // The head waits (briefly) for the body's first byte: a body that fails at once
-            // is a 502, not a head with a cut stream (outside the first-byte timer).
-            Ok(Some(Ok(mut resp))) => match resp.body_mut().hold().await {
-                Ok(()) => return Ok(resp),
-                Err(e) => ExchangeError::Wire(e),
-            },
-            Ok(Some(Err(error))) => error,
+        // No await in this match's arms, and the answer moved whole into the hold below:
+        // so it passes through this future on the stack, not through its room (written
+        // there, cold at 1,000 connections, for every request).
+        let answer = match within_first_byte(exchange, upload.as_deref(), timers).await {
+            Ok(Some(Ok(resp))) if resp.body().held() => return Ok(resp),
+            Ok(Some(answer)) => answer,
             Ok(None) => {
                 // Callers always lend a request; nothing was sent.
                 return Err(Box::new(SendError {
@@ -446,6 +444,10 @@ pub(crate) async fn send(
                 }));
             }
             Err(phase) => return Err(timed_out(phase, Failure::FirstByteTimeout, false)),
+        };
+        let error = match hold_first_byte(answer).await {
+            Ok(resp) => return Ok(resp),
+            Err(error) => error,
         };
         // Given back unsent: nothing reached the upstream.
         let unsent = request.is_some();
@@ -463,6 +465,18 @@ pub(crate) async fn send(
             }),
             by_deadline: false,
         }));
+    }
+}
+
+/// The head waits (briefly) for the body's first byte: a body that fails at once is a 502,
+/// not a head with a cut stream (outside the first-byte timer).
+async fn hold_first_byte(
+    answer: Result<Response<PooledBody>, ExchangeError>,
+) -> Result<Response<PooledBody>, ExchangeError> {
+    let mut resp = answer?;
+    match resp.body_mut().hold().await {
+        Ok(()) => Ok(resp),
+        Err(e) => Err(ExchangeError::Wire(e)),
     }
 }
 
