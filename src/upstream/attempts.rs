@@ -168,117 +168,123 @@ impl<'a> Attempts<'a> {
                 .insert(header::HOST, endpoint.pool.host_header.clone());
             let slot = InFlight::try_acquire(endpoint.state.clone(), None);
             let sent_at = crate::clock::now();
-            let result = forward::send(
-                &upstream.name,
-                endpoint,
-                &mut self.request,
-                self.forwarded.as_ref(),
-                &self.timers,
-                matches!(self.resend, Resend::Kept).then_some(&mut sent),
-            )
-            .await;
-            let can_go_again = attempt < cfg.retry.attempts
-                && self.timers.deadline.is_none_or(|d| crate::clock::now() < d);
-            match result {
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    let failed = matches!(status, 502..=504)
-                        || (status == 500 && cfg.circuit_breaker.count_500);
-                    // 429/503 with Retry-After: "back off", not "dead". Passed on, not retried.
-                    let backoff_signal = matches!(status, 429 | 503)
-                        && resp.headers().contains_key(header::RETRY_AFTER);
-                    upstream
-                        .state
-                        .endpoint_result(&endpoint.state, !failed, cfg);
-                    if failed
-                        && !backoff_signal
-                        && can_go_again
-                        && retry::retryable(
-                            &cfg.retry,
-                            Failure::Status(status),
-                            &self.method,
-                            self.replay.is_some(),
-                        )
-                        && self.take_budget("status")
-                    {
-                        drop(resp);
-                        Box::pin(self.pause(attempt)).await;
-                        attempt += 1;
-                        continue;
-                    }
-                    if let (Some(groups), Some(t)) = (&upstream.groups, started) {
-                        groups.record(idx, Some(status), t.elapsed());
-                    }
-                    let verdict = if backoff_signal && !cfg.circuit_breaker.count_backoff {
-                        Some(Outcome::Ignored)
-                    } else if failed {
-                        Some(Outcome::Failure)
-                    } else {
-                        None
-                    };
-                    return Ok(Answer {
-                        response: resp,
-                        endpoint_slot: slot,
-                        verdict,
-                    });
-                }
-                Err(e) => {
-                    let Some(failure) = e.failure else {
-                        // The client's own request body failed: nothing to learn or retry.
-                        return Err(Failed {
-                            error: e.error,
-                            verdict: None,
-                        });
-                    };
-                    if let Some(kind) = error_kind(failure) {
-                        upstream.errors.inc(kind);
-                    }
-                    let connect = matches!(failure, Failure::Connect | Failure::ConnectTimeout);
-                    let bit = if idx < 64 { 1 << idx } else { 0 };
-                    if !(connect && refused & bit != 0) {
-                        upstream.state.endpoint_result(&endpoint.state, false, cfg);
-                    }
-                    if connect {
-                        refused |= bit;
-                    }
-                    if e.by_deadline && self.replay.is_none() {
-                        // Cut short while connecting: retried, as before, only with a kept
-                        // body.
-                        self.request = None;
-                    }
-                    let replayable = self.request.is_some() || self.replay.is_some();
-                    if replayable
-                        && !self.no_connect_wait
-                        && retry::ConnectWait::applies(&cfg.retry, failure)
-                    {
-                        // A restart: wait for the upstream to listen again (`upstream::retry`). No
-                        // retry budget is spent: it keeps retries from multiplying the load
-                        // that reaches the upstream, and a refused connect reaches nothing.
-                        // The endpoint's gate paces the connects of all waiting requests.
-                        // Boxed, as `pause`: the timer stays out of every request's future.
-                        if Box::pin(self.connect_turn(&mut wait, failure, &endpoint.state, sent_at))
-                            .await
+            // The answer is looked at in this block, which awaits nothing once it has it: so
+            // it passes through on the stack, not through this future's room (written there,
+            // cold at 1,000 connections, for every request). A retry's pause comes after.
+            let (failed, can_go_again) = {
+                let result = forward::send(
+                    &upstream.name,
+                    endpoint,
+                    &mut self.request,
+                    self.forwarded.as_ref(),
+                    &self.timers,
+                    matches!(self.resend, Resend::Kept).then_some(&mut sent),
+                )
+                .await;
+                let can_go_again = attempt < cfg.retry.attempts
+                    && self.timers.deadline.is_none_or(|d| crate::clock::now() < d);
+                match result {
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        let failed = matches!(status, 502..=504)
+                            || (status == 500 && cfg.circuit_breaker.count_500);
+                        // 429/503 with Retry-After: "back off", not "dead". Passed on, not retried.
+                        let backoff_signal = matches!(status, 429 | 503)
+                            && resp.headers().contains_key(header::RETRY_AFTER);
+                        upstream
+                            .state
+                            .endpoint_result(&endpoint.state, !failed, cfg);
+                        if failed
+                            && !backoff_signal
+                            && can_go_again
+                            && retry::retryable(
+                                &cfg.retry,
+                                Failure::Status(status),
+                                &self.method,
+                                self.replay.is_some(),
+                            )
+                            && self.take_budget("status")
                         {
-                            self.count_retry("connect_wait");
-                            continue;
+                            drop(resp);
+                            (None, can_go_again)
+                        } else {
+                            if let (Some(groups), Some(t)) = (&upstream.groups, started) {
+                                groups.record(idx, Some(status), t.elapsed());
+                            }
+                            let verdict = if backoff_signal && !cfg.circuit_breaker.count_backoff {
+                                Some(Outcome::Ignored)
+                            } else if failed {
+                                Some(Outcome::Failure)
+                            } else {
+                                None
+                            };
+                            return Ok(Answer {
+                                response: resp,
+                                endpoint_slot: slot,
+                                verdict,
+                            });
                         }
-                    } else if can_go_again
-                        && retry::retryable(&cfg.retry, failure, &self.method, replayable)
-                        && self.take_budget(failure.reason())
-                    {
-                        Box::pin(self.pause(attempt)).await;
-                        attempt += 1;
-                        continue;
                     }
-                    if let (Some(groups), Some(t)) = (&upstream.groups, started) {
-                        groups.record(idx, None, t.elapsed());
-                    }
-                    return Err(Failed {
-                        error: e.error,
-                        verdict: Some(Outcome::Failure),
-                    });
+                    Err(e) => (Some(e), can_go_again),
                 }
+            };
+            let Some(e) = failed else {
+                Box::pin(self.pause(attempt)).await;
+                attempt += 1;
+                continue;
+            };
+            let Some(failure) = e.failure else {
+                // The client's own request body failed: nothing to learn or retry.
+                return Err(Failed {
+                    error: e.error,
+                    verdict: None,
+                });
+            };
+            if let Some(kind) = error_kind(failure) {
+                upstream.errors.inc(kind);
             }
+            let connect = matches!(failure, Failure::Connect | Failure::ConnectTimeout);
+            let bit = if idx < 64 { 1 << idx } else { 0 };
+            if !(connect && refused & bit != 0) {
+                upstream.state.endpoint_result(&endpoint.state, false, cfg);
+            }
+            if connect {
+                refused |= bit;
+            }
+            if e.by_deadline && self.replay.is_none() {
+                // Cut short while connecting: retried, as before, only with a kept
+                // body.
+                self.request = None;
+            }
+            let replayable = self.request.is_some() || self.replay.is_some();
+            if replayable
+                && !self.no_connect_wait
+                && retry::ConnectWait::applies(&cfg.retry, failure)
+            {
+                // A restart: wait for the upstream to listen again (`upstream::retry`). No
+                // retry budget is spent: it keeps retries from multiplying the load
+                // that reaches the upstream, and a refused connect reaches nothing.
+                // The endpoint's gate paces the connects of all waiting requests.
+                // Boxed, as `pause`: the timer stays out of every request's future.
+                if Box::pin(self.connect_turn(&mut wait, failure, &endpoint.state, sent_at)).await {
+                    self.count_retry("connect_wait");
+                    continue;
+                }
+            } else if can_go_again
+                && retry::retryable(&cfg.retry, failure, &self.method, replayable)
+                && self.take_budget(failure.reason())
+            {
+                Box::pin(self.pause(attempt)).await;
+                attempt += 1;
+                continue;
+            }
+            if let (Some(groups), Some(t)) = (&upstream.groups, started) {
+                groups.record(idx, None, t.elapsed());
+            }
+            return Err(Failed {
+                error: e.error,
+                verdict: Some(Outcome::Failure),
+            });
         }
     }
 
