@@ -28,7 +28,8 @@ pub(crate) struct Tail {
     /// Body bytes handed on; added to the log's and the metrics' counts when the tail is
     /// dropped (before they are).
     sent: u64,
-    pub log: Option<AccessRecord>,
+    /// Boxed: most requests are not logged, and the record is larger than all the rest.
+    pub log: Option<Box<AccessRecord>>,
     pub obs: Option<Observed>,
     pub ticket: Option<BreakerTicket>,
     pub listener_slot: Option<InFlight>,

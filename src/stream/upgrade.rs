@@ -94,7 +94,7 @@ pub(crate) struct Tunnel {
     /// Closed after this long with no byte either way (the route's `timeouts.idle`).
     pub idle: Duration,
     /// The handshake's access-log record, written when the tunnel closes.
-    pub log: Option<AccessRecord>,
+    pub log: Option<Box<AccessRecord>>,
     pub metrics: Arc<RouteMetrics>,
     pub request_id: HeaderValue,
     /// Counts the tunnel among the requests in flight the drain reports on.
