@@ -319,5 +319,5 @@ fn the_connection_future_is_the_service_future_and_little_else() {
         "the service's future is not in the connection's ({size} bytes)"
     );
     let beside = size - std::mem::size_of::<Sized4k>();
-    assert!(beside <= 768, "{beside} bytes beside the service's future");
+    assert!(beside <= 512, "{beside} bytes beside the service's future");
 }
