@@ -97,6 +97,40 @@ pub(crate) struct AccessRecord {
 }
 
 impl AccessRecord {
+    /// The record of a request just read, before any route, answer or byte of body.
+    pub(crate) fn begin<B>(
+        start: Instant,
+        listener: Arc<str>,
+        req: &http::Request<B>,
+        client: IpAddr,
+        request_id: http::HeaderValue,
+    ) -> Self {
+        AccessRecord {
+            start,
+            listener,
+            route: None,
+            upstream: None,
+            method: req.method().clone(),
+            uri: req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            client,
+            user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
+            version: req.version(),
+            ratelimit: None,
+            cache: None,
+            status: 0,
+            request_id,
+            ttfb: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            usage: None,
+            outcome: Outcome::Streaming,
+        }
+    }
+
     pub(crate) fn body_complete(&mut self) {
         // Idempotent: a body may report its end twice (last frame, then None).
         if self.outcome == Outcome::Streaming {

@@ -100,30 +100,14 @@ pub(crate) fn handle(
         // Boxed, and only when logging: with the log off nothing of the record is written
         // (an `Option` assigned whole was copied at its full size, None or not).
         if snapshot.access_log {
-            tail.log = Some(Box::new(AccessRecord {
+            let client = client_ip(peer.ip(), req.headers(), &snapshot.trusted_proxies);
+            tail.log = Some(Box::new(AccessRecord::begin(
                 start,
-                listener: ctx.name.clone(),
-                route: None,
-                upstream: None,
-                method: req.method().clone(),
-                uri: req
-                    .uri()
-                    .path_and_query()
-                    .cloned()
-                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-                client: client_ip(peer.ip(), req.headers(), &snapshot.trusted_proxies),
-                user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
-                version: req.version(),
-                ratelimit: None,
-                cache: None,
-                status: 0,
-                request_id: request_id.clone(),
-                ttfb: None,
-                bytes_in: 0,
-                bytes_out: 0,
-                usage: None,
-                outcome: LogOutcome::Streaming,
-            }));
+                ctx.name.clone(),
+                &req,
+                client,
+                request_id.clone(),
+            )));
         }
         let listener = snapshot.listeners.get(&*ctx.name);
         let method = method_index(req.method());
