@@ -31,7 +31,7 @@ use crate::route::headers::{self, X_REQUEST_ID};
 use crate::route::{ListenerRoutes, Snapshot};
 use crate::shutdown::ConnClosing;
 use crate::stream::body::ProxyBody;
-use crate::stream::events::{EventStream, is_event_stream};
+use crate::stream::events::{BodyTimers, EventStream, is_event_stream};
 use crate::stream::tail::{Observed, Tail};
 use crate::stream::upgrade::{self, ClientUpgrade};
 use crate::stream::usage::UsageMeter;
@@ -690,7 +690,6 @@ async fn send(
             // Stream back, frame by frame.
             let (mut parts, body) = answer.response.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers, false);
-            let body = TimedBody::new(body, route.timeouts.idle, attempts.deadline(), None);
             // A compressed answer's token counts cannot be read.
             let readable = || !parts.headers.contains_key(http::header::CONTENT_ENCODING);
             let body = if is_event_stream(parts.status, &parts.headers) {
@@ -699,8 +698,14 @@ async fn send(
                 if let Some(r) = tail.log.as_mut() {
                     r.detach();
                 }
+                // The route's body timers go with the stream's own, on one timer.
+                let timers = BodyTimers {
+                    idle: route.timeouts.idle,
+                    deadline: attempts.deadline(),
+                };
                 ProxyBody::events(EventStream::new(
                     body,
+                    timers,
                     route.stream.clone(),
                     detached(env.request_id),
                     route.metrics.clone(),
@@ -710,7 +715,8 @@ async fn send(
                 if route.tokens_in_json && readable() && is_json(&parts.headers) {
                     tail.meter = Some(Box::new(UsageMeter::json()));
                 }
-                ProxyBody::upstream(body)
+                let timed = TimedBody::new(body, route.timeouts.idle, attempts.deadline(), None);
+                ProxyBody::upstream(timed)
             };
             Ok(Response::from_parts(parts, body))
         }

@@ -25,7 +25,7 @@ enum Kind {
     /// An upstream body on a connection that is not pooled (a declined upgrade).
     Direct(TimedBody<Incoming>),
     /// An upstream's event stream under the route's stream timers.
-    Events(Box<EventStream<TimedBody<PooledBody>>>),
+    Events(Box<EventStream<PooledBody>>),
     /// Under a send-timeout watchdog (HTTP/2, see `watch_sends`): shared with it.
     Watched(Box<Watched>),
 }
@@ -81,7 +81,7 @@ impl ProxyBody {
         ProxyBody::with_kind(Kind::Upstream(body))
     }
 
-    pub(crate) fn events(stream: EventStream<TimedBody<PooledBody>>) -> Self {
+    pub(crate) fn events(stream: EventStream<PooledBody>) -> Self {
         ProxyBody::with_kind(Kind::Events(Box::new(stream)))
     }
 
@@ -151,7 +151,7 @@ impl ProxyBody {
         match &self.kind {
             Kind::Upstream(s) => Some(s.idle()),
             Kind::Direct(s) => Some(s.idle()),
-            Kind::Events(s) => s.inner().map(TimedBody::idle),
+            Kind::Events(s) => s.send_timeout(),
             Kind::Full(_) | Kind::Watched(_) => None,
         }
     }
@@ -325,7 +325,7 @@ fn poll_exchange(
 /// errors, how it ended), since an early end reaches the client as a final event, not as
 /// an error.
 fn poll_events(
-    s: &mut EventStream<TimedBody<PooledBody>>,
+    s: &mut EventStream<PooledBody>,
     tail: &mut Option<Box<Tail>>,
     held: &mut Option<Box<dyn Send>>,
     cx: &mut Context<'_>,

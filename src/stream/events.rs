@@ -17,6 +17,11 @@
 //! when it fires early, so an event costs no timer update; and as events only move the
 //! deadlines later (but for the first event, and the end of an oversize one), a poll with
 //! the sleep armed, not fired and registered for the same task touches no timer at all.
+//!
+//! The route's own body timers (`timeouts.idle`, the wait for the upstream's next bytes,
+//! and `timeouts.total`) are deadlines of the same `Sleep`, not a `TimedBody` around the
+//! upstream's body as for other answers: a second timer and a second layer of polling for
+//! every event (~170 instructions per event, and a timer entry per stream).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -31,6 +36,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::body::BodyError;
 use crate::config::StreamConfig;
+use crate::h1::Waits;
 use crate::observe::http::{RouteMetrics, StreamEnd};
 use crate::stream::sse::Scanner;
 use crate::stream::usage::{StreamUsage, Usage};
@@ -92,6 +98,9 @@ struct Guard {
     ended: Option<StreamEnd>,
     events: u64,
     sleep: Option<Pin<Box<Sleep>>>,
+    /// Since when rampart waits for the upstream's next bytes (`timeouts.idle`); None
+    /// while it does not (the last chunk came with more behind it).
+    waiting_since: Option<Instant>,
     cfg: Arc<StreamConfig>,
     metrics: Arc<RouteMetrics>,
     /// The task `sleep` last registered with, when it was polled (with coop budget left, so
@@ -112,20 +121,36 @@ struct Guard {
     started: Instant,
     news: News,
     request_id: HeaderValue,
+    /// The route's `timeouts.idle`: the longest wait for the upstream's next bytes (also
+    /// the answer's send timeout).
+    idle: Duration,
+    /// The route's `timeouts.total`, when set.
+    deadline: Option<Instant>,
 }
 
-impl<B> crate::h1::Waits for EventStream<B> {
+impl<B> Waits for EventStream<B> {
     fn waits(&self) -> bool {
         self.guard.waits
     }
 }
 
+/// The route's body timers, which the stream keeps with its own (see the module's note).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyTimers {
+    /// `timeouts.idle`.
+    pub(crate) idle: Duration,
+    /// When `timeouts.total` ends the exchange.
+    pub(crate) deadline: Option<Instant>,
+}
+
 impl<B> EventStream<B>
 where
-    B: Body<Data = Bytes, Error = BodyError> + crate::h1::Waits + Unpin,
+    B: Body<Data = Bytes> + Waits + Unpin,
+    B::Error: Into<BodyError>,
 {
     pub(crate) fn new(
         body: B,
+        timers: BodyTimers,
         cfg: Arc<StreamConfig>,
         request_id: HeaderValue,
         metrics: Arc<RouteMetrics>,
@@ -147,6 +172,7 @@ where
                 last_sent: now,
                 events: 0,
                 sleep: None,
+                waiting_since: Some(now),
                 registered: None,
                 rearm: false,
                 done: false,
@@ -156,12 +182,15 @@ where
                 ended: None,
                 request_id,
                 metrics,
+                idle: timers.idle,
+                deadline: timers.deadline,
             },
         }
     }
 
-    pub(crate) fn inner(&self) -> Option<&B> {
-        self.body.as_ref()
+    /// The answer's send timeout (the route's `idle`), while the upstream's body is there.
+    pub(crate) fn send_timeout(&self) -> Option<Duration> {
+        self.body.as_ref().map(|_| self.guard.idle)
     }
 
     /// What happened since the last call (see `News`).
@@ -206,8 +235,9 @@ where
             match Pin::new(&mut *body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
-                        if let Some(out) = g.on_data(data) {
-                            g.waits = body.waits() && g.timers_armed(cx);
+                        let waits = body.waits();
+                        if let Some(out) = g.on_data(data, waits) {
+                            g.waits = waits && g.timers_armed(cx);
                             return Poll::Ready(Some(Ok(Frame::data(out))));
                         }
                         // All of it belongs to an event under way: read on.
@@ -216,6 +246,7 @@ where
                 },
                 Poll::Ready(Some(Err(e))) => {
                     self.body = None;
+                    let e: BodyError = e.into();
                     let how = match e {
                         BodyError::Idle if g.events == 0 => StreamEnd::FirstEventTimeout,
                         BodyError::Idle => StreamEnd::Stalled,
@@ -262,8 +293,9 @@ where
 type Ending = Option<Result<Frame<Bytes>, BodyError>>;
 
 impl Guard {
-    /// Follows `data`; returns what can go to the client now (None: nothing yet).
-    fn on_data(&mut self, data: Bytes) -> Option<Bytes> {
+    /// Follows `data`; returns what can go to the client now (None: nothing yet). `waits`:
+    /// the upstream's body has nothing more for now.
+    fn on_data(&mut self, data: Bytes, waits: bool) -> Option<Bytes> {
         let scan = match &mut self.usage {
             Some(usage) => self.scanner.feed_with(&data, usage),
             None => self.scanner.feed(&data),
@@ -271,6 +303,9 @@ impl Guard {
         // One reading per chunk, for the activity and the heartbeat timers alike: the
         // connection's poll's (`clock`), which the timed body's next wait shares.
         let now = crate::clock::now();
+        // The wait for the next bytes begins now when the body has none (as `TimedBody`'s
+        // does), else at the poll that finds it has none (`poll_timers`).
+        self.waiting_since = waits.then_some(now);
         if scan.events > 0 || (self.cfg.comments_are_activity && scan.comments > 0) {
             self.last_activity = now;
             if scan.events > 0 {
@@ -353,6 +388,12 @@ impl Guard {
 
     /// The upstream has nothing to read: a timer may end the stream or send a heartbeat.
     fn poll_timers(&mut self, cx: &mut Context<'_>) -> Poll<Ending> {
+        // The sleep is armed only here, once a wait has begun: at or before that wait's
+        // idle deadline, which a later wait only moves on. So a wait that begins needs no
+        // re-arming, as an event needs none.
+        if self.waiting_since.is_none() {
+            self.waiting_since = Some(crate::clock::now());
+        }
         if self.timers_armed(cx) {
             return Poll::Pending;
         }
@@ -383,10 +424,14 @@ impl Guard {
             }
             self.registered = None;
             let now = Instant::now();
-            if self.max_at().is_some_and(|at| now >= at) {
+            if self.max_at().is_some_and(|at| now >= at)
+                || self.deadline.is_some_and(|at| now >= at)
+            {
                 return Poll::Ready(self.finish(StreamEnd::MaxDuration, BodyError::Total));
             }
-            if self.activity_at().is_some_and(|at| now >= at) {
+            if self.activity_at().is_some_and(|at| now >= at)
+                || self.idle_at().is_some_and(|at| now >= at)
+            {
                 let how = if self.events == 0 {
                     StreamEnd::FirstEventTimeout
                 } else {
@@ -423,6 +468,11 @@ impl Guard {
         }
     }
 
+    /// When the route's `timeouts.idle` ends a wait for the upstream's bytes.
+    fn idle_at(&self) -> Option<Instant> {
+        self.waiting_since?.checked_add(self.idle)
+    }
+
     /// Never inside an event being forwarded as it comes.
     fn heartbeat_at(&self) -> Option<Instant> {
         if self.oversize {
@@ -432,10 +482,16 @@ impl Guard {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        [self.max_at(), self.activity_at(), self.heartbeat_at()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.max_at(),
+            self.deadline,
+            self.activity_at(),
+            self.idle_at(),
+            self.heartbeat_at(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Ends the stream early for `how`: a final event when the client's bytes end between

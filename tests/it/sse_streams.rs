@@ -516,6 +516,89 @@ async fn a_stream_past_max_duration_ends_with_stream_timeout() {
     px.shutdown().await;
 }
 
+/// `route` with the route's own body timers in place of its `idle: 30s`.
+fn route_with_timeouts(upstream: &SseUpstream, stream: &str, timeouts: &str) -> String {
+    route(upstream, stream).replace("timeouts: { idle: 30s }", timeouts)
+}
+
+/// The route's `timeouts.idle` is the wait for the upstream's next bytes, on an event
+/// stream too: with every stream timer off, an upstream gone quiet (here in the middle of
+/// an event) is ended at `idle`, cleanly, with only whole events before the final event. It
+/// runs on the stream's own timer (`stream::events`), not a second one around the body.
+#[tokio::test]
+async fn the_route_idle_timeout_ends_a_quiet_stream_cleanly_with_stream_timers_off() {
+    let up = SseUpstream::start(vec![
+        Step::Send(b"data: one\n\n"),
+        Step::Wait(300),
+        Step::Send(b"data: two\n\ndata: th"),
+        Step::Wait(20_000),
+        Step::Send(b"ree\n\n"),
+    ])
+    .await;
+    let px = start(&route_with_timeouts(
+        &up,
+        "{ first_event: off, between_events: off, max_duration: off, heartbeat: off }",
+        "timeouts: { idle: 1s }",
+    ))
+    .await;
+    let (body, clean, took) = fetch(px.addr("main").unwrap(), "req-idle").await;
+    assert!(clean, "ended by a final event, not cut");
+    let (before, code) = split_final(&body, "req-idle");
+    assert_eq!(
+        std::str::from_utf8(before).unwrap(),
+        "data: one\n\ndata: two\n\n",
+        "whole events only"
+    );
+    assert_eq!(code, "STREAM_STALLED");
+    // 300 ms, then a second of silence from the second chunk on (not from the head).
+    assert!(
+        took >= Duration::from_millis(1_250) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    assert_eventually!(up.cancelled.load(Ordering::SeqCst) == 1, "not cancelled");
+    assert_eq!(metric(&px, &format!("{ENDED}\"stalled\"}}")), 1.0);
+    // A stall is the upstream's failure, as `between_events`' is.
+    assert_eq!(
+        metric(
+            &px,
+            "rampart_upstream_errors_total{upstream=\"up\",kind=\"idle_timeout\"}"
+        ),
+        1.0
+    );
+    px.shutdown().await;
+}
+
+/// `timeouts.total` ends an event stream like `max_duration`: a final `STREAM_TIMEOUT`
+/// event at a boundary, the upstream cancelled, not counted against it.
+#[tokio::test]
+async fn the_route_total_timeout_ends_a_stream_with_stream_timeout() {
+    let up = SseUpstream::start(vec![Step::Every { ms: 100, n: 100 }]).await;
+    let px = start(&route_with_timeouts(
+        &up,
+        "{ max_duration: off, heartbeat: off }",
+        "timeouts: { idle: 30s, total: 800ms }",
+    ))
+    .await;
+    let (body, clean, took) = fetch(px.addr("main").unwrap(), "req-total").await;
+    assert!(clean);
+    let (before, code) = split_final(&body, "req-total");
+    assert_eq!(code, "STREAM_TIMEOUT");
+    let text = std::str::from_utf8(before).unwrap();
+    assert!(
+        text.starts_with("data: tick 0\n\n") && text.ends_with("\n\n"),
+        "{text:?}"
+    );
+    assert!(text.matches("data: tick").count() >= 4, "{text:?}");
+    assert!(
+        took >= Duration::from_millis(780) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert_eventually!(up.cancelled.load(Ordering::SeqCst) == 1, "not cancelled");
+    assert_eq!(metric(&px, &format!("{ENDED}\"max_duration\"}}")), 1.0);
+    assert_eq!(metric(&px, BREAKER), 0.0);
+    px.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_upstream_that_breaks_mid_event_gets_upstream_broken() {
     for end in [Step::Reset, Step::BadChunk] {
