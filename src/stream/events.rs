@@ -301,7 +301,7 @@ impl Guard {
             None => self.scanner.feed(&data),
         };
         // One reading per chunk, for the activity and the heartbeat timers alike: the
-        // connection's poll's (`clock`), which the timed body's next wait shares.
+        // connection's poll's (`clock`), which the wait for the next bytes shares.
         let now = crate::clock::now();
         // The wait for the next bytes begins now when the body has none (as `TimedBody`'s
         // does), else at the poll that finds it has none (`poll_timers`).
