@@ -294,7 +294,17 @@ fn read_response(wire: &[u8], piece: usize, head_request: bool) -> (Vec<Event>, 
     // The body, as `Conn::poll_body` reads it.
     let mut body = Vec::new();
     let end = loop {
-        match reader.step(true) {
+        // `Conn::poll_body` skips the step when the reader says it needs bytes: the step
+        // must then have nothing to do.
+        let skipped = reader.needs_bytes().then(|| reader.snapshot());
+        let stepped = reader.step(true);
+        if let Some(before) = skipped {
+            assert!(
+                matches!(stepped, Ok(Step::More)) && reader.snapshot() == before,
+                "a step skipped as needing bytes did something"
+            );
+        }
+        match stepped {
             Ok(Step::Data(data)) => {
                 body.extend_from_slice(&data);
                 // Reading past framing, errors left for the next step, as poll_body does.

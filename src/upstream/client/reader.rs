@@ -176,6 +176,19 @@ impl Reader {
         self.incoming == Incoming::Done
     }
 
+    /// Nothing is buffered and the body is where `step` can only ask for more bytes (and
+    /// changes nothing): a streamed body's usual state at each poll, which then goes
+    /// straight to the read. (Not at a trailer limit, where `step` fails at once.)
+    pub(crate) fn needs_bytes(&self) -> bool {
+        self.read.is_empty()
+            && matches!(
+                self.incoming,
+                Incoming::Length(_)
+                    | Incoming::UntilClose
+                    | Incoming::Chunked(Chunk::Size | Chunk::Data(_) | Chunk::DataEnd)
+            )
+    }
+
     /// The whole body is buffered and framed by its length: nothing more can go wrong
     /// with it.
     pub(super) fn body_buffered(&self) -> bool {
