@@ -588,7 +588,7 @@ async fn the_route_total_timeout_ends_a_stream_with_stream_timeout() {
     .await;
     let (body, clean, took) = fetch(px.addr("main").unwrap(), "req-total").await;
     assert!(clean);
-    let text = ticks_then_timeout(&body, "req-total");
+    ticks_then_timeout(&body, "req-total");
     assert!(
         took >= Duration::from_millis(780) && took < Duration::from_secs(3),
         "{took:?}"
