@@ -36,6 +36,8 @@
 #   MODE=sse PIN=1 BUILD=0 scripts/bench.sh   # 1 worker, proxy alone on CPU 1
 #
 #   STREAMS (1000)  EVENT_MS (100)  EVENT_BYTES (100)  SETTLE (5, s)  HOLD (20, s)  ROUNDS (2)
+#   TOGETHER (0)    1: rampart and nginx at once in each round, a load client each (the
+#                   machine's drift falls on both alike); 0: one after the other
 #   SSE_BIN         load client/upstream (${CARGO_TARGET_DIR:-target}/release/examples/sse_load)
 #
 # Everything listens on and is sent to 127.0.0.1 only; every load run has a fixed duration;
@@ -77,6 +79,7 @@ EVENT_BYTES=${EVENT_BYTES:-100}
 SETTLE=${SETTLE:-5}
 HOLD=${HOLD:-20}
 ROUNDS=${ROUNDS:-2}
+TOGETHER=${TOGETHER:-0}
 SSE_BIN=${SSE_BIN:-$TARGET_DIR/release/examples/sse_load}
 
 HOST=127.0.0.1

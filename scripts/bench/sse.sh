@@ -20,10 +20,19 @@ start_sse_upstream() {
     wait_listening sse-upstream "$SSE_UPSTREAM_PID" "$SSE_UPSTREAM_PORT" "$logfile"
 }
 
+# Load clients running in the background, by case name (`sse_start`, `sse_finish`).
+declare -A SSE_CLIENT=() SSE_LA=()
+
 # sse_case NAME URL PIDS: STREAMS streams against URL; PIDS ("-": none) are the proxy's
 # processes, whose RSS and CPU the load client reads.
 sse_case() {
-    local name=$1 url=$2 pids=() la rc=0 kv lost
+    sse_start "$@"
+    sse_finish "$1"
+}
+
+# sse_start NAME URL PIDS: sse_case's load client, started in the background.
+sse_start() {
+    local name=$1 url=$2 pids=() la
     local raw=$OUT_DIR/sse-$name-r$ROUND.txt errlog=$OUT_DIR/logs/sse-$name-r$ROUND.log
     [[ $url =~ ^http://127\.[0-9.]+:[0-9]+/ ]] || die "sse_case $name: $url is not a loopback URL"
     [[ $3 == - ]] || read -r -a pids <<<"$3"
@@ -32,12 +41,20 @@ sse_case() {
     # The client's own waits are bounded (open 60 s, close 10 s); this bounds the whole.
     timeout $((SETTLE + HOLD + 120)) "${LOAD_ON[@]}" "$SSE_BIN" load "$url" "$STREAMS" "$SETTLE" \
         "$HOLD" "$CLK_TCK" "${pids[@]}" -- "$SSE_UPSTREAM_PID" >"$raw" 2>"$errlog" &
-    WRK_PID=$!
-    wait "$WRK_PID" || rc=$?
-    WRK_PID=""
+    SSE_CLIENT[$name]=$!
+    SSE_LA[$name]=$la
+    STARTED_PIDS+=("${SSE_CLIENT[$name]}")
+}
+
+# sse_finish NAME: waits for NAME's load client and records its figures.
+sse_finish() {
+    local name=$1 rc=0 kv lost pid=${SSE_CLIENT[$1]}
+    local raw=$OUT_DIR/sse-$name-r$ROUND.txt errlog=$OUT_DIR/logs/sse-$name-r$ROUND.log
+    wait "$pid" || rc=$?
+    stop_started "$pid"
     if ((rc != 0)); then
         tail -n 20 "$errlog" >&2 || true
-        die "sse_load exited with $rc against $url"
+        die "sse_load exited with $rc against $name"
     fi
     kv=$(tail -n 1 "$raw")
     lost=$(($(kv_get failed_open "$kv") + $(kv_get ended_early "$kv") + $(kv_get errors "$kv")))
@@ -46,7 +63,7 @@ sse_case() {
         SLOW+=("$name (round $ROUND)")
         log "warning: $name received under 95% of the events sent: the proxy, the client or the upstream saturated"
     fi
-    S_ROUND+=("$ROUND") S_NAME+=("$name") S_LOAD+=("$la") S_KV+=("$kv")
+    S_ROUND+=("$ROUND") S_NAME+=("$name") S_LOAD+=("${SSE_LA[$name]}") S_KV+=("$kv")
     log "$name: $kv"
 }
 
@@ -56,29 +73,52 @@ sse_rampart() {
     stop_started "$RAMPART_PID"
 }
 
-sse_nginx() {
-    local i kids=()
+# A fresh nginx for the SSE cases, its workers forked (SSE_NGINX_KIDS).
+SSE_NGINX_KIDS=()
+sse_nginx_up() {
+    local i
     start_nginx "$BENCH_DIR/nginx-sse.conf.tmpl" "$HOST:$SSE_UPSTREAM_PORT" \
         CONNECTIONS=$((2 * STREAMS + 1024))
     # The master listens before it forks the workers: wait for them, or they go uncounted.
     for ((i = 0; i < 50; i++)); do
-        mapfile -t kids < <(children_of "$NGINX_PID")
-        ((${#kids[@]} < WORKERS)) || break
+        mapfile -t SSE_NGINX_KIDS < <(children_of "$NGINX_PID")
+        ((${#SSE_NGINX_KIDS[@]} < WORKERS)) || break
         sleep 0.1
     done
-    ((${#kids[@]} >= WORKERS)) || die "nginx has ${#kids[@]} worker(s) after 5 s, not $WORKERS"
-    sse_case nginx "http://$HOST:$NGINX_PORT$SSE_PATH" "$(nginx_pids | tr '\n' ' ')"
+    ((${#SSE_NGINX_KIDS[@]} >= WORKERS)) || die "nginx has ${#SSE_NGINX_KIDS[@]} worker(s) after 5 s, not $WORKERS"
+}
+
+sse_nginx_down() {
+    local i
     stop_started "$NGINX_PID"
-    for i in "${kids[@]}"; do
+    for i in "${SSE_NGINX_KIDS[@]}"; do
         stop_pid "$i"
     done
 }
 
+sse_nginx() {
+    sse_nginx_up
+    sse_case nginx "http://$HOST:$NGINX_PORT$SSE_PATH" "$(nginx_pids | tr '\n' ' ')"
+    sse_nginx_down
+}
+
 # One round: direct, then a fresh rampart and a fresh nginx, in turn (rampart first in odd
-# rounds) so that drift in what the machine gives falls on both alike.
+# rounds) so that drift in what the machine gives falls on both alike; with TOGETHER=1, both
+# at once, each with its own load client (on the same CPU with PIN=1): the VM's drift then
+# falls on both within the same seconds (rounds spread ±5 % that way, ±15 % in turn, on the
+# machine of 2026-12-07).
 sse_round() {
     sse_case direct "http://$HOST:$SSE_UPSTREAM_PORT$SSE_PATH" -
-    if ((ROUND % 2)); then
+    if ((TOGETHER)); then
+        start_rampart "$WORK/rampart-sse.yaml"
+        sse_nginx_up
+        sse_start rampart "http://$HOST:$RAMPART_PORT$SSE_PATH" "$RAMPART_PID"
+        sse_start nginx "http://$HOST:$NGINX_PORT$SSE_PATH" "$(nginx_pids | tr '\n' ' ')"
+        sse_finish rampart
+        sse_finish nginx
+        stop_started "$RAMPART_PID"
+        sse_nginx_down
+    elif ((ROUND % 2)); then
         sse_rampart
         sse_nginx
     else
@@ -98,8 +138,8 @@ sse_report() {
         echo "- machine: $(nproc) CPU(s), $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo), kernel $(uname -r)"
         echo "- rampart: $("$RAMPART_BIN" --version 2>/dev/null) ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ', dirty'))"
         echo "- nginx: $("$NGINX_BIN" -v 2>&1 | sed 's/^nginx version: //'), \`proxy_buffering off\`"
-        echo "- load: $STREAMS concurrent SSE streams per target, a ${EVENT_BYTES}-byte event every ${EVENT_MS} ms on each (expected $expected events/s), ${SETTLE} s to settle then ${HOLD} s measured; a fresh proxy per case;" \
-            "proxies with $WORKERS worker(s)$([[ $PIN == 1 ]] && echo ", pinned alone on CPU 1 (load client and upstream on CPU 0)")"
+        echo "- load: $STREAMS concurrent SSE streams per target, a ${EVENT_BYTES}-byte event every ${EVENT_MS} ms on each (expected $expected events/s), ${SETTLE} s to settle then ${HOLD} s measured; a fresh proxy per case$( ((TOGETHER)) && echo ", rampart and nginx at once, a load client each");" \
+            "proxies with $WORKERS worker(s)$([[ $PIN == 1 ]] && echo ", pinned $( ((TOGETHER)) && echo together || echo alone) on CPU 1 (load clients and upstream on CPU 0)")"
         echo "- memory/stream: (mean RSS over the measured interval − RSS idle after one warm-up stream) / streams (nginx: master + workers)"
         echo "- CPU µs/event: utime+stime of the proxy's process(es) over the measured interval / events the client received in it"
         echo
@@ -163,6 +203,7 @@ main_sse() {
     for n in STREAMS EVENT_MS EVENT_BYTES SETTLE HOLD ROUNDS; do
         [[ ${!n} =~ ^[1-9][0-9]*$ ]] || die "$n must be a positive integer, got '${!n}'"
     done
+    [[ $TOGETHER == [01] ]] || die "TOGETHER must be 0 or 1, got '$TOGETHER'"
     install_tools
     build_rampart
     raise_nofile
