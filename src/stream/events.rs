@@ -245,15 +245,10 @@ where
                     Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
                 },
                 Poll::Ready(Some(Err(e))) => {
+                    // The upstream's own failure: the timers (`idle` and `total` too) end
+                    // the stream in `poll_timers`, not through the body.
                     self.body = None;
-                    let e: BodyError = e.into();
-                    let how = match e {
-                        BodyError::Idle if g.events == 0 => StreamEnd::FirstEventTimeout,
-                        BodyError::Idle => StreamEnd::Stalled,
-                        BodyError::Total => StreamEnd::MaxDuration,
-                        _ => StreamEnd::UpstreamError,
-                    };
-                    return Poll::Ready(g.finish(how, e));
+                    return Poll::Ready(g.finish(StreamEnd::UpstreamError, e.into()));
                 }
                 Poll::Ready(None) => {
                     self.body = None;
