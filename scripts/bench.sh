@@ -37,7 +37,8 @@
 #
 #   STREAMS (1000)  EVENT_MS (100)  EVENT_BYTES (100)  SETTLE (5, s)  HOLD (20, s)  ROUNDS (2)
 #   TOGETHER (0)    1: rampart and nginx at once in each round, a load client each (the
-#                   machine's drift falls on both alike); 0: one after the other
+#                   machine's drift falls on both alike); 0: one after the other. MODE=scale
+#                   takes it too (scripts/bench/scale.sh)
 #   SSE_BIN         load client/upstream (${CARGO_TARGET_DIR:-target}/release/examples/sse_load)
 #
 # Everything listens on and is sent to 127.0.0.1 only; every load run has a fixed duration;

@@ -27,6 +27,10 @@
 #   SCALE_CASES ("plain features rate big many h2c")  RATE (2000)  RATE_CONNECTIONS (50)
 #   BIG_BYTES (65536)  MANY (1000)  H2C_CONNECTIONS (64)  H2C_STREAMS (10)  DIRECT (1)
 #   RATE_BIN (${CARGO_TARGET_DIR:-target}/release/examples/rate_load)
+#   TOGETHER (0): 1 runs rampart and nginx at once in each round, a load client each (the
+#   direct reference stays alone); the machine's drift then falls on both alike. CPU per
+#   request is the figure to read then: the two share the machine, so req/s and latency are
+#   each proxy's under the other's load.
 # DURATION and WARMUP as for MODE=rps. Results in $OUT_DIR/results-scale[-pin].md.
 
 SCALE_CASES=${SCALE_CASES:-plain features rate big many h2c}
@@ -110,6 +114,17 @@ churn_split() {
         printf "%d in the 1st s, then %.0f/s", v[1] - up0 - 1, (v[NR] - v[1] - (NR - 1)) / (NR - 1) }' "$1"
 }
 
+# sampler_pair OUT SECONDS "PIDS" "PIDS": sampler's lines for two proxies at once, the RSS of
+# each (two columns).
+sampler_pair() {
+    local i out=$1 n=$2
+    for ((i = 0; i < n; i++)); do
+        sleep 1
+        # shellcheck disable=SC2086 # the PID lists split into words
+        echo "$(upstream_accepted) $(rss_kib $3) $(rss_kib $4)"
+    done >"$out"
+}
+
 rss_kib() { # sum of VmRSS over the PIDs, KiB
     local total=0 pid v
     for pid in "$@"; do
@@ -172,44 +187,56 @@ scale_url() {
     echo "http://$HOST:$port$path"
 }
 
-# scale_case ROUND CASE TARGET: one measured run against a freshly started proxy.
-scale_case() {
-    local round=$1 case=$2 target=$3 url pids=() raw status cpu0 cpu1 up0 up1 kv
-    local rps="" p50="" p99="" max="" reqs="" errors="" note="" newconn="—" rss=""
-    url=$(scale_url "$case" "$target")
-    raw=$OUT_DIR/scale-$case-$target-r$round.txt
-    scale_start "$target"
-    [[ -z $PROXY_PIDS ]] || read -r -a pids <<<"$PROXY_PIDS"
-    if [[ $case != h2c ]]; then
-        status=$(http_status "$url" || true)
-        [[ $status == 200 ]] || die "scale $case $target: GET $url answered '${status:-nothing}', expected 200"
-    fi
-    log "round $round, $case, $target: warm-up $WARMUP, then $DURATION measured ($url)"
-    # Warm-up, not counted: connections, the upstream pool, allocator caches. rate_load
-    # warms up itself, on its own connections.
-    case $case in
-    plain | features | big) load "$WARMUP" "$url" /dev/null ;;
-    many) CONNECTIONS=$MANY load "$WARMUP" "$url" /dev/null ;;
-    h2c)
-        "${LOAD_ON[@]}" timeout 60 h2load -c "$H2C_CONNECTIONS" -m "$H2C_STREAMS" -D "${WARMUP%s}" \
-            "$url" >/dev/null || die "h2load warm-up against $target failed"
-        ;;
-    esac
-    up0=$(upstream_accepted)
-    local sampler_pid="" samples=$WORK/churn.txt
-    if ((${#pids[@]})) && [[ $case != rate ]]; then
-        sampler "$samples" "${DURATION%s}" "${pids[@]}" &
-        sampler_pid=$!
-        STARTED_PIDS+=("$sampler_pid")
-    fi
-    cpu0=$(cpu_ticks "${pids[@]}")
+# scale_warm CASE URL: the warm-up, not counted: connections, the upstream pool, allocator
+# caches. rate_load warms up itself, on its own connections.
+scale_warm() {
+    local case=$1 url=$2 c=$CONNECTIONS
     case $case in
     plain | features | big | many)
-        local c=$CONNECTIONS extra=()
+        [[ $case != many ]] || c=$MANY
+        "${LOAD_ON[@]}" wrk -t"$THREADS" -c"$c" -d"$WARMUP" "$url" >/dev/null || die "wrk warm-up against $url failed"
+        ;;
+    h2c)
+        "${LOAD_ON[@]}" timeout 60 h2load -c "$H2C_CONNECTIONS" -m "$H2C_STREAMS" -D "${WARMUP%s}" \
+            "$url" >/dev/null || die "h2load warm-up against $url failed"
+        ;;
+    esac
+}
+
+# scale_load ROUND CASE TARGET URL PIDS...: the measured load, its output in the run's raw
+# file (rate_load reads the CPU of PIDS itself, over exactly its measured interval).
+scale_load() {
+    local round=$1 case=$2 target=$3 url=$4 c=$CONNECTIONS extra=()
+    local raw=$OUT_DIR/scale-$case-$target-r$round.txt errlog=$OUT_DIR/logs/scale-$case-$target-r$round.log
+    shift 4
+    case $case in
+    plain | features | big | many)
         # wrk's 2 s default timeout drops the slowest answers from the latency figures (as
         # socket errors) when 1,000 connections queue on a busy machine: let them count.
         [[ $case != many ]] || c=$MANY extra=(--timeout 10s)
-        CONNECTIONS=$c load "$DURATION" "$url" "$raw" --latency "${extra[@]}"
+        "${LOAD_ON[@]}" wrk -t"$THREADS" -c"$c" -d"$DURATION" --latency "${extra[@]}" "$url" >"$raw" ||
+            die "wrk against $target failed"
+        ;;
+    rate)
+        # Bounded: warm-up + measured + the client's own 10 s deadline for stragglers.
+        timeout $((${WARMUP%s} + ${DURATION%s} + 60)) "${LOAD_ON[@]}" "$RATE_BIN" "$url" \
+            "$RATE_CONNECTIONS" "$RATE" "${WARMUP%s}" "${DURATION%s}" "$CLK_TCK" "$@" \
+            >"$raw" 2>"$errlog" || die "rate_load against $target failed: $(tail -n 3 "$errlog")"
+        ;;
+    h2c)
+        "${LOAD_ON[@]}" timeout $((${DURATION%s} + 60)) h2load -c "$H2C_CONNECTIONS" -m "$H2C_STREAMS" \
+            -D "${DURATION%s}" "$url" >"$raw" || die "h2load against $target failed ($raw)"
+        ;;
+    esac
+}
+
+# scale_parse ROUND CASE TARGET: reads the run's raw file into the caller's rps reqs p50 p99
+# max errors note kv (bash's locals are seen by the functions a function calls).
+scale_parse() {
+    local round=$1 case=$2 target=$3
+    local raw=$OUT_DIR/scale-$case-$target-r$round.txt
+    case $case in
+    plain | features | big | many)
         rps=$(awk '/^Requests\/sec:/ { printf "%.0f", $2 }' "$raw")
         reqs=$(awk '/ requests in / { print $1 }' "$raw")
         p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$raw")")
@@ -219,11 +246,6 @@ scale_case() {
             /Non-2xx or 3xx responses:/ { n += $NF } END { print n + 0 }' "$raw")
         ;;
     rate)
-        # Bounded: warm-up + measured + the client's own 10 s deadline for stragglers.
-        timeout $((${WARMUP%s} + ${DURATION%s} + 60)) "${LOAD_ON[@]}" "$RATE_BIN" "$url" \
-            "$RATE_CONNECTIONS" "$RATE" "${WARMUP%s}" "${DURATION%s}" "$CLK_TCK" "${pids[@]}" \
-            >"$raw" 2>"$OUT_DIR/logs/scale-$case-$target-r$round.log" ||
-            die "rate_load against $target failed: $(tail -n 3 "$OUT_DIR/logs/scale-$case-$target-r$round.log")"
         kv=$(tail -n 1 "$raw")
         rps=$(kv_get rate "$kv") reqs=$(kv_get requests "$kv")
         p50=$(kv_get p50_ms "$kv") p99=$(kv_get p99_ms "$kv") max=$(kv_get max_ms "$kv")
@@ -234,8 +256,6 @@ scale_case() {
         fi
         ;;
     h2c)
-        "${LOAD_ON[@]}" timeout $((${DURATION%s} + 60)) h2load -c "$H2C_CONNECTIONS" -m "$H2C_STREAMS" \
-            -D "${DURATION%s}" "$url" >"$raw" || die "h2load against $target failed ($raw)"
         rps=$(awk '/^finished in/ { gsub(",", ""); printf "%.0f", $4 }' "$raw")
         reqs=$(awk '/^requests:/ { print $8 }' "$raw")
         # "time for request:  MIN  MAX  MEAN  SD  +/-SD": mean in the p50 column, max.
@@ -248,35 +268,24 @@ scale_case() {
             X_WARN+=("h2c through $target (round $round): h2load did not speak h2c ($raw)")
         ;;
     esac
-    # rate_load measured CPU itself, over exactly its measured interval.
-    cpu1=$(cpu_ticks "${pids[@]}")
-    local churn=""
-    if [[ -n $sampler_pid ]]; then
-        wait "$sampler_pid" || true
-        stop_started "$sampler_pid"
-        churn=$(churn_split "$samples" "$up0")
-        # The sampler's questions were connections too.
-        up0=$((up0 + $(wc -l <"$samples")))
-    fi
-    up1=$(upstream_accepted)
-    rss=$(rss_kib "${pids[@]}")
-    if [[ -n $sampler_pid ]] && (($(wc -l <"$samples") >= 2)); then
-        # The last sample certainly taken while the load ran (the last one may be just after).
-        rss=$(awk '{ v[NR] = $2 } END { print v[NR - 1] }' "$samples")
-    fi
     if [[ -z $rps || -z $reqs ]] || ((reqs == 0)); then
         die "scale $case $target: nothing counted ($raw)"
     fi
-    local cpu=""
-    if ((${#pids[@]})); then
+}
+
+# scale_record ROUND CASE TARGET CPU0 CPU1 PIDS...: the run's CPU µs per request (ticks CPU0
+# to CPU1 of PIDS; rate_load's own figure for rate), warnings and its row of results, from
+# the caller's figures (scale_parse's, with rss newconn note).
+scale_record() {
+    local round=$1 case=$2 target=$3 cpu0=$4 cpu1=$5 cpu="" raw
+    raw=$OUT_DIR/scale-$case-$target-r$round.txt
+    shift 5
+    if (($#)); then
         if [[ $case == rate ]]; then
             cpu=$(kv_get cpu_us_per_req "$kv")
         else
             cpu=$(awk -v d="$((cpu1 - cpu0))" -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.1f", d / hz / n * 1e6 }')
         fi
-        # The second question opened one of its own.
-        newconn=$((up1 - up0 - 1))
-        [[ -z $churn ]] || note="new upstream conns $churn${note:+; $note}"
         if [[ $target == nginx && $case == big ]]; then
             local spilled
             spilled=$(grep -c 'buffered to a temporary file' "$WORK/nginx/error.log" || true)
@@ -293,7 +302,143 @@ scale_case() {
     log "round $round, $case, $target: $rps req/s, p50 $p50 ms, p99 $p99 ms, max $max ms, CPU ${cpu:-—} µs/req," \
         "RSS ${rss:-—} KiB, new upstream connections $newconn, errors $errors${note:+; $note}"
     X_NOTE+=("$note")
+}
+
+# scale_probe CASE TARGET URL: the target answers a GET (h2c: h2load checks its own).
+scale_probe() {
+    local status
+    [[ $1 != h2c ]] || return 0
+    status=$(http_status "$3" || true)
+    [[ $status == 200 ]] || die "scale $1 $2: GET $3 answered '${status:-nothing}', expected 200"
+}
+
+# scale_case ROUND CASE TARGET: one measured run against a freshly started proxy.
+scale_case() {
+    local round=$1 case=$2 target=$3 url pids=() cpu0 cpu1 up0 up1 kv=""
+    local rps="" p50="" p99="" max="" reqs="" errors="" note="" newconn="—" rss=""
+    url=$(scale_url "$case" "$target")
+    scale_start "$target"
+    [[ -z $PROXY_PIDS ]] || read -r -a pids <<<"$PROXY_PIDS"
+    scale_probe "$case" "$target" "$url"
+    log "round $round, $case, $target: warm-up $WARMUP, then $DURATION measured ($url)"
+    scale_warm "$case" "$url"
+    up0=$(upstream_accepted)
+    local sampler_pid="" samples=$WORK/churn.txt
+    if ((${#pids[@]})) && [[ $case != rate ]]; then
+        sampler "$samples" "${DURATION%s}" "${pids[@]}" &
+        sampler_pid=$!
+        STARTED_PIDS+=("$sampler_pid")
+    fi
+    cpu0=$(cpu_ticks "${pids[@]}")
+    # In the background and waited for, so that a signal reaches cleanup() at once.
+    scale_load "$round" "$case" "$target" "$url" "${pids[@]}" &
+    local load_pid=$!
+    STARTED_PIDS+=("$load_pid")
+    wait "$load_pid" || die "the load against $target failed"
+    cpu1=$(cpu_ticks "${pids[@]}")
+    scale_parse "$round" "$case" "$target"
+    local churn=""
+    if [[ -n $sampler_pid ]]; then
+        wait "$sampler_pid" || true
+        stop_started "$sampler_pid"
+        churn=$(churn_split "$samples" "$up0")
+        # The sampler's questions were connections too.
+        up0=$((up0 + $(wc -l <"$samples")))
+    fi
+    up1=$(upstream_accepted)
+    rss=$(rss_kib "${pids[@]}")
+    if [[ -n $sampler_pid ]] && (($(wc -l <"$samples") >= 2)); then
+        # The last sample certainly taken while the load ran (the last one may be just after).
+        rss=$(awk '{ v[NR] = $2 } END { print v[NR - 1] }' "$samples")
+    fi
+    if ((${#pids[@]})); then
+        # The second question opened one of its own.
+        newconn=$((up1 - up0 - 1))
+        [[ -z $churn ]] || note="new upstream conns $churn${note:+; $note}"
+    fi
+    scale_record "$round" "$case" "$target" "$cpu0" "$cpu1" "${pids[@]}"
     scale_stop "$target"
+}
+
+# rampart's upstream connections opened so far (its own count: with TOGETHER=1 the
+# upstream's count is both proxies').
+rampart_opened() {
+    admin_metrics | awk '/^rampart_upstream_connections_opened_total/ { n += $2 } END { printf "%d", n }'
+}
+
+# scale_pair ROUND CASE: rampart's side and nginx at once, freshly started, a load client
+# each (TOGETHER=1; with PIN=1 both proxies on CPU 1, the loads and the upstream on CPU 0):
+# the machine's drift falls on both within the same seconds. New upstream connections:
+# rampart's from its own metric, nginx's the rest of what the upstream accepted.
+scale_pair() {
+    local round=$1 case=$2 r=rampart t
+    [[ $case != features ]] || r=rampart-features
+    local -A url=() pids=() cpu0=() cpu1=() lpid=() rss_of=()
+    for t in "$r" nginx; do
+        url[$t]=$(scale_url "$case" "$t")
+        scale_start "$t"
+        pids[$t]=$PROXY_PIDS
+        scale_probe "$case" "$t" "${url[$t]}"
+    done
+    log "round $round, $case, $r and nginx at once: warm-up $WARMUP, then $DURATION measured"
+    for t in "$r" nginx; do
+        scale_warm "$case" "${url[$t]}" &
+        lpid[$t]=$!
+        STARTED_PIDS+=("${lpid[$t]}")
+    done
+    for t in "$r" nginx; do
+        wait "${lpid[$t]}" || die "the warm-up against $t failed"
+    done
+    local up0 up1 ram0 ram1 samples=$WORK/churn.txt sampler_pid="" n=0
+    up0=$(upstream_accepted)
+    ram0=$(rampart_opened)
+    if [[ $case != rate ]]; then
+        # The RSS of each, once a second (the first column, the upstream's count, unused).
+        sampler_pair "$samples" "${DURATION%s}" "${pids[$r]}" "${pids[nginx]}" &
+        sampler_pid=$!
+        STARTED_PIDS+=("$sampler_pid")
+    fi
+    for t in "$r" nginx; do
+        # shellcheck disable=SC2086 # the PID lists split into words
+        cpu0[$t]=$(cpu_ticks ${pids[$t]})
+        # shellcheck disable=SC2086
+        scale_load "$round" "$case" "$t" "${url[$t]}" ${pids[$t]} &
+        lpid[$t]=$!
+        STARTED_PIDS+=("${lpid[$t]}")
+    done
+    for t in "$r" nginx; do
+        wait "${lpid[$t]}" || die "the load against $t failed"
+        # shellcheck disable=SC2086
+        cpu1[$t]=$(cpu_ticks ${pids[$t]})
+    done
+    if [[ -n $sampler_pid ]]; then
+        wait "$sampler_pid" || true
+        stop_started "$sampler_pid"
+        n=$(wc -l <"$samples")
+    fi
+    up1=$(upstream_accepted)
+    ram1=$(rampart_opened)
+    # shellcheck disable=SC2086
+    rss_of[$r]=$(rss_kib ${pids[$r]}) rss_of[nginx]=$(rss_kib ${pids[nginx]})
+    if ((n >= 2)); then
+        # The last sample certainly taken while the loads ran.
+        rss_of[$r]=$(awk '{ v[NR] = $2 } END { print v[NR - 1] }' "$samples")
+        rss_of[nginx]=$(awk '{ v[NR] = $3 } END { print v[NR - 1] }' "$samples")
+    fi
+    for t in "$r" nginx; do
+        local rps="" p50="" p99="" max="" reqs="" errors="" note="" newconn="—" rss=${rss_of[$t]} kv=""
+        scale_parse "$round" "$case" "$t"
+        if [[ $t == nginx ]]; then
+            # The sampler's questions and the second count's own were connections too.
+            newconn=$((up1 - up0 - n - 1 - (ram1 - ram0)))
+        else
+            newconn=$((ram1 - ram0))
+        fi
+        # shellcheck disable=SC2086
+        scale_record "$round" "$case" "$t" "${cpu0[$t]}" "${cpu1[$t]}" ${pids[$t]}
+    done
+    scale_stop "$r"
+    scale_stop nginx
 }
 
 # The targets of CASE in ROUND, rampart's side first in odd rounds.
@@ -333,7 +478,11 @@ scale_report() {
         echo "- machine: $(nproc) CPU(s), $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo), kernel $(uname -r); busy before start: ${BUSY_START}%"
         echo "- rampart: $("$RAMPART_BIN" --version 2>/dev/null) ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ', dirty'))"
         echo "- nginx: $("$NGINX_BIN" -v 2>&1 | sed 's/^nginx version: //') (scripts/bench/nginx-scale.conf.tmpl: upstream \`keepalive 256\` as rampart's idle pool)"
-        echo "- proxies with $WORKERS worker(s)$([[ $PIN == 1 ]] && echo ", pinned alone on CPU 1 (load and upstream on CPU 0)"); a fresh proxy per run; $ROUNDS round(s), rampart first in odd rounds; warm-up $WARMUP, measured $DURATION"
+        if ((TOGETHER)); then
+            echo "- proxies with $WORKERS worker(s)$([[ $PIN == 1 ]] && echo ", pinned together on CPU 1 (loads and upstream on CPU 0)"); rampart and nginx started fresh and loaded at once in each round, a load client each; $ROUNDS round(s); warm-up $WARMUP, measured $DURATION; new upstream conns: rampart's from its metric, nginx's the rest of the upstream's count"
+        else
+            echo "- proxies with $WORKERS worker(s)$([[ $PIN == 1 ]] && echo ", pinned alone on CPU 1 (load and upstream on CPU 0)"); a fresh proxy per run; $ROUNDS round(s), rampart first in odd rounds; warm-up $WARMUP, measured $DURATION"
+        fi
         echo "- plain/features/big: \`wrk -t$THREADS -c$CONNECTIONS\`; many: \`wrk -t$THREADS -c$MANY\`; rate: examples/rate_load.rs, $RATE req/s on $RATE_CONNECTIONS connections, open loop, latency from the intended send time; h2c: \`h2load -c$H2C_CONNECTIONS -m$H2C_STREAMS\` (its mean where others have p50, no p99); big: $BIG_BYTES-byte bodies"
         echo "- CPU µs/req: utime+stime of the proxy's process(es) over the measured run / requests; RSS: VmRSS in the last second of the measured run, connections open (nginx: master + workers; rate: just after the run); new upstream conns: connections the upstream accepted during the measured run, % of requests (notes: in the first second, then per second)"
         echo
@@ -427,6 +576,7 @@ main_scale() {
         [[ $case =~ ^(plain|features|rate|big|many|h2c)$ ]] ||
             die "SCALE_CASES: unknown case '$case' (plain features rate big many h2c)"
     done
+    [[ $TOGETHER == [01] ]] || die "TOGETHER must be 0 or 1, got '$TOGETHER'"
     ((BIG_BYTES <= 16777216)) || die "BIG_BYTES at most 16 MiB (the upstream's /bytes/N limit)"
     install_tools
     build_rampart
@@ -456,7 +606,11 @@ main_scale() {
     for ((round = 1; round <= ROUNDS; round++)); do
         for case in $SCALE_CASES; do
             for target in $(scale_targets "$case" "$round"); do
-                scale_case "$round" "$case" "$target"
+                if ((TOGETHER)) && [[ $target != direct ]]; then
+                    [[ $target == nginx ]] || scale_pair "$round" "$case"
+                else
+                    scale_case "$round" "$case" "$target"
+                fi
             done
         done
     done
