@@ -10,6 +10,14 @@ use rampart::config::{Config, LogFormat, LoggingConfig};
 use rampart::demo::DemoPorts;
 use rampart::workers::Workers;
 
+/// mimalloc rather than glibc's malloc (Cargo feature `mimalloc`, on by default): with
+/// hundreds of requests in flight per worker, glibc's per-thread cache overflows and a
+/// request's allocations come from memory out of the core's cache; mimalloc's per-thread
+/// pages hand back what was freed last. docs/benchmarks.md, "The allocator".
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status of a command line rampart cannot make sense of (sysexits' EX_USAGE), apart
 /// from 2, an invalid configuration.
 const EX_USAGE: u8 = 64;
