@@ -25,6 +25,7 @@ pub(crate) mod pipeline;
 pub(crate) mod redis;
 pub mod reload;
 pub(crate) mod route;
+pub(crate) mod scratch;
 pub(crate) mod shutdown;
 pub(crate) mod stream;
 pub(crate) mod sync;

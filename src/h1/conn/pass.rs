@@ -9,9 +9,10 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use http::HeaderMap;
 
-use super::{COPY_UNDER, ConnError, Shared, WRITE_AT, scratch};
+use super::{COPY_UNDER, ConnError, Shared, WRITE_AT};
 use crate::h1::encode::{self, Encoder};
 use crate::h1::upgrade::Io;
+use crate::scratch;
 use crate::sync::lock;
 
 /// What `write_body` keeps from one pass over the body to the next, in one place: every
