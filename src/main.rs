@@ -13,7 +13,8 @@ use rampart::workers::Workers;
 /// mimalloc rather than glibc's malloc (Cargo feature `mimalloc`, on by default): with
 /// hundreds of requests in flight per worker, glibc's per-thread cache overflows and a
 /// request's allocations come from memory out of the core's cache; mimalloc's per-thread
-/// pages hand back what was freed last. docs/benchmarks.md, "The allocator".
+/// pages hand back what was freed last. docs/benchmarks.md, "Both at once for GETs, and the
+/// allocator".
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
