@@ -25,6 +25,12 @@ pub(crate) fn swap(buf: &mut Vec<u8>) {
     });
 }
 
+/// Empties `buf`, written, and gives it to the worker (or takes the worker's back).
+pub(crate) fn give_back(buf: &mut Vec<u8>) {
+    buf.clear();
+    swap(buf);
+}
+
 #[cfg(test)]
 mod tests {
     use super::swap;

@@ -92,16 +92,22 @@ upstream_accepted() {
     echo "$n"
 }
 
-# sampler OUT SECONDS PID...: once a second, the upstream's count of accepted connections
-# (each question opens one) and the RSS of the PIDs, so that the report can tell connections
-# opened as the load ramps up from those opened all along, and give the RSS with the
-# connections still open. Bounded by SECONDS.
+# sampler OUT SECONDS "PIDS"...: once a second, the upstream's count of accepted connections
+# (each question opens one) and the RSS of each group of PIDs (a column each: one proxy's
+# processes per group), so that the report can tell connections opened as the load ramps
+# up from those opened all along, and give the RSS with the connections still open.
+# Bounded by SECONDS.
 sampler() {
-    local i out=$1 n=$2
+    local i out=$1 n=$2 group line
     shift 2
     for ((i = 0; i < n; i++)); do
         sleep 1
-        echo "$(upstream_accepted) $(rss_kib "$@")"
+        line=$(upstream_accepted)
+        for group in "$@"; do
+            # shellcheck disable=SC2086 # a group is a space-separated PID list
+            line+=" $(rss_kib $group)"
+        done
+        echo "$line"
     done >"$out"
 }
 
@@ -114,15 +120,10 @@ churn_split() {
         printf "%d in the 1st s, then %.0f/s", v[1] - up0 - 1, (v[NR] - v[1] - (NR - 1)) / (NR - 1) }' "$1"
 }
 
-# sampler_pair OUT SECONDS "PIDS" "PIDS": sampler's lines for two proxies at once, the RSS of
-# each (two columns).
-sampler_pair() {
-    local i out=$1 n=$2
-    for ((i = 0; i < n; i++)); do
-        sleep 1
-        # shellcheck disable=SC2086 # the PID lists split into words
-        echo "$(upstream_accepted) $(rss_kib $3) $(rss_kib $4)"
-    done >"$out"
+# The RSS in column COLUMN of sampler's file OUT, from its last sample certainly taken while
+# the load ran (the last one may be just after).
+sampled_rss() { # OUT COLUMN
+    awk -v c="$2" '{ v[NR] = $c } END { print v[NR - 1] }' "$1"
 }
 
 rss_kib() { # sum of VmRSS over the PIDs, KiB
@@ -325,7 +326,7 @@ scale_case() {
     up0=$(upstream_accepted)
     local sampler_pid="" samples=$WORK/churn.txt
     if ((${#pids[@]})) && [[ $case != rate ]]; then
-        sampler "$samples" "${DURATION%s}" "${pids[@]}" &
+        sampler "$samples" "${DURATION%s}" "${pids[*]}" &
         sampler_pid=$!
         STARTED_PIDS+=("$sampler_pid")
     fi
@@ -348,8 +349,7 @@ scale_case() {
     up1=$(upstream_accepted)
     rss=$(rss_kib "${pids[@]}")
     if [[ -n $sampler_pid ]] && (($(wc -l <"$samples") >= 2)); then
-        # The last sample certainly taken while the load ran (the last one may be just after).
-        rss=$(awk '{ v[NR] = $2 } END { print v[NR - 1] }' "$samples")
+        rss=$(sampled_rss "$samples" 2)
     fi
     if ((${#pids[@]})); then
         # The second question opened one of its own.
@@ -394,7 +394,7 @@ scale_pair() {
     ram0=$(rampart_opened)
     if [[ $case != rate ]]; then
         # The RSS of each, once a second (the first column, the upstream's count, unused).
-        sampler_pair "$samples" "${DURATION%s}" "${pids[$r]}" "${pids[nginx]}" &
+        sampler "$samples" "${DURATION%s}" "${pids[$r]}" "${pids[nginx]}" &
         sampler_pid=$!
         STARTED_PIDS+=("$sampler_pid")
     fi
@@ -421,9 +421,7 @@ scale_pair() {
     # shellcheck disable=SC2086
     rss_of[$r]=$(rss_kib ${pids[$r]}) rss_of[nginx]=$(rss_kib ${pids[nginx]})
     if ((n >= 2)); then
-        # The last sample certainly taken while the loads ran.
-        rss_of[$r]=$(awk '{ v[NR] = $2 } END { print v[NR - 1] }' "$samples")
-        rss_of[nginx]=$(awk '{ v[NR] = $3 } END { print v[NR - 1] }' "$samples")
+        rss_of[$r]=$(sampled_rss "$samples" 2) rss_of[nginx]=$(sampled_rss "$samples" 3)
     fi
     for t in "$r" nginx; do
         local rps="" p50="" p99="" max="" reqs="" errors="" note="" newconn="—" rss=${rss_of[$t]} kv=""

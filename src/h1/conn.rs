@@ -444,8 +444,7 @@ where
             if written.bodiless || upgrading {
                 drop(rbody);
                 write_all(&shared, &wbuf).await?;
-                wbuf.clear();
-                scratch::swap(&mut wbuf);
+                scratch::give_back(&mut wbuf);
             } else {
                 // Pinned in this block, so it is dropped here, once written.
                 let body = std::pin::pin!(rbody);
@@ -598,8 +597,7 @@ where
                 })
                 .await?;
             }
-            wbuf.clear();
-            scratch::swap(wbuf);
+            scratch::give_back(wbuf);
         }
         if let Some(data) = pass.big.take() {
             write_all(shared, &data).await?;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::process::{Proc, admin_get, free_port, one_shot, temp_dir};
+use crate::support::process::{Proc, admin_get, free_port, one_shot, proc_kib, temp_dir};
 use crate::support::*;
 
 fn bin() -> Command {
@@ -640,14 +640,6 @@ async fn logs_to_a_pipe_are_plain_and_each_listener_stops_accepting_once() {
 /// mimalloc), ~27 MiB in the tests' debug build (its larger code); with mimalloc's huge
 /// pages, 12 MiB more.
 const RSS_IDLE_MAX_KIB: u64 = 36 * 1024;
-
-/// A field of `/proc/PID/FILE` in KiB ("VmRSS:   9052 kB"); None when unreadable.
-fn proc_kib(pid: u32, file: &str, field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
 
 /// The binary's allocator (mimalloc by default, Cargo feature `mimalloc`) keeps an idle
 /// rampart small after it has served: no transparent huge pages (mimalloc 2.1+ asks the

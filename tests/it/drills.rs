@@ -62,7 +62,7 @@ use tokio::task::JoinHandle;
 use crate::health::{field, status_of};
 use crate::support::json_field;
 use crate::support::postgres::PgServer;
-use crate::support::process::{Proc, admin_get, free_port, temp_dir};
+use crate::support::process::{Proc, admin_get, free_port, temp_dir, vm_rss_kib};
 use crate::support::redis::{self, RedisServer, unique};
 
 /// One drill at a time: each measures timings and capacity on a shared 2-core machine, and
@@ -823,18 +823,6 @@ impl Rampart {
     fn admin(&self) -> SocketAddr {
         self.proc.admin
     }
-}
-
-/// Resident memory of process `pid` in KiB, from /proc (0 when unreadable).
-fn vm_rss_kib(pid: u32) -> usize {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// Both modes' clients with the same scripts.
@@ -2243,13 +2231,13 @@ async fn drill_load_spike() {
         },
     )
     .await;
-    let rss_before = vm_rss_kib(px.proc.pid()) as u64;
+    let rss_before = vm_rss_kib(px.proc.pid());
     let rss_max = Arc::new(AtomicUsize::new(0));
     let sampler = {
         let (rss_max, pid) = (rss_max.clone(), px.proc.pid());
         tokio::spawn(async move {
             for _ in 0..200 {
-                rss_max.fetch_max(vm_rss_kib(pid), Ordering::SeqCst);
+                rss_max.fetch_max(vm_rss_kib(pid) as usize, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })

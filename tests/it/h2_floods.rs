@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::process::{Proc, free_port, temp_dir};
+use crate::support::process::{Proc, free_port, temp_dir, vm_rss_kib};
 use crate::support::*;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -244,15 +244,6 @@ fn describe(end: &Option<Closed>) -> String {
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// A legitimate client: GET /ok in turn over HTTP/2 and HTTP/1.1 until told to stop.
 /// Returns (served, failed).
 fn legitimate(addr: SocketAddr, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(usize, usize)> {
@@ -312,14 +303,14 @@ upstreams:
     let stop = Arc::new(AtomicBool::new(false));
     let legit = legitimate(addr, stop.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let baseline = rss_kib(pid);
+    let baseline = vm_rss_kib(pid);
     let mut peak = baseline;
     let mut slow = Vec::new();
     println!("h2 floods: baseline VmRSS {} KiB", baseline);
     let attacks = Arc::new(attacks());
     for which in 0..attacks.len() {
         let name = attacks[which].name;
-        let before = rss_kib(pid);
+        let before = vm_rss_kib(pid);
         // Sustained: 4 attacking connections at a time, each replaced when it is cut, for
         // 600 ms (and at least 8 connections).
         let started = Instant::now();
@@ -345,7 +336,7 @@ upstreams:
                 }
             }
         }
-        let after = rss_kib(pid);
+        let after = vm_rss_kib(pid);
         peak = peak.max(after);
         println!(
             "  {name:<26} {conns:>3} connections, {rounds:>8} rounds, cut by {ends:?}, \
@@ -354,7 +345,7 @@ upstreams:
     }
     stop.store(true, Ordering::SeqCst);
     let (served, failed) = legit.await.unwrap();
-    let end_rss = rss_kib(pid);
+    let end_rss = vm_rss_kib(pid);
     println!(
         "  legitimate client: {served} served, {failed} failed; VmRSS baseline {baseline} KiB, \
          peak {peak} KiB, end {end_rss} KiB (+{} KiB)",

@@ -282,6 +282,71 @@ async fn a_client_that_stops_reading_keeps_its_bytes_while_another_streams() {
     assert_eq!(slow_body, frames("slow").concat());
 }
 
+/// Serves one bodiless answer (204) whose head carries `big` bytes of one field, over a
+/// socket of `capacity` bytes.
+fn serve_big_head(big: usize, capacity: usize) -> DuplexStream {
+    let (client, server) = tokio::io::duplex(capacity);
+    let settings = Settings {
+        header_read_timeout: Duration::from_secs(5),
+        max_head: 64 * 1024,
+        max_headers: 100,
+    };
+    let svc = move |_req: Request<Body>| async move {
+        let mut resp = Response::new(Frames(std::collections::VecDeque::new()));
+        *resp.status_mut() = StatusCode::NO_CONTENT;
+        let value = http::HeaderValue::from_str(&"h".repeat(big)).expect("value");
+        resp.headers_mut().insert("x-big", value);
+        Ok::<_, Infallible>(resp)
+    };
+    tokio::spawn(run(
+        Arc::new(Mutex::new(Shared::new(server))),
+        settings,
+        svc,
+        Arc::new(AtomicBool::new(false)),
+    ));
+    client
+}
+
+// Hostile client: one that does not read a bodiless answer whose head (encoded into the
+// worker's buffer, lent) is larger than its socket keeps the head pending in that buffer,
+// while another connection of the same worker streams; each gets its own bytes whole.
+#[tokio::test]
+async fn a_client_that_stops_reading_a_head_keeps_it_while_another_streams() {
+    let big = 256 * 1024;
+    let mut slow = serve_big_head(big, 4096);
+    let mut fast = serve_frames("fast", 256 * 1024);
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    fast.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_chunked(&mut fast).await, frames("fast").concat());
+    let mut head = Vec::new();
+    let mut block = [0u8; 8192];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(5), slow.read(&mut block)).await {
+            Ok(Ok(k)) if k > 0 => head.extend_from_slice(&block[..k]),
+            other => panic!("the head stopped after {} bytes: {other:?}", head.len()),
+        }
+    }
+    let text = String::from_utf8(head).expect("ASCII");
+    assert!(
+        text.starts_with("HTTP/1.1 204 No Content\r\n"),
+        "{}",
+        &text[..64]
+    );
+    let value = text
+        .lines()
+        .find_map(|l| l.strip_prefix("x-big: "))
+        .expect("the big field");
+    assert!(
+        value.len() == big && value.bytes().all(|b| b == b'h'),
+        "the head changed"
+    );
+}
+
 /// A service's future of a known size, answering at once.
 struct Sized4k([u8; 4096]);
 

@@ -101,8 +101,7 @@ impl Conn {
         if self.write.capacity() > KEEP_WRITE_BUFFER {
             self.write = Vec::new();
         } else {
-            self.write.clear();
-            crate::scratch::swap(&mut self.write);
+            crate::scratch::give_back(&mut self.write);
         }
         Poll::Ready(Ok(()))
     }

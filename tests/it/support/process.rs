@@ -10,6 +10,19 @@ use std::time::{Duration, Instant};
 
 use super::load::{Attempt, Http1Conn};
 
+/// A field of `/proc/PID/FILE` in KiB (`VmRSS:   9052 kB`); None when unreadable.
+pub fn proc_kib(pid: u32, file: &str, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Resident memory of process `pid` in KiB (0 when unreadable).
+pub fn vm_rss_kib(pid: u32) -> u64 {
+    proc_kib(pid, "status", "VmRSS:").unwrap_or(0)
+}
+
 /// A port that was free a moment ago (bind port 0, read it, release it).
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
